@@ -1,0 +1,1 @@
+"""The ``convlog`` command-line interface."""

@@ -1,0 +1,60 @@
+"""Human-readable rendering of envelopes, shared by replay, tail, send and demo."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from shared.messages import Envelope
+
+__all__ = ["content_text", "describe", "render_line"]
+
+
+def content_text(content: Any) -> str:
+    """Flatten SDK message content (a string or a list of parts) to text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for p in content:
+            if isinstance(p, dict):
+                parts.append(str(p.get("text") or p.get("refusal") or p.get("type", "")))
+            else:
+                parts.append(str(p))
+        return " ".join(x for x in parts if x)
+    return json.dumps(content, ensure_ascii=False)
+
+
+def describe(env: Envelope) -> tuple[str, str]:
+    """(role or type, one-line content) of an envelope."""
+    d = env.data
+    if env.kind == "retract":
+        return "retract", f"hides #{d.get('target')}"
+    if env.kind == "clear":
+        return "clear", "hides every earlier item"
+    typ = d.get("type")
+    if typ == "function_call":
+        return "tool call", f"{d.get('name')}({d.get('arguments', '')})"
+    if typ == "function_call_output":
+        out = d.get("output")
+        try:
+            parsed = json.loads(out) if isinstance(out, str) else out
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and set(parsed) == {"assistant"}:
+            return "handoff", f"-> {parsed['assistant']}"
+        return "tool result", content_text(out)
+    role = d.get("role")
+    if role is not None:
+        return str(role), content_text(d.get("content"))
+    return str(typ or "item"), json.dumps(d, ensure_ascii=False)
+
+
+def render_line(env: Envelope, *, width: int = 100) -> str:
+    """``#order  HH:MM:SS.mmm  agent  role  content`` on one line."""
+    role, text = describe(env)
+    text = " ".join(text.split())
+    if width and len(text) > width:
+        text = text[: width - 1] + "…"
+    time_part = env.created_at[11:23] if len(env.created_at) >= 23 else env.created_at
+    return f"#{env.item_order:<5} {time_part}  {env.agent:<12} {role:<11} {text}"

@@ -1,0 +1,159 @@
+"""One function per endpoint: decode -> store -> encode.
+
+Errors are mapped to the wire here and only here: a :class:`ConvlogError`
+becomes its code; anything else is logged and answered ``unavailable`` with a
+generic message (never ``repr(exc)`` on the wire).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from shared.codec import check_json_numbers, decode
+from shared.errors import BadRequestError, ConvlogError, TooLargeError, UnavailableError, to_wire
+from shared.messages import (
+    AppendItem,
+    AppendReply,
+    AppendRequest,
+    ReadRequest,
+    SessionsReply,
+    SessionsRequest,
+    UserMessage,
+)
+from shared.subjects import Subjects
+
+from .store.base import LogStore
+
+__all__ = ["Handlers", "Reply"]
+
+log = logging.getLogger("convlog.log.handlers")
+
+DEFAULT_READ_LIMIT = 10_000
+DEFAULT_SESSIONS_LIMIT = 1_000
+# JSON framing of a read reply around its items: {"session_id":...,"items":[...],...}
+_REPLY_OVERHEAD = 512
+
+Reply = tuple[bytes, dict[str, str] | None]
+EntryHint = Callable[[str, str], Awaitable[None]]
+
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass
+class Handlers:
+    """The log service's endpoint logic, independent of NATS plumbing.
+
+    Args:
+        store: the log store.
+        subjects: subject names for the configured prefix.
+        max_item_bytes: largest encoded ``data`` of one item.
+        max_payload: the server's max payload; read replies stay under it.
+        entry_hint: called with (session_id, agent) when a user message with
+            ``to`` starts a new session (records the entry agent as routing
+            metadata, outside the log).
+    """
+
+    store: LogStore
+    subjects: Subjects
+    max_item_bytes: int = 256 * 1024
+    max_payload: int = 1024 * 1024
+    entry_hint: EntryHint | None = None
+
+    async def guarded(self, fn: Callable[[str, bytes], Awaitable[bytes]], subject: str, body: bytes) -> Reply:
+        """Run one endpoint, turning every failure into an error reply."""
+        try:
+            return await fn(subject, body), None
+        except ConvlogError as e:
+            headers, payload = to_wire(e)
+            return payload, headers
+        except Exception:
+            log.exception("unexpected error handling %s", subject[:200])
+            headers, payload = to_wire(UnavailableError("internal error; the request was not applied"))
+            return payload, headers
+
+    # -- endpoints -------------------------------------------------------
+    async def append(self, subject: str, body: bytes) -> bytes:
+        sid = self.subjects.session_of(subject)
+        req = decode(body, AppendRequest, empty_ok=False)
+        req = self._prepare(req)
+        reply = await self.store.append(sid, req)
+        return _encode(reply)
+
+    async def user_message(self, subject: str, body: bytes) -> bytes:
+        sid = self.subjects.session_of(subject)
+        msg = decode(body, UserMessage, empty_ok=False)
+        item = AppendItem(
+            agent="user",
+            data={"role": "user", "content": msg.content},
+            item_id=msg.item_id or uuid.uuid4().hex,
+        )
+        reply: AppendReply = await self.store.append(sid, self._prepare(AppendRequest(items=[item])))
+        if msg.to and self.entry_hint and reply.first_order == 1 and not reply.items[0].duplicate:
+            await self.entry_hint(sid, msg.to)
+        return _encode(reply)
+
+    async def read(self, subject: str, body: bytes) -> bytes:
+        sid = self.subjects.session_of(subject)
+        req = decode(body, ReadRequest)
+        if req.tail is not None and (req.after is not None or req.limit is not None):
+            raise BadRequestError("tail cannot be combined with after or limit")
+        budget = self.max_payload - _REPLY_OVERHEAD
+        if req.tail is not None:
+            page = await self.store.tail(sid, req.tail, visible=not req.raw)
+            size = sum(len(i) + 1 for i in page.items)
+            if size > budget:
+                raise TooLargeError(
+                    f"the last {req.tail} items are {size} bytes, over the {budget}-byte reply "
+                    "limit; page forward with after/limit instead"
+                )
+        else:
+            page = await self.store.read(
+                sid,
+                after=req.after or 0,
+                limit=req.limit or DEFAULT_READ_LIMIT,
+                max_bytes=budget,
+                visible=not req.raw,
+            )
+        # Envelopes are stored encoded; splice them in without re-encoding.
+        return b"".join(
+            (
+                b'{"session_id":"',
+                sid.encode(),
+                b'","items":[',
+                b",".join(page.items),
+                b'],"last_order":',
+                str(page.last_order).encode(),
+                b',"more":',
+                b"true" if page.more else b"false",
+                b"}",
+            )
+        )
+
+    async def sessions(self, subject: str, body: bytes) -> bytes:
+        req = decode(body, SessionsRequest)
+        infos, more = await self.store.sessions(after=req.after, limit=req.limit or DEFAULT_SESSIONS_LIMIT)
+        return _encode(SessionsReply(sessions=infos, more=more))
+
+    # -- validation ------------------------------------------------------
+    def _prepare(self, req: AppendRequest) -> AppendRequest:
+        """Check sizes and numbers; give every item an ``item_id``."""
+        items = []
+        changed = False
+        for i, it in enumerate(req.items):
+            check_json_numbers(it.data, f"$.items[{i}].data")
+            size = len(_encode(it.data))
+            if size > self.max_item_bytes:
+                raise TooLargeError(
+                    f"item {i} data is {size} bytes, over the {self.max_item_bytes}-byte limit",
+                    limit=self.max_item_bytes,
+                )
+            if it.item_id is None:
+                it = msgspec.structs.replace(it, item_id=uuid.uuid4().hex)
+                changed = True
+            items.append(it)
+        return msgspec.structs.replace(req, items=items) if changed else req

@@ -1,0 +1,226 @@
+"""Ordered publisher of committed envelopes to ``<prefix>.items.<sid>``.
+
+Every committed envelope is published, in global commit order, with header
+``Nats-Msg-Id: <sid>:<item_order>`` to the JetStream stream capturing the
+items subjects.  Each publish also carries ``Nats-Expected-Last-Msg-Id`` (the
+previous envelope's id), so if one message of a pipelined window is lost (a
+server restart), the server refuses every later one instead of storing them
+out of order.
+
+What has been published is read back from the stream itself: on start and
+after any failure the outbox asks the stream for its last message, maps its
+``Nats-Msg-Id`` to a commit position in the store, and republishes everything
+after it.  So an item committed just before a crash is published after the
+restart, and none is published twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Sequence
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+from shared.subjects import Subjects
+
+from .store.base import Committed, LogStore
+
+__all__ = ["Outbox", "ensure_stream"]
+
+log = logging.getLogger("convlog.log.outbox")
+
+MSG_ID = "Nats-Msg-Id"
+EXPECTED_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
+
+
+async def ensure_stream(js: JetStreamContext, subjects: Subjects, *, replicas: int = 1) -> None:
+    """Create the items stream if it does not exist (idempotent)."""
+    config = StreamConfig(
+        name=subjects.stream_name,
+        subjects=[subjects.items_all],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        num_replicas=replicas,
+        duplicate_window=120.0,
+        allow_direct=True,
+    )
+    try:
+        await js.stream_info(subjects.stream_name)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(config)
+
+
+class Outbox:
+    """Publishes committed envelopes in order; resumes from the stream after failures.
+
+    Args:
+        nc: a connected client.
+        store: the log store (source of committed envelopes).
+        subjects: subject names.
+        window: most messages in flight before waiting for acks.
+        ack_timeout: seconds to wait for a window's acks.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        store: LogStore,
+        subjects: Subjects,
+        *,
+        window: int = 512,
+        ack_timeout: float = 5.0,
+    ) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._store = store
+        self._subjects = subjects
+        self._window = window
+        self._ack_timeout = ack_timeout
+        self._pending: deque[Committed] = deque()
+        self._wake = asyncio.Event()
+        self._published = 0  # global position of the last envelope the stream holds
+        self._last_msg_id: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._acks: dict[str, asyncio.Future[bytes]] = {}
+        self._inbox = ""
+        self.published_count = 0
+
+    @property
+    def published_position(self) -> int:
+        return self._published
+
+    def on_commit(self, committed: Sequence[Committed]) -> None:
+        """Commit listener: queue freshly committed envelopes (already in order)."""
+        self._pending.extend(committed)
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._inbox = self._nc.new_inbox()
+        await self._nc.subscribe(self._inbox + ".*", cb=self._on_ack)
+        self._task = asyncio.create_task(self._run(), name="convlog-outbox")
+
+    async def stop(self, *, drain_timeout: float = 5.0) -> None:
+        """Publish what is already committed (up to ``drain_timeout``), then stop."""
+        if self._task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), drain_timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._task = None
+
+    async def _on_ack(self, msg: Msg) -> None:
+        fut = self._acks.pop(msg.subject.rpartition(".")[2], None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg.data)
+
+    async def _resync(self) -> None:
+        """Set the publish cursor from the stream's last message."""
+        name = self._subjects.stream_name
+        info = await self._js.stream_info(name)
+        if info.state.messages == 0:
+            if info.state.last_seq:
+                # The stream was purged or aged out: we cannot tell what it held,
+                # so treat everything committed so far as published.
+                tail = await self._store.committed_after(self._published, 1 << 30)
+                self._published = tail[-1].position if tail else self._published
+                log.warning("items stream %s is empty after seq %d; publishing new commits only",
+                            name, info.state.last_seq)
+            else:
+                self._published = 0
+            self._last_msg_id = None
+            return
+        msg = await self._js.get_msg(name, seq=info.state.last_seq)
+        msg_id = (msg.headers or {}).get(MSG_ID, "")
+        sid, _, order = msg_id.rpartition(":")
+        position = await self._store.position_of(sid, int(order)) if order.isdigit() else None
+        if position is None:
+            raise RuntimeError(f"stream {name} ends with {msg_id!r}, which this store does not hold")
+        self._published = position
+        self._last_msg_id = msg_id
+
+    async def _run(self) -> None:
+        delay = 0.1
+        synced = False
+        while True:
+            try:
+                if not synced:
+                    await self._resync()
+                    synced = True
+                    delay = 0.1
+                batch = await self._next_batch()
+                if batch is None:
+                    return
+                if batch:
+                    await self._publish(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if self._stopping and not self._nc.is_connected:
+                    return
+                log.warning("outbox publish failed (%s: %s); resyncing from the stream",
+                            type(e).__name__, e)
+                synced = False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _next_batch(self) -> list[Committed] | None:
+        while True:
+            while self._pending and self._pending[0].position <= self._published:
+                self._pending.popleft()
+            if self._pending:
+                if self._pending[0].position == self._published + 1:
+                    n = min(self._window, len(self._pending))
+                    return [self._pending[i] for i in range(n)]
+                # A gap (after a resync or restart): read it from the store.
+                return await self._store.committed_after(self._published, self._window)
+            backlog = await self._store.committed_after(self._published, self._window)
+            if backlog:
+                return backlog
+            if self._stopping:
+                return None
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _publish(self, batch: list[Committed]) -> None:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[bytes]] = []
+        prev = self._last_msg_id
+        for c in batch:
+            msg_id = f"{c.session_id}:{c.item_order}"
+            headers = {MSG_ID: msg_id}
+            if prev is not None:
+                headers[EXPECTED_LAST_MSG_ID] = prev
+            token = str(c.position)
+            fut: asyncio.Future[bytes] = loop.create_future()
+            self._acks[token] = fut
+            futures.append(fut)
+            await self._nc.publish(
+                self._subjects.items(c.session_id), c.envelope, reply=f"{self._inbox}.{token}", headers=headers
+            )
+            prev = msg_id
+        try:
+            done = await asyncio.wait_for(asyncio.gather(*futures), self._ack_timeout)
+        finally:
+            for c in batch:
+                self._acks.pop(str(c.position), None)
+        for c, ack in zip(batch, done, strict=True):
+            if b'"error"' in ack:
+                raise RuntimeError(f"stream refused {c.session_id}:{c.item_order}: {ack[:200]!r}")
+            self._published = c.position
+            self._last_msg_id = f"{c.session_id}:{c.item_order}"
+            self.published_count += 1

@@ -1,0 +1,202 @@
+"""The log service: a NATS micro service in front of a :class:`LogStore`.
+
+Lifecycle (the same shape for every long-running convlog process):
+``start()`` connects and serves; ``run()`` returns only when shutdown is
+complete; ``shutdown()`` is idempotent and safe before start.  Shutdown order:
+stop intake (drain the endpoint subscriptions) -> wait for in-flight requests
+up to ``grace`` -> publish what is committed -> close the store -> drain the
+connection -> log a one-line tally.  Signal handlers belong to the entrypoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import nats
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js.api import KeyValueConfig
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from shared import __version__
+from shared.client import connect_options
+from shared.config import Settings
+from shared.subjects import Subjects
+
+from .handlers import Handlers
+from .outbox import Outbox, ensure_stream
+from .store.base import LogStore
+from .store.sqlite import SQLiteStore
+
+__all__ = ["LogService", "ensure_routing_bucket"]
+
+log = logging.getLogger("convlog.log")
+
+SERVICE_NAME = "convlog-log"
+QUEUE_GROUP = "convlog-log"
+
+
+async def ensure_routing_bucket(nc: Client, subjects: Subjects, *, replicas: int = 1) -> Any:
+    """The KV bucket holding per-session routing metadata (created if missing)."""
+    js = nc.jetstream()
+    try:
+        return await js.key_value(subjects.routing_bucket)
+    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+        return await js.create_key_value(
+            KeyValueConfig(bucket=subjects.routing_bucket, history=5, replicas=replicas)
+        )
+
+
+class LogService:
+    """Serve ``append``, ``read``, ``sessions`` and user messages over NATS.
+
+    Args:
+        settings: configuration (NATS URL, prefix, database, limits).
+        store: the store to serve; defaults to :class:`SQLiteStore` on
+            ``settings.db_path``.
+    """
+
+    def __init__(self, settings: Settings, *, store: LogStore | None = None) -> None:
+        self.settings = settings
+        self.subjects = settings.subjects
+        self.store: LogStore = store or SQLiteStore(settings.db_path, max_batch=settings.commit_batch)
+        self.nc: Client | None = None
+        self.outbox: Outbox | None = None
+        self._service: Service | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stopped = asyncio.Event()
+        self._shutdown_started = False
+        self._started = False
+        self.tally = {"append": 0, "read": 0, "sessions": 0, "in": 0, "errors": 0}
+
+    async def __aenter__(self) -> LogService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    async def start(self) -> None:
+        """Open the store, connect, create the stream, register the endpoints."""
+        if self._started:
+            return
+        self._started = True
+        await self.store.open()
+        self.nc = await nats.connect(**connect_options(self.settings, name=SERVICE_NAME))
+        js = self.nc.jetstream()
+        await ensure_stream(js, self.subjects, replicas=self.settings.stream_replicas)
+        kv = await ensure_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
+
+        async def entry_hint(sid: str, agent: str) -> None:
+            value = msgspec.json.encode({"active": agent, "order": 0})
+            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                await kv.create(sid, value)
+
+        handlers = Handlers(
+            store=self.store,
+            subjects=self.subjects,
+            max_item_bytes=self.settings.max_item_bytes,
+            max_payload=self.nc.max_payload,
+            entry_hint=entry_hint,
+        )
+        self.outbox = Outbox(self.nc, self.store, self.subjects)
+        self.store.add_commit_listener(self.outbox.on_commit)
+        await self.outbox.start()
+        self._service = await add_service(
+            self.nc,
+            name=SERVICE_NAME,
+            version=__version__,
+            description="convlog append-only conversation log",
+            queue_group=QUEUE_GROUP,
+            metadata={"prefix": self.subjects.prefix, "store": type(self.store).__name__},
+        )
+        endpoints: list[tuple[str, str, Callable[[str, bytes], Awaitable[bytes]]]] = [
+            ("append", self.subjects.append_all, handlers.append),
+            ("read", self.subjects.read_all, handlers.read),
+            ("sessions", self.subjects.sessions, handlers.sessions),
+            ("in", self.subjects.inbound_all, handlers.user_message),
+        ]
+        for name, subject, fn in endpoints:
+            await self._service.add_endpoint(
+                name=name, subject=subject, handler=self._dispatcher(name, fn, handlers)
+            )
+        await self.nc.flush()
+        log.info(
+            "log service ready: prefix=%s store=%s nats=%s",
+            self.subjects.prefix,
+            getattr(self.store, "path", type(self.store).__name__),
+            self.nc.connected_url.netloc if self.nc.connected_url else "?",
+        )
+
+    def _dispatcher(
+        self, name: str, fn: Callable[[str, bytes], Awaitable[bytes]], handlers: Handlers
+    ) -> Callable[[Request], Awaitable[None]]:
+        # micro awaits a handler inline, one message at a time per endpoint; a
+        # task per request lets concurrent appends meet in one group commit.
+        # Tasks start in arrival order, so one publisher's requests keep order.
+        async def process(req: Request) -> None:
+            self.tally[name] += 1
+            payload, headers = await handlers.guarded(fn, req.subject, req.data)
+            if headers:
+                self.tally["errors"] += 1
+                if not req._msg.reply:
+                    log.warning("%s on %s without reply subject: %s", name, req.subject[:160], payload[:300])
+            if req._msg.reply:
+                with contextlib.suppress(Exception):
+                    await req.respond(payload, headers=headers)
+
+        async def handler(req: Request) -> None:
+            task = asyncio.create_task(process(req))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+        return handler
+
+    async def run(self) -> None:
+        """Serve until :meth:`shutdown` completes."""
+        await self.start()
+        await self._stopped.wait()
+
+    async def shutdown(self) -> None:
+        """Graceful, idempotent shutdown (see module docstring)."""
+        if self._shutdown_started:
+            await self._stopped.wait()
+            return
+        self._shutdown_started = True
+        try:
+            if self._service is not None:
+                for ep in list(getattr(self._service, "_endpoints", [])):
+                    sub = getattr(ep, "_subscription", None)
+                    if sub is not None:
+                        with contextlib.suppress(Exception):
+                            await sub.drain()
+                        ep._subscription = None
+                with contextlib.suppress(Exception):
+                    self._service._endpoints = []
+                    await self._service.stop()
+            if self._inflight:
+                done, pending = await asyncio.wait(set(self._inflight), timeout=self.settings.grace)
+                for t in pending:
+                    t.cancel()
+            if self.outbox is not None:
+                await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))
+            await self.store.close()
+            if self.nc is not None and not self.nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await self.nc.drain()
+        finally:
+            t = self.tally
+            log.info(
+                "log service stopped: %d appends, %d reads, %d sessions, %d user messages, "
+                "%d errors, %d published",
+                t["append"], t["read"], t["sessions"], t["in"], t["errors"],
+                self.outbox.published_count if self.outbox else 0,
+            )
+            self._stopped.set()

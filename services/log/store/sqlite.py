@@ -1,0 +1,563 @@
+"""SQLite store: WAL, ``synchronous=FULL``, one writer, group commit.
+
+Appends are queued and a single committer task writes whatever requests
+arrived while the previous commit ran in ONE transaction with one
+``executemany`` — so many concurrent appends share one fsync.  Each caller's
+future resolves only after that transaction committed.  A commit that started
+finishes even if its caller is cancelled.
+
+The writer keeps each session's ``(last_order, last_hash, last_clear)`` in
+memory; the store takes an exclusive lock file so no second process can write
+the same database behind that cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiosqlite
+import msgspec
+
+from shared.chain import GENESIS_HASH, item_hash
+from shared.errors import BadRequestError, ConflictError, ConvlogError, UnavailableError
+from shared.messages import AppendedItem, AppendReply, AppendRequest, Envelope, SessionInfo
+
+from .base import CommitListener, Committed, Page, StoreClosedError
+
+__all__ = ["SQLiteStore", "now_rfc3339"]
+
+log = logging.getLogger("convlog.store.sqlite")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    position   INTEGER PRIMARY KEY,
+    session_id TEXT    NOT NULL,
+    item_order INTEGER NOT NULL,
+    item_id    TEXT    NOT NULL,
+    kind       TEXT    NOT NULL,
+    hidden     INTEGER NOT NULL DEFAULT 0,
+    envelope   BLOB    NOT NULL,
+    UNIQUE (session_id, item_order),
+    UNIQUE (session_id, item_id)
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    last_order INTEGER NOT NULL,
+    last_hash  TEXT    NOT NULL,
+    last_clear INTEGER NOT NULL DEFAULT 0,
+    updated_at TEXT    NOT NULL
+) WITHOUT ROWID;
+"""
+
+_encode = msgspec.json.Encoder().encode
+# position, session_id, item_order, item_id, kind, envelope JSON, retract target
+_Row = tuple[int, str, int, str, str, bytes, int]
+
+
+def now_rfc3339() -> str:
+    """UTC now as RFC 3339 with microseconds: ``2026-03-14T09:30:00.123456Z``."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(slots=True)
+class _State:
+    last_order: int = 0
+    last_hash: str = GENESIS_HASH
+    last_clear: int = 0
+    # What this batch wrote so far, for later requests of the same batch:
+    batch_kinds: dict[int, str] = field(default_factory=dict)
+    batch_ids: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Pending:
+    session_id: str
+    request: AppendRequest
+    future: asyncio.Future[AppendReply]
+
+
+class SQLiteStore:
+    """The default :class:`~services.log.store.base.LogStore` on one SQLite file.
+
+    Args:
+        path: the database file (created with its directory).
+        max_batch: most append requests one transaction takes.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, max_batch: int = 512) -> None:
+        self.path = Path(path)
+        self.max_batch = max_batch
+        self._w: aiosqlite.Connection | None = None
+        self._r: aiosqlite.Connection | None = None
+        self._lock_fd: int | None = None
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        self._committer: asyncio.Task[None] | None = None
+        self._states: dict[str, _State] = {}
+        self._listeners: list[CommitListener] = []
+        self._position = 0
+        self._closed = False
+        self.commits = 0  # transactions committed (for stats and tests)
+
+    # -- lifecycle -------------------------------------------------------
+    async def open(self) -> None:
+        if self._w is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        try:
+            self._w = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._w.execute("PRAGMA journal_mode=WAL")
+            await self._w.execute("PRAGMA synchronous=FULL")
+            await self._w.execute("PRAGMA busy_timeout=10000")
+            await self._w.executescript(_SCHEMA)
+            self._r = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._r.execute("PRAGMA busy_timeout=10000")
+            await self._r.execute("PRAGMA query_only=1")
+            async with self._w.execute("SELECT COALESCE(MAX(position), 0) FROM items") as cur:
+                row = await cur.fetchone()
+            self._position = int(row[0]) if row else 0
+        except (sqlite3.Error, OSError) as e:
+            await self._close_connections()
+            self._release_lock()
+            raise UnavailableError(f"cannot open SQLite store {self.path}: {e}") from e
+        self._committer = asyncio.create_task(self._commit_loop(), name="convlog-committer")
+
+    def _take_lock(self) -> None:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            raise UnavailableError(
+                f"SQLite store {self.path} is in use by another log service (lock {lock_path})"
+            ) from e
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._committer is not None:
+            await self._queue.put(None)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._committer)
+        await self._close_connections()
+        self._release_lock()
+
+    async def _close_connections(self) -> None:
+        for conn in (self._w, self._r):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+        self._w = self._r = None
+
+    async def __aenter__(self) -> SQLiteStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def add_commit_listener(self, listener: CommitListener) -> None:
+        self._listeners.append(listener)
+
+    # -- appends ---------------------------------------------------------
+    async def append(self, session_id: str, request: AppendRequest) -> AppendReply:
+        if self._closed or self._committer is None:
+            raise StoreClosedError("the store is closed")
+        fut: asyncio.Future[AppendReply] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(session_id, request, fut))
+        # If our caller is cancelled the commit still runs to completion in the
+        # committer task; the cancellation is re-raised here.
+        return await fut
+
+    async def _commit_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            try:
+                await self._commit(batch)
+            except Exception:  # never let the committer die silently
+                log.exception("group commit failed")
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(UnavailableError("the store failed to commit"))
+
+    async def _load_states(self, sids: set[str]) -> None:
+        missing = [s for s in sids if s not in self._states]
+        if not missing:
+            return
+        assert self._w is not None
+        for i in range(0, len(missing), 500):
+            chunk = missing[i : i + 500]
+            q = ",".join("?" * len(chunk))
+            async with self._w.execute(
+                f"SELECT session_id, last_order, last_hash, last_clear FROM sessions "
+                f"WHERE session_id IN ({q})",
+                chunk,
+            ) as cur:
+                for sid, last, h, clear in await cur.fetchall():
+                    self._states[sid] = _State(last, h, clear)
+        for s in missing:
+            self._states.setdefault(s, _State())
+
+    async def _existing_ids(self, wanted: dict[str, set[str]]) -> dict[tuple[str, str], tuple[int, str]]:
+        """(session, item_id) -> (order, hash) for ids already stored."""
+        assert self._w is not None
+        pairs = [[sid, iid] for sid, ids in wanted.items() for iid in ids]
+        if not pairs:
+            return {}
+        found: dict[tuple[str, str], tuple[int, str]] = {}
+        async with self._w.execute(
+            "SELECT i.session_id, i.item_id, i.item_order, i.envelope FROM json_each(?) j "
+            "JOIN items i ON i.session_id = j.value->>0 AND i.item_id = j.value->>1",
+            (json.dumps(pairs),),
+        ) as cur:
+            for sid, iid, order, env in await cur.fetchall():
+                found[(sid, iid)] = (order, msgspec.json.decode(env)["hash"])
+        return found
+
+    async def _kinds_of(self, targets: dict[str, set[int]]) -> dict[tuple[str, int], str]:
+        assert self._w is not None
+        pairs = [[sid, t] for sid, ts in targets.items() for t in ts]
+        if not pairs:
+            return {}
+        async with self._w.execute(
+            "SELECT i.session_id, i.item_order, i.kind FROM json_each(?) j "
+            "JOIN items i ON i.session_id = j.value->>0 AND i.item_order = j.value->>1",
+            (json.dumps(pairs),),
+        ) as cur:
+            return {(sid, o): k for sid, o, k in await cur.fetchall()}
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        assert self._w is not None
+        sids = {p.session_id for p in batch}
+        await self._load_states(sids)
+        wanted: dict[str, set[str]] = {}
+        targets: dict[str, set[int]] = {}
+        for p in batch:
+            st = self._states[p.session_id]
+            for it in p.request.items:
+                if st.last_order and it.item_id is not None:
+                    wanted.setdefault(p.session_id, set()).add(it.item_id)
+                if it.kind == "retract" and isinstance(it.data.get("target"), int):
+                    targets.setdefault(p.session_id, set()).add(it.data["target"])
+        existing = await self._existing_ids(wanted)
+        stored_kinds = await self._kinds_of(targets)
+
+        # Work on copies so a failed transaction leaves the cache untouched.
+        work: dict[str, _State] = {
+            s: _State(st.last_order, st.last_hash, st.last_clear) for s, st in self._states.items() if s in sids
+        }
+        outcomes: list[AppendReply | ConvlogError] = []
+        rows: list[_Row] = []
+        hides: list[tuple[str, int]] = []
+        committed: list[Committed] = []
+        position = self._position
+        created_at = now_rfc3339()
+        for p in batch:
+            try:
+                reply, new_rows = self._apply(p, work[p.session_id], existing, stored_kinds, created_at, position)
+            except ConvlogError as e:
+                outcomes.append(e)
+                continue
+            outcomes.append(reply)
+            for row in new_rows:
+                rows.append(row)
+                position = row[0]
+                committed.append(Committed(row[0], row[1], row[2], row[5]))
+                if row[4] == "retract":
+                    hides.append((row[1], row[6]))
+        if rows:
+            touched = {r[1] for r in rows}
+            try:
+                await self._w.execute("BEGIN IMMEDIATE")
+                await self._w.executemany(
+                    "INSERT INTO items (position, session_id, item_order, item_id, kind, envelope) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [r[:6] for r in rows],
+                )
+                if hides:
+                    await self._w.executemany(
+                        "UPDATE items SET hidden = 1 WHERE session_id = ? AND item_order = ?", hides
+                    )
+                await self._w.executemany(
+                    "INSERT INTO sessions (session_id, last_order, last_hash, last_clear, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
+                    "last_order = excluded.last_order, last_hash = excluded.last_hash, "
+                    "last_clear = excluded.last_clear, updated_at = excluded.updated_at",
+                    [
+                        (s, work[s].last_order, work[s].last_hash, work[s].last_clear, created_at)
+                        for s in touched
+                    ],
+                )
+                await self._w.execute("COMMIT")
+            except sqlite3.Error as e:
+                log.error("commit of %d items failed: %s", len(rows), e)
+                with contextlib.suppress(sqlite3.Error):
+                    await self._w.execute("ROLLBACK")
+                err = UnavailableError(f"the store could not commit: {e}")
+                for p, out in zip(batch, outcomes, strict=True):
+                    if isinstance(out, AppendReply) and any(not i.duplicate for i in out.items):
+                        self._resolve(p.future, err)
+                    else:
+                        self._resolve(p.future, out)
+                return
+            self.commits += 1
+            self._position = position
+            for s in touched:
+                work[s].batch_kinds.clear()
+                work[s].batch_ids.clear()
+                self._states[s] = work[s]
+        for p, out in zip(batch, outcomes, strict=True):
+            self._resolve(p.future, out)
+        if committed:
+            for listener in self._listeners:
+                res = listener(committed)
+                if asyncio.iscoroutine(res):
+                    await res
+
+    @staticmethod
+    def _resolve(fut: asyncio.Future[AppendReply], out: AppendReply | ConvlogError) -> None:
+        if fut.done():  # the caller was cancelled; the commit stands regardless
+            return
+        if isinstance(out, ConvlogError):
+            fut.set_exception(out)
+        else:
+            fut.set_result(out)
+
+    def _apply(
+        self,
+        p: _Pending,
+        st: _State,
+        existing: dict[tuple[str, str], tuple[int, str]],
+        stored_kinds: dict[tuple[str, int], str],
+        created_at: str,
+        position: int,
+    ) -> tuple[AppendReply, list[_Row]]:
+        """Decide one request against the working state; mutate it only on success."""
+        sid, req = p.session_id, p.request
+        ids = [it.item_id for it in req.items]
+        seen_in_req: set[str] = set()
+        for iid in ids:
+            if iid is not None:
+                if iid in seen_in_req:
+                    raise BadRequestError(f"item_id {iid!r} appears twice in one append")
+                seen_in_req.add(iid)
+        present = {iid: existing[(sid, iid)] for iid in ids if iid is not None and (sid, iid) in existing}
+        present.update({iid: st.batch_ids[iid] for iid in ids if iid in st.batch_ids})
+        if req.expected_last is not None and req.expected_last != st.last_order or present:
+            if present and len(present) == len(ids):
+                return self._duplicates_reply(sid, ids, present), []
+            if req.expected_last is not None and req.expected_last != st.last_order:
+                if present:
+                    raise BadRequestError(
+                        f"retry is partial: {len(present)} of {len(ids)} item_ids are already "
+                        f"in session {sid!r}, and expected_last {req.expected_last} is behind "
+                        f"last_order {st.last_order}"
+                    )
+                raise ConflictError(
+                    f"expected_last {req.expected_last} but session {sid!r} is at {st.last_order}",
+                    last_order=st.last_order,
+                )
+        rows: list[_Row] = []
+        order, prev, clear = st.last_order, st.last_hash, st.last_clear
+        out_items: list[AppendedItem] = []
+        for it in req.items:
+            iid = it.item_id
+            if iid is not None and iid in present:
+                o, h = present[iid]
+                out_items.append(AppendedItem(item_order=o, item_id=iid, hash=h, duplicate=True))
+                continue
+            if iid is None:  # the service assigns ids before the store; be safe anyway
+                iid = uuid.uuid4().hex
+            order += 1
+            if it.kind == "retract":
+                target = it.data.get("target")
+                kind_of_target = st.batch_kinds.get(target) or stored_kinds.get((sid, target))  # type: ignore[arg-type]
+                if set(it.data) != {"target"} or not isinstance(target, int) or isinstance(target, bool):
+                    raise BadRequestError('a retract needs data {"target": <item_order>} and nothing else')
+                if not 1 <= target < order or kind_of_target is None:
+                    raise BadRequestError(
+                        f"retract target {target} is not an item of session {sid!r} (last order {order - 1})"
+                    )
+                if kind_of_target != "item":
+                    raise BadRequestError(f"retract target {target} is a {kind_of_target!r}, not an item")
+            elif it.kind == "clear":
+                if it.data:
+                    raise BadRequestError("a clear carries no data: send {} or omit data")
+                clear = order
+            elif not it.data:
+                raise BadRequestError("an item needs a non-empty data object")
+            h = item_hash(
+                session_id=sid,
+                item_order=order,
+                item_id=iid,
+                agent=it.agent,
+                kind=it.kind,
+                data=it.data,
+                created_at=created_at,
+                prev_hash=prev,
+            )
+            env = Envelope(
+                session_id=sid,
+                item_order=order,
+                item_id=iid,
+                agent=it.agent,
+                kind=it.kind,
+                data=it.data,
+                created_at=created_at,
+                hash=h,
+            )
+            position += 1
+            rows.append((position, sid, order, iid, it.kind, _encode(env), it.data.get("target", 0)))
+            out_items.append(AppendedItem(item_order=order, item_id=iid, hash=h))
+            prev = h
+        # success: commit to the working state
+        for r, a in zip(rows, (i for i in out_items if not i.duplicate), strict=True):
+            st.batch_kinds[r[2]] = r[4]
+            st.batch_ids[a.item_id] = (a.item_order, a.hash)
+        st.last_order, st.last_hash, st.last_clear = order, prev, clear
+        orders = [i.item_order for i in out_items]
+        return (
+            AppendReply(session_id=sid, first_order=min(orders), last_order=max(orders), items=out_items),
+            rows,
+        )
+
+    @staticmethod
+    def _duplicates_reply(sid: str, ids: Sequence[str | None], present: dict[str, tuple[int, str]]) -> AppendReply:
+        items = [
+            AppendedItem(item_order=present[i][0], item_id=i, hash=present[i][1], duplicate=True)
+            for i in ids
+            if i is not None
+        ]
+        orders = [i.item_order for i in items]
+        return AppendReply(session_id=sid, first_order=min(orders), last_order=max(orders), items=items)
+
+    # -- reads -----------------------------------------------------------
+    def _reader(self) -> aiosqlite.Connection:
+        if self._r is None:
+            raise StoreClosedError("the store is closed")
+        return self._r
+
+    async def last_order(self, session_id: str) -> int:
+        st = self._states.get(session_id)
+        if st is not None:
+            return st.last_order
+        async with self._reader().execute(
+            "SELECT last_order FROM sessions WHERE session_id = ?", (session_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def _last_clear(self, session_id: str) -> int:
+        st = self._states.get(session_id)
+        if st is not None:
+            return st.last_clear
+        async with self._reader().execute(
+            "SELECT last_clear FROM sessions WHERE session_id = ?", (session_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def read(
+        self, session_id: str, *, after: int, limit: int, max_bytes: int, visible: bool = False
+    ) -> Page:
+        r = self._reader()
+        if visible:
+            after = max(after, await self._last_clear(session_id))
+            sql = (
+                "SELECT envelope FROM items WHERE session_id = ? AND item_order > ? "
+                "AND kind = 'item' AND hidden = 0 ORDER BY item_order LIMIT ?"
+            )
+        else:
+            sql = (
+                "SELECT envelope FROM items WHERE session_id = ? AND item_order > ? "
+                "ORDER BY item_order LIMIT ?"
+            )
+        async with r.execute(sql, (session_id, after, limit + 1)) as cur:
+            rows = await cur.fetchall()
+        items: list[bytes] = []
+        size = 0
+        more = len(rows) > limit
+        for (env,) in rows[:limit]:
+            if items and size + len(env) + 1 > max_bytes:
+                more = True
+                break
+            items.append(env)
+            size += len(env) + 1
+        return Page(items, await self.last_order(session_id), more)
+
+    async def tail(self, session_id: str, n: int, *, visible: bool = True) -> Page:
+        r = self._reader()
+        last = await self.last_order(session_id)
+        if n <= 0:
+            return Page([], last, False)
+        if visible:
+            sql = (
+                "SELECT envelope FROM items WHERE session_id = ? AND item_order > ? "
+                "AND kind = 'item' AND hidden = 0 ORDER BY item_order DESC LIMIT ?"
+            )
+            args: tuple[object, ...] = (session_id, await self._last_clear(session_id), n)
+        else:
+            sql = "SELECT envelope FROM items WHERE session_id = ? ORDER BY item_order DESC LIMIT ?"
+            args = (session_id, n)
+        async with r.execute(sql, args) as cur:
+            rows = await cur.fetchall()
+        return Page([env for (env,) in reversed(rows)], last, False)
+
+    async def sessions(self, *, after: str | None, limit: int) -> tuple[list[SessionInfo], bool]:
+        async with self._reader().execute(
+            "SELECT session_id, last_order, updated_at FROM sessions WHERE session_id > ? "
+            "ORDER BY session_id LIMIT ?",
+            (after or "", limit + 1),
+        ) as cur:
+            rows = await cur.fetchall()
+        infos = [SessionInfo(session_id=s, last_order=o, updated_at=u) for s, o, u in rows[:limit]]
+        return infos, len(rows) > limit
+
+    async def committed_after(self, position: int, limit: int) -> list[Committed]:
+        async with self._reader().execute(
+            "SELECT position, session_id, item_order, envelope FROM items WHERE position > ? "
+            "ORDER BY position LIMIT ?",
+            (position, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Committed(p, s, o, bytes(e)) for p, s, o, e in rows]
+
+    async def position_of(self, session_id: str, item_order: int) -> int | None:
+        async with self._reader().execute(
+            "SELECT position FROM items WHERE session_id = ? AND item_order = ?",
+            (session_id, item_order),
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else None

@@ -1,0 +1,129 @@
+"""The RFC 8785 hash chain.
+
+``hash_n = sha256(JCS(obj_n))`` where ``obj_n`` is the envelope without
+``hash`` plus ``"prev_hash": hash_{n-1}``, and ``hash_0`` is 64 zeros.  Anyone
+with an export and any RFC 8785 implementation can recompute it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import rfc8785
+
+from .messages import Envelope
+
+__all__ = ["GENESIS_HASH", "Problem", "canonical", "envelope_hash", "item_hash", "verify"]
+
+GENESIS_HASH = "0" * 64
+
+
+def _needs_reference(value: Any) -> bool:
+    """True when the fast encoder might differ from RFC 8785.
+
+    ``json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False)``
+    produces RFC 8785 bytes for strings, integers, booleans and null, as long as
+    no object key sorts differently by UTF-16 code unit than by code point
+    (only keys with characters above U+FFFF can).  Floats use ECMAScript number
+    formatting, so they go to the reference implementation.
+    """
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        t = type(v)
+        if t is dict:
+            for k, item in v.items():
+                if not k.isascii() and max(k) > "\uffff":
+                    return True
+                if type(item) in _CONTAINERS_OR_FLOAT:
+                    stack.append(item)
+        elif t is list:
+            stack.extend(item for item in v if type(item) in _CONTAINERS_OR_FLOAT)
+        elif t is float:
+            return True
+    return False
+
+
+_CONTAINERS_OR_FLOAT = (dict, list, float)
+
+
+def canonical(obj: Any) -> bytes:
+    """Return the RFC 8785 canonical JSON bytes of ``obj``."""
+    if _needs_reference(obj):
+        return rfc8785.dumps(obj)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def item_hash(
+    *,
+    session_id: str,
+    item_order: int,
+    item_id: str,
+    agent: str,
+    kind: str,
+    data: dict[str, Any],
+    created_at: str,
+    prev_hash: str,
+) -> str:
+    """Compute ``hash_n`` for one envelope's fields and the previous hash."""
+    obj = {
+        "session_id": session_id,
+        "item_order": item_order,
+        "item_id": item_id,
+        "agent": agent,
+        "kind": kind,
+        "data": data,
+        "created_at": created_at,
+        "prev_hash": prev_hash,
+    }
+    return hashlib.sha256(canonical(obj)).hexdigest()
+
+
+def envelope_hash(env: Envelope, prev_hash: str) -> str:
+    """Recompute the hash an envelope should carry, given its predecessor's."""
+    return item_hash(
+        session_id=env.session_id,
+        item_order=env.item_order,
+        item_id=env.item_id,
+        agent=env.agent,
+        kind=env.kind,
+        data=env.data,
+        created_at=env.created_at,
+        prev_hash=prev_hash,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """The first thing wrong with a replayed session."""
+
+    item_order: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"item_order {self.item_order}: {self.reason}"
+
+
+def verify(envelopes: Iterable[Envelope], *, session_id: str | None = None) -> Problem | None:
+    """Check contiguity from 1 and the hash chain; return the first problem or ``None``.
+
+    The reported ``item_order`` is the position where the log stops being
+    trustworthy: for an edited envelope its own order, for a removed one the
+    order that is missing, for a swap the first out-of-place order.
+    """
+    prev = GENESIS_HASH
+    expected = 1
+    for env in envelopes:
+        if session_id is not None and env.session_id != session_id:
+            return Problem(expected, f"belongs to session {env.session_id!r}, not {session_id!r}")
+        if env.item_order != expected:
+            return Problem(expected, f"expected item_order {expected}, found {env.item_order}")
+        if envelope_hash(env, prev) != env.hash:
+            return Problem(expected, "hash does not match the envelope and its predecessor")
+        prev = env.hash
+        expected += 1
+    return None

@@ -1,0 +1,325 @@
+"""``LogClient``: the async client every convlog program uses.
+
+Outcomes over a network are sometimes *unknown*: a timeout, a reconnect or a
+"no responders" says nothing about whether an append was committed.  The
+client therefore gives every item an ``item_id`` before the first send and
+retries with the same ids until the deadline; the log answers a retry of
+something already committed with the original orders (``duplicate: true``),
+so a retry never writes twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from .codec import decode, encode
+from .config import Settings
+from .errors import BadRequestError, ConvlogError, UnavailableError, from_wire
+from .history import visible
+from .messages import (
+    AppendItem,
+    AppendReply,
+    AppendRequest,
+    Envelope,
+    ReadReply,
+    ReadRequest,
+    SessionInfo,
+    SessionsReply,
+    SessionsRequest,
+    UserMessage,
+)
+from .subjects import Subjects, validate_session_id
+
+__all__ = ["LogClient", "connect_options", "new_item_id"]
+
+log = logging.getLogger("convlog.client")
+
+_RETRYABLE = (
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+)
+
+
+def connect_options(settings: Settings, *, name: str) -> dict[str, Any]:
+    """``nats.connect`` options shared by every convlog process.
+
+    Short pings notice a frozen server within seconds (nats-py #671), and
+    reconnects are unlimited: services and clients outlive server restarts.
+    """
+    return {
+        "servers": [u.strip() for u in settings.nats_url.split(",")],
+        "name": name,
+        "connect_timeout": 2,
+        "reconnect_time_wait": 0.25,
+        "max_reconnect_attempts": -1,
+        "ping_interval": 3,
+        "max_outstanding_pings": 2,
+        **settings.nats_options(),
+    }
+
+
+def new_item_id() -> str:
+    """A fresh idempotency key (UUIDv4, hex)."""
+    return uuid.uuid4().hex
+
+
+def _as_item(item: AppendItem | Mapping[str, Any]) -> AppendItem:
+    if isinstance(item, AppendItem):
+        return item if item.item_id is not None else msgspec.structs.replace(item, item_id=new_item_id())
+    try:
+        it = msgspec.convert(dict(item), AppendItem)
+    except msgspec.ValidationError as e:
+        raise BadRequestError(f"invalid item: {e}") from e
+    return it if it.item_id is not None else msgspec.structs.replace(it, item_id=new_item_id())
+
+
+class LogClient:
+    """Talk to the log service over NATS.
+
+    Args:
+        nc: a connected nats-py client (not closed by :meth:`close` unless the
+            client was made by :meth:`connect`).
+        prefix: subject prefix.
+        timeout: seconds one request waits for its reply.
+        deadline: seconds an operation keeps retrying unknown outcomes.
+    """
+
+    def __init__(
+        self, nc: Client, *, prefix: str = "convlog", timeout: float = 5.0, deadline: float = 30.0
+    ) -> None:
+        self.nc = nc
+        self.subjects = Subjects(prefix)
+        self.timeout = timeout
+        self.deadline = deadline
+        self._owns_nc = False
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        name: str = "convlog-client",
+        **options: Any,
+    ) -> LogClient:
+        """Connect to NATS and return a client that owns the connection."""
+        settings = settings or Settings()
+        if url is not None:
+            settings = dataclasses.replace(settings, nats_url=url)
+        nc = await nats.connect(**{**connect_options(settings, name=name), **options})
+        client = cls(nc, prefix=settings.prefix, timeout=settings.request_timeout)
+        client._owns_nc = True
+        return client
+
+    async def close(self) -> None:
+        if self._owns_nc and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+    async def __aenter__(self) -> LogClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- plumbing --------------------------------------------------------
+    async def _request(self, subject: str, body: bytes, *, deadline: float | None = None) -> bytes:
+        """Request with retries of unknown outcomes until the deadline.
+
+        Raises:
+            ConvlogError: the typed error the service replied with.
+            UnavailableError: no reply before the deadline.
+        """
+        end = time.monotonic() + (self.deadline if deadline is None else deadline)
+        delay = 0.05
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = end - time.monotonic()
+            try:
+                msg = await self.nc.request(subject, body, timeout=max(0.05, min(self.timeout, remaining)))
+            except _RETRYABLE as e:
+                if time.monotonic() + delay >= end:
+                    raise UnavailableError(
+                        f"no reply on {subject} after {attempt} attempts: {type(e).__name__}"
+                    ) from e
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            err = from_wire(msg.headers, msg.data)
+            if err is None:
+                return msg.data
+            if err.code == "unavailable" and time.monotonic() + delay < end:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            raise err
+
+    # -- writes ----------------------------------------------------------
+    async def append(
+        self,
+        session_id: str,
+        items: Iterable[AppendItem | Mapping[str, Any]],
+        *,
+        expected_last: int | None = None,
+    ) -> AppendReply:
+        """Append items atomically; safe to call again with the same ids.
+
+        Args:
+            session_id: the session.
+            items: ``AppendItem`` or dicts with ``agent``, ``data`` and optional
+                ``kind`` and ``item_id``; missing ids are minted once, here.
+            expected_last: append only if the session's last order equals it.
+
+        Raises:
+            InvalidSessionIdError: before anything is sent.
+            ConflictError: ``expected_last`` did not match (``.last_order``).
+            BadRequestError, TooLargeError: the request was refused.
+            UnavailableError: no answer before the deadline (outcome unknown;
+                calling again with the same items is safe).
+        """
+        subject = self.subjects.append(session_id)
+        req = AppendRequest(items=[_as_item(i) for i in items], expected_last=expected_last)
+        if not req.items:
+            raise BadRequestError("append needs at least one item")
+        return decode(await self._request(subject, encode(req)), AppendReply)
+
+    async def send(
+        self, session_id: str, content: str, *, to: str | None = None, item_id: str | None = None
+    ) -> AppendReply:
+        """Publish a user message (with a reply: the append ack)."""
+        subject = self.subjects.inbound(session_id)
+        msg = UserMessage(content=content, item_id=item_id or new_item_id(), to=to)
+        return decode(await self._request(subject, encode(msg)), AppendReply)
+
+    # -- reads -----------------------------------------------------------
+    async def read(
+        self,
+        session_id: str,
+        *,
+        after: int | None = None,
+        limit: int | None = None,
+        tail: int | None = None,
+        raw: bool = False,
+    ) -> ReadReply:
+        """One page: forward from ``after`` or the last ``tail`` visible items."""
+        subject = self.subjects.read(session_id)
+        req = ReadRequest(after=after, limit=limit, tail=tail, raw=raw)
+        return decode(await self._request(subject, encode(req)), ReadReply)
+
+    async def tail(self, session_id: str, n: int) -> list[Envelope]:
+        """The last ``n`` visible items, oldest first (the SDK's ``get_items(limit=n)``)."""
+        return (await self.read(session_id, tail=n)).items
+
+    async def iter_items(
+        self, session_id: str, *, after: int = 0, raw: bool = True, page: int | None = None
+    ) -> AsyncIterator[Envelope]:
+        """Every envelope (or visible item, when not ``raw``) after ``after``, paging forward."""
+        while True:
+            rep = await self.read(session_id, after=after, limit=page, raw=raw)
+            for env in rep.items:
+                yield env
+            if not rep.items or not rep.more:
+                return
+            after = rep.items[-1].item_order
+
+    async def items(self, session_id: str, *, raw: bool = True) -> list[Envelope]:
+        """The whole session (every envelope by default)."""
+        return [e async for e in self.iter_items(session_id, raw=raw)]
+
+    async def visible(self, session_id: str) -> list[Envelope]:
+        """The whole visible history."""
+        return visible(await self.items(session_id, raw=True))
+
+    async def last_order(self, session_id: str) -> int:
+        return (await self.read(session_id, tail=0)).last_order
+
+    async def sessions(self, *, after: str | None = None, limit: int | None = None) -> SessionsReply:
+        req = SessionsRequest(after=after, limit=limit)
+        return decode(await self._request(self.subjects.sessions, encode(req)), SessionsReply)
+
+    async def iter_sessions(self) -> AsyncIterator[SessionInfo]:
+        after: str | None = None
+        while True:
+            rep = await self.sessions(after=after)
+            for s in rep.sessions:
+                yield s
+            if not rep.sessions or not rep.more:
+                return
+            after = rep.sessions[-1].session_id
+
+    # -- live ------------------------------------------------------------
+    async def follow(
+        self, session_id: str, *, after: int = 0, idle_check: float = 2.0
+    ) -> AsyncIterator[Envelope]:
+        """Yield every envelope with ``item_order > after``, in order, forever.
+
+        Live items come from ``<prefix>.items.<sid>`` through a JetStream
+        consumer (never a core subscription on a captured subject, nats-py
+        #678); history and any gap come from the log service.  The follower
+        tracks the last order it yielded and after any gap, reconnect, server
+        restart or a consumer that went quiet while the log grew (nats-py
+        #504/#510) it fills the gap from the log and resubscribes, so nothing
+        is skipped or repeated.
+        """
+        validate_session_id(session_id)
+        last = after
+        js = self.nc.jetstream()
+        subject = self.subjects.items(session_id)
+        while True:
+            sub = None
+            try:
+                async for env in self.iter_items(session_id, after=last):
+                    last = env.item_order
+                    yield env
+                sub = await js.subscribe(
+                    subject,
+                    ordered_consumer=True,
+                    idle_heartbeat=max(idle_check, 1.0),
+                    config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT),
+                )
+                while True:
+                    try:
+                        msg = await sub.next_msg(timeout=idle_check)
+                    except (TimeoutError, nats.errors.TimeoutError):
+                        if await self.last_order(session_id) > last:
+                            break  # the consumer fell behind the log: refill, resubscribe
+                        continue
+                    env = decode(msg.data, Envelope)
+                    if env.item_order <= last:
+                        continue
+                    if env.item_order > last + 1:
+                        async for gap in self.iter_items(session_id, after=last):
+                            if gap.item_order > env.item_order:
+                                break
+                            last = gap.item_order
+                            yield gap
+                        continue
+                    last = env.item_order
+                    yield env
+            except (ConvlogError, nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+                log.info("follow %s: %s; resuming after %d", session_id, type(e).__name__, last)
+                await asyncio.sleep(0.25)
+            finally:
+                if sub is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()

@@ -1,0 +1,137 @@
+"""Every message on the wire, as frozen msgspec Structs.
+
+Inbound requests forbid unknown fields, so a typo such as ``expectd_last`` is
+refused instead of silently ignored.  New fields must always get defaults.
+Field names and shapes are fixed by the contract (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+__all__ = [
+    "AgentName",
+    "AppendItem",
+    "AppendReply",
+    "AppendRequest",
+    "AppendedItem",
+    "Envelope",
+    "ErrorBody",
+    "ErrorDetail",
+    "ItemId",
+    "Kind",
+    "NonNegInt",
+    "Order",
+    "ReadReply",
+    "ReadRequest",
+    "SessionId",
+    "SessionInfo",
+    "SessionsReply",
+    "SessionsRequest",
+    "UserMessage",
+]
+
+SessionId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+ItemId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:@=+/-]{1,200}$")]
+AgentName = Annotated[str, Meta(pattern=r"^[^\x00-\x1f\x7f]{1,128}$")]
+Order = Annotated[int, Meta(ge=1, le=2**53 - 1)]
+NonNegInt = Annotated[int, Meta(ge=0, le=2**53 - 1)]
+PageLimit = Annotated[int, Meta(ge=1, le=100_000)]
+Kind = Literal["item", "retract", "clear"]
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+    """A committed item, exactly as stored, served, published and exported."""
+
+    session_id: str
+    item_order: int
+    item_id: str
+    agent: str
+    kind: Kind
+    data: dict[str, Any]
+    created_at: str
+    hash: str
+
+
+class AppendItem(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One item to append; ``item_id`` is assigned by the client if missing."""
+
+    agent: AgentName
+    data: dict[str, Any] = {}
+    kind: Kind = "item"
+    item_id: ItemId | None = None
+
+
+class AppendRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``convlog.append.<sid>``: all items get contiguous orders, or none are written."""
+
+    items: Annotated[list[AppendItem], Meta(min_length=1, max_length=10_000)]
+    expected_last: NonNegInt | None = None
+
+
+class AppendedItem(msgspec.Struct, frozen=True, kw_only=True):
+    item_order: int
+    item_id: str
+    hash: str
+    duplicate: bool = False
+
+
+class AppendReply(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    first_order: int
+    last_order: int
+    items: list[AppendedItem]
+
+
+class ReadRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``convlog.read.<sid>``: ``after``+``limit`` pages forward; ``tail`` gives the
+    last n visible items; ``raw`` gives every envelope (audit)."""
+
+    after: NonNegInt | None = None
+    limit: PageLimit | None = None
+    tail: Annotated[int, Meta(ge=0, le=100_000)] | None = None
+    raw: bool = False
+
+
+class ReadReply(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    items: list[Envelope]
+    last_order: int
+    more: bool
+
+
+class SessionsRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    after: SessionId | None = None
+    limit: PageLimit | None = None
+
+
+class SessionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    last_order: int
+    updated_at: str
+
+
+class SessionsReply(msgspec.Struct, frozen=True, kw_only=True):
+    sessions: list[SessionInfo]
+    more: bool
+
+
+class UserMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``convlog.in.<sid>``: a user message; ``to`` picks the entry agent of a new session."""
+
+    content: str
+    item_id: ItemId | None = None
+    to: AgentName | None = None
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
+    code: str
+    message: str
+    last_order: int | None = None
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    error: ErrorDetail
