@@ -1,0 +1,1 @@
+"""convlog test suite: unit, contract, integration, fault, property, docs."""

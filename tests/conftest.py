@@ -1,0 +1,75 @@
+"""Shared fixtures: real servers on ephemeral ports, always stopped in teardown."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.natsd import NatsCluster, NatsServer
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A single JetStream nats-server on 127.0.0.1, ephemeral port, store in tmp_path."""
+    server = NatsServer(tmp_path / "nats")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def nats_server_factory(tmp_path: Path) -> Iterator[Callable[..., NatsServer]]:
+    """Start extra servers with custom options: ``factory(config=..., extra_args=[...])``.
+
+    Keyword arguments go to :class:`NatsServer`; every server is stopped in teardown.
+    """
+    started: list[NatsServer] = []
+
+    def factory(**kwargs: Any) -> NatsServer:
+        server = NatsServer(tmp_path / f"nats-{len(started) + 1}", **kwargs)
+        started.append(server)
+        return server.start()
+
+    try:
+        yield factory
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture
+async def nats_cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    """A 3-node JetStream cluster whose meta leader is elected and can place R3 streams."""
+    cluster = NatsCluster(tmp_path / "cluster")
+    try:
+        # Starting polls log files with sleeps: keep that off the event loop.
+        await asyncio.to_thread(cluster.start)
+        await cluster.wait_ready()
+        yield cluster
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAI]:
+    """A scripted OpenAI-compatible server; ``fake_openai.base_url`` ends in ``/v1``."""
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture
+def tmp_db(tmp_path: Path) -> Path:
+    """Path of a (not yet created) SQLite file in tmp_path."""
+    return tmp_path / "convlog.db"
+
+
+@pytest.fixture
+def db_path(tmp_db: Path) -> Path:
+    """Alias of ``tmp_db`` (the name DESIGN.md uses)."""
+    return tmp_db

@@ -1,0 +1,1 @@
+"""Test harness: real nats-server processes, subprocess services, a fake OpenAI server."""

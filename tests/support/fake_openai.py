@@ -1,0 +1,486 @@
+"""A scripted OpenAI-compatible HTTP server on loopback, for driving the real client.
+
+Supported endpoints (everything else answers 404 with an OpenAI error body):
+
+* ``POST /v1/chat/completions`` — JSON, or SSE ``chat.completion.chunk`` events
+  ending in ``data: [DONE]`` when ``"stream": true`` (a usage chunk is added
+  when ``stream_options.include_usage`` is set). This is what convlog workers
+  and the Agents SDK's ``OpenAIChatCompletionsModel`` use.
+* ``POST /v1/responses`` — the Responses API object, or its SSE event sequence
+  (``response.created`` … ``response.completed``) when streaming; enough for the
+  Agents SDK's default ``OpenAIResponsesModel`` (``Runner.run`` and ``run_streamed``).
+
+Replies come from a script queue, then an optional responder, then a default::
+
+    with FakeOpenAI() as fake:
+        fake.script([tool_call("transfer_to_billing", {}), text("Billing here.")])
+        client = openai.AsyncOpenAI(base_url=fake.base_url, api_key="test")
+        ...
+        assert fake.requests[0]["model"] == "gpt-4o-mini"
+
+The server runs in its own thread (``ThreadingHTTPServer``, one thread per
+connection), so it keeps answering while the test's event loop is busy and a
+``slow`` reply never blocks other requests. Standard library only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self
+
+__all__ = [
+    "Disconnect", "Entry", "Error", "FakeOpenAI", "RecordedRequest", "Reply", "Slow", "ToolCall",
+    "disconnect", "error", "slow", "text", "tool_call", "tool_calls",
+]
+
+# -- script entries ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call the fake model makes; ``arguments`` is a JSON string."""
+
+    name: str
+    arguments: str
+    call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A successful completion: assistant text and/or tool calls."""
+
+    content: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class Error:
+    """An HTTP error with an OpenAI-shaped body and optional ``Retry-After``."""
+
+    status: int
+    message: str
+    retry_after: float | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True)
+class Slow:
+    """Wait ``seconds`` (cut short by ``stop()``), then answer ``then`` (default reply if None)."""
+
+    seconds: float
+    then: Entry | None = None
+
+
+@dataclass(frozen=True)
+class Disconnect:
+    """Close the connection without any response (client sees a connection error)."""
+
+
+Entry = Reply | Error | Slow | Disconnect
+
+
+def text(content: str) -> Reply:
+    """An assistant text reply (``finish_reason: "stop"``)."""
+    return Reply(content=content)
+
+
+def tool_call(
+    name: str, arguments: dict[str, Any] | str | None = None, *, call_id: str | None = None
+) -> Reply:
+    """A reply with one function call (``finish_reason: "tool_calls"``)."""
+    args = arguments if isinstance(arguments, str) else json.dumps(arguments or {})
+    return Reply(tool_calls=(ToolCall(name, args, call_id),))
+
+
+def tool_calls(*replies: Reply, content: str | None = None) -> Reply:
+    """Merge several :func:`tool_call` replies into one parallel-calls reply."""
+    return Reply(content=content, tool_calls=tuple(c for r in replies for c in r.tool_calls))
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+def error(
+    status: int, message: str | None = None, *, retry_after: float | None = None,
+    code: str | None = None,
+) -> Error:
+    """An HTTP error reply, e.g. ``error(429, retry_after=1)`` or ``error(500)``."""
+    default_code = "rate_limit_exceeded" if status == 429 else None
+    return Error(status, message or f"fake error {status}", retry_after, code or default_code)
+
+
+def slow(seconds: float, then: Entry | None = None) -> Slow:
+    """Delay the answer (for client timeouts and cancellation tests)."""
+    return Slow(seconds, then)
+
+
+def disconnect() -> Disconnect:
+    """Drop the connection with no response."""
+    return Disconnect()
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as received: path, lower-cased headers, parsed JSON body."""
+
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+# -- the server ---------------------------------------------------------------
+
+
+class FakeOpenAI:
+    """The fake server. ``start()``/``stop()`` or use as a context manager.
+
+    Args:
+        default: answer when the script is empty and no responder answers
+            (default ``text("ok")``).
+    """
+
+    def __init__(self, *, default: Entry | None = None) -> None:
+        self.default: Entry = default or text("ok")
+        self._lock = threading.Lock()
+        self._script: deque[Entry] = deque()
+        self._responder: Callable[[Any], Entry | None] | None = None
+        self._recorded: list[RecordedRequest] = []
+        self._ids = itertools.count(1)
+        self._stopping = threading.Event()
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Self:
+        """Bind 127.0.0.1 on an ephemeral port and serve in a background thread."""
+        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd.fake = self
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+            name="fake-openai", daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, drop open connections, join the thread. Idempotent."""
+        if self._httpd is None:
+            return
+        self._stopping.set()
+        self._httpd.shutdown()
+        self._httpd.close_connections()
+        self._httpd.server_close()  # joins the per-connection threads
+        if self._thread is not None:
+            self._thread.join()
+        self._httpd = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._httpd is None:
+            raise RuntimeError("FakeOpenAI not started")
+        return self._httpd.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:<port>/v1`` — pass as ``base_url`` / ``OPENAI_BASE_URL``."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def script(self, entries: Iterable[Entry]) -> None:
+        """Queue replies; each request consumes one, in order (appends to the queue)."""
+        with self._lock:
+            self._script.extend(entries)
+
+    def responder(self, fn: Callable[[Any], Entry | None] | None) -> None:
+        """Answer from ``fn(request_json)`` once the script is empty; ``None`` from
+        ``fn`` means the default reply. Pass ``None`` to remove the responder."""
+        with self._lock:
+            self._responder = fn
+
+    @property
+    def pending(self) -> int:
+        """Scripted entries not yet consumed."""
+        with self._lock:
+            return len(self._script)
+
+    @property
+    def requests(self) -> list[Any]:
+        """Parsed JSON bodies of every request so far (a snapshot copy)."""
+        with self._lock:
+            return [r.body for r in self._recorded]
+
+    @property
+    def recorded(self) -> list[RecordedRequest]:
+        """Every request with its path and headers (a snapshot copy)."""
+        with self._lock:
+            return list(self._recorded)
+
+    def reset(self) -> None:
+        """Forget recorded requests, the script and the responder."""
+        with self._lock:
+            self._recorded.clear()
+            self._script.clear()
+            self._responder = None
+
+    # called from handler threads
+    def _next_entry(self, request: RecordedRequest) -> Entry:
+        with self._lock:
+            self._recorded.append(request)
+            if self._script:
+                return self._script.popleft()
+            responder = self._responder
+        entry = responder(request.body) if responder is not None else None
+        return entry or self.default
+
+    def _next_id(self) -> int:
+        return next(self._ids)
+
+
+class _Server(ThreadingHTTPServer):
+    """Tracks live connections so ``stop()`` can close idle keep-alive sockets."""
+
+    daemon_threads = True
+    fake: FakeOpenAI
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conns_lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client hanging up mid-reply (timeouts, cancellation tests) is expected.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+    def close_connections(self) -> None:
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+        pass
+
+    def do_POST(self) -> None:
+        fake = self.server.fake
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path not in ("/v1/chat/completions", "/v1/responses"):
+            self._send_error(error(404, f"unknown path {path}"))
+            return
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            self._send_error(error(400, "request body is not a JSON object"))
+            return
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        entry = fake._next_entry(RecordedRequest(path, headers, body))
+        while isinstance(entry, Slow):
+            if fake._stopping.wait(entry.seconds):
+                self.close_connection = True
+                return
+            entry = entry.then or fake.default
+        if isinstance(entry, Disconnect):
+            self.close_connection = True
+            return
+        if isinstance(entry, Error):
+            self._send_error(entry)
+            return
+        n, model = fake._next_id(), str(body.get("model", "fake-model"))
+        chat = path.endswith("/chat/completions")
+        if body.get("stream"):
+            if chat:
+                usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                self._send_sse((None, c) for c in _chat_chunks(entry, model, n, usage))
+            else:
+                self._send_sse(_response_events(entry, model, n, body))
+        else:
+            doc = _chat_completion(entry, model, n) if chat else _response(entry, model, n, body)
+            self._send_json(200, doc)
+
+    def _send_json(self, status: int, doc: Any, extra: dict[str, str] | None = None) -> None:
+        data = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, err: Error) -> None:
+        kind = _ERROR_TYPES.get(err.status, "server_error" if err.status >= 500 else "api_error")
+        doc = {"error": {"message": err.message, "type": kind, "param": None, "code": err.code}}
+        extra = {"Retry-After": f"{err.retry_after:g}"} if err.retry_after is not None else {}
+        self._send_json(err.status, doc, extra)
+
+    def _send_sse(self, events: Iterable[tuple[str | None, Any]]) -> None:
+        # No Content-Length: the stream ends when we close the connection.
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        for name, data in events:
+            payload = data if isinstance(data, str) else json.dumps(data)
+            prefix = f"event: {name}\n" if name else ""
+            self.wfile.write(f"{prefix}data: {payload}\n\n".encode())
+            self.wfile.flush()
+
+
+# -- wire shapes ----------------------------------------------------------------
+
+
+def _tokens(value: Any) -> int:
+    return max(1, len(json.dumps(value)) // 4) if value else 0
+
+
+def _call_id(call: ToolCall, n: int, i: int) -> str:
+    return call.call_id or f"call_fake_{n}_{i}"
+
+
+def _chat_completion(reply: Reply, model: str, n: int) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
+    if reply.tool_calls:
+        message["tool_calls"] = [
+            {"id": _call_id(c, n, i), "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}}
+            for i, c in enumerate(reply.tool_calls)
+        ]
+    elif reply.content is None:
+        message["content"] = ""
+    completion = _tokens(reply.content) + _tokens([c.arguments for c in reply.tool_calls])
+    return {
+        "id": f"chatcmpl-fake-{n}", "object": "chat.completion", "created": int(time.time()),
+        "model": model, "system_fingerprint": "fp_fake",
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": "tool_calls" if reply.tool_calls else "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": completion,
+                  "total_tokens": 10 + completion},
+    }
+
+
+def _chat_chunks(reply: Reply, model: str, n: int, include_usage: bool) -> Iterator[Any]:
+    full = _chat_completion(reply, model, n)
+    head = {k: full[k] for k in ("id", "created", "model", "system_fingerprint")}
+    head["object"] = "chat.completion.chunk"
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                     "finish_reason": finish}]}
+
+    yield chunk({"role": "assistant", "content": ""})
+    if reply.content:
+        yield chunk({"content": reply.content})
+    for i, call in enumerate(full["choices"][0]["message"].get("tool_calls", [])):
+        yield chunk({"tool_calls": [{"index": i, **call}]})
+    yield chunk({}, full["choices"][0]["finish_reason"])
+    if include_usage:
+        yield {**head, "choices": [], "usage": full["usage"]}
+    yield "[DONE]"
+
+
+def _response_items(reply: Reply, n: int) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    if reply.content is not None or not reply.tool_calls:
+        items.append({
+            "type": "message", "id": f"msg_fake_{n}", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": reply.content or "", "annotations": [],
+                         "logprobs": []}],
+        })
+    for i, call in enumerate(reply.tool_calls):
+        items.append({"type": "function_call", "id": f"fc_fake_{n}_{i}",
+                      "call_id": _call_id(call, n, i), "name": call.name,
+                      "arguments": call.arguments, "status": "completed"})
+    return items
+
+
+def _response(reply: Reply, model: str, n: int, request: dict[str, Any]) -> dict[str, Any]:
+    output = _response_items(reply, n)
+    out_tokens = _tokens(output)
+    choice = request.get("tool_choice")
+    return {
+        "id": f"resp_fake_{n}", "object": "response", "created_at": int(time.time()),
+        "status": "completed", "model": model, "output": output,
+        "instructions": request.get("instructions"), "error": None, "incomplete_details": None,
+        "metadata": {}, "parallel_tool_calls": True, "previous_response_id": None,
+        "temperature": 1.0, "top_p": 1.0, "tools": [],
+        "tool_choice": choice if isinstance(choice, str) else "auto",
+        "text": {"format": {"type": "text"}}, "truncation": "disabled",
+        "usage": {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens": out_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                  "total_tokens": 10 + out_tokens},
+    }
+
+
+def _response_events(
+    reply: Reply, model: str, n: int, request: dict[str, Any]
+) -> Iterator[tuple[str, Any]]:
+    final = _response(reply, model, n, request)
+    seq = itertools.count()
+
+    def event(kind: str, **fields: Any) -> tuple[str, Any]:
+        return kind, {"type": kind, "sequence_number": next(seq), **fields}
+
+    started = {**final, "status": "in_progress", "output": [], "usage": None}
+    yield event("response.created", response=started)
+    yield event("response.in_progress", response=started)
+    for idx, item in enumerate(final["output"]):
+        where = {"item_id": item["id"], "output_index": idx}
+        if item["type"] == "message":
+            part = item["content"][0]
+            yield event("response.output_item.added", output_index=idx,
+                        item={**item, "status": "in_progress", "content": []})
+            yield event("response.content_part.added", **where, content_index=0,
+                        part={**part, "text": ""})
+            yield event("response.output_text.delta", **where, content_index=0,
+                        delta=part["text"], logprobs=[])
+            yield event("response.output_text.done", **where, content_index=0,
+                        text=part["text"], logprobs=[])
+            yield event("response.content_part.done", **where, content_index=0, part=part)
+        else:
+            yield event("response.output_item.added", output_index=idx,
+                        item={**item, "status": "in_progress", "arguments": ""})
+            yield event("response.function_call_arguments.delta", **where,
+                        delta=item["arguments"])
+            yield event("response.function_call_arguments.done", **where,
+                        arguments=item["arguments"], name=item["name"])
+        yield event("response.output_item.done", output_index=idx, item=item)
+    yield event("response.completed", response=final)
