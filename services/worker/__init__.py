@@ -1,0 +1,1 @@
+"""Agent worker runtime: specs, turns, model client, tools, handoffs."""

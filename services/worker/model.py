@@ -1,0 +1,329 @@
+"""The model client: one Protocol, one Chat Completions implementation.
+
+Workers reach models only through ``openai.AsyncOpenAI`` Chat Completions, so
+any OpenAI-compatible server works.  :class:`OpenAIChatModel` owns retrying:
+the openai client's own retries are switched off so that backoff, jitter and
+``Retry-After`` handling live in one place and the number of attempts is
+exactly ``1 + max_retries``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol, runtime_checkable
+
+import openai
+
+__all__ = [
+    "ModelClient",
+    "ModelError",
+    "ModelRejected",
+    "ModelReply",
+    "ModelUnavailable",
+    "OpenAIChatModel",
+    "ToolCall",
+    "make_model_client",
+    "parse_retry_after",
+]
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+_RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One tool call requested by the model.
+
+    Attributes:
+        id: the model's call id; becomes the items' ``call_id``.
+        name: the function name (a handoff tool or a function tool).
+        arguments: the JSON-encoded arguments exactly as the model sent them.
+    """
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelReply:
+    """What the model answered.
+
+    Attributes:
+        text: the assistant text, or ``None`` when the model only called tools.
+        tool_calls: requested tool calls, in the model's order (may be empty).
+        model: the model name the server reported (the rules model reports
+            ``convlog-rules-model (offline, deterministic, not an LLM)``).
+    """
+
+    text: str | None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    model: str | None = None
+
+
+class ModelError(Exception):
+    """Base of model-call failures."""
+
+
+class ModelUnavailable(ModelError):
+    """The model endpoint could not answer after every retry; try the turn again later.
+
+    Attributes:
+        attempts: how many requests were made.
+        last_status: the last HTTP status, or ``None`` for connection errors/timeouts.
+        retry_after: the server's last requested wait in seconds, if it sent one.
+    """
+
+    def __init__(
+        self, message: str, *, attempts: int, last_status: int | None, retry_after: float | None
+    ) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.last_status = last_status
+        self.retry_after = retry_after
+
+
+class ModelRejected(ModelError):
+    """The endpoint refused the request itself (a non-retryable 4xx); retrying cannot help.
+
+    Attributes:
+        status: the HTTP status (400, 401, 403, 404, 422, ...).
+    """
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@runtime_checkable
+class ModelClient(Protocol):
+    """Anything that can answer a Chat Completions request.
+
+    ``complete`` returns one reply for the conversation so far.  It either
+    returns, raises :class:`ModelUnavailable` (transient: the turn should be
+    retried later), or raises :class:`ModelRejected` (permanent).
+    """
+
+    async def complete(
+        self,
+        *,
+        model: str,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]],
+    ) -> ModelReply:
+        """Ask ``model`` for the next assistant message.
+
+        Args:
+            model: model name, as in the agent spec.
+            messages: Chat Completions messages, system prompt first.
+            tools: Chat Completions tool schemas; empty means no tools.
+        """
+        ...
+
+
+class OpenAIChatModel:
+    """:class:`ModelClient` over ``client.chat.completions.create``.
+
+    Retries 408/409/429/5xx responses and connection errors/timeouts up to
+    ``max_retries`` times.  The wait before retry *n* (0-based) is the server's
+    ``retry-after-ms`` / ``Retry-After`` (seconds or HTTP date) when present,
+    otherwise ``min(max_delay, base_delay * 2**n)`` with equal jitter.  A
+    server asking for a wait longer than ``max_delay`` ends the retries at once
+    with :class:`ModelUnavailable` (carrying ``retry_after``) rather than
+    holding the turn.  Other 4xx raise :class:`ModelRejected` immediately.
+
+    Args:
+        client: the openai client; its own retries are disabled here.
+        max_retries: retries after the first attempt.
+        base_delay: first backoff, seconds.
+        max_delay: backoff cap, and the longest ``Retry-After`` honoured, seconds.
+        timeout: per-request timeout, seconds.
+        sleep: injectable for tests; defaults to :func:`asyncio.sleep`.
+        rng: injectable for tests; returns a float in ``[0, 1)``.
+    """
+
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        max_retries: int = 4,
+        base_delay: float = 0.5,
+        max_delay: float = 20.0,
+        *,
+        timeout: float = 60.0,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        if max_retries < 0 or base_delay < 0 or max_delay < 0 or timeout <= 0:
+            raise ValueError("max_retries, base_delay, max_delay must be >= 0 and timeout > 0")
+        self._client = client.with_options(max_retries=0, timeout=timeout)
+        self.max_retries = max_retries
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self._sleep = sleep
+        self._rng = rng
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The underlying openai client (with retries disabled)."""
+        return self._client
+
+    async def complete(
+        self,
+        *,
+        model: str,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]],
+    ) -> ModelReply:
+        """See :meth:`ModelClient.complete`.
+
+        Raises:
+            ModelUnavailable: retries exhausted or the server asked for a wait
+                longer than ``max_delay``.
+            ModelRejected: a non-retryable 4xx.
+        """
+        kwargs: dict[str, Any] = {"model": model, "messages": list(messages)}
+        if tools:  # an empty tools array is refused by the API
+            kwargs["tools"] = list(tools)
+        attempt = 0
+        while True:
+            try:
+                completion = await self._client.chat.completions.create(**kwargs)
+            except openai.APIStatusError as e:
+                status = e.status_code
+                if not _retryable(e):
+                    raise ModelRejected(
+                        f"model endpoint refused the request: HTTP {status}: {_brief(e)}",
+                        status=status,
+                    ) from e
+                retry_after = parse_retry_after(e.response.headers)
+                last = f"HTTP {status}"
+            except openai.APIConnectionError as e:  # includes APITimeoutError
+                status, retry_after = None, None
+                last = "timeout" if isinstance(e, openai.APITimeoutError) else "connection error"
+            else:
+                return _to_reply(completion)
+
+            attempt += 1
+            if retry_after is not None and retry_after > self.max_delay:
+                raise ModelUnavailable(
+                    f"model endpoint unavailable: {last} with Retry-After {retry_after:g}s"
+                    f" (longer than the {self.max_delay:g}s cap) after {attempt} attempt(s)",
+                    attempts=attempt,
+                    last_status=status,
+                    retry_after=retry_after,
+                )
+            if attempt > self.max_retries:
+                raise ModelUnavailable(
+                    f"model endpoint unavailable after {attempt} attempt(s); last: {last}",
+                    attempts=attempt,
+                    last_status=status,
+                    retry_after=retry_after,
+                )
+            await self._sleep(self._delay(attempt - 1, retry_after))
+
+    def _delay(self, retry_index: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return max(0.0, retry_after)
+        ceiling = min(self.max_delay, self.base_delay * (2**retry_index))
+        # equal jitter: at least half the backoff, so replicas spread out but still wait
+        return ceiling / 2 + self._rng() * ceiling / 2
+
+
+def parse_retry_after(headers: Any, *, now: float | None = None) -> float | None:
+    """Seconds the server asked to wait, from ``retry-after-ms`` or ``Retry-After``.
+
+    ``Retry-After`` may be delta-seconds or an HTTP date.  Returns ``None`` when
+    no usable header is present; dates in the past give ``0.0``.
+    """
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            value = float(raw_ms) / 1000.0
+            if value >= 0 and value == value:  # not NaN
+                return value
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+        return value if value >= 0 else None
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+def make_model_client(
+    api_key: str | None,
+    base_url: str | None = None,
+    *,
+    max_retries: int = 4,
+    base_delay: float = 0.5,
+    max_delay: float = 20.0,
+    timeout: float = 60.0,
+) -> OpenAIChatModel:
+    """The model client the worker uses.
+
+    With an API key: ``openai.AsyncOpenAI`` against ``base_url`` (default
+    ``https://api.openai.com/v1``).  Without one: the offline rules model
+    (:mod:`services.worker.rules_model`), reached through the same client code
+    path.  The entrypoint passes ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL``;
+    nothing here reads the environment.
+    """
+    if api_key:
+        client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url or DEFAULT_BASE_URL)
+    else:
+        from .rules_model import rules_openai_client
+
+        client = rules_openai_client()
+    return OpenAIChatModel(
+        client,
+        max_retries=max_retries,
+        base_delay=base_delay,
+        max_delay=max_delay,
+        timeout=timeout,
+    )
+
+
+def _retryable(e: openai.APIStatusError) -> bool:
+    should = e.response.headers.get("x-should-retry")
+    if should == "true":
+        return True
+    if should == "false":
+        return False
+    return e.status_code in _RETRYABLE_STATUS or e.status_code >= 500
+
+
+def _brief(e: openai.APIStatusError) -> str:
+    body = e.body
+    if isinstance(body, dict):
+        message = body.get("message") or (body.get("error") or {}).get("message")
+        if isinstance(message, str):
+            return message[:300]
+    return str(e.message)[:300]
+
+
+def _to_reply(completion: Any) -> ModelReply:
+    if not completion.choices:
+        return ModelReply(text=None, tool_calls=[], model=getattr(completion, "model", None))
+    message = completion.choices[0].message
+    calls = []
+    for call in message.tool_calls or []:
+        function = getattr(call, "function", None)
+        if function is None:  # custom (non-function) tool calls are not offered by convlog
+            continue
+        calls.append(ToolCall(id=call.id, name=function.name, arguments=function.arguments or "{}"))
+    return ModelReply(text=message.content, tool_calls=calls, model=completion.model)
