@@ -134,7 +134,10 @@ def load_settings(
         if value is not None:
             values[name] = _convert(name, value, next(f.type for f in fields(Settings) if f.name == name))
     settings = replace(Settings(), **values)
-    _ = settings.subjects  # validates the prefix at startup
+    try:
+        _ = settings.subjects  # validates the prefix at startup
+    except BadRequestError as e:
+        raise ConfigError(f"CONVLOG_PREFIX={settings.prefix!r} is invalid: {e.message}") from e
     if settings.max_item_bytes < 1024:
         raise ConfigError("CONVLOG_MAX_ITEM_BYTES must be at least 1024")
     return settings

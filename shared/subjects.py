@@ -25,7 +25,8 @@ def validate_session_id(session_id: object) -> str:
     Raises:
         InvalidSessionIdError: for anything else, naming the value.
     """
-    if not isinstance(session_id, str) or not _SESSION_ID_RE.match(session_id):
+    # fullmatch: with match(), ``$`` also accepts a trailing newline ("abc\n").
+    if not isinstance(session_id, str) or not _SESSION_ID_RE.fullmatch(session_id):
         shown = repr(session_id)[:80]
         raise InvalidSessionIdError(
             f"session id {shown} is invalid: it must match [A-Za-z0-9_-]{{1,128}}"
@@ -40,7 +41,7 @@ class Subjects:
     prefix: str = "convlog"
 
     def __post_init__(self) -> None:
-        if not _PREFIX_RE.match(self.prefix):
+        if not isinstance(self.prefix, str) or not _PREFIX_RE.fullmatch(self.prefix):
             raise BadRequestError(
                 f"subject prefix {self.prefix!r} is invalid: use dot-separated [A-Za-z0-9_-] tokens"
             )

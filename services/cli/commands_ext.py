@@ -22,4 +22,6 @@ def register_extra(sub: Any, common: Callable[[argparse.ArgumentParser], None]) 
 
 
 def _registrars() -> list[Callable[..., None]]:
-    return []
+    from . import bench
+
+    return [bench.register]

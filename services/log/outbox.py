@@ -33,12 +33,16 @@ from shared.subjects import Subjects
 
 from .store.base import Committed, LogStore
 
-__all__ = ["Outbox", "ensure_stream"]
+__all__ = ["Outbox", "StreamMismatchError", "ensure_stream"]
 
 log = logging.getLogger("convlog.log.outbox")
 
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
+
+
+class StreamMismatchError(RuntimeError):
+    """The items stream holds envelopes this store never committed."""
 
 
 async def ensure_stream(js: JetStreamContext, subjects: Subjects, *, replicas: int = 1) -> None:
@@ -93,6 +97,8 @@ class Outbox:
         self._stopping = False
         self._acks: dict[str, asyncio.Future[bytes]] = {}
         self._inbox = ""
+        self._synced_at_start = False
+        self._needs_backlog = True  # after a (re)sync the store may hold unpublished items
         self.published_count = 0
 
     @property
@@ -105,6 +111,13 @@ class Outbox:
         self._wake.set()
 
     async def start(self) -> None:
+        """Resync from the stream, then publish in the background.
+
+        Raises:
+            StreamMismatchError: the stream does not belong to this store.
+        """
+        await self._resync()
+        self._synced_at_start = True
         self._inbox = self._nc.new_inbox()
         await self._nc.subscribe(self._inbox + ".*", cb=self._on_ack)
         self._task = asyncio.create_task(self._run(), name="convlog-outbox")
@@ -131,6 +144,7 @@ class Outbox:
     async def _resync(self) -> None:
         """Set the publish cursor from the stream's last message."""
         name = self._subjects.stream_name
+        self._needs_backlog = True
         info = await self._js.stream_info(name)
         if info.state.messages == 0:
             if info.state.last_seq:
@@ -149,13 +163,18 @@ class Outbox:
         sid, _, order = msg_id.rpartition(":")
         position = await self._store.position_of(sid, int(order)) if order.isdigit() else None
         if position is None:
-            raise RuntimeError(f"stream {name} ends with {msg_id!r}, which this store does not hold")
+            raise StreamMismatchError(
+                f"the items stream {name} ends with {msg_id!r}, which this database does not hold: "
+                "the stream belongs to another database (or the database was restored from an "
+                "older copy). Use another --prefix, point --db at the matching file, or delete "
+                f"the stream {name} if its history is no longer needed"
+            )
         self._published = position
         self._last_msg_id = msg_id
 
     async def _run(self) -> None:
         delay = 0.1
-        synced = False
+        synced = self._synced_at_start
         while True:
             try:
                 if not synced:
@@ -180,6 +199,10 @@ class Outbox:
 
     async def _next_batch(self) -> list[Committed] | None:
         while True:
+            # Clear before looking, not after: a commit that lands while we look
+            # (the store query below yields) sets the event again, so the wait
+            # cannot sleep through it and strand the last commit unpublished.
+            self._wake.clear()
             while self._pending and self._pending[0].position <= self._published:
                 self._pending.popleft()
             if self._pending:
@@ -193,34 +216,38 @@ class Outbox:
                 return backlog
             if self._stopping:
                 return None
-            self._wake.clear()
             await self._wake.wait()
 
     async def _publish(self, batch: list[Committed]) -> None:
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[bytes]] = []
+        """Publish a window in order; only its last message asks for an ack.
+
+        Every message names its predecessor in ``Nats-Expected-Last-Msg-Id``,
+        so the stream stores the last one only if all earlier ones were
+        stored, in order: one positive ack confirms the whole window.
+        """
         prev = self._last_msg_id
-        for c in batch:
-            msg_id = f"{c.session_id}:{c.item_order}"
-            headers = {MSG_ID: msg_id}
-            if prev is not None:
-                headers[EXPECTED_LAST_MSG_ID] = prev
-            token = str(c.position)
-            fut: asyncio.Future[bytes] = loop.create_future()
-            self._acks[token] = fut
-            futures.append(fut)
-            await self._nc.publish(
-                self._subjects.items(c.session_id), c.envelope, reply=f"{self._inbox}.{token}", headers=headers
-            )
-            prev = msg_id
+        last = batch[-1]
+        token = str(last.position)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._acks[token] = fut
         try:
-            done = await asyncio.wait_for(asyncio.gather(*futures), self._ack_timeout)
-        finally:
             for c in batch:
-                self._acks.pop(str(c.position), None)
-        for c, ack in zip(batch, done, strict=True):
-            if b'"error"' in ack:
-                raise RuntimeError(f"stream refused {c.session_id}:{c.item_order}: {ack[:200]!r}")
-            self._published = c.position
-            self._last_msg_id = f"{c.session_id}:{c.item_order}"
-            self.published_count += 1
+                msg_id = f"{c.session_id}:{c.item_order}"
+                headers = {MSG_ID: msg_id}
+                if prev is not None:
+                    headers[EXPECTED_LAST_MSG_ID] = prev
+                await self._nc.publish(
+                    self._subjects.items(c.session_id),
+                    c.envelope,
+                    reply=f"{self._inbox}.{token}" if c is last else "",
+                    headers=headers,
+                )
+                prev = msg_id
+            ack = await asyncio.wait_for(fut, self._ack_timeout)
+        finally:
+            self._acks.pop(token, None)
+        if b'"error"' in ack:
+            raise RuntimeError(f"stream refused {last.session_id}:{last.item_order}: {ack[:200]!r}")
+        self._published = last.position
+        self._last_msg_id = f"{last.session_id}:{last.item_order}"
+        self.published_count += len(batch)

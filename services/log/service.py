@@ -28,6 +28,7 @@ from nats.micro.service import Service
 from shared import __version__
 from shared.client import connect_options
 from shared.config import Settings
+from shared.errors import ERROR_HEADER
 from shared.subjects import Subjects
 
 from .handlers import Handlers
@@ -146,6 +147,7 @@ class LogService:
             payload, headers = await handlers.guarded(fn, req.subject, req.data)
             if headers:
                 self.tally["errors"] += 1
+                self._count_error(name, headers)
                 if not req._msg.reply:
                     log.warning("%s on %s without reply subject: %s", name, req.subject[:160], payload[:300])
             if req._msg.reply:
@@ -158,6 +160,17 @@ class LogService:
             task.add_done_callback(self._inflight.discard)
 
         return handler
+
+    def _count_error(self, name: str, headers: dict[str, str]) -> None:
+        """Count an error reply in the endpoint's ``$SRV.STATS``.
+
+        micro only counts exceptions its handler raises; ours replies later, from
+        a task, so the error would otherwise never show in the stats.
+        """
+        for ep in getattr(self._service, "_endpoints", None) or []:
+            if getattr(ep, "_name", None) == name:
+                ep._num_errors += 1
+                ep._last_error = headers.get(ERROR_HEADER, "")
 
     async def run(self) -> None:
         """Serve until :meth:`shutdown` completes."""
@@ -195,8 +208,9 @@ class LogService:
             t = self.tally
             log.info(
                 "log service stopped: %d appends, %d reads, %d sessions, %d user messages, "
-                "%d errors, %d published",
+                "%d errors, %d published, %d commits",
                 t["append"], t["read"], t["sessions"], t["in"], t["errors"],
                 self.outbox.published_count if self.outbox else 0,
+                getattr(self.store, "commits", 0),
             )
             self._stopped.set()

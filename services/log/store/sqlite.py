@@ -98,7 +98,7 @@ class SQLiteStore:
     def __init__(self, path: str | os.PathLike[str], *, max_batch: int = 512) -> None:
         self.path = Path(path)
         self.max_batch = max_batch
-        self._w: aiosqlite.Connection | None = None
+        self._w: sqlite3.Connection | None = None  # the single writer connection
         self._r: aiosqlite.Connection | None = None
         self._lock_fd: int | None = None
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
@@ -116,22 +116,25 @@ class SQLiteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         try:
-            self._w = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._w.execute("PRAGMA journal_mode=WAL")
-            await self._w.execute("PRAGMA synchronous=FULL")
-            await self._w.execute("PRAGMA busy_timeout=10000")
-            await self._w.executescript(_SCHEMA)
+            self._position = self._open_writer()
             self._r = await aiosqlite.connect(self.path, isolation_level=None)
             await self._r.execute("PRAGMA busy_timeout=10000")
             await self._r.execute("PRAGMA query_only=1")
-            async with self._w.execute("SELECT COALESCE(MAX(position), 0) FROM items") as cur:
-                row = await cur.fetchone()
-            self._position = int(row[0]) if row else 0
         except (sqlite3.Error, OSError) as e:
             await self._close_connections()
             self._release_lock()
             raise UnavailableError(f"cannot open SQLite store {self.path}: {e}") from e
         self._committer = asyncio.create_task(self._commit_loop(), name="convlog-committer")
+
+    def _open_writer(self) -> int:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.executescript(_SCHEMA)
+        self._w = conn
+        row = conn.execute("SELECT COALESCE(MAX(position), 0) FROM items").fetchone()
+        return int(row[0]) if row else 0
 
     def _take_lock(self) -> None:
         lock_path = self.path.with_name(self.path.name + ".lock")
@@ -162,10 +165,12 @@ class SQLiteStore:
         self._release_lock()
 
     async def _close_connections(self) -> None:
-        for conn in (self._w, self._r):
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+        if self._r is not None:
+            with contextlib.suppress(Exception):
+                await self._r.close()
+        if self._w is not None:
+            with contextlib.suppress(Exception):
+                self._w.close()
         self._w = self._r = None
 
     async def __aenter__(self) -> SQLiteStore:
@@ -212,76 +217,96 @@ class SQLiteStore:
                     if not p.future.done():
                         p.future.set_exception(UnavailableError("the store failed to commit"))
 
-    async def _load_states(self, sids: set[str]) -> None:
-        missing = [s for s in sids if s not in self._states]
-        if not missing:
-            return
+    def _load_states(self, sids: set[str]) -> None:
         assert self._w is not None
+        missing = [s for s in sids if s not in self._states]
         for i in range(0, len(missing), 500):
             chunk = missing[i : i + 500]
             q = ",".join("?" * len(chunk))
-            async with self._w.execute(
+            for sid, last, h, clear in self._w.execute(
                 f"SELECT session_id, last_order, last_hash, last_clear FROM sessions "
                 f"WHERE session_id IN ({q})",
                 chunk,
-            ) as cur:
-                for sid, last, h, clear in await cur.fetchall():
-                    self._states[sid] = _State(last, h, clear)
+            ):
+                self._states[sid] = _State(last, h, clear)
         for s in missing:
             self._states.setdefault(s, _State())
 
-    async def _existing_ids(self, wanted: dict[str, set[str]]) -> dict[tuple[str, str], tuple[int, str]]:
+    def _existing_ids(self, wanted: dict[str, set[str]]) -> dict[tuple[str, str], tuple[int, str]]:
         """(session, item_id) -> (order, hash) for ids already stored."""
         assert self._w is not None
         pairs = [[sid, iid] for sid, ids in wanted.items() for iid in ids]
         if not pairs:
             return {}
         found: dict[tuple[str, str], tuple[int, str]] = {}
-        async with self._w.execute(
+        for sid, iid, order, env in self._w.execute(
             "SELECT i.session_id, i.item_id, i.item_order, i.envelope FROM json_each(?) j "
             "JOIN items i ON i.session_id = j.value->>0 AND i.item_id = j.value->>1",
             (json.dumps(pairs),),
-        ) as cur:
-            for sid, iid, order, env in await cur.fetchall():
-                found[(sid, iid)] = (order, msgspec.json.decode(env)["hash"])
+        ):
+            found[(sid, iid)] = (order, msgspec.json.decode(env)["hash"])
         return found
 
-    async def _kinds_of(self, targets: dict[str, set[int]]) -> dict[tuple[str, int], str]:
+    def _kinds_of(self, targets: dict[str, set[int]]) -> dict[tuple[str, int], str]:
         assert self._w is not None
         pairs = [[sid, t] for sid, ts in targets.items() for t in ts]
         if not pairs:
             return {}
-        async with self._w.execute(
+        rows = self._w.execute(
             "SELECT i.session_id, i.item_order, i.kind FROM json_each(?) j "
             "JOIN items i ON i.session_id = j.value->>0 AND i.item_order = j.value->>1",
             (json.dumps(pairs),),
-        ) as cur:
-            return {(sid, o): k for sid, o, k in await cur.fetchall()}
+        )
+        return {(sid, o): k for sid, o, k in rows}
 
     async def _commit(self, batch: list[_Pending]) -> None:
+        # The whole batch (lookups, ordering, hashing, the transaction and its
+        # fsync) runs right here on the event loop, deliberately: handing it to
+        # a thread made every sqlite3 step and every socket send wait for the
+        # GIL behind the other thread (a convoy that cost more than the fsync).
+        # Requests that arrive meanwhile wait in the socket and form the next
+        # batch.
+        outcomes, committed = self._commit_sync(batch)
+        for p, out in zip(batch, outcomes, strict=True):
+            self._resolve(p.future, out)
+        if committed:
+            for listener in self._listeners:
+                res = listener(committed)
+                if asyncio.iscoroutine(res):
+                    await res
+
+    def _commit_sync(
+        self, batch: list[_Pending], *, careful: bool = False
+    ) -> tuple[list[AppendReply | ConvlogError], list[Committed]]:
+        """Decide and commit one batch.
+
+        Optimistic by default: an ``item_id`` is looked up only where the
+        answer changes the decision (``expected_last`` behind); every other
+        duplicate is caught by the unique index (``ON CONFLICT DO NOTHING``
+        writes fewer rows than planned), and then the batch is rolled back and
+        decided again with every id looked up (``careful``).  Retries are rare,
+        so the common batch costs no lookup at all.
+        """
         assert self._w is not None
         sids = {p.session_id for p in batch}
-        await self._load_states(sids)
+        self._load_states(sids)
         wanted: dict[str, set[str]] = {}
         targets: dict[str, set[int]] = {}
         for p in batch:
             st = self._states[p.session_id]
+            behind = p.request.expected_last is not None and p.request.expected_last != st.last_order
             for it in p.request.items:
-                if st.last_order and it.item_id is not None:
+                if st.last_order and it.item_id is not None and (careful or behind):
                     wanted.setdefault(p.session_id, set()).add(it.item_id)
                 if it.kind == "retract" and isinstance(it.data.get("target"), int):
                     targets.setdefault(p.session_id, set()).add(it.data["target"])
-        existing = await self._existing_ids(wanted)
-        stored_kinds = await self._kinds_of(targets)
+        existing = self._existing_ids(wanted)
+        stored_kinds = self._kinds_of(targets)
 
         # Work on copies so a failed transaction leaves the cache untouched.
-        work: dict[str, _State] = {
-            s: _State(st.last_order, st.last_hash, st.last_clear) for s, st in self._states.items() if s in sids
-        }
+        work = {s: _State(st.last_order, st.last_hash, st.last_clear) for s, st in self._states.items() if s in sids}
         outcomes: list[AppendReply | ConvlogError] = []
         rows: list[_Row] = []
-        hides: list[tuple[str, int]] = []
-        committed: list[Committed] = []
         position = self._position
         created_at = now_rfc3339()
         for p in batch:
@@ -291,60 +316,52 @@ class SQLiteStore:
                 outcomes.append(e)
                 continue
             outcomes.append(reply)
-            for row in new_rows:
-                rows.append(row)
-                position = row[0]
-                committed.append(Committed(row[0], row[1], row[2], row[5]))
-                if row[4] == "retract":
-                    hides.append((row[1], row[6]))
-        if rows:
-            touched = {r[1] for r in rows}
-            try:
-                await self._w.execute("BEGIN IMMEDIATE")
-                await self._w.executemany(
-                    "INSERT INTO items (position, session_id, item_order, item_id, kind, envelope) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    [r[:6] for r in rows],
-                )
-                if hides:
-                    await self._w.executemany(
-                        "UPDATE items SET hidden = 1 WHERE session_id = ? AND item_order = ?", hides
-                    )
-                await self._w.executemany(
-                    "INSERT INTO sessions (session_id, last_order, last_hash, last_clear, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
-                    "last_order = excluded.last_order, last_hash = excluded.last_hash, "
-                    "last_clear = excluded.last_clear, updated_at = excluded.updated_at",
-                    [
-                        (s, work[s].last_order, work[s].last_hash, work[s].last_clear, created_at)
-                        for s in touched
-                    ],
-                )
-                await self._w.execute("COMMIT")
-            except sqlite3.Error as e:
-                log.error("commit of %d items failed: %s", len(rows), e)
-                with contextlib.suppress(sqlite3.Error):
-                    await self._w.execute("ROLLBACK")
-                err = UnavailableError(f"the store could not commit: {e}")
-                for p, out in zip(batch, outcomes, strict=True):
-                    if isinstance(out, AppendReply) and any(not i.duplicate for i in out.items):
-                        self._resolve(p.future, err)
-                    else:
-                        self._resolve(p.future, out)
-                return
-            self.commits += 1
-            self._position = position
-            for s in touched:
-                work[s].batch_kinds.clear()
-                work[s].batch_ids.clear()
-                self._states[s] = work[s]
-        for p, out in zip(batch, outcomes, strict=True):
-            self._resolve(p.future, out)
-        if committed:
-            for listener in self._listeners:
-                res = listener(committed)
-                if asyncio.iscoroutine(res):
-                    await res
+            rows.extend(new_rows)
+            if new_rows:
+                position = new_rows[-1][0]
+        if not rows:
+            return outcomes, []
+        touched = {r[1] for r in rows}
+        try:
+            self._w.execute("BEGIN IMMEDIATE")
+            inserted = self._w.executemany(
+                "INSERT INTO items (position, session_id, item_order, item_id, kind, envelope) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, item_id) DO NOTHING",
+                [r[:6] for r in rows],
+            ).rowcount
+            if inserted != len(rows):
+                # An item_id was already stored (a retry): decide again, carefully.
+                self._w.execute("ROLLBACK")
+                if careful:
+                    raise sqlite3.IntegrityError("duplicate item_id after a careful lookup")
+                return self._commit_sync(batch, careful=True)
+            hides = [(r[1], r[6]) for r in rows if r[4] == "retract"]
+            if hides:
+                self._w.executemany("UPDATE items SET hidden = 1 WHERE session_id = ? AND item_order = ?", hides)
+            self._w.executemany(
+                "INSERT INTO sessions (session_id, last_order, last_hash, last_clear, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
+                "last_order = excluded.last_order, last_hash = excluded.last_hash, "
+                "last_clear = excluded.last_clear, updated_at = excluded.updated_at",
+                [(s, work[s].last_order, work[s].last_hash, work[s].last_clear, created_at) for s in touched],
+            )
+            self._w.execute("COMMIT")
+        except sqlite3.Error as e:
+            log.error("commit of %d items failed: %s", len(rows), e)
+            with contextlib.suppress(sqlite3.Error):
+                self._w.execute("ROLLBACK")
+            err = UnavailableError("the store could not commit; nothing was written")
+            return [
+                err if isinstance(out, AppendReply) and any(not i.duplicate for i in out.items) else out
+                for out in outcomes
+            ], []
+        self.commits += 1
+        self._position = position
+        for s in touched:
+            work[s].batch_kinds.clear()
+            work[s].batch_ids.clear()
+            self._states[s] = work[s]
+        return outcomes, [Committed(r[0], r[1], r[2], r[5]) for r in rows]
 
     @staticmethod
     def _resolve(fut: asyncio.Future[AppendReply], out: AppendReply | ConvlogError) -> None:

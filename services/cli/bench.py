@@ -1,0 +1,305 @@
+"""``convlog bench``: load the log service and report figures as ratios to a
+baseline measured in the same run (raw nats-py request/reply to an echo
+responder in its own process), because this machine is shared and noisy.
+
+With no log service answering at the URL, the bench starts its own stack (an
+embedded nats-server on a free port and ``convlog log`` on a temporary SQLite
+file) and stops it afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+
+from shared.client import LogClient
+from shared.config import Settings
+
+__all__ = ["register"]
+
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass
+class Run:
+    """One measured phase: completed operations and their latencies (seconds)."""
+
+    name: str
+    ops: int
+    seconds: float
+    latencies: list[float]
+    errors: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.ops / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+async def closed_loop(
+    name: str, op: Callable[[int], Awaitable[Any]], writers: int, duration: float
+) -> Run:
+    """``writers`` coroutines each issuing ``op`` back to back for ``duration`` s."""
+    lat: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + duration
+
+    async def writer(w: int) -> None:
+        nonlocal errors
+        i = 0
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                await op(w * 1_000_000 + i)
+            except Exception:
+                errors += 1
+                continue
+            lat.append(time.perf_counter() - t0)
+            i += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    return Run(name, len(lat), time.perf_counter() - t0, lat, errors)
+
+
+async def open_loop(name: str, op: Callable[[int], Awaitable[Any]], rate: float, duration: float) -> Run:
+    """Issue ``op`` at a fixed ``rate`` per second (latency at a given load)."""
+    lat: list[float] = []
+    errors = 0
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(i: int, t_sched: float) -> None:
+        nonlocal errors
+        try:
+            await op(i)
+        except Exception:
+            errors += 1
+            return
+        lat.append(time.perf_counter() - t_sched)
+
+    start = time.perf_counter()
+    n = int(rate * duration)
+    for i in range(n):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        t = asyncio.create_task(one(i, due))
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(tasks, timeout=30)
+    return Run(name, len(lat), time.perf_counter() - start, lat, errors)
+
+
+def payload(size: int) -> dict[str, Any]:
+    return {"role": "user", "content": "x" * max(1, size)}
+
+
+@contextlib.contextmanager
+def local_stack(keep_dir: str | None = None) -> Iterator[str]:
+    """An embedded nats-server plus ``convlog log`` on a temporary database."""
+    from .stack import EmbeddedNats, stop_process
+
+    with tempfile.TemporaryDirectory(prefix="convlog-bench-") as tmp:
+        base = Path(keep_dir or tmp)
+        nats_server = EmbeddedNats(base / "nats", port=-1).start()
+        log_proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", "log", "--nats-url", nats_server.url,
+             "--db", str(base / "bench.db"), "--no-embedded", "--log-level", "WARNING"],
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            yield nats_server.url
+        finally:
+            stop_process(log_proc)
+            nats_server.stop()
+
+
+async def _wait_service(client: LogClient, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            await client.read("bench-ready", tail=0)
+            return
+        except Exception:
+            if time.monotonic() > end:
+                raise
+            await asyncio.sleep(0.1)
+
+
+def _echo_main(url: str, subject: str) -> None:
+    """The baseline responder: reply with the request body, nothing else."""
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+
+        async def echo(msg: Any) -> None:
+            await msg.respond(msg.data)
+
+        await nc.subscribe(subject, queue="echo", cb=echo)
+        await nc.flush()
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+async def run_bench(args: argparse.Namespace, url: str) -> dict[str, Run]:
+    from .stack import stop_process
+
+    client = await LogClient.connect(url, name="convlog-bench", settings=Settings(nats_url=url))
+    await _wait_service(client)
+    results: dict[str, Run] = {}
+    data = payload(args.item_size)
+    run_id = f"{random.getrandbits(32):08x}"
+    sids = [f"bench-{run_id}-{i}" for i in range(args.sessions)]
+
+    # Baseline: request/reply to an echo responder in its own process.
+    subject = f"convlog-bench.echo.{run_id}"
+    echo = subprocess.Popen([sys.executable, "-m", "services.cli.bench", "--echo", url, subject],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert echo.stdout is not None
+        await asyncio.to_thread(echo.stdout.readline)
+        body = _encode({"items": [{"agent": "user", "data": data}]})
+        _stderr(f"baseline: {args.writers} writers, echo request/reply, {args.duration:.0f}s ...")
+        results["baseline"] = await closed_loop(
+            "echo request/reply (baseline)",
+            lambda i: client.nc.request(subject, body, timeout=10),
+            args.writers, args.duration,
+        )
+    finally:
+        stop_process(echo)
+
+    def append_op(i: int) -> Awaitable[Any]:
+        return client.append(sids[i % len(sids)], [{"agent": "user", "data": data}])
+
+    _stderr(f"appends: {args.writers} writers over {args.sessions} sessions, "
+            f"{args.item_size}-byte items, {args.duration:.0f}s ...")
+    results["append"] = await closed_loop("durable appends (closed loop)", append_op,
+                                          args.writers, args.duration)
+    half = max(1.0, results["append"].rate / 2)
+    _stderr(f"latency at half load: {half:.0f} appends/s for {args.duration:.0f}s ...")
+    results["half"] = await open_loop(f"appends at half load ({half:.0f}/s)", append_op, half, args.duration)
+
+    # Replay: read a whole session forward, page by page.
+    big = f"bench-{run_id}-replay"
+    n_items = args.replay_items
+    _stderr(f"replay: writing {n_items} items to one session ...")
+    batch = [{"agent": "user", "data": data} for _ in range(500)]
+    for _ in range(max(1, n_items // 500)):
+        await client.append(big, batch)
+    t0 = time.perf_counter()
+    count = 0
+    async for _env in client.iter_items(big):
+        count += 1
+    results["replay"] = Run("full replay (read pages)", count, time.perf_counter() - t0, [])
+
+    if args.long_session:
+        results.update(await _session_length(client, url, args, data, run_id))
+    await client.close()
+    return results
+
+
+async def _session_length(
+    client: LogClient, url: str, args: argparse.Namespace, data: dict[str, Any], run_id: str
+) -> dict[str, Run]:
+    """Append latency on a short (1k) and a long (``--long-session``) session."""
+    out: dict[str, Run] = {}
+    for n in (1_000, args.long_session):
+        sid = f"bench-{run_id}-len{n}"
+        _stderr(f"session length: filling {sid} to {n} items (batches of 1000) ...")
+        batch = [{"agent": "user", "data": {"role": "user", "content": "y"}} for _ in range(1000)]
+        t_fill = time.perf_counter()
+        for k in range(n // 1000):
+            await client.append(sid, batch)
+            if k and k % 100 == 0:
+                _stderr(f"  {k * 1000} / {n} items ({time.perf_counter() - t_fill:.0f}s)")
+        out[f"len{n}"] = await closed_loop(
+            f"appends to a {n}-item session (1 writer)",
+            lambda i, sid=sid: client.append(sid, [{"agent": "user", "data": data}]),
+            1, min(args.duration, 5.0),
+        )
+    return out
+
+
+def report(results: dict[str, Run], args: argparse.Namespace) -> str:
+    base = results["baseline"].rate
+    lines = [
+        f"convlog bench: {args.writers} writers x {args.sessions} sessions, "
+        f"{args.item_size}-byte items, {args.duration:.0f}s phases, {os.cpu_count()} cores",
+        f"{'phase':<44} {'ops/s':>10} {'x baseline':>10} {'p50 ms':>8} {'p99 ms':>8} {'p999 ms':>8} {'errors':>6}",
+    ]
+    for key, r in results.items():
+        ratio = f"{r.rate / base:.2f}" if key in ("baseline", "append") else ""
+        if r.latencies:
+            lat = f"{r.pct(0.5):8.2f} {r.pct(0.99):8.2f} {r.pct(0.999):8.2f}"
+        else:
+            lat = f"{'':>8} {'':>8} {'':>8}"
+        unit = "items/s" if key == "replay" else ""
+        lines.append(f"{r.name:<44} {r.rate:>10.0f} {ratio:>10} {lat} {r.errors:>6} {unit}")
+    if "len1000" in results and f"len{args.long_session}" in results:
+        short, long_ = results["len1000"], results[f"len{args.long_session}"]
+        lines.append(
+            f"append p50 at {args.long_session} items / at 1000 items: "
+            f"{long_.pct(0.5) / short.pct(0.5):.2f}x"
+        )
+    return "\n".join(lines)
+
+
+async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from .stack import nats_answers
+
+    if args.nats_url and nats_answers(settings.nats_url):
+        results = await run_bench(args, settings.nats_url)
+    else:
+        _stderr("no --nats-url given: starting a private stack (embedded nats-server + convlog log)")
+        with local_stack() as url:
+            results = await run_bench(args, url)
+    print(report(results, args))
+    return 0
+
+
+def register(sub: Any, common: Callable[[argparse.ArgumentParser], None],
+             commands: dict[str, Any]) -> None:
+    p = sub.add_parser("bench", help="load the log service; print throughput and latency")
+    common(p)
+    p.add_argument("--writers", type=int, default=64, help="concurrent writers (default 64)")
+    p.add_argument("--sessions", type=int, default=100, help="sessions written to (default 100)")
+    p.add_argument("--item-size", type=int, default=200, help="content bytes per item (default 200)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per phase (default 10)")
+    p.add_argument("--replay-items", type=int, default=100_000,
+                   help="items in the session replayed (default 100000)")
+    p.add_argument("--long-session", type=int, default=0,
+                   help="also compare append cost at 1k items and at this many (e.g. 1000000)")
+    commands["bench"] = cmd_bench
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--echo":
+        _echo_main(sys.argv[2], sys.argv[3])
