@@ -139,8 +139,8 @@ def local_stack(keep_dir: str | None = None) -> Iterator[str]:
             nats_server.stop()
 
 
-async def _wait_service(client: LogClient, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
+async def _wait_service(client: LogClient, within: float = 20.0) -> None:
+    end = time.monotonic() + within
     while True:
         try:
             await client.read("bench-ready", tail=0)
@@ -170,8 +170,6 @@ def _echo_main(url: str, subject: str) -> None:
 
 
 async def run_bench(args: argparse.Namespace, url: str) -> dict[str, Run]:
-    from .stack import stop_process
-
     client = await LogClient.connect(url, name="convlog-bench", settings=Settings(nats_url=url))
     await _wait_service(client)
     results: dict[str, Run] = {}
@@ -181,11 +179,13 @@ async def run_bench(args: argparse.Namespace, url: str) -> dict[str, Run]:
 
     # Baseline: request/reply to an echo responder in its own process.
     subject = f"convlog-bench.echo.{run_id}"
-    echo = subprocess.Popen([sys.executable, "-m", "services.cli.bench", "--echo", url, subject],
-                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    echo = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.bench", "--echo", url, subject,
+        stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )
     try:
         assert echo.stdout is not None
-        await asyncio.to_thread(echo.stdout.readline)
+        await echo.stdout.readline()
         body = _encode({"items": [{"agent": "user", "data": data}]})
         _stderr(f"baseline: {args.writers} writers, echo request/reply, {args.duration:.0f}s ...")
         results["baseline"] = await closed_loop(
@@ -194,7 +194,9 @@ async def run_bench(args: argparse.Namespace, url: str) -> dict[str, Run]:
             args.writers, args.duration,
         )
     finally:
-        stop_process(echo)
+        if echo.returncode is None:
+            echo.terminate()
+        await echo.wait()
 
     def append_op(i: int) -> Awaitable[Any]:
         return client.append(sids[i % len(sids)], [{"agent": "user", "data": data}])

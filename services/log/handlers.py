@@ -80,7 +80,7 @@ class Handlers:
     async def append(self, subject: str, body: bytes) -> bytes:
         sid = self.subjects.session_of(subject)
         req = decode(body, AppendRequest, empty_ok=False)
-        req = self._prepare(req)
+        req = self._prepare(req, len(body))
         reply = await self.store.append(sid, req)
         return _encode(reply)
 
@@ -92,7 +92,7 @@ class Handlers:
             data={"role": "user", "content": msg.content},
             item_id=msg.item_id or uuid.uuid4().hex,
         )
-        reply: AppendReply = await self.store.append(sid, self._prepare(AppendRequest(items=[item])))
+        reply: AppendReply = await self.store.append(sid, self._prepare(AppendRequest(items=[item]), len(body)))
         if msg.to and self.entry_hint and reply.first_order == 1 and not reply.items[0].duplicate:
             await self.entry_hint(sid, msg.to)
         return _encode(reply)
@@ -140,13 +140,14 @@ class Handlers:
         return _encode(SessionsReply(sessions=infos, more=more))
 
     # -- validation ------------------------------------------------------
-    def _prepare(self, req: AppendRequest) -> AppendRequest:
+    def _prepare(self, req: AppendRequest, body_size: int) -> AppendRequest:
         """Check sizes and numbers; give every item an ``item_id``."""
         items = []
         changed = False
         for i, it in enumerate(req.items):
             check_json_numbers(it.data, f"$.items[{i}].data")
-            size = len(_encode(it.data))
+            # No item can be larger than the whole body: measure only when it matters.
+            size = len(_encode(it.data)) if body_size > self.max_item_bytes else 0
             if size > self.max_item_bytes:
                 raise TooLargeError(
                     f"item {i} data is {size} bytes, over the {self.max_item_bytes}-byte limit",

@@ -93,11 +93,15 @@ class SQLiteStore:
     Args:
         path: the database file (created with its directory).
         max_batch: most append requests one transaction takes.
+        max_cached_sessions: sessions whose chain head is kept in memory.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, max_batch: int = 512) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, max_batch: int = 512, max_cached_sessions: int = 100_000
+    ) -> None:
         self.path = Path(path)
         self.max_batch = max_batch
+        self.max_cached_sessions = max_cached_sessions
         self._w: sqlite3.Connection | None = None  # the single writer connection
         self._r: aiosqlite.Connection | None = None
         self._lock_fd: int | None = None
@@ -360,7 +364,11 @@ class SQLiteStore:
         for s in touched:
             work[s].batch_kinds.clear()
             work[s].batch_ids.clear()
+            self._states.pop(s, None)  # re-insert: the dict's order is recency of use
             self._states[s] = work[s]
+        while len(self._states) > self.max_cached_sessions:
+            # Forget the least recently written session; it reloads from `sessions`.
+            del self._states[next(iter(self._states))]
         return outcomes, [Committed(r[0], r[1], r[2], r[5]) for r in rows]
 
     @staticmethod
