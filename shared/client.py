@@ -28,7 +28,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from .codec import decode, encode
 from .config import Settings
-from .errors import BadRequestError, ConvlogError, UnavailableError, from_wire
+from .errors import BadRequestError, ConvlogError, TooLargeError, UnavailableError, from_wire
 from .history import visible
 from .messages import (
     AppendItem,
@@ -147,6 +147,7 @@ class LogClient:
 
         Raises:
             ConvlogError: the typed error the service replied with.
+            TooLargeError: the request is over the server's max payload (not sent).
             UnavailableError: no reply before the deadline.
         """
         end = time.monotonic() + (self.deadline if deadline is None else deadline)
@@ -157,6 +158,12 @@ class LogClient:
             remaining = end - time.monotonic()
             try:
                 msg = await self.nc.request(subject, body, timeout=max(0.05, min(self.timeout, remaining)))
+            except nats.errors.MaxPayloadError as e:
+                # Never sent, so the outcome is known; retrying cannot help.
+                raise TooLargeError(
+                    f"request of {len(body)} bytes is over the server's max payload of "
+                    f"{self.nc.max_payload} bytes; send fewer or smaller items per request"
+                ) from e
             except _RETRYABLE as e:
                 if time.monotonic() + delay >= end:
                     raise UnavailableError(

@@ -56,7 +56,9 @@ def decode(data: bytes, type_: type[T], *, empty_ok: bool = True) -> T:
         BadRequestError: malformed JSON, wrong shape, unknown field, or a number
             JSON canonicalization cannot represent exactly.
     """
-    if not data.strip() and empty_ok:
+    if not data.strip():
+        if not empty_ok:
+            raise BadRequestError(f"empty body: {type_.__name__} needs a JSON object")
         data = b"{}"
     try:
         value = _decoders[type_].decode(data)

@@ -34,9 +34,10 @@ __all__ = [
     "UserMessage",
 ]
 
-SessionId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
-ItemId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:@=+/-]{1,200}$")]
-AgentName = Annotated[str, Meta(pattern=r"^[^\x00-\x1f\x7f]{1,128}$")]
+# `\Z`, not `$`: in Python regexes `$` also matches before a trailing newline.
+SessionId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}\Z")]
+ItemId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:@=+/-]{1,200}\Z")]
+AgentName = Annotated[str, Meta(pattern=r"^[^\x00-\x1f\x7f]{1,128}\Z")]
 Order = Annotated[int, Meta(ge=1, le=2**53 - 1)]
 NonNegInt = Annotated[int, Meta(ge=0, le=2**53 - 1)]
 PageLimit = Annotated[int, Meta(ge=1, le=100_000)]

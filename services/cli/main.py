@@ -24,6 +24,7 @@ __all__ = ["main"]
 log = logging.getLogger("convlog")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 124
+CLI_DEADLINE = 8.0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -153,7 +154,10 @@ async def _client(settings: Settings) -> Any:
     from shared.client import LogClient
 
     require_nats(settings)
-    return await LogClient.connect(settings=settings, name="convlog-cli")
+    client = await LogClient.connect(settings=settings, name="convlog-cli")
+    # A person is waiting: give up on a missing log service within seconds.
+    client.deadline = CLI_DEADLINE
+    return client
 
 
 async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:

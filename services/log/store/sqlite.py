@@ -417,6 +417,7 @@ class SQLiteStore:
         rows: list[_Row] = []
         order, prev, clear = st.last_order, st.last_hash, st.last_clear
         out_items: list[AppendedItem] = []
+        kinds_here: dict[int, str] = {}  # orders this request assigns, for its own retracts
         for it in req.items:
             iid = it.item_id
             if iid is not None and iid in present:
@@ -428,7 +429,11 @@ class SQLiteStore:
             order += 1
             if it.kind == "retract":
                 target = it.data.get("target")
-                kind_of_target = st.batch_kinds.get(target) or stored_kinds.get((sid, target))  # type: ignore[arg-type]
+                kind_of_target = (
+                    kinds_here.get(target)  # type: ignore[arg-type]
+                    or st.batch_kinds.get(target)  # type: ignore[arg-type]
+                    or stored_kinds.get((sid, target))
+                )
                 if set(it.data) != {"target"} or not isinstance(target, int) or isinstance(target, bool):
                     raise BadRequestError('a retract needs data {"target": <item_order>} and nothing else')
                 if not 1 <= target < order or kind_of_target is None:
@@ -463,6 +468,7 @@ class SQLiteStore:
                 created_at=created_at,
                 hash=h,
             )
+            kinds_here[order] = it.kind
             position += 1
             rows.append((position, sid, order, iid, it.kind, _encode(env), it.data.get("target", 0)))
             out_items.append(AppendedItem(item_order=order, item_id=iid, hash=h))

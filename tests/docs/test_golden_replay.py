@@ -1,0 +1,169 @@
+"""Golden exports and tampered copies: ``convlog replay --verify`` must name the bad order.
+
+``tests/data/golden.jsonl`` is a committed export of a short support session
+(made once with the real store by ``tests/data/make_golden.py``); ``edited``,
+``removed`` and ``swapped`` are the same export tampered at ``item_order`` 3.
+The golden file is also checked by an independent verifier written here with
+nothing but ``hashlib`` and ``rfc8785`` — what an auditor without convlog would do.
+Real SQLite files are tampered the same way and checked with ``--db``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import rfc8785
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+REPO = Path(__file__).resolve().parents[2]
+SESSION_ID = "golden-support-1"
+
+
+def convlog(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+    env.update(CONVLOG_DATA_DIR=str(tmp), CONVLOG_EMBEDDED="false")
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli.main", *args],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=60, check=False,
+    )
+
+
+def independent_verify(lines: list[bytes], session_id: str) -> int | None:
+    """First bad item_order of a JSONL export, or None: DESIGN.md's hash chain, from scratch."""
+    prev = "0" * 64
+    for expected, line in enumerate(lines, start=1):
+        obj = json.loads(line)
+        if obj.get("session_id") != session_id or obj.get("item_order") != expected:
+            return expected
+        claimed = obj.pop("hash")
+        obj["prev_hash"] = prev
+        if hashlib.sha256(rfc8785.dumps(obj)).hexdigest() != claimed:
+            return expected
+        prev = claimed
+    return None
+
+
+def export_lines(name: str) -> list[bytes]:
+    return [line for line in (DATA / name).read_bytes().splitlines() if line.strip()]
+
+
+# -- committed JSONL exports ----------------------------------------------------------
+
+
+def test_golden_export_verifies_independently() -> None:
+    lines = export_lines("golden.jsonl")
+    assert len(lines) == 7
+    assert independent_verify(lines, SESSION_ID) is None
+    kinds = [json.loads(line)["data"].get("type", "message") for line in lines]
+    assert "function_call" in kinds and "function_call_output" in kinds
+
+
+@pytest.mark.parametrize("name", ["edited.jsonl", "removed.jsonl", "swapped.jsonl"])
+def test_tampered_exports_fail_independent_verification_at_order_3(name: str) -> None:
+    assert independent_verify(export_lines(name), SESSION_ID) == 3
+
+
+def test_golden_export_verifies_with_convlog_and_replays_byte_for_byte(tmp_path: Path) -> None:
+    golden = DATA / "golden.jsonl"
+    done = convlog("replay", SESSION_ID, "--file", str(golden), "--verify", tmp=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "verified" in done.stderr and "7 items" in done.stderr
+    assert "L1Billing" in done.stdout and "handoff" in done.stdout
+    done = convlog("replay", SESSION_ID, "--file", str(golden), "--format", "jsonl", tmp=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.encode() == golden.read_bytes()
+
+
+@pytest.mark.parametrize("name", ["edited.jsonl", "removed.jsonl", "swapped.jsonl"])
+def test_tampered_exports_fail_convlog_verify_naming_order_3(name: str, tmp_path: Path) -> None:
+    done = convlog("replay", SESSION_ID, "--file", str(DATA / name), "--verify", "--quiet", tmp=tmp_path)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "item_order 3" in done.stderr
+    assert "item_order 1:" not in done.stderr and "item_order 2:" not in done.stderr
+
+
+# -- tampered SQLite files ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def golden_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real SQLite log holding the golden session (written by the real store)."""
+    import asyncio
+
+    import msgspec
+
+    from services.log.store.sqlite import SQLiteStore
+    from shared.messages import AppendItem, AppendRequest, Envelope
+
+    path = tmp_path_factory.mktemp("golden-db") / "log.db"
+
+    async def build() -> None:
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            for line in export_lines("golden.jsonl"):
+                env = msgspec.json.decode(line, type=Envelope)
+                await store.append(SESSION_ID, AppendRequest(items=[
+                    AppendItem(agent=env.agent, kind=env.kind, data=env.data, item_id=env.item_id)
+                ]))
+            await store.append("bystander", AppendRequest(items=[
+                AppendItem(agent="user", data={"role": "user", "content": "unrelated"})
+            ]))
+        finally:
+            await store.close()
+
+    asyncio.run(build())
+    return path
+
+
+def _tamper(db: Path, how: str) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        rows = dict(conn.execute(
+            "SELECT item_order, envelope FROM items WHERE session_id = ?", (SESSION_ID,)
+        ).fetchall())
+        if how == "edit":
+            env = json.loads(rows[3])
+            env["data"]["content"] = "€4250.00 on 3 March"
+            conn.execute(
+                "UPDATE items SET envelope = ? WHERE session_id = ? AND item_order = 3",
+                (json.dumps(env, ensure_ascii=False).encode(), SESSION_ID),
+            )
+        elif how == "delete":
+            conn.execute("DELETE FROM items WHERE session_id = ? AND item_order = 3", (SESSION_ID,))
+        elif how == "swap":
+            for order, other in ((3, 4), (4, 3)):
+                conn.execute(
+                    "UPDATE items SET envelope = ? WHERE session_id = ? AND item_order = ?",
+                    (rows[other], SESSION_ID, order),
+                )
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_untampered_db_verifies(golden_db: Path, tmp_path: Path) -> None:
+    done = convlog("replay", SESSION_ID, "--db", str(golden_db), "--verify", "--quiet", tmp=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "7 items" in done.stderr
+
+
+@pytest.mark.parametrize("how", ["edit", "delete", "swap"])
+def test_tampered_db_fails_verify_naming_the_order(golden_db: Path, tmp_path: Path, how: str) -> None:
+    db = tmp_path / "tampered.db"
+    shutil.copy(golden_db, db)
+    _tamper(db, how)
+    done = convlog("replay", SESSION_ID, "--db", str(db), "--verify", "--quiet", tmp=tmp_path)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "item_order 3" in done.stderr
+    # The other session in the same file is untouched and still verifies.
+    done = convlog("replay", "bystander", "--db", str(db), "--verify", "--quiet", tmp=tmp_path)
+    assert done.returncode == 0, done.stderr
