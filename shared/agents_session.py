@@ -1,0 +1,568 @@
+"""A drop-in ``Session`` for the OpenAI Agents SDK, backed by the convlog log.
+
+``ConvlogSession`` implements the SDK's ``Session`` protocol structurally
+(``session_id``, ``session_settings``, ``get_items``, ``add_items``,
+``pop_item``, ``clear_session``) on top of :class:`~shared.client.LogClient`,
+so every process and machine that uses one session id sees one ordered,
+durable, auditable history::
+
+    from agents import Runner, SessionSettings
+    from shared import ConvlogSession
+
+    session = ConvlogSession.from_url(
+        "ticket-2026-0314-001", url="nats://127.0.0.1:4222",
+        session_settings=SessionSettings(limit=50),
+    )
+    result = await Runner.run(triage, "I was charged twice", session=session,
+                              hooks=session.hooks())
+
+Nothing from ``agents`` is imported when this module is imported; the SDK is
+needed only where its types are (the default ``SessionSettings`` and
+:meth:`ConvlogSession.hooks`), and a missing SDK then raises an
+``ImportError`` that names ``pip install 'convlog[agents]'``.
+
+How the methods map onto the log (history is hidden, never destroyed):
+
+* ``get_items(limit)`` is the last ``limit`` *visible* items, oldest first
+  (``read`` with ``tail``); ``limit=None`` uses ``session_settings.limit``,
+  and when that is ``None`` too, the whole visible history.
+* ``add_items(items)`` is **one** atomic append: the items get contiguous
+  ``item_order``s, or none is written.
+* ``pop_item()`` appends a ``retract`` of the newest visible item and returns
+  that item; ``clear_session()`` appends a ``clear``.  Audit replay
+  (``LogClient.items(sid, raw=True)``, ``convlog replay``) still shows both
+  the hidden items and the retract/clear that hid them.
+
+Concurrency (the SDK's ``add_items`` carries no version, so this is the
+contract): any number of processes may call these methods on one session id
+at once.  The log service orders appends, so readers see one contiguous
+history; nothing acknowledged is lost; the items of one ``add_items`` call are
+adjacent (nothing from another writer lands between them); two concurrent
+calls land in the order the log service received them.  ``pop_item`` is
+conditional on the session's last order (``expected_last``) and retries on a
+conflict, so two concurrent pops hide two different items and each returns the
+item it hid.
+
+Idempotency: each ``add_items`` call mints one random *call key* and gives
+item ``i`` the ``item_id`` ``"<call key>.<i>"``.  Transport retries inside
+:class:`LogClient` resend the same ids, so a reply lost on the way back never
+doubles anything.  If a call still ends without a known outcome
+(``UnavailableError``), the key stays pending for that exact batch: calling
+``add_items`` again with equal items reuses it, and the log answers the items
+it already holds as duplicates instead of writing them twice (up to 64
+such batches are remembered per session object; a retry from another
+process cannot be recognised, its keys are its own).  Once an
+outcome is known the key is dropped, so adding equal content later (say the
+SDK re-adding an item it popped while rewinding a turn, SDK issue #3852) is a
+new write and becomes visible again.  A mutation that has started runs to
+completion even if the caller is cancelled; the cancellation is re-raised
+afterwards.
+
+Authors: every envelope records an ``agent``.  Items with ``role`` ``user``
+are written as ``"user"``; ``system``/``developer`` messages as
+``"system"``; everything else as the *current agent*.  The SDK's session calls
+carry no agent (the ``wrapper`` keyword passes the run's
+``RunContextWrapper``, which holds the user's context and usage, not the
+agent), so the current agent comes from :meth:`ConvlogSession.hooks`: pass
+``hooks=session.hooks()`` to ``Runner.run`` and the session learns each agent
+as it starts, per run (runs are told apart by the ``wrapper`` the Runner
+passes).  Without hooks the author is the ``agent`` given to the
+constructor (default ``"assistant"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import uuid
+import weakref
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .client import LogClient
+from .errors import ConflictError, TooLargeError, UnavailableError
+from .subjects import validate_session_id
+
+if TYPE_CHECKING:  # pragma: no cover - types only
+    from agents import RunHooks
+    from agents.memory import SessionSettings
+
+__all__ = ["INSTALL_HINT", "ConvlogSession", "require_agents_sdk"]
+
+log = logging.getLogger("convlog.agents_session")
+
+INSTALL_HINT = "pip install 'convlog[agents]'"
+"""The command that installs the optional OpenAI Agents SDK dependency."""
+
+DEFAULT_AGENT = "assistant"
+_TAIL_MAX = 100_000  # the largest ``tail`` a read request may ask for
+_MAX_PENDING_KEYS = 64
+_POP_ATTEMPTS = 50
+
+_T = TypeVar("_T")
+
+
+def require_agents_sdk() -> Any:
+    """Import and return ``agents`` or raise an ``ImportError`` naming the install command."""
+    try:
+        import agents
+    except ImportError as e:
+        raise ImportError(
+            "ConvlogSession needs the OpenAI Agents SDK (the `openai-agents` package); "
+            f"install it with: {INSTALL_HINT}"
+        ) from e
+    return agents
+
+
+def _coerce_settings(value: Any) -> Any:
+    """``SessionSettings`` from ``None`` (the default), a mapping, or an instance."""
+    agents = require_agents_sdk()
+    try:
+        from agents.memory import SessionSettings
+    except ImportError as e:  # SessionSettings arrived in openai-agents 0.8
+        raise ImportError(
+            "ConvlogSession needs openai-agents>=0.8 (SessionSettings); found "
+            f"{getattr(agents, '__version__', 'an older version')}: pip install -U 'convlog[agents]'"
+        ) from e
+
+    if value is None:
+        return SessionSettings()
+    if isinstance(value, SessionSettings):
+        return value
+    try:
+        from agents.memory.session_settings import coerce_session_settings
+    except ImportError:  # older SDKs: plain keyword construction
+        if isinstance(value, Mapping):
+            return SessionSettings(**value)
+        raise TypeError(
+            f"session_settings must be SessionSettings or a dict, not {value!r}"
+        ) from None
+    return coerce_session_settings(value)
+
+
+async def _finish(awaitable: Awaitable[_T]) -> _T:
+    """Await a mutation to its outcome even if the caller is cancelled, then re-raise.
+
+    A cancelled caller must not leave an append whose outcome nobody knows; the
+    append finishes (or fails) first and the cancellation is raised after.
+    """
+    task = asyncio.ensure_future(awaitable)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError as e:
+            cancelled = cancelled or e
+    if cancelled is not None:
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure behind the cancellation is not "never retrieved"
+        raise cancelled
+    return task.result()
+
+
+def _plain(item: Any) -> dict[str, Any]:
+    """The JSON object the SDK means by an input item (dicts pass through)."""
+    if isinstance(item, Mapping):
+        return dict(item)
+    dump = getattr(item, "model_dump", None)
+    if callable(dump):
+        return dump(exclude_unset=True, mode="json")
+    raise TypeError(
+        f"a session item must be a dict (a Responses input item), not {type(item).__name__}"
+    )
+
+
+def _fingerprint(items: Sequence[Mapping[str, Any]]) -> str:
+    text = json.dumps(
+        list(items), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _run_key(context: Any) -> Any:
+    """The object that identifies one Runner run across hooks and session calls.
+
+    The SDK builds a fresh hook context for ``on_agent_start`` but hands it the
+    run's own ``usage`` object, and passes the run's wrapper (same ``usage``)
+    to the session, so ``usage`` is the shared identity.
+    """
+    usage = getattr(context, "usage", None)
+    return usage if usage is not None else context
+
+
+class ConvlogSession:
+    """The OpenAI Agents SDK ``Session`` protocol on a convlog session.
+
+    Args:
+        session_id: the convlog session id (``[A-Za-z0-9_-]{1,128}``).
+        client: a connected :class:`LogClient`; not closed by :meth:`close`.
+            Use :meth:`from_url` to let the session own its connection.
+        session_settings: ``SessionSettings`` or a dict such as ``{"limit": 50}``;
+            ``None`` means ``SessionSettings()`` (no limit).  ``limit`` is the
+            default for :meth:`get_items`, hence the history the Runner sends
+            to the model.
+        agent: the author recorded for non-user items when no hook has told
+            the session which agent is running (default ``"assistant"``).
+
+    Raises:
+        InvalidSessionIdError: a session id convlog cannot address.
+        ImportError: the Agents SDK is missing (names ``pip install 'convlog[agents]'``).
+    """
+
+    session_id: str
+    session_settings: SessionSettings | None = None
+
+    def __init__(
+        self,
+        session_id: str,
+        *,
+        client: LogClient | None = None,
+        session_settings: SessionSettings | Mapping[str, Any] | None = None,
+        agent: str | None = None,
+    ) -> None:
+        self.session_id = validate_session_id(session_id)
+        self.session_settings = _coerce_settings(session_settings)
+        self.default_agent = agent or DEFAULT_AGENT
+        self._client = client
+        self._url: str | None = None
+        self._client_opts: dict[str, Any] = {}
+        self._owns_client = False
+        self._connect_deadline = 10.0
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LogClient] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._connect_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._closed = False
+        self._pending: OrderedDict[str, str] = OrderedDict()
+        self._current_agent: str | None = None
+        self._run_agents: dict[int, str] = {}
+        self._hooks: Any = None
+
+    @classmethod
+    def from_url(
+        cls,
+        session_id: str,
+        *,
+        url: str,
+        session_settings: SessionSettings | Mapping[str, Any] | None = None,
+        agent: str | None = None,
+        connect_deadline: float = 10.0,
+        **client_opts: Any,
+    ) -> ConvlogSession:
+        """A session that owns its NATS connection, like the SDK's ``RedisSession.from_url``.
+
+        Nothing connects here: the connection is made on first use, in the
+        event loop that uses it; a call from another event loop (repeated
+        ``Runner.run_sync`` calls, threads with their own loops) gets a
+        connection of its own.  :meth:`close` drains them.
+
+        Args:
+            session_id: the convlog session id.
+            url: NATS URL(s), comma-separated.
+            session_settings: see the class.
+            agent: see the class.
+            connect_deadline: seconds a first connection may take before a
+                call fails with ``UnavailableError``.
+            **client_opts: forwarded to :meth:`LogClient.connect` (``settings``
+                for prefix, credentials and timeouts; ``name``; nats options).
+        """
+        session = cls(session_id, session_settings=session_settings, agent=agent)
+        session._url = url
+        session._client_opts = dict(client_opts)
+        session._connect_deadline = connect_deadline
+        session._owns_client = True
+        return session
+
+    # -- connection ------------------------------------------------------
+    async def _log(self) -> LogClient:
+        if self._closed:
+            raise RuntimeError("ConvlogSession is closed")
+        if not self._owns_client:
+            if self._client is None:
+                raise RuntimeError(
+                    "ConvlogSession needs client=LogClient or ConvlogSession.from_url()"
+                )
+            return self._client
+        # A NATS connection belongs to the event loop that made it, so an owned
+        # session keeps one per loop: repeated ``Runner.run_sync`` calls and
+        # threads with their own loops each get theirs.
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is not None:
+            return client
+        lock = self._connect_locks.setdefault(loop, asyncio.Lock())
+        async with lock:
+            client = self._clients.get(loop)
+            if client is None:
+                client = await self._connect()
+                self._clients[loop] = client
+                self._client = client
+            if self._closed:
+                await client.close()
+                raise RuntimeError("ConvlogSession is closed")
+            return client
+
+    async def _connect(self) -> LogClient:
+        # nats-py keeps retrying a first connect forever when reconnects are
+        # unlimited; a session call should fail in bounded time instead.
+        opts = {"name": f"convlog-session-{self.session_id}", **self._client_opts}
+        try:
+            async with asyncio.timeout(self._connect_deadline):
+                return await LogClient.connect(self._url, **opts)
+        except TimeoutError as e:
+            raise UnavailableError(
+                f"no NATS server answered at {self._url} within {self._connect_deadline:g} s"
+            ) from e
+
+    @property
+    def client(self) -> LogClient | None:
+        """The :class:`LogClient` in use (``None`` before a ``from_url`` session connects)."""
+        return self._client
+
+    async def ping(self) -> bool:
+        """True when the log service answers for this session.
+
+        Raises:
+            RuntimeError: the session is closed.
+        """
+        client = await self._log()
+        try:
+            await client.last_order(self.session_id)
+        except Exception:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Close the session; idempotent.
+
+        An owned connection is drained (those made in other, still running
+        loops are drained there); an injected client is left open for its owner.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if not self._owns_client:
+            return
+        here = asyncio.get_running_loop()
+        clients = list(self._clients.items())
+        self._clients.clear()
+        self._client = None
+        for loop, client in clients:
+            if loop is here:
+                await client.close()
+            elif loop.is_running() and not loop.is_closed():
+                asyncio.run_coroutine_threadsafe(client.close(), loop)
+
+    async def __aenter__(self) -> ConvlogSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- authors -----------------------------------------------------------
+    def hooks(self) -> RunHooks[Any]:
+        """``RunHooks`` that tell this session which agent is running.
+
+        Pass them to ``Runner.run(..., hooks=session.hooks())``.  The current
+        agent is set on ``on_agent_start`` (and again on ``on_llm_start``), per
+        run.  It deliberately does *not* switch on ``on_handoff``: the SDK fires
+        that hook before it saves the handoff's ``function_call`` and
+        ``function_call_output``, which belong to the agent handing off (as the
+        SDK's own ``HandoffOutputItem`` says); the target becomes current when
+        it starts.
+
+        Raises:
+            ImportError: the Agents SDK is missing.
+        """
+        if self._hooks is None:
+            self._hooks = _hooks_class()(self)
+        return self._hooks
+
+    def set_current_agent(self, agent: str, *, context: Any = None) -> None:
+        """Record ``agent`` as the author of the next non-user items.
+
+        Args:
+            agent: the agent's name.
+            context: the run's ``RunContextWrapper`` (or a hook context of the
+                same run): the name then applies to that run only.  Without it
+                the name applies to every call that has no run-specific name.
+        """
+        if context is None:
+            self._current_agent = agent
+            return
+        key_obj = _run_key(context)
+        key = id(key_obj)
+        if key not in self._run_agents:
+            try:  # forget the run when the SDK drops it
+                weakref.finalize(key_obj, self._run_agents.pop, key, None)
+            except TypeError:
+                self._current_agent = agent
+                return
+        self._run_agents[key] = agent
+
+    def _agent_for(self, wrapper: Any) -> str:
+        if wrapper is not None:
+            name = self._run_agents.get(id(_run_key(wrapper)))
+            if name:
+                return name
+        return self._current_agent or self.default_agent
+
+    @staticmethod
+    def _author(data: Mapping[str, Any], agent: str) -> str:
+        role = data.get("role")
+        if role == "user":
+            return "user"
+        if role in ("system", "developer"):
+            return "system"
+        return agent
+
+    # -- Session protocol ------------------------------------------------
+    async def get_items(
+        self, limit: int | None = None, *, wrapper: Any = None
+    ) -> list[dict[str, Any]]:
+        """The last ``limit`` visible items in chronological order.
+
+        Args:
+            limit: how many; ``None`` uses ``session_settings.limit`` and, if
+                that is ``None`` too, returns the whole visible history.
+                ``0`` gives ``[]``; a negative limit means no limit (as SQLite's
+                ``LIMIT -1`` does for the SDK's ``SQLiteSession``).
+            wrapper: the run's ``RunContextWrapper`` (passed by the Runner; unused here).
+
+        Returns:
+            The stored item dicts, exactly as they were added.
+        """
+        client = await self._log()
+        n = limit
+        if n is None and self.session_settings is not None:
+            n = self.session_settings.limit
+        if n is None or n < 0:
+            return [env.data for env in await client.items(self.session_id, raw=False)]
+        if n == 0:
+            return []
+        if n <= _TAIL_MAX:
+            try:
+                return [env.data for env in await client.tail(self.session_id, n)]
+            except TooLargeError:
+                pass  # the tail does not fit one reply: page forward instead
+        last: deque[dict[str, Any]] = deque(maxlen=n)
+        async for env in client.iter_items(self.session_id, raw=False):
+            last.append(env.data)
+        return list(last)
+
+    async def add_items(self, items: list[Any], *, wrapper: Any = None) -> None:
+        """Append ``items`` as one atomic, idempotent append (see the module docstring).
+
+        Args:
+            items: Responses input items (dicts), oldest first.
+            wrapper: the run's ``RunContextWrapper``; picks the author set by :meth:`hooks`.
+
+        Raises:
+            BadRequestError, TooLargeError: refused; nothing was written.
+            UnavailableError: no answer in time; calling again with equal items is safe.
+        """
+        client = await self._log()
+        if not items:
+            return
+        data = [_plain(i) for i in items]
+        fp = _fingerprint(data)
+        key = self._pending.get(fp)
+        if key is None:
+            key = uuid.uuid4().hex
+            self._pending[fp] = key
+            while len(self._pending) > _MAX_PENDING_KEYS:
+                self._pending.popitem(last=False)
+        agent = self._agent_for(wrapper)
+        batch = [
+            {"item_id": f"{key}.{i}", "agent": self._author(d, agent), "kind": "item", "data": d}
+            for i, d in enumerate(data)
+        ]
+        try:
+            await _finish(client.append(self.session_id, batch))
+        except UnavailableError:
+            raise  # outcome unknown: keep the key so a retry of this batch dedupes
+        except BaseException:
+            self._pending.pop(fp, None)
+            raise
+        self._pending.pop(fp, None)
+
+    async def pop_item(self, *, wrapper: Any = None) -> dict[str, Any] | None:
+        """Hide the newest visible item with a ``retract`` and return it (``None`` when empty).
+
+        The retract is conditional on the session's last order, so a write by
+        another process in between makes this pop look again rather than hide
+        an item that is no longer the newest.
+        """
+        client = await self._log()
+        agent = self._agent_for(wrapper)
+        for attempt in range(_POP_ATTEMPTS):
+            rep = await client.read(self.session_id, tail=1)
+            if not rep.items:
+                return None
+            target = rep.items[0]
+            retract = {
+                "item_id": f"{uuid.uuid4().hex}.r",
+                "agent": agent,
+                "kind": "retract",
+                "data": {"target": target.item_order},
+            }
+            try:
+                await _finish(
+                    client.append(self.session_id, [retract], expected_last=rep.last_order)
+                )
+            except ConflictError:
+                await asyncio.sleep(min(0.002 * 2**attempt, 0.1))
+                continue
+            return target.data
+        raise UnavailableError(
+            f"pop_item on session {self.session_id!r} lost the race to other writers "
+            f"{_POP_ATTEMPTS} times in a row"
+        )
+
+    async def clear_session(self, *, wrapper: Any = None) -> None:
+        """Hide every item so far with a ``clear``; nothing is written when nothing is visible."""
+        client = await self._log()
+        if not (await client.read(self.session_id, tail=1)).items:
+            return
+        entry = {
+            "item_id": f"{uuid.uuid4().hex}.c",
+            "agent": self._agent_for(wrapper),
+            "kind": "clear",
+            "data": {},
+        }
+        await _finish(client.append(self.session_id, [entry]))
+
+    def __repr__(self) -> str:
+        limit = getattr(self.session_settings, "limit", None)
+        return f"ConvlogSession({self.session_id!r}, limit={limit}, agent={self.default_agent!r})"
+
+
+_HOOKS_CLASS: type | None = None
+
+
+def _hooks_class() -> type:
+    """Build (once) the ``RunHooks`` subclass; the SDK is imported only here."""
+    global _HOOKS_CLASS
+    if _HOOKS_CLASS is not None:
+        return _HOOKS_CLASS
+    agents = require_agents_sdk()
+
+    class AgentTrackingHooks(agents.RunHooks):  # type: ignore[misc,name-defined]
+        """Tell a :class:`ConvlogSession` which agent each run is executing."""
+
+        def __init__(self, session: ConvlogSession) -> None:
+            self.session = session
+
+        async def on_agent_start(self, context: Any, agent: Any) -> None:
+            self.session.set_current_agent(agent.name, context=context)
+
+        async def on_llm_start(self, context: Any, agent: Any, *args: Any, **kwargs: Any) -> None:
+            self.session.set_current_agent(agent.name, context=context)
+
+    _HOOKS_CLASS = AgentTrackingHooks
+    return AgentTrackingHooks
