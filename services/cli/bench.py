@@ -277,6 +277,13 @@ def report(results: dict[str, Run], args: argparse.Namespace) -> str:
 async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from .stack import nats_answers
 
+    if args.sdk:
+        from .sdk_bench import run_sdk_bench
+
+        url = settings.nats_url if args.nats_url and nats_answers(settings.nats_url) else None
+        await run_sdk_bench(url, args.sdk_ops, sys.stdout)
+        return 0
+
     if args.nats_url and nats_answers(settings.nats_url):
         results = await run_bench(args, settings.nats_url)
     else:
@@ -299,6 +306,9 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None],
                    help="items in the session replayed (default 100000)")
     p.add_argument("--long-session", type=int, default=0,
                    help="also compare append cost at 1k items and at this many (e.g. 1000000)")
+    p.add_argument("--sdk", action="store_true",
+                   help="instead: ConvlogSession vs the Agents SDK's SQLiteSession (needs convlog[agents])")
+    p.add_argument("--sdk-ops", type=int, default=1000, help="with --sdk: calls per scenario")
     commands["bench"] = cmd_bench
 
 
