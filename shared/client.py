@@ -82,6 +82,19 @@ def new_item_id() -> str:
     return uuid.uuid4().hex
 
 
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation that an awaited library call swallowed.
+
+    On Python 3.11 ``asyncio.wait_for`` (under nats-py's ``request`` and
+    ``next_msg``) returns the result instead of raising when the cancel and the
+    result land in the same loop tick; the task stays marked ``cancelling()``.
+    Loops that would otherwise run on (a follower, a retry) must check.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _as_item(item: AppendItem | Mapping[str, Any]) -> AppendItem:
     if isinstance(item, AppendItem):
         return item if item.item_id is not None else msgspec.structs.replace(item, item_id=new_item_id())
@@ -165,6 +178,7 @@ class LogClient:
                     f"{self.nc.max_payload} bytes; send fewer or smaller items per request"
                 ) from e
             except _RETRYABLE as e:
+                _raise_if_cancelled()
                 if time.monotonic() + delay >= end:
                     raise UnavailableError(
                         f"no reply on {subject} after {attempt} attempts: {type(e).__name__}"
@@ -293,6 +307,7 @@ class LogClient:
         js = self.nc.jetstream()
         subject = self.subjects.items(session_id)
         while True:
+            _raise_if_cancelled()
             sub = None
             try:
                 async for env in self.iter_items(session_id, after=last):
@@ -305,6 +320,7 @@ class LogClient:
                     config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT),
                 )
                 while True:
+                    _raise_if_cancelled()
                     try:
                         msg = await sub.next_msg(timeout=idle_check)
                     except (TimeoutError, nats.errors.TimeoutError):

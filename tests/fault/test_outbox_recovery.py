@@ -1,0 +1,221 @@
+"""Committed items always reach ``convlog.items.<sid>``, and followers never miss one.
+
+Guarantee 4: every committed item is published exactly once, in order — also
+items committed while no outbox ran (a crash between commit and publish,
+reproduced here by committing with a bare :class:`SQLiteStore`), without
+republishing what the stream already holds.  And the follower side of issue 3:
+``LogClient.follow`` resumes after a nats-server restart and yields every item
+exactly once, in order (designed around nats-py #504/#510).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import nats
+import pytest
+
+from services.log.outbox import Outbox, ensure_stream
+from services.log.store.sqlite import SQLiteStore
+from shared.client import LogClient
+from shared.messages import AppendItem, AppendRequest, Envelope
+from shared.subjects import Subjects
+from tests.support.eventually import assert_eventually
+from tests.support.logsvc import LogServiceProc, following, read_stream, stream_matches_log
+from tests.support.natsd import NatsServer
+
+
+def _item(item_id: str, text: str | None = None) -> AppendItem:
+    return AppendItem(
+        agent="user", data={"role": "user", "content": text or item_id}, item_id=item_id
+    )
+
+
+@pytest.mark.parametrize("published_before", [True, False], ids=["after-a-service-run", "fresh"])
+async def test_committed_but_unpublished_items_are_published_after_restart(
+    nats_server: NatsServer,
+    tmp_db: Path,
+    log_services: Callable[..., LogServiceProc],
+    published_before: bool,
+) -> None:
+    sessions = ["outbox-a", "outbox-b"]
+    before: list[tuple[str, str, bytes]] = []
+
+    if published_before:
+        # A normal run publishes the first items, then stops gracefully.
+        svc = await asyncio.to_thread(log_services, nats_server.url, tmp_db)
+        async with await LogClient.connect(nats_server.url) as client:
+            await client.append("outbox-a", [_item("a1"), _item("a2"), _item("a3")])
+            await client.append("outbox-a", [_item("a4")])
+            await client.append("outbox-b", [_item("b1")])
+            await assert_eventually(
+                lambda: stream_matches_log(client.nc, client, sessions), timeout=10, interval=0.1
+            )
+            before = await read_stream(client.nc)
+        assert await asyncio.to_thread(svc.stop) == 0, svc.output()
+        assert len(before) == 5
+
+    # Commit behind the outbox's back: a bare store, no service, no NATS — what a
+    # crash right after the commit and before the publish leaves behind.
+    store = SQLiteStore(tmp_db)
+    await store.open()
+    try:
+        await store.append("outbox-a", AppendRequest(items=[_item("a5"), _item("a6"), _item("a7")]))
+        await store.append("outbox-b", AppendRequest(items=[_item("b2")]))
+        await store.append("outbox-a", AppendRequest(items=[_item("a8")]))
+        await store.append("outbox-b", AppendRequest(items=[_item("b3"), _item("b4")]))
+    finally:
+        await store.close()
+
+    # The service starts on that file and publishes exactly what the stream lacks.
+    await asyncio.to_thread(log_services, nats_server.url, tmp_db)
+    async with await LogClient.connect(nats_server.url) as client:
+        await assert_eventually(
+            lambda: stream_matches_log(client.nc, client, sessions), timeout=15, interval=0.1
+        )
+        after = await read_stream(client.nc)
+        assert len(after) == len(before) + 7
+        assert after[: len(before)] == before, "earlier messages changed or were republished"
+
+        # New appends keep flowing after the recovered ones.
+        await client.append("outbox-b", [_item("b5")])
+        await assert_eventually(
+            lambda: stream_matches_log(client.nc, client, sessions), timeout=10, interval=0.1
+        )
+
+
+async def test_a_commit_landing_while_the_outbox_looks_for_work_is_published(
+    nats_server: NatsServer, tmp_db: Path
+) -> None:
+    """Regression: the outbox once cleared its wake-up event *after* finding no
+    backlog, so a commit landing during that store query was stranded until the
+    next commit — the last item of a quiet session never reached the stream."""
+    sid = "quiet"
+
+    class CommitWhileLooking(SQLiteStore):
+        armed = False
+
+        async def committed_after(self, position: int, limit: int) -> list:  # type: ignore[type-arg]
+            found = await super().committed_after(position, limit)
+            if self.armed and not found:
+                # The outbox saw nothing to do; a commit lands before it goes to sleep.
+                self.armed = False
+                await self.append(sid, AppendRequest(items=[_item("late")]))
+            return found
+
+    store = CommitWhileLooking(tmp_db)
+    await store.open()
+    nc = await nats.connect(nats_server.url)
+    subjects = Subjects("convlog")
+    outbox = Outbox(nc, store, subjects)
+    try:
+        await ensure_stream(nc.jetstream(), subjects)
+        store.add_commit_listener(outbox.on_commit)
+        await outbox.start()
+
+        async def published(n: int) -> None:
+            msgs = await read_stream(nc)
+            assert [m for _, m, _ in msgs] == [f"{sid}:{i}" for i in range(1, n + 1)]
+
+        await store.append(sid, AppendRequest(items=[_item("first")]))
+        await assert_eventually(lambda: published(1), timeout=5)
+        store.armed = True
+        await store.append(sid, AppendRequest(items=[_item("second")]))  # wakes the outbox
+        await assert_eventually(lambda: published(3), timeout=5)
+        assert not store.armed
+    finally:
+        await outbox.stop()
+        await store.close()
+        await nc.close()
+
+
+@pytest.mark.slow
+async def test_follower_resumes_through_nats_restarts_with_every_item_once_in_order(
+    nats_server: NatsServer, tmp_db: Path, log_services: Callable[..., LogServiceProc]
+) -> None:
+    sid = "followed"
+    await asyncio.to_thread(log_services, nats_server.url, tmp_db)
+    writer = await LogClient.connect(nats_server.url, name="test-writer")
+    follower = await LogClient.connect(nats_server.url, name="test-follower")
+
+    async def orders(into: list[Envelope], first: int, last: int) -> None:
+        assert [e.item_order for e in into] == list(range(first, last + 1))
+
+    try:
+        await writer.append(sid, [_item("m1"), _item("m2"), _item("m3")])
+        async with following(follower, sid) as seen:
+            await assert_eventually(lambda: orders(seen, 1, 3), timeout=10)
+
+            # Live items, then a graceful restart with items appended right after it.
+            await writer.append(sid, [_item("m4")])
+            await assert_eventually(lambda: orders(seen, 1, 4), timeout=10)
+            await asyncio.to_thread(nats_server.restart)
+            await writer.append(sid, [_item("m5")])
+            await writer.append(sid, [_item("m6"), _item("m7")])
+            await assert_eventually(lambda: orders(seen, 1, 7), timeout=30, interval=0.1)
+
+            # A second follower from the middle, then a crash of nats-server (SIGKILL).
+            async with following(follower, sid, after=5) as late:
+                await assert_eventually(lambda: orders(late, 6, 7), timeout=10)
+                await asyncio.to_thread(nats_server.kill)
+                await asyncio.to_thread(nats_server.start)
+                for i in range(8, 12):
+                    await writer.append(sid, [_item(f"m{i}")])
+                await assert_eventually(lambda: orders(seen, 1, 11), timeout=30, interval=0.1)
+                await assert_eventually(lambda: orders(late, 6, 11), timeout=30, interval=0.1)
+
+        # Exactly the log, once each, in order.
+        assert seen == await writer.items(sid)
+        assert late == seen[5:]
+    finally:
+        await follower.close()
+        await writer.close()
+
+
+async def test_a_follower_stops_when_cancelled_even_if_a_reply_races_the_cancel(
+    nats_server: NatsServer, tmp_db: Path, log_services: Callable[..., LogServiceProc]
+) -> None:
+    """Regression: on Python 3.11 ``asyncio.wait_for`` (under nats-py requests)
+    returns the reply instead of raising when the reply and a cancel land in the
+    same loop tick.  ``follow`` loops forever, so it swallowed the cancel and
+    never stopped (a hung shutdown).  It must honour the pending cancellation."""
+    sid = "cancel-me"
+    await asyncio.to_thread(log_services, nats_server.url, tmp_db)
+    async with await LogClient.connect(nats_server.url) as client:
+        await client.append(sid, [_item("only")])
+        loop = asyncio.get_running_loop()
+        in_idle_check = asyncio.Event()
+        reply: asyncio.Future[None] = loop.create_future()
+        real_last_order = client.last_order
+
+        async def last_order(session_id: str) -> int:
+            # The follower's idle check asks the log for its last order: hold the
+            # "reply" until the test delivers it in the same tick as the cancel.
+            in_idle_check.set()
+            await asyncio.wait_for(reply, timeout=10)
+            return await real_last_order(session_id)
+
+        client.last_order = last_order  # type: ignore[method-assign]
+        seen: list[Envelope] = []
+
+        async def consume() -> None:
+            async for env in client.follow(sid, idle_check=0.2):
+                seen.append(env)
+
+        task = asyncio.create_task(consume())
+        try:
+            await asyncio.wait_for(in_idle_check.wait(), timeout=10)
+            reply.set_result(None)
+            task.cancel()  # same tick as the reply
+            done, _ = await asyncio.wait({task}, timeout=5)
+            assert done, "the follower ignored its cancellation"
+            assert task.cancelled()
+            assert [e.item_id for e in seen] == ["only"]
+        finally:
+            for _ in range(3):  # never leave a runaway follower behind
+                if task.done():
+                    break
+                task.cancel()
+                await asyncio.wait({task}, timeout=2)
