@@ -92,9 +92,13 @@ class Handlers:
             data={"role": "user", "content": msg.content},
             item_id=msg.item_id or uuid.uuid4().hex,
         )
-        reply: AppendReply = await self.store.append(sid, self._prepare(AppendRequest(items=[item]), len(body)))
-        if msg.to and self.entry_hint and reply.first_order == 1 and not reply.items[0].duplicate:
+        request = self._prepare(AppendRequest(items=[item]), len(body))
+        if msg.to and self.entry_hint and await self.store.last_order(sid) == 0:
+            # Before the append: the outbox may deliver the item to a worker before
+            # this handler resumes, and the worker must already find the entry agent.
+            # The hint is create-only, so a retry or a racing first message is harmless.
             await self.entry_hint(sid, msg.to)
+        reply: AppendReply = await self.store.append(sid, request)
         return _encode(reply)
 
     async def read(self, subject: str, body: bytes) -> bytes:

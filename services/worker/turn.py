@@ -1,0 +1,374 @@
+"""One agent's part of a turn: read the log, call the model, append, repeat.
+
+A turn answers one user message.  It starts with the session's active agent
+and moves to another agent on a handoff; each agent's stretch is a *part*,
+started by a trigger item (the user message, or the handoff output naming the
+agent) and run by that agent's worker.
+
+Exactly one reply per user message, whatever replicas, crashes and
+redeliveries happen, rests on three things:
+
+1. **Derived ids.**  Every item the turn writes is named
+   ``<turn>.<agent>.<step>.<role>`` (:mod:`.turn_ids`), and one model call's
+   items are appended in one atomic request.  A step is in the log entirely or
+   not at all, and writing it again is answered ``duplicate``.
+2. **Read, then decide.**  Each step first reads the visible window (the
+   model's input, and the session's ``last_order``), then every item after
+   the trigger.  A turn with a ``reply`` or ``fail`` item is finished; a part
+   with a handoff is over; otherwise the next step number follows the highest
+   one in the log.  A redelivered or resumed turn continues where the log
+   says, and never repeats a step.
+3. **expected_last.**  The step is appended with ``expected_last`` = the
+   ``last_order`` the window was read at.  If anything was written since (a
+   new user message, another turn, a replica racing on the same turn) the
+   append is refused; the part reads again and redoes the step, so a reply is
+   always based on the full history and two writers can never both add a
+   terminal item to the same turn.
+
+Model failures (:class:`~.model.ModelUnavailable` once its retries are
+exhausted, :class:`~.model.ModelRejected`) end the turn with a ``system``
+item naming the agent, so the session stays usable.  A loop guard bounds the
+model calls of one turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from shared.client import LogClient
+from shared.errors import BadRequestError, ConflictError, InvalidSessionIdError, TooLargeError
+from shared.messages import AppendItem, AppendReply, Envelope
+
+from .convert import (
+    agent_system_prompt,
+    agent_tool_schemas,
+    assistant_text_item,
+    function_call_item,
+    function_call_output_item,
+    handoff_output,
+    items_to_chat_messages,
+    parse_handoff_output,
+)
+from .model import ModelClient, ModelError, ModelReply, ToolCall
+from .routing import Routing, handoff_target
+from .spec import AgentSpec, ToolSpec
+from .turn_ids import parse_turn_item_id, turn_item_id
+
+__all__ = [
+    "DEFAULT_MAX_STEPS",
+    "TurnBusyError",
+    "TurnPart",
+    "TurnResult",
+    "TurnRunner",
+]
+
+log = logging.getLogger("convlog.worker.turn")
+
+DEFAULT_MAX_STEPS = 10
+MAX_TOOL_OUTPUT_CHARS = 32_000
+
+
+class TurnBusyError(RuntimeError):
+    """The session kept changing under the turn; try the delivery again later."""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnPart:
+    """The stretch of a turn one agent plays.
+
+    Attributes:
+        session_id: the session.
+        turn: the turn key (:func:`.turn_ids.turn_key` of the user item's id).
+        start: ``item_order`` of the trigger (user message or handoff output).
+        after_step: the last step number used before this part (0 for a user
+            message; the handoff's step for a continuation).
+    """
+
+    session_id: str
+    turn: str
+    start: int
+    after_step: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    """What running a part did.
+
+    Attributes:
+        outcome: ``replied``, ``handed_off``, ``failed`` (a system item was
+            written), or ``done`` (the log already held this part's end:
+            nothing written).
+        model_calls: model calls made.
+        items_written: items this call appended (duplicates not counted).
+        handoff_to: the target of the handoff, for ``handed_off``.
+    """
+
+    outcome: str
+    model_calls: int = 0
+    items_written: int = 0
+    handoff_to: str | None = None
+
+
+@dataclass(slots=True)
+class _State:
+    window: list[Envelope]
+    last_order: int
+    newest: int
+    last_step: int
+    finished: Envelope | None = None
+    handoff: tuple[str, int] | None = None
+
+
+@dataclass(slots=True)
+class _Step:
+    items: list[AppendItem]
+    terminal: str | None = None  # "replied" / "failed" when the step ends the turn
+    handoff_to: str | None = None
+    handoff_item_id: str | None = None
+
+
+class TurnRunner:
+    """Runs parts of turns for one agent.
+
+    Args:
+        client: the log client.
+        agent: the agent this runner plays.
+        model: the model client.
+        routing: when given, a handoff also moves the session's KV checkpoint.
+        max_steps: loop guard: most model calls in one turn (all agents).
+        tool_timeout: seconds a function tool may run.
+        max_conflicts: ``expected_last`` conflicts tolerated in one part before
+            giving up with :class:`TurnBusyError` (the delivery is retried later).
+    """
+
+    def __init__(
+        self,
+        client: LogClient,
+        agent: AgentSpec,
+        model: ModelClient,
+        *,
+        routing: Routing | None = None,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        tool_timeout: float = 30.0,
+        max_conflicts: int = 20,
+    ) -> None:
+        self.client = client
+        self.agent = agent
+        self.model = model
+        self.routing = routing
+        self.max_steps = max_steps
+        self.tool_timeout = tool_timeout
+        self.max_conflicts = max_conflicts
+        self._prompt = agent_system_prompt(agent)
+        self._tools = agent_tool_schemas(agent)
+
+    async def run(self, part: TurnPart, *, fail_reason: str | None = None) -> TurnResult:
+        """Play ``part`` until it replies, hands off, fails, or turns out done.
+
+        Args:
+            part: the part to play.
+            fail_reason: end the turn at once with a ``system`` item saying
+                this (unless the log shows it finished already).
+
+        Raises:
+            TurnBusyError: too many conflicting writes; retry later.
+            ConvlogError: the log refused or did not answer (``UnavailableError``:
+                retry later; the ids make the retry safe).
+        """
+        model_calls = written = conflicts = 0
+        while True:
+            state = await self._read(part)
+            if state.finished is not None:
+                return TurnResult("done", model_calls, written)
+            if state.handoff is not None:
+                await self._checkpoint(part, *state.handoff)
+                return TurnResult("done", model_calls, written)
+            if state.newest > state.last_order:
+                # Written between our two reads: read a consistent view again.
+                conflicts = await self._backoff(part, conflicts)
+                continue
+            step_no = state.last_step + 1
+            if fail_reason is not None:
+                step = self._fail(part, step_no, fail_reason)
+            elif step_no > self.max_steps:
+                step = self._fail(
+                    part, step_no, f"the turn reached the limit of {self.max_steps} model calls"
+                )
+            else:
+                model_calls += 1
+                step = await self._model_step(part, step_no, state)
+            try:
+                ack = await self._append(part, step, state.last_order)
+            except TooLargeError as e:
+                step = self._fail(part, step_no, f"its answer was too large to store ({e.message})")
+                try:
+                    ack = await self._append(part, step, state.last_order)
+                except ConflictError:
+                    ack = None
+            except ConflictError:
+                ack = None
+            if ack is None:
+                conflicts = await self._backoff(part, conflicts)
+                continue
+            if any(i.duplicate for i in ack.items):
+                continue  # this step was already in the log: read where the turn stands
+            written += len(step.items)
+            if step.handoff_to is not None:
+                order = next(i.item_order for i in ack.items if i.item_id == step.handoff_item_id)
+                await self._checkpoint(part, step.handoff_to, order)
+                return TurnResult("handed_off", model_calls, written, step.handoff_to)
+            if step.terminal is not None:
+                return TurnResult(step.terminal, model_calls, written)
+            # a tool step: call the model again with the outputs in the history
+
+    async def _backoff(self, part: TurnPart, conflicts: int) -> int:
+        conflicts += 1
+        if conflicts > self.max_conflicts:
+            raise TurnBusyError(
+                f"session {part.session_id!r} changed {conflicts} times during one turn"
+            )
+        await asyncio.sleep(random.uniform(0.0, min(0.5, 0.02 * 2**conflicts)))
+        return conflicts
+
+    # -- reading ----------------------------------------------------------------
+    async def _read(self, part: TurnPart) -> _State:
+        """The model's window, then where this turn stands (see the module docstring)."""
+        rep = await self.client.read(part.session_id, tail=self.agent.history_limit)
+        window = list(rep.items)
+        last_order = max([rep.last_order, *(e.item_order for e in window)])
+        state = _State(window=window, last_order=last_order, newest=last_order,
+                       last_step=part.after_step)
+        async for env in self.client.iter_items(part.session_id, after=part.start, raw=True):
+            state.newest = max(state.newest, env.item_order)
+            tid = parse_turn_item_id(env.item_id)
+            if tid is None or tid.turn != part.turn:
+                continue
+            state.last_step = max(state.last_step, tid.step)
+            if tid.terminal:
+                state.finished = env
+            elif tid.role.startswith("out"):
+                target = handoff_target(env)
+                if target is not None:
+                    state.handoff = (target, env.item_order)
+        return state
+
+    async def _append(self, part: TurnPart, step: _Step, expected_last: int) -> AppendReply:
+        """Append one step atomically.
+
+        Raises:
+            ConflictError: the session moved on since ``expected_last`` (also
+                when the log calls the request a partly known retry).
+            BadRequestError: the log refused the items themselves.
+        """
+        try:
+            return await self.client.append(
+                part.session_id, step.items, expected_last=expected_last
+            )
+        except InvalidSessionIdError:
+            raise
+        except BadRequestError as e:
+            last = await self.client.last_order(part.session_id)
+            if last != expected_last:
+                raise ConflictError(f"the session moved on: {e.message}", last_order=last) from e
+            raise
+
+    async def _checkpoint(self, part: TurnPart, target: str, order: int) -> None:
+        if self.routing is None:
+            return
+        try:
+            await self.routing.advance(part.session_id, target, order)
+        except Exception as e:  # the log holds the handoff; the checkpoint only saves a replay
+            log.info("could not checkpoint the handoff of %s to %s: %s", part.session_id, target, e)
+
+    # -- one step ---------------------------------------------------------------
+    def _item(self, part: TurnPart, step: int, role: str, data: dict[str, Any],
+              *, agent: str | None = None) -> AppendItem:
+        return AppendItem(
+            agent=agent or self.agent.name,
+            data=data,
+            item_id=turn_item_id(part.turn, self.agent.name, step, role),
+        )
+
+    def _fail(self, part: TurnPart, step: int, reason: str) -> _Step:
+        content = f"{self.agent.name} failed to answer: {reason}"
+        item = self._item(part, step, "fail", {"role": "system", "content": content}, agent="system")
+        return _Step(items=[item], terminal="failed")
+
+    async def _model_step(self, part: TurnPart, step: int, state: _State) -> _Step:
+        messages = items_to_chat_messages(self._prompt, [e.data for e in state.window])
+        try:
+            reply = await self.model.complete(
+                model=self.agent.model, messages=messages, tools=self._tools
+            )
+        except ModelError as e:
+            log.warning("%s: model failed in session %s: %s", self.agent.name, part.session_id, e)
+            return self._fail(part, step, str(e))
+        return await self._items_for(part, step, reply, state)
+
+    async def _items_for(self, part: TurnPart, step: int, reply: ModelReply, state: _State) -> _Step:
+        hint = f"{part.turn}.{self.agent.name}.{step}"
+        if not reply.tool_calls:
+            item = self._item(part, step, "reply", assistant_text_item(reply.text or "", hint))
+            return _Step(items=[item], terminal="replied")
+        out = _Step(items=[])
+        if reply.text:
+            out.items.append(self._item(part, step, "msg", assistant_text_item(reply.text, hint)))
+        used_ids = {str(e.data.get("call_id")) for e in state.window if "call_id" in e.data}
+        for i, call in enumerate(reply.tool_calls):
+            # Some servers reuse call ids across responses; pairing needs them unique.
+            call_id = call.id if call.id and call.id not in used_ids else f"call_{hint}.{i}"
+            used_ids.add(call_id)
+            handoff = self.agent.handoff_for(call.name)
+            if handoff is not None and out.handoff_to is None:
+                output = handoff_output(handoff.target)
+                out.handoff_to = handoff.target
+                out.handoff_item_id = turn_item_id(part.turn, self.agent.name, step, f"out{i}")
+            elif handoff is not None:
+                output = (f"error: {call.name} ignored: only one handoff per response "
+                          f"(this response hands off to {out.handoff_to})")
+            else:
+                output = await self._run_tool(call)
+            out.items.append(self._item(
+                part, step, f"call{i}", function_call_item(call_id, call.name, call.arguments)
+            ))
+            out.items.append(self._item(
+                part, step, f"out{i}", function_call_output_item(call_id, output)
+            ))
+        return out
+
+    async def _run_tool(self, call: ToolCall) -> str:
+        """Run a function tool; every failure becomes the output the model sees."""
+        tool: ToolSpec | None = self.agent.tool_for(call.name)
+        if tool is None:
+            return f"error: {self.agent.name} has no tool named {call.name!r}"
+        try:
+            arguments = json.loads(call.arguments or "{}")
+        except ValueError as e:
+            return f"error: the arguments of {call.name} are not valid JSON: {e}"
+        if not isinstance(arguments, Mapping):
+            return f"error: the arguments of {call.name} must be a JSON object"
+        try:
+            async with asyncio.timeout(self.tool_timeout):
+                if inspect.iscoroutinefunction(tool.fn):
+                    result = await tool.fn(**arguments)
+                else:  # a thread, so a slow sync tool never blocks the worker's loop
+                    result = await asyncio.to_thread(tool.fn, **arguments)
+                if inspect.isawaitable(result):
+                    result = await result
+        except TimeoutError:
+            return f"error: {call.name} did not finish within {self.tool_timeout:g}s"
+        except Exception as e:
+            return f"error: {call.name} failed: {type(e).__name__}: {e}"
+        output = result if isinstance(result, str) else json.dumps(result, default=str)
+        if parse_handoff_output(output) is not None:
+            output = json.dumps({"result": output})  # a tool's output must not read as a handoff
+        if len(output) > MAX_TOOL_OUTPUT_CHARS:
+            output = output[:MAX_TOOL_OUTPUT_CHARS] + " [truncated]"
+        return output
