@@ -22,6 +22,6 @@ def register_extra(sub: Any, common: Callable[[argparse.ArgumentParser], None]) 
 
 
 def _registrars() -> list[Callable[..., None]]:
-    from . import bench
+    from . import bench, stack_cmds, worker_cmds
 
-    return [bench.register]
+    return [bench.register, stack_cmds.register, worker_cmds.register]

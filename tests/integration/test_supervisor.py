@@ -1,0 +1,236 @@
+"""The stack under supervisord, as operators and CI run it.
+
+* ``deploy/supervisord.conf`` (paths and port from the environment) runs the
+  whole stack; a worker killed with ``kill -9`` is restarted by supervisord and
+  the session carries on: the message sent after the kill is answered too.
+* ``convlog up`` runs the stack in the foreground (two replicas per agent) and
+  SIGTERM stops every process it started.
+* ``convlog demo`` exits 0 with the seed transcript, the escalation and both
+  verdict lines, in well under a minute.
+
+supervisord is always stopped by its PID (it stops its children); the test
+then checks that every child PID it reported is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.cli.demo import RULES_MODEL_LABEL, consumer_name, wait_for_stack
+from services.cli.supervise import Supervisor
+from services.cli.transcript import SessionFollower, handoffs
+from services.worker.scenario import (
+    ESCALATION_CONVERSATION,
+    SEED_CONVERSATION,
+    SEED_SESSION_ID,
+)
+from services.worker.spec import load_spec
+from shared.chain import verify
+from shared.client import LogClient
+from tests.support.eventually import wait_until
+from tests.support.natsd import free_port
+from tests.support.procs import REPO_ROOT, Proc
+
+DEPLOY = REPO_ROOT / "deploy"
+AGENTS = list(load_spec(DEPLOY / "agents.toml").agents)
+BIN = str(Path(sys.executable).parent)
+
+
+def stack_env(**extra: str) -> dict[str, str]:
+    """Our environment without CONVLOG_* or a model key (offline rules model), and this
+    interpreter's scripts (``convlog``, ``nats-server``) first on PATH."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CONVLOG_") and k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temp dir with a short path: supervisord's control socket must fit AF_UNIX limits."""
+    path = Path(tempfile.mkdtemp(prefix="cl-sv-"))
+    try:
+        yield path
+    finally:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); its state in /proc says it has exited
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    return True
+
+
+def _assert_all_gone(pids: set[int]) -> None:
+    wait_until(lambda: _no_survivors(pids), timeout=10)
+
+
+def _no_survivors(pids: set[int]) -> None:
+    alive = [p for p in pids if _pid_alive(p)]
+    assert not alive, f"still running after supervisord stopped: {alive}"
+
+
+async def _one_reply_per_user_message(client: LogClient, sid: str) -> None:
+    envs = await client.items(sid)
+    assert verify(envs, session_id=sid) is None
+    users = [e for e in envs if e.agent == "user"]
+    replies = [e for e in envs if e.item_id.endswith(".reply")]
+    assert len(replies) == len(users), [(e.item_order, e.agent, e.item_id) for e in envs]
+
+
+async def test_deploy_supervisord_restarts_a_killed_worker(short_tmp: Path) -> None:
+    # Step 1: supervisord from deploy/supervisord.conf, pointed at temp dirs and a free port.
+    port = free_port()
+    data, logs = short_tmp / "data", short_tmp / "logs"
+    data.mkdir()
+    logs.mkdir()
+    env = stack_env(CONVLOG_DATA_DIR=str(data), CONVLOG_LOG_DIR=str(logs),
+                    CONVLOG_NATS_PORT=str(port))
+    sup = Supervisor(DEPLOY / "supervisord.conf", logs / "supervisor.sock", env=env,
+                     output=short_tmp / "supervisord.out")
+    url = f"nats://127.0.0.1:{port}"
+    children: set[int] = set()
+    try:
+        await asyncio.to_thread(sup.start)
+        await wait_for_stack(sup, log_dir=logs, url=url, agents=AGENTS, step=print, timeout=60)
+        children |= {i["pid"] for i in await asyncio.to_thread(sup.processes) if i["pid"]}
+        client = await LogClient.connect(url, name="t-supervisor")
+        try:
+            async with SessionFollower(client, SEED_SESSION_ID) as follower:
+                # Step 2: the first message is routed by Triage and answered by L1Billing.
+                first = await follower.turn(SEED_CONVERSATION[0], timeout=45)
+                assert first.outcome == "answered", first
+                assert handoffs(first) == [("Triage", "L1Billing")]
+                assert first.answered_by == "L1Billing"
+
+                # Step 3: kill -9 the worker of the session's active agent.
+                before = await asyncio.to_thread(sup.process, "worker-L1Billing")
+                os.kill(before["pid"], signal.SIGKILL)
+
+                # Step 4: supervisord notices and starts a new one.
+                def restarted() -> dict[str, object]:
+                    info = sup.process("worker-L1Billing")
+                    assert info["pid"] not in (0, before["pid"]), info
+                    assert info["statename"] == "RUNNING", info
+                    return info
+
+                after = await asyncio.to_thread(wait_until, restarted, 60, 0.2)
+                children.add(int(after["pid"]))
+                log = (logs / "supervisord.log").read_text()
+                assert "exited: worker-L1Billing (terminated by SIGKILL" in log, log
+
+                # Step 5: the session continues: the next message is answered by L1Billing.
+                second = await follower.turn(SEED_CONVERSATION[1], timeout=60)
+                assert second.outcome == "answered", second
+                assert second.answered_by == "L1Billing"
+            await _one_reply_per_user_message(client, SEED_SESSION_ID)
+        finally:
+            await client.close()
+    finally:
+        rc = await asyncio.to_thread(sup.stop)
+    assert rc == 0, sup._output_tail()
+    _assert_all_gone(children)
+
+
+async def test_convlog_up_runs_the_stack_until_sigterm(short_tmp: Path) -> None:
+    # Step 1: `convlog up` with two replicas per agent; it execs supervisord in place.
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    env = stack_env(CONVLOG_DATA_DIR=str(short_tmp))
+    proc = Proc([sys.executable, "-m", "services.cli.main", "up", "--nats-url", url,
+                 "--workers-per-agent", "2"], log_dir=short_tmp, env=env, name="convlog-up").start()
+    children: set[int] = set()
+    try:
+        conf = short_tmp / "supervisor" / "supervisord.conf"
+        sup = Supervisor(conf, short_tmp / "supervisor" / "supervisor.sock")
+
+        def answering() -> None:
+            assert proc.running, proc.output()
+            assert sup.rpc().supervisor.getState()["statename"] == "RUNNING"
+
+        await asyncio.to_thread(wait_until, answering, 30, 0.1, retry_on=(AssertionError, OSError))
+        await wait_for_stack(sup, log_dir=short_tmp / "logs", url=url, agents=AGENTS,
+                             step=print, timeout=60)
+        infos = await asyncio.to_thread(sup.processes)
+        assert sorted(i["name"] for i in infos) == sorted(
+            ["nats", "log", *(f"worker-{a}-{n}" for a in AGENTS for n in (0, 1))])
+        children |= {i["pid"] for i in infos if i["pid"]}
+
+        # Step 2: two replicas per agent still give one answer per message.
+        client = await LogClient.connect(url, name="t-up")
+        try:
+            async with SessionFollower(client, "up-session-1") as follower:
+                for text in ESCALATION_CONVERSATION[:2]:
+                    turn = await follower.turn(text, timeout=45)
+                    assert turn.outcome == "answered", turn
+                    assert turn.answered_by == "L2Support"
+            await _one_reply_per_user_message(client, "up-session-1")
+        finally:
+            await client.close()
+    finally:
+        # Step 3: SIGTERM to the PID we started (supervisord now) stops everything.
+        rc = proc.terminate(timeout=40)
+    assert rc == 0, proc.output()
+    assert "supervisord started with pid" in (short_tmp / "logs" / "supervisord.log").read_text()
+    _assert_all_gone(children)
+
+
+def test_convlog_demo_runs_as_ci_runs_it(tmp_path: Path) -> None:
+    # CI runs the installed console script; fall back to the module in a bare checkout.
+    script = Path(BIN) / "convlog"
+    cmd = [str(script), "demo"] if script.exists() else [sys.executable, "-m", "services.cli.main", "demo"]
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False,
+                         cwd=tmp_path, env=stack_env())
+    elapsed = time.monotonic() - t0
+    print(f"convlog demo took {elapsed:.1f}s (exit {res.returncode})")
+    out = res.stdout
+    assert res.returncode == 0, out + res.stderr
+    assert f"model: {RULES_MODEL_LABEL}" in out
+    # the stack came up with progress for every process
+    for part in ("nats-server", "log service", *(f"worker {a}" for a in AGENTS)):
+        assert part in out
+    # the seed's four messages, Triage routing to L1Billing, who answers them all
+    for text in SEED_CONVERSATION:
+        assert f"User: {text}" in out
+    seed = out.split("=== escalation")[0]
+    assert "[Triage -> L1Billing]" in seed
+    assert seed.count("\nL1Billing: ") == 4
+    # the escalation reaches L2Support
+    escalation = out.split("=== escalation")[1].split("=== replay")[0]
+    assert "[L1Billing -> L2Support]" in escalation
+    assert "\nL2Support: " in escalation
+    assert "issue_refund(" in escalation
+    # both logs replayed and verified
+    assert "verified: ticket-2026-0314-001: 10 items" in out
+    assert "verified: ticket-2026-0314-002: " in out
+    assert "convlog demo passed" in out
+    assert elapsed < 60, f"convlog demo took {elapsed:.1f}s"
+
+
+def test_demo_constants_match_the_worker() -> None:
+    from services.worker.consumer import consumer_name as worker_consumer_name
+    from services.worker.rules_model import RULES_MODEL_NAME
+
+    assert RULES_MODEL_LABEL == RULES_MODEL_NAME
+    assert all(consumer_name(a) == worker_consumer_name(a) for a in AGENTS)

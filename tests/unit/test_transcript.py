@@ -1,0 +1,67 @@
+"""The demo's transcript: turns rendered with agent names, handoffs and tool calls."""
+
+from __future__ import annotations
+
+import json
+
+from services.cli.transcript import Turn, handoffs, render_turn
+from shared.messages import Envelope
+
+
+def env(order: int, agent: str, data: dict, item_id: str = "") -> Envelope:
+    return Envelope(session_id="s", item_order=order, item_id=item_id or f"id{order}", agent=agent,
+                    kind="item", data=data, created_at="2026-03-14T09:30:00.000000Z", hash="0" * 64)
+
+
+def message(text: str) -> dict:
+    return {"type": "message", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def test_a_handoff_then_a_reply() -> None:
+    turn = Turn(user="I was charged twice.", user_order=1, outcome="answered", items=[
+        env(2, "Triage", {"type": "function_call", "call_id": "c1", "name": "route_to_billing",
+                          "arguments": "{}"}),
+        env(3, "Triage", {"type": "function_call_output", "call_id": "c1",
+                          "output": json.dumps({"assistant": "L1Billing"})}),
+        env(4, "L1Billing", message("Sorry about that.")),
+    ])
+    assert handoffs(turn) == [("Triage", "L1Billing")]
+    assert turn.answered_by == "L1Billing"
+    assert render_turn(turn) == [
+        "User: I was charged twice.",
+        "[Triage -> L1Billing]",
+        "L1Billing: Sorry about that.",
+    ]
+
+
+def test_a_function_tool_is_shown_with_its_result() -> None:
+    turn = Turn(user="Refund it.", user_order=5, outcome="answered", items=[
+        env(6, "L2Support", {"type": "function_call", "call_id": "c2", "name": "issue_refund",
+                             "arguments": json.dumps({"amount": 120.0})}),
+        env(7, "L2Support", {"type": "function_call_output", "call_id": "c2", "output": "RF-1 done"}),
+        env(8, "L2Support", message("Done: RF-1.")),
+    ])
+    assert handoffs(turn) == []
+    lines = render_turn(turn)
+    assert lines[1] == "  [L2Support called issue_refund(amount=120.0) -> RF-1 done]"
+    assert lines[2] == "L2Support: Done: RF-1."
+
+
+def test_failed_and_unanswered_turns_say_so() -> None:
+    failed = Turn(user="hi", user_order=1, outcome="failed", items=[
+        env(2, "system", {"role": "system", "content": "agent Triage failed: model unavailable"}),
+    ])
+    assert failed.answered_by is None
+    assert render_turn(failed)[1] == "system: agent Triage failed: model unavailable"
+    silent = Turn(user="hi", user_order=1)
+    assert render_turn(silent)[-1] == "(no answer: the turn did not end in time)"
+
+
+def test_long_replies_wrap_under_the_agent_name() -> None:
+    turn = Turn(user="x", user_order=1, outcome="answered",
+                items=[env(2, "L1Billing", message("word " * 60))])
+    lines = render_turn(turn, width=60)
+    assert lines[1].startswith("L1Billing: word")
+    assert all(len(line) <= 60 for line in lines)
+    assert all(line.startswith(" " * 11) for line in lines[2:])
