@@ -59,6 +59,20 @@ _RETRYABLE = (
 )
 
 
+async def _nats_error(e: Exception) -> None:
+    # One line per event: nats-py's default prints a traceback for every failed
+    # (re)connect attempt, which buries what matters during a server restart.
+    log.warning("nats: %s: %s", type(e).__name__, e)
+
+
+async def _nats_disconnected() -> None:
+    log.info("nats: disconnected; reconnecting")
+
+
+async def _nats_reconnected() -> None:
+    log.info("nats: reconnected")
+
+
 def connect_options(settings: Settings, *, name: str) -> dict[str, Any]:
     """``nats.connect`` options shared by every convlog process.
 
@@ -66,6 +80,9 @@ def connect_options(settings: Settings, *, name: str) -> dict[str, Any]:
     reconnects are unlimited: services and clients outlive server restarts.
     """
     return {
+        "error_cb": _nats_error,
+        "disconnected_cb": _nats_disconnected,
+        "reconnected_cb": _nats_reconnected,
         "servers": [u.strip() for u in settings.nats_url.split(",")],
         "name": name,
         "connect_timeout": 2,

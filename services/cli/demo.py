@@ -207,11 +207,14 @@ async def wait_for_stack(
                                   exit_code=EXIT_UNAVAILABLE)
             await asyncio.sleep(0.1)
 
+    async def _quiet(e: Exception) -> None:
+        """The server is still starting: refused connects are expected."""
+
     async def nats_up() -> bool:
         nonlocal nc
         if nc is None:
             nc = await nats.connect(url, connect_timeout=1, max_reconnect_attempts=-1,
-                                    reconnect_time_wait=0.2)
+                                    reconnect_time_wait=0.2, error_cb=_quiet)
         await nc.jetstream(timeout=2).account_info()
         return True
 

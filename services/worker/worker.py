@@ -165,9 +165,11 @@ class Worker:
             log.info("worker %s: NATS connection: %r", self.agent.name, e)
 
         self.nc = await nats.connect(
-            **connect_options(self.settings, name=f"convlog-worker-{self.agent.name}"),
-            reconnected_cb=reconnected,
-            error_cb=connection_error,
+            **{
+                **connect_options(self.settings, name=f"convlog-worker-{self.agent.name}"),
+                "reconnected_cb": reconnected,
+                "error_cb": connection_error,
+            }
         )
         if self._shutdown_started:  # a signal arrived while connecting
             await self.nc.close()
