@@ -91,6 +91,7 @@ class Outbox:
         self._ack_timeout = ack_timeout
         self._pending: deque[Committed] = deque()
         self._wake = asyncio.Event()
+        self._reconnected = asyncio.Event()
         self._published = 0  # global position of the last envelope the stream holds
         self._last_msg_id: str | None = None
         self._task: asyncio.Task[None] | None = None
@@ -104,6 +105,21 @@ class Outbox:
     @property
     def published_position(self) -> int:
         return self._published
+
+    def on_disconnected(self) -> None:
+        """Connection callback: acks in flight will never come; fail them now.
+
+        Without this the outbox would sit out its ack timeout after every
+        server restart before resyncing, delaying every item behind it.
+        """
+        for fut in self._acks.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("disconnected from NATS"))
+
+    def on_reconnected(self) -> None:
+        """Connection callback: resync and publish without waiting for the backoff."""
+        self._reconnected.set()
+        self._wake.set()
 
     def on_commit(self, committed: Sequence[Committed]) -> None:
         """Commit listener: queue freshly committed envelopes (already in order)."""
@@ -194,7 +210,10 @@ class Outbox:
                 log.warning("outbox publish failed (%s: %s); resyncing from the stream",
                             type(e).__name__, e)
                 synced = False
-                await asyncio.sleep(delay)
+                self._reconnected.clear()
+                with contextlib.suppress(TimeoutError):
+                    # Back off, but resync at once when the connection is back.
+                    await asyncio.wait_for(self._reconnected.wait(), delay)
                 delay = min(delay * 2, 2.0)
 
     async def _next_batch(self) -> list[Committed] | None:

@@ -62,11 +62,16 @@ class LogService:
         settings: configuration (NATS URL, prefix, database, limits).
         store: the store to serve; defaults to :class:`SQLiteStore` on
             ``settings.db_path``.
+        outbox_ack_timeout: seconds the outbox waits for the stream's ack of
+            a publish window before it resyncs.
     """
 
-    def __init__(self, settings: Settings, *, store: LogStore | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, store: LogStore | None = None, outbox_ack_timeout: float = 5.0
+    ) -> None:
         self.settings = settings
         self.subjects = settings.subjects
+        self._outbox_ack_timeout = outbox_ack_timeout
         self.store: LogStore = store or SQLiteStore(settings.db_path, max_batch=settings.commit_batch)
         self.nc: Client | None = None
         self.outbox: Outbox | None = None
@@ -90,7 +95,23 @@ class LogService:
             return
         self._started = True
         await self.store.open()
-        self.nc = await nats.connect(**connect_options(self.settings, name=SERVICE_NAME))
+        async def disconnected() -> None:
+            log.info("nats: disconnected; reconnecting")
+            if self.outbox is not None:
+                self.outbox.on_disconnected()
+
+        async def reconnected() -> None:
+            log.info("nats: reconnected")
+            if self.outbox is not None:
+                self.outbox.on_reconnected()
+
+        self.nc = await nats.connect(
+            **{
+                **connect_options(self.settings, name=SERVICE_NAME),
+                "disconnected_cb": disconnected,
+                "reconnected_cb": reconnected,
+            }
+        )
         js = self.nc.jetstream()
         await ensure_stream(js, self.subjects, replicas=self.settings.stream_replicas)
         kv = await ensure_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
@@ -107,7 +128,7 @@ class LogService:
             max_payload=self.nc.max_payload,
             entry_hint=entry_hint,
         )
-        self.outbox = Outbox(self.nc, self.store, self.subjects)
+        self.outbox = Outbox(self.nc, self.store, self.subjects, ack_timeout=self._outbox_ack_timeout)
         self.store.add_commit_listener(self.outbox.on_commit)
         await self.outbox.start()
         self._service = await add_service(

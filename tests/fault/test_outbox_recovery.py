@@ -219,3 +219,42 @@ async def test_a_follower_stops_when_cancelled_even_if_a_reply_races_the_cancel(
                     break
                 task.cancel()
                 await asyncio.wait({task}, timeout=2)
+
+
+async def test_outbox_resyncs_on_reconnect_not_after_its_ack_timeout(
+    nats_server: NatsServer, tmp_db: Path
+) -> None:
+    """An ack in flight when the server dies never arrives.  The outbox must
+    notice the disconnect and resync once reconnected, instead of sitting out
+    its ack timeout (here 10 minutes, far beyond the test's patience)."""
+    from services.log.service import LogService
+    from shared.config import load_settings
+
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_db)}, {})
+    service = LogService(settings, outbox_ack_timeout=600.0)
+    await service.start()
+    try:
+        async with await LogClient.connect(nats_server.url) as client:
+            await client.append("resync", [_item("before")])
+            await assert_eventually(
+                lambda: stream_matches_log(client.nc, client, ["resync"]), timeout=10, interval=0.1
+            )
+        # Freeze the server, then commit straight into the service's store: the
+        # outbox publishes into the frozen connection and waits for an ack that
+        # will never come, because the server is then killed.
+        await asyncio.to_thread(nats_server.pause)
+        await service.store.append("resync", AppendRequest(items=[_item("in-flight")]))
+        assert service.outbox is not None
+        await assert_eventually(lambda: _ack_pending(service.outbox), timeout=10)
+        await asyncio.to_thread(nats_server.kill)
+        await asyncio.to_thread(nats_server.restart)
+        async with await LogClient.connect(nats_server.url) as client:
+            await assert_eventually(
+                lambda: stream_matches_log(client.nc, client, ["resync"]), timeout=60, interval=0.2
+            )
+    finally:
+        await service.shutdown()
+
+
+def _ack_pending(outbox: Outbox) -> None:
+    assert outbox._acks, "the outbox has no publish window waiting for its ack yet"
