@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,21 +120,33 @@ def payload(size: int) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def local_stack(keep_dir: str | None = None) -> Iterator[str]:
-    """An embedded nats-server plus ``convlog log`` on a temporary database."""
+def local_stack(keep_dir: str | None = None, *, workers: Sequence[Sequence[str]] = ()) -> Iterator[str]:
+    """An embedded nats-server plus ``convlog log`` on a temporary database,
+    and one ``convlog worker`` process per entry of ``workers`` (its arguments)."""
     from .stack import EmbeddedNats, stop_process
 
     with tempfile.TemporaryDirectory(prefix="convlog-bench-") as tmp:
         base = Path(keep_dir or tmp)
         nats_server = EmbeddedNats(base / "nats", port=-1).start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
         log_proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli.main", "log", "--nats-url", nats_server.url,
              "--db", str(base / "bench.db"), "--no-embedded", "--log-level", "WARNING"],
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, env=env,
         )
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "services.cli.main", "worker", *w, "--nats-url",
+                 nats_server.url, "--no-embedded", "--log-level", "WARNING"],
+                stdin=subprocess.DEVNULL, env=env,
+            )
+            for w in workers
+        ]
         try:
             yield nats_server.url
         finally:
+            for proc in procs:
+                stop_process(proc)
             stop_process(log_proc)
             nats_server.stop()
 
@@ -277,6 +289,10 @@ def report(results: dict[str, Run], args: argparse.Namespace) -> str:
 async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from .stack import nats_answers
 
+    if args.turns:
+        from .turn_bench import cmd_turn_bench
+
+        return await cmd_turn_bench(args)
     if args.sdk:
         from .sdk_bench import run_sdk_bench
 
@@ -309,6 +325,10 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None],
     p.add_argument("--sdk", action="store_true",
                    help="instead: ConvlogSession vs the Agents SDK's SQLiteSession (needs convlog[agents])")
     p.add_argument("--sdk-ops", type=int, default=1000, help="with --sdk: calls per scenario")
+    p.add_argument("--turns", action="store_true",
+                   help="instead: convlog's overhead per agent turn, on a private stack with 2 workers")
+    p.add_argument("--levels", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 32, 128],
+                   help="with --turns: concurrent sessions per phase (default 1,8,32,128)")
     commands["bench"] = cmd_bench
 
 
