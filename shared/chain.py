@@ -8,11 +8,11 @@ with an export and any RFC 8785 implementation can recompute it.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import rfc8785
 
 from .messages import Envelope
@@ -25,11 +25,12 @@ GENESIS_HASH = "0" * 64
 def _needs_reference(value: Any) -> bool:
     """True when the fast encoder might differ from RFC 8785.
 
-    ``json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False)``
-    produces RFC 8785 bytes for strings, integers, booleans and null, as long as
-    no object key sorts differently by UTF-16 code unit than by code point
-    (only keys with characters above U+FFFF can).  Floats use ECMAScript number
-    formatting, so they go to the reference implementation.
+    msgspec's JSON encoder with sorted keys produces RFC 8785 bytes for
+    strings, integers, booleans and null (same escapes, no whitespace, UTF-8),
+    as long as no object key sorts differently by UTF-16 code unit than by
+    code point (only keys with characters above U+FFFF can).  Floats use
+    ECMAScript number formatting, so they go to the reference implementation.
+    The property test in tests/unit/test_chain.py holds the two equal.
     """
     stack = [value]
     while stack:
@@ -49,13 +50,14 @@ def _needs_reference(value: Any) -> bool:
 
 
 _CONTAINERS_OR_FLOAT = (dict, list, float)
+_sorted_encoder = msgspec.json.Encoder(order="sorted")
 
 
 def canonical(obj: Any) -> bytes:
     """Return the RFC 8785 canonical JSON bytes of ``obj``."""
     if _needs_reference(obj):
         return rfc8785.dumps(obj)
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _sorted_encoder.encode(obj)
 
 
 def item_hash(

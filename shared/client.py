@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
@@ -95,8 +95,15 @@ def connect_options(settings: Settings, *, name: str) -> dict[str, Any]:
 
 
 def new_item_id() -> str:
-    """A fresh idempotency key (UUIDv4, hex)."""
-    return uuid.uuid4().hex
+    """A fresh idempotency key: a random UUIDv4, as 32 hex digits.
+
+    Built from ``os.urandom`` directly: ``uuid.uuid4().hex`` costs several
+    times more, and every appended item needs one.
+    """
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40  # version 4
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return b.hex()
 
 
 def _raise_if_cancelled() -> None:

@@ -22,6 +22,7 @@ import os
 import sqlite3
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,10 +104,15 @@ class SQLiteStore:
         self.max_batch = max_batch
         self.max_cached_sessions = max_cached_sessions
         self._w: sqlite3.Connection | None = None  # the single writer connection
+        # COMMIT runs here; the connection is never used by two threads at once.
+        self._fsync = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convlog-commit")
         self._r: aiosqlite.Connection | None = None
         self._lock_fd: int | None = None
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._committer: asyncio.Task[None] | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._ckpt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convlog-checkpoint")
+        self.checkpoint_interval = 0.5
         self._states: dict[str, _State] = {}
         self._listeners: list[CommitListener] = []
         self._position = 0
@@ -129,16 +135,41 @@ class SQLiteStore:
             self._release_lock()
             raise UnavailableError(f"cannot open SQLite store {self.path}: {e}") from e
         self._committer = asyncio.create_task(self._commit_loop(), name="convlog-committer")
+        self._checkpointer = asyncio.create_task(self._checkpoint_loop(), name="convlog-checkpoint")
 
     def _open_writer(self) -> int:
-        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=10000")
+        # Checkpoints run on their own connection and thread (see
+        # _checkpoint_loop): inside a COMMIT they stalled every append for the
+        # tens of milliseconds a checkpoint takes.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.executescript(_SCHEMA)
         self._w = conn
         row = conn.execute("SELECT COALESCE(MAX(position), 0) FROM items").fetchone()
         return int(row[0]) if row else 0
+
+    async def _checkpoint_loop(self) -> None:
+        """Copy the WAL into the database now and then, off the commit path.
+
+        PASSIVE checkpoints never block the writer; they run on a separate
+        connection in a separate thread, so their fsyncs do not delay commits.
+        """
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._closed:
+                await asyncio.sleep(self.checkpoint_interval)
+                try:
+                    await loop.run_in_executor(
+                        self._ckpt_pool, conn.execute, "PRAGMA wal_checkpoint(PASSIVE)"
+                    )
+                except sqlite3.Error as e:
+                    log.warning("WAL checkpoint failed (will retry): %s", e)
+        finally:
+            await loop.run_in_executor(self._ckpt_pool, conn.close)
 
     def _take_lock(self) -> None:
         lock_path = self.path.with_name(self.path.name + ".lock")
@@ -165,6 +196,10 @@ class SQLiteStore:
             await self._queue.put(None)
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(self._committer)
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointer
         await self._close_connections()
         self._release_lock()
 
@@ -176,6 +211,8 @@ class SQLiteStore:
             with contextlib.suppress(Exception):
                 self._w.close()
         self._w = self._r = None
+        self._fsync.shutdown(wait=True)
+        self._ckpt_pool.shutdown(wait=True)
 
     async def __aenter__(self) -> SQLiteStore:
         await self.open()
@@ -203,6 +240,9 @@ class SQLiteStore:
             first = await self._queue.get()
             if first is None:
                 break
+            # Let the requests that arrived with this one (already-scheduled
+            # handler tasks) reach the queue, so they share this commit.
+            await asyncio.sleep(0)
             batch = [first]
             while len(batch) < self.max_batch:
                 try:
@@ -264,13 +304,7 @@ class SQLiteStore:
         return {(sid, o): k for sid, o, k in rows}
 
     async def _commit(self, batch: list[_Pending]) -> None:
-        # The whole batch (lookups, ordering, hashing, the transaction and its
-        # fsync) runs right here on the event loop, deliberately: handing it to
-        # a thread made every sqlite3 step and every socket send wait for the
-        # GIL behind the other thread (a convoy that cost more than the fsync).
-        # Requests that arrive meanwhile wait in the socket and form the next
-        # batch.
-        outcomes, committed = self._commit_sync(batch)
+        outcomes, committed = await self._commit_batch(batch)
         for p, out in zip(batch, outcomes, strict=True):
             self._resolve(p.future, out)
         if committed:
@@ -279,10 +313,17 @@ class SQLiteStore:
                 if asyncio.iscoroutine(res):
                     await res
 
-    def _commit_sync(
+    async def _commit_batch(
         self, batch: list[_Pending], *, careful: bool = False
     ) -> tuple[list[AppendReply | ConvlogError], list[Committed]]:
         """Decide and commit one batch.
+
+        Everything but the final COMMIT runs on the event loop: lookups,
+        ordering, hashing and the inserts are short and CPU-bound.  The COMMIT
+        (its fsync is most of a batch's time) runs on a helper thread, so the
+        loop keeps reading and decoding the next batch meanwhile.  Handing the
+        whole batch to a thread was slower: every sqlite3 step releases the GIL
+        and then queued behind the busy event loop to get it back.
 
         Optimistic by default: an ``item_id`` is looked up only where the
         answer changes the decision (``expected_last`` behind); every other
@@ -338,7 +379,7 @@ class SQLiteStore:
                 self._w.execute("ROLLBACK")
                 if careful:
                     raise sqlite3.IntegrityError("duplicate item_id after a careful lookup")
-                return self._commit_sync(batch, careful=True)
+                return await self._commit_batch(batch, careful=True)
             hides = [(r[1], r[6]) for r in rows if r[4] == "retract"]
             if hides:
                 self._w.executemany("UPDATE items SET hidden = 1 WHERE session_id = ? AND item_order = ?", hides)
@@ -349,7 +390,7 @@ class SQLiteStore:
                 "last_clear = excluded.last_clear, updated_at = excluded.updated_at",
                 [(s, work[s].last_order, work[s].last_hash, work[s].last_clear, created_at) for s in touched],
             )
-            self._w.execute("COMMIT")
+            await asyncio.get_running_loop().run_in_executor(self._fsync, self._w.execute, "COMMIT")
         except sqlite3.Error as e:
             log.error("commit of %d items failed: %s", len(rows), e)
             with contextlib.suppress(sqlite3.Error):
