@@ -66,7 +66,8 @@ async def _nats_error(e: Exception) -> None:
 
 
 async def _nats_disconnected() -> None:
-    log.info("nats: disconnected; reconnecting")
+    # DEBUG: a client's own close() also lands here; services log at INFO themselves.
+    log.debug("nats: disconnected")
 
 
 async def _nats_reconnected() -> None:

@@ -27,7 +27,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from shared.client import LogClient, new_item_id
 from shared.config import Settings
 
-from .bench import Run, closed_loop, local_stack
+from .bench import Run, _wait_service, closed_loop, local_stack
 
 __all__ = ["run_turn_bench"]
 
@@ -106,16 +106,18 @@ async def _wait_ready(client: LogClient, watcher: ReplyWatcher, within: float = 
 async def run_turn_bench(url: str, args: argparse.Namespace) -> list[Run]:
     client = await LogClient.connect(url, name="convlog-turn-bench", settings=Settings(nats_url=url))
     watcher = ReplyWatcher(client)
-    await watcher.start()
     runs: list[Run] = []
     try:
         print("waiting for the log service and both workers ...", file=sys.stderr, flush=True)
+        await _wait_service(client)  # it creates the items stream the watcher reads
+        await watcher.start()
         await _wait_ready(client, watcher)
         tag = f"{random.getrandbits(32):08x}"
-        data = {"role": "user", "content": MESSAGE}
+        # Not authored by "user", so the workers leave these items alone.
+        data = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "x"}]}
         runs.append(await closed_loop(
             "append round trip (baseline)",
-            lambda i: client.append(f"tb-{tag}-append", [{"agent": "user", "data": data}]),
+            lambda i: client.append(f"tb-{tag}-append", [{"agent": "bench", "data": data}]),
             1, args.duration / 2,
         ))
         for level in args.levels:

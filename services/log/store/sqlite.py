@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 _encode = msgspec.json.Encoder().encode
 # position, session_id, item_order, item_id, kind, envelope JSON, retract target
 _Row = tuple[int, str, int, str, str, bytes, int]
+_READ_CHUNK = 512
 
 
 def now_rfc3339() -> str:
@@ -576,17 +577,22 @@ class SQLiteStore:
                 "SELECT envelope FROM items WHERE session_id = ? AND item_order > ? "
                 "ORDER BY item_order LIMIT ?"
             )
-        async with r.execute(sql, (session_id, after, limit + 1)) as cur:
-            rows = await cur.fetchall()
         items: list[bytes] = []
         size = 0
-        more = len(rows) > limit
-        for (env,) in rows[:limit]:
-            if items and size + len(env) + 1 > max_bytes:
-                more = True
-                break
-            items.append(env)
-            size += len(env) + 1
+        more = False
+        async with r.execute(sql, (session_id, after, limit + 1)) as cur:
+            # Fetch in chunks and stop at the byte budget: SQLite steps lazily,
+            # so a page that fills after 2,000 rows does not read 10,000.
+            while not more:
+                rows = await cur.fetchmany(_READ_CHUNK)
+                if not rows:
+                    break
+                for (env,) in rows:
+                    if len(items) == limit or (items and size + len(env) + 1 > max_bytes):
+                        more = True
+                        break
+                    items.append(env)
+                    size += len(env) + 1
         return Page(items, await self.last_order(session_id), more)
 
     async def tail(self, session_id: str, n: int, *, visible: bool = True) -> Page:
