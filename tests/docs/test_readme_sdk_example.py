@@ -58,9 +58,10 @@ async def test_the_readme_sdk_example_runs_and_its_log_verifies(
         agents = [e.agent for e in items]
         assert agents[0] == "user" and "Triage" in agents and "L2Support" in agents
 
-    done = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", "replay", SESSION, "--db", str(db), "--verify",
-         "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=60,
+    replay = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", "replay", SESSION, "--db", str(db), "--verify",
+        "--quiet", cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    assert done.returncode == 0, done.stderr
-    assert f"verified: {SESSION}: {len(items)} items" in done.stderr
+    _, err = await asyncio.wait_for(replay.communicate(), 60)
+    assert replay.returncode == 0, err.decode()
+    assert f"verified: {SESSION}: {len(items)} items" in err.decode()
