@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .stack import stop_process
+
 __all__ = [
     "Program",
     "Supervisor",
@@ -333,14 +335,7 @@ class Supervisor:
         if proc.poll() is None:
             with contextlib.suppress(OSError, xmlrpc.client.Error):
                 self.processes()  # remember the children's PIDs in case we must kill
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(5)
+            if stop_process(proc, timeout) == -signal.SIGKILL:
                 for pid in self._children:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
