@@ -56,6 +56,16 @@ def test_configuration_table_matches_settings() -> None:
     assert real <= documented, f"real but undocumented: {real - documented}"
 
 
+def test_documented_defaults_match_settings() -> None:
+    from shared.config import DEFAULT_NATS_URL
+
+    defaults = Settings()
+    assert f"| `CONVLOG_NATS_URL` | `{DEFAULT_NATS_URL}` |" in README
+    assert f"| `CONVLOG_PREFIX` | `{defaults.prefix}` |" in README
+    assert f"| `CONVLOG_MAX_ITEM_BYTES` | `{defaults.max_item_bytes}` |" in README
+    assert f"| `CONVLOG_COMMIT_BATCH` | `{defaults.commit_batch}` |" in README
+
+
 def test_readme_has_no_placeholders() -> None:
     assert "SDK_SECTION" not in README and "PERF_SECTION" not in README
 
