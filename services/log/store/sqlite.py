@@ -566,21 +566,25 @@ class SQLiteStore:
         self, session_id: str, *, after: int, limit: int, max_bytes: int, visible: bool = False
     ) -> Page:
         r = self._reader()
+        # Take last_order first and read no further than it: a commit whose
+        # COMMIT has finished but whose cache update has not yet run must not
+        # show items beyond the last_order the reply reports.
+        last = await self.last_order(session_id)
         if visible:
             after = max(after, await self._last_clear(session_id))
             sql = (
                 "SELECT envelope FROM items WHERE session_id = ? AND item_order > ? "
-                "AND kind = 'item' AND hidden = 0 ORDER BY item_order LIMIT ?"
+                "AND item_order <= ? AND kind = 'item' AND hidden = 0 ORDER BY item_order LIMIT ?"
             )
         else:
             sql = (
                 "SELECT envelope FROM items WHERE session_id = ? AND item_order > ? "
-                "ORDER BY item_order LIMIT ?"
+                "AND item_order <= ? ORDER BY item_order LIMIT ?"
             )
         items: list[bytes] = []
         size = 0
         more = False
-        async with r.execute(sql, (session_id, after, limit + 1)) as cur:
+        async with r.execute(sql, (session_id, after, last, limit + 1)) as cur:
             # Fetch in chunks and stop at the byte budget: SQLite steps lazily,
             # so a page that fills after 2,000 rows does not read 10,000.
             while not more:
@@ -593,22 +597,26 @@ class SQLiteStore:
                         break
                     items.append(env)
                     size += len(env) + 1
-        return Page(items, await self.last_order(session_id), more)
+        return Page(items, last, more)
 
     async def tail(self, session_id: str, n: int, *, visible: bool = True) -> Page:
         r = self._reader()
-        last = await self.last_order(session_id)
+        last = await self.last_order(session_id)  # first, as in read()
         if n <= 0:
             return Page([], last, False)
         if visible:
             sql = (
                 "SELECT envelope FROM items WHERE session_id = ? AND item_order > ? "
-                "AND kind = 'item' AND hidden = 0 ORDER BY item_order DESC LIMIT ?"
+                "AND item_order <= ? AND kind = 'item' AND hidden = 0 "
+                "ORDER BY item_order DESC LIMIT ?"
             )
-            args: tuple[object, ...] = (session_id, await self._last_clear(session_id), n)
+            args: tuple[object, ...] = (session_id, await self._last_clear(session_id), last, n)
         else:
-            sql = "SELECT envelope FROM items WHERE session_id = ? ORDER BY item_order DESC LIMIT ?"
-            args = (session_id, n)
+            sql = (
+                "SELECT envelope FROM items WHERE session_id = ? AND item_order <= ? "
+                "ORDER BY item_order DESC LIMIT ?"
+            )
+            args = (session_id, last, n)
         async with r.execute(sql, args) as cur:
             rows = await cur.fetchall()
         return Page([env for (env,) in reversed(rows)], last, False)
