@@ -46,10 +46,13 @@ def envelopes_from_db(path: Path, session_id: str) -> Iterator[Envelope | _Undec
         raise NotFoundError(f"no database at {path}")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        cur = conn.execute(
-            "SELECT item_order, envelope FROM items WHERE session_id = ? ORDER BY position",
-            (session_id,),
-        )
+        try:
+            cur = conn.execute(
+                "SELECT item_order, envelope FROM items WHERE session_id = ? ORDER BY position",
+                (session_id,),
+            )
+        except sqlite3.DatabaseError as e:  # not SQLite at all, or not convlog's schema
+            raise BadRequestError(f"{path} is not a convlog database: {e}") from e
         for order, raw in cur:
             yield _decode(raw, order)
     finally:

@@ -167,3 +167,18 @@ def test_tampered_db_fails_verify_naming_the_order(golden_db: Path, tmp_path: Pa
     # The other session in the same file is untouched and still verifies.
     done = convlog("replay", "bystander", "--db", str(db), "--verify", "--quiet", tmp=tmp_path)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("content", [b"not a database at all\n" * 100, None], ids=["not-sqlite", "other-schema"])
+def test_replay_db_that_is_not_convlogs_is_a_clear_error(tmp_path: Path, content: bytes | None) -> None:
+    path = tmp_path / "other.db"
+    if content is None:
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE unrelated (a)")
+        conn.commit()
+        conn.close()
+    else:
+        path.write_bytes(content)
+    done = convlog("replay", "golden-support-1", "--db", str(path), "--verify", tmp=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "is not a convlog database" in done.stderr and "Traceback" not in done.stderr
