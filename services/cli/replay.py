@@ -13,6 +13,7 @@ import msgspec
 
 from shared.chain import GENESIS_HASH, Problem, envelope_hash
 from shared.client import LogClient
+from shared.codec import encode_envelope_line
 from shared.errors import BadRequestError, NotFoundError
 from shared.messages import Envelope
 from shared.subjects import validate_session_id
@@ -22,7 +23,6 @@ from .render import render_line
 __all__ = ["Replayer", "envelopes_from_db", "envelopes_from_file"]
 
 _decoder = msgspec.json.Decoder(Envelope)
-_encode = msgspec.json.Encoder().encode
 
 
 class _Undecodable:
@@ -98,7 +98,7 @@ class Replayer:
         self.count += 1
         if not self.quiet:
             if self.fmt == "jsonl":
-                self.out.write(_encode(env).decode() + "\n")
+                self.out.write(encode_envelope_line(env).decode() + "\n")
             else:
                 self.out.write(render_line(env) + "\n")
         if self.problem is not None:

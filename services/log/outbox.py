@@ -102,10 +102,6 @@ class Outbox:
         self._needs_backlog = True  # after a (re)sync the store may hold unpublished items
         self.published_count = 0
 
-    @property
-    def published_position(self) -> int:
-        return self._published
-
     def on_disconnected(self) -> None:
         """Connection callback: acks in flight will never come; fail them now.
 
