@@ -69,6 +69,24 @@ def decode(data: bytes, type_: type[T], *, empty_ok: bool = True) -> T:
     return value
 
 
+def _numbers_ok(value: Any) -> bool:
+    """The common case, fast: no paths built, only numbers inspected."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        t = type(v)
+        if t is dict:
+            stack.extend(v.values())
+        elif t is list:
+            stack.extend(v)
+        elif t is int:
+            if not -MAX_SAFE_INT <= v <= MAX_SAFE_INT:
+                return False
+        elif t is float and not math.isfinite(v):
+            return False
+    return True
+
+
 def check_json_numbers(value: Any, path: str = "$") -> None:
     """Refuse numbers that RFC 8785 cannot represent exactly.
 
@@ -79,6 +97,9 @@ def check_json_numbers(value: Any, path: str = "$") -> None:
     Raises:
         BadRequestError: naming the JSON path and the value.
     """
+    if _numbers_ok(value):
+        return
+    # Something is out of range: walk again, tracking paths, to name it.
     stack = [(value, path)]
     while stack:
         v, p = stack.pop()
