@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from shared.client import LogClient
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.natsd import NatsCluster, NatsServer
 
@@ -73,3 +74,28 @@ def tmp_db(tmp_path: Path) -> Path:
 def db_path(tmp_db: Path) -> Path:
     """Alias of ``tmp_db`` (the name DESIGN.md uses)."""
     return tmp_db
+
+
+@pytest.fixture
+async def log_url(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[str]:
+    """A log service (SQLite in tmp_path) serving on a fresh nats-server; yields the NATS URL."""
+    from services.log.service import LogService
+    from shared.config import load_settings
+
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "convlog.db")}, {})
+    service = LogService(settings)
+    await service.start()
+    try:
+        yield nats_server.url
+    finally:
+        await service.shutdown()
+
+
+@pytest.fixture
+async def log_client(log_url: str) -> AsyncIterator[LogClient]:
+    """A LogClient connected to the ``log_url`` service."""
+    client = await LogClient.connect(log_url)
+    try:
+        yield client
+    finally:
+        await client.close()

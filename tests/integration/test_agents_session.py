@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,11 +35,9 @@ from agents import (
     retry_policies,
 )
 
-from services.log.service import LogService
 from shared import ConvlogSession
 from shared.chain import verify
 from shared.client import LogClient
-from shared.config import load_settings
 from shared.errors import InvalidSessionIdError, TooLargeError, UnavailableError
 from shared.messages import Envelope
 from tests.support.fake_openai import FakeOpenAI, error, text, tool_call
@@ -49,27 +46,6 @@ from tests.support.procs import REPO_ROOT
 from tests.support.seed_agents import FakeServerProvider
 
 # -- fixtures ---------------------------------------------------------------
-
-
-@pytest.fixture
-async def log_url(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[str]:
-    """A log service (SQLite in tmp_path) serving on a fresh nats-server; yields the NATS URL."""
-    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "convlog.db")}, {})
-    service = LogService(settings)
-    await service.start()
-    try:
-        yield nats_server.url
-    finally:
-        await service.shutdown()
-
-
-@pytest.fixture
-async def log_client(log_url: str) -> AsyncIterator[LogClient]:
-    client = await LogClient.connect(log_url)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @pytest.fixture

@@ -18,21 +18,17 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from agents import Agent, RunConfig, Runner, SessionSettings
 
-from services.log.service import LogService
 from shared import ConvlogSession
 from shared.chain import verify
 from shared.client import LogClient
-from shared.config import load_settings
 from shared.messages import Envelope
 from tests.support.fake_openai import FakeOpenAI, text, tool_call
-from tests.support.natsd import NatsServer
 from tests.support.procs import REPO_ROOT
 from tests.support.seed_agents import (
     SUPPORT_MESSAGES,
@@ -42,27 +38,6 @@ from tests.support.seed_agents import (
     build_triage_handoffs,
     support_responder,
 )
-
-
-@pytest.fixture
-async def log_url(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[str]:
-    """A log service (SQLite in tmp_path) serving on a fresh nats-server; yields the NATS URL."""
-    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "convlog.db")}, {})
-    service = LogService(settings)
-    await service.start()
-    try:
-        yield nats_server.url
-    finally:
-        await service.shutdown()
-
-
-@pytest.fixture
-async def log_client(log_url: str) -> AsyncIterator[LogClient]:
-    client = await LogClient.connect(log_url)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @pytest.fixture
