@@ -6,7 +6,8 @@ arrived while the previous commit ran in ONE transaction with one
 future resolves only after that transaction committed.  A commit that started
 finishes even if its caller is cancelled.
 
-The writer keeps each session's ``(last_order, last_hash, last_clear)`` in
+The ordering rules themselves live in :mod:`.ordering`.  The writer keeps each
+session's ``(last_order, last_hash, last_clear)`` in
 memory; the store takes an exclusive lock file so no second process can write
 the same database behind that cache.
 """
@@ -20,23 +21,20 @@ import json
 import logging
 import os
 import sqlite3
-import uuid
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiosqlite
 import msgspec
 
-from shared.chain import GENESIS_HASH, item_hash
-from shared.errors import BadRequestError, ConflictError, ConvlogError, UnavailableError
-from shared.messages import AppendedItem, AppendReply, AppendRequest, Envelope, SessionInfo
+from shared.errors import ConvlogError, UnavailableError
+from shared.messages import AppendReply, AppendRequest, SessionInfo
 
 from .base import CommitListener, Committed, Page, StoreClosedError
+from .ordering import Row, SessionState, decide, now_rfc3339
 
-__all__ = ["SQLiteStore", "now_rfc3339"]
+__all__ = ["SQLiteStore"]
 
 log = logging.getLogger("convlog.store.sqlite")
 
@@ -61,25 +59,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 ) WITHOUT ROWID;
 """
 
-_encode = msgspec.json.Encoder().encode
-# position, session_id, item_order, item_id, kind, envelope JSON, retract target
-_Row = tuple[int, str, int, str, str, bytes, int]
 _READ_CHUNK = 512
-
-
-def now_rfc3339() -> str:
-    """UTC now as RFC 3339 with microseconds: ``2026-03-14T09:30:00.123456Z``."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-@dataclass(slots=True)
-class _State:
-    last_order: int = 0
-    last_hash: str = GENESIS_HASH
-    last_clear: int = 0
-    # What this batch wrote so far, for later requests of the same batch:
-    batch_kinds: dict[int, str] = field(default_factory=dict)
-    batch_ids: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -114,7 +94,7 @@ class SQLiteStore:
         self._checkpointer: asyncio.Task[None] | None = None
         self._ckpt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convlog-checkpoint")
         self.checkpoint_interval = 0.5
-        self._states: dict[str, _State] = {}
+        self._states: dict[str, SessionState] = {}
         self._listeners: list[CommitListener] = []
         self._position = 0
         self._closed = False
@@ -273,9 +253,9 @@ class SQLiteStore:
                 f"WHERE session_id IN ({q})",
                 chunk,
             ):
-                self._states[sid] = _State(last, h, clear)
+                self._states[sid] = SessionState(last, h, clear)
         for s in missing:
-            self._states.setdefault(s, _State())
+            self._states.setdefault(s, SessionState())
 
     def _existing_ids(self, wanted: dict[str, set[str]]) -> dict[tuple[str, str], tuple[int, str]]:
         """(session, item_id) -> (order, hash) for ids already stored."""
@@ -350,14 +330,16 @@ class SQLiteStore:
         stored_kinds = self._kinds_of(targets)
 
         # Work on copies so a failed transaction leaves the cache untouched.
-        work = {s: _State(st.last_order, st.last_hash, st.last_clear) for s, st in self._states.items() if s in sids}
+        work = {s: SessionState(st.last_order, st.last_hash, st.last_clear) for s, st in self._states.items() if s in sids}
         outcomes: list[AppendReply | ConvlogError] = []
-        rows: list[_Row] = []
+        rows: list[Row] = []
         position = self._position
         created_at = now_rfc3339()
         for p in batch:
             try:
-                reply, new_rows = self._apply(p, work[p.session_id], existing, stored_kinds, created_at, position)
+                reply, new_rows = decide(
+                    p.session_id, p.request, work[p.session_id], existing, stored_kinds, created_at, position
+                )
             except ConvlogError as e:
                 outcomes.append(e)
                 continue
@@ -421,120 +403,6 @@ class SQLiteStore:
             fut.set_exception(out)
         else:
             fut.set_result(out)
-
-    def _apply(
-        self,
-        p: _Pending,
-        st: _State,
-        existing: dict[tuple[str, str], tuple[int, str]],
-        stored_kinds: dict[tuple[str, int], str],
-        created_at: str,
-        position: int,
-    ) -> tuple[AppendReply, list[_Row]]:
-        """Decide one request against the working state; mutate it only on success."""
-        sid, req = p.session_id, p.request
-        ids = [it.item_id for it in req.items]
-        seen_in_req: set[str] = set()
-        for iid in ids:
-            if iid is not None:
-                if iid in seen_in_req:
-                    raise BadRequestError(f"item_id {iid!r} appears twice in one append")
-                seen_in_req.add(iid)
-        present = {iid: existing[(sid, iid)] for iid in ids if iid is not None and (sid, iid) in existing}
-        present.update({iid: st.batch_ids[iid] for iid in ids if iid in st.batch_ids})
-        if req.expected_last is not None and req.expected_last != st.last_order or present:
-            if present and len(present) == len(ids):
-                return self._duplicates_reply(sid, ids, present), []
-            if req.expected_last is not None and req.expected_last != st.last_order:
-                if present:
-                    raise BadRequestError(
-                        f"retry is partial: {len(present)} of {len(ids)} item_ids are already "
-                        f"in session {sid!r}, and expected_last {req.expected_last} is behind "
-                        f"last_order {st.last_order}"
-                    )
-                raise ConflictError(
-                    f"expected_last {req.expected_last} but session {sid!r} is at {st.last_order}",
-                    last_order=st.last_order,
-                )
-        rows: list[_Row] = []
-        order, prev, clear = st.last_order, st.last_hash, st.last_clear
-        out_items: list[AppendedItem] = []
-        kinds_here: dict[int, str] = {}  # orders this request assigns, for its own retracts
-        for it in req.items:
-            iid = it.item_id
-            if iid is not None and iid in present:
-                o, h = present[iid]
-                out_items.append(AppendedItem(item_order=o, item_id=iid, hash=h, duplicate=True))
-                continue
-            if iid is None:  # the service assigns ids before the store; be safe anyway
-                iid = uuid.uuid4().hex
-            order += 1
-            if it.kind == "retract":
-                target = it.data.get("target")
-                kind_of_target = (
-                    kinds_here.get(target)  # type: ignore[arg-type]
-                    or st.batch_kinds.get(target)  # type: ignore[arg-type]
-                    or stored_kinds.get((sid, target))
-                )
-                if set(it.data) != {"target"} or not isinstance(target, int) or isinstance(target, bool):
-                    raise BadRequestError('a retract needs data {"target": <item_order>} and nothing else')
-                if not 1 <= target < order or kind_of_target is None:
-                    raise BadRequestError(
-                        f"retract target {target} is not an item of session {sid!r} (last order {order - 1})"
-                    )
-                if kind_of_target != "item":
-                    raise BadRequestError(f"retract target {target} is a {kind_of_target!r}, not an item")
-            elif it.kind == "clear":
-                if it.data:
-                    raise BadRequestError("a clear carries no data: send {} or omit data")
-                clear = order
-            elif not it.data:
-                raise BadRequestError("an item needs a non-empty data object")
-            h = item_hash(
-                session_id=sid,
-                item_order=order,
-                item_id=iid,
-                agent=it.agent,
-                kind=it.kind,
-                data=it.data,
-                created_at=created_at,
-                prev_hash=prev,
-            )
-            env = Envelope(
-                session_id=sid,
-                item_order=order,
-                item_id=iid,
-                agent=it.agent,
-                kind=it.kind,
-                data=it.data,
-                created_at=created_at,
-                hash=h,
-            )
-            kinds_here[order] = it.kind
-            position += 1
-            rows.append((position, sid, order, iid, it.kind, _encode(env), it.data.get("target", 0)))
-            out_items.append(AppendedItem(item_order=order, item_id=iid, hash=h))
-            prev = h
-        # success: commit to the working state
-        for r, a in zip(rows, (i for i in out_items if not i.duplicate), strict=True):
-            st.batch_kinds[r[2]] = r[4]
-            st.batch_ids[a.item_id] = (a.item_order, a.hash)
-        st.last_order, st.last_hash, st.last_clear = order, prev, clear
-        orders = [i.item_order for i in out_items]
-        return (
-            AppendReply(session_id=sid, first_order=min(orders), last_order=max(orders), items=out_items),
-            rows,
-        )
-
-    @staticmethod
-    def _duplicates_reply(sid: str, ids: Sequence[str | None], present: dict[str, tuple[int, str]]) -> AppendReply:
-        items = [
-            AppendedItem(item_order=present[i][0], item_id=i, hash=present[i][1], duplicate=True)
-            for i in ids
-            if i is not None
-        ]
-        orders = [i.item_order for i in items]
-        return AppendReply(session_id=sid, first_order=min(orders), last_order=max(orders), items=items)
 
     # -- reads -----------------------------------------------------------
     def _reader(self) -> aiosqlite.Connection:

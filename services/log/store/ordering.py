@@ -1,0 +1,179 @@
+"""The ordering rules of an append, independent of any backend.
+
+Given a session's state (last order, chain head, last clear) and the ids it
+already holds, :func:`decide` assigns contiguous orders, computes the hash
+chain and builds the envelopes of one request — or refuses it (a conflict, a
+partial retry, a bad retract).  A store only has to look up what ``decide``
+needs and write the rows it returns atomically; the SQLite store does, and a
+JetStream-backed store can reuse the same rules.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import msgspec
+
+from shared.chain import GENESIS_HASH, item_hash
+from shared.errors import BadRequestError, ConflictError
+from shared.messages import AppendedItem, AppendReply, AppendRequest, Envelope
+
+__all__ = ["Row", "SessionState", "decide", "now_rfc3339"]
+
+_encode = msgspec.json.Encoder().encode
+
+#: position, session_id, item_order, item_id, kind, envelope JSON, retract target
+Row = tuple[int, str, int, str, str, bytes, int]
+
+
+def now_rfc3339() -> str:
+    """UTC now as RFC 3339 with microseconds: ``2026-03-14T09:30:00.123456Z``."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(slots=True)
+class SessionState:
+    """A session's chain head, as a store keeps it between appends."""
+
+    last_order: int = 0
+    last_hash: str = GENESIS_HASH
+    last_clear: int = 0
+    # What this batch wrote so far, for later requests of the same batch:
+    batch_kinds: dict[int, str] = field(default_factory=dict)
+    batch_ids: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+
+def decide(
+    sid: str,
+    req: AppendRequest,
+    st: SessionState,
+    existing: dict[tuple[str, str], tuple[int, str]],
+    stored_kinds: dict[tuple[str, int], str],
+    created_at: str,
+    position: int,
+) -> tuple[AppendReply, list[Row]]:
+    """Decide one append request against a session's working state.
+
+    Args:
+        sid: the session.
+        req: the request (every item has an ``item_id`` by now).
+        st: the session's state, including what earlier requests of the same
+            batch wrote; updated only when the request succeeds.
+        existing: ``(session, item_id) -> (order, hash)`` of stored ids the
+            caller looked up (those that can change the decision).
+        stored_kinds: ``(session, order) -> kind`` of stored retract targets.
+        created_at: the batch's timestamp.
+        position: the global position of the last row planned so far.
+
+    Returns:
+        The reply and the rows to insert (none for a pure duplicate).
+
+    Raises:
+        ConflictError: ``expected_last`` is behind and no id is present.
+        BadRequestError: a partial retry, a repeated id, or a bad retract/clear/item.
+    """
+    ids = [it.item_id for it in req.items]
+    seen_in_req: set[str] = set()
+    for iid in ids:
+        if iid is not None:
+            if iid in seen_in_req:
+                raise BadRequestError(f"item_id {iid!r} appears twice in one append")
+            seen_in_req.add(iid)
+    present = {iid: existing[(sid, iid)] for iid in ids if iid is not None and (sid, iid) in existing}
+    present.update({iid: st.batch_ids[iid] for iid in ids if iid in st.batch_ids})
+    if req.expected_last is not None and req.expected_last != st.last_order or present:
+        if present and len(present) == len(ids):
+            return _duplicates_reply(sid, ids, present), []
+        if req.expected_last is not None and req.expected_last != st.last_order:
+            if present:
+                raise BadRequestError(
+                    f"retry is partial: {len(present)} of {len(ids)} item_ids are already "
+                    f"in session {sid!r}, and expected_last {req.expected_last} is behind "
+                    f"last_order {st.last_order}"
+                )
+            raise ConflictError(
+                f"expected_last {req.expected_last} but session {sid!r} is at {st.last_order}",
+                last_order=st.last_order,
+            )
+    rows: list[Row] = []
+    order, prev, clear = st.last_order, st.last_hash, st.last_clear
+    out_items: list[AppendedItem] = []
+    kinds_here: dict[int, str] = {}  # orders this request assigns, for its own retracts
+    for it in req.items:
+        iid = it.item_id
+        if iid is not None and iid in present:
+            o, h = present[iid]
+            out_items.append(AppendedItem(item_order=o, item_id=iid, hash=h, duplicate=True))
+            continue
+        if iid is None:  # the service assigns ids before the store; be safe anyway
+            iid = uuid.uuid4().hex
+        order += 1
+        if it.kind == "retract":
+            target = it.data.get("target")
+            kind_of_target = (
+                kinds_here.get(target)  # type: ignore[arg-type]
+                or st.batch_kinds.get(target)  # type: ignore[arg-type]
+                or stored_kinds.get((sid, target))
+            )
+            if set(it.data) != {"target"} or not isinstance(target, int) or isinstance(target, bool):
+                raise BadRequestError('a retract needs data {"target": <item_order>} and nothing else')
+            if not 1 <= target < order or kind_of_target is None:
+                raise BadRequestError(
+                    f"retract target {target} is not an item of session {sid!r} (last order {order - 1})"
+                )
+            if kind_of_target != "item":
+                raise BadRequestError(f"retract target {target} is a {kind_of_target!r}, not an item")
+        elif it.kind == "clear":
+            if it.data:
+                raise BadRequestError("a clear carries no data: send {} or omit data")
+            clear = order
+        elif not it.data:
+            raise BadRequestError("an item needs a non-empty data object")
+        h = item_hash(
+            session_id=sid,
+            item_order=order,
+            item_id=iid,
+            agent=it.agent,
+            kind=it.kind,
+            data=it.data,
+            created_at=created_at,
+            prev_hash=prev,
+        )
+        env = Envelope(
+            session_id=sid,
+            item_order=order,
+            item_id=iid,
+            agent=it.agent,
+            kind=it.kind,
+            data=it.data,
+            created_at=created_at,
+            hash=h,
+        )
+        kinds_here[order] = it.kind
+        position += 1
+        rows.append((position, sid, order, iid, it.kind, _encode(env), it.data.get("target", 0)))
+        out_items.append(AppendedItem(item_order=order, item_id=iid, hash=h))
+        prev = h
+    # success: commit to the working state
+    for r, a in zip(rows, (i for i in out_items if not i.duplicate), strict=True):
+        st.batch_kinds[r[2]] = r[4]
+        st.batch_ids[a.item_id] = (a.item_order, a.hash)
+    st.last_order, st.last_hash, st.last_clear = order, prev, clear
+    orders = [i.item_order for i in out_items]
+    return (
+        AppendReply(session_id=sid, first_order=min(orders), last_order=max(orders), items=out_items),
+        rows,
+    )
+
+
+def _duplicates_reply(sid: str, ids: Sequence[str | None], present: dict[str, tuple[int, str]]) -> AppendReply:
+    items = [
+        AppendedItem(item_order=present[i][0], item_id=i, hash=present[i][1], duplicate=True)
+        for i in ids
+        if i is not None
+    ]
+    orders = [i.item_order for i in items]
+    return AppendReply(session_id=sid, first_order=min(orders), last_order=max(orders), items=items)
