@@ -132,26 +132,17 @@ def decide(
             clear = order
         elif not it.data:
             raise BadRequestError("an item needs a non-empty data object")
-        h = item_hash(
-            session_id=sid,
-            item_order=order,
-            item_id=iid,
-            agent=it.agent,
-            kind=it.kind,
-            data=it.data,
-            created_at=created_at,
-            prev_hash=prev,
-        )
-        env = Envelope(
-            session_id=sid,
-            item_order=order,
-            item_id=iid,
-            agent=it.agent,
-            kind=it.kind,
-            data=it.data,
-            created_at=created_at,
-            hash=h,
-        )
+        fields = {
+            "session_id": sid,
+            "item_order": order,
+            "item_id": iid,
+            "agent": it.agent,
+            "kind": it.kind,
+            "data": it.data,
+            "created_at": created_at,
+        }
+        h = item_hash(**fields, prev_hash=prev)
+        env = Envelope(**fields, hash=h)
         kinds_here[order] = it.kind
         position += 1
         rows.append((position, sid, order, iid, it.kind, _encode(env), it.data.get("target", 0)))
