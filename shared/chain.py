@@ -60,6 +60,23 @@ def canonical(obj: Any) -> bytes:
     return _sorted_encoder.encode(obj)
 
 
+class _Hashed(msgspec.Struct):
+    """The hashed object: the envelope without ``hash``, plus ``prev_hash``.
+
+    Fields are declared in RFC 8785 order (sorted by name), so the sorted
+    encoder writes them as JCS does without building a dict first.
+    """
+
+    agent: str
+    created_at: str
+    data: dict[str, Any]
+    item_id: str
+    item_order: int
+    kind: str
+    prev_hash: str
+    session_id: str
+
+
 def item_hash(
     *,
     session_id: str,
@@ -72,17 +89,25 @@ def item_hash(
     prev_hash: str,
 ) -> str:
     """Compute ``hash_n`` for one envelope's fields and the previous hash."""
-    obj = {
-        "session_id": session_id,
-        "item_order": item_order,
-        "item_id": item_id,
-        "agent": agent,
-        "kind": kind,
-        "data": data,
-        "created_at": created_at,
-        "prev_hash": prev_hash,
-    }
-    return hashlib.sha256(canonical(obj)).hexdigest()
+    # Only ``data`` can hold floats or non-BMP keys; the other fields are
+    # strings and an integer under fixed ASCII keys.
+    if _needs_reference(data):
+        return hashlib.sha256(
+            rfc8785.dumps(
+                {
+                    "session_id": session_id,
+                    "item_order": item_order,
+                    "item_id": item_id,
+                    "agent": agent,
+                    "kind": kind,
+                    "data": data,
+                    "created_at": created_at,
+                    "prev_hash": prev_hash,
+                }
+            )
+        ).hexdigest()
+    obj = _Hashed(agent, created_at, data, item_id, item_order, kind, prev_hash, session_id)
+    return hashlib.sha256(_sorted_encoder.encode(obj)).hexdigest()
 
 
 def envelope_hash(env: Envelope, prev_hash: str) -> str:

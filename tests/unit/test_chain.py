@@ -106,6 +106,23 @@ def test_every_field_is_covered_by_the_hash() -> None:
     assert item_hash(**FIELDS, prev_hash="1" * 64) != base
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    data=st.dictionaries(_text, json_values, max_size=5),
+    strings=st.tuples(_text, _text, _text, _text, _text),
+    order=st.integers(1, MAX_SAFE),
+)
+def test_item_hash_matches_an_independent_rfc8785_hash(
+    data: dict[str, Any], strings: tuple[str, ...], order: int
+) -> None:
+    # item_hash builds the hashed object its own way (a sorted Struct, or the
+    # reference for floats and astral keys); it must equal JCS of the dict.
+    sid, iid, agent, created_at, prev = strings
+    fields = {"session_id": sid, "item_order": order, "item_id": iid, "agent": agent,
+              "kind": "item", "data": data, "created_at": created_at}
+    assert item_hash(**fields, prev_hash=prev) == independent_hash(fields, prev)
+
+
 # -- verify -------------------------------------------------------------------
 
 
