@@ -45,6 +45,10 @@ class SessionState:
     batch_kinds: dict[int, str] = field(default_factory=dict)
     batch_ids: dict[str, tuple[int, str]] = field(default_factory=dict)
 
+    def copy(self) -> SessionState:
+        """The chain head alone, for a batch to work on."""
+        return SessionState(self.last_order, self.last_hash, self.last_clear)
+
 
 def decide(
     sid: str,
@@ -75,19 +79,24 @@ def decide(
         ConflictError: ``expected_last`` is behind and no id is present.
         BadRequestError: a partial retry, a repeated id, or a bad retract/clear/item.
     """
-    ids = [it.item_id for it in req.items]
-    seen_in_req: set[str] = set()
-    for iid in ids:
-        if iid is not None:
-            if iid in seen_in_req:
+    items = req.items
+    ids = [it.item_id for it in items]
+    if len(ids) > 1 and len(set(ids)) < len(ids):
+        seen: set[str | None] = set()
+        for iid in ids:
+            if iid is not None and iid in seen:
                 raise BadRequestError(f"item_id {iid!r} appears twice in one append")
-            seen_in_req.add(iid)
-    present = {iid: existing[(sid, iid)] for iid in ids if iid is not None and (sid, iid) in existing}
-    present.update({iid: st.batch_ids[iid] for iid in ids if iid in st.batch_ids})
-    if req.expected_last is not None and req.expected_last != st.last_order or present:
+            seen.add(iid)
+    present: dict[str, tuple[int, str]] = {}
+    if existing:
+        present = {iid: existing[(sid, iid)] for iid in ids if iid is not None and (sid, iid) in existing}
+    if st.batch_ids:
+        present.update({iid: st.batch_ids[iid] for iid in ids if iid in st.batch_ids})
+    behind = req.expected_last is not None and req.expected_last != st.last_order
+    if behind or present:
         if present and len(present) == len(ids):
             return _duplicates_reply(sid, ids, present), []
-        if req.expected_last is not None and req.expected_last != st.last_order:
+        if behind:
             if present:
                 raise BadRequestError(
                     f"retry is partial: {len(present)} of {len(ids)} item_ids are already "
@@ -102,7 +111,7 @@ def decide(
     order, prev, clear = st.last_order, st.last_hash, st.last_clear
     out_items: list[AppendedItem] = []
     kinds_here: dict[int, str] = {}  # orders this request assigns, for its own retracts
-    for it in req.items:
+    for it in items:
         iid = it.item_id
         if iid is not None and iid in present:
             o, h = present[iid]
@@ -111,53 +120,53 @@ def decide(
         if iid is None:  # the service assigns ids before the store; be safe anyway
             iid = uuid.uuid4().hex
         order += 1
-        if it.kind == "retract":
-            target = it.data.get("target")
-            kind_of_target = (
-                kinds_here.get(target)  # type: ignore[arg-type]
-                or st.batch_kinds.get(target)  # type: ignore[arg-type]
-                or stored_kinds.get((sid, target))
-            )
-            if set(it.data) != {"target"} or not isinstance(target, int) or isinstance(target, bool):
+        kind, data, target = it.kind, it.data, 0
+        if kind == "item":
+            if not data:
+                raise BadRequestError("an item needs a non-empty data object")
+        elif kind == "retract":
+            target = data.get("target")
+            if set(data) != {"target"} or not isinstance(target, int) or isinstance(target, bool):
                 raise BadRequestError('a retract needs data {"target": <item_order>} and nothing else')
+            kind_of_target = (
+                kinds_here.get(target) or st.batch_kinds.get(target) or stored_kinds.get((sid, target))
+            )
             if not 1 <= target < order or kind_of_target is None:
                 raise BadRequestError(
                     f"retract target {target} is not an item of session {sid!r} (last order {order - 1})"
                 )
             if kind_of_target != "item":
                 raise BadRequestError(f"retract target {target} is a {kind_of_target!r}, not an item")
-        elif it.kind == "clear":
-            if it.data:
+        elif kind == "clear":
+            if data:
                 raise BadRequestError("a clear carries no data: send {} or omit data")
             clear = order
-        elif not it.data:
-            raise BadRequestError("an item needs a non-empty data object")
-        fields = {
-            "session_id": sid,
-            "item_order": order,
-            "item_id": iid,
-            "agent": it.agent,
-            "kind": it.kind,
-            "data": it.data,
-            "created_at": created_at,
-        }
-        h = item_hash(**fields, prev_hash=prev)
-        env = Envelope(**fields, hash=h)
-        kinds_here[order] = it.kind
+        h = item_hash(
+            session_id=sid, item_order=order, item_id=iid, agent=it.agent, kind=kind,
+            data=data, created_at=created_at, prev_hash=prev,
+        )
+        env = Envelope(
+            session_id=sid, item_order=order, item_id=iid, agent=it.agent, kind=kind,
+            data=data, created_at=created_at, hash=h,
+        )
+        kinds_here[order] = kind
         position += 1
-        rows.append((position, sid, order, iid, it.kind, _encode(env), it.data.get("target", 0)))
+        rows.append((position, sid, order, iid, kind, _encode(env), target))
         out_items.append(AppendedItem(item_order=order, item_id=iid, hash=h))
         prev = h
     # success: commit to the working state
-    for r, a in zip(rows, (i for i in out_items if not i.duplicate), strict=True):
+    for r in rows:
         st.batch_kinds[r[2]] = r[4]
-        st.batch_ids[a.item_id] = (a.item_order, a.hash)
+    for a in out_items:
+        if not a.duplicate:
+            st.batch_ids[a.item_id] = (a.item_order, a.hash)
     st.last_order, st.last_hash, st.last_clear = order, prev, clear
-    orders = [i.item_order for i in out_items]
-    return (
-        AppendReply(session_id=sid, first_order=min(orders), last_order=max(orders), items=out_items),
-        rows,
-    )
+    if len(out_items) == 1:
+        first = last = out_items[0].item_order
+    else:
+        orders = [i.item_order for i in out_items]
+        first, last = min(orders), max(orders)
+    return AppendReply(session_id=sid, first_order=first, last_order=last, items=out_items), rows
 
 
 def _duplicates_reply(sid: str, ids: Sequence[str | None], present: dict[str, tuple[int, str]]) -> AppendReply:
