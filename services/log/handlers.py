@@ -29,7 +29,7 @@ from shared.subjects import Subjects
 
 from .store.base import LogStore
 
-__all__ = ["Handlers", "Reply"]
+__all__ = ["Handlers", "Reply", "encode_outcome", "error_reply"]
 
 log = logging.getLogger("convlog.log.handlers")
 
@@ -42,6 +42,24 @@ Reply = tuple[bytes, dict[str, str] | None]
 EntryHint = Callable[[str, str], Awaitable[None]]
 
 _encode = msgspec.json.Encoder().encode
+
+
+def error_reply(e: BaseException, subject: str) -> Reply:
+    """The wire reply for a failure: its code, or a generic ``unavailable``."""
+    if isinstance(e, ConvlogError):
+        headers, payload = to_wire(e)
+        return payload, headers
+    log.error("unexpected error handling %s", subject[:200], exc_info=e)
+    headers, payload = to_wire(UnavailableError("internal error; the request was not applied"))
+    return payload, headers
+
+
+def encode_outcome(out: AppendReply | ConvlogError) -> Reply:
+    """An append's reply, or its error, as wire payload and headers."""
+    if isinstance(out, AppendReply):
+        return _encode(out), None
+    headers, payload = to_wire(out)
+    return payload, headers
 
 
 @dataclass
@@ -68,21 +86,19 @@ class Handlers:
         """Run one endpoint, turning every failure into an error reply."""
         try:
             return await fn(subject, body), None
-        except ConvlogError as e:
-            headers, payload = to_wire(e)
-            return payload, headers
-        except Exception:
-            log.exception("unexpected error handling %s", subject[:200])
-            headers, payload = to_wire(UnavailableError("internal error; the request was not applied"))
-            return payload, headers
+        except Exception as e:
+            return error_reply(e, subject)
 
     # -- endpoints -------------------------------------------------------
     async def append(self, subject: str, body: bytes) -> bytes:
+        reply = await self.store.append(*self.parse_append(subject, body))
+        return _encode(reply)
+
+    def parse_append(self, subject: str, body: bytes) -> tuple[str, AppendRequest]:
+        """Decode and check an append request (raises the error to reply with)."""
         sid = self.subjects.session_of(subject)
         req = decode(body, AppendRequest, empty_ok=False)
-        req = self._prepare(req, len(body))
-        reply = await self.store.append(sid, req)
-        return _encode(reply)
+        return sid, self._prepare(req, len(body))
 
     async def user_message(self, subject: str, body: bytes) -> bytes:
         sid = self.subjects.session_of(subject)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -28,10 +29,11 @@ from nats.micro.service import Service
 from shared import __version__
 from shared.client import connect_options
 from shared.config import Settings
-from shared.errors import ERROR_HEADER
+from shared.errors import ERROR_HEADER, ConvlogError
+from shared.messages import AppendReply
 from shared.subjects import Subjects
 
-from .handlers import Handlers
+from .handlers import Handlers, encode_outcome, error_reply
 from .outbox import Outbox, ensure_stream
 from .store.base import LogStore
 from .store.sqlite import SQLiteStore
@@ -77,6 +79,12 @@ class LogService:
         self.outbox: Outbox | None = None
         self._service: Service | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        self._awaiting = 0  # appends submitted to the store and not yet answered
+        self._outgoing: list[tuple[str, bytes, dict[str, str] | None]] = []
+        self._outgoing_ready = asyncio.Event()
+        self._replier: asyncio.Task[None] | None = None
+        self._replying = False
+        self._quiet = asyncio.Event()  # nothing submitted, queued or being sent
         self._stopped = asyncio.Event()
         self._shutdown_started = False
         self._started = False
@@ -139,16 +147,15 @@ class LogService:
             queue_group=QUEUE_GROUP,
             metadata={"prefix": self.subjects.prefix, "store": type(self.store).__name__},
         )
-        endpoints: list[tuple[str, str, Callable[[str, bytes], Awaitable[bytes]]]] = [
-            ("append", self.subjects.append_all, handlers.append),
-            ("read", self.subjects.read_all, handlers.read),
-            ("sessions", self.subjects.sessions, handlers.sessions),
-            ("in", self.subjects.inbound_all, handlers.user_message),
+        self._replier = asyncio.create_task(self._reply_loop(), name="convlog-replier")
+        endpoints: list[tuple[str, str, Callable[[Request], Awaitable[None]]]] = [
+            ("append", self.subjects.append_all, self._append_endpoint(handlers)),
+            ("read", self.subjects.read_all, self._dispatcher("read", handlers.read, handlers)),
+            ("sessions", self.subjects.sessions, self._dispatcher("sessions", handlers.sessions, handlers)),
+            ("in", self.subjects.inbound_all, self._dispatcher("in", handlers.user_message, handlers)),
         ]
-        for name, subject, fn in endpoints:
-            await self._service.add_endpoint(
-                name=name, subject=subject, handler=self._dispatcher(name, fn, handlers)
-            )
+        for name, subject, handler in endpoints:
+            await self._service.add_endpoint(name=name, subject=subject, handler=handler)
         await self.nc.flush()
         log.info(
             "log service ready: prefix=%s store=%s nats=%s",
@@ -157,23 +164,71 @@ class LogService:
             self.nc.connected_url.netloc if self.nc.connected_url else "?",
         )
 
+    def _append_endpoint(self, handlers: Handlers) -> Callable[[Request], Awaitable[None]]:
+        """The hot path: no task, coroutine chain or future per append.
+
+        micro awaits a handler inline, one message at a time, so the handler
+        only decodes, checks and submits to the store, and returns.  The store
+        calls back once the group commit is durable, and the replier task
+        sends the replies of a whole commit in one go.  Submission follows
+        arrival order, so one publisher's appends keep their order.
+        """
+        store = self.store
+
+        async def handler(req: Request) -> None:
+            msg = req._msg
+            self.tally["append"] += 1
+            done = partial(self._answer, msg.reply, msg.subject)
+            try:
+                store.submit(*handlers.parse_append(msg.subject, msg.data), done)
+            except Exception as e:
+                self._reply("append", msg.reply, msg.subject, *error_reply(e, msg.subject))
+                return
+            self._awaiting += 1
+
+        return handler
+
+    def _answer(self, reply_to: str, subject: str, outcome: AppendReply | ConvlogError) -> None:
+        """The store's callback for one submitted append."""
+        self._awaiting -= 1
+        self._reply("append", reply_to, subject, *encode_outcome(outcome))
+
+    def _reply(self, name: str, reply_to: str, subject: str, payload: bytes, headers: dict[str, str] | None) -> None:
+        """Queue a reply for the replier task (and count an error reply)."""
+        if headers:
+            self.tally["errors"] += 1
+            self._count_error(name, headers)
+            if not reply_to:
+                log.warning("%s on %s without reply subject: %s", name, subject[:160], payload[:300])
+        if reply_to:
+            self._outgoing.append((reply_to, payload, headers))
+            self._outgoing_ready.set()
+
+    async def _reply_loop(self) -> None:
+        assert self.nc is not None
+        publish = self.nc.publish
+        while True:
+            await self._outgoing_ready.wait()
+            self._outgoing_ready.clear()
+            batch, self._outgoing = self._outgoing, []
+            self._replying = True
+            for reply_to, payload, headers in batch:
+                with contextlib.suppress(Exception):  # the requester retries an unknown outcome
+                    await publish(reply_to, payload, headers=headers)
+            self._replying = False
+            if not self._awaiting and not self._outgoing:
+                self._quiet.set()
+
     def _dispatcher(
         self, name: str, fn: Callable[[str, bytes], Awaitable[bytes]], handlers: Handlers
     ) -> Callable[[Request], Awaitable[None]]:
         # micro awaits a handler inline, one message at a time per endpoint; a
-        # task per request lets concurrent appends meet in one group commit.
-        # Tasks start in arrival order, so one publisher's requests keep order.
+        # task per request lets slow reads and user messages overlap.  Tasks
+        # start in arrival order, so one publisher's requests keep order.
         async def process(req: Request) -> None:
             self.tally[name] += 1
             payload, headers = await handlers.guarded(fn, req.subject, req.data)
-            if headers:
-                self.tally["errors"] += 1
-                self._count_error(name, headers)
-                if not req._msg.reply:
-                    log.warning("%s on %s without reply subject: %s", name, req.subject[:160], payload[:300])
-            if req._msg.reply:
-                with contextlib.suppress(Exception):
-                    await req.respond(payload, headers=headers)
+            self._reply(name, req._msg.reply, req.subject, payload, headers)
 
         async def handler(req: Request) -> None:
             task = asyncio.create_task(process(req))
@@ -215,10 +270,21 @@ class LogService:
                 with contextlib.suppress(Exception):
                     self._service._endpoints = []
                     await self._service.stop()
+            loop = asyncio.get_running_loop()
+            until = loop.time() + self.settings.grace
             if self._inflight:
                 done, pending = await asyncio.wait(set(self._inflight), timeout=self.settings.grace)
                 for t in pending:
                     t.cancel()
+            if self._replier is not None and (self._awaiting or self._outgoing or self._replying):
+                # Appends already submitted: let them commit and their replies go out.
+                self._quiet.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._quiet.wait(), max(0.0, until - loop.time()))
+            if self._replier is not None:
+                self._replier.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._replier
             if self.outbox is not None:
                 await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))
             await self.store.close()

@@ -29,11 +29,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from services.log.store.base import Committed, LogStore
+from services.log.store.base import Committed, LogStore, StoreClosedError
 from shared.chain import GENESIS_HASH, envelope_hash, verify
 from shared.errors import BadRequestError, ConflictError, UnavailableError
 from shared.history import visible
-from shared.messages import AppendedItem, AppendItem, AppendRequest, Envelope
+from shared.messages import AppendedItem, AppendItem, AppendReply, AppendRequest, Envelope
 
 __all__ = ["StoreSuite"]
 
@@ -141,6 +141,8 @@ class StoreSuite(abc.ABC):
             pytest.param(retract(99), id="retract-nonexistent-target"),
             pytest.param(retract(4), id="retract-own-order"),  # the retract itself is order 4
             pytest.param(retract("1"), id="retract-target-not-int"),
+            pytest.param(retract([1]), id="retract-target-unhashable"),
+            pytest.param(retract(True), id="retract-target-bool"),
             pytest.param(AppendItem(agent="s", kind="retract", data={"target": 1, "x": 1}), id="retract-extra-field"),
             pytest.param(AppendItem(agent="s", kind="clear", data={"x": 1}), id="clear-with-data"),
             pytest.param(AppendItem(agent="s", kind="item", data={}), id="empty-item"),
@@ -483,6 +485,50 @@ class StoreSuite(abc.ABC):
         r = await store.append("s", req(item("survives", item_id="c1")))
         assert r.items[0].duplicate and r.items[0].item_order == 1
         assert contents(await read_all(store, "s")) == ["survives"]
+
+    async def test_submit_calls_back_once_per_request_in_submission_order(
+        self, store: LogStore
+    ) -> None:
+        # The log service's hot path: no future per request, a callback instead.
+        outcomes: list[tuple[int, object]] = []
+        all_done = asyncio.Event()
+
+        def done_for(i: int) -> Any:
+            def done(out: object) -> None:
+                outcomes.append((i, out))
+                if len(outcomes) == 6:
+                    all_done.set()
+            return done
+
+        store.submit("s", req(item("a", item_id="a")), done_for(0))
+        store.submit("s", req(item("b", item_id="b")), done_for(1))
+        store.submit("s", req(item("a again", item_id="a")), done_for(2))  # a retry
+        store.submit("s", req(item("c"), expected_last=1), done_for(3))  # behind
+        store.submit("t", req(retract(9)), done_for(4))  # refused
+        store.submit("s", req(item("d", item_id="d"), expected_last=2), done_for(5))
+        assert outcomes == []  # nothing is answered before the commit
+        await asyncio.wait_for(all_done.wait(), 10)
+        await asyncio.sleep(0.05)  # a second call would land here
+        assert [i for i, _ in outcomes] == [0, 1, 2, 3, 4, 5]
+        by = dict(outcomes)
+        assert isinstance(by[0], AppendReply) and by[0].items[0].item_order == 1
+        assert isinstance(by[1], AppendReply) and by[1].items[0].item_order == 2
+        assert isinstance(by[2], AppendReply) and by[2].items[0].duplicate
+        assert by[2].items[0].item_order == 1
+        assert isinstance(by[3], ConflictError) and by[3].last_order == 2
+        assert isinstance(by[4], BadRequestError)
+        assert isinstance(by[5], AppendReply) and by[5].items[0].item_order == 3
+        assert contents(await read_all(store, "s")) == ["a", "b", "d"]
+        assert await store.last_order("t") == 0
+
+    async def test_submit_after_close_raises_and_never_calls_back(self, tmp_path: Path) -> None:
+        store = await self.make_store(tmp_path)
+        await store.close()
+        called: list[object] = []
+        with pytest.raises(StoreClosedError):
+            store.submit("s", req(item("late")), called.append)
+        await asyncio.sleep(0.05)
+        assert called == []
 
     # -- 12. durability and ownership -----------------------------------------
 

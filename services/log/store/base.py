@@ -14,9 +14,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from shared.errors import ConvlogError
 from shared.messages import AppendReply, AppendRequest, SessionInfo
 
-__all__ = ["Committed", "LogStore", "Page", "StoreClosedError"]
+__all__ = ["AppendDone", "Committed", "LogStore", "Page", "StoreClosedError"]
 
 
 class StoreClosedError(RuntimeError):
@@ -49,6 +50,8 @@ class Committed:
 
 
 CommitListener = Callable[[Sequence[Committed]], Awaitable[None] | None]
+#: Called once, on the event loop, with an append's reply or its error.
+AppendDone = Callable[["AppendReply | ConvlogError"], None]
 
 
 @runtime_checkable
@@ -82,6 +85,18 @@ class LogStore(Protocol):
             ConflictError: ``expected_last`` does not match and no item is present.
             BadRequestError: a bad retract target, or a partial retry.
             UnavailableError: the commit failed; nothing was written.
+        """
+
+    def submit(self, session_id: str, request: AppendRequest, done: AppendDone) -> None:
+        """Queue an append and return at once; ``done`` gets its outcome.
+
+        The same rules as :meth:`append`, without a coroutine or a future per
+        request: the log service answers straight from ``done``.  ``done`` is
+        called exactly once, after the commit (or with the error), in the order
+        the requests were submitted.
+
+        Raises:
+            StoreClosedError: the store is closed (``done`` is not called).
         """
 
     async def read(

@@ -2,8 +2,9 @@
 
 Appends are queued and a single committer task writes whatever requests
 arrived while the previous commit ran in ONE transaction with one
-``executemany`` — so many concurrent appends share one fsync.  Each caller's
-future resolves only after that transaction committed.  A commit that started
+``executemany`` — so many concurrent appends share one fsync.  Each caller
+hears back (its ``done`` callback, or its future) only after that
+transaction committed.  A commit that started
 finishes even if its caller is cancelled.
 
 The ordering rules themselves live in :mod:`.ordering`.  The writer keeps each
@@ -23,6 +24,7 @@ import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import aiosqlite
@@ -31,7 +33,7 @@ import msgspec
 from shared.errors import ConvlogError, UnavailableError
 from shared.messages import AppendReply, AppendRequest, SessionInfo
 
-from .base import CommitListener, Committed, Page, StoreClosedError
+from .base import AppendDone, CommitListener, Committed, Page, StoreClosedError
 from .ordering import Row, SessionState, decide, now_rfc3339
 
 __all__ = ["SQLiteStore"]
@@ -66,7 +68,25 @@ _READ_CHUNK = 512
 class _Pending:
     session_id: str
     request: AppendRequest
-    future: asyncio.Future[AppendReply]
+    done: AppendDone
+    answered: bool = False
+
+
+def _answer(p: _Pending, out: AppendReply | ConvlogError) -> None:
+    p.answered = True
+    try:
+        p.done(out)
+    except Exception:  # a caller's callback must not break the batch
+        log.exception("append callback failed")
+
+
+def _resolve(fut: asyncio.Future[AppendReply], out: AppendReply | ConvlogError) -> None:
+    if fut.done():  # the caller was cancelled; the commit stands regardless
+        return
+    if isinstance(out, ConvlogError):
+        fut.set_exception(out)
+    else:
+        fut.set_result(out)
 
 
 class SQLiteStore:
@@ -206,11 +226,14 @@ class SQLiteStore:
         self._listeners.append(listener)
 
     # -- appends ---------------------------------------------------------
-    async def append(self, session_id: str, request: AppendRequest) -> AppendReply:
+    def submit(self, session_id: str, request: AppendRequest, done: AppendDone) -> None:
         if self._closed or self._committer is None:
             raise StoreClosedError("the store is closed")
+        self._queue.put_nowait(_Pending(session_id, request, done))
+
+    async def append(self, session_id: str, request: AppendRequest) -> AppendReply:
         fut: asyncio.Future[AppendReply] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(session_id, request, fut))
+        self.submit(session_id, request, partial(_resolve, fut))
         # If our caller is cancelled the commit still runs to completion in the
         # committer task; the cancellation is re-raised here.
         return await fut
@@ -239,8 +262,8 @@ class SQLiteStore:
             except Exception:  # never let the committer die silently
                 log.exception("group commit failed")
                 for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(UnavailableError("the store failed to commit"))
+                    if not p.answered:
+                        _answer(p, UnavailableError("the store failed to commit"))
 
     def _load_states(self, sids: set[str]) -> None:
         assert self._w is not None
@@ -287,7 +310,7 @@ class SQLiteStore:
     async def _commit(self, batch: list[_Pending]) -> None:
         outcomes, committed = await self._commit_batch(batch)
         for p, out in zip(batch, outcomes, strict=True):
-            self._resolve(p.future, out)
+            _answer(p, out)
         if committed:
             for listener in self._listeners:
                 res = listener(committed)
@@ -330,7 +353,7 @@ class SQLiteStore:
         stored_kinds = self._kinds_of(targets)
 
         # Work on copies so a failed transaction leaves the cache untouched.
-        work = {s: SessionState(st.last_order, st.last_hash, st.last_clear) for s, st in self._states.items() if s in sids}
+        work = {s: self._states[s].copy() for s in sids}
         outcomes: list[AppendReply | ConvlogError] = []
         rows: list[Row] = []
         position = self._position
@@ -394,15 +417,6 @@ class SQLiteStore:
             # Forget the least recently written session; it reloads from `sessions`.
             del self._states[next(iter(self._states))]
         return outcomes, [Committed(r[0], r[1], r[2], r[5]) for r in rows]
-
-    @staticmethod
-    def _resolve(fut: asyncio.Future[AppendReply], out: AppendReply | ConvlogError) -> None:
-        if fut.done():  # the caller was cancelled; the commit stands regardless
-            return
-        if isinstance(out, ConvlogError):
-            fut.set_exception(out)
-        else:
-            fut.set_result(out)
 
     # -- reads -----------------------------------------------------------
     def _reader(self) -> aiosqlite.Connection:
