@@ -226,9 +226,15 @@ class Outbox:
                     return [self._pending[i] for i in range(n)]
                 # A gap (after a resync or restart): read it from the store.
                 return await self._store.committed_after(self._published, self._window)
-            backlog = await self._store.committed_after(self._published, self._window)
-            if backlog:
-                return backlog
+            if self._needs_backlog:
+                # Once after each (re)sync: what the store committed before this
+                # process saw it (or before the stream lost it).  From then on
+                # every commit arrives through on_commit.
+                backlog = await self._store.committed_after(self._published, self._window)
+                if backlog:
+                    return backlog
+                self._needs_backlog = False
+                continue
             if self._stopping:
                 return None
             await self._wake.wait()

@@ -91,7 +91,9 @@ async def test_a_commit_landing_while_the_outbox_looks_for_work_is_published(
 ) -> None:
     """Regression: the outbox once cleared its wake-up event *after* finding no
     backlog, so a commit landing during that store query was stranded until the
-    next commit — the last item of a quiet session never reached the stream."""
+    next commit — the last item of a quiet session never reached the stream.
+    (The outbox now asks the store for a backlog only after a (re)sync, so the
+    commit lands during its first look, at start.)"""
     sid = "quiet"
 
     class CommitWhileLooking(SQLiteStore):
@@ -113,18 +115,58 @@ async def test_a_commit_landing_while_the_outbox_looks_for_work_is_published(
     try:
         await ensure_stream(nc.jetstream(), subjects)
         store.add_commit_listener(outbox.on_commit)
+        store.armed = True
         await outbox.start()
 
         async def published(n: int) -> None:
             msgs = await read_stream(nc)
             assert [m for _, m, _ in msgs] == [f"{sid}:{i}" for i in range(1, n + 1)]
 
-        await store.append(sid, AppendRequest(items=[_item("first")]))
         await assert_eventually(lambda: published(1), timeout=5)
-        store.armed = True
-        await store.append(sid, AppendRequest(items=[_item("second")]))  # wakes the outbox
-        await assert_eventually(lambda: published(3), timeout=5)
         assert not store.armed
+        await store.append(sid, AppendRequest(items=[_item("second")]))
+        await assert_eventually(lambda: published(2), timeout=5)
+    finally:
+        await outbox.stop()
+        await store.close()
+        await nc.close()
+
+
+async def test_a_caught_up_outbox_publishes_from_commits_without_querying_the_store(
+    nats_server: NatsServer, tmp_db: Path
+) -> None:
+    """Each store query costs the single writer's event loop a thread round
+    trip; once caught up, the outbox takes commits from the commit listener."""
+    sid = "busy"
+
+    class CountingStore(SQLiteStore):
+        queries = 0
+
+        async def committed_after(self, position: int, limit: int) -> list:  # type: ignore[type-arg]
+            self.queries += 1
+            return await super().committed_after(position, limit)
+
+    store = CountingStore(tmp_db)
+    await store.open()
+    nc = await nats.connect(nats_server.url)
+    subjects = Subjects("convlog")
+    outbox = Outbox(nc, store, subjects)
+    try:
+        await ensure_stream(nc.jetstream(), subjects)
+        store.add_commit_listener(outbox.on_commit)
+        await outbox.start()
+        await store.append(sid, AppendRequest(items=[_item("first")]))
+
+        async def published(n: int) -> None:
+            assert len(await read_stream(nc)) == n
+
+        await assert_eventually(lambda: published(1), timeout=5)
+        before = store.queries
+        for i in range(40):
+            await store.append(sid, AppendRequest(items=[_item(f"m{i}")]))
+            await asyncio.sleep(0.005)  # the outbox goes idle between commits
+        await assert_eventually(lambda: published(41), timeout=5)
+        assert store.queries == before
     finally:
         await outbox.stop()
         await store.close()
