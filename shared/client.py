@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -24,7 +26,9 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import ConsumerConfig, DeliverPolicy, Header
 
 from .codec import decode, encode
 from .config import Settings
@@ -57,6 +61,12 @@ _RETRYABLE = (
     nats.errors.StaleConnectionError,
     nats.errors.OutboundBufferLimitError,
 )
+
+
+# A "no responders" reply: an empty message whose inline status is 503
+# (what nats-py's own ``Client.request`` checks).
+_STATUS = Header.STATUS.value
+_NO_RESPONDERS = "503"
 
 
 async def _nats_error(e: Exception) -> None:
@@ -114,20 +124,39 @@ def _raise_if_cancelled() -> None:
     ``next_msg``) returns the result instead of raising when the cancel and the
     result land in the same loop tick; the task stays marked ``cancelling()``.
     Loops that would otherwise run on (a follower, a retry) must check.
+    (:meth:`LogClient._request_once` awaits its future directly, so a cancel
+    always raises there; the check stays for everything else.)
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
 
 
-def _as_item(item: AppendItem | Mapping[str, Any]) -> AppendItem:
-    if isinstance(item, AppendItem):
-        return item if item.item_id is not None else msgspec.structs.replace(item, item_id=new_item_id())
-    try:
-        it = msgspec.convert(dict(item), AppendItem)
-    except msgspec.ValidationError as e:
-        raise BadRequestError(f"invalid item: {e}") from e
-    return it if it.item_id is not None else msgspec.structs.replace(it, item_id=new_item_id())
+def _as_items(items: Iterable[AppendItem | Mapping[str, Any]]) -> list[AppendItem]:
+    """Validate items and give every item without an id a fresh one.
+
+    A dict is converted as is (no copy); a minted id is set on the converted
+    Struct afterwards, so only ids a caller supplied go through the ``ItemId``
+    pattern (minted ones match it by construction).
+
+    Raises:
+        BadRequestError: an item has the wrong shape, an unknown field or a bad value.
+    """
+    out: list[AppendItem] = []
+    for item in items:
+        if not isinstance(item, AppendItem):
+            try:
+                item = _convert(item if type(item) is dict else dict(item), AppendItem)
+            except msgspec.ValidationError as e:
+                raise BadRequestError(f"invalid item: {e}") from e
+        if item.item_id is None:
+            item = _replace(item, item_id=new_item_id())
+        out.append(item)
+    return out
+
+
+_convert = msgspec.convert
+_replace = msgspec.structs.replace
 
 
 class LogClient:
@@ -149,6 +178,15 @@ class LogClient:
         self.timeout = timeout
         self.deadline = deadline
         self._owns_nc = False
+        # Request multiplexer: one wildcard reply subscription (made on the
+        # first request), one future per request in flight, keyed by token.
+        self._reply_sub: Subscription | None = None
+        self._reply_prefix = ""
+        self._reply_lock = asyncio.Lock()
+        self._pending: dict[str, tuple[asyncio.Future[Msg | None], float]] = {}
+        self._tokens = itertools.count(1)
+        self._sweeper: asyncio.TimerHandle | None = None  # times out requests in flight
+        self._sweep_at = 0.0
 
     @classmethod
     async def connect(
@@ -169,9 +207,16 @@ class LogClient:
         return client
 
     async def close(self) -> None:
-        if self._owns_nc and not self.nc.is_closed:
+        """Drain the connection if this client made it; else drop only its reply subscription."""
+        sub, self._reply_sub = self._reply_sub, None
+        if self._owns_nc:
+            if not self.nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await self.nc.drain()
+        elif sub is not None and not self.nc.is_closed:
+            # The connection is someone else's: take back only our reply subscription.
             with contextlib.suppress(Exception):
-                await self.nc.drain()
+                await sub.unsubscribe()
 
     async def __aenter__(self) -> LogClient:
         return self
@@ -180,6 +225,77 @@ class LogClient:
         await self.close()
 
     # -- plumbing --------------------------------------------------------
+    async def _subscribe_replies(self) -> str:
+        """Subscribe ``<inbox>.*`` once; return the reply prefix (``<inbox>.``).
+
+        nats-py replays the subscription after every reconnect.
+        """
+        async with self._reply_lock:
+            if self._reply_sub is None:
+                prefix = self.nc.new_inbox() + "."
+                self._reply_sub = await self.nc.subscribe(prefix + "*", cb=self._on_reply)
+                self._reply_prefix = prefix
+            return self._reply_prefix
+
+    async def _on_reply(self, msg: Msg) -> None:
+        entry = self._pending.get(msg.subject[len(self._reply_prefix) :])
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(msg)
+
+    def _sweep(self) -> None:
+        """Time out every request past its due time; re-arm for the next one.
+
+        One timer for all requests in flight instead of one per request: while
+        replies keep arriving it fires about once per ``timeout``.
+        """
+        self._sweeper = None
+        if not self._pending:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        next_due = math.inf
+        for fut, due in self._pending.values():
+            if due <= now:
+                if not fut.done():
+                    fut.set_result(None)  # "no reply in time"
+            elif due < next_due:
+                next_due = due
+        if next_due < math.inf:
+            self._sweeper = loop.call_at(next_due, self._sweep)
+            self._sweep_at = next_due
+
+    async def _request_once(self, subject: str, body: bytes, wait: float) -> Msg:
+        """One request and its reply, over the client's reply subscription.
+
+        Raises:
+            nats.errors.TimeoutError: no reply within ``wait`` seconds.
+            nats.errors.NoRespondersError: nobody is subscribed to ``subject``.
+            nats.errors.Error: what ``publish`` raised (nothing was sent).
+        """
+        prefix = self._reply_prefix if self._reply_sub is not None else await self._subscribe_replies()
+        token = str(next(self._tokens))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Msg | None] = loop.create_future()
+        due = loop.time() + wait
+        pending = self._pending
+        pending[token] = (fut, due)
+        if self._sweeper is None or due < self._sweep_at:
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+            self._sweeper = loop.call_at(due, self._sweep)
+            self._sweep_at = due
+        try:
+            await self.nc.publish(subject, body, reply=prefix + token)
+            msg = await fut
+        finally:
+            pending.pop(token, None)
+        if msg is None:
+            raise nats.errors.TimeoutError
+        headers = msg.headers
+        if headers and headers.get(_STATUS) == _NO_RESPONDERS:
+            raise nats.errors.NoRespondersError
+        return msg
+
     async def _request(self, subject: str, body: bytes, *, deadline: float | None = None) -> bytes:
         """Request with retries of unknown outcomes until the deadline.
 
@@ -195,7 +311,7 @@ class LogClient:
             attempt += 1
             remaining = end - time.monotonic()
             try:
-                msg = await self.nc.request(subject, body, timeout=max(0.05, min(self.timeout, remaining)))
+                msg = await self._request_once(subject, body, max(0.05, min(self.timeout, remaining)))
             except nats.errors.MaxPayloadError as e:
                 # Never sent, so the outcome is known; retrying cannot help.
                 raise TooLargeError(
@@ -244,7 +360,7 @@ class LogClient:
                 calling again with the same items is safe).
         """
         subject = self.subjects.append(session_id)
-        req = AppendRequest(items=[_as_item(i) for i in items], expected_last=expected_last)
+        req = AppendRequest(items=_as_items(items), expected_last=expected_last)
         if not req.items:
             raise BadRequestError("append needs at least one item")
         return decode(await self._request(subject, encode(req)), AppendReply)
