@@ -15,7 +15,7 @@ import msgspec
 from . import messages as m
 from .errors import BadRequestError
 
-__all__ = ["MAX_SAFE_INT", "check_json_numbers", "decode", "encode", "encode_envelope_line"]
+__all__ = ["MAX_SAFE_INT", "check_json_numbers", "decode", "encode", "encode_envelope_line", "numbers_ok"]
 
 T = TypeVar("T")
 MAX_SAFE_INT = 2**53 - 1
@@ -69,7 +69,7 @@ def decode(data: bytes, type_: type[T], *, empty_ok: bool = True) -> T:
     return value
 
 
-def _numbers_ok(value: Any) -> bool:
+def numbers_ok(value: Any) -> bool:
     """The common case, fast: no paths built, only numbers inspected."""
     stack = [value]
     while stack:
@@ -97,7 +97,7 @@ def check_json_numbers(value: Any, path: str = "$") -> None:
     Raises:
         BadRequestError: naming the JSON path and the value.
     """
-    if _numbers_ok(value):
+    if numbers_ok(value):
         return
     # Something is out of range: walk again, tracking paths, to name it.
     stack = [(value, path)]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from shared.codec import check_json_numbers, decode
+from shared.codec import check_json_numbers, decode, numbers_ok
 from shared.errors import BadRequestError, ConvlogError, TooLargeError, UnavailableError, to_wire
 from shared.messages import (
     AppendItem,
@@ -162,19 +162,22 @@ class Handlers:
     # -- validation ------------------------------------------------------
     def _prepare(self, req: AppendRequest, body_size: int) -> AppendRequest:
         """Check sizes and numbers; give every item an ``item_id``."""
-        items = []
-        changed = False
+        # No item can be larger than the whole body: measure only when it matters.
+        measure = body_size > self.max_item_bytes
+        missing_ids = False
         for i, it in enumerate(req.items):
-            check_json_numbers(it.data, f"$.items[{i}].data")
-            # No item can be larger than the whole body: measure only when it matters.
-            size = len(_encode(it.data)) if body_size > self.max_item_bytes else 0
-            if size > self.max_item_bytes:
+            if not numbers_ok(it.data):
+                check_json_numbers(it.data, f"$.items[{i}].data")  # raises, naming the number
+            if measure and (size := len(_encode(it.data))) > self.max_item_bytes:
                 raise TooLargeError(
                     f"item {i} data is {size} bytes, over the {self.max_item_bytes}-byte limit",
                     limit=self.max_item_bytes,
                 )
-            if it.item_id is None:
-                it = msgspec.structs.replace(it, item_id=uuid.uuid4().hex)
-                changed = True
-            items.append(it)
-        return msgspec.structs.replace(req, items=items) if changed else req
+            missing_ids = missing_ids or it.item_id is None
+        if not missing_ids:
+            return req
+        items = [
+            it if it.item_id is not None else msgspec.structs.replace(it, item_id=uuid.uuid4().hex)
+            for it in req.items
+        ]
+        return msgspec.structs.replace(req, items=items)
