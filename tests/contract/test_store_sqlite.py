@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -56,5 +57,28 @@ class TestSQLiteStore(StoreSuite):
             await store.open()
             await store.append("s", req(item("x")))
             assert [e.item_order for e in await read_all(store, "s")] == [1]
+        finally:
+            await store.close()
+
+    async def test_the_wal_starts_over_under_steady_load(self, tmp_path: Path) -> None:
+        # Under steady load a commit always lands while a PASSIVE checkpoint
+        # runs, so without the writer's help the WAL never restarts and grows
+        # by megabytes a second.  With a small limit, it must stay small.
+        store = SQLiteStore(tmp_path / "log.db")
+        store.checkpoint_interval = 0.02
+        store.wal_restart_bytes = 256 * 1024
+        await store.open()
+        wal = tmp_path / "log.db-wal"
+        biggest = 0
+        try:
+            for round_ in range(40):  # ~14 MB of WAL frames without restarts
+                await asyncio.gather(
+                    *(store.append(f"s{i}", req(item(f"r{round_} " + "x" * 200))) for i in range(50))
+                )
+                biggest = max(biggest, wal.stat().st_size)
+            assert store.wal_restarts > 0
+            assert biggest < 4 * 1024 * 1024, biggest
+            for i in range(50):
+                assert [e.item_order for e in await read_all(store, f"s{i}")] == list(range(1, 41))
         finally:
             await store.close()
