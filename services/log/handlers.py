@@ -90,10 +90,6 @@ class Handlers:
             return error_reply(e, subject)
 
     # -- endpoints -------------------------------------------------------
-    async def append(self, subject: str, body: bytes) -> bytes:
-        reply = await self.store.append(*self.parse_append(subject, body))
-        return _encode(reply)
-
     def parse_append(self, subject: str, body: bytes) -> tuple[str, AppendRequest]:
         """Decode and check an append request (raises the error to reply with)."""
         sid = self.subjects.session_of(subject)

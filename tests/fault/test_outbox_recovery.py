@@ -11,11 +11,13 @@ exactly once, in order (designed around nats-py #504/#510).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import nats
 import pytest
+from nats.aio.client import Client
 
 from services.log.outbox import Outbox, ensure_stream
 from services.log.store.sqlite import SQLiteStore
@@ -31,6 +33,23 @@ def _item(item_id: str, text: str | None = None) -> AppendItem:
     return AppendItem(
         agent="user", data={"role": "user", "content": text or item_id}, item_id=item_id
     )
+
+
+@contextlib.asynccontextmanager
+async def outbox_over(store: SQLiteStore, url: str) -> AsyncIterator[tuple[Client, Outbox]]:
+    """Open ``store`` and give an outbox listening to its commits (not started)."""
+    await store.open()
+    nc = await nats.connect(url)
+    subjects = Subjects("convlog")
+    outbox = Outbox(nc, store, subjects)
+    try:
+        await ensure_stream(nc.jetstream(), subjects)
+        store.add_commit_listener(outbox.on_commit)
+        yield nc, outbox
+    finally:
+        await outbox.stop()
+        await store.close()
+        await nc.close()
 
 
 @pytest.mark.parametrize("published_before", [True, False], ids=["after-a-service-run", "fresh"])
@@ -108,13 +127,7 @@ async def test_a_commit_landing_while_the_outbox_looks_for_work_is_published(
             return found
 
     store = CommitWhileLooking(tmp_db)
-    await store.open()
-    nc = await nats.connect(nats_server.url)
-    subjects = Subjects("convlog")
-    outbox = Outbox(nc, store, subjects)
-    try:
-        await ensure_stream(nc.jetstream(), subjects)
-        store.add_commit_listener(outbox.on_commit)
+    async with outbox_over(store, nats_server.url) as (nc, outbox):
         store.armed = True
         await outbox.start()
 
@@ -126,10 +139,6 @@ async def test_a_commit_landing_while_the_outbox_looks_for_work_is_published(
         assert not store.armed
         await store.append(sid, AppendRequest(items=[_item("second")]))
         await assert_eventually(lambda: published(2), timeout=5)
-    finally:
-        await outbox.stop()
-        await store.close()
-        await nc.close()
 
 
 async def test_a_caught_up_outbox_publishes_from_commits_without_querying_the_store(
@@ -147,13 +156,7 @@ async def test_a_caught_up_outbox_publishes_from_commits_without_querying_the_st
             return await super().committed_after(position, limit)
 
     store = CountingStore(tmp_db)
-    await store.open()
-    nc = await nats.connect(nats_server.url)
-    subjects = Subjects("convlog")
-    outbox = Outbox(nc, store, subjects)
-    try:
-        await ensure_stream(nc.jetstream(), subjects)
-        store.add_commit_listener(outbox.on_commit)
+    async with outbox_over(store, nats_server.url) as (nc, outbox):
         await outbox.start()
         await store.append(sid, AppendRequest(items=[_item("first")]))
 
@@ -167,10 +170,6 @@ async def test_a_caught_up_outbox_publishes_from_commits_without_querying_the_st
             await asyncio.sleep(0.005)  # the outbox goes idle between commits
         await assert_eventually(lambda: published(41), timeout=5)
         assert store.queries == before
-    finally:
-        await outbox.stop()
-        await store.close()
-        await nc.close()
 
 
 @pytest.mark.slow
