@@ -76,13 +76,12 @@ import asyncio
 import hashlib
 import json
 import logging
-import uuid
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .client import LogClient
+from .client import LogClient, new_item_id
 from .errors import ConflictError, TooLargeError, UnavailableError
 from .subjects import validate_session_id
 
@@ -473,7 +472,7 @@ class ConvlogSession:
         fp = _fingerprint(data)
         key = self._pending.get(fp)
         if key is None:
-            key = uuid.uuid4().hex
+            key = new_item_id()
             self._pending[fp] = key
             while len(self._pending) > _MAX_PENDING_KEYS:
                 self._pending.popitem(last=False)
@@ -506,7 +505,7 @@ class ConvlogSession:
                 return None
             target = rep.items[0]
             retract = {
-                "item_id": f"{uuid.uuid4().hex}.r",
+                "item_id": f"{new_item_id()}.r",
                 "agent": agent,
                 "kind": "retract",
                 "data": {"target": target.item_order},
@@ -530,7 +529,7 @@ class ConvlogSession:
         if not (await client.read(self.session_id, tail=1)).items:
             return
         entry = {
-            "item_id": f"{uuid.uuid4().hex}.c",
+            "item_id": f"{new_item_id()}.c",
             "agent": self._agent_for(wrapper),
             "kind": "clear",
             "data": {},

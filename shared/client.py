@@ -106,14 +106,17 @@ def connect_options(settings: Settings, *, name: str) -> dict[str, Any]:
 
 
 def new_item_id() -> str:
-    """A fresh idempotency key: a random UUIDv4, as 32 hex digits.
+    """A fresh idempotency key: a UUIDv7 (RFC 9562), as 32 hex digits.
 
-    Built from ``os.urandom`` directly: ``uuid.uuid4().hex`` costs several
-    times more, and every appended item needs one.
+    Time-ordered: its first 48 bits are the Unix time in milliseconds, the
+    rest random.  Ids minted together sort together, so the store's unique
+    index on ``(item_id, session_id)`` grows at one end instead of taking a
+    random page per item, which keeps each group commit's WAL write small.
+    Built from ``os.urandom`` directly (``uuid`` costs several times more).
     """
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40  # version 4
-    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+    b = bytearray((time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(10))
+    b[6] = (b[6] & 0x0F) | 0x70  # version 7
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 9562 variant
     return b.hex()
 
 

@@ -8,12 +8,12 @@ generic message (never ``repr(exc)`` on the wire).
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
 
+from shared.client import new_item_id
 from shared.codec import check_json_numbers, decode, numbers_ok
 from shared.errors import BadRequestError, ConvlogError, TooLargeError, UnavailableError, to_wire
 from shared.messages import (
@@ -102,7 +102,7 @@ class Handlers:
         item = AppendItem(
             agent="user",
             data={"role": "user", "content": msg.content},
-            item_id=msg.item_id or uuid.uuid4().hex,
+            item_id=msg.item_id or new_item_id(),
         )
         request = self._prepare(AppendRequest(items=[item]), len(body))
         if msg.to and self.entry_hint and await self.store.last_order(sid) == 0:
@@ -173,7 +173,7 @@ class Handlers:
         if not missing_ids:
             return req
         items = [
-            it if it.item_id is not None else msgspec.structs.replace(it, item_id=uuid.uuid4().hex)
+            it if it.item_id is not None else msgspec.structs.replace(it, item_id=new_item_id())
             for it in req.items
         ]
         return msgspec.structs.replace(req, items=items)

@@ -273,7 +273,7 @@ async def test_append_mints_missing_ids_and_keeps_given_ones(conns: tuple[Client
     sent = msgspec.json.decode(responder.requests[0].data)["items"]
     ids = [it["item_id"] for it in sent]
     assert ids[0] == "mine-1" and ids[4] == "mine-2"
-    assert all(len(i) == 32 and i[12] == "4" for i in ids[1:4]), ids
+    assert all(len(i) == 32 and i[12] == "7" for i in ids[1:4]), ids
     assert len(set(ids)) == 5
     assert [it.item_id for it in reply.items] == ids
     assert [it["agent"] for it in sent] == ["user", "user", "user", "a", "b"]
