@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
+from time import perf_counter_ns
 from typing import Any
 
 import msgspec
@@ -83,6 +84,7 @@ class LogService:
         self._outgoing: list[tuple[str, bytes, dict[str, str] | None]] = []
         self._outgoing_ready = asyncio.Event()
         self._replier: asyncio.Task[None] | None = None
+        self._endpoints: dict[str, Any] = {}  # micro's endpoint objects, for their stats
         self._replying = False
         self._quiet = asyncio.Event()  # nothing submitted, queued or being sent
         self._stopped = asyncio.Event()
@@ -156,6 +158,7 @@ class LogService:
         ]
         for name, subject, handler in endpoints:
             await self._service.add_endpoint(name=name, subject=subject, handler=handler)
+        self._endpoints = {getattr(ep, "_name", ""): ep for ep in getattr(self._service, "_endpoints", [])}
         await self.nc.flush()
         log.info(
             "log service ready: prefix=%s store=%s nats=%s",
@@ -178,9 +181,9 @@ class LogService:
         async def handler(req: Request) -> None:
             msg = req._msg
             self.tally["append"] += 1
-            done = partial(self._answer, msg.reply, msg.subject)
             try:
-                store.submit(*handlers.parse_append(msg.subject, msg.data), done)
+                sid, request = handlers.parse_append(msg.subject, msg.data)
+                store.submit(sid, request, partial(self._answer, msg.reply, msg.subject, perf_counter_ns()))
             except Exception as e:
                 self._reply("append", msg.reply, msg.subject, *error_reply(e, msg.subject))
                 return
@@ -188,10 +191,24 @@ class LogService:
 
         return handler
 
-    def _answer(self, reply_to: str, subject: str, outcome: AppendReply | ConvlogError) -> None:
+    def _answer(
+        self, reply_to: str, subject: str, submitted_ns: int, outcome: AppendReply | ConvlogError
+    ) -> None:
         """The store's callback for one submitted append."""
         self._awaiting -= 1
+        self._add_processing_time("append", perf_counter_ns() - submitted_ns)
         self._reply("append", reply_to, subject, *encode_outcome(outcome))
+
+    def _add_processing_time(self, name: str, ns: int) -> None:
+        """Add the time a request spent after its micro handler returned.
+
+        micro times only the handler itself (decode and submit, or spawning a
+        task), so ``$SRV.STATS`` would otherwise hide the commit.
+        """
+        ep = self._endpoints.get(name)
+        if ep is not None:
+            ep._processing_time += ns
+            ep._average_processing_time = ep._processing_time // max(1, ep._num_requests)
 
     def _reply(self, name: str, reply_to: str, subject: str, payload: bytes, headers: dict[str, str] | None) -> None:
         """Queue a reply for the replier task (and count an error reply)."""
@@ -225,13 +242,14 @@ class LogService:
         # micro awaits a handler inline, one message at a time per endpoint; a
         # task per request lets slow reads and user messages overlap.  Tasks
         # start in arrival order, so one publisher's requests keep order.
-        async def process(req: Request) -> None:
+        async def process(req: Request, started_ns: int) -> None:
             self.tally[name] += 1
             payload, headers = await handlers.guarded(fn, req.subject, req.data)
+            self._add_processing_time(name, perf_counter_ns() - started_ns)
             self._reply(name, req._msg.reply, req.subject, payload, headers)
 
         async def handler(req: Request) -> None:
-            task = asyncio.create_task(process(req))
+            task = asyncio.create_task(process(req, perf_counter_ns()))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
@@ -243,10 +261,10 @@ class LogService:
         micro only counts exceptions its handler raises; ours replies later, from
         a task, so the error would otherwise never show in the stats.
         """
-        for ep in getattr(self._service, "_endpoints", None) or []:
-            if getattr(ep, "_name", None) == name:
-                ep._num_errors += 1
-                ep._last_error = headers.get(ERROR_HEADER, "")
+        ep = self._endpoints.get(name)
+        if ep is not None:
+            ep._num_errors += 1
+            ep._last_error = headers.get(ERROR_HEADER, "")
 
     async def run(self) -> None:
         """Serve until :meth:`shutdown` completes."""

@@ -15,6 +15,7 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from nats.aio.client import Client
 from nats.micro.service import ServiceInfo, ServicePing, ServiceStats, ServiceVerb, control_subject
 
 from services.log.service import SERVICE_NAME, LogService
+from services.log.store.sqlite import SQLiteStore
 from shared.chain import verify
 from shared.client import LogClient
 from shared.config import Settings, load_settings
@@ -498,6 +500,33 @@ async def test_micro_ping_info_and_stats(env: Env) -> None:
         assert "bad_request" in (by_name["append"].last_error or "")
 
     await assert_eventually(counted, timeout=5)
+
+
+async def test_stats_count_the_commit_in_an_appends_processing_time(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # micro times only its handler (decode and submit); the commit comes after.
+    class SlowCommits(SQLiteStore):
+        def _finish_commit(self, restart_wal: bool) -> None:
+            time.sleep(0.05)
+            super()._finish_commit(restart_wal)
+
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db")}, environ={})
+    async with LogService(settings, store=SlowCommits(settings.db_path)) as service:
+        nc = await nats.connect(nats_server.url)
+        try:
+            client = LogClient(nc)
+            for i in range(3):
+                await client.append("slow", [user(f"m{i}")])
+            await client.read("slow")
+            subject = control_subject(ServiceVerb.STATS, SERVICE_NAME, service._service.id)
+            stats = ServiceStats.from_dict(json.loads((await nc.request(subject, b"", timeout=5)).data))
+        finally:
+            await nc.close()
+    by_name = {e.name: e for e in stats.endpoints}
+    assert by_name["append"].num_requests == 3
+    assert by_name["append"].average_processing_time >= 50_000_000  # ns: each waited for its COMMIT
+    assert 0 < by_name["read"].average_processing_time < 50_000_000
 
 
 # -- followers ---------------------------------------------------------------------
