@@ -78,6 +78,20 @@ async def conns(nats_server: NatsServer) -> AsyncIterator[tuple[Client, Client]]
         await b.close()
 
 
+async def read_in_flight(
+    conns: tuple[Client, Client], sid: str, *, listen: str | None = None
+) -> tuple[LogClient, Responder, asyncio.Task[int]]:
+    """A read of ``sid`` that reached a silent responder (on the read subject
+    of ``listen``, default ``sid``) and waits for its reply."""
+    nc, other = conns
+    silent = await Responder(other, f"{PREFIX}.read.{listen or sid}", answer=False).start()
+    client = LogClient(nc, prefix=PREFIX, timeout=10, deadline=10)
+    task = asyncio.create_task(client.last_order(sid))
+    await asyncio.wait_for(silent.arrived.wait(), 5)
+    assert len(client._pending) == 1
+    return client, silent, task
+
+
 def user(content: str, **extra: Any) -> dict[str, Any]:
     return {"agent": "user", "data": {"role": "user", "content": content}, **extra}
 
@@ -105,17 +119,15 @@ async def test_a_silent_responder_times_out_into_unavailable_retrying_the_same_i
 async def test_a_short_request_times_out_while_a_longer_one_is_in_flight(
     conns: tuple[Client, Client],
 ) -> None:
-    nc, other = conns
-    silent = await Responder(other, f"{PREFIX}.read.*", answer=False).start()
-    client = LogClient(nc, prefix=PREFIX, timeout=10, deadline=10)
-    slow = asyncio.create_task(client.last_order("slow"))
-    await asyncio.wait_for(silent.arrived.wait(), 5)
-    assert len(client._pending) == 1
+    # The responder hears every read and answers none: "quick" must time out.
+    client, silent, slow = await read_in_flight(conns, "slow", listen="*")
     client.timeout, client.deadline = 0.1, 0.3
     started = time.monotonic()
-    with pytest.raises(UnavailableError):
+    with pytest.raises(UnavailableError) as exc:
         await client.last_order("quick")
     assert time.monotonic() - started < 2.0
+    assert "TimeoutError" in exc.value.message
+    assert any(m.subject.endswith(".quick") for m in silent.requests)
     assert not slow.done()
     slow.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -145,12 +157,8 @@ async def test_no_responders_is_retried_until_a_responder_appears(conns: tuple[C
 async def test_cancelling_a_request_in_flight_removes_its_token_and_ignores_the_late_reply(
     conns: tuple[Client, Client],
 ) -> None:
-    nc, other = conns
-    responder = await Responder(other, f"{PREFIX}.read.s", answer=False).start()
-    client = LogClient(nc, prefix=PREFIX, timeout=10, deadline=10)
-    task = asyncio.create_task(client.last_order("s"))
-    await asyncio.wait_for(responder.arrived.wait(), 5)
-    assert len(client._pending) == 1
+    client, responder, task = await read_in_flight(conns, "s")
+    other = conns[1]
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
