@@ -82,3 +82,25 @@ class TestSQLiteStore(StoreSuite):
                 assert [e.item_order for e in await read_all(store, f"s{i}")] == list(range(1, 41))
         finally:
             await store.close()
+
+    async def test_the_writer_can_restart_the_wal_between_two_commits(self, tmp_path: Path) -> None:
+        # The last resort when no checkpoint pass completes between commits:
+        # the writer copies the last frames right after a COMMIT, and the
+        # commits after it write the WAL from its start instead of its end.
+        store = SQLiteStore(tmp_path / "log.db")
+        store.checkpoint_interval = 3600  # no help from the checkpointer
+        await store.open()
+        wal = tmp_path / "log.db-wal"
+        try:
+            for i in range(20):
+                await store.append(f"s{i}", req(item("x" * 200)))
+            store._restart_wal = True
+            await store.append("s0", req(item("copied after this commit")))
+            assert store.wal_restarts == 1 and not store._restart_wal
+            size = wal.stat().st_size
+            for i in range(3):
+                await store.append(f"s{i}", req(item("overwrites the WAL's first frames")))
+            assert wal.stat().st_size == size
+            assert [e.item_order for e in await read_all(store, "s0")] == [1, 2, 3]
+        finally:
+            await store.close()
