@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from shared.client import LogClient
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.natsd import NatsCluster, NatsServer
+
+if TYPE_CHECKING:
+    from tests.support.workerstack import WorkerStack
 
 
 @pytest.fixture
@@ -99,3 +102,12 @@ async def log_client(log_url: str) -> AsyncIterator[LogClient]:
         yield client
     finally:
         await client.close()
+
+
+@pytest.fixture
+async def stack(nats_server: NatsServer, tmp_path: Path, fake_openai: FakeOpenAI) -> AsyncIterator[WorkerStack]:
+    """The log service and agent workers as real processes, on the fake model (see ``worker_stack``)."""
+    from tests.support.workerstack import worker_stack
+
+    async with worker_stack(nats_server, tmp_path, fake_openai) as s:
+        yield s

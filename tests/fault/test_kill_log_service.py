@@ -21,6 +21,7 @@ from tests.support.logsvc import (
     check_session,
     following,
     read_acks,
+    start_writers,
     stream_matches_log,
     wait_for_acks,
 )
@@ -45,13 +46,10 @@ async def test_kill9_log_service_repeatedly_mid_load_loses_and_duplicates_nothin
     # Writers append continuously (singles and 3-item batches over three sessions),
     # with a short per-request timeout so crashes turn into retries of the same ids.
     stop = tmp_path / "stop"
-    writers = [
-        writer_procs(
-            nats_server.url, name=f"w{i}", sessions=SESSIONS, batch_every=4, pace=0.0,
-            stop_file=stop, max_seconds=90, timeout=1.0, deadline=30,
-        )
-        for i in range(WRITERS)
-    ]
+    writers = start_writers(
+        writer_procs, nats_server.url, WRITERS, sessions=SESSIONS, batch_every=4, pace=0.0,
+        stop_file=stop, max_seconds=90, timeout=1.0, deadline=30,
+    )
     outs = [out for _, out in writers]
 
     # A live follower of one session rides through every crash (its gap reads

@@ -23,6 +23,7 @@ from tests.support.logsvc import (
     check_session,
     following,
     read_acks,
+    start_writers,
     stream_matches_log,
     wait_for_acks,
 )
@@ -43,13 +44,10 @@ async def test_nats_restarts_mid_load_lose_no_acked_item(
 ) -> None:
     svc = await asyncio.to_thread(log_services, nats_server.url, tmp_db)
     stop = tmp_path / "stop"
-    writers = [
-        writer_procs(
-            nats_server.url, name=f"w{i}", sessions=SESSIONS, batch_every=4,
-            stop_file=stop, max_seconds=90, timeout=1.0, deadline=30,
-        )
-        for i in range(WRITERS)
-    ]
+    writers = start_writers(
+        writer_procs, nats_server.url, WRITERS, sessions=SESSIONS, batch_every=4,
+        stop_file=stop, max_seconds=90, timeout=1.0, deadline=30,
+    )
     outs = [out for _, out in writers]
 
     async with (

@@ -10,11 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from services.worker.model import make_model_client
 from services.worker.spec import load_spec
@@ -31,19 +27,10 @@ from tests.support.workerstack import (
     terminal_items,
     turn_items,
     user_texts,
-    worker_stack,
     write_spec,
 )
 
 ACK_WAIT = 2.0  # seconds: how soon a dead worker's deliveries come back
-
-
-@pytest.fixture
-async def stack(
-    nats_server: NatsServer, tmp_path: Path, fake_openai: FakeOpenAI
-) -> AsyncIterator[WorkerStack]:
-    async with worker_stack(nats_server, tmp_path, fake_openai) as s:
-        yield s
 
 
 def roles(log: list[Envelope], user: Envelope) -> list[tuple[int, str]]:

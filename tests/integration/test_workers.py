@@ -11,11 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from services.worker.convert import agent_system_prompt, items_to_chat_messages
 from services.worker.model import make_model_client
@@ -28,7 +25,6 @@ from shared.messages import Envelope
 from tests.support.eventually import assert_eventually
 from tests.support.fake_openai import Entry, FakeOpenAI, error, slow, text, tool_call
 from tests.support.logsvc import service_env
-from tests.support.natsd import NatsServer
 from tests.support.workerstack import (
     SEED_SPEC,
     WorkerStack,
@@ -38,7 +34,6 @@ from tests.support.workerstack import (
     terminal_items,
     turn_items,
     user_texts,
-    worker_stack,
     write_spec,
 )
 
@@ -50,14 +45,6 @@ name = "Solo"
 instructions = "Answer the user."
 history_limit = {limit}
 """
-
-
-@pytest.fixture
-async def stack(
-    nats_server: NatsServer, tmp_path: Path, fake_openai: FakeOpenAI
-) -> AsyncIterator[WorkerStack]:
-    async with worker_stack(nats_server, tmp_path, fake_openai) as s:
-        yield s
 
 
 def support_responder(request: dict[str, Any]) -> Entry:

@@ -19,6 +19,8 @@ from tests.support.logsvc import (
     LogServiceProc,
     check_session,
     read_acks,
+    release_together,
+    start_writers,
     stream_matches_log,
 )
 from tests.support.natsd import NatsServer
@@ -41,18 +43,11 @@ async def test_concurrent_writer_processes_share_one_contiguous_order(
 
     # Start the writers, wait until each is connected, then release them together.
     go = tmp_path / "go"
-    writers = [
-        writer_procs(
-            nats_server.url, name=f"w{i}", sessions=[SESSION], count=APPENDS,
-            batch_every=BATCH_EVERY, go_file=go, max_seconds=60,
-        )
-        for i in range(WRITERS)
-    ]
-    for proc, _ in writers:
-        await asyncio.to_thread(proc.wait_for_line, "connected", 20)
-    go.touch()
-    for proc, _ in writers:
-        assert await asyncio.to_thread(proc.wait, 60) == 0, proc.output()
+    writers = start_writers(
+        writer_procs, nats_server.url, WRITERS, sessions=[SESSION], count=APPENDS,
+        batch_every=BATCH_EVERY, go_file=go, max_seconds=60,
+    )
+    await release_together(writers, go)
 
     # Every writer acknowledged everything it sent.
     acks = read_acks(out for _, out in writers)
@@ -100,18 +95,11 @@ async def test_optimistic_writers_racing_on_expected_last_never_skip_or_overwrit
     await asyncio.to_thread(log_services, nats_server.url, tmp_db)
     go = tmp_path / "go"
     appends = 40
-    writers = [
-        writer_procs(
-            nats_server.url, name=f"c{i}", sessions=[sid], count=appends, batch_every=4,
-            go_file=go, cas=True, max_seconds=60,
-        )
-        for i in range(3)
-    ]
-    for proc, _ in writers:
-        await asyncio.to_thread(proc.wait_for_line, "connected", 20)
-    go.touch()
-    for proc, _ in writers:
-        assert await asyncio.to_thread(proc.wait, 60) == 0, proc.output()
+    writers = start_writers(
+        writer_procs, nats_server.url, 3, prefix="c", sessions=[sid], count=appends, batch_every=4,
+        go_file=go, cas=True, max_seconds=60,
+    )
+    await release_together(writers, go)
 
     acks = read_acks(out for _, out in writers)
     assert acks.done == 3 and not acks.unknown

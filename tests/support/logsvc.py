@@ -49,7 +49,9 @@ __all__ = [
     "log_services",
     "read_acks",
     "read_stream",
+    "release_together",
     "service_env",
+    "start_writers",
     "stream_matches_log",
     "wait_for_acks",
     "writer_proc",
@@ -377,3 +379,22 @@ def writer_procs(tmp_path: Path) -> Iterator[Callable[..., tuple[Proc, Path]]]:
     finally:
         for proc in started:
             proc.terminate()
+
+
+def start_writers(
+    writer_procs: Callable[..., tuple[Proc, Path]], nats_url: str, n: int, *, prefix: str = "w", **flags: Any
+) -> list[tuple[Proc, Path]]:
+    """``n`` writers named ``<prefix>0``, ``<prefix>1``, ... with the same ``flags``."""
+    return [writer_procs(nats_url, name=f"{prefix}{i}", **flags) for i in range(n)]
+
+
+async def release_together(writers: Iterable[tuple[Proc, Path]], go: Path, timeout: float = 60) -> None:  # noqa: ASYNC109
+    """Wait until every writer (started with ``go_file=go``) is connected, let
+    them all go at once, and wait for each to exit 0."""
+    procs = [proc for proc, _ in writers]
+    for proc in procs:
+        await asyncio.to_thread(proc.wait_for_line, "connected", 20)
+    await asyncio.to_thread(go.touch)
+    for proc in procs:
+        assert await asyncio.to_thread(proc.wait, timeout) == 0, proc.output()
+
