@@ -32,6 +32,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from shared.subjects import Subjects
 
 from .store.base import Committed, LogStore
+from .wire import Message, publish_many
 
 __all__ = ["Outbox", "StreamMismatchError", "ensure_stream"]
 
@@ -39,6 +40,9 @@ log = logging.getLogger("convlog.log.outbox")
 
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
+# The header blocks of an outbox message (see wire.header_block), by format.
+_FIRST_HEADERS = b"NATS/1.0\r\n" + MSG_ID.encode() + b": %s\r\n\r\n"
+_HEADERS = b"NATS/1.0\r\n" + MSG_ID.encode() + b": %s\r\n" + EXPECTED_LAST_MSG_ID.encode() + b": %s\r\n\r\n"
 
 
 class StreamMismatchError(RuntimeError):
@@ -197,6 +201,9 @@ class Outbox:
                 if batch is None:
                     return
                 if batch:
+                    # Let the commit's replies reach the socket first: an
+                    # appender waits for its reply, nobody waits for this.
+                    await asyncio.sleep(0)
                     await self._publish(batch)
             except asyncio.CancelledError:
                 raise
@@ -246,24 +253,28 @@ class Outbox:
         so the stream stores the last one only if all earlier ones were
         stored, in order: one positive ack confirms the whole window.
         """
-        prev = self._last_msg_id
+        prev = self._last_msg_id.encode() if self._last_msg_id is not None else None
         last = batch[-1]
         token = str(last.position)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._acks[token] = fut
+        messages: list[Message] = []
+        items = self._subjects.items
+        for c in batch:
+            # Session ids are validated at append, so the header values need no escaping.
+            msg_id = b"%s:%d" % (c.session_id.encode(), c.item_order)
+            if prev is None:
+                headers = _FIRST_HEADERS % msg_id
+            else:
+                headers = _HEADERS % (msg_id, prev)
+            messages.append((items(c.session_id), "", c.envelope, headers))
+            prev = msg_id
+        messages[-1] = (messages[-1][0], f"{self._inbox}.{token}", *messages[-1][2:])
         try:
-            for c in batch:
-                msg_id = f"{c.session_id}:{c.item_order}"
-                headers = {MSG_ID: msg_id}
-                if prev is not None:
-                    headers[EXPECTED_LAST_MSG_ID] = prev
-                await self._nc.publish(
-                    self._subjects.items(c.session_id),
-                    c.envelope,
-                    reply=f"{self._inbox}.{token}" if c is last else "",
-                    headers=headers,
-                )
-                prev = msg_id
+            refused = await publish_many(self._nc, messages)
+            if refused:
+                # What followed it names it as its predecessor: the stream refuses those too.
+                raise refused[0][1]
             ack = await asyncio.wait_for(fut, self._ack_timeout)
         finally:
             self._acks.pop(token, None)

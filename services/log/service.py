@@ -22,6 +22,7 @@ import msgspec
 import nats
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -38,6 +39,7 @@ from .handlers import Handlers, encode_outcome, error_reply
 from .outbox import Outbox, ensure_stream
 from .store.base import LogStore
 from .store.sqlite import SQLiteStore
+from .wire import Message, publish_many
 
 __all__ = ["LogService", "ensure_routing_bucket"]
 
@@ -56,6 +58,29 @@ async def ensure_routing_bucket(nc: Client, subjects: Subjects, *, replicas: int
         return await js.create_key_value(
             KeyValueConfig(bucket=subjects.routing_bucket, history=5, replicas=replicas)
         )
+
+
+class _InlineDelivery(asyncio.Queue):  # type: ignore[type-arg]
+    """Takes the place of a nats-py subscription's pending queue: each
+    message goes straight to ``deliver`` (see ``LogService._deliver_inline``).
+    Nothing is ever queued, so the subscription's task waits forever and a
+    drain finds nothing pending."""
+
+    def __init__(self, sub: Any, endpoint: Any, deliver: Callable[[Msg], None]) -> None:
+        super().__init__()
+        self._sub = sub
+        self._endpoint = endpoint
+        self._deliver = deliver
+
+    def put_nowait(self, msg: Msg) -> None:
+        self._sub._pending_size -= len(msg.data)  # nats-py added it before the put
+        self._endpoint._num_requests += 1
+        try:
+            self._deliver(msg)
+        except Exception as e:  # never into nats-py's read loop
+            log.exception("append delivery failed")
+            self._endpoint._num_errors += 1
+            self._endpoint._last_error = repr(e)
 
 
 class LogService:
@@ -81,7 +106,7 @@ class LogService:
         self._service: Service | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._awaiting = 0  # appends submitted to the store and not yet answered
-        self._outgoing: list[tuple[str, bytes, dict[str, str] | None]] = []
+        self._outgoing: list[Message] = []  # replies for the replier task
         self._outgoing_ready = asyncio.Event()
         self._replier: asyncio.Task[None] | None = None
         self._endpoints: dict[str, Any] = {}  # micro's endpoint objects, for their stats
@@ -150,8 +175,9 @@ class LogService:
             metadata={"prefix": self.subjects.prefix, "store": type(self.store).__name__},
         )
         self._replier = asyncio.create_task(self._reply_loop(), name="convlog-replier")
+        deliver_append = self._append_endpoint(handlers)
         endpoints: list[tuple[str, str, Callable[[Request], Awaitable[None]]]] = [
-            ("append", self.subjects.append_all, self._append_endpoint(handlers)),
+            ("append", self.subjects.append_all, self._micro_handler(deliver_append)),
             ("read", self.subjects.read_all, self._dispatcher("read", handlers.read, handlers)),
             ("sessions", self.subjects.sessions, self._dispatcher("sessions", handlers.sessions, handlers)),
             ("in", self.subjects.inbound_all, self._dispatcher("in", handlers.user_message, handlers)),
@@ -159,6 +185,8 @@ class LogService:
         for name, subject, handler in endpoints:
             await self._service.add_endpoint(name=name, subject=subject, handler=handler)
         self._endpoints = {getattr(ep, "_name", ""): ep for ep in getattr(self._service, "_endpoints", [])}
+        if not self._deliver_inline("append", deliver_append):
+            log.info("nats-py internals differ from what convlog expects: appends go through micro's queue")
         await self.nc.flush()
         log.info(
             "log service ready: prefix=%s store=%s nats=%s",
@@ -167,20 +195,20 @@ class LogService:
             self.nc.connected_url.netloc if self.nc.connected_url else "?",
         )
 
-    def _append_endpoint(self, handlers: Handlers) -> Callable[[Request], Awaitable[None]]:
+    def _append_endpoint(self, handlers: Handlers) -> Callable[[Msg], None]:
         """The hot path: no task, coroutine chain or future per append.
 
-        micro awaits a handler inline, one message at a time, so the handler
-        only decodes, checks and submits to the store, and returns.  The store
-        calls back once the group commit is durable, and the replier task
-        sends the replies of a whole commit in one go.  Submission follows
-        arrival order, so one publisher's appends keep their order.
+        ``deliver`` only decodes, checks and submits to the store, and
+        returns.  The store calls back once the group commit is durable, and
+        the replier task sends the replies of a whole commit in one go.
+        Submission follows arrival order, so one publisher's appends keep
+        their order.
         """
         store = self.store
+        tally = self.tally
 
-        async def handler(req: Request) -> None:
-            msg = req._msg
-            self.tally["append"] += 1
+        def deliver(msg: Msg) -> None:
+            tally["append"] += 1
             try:
                 sid, request = handlers.parse_append(msg.subject, msg.data)
                 store.submit(sid, request, partial(self._answer, msg.reply, msg.subject, perf_counter_ns()))
@@ -189,7 +217,24 @@ class LogService:
                 return
             self._awaiting += 1
 
-        return handler
+        return deliver
+
+    def _deliver_inline(self, name: str, deliver: Callable[[Msg], None]) -> bool:
+        """Hand the endpoint's messages to ``deliver`` as nats-py parses them.
+
+        micro delivers each message through the subscription's queue, the
+        subscription's task and a ``Request`` wrapper: several microseconds
+        per append, on the service's busiest path.  ``deliver`` needs none of
+        them, so it takes the queue's place (nats-py puts each parsed message
+        into ``_pending_queue``); the counts micro would keep are kept here.
+        Without those internals, micro's own path stays in use (False).
+        """
+        ep = self._endpoints.get(name)
+        sub = getattr(ep, "_subscription", None)
+        if ep is None or not isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
+            return False
+        sub._pending_queue = _InlineDelivery(sub, ep, deliver)
+        return True
 
     def _answer(
         self, reply_to: str, subject: str, submitted_ns: int, outcome: AppendReply | ConvlogError
@@ -218,23 +263,33 @@ class LogService:
             if not reply_to:
                 log.warning("%s on %s without reply subject: %s", name, subject[:160], payload[:300])
         if reply_to:
-            self._outgoing.append((reply_to, payload, headers))
+            self._outgoing.append((reply_to, "", payload, headers))
             self._outgoing_ready.set()
 
     async def _reply_loop(self) -> None:
         assert self.nc is not None
-        publish = self.nc.publish
+        nc = self.nc
         while True:
             await self._outgoing_ready.wait()
             self._outgoing_ready.clear()
             batch, self._outgoing = self._outgoing, []
             self._replying = True
-            for reply_to, payload, headers in batch:
-                with contextlib.suppress(Exception):  # the requester retries an unknown outcome
-                    await publish(reply_to, payload, headers=headers)
+            try:
+                refused = await publish_many(nc, batch)
+            except Exception as e:  # the requesters retry an unknown outcome
+                refused = [(0, e)]
+            for _, e in refused:
+                log.debug("reply not sent: %s: %s", type(e).__name__, e)
             self._replying = False
             if not self._awaiting and not self._outgoing:
                 self._quiet.set()
+
+    @staticmethod
+    def _micro_handler(deliver: Callable[[Msg], None]) -> Callable[[Request], Awaitable[None]]:
+        async def handler(req: Request) -> None:
+            deliver(req._msg)
+
+        return handler
 
     def _dispatcher(
         self, name: str, fn: Callable[[str, bytes], Awaitable[bytes]], handlers: Handlers

@@ -27,7 +27,7 @@ import pytest
 from nats.aio.client import Client
 from nats.micro.service import ServiceInfo, ServicePing, ServiceStats, ServiceVerb, control_subject
 
-from services.log.service import SERVICE_NAME, LogService
+from services.log.service import SERVICE_NAME, LogService, _InlineDelivery
 from services.log.store.sqlite import SQLiteStore
 from shared.chain import verify
 from shared.client import LogClient
@@ -500,6 +500,34 @@ async def test_micro_ping_info_and_stats(env: Env) -> None:
         assert "bad_request" in (by_name["append"].last_error or "")
 
     await assert_eventually(counted, timeout=5)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "through-micro"])
+async def test_appends_are_served_and_counted_with_or_without_inline_delivery(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline: bool
+) -> None:
+    # Appends skip micro's queue and task (nats-py internals); should those
+    # internals change, micro's own path serves them, and serves them alike.
+    if not inline:
+        monkeypatch.setattr(LogService, "_deliver_inline", lambda self, name, deliver: False)
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db")}, environ={})
+    async with LogService(settings) as service:
+        sub = service._endpoints["append"]._subscription
+        assert isinstance(sub._pending_queue, _InlineDelivery) is inline
+        nc = await nats.connect(nats_server.url)
+        try:
+            client = LogClient(nc)
+            replies = await asyncio.gather(*(client.append("in", [user(f"m{i}")]) for i in range(20)))
+            assert sorted(r.last_order for r in replies) == list(range(1, 21))
+            headers, _ = await wire(nc, "convlog.append.in", b"{not json")
+            assert headers[ERROR_HEADER].startswith("bad_request")
+            subject = control_subject(ServiceVerb.STATS, SERVICE_NAME, service._service.id)
+            stats = ServiceStats.from_dict(json.loads((await nc.request(subject, b"", timeout=5)).data))
+        finally:
+            await nc.close()
+    append = next(e for e in stats.endpoints if e.name == "append")
+    assert (append.num_requests, append.num_errors) == (21, 1)
+    assert append.average_processing_time > 0
 
 
 async def test_stats_count_the_commit_in_an_appends_processing_time(
