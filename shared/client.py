@@ -34,6 +34,7 @@ from .codec import decode, encode
 from .config import Settings
 from .errors import BadRequestError, ConvlogError, TooLargeError, UnavailableError, from_wire
 from .history import visible
+from .inline import deliver_inline
 from .messages import (
     AppendItem,
     AppendReply,
@@ -237,13 +238,17 @@ class LogClient:
             if self._reply_sub is None:
                 prefix = self.nc.new_inbox() + "."
                 self._reply_sub = await self.nc.subscribe(prefix + "*", cb=self._on_reply)
+                deliver_inline(self._reply_sub, self._take_reply)  # else _on_reply serves
                 self._reply_prefix = prefix
             return self._reply_prefix
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _take_reply(self, msg: Msg) -> None:
         entry = self._pending.get(msg.subject[len(self._reply_prefix) :])
         if entry is not None and not entry[0].done():
             entry[0].set_result(msg)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        self._take_reply(msg)
 
     def _sweep(self) -> None:
         """Time out every request past its due time; re-arm for the next one.

@@ -32,6 +32,7 @@ from shared import __version__
 from shared.client import connect_options
 from shared.config import Settings
 from shared.errors import ERROR_HEADER, ConvlogError
+from shared.inline import deliver_inline
 from shared.messages import AppendReply
 from shared.subjects import Subjects
 
@@ -58,29 +59,6 @@ async def ensure_routing_bucket(nc: Client, subjects: Subjects, *, replicas: int
         return await js.create_key_value(
             KeyValueConfig(bucket=subjects.routing_bucket, history=5, replicas=replicas)
         )
-
-
-class _InlineDelivery(asyncio.Queue):  # type: ignore[type-arg]
-    """Takes the place of a nats-py subscription's pending queue: each
-    message goes straight to ``deliver`` (see ``LogService._deliver_inline``).
-    Nothing is ever queued, so the subscription's task waits forever and a
-    drain finds nothing pending."""
-
-    def __init__(self, sub: Any, endpoint: Any, deliver: Callable[[Msg], None]) -> None:
-        super().__init__()
-        self._sub = sub
-        self._endpoint = endpoint
-        self._deliver = deliver
-
-    def put_nowait(self, msg: Msg) -> None:
-        self._sub._pending_size -= len(msg.data)  # nats-py added it before the put
-        self._endpoint._num_requests += 1
-        try:
-            self._deliver(msg)
-        except Exception as e:  # never into nats-py's read loop
-            log.exception("append delivery failed")
-            self._endpoint._num_errors += 1
-            self._endpoint._last_error = repr(e)
 
 
 class LogService:
@@ -220,21 +198,18 @@ class LogService:
         return deliver
 
     def _deliver_inline(self, name: str, deliver: Callable[[Msg], None]) -> bool:
-        """Hand the endpoint's messages to ``deliver`` as nats-py parses them.
-
-        micro delivers each message through the subscription's queue, the
-        subscription's task and a ``Request`` wrapper: several microseconds
-        per append, on the service's busiest path.  ``deliver`` needs none of
-        them, so it takes the queue's place (nats-py puts each parsed message
-        into ``_pending_queue``); the counts micro would keep are kept here.
-        Without those internals, micro's own path stays in use (False).
-        """
+        """Hand the endpoint's messages to ``deliver`` as nats-py parses them
+        (see :mod:`shared.inline`), keeping the request count micro would
+        keep.  False when nats-py's internals differ: micro's path then stays."""
         ep = self._endpoints.get(name)
-        sub = getattr(ep, "_subscription", None)
-        if ep is None or not isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
+        if ep is None:
             return False
-        sub._pending_queue = _InlineDelivery(sub, ep, deliver)
-        return True
+
+        def counted(msg: Msg) -> None:
+            ep._num_requests += 1
+            deliver(msg)
+
+        return deliver_inline(getattr(ep, "_subscription", None), counted)
 
     def _answer(
         self, reply_to: str, subject: str, submitted_ns: int, outcome: AppendReply | ConvlogError

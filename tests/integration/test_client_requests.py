@@ -21,8 +21,10 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+import shared.client
 from shared.client import LogClient
 from shared.errors import BadRequestError, UnavailableError
+from shared.inline import InlineDelivery
 from shared.messages import AppendItem
 from tests.support.natsd import NatsServer
 
@@ -173,13 +175,19 @@ async def test_cancelling_a_request_in_flight_removes_its_token_and_ignores_the_
     assert client._pending == {}
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "through-callback"])
 async def test_concurrent_first_requests_share_one_reply_subscription(
-    conns: tuple[Client, Client],
+    conns: tuple[Client, Client], monkeypatch: pytest.MonkeyPatch, inline: bool
 ) -> None:
+    # Replies are resolved as nats-py parses them (shared.inline); should its
+    # internals change, the subscription's callback resolves them alike.
+    if not inline:
+        monkeypatch.setattr(shared.client, "deliver_inline", lambda sub, deliver: False)
     nc, other = conns
     responder = await Responder(other, f"{PREFIX}.read.s").start()
     client = LogClient(nc, prefix=PREFIX, timeout=5, deadline=5)
     assert await asyncio.gather(*(client.last_order("s") for _ in range(50))) == [7] * 50
+    assert isinstance(client._reply_sub._pending_queue, InlineDelivery) is inline
     inboxes = {m.reply.rsplit(".", 1)[0] for m in responder.requests}
     tokens = {m.reply.rsplit(".", 1)[1] for m in responder.requests}
     assert len(inboxes) == 1 and len(tokens) == 50

@@ -27,7 +27,7 @@ import pytest
 from nats.aio.client import Client
 from nats.micro.service import ServiceInfo, ServicePing, ServiceStats, ServiceVerb, control_subject
 
-from services.log.service import SERVICE_NAME, LogService, _InlineDelivery
+from services.log.service import SERVICE_NAME, LogService
 from services.log.store.sqlite import SQLiteStore
 from shared.chain import verify
 from shared.client import LogClient
@@ -41,6 +41,7 @@ from shared.errors import (
     TooLargeError,
     UnavailableError,
 )
+from shared.inline import InlineDelivery
 from shared.messages import Envelope
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
@@ -513,7 +514,7 @@ async def test_appends_are_served_and_counted_with_or_without_inline_delivery(
     settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db")}, environ={})
     async with LogService(settings) as service:
         sub = service._endpoints["append"]._subscription
-        assert isinstance(sub._pending_queue, _InlineDelivery) is inline
+        assert isinstance(sub._pending_queue, InlineDelivery) is inline
         nc = await nats.connect(nats_server.url)
         try:
             client = LogClient(nc)
