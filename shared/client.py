@@ -237,9 +237,9 @@ class LogClient:
         async with self._reply_lock:
             if self._reply_sub is None:
                 prefix = self.nc.new_inbox() + "."
+                self._reply_prefix = prefix
                 self._reply_sub = await self.nc.subscribe(prefix + "*", cb=self._on_reply)
                 deliver_inline(self._reply_sub, self._take_reply)  # else _on_reply serves
-                self._reply_prefix = prefix
             return self._reply_prefix
 
     def _take_reply(self, msg: Msg) -> None:
