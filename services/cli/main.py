@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -139,6 +140,11 @@ async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
         service = LogService(settings)
         _keep = install_signal_handlers(service.shutdown)
         try:
+            await service.start()
+            # What exists now lives as long as the process: keep it out of the
+            # cyclic GC, so a full collection under load scans only what came
+            # since (one had paused appends for 10-25 ms).
+            gc.freeze()
             await service.run()
         except BaseException:
             await service.shutdown()
