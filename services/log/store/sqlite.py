@@ -291,9 +291,12 @@ class SQLiteStore:
             first = await self._queue.get()
             if first is None:
                 break
-            # Let the requests that arrived with this one (already-scheduled
-            # handler tasks) reach the queue, so they share this commit.
-            await asyncio.sleep(0)
+            if self._queue.empty():
+                # Woken from idle: let requests that arrived with this one
+                # (already-scheduled tasks) reach the queue, to share this
+                # commit.  Under load more are queued already, and the next
+                # transaction starts at once.
+                await asyncio.sleep(0)
             batch = [first]
             while len(batch) < self.max_batch:
                 try:
