@@ -94,6 +94,12 @@ async def wire(nc: Client, subject: str, body: bytes | dict[str, Any] = b"") -> 
     return dict(msg.headers or {}), json.loads(msg.data)
 
 
+async def service_stats(nc: Client, service: LogService) -> ServiceStats:
+    """``$SRV.STATS`` of this one service instance."""
+    subject = control_subject(ServiceVerb.STATS, SERVICE_NAME, service._service.id)
+    return ServiceStats.from_dict(json.loads((await nc.request(subject, b"", timeout=5)).data))
+
+
 def user(content: str, **extra: Any) -> dict[str, Any]:
     return {"agent": "user", "data": {"role": "user", "content": content}, **extra}
 
@@ -522,8 +528,7 @@ async def test_appends_are_served_and_counted_with_or_without_inline_delivery(
             assert sorted(r.last_order for r in replies) == list(range(1, 21))
             headers, _ = await wire(nc, "convlog.append.in", b"{not json")
             assert headers[ERROR_HEADER].startswith("bad_request")
-            subject = control_subject(ServiceVerb.STATS, SERVICE_NAME, service._service.id)
-            stats = ServiceStats.from_dict(json.loads((await nc.request(subject, b"", timeout=5)).data))
+            stats = await service_stats(nc, service)
         finally:
             await nc.close()
     append = next(e for e in stats.endpoints if e.name == "append")
@@ -548,8 +553,7 @@ async def test_stats_count_the_commit_in_an_appends_processing_time(
             for i in range(3):
                 await client.append("slow", [user(f"m{i}")])
             await client.read("slow")
-            subject = control_subject(ServiceVerb.STATS, SERVICE_NAME, service._service.id)
-            stats = ServiceStats.from_dict(json.loads((await nc.request(subject, b"", timeout=5)).data))
+            stats = await service_stats(nc, service)
         finally:
             await nc.close()
     by_name = {e.name: e for e in stats.endpoints}
