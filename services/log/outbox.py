@@ -263,13 +263,10 @@ class Outbox:
         for c in batch:
             # Session ids are validated at append, so the header values need no escaping.
             msg_id = b"%s:%d" % (c.session_id.encode(), c.item_order)
-            if prev is None:
-                headers = _FIRST_HEADERS % msg_id
-            else:
-                headers = _HEADERS % (msg_id, prev)
-            messages.append((items(c.session_id), "", c.envelope, headers))
+            headers = _FIRST_HEADERS % msg_id if prev is None else _HEADERS % (msg_id, prev)
+            reply = f"{self._inbox}.{token}" if c is last else ""
+            messages.append((items(c.session_id), reply, c.envelope, headers))
             prev = msg_id
-        messages[-1] = (messages[-1][0], f"{self._inbox}.{token}", *messages[-1][2:])
         try:
             refused = await publish_many(self._nc, messages)
             if refused:
