@@ -36,6 +36,7 @@ from .errors import BadRequestError, ConvlogError, TooLargeError, UnavailableErr
 from .history import visible
 from .inline import deliver_inline
 from .messages import (
+    MAX_APPEND_ITEMS,
     AppendItem,
     AppendReply,
     AppendRequest,
@@ -371,6 +372,12 @@ class LogClient:
         req = AppendRequest(items=_as_items(items), expected_last=expected_last)
         if not req.items:
             raise BadRequestError("append needs at least one item")
+        if len(req.items) > MAX_APPEND_ITEMS:  # the service would refuse it: do not send it
+            raise TooLargeError(
+                f"{len(req.items)} items in one append, over the limit of {MAX_APPEND_ITEMS} "
+                "items per request; send them in several appends",
+                limit=MAX_APPEND_ITEMS,
+            )
         return decode(await self._request(subject, encode(req)), AppendReply)
 
     async def send(

@@ -23,6 +23,7 @@ __all__ = [
     "ErrorDetail",
     "ItemId",
     "Kind",
+    "MAX_APPEND_ITEMS",
     "NonNegInt",
     "Order",
     "ReadReply",
@@ -42,6 +43,10 @@ Order = Annotated[int, Meta(ge=1, le=2**53 - 1)]
 NonNegInt = Annotated[int, Meta(ge=0, le=2**53 - 1)]
 PageLimit = Annotated[int, Meta(ge=1, le=100_000)]
 Kind = Literal["item", "retract", "clear"]
+#: Most items one append may carry.  Checked after decoding (not as the
+#: field's ``max_length``) so that a longer batch is ``too_large``, as every
+#: size limit is, and not ``bad_request``.
+MAX_APPEND_ITEMS = 10_000
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):
@@ -67,9 +72,12 @@ class AppendItem(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
 
 class AppendRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """``convlog.append.<sid>``: all items get contiguous orders, or none are written."""
+    """``convlog.append.<sid>``: all items get contiguous orders, or none are written.
 
-    items: Annotated[list[AppendItem], Meta(min_length=1, max_length=10_000)]
+    At most :data:`MAX_APPEND_ITEMS` items (the log service refuses more with
+    ``too_large``)."""
+
+    items: Annotated[list[AppendItem], Meta(min_length=1)]
     expected_last: NonNegInt | None = None
 
 

@@ -17,6 +17,8 @@ from shared.client import new_item_id
 from shared.codec import check_json_numbers, decode, numbers_ok
 from shared.errors import BadRequestError, ConvlogError, TooLargeError, UnavailableError, to_wire
 from shared.messages import (
+    MAX_APPEND_ITEMS,
+    AppendedItem,
     AppendItem,
     AppendReply,
     AppendRequest,
@@ -29,7 +31,7 @@ from shared.subjects import Subjects
 
 from .store.base import LogStore
 
-__all__ = ["Handlers", "Reply", "encode_outcome", "error_reply"]
+__all__ = ["Handlers", "Reply", "ack_size_bound", "encode_outcome", "error_reply"]
 
 log = logging.getLogger("convlog.log.handlers")
 
@@ -42,6 +44,24 @@ Reply = tuple[bytes, dict[str, str] | None]
 EntryHint = Callable[[str, str], Awaitable[None]]
 
 _encode = msgspec.json.Encoder().encode
+
+# The largest ack an append of n items can get: its framing with the longest
+# session id and orders, plus per item the longest order, a hash, the comma
+# and the item's own id.  The ack must fit the server's max payload, or the
+# items would be committed and their writer never told.
+_MAX_ORDER = 2**53 - 1
+_ACK_FRAME = len(_encode(AppendReply(
+    session_id="s" * 128, first_order=_MAX_ORDER, last_order=_MAX_ORDER, items=[]
+)))
+_ACK_PER_ITEM = len(_encode(AppendedItem(
+    item_order=_MAX_ORDER, item_id="", hash="0" * 64, duplicate=False
+))) + 1
+_MAX_ITEM_ID = 200  # shared.messages.ItemId
+
+
+def ack_size_bound(item_ids: list[str]) -> int:
+    """Bytes the ack of an append with these item ids can take at most."""
+    return _ACK_FRAME + len(item_ids) * _ACK_PER_ITEM + sum(map(len, item_ids))
 
 
 def error_reply(e: BaseException, subject: str) -> Reply:
@@ -157,7 +177,21 @@ class Handlers:
 
     # -- validation ------------------------------------------------------
     def _prepare(self, req: AppendRequest, body_size: int) -> AppendRequest:
-        """Check sizes and numbers; give every item an ``item_id``."""
+        """Check sizes and numbers; give every item an ``item_id``.
+
+        Raises:
+            TooLargeError: more than :data:`MAX_APPEND_ITEMS` items, an item's
+                data over ``max_item_bytes``, or an ack that could not fit the
+                server's max payload (nothing is written).
+            BadRequestError: a number JSON canonicalization cannot represent.
+        """
+        n = len(req.items)
+        if n > MAX_APPEND_ITEMS:
+            raise TooLargeError(
+                f"{n} items in one append, over the limit of {MAX_APPEND_ITEMS} items per "
+                "request; send them in several appends",
+                limit=MAX_APPEND_ITEMS,
+            )
         # No item can be larger than the whole body: measure only when it matters.
         measure = body_size > self.max_item_bytes
         missing_ids = False
@@ -170,10 +204,19 @@ class Handlers:
                     limit=self.max_item_bytes,
                 )
             missing_ids = missing_ids or it.item_id is None
-        if not missing_ids:
-            return req
-        items = [
-            it if it.item_id is not None else msgspec.structs.replace(it, item_id=new_item_id())
-            for it in req.items
-        ]
-        return msgspec.structs.replace(req, items=items)
+        if missing_ids:
+            items = [
+                it if it.item_id is not None else msgspec.structs.replace(it, item_id=new_item_id())
+                for it in req.items
+            ]
+            req = msgspec.structs.replace(req, items=items)
+        if _ACK_FRAME + n * (_ACK_PER_ITEM + _MAX_ITEM_ID) > self.max_payload:
+            # Only long batches get here: measure the ack they would get.
+            ack = ack_size_bound([it.item_id or "" for it in req.items])
+            if ack > self.max_payload:
+                raise TooLargeError(
+                    f"the ack of {n} items could be {ack} bytes, over the server's max payload "
+                    f"of {self.max_payload} bytes; send fewer items per append",
+                    limit=self.max_payload,
+                )
+        return req

@@ -27,6 +27,7 @@ import pytest
 from nats.aio.client import Client
 from nats.micro.service import ServiceInfo, ServicePing, ServiceStats, ServiceVerb, control_subject
 
+from services.log.handlers import ack_size_bound
 from services.log.service import SERVICE_NAME, LogService
 from services.log.store.sqlite import SQLiteStore
 from shared.chain import verify
@@ -42,7 +43,7 @@ from shared.errors import (
     UnavailableError,
 )
 from shared.inline import InlineDelivery
-from shared.messages import Envelope
+from shared.messages import MAX_APPEND_ITEMS, Envelope
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
 from tests.support.procs import REPO_ROOT, python_module
@@ -306,6 +307,11 @@ def _append(data: dict[str, Any]) -> bytes:
     return json.dumps({"items": [{"agent": "a", "data": data}]}).encode()
 
 
+# 500 tiny items fit the request easily (~15 KB), but their ack (an order, a
+# minted 32-character id and a 64-character hash each) could not fit 64 KiB.
+ACK_OVER_MAX_PAYLOAD = json.dumps({"items": [{"agent": "a", "data": {"n": 1}}] * 500}).encode()
+
+
 BAD_REQUESTS = [
     # (id, subject, body, code, fragment of the message)
     ("append-malformed-json", "convlog.append.v", b'{"items": [', "bad_request", "malformed JSON"),
@@ -355,6 +361,8 @@ BAD_REQUESTS = [
     ("append-item-too-large", "convlog.append.v", BIG_DATA, "too_large", str(MAX_ITEM_BYTES)),
     ("in-item-too-large", "convlog.in.v", json.dumps({"content": "z" * MAX_ITEM_BYTES}).encode(),
      "too_large", str(MAX_ITEM_BYTES)),
+    ("append-ack-over-max-payload", "convlog.append.v", ACK_OVER_MAX_PAYLOAD,
+     "too_large", f"max payload of {MAX_PAYLOAD} bytes"),
 ]
 STATUS = {"bad_request": "400", "invalid_session_id": "400", "too_large": "413", "conflict": "409"}
 
@@ -435,6 +443,54 @@ async def test_a_request_over_the_max_payload_is_too_large(env: Env) -> None:
         await env.client.send("v", "z" * MAX_PAYLOAD)
     assert [e.item_order for e in await raw_log(env, "v")] == [1]
     assert (await env.client.append("v", items[:10])).last_order == 11
+
+
+async def test_a_batch_over_the_item_count_limit_is_too_large(
+    nats_server_factory: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    # A server whose max payload carries 10,001 tiny items (~300 KB) in one request.
+    server = nats_server_factory(config="max_payload: 524288\n")
+    settings = load_settings(
+        {"nats_url": server.url, "db": str(tmp_path / "log.db"), "data_dir": str(tmp_path)}, environ={}
+    )
+    async with LogService(settings):
+        nc = await nats.connect(server.url)
+        try:
+            client = LogClient(nc, timeout=5, deadline=10)
+            await client.append("v", [user("one")])
+            body = json.dumps({"items": [{"agent": "a", "data": {"n": 1}}] * (MAX_APPEND_ITEMS + 1)}).encode()
+            headers, reply = await wire(nc, "convlog.append.v", body)
+            assert headers[ERROR_CODE_HEADER] == "413"
+            assert headers[ERROR_HEADER].startswith("too_large: ")
+            assert reply["error"]["code"] == "too_large"
+            assert reply["error"]["limit"] == MAX_APPEND_ITEMS
+            assert f"{MAX_APPEND_ITEMS + 1} items" in reply["error"]["message"]
+            assert f"limit of {MAX_APPEND_ITEMS} items" in reply["error"]["message"]
+            # The typed error reaches LogClient callers too.
+            with pytest.raises(TooLargeError, match=str(MAX_APPEND_ITEMS)):
+                await client.append("w", [{"agent": "a", "data": {"n": 1}}] * (MAX_APPEND_ITEMS + 1))
+            # Nothing was written, and the service still serves.
+            assert [e.item_order for e in await client.items("v", raw=True)] == [1]
+            assert await client.last_order("w") == 0
+            assert (await client.append("v", [user("two")])).last_order == 2
+        finally:
+            await nc.close()
+
+
+async def test_an_ack_that_cannot_fit_the_max_payload_is_too_large(env: Env) -> None:
+    await env.client.append("v", [user("one")])
+    with pytest.raises(TooLargeError) as exc:
+        await env.client.append("v", [{"agent": "a", "data": {"n": 1}}] * 500)
+    assert exc.value.code == "too_large" and exc.value.extra["limit"] == MAX_PAYLOAD
+    assert f"max payload of {MAX_PAYLOAD} bytes" in exc.value.message
+    # A batch whose ack fits is fine, and only it was written.
+    ack = await env.client.append("v", [{"agent": "a", "data": {"n": 1}}] * 100)
+    assert (ack.first_order, ack.last_order) == (2, 101)
+    assert len(await raw_log(env, "v")) == 101
+    # The bound the service checks is never below a real ack's size.
+    body = json.dumps({"items": [{"agent": "a", "data": {"n": 1}}] * 100}).encode()
+    msg = await env.nc.request("convlog.append.v", body, timeout=5)
+    assert len(msg.data) <= ack_size_bound([i["item_id"] for i in json.loads(msg.data)["items"]])
 
 
 async def test_a_custom_prefix_moves_every_subject(env: Env) -> None:
