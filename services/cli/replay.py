@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -40,23 +40,116 @@ def _decode(raw: bytes | str, fallback_order: int) -> Envelope | _Undecodable:
         return _Undecodable(fallback_order, str(e))
 
 
-def envelopes_from_db(path: Path, session_id: str) -> Iterator[Envelope | _Undecodable]:
-    """Every stored envelope of a session, read straight from the SQLite file."""
+class _BadRow:
+    """A stored row whose indexed columns disagree with its own envelope, or a
+    session's summary row that disagrees with its items (a tampered SQLite file).
+
+    Attributes:
+        item_order: the first order the disagreement makes untrustworthy.
+        reason: what disagrees, naming the row.
+        envelope: the row's envelope, still printed by a replay, if it decodes.
+    """
+
+    def __init__(self, order: int, reason: str, envelope: Envelope | None = None) -> None:
+        self.item_order = order
+        self.reason = reason
+        self.envelope = envelope
+
+
+Stored = Envelope | _Undecodable | _BadRow
+
+# In item_order, as the service serves them: a row whose item_order column was
+# changed is met where readers would meet it.
+_ROWS = (
+    "SELECT position, item_order, item_id, kind, hidden, envelope FROM items "
+    "WHERE session_id = ? ORDER BY item_order"
+)
+_SUMMARY = "SELECT last_order, last_hash, last_clear FROM sessions WHERE session_id = ?"
+
+
+def envelopes_from_db(path: Path, session_id: str) -> Iterator[Stored]:
+    """Every stored envelope of a session, read straight from the SQLite file.
+
+    Each row's indexed columns (session, order, id, kind, commit position,
+    hidden flag) and the session's summary row (last order, last hash, last
+    clear) are checked against the envelopes, which the hash chain covers; a
+    disagreement comes out as a :class:`_BadRow` naming the row.
+    """
     if not path.exists():
         raise NotFoundError(f"no database at {path}")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     try:
         try:
-            cur = conn.execute(
-                "SELECT item_order, envelope FROM items WHERE session_id = ? ORDER BY position",
-                (session_id,),
-            )
+            conn.execute("BEGIN")  # one snapshot for the rows and the summary
+            summary = conn.execute(_SUMMARY, (session_id,)).fetchone()
+            cur = conn.execute(_ROWS, (session_id,))
         except sqlite3.DatabaseError as e:  # not SQLite at all, or not convlog's schema
             raise BadRequestError(f"{path} is not a convlog database: {e}") from e
-        for order, raw in cur:
-            yield _decode(raw, order)
+        yield from _checked_rows(cur, summary, session_id)
     finally:
         conn.close()
+
+
+def _checked_rows(
+    rows: Iterable[tuple[int, int, str, str, int, bytes]],
+    summary: tuple[int, str, int] | None,
+    session_id: str,
+) -> Iterator[Stored]:
+    prev_position = first_order = 0
+    last_order, last_hash, last_clear = 0, GENESIS_HASH, 0
+    hidden: set[int] = set()  # orders whose hidden flag is set
+    retracted: set[int] = set()  # orders a retract envelope targets
+    for position, order, item_id, kind, hidden_flag, raw in rows:
+        if hidden_flag:
+            hidden.add(order)
+        env = _decode(raw, order)
+        if isinstance(env, _Undecodable):
+            yield env
+        else:
+            where = f"row {position} (item_order column {order})"
+            if env.session_id != session_id:
+                yield _BadRow(order, f"{where} is filed under session {session_id!r} but holds "
+                              f"an envelope of session {env.session_id!r}", env)
+            elif env.item_order != order:
+                yield _BadRow(order, f"{where} holds the envelope of item_order {env.item_order}", env)
+            elif env.item_id != item_id:
+                yield _BadRow(order, f"{where} has item_id column {item_id!r} but its envelope "
+                              f"says {env.item_id!r}", env)
+            elif env.kind != kind:
+                yield _BadRow(order, f"{where} has kind column {kind!r} but its envelope says "
+                              f"{env.kind!r}", env)
+            elif position <= prev_position:
+                yield _BadRow(order, f"{where} was committed before item_order {order - 1} "
+                              f"(position {position} <= {prev_position})", env)
+            else:
+                yield env
+            if env.kind == "retract" and isinstance(env.data.get("target"), int):
+                retracted.add(env.data["target"])
+            elif env.kind == "clear":
+                last_clear = env.item_order
+            last_hash = env.hash
+        prev_position, last_order = position, order
+        first_order = first_order or order
+    if hidden != retracted:
+        k = min(hidden ^ retracted)
+        if k in hidden:
+            yield _BadRow(k, f"the row of item_order {k} is marked hidden, but no retract targets it")
+        else:
+            yield _BadRow(k, f"item_order {k} is retracted, but its row is not marked hidden")
+    if summary is None:
+        if last_order:
+            yield _BadRow(first_order, f"the sessions table has no row for session {session_id!r}")
+        return
+    s_last, s_hash, s_clear = summary
+    if s_last != last_order:
+        yield _BadRow(min(s_last, last_order) + 1, f"the sessions table says the session ends at "
+                      f"item_order {s_last}, but its last row is item_order {last_order}")
+    elif s_hash != last_hash:
+        yield _BadRow(last_order, f"the sessions table's last hash {s_hash[:16]}... is not the hash "
+                      f"of item_order {last_order}")
+    elif s_clear != last_clear:
+        yield _BadRow(min(x for x in (s_clear, last_clear) if x), f"the sessions table says the "
+                      f"last clear is item_order {s_clear}, but the log's is {last_clear}")
 
 
 def envelopes_from_file(path: Path, session_id: str | None) -> Iterator[Envelope | _Undecodable]:
@@ -90,17 +183,21 @@ class Replayer:
         self._prev = GENESIS_HASH
         self._expected = 1
 
-    def feed(self, env: Envelope | _Undecodable, session_id: str) -> None:
+    def feed(self, env: Stored, session_id: str) -> None:
+        if isinstance(env, _BadRow):
+            # Rows are met in order, but summary checks come last: keep the earliest.
+            if self.problem is None or env.item_order < self.problem.item_order:
+                self.problem = Problem(env.item_order, env.reason)
+            if env.envelope is not None:
+                self.count += 1
+                self._print(env.envelope)
+            return
         if isinstance(env, _Undecodable):
             if self.problem is None:
                 self.problem = Problem(self._expected, f"stored envelope does not decode: {env.error}")
             return
         self.count += 1
-        if not self.quiet:
-            if self.fmt == "jsonl":
-                self.out.write(encode_envelope_line(env).decode() + "\n")
-            else:
-                self.out.write(render_line(env) + "\n")
+        self._print(env)
         if self.problem is not None:
             return
         if env.session_id != session_id:
@@ -113,7 +210,14 @@ class Replayer:
             self._prev = env.hash
             self._expected += 1
 
-    def run_sync(self, source: Iterator[Envelope | _Undecodable], session_id: str) -> None:
+    def _print(self, env: Envelope) -> None:
+        if not self.quiet:
+            if self.fmt == "jsonl":
+                self.out.write(encode_envelope_line(env).decode() + "\n")
+            else:
+                self.out.write(render_line(env) + "\n")
+
+    def run_sync(self, source: Iterator[Stored], session_id: str) -> None:
         for env in source:
             self.feed(env, session_id)
 

@@ -182,3 +182,129 @@ def test_replay_db_that_is_not_convlogs_is_a_clear_error(tmp_path: Path, content
     done = convlog("replay", "golden-support-1", "--db", str(path), "--verify", tmp=tmp_path)
     assert done.returncode == 2, done.stderr
     assert "is not a convlog database" in done.stderr and "Traceback" not in done.stderr
+
+
+# -- tampered indexed columns: every row must agree with its own envelope -----------------
+# The envelopes are untouched here, so the hash chain alone would pass; the columns the
+# service reads by (and the session's summary row) must agree with what the chain covers.
+
+_SWAP_3_4 = [
+    "UPDATE items SET item_order = -3 WHERE session_id = :sid AND item_order = 3",
+    "UPDATE items SET item_order = 3 WHERE session_id = :sid AND item_order = 4",
+    "UPDATE items SET item_order = 4 WHERE session_id = :sid AND item_order = -3",
+]
+COLUMN_TAMPERS = {
+    # how: (statements, first bad order, fragment of the reason)
+    "swap-item-order-columns": (_SWAP_3_4, 3, "(item_order column 3) holds the envelope of item_order 4"),
+    "item-id-column": (
+        ["UPDATE items SET item_id = 'forged' WHERE session_id = :sid AND item_order = 5"],
+        5, "item_id column 'forged' but its envelope says 'golden-5'",
+    ),
+    "kind-column": (
+        ["UPDATE items SET kind = 'clear' WHERE session_id = :sid AND item_order = 6"],
+        6, "kind column 'clear' but its envelope says 'item'",
+    ),
+    "session-column": (
+        ["UPDATE items SET session_id = 'elsewhere' WHERE session_id = :sid AND item_order = 4"],
+        4, "expected item_order 4, found 5",
+    ),
+    "hidden-column": (
+        ["UPDATE items SET hidden = 1 WHERE session_id = :sid AND item_order = 2"],
+        2, "marked hidden, but no retract targets it",
+    ),
+    "tail-row-deleted": (
+        ["DELETE FROM items WHERE session_id = :sid AND item_order = 7"],
+        7, "ends at item_order 7, but its last row is item_order 6",
+    ),
+    "summary-last-hash": (
+        ["UPDATE sessions SET last_hash = printf('%064d', 0) WHERE session_id = :sid"],
+        7, "last hash 0000000000000000... is not the hash of item_order 7",
+    ),
+}
+
+
+def _run_sql(db: Path, statements: list[str], **params: str) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        for sql in statements:
+            conn.execute(sql, params)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("how", list(COLUMN_TAMPERS))
+def test_tampered_columns_fail_verify_naming_the_first_bad_row(
+    golden_db: Path, tmp_path: Path, how: str
+) -> None:
+    statements, order, fragment = COLUMN_TAMPERS[how]
+    db = tmp_path / "tampered.db"
+    shutil.copy(golden_db, db)
+    _run_sql(db, statements, sid=SESSION_ID)
+
+    done = convlog("replay", SESSION_ID, "--db", str(db), "--verify", "--quiet", tmp=tmp_path)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert f"FAILED: {SESSION_ID}: item_order {order}: " in done.stderr, done.stderr
+    assert fragment in done.stderr, done.stderr
+    assert "hash chain intact" not in done.stderr and "Traceback" not in done.stderr
+    # The other session in the same file is untouched and still verifies.
+    done = convlog("replay", "bystander", "--db", str(db), "--verify", "--quiet", tmp=tmp_path)
+    assert done.returncode == 0, done.stderr
+    if how == "session-column":  # the moved row does not verify where it landed either
+        done = convlog("replay", "elsewhere", "--db", str(db), "--verify", "--quiet", tmp=tmp_path)
+        assert done.returncode == 1
+        assert f"filed under session 'elsewhere' but holds an envelope of session {SESSION_ID!r}" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def retract_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real SQLite log whose session retracts item 2 and then clears (written by the store)."""
+    import asyncio
+
+    from services.log.store.sqlite import SQLiteStore
+    from shared.messages import AppendItem, AppendRequest
+
+    path = tmp_path_factory.mktemp("retract-db") / "log.db"
+
+    async def build() -> None:
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            said = [AppendItem(agent="user", data={"role": "user", "content": f"m{i}"}) for i in (1, 2, 3)]
+            await store.append("r", AppendRequest(items=said))
+            await store.append("r", AppendRequest(items=[
+                AppendItem(agent="system", kind="retract", data={"target": 2}),
+                AppendItem(agent="system", kind="clear"),
+                AppendItem(agent="user", data={"role": "user", "content": "after the clear"}),
+            ]))
+        finally:
+            await store.close()
+
+    asyncio.run(build())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("statement", "order", "fragment"),
+    [
+        (None, None, "6 items"),
+        ("UPDATE items SET hidden = 0 WHERE session_id = 'r' AND item_order = 2",
+         2, "item_order 2 is retracted, but its row is not marked hidden"),
+        ("UPDATE sessions SET last_clear = 0 WHERE session_id = 'r'",
+         5, "the last clear is item_order 0, but the log's is 5"),
+    ],
+    ids=["untampered", "hidden-flag-cleared", "summary-last-clear"],
+)
+def test_hidden_flags_and_last_clear_are_checked(
+    retract_db: Path, tmp_path: Path, statement: str | None, order: int | None, fragment: str
+) -> None:
+    db = tmp_path / "copy.db"
+    shutil.copy(retract_db, db)
+    if statement is not None:
+        _run_sql(db, [statement])
+    done = convlog("replay", "r", "--db", str(db), "--verify", "--quiet", tmp=tmp_path)
+    assert fragment in done.stderr, done.stderr
+    if order is None:
+        assert done.returncode == 0 and "hash chain intact" in done.stderr
+    else:
+        assert done.returncode == 1 and f"item_order {order}: " in done.stderr
