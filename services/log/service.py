@@ -18,12 +18,10 @@ from functools import partial
 from time import perf_counter_ns
 from typing import Any
 
-import msgspec
 import nats
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import KeyValueConfig
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
@@ -34,7 +32,7 @@ from shared.config import Settings
 from shared.errors import ERROR_HEADER, ConvlogError
 from shared.inline import deliver_inline
 from shared.messages import AppendReply
-from shared.subjects import Subjects
+from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
 
 from .handlers import Handlers, encode_outcome, error_reply
 from .outbox import Outbox, ensure_stream
@@ -42,23 +40,12 @@ from .store.base import LogStore
 from .store.sqlite import SQLiteStore
 from .wire import Message, publish_many
 
-__all__ = ["LogService", "ensure_routing_bucket"]
+__all__ = ["LogService"]
 
 log = logging.getLogger("convlog.log")
 
 SERVICE_NAME = "convlog-log"
 QUEUE_GROUP = "convlog-log"
-
-
-async def ensure_routing_bucket(nc: Client, subjects: Subjects, *, replicas: int = 1) -> Any:
-    """The KV bucket holding per-session routing metadata (created if missing)."""
-    js = nc.jetstream()
-    try:
-        return await js.key_value(subjects.routing_bucket)
-    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
-        return await js.create_key_value(
-            KeyValueConfig(bucket=subjects.routing_bucket, history=5, replicas=replicas)
-        )
 
 
 class LogService:
@@ -127,10 +114,10 @@ class LogService:
         )
         js = self.nc.jetstream()
         await ensure_stream(js, self.subjects, replicas=self.settings.stream_replicas)
-        kv = await ensure_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
+        kv = await open_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
 
         async def entry_hint(sid: str, agent: str) -> None:
-            value = msgspec.json.encode({"active": agent, "order": 0})
+            value = encode_checkpoint(entry_checkpoint(agent))
             with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
                 await kv.create(sid, value)
 

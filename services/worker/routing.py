@@ -2,10 +2,12 @@
 
 Routing state is agent metadata, not conversation, so it lives outside the log
 in the KV bucket ``<prefix>_routing``, keyed by session id.  A value
-``{"active": "L1Billing", "order": 7, "entry": "Triage"}`` is a *checkpoint*:
-"after item 7, L1Billing is the active agent; the session started at Triage".
-The log service writes ``{"active": <to>, "order": 0}`` (create-only) when a
-user message with ``to`` starts a session, before the message is appended.
+``{"active": "L1Billing", "order": 7, "entry": "Triage"}`` is a *checkpoint*
+(:class:`shared.routing.RoutingCheckpoint`, encoded and decoded only by
+``shared.routing``): "after item 7, L1Billing is the active agent; the session
+started at Triage".  The log service writes ``{"active": <to>, "order": 0,
+"entry": <to>}`` (create-only) when a user message with ``to`` starts a
+session, before the message is appended.
 
 The active agent before item ``n`` is computed, never trusted: start from the
 checkpoint (or the entry agent at order 0 when the checkpoint is missing or not
@@ -27,12 +29,15 @@ from typing import Any
 
 import msgspec
 import nats.js.errors
-from nats.aio.client import Client
-from nats.js.api import KeyValueConfig
 
 from shared.client import LogClient
 from shared.messages import Envelope
-from shared.subjects import Subjects
+from shared.routing import (
+    RoutingCheckpoint,
+    decode_checkpoint,
+    encode_checkpoint,
+    open_routing_bucket,
+)
 
 from .convert import parse_handoff_output
 from .spec import SystemSpec
@@ -69,20 +74,6 @@ def handoff_target(env: Envelope) -> str | None:
     return parse_handoff_output(env.data.get("output"))
 
 
-async def open_routing_bucket(nc: Client, subjects: Subjects, *, replicas: int = 1) -> Any:
-    """Open the routing KV bucket, creating it (as the log service does) if missing."""
-    js = nc.jetstream()
-    try:
-        return await js.key_value(subjects.routing_bucket)
-    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
-        try:
-            return await js.create_key_value(
-                KeyValueConfig(bucket=subjects.routing_bucket, history=5, replicas=replicas)
-            )
-        except nats.js.errors.BadRequestError:  # created concurrently with another config
-            return await js.key_value(subjects.routing_bucket)
-
-
 class Routing:
     """Compute and checkpoint the active agent of sessions.
 
@@ -109,19 +100,13 @@ class Routing:
         except _MISSING:
             return None
         try:
-            value = msgspec.json.decode(entry.value or b"")
-            active, order = value["active"], value["order"]
-            entry_agent = value.get("entry")
-            if not isinstance(active, str) or isinstance(order, bool) or not isinstance(order, int):
-                raise TypeError("bad field types")
-            if order < 0 or (entry_agent is not None and not isinstance(entry_agent, str)):
-                raise ValueError("bad field values")
-        except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            value = decode_checkpoint(entry.value or b"")
+        except msgspec.DecodeError as e:  # ValidationError included
             log.warning("routing checkpoint of %s is unreadable (%s); ignoring it", session_id, e)
             return None
-        if entry_agent is None and order == 0:
-            entry_agent = active  # the log service's `to` hint
-        return Checkpoint(active=active, order=order, entry=entry_agent, revision=entry.revision)
+        return Checkpoint(
+            active=value.active, order=value.order, entry=value.entry, revision=entry.revision
+        )
 
     def _entry(self, cp: Checkpoint | None) -> str:
         entry = cp.entry if cp is not None and cp.entry else self.spec.entry
@@ -167,8 +152,8 @@ class Routing:
             cp = await self.checkpoint(session_id)
             if cp is not None and cp.order >= order:
                 return False
-            value = msgspec.json.encode(
-                {"active": active, "order": order, "entry": entry or self._entry(cp)}
+            value = encode_checkpoint(
+                RoutingCheckpoint(active=active, order=order, entry=entry or self._entry(cp))
             )
             try:
                 if cp is None or cp.revision is None:
@@ -196,7 +181,7 @@ class Routing:
                 agent = target
         if last == 0:
             return None
-        value = msgspec.json.encode({"active": agent, "order": last, "entry": entry})
+        value = encode_checkpoint(RoutingCheckpoint(active=agent, order=last, entry=entry))
         revision = await self.kv.put(session_id, value)
         return Checkpoint(active=agent, order=last, entry=entry, revision=revision)
 

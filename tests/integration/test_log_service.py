@@ -30,6 +30,8 @@ from nats.micro.service import ServiceInfo, ServicePing, ServiceStats, ServiceVe
 from services.log.handlers import ack_size_bound
 from services.log.service import SERVICE_NAME, LogService
 from services.log.store.sqlite import SQLiteStore
+from services.worker.routing import Routing
+from services.worker.spec import load_spec
 from shared.chain import verify
 from shared.client import LogClient
 from shared.config import Settings, load_settings
@@ -255,7 +257,13 @@ async def test_user_messages_with_and_without_a_reply_subject(env: Env) -> None:
     assert ack["first_order"] == 1
     kv = await env.nc.jetstream().key_value(env.settings.subjects.routing_bucket)
     entry = json.loads((await kv.get("fresh")).value)
-    assert entry["active"] == "L1Billing"
+    assert entry == {"active": "L1Billing", "order": 0, "entry": "L1Billing"}
+    # The worker's reader decodes what the log service wrote: the turn goes to L1Billing.
+    routing = Routing(kv, env.client, load_spec(REPO_ROOT / "deploy" / "agents.toml"))
+    cp = await routing.checkpoint("fresh")
+    assert cp is not None and (cp.active, cp.order, cp.entry) == ("L1Billing", 0, "L1Billing")
+    assert await routing.active_agent("fresh", 1) == "L1Billing"
+    assert await routing.active_agent("chat", 1) == "Triage"  # no `to`: the spec's entry
     assert [e.data for e in await raw_log(env, "fresh")] == [{"role": "user", "content": "billing please"}]
     await settled_state(env)
 
