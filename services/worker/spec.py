@@ -25,9 +25,13 @@ system::
     name = "issue_refund"           # optional: the function's name
     description = "..."             # optional: the docstring's first line
 
-Every problem is reported as a :class:`SpecError` whose message names the file,
-the agent and the problem, so a bad deploy fails at startup with one clear line.
-Unknown keys are refused: a typo such as ``histroy_limit`` must not be ignored.
+The TOML is decoded into msgspec Structs (``_SpecFile`` and the tables in it)
+that refuse unknown keys, so a typo such as ``histroy_limit`` is not ignored,
+and carry the field constraints; what spans fields (handoff targets exist, the
+entry agent exists, names are unique, tools import) is checked after decoding.
+Every problem is reported as a :class:`SpecError` whose message names the
+file, the agent and the problem with its path (``$.agents[0].history_limit``),
+so a bad deploy fails at startup with one clear line.
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
 
 from .toolschema import ToolSchemaError, describe_callable, import_callable
 
@@ -57,16 +63,56 @@ __all__ = [
 DEFAULT_MODEL = "gpt-4o-mini"
 DEFAULT_HISTORY_LIMIT = 50
 
-# Chat Completions function names: letters, digits, underscore, dash; at most 64.
-_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-# Agent names become NATS subject tokens and KV values: keep them token-safe.
-_AGENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# One rule for two kinds of name: Chat Completions function names (letters,
+# digits, underscore, dash; at most 64), and agent names, which become NATS
+# subject tokens and KV values and so must stay token-safe.
+_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}\Z"
+_TOOL_NAME = re.compile(_NAME_PATTERN)
 
-_TOP_KEYS = {"entry", "defaults", "agents"}
-_DEFAULT_KEYS = {"model", "history_limit"}
-_AGENT_KEYS = {"name", "instructions", "model", "history_limit", "handoffs", "tools"}
-_HANDOFF_KEYS = {"target", "tool_name", "tool_description"}
-_TOOL_KEYS = {"import_path", "name", "description"}
+_NAME_RULE = "a name of 1 to 64 letters, digits, '_' or '-'"
+
+_NonEmpty = Annotated[str, Meta(min_length=1)]
+_AgentName = Annotated[str, Meta(pattern=_NAME_PATTERN)]
+_ToolName = Annotated[str, Meta(pattern=_NAME_PATTERN)]
+_HistoryLimit = Annotated[int, Meta(ge=1)]
+
+
+# -- the file's shape: decoded from TOML, unknown keys refused ------------------
+
+
+class _Defaults(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    model: _NonEmpty = DEFAULT_MODEL
+    history_limit: _HistoryLimit = DEFAULT_HISTORY_LIMIT
+
+
+class _Handoff(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    target: _NonEmpty
+    tool_name: _ToolName | UnsetType = UNSET  # transfer_to_<target>
+    tool_description: _NonEmpty | UnsetType = UNSET
+
+
+class _Tool(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    import_path: _NonEmpty
+    name: _ToolName | UnsetType = UNSET  # the function's name
+    description: str | UnsetType = UNSET  # the docstring's first line; may be empty
+
+
+class _Agent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: _AgentName
+    instructions: str
+    model: _NonEmpty | UnsetType = UNSET
+    history_limit: _HistoryLimit | UnsetType = UNSET
+    handoffs: list[_Handoff] = []
+    tools: list[_NonEmpty | _Tool] = []  # "package.module:function" or a table
+
+
+class _SpecFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    entry: _NonEmpty
+    defaults: _Defaults = msgspec.field(default_factory=_Defaults)
+    agents: list[_Agent] = []
+
+
+_AGENT_PATH = re.compile(r"`\$\.agents\[(\d+)\]")
 
 
 class SpecError(ValueError):
@@ -202,28 +248,36 @@ def parse_spec(text: str, *, source: str = "<string>") -> SystemSpec:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SpecError(source, None, f"not valid TOML: {e}") from e
-    return _build_system(doc, source)
+    try:
+        spec = msgspec.convert(doc, _SpecFile)
+    except msgspec.ValidationError as e:
+        # Name the rule, not its regex (agent and tool names share it).
+        problem = str(e).replace(f"`str` matching regex {_NAME_PATTERN!r}", _NAME_RULE)
+        raise SpecError(source, _agent_at(doc, problem), problem) from e
+    return _build_system(spec, source)
 
 
-def _build_system(doc: Mapping[str, Any], source: str) -> SystemSpec:
-    _refuse_unknown(doc, _TOP_KEYS, source, None, "top level")
-    defaults = doc.get("defaults", {})
-    if not isinstance(defaults, dict):
-        raise SpecError(source, None, "[defaults] must be a table")
-    _refuse_unknown(defaults, _DEFAULT_KEYS, source, None, "[defaults]")
-    default_model = _string(defaults.get("model", DEFAULT_MODEL), source, None, "defaults.model")
-    default_limit = _history_limit(
-        defaults.get("history_limit", DEFAULT_HISTORY_LIMIT), source, None
-    )
+def _agent_at(doc: dict[str, Any], message: str) -> str | None:
+    """The name of the agent a validation error's path points into, if it has one."""
+    m = _AGENT_PATH.search(message)
+    agents = doc.get("agents")
+    if m is None or not isinstance(agents, list) or int(m[1]) >= len(agents):
+        return None
+    table = agents[int(m[1])]
+    name = table.get("name") if isinstance(table, dict) else None
+    return name if isinstance(name, str) else None
 
-    raw_agents = doc.get("agents")
-    if not isinstance(raw_agents, list) or not raw_agents:
+
+def _build_system(spec: _SpecFile, source: str) -> SystemSpec:
+    if not spec.agents:
         raise SpecError(source, None, "no agents defined: add at least one [[agents]] table")
     agents: dict[str, AgentSpec] = {}
-    for index, raw in enumerate(raw_agents):
-        agent = _build_agent(raw, index, source, default_model, default_limit)
+    for index, raw in enumerate(spec.agents):
+        agent = _build_agent(raw, index, source, spec.defaults)
         if agent.name in agents:
-            raise SpecError(source, agent.name, "duplicate agent name")
+            raise SpecError(
+                source, agent.name, f"duplicate agent name - at `$.agents[{index}].name`"
+            )
         agents[agent.name] = agent
 
     for agent in agents.values():
@@ -235,140 +289,73 @@ def _build_system(doc: Mapping[str, Any], source: str) -> SystemSpec:
                     f"handoff {handoff.tool_name!r} targets unknown agent {handoff.target!r}"
                     f" (defined: {', '.join(agents)})",
                 )
-
-    if "entry" not in doc:
-        raise SpecError(source, None, "missing 'entry' (the default entry agent)")
-    entry = _string(doc["entry"], source, None, "entry")
-    if entry not in agents:
+    if spec.entry not in agents:
         raise SpecError(
-            source, None, f"entry agent {entry!r} is not defined (defined: {', '.join(agents)})"
+            source, None, f"entry agent {spec.entry!r} is not defined (defined: {', '.join(agents)})"
         )
-    return SystemSpec(entry=entry, agents=agents)
+    return SystemSpec(entry=spec.entry, agents=agents)
 
 
-def _build_agent(
-    raw: Any, index: int, source: str, default_model: str, default_limit: int
-) -> AgentSpec:
-    if not isinstance(raw, dict):
-        raise SpecError(source, None, f"agents[{index}] must be a table")
-    if "name" not in raw:
-        raise SpecError(source, None, f"agents[{index}] has no 'name'")
-    name = _string(raw["name"], source, None, f"agents[{index}].name")
-    if not _AGENT_NAME.match(name):
-        raise SpecError(source, name, "agent names must match [A-Za-z0-9_-]{1,64}")
-    _refuse_unknown(raw, _AGENT_KEYS, source, name, "agent table")
-
-    instructions = raw.get("instructions")
-    if instructions is None or (isinstance(instructions, str) and not instructions.strip()):
-        raise SpecError(source, name, "missing instructions")
-    instructions = _string(instructions, source, name, "instructions").strip()
-    model = _string(raw.get("model", default_model), source, name, "model")
-    history_limit = _history_limit(raw.get("history_limit", default_limit), source, name)
-
+def _build_agent(raw: _Agent, index: int, source: str, defaults: _Defaults) -> AgentSpec:
+    name = raw.name
+    instructions = raw.instructions.strip()
+    if not instructions:
+        raise SpecError(
+            source, name, f"instructions must not be blank - at `$.agents[{index}].instructions`"
+        )
+    at = f"$.agents[{index}]"
     handoffs = tuple(
-        _build_handoff(h, i, source, name)
-        for i, h in enumerate(_list(raw, "handoffs", source, name))
+        _build_handoff(h, f"{at}.handoffs[{i}]", source, name) for i, h in enumerate(raw.handoffs)
     )
-    tools = tuple(
-        _build_tool(t, i, source, name) for i, t in enumerate(_list(raw, "tools", source, name))
-    )
+    tools = tuple(_build_tool(t, f"{at}.tools[{i}]", source, name) for i, t in enumerate(raw.tools))
     seen: set[str] = set()
     for tool_name in [h.tool_name for h in handoffs] + [t.name for t in tools]:
         if tool_name in seen:
-            raise SpecError(source, name, f"duplicate tool name {tool_name!r}")
+            raise SpecError(source, name, f"duplicate tool name {tool_name!r} - at `{at}`")
         seen.add(tool_name)
     return AgentSpec(
         name=name,
         instructions=instructions,
-        model=model,
-        history_limit=history_limit,
+        model=defaults.model if raw.model is UNSET else raw.model,
+        history_limit=defaults.history_limit if raw.history_limit is UNSET else raw.history_limit,
         handoffs=handoffs,
         tools=tools,
     )
 
 
-def _build_handoff(raw: Any, index: int, source: str, agent: str) -> HandoffSpec:
-    if not isinstance(raw, dict):
-        raise SpecError(source, agent, f"handoffs[{index}] must be a table")
-    _refuse_unknown(raw, _HANDOFF_KEYS, source, agent, f"handoffs[{index}]")
-    if "target" not in raw:
-        raise SpecError(source, agent, f"handoffs[{index}] has no 'target'")
-    target = _string(raw["target"], source, agent, f"handoffs[{index}].target")
-    tool_name = _string(
-        raw.get("tool_name", f"transfer_to_{target.lower()}"),
-        source,
-        agent,
-        f"handoffs[{index}].tool_name",
-    )
-    _check_tool_name(tool_name, source, agent)
-    description = _string(
-        raw.get("tool_description", f"Handoff to the {target} agent to handle the request."),
-        source,
-        agent,
-        f"handoffs[{index}].tool_description",
+def _build_handoff(raw: _Handoff, path: str, source: str, agent: str) -> HandoffSpec:
+    target = raw.target
+    tool_name = f"transfer_to_{target.lower()}" if raw.tool_name is UNSET else raw.tool_name
+    _check_tool_name(tool_name, f"{path}.tool_name", source, agent)
+    description = (
+        f"Handoff to the {target} agent to handle the request."
+        if raw.tool_description is UNSET
+        else raw.tool_description
     )
     return HandoffSpec(target=target, tool_name=tool_name, tool_description=description)
 
 
-def _build_tool(raw: Any, index: int, source: str, agent: str) -> ToolSpec:
+def _build_tool(raw: str | _Tool, path: str, source: str, agent: str) -> ToolSpec:
     if isinstance(raw, str):
-        raw = {"import_path": raw}
-    if not isinstance(raw, dict):
-        raise SpecError(source, agent, f"tools[{index}] must be a string or a table")
-    _refuse_unknown(raw, _TOOL_KEYS, source, agent, f"tools[{index}]")
-    if "import_path" not in raw:
-        raise SpecError(source, agent, f"tools[{index}] has no 'import_path'")
-    import_path = _string(raw["import_path"], source, agent, f"tools[{index}].import_path")
+        raw = _Tool(import_path=raw)
+    import_path = raw.import_path
     try:
         fn = import_callable(import_path)
         default_name, default_description, schema = describe_callable(fn)
     except ToolSchemaError as e:
-        raise SpecError(source, agent, f"tool {import_path!r}: {e}") from e
-    name = _string(raw.get("name", default_name), source, agent, f"tools[{index}].name")
-    _check_tool_name(name, source, agent)
-    description = raw.get("description", default_description)
-    if not isinstance(description, str):  # may be empty: an undocumented function
-        raise SpecError(source, agent, f"tools[{index}].description must be a string")
+        raise SpecError(source, agent, f"tool {import_path!r}: {e} - at `{path}`") from e
+    name = default_name if raw.name is UNSET else raw.name
+    _check_tool_name(name, f"{path}.name", source, agent)
     return ToolSpec(
         import_path=import_path,
         name=name,
-        description=description,
+        description=default_description if raw.description is UNSET else raw.description,
         parameters_json_schema=schema,
         fn=fn,
     )
 
 
-def _refuse_unknown(
-    table: Mapping[str, Any], allowed: set[str], source: str, agent: str | None, where: str
-) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise SpecError(
-            source,
-            agent,
-            f"unknown key(s) {', '.join(unknown)} in {where} (allowed: {', '.join(sorted(allowed))})",
-        )
-
-
-def _string(value: Any, source: str, agent: str | None, field: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise SpecError(source, agent, f"{field} must be a non-empty string, got {value!r}")
-    return value
-
-
-def _list(raw: Mapping[str, Any], key: str, source: str, agent: str) -> list[Any]:
-    value = raw.get(key, [])
-    if not isinstance(value, list):
-        raise SpecError(source, agent, f"{key} must be an array")
-    return value
-
-
-def _history_limit(value: Any, source: str, agent: str | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SpecError(source, agent, f"history_limit must be an integer >= 1, got {value!r}")
-    return value
-
-
-def _check_tool_name(name: str, source: str, agent: str) -> None:
+def _check_tool_name(name: str, path: str, source: str, agent: str) -> None:
+    """A name the file did not spell out (derived from a target or a function) fits too."""
     if not _TOOL_NAME.match(name):
-        raise SpecError(source, agent, f"tool name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
+        raise SpecError(source, agent, f"tool name {name!r} is not {_NAME_RULE} - at `{path}`")

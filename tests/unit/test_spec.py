@@ -287,7 +287,7 @@ def test_entry_agent_not_defined() -> None:
 
 
 def test_missing_entry() -> None:
-    expect_error(one_agent().replace('entry = "A"', ""), "missing 'entry'")
+    expect_error(one_agent().replace('entry = "A"', ""), "missing required field `entry`")
 
 
 @pytest.mark.parametrize(
@@ -318,27 +318,35 @@ def test_tool_signature_problems(sample_tools: str, fn: str, problem: str) -> No
 
 @pytest.mark.parametrize("value", ["0", "-5", '"50"', "true", "1.5"])
 def test_history_limit_must_be_a_positive_integer(value: str) -> None:
-    expect_error(
-        one_agent(f"history_limit = {value}"), "history_limit must be an integer >= 1", agent="A"
+    err = expect_error(
+        one_agent(f"history_limit = {value}"), "Expected `int`", "at `$.agents[0].history_limit`",
+        agent="A",
     )
+    if value in ("0", "-5"):
+        assert "Expected `int` >= 1" in str(err)
 
 
 def test_history_limit_in_defaults_is_checked_too() -> None:
     text = one_agent().replace('entry = "A"', 'entry = "A"\n[defaults]\nhistory_limit = 0\n')
-    expect_error(text, "history_limit must be an integer >= 1, got 0")
+    expect_error(text, "Expected `int` >= 1 - at `$.defaults.history_limit`")
 
 
-@pytest.mark.parametrize("line", ["", 'instructions = "   "'])
-def test_missing_instructions(line: str) -> None:
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [("", "missing required field `instructions` - at `$.agents[0]`"),
+     ('instructions = "   "', "instructions must not be blank - at `$.agents[0].instructions`")],
+)
+def test_missing_instructions(line: str, problem: str) -> None:
     text = spec_text(f'[[agents]]\nname = "A"\n{line}\n')
-    expect_error(text, "missing instructions", agent="A")
+    expect_error(text, problem, agent="A")
 
 
 def test_unknown_keys_are_refused() -> None:
     expect_error(
-        one_agent("histroy_limit = 5"), "unknown key(s) histroy_limit in agent table", agent="A"
+        one_agent("histroy_limit = 5"), "unknown field `histroy_limit` - at `$.agents[0]`", agent="A"
     )
-    expect_error("extra = 1\n" + one_agent(), "unknown key(s) extra in top level")
+    err = expect_error("extra = 1\n" + one_agent(), "unknown field `extra`")
+    assert err.agent is None
 
 
 def test_no_agents() -> None:
@@ -346,13 +354,18 @@ def test_no_agents() -> None:
 
 
 def test_bad_agent_name() -> None:
-    expect_error(one_agent(name="has space"), "agent names must match", agent="has space")
+    expect_error(
+        one_agent(name="has space"),
+        "Expected a name of 1 to 64 letters, digits, '_' or '-' - at `$.agents[0].name`",
+        agent="has space",
+    )
 
 
 def test_bad_tool_name() -> None:
     expect_error(
         one_agent('[[agents.handoffs]]\ntarget = "A"\ntool_name = "no spaces allowed"'),
-        "tool name 'no spaces allowed' must match",
+        "Expected a name of 1 to 64 letters, digits, '_' or '-'",
+        "at `$.agents[0].handoffs[0].tool_name`",
         agent="A",
     )
 
@@ -370,3 +383,64 @@ def test_load_spec_names_the_file(tmp_path: Path) -> None:
         load_spec(path)
     with pytest.raises(SpecError, match="cannot read spec file"):
         load_spec(tmp_path / "missing.toml")
+
+
+# -- the decoder names the path of every shape problem ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment", "agent"),
+    [
+        ('defaults = 5\n' + one_agent(), "Expected `object`, got `int` - at `$.defaults`", None),
+        (one_agent().replace('entry = "A"', 'entry = "A"\n[defaults]\nmodle = "m"\n'),
+         "unknown field `modle` - at `$.defaults`", None),
+        ('entry = "A"\nagents = 5\n', "Expected `array`, got `int` - at `$.agents`", None),
+        ('entry = "A"\nagents = [5]\n', "Expected `object`, got `int` - at `$.agents[0]`", None),
+        ('entry = 5\n' + one_agent().replace('entry = "A"', ""), "Expected `str`, got `int` - at `$.entry`", None),
+        (one_agent('model = ""'), "Expected `str` of length >= 1 - at `$.agents[0].model`", "A"),
+        (one_agent("handoffs = 5"), "Expected `array`, got `int` - at `$.agents[0].handoffs`", "A"),
+        (one_agent('[[agents.handoffs]]\ntarget = "A"\nvia = "x"'),
+         "unknown field `via` - at `$.agents[0].handoffs[0]`", "A"),
+        (one_agent('[[agents.handoffs]]\ntool_name = "go"'),
+         "missing required field `target` - at `$.agents[0].handoffs[0]`", "A"),
+        (one_agent("tools = [5]"), "Expected `str | object`, got `int` - at `$.agents[0].tools[0]`", "A"),
+        (one_agent('tools = [""]'), "at `$.agents[0].tools[0]`", "A"),
+        (one_agent('tools = [{import_path = "m:f", desc = "x"}]'),
+         "unknown field `desc` - at `$.agents[0].tools[0]`", "A"),
+        (one_agent('tools = [{import_path = "services.worker.support_tools:issue_refund", description = 5}]'),
+         "Expected `str`, got `int` - at `$.agents[0].tools[0].description`", "A"),
+    ],
+)
+def test_shape_problems_name_their_path(text: str, fragment: str, agent: str | None) -> None:
+    err = expect_error(text, fragment, agent=agent)
+    assert err.agent == agent
+
+
+def test_a_derived_tool_name_is_checked_too() -> None:
+    # The target's name is fine, but transfer_to_<target> is over 64 characters.
+    long = "B" * 60
+    text = spec_text(
+        f"""
+        [[agents]]
+        name = "A"
+        instructions = "a"
+        [[agents.handoffs]]
+        target = "{long}"
+
+        [[agents]]
+        name = "{long}"
+        instructions = "b"
+        """
+    )
+    expect_error(text, f"tool name 'transfer_to_{long.lower()}' is not a name of 1 to 64",
+                 "at `$.agents[0].handoffs[0].tool_name`", agent="A")
+
+
+def test_load_spec_names_the_file_and_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "agents.toml"
+    path.write_text(one_agent("history_limit = 0"))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value) == (
+        f"{path}: agent 'A': Expected `int` >= 1 - at `$.agents[0].history_limit`"
+    )
