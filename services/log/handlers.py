@@ -173,7 +173,17 @@ class Handlers:
     async def sessions(self, subject: str, body: bytes) -> bytes:
         req = decode(body, SessionsRequest)
         infos, more = await self.store.sessions(after=req.after, limit=req.limit or DEFAULT_SESSIONS_LIMIT)
-        return _encode(SessionsReply(sessions=infos, more=more))
+        reply = _encode(SessionsReply(sessions=infos, more=more))
+        if len(reply) <= self.max_payload:
+            return reply
+        # Long session ids on a small max payload: a shorter page, as reads do.
+        budget, size, keep = self.max_payload - _REPLY_OVERHEAD, 0, 0
+        for info in infos:
+            size += len(_encode(info)) + 1
+            if size > budget and keep:
+                break
+            keep += 1
+        return _encode(SessionsReply(sessions=infos[:keep], more=True))
 
     # -- validation ------------------------------------------------------
     def _prepare(self, req: AppendRequest, body_size: int) -> AppendRequest:

@@ -501,6 +501,17 @@ async def test_an_ack_that_cannot_fit_the_max_payload_is_too_large(env: Env) -> 
     assert len(msg.data) <= ack_size_bound([i["item_id"] for i in json.loads(msg.data)["items"]])
 
 
+async def test_sessions_pages_stay_under_the_max_payload(env: Env) -> None:
+    # 400 sessions with 120-character ids: ~75 KB of listing, over the 64 KiB max payload.
+    sids = [f"{i:04d}" + "s" * 116 for i in range(400)]
+    await asyncio.gather(*(env.client.append(sid, [user("hi")]) for sid in sids))
+    _, page = await wire(env.nc, "convlog.sessions", {"limit": 1000})
+    assert page["more"] is True and 0 < len(page["sessions"]) < 400
+    assert [s["session_id"] for s in page["sessions"]] == sids[: len(page["sessions"])]
+    # Paging on from the last one lists every session exactly once.
+    assert [s.session_id async for s in env.client.iter_sessions()] == sids
+
+
 async def test_a_custom_prefix_moves_every_subject(env: Env) -> None:
     settings = load_settings(
         {"nats_url": env.server.url, "db": str(env.tmp / "acme.db"), "prefix": "acme.log"}, environ={}
