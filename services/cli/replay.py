@@ -1,5 +1,6 @@
 """``convlog replay``: audit replay of every envelope, from the service, the
-SQLite file (no service needed) or a JSONL export, with hash-chain verification."""
+SQLite file (no service needed) or a JSONL export, with hash-chain verification
+(and, for a SQLite file, a cross-check of every row's columns)."""
 
 from __future__ import annotations
 
@@ -95,8 +96,8 @@ def _checked_rows(
     summary: tuple[int, str, int] | None,
     session_id: str,
 ) -> Iterator[Stored]:
-    prev_position = first_order = 0
-    last_order, last_hash, last_clear = 0, GENESIS_HASH, 0
+    prev_position = first_order = last_order = last_clear = 0
+    last_hash = GENESIS_HASH
     hidden: set[int] = set()  # orders whose hidden flag is set
     retracted: set[int] = set()  # orders a retract envelope targets
     for position, order, item_id, kind, hidden_flag, raw in rows:
@@ -106,23 +107,9 @@ def _checked_rows(
         if isinstance(env, _Undecodable):
             yield env
         else:
-            where = f"row {position} (item_order column {order})"
-            if env.session_id != session_id:
-                yield _BadRow(order, f"{where} is filed under session {session_id!r} but holds "
-                              f"an envelope of session {env.session_id!r}", env)
-            elif env.item_order != order:
-                yield _BadRow(order, f"{where} holds the envelope of item_order {env.item_order}", env)
-            elif env.item_id != item_id:
-                yield _BadRow(order, f"{where} has item_id column {item_id!r} but its envelope "
-                              f"says {env.item_id!r}", env)
-            elif env.kind != kind:
-                yield _BadRow(order, f"{where} has kind column {kind!r} but its envelope says "
-                              f"{env.kind!r}", env)
-            elif position <= prev_position:
-                yield _BadRow(order, f"{where} was committed before item_order {order - 1} "
-                              f"(position {position} <= {prev_position})", env)
-            else:
-                yield env
+            columns = (session_id, order, item_id, kind)
+            reason = _row_disagreement(env, columns, position, prev_position)
+            yield env if reason is None else _BadRow(order, reason, env)
             if env.kind == "retract" and isinstance(env.data.get("target"), int):
                 retracted.add(env.data["target"])
             elif env.kind == "clear":
@@ -132,24 +119,44 @@ def _checked_rows(
         first_order = first_order or order
     if hidden != retracted:
         k = min(hidden ^ retracted)
-        if k in hidden:
-            yield _BadRow(k, f"the row of item_order {k} is marked hidden, but no retract targets it")
-        else:
-            yield _BadRow(k, f"item_order {k} is retracted, but its row is not marked hidden")
+        yield _BadRow(k, f"the row of item_order {k} is marked hidden, but no retract targets it"
+                      if k in hidden else
+                      f"item_order {k} is retracted, but its row is not marked hidden")
     if summary is None:
         if last_order:
             yield _BadRow(first_order, f"the sessions table has no row for session {session_id!r}")
         return
     s_last, s_hash, s_clear = summary
     if s_last != last_order:
-        yield _BadRow(min(s_last, last_order) + 1, f"the sessions table says the session ends at "
-                      f"item_order {s_last}, but its last row is item_order {last_order}")
+        yield _BadRow(min(s_last, last_order) + 1, f"the sessions table says the session ends "
+                      f"at item_order {s_last}, but its last row is item_order {last_order}")
     elif s_hash != last_hash:
-        yield _BadRow(last_order, f"the sessions table's last hash {s_hash[:16]}... is not the hash "
-                      f"of item_order {last_order}")
+        yield _BadRow(last_order, f"the sessions table's last hash {s_hash[:16]}... is not the "
+                      f"hash of item_order {last_order}")
     elif s_clear != last_clear:
-        yield _BadRow(min(x for x in (s_clear, last_clear) if x), f"the sessions table says the "
-                      f"last clear is item_order {s_clear}, but the log's is {last_clear}")
+        yield _BadRow(min(x for x in (s_clear, last_clear) if x), f"the sessions table says "
+                      f"the last clear is item_order {s_clear}, but the log's is {last_clear}")
+
+
+def _row_disagreement(
+    env: Envelope, columns: tuple[str, int, str, str], position: int, prev_position: int
+) -> str | None:
+    """What a row's columns say that its (hashed) envelope does not, or ``None``."""
+    session_id, order, item_id, kind = columns
+    where = f"row {position} (item_order column {order})"
+    if env.session_id != session_id:
+        return (f"{where} is filed under session {session_id!r} but holds an envelope of "
+                f"session {env.session_id!r}")
+    if env.item_order != order:
+        return f"{where} holds the envelope of item_order {env.item_order}"
+    if env.item_id != item_id:
+        return f"{where} has item_id column {item_id!r} but its envelope says {env.item_id!r}"
+    if env.kind != kind:
+        return f"{where} has kind column {kind!r} but its envelope says {env.kind!r}"
+    if position <= prev_position:
+        return (f"{where} was committed before item_order {order - 1} "
+                f"(position {position} <= {prev_position})")
+    return None
 
 
 def envelopes_from_file(path: Path, session_id: str | None) -> Iterator[Envelope | _Undecodable]:

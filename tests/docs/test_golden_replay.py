@@ -208,6 +208,14 @@ COLUMN_TAMPERS = {
         ["UPDATE items SET session_id = 'elsewhere' WHERE session_id = :sid AND item_order = 4"],
         4, "expected item_order 4, found 5",
     ),
+    "swap-positions": (  # rows and envelopes agree, but 4 claims to be committed before 3
+        [   # the golden session was written first: its positions are its orders
+            "UPDATE items SET position = -3 WHERE session_id = :sid AND item_order = 3 AND position = 3",
+            "UPDATE items SET position = 3 WHERE session_id = :sid AND item_order = 4 AND position = 4",
+            "UPDATE items SET position = 4 WHERE session_id = :sid AND item_order = 3 AND position = -3",
+        ],
+        4, "row 3 (item_order column 4) was committed before item_order 3",
+    ),
     "hidden-column": (
         ["UPDATE items SET hidden = 1 WHERE session_id = :sid AND item_order = 2"],
         2, "marked hidden, but no retract targets it",
