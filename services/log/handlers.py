@@ -90,7 +90,8 @@ class Handlers:
         store: the log store.
         subjects: subject names for the configured prefix.
         max_item_bytes: largest encoded ``data`` of one item.
-        max_payload: the server's max payload; read replies stay under it.
+        max_payload: the server's max payload; read and sessions pages stay
+            under it, and an append whose ack could not is refused ``too_large``.
         entry_hint: called with (session_id, agent) when a user message with
             ``to`` starts a new session (records the entry agent as routing
             metadata, outside the log).
