@@ -33,6 +33,7 @@ from shared.errors import ERROR_HEADER, ConvlogError
 from shared.inline import deliver_inline
 from shared.messages import AppendReply
 from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
+from shared.subjects import Subjects
 
 from .handlers import Handlers, encode_outcome, error_reply
 from .outbox import Outbox, ensure_stream
@@ -40,12 +41,17 @@ from .store.base import LogStore
 from .store.sqlite import SQLiteStore
 from .wire import Message, publish_many
 
-__all__ = ["LogService"]
+__all__ = ["LogService", "ensure_routing_bucket"]
 
 log = logging.getLogger("convlog.log")
 
 SERVICE_NAME = "convlog-log"
 QUEUE_GROUP = "convlog-log"
+
+
+async def ensure_routing_bucket(nc: Client, subjects: Subjects, *, replicas: int = 1) -> Any:
+    """The KV bucket holding per-session routing metadata (created if missing)."""
+    return await open_routing_bucket(nc, subjects, replicas=replicas)
 
 
 class LogService:
@@ -114,7 +120,7 @@ class LogService:
         )
         js = self.nc.jetstream()
         await ensure_stream(js, self.subjects, replicas=self.settings.stream_replicas)
-        kv = await open_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
+        kv = await ensure_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
 
         async def entry_hint(sid: str, agent: str) -> None:
             value = encode_checkpoint(entry_checkpoint(agent))
