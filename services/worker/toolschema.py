@@ -5,6 +5,10 @@ The schema is built from the signature: every parameter must be annotated with
 ``Literal[...]`` of strings or numbers, or ``X | None`` / ``Optional[X]`` of
 those.  Parameters without a default are required.  Per-parameter
 descriptions come from a Google-style ``Args:`` section of the docstring.
+
+A parameter named ``idempotency_key`` (annotated ``str`` or ``str | None``) is
+left out of the schema: the worker fills it with the call's idempotency key
+(see :mod:`.tools`), never the model.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ToolSchemaError", "describe_callable", "import_callable"]
+__all__ = ["IDEMPOTENCY_KEY", "ToolSchemaError", "describe_callable", "import_callable"]
+
+#: The parameter through which a tool receives its call's idempotency key.
+IDEMPOTENCY_KEY = "idempotency_key"
 
 _SCALARS: dict[Any, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
 _ARGS_HEADER = re.compile(r"^\s*(Args|Arguments|Parameters):\s*$")
@@ -80,6 +87,13 @@ def describe_callable(fn: Callable[..., Any]) -> tuple[str, str, dict[str, Any]]
             raise ToolSchemaError(f"parameter {param.name!r}: positional-only is not supported")
         if param.name not in hints:
             raise ToolSchemaError(f"parameter {param.name!r} has no type annotation")
+        if param.name == IDEMPOTENCY_KEY:
+            if hints[param.name] not in (str, str | None):
+                raise ToolSchemaError(
+                    f"parameter {IDEMPOTENCY_KEY!r} must be annotated str (the worker passes "
+                    "the call's idempotency key)"
+                )
+            continue  # filled in by the worker, not shown to the model
         try:
             prop = _schema_for(hints[param.name])
         except ToolSchemaError as e:

@@ -6,24 +6,38 @@ started by a trigger item (the user message, or the handoff output naming the
 agent) and run by that agent's worker.
 
 Exactly one reply per user message, whatever replicas, crashes and
-redeliveries happen, rests on three things:
+redeliveries happen, rests on four things:
 
 1. **Derived ids.**  Every item the turn writes is named
-   ``<turn>.<agent>.<step>.<role>`` (:mod:`.turn_ids`), and one model call's
-   items are appended in one atomic request.  A step is in the log entirely or
-   not at all, and writing it again is answered ``duplicate``.
+   ``<turn>.<agent>.<step>.<role>`` (:mod:`.turn_ids`), so writing it again is
+   answered ``duplicate``.  A reply, a failure or a handoff-only step is
+   appended in one atomic request.
 2. **Read, then decide.**  Each step first reads the visible window (the
    model's input, and the session's ``last_order``), then every item after
    the trigger.  A turn with a ``reply`` or ``fail`` item is finished; a part
-   with a handoff is over; otherwise the next step number follows the highest
+   with a handoff is over; a step whose ``function_call`` items lack outputs
+   is *pending* (below); otherwise the next step number follows the highest
    one in the log.  A redelivered or resumed turn continues where the log
    says, and never repeats a step.
-3. **expected_last.**  The step is appended with ``expected_last`` = the
-   ``last_order`` the window was read at.  If anything was written since (a
-   new user message, another turn, a replica racing on the same turn) the
-   append is refused; the part reads again and redoes the step, so a reply is
-   always based on the full history and two writers can never both add a
-   terminal item to the same turn.
+3. **expected_last.**  What the model answered is appended with
+   ``expected_last`` = the ``last_order`` the window was read at.  If anything
+   was written since (a new user message, another turn, a replica racing on
+   the same turn) the append is refused; the part reads again and asks the
+   model again, so a reply is always based on the full history and two
+   writers can never both add a terminal item to the same turn.
+4. **Write-ahead tool calls.**  A step with function tools commits its
+   ``function_call`` items first (the model's text and the calls, with
+   ``expected_last``), then runs each tool and appends its
+   ``function_call_output`` as soon as the tool returns (by id, without
+   ``expected_last``: the call is already decided).  A handoff's output is
+   appended after the step's tool outputs, so the next agent starts with
+   every output in the log.  A committed call is never asked of the model
+   again: a resumed, redelivered or out-raced part finds the pending step and
+   runs the tools still missing an output, then calls the model.  So a tool
+   runs once per call unless a worker dies (or stalls past ``ack_wait``)
+   between the tool and its output; then it runs again with the same
+   idempotency key, the call item's id (see :mod:`.tools` for the contract
+   tools follow for an exactly-once effect).
 
 Model failures (:class:`~.model.ModelUnavailable` once its retries are
 exhausted, :class:`~.model.ModelRejected`) end the turn with a ``system``
@@ -34,11 +48,8 @@ model calls of one turn.
 from __future__ import annotations
 
 import asyncio
-import inspect
-import json
 import logging
 import random
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,14 +62,20 @@ from .convert import (
     agent_tool_schemas,
     assistant_text_item,
     function_call_item,
-    function_call_output_item,
-    handoff_output,
     items_to_chat_messages,
-    parse_handoff_output,
 )
-from .model import ModelClient, ModelError, ModelReply, ToolCall
+from .model import ModelClient, ModelError, ModelReply
 from .routing import Routing, handoff_target
-from .spec import AgentSpec, ToolSpec
+from .spec import AgentSpec
+from .tools import (
+    Call,
+    CallLedger,
+    Finished,
+    PendingStep,
+    finish_calls,
+    handoff_outputs,
+    output_item,
+)
 from .turn_ids import parse_turn_item_id, turn_item_id
 
 __all__ = [
@@ -72,7 +89,6 @@ __all__ = [
 log = logging.getLogger("convlog.worker.turn")
 
 DEFAULT_MAX_STEPS = 10
-MAX_TOOL_OUTPUT_CHARS = 32_000
 
 
 class TurnBusyError(RuntimeError):
@@ -124,6 +140,7 @@ class _State:
     last_step: int
     finished: Envelope | None = None
     handoff: tuple[str, int] | None = None
+    pending: PendingStep | None = None
 
 
 @dataclass(slots=True)
@@ -132,6 +149,7 @@ class _Step:
     terminal: str | None = None  # "replied" / "failed" when the step ends the turn
     handoff_to: str | None = None
     handoff_item_id: str | None = None
+    pending: PendingStep | None = None  # tools to run once the items are committed
 
 
 class TurnRunner:
@@ -190,6 +208,15 @@ class TurnRunner:
             if state.handoff is not None:
                 await self._checkpoint(part, *state.handoff)
                 return TurnResult("done", model_calls, written)
+            if state.pending is not None and fail_reason is None:
+                # Committed calls are never asked of the model again: finish them.
+                done = await self._finish_calls(part, state.pending)
+                written += done.written
+                if done.handoff is not None:
+                    return TurnResult("handed_off", model_calls, written, done.handoff[0])
+                if done.raced:
+                    conflicts = await self._backoff(part, conflicts)
+                continue
             if state.newest > state.last_order:
                 # Written between our two reads: read a consistent view again.
                 conflicts = await self._backoff(part, conflicts)
@@ -226,7 +253,14 @@ class TurnRunner:
                 return TurnResult("handed_off", model_calls, written, step.handoff_to)
             if step.terminal is not None:
                 return TurnResult(step.terminal, model_calls, written)
-            # a tool step: call the model again with the outputs in the history
+            if step.pending is not None:  # the calls are committed: now run their tools
+                done = await self._finish_calls(part, step.pending)
+                written += done.written
+                if done.handoff is not None:
+                    return TurnResult("handed_off", model_calls, written, done.handoff[0])
+                if done.raced:
+                    conflicts = await self._backoff(part, conflicts)
+            # then call the model again with the outputs in the history
 
     async def _backoff(self, part: TurnPart, conflicts: int) -> int:
         conflicts += 1
@@ -245,6 +279,7 @@ class TurnRunner:
         last_order = max([rep.last_order, *(e.item_order for e in window)])
         state = _State(window=window, last_order=last_order, newest=last_order,
                        last_step=part.after_step)
+        ledger = CallLedger(self.agent.name)
         async for env in self.client.iter_items(part.session_id, after=part.start, raw=True):
             state.newest = max(state.newest, env.item_order)
             tid = parse_turn_item_id(env.item_id)
@@ -257,6 +292,8 @@ class TurnRunner:
                 target = handoff_target(env)
                 if target is not None:
                     state.handoff = (target, env.item_order)
+            ledger.add(tid, env)
+        state.pending = ledger.pending(state.last_step)
         return state
 
     async def _append(self, part: TurnPart, step: _Step, expected_last: int) -> AppendReply:
@@ -310,9 +347,9 @@ class TurnRunner:
         except ModelError as e:
             log.warning("%s: model failed in session %s: %s", self.agent.name, part.session_id, e)
             return self._fail(part, step, str(e))
-        return await self._items_for(part, step, reply, state)
+        return self._items_for(part, step, reply, state)
 
-    async def _items_for(self, part: TurnPart, step: int, reply: ModelReply, state: _State) -> _Step:
+    def _items_for(self, part: TurnPart, step: int, reply: ModelReply, state: _State) -> _Step:
         hint = f"{part.turn}.{self.agent.name}.{step}"
         if not reply.tool_calls:
             item = self._item(part, step, "reply", assistant_text_item(reply.text or "", hint))
@@ -321,54 +358,28 @@ class TurnRunner:
         if reply.text:
             out.items.append(self._item(part, step, "msg", assistant_text_item(reply.text, hint)))
         used_ids = {str(e.data.get("call_id")) for e in state.window if "call_id" in e.data}
+        calls: list[Call] = []
         for i, call in enumerate(reply.tool_calls):
             # Some servers reuse call ids across responses; pairing needs them unique.
             call_id = call.id if call.id and call.id not in used_ids else f"call_{hint}.{i}"
             used_ids.add(call_id)
-            handoff = self.agent.handoff_for(call.name)
-            if handoff is not None and out.handoff_to is None:
-                output = handoff_output(handoff.target)
-                out.handoff_to = handoff.target
-                out.handoff_item_id = turn_item_id(part.turn, self.agent.name, step, f"out{i}")
-            elif handoff is not None:
-                output = (f"error: {call.name} ignored: only one handoff per response "
-                          f"(this response hands off to {out.handoff_to})")
-            else:
-                output = await self._run_tool(call)
-            out.items.append(self._item(
-                part, step, f"call{i}", function_call_item(call_id, call.name, call.arguments)
-            ))
-            out.items.append(self._item(
-                part, step, f"out{i}", function_call_output_item(call_id, output)
-            ))
+            item = self._item(part, step, f"call{i}", function_call_item(call_id, call.name, call.arguments))
+            out.items.append(item)
+            calls.append(Call(i, call_id, call.name, call.arguments, item.item_id or ""))
+        handoffs, target, at = handoff_outputs(self.agent, calls)
+        if len(handoffs) < len(calls):
+            out.pending = PendingStep(step, calls)  # tools run once these items are committed
+            return out
+        # Only handoffs: nothing runs, so the step is written whole, in one request.
+        out.items += [output_item(self.agent.name, part.turn, step, c, handoffs[c.index]) for c in calls]
+        out.handoff_to = target
+        out.handoff_item_id = turn_item_id(part.turn, self.agent.name, step, f"out{at}")
         return out
 
-    async def _run_tool(self, call: ToolCall) -> str:
-        """Run a function tool; every failure becomes the output the model sees."""
-        tool: ToolSpec | None = self.agent.tool_for(call.name)
-        if tool is None:
-            return f"error: {self.agent.name} has no tool named {call.name!r}"
-        try:
-            arguments = json.loads(call.arguments or "{}")
-        except ValueError as e:
-            return f"error: the arguments of {call.name} are not valid JSON: {e}"
-        if not isinstance(arguments, Mapping):
-            return f"error: the arguments of {call.name} must be a JSON object"
-        try:
-            async with asyncio.timeout(self.tool_timeout):
-                if inspect.iscoroutinefunction(tool.fn):
-                    result = await tool.fn(**arguments)
-                else:  # a thread, so a slow sync tool never blocks the worker's loop
-                    result = await asyncio.to_thread(tool.fn, **arguments)
-                if inspect.isawaitable(result):
-                    result = await result
-        except TimeoutError:
-            return f"error: {call.name} did not finish within {self.tool_timeout:g}s"
-        except Exception as e:
-            return f"error: {call.name} failed: {type(e).__name__}: {e}"
-        output = result if isinstance(result, str) else json.dumps(result, default=str)
-        if parse_handoff_output(output) is not None:
-            output = json.dumps({"result": output})  # a tool's output must not read as a handoff
-        if len(output) > MAX_TOOL_OUTPUT_CHARS:
-            output = output[:MAX_TOOL_OUTPUT_CHARS] + " [truncated]"
-        return output
+    async def _finish_calls(self, part: TurnPart, pending: PendingStep) -> Finished:
+        """Run the committed calls' missing tools (:func:`.tools.finish_calls`)."""
+        done = await finish_calls(self.client, self.agent, part.session_id, part.turn, pending,
+                                  time_limit=self.tool_timeout)
+        if done.handoff is not None:
+            await self._checkpoint(part, *done.handoff)
+        return done

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import re
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,9 +130,10 @@ class WorkerStack:
         ack_wait: float = 30.0,
         args: Sequence[str] = (),
         name: str | None = None,
+        extra_env: Mapping[str, str] | None = None,
     ) -> Proc:
         """A ``convlog worker`` process (not started; stopped with the stack)."""
-        env = service_env(self.tmp / "convlog-data")
+        env = {**service_env(self.tmp / "convlog-data"), **(extra_env or {})}
         env.pop("OPENAI_API_KEY", None)
         env.pop("OPENAI_BASE_URL", None)
         if openai:

@@ -30,6 +30,7 @@ from services.worker.rules_model import (
 )
 from services.worker.scenario import ESCALATION_CONVERSATION, SEED_CONVERSATION
 from services.worker.spec import SystemSpec, load_spec
+from services.worker.tools import IDEMPOTENCY_KEY, takes_idempotency_key
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,7 +93,7 @@ async def play(
                 turn.replies.append((active, reply.text))
             if not reply.tool_calls:
                 break
-            for call in reply.tool_calls:
+            for i, call in enumerate(reply.tool_calls):
                 items.append(convert.function_call_item(call.id, call.name, call.arguments))
                 handoff = agent.handoff_for(call.name)
                 if handoff is not None:
@@ -107,7 +108,9 @@ async def play(
                 tool = agent.tool_for(call.name)
                 assert tool is not None, f"{active} called an unknown tool {call.name}"
                 arguments = json.loads(call.arguments)
-                output = tool.fn(**arguments)
+                # As the worker does: the call's stable idempotency key, if the tool takes one.
+                key = {IDEMPOTENCY_KEY: f"t{n}.{active}.{step}.call{i}"} if takes_idempotency_key(tool.fn) else {}
+                output = tool.fn(**arguments, **key)
                 if inspect.isawaitable(output):
                     output = await output
                 items.append(convert.function_call_output_item(call.id, output))
