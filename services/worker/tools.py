@@ -5,9 +5,11 @@ The contract for tool authors (also in the README, "Function tools"):
 * **When a tool runs.**  The worker first commits the model's
   ``function_call`` item to the log, then runs the tool, then appends its
   ``function_call_output``.  A call in the log is never asked of the model
-  again: a turn that is resumed, redelivered to another replica, or that loses
-  a race with a new user message picks up the committed call and runs the tool
-  for it.  Delivery is therefore **at least once**: a worker killed after the
+  again: a turn that is resumed or redelivered to another replica picks up
+  the committed call and runs the tool for it, and a user message arriving
+  meanwhile changes nothing (one arriving *before* the call is committed makes
+  the model decide again, with nothing run yet).  Delivery is therefore
+  **at least once**: a worker killed after the
   tool did its work but before the output was committed, or frozen long enough
   for another replica to take the turn over, makes the tool run again *for the
   same call*.

@@ -149,7 +149,6 @@ class _Step:
     terminal: str | None = None  # "replied" / "failed" when the step ends the turn
     handoff_to: str | None = None
     handoff_item_id: str | None = None
-    pending: PendingStep | None = None  # tools to run once the items are committed
 
 
 class TurnRunner:
@@ -253,14 +252,8 @@ class TurnRunner:
                 return TurnResult("handed_off", model_calls, written, step.handoff_to)
             if step.terminal is not None:
                 return TurnResult(step.terminal, model_calls, written)
-            if step.pending is not None:  # the calls are committed: now run their tools
-                done = await self._finish_calls(part, step.pending)
-                written += done.written
-                if done.handoff is not None:
-                    return TurnResult("handed_off", model_calls, written, done.handoff[0])
-                if done.raced:
-                    conflicts = await self._backoff(part, conflicts)
-            # then call the model again with the outputs in the history
+            # A tool step: its calls are committed; the next read finds them pending and
+            # runs their tools, then the model is called with the outputs in the history.
 
     async def _backoff(self, part: TurnPart, conflicts: int) -> int:
         conflicts += 1
@@ -368,8 +361,7 @@ class TurnRunner:
             calls.append(Call(i, call_id, call.name, call.arguments, item.item_id or ""))
         handoffs, target, at = handoff_outputs(self.agent, calls)
         if len(handoffs) < len(calls):
-            out.pending = PendingStep(step, calls)  # tools run once these items are committed
-            return out
+            return out  # tools run once these calls are committed
         # Only handoffs: nothing runs, so the step is written whole, in one request.
         out.items += [output_item(self.agent.name, part.turn, step, c, handoffs[c.index]) for c in calls]
         out.handoff_to = target
