@@ -22,6 +22,8 @@ def register_extra(sub: Any, common: Callable[[argparse.ArgumentParser], None]) 
 
 
 def _registrars() -> list[Callable[..., None]]:
+    from services.web import cli as web
+
     from . import bench, stack_cmds, worker_cmds
 
-    return [bench.register, stack_cmds.register, worker_cmds.register]
+    return [bench.register, stack_cmds.register, worker_cmds.register, web.register]

@@ -292,8 +292,12 @@ def _verify_file(db: Path, sid: str) -> str | None:
 
 async def run_demo(*, agents_path: Path | None = None, offline: bool = False, keep: bool = False,
                    turn_timeout: float = 20.0, start_timeout: float = 30.0,
-                   stream: TextIO = sys.stdout) -> int:
-    """Run the demo; return the exit code.  See the module docstring."""
+                   stream: TextIO = sys.stdout, web_port: int | None = None) -> int:
+    """Run the demo; return the exit code.  See the module docstring.
+
+    With ``web_port``, the stack stays up after the replay, behind the web
+    console on 127.0.0.1 (``convlog demo --web``), until Ctrl-C or SIGTERM.
+    """
     from services.worker.scenario import (
         ESCALATION_CONVERSATION,
         ESCALATION_SESSION_ID,
@@ -370,6 +374,10 @@ async def run_demo(*, agents_path: Path | None = None, offline: bool = False, ke
                     out.line(f"verified: {sid}: {count} items, orders 1..{count} contiguous, "
                              f"hash chain intact ({by})")
             problems = found
+            if web_port is not None:  # --web: keep the stack up behind the console
+                from services.web.cli import serve_demo_console
+
+                await serve_demo_console(client, nats_url=url, port=web_port, say=out.line)
         finally:
             await client.close()
     except DemoFailure as e:

@@ -110,6 +110,7 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return await run_demo(
         agents_path=Path(args.agents) if args.agents else None,
         offline=args.offline, keep=args.keep, turn_timeout=args.turn_timeout,
+        web_port=args.web_port if args.web else None,
     )
 
 
@@ -141,4 +142,8 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None],
     p.add_argument("--turn-timeout", type=float, default=20.0, metavar="S",
                    help="seconds to wait for each turn's answer (default 20)")
     p.add_argument("--log-level", help="log level of the demo itself")
+    p.add_argument("--web", action="store_true",
+                   help="then keep the stack up and serve the web console until Ctrl-C")
+    p.add_argument("--web-port", type=int, default=8080, metavar="PORT",
+                   help="the console's port on 127.0.0.1 (default 8080; busy: a free one)")
     commands["demo"] = cmd_demo

@@ -1,0 +1,1 @@
+"""The web audit console (`convlog web`)."""

@@ -1,0 +1,276 @@
+"""The web audit console: routes, the live tail (SSE) and the guards around them.
+
+Everything goes through :class:`~shared.client.LogClient`, so the console
+works with any store and any number of log-service instances.  It is
+read-only (``GET``/``HEAD`` only) and serves data as JSON / JSONL; the pages
+are static files that render it as text and verify the hash chain in the
+browser, so a reviewer need not trust this server (see ``static/chain.js``).
+
+Routes:
+    ``/``                              the sessions page
+    ``/sessions/<sid>``                one conversation
+    ``/verify``                        verify a JSONL export from the reviewer's disk
+    ``/api/sessions``                  ``?prefix=&cursor=&limit=`` newest first
+    ``/sessions/<sid>/export.jsonl``   every envelope (``?download=1``: as a file)
+    ``/sessions/<sid>/live``           SSE: every envelope after ``?after=`` / ``Last-Event-ID``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.client import LogClient
+from shared.codec import encode_envelope_line
+from shared.errors import ConvlogError, InvalidSessionIdError
+from shared.messages import Envelope
+from shared.subjects import validate_session_id
+
+from .index import SessionIndex
+
+__all__ = ["WebOptions", "build_app"]
+
+log = logging.getLogger("convlog.web")
+
+STATIC = Path(__file__).parent / "static"
+_PREFIX = re.compile(r"^[A-Za-z0-9_-]{0,128}\Z")
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
+EXPORT_PAGE = 2000  # envelopes per read while streaming an export
+
+# Pages load only our own files; no inline script or style can run even if
+# something slipped past rendering-as-text.
+_SECURITY_HEADERS = [
+    (b"content-security-policy",
+     b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+     b"img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+
+
+@dataclass(frozen=True)
+class WebOptions:
+    """How the console guards itself.
+
+    Attributes:
+        token: when set, every request needs ``Authorization: Bearer <token>``
+            or HTTP basic auth whose password is the token (any user name).
+        loopback_only: the server is bound to a loopback address; without a
+            token, requests must then name a loopback host (``Host`` header),
+            which stops a DNS-rebinding page from reading the console.
+        heartbeat: seconds between SSE comments on an idle live tail.
+    """
+
+    token: str | None = None
+    loopback_only: bool = True
+    heartbeat: float = 10.0
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                        headers={"cache-control": "no-store"})
+
+
+class _Guard:
+    """Read-only, authenticated, security headers on every response (pure ASGI, so
+    streaming responses pass through untouched)."""
+
+    def __init__(self, app: ASGIApp, options: WebOptions) -> None:
+        self.app = app
+        self.options = options
+        self._token = options.token.encode() if options.token else None
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        if self._token is None:
+            return True
+        auth = headers.get(b"authorization", b"")
+        scheme, _, value = auth.partition(b" ")
+        scheme = scheme.lower()
+        if scheme == b"bearer":
+            return hmac.compare_digest(value.strip(), self._token)
+        if scheme == b"basic":
+            try:
+                _, _, password = base64.b64decode(value.strip(), validate=True).partition(b":")
+            except (binascii.Error, ValueError):
+                return False
+            return hmac.compare_digest(password, self._token)
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *_SECURITY_HEADERS]}
+            await send(message)
+
+        headers = dict(scope.get("headers") or [])
+        response: Response | None = None
+        if scope["method"] not in ("GET", "HEAD"):
+            response = _error(405, "read_only", "the console is read-only: GET and HEAD only")
+            response.headers["allow"] = "GET, HEAD"
+        elif not self._authorized(headers):
+            response = _error(401, "unauthorized", "this console needs its token "
+                              "(Authorization: Bearer, or basic auth with the token as password)")
+            response.headers["www-authenticate"] = 'Basic realm="convlog", charset="UTF-8"'
+        elif self._token is None and self.options.loopback_only:
+            host = headers.get(b"host", b"").decode("latin-1")
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name.lower() not in _LOOPBACK_HOSTS:
+                response = _error(421, "bad_host", f"this console answers only loopback host names, "
+                                  f"not {host!r} (set a token to serve other names)")
+        if response is not None:
+            await response(scope, receive, send_with_headers)
+            return
+        await self.app(scope, receive, send_with_headers)
+
+
+def _sid(request: Request) -> str:
+    sid = request.path_params["sid"]
+    validate_session_id(sid)
+    return sid
+
+
+def _line(env: Envelope) -> bytes:
+    return encode_envelope_line(env) + b"\n"
+
+
+def build_app(client: LogClient, options: WebOptions | None = None) -> ASGIApp:
+    """The console as an ASGI app over ``client`` (which the caller owns and closes)."""
+    options = options or WebOptions()
+    index = SessionIndex(client)
+
+    def html(name: str) -> Response:
+        return FileResponse(STATIC / name, headers={"cache-control": "no-store"})
+
+    async def home(request: Request) -> Response:
+        return html("index.html")
+
+    async def verify_page(request: Request) -> Response:
+        return html("session.html")
+
+    async def session_page(request: Request) -> Response:
+        _sid(request)
+        return html("session.html")
+
+    async def api_sessions(request: Request) -> Response:
+        q = request.query_params
+        prefix = q.get("prefix", "")
+        if not _PREFIX.match(prefix):
+            return _error(400, "bad_request", "prefix: up to 128 of A-Z a-z 0-9 _ -")
+        try:
+            limit = int(q.get("limit", "50"))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 500:
+            return _error(400, "bad_request", f"limit must be 1..500, not {q.get('limit')!r}")
+        rows, cursor, total = await index.page(prefix=prefix, cursor=q.get("cursor") or None, limit=limit)
+        return JSONResponse({"sessions": [r.as_json() for r in rows], "next": cursor, "total": total},
+                            headers={"cache-control": "no-store"})
+
+    async def export(request: Request) -> Response:
+        sid = _sid(request)
+        first = await client.read(sid, after=0, limit=EXPORT_PAGE, raw=True)
+        if not first.items:
+            return _error(404, "not_found", f"session {sid!r} has no items")
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"".join(_line(e) for e in first.items)
+            if first.more:
+                after, chunk = first.items[-1].item_order, []
+                async for env in client.iter_items(sid, after=after, raw=True, page=EXPORT_PAGE):
+                    chunk.append(_line(env))
+                    if len(chunk) >= EXPORT_PAGE:
+                        yield b"".join(chunk)
+                        chunk = []
+                if chunk:
+                    yield b"".join(chunk)
+
+        headers = {"cache-control": "no-store", "x-convlog-last-order": str(first.last_order)}
+        if request.query_params.get("download"):
+            headers["content-disposition"] = f'attachment; filename="{sid}.jsonl"'
+        return StreamingResponse(body(), media_type="application/jsonl; charset=utf-8", headers=headers)
+
+    async def live(request: Request) -> Response:
+        sid = _sid(request)
+        raw_after = request.headers.get("last-event-id") or request.query_params.get("after", "0")
+        if not raw_after.isdigit():
+            return _error(400, "bad_request", f"after must be a non-negative integer, not {raw_after!r}")
+        after = int(raw_after)
+        return StreamingResponse(_sse(client, sid, after, options.heartbeat), media_type="text/event-stream",
+                                 headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+    routes = [
+        Route("/", home),
+        Route("/verify", verify_page),
+        Route("/sessions/{sid}", session_page),
+        Route("/api/sessions", api_sessions),
+        Route("/sessions/{sid}/export.jsonl", export),
+        Route("/sessions/{sid}/live", live),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+
+    async def invalid_sid(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ConvlogError)
+        return _error(400, exc.code, exc.message)
+
+    async def convlog_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ConvlogError)
+        status = {"not_found": 404, "unavailable": 503, "forbidden": 403}.get(exc.code, 400)
+        return _error(status, exc.code, exc.message)
+
+    app = Starlette(routes=routes, exception_handlers={
+        InvalidSessionIdError: invalid_sid, ConvlogError: convlog_error,
+    })
+    return _Guard(app, options)
+
+
+async def _sse(client: LogClient, sid: str, after: int, heartbeat: float) -> AsyncIterator[bytes]:
+    """Every envelope after ``after`` as SSE events (``id`` = item_order), forever.
+
+    A comment goes out after ``heartbeat`` idle seconds, so a closed tab is
+    noticed and its follower stopped.
+    """
+    queue: asyncio.Queue[Envelope] = asyncio.Queue(maxsize=1000)
+
+    async def pump() -> None:
+        async for env in client.follow(sid, after=after, idle_check=1.0):
+            await queue.put(env)
+
+    task = asyncio.create_task(pump(), name=f"web-live-{sid}")
+    try:
+        yield b"retry: 1000\n: following\n\n"
+        while True:
+            try:
+                env = await asyncio.wait_for(queue.get(), heartbeat)
+            except TimeoutError:
+                if task.done():
+                    return
+                yield b": idle\n\n"
+                continue
+            batch = [env]
+            while not queue.empty() and len(batch) < 500:
+                batch.append(queue.get_nowait())
+            yield b"".join(b"id: %d\ndata: %s\n\n" % (e.item_order, encode_envelope_line(e)) for e in batch)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

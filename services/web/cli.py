@@ -1,0 +1,173 @@
+"""``convlog web``: serve the audit console (and :func:`serve`, used by ``demo --web``).
+
+Loopback only by default.  Bound to any other address the console refuses to
+start without a token (``--token`` or ``CONVLOG_WEB_TOKEN``), which every
+request must then carry as ``Authorization: Bearer`` or as the password of
+HTTP basic auth; with ``--certfile``/``--keyfile`` it serves HTTPS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from shared.config import Settings
+
+if TYPE_CHECKING:  # the web stack loads only when the console runs, not for every command
+    from shared.client import LogClient
+
+    from .app import WebOptions
+
+__all__ = ["add_parser", "is_loopback_host", "register", "run", "serve"]
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "web", help="serve the read-only web audit console",
+        description="Serve the audit console over the log service: sessions, conversations in "
+        "agent lanes, live tail, and a hash-chain check that runs in the reviewer's browser.",
+    )
+    common(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; any other needs a token)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--token", help="require this token: Bearer or basic-auth password "
+                   "[CONVLOG_WEB_TOKEN]")
+    p.add_argument("--certfile", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--keyfile", help="the certificate's private key (PEM)")
+    return p
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (``port`` 0: a free one)."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def console_url(sock: socket.socket, *, tls: bool = False) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"{'https' if tls else 'http'}://{shown}:{port}/"
+
+
+async def serve(client: LogClient, sock: socket.socket, options: WebOptions, stop: asyncio.Event,
+                *, certfile: str | None = None, keyfile: str | None = None) -> None:
+    """Serve the console on ``sock`` until ``stop`` is set."""
+    import uvicorn
+
+    from .app import build_app
+
+    class _Server(uvicorn.Server):
+        """uvicorn without its own signal handling: the caller decides when to stop."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            yield
+
+    config = uvicorn.Config(build_app(client, options), log_level="warning", access_log=False,
+                            lifespan="off", ssl_certfile=certfile, ssl_keyfile=keyfile,
+                            timeout_graceful_shutdown=2)
+    server = _Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="convlog-web")
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        server.should_exit = True
+        waiter.cancel()
+        await task
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    from services.cli.main import _client
+
+    from .app import WebOptions
+
+    token = args.token or os.environ.get("CONVLOG_WEB_TOKEN") or None
+    loopback = is_loopback_host(args.host)
+    if not loopback and not token:
+        print(f"convlog web: refusing to serve on {args.host} without a token: set --token or "
+              "CONVLOG_WEB_TOKEN (or bind 127.0.0.1)", file=sys.stderr)
+        return EXIT_USAGE
+    if bool(args.certfile) != bool(args.keyfile):
+        print("convlog web: --certfile and --keyfile go together", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        print(f"convlog web: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
+    client = await _client(settings)
+    client.deadline = 10.0
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    print(f"convlog web: console at {console_url(sock, tls=bool(args.certfile))} "
+          f"(NATS {settings.nats_url}{', token required' if token else ''}); Ctrl-C stops it",
+          file=sys.stderr, flush=True)
+    try:
+        await serve(client, sock, WebOptions(token=token, loopback_only=loopback), stop,
+                    certfile=args.certfile, keyfile=args.keyfile)
+    finally:
+        await client.close()
+    return EXIT_OK
+
+
+def register(sub: Any, common: Callable[[argparse.ArgumentParser], None], commands: dict[str, Any]) -> None:
+    add_parser(sub, common)
+    commands["web"] = run
+
+
+async def serve_demo_console(client: LogClient, *, nats_url: str, port: int, say: Callable[[str], None]) -> None:
+    """``convlog demo --web``: serve the console on loopback until Ctrl-C or SIGTERM.
+
+    ``port`` 8080 busy (or 0): a free port instead, and the URL says which.
+    """
+    from .app import WebOptions
+
+    try:
+        sock = bind("127.0.0.1", port)
+    except OSError:
+        sock = bind("127.0.0.1", 0)
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    say(f"web console: {console_url(sock)}  (NATS {nats_url}; Ctrl-C stops the console and the stack)")
+    try:
+        await serve(client, sock, WebOptions(), stop)
+    finally:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

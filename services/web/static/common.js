@@ -1,0 +1,49 @@
+// DOM helpers.  Data only ever reaches the page through textContent and
+// setAttribute on attributes that cannot execute (never innerHTML, never href
+// built from data except our own "#<order>" and encoded paths).
+
+export function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === "text") node.textContent = String(v);
+    else if (k === "class") node.className = v;
+    else if (k === "style") for (const [p, val] of Object.entries(v)) node.style.setProperty(p, val);
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (k.startsWith("data-") || ["title", "href", "id", "type", "role", "aria-label", "download", "for", "tabindex"].includes(k))
+      node.setAttribute(k, String(v));
+    else throw new Error("el: unsupported property " + k);
+  }
+  for (const c of children) if (c !== null && c !== undefined) node.append(c instanceof Node ? c : String(c));
+  return node;
+}
+
+export function clear(node) {
+  while (node.firstChild) node.removeChild(node.firstChild);
+}
+
+// "2026-03-14T09:30:00.123456Z" -> local "09:30:00.123" and a full local string.
+export function shortTime(iso) {
+  const d = new Date(iso);
+  if (Number.isNaN(d.getTime())) return String(iso);
+  const p = (n, w = 2) => String(n).padStart(w, "0");
+  return `${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}.${p(d.getMilliseconds(), 3)}`;
+}
+
+export function longTime(iso) {
+  const d = new Date(iso);
+  return Number.isNaN(d.getTime()) ? String(iso) : d.toLocaleString() + "  (" + iso + ")";
+}
+
+export function ago(iso) {
+  const s = (Date.now() - new Date(iso).getTime()) / 1000;
+  if (!Number.isFinite(s)) return "";
+  if (s < 60) return "just now";
+  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+  return `${Math.floor(s / 86400)} d ago`;
+}
+
+export function sessionPath(sid) {
+  return "/sessions/" + encodeURIComponent(sid);
+}

@@ -1,0 +1,294 @@
+// One conversation: agent lanes, a virtual list, the in-browser chain check, the live tail.
+import { ChainVerifier, engine } from "./chain.js";
+import { clear, el, longTime, sessionPath, shortTime } from "./common.js";
+import { Conversation, describe, handoffTarget } from "./model.js";
+
+const ROW_H = 64; // px; every row has the same height, so only rows on screen exist
+const OVERSCAN = 8;
+const $ = (id) => document.getElementById(id);
+const t0 = performance.now();
+const state = { firstScreenMs: null, verifiedMs: null, loaded: false, live: "off" };
+window.__convlog = state;
+
+const fileMode = location.pathname === "/verify";
+const sid = fileMode ? null : decodeURIComponent(location.pathname.split("/")[2] || "");
+let conv = new Conversation(sid);
+let verifier = new ChainVerifier(sid);
+let verifying = Promise.resolve();
+let source = null;
+
+const scroller = $("scroller");
+const canvas = $("canvas");
+const rendered = new Map(); // row index -> element
+
+function laneStyle(lane, n) {
+  return { "--lane": String(lane), "--lanes": String(n) };
+}
+
+function renderLanes() {
+  const lanes = conv.lanes;
+  const head = $("lanes-head");
+  clear(head);
+  lanes.forEach((name, i) => head.append(el("div", { class: "lane-label", style: laneStyle(i, lanes.length), "data-lane": name, text: name, title: name })));
+  for (const old of canvas.querySelectorAll(".lane-line")) old.remove();
+  lanes.forEach((name, i) => canvas.append(el("div", { class: "lane-line", style: laneStyle(i, lanes.length) })));
+}
+
+function statusMark(order) {
+  const s = verifier.status.get(order);
+  if (s === "ok") return el("span", { class: "vmark ok", title: "hash verified in this browser", text: "✓" });
+  if (s === "bad") return el("span", { class: "vmark bad", title: "first bad item", text: "✗" });
+  return el("span", { class: "vmark", title: "not verified", text: "·" });
+}
+
+function card(env, lanes, extraText) {
+  const [kind, text] = describe(env);
+  const lane = conv.laneOf(env.agent);
+  const hidden = conv.hiddenBy.get(env.item_order);
+  const meta = el("div", { class: "meta" },
+    el("span", { class: "agent", text: env.agent }), " · ", el("span", { class: "kind", text: kind }),
+    hidden ? el("span", { class: "note", text: ` · ${hidden.how} by #${hidden.by}` }) : null);
+  const body = el("div", { class: "text", text: extraText ? `${text}  ⟶  ${extraText}` : text });
+  return el("div", {
+    class: "card" + (hidden ? " struck" : "") + (env.kind !== "item" ? " control" : ""),
+    style: laneStyle(lane, lanes.length), "data-agent": env.agent, "data-kind": kind, "data-order": env.item_order,
+  }, meta, body);
+}
+
+function arrow(fromAgent, toAgent, tool, lanes, order) {
+  const a = conv.laneOf(fromAgent), b = conv.laneOf(toAgent);
+  const lo = Math.min(a, b), hi = Math.max(a, b);
+  return el("div", {
+    class: "arrow" + (b < a ? " leftward" : ""), "data-from": fromAgent, "data-to": toAgent, "data-tool": tool, "data-order": order,
+    style: { "--from": String(lo), "--span": String(Math.max(hi - lo, 0.25)), "--lanes": String(lanes.length) },
+  }, el("span", { class: "arrow-label", text: `${tool} → ${toAgent}` }));
+}
+
+function renderRow(r) {
+  const row = conv.rows[r];
+  const env = conv.items[row.i];
+  const lanes = conv.lanes;
+  const out = row.pair !== undefined ? conv.items[row.pair] : null;
+  const el_ = el("div", { class: "row", style: { top: `${r * ROW_H}px` }, "data-order": env.item_order, id: `row-${env.item_order}` });
+  const gutter = el("div", { class: "gutter" },
+    el("a", { class: "order", href: `#${env.item_order}`, text: `#${env.item_order}` }), statusMark(env.item_order),
+    el("span", { class: "time", title: longTime(env.created_at), text: shortTime(env.created_at) }));
+  const area = el("div", { class: "lanes-area" });
+  const target = handoffTarget(out || env);
+  if (target !== null && (out || conv.callOf.has(row.i))) {
+    const callIdx = out ? row.i : conv.callOf.get(row.i);
+    const call = conv.items[callIdx];
+    const hidden = conv.hiddenBy.has(env.item_order);
+    const a = arrow(call.agent, target, call.data?.name ?? "handoff", lanes, env.item_order);
+    if (hidden) a.classList.add("struck");
+    area.append(a);
+  } else {
+    area.append(card(env, lanes, out ? describe(out)[1] : null));
+  }
+  if (conv.outputOf.has(row.i)) {
+    const collapsed = row.pair !== undefined;
+    area.firstChild.append(el("button", {
+      class: "toggle", title: collapsed ? "show the call and its output" : "fold the output into the call",
+      text: collapsed ? "▸ unfold" : "▾ fold", "aria-label": collapsed ? "unfold" : "fold",
+      onclick: (e) => { e.stopPropagation(); conv.toggle(row.i); refresh(true); },
+    }));
+  } else if (conv.callOf.has(row.i)) {
+    el_.classList.add("output");
+  }
+  el_.append(gutter, area);
+  el_.addEventListener("click", () => select(env.item_order, false));
+  if (selected === env.item_order || (out && selected === out.item_order)) el_.classList.add("selected");
+  return el_;
+}
+
+function draw() {
+  const n = conv.rows.length;
+  canvas.style.height = `${n * ROW_H}px`;
+  const top = scroller.scrollTop, h = scroller.clientHeight;
+  const first = Math.max(0, Math.floor(top / ROW_H) - OVERSCAN);
+  const last = Math.min(n - 1, Math.ceil((top + h) / ROW_H) + OVERSCAN);
+  for (const [r, node] of rendered) if (r < first || r > last) { node.remove(); rendered.delete(r); }
+  for (let r = first; r <= last; r++) if (!rendered.has(r)) { const node = renderRow(r); rendered.set(r, node); canvas.append(node); }
+  if (state.firstScreenMs === null && (n * ROW_H >= h || state.loaded) && n > 0) {
+    state.firstScreenMs = Math.round(performance.now() - t0);
+    performance.mark("convlog:first-screen");
+  }
+}
+
+let pending = false;
+function refresh(rowsChanged, lanesChanged) {
+  if (lanesChanged) renderLanes();
+  if (rowsChanged) {
+    conv.rebuildRows();
+    for (const node of rendered.values()) node.remove();
+    rendered.clear();
+  }
+  if (!pending) {
+    pending = true;
+    requestAnimationFrame(() => { pending = false; draw(); });
+  }
+  $("count").textContent = `${conv.items.length} items · ${conv.lanes.length - 2} agents`;
+}
+scroller.addEventListener("scroll", () => refresh(false), { passive: true });
+window.addEventListener("resize", () => refresh(false));
+
+function updateBadge() {
+  const b = $("badge");
+  const p = verifier.problem;
+  b.className = "badge " + (p ? "bad" : verifier.verified === conv.items.length && state.loaded ? "good" : "working");
+  if (p) {
+    b.textContent = `✗ chain broken at #${p.order}: ${p.reason}`;
+    b.setAttribute("href", `#${p.order}`);
+  } else if (verifier.verified === 0 && state.loaded) {
+    b.textContent = "no items to verify";
+  } else {
+    const signed = verifier.signed ? ` · ${verifier.signed} signed (signatures not checked)` : "";
+    b.textContent = (b.classList.contains("good") ? `✓ chain intact through #${verifier.verified}` : `verifying… ${verifier.verified}/${conv.items.length}`) + signed;
+    b.removeAttribute("href");
+  }
+  b.title = `SHA-256 (${engine}) over RFC 8785 canonical JSON, recomputed in this browser` +
+    (verifier.verified ? `; head hash ${verifier.prev}` : "");
+  $("head").textContent = verifier.verified && !p ? `head ${verifier.prev.slice(0, 16)}…` : "";
+  $("head").title = verifier.prev;
+  for (const [r, node] of rendered) { // refresh the ✓ marks on screen
+    const order = conv.items[conv.rows[r].i].item_order;
+    node.querySelector(".vmark")?.replaceWith(statusMark(order));
+  }
+}
+
+function add(envs) {
+  if (!envs.length) return;
+  const lanesChanged = conv.add(envs);
+  refresh(true, lanesChanged);
+  verifying = verifying.then(() => verifier.feed(envs)).then(updateBadge);
+}
+
+let selected = null;
+function select(order, scroll = true) {
+  const i = conv.byOrder.get(order);
+  if (i === undefined) return;
+  const env = conv.items[i];
+  if (conv.agentsSaw && !conv.visibleToAgents(env)) { conv.agentsSaw = false; $("agents-saw").checked = false; conv.rebuildRows(); }
+  selected = order;
+  if (location.hash !== `#${order}`) history.replaceState(null, "", `#${order}`);
+  let r = conv.rowOfOrder(order);
+  if (scroll && r >= 0) scroller.scrollTop = Math.max(0, r * ROW_H - scroller.clientHeight / 3);
+  refresh(true);
+  showDetail(env);
+}
+
+function showDetail(env) {
+  const d = $("detail");
+  clear(d);
+  const [kind, text] = describe(env);
+  const hidden = conv.hiddenBy.get(env.item_order);
+  const s = verifier.status.get(env.item_order);
+  const check = s === "ok" ? "hash verified in this browser" : s === "bad" ? "FIRST BAD ITEM: " + verifier.problem?.reason : "not verified (the chain broke earlier or is still being checked)";
+  const prev = conv.byOrder.has(env.item_order - 1) ? conv.items[conv.byOrder.get(env.item_order - 1)].hash : "0".repeat(64);
+  const field = (k, v) => [el("dt", { text: k }), el("dd", { text: v })];
+  d.append(
+    el("button", { class: "close", text: "×", title: "close", onclick: () => { d.hidden = true; selected = null; refresh(true); } }),
+    el("h2", { text: `#${env.item_order} · ${env.agent} · ${kind}` }),
+    el("dl", {}, ...field("time", longTime(env.created_at)), ...field("kind", env.kind), ...field("item_id", env.item_id),
+      ...field("hash", env.hash), ...field("prev hash", prev), ...field("check", check),
+      ...(hidden ? field("hidden", `${hidden.how} by #${hidden.by}: the agents no longer saw it`) : [])),
+    el("h3", { text: "content" }), el("pre", { class: "content", text }),
+    el("h3", { text: "envelope" }), el("pre", { class: "raw", text: JSON.stringify(env, null, 2) }));
+  d.hidden = false;
+}
+
+function onHash() {
+  const m = /^#(\d+)$/.exec(location.hash);
+  if (m) select(Number(m[1]));
+}
+window.addEventListener("hashchange", onHash);
+
+async function readJsonl(stream, onBatch) {
+  const reader = stream.getReader();
+  const decoder = new TextDecoder();
+  let buf = "", line = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    buf += done ? decoder.decode() : decoder.decode(value, { stream: true });
+    const parts = buf.split("\n");
+    buf = done ? "" : parts.pop();
+    const batch = [];
+    for (const p of parts) {
+      line++;
+      if (!p.trim()) continue;
+      try { batch.push(JSON.parse(p)); } catch { throw new Error(`line ${line} is not JSON`); }
+    }
+    onBatch(batch);
+    if (done) return;
+  }
+}
+
+function finishLoad() {
+  state.loaded = true;
+  refresh(false);
+  verifying.then(() => {
+    state.verifiedMs = Math.round(performance.now() - t0);
+    performance.mark("convlog:verified");
+    updateBadge();
+    onHash();
+  });
+}
+
+async function loadFromServer() {
+  $("export").setAttribute("href", `${sessionPath(sid)}/export.jsonl?download=1`);
+  try {
+    const res = await fetch(`${sessionPath(sid)}/export.jsonl`, { cache: "no-store" });
+    if (res.status === 404) $("message").textContent = "No items yet: waiting for the first one.";
+    else if (!res.ok) throw new Error((await res.json().catch(() => null))?.error?.message || `HTTP ${res.status}`);
+    else await readJsonl(res.body, add);
+  } catch (err) {
+    $("message").textContent = `Could not load the session: ${err.message}`;
+  }
+  finishLoad();
+  startLive();
+}
+
+function startLive() {
+  source = new EventSource(`${sessionPath(sid)}/live?after=${conv.lastOrder}`);
+  const live = $("live");
+  source.onopen = () => { state.live = "on"; live.textContent = "● live"; live.className = "live on"; };
+  source.onerror = () => { state.live = "reconnecting"; live.textContent = "○ reconnecting"; live.className = "live off"; };
+  source.onmessage = (ev) => {
+    const env = JSON.parse(ev.data);
+    if (env.item_order <= conv.lastOrder) return;
+    $("message").textContent = "";
+    const atBottom = scroller.scrollTop + scroller.clientHeight >= scroller.scrollHeight - ROW_H;
+    add([env]);
+    if ($("follow").checked || atBottom) requestAnimationFrame(() => { scroller.scrollTop = scroller.scrollHeight; });
+  };
+}
+
+function loadFile(file) {
+  file.text().then((text) => {
+    const envs = [];
+    text.split("\n").forEach((l, n) => { if (l.trim()) { try { envs.push(JSON.parse(l)); } catch { throw new Error(`line ${n + 1} is not JSON`); } } });
+    const s = envs.length ? envs[0].session_id : "";
+    conv = new Conversation(s);
+    verifier = new ChainVerifier(s);
+    verifying = Promise.resolve();
+    $("title").textContent = `${file.name} · session ${s}`;
+    $("message").textContent = "";
+    add(envs);
+    finishLoad();
+  }).catch((err) => { $("message").textContent = `Could not read ${file.name}: ${err.message}`; });
+}
+
+$("agents-saw").addEventListener("change", (e) => { conv.agentsSaw = e.target.checked; refresh(true); });
+$("collapse").addEventListener("change", (e) => { conv.collapseAll = e.target.checked; conv.collapsed.clear(); refresh(true); });
+renderLanes();
+if (fileMode) {
+  $("title").textContent = "Verify an export";
+  $("message").textContent = "Open a JSONL export (convlog replay SID --format jsonl, or this console's Export): it is checked here, in your browser.";
+  $("file-box").hidden = false;
+  $("export").hidden = true;
+  $("file").addEventListener("change", (e) => { if (e.target.files[0]) loadFile(e.target.files[0]); });
+} else {
+  $("title").textContent = sid;
+  document.title = `${sid} · convlog`;
+  loadFromServer();
+}

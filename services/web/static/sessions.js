@@ -1,0 +1,52 @@
+// The sessions page: newest first, filtered by id prefix, paged with cursors.
+import { ago, clear, el, longTime, sessionPath } from "./common.js";
+
+const $ = (id) => document.getElementById(id);
+const PAGE = 50;
+let cursors = [null]; // cursor of each page shown so far; the last is the current page's
+let next = null;
+
+async function load() {
+  const q = new URLSearchParams({ limit: String(PAGE) });
+  const prefix = $("prefix").value.trim();
+  if (prefix) q.set("prefix", prefix);
+  const cursor = cursors[cursors.length - 1];
+  if (cursor) q.set("cursor", cursor);
+  $("message").textContent = "loading…";
+  let body;
+  try {
+    const res = await fetch(`/api/sessions?${q}`, { cache: "no-store" });
+    body = await res.json();
+    if (!res.ok) throw new Error(body?.error?.message || `HTTP ${res.status}`);
+  } catch (err) {
+    $("message").textContent = `Could not list sessions: ${err.message}`;
+    return;
+  }
+  $("message").textContent = "";
+  const rows = $("rows");
+  clear(rows);
+  for (const s of body.sessions) {
+    rows.append(el("tr", { "data-sid": s.session_id },
+      el("td", { class: "sid" }, el("a", { href: sessionPath(s.session_id), text: s.session_id })),
+      el("td", { class: "num", text: s.items }),
+      el("td", { title: longTime(s.updated_at), text: `${ago(s.updated_at)} · ${new Date(s.updated_at).toLocaleString()}` }),
+      el("td", {}, ...s.agents.map((a) => el("span", { class: "chip", text: a })))));
+  }
+  if (!body.sessions.length) rows.append(el("tr", {}, el("td", { text: prefix ? `No session id starts with ${prefix}.` : "No sessions yet." })));
+  next = body.next;
+  $("older").disabled = !next;
+  $("newer").disabled = cursors.length < 2;
+  const first = (cursors.length - 1) * PAGE;
+  $("total").textContent = `${body.total} sessions`;
+  $("page-info").textContent = body.sessions.length ? `${first + 1}–${first + body.sessions.length} of ${body.total}` : "";
+}
+
+let timer = null;
+$("prefix").addEventListener("input", () => {
+  clearTimeout(timer);
+  timer = setTimeout(() => { cursors = [null]; load(); }, 200);
+});
+$("refresh").addEventListener("click", () => load());
+$("older").addEventListener("click", () => { if (next) { cursors.push(next); load(); } });
+$("newer").addEventListener("click", () => { if (cursors.length > 1) { cursors.pop(); load(); } });
+load();

@@ -1,0 +1,262 @@
+"""The web console in a real browser (headless Chromium) over ``convlog demo --web``.
+
+One demo stack for the module: the rules model plays the reference scenario
+(Triage -> L1Billing, then L1Billing -> L2Support on the escalation session),
+and the tests read it through the console as a reviewer would.  Screenshots go
+to tests/artifacts/web/ (ignored by git); each test prints its path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from services.worker.scenario import ESCALATION_SESSION_ID, SEED_SESSION_ID
+from shared.chain import verify
+from shared.codec import decode
+from shared.messages import Envelope
+from tests.web.conftest import ARTIFACTS, Demo, LoopThread, screenshot
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def lane_names(page: Any) -> list[str]:
+    return page.eval_on_selector_all(".lane-label", "els => els.map(e => e.textContent)")
+
+
+def center_x(page: Any, selector: str) -> float:
+    box = page.locator(selector).bounding_box()
+    return box["x"] + box["width"] / 2
+
+
+def wait_badge(page: Any, cls: str) -> str:
+    page.wait_for_selector(f"#badge.{cls}")
+    return page.text_content("#badge")
+
+
+def user_item(text: str) -> dict[str, Any]:
+    return {"agent": "user", "data": {"role": "user", "content": text}}
+
+
+def test_sessions_page_lists_the_demo_newest_first_and_filters_by_prefix(demo_web: Demo, page: Any) -> None:
+    page.goto(demo_web.url + "/")
+    page.wait_for_selector("tr[data-sid]")
+    sids = page.eval_on_selector_all("tr[data-sid]", "els => els.map(e => e.dataset.sid)")
+    demo_sids = [s for s in sids if s.startswith("ticket-")]
+    # The escalation is played second, so it is the newer of the two.
+    assert demo_sids == [ESCALATION_SESSION_ID, SEED_SESSION_ID]
+    row = page.locator(f'tr[data-sid="{ESCALATION_SESSION_ID}"]')
+    assert row.locator("td.num").text_content() == "12"
+    assert row.locator(".chip").all_text_contents() == ["Triage", "L1Billing", "L2Support"]
+    screenshot(page, "sessions")
+
+    page.fill("#prefix", SEED_SESSION_ID[:-1] + "1")
+    page.wait_for_function("document.querySelectorAll('tr[data-sid]').length === 1")
+    assert page.eval_on_selector("tr[data-sid]", "e => e.dataset.sid") == SEED_SESSION_ID
+    page.fill("#prefix", "no-such-prefix")
+    page.wait_for_selector("text=No session id starts with no-such-prefix.")
+
+    page.fill("#prefix", "")
+    page.wait_for_selector(f'tr[data-sid="{ESCALATION_SESSION_ID}"] a')
+    page.click(f'tr[data-sid="{ESCALATION_SESSION_ID}"] a')
+    page.wait_for_url(f"**/sessions/{ESCALATION_SESSION_ID}")
+
+
+def test_conversation_shows_lanes_handoff_arrows_pairs_and_verifies(demo_web: Demo, page: Any) -> None:
+    page.goto(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}")
+    badge = wait_badge(page, "good")
+    assert "chain intact through #12" in badge
+    assert lane_names(page) == ["user", "Triage", "L1Billing", "L2Support", "system"]
+
+    # Every card sits in its author's lane.
+    for card in page.locator(".card").all():
+        agent = card.get_attribute("data-agent")
+        box = card.bounding_box()
+        lane_x = center_x(page, f'.lane-label[data-lane="{agent}"]')
+        assert box["x"] <= lane_x <= box["x"] + box["width"], (agent, box, lane_x)
+
+    # The two handoffs, drawn as arrows from one lane to the next, with the tool's name.
+    arrows = page.eval_on_selector_all(
+        ".arrow", "els => els.map(e => [e.dataset.from, e.dataset.to, e.dataset.tool, e.textContent])")
+    assert [a[:3] for a in arrows] == [
+        ["Triage", "L1Billing", "route_to_billing"], ["L1Billing", "L2Support", "escalate_to_senior"]]
+    assert "route_to_billing → L1Billing" in arrows[0][3]
+    for frm, to, _, _ in arrows:
+        box = page.locator(f'.arrow[data-from="{frm}"]').bounding_box()
+        assert abs(box["x"] - center_x(page, f'.lane-label[data-lane="{frm}"]')) < 3
+        assert abs(box["x"] + box["width"] - center_x(page, f'.lane-label[data-lane="{to}"]')) < 3
+    screenshot(page, "conversation")
+
+    # The refund tool call and its output are paired: folding shows them as one row.
+    rows_before = page.locator(".row").count()
+    refund = page.locator('.card[data-kind="tool call"]', has_text="issue_refund")
+    refund.locator(".toggle").click()
+    page.wait_for_function(f"document.querySelectorAll('.row').length === {rows_before - 1}")
+    folded = page.locator('.card[data-kind="tool call"]', has_text="issue_refund").text_content()
+    assert "⟶" in folded and "Refund RF-" in folded
+    page.locator('.card[data-kind="tool call"]', has_text="issue_refund").locator(".toggle").click()
+    page.wait_for_function(f"document.querySelectorAll('.row').length === {rows_before}")
+
+    # Deep link: #9 selects the item and opens its details.
+    page.goto(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}#9")
+    page.wait_for_selector(".row.selected[data-order='9']")
+    assert page.text_content("#detail h2").startswith("#9 · L2Support")
+    assert "hash verified in this browser" in page.text_content("#detail dl")
+
+    # The export link serves every envelope; it verifies with the Python verifier too.
+    href = page.get_attribute("#export", "href")
+    body = page.request.get(demo_web.url + href).body()
+    envs = [decode(line, Envelope) for line in body.splitlines() if line.strip()]
+    assert [e.item_order for e in envs] == list(range(1, 13))
+    assert verify(envs, session_id=ESCALATION_SESSION_ID) is None
+
+
+def said(agent: str, text: str) -> dict[str, Any]:
+    """An assistant message (the demo's workers answer only user messages, so these
+    sessions stay exactly as written)."""
+    return {"agent": agent, "data": {"type": "message", "role": "assistant", "content": text}}
+
+
+def test_live_tail_shows_a_new_item(demo_web: Demo, log: LoopThread, page: Any) -> None:
+    sid = "web-live-1"
+    log.run(log.client.append(sid, [said("Triage", "first message")]))
+    page.goto(f"{demo_web.url}/sessions/{sid}")
+    wait_badge(page, "good")
+    page.wait_for_function("window.__convlog.live === 'on'")
+    t0 = time.monotonic()
+    log.run(log.client.append(sid, [said("L1Billing", "arrived live")]))
+    page.wait_for_selector('.card[data-order="2"]:has-text("arrived live")', timeout=5000)
+    seen_after = time.monotonic() - t0
+    print(f"live tail: item shown {seen_after * 1000:.0f} ms after the append was sent")
+    assert "chain intact through #2" in wait_badge(page, "good")
+    assert lane_names(page) == ["user", "Triage", "L1Billing", "system"]  # a new agent got its lane
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "live-tail-ms.txt").write_text(f"{seen_after * 1000:.0f}\n")
+
+
+def _tampered(body: bytes, order: int, how: str) -> bytes:
+    lines = [json.loads(x) for x in body.splitlines() if x.strip()]
+    if how == "edit":
+        lines[order - 1]["data"]["content"] = "I never asked for a refund."
+    elif how == "remove":
+        del lines[order - 1]
+    return b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+
+
+def test_badge_turns_red_on_a_tampered_export(demo_web: Demo, page: Any, tmp_path: Any) -> None:
+    url = f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}"
+    real = page.request.get(f"{url}/export.jsonl").body()
+
+    # A server that edits item #7 (the user's refund request) before sending it.
+    page.route("**/export.jsonl", lambda route: route.fulfill(
+        status=200, content_type="application/jsonl", body=_tampered(real, 7, "edit")))
+    page.goto(url)
+    badge = wait_badge(page, "bad")
+    assert "chain broken at #7" in badge and "hash does not match" in badge
+    assert page.get_attribute(".row[data-order='6'] .vmark", "class") == "vmark ok"
+    assert page.get_attribute(".row[data-order='7'] .vmark", "class") == "vmark bad"
+    screenshot(page, "tampered-export")
+
+    # ... and one that drops item #4: the gap is named.
+    page.unroute("**/export.jsonl")
+    page.route("**/export.jsonl", lambda route: route.fulfill(
+        status=200, content_type="application/jsonl", body=_tampered(real, 4, "remove")))
+    page.goto(url)
+    assert "chain broken at #4: expected item_order 4, found 5" in wait_badge(page, "bad")
+
+    # The reviewer's own file, checked on /verify without the server's data.
+    f = tmp_path / "export.jsonl"
+    f.write_bytes(_tampered(real, 10, "edit"))
+    page.unroute("**/export.jsonl")
+    page.goto(f"{demo_web.url}/verify")
+    page.set_input_files("#file", str(f))
+    assert "chain broken at #10" in wait_badge(page, "bad")
+    f.write_bytes(real)
+    page.goto(f"{demo_web.url}/verify")
+    page.set_input_files("#file", str(f))
+    assert "chain intact through #12" in wait_badge(page, "good")
+
+
+INJECTIONS = [
+    "<script>window.__pwned = 1</script>",
+    '<img src="x" onerror="window.__pwned = 2">',
+    "**bold** [click](javascript:window.__pwned=3) <b>html</b> &lt;escaped&gt;",
+]
+
+
+def test_injected_content_renders_as_inert_text(demo_web: Demo, log: LoopThread, page: Any) -> None:
+    sid = "web-inject-1"
+    agent = '<img src=x onerror="window.__pwned=4">'
+    log.run(log.client.append(sid, [
+        said("L1Billing", INJECTIONS[0]),
+        {"agent": agent, "data": {"type": "message", "role": "assistant",
+                                  "content": [{"type": "output_text", "text": INJECTIONS[1]}]}},
+        said("L1Billing", INJECTIONS[2]),
+    ]))
+    # A user's message too (the rules model answers it, quoting it back: more of the same).
+    log.run(log.client.append(sid, [user_item(INJECTIONS[1] + " " + INJECTIONS[0])]))
+    for path in (f"/sessions/{sid}", "/"):
+        page.goto(demo_web.url + path)
+        page.wait_for_selector(".card[data-order='4'], tr[data-sid]")
+        page.wait_for_timeout(200)  # let any handler that would fire, fire
+        assert page.evaluate("window.__pwned") is None
+        assert page.locator("#canvas img, #canvas script, #canvas b, #rows img, #rows b").count() == 0
+    page.goto(f"{demo_web.url}/sessions/{sid}")
+    wait_badge(page, "good")
+    texts = page.locator(".card .text").all_text_contents()
+    assert texts[:4] == [*INJECTIONS, INJECTIONS[1] + " " + INJECTIONS[0]]
+    assert page.locator(".lane-label").all_text_contents()[:3] == ["user", "L1Billing", agent]
+    page.click(".card[data-order='2']")
+    assert INJECTIONS[1] in page.text_content("#detail pre.content")
+    assert page.evaluate("window.__pwned") is None
+    screenshot(page, "injection")
+
+
+def test_retracted_and_cleared_items_are_struck_and_the_agents_view_hides_them(
+        demo_web: Demo, log: LoopThread, page: Any) -> None:
+    sid = "web-retract-1"
+    log.run(log.client.append(sid, [said("Triage", "one"), said("Triage", "two (retracted)")]))
+    log.run(log.client.append(sid, [{"agent": "Triage", "kind": "retract", "data": {"target": 2}}]))
+    log.run(log.client.append(sid, [said("L1Billing", "three (cleared)")]))
+    log.run(log.client.append(sid, [{"agent": "system", "kind": "clear", "data": {}},
+                                    said("L1Billing", "four")]))
+    page.goto(f"{demo_web.url}/sessions/{sid}")
+    wait_badge(page, "good")
+    struck = page.eval_on_selector_all(".card.struck", "els => els.map(e => e.dataset.order)")
+    assert struck == ["1", "2", "4"]
+    assert "retracted by #3" in page.text_content(".card[data-order='2']")
+    assert "cleared by #5" in page.text_content(".card[data-order='4']")
+    assert page.eval_on_selector(".card[data-order='2'] .text",
+                                 "e => getComputedStyle(e).textDecorationLine") == "line-through"
+    screenshot(page, "struck")
+    page.check("#agents-saw")
+    page.wait_for_function("document.querySelectorAll('.row').length === 1")
+    assert page.locator(".card .text").all_text_contents() == ["four"]
+    page.uncheck("#agents-saw")
+    page.wait_for_function("document.querySelectorAll('.row').length === 6")
+
+
+def test_ten_thousand_items_first_screen_and_verify_times(demo_web: Demo, log: LoopThread, page: Any) -> None:
+    """Measured, not asserted: the figures go to the README (and are printed here)."""
+    sid = "web-big-10k"
+    words = "the quick brown fox jumps over the lazy dog " * 4
+    for start in range(0, 10_000, 500):
+        items = [said(("Triage", "L1Billing", "L2Support")[(start + k) % 3], f"{start + k + 1}: {words}")
+                 for k in range(500)]
+        log.run(log.client.append(sid, items))
+    page.goto(f"{demo_web.url}/sessions/{sid}")
+    assert "chain intact through #10000" in wait_badge(page, "good")
+    figures = page.evaluate("({first: window.__convlog.firstScreenMs, verified: window.__convlog.verifiedMs})")
+    rows = page.locator(".row").count()
+    print(f"10,000 items: first screen {figures['first']} ms, verified {figures['verified']} ms, "
+          f"{rows} rows in the DOM")
+    (ARTIFACTS / "10k-figures.json").write_text(json.dumps({**figures, "dom_rows": rows}))
+    assert rows < 60  # virtualized: only what is on screen (plus a small overscan)
+    screenshot(page, "10k-top")
+    page.goto(f"{demo_web.url}/sessions/{sid}#9999")
+    page.wait_for_selector(".row.selected[data-order='9999']")
+    assert page.locator(".row").count() < 60
+    assert "9999: the quick" in page.text_content(".card[data-order='9999']")
