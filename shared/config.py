@@ -55,6 +55,7 @@ class Settings:
     log_level: str = "INFO"
     agents: Path | None = None
     grace: float = 10.0
+    web_token: str | None = None
 
     @property
     def subjects(self) -> Subjects:

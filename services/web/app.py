@@ -51,6 +51,7 @@ STATIC = Path(__file__).parent / "static"
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{0,128}\Z")
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
 EXPORT_PAGE = 2000  # envelopes per read while streaming an export
+FIRST_PAGE = 200  # a small first read, so a browser can draw its first screen at once
 
 # Pages load only our own files; no inline script or style can run even if
 # something slipped past rendering-as-text.
@@ -188,7 +189,7 @@ def build_app(client: LogClient, options: WebOptions | None = None) -> ASGIApp:
 
     async def export(request: Request) -> Response:
         sid = _sid(request)
-        first = await client.read(sid, after=0, limit=EXPORT_PAGE, raw=True)
+        first = await client.read(sid, after=0, limit=FIRST_PAGE, raw=True)
         if not first.items:
             return _error(404, "not_found", f"session {sid!r} has no items")
 

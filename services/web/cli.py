@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
-import os
 import signal
 import socket
 import sys
@@ -117,7 +116,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
     from .app import WebOptions
 
-    token = args.token or os.environ.get("CONVLOG_WEB_TOKEN") or None
+    token = args.token or settings.web_token or None
     loopback = is_loopback_host(args.host)
     if not loopback and not token:
         print(f"convlog web: refusing to serve on {args.host} without a token: set --token or "

@@ -3,10 +3,9 @@ import { ChainVerifier, engine } from "./chain.js";
 import { clear, el, longTime, sessionPath, shortTime } from "./common.js";
 import { Conversation, describe, handoffTarget } from "./model.js";
 
-const ROW_H = 64; // px; every row has the same height, so only rows on screen exist
+const ROW_H = 68; // px; every row has the same height, so only rows on screen exist
 const OVERSCAN = 8;
 const $ = (id) => document.getElementById(id);
-const t0 = performance.now();
 const state = { firstScreenMs: null, verifiedMs: null, loaded: false, live: "off" };
 window.__convlog = state;
 
@@ -110,7 +109,7 @@ function draw() {
   for (const [r, node] of rendered) if (r < first || r > last) { node.remove(); rendered.delete(r); }
   for (let r = first; r <= last; r++) if (!rendered.has(r)) { const node = renderRow(r); rendered.set(r, node); canvas.append(node); }
   if (state.firstScreenMs === null && (n * ROW_H >= h || state.loaded) && n > 0) {
-    state.firstScreenMs = Math.round(performance.now() - t0);
+    state.firstScreenMs = Math.round(performance.now());
     performance.mark("convlog:first-screen");
   }
 }
@@ -225,9 +224,10 @@ async function readJsonl(stream, onBatch) {
 
 function finishLoad() {
   state.loaded = true;
+  state.loadedMs = Math.round(performance.now());
   refresh(false);
   verifying.then(() => {
-    state.verifiedMs = Math.round(performance.now() - t0);
+    state.verifiedMs = Math.round(performance.now());
     performance.mark("convlog:verified");
     updateBadge();
     onHash();

@@ -1,0 +1,223 @@
+"""The console's HTTP side against a real log service: listing, export, live tail,
+read-only, authentication, host and content-security guards, and the CLI's refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.log.service import LogService
+from services.web.app import WebOptions
+from services.web.cli import bind, console_url, serve
+from shared.chain import verify
+from shared.client import LogClient
+from shared.codec import decode
+from shared.config import load_settings
+from shared.messages import Envelope
+from tests.support.natsd import NatsServer
+from tests.support.procs import REPO_ROOT
+
+
+@dataclass
+class Console:
+    url: str
+    client: LogClient
+
+    async def get(self, path: str, headers: dict[str, str] | None = None, method: str = "GET",
+                  ) -> tuple[int, dict[str, str], bytes]:
+        def call() -> tuple[int, dict[str, str], bytes]:
+            req = urllib.request.Request(self.url.rstrip("/") + path, headers=headers or {}, method=method)
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+        return await asyncio.to_thread(call)
+
+
+@contextlib.asynccontextmanager
+async def console(server: NatsServer, tmp: Path, options: WebOptions) -> AsyncIterator[Console]:
+    settings = load_settings({"nats_url": server.url, "db": str(tmp / "log.db"), "data_dir": str(tmp)},
+                             environ={})
+    service = LogService(settings)
+    await service.start()
+    client = await LogClient.connect(server.url, name="web-test")
+    sock = bind("127.0.0.1", 0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(client, sock, options, stop))
+    try:
+        yield Console(console_url(sock), client)
+    finally:
+        stop.set()
+        await task
+        await client.close()
+        await service.shutdown()
+
+
+@pytest.fixture
+async def web(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Console]:
+    async with console(nats_server, tmp_path, WebOptions(heartbeat=0.5)) as c:
+        yield c
+
+
+def said(agent: str, text: str) -> dict[str, Any]:
+    return {"agent": agent, "data": {"type": "message", "role": "assistant", "content": text}}
+
+
+async def test_sessions_newest_first_prefix_paging_and_agents(web: Console) -> None:
+    for sid, agent in [("a-1", "Triage"), ("b-1", "L1Billing"), ("a-2", "Triage"), ("a-3", "L2Support")]:
+        await web.client.append(sid, [said(agent, "hi"), said("system", "note")])
+    await web.client.append("a-1", [said("L1Billing", "later")])  # a-1 is now the newest
+    status, _, body = await web.get("/api/sessions?limit=2")
+    page1 = json.loads(body)
+    assert status == 200 and page1["total"] == 4
+    assert [s["session_id"] for s in page1["sessions"]] == ["a-1", "a-3"]
+    assert page1["sessions"][0] == {**page1["sessions"][0], "items": 3, "agents": ["Triage", "L1Billing"]}
+    _, _, body = await web.get(f"/api/sessions?limit=2&cursor={page1['next']}")
+    page2 = json.loads(body)
+    assert [s["session_id"] for s in page2["sessions"]] == ["a-2", "b-1"] and page2["next"] is None
+    _, _, body = await web.get("/api/sessions?prefix=a-")
+    assert [s["session_id"] for s in json.loads(body)["sessions"]] == ["a-1", "a-3", "a-2"]
+    _, _, body = await web.get("/api/sessions?prefix=b")
+    assert [s["session_id"] for s in json.loads(body)["sessions"]] == ["b-1"]
+
+
+@pytest.mark.parametrize(("query", "words"), [
+    ("prefix=a.b", "prefix"), ("prefix=" + "x" * 129, "prefix"), ("limit=0", "limit"), ("limit=abc", "limit"),
+])
+async def test_bad_listing_queries_are_refused(web: Console, query: str, words: str) -> None:
+    status, _, body = await web.get(f"/api/sessions?{query}")
+    assert status == 400
+    err = json.loads(body)["error"]
+    assert err["code"] == "bad_request" and words in err["message"]
+
+
+async def test_export_is_every_envelope_and_verifies(web: Console) -> None:
+    await web.client.append("s1", [said("Triage", f"m{i}") for i in range(450)])  # more than one page
+    await web.client.append("s1", [{"agent": "Triage", "kind": "retract", "data": {"target": 3}}])
+    status, headers, body = await web.get("/sessions/s1/export.jsonl?download=1")
+    assert status == 200 and headers["content-type"].startswith("application/jsonl")
+    assert headers["content-disposition"] == 'attachment; filename="s1.jsonl"'
+    envs = [decode(line, Envelope) for line in body.splitlines()]
+    assert [e.item_order for e in envs] == list(range(1, 452))
+    assert verify(envs, session_id="s1") is None
+    assert envs == await web.client.items("s1")  # byte-for-byte the envelopes the log holds
+
+
+async def test_bad_and_unknown_sessions(web: Console) -> None:
+    status, _, body = await web.get("/sessions/no-such/export.jsonl")
+    assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+    for path in ("/sessions/a.b/export.jsonl", "/sessions/a%2Ab", "/sessions/a.b/live"):
+        status, _, body = await web.get(path)
+        assert status == 400, path
+        assert json.loads(body)["error"]["code"] == "invalid_session_id"
+    status, _, body = await web.get("/sessions/s1/live?after=-1")
+    assert status == 400 and "after" in json.loads(body)["error"]["message"]
+
+
+async def _sse_events(url: str, n: int, headers: dict[str, str] | None = None) -> list[tuple[int, dict[str, Any]]]:
+    def call() -> list[tuple[int, dict[str, Any]]]:
+        out: list[tuple[int, dict[str, Any]]] = []
+        req = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            event_id = None
+            for raw in r:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("id: "):
+                    event_id = int(line[4:])
+                elif line.startswith("data: "):
+                    out.append((event_id, json.loads(line[6:])))
+                    if len(out) == n:
+                        return out
+        return out
+
+    return await asyncio.to_thread(call)
+
+
+async def test_live_tail_streams_new_items_and_resumes(web: Console) -> None:
+    await web.client.append("s2", [said("Triage", "one"), said("Triage", "two")])
+    reader = asyncio.create_task(_sse_events(web.url + "sessions/s2/live?after=1", 3))
+    await web.client.append("s2", [said("L1Billing", "three")])
+    await web.client.append("s2", [said("L1Billing", "four")])
+    events = await asyncio.wait_for(reader, 15)
+    assert [(i, e["item_order"], e["data"]["content"]) for i, e in events] == [
+        (2, 2, "two"), (3, 3, "three"), (4, 4, "four")]
+    # A reconnecting EventSource sends Last-Event-ID: the stream resumes after it.
+    events = await asyncio.wait_for(
+        _sse_events(web.url + "sessions/s2/live?after=0", 1, {"Last-Event-ID": "3"}), 15)
+    assert [e["item_order"] for _, e in events] == [4]
+
+
+async def test_read_only_and_security_headers(web: Console) -> None:
+    await web.client.append("s3", [said("Triage", "keep")])
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        status, headers, body = await web.get("/sessions/s3/export.jsonl", method=method)
+        assert status == 405 and headers["allow"] == "GET, HEAD"
+        assert json.loads(body)["error"]["code"] == "read_only"
+    assert await web.client.last_order("s3") == 1
+    for path in ("/", "/sessions/s3", "/verify", "/static/session.js", "/api/sessions"):
+        status, headers, _ = await web.get(path)
+        assert status == 200, path
+        assert "script-src 'self'" in headers["content-security-policy"]
+        assert "unsafe-inline" not in headers["content-security-policy"]
+        assert headers["x-content-type-options"] == "nosniff"
+    # A page from another origin rebinding its name to 127.0.0.1 is not answered.
+    status, _, body = await web.get("/api/sessions", {"Host": "attacker.example:8080"})
+    assert status == 421 and json.loads(body)["error"]["code"] == "bad_host"
+    for host in ("localhost:8080", "127.0.0.1", "[::1]:8080"):
+        assert (await web.get("/api/sessions", {"Host": host}))[0] == 200
+
+
+async def test_token_is_required_when_set_and_never_reaches_a_page(nats_server: NatsServer, tmp_path: Path) -> None:
+    token = "s3cret-token-value"
+    async with console(nats_server, tmp_path, WebOptions(token=token, loopback_only=False)) as web:
+        await web.client.append("s4", [said("Triage", "private")])
+        for path in ("/", "/sessions/s4", "/sessions/s4/export.jsonl", "/api/sessions", "/static/chain.js"):
+            status, headers, _ = await web.get(path)
+            assert status == 401, path
+            assert headers["www-authenticate"].startswith("Basic realm=")
+        wrong = base64.b64encode(b"auditor:guess").decode()
+        for bad in (f"Bearer {token}x", f"Basic {wrong}", "Basic !!!", token):
+            assert (await web.get("/api/sessions", {"Authorization": bad}))[0] == 401
+        good = base64.b64encode(f"auditor:{token}".encode()).decode()
+        for auth in (f"Bearer {token}", f"Basic {good}"):
+            # Any Host is fine once authenticated (the console was bound beyond loopback).
+            status, _, body = await web.get("/sessions/s4/export.jsonl",
+                                            {"Authorization": auth, "Host": "console.example"})
+            assert status == 200 and b"private" in body
+        for path in ("/", "/sessions/s4", "/static/session.js", "/static/chain.js", "/api/sessions"):
+            _, _, body = await web.get(path, {"Authorization": f"Bearer {token}"})
+            assert token.encode() not in body
+
+
+async def _cli(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", "web", *args, cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_cli_refuses_to_serve_beyond_loopback_without_a_token() -> None:
+    code, out = await _cli("--host", "0.0.0.0", "--port", "0", "--no-embedded")
+    assert code == 2 and "refusing to serve on 0.0.0.0 without a token" in out
+    code, out = await _cli("--certfile", "x.pem", "--port", "0", "--no-embedded")
+    assert code == 2 and "--certfile and --keyfile go together" in out
