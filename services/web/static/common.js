@@ -22,12 +22,10 @@ export function clear(node) {
   while (node.firstChild) node.removeChild(node.firstChild);
 }
 
-// "2026-03-14T09:30:00.123456Z" -> local "09:30:00.123" and a full local string.
+// "2026-03-14T09:30:00.123456Z" -> "09:30:00.123" (UTC, as stored and as `convlog replay` shows it).
 export function shortTime(iso) {
-  const d = new Date(iso);
-  if (Number.isNaN(d.getTime())) return String(iso);
-  const p = (n, w = 2) => String(n).padStart(w, "0");
-  return `${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}.${p(d.getMilliseconds(), 3)}`;
+  const s = String(iso);
+  return /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}/.test(s) ? s.slice(11, 23) : s;
 }
 
 export function longTime(iso) {

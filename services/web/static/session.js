@@ -278,6 +278,19 @@ function loadFile(file) {
   }).catch((err) => { $("message").textContent = `Could not read ${file.name}: ${err.message}`; });
 }
 
+// Find: Enter jumps to the next item whose agent or text contains the words (case-insensitive).
+$("find").addEventListener("keydown", (e) => {
+  if (e.key !== "Enter") return;
+  const q = e.target.value.trim().toLowerCase();
+  if (!q) return;
+  const n = conv.items.length;
+  const from = selected !== null && conv.byOrder.has(selected) ? conv.byOrder.get(selected) + 1 : 0;
+  for (let k = 0; k < n; k++) {
+    const env = conv.items[(from + k) % n];
+    if (`${env.agent} ${describe(env)[1]}`.toLowerCase().includes(q)) { select(env.item_order); $("message").textContent = ""; return; }
+  }
+  $("message").textContent = `not found: ${q}`;
+});
 $("agents-saw").addEventListener("change", (e) => { conv.agentsSaw = e.target.checked; refresh(true); });
 $("collapse").addEventListener("change", (e) => { conv.collapseAll = e.target.checked; conv.collapsed.clear(); refresh(true); });
 renderLanes();

@@ -29,7 +29,7 @@ async function load() {
     rows.append(el("tr", { "data-sid": s.session_id },
       el("td", { class: "sid" }, el("a", { href: sessionPath(s.session_id), text: s.session_id })),
       el("td", { class: "num", text: s.items }),
-      el("td", { title: longTime(s.updated_at), text: `${ago(s.updated_at)} · ${new Date(s.updated_at).toLocaleString()}` }),
+      el("td", { title: longTime(s.updated_at), text: `${ago(s.updated_at)} · ${String(s.updated_at).slice(0, 19).replace("T", " ")} UTC` }),
       el("td", {}, ...s.agents.map((a) => el("span", { class: "chip", text: a })))));
   }
   if (!body.sessions.length) rows.append(el("tr", {}, el("td", { text: prefix ? `No session id starts with ${prefix}.` : "No sessions yet." })));
