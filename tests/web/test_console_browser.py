@@ -276,3 +276,45 @@ def test_ten_thousand_items_first_screen_and_verify_times(demo_web: Demo, log: L
     page.wait_for_selector(".row.selected[data-order='9999']")
     assert page.locator(".row").count() < 60
     assert "9999: the quick" in page.text_content(".card[data-order='9999']")
+
+
+CANONICAL_CASES: list[Any] = [
+    {"b": 1, "a": [True, False, None], "c": {"z": "", "y": "é"}},
+    [0.1, 1.5, -0.0, 120.0, 1e21, 1e-7, 123456789012345.6, 2**53 - 1, -(2**53 - 1), 5e-324],
+    {"\u20ac": 1, "\U0001f600": 2, "\ufb01": 3, "a": 4, "A": 5, "": 6},  # UTF-16 key order
+    ["\u0000\u0001\u001f", "\"\\/", "\u2028\u2029", "\u007f", "tab\tnl\ncr\r", "😀 non-BMP"],
+    {"data": {"content": [{"type": "output_text", "text": "<script>x</script>", "annotations": []}]}},
+]
+
+
+def test_browser_canonical_json_and_sha256_match_the_python_reference(demo_web: Demo, page: Any) -> None:
+    """chain.js's RFC 8785 and its fallback SHA-256 agree with rfc8785 and hashlib."""
+    import hashlib
+
+    import rfc8785
+
+    from shared.chain import item_hash
+
+    page.goto(demo_web.url + "/verify")
+    got = page.evaluate("""async (cases) => {
+        const m = await import('/static/chain.js');
+        const hex = (b) => Array.from(new Uint8Array(b), (x) => x.toString(16).padStart(2, '0')).join('');
+        return cases.map((c) => { const s = m.canonical(c); return [s, hex(m.sha256js(new TextEncoder().encode(s)))]; });
+    }""", CANONICAL_CASES)
+    for case, (text, js_sha) in zip(CANONICAL_CASES, got, strict=True):
+        ref = rfc8785.dumps(case)
+        assert text.encode() == ref, case
+        assert js_sha == hashlib.sha256(ref).hexdigest()
+
+    # One envelope hashed the way the log does, and again with optional signature fields.
+    env = {"session_id": "s", "item_order": 1, "item_id": "i", "agent": "Triage", "kind": "item",
+           "data": {"amount": 120.0, "text": "naïve 😀"}, "created_at": "2026-03-14T09:30:00.123456Z"}
+    env["hash"] = item_hash(**{k: v for k, v in env.items() if k != "hash"}, prev_hash="0" * 64)
+    signed = {**env, "sig": "c2ln", "key_id": "k1"}
+    expected_signed = hashlib.sha256(rfc8785.dumps(
+        {**{k: v for k, v in signed.items() if k != "hash"}, "prev_hash": "0" * 64})).hexdigest()
+    hashes = page.evaluate("""async (envs) => {
+        const m = await import('/static/chain.js');
+        return Promise.all(envs.map((e) => m.sha256hex(m.hashInput(e, m.GENESIS))));
+    }""", [env, signed])
+    assert hashes == [env["hash"], expected_signed]

@@ -221,3 +221,20 @@ async def test_cli_refuses_to_serve_beyond_loopback_without_a_token() -> None:
     assert code == 2 and "refusing to serve on 0.0.0.0 without a token" in out
     code, out = await _cli("--certfile", "x.pem", "--port", "0", "--no-embedded")
     assert code == 2 and "--certfile and --keyfile go together" in out
+
+
+async def test_cli_serves_the_console_and_stops_on_sigterm(web: Console, nats_server: NatsServer,
+                                                           tmp_path: Path) -> None:
+    from tests.support.procs import Proc
+
+    await web.client.append("cli-1", [said("Triage", "served by convlog web")])
+    proc = Proc([sys.executable, "-m", "services.cli.main", "web", "--port", "0",
+                 "--nats-url", nats_server.url, "--no-embedded"], log_dir=tmp_path, name="convlog-web")
+    with proc:
+        m = await asyncio.to_thread(proc.wait_for_line, r"console at (http://127\.0\.0\.1:\d+/)", 20)
+        cli = Console(m.group(1), web.client)
+        status, _, body = await cli.get("/sessions/cli-1/export.jsonl")
+        assert status == 200 and b"served by convlog web" in body
+        _, _, body = await cli.get("/api/sessions")
+        assert [s["session_id"] for s in json.loads(body)["sessions"]] == ["cli-1"]
+        assert await asyncio.to_thread(proc.terminate, 10) == 0
