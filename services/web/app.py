@@ -253,7 +253,7 @@ async def _sse(client: LogClient, sid: str, after: int, heartbeat: float) -> Asy
     queue: asyncio.Queue[Envelope] = asyncio.Queue(maxsize=1000)
 
     async def pump() -> None:
-        async for env in client.follow(sid, after=after, idle_check=1.0):
+        async for env in client.follow(sid, after=after):
             await queue.put(env)
 
     task = asyncio.create_task(pump(), name=f"web-live-{sid}")

@@ -5,7 +5,10 @@ whole list: it is fetched through :class:`~shared.client.LogClient` and kept
 for ``ttl`` seconds.  A prefix filter scans only from the prefix on (ids are
 served in order).  The agents of a session are found by reading its raw
 envelopes once and then only what was appended since, so a page of sessions
-costs one read per session that changed.
+costs one read per session that changed.  A long session is scanned at most
+``scan_budget`` envelopes per listing, so the first listing of a session with
+millions of items stays fast; its agents are then marked as partial and the
+next listing continues where this one stopped.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ class SessionRow:
     items: int
     updated_at: str
     agents: list[str]
+    agents_partial: bool = False
 
     def as_json(self) -> dict[str, object]:
-        return {"session_id": self.session_id, "items": self.items,
-                "updated_at": self.updated_at, "agents": self.agents}
+        return {"session_id": self.session_id, "items": self.items, "updated_at": self.updated_at,
+                "agents": self.agents, "agents_partial": self.agents_partial}
 
 
 def _cursor(info: SessionInfo) -> str:
@@ -54,8 +58,10 @@ class SessionIndex:
         max_sessions_cached: bound on the per-session agents cache (LRU).
     """
 
-    def __init__(self, client: LogClient, *, ttl: float = 2.0, max_sessions_cached: int = 50_000) -> None:
+    def __init__(self, client: LogClient, *, ttl: float = 2.0, max_sessions_cached: int = 50_000,
+                 scan_budget: int = 20_000) -> None:
         self.client = client
+        self.scan_budget = scan_budget
         self.ttl = ttl
         self.max_cached = max_sessions_cached
         self._lists: OrderedDict[str, tuple[float, list[SessionInfo]]] = OrderedDict()
@@ -90,24 +96,29 @@ class SessionIndex:
             self._lists.popitem(last=False)
         return out
 
-    async def agents(self, info: SessionInfo) -> list[str]:
-        """The agents (not ``user`` or ``system``) that wrote in the session, first seen first."""
+    async def agents(self, info: SessionInfo) -> tuple[list[str], bool]:
+        """The agents (not ``user`` or ``system``) that wrote in the session, first seen
+        first, and whether the scan is still short of the session's end."""
         sid = info.session_id
         lock = self._locks.setdefault(sid, asyncio.Lock())
         async with lock:
             entry = self._authors.get(sid) or _Authors()
             if entry.last_order < info.last_order:
                 async with self._reads:
+                    budget = self.scan_budget
                     async for env in self.client.iter_items(sid, after=entry.last_order, raw=True):
                         if env.agent not in _NOT_AGENTS and env.agent not in entry.agents:
                             entry.agents.append(env.agent)
                         entry.last_order = env.item_order
+                        budget -= 1
+                        if budget <= 0:
+                            break
             self._authors[sid] = entry
             self._authors.move_to_end(sid)
             while len(self._authors) > self.max_cached:
                 old, _ = self._authors.popitem(last=False)
                 self._locks.pop(old, None)
-        return list(entry.agents)
+        return list(entry.agents), entry.last_order < info.last_order
 
     async def page(self, *, prefix: str = "", cursor: str | None = None,
                    limit: int = 50) -> tuple[list[SessionRow], str | None, int]:
@@ -126,6 +137,7 @@ class SessionIndex:
             start = lo
         chosen = listing[start : start + limit]
         agents = await asyncio.gather(*(self.agents(s) for s in chosen))
-        rows = [SessionRow(s.session_id, s.last_order, s.updated_at, a) for s, a in zip(chosen, agents, strict=True)]
+        rows = [SessionRow(s.session_id, s.last_order, s.updated_at, a, partial)
+                for s, (a, partial) in zip(chosen, agents, strict=True)]
         more = start + limit < len(listing)
         return rows, (_cursor(chosen[-1]) if more and chosen else None), len(listing)

@@ -238,3 +238,18 @@ async def test_cli_serves_the_console_and_stops_on_sigterm(web: Console, nats_se
         _, _, body = await cli.get("/api/sessions")
         assert [s["session_id"] for s in json.loads(body)["sessions"]] == ["cli-1"]
         assert await asyncio.to_thread(proc.terminate, 10) == 0
+
+
+async def test_agents_of_a_long_session_are_scanned_in_bounded_steps(web: Console) -> None:
+    from services.web.index import SessionIndex
+
+    await web.client.append("long-1", [said("Triage", "a"), said("Triage", "b"), said("user", "c"),
+                                       said("L1Billing", "d"), said("L2Support", "e")])
+    index = SessionIndex(web.client, scan_budget=3, ttl=0)
+    rows, _, _ = await index.page()
+    assert (rows[0].agents, rows[0].agents_partial) == (["Triage"], True)
+    rows, _, _ = await index.page()
+    assert (rows[0].agents, rows[0].agents_partial) == (["Triage", "L1Billing", "L2Support"], False)
+    await web.client.append("long-1", [said("Senior", "f")])  # only what is new is read
+    rows, _, _ = await index.page()
+    assert (rows[0].items, rows[0].agents[-1], rows[0].agents_partial) == (6, "Senior", False)

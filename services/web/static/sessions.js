@@ -30,7 +30,8 @@ async function load() {
       el("td", { class: "sid" }, el("a", { href: sessionPath(s.session_id), text: s.session_id })),
       el("td", { class: "num", text: s.items }),
       el("td", { title: longTime(s.updated_at), text: `${ago(s.updated_at)} · ${String(s.updated_at).slice(0, 19).replace("T", " ")} UTC` }),
-      el("td", {}, ...s.agents.map((a) => el("span", { class: "chip", text: a })))));
+      el("td", {}, ...s.agents.map((a) => el("span", { class: "chip", text: a })),
+        s.agents_partial ? el("span", { class: "message", title: "long session: still scanning for more agents", text: "…" }) : null)));
   }
   if (!body.sessions.length) rows.append(el("tr", {}, el("td", { text: prefix ? `No session id starts with ${prefix}.` : "No sessions yet." })));
   next = body.next;
