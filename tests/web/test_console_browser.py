@@ -175,6 +175,13 @@ def test_badge_turns_red_on_a_tampered_export(demo_web: Demo, page: Any, tmp_pat
     page.goto(url)
     assert "chain broken at #4: expected item_order 4, found 5" in wait_badge(page, "bad")
 
+    # ... and one whose stream turns to garbage after item #6: nothing after it is trusted.
+    page.unroute("**/export.jsonl")
+    page.route("**/export.jsonl", lambda route: route.fulfill(
+        status=200, content_type="application/jsonl", body=b"\n".join(real.splitlines()[:6]) + b"\n{oops\n"))
+    page.goto(url)
+    assert "chain broken at #7: the export is unreadable after #6" in wait_badge(page, "bad")
+
     # The reviewer's own file, checked on /verify without the server's data.
     f = tmp_path / "export.jsonl"
     f.write_bytes(_tampered(real, 10, "edit"))

@@ -155,6 +155,11 @@ function updateBadge() {
   }
 }
 
+// The data stopped making sense (a line that is not JSON): nothing after it can be trusted.
+function fail(reason) {
+  verifying = verifying.then(() => { verifier.problem ??= { order: verifier.verified + 1, reason }; }).then(updateBadge);
+}
+
 function add(envs) {
   if (!envs.length) return;
   const lanesChanged = conv.add(envs);
@@ -215,7 +220,12 @@ async function readJsonl(stream, onBatch) {
     for (const p of parts) {
       line++;
       if (!p.trim()) continue;
-      try { batch.push(JSON.parse(p)); } catch { throw new Error(`line ${line} is not JSON`); }
+      try {
+        batch.push(JSON.parse(p));
+      } catch {
+        onBatch(batch); // what came before the bad line is still shown and checked
+        throw new Error(`line ${line} is not JSON`);
+      }
     }
     onBatch(batch);
     if (done) return;
@@ -240,7 +250,14 @@ async function loadFromServer() {
     const res = await fetch(`${sessionPath(sid)}/export.jsonl`, { cache: "no-store" });
     if (res.status === 404) $("message").textContent = "No items yet: waiting for the first one.";
     else if (!res.ok) throw new Error((await res.json().catch(() => null))?.error?.message || `HTTP ${res.status}`);
-    else await readJsonl(res.body, add);
+    else {
+      try {
+        await readJsonl(res.body, add);
+      } catch (err) {
+        fail(`the export is unreadable after #${conv.lastOrder}: ${err.message}`);
+        throw err;
+      }
+    }
   } catch (err) {
     $("message").textContent = `Could not load the session: ${err.message}`;
   }
@@ -254,7 +271,13 @@ function startLive() {
   source.onopen = () => { state.live = "on"; live.textContent = "● live"; live.className = "live on"; };
   source.onerror = () => { state.live = "reconnecting"; live.textContent = "○ reconnecting"; live.className = "live off"; };
   source.onmessage = (ev) => {
-    const env = JSON.parse(ev.data);
+    let env;
+    try {
+      env = JSON.parse(ev.data);
+    } catch {
+      fail(`a live item after #${conv.lastOrder} is not JSON`);
+      return;
+    }
     if (env.item_order <= conv.lastOrder) return;
     $("message").textContent = "";
     const atBottom = scroller.scrollTop + scroller.clientHeight >= scroller.scrollHeight - ROW_H;
@@ -275,7 +298,10 @@ function loadFile(file) {
     $("message").textContent = "";
     add(envs);
     finishLoad();
-  }).catch((err) => { $("message").textContent = `Could not read ${file.name}: ${err.message}`; });
+  }).catch((err) => {
+    $("message").textContent = `Could not read ${file.name}: ${err.message}`;
+    fail(`${file.name} is unreadable: ${err.message}`);
+  });
 }
 
 // Find: Enter jumps to the next item whose agent or text contains the words (case-insensitive).
