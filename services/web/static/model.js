@@ -139,6 +139,18 @@ export class Conversation {
     return rows;
   }
 
+  // Rows for items from index `from` on, appended in place; false when the new items
+  // change earlier rows (a retract or clear, an output joining its call): rebuild then.
+  appendRows(from) {
+    for (let i = from; i < this.items.length; i++) {
+      const env = this.items[i];
+      if (env.kind !== "item" || this.callOf.has(i)) return false;
+      if (this.agentsSaw && !this.visibleToAgents(env)) continue;
+      this.rows.push({ i });
+    }
+    return true;
+  }
+
   rowOfOrder(order) {
     const i = this.byOrder.get(order);
     if (i === undefined) return -1;

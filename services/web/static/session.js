@@ -162,8 +162,10 @@ function fail(reason) {
 
 function add(envs) {
   if (!envs.length) return;
+  const from = conv.items.length;
   const lanesChanged = conv.add(envs);
-  refresh(true, lanesChanged);
+  if (!lanesChanged && conv.appendRows(from)) refresh(false); // rows on screen stay as they are
+  else refresh(true, lanesChanged);
   verifying = verifying.then(() => verifier.feed(envs)).then(updateBadge);
 }
 
