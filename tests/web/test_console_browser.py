@@ -182,10 +182,29 @@ def test_badge_turns_red_on_a_tampered_export(demo_web: Demo, page: Any, tmp_pat
     page.goto(url)
     assert "chain broken at #7: the export is unreadable after #6" in wait_badge(page, "bad")
 
+    # A chain alone cannot show its newest items were dropped; the head hash the
+    # reviewer holds (from a receipt, or `convlog replay`) can.
+    head = json.loads(real.splitlines()[-1])["hash"]
+    page.unroute("**/export.jsonl")
+    page.goto(f"{url}?head={head[:16]}")
+    assert "chain intact through #12" in wait_badge(page, "good")
+    page.wait_for_selector("#held.good")
+    assert page.text_content("#held") == "✓ holds your head #12"
+    page.route("**/export.jsonl", lambda route: route.fulfill(
+        status=200, content_type="application/jsonl", body=b"\n".join(real.splitlines()[:11]) + b"\n"))
+    page.route("**/live?*", lambda route: route.abort())  # nor does it tail what it dropped
+    page.goto(f"{url}?head={head}")
+    assert "chain intact through #11" in wait_badge(page, "good")
+    page.wait_for_selector("#held.bad")
+    assert page.text_content("#held") == f"✗ your head {head[:8]}… is not in this chain"
+    assert "rewritten, or its newest items were cut off" in page.get_attribute("#held", "title")
+    screenshot(page, "head-not-held")
+
     # The reviewer's own file, checked on /verify without the server's data.
     f = tmp_path / "export.jsonl"
     f.write_bytes(_tampered(real, 10, "edit"))
     page.unroute("**/export.jsonl")
+    page.unroute("**/live?*")
     page.goto(f"{demo_web.url}/verify")
     page.set_input_files("#file", str(f))
     assert "chain broken at #10" in wait_badge(page, "bad")

@@ -145,6 +145,22 @@ function updateBadge() {
     b.textContent = (b.classList.contains("good") ? `✓ chain intact through #${verifier.verified}` : `verifying… ${verifier.verified}/${conv.items.length}`) + signed;
     b.removeAttribute("href");
   }
+  // A head hash the reviewer holds from elsewhere (a receipt, `convlog replay`) closes the
+  // gap a chain alone leaves: a rewritten chain, or its newest items dropped.
+  const held = expectedHead();
+  const hb = $("held");
+  hb.hidden = !held;
+  if (held && !p && state.loaded && verifier.verified === conv.items.length) {
+    const at = conv.items.find((e) => e.hash.startsWith(held));
+    hb.className = "badge " + (at ? "good" : "bad");
+    hb.textContent = at
+      ? `✓ holds your head #${at.item_order}` + (at.item_order < verifier.verified ? ` (+${verifier.verified - at.item_order} since)` : "")
+      : `✗ your head ${held.slice(0, 8)}… is not in this chain`;
+    hb.title = at ? "" : "the chain served here does not contain the head hash you hold: it was rewritten, or its newest items were cut off";
+  } else if (held) {
+    hb.className = "badge working";
+    hb.textContent = p ? "head not checked: the chain is broken" : "checking your head…";
+  }
   b.title = `SHA-256 (${engine}) over RFC 8785 canonical JSON, recomputed in this browser` +
     (verifier.verified ? `; head hash ${verifier.prev}` : "");
   $("head").textContent = verifier.verified && !p ? `head ${verifier.prev.slice(0, 16)}…` : "";
@@ -168,6 +184,13 @@ function add(envs) {
   else refresh(true, lanesChanged);
   verifying = verifying.then(() => verifier.feed(envs)).then(updateBadge);
 }
+
+function expectedHead() {
+  const v = ($("expect-head").value || "").trim().toLowerCase();
+  return /^[0-9a-f]{12,64}$/.test(v) ? v : null;
+}
+$("expect-head").value = new URLSearchParams(location.search).get("head") || "";
+$("expect-head").addEventListener("input", () => updateBadge());
 
 let selected = null;
 function select(order, scroll = true) {
