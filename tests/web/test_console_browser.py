@@ -112,6 +112,17 @@ def test_conversation_shows_lanes_handoff_arrows_pairs_and_verifies(demo_web: De
     page.wait_for_selector(".row.selected[data-order='9']")
     assert page.text_content("#detail h2").startswith("#9 · L2Support")
     assert "hash verified in this browser" in page.text_content("#detail dl")
+    page.click(".row[data-order='9'] .time")  # focus leaves the find box
+    page.keyboard.press("j")  # the keyboard walks the rows
+    page.wait_for_selector(".row.selected[data-order='10']")
+    page.keyboard.press("k")
+    page.wait_for_selector(".row.selected[data-order='9']")
+    page.check("#tall")  # room for six lines of each item
+    page.wait_for_function("document.querySelector(\".row[data-order='9']\").offsetHeight === 136")
+    assert page.locator(".row.selected[data-order='9']").is_visible()
+    box = page.locator(".row.selected[data-order='9']").bounding_box()
+    assert 0 <= box["y"] < 800 - 136, box  # still on screen
+    screenshot(page, "conversation-tall")
 
     # The export link serves every envelope; it verifies with the Python verifier too.
     href = page.get_attribute("#export", "href")

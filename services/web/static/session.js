@@ -3,7 +3,7 @@ import { ChainVerifier, engine } from "./chain.js";
 import { clear, el, longTime, sessionPath, shortTime } from "./common.js";
 import { Conversation, describe, handoffTarget } from "./model.js";
 
-const ROW_H = 68; // px; every row has the same height, so only rows on screen exist
+let ROW_H = 68; // px; every row has the same height, so only rows on screen exist (136: tall rows)
 const OVERSCAN = 8;
 const $ = (id) => document.getElementById(id);
 const state = { firstScreenMs: null, verifiedMs: null, loaded: false, live: "off" };
@@ -122,6 +122,7 @@ function refresh(rowsChanged, lanesChanged) {
     for (const node of rendered.values()) node.remove();
     rendered.clear();
   }
+  canvas.style.height = `${conv.rows.length * ROW_H}px`; // now, so scrolling to a row works at once
   if (!pending) {
     pending = true;
     requestAnimationFrame(() => { pending = false; draw(); });
@@ -341,6 +342,24 @@ $("find").addEventListener("keydown", (e) => {
     if (`${env.agent} ${describe(env)[1]}`.toLowerCase().includes(q)) { select(env.item_order); $("message").textContent = ""; return; }
   }
   $("message").textContent = `not found: ${q}`;
+});
+$("tall").addEventListener("change", (e) => {
+  const anchor = Math.floor(scroller.scrollTop / ROW_H);
+  ROW_H = e.target.checked ? 136 : 68;
+  document.body.classList.toggle("tall", e.target.checked);
+  scroller.scrollTop = anchor * ROW_H;
+  refresh(true);
+  if (selected !== null) select(selected); // keep the selected item in view
+});
+// Keyboard: j / k (or the arrow keys) move to the next / previous row.
+document.addEventListener("keydown", (e) => {
+  if (e.target instanceof HTMLInputElement || e.altKey || e.ctrlKey || e.metaKey) return;
+  const step = e.key === "j" || e.key === "ArrowDown" ? 1 : e.key === "k" || e.key === "ArrowUp" ? -1 : 0;
+  if (!step || !conv.rows.length) return;
+  e.preventDefault();
+  const cur = selected === null ? -1 : conv.rowOfOrder(selected);
+  const r = Math.min(conv.rows.length - 1, Math.max(0, cur + step));
+  select(conv.items[conv.rows[r].i].item_order);
 });
 $("agents-saw").addEventListener("change", (e) => { conv.agentsSaw = e.target.checked; refresh(true); });
 $("collapse").addEventListener("change", (e) => { conv.collapseAll = e.target.checked; conv.collapsed.clear(); refresh(true); });
