@@ -1,0 +1,203 @@
+"""Which failures heal by themselves, and what a long-running loop does about each.
+
+convlog's processes run background loops: the log service's outbox and
+replier, a worker's pulls, heartbeats and session tasks.  One rule for all:
+
+* **transient** (:func:`is_transient`): NATS is down, reconnecting, draining
+  or slow (timeouts, no responders, a closed or stale connection), JetStream is
+  briefly unavailable, the log service answers ``unavailable``, SQLite is busy.
+  The loop backs off (:class:`Backoff`: exponential, capped, with jitter) and
+  tries again for as long as it takes; a reconnect may cut the wait short.
+* **fatal**: everything else.  A stream whose configuration no longer fits, a
+  stream that belongs to another database, a refusal that resyncing cannot
+  cure, a programming error (``TypeError``, ``AttributeError``, ...).  Retrying
+  cannot fix these, and a process that keeps acknowledging appends while its
+  outbox is stuck is a silent stall.  So the loop stops (:func:`supervise`),
+  logs one line naming the cause, and the process shuts down and exits
+  non-zero (``convlog log`` and ``convlog worker`` exit 1), so that its process
+  manager restarts it and an operator sees why.
+
+Calls that are retried (a log request over NATS, a model request over HTTP)
+have one policy per kind of call, built on tenacity, in :mod:`shared.client`
+and :mod:`services.worker.model`; their waits come from :class:`Backoff` too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import random
+import sqlite3
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+import tenacity
+
+from .errors import UnavailableError
+
+__all__ = [
+    "LOOP_BACKOFF",
+    "Backoff",
+    "FatalError",
+    "is_transient",
+    "supervise",
+    "watch",
+]
+
+_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
+    TimeoutError,  # asyncio's and nats-py's timeouts are TimeoutErrors
+    ConnectionError,  # refused, reset, aborted, broken pipe; "disconnected from NATS"
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.StaleConnectionError,  # and UnexpectedEOF
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.NoServersError,
+    nats.errors.SlowConsumerError,
+    nats.js.errors.ServiceUnavailableError,  # JetStream not (yet) answering
+    nats.js.errors.NoStreamResponseError,
+    UnavailableError,  # the log service's own "try again"
+)
+# JetStream API errors that heal: 10008 "JetStream system temporarily
+# unavailable"; 10070 "wrong last msg ID": the stream lost the tail of a
+# publish window in a server restart, and a resync from the stream cures it.
+_TRANSIENT_JS_ERR_CODES = frozenset({10008, 10070})
+_TRANSIENT_JS_STATUS = frozenset({408, 503})
+_TRANSIENT_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN})
+
+
+class FatalError(RuntimeError):
+    """A failure that retrying cannot fix: the process must stop and exit non-zero.
+
+    Raised by :func:`supervise` (wrapping the cause as ``__cause__``), and
+    subclassed by conditions a loop recognises itself (a stream that belongs
+    to another database, a stream configured for other subjects).
+    """
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True if retrying ``exc`` later (with backoff) can succeed without a restart."""
+    if isinstance(exc, FatalError):
+        return False
+    if isinstance(exc, _TRANSIENT_TYPES):
+        return True
+    if isinstance(exc, nats.js.errors.APIError):
+        return exc.err_code in _TRANSIENT_JS_ERR_CODES or exc.code in _TRANSIENT_JS_STATUS
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc)
+        return "locked" in text or "busy" in text
+    if isinstance(exc, OSError):
+        return exc.errno in _TRANSIENT_ERRNOS
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with equal jitter: the wait before retry ``n`` (0-based).
+
+    ``ceiling = min(maximum, initial * 2**n)``; the wait is at least half the
+    ceiling (so replicas spread out but still wait) and at most all of it.
+
+    Attributes:
+        initial: the first ceiling, seconds.
+        maximum: the cap, seconds.
+    """
+
+    initial: float
+    maximum: float
+
+    def delay(self, n: int, rng: Callable[[], float] = random.random) -> float:
+        ceiling = min(self.maximum, self.initial * 2 ** min(max(n, 0), 64))
+        return ceiling / 2 + rng() * ceiling / 2
+
+    def wait(self, rng: Callable[[], float] = random.random) -> Callable[[tenacity.RetryCallState], float]:
+        """This backoff as a tenacity ``wait`` (retry ``n`` follows attempt ``n + 1``)."""
+        return lambda state: self.delay(state.attempt_number - 1, rng)
+
+
+#: Background loops: 0.05-0.1 s after the first failure, doubling to 1-2 s.
+LOOP_BACKOFF = Backoff(initial=0.1, maximum=2.0)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def supervise(
+    run: Callable[[], Awaitable[None]],
+    name: str,
+    *,
+    logger: logging.Logger,
+    backoff: Backoff = LOOP_BACKOFF,
+    wake: asyncio.Event | None = None,
+    give_up: Callable[[], bool] = lambda: False,
+    healthy_after: float = 10.0,
+) -> None:
+    """Run the loop ``run`` until it returns, applying the one failure rule.
+
+    A transient failure is logged (one warning line) and ``run`` is called
+    again after a backoff that grows while failures follow each other and
+    starts over once an attempt ran for ``healthy_after`` seconds.  Setting
+    ``wake`` ends a wait early (e.g. on a NATS reconnect).  Any other failure
+    is logged as one critical line naming the loop and the cause (with the
+    traceback when it is not a recognised :class:`FatalError`) and raised.
+
+    Args:
+        run: one attempt of the loop; returns when the loop is done.
+        name: the loop's name, for the log lines.
+        logger: where the lines go.
+        backoff: the waits between attempts.
+        wake: an event that cuts a wait short; cleared before each wait.
+        give_up: checked after a transient failure; True ends the loop quietly
+            (e.g. shutting down with NATS gone).
+        healthy_after: seconds after which an attempt counts as recovered.
+
+    Raises:
+        FatalError: the loop met a failure that retrying cannot fix.
+    """
+    loop = asyncio.get_running_loop()
+    failures = 0
+    while True:
+        started = loop.time()
+        try:
+            await run()
+            return
+        except Exception as e:
+            if not is_transient(e):
+                fatal = FatalError(f"{name} stopped: {_one_line(e)}")
+                logger.critical(
+                    "%s; exiting so that the process manager restarts it",
+                    fatal,
+                    exc_info=None if isinstance(e, FatalError) else e,
+                )
+                raise fatal from e
+            if give_up():
+                return
+            if loop.time() - started >= healthy_after:
+                failures = 0
+            delay = backoff.delay(failures)
+            failures += 1
+            logger.warning("%s: %s; retrying in %.2gs", name, _one_line(e), delay)
+        if wake is None:
+            await asyncio.sleep(delay)
+        else:
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await wake.wait()
+
+
+def watch(task: asyncio.Task[None], on_fatal: Callable[[BaseException], None]) -> None:
+    """Call ``on_fatal(error)`` if ``task`` ends with an exception (not on cancel)."""
+
+    def done(t: asyncio.Task[None]) -> None:
+        if not t.cancelled() and t.exception() is not None:
+            on_fatal(t.exception())  # type: ignore[arg-type]
+
+    task.add_done_callback(done)

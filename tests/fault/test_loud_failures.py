@@ -1,0 +1,167 @@
+"""Failures are loud: a fatal one ends the process non-zero, a transient one heals.
+
+The rule of :mod:`shared.failures`, tried on real ``convlog log`` and
+``convlog worker`` processes: when the items stream stops fitting (replaced
+by a stream for other subjects, or by one holding another database's items)
+the log service must not go on acknowledging appends nobody publishes; it
+logs one line naming the cause and exits 1, so its process manager restarts
+it.  A NATS outage, on the other hand, is waited out without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import nats
+from nats.js.api import StreamConfig
+
+from shared.client import LogClient
+from shared.messages import AppendItem
+from tests.support.eventually import assert_eventually
+from tests.support.logsvc import SUBJECTS, LogServiceProc, service_env, stream_matches_log
+from tests.support.natsd import NatsServer
+from tests.support.procs import Proc
+from tests.support.workerstack import write_spec
+
+STREAM = SUBJECTS.stream_name
+
+
+def _item(text: str) -> AppendItem:
+    return AppendItem(agent="user", data={"role": "user", "content": text})
+
+
+def _fatal_line(output: str) -> str:
+    """The one CRITICAL line a fatal failure logs."""
+    lines = [line for line in output.splitlines() if " CRITICAL " in line]
+    assert len(lines) == 1, f"expected one CRITICAL line:\n{output}"
+    return lines[0]
+
+
+async def _replace_stream(url: str, subjects: list[str]) -> None:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await js.delete_stream(STREAM)
+        await js.add_stream(StreamConfig(name=STREAM, subjects=subjects))
+    finally:
+        await nc.close()
+
+
+async def test_a_stream_for_other_subjects_stops_the_log_service_with_exit_1(
+    nats_server: NatsServer, tmp_db: Path, log_services: Callable[..., LogServiceProc]
+) -> None:
+    svc = await asyncio.to_thread(log_services, nats_server.url, tmp_db)
+    async with await LogClient.connect(nats_server.url) as client:
+        await client.append("loud", [_item("first")])
+        await assert_eventually(
+            lambda: stream_matches_log(client.nc, client, ["loud"]), timeout=10, interval=0.1
+        )
+        # Someone replaces the items stream with one that captures other subjects.
+        await _replace_stream(nats_server.url, ["elsewhere.>"])
+        # The append is durable and acknowledged; publishing it is what fails.
+        await client.append("loud", [_item("second")])
+
+    assert svc.proc is not None
+    assert await asyncio.to_thread(svc.proc.wait, 20) == 1, svc.output()
+    line = _fatal_line(svc.output())
+    assert "outbox stopped: StreamConfigError" in line
+    assert f"the items stream {STREAM} captures ['elsewhere.>'], not convlog.items.>" in line
+    assert "Traceback" not in svc.output()  # a known condition: one line, no stack
+    assert svc.output().rstrip().splitlines()[-1].startswith("convlog: outbox stopped:")
+
+    # The process manager restarts it: still wrong, so it refuses to start, naming the cause.
+    restarted = Proc(svc.proc.args, log_dir=svc.log_dir, env=svc.proc.env, name="restart").start()
+    try:
+        assert await asyncio.to_thread(restarted.wait, 20) == 1, restarted.output()
+        assert "captures ['elsewhere.>']" in restarted.output()
+    finally:
+        restarted.terminate()
+
+    # Once the stream is put right (here: deleted, so the service recreates it),
+    # a restart republishes every committed item, the second one included.
+    nc = await nats.connect(nats_server.url)
+    await nc.jetstream().delete_stream(STREAM)
+    await nc.close()
+    await asyncio.to_thread(svc.start)
+    async with await LogClient.connect(nats_server.url) as client:
+        await assert_eventually(
+            lambda: stream_matches_log(client.nc, client, ["loud"]), timeout=15, interval=0.1
+        )
+        assert len(await client.items("loud")) == 2
+
+
+async def test_a_stream_holding_another_databases_items_stops_the_log_service(
+    nats_server: NatsServer, tmp_db: Path, log_services: Callable[..., LogServiceProc]
+) -> None:
+    """The stream's tail is an item this database never committed: the next
+    window is refused ("wrong last msg ID"), the resync finds the stranger, and
+    no resync can cure that."""
+    svc = await asyncio.to_thread(log_services, nats_server.url, tmp_db)
+    async with await LogClient.connect(nats_server.url) as client:
+        await client.append("mine", [_item("first")])
+        await assert_eventually(
+            lambda: stream_matches_log(client.nc, client, ["mine"]), timeout=10, interval=0.1
+        )
+        js = client.nc.jetstream()
+        await js.publish(SUBJECTS.items("theirs"), b"{}", headers={"Nats-Msg-Id": "theirs:7"})
+        await client.append("mine", [_item("second")])
+
+    assert svc.proc is not None
+    assert await asyncio.to_thread(svc.proc.wait, 20) == 1, svc.output()
+    line = _fatal_line(svc.output())
+    assert "outbox stopped: StreamMismatchError" in line
+    assert "ends with 'theirs:7', which this database does not hold" in line
+
+
+async def test_a_nats_outage_is_waited_out_without_exiting(
+    nats_server: NatsServer, tmp_db: Path, log_services: Callable[..., LogServiceProc]
+) -> None:
+    svc = await asyncio.to_thread(log_services, nats_server.url, tmp_db)
+    await asyncio.to_thread(nats_server.kill)
+    await asyncio.sleep(1.0)  # the outage: the service notices and keeps reconnecting
+    await asyncio.to_thread(nats_server.start)
+    async with await LogClient.connect(nats_server.url) as client:
+        await client.append("outage", [_item("after")])
+        await assert_eventually(
+            lambda: stream_matches_log(client.nc, client, ["outage"]), timeout=15, interval=0.1
+        )
+    assert svc.proc is not None and svc.proc.running, svc.output()
+    assert " CRITICAL " not in svc.output()
+
+
+AGENTS = """
+entry = "Solo"
+
+[[agents]]
+name = "Solo"
+instructions = "Answer the user."
+"""
+
+
+async def test_a_worker_that_cannot_create_its_consumer_exits_1(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """The items stream exists but captures other subjects, so the agent's
+    consumer (filtered on the items subjects) cannot be created: retrying
+    forever would be a silent stall."""
+    nc = await nats.connect(nats_server.url)
+    await nc.jetstream().add_stream(StreamConfig(name=STREAM, subjects=["elsewhere.>"]))
+    await nc.close()
+    spec = write_spec(tmp_path / "agents.toml", AGENTS)
+    env = service_env(tmp_path / "convlog-data")
+    env.pop("OPENAI_API_KEY", None)
+    worker = Proc(
+        [sys.executable, "-m", "services.cli.main", "worker", "Solo", "--agents", str(spec),
+         "--nats-url", nats_server.url, "--no-embedded", "--grace", "1"],
+        log_dir=tmp_path, env=env, name="worker-solo",
+    ).start()
+    try:
+        assert await asyncio.to_thread(worker.wait, 30) == 1, worker.output()
+    finally:
+        worker.terminate()
+    line = _fatal_line(worker.output())
+    assert re.search(r"consumer stopped: .*cannot create the consumer convlog-agent-Solo", line), line
