@@ -36,13 +36,17 @@ from dataclasses import dataclass
 import nats.errors
 import nats.js.errors
 import tenacity
+from nats.js.api import StreamConfig
 
 from .errors import UnavailableError
+from .subjects import Subjects
 
 __all__ = [
     "LOOP_BACKOFF",
     "Backoff",
     "FatalError",
+    "StreamConfigError",
+    "check_items_stream",
     "is_transient",
     "supervise",
     "watch",
@@ -78,6 +82,41 @@ class FatalError(RuntimeError):
     subclassed by conditions a loop recognises itself (a stream that belongs
     to another database, a stream configured for other subjects).
     """
+
+
+class StreamConfigError(FatalError):
+    """The items stream is gone, sealed, or does not capture the items subjects."""
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a trailing ``>`` one or more."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or (token != "*" and token != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def check_items_stream(config: StreamConfig, subjects: Subjects) -> None:
+    """Refuse an items stream that would not store what the log service publishes.
+
+    Raises:
+        StreamConfigError: the stream does not capture ``<prefix>.items.<sid>``
+            (someone created or changed it), or it is sealed.
+    """
+    name = subjects.stream_name
+    captured = list(config.subjects or [])
+    probe = subjects.items("probe")  # session ids are one token
+    if not any(_matches(pattern, probe) for pattern in captured):
+        raise StreamConfigError(
+            f"the items stream {name} captures {captured}, not {subjects.items_all}: "
+            "it was created or changed by something else. Fix its subjects, or delete it "
+            "(a restart of the log service creates it again and republishes every item)"
+        )
+    if config.sealed:
+        raise StreamConfigError(f"the items stream {name} is sealed: it stores nothing more")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -170,13 +209,7 @@ async def supervise(
             return
         except Exception as e:
             if not is_transient(e):
-                fatal = FatalError(f"{name} stopped: {_one_line(e)}")
-                logger.critical(
-                    "%s; exiting so that the process manager restarts it",
-                    fatal,
-                    exc_info=None if isinstance(e, FatalError) else e,
-                )
-                raise fatal from e
+                raise _fatal(name, e, logger) from e
             if give_up():
                 return
             if loop.time() - started >= healthy_after:
@@ -193,11 +226,42 @@ async def supervise(
                     await wake.wait()
 
 
-def watch(task: asyncio.Task[None], on_fatal: Callable[[BaseException], None]) -> None:
-    """Call ``on_fatal(error)`` if ``task`` ends with an exception (not on cancel)."""
+def _fatal(name: str, error: Exception, logger: logging.Logger) -> FatalError:
+    """Log the one line for a loop that gave up and return the error to raise."""
+    fatal = FatalError(f"{name} stopped: {_one_line(error)}")
+    logger.critical(
+        "%s; exiting so that the process manager restarts it",
+        fatal,
+        exc_info=None if isinstance(error, FatalError) else error,
+    )
+    return fatal
+
+
+def watch(
+    task: asyncio.Task[None],
+    on_fatal: Callable[[FatalError], None],
+    *,
+    name: str | None = None,
+    logger: logging.Logger | None = None,
+) -> None:
+    """Call ``on_fatal(error)`` when ``task`` ends with an exception (not when cancelled).
+
+    A task run by :func:`supervise` ends with a :class:`FatalError` it already
+    logged.  Any other exception (a task that is not a supervised loop died of
+    a bug) is logged here as one critical line naming ``name``, and passed on
+    as a :class:`FatalError`.
+    """
 
     def done(t: asyncio.Task[None]) -> None:
-        if not t.cancelled() and t.exception() is not None:
-            on_fatal(t.exception())  # type: ignore[arg-type]
+        if t.cancelled():
+            return
+        error = t.exception()
+        if error is None:
+            return
+        if not isinstance(error, FatalError):
+            if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: not ours
+                return
+            error = _fatal(name or t.get_name(), error, logger or logging.getLogger("convlog"))
+        on_fatal(error)
 
     task.add_done_callback(done)

@@ -37,7 +37,13 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, Header, RetentionPolicy, StorageType, StreamConfig
 
-from shared.failures import FatalError, is_transient, supervise
+from shared.failures import (
+    FatalError,
+    StreamConfigError,
+    check_items_stream,
+    is_transient,
+    supervise,
+)
 from shared.subjects import Subjects
 
 from .store.base import Committed, LogStore
@@ -61,23 +67,8 @@ class StreamMismatchError(FatalError):
     """The items stream holds envelopes this store never committed."""
 
 
-class StreamConfigError(FatalError):
-    """The items stream is gone, sealed, or does not capture the items subjects."""
-
-
 class StreamRefusedError(FatalError):
     """The stream refused a publish, and resyncing does not cure it."""
-
-
-def _matches(pattern: str, subject: str) -> bool:
-    """NATS subject matching: ``*`` is one token, a trailing ``>`` one or more."""
-    p, s = pattern.split("."), subject.split(".")
-    for i, token in enumerate(p):
-        if token == ">":
-            return len(s) > i
-        if i >= len(s) or (token != "*" and token != s[i]):
-            return False
-    return len(p) == len(s)
 
 
 async def ensure_stream(js: JetStreamContext, subjects: Subjects, *, replicas: int = 1) -> None:
@@ -208,7 +199,7 @@ class Outbox:
                 f"the items stream {name} is gone (deleted while the service ran); "
                 "a restart creates it again and republishes every item from the database"
             ) from e
-        self._check_config(info.config)
+        check_items_stream(info.config, self._subjects)
         if info.state.messages == 0:
             if info.state.last_seq:
                 # The stream was purged or aged out: we cannot tell what it held,
@@ -234,20 +225,6 @@ class Outbox:
             )
         self._published = position
         self._last_msg_id = msg_id
-
-    def _check_config(self, config: StreamConfig) -> None:
-        """Refuse a stream that would not store what the outbox publishes."""
-        name = self._subjects.stream_name
-        captured = list(config.subjects or [])
-        probe = self._subjects.items("probe")
-        if not any(_matches(pattern, probe) for pattern in captured):
-            raise StreamConfigError(
-                f"the items stream {name} captures {captured}, not {self._subjects.items_all}: "
-                "it was created or changed by something else. Fix its subjects, or delete it "
-                "(a restart of the log service creates it again and republishes every item)"
-            )
-        if config.sealed:
-            raise StreamConfigError(f"the items stream {name} is sealed: it stores nothing more")
 
     async def _run(self) -> None:
         # Back off after a failure, but resync at once when the connection is back.

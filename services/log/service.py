@@ -146,7 +146,7 @@ class LogService:
         self.store.add_commit_listener(self.outbox.on_commit)
         await self.outbox.start()
         assert self.outbox.task is not None
-        watch(self.outbox.task, self._fail)
+        watch(self.outbox.task, self._fail, logger=log)
         self._service = await add_service(
             self.nc,
             name=SERVICE_NAME,
@@ -158,7 +158,7 @@ class LogService:
         self._replier = asyncio.create_task(
             supervise(self._reply_loop, "replier", logger=log), name="convlog-replier"
         )
-        watch(self._replier, self._fail)
+        watch(self._replier, self._fail, logger=log)
         deliver_append = self._append_endpoint(handlers)
         endpoints: list[tuple[str, str, Callable[[Request], Awaitable[None]]]] = [
             ("append", self.subjects.append_all, self._micro_handler(deliver_append)),
@@ -315,10 +315,10 @@ class LogService:
         if self._fatal is not None:
             raise self._fatal
 
-    def _fail(self, error: BaseException) -> None:
+    def _fail(self, error: FatalError) -> None:
         """A background loop gave up (already logged): shut down, then make run() raise."""
         if self._fatal is None:
-            self._fatal = error if isinstance(error, FatalError) else FatalError(str(error))
+            self._fatal = error
         if not self._shutdown_started:
             task = asyncio.get_running_loop().create_task(self.shutdown())
             self._failing.add(task)

@@ -21,6 +21,12 @@ what was fetched but not started (another replica takes it now) -> wait for
 running turns up to ``settings.grace`` -> cancel the rest (nak; the turn
 resumes from the log on redelivery) -> close -> log a one-line tally.
 Signal handlers belong to the entrypoint.
+
+Background loops (pulls, heartbeats, one task per busy session) follow
+:mod:`shared.failures`: transient failures are retried with backoff; a fatal
+one (the consumer cannot be created, a bug) logs one line, shuts the worker
+down and makes ``run()`` raise :class:`~shared.failures.FatalError`, so
+``convlog worker`` exits non-zero and its process manager restarts it.
 """
 
 from __future__ import annotations
@@ -29,9 +35,12 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -39,6 +48,7 @@ from shared.client import LogClient, connect_options
 from shared.codec import decode
 from shared.config import Settings
 from shared.errors import ConvlogError, UnavailableError
+from shared.failures import FatalError, is_transient, supervise, watch
 from shared.messages import Envelope
 
 from .consumer import NATS_ERRORS, AgentConsumer, consumer_name
@@ -140,6 +150,7 @@ class Worker:
         self._beat_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._fatal: FatalError | None = None  # why a background loop stopped the worker
         self._started = False
         self._shutdown_started = False
 
@@ -187,28 +198,34 @@ class Worker:
             self.nc, self.subjects, self.agent.name, ack_wait=self.ack_wait,
             fetch_timeout=self.fetch_timeout, stopping=self._stopping,
         )
-        self._fetch_task = asyncio.create_task(self._fetch_loop(), name="worker-fetch")
-        self._beat_task = asyncio.create_task(self._heartbeats(), name="worker-heartbeats")
+        self._fetch_task = self._supervised(self._fetch_loop, "pulls")
+        self._beat_task = self._supervised(self._heartbeats, "heartbeats")
+
+    def _supervised(self, loop: Callable[[], Awaitable[None]], what: str) -> asyncio.Task[None]:
+        name = f"worker {self.agent.name} {what}"
+        task = asyncio.create_task(
+            supervise(loop, name, logger=log, give_up=self._stopping.is_set), name=name
+        )
+        watch(task, self._fail, logger=log)
+        return task
+
+    def _fail(self, error: FatalError) -> None:
+        """A background loop gave up (already logged): shut down, then make run() raise."""
+        if self._fatal is None:
+            self._fatal = error
+        if not self._shutdown_started:
+            self._spawn(self.shutdown())
 
     async def run(self) -> None:
         """Serve until :meth:`shutdown` completes.
 
         Raises:
-            Exception: the fetch loop died of an unexpected error (after shutdown).
+            FatalError: a background loop stopped the worker (after shutdown).
         """
         await self.start()
-        if self._fetch_task is None:  # shut down before it started
-            await self._stopped.wait()
-            return
-        stopped = asyncio.create_task(self._stopped.wait())
-        done, _ = await asyncio.wait({self._fetch_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if self._fetch_task in done and not self._fetch_task.cancelled():
-            error = self._fetch_task.exception()
-            if error is not None:
-                log.error("worker %s: fetch loop failed: %r", self.agent.name, error)
-                await self.shutdown()
-                raise error
-        await stopped
+        await self._stopped.wait()
+        if self._fatal is not None:
+            raise self._fatal
 
     async def shutdown(self) -> None:
         """Graceful, idempotent shutdown (see the module docstring)."""
@@ -291,8 +308,13 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             for msg in list(self._held.values()):
-                with contextlib.suppress(Exception):
+                try:
                     await msg.in_progress()
+                except Exception as e:
+                    # Missed beats cost at worst a redelivery, which turns survive;
+                    # only a failure of this code itself is fatal.
+                    if not (is_transient(e) or isinstance(e, nats.errors.Error)):
+                        raise
 
     # -- dispatch --------------------------------------------------------------------
     def _dispatch(self, msg: Msg) -> None:
@@ -306,14 +328,20 @@ class Worker:
         sid = env.session_id
         self._queues.setdefault(sid, deque()).append((msg, env))
         if sid not in self._runners:
-            self._runners[sid] = asyncio.create_task(self._session(sid), name=f"session-{sid}")
+            task = asyncio.create_task(self._session(sid), name=f"worker {self.agent.name} session {sid}")
+            self._runners[sid] = task
+            # _handle deals with every failure of a turn; what escapes is a bug here.
+            watch(task, self._fail, logger=log)
 
     def _spawn_term(self, msg: Msg) -> None:
         async def term() -> None:
             with contextlib.suppress(Exception):
                 await msg.term()
 
-        task = asyncio.create_task(term())
+        self._spawn(term())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -142,12 +142,11 @@ instructions = "Answer the user."
 """
 
 
-async def test_a_worker_that_cannot_create_its_consumer_exits_1(
+async def test_a_worker_on_a_stream_for_other_subjects_exits_1(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    """The items stream exists but captures other subjects, so the agent's
-    consumer (filtered on the items subjects) cannot be created: retrying
-    forever would be a silent stall."""
+    """The items stream exists but captures other subjects: the agent's
+    consumer would wait forever for items that never come (a silent stall)."""
     nc = await nats.connect(nats_server.url)
     await nc.jetstream().add_stream(StreamConfig(name=STREAM, subjects=["elsewhere.>"]))
     await nc.close()
@@ -164,4 +163,6 @@ async def test_a_worker_that_cannot_create_its_consumer_exits_1(
     finally:
         worker.terminate()
     line = _fatal_line(worker.output())
-    assert re.search(r"consumer stopped: .*cannot create the consumer convlog-agent-Solo", line), line
+    assert re.search(r"worker Solo pulls stopped: StreamConfigError: the items stream "
+                     r"CONVLOG_ITEMS captures \['elsewhere\.>'\], not convlog\.items\.>", line), line
+    assert worker.output().rstrip().splitlines()[-1].startswith("convlog: worker Solo pulls stopped")
