@@ -33,7 +33,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, Header
 
 from .codec import decode, encode
 from .config import Settings
-from .errors import BadRequestError, ConvlogError, TooLargeError, UnavailableError, from_wire
+from .errors import BadRequestError, TooLargeError, UnavailableError, from_wire
+from .failures import LOOP_BACKOFF, is_transient
 from .history import visible
 from .inline import deliver_inline
 from .messages import (
@@ -491,12 +492,14 @@ class LogClient:
         last = after
         js = self.nc.jetstream()
         subject = self.subjects.items(session_id)
+        failures = 0
         while True:
             _raise_if_cancelled()
             sub = None
             try:
                 async for env in self.iter_items(session_id, after=last):
                     last = env.item_order
+                    failures = 0
                     yield env
                 sub = await js.subscribe(
                     subject,
@@ -523,10 +526,19 @@ class LogClient:
                             yield gap
                         continue
                     last = env.item_order
+                    failures = 0
                     yield env
-            except (ConvlogError, nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
-                log.info("follow %s: %s; resuming after %d", session_id, type(e).__name__, last)
-                await asyncio.sleep(0.25)
+            except Exception as e:
+                # Transient failures, and JetStream refusals a fresh subscription
+                # may not meet (a restart, a consumer gone), are waited out; any
+                # other error (the log refusing the read, a bug) is the caller's.
+                if not (is_transient(e) or isinstance(e, nats.js.errors.Error)):
+                    raise
+                delay = LOOP_BACKOFF.delay(failures)
+                failures += 1
+                log.info("follow %s: %s; resuming after %d in %.2gs",
+                         session_id, type(e).__name__, last, delay)
+                await asyncio.sleep(delay)
             finally:
                 if sub is not None:
                     with contextlib.suppress(Exception):
