@@ -47,11 +47,11 @@ from nats.aio.msg import Msg
 from shared.client import LogClient, connect_options
 from shared.codec import decode
 from shared.config import Settings
-from shared.errors import ConvlogError, UnavailableError
-from shared.failures import FatalError, is_transient, supervise, watch
+from shared.errors import ConvlogError
+from shared.failures import Backoff, FatalError, is_transient, supervise, watch
 from shared.messages import Envelope
 
-from .consumer import NATS_ERRORS, AgentConsumer, consumer_name
+from .consumer import AgentConsumer, consumer_name
 from .model import ModelClient
 from .routing import Routing, handoff_target, open_routing_bucket
 from .spec import SystemSpec
@@ -63,6 +63,8 @@ __all__ = ["Tally", "Worker"]
 log = logging.getLogger("convlog.worker")
 
 _FETCH_BATCH = 16
+#: Waits before a failed delivery comes back (jittered, so replicas spread out).
+_REDELIVERY = Backoff(initial=1.0, maximum=30.0)
 
 
 @dataclass
@@ -389,11 +391,12 @@ class Worker:
         except asyncio.CancelledError:
             await self._nak(msg, delay=None)  # shutdown: the turn resumes from the log elsewhere
             raise
-        except (UnavailableError, TurnBusyError, *NATS_ERRORS) as e:
-            log.warning("worker %s: %s #%d will be retried: %s", self.agent.name,
-                        env.session_id, env.item_order, e)
-            await self._nak(msg, delay=self._retry_delay(msg))
         except Exception as e:
+            if is_transient(e) or isinstance(e, TurnBusyError):
+                log.warning("worker %s: %s #%d will be retried: %s", self.agent.name,
+                            env.session_id, env.item_order, e)
+                await self._nak(msg, delay=self._retry_delay(msg))
+                return
             self.tally.errors += 1
             log.exception("worker %s: failed on %s #%d", self.agent.name, env.session_id,
                           env.item_order)
@@ -449,7 +452,8 @@ class Worker:
             return 1
 
     def _retry_delay(self, msg: Msg) -> float:
-        return float(min(30, 2 ** (self._attempts(msg) - 1)))
+        """How long JetStream holds back the next delivery: 0.5-1 s, doubling to 15-30 s."""
+        return _REDELIVERY.delay(self._attempts(msg) - 1)
 
     async def _nak(self, msg: Msg, *, delay: float | None) -> None:
         self.tally.naks += 1
