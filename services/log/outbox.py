@@ -176,10 +176,12 @@ class Outbox:
             return
         self._stopping = True
         self._wake.set()
-        await asyncio.wait({task}, timeout=drain_timeout)
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
+        try:
+            await asyncio.wait({task}, timeout=drain_timeout)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
         if not task.cancelled():
             task.exception()  # retrieved: it was logged where it happened
 

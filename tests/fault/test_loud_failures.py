@@ -20,6 +20,7 @@ import nats
 from nats.js.api import StreamConfig
 
 from shared.client import LogClient
+from shared.errors import UnavailableError
 from shared.messages import AppendItem
 from tests.support.eventually import assert_eventually
 from tests.support.logsvc import SUBJECTS, LogServiceProc, service_env, stream_matches_log
@@ -120,14 +121,42 @@ async def test_a_stream_holding_another_databases_items_stops_the_log_service(
 async def test_a_nats_outage_is_waited_out_without_exiting(
     nats_server: NatsServer, tmp_db: Path, log_services: Callable[..., LogServiceProc]
 ) -> None:
+    """Appends keep coming while nats-server is killed and started again: the
+    outbox's publishes fail (transient), it resyncs, and nothing exits."""
+    sid = "outage"
     svc = await asyncio.to_thread(log_services, nats_server.url, tmp_db)
-    await asyncio.to_thread(nats_server.kill)
-    await asyncio.sleep(1.0)  # the outage: the service notices and keeps reconnecting
-    await asyncio.to_thread(nats_server.start)
+    acked = 0
+    stop = asyncio.Event()
+
+    async def appender(client: LogClient) -> None:
+        nonlocal acked
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                await client.append(sid, [_item(f"m{n}")])
+                acked += 1
+            except UnavailableError:
+                pass  # the outage; the same ids are safe to drop here
+
+    async def more_acks(than: int) -> None:
+        assert acked >= than + 20, acked
+
     async with await LogClient.connect(nats_server.url) as client:
-        await client.append("outage", [_item("after")])
+        client.timeout, client.deadline = 0.5, 2.0
+        task = asyncio.create_task(appender(client))
+        try:
+            await assert_eventually(lambda: more_acks(0), timeout=10)
+            await asyncio.to_thread(nats_server.kill)  # SIGKILL: the stream may lose its tail
+            await asyncio.sleep(1.0)  # the outage itself
+            await asyncio.to_thread(nats_server.start)
+            before = acked
+            await assert_eventually(lambda: more_acks(before), timeout=30, interval=0.1)
+        finally:
+            stop.set()
+            await task
         await assert_eventually(
-            lambda: stream_matches_log(client.nc, client, ["outage"]), timeout=15, interval=0.1
+            lambda: stream_matches_log(client.nc, client, [sid]), timeout=30, interval=0.2
         )
     assert svc.proc is not None and svc.proc.running, svc.output()
     assert " CRITICAL " not in svc.output()
