@@ -95,6 +95,32 @@ async def test_a_stream_for_other_subjects_stops_the_log_service_with_exit_1(
         assert len(await client.items("loud")) == 2
 
 
+async def test_a_refusal_no_resync_cures_stops_the_log_service(
+    nats_server: NatsServer, tmp_db: Path, log_services: Callable[..., LogServiceProc]
+) -> None:
+    """The stream is replaced by one for the right subjects whose messages
+    may not exceed 64 bytes: every envelope is refused, however often the
+    outbox resyncs."""
+    svc = await asyncio.to_thread(log_services, nats_server.url, tmp_db)
+    async with await LogClient.connect(nats_server.url) as client:
+        await client.append("small", [_item("first")])
+        await assert_eventually(
+            lambda: stream_matches_log(client.nc, client, ["small"]), timeout=10, interval=0.1
+        )
+        nc = client.nc
+        await nc.jetstream().delete_stream(STREAM)
+        await nc.jetstream().add_stream(
+            StreamConfig(name=STREAM, subjects=[SUBJECTS.items_all], max_msg_size=64)
+        )
+        await client.append("small", [_item("second")])
+
+    assert svc.proc is not None
+    assert await asyncio.to_thread(svc.proc.wait, 20) == 1, svc.output()
+    line = _fatal_line(svc.output())
+    assert re.search(r"outbox stopped: StreamRefusedError: the items stream CONVLOG_ITEMS "
+                     r"refused small:[12]\b.*: message size exceeds maximum allowed", line), line
+
+
 async def test_a_stream_holding_another_databases_items_stops_the_log_service(
     nats_server: NatsServer, tmp_db: Path, log_services: Callable[..., LogServiceProc]
 ) -> None:
