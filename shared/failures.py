@@ -17,9 +17,12 @@ replier, a worker's pulls, heartbeats and session tasks.  One rule for all:
   non-zero (``convlog log`` and ``convlog worker`` exit 1), so that its process
   manager restarts it and an operator sees why.
 
-Calls that are retried (a log request over NATS, a model request over HTTP)
-have one policy per kind of call, built on tenacity, in :mod:`shared.client`
-and :mod:`services.worker.model`; their waits come from :class:`Backoff` too.
+Calls that are retried have one policy per kind of call, each a tenacity
+``AsyncRetrying``: log requests over NATS in :mod:`shared.client` (unknown
+outcomes, same ids, until the deadline), model requests over HTTP in
+:mod:`services.worker.model` (with ``Retry-After``; its backoff is a
+:class:`Backoff`).  A worker's failed delivery comes back after a
+:class:`Backoff` too.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
-import tenacity
 from nats.js.api import StreamConfig
 
 from .errors import UnavailableError
@@ -153,10 +155,6 @@ class Backoff:
     def delay(self, n: int, rng: Callable[[], float] = random.random) -> float:
         ceiling = min(self.maximum, self.initial * 2 ** min(max(n, 0), 64))
         return ceiling / 2 + rng() * ceiling / 2
-
-    def wait(self, rng: Callable[[], float] = random.random) -> Callable[[tenacity.RetryCallState], float]:
-        """This backoff as a tenacity ``wait`` (retry ``n`` follows attempt ``n + 1``)."""
-        return lambda state: self.delay(state.attempt_number - 1, rng)
 
 
 #: Background loops: 0.05-0.1 s after the first failure, doubling to 1-2 s.
