@@ -47,6 +47,7 @@ __all__ = [
     "LOOP_BACKOFF",
     "Backoff",
     "FatalError",
+    "Loops",
     "StreamConfigError",
     "check_items_stream",
     "is_transient",
@@ -263,3 +264,50 @@ def watch(
         on_fatal(error)
 
     task.add_done_callback(done)
+
+
+class Loops:
+    """A process's background loops, under the one rule: the first fatal failure
+    stops the process.
+
+    Args:
+        shutdown: the process's graceful, idempotent shutdown.
+        logger: where the loops' lines go.
+    """
+
+    def __init__(self, shutdown: Callable[[], Awaitable[None]], logger: logging.Logger) -> None:
+        self.fatal: FatalError | None = None
+        self._shutdown = shutdown
+        self._log = logger
+        self._stopping: set[asyncio.Task[None]] = set()
+
+    def start(
+        self,
+        run: Callable[[], Awaitable[None]],
+        name: str,
+        *,
+        wake: asyncio.Event | None = None,
+        give_up: Callable[[], bool] = lambda: False,
+    ) -> asyncio.Task[None]:
+        """Run ``run`` under :func:`supervise` in a task, and :meth:`watch` it."""
+        task = asyncio.create_task(
+            supervise(run, name, logger=self._log, wake=wake, give_up=give_up), name=name
+        )
+        self.watch(task)
+        return task
+
+    def watch(self, task: asyncio.Task[None], name: str | None = None) -> None:
+        """Stop the process if ``task`` dies of an exception (see :func:`watch`)."""
+        watch(task, self._fail, name=name, logger=self._log)
+
+    def raise_if_failed(self) -> None:
+        """Raise the first fatal failure, if any (after shutdown)."""
+        if self.fatal is not None:
+            raise self.fatal
+
+    def _fail(self, error: FatalError) -> None:
+        if self.fatal is None:
+            self.fatal = error
+            task = asyncio.get_running_loop().create_task(self._shutdown())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)

@@ -35,7 +35,7 @@ from shared import __version__
 from shared.client import connect_options
 from shared.config import Settings
 from shared.errors import ERROR_HEADER, ConvlogError
-from shared.failures import FatalError, is_transient, supervise, watch
+from shared.failures import FatalError, Loops, is_transient
 from shared.inline import deliver_inline
 from shared.messages import AppendReply
 from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
@@ -86,8 +86,7 @@ class LogService:
         self._outgoing: list[Message] = []  # replies for the replier task
         self._outgoing_ready = asyncio.Event()
         self._replier: asyncio.Task[None] | None = None
-        self._fatal: FatalError | None = None  # why a background loop stopped the service
-        self._failing: set[asyncio.Task[None]] = set()
+        self._loops = Loops(self.shutdown, log)  # a fatal failure of one stops the service
         self._endpoints: dict[str, Any] = {}  # micro's endpoint objects, for their stats
         self._replying = False
         self._quiet = asyncio.Event()  # nothing submitted, queued or being sent
@@ -146,7 +145,7 @@ class LogService:
         self.store.add_commit_listener(self.outbox.on_commit)
         await self.outbox.start()
         assert self.outbox.task is not None
-        watch(self.outbox.task, self._fail, logger=log)
+        self._loops.watch(self.outbox.task)
         self._service = await add_service(
             self.nc,
             name=SERVICE_NAME,
@@ -155,10 +154,7 @@ class LogService:
             queue_group=QUEUE_GROUP,
             metadata={"prefix": self.subjects.prefix, "store": type(self.store).__name__},
         )
-        self._replier = asyncio.create_task(
-            supervise(self._reply_loop, "replier", logger=log), name="convlog-replier"
-        )
-        watch(self._replier, self._fail, logger=log)
+        self._replier = self._loops.start(self._reply_loop, "replier")
         deliver_append = self._append_endpoint(handlers)
         endpoints: list[tuple[str, str, Callable[[Request], Awaitable[None]]]] = [
             ("append", self.subjects.append_all, self._micro_handler(deliver_append)),
@@ -312,17 +308,7 @@ class LogService:
         """
         await self.start()
         await self._stopped.wait()
-        if self._fatal is not None:
-            raise self._fatal
-
-    def _fail(self, error: FatalError) -> None:
-        """A background loop gave up (already logged): shut down, then make run() raise."""
-        if self._fatal is None:
-            self._fatal = error
-        if not self._shutdown_started:
-            task = asyncio.get_running_loop().create_task(self.shutdown())
-            self._failing.add(task)
-            task.add_done_callback(self._failing.discard)
+        self._loops.raise_if_failed()
 
     async def shutdown(self) -> None:
         """Graceful, idempotent shutdown (see module docstring)."""

@@ -24,7 +24,8 @@ Signal handlers belong to the entrypoint.
 
 Background loops (pulls, heartbeats, one task per busy session) follow
 :mod:`shared.failures`: transient failures are retried with backoff; a fatal
-one (the consumer cannot be created, a bug) logs one line, shuts the worker
+one (an items stream for other subjects, a consumer that cannot be
+created, a bug) logs one line, shuts the worker
 down and makes ``run()`` raise :class:`~shared.failures.FatalError`, so
 ``convlog worker`` exits non-zero and its process manager restarts it.
 """
@@ -35,9 +36,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
 
 import nats
 import nats.errors
@@ -48,7 +47,7 @@ from shared.client import LogClient, connect_options
 from shared.codec import decode
 from shared.config import Settings
 from shared.errors import ConvlogError
-from shared.failures import Backoff, FatalError, is_transient, supervise, watch
+from shared.failures import Backoff, Loops, is_transient
 from shared.messages import Envelope
 
 from .consumer import AgentConsumer, consumer_name
@@ -152,7 +151,7 @@ class Worker:
         self._beat_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._fatal: FatalError | None = None  # why a background loop stopped the worker
+        self._loops = Loops(self.shutdown, log)  # a fatal failure of one stops the worker
         self._started = False
         self._shutdown_started = False
 
@@ -200,23 +199,10 @@ class Worker:
             self.nc, self.subjects, self.agent.name, ack_wait=self.ack_wait,
             fetch_timeout=self.fetch_timeout, stopping=self._stopping,
         )
-        self._fetch_task = self._supervised(self._fetch_loop, "pulls")
-        self._beat_task = self._supervised(self._heartbeats, "heartbeats")
-
-    def _supervised(self, loop: Callable[[], Awaitable[None]], what: str) -> asyncio.Task[None]:
-        name = f"worker {self.agent.name} {what}"
-        task = asyncio.create_task(
-            supervise(loop, name, logger=log, give_up=self._stopping.is_set), name=name
-        )
-        watch(task, self._fail, logger=log)
-        return task
-
-    def _fail(self, error: FatalError) -> None:
-        """A background loop gave up (already logged): shut down, then make run() raise."""
-        if self._fatal is None:
-            self._fatal = error
-        if not self._shutdown_started:
-            self._spawn(self.shutdown())
+        name = f"worker {self.agent.name}"
+        stopping = self._stopping.is_set
+        self._fetch_task = self._loops.start(self._fetch_loop, f"{name} pulls", give_up=stopping)
+        self._beat_task = self._loops.start(self._heartbeats, f"{name} heartbeats", give_up=stopping)
 
     async def run(self) -> None:
         """Serve until :meth:`shutdown` completes.
@@ -226,8 +212,7 @@ class Worker:
         """
         await self.start()
         await self._stopped.wait()
-        if self._fatal is not None:
-            raise self._fatal
+        self._loops.raise_if_failed()
 
     async def shutdown(self) -> None:
         """Graceful, idempotent shutdown (see the module docstring)."""
@@ -333,17 +318,14 @@ class Worker:
             task = asyncio.create_task(self._session(sid), name=f"worker {self.agent.name} session {sid}")
             self._runners[sid] = task
             # _handle deals with every failure of a turn; what escapes is a bug here.
-            watch(task, self._fail, logger=log)
+            self._loops.watch(task)
 
     def _spawn_term(self, msg: Msg) -> None:
         async def term() -> None:
             with contextlib.suppress(Exception):
                 await msg.term()
 
-        self._spawn(term())
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
+        task = asyncio.create_task(term())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -16,6 +16,7 @@ from shared.errors import BadRequestError, UnavailableError
 from shared.failures import (
     Backoff,
     FatalError,
+    Loops,
     StreamConfigError,
     check_items_stream,
     is_transient,
@@ -195,3 +196,33 @@ async def test_watch_reports_a_dead_task_as_fatal_once(caplog: pytest.LogCapture
 
     assert [str(e) for e in seen] == ["session s1 stopped: AttributeError: 'NoneType' object has no attribute 'ack'"]
     assert [r.levelno for r in caplog.records] == [logging.CRITICAL]
+
+
+async def test_loops_stop_the_process_once_on_the_first_fatal_failure() -> None:
+    shutdowns = 0
+    stopped = asyncio.Event()
+
+    async def shutdown() -> None:
+        nonlocal shutdowns
+        shutdowns += 1
+        stopped.set()
+
+    async def healthy() -> None:
+        await asyncio.sleep(3600)
+
+    async def broken() -> None:
+        raise TypeError("boom")
+
+    loops = Loops(shutdown, logging.getLogger("t"))
+    quiet = loops.start(healthy, "quiet")
+    loops.raise_if_failed()  # nothing failed yet
+    loops.start(broken, "pump")
+    second = asyncio.create_task(broken(), name="session x")
+    loops.watch(second)
+    await asyncio.wait_for(stopped.wait(), 5)
+    await asyncio.wait({second})
+    await asyncio.sleep(0)
+    with pytest.raises(FatalError, match=r"^pump stopped: TypeError: boom$"):
+        loops.raise_if_failed()
+    assert shutdowns == 1
+    quiet.cancel()
