@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import nats
-from nats.js.api import StreamConfig
+from nats.js.api import ConsumerConfig, StreamConfig
 
 from shared.client import LogClient
 from shared.errors import UnavailableError
@@ -197,6 +197,22 @@ instructions = "Answer the user."
 """
 
 
+async def _worker_exit(url: str, tmp_path: Path) -> tuple[int, str]:
+    """Run ``convlog worker Solo`` until it exits (30 s at most): (exit code, output)."""
+    spec = write_spec(tmp_path / "agents.toml", AGENTS)
+    env = service_env(tmp_path / "convlog-data")
+    env.pop("OPENAI_API_KEY", None)
+    worker = Proc(
+        [sys.executable, "-m", "services.cli.main", "worker", "Solo", "--agents", str(spec),
+         "--nats-url", url, "--no-embedded", "--grace", "1"],
+        log_dir=tmp_path, env=env, name="worker-solo",
+    ).start()
+    try:
+        return await asyncio.to_thread(worker.wait, 30), worker.output()
+    finally:
+        worker.terminate()
+
+
 async def test_a_worker_on_a_stream_for_other_subjects_exits_1(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -205,19 +221,30 @@ async def test_a_worker_on_a_stream_for_other_subjects_exits_1(
     nc = await nats.connect(nats_server.url)
     await nc.jetstream().add_stream(StreamConfig(name=STREAM, subjects=["elsewhere.>"]))
     await nc.close()
-    spec = write_spec(tmp_path / "agents.toml", AGENTS)
-    env = service_env(tmp_path / "convlog-data")
-    env.pop("OPENAI_API_KEY", None)
-    worker = Proc(
-        [sys.executable, "-m", "services.cli.main", "worker", "Solo", "--agents", str(spec),
-         "--nats-url", nats_server.url, "--no-embedded", "--grace", "1"],
-        log_dir=tmp_path, env=env, name="worker-solo",
-    ).start()
-    try:
-        assert await asyncio.to_thread(worker.wait, 30) == 1, worker.output()
-    finally:
-        worker.terminate()
-    line = _fatal_line(worker.output())
+
+    code, output = await _worker_exit(nats_server.url, tmp_path)
+
+    assert code == 1, output
+    line = _fatal_line(output)
     assert re.search(r"worker Solo pulls stopped: StreamConfigError: the items stream "
                      r"CONVLOG_ITEMS captures \['elsewhere\.>'\], not convlog\.items\.>", line), line
-    assert worker.output().rstrip().splitlines()[-1].startswith("convlog: worker Solo pulls stopped")
+    assert output.rstrip().splitlines()[-1].startswith("convlog: worker Solo pulls stopped")
+
+
+async def test_a_worker_whose_consumer_cannot_be_created_exits_1(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """The stream allows one consumer and another one holds it: the agent's
+    consumer is refused, and "keeping the existing consumer" would keep nothing."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name=STREAM, subjects=[SUBJECTS.items_all], max_consumers=1))
+    await js.add_consumer(STREAM, ConsumerConfig(durable_name="someone-else"))
+    await nc.close()
+
+    code, output = await _worker_exit(nats_server.url, tmp_path)
+
+    assert code == 1, output
+    line = _fatal_line(output)
+    assert re.search(r"worker Solo pulls stopped: ConsumerConfigError: cannot create the consumer "
+                     r"convlog-agent-Solo on the items stream CONVLOG_ITEMS: maximum consumers", line), line
