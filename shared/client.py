@@ -25,6 +25,7 @@ import msgspec
 import nats
 import nats.errors
 import nats.js.errors
+import tenacity
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -32,7 +33,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, Header
 
 from .codec import decode, encode
 from .config import Settings
-from .errors import BadRequestError, ConvlogError, TooLargeError, UnavailableError, from_wire
+from .errors import BadRequestError, TooLargeError, UnavailableError, from_wire
+from .failures import LOOP_BACKOFF, is_transient
 from .history import visible
 from .inline import deliver_inline
 from .messages import (
@@ -64,6 +66,11 @@ _RETRYABLE = (
     nats.errors.OutboundBufferLimitError,
 )
 
+
+# What a log request retries: an unknown outcome, or the service saying "later".
+_RETRY_ON = (*_RETRYABLE, UnavailableError)
+# Its waits: 0.05 s, doubling, at most 1 s (no jitter: the deadline check is exact).
+_REQUEST_WAIT = tenacity.wait_exponential(multiplier=0.05, max=1.0)
 
 # A "no responders" reply: an empty message whose inline status is 503
 # (what nats-py's own ``Client.request`` checks).
@@ -308,42 +315,65 @@ class LogClient:
     async def _request(self, subject: str, body: bytes, *, deadline: float | None = None) -> bytes:
         """Request with retries of unknown outcomes until the deadline.
 
+        The retry policy of every log request: a transport failure (timeout,
+        no responders, a closed or reconnecting connection) or an
+        ``unavailable`` reply is retried, with the same body, after 0.05 s,
+        0.1 s, ... up to 1 s apart, while the next attempt can still start
+        before the deadline.  The first attempt runs outside the retry
+        machinery: it is the hot path.
+
         Raises:
-            ConvlogError: the typed error the service replied with.
+            ConvlogError: the typed error the service replied with
+                (``UnavailableError`` if it still said so at the deadline).
             TooLargeError: the request is over the server's max payload (not sent).
             UnavailableError: no reply before the deadline.
         """
         end = time.monotonic() + (self.deadline if deadline is None else deadline)
-        delay = 0.05
-        attempt = 0
-        while True:
-            attempt += 1
-            remaining = end - time.monotonic()
-            try:
-                msg = await self._request_once(subject, body, max(0.05, min(self.timeout, remaining)))
-            except nats.errors.MaxPayloadError as e:
-                # Never sent, so the outcome is known; retrying cannot help.
-                raise TooLargeError(
-                    f"request of {len(body)} bytes is over the server's max payload of "
-                    f"{self.nc.max_payload} bytes; send fewer or smaller items per request"
-                ) from e
-            except _RETRYABLE as e:
-                _raise_if_cancelled()
-                if time.monotonic() + delay >= end:
-                    raise UnavailableError(
-                        f"no reply on {subject} after {attempt} attempts: {type(e).__name__}"
-                    ) from e
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                continue
-            err = from_wire(msg.headers, msg.data)
-            if err is None:
-                return msg.data
-            if err.code == "unavailable" and time.monotonic() + delay < end:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                continue
-            raise err
+        try:
+            return await self._attempt(subject, body, end)
+        except _RETRY_ON as e:
+            first: BaseException | None = e
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            return time.monotonic() + _REQUEST_WAIT(state) >= end
+
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(_RETRY_ON),
+            wait=_REQUEST_WAIT,
+            stop=stop,
+            before_sleep=lambda state: _raise_if_cancelled(),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if first is not None:  # the failed first attempt, as tenacity's attempt 1
+                        failed, first = first, None
+                        raise failed
+                    return await self._attempt(subject, body, end)
+        except _RETRYABLE as e:
+            _raise_if_cancelled()
+            attempts = retrying.statistics.get("attempt_number", 1)
+            raise UnavailableError(
+                f"no reply on {subject} after {attempts} attempts: {type(e).__name__}"
+            ) from e
+        raise AssertionError("unreachable: tenacity returns or raises")  # pragma: no cover
+
+    async def _attempt(self, subject: str, body: bytes, end: float) -> bytes:
+        """One request: the reply's body, or the error it carries, raised."""
+        remaining = end - time.monotonic()
+        try:
+            msg = await self._request_once(subject, body, max(0.05, min(self.timeout, remaining)))
+        except nats.errors.MaxPayloadError as e:
+            # Never sent, so the outcome is known; retrying cannot help.
+            raise TooLargeError(
+                f"request of {len(body)} bytes is over the server's max payload of "
+                f"{self.nc.max_payload} bytes; send fewer or smaller items per request"
+            ) from e
+        err = from_wire(msg.headers, msg.data)
+        if err is None:
+            return msg.data
+        raise err
 
     # -- writes ----------------------------------------------------------
     async def append(
@@ -462,12 +492,14 @@ class LogClient:
         last = after
         js = self.nc.jetstream()
         subject = self.subjects.items(session_id)
+        failures = 0
         while True:
             _raise_if_cancelled()
             sub = None
             try:
                 async for env in self.iter_items(session_id, after=last):
                     last = env.item_order
+                    failures = 0
                     yield env
                 sub = await js.subscribe(
                     subject,
@@ -494,10 +526,19 @@ class LogClient:
                             yield gap
                         continue
                     last = env.item_order
+                    failures = 0
                     yield env
-            except (ConvlogError, nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
-                log.info("follow %s: %s; resuming after %d", session_id, type(e).__name__, last)
-                await asyncio.sleep(0.25)
+            except Exception as e:
+                # Transient failures, and JetStream refusals a fresh subscription
+                # may not meet (a restart, a consumer gone), are waited out; any
+                # other error (the log refusing the read, a bug) is the caller's.
+                if not (is_transient(e) or isinstance(e, nats.js.errors.Error)):
+                    raise
+                delay = LOOP_BACKOFF.delay(failures)
+                failures += 1
+                log.info("follow %s: %s; resuming after %d in %.2gs",
+                         session_id, type(e).__name__, last, delay)
+                await asyncio.sleep(delay)
             finally:
                 if sub is not None:
                     with contextlib.suppress(Exception):

@@ -12,29 +12,44 @@ after any failure the outbox asks the stream for its last message, maps its
 ``Nats-Msg-Id`` to a commit position in the store, and republishes everything
 after it.  So an item committed just before a crash is published after the
 restart, and none is published twice.
+
+Failures follow :mod:`shared.failures`: a transient one (NATS away, an ack
+timeout, a window the stream refused because a server restart lost its
+predecessor) is retried with backoff after a resync; anything else (the stream
+deleted, configured for other subjects, sealed, or holding another database's
+items; a refusal a resync does not cure; a bug) ends the outbox with a
+:class:`~shared.failures.FatalError`, which the log service turns into a
+non-zero exit: it must not go on acknowledging appends nobody will publish.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Sequence
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, Header, RetentionPolicy, StorageType, StreamConfig
 
+from shared.failures import (
+    FatalError,
+    StreamConfigError,
+    check_items_stream,
+    is_transient,
+    supervise,
+)
 from shared.subjects import Subjects
 
 from .store.base import Committed, LogStore
 from .wire import Message, publish_many
 
-__all__ = ["Outbox", "StreamMismatchError", "ensure_stream"]
+__all__ = ["Outbox", "StreamConfigError", "StreamMismatchError", "StreamRefusedError", "ensure_stream"]
 
 log = logging.getLogger("convlog.log.outbox")
 
@@ -43,10 +58,17 @@ EXPECTED_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
 # The header blocks of an outbox message (see wire.header_block), by format.
 _FIRST_HEADERS = b"NATS/1.0\r\n" + MSG_ID.encode() + b": %s\r\n\r\n"
 _HEADERS = b"NATS/1.0\r\n" + MSG_ID.encode() + b": %s\r\n" + EXPECTED_LAST_MSG_ID.encode() + b": %s\r\n\r\n"
+_STATUS = Header.STATUS.value
+#: Windows refused in a row, each after a fresh resync, before the outbox gives up.
+MAX_REFUSALS = 5
 
 
-class StreamMismatchError(RuntimeError):
+class StreamMismatchError(FatalError):
     """The items stream holds envelopes this store never committed."""
+
+
+class StreamRefusedError(FatalError):
+    """The stream refused a publish, and resyncing does not cure it."""
 
 
 async def ensure_stream(js: JetStreamContext, subjects: Subjects, *, replicas: int = 1) -> None:
@@ -100,9 +122,10 @@ class Outbox:
         self._last_msg_id: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._acks: dict[str, asyncio.Future[bytes]] = {}
+        self._acks: dict[str, asyncio.Future[Msg]] = {}
         self._inbox = ""
-        self._synced_at_start = False
+        self._resync_first = True  # the next attempt of the publish loop resyncs first
+        self._refusals = 0  # windows refused in a row
         self._needs_backlog = True  # after a (re)sync the store may hold unpublished items
         self.published_count = 0
 
@@ -133,35 +156,52 @@ class Outbox:
             StreamMismatchError: the stream does not belong to this store.
         """
         await self._resync()
-        self._synced_at_start = True
+        self._resync_first = False
         self._inbox = self._nc.new_inbox()
         await self._nc.subscribe(self._inbox + ".*", cb=self._on_ack)
         self._task = asyncio.create_task(self._run(), name="convlog-outbox")
 
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The publishing task; it ends with :class:`FatalError` if the outbox gave up."""
+        return self._task
+
     async def stop(self, *, drain_timeout: float = 5.0) -> None:
-        """Publish what is already committed (up to ``drain_timeout``), then stop."""
-        if self._task is None:
+        """Publish what is already committed (up to ``drain_timeout``), then stop.
+
+        Never raises the task's failure: whoever watches :attr:`task` reports it.
+        """
+        task = self._task
+        if task is None:
             return
         self._stopping = True
         self._wake.set()
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), drain_timeout)
-        except (TimeoutError, asyncio.CancelledError):
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._task = None
+            await asyncio.wait({task}, timeout=drain_timeout)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # retrieved: it was logged where it happened
 
     async def _on_ack(self, msg: Msg) -> None:
         fut = self._acks.pop(msg.subject.rpartition(".")[2], None)
         if fut is not None and not fut.done():
-            fut.set_result(msg.data)
+            fut.set_result(msg)
 
     async def _resync(self) -> None:
         """Set the publish cursor from the stream's last message."""
         name = self._subjects.stream_name
         self._needs_backlog = True
-        info = await self._js.stream_info(name)
+        try:
+            info = await self._js.stream_info(name)
+        except nats.js.errors.NotFoundError as e:
+            raise StreamConfigError(
+                f"the items stream {name} is gone (deleted while the service ran); "
+                "a restart creates it again and republishes every item from the database"
+            ) from e
+        check_items_stream(info.config, self._subjects)
         if info.state.messages == 0:
             if info.state.last_seq:
                 # The stream was purged or aged out: we cannot tell what it held,
@@ -189,35 +229,26 @@ class Outbox:
         self._last_msg_id = msg_id
 
     async def _run(self) -> None:
-        delay = 0.1
-        synced = self._synced_at_start
+        # Back off after a failure, but resync at once when the connection is back.
+        await supervise(
+            self._serve, "outbox", logger=log, wake=self._reconnected,
+            give_up=lambda: self._stopping and not self._nc.is_connected,
+        )
+
+    async def _serve(self) -> None:
+        """One attempt: resync from the stream (after a failure), then publish until stopped."""
+        if self._resync_first:
+            await self._resync()
+        self._resync_first = True  # however this attempt ends, the next one resyncs
         while True:
-            try:
-                if not synced:
-                    await self._resync()
-                    synced = True
-                    delay = 0.1
-                batch = await self._next_batch()
-                if batch is None:
-                    return
-                if batch:
-                    # Let the commit's replies reach the socket first: an
-                    # appender waits for its reply, nobody waits for this.
-                    await asyncio.sleep(0)
-                    await self._publish(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                if self._stopping and not self._nc.is_connected:
-                    return
-                log.warning("outbox publish failed (%s: %s); resyncing from the stream",
-                            type(e).__name__, e)
-                synced = False
-                self._reconnected.clear()
-                with contextlib.suppress(TimeoutError):
-                    # Back off, but resync at once when the connection is back.
-                    await asyncio.wait_for(self._reconnected.wait(), delay)
-                delay = min(delay * 2, 2.0)
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            if batch:
+                # Let the commit's replies reach the socket first: an
+                # appender waits for its reply, nobody waits for this.
+                await asyncio.sleep(0)
+                await self._publish(batch)
 
     async def _next_batch(self) -> list[Committed] | None:
         while True:
@@ -256,7 +287,7 @@ class Outbox:
         prev = self._last_msg_id.encode() if self._last_msg_id is not None else None
         last = batch[-1]
         token = str(last.position)
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._acks[token] = fut
         messages: list[Message] = []
         items = self._subjects.items
@@ -275,8 +306,40 @@ class Outbox:
             ack = await asyncio.wait_for(fut, self._ack_timeout)
         finally:
             self._acks.pop(token, None)
-        if b'"error"' in ack:
-            raise RuntimeError(f"stream refused {last.session_id}:{last.item_order}: {ack[:200]!r}")
+        self._check_ack(ack, f"{last.session_id}:{last.item_order}")
+        self._refusals = 0
         self._published = last.position
         self._last_msg_id = f"{last.session_id}:{last.item_order}"
         self.published_count += len(batch)
+
+    def _check_ack(self, ack: Msg, msg_id: str) -> None:
+        """Raise unless ``ack`` is the stream's positive ack of ``msg_id``.
+
+        Raises:
+            nats.errors.NoRespondersError: no stream took the message (the
+                resync that follows checks the stream's subjects).
+            nats.js.errors.APIError: a refusal a resync may cure (see
+                :func:`~shared.failures.is_transient`).
+            StreamRefusedError: any other refusal, or the same curable one
+                :data:`MAX_REFUSALS` times in a row.
+        """
+        if (ack.headers or {}).get(_STATUS) == "503":
+            raise nats.errors.NoRespondersError
+        if b'"error"' not in ack.data:
+            return
+        try:
+            error = msgspec.json.decode(ack.data)["error"]
+            refusal = nats.js.errors.APIError(
+                code=error.get("code"), err_code=error.get("err_code"),
+                description=error.get("description"),
+            )
+        except (msgspec.DecodeError, KeyError, TypeError, AttributeError):
+            refusal = nats.js.errors.APIError(description=ack.data[:200].decode(errors="replace"))
+        self._refusals += 1
+        if is_transient(refusal) and self._refusals < MAX_REFUSALS:
+            raise refusal
+        raise StreamRefusedError(
+            f"the items stream {self._subjects.stream_name} refused {msg_id}"
+            + (f" ({self._refusals} windows in a row, each after a resync)" if self._refusals > 1 else "")
+            + f": {refusal.description} (JetStream error {refusal.err_code})"
+        ) from refusal

@@ -6,6 +6,11 @@ complete; ``shutdown()`` is idempotent and safe before start.  Shutdown order:
 stop intake (drain the endpoint subscriptions) -> wait for in-flight requests
 up to ``grace`` -> publish what is committed -> close the store -> drain the
 connection -> log a one-line tally.  Signal handlers belong to the entrypoint.
+
+Background loops (the outbox, the replier) follow :mod:`shared.failures`:
+transient failures are retried with backoff; a fatal one shuts the service
+down and makes ``run()`` raise :class:`~shared.failures.FatalError`, so
+``convlog log`` exits non-zero and its process manager restarts it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from shared import __version__
 from shared.client import connect_options
 from shared.config import Settings
 from shared.errors import ERROR_HEADER, ConvlogError
+from shared.failures import FatalError, Loops, is_transient
 from shared.inline import deliver_inline
 from shared.messages import AppendReply
 from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
@@ -80,6 +86,7 @@ class LogService:
         self._outgoing: list[Message] = []  # replies for the replier task
         self._outgoing_ready = asyncio.Event()
         self._replier: asyncio.Task[None] | None = None
+        self._loops = Loops(self.shutdown, log)  # a fatal failure of one stops the service
         self._endpoints: dict[str, Any] = {}  # micro's endpoint objects, for their stats
         self._replying = False
         self._quiet = asyncio.Event()  # nothing submitted, queued or being sent
@@ -137,6 +144,8 @@ class LogService:
         self.outbox = Outbox(self.nc, self.store, self.subjects, ack_timeout=self._outbox_ack_timeout)
         self.store.add_commit_listener(self.outbox.on_commit)
         await self.outbox.start()
+        assert self.outbox.task is not None
+        self._loops.watch(self.outbox.task)
         self._service = await add_service(
             self.nc,
             name=SERVICE_NAME,
@@ -145,7 +154,7 @@ class LogService:
             queue_group=QUEUE_GROUP,
             metadata={"prefix": self.subjects.prefix, "store": type(self.store).__name__},
         )
-        self._replier = asyncio.create_task(self._reply_loop(), name="convlog-replier")
+        self._replier = self._loops.start(self._reply_loop, "replier")
         deliver_append = self._append_endpoint(handlers)
         endpoints: list[tuple[str, str, Callable[[Request], Awaitable[None]]]] = [
             ("append", self.subjects.append_all, self._micro_handler(deliver_append)),
@@ -244,8 +253,10 @@ class LogService:
             self._replying = True
             try:
                 refused = await publish_many(nc, batch)
-            except Exception as e:  # the requesters retry an unknown outcome
-                refused = [(0, e)]
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                refused = [(0, e)]  # the requesters retry an unknown outcome
             for _, e in refused:
                 log.debug("reply not sent: %s: %s", type(e).__name__, e)
             self._replying = False
@@ -290,9 +301,14 @@ class LogService:
             ep._last_error = headers.get(ERROR_HEADER, "")
 
     async def run(self) -> None:
-        """Serve until :meth:`shutdown` completes."""
+        """Serve until :meth:`shutdown` completes.
+
+        Raises:
+            FatalError: a background loop stopped the service (after shutdown).
+        """
         await self.start()
         await self._stopped.wait()
+        self._loops.raise_if_failed()
 
     async def shutdown(self) -> None:
         """Graceful, idempotent shutdown (see module docstring)."""
@@ -324,7 +340,7 @@ class LogService:
                     await asyncio.wait_for(self._quiet.wait(), max(0.0, until - loop.time()))
             if self._replier is not None:
                 self._replier.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, FatalError):
                     await self._replier
             if self.outbox is not None:
                 await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))

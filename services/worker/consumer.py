@@ -11,6 +11,11 @@ errors, or when pulls keep timing out while the consumer reports undelivered
 messages, :class:`AgentConsumer` drops its binding and binds again (creating
 the consumer if it is gone).  Items subjects are only ever consumed through
 JetStream, never a core subscription (#678).
+
+Failures follow :mod:`shared.failures`: a transient one (NATS away, JetStream
+briefly unavailable, the stream not created yet) is waited out with backoff;
+a consumer that cannot be created (the stream captures other subjects, say),
+or a JetStream refusal that re-binding does not cure, is fatal.
 """
 
 from __future__ import annotations
@@ -26,9 +31,17 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
+from shared.failures import LOOP_BACKOFF, FatalError, check_items_stream, is_transient
 from shared.subjects import Subjects
 
-__all__ = ["ACK_POLICY", "NATS_ERRORS", "AgentConsumer", "consumer_config", "consumer_name"]
+__all__ = [
+    "ACK_POLICY",
+    "NATS_ERRORS",
+    "AgentConsumer",
+    "ConsumerConfigError",
+    "consumer_config",
+    "consumer_name",
+]
 
 log = logging.getLogger("convlog.worker.consumer")
 
@@ -47,6 +60,11 @@ log = logging.getLogger("convlog.worker.consumer")
 ACK_POLICY = AckPolicy.EXPLICIT
 
 NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, OSError)
+
+#: Failed pulls in a row after which the binding is dropped and made again.
+_REBIND_AFTER = 3
+#: Failed pulls in a row (three re-bindings) after which a refusal is fatal.
+_GIVE_UP_AFTER = 3 * _REBIND_AFTER
 
 
 def consumer_name(agent: str) -> str:
@@ -76,6 +94,10 @@ def consumer_config(
 
 class _StreamMissing(Exception):
     pass
+
+
+class ConsumerConfigError(FatalError):
+    """The agent's durable consumer cannot be created on the items stream."""
 
 
 class AgentConsumer:
@@ -138,12 +160,18 @@ class AgentConsumer:
             if self._idle % 5 == 0:
                 await self._health_check()
             return []
-        except NATS_ERRORS as e:
+        except Exception as e:
+            # Transient failures, and JetStream refusals a fresh binding may cure
+            # (it checks the stream and the consumer again), are retried; a
+            # refusal that outlasts three bindings, or anything else, is fatal.
             self._errors += 1
+            refusal = isinstance(e, nats.js.errors.APIError)
+            if not is_transient(e) and not (refusal and self._errors < _GIVE_UP_AFTER):
+                raise
             log.info("agent %s: pull failed (%d in a row): %r", self.agent, self._errors, e)
-            if self._errors >= 3:
+            if self._errors % _REBIND_AFTER == 0:
                 await self._drop(f"{self._errors} pull errors in a row")
-            await self._pause(min(0.1 * 2**self._errors, 2.0))
+            await self._pause(LOOP_BACKOFF.delay(self._errors))
             return []
         self._idle = self._errors = self._stale_checks = 0
         return msgs
@@ -164,7 +192,9 @@ class AgentConsumer:
                 self._waiting_logged = True
             await self._pause(1.0)
             return False
-        except NATS_ERRORS as e:
+        except Exception as e:
+            if not is_transient(e):
+                raise
             log.info("agent %s: cannot bind the consumer yet: %r", self.agent, e)
             await self._pause(1.0)
             return False
@@ -175,13 +205,21 @@ class AgentConsumer:
         js = self.nc.jetstream()
         stream = self.subjects.stream_name
         try:
-            await js.stream_info(stream)
+            info = await js.stream_info(stream)
         except nats.js.errors.NotFoundError as e:
             raise _StreamMissing(stream) from e
+        check_items_stream(info.config, self.subjects)  # else the pulls would wait forever
         config = consumer_config(self.subjects, self.agent, ack_wait=self.ack_wait)
         try:
             await js.add_consumer(stream, config)  # creates, or updates the shared one
         except nats.js.errors.BadRequestError as e:
+            try:
+                await js.consumer_info(stream, config.durable_name)
+            except nats.js.errors.NotFoundError:
+                raise ConsumerConfigError(
+                    f"cannot create the consumer {config.durable_name} on the items stream "
+                    f"{stream}: {e.description} (JetStream error {e.err_code})"
+                ) from e
             # An existing consumer with a config that cannot be updated: use it as it is.
             log.warning("agent %s: keeping the existing consumer %s: %s",
                         self.agent, config.durable_name, e.description)

@@ -1,10 +1,12 @@
 """The model client: one Protocol, one Chat Completions implementation.
 
 Workers reach models only through ``openai.AsyncOpenAI`` Chat Completions, so
-any OpenAI-compatible server works.  :class:`OpenAIChatModel` owns retrying:
-the openai client's own retries are switched off so that backoff, jitter and
-``Retry-After`` handling live in one place and the number of attempts is
-exactly ``1 + max_retries``.
+any OpenAI-compatible server works.  :class:`OpenAIChatModel` owns retrying,
+as one tenacity policy: the openai client's own retries are switched off so
+that backoff, jitter and ``Retry-After`` handling live in one place, the
+number of attempts is exactly ``1 + max_retries``, and a server asking for a
+longer wait than the worker should hold a turn ends the retries at once (the
+openai client would sleep it out, holding the delivery).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, runtime_checkable
 
 import openai
+import tenacity
+
+from shared.failures import Backoff
 
 __all__ = [
     "ModelClient",
@@ -164,6 +169,7 @@ class OpenAIChatModel:
         self.max_retries = max_retries
         self.base_delay = base_delay
         self.max_delay = max_delay
+        self._backoff = Backoff(initial=base_delay, maximum=max_delay)
         self._sleep = sleep
         self._rng = rng
 
@@ -189,49 +195,58 @@ class OpenAIChatModel:
         kwargs: dict[str, Any] = {"model": model, "messages": list(messages)}
         if tools:  # an empty tools array is refused by the API
             kwargs["tools"] = list(tools)
-        attempt = 0
-        while True:
-            try:
-                completion = await self._client.chat.completions.create(**kwargs)
-            except openai.APIStatusError as e:
-                status = e.status_code
-                if not _retryable(e):
-                    raise ModelRejected(
-                        f"model endpoint refused the request: HTTP {status}: {_brief(e)}",
-                        status=status,
-                    ) from e
-                retry_after = parse_retry_after(e.response.headers)
-                last = f"HTTP {status}"
-            except openai.APIConnectionError as e:  # includes APITimeoutError
-                status, retry_after = None, None
-                last = "timeout" if isinstance(e, openai.APITimeoutError) else "connection error"
-            else:
-                return _to_reply(completion)
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception(_transient),
+            stop=self._stop,
+            wait=self._wait,
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    completion = await self._client.chat.completions.create(**kwargs)
+        except openai.APIStatusError as e:
+            if not _transient(e):
+                raise ModelRejected(
+                    f"model endpoint refused the request: HTTP {e.status_code}: {_brief(e)}",
+                    status=e.status_code,
+                ) from e
+            raise self._unavailable(e, retrying.statistics["attempt_number"]) from e
+        except openai.APIConnectionError as e:  # includes APITimeoutError
+            raise self._unavailable(e, retrying.statistics["attempt_number"]) from e
+        return _to_reply(completion)
 
-            attempt += 1
-            if retry_after is not None and retry_after > self.max_delay:
-                raise ModelUnavailable(
-                    f"model endpoint unavailable: {last} with Retry-After {retry_after:g}s"
-                    f" (longer than the {self.max_delay:g}s cap) after {attempt} attempt(s)",
-                    attempts=attempt,
-                    last_status=status,
-                    retry_after=retry_after,
-                )
-            if attempt > self.max_retries:
-                raise ModelUnavailable(
-                    f"model endpoint unavailable after {attempt} attempt(s); last: {last}",
-                    attempts=attempt,
-                    last_status=status,
-                    retry_after=retry_after,
-                )
-            await self._sleep(self._delay(attempt - 1, retry_after))
+    def _stop(self, state: tenacity.RetryCallState) -> bool:
+        """Out of retries, or the server asked for a wait longer than ``max_delay``."""
+        retry_after = _retry_after(state)
+        too_long = retry_after is not None and retry_after > self.max_delay
+        return too_long or state.attempt_number > self.max_retries
 
-    def _delay(self, retry_index: int, retry_after: float | None) -> float:
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        """The server's ``Retry-After`` if it sent one, else the jittered backoff."""
+        retry_after = _retry_after(state)
         if retry_after is not None:
             return max(0.0, retry_after)
-        ceiling = min(self.max_delay, self.base_delay * (2**retry_index))
-        # equal jitter: at least half the backoff, so replicas spread out but still wait
-        return ceiling / 2 + self._rng() * ceiling / 2
+        return self._backoff.delay(state.attempt_number - 1, self._rng)
+
+    def _unavailable(self, e: openai.APIError, attempts: int) -> ModelUnavailable:
+        status = e.status_code if isinstance(e, openai.APIStatusError) else None
+        retry_after = parse_retry_after(e.response.headers) if status is not None else None
+        last = (
+            f"HTTP {status}" if status is not None
+            else "timeout" if isinstance(e, openai.APITimeoutError) else "connection error"
+        )
+        if retry_after is not None and retry_after > self.max_delay:
+            return ModelUnavailable(
+                f"model endpoint unavailable: {last} with Retry-After {retry_after:g}s"
+                f" (longer than the {self.max_delay:g}s cap) after {attempts} attempt(s)",
+                attempts=attempts, last_status=status, retry_after=retry_after,
+            )
+        return ModelUnavailable(
+            f"model endpoint unavailable after {attempts} attempt(s); last: {last}",
+            attempts=attempts, last_status=status, retry_after=retry_after,
+        )
 
 
 def parse_retry_after(headers: Any, *, now: float | None = None) -> float | None:
@@ -298,13 +313,27 @@ def make_model_client(
     )
 
 
-def _retryable(e: openai.APIStatusError) -> bool:
+def _transient(e: BaseException) -> bool:
+    """Worth retrying: a dropped connection, a timeout, 408/409/429/5xx (or
+    whatever the server's ``x-should-retry`` says)."""
+    if isinstance(e, openai.APIConnectionError):
+        return True
+    if not isinstance(e, openai.APIStatusError):
+        return False
     should = e.response.headers.get("x-should-retry")
     if should == "true":
         return True
     if should == "false":
         return False
     return e.status_code in _RETRYABLE_STATUS or e.status_code >= 500
+
+
+def _retry_after(state: tenacity.RetryCallState) -> float | None:
+    """The wait the failed attempt's server response asked for, if any."""
+    error = state.outcome.exception() if state.outcome is not None else None
+    if isinstance(error, openai.APIStatusError):
+        return parse_retry_after(error.response.headers)
+    return None
 
 
 def _brief(e: openai.APIStatusError) -> str:

@@ -31,6 +31,7 @@ import msgspec
 import nats.js.errors
 
 from shared.client import LogClient
+from shared.failures import is_transient
 from shared.messages import Envelope
 from shared.routing import (
     RoutingCheckpoint,
@@ -136,8 +137,13 @@ class Routing:
         if scanned >= self.checkpoint_every:
             try:
                 await self.advance(session_id, agent, before_order - 1, entry=entry)
-            except Exception as e:  # a checkpoint is an optimisation; never fail a turn for it
-                log.info("could not checkpoint routing of %s: %s", session_id, e)
+            except Exception as e:
+                # A checkpoint is an optimisation: NATS or the KV refusing it
+                # never fails a turn.  A bug here would, loudly.
+                if not (is_transient(e) or isinstance(e, nats.js.errors.Error)):
+                    raise
+                log.log(logging.INFO if is_transient(e) else logging.WARNING,
+                        "could not checkpoint routing of %s: %s", session_id, e)
         return agent
 
     async def advance(

@@ -21,6 +21,13 @@ what was fetched but not started (another replica takes it now) -> wait for
 running turns up to ``settings.grace`` -> cancel the rest (nak; the turn
 resumes from the log on redelivery) -> close -> log a one-line tally.
 Signal handlers belong to the entrypoint.
+
+Background loops (pulls, heartbeats, one task per busy session) follow
+:mod:`shared.failures`: transient failures are retried with backoff; a fatal
+one (an items stream for other subjects, a consumer that cannot be
+created, a bug) logs one line, shuts the worker
+down and makes ``run()`` raise :class:`~shared.failures.FatalError`, so
+``convlog worker`` exits non-zero and its process manager restarts it.
 """
 
 from __future__ import annotations
@@ -32,16 +39,18 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from shared.client import LogClient, connect_options
 from shared.codec import decode
 from shared.config import Settings
-from shared.errors import ConvlogError, UnavailableError
+from shared.errors import ConvlogError
+from shared.failures import Backoff, Loops, is_transient
 from shared.messages import Envelope
 
-from .consumer import NATS_ERRORS, AgentConsumer, consumer_name
+from .consumer import AgentConsumer, consumer_name
 from .model import ModelClient
 from .routing import Routing, handoff_target, open_routing_bucket
 from .spec import SystemSpec
@@ -53,6 +62,8 @@ __all__ = ["Tally", "Worker"]
 log = logging.getLogger("convlog.worker")
 
 _FETCH_BATCH = 16
+#: Waits before a failed delivery comes back (jittered, so replicas spread out).
+_REDELIVERY = Backoff(initial=1.0, maximum=30.0)
 
 
 @dataclass
@@ -140,6 +151,7 @@ class Worker:
         self._beat_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._loops = Loops(self.shutdown, log)  # a fatal failure of one stops the worker
         self._started = False
         self._shutdown_started = False
 
@@ -187,28 +199,20 @@ class Worker:
             self.nc, self.subjects, self.agent.name, ack_wait=self.ack_wait,
             fetch_timeout=self.fetch_timeout, stopping=self._stopping,
         )
-        self._fetch_task = asyncio.create_task(self._fetch_loop(), name="worker-fetch")
-        self._beat_task = asyncio.create_task(self._heartbeats(), name="worker-heartbeats")
+        name = f"worker {self.agent.name}"
+        stopping = self._stopping.is_set
+        self._fetch_task = self._loops.start(self._fetch_loop, f"{name} pulls", give_up=stopping)
+        self._beat_task = self._loops.start(self._heartbeats, f"{name} heartbeats", give_up=stopping)
 
     async def run(self) -> None:
         """Serve until :meth:`shutdown` completes.
 
         Raises:
-            Exception: the fetch loop died of an unexpected error (after shutdown).
+            FatalError: a background loop stopped the worker (after shutdown).
         """
         await self.start()
-        if self._fetch_task is None:  # shut down before it started
-            await self._stopped.wait()
-            return
-        stopped = asyncio.create_task(self._stopped.wait())
-        done, _ = await asyncio.wait({self._fetch_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if self._fetch_task in done and not self._fetch_task.cancelled():
-            error = self._fetch_task.exception()
-            if error is not None:
-                log.error("worker %s: fetch loop failed: %r", self.agent.name, error)
-                await self.shutdown()
-                raise error
-        await stopped
+        await self._stopped.wait()
+        self._loops.raise_if_failed()
 
     async def shutdown(self) -> None:
         """Graceful, idempotent shutdown (see the module docstring)."""
@@ -291,8 +295,13 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             for msg in list(self._held.values()):
-                with contextlib.suppress(Exception):
+                try:
                     await msg.in_progress()
+                except Exception as e:
+                    # Missed beats cost at worst a redelivery, which turns survive;
+                    # only a failure of this code itself is fatal.
+                    if not (is_transient(e) or isinstance(e, nats.errors.Error)):
+                        raise
 
     # -- dispatch --------------------------------------------------------------------
     def _dispatch(self, msg: Msg) -> None:
@@ -306,7 +315,10 @@ class Worker:
         sid = env.session_id
         self._queues.setdefault(sid, deque()).append((msg, env))
         if sid not in self._runners:
-            self._runners[sid] = asyncio.create_task(self._session(sid), name=f"session-{sid}")
+            task = asyncio.create_task(self._session(sid), name=f"worker {self.agent.name} session {sid}")
+            self._runners[sid] = task
+            # _handle deals with every failure of a turn; what escapes is a bug here.
+            self._loops.watch(task)
 
     def _spawn_term(self, msg: Msg) -> None:
         async def term() -> None:
@@ -361,11 +373,12 @@ class Worker:
         except asyncio.CancelledError:
             await self._nak(msg, delay=None)  # shutdown: the turn resumes from the log elsewhere
             raise
-        except (UnavailableError, TurnBusyError, *NATS_ERRORS) as e:
-            log.warning("worker %s: %s #%d will be retried: %s", self.agent.name,
-                        env.session_id, env.item_order, e)
-            await self._nak(msg, delay=self._retry_delay(msg))
         except Exception as e:
+            if is_transient(e) or isinstance(e, TurnBusyError):
+                log.warning("worker %s: %s #%d will be retried: %s", self.agent.name,
+                            env.session_id, env.item_order, e)
+                await self._nak(msg, delay=self._retry_delay(msg))
+                return
             self.tally.errors += 1
             log.exception("worker %s: failed on %s #%d", self.agent.name, env.session_id,
                           env.item_order)
@@ -421,7 +434,8 @@ class Worker:
             return 1
 
     def _retry_delay(self, msg: Msg) -> float:
-        return float(min(30, 2 ** (self._attempts(msg) - 1)))
+        """How long JetStream holds back the next delivery: 0.5-1 s, doubling to 15-30 s."""
+        return _REDELIVERY.delay(self._attempts(msg) - 1)
 
     async def _nak(self, msg: Msg, *, delay: float | None) -> None:
         self.tally.naks += 1
