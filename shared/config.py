@@ -2,28 +2,44 @@
 
 Precedence: explicit overrides (command-line flags) > ``CONVLOG_*`` variables
 from the given mapping (default ``os.environ``) > defaults.  Nothing below the
-entrypoint reads the environment.  Bad values fail at startup naming the
-variable.
+entrypoint reads the environment.
+
+Each value is parsed by its field's type (``int``, ``float``, ``bool``,
+``Path``, a ``Literal`` of choices, optional or not) through msgspec, with the
+range in the type (``Annotated[int, Meta(ge=1)]``); then the values that need
+more than a type are checked (NATS URLs, the prefix, files that must exist).
+A bad value fails at start-up with one message naming the variable (or the
+flag) it came from.
 """
 
 from __future__ import annotations
 
 import os
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+import msgspec
+from msgspec import Meta
 
 from .errors import BadRequestError
 from .subjects import Subjects
 
-__all__ = ["ConfigError", "Settings", "default_data_dir", "load_settings"]
+__all__ = ["ConfigError", "Settings", "default_data_dir", "load_settings", "nats_servers"]
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+Seconds = Annotated[float, Meta(gt=0, le=86_400)]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 class ConfigError(BadRequestError):
-    """A configuration value is missing or malformed."""
+    """A configuration value is missing or malformed; the message names where it came from."""
 
 
 def default_data_dir(environ: Mapping[str, str]) -> Path:
@@ -48,13 +64,13 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     embedded: bool = True
-    request_timeout: float = 5.0
-    max_item_bytes: int = 256 * 1024
-    commit_batch: int = 512
-    stream_replicas: int = 1
-    log_level: str = "INFO"
+    request_timeout: Seconds = 5.0
+    max_item_bytes: Annotated[int, Meta(ge=1024)] = 256 * 1024
+    commit_batch: Annotated[int, Meta(ge=1, le=1_000_000)] = 512
+    stream_replicas: Annotated[int, Meta(ge=1, le=5)] = 1  # JetStream allows 1..5
+    log_level: LogLevel = "INFO"
     agents: Path | None = None
-    grace: float = 10.0
+    grace: Annotated[float, Meta(ge=0, le=86_400)] = 10.0
     web_token: str | None = None
 
     @property
@@ -66,7 +82,11 @@ class Settings:
         return self.db if self.db is not None else self.data_dir / "convlog.db"
 
     def nats_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``nats.connect`` derived from the credentials settings."""
+        """Keyword arguments for ``nats.connect`` derived from the credentials settings.
+
+        Raises:
+            ConfigError: a TLS file cannot be loaded (the message names it).
+        """
         opts: dict[str, Any] = {}
         if self.creds:
             opts["user_credentials"] = self.creds
@@ -81,64 +101,155 @@ class Settings:
         if self.tls_ca or self.tls_cert:
             import ssl
 
-            ctx = ssl.create_default_context(cafile=self.tls_ca)
+            try:
+                ctx = ssl.create_default_context(cafile=self.tls_ca)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"CONVLOG_TLS_CA={self.tls_ca!r}: cannot load it: {e}") from e
             if self.tls_cert:
-                ctx.load_cert_chain(self.tls_cert, self.tls_key)
+                try:
+                    ctx.load_cert_chain(self.tls_cert, self.tls_key)
+                except (OSError, ssl.SSLError) as e:
+                    raise ConfigError(
+                        f"CONVLOG_TLS_CERT={self.tls_cert!r} / CONVLOG_TLS_KEY={self.tls_key!r}: "
+                        f"cannot load the certificate and key: {e}"
+                    ) from e
             opts["tls"] = ctx
         return opts
 
 
-def _convert(name: str, raw: Any, typ: Any) -> Any:
-    text = str(raw)
-    typ_s = str(typ)
+_HINTS: dict[str, Any] = typing.get_type_hints(Settings, include_extras=True)
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _base(typ: Any) -> Any:
+    """The type under ``Annotated`` and ``| None``."""
+    while True:
+        origin = typing.get_origin(typ)
+        if origin is Annotated:
+            typ = typing.get_args(typ)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(typ) if a is not type(None)]
+            if len(args) != 1:
+                return typ
+            typ = args[0]
+        else:
+            return typ
+
+
+def _dec_hook(typ: type, obj: Any) -> Any:
+    if typ is Path and isinstance(obj, str):
+        return Path(obj).expanduser()
+    raise NotImplementedError
+
+
+def _parse(name: str, raw: Any, source: str) -> Any:
+    """``raw`` (a string from the environment, or a flag's value) as field ``name``'s type."""
+    typ = _HINTS[name]
+    base = _base(typ)
+    value = raw
+    if isinstance(raw, str):
+        value = raw.strip()
+        if base is bool:
+            low = value.lower()
+            value = True if low in _TRUE else False if low in _FALSE else value
+        elif typing.get_origin(base) is Literal:
+            value = value.upper()
     try:
-        if "bool" in typ_s:
-            if isinstance(raw, bool):
-                return raw
-            low = text.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected true/false")
-        if "int" in typ_s:
-            return int(text)
-        if "float" in typ_s:
-            value = float(text)
-            if value <= 0:
-                raise ValueError("must be positive")
-            return value
-        if "Path" in typ_s:
-            return Path(text).expanduser()
+        return msgspec.convert(value, typ, strict=False, dec_hook=_dec_hook)
+    except msgspec.ValidationError as e:
+        detail = str(e)
+        if base is bool:
+            detail = "expected one of true/false, yes/no, on/off, 1/0"
+        elif typing.get_origin(base) is Literal:
+            detail = f"expected one of {', '.join(typing.get_args(base))}"
+        raise ConfigError(f"{source}={raw!r} is invalid: {detail}") from e
+
+
+def nats_servers(url: str) -> list[tuple[str, int]]:
+    """``(host, port)`` of each server in a comma-separated NATS URL list.
+
+    Raises:
+        ValueError: a server has an unknown scheme, no host, or a bad port.
+    """
+    out = []
+    for part in url.split(","):
+        part = part.strip()
+        if not part:
+            raise ValueError("empty server in the list")
+        parsed = urlparse(part if "://" in part else f"nats://{part}")
+        if parsed.scheme not in NATS_SCHEMES:
+            raise ValueError(f"{part!r}: scheme must be one of {', '.join(NATS_SCHEMES)}")
+        if not parsed.hostname:
+            raise ValueError(f"{part!r}: no host")
+        try:
+            port = parsed.port
+        except ValueError as e:  # "Port out of range 0-65535", "could not be cast to integer"
+            raise ValueError(f"{part!r}: bad port: {e}") from None
+        if port == 0:
+            raise ValueError(f"{part!r}: bad port: 0")
+        out.append((parsed.hostname, port or 4222))
+    return out
+
+
+def _check(settings: Settings, source: dict[str, str], *, paths: bool) -> None:
+    """What a type cannot say: URLs, the prefix, and (``paths``) files that must exist."""
+    try:
+        nats_servers(settings.nats_url)
     except ValueError as e:
-        raise ConfigError(f"CONVLOG_{name.upper()}={text!r} is invalid: {e}") from e
-    return text
+        raise ConfigError(f"{source['nats_url']}={settings.nats_url!r} is invalid: {e}") from None
+    try:
+        _ = settings.subjects
+    except BadRequestError as e:
+        raise ConfigError(f"{source['prefix']}={settings.prefix!r} is invalid: {e.message}") from e
+    if not paths:
+        return
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        raise ConfigError(f"{source['data_dir']}={str(settings.data_dir)!r} is not a directory")
+    if settings.db is not None and settings.db.is_dir():
+        raise ConfigError(f"{source['db']}={str(settings.db)!r} is a directory, not a database file")
+    for name in ("creds", "tls_ca", "tls_cert", "tls_key", "agents"):
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        path = Path(value)
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise ConfigError(f"{source[name]}={str(value)!r}: {path} {what}")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"{source[name]}={str(value)!r}: {path} is not readable")
 
 
 def load_settings(
-    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    check_paths: bool = True,
 ) -> Settings:
     """Build :class:`Settings` from flags, then ``CONVLOG_*`` variables, then defaults.
 
     ``overrides`` entries whose value is ``None`` are ignored (an unset flag).
+    With ``check_paths`` (the default) the files named (credentials, TLS, the
+    agents spec) must exist and the data directory must not be a file;
+    without, only the values themselves are checked (e.g. to read a command
+    line meant for another machine).
 
     Raises:
-        ConfigError: a value cannot be parsed; the message names the variable.
+        ConfigError: a value cannot be parsed or is out of range; the message
+            names the variable (or the flag) it came from.
     """
     env = os.environ if environ is None else environ
-    values: dict[str, Any] = {"data_dir": Path(env.get("CONVLOG_DATA_DIR") or default_data_dir(env))}
+    source = {f.name: f"CONVLOG_{f.name.upper()}" for f in fields(Settings)}
+    values: dict[str, Any] = {"data_dir": default_data_dir(env)}
     for f in fields(Settings):
-        key = f"CONVLOG_{f.name.upper()}"
-        if key in env and env[key] != "":
-            values[f.name] = _convert(f.name, env[key], f.type)
+        key = source[f.name]
+        if env.get(key, "") != "":
+            values[f.name] = _parse(f.name, env[key], key)
     for name, value in (overrides or {}).items():
         if value is not None:
-            values[name] = _convert(name, value, next(f.type for f in fields(Settings) if f.name == name))
+            if name not in _HINTS:
+                raise ConfigError(f"unknown setting {name!r}")
+            source[name] = f"--{name.replace('_', '-')}"
+            values[name] = _parse(name, value, source[name])
     settings = replace(Settings(), **values)
-    try:
-        _ = settings.subjects  # validates the prefix at startup
-    except BadRequestError as e:
-        raise ConfigError(f"CONVLOG_PREFIX={settings.prefix!r} is invalid: {e.message}") from e
-    if settings.max_item_bytes < 1024:
-        raise ConfigError("CONVLOG_MAX_ITEM_BYTES must be at least 1024")
+    _check(settings, source, paths=check_paths)
     return settings

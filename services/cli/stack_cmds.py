@@ -5,7 +5,12 @@ settings into ``DATA_DIR/supervisor/`` (nats-server when none answers at a
 loopback URL, the log service, ``--workers-per-agent`` workers per agent) and
 replaces itself with ``supervisord -n -c FILE``: the stack runs in the
 foreground, SIGTERM or Ctrl-C stops all of it, and a program that dies is
-restarted.  ``convlog demo`` is described in :mod:`services.cli.demo`.
+restarted.  Its nats-server keeps JetStream in ``DATA_DIR/jetstream``, as
+``convlog log``'s embedded one does.  Next to a running ``convlog log`` or
+``convlog up`` (the database's lock is held, a log service answers, or the
+supervisord socket answers) it says so and exits instead of starting
+programs that would crash-loop.  ``convlog demo`` is described in
+:mod:`services.cli.demo`.
 """
 
 from __future__ import annotations
@@ -13,32 +18,31 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
 
-from shared.config import Settings
-from shared.errors import UnavailableError
+from shared.config import Settings, nats_servers
+from shared.errors import BadRequestError, UnavailableError
 
-from .demo import packaged_agents_path, run_demo
+from .common import (
+    EXIT_FAIL,
+    is_loopback,
+    non_negative_int,
+    packaged_agents_path,
+    positive_float,
+    positive_int,
+)
+from .common import stderr as _stderr
+from .log_cmd import db_source
 from .stack import nats_answers, nats_server_binary
+from .storage import check_data_dir, check_service_db, db_in_use
 from .supervise import code_root, render_config, socket_path_for, stack_programs
 
-__all__ = ["register", "up_config"]
-
-EXIT_USAGE = 2
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+__all__ = ["cmd_demo", "cmd_up", "demo_arguments", "up_arguments", "up_config"]
 
 
 def up_config(settings: Settings, *, agents_path: Path, agents: list[str],
               workers_per_agent: int, start_nats: bool) -> tuple[Path, str]:
     """The supervisord config ``convlog up`` runs: (path to write, text)."""
-    from .main import is_loopback
-
     data_dir = settings.data_dir.resolve()
     run_dir = data_dir / "supervisor"
     log_dir = data_dir / "logs"
@@ -49,10 +53,9 @@ def up_config(settings: Settings, *, agents_path: Path, agents: list[str],
                 f"no NATS server answers at {settings.nats_url} and convlog up starts one only "
                 "for a loopback URL with CONVLOG_EMBEDDED not false"
             )
-        first = settings.nats_url.split(",")[0].strip()
-        parsed = urlparse(first if "://" in first else f"nats://{first}")
-        nats_command = [nats_server_binary(), "-a", parsed.hostname or "127.0.0.1",
-                        "-p", str(parsed.port or 4222), "-js", "-sd", str(data_dir / "jetstream")]
+        host, port = nats_servers(settings.nats_url)[0]
+        nats_command = [nats_server_binary(), "-a", host, "-p", str(port), "-js",
+                        "-sd", str(data_dir / "jetstream")]
     programs = stack_programs(
         agents=agents, agents_path=agents_path.resolve(), nats_url=settings.nats_url,
         db_path=settings.db_path.resolve(), nats_command=nats_command,
@@ -71,21 +74,75 @@ def up_config(settings: Settings, *, agents_path: Path, agents: list[str],
     return run_dir / "supervisord.conf", text
 
 
+def _supervisord_answers(sock: Path) -> bool:
+    """True when a supervisord serves the control socket of this data directory."""
+    import socket
+
+    if not sock.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(sock))
+        except OSError:
+            return False
+    return True
+
+
+async def _log_service_answers(settings: Settings) -> bool:
+    """True when something serves this prefix's log subjects on the NATS server."""
+    import nats
+    import nats.errors
+
+    try:
+        nc = await nats.connect(settings.nats_url, connect_timeout=2, allow_reconnect=False,
+                                **settings.nats_options())
+    except (OSError, nats.errors.Error):
+        return False
+    try:
+        await nc.request(settings.subjects.sessions, b'{"limit":1}', timeout=2)
+        return True
+    except nats.errors.NoRespondersError:
+        return False
+    except nats.errors.TimeoutError:
+        return True  # something holds the subject, busy
+    finally:
+        await nc.close()
+
+
+async def already_running(settings: Settings, run_dir: Path) -> str | None:
+    """Why ``convlog up`` must not start here, or ``None``."""
+    if _supervisord_answers(socket_path_for(run_dir)):
+        return (f"another `convlog up` is running for {settings.data_dir.resolve()} "
+                f"(supervisorctl -s unix://{socket_path_for(run_dir)} status)")
+    if db_in_use(settings.db_path):
+        return (f"a log service (`convlog log` or another `convlog up`) holds {settings.db_path}; "
+                "stop it first, or give this stack another --data-dir")
+    if nats_answers(settings.nats_url) and await _log_service_answers(settings):
+        return (f"a log service already answers on {settings.subjects.sessions} at "
+                f"{settings.nats_url} (`convlog log` or another `convlog up`); stop it first, "
+                "or use another --prefix or NATS server")
+    return None
+
+
 async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from services.worker.spec import SpecError, load_spec
 
-    if args.workers_per_agent < 1:
-        _stderr("convlog up: --workers-per-agent must be at least 1")
-        return EXIT_USAGE
     agents_path = settings.agents or packaged_agents_path()
     try:
         spec = load_spec(agents_path)
     except SpecError as e:
-        _stderr(f"convlog up: {e}")
-        return EXIT_USAGE
+        raise BadRequestError(f"bad agent spec: {e}") from e
+    check_data_dir(settings.data_dir.resolve())
+    check_service_db(settings.db_path, name=db_source(args, settings))
     start_nats = not nats_answers(settings.nats_url)
     path, text = up_config(settings, agents_path=Path(agents_path), agents=list(spec.agents),
                            workers_per_agent=args.workers_per_agent, start_nats=start_nats)
+    if not args.print_config:
+        busy = await already_running(settings, path.parent)
+        if busy is not None:
+            _stderr(f"convlog up: {busy}")
+            return EXIT_FAIL
     path.parent.mkdir(parents=True, exist_ok=True)
     (settings.data_dir.resolve() / "logs").mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -107,6 +164,8 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from .demo import run_demo
+
     return await run_demo(
         agents_path=Path(args.agents) if args.agents else None,
         offline=args.offline, keep=args.keep, turn_timeout=args.turn_timeout,
@@ -114,36 +173,34 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
-def register(sub: Any, common: Callable[[argparse.ArgumentParser], None],
-             commands: dict[str, Any]) -> None:
-    p = sub.add_parser("up", help="run the whole stack in the foreground under supervisord")
-    common(p)
+def up_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agents", help="agents TOML [CONVLOG_AGENTS, default: the packaged "
                    "reference scenario]")
-    p.add_argument("--db", help="SQLite file [CONVLOG_DB, default DATA_DIR/convlog.db]")
-    p.add_argument("--workers-per-agent", type=int, default=1, metavar="N",
+    p.add_argument("--db", metavar="PATH",
+                   help="SQLite file [CONVLOG_DB, default DATA_DIR/convlog.db]")
+    p.add_argument("--workers-per-agent", type=positive_int, default=1, metavar="N",
                    help="replicas per agent; they share its durable consumer (default 1)")
     p.add_argument("--print-config", action="store_true",
                    help="write the supervisord config, print it and exit")
-    commands["up"] = cmd_up
 
-    p = sub.add_parser(
-        "demo",
-        help="start a private stack, play the seed's support conversations, verify, stop",
-        description="Start nats-server, the log service and one worker per agent under "
-        "supervisord in a temporary directory, play the seed's support conversation and an "
-        "escalation to L2Support, print the transcripts, replay and verify both logs, and "
-        "shut everything down.  Offline unless OPENAI_API_KEY is set.",
-    )
+
+def demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agents", help="agents TOML (default: the packaged reference scenario)")
     p.add_argument("--offline", action="store_true",
                    help="use the offline rules model even if OPENAI_API_KEY is set")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory and logs")
-    p.add_argument("--turn-timeout", type=float, default=20.0, metavar="S",
+    p.add_argument("--turn-timeout", type=positive_float, default=20.0, metavar="S",
                    help="seconds to wait for each turn's answer (default 20)")
-    p.add_argument("--log-level", help="log level of the demo itself")
+    p.add_argument("--log-level", help="log level of the demo itself [CONVLOG_LOG_LEVEL]")
     p.add_argument("--web", action="store_true",
                    help="then keep the stack up and serve the web console until Ctrl-C")
-    p.add_argument("--web-port", type=int, default=8080, metavar="PORT",
+    p.add_argument("--web-port", type=non_negative_int, default=8080, metavar="PORT",
                    help="the console's port on 127.0.0.1 (default 8080; busy: a free one)")
-    commands["demo"] = cmd_demo
+
+
+DEMO_DESCRIPTION = (
+    "Start nats-server, the log service and one worker per agent under supervisord in a "
+    "temporary directory, play the seed's support conversation and an escalation to L2Support, "
+    "print the transcripts, replay and verify both logs, and shut everything down.  Offline "
+    "unless OPENAI_API_KEY is set."
+)

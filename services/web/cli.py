@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the web stack loads only when the console runs, not for eve
 
     from .app import WebOptions
 
-__all__ = ["add_parser", "is_loopback_host", "register", "run", "serve"]
+__all__ = ["WEB_DESCRIPTION", "is_loopback_host", "run", "serve", "web_arguments"]
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -39,13 +39,14 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "web", help="serve the read-only web audit console",
-        description="Serve the audit console over the log service: sessions, conversations in "
-        "agent lanes, live tail, and a hash-chain check that runs in the reviewer's browser.",
-    )
-    common(p)
+WEB_DESCRIPTION = (
+    "Serve the audit console over the log service: sessions, conversations in agent lanes, "
+    "live tail, and a hash-chain check that runs in the reviewer's browser."
+)
+
+
+def web_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``convlog web`` (its entry is in :mod:`services.cli.commands`)."""
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any other needs a token)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
@@ -53,7 +54,6 @@ def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> a
                    "[CONVLOG_WEB_TOKEN]")
     p.add_argument("--certfile", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--keyfile", help="the certificate's private key (PEM)")
-    return p
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -112,7 +112,7 @@ def stop_on_signals(stop: asyncio.Event) -> None:
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
-    from services.cli.main import _client
+    from services.cli.common import connect_client
 
     from .app import WebOptions
 
@@ -130,7 +130,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     except OSError as e:
         print(f"convlog web: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
-    client = await _client(settings)
+    client = await connect_client(settings)
     client.deadline = 10.0
     stop = asyncio.Event()
     stop_on_signals(stop)
@@ -143,11 +143,6 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await client.close()
     return EXIT_OK
-
-
-def register(sub: Any, common: Callable[[argparse.ArgumentParser], None], commands: dict[str, Any]) -> None:
-    add_parser(sub, common)
-    commands["web"] = run
 
 
 async def serve_demo_console(client: LogClient, *, nats_url: str, port: int, say: Callable[[str], None]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from services.cli.bench import report, run_bench
+from services.bench.appends import report, run_bench
 from services.cli.main import build_parser
 
 

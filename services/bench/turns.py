@@ -27,9 +27,10 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from shared.client import LogClient, new_item_id
 from shared.config import Settings
 
-from .bench import Run, _wait_service, closed_loop, local_stack
+from .measure import Run, closed_loop
+from .stack import local_stack, wait_service
 
-__all__ = ["run_turn_bench"]
+__all__ = ["cmd_turn_bench", "run_turn_bench"]
 
 # One agent, no handoffs: every user message is one model call and one reply.
 BENCH_SPEC = """\
@@ -109,7 +110,7 @@ async def run_turn_bench(url: str, args: argparse.Namespace) -> list[Run]:
     runs: list[Run] = []
     try:
         print("waiting for the log service and both workers ...", file=sys.stderr, flush=True)
-        await _wait_service(client)  # it creates the items stream the watcher reads
+        await wait_service(client)  # it creates the items stream the watcher reads
         await watcher.start()
         await _wait_ready(client, watcher)
         tag = f"{random.getrandbits(32):08x}"

@@ -16,7 +16,7 @@ ConvlogSession / SQLiteSession throughput, so above 1 means convlog is faster.
 
 With no URL, the bench starts its own embedded nats-server (port picked by the
 server) and a ``convlog log`` subprocess on a temporary database, and stops
-both afterwards.  Run it as ``python -m services.cli.sdk_bench [--url URL]
+both afterwards.  Run it as ``python -m services.bench.sdk [--url URL]
 [--ops N]``.  The four writer processes are this module too (``--worker``);
 they start first, so their imports overlap the stack's start-up.
 """
@@ -205,7 +205,7 @@ class _Workers:
     async def start(self) -> None:
         for tag in self.tags:
             self.procs.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "services.cli.sdk_bench", "--worker", tag,
+                sys.executable, "-m", "services.bench.sdk", "--worker", tag,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             ))
 
@@ -304,7 +304,7 @@ def _check_mixing(
 @contextlib.asynccontextmanager
 async def _local_stack(base: Path) -> AsyncIterator[str]:
     """An embedded nats-server and a ``convlog log`` subprocess; yields the NATS URL."""
-    from .stack import EmbeddedNats, stop_process
+    from services.cli.stack import EmbeddedNats, stop_process
 
     nats_server = EmbeddedNats(base / "nats", port=-1).start()
     log_proc = await asyncio.to_thread(
@@ -483,7 +483,7 @@ async def _worker(tag: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m services.cli.sdk_bench",
+    p = argparse.ArgumentParser(prog="python -m services.bench.sdk",
                                 description="ConvlogSession vs the Agents SDK's SQLiteSession")
     p.add_argument("--url", help="NATS URL of a running log service (default: start a local stack)")
     p.add_argument("--ops", type=int, default=1000, help="calls per scenario (default 1000)")

@@ -14,13 +14,9 @@ import asyncio
 import contextlib
 import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
@@ -29,138 +25,17 @@ import nats
 from shared.client import LogClient
 from shared.config import Settings
 
-__all__ = ["register"]
+from .measure import Run, closed_loop, open_loop
+from .measure import say as _stderr
+from .stack import wait_service as _wait_service
+
+__all__ = ["payload", "report", "run_bench"]
 
 _encode = msgspec.json.Encoder().encode
 
 
-@dataclass
-class Run:
-    """One measured phase: completed operations and their latencies (seconds)."""
-
-    name: str
-    ops: int
-    seconds: float
-    latencies: list[float]
-    errors: int = 0
-
-    @property
-    def rate(self) -> float:
-        return self.ops / self.seconds if self.seconds else 0.0
-
-    def pct(self, q: float) -> float:
-        if not self.latencies:
-            return float("nan")
-        xs = sorted(self.latencies)
-        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-async def closed_loop(
-    name: str, op: Callable[[int], Awaitable[Any]], writers: int, duration: float
-) -> Run:
-    """``writers`` coroutines each issuing ``op`` back to back for ``duration`` s."""
-    lat: list[float] = []
-    errors = 0
-    stop_at = time.perf_counter() + duration
-
-    async def writer(w: int) -> None:
-        nonlocal errors
-        i = 0
-        while time.perf_counter() < stop_at:
-            t0 = time.perf_counter()
-            try:
-                await op(w * 1_000_000 + i)
-            except Exception:
-                errors += 1
-                continue
-            lat.append(time.perf_counter() - t0)
-            i += 1
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(writer(w) for w in range(writers)))
-    return Run(name, len(lat), time.perf_counter() - t0, lat, errors)
-
-
-async def open_loop(name: str, op: Callable[[int], Awaitable[Any]], rate: float, duration: float) -> Run:
-    """Issue ``op`` at a fixed ``rate`` per second (latency at a given load)."""
-    lat: list[float] = []
-    errors = 0
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def one(i: int, t_sched: float) -> None:
-        nonlocal errors
-        try:
-            await op(i)
-        except Exception:
-            errors += 1
-            return
-        lat.append(time.perf_counter() - t_sched)
-
-    start = time.perf_counter()
-    n = int(rate * duration)
-    for i in range(n):
-        due = start + i / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        t = asyncio.create_task(one(i, due))
-        tasks.add(t)
-        t.add_done_callback(tasks.discard)
-    if tasks:
-        await asyncio.wait(tasks, timeout=30)
-    return Run(name, len(lat), time.perf_counter() - start, lat, errors)
-
-
 def payload(size: int) -> dict[str, Any]:
     return {"role": "user", "content": "x" * max(1, size)}
-
-
-@contextlib.contextmanager
-def local_stack(keep_dir: str | None = None, *, workers: Sequence[Sequence[str]] = ()) -> Iterator[str]:
-    """An embedded nats-server plus ``convlog log`` on a temporary database,
-    and one ``convlog worker`` process per entry of ``workers`` (its arguments)."""
-    from .stack import EmbeddedNats, stop_process
-
-    with tempfile.TemporaryDirectory(prefix="convlog-bench-") as tmp:
-        base = Path(keep_dir or tmp)
-        nats_server = EmbeddedNats(base / "nats", port=-1).start()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
-        log_proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli.main", "log", "--nats-url", nats_server.url,
-             "--db", str(base / "bench.db"), "--no-embedded", "--log-level", "WARNING"],
-            stdin=subprocess.DEVNULL, env=env,
-        )
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "services.cli.main", "worker", *w, "--nats-url",
-                 nats_server.url, "--no-embedded", "--log-level", "WARNING"],
-                stdin=subprocess.DEVNULL, env=env,
-            )
-            for w in workers
-        ]
-        try:
-            yield nats_server.url
-        finally:
-            for proc in procs:
-                stop_process(proc)
-            stop_process(log_proc)
-            nats_server.stop()
-
-
-async def _wait_service(client: LogClient, within: float = 20.0) -> None:
-    end = time.monotonic() + within
-    while True:
-        try:
-            await client.read("bench-ready", tail=0)
-            return
-        except Exception:
-            if time.monotonic() > end:
-                raise
-            await asyncio.sleep(0.1)
 
 
 def _echo_main(url: str, subject: str) -> None:
@@ -192,7 +67,7 @@ async def run_bench(args: argparse.Namespace, url: str) -> dict[str, Run]:
     # Baseline: request/reply to an echo responder in its own process.
     subject = f"convlog-bench.echo.{run_id}"
     echo = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli.bench", "--echo", url, subject,
+        sys.executable, "-m", "services.bench.appends", "--echo", url, subject,
         stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
     )
     try:
@@ -303,52 +178,6 @@ def report(results: dict[str, Run], args: argparse.Namespace) -> str:
             f"{long_.pct(0.5) / short.pct(0.5):.2f}x"
         )
     return "\n".join(lines)
-
-
-async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from .stack import nats_answers
-
-    if args.turns:
-        from .turn_bench import cmd_turn_bench
-
-        return await cmd_turn_bench(args)
-    if args.sdk:
-        from .sdk_bench import run_sdk_bench
-
-        url = settings.nats_url if args.nats_url and nats_answers(settings.nats_url) else None
-        await run_sdk_bench(url, args.sdk_ops, sys.stdout)
-        return 0
-
-    if args.nats_url and nats_answers(settings.nats_url):
-        results = await run_bench(args, settings.nats_url)
-    else:
-        _stderr("no --nats-url given: starting a private stack (embedded nats-server + convlog log)")
-        with local_stack() as url:
-            results = await run_bench(args, url)
-    print(report(results, args))
-    return 0
-
-
-def register(sub: Any, common: Callable[[argparse.ArgumentParser], None],
-             commands: dict[str, Any]) -> None:
-    p = sub.add_parser("bench", help="load the log service; print throughput and latency")
-    common(p)
-    p.add_argument("--writers", type=int, default=64, help="concurrent writers (default 64)")
-    p.add_argument("--sessions", type=int, default=100, help="sessions written to (default 100)")
-    p.add_argument("--item-size", type=int, default=200, help="content bytes per item (default 200)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per phase (default 10)")
-    p.add_argument("--replay-items", type=int, default=100_000,
-                   help="items in the session replayed (default 100000)")
-    p.add_argument("--long-session", type=int, default=0,
-                   help="also compare append cost at 1k items and at this many (e.g. 1000000)")
-    p.add_argument("--sdk", action="store_true",
-                   help="instead: ConvlogSession vs the Agents SDK's SQLiteSession (needs convlog[agents])")
-    p.add_argument("--sdk-ops", type=int, default=1000, help="with --sdk: calls per scenario")
-    p.add_argument("--turns", action="store_true",
-                   help="instead: convlog's overhead per agent turn, on a private stack with 2 workers")
-    p.add_argument("--levels", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 32, 128],
-                   help="with --turns: concurrent sessions per phase (default 1,8,32,128)")
-    commands["bench"] = cmd_bench
 
 
 if __name__ == "__main__":

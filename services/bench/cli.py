@@ -1,0 +1,94 @@
+"""``convlog bench``: its arguments, and the dispatch to one of the benches.
+
+* default: the log service's appends and reads (:mod:`services.bench.appends`);
+* ``--turns``: convlog's own cost per agent turn (:mod:`services.bench.turns`);
+* ``--sdk``: ``ConvlogSession`` next to the Agents SDK's ``SQLiteSession``
+  (:mod:`services.bench.sdk`).
+
+The benches are imported only when they run, so ``convlog --help`` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from services.cli.common import EXIT_OK, positive_float, positive_int
+from services.cli.stack import nats_answers
+from shared.config import Settings
+from shared.errors import BadRequestError
+
+from .measure import say
+
+__all__ = ["bench_arguments", "cmd_bench"]
+
+SDK_PROCESSES = 4  # services.bench.sdk.PROCESSES: --sdk-ops must give each one a call
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated counts, got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"every level must be at least 1, got {text!r}")
+    return levels
+
+
+def _sdk_ops(text: str) -> int:
+    n = positive_int(text)
+    if n < SDK_PROCESSES:
+        raise argparse.ArgumentTypeError(f"expected at least {SDK_PROCESSES}, got {text!r}")
+    return int(n)
+
+
+def bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--writers", type=positive_int, default=64, metavar="N",
+                   help="concurrent writers (default 64)")
+    p.add_argument("--sessions", type=positive_int, default=100, metavar="N",
+                   help="sessions written to (default 100)")
+    p.add_argument("--item-size", type=positive_int, default=200, metavar="BYTES",
+                   help="content bytes per item (default 200)")
+    p.add_argument("--duration", type=positive_float, default=10.0, metavar="S",
+                   help="seconds per phase (default 10)")
+    p.add_argument("--replay-items", type=positive_int, default=100_000, metavar="N",
+                   help="items in the session replayed (default 100000)")
+    p.add_argument("--long-session", type=positive_int, default=0, metavar="N",
+                   help="also compare append cost at 1k items and at this many (e.g. 1000000)")
+    p.add_argument("--sdk", action="store_true",
+                   help="instead: ConvlogSession vs the Agents SDK's SQLiteSession "
+                        "(needs convlog[agents])")
+    p.add_argument("--sdk-ops", type=_sdk_ops, default=1000, metavar="N",
+                   help="with --sdk: calls per scenario (default 1000)")
+    p.add_argument("--turns", action="store_true",
+                   help="instead: convlog's overhead per agent turn, on a private stack with "
+                        "2 workers")
+    p.add_argument("--levels", type=_levels, default=[1, 8, 32, 128], metavar="N,N,...",
+                   help="with --turns: concurrent sessions per phase (default 1,8,32,128)")
+
+
+async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    if args.turns and args.sdk:
+        raise BadRequestError("--turns and --sdk are two different benches: pick one")
+    if args.turns:
+        from .turns import cmd_turn_bench
+
+        return await cmd_turn_bench(args)
+    if args.sdk:
+        from .sdk import run_sdk_bench
+
+        url = settings.nats_url if args.nats_url and nats_answers(settings.nats_url) else None
+        await run_sdk_bench(url, args.sdk_ops, sys.stdout)
+        return EXIT_OK
+
+    from .appends import report, run_bench
+    from .stack import local_stack
+
+    if args.nats_url and nats_answers(settings.nats_url):
+        results = await run_bench(args, settings.nats_url)
+    else:
+        say("no --nats-url given: starting a private stack (embedded nats-server + convlog log)")
+        with local_stack() as url:
+            results = await run_bench(args, url)
+    print(report(results, args))
+    return EXIT_OK

@@ -1,0 +1,61 @@
+"""A private stack for a bench: an embedded nats-server, ``convlog log`` on a
+temporary database and, optionally, worker processes; all stopped by PID."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from services.cli.stack import EmbeddedNats, stop_process
+from shared.client import LogClient
+
+__all__ = ["local_stack", "wait_service"]
+
+
+@contextlib.contextmanager
+def local_stack(keep_dir: str | None = None, *, workers: Sequence[Sequence[str]] = ()) -> Iterator[str]:
+    """An embedded nats-server plus ``convlog log`` on a temporary database,
+    and one ``convlog worker`` process per entry of ``workers`` (its arguments)."""
+    with tempfile.TemporaryDirectory(prefix="convlog-bench-") as tmp:
+        base = Path(keep_dir or tmp)
+        nats_server = EmbeddedNats(base / "nats", port=-1).start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+        log_proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", "log", "--nats-url", nats_server.url,
+             "--db", str(base / "bench.db"), "--no-embedded", "--log-level", "WARNING"],
+            stdin=subprocess.DEVNULL, env=env,
+        )
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "services.cli.main", "worker", *w, "--nats-url",
+                 nats_server.url, "--no-embedded", "--log-level", "WARNING"],
+                stdin=subprocess.DEVNULL, env=env,
+            )
+            for w in workers
+        ]
+        try:
+            yield nats_server.url
+        finally:
+            for proc in procs:
+                stop_process(proc)
+            stop_process(log_proc)
+            nats_server.stop()
+
+
+async def wait_service(client: LogClient, within: float = 20.0) -> None:
+    end = time.monotonic() + within
+    while True:
+        try:
+            await client.read("bench-ready", tail=0)
+            return
+        except Exception:
+            if time.monotonic() > end:
+                raise
+            await asyncio.sleep(0.1)

@@ -1,0 +1,197 @@
+"""What every ``convlog`` command shares: exit codes, the argument parser and
+its value types, the connection options, reaching NATS and the log service,
+signal handling.  Command modules import this; nothing here imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any, NoReturn
+
+from shared.config import Settings, nats_servers
+from shared.errors import UnavailableError
+
+__all__ = [
+    "EXIT_FAIL",
+    "EXIT_OK",
+    "EXIT_TIMEOUT",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
+    "Parser",
+    "connect_client",
+    "connection_arguments",
+    "install_signal_handlers",
+    "is_loopback",
+    "maybe_embedded_nats",
+    "non_negative_float",
+    "non_negative_int",
+    "packaged_agents_path",
+    "positive_float",
+    "positive_int",
+    "require_nats",
+    "stderr",
+]
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 124
+
+#: A person is waiting: give up on a missing log service within seconds.
+CLI_DEADLINE = 8.0
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (and exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def _number(kind: type, minimum: float, what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not value >= minimum or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+#: ``type=`` for counts that must be at least 1 (``--count``, ``--limit``, ...).
+positive_int = _number(int, 1, "a whole number of at least 1")
+#: ``type=`` for orders and other counts that may be 0 (``--after``).
+non_negative_int = _number(int, 0, "a whole number of at least 0")
+
+
+def non_negative_float(text: str) -> float:
+    """``type=`` for durations that may be 0 (``--grace``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds of at least 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """``type=`` for durations that must be above 0 (``--timeout``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
+def connection_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every command that talks to NATS or the store takes."""
+    g = p.add_argument_group("connection and storage (flags > CONVLOG_* env > defaults)")
+    g.add_argument("--nats-url", help="NATS server URL(s), comma-separated [CONVLOG_NATS_URL]")
+    g.add_argument("--prefix", help="subject prefix [CONVLOG_PREFIX, default convlog]")
+    g.add_argument("--data-dir", help="data directory [CONVLOG_DATA_DIR]")
+    g.add_argument("--creds", help="NATS credentials file [CONVLOG_CREDS]")
+    g.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR or CRITICAL [CONVLOG_LOG_LEVEL]")
+    g.add_argument("--no-embedded", dest="embedded", action="store_const", const=False,
+                   help="never start a local nats-server [CONVLOG_EMBEDDED=false]")
+
+
+def packaged_agents_path() -> Path:
+    """The agents spec shipped in the package (the seed's support system)."""
+    return Path(str(resources.files("services.cli").joinpath("data/agents.toml")))
+
+
+def is_loopback(url: str) -> bool:
+    host = nats_servers(url)[0][0]
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def require_nats(settings: Settings) -> None:
+    from .stack import nats_answers
+
+    if not nats_answers(settings.nats_url):
+        raise UnavailableError(
+            f"no NATS server answers at {settings.nats_url}; start the stack with `convlog up` "
+            "(or `convlog log`), or set CONVLOG_NATS_URL"
+        )
+
+
+def maybe_embedded_nats(settings: Settings, data_dir: Path) -> Any:
+    """Start a local nats-server when none answers at a loopback URL (embedded default).
+
+    Its JetStream store is ``data_dir/jetstream``, the same directory ``convlog
+    up`` gives the nats-server it starts, so both see the same streams.
+    """
+    from .stack import EmbeddedNats, nats_answers
+
+    if nats_answers(settings.nats_url):
+        return None
+    if not settings.embedded or not is_loopback(settings.nats_url):
+        raise UnavailableError(
+            f"no NATS server answers at {settings.nats_url} (start one, or allow the embedded "
+            "server by unsetting CONVLOG_EMBEDDED=false and using a loopback URL)"
+        )
+    host, port = nats_servers(settings.nats_url)[0]
+    server = EmbeddedNats(data_dir, host=host, port=port)
+    server.start()
+    return server
+
+
+async def connect_client(settings: Settings) -> Any:
+    """A :class:`LogClient` for a command a person waits on.
+
+    Says at once when nothing serves the log subjects (instead of retrying
+    "no responders" until the deadline).
+
+    Raises:
+        UnavailableError: no NATS server, or no log service on it.
+    """
+    import nats.errors
+
+    from shared.client import LogClient
+
+    require_nats(settings)
+    try:
+        client = await LogClient.connect(settings=settings, name="convlog-cli")
+    except (OSError, nats.errors.Error) as e:
+        raise UnavailableError(f"cannot connect to NATS at {settings.nats_url}: {e}") from e
+    client.deadline = CLI_DEADLINE
+    subject = client.subjects.sessions
+    try:
+        await client.nc.request(subject, b'{"limit":1}', timeout=min(CLI_DEADLINE, 3.0))
+    except nats.errors.NoRespondersError:
+        await client.close()
+        raise UnavailableError(
+            f"the log service is not running (nothing answers {subject} at {settings.nats_url}); "
+            "start it with `convlog log` or the whole stack with `convlog up`"
+        ) from None
+    except nats.errors.TimeoutError:
+        pass  # a busy service: the command's own deadline decides
+    return client
+
+
+def install_signal_handlers(on_signal: Callable[[], Awaitable[None]]) -> set[asyncio.Task[None]]:
+    """SIGTERM/SIGINT start a graceful shutdown (once)."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def fire() -> None:
+        if not tasks:
+            tasks.add(loop.create_task(on_signal()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, fire)
+    return tasks
+
+
+def stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,66 @@
+"""``convlog log``: the entrypoint of the log service.
+
+Checks its storage first (:mod:`services.cli.storage`), starts the embedded
+nats-server when none answers at a loopback URL (its JetStream store is
+``DATA_DIR/jetstream``, the directory ``convlog up`` and ``deploy/`` use),
+installs the signal handlers and runs :class:`LogService` until it has shut
+down gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+
+from shared.config import Settings
+
+from .common import EXIT_OK, install_signal_handlers, maybe_embedded_nats
+from .storage import check_data_dir, check_service_db
+
+__all__ = ["cmd_log", "log_arguments"]
+
+log = logging.getLogger("convlog")
+
+
+def log_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", metavar="PATH",
+                   help="SQLite file [CONVLOG_DB, default DATA_DIR/convlog.db]; its directory "
+                        "must exist")
+
+
+def db_source(args: argparse.Namespace, settings: Settings) -> str | None:
+    """The flag or variable that named the database, ``None`` for the default."""
+    if getattr(args, "db", None):
+        return "--db"
+    return "CONVLOG_DB" if settings.db is not None else None
+
+
+async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
+    from services.log.service import LogService
+
+    check_service_db(settings.db_path, name=db_source(args, settings))
+    if settings.embedded:
+        check_data_dir(settings.data_dir)  # the embedded server's JetStream store lives there
+    server = maybe_embedded_nats(settings, settings.data_dir)
+    if server is not None:
+        log.info("started embedded nats-server at %s (JetStream store %s)", server.url,
+                 server.data_dir / "jetstream")
+    try:
+        service = LogService(settings)
+        _keep = install_signal_handlers(service.shutdown)
+        try:
+            await service.start()
+            # What exists now lives as long as the process: keep it out of the
+            # cyclic GC, so a full collection under load scans only what came
+            # since (one had paused appends for 10-25 ms).
+            gc.freeze()
+            await service.run()
+        except BaseException:
+            await service.shutdown()
+            raise
+        del _keep
+    finally:
+        if server is not None:
+            server.stop()
+    return EXIT_OK

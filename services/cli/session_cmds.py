@@ -1,0 +1,291 @@
+"""The commands a person runs against a session: ``send``, ``tail``,
+``replay`` and ``sessions``.
+
+Every argument is checked before anything is written: ``send`` refuses an
+empty message, text that is not UTF-8, an unknown ``--to`` agent or a
+timeout of 0 without publishing anything (the log is append-only: a mistake
+written there stays there).
+
+``send`` prints every item of the turn it starts (handoffs, tool calls,
+replies, with agent names) until the turn ends: the log holds the turn's
+``reply`` or ``fail`` item (turn-derived ids, :mod:`services.worker.turn_ids`).
+Exit 124 when it does not end in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from shared.config import Settings
+from shared.errors import BadRequestError, NotFoundError
+
+from .common import (
+    EXIT_FAIL,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    connect_client,
+    non_negative_int,
+    packaged_agents_path,
+    positive_float,
+    positive_int,
+    stderr,
+)
+
+__all__ = [
+    "cmd_replay", "cmd_send", "cmd_sessions", "cmd_tail",
+    "replay_arguments", "send_arguments", "sessions_arguments", "tail_arguments",
+]
+
+SID_HELP = "session id: letters, digits, '_' and '-', 1 to 128 characters"
+
+
+# -- send ----------------------------------------------------------------------------
+
+
+def send_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("session_id", metavar="SID", help=SID_HELP)
+    p.add_argument("text", metavar="TEXT", nargs="?",
+                   help="the message (UTF-8); `-` reads it from standard input")
+    p.add_argument("--file", metavar="PATH", dest="text_file",
+                   help="read the message from this UTF-8 file instead of TEXT")
+    p.add_argument("--to", metavar="AGENT", help="entry agent, when this starts the session")
+    p.add_argument("--agents", help="agents TOML naming the agents --to may pick [CONVLOG_AGENTS, "
+                                    "default: the packaged seed support system]")
+    p.add_argument("--timeout", type=positive_float, default=60.0, metavar="S",
+                   help="seconds to wait for the turn to end (default 60; then exit 124)")
+
+
+def _decode_utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequestError(f"{where} is not valid UTF-8 (byte {e.start} is {data[e.start]:#04x})") from None
+
+
+def message_text(args: argparse.Namespace) -> str:
+    """The message to send, from TEXT, standard input (``-``) or ``--file``.
+
+    Raises:
+        BadRequestError: none or both given, unreadable, not UTF-8, or blank.
+    """
+    if args.text is not None and args.text_file is not None:
+        raise BadRequestError("give the message as TEXT or with --file, not both")
+    if args.text_file is not None:
+        path = Path(args.text_file)
+        if path.is_dir():
+            raise BadRequestError(f"--file {path}: is a directory")
+        try:
+            text = _decode_utf8(path.read_bytes(), f"--file {path}").rstrip("\r\n")
+        except FileNotFoundError:
+            raise BadRequestError(f"--file {path}: no such file") from None
+        except OSError as e:
+            raise BadRequestError(f"--file {path}: cannot read it: {e.strerror}") from None
+    elif args.text == "-":
+        text = _decode_utf8(sys.stdin.buffer.read(), "standard input").rstrip("\r\n")
+    elif args.text is not None:
+        # Undecodable argv bytes arrive as surrogate escapes: get the bytes back.
+        text = _decode_utf8(os.fsencode(args.text), "TEXT")
+    else:
+        raise BadRequestError("no message: give TEXT, `-` to read standard input, or --file PATH")
+    if not text.strip():
+        raise BadRequestError("the message is empty (or only whitespace); nothing was sent")
+    return text
+
+
+async def _known_agents(client: Any, settings: Settings) -> tuple[set[str], str]:
+    """Agents a session may start at: the spec's, and every agent whose worker
+    has a durable consumer on this deployment's items stream."""
+    import nats.errors
+    import nats.js.errors
+
+    from services.worker.spec import SpecError, load_spec
+
+    path = settings.agents or packaged_agents_path()
+    try:
+        known = set(load_spec(path).agents)
+    except SpecError as e:
+        raise BadRequestError(f"bad agent spec: {e}") from e
+    where = f"the spec {path}"
+    js = client.nc.jetstream()
+    try:
+        infos = await js.consumers_info(client.subjects.stream_name)
+    except (nats.js.errors.Error, nats.errors.Error, TimeoutError):
+        infos = []
+    running = {i.name.removeprefix("convlog-agent-") for i in infos
+               if i.name and i.name.startswith("convlog-agent-")}
+    if running - known:
+        where += " and the deployment's workers"
+    return known | running, where
+
+
+async def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
+    from services.worker.turn_ids import parse_turn_item_id, turn_key
+    from shared.client import new_item_id
+    from shared.subjects import validate_session_id
+
+    from .render import render_line
+
+    validate_session_id(args.session_id)
+    text = message_text(args)
+    client = await connect_client(settings)
+    try:
+        if args.to is not None:
+            known, where = await _known_agents(client, settings)
+            if args.to not in known:
+                raise BadRequestError(f"--to {args.to!r}: no such agent in {where}; known: "
+                                      f"{', '.join(sorted(known))}; nothing was sent")
+        item_id = new_item_id()
+        turn = turn_key(item_id)
+        ack = await client.send(args.session_id, text, to=args.to, item_id=item_id)
+        user_order = ack.items[0].item_order
+        stderr(f"sent #{user_order} to {args.session_id}")
+        try:
+            async with asyncio.timeout(args.timeout):
+                async for env in client.follow(args.session_id, after=user_order, idle_check=1.0):
+                    tid = parse_turn_item_id(env.item_id)
+                    if tid is None or tid.turn != turn:
+                        continue  # other turns of a busy session
+                    print(render_line(env, width=0), flush=True)
+                    if tid.terminal:
+                        return EXIT_OK
+        except TimeoutError:
+            stderr(f"convlog send: the turn of #{user_order} did not end within "
+                   f"{args.timeout:g}s (is a worker running for the session's active agent?)")
+            return EXIT_TIMEOUT
+    finally:
+        await client.close()
+    return EXIT_OK
+
+
+# -- tail, sessions ------------------------------------------------------------------
+
+
+def tail_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("session_id", metavar="SID", help=SID_HELP)
+    p.add_argument("--after", type=non_negative_int, default=None, metavar="ORDER",
+                   help="start after this item_order (default: show the last 10 first)")
+    p.add_argument("--count", type=positive_int, default=None, metavar="N",
+                   help="exit after this many items (default: follow until Ctrl-C)")
+
+
+async def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.subjects import validate_session_id
+
+    from .render import render_line
+
+    validate_session_id(args.session_id)
+    client = await connect_client(settings)
+    try:
+        after = args.after
+        if after is None:
+            last = await client.last_order(args.session_id)
+            after = max(0, last - 10)
+        seen = 0
+        async for env in client.follow(args.session_id, after=after):
+            print(render_line(env), flush=True)
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                break
+    finally:
+        await client.close()
+    return EXIT_OK
+
+
+def sessions_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                   help="list at most this many sessions (default: all)")
+
+
+async def cmd_sessions(args: argparse.Namespace, settings: Settings) -> int:
+    client = await connect_client(settings)
+    try:
+        n = 0
+        print(f"{'SESSION':<40} {'LAST':>7}  UPDATED")
+        async for s in client.iter_sessions():
+            print(f"{s.session_id:<40} {s.last_order:>7}  {s.updated_at}")
+            n += 1
+            if args.limit is not None and n >= args.limit:
+                break
+    finally:
+        await client.close()
+    return EXIT_OK
+
+
+# -- replay --------------------------------------------------------------------------
+
+
+def replay_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("session_id", metavar="SID", help=SID_HELP)
+    p.add_argument("--format", dest="fmt", choices=["text", "jsonl"], default="text",
+                   help="text: one readable line per item (default); jsonl: the envelopes, "
+                        "an export --file reads back")
+    p.add_argument("--verify", action="store_true",
+                   help="check contiguity and the hash chain; exit 1 naming the first bad item")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--db", metavar="PATH",
+                     help="read this SQLite file directly (no service needed)")
+    src.add_argument("--file", metavar="PATH", help="read a JSONL export instead of the service")
+    p.add_argument("--quiet", action="store_true", help="with --verify: print only the verdict")
+
+
+def _export_file(path: Path) -> Path:
+    if path.is_dir():
+        raise BadRequestError(f"--file {path}: is a directory, not a JSONL export")
+    if not path.exists():
+        raise NotFoundError(f"--file {path}: no such file")
+    return path
+
+
+async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.messages import Envelope
+    from shared.subjects import validate_session_id
+
+    from .replay import Replayer, envelopes_from_db, envelopes_from_file, replay_from_service
+
+    validate_session_id(args.session_id)
+    quiet = args.quiet and args.verify
+    rep = Replayer(sys.stdout, fmt=args.fmt, quiet=quiet)
+    undecodable: list[str] = []
+    if args.db or args.file:
+        if args.db:
+            where = f"--db {args.db}"
+            source = envelopes_from_db(Path(args.db), args.session_id)
+        else:
+            where = f"--file {args.file}"
+            source = envelopes_from_file(_export_file(Path(args.file)), args.session_id)
+
+        def checked() -> Iterator[Any]:
+            for env in source:
+                if not isinstance(env, Envelope):
+                    what = "line" if args.file else "row of item_order"
+                    undecodable.append(f"{where}: {what} {env.item_order} is not a convlog "
+                                       f"envelope: {env.error}")
+                yield env
+
+        rep.run_sync(checked(), args.session_id)
+        if rep.count == 0 and undecodable:
+            raise BadRequestError(f"{where} holds no convlog envelopes ({undecodable[0]})")
+    else:
+        client = await connect_client(settings)
+        try:
+            await replay_from_service(client, args.session_id, rep)
+        finally:
+            await client.close()
+    if rep.count == 0 and rep.problem is None:
+        raise NotFoundError(f"session {args.session_id!r} has no items")
+    if args.verify:
+        if rep.problem is not None:
+            print(f"FAILED: {args.session_id}: {rep.problem}", file=sys.stderr)
+            return EXIT_FAIL
+        print(f"verified: {args.session_id}: {rep.count} items, orders 1..{rep.count} contiguous, "
+              "hash chain intact", file=sys.stderr)
+    elif undecodable:
+        stderr(f"convlog replay: {undecodable[0]} (--verify checks the whole session)")
+        return EXIT_FAIL
+    return EXIT_OK

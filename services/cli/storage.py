@@ -1,0 +1,125 @@
+"""Before a process writes to disk: say what is wrong with which path.
+
+The log service's SQLite file must be convlog's (an unrelated SQLite file is
+never given convlog's tables), its directory must exist when it was named
+explicitly (a typo in ``--db`` must not create a new, empty log somewhere
+else), and the data directory, the database, its WAL files and its lock file
+must be writable.  Each problem is one :class:`ConfigError` naming the path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+from pathlib import Path
+
+from shared.config import ConfigError
+
+__all__ = ["check_data_dir", "check_service_db", "db_lock_path", "db_in_use"]
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+#: Tables and columns that make an SQLite file a convlog log.
+CONVLOG_TABLES = {"items": {"session_id", "item_order", "envelope"}, "sessions": {"session_id"}}
+
+
+def db_lock_path(db: Path) -> Path:
+    """The lock file :class:`services.log.store.sqlite.SQLiteStore` holds while it writes ``db``."""
+    return db.with_name(db.name + ".lock")
+
+
+def check_data_dir(data_dir: Path, *, name: str = "CONVLOG_DATA_DIR") -> None:
+    """Create the data directory if needed; it must be a writable directory."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(f"{name}: {data_dir} is not a directory")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot create {data_dir}: {e.strerror}") from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name}: {data_dir} is not writable (read-only?)")
+
+
+def _convlog_schema_problem(db: Path) -> str | None:
+    """Why ``db`` is not a convlog log, or ``None`` when it is one (or empty)."""
+    try:
+        with open(db, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError as e:
+        return f"cannot read it: {e.strerror}"
+    if not head:
+        return None  # an empty file: SQLite makes a new database of it
+    if head != SQLITE_MAGIC:
+        return "it is not an SQLite database"
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        return f"cannot open it: {e}"
+    try:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:
+            return None
+        for table, columns in CONVLOG_TABLES.items():
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if not columns <= have:
+                return (f"it is an SQLite database but not a convlog log (tables: "
+                        f"{', '.join(sorted(tables))})")
+    except sqlite3.Error as e:
+        return f"cannot read it: {e}"
+    finally:
+        conn.close()
+    return None
+
+
+def check_service_db(db: Path, *, name: str | None) -> None:
+    """Everything the log service needs from its SQLite path, before it opens it.
+
+    Args:
+        db: the database file.
+        name: the flag or variable that named ``db`` (``--db``, ``CONVLOG_DB``),
+            or ``None`` for the default under the data directory (whose
+            directory is then created).
+
+    Raises:
+        ConfigError: one line naming the path and what is wrong with it.
+    """
+    label = f"{name}: {db}" if name else f"database {db}"
+    parent = db.parent
+    if name is None:
+        check_data_dir(parent)
+    elif not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise ConfigError(f"{name}: the directory {parent} {what} (create it first)")
+    if db.exists():
+        if not db.is_file():
+            raise ConfigError(f"{label}: not a regular file")
+        problem = _convlog_schema_problem(db)
+        if problem is not None:
+            raise ConfigError(f"{label}: {problem}; refusing to use it as convlog's log")
+        if not os.access(db, os.R_OK | os.W_OK):
+            raise ConfigError(f"{label}: not writable (read-only?)")
+    for path in (parent, db_lock_path(db), Path(f"{db}-wal"), Path(f"{db}-shm")):
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ConfigError(f"{label}: {path} is not writable (read-only?)")
+
+
+def db_in_use(db: Path) -> bool:
+    """True when a log service holds ``db``'s lock (without taking it)."""
+    lock = db_lock_path(db)
+    if not lock.exists():
+        return False
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
