@@ -1,0 +1,323 @@
+"""Every user mistake gets one line on stderr and the documented exit code.
+
+Each case drives the real CLI (``python -m services.cli.main ...`` as a
+subprocess).  The cases in the first table need no server and start none
+(NATS points at a port where nothing listens, the embedded server is off);
+the rest run against a real nats-server and log service and check that the
+refused input left the log unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import re
+import sqlite3
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from shared.client import LogClient
+from tests.support.natsd import NatsServer, free_port
+from tests.support.procs import REPO_ROOT, python_module
+
+EXIT_FAIL, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 1, 2, 3, 124
+
+
+def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+    env.update(CONVLOG_DATA_DIR=str(tmp / "data"), CONVLOG_EMBEDDED="false",
+               CONVLOG_NATS_URL=f"nats://127.0.0.1:{free_port()}", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def _without_root_powers() -> None:
+    """In the child: drop the capabilities that let root write where the mode says no.
+
+    Tests may run as root, which ignores file modes; a read-only directory
+    must be read-only for the CLI under test too.  PR_CAPBSET_DROP (24) of
+    CAP_DAC_OVERRIDE (1), CAP_DAC_READ_SEARCH (2) and CAP_FOWNER (3) before exec.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+async def convlog(tmp: Path, *args: str, env: dict[str, str] | None = None,
+                  stdin: bytes | None = None, unprivileged: bool = False) -> tuple[int, str, str]:
+    """Run ``python -m services.cli.main ARGS``; return (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", *args,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=env or cli_env(tmp), cwd=REPO_ROOT,
+        preexec_fn=_without_root_powers if unprivileged and os.geteuid() == 0 else None,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode(errors="replace")
+
+
+def one_line(err: str) -> str:
+    """The single line a mistake prints (and never a traceback)."""
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# -- no server needed ---------------------------------------------------------------
+
+
+def _dir(tmp: Path) -> Path:
+    (tmp / "adir").mkdir(exist_ok=True)
+    return tmp / "adir"
+
+
+def _file(tmp: Path) -> Path:
+    (tmp / "afile").write_text("x\n")
+    return tmp / "afile"
+
+
+def _foreign_sqlite(tmp: Path) -> Path:
+    path = tmp / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.commit()
+    conn.close()
+    return path
+
+
+Case = tuple[str, Callable[[Path], list[str]], dict[str, str], int, list[str]]
+
+CASES: list[Case] = [
+    ("nats-url port out of range", lambda t: ["sessions"],
+     {"CONVLOG_NATS_URL": "nats://127.0.0.1:99999"}, EXIT_USAGE,
+     ["CONVLOG_NATS_URL", "99999", "port"]),
+    ("nats-url port not a number", lambda t: ["sessions"],
+     {"CONVLOG_NATS_URL": "nats://127.0.0.1:abc"}, EXIT_USAGE, ["CONVLOG_NATS_URL", "abc"]),
+    ("--nats-url flag named", lambda t: ["tail", "s", "--nats-url", "nats://h:70000"], {},
+     EXIT_USAGE, ["--nats-url", "70000"]),
+    ("send text not UTF-8", lambda t: ["send", "s", os.fsdecode(b"caf\xe9")], {}, EXIT_USAGE,
+     ["not valid UTF-8"]),
+    ("replay --db a directory", lambda t: ["replay", "s", "--db", str(_dir(t))], {}, EXIT_USAGE,
+     ["--db", "directory"]),
+    ("replay --file a directory", lambda t: ["replay", "s", "--file", str(_dir(t))], {},
+     EXIT_USAGE, ["--file", "directory"]),
+    ("replay --file junk", lambda t: ["replay", "s", "--file", "/etc/passwd"], {}, EXIT_USAGE,
+     ["/etc/passwd", "no convlog envelopes", "line 1"]),
+    ("replay --file junk --verify", lambda t: ["replay", "s", "--file", "/etc/passwd", "--verify"],
+     {}, EXIT_USAGE, ["/etc/passwd", "no convlog envelopes"]),
+    ("--data-dir a file", lambda t: ["log", "--data-dir", str(_file(t))], {}, EXIT_USAGE,
+     ["--data-dir", "not a directory"]),
+    ("TLS CA missing", lambda t: ["sessions"], {"CONVLOG_TLS_CA": "/nonexistent"}, EXIT_USAGE,
+     ["CONVLOG_TLS_CA", "/nonexistent", "does not exist"]),
+    ("log --db an unrelated SQLite file", lambda t: ["log", "--db", str(_foreign_sqlite(t))], {},
+     EXIT_USAGE, ["other.db", "not a convlog log", "notes"]),
+    ("log --db in a missing directory", lambda t: ["log", "--db", str(t / "nope" / "x.db")], {},
+     EXIT_USAGE, ["--db", "nope", "does not exist"]),
+    ("log --db not SQLite", lambda t: ["log", "--db", "/etc/passwd"], {}, EXIT_USAGE,
+     ["/etc/passwd", "not an SQLite database"]),
+    ("send empty", lambda t: ["send", "s", ""], {}, EXIT_USAGE, ["empty", "nothing was sent"]),
+    ("send whitespace", lambda t: ["send", "s", " \t\n "], {}, EXIT_USAGE, ["empty"]),
+    ("send no message", lambda t: ["send", "s"], {}, EXIT_USAGE, ["no message", "--file"]),
+    ("send --timeout 0", lambda t: ["send", "s", "hi", "--timeout", "0"], {}, EXIT_USAGE,
+     ["--timeout", "'0'"]),
+    ("tail --after -5", lambda t: ["tail", "s", "--after", "-5"], {}, EXIT_USAGE,
+     ["--after", "'-5'"]),
+    ("tail --count 0", lambda t: ["tail", "s", "--count", "0"], {}, EXIT_USAGE, ["--count"]),
+    ("sessions --limit 0", lambda t: ["sessions", "--limit", "0"], {}, EXIT_USAGE, ["--limit"]),
+    ("log level", lambda t: ["sessions"], {"CONVLOG_LOG_LEVEL": "LOUD"}, EXIT_USAGE,
+     ["CONVLOG_LOG_LEVEL", "LOUD", "DEBUG"]),
+    ("commit batch 0", lambda t: ["log"], {"CONVLOG_COMMIT_BATCH": "0"}, EXIT_USAGE,
+     ["CONVLOG_COMMIT_BATCH", ">= 1"]),
+    ("stream replicas 0", lambda t: ["log"], {"CONVLOG_STREAM_REPLICAS": "0"}, EXIT_USAGE,
+     ["CONVLOG_STREAM_REPLICAS"]),
+    ("no NATS server", lambda t: ["sessions"], {}, EXIT_UNAVAILABLE, ["no NATS server answers"]),
+    ("unknown command", lambda t: ["frobnicate"], {}, EXIT_USAGE, ["invalid choice"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+async def test_a_mistake_gets_one_line_and_its_exit_code(case: Case, tmp_path: Path) -> None:
+    _, argv, extra, code, words = case
+    rc, out, err = await convlog(tmp_path, *argv(tmp_path), env=cli_env(tmp_path, **extra))
+    line = one_line(err)
+    assert rc == code, (rc, err)
+    for word in words:
+        assert word in line, (word, line)
+    assert out == ""
+    # Nothing was created next to the inputs (no log, no directory, no tables).
+    assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "nope").exists()
+    if (tmp_path / "other.db").exists():
+        conn = sqlite3.connect(tmp_path / "other.db")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        conn.close()
+        assert tables == {"notes"}
+
+
+# -- storage faults ------------------------------------------------------------------
+
+
+async def test_a_read_only_data_directory_is_named(tmp_path: Path) -> None:
+    data = tmp_path / "ro-data"
+    data.mkdir()
+    data.chmod(0o555)
+    try:
+        rc, _, err = await convlog(tmp_path, "log", "--data-dir", str(data), unprivileged=True)
+    finally:
+        data.chmod(0o755)
+    assert rc == EXIT_USAGE, err
+    line = one_line(err)
+    assert str(data) in line and "not writable" in line
+    assert list(data.iterdir()) == []
+
+
+async def test_a_read_only_lock_file_is_named(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    lock = data / "convlog.db.lock"
+    lock.write_bytes(b"")
+    lock.chmod(0o444)
+    rc, _, err = await convlog(tmp_path, "log", unprivileged=True)
+    assert rc == EXIT_USAGE, err
+    line = one_line(err)
+    assert str(lock) in line and "not writable" in line
+    assert not (data / "convlog.db").exists()
+
+
+# -- help and version ----------------------------------------------------------------
+
+
+def test_every_command_and_argument_has_a_one_line_description() -> None:
+    import argparse
+
+    from services.cli.main import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {c.dest: c.help for c in sub._choices_actions}
+    assert set(helps) == set(sub.choices)
+    for name, p in sub.choices.items():
+        assert helps[name] and "\n" not in helps[name], name
+        for action in p._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
+
+
+async def test_help_lists_the_exit_codes_and_version_prints(tmp_path: Path) -> None:
+    rc, out, _ = await convlog(tmp_path, "--help")
+    assert rc == 0
+    codes = out.split("exit codes:", 1)[1]
+    for code in ("0", "1", "2", "3", "124"):
+        assert re.search(rf"^\s+{code}\s+\w", codes, flags=re.M), (code, codes)
+    rc, out, _ = await convlog(tmp_path, "--version")
+    from shared import __version__
+
+    assert rc == 0 and out.strip() == f"convlog {__version__}"
+
+
+# -- against a running log service ---------------------------------------------------
+
+
+async def _sessions(url: str) -> dict[str, int]:
+    client = await LogClient.connect(url)
+    try:
+        return {s.session_id: s.last_order async for s in client.iter_sessions()}
+    finally:
+        await client.close()
+
+
+async def test_send_refuses_before_writing_and_reads_stdin_and_files(
+    log_url: str, tmp_path: Path
+) -> None:
+    env = cli_env(tmp_path, CONVLOG_NATS_URL=log_url)
+
+    # Refused: nothing reaches the append-only log.
+    for argv, stdin, words in [
+        (["send", "r1", "   "], None, ["empty"]),
+        (["send", "r1", "hello", "--to", "Nobody"], None, ["Nobody", "Triage", "nothing was sent"]),
+        (["send", "r1", "-"], b"\xff\xfe bad bytes", ["standard input", "UTF-8"]),
+        (["send", "r1", "-"], b" \n", ["empty"]),
+        (["send", "r1", "--file", str(tmp_path / "missing.txt")], None, ["missing.txt"]),
+    ]:
+        rc, _, err = await convlog(tmp_path, *argv, env=env, stdin=stdin)
+        assert rc == EXIT_USAGE, (argv, err)
+        line = one_line(err)
+        assert all(w in line for w in words), (words, line)
+    assert await _sessions(log_url) == {}
+
+    # Too large for the service: exit 2 (bad input), not 1.
+    big = tmp_path / "big.txt"
+    big.write_text("x" * (300 * 1024))
+    rc, _, err = await convlog(tmp_path, "send", "r2", "--file", str(big), env=env)
+    assert rc == EXIT_USAGE and "too_large" in one_line(err), err
+    assert await _sessions(log_url) == {}
+
+    # From standard input and from a file (no worker runs, so the turn times out: 124).
+    rc, _, err = await convlog(tmp_path, "send", "r3", "-", "--to", "L1Billing", "--timeout",
+                               "0.5", env=env, stdin="from stdin, ünïcode\n".encode())
+    assert rc == EXIT_TIMEOUT, err
+    msg = tmp_path / "msg.txt"
+    msg.write_text("line one\nline two\n")
+    rc, _, err = await convlog(tmp_path, "send", "r3", "--file", str(msg), "--timeout", "0.5",
+                               env=env)
+    assert rc == EXIT_TIMEOUT, err
+    client = await LogClient.connect(log_url)
+    try:
+        items = await client.items("r3")
+    finally:
+        await client.close()
+    assert [e.data["content"] for e in items] == ["from stdin, ünïcode", "line one\nline two"]
+
+
+async def test_no_log_service_is_said_at_once(nats_server: NatsServer, tmp_path: Path) -> None:
+    env = cli_env(tmp_path, CONVLOG_NATS_URL=nats_server.url)
+    for argv in (["sessions"], ["send", "s", "hi"], ["replay", "s"], ["tail", "s", "--count", "1"]):
+        rc, _, err = await convlog(tmp_path, *argv, env=env)
+        assert rc == EXIT_UNAVAILABLE, (argv, err)
+        line = one_line(err)
+        # The probe's words, not the retry loop's "no reply ... after N attempts".
+        assert "log service is not running" in line and "convlog log" in line, line
+
+
+# -- convlog up next to convlog log; one JetStream directory --------------------------
+
+
+async def test_up_next_to_a_running_log_service_says_so(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    env = cli_env(tmp_path, CONVLOG_NATS_URL=nats_server.url)
+    with python_module("services.cli.main", "log", log_dir=tmp_path, env=env) as log:
+        await asyncio.to_thread(log.wait_for_line, r"log service ready", 20)
+        # Same data directory: the database is held.
+        rc, _, err = await convlog(tmp_path, "up", env=env)
+        assert rc == EXIT_FAIL, err
+        line = one_line(err)
+        assert str(tmp_path / "data" / "convlog.db") in line and "convlog log" in line, line
+        # Another data directory, same NATS and prefix: a log service already answers.
+        other = cli_env(tmp_path, CONVLOG_NATS_URL=nats_server.url,
+                        CONVLOG_DATA_DIR=str(tmp_path / "other"))
+        rc, _, err = await convlog(tmp_path, "up", env=other)
+        assert rc == EXIT_FAIL, err
+        assert "already answers" in one_line(err), err
+        assert log.running  # untouched
+    assert not (tmp_path / "other" / "supervisor" / "supervisord.conf").exists()
+
+
+async def test_up_and_log_keep_jetstream_in_the_same_directory(tmp_path: Path) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    env = cli_env(tmp_path, CONVLOG_NATS_URL=url, CONVLOG_EMBEDDED="true")
+    rc, out, err = await convlog(tmp_path, "up", "--print-config", env=env)
+    assert rc == 0, err
+    store = tmp_path / "data" / "jetstream"  # pytest gives a resolved path
+    assert f"-sd {store}" in out, out
+    with python_module("services.cli.main", "log", log_dir=tmp_path, env=env) as log:
+        await asyncio.to_thread(log.wait_for_line, r"log service ready", 30)
+        assert (store / "jetstream").is_dir(), sorted(p.name for p in store.iterdir())
+    assert not (tmp_path / "data" / "nats").exists()  # where `convlog log` used to keep it
