@@ -321,3 +321,12 @@ async def test_up_and_log_keep_jetstream_in_the_same_directory(tmp_path: Path) -
         await asyncio.to_thread(log.wait_for_line, r"log service ready", 30)
         assert (store / "jetstream").is_dir(), sorted(p.name for p in store.iterdir())
     assert not (tmp_path / "data" / "nats").exists()  # where `convlog log` used to keep it
+
+
+def test_the_readme_lists_the_exit_codes_the_cli_documents() -> None:
+    from services.cli.main import EXIT_CODES
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = dict(re.findall(r"^\| (\d+) \| (.+) \|$", readme, flags=re.M))
+    helped = dict(re.findall(r"^\s+(\d+)\s+(\S.*)$", EXIT_CODES, flags=re.M))
+    assert set(table) == set(helped), (table, helped)

@@ -1,0 +1,58 @@
+"""Settings: flags > CONVLOG_* variables > defaults, each value parsed by its type."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from shared.config import ConfigError, Settings, load_settings, nats_servers
+
+
+def test_precedence_flags_then_environment_then_defaults(tmp_path: Path) -> None:
+    env = {"CONVLOG_PREFIX": "envp", "CONVLOG_COMMIT_BATCH": " 64 ", "CONVLOG_DATA_DIR": str(tmp_path)}
+    s = load_settings({"prefix": "flagp", "log_level": None}, env)
+    assert s.prefix == "flagp"  # the flag wins
+    assert s.commit_batch == 64  # the variable, parsed as an int
+    assert s.log_level == "INFO" and s.grace == 10.0  # defaults
+    assert s.data_dir == tmp_path
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.prefix = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("name", "raw", "value"), [
+    ("embedded", "no", False), ("embedded", "ON", True), ("embedded", "0", False),
+    ("request_timeout", "2.5", 2.5), ("grace", "0", 0.0), ("stream_replicas", "3", 3),
+    ("log_level", "warning", "WARNING"), ("db", "~/x.db", Path("~/x.db").expanduser()),
+    ("nats_url", "tls://a:4443,nats://b", "tls://a:4443,nats://b"),
+])
+def test_each_value_is_parsed_by_its_type(name: str, raw: str, value: object) -> None:
+    assert getattr(load_settings(environ={f"CONVLOG_{name.upper()}": raw}), name) == value
+
+
+@pytest.mark.parametrize(("name", "raw"), [
+    ("commit_batch", "0"), ("commit_batch", "1.5"), ("stream_replicas", "6"),
+    ("request_timeout", "0"), ("request_timeout", "nan"), ("grace", "-1"),
+    ("max_item_bytes", "100"), ("embedded", "maybe"), ("log_level", "LOUD"),
+    ("nats_url", "nats://h:99999"), ("nats_url", "nats://h:abc"), ("nats_url", "http://h:1"),
+    ("nats_url", "nats://h:1,"), ("prefix", "a.>"), ("tls_ca", "/nonexistent"),
+])
+def test_a_bad_value_names_its_variable_and_its_flag(name: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match=f"CONVLOG_{name.upper()}="):
+        load_settings(environ={f"CONVLOG_{name.upper()}": raw})
+    with pytest.raises(ConfigError, match=f"--{name.replace('_', '-')}="):
+        load_settings({name: raw}, environ={})
+
+
+def test_paths_are_checked_only_when_asked(tmp_path: Path) -> None:
+    env = {"CONVLOG_AGENTS": "/etc/convlog/nope.toml", "CONVLOG_DATA_DIR": str(tmp_path)}
+    with pytest.raises(ConfigError, match="CONVLOG_AGENTS"):
+        load_settings(environ=env)
+    assert load_settings(environ=env, check_paths=False).agents == Path("/etc/convlog/nope.toml")
+
+
+def test_nats_servers_and_defaults() -> None:
+    assert nats_servers("nats://127.0.0.1:4222, demo:5") == [("127.0.0.1", 4222), ("demo", 5)]
+    assert nats_servers("tls://h") == [("h", 4222)]
+    assert Settings().nats_url == "nats://127.0.0.1:4222"
