@@ -176,6 +176,14 @@ async def test_convlog_up_runs_the_stack_until_sigterm(short_tmp: Path) -> None:
             ["nats", "log", *(f"worker-{a}-{n}" for a in AGENTS for n in (0, 1))])
         children |= {i["pid"] for i in infos if i["pid"]}
 
+        # A second `convlog up` on the same data directory says so and starts nothing.
+        second = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "services.cli.main", "up", "--nats-url", url],
+            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=False)
+        assert second.returncode == 1, second.stderr
+        assert "another `convlog up` is running" in second.stderr, second.stderr
+        assert len(await asyncio.to_thread(sup.processes)) == len(infos)
+
         # Step 2: two replicas per agent still give one answer per message.
         client = await LogClient.connect(url, name="t-up")
         try:
