@@ -208,6 +208,7 @@ def test_every_command_and_argument_has_a_one_line_description() -> None:
         assert helps[name] and "\n" not in helps[name], name
         for action in p._actions:
             assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
+            assert "\n" not in action.help, (name, action.dest)
 
 
 async def test_help_lists_the_exit_codes_and_version_prints(tmp_path: Path) -> None:
@@ -216,6 +217,12 @@ async def test_help_lists_the_exit_codes_and_version_prints(tmp_path: Path) -> N
     codes = out.split("exit codes:", 1)[1]
     for code in ("0", "1", "2", "3", "124"):
         assert re.search(rf"^\s+{code}\s+\w", codes, flags=re.M), (code, codes)
+    commands = re.findall(r"^    (\w+)\s{2,}\S", out.split("commands:", 1)[1], flags=re.M)
+    assert {"demo", "up", "log", "worker", "send", "tail", "replay", "sessions",
+            "bench"} <= set(commands), commands
+    helps = await asyncio.gather(*(convlog(tmp_path, c, "--help") for c in commands))
+    for c, (rc, text, err) in zip(commands, helps, strict=True):
+        assert rc == 0 and f"usage: convlog {c}" in text and "exit codes:" in text, (c, err)
     rc, out, _ = await convlog(tmp_path, "--version")
     from shared import __version__
 
