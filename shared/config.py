@@ -217,6 +217,8 @@ def _check(settings: Settings, source: dict[str, str], *, paths: bool) -> None:
             raise ConfigError(f"{source[name]}={str(value)!r}: {path} {what}")
         if not os.access(path, os.R_OK):
             raise ConfigError(f"{source[name]}={str(value)!r}: {path} is not readable")
+    if settings.tls_ca or settings.tls_cert:
+        settings.nats_options()  # loads the CA and the certificate now, not at the first connect
 
 
 def load_settings(

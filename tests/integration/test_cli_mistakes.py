@@ -117,6 +117,8 @@ CASES: list[Case] = [
      ["--data-dir", "not a directory"]),
     ("TLS CA missing", lambda t: ["sessions"], {"CONVLOG_TLS_CA": "/nonexistent"}, EXIT_USAGE,
      ["CONVLOG_TLS_CA", "/nonexistent", "does not exist"]),
+    ("TLS CA not a certificate", lambda t: ["sessions"], {"CONVLOG_TLS_CA": "/etc/passwd"},
+     EXIT_USAGE, ["CONVLOG_TLS_CA", "/etc/passwd", "cannot load"]),
     ("log --db an unrelated SQLite file", lambda t: ["log", "--db", str(_foreign_sqlite(t))], {},
      EXIT_USAGE, ["other.db", "not a convlog log", "notes"]),
     ("log --db in a missing directory", lambda t: ["log", "--db", str(t / "nope" / "x.db")], {},
