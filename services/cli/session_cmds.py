@@ -262,10 +262,11 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
         def checked() -> Iterator[Any]:
             for env in source:
-                if not isinstance(env, Envelope):
+                error = None if isinstance(env, Envelope) else getattr(env, "error", None)
+                if error is not None:  # a line or row that does not decode (not a _BadRow)
                     what = "line" if args.file else "row of item_order"
                     undecodable.append(f"{where}: {what} {env.item_order} is not a convlog "
-                                       f"envelope: {env.error}")
+                                       f"envelope: {error}")
                 yield env
 
         rep.run_sync(checked(), args.session_id)
