@@ -61,7 +61,6 @@ def _number(kind: type, minimum: float, what: str) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
-    parse.__name__ = what  # argparse names the type in some messages
     return parse
 
 
