@@ -94,9 +94,11 @@ async def _log_service_answers(settings: Settings) -> bool:
     import nats
     import nats.errors
 
+    from shared.client import connect_options
+
+    options = {**connect_options(settings, name="convlog-up"), "allow_reconnect": False}
     try:
-        nc = await nats.connect(settings.nats_url, connect_timeout=2, allow_reconnect=False,
-                                **settings.nats_options())
+        nc = await nats.connect(**options)
     except (OSError, nats.errors.Error):
         return False
     try:
