@@ -244,8 +244,7 @@ def _nats_flags_are_valid(flags: list[str], tmp_path: Path) -> None:
 def _parse_convlog(argv: list[str]) -> object:
     """Parse a convlog command line with convlog's own parser (SystemExit on a bad one)."""
     args = build_parser().parse_args(argv)
-    settings_from(args, check_paths=False)  # flags convert to valid settings too (the files
-    # they name, e.g. /etc/convlog/agents.toml, exist on the target machine, not here)
+    settings_from(args)  # flags convert to valid settings too
     return args
 
 

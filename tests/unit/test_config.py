@@ -46,10 +46,10 @@ def test_a_bad_value_names_its_variable_and_its_flag(name: str, raw: str) -> Non
 
 
 def test_paths_are_checked_only_when_asked(tmp_path: Path) -> None:
-    env = {"CONVLOG_AGENTS": "/etc/convlog/nope.toml", "CONVLOG_DATA_DIR": str(tmp_path)}
-    with pytest.raises(ConfigError, match="CONVLOG_AGENTS"):
+    env = {"CONVLOG_CREDS": "/etc/convlog/nope.creds", "CONVLOG_DATA_DIR": str(tmp_path)}
+    with pytest.raises(ConfigError, match="CONVLOG_CREDS"):
         load_settings(environ=env)
-    assert load_settings(environ=env, check_paths=False).agents == Path("/etc/convlog/nope.toml")
+    assert load_settings(environ=env, check_paths=False).creds == "/etc/convlog/nope.creds"
 
 
 def test_nats_servers_and_defaults() -> None:
