@@ -72,7 +72,7 @@ async def test_a_stream_for_other_subjects_stops_the_log_service_with_exit_1(
     assert "outbox stopped: StreamConfigError" in line
     assert f"the items stream {STREAM} captures ['elsewhere.>'], not convlog.items.>" in line
     assert "Traceback" not in svc.output()  # a known condition: one line, no stack
-    assert svc.output().rstrip().splitlines()[-1].startswith("convlog: outbox stopped:")
+    assert svc.output().rstrip().splitlines()[-1].startswith("convlog log: outbox stopped:")
 
     # The process manager restarts it: still wrong, so it refuses to start, naming the cause.
     restarted = Proc(svc.proc.args, log_dir=svc.log_dir, env=svc.proc.env, name="restart").start()
@@ -228,7 +228,7 @@ async def test_a_worker_on_a_stream_for_other_subjects_exits_1(
     line = _fatal_line(output)
     assert re.search(r"worker Solo pulls stopped: StreamConfigError: the items stream "
                      r"CONVLOG_ITEMS captures \['elsewhere\.>'\], not convlog\.items\.>", line), line
-    assert output.rstrip().splitlines()[-1].startswith("convlog: worker Solo pulls stopped")
+    assert output.rstrip().splitlines()[-1].startswith("convlog worker: worker Solo pulls stopped")
 
 
 async def test_a_worker_whose_consumer_cannot_be_created_exits_1(
