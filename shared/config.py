@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import BadRequestError
 from .subjects import Subjects
@@ -56,6 +56,7 @@ class Settings:
     agents: Path | None = None
     grace: float = 10.0
     web_token: str | None = None
+    nats_seam: Literal["auto", "public"] = "auto"  # "public": nats-py public API only (shared.nats_seam)
 
     @property
     def subjects(self) -> Subjects:
@@ -141,4 +142,6 @@ def load_settings(
         raise ConfigError(f"CONVLOG_PREFIX={settings.prefix!r} is invalid: {e.message}") from e
     if settings.max_item_bytes < 1024:
         raise ConfigError("CONVLOG_MAX_ITEM_BYTES must be at least 1024")
+    if settings.nats_seam not in ("auto", "public"):
+        raise ConfigError(f"CONVLOG_NATS_SEAM={settings.nats_seam!r} is invalid: use auto or public")
     return settings
