@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy, Header
 
+from . import nats_connect
 from .codec import decode, encode
 from .config import Settings
 from .errors import BadRequestError, TooLargeError, UnavailableError, from_wire
@@ -213,7 +214,7 @@ class LogClient:
         settings = settings or Settings()
         if url is not None:
             settings = dataclasses.replace(settings, nats_url=url)
-        nc = await nats.connect(**{**connect_options(settings, name=name), **options})
+        nc = await nats_connect.connect(settings, {**connect_options(settings, name=name), **options})
         bind(nc, settings.nats_seam)
         client = cls(nc, prefix=settings.prefix, timeout=settings.request_timeout)
         client._owns_nc = True

@@ -73,7 +73,7 @@ log = logging.getLogger("convlog.nats_seam")
 
 #: nats-py versions the suite ran on: lowest tested, first untested
 #: (``pyproject.toml`` declares the same range; a test keeps them equal).
-TESTED_NATS_PY: tuple[tuple[int, ...], tuple[int, ...]] = ((2, 9, 0), (2, 17))
+TESTED_NATS_PY: tuple[tuple[int, ...], tuple[int, ...]] = ((2, 16, 0), (2, 17))
 #: ``CONVLOG_NATS_SEAM`` values: ``auto`` (fast when the probe passes), ``public``.
 MODES = ("auto", "public")
 

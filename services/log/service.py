@@ -31,7 +31,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 
-from shared import __version__
+from shared import __version__, nats_connect
 from shared.client import connect_options
 from shared.config import Settings
 from shared.errors import ERROR_HEADER, ConvlogError
@@ -139,12 +139,13 @@ class LogService:
             if self.outbox is not None:
                 self.outbox.on_reconnected()
 
-        self.nc = await nats.connect(
-            **{
+        self.nc = await nats_connect.connect(
+            self.settings,
+            {
                 **connect_options(self.settings, name=SERVICE_NAME),
                 "disconnected_cb": disconnected,
                 "reconnected_cb": reconnected,
-            }
+            },
         )
         seam = self._seam = bind(self.nc, self.settings.nats_seam)
         log.info("nats-py seam: %s", seam.name)
