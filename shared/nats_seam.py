@@ -175,6 +175,10 @@ class NatsSeam:
         callback keeps serving."""
         return False
 
+    def delivers_inline(self, sub: Subscription | None) -> bool:
+        """True when ``sub``'s messages go to a function as they are parsed."""
+        return False
+
     def can_write(self, nc: Client) -> bool:
         """True when :meth:`write` may queue raw protocol frames on ``nc``."""
         return False
@@ -210,6 +214,9 @@ class _FastSeam(NatsSeam):
             return False
         sub._pending_queue = InlineDelivery(sub, deliver)
         return True
+
+    def delivers_inline(self, sub: Subscription | None) -> bool:
+        return sub is not None and isinstance(sub._pending_queue, InlineDelivery)
 
     def can_write(self, nc: Client) -> bool:
         return nc.is_connected  # not reconnecting, draining or closed: publish's own path applies there

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from shared.client import LogClient
 from shared.errors import BadRequestError, UnavailableError
 from shared.messages import AppendItem
-from shared.nats_seam import InlineDelivery, bind
+from shared.nats_seam import FAST, bind
 from tests.support.natsd import NatsServer
 
 PREFIX = "t"
@@ -191,7 +191,7 @@ async def test_concurrent_first_requests_share_one_reply_subscription(
     responder = await Responder(other, f"{PREFIX}.read.s").start()
     client = LogClient(nc, prefix=PREFIX, timeout=5, deadline=5)
     assert await asyncio.gather(*(client.last_order("s") for _ in range(50))) == [7] * 50
-    assert isinstance(client._reply_sub._pending_queue, InlineDelivery) is inline
+    assert FAST.delivers_inline(client._reply_sub) is inline
     inboxes = {m.reply.rsplit(".", 1)[0] for m in responder.requests}
     tokens = {m.reply.rsplit(".", 1)[1] for m in responder.requests}
     assert len(inboxes) == 1 and len(tokens) == 50

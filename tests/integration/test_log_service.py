@@ -32,6 +32,7 @@ from services.log.service import SERVICE_NAME, LogService
 from services.log.store.sqlite import SQLiteStore
 from services.worker.routing import Routing
 from services.worker.spec import load_spec
+from shared import nats_seam
 from shared.chain import verify
 from shared.client import LogClient
 from shared.config import Settings, load_settings
@@ -45,7 +46,7 @@ from shared.errors import (
     UnavailableError,
 )
 from shared.messages import MAX_APPEND_ITEMS, Envelope
-from shared.nats_seam import FAST, PUBLIC, InlineDelivery, bind, probe
+from shared.nats_seam import FAST, PUBLIC, Probe, bind, probe
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
 from tests.support.procs import REPO_ROOT, python_module
@@ -620,7 +621,7 @@ async def test_appends_are_served_and_counted_on_either_seam(
     async with LogService(settings) as service:
         expect_seam(service, mode)
         sub = FAST.endpoint_subscription(service._service, "append")
-        assert isinstance(sub._pending_queue, InlineDelivery) is (mode == "auto")
+        assert FAST.delivers_inline(sub) is (mode == "auto")
         nc = await nats.connect(nats_server.url)
         bind(nc, mode)
         try:
@@ -635,6 +636,29 @@ async def test_appends_are_served_and_counted_on_either_seam(
     append = next(e for e in stats.endpoints if e.name == "append")
     assert (append.num_requests, append.num_errors) == (21, 1)
     assert append.average_processing_time > 0
+
+
+async def test_an_untested_nats_py_serves_on_the_public_seam(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What a nats-py that renamed an internal looks like to the service: the
+    # probe names it, and every fast path is off at once (not just that one).
+    broken = Probe(version="2.16.0", tested=True, missing=("Endpoint._processing_time_renamed",))
+    monkeypatch.setattr(nats_seam, "probe", lambda: broken)
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db")}, environ={})
+    with caplog.at_level("WARNING", logger="convlog.nats_seam"):
+        async with LogService(settings) as service:
+            assert service._seam is PUBLIC
+            nc = await nats.connect(nats_server.url)
+            try:
+                client = LogClient(nc)
+                replies = await asyncio.gather(*(client.append("old", [user(f"m{i}")]) for i in range(5)))
+                assert sorted(r.last_order for r in replies) == [1, 2, 3, 4, 5]
+                stats = await service_stats(nc, service)
+            finally:
+                await nc.close()
+    assert "missing nats-py internals: Endpoint._processing_time_renamed" in caplog.text
+    assert next(e for e in stats.endpoints if e.name == "append").num_requests == 5
 
 
 @pytest.mark.parametrize("mode", SEAMS, ids=SEAM_IDS)
