@@ -31,12 +31,12 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy, Header
 
+from . import nats_connect
 from .codec import decode, encode
 from .config import Settings
 from .errors import BadRequestError, TooLargeError, UnavailableError, from_wire
 from .failures import LOOP_BACKOFF, is_transient
 from .history import visible
-from .inline import deliver_inline
 from .messages import (
     MAX_APPEND_ITEMS,
     AppendItem,
@@ -50,6 +50,7 @@ from .messages import (
     SessionsRequest,
     UserMessage,
 )
+from .nats_seam import bind, seam_for
 from .subjects import Subjects, validate_session_id
 
 __all__ = ["LogClient", "connect_options", "new_item_id"]
@@ -213,7 +214,8 @@ class LogClient:
         settings = settings or Settings()
         if url is not None:
             settings = dataclasses.replace(settings, nats_url=url)
-        nc = await nats.connect(**{**connect_options(settings, name=name), **options})
+        nc = await nats_connect.connect(settings, {**connect_options(settings, name=name), **options})
+        bind(nc, settings.nats_seam)
         client = cls(nc, prefix=settings.prefix, timeout=settings.request_timeout)
         client._owns_nc = True
         return client
@@ -247,7 +249,8 @@ class LogClient:
                 prefix = self.nc.new_inbox() + "."
                 self._reply_prefix = prefix
                 self._reply_sub = await self.nc.subscribe(prefix + "*", cb=self._on_reply)
-                deliver_inline(self._reply_sub, self._take_reply)  # else _on_reply serves
+                # Replies resolved as nats-py parses them; else _on_reply serves.
+                seam_for(self.nc).deliver_inline(self._reply_sub, self._take_reply)
             return self._reply_prefix
 
     def _take_reply(self, msg: Msg) -> None:

@@ -72,6 +72,7 @@ class Settings:
     agents: Path | None = None
     grace: Annotated[float, Meta(ge=0, le=86_400)] = 10.0
     web_token: str | None = None
+    nats_seam: Literal["auto", "public"] = "auto"  # "public": nats-py public API only (shared.nats_seam)
 
     @property
     def subjects(self) -> Subjects:
@@ -152,8 +153,8 @@ def _parse(name: str, raw: Any, source: str) -> Any:
         if base is bool:
             low = value.lower()
             value = True if low in _TRUE else False if low in _FALSE else value
-        elif typing.get_origin(base) is Literal:
-            value = value.upper()
+        elif typing.get_origin(base) is Literal:  # any case: "info", "PUBLIC"
+            value = next((a for a in typing.get_args(base) if a.lower() == value.lower()), value)
     try:
         return msgspec.convert(value, typ, strict=False, dec_hook=_dec_hook)
     except msgspec.ValidationError as e:

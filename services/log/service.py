@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from time import perf_counter_ns
 from typing import Any
@@ -26,18 +27,17 @@ from typing import Any
 import nats
 import nats.js.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.micro import add_service
 from nats.micro.request import Request
-from nats.micro.service import Service
+from nats.micro.service import EndpointStats, Service
 
-from shared import __version__
+from shared import __version__, nats_connect
 from shared.client import connect_options
 from shared.config import Settings
 from shared.errors import ERROR_HEADER, ConvlogError
 from shared.failures import FatalError, Loops, is_transient
-from shared.inline import deliver_inline
 from shared.messages import AppendReply
+from shared.nats_seam import NatsSeam, bind
 from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.subjects import Subjects
 
@@ -53,6 +53,25 @@ log = logging.getLogger("convlog.log")
 
 SERVICE_NAME = "convlog-log"
 QUEUE_GROUP = "convlog-log"
+
+#: where a reply goes: a reply subject ("" for none), or a micro request to
+#: answer through ``Request.respond`` (the public seam)
+ReplyTo = str | Request
+
+
+@dataclass
+class EndpointCounters:
+    """convlog's own ``$SRV.STATS`` figures for one endpoint.
+
+    micro counts only what its handler sees and times only the handler;
+    appends skip that handler (inline delivery) and every reply is sent
+    later, so convlog keeps its own and shows them in ``$SRV.STATS``.
+    """
+
+    requests: int = 0
+    errors: int = 0
+    last_error: str = ""
+    processing_ns: int = 0
 
 
 async def ensure_routing_bucket(nc: Client, subjects: Subjects, *, replicas: int = 1) -> Any:
@@ -84,10 +103,12 @@ class LogService:
         self._inflight: set[asyncio.Task[None]] = set()
         self._awaiting = 0  # appends submitted to the store and not yet answered
         self._outgoing: list[Message] = []  # replies for the replier task
+        self._responses: list[tuple[Request, bytes, dict[str, str] | None]] = []  # public seam
         self._outgoing_ready = asyncio.Event()
         self._replier: asyncio.Task[None] | None = None
         self._loops = Loops(self.shutdown, log)  # a fatal failure of one stops the service
-        self._endpoints: dict[str, Any] = {}  # micro's endpoint objects, for their stats
+        self._seam: NatsSeam | None = None
+        self.counters = {name: EndpointCounters() for name in ("append", "read", "sessions", "in")}
         self._replying = False
         self._quiet = asyncio.Event()  # nothing submitted, queued or being sent
         self._stopped = asyncio.Event()
@@ -118,13 +139,16 @@ class LogService:
             if self.outbox is not None:
                 self.outbox.on_reconnected()
 
-        self.nc = await nats.connect(
-            **{
+        self.nc = await nats_connect.connect(
+            self.settings,
+            {
                 **connect_options(self.settings, name=SERVICE_NAME),
                 "disconnected_cb": disconnected,
                 "reconnected_cb": reconnected,
-            }
+            },
         )
+        seam = self._seam = bind(self.nc, self.settings.nats_seam)
+        log.info("nats-py seam: %s", seam.name)
         js = self.nc.jetstream()
         await ensure_stream(js, self.subjects, replicas=self.settings.stream_replicas)
         kv = await ensure_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
@@ -153,20 +177,24 @@ class LogService:
             description="convlog append-only conversation log",
             queue_group=QUEUE_GROUP,
             metadata={"prefix": self.subjects.prefix, "store": type(self.store).__name__},
+            stats_handler=self._endpoint_stats,
         )
         self._replier = self._loops.start(self._reply_loop, "replier")
         deliver_append = self._append_endpoint(handlers)
         endpoints: list[tuple[str, str, Callable[[Request], Awaitable[None]]]] = [
-            ("append", self.subjects.append_all, self._micro_handler(deliver_append)),
+            ("append", self.subjects.append_all, self._micro_handler(deliver_append, seam)),
             ("read", self.subjects.read_all, self._dispatcher("read", handlers.read, handlers)),
             ("sessions", self.subjects.sessions, self._dispatcher("sessions", handlers.sessions, handlers)),
             ("in", self.subjects.inbound_all, self._dispatcher("in", handlers.user_message, handlers)),
         ]
         for name, subject, handler in endpoints:
             await self._service.add_endpoint(name=name, subject=subject, handler=handler)
-        self._endpoints = {getattr(ep, "_name", ""): ep for ep in getattr(self._service, "_endpoints", [])}
-        if not self._deliver_inline("append", deliver_append):
-            log.info("nats-py internals differ from what convlog expects: appends go through micro's queue")
+        inline = seam.deliver_inline(
+            seam.endpoint_subscription(self._service, "append"),
+            lambda msg: deliver_append(msg.subject, msg.data, msg.reply),
+        )
+        if seam.fast and not inline:
+            log.warning("the append endpoint's subscription is out of reach: appends go through micro's queue")
         await self.nc.flush()
         log.info(
             "log service ready: prefix=%s store=%s nats=%s",
@@ -175,7 +203,7 @@ class LogService:
             self.nc.connected_url.netloc if self.nc.connected_url else "?",
         )
 
-    def _append_endpoint(self, handlers: Handlers) -> Callable[[Msg], None]:
+    def _append_endpoint(self, handlers: Handlers) -> Callable[[str, bytes, ReplyTo], None]:
         """The hot path: no task, coroutine chain or future per append.
 
         ``deliver`` only decodes, checks and submits to the store, and
@@ -186,61 +214,56 @@ class LogService:
         """
         store = self.store
         tally = self.tally
+        counters = self.counters["append"]
 
-        def deliver(msg: Msg) -> None:
+        def deliver(subject: str, data: bytes, reply_to: ReplyTo) -> None:
             tally["append"] += 1
+            counters.requests += 1
             try:
-                sid, request = handlers.parse_append(msg.subject, msg.data)
-                store.submit(sid, request, partial(self._answer, msg.reply, msg.subject, perf_counter_ns()))
+                sid, request = handlers.parse_append(subject, data)
+                store.submit(sid, request, partial(self._answer, reply_to, subject, perf_counter_ns()))
             except Exception as e:
-                self._reply("append", msg.reply, msg.subject, *error_reply(e, msg.subject))
+                self._reply("append", reply_to, subject, *error_reply(e, subject))
                 return
             self._awaiting += 1
 
         return deliver
 
-    def _deliver_inline(self, name: str, deliver: Callable[[Msg], None]) -> bool:
-        """Hand the endpoint's messages to ``deliver`` as nats-py parses them
-        (see :mod:`shared.inline`), keeping the request count micro would
-        keep.  False when nats-py's internals differ: micro's path then stays."""
-        ep = self._endpoints.get(name)
-        if ep is None:
-            return False
-
-        def counted(msg: Msg) -> None:
-            ep._num_requests += 1
-            deliver(msg)
-
-        return deliver_inline(getattr(ep, "_subscription", None), counted)
-
     def _answer(
-        self, reply_to: str, subject: str, submitted_ns: int, outcome: AppendReply | ConvlogError
+        self, reply_to: ReplyTo, subject: str, submitted_ns: int, outcome: AppendReply | ConvlogError
     ) -> None:
         """The store's callback for one submitted append."""
         self._awaiting -= 1
-        self._add_processing_time("append", perf_counter_ns() - submitted_ns)
+        self.counters["append"].processing_ns += perf_counter_ns() - submitted_ns  # the commit included
         self._reply("append", reply_to, subject, *encode_outcome(outcome))
 
-    def _add_processing_time(self, name: str, ns: int) -> None:
-        """Add the time a request spent after its micro handler returned.
+    def _endpoint_stats(self, stats: EndpointStats) -> None:
+        """micro's ``stats_handler``: show convlog's counters in ``$SRV.STATS``."""
+        c = self.counters.get(stats.name)
+        if c is not None:
+            stats.num_requests = c.requests
+            stats.num_errors = c.errors
+            stats.last_error = c.last_error
+            stats.processing_time = c.processing_ns
+            stats.average_processing_time = c.processing_ns // max(1, c.requests)
 
-        micro times only the handler itself (decode and submit, or spawning a
-        task), so ``$SRV.STATS`` would otherwise hide the commit.
-        """
-        ep = self._endpoints.get(name)
-        if ep is not None:
-            ep._processing_time += ns
-            ep._average_processing_time = ep._processing_time // max(1, ep._num_requests)
-
-    def _reply(self, name: str, reply_to: str, subject: str, payload: bytes, headers: dict[str, str] | None) -> None:
+    def _reply(
+        self, name: str, reply_to: ReplyTo, subject: str, payload: bytes, headers: dict[str, str] | None
+    ) -> None:
         """Queue a reply for the replier task (and count an error reply)."""
         if headers:
             self.tally["errors"] += 1
-            self._count_error(name, headers)
+            c = self.counters[name]
+            c.errors += 1
+            c.last_error = headers.get(ERROR_HEADER, "")
             if not reply_to:
                 log.warning("%s on %s without reply subject: %s", name, subject[:160], payload[:300])
-        if reply_to:
-            self._outgoing.append((reply_to, "", payload, headers))
+        if type(reply_to) is str:
+            if reply_to:
+                self._outgoing.append((reply_to, "", payload, headers))
+                self._outgoing_ready.set()
+        else:
+            self._responses.append((reply_to, payload, headers))  # type: ignore[arg-type]
             self._outgoing_ready.set()
 
     async def _reply_loop(self) -> None:
@@ -250,23 +273,39 @@ class LogService:
             await self._outgoing_ready.wait()
             self._outgoing_ready.clear()
             batch, self._outgoing = self._outgoing, []
+            responses, self._responses = self._responses, []
             self._replying = True
             try:
-                refused = await publish_many(nc, batch)
+                refused = await publish_many(nc, batch) if batch else []
             except Exception as e:
                 if not is_transient(e):
                     raise
                 refused = [(0, e)]  # the requesters retry an unknown outcome
+            for req, payload, headers in responses:  # the public seam
+                try:
+                    await req.respond(payload, headers=headers)
+                except ValueError:  # no reply subject (a plain publish)
+                    if headers:
+                        log.warning("%s without reply subject: %s", req.subject[:160], payload[:300])
+                except Exception as e:
+                    if not is_transient(e):
+                        raise
+                    refused.append((0, e))
             for _, e in refused:
                 log.debug("reply not sent: %s: %s", type(e).__name__, e)
             self._replying = False
-            if not self._awaiting and not self._outgoing:
+            if not self._awaiting and not self._outgoing and not self._responses:
                 self._quiet.set()
 
     @staticmethod
-    def _micro_handler(deliver: Callable[[Msg], None]) -> Callable[[Request], Awaitable[None]]:
+    def _micro_handler(
+        deliver: Callable[[str, bytes, ReplyTo], None], seam: NatsSeam
+    ) -> Callable[[Request], Awaitable[None]]:
+        """micro's handler for an endpoint whose messages are not delivered inline."""
+        reply_to = seam.reply_to
+
         async def handler(req: Request) -> None:
-            deliver(req._msg)
+            deliver(req.subject, req.data, reply_to(req))
 
         return handler
 
@@ -276,11 +315,16 @@ class LogService:
         # micro awaits a handler inline, one message at a time per endpoint; a
         # task per request lets slow reads and user messages overlap.  Tasks
         # start in arrival order, so one publisher's requests keep order.
+        counters = self.counters[name]
+        assert self._seam is not None
+        reply_to = self._seam.reply_to
+
         async def process(req: Request, started_ns: int) -> None:
             self.tally[name] += 1
+            counters.requests += 1
             payload, headers = await handlers.guarded(fn, req.subject, req.data)
-            self._add_processing_time(name, perf_counter_ns() - started_ns)
-            self._reply(name, req._msg.reply, req.subject, payload, headers)
+            counters.processing_ns += perf_counter_ns() - started_ns
+            self._reply(name, reply_to(req), req.subject, payload, headers)
 
         async def handler(req: Request) -> None:
             task = asyncio.create_task(process(req, perf_counter_ns()))
@@ -288,17 +332,6 @@ class LogService:
             task.add_done_callback(self._inflight.discard)
 
         return handler
-
-    def _count_error(self, name: str, headers: dict[str, str]) -> None:
-        """Count an error reply in the endpoint's ``$SRV.STATS``.
-
-        micro only counts exceptions its handler raises; ours replies later, from
-        a task, so the error would otherwise never show in the stats.
-        """
-        ep = self._endpoints.get(name)
-        if ep is not None:
-            ep._num_errors += 1
-            ep._last_error = headers.get(ERROR_HEADER, "")
 
     async def run(self) -> None:
         """Serve until :meth:`shutdown` completes.
@@ -317,23 +350,18 @@ class LogService:
             return
         self._shutdown_started = True
         try:
-            if self._service is not None:
-                for ep in list(getattr(self._service, "_endpoints", [])):
-                    sub = getattr(ep, "_subscription", None)
-                    if sub is not None:
-                        with contextlib.suppress(Exception):
-                            await sub.drain()
-                        ep._subscription = None
+            if self._service is not None and self._seam is not None:
                 with contextlib.suppress(Exception):
-                    self._service._endpoints = []
-                    await self._service.stop()
+                    await self._seam.stop_service(self._service)
             loop = asyncio.get_running_loop()
             until = loop.time() + self.settings.grace
             if self._inflight:
                 done, pending = await asyncio.wait(set(self._inflight), timeout=self.settings.grace)
                 for t in pending:
                     t.cancel()
-            if self._replier is not None and (self._awaiting or self._outgoing or self._replying):
+            if self._replier is not None and (
+                self._awaiting or self._outgoing or self._responses or self._replying
+            ):
                 # Appends already submitted: let them commit and their replies go out.
                 self._quiet.clear()
                 with contextlib.suppress(TimeoutError):

@@ -6,11 +6,10 @@ each time.  The log service publishes in bursts (the replies of one group
 commit, the envelopes of one outbox window), so :func:`publish_many` checks
 and frames a whole burst and queues it as one write.
 
-It uses two private members of nats-py's ``Client``, ``_send_command`` and
-``_flush_pending`` (the ones ``publish`` itself ends with).  Whenever they are
-missing, or the connection is not plainly connected (reconnecting, draining,
-closed), it publishes message by message through ``publish``, so the
-library's own buffering and errors apply there.
+The write itself goes through :mod:`shared.nats_seam` (it takes nats-py
+internals).  On the public seam, or whenever the connection is not plainly
+connected (reconnecting, draining, closed), it publishes message by message
+through ``publish``, so the library's own buffering and errors apply there.
 """
 
 from __future__ import annotations
@@ -21,6 +20,8 @@ from collections.abc import Sequence
 import nats.errors
 from nats.aio.client import Client
 
+from shared.nats_seam import seam_for
+
 __all__ = ["Message", "header_block", "publish_many"]
 
 #: subject, reply subject ("" for none), payload, headers (a dict, or a
@@ -30,7 +31,6 @@ Message = tuple[str, str, bytes, dict[str, str] | bytes | None]
 _BAD_SUBJECT = re.compile(r"[ \t\r\n]")  # what nats-py refuses in a published subject
 _HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
-_FAST = all(hasattr(Client, name) for name in ("_send_command", "_flush_pending"))
 
 
 def header_block(headers: dict[str, str]) -> bytes:
@@ -79,7 +79,8 @@ async def publish_many(nc: Client, messages: Sequence[Message]) -> list[tuple[in
         (a bad subject, too large, no connection); every other one was sent.
     """
     refused: list[tuple[int, Exception]] = []
-    if not _FAST or getattr(nc, "_status", None) != Client.CONNECTED:
+    seam = seam_for(nc)
+    if not seam.can_write(nc):
         for i, (subject, reply, payload, headers) in enumerate(messages):
             try:
                 if type(headers) is bytes:
@@ -99,10 +100,5 @@ async def publish_many(nc: Client, messages: Sequence[Message]) -> list[tuple[in
             continue
         sent_bytes += len(payload)
     if frames:
-        nc.stats["out_msgs"] += len(frames)
-        nc.stats["out_bytes"] += sent_bytes
-        await nc._send_command(b"".join(frames))
-        flush_queue = getattr(nc, "_flush_queue", None)
-        if flush_queue is not None and flush_queue.empty():  # as publish does
-            await nc._flush_pending()
+        await seam.write(nc, b"".join(frames), len(frames), sent_bytes)
     return refused

@@ -43,12 +43,14 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from shared import nats_connect
 from shared.client import LogClient, connect_options
 from shared.codec import decode
 from shared.config import Settings
 from shared.errors import ConvlogError
 from shared.failures import Backoff, Loops, is_transient
 from shared.messages import Envelope
+from shared.nats_seam import bind
 
 from .consumer import AgentConsumer, consumer_name
 from .model import ModelClient
@@ -176,13 +178,15 @@ class Worker:
         async def connection_error(e: Exception) -> None:
             log.info("worker %s: NATS connection: %r", self.agent.name, e)
 
-        self.nc = await nats.connect(
-            **{
+        self.nc = await nats_connect.connect(
+            self.settings,
+            {
                 **connect_options(self.settings, name=f"convlog-worker-{self.agent.name}"),
                 "reconnected_cb": reconnected,
                 "error_cb": connection_error,
-            }
+            },
         )
+        bind(self.nc, self.settings.nats_seam)
         if self._shutdown_started:  # a signal arrived while connecting
             await self.nc.close()
             return

@@ -21,15 +21,16 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-import shared.client
 from shared.client import LogClient
 from shared.errors import BadRequestError, UnavailableError
-from shared.inline import InlineDelivery
 from shared.messages import AppendItem
+from shared.nats_seam import FAST, bind
 from tests.support.natsd import NatsServer
 
 PREFIX = "t"
 READ_REPLY = b'{"session_id":"s","items":[],"last_order":7,"more":false}'
+#: the client's connection on either nats-py seam (shared.nats_seam)
+both_seams = pytest.mark.parametrize("conns", ["auto", "public"], ids=["fast-seam", "public-seam"], indirect=True)
 
 
 def append_reply(sid: str, item_ids: list[str]) -> bytes:
@@ -68,10 +69,12 @@ class Responder:
 
 
 @pytest.fixture
-async def conns(nats_server: NatsServer) -> AsyncIterator[tuple[Client, Client]]:
-    """Two connections (client side, responder side) that reconnect fast."""
+async def conns(nats_server: NatsServer, request: pytest.FixtureRequest) -> AsyncIterator[tuple[Client, Client]]:
+    """Two connections (client side, responder side) that reconnect fast; the
+    client side on the nats-py seam given by indirect parametrization."""
     opts: dict[str, Any] = {"reconnect_time_wait": 0.1, "max_reconnect_attempts": -1}
     a = await nats.connect(nats_server.url, name="t-client", **opts)
+    bind(a, getattr(request, "param", "auto"))
     b = await nats.connect(nats_server.url, name="t-responder", **opts)
     try:
         yield a, b
@@ -98,6 +101,7 @@ def user(content: str, **extra: Any) -> dict[str, Any]:
     return {"agent": "user", "data": {"role": "user", "content": content}, **extra}
 
 
+@both_seams
 async def test_a_silent_responder_times_out_into_unavailable_retrying_the_same_ids(
     conns: tuple[Client, Client],
 ) -> None:
@@ -156,6 +160,7 @@ async def test_no_responders_is_retried_until_a_responder_appears(conns: tuple[C
     assert client._pending == {}
 
 
+@both_seams
 async def test_cancelling_a_request_in_flight_removes_its_token_and_ignores_the_late_reply(
     conns: tuple[Client, Client],
 ) -> None:
@@ -175,27 +180,27 @@ async def test_cancelling_a_request_in_flight_removes_its_token_and_ignores_the_
     assert client._pending == {}
 
 
-@pytest.mark.parametrize("inline", [True, False], ids=["inline", "through-callback"])
+@both_seams
 async def test_concurrent_first_requests_share_one_reply_subscription(
-    conns: tuple[Client, Client], monkeypatch: pytest.MonkeyPatch, inline: bool
+    conns: tuple[Client, Client], request: pytest.FixtureRequest
 ) -> None:
-    # Replies are resolved as nats-py parses them (shared.inline); should its
-    # internals change, the subscription's callback resolves them alike.
-    if not inline:
-        monkeypatch.setattr(shared.client, "deliver_inline", lambda sub, deliver: False)
+    # On the fast seam replies are resolved as nats-py parses them; on the
+    # public one the subscription's callback resolves them alike.
+    inline = request.node.callspec.params["conns"] == "auto"
     nc, other = conns
     responder = await Responder(other, f"{PREFIX}.read.s").start()
     client = LogClient(nc, prefix=PREFIX, timeout=5, deadline=5)
     assert await asyncio.gather(*(client.last_order("s") for _ in range(50))) == [7] * 50
-    assert isinstance(client._reply_sub._pending_queue, InlineDelivery) is inline
+    assert FAST.delivers_inline(client._reply_sub) is inline
     inboxes = {m.reply.rsplit(".", 1)[0] for m in responder.requests}
     tokens = {m.reply.rsplit(".", 1)[1] for m in responder.requests}
     assert len(inboxes) == 1 and len(tokens) == 50
     assert client._pending == {}
 
 
+@pytest.mark.parametrize("mode", ["auto", "public"], ids=["fast-seam", "public-seam"])
 async def test_a_reply_arriving_after_a_reconnect_completes_the_same_attempt(
-    nats_server: NatsServer,
+    nats_server: NatsServer, mode: str
 ) -> None:
     reconnected = {"client": asyncio.Event(), "responder": asyncio.Event()}
 
@@ -209,6 +214,7 @@ async def test_a_reply_arriving_after_a_reconnect_completes_the_same_attempt(
         )
 
     nc, other = await connect("client"), await connect("responder")
+    bind(nc, mode)
     try:
         responder = await Responder(other, f"{PREFIX}.read.s", answer=False).start()
         client = LogClient(nc, prefix=PREFIX, timeout=20, deadline=30)

@@ -32,6 +32,7 @@ from services.log.service import SERVICE_NAME, LogService
 from services.log.store.sqlite import SQLiteStore
 from services.worker.routing import Routing
 from services.worker.spec import load_spec
+from shared import nats_seam
 from shared.chain import verify
 from shared.client import LogClient
 from shared.config import Settings, load_settings
@@ -44,8 +45,8 @@ from shared.errors import (
     TooLargeError,
     UnavailableError,
 )
-from shared.inline import InlineDelivery
 from shared.messages import MAX_APPEND_ITEMS, Envelope
+from shared.nats_seam import FAST, PUBLIC, Probe, bind, probe
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
 from tests.support.procs import REPO_ROOT, python_module
@@ -53,6 +54,12 @@ from tests.support.procs import REPO_ROOT, python_module
 MAX_PAYLOAD = 64 * 1024
 MAX_ITEM_BYTES = 4096
 STREAM = "CONVLOG_ITEMS"
+
+#: Run a test on both nats-py seams (shared.nats_seam): the fast one on
+#: nats-py internals, and nats-py's public API only, for service and client.
+SEAMS = ["auto", "public"]
+SEAM_IDS = ["fast-seam", "public-seam"]
+both_seams = pytest.mark.parametrize("env", SEAMS, ids=SEAM_IDS, indirect=True)
 
 
 @dataclass
@@ -69,19 +76,31 @@ class Env:
         return self.settings.db_path
 
 
+def expect_seam(service: LogService, mode: str) -> None:
+    """The service runs on the seam ``mode`` asks for (``auto`` is fast on a tested nats-py)."""
+    want = PUBLIC if mode == "public" else FAST
+    assert service._seam is want, f"seam {service._seam.name if service._seam else None}: {probe().reason()}"
+
+
 @pytest.fixture
-async def env(nats_server_factory: Callable[..., NatsServer], tmp_path: Path) -> AsyncIterator[Env]:
-    """A nats-server with a 64 KiB max payload and the log service on a fresh SQLite file."""
+async def env(
+    nats_server_factory: Callable[..., NatsServer], tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Env]:
+    """A nats-server with a 64 KiB max payload and the log service on a fresh SQLite file
+    (on the nats-py seam given by indirect parametrization, default ``auto``)."""
+    mode = getattr(request, "param", "auto")
     server = nats_server_factory(config=f"max_payload: {MAX_PAYLOAD}\n")
     settings = load_settings(
         {"nats_url": server.url, "db": str(tmp_path / "log.db"), "data_dir": str(tmp_path),
-         "max_item_bytes": MAX_ITEM_BYTES},
+         "max_item_bytes": MAX_ITEM_BYTES, "nats_seam": mode},
         environ={},
     )
     service = LogService(settings)
     try:
         await service.start()
+        expect_seam(service, mode)
         nc = await nats.connect(server.url)
+        bind(nc, mode)
         try:
             yield Env(server, settings, service, nc, LogClient(nc, timeout=5, deadline=10), tmp_path)
         finally:
@@ -129,6 +148,7 @@ async def settled_state(env: Env) -> tuple[list[tuple[str, int]], int]:
 # -- append / read -----------------------------------------------------------------
 
 
+@both_seams
 async def test_append_and_read_forward_tail_and_raw(env: Env) -> None:
     headers, rep = await wire(env.nc, "convlog.append.s1", {"items": [
         user("Hi, I was charged twice 💳", item_id="u-1"),
@@ -227,6 +247,7 @@ async def test_sessions_lists_by_id_with_paging(env: Env) -> None:
 # -- user messages ------------------------------------------------------------------
 
 
+@both_seams
 async def test_user_messages_with_and_without_a_reply_subject(env: Env) -> None:
     headers, ack = await wire(env.nc, "convlog.in.chat", {"content": "Hello", "item_id": "m-1"})
     assert ERROR_CODE_HEADER not in headers
@@ -271,6 +292,7 @@ async def test_user_messages_with_and_without_a_reply_subject(env: Env) -> None:
 # -- convlog.items.<sid> ----------------------------------------------------------
 
 
+@both_seams
 async def test_items_subject_carries_every_commit_in_order_with_msg_id(env: Env) -> None:
     js = env.nc.jetstream()
     sub = await js.subscribe("convlog.items.feed", ordered_consumer=True)
@@ -375,6 +397,7 @@ BAD_REQUESTS = [
 STATUS = {"bad_request": "400", "invalid_session_id": "400", "too_large": "413", "conflict": "409"}
 
 
+@both_seams
 @pytest.mark.parametrize(
     ("subject", "body", "code", "fragment"),
     [pytest.param(*case[1:], id=case[0]) for case in BAD_REQUESTS],
@@ -400,6 +423,7 @@ async def test_bad_input_gets_a_clear_error_and_nothing_is_written(
     assert [e.item_order for e in await raw_log(env, "v")] == [1, 2, 3]
 
 
+@both_seams
 async def test_conflict_carries_last_order(env: Env) -> None:
     await env.client.append("c", [user("1"), user("2")])
     headers, reply = await wire(env.nc, "convlog.append.c", {"items": [user("x")], "expected_last": 1})
@@ -543,6 +567,7 @@ async def test_unavailable_when_nobody_serves(env: Env) -> None:
 # -- discovery ---------------------------------------------------------------------
 
 
+@both_seams
 async def test_micro_ping_info_and_stats(env: Env) -> None:
     await env.client.append("d", [user("1")])
     await env.client.read("d")
@@ -584,19 +609,21 @@ async def test_micro_ping_info_and_stats(env: Env) -> None:
     await assert_eventually(counted, timeout=5)
 
 
-@pytest.mark.parametrize("inline", [True, False], ids=["inline", "through-micro"])
-async def test_appends_are_served_and_counted_with_or_without_inline_delivery(
-    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline: bool
+@pytest.mark.parametrize("mode", SEAMS, ids=SEAM_IDS)
+async def test_appends_are_served_and_counted_on_either_seam(
+    nats_server: NatsServer, tmp_path: Path, mode: str
 ) -> None:
-    # Appends skip micro's queue and task (nats-py internals); should those
-    # internals change, micro's own path serves them, and serves them alike.
-    if not inline:
-        monkeypatch.setattr(LogService, "_deliver_inline", lambda self, name, deliver: False)
-    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db")}, environ={})
+    # On the fast seam appends skip micro's queue and task (nats-py
+    # internals); on the public one micro's own path serves them, alike.
+    settings = load_settings(
+        {"nats_url": nats_server.url, "db": str(tmp_path / "log.db"), "nats_seam": mode}, environ={}
+    )
     async with LogService(settings) as service:
-        sub = service._endpoints["append"]._subscription
-        assert isinstance(sub._pending_queue, InlineDelivery) is inline
+        expect_seam(service, mode)
+        sub = FAST.endpoint_subscription(service._service, "append")
+        assert FAST.delivers_inline(sub) is (mode == "auto")
         nc = await nats.connect(nats_server.url)
+        bind(nc, mode)
         try:
             client = LogClient(nc)
             replies = await asyncio.gather(*(client.append("in", [user(f"m{i}")]) for i in range(20)))
@@ -611,8 +638,32 @@ async def test_appends_are_served_and_counted_with_or_without_inline_delivery(
     assert append.average_processing_time > 0
 
 
+async def test_an_untested_nats_py_serves_on_the_public_seam(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What a nats-py that renamed an internal looks like to the service: the
+    # probe names it, and every fast path is off at once (not just that one).
+    broken = Probe(version="2.16.0", tested=True, missing=("Endpoint._processing_time_renamed",))
+    monkeypatch.setattr(nats_seam, "probe", lambda: broken)
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db")}, environ={})
+    with caplog.at_level("WARNING", logger="convlog.nats_seam"):
+        async with LogService(settings) as service:
+            assert service._seam is PUBLIC
+            nc = await nats.connect(nats_server.url)
+            try:
+                client = LogClient(nc)
+                replies = await asyncio.gather(*(client.append("old", [user(f"m{i}")]) for i in range(5)))
+                assert sorted(r.last_order for r in replies) == [1, 2, 3, 4, 5]
+                stats = await service_stats(nc, service)
+            finally:
+                await nc.close()
+    assert "missing nats-py internals: Endpoint._processing_time_renamed" in caplog.text
+    assert next(e for e in stats.endpoints if e.name == "append").num_requests == 5
+
+
+@pytest.mark.parametrize("mode", SEAMS, ids=SEAM_IDS)
 async def test_stats_count_the_commit_in_an_appends_processing_time(
-    nats_server: NatsServer, tmp_path: Path
+    nats_server: NatsServer, tmp_path: Path, mode: str
 ) -> None:
     # micro times only its handler (decode and submit); the commit comes after.
     class SlowCommits(SQLiteStore):
@@ -620,8 +671,11 @@ async def test_stats_count_the_commit_in_an_appends_processing_time(
             time.sleep(0.05)
             super()._finish_commit(restart_wal)
 
-    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db")}, environ={})
+    settings = load_settings(
+        {"nats_url": nats_server.url, "db": str(tmp_path / "log.db"), "nats_seam": mode}, environ={}
+    )
     async with LogService(settings, store=SlowCommits(settings.db_path)) as service:
+        expect_seam(service, mode)
         nc = await nats.connect(nats_server.url)
         try:
             client = LogClient(nc)
@@ -640,6 +694,7 @@ async def test_stats_count_the_commit_in_an_appends_processing_time(
 # -- followers ---------------------------------------------------------------------
 
 
+@both_seams
 async def test_follow_yields_from_a_given_order_without_gaps_or_repeats(env: Env) -> None:
     for i in range(10):
         await env.client.append("f", [user(f"pre {i}")])
@@ -745,13 +800,14 @@ async def test_cli_replay_verify_sessions_and_not_found(env: Env) -> None:
 # -- SIGTERM under load --------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", SEAMS, ids=SEAM_IDS)
 async def test_sigterm_drains_and_exits_zero_with_no_acked_item_lost(
-    nats_server: NatsServer, tmp_path: Path
+    nats_server: NatsServer, tmp_path: Path, mode: str
 ) -> None:
     db = tmp_path / "log.db"
     proc = python_module(
         "services.cli.main", "log", "--nats-url", nats_server.url, "--db", str(db),
-        log_dir=tmp_path, env=cli_env(tmp_path),
+        log_dir=tmp_path, env={**cli_env(tmp_path), "CONVLOG_NATS_SEAM": mode},
     )
     acked: dict[str, tuple[str, int]] = {}
     stop = asyncio.Event()
@@ -783,6 +839,7 @@ async def test_sigterm_drains_and_exits_zero_with_no_acked_item_lost(
             await asyncio.wait_for(asyncio.gather(*writers), 15)
             await nc.close()
     assert "log service stopped" in proc.output()
+    assert f"nats-py seam: {'public' if mode == 'public' else 'fast'}" in proc.output()
 
     # Every acknowledged append is in the file at its acknowledged order.
     conn = sqlite3.connect(db)

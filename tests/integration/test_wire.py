@@ -1,6 +1,7 @@
 """``publish_many`` over a real nats-server: the frames it builds itself must
 arrive exactly as ``publish`` would have sent them, and it must fall back to
-``publish`` whenever the connection is not plainly connected."""
+``publish`` whenever the connection is not plainly connected, or is on the
+public nats-py seam."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from services.log.wire import Message, header_block, publish_many
+from shared.nats_seam import bind
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
 
@@ -105,3 +107,31 @@ async def test_without_a_plain_connection_it_goes_through_publish(nats_server: N
         (0, nats.errors.ConnectionClosedError),
         (1, nats.errors.ConnectionClosedError),
     ]
+
+
+async def test_on_the_public_seam_a_burst_goes_through_publish(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    bind(nc, "public")
+    try:
+        got = await _collect(nc, "wire.>")
+        published: list[str] = []
+        publish = nc.publish
+
+        async def counting(subject: str, *args: Any, **kwargs: Any) -> None:
+            published.append(subject)
+            await publish(subject, *args, **kwargs)
+
+        monkeypatch.setattr(nc, "publish", counting)
+        refused = await publish_many(nc, [
+            ("wire.a", "wire.reply.1", b"1", None),
+            ("wire.bad subject", "", b"2", None),
+            ("wire.b", "", b"3", header_block({"Nats-Msg-Id": "s:3"})),
+        ])
+        assert [(i, type(e)) for i, e in refused] == [(1, nats.errors.BadSubjectError)]
+        assert published == ["wire.a", "wire.bad subject", "wire.b"]
+        await _count(got, 2)
+        assert _seen(got) == [("wire.a", "wire.reply.1", b"1", None), ("wire.b", "", b"3", {"Nats-Msg-Id": "s:3"})]
+    finally:
+        await nc.close()

@@ -22,9 +22,11 @@ from services.worker.spec import load_spec
 from services.worker.turn import TurnPart, TurnRunner
 from services.worker.turn_ids import parse_turn_item_id, turn_key
 from shared.messages import Envelope
+from shared.nats_seam import PUBLIC
 from tests.support.eventually import assert_eventually
 from tests.support.fake_openai import Entry, FakeOpenAI, error, slow, text, tool_call
 from tests.support.logsvc import service_env
+from tests.support.natsd import NatsServer
 from tests.support.workerstack import (
     SEED_SPEC,
     WorkerStack,
@@ -34,6 +36,7 @@ from tests.support.workerstack import (
     terminal_items,
     turn_items,
     user_texts,
+    worker_stack,
     write_spec,
 )
 
@@ -370,6 +373,25 @@ async def test_rules_model_plays_the_seed_conversation_through_real_workers(
     users = [e for e in escalation if is_user(e)]
     assert [terminal_items(escalation, u)[0].agent for u in users] == ["L2Support"] * 3
     assert refund.agent == "L2Support"
+
+
+async def test_workers_and_the_log_service_serve_turns_on_the_public_nats_seam(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # CONVLOG_NATS_SEAM=public: every convlog process on nats-py's public API only.
+    async with worker_stack(nats_server, tmp_path, None, nats_seam="public") as stack:
+        assert stack.service._seam is PUBLIC
+        public = {"CONVLOG_NATS_SEAM": "public"}
+        await stack.start_workers(
+            *(stack.worker(a, SEED_SPEC, openai=False, extra_env=public) for a in ("Triage", "L1Billing"))
+        )
+        await stack.send("public-seam", SEED_CONVERSATION[0])
+        log = await stack.answered("public-seam", users=1)
+    reply = terminal_items(log, next(e for e in log if is_user(e)))[0]
+    assert reply.agent == "L1Billing", stack.outputs()
+    assert [(e.agent, e.data["name"]) for e in log if e.data.get("type") == "function_call"] == [
+        ("Triage", "route_to_billing")
+    ]
 
 
 # -- tools and the loop guard (the turn loop in-process, real log service) ------------------------

@@ -194,10 +194,11 @@ class WorkerStack:
 
 @contextlib.asynccontextmanager
 async def worker_stack(
-    server: NatsServer, tmp: Path, fake: FakeOpenAI | None
+    server: NatsServer, tmp: Path, fake: FakeOpenAI | None, *, nats_seam: str = "auto"
 ) -> AsyncIterator[WorkerStack]:
     settings = load_settings(
-        {"nats_url": server.url, "db": str(tmp / "log.db"), "data_dir": str(tmp)}, environ={}
+        {"nats_url": server.url, "db": str(tmp / "log.db"), "data_dir": str(tmp), "nats_seam": nats_seam},
+        environ={},
     )
     service = LogService(settings)
     await service.start()

@@ -1,0 +1,121 @@
+"""The first connection to NATS: a credentials problem fails at once, in one line.
+
+convlog connects with unlimited reconnects (services outlive server restarts),
+and nats-py applies that to the first connection too: a server that refuses
+the credentials, or a creds file that is missing, is retried forever, with a
+warning every quarter second.  A refusal is not going to heal by itself, so
+:func:`connect` gives up on the first one, while the connection is being made,
+and says what is wrong with which setting.  Once connected, reconnects stay
+unlimited.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client
+
+from .config import ConfigError, Settings
+
+__all__ = ["connect", "check_credentials"]
+
+
+class _Refused(Exception):
+    """Raised from nats-py's error callback to end its connect loop."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _refusal(e: BaseException) -> bool:
+    """An error no retry can fix: the server refused the credentials, or a
+    credentials file cannot be read."""
+    if isinstance(e, nats.errors.AuthorizationError):
+        return True
+    if isinstance(e, nats.errors.Error):
+        text = str(e).lower()
+        return "authoriz" in text or "authenticat" in text
+    return isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError)
+
+
+def _which(settings: Settings) -> str:
+    """The credential settings in use, as a user wrote them."""
+    named = [
+        f"CONVLOG_CREDS={settings.creds}" if settings.creds else "",
+        "CONVLOG_NKEY" if settings.nkey else "",
+        f"CONVLOG_USER={settings.user}" if settings.user else "",
+        "CONVLOG_TOKEN" if settings.token else "",
+    ]
+    return ", ".join(n for n in named if n) or "no credentials"
+
+
+def check_credentials(settings: Settings) -> None:
+    """Refuse credentials settings that cannot work, before connecting.
+
+    Raises:
+        ConfigError: the creds file cannot be read or is not one, or the
+            ``nkeys`` package (nats-py's ``nkeys`` extra) is missing.
+    """
+    if settings.creds:
+        path = Path(settings.creds)
+        try:
+            text = path.read_text(errors="replace")
+        except OSError as e:
+            raise ConfigError(f"CONVLOG_CREDS={settings.creds}: cannot read it: {e.strerror or e}") from e
+        if "NATS USER JWT" not in text or "NKEY SEED" not in text:
+            raise ConfigError(
+                f"CONVLOG_CREDS={settings.creds} is not a NATS credentials file "
+                "(it needs a user JWT and an nkey seed, as `nsc generate creds` writes them)"
+            )
+    if settings.creds or settings.nkey:
+        try:
+            import nkeys  # noqa: F401  (nats-py imports it lazily, at connect)
+        except ImportError as e:
+            raise ConfigError(
+                "NATS credentials (CONVLOG_CREDS / CONVLOG_NKEY) need the nkeys package: "
+                "pip install 'nats-py[nkeys]'"
+            ) from e
+
+
+async def connect(settings: Settings, options: dict[str, Any]) -> Client:
+    """``nats.connect(**options)``, except that a refusal ends the first connect.
+
+    Raises:
+        ConfigError: the server refused the credentials (naming the setting
+            and the server's words), or they cannot be used.
+    """
+    check_credentials(settings)
+    on_error = options.get("error_cb")
+    connecting = True
+
+    async def error_cb(e: Exception) -> None:
+        if connecting and _refusal(e):
+            raise _Refused(e)  # out of nats-py's connect loop
+        if on_error is not None:
+            await on_error(e)
+
+    nc = Client()
+    try:
+        await nc.connect(**{**options, "error_cb": error_cb})
+    except _Refused as e:
+        await _close(nc)
+        raise ConfigError(f"NATS refused the connection ({_which(settings)}): {e.error}") from e.error
+    except (nats.errors.Error, OSError, TimeoutError):
+        raise
+    except Exception as e:  # nats-py or nkeys choking on the credentials
+        await _close(nc)
+        if not (settings.creds or settings.nkey):
+            raise
+        raise ConfigError(f"cannot sign in with {_which(settings)}: {type(e).__name__}: {e}") from e
+    connecting = False
+    return nc
+
+
+async def _close(nc: Client) -> None:
+    try:
+        await nc.close()
+    except Exception:
+        pass

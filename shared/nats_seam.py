@@ -1,0 +1,289 @@
+"""The one place convlog touches nats-py's private names.
+
+Two busy paths of convlog go faster than nats-py's public API lets them:
+
+* **inline delivery** — nats-py puts every parsed message into a
+  subscription's pending queue, and a task per subscription awaits the
+  callback for each: a queue put and get, a task switch and a coroutine per
+  message.  Where the handling is a plain function that never waits (resolve a
+  reply's future, submit an append to the store) all of that is overhead, on
+  the client's replies and the log service's appends.  The fast seam puts an
+  object in the queue's place that calls the function at once
+  (``Subscription._pending_queue``, ``_pending_size``).
+* **burst writes** — ``Client.publish`` spends several microseconds of Python
+  per message; the log service publishes in bursts (the replies of one group
+  commit, the envelopes of one outbox window), which the fast seam queues as
+  one write (``Client._send_command``, ``_flush_pending``, ``_flush_queue``,
+  the calls ``publish`` itself ends with).
+
+and the log service needs two things nats-py's ``micro`` has no public name
+for: a request's reply subject, so replies can join such a burst
+(``Request._msg``), and an endpoint's subscription, to deliver appends inline
+and to *drain* it at shutdown (``Service._endpoints``, ``Endpoint._name``,
+``_subscription``; ``Service.stop`` only unsubscribes).
+
+:func:`probe` checks every one of those names once per process, on real
+nats-py objects built without a connection, and checks that the installed
+nats-py is a version the test suite ran on (:data:`TESTED_NATS_PY`, the same
+range ``pyproject.toml`` declares).  The choice is all or nothing: either
+every fast path is used (:data:`FAST`) or none is (:data:`PUBLIC`, nats-py's
+public API only: ``publish``, subscription callbacks, micro's handler path and
+``Request.respond``).  The public seam is slower, never wrong.
+
+The seam is chosen per connection: :func:`bind` records the mode configured
+for a connection (``CONVLOG_NATS_SEAM=auto|public`` through
+:class:`~shared.config.Settings`), :func:`seam_for` answers it (``auto`` for a
+connection nobody bound).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib.metadata
+import inspect
+import logging
+import re
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.micro.request import Request
+from nats.micro.service import Endpoint, EndpointConfig, Service, ServiceConfig
+
+__all__ = [
+    "FAST",
+    "MODES",
+    "PUBLIC",
+    "TESTED_NATS_PY",
+    "InlineDelivery",
+    "NatsSeam",
+    "Probe",
+    "bind",
+    "probe",
+    "seam_for",
+    "select",
+]
+
+log = logging.getLogger("convlog.nats_seam")
+
+#: nats-py versions the suite ran on: lowest tested, first untested
+#: (``pyproject.toml`` declares the same range; a test keeps them equal).
+TESTED_NATS_PY: tuple[tuple[int, ...], tuple[int, ...]] = ((2, 16, 0), (2, 17))
+#: ``CONVLOG_NATS_SEAM`` values: ``auto`` (fast when the probe passes), ``public``.
+MODES = ("auto", "public")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What :func:`probe` found: the installed version and every missing name."""
+
+    version: str
+    tested: bool
+    missing: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.tested and not self.missing
+
+    def reason(self) -> str:
+        """Why the fast seam is not used ("" when it is)."""
+        low, high = (".".join(map(str, v)) for v in TESTED_NATS_PY)
+        parts = [] if self.tested else [f"nats-py {self.version} is outside the tested range >={low},<{high}"]
+        if self.missing:
+            parts.append("missing nats-py internals: " + ", ".join(self.missing))
+        return "; ".join(parts)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def _check(missing: list[str], name: str, test: Callable[[], bool]) -> None:
+    try:
+        ok = test()
+    except Exception:
+        ok = False
+    if not ok:
+        missing.append(name)
+
+
+@functools.cache
+def probe() -> Probe:
+    """Check every nats-py private name the fast seam uses (once per process)."""
+    version = importlib.metadata.version("nats-py")
+    low, high = TESTED_NATS_PY
+    tested = low <= _version_tuple(version) < high
+    missing: list[str] = []
+    for name in ("_send_command", "_flush_pending"):
+        _check(missing, f"Client.{name}", lambda n=name: inspect.iscoroutinefunction(getattr(Client, n)))
+    try:
+        nc = Client()
+        sub = Subscription(nc)
+        service = Service(nc, ServiceConfig(name="probe", version="0.0.0"))
+
+        async def handler(req: Request) -> None:
+            return None
+
+        endpoint = Endpoint(service, EndpointConfig(name="probe", subject="probe", handler=handler))
+        msg = Msg(_client=nc, subject="probe", reply="probe.reply")
+        request = Request(msg)
+    except Exception as e:  # a constructor's signature changed
+        return Probe(version, tested, (*missing, f"constructors ({type(e).__name__}: {e})"))
+    _check(missing, "Client._flush_queue", lambda: "_flush_queue" in vars(nc))
+    _check(missing, "Subscription._pending_queue", lambda: type(sub._pending_queue) is asyncio.Queue)
+    _check(missing, "Subscription._pending_size", lambda: type(sub._pending_size) is int)
+    _check(missing, "Service._endpoints", lambda: type(service._endpoints) is list)
+    _check(missing, "Endpoint._name", lambda: endpoint._name == "probe")
+    _check(missing, "Endpoint._subscription", lambda: "_subscription" in vars(endpoint))
+    _check(missing, "Request._msg", lambda: request._msg is msg)
+    return Probe(version, tested, tuple(missing))
+
+
+class InlineDelivery(asyncio.Queue):  # type: ignore[type-arg]
+    """Stands in for a subscription's pending queue: each message nats-py puts
+    in is handed to a function at once.  Nothing is ever queued, so the
+    subscription's task waits forever and a drain finds nothing pending."""
+
+    def __init__(self, sub: Subscription, deliver: Callable[[Msg], None]) -> None:
+        super().__init__()
+        self._sub = sub
+        self._deliver = deliver
+
+    def put_nowait(self, msg: Msg) -> None:
+        self._sub._pending_size -= len(msg.data)  # nats-py added it before the put
+        try:
+            self._deliver(msg)
+        except Exception:  # never into nats-py's read loop
+            log.exception("handling a message on %s failed", msg.subject[:200])
+
+
+class NatsSeam:
+    """nats-py's public API only: what every path falls back to."""
+
+    fast = False
+    name = "public"
+
+    def deliver_inline(self, sub: Subscription | None, deliver: Callable[[Msg], None]) -> bool:
+        """Have ``deliver(msg)`` called for each message of ``sub`` as nats-py
+        parses it, inside its read loop (``deliver`` must not block; what it
+        raises is logged).  False (nothing changed): the subscription's own
+        callback keeps serving."""
+        return False
+
+    def delivers_inline(self, sub: Subscription | None) -> bool:
+        """True when ``sub``'s messages go to a function as they are parsed."""
+        return False
+
+    def can_write(self, nc: Client) -> bool:
+        """True when :meth:`write` may queue raw protocol frames on ``nc``."""
+        return False
+
+    async def write(self, nc: Client, frames: bytes, count: int, payload_bytes: int) -> None:
+        """Queue ``count`` framed messages as one write, as ``publish`` queues one."""
+        raise RuntimeError("the public seam has no raw writes; use publish")
+
+    def reply_to(self, req: Request) -> str | Request:
+        """Where a micro request's reply goes: its reply subject ("" for none),
+        or the request itself, to be answered through ``Request.respond``."""
+        return req
+
+    def endpoint_subscription(self, service: Service, name: str) -> Subscription | None:
+        """The subscription behind a micro endpoint (None: not reachable)."""
+        return None
+
+    async def stop_service(self, service: Service) -> None:
+        """Stop intake: the public way unsubscribes the endpoints, so requests
+        nats-py has queued but micro not yet handled get no reply (their
+        senders retry; appends carry item ids, so nothing doubles)."""
+        await service.stop()
+
+
+class _FastSeam(NatsSeam):
+    """The fast paths, on nats-py's private names (checked by :func:`probe`)."""
+
+    fast = True
+    name = "fast"
+
+    def deliver_inline(self, sub: Subscription | None, deliver: Callable[[Msg], None]) -> bool:
+        if sub is None:
+            return False
+        sub._pending_queue = InlineDelivery(sub, deliver)
+        return True
+
+    def delivers_inline(self, sub: Subscription | None) -> bool:
+        return sub is not None and isinstance(sub._pending_queue, InlineDelivery)
+
+    def can_write(self, nc: Client) -> bool:
+        return nc.is_connected  # not reconnecting, draining or closed: publish's own path applies there
+
+    async def write(self, nc: Client, frames: bytes, count: int, payload_bytes: int) -> None:
+        nc.stats["out_msgs"] += count
+        nc.stats["out_bytes"] += payload_bytes
+        await nc._send_command(frames)
+        if nc._flush_queue is not None and nc._flush_queue.empty():  # as publish does
+            await nc._flush_pending()
+
+    def reply_to(self, req: Request) -> str | Request:
+        return req._msg.reply
+
+    def endpoint_subscription(self, service: Service, name: str) -> Subscription | None:
+        for ep in service._endpoints:
+            if ep._name == name:
+                return ep._subscription
+        return None
+
+    async def stop_service(self, service: Service) -> None:
+        """Drain every endpoint's subscription (what was delivered gets
+        handled), then stop the service's discovery subscriptions."""
+        for ep in list(service._endpoints):
+            sub = ep._subscription
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.drain()
+                ep._subscription = None
+        service._endpoints = []  # Service.stop would unsubscribe them again
+        await service.stop()
+
+
+FAST: NatsSeam = _FastSeam()
+PUBLIC: NatsSeam = NatsSeam()
+
+_bound: weakref.WeakKeyDictionary[Client, NatsSeam] = weakref.WeakKeyDictionary()
+
+
+def select(mode: str = "auto") -> NatsSeam:
+    """The seam for ``mode``: ``public``, or ``auto`` (fast when :func:`probe` passes).
+
+    Raises:
+        ValueError: ``mode`` is not one of :data:`MODES`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"nats seam mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "public":
+        return PUBLIC
+    return FAST if probe().ok else PUBLIC
+
+
+@functools.cache
+def _log_fallback_once(reason: str) -> None:
+    log.warning("nats-py: using its public API only (slower): %s", reason)
+
+
+def bind(nc: Client, mode: str = "auto") -> NatsSeam:
+    """Choose the seam for connection ``nc`` (see :func:`select`) and return it."""
+    seam = select(mode)
+    if mode == "auto" and not seam.fast:
+        _log_fallback_once(probe().reason())
+    _bound[nc] = seam
+    return seam
+
+
+def seam_for(nc: Client) -> NatsSeam:
+    """The seam bound to ``nc``, else the ``auto`` choice."""
+    seam = _bound.get(nc)
+    return seam if seam is not None else bind(nc)

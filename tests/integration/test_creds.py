@@ -1,0 +1,122 @@
+"""Logging in with a NATS credentials file (``--creds`` / ``CONVLOG_CREDS``)
+to a real nats-server in operator mode: the operator, account and user keys
+and JWTs are made in the test (tests/support/nats_jwt.py), the server trusts
+the operator and has the accounts preloaded in memory.
+
+``convlog log`` serves with the service user's creds file and ``convlog
+sessions`` reads with another user's; a connection without credentials is
+refused, and a wrong creds file ends in one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import nats
+import nats.errors
+import pytest
+
+from shared.client import LogClient
+from shared.config import load_settings
+from tests.support.nats_jwt import Operator
+from tests.support.natsd import NatsServer
+from tests.support.procs import REPO_ROOT, python_module
+
+
+def cli_env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+    env.update(CONVLOG_DATA_DIR=str(tmp / "cli-data"), CONVLOG_EMBEDDED="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+async def convlog(tmp: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=env or cli_env(tmp), cwd=REPO_ROOT,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def write_creds(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def operator_server(nats_server_factory: Callable[..., NatsServer]) -> tuple[NatsServer, Operator]:
+    """A JetStream nats-server trusting a fresh operator with accounts APP and SYS."""
+    op = Operator.create("convlog-test")
+    op.account("APP", jetstream=True)
+    op.account("SYS")
+    return nats_server_factory(config=op.server_config(system="SYS")), op
+
+
+async def test_convlog_logs_in_with_a_creds_file(operator_server: tuple[NatsServer, Operator], tmp_path: Path) -> None:
+    server, op = operator_server
+    app = op.accounts["APP"]
+    service_creds = write_creds(tmp_path / "service.creds", app.user("log-service").creds())
+    reader_creds = write_creds(tmp_path / "reader.creds", app.user("auditor").creds())
+
+    # The server is in operator mode: no credentials, no connection.
+    with pytest.raises((nats.errors.Error, OSError)):
+        await nats.connect(server.url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+
+    log_svc = python_module(
+        "services.cli.main", "log", "--nats-url", server.url, "--db", str(tmp_path / "log.db"),
+        log_dir=tmp_path, env={**cli_env(tmp_path), "CONVLOG_CREDS": str(service_creds)},
+    )
+    with log_svc:
+        await asyncio.to_thread(log_svc.wait_for_line, r"log service ready", 20)
+
+        settings = load_settings({"nats_url": server.url, "creds": str(reader_creds)}, environ={})
+        client = await LogClient.connect(settings=settings)
+        try:
+            ack = await client.append("creds-1", [{"agent": "user", "data": {"role": "user", "content": "hi"}}])
+            assert ack.last_order == 1
+        finally:
+            await client.close()
+
+        rc, out, err = await convlog(tmp_path, "sessions", "--nats-url", server.url, "--creds", str(reader_creds))
+        assert rc == 0, err
+        assert [line.split()[:2] for line in out.splitlines()[1:]] == [["creds-1", "1"]]
+
+
+async def test_a_wrong_creds_file_is_one_line(operator_server: tuple[NatsServer, Operator], tmp_path: Path) -> None:
+    server, _ = operator_server
+    # Well-formed, but signed by an account the server does not know.
+    stranger = Operator.create("someone-else").account("ELSEWHERE").user("mallory")
+    cases = {
+        "untrusted": write_creds(tmp_path / "untrusted.creds", stranger.creds()),
+        "garbage": write_creds(tmp_path / "garbage.creds", "this is not a creds file\n"),
+        "missing": tmp_path / "missing.creds",
+    }
+    for name, creds in cases.items():
+        rc, out, err = await convlog(tmp_path, "sessions", "--nats-url", server.url, "--creds", str(creds))
+        lines = err.strip().splitlines()
+        assert rc != 0 and "Traceback" not in err, (name, err)
+        assert len(lines) == 1 and lines[0].startswith("convlog: "), (name, err)
+        assert out == "", (name, out)
+    assert "NATS refused the connection (CONVLOG_CREDS=" in err_of(await convlog(
+        tmp_path, "sessions", "--nats-url", server.url, "--creds", str(cases["untrusted"])))
+    assert "not a NATS credentials file" in err_of(await convlog(
+        tmp_path, "sessions", "--nats-url", server.url, "--creds", str(cases["garbage"])))
+
+    # The log service gives up at start-up too, instead of retrying forever.
+    rc, _, err = await convlog(
+        tmp_path, "log", "--nats-url", server.url, "--db", str(tmp_path / "log.db"),
+        "--creds", str(cases["untrusted"]),
+    )
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("convlog: bad_request: NATS refused the connection"), err
+
+
+def err_of(result: tuple[int, str, str]) -> str:
+    return result[2]
