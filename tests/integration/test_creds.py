@@ -102,7 +102,7 @@ async def test_a_wrong_creds_file_is_one_line(operator_server: tuple[NatsServer,
         rc, out, err = await convlog(tmp_path, "sessions", "--nats-url", server.url, "--creds", str(creds))
         lines = err.strip().splitlines()
         assert rc != 0 and "Traceback" not in err, (name, err)
-        assert len(lines) == 1 and lines[0].startswith("convlog: "), (name, err)
+        assert len(lines) == 1 and lines[0].startswith("convlog sessions: "), (name, err)
         assert out == "", (name, out)
     assert "NATS refused the connection (CONVLOG_CREDS=" in err_of(await convlog(
         tmp_path, "sessions", "--nats-url", server.url, "--creds", str(cases["untrusted"])))
@@ -115,7 +115,7 @@ async def test_a_wrong_creds_file_is_one_line(operator_server: tuple[NatsServer,
         "--creds", str(cases["untrusted"]),
     )
     assert rc == 2 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1].startswith("convlog: bad_request: NATS refused the connection"), err
+    assert err.strip().splitlines()[-1].startswith("convlog log: NATS refused the connection"), err
 
 
 def err_of(result: tuple[int, str, str]) -> str:

@@ -55,6 +55,24 @@ class NatsServerError(RuntimeError):
     """A nats-server could not be started (binary missing, bad config, port taken)."""
 
 
+def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Wait until every thread of ``pid`` is stopped (state ``T``).
+
+    SIGSTOP takes effect asynchronously: on a loaded machine a thread of the
+    server can still answer a request sent right after ``send_signal``.
+    """
+    deadline = time.monotonic() + timeout
+    task_dir = Path(f"/proc/{pid}/task")
+    while time.monotonic() < deadline:
+        try:
+            states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in task_dir.iterdir()]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return  # gone, or no /proc: nothing more to wait for
+        if states and all(s in ("T", "t") for s in states):
+            return
+        time.sleep(0.005)
+
+
 def nats_server_binary() -> str:
     """Return the path of the ``nats-server`` executable.
 
@@ -194,6 +212,7 @@ class NatsServer:
         if self._proc is not None and self._proc.poll() is None and not self._paused:
             self._proc.send_signal(signal.SIGSTOP)
             self._paused = True
+            _wait_stopped(self._proc.pid)
 
     def resume(self) -> None:
         """SIGCONT a paused server."""
