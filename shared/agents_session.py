@@ -74,15 +74,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
+
 from .client import LogClient, new_item_id
 from .errors import ConflictError, TooLargeError, UnavailableError
+from .session_copy import SessionCopy
+from .session_pool import SharedSession, acquire_connection, release_connection, share, unshare
 from .subjects import validate_session_id
 
 if TYPE_CHECKING:  # pragma: no cover - types only
@@ -174,11 +177,9 @@ def _plain(item: Any) -> dict[str, Any]:
     )
 
 
-def _fingerprint(items: Sequence[Mapping[str, Any]]) -> str:
-    text = json.dumps(
-        list(items), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
-    )
-    return hashlib.sha256(text.encode()).hexdigest()
+def _canonical(items: Sequence[Mapping[str, Any]]) -> bytes:
+    """The items as JSON with sorted keys: equal content, equal bytes (the retry fingerprint)."""
+    return msgspec.json.encode(list(items), order="sorted", enc_hook=str)
 
 
 def _run_key(context: Any) -> Any:
@@ -205,6 +206,11 @@ class ConvlogSession:
             to the model.
         agent: the author recorded for non-user items when no hook has told
             the session which agent is running (default ``"assistant"``).
+        follow: keep a local copy of the session, followed live, so reads
+            need no round trip (default); ``False`` reads the log every time.
+        max_staleness: with ``follow``, the longest time (s) a read may rely
+            on live deliveries alone before the copy confirms its position
+            with the log service (default 1.0).
 
     Raises:
         InvalidSessionIdError: a session id convlog cannot address.
@@ -221,8 +227,14 @@ class ConvlogSession:
         client: LogClient | None = None,
         session_settings: SessionSettings | Mapping[str, Any] | None = None,
         agent: str | None = None,
+        follow: bool = True,
+        max_staleness: float = 1.0,
     ) -> None:
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0 seconds, not {max_staleness!r}")
         self.session_id = validate_session_id(session_id)
+        self.follow = follow
+        self.max_staleness = max_staleness
         self.session_settings = _coerce_settings(session_settings)
         self.default_agent = agent or DEFAULT_AGENT
         self._client = client
@@ -236,6 +248,7 @@ class ConvlogSession:
         self._connect_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
+        self._shared: weakref.WeakKeyDictionary[LogClient, SharedSession] = weakref.WeakKeyDictionary()
         self._closed = False
         self._pending: OrderedDict[str, str] = OrderedDict()
         self._current_agent: str | None = None
@@ -250,6 +263,8 @@ class ConvlogSession:
         url: str,
         session_settings: SessionSettings | Mapping[str, Any] | None = None,
         agent: str | None = None,
+        follow: bool = True,
+        max_staleness: float = 1.0,
         connect_deadline: float = 10.0,
         **client_opts: Any,
     ) -> ConvlogSession:
@@ -264,13 +279,14 @@ class ConvlogSession:
             session_id: the convlog session id.
             url: NATS URL(s), comma-separated.
             session_settings: see the class.
-            agent: see the class.
+            agent, follow, max_staleness: see the class.
             connect_deadline: seconds a first connection may take before a
                 call fails with ``UnavailableError``.
             **client_opts: forwarded to :meth:`LogClient.connect` (``settings``
                 for prefix, credentials and timeouts; ``name``; nats options).
         """
-        session = cls(session_id, session_settings=session_settings, agent=agent)
+        session = cls(session_id, session_settings=session_settings, agent=agent, follow=follow,
+                      max_staleness=max_staleness)
         session._url = url
         session._client_opts = dict(client_opts)
         session._connect_deadline = connect_deadline
@@ -288,8 +304,9 @@ class ConvlogSession:
                 )
             return self._client
         # A NATS connection belongs to the event loop that made it, so an owned
-        # session keeps one per loop: repeated ``Runner.run_sync`` calls and
-        # threads with their own loops each get theirs.
+        # session uses one per loop: repeated ``Runner.run_sync`` calls and
+        # threads with their own loops each get theirs.  Within a loop, the
+        # sessions with equal connection options share one (session_pool).
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is not None:
@@ -298,18 +315,22 @@ class ConvlogSession:
         async with lock:
             client = self._clients.get(loop)
             if client is None:
-                client = await self._connect()
+                client = await acquire_connection(self._pool_key, self._connect)
                 self._clients[loop] = client
                 self._client = client
             if self._closed:
-                await client.close()
+                await release_connection(self._pool_key, client)
                 raise RuntimeError("ConvlogSession is closed")
             return client
+
+    @property
+    def _pool_key(self) -> tuple[str | None, str]:
+        return self._url, repr(sorted(self._client_opts.items()))
 
     async def _connect(self) -> LogClient:
         # nats-py keeps retrying a first connect forever when reconnects are
         # unlimited; a session call should fail in bounded time instead.
-        opts = {"name": f"convlog-session-{self.session_id}", **self._client_opts}
+        opts = {"name": "convlog-session", **self._client_opts}
         try:
             async with asyncio.timeout(self._connect_deadline):
                 return await LogClient.connect(self._url, **opts)
@@ -345,17 +366,24 @@ class ConvlogSession:
         if self._closed:
             return
         self._closed = True
+        here = asyncio.get_running_loop()
+        shared = list(self._shared.values())
+        self._shared.clear()
+        for state in shared:
+            if state.loop is here:
+                await unshare(state)
+            elif state.loop.is_running() and not state.loop.is_closed():
+                asyncio.run_coroutine_threadsafe(unshare(state), state.loop)
         if not self._owns_client:
             return
-        here = asyncio.get_running_loop()
         clients = list(self._clients.items())
         self._clients.clear()
         self._client = None
         for loop, client in clients:
             if loop is here:
-                await client.close()
+                await release_connection(self._pool_key, client)
             elif loop.is_running() and not loop.is_closed():
-                asyncio.run_coroutine_threadsafe(client.close(), loop)
+                asyncio.run_coroutine_threadsafe(release_connection(self._pool_key, client), loop)
 
     async def __aenter__(self) -> ConvlogSession:
         return self
@@ -420,11 +448,35 @@ class ConvlogSession:
             return "system"
         return agent
 
+    # -- what the process shares -------------------------------------------------
+    def _state(self, client: LogClient) -> SharedSession:
+        """The copy and append queue of this session id on ``client`` (shared in the process)."""
+        state = self._shared.get(client)
+        if state is None:
+            state = self._shared[client] = share(client, self.session_id)
+        return state
+
+    async def _current_copy(self, client: LogClient, want: int | None) -> SessionCopy | None:
+        """The process's copy of the session, brought up to date; ``None``: read the log."""
+        if not self.follow:
+            return None
+        copy = self._state(client).get_copy()
+        return copy if await copy.current(want, self.max_staleness) else None
+
+    def _acked(self, client: LogClient, acks: list[Any], batch: list[dict[str, Any]]) -> None:
+        """Tell the copy what an append of this process wrote (read your writes)."""
+        copy = self._state(client).copy
+        if copy is not None:
+            copy.on_ack(acks, [(b["item_id"], b["kind"], b["data"]) for b in batch])
+
     # -- Session protocol ------------------------------------------------
     async def get_items(
         self, limit: int | None = None, *, wrapper: Any = None
     ) -> list[dict[str, Any]]:
         """The last ``limit`` visible items in chronological order.
+
+        Served from the session's local copy when it holds them (see the
+        module docstring for what that copy guarantees), else from the log.
 
         Args:
             limit: how many; ``None`` uses ``session_settings.limit`` and, if
@@ -434,16 +486,27 @@ class ConvlogSession:
             wrapper: the run's ``RunContextWrapper`` (passed by the Runner; unused here).
 
         Returns:
-            The stored item dicts, exactly as they were added.
+            The stored item dicts, exactly as they were added (fresh objects:
+            changing them changes nothing stored).
         """
         client = await self._log()
         n = limit
         if n is None and self.session_settings is not None:
             n = self.session_settings.limit
-        if n is None or n < 0:
-            return [env.data for env in await client.items(self.session_id, raw=False)]
+        if n is not None and n < 0:
+            n = None
         if n == 0:
             return []
+        copy = await self._current_copy(client, n)
+        if copy is not None:
+            got = copy.items(n)
+            if got is not None:
+                return got
+        return await self._read_log(client, n)
+
+    async def _read_log(self, client: LogClient, n: int | None) -> list[dict[str, Any]]:
+        if n is None:
+            return [env.data for env in await client.items(self.session_id, raw=False)]
         if n <= _TAIL_MAX:
             try:
                 return [env.data for env in await client.tail(self.session_id, n)]
@@ -457,6 +520,8 @@ class ConvlogSession:
     async def add_items(self, items: list[Any], *, wrapper: Any = None) -> None:
         """Append ``items`` as one atomic, idempotent append (see the module docstring).
 
+        When this returns, :meth:`get_items` in this process includes them.
+
         Args:
             items: Responses input items (dicts), oldest first.
             wrapper: the run's ``RunContextWrapper``; picks the author set by :meth:`hooks`.
@@ -469,7 +534,8 @@ class ConvlogSession:
         if not items:
             return
         data = [_plain(i) for i in items]
-        fp = _fingerprint(data)
+        fp_text = _canonical(data)
+        fp = hashlib.sha256(fp_text).hexdigest()
         key = self._pending.get(fp)
         if key is None:
             key = new_item_id()
@@ -482,13 +548,14 @@ class ConvlogSession:
             for i, d in enumerate(data)
         ]
         try:
-            await _finish(client.append(self.session_id, batch))
+            acks = await _finish(self._state(client).append(batch, len(fp_text)))
         except UnavailableError:
             raise  # outcome unknown: keep the key so a retry of this batch dedupes
         except BaseException:
             self._pending.pop(fp, None)
             raise
         self._pending.pop(fp, None)
+        self._acked(client, acks, batch)
 
     async def pop_item(self, *, wrapper: Any = None) -> dict[str, Any] | None:
         """Hide the newest visible item with a ``retract`` and return it (``None`` when empty).
@@ -500,24 +567,34 @@ class ConvlogSession:
         client = await self._log()
         agent = self._agent_for(wrapper)
         for attempt in range(_POP_ATTEMPTS):
-            rep = await client.read(self.session_id, tail=1)
-            if not rep.items:
+            copy = await self._current_copy(client, 1)
+            newest = copy.newest() if copy is not None else None
+            if copy is not None and newest is not None:
+                (order, data), last = newest, copy.last
+            elif copy is not None and copy.empty:
                 return None
-            target = rep.items[0]
+            else:
+                rep = await client.read(self.session_id, tail=1)
+                if not rep.items:
+                    return None
+                order, data, last = rep.items[0].item_order, rep.items[0].data, rep.last_order
             retract = {
                 "item_id": f"{new_item_id()}.r",
                 "agent": agent,
                 "kind": "retract",
-                "data": {"target": target.item_order},
+                "data": {"target": order},
             }
             try:
-                await _finish(
-                    client.append(self.session_id, [retract], expected_last=rep.last_order)
+                reply = await _finish(
+                    client.append(self.session_id, [retract], expected_last=last)
                 )
             except ConflictError:
-                await asyncio.sleep(min(0.002 * 2**attempt, 0.1))
+                if copy is not None:
+                    await copy.fill()  # someone wrote after what the copy holds
+                await asyncio.sleep(min(0.002 * 2**attempt, 0.1) if attempt else 0)
                 continue
-            return target.data
+            self._acked(client, reply.items, [retract])
+            return data
         raise UnavailableError(
             f"pop_item on session {self.session_id!r} lost the race to other writers "
             f"{_POP_ATTEMPTS} times in a row"
@@ -526,15 +603,49 @@ class ConvlogSession:
     async def clear_session(self, *, wrapper: Any = None) -> None:
         """Hide every item so far with a ``clear``; nothing is written when nothing is visible."""
         client = await self._log()
-        if not (await client.read(self.session_id, tail=1)).items:
+        copy = await self._current_copy(client, 1)
+        if copy is not None and copy.empty:
             return
+        if copy is None or copy.newest() is None:
+            if not (await client.read(self.session_id, tail=1)).items:
+                return
         entry = {
             "item_id": f"{new_item_id()}.c",
             "agent": self._agent_for(wrapper),
             "kind": "clear",
             "data": {},
         }
-        await _finish(client.append(self.session_id, [entry]))
+        reply = await _finish(client.append(self.session_id, [entry]))
+        self._acked(client, reply.items, [entry])
+
+    async def _atomic_replace_items(self, items: list[Any]) -> bool:
+        """Replace the visible history with ``items``: a ``clear`` and the items, in ONE append.
+
+        The SDK's ``OpenAIResponsesCompactionSession`` calls this (when the
+        session has it) instead of ``clear_session()`` then ``add_items()``, so
+        no reader ever sees the history empty in between and a crash leaves
+        the old history or the new one.  The log keeps every item the clear
+        hides.  Like the SDK's own stores, it does not check whether the
+        history changed since the compaction read it.  The clear and the
+        non-user items are recorded as ``system`` (compaction is nobody's turn).
+
+        Returns:
+            True when replaced; False for a subclass that overrides how items
+            are read or written (the SDK then clears and adds through them).
+        """
+        cls = type(self)
+        if cls.add_items is not ConvlogSession.add_items or cls.get_items is not ConvlogSession.get_items:
+            return False
+        client = await self._log()
+        key = new_item_id()
+        batch = [{"item_id": f"{key}.c", "agent": "system", "kind": "clear", "data": {}}]
+        batch += [
+            {"item_id": f"{key}.{i}", "agent": self._author(d, "system"), "kind": "item", "data": d}
+            for i, d in enumerate(_plain(i) for i in items)
+        ]
+        reply = await _finish(client.append(self.session_id, batch))
+        self._acked(client, reply.items, batch)
+        return True
 
     def __repr__(self) -> str:
         limit = getattr(self.session_settings, "limit", None)

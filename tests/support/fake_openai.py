@@ -9,6 +9,14 @@ Supported endpoints (everything else answers 404 with an OpenAI error body):
 * ``POST /v1/responses`` — the Responses API object, or its SSE event sequence
   (``response.created`` … ``response.completed``) when streaming; enough for the
   Agents SDK's default ``OpenAIResponsesModel`` (``Runner.run`` and ``run_streamed``).
+* ``POST /v1/responses/compact`` — what ``client.responses.compact`` calls: a
+  ``response.compaction`` object whose ``output`` is, as the real API's is,
+  every user message of the history followed by one ``compaction`` item.  The
+  history is the request's ``input``, or with ``previous_response_id`` the
+  chain of responses this server produced.  The item's ``encrypted_content``
+  is opaque to clients; :func:`compacted_items` decodes the fake's (base64
+  JSON of the items it replaced), so a test can check what was summarised.
+  Compaction replies are computed, never taken from the script.
 
 Replies come from a script queue, then an optional responder, then a default::
 
@@ -25,6 +33,7 @@ connection), so it keeps answering while the test's event loop is busy and a
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import socket
@@ -38,9 +47,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
 __all__ = [
-    "Disconnect", "Entry", "Error", "FakeOpenAI", "RecordedRequest", "Reply", "Slow", "ToolCall",
-    "disconnect", "error", "slow", "text", "tool_call", "tool_calls",
+    "COMPACT_PATH", "Disconnect", "Entry", "Error", "FakeOpenAI", "RecordedRequest", "Reply", "Slow",
+    "ToolCall", "compacted_items", "disconnect", "error", "slow", "text", "tool_call", "tool_calls",
 ]
+
+COMPACT_PATH = "/v1/responses/compact"
 
 # -- script entries ---------------------------------------------------------
 
@@ -155,6 +166,7 @@ class FakeOpenAI:
         self._script: deque[Entry] = deque()
         self._responder: Callable[[Any], Entry | None] | None = None
         self._recorded: list[RecordedRequest] = []
+        self._chains: dict[str, list[Any]] = {}  # response id -> its whole history (for compact)
         self._ids = itertools.count(1)
         self._stopping = threading.Event()
         self._httpd: _Server | None = None
@@ -219,9 +231,16 @@ class FakeOpenAI:
 
     @property
     def requests(self) -> list[Any]:
-        """Parsed JSON bodies of every request so far (a snapshot copy)."""
+        """Parsed JSON bodies of every model request so far (a snapshot copy; compactions
+        are in :attr:`compactions`)."""
         with self._lock:
-            return [r.body for r in self._recorded]
+            return [r.body for r in self._recorded if r.path != COMPACT_PATH]
+
+    @property
+    def compactions(self) -> list[Any]:
+        """Parsed JSON bodies of every ``responses.compact`` request so far."""
+        with self._lock:
+            return [r.body for r in self._recorded if r.path == COMPACT_PATH]
 
     @property
     def recorded(self) -> list[RecordedRequest]:
@@ -235,6 +254,7 @@ class FakeOpenAI:
             self._recorded.clear()
             self._script.clear()
             self._responder = None
+            self._chains.clear()
 
     # called from handler threads
     def _next_entry(self, request: RecordedRequest) -> Entry:
@@ -248,6 +268,54 @@ class FakeOpenAI:
 
     def _next_id(self) -> int:
         return next(self._ids)
+
+    def _history(self, body: dict[str, Any]) -> list[Any]:
+        """What a Responses request continues: its previous response's chain, then its input."""
+        prev = body.get("previous_response_id")
+        with self._lock:
+            head = list(self._chains.get(prev, [])) if isinstance(prev, str) else []
+        given = body.get("input")
+        if isinstance(given, str):
+            given = [{"role": "user", "content": given}]
+        return head + (given if isinstance(given, list) else [])
+
+    def _remember(self, response_id: str, history: list[Any]) -> None:
+        with self._lock:
+            self._chains[response_id] = history
+
+    def _compact(self, body: dict[str, Any]) -> dict[str, Any]:
+        history = self._history(body)
+        n = self._next_id()
+        users = [i for i in history if isinstance(i, dict) and i.get("role") == "user"
+                 and i.get("type", "message") == "message"]
+        others = [i for i in history if not any(i is u for u in users)]
+        output: list[dict[str, Any]] = [
+            {"type": "message", "id": f"msg_cmp_{n}_{k}", "status": "completed", "role": "user",
+             "content": [{"type": "input_text", "text": _text_of(u)}]}
+            for k, u in enumerate(users)
+        ]
+        blob = base64.b64encode(json.dumps(others).encode()).decode()
+        output.append({"type": "compaction", "id": f"cmp_fake_{n}", "encrypted_content": blob})
+        used = _tokens(history)
+        return {
+            "id": f"resp_cmp_{n}", "object": "response.compaction", "created_at": int(time.time()),
+            "output": output,
+            "usage": {"input_tokens": used, "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens": 20, "output_tokens_details": {"reasoning_tokens": 0},
+                      "total_tokens": used + 20},
+        }
+
+
+def compacted_items(item: dict[str, Any]) -> list[Any]:
+    """The items a fake ``compaction`` item stands for (decodes its ``encrypted_content``)."""
+    return json.loads(base64.b64decode(item["encrypted_content"]))
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content or [] if isinstance(p, dict))
 
 
 class _Server(ThreadingHTTPServer):
@@ -299,7 +367,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
         path = self.path.split("?", 1)[0].rstrip("/")
-        if path not in ("/v1/chat/completions", "/v1/responses"):
+        if path not in ("/v1/chat/completions", "/v1/responses", COMPACT_PATH):
             self._send_error(error(404, f"unknown path {path}"))
             return
         try:
@@ -310,6 +378,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(error(400, "request body is not a JSON object"))
             return
         headers = {k.lower(): v for k, v in self.headers.items()}
+        if path == COMPACT_PATH:
+            with fake._lock:
+                fake._recorded.append(RecordedRequest(path, headers, body))
+            self._send_json(200, fake._compact(body))
+            return
         entry = fake._next_entry(RecordedRequest(path, headers, body))
         while isinstance(entry, Slow):
             if fake._stopping.wait(entry.seconds):
@@ -324,6 +397,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         n, model = fake._next_id(), str(body.get("model", "fake-model"))
         chat = path.endswith("/chat/completions")
+        if not chat:
+            fake._remember(f"resp_fake_{n}", fake._history(body) + _response_items(entry, n))
         if body.get("stream"):
             if chat:
                 usage = bool((body.get("stream_options") or {}).get("include_usage"))

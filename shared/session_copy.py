@@ -1,0 +1,442 @@
+"""A process-local copy of one session's visible history, kept current by following the log.
+
+:class:`SessionCopy` is what lets ``ConvlogSession.get_items`` answer without
+a round trip.  It holds the newest visible items of one session (as JSON
+bytes, so callers always get fresh dicts) and the order ``last`` up to which
+it has applied *every* envelope, and it stays current three ways:
+
+* **its own writes**: the caller hands it each append's ack
+  (:meth:`SessionCopy.on_ack`), so a process reads what it wrote as soon as
+  the append returns;
+* **everyone's writes**: an ephemeral JetStream consumer on the items stream,
+  filtered to ``<prefix>.items.<sid>``, pushes each stored envelope to this
+  process.  A JetStream consumer and not a core subscription: it delivers
+  only what the stream *stored*, so an envelope a store published but the
+  stream refused is never seen;
+* **the log, when in doubt**: whenever the copy knows it may be behind — a
+  gap in ``item_order`` (an ack or a delivery ahead of what it holds), a
+  reconnect, a consumer that went silent (no message or heartbeat for three
+  heartbeat intervals), or a last check against the log older than
+  ``max_staleness`` — it reads the envelopes it misses from the log service
+  before it answers.
+
+Consistency this gives (``ConvlogSession`` documents it for users):
+
+* every answer is the visible history of one prefix of the log, ``1..k``,
+  for a ``k`` that never decreases: no gaps, nothing out of order, nothing
+  hidden that was not hidden at ``k``;
+* ``k`` includes every write of this process that was acknowledged before the
+  call (read your writes);
+* another process's acknowledged write is included once its envelope has
+  been delivered (the follow delay: about a millisecond on a local server),
+  and in any case within ``max_staleness`` seconds, because the copy confirms
+  its ``last`` against the log at least that often while it is being read.
+
+The copy keeps at most ``max_items`` visible items and ``max_bytes`` of item
+JSON; a read that needs older items than it holds says so (``None``) and the
+caller reads the log instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import time
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from .client import LogClient, new_item_id
+from .errors import TooLargeError
+from .messages import AppendedItem
+
+__all__ = ["SessionCopy"]
+
+log = logging.getLogger("convlog.session_copy")
+
+HEARTBEAT_S = 2.0  # the consumer's idle heartbeat; three missed ones mean it is gone
+INACTIVE_S = 30.0  # the server drops a consumer nobody listens to after this long
+SEED_WINDOW = 200  # raw envelopes read to seed a copy (more when a read asks for more)
+MAX_ITEMS = 2_000
+MAX_BYTES = 16 * 1024 * 1024
+FOLLOW_RETRY_S = 10.0  # after a failed consumer create, read from the log this long
+_RESEED_GAP = 1_000  # behind by more than this: seed from the tail instead of paging
+
+_decode_list = msgspec.json.Decoder(list[Any]).decode
+_encode = msgspec.json.encode
+_warned = False
+
+
+class _Delivered(msgspec.Struct):
+    """What the fold needs of a delivered envelope; ``data`` stays undecoded."""
+
+    item_order: int
+    kind: str
+    data: msgspec.Raw
+
+
+_decode_delivered = msgspec.json.Decoder(_Delivered).decode
+
+
+def _deliver_inline(nc: Any, sub: Subscription, fn: Any) -> bool:
+    """Hand ``sub``'s messages to ``fn`` as nats-py parses them (False: the callback serves).
+
+    Goes through whichever of convlog's nats-py seams this tree has.
+    """
+    try:
+        from .nats_seam import seam_for  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        from .inline import deliver_inline  # type: ignore[import-not-found,unused-ignore]
+
+        return bool(deliver_inline(sub, fn))
+    return bool(seam_for(nc).deliver_inline(sub, fn))
+
+
+class SessionCopy:
+    """The newest visible items of one session, followed live; see the module docstring.
+
+    Args:
+        client: the connected client whose connection carries the consumer.
+        session_id: a valid session id.
+        max_staleness: longest time (s) an answer may rely on deliveries alone
+            before the copy confirms its position with the log.
+        max_items, max_bytes: how much visible history to keep.
+    """
+
+    def __init__(
+        self,
+        client: LogClient,
+        session_id: str,
+        *,
+        max_staleness: float = 1.0,
+        max_items: int = MAX_ITEMS,
+        max_bytes: int = MAX_BYTES,
+    ) -> None:
+        self.client = client
+        self.loop = asyncio.get_running_loop()  # the loop whose connection carries it
+        self.session_id = session_id
+        self.max_staleness = max_staleness
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.last = 0  # every envelope up to here is folded in
+        self.complete = False  # the window holds every visible item (nothing older is visible)
+        self._orders: list[int] = []
+        self._data: list[bytes] = []
+        self._nbytes = 0
+        self._ahead: dict[int, tuple[str, bytes]] = {}  # envelopes past last+1, waiting for the gap
+        self._parking = False  # while seeding, everything waits in _ahead
+        self._window = 0  # raw envelopes the last seed asked for
+        self._seeded = False
+        self._verified_at = -1e18  # monotonic time the log last confirmed ``last``
+        self._sub: Subscription | None = None
+        self._consumer: str | None = None
+        self._seen_at = 0.0  # monotonic time of the last delivery or heartbeat
+        self._reconnects = -1
+        self._follow_failed_at: float | None = None
+        self._lock = asyncio.Lock()
+        self.closed = False
+        self.log_reads = 0  # round trips made to bring the copy up to date (for tests and benches)
+        self.pauses = 0  # times it stopped following for want of readers
+        self._unread = 0  # envelopes delivered since the last read
+        self._pausing: asyncio.Task[None] | None = None
+
+    # -- reading ---------------------------------------------------------
+    def holds(self, n: int | None) -> bool:
+        """True when :meth:`items` can answer for ``n`` (``None``: all)."""
+        return self.complete or (n is not None and n <= len(self._data))
+
+    def items(self, n: int | None) -> list[dict[str, Any]] | None:
+        """The last ``n`` visible items (all when ``None``) as fresh dicts, or ``None``
+        when the copy does not hold that many and older ones may exist."""
+        if not self.holds(n):
+            return None
+        have = len(self._data)
+        n = have if n is None else min(n, have)
+        if n == 0:
+            return []
+        return _decode_list(b"[" + b",".join(self._data[have - n :]) + b"]")
+
+    def newest(self) -> tuple[int, dict[str, Any]] | None:
+        """The newest visible item's order and data; ``None`` when none is held."""
+        if not self._data:
+            return None
+        return self._orders[-1], msgspec.json.decode(self._data[-1])
+
+    @property
+    def empty(self) -> bool:
+        """True when the session has no visible item at all (as of ``last``)."""
+        return self.complete and not self._data
+
+    # -- applying envelopes --------------------------------------------------
+    def apply(self, order: int, kind: str, data: bytes) -> None:
+        """Fold one envelope in; one ahead of ``last + 1`` waits until the gap is filled."""
+        if order <= self.last:
+            return
+        if self._parking or order > self.last + 1:
+            if len(self._ahead) < 10_000:  # past that the log fills it anyway
+                self._ahead[order] = (kind, data)
+            return
+        self._fold(order, kind, data)
+        ahead = self._ahead
+        while ahead:
+            nxt = ahead.pop(self.last + 1, None)
+            if nxt is None:
+                break
+            self._fold(self.last + 1, *nxt)
+        if ahead and min(ahead) <= self.last:
+            for o in [o for o in ahead if o <= self.last]:
+                del ahead[o]
+
+    def on_ack(self, acks: list[AppendedItem], items: list[tuple[str, str, Any]]) -> None:
+        """Apply this process's own acknowledged append: ``(item_id, kind, data)`` per item."""
+        if not (self._seeded or self._parking):
+            return  # not following: the next read seeds from the log, which holds it
+        acked = {a.item_id: a.item_order for a in acks}
+        for item_id, kind, data in items:
+            order = acked.get(item_id)
+            if order is not None:
+                self.apply(order, kind, _encode(data))
+
+    def _fold(self, order: int, kind: str, data: bytes) -> None:
+        self.last = order
+        if kind == "item":
+            self._orders.append(order)
+            self._data.append(data)
+            self._nbytes += len(data)
+            if len(self._data) > self.max_items or self._nbytes > self.max_bytes:
+                self._trim()
+        elif kind == "clear":
+            self._orders.clear()
+            self._data.clear()
+            self._nbytes = 0
+            self.complete = True
+        elif kind == "retract":
+            try:
+                target = msgspec.json.decode(data).get("target")
+            except (msgspec.DecodeError, AttributeError):
+                return
+            i = bisect.bisect_left(self._orders, target) if isinstance(target, int) else -1
+            if 0 <= i < len(self._orders) and self._orders[i] == target:
+                self._nbytes -= len(self._data[i])
+                del self._orders[i], self._data[i]
+
+    def _trim(self) -> None:
+        keep_n = max(1, self.max_items * 3 // 4)  # trim in steps, not one item per append
+        cut = max(0, len(self._data) - keep_n)
+        while cut < len(self._data) - 1 and self._nbytes - sum(map(len, self._data[:cut])) > self.max_bytes * 3 // 4:
+            cut += 1
+        if cut:
+            self._nbytes -= sum(map(len, self._data[:cut]))
+            del self._orders[:cut], self._data[:cut]
+            self.complete = False
+
+    # -- staying current -----------------------------------------------------
+    def _following(self) -> bool:
+        """True while the consumer is known to deliver everything."""
+        return (
+            self._seeded and self._consumer is not None
+            and self._reconnects == self.client.nc.stats["reconnects"]
+            and time.monotonic() - self._seen_at <= 3 * HEARTBEAT_S
+        )
+
+    async def current(self, want: int | None = None, max_staleness: float | None = None) -> bool:
+        """Bring the copy up to date as far as it knows it may be behind.
+
+        Args:
+            want: how many visible items the caller is about to read (``None``: all).
+            max_staleness: this caller's bound (default: the copy's).
+
+        Returns:
+            False when the copy cannot follow the session (the caller reads the log).
+        """
+        if self.closed:
+            return False
+        self._unread = 0
+        if not self._following():
+            async with self._lock:
+                if not self._following() and not await self._restart(want):
+                    return False
+        window = self._window_for(want)
+        if not self.holds(want) and self._window < window:
+            async with self._lock:  # the reader wants more than the window held
+                await self._seed(window)
+        stale = self.max_staleness if max_staleness is None else max_staleness
+        if self._ahead:
+            await self.fill()
+        elif time.monotonic() - self._verified_at > stale:
+            async with self._lock:
+                if time.monotonic() - self._verified_at > stale:
+                    await self._verify()
+        return True
+
+    async def fill(self) -> None:
+        """Read what the copy misses from the log (raw envelopes after ``last``)."""
+        async with self._lock:
+            await self._fill()
+
+    async def _verify(self) -> None:
+        started = time.monotonic()
+        self.log_reads += 1
+        if await self.client.last_order(self.session_id) > self.last:
+            await self._fill()
+        else:
+            self._verified_at = started
+
+    async def _fill(self) -> None:
+        started = time.monotonic()
+        while True:
+            self.log_reads += 1
+            rep = await self.client.read(self.session_id, after=self.last, raw=True)
+            if rep.last_order - self.last > _RESEED_GAP:
+                await self._seed(self._window)  # far behind: the tail, not every page
+                return
+            for env in rep.items:
+                self.apply(env.item_order, env.kind, _encode(env.data))
+            if not rep.more or not rep.items:
+                break
+        if not self._ahead:
+            self._verified_at = started
+
+    async def _seed(self, window: int) -> None:
+        """Reset the window from the last ``window`` raw envelopes of the log.
+
+        Raw, not the visible tail: envelopes never change, so the window is
+        exactly the visible history as of the reply's ``last_order``.  What
+        arrives meanwhile waits in ``_ahead`` and is applied after.
+        """
+        window = max(1, min(window, self.max_items))
+        started = time.monotonic()
+        self._parking = True
+        try:
+            while True:
+                self.log_reads += 1
+                try:
+                    rep = await self.client.read(self.session_id, tail=window, raw=True)
+                    break
+                except TooLargeError:
+                    if window <= 1:
+                        raise
+                    window //= 2  # big items: ask for fewer
+            if rep.last_order >= self.last:  # never step back (a lagging replica answered)
+                envs = rep.items
+                self._orders, self._data, self._nbytes = [], [], 0
+                self.complete = not envs or envs[0].item_order == 1
+                for env in envs:
+                    self._fold(env.item_order, env.kind, _encode(env.data))
+                self.last = rep.last_order
+                self._window = window
+                self._seeded = True
+        finally:
+            self._parking = False
+        ahead, self._ahead = self._ahead, {}
+        for order in sorted(ahead):
+            self.apply(order, *ahead[order])
+        if not self._ahead:
+            self._verified_at = started
+
+    async def _restart(self, want: int | None) -> bool:
+        """(Re)create the consumer, then seed; False when following is not possible now."""
+        failed = self._follow_failed_at
+        if failed is not None and time.monotonic() - failed < FOLLOW_RETRY_S:
+            return False
+        await self._stop_consumer()
+        self._reconnects = self.client.nc.stats["reconnects"]
+        try:
+            await self._start_consumer()
+        except Exception as e:  # no JetStream, no permission, no stream yet: read the log
+            self._follow_failed_at = time.monotonic()
+            _warn_once(self.session_id, e)
+            await self._stop_consumer()
+            return False
+        self._follow_failed_at = None
+        await self._seed(self._window_for(want))
+        return True
+
+    def _window_for(self, want: int | None) -> int:
+        """Raw envelopes to seed with so that ``want`` visible items are likely held."""
+        return self.max_items if want is None else min(max(SEED_WINDOW, 4 * want), self.max_items)
+
+    async def _start_consumer(self) -> None:
+        nc = self.client.nc
+        subjects = self.client.subjects
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, cb=self._on_msg_cb)
+        self._sub = sub
+        _deliver_inline(nc, sub, self._on_msg)
+        name = f"convlog-copy-{new_item_id()}"
+        config = ConsumerConfig(
+            name=name,
+            deliver_subject=inbox,
+            filter_subject=subjects.items(self.session_id),
+            deliver_policy=DeliverPolicy.NEW,  # history comes from the seed read, after this
+            ack_policy=AckPolicy.NONE,
+            idle_heartbeat=HEARTBEAT_S,
+            inactive_threshold=INACTIVE_S,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        self._seen_at = time.monotonic()
+        await nc.jetstream().add_consumer(
+            subjects.stream_name, config, timeout=min(2.0, self.client.timeout)
+        )
+        self._consumer = name
+
+    async def _stop_consumer(self) -> None:
+        sub, self._sub = self._sub, None
+        name, self._consumer = self._consumer, None
+        self._seeded = False
+        nc = self.client.nc
+        if sub is not None and not nc.is_closed:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if name is not None and nc.is_connected:
+            # Best effort: a consumer nobody listens to is dropped after INACTIVE_S anyway.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(0.5):
+                    await nc.jetstream().delete_consumer(self.client.subjects.stream_name, name)
+
+    def _on_msg(self, msg: Msg) -> None:
+        self._seen_at = time.monotonic()
+        if not msg.data:
+            return  # an idle heartbeat
+        self._unread += 1
+        if self._unread > SEED_WINDOW and self._pausing is None:
+            self._pausing = asyncio.get_running_loop().create_task(self._pause())
+        try:
+            env = _decode_delivered(msg.data)
+        except msgspec.DecodeError:
+            log.warning("session copy %s: undecodable envelope on %s", self.session_id, msg.subject)
+            return
+        self.apply(env.item_order, env.kind, bytes(env.data))
+
+    async def _pause(self) -> None:
+        """Stop following a copy nobody reads: after a window's worth of unread
+        envelopes, seeding again at the next read costs no more than following."""
+        try:
+            async with self._lock:
+                if self._unread > SEED_WINDOW and not self.closed:
+                    self.pauses += 1
+                    await self._stop_consumer()
+        finally:
+            self._pausing = None
+
+    async def _on_msg_cb(self, msg: Msg) -> None:
+        self._on_msg(msg)
+
+    async def close(self) -> None:
+        """Stop following (idempotent); the copy then answers nothing."""
+        self.closed = True
+        await self._stop_consumer()
+
+
+def _warn_once(session_id: str, e: BaseException) -> None:
+    global _warned
+    level = logging.DEBUG if _warned else logging.WARNING
+    _warned = True
+    log.log(level, "session %s: cannot follow the items stream (%s: %s); reading from the log "
+            "service instead, retrying in %g s", session_id, type(e).__name__, e, FOLLOW_RETRY_S)

@@ -1,0 +1,223 @@
+"""What the ``ConvlogSession`` objects of one process share: connections, copies, appends.
+
+* **Connections.**  Sessions made with ``ConvlogSession.from_url`` and equal
+  connection options share one NATS connection per event loop; the last
+  session to close releases it.  A process serving hundreds of conversations
+  opens one connection, not hundreds.
+* **Per session id on one connection** (:class:`SharedSession`):
+
+  - one local copy (:class:`~shared.session_copy.SessionCopy`): one consumer
+    and one delivery per item for the whole process, however many session
+    objects read that id;
+  - one append queue.  An ``add_items`` that finds no append of its session
+    in flight is sent at once; calls that arrive while one is in flight go
+    out together in the next append (a group commit on the client side).
+    Each call's items stay contiguous and calls keep the order they were
+    made in.  A combined append the log refuses (a bad or oversized item, an
+    id conflict) is resent call by call, so each call gets its own outcome;
+    an unknown outcome (``UnavailableError``) is every call's, and each
+    call's retry dedupes on its own item ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .client import LogClient
+from .errors import BadRequestError, ConflictError, TooLargeError, UnavailableError
+from .messages import MAX_APPEND_ITEMS, AppendedItem
+from .session_copy import SessionCopy
+
+__all__ = ["SharedSession", "acquire_connection", "release_connection", "share", "unshare"]
+
+
+# -- connections --------------------------------------------------------------
+
+
+@dataclass
+class _Pooled:
+    client: LogClient
+    users: int = 0
+
+
+_CONNECTIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Hashable, _Pooled]] = (
+    weakref.WeakKeyDictionary()
+)
+_CONNECT_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def acquire_connection(key: Hashable, connect: Callable[[], Awaitable[LogClient]]) -> LogClient:
+    """The loop's shared client for ``key``, connecting with ``connect()`` if there is none."""
+    loop = asyncio.get_running_loop()
+    async with _CONNECT_LOCKS.setdefault(loop, asyncio.Lock()):
+        pool = _CONNECTIONS.setdefault(loop, {})
+        pooled = pool.get(key)
+        if pooled is None or pooled.client.nc.is_closed:
+            pooled = pool[key] = _Pooled(await connect())
+        pooled.users += 1
+        return pooled.client
+
+
+async def release_connection(key: Hashable, client: LogClient) -> None:
+    """Give back a client from :func:`acquire_connection`; the last user closes it."""
+    pool = _CONNECTIONS.get(asyncio.get_running_loop(), {})
+    pooled = pool.get(key)
+    if pooled is None or pooled.client is not client:
+        await client.close()  # not (or no longer) pooled: it is this caller's alone
+        return
+    pooled.users -= 1
+    if pooled.users <= 0:
+        del pool[key]
+        await client.close()
+
+
+# -- one session id on one connection -----------------------------------------------
+
+_COLLECT_STEPS = 8  # loop steps the sender waits for answered writers to call again
+
+
+@dataclass
+class _Call:
+    batch: list[dict[str, Any]]
+    size: int
+    done: asyncio.Future[list[AppendedItem]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class SharedSession:
+    """The copy and the append queue of one session id on one client (see the module)."""
+
+    def __init__(self, client: LogClient, session_id: str) -> None:
+        self.client = client
+        self.loop = asyncio.get_running_loop()  # the loop whose connection ``client`` is
+        self.session_id = session_id
+        self.users = 0
+        self.copy: SessionCopy | None = None
+        self._queue: deque[_Call] = deque()
+        self._lock = asyncio.Lock()  # one append of this session in flight at a time
+        self._sender: asyncio.Task[None] | None = None
+        self._in_flight: list[_Call] = []
+        self._max_bytes = max(64 * 1024, (client.nc.max_payload or 1024 * 1024) // 2)
+
+    def get_copy(self) -> SessionCopy:
+        """The process's local copy of this session on this client (made on first use)."""
+        if self.copy is None:
+            self.copy = SessionCopy(self.client, self.session_id)
+        return self.copy
+
+    async def append(self, batch: list[dict[str, Any]], size: int) -> list[AppendedItem]:
+        """Append one call's items (contiguous, atomic); returns their acks, in order.
+
+        Raises:
+            what :meth:`LogClient.append` raises for this call's items.
+        """
+        idle = self._sender is None or self._sender.done()
+        if idle and not self._queue and not self._lock.locked():
+            async with self._lock:  # nothing in flight: send now, no queueing
+                return await self._send([_Call(batch, size)], alone=True)
+        call = _Call(batch, size)
+        self._queue.append(call)
+        if idle:
+            self._sender = asyncio.create_task(self._drain())
+        return await call.done
+
+    async def _drain(self) -> None:
+        """Send what queued up, batch after batch, while writers keep coming."""
+        try:
+            while self._queue:
+                async with self._lock:
+                    self._in_flight = self._take()
+                    await self._send(self._in_flight, alone=False)
+                    answered, self._in_flight = len(self._in_flight), []
+                # The writers just answered usually call again within a few
+                # loop steps: wait for them, so the next append carries them
+                # all instead of one (sent alone) and the rest behind it.
+                for _ in range(_COLLECT_STEPS):
+                    if len(self._queue) >= answered:
+                        break
+                    await asyncio.sleep(0)
+        except BaseException as e:  # cancelled with calls still waiting: they must not hang
+            err = UnavailableError(f"append on {self.session_id!r} abandoned: {type(e).__name__}")
+            for call in [*self._in_flight, *self._queue]:
+                if not call.done.done():
+                    call.done.set_exception(err)
+            self._in_flight = []
+            self._queue.clear()
+            raise
+
+    def _take(self) -> list[_Call]:
+        calls = [self._queue.popleft()]
+        n, size = len(calls[0].batch), calls[0].size
+        while self._queue:
+            nxt = self._queue[0]
+            if n + len(nxt.batch) > MAX_APPEND_ITEMS or size + nxt.size > self._max_bytes:
+                break
+            calls.append(self._queue.popleft())
+            n += len(nxt.batch)
+            size += nxt.size
+        return calls
+
+    async def _send(self, calls: list[_Call], *, alone: bool) -> list[AppendedItem]:
+        """Send ``calls`` as one append and settle each; ``alone``: return/raise the one outcome."""
+        items = calls[0].batch if len(calls) == 1 else [i for c in calls for i in c.batch]
+        try:
+            reply = await self.client.append(self.session_id, items)
+        except (BadRequestError, TooLargeError, ConflictError) as e:
+            if len(calls) == 1:
+                if alone:
+                    raise
+                calls[0].done.set_exception(e)
+                return []
+            for call in calls:  # one of them is refused: give each its own outcome
+                await self._send([call], alone=False)
+            return []
+        except Exception as e:
+            if alone:
+                raise
+            for call in calls:
+                call.done.set_exception(e)
+            return []
+        acked = {a.item_id: a for a in reply.items}
+        results = [[acked[i["item_id"]] for i in c.batch if i["item_id"] in acked] for c in calls]
+        if alone:
+            return results[0]
+        for call, result in zip(calls, results, strict=True):
+            if not call.done.done():
+                call.done.set_result(result)
+        return []
+
+    async def close(self) -> None:
+        if self.copy is not None:
+            await self.copy.close()
+
+
+_SHARED: weakref.WeakKeyDictionary[LogClient, dict[str, SharedSession]] = weakref.WeakKeyDictionary()
+
+
+def share(client: LogClient, session_id: str) -> SharedSession:
+    """The shared state of ``session_id`` on ``client``; count one more user."""
+    by_sid = _SHARED.setdefault(client, {})
+    shared = by_sid.get(session_id)
+    if shared is None:
+        shared = by_sid[session_id] = SharedSession(client, session_id)
+    shared.users += 1
+    return shared
+
+
+async def unshare(shared: SharedSession) -> None:
+    """Count one user less; the last one stops the copy's consumer."""
+    shared.users -= 1
+    if shared.users > 0:
+        return
+    by_sid = _SHARED.get(shared.client, {})
+    if by_sid.get(shared.session_id) is shared:
+        del by_sid[shared.session_id]
+    await shared.close()

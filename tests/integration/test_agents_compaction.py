@@ -1,0 +1,149 @@
+"""The Agents SDK's ``OpenAIResponsesCompactionSession`` wrapped around a ``ConvlogSession``.
+
+Real nats-server, real log service on SQLite, the SDK's own compaction session
+and Runner; only the model is fake (``tests/support/fake_openai.py`` answers
+``responses.compact`` as the real API does: the user messages, then one opaque
+``compaction`` item).  What must hold: the model sees the compacted history,
+while the log — ``convlog replay`` included — still shows every original item
+under an intact hash chain (compaction = a clear and the new items).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+from agents import Agent, RunConfig, Runner
+from agents.memory import OpenAIResponsesCompactionSession
+from openai import AsyncOpenAI
+
+from shared import ConvlogSession
+from shared.chain import verify
+from shared.client import LogClient
+from tests.support.fake_openai import FakeOpenAI, compacted_items, text
+from tests.support.procs import REPO_ROOT
+from tests.support.seed_agents import FakeServerProvider
+
+SID = "compaction-audit"
+
+
+def _texts(items: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for item in items:
+        content = item.get("content")
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            out.append("".join(p.get("text", "") for p in content if isinstance(p, dict)))
+    return out
+
+
+async def _replay(url: str, sid: str) -> tuple[int, str, str]:
+    """``convlog replay SID --format jsonl --verify``: the real CLI, in its own process."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", "replay", sid, "--format", "jsonl", "--verify",
+        "--nats-url", url, cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_compaction_over_convlog_model_sees_summary_and_log_keeps_every_item(
+    log_url: str, log_client: LogClient, fake_openai: FakeOpenAI
+) -> None:
+    run_config = RunConfig(model_provider=FakeServerProvider(fake_openai.base_url),
+                           tracing_disabled=True)
+    model_client = AsyncOpenAI(base_url=fake_openai.base_url, api_key="test-key", max_retries=0)
+    underlying = ConvlogSession.from_url(SID, url=log_url)
+    session = OpenAIResponsesCompactionSession(
+        SID, underlying, client=model_client, model="gpt-4.1",
+        # Compact as soon as two model-produced items are stored (the default waits for 10).
+        should_trigger_compaction=lambda ctx: len(ctx["compaction_candidate_items"]) >= 2,
+    )
+    agent = Agent(name="Support", instructions="Help with billing.")
+    fake_openai.script([text("Sorry, let me check the charges."), text("Refund issued."),
+                        text("You're welcome!")])
+    try:
+        # 1. Two turns: after the second, two assistant items are stored -> compaction.
+        await Runner.run(agent, "I was charged twice.", session=session, run_config=run_config)
+        assert fake_openai.compactions == []
+        await Runner.run(agent, "Please refund one.", session=session, run_config=run_config)
+        assert len(fake_openai.compactions) == 1
+
+        # 2. The session now holds what responses.compact returned: user messages + one summary.
+        stored = await underlying.get_items()
+        assert [i.get("type") for i in stored] == ["message", "message", "compaction"]
+        assert _texts(stored[:2]) == ["I was charged twice.", "Please refund one."]
+        assert _texts(compacted_items(stored[2])) == ["Sorry, let me check the charges.",
+                                                      "Refund issued."]
+        # ... and so does any other process reading the log (its own connection, no shared copy).
+        other = ConvlogSession(SID, client=log_client)
+        assert await other.get_items() == stored
+
+        # 3. The next turn: the model sees the compacted history, not the original replies.
+        await Runner.run(agent, "Thanks!", session=session, run_config=run_config)
+        sent = fake_openai.requests[-1]["input"]
+        assert [i.get("type") for i in sent[:3]] == ["message", "message", "compaction"]
+        assert sent[2]["encrypted_content"] == stored[2]["encrypted_content"]
+        assert not {"Sorry, let me check the charges.", "Refund issued."} & set(_texts(sent))
+        assert _texts(sent)[-1] == "Thanks!"
+
+        # 4. Audit: every original item is still in the log, in order, under an intact chain;
+        #    the compaction is one clear followed by its items, in one append.
+        raw = await log_client.items(SID, raw=True)
+        assert verify(raw, session_id=SID) is None
+        assert [e.item_order for e in raw] == list(range(1, len(raw) + 1))
+        kinds = [e.kind for e in raw]
+        assert kinds == ["item"] * 4 + ["clear"] + ["item"] * 3 + ["item"] * 2
+        assert _texts([e.data for e in raw[:4]]) == [
+            "I was charged twice.", "Sorry, let me check the charges.",
+            "Please refund one.", "Refund issued.",
+        ]
+        assert raw[7].data["type"] == "compaction" and raw[4].agent == "system"
+        call_keys = {e.item_id.rsplit(".", 1)[0] for e in raw[4:8]}
+        assert len(call_keys) == 1  # the clear and the compacted items: one append
+        code, out, err = await _replay(log_url, SID)
+        assert code == 0, err
+        replayed = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert [r["item_order"] for r in replayed] == [e.item_order for e in raw]
+        assert [r["hash"] for r in replayed] == [e.hash for e in raw]
+        assert "Refund issued." in out  # the hidden original reply is still readable
+    finally:
+        await underlying.close()
+        await model_client.close()
+
+
+async def test_compaction_through_clear_and_add_when_atomic_replace_is_not_used(
+    log_url: str, log_client: LogClient, fake_openai: FakeOpenAI
+) -> None:
+    # A subclass that changes how items are added opts out of the one-append
+    # replacement; the SDK then clears and adds through it.  Same audit result.
+    class Tagged(ConvlogSession):
+        async def add_items(self, items: list[Any], *, wrapper: Any = None) -> None:
+            await super().add_items(items, wrapper=wrapper)
+
+    sid = "compaction-fallback"
+    underlying = Tagged.from_url(sid, url=log_url)
+    model_client = AsyncOpenAI(base_url=fake_openai.base_url, api_key="test-key", max_retries=0)
+    session = OpenAIResponsesCompactionSession(sid, underlying, client=model_client,
+                                               model="gpt-4.1", compaction_mode="input")
+    try:
+        await underlying.add_items([
+            {"role": "user", "content": "hello"},
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "hi", "annotations": []}]},
+        ])
+        await session.run_compaction({"force": True})
+        assert fake_openai.compactions[0]["input"][0]["content"] == "hello"
+        stored = await underlying.get_items()
+        assert [i.get("type") for i in stored] == ["message", "compaction"]
+        raw = await log_client.items(sid, raw=True)
+        assert [e.kind for e in raw] == ["item", "item", "clear", "item", "item"]
+        assert raw[2].item_id.rsplit(".", 1)[0] != raw[3].item_id.rsplit(".", 1)[0]  # two appends
+        assert verify(raw, session_id=sid) is None
+    finally:
+        await underlying.close()
+        await model_client.close()
