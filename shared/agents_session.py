@@ -344,6 +344,14 @@ class ConvlogSession:
         """The :class:`LogClient` in use (``None`` before a ``from_url`` session connects)."""
         return self._client
 
+    def copy_info(self) -> dict[str, Any] | None:
+        """How this process's local copy of the session stands: ``following``,
+        ``last`` (the order it has applied everything up to), ``items`` held,
+        ``log_reads`` (round trips made to bring it up to date), ``pauses``,
+        ``consumer``.  ``None`` before the first read or with ``follow=False``."""
+        state = self._shared.get(self._client) if self._client is not None else None
+        return state.copy.info() if state is not None and state.copy is not None else None
+
     async def ping(self) -> bool:
         """True when the log service answers for this session.
 

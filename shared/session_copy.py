@@ -114,15 +114,15 @@ class SessionCopy:
         session_id: str,
         *,
         max_staleness: float = 1.0,
-        max_items: int = MAX_ITEMS,
-        max_bytes: int = MAX_BYTES,
+        max_items: int | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self.client = client
         self.loop = asyncio.get_running_loop()  # the loop whose connection carries it
         self.session_id = session_id
         self.max_staleness = max_staleness
-        self.max_items = max_items
-        self.max_bytes = max_bytes
+        self.max_items = MAX_ITEMS if max_items is None else max_items
+        self.max_bytes = MAX_BYTES if max_bytes is None else max_bytes
         self.last = 0  # every envelope up to here is folded in
         self.complete = False  # the window holds every visible item (nothing older is visible)
         self._orders: list[int] = []
@@ -171,6 +171,14 @@ class SessionCopy:
     def empty(self) -> bool:
         """True when the session has no visible item at all (as of ``last``)."""
         return self.complete and not self._data
+
+    def info(self) -> dict[str, Any]:
+        """Where the copy stands (for monitoring and tests)."""
+        return {
+            "following": self._following(), "last": self.last, "items": len(self._data),
+            "complete": self.complete, "log_reads": self.log_reads, "pauses": self.pauses,
+            "consumer": self._consumer,
+        }
 
     # -- applying envelopes --------------------------------------------------
     def apply(self, order: int, kind: str, data: bytes) -> None:
@@ -401,9 +409,14 @@ class SessionCopy:
                     await nc.jetstream().delete_consumer(self.client.subjects.stream_name, name)
 
     def _on_msg(self, msg: Msg) -> None:
+        if not msg.data:  # a status message
+            status = msg.headers.get("Status") if msg.headers else None
+            if status == "100":
+                self._seen_at = time.monotonic()  # an idle heartbeat: the consumer lives
+            elif status is not None:
+                self._seen_at = -1e18  # e.g. 409 consumer deleted: follow anew at the next read
+            return
         self._seen_at = time.monotonic()
-        if not msg.data:
-            return  # an idle heartbeat
         self._unread += 1
         if self._unread > SEED_WINDOW and self._pausing is None:
             self._pausing = asyncio.get_running_loop().create_task(self._pause())
