@@ -23,15 +23,40 @@ needed only where its types are (the default ``SessionSettings`` and
 
 How the methods map onto the log (history is hidden, never destroyed):
 
-* ``get_items(limit)`` is the last ``limit`` *visible* items, oldest first
-  (``read`` with ``tail``); ``limit=None`` uses ``session_settings.limit``,
-  and when that is ``None`` too, the whole visible history.
+* ``get_items(limit)`` is the last ``limit`` *visible* items, oldest first;
+  ``limit=None`` uses ``session_settings.limit``, and when that is ``None``
+  too, the whole visible history.
 * ``add_items(items)`` is **one** atomic append: the items get contiguous
   ``item_order``s, or none is written.
 * ``pop_item()`` appends a ``retract`` of the newest visible item and returns
   that item; ``clear_session()`` appends a ``clear``.  Audit replay
   (``LogClient.items(sid, raw=True)``, ``convlog replay``) still shows both
   the hidden items and the retract/clear that hid them.
+
+Reads are local (``follow=True``, the default): the process keeps a copy of
+the session's newest visible items (:mod:`shared.session_copy`), fed by its
+own acknowledged appends and by a JetStream consumer on
+``<prefix>.items.<sid>``, so ``get_items`` answers without a round trip while
+the copy is current.  What a read returns:
+
+* always the visible history of one prefix ``1..k`` of the log, ``k`` never
+  decreasing within the process: no gap, nothing reordered, never a hide
+  without the items before it;
+* this process's writes: after ``add_items``/``pop_item``/``clear_session``
+  returns, every read includes it (read your writes);
+* another process's acknowledged write: once its envelope is delivered (the
+  follow delay, about a millisecond on a local server), and in any case
+  within ``max_staleness`` seconds (default 1.0): a copy not confirmed
+  against the log for that long reads its position from the log first.
+  When the copy knows it is behind — an ack or delivery past a gap, a
+  reconnect, a consumer gone silent or deleted — it reads what it misses
+  from the log before answering.
+
+The copy holds up to 2,000 visible items (16 MiB); a read that needs older
+ones goes to the log.  A copy nobody reads stops following after 200 unread
+envelopes and seeds again at the next read.  Where the consumer cannot be
+created (no permission on the items stream, JetStream unavailable) every
+read goes to the log, as with ``follow=False``.
 
 Concurrency (the SDK's ``add_items`` carries no version, so this is the
 contract): any number of processes may call these methods on one session id
@@ -41,7 +66,12 @@ adjacent (nothing from another writer lands between them); two concurrent
 calls land in the order the log service received them.  ``pop_item`` is
 conditional on the session's last order (``expected_last``) and retries on a
 conflict, so two concurrent pops hide two different items and each returns the
-item it hid.
+item it hid.  Within one process, session objects share what they can
+(:mod:`shared.session_pool`): ``from_url`` sessions with equal options one
+NATS connection per event loop, sessions on one id one copy, and concurrent
+``add_items`` calls on one id one append in flight — calls that arrive
+meanwhile go out together in the next, each call's items still contiguous
+and atomic, a refused call failing alone.
 
 Idempotency: each ``add_items`` call mints one random *call key* and gives
 item ``i`` the ``item_id`` ``"<call key>.<i>"``.  Transport retries inside
