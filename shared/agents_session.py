@@ -107,11 +107,16 @@ import hashlib
 import logging
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-import msgspec
-
+from .agents_sdk import INSTALL_HINT, require_agents_sdk
+from .agents_sdk import canonical as _canonical
+from .agents_sdk import coerce_settings as _coerce_settings
+from .agents_sdk import finish as _finish
+from .agents_sdk import hooks_class as _hooks_class
+from .agents_sdk import plain as _plain
+from .agents_sdk import run_key as _run_key
 from .client import LogClient, new_item_id
 from .errors import ConflictError, TooLargeError, UnavailableError
 from .session_copy import SessionCopy
@@ -126,101 +131,10 @@ __all__ = ["INSTALL_HINT", "ConvlogSession", "require_agents_sdk"]
 
 log = logging.getLogger("convlog.agents_session")
 
-INSTALL_HINT = "pip install 'convlog[agents]'"
-"""The command that installs the optional OpenAI Agents SDK dependency."""
-
 DEFAULT_AGENT = "assistant"
 _TAIL_MAX = 100_000  # the largest ``tail`` a read request may ask for
 _MAX_PENDING_KEYS = 64
 _POP_ATTEMPTS = 50
-
-_T = TypeVar("_T")
-
-
-def require_agents_sdk() -> Any:
-    """Import and return ``agents`` or raise an ``ImportError`` naming the install command."""
-    try:
-        import agents
-    except ImportError as e:
-        raise ImportError(
-            "ConvlogSession needs the OpenAI Agents SDK (the `openai-agents` package); "
-            f"install it with: {INSTALL_HINT}"
-        ) from e
-    return agents
-
-
-def _coerce_settings(value: Any) -> Any:
-    """``SessionSettings`` from ``None`` (the default), a mapping, or an instance."""
-    agents = require_agents_sdk()
-    try:
-        from agents.memory import SessionSettings
-    except ImportError as e:  # SessionSettings arrived in openai-agents 0.8
-        raise ImportError(
-            "ConvlogSession needs openai-agents>=0.8 (SessionSettings); found "
-            f"{getattr(agents, '__version__', 'an older version')}: pip install -U 'convlog[agents]'"
-        ) from e
-
-    if value is None:
-        return SessionSettings()
-    if isinstance(value, SessionSettings):
-        return value
-    try:
-        from agents.memory.session_settings import coerce_session_settings
-    except ImportError:  # older SDKs: plain keyword construction
-        if isinstance(value, Mapping):
-            return SessionSettings(**value)
-        raise TypeError(
-            f"session_settings must be SessionSettings or a dict, not {value!r}"
-        ) from None
-    return coerce_session_settings(value)
-
-
-async def _finish(awaitable: Awaitable[_T]) -> _T:
-    """Await a mutation to its outcome even if the caller is cancelled, then re-raise.
-
-    A cancelled caller must not leave an append whose outcome nobody knows; the
-    append finishes (or fails) first and the cancellation is raised after.
-    """
-    task = asyncio.ensure_future(awaitable)
-    cancelled: asyncio.CancelledError | None = None
-    while not task.done():
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError as e:
-            cancelled = cancelled or e
-    if cancelled is not None:
-        if not task.cancelled():
-            task.exception()  # retrieved: a failure behind the cancellation is not "never retrieved"
-        raise cancelled
-    return task.result()
-
-
-def _plain(item: Any) -> dict[str, Any]:
-    """The JSON object the SDK means by an input item (dicts pass through)."""
-    if isinstance(item, Mapping):
-        return dict(item)
-    dump = getattr(item, "model_dump", None)
-    if callable(dump):
-        return dump(exclude_unset=True, mode="json")
-    raise TypeError(
-        f"a session item must be a dict (a Responses input item), not {type(item).__name__}"
-    )
-
-
-def _canonical(items: Sequence[Mapping[str, Any]]) -> bytes:
-    """The items as JSON with sorted keys: equal content, equal bytes (the retry fingerprint)."""
-    return msgspec.json.encode(list(items), order="sorted", enc_hook=str)
-
-
-def _run_key(context: Any) -> Any:
-    """The object that identifies one Runner run across hooks and session calls.
-
-    The SDK builds a fresh hook context for ``on_agent_start`` but hands it the
-    run's own ``usage`` object, and passes the run's wrapper (same ``usage``)
-    to the session, so ``usage`` is the shared identity.
-    """
-    usage = getattr(context, "usage", None)
-    return usage if usage is not None else context
 
 
 class ConvlogSession:
@@ -688,29 +602,3 @@ class ConvlogSession:
     def __repr__(self) -> str:
         limit = getattr(self.session_settings, "limit", None)
         return f"ConvlogSession({self.session_id!r}, limit={limit}, agent={self.default_agent!r})"
-
-
-_HOOKS_CLASS: type | None = None
-
-
-def _hooks_class() -> type:
-    """Build (once) the ``RunHooks`` subclass; the SDK is imported only here."""
-    global _HOOKS_CLASS
-    if _HOOKS_CLASS is not None:
-        return _HOOKS_CLASS
-    agents = require_agents_sdk()
-
-    class AgentTrackingHooks(agents.RunHooks):  # type: ignore[misc,name-defined]
-        """Tell a :class:`ConvlogSession` which agent each run is executing."""
-
-        def __init__(self, session: ConvlogSession) -> None:
-            self.session = session
-
-        async def on_agent_start(self, context: Any, agent: Any) -> None:
-            self.session.set_current_agent(agent.name, context=context)
-
-        async def on_llm_start(self, context: Any, agent: Any, *args: Any, **kwargs: Any) -> None:
-            self.session.set_current_agent(agent.name, context=context)
-
-    _HOOKS_CLASS = AgentTrackingHooks
-    return AgentTrackingHooks

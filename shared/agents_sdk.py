@@ -1,0 +1,137 @@
+"""What ``ConvlogSession`` takes from the OpenAI Agents SDK, imported only when used.
+
+The install hint, ``SessionSettings`` coercion, the agent-tracking ``RunHooks``,
+and the small helpers the adapter's mutations share (finish a started
+append despite cancellation, plain item dicts, the canonical bytes a retry is
+recognised by).  Nothing here imports ``agents`` at module import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+
+__all__ = [
+    "INSTALL_HINT", "canonical", "coerce_settings", "finish", "hooks_class", "plain",
+    "require_agents_sdk", "run_key",
+]
+
+INSTALL_HINT = "pip install 'convlog[agents]'"
+"""The command that installs the optional OpenAI Agents SDK dependency."""
+
+_T = TypeVar("_T")
+
+
+def require_agents_sdk() -> Any:
+    """Import and return ``agents`` or raise an ``ImportError`` naming the install command."""
+    try:
+        import agents
+    except ImportError as e:
+        raise ImportError(
+            "ConvlogSession needs the OpenAI Agents SDK (the `openai-agents` package); "
+            f"install it with: {INSTALL_HINT}"
+        ) from e
+    return agents
+
+
+def coerce_settings(value: Any) -> Any:
+    """``SessionSettings`` from ``None`` (the default), a mapping, or an instance."""
+    agents = require_agents_sdk()
+    try:
+        from agents.memory import SessionSettings
+    except ImportError as e:  # SessionSettings arrived in openai-agents 0.8
+        raise ImportError(
+            "ConvlogSession needs openai-agents>=0.8 (SessionSettings); found "
+            f"{getattr(agents, '__version__', 'an older version')}: pip install -U 'convlog[agents]'"
+        ) from e
+
+    if value is None:
+        return SessionSettings()
+    if isinstance(value, SessionSettings):
+        return value
+    try:
+        from agents.memory.session_settings import coerce_session_settings
+    except ImportError:  # older SDKs: plain keyword construction
+        if isinstance(value, Mapping):
+            return SessionSettings(**value)
+        raise TypeError(
+            f"session_settings must be SessionSettings or a dict, not {value!r}"
+        ) from None
+    return coerce_session_settings(value)
+
+
+async def finish(awaitable: Awaitable[_T]) -> _T:
+    """Await a mutation to its outcome even if the caller is cancelled, then re-raise.
+
+    A cancelled caller must not leave an append whose outcome nobody knows; the
+    append finishes (or fails) first and the cancellation is raised after.
+    """
+    task = asyncio.ensure_future(awaitable)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError as e:
+            cancelled = cancelled or e
+    if cancelled is not None:
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure behind the cancellation is not "never retrieved"
+        raise cancelled
+    return task.result()
+
+
+def plain(item: Any) -> dict[str, Any]:
+    """The JSON object the SDK means by an input item (dicts pass through)."""
+    if isinstance(item, Mapping):
+        return dict(item)
+    dump = getattr(item, "model_dump", None)
+    if callable(dump):
+        return dump(exclude_unset=True, mode="json")
+    raise TypeError(
+        f"a session item must be a dict (a Responses input item), not {type(item).__name__}"
+    )
+
+
+def canonical(items: Sequence[Mapping[str, Any]]) -> bytes:
+    """The items as JSON with sorted keys: equal content, equal bytes (the retry fingerprint)."""
+    return msgspec.json.encode(list(items), order="sorted", enc_hook=str)
+
+
+def run_key(context: Any) -> Any:
+    """The object that identifies one Runner run across hooks and session calls.
+
+    The SDK builds a fresh hook context for ``on_agent_start`` but hands it the
+    run's own ``usage`` object, and passes the run's wrapper (same ``usage``)
+    to the session, so ``usage`` is the shared identity.
+    """
+    usage = getattr(context, "usage", None)
+    return usage if usage is not None else context
+
+
+_HOOKS_CLASS: type | None = None
+
+
+def hooks_class() -> type:
+    """Build (once) the ``RunHooks`` subclass; the SDK is imported only here."""
+    global _HOOKS_CLASS
+    if _HOOKS_CLASS is not None:
+        return _HOOKS_CLASS
+    agents = require_agents_sdk()
+
+    class AgentTrackingHooks(agents.RunHooks):  # type: ignore[misc,name-defined]
+        """Tell a :class:`ConvlogSession` which agent each run is executing."""
+
+        def __init__(self, session: Any) -> None:  # a ConvlogSession
+            self.session = session
+
+        async def on_agent_start(self, context: Any, agent: Any) -> None:
+            self.session.set_current_agent(agent.name, context=context)
+
+        async def on_llm_start(self, context: Any, agent: Any, *args: Any, **kwargs: Any) -> None:
+            self.session.set_current_agent(agent.name, context=context)
+
+    _HOOKS_CLASS = AgentTrackingHooks
+    return AgentTrackingHooks
