@@ -54,7 +54,7 @@ the copy is current.  What a read returns:
 
 The copy holds up to 2,000 visible items (16 MiB); a read that needs older
 ones goes to the log.  A copy nobody reads stops following after 200 unread
-envelopes and seeds again at the next read.  Where the consumer cannot be
+envelopes or 60 s without a read, and seeds again at the next read.  Where the consumer cannot be
 created (no permission on the items stream, JetStream unavailable) every
 read goes to the log, as with ``follow=False``.
 

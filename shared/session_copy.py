@@ -64,6 +64,7 @@ INACTIVE_S = 30.0  # the server drops a consumer nobody listens to after this lo
 SEED_WINDOW = 200  # raw envelopes read to seed a copy (more when a read asks for more)
 MAX_ITEMS = 2_000
 MAX_BYTES = 16 * 1024 * 1024
+IDLE_S = 60.0  # not read for this long: stop following (heartbeats alone keep a consumer busy)
 FOLLOW_RETRY_S = 10.0  # after a failed consumer create, read from the log this long
 _RESEED_GAP = 1_000  # behind by more than this: seed from the tail instead of paging
 
@@ -143,6 +144,7 @@ class SessionCopy:
         self.log_reads = 0  # round trips made to bring the copy up to date (for tests and benches)
         self.pauses = 0  # times it stopped following for want of readers
         self._unread = 0  # envelopes delivered since the last read
+        self._read_at = time.monotonic()
         self._pausing: asyncio.Task[None] | None = None
 
     # -- reading ---------------------------------------------------------
@@ -265,6 +267,7 @@ class SessionCopy:
         if self.closed:
             return False
         self._unread = 0
+        self._read_at = time.monotonic()
         if not self._following():
             async with self._lock:
                 if not self._following() and not await self._restart(want):
@@ -412,7 +415,9 @@ class SessionCopy:
         if not msg.data:  # a status message
             status = msg.headers.get("Status") if msg.headers else None
             if status == "100":
-                self._seen_at = time.monotonic()  # an idle heartbeat: the consumer lives
+                self._seen_at = now = time.monotonic()  # an idle heartbeat: the consumer lives
+                if now - self._read_at > IDLE_S and self._pausing is None:
+                    self._pausing = asyncio.get_running_loop().create_task(self._pause())
             elif status is not None:
                 self._seen_at = -1e18  # e.g. 409 consumer deleted: follow anew at the next read
             return
@@ -429,10 +434,12 @@ class SessionCopy:
 
     async def _pause(self) -> None:
         """Stop following a copy nobody reads: after a window's worth of unread
-        envelopes, seeding again at the next read costs no more than following."""
+        envelopes (seeding again at the next read costs no more than following),
+        or after ``IDLE_S`` without a read."""
         try:
             async with self._lock:
-                if self._unread > SEED_WINDOW and not self.closed:
+                idle = time.monotonic() - self._read_at > IDLE_S
+                if (self._unread > SEED_WINDOW or idle) and not self.closed and self._consumer:
                     self.pauses += 1
                     await self._stop_consumer()
         finally:

@@ -223,6 +223,27 @@ async def test_an_unread_copy_stops_following_and_reseeds_on_the_next_read(
         await session.close()
 
 
+async def test_a_copy_not_read_for_a_while_stops_following(
+    log_url: str, other: LogClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session_copy, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(session_copy, "IDLE_S", 0.5)
+    session = ConvlogSession.from_url("idle", url=log_url)
+    try:
+        await _sees(session, [])
+
+        def paused() -> None:
+            info = session.copy_info()
+            assert info is not None and info["pauses"] == 1 and info["consumer"] is None, info
+
+        await assert_eventually(paused, timeout=10)  # heartbeats only, no reads
+        await other.append("idle", [{"agent": "x", "data": _user("later")}])
+        await _sees(session, ["later"])  # the next read seeds again and follows again
+        assert session.copy_info()["following"]  # type: ignore[index]
+    finally:
+        await session.close()
+
+
 # -- one process, many session objects -----------------------------------------------
 
 
