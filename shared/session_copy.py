@@ -54,6 +54,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from .client import LogClient, new_item_id
 from .errors import TooLargeError
 from .messages import AppendedItem
+from .nats_seam import seam_for
 
 __all__ = ["SessionCopy"]
 
@@ -82,20 +83,6 @@ class _Delivered(msgspec.Struct):
 
 
 _decode_delivered = msgspec.json.Decoder(_Delivered).decode
-
-
-def _deliver_inline(nc: Any, sub: Subscription, fn: Any) -> bool:
-    """Hand ``sub``'s messages to ``fn`` as nats-py parses them (False: the callback serves).
-
-    Goes through whichever of convlog's nats-py seams this tree has.
-    """
-    try:
-        from .nats_seam import seam_for  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        from .inline import deliver_inline  # type: ignore[import-not-found,unused-ignore]
-
-        return bool(deliver_inline(sub, fn))
-    return bool(seam_for(nc).deliver_inline(sub, fn))
 
 
 class SessionCopy:
@@ -378,7 +365,7 @@ class SessionCopy:
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox, cb=self._on_msg_cb)
         self._sub = sub
-        _deliver_inline(nc, sub, self._on_msg)
+        seam_for(nc).deliver_inline(sub, self._on_msg)  # else _on_msg_cb serves
         name = f"convlog-copy-{new_item_id()}"
         config = ConsumerConfig(
             name=name,
