@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
+from nats.js.api import ConsumerConfig, StreamConfig
 
 from shared import ConvlogSession, session_copy
 from shared.chain import verify
@@ -30,6 +34,7 @@ from shared.errors import TooLargeError
 from shared.history import visible
 from shared.messages import Envelope
 from tests.support.eventually import assert_eventually
+from tests.support.natsd import NatsServer
 from tests.support.procs import REPO_ROOT
 
 
@@ -390,3 +395,39 @@ async def test_several_processes_see_gap_free_ordered_prefixes_and_converge(
             if proc.returncode is None:
                 proc.kill()
             await proc.wait()
+
+
+# -- no consumer allowed ---------------------------------------------------------------
+
+
+async def test_where_no_consumer_can_be_made_every_read_goes_to_the_log(
+    nats_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from services.log.service import LogService
+    from shared.config import load_settings
+
+    caplog.set_level(logging.DEBUG, logger="convlog.session_copy")  # WARNING once per process
+    # The items stream allows one consumer and someone else holds it.
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="CONVLOG_ITEMS", subjects=["convlog.items.>"],
+                                     max_consumers=1))
+    await js.add_consumer("CONVLOG_ITEMS", ConsumerConfig(durable_name="someone-else"))
+    await nc.close()
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "c.db")}, {})
+    async with LogService(settings), await LogClient.connect(nats_server.url) as other:
+        session = ConvlogSession.from_url("no-consumer", url=nats_server.url)
+        try:
+            await session.add_items([_user("one")])
+            await _sees(session, ["one"])
+            info = session.copy_info()
+            assert info is not None and not info["following"] and info["consumer"] is None
+            assert "cannot follow the items stream" in caplog.text
+            assert "maximum consumers" in caplog.text
+            # Reads still answer with every acknowledged write: from the log.
+            await other.append("no-consumer", [{"agent": "x", "data": _user("two")}])
+            await _sees(session, ["one", "two"])
+            assert (await session.pop_item() or {})["content"] == "two"
+            await _sees(session, ["one"])
+        finally:
+            await session.close()
