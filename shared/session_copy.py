@@ -223,13 +223,16 @@ class SessionCopy:
                 del self._orders[i], self._data[i]
 
     def _trim(self) -> None:
-        keep_n = max(1, self.max_items * 3 // 4)  # trim in steps, not one item per append
-        cut = max(0, len(self._data) - keep_n)
-        while cut < len(self._data) - 1 and self._nbytes - sum(map(len, self._data[:cut])) > self.max_bytes * 3 // 4:
+        """Drop the oldest items down to 3/4 of both limits (in steps, not one per append)."""
+        data = self._data
+        cut = max(0, len(data) - max(1, self.max_items * 3 // 4))
+        dropped = sum(map(len, data[:cut]))
+        while cut < len(data) - 1 and self._nbytes - dropped > self.max_bytes * 3 // 4:
+            dropped += len(data[cut])
             cut += 1
         if cut:
-            self._nbytes -= sum(map(len, self._data[:cut]))
-            del self._orders[:cut], self._data[:cut]
+            self._nbytes -= dropped
+            del self._orders[:cut], data[:cut]
             self.complete = False
 
     # -- staying current -----------------------------------------------------

@@ -64,3 +64,14 @@ async def test_fold_matches_visible_history(seed: int) -> None:
         if held < len(expected):  # older ones exist and are not held: the copy says so
             assert copy.items(len(expected)) is None
     assert copy.last == len(envs)
+
+
+async def test_the_window_keeps_within_its_byte_limit() -> None:
+    copy = SessionCopy(None, "s", max_items=1000, max_bytes=10_000)  # type: ignore[arg-type]
+    copy.complete = True
+    for order in range(1, 201):
+        copy.apply(order, "item", msgspec.json.encode({"content": f"{order:04d}" + "x" * 190}))
+    held = copy.info()["items"]
+    assert 0 < held < 200 and not copy.complete
+    assert sum(len(d) for d in copy._data) <= 10_000
+    assert _texts(copy.items(held)) == [f"{o:04d}" + "x" * 190 for o in range(201 - held, 201)]
