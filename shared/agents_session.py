@@ -54,9 +54,10 @@ the copy is current.  What a read returns:
 
 The copy holds up to 2,000 visible items (16 MiB); a read that needs older
 ones goes to the log.  A copy nobody reads stops following after 200 unread
-envelopes or 60 s without a read, and seeds again at the next read.  Where the consumer cannot be
-created (no permission on the items stream, JetStream unavailable) every
-read goes to the log, as with ``follow=False``.
+envelopes or 60 s without a read, and seeds again at the next read.  Where
+the consumer cannot be created (no permission on the items stream, JetStream
+unavailable) every read goes to the log, as with ``follow=False``; the copy
+tries again after 10 s, then less often (up to every 5 minutes).
 
 Concurrency (the SDK's ``add_items`` carries no version, so this is the
 contract): any number of processes may call these methods on one session id

@@ -66,7 +66,9 @@ SEED_WINDOW = 200  # raw envelopes read to seed a copy (more when a read asks fo
 MAX_ITEMS = 2_000
 MAX_BYTES = 16 * 1024 * 1024
 IDLE_S = 60.0  # not read for this long: stop following (heartbeats alone keep a consumer busy)
-FOLLOW_RETRY_S = 10.0  # after a failed consumer create, read from the log this long
+FOLLOW_RETRY_S = 10.0  # after a failed consumer create, read from the log this long ...
+FOLLOW_RETRY_MAX_S = 300.0  # ... doubling after each further failure, up to this
+CREATE_TIMEOUT_S = 1.0  # a consumer create unanswered this long counts as failed
 _RESEED_GAP = 1_000  # behind by more than this: seed from the tail instead of paging
 
 _decode_list = msgspec.json.Decoder(list[Any]).decode
@@ -126,6 +128,7 @@ class SessionCopy:
         self._seen_at = 0.0  # monotonic time of the last delivery or heartbeat
         self._reconnects = -1
         self._follow_failed_at: float | None = None
+        self._follow_retry_s = FOLLOW_RETRY_S
         self._lock = asyncio.Lock()
         self.closed = False
         self.log_reads = 0  # round trips made to bring the copy up to date (for tests and benches)
@@ -343,18 +346,21 @@ class SessionCopy:
     async def _restart(self, want: int | None) -> bool:
         """(Re)create the consumer, then seed; False when following is not possible now."""
         failed = self._follow_failed_at
-        if failed is not None and time.monotonic() - failed < FOLLOW_RETRY_S:
+        if failed is not None and time.monotonic() - failed < self._follow_retry_s:
             return False
         await self._stop_consumer()
         self._reconnects = self.client.nc.stats["reconnects"]
         try:
             await self._start_consumer()
         except Exception as e:  # no JetStream, no permission, no stream yet: read the log
+            if self._follow_failed_at is not None:  # failed before too: try less often
+                self._follow_retry_s = min(self._follow_retry_s * 2, FOLLOW_RETRY_MAX_S)
             self._follow_failed_at = time.monotonic()
             _warn_once(self.session_id, e)
             await self._stop_consumer()
             return False
         self._follow_failed_at = None
+        self._follow_retry_s = FOLLOW_RETRY_S
         await self._seed(self._window_for(want))
         return True
 
@@ -383,7 +389,7 @@ class SessionCopy:
         )
         self._seen_at = time.monotonic()
         await nc.jetstream().add_consumer(
-            subjects.stream_name, config, timeout=min(2.0, self.client.timeout)
+            subjects.stream_name, config, timeout=min(CREATE_TIMEOUT_S, self.client.timeout)
         )
         self._consumer = name
 
@@ -449,4 +455,5 @@ def _warn_once(session_id: str, e: BaseException) -> None:
     level = logging.DEBUG if _warned else logging.WARNING
     _warned = True
     log.log(level, "session %s: cannot follow the items stream (%s: %s); reading from the log "
-            "service instead, retrying in %g s", session_id, type(e).__name__, e, FOLLOW_RETRY_S)
+            "service instead, trying again after %g s and then less often", session_id,
+            type(e).__name__, e, FOLLOW_RETRY_S)
