@@ -31,7 +31,6 @@ from typing import Any
 import msgspec
 import nats
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from shared.errors import ConvlogError, TooLargeError, UnavailableError
 from shared.messages import AppendReply, AppendRequest, SessionInfo
@@ -49,8 +48,9 @@ from .api import (
     WrongLastSequence,
     publish_atomic,
 )
-from .index import SessionIndex, meta_of, seq_of
+from .index import Meta, SessionIndex
 from .layout import Layout, ensure_log_stream
+from .reads import StreamReads
 
 __all__ = ["MAX_BATCH_MESSAGES", "MAX_ITEMS_PER_APPEND", "JetStreamStore"]
 
@@ -61,7 +61,6 @@ MAX_BATCH_MESSAGES = 1000
 #: Each item is two messages (its envelope and its id record).
 MAX_ITEMS_PER_APPEND = MAX_BATCH_MESSAGES // 2
 _ATTEMPTS = 10
-_GET_CHUNK = 1000
 
 
 class _IdRecord(msgspec.Struct, frozen=True):
@@ -71,14 +70,6 @@ class _IdRecord(msgspec.Struct, frozen=True):
 
 _encode = msgspec.json.Encoder().encode
 _id_record = msgspec.json.Decoder(_IdRecord)
-
-
-def _order_of(msg: Msg) -> int:
-    msg_id = (msg.headers or {}).get(MSG_ID, "")
-    head, _, tail = msg_id.rpartition(":")
-    if head and tail.isdigit():
-        return int(tail)
-    return meta_of(msg).item_order
 
 
 class JetStreamStore:
@@ -119,7 +110,7 @@ class JetStreamStore:
         self.max_cached_sessions = max_cached_sessions
         self.max_inflight_batches = 32  # the server allows 50 per stream
         self._committer = GroupCommitter(self._commit_batch, max_batch=max_batch)
-        self._cache: OrderedDict[str, SessionIndex] = OrderedDict()
+        self._reads = StreamReads(self.layout, lambda: self._get, max_cached_sessions=max_cached_sessions)
         self._direct: DirectGet | None = None
         self._opened = False
         self.retries = 0  # appends decided again after the server refused a head (stats, tests)
@@ -347,142 +338,38 @@ class JetStreamStore:
         await self._extend(sid, s, max(targets))
         return {(sid, t): k for t in targets if (k := s.kind(t)) is not None}
 
-    # -- the cache -------------------------------------------------------
-    async def _session(self, sid: str, *, fresh: bool) -> SessionIndex:
-        """The session's cached index; with ``fresh``, its head read from the stream."""
-        s = self._cache.get(sid)
-        if s is not None:
-            self._cache.move_to_end(sid)
-            if not fresh:
-                return s
-        msg = await self._get.last(self.layout.items(sid))
-        if s is None or (msg is None and s.last_order) or (msg is not None and meta_of(msg).item_order < s.last_order):
-            s = SessionIndex()  # new, or the stream no longer matches the cache
-            self._cache[sid] = s
-            while len(self._cache) > self.max_cached_sessions:
-                self._cache.popitem(last=False)
-        if msg is not None:
-            s.set_head(meta_of(msg), seq_of(msg))
-        return s
-
-    async def _extend(self, sid: str, s: SessionIndex, upto: int) -> None:
-        """Index the session's envelopes up to order ``upto``."""
-        subject = self.layout.items(sid)
-        while s.indexed < upto:
-            start = s.seqs[-1] + 1 if s.indexed else 1
-            msgs = await self._get.batch(
-                {"seq": start, "next_by_subj": subject, "batch": min(_GET_CHUNK, upto - s.indexed)}
-            )
-            if not msgs:
-                raise UnavailableError(f"the log stream lacks items of session {sid!r} after {s.indexed}")
-            for m in msgs:
-                s.add(meta_of(m), seq_of(m))
-
-    # -- reads -----------------------------------------------------------
+    # -- reads: the cached index and direct gets (see .reads) ------------
     async def last_order(self, session_id: str) -> int:
-        return (await self._session(session_id, fresh=True)).last_order
+        return await self._reads.last_order(session_id)
 
     async def read(
         self, session_id: str, *, after: int, limit: int, max_bytes: int, visible: bool = False
     ) -> Page:
-        s = await self._session(session_id, fresh=True)
-        last = s.last_order
-        if after >= last:
-            return Page([], last, False)
-        after = max(after, 0)
-        if visible:
-            await self._extend(session_id, s, last)
-            orders = s.visible_orders(after, last)
-            if not orders:
-                return Page([], last, False)
-            start = s.seqs[orders[0] - 1]
-        else:
-            await self._extend(session_id, s, after)
-            orders = list(range(after + 1, last + 1))
-            start = s.seqs[after - 1] + 1 if after else 1
-        items, more = await self._fetch(session_id, start, orders, limit, max_bytes)
-        return Page(items, last, more)
+        return await self._reads.read(session_id, after=after, limit=limit, max_bytes=max_bytes, visible=visible)
 
     async def tail(self, session_id: str, n: int, *, visible: bool = True) -> Page:
-        s = await self._session(session_id, fresh=True)
-        last = s.last_order
-        if n <= 0 or last == 0:
-            return Page([], last, False)
-        await self._extend(session_id, s, last)
-        orders = s.visible_tail(n, last) if visible else list(range(max(1, last - n + 1), last + 1))
-        if not orders:
-            return Page([], last, False)
-        items, _ = await self._fetch(session_id, s.seqs[orders[0] - 1], orders, len(orders), 1 << 62)
-        return Page(items, last, False)
-
-    async def _fetch(
-        self, sid: str, start: int, orders: list[int], limit: int, max_bytes: int
-    ) -> tuple[list[bytes], bool]:
-        """The envelopes of ``orders`` (ascending), reading the session's
-        subject forward from stream sequence ``start``; at most ``limit`` and
-        ``max_bytes`` (but at least one).  Also whether more of ``orders`` remain."""
-        subject = self.layout.items(sid)
-        items: list[bytes] = []
-        size = 0
-        idx = 0
-        seq = start
-        while idx < len(orders):
-            span = orders[min(len(orders), idx + limit) - 1] - orders[idx] + 1
-            msgs = await self._get.batch({"seq": seq, "next_by_subj": subject, "batch": min(_GET_CHUNK, span)})
-            if not msgs:
-                raise UnavailableError(f"the log stream lacks item {orders[idx]} of session {sid!r}")
-            for m in msgs:
-                seq = seq_of(m) + 1
-                if _order_of(m) != orders[idx]:
-                    continue
-                if len(items) == limit or (items and size + len(m.data) + 1 > max_bytes):
-                    return items, True
-                items.append(m.data)
-                size += len(m.data) + 1
-                idx += 1
-                if idx == len(orders):
-                    break
-        return items, False
+        return await self._reads.tail(session_id, n, visible=visible)
 
     async def sessions(self, *, after: str | None, limit: int) -> tuple[list[SessionInfo], bool]:
-        counts = await self._get.subjects(self.layout.items_all)
-        sids = sorted(sid for sid in map(self.layout.session_of, counts) if sid > (after or ""))
-        page, more = sids[:limit], len(sids) > limit
-        infos: dict[str, SessionInfo] = {}
-        for i in range(0, len(page), 256):
-            chunk = [self.layout.items(s) for s in page[i : i + 256]]
-            for m in await self._get.batch({"multi_last": chunk, "batch": len(chunk)}):
-                meta = meta_of(m)
-                sid = self.layout.session_of(m.headers["Nats-Subject"])  # type: ignore[index]
-                infos[sid] = SessionInfo(session_id=sid, last_order=meta.item_order, updated_at=meta.created_at)
-        return [infos[s] for s in page if s in infos], more
+        return await self._reads.sessions(after=after, limit=limit)
 
     async def committed_after(self, position: int, limit: int) -> list[Committed]:
-        out: list[Committed] = []
-        seq = position + 1
-        while len(out) < limit:
-            msgs = await self._get.batch(
-                {"seq": seq, "next_by_subj": self.layout.items_all, "batch": min(_GET_CHUNK, limit - len(out))}
-            )
-            if not msgs:
-                break
-            for m in msgs:
-                seq = seq_of(m) + 1
-                sid = self.layout.session_of(m.headers["Nats-Subject"])  # type: ignore[index]
-                out.append(Committed(seq - 1, sid, _order_of(m), m.data))
-        return out
+        return await self._reads.committed_after(position, limit)
 
     async def position_of(self, session_id: str, item_order: int) -> int | None:
-        s = await self._session(session_id, fresh=True)
-        if not 1 <= item_order <= s.last_order:
-            return None
-        await self._extend(session_id, s, item_order)
-        return int(s.seqs[item_order - 1])
+        return await self._reads.position_of(session_id, item_order)
 
+    async def _session(self, sid: str, *, fresh: bool) -> SessionIndex:
+        return await self._reads.session(sid, fresh=fresh)
 
-def meta_of_row(r: Row) -> Any:
-    from .index import Meta
+    async def _extend(self, sid: str, s: SessionIndex, upto: int) -> None:
+        await self._reads.extend(sid, s, upto)
 
+    @property
+    def _cache(self) -> OrderedDict[str, SessionIndex]:
+        return self._reads.cache
+
+def meta_of_row(r: Row) -> Meta:
     return msgspec.json.decode(r[5], type=Meta)
 
 
