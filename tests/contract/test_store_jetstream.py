@@ -117,6 +117,20 @@ class TestJetStreamStore(StoreSuite):
         r = await store.append("s", req(*items[:MAX_ITEMS_PER_APPEND]))
         assert r.last_order == MAX_ITEMS_PER_APPEND
 
+    async def test_requests_over_one_atomic_batch_together_go_in_chained_batches(
+        self, store: JetStreamStore
+    ) -> None:
+        # Three requests of 400 items share one group commit: 2,400 messages,
+        # over the 1,000 of one atomic batch, so they go in order, each chunk
+        # chained onto the last one's head.
+        replies = await asyncio.gather(
+            *(store.append("s", req(*(item(f"{r}.{i}") for i in range(400)))) for r in range(3))
+        )
+        assert sorted((r.first_order, r.last_order) for r in replies) == [(1, 400), (401, 800), (801, 1200)]
+        stored = await read_all(store, "s")
+        assert [e.item_order for e in stored] == list(range(1, 1201))
+        assert verify(stored, session_id="s") is None
+
     async def test_a_stale_cache_never_refuses_a_valid_request(self, tmp_path: Path) -> None:
         first = await self.make_store(tmp_path)
         second = await self.make_store(tmp_path)

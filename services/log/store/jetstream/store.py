@@ -215,6 +215,9 @@ class JetStreamStore:
                 break
             s = await self._session(sid, fresh=fresh)
             st = SessionState(s.last_order, s.last_hash, s.last_clear)
+            # The head the rows are decided on: a read may move the cache's
+            # head on meanwhile, and the server must check against THIS one.
+            head_seq = s.last_seq
             existing = await self._existing_ids(sid, s, [requests[i] for i in todo], careful)
             stored_kinds = await self._stored_kinds(sid, s, [requests[i] for i in todo])
             created_at = now_rfc3339()
@@ -233,16 +236,16 @@ class JetStreamStore:
                 rows = [r for _, _, rs in chunk for r in rs]
                 if rows:
                     try:
-                        positions = await self._publish(sid, s, rows)
+                        positions = await self._publish(sid, s, head_seq, rows)
                     except WrongLastSequence:
                         # Another instance moved the head, or an id is stored already.
-                        head_seq = s.last_seq
                         s = await self._session(sid, fresh=True)
                         careful = careful or s.last_seq == head_seq
                         fresh = retry = True
                         self.retries += 1
                         break
                     committed += [Committed(pos, sid, r[2], r[5]) for pos, r in zip(positions, rows, strict=True)]
+                    head_seq = positions[-1]  # the next chunk chains onto this one
                 for i, out, _ in chunk:
                     results[i] = out
             if not retry:
@@ -253,7 +256,7 @@ class JetStreamStore:
         ]
         return final, committed
 
-    async def _publish(self, sid: str, s: SessionIndex, rows: list[Row]) -> list[int]:
+    async def _publish(self, sid: str, s: SessionIndex, head_seq: int, rows: list[Row]) -> list[int]:
         """Store ``rows`` (one session's, contiguous after its head) atomically;
         their stream sequences.  Updates the cache on success."""
         subject = self.layout.items(sid)
@@ -261,7 +264,7 @@ class JetStreamStore:
         for n, r in enumerate(rows):
             headers = {MSG_ID: f"{sid}:{r[2]}"}
             if n == 0:
-                headers[EXPECTED_LAST_SUBJECT_SEQ] = str(s.last_seq)
+                headers[EXPECTED_LAST_SUBJECT_SEQ] = str(head_seq)
             msgs.append((subject, r[5], headers))
         for r in rows:
             body = _encode(_IdRecord(item_order=r[2], hash=msgspec.json.decode(r[5], type=dict)["hash"]))
