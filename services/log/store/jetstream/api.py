@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from shared.inline import deliver_inline
 
 from shared.errors import UnavailableError
 
@@ -97,6 +98,24 @@ async def publish_atomic(nc: Client, messages: Sequence[Message], *, timeout: fl
     return BatchAck(last_seq=int(ack["seq"]), count=int(ack.get("count") or n))
 
 
+class _Collect:
+    """The messages of one batch get, until its status message."""
+
+    __slots__ = ("done", "msgs")
+
+    def __init__(self) -> None:
+        self.msgs: list[Msg] = []
+        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def add(self, msg: Msg) -> None:
+        headers = msg.headers
+        status = headers.get(_STATUS) if headers else None
+        if status is None:
+            self.msgs.append(msg)
+        elif not self.done.done():
+            self.done.set_result(status)
+
+
 class DirectGet:
     """Direct gets on one stream (``allow_direct``); any replica may answer."""
 
@@ -106,18 +125,25 @@ class DirectGet:
         self._timeout = timeout
         # One wildcard inbox for every batch get, routed by its last token.
         self._prefix = nc.new_inbox() + "."
-        self._waiting: dict[str, asyncio.Queue[Msg]] = {}
+        self._waiting: dict[str, _Collect] = {}
         self._sub: object | None = None
         self._next = 0
 
     async def start(self) -> None:
         if self._sub is None:
-            self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._route)
+            sub = await self._nc.subscribe(self._prefix + "*", cb=self._route_async)
+            # A batch is thousands of messages: take each as nats-py parses it
+            # (no queue, task switch or coroutine per message) where it can.
+            deliver_inline(sub, self._route)
+            self._sub = sub
 
-    async def _route(self, msg: Msg) -> None:
-        queue = self._waiting.get(msg.subject[len(self._prefix) :])
-        if queue is not None:
-            queue.put_nowait(msg)
+    def _route(self, msg: Msg) -> None:
+        collect = self._waiting.get(msg.subject[len(self._prefix) :])
+        if collect is not None:
+            collect.add(msg)
+
+    async def _route_async(self, msg: Msg) -> None:
+        self._route(msg)
 
     async def last(self, subject: str) -> Msg | None:
         """The last message on ``subject``, or ``None`` when it has none."""
@@ -141,23 +167,18 @@ class DirectGet:
         await self.start()
         self._next += 1
         token = str(self._next)
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self._waiting[token] = queue
-        out: list[Msg] = []
+        collect = _Collect()
+        self._waiting[token] = collect
         try:
             await self._nc.publish(self._subject, json.dumps(request).encode(), reply=self._prefix + token)
-            while True:
-                msg = await asyncio.wait_for(queue.get(), self._timeout)
-                status = (msg.headers or {}).get(_STATUS)
-                if status in ("204", "404"):  # end of batch; nothing matched
-                    return out
-                if status:
-                    raise UnavailableError(f"direct get batch failed with status {status}")
-                out.append(msg)
+            status = await asyncio.wait_for(collect.done, self._timeout)
         except (nats.errors.Error, TimeoutError, OSError) as e:
             raise UnavailableError(f"cannot read the log stream: {type(e).__name__}") from e
         finally:
             del self._waiting[token]
+        if status not in ("204", "404"):  # end of batch; nothing matched
+            raise UnavailableError(f"direct get batch failed with status {status}")
+        return collect.msgs
 
     async def subjects(self, filter_subject: str) -> dict[str, int]:
         """Every subject matching ``filter_subject`` with its message count."""
