@@ -21,6 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from shared.errors import ConvlogError, UnavailableError
 from shared.messages import AppendReply, AppendRequest
@@ -73,11 +74,24 @@ class GroupCommitter:
         commit_batch: the backend's write of one batch (see :data:`CommitBatch`).
         max_batch: most append requests one batch takes.
         name: the committer task's name.
+        max_inflight: batches being written at once.  With more than one
+            (a backend whose writes wait on the network, not a local fsync),
+            a batch never holds a session another batch in flight holds:
+            that session's requests wait for the next batch, so each
+            session's requests are still decided and written in order.
     """
 
-    def __init__(self, commit_batch: CommitBatch, *, max_batch: int = 512, name: str = "convlog-committer") -> None:
+    def __init__(
+        self,
+        commit_batch: CommitBatch,
+        *,
+        max_batch: int = 512,
+        name: str = "convlog-committer",
+        max_inflight: int = 1,
+    ) -> None:
         self._commit_batch = commit_batch
         self.max_batch = max_batch
+        self.max_inflight = max_inflight
         self._name = name
         self._queue: asyncio.Queue[Pending | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -88,7 +102,8 @@ class GroupCommitter:
     def start(self) -> None:
         """Start the committer task (idempotent)."""
         if self._task is None and not self._closed:
-            self._task = asyncio.create_task(self._loop(), name=self._name)
+            loop = self._loop() if self.max_inflight <= 1 else self._loop_pipelined()
+            self._task = asyncio.create_task(loop, name=self._name)
 
     async def stop(self) -> None:
         """Commit what is queued, then end the task.  Idempotent."""
@@ -150,6 +165,85 @@ class GroupCommitter:
                 for p in batch:
                     if not p.answered:
                         _answer(p, UnavailableError("the store failed to commit"))
+
+    async def _loop_pipelined(self) -> None:
+        """Like :meth:`_loop`, with up to ``max_inflight`` batches in flight
+        over disjoint sets of sessions."""
+        held: list[Pending] = []  # arrived, not yet in a batch, in arrival order
+        busy: set[str] = set()  # sessions of the batches in flight
+        inflight: set[asyncio.Task[None]] = set()
+        wake = asyncio.Event()  # a batch finished: held requests may go now
+        stopping = False
+        while True:
+            while not stopping:
+                try:
+                    nxt = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if nxt is None:
+                    stopping = True
+                else:
+                    held.append(nxt)
+            if held and len(inflight) < self.max_inflight:
+                batch: list[Pending] = []
+                rest: list[Pending] = []
+                deferred: set[str] = set()  # once one request of a session waits, its later ones do
+                for p in held:
+                    sid = p.session_id
+                    if len(batch) < self.max_batch and sid not in busy and sid not in deferred:
+                        batch.append(p)
+                    else:
+                        deferred.add(sid)
+                        rest.append(p)
+                held = rest
+                if batch:
+                    sids = {p.session_id for p in batch}
+                    busy.update(sids)
+                    task = asyncio.create_task(self._guarded(batch))
+                    inflight.add(task)
+
+                    def finished(t: asyncio.Task[None], sids: set[str] = sids) -> None:
+                        inflight.discard(t)
+                        busy.difference_update(sids)
+                        wake.set()
+
+                    task.add_done_callback(finished)
+                    continue
+            if stopping and not held:
+                if inflight:
+                    await asyncio.wait(set(inflight))
+                return
+            wake.clear()
+            waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(wake.wait())}
+            getter: asyncio.Task[Pending | None] | None = None
+            if not stopping:
+                getter = asyncio.ensure_future(self._queue.get())
+                waiters.add(getter)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                if w is not getter:
+                    w.cancel()
+            if getter is not None:
+                if getter.done():
+                    got = getter.result()
+                    if got is None:
+                        stopping = True
+                    else:
+                        held.append(got)
+                        await asyncio.sleep(0)  # let the requests arriving with it join
+                else:
+                    getter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await getter
+
+    async def _guarded(self, batch: list[Pending]) -> None:
+        try:
+            await self._commit(batch)
+        except Exception:  # never let a batch fail silently
+            log.exception("group commit failed")
+            for p in batch:
+                if not p.answered:
+                    _answer(p, UnavailableError("the store failed to commit"))
 
     async def _commit(self, batch: list[Pending]) -> None:
         outcomes, committed = await self._commit_batch(batch)

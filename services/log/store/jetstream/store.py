@@ -58,6 +58,7 @@ class JetStreamStore:
         max_batch: most append requests one group commit takes.
         timeout: seconds to wait for the stream's answers.
         max_cached_sessions: sessions whose head and index are kept in memory.
+        max_inflight: group commits in flight at once (over disjoint sessions).
         nc: an already connected client to use (not closed by :meth:`close`).
     """
 
@@ -73,6 +74,7 @@ class JetStreamStore:
         max_batch: int = 512,
         timeout: float = 5.0,
         max_cached_sessions: int = 10_000,
+        max_inflight: int = 4,
         nc: Client | None = None,
     ) -> None:
         self.layout = Layout(subjects)
@@ -83,7 +85,9 @@ class JetStreamStore:
         self.replicas = replicas
         self.timeout = timeout
         self.max_cached_sessions = max_cached_sessions
-        self._committer = GroupCommitter(self._commit_batch, max_batch=max_batch)
+        # Batches wait on the network, not on a local fsync: keep several in
+        # flight (over disjoint sessions; see GroupCommitter).
+        self._committer = GroupCommitter(self._commit_batch, max_batch=max_batch, max_inflight=max_inflight)
         self._reads = StreamReads(self.layout, lambda: self._get, max_cached_sessions=max_cached_sessions)
         self._writer = BatchWriter(self._client, self.layout, self._reads, timeout)
         self._direct: DirectGet | None = None
