@@ -28,6 +28,8 @@ __all__ = ["StreamReads"]
 
 _GET_CHUNK = 1000
 _PAGE_CHUNK = 10_000
+_NO_BYTE_LIMIT = 1 << 40
+_ENVELOPE_SLACK = 256 << 10  # about the largest envelope (a bigger one costs a second request)
 
 
 class _Order(msgspec.Struct):
@@ -124,7 +126,7 @@ class StreamReads:
         orders = s.visible_tail(n, last) if visible else list(range(max(1, last - n + 1), last + 1))
         if not orders:
             return Page([], last, False)
-        items, _ = await self.fetch(session_id, s, s.seqs[orders[0] - 1], orders, len(orders), 1 << 62)
+        items, _ = await self.fetch(session_id, s, s.seqs[orders[0] - 1], orders, len(orders), _NO_BYTE_LIMIT)
         return Page(items, last, False)
 
     async def fetch(
@@ -146,9 +148,15 @@ class StreamReads:
         seq, base = start, orders[0]
         while True:
             end = orders[min(len(orders), idx + limit + 1) - 1]
-            msgs = await self.get().batch(
-                {"seq": seq, "next_by_subj": subject, "batch": min(_PAGE_CHUNK, end - base + 1), "no_hdr": True}
-            )
+            request: dict[str, object] = {
+                "seq": seq, "next_by_subj": subject, "batch": min(_PAGE_CHUNK, end - base + 1), "no_hdr": True,
+            }
+            if max_bytes < _NO_BYTE_LIMIT:
+                # A little past the budget: the server stops soon after the
+                # page is full, and usually sends the envelope that tells
+                # there is more (if not, the loop asks again).
+                request["max_bytes"] = max_bytes - size + _ENVELOPE_SLACK
+            msgs = await self.get().batch(request)
             if not msgs or _first_order.decode(msgs[0].data).item_order != base:
                 raise UnavailableError(f"the log stream lacks item {base} of session {sid!r}")
             for k, m in enumerate(msgs):
