@@ -131,6 +131,30 @@ class TestJetStreamStore(StoreSuite):
         assert [e.item_order for e in stored] == list(range(1, 1201))
         assert verify(stored, session_id="s") is None
 
+    async def test_a_commit_whose_answer_is_lost_is_resolved_from_the_stream(self, tmp_path: Path) -> None:
+        store = JetStreamStore(
+            {"servers": [self.server.url]}, subjects=Subjects(prefix_for(tmp_path)), timeout=0.5
+        )
+        await store.open()
+        try:
+            await store.append("s", req(item("before")))
+            # The server freezes with the commit in its socket: no answer within
+            # the timeout, then it stores the batch when it wakes up.
+            self.server.pause()
+            try:
+                task = asyncio.create_task(store.append("s", req(item("lost", item_id="lost"), item("too"))))
+                await asyncio.sleep(1.5)  # the fault lasts three timeouts
+            finally:
+                self.server.resume()
+            r = await asyncio.wait_for(task, 20)
+            assert (r.first_order, r.last_order) == (2, 3) and store._writer.unknown == 1
+            stored = await read_all(store, "s")
+            assert [e.item_order for e in stored] == [1, 2, 3] and verify(stored, session_id="s") is None
+            again = await store.append("s", req(item("lost", item_id="lost")))
+            assert again.items[0].duplicate and again.items[0].item_order == 2
+        finally:
+            await store.close()
+
     async def test_a_stale_cache_never_refuses_a_valid_request(self, tmp_path: Path) -> None:
         first = await self.make_store(tmp_path)
         second = await self.make_store(tmp_path)

@@ -100,6 +100,7 @@ class BatchWriter:
         self.max_inflight_batches = 32  # when isolating; the server allows 50 per stream
         self.retries = 0  # batches refused because a head moved or an id existed (stats, tests)
         self.batches = 0  # atomic batches stored
+        self.unknown = 0  # commits whose answer was lost, resolved from the stream
 
     async def commit(self, batch: list[Pending]) -> tuple[list[Outcome], list[Committed]]:
         outcomes: list[Outcome | None] = [None] * len(batch)
@@ -248,16 +249,12 @@ class BatchWriter:
                 msgs.append((subject, r[5], headers))
                 record = _encode(IdRecord(item_order=r[2], hash=_meta.decode(r[5]).hash))
                 ids.append((self.layout.id_subject(part.sid, r[3]), record, {EXPECTED_LAST_SUBJECT_SEQ: "0"}))
-        positions: list[list[int]] = []
         try:
             ack = await publish_atomic(self._nc(), msgs + ids, timeout=self.timeout)
-            seq = ack.first_seq
-            for part in chunk:
-                n = len(part.rows)
-                positions.append(list(range(seq, seq + n)))
-                seq += n
+            positions = _positions(chunk, ack.first_seq)
         except OutcomeUnknown:
-            positions = await self._resolve_unknown(chunk)
+            self.unknown += 1
+            positions = await self._resolve_unknown(chunk, msgs + ids)
         for part, pos_list in zip(chunk, positions, strict=True):
             part.last_pos = pos_list[-1]
             ix = part.index
@@ -270,24 +267,36 @@ class BatchWriter:
                     ix.set_head(meta, pos)
         return positions
 
-    async def _resolve_unknown(self, chunk: list[_Part]) -> list[list[int]]:
-        """No answer came to a commit: find out from the stream whether it landed
-        (a batch is all or nothing, so its first id record tells)."""
-        first_part = chunk[0]
-        first = first_part.rows[0]
+    async def _resolve_unknown(self, chunk: list[_Part], messages: list[Message]) -> list[list[int]]:
+        """No answer came to a commit: make its outcome certain, then read it.
+
+        A lookup alone could run before a batch still in flight lands.  So
+        the same batch is sent again: the stream takes a connection's
+        messages in order, so once the copy is answered the original, if it
+        arrived, has been stored or refused.  If the copy is stored, the
+        original was not (it would have failed the copy's expectations);
+        if the copy is refused, the first id record tells whether the
+        original is ours (a batch is all or nothing).
+        """
         for _ in range(_ATTEMPTS):
             try:
-                rec = await self.reads.get().last(self.layout.id_subject(first_part.sid, first[3]))
-                break
-            except UnavailableError:
+                ack = await publish_atomic(self._nc(), messages, timeout=self.timeout)
+            except WrongLastSequence:
+                break  # something is stored: ours, or another writer's
+            except (OutcomeUnknown, UnavailableError):
                 await asyncio.sleep(0.5)
+                continue
+            return _positions(chunk, ack.first_seq)
         else:
             raise UnavailableError("the outcome of an append is unknown; retry it with the same item_ids")
-        if rec is None:
-            raise WrongLastSequence("not stored")  # decide again: nothing was written
-        found = _id_record.decode(rec.data)
-        if (found.item_order, found.hash) != (first[2], _meta.decode(first[5]).hash):
-            raise WrongLastSequence("another append took the id")
+        first_part = chunk[0]
+        first = first_part.rows[0]
+        rec = await self.reads.get().last(self.layout.id_subject(first_part.sid, first[3]))
+        if rec is None or (
+            (found := _id_record.decode(rec.data)).item_order,
+            found.hash,
+        ) != (first[2], _meta.decode(first[5]).hash):
+            raise WrongLastSequence("another append was stored first")  # decide again
         positions: list[list[int]] = []
         for part in chunk:
             ix = await self.reads.session(part.sid, fresh=True)
@@ -332,6 +341,17 @@ class BatchWriter:
             return {}
         await self.reads.extend(sid, s, max(targets))
         return {(sid, t): k for t in targets if (k := s.kind(t)) is not None}
+
+
+def _positions(chunk: list[_Part], first_seq: int) -> list[list[int]]:
+    """Each part's envelope sequences in a stored batch (envelopes come first, in part order)."""
+    out: list[list[int]] = []
+    seq = first_seq
+    for part in chunk:
+        n = len(part.rows)
+        out.append(list(range(seq, seq + n)))
+        seq += n
+    return out
 
 
 def _size(part: _Part) -> int:
