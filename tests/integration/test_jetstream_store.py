@@ -21,8 +21,11 @@ from services.log.service import LogService
 from services.log.store.jetstream import JetStreamStore
 from shared.chain import verify
 from shared.client import LogClient
+from shared.codec import decode
 from shared.config import ConfigError, Settings, load_settings
 from shared.errors import BadRequestError, ConflictError
+from shared.messages import AppendItem, AppendRequest, Envelope
+from shared.subjects import Subjects
 from tests.support.eventually import assert_eventually
 from tests.support.logsvc import LogServiceProc, check_session, following
 from tests.support.natsd import NatsServer
@@ -152,3 +155,28 @@ async def test_workers_answer_from_the_stream_on_the_jetstream_store(
         users = [e for e in log if is_user(e)]
         assert terminal_items(log, users[0])[0].agent == "L1Billing"
         assert verify(log, session_id="js-seed") is None
+
+
+async def test_an_r3_log_on_a_three_node_cluster(nats_cluster: Any, tmp_path: Path) -> None:
+    # Atomic batches, per-subject OCC and direct gets on a replicated stream:
+    # two instances on different nodes write one session, a third node reads it.
+    urls = nats_cluster.urls
+    stores = [
+        JetStreamStore({"servers": [url]}, subjects=Subjects("r3"), replicas=3) for url in urls
+    ]
+    for s in stores:
+        await s.open()
+    try:
+        replies = await asyncio.gather(
+            *(stores[i % 2].append("s", AppendRequest(items=[AppendItem(
+                agent="user", data={"role": "user", "content": f"m{i}"}, item_id=f"id-{i}")]))
+              for i in range(40))
+        )
+        stored = [decode(b, Envelope) for b in (await stores[2].read("s", after=0, limit=100, max_bytes=1 << 30)).items]
+        check_session("s", stored, {("s", r.items[0].item_id): r.items[0].item_order for r in replies})
+        assert len(stored) == 40
+        info = await stores[0]._client().jetstream().stream_info(stores[0].layout.stream)
+        assert info.config.num_replicas == 3 and info.config.allow_atomic
+    finally:
+        for s in stores:
+            await s.close()
