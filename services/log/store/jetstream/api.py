@@ -92,8 +92,11 @@ async def publish_atomic(nc: Client, messages: Sequence[Message], *, timeout: fl
         raise OutcomeUnknown("unreadable publish ack") from e
     err = ack.get("error")
     if err:
-        if err.get("err_code") in _STALE:
-            raise WrongLastSequence(err.get("description", ""))
+        description = str(err.get("description", ""))
+        # On a clustered stream, two instances proposing the same <sid>:<order>
+        # at once get "duplicate message id is in process": a stale head too.
+        if err.get("err_code") in _STALE or "duplicate message id" in description:
+            raise WrongLastSequence(description)
         raise UnavailableError(f"the log stream refused the append: {err.get('description', err)}")
     return BatchAck(last_seq=int(ack["seq"]), count=int(ack.get("count") or n))
 

@@ -54,6 +54,10 @@ _ATTEMPTS = 12
 _ISOLATE_AFTER = 2
 
 
+class OutcomeStillUnknown(UnavailableError):
+    """No answer came to a commit, nor to the copies sent to settle it."""
+
+
 class IdRecord(msgspec.Struct, frozen=True):
     """The body of ``<prefix>.ids.<sid>.<token>``."""
 
@@ -219,6 +223,14 @@ class BatchWriter:
         """
         try:
             positions = await self._publish(chunk)
+        except OutcomeStillUnknown:
+            raise  # maybe stored: never decide these requests again
+        except UnavailableError as e:
+            # Refused for another reason (a leader election, too many batches
+            # in flight): nothing was stored; try again shortly, on fresh heads.
+            log.info("append batch refused, retrying: %s", e.message)
+            await asyncio.sleep(0.25)
+            return {p.sid for p in chunk}, set()
         except WrongLastSequence:
             self.retries += 1
             heads = await asyncio.gather(*(self.reads.session(p.sid, fresh=True) for p in chunk))
@@ -288,7 +300,7 @@ class BatchWriter:
                 continue
             return _positions(chunk, ack.first_seq)
         else:
-            raise UnavailableError("the outcome of an append is unknown; retry it with the same item_ids")
+            raise OutcomeStillUnknown("the outcome of an append is unknown; retry it with the same item_ids")
         first_part = chunk[0]
         first = first_part.rows[0]
         rec = await self.reads.get().last(self.layout.id_subject(first_part.sid, first[3]))
