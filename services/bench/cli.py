@@ -58,6 +58,7 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", choices=["sqlite", "jetstream"], default=None,
                    help="instead: private stacks fsyncing every write; jetstream runs the JetStream "
                         "store, then SQLite, next to a raw JetStream publish baseline")
+    p.add_argument("--json", action="store_true", help="with --store: print the figures as JSON")
     p.add_argument("--sdk", action="store_true",
                    help="instead: ConvlogSession vs the Agents SDK's SQLiteSession "
                         "(needs convlog[agents])")

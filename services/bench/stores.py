@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -82,10 +83,18 @@ async def raw_publish(url: str, args: argparse.Namespace) -> dict[str, Run]:
         await nc.close()
 
 
+def _figures(r: Run) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": r.name, "ops_per_s": round(r.rate, 1), "errors": r.errors}
+    if r.latencies:
+        out.update(p50_ms=round(r.pct(0.5), 2), p99_ms=round(r.pct(0.99), 2), p999_ms=round(r.pct(0.999), 2))
+    return out
+
+
 async def cmd_store_bench(args: argparse.Namespace) -> int:
     stores = ["jetstream", "sqlite"] if args.store == "jetstream" else [args.store]
     tables: list[str] = []
     rates: dict[str, float] = {}
+    measured: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="convlog-store-bench-") as tmp:
         with store_stack(Path(tmp) / "raw", None) as url:
             raw = await raw_publish(url, args)
@@ -94,7 +103,17 @@ async def cmd_store_bench(args: argparse.Namespace) -> int:
             with store_stack(Path(tmp) / store, store) as url:
                 results = await run_bench(args, url)
             rates[store] = results["append"].rate
+            measured[store] = {k: _figures(r) for k, r in results.items()}
             tables.append(f"[store: {store}]\n" + report(results, args))
+    if args.json:
+        summary_json = {s: round(rate / raw["raw"].rate, 3) for s, rate in rates.items()}
+        print(json.dumps({
+            "writers": args.writers, "sessions": args.sessions, "item_size": args.item_size,
+            "duration_s": args.duration, "cores": os.cpu_count(),
+            "raw": {k: _figures(r) for k, r in raw.items()}, "stores": measured,
+            "appends_vs_raw_publish": summary_json,
+        }, indent=2))
+        return 0
     lines = [f"[raw JetStream publish baseline, sync_interval: always, {os.cpu_count()} cores]"]
     for r in raw.values():
         lines.append(
