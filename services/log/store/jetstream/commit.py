@@ -90,10 +90,10 @@ class BatchWriter:
     """Decides and stores the group commits of one store instance.
 
     Args:
-        nc: the store's connection.
+        nc: returns the store's connection.
         layout: the store's subjects.
         reads: the read side, whose session cache this writer keeps current.
-        get_timeout: returns the seconds to wait for a commit's answer.
+        timeout: seconds to wait for a commit's answer.
     """
 
     def __init__(self, nc: Callable[[], Client], layout: Layout, reads: StreamReads, timeout: float) -> None:
