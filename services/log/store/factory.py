@@ -21,6 +21,7 @@ def make_store(settings: Settings) -> LogStore:
             replicas=settings.stream_replicas,
             max_batch=settings.commit_batch,
             timeout=settings.request_timeout,
+            nats_seam=settings.nats_seam,
         )
     from .sqlite import SQLiteStore
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from shared.inline import deliver_inline
 
 from shared.errors import UnavailableError
+from shared.nats_seam import seam_for
 
 __all__ = ["BatchAck", "DirectGet", "OutcomeUnknown", "WrongLastSequence", "publish_atomic"]
 
@@ -136,8 +136,8 @@ class DirectGet:
         if self._sub is None:
             sub = await self._nc.subscribe(self._prefix + "*", cb=self._route_async)
             # A batch is thousands of messages: take each as nats-py parses it
-            # (no queue, task switch or coroutine per message) where it can.
-            deliver_inline(sub, self._route)
+            # (no queue, task switch or coroutine per message) where the seam can.
+            seam_for(self._nc).deliver_inline(sub, self._route)
             self._sub = sub
 
     def _route(self, msg: Msg) -> None:

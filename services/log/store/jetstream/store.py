@@ -31,6 +31,7 @@ from nats.aio.client import Client
 
 from shared.errors import UnavailableError
 from shared.messages import AppendReply, AppendRequest, SessionInfo
+from shared.nats_seam import bind
 from shared.subjects import Subjects
 
 from ..base import AppendDone, CommitListener, Committed, Page
@@ -59,6 +60,8 @@ class JetStreamStore:
         timeout: seconds to wait for the stream's answers.
         max_cached_sessions: sessions whose head and index are kept in memory.
         max_inflight: group commits in flight at once (over disjoint sessions).
+        nats_seam: ``auto`` or ``public`` (see :mod:`shared.nats_seam`) for the
+            store's own connection.
         nc: an already connected client to use (not closed by :meth:`close`).
     """
 
@@ -75,6 +78,7 @@ class JetStreamStore:
         timeout: float = 5.0,
         max_cached_sessions: int = 10_000,
         max_inflight: int = 4,
+        nats_seam: str = "auto",
         nc: Client | None = None,
     ) -> None:
         self.layout = Layout(subjects)
@@ -82,6 +86,7 @@ class JetStreamStore:
         self._connect_options = connect_options or {}
         self._nc = nc
         self._owns_nc = nc is None
+        self._nats_seam = nats_seam
         self.replicas = replicas
         self.timeout = timeout
         self.max_cached_sessions = max_cached_sessions
@@ -118,6 +123,7 @@ class JetStreamStore:
         try:
             if self._nc is None:
                 self._nc = await nats.connect(**self._connect_options)
+                bind(self._nc, self._nats_seam)
             await ensure_log_stream(self._nc.jetstream(timeout=self.timeout), self.layout, replicas=self.replicas)
             self._direct = DirectGet(self._nc, self.layout.stream, timeout=self.timeout)
             await self._direct.start()
