@@ -29,10 +29,12 @@ from msgspec import Meta
 from .errors import BadRequestError
 from .subjects import Subjects
 
-__all__ = ["ConfigError", "Settings", "default_data_dir", "load_settings", "nats_servers"]
+__all__ = ["STORES", "ConfigError", "Settings", "default_data_dir", "load_settings", "nats_servers"]
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+#: The log stores ``CONVLOG_STORE`` / ``--store`` may name (the first is the default).
+STORES = ("sqlite", "jetstream")
 
 Seconds = Annotated[float, Meta(gt=0, le=86_400)]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -55,6 +57,7 @@ class Settings:
     prefix: str = "convlog"
     data_dir: Path = Path(".")
     db: Path | None = None
+    store: Literal["sqlite", "jetstream"] = "sqlite"  # one of STORES
     creds: str | None = None
     nkey: str | None = None
     user: str | None = None

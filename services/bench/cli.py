@@ -55,6 +55,10 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="items in the session replayed (default 100000)")
     p.add_argument("--long-session", type=positive_int, default=0, metavar="N",
                    help="also compare append cost at 1k items and at this many (e.g. 1000000)")
+    p.add_argument("--store", choices=["sqlite", "jetstream"], default=None,
+                   help="instead: private stacks fsyncing every write; jetstream runs the JetStream "
+                        "store, then SQLite, next to a raw JetStream publish baseline")
+    p.add_argument("--json", action="store_true", help="with --store: print the figures as JSON")
     p.add_argument("--sdk", action="store_true",
                    help="instead: ConvlogSession vs the Agents SDK's SQLiteSession "
                         "(needs convlog[agents])")
@@ -81,6 +85,10 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         await run_sdk_bench(url, args.sdk_ops, sys.stdout)
         return EXIT_OK
 
+    if args.store is not None:
+        from .stores import cmd_store_bench
+
+        return await cmd_store_bench(args)
     from .appends import report, run_bench
     from .stack import local_stack
 

@@ -20,6 +20,7 @@ from services.web import cli as web
 from shared.config import Settings
 
 from .log_cmd import cmd_log, log_arguments
+from .migrate import cmd_migrate, migrate_arguments
 from .session_cmds import (
     cmd_replay,
     cmd_send,
@@ -81,4 +82,6 @@ COMMANDS: tuple[Command, ...] = (
             bench_arguments, cmd_bench),
     Command("web", "serve the read-only web audit console", web.web_arguments, web.run,
             description=web.WEB_DESCRIPTION),
+    Command("migrate", "copy sessions between the SQLite and JetStream stores, verified",
+            migrate_arguments, cmd_migrate),
 )

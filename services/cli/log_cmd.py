@@ -27,6 +27,8 @@ def log_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", metavar="PATH",
                    help="SQLite file [CONVLOG_DB, default DATA_DIR/convlog.db]; its directory "
                         "must exist")
+    p.add_argument("--store", choices=["sqlite", "jetstream"],
+                   help="where the log lives [CONVLOG_STORE, default sqlite]")
 
 
 def db_source(args: argparse.Namespace, settings: Settings) -> str | None:
@@ -39,7 +41,8 @@ def db_source(args: argparse.Namespace, settings: Settings) -> str | None:
 async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
     from services.log.service import LogService
 
-    check_service_db(settings.db_path, name=db_source(args, settings))
+    if settings.store == "sqlite":
+        check_service_db(settings.db_path, name=db_source(args, settings))
     if settings.embedded:
         check_data_dir(settings.data_dir)  # the embedded server's JetStream store lives there
     server = maybe_embedded_nats(settings, settings.data_dir)

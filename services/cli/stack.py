@@ -69,9 +69,13 @@ class EmbeddedNats:
         data_dir: JetStream store directory (kept across runs).
         host: interface to listen on (loopback by default).
         port: client port; ``-1`` picks a free one.
+        config: a nats-server config file (the flags above win over it).
     """
 
-    def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", port: int = -1) -> None:
+    def __init__(
+        self, data_dir: Path, *, host: str = "127.0.0.1", port: int = -1, config: Path | None = None
+    ) -> None:
+        self.config = config
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port
@@ -87,6 +91,7 @@ class EmbeddedNats:
         self.log_path.write_bytes(b"")
         cmd = [
             nats_server_binary(),
+            *(["-c", str(self.config)] if self.config is not None else []),
             "-a", self.host,
             "-p", str(self.port),
             "-js",

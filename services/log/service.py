@@ -44,7 +44,7 @@ from shared.subjects import Subjects
 from .handlers import Handlers, encode_outcome, error_reply
 from .outbox import Outbox, ensure_stream
 from .store.base import LogStore
-from .store.sqlite import SQLiteStore
+from .store.factory import make_store
 from .wire import Message, publish_many
 
 __all__ = ["LogService", "ensure_routing_bucket"]
@@ -84,8 +84,8 @@ class LogService:
 
     Args:
         settings: configuration (NATS URL, prefix, database, limits).
-        store: the store to serve; defaults to :class:`SQLiteStore` on
-            ``settings.db_path``.
+        store: the store to serve; defaults to the one ``settings.store``
+            names (SQLite on ``settings.db_path``, or JetStream).
         outbox_ack_timeout: seconds the outbox waits for the stream's ack of
             a publish window before it resyncs.
     """
@@ -96,7 +96,7 @@ class LogService:
         self.settings = settings
         self.subjects = settings.subjects
         self._outbox_ack_timeout = outbox_ack_timeout
-        self.store: LogStore = store or SQLiteStore(settings.db_path, max_batch=settings.commit_batch)
+        self.store: LogStore = store or make_store(settings)
         self.nc: Client | None = None
         self.outbox: Outbox | None = None
         self._service: Service | None = None
@@ -150,7 +150,10 @@ class LogService:
         seam = self._seam = bind(self.nc, self.settings.nats_seam)
         log.info("nats-py seam: %s", seam.name)
         js = self.nc.jetstream()
-        await ensure_stream(js, self.subjects, replicas=self.settings.stream_replicas)
+        # On the JetStream store the stream is the log and its fan-out: no outbox.
+        outbox_needed = not getattr(self.store, "publishes_items", False)
+        if outbox_needed:
+            await ensure_stream(js, self.subjects, replicas=self.settings.stream_replicas)
         kv = await ensure_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
 
         async def entry_hint(sid: str, agent: str) -> None:
@@ -165,11 +168,12 @@ class LogService:
             max_payload=self.nc.max_payload,
             entry_hint=entry_hint,
         )
-        self.outbox = Outbox(self.nc, self.store, self.subjects, ack_timeout=self._outbox_ack_timeout)
-        self.store.add_commit_listener(self.outbox.on_commit)
-        await self.outbox.start()
-        assert self.outbox.task is not None
-        self._loops.watch(self.outbox.task)
+        if outbox_needed:
+            self.outbox = Outbox(self.nc, self.store, self.subjects, ack_timeout=self._outbox_ack_timeout)
+            self.store.add_commit_listener(self.outbox.on_commit)
+            await self.outbox.start()
+            assert self.outbox.task is not None
+            self._loops.watch(self.outbox.task)
         self._service = await add_service(
             self.nc,
             name=SERVICE_NAME,

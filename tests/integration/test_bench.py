@@ -4,10 +4,16 @@ themselves are for the README, never asserted)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import sys
+from pathlib import Path
 
 from services.bench.appends import report, run_bench
 from services.cli.main import build_parser
+from tests.support.logsvc import service_env
+from tests.support.procs import REPO_ROOT
 
 
 async def test_bench_runs_every_phase_and_reports_it(log_url: str) -> None:
@@ -24,3 +30,23 @@ async def test_bench_runs_every_phase_and_reports_it(log_url: str) -> None:
     text = report(results, args)
     assert re.search(r"durable appends \(closed loop\)\s+\d+\s+\d+\.\d\d", text), text
     assert re.search(r"append p50 at 2000 items / at 1000 items: \d+\.\d\dx", text), text
+
+
+async def test_bench_store_jetstream_runs_both_stores_next_to_raw_publishes(tmp_path: Path) -> None:
+    # The real command at toy sizes: three private stacks (raw, JetStream, SQLite).
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", "bench", "--store", "jetstream", "--json",
+        "--writers", "4", "--sessions", "3", "--duration", "0.5", "--replay-items", "500",
+        cwd=REPO_ROOT, env=service_env(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    figures = json.loads(out)
+    assert set(figures["stores"]) == {"jetstream", "sqlite"}
+    assert figures["raw"]["raw"]["ops_per_s"] > 0 and figures["raw"]["raw"]["errors"] == 0
+    for store in ("jetstream", "sqlite"):
+        phases = figures["stores"][store]
+        assert set(phases) == {"baseline", "append", "half", "replay"}
+        assert phases["append"]["ops_per_s"] > 0 and phases["append"]["errors"] == 0, (store, phases)
+        assert phases["replay"]["ops_per_s"] > 0
+    assert set(figures["appends_vs_raw_publish"]) == {"jetstream", "sqlite"}

@@ -79,8 +79,9 @@ class LogServiceProc:
     """
 
     def __init__(
-        self, nats_url: str, db: str | os.PathLike[str], *, log_dir: str | os.PathLike[str]
+        self, nats_url: str, db: str | os.PathLike[str], *, log_dir: str | os.PathLike[str], store: str = "sqlite"
     ) -> None:
+        self.store = store
         self.nats_url = nats_url
         self.db = Path(db)
         self.log_dir = Path(log_dir)
@@ -99,7 +100,7 @@ class LogServiceProc:
         self.starts += 1
         self.proc = Proc(
             [sys.executable, "-m", "services.cli.main", "log", "--nats-url", self.nats_url,
-             "--db", str(self.db), "--no-embedded"],
+             "--db", str(self.db), "--no-embedded", "--store", self.store],
             log_dir=self.log_dir, env=service_env(self.log_dir / "convlog-data"),
             name=f"log-service-{self.starts}",
         ).start()

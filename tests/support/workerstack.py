@@ -194,10 +194,11 @@ class WorkerStack:
 
 @contextlib.asynccontextmanager
 async def worker_stack(
-    server: NatsServer, tmp: Path, fake: FakeOpenAI | None, *, nats_seam: str = "auto"
+    server: NatsServer, tmp: Path, fake: FakeOpenAI | None, *, nats_seam: str = "auto", store: str = "sqlite"
 ) -> AsyncIterator[WorkerStack]:
     settings = load_settings(
-        {"nats_url": server.url, "db": str(tmp / "log.db"), "data_dir": str(tmp), "nats_seam": nats_seam},
+        {"nats_url": server.url, "db": str(tmp / "log.db"), "data_dir": str(tmp), "nats_seam": nats_seam,
+         "store": store},
         environ={},
     )
     service = LogService(settings)

@@ -1,30 +1,22 @@
-"""SQLite store: WAL, ``synchronous=FULL``, one writer, group commit.
+"""The SQLite recorder: the log's SQL, plus the ordering rules of :mod:`..ordering`.
 
-Appends are queued and a single committer task writes whatever requests
-arrived while the previous commit ran in ONE transaction with one
-``executemany`` — so many concurrent appends share one fsync.  Each caller
-hears back (its ``done`` callback, or its future) only after that
-transaction committed.  A commit that started
-finishes even if its caller is cancelled.
-
-The ordering rules themselves live in :mod:`.ordering`.  The writer keeps each
-session's ``(last_order, last_hash, last_clear)`` in
-memory; the store takes an exclusive lock file so no second process can write
-the same database behind that cache.
+:class:`SQLiteStore` is the default :class:`~services.log.store.base.LogStore`.
+It keeps each session's ``(last_order, last_hash, last_clear)`` in memory
+(the datastore's lock guarantees no other process writes behind that cache),
+decides every batch the :class:`~..committer.GroupCommitter` hands it with
+:func:`~..ordering.decide`, and writes the batch in ONE transaction with one
+``executemany``.  Connections, pragmas, the lock and checkpoints belong to
+:class:`~.datastore.SQLiteDatastore`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import aiosqlite
@@ -33,14 +25,16 @@ import msgspec
 from shared.errors import ConvlogError, UnavailableError
 from shared.messages import AppendReply, AppendRequest, SessionInfo
 
-from .base import AppendDone, CommitListener, Committed, Page, StoreClosedError
-from .ordering import Row, SessionState, decide, now_rfc3339
+from ..base import AppendDone, CommitListener, Committed, Page
+from ..committer import GroupCommitter, Outcome, Pending
+from ..ordering import Row, SessionState, decide, now_rfc3339
+from .datastore import SQLiteDatastore
 
-__all__ = ["SQLiteStore"]
+__all__ = ["SCHEMA", "SQLiteStore"]
 
 log = logging.getLogger("convlog.store.sqlite")
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     position   INTEGER PRIMARY KEY,
     session_id TEXT    NOT NULL,
@@ -66,39 +60,6 @@ CREATE TABLE IF NOT EXISTS sessions (
 """
 
 _READ_CHUNK = 512
-# The WAL is restarted past this size (see _checkpoint_loop), and a WAL file
-# larger than this is cut back to it.  The two are equal on purpose: cutting
-# a 1 GiB WAL file back to 64 MiB stalled appends for 750 ms; rewriting a
-# file in place costs nothing extra.  Each restart under load still costs
-# appends 100-300 ms (measured), hence a limit this high: about every 30 s at
-# this machine's top sustained rate (the WAL grows ~33 MB/s at 12k appends/s),
-# and never while the load pauses now and then (it then restarts by itself).
-_WAL_SIZE_LIMIT = 1 << 30
-
-
-@dataclass(slots=True)
-class _Pending:
-    session_id: str
-    request: AppendRequest
-    done: AppendDone
-    answered: bool = False
-
-
-def _answer(p: _Pending, out: AppendReply | ConvlogError) -> None:
-    p.answered = True
-    try:
-        p.done(out)
-    except Exception:  # a caller's callback must not break the batch
-        log.exception("append callback failed")
-
-
-def _resolve(fut: asyncio.Future[AppendReply], out: AppendReply | ConvlogError) -> None:
-    if fut.done():  # the caller was cancelled; the commit stands regardless
-        return
-    if isinstance(out, ConvlogError):
-        fut.set_exception(out)
-    else:
-        fut.set_result(out)
 
 
 class SQLiteStore:
@@ -113,155 +74,76 @@ class SQLiteStore:
     def __init__(
         self, path: str | os.PathLike[str], *, max_batch: int = 512, max_cached_sessions: int = 100_000
     ) -> None:
-        self.path = Path(path)
-        self.max_batch = max_batch
+        self.datastore = SQLiteDatastore(path, SCHEMA)
         self.max_cached_sessions = max_cached_sessions
-        self._w: sqlite3.Connection | None = None  # the single writer connection
-        # A COMMIT followed by the writer's own WAL checkpoint runs here (see
-        # _commit_batch); the connection is never used by two threads at once.
-        self._fsync = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convlog-commit")
-        self._r: aiosqlite.Connection | None = None
-        self._lock_fd: int | None = None
-        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
-        self._committer: asyncio.Task[None] | None = None
-        self._checkpointer: asyncio.Task[None] | None = None
-        self._ckpt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convlog-checkpoint")
-        # Checkpoints compete with commits for the disk: every 0.25-0.5 s put
-        # the p99 of appends at half load near 30 ms; every 2 s, near 15 ms.
-        self.checkpoint_interval = 2.0
-        self.wal_restart_bytes = _WAL_SIZE_LIMIT
-        self.wal_restarts = 0
-        self._restart_wal = False  # set by the checkpointer, done by the writer
+        self._committer = GroupCommitter(self._commit_batch, max_batch=max_batch)
         self._states: dict[str, SessionState] = {}
-        self._listeners: list[CommitListener] = []
         self._position = 0
-        self._closed = False
-        self.commits = 0  # transactions committed (for stats and tests)
+        self._opened = False
+
+    # -- the datastore's knobs, for tests and tuning ------------------------
+    @property
+    def path(self) -> Path:
+        return self.datastore.path
+
+    @property
+    def max_batch(self) -> int:
+        return self._committer.max_batch
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed (for stats and tests)."""
+        return self._committer.commits
+
+    @property
+    def _w(self) -> sqlite3.Connection | None:
+        return self.datastore.writer
+
+    @property
+    def checkpoint_interval(self) -> float:
+        return self.datastore.checkpoint_interval
+
+    @checkpoint_interval.setter
+    def checkpoint_interval(self, value: float) -> None:
+        self.datastore.checkpoint_interval = value
+
+    @property
+    def wal_restart_bytes(self) -> int:
+        return self.datastore.wal_restart_bytes
+
+    @wal_restart_bytes.setter
+    def wal_restart_bytes(self, value: int) -> None:
+        self.datastore.wal_restart_bytes = value
+
+    @property
+    def wal_restarts(self) -> int:
+        return self.datastore.wal_restarts
+
+    @property
+    def _restart_wal(self) -> bool:
+        return self.datastore.restart_wal
+
+    @_restart_wal.setter
+    def _restart_wal(self, value: bool) -> None:
+        self.datastore.restart_wal = value
 
     # -- lifecycle -------------------------------------------------------
     async def open(self) -> None:
-        if self._w is not None:
+        if self._opened:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._take_lock()
-        try:
-            self._position = self._open_writer()
-            self._r = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._r.execute("PRAGMA busy_timeout=10000")
-            await self._r.execute("PRAGMA query_only=1")
-        except (sqlite3.Error, OSError) as e:
-            await self._close_connections()
-            self._release_lock()
-            raise UnavailableError(f"cannot open SQLite store {self.path}: {e}") from e
-        self._committer = asyncio.create_task(self._commit_loop(), name="convlog-committer")
-        self._checkpointer = asyncio.create_task(self._checkpoint_loop(), name="convlog-checkpoint")
-
-    def _open_writer(self) -> int:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=10000")
-        # Checkpoints run on their own connection and thread (see
-        # _checkpoint_loop): inside a COMMIT they stalled every append for the
-        # tens of milliseconds a checkpoint takes.
-        conn.execute("PRAGMA wal_autocheckpoint=0")
-        conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
-        conn.executescript(_SCHEMA)
-        self._w = conn
-        row = conn.execute("SELECT COALESCE(MAX(position), 0) FROM items").fetchone()
-        return int(row[0]) if row else 0
-
-    async def _checkpoint_loop(self) -> None:
-        """Copy the WAL into the database now and then, off the commit path,
-        and keep the WAL from growing without bound.
-
-        PASSIVE checkpoints never block the writer; they run on a separate
-        connection in a separate thread, so their fsyncs do not delay commits.
-        But under steady load a commit always lands while one runs, so the WAL
-        is never wholly copied when a write starts and never starts over: it
-        grew by megabytes a second, without limit.  So once it is over
-        ``wal_restart_bytes``, this loop runs short passes back to back until
-        one completes between two commits; the next commit then rewrites the
-        WAL from its start.  Only if that keeps failing and the WAL reaches
-        twice the limit does the writer copy the last frames itself,
-        right after a COMMIT (:meth:`_finish_commit`), which stalls appends.
-        With any pause in the load the WAL starts over by itself.
-        """
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        loop = asyncio.get_running_loop()
-
-        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
-
-        def checkpoint() -> int:
-            """One PASSIVE pass; the WAL's size in bytes."""
-            _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            return int(frames) * page_size
-
-        try:
-            while not self._closed:
-                await asyncio.sleep(self.checkpoint_interval)
-                try:
-                    size = await loop.run_in_executor(self._ckpt_pool, checkpoint)
-                    if size <= self.wal_restart_bytes:
-                        continue
-                    # Short passes, back to back, until one completes between two
-                    # commits: the next commit then starts the WAL over (it shrinks).
-                    for _ in range(100):
-                        now = await loop.run_in_executor(self._ckpt_pool, checkpoint)
-                        if now < size:
-                            self.wal_restarts += 1
-                            break
-                        size = now
-                    else:
-                        if size > 2 * self.wal_restart_bytes:
-                            self._restart_wal = True  # last resort: the writer, between commits
-                except sqlite3.Error as e:
-                    log.warning("WAL checkpoint failed (will retry): %s", e)
-        finally:
-            await loop.run_in_executor(self._ckpt_pool, conn.close)
-
-    def _take_lock(self) -> None:
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            raise UnavailableError(
-                f"SQLite store {self.path} is in use by another log service (lock {lock_path})"
-            ) from e
-        self._lock_fd = fd
-
-    def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        await self.datastore.open()
+        self._opened = True
+        assert self._w is not None
+        row = self._w.execute("SELECT COALESCE(MAX(position), 0) FROM items").fetchone()
+        self._position = int(row[0]) if row else 0
+        self._committer.start()
 
     async def close(self) -> None:
-        if self._closed:
+        if not self._opened:
+            await self.datastore.close()  # a store never opened: nothing to finish
             return
-        self._closed = True
-        if self._committer is not None:
-            await self._queue.put(None)
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(self._committer)
-        if self._checkpointer is not None:
-            self._checkpointer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpointer
-        await self._close_connections()
-        self._release_lock()
-
-    async def _close_connections(self) -> None:
-        if self._r is not None:
-            with contextlib.suppress(Exception):
-                await self._r.close()
-        if self._w is not None:
-            with contextlib.suppress(Exception):
-                self._w.close()
-        self._w = self._r = None
-        self._fsync.shutdown(wait=True)
-        self._ckpt_pool.shutdown(wait=True)
+        await self._committer.stop()
+        await self.datastore.close()
 
     async def __aenter__(self) -> SQLiteStore:
         await self.open()
@@ -271,66 +153,17 @@ class SQLiteStore:
         await self.close()
 
     def add_commit_listener(self, listener: CommitListener) -> None:
-        self._listeners.append(listener)
+        self._committer.add_listener(listener)
 
     # -- appends ---------------------------------------------------------
     def submit(self, session_id: str, request: AppendRequest, done: AppendDone) -> None:
-        if self._closed or self._committer is None:
-            raise StoreClosedError("the store is closed")
-        self._queue.put_nowait(_Pending(session_id, request, done))
+        self._committer.submit(session_id, request, done)
 
     async def append(self, session_id: str, request: AppendRequest) -> AppendReply:
-        fut: asyncio.Future[AppendReply] = asyncio.get_running_loop().create_future()
-        self.submit(session_id, request, partial(_resolve, fut))
-        # If our caller is cancelled the commit still runs to completion in the
-        # committer task; the cancellation is re-raised here.
-        return await fut
-
-    async def _commit_loop(self) -> None:
-        stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is None:
-                break
-            # Let the requests that arrived with this one (already-scheduled
-            # tasks) reach the queue, to share this commit; and, after a
-            # backlog of more than one batch, let the last batch's replies
-            # out before the next (the COMMIT itself never yields).
-            await asyncio.sleep(0)
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-                if nxt is None:
-                    stopping = True
-                    break
-                batch.append(nxt)
-            try:
-                await self._commit(batch)
-            except Exception:  # never let the committer die silently
-                log.exception("group commit failed")
-                for p in batch:
-                    if not p.answered:
-                        _answer(p, UnavailableError("the store failed to commit"))
+        return await self._committer.append(session_id, request)
 
     def _finish_commit(self, restart_wal: bool) -> None:
-        """COMMIT; then, when the checkpointer asks (on the commit thread),
-        copy the last WAL frames, so that the next transaction starts the WAL
-        over.  Only here, between two transactions of the only writer, can a
-        checkpoint under steady load complete."""
-        assert self._w is not None
-        self._w.execute("COMMIT")
-        if restart_wal:
-            try:
-                busy, _frames, _copied = self._w.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                if busy:
-                    self._restart_wal = True  # try again after the next commit
-                else:
-                    self.wal_restarts += 1
-            except sqlite3.Error as e:  # the commit stands; the next request retries it
-                log.warning("WAL checkpoint after commit failed: %s", e)
+        self.datastore.finish_commit(restart_wal)
 
     def _load_states(self, sids: set[str]) -> None:
         assert self._w is not None
@@ -374,19 +207,9 @@ class SQLiteStore:
         )
         return {(sid, o): k for sid, o, k in rows}
 
-    async def _commit(self, batch: list[_Pending]) -> None:
-        outcomes, committed = await self._commit_batch(batch)
-        for p, out in zip(batch, outcomes, strict=True):
-            _answer(p, out)
-        if committed:
-            for listener in self._listeners:
-                res = listener(committed)
-                if asyncio.iscoroutine(res):
-                    await res
-
     async def _commit_batch(
-        self, batch: list[_Pending], *, careful: bool = False
-    ) -> tuple[list[AppendReply | ConvlogError], list[Committed]]:
+        self, batch: list[Pending], *, careful: bool = False
+    ) -> tuple[list[Outcome], list[Committed]]:
         """Decide and commit one batch.
 
         All of it runs on the event loop, the COMMIT included: its fsync
@@ -406,7 +229,8 @@ class SQLiteStore:
         decided again with every id looked up (``careful``).  Retries are rare,
         so the common batch costs no lookup at all.
         """
-        assert self._w is not None
+        w = self._w
+        assert w is not None
         sids = {p.session_id for p in batch}
         self._load_states(sids)
         wanted: dict[str, set[str]] = {}
@@ -424,7 +248,7 @@ class SQLiteStore:
 
         # Work on copies so a failed transaction leaves the cache untouched.
         work = {s: self._states[s].copy() for s in sids}
-        outcomes: list[AppendReply | ConvlogError] = []
+        outcomes: list[Outcome] = []
         rows: list[Row] = []
         position = self._position
         created_at = now_rfc3339()
@@ -444,22 +268,22 @@ class SQLiteStore:
             return outcomes, []
         touched = {r[1] for r in rows}
         try:
-            self._w.execute("BEGIN IMMEDIATE")
-            inserted = self._w.executemany(
+            w.execute("BEGIN IMMEDIATE")
+            inserted = w.executemany(
                 "INSERT INTO items (position, session_id, item_order, item_id, kind, envelope) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, item_id) DO NOTHING",
                 [r[:6] for r in rows],
             ).rowcount
             if inserted != len(rows):
                 # An item_id was already stored (a retry): decide again, carefully.
-                self._w.execute("ROLLBACK")
+                w.execute("ROLLBACK")
                 if careful:
                     raise sqlite3.IntegrityError("duplicate item_id after a careful lookup")
                 return await self._commit_batch(batch, careful=True)
             hides = [(r[1], r[6]) for r in rows if r[4] == "retract"]
             if hides:
-                self._w.executemany("UPDATE items SET hidden = 1 WHERE session_id = ? AND item_order = ?", hides)
-            self._w.executemany(
+                w.executemany("UPDATE items SET hidden = 1 WHERE session_id = ? AND item_order = ?", hides)
+            w.executemany(
                 "INSERT INTO sessions (session_id, last_order, last_hash, last_clear, updated_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
                 "last_order = excluded.last_order, last_hash = excluded.last_hash, "
@@ -468,19 +292,20 @@ class SQLiteStore:
             )
             restart, self._restart_wal = self._restart_wal, False
             if restart:  # the writer's own checkpoint can copy gigabytes: not on the loop
-                await asyncio.get_running_loop().run_in_executor(self._fsync, self._finish_commit, restart)
+                await asyncio.get_running_loop().run_in_executor(
+                    self.datastore.commit_pool, self._finish_commit, restart
+                )
             else:
                 self._finish_commit(restart)
         except sqlite3.Error as e:
             log.error("commit of %d items failed: %s", len(rows), e)
             with contextlib.suppress(sqlite3.Error):
-                self._w.execute("ROLLBACK")
+                w.execute("ROLLBACK")
             err = UnavailableError("the store could not commit; nothing was written")
             return [
                 err if isinstance(out, AppendReply) and any(not i.duplicate for i in out.items) else out
                 for out in outcomes
             ], []
-        self.commits += 1
         self._position = position
         for s in touched:
             work[s].batch_kinds.clear()
@@ -494,9 +319,7 @@ class SQLiteStore:
 
     # -- reads -----------------------------------------------------------
     def _reader(self) -> aiosqlite.Connection:
-        if self._r is None:
-            raise StoreClosedError("the store is closed")
-        return self._r
+        return self.datastore.read_connection()
 
     async def last_order(self, session_id: str) -> int:
         st = self._states.get(session_id)

@@ -1,0 +1,128 @@
+"""Copy envelopes into a store as they are: the one way in that is not an append.
+
+``convlog migrate`` moves a log between stores with every envelope
+byte-identical (its ``created_at`` and hash kept), so it cannot go through
+:meth:`LogStore.append`, which stamps and hashes anew.  :func:`import_envelopes`
+writes a run of envelopes right after a session's head, in one transaction
+(SQLite) or chained atomic batches (JetStream), after checking that they
+continue the session's chain; it refuses with ``ConflictError`` when the head
+moved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Sequence
+
+import msgspec
+
+from shared.chain import envelope_hash
+from shared.errors import BadRequestError, ConflictError, UnavailableError
+from shared.messages import Envelope
+
+from .base import LogStore
+from .ordering import Row
+
+__all__ = ["import_envelopes"]
+
+_env = msgspec.json.Decoder(Envelope)
+
+
+def _rows(sid: str, raw: Sequence[bytes], after: int, prev_hash: str) -> list[Row]:
+    """Rows for envelopes continuing a chain at ``after``/``prev_hash``.
+
+    Raises:
+        BadRequestError: an envelope is of another session, out of order or off the chain.
+    """
+    rows: list[Row] = []
+    prev = prev_hash
+    for k, b in enumerate(raw, start=after + 1):
+        e = _env.decode(b)
+        if e.session_id != sid or e.item_order != k:
+            raise BadRequestError(f"envelope {e.session_id}:{e.item_order} where {sid}:{k} belongs")
+        if envelope_hash(e, prev) != e.hash:
+            raise BadRequestError(f"{sid}: item {k} does not continue the hash chain")
+        target = e.data.get("target", 0) if e.kind == "retract" else 0
+        rows.append((0, sid, k, e.item_id, e.kind, b, target))
+        prev = e.hash
+    return rows
+
+
+async def import_envelopes(store: LogStore, sid: str, raw: Sequence[bytes], *, after: int) -> None:
+    """Write ``raw`` (orders ``after+1 ..``) after the session's head ``after``.
+
+    Raises:
+        ConflictError: the session's head is not ``after`` (nothing written).
+        BadRequestError: the envelopes do not continue the session's chain.
+        UnavailableError: the store failed; nothing was written.
+    """
+    if not raw:
+        return
+    from .jetstream import JetStreamStore
+    from .sqlite import SQLiteStore
+
+    if isinstance(store, SQLiteStore):
+        _import_sqlite(store, sid, raw, after)
+    elif isinstance(store, JetStreamStore):
+        await _import_jetstream(store, sid, raw, after)
+    else:
+        raise TypeError(f"cannot import into {type(store).__name__}")
+
+
+def _import_sqlite(store: object, sid: str, raw: Sequence[bytes], after: int) -> None:
+    from .sqlite import SQLiteStore
+
+    assert isinstance(store, SQLiteStore)
+    w = store._w
+    assert w is not None, "the store is not open"
+    store._load_states({sid})
+    st = store._states[sid]
+    if st.last_order != after:
+        raise ConflictError(f"session {sid!r} is at {st.last_order}, not {after}", last_order=st.last_order)
+    rows = _rows(sid, raw, after, st.last_hash)
+    position = store._position
+    rows = [(position + n, *r[1:]) for n, r in enumerate(rows, start=1)]
+    last = _env.decode(raw[-1])
+    clear = max([r[2] for r in rows if r[4] == "clear"], default=st.last_clear)
+    try:
+        w.execute("BEGIN IMMEDIATE")
+        w.executemany(
+            "INSERT INTO items (position, session_id, item_order, item_id, kind, envelope) VALUES (?, ?, ?, ?, ?, ?)",
+            [r[:6] for r in rows],
+        )
+        hides = [(sid, r[6]) for r in rows if r[4] == "retract"]
+        w.executemany("UPDATE items SET hidden = 1 WHERE session_id = ? AND item_order = ?", hides)
+        w.execute(
+            "INSERT INTO sessions (session_id, last_order, last_hash, last_clear, updated_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET last_order = excluded.last_order, "
+            "last_hash = excluded.last_hash, last_clear = excluded.last_clear, updated_at = excluded.updated_at",
+            (sid, last.item_order, last.hash, clear, last.created_at),
+        )
+        w.execute("COMMIT")
+    except sqlite3.Error as e:
+        with contextlib.suppress(sqlite3.Error):
+            w.execute("ROLLBACK")
+        raise UnavailableError(f"cannot import into {store.path}: {e}") from e
+    store._position = rows[-1][0]
+    st.last_order, st.last_hash, st.last_clear = last.item_order, last.hash, clear
+
+
+async def _import_jetstream(store: object, sid: str, raw: Sequence[bytes], after: int) -> None:
+    from .jetstream import JetStreamStore
+    from .jetstream.api import WrongLastSequence
+    from .jetstream.commit import MAX_ITEMS_PER_APPEND, _Part
+
+    assert isinstance(store, JetStreamStore)
+    s = await store._session(sid, fresh=True)
+    if s.last_order != after:
+        raise ConflictError(f"session {sid!r} is at {s.last_order}, not {after}", last_order=s.last_order)
+    rows = _rows(sid, raw, after, s.last_hash)
+    prev: _Part | None = None
+    for i in range(0, len(rows), MAX_ITEMS_PER_APPEND):
+        part = _Part(sid, s, s.last_seq if prev is None else -1, decided=[(0, None, rows[i : i + MAX_ITEMS_PER_APPEND])], prev=prev)  # type: ignore[list-item]
+        try:
+            await store._writer._publish([part])
+        except WrongLastSequence as e:
+            raise ConflictError(f"session {sid!r} moved while importing", last_order=-1) from e
+        prev = part

@@ -1,0 +1,198 @@
+"""The JetStream store: the log lives in a JetStream stream (see :mod:`.layout`).
+
+Any number of log-service instances may serve the same sessions at once:
+each keeps only caches (:class:`~.index.SessionIndex`), and every append is
+checked by the server against the head it was decided on:
+
+* the first item of a session's batch carries
+  ``Nats-Expected-Last-Subject-Sequence`` = the stream sequence of the
+  session's last item as this instance knows it — if another instance moved
+  the head on, the server refuses and this instance reloads and decides again;
+* every new ``item_id`` writes its id record with an expected last subject
+  sequence of 0 — the id subject must be empty, so an id is stored once, ever;
+* the items and id records of a session's requests go in ONE atomic batch
+  (``allow_atomic``), so a multi-item append is stored whole or not at all.
+
+Ordering rules are :func:`~..ordering.decide`, the same as SQLite's; the
+envelopes are byte-identical.  Errors (a conflict, a bad retract) are only
+ever reported against a head freshly read from the stream.  Reads are direct
+gets, answered by any replica.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+
+from shared.errors import UnavailableError
+from shared.messages import AppendReply, AppendRequest, SessionInfo
+from shared.nats_seam import bind
+from shared.subjects import Subjects
+
+from ..base import AppendDone, CommitListener, Committed, Page
+from ..committer import GroupCommitter, Outcome, Pending
+from .api import (
+    DirectGet,
+)
+from .commit import MAX_BATCH_MESSAGES, MAX_ITEMS_PER_APPEND, BatchWriter
+from .index import SessionIndex
+from .layout import Layout, ensure_log_stream
+from .reads import StreamReads
+
+__all__ = ["MAX_BATCH_MESSAGES", "MAX_ITEMS_PER_APPEND", "JetStreamStore"]
+
+log = logging.getLogger("convlog.store.jetstream")
+
+class JetStreamStore:
+    """A :class:`~services.log.store.base.LogStore` on a JetStream stream.
+
+    Args:
+        connect_options: ``nats.connect`` keyword arguments (the store owns
+            its connection), unless ``nc`` is given.
+        subjects: subject names for the prefix.
+        replicas: the stream's replicas when this store creates it.
+        max_batch: most append requests one group commit takes.
+        timeout: seconds to wait for the stream's answers.
+        max_cached_sessions: sessions whose head and index are kept in memory.
+        max_inflight: group commits in flight at once (over disjoint sessions).
+        nats_seam: ``auto`` or ``public`` (see :mod:`shared.nats_seam`) for the
+            store's own connection.
+        nc: an already connected client to use (not closed by :meth:`close`).
+    """
+
+    #: The stream is the fan-out of ``<prefix>.items.<sid>``: no outbox.
+    publishes_items = True
+
+    def __init__(
+        self,
+        connect_options: dict[str, Any] | None = None,
+        *,
+        subjects: Subjects,
+        replicas: int = 1,
+        max_batch: int = 512,
+        timeout: float = 5.0,
+        max_cached_sessions: int = 10_000,
+        max_inflight: int = 4,
+        nats_seam: str = "auto",
+        nc: Client | None = None,
+    ) -> None:
+        self.layout = Layout(subjects)
+        self.path = f"jetstream:{self.layout.stream}"  # for the service's ready line
+        self._connect_options = connect_options or {}
+        self._nc = nc
+        self._owns_nc = nc is None
+        self._nats_seam = nats_seam
+        self.replicas = replicas
+        self.timeout = timeout
+        self.max_cached_sessions = max_cached_sessions
+        # Batches wait on the network, not on a local fsync: keep several in
+        # flight (over disjoint sessions; see GroupCommitter).
+        self._committer = GroupCommitter(self._commit_batch, max_batch=max_batch, max_inflight=max_inflight)
+        self._reads = StreamReads(self.layout, lambda: self._get, max_cached_sessions=max_cached_sessions)
+        self._writer = BatchWriter(self._client, self.layout, self._reads, timeout)
+        self._direct: DirectGet | None = None
+        self._opened = False
+
+    @property
+    def retries(self) -> int:
+        """Batches the server refused (a head moved, an id existed) and that were decided again."""
+        return self._writer.retries
+
+    def _client(self) -> Client:
+        if self._nc is None:
+            raise UnavailableError("the JetStream store is not open")
+        return self._nc
+
+    async def _commit_batch(self, batch: list[Pending]) -> tuple[list[Outcome], list[Committed]]:
+        return await self._writer.commit(batch)
+
+    @property
+    def commits(self) -> int:
+        """Group commits that stored something (for stats and tests)."""
+        return self._committer.commits
+
+    # -- lifecycle -------------------------------------------------------
+    async def open(self) -> None:
+        if self._opened:
+            return
+        try:
+            if self._nc is None:
+                self._nc = await nats.connect(**self._connect_options)
+                bind(self._nc, self._nats_seam)
+            await ensure_log_stream(self._nc.jetstream(timeout=self.timeout), self.layout, replicas=self.replicas)
+            self._direct = DirectGet(self._nc, self.layout.stream, timeout=self.timeout)
+            await self._direct.start()
+        except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as e:
+            await self._close_nc()
+            raise UnavailableError(f"cannot open the JetStream store {self.layout.stream}: {e}") from e
+        self._opened = True
+        self._committer.start()
+
+    async def close(self) -> None:
+        await self._committer.stop()
+        await self._close_nc()
+
+    async def _close_nc(self) -> None:
+        if self._owns_nc and self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+
+    async def __aenter__(self) -> JetStreamStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def add_commit_listener(self, listener: CommitListener) -> None:
+        self._committer.add_listener(listener)
+
+    @property
+    def _get(self) -> DirectGet:
+        if self._direct is None:
+            raise UnavailableError("the JetStream store is not open")
+        return self._direct
+
+    # -- appends ---------------------------------------------------------
+    def submit(self, session_id: str, request: AppendRequest, done: AppendDone) -> None:
+        self._committer.submit(session_id, request, done)
+
+    async def append(self, session_id: str, request: AppendRequest) -> AppendReply:
+        return await self._committer.append(session_id, request)
+
+    # -- reads: the cached index and direct gets (see .reads) ------------
+    async def last_order(self, session_id: str) -> int:
+        return await self._reads.last_order(session_id)
+
+    async def read(
+        self, session_id: str, *, after: int, limit: int, max_bytes: int, visible: bool = False
+    ) -> Page:
+        return await self._reads.read(session_id, after=after, limit=limit, max_bytes=max_bytes, visible=visible)
+
+    async def tail(self, session_id: str, n: int, *, visible: bool = True) -> Page:
+        return await self._reads.tail(session_id, n, visible=visible)
+
+    async def sessions(self, *, after: str | None, limit: int) -> tuple[list[SessionInfo], bool]:
+        return await self._reads.sessions(after=after, limit=limit)
+
+    async def committed_after(self, position: int, limit: int) -> list[Committed]:
+        return await self._reads.committed_after(position, limit)
+
+    async def position_of(self, session_id: str, item_order: int) -> int | None:
+        return await self._reads.position_of(session_id, item_order)
+
+    async def _session(self, sid: str, *, fresh: bool) -> SessionIndex:
+        return await self._reads.session(sid, fresh=fresh)
+
+    async def _extend(self, sid: str, s: SessionIndex, upto: int) -> None:
+        await self._reads.extend(sid, s, upto)
+
+    @property
+    def _cache(self) -> OrderedDict[str, SessionIndex]:
+        return self._reads.cache
+
