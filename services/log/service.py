@@ -129,6 +129,9 @@ class LogService:
             return
         self._started = True
         await self.store.open()
+        for task in getattr(self.store, "background_tasks", ()):  # committer, checkpointer
+            self._loops.watch(task)
+
         async def disconnected() -> None:
             log.info("nats: disconnected; reconnecting")
             if self.outbox is not None:

@@ -118,7 +118,7 @@ def test_conversation_shows_lanes_handoff_arrows_pairs_and_verifies(demo_web: De
     page.keyboard.press("k")
     page.wait_for_selector(".row.selected[data-order='9']")
     page.check("#tall")  # room for six lines of each item
-    page.wait_for_function("document.querySelector(\".row[data-order='9']\").offsetHeight === 136")
+    page.wait_for_function("document.querySelector(\".row[data-order='9']\")?.offsetHeight === 136")  # the row is re-rendered: absent for a moment
     assert page.locator(".row.selected[data-order='9']").is_visible()
     box = page.locator(".row.selected[data-order='9']").bounding_box()
     assert 0 <= box["y"] < 800 - 136, box  # still on screen

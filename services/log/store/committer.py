@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any
 
 from shared.errors import ConvlogError, UnavailableError
+from shared.failures import is_transient
 from shared.messages import AppendReply, AppendRequest
 
 from .base import AppendDone, CommitListener, Committed, StoreClosedError
@@ -97,6 +98,7 @@ class GroupCommitter:
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[CommitListener] = []
         self._closed = False
+        self._fatal: Exception | None = None  # the first non-transient commit failure
         self.commits = 0  # batches that wrote something (for stats and tests)
 
     def start(self) -> None:
@@ -109,9 +111,16 @@ class GroupCommitter:
         """Commit what is queued, then end the task.  Idempotent."""
         self._closed = True
         if self._task is not None:
-            await self._queue.put(None)
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(self._task)
+            if not self._task.done():
+                await self._queue.put(None)
+            # wait() neither cancels the task if we are cancelled nor raises
+            # the fatal error its task ended with (reported by its watcher).
+            await asyncio.wait({self._task})
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The committer task: it ends with the error after a fatal failure."""
+        return self._task
 
     @property
     def running(self) -> bool:
@@ -158,13 +167,10 @@ class GroupCommitter:
                     stopping = True
                     break
                 batch.append(nxt)
-            try:
-                await self._commit(batch)
-            except Exception:  # never let the committer die silently
-                log.exception("group commit failed")
-                for p in batch:
-                    if not p.answered:
-                        _answer(p, UnavailableError("the store failed to commit"))
+            await self._guarded(batch)
+            if self._fatal is not None:
+                self._give_up()
+                raise self._fatal
 
     async def _loop_pipelined(self) -> None:
         """Like :meth:`_loop`, with up to ``max_inflight`` batches in flight
@@ -175,6 +181,13 @@ class GroupCommitter:
         wake = asyncio.Event()  # a batch finished: held requests may go now
         stopping = False
         while True:
+            if self._fatal is not None:
+                if inflight:
+                    await asyncio.wait(set(inflight))
+                for p in held:
+                    _answer(p, UnavailableError("the store failed to commit"))
+                self._give_up()
+                raise self._fatal
             while not stopping:
                 try:
                     nxt = self._queue.get_nowait()
@@ -237,13 +250,38 @@ class GroupCommitter:
                         await getter
 
     async def _guarded(self, batch: list[Pending]) -> None:
+        """Commit ``batch``; a failure answers its requests ``unavailable``.
+
+        A transient failure (a busy database, the network) leaves the
+        committer serving: the requesters retry.  Any other failure (a disk
+        error, a bug) is fatal: the committer stops taking requests and its
+        task ends with the error, which the service turns into a non-zero
+        exit so the process manager restarts it, instead of answering
+        ``unavailable`` forever.
+        """
         try:
             await self._commit(batch)
-        except Exception:  # never let a batch fail silently
-            log.exception("group commit failed")
+        except Exception as e:  # never let a batch fail silently
+            if is_transient(e):
+                log.warning("group commit failed (transient, requesters retry): %s: %s", type(e).__name__, e)
+            else:
+                log.exception("group commit failed")
+                if self._fatal is None:
+                    self._fatal = e
             for p in batch:
                 if not p.answered:
                     _answer(p, UnavailableError("the store failed to commit"))
+
+    def _give_up(self) -> None:
+        """After a fatal failure: refuse new requests and answer the queued ones."""
+        self._closed = True
+        while True:
+            try:
+                p = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if p is not None and not p.answered:
+                _answer(p, UnavailableError("the store failed to commit"))
 
     async def _commit(self, batch: list[Pending]) -> None:
         outcomes, committed = await self._commit_batch(batch)

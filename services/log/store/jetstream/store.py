@@ -21,6 +21,7 @@ gets, answered by any replica.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
@@ -132,6 +133,11 @@ class JetStreamStore:
             raise UnavailableError(f"cannot open the JetStream store {self.layout.stream}: {e}") from e
         self._opened = True
         self._committer.start()
+
+    @property
+    def background_tasks(self) -> list[asyncio.Task[None]]:
+        """Tasks whose failure is fatal to the process (the service watches them)."""
+        return [t for t in (self._committer.task,) if t is not None]
 
     async def close(self) -> None:
         await self._committer.stop()

@@ -21,6 +21,7 @@ from pathlib import Path
 import aiosqlite
 
 from shared.errors import UnavailableError
+from shared.failures import is_transient
 
 from ..base import StoreClosedError
 
@@ -98,6 +99,11 @@ class SQLiteDatastore:
         conn.executescript(self._schema)
         self.writer = conn
 
+    @property
+    def checkpointer(self) -> asyncio.Task[None] | None:
+        """The checkpoint task: it ends with the error of a non-transient failure."""
+        return self._checkpointer
+
     async def close(self) -> None:
         """Stop the checkpointer, close the connections, release the lock.  Idempotent."""
         if self._closed:
@@ -105,8 +111,9 @@ class SQLiteDatastore:
         self._closed = True
         if self._checkpointer is not None:
             self._checkpointer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpointer
+            # wait() does not raise the error a failed checkpointer ended with
+            # (its watcher reported it)
+            await asyncio.wait({self._checkpointer})
         await self._close_connections()
         self._release_lock()
 
@@ -212,6 +219,8 @@ class SQLiteDatastore:
                         if size > 2 * self.wal_restart_bytes:
                             self.restart_wal = True  # last resort: the writer, between commits
                 except sqlite3.Error as e:
+                    if not is_transient(e):  # a disk or file error: restart the process
+                        raise
                     log.warning("WAL checkpoint failed (will retry): %s", e)
         finally:
             await loop.run_in_executor(self._ckpt_pool, conn.close)

@@ -23,6 +23,7 @@ import aiosqlite
 import msgspec
 
 from shared.errors import ConvlogError, UnavailableError
+from shared.failures import is_transient
 from shared.messages import AppendReply, AppendRequest, SessionInfo
 
 from ..base import AppendDone, CommitListener, Committed, Page
@@ -151,6 +152,11 @@ class SQLiteStore:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    @property
+    def background_tasks(self) -> list[asyncio.Task[None]]:
+        """Tasks whose failure is fatal to the process (the service watches them)."""
+        return [t for t in (self._committer.task, self.datastore.checkpointer) if t is not None]
 
     def add_commit_listener(self, listener: CommitListener) -> None:
         self._committer.add_listener(listener)
@@ -301,6 +307,8 @@ class SQLiteStore:
             log.error("commit of %d items failed: %s", len(rows), e)
             with contextlib.suppress(sqlite3.Error):
                 w.execute("ROLLBACK")
+            if not is_transient(e):  # a disk or file error: the committer stops the process
+                raise
             err = UnavailableError("the store could not commit; nothing was written")
             return [
                 err if isinstance(out, AppendReply) and any(not i.duplicate for i in out.items) else out
