@@ -22,6 +22,7 @@ __all__ = [
     "ErrorBody",
     "ErrorDetail",
     "ItemId",
+    "KeyId",
     "Kind",
     "MAX_APPEND_ITEMS",
     "NonNegInt",
@@ -32,6 +33,7 @@ __all__ = [
     "SessionInfo",
     "SessionsReply",
     "SessionsRequest",
+    "Sig",
     "UserMessage",
 ]
 
@@ -49,8 +51,12 @@ Kind = Literal["item", "retract", "clear"]
 MAX_APPEND_ITEMS = 10_000
 
 
-class Envelope(msgspec.Struct, frozen=True, kw_only=True):
-    """A committed item, exactly as stored, served, published and exported."""
+class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A committed item, exactly as stored, served, published and exported.
+
+    ``sig`` and ``key_id`` are present only on signed items (see
+    :mod:`shared.signing`); absent, the envelope and its hash are as before.
+    """
 
     session_id: str
     item_order: int
@@ -60,15 +66,24 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     data: dict[str, Any]
     created_at: str
     hash: str
+    sig: str | None = None
+    key_id: str | None = None
 
 
-class AppendItem(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+#: base64url Ed25519 signature (86 characters) and nkey public key (56).
+Sig = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{86}\Z")]
+KeyId = Annotated[str, Meta(pattern=r"^U[A-Z2-7]{55}\Z")]
+
+
+class AppendItem(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """One item to append; ``item_id`` is assigned by the client if missing."""
 
     agent: AgentName
     data: dict[str, Any] = {}
     kind: Kind = "item"
     item_id: ItemId | None = None
+    sig: Sig | None = None
+    key_id: KeyId | None = None
 
 
 class AppendRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -128,12 +143,14 @@ class SessionsReply(msgspec.Struct, frozen=True, kw_only=True):
     more: bool
 
 
-class UserMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class UserMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """``convlog.in.<sid>``: a user message; ``to`` picks the entry agent of a new session."""
 
     content: str
     item_id: ItemId | None = None
     to: AgentName | None = None
+    sig: Sig | None = None
+    key_id: KeyId | None = None
 
 
 class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):

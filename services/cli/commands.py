@@ -19,6 +19,7 @@ from services.bench.cli import bench_arguments, cmd_bench
 from services.web import cli as web
 from shared.config import Settings
 
+from .keys_cmds import cmd_keys, keys_arguments
 from .log_cmd import cmd_log, log_arguments
 from .session_cmds import (
     cmd_replay,
@@ -81,4 +82,6 @@ COMMANDS: tuple[Command, ...] = (
             bench_arguments, cmd_bench),
     Command("web", "serve the read-only web audit console", web.web_arguments, web.run,
             description=web.WEB_DESCRIPTION),
+    Command("keys", "make or rotate the signing keys (init | rotate)", keys_arguments, cmd_keys,
+            connection=False),
 )
