@@ -33,6 +33,7 @@ __all__ = [
     "SessionInfo",
     "SessionsReply",
     "SessionsRequest",
+    "SignedHead",
     "Sig",
     "UserMessage",
 ]
@@ -110,14 +111,28 @@ class AppendReply(msgspec.Struct, frozen=True, kw_only=True):
     items: list[AppendedItem]
 
 
-class ReadRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class ReadRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """``convlog.read.<sid>``: ``after``+``limit`` pages forward; ``tail`` gives the
-    last n visible items; ``raw`` gives every envelope (audit)."""
+    last n visible items; ``raw`` gives every envelope (audit); ``head`` asks for
+    the session's head signed by the log service (when it has a key)."""
 
     after: NonNegInt | None = None
     limit: PageLimit | None = None
     tail: Annotated[int, Meta(ge=0, le=100_000)] | None = None
     raw: bool = False
+    head: bool = False
+
+
+class SignedHead(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The log service's signed statement: session ``session_id`` had
+    ``item_order`` items ending in ``hash`` at ``signed_at`` (see shared.signing)."""
+
+    session_id: str
+    item_order: int
+    hash: str
+    signed_at: str
+    key_id: str
+    sig: str
 
 
 class ReadReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,6 +140,7 @@ class ReadReply(msgspec.Struct, frozen=True, kw_only=True):
     items: list[Envelope]
     last_order: int
     more: bool
+    head: SignedHead | None = None
 
 
 class SessionsRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -44,7 +44,7 @@ import nacl.signing
 import nkeys
 
 from .chain import canonical
-from .messages import AppendItem, Envelope
+from .messages import AppendItem, Envelope, SignedHead
 
 __all__ = [
     "GATEWAY",
@@ -187,18 +187,6 @@ def write_private(path: Path, seed: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(seed + b"\n")
-
-
-class SignedHead(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The log service's signed statement: session ``session_id`` had
-    ``item_order`` items ending in ``hash`` at ``signed_at``."""
-
-    session_id: str
-    item_order: int
-    hash: str
-    signed_at: str
-    key_id: str
-    sig: str
 
 
 def sign_head(signer: Signer, session_id: str, item_order: int, hash: str, signed_at: str) -> SignedHead:

@@ -67,10 +67,10 @@ def _key_file(out: Path, role: str, agent: str) -> Path:
 def _init(out: Path, agents_path: Path | None) -> int:
     from services.worker.spec import SpecError, load_spec
 
-    from .worker_cmds import default_agents_path
+    from .common import packaged_agents_path
 
     try:
-        spec = load_spec(agents_path or default_agents_path())
+        spec = load_spec(agents_path or packaged_agents_path())
     except SpecError as e:
         print(f"convlog keys: {e}", file=sys.stderr)
         return EXIT_USAGE

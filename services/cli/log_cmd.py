@@ -27,6 +27,9 @@ def log_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", metavar="PATH",
                    help="SQLite file [CONVLOG_DB, default DATA_DIR/convlog.db]; its directory "
                         "must exist")
+    p.add_argument("--keyring", help="public keyring: check signed appends [CONVLOG_KEYRING]")
+    p.add_argument("--require-signatures", action="store_const", const=True,
+                   help="refuse unsigned or foreign appends [CONVLOG_REQUIRE_SIGNATURES]")
 
 
 def db_source(args: argparse.Namespace, settings: Settings) -> str | None:

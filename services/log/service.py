@@ -41,6 +41,7 @@ from shared.nats_seam import NatsSeam, bind
 from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.subjects import Subjects
 
+from .authorize import authorizer_from, head_signer_from
 from .handlers import Handlers, encode_outcome, error_reply
 from .outbox import Outbox, ensure_stream
 from .store.base import LogStore
@@ -128,6 +129,9 @@ class LogService:
         if self._started:
             return
         self._started = True
+        # A bad keyring or key fails before anything opens.
+        authorize = authorizer_from(self.settings)
+        head_signer = head_signer_from(self.settings, authorize.keyring)
         await self.store.open()
         async def disconnected() -> None:
             log.info("nats: disconnected; reconnecting")
@@ -164,6 +168,8 @@ class LogService:
             max_item_bytes=self.settings.max_item_bytes,
             max_payload=self.nc.max_payload,
             entry_hint=entry_hint,
+            authorize=authorize,
+            head_signer=head_signer,
         )
         self.outbox = Outbox(self.nc, self.store, self.subjects, ack_timeout=self._outbox_ack_timeout)
         self.store.add_commit_listener(self.outbox.on_commit)

@@ -51,6 +51,7 @@ from shared.errors import ConvlogError
 from shared.failures import Backoff, Loops, is_transient
 from shared.messages import Envelope
 from shared.nats_seam import bind
+from shared.signing import Signer
 
 from .consumer import AgentConsumer, consumer_name
 from .model import ModelClient
@@ -191,7 +192,8 @@ class Worker:
             await self.nc.close()
             return
         self.client = LogClient(
-            self.nc, prefix=self.subjects.prefix, timeout=self.settings.request_timeout
+            self.nc, prefix=self.subjects.prefix, timeout=self.settings.request_timeout,
+            signer=Signer.load(self.settings.signing_key) if self.settings.signing_key else None,
         )
         kv = await open_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
         self.routing = Routing(kv, self.client, self.spec)
