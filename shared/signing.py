@@ -44,6 +44,7 @@ import nacl.signing
 import nkeys
 
 from .chain import canonical
+from .config import ConfigError
 from .messages import AppendItem, Envelope, SignedHead
 
 __all__ = [
@@ -75,7 +76,7 @@ LOG_AGENT = "convlog-log"
 SYSTEM_AGENT = "system"
 
 
-class KeyringError(ValueError):
+class KeyringError(ConfigError):
     """A key or keyring file is missing, unreadable or malformed (names the file)."""
 
 
