@@ -76,6 +76,7 @@ class Settings:
     signing_key: Path | None = None  # this process's private key (shared.signing)
     keyring: Path | None = None  # the public keyring: who may sign what
     require_signatures: bool = False  # the log service refuses unsigned or foreign appends
+    head_interval: float = 1.0  # most seconds before a commit is covered by a signed head
 
     @property
     def subjects(self) -> Subjects:

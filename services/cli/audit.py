@@ -51,8 +51,13 @@ class SignatureAudit:
     signed: int = 0
     unsigned: int = 0
     bad: int = 0
-    head: SignedHead | None = None
+    heads: list[SignedHead] = field(default_factory=list)
     _hashes: list[str] = field(default_factory=list)
+
+    @property
+    def head(self) -> SignedHead | None:
+        """The signed head covering the most items."""
+        return max(self.heads, key=lambda h: h.item_order, default=None)
 
     def check(self, env: Envelope) -> tuple[str, str | None]:
         """(mark for the transcript, why the signature is bad or ``None``)."""
@@ -71,9 +76,12 @@ class SignatureAudit:
         return "BAD SIGNATURE", reason
 
     def finish(self, session_id: str, count: int) -> Problem | None:
-        """The signed head's verdict on the whole export, or ``None`` when it holds."""
-        h = self.head
-        if h is None or h.item_order == 0 and h.session_id == session_id:
+        """The signed heads' verdict on the whole export (the earliest problem), or ``None``."""
+        problems = [p for h in self.heads if (p := self._check_head(h, session_id, count)) is not None]
+        return min(problems, key=lambda p: p.item_order, default=None)
+
+    def _check_head(self, h: SignedHead, session_id: str, count: int) -> Problem | None:
+        if h.item_order == 0 and h.session_id == session_id:
             return None
         if h.session_id != session_id:
             return Problem(1, f"the signed head is of session {h.session_id!r}")

@@ -203,7 +203,7 @@ class Replayer:
 
     def feed(self, env: Stored, session_id: str) -> None:
         if isinstance(env, SignedHead):
-            self.audit.head = env
+            self.audit.heads.append(env)
             return
         if isinstance(env, _BadRow):
             # Rows are met in order, but summary checks come last: keep the earliest.
@@ -247,8 +247,9 @@ class Replayer:
         """After the last envelope: check the signed head, write it to a JSONL export."""
         if self.problem is None:
             self.problem = self.audit.finish(session_id, self.count)
-        if self.audit.head is not None and self.fmt == "jsonl" and not self.quiet:
-            self.out.write(encode_head_line(self.audit.head).decode() + "\n")
+        if self.fmt == "jsonl" and not self.quiet:
+            for head in self.audit.heads:
+                self.out.write(encode_head_line(head).decode() + "\n")
 
     def run_sync(self, source: Iterator[Stored], session_id: str) -> None:
         for env in source:
@@ -263,13 +264,19 @@ class Replayer:
 
 async def replay_from_service(client: LogClient, session_id: str, replayer: Replayer) -> None:
     validate_session_id(session_id)
-    # The head first: every item it covers is in the log by then (append-only).
-    head = await client.signed_head(session_id)
+    # The heads first: every item they cover is in the log by then (append-only).
+    # The witness head (signed within an interval of each commit, kept outside
+    # the store) catches a store that lost its tail; the fresh one covers the export.
+    from services.log.heads import read_witness_head
+
+    heads = [await read_witness_head(client.nc, client.subjects, session_id),
+             await client.signed_head(session_id)]
 
     async def source() -> AsyncIterator[Stored]:
         async for env in client.iter_items(session_id, raw=True):
             yield env
-        if head is not None:
-            yield head
+        for head in heads:
+            if head is not None:
+                yield head
 
     await replayer.run_async(source(), session_id)

@@ -43,6 +43,7 @@ from shared.subjects import Subjects
 
 from .authorize import authorizer_from, head_signer_from
 from .handlers import Handlers, encode_outcome, error_reply
+from .heads import HeadWitness
 from .outbox import Outbox, ensure_stream
 from .store.base import LogStore
 from .store.sqlite import SQLiteStore
@@ -100,6 +101,7 @@ class LogService:
         self.store: LogStore = store or SQLiteStore(settings.db_path, max_batch=settings.commit_batch)
         self.nc: Client | None = None
         self.outbox: Outbox | None = None
+        self.witness: HeadWitness | None = None
         self._service: Service | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._awaiting = 0  # appends submitted to the store and not yet answered
@@ -171,6 +173,11 @@ class LogService:
             authorize=authorize,
             head_signer=head_signer,
         )
+        if head_signer is not None:  # heads signed within head_interval of each commit
+            self.witness = HeadWitness(self.nc, self.subjects, head_signer, interval=self.settings.head_interval,
+                                       replicas=self.settings.stream_replicas)
+            await self.witness.start()
+            self.store.add_commit_listener(self.witness.on_commit)
         self.outbox = Outbox(self.nc, self.store, self.subjects, ack_timeout=self._outbox_ack_timeout)
         self.store.add_commit_listener(self.outbox.on_commit)
         await self.outbox.start()
@@ -379,6 +386,8 @@ class LogService:
             if self.outbox is not None:
                 await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))
             await self.store.close()
+            if self.witness is not None:
+                await self.witness.stop()
             if self.nc is not None and not self.nc.is_closed:
                 with contextlib.suppress(Exception):
                     await self.nc.drain()

@@ -147,3 +147,52 @@ def test_an_unsigned_log_says_so_plainly(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["replay", "golden-support-1", "--file", str(GOLDEN), "--verify", "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "unsigned (no item carries a signature)" in err and "no signed head" in err
+
+
+async def test_a_store_that_lost_its_tail_contradicts_the_witness_head(
+    nats_server: NatsServer, tmp_path: Path, keys: Path
+) -> None:
+    from services.log.heads import read_witness_head
+    from shared.subjects import Subjects
+    from tests.support.eventually import assert_eventually
+
+    db = tmp_path / "convlog.db"
+    settings = load_settings({
+        "nats_url": nats_server.url, "db": str(db), "keyring": str(keys / "keyring.json"),
+    }, {"CONVLOG_SIGNING_KEY": str(keys / "log.nk"), "CONVLOG_HEAD_INTERVAL": "0.1"})
+    triage = await LogClient.connect(nats_server.url)
+    triage.signer = Signer.load(keys / "Triage.nk")
+    try:
+        svc = LogService(settings)
+        await svc.start()
+        for text in ("one", "two"):
+            await triage.append("s", [{"agent": "Triage", "data": {"role": "assistant", "content": text}}])
+        await svc.shutdown()
+        backup = db.read_bytes()  # a consistent copy of a stopped store
+        svc = LogService(settings)
+        await svc.start()
+        await triage.append("s", [{"agent": "Triage", "data": {"role": "assistant", "content": "three"}}])
+
+        async def witnessed() -> None:
+            head = await read_witness_head(triage.nc, Subjects("convlog"), "s")
+            assert head is not None and head.item_order == 3
+
+        await assert_eventually(witnessed, timeout=10)
+        await svc.shutdown()
+        db.write_bytes(backup)  # the store "restored from a backup": its last item is gone
+        for extra in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            extra.unlink(missing_ok=True)
+        # ... and the items stream rolled back with it (else the outbox would refuse to start).
+        await triage.nc.jetstream().delete_stream("CONVLOG_ITEMS")
+        svc = LogService(settings)
+        await svc.start()
+        try:
+            assert await triage.last_order("s") == 2  # the chain alone looks intact
+            code, _, err = await _cli("replay", "s", "--verify", "--quiet", "--keyring",
+                                      str(keys / "keyring.json"), "--nats-url", nats_server.url,
+                                      "--no-embedded")
+            assert code == 1 and "item_order 3: truncated: the log service signed item_order 3" in err, err
+        finally:
+            await svc.shutdown()
+    finally:
+        await triage.close()
