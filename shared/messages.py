@@ -135,7 +135,7 @@ class SignedHead(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     sig: str
 
 
-class ReadReply(msgspec.Struct, frozen=True, kw_only=True):
+class ReadReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     session_id: str
     items: list[Envelope]
     last_order: int

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from shared.signing import (
     write_private,
 )
 
-__all__ = ["cmd_keys", "keys_arguments"]
+__all__ = ["cmd_keys", "keys_arguments", "make_keys"]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -64,6 +65,28 @@ def _key_file(out: Path, role: str, agent: str) -> Path:
     return out / (f"{role}.nk" if role in (LOG, GATEWAY) else f"{agent}.nk")
 
 
+def make_keys(out: Path, agents: Sequence[str]) -> Keyring:
+    """Write ``<Agent>.nk`` per agent, ``log.nk``, ``gateway.nk`` and ``keyring.json`` in ``out``.
+
+    Raises:
+        FileExistsError: a key or keyring file is already there (nothing is overwritten).
+    """
+    wanted = [("agent", a) for a in agents] + [(LOG, LOG_AGENT), (GATEWAY, USER_AGENT)]
+    out.mkdir(parents=True, exist_ok=True)
+    ring_path = out / "keyring.json"
+    for p in [ring_path, *(_key_file(out, r, a) for r, a in wanted)]:
+        if p.exists():
+            raise FileExistsError(17, "exists", str(p))
+    entries = []
+    for role, agent in wanted:
+        signer, seed = Signer.generate()
+        write_private(_key_file(out, role, agent), seed)
+        entries.append(KeyEntry(key_id=signer.key_id, role=role, agent=agent, created_at=_now()))
+    ring = Keyring(entries)
+    ring_path.write_bytes(ring.dumps())
+    return ring
+
+
 def _init(out: Path, agents_path: Path | None) -> int:
     from services.worker.spec import SpecError, load_spec
 
@@ -74,21 +97,14 @@ def _init(out: Path, agents_path: Path | None) -> int:
     except SpecError as e:
         print(f"convlog keys: {e}", file=sys.stderr)
         return EXIT_USAGE
-    wanted = [("agent", a) for a in spec.agents] + [(LOG, LOG_AGENT), (GATEWAY, USER_AGENT)]
-    out.mkdir(parents=True, exist_ok=True)
-    ring_path = out / "keyring.json"
-    clash = [p for p in [ring_path, *(_key_file(out, r, a) for r, a in wanted)] if p.exists()]
-    if clash:
-        print(f"convlog keys: {clash[0]} exists; refusing to overwrite keys "
+    try:
+        entries = make_keys(out, list(spec.agents))
+    except FileExistsError as e:
+        print(f"convlog keys: {e.filename} exists; refusing to overwrite keys "
               "(use `convlog keys rotate`, or another --out)", file=sys.stderr)
         return EXIT_USAGE
-    entries = []
-    for role, agent in wanted:
-        signer, seed = Signer.generate()
-        write_private(_key_file(out, role, agent), seed)
-        entries.append(KeyEntry(key_id=signer.key_id, role=role, agent=agent, created_at=_now()))
-    ring_path.write_bytes(Keyring(entries).dumps())
-    print(f"wrote {len(entries)} private keys (mode 0600) and {ring_path} to {out}")
+    ring_path = out / "keyring.json"
+    print(f"wrote {len(entries.entries)} private keys (mode 0600) and {ring_path} to {out}")
     print(f"  log service: CONVLOG_KEYRING={ring_path} CONVLOG_SIGNING_KEY={out / 'log.nk'}")
     print(f"  worker AGENT: CONVLOG_SIGNING_KEY={out}/AGENT.nk; user gateway: {out / 'gateway.nk'}")
     return EXIT_OK
