@@ -49,29 +49,47 @@ class Authorizer:
     keyring: Keyring | None = None
     require: bool = False
 
-    @property
-    def active(self) -> bool:
-        return self.keyring is not None or self.require
-
     def check_append(self, sid: str, req: AppendRequest) -> None:
-        """Raises: ForbiddenError naming the item and the reason."""
+        """Every rule and every signature. Raises: ForbiddenError naming the item and the reason."""
+        if self.precheck(sid, req):
+            self.verify_signatures(sid, req)
+
+    def precheck(self, sid: str, req: AppendRequest) -> bool:
+        """The rules without the cryptography (cheap, on the event loop).
+
+        Returns:
+            Whether some item carries a signature that :meth:`verify_signatures`
+            must still check.
+
+        Raises:
+            ForbiddenError: naming the item and the reason.
+        """
+        signed = False
         for i, it in enumerate(req.items):
             if self.require and it.agent == USER_AGENT:
                 raise ForbiddenError(
                     f"item {i}: agent 'user' items enter only through the inbound subject "
                     "(convlog.in), not the append subject"
                 )
-            self._check(sid, i, it, via_inbound=False)
+            signed = self._rules(i, it, via_inbound=False) or signed
+        return signed
+
+    def verify_signatures(self, sid: str, req: AppendRequest) -> None:
+        """The cryptography alone, after :meth:`precheck` (thread-safe: it
+        releases the GIL while libsodium works). Raises: ForbiddenError."""
+        for i, it in enumerate(req.items):
+            self._verify(sid, i, it)
 
     def check_user(self, sid: str, item: AppendItem) -> None:
         """A user message, as the item it becomes. Raises: ForbiddenError."""
-        self._check(sid, 0, item, via_inbound=True)
+        if self._rules(0, item, via_inbound=True):
+            self._verify(sid, 0, item)
 
-    def _check(self, sid: str, i: int, it: AppendItem, *, via_inbound: bool) -> None:
+    def _rules(self, i: int, it: AppendItem, *, via_inbound: bool) -> bool:
         if it.sig is None and it.key_id is None:
             if self.require:
                 raise ForbiddenError(f"item {i}: unsigned, and this log service requires signatures")
-            return
+            return False
         if it.sig is None or it.key_id is None:
             raise ForbiddenError(f"item {i}: a signed item needs both sig and key_id")
         if self.keyring is None:
@@ -83,6 +101,12 @@ class Authorizer:
         reason = self.keyring.refusal(it.key_id, it.agent, via_inbound=via_inbound)
         if reason is not None:
             raise ForbiddenError(f"item {i}: {reason}")
+        return True
+
+    @staticmethod
+    def _verify(sid: str, i: int, it: AppendItem) -> None:
+        if it.sig is None or it.key_id is None or it.item_id is None:
+            return
         msg = item_signing_input(sid, it.item_id, it.agent, it.kind, it.data)
         if not verify_signature(it.key_id, msg, it.sig):
             raise ForbiddenError(

@@ -117,11 +117,18 @@ class Handlers:
     # -- endpoints -------------------------------------------------------
     def parse_append(self, subject: str, body: bytes) -> tuple[str, AppendRequest]:
         """Decode and check an append request (raises the error to reply with)."""
+        sid, req, signed = self.parse_append_deferred(subject, body)
+        if signed and self.authorize is not None:
+            self.authorize.verify_signatures(sid, req)
+        return sid, req
+
+    def parse_append_deferred(self, subject: str, body: bytes) -> tuple[str, AppendRequest, bool]:
+        """:meth:`parse_append` without the signature cryptography; the flag
+        says whether some signature still has to be verified before the store."""
         sid = self.subjects.session_of(subject)
         req = decode(body, AppendRequest, empty_ok=False)
-        if self.authorize is not None:
-            self.authorize.check_append(sid, req)
-        return sid, self._prepare(req, len(body))
+        signed = self.authorize.precheck(sid, req) if self.authorize is not None else False
+        return sid, self._prepare(req, len(body)), signed
 
     async def user_message(self, subject: str, body: bytes) -> bytes:
         sid = self.subjects.session_of(subject)

@@ -34,9 +34,9 @@ from nats.micro.service import EndpointStats, Service
 from shared import __version__, nats_connect
 from shared.client import connect_options
 from shared.config import Settings
-from shared.errors import ERROR_HEADER, ConvlogError
+from shared.errors import ERROR_HEADER, ConvlogError, UnavailableError
 from shared.failures import FatalError, Loops, is_transient
-from shared.messages import AppendReply
+from shared.messages import AppendReply, AppendRequest
 from shared.nats_seam import NatsSeam, bind
 from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.subjects import Subjects
@@ -47,6 +47,7 @@ from .heads import HeadWitness
 from .outbox import Outbox, ensure_stream
 from .store.base import LogStore
 from .store.sqlite import SQLiteStore
+from .verifier import Verifier
 from .wire import Message, publish_many
 
 __all__ = ["LogService", "ensure_routing_bucket"]
@@ -102,6 +103,7 @@ class LogService:
         self.nc: Client | None = None
         self.outbox: Outbox | None = None
         self.witness: HeadWitness | None = None
+        self._verifier: Verifier | None = None
         self._service: Service | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._awaiting = 0  # appends submitted to the store and not yet answered
@@ -233,14 +235,35 @@ class LogService:
             tally["append"] += 1
             counters.requests += 1
             try:
-                sid, request = handlers.parse_append(subject, data)
-                store.submit(sid, request, partial(self._answer, reply_to, subject, perf_counter_ns()))
+                sid, request, signed = handlers.parse_append_deferred(subject, data)
+                answer = partial(self._answer, reply_to, subject, perf_counter_ns())
+                if signed:  # verified off the loop, then submitted (see verifier.py)
+                    self._verifier_for(handlers).submit(sid, request, partial(self._verified, sid, request, answer))
+                else:
+                    store.submit(sid, request, answer)
             except Exception as e:
                 self._reply("append", reply_to, subject, *error_reply(e, subject))
                 return
             self._awaiting += 1
 
         return deliver
+
+    def _verifier_for(self, handlers: Handlers) -> Verifier:
+        if self._verifier is None:
+            assert handlers.authorize is not None
+            self._verifier = Verifier(handlers.authorize, asyncio.get_running_loop())
+        return self._verifier
+
+    def _verified(self, sid: str, request: AppendRequest, answer: Callable[[Any], None],
+                  error: ConvlogError | None) -> None:
+        """A signed append's signatures were checked: submit it, or refuse it."""
+        if error is not None:
+            answer(error)
+            return
+        try:
+            self.store.submit(sid, request, answer)
+        except Exception as e:  # the store closed meanwhile
+            answer(e if isinstance(e, ConvlogError) else UnavailableError("the store is closed"))
 
     def _answer(
         self, reply_to: ReplyTo, subject: str, submitted_ns: int, outcome: AppendReply | ConvlogError
@@ -379,6 +402,8 @@ class LogService:
                 self._quiet.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._quiet.wait(), max(0.0, until - loop.time()))
+            if self._verifier is not None:
+                await asyncio.to_thread(self._verifier.close)
             if self._replier is not None:
                 self._replier.cancel()
                 with contextlib.suppress(asyncio.CancelledError, FatalError):

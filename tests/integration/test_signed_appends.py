@@ -15,7 +15,7 @@ from services.log.service import LogService
 from shared.chain import verify
 from shared.client import LogClient
 from shared.config import ConfigError, load_settings
-from shared.errors import ERROR_CODE_HEADER, ForbiddenError
+from shared.errors import ERROR_CODE_HEADER, ConflictError, ForbiddenError
 from shared.messages import AppendItem, AppendRequest
 from shared.signing import Keyring, Signer, sign_item
 from tests.support.natsd import NatsServer
@@ -171,3 +171,24 @@ async def test_zero_config_refuses_signatures_it_cannot_check_and_bad_config_fai
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ConfigError, match="bad.json"):
         await _service(log_url, tmp_path / "y", keyring=str(tmp_path / "bad.json"))
+
+
+async def test_a_predicted_item_id_cannot_pre_empt_the_real_author(strict: str, keys: Path) -> None:
+    # The attack of issue 12: write first under the id the victim will use.
+    # Another agent's key cannot write it as the victim (forbidden); written as
+    # itself, the victim's own append is a conflict naming the id -- never a
+    # "duplicate" that would make the victim believe its reply was stored.
+    attacker = await _client(strict, keys / "L1Billing.nk")
+    victim = await _client(strict, keys / "Triage.nk")
+    try:
+        with pytest.raises(ForbiddenError):
+            await attacker.append("p", [_item("Triage", "forged reply", "turn-1:reply")])
+        await attacker.append("p", [_item("L1Billing", "forged reply", "turn-1:reply")])
+        with pytest.raises(ConflictError, match="turn-1:reply") as e:
+            await victim.append("p", [_item("Triage", "the real reply", "turn-1:reply")])
+        assert e.value.extra["item_id"] == "turn-1:reply"
+        assert [(x.agent, x.data["content"]) for x in await victim.items("p")] == [
+            ("L1Billing", "forged reply")]
+    finally:
+        await attacker.close()
+        await victim.close()
