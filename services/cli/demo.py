@@ -283,7 +283,8 @@ def _with_key(p: Program, keys: Path) -> Program:
         env = {"CONVLOG_KEYRING": str(keys / "keyring.json"), "CONVLOG_SIGNING_KEY": str(keys / "log.nk"),
                "CONVLOG_REQUIRE_SIGNATURES": "true"}
     elif p.name.startswith("worker-"):
-        env = {"CONVLOG_SIGNING_KEY": str(keys / f"{p.name.removeprefix('worker-')}.nk")}
+        env = {"CONVLOG_SIGNING_KEY": str(keys / f"{p.name.removeprefix('worker-')}.nk"),
+               "CONVLOG_KEYRING": str(keys / "keyring.json"), "CONVLOG_REQUIRE_SIGNATURES": "true"}
     else:
         return p
     return dataclasses.replace(p, environment={**p.environment, **env})
