@@ -32,6 +32,8 @@ from shared.signing import (
     write_private,
 )
 
+from .nats_users import render_users
+
 __all__ = ["cmd_keys", "keys_arguments", "make_keys"]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -84,6 +86,7 @@ def make_keys(out: Path, agents: Sequence[str]) -> Keyring:
         entries.append(KeyEntry(key_id=signer.key_id, role=role, agent=agent, created_at=_now()))
     ring = Keyring(entries)
     ring_path.write_bytes(ring.dumps())
+    (out / "nats-users.conf").write_text(render_users(ring))
     return ring
 
 
@@ -107,6 +110,8 @@ def _init(out: Path, agents_path: Path | None) -> int:
     print(f"wrote {len(entries.entries)} private keys (mode 0600) and {ring_path} to {out}")
     print(f"  log service: CONVLOG_KEYRING={ring_path} CONVLOG_SIGNING_KEY={out / 'log.nk'}")
     print(f"  worker AGENT: CONVLOG_SIGNING_KEY={out}/AGENT.nk; user gateway: {out / 'gateway.nk'}")
+    print(f"  NATS: include {out / 'nats-users.conf'} in the server config; each process logs in "
+          "with its own key file as CONVLOG_NKEY")
     return EXIT_OK
 
 
@@ -130,6 +135,7 @@ def _rotate(folder: Path, agent: str) -> int:
     tmp = ring_path.with_suffix(".json.tmp")
     tmp.write_bytes(Keyring(entries).dumps())
     tmp.replace(ring_path)
+    (folder / "nats-users.conf").write_text(render_users(Keyring(entries)))
     print(f"rotated {agent}: new key {signer.key_id[:12]}... in {key_path}; "
           f"{len(live)} old key(s) retired at {now} (their items still verify)")
     return EXIT_OK
