@@ -34,6 +34,7 @@ import base64
 import binascii
 import functools
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -74,6 +75,26 @@ USER_AGENT = "user"
 LOG_AGENT = "convlog-log"
 #: Worker notes (a failed turn) are written as ``system`` by the agent's worker.
 SYSTEM_AGENT = "system"
+
+
+_TURN_AGENT = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+_TURN_ROLE = re.compile(r"^(?:msg|reply|fail|call\d{1,3}|out\d{1,3})\Z")
+
+
+def turn_id_agent(item_id: str) -> str | None:
+    """The agent a turn-derived id ``<turn>.<agent>.<step>.<role>`` names, or ``None``.
+
+    The same shape as ``services.worker.turn_ids`` (a test keeps the two in
+    step).  A signed item under such an id must be signed by that agent's key,
+    so nobody can pre-empt another agent's reply by writing its predictable id.
+    """
+    parts = item_id.rsplit(".", 3)
+    if len(parts) != 4:
+        return None
+    turn, agent, step, role = parts
+    if not turn or not _TURN_AGENT.match(agent) or not step.isdigit() or not _TURN_ROLE.match(role):
+        return None
+    return agent
 
 
 class KeyringError(ConfigError):
@@ -261,13 +282,17 @@ class Keyring:
         return [e for e in self.entries if e.role == role and (agent is None or e.agent == agent)]
 
     # -- what a key may sign ----------------------------------------------
-    def refusal(self, key_id: str, agent: str, *, via_inbound: bool, at: str | None = None) -> str | None:
+    def refusal(
+        self, key_id: str, agent: str, *, via_inbound: bool, at: str | None = None,
+        item_id: str | None = None,
+    ) -> str | None:
         """Why ``key_id`` may not sign an item authored by ``agent``, or ``None``.
 
         Args:
             via_inbound: the item enters through ``convlog.in`` (user messages).
             at: the item's ``created_at`` (offline checks); ``None`` means now,
                 when a retired key may sign nothing.
+            item_id: the item's id; a turn-derived id binds it to its agent's key.
         """
         e = self._by_id.get(key_id)
         if e is None:
@@ -275,9 +300,11 @@ class Keyring:
         if e.retired_at is not None and (at is None or at > e.retired_at):
             return f"key {key_id[:12]}... of {e.agent!r} was retired at {e.retired_at}"
         if e.role == "agent":
-            if agent in (e.agent, SYSTEM_AGENT) and not via_inbound:
-                return None
-            return f"key {key_id[:12]}... belongs to agent {e.agent!r}, not {agent!r}"
+            if agent not in (e.agent, SYSTEM_AGENT) or via_inbound:
+                return f"key {key_id[:12]}... belongs to agent {e.agent!r}, not {agent!r}"
+            if item_id is not None and (owner := turn_id_agent(item_id)) not in (None, e.agent):
+                return f"item_id {item_id!r} belongs to a turn of {owner!r}, not of {e.agent!r}"
+            return None
         if e.role == GATEWAY:
             if agent == USER_AGENT and via_inbound:
                 return None
@@ -291,7 +318,8 @@ class Keyring:
         if env.sig is None or env.key_id is None:
             return "carries only one of sig and key_id"
         via_inbound = env.agent == USER_AGENT
-        reason = self.refusal(env.key_id, env.agent, via_inbound=via_inbound, at=env.created_at)
+        reason = self.refusal(env.key_id, env.agent, via_inbound=via_inbound, at=env.created_at,
+                              item_id=env.item_id)
         if reason is not None:
             return reason
         msg = item_signing_input(env.session_id, env.item_id, env.agent, env.kind, env.data)

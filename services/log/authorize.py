@@ -98,7 +98,7 @@ class Authorizer:
             )
         if it.item_id is None:
             raise ForbiddenError(f"item {i}: a signed item needs the item_id it was signed with")
-        reason = self.keyring.refusal(it.key_id, it.agent, via_inbound=via_inbound)
+        reason = self.keyring.refusal(it.key_id, it.agent, via_inbound=via_inbound, item_id=it.item_id)
         if reason is not None:
             raise ForbiddenError(f"item {i}: {reason}")
         return True

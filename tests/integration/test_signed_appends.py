@@ -183,12 +183,17 @@ async def test_a_predicted_item_id_cannot_pre_empt_the_real_author(strict: str, 
     try:
         with pytest.raises(ForbiddenError):
             await attacker.append("p", [_item("Triage", "forged reply", "turn-1:reply")])
+        # A worker's turn-derived ids name their agent: only that agent's key writes them.
+        with pytest.raises(ForbiddenError, match="belongs to a turn of 'Triage'"):
+            await attacker.append("p", [_item("L1Billing", "forged reply", "u-7.Triage.1.reply")])
+        await victim.append("p", [_item("Triage", "mine", "u-7.Triage.1.reply")])
+        # Any other id: first come, and the real author's append is a conflict, not a duplicate.
         await attacker.append("p", [_item("L1Billing", "forged reply", "turn-1:reply")])
         with pytest.raises(ConflictError, match="turn-1:reply") as e:
             await victim.append("p", [_item("Triage", "the real reply", "turn-1:reply")])
         assert e.value.extra["item_id"] == "turn-1:reply"
         assert [(x.agent, x.data["content"]) for x in await victim.items("p")] == [
-            ("L1Billing", "forged reply")]
+            ("Triage", "mine"), ("L1Billing", "forged reply")]
     finally:
         await attacker.close()
         await victim.close()

@@ -170,3 +170,23 @@ def test_keys_init_and_rotate_write_real_files(tmp_path: Path, capsys: pytest.Ca
     assert ring2.refusal(new.key_id, "Triage", via_inbound=False) is None
     assert main(["keys", "rotate", "Nobody", "--dir", str(out)]) == 2
     assert json.loads((out / "keyring.json").read_text())["convlog_keyring"] == 1
+
+
+def test_turn_ids_bind_to_their_agents_key() -> None:
+    from services.worker.turn_ids import parse_turn_item_id, turn_item_id
+    from shared.signing import turn_id_agent
+
+    samples = [turn_item_id("u-1", "Triage", 1, "reply"), turn_item_id("t-" + "a" * 40, "L2Support", 12, "call3"),
+               "u-1.Triage.1.nope", "plain-id", "a.b.c", ".Triage.1.msg", "0190e1f0c3b27c3a9e1d"]
+    for iid in samples:  # the same reading as the worker's own module
+        parsed = parse_turn_item_id(iid)
+        assert turn_id_agent(iid) == (parsed.agent if parsed else None), iid
+    triage, billing = Signer.generate()[0], Signer.generate()[0]
+    ring = _ring((triage, "agent", "Triage"), (billing, "agent", "L1Billing"))
+    assert ring.refusal(triage.key_id, "Triage", via_inbound=False, item_id="u-1.Triage.1.reply") is None
+    assert ring.refusal(triage.key_id, "system", via_inbound=False, item_id="u-1.Triage.2.fail") is None
+    why = ring.refusal(billing.key_id, "L1Billing", via_inbound=False, item_id="u-1.Triage.1.reply")
+    assert why is not None and "turn of 'Triage'" in why
+    forged = _envelope("s", sign_item(billing, "s", AppendItem(item_id="u-1.Triage.1.reply",
+                                                                agent="L1Billing", data={"x": 1})))
+    assert "turn of 'Triage'" in (ring.check_envelope(forged) or "")
