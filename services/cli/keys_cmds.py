@@ -44,7 +44,8 @@ def _now() -> str:
 
 
 def keys_arguments(p: argparse.ArgumentParser) -> None:
-    ks = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    ks = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION",
+                          help="init: make the keys and the keyring; rotate: a new key for one")
     i = ks.add_parser("init", help="one key per agent, the log service and the gateway; a keyring")
     i.add_argument("--agents", help="agents TOML [CONVLOG_AGENTS, default: the packaged spec]")
     i.add_argument("--out", required=True, help="directory for the key files and keyring.json")
