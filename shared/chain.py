@@ -2,7 +2,9 @@
 
 ``hash_n = sha256(JCS(obj_n))`` where ``obj_n`` is the envelope without
 ``hash`` plus ``"prev_hash": hash_{n-1}``, and ``hash_0`` is 64 zeros.  Anyone
-with an export and any RFC 8785 implementation can recompute it.
+with an export and any RFC 8785 implementation can recompute it.  A signed
+item's ``sig`` and ``key_id`` are envelope fields like the others: hashed when
+present, absent from ``obj_n`` otherwise (so unsigned logs hash as before).
 """
 
 from __future__ import annotations
@@ -77,6 +79,21 @@ class _Hashed(msgspec.Struct):
     session_id: str
 
 
+class _HashedSigned(msgspec.Struct):
+    """:class:`_Hashed` of a signed item, fields again in RFC 8785 order."""
+
+    agent: str
+    created_at: str
+    data: dict[str, Any]
+    item_id: str
+    item_order: int
+    key_id: str
+    kind: str
+    prev_hash: str
+    session_id: str
+    sig: str
+
+
 def item_hash(
     *,
     session_id: str,
@@ -87,25 +104,44 @@ def item_hash(
     data: dict[str, Any],
     created_at: str,
     prev_hash: str,
+    sig: str | None = None,
+    key_id: str | None = None,
 ) -> str:
-    """Compute ``hash_n`` for one envelope's fields and the previous hash."""
+    """Compute ``hash_n`` for one envelope's fields and the previous hash.
+
+    ``sig`` and ``key_id`` enter the hashed object only when not ``None``.
+    """
     # Only ``data`` can hold floats or non-BMP keys; the other fields are
     # strings and an integer under fixed ASCII keys.
     if _needs_reference(data):
-        return hashlib.sha256(
-            rfc8785.dumps(
-                {
-                    "session_id": session_id,
-                    "item_order": item_order,
-                    "item_id": item_id,
-                    "agent": agent,
-                    "kind": kind,
-                    "data": data,
-                    "created_at": created_at,
-                    "prev_hash": prev_hash,
-                }
-            )
-        ).hexdigest()
+        obj_d: dict[str, Any] = {
+            "session_id": session_id,
+            "item_order": item_order,
+            "item_id": item_id,
+            "agent": agent,
+            "kind": kind,
+            "data": data,
+            "created_at": created_at,
+            "prev_hash": prev_hash,
+        }
+        if sig is not None:
+            obj_d["sig"] = sig
+        if key_id is not None:
+            obj_d["key_id"] = key_id
+        return hashlib.sha256(rfc8785.dumps(obj_d)).hexdigest()
+    if sig is not None and key_id is not None:
+        signed = _HashedSigned(
+            agent, created_at, data, item_id, item_order, key_id, kind, prev_hash, session_id, sig
+        )
+        return hashlib.sha256(_sorted_encoder.encode(signed)).hexdigest()
+    if sig is not None or key_id is not None:  # half-signed: hash what is there, exactly
+        return hashlib.sha256(canonical({
+            "session_id": session_id, "item_order": item_order, "item_id": item_id,
+            "agent": agent, "kind": kind, "data": data, "created_at": created_at,
+            "prev_hash": prev_hash,
+            **({"sig": sig} if sig is not None else {}),
+            **({"key_id": key_id} if key_id is not None else {}),
+        })).hexdigest()
     obj = _Hashed(agent, created_at, data, item_id, item_order, kind, prev_hash, session_id)
     return hashlib.sha256(_sorted_encoder.encode(obj)).hexdigest()
 
@@ -121,6 +157,8 @@ def envelope_hash(env: Envelope, prev_hash: str) -> str:
         data=env.data,
         created_at=env.created_at,
         prev_hash=prev_hash,
+        sig=env.sig,
+        key_id=env.key_id,
     )
 
 

@@ -48,9 +48,11 @@ from .messages import (
     SessionInfo,
     SessionsReply,
     SessionsRequest,
+    SignedHead,
     UserMessage,
 )
 from .nats_seam import bind, seam_for
+from .signing import Signer, sign_item
 from .subjects import Subjects, validate_session_id
 
 __all__ = ["LogClient", "connect_options", "new_item_id"]
@@ -181,12 +183,16 @@ class LogClient:
         prefix: subject prefix.
         timeout: seconds one request waits for its reply.
         deadline: seconds an operation keeps retrying unknown outcomes.
+        signer: this writer's private key; when set, every item it appends (and
+            every user message it sends) is signed (:mod:`shared.signing`).
     """
 
     def __init__(
-        self, nc: Client, *, prefix: str = "convlog", timeout: float = 5.0, deadline: float = 30.0
+        self, nc: Client, *, prefix: str = "convlog", timeout: float = 5.0, deadline: float = 30.0,
+        signer: Signer | None = None,
     ) -> None:
         self.nc = nc
+        self.signer = signer
         self.subjects = Subjects(prefix)
         self.timeout = timeout
         self.deadline = deadline
@@ -216,7 +222,8 @@ class LogClient:
             settings = dataclasses.replace(settings, nats_url=url)
         nc = await nats_connect.connect(settings, {**connect_options(settings, name=name), **options})
         bind(nc, settings.nats_seam)
-        client = cls(nc, prefix=settings.prefix, timeout=settings.request_timeout)
+        client = cls(nc, prefix=settings.prefix, timeout=settings.request_timeout,
+                     signer=Signer.load(settings.signing_key) if settings.signing_key else None)
         client._owns_nc = True
         return client
 
@@ -403,6 +410,9 @@ class LogClient:
         """
         subject = self.subjects.append(session_id)
         req = AppendRequest(items=_as_items(items), expected_last=expected_last)
+        if self.signer is not None:  # signed once: a retry resends the same bytes
+            validate_session_id(session_id)
+            req = AppendRequest(items=self.signer.sign_items(session_id, req.items), expected_last=expected_last)
         if not req.items:
             raise BadRequestError("append needs at least one item")
         if len(req.items) > MAX_APPEND_ITEMS:  # the service would refuse it: do not send it
@@ -419,6 +429,11 @@ class LogClient:
         """Publish a user message (with a reply: the append ack)."""
         subject = self.subjects.inbound(session_id)
         msg = UserMessage(content=content, item_id=item_id or new_item_id(), to=to)
+        if self.signer is not None:  # signed as the item it becomes (shared.signing)
+            validate_session_id(session_id)
+            item = sign_item(self.signer, session_id, AppendItem(
+                agent="user", data={"role": "user", "content": content}, item_id=msg.item_id))
+            msg = msgspec.structs.replace(msg, sig=item.sig, key_id=item.key_id)
         return decode(await self._request(subject, encode(msg)), AppendReply)
 
     # -- reads -----------------------------------------------------------
@@ -430,10 +445,12 @@ class LogClient:
         limit: int | None = None,
         tail: int | None = None,
         raw: bool = False,
+        head: bool = False,
     ) -> ReadReply:
-        """One page: forward from ``after`` or the last ``tail`` visible items."""
+        """One page: forward from ``after`` or the last ``tail`` visible items
+        (with ``head``, also the session's head signed by the log service)."""
         subject = self.subjects.read(session_id)
-        req = ReadRequest(after=after, limit=limit, tail=tail, raw=raw)
+        req = ReadRequest(after=after, limit=limit, tail=tail, raw=raw, head=head)
         return decode(await self._request(subject, encode(req)), ReadReply)
 
     async def tail(self, session_id: str, n: int) -> list[Envelope]:
@@ -459,6 +476,11 @@ class LogClient:
     async def visible(self, session_id: str) -> list[Envelope]:
         """The whole visible history."""
         return visible(await self.items(session_id, raw=True))
+
+    async def signed_head(self, session_id: str) -> SignedHead | None:
+        """The session's current head signed by the log service, or ``None``
+        when the service has no signing key."""
+        return (await self.read(session_id, tail=0, head=True)).head
 
     async def last_order(self, session_id: str) -> int:
         return (await self.read(session_id, tail=0)).last_order

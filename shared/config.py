@@ -76,6 +76,10 @@ class Settings:
     grace: Annotated[float, Meta(ge=0, le=86_400)] = 10.0
     web_token: str | None = None
     nats_seam: Literal["auto", "public"] = "auto"  # "public": nats-py public API only (shared.nats_seam)
+    signing_key: Path | None = None  # this process's private key (shared.signing)
+    keyring: Path | None = None  # the public keyring: who may sign what
+    require_signatures: bool = False  # the log service refuses unsigned or foreign appends
+    head_interval: float = 1.0  # most seconds before a commit is covered by a signed head
 
     @property
     def subjects(self) -> Subjects:

@@ -17,6 +17,7 @@ __all__ = [
     "BadRequestError",
     "ConflictError",
     "ConvlogError",
+    "ForbiddenError",
     "InvalidSessionIdError",
     "NotFoundError",
     "TooLargeError",
@@ -88,6 +89,14 @@ class ConflictError(ConvlogError):
         self.last_order = last_order
 
 
+class ForbiddenError(ConvlogError):
+    """The caller may not write this: a missing, unknown or wrong signature,
+    or an author its key cannot prove (nothing of the request was written)."""
+
+    code = "forbidden"
+    status = "403"
+
+
 class NotFoundError(ConvlogError):
     """The thing asked for does not exist."""
 
@@ -109,6 +118,7 @@ _BY_CODE: dict[str, type[ConvlogError]] = {
         InvalidSessionIdError,
         TooLargeError,
         ConflictError,
+        ForbiddenError,
         NotFoundError,
         UnavailableError,
     )

@@ -22,6 +22,7 @@ __all__ = [
     "ErrorBody",
     "ErrorDetail",
     "ItemId",
+    "KeyId",
     "Kind",
     "MAX_APPEND_ITEMS",
     "NonNegInt",
@@ -32,6 +33,8 @@ __all__ = [
     "SessionInfo",
     "SessionsReply",
     "SessionsRequest",
+    "SignedHead",
+    "Sig",
     "UserMessage",
 ]
 
@@ -49,8 +52,12 @@ Kind = Literal["item", "retract", "clear"]
 MAX_APPEND_ITEMS = 10_000
 
 
-class Envelope(msgspec.Struct, frozen=True, kw_only=True):
-    """A committed item, exactly as stored, served, published and exported."""
+class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A committed item, exactly as stored, served, published and exported.
+
+    ``sig`` and ``key_id`` are present only on signed items (see
+    :mod:`shared.signing`); absent, the envelope and its hash are as before.
+    """
 
     session_id: str
     item_order: int
@@ -60,15 +67,24 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     data: dict[str, Any]
     created_at: str
     hash: str
+    sig: str | None = None
+    key_id: str | None = None
 
 
-class AppendItem(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+#: base64url Ed25519 signature (86 characters) and nkey public key (56).
+Sig = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{86}\Z")]
+KeyId = Annotated[str, Meta(pattern=r"^U[A-Z2-7]{55}\Z")]
+
+
+class AppendItem(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """One item to append; ``item_id`` is assigned by the client if missing."""
 
     agent: AgentName
     data: dict[str, Any] = {}
     kind: Kind = "item"
     item_id: ItemId | None = None
+    sig: Sig | None = None
+    key_id: KeyId | None = None
 
 
 class AppendRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -95,21 +111,36 @@ class AppendReply(msgspec.Struct, frozen=True, kw_only=True):
     items: list[AppendedItem]
 
 
-class ReadRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class ReadRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """``convlog.read.<sid>``: ``after``+``limit`` pages forward; ``tail`` gives the
-    last n visible items; ``raw`` gives every envelope (audit)."""
+    last n visible items; ``raw`` gives every envelope (audit); ``head`` asks for
+    the session's head signed by the log service (when it has a key)."""
 
     after: NonNegInt | None = None
     limit: PageLimit | None = None
     tail: Annotated[int, Meta(ge=0, le=100_000)] | None = None
     raw: bool = False
+    head: bool = False
 
 
-class ReadReply(msgspec.Struct, frozen=True, kw_only=True):
+class SignedHead(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The log service's signed statement: session ``session_id`` had
+    ``item_order`` items ending in ``hash`` at ``signed_at`` (see shared.signing)."""
+
+    session_id: str
+    item_order: int
+    hash: str
+    signed_at: str
+    key_id: str
+    sig: str
+
+
+class ReadReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     session_id: str
     items: list[Envelope]
     last_order: int
     more: bool
+    head: SignedHead | None = None
 
 
 class SessionsRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -128,12 +159,14 @@ class SessionsReply(msgspec.Struct, frozen=True, kw_only=True):
     more: bool
 
 
-class UserMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class UserMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """``convlog.in.<sid>``: a user message; ``to`` picks the entry agent of a new session."""
 
     content: str
     item_id: ItemId | None = None
     to: AgentName | None = None
+    sig: Sig | None = None
+    key_id: KeyId | None = None
 
 
 class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):

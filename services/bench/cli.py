@@ -3,7 +3,8 @@
 * default: the log service's appends and reads (:mod:`services.bench.appends`);
 * ``--turns``: convlog's own cost per agent turn (:mod:`services.bench.turns`);
 * ``--sdk``: ``ConvlogSession`` next to the Agents SDK's ``SQLiteSession``
-  (:mod:`services.bench.sdk`).
+  (:mod:`services.bench.sdk`);
+* ``--signed``: signed vs unsigned appends in the same run (:mod:`services.bench.signed`).
 
 The benches are imported only when they run, so ``convlog --help`` stays light.
 """
@@ -64,6 +65,8 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                         "(needs convlog[agents])")
     p.add_argument("--sdk-ops", type=_sdk_ops, default=1000, metavar="N",
                    help="with --sdk: calls per scenario (default 1000)")
+    p.add_argument("--signed", action="store_true",
+                   help="instead: signed vs unsigned appends in the same run, on a private stack")
     p.add_argument("--turns", action="store_true",
                    help="instead: convlog's overhead per agent turn, on a private stack with "
                         "2 workers")
@@ -74,6 +77,11 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
 async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.turns and args.sdk:
         raise BadRequestError("--turns and --sdk are two different benches: pick one")
+    if args.signed:
+        from .signed import run_signed_bench
+
+        print(await run_signed_bench(args))
+        return EXIT_OK
     if args.turns:
         from .turns import cmd_turn_bench
 

@@ -19,6 +19,7 @@ from services.bench.cli import bench_arguments, cmd_bench
 from services.web import cli as web
 from shared.config import Settings
 
+from .keys_cmds import cmd_keys, keys_arguments
 from .log_cmd import cmd_log, log_arguments
 from .migrate import cmd_migrate, migrate_arguments
 from .session_cmds import (
@@ -84,4 +85,6 @@ COMMANDS: tuple[Command, ...] = (
             description=web.WEB_DESCRIPTION),
     Command("migrate", "copy sessions between the SQLite and JetStream stores, verified",
             migrate_arguments, cmd_migrate),
+    Command("keys", "make or rotate the signing keys (init | rotate)", keys_arguments, cmd_keys,
+            connection=False),
 )

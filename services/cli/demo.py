@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import os
 import shutil
@@ -38,11 +39,14 @@ from typing import Any, TextIO
 import nats
 
 from shared.client import LogClient
+from shared.signing import Keyring, Signer
 from shared.subjects import Subjects
 
+from .keys_cmds import make_keys
 from .replay import Replayer, envelopes_from_db, replay_from_service
 from .stack import nats_server_binary
 from .supervise import (
+    Program,
     Supervisor,
     SupervisorError,
     code_root,
@@ -127,7 +131,7 @@ def _child_env(workdir: Path, nats_url: str, *, offline: bool) -> dict[str, str]
 
 
 def _build_stack(workdir: Path, agents: Sequence[str], agents_path: Path, port: int,
-                 env: dict[str, str]) -> Supervisor:
+                 env: dict[str, str], keys: Path | None = None) -> Supervisor:
     url = f"nats://127.0.0.1:{port}"
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     (workdir / "data").mkdir(parents=True, exist_ok=True)
@@ -137,6 +141,8 @@ def _build_stack(workdir: Path, agents: Sequence[str], agents_path: Path, port: 
                       "-sd", str(workdir / "data" / "jetstream")],
         grace=3.0,
     )
+    if keys is not None:  # --signed: every process gets its own key
+        programs = [_with_key(p, keys) for p in programs]
     conf = workdir / "supervisord.conf"
     conf.write_text(render_config(programs, run_dir=workdir, log_dir=workdir / "logs",
                                   directory=code_root()))
@@ -272,11 +278,24 @@ async def _play(client: LogClient, sid: str, messages: Sequence[str], out: _Out,
     return turns
 
 
-async def _verify(client: LogClient, sid: str) -> tuple[int, str | None, Counter[str]]:
-    rep = Replayer(io.StringIO(), quiet=True)
+def _with_key(p: Program, keys: Path) -> Program:
+    if p.name == "log":
+        env = {"CONVLOG_KEYRING": str(keys / "keyring.json"), "CONVLOG_SIGNING_KEY": str(keys / "log.nk"),
+               "CONVLOG_REQUIRE_SIGNATURES": "true"}
+    elif p.name.startswith("worker-"):
+        env = {"CONVLOG_SIGNING_KEY": str(keys / f"{p.name.removeprefix('worker-')}.nk"),
+               "CONVLOG_KEYRING": str(keys / "keyring.json"), "CONVLOG_REQUIRE_SIGNATURES": "true"}
+    else:
+        return p
+    return dataclasses.replace(p, environment={**p.environment, **env})
+
+
+async def _verify(client: LogClient, sid: str, keyring: Keyring | None = None
+                  ) -> tuple[int, str | None, Counter[str], str]:
+    rep = Replayer(io.StringIO(), quiet=True, keyring=keyring)
     await replay_from_service(client, sid, rep)
     authors = Counter(e.agent for e in await client.items(sid))
-    return rep.count, (str(rep.problem) if rep.problem else None), authors
+    return rep.count, (str(rep.problem) if rep.problem else None), authors, rep.audit.summary(rep.count)
 
 
 def _verify_file(db: Path, sid: str) -> str | None:
@@ -292,7 +311,8 @@ def _verify_file(db: Path, sid: str) -> str | None:
 
 async def run_demo(*, agents_path: Path | None = None, offline: bool = False, keep: bool = False,
                    turn_timeout: float = 20.0, start_timeout: float = 30.0,
-                   stream: TextIO = sys.stdout, web_port: int | None = None) -> int:
+                   stream: TextIO = sys.stdout, web_port: int | None = None,
+                   signed: bool = False) -> int:
     """Run the demo; return the exit code.  See the module docstring.
 
     With ``web_port``, the stack stays up after the replay, behind the web
@@ -334,7 +354,11 @@ async def run_demo(*, agents_path: Path | None = None, offline: bool = False, ke
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
     env = _child_env(workdir, url, offline=offline)
-    sup = _build_stack(workdir, agents, agents_path, port, env)
+    keyring = make_keys(workdir / "keys", agents) if signed else None
+    if signed:
+        out.line(f"signed: one Ed25519 key per agent, the log service and the gateway in {workdir / 'keys'};"
+                 " the log service refuses unsigned or foreign appends")
+    sup = _build_stack(workdir, agents, agents_path, port, env, workdir / "keys" if signed else None)
     conversations = [
         ("seed conversation", SEED_SESSION_ID, SEED_CONVERSATION,
          Expect(handoffs=(("Triage", "L1Billing"),), final_agent="L1Billing")),
@@ -357,6 +381,7 @@ async def run_demo(*, agents_path: Path | None = None, offline: bool = False, ke
         out.line()
 
         client = await LogClient.connect(url, name="convlog-demo")
+        client.signer = Signer.load(workdir / "keys" / "gateway.nk") if signed else None
         try:
             found: list[str] = []
             for title, sid, messages, expect in conversations:
@@ -365,7 +390,7 @@ async def run_demo(*, agents_path: Path | None = None, offline: bool = False, ke
                 found += [f"{sid}: {p}" for p in _check(turns, expect if strict else None)]
             out.line("=== replay and verify ===")
             for _, sid, _, _ in conversations:
-                count, problem, authors = await _verify(client, sid)
+                count, problem, authors, sigs = await _verify(client, sid, keyring)
                 if problem is not None or count == 0:
                     found.append(f"{sid}: replay --verify failed: {problem or 'no items'}")
                     out.line(f"FAILED: {sid}: {problem or 'no items'}")
@@ -373,6 +398,8 @@ async def run_demo(*, agents_path: Path | None = None, offline: bool = False, ke
                     by = ", ".join(f"{a} {n}" for a, n in authors.items())
                     out.line(f"verified: {sid}: {count} items, orders 1..{count} contiguous, "
                              f"hash chain intact ({by})")
+                    if keyring is not None:
+                        out.line(f"  {sigs}")
             problems = found
             if web_port is not None:  # --web: keep the stack up behind the console
                 from services.web.cli import serve_demo_console

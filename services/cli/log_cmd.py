@@ -29,6 +29,9 @@ def log_arguments(p: argparse.ArgumentParser) -> None:
                         "must exist")
     p.add_argument("--store", choices=["sqlite", "jetstream"],
                    help="where the log lives [CONVLOG_STORE, default sqlite]")
+    p.add_argument("--keyring", help="public keyring: check signed appends [CONVLOG_KEYRING]")
+    p.add_argument("--require-signatures", action="store_const", const=True,
+                   help="refuse unsigned or foreign appends [CONVLOG_REQUIRE_SIGNATURES]")
 
 
 def db_source(args: argparse.Namespace, settings: Settings) -> str | None:

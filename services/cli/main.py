@@ -38,7 +38,8 @@ exit codes:
   130  interrupted (Ctrl-C)"""
 
 #: Settings fields a command's flags may set (flags > CONVLOG_* env > defaults).
-SETTINGS_FLAGS = ("nats_url", "prefix", "data_dir", "creds", "log_level", "embedded", "db", "agents", "store")
+SETTINGS_FLAGS = ("nats_url", "prefix", "data_dir", "creds", "log_level", "embedded", "db", "agents", "store",
+                  "keyring", "require_signatures")
 
 #: What the user must fix: exit 2.
 USER_ERRORS = (BadRequestError, NotFoundError, TooLargeError)

@@ -17,8 +17,10 @@ from shared.client import LogClient
 from shared.codec import encode_envelope_line
 from shared.errors import BadRequestError, NotFoundError
 from shared.messages import Envelope
+from shared.signing import Keyring, SignedHead
 from shared.subjects import validate_session_id
 
+from .audit import SignatureAudit, decode_head_line, encode_head_line
 from .render import render_line
 
 __all__ = ["Replayer", "envelopes_from_db", "envelopes_from_file"]
@@ -57,7 +59,7 @@ class _BadRow:
         self.envelope = envelope
 
 
-Stored = Envelope | _Undecodable | _BadRow
+Stored = Envelope | _Undecodable | _BadRow | SignedHead
 
 # In item_order, as the service serves them: a row whose item_order column was
 # changed is met where readers would meet it.
@@ -159,11 +161,15 @@ def _row_disagreement(
     return None
 
 
-def envelopes_from_file(path: Path, session_id: str | None) -> Iterator[Envelope | _Undecodable]:
-    """Envelopes from a JSONL export (one envelope per line)."""
+def envelopes_from_file(path: Path, session_id: str | None) -> Iterator[Envelope | _Undecodable | SignedHead]:
+    """Envelopes from a JSONL export (one envelope per line; a signed head line last)."""
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
+                continue
+            head = decode_head_line(line)
+            if head is not None:
+                yield head
                 continue
             env = _decode(line, n)
             if session_id is None or not isinstance(env, Envelope) or env.session_id == session_id:
@@ -177,9 +183,13 @@ class Replayer:
         out: where the replay is written.
         fmt: ``text`` (one readable line per envelope) or ``jsonl``.
         quiet: verify without printing envelopes.
+        keyring: check every signature (and a signed head) against it.
     """
 
-    def __init__(self, out: TextIO = sys.stdout, *, fmt: str = "text", quiet: bool = False) -> None:
+    def __init__(
+        self, out: TextIO = sys.stdout, *, fmt: str = "text", quiet: bool = False,
+        keyring: Keyring | None = None,
+    ) -> None:
         if fmt not in ("text", "jsonl"):
             raise BadRequestError(f"unknown format {fmt!r}: use text or jsonl")
         self.out = out
@@ -189,8 +199,12 @@ class Replayer:
         self.problem: Problem | None = None
         self._prev = GENESIS_HASH
         self._expected = 1
+        self.audit = SignatureAudit(keyring)
 
     def feed(self, env: Stored, session_id: str) -> None:
+        if isinstance(env, SignedHead):
+            self.audit.heads.append(env)
+            return
         if isinstance(env, _BadRow):
             # Rows are met in order, but summary checks come last: keep the earliest.
             if self.problem is None or env.item_order < self.problem.item_order:
@@ -204,7 +218,8 @@ class Replayer:
                 self.problem = Problem(self._expected, f"stored envelope does not decode: {env.error}")
             return
         self.count += 1
-        self._print(env)
+        mark, bad_sig = self.audit.check(env)
+        self._print(env, mark)
         if self.problem is not None:
             return
         if env.session_id != session_id:
@@ -213,26 +228,55 @@ class Replayer:
             self.problem = Problem(self._expected, f"expected item_order {self._expected}, found {env.item_order}")
         elif envelope_hash(env, self._prev) != env.hash:
             self.problem = Problem(self._expected, "hash does not match the envelope and its predecessor")
+        elif bad_sig is not None:
+            self.problem = Problem(self._expected, f"bad signature: {bad_sig}")
         else:
             self._prev = env.hash
             self._expected += 1
 
-    def _print(self, env: Envelope) -> None:
+    def _print(self, env: Envelope, mark: str | None = None) -> None:
         if not self.quiet:
             if self.fmt == "jsonl":
                 self.out.write(encode_envelope_line(env).decode() + "\n")
-            else:
+            elif mark is None or mark == "unsigned" and self.audit.keyring is None:
                 self.out.write(render_line(env) + "\n")
+            else:
+                self.out.write(f"{render_line(env)}  [{mark}]\n")
+
+    def finish(self, session_id: str) -> None:
+        """After the last envelope: check the signed head, write it to a JSONL export."""
+        if self.problem is None:
+            self.problem = self.audit.finish(session_id, self.count)
+        if self.fmt == "jsonl" and not self.quiet:
+            for head in self.audit.heads:
+                self.out.write(encode_head_line(head).decode() + "\n")
 
     def run_sync(self, source: Iterator[Stored], session_id: str) -> None:
         for env in source:
             self.feed(env, session_id)
+        self.finish(session_id)
 
-    async def run_async(self, source: AsyncIterator[Envelope], session_id: str) -> None:
+    async def run_async(self, source: AsyncIterator[Stored], session_id: str) -> None:
         async for env in source:
             self.feed(env, session_id)
+        self.finish(session_id)
 
 
 async def replay_from_service(client: LogClient, session_id: str, replayer: Replayer) -> None:
     validate_session_id(session_id)
-    await replayer.run_async(client.iter_items(session_id, raw=True), session_id)
+    # The heads first: every item they cover is in the log by then (append-only).
+    # The witness head (signed within an interval of each commit, kept outside
+    # the store) catches a store that lost its tail; the fresh one covers the export.
+    from services.log.heads import read_witness_head
+
+    heads = [await read_witness_head(client.nc, client.subjects, session_id),
+             await client.signed_head(session_id)]
+
+    async def source() -> AsyncIterator[Stored]:
+        async for env in client.iter_items(session_id, raw=True):
+            yield env
+        for head in heads:
+            if head is not None:
+                yield head
+
+    await replayer.run_async(source(), session_id)

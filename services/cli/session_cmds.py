@@ -232,6 +232,7 @@ def replay_arguments(p: argparse.ArgumentParser) -> None:
                      help="read this SQLite file directly (no service needed)")
     src.add_argument("--file", metavar="PATH", help="read a JSONL export instead of the service")
     p.add_argument("--quiet", action="store_true", help="with --verify: print only the verdict")
+    p.add_argument("--keyring", help="with --verify: check every signature [CONVLOG_KEYRING]")
 
 
 def _export_file(path: Path) -> Path:
@@ -249,8 +250,11 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from .replay import Replayer, envelopes_from_db, envelopes_from_file, replay_from_service
 
     validate_session_id(args.session_id)
+    from shared.signing import Keyring
+
     quiet = args.quiet and args.verify
-    rep = Replayer(sys.stdout, fmt=args.fmt, quiet=quiet)
+    keyring = Keyring.load(settings.keyring) if settings.keyring else None
+    rep = Replayer(sys.stdout, fmt=args.fmt, quiet=quiet, keyring=keyring)
     undecodable: list[str] = []
     if args.db or args.file:
         if args.db:
@@ -285,7 +289,7 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
             print(f"FAILED: {args.session_id}: {rep.problem}", file=sys.stderr)
             return EXIT_FAIL
         print(f"verified: {args.session_id}: {rep.count} items, orders 1..{rep.count} contiguous, "
-              "hash chain intact", file=sys.stderr)
+              f"hash chain intact; {rep.audit.summary(rep.count)}", file=sys.stderr)
     elif undecodable:
         stderr(f"convlog replay: {undecodable[0]} (--verify checks the whole session)")
         return EXIT_FAIL

@@ -171,7 +171,7 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return await run_demo(
         agents_path=Path(args.agents) if args.agents else None,
         offline=args.offline, keep=args.keep, turn_timeout=args.turn_timeout,
-        web_port=args.web_port if args.web else None,
+        web_port=args.web_port if args.web else None, signed=args.signed,
     )
 
 
@@ -198,6 +198,8 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="then keep the stack up and serve the web console until Ctrl-C")
     p.add_argument("--web-port", type=non_negative_int, default=8080, metavar="PORT",
                    help="the console's port on 127.0.0.1 (default 8080; busy: a free one)")
+    p.add_argument("--signed", action="store_true",
+                   help="sign every item and head; the log service requires signatures")
 
 
 DEMO_DESCRIPTION = (

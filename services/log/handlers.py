@@ -27,8 +27,10 @@ from shared.messages import (
     SessionsRequest,
     UserMessage,
 )
+from shared.signing import Signer
 from shared.subjects import Subjects
 
+from .authorize import Authorizer, signed_head
 from .store.base import LogStore
 
 __all__ = ["Handlers", "Reply", "ack_size_bound", "encode_outcome", "error_reply"]
@@ -102,6 +104,8 @@ class Handlers:
     max_item_bytes: int = 256 * 1024
     max_payload: int = 1024 * 1024
     entry_hint: EntryHint | None = None
+    authorize: Authorizer | None = None  # signature checks (None: unsigned, as before)
+    head_signer: Signer | None = None  # the log service's key: signs session heads on request
 
     async def guarded(self, fn: Callable[[str, bytes], Awaitable[bytes]], subject: str, body: bytes) -> Reply:
         """Run one endpoint, turning every failure into an error reply."""
@@ -113,9 +117,18 @@ class Handlers:
     # -- endpoints -------------------------------------------------------
     def parse_append(self, subject: str, body: bytes) -> tuple[str, AppendRequest]:
         """Decode and check an append request (raises the error to reply with)."""
+        sid, req, signed = self.parse_append_deferred(subject, body)
+        if signed and self.authorize is not None:
+            self.authorize.verify_signatures(sid, req)
+        return sid, req
+
+    def parse_append_deferred(self, subject: str, body: bytes) -> tuple[str, AppendRequest, bool]:
+        """:meth:`parse_append` without the signature cryptography; the flag
+        says whether some signature still has to be verified before the store."""
         sid = self.subjects.session_of(subject)
         req = decode(body, AppendRequest, empty_ok=False)
-        return sid, self._prepare(req, len(body))
+        signed = self.authorize.precheck(sid, req) if self.authorize is not None else False
+        return sid, self._prepare(req, len(body)), signed
 
     async def user_message(self, subject: str, body: bytes) -> bytes:
         sid = self.subjects.session_of(subject)
@@ -124,7 +137,11 @@ class Handlers:
             agent="user",
             data={"role": "user", "content": msg.content},
             item_id=msg.item_id or new_item_id(),
+            sig=msg.sig,
+            key_id=msg.key_id,
         )
+        if self.authorize is not None:
+            self.authorize.check_user(sid, item)
         request = self._prepare(AppendRequest(items=[item]), len(body))
         if msg.to and self.entry_hint and await self.store.last_order(sid) == 0:
             # Before the append: the outbox may deliver the item to a worker before
@@ -156,6 +173,9 @@ class Handlers:
                 max_bytes=budget,
                 visible=not req.raw,
             )
+        head = b""
+        if req.head and self.head_signer is not None:
+            head = b',"head":' + _encode(await signed_head(self.store, self.head_signer, sid))
         # Envelopes are stored encoded; splice them in without re-encoding.
         return b"".join(
             (
@@ -167,6 +187,7 @@ class Handlers:
                 str(page.last_order).encode(),
                 b',"more":',
                 b"true" if page.more else b"false",
+                head,
                 b"}",
             )
         )

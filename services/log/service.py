@@ -34,17 +34,20 @@ from nats.micro.service import EndpointStats, Service
 from shared import __version__, nats_connect
 from shared.client import connect_options
 from shared.config import Settings
-from shared.errors import ERROR_HEADER, ConvlogError
+from shared.errors import ERROR_HEADER, ConvlogError, UnavailableError
 from shared.failures import FatalError, Loops, is_transient
-from shared.messages import AppendReply
+from shared.messages import AppendReply, AppendRequest
 from shared.nats_seam import NatsSeam, bind
 from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.subjects import Subjects
 
+from .authorize import authorizer_from, head_signer_from
 from .handlers import Handlers, encode_outcome, error_reply
+from .heads import HeadWitness
 from .outbox import Outbox, ensure_stream
 from .store.base import LogStore
 from .store.factory import make_store
+from .verifier import Verifier
 from .wire import Message, publish_many
 
 __all__ = ["LogService", "ensure_routing_bucket"]
@@ -99,6 +102,8 @@ class LogService:
         self.store: LogStore = store or make_store(settings)
         self.nc: Client | None = None
         self.outbox: Outbox | None = None
+        self.witness: HeadWitness | None = None
+        self._verifier: Verifier | None = None
         self._service: Service | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._awaiting = 0  # appends submitted to the store and not yet answered
@@ -128,6 +133,9 @@ class LogService:
         if self._started:
             return
         self._started = True
+        # A bad keyring or key fails before anything opens.
+        authorize = authorizer_from(self.settings)
+        head_signer = head_signer_from(self.settings, authorize.keyring)
         await self.store.open()
         for task in getattr(self.store, "background_tasks", ()):  # committer, checkpointer
             self._loops.watch(task)
@@ -170,7 +178,14 @@ class LogService:
             max_item_bytes=self.settings.max_item_bytes,
             max_payload=self.nc.max_payload,
             entry_hint=entry_hint,
+            authorize=authorize,
+            head_signer=head_signer,
         )
+        if head_signer is not None:  # heads signed within head_interval of each commit
+            self.witness = HeadWitness(self.nc, self.subjects, head_signer, interval=self.settings.head_interval,
+                                       replicas=self.settings.stream_replicas)
+            await self.witness.start()
+            self.store.add_commit_listener(self.witness.on_commit)
         if outbox_needed:
             self.outbox = Outbox(self.nc, self.store, self.subjects, ack_timeout=self._outbox_ack_timeout)
             self.store.add_commit_listener(self.outbox.on_commit)
@@ -227,14 +242,35 @@ class LogService:
             tally["append"] += 1
             counters.requests += 1
             try:
-                sid, request = handlers.parse_append(subject, data)
-                store.submit(sid, request, partial(self._answer, reply_to, subject, perf_counter_ns()))
+                sid, request, signed = handlers.parse_append_deferred(subject, data)
+                answer = partial(self._answer, reply_to, subject, perf_counter_ns())
+                if signed:  # verified off the loop, then submitted (see verifier.py)
+                    self._verifier_for(handlers).submit(sid, request, partial(self._verified, sid, request, answer))
+                else:
+                    store.submit(sid, request, answer)
             except Exception as e:
                 self._reply("append", reply_to, subject, *error_reply(e, subject))
                 return
             self._awaiting += 1
 
         return deliver
+
+    def _verifier_for(self, handlers: Handlers) -> Verifier:
+        if self._verifier is None:
+            assert handlers.authorize is not None
+            self._verifier = Verifier(handlers.authorize, asyncio.get_running_loop())
+        return self._verifier
+
+    def _verified(self, sid: str, request: AppendRequest, answer: Callable[[Any], None],
+                  error: ConvlogError | None) -> None:
+        """A signed append's signatures were checked: submit it, or refuse it."""
+        if error is not None:
+            answer(error)
+            return
+        try:
+            self.store.submit(sid, request, answer)
+        except Exception as e:  # the store closed meanwhile
+            answer(e if isinstance(e, ConvlogError) else UnavailableError("the store is closed"))
 
     def _answer(
         self, reply_to: ReplyTo, subject: str, submitted_ns: int, outcome: AppendReply | ConvlogError
@@ -373,6 +409,8 @@ class LogService:
                 self._quiet.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._quiet.wait(), max(0.0, until - loop.time()))
+            if self._verifier is not None:
+                await asyncio.to_thread(self._verifier.close)
             if self._replier is not None:
                 self._replier.cancel()
                 with contextlib.suppress(asyncio.CancelledError, FatalError):
@@ -380,6 +418,8 @@ class LogService:
             if self.outbox is not None:
                 await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))
             await self.store.close()
+            if self.witness is not None:
+                await self.witness.stop()
             if self.nc is not None and not self.nc.is_closed:
                 with contextlib.suppress(Exception):
                     await self.nc.drain()

@@ -51,11 +51,13 @@ from shared.errors import ConvlogError
 from shared.failures import Backoff, Loops, is_transient
 from shared.messages import Envelope
 from shared.nats_seam import bind
+from shared.signing import Signer
 
 from .consumer import AgentConsumer, consumer_name
 from .model import ModelClient
 from .routing import Routing, handoff_target, open_routing_bucket
 from .spec import SystemSpec
+from .trust import EnvelopeGate
 from .turn import DEFAULT_MAX_STEPS, TurnBusyError, TurnPart, TurnResult, TurnRunner
 from .turn_ids import parse_turn_item_id, turn_key
 
@@ -140,6 +142,7 @@ class Worker:
         self.client: LogClient | None = None
         self.routing: Routing | None = None
         self.runner: TurnRunner | None = None
+        self.gate: EnvelopeGate | None = None  # what the worker acts on must be in the log
         self.ready = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._max_held = concurrency * 4
@@ -191,8 +194,10 @@ class Worker:
             await self.nc.close()
             return
         self.client = LogClient(
-            self.nc, prefix=self.subjects.prefix, timeout=self.settings.request_timeout
+            self.nc, prefix=self.subjects.prefix, timeout=self.settings.request_timeout,
+            signer=Signer.load(self.settings.signing_key) if self.settings.signing_key else None,
         )
+        self.gate = EnvelopeGate.from_settings(self.client, self.settings)
         kv = await open_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
         self.routing = Routing(kv, self.client, self.spec)
         self.runner = TurnRunner(
@@ -370,6 +375,12 @@ class Worker:
             if part is None:
                 self.tally.skipped += 1
                 await msg.ack()
+                return
+            if self.gate is not None and (why := await self.gate.refusal(env)) is not None:
+                log.error("worker %s: refusing %s #%d: %s", self.agent.name, env.session_id,
+                          env.item_order, why)
+                self.tally.skipped += 1
+                await msg.term()
                 return
             result = await self.runner.run(part)
             self._count(result, part)

@@ -189,7 +189,7 @@ class StoreSuite(abc.ABC):
     ) -> None:
         first = await store.append("s", req(item("original", item_id="x")))
         await store.append("s", req(item("later")))
-        again = await store.append("s", req(item("changed text", item_id="x")))
+        again = await store.append("s", req(item("original", item_id="x")))
         assert again.items == [
             AppendedItem(item_order=1, item_id="x", hash=first.items[0].hash, duplicate=True)
         ]
@@ -199,6 +199,41 @@ class StoreSuite(abc.ABC):
         # The same id in another session is another item.
         other = await store.append("t", req(item("t", item_id="x")))
         assert other.items[0].item_order == 1 and not other.items[0].duplicate
+
+    async def test_an_item_id_with_different_content_is_a_conflict_naming_the_id(
+        self, store: LogStore
+    ) -> None:
+        # Nobody can pre-empt another writer's item by taking its id first: the
+        # second writer hears ``conflict`` (not ``duplicate``), and nothing is written.
+        await store.append("s", req(item("original", item_id="x", agent="Triage")))
+        for forged in (
+            item("forged reply", item_id="x", agent="Triage"),  # other data
+            item("original", item_id="x", agent="Billing"),  # other author
+            AppendItem(agent="Triage", kind="clear", item_id="x"),  # other kind
+        ):
+            with pytest.raises(ConflictError, match="'x'") as e:
+                await store.append("s", req(forged))
+            assert e.value.last_order == 1 and e.value.extra["item_id"] == "x"
+            # ... also when it rides along with a new item, or behind expected_last.
+            with pytest.raises(ConflictError, match="'x'"):
+                await store.append("s", req(item("new", item_id="n1"), forged))
+            with pytest.raises(ConflictError, match="'x'"):
+                await store.append("s", req(forged, expected_last=0))
+        assert [e.item_id for e in await read_all(store, "s")] == ["x"]
+        # Within one group commit: the first of two racing writers wins, the other conflicts.
+        a, b = await asyncio.gather(
+            store.append("s", req(item("mine", item_id="y", agent="Triage"))),
+            store.append("s", req(item("theirs", item_id="y", agent="Triage"))),
+            return_exceptions=True,
+        )
+        assert isinstance(a, AppendReply) and isinstance(b, ConflictError)
+        assert contents(await read_all(store, "s")) == ["original", "mine"]
+        # A number written as 1.0 is the same JSON number as 1 (as the hash sees it).
+        await store.append("s", req(AppendItem(agent="A", data={"n": 1}, item_id="z")))
+        again = await store.append("s", req(AppendItem(agent="A", data={"n": 1.0}, item_id="z")))
+        assert again.items[0].duplicate
+        with pytest.raises(ConflictError):
+            await store.append("s", req(AppendItem(agent="A", data={"n": True}, item_id="z")))
 
     async def test_same_item_id_twice_in_one_request_is_refused(self, store: LogStore) -> None:
         await store.append("s", req(item("before")))
@@ -441,7 +476,7 @@ class StoreSuite(abc.ABC):
             return_exceptions=True,
         )
         assert isinstance(results[-1], BadRequestError)
-        await store.append("s1", req(item("dup", item_id="id-1")))  # a duplicate: no commit
+        await store.append("s1", req(item("1b", item_id="id-1")))  # a duplicate: no commit
 
         everything = await store.committed_after(0, 1000)
         assert len(everything) == 80
@@ -502,7 +537,7 @@ class StoreSuite(abc.ABC):
 
         store.submit("s", req(item("a", item_id="a")), done_for(0))
         store.submit("s", req(item("b", item_id="b")), done_for(1))
-        store.submit("s", req(item("a again", item_id="a")), done_for(2))  # a retry
+        store.submit("s", req(item("a", item_id="a")), done_for(2))  # a retry
         store.submit("s", req(item("c"), expected_last=1), done_for(3))  # behind
         store.submit("t", req(retract(9)), done_for(4))  # refused
         store.submit("s", req(item("d", item_id="d"), expected_last=2), done_for(5))

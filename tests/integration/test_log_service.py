@@ -198,9 +198,12 @@ async def test_append_and_read_forward_tail_and_raw(env: Env) -> None:
     # An unknown session reads as empty.
     _, page = await wire(env.nc, "convlog.read.nobody", {})
     assert page == {"session_id": "nobody", "items": [], "last_order": 0, "more": False}
-    # A retried append is answered with its original orders.
-    _, again = await wire(env.nc, "convlog.append.s1", {"items": [user("changed", item_id="u-1")]})
+    # A retried append is answered with its original orders; the same id with
+    # other content is a conflict naming the id (nobody pre-empts an item).
+    _, again = await wire(env.nc, "convlog.append.s1", {"items": [user("Hi, I was charged twice 💳", item_id="u-1")]})
     assert again["items"] == [{**rep["items"][0], "duplicate": True}]
+    _, hijack = await wire(env.nc, "convlog.append.s1", {"items": [user("changed", item_id="u-1")]})
+    assert hijack["error"]["code"] == "conflict" and hijack["error"]["item_id"] == "u-1"
     assert (await env.client.last_order("s1")) == 5
 
 

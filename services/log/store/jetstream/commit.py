@@ -29,7 +29,7 @@ from shared.messages import AppendRequest
 
 from ..base import Committed
 from ..committer import Outcome, Pending
-from ..ordering import Row, SessionState, decide, now_rfc3339
+from ..ordering import Existing, Row, SessionState, decide, now_rfc3339, stored_entry
 from .api import (
     EXPECTED_LAST_SUBJECT_SEQ,
     MSG_ID,
@@ -63,6 +63,7 @@ class IdRecord(msgspec.Struct, frozen=True):
 
     item_order: int
     hash: str
+    digest: str  # content_digest of the item: an id reused with other content is a conflict
 
 
 _encode = msgspec.json.Encoder().encode
@@ -259,7 +260,8 @@ class BatchWriter:
                 if n == 0:
                     headers[EXPECTED_LAST_SUBJECT_SEQ] = str(part.head_seq)
                 msgs.append((subject, r[5], headers))
-                record = _encode(IdRecord(item_order=r[2], hash=_meta.decode(r[5]).hash))
+                order, hash_, digest = stored_entry(r[2], r[5])
+                record = _encode(IdRecord(item_order=order, hash=hash_, digest=digest))
                 ids.append((self.layout.id_subject(part.sid, r[3]), record, {EXPECTED_LAST_SUBJECT_SEQ: "0"}))
         try:
             ack = await publish_atomic(self._nc(), msgs + ids, timeout=self.timeout)
@@ -318,7 +320,7 @@ class BatchWriter:
 
     async def _existing_ids(
         self, sid: str, s: SessionIndex, requests: Sequence[AppendRequest], careful: bool
-    ) -> dict[tuple[str, str], tuple[int, str]]:
+    ) -> dict[tuple[str, str], Existing]:
         """Look ids up where the answer changes the decision (as SQLite does):
         with ``expected_last`` behind, or after the server refused an id."""
         if not s.last_order:
@@ -332,11 +334,11 @@ class BatchWriter:
         })
         get = self.reads.get()
         recs = await asyncio.gather(*(get.last(self.layout.id_subject(sid, iid)) for iid in wanted))
-        found: dict[tuple[str, str], tuple[int, str]] = {}
+        found: dict[tuple[str, str], Existing] = {}
         for iid, rec in zip(wanted, recs, strict=True):
             if rec is not None:
                 r = _id_record.decode(rec.data)
-                found[(sid, iid)] = (r.item_order, r.hash)
+                found[(sid, iid)] = (r.item_order, r.hash, r.digest)
         return found
 
     async def _stored_kinds(

@@ -20,7 +20,6 @@ import sqlite3
 from pathlib import Path
 
 import aiosqlite
-import msgspec
 
 from shared.errors import ConvlogError, UnavailableError
 from shared.failures import is_transient
@@ -28,7 +27,7 @@ from shared.messages import AppendReply, AppendRequest, SessionInfo
 
 from ..base import AppendDone, CommitListener, Committed, Page
 from ..committer import GroupCommitter, Outcome, Pending
-from ..ordering import Row, SessionState, decide, now_rfc3339
+from ..ordering import Existing, Row, SessionState, decide, now_rfc3339, stored_entry
 from .datastore import SQLiteDatastore
 
 __all__ = ["SCHEMA", "SQLiteStore"]
@@ -186,19 +185,19 @@ class SQLiteStore:
         for s in missing:
             self._states.setdefault(s, SessionState())
 
-    def _existing_ids(self, wanted: dict[str, set[str]]) -> dict[tuple[str, str], tuple[int, str]]:
-        """(session, item_id) -> (order, hash) for ids already stored."""
+    def _existing_ids(self, wanted: dict[str, set[str]]) -> dict[tuple[str, str], Existing]:
+        """(session, item_id) -> (order, hash, content digest) for ids already stored."""
         assert self._w is not None
         pairs = [[sid, iid] for sid, ids in wanted.items() for iid in ids]
         if not pairs:
             return {}
-        found: dict[tuple[str, str], tuple[int, str]] = {}
+        found: dict[tuple[str, str], Existing] = {}
         for sid, iid, order, env in self._w.execute(
             "SELECT i.session_id, i.item_id, i.item_order, i.envelope FROM json_each(?) j "
             "JOIN items i ON i.session_id = j.value->>0 AND i.item_id = j.value->>1",
             (json.dumps(pairs),),
         ):
-            found[(sid, iid)] = (order, msgspec.json.decode(env)["hash"])
+            found[(sid, iid)] = stored_entry(order, env)
         return found
 
     def _kinds_of(self, targets: dict[str, set[int]]) -> dict[tuple[str, int], str]:

@@ -1,0 +1,142 @@
+"""``convlog keys init|rotate``: make the Ed25519 keys of a deployment.
+
+``init`` writes one private key (an nkey seed, mode 0600) per agent of the
+spec, one for the log service (``log.nk``) and one for the user gateway
+(``gateway.nk``), and one public keyring (``keyring.json``) that the log
+service and auditors read (``CONVLOG_KEYRING``).  A worker or client points
+``CONVLOG_SIGNING_KEY`` at its own ``.nk`` file.  ``rotate`` adds a new key for
+one agent (or ``log``/``gateway``) and marks the old one retired: what it
+signed before still verifies, nothing it signs afterwards is accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+
+from shared.config import Settings
+from shared.signing import (
+    GATEWAY,
+    LOG,
+    LOG_AGENT,
+    USER_AGENT,
+    KeyEntry,
+    Keyring,
+    KeyringError,
+    Signer,
+    write_private,
+)
+
+from .nats_users import render_users
+
+__all__ = ["cmd_keys", "keys_arguments", "make_keys"]
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def keys_arguments(p: argparse.ArgumentParser) -> None:
+    ks = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION",
+                          help="init: make the keys and the keyring; rotate: a new key for one")
+    i = ks.add_parser("init", help="one key per agent, the log service and the gateway; a keyring")
+    i.add_argument("--agents", help="agents TOML [CONVLOG_AGENTS, default: the packaged spec]")
+    i.add_argument("--out", required=True, help="directory for the key files and keyring.json")
+    r = ks.add_parser("rotate", help="add a new key for AGENT (or log, gateway); retire the old")
+    r.add_argument("agent", metavar="AGENT")
+    r.add_argument("--dir", required=True, help="the directory `keys init` wrote")
+
+
+async def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        if args.keys_command == "init":
+            return _init(Path(args.out), Path(args.agents) if args.agents else settings.agents)
+        return _rotate(Path(args.dir), args.agent)
+    except KeyringError as e:
+        print(f"convlog keys: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _key_file(out: Path, role: str, agent: str) -> Path:
+    return out / (f"{role}.nk" if role in (LOG, GATEWAY) else f"{agent}.nk")
+
+
+def make_keys(out: Path, agents: Sequence[str]) -> Keyring:
+    """Write ``<Agent>.nk`` per agent, ``log.nk``, ``gateway.nk`` and ``keyring.json`` in ``out``.
+
+    Raises:
+        FileExistsError: a key or keyring file is already there (nothing is overwritten).
+    """
+    wanted = [("agent", a) for a in agents] + [(LOG, LOG_AGENT), (GATEWAY, USER_AGENT)]
+    out.mkdir(parents=True, exist_ok=True)
+    ring_path = out / "keyring.json"
+    for p in [ring_path, *(_key_file(out, r, a) for r, a in wanted)]:
+        if p.exists():
+            raise FileExistsError(17, "exists", str(p))
+    entries = []
+    for role, agent in wanted:
+        signer, seed = Signer.generate()
+        write_private(_key_file(out, role, agent), seed)
+        entries.append(KeyEntry(key_id=signer.key_id, role=role, agent=agent, created_at=_now()))
+    ring = Keyring(entries)
+    ring_path.write_bytes(ring.dumps())
+    (out / "nats-users.conf").write_text(render_users(ring))
+    return ring
+
+
+def _init(out: Path, agents_path: Path | None) -> int:
+    from services.worker.spec import SpecError, load_spec
+
+    from .common import packaged_agents_path
+
+    try:
+        spec = load_spec(agents_path or packaged_agents_path())
+    except SpecError as e:
+        print(f"convlog keys: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        entries = make_keys(out, list(spec.agents))
+    except FileExistsError as e:
+        print(f"convlog keys: {e.filename} exists; refusing to overwrite keys "
+              "(use `convlog keys rotate`, or another --out)", file=sys.stderr)
+        return EXIT_USAGE
+    ring_path = out / "keyring.json"
+    print(f"wrote {len(entries.entries)} private keys (mode 0600) and {ring_path} to {out}")
+    print(f"  log service: CONVLOG_KEYRING={ring_path} CONVLOG_SIGNING_KEY={out / 'log.nk'}")
+    print(f"  worker AGENT: CONVLOG_SIGNING_KEY={out}/AGENT.nk; user gateway: {out / 'gateway.nk'}")
+    print(f"  NATS: include {out / 'nats-users.conf'} in the server config; each process logs in "
+          "with its own key file as CONVLOG_NKEY")
+    return EXIT_OK
+
+
+def _rotate(folder: Path, agent: str) -> int:
+    ring_path = folder / "keyring.json"
+    ring = Keyring.load(ring_path)
+    role = agent if agent in (LOG, GATEWAY) else "agent"
+    name = {LOG: LOG_AGENT, GATEWAY: USER_AGENT}.get(agent, agent)
+    live = [e for e in ring.of_role(role, name) if e.retired_at is None]
+    if not live:
+        print(f"convlog keys: {ring_path} has no live key for {agent!r}", file=sys.stderr)
+        return EXIT_USAGE
+    now = _now()
+    key_path = _key_file(folder, role, name)
+    if key_path.exists():  # keep the old seed aside; delete it once nothing needs it
+        key_path.rename(key_path.with_name(f"{key_path.stem}.{live[0].key_id[:8]}.retired.nk"))
+    signer, seed = Signer.generate()
+    write_private(key_path, seed)
+    entries = [msgspec.structs.replace(e, retired_at=now) if e in live else e for e in ring.entries]
+    entries.append(KeyEntry(key_id=signer.key_id, role=role, agent=name, created_at=now))
+    tmp = ring_path.with_suffix(".json.tmp")
+    tmp.write_bytes(Keyring(entries).dumps())
+    tmp.replace(ring_path)
+    (folder / "nats-users.conf").write_text(render_users(Keyring(entries)))
+    print(f"rotated {agent}: new key {signer.key_id[:12]}... in {key_path}; "
+          f"{len(live)} old key(s) retired at {now} (their items still verify)")
+    return EXIT_OK

@@ -1,0 +1,136 @@
+"""The head witness: every session written to gets its head signed by the log
+service within ``interval`` seconds of a commit, kept outside the store in
+the KV bucket ``<prefix>_heads`` (one key per session, the latest head).
+
+A store that later loses or cuts its tail (a restored backup, an edited
+file) then contradicts a head the service signed earlier, and ``convlog
+replay`` from the service says so.  The window: items committed less than
+``interval`` seconds before the loss are not yet covered by any witness head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js.api import KeyValueConfig
+
+from shared.messages import SignedHead
+from shared.signing import Signer, sign_head
+from shared.subjects import Subjects
+
+from .store.base import Committed
+from .store.ordering import now_rfc3339
+
+__all__ = ["HeadWitness", "heads_bucket", "read_witness_head"]
+
+log = logging.getLogger("convlog.log.heads")
+
+_last = msgspec.json.Decoder(type=dict)
+_head = msgspec.json.Decoder(SignedHead)
+
+
+def heads_bucket(subjects: Subjects) -> str:
+    return subjects.prefix.replace(".", "_") + "_heads"
+
+
+async def _bucket(nc: Client, subjects: Subjects, *, create: bool, replicas: int = 1) -> Any:
+    js = nc.jetstream()
+    try:
+        return await js.key_value(heads_bucket(subjects))
+    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+        if not create:
+            return None
+        try:
+            return await js.create_key_value(
+                KeyValueConfig(bucket=heads_bucket(subjects), history=1, replicas=replicas)
+            )
+        except nats.js.errors.BadRequestError:  # created concurrently
+            return await js.key_value(heads_bucket(subjects))
+
+
+async def read_witness_head(nc: Client, subjects: Subjects, session_id: str) -> SignedHead | None:
+    """The latest witness head of a session, or ``None`` (no bucket, no head, unreadable)."""
+    try:
+        kv = await _bucket(nc, subjects, create=False)
+        if kv is None:
+            return None
+        entry = await kv.get(session_id)
+        return _head.decode(entry.value) if entry.value else None
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.Error, msgspec.DecodeError,
+            msgspec.ValidationError):
+        return None
+
+
+class HeadWitness:
+    """Sign the heads of written sessions every ``interval`` seconds.
+
+    Args:
+        nc: the log service's connection.
+        subjects: the prefix's names.
+        signer: the log service's key.
+        interval: the longest a committed item waits to be covered by a witness head.
+    """
+
+    def __init__(
+        self, nc: Client, subjects: Subjects, signer: Signer, *, interval: float = 1.0, replicas: int = 1
+    ) -> None:
+        self.nc, self.subjects, self.signer = nc, subjects, signer
+        self.interval = interval
+        self.replicas = replicas
+        self.signed = 0
+        self._dirty: dict[str, bytes] = {}  # session -> its newest committed envelope
+        self._kv: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._kv = await _bucket(self.nc, self.subjects, create=True, replicas=self.replicas)
+        self._task = asyncio.create_task(self._loop(), name="convlog-head-witness")
+
+    def on_commit(self, batch: Sequence[Committed]) -> None:
+        """Commit listener: remember each session's newest envelope (no I/O here)."""
+        for c in batch:
+            self._dirty[c.session_id] = c.envelope
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.flush()
+            except Exception as e:  # the next round retries what is still dirty
+                log.warning("signing session heads failed: %s: %s", type(e).__name__, e)
+
+    async def flush(self) -> None:
+        """Sign and store the head of every session written since the last flush."""
+        dirty, self._dirty = self._dirty, {}
+        signed_at = now_rfc3339()
+        puts = []
+        for sid, raw in dirty.items():
+            env = _last.decode(raw)
+            head = sign_head(self.signer, sid, int(env["item_order"]), str(env["hash"]), signed_at)
+            puts.append((sid, raw, self._kv.put(sid, msgspec.json.encode(head))))
+        for i in range(0, len(puts), 256):
+            chunk = puts[i : i + 256]
+            results = await asyncio.gather(*(p for _, _, p in chunk), return_exceptions=True)
+            for (sid, raw, _), res in zip(chunk, results, strict=True):
+                if isinstance(res, BaseException):
+                    self._dirty.setdefault(sid, raw)  # retry next round (unless newer came)
+                else:
+                    self.signed += 1
+
+    async def stop(self) -> None:
+        """Stop the loop and sign what is still pending (best effort)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._kv is not None and self._dirty:
+            with contextlib.suppress(Exception):
+                await self.flush()

@@ -1,0 +1,345 @@
+"""Who wrote it: Ed25519 keys, signed items and signed session heads.
+
+Keys are NATS nkeys (``nkeys`` package; Ed25519 underneath): a private key is
+an nkey *seed* (``SU...``) in a file of its own, mode 0600; its public key
+(``U...``, 56 characters, with a checksum) is the **key id**.  A *keyring* is
+one public JSON file binding each key id to what it may sign::
+
+    {"convlog_keyring": 1, "keys": [
+      {"key_id": "UA...", "role": "agent", "agent": "Triage", "created_at": "..."},
+      {"key_id": "UB...", "role": "gateway", "agent": "user", "created_at": "..."},
+      {"key_id": "UC...", "role": "log", "agent": "convlog-log", "created_at": "..."}]}
+
+Roles: an ``agent`` key signs items of its own agent (and ``system`` notes its
+worker writes); the ``gateway`` key signs user messages (``agent: "user"``,
+only through ``convlog.in``); the ``log`` key signs session heads.  A rotated
+key keeps its entry with ``retired_at``: items it signed before then still
+verify, nothing it signs later is accepted.
+
+What is signed (``sig`` = base64url, no padding, of the Ed25519 signature):
+
+* an item: ``b"convlog-item-v1\\n" + JCS({"session_id", "item_id", "agent",
+  "kind", "data"})`` -- the content bound to its session and id, so a captured
+  request cannot be replayed to another session, nor with an edited item;
+* a head: ``b"convlog-head-v1\\n" + JCS({"session_id", "item_order", "hash",
+  "signed_at"})``.
+
+Everything here is pure computation except :meth:`Signer.load` and
+:meth:`Keyring.load`, which read one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import nacl.exceptions
+import nacl.signing
+import nkeys
+
+from .chain import canonical
+from .config import ConfigError
+from .messages import AppendItem, Envelope, SignedHead
+
+__all__ = [
+    "GATEWAY",
+    "LOG",
+    "KeyEntry",
+    "Keyring",
+    "KeyringError",
+    "SignedHead",
+    "Signer",
+    "head_signing_input",
+    "item_signing_input",
+    "sign_head",
+    "sign_item",
+    "verify_head",
+    "verify_signature",
+]
+
+ITEM_DOMAIN = b"convlog-item-v1\n"
+HEAD_DOMAIN = b"convlog-head-v1\n"
+KEYRING_VERSION = 1
+Role = Literal["agent", "gateway", "log"]
+GATEWAY = "gateway"
+LOG = "log"
+#: The author a gateway key may sign for, and the one a log key stands for.
+USER_AGENT = "user"
+LOG_AGENT = "convlog-log"
+#: Worker notes (a failed turn) are written as ``system`` by the agent's worker.
+SYSTEM_AGENT = "system"
+
+
+_TURN_AGENT = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+_TURN_ROLE = re.compile(r"^(?:msg|reply|fail|call\d{1,3}|out\d{1,3})\Z")
+
+
+def turn_id_agent(item_id: str) -> str | None:
+    """The agent a turn-derived id ``<turn>.<agent>.<step>.<role>`` names, or ``None``.
+
+    The same shape as ``services.worker.turn_ids`` (a test keeps the two in
+    step).  A signed item under such an id must be signed by that agent's key,
+    so nobody can pre-empt another agent's reply by writing its predictable id.
+    """
+    parts = item_id.rsplit(".", 3)
+    if len(parts) != 4:
+        return None
+    turn, agent, step, role = parts
+    if not turn or not _TURN_AGENT.match(agent) or not step.isdigit() or not _TURN_ROLE.match(role):
+        return None
+    return agent
+
+
+class KeyringError(ConfigError):
+    """A key or keyring file is missing, unreadable or malformed (names the file)."""
+
+
+def _b64(sig: bytes) -> str:
+    return base64.urlsafe_b64encode(sig).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@functools.lru_cache(maxsize=4096)
+def _verify_key(key_id: str) -> nacl.signing.VerifyKey | None:
+    """The Ed25519 public key an nkey public key (``U...``) encodes, or ``None``."""
+    try:
+        raw = base64.b32decode(key_id + "=" * (-len(key_id) % 8))
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) != 35 or raw[0] != nkeys.PREFIX_BYTE_USER:
+        return None
+    if nkeys.crc16(bytearray(raw[:-2])) != int.from_bytes(raw[-2:], "little"):
+        return None
+    return nacl.signing.VerifyKey(raw[1:33])
+
+
+def verify_signature(key_id: str, message: bytes, sig: str) -> bool:
+    """True when ``sig`` is ``key_id``'s valid signature of ``message``."""
+    vk = _verify_key(key_id)
+    if vk is None:
+        return False
+    try:
+        vk.verify(message, _unb64(sig))
+    except (nacl.exceptions.BadSignatureError, ValueError, binascii.Error, TypeError):
+        return False
+    return True
+
+
+def item_signing_input(session_id: str, item_id: str, agent: str, kind: str, data: Mapping[str, Any]) -> bytes:
+    """The bytes an item's signature covers (see the module docstring)."""
+    return ITEM_DOMAIN + canonical(
+        {"agent": agent, "data": data, "item_id": item_id, "kind": kind, "session_id": session_id}
+    )
+
+
+def head_signing_input(session_id: str, item_order: int, hash: str, signed_at: str) -> bytes:
+    """The bytes a signed head's signature covers."""
+    return HEAD_DOMAIN + canonical(
+        {"hash": hash, "item_order": item_order, "session_id": session_id, "signed_at": signed_at}
+    )
+
+
+class Signer:
+    """A private key: signs items and heads.
+
+    Attributes:
+        key_id: the public key (``U...``), written next to each signature.
+    """
+
+    def __init__(self, seed: bytes | str) -> None:
+        seed_b = seed.encode() if isinstance(seed, str) else bytes(seed)
+        try:
+            self._kp = nkeys.from_seed(bytearray(seed_b.strip()))
+            self.key_id: str = self._kp.public_key.decode()
+        except (nkeys.NkeysError, binascii.Error, ValueError, TypeError) as e:
+            raise KeyringError(f"not an nkey user seed: {type(e).__name__}") from None
+        if not self.key_id.startswith("U"):
+            raise KeyringError("not an nkey user seed (its public key must start with U)")
+
+    @classmethod
+    def generate(cls) -> tuple[Signer, bytes]:
+        """A fresh key and its seed (write the seed with :func:`write_private`)."""
+        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+        return cls(seed), bytes(seed)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Signer:
+        """Read a seed file (``CONVLOG_SIGNING_KEY``).
+
+        Raises:
+            KeyringError: the file cannot be read or holds no user seed.
+        """
+        try:
+            text = Path(path).read_bytes()
+        except OSError as e:
+            raise KeyringError(f"cannot read signing key {path}: {e.strerror or e}") from None
+        try:
+            return cls(text)
+        except KeyringError as e:
+            raise KeyringError(f"signing key {path}: {e}") from None
+
+    def sign(self, message: bytes) -> str:
+        return _b64(self._kp.sign(message))
+
+    def sign_items(self, session_id: str, items: Iterable[AppendItem]) -> list[AppendItem]:
+        """Each item with its ``sig`` and ``key_id`` (every item needs an ``item_id``)."""
+        return [sign_item(self, session_id, it) for it in items]
+
+
+def sign_item(signer: Signer, session_id: str, item: AppendItem) -> AppendItem:
+    """``item`` signed by ``signer`` for ``session_id``."""
+    if item.item_id is None:
+        raise ValueError("an item must have its item_id before it is signed")
+    msg = item_signing_input(session_id, item.item_id, item.agent, item.kind, item.data)
+    return msgspec.structs.replace(item, sig=signer.sign(msg), key_id=signer.key_id)
+
+
+def write_private(path: Path, seed: bytes) -> None:
+    """Write a seed file readable by its owner only (mode 0600), never overwriting."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(seed + b"\n")
+
+
+def sign_head(signer: Signer, session_id: str, item_order: int, hash: str, signed_at: str) -> SignedHead:
+    msg = head_signing_input(session_id, item_order, hash, signed_at)
+    return SignedHead(
+        session_id=session_id, item_order=item_order, hash=hash, signed_at=signed_at,
+        key_id=signer.key_id, sig=signer.sign(msg),
+    )
+
+
+class KeyEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    key_id: str
+    role: Role
+    agent: str
+    created_at: str
+    retired_at: str | None = None
+
+
+class _KeyringFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    convlog_keyring: int
+    keys: list[KeyEntry]
+
+
+class Keyring:
+    """The public keys and what each may sign.
+
+    Args:
+        entries: the keyring's entries (a key id appears once).
+    """
+
+    def __init__(self, entries: Iterable[KeyEntry] = ()) -> None:
+        self.entries: list[KeyEntry] = list(entries)
+        self._by_id: dict[str, KeyEntry] = {}
+        for e in self.entries:
+            if _verify_key(e.key_id) is None:
+                raise KeyringError(f"key id {e.key_id[:60]!r} is not an nkey user public key")
+            if e.key_id in self._by_id:
+                raise KeyringError(f"key id {e.key_id} appears twice")
+            self._by_id[e.key_id] = e
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Keyring:
+        """Read a keyring file (``CONVLOG_KEYRING``).
+
+        Raises:
+            KeyringError: unreadable, not a keyring, or a bad entry; names the file.
+        """
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as e:
+            raise KeyringError(f"cannot read keyring {path}: {e.strerror or e}") from None
+        try:
+            doc = msgspec.json.decode(raw, type=_KeyringFile)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise KeyringError(f"keyring {path} is malformed: {e}") from None
+        if doc.convlog_keyring != KEYRING_VERSION:
+            raise KeyringError(f"keyring {path} has version {doc.convlog_keyring}, expected 1")
+        try:
+            return cls(doc.keys)
+        except KeyringError as e:
+            raise KeyringError(f"keyring {path}: {e}") from None
+
+    def dumps(self) -> bytes:
+        doc = _KeyringFile(convlog_keyring=KEYRING_VERSION, keys=self.entries)
+        return msgspec.json.format(msgspec.json.encode(doc), indent=2) + b"\n"
+
+    def get(self, key_id: str) -> KeyEntry | None:
+        return self._by_id.get(key_id)
+
+    def of_role(self, role: str, agent: str | None = None) -> list[KeyEntry]:
+        return [e for e in self.entries if e.role == role and (agent is None or e.agent == agent)]
+
+    # -- what a key may sign ----------------------------------------------
+    def refusal(
+        self, key_id: str, agent: str, *, via_inbound: bool, at: str | None = None,
+        item_id: str | None = None,
+    ) -> str | None:
+        """Why ``key_id`` may not sign an item authored by ``agent``, or ``None``.
+
+        Args:
+            via_inbound: the item enters through ``convlog.in`` (user messages).
+            at: the item's ``created_at`` (offline checks); ``None`` means now,
+                when a retired key may sign nothing.
+            item_id: the item's id; a turn-derived id binds it to its agent's key.
+        """
+        e = self._by_id.get(key_id)
+        if e is None:
+            return f"key {key_id[:12]}... is not in the keyring"
+        if e.retired_at is not None and (at is None or at > e.retired_at):
+            return f"key {key_id[:12]}... of {e.agent!r} was retired at {e.retired_at}"
+        if e.role == "agent":
+            if agent not in (e.agent, SYSTEM_AGENT) or via_inbound:
+                return f"key {key_id[:12]}... belongs to agent {e.agent!r}, not {agent!r}"
+            if item_id is not None and (owner := turn_id_agent(item_id)) not in (None, e.agent):
+                return f"item_id {item_id!r} belongs to a turn of {owner!r}, not of {e.agent!r}"
+            return None
+        if e.role == GATEWAY:
+            if agent == USER_AGENT and via_inbound:
+                return None
+            return "the gateway key signs only user messages on the inbound subject"
+        return "the log service's key signs session heads, not items"
+
+    def check_envelope(self, env: Envelope) -> str | None:
+        """Offline: why a signed envelope does not verify, or ``None`` (unsigned -> ``None``)."""
+        if env.sig is None and env.key_id is None:
+            return None
+        if env.sig is None or env.key_id is None:
+            return "carries only one of sig and key_id"
+        via_inbound = env.agent == USER_AGENT
+        reason = self.refusal(env.key_id, env.agent, via_inbound=via_inbound, at=env.created_at,
+                              item_id=env.item_id)
+        if reason is not None:
+            return reason
+        msg = item_signing_input(env.session_id, env.item_id, env.agent, env.kind, env.data)
+        if not verify_signature(env.key_id, msg, env.sig):
+            return f"signature by {env.key_id[:12]}... does not match the item"
+        return None
+
+    def check_head(self, head: SignedHead) -> str | None:
+        """Why a signed head does not verify under this keyring, or ``None``."""
+        e = self._by_id.get(head.key_id)
+        if e is None or e.role != LOG:
+            return f"head signed by {head.key_id[:12]}..., not a log service key of the keyring"
+        if e.retired_at is not None and head.signed_at > e.retired_at:
+            return f"head signed at {head.signed_at} by a key retired at {e.retired_at}"
+        if not verify_head(head):
+            return "the head's signature does not match it"
+        return None
+
+
+def verify_head(head: SignedHead) -> bool:
+    """The signature of a head under its own key id (binding checked by :class:`Keyring`)."""
+    msg = head_signing_input(head.session_id, head.item_order, head.hash, head.signed_at)
+    return verify_signature(head.key_id, msg, head.sig)

@@ -1,0 +1,117 @@
+"""Red team at the transport: with the generated ``nats-users.conf`` every key
+is its own NATS user (the signing seed is the login), and a stolen agent
+credential cannot delete or purge the stream, touch another agent's consumer
+or publish committed items; a gateway cannot append.  The stack still runs:
+signed, with required signatures, each process logged in with its own key."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import msgspec
+import nats
+import nats.errors
+import pytest
+
+from services.cli.keys_cmds import make_keys
+from services.log.service import LogService
+from shared.client import LogClient
+from shared.config import load_settings
+from tests.support.eventually import assert_eventually
+from tests.support.natsd import NatsServer
+from tests.support.procs import REPO_ROOT, Proc
+
+SPEC = REPO_ROOT / "deploy" / "agents.toml"
+STREAM = "CONVLOG_ITEMS"
+
+
+async def test_each_key_is_a_nats_user_with_only_its_role(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    make_keys(keys, ["Triage", "L1Billing", "L1Technical", "L2Support"])
+    server = NatsServer(tmp_path / "nats", config=(keys / "nats-users.conf").read_text()).start()
+    ring = str(keys / "keyring.json")
+    settings = load_settings(
+        {"nats_url": server.url, "db": str(tmp_path / "convlog.db"), "keyring": ring,
+         "require_signatures": True},
+        {"CONVLOG_NKEY": str(keys / "log.nk"), "CONVLOG_SIGNING_KEY": str(keys / "log.nk")},
+    )
+    svc = LogService(settings)
+    procs: list[Proc] = []
+    errors: list[str] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(str(e))
+
+    try:
+        await svc.start()
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("CONVLOG_") and k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+        for agent in ("Triage", "L1Billing"):
+            seed = str(keys / f"{agent}.nk")
+            procs.append(Proc(
+                [sys.executable, "-m", "services.cli.main", "worker", agent, "--agents", str(SPEC),
+                 "--nats-url", server.url, "--no-embedded"], log_dir=tmp_path, name=f"worker-{agent}",
+                env={**env, "CONVLOG_NKEY": seed, "CONVLOG_SIGNING_KEY": seed, "CONVLOG_KEYRING": ring,
+                     "CONVLOG_REQUIRE_SIGNATURES": "true", "CONVLOG_DATA_DIR": str(tmp_path)},
+            ).start())
+        for p in procs:
+            p.wait_for_line(r"worker \S+ ready", timeout=60)
+
+        # The gateway (its key is its login and signs the message) gets an answer.
+        gw_settings = load_settings({"nats_url": server.url}, {
+            "CONVLOG_NKEY": str(keys / "gateway.nk"), "CONVLOG_SIGNING_KEY": str(keys / "gateway.nk")})
+        gateway = await LogClient.connect(settings=gw_settings, name="gateway", error_cb=on_error)
+        try:
+            await gateway.send("t1", "Hi, I was charged twice for my subscription this month.")
+
+            async def answered() -> None:
+                assert any(e.item_id.endswith(".reply") for e in await gateway.items("t1"))
+
+            await assert_eventually(answered, timeout=30)
+            # A gateway cannot append (the server refuses the publish).
+            with pytest.raises(nats.errors.TimeoutError):
+                await gateway.nc.request("convlog.append.t1", b'{"items":[]}', timeout=1)
+        finally:
+            await gateway.close()
+
+        # A stolen Triage credential: its own consumer only, no stream admin, no items.
+        thief = await nats.connect(server.url, nkeys_seed=str(keys / "Triage.nk"), error_cb=on_error,
+                                   max_reconnect_attempts=0)
+        try:
+            js = thief.jetstream(timeout=1)
+            for attempt in (
+                js.delete_stream(STREAM),
+                js.purge_stream(STREAM),
+                js.delete_consumer(STREAM, "convlog-agent-L1Billing"),
+                js.consumer_info(STREAM, "convlog-agent-L1Billing"),
+            ):
+                with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+                    await attempt
+            stolen = await js.pull_subscribe_bind(durable="convlog-agent-L1Billing", stream=STREAM)
+            with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+                await stolen.fetch(1, timeout=1)
+            before = (await svc.nc.jetstream().stream_info(STREAM)).state.messages
+            await thief.publish("convlog.items.t1", msgspec.json.encode({"forged": True}))
+            await thief.flush()
+
+            def refused() -> None:
+                for subject in (f"$JS.API.STREAM.DELETE.{STREAM}", f"$JS.API.STREAM.PURGE.{STREAM}",
+                                f"$JS.API.CONSUMER.DELETE.{STREAM}.convlog-agent-L1Billing",
+                                f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.convlog-agent-L1Billing",
+                                "convlog.items.t1", "convlog.append.t1"):
+                    assert any("permissions violation" in e.lower() and subject.lower() in e.lower() for e in errors), (
+                        subject, errors)
+
+            await assert_eventually(refused, timeout=5)
+        finally:
+            await thief.close()
+        sjs = svc.nc.jetstream()
+        assert (await sjs.stream_info(STREAM)).state.messages == before  # nothing got in
+        assert (await sjs.consumer_info(STREAM, "convlog-agent-L1Billing")).name == "convlog-agent-L1Billing"
+    finally:
+        for p in procs:
+            p.terminate(10)
+        await svc.shutdown()
+        server.stop()

@@ -1,0 +1,199 @@
+"""Signed appends against a real log service on a real nats-server: who may
+write what is checked before anything is committed, and a refused request
+writes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from services.cli.main import main
+from services.log.service import LogService
+from shared.chain import verify
+from shared.client import LogClient
+from shared.config import ConfigError, load_settings
+from shared.errors import ERROR_CODE_HEADER, ConflictError, ForbiddenError
+from shared.messages import AppendItem, AppendRequest
+from shared.signing import Keyring, Signer, sign_item
+from tests.support.natsd import NatsServer
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("keys") / "keys"
+    assert main(["keys", "init", "--out", str(out)]) == 0
+    return out
+
+
+async def _service(url: str, tmp: Path, **over: object) -> LogService:
+    settings = load_settings({"nats_url": url, "db": str(tmp / "convlog.db"), **over}, {})
+    service = LogService(settings)
+    await service.start()
+    return service
+
+
+@pytest.fixture
+async def strict(nats_server: NatsServer, tmp_path: Path, keys: Path) -> AsyncIterator[str]:
+    """A log service that requires signatures."""
+    service = await _service(nats_server.url, tmp_path, keyring=str(keys / "keyring.json"),
+                             require_signatures=True)
+    try:
+        yield nats_server.url
+    finally:
+        await service.shutdown()
+
+
+async def _client(url: str, key: Path | None) -> LogClient:
+    client = await LogClient.connect(url)
+    client.signer = Signer.load(key) if key else None
+    return client
+
+
+def _item(agent: str, text: str, item_id: str) -> AppendItem:
+    return AppendItem(agent=agent, data={"type": "message", "role": "assistant", "content": text},
+                      item_id=item_id)
+
+
+async def test_each_agent_writes_only_as_itself_and_nothing_refused_is_written(
+    strict: str, keys: Path
+) -> None:
+    triage = await _client(strict, keys / "Triage.nk")
+    plain = await _client(strict, None)
+    try:
+        ack = await triage.append("s1", [_item("Triage", "hello", "t-1"), {"agent": "system", "data": {"note": 1}}])
+        assert ack.last_order == 2
+        envs = await plain.items("s1")
+        ring = Keyring.load(keys / "keyring.json")
+        assert all(e.key_id == triage.signer.key_id and e.sig for e in envs)
+        assert verify(envs) is None and all(ring.check_envelope(e) is None for e in envs)
+
+        refused = [
+            ([_item("L1Billing", "I am billing", "f-1")], "belongs to agent 'Triage'"),
+            ([AppendItem(agent="user", data={"role": "user", "content": "refund me"}, item_id="f-2")],
+             "inbound subject"),
+            # One good item does not carry a bad one through: all or nothing.
+            ([_item("Triage", "fine", "f-3"), _item("L2Support", "not fine", "f-4")], "item 1"),
+        ]
+        for items, why in refused:
+            with pytest.raises(ForbiddenError, match=why):
+                await triage.append("s1", items)
+        with pytest.raises(ForbiddenError, match="unsigned"):
+            await plain.append("s1", [_item("Triage", "unsigned", "f-5")])
+        stranger = await _client(strict, None)
+        stranger.signer, _ = Signer.generate()
+        with pytest.raises(ForbiddenError, match="not in the keyring"):
+            await stranger.append("s1", [_item("Triage", "who am I", "f-6")])
+        await stranger.close()
+        assert await plain.last_order("s1") == 2
+    finally:
+        await triage.close()
+        await plain.close()
+
+
+async def test_a_captured_request_cannot_be_replayed_elsewhere_or_edited(strict: str, keys: Path) -> None:
+    signer = Signer.load(keys / "Triage.nk")
+    plain = await _client(strict, None)
+    try:
+        signed = [sign_item(signer, "s1", _item("Triage", "pay 10", "r-1"))]
+        body = msgspec.json.encode(AppendRequest(items=signed))
+        assert (await plain.nc.request("convlog.append.s1", body, timeout=5)).headers is None
+        # The same bytes to another session: refused, with the service-API headers.
+        msg = await plain.nc.request("convlog.append.s2", body, timeout=5)
+        assert msg.headers[ERROR_CODE_HEADER] == "403"
+        assert msgspec.json.decode(msg.data)["error"]["code"] == "forbidden"
+        # An edited item, or the signature moved to another id: refused.
+        edited = [msgspec.structs.replace(signed[0], data={**signed[0].data, "content": "pay 1000"})]
+        moved = [msgspec.structs.replace(signed[0], item_id="r-2")]
+        for items in (edited, moved):
+            body = msgspec.json.encode(AppendRequest(items=items))
+            msg = await plain.nc.request("convlog.append.s1", body, timeout=5)
+            assert msgspec.json.decode(msg.data)["error"]["code"] == "forbidden"
+        assert await plain.last_order("s2") == 0
+        assert [e.data["content"] for e in await plain.items("s1")] == ["pay 10"]
+    finally:
+        await plain.close()
+
+
+async def test_user_messages_enter_signed_by_the_gateway_only(strict: str, keys: Path) -> None:
+    gateway = await _client(strict, keys / "gateway.nk")
+    triage = await _client(strict, keys / "Triage.nk")
+    plain = await _client(strict, None)
+    try:
+        ack = await gateway.send("u1", "my invoice is wrong", item_id="m-1")
+        env = (await plain.items("u1"))[0]
+        assert ack.last_order == 1 and env.agent == "user" and env.key_id == gateway.signer.key_id
+        assert Keyring.load(keys / "keyring.json").check_envelope(env) is None
+        with pytest.raises(ForbiddenError, match="unsigned"):
+            await plain.send("u1", "unsigned user message")
+        with pytest.raises(ForbiddenError, match="belongs to agent 'Triage', not 'user'"):
+            await triage.send("u1", "an agent posing as the user")
+        with pytest.raises(ForbiddenError, match="inbound subject"):  # the gateway key, on append
+            await gateway.append("u1", [AppendItem(agent="user", data={"role": "user", "content": "x"})])
+        assert await plain.last_order("u1") == 1
+    finally:
+        for c in (gateway, triage, plain):
+            await c.close()
+
+
+async def test_without_require_unsigned_appends_pass_but_bad_signatures_never(
+    nats_server: NatsServer, tmp_path: Path, keys: Path
+) -> None:
+    service = await _service(nats_server.url, tmp_path, keyring=str(keys / "keyring.json"))
+    triage = await _client(nats_server.url, keys / "Triage.nk")
+    plain = await _client(nats_server.url, None)
+    try:
+        await plain.append("s", [_item("Triage", "unsigned is fine here", "a")])
+        await triage.append("s", [_item("Triage", "signed", "b")])
+        with pytest.raises(ForbiddenError):
+            await triage.append("s", [_item("L1Billing", "forged", "c")])
+        envs = await plain.items("s")
+        assert [e.sig is None for e in envs] == [True, False]
+    finally:
+        await triage.close()
+        await plain.close()
+        await service.shutdown()
+
+
+async def test_zero_config_refuses_signatures_it_cannot_check_and_bad_config_fails_at_start(
+    log_url: str, keys: Path, tmp_path: Path
+) -> None:
+    triage = await _client(log_url, keys / "Triage.nk")
+    try:
+        with pytest.raises(ForbiddenError, match="no keyring"):
+            await triage.append("s", [_item("Triage", "x", "a")])
+    finally:
+        await triage.close()
+    with pytest.raises(ConfigError, match="CONVLOG_KEYRING"):
+        await _service(log_url, tmp_path / "x", require_signatures=True)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ConfigError, match="bad.json"):
+        await _service(log_url, tmp_path / "y", keyring=str(tmp_path / "bad.json"))
+
+
+async def test_a_predicted_item_id_cannot_pre_empt_the_real_author(strict: str, keys: Path) -> None:
+    # The attack of issue 12: write first under the id the victim will use.
+    # Another agent's key cannot write it as the victim (forbidden); written as
+    # itself, the victim's own append is a conflict naming the id -- never a
+    # "duplicate" that would make the victim believe its reply was stored.
+    attacker = await _client(strict, keys / "L1Billing.nk")
+    victim = await _client(strict, keys / "Triage.nk")
+    try:
+        with pytest.raises(ForbiddenError):
+            await attacker.append("p", [_item("Triage", "forged reply", "turn-1:reply")])
+        # A worker's turn-derived ids name their agent: only that agent's key writes them.
+        with pytest.raises(ForbiddenError, match="belongs to a turn of 'Triage'"):
+            await attacker.append("p", [_item("L1Billing", "forged reply", "u-7.Triage.1.reply")])
+        await victim.append("p", [_item("Triage", "mine", "u-7.Triage.1.reply")])
+        # Any other id: first come, and the real author's append is a conflict, not a duplicate.
+        await attacker.append("p", [_item("L1Billing", "forged reply", "turn-1:reply")])
+        with pytest.raises(ConflictError, match="turn-1:reply") as e:
+            await victim.append("p", [_item("Triage", "the real reply", "turn-1:reply")])
+        assert e.value.extra["item_id"] == "turn-1:reply"
+        assert [(x.agent, x.data["content"]) for x in await victim.items("p")] == [
+            ("Triage", "mine"), ("L1Billing", "forged reply")]
+    finally:
+        await attacker.close()
+        await victim.close()

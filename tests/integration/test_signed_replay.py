@@ -1,0 +1,198 @@
+"""`convlog replay --verify --keyring`: signatures checked offline, the first
+bad item named, the transcript marked; a signed head in the export catches a
+removed tail and a fork.  A real log service (with its own key) on a real
+nats-server writes the export; the CLI verifies it in its own process."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from services.cli.audit import decode_head_line
+from services.cli.main import main
+from services.cli.replay import Replayer, replay_from_service
+from services.log.service import LogService
+from shared.chain import GENESIS_HASH, envelope_hash
+from shared.client import LogClient
+from shared.config import load_settings
+from shared.messages import Envelope
+from shared.signing import Keyring, Signer
+from tests.support.natsd import NatsServer
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "data" / "golden.jsonl"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("keys") / "keys"
+    assert main(["keys", "init", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+async def service(nats_server: NatsServer, tmp_path: Path, keys: Path) -> AsyncIterator[str]:
+    settings = load_settings({
+        "nats_url": nats_server.url, "db": str(tmp_path / "convlog.db"),
+        "keyring": str(keys / "keyring.json"), "require_signatures": True,
+    }, {"CONVLOG_SIGNING_KEY": str(keys / "log.nk")})
+    svc = LogService(settings)
+    await svc.start()
+    try:
+        yield nats_server.url
+    finally:
+        await svc.shutdown()
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", *args, cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _rechain(envs: list[Envelope]) -> list[Envelope]:
+    """What an attacker with write access to an export does: recompute every hash."""
+    out, prev = [], GENESIS_HASH
+    for e in envs:
+        e = msgspec.structs.replace(e, hash=envelope_hash(e, prev))
+        out.append(e)
+        prev = e.hash
+    return out
+
+
+def _write(path: Path, envs: list[Envelope], head_line: str | None) -> Path:
+    lines = [msgspec.json.encode(e).decode() for e in envs] + ([head_line] if head_line else [])
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def test_exports_carry_a_signed_head_and_verify_signatures_offline(
+    service: str, keys: Path, tmp_path: Path
+) -> None:
+    ring = str(keys / "keyring.json")
+    gateway = await LogClient.connect(service)
+    gateway.signer = Signer.load(keys / "gateway.nk")
+    triage = await LogClient.connect(service)
+    triage.signer = Signer.load(keys / "Triage.nk")
+    try:
+        await gateway.send("s1", "I was charged twice", item_id="m1")
+        await triage.append("s1", [{"agent": "Triage", "data": {"role": "assistant", "content": "On it"}}])
+        await triage.append("s1", [{"agent": "Triage", "data": {"role": "assistant", "content": "Done"}}])
+        buf = io.StringIO()
+        await replay_from_service(triage, "s1", Replayer(buf, fmt="jsonl", keyring=Keyring.load(ring)))
+    finally:
+        await gateway.close()
+        await triage.close()
+    lines = buf.getvalue().splitlines()
+    head = decode_head_line(lines[-1])
+    assert head is not None and head.item_order == 3 and head.session_id == "s1"
+    envs = [msgspec.json.decode(x, type=Envelope) for x in lines[:-1]]
+    assert head.hash == envs[-1].hash
+
+    # The whole path through the CLI, against the running service.
+    code, out, err = await _cli("replay", "s1", "--verify", "--keyring", ring, "--nats-url", service,
+                                "--no-embedded")
+    assert code == 0, err
+    assert "3 signatures valid, 0 unsigned" in err and "signed head at item_order 3" in err
+    assert out.count("[signed]") == 3
+
+    # Offline: the intact export verifies; with its last item removed it does not.
+    whole = _write(tmp_path / "whole.jsonl", envs, lines[-1])
+    code, _, err = await _cli("replay", "s1", "--file", str(whole), "--verify", "--keyring", ring)
+    assert code == 0 and "signed head at item_order 3" in err, err
+    cut = _write(tmp_path / "cut.jsonl", envs[:-1], lines[-1])
+    code, _, err = await _cli("replay", "s1", "--file", str(cut), "--verify", "--keyring", ring,
+                              "--quiet")
+    assert code == 1 and "item_order 3: truncated" in err, err
+    # Without the head, the cut would pass the hash chain: say so plainly.
+    code, _, err = await _cli("replay", "s1", "--file", str(_write(tmp_path / "c2.jsonl", envs[:-1], None)),
+                              "--verify", "--keyring", ring)
+    assert code == 0 and "no signed head (a removed tail would not show)" in err
+
+    # A fork: the last item replaced by a consistent, unsigned one.
+    fork = _rechain([*envs[:-1], msgspec.structs.replace(
+        envs[-1], data={"role": "assistant", "content": "No refund"}, sig=None, key_id=None)])
+    code, out, err = await _cli("replay", "s1", "--file", str(_write(tmp_path / "fork.jsonl", fork, lines[-1])),
+                                "--verify", "--keyring", ring)
+    assert code == 1 and "item_order 3: forked" in err, err
+    assert "[unsigned]" in out
+
+    # A rewritten chain with an edited signed item: its signature names it.
+    edited = _rechain([envs[0], msgspec.structs.replace(envs[1], data={"role": "assistant", "content": "No"}),
+                       envs[2]])
+    code, out, err = await _cli("replay", "s1", "--file", str(_write(tmp_path / "e.jsonl", edited, None)),
+                                "--verify", "--keyring", ring)
+    assert code == 1 and "item_order 2: bad signature" in err, err
+    assert "[BAD SIGNATURE]" in out
+    # A head signed by a key that is not the log service's: refused.
+    forged_head = lines[-1].replace(head.key_id, triage.signer.key_id if triage.signer else "")
+    code, _, err = await _cli("replay", "s1", "--file", str(_write(tmp_path / "h.jsonl", envs, forged_head)),
+                              "--verify", "--keyring", ring)
+    assert code == 1 and "signed head" in err, err
+
+
+def test_an_unsigned_log_says_so_plainly(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["replay", "golden-support-1", "--file", str(GOLDEN), "--verify", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "unsigned (no item carries a signature)" in err and "no signed head" in err
+
+
+async def test_a_store_that_lost_its_tail_contradicts_the_witness_head(
+    nats_server: NatsServer, tmp_path: Path, keys: Path
+) -> None:
+    from services.log.heads import read_witness_head
+    from shared.subjects import Subjects
+    from tests.support.eventually import assert_eventually
+
+    db = tmp_path / "convlog.db"
+    settings = load_settings({
+        "nats_url": nats_server.url, "db": str(db), "keyring": str(keys / "keyring.json"),
+    }, {"CONVLOG_SIGNING_KEY": str(keys / "log.nk"), "CONVLOG_HEAD_INTERVAL": "0.1"})
+    triage = await LogClient.connect(nats_server.url)
+    triage.signer = Signer.load(keys / "Triage.nk")
+    try:
+        svc = LogService(settings)
+        await svc.start()
+        for text in ("one", "two"):
+            await triage.append("s", [{"agent": "Triage", "data": {"role": "assistant", "content": text}}])
+        await svc.shutdown()
+        backup = db.read_bytes()  # a consistent copy of a stopped store
+        svc = LogService(settings)
+        await svc.start()
+        await triage.append("s", [{"agent": "Triage", "data": {"role": "assistant", "content": "three"}}])
+
+        async def witnessed() -> None:
+            head = await read_witness_head(triage.nc, Subjects("convlog"), "s")
+            assert head is not None and head.item_order == 3
+
+        await assert_eventually(witnessed, timeout=10)
+        await svc.shutdown()
+        db.write_bytes(backup)  # the store "restored from a backup": its last item is gone
+        for extra in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            extra.unlink(missing_ok=True)
+        # ... and the items stream rolled back with it (else the outbox would refuse to start).
+        await triage.nc.jetstream().delete_stream("CONVLOG_ITEMS")
+        svc = LogService(settings)
+        await svc.start()
+        try:
+            assert await triage.last_order("s") == 2  # the chain alone looks intact
+            code, _, err = await _cli("replay", "s", "--verify", "--quiet", "--keyring",
+                                      str(keys / "keyring.json"), "--nats-url", nats_server.url,
+                                      "--no-embedded")
+            assert code == 1 and "item_order 3: truncated: the log service signed item_order 3" in err, err
+        finally:
+            await svc.shutdown()
+    finally:
+        await triage.close()

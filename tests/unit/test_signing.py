@@ -1,0 +1,192 @@
+"""Keys, signed items, signed heads and the keyring's rules (shared/signing.py),
+and `convlog keys init|rotate` writing real files."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from services.cli.main import main
+from shared.chain import GENESIS_HASH, envelope_hash, item_hash, verify
+from shared.messages import AppendItem, Envelope
+from shared.signing import (
+    KeyEntry,
+    Keyring,
+    KeyringError,
+    Signer,
+    item_signing_input,
+    sign_head,
+    sign_item,
+    verify_signature,
+)
+
+T0 = "2026-03-14T09:30:00.000000Z"
+
+
+def _ring(*pairs: tuple[Signer, str, str], retired: dict[str, str] | None = None) -> Keyring:
+    retired = retired or {}
+    return Keyring(
+        KeyEntry(key_id=s.key_id, role=role, agent=agent, created_at=T0, retired_at=retired.get(s.key_id))
+        for s, role, agent in pairs
+    )
+
+
+def _envelope(sid: str, item: AppendItem, order: int = 1, prev: str = GENESIS_HASH, at: str = T0) -> Envelope:
+    assert item.item_id is not None
+    h = item_hash(session_id=sid, item_order=order, item_id=item.item_id, agent=item.agent,
+                  kind=item.kind, data=item.data, created_at=at, prev_hash=prev,
+                  sig=item.sig, key_id=item.key_id)
+    return Envelope(session_id=sid, item_order=order, item_id=item.item_id, agent=item.agent,
+                    kind=item.kind, data=item.data, created_at=at, hash=h, sig=item.sig,
+                    key_id=item.key_id)
+
+
+def test_a_signature_binds_session_item_id_and_content() -> None:
+    signer, seed = Signer.generate()
+    assert signer.key_id.startswith("U") and len(signer.key_id) == 56
+    assert Signer(seed).key_id == signer.key_id
+    item = sign_item(signer, "s1", AppendItem(item_id="i1", agent="Triage", data={"text": "hi", "n": 1.5}))
+    assert item.key_id == signer.key_id and item.sig is not None and len(item.sig) == 86
+    ok = item_signing_input("s1", "i1", "Triage", "item", {"text": "hi", "n": 1.5})
+    assert verify_signature(signer.key_id, ok, item.sig)
+    # Replayed to another session, under another id, with an edited field or author: no.
+    for bad in (
+        item_signing_input("s2", "i1", "Triage", "item", {"text": "hi", "n": 1.5}),
+        item_signing_input("s1", "i2", "Triage", "item", {"text": "hi", "n": 1.5}),
+        item_signing_input("s1", "i1", "Triage", "item", {"text": "hI", "n": 1.5}),
+        item_signing_input("s1", "i1", "Billing", "item", {"text": "hi", "n": 1.5}),
+        item_signing_input("s1", "i1", "Triage", "retract", {"text": "hi", "n": 1.5}),
+    ):
+        assert not verify_signature(signer.key_id, bad, item.sig)
+    other, _ = Signer.generate()
+    assert not verify_signature(other.key_id, ok, item.sig)
+    # A key id with a broken checksum or the wrong prefix is no key at all.
+    broken = signer.key_id[:-1] + ("A" if signer.key_id[-1] != "A" else "B")
+    assert not verify_signature(broken, ok, item.sig)
+    assert not verify_signature("N" + signer.key_id[1:], ok, item.sig)
+    assert not verify_signature(signer.key_id, ok, "!!notbase64")
+
+
+def test_signed_fields_enter_the_hash_only_when_present() -> None:
+    signer, _ = Signer.generate()
+    plain = AppendItem(item_id="i1", agent="Triage", data={"x": 1})
+    signed = sign_item(signer, "s1", plain)
+    e_plain, e_signed = _envelope("s1", plain), _envelope("s1", signed)
+    assert e_plain.hash != e_signed.hash
+    assert b"sig" not in msgspec.json.encode(e_plain)  # unsigned envelopes look as before
+    assert verify([e_signed]) is None and verify([e_plain]) is None
+    # Stripping the signature (or swapping the key id) breaks the chain.
+    stripped = msgspec.structs.replace(e_signed, sig=None, key_id=None)
+    assert envelope_hash(stripped, GENESIS_HASH) != e_signed.hash
+    assert verify([stripped]) is not None
+    # A float in data takes the reference RFC 8785 path; both paths hash sig alike.
+    f = sign_item(signer, "s1", AppendItem(item_id="i2", agent="Triage", data={"x": 0.1}))
+    assert verify([_envelope("s1", f)]) is None
+
+
+def test_keyring_rules_online_and_offline() -> None:
+    triage, billing, gateway, logk = (Signer.generate()[0] for _ in range(4))
+    ring = _ring((triage, "agent", "Triage"), (billing, "agent", "Billing"),
+                 (gateway, "gateway", "user"), (logk, "log", "convlog-log"))
+    assert ring.refusal(triage.key_id, "Triage", via_inbound=False) is None
+    assert ring.refusal(triage.key_id, "system", via_inbound=False) is None
+    assert "not 'Billing'" in ring.refusal(triage.key_id, "Billing", via_inbound=False)
+    assert ring.refusal(triage.key_id, "user", via_inbound=False) is not None
+    assert ring.refusal(gateway.key_id, "user", via_inbound=True) is None
+    assert ring.refusal(gateway.key_id, "user", via_inbound=False) is not None
+    assert ring.refusal(logk.key_id, "Triage", via_inbound=False) is not None
+    assert "not in the keyring" in ring.refusal(Signer.generate()[0].key_id, "Triage", via_inbound=False)
+
+    good = _envelope("s1", sign_item(triage, "s1", AppendItem(item_id="a", agent="Triage", data={"t": 1})))
+    assert ring.check_envelope(good) is None
+    forged = _envelope("s1", sign_item(billing, "s1", AppendItem(item_id="a", agent="Triage", data={"t": 1})))
+    assert "belongs to agent 'Billing'" in ring.check_envelope(forged)
+    edited = msgspec.structs.replace(good, data={"t": 2})
+    assert "does not match" in ring.check_envelope(edited)
+    assert ring.check_envelope(_envelope("s1", AppendItem(item_id="u", agent="Triage", data={"t": 1}))) is None
+
+    head = sign_head(logk, "s1", 7, "ab" * 32, T0)
+    assert ring.check_head(head) is None
+    assert ring.check_head(msgspec.structs.replace(head, item_order=6)) is not None
+    assert ring.check_head(sign_head(triage, "s1", 7, "ab" * 32, T0)) is not None
+
+
+def test_a_retired_key_verifies_what_it_signed_before_and_nothing_after() -> None:
+    old, _ = Signer.generate()
+    ring = _ring((old, "agent", "Triage"), retired={old.key_id: "2026-03-14T10:00:00.000000Z"})
+    item = sign_item(old, "s1", AppendItem(item_id="a", agent="Triage", data={"t": 1}))
+    assert ring.check_envelope(_envelope("s1", item, at="2026-03-14T09:59:59.000000Z")) is None
+    assert "retired" in ring.check_envelope(_envelope("s1", item, at="2026-03-14T10:00:01.000000Z"))
+    assert "retired" in ring.refusal(old.key_id, "Triage", via_inbound=False)  # new appends: never
+
+
+def test_keyring_files_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(KeyringError, match="cannot read keyring"):
+        Keyring.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"convlog_keyring": 1, "keys": [{"key_id": "Unope", "role": "agent", '
+                   '"agent": "A", "created_at": "x"}]}')
+    with pytest.raises(KeyringError, match=r"bad\.json.*not an nkey"):
+        Keyring.load(bad)
+    bad.write_text('{"convlog_keyring": 1, "keys": [], "extra": 1}')
+    with pytest.raises(KeyringError, match="malformed"):
+        Keyring.load(bad)
+    seed = tmp_path / "x.nk"
+    seed.write_text("not a seed")
+    with pytest.raises(KeyringError, match="x.nk"):
+        Signer.load(seed)
+
+
+def test_keys_init_and_rotate_write_real_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "keys"
+    assert main(["keys", "init", "--out", str(out)]) == 0
+    ring = Keyring.load(out / "keyring.json")
+    agents = {e.agent for e in ring.of_role("agent")}
+    assert {"Triage", "L2Support"} <= agents
+    assert len(ring.of_role("log")) == 1 and len(ring.of_role("gateway")) == 1
+    for e in ring.entries:
+        name = {"log": "log", "gateway": "gateway"}.get(e.role, e.agent)
+        path = out / f"{name}.nk"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert Signer.load(path).key_id == e.key_id
+    # Never overwrites keys.
+    assert main(["keys", "init", "--out", str(out)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+    old = Signer.load(out / "Triage.nk")
+    before = sign_item(old, "s1", AppendItem(item_id="a", agent="Triage", data={"t": 1}))
+    env_before = _envelope("s1", before, at="2000-01-01T00:00:00.000000Z")
+    assert main(["keys", "rotate", "Triage", "--dir", str(out)]) == 0
+    ring2 = Keyring.load(out / "keyring.json")
+    new = Signer.load(out / "Triage.nk")
+    assert new.key_id != old.key_id
+    assert ring2.get(old.key_id).retired_at is not None and ring2.get(new.key_id).retired_at is None
+    assert ring2.check_envelope(env_before) is None  # old items still verify
+    assert ring2.refusal(old.key_id, "Triage", via_inbound=False) is not None
+    assert ring2.refusal(new.key_id, "Triage", via_inbound=False) is None
+    assert main(["keys", "rotate", "Nobody", "--dir", str(out)]) == 2
+    assert json.loads((out / "keyring.json").read_text())["convlog_keyring"] == 1
+
+
+def test_turn_ids_bind_to_their_agents_key() -> None:
+    from services.worker.turn_ids import parse_turn_item_id, turn_item_id
+    from shared.signing import turn_id_agent
+
+    samples = [turn_item_id("u-1", "Triage", 1, "reply"), turn_item_id("t-" + "a" * 40, "L2Support", 12, "call3"),
+               "u-1.Triage.1.nope", "plain-id", "a.b.c", ".Triage.1.msg", "0190e1f0c3b27c3a9e1d"]
+    for iid in samples:  # the same reading as the worker's own module
+        parsed = parse_turn_item_id(iid)
+        assert turn_id_agent(iid) == (parsed.agent if parsed else None), iid
+    triage, billing = Signer.generate()[0], Signer.generate()[0]
+    ring = _ring((triage, "agent", "Triage"), (billing, "agent", "L1Billing"))
+    assert ring.refusal(triage.key_id, "Triage", via_inbound=False, item_id="u-1.Triage.1.reply") is None
+    assert ring.refusal(triage.key_id, "system", via_inbound=False, item_id="u-1.Triage.2.fail") is None
+    why = ring.refusal(billing.key_id, "L1Billing", via_inbound=False, item_id="u-1.Triage.1.reply")
+    assert why is not None and "turn of 'Triage'" in why
+    forged = _envelope("s", sign_item(billing, "s", AppendItem(item_id="u-1.Triage.1.reply",
+                                                                agent="L1Billing", data={"x": 1})))
+    assert "turn of 'Triage'" in (ring.check_envelope(forged) or "")
