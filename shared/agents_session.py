@@ -120,6 +120,7 @@ from .agents_sdk import plain as _plain
 from .agents_sdk import run_key as _run_key
 from .client import LogClient, new_item_id
 from .errors import ConflictError, TooLargeError, UnavailableError
+from .failures import CONFLICT_BACKOFF
 from .session_copy import SessionCopy
 from .session_pool import SharedSession, acquire_connection, release_connection, share, unshare
 from .subjects import validate_session_id
@@ -544,7 +545,7 @@ class ConvlogSession:
             except ConflictError:
                 if copy is not None:
                     await copy.fill()  # someone wrote after what the copy holds
-                await asyncio.sleep(min(0.002 * 2**attempt, 0.1) if attempt else 0)
+                await asyncio.sleep(CONFLICT_BACKOFF.delay(attempt - 1) if attempt else 0)
                 continue
             self._acked(client, reply.items, [retract])
             return data

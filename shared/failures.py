@@ -44,6 +44,7 @@ from .errors import UnavailableError
 from .subjects import Subjects
 
 __all__ = [
+    "CONFLICT_BACKOFF",
     "LOOP_BACKOFF",
     "Backoff",
     "FatalError",
@@ -160,6 +161,12 @@ class Backoff:
 
 #: Background loops: 0.05-0.1 s after the first failure, doubling to 1-2 s.
 LOOP_BACKOFF = Backoff(initial=0.1, maximum=2.0)
+
+#: Optimistic-concurrency retries (an append refused with ``conflict`` because
+#: another writer got in first: read again, decide again): short, since the
+#: other writer is done; jittered, so racing writers spread out.  Retry ``n``
+#: waits 1-2 ms doubling up to 0.25-0.5 s.
+CONFLICT_BACKOFF = Backoff(initial=0.002, maximum=0.5)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -49,12 +49,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from dataclasses import dataclass
 from typing import Any
 
 from shared.client import LogClient
 from shared.errors import BadRequestError, ConflictError, InvalidSessionIdError, TooLargeError
+from shared.failures import CONFLICT_BACKOFF
 from shared.messages import AppendItem, AppendReply, Envelope
 
 from .convert import (
@@ -261,7 +261,7 @@ class TurnRunner:
             raise TurnBusyError(
                 f"session {part.session_id!r} changed {conflicts} times during one turn"
             )
-        await asyncio.sleep(random.uniform(0.0, min(0.5, 0.02 * 2**conflicts)))
+        await asyncio.sleep(CONFLICT_BACKOFF.delay(conflicts))
         return conflicts
 
     # -- reading ----------------------------------------------------------------
