@@ -11,7 +11,8 @@ Routes:
     ``/sessions/<sid>``                one conversation
     ``/verify``                        verify a JSONL export from the reviewer's disk
     ``/api/sessions``                  ``?prefix=&cursor=&limit=`` newest first
-    ``/sessions/<sid>/export.jsonl``   every envelope (``?download=1``: as a file)
+    ``/sessions/<sid>/export.jsonl``   every envelope, then the log service's signed heads as
+                                       ``{"signed_head": ...}`` lines (``?download=1``: as a file)
     ``/sessions/<sid>/live``           SSE: every envelope after ``?after=`` / ``Last-Event-ID``
 """
 
@@ -35,10 +36,11 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.cli.audit import encode_head_line
 from shared.client import LogClient
 from shared.codec import encode_envelope_line
 from shared.errors import ConvlogError, InvalidSessionIdError
-from shared.messages import Envelope
+from shared.messages import Envelope, SignedHead
 from shared.subjects import validate_session_id
 
 from .index import SessionIndex
@@ -157,6 +159,21 @@ def _line(env: Envelope) -> bytes:
     return encode_envelope_line(env) + b"\n"
 
 
+async def _signed_heads(client: LogClient, sid: str) -> list[SignedHead]:
+    """The session's heads the log service signed, as ``convlog replay`` exports them:
+    the witness head (kept in ``<prefix>_heads``, outside the store) and a fresh one.
+    None when the service has no key.  Read before the items, so every item a head
+    covers is in the export (the log is append-only)."""
+    from services.log.heads import read_witness_head
+
+    heads = [await read_witness_head(client.nc, client.subjects, sid)]
+    try:
+        heads.append(await client.signed_head(sid))
+    except ConvlogError as e:  # the export still serves; the page then shows no fresh head
+        log.warning("no signed head for %s: %s", sid, e.message)
+    return [h for h in heads if h is not None]
+
+
 def build_app(client: LogClient, options: WebOptions | None = None) -> ASGIApp:
     """The console as an ASGI app over ``client`` (which the caller owns and closes)."""
     options = options or WebOptions()
@@ -192,6 +209,7 @@ def build_app(client: LogClient, options: WebOptions | None = None) -> ASGIApp:
 
     async def export(request: Request) -> Response:
         sid = _sid(request)
+        heads = await _signed_heads(client, sid)
         first = await client.read(sid, after=0, limit=FIRST_PAGE, raw=True)
         if not first.items:
             return _error(404, "not_found", f"session {sid!r} has no items")
@@ -207,6 +225,8 @@ def build_app(client: LogClient, options: WebOptions | None = None) -> ASGIApp:
                         chunk = []
                 if chunk:
                     yield b"".join(chunk)
+            if heads:
+                yield b"".join(encode_head_line(h) + b"\n" for h in heads)
 
         headers = {"cache-control": "no-store", "x-convlog-last-order": str(first.last_order)}
         if request.query_params.get("download"):

@@ -118,7 +118,6 @@ export class ChainVerifier {
     this.verified = 0; // items checked and good
     this.problem = null; // {order, reason}
     this.status = new Map(); // item_order -> "ok" | "bad"
-    this.signed = 0;
   }
 
   async feed(envs) {
@@ -144,7 +143,6 @@ export class ChainVerifier {
         if (typeof env.item_order === "number") this.status.set(env.item_order, "bad");
         return;
       }
-      if (env.sig !== undefined) this.signed++;
       this.status.set(env.item_order, "ok");
       this.prev = env.hash;
       this.verified = expected;

@@ -1,5 +1,6 @@
 // One conversation: agent lanes, a virtual list, the in-browser chain check, the live tail.
 import { ChainVerifier, engine } from "./chain.js";
+import { SignatureChecker, parseKeyring } from "./signing.js";
 import { clear, el, longTime, sessionPath, shortTime } from "./common.js";
 import { Conversation, describe, handoffTarget } from "./model.js";
 
@@ -13,6 +14,7 @@ const fileMode = location.pathname === "/verify";
 const sid = fileMode ? null : decodeURIComponent(location.pathname.split("/")[2] || "");
 let conv = new Conversation(sid);
 let verifier = new ChainVerifier(sid);
+let sigs = new SignatureChecker();
 let verifying = Promise.resolve();
 let source = null;
 
@@ -38,6 +40,12 @@ function statusMark(order) {
   if (s === "ok") return el("span", { class: "vmark ok", title: "hash verified in this browser", text: "✓" });
   if (s === "bad") return el("span", { class: "vmark bad", title: "first bad item", text: "✗" });
   return el("span", { class: "vmark", title: "not verified", text: "·" });
+}
+
+function sigMark(env) {
+  const m = sigs.mark(env);
+  if (!m) return el("span", { class: "smark", title: "not signed", text: "" });
+  return el("span", { class: `smark ${m.cls}`, title: m.text, text: m.cls === "bad" ? "✗" : "✎" });
 }
 
 function card(env, lanes, extraText) {
@@ -70,7 +78,7 @@ function renderRow(r) {
   const out = row.pair !== undefined ? conv.items[row.pair] : null;
   const el_ = el("div", { class: "row", style: { top: `${r * ROW_H}px` }, "data-order": env.item_order, id: `row-${env.item_order}` });
   const gutter = el("div", { class: "gutter" },
-    el("a", { class: "order", href: `#${env.item_order}`, text: `#${env.item_order}` }), statusMark(env.item_order),
+    el("a", { class: "order", href: `#${env.item_order}`, text: `#${env.item_order}` }), statusMark(env.item_order), sigMark(env),
     el("span", { class: "time", title: longTime(env.created_at), text: shortTime(env.created_at) }));
   const area = el("div", { class: "lanes-area" });
   const target = handoffTarget(out || env);
@@ -134,15 +142,21 @@ window.addEventListener("resize", () => refresh(false));
 
 function updateBadge() {
   const b = $("badge");
-  const p = verifier.problem;
+  const chainProblem = verifier.problem;
+  const complete = state.loaded && verifier.verified === conv.items.length;
+  const sp = chainProblem ? null : sigs.problem(verifier.verified);
+  const hp = chainProblem || sp ? null : sigs.headProblem(verifier.sessionId, conv.items, conv.byOrder, complete);
+  const p = chainProblem || sp || hp;
   b.className = "badge " + (p ? "bad" : verifier.verified === conv.items.length && state.loaded ? "good" : "working");
   if (p) {
-    b.textContent = `✗ chain broken at #${p.order}: ${p.reason}`;
+    b.textContent = chainProblem ? `✗ chain broken at #${p.order}: ${p.reason}`
+      : sp ? `✗ bad signature at #${p.order}: ${p.reason}` : `✗ ${p.reason}`;
     b.setAttribute("href", `#${p.order}`);
   } else if (verifier.verified === 0 && state.loaded) {
     b.textContent = "no items to verify";
   } else {
-    const signed = verifier.signed ? ` · ${verifier.signed} signed (signatures not checked)` : "";
+    const summary = sigs.summary();
+    const signed = summary ? ` · ${summary}` : "";
     b.textContent = (b.classList.contains("good") ? `✓ chain intact through #${verifier.verified}` : `verifying… ${verifier.verified}/${conv.items.length}`) + signed;
     b.removeAttribute("href");
   }
@@ -169,6 +183,7 @@ function updateBadge() {
   for (const [r, node] of rendered) { // refresh the ✓ marks on screen
     const order = conv.items[conv.rows[r].i].item_order;
     node.querySelector(".vmark")?.replaceWith(statusMark(order));
+    node.querySelector(".smark")?.replaceWith(sigMark(conv.items[conv.rows[r].i]));
   }
 }
 
@@ -177,13 +192,17 @@ function fail(reason) {
   verifying = verifying.then(() => { verifier.problem ??= { order: verifier.verified + 1, reason }; }).then(updateBadge);
 }
 
-function add(envs) {
+function add(lines) {
+  // The last lines of an export may be the log service's signed heads.
+  const heads = lines.filter((x) => x && typeof x === "object" && x.signed_head !== undefined && x.item_order === undefined).map((x) => x.signed_head);
+  const envs = heads.length ? lines.filter((x) => !(x && x.signed_head !== undefined && x.item_order === undefined)) : lines;
+  if (heads.length) verifying = verifying.then(() => sigs.addHeads(heads)).then(updateBadge);
   if (!envs.length) return;
   const from = conv.items.length;
   const lanesChanged = conv.add(envs);
   if (!lanesChanged && conv.appendRows(from)) refresh(false); // rows on screen stay as they are
   else refresh(true, lanesChanged);
-  verifying = verifying.then(() => verifier.feed(envs)).then(updateBadge);
+  verifying = verifying.then(() => verifier.feed(envs)).then(() => sigs.feed(envs)).then(updateBadge);
 }
 
 function expectedHead() {
@@ -221,6 +240,7 @@ function showDetail(env) {
     el("h2", { text: `#${env.item_order} · ${env.agent} · ${kind}` }),
     el("dl", {}, ...field("time", longTime(env.created_at)), ...field("kind", env.kind), ...field("item_id", env.item_id),
       ...field("hash", env.hash), ...field("prev hash", prev), ...field("check", check),
+      ...(sigs.mark(env) ? field("signature", sigs.mark(env).text) : []),
       ...(hidden ? field("hidden", `${hidden.how} by #${hidden.by}: the agents no longer saw it`) : [])),
     el("h3", { text: "content" }), el("pre", { class: "content", text }),
     el("h3", { text: "envelope" }), el("pre", { class: "raw", text: JSON.stringify(env, null, 2) }));
@@ -319,6 +339,9 @@ function loadFile(file) {
     const s = envs.length ? envs[0].session_id : "";
     conv = new Conversation(s);
     verifier = new ChainVerifier(s);
+    const keyring = sigs.keyring;
+    sigs = new SignatureChecker();
+    sigs.keyring = keyring;
     verifying = Promise.resolve();
     $("title").textContent = `${file.name} · session ${s}`;
     $("message").textContent = "";
@@ -360,6 +383,19 @@ document.addEventListener("keydown", (e) => {
   const cur = selected === null ? -1 : conv.rowOfOrder(selected);
   const r = Math.min(conv.rows.length - 1, Math.max(0, cur + step));
   select(conv.items[conv.rows[r].i].item_order);
+});
+// The reviewer's own public keyring: which key may sign for which agent (never from the server).
+$("keyring").addEventListener("change", (e) => {
+  const f = e.target.files[0];
+  if (!f) return;
+  f.text().then((text) => {
+    const keyring = parseKeyring(text);
+    $("keyring-box").title = `${f.name}: ${keyring.size} keys`;
+    $("keyring-box").classList.add("loaded");
+    $("keyring-name").textContent = `✓ keyring: ${keyring.size} keys`;
+    state.keyring = keyring.size;
+    verifying = verifying.then(() => sigs.setKeyring(keyring)).then(() => { updateBadge(); if (selected !== null) showDetail(conv.items[conv.byOrder.get(selected)]); });
+  }).catch((err) => { $("message").textContent = `Could not read the keyring ${f.name}: ${err.message}`; });
 });
 $("agents-saw").addEventListener("change", (e) => { conv.agentsSaw = e.target.checked; refresh(true); });
 $("collapse").addEventListener("change", (e) => { conv.collapseAll = e.target.checked; conv.collapsed.clear(); refresh(true); });

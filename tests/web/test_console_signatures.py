@@ -1,0 +1,241 @@
+"""Signed items and signed heads, checked by the console in a real browser (headless Chromium).
+
+A log service with a keyring, ``--require-signatures`` and its own key (which
+signs heads) on a real nats-server; writers with the keys of ``convlog keys
+init``; the console (``services.web.cli.serve``) in front.  The reviewer loads
+the public keyring into the page; the tampered exports are what an attacker
+with write access to an export (but no private key) can make: re-chained, so
+the hash chain alone still holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from services.cli.main import main
+from services.log.service import LogService
+from services.web.app import WebOptions
+from services.web.cli import bind, console_url, serve
+from shared.chain import GENESIS_HASH, envelope_hash
+from shared.client import LogClient
+from shared.config import load_settings
+from shared.messages import Envelope
+from shared.signing import Signer, _verify_key, head_signing_input, item_signing_input
+from tests.support.natsd import NatsServer
+from tests.web.conftest import LoopThread, screenshot
+from tests.web.test_console_browser import said, wait_badge
+
+pytestmark = pytest.mark.timeout(120)
+SID = "web-signed-1"
+
+
+class Signed:
+    def __init__(self, url: str, keys: Path, loop: LoopThread) -> None:
+        self.url = url.rstrip("/")
+        self.keys = keys
+        self.keyring = keys / "keyring.json"
+        self.loop = loop
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signed]:
+    tmp = tmp_path_factory.mktemp("web-signed")
+    keys = tmp / "keys"
+    assert main(["keys", "init", "--out", str(keys)]) == 0
+    server = NatsServer(tmp / "nats").start()
+    lt: LoopThread | None = None
+    try:
+        lt = LoopThread(server.url)  # the console's own (unsigned, read-only) client
+        settings = load_settings({
+            "nats_url": server.url, "db": str(tmp / "convlog.db"),
+            "keyring": str(keys / "keyring.json"), "require_signatures": True,
+        }, {"CONVLOG_SIGNING_KEY": str(keys / "log.nk")})
+        svc = LogService(settings)
+        lt.run(svc.start())
+        sock = bind("127.0.0.1", 0)
+        stop = lt.run(_event())
+        web = asyncio.run_coroutine_threadsafe(serve(lt.client, sock, WebOptions(), stop), lt.loop)
+
+        async def write() -> None:
+            writers = {}
+            for name in ("Triage", "L1Billing", "gateway"):
+                c = await LogClient.connect(server.url, name=f"web-signed-{name}")
+                c.signer = Signer.load(keys / f"{name}.nk")
+                writers[name] = c
+            try:
+                await writers["gateway"].send(SID, "My card was charged twice.")
+                await writers["Triage"].append(SID, [said("Triage", "Routing you to billing.")])
+                await writers["L1Billing"].append(SID, [said("L1Billing", "Refund RF-1 issued.")])
+            finally:
+                for c in writers.values():
+                    await c.close()
+
+        lt.run(write())
+        try:
+            yield Signed(console_url(sock), keys, lt)
+        finally:
+            lt.loop.call_soon_threadsafe(stop.set)
+            web.result(15)
+            lt.run(svc.shutdown())
+    finally:
+        if lt is not None:
+            lt.close()
+        server.stop()
+
+
+async def _event() -> asyncio.Event:
+    return asyncio.Event()
+
+
+def _lines(body: bytes) -> tuple[list[Envelope], list[bytes]]:
+    envs, heads = [], []
+    for line in body.splitlines():
+        if b'"signed_head"' in line:
+            heads.append(line)
+        elif line.strip():
+            envs.append(msgspec.json.decode(line, type=Envelope))
+    return envs, heads
+
+
+def _rechain(envs: list[Envelope]) -> list[Envelope]:
+    """What an attacker with write access to an export does: recompute every hash."""
+    out, prev = [], GENESIS_HASH
+    for e in envs:
+        e = msgspec.structs.replace(e, hash=envelope_hash(e, prev))
+        out.append(e)
+        prev = e.hash
+    return out
+
+
+def _body(envs: list[Envelope], heads: list[bytes]) -> bytes:
+    return b"".join(msgspec.json.encode(e) + b"\n" for e in envs) + b"".join(h + b"\n" for h in heads)
+
+
+def _serve(page: Any, body: bytes) -> None:
+    page.unroute("**/export.jsonl")
+    page.route("**/export.jsonl", lambda route: route.fulfill(status=200, content_type="application/jsonl", body=body))
+    page.route("**/live?*", lambda route: route.abort())  # nor may the live tail fill anything in
+
+
+def marks(page: Any) -> list[str]:
+    return page.eval_on_selector_all(".row .smark", "els => els.map(e => e.className)")
+
+
+def test_a_signed_session_verifies_against_the_reviewers_keyring(signed: Signed, page: Any) -> None:
+    url = f"{signed.url}/sessions/{SID}"
+    body = page.request.get(f"{url}/export.jsonl").body()
+    envs, heads = _lines(body)
+    assert len(envs) == 3 and all(e.sig for e in envs) and heads  # the export carries the signed head
+    page.goto(url)
+    badge = wait_badge(page, "good")
+    assert "chain intact through #3" in badge
+    assert f"3 signed by {envs[0].key_id[:8]}…" in badge and "(keyring not loaded: authorship unchecked)" in badge
+    assert "signed head #3 (keyring not loaded: signer unchecked)" in badge
+    page.wait_for_function("document.querySelectorAll('.row .smark.unchecked').length === 3")
+    page.click(".card[data-order='2']")
+    assert f"signed by {envs[1].key_id[:12]}… (keyring not loaded" in page.text_content("#detail dl")
+
+    page.set_input_files("#keyring", str(signed.keyring))
+    page.wait_for_function("document.querySelectorAll('.row .smark.ok').length === 3")
+    badge = wait_badge(page, "good")
+    assert "3 signatures verified against your keyring" in badge and "signed head #3 verified" in badge
+    assert page.text_content("#keyring-name").startswith("✓ keyring:")
+    assert f"signed with Triage's key {envs[1].key_id[:12]}… (agent), verified" in page.text_content("#detail dl")
+    screenshot(page, "signed-keyring")
+
+
+def test_a_forged_signature_a_foreign_key_and_a_cut_tail_turn_the_badge_red(
+        signed: Signed, page: Any, tmp_path: Path) -> None:
+    url = f"{signed.url}/sessions/{SID}"
+    envs, heads = _lines(page.request.get(f"{url}/export.jsonl").body())
+
+    # A signature altered (one character), the chain re-hashed around it: named even without a keyring.
+    sig = envs[1].sig or ""
+    forged = [envs[0], msgspec.structs.replace(envs[1], sig=("A" if sig[0] != "A" else "B") + sig[1:]), envs[2]]
+    _serve(page, _body(_rechain(forged), []))
+    page.goto(url)
+    badge = wait_badge(page, "bad")
+    assert "bad signature at #2: signature by" in badge and "does not match the item" in badge, badge
+    page.wait_for_function("document.querySelector(\".row[data-order='2'] .smark\")?.className === 'smark bad'")
+
+    # Triage's item re-signed with L1Billing's key: a valid signature, but the wrong author --
+    # only the keyring can tell.
+    other = Signer.load(signed.keys / "L1Billing.nk")
+    e = envs[1]
+    resigned = msgspec.structs.replace(e, key_id=other.key_id, sig=other.sign(
+        item_signing_input(e.session_id, e.item_id, e.agent, e.kind, e.data)))
+    _serve(page, _body(_rechain([envs[0], resigned, envs[2]]), []))
+    page.goto(url)
+    assert "chain intact through #3" in wait_badge(page, "good")
+    page.set_input_files("#keyring", str(signed.keyring))
+    badge = wait_badge(page, "bad")
+    assert "bad signature at #2: key" in badge and "belongs to agent \"L1Billing\", not \"Triage\"" in badge, badge
+    assert marks(page) == ["smark ok", "smark bad", "smark ok"]
+    screenshot(page, "signed-foreign-key")
+
+    # The newest item dropped, the signed head kept: the chain alone holds, the head does not.
+    _serve(page, _body(envs[:2], heads))
+    page.goto(url)
+    page.set_input_files("#keyring", str(signed.keyring))
+    badge = wait_badge(page, "bad")
+    assert "signed head #3: the chain is cut short at #2 (the log signed 3 items)" in badge, badge
+    screenshot(page, "signed-head-cut")
+
+    # The re-signed chain with the log's signed head: without a keyring the new signature
+    # holds, but the chain forks from what the log signed.
+    forked = _rechain([envs[0], resigned, envs[2]])
+    _serve(page, _body(forked, heads))
+    page.goto(url)
+    assert "signed head #3: the chain is forked (hash at #3 differs from the signed one)" in wait_badge(page, "bad")
+    # ... and a head edited to match the fork no longer carries the log's signature.
+    head = json.loads(heads[-1])
+    head["signed_head"]["hash"] = forked[2].hash
+    _serve(page, _body(forked, [json.dumps(head).encode()]))
+    page.goto(url)
+    assert "signed head #3: its signature does not match it" in wait_badge(page, "bad")
+
+    # On /verify: the reviewer's own truncated file, keyring loaded first.
+    f = tmp_path / "cut.jsonl"
+    f.write_bytes(_body(envs[:2], heads))
+    page.goto(f"{signed.url}/verify")
+    page.set_input_files("#keyring", str(signed.keyring))
+    page.set_input_files("#file", str(f))
+    assert "signed head #3: the chain is cut short at #2" in wait_badge(page, "bad")
+    f.write_bytes(_body(envs, heads))
+    page.goto(f"{signed.url}/verify")
+    page.set_input_files("#keyring", str(signed.keyring))
+    page.set_input_files("#file", str(f))
+    page.wait_for_function("document.querySelectorAll('.row .smark.ok').length === 3")
+    assert "signed head #3 verified" in wait_badge(page, "good")
+
+
+def test_browser_signing_inputs_and_key_decoding_match_shared_signing(signed: Signed, page: Any) -> None:
+    """signing.js builds the bytes shared/signing.py signs, decodes nkey ids to the same
+    Ed25519 keys, and accepts exactly the signatures Python makes."""
+    signer = Signer.load(signed.keys / "Triage.nk")
+    env = {"session_id": "s-1", "item_id": "t1.Triage.0.reply", "agent": "Triage", "kind": "item",
+           "data": {"amount": 120.0, "text": "naïve 😀 <b>", "z": [1, None, True], "\u20ac": {}}}
+    head = {"session_id": "s-1", "item_order": 7, "hash": "ab" * 32, "signed_at": "2026-03-14T09:30:00.123456Z"}
+    item_bytes = item_signing_input(env["session_id"], env["item_id"], env["agent"], env["kind"], env["data"])
+    sig = signer.sign(item_bytes)
+    page.goto(signed.url + "/verify")
+    got = page.evaluate("""async ([env, head, keyId, sig]) => {
+        const m = await import('/static/signing.js');
+        const text = m.itemSigningInput(env);
+        return {item: text, head: m.headSigningInput(head), key: Array.from(m.publicKeyBytes(keyId)),
+                good: await m.verify(keyId, text, sig), edited: await m.verify(keyId, text + " ", sig),
+                badId: m.publicKeyBytes(keyId.slice(0, -1) + (keyId.endsWith('A') ? 'B' : 'A'))};
+    }""", [env, head, signer.key_id, sig])
+    assert got["item"].encode() == item_bytes
+    assert got["head"].encode() == head_signing_input(**head)
+    vk = _verify_key(signer.key_id)
+    assert vk is not None and bytes(got["key"]) == bytes(vk)
+    assert got["good"] is True and got["edited"] is False
+    assert got["badId"] is None  # a mistyped key id fails its checksum
