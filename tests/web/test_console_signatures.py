@@ -128,7 +128,7 @@ def marks(page: Any) -> list[str]:
     return page.eval_on_selector_all(".row .smark", "els => els.map(e => e.className)")
 
 
-def test_a_signed_session_verifies_against_the_reviewers_keyring(signed: Signed, page: Any) -> None:
+def test_a_signed_session_verifies_against_the_reviewers_keyring(signed: Signed, page: Any, tmp_path: Path) -> None:
     url = f"{signed.url}/sessions/{SID}"
     body = page.request.get(f"{url}/export.jsonl").body()
     envs, heads = _lines(body)
@@ -141,6 +141,15 @@ def test_a_signed_session_verifies_against_the_reviewers_keyring(signed: Signed,
     page.wait_for_function("document.querySelectorAll('.row .smark.unchecked').length === 3")
     page.click(".card[data-order='2']")
     assert f"signed by {envs[1].key_id[:12]}… (keyring not loaded" in page.text_content("#detail dl")
+
+    # A file that is not a keyring is refused with the reason, and changes nothing.
+    bad = tmp_path / "not-a-keyring.json"
+    bad.write_text(json.dumps({"convlog_keyring": 1, "keys": [{"key_id": "UNOTAKEY", "role": "agent", "agent": "x"}]}))
+    page.set_input_files("#keyring", str(bad))
+    page.wait_for_selector("#message:has-text('Could not read the keyring not-a-keyring.json')")
+    assert "is not an nkey user public key" in page.text_content("#message")
+    assert "(keyring not loaded: authorship unchecked)" in wait_badge(page, "good")
+    assert page.text_content("#keyring-name") == "Keyring…"
 
     page.set_input_files("#keyring", str(signed.keyring))
     page.wait_for_function("document.querySelectorAll('.row .smark.ok').length === 3")
@@ -200,6 +209,11 @@ def test_a_forged_signature_a_foreign_key_and_a_cut_tail_turn_the_badge_red(
     _serve(page, _body(forked, [json.dumps(head).encode()]))
     page.goto(url)
     assert "signed head #3: its signature does not match it" in wait_badge(page, "bad")
+
+    # A head line that is no head is no envelope either: the chain breaks there.
+    _serve(page, _body(envs, [b'{"signed_head": null}']))
+    page.goto(url)
+    assert "chain broken at #4: belongs to session undefined" in wait_badge(page, "bad")
 
     # On /verify: the reviewer's own truncated file, keyring loaded first.
     f = tmp_path / "cut.jsonl"

@@ -45,3 +45,29 @@ export function ago(iso) {
 export function sessionPath(sid) {
   return "/sessions/" + encodeURIComponent(sid);
 }
+
+// Parse a JSONL stream, handing each chunk's lines to onBatch; throws at the first line that is not JSON.
+export async function readJsonl(stream, onBatch) {
+  const reader = stream.getReader();
+  const decoder = new TextDecoder();
+  let buf = "", line = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    buf += done ? decoder.decode() : decoder.decode(value, { stream: true });
+    const parts = buf.split("\n");
+    buf = done ? "" : parts.pop();
+    const batch = [];
+    for (const p of parts) {
+      line++;
+      if (!p.trim()) continue;
+      try {
+        batch.push(JSON.parse(p));
+      } catch {
+        onBatch(batch); // what came before the bad line is still shown and checked
+        throw new Error(`line ${line} is not JSON`);
+      }
+    }
+    onBatch(batch);
+    if (done) return;
+  }
+}

@@ -1,7 +1,7 @@
 // One conversation: agent lanes, a virtual list, the in-browser chain check, the live tail.
 import { ChainVerifier, engine } from "./chain.js";
 import { SignatureChecker, parseKeyring } from "./signing.js";
-import { clear, el, longTime, sessionPath, shortTime } from "./common.js";
+import { clear, el, longTime, readJsonl, sessionPath, shortTime } from "./common.js";
 import { Conversation, describe, handoffTarget } from "./model.js";
 
 let ROW_H = 68; // px; every row has the same height, so only rows on screen exist (136: tall rows)
@@ -194,8 +194,9 @@ function fail(reason) {
 
 function add(lines) {
   // The last lines of an export may be the log service's signed heads.
-  const heads = lines.filter((x) => x && typeof x === "object" && x.signed_head !== undefined && x.item_order === undefined).map((x) => x.signed_head);
-  const envs = heads.length ? lines.filter((x) => !(x && x.signed_head !== undefined && x.item_order === undefined)) : lines;
+  const isHead = (x) => x && typeof x.signed_head === "object" && x.signed_head !== null && x.item_order === undefined;
+  const heads = lines.filter(isHead).map((x) => x.signed_head);
+  const envs = heads.length ? lines.filter((x) => !isHead(x)) : lines;
   if (heads.length) verifying = verifying.then(() => sigs.addHeads(heads)).then(updateBadge);
   if (!envs.length) return;
   const from = conv.items.length;
@@ -252,31 +253,6 @@ function onHash() {
   if (m) select(Number(m[1]));
 }
 window.addEventListener("hashchange", onHash);
-
-async function readJsonl(stream, onBatch) {
-  const reader = stream.getReader();
-  const decoder = new TextDecoder();
-  let buf = "", line = 0;
-  for (;;) {
-    const { done, value } = await reader.read();
-    buf += done ? decoder.decode() : decoder.decode(value, { stream: true });
-    const parts = buf.split("\n");
-    buf = done ? "" : parts.pop();
-    const batch = [];
-    for (const p of parts) {
-      line++;
-      if (!p.trim()) continue;
-      try {
-        batch.push(JSON.parse(p));
-      } catch {
-        onBatch(batch); // what came before the bad line is still shown and checked
-        throw new Error(`line ${line} is not JSON`);
-      }
-    }
-    onBatch(batch);
-    if (done) return;
-  }
-}
 
 function finishLoad() {
   state.loaded = true;
