@@ -156,6 +156,7 @@ def test_a_signed_session_verifies_against_the_reviewers_keyring(signed: Signed,
     badge = wait_badge(page, "good")
     assert "3 signatures verified against your keyring" in badge and "signed head #3 verified" in badge
     assert page.text_content("#keyring-name").startswith("✓ keyring:")
+    assert page.text_content("#message") == ""  # the refused file's error is gone
     assert f"signed with Triage's key {envs[1].key_id[:12]}… (agent), verified" in page.text_content("#detail dl")
     screenshot(page, "signed-keyring")
 

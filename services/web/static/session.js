@@ -369,6 +369,7 @@ $("keyring").addEventListener("change", (e) => {
     $("keyring-box").title = `${f.name}: ${keyring.size} keys`;
     $("keyring-box").classList.add("loaded");
     $("keyring-name").textContent = `✓ keyring: ${keyring.size} keys`;
+    if ($("message").textContent.startsWith("Could not read the keyring")) $("message").textContent = "";
     state.keyring = keyring.size;
     verifying = verifying.then(() => sigs.setKeyring(keyring)).then(() => { updateBadge(); if (selected !== null) showDetail(conv.items[conv.byOrder.get(selected)]); });
   }).catch((err) => { $("message").textContent = `Could not read the keyring ${f.name}: ${err.message}`; });
