@@ -76,6 +76,8 @@ class Settings:
     grace: Annotated[float, Meta(ge=0, le=86_400)] = 10.0
     web_token: str | None = None
     nats_seam: Literal["auto", "public"] = "auto"  # "public": nats-py public API only (shared.nats_seam)
+    metrics_port: Annotated[int, Meta(ge=0, le=65535)] | None = None  # Prometheus /metrics (0: any free port)
+    log_format: Literal["text", "json"] = "text"  # "json": one JSON object per log line
 
     @property
     def subjects(self) -> Subjects:

@@ -29,6 +29,7 @@ def log_arguments(p: argparse.ArgumentParser) -> None:
                         "must exist")
     p.add_argument("--store", choices=["sqlite", "jetstream"],
                    help="where the log lives [CONVLOG_STORE, default sqlite]")
+    p.add_argument("--metrics-port", metavar="PORT", help="serve Prometheus /metrics here [CONVLOG_METRICS_PORT]")
 
 
 def db_source(args: argparse.Namespace, settings: Settings) -> str | None:

@@ -343,3 +343,7 @@ class Outbox:
             + (f" ({self._refusals} windows in a row, each after a resync)" if self._refusals > 1 else "")
             + f": {refusal.description} (JetStream error {refusal.err_code})"
         ) from refusal
+    @property
+    def published_position(self) -> int:
+        """Global position of the last envelope the items stream is known to hold."""
+        return self._published

@@ -31,6 +31,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 
+from services import metrics
 from shared import __version__, nats_connect
 from shared.client import connect_options
 from shared.config import Settings
@@ -115,6 +116,7 @@ class LogService:
         self._shutdown_started = False
         self._started = False
         self.tally = {"append": 0, "read": 0, "sessions": 0, "in": 0, "errors": 0}
+        self.metrics = metrics.log_metrics(settings)
 
     async def __aenter__(self) -> LogService:
         await self.start()
@@ -171,9 +173,13 @@ class LogService:
             max_payload=self.nc.max_payload,
             entry_hint=entry_hint,
         )
+        # Fan-out lag is the outbox's; a store that writes the items stream itself has none.
+        self.fanout = metrics.Fanout(lambda: self.outbox.published_position if self.outbox else 0)
+        metrics.watch_store(self.store, self.metrics)
         if outbox_needed:
             self.outbox = Outbox(self.nc, self.store, self.subjects, ack_timeout=self._outbox_ack_timeout)
             self.store.add_commit_listener(self.outbox.on_commit)
+            self.store.add_commit_listener(self.fanout.on_commit)
             await self.outbox.start()
             assert self.outbox.task is not None
             self._loops.watch(self.outbox.task)
@@ -203,6 +209,7 @@ class LogService:
         if seam.fast and not inline:
             log.warning("the append endpoint's subscription is out of reach: appends go through micro's queue")
         await self.nc.flush()
+        self.metrics.start(self, self.fanout)
         log.info(
             "log service ready: prefix=%s store=%s nats=%s",
             self.subjects.prefix,
@@ -241,11 +248,14 @@ class LogService:
     ) -> None:
         """The store's callback for one submitted append."""
         self._awaiting -= 1
-        self.counters["append"].processing_ns += perf_counter_ns() - submitted_ns  # the commit included
+        ns = perf_counter_ns() - submitted_ns  # the commit included
+        self.counters["append"].processing_ns += ns
+        self.metrics.request("append", ns)
         self._reply("append", reply_to, subject, *encode_outcome(outcome))
 
-    def _endpoint_stats(self, stats: EndpointStats) -> None:
-        """micro's ``stats_handler``: show convlog's counters in ``$SRV.STATS``."""
+    def _endpoint_stats(self, stats: EndpointStats) -> dict[str, Any] | None:
+        """micro's ``stats_handler``: show convlog's counters in ``$SRV.STATS``, and
+        the fan-out lag as the append endpoint's data (for ``convlog health``)."""
         c = self.counters.get(stats.name)
         if c is not None:
             stats.num_requests = c.requests
@@ -253,11 +263,13 @@ class LogService:
             stats.last_error = c.last_error
             stats.processing_time = c.processing_ns
             stats.average_processing_time = c.processing_ns // max(1, c.requests)
+        return self.fanout.stats() if stats.name == "append" else None
 
     def _reply(
         self, name: str, reply_to: ReplyTo, subject: str, payload: bytes, headers: dict[str, str] | None
     ) -> None:
         """Queue a reply for the replier task (and count an error reply)."""
+        self.metrics.replied(name, headers)
         if headers:
             self.tally["errors"] += 1
             c = self.counters[name]
@@ -330,7 +342,9 @@ class LogService:
             self.tally[name] += 1
             counters.requests += 1
             payload, headers = await handlers.guarded(fn, req.subject, req.data)
-            counters.processing_ns += perf_counter_ns() - started_ns
+            ns = perf_counter_ns() - started_ns
+            counters.processing_ns += ns
+            self.metrics.request(name, ns)
             self._reply(name, reply_to(req), req.subject, payload, headers)
 
         async def handler(req: Request) -> None:
@@ -380,6 +394,7 @@ class LogService:
             if self.outbox is not None:
                 await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))
             await self.store.close()
+            self.metrics.stop()
             if self.nc is not None and not self.nc.is_closed:
                 with contextlib.suppress(Exception):
                     await self.nc.drain()

@@ -46,6 +46,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from services import metrics
 from shared.client import LogClient
 from shared.errors import ConflictError, TooLargeError
 from shared.messages import AppendItem, AppendReply, Envelope
@@ -290,6 +291,7 @@ async def finish_calls(
             continue
         output = await run_tool(agent.name, agent.tool_for(call.name), call.name, call.arguments,
                                 key=call.key, time_limit=time_limit)
+        metrics.tool_called(agent.name, call.name, output)
         ack = await append([(call, output)])
         if ack is None:
             return Finished(written, None, raced=True)

@@ -53,6 +53,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from services.logfmt import context
 from shared.client import LogClient
 from shared.errors import BadRequestError, ConflictError, InvalidSessionIdError, TooLargeError
 from shared.messages import AppendItem, AppendReply, Envelope
@@ -338,7 +339,8 @@ class TurnRunner:
                 model=self.agent.model, messages=messages, tools=self._tools
             )
         except ModelError as e:
-            log.warning("%s: model failed in session %s: %s", self.agent.name, part.session_id, e)
+            log.warning("%s: model failed in session %s: %s", self.agent.name, part.session_id, e,
+                        extra=context(part.session_id, part.start, self.agent.name, part.turn))
             return self._fail(part, step, str(e))
         return self._items_for(part, step, reply, state)
 
