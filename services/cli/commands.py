@@ -19,6 +19,7 @@ from services.bench.cli import bench_arguments, cmd_bench
 from services.web import cli as web
 from shared.config import Settings
 
+from .health import HEALTH_DESCRIPTION, cmd_health, health_arguments
 from .log_cmd import cmd_log, log_arguments
 from .migrate import cmd_migrate, migrate_arguments
 from .session_cmds import (
@@ -84,4 +85,7 @@ COMMANDS: tuple[Command, ...] = (
             description=web.WEB_DESCRIPTION),
     Command("migrate", "copy sessions between the SQLite and JetStream stores, verified",
             migrate_arguments, cmd_migrate),
+    Command("health", "exit 0 if the log service, the fan-out and every agent's consumer are "
+            "healthy; else 1, naming what is wrong", health_arguments, cmd_health,
+            description=HEALTH_DESCRIPTION),
 )
