@@ -84,7 +84,13 @@ def serve(settings: Any, registry: Collector, what: str) -> MetricsServer | None
     port = getattr(settings, "metrics_port", None)
     if port is None:
         return None
-    server = MetricsServer(port, "0.0.0.0", registry)
+    try:
+        server = MetricsServer(port, "0.0.0.0", registry)
+    except OSError as e:
+        # Serving the log matters more than exposing metrics: say so loudly and go on.
+        log.error("%s: cannot serve metrics on port %d (CONVLOG_METRICS_PORT / --metrics-port; "
+                  "each process needs its own port): %s; running without metrics", what, port, e)
+        return None
     log.info("%s metrics on http://0.0.0.0:%d/metrics", what, server.port)
     return server
 

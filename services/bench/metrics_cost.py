@@ -3,8 +3,8 @@
 One private nats-server and two ``convlog log`` processes on it, identical
 but for ``CONVLOG_METRICS_PORT`` (prefixes ``benchoff`` and ``benchon``, each
 its own SQLite file and items stream).  The same closed-loop load
-(``--writers`` over ``--sessions``) alternates between them, off then on,
-``--rounds`` times, so drift on a shared machine hits both alike; during
+(``--writers`` over ``--sessions``) alternates between them, off-on then
+on-off, ``--rounds`` times, so drift on a shared machine hits both alike; during
 every "on" phase ``/metrics`` is scraped once a second, more often than a
 Prometheus server would.  Reports each phase, the ratio of the mean
 appends/s, and (on Linux) each log service's CPU time per append, which a
@@ -112,7 +112,8 @@ async def run_metrics_cost(args: argparse.Namespace) -> str:
         warm_up = min(2.0, phase)
         try:
             for rnd in range(args.rounds + 1):  # round 0 warms both up and is not counted
-                for prefix in ("benchoff", "benchon"):
+                # off-on, then on-off: neither side always runs right after the other
+                for prefix in ("benchoff", "benchon")[:: 1 if rnd % 2 else -1]:
                     client = clients[prefix]
 
                     def op(i: int, client: LogClient = client) -> object:

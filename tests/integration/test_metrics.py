@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,10 +177,20 @@ async def test_scraped_counts_match_a_known_load(metered: WorkerStack) -> None:
     await assert_eventually(fanned_out, timeout=10)
 
 
-async def test_metrics_are_off_unless_a_port_is_set(stack: WorkerStack) -> None:
+async def test_metrics_are_off_unless_a_port_is_set_and_a_taken_port_is_not_fatal(
+    stack: WorkerStack,
+) -> None:
     from services.metrics import NO_LOG_METRICS
 
     assert stack.service.metrics is NO_LOG_METRICS
-    proc = stack.worker("Triage", SEED_SPEC, openai=False)
-    await stack.start_workers(proc)
-    assert not re.search(r"metrics on http", proc.output())
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        off = stack.worker("Triage", SEED_SPEC, openai=False)
+        clash = stack.worker("L1Billing", SEED_SPEC, openai=False, args=["--metrics-port", str(port)])
+        await stack.start_workers(off, clash)
+    assert "metrics" not in off.output()
+    # The worker serves its agent anyway, and says loudly that it has no metrics.
+    assert re.search(rf"ERROR .*worker L1Billing: cannot serve metrics on port {port} .*"
+                     r"running without metrics", clash.output()), clash.output()
