@@ -216,6 +216,7 @@ class LogMetrics(_NoLogMetrics):
         self._service: Any = None
         self._fanout: Fanout | None = None
         self._server: MetricsServer | None = None
+        self._published_base = 0
         self.registry.register(self)
 
     # -- hooks (hot) --
@@ -243,6 +244,10 @@ class LogMetrics(_NoLogMetrics):
     # -- lifecycle --
     def start(self, service: Any, fanout: Fanout) -> None:
         self._service, self._fanout = service, fanout
+        # Count positions, not publishes: a window republished after a lost
+        # ack is deduplicated by the stream and must not count twice.
+        outbox = getattr(service, "outbox", None)
+        self._published_base = outbox.published_position if outbox is not None else 0
         self._server = serve(self.settings, self.registry, "log service")
         self.port = self._server.port if self._server else None
 
@@ -293,8 +298,8 @@ class LogMetrics(_NoLogMetrics):
         outbox = getattr(self._service, "outbox", None)
         if outbox is not None:
             yield CounterMetricFamily("convlog_log_published_items",
-                                      "Envelopes the outbox published to the items stream",
-                                      outbox.published_count)
+                                      "Committed envelopes the items stream confirmed, since start",
+                                      max(0, outbox.published_position - self._published_base))
         yield from _store_gauges(getattr(getattr(self._service, "store", None), "path", None))
 
 
