@@ -39,6 +39,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from shared import tracing
+
 __all__ = [
     "NO_LOG_METRICS",
     "WORKER_REGISTRY",
@@ -408,7 +410,8 @@ class _TimedModel:
         started = time.perf_counter()
         outcome = "error"
         try:
-            reply = await self._model.complete(model=model, messages=messages, tools=tools)
+            reply = await tracing.traced("convlog.model_call", None, self._model.complete(
+                model=model, messages=messages, tools=tools), agent=self._agent, model=model)
             outcome = "ok"
         finally:
             MODEL_SECONDS.labels(self._agent, model, outcome).observe(time.perf_counter() - started)

@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy, Header
 
-from . import nats_connect
+from . import nats_connect, tracing
 from .codec import decode, encode
 from .config import Settings
 from .errors import BadRequestError, TooLargeError, UnavailableError, from_wire
@@ -304,7 +304,7 @@ class LogClient:
             self._sweeper = loop.call_at(due, self._sweep)
             self._sweep_at = due
         try:
-            await self.nc.publish(subject, body, reply=prefix + token)
+            await self.nc.publish(subject, body, reply=prefix + token, headers=tracing.headers())
             msg = await fut
         finally:
             pending.pop(token, None)
@@ -411,7 +411,8 @@ class LogClient:
                 "items per request; send them in several appends",
                 limit=MAX_APPEND_ITEMS,
             )
-        return decode(await self._request(subject, encode(req)), AppendReply)
+        return decode(await tracing.traced("convlog.append", None, self._request(subject, encode(req)),
+                                           kind="CLIENT", session_id=session_id), AppendReply)
 
     async def send(
         self, session_id: str, content: str, *, to: str | None = None, item_id: str | None = None
@@ -419,7 +420,8 @@ class LogClient:
         """Publish a user message (with a reply: the append ack)."""
         subject = self.subjects.inbound(session_id)
         msg = UserMessage(content=content, item_id=item_id or new_item_id(), to=to)
-        return decode(await self._request(subject, encode(msg)), AppendReply)
+        return decode(await tracing.traced("convlog.send", None, self._request(subject, encode(msg)),
+                                           kind="PRODUCER", session_id=session_id), AppendReply)
 
     # -- reads -----------------------------------------------------------
     async def read(

@@ -32,7 +32,7 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 
 from services import metrics
-from shared import __version__, nats_connect
+from shared import __version__, nats_connect, tracing
 from shared.client import connect_options
 from shared.config import Settings
 from shared.errors import ERROR_HEADER, ConvlogError
@@ -46,6 +46,7 @@ from .handlers import Handlers, encode_outcome, error_reply
 from .outbox import Outbox, ensure_stream
 from .store.base import LogStore
 from .store.factory import make_store
+from .traces import ServiceTraces
 from .wire import Message, publish_many
 
 __all__ = ["LogService", "ensure_routing_bucket"]
@@ -117,6 +118,7 @@ class LogService:
         self._started = False
         self.tally = {"append": 0, "read": 0, "sessions": 0, "in": 0, "errors": 0}
         self.metrics = metrics.log_metrics(settings)
+        self.traces: ServiceTraces | None = None
 
     async def __aenter__(self) -> LogService:
         await self.start()
@@ -183,6 +185,9 @@ class LogService:
             await self.outbox.start()
             assert self.outbox.task is not None
             self._loops.watch(self.outbox.task)
+        # Traces reach the workers through the outbox's headers; a store that writes
+        # the items stream itself records the log service's spans only.
+        self.traces = ServiceTraces(self.outbox.traces if self.outbox else {}) if tracing.enabled() else None
         self._service = await add_service(
             self.nc,
             name=SERVICE_NAME,
@@ -204,7 +209,7 @@ class LogService:
             await self._service.add_endpoint(name=name, subject=subject, handler=handler)
         inline = seam.deliver_inline(
             seam.endpoint_subscription(self._service, "append"),
-            lambda msg: deliver_append(msg.subject, msg.data, msg.reply),
+            lambda msg: deliver_append(msg.subject, msg.data, msg.reply, msg.headers),
         )
         if seam.fast and not inline:
             log.warning("the append endpoint's subscription is out of reach: appends go through micro's queue")
@@ -230,12 +235,13 @@ class LogService:
         tally = self.tally
         counters = self.counters["append"]
 
-        def deliver(subject: str, data: bytes, reply_to: ReplyTo) -> None:
+        def deliver(subject: str, data: bytes, reply_to: ReplyTo, headers: dict[str, str] | None = None) -> None:
             tally["append"] += 1
             counters.requests += 1
             try:
                 sid, request = handlers.parse_append(subject, data)
-                store.submit(sid, request, partial(self._answer, reply_to, subject, perf_counter_ns()))
+                done = partial(self._answer, reply_to, subject, perf_counter_ns())
+                store.submit(sid, request, done if not self.traces else self.traces.around_append(done, headers, sid))
             except Exception as e:
                 self._reply("append", reply_to, subject, *error_reply(e, subject))
                 return
@@ -318,13 +324,13 @@ class LogService:
 
     @staticmethod
     def _micro_handler(
-        deliver: Callable[[str, bytes, ReplyTo], None], seam: NatsSeam
+        deliver: Callable[[str, bytes, ReplyTo, dict[str, str] | None], None], seam: NatsSeam
     ) -> Callable[[Request], Awaitable[None]]:
         """micro's handler for an endpoint whose messages are not delivered inline."""
         reply_to = seam.reply_to
 
         async def handler(req: Request) -> None:
-            deliver(req.subject, req.data, reply_to(req))
+            deliver(req.subject, req.data, reply_to(req), req.headers)
 
         return handler
 
@@ -341,7 +347,8 @@ class LogService:
         async def process(req: Request, started_ns: int) -> None:
             self.tally[name] += 1
             counters.requests += 1
-            payload, headers = await handlers.guarded(fn, req.subject, req.data)
+            work = handlers.guarded(fn, req.subject, req.data)
+            payload, headers = await (self.traces.serve(name, req.subject, req.headers, work) if self.traces else work)
             ns = perf_counter_ns() - started_ns
             counters.processing_ns += ns
             self.metrics.request(name, ns)

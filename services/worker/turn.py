@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.logfmt import context
+from shared import tracing
 from shared.client import LogClient
 from shared.errors import BadRequestError, ConflictError, InvalidSessionIdError, TooLargeError
 from shared.messages import AppendItem, AppendReply, Envelope
@@ -202,7 +203,7 @@ class TurnRunner:
         """
         model_calls = written = conflicts = 0
         while True:
-            state = await self._read(part)
+            state = await tracing.traced("convlog.history_read", None, self._read(part))
             if state.finished is not None:
                 return TurnResult("done", model_calls, written)
             if state.handoff is not None:

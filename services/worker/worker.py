@@ -46,7 +46,7 @@ from nats.aio.msg import Msg
 
 from services import metrics
 from services.logfmt import context
-from shared import nats_connect
+from shared import nats_connect, tracing
 from shared.client import LogClient, connect_options
 from shared.codec import decode
 from shared.config import Settings
@@ -378,7 +378,9 @@ class Worker:
                 self.tally.skipped += 1
                 await msg.ack()
                 return
-            result = await self.runner.run(part)
+            result = await tracing.traced("convlog.turn", msg.headers, self.runner.run(part), kind="CONSUMER",
+                                          agent=self.agent.name, session_id=part.session_id, turn=part.turn,
+                                          item_order=part.start)
             self._count(result, part)
             metrics.turn_done(self.agent.name, result, started)
             await msg.ack()
