@@ -71,7 +71,7 @@ def error_reply(e: BaseException, subject: str) -> Reply:
         headers, payload = to_wire(e)
         return payload, headers
     log.error("unexpected error handling %s", subject[:200], exc_info=e,
-              extra=context(session_id=subject.rpartition(".")[2][:128]))
+              extra=context(session_id=subject.rpartition(".")[2][:128] if subject.count(".") >= 2 else None))
     headers, payload = to_wire(UnavailableError("internal error; the request was not applied"))
     return payload, headers
 
