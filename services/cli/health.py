@@ -137,6 +137,10 @@ async def _check_consumers(nc: Any, settings: Settings, report: Report, *, agent
     except nats.js.errors.NotFoundError:
         report.problems.append(f"items stream {stream} does not exist (has the log service ever run?)")
         return
+    except Exception as e:  # JetStream unavailable (no quorum, no leader), a timeout
+        report.problems.append(f"items stream {stream}: cannot list its consumers "
+                               f"({str(e) or type(e).__name__}): is JetStream available?")
+        return
     for agent in agents:
         if CONSUMER_PREFIX + agent not in first:
             report.problems.append(f"agent {agent}: no consumer {CONSUMER_PREFIX}{agent} "

@@ -1,22 +1,23 @@
 """``convlog health`` against a real stack, healthy and broken in each way we can break it.
 
 Each unhealthy state is produced for real: a worker stopped (nothing pulls
-from its consumer; then a message waits on it), the items stream full and
-refusing new messages (the fan-out falls behind), the log service stopped,
-NATS stopped.
+from its consumer; then a message waits on it), a JetStream cluster that
+lost its quorum (the log service serves, but the fan-out falls behind), the
+log service stopped, NATS stopped.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import asyncio
 from pathlib import Path
 
-from nats.js.api import DiscardPolicy
-
+from services.log.service import LogService
+from shared.client import LogClient
+from shared.config import load_settings
 from tests.support.eventually import assert_eventually
 from tests.support.logsvc import service_env
-from tests.support.natsd import NatsServer
-from tests.support.workerstack import SEED_SPEC, WorkerStack, run_cli, worker_stack
+from tests.support.natsd import NatsCluster
+from tests.support.workerstack import SEED_SPEC, WorkerStack, run_cli
 
 AGENTS = ("Triage", "L1Billing", "L1Technical", "L2Support")
 
@@ -91,26 +92,43 @@ def _spec_with_extra_agent(tmp: Path) -> Path:
     return path
 
 
-async def test_health_reports_a_fan_out_that_falls_behind(nats_server: NatsServer, tmp_path: Path) -> None:
-    async with worker_stack(nats_server, tmp_path, None) as stack:
-        await stack.client.append("f1", [{"agent": "user", "data": {"role": "user", "content": "a"}}])
-        code, out = await health(stack, "--max-lag", "1")
+async def test_health_reports_a_fan_out_that_falls_behind(nats_cluster: NatsCluster, tmp_path: Path) -> None:
+    # The log service on node 1 of a 3-node JetStream cluster, items stream R3.
+    url = nats_cluster.urls[0]
+    settings = load_settings({"nats_url": url, "db": str(tmp_path / "log.db"), "stream_replicas": 3,
+                              "grace": 1}, environ={})
+    service = LogService(settings, outbox_ack_timeout=1.0)
+    await service.start()
+    client = await LogClient.connect(url)
+    env = service_env(tmp_path / "health-data")
+
+    async def health(*args: str) -> tuple[int, str]:
+        code, out, err = await run_cli("health", "--nats-url", url, "--no-embedded", "--window", "1",
+                                       "--max-lag", "1", *args, env=env)
+        return code, out + err
+
+    try:
+        await client.append("f1", [{"agent": "user", "data": {"role": "user", "content": "a"}}])
+        code, out = await health()
         assert code == 0, out
         assert "fan-out current (0 items" in out
 
-        # The stream reaches a limit and refuses new messages; appends still commit.
-        js = stack.nc.jetstream()
-        info = await js.stream_info(stack.settings.subjects.stream_name)
-        await js.update_stream(replace(info.config, max_msgs=info.state.messages,
-                                       discard=DiscardPolicy.NEW))
+        # Two of three nodes go: JetStream has no quorum, so nothing can be published;
+        # node 1 still serves core NATS, and appends still commit to SQLite.
+        for server in nats_cluster.servers[1:]:
+            await asyncio.to_thread(server.stop)
         for i in range(3):
-            await stack.client.append("f1", [{"agent": "user", "data": {"role": "user", "content": str(i)}}])
+            await client.append("f1", [{"agent": "user", "data": {"role": "user", "content": str(i)}}])
 
         async def behind() -> str:
-            code, out = await health(stack, "--max-lag", "1")
+            code, out = await health()
             assert code == 1, out
             assert any("the fan-out is 3 items /" in line for line in fails(out)), out
             return out
 
-        out = await assert_eventually(behind, timeout=15, interval=0.5)
+        out = await assert_eventually(behind, timeout=20, interval=0.5)
         assert "items are not reaching convlog.items.>" in out
+        assert "ok    log service: 1 instance(s) answer" in out  # serving; only the fan-out lags
+    finally:
+        await client.close()
+        await service.shutdown()
