@@ -7,7 +7,7 @@ import time
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from services.log.store.base import Committed
-from services.metrics import Fanout, _Hist
+from services.metrics.log import Fanout, _Hist
 
 
 def test_cheap_histogram_buckets_match_prometheus_client() -> None:
