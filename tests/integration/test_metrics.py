@@ -47,7 +47,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def worker_port(proc: Proc) -> int:
-    m = proc.wait_for_line(r"worker \S+ metrics on http://[^:]+:(\d+)/metrics", timeout=10)
+    m = proc.wait_for_line(r"worker \S+ metrics on http://[^:]+:(\d+)/metrics", timeout=20)
     return int(m.group(1))
 
 
@@ -84,13 +84,15 @@ async def test_scraped_counts_match_a_known_load(metered: WorkerStack) -> None:
 
     def workers_settled() -> dict[str, Samples]:
         got = {a: scrape(p) for a, p in ports.items()}
-        for agent, s in got.items():
+        seen = {(a, dict(k[1])["outcome"]): v for a, s in got.items() for k, v in s.items()
+                if k[0] == "convlog_worker_turns_total"}
+        for agent in got:
             for outcome in ("replied", "handed_off", "failed", "done", "retry", "error"):
-                assert value(s, "convlog_worker_turns_total", agent=agent, outcome=outcome) == \
-                    expected_turns.get((agent, outcome), 0), (agent, outcome)
+                assert seen.get((agent, outcome), 0) == expected_turns.get((agent, outcome), 0), \
+                    f"{agent} {outcome}: all turn counts {seen}\n{stack.outputs()}"
         return got
 
-    w = await assert_eventually(workers_settled, timeout=10)
+    w = await assert_eventually(workers_settled, timeout=20)
     assert value(w["Triage"], "convlog_worker_handoffs_total",
                  from_agent="Triage", to_agent="L1Billing") == 2
     assert value(w["L1Billing"], "convlog_worker_handoffs_total",
@@ -122,7 +124,7 @@ async def test_scraped_counts_match_a_known_load(metered: WorkerStack) -> None:
             assert value(s, "convlog_worker_consumer_pending", agent=agent) == 0
             assert value(s, "convlog_worker_consumer_ack_pending", agent=agent) == 0
 
-    await assert_eventually(drained, timeout=10)
+    await assert_eventually(drained, timeout=20)
 
     # 2. A known load on the log service, measured as the difference of two scrapes.
     before = scrape(log_port)
@@ -174,7 +176,7 @@ async def test_scraped_counts_match_a_known_load(metered: WorkerStack) -> None:
         assert value(s, "convlog_log_fanout_lag_items") == 0
         assert value(s, "convlog_log_fanout_lag_seconds") == 0
 
-    await assert_eventually(fanned_out, timeout=10)
+    await assert_eventually(fanned_out, timeout=20)
 
 
 async def test_metrics_are_off_unless_a_port_is_set_and_a_taken_port_is_not_fatal(
