@@ -126,20 +126,21 @@ async def test_scraped_counts_match_a_known_load(metered: WorkerStack) -> None:
 
     await assert_eventually(drained, timeout=20)
 
-    # 2. A known load on the log service, measured as the difference of two scrapes.
+    # 2. A known load on the log service, measured as the difference of two scrapes
+    #    (system items: no worker answers them, so nothing else is appended meanwhile).
     before = scrape(log_port)
     assert value(before, "convlog_log_request_seconds_count", endpoint="in") == 7
     for i in range(20):
-        await stack.client.append("m-load", [{"agent": "user", "data": {"role": "user", "content": str(i)}}])
+        await stack.client.append("m-load", [{"agent": "ops", "data": {"role": "system", "content": str(i)}}])
     ack = await stack.client.append(
-        "m-load", [{"agent": "user", "data": {"role": "user", "content": f"b{i}"}} for i in range(3)]
+        "m-load", [{"agent": "ops", "data": {"role": "system", "content": f"b{i}"}} for i in range(3)]
     )
     first_id = ack.items[0].item_id
     again = await stack.client.append(
-        "m-load", [{"agent": "user", "item_id": first_id, "data": {"role": "user", "content": "b0"}}])
+        "m-load", [{"agent": "ops", "item_id": first_id, "data": {"role": "system", "content": "b0"}}])
     assert again.items[0].duplicate
     with pytest.raises(ConflictError):
-        await stack.client.append("m-load", [{"agent": "user", "data": {"role": "user", "content": "x"}}],
+        await stack.client.append("m-load", [{"agent": "ops", "data": {"role": "system", "content": "x"}}],
                                   expected_last=1)
     reply = await stack.nc.request("convlog.append.m-load", b"not json", timeout=5)
     assert reply.headers and "bad_request" in reply.headers.get("Nats-Service-Error", "")
