@@ -72,4 +72,4 @@ async def test_log_service_logs_json_and_a_bad_format_is_refused(
     env["CONVLOG_LOG_FORMAT"] = "xml"
     code, out, err = await run_cli("log", "--nats-url", nats_server.url, "--no-embedded", env=env)
     assert code == 2
-    assert "CONVLOG_LOG_FORMAT='xml' is invalid: use text or json" in err
+    assert "CONVLOG_LOG_FORMAT='xml' is invalid: expected one of text, json" in err
