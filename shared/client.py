@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy, Header
 
-from . import nats_connect
+from . import nats_connect, tracing
 from .codec import decode, encode
 from .config import Settings
 from .errors import BadRequestError, TooLargeError, UnavailableError, from_wire
@@ -311,7 +311,7 @@ class LogClient:
             self._sweeper = loop.call_at(due, self._sweep)
             self._sweep_at = due
         try:
-            await self.nc.publish(subject, body, reply=prefix + token)
+            await self.nc.publish(subject, body, reply=prefix + token, headers=tracing.headers())
             msg = await fut
         finally:
             pending.pop(token, None)
@@ -421,7 +421,8 @@ class LogClient:
                 "items per request; send them in several appends",
                 limit=MAX_APPEND_ITEMS,
             )
-        return decode(await self._request(subject, encode(req)), AppendReply)
+        return decode(await tracing.traced("convlog.append", None, self._request(subject, encode(req)),
+                                           kind="CLIENT", session_id=session_id), AppendReply)
 
     async def send(
         self, session_id: str, content: str, *, to: str | None = None, item_id: str | None = None
@@ -434,7 +435,8 @@ class LogClient:
             item = sign_item(self.signer, session_id, AppendItem(
                 agent="user", data={"role": "user", "content": content}, item_id=msg.item_id))
             msg = msgspec.structs.replace(msg, sig=item.sig, key_id=item.key_id)
-        return decode(await self._request(subject, encode(msg)), AppendReply)
+        return decode(await tracing.traced("convlog.send", None, self._request(subject, encode(msg)),
+                                           kind="PRODUCER", session_id=session_id), AppendReply)
 
     # -- reads -----------------------------------------------------------
     async def read(

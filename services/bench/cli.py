@@ -72,6 +72,11 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                         "2 workers")
     p.add_argument("--levels", type=_levels, default=[1, 8, 32, 128], metavar="N,N,...",
                    help="with --turns: concurrent sessions per phase (default 1,8,32,128)")
+    p.add_argument("--metrics-cost", action="store_true",
+                   help="instead: appends/s and log-service CPU with metrics off vs on, "
+                        "alternating --rounds times")
+    p.add_argument("--rounds", type=positive_int, default=3, metavar="N",
+                   help="with --metrics-cost: rounds (default 3)")
 
 
 async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -86,6 +91,11 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         from .turns import cmd_turn_bench
 
         return await cmd_turn_bench(args)
+    if args.metrics_cost:
+        from .metrics_cost import run_metrics_cost
+
+        print(await run_metrics_cost(args))
+        return EXIT_OK
     if args.sdk:
         from .sdk import run_sdk_bench
 

@@ -19,6 +19,7 @@ from services.bench.cli import bench_arguments, cmd_bench
 from services.web import cli as web
 from shared.config import Settings
 
+from .health import HEALTH_DESCRIPTION, cmd_health, health_arguments
 from .keys_cmds import cmd_keys, keys_arguments
 from .log_cmd import cmd_log, log_arguments
 from .migrate import cmd_migrate, migrate_arguments
@@ -87,4 +88,7 @@ COMMANDS: tuple[Command, ...] = (
             migrate_arguments, cmd_migrate),
     Command("keys", "make or rotate the signing keys (init | rotate)", keys_arguments, cmd_keys,
             connection=False),
+    Command("health", "exit 0 if the log service, the fan-out and every agent's consumer are "
+            "healthy; else 1, naming what is wrong", health_arguments, cmd_health,
+            description=HEALTH_DESCRIPTION),
 )

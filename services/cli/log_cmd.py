@@ -32,6 +32,7 @@ def log_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keyring", help="public keyring: check signed appends [CONVLOG_KEYRING]")
     p.add_argument("--require-signatures", action="store_const", const=True,
                    help="refuse unsigned or foreign appends [CONVLOG_REQUIRE_SIGNATURES]")
+    p.add_argument("--metrics-port", metavar="PORT", help="serve Prometheus /metrics here [CONVLOG_METRICS_PORT]")
 
 
 def db_source(args: argparse.Namespace, settings: Settings) -> str | None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
+from services.logfmt import configure_logging
 from shared import __version__
 from shared.config import ConfigError, Settings, load_settings
 from shared.errors import (
@@ -39,7 +39,7 @@ exit codes:
 
 #: Settings fields a command's flags may set (flags > CONVLOG_* env > defaults).
 SETTINGS_FLAGS = ("nats_url", "prefix", "data_dir", "creds", "log_level", "embedded", "db", "agents", "store",
-                  "keyring", "require_signatures")
+                  "keyring", "require_signatures", "metrics_port")
 
 #: What the user must fix: exit 2.
 USER_ERRORS = (BadRequestError, NotFoundError, TooLargeError)
@@ -88,11 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         _report(prog, f"configuration error: {e.message}")
         return EXIT_USAGE
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings)
     try:
         return asyncio.run(command(args.command).run(args, settings))
     except KeyboardInterrupt:

@@ -48,6 +48,7 @@ def worker_arguments(p: argparse.ArgumentParser) -> None:
                    help="retries of a failed model call (default 4)")
     p.add_argument("--model-timeout", type=positive_float, default=60.0, metavar="S",
                    help="seconds per model request (default 60)")
+    p.add_argument("--metrics-port", metavar="PORT", help="serve Prometheus /metrics here [CONVLOG_METRICS_PORT]")
 
 
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -67,6 +68,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         settings = dataclasses.replace(settings, grace=args.grace)
 
     # Imported only now: a bad spec is reported without loading the openai package.
+    from services import metrics
     from services.worker.model import make_model_client
     from services.worker.rules_model import RULES_MODEL_NAME
     from services.worker.worker import Worker
@@ -90,6 +92,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         concurrency=args.concurrency, ack_wait=args.ack_wait, max_steps=args.max_steps,
     )
     _keep = install_signal_handlers(worker.shutdown)
+    server = metrics.serve(settings, metrics.WORKER_REGISTRY, f"worker {args.agent}")
     try:
         await worker.run()
     except BaseException as e:
@@ -100,4 +103,5 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         del _keep
         await model.client.close()
+        metrics.close(server)
     return EXIT_OK

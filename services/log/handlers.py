@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from services.logfmt import context
 from shared.client import new_item_id
 from shared.codec import check_json_numbers, decode, numbers_ok
 from shared.errors import BadRequestError, ConvlogError, TooLargeError, UnavailableError, to_wire
@@ -71,7 +72,8 @@ def error_reply(e: BaseException, subject: str) -> Reply:
     if isinstance(e, ConvlogError):
         headers, payload = to_wire(e)
         return payload, headers
-    log.error("unexpected error handling %s", subject[:200], exc_info=e)
+    log.error("unexpected error handling %s", subject[:200], exc_info=e,
+              extra=context(session_id=subject.rpartition(".")[2][:128] if subject.count(".") >= 2 else None))
     headers, payload = to_wire(UnavailableError("internal error; the request was not applied"))
     return payload, headers
 

@@ -128,6 +128,7 @@ class Outbox:
         self._refusals = 0  # windows refused in a row
         self._needs_backlog = True  # after a (re)sync the store may hold unpublished items
         self.published_count = 0
+        self.traces: dict[tuple[str, int], bytes] = {}  # traceparent per item (services/log/traces.py)
 
     def on_disconnected(self) -> None:
         """Connection callback: acks in flight will never come; fail them now.
@@ -295,6 +296,8 @@ class Outbox:
             # Session ids are validated at append, so the header values need no escaping.
             msg_id = b"%s:%d" % (c.session_id.encode(), c.item_order)
             headers = _FIRST_HEADERS % msg_id if prev is None else _HEADERS % (msg_id, prev)
+            if self.traces and (parent := self.traces.pop((c.session_id, c.item_order), None)):
+                headers = headers[:-2] + b"traceparent: " + parent + b"\r\n\r\n"
             reply = f"{self._inbox}.{token}" if c is last else ""
             messages.append((items(c.session_id), reply, c.envelope, headers))
             prev = msg_id
@@ -343,3 +346,7 @@ class Outbox:
             + (f" ({self._refusals} windows in a row, each after a resync)" if self._refusals > 1 else "")
             + f": {refusal.description} (JetStream error {refusal.err_code})"
         ) from refusal
+    @property
+    def published_position(self) -> int:
+        """Global position of the last envelope the items stream is known to hold."""
+        return self._published

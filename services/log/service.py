@@ -31,7 +31,8 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 
-from shared import __version__, nats_connect
+from services import metrics
+from shared import __version__, nats_connect, tracing
 from shared.client import connect_options
 from shared.config import Settings
 from shared.errors import ERROR_HEADER, ConvlogError, UnavailableError
@@ -47,6 +48,7 @@ from .heads import HeadWitness
 from .outbox import Outbox, ensure_stream
 from .store.base import LogStore
 from .store.factory import make_store
+from .traces import ServiceTraces
 from .verifier import Verifier
 from .wire import Message, publish_many
 
@@ -120,6 +122,8 @@ class LogService:
         self._shutdown_started = False
         self._started = False
         self.tally = {"append": 0, "read": 0, "sessions": 0, "in": 0, "errors": 0}
+        self.metrics = metrics.log_metrics(settings)
+        self.traces: ServiceTraces | None = None
 
     async def __aenter__(self) -> LogService:
         await self.start()
@@ -186,12 +190,19 @@ class LogService:
                                        replicas=self.settings.stream_replicas)
             await self.witness.start()
             self.store.add_commit_listener(self.witness.on_commit)
+        # Fan-out lag is the outbox's; a store that writes the items stream itself has none.
+        self.fanout = metrics.Fanout(lambda: self.outbox.published_position if self.outbox else 0)
+        metrics.watch_store(self.store, self.metrics)
         if outbox_needed:
             self.outbox = Outbox(self.nc, self.store, self.subjects, ack_timeout=self._outbox_ack_timeout)
             self.store.add_commit_listener(self.outbox.on_commit)
+            self.store.add_commit_listener(self.fanout.on_commit)
             await self.outbox.start()
             assert self.outbox.task is not None
             self._loops.watch(self.outbox.task)
+        # Traces reach the workers through the outbox's headers; a store that writes
+        # the items stream itself records the log service's spans only.
+        self.traces = ServiceTraces(self.outbox.traces if self.outbox else {}) if tracing.enabled() else None
         self._service = await add_service(
             self.nc,
             name=SERVICE_NAME,
@@ -213,11 +224,12 @@ class LogService:
             await self._service.add_endpoint(name=name, subject=subject, handler=handler)
         inline = seam.deliver_inline(
             seam.endpoint_subscription(self._service, "append"),
-            lambda msg: deliver_append(msg.subject, msg.data, msg.reply),
+            lambda msg: deliver_append(msg.subject, msg.data, msg.reply, msg.headers),
         )
         if seam.fast and not inline:
             log.warning("the append endpoint's subscription is out of reach: appends go through micro's queue")
         await self.nc.flush()
+        self.metrics.start(self, self.fanout)
         log.info(
             "log service ready: prefix=%s store=%s nats=%s",
             self.subjects.prefix,
@@ -238,12 +250,14 @@ class LogService:
         tally = self.tally
         counters = self.counters["append"]
 
-        def deliver(subject: str, data: bytes, reply_to: ReplyTo) -> None:
+        def deliver(subject: str, data: bytes, reply_to: ReplyTo, headers: dict[str, str] | None = None) -> None:
             tally["append"] += 1
             counters.requests += 1
             try:
                 sid, request, signed = handlers.parse_append_deferred(subject, data)
                 answer = partial(self._answer, reply_to, subject, perf_counter_ns())
+                if self.traces:
+                    answer = self.traces.around_append(answer, headers, sid)
                 if signed:  # verified off the loop, then submitted (see verifier.py)
                     self._verifier_for(handlers).submit(sid, request, partial(self._verified, sid, request, answer))
                 else:
@@ -277,11 +291,14 @@ class LogService:
     ) -> None:
         """The store's callback for one submitted append."""
         self._awaiting -= 1
-        self.counters["append"].processing_ns += perf_counter_ns() - submitted_ns  # the commit included
+        ns = perf_counter_ns() - submitted_ns  # the commit included
+        self.counters["append"].processing_ns += ns
+        self.metrics.request("append", ns)
         self._reply("append", reply_to, subject, *encode_outcome(outcome))
 
-    def _endpoint_stats(self, stats: EndpointStats) -> None:
-        """micro's ``stats_handler``: show convlog's counters in ``$SRV.STATS``."""
+    def _endpoint_stats(self, stats: EndpointStats) -> dict[str, Any] | None:
+        """micro's ``stats_handler``: show convlog's counters in ``$SRV.STATS``, and
+        the fan-out lag as the append endpoint's data (for ``convlog health``)."""
         c = self.counters.get(stats.name)
         if c is not None:
             stats.num_requests = c.requests
@@ -289,11 +306,13 @@ class LogService:
             stats.last_error = c.last_error
             stats.processing_time = c.processing_ns
             stats.average_processing_time = c.processing_ns // max(1, c.requests)
+        return self.fanout.stats() if stats.name == "append" else None
 
     def _reply(
         self, name: str, reply_to: ReplyTo, subject: str, payload: bytes, headers: dict[str, str] | None
     ) -> None:
         """Queue a reply for the replier task (and count an error reply)."""
+        self.metrics.replied(name, headers)
         if headers:
             self.tally["errors"] += 1
             c = self.counters[name]
@@ -342,13 +361,13 @@ class LogService:
 
     @staticmethod
     def _micro_handler(
-        deliver: Callable[[str, bytes, ReplyTo], None], seam: NatsSeam
+        deliver: Callable[[str, bytes, ReplyTo, dict[str, str] | None], None], seam: NatsSeam
     ) -> Callable[[Request], Awaitable[None]]:
         """micro's handler for an endpoint whose messages are not delivered inline."""
         reply_to = seam.reply_to
 
         async def handler(req: Request) -> None:
-            deliver(req.subject, req.data, reply_to(req))
+            deliver(req.subject, req.data, reply_to(req), req.headers)
 
         return handler
 
@@ -365,8 +384,11 @@ class LogService:
         async def process(req: Request, started_ns: int) -> None:
             self.tally[name] += 1
             counters.requests += 1
-            payload, headers = await handlers.guarded(fn, req.subject, req.data)
-            counters.processing_ns += perf_counter_ns() - started_ns
+            work = handlers.guarded(fn, req.subject, req.data)
+            payload, headers = await (self.traces.serve(name, req.subject, req.headers, work) if self.traces else work)
+            ns = perf_counter_ns() - started_ns
+            counters.processing_ns += ns
+            self.metrics.request(name, ns)
             self._reply(name, reply_to(req), req.subject, payload, headers)
 
         async def handler(req: Request) -> None:
@@ -420,6 +442,7 @@ class LogService:
             await self.store.close()
             if self.witness is not None:
                 await self.witness.stop()
+            self.metrics.stop()
             if self.nc is not None and not self.nc.is_closed:
                 with contextlib.suppress(Exception):
                     await self.nc.drain()

@@ -69,6 +69,10 @@ class ModelReply:
     text: str | None
     tool_calls: list[ToolCall] = field(default_factory=list)
     model: str | None = None
+    # Token counts as the server's ``usage`` reports them (for metrics; not
+    # part of what the model said, so not compared).
+    input_tokens: int | None = field(default=None, compare=False)
+    output_tokens: int | None = field(default=None, compare=False)
 
 
 class ModelError(Exception):
@@ -355,4 +359,7 @@ def _to_reply(completion: Any) -> ModelReply:
         if function is None:  # custom (non-function) tool calls are not offered by convlog
             continue
         calls.append(ToolCall(id=call.id, name=function.name, arguments=function.arguments or "{}"))
-    return ModelReply(text=message.content, tool_calls=calls, model=completion.model)
+    usage = getattr(completion, "usage", None)
+    return ModelReply(text=message.content, tool_calls=calls, model=completion.model,
+                      input_tokens=getattr(usage, "prompt_tokens", None),
+                      output_tokens=getattr(usage, "completion_tokens", None))

@@ -46,6 +46,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from services import metrics
+from shared import tracing
 from shared.client import LogClient
 from shared.errors import ConflictError, TooLargeError
 from shared.messages import AppendItem, AppendReply, Envelope
@@ -288,8 +290,10 @@ async def finish_calls(
     for call in pending.calls:
         if call.index in pending.done or call.index in handoffs:
             continue
-        output = await run_tool(agent.name, agent.tool_for(call.name), call.name, call.arguments,
-                                key=call.key, time_limit=time_limit)
+        output = await tracing.traced("convlog.tool", None, run_tool(
+            agent.name, agent.tool_for(call.name), call.name, call.arguments, key=call.key,
+            time_limit=time_limit), tool=call.name)
+        metrics.tool_called(agent.name, call.name, output)
         ack = await append([(call, output)])
         if ack is None:
             return Finished(written, None, raced=True)

@@ -52,6 +52,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from services.logfmt import context
+from shared import tracing
 from shared.client import LogClient
 from shared.errors import BadRequestError, ConflictError, InvalidSessionIdError, TooLargeError
 from shared.failures import CONFLICT_BACKOFF
@@ -201,7 +203,7 @@ class TurnRunner:
         """
         model_calls = written = conflicts = 0
         while True:
-            state = await self._read(part)
+            state = await tracing.traced("convlog.history_read", None, self._read(part))
             if state.finished is not None:
                 return TurnResult("done", model_calls, written)
             if state.handoff is not None:
@@ -338,7 +340,8 @@ class TurnRunner:
                 model=self.agent.model, messages=messages, tools=self._tools
             )
         except ModelError as e:
-            log.warning("%s: model failed in session %s: %s", self.agent.name, part.session_id, e)
+            log.warning("%s: model failed in session %s: %s", self.agent.name, part.session_id, e,
+                        extra=context(part.session_id, part.start, self.agent.name, part.turn))
             return self._fail(part, step, str(e))
         return self._items_for(part, step, reply, state)
 

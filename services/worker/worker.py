@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -43,7 +44,9 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from shared import nats_connect
+from services import metrics
+from services.logfmt import context
+from shared import nats_connect, tracing
 from shared.client import LogClient, connect_options
 from shared.codec import decode
 from shared.config import Settings
@@ -130,7 +133,7 @@ class Worker:
         self.subjects = settings.subjects
         self.spec = spec
         self.agent = spec.agent(agent_name)
-        self.model = model
+        self.model = metrics.instrument_model(model, self.agent.name)
         self.concurrency = concurrency
         self.ack_wait = ack_wait
         self.max_steps = max_steps
@@ -212,6 +215,8 @@ class Worker:
         stopping = self._stopping.is_set
         self._fetch_task = self._loops.start(self._fetch_loop, f"{name} pulls", give_up=stopping)
         self._beat_task = self._loops.start(self._heartbeats, f"{name} heartbeats", give_up=stopping)
+        self._background.add(metrics.sample_consumer(self.settings, self.nc, self.subjects.stream_name,
+                                                     consumer_name(self.agent.name), self.agent.name))
 
     async def run(self) -> None:
         """Serve until :meth:`shutdown` completes.
@@ -369,7 +374,9 @@ class Worker:
     async def _handle(self, msg: Msg, env: Envelope) -> None:
         assert self.runner is not None
         self.tally.delivered += 1
+        metrics.delivered(self.agent.name, msg)
         part: TurnPart | None = None
+        started = time.perf_counter()
         try:
             part = await self._decide(env)
             if part is None:
@@ -382,21 +389,27 @@ class Worker:
                 self.tally.skipped += 1
                 await msg.term()
                 return
-            result = await self.runner.run(part)
+            result = await tracing.traced("convlog.turn", msg.headers, self.runner.run(part), kind="CONSUMER",
+                                          agent=self.agent.name, session_id=part.session_id, turn=part.turn,
+                                          item_order=part.start)
             self._count(result, part)
+            metrics.turn_done(self.agent.name, result, started)
             await msg.ack()
         except asyncio.CancelledError:
             await self._nak(msg, delay=None)  # shutdown: the turn resumes from the log elsewhere
             raise
         except Exception as e:
             if is_transient(e) or isinstance(e, TurnBusyError):
+                metrics.turn_failed(self.agent.name, "retry")
                 log.warning("worker %s: %s #%d will be retried: %s", self.agent.name,
-                            env.session_id, env.item_order, e)
+                            env.session_id, env.item_order, e,
+                            extra=context(env.session_id, env.item_order, self.agent.name))
                 await self._nak(msg, delay=self._retry_delay(msg))
                 return
             self.tally.errors += 1
+            metrics.turn_failed(self.agent.name, "error")
             log.exception("worker %s: failed on %s #%d", self.agent.name, env.session_id,
-                          env.item_order)
+                          env.item_order, extra=context(env.session_id, env.item_order, self.agent.name))
             if part is not None and self._attempts(msg) >= self.max_attempts:
                 await self._give_up(msg, part, e)
             else:
@@ -409,6 +422,7 @@ class Worker:
         try:
             result = await self.runner.run(part, fail_reason=reason)
             self._count(result, part)
+            metrics.turn_done(self.agent.name, result, time.perf_counter())
             await msg.ack()
         except Exception:
             log.exception("worker %s: could not record the failure", self.agent.name)
@@ -439,7 +453,8 @@ class Worker:
         log.info("worker %s: %s turn %s in %s: %s (%d model calls, %d items)", self.agent.name,
                  "continued" if part.after_step else "started", part.turn, part.session_id,
                  result.outcome + (f" -> {result.handoff_to}" if result.handoff_to else ""),
-                 result.model_calls, result.items_written)
+                 result.model_calls, result.items_written,
+                 extra=context(part.session_id, part.start, self.agent.name, part.turn))
 
     @staticmethod
     def _attempts(msg: Msg) -> int:

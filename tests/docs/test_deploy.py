@@ -8,7 +8,9 @@
   program per process, autorestart, TERM, log files under ``CONVLOG_LOG_DIR``;
   the config ``convlog up`` generates has the same programs.
 * systemd units and the Procfile start ``convlog`` commands that convlog's own
-  argument parser accepts, for every agent of ``deploy/agents.toml``.
+  argument parser accepts, for every agent of ``deploy/agents.toml``; the
+  health check runs ``convlog health`` from a oneshot unit on a timer, and
+  from supervisord as a watcher program.
 """
 
 from __future__ import annotations
@@ -257,7 +259,7 @@ def test_supervisord_conf_parses_with_one_program_per_process(
     (tmp_path / "logs").mkdir()
     opts = _supervisor_options(DEPLOY / "supervisord.conf")
     progs = _programs(opts)
-    assert set(progs) == {"nats", "log", *(f"worker-{a}" for a in AGENTS)}
+    assert set(progs) == {"nats", "log", "health", *(f"worker-{a}" for a in AGENTS)}
     env = opts.configroot.supervisord.environment
     assert env["CONVLOG_NATS_URL"] == "nats://127.0.0.1:4567"
     assert env["CONVLOG_DATA_DIR"] == str(tmp_path / "data")
@@ -281,6 +283,10 @@ def test_supervisord_conf_parses_with_one_program_per_process(
         assert Path(args.agents) == DEPLOY / "agents.toml"
     args = _parse_convlog(shlex.split(progs["log"].command)[1:])
     assert args.command == "log" and args.db == str(tmp_path / "data" / "convlog.db")
+    args = _parse_convlog(shlex.split(progs["health"].command)[1:])
+    assert args.command == "health" and args.every > 0
+    assert Path(args.agents) == DEPLOY / "agents.toml"
+    assert progs["health"].priority > progs["worker-Triage"].priority
 
 
 def test_supervisord_conf_names_a_missing_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -364,14 +370,32 @@ def _unit(path: Path) -> dict[str, dict[str, list[str]]]:
 
 
 UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
+TIMERS = sorted((DEPLOY / "systemd").glob("*.timer"))
 
 
 def test_systemd_units_are_the_expected_ones() -> None:
-    assert [u.name for u in UNITS] == ["convlog-log.service", "convlog-nats.service",
-                                       "convlog-worker@.service"]
+    assert [u.name for u in UNITS] == ["convlog-health.service", "convlog-log.service",
+                                       "convlog-nats.service", "convlog-worker@.service"]
+    assert [t.name for t in TIMERS] == ["convlog-health.timer"]
 
 
-@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_systemd_health_check_runs_convlog_health_on_a_timer() -> None:
+    u = _unit(DEPLOY / "systemd" / "convlog-health.service")
+    assert set(u) == {"Unit", "Service"}  # started by its timer only
+    assert u["Service"]["Type"] == ["oneshot"]
+    (exec_start,) = u["Service"]["ExecStart"]
+    argv = shlex.split(exec_start)
+    assert Path(argv[0]).name == "convlog"
+    args = _parse_convlog(argv[1:])
+    assert args.command == "health" and args.every is None  # one check, exit 0 or 1
+    assert Path(args.agents).name == "agents.toml"
+    t = _unit(DEPLOY / "systemd" / "convlog-health.timer")
+    assert t["Install"]["WantedBy"] == ["timers.target"]
+    assert t["Timer"]["OnUnitActiveSec"] == ["1min"]
+
+
+@pytest.mark.parametrize("unit", [u for u in UNITS if u.name != "convlog-health.service"],
+                         ids=lambda p: p.name)
 def test_systemd_unit_starts_a_command_that_exists(unit: Path, tmp_path: Path) -> None:
     u = _unit(unit)
     assert set(u) == {"Unit", "Service", "Install"}
@@ -409,7 +433,7 @@ def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     # The units name /opt/convlog/venv/bin/...; point them at this interpreter's scripts.
     bindir = str(Path(sys.executable).parent)
     units = []
-    for unit in UNITS:
+    for unit in [*UNITS, *TIMERS]:
         text = unit.read_text().replace("/opt/convlog/venv/bin", bindir)
         name = unit.name.replace("@.service", "@Triage.service")  # an instance of the template
         (tmp_path / name).write_text(text)

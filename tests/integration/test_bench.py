@@ -50,3 +50,17 @@ async def test_bench_store_jetstream_runs_both_stores_next_to_raw_publishes(tmp_
         assert phases["append"]["ops_per_s"] > 0 and phases["append"]["errors"] == 0, (store, phases)
         assert phases["replay"]["ops_per_s"] > 0
     assert set(figures["appends_vs_raw_publish"]) == {"jetstream", "sqlite"}
+
+
+async def test_metrics_cost_bench_alternates_off_and_on_and_reports_the_ratio() -> None:
+    from services.bench.metrics_cost import run_metrics_cost
+
+    args = build_parser().parse_args([
+        "bench", "--metrics-cost", "--writers", "4", "--sessions", "3", "--duration", "1",
+        "--rounds", "1",
+    ])
+    text = await run_metrics_cost(args)
+    assert re.search(r"metrics off, round 1\s+\d+\s+\d+\.\d\d\s+\d+\.\d\d\s+0$", text, re.M), text
+    assert re.search(r"metrics on, round 1\s+\d+\s+\d+\.\d\d\s+\d+\.\d\d\s+0$", text, re.M), text
+    m = re.search(r"on / off = (\d+\.\d+) .*; (\d+) scrapes\)", text)
+    assert m and float(m.group(1)) > 0 and int(m.group(2)) >= 1, text

@@ -194,11 +194,13 @@ class WorkerStack:
 
 @contextlib.asynccontextmanager
 async def worker_stack(
-    server: NatsServer, tmp: Path, fake: FakeOpenAI | None, *, nats_seam: str = "auto", store: str = "sqlite"
+    server: NatsServer, tmp: Path, fake: FakeOpenAI | None, *, nats_seam: str = "auto", store: str = "sqlite",
+    **overrides: Any
 ) -> AsyncIterator[WorkerStack]:
+    """``overrides`` are settings of the log service (e.g. ``metrics_port=0``)."""
     settings = load_settings(
         {"nats_url": server.url, "db": str(tmp / "log.db"), "data_dir": str(tmp), "nats_seam": nats_seam,
-         "store": store},
+         "store": store, **overrides},
         environ={},
     )
     service = LogService(settings)

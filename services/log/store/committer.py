@@ -21,6 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from time import perf_counter_ns
 from typing import Any
 
 from shared.errors import ConvlogError, UnavailableError
@@ -100,6 +101,9 @@ class GroupCommitter:
         self._closed = False
         self._fatal: Exception | None = None  # the first non-transient commit failure
         self.commits = 0  # batches that wrote something (for stats and tests)
+        # Metrics hook, per batch that wrote: (items, commit ns, fsync ns or None).
+        self.observe_commit: Callable[[int, int, int | None], None] = lambda *_: None
+        self.fsync_ns: int | None = None  # set by a backend that times its durable write
 
     def start(self) -> None:
         """Start the committer task (idempotent)."""
@@ -284,9 +288,11 @@ class GroupCommitter:
                 _answer(p, UnavailableError("the store failed to commit"))
 
     async def _commit(self, batch: list[Pending]) -> None:
+        started = perf_counter_ns()
         outcomes, committed = await self._commit_batch(batch)
         if committed:
             self.commits += 1
+            self.observe_commit(len(committed), perf_counter_ns() - started, self.fsync_ns)
         for p, out in zip(batch, outcomes, strict=True):
             _answer(p, out)
         if committed:

@@ -18,6 +18,7 @@ import logging
 import os
 import sqlite3
 from pathlib import Path
+from time import perf_counter_ns
 
 import aiosqlite
 
@@ -295,6 +296,7 @@ class SQLiteStore:
                 "last_clear = excluded.last_clear, updated_at = excluded.updated_at",
                 [(s, work[s].last_order, work[s].last_hash, work[s].last_clear, created_at) for s in touched],
             )
+            fsync_started = perf_counter_ns()
             restart, self._restart_wal = self._restart_wal, False
             if restart:  # the writer's own checkpoint can copy gigabytes: not on the loop
                 await asyncio.get_running_loop().run_in_executor(
@@ -302,6 +304,7 @@ class SQLiteStore:
                 )
             else:
                 self._finish_commit(restart)
+            self._committer.fsync_ns = perf_counter_ns() - fsync_started
         except sqlite3.Error as e:
             log.error("commit of %d items failed: %s", len(rows), e)
             with contextlib.suppress(sqlite3.Error):

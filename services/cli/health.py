@@ -1,0 +1,253 @@
+"""``convlog health``: is the stack serving, and is every part keeping up?
+
+Exit 0 when all of these hold, else 1 with one ``FAIL`` line per problem:
+
+1. **NATS** answers at ``CONVLOG_NATS_URL``.
+2. **The log service answers**: at least one instance replies to
+   ``$SRV.STATS.convlog-log`` for this prefix, and a read request is
+   answered within ``--timeout``.
+3. **The fan-out is current**: on every instance, the oldest committed item
+   not yet published on ``<prefix>.items.<sid>`` is at most ``--max-lag``
+   seconds old (the log service reports this in its ``$SRV.STATS`` data).
+4. **Every agent's consumer is draining**: for each durable consumer
+   ``convlog-agent-<agent>`` on the items stream (and each agent of
+   ``--agents``/``CONVLOG_AGENTS`` when given: a missing consumer means no
+   worker of it ever started), watched for ``--window`` seconds: envelopes
+   waiting to be delivered must be delivered or acked during the window, and
+   with nothing in flight some worker must be pulling.
+
+``--every S`` repeats the check every ``S`` seconds and prints one line per
+run (for a process manager's log); it never exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.config import Settings
+
+from .common import positive_float
+
+__all__ = ["HEALTH_DESCRIPTION", "Report", "check", "cmd_health", "health_arguments"]
+
+HEALTH_DESCRIPTION = textwrap.fill(
+    "Exit 0 when NATS answers, the log service answers ($SRV.STATS and a read), the fan-out "
+    "is current (the oldest committed item not yet on <prefix>.items.<sid> is at most "
+    "--max-lag seconds old) and every agent's consumer is draining (watched for --window "
+    "seconds); otherwise exit 1 with one FAIL line per problem. --every S repeats the check "
+    "and prints one line per run, for a process manager's log."
+)
+
+SERVICE_NAME = "convlog-log"
+CONSUMER_PREFIX = "convlog-agent-"
+
+
+@dataclass
+class Report:
+    """What one health check found."""
+
+    ok: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        return [f"ok    {m}" for m in self.ok] + [f"FAIL  {m}" for m in self.problems]
+
+
+async def _stats(nc: Any, prefix: str, timeout: float) -> list[dict[str, Any]]:  # noqa: ASYNC109
+    """Every log-service instance's ``$SRV.STATS`` reply for ``prefix``."""
+    replies: list[dict[str, Any]] = []
+    first = asyncio.Event()
+
+    async def on_reply(msg: Any) -> None:
+        with contextlib.suppress(ValueError):
+            stats = json.loads(msg.data)
+            if (stats.get("metadata") or {}).get("prefix", "convlog") == prefix:
+                replies.append(stats)
+                first.set()
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=on_reply)
+    try:
+        await nc.publish(f"$SRV.STATS.{SERVICE_NAME}", b"", reply=inbox)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(first.wait(), timeout)
+            await asyncio.sleep(0.3)  # the other instances
+    finally:
+        await sub.unsubscribe()
+    return replies
+
+
+async def _check_log(nc: Any, settings: Settings, report: Report, *, max_lag: float,
+                     timeout: float) -> None:  # noqa: ASYNC109
+    from shared.client import LogClient
+
+    instances = await _stats(nc, settings.prefix, timeout)
+    if not instances:
+        report.problems.append(f"log service: no instance answers $SRV.STATS.{SERVICE_NAME} "
+                               f"for prefix {settings.prefix!r} (is `convlog log` running?)")
+        return
+    client = LogClient(nc, prefix=settings.prefix, timeout=timeout, deadline=timeout)
+    started = time.monotonic()
+    try:
+        await client.last_order("convlog-health-probe")
+    except Exception as e:
+        report.problems.append(f"log service: a read was not answered within {timeout:g}s ({e})")
+    else:
+        report.ok.append(f"log service: {len(instances)} instance(s) answer; a read took "
+                         f"{(time.monotonic() - started) * 1000:.0f} ms")
+    for stats in instances:
+        data = next((ep.get("data") for ep in stats.get("endpoints") or []
+                     if ep.get("name") == "append"), None) or {}
+        if "fanout_lag_seconds" not in data:
+            report.problems.append(f"log service {stats.get('id')}: reports no fan-out lag "
+                                   f"(version {stats.get('version')}?)")
+            continue
+        lag, items = float(data["fanout_lag_seconds"]), int(data["fanout_lag_items"])
+        where = f"log service {stats.get('id')}"
+        if lag > max_lag:
+            report.problems.append(f"{where}: the fan-out is {items} items / {lag:.1f}s behind the "
+                                   f"log (max {max_lag:g}s): items are not reaching "
+                                   f"{settings.subjects.items_all}")
+        else:
+            report.ok.append(f"{where}: fan-out current ({items} items, {lag:.2f}s behind)")
+
+
+async def _check_consumers(nc: Any, settings: Settings, report: Report, *, agents: list[str],
+                           window: float) -> None:
+    import nats.js.errors
+
+    js = nc.jetstream(timeout=window + 2)
+    stream = settings.subjects.stream_name
+    try:
+        first = {c.name: c for c in await js.consumers_info(stream)
+                 if c.name.startswith(CONSUMER_PREFIX)}
+    except nats.js.errors.NotFoundError:
+        report.problems.append(f"items stream {stream} does not exist (has the log service ever run?)")
+        return
+    except Exception as e:  # JetStream unavailable (no quorum, no leader), a timeout
+        report.problems.append(f"items stream {stream}: cannot list its consumers "
+                               f"({str(e) or type(e).__name__}): is JetStream available?")
+        return
+    for agent in agents:
+        if CONSUMER_PREFIX + agent not in first:
+            report.problems.append(f"agent {agent}: no consumer {CONSUMER_PREFIX}{agent} "
+                                   "(no worker of it has started)")
+    if not first:
+        return
+    # Watch each consumer for the window: delivered or acked something, or was pulled from.
+    progress = {name: False for name in first}
+    pulled = dict.fromkeys(first, False)
+    latest = dict(first)
+    deadline = time.monotonic() + window
+    while True:
+        for name, c0 in first.items():
+            c = latest[name]
+            if (c.delivered.stream_seq or 0) > (c0.delivered.stream_seq or 0) or \
+                    (c.ack_floor.stream_seq or 0) > (c0.ack_floor.stream_seq or 0) or \
+                    not (c.num_pending or c.num_ack_pending):
+                progress[name] = True
+            pulled[name] = pulled[name] or bool(c.num_waiting)
+        done = all(progress[n] and (pulled[n] or latest[n].num_ack_pending) for n in first)
+        if done or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.25)
+        for name in first:
+            with contextlib.suppress(Exception):
+                latest[name] = await js.consumer_info(stream, name)
+    for name, c in latest.items():
+        agent = name[len(CONSUMER_PREFIX):]
+        if not progress[name]:
+            report.problems.append(
+                f"agent {agent}: consumer {name} has {c.num_pending} envelopes waiting and "
+                f"{c.num_ack_pending} unacked, and delivered or acked none in {window:g}s "
+                f"(is a worker for {agent} running?)")
+        elif not pulled[name] and not c.num_ack_pending:
+            report.problems.append(f"agent {agent}: no worker is pulling from consumer {name} "
+                                   f"(none asked for envelopes in {window:g}s)")
+        else:
+            report.ok.append(f"agent {agent}: consumer draining ({c.num_pending} waiting, "
+                             f"{c.num_ack_pending} in flight)")
+
+
+async def check(settings: Settings, *, agents: list[str], max_lag: float = 10.0,
+                window: float = 2.0, timeout: float = 2.0) -> Report:  # noqa: ASYNC109
+    """Run every check once (see the module docstring)."""
+    import nats
+
+    from shared.client import connect_options
+
+    report = Report()
+    async def quiet(e: Exception) -> None:
+        pass  # reported below, once
+
+    options = {**connect_options(settings, name="convlog-health"), "connect_timeout": timeout,
+               "allow_reconnect": False, "max_reconnect_attempts": 1, "error_cb": quiet}
+    try:
+        nc = await asyncio.wait_for(nats.connect(**options), timeout + 1)
+    except Exception as e:
+        report.problems.append(f"NATS: no server answers at {settings.nats_url} "
+                               f"({str(e) or type(e).__name__})")
+        return report
+    try:
+        report.ok.append(f"NATS: connected to {settings.nats_url}")
+        await _check_log(nc, settings, report, max_lag=max_lag, timeout=timeout)
+        await _check_consumers(nc, settings, report, agents=agents, window=window)
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+    return report
+
+
+def _agents(path: str | Path | None) -> list[str]:
+    if path is None:
+        return []
+    from services.worker.spec import load_spec
+
+    return list(load_spec(Path(path)).agents)
+
+
+async def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
+    from services.worker.spec import SpecError
+
+    try:
+        agents = _agents(args.agents or settings.agents)
+    except (SpecError, OSError) as e:
+        print(f"convlog health: bad agent spec: {e}", file=sys.stderr)
+        return 2
+    while True:
+        report = await check(settings, agents=agents, max_lag=args.max_lag, window=args.window,
+                             timeout=args.timeout)
+        if args.every is None:
+            for line in report.lines():
+                print(line, flush=True)
+            return 0 if report.healthy else 1
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        verdict = "healthy" if report.healthy else "UNHEALTHY: " + "; ".join(report.problems)
+        print(f"{stamp} {verdict}", flush=True)
+        await asyncio.sleep(args.every)
+
+
+def health_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--agents", help="agents TOML: each of its agents must have a consumer "
+                   "[CONVLOG_AGENTS; default: check the consumers that exist]")
+    p.add_argument("--max-lag", type=positive_float, default=10.0, metavar="S",
+                   help="most seconds the items subjects may be behind the log (default 10)")
+    p.add_argument("--window", type=positive_float, default=2.0, metavar="S",
+                   help="seconds to watch each consumer drain (default 2)")
+    p.add_argument("--timeout", type=positive_float, default=2.0, metavar="S",
+                   help="seconds to wait for NATS and the log service (default 2)")
+    p.add_argument("--every", type=positive_float, default=None, metavar="S",
+                   help="repeat every S seconds, one line per run, never exit")

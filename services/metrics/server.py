@@ -1,0 +1,47 @@
+"""The ``/metrics`` HTTP endpoint of one process (``prometheus_client``'s server thread)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import start_http_server
+from prometheus_client.registry import Collector
+
+__all__ = ["MetricsServer", "close", "serve"]
+
+log = logging.getLogger("convlog.metrics")
+
+
+class MetricsServer:
+    """The ``/metrics`` HTTP endpoint (a thread of ``prometheus_client``)."""
+
+    def __init__(self, port: int, addr: str, registry: Collector) -> None:
+        self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
+        self.port: int = self._server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def serve(settings: Any, registry: Collector, what: str) -> MetricsServer | None:
+    """Serve ``registry`` when ``settings.metrics_port`` is set; log where."""
+    port = getattr(settings, "metrics_port", None)
+    if port is None:
+        return None
+    try:
+        server = MetricsServer(port, "0.0.0.0", registry)
+    except OSError as e:
+        # Serving the log matters more than exposing metrics: say so loudly and go on.
+        log.error("%s: cannot serve metrics on port %d (CONVLOG_METRICS_PORT / --metrics-port; "
+                  "each process needs its own port): %s; running without metrics", what, port, e)
+        return None
+    log.info("%s metrics on http://0.0.0.0:%d/metrics", what, server.port)
+    return server
+
+
+def close(server: MetricsServer | None) -> None:
+    """Stop serving (``None``: metrics were off)."""
+    if server is not None:
+        server.close()

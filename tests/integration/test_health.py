@@ -1,0 +1,136 @@
+"""``convlog health`` against a real stack, healthy and broken in each way we can break it.
+
+Each unhealthy state is produced for real: a worker stopped (nothing pulls
+from its consumer; then a message waits on it), a JetStream cluster that
+lost its quorum (the log service serves, but the fan-out falls behind), the
+log service stopped, NATS stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from services.log.service import LogService
+from shared.client import LogClient
+from shared.config import load_settings
+from tests.support.eventually import assert_eventually
+from tests.support.logsvc import service_env
+from tests.support.natsd import NatsCluster
+from tests.support.workerstack import SEED_SPEC, WorkerStack, run_cli
+
+AGENTS = ("Triage", "L1Billing", "L1Technical", "L2Support")
+
+
+async def health(stack: WorkerStack, *args: str) -> tuple[int, str]:
+    code, out, err = await run_cli(
+        "health", "--nats-url", stack.server.url, "--no-embedded", "--window", "1", *args,
+        env=service_env(stack.tmp / "health-data"),
+    )
+    return code, out + err
+
+
+def fails(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("FAIL")]
+
+
+async def test_health_names_a_stopped_worker_then_a_stopped_log_service_then_nats(
+    stack: WorkerStack,
+) -> None:
+    procs = await stack.start_workers(*(stack.worker(a, SEED_SPEC, openai=False) for a in AGENTS))
+    await stack.send("h1", "Hi, I was charged twice for my subscription this month.")
+    await stack.answered("h1", users=1)
+
+    # Healthy: every part answers and keeps up.
+    code, out = await health(stack, "--agents", str(SEED_SPEC))
+    assert code == 0, out
+    assert not fails(out)
+    for agent in AGENTS:
+        assert f"ok    agent {agent}: consumer draining" in out
+    assert "fan-out current" in out
+
+    # Triage's worker stops: nothing pulls from its consumer.
+    procs[0].terminate()
+    code, out = await health(stack)
+    assert code == 1, out
+    assert fails(out) == [
+        "FAIL  agent Triage: no worker is pulling from consumer convlog-agent-Triage "
+        "(none asked for envelopes in 1s)"
+    ]
+
+    # A user message arrives: it waits on Triage's consumer and nobody takes it.
+    await stack.send("h2", "Hello?")
+    code, out = await health(stack)
+    assert code == 1, out
+    (line,) = fails(out)
+    assert line.startswith("FAIL  agent Triage: consumer convlog-agent-Triage has 1 envelopes "
+                           "waiting"), out
+    assert "is a worker for Triage running?" in line
+
+    # An agent of the spec that never had a worker.
+    code, out = await health(stack, "--agents", str(_spec_with_extra_agent(stack.tmp)))
+    assert code == 1
+    assert "FAIL  agent Auditor: no consumer convlog-agent-Auditor (no worker of it has started)" in out
+
+    # The log service stops.
+    await stack.service.shutdown()
+    code, out = await health(stack)
+    assert code == 1
+    assert "FAIL  log service: no instance answers $SRV.STATS.convlog-log for prefix 'convlog'" in out
+
+    # NATS stops.
+    stack.server.stop()
+    code, out = await health(stack)
+    assert code == 1
+    assert fails(out)[0].startswith(f"FAIL  NATS: no server answers at {stack.server.url}"), out
+
+
+def _spec_with_extra_agent(tmp: Path) -> Path:
+    path = tmp / "extra.toml"
+    path.write_text(SEED_SPEC.read_text() + '\n[[agents]]\nname = "Auditor"\n'
+                    'instructions = "Audit."\n', encoding="utf-8")
+    return path
+
+
+async def test_health_reports_a_fan_out_that_falls_behind(nats_cluster: NatsCluster, tmp_path: Path) -> None:
+    # The log service on node 1 of a 3-node JetStream cluster, items stream R3.
+    url = nats_cluster.urls[0]
+    settings = load_settings({"nats_url": url, "db": str(tmp_path / "log.db"), "stream_replicas": 3,
+                              "grace": 1}, environ={})
+    # A long ack wait: the outbox keeps waiting for the stuck window rather than resending it
+    # (a resend while the first is pending is refused with 10158, which stops the service).
+    service = LogService(settings, outbox_ack_timeout=60.0)
+    await service.start()
+    client = await LogClient.connect(url)
+    env = service_env(tmp_path / "health-data")
+
+    async def health(*args: str) -> tuple[int, str]:
+        code, out, err = await run_cli("health", "--nats-url", url, "--no-embedded", "--window", "1",
+                                       "--max-lag", "1", *args, env=env)
+        return code, out + err
+
+    try:
+        await client.append("f1", [{"agent": "user", "data": {"role": "user", "content": "a"}}])
+        code, out = await health()
+        assert code == 0, out
+        assert "fan-out current (0 items" in out
+
+        # Two of three nodes go: JetStream has no quorum, so nothing can be published;
+        # node 1 still serves core NATS, and appends still commit to SQLite.
+        for server in nats_cluster.servers[1:]:
+            await asyncio.to_thread(server.stop)
+        for i in range(3):
+            await client.append("f1", [{"agent": "user", "data": {"role": "user", "content": str(i)}}])
+
+        async def behind() -> str:
+            code, out = await health()
+            assert code == 1, out
+            assert any("the fan-out is 3 items /" in line for line in fails(out)), out
+            return out
+
+        out = await assert_eventually(behind, timeout=20, interval=0.5)
+        assert "items are not reaching convlog.items.>" in out
+        assert "ok    log service: 1 instance(s) answer" in out  # serving; only the fan-out lags
+    finally:
+        await client.close()
+        await service.shutdown()

@@ -1,0 +1,199 @@
+"""Prometheus metrics of a running stack, scraped over HTTP after a known load.
+
+The log service (in the test's loop, ``metrics_port=0``) and one ``convlog
+worker`` process per agent of the reference scenario (offline rules model,
+``--metrics-port 0``) play the seed conversation and the escalation; then the
+test appends a known mix of good, duplicate, conflicting and malformed
+requests and checks every count the scrape shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.worker.scenario import ESCALATION_CONVERSATION, SEED_CONVERSATION
+from shared.errors import ConflictError
+from tests.support.eventually import assert_eventually
+from tests.support.natsd import NatsServer
+from tests.support.procs import Proc
+from tests.support.workerstack import SEED_SPEC, WorkerStack, worker_stack
+
+AGENTS = ("Triage", "L1Billing", "L1Technical", "L2Support")
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(port: int) -> Samples:
+    """Every sample of ``http://127.0.0.1:PORT/metrics`` keyed by (name, labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 when absent (a labelled counter not yet incremented)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def worker_port(proc: Proc) -> int:
+    m = proc.wait_for_line(r"worker \S+ metrics on http://[^:]+:(\d+)/metrics", timeout=20)
+    return int(m.group(1))
+
+
+@pytest.fixture
+async def metered(nats_server: NatsServer, tmp_path: Path) -> Iterator[WorkerStack]:
+    async with worker_stack(nats_server, tmp_path, None, metrics_port=0) as stack:
+        yield stack  # type: ignore[misc]
+
+
+async def test_scraped_counts_match_a_known_load(metered: WorkerStack) -> None:
+    stack = metered
+    procs = await stack.start_workers(
+        *(stack.worker(a, SEED_SPEC, openai=False, args=["--metrics-port", "0"]) for a in AGENTS)
+    )
+    ports = {a: worker_port(p) for a, p in zip(AGENTS, procs, strict=True)}
+    log_port = stack.service.metrics.port
+    assert log_port
+
+    # 1. The reference scenario: 4 + 3 user messages, every turn answered.
+    async def play(sid: str, messages: tuple[str, ...]) -> None:
+        for n, message in enumerate(messages, 1):
+            await stack.send(sid, message)
+            await stack.answered(sid, users=n)
+
+    await asyncio.gather(play("m-seed", SEED_CONVERSATION), play("m-escalation", ESCALATION_CONVERSATION))
+
+    # Turn parts by agent and outcome, as the scenario plays them (services/worker/scenario.py).
+    expected_turns = {
+        ("Triage", "handed_off"): 2,
+        ("L1Billing", "replied"): 4, ("L1Billing", "handed_off"): 1,
+        ("L2Support", "replied"): 3,
+    }
+    expected_model_calls = {"Triage": 2, "L1Billing": 5, "L1Technical": 0, "L2Support": 4}
+
+    def workers_settled() -> dict[str, Samples]:
+        got = {a: scrape(p) for a, p in ports.items()}
+        seen = {(a, dict(k[1])["outcome"]): v for a, s in got.items() for k, v in s.items()
+                if k[0] == "convlog_worker_turns_total"}
+        for agent in got:
+            for outcome in ("replied", "handed_off", "failed", "done", "retry", "error"):
+                assert seen.get((agent, outcome), 0) == expected_turns.get((agent, outcome), 0), \
+                    f"{agent} {outcome}: all turn counts {seen}\n{stack.outputs()}"
+        return got
+
+    w = await assert_eventually(workers_settled, timeout=20)
+    assert value(w["Triage"], "convlog_worker_handoffs_total",
+                 from_agent="Triage", to_agent="L1Billing") == 2
+    assert value(w["L1Billing"], "convlog_worker_handoffs_total",
+                 from_agent="L1Billing", to_agent="L2Support") == 1
+    assert value(w["L2Support"], "convlog_worker_tool_calls_total",
+                 agent="L2Support", tool="issue_refund", outcome="ok") == 1
+    for agent, calls in expected_model_calls.items():
+        s = w[agent]
+        model = next((dict(k[1])["model"] for k in s if k[0] == "convlog_worker_model_call_seconds_count"),
+                     None)
+        if calls == 0:
+            assert model is None, agent
+            continue
+        assert value(s, "convlog_worker_model_call_seconds_count", agent=agent, model=model,
+                     outcome="ok") == calls, agent
+        assert value(s, "convlog_worker_model_tokens_total", agent=agent, model=model,
+                     kind="input") > 0
+        assert value(s, "convlog_worker_model_tokens_total", agent=agent, model=model,
+                     kind="output") > 0
+        assert value(s, "convlog_worker_turn_seconds_count", agent=agent) == sum(
+            n for (a, _), n in expected_turns.items() if a == agent)
+        assert value(s, "convlog_worker_redeliveries_total", agent=agent) == 0
+
+    # Every consumer drained: the sampled gauges reach 0 for every agent.
+    def drained() -> None:
+        for agent, port in ports.items():
+            s = scrape(port)
+            assert ("convlog_worker_consumer_pending", frozenset({("agent", agent)})) in s, agent
+            assert value(s, "convlog_worker_consumer_pending", agent=agent) == 0
+            assert value(s, "convlog_worker_consumer_ack_pending", agent=agent) == 0
+
+    await assert_eventually(drained, timeout=20)
+
+    # 2. A known load on the log service, measured as the difference of two scrapes
+    #    (system items: no worker answers them, so nothing else is appended meanwhile).
+    before = scrape(log_port)
+    assert value(before, "convlog_log_request_seconds_count", endpoint="in") == 7
+    for i in range(20):
+        await stack.client.append("m-load", [{"agent": "ops", "data": {"role": "system", "content": str(i)}}])
+    ack = await stack.client.append(
+        "m-load", [{"agent": "ops", "data": {"role": "system", "content": f"b{i}"}} for i in range(3)]
+    )
+    first_id = ack.items[0].item_id
+    again = await stack.client.append(
+        "m-load", [{"agent": "ops", "item_id": first_id, "data": {"role": "system", "content": "b0"}}])
+    assert again.items[0].duplicate
+    with pytest.raises(ConflictError):
+        await stack.client.append("m-load", [{"agent": "ops", "data": {"role": "system", "content": "x"}}],
+                                  expected_last=1)
+    reply = await stack.nc.request("convlog.append.m-load", b"not json", timeout=5)
+    assert reply.headers and "bad_request" in reply.headers.get("Nats-Service-Error", "")
+
+    after = scrape(log_port)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("convlog_log_appends_total", outcome="ok", code="") == 22  # 21 + the duplicate
+    assert delta("convlog_log_appends_total", outcome="error", code="conflict") == 1
+    assert delta("convlog_log_appends_total", outcome="error", code="bad_request") == 1
+    assert delta("convlog_log_request_errors_total", endpoint="append", code="conflict") == 1
+    # timed from arrival to reply: every request the store answered (not the malformed one)
+    assert delta("convlog_log_request_seconds_count", endpoint="append") == 23
+    assert delta("convlog_log_commit_batch_items_sum") == 23  # 20 + 3; the others wrote nothing
+    batches = delta("convlog_log_commit_batch_items_count")
+    assert 1 <= batches <= 21
+    assert delta("convlog_log_commit_seconds_count") == batches
+    assert delta("convlog_log_fsync_seconds_count") == batches
+    assert after[("convlog_log_fsync_seconds_sum", frozenset())] <= \
+        after[("convlog_log_commit_seconds_sum", frozenset())]
+    assert value(after, "convlog_log_sessions") == 3
+    assert value(after, "convlog_log_store_bytes") > 0
+
+    # Everything committed reaches the items subjects: lag 0, published == the log.
+    total = 0
+    for sid in ("m-seed", "m-escalation", "m-load"):
+        total += len(await stack.log(sid))
+
+    def fanned_out() -> None:
+        s = scrape(log_port)
+        assert value(s, "convlog_log_published_items_total") == total
+        assert value(s, "convlog_log_fanout_lag_items") == 0
+        assert value(s, "convlog_log_fanout_lag_seconds") == 0
+
+    await assert_eventually(fanned_out, timeout=20)
+
+
+async def test_metrics_are_off_unless_a_port_is_set_and_a_taken_port_is_not_fatal(
+    stack: WorkerStack,
+) -> None:
+    from services.metrics import NO_LOG_METRICS
+
+    assert stack.service.metrics is NO_LOG_METRICS
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        off = stack.worker("Triage", SEED_SPEC, openai=False)
+        clash = stack.worker("L1Billing", SEED_SPEC, openai=False, args=["--metrics-port", str(port)])
+        await stack.start_workers(off, clash)
+    assert "metrics" not in off.output()
+    # The worker serves its agent anyway, and says loudly that it has no metrics.
+    assert re.search(rf"ERROR .*worker L1Billing: cannot serve metrics on port {port} .*"
+                     r"running without metrics", clash.output()), clash.output()

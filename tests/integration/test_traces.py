@@ -1,0 +1,120 @@
+"""OpenTelemetry traces (``convlog[otel]``): one user message is one trace, end to end.
+
+The log service and two workers (offline rules model) run in the test's
+process on a real nats-server, recording into the SDK's in-memory exporter.
+``LogClient.send`` starts the trace; the ``traceparent`` travels in NATS
+headers to the log service, on the committed item to the Triage worker, on
+its handoff append back to the log service, and on to L1Billing's worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("opentelemetry.sdk")
+
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+
+from services.log.service import LogService  # noqa: E402
+from services.worker.model import make_model_client  # noqa: E402
+from services.worker.spec import load_spec  # noqa: E402
+from services.worker.worker import Worker  # noqa: E402
+from shared import tracing  # noqa: E402
+from shared.client import LogClient  # noqa: E402
+from shared.config import load_settings  # noqa: E402
+from tests.support.eventually import assert_eventually  # noqa: E402
+from tests.support.natsd import NatsServer  # noqa: E402
+from tests.support.workerstack import SEED_SPEC  # noqa: E402
+
+
+@pytest.fixture
+def spans() -> AsyncIterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    previous = tracing.use_provider(provider)
+    try:
+        yield exporter  # type: ignore[misc]
+    finally:
+        tracing.use_provider(previous)
+        provider.shutdown()
+
+
+async def test_one_user_message_is_one_trace_from_send_to_the_last_agent(
+    spans: InMemorySpanExporter, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
+                              "grace": 2}, environ={})
+    service = LogService(settings)
+    await service.start()
+    spec = load_spec(SEED_SPEC)
+    workers = [Worker(settings, spec, agent, make_model_client(None)) for agent in ("Triage", "L1Billing")]
+    runs = [asyncio.create_task(w.run()) for w in workers]
+    client = await LogClient.connect(nats_server.url)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in workers)), 20)
+        ack = await client.send("t1", "Hi, I was charged twice for my subscription this month.")
+
+        async def answered() -> None:
+            log = await client.items("t1", raw=True)
+            assert any(e.agent == "L1Billing" and e.data.get("role") == "assistant" for e in log)
+
+        await assert_eventually(answered, timeout=20)
+        for name, agent in (("convlog.turn", "Triage"), ("convlog.turn", "L1Billing")):
+            await assert_eventually(lambda n=name, a=agent: _find(spans, n, agent=a), timeout=5)
+    finally:
+        await client.close()
+        for w in workers:
+            await w.shutdown()
+        await asyncio.gather(*runs, return_exceptions=True)
+        await service.shutdown()
+
+    send = _find(spans, "convlog.send", session_id="t1")
+    trace_id = send.context.trace_id
+    log_in = _find(spans, "convlog.log.in", session_id="t1")
+    assert log_in.parent.span_id == send.context.span_id
+    assert log_in.attributes["convlog.first_order"] == ack.first_order
+
+    triage = _find(spans, "convlog.turn", agent="Triage")
+    assert triage.parent.span_id == log_in.context.span_id  # through the items stream
+    assert triage.attributes["convlog.item_order"] == ack.first_order
+    inside = _children(spans, triage)
+    assert [s.name for s in inside if s.name != "convlog.append"][:2] == \
+        ["convlog.history_read", "convlog.model_call"]
+    (handoff_append,) = [s for s in inside if s.name == "convlog.append"]
+    (log_append,) = _children(spans, handoff_append)
+    assert log_append.name == "convlog.log.append"
+
+    billing = _find(spans, "convlog.turn", agent="L1Billing")
+    assert billing.parent.span_id == log_append.context.span_id  # the handoff output's item
+    assert {s.name for s in _children(spans, billing)} >= {"convlog.history_read", "convlog.model_call",
+                                                           "convlog.append"}
+    for span in (log_in, triage, *inside, log_append, billing):
+        assert span.context.trace_id == trace_id, span.name
+
+
+async def test_without_a_provider_nothing_is_recorded_and_no_header_is_sent() -> None:
+    assert not tracing.enabled()
+    assert tracing.headers() is None
+    with tracing.span("convlog.x") as span:
+        assert span is None
+
+
+def _find(exporter: InMemorySpanExporter, name: str, **attrs: Any) -> Any:
+    found = [s for s in exporter.get_finished_spans() if s.name == name
+             and all(s.attributes.get(f"convlog.{k}") == v for k, v in attrs.items())]
+    assert found, f"no finished span {name} {attrs}"
+    return found[0]
+
+
+def _children(exporter: InMemorySpanExporter, parent: Any) -> list[Any]:
+    kids = [s for s in exporter.get_finished_spans()
+            if s.parent is not None and s.parent.span_id == parent.context.span_id]
+    return sorted(kids, key=lambda s: s.start_time)
