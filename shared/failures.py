@@ -73,8 +73,10 @@ _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
 )
 # JetStream API errors that heal: 10008 "JetStream system temporarily
 # unavailable"; 10070 "wrong last msg ID": the stream lost the tail of a
-# publish window in a server restart, and a resync from the stream cures it.
-_TRANSIENT_JS_ERR_CODES = frozenset({10008, 10070})
+# publish window in a server restart, and a resync from the stream cures it;
+# 10158 "duplicate message id is in process": the first publish of that id is
+# still being replicated (seen on a cluster losing quorum); it settles.
+_TRANSIENT_JS_ERR_CODES = frozenset({10008, 10070, 10158})
 _TRANSIENT_JS_STATUS = frozenset({408, 503})
 _TRANSIENT_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN})
 

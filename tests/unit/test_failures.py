@@ -39,6 +39,7 @@ TRANSIENT = [
     nats.js.errors.ServiceUnavailableError(),
     nats.js.errors.APIError(code=503, err_code=10008, description="temporarily unavailable"),
     nats.js.errors.APIError(code=400, err_code=10070, description="wrong last msg ID: a:1"),
+    nats.js.errors.APIError(code=503, err_code=10158, description="duplicate message id is in process"),
     UnavailableError("the store is busy"),
     sqlite3.OperationalError("database is locked"),
 ]
