@@ -60,6 +60,13 @@ def _answer(p: Pending, out: Outcome) -> None:
         log.exception("append callback failed")
 
 
+def _refuse(pending: Sequence[Pending | None]) -> None:
+    """Answer what a failed commit leaves unanswered ``unavailable`` (requesters retry)."""
+    for p in pending:
+        if p is not None and not p.answered:
+            _answer(p, UnavailableError("the store failed to commit"))
+
+
 def _resolve(fut: asyncio.Future[AppendReply], out: Outcome) -> None:
     if fut.done():  # the caller was cancelled; the commit stands regardless
         return
@@ -188,9 +195,7 @@ class GroupCommitter:
             if self._fatal is not None:
                 if inflight:
                     await asyncio.wait(set(inflight))
-                for p in held:
-                    _answer(p, UnavailableError("the store failed to commit"))
-                self._give_up()
+                self._give_up(held)
                 raise self._fatal
             while not stopping:
                 try:
@@ -272,20 +277,15 @@ class GroupCommitter:
                 log.exception("group commit failed")
                 if self._fatal is None:
                     self._fatal = e
-            for p in batch:
-                if not p.answered:
-                    _answer(p, UnavailableError("the store failed to commit"))
+            _refuse(batch)
 
-    def _give_up(self) -> None:
-        """After a fatal failure: refuse new requests and answer the queued ones."""
+    def _give_up(self, held: Sequence[Pending] = ()) -> None:
+        """After a fatal failure: refuse new requests; answer the held and queued ones."""
         self._closed = True
-        while True:
-            try:
-                p = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            if p is not None and not p.answered:
-                _answer(p, UnavailableError("the store failed to commit"))
+        queued: list[Pending | None] = []
+        while not self._queue.empty():
+            queued.append(self._queue.get_nowait())
+        _refuse([*held, *queued])
 
     async def _commit(self, batch: list[Pending]) -> None:
         started = perf_counter_ns()
