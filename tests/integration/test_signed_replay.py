@@ -19,12 +19,12 @@ from services.cli.audit import decode_head_line
 from services.cli.main import main
 from services.cli.replay import Replayer, replay_from_service
 from services.log.service import LogService
-from shared.chain import GENESIS_HASH, envelope_hash
 from shared.client import LogClient
 from shared.config import load_settings
 from shared.messages import Envelope
 from shared.signing import Keyring, Signer
 from tests.support.natsd import NatsServer
+from tests.support.tamper import rechain
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "data" / "golden.jsonl"
@@ -61,15 +61,6 @@ async def _cli(*args: str) -> tuple[int, str, str]:
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
-
-def _rechain(envs: list[Envelope]) -> list[Envelope]:
-    """What an attacker with write access to an export does: recompute every hash."""
-    out, prev = [], GENESIS_HASH
-    for e in envs:
-        e = msgspec.structs.replace(e, hash=envelope_hash(e, prev))
-        out.append(e)
-        prev = e.hash
-    return out
 
 
 def _write(path: Path, envs: list[Envelope], head_line: str | None) -> Path:
@@ -122,7 +113,7 @@ async def test_exports_carry_a_signed_head_and_verify_signatures_offline(
     assert code == 0 and "no signed head (a removed tail would not show)" in err
 
     # A fork: the last item replaced by a consistent, unsigned one.
-    fork = _rechain([*envs[:-1], msgspec.structs.replace(
+    fork = rechain([*envs[:-1], msgspec.structs.replace(
         envs[-1], data={"role": "assistant", "content": "No refund"}, sig=None, key_id=None)])
     code, out, err = await _cli("replay", "s1", "--file", str(_write(tmp_path / "fork.jsonl", fork, lines[-1])),
                                 "--verify", "--keyring", ring)
@@ -130,7 +121,7 @@ async def test_exports_carry_a_signed_head_and_verify_signatures_offline(
     assert "[unsigned]" in out
 
     # A rewritten chain with an edited signed item: its signature names it.
-    edited = _rechain([envs[0], msgspec.structs.replace(envs[1], data={"role": "assistant", "content": "No"}),
+    edited = rechain([envs[0], msgspec.structs.replace(envs[1], data={"role": "assistant", "content": "No"}),
                        envs[2]])
     code, out, err = await _cli("replay", "s1", "--file", str(_write(tmp_path / "e.jsonl", edited, None)),
                                 "--verify", "--keyring", ring)

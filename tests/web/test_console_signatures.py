@@ -23,12 +23,12 @@ from services.cli.main import main
 from services.log.service import LogService
 from services.web.app import WebOptions
 from services.web.cli import bind, console_url, serve
-from shared.chain import GENESIS_HASH, envelope_hash
 from shared.client import LogClient
 from shared.config import load_settings
 from shared.messages import Envelope
 from shared.signing import Signer, _verify_key, head_signing_input, item_signing_input
 from tests.support.natsd import NatsServer
+from tests.support.tamper import rechain
 from tests.web.conftest import LoopThread, screenshot
 from tests.web.test_console_browser import said, wait_badge
 
@@ -104,15 +104,6 @@ def _lines(body: bytes) -> tuple[list[Envelope], list[bytes]]:
     return envs, heads
 
 
-def _rechain(envs: list[Envelope]) -> list[Envelope]:
-    """What an attacker with write access to an export does: recompute every hash."""
-    out, prev = [], GENESIS_HASH
-    for e in envs:
-        e = msgspec.structs.replace(e, hash=envelope_hash(e, prev))
-        out.append(e)
-        prev = e.hash
-    return out
-
 
 def _body(envs: list[Envelope], heads: list[bytes]) -> bytes:
     return b"".join(msgspec.json.encode(e) + b"\n" for e in envs) + b"".join(h + b"\n" for h in heads)
@@ -169,7 +160,7 @@ def test_a_forged_signature_a_foreign_key_and_a_cut_tail_turn_the_badge_red(
     # A signature altered (one character), the chain re-hashed around it: named even without a keyring.
     sig = envs[1].sig or ""
     forged = [envs[0], msgspec.structs.replace(envs[1], sig=("A" if sig[0] != "A" else "B") + sig[1:]), envs[2]]
-    _serve(page, _body(_rechain(forged), []))
+    _serve(page, _body(rechain(forged), []))
     page.goto(url)
     badge = wait_badge(page, "bad")
     assert "bad signature at #2: signature by" in badge and "does not match the item" in badge, badge
@@ -181,7 +172,7 @@ def test_a_forged_signature_a_foreign_key_and_a_cut_tail_turn_the_badge_red(
     e = envs[1]
     resigned = msgspec.structs.replace(e, key_id=other.key_id, sig=other.sign(
         item_signing_input(e.session_id, e.item_id, e.agent, e.kind, e.data)))
-    _serve(page, _body(_rechain([envs[0], resigned, envs[2]]), []))
+    _serve(page, _body(rechain([envs[0], resigned, envs[2]]), []))
     page.goto(url)
     assert "chain intact through #3" in wait_badge(page, "good")
     page.set_input_files("#keyring", str(signed.keyring))
@@ -200,7 +191,7 @@ def test_a_forged_signature_a_foreign_key_and_a_cut_tail_turn_the_badge_red(
 
     # The re-signed chain with the log's signed head: without a keyring the new signature
     # holds, but the chain forks from what the log signed.
-    forked = _rechain([envs[0], resigned, envs[2]])
+    forked = rechain([envs[0], resigned, envs[2]])
     _serve(page, _body(forked, heads))
     page.goto(url)
     assert "signed head #3: the chain is forked (hash at #3 differs from the signed one)" in wait_badge(page, "bad")
