@@ -74,59 +74,42 @@ NATS connection per event loop, sessions on one id one copy, and concurrent
 meanwhile go out together in the next, each call's items still contiguous
 and atomic, a refused call failing alone.
 
-Idempotency: each ``add_items`` call mints one random *call key* and gives
-item ``i`` the ``item_id`` ``"<call key>.<i>"``.  Transport retries inside
-:class:`LogClient` resend the same ids, so a reply lost on the way back never
-doubles anything.  If a call still ends without a known outcome
-(``UnavailableError``), the key stays pending for that exact batch: calling
-``add_items`` again with equal items reuses it, and the log answers the items
-it already holds as duplicates instead of writing them twice (up to 64
-such batches are remembered per session object; a retry from another
-process cannot be recognised, its keys are its own).  Once an
-outcome is known the key is dropped, so adding equal content later (say the
-SDK re-adding an item it popped while rewinding a turn, SDK issue #3852) is a
-new write and becomes visible again.  A mutation that has started runs to
-completion even if the caller is cancelled; the cancellation is re-raised
-afterwards.
+Idempotency (:mod:`shared.call_keys`): the items of one ``add_items`` call
+get ids ``"<call key>.<i>"``; a call that ended without a known outcome
+(``UnavailableError``) and is made again with equal items reuses its key, so
+the log answers what it already holds as duplicates.  A mutation that has
+started runs to completion even if the caller is cancelled; the cancellation
+is re-raised afterwards.
 
-Authors: every envelope records an ``agent``.  Items with ``role`` ``user``
-are written as ``"user"``; ``system``/``developer`` messages as
-``"system"``; everything else as the *current agent*.  The SDK's session calls
-carry no agent (the ``wrapper`` keyword passes the run's
-``RunContextWrapper``, which holds the user's context and usage, not the
-agent), so the current agent comes from :meth:`ConvlogSession.hooks`: pass
-``hooks=session.hooks()`` to ``Runner.run`` and the session learns each agent
-as it starts, per run (runs are told apart by the ``wrapper`` the Runner
-passes).  Without hooks the author is the ``agent`` given to the
-constructor (default ``"assistant"``).
+Authors (:mod:`shared.session_authors`): user items are written as
+``"user"``, system/developer messages as ``"system"``, everything else as the
+agent the run's hooks (``hooks=session.hooks()``) say is running, else the
+``agent`` given to the constructor (default ``"assistant"``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import weakref
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .agents_sdk import INSTALL_HINT, require_agents_sdk
-from .agents_sdk import canonical as _canonical
 from .agents_sdk import coerce_settings as _coerce_settings
 from .agents_sdk import finish as _finish
-from .agents_sdk import hooks_class as _hooks_class
 from .agents_sdk import plain as _plain
-from .agents_sdk import run_key as _run_key
-from .client import LogClient, new_item_id
-from .errors import ConflictError, TooLargeError, UnavailableError
-from .failures import CONFLICT_BACKOFF
+from .call_keys import CallKeys
+from .client import LogClient
+from .errors import TooLargeError, UnavailableError
+from .session_authors import AuthorTracking
 from .session_copy import SessionCopy
-from .session_pool import SharedSession, acquire_connection, release_connection, share, unshare
+from .session_edits import HidingEdits
+from .session_pool import OwnedConnections, SharedSession, share, unshare
 from .subjects import validate_session_id
 
 if TYPE_CHECKING:  # pragma: no cover - types only
-    from agents import RunHooks
     from agents.memory import SessionSettings
 
 __all__ = ["INSTALL_HINT", "ConvlogSession", "require_agents_sdk"]
@@ -135,11 +118,9 @@ log = logging.getLogger("convlog.agents_session")
 
 DEFAULT_AGENT = "assistant"
 _TAIL_MAX = 100_000  # the largest ``tail`` a read request may ask for
-_MAX_PENDING_KEYS = 64
-_POP_ATTEMPTS = 50
 
 
-class ConvlogSession:
+class ConvlogSession(HidingEdits, AuthorTracking):
     """The OpenAI Agents SDK ``Session`` protocol on a convlog session.
 
     Args:
@@ -182,24 +163,12 @@ class ConvlogSession:
         self.follow = follow
         self.max_staleness = max_staleness
         self.session_settings = _coerce_settings(session_settings)
-        self.default_agent = agent or DEFAULT_AGENT
+        AuthorTracking.__init__(self, agent or DEFAULT_AGENT)
         self._client = client
-        self._url: str | None = None
-        self._client_opts: dict[str, Any] = {}
-        self._owns_client = False
-        self._connect_deadline = 10.0
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LogClient] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._connect_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._owned: OwnedConnections | None = None  # from_url: one connection per event loop
         self._shared: weakref.WeakKeyDictionary[LogClient, SharedSession] = weakref.WeakKeyDictionary()
         self._closed = False
-        self._pending: OrderedDict[str, str] = OrderedDict()
-        self._current_agent: str | None = None
-        self._run_agents: dict[int, str] = {}
-        self._hooks: Any = None
+        self._keys = CallKeys()
 
     @classmethod
     def from_url(
@@ -233,57 +202,22 @@ class ConvlogSession:
         """
         session = cls(session_id, session_settings=session_settings, agent=agent, follow=follow,
                       max_staleness=max_staleness)
-        session._url = url
-        session._client_opts = dict(client_opts)
-        session._connect_deadline = connect_deadline
-        session._owns_client = True
+        session._owned = OwnedConnections(url, client_opts, connect_deadline)
         return session
 
     # -- connection ------------------------------------------------------
     async def _log(self) -> LogClient:
         if self._closed:
             raise RuntimeError("ConvlogSession is closed")
-        if not self._owns_client:
+        if self._owned is None:
             if self._client is None:
                 raise RuntimeError(
                     "ConvlogSession needs client=LogClient or ConvlogSession.from_url()"
                 )
             return self._client
-        # A NATS connection belongs to the event loop that made it, so an owned
-        # session uses one per loop: repeated ``Runner.run_sync`` calls and
-        # threads with their own loops each get theirs.  Within a loop, the
-        # sessions with equal connection options share one (session_pool).
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is not None:
-            return client
-        lock = self._connect_locks.setdefault(loop, asyncio.Lock())
-        async with lock:
-            client = self._clients.get(loop)
-            if client is None:
-                client = await acquire_connection(self._pool_key, self._connect)
-                self._clients[loop] = client
-                self._client = client
-            if self._closed:
-                await release_connection(self._pool_key, client)
-                raise RuntimeError("ConvlogSession is closed")
-            return client
-
-    @property
-    def _pool_key(self) -> tuple[str | None, str]:
-        return self._url, repr(sorted(self._client_opts.items()))
-
-    async def _connect(self) -> LogClient:
-        # nats-py keeps retrying a first connect forever when reconnects are
-        # unlimited; a session call should fail in bounded time instead.
-        opts = {"name": "convlog-session", **self._client_opts}
-        try:
-            async with asyncio.timeout(self._connect_deadline):
-                return await LogClient.connect(self._url, **opts)
-        except TimeoutError as e:
-            raise UnavailableError(
-                f"no NATS server answered at {self._url} within {self._connect_deadline:g} s"
-            ) from e
+        client = await self._owned.get()
+        self._client = client
+        return client
 
     @property
     def client(self) -> LogClient | None:
@@ -328,79 +262,15 @@ class ConvlogSession:
                 await unshare(state)
             elif state.loop.is_running() and not state.loop.is_closed():
                 asyncio.run_coroutine_threadsafe(unshare(state), state.loop)
-        if not self._owns_client:
-            return
-        clients = list(self._clients.items())
-        self._clients.clear()
-        self._client = None
-        for loop, client in clients:
-            if loop is here:
-                await release_connection(self._pool_key, client)
-            elif loop.is_running() and not loop.is_closed():
-                asyncio.run_coroutine_threadsafe(release_connection(self._pool_key, client), loop)
+        if self._owned is not None:
+            self._client = None
+            await self._owned.close()
 
     async def __aenter__(self) -> ConvlogSession:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    # -- authors -----------------------------------------------------------
-    def hooks(self) -> RunHooks[Any]:
-        """``RunHooks`` that tell this session which agent is running.
-
-        Pass them to ``Runner.run(..., hooks=session.hooks())``.  The current
-        agent is set on ``on_agent_start`` (and again on ``on_llm_start``), per
-        run.  It deliberately does *not* switch on ``on_handoff``: the SDK fires
-        that hook before it saves the handoff's ``function_call`` and
-        ``function_call_output``, which belong to the agent handing off (as the
-        SDK's own ``HandoffOutputItem`` says); the target becomes current when
-        it starts.
-
-        Raises:
-            ImportError: the Agents SDK is missing.
-        """
-        if self._hooks is None:
-            self._hooks = _hooks_class()(self)
-        return self._hooks
-
-    def set_current_agent(self, agent: str, *, context: Any = None) -> None:
-        """Record ``agent`` as the author of the next non-user items.
-
-        Args:
-            agent: the agent's name.
-            context: the run's ``RunContextWrapper`` (or a hook context of the
-                same run): the name then applies to that run only.  Without it
-                the name applies to every call that has no run-specific name.
-        """
-        if context is None:
-            self._current_agent = agent
-            return
-        key_obj = _run_key(context)
-        key = id(key_obj)
-        if key not in self._run_agents:
-            try:  # forget the run when the SDK drops it
-                weakref.finalize(key_obj, self._run_agents.pop, key, None)
-            except TypeError:
-                self._current_agent = agent
-                return
-        self._run_agents[key] = agent
-
-    def _agent_for(self, wrapper: Any) -> str:
-        if wrapper is not None:
-            name = self._run_agents.get(id(_run_key(wrapper)))
-            if name:
-                return name
-        return self._current_agent or self.default_agent
-
-    @staticmethod
-    def _author(data: Mapping[str, Any], agent: str) -> str:
-        role = data.get("role")
-        if role == "user":
-            return "user"
-        if role in ("system", "developer"):
-            return "system"
-        return agent
 
     # -- what the process shares -------------------------------------------------
     def _state(self, client: LogClient) -> SharedSession:
@@ -488,118 +358,27 @@ class ConvlogSession:
         if not items:
             return
         data = [_plain(i) for i in items]
-        fp_text = _canonical(data)
-        fp = hashlib.sha256(fp_text).hexdigest()
-        key = self._pending.get(fp)
-        if key is None:
-            key = new_item_id()
-            self._pending[fp] = key
-            while len(self._pending) > _MAX_PENDING_KEYS:
-                self._pending.popitem(last=False)
+        call = self._keys.begin(data)
         agent = self._agent_for(wrapper)
         batch = [
-            {"item_id": f"{key}.{i}", "agent": self._author(d, agent), "kind": "item", "data": d}
+            {"item_id": f"{call.key}.{i}", "agent": self._author(d, agent), "kind": "item", "data": d}
             for i, d in enumerate(data)
         ]
         try:
-            acks = await _finish(self._state(client).append(batch, len(fp_text)))
+            acks = await _finish(self._state(client).append(batch, call.size))
         except UnavailableError:
-            raise  # outcome unknown: keep the key so a retry of this batch dedupes
-        except BaseException:
-            self._pending.pop(fp, None)
+            self._keys.unknown(call)  # outcome unknown: a retry of this batch reuses the key
             raise
-        self._pending.pop(fp, None)
+        except BaseException:
+            self._keys.settled(call)
+            raise
+        self._keys.settled(call)
         self._acked(client, acks, batch)
 
-    async def pop_item(self, *, wrapper: Any = None) -> dict[str, Any] | None:
-        """Hide the newest visible item with a ``retract`` and return it (``None`` when empty).
-
-        The retract is conditional on the session's last order, so a write by
-        another process in between makes this pop look again rather than hide
-        an item that is no longer the newest.
-        """
-        client = await self._log()
-        agent = self._agent_for(wrapper)
-        for attempt in range(_POP_ATTEMPTS):
-            copy = await self._current_copy(client, 1)
-            newest = copy.newest() if copy is not None else None
-            if copy is not None and newest is not None:
-                (order, data), last = newest, copy.last
-            elif copy is not None and copy.empty:
-                return None
-            else:
-                rep = await client.read(self.session_id, tail=1)
-                if not rep.items:
-                    return None
-                order, data, last = rep.items[0].item_order, rep.items[0].data, rep.last_order
-            retract = {
-                "item_id": f"{new_item_id()}.r",
-                "agent": agent,
-                "kind": "retract",
-                "data": {"target": order},
-            }
-            try:
-                reply = await _finish(
-                    client.append(self.session_id, [retract], expected_last=last)
-                )
-            except ConflictError:
-                if copy is not None:
-                    await copy.fill()  # someone wrote after what the copy holds
-                await asyncio.sleep(CONFLICT_BACKOFF.delay(attempt - 1) if attempt else 0)
-                continue
-            self._acked(client, reply.items, [retract])
-            return data
-        raise UnavailableError(
-            f"pop_item on session {self.session_id!r} lost the race to other writers "
-            f"{_POP_ATTEMPTS} times in a row"
-        )
-
-    async def clear_session(self, *, wrapper: Any = None) -> None:
-        """Hide every item so far with a ``clear``; nothing is written when nothing is visible."""
-        client = await self._log()
-        copy = await self._current_copy(client, 1)
-        if copy is not None and copy.empty:
-            return
-        if copy is None or copy.newest() is None:
-            if not (await client.read(self.session_id, tail=1)).items:
-                return
-        entry = {
-            "item_id": f"{new_item_id()}.c",
-            "agent": self._agent_for(wrapper),
-            "kind": "clear",
-            "data": {},
-        }
-        reply = await _finish(client.append(self.session_id, [entry]))
-        self._acked(client, reply.items, [entry])
-
-    async def _atomic_replace_items(self, items: list[Any]) -> bool:
-        """Replace the visible history with ``items``: a ``clear`` and the items, in ONE append.
-
-        The SDK's ``OpenAIResponsesCompactionSession`` calls this (when the
-        session has it) instead of ``clear_session()`` then ``add_items()``, so
-        no reader ever sees the history empty in between and a crash leaves
-        the old history or the new one.  The log keeps every item the clear
-        hides.  Like the SDK's own stores, it does not check whether the
-        history changed since the compaction read it.  The clear and the
-        non-user items are recorded as ``system`` (compaction is nobody's turn).
-
-        Returns:
-            True when replaced; False for a subclass that overrides how items
-            are read or written (the SDK then clears and adds through them).
-        """
+    def _items_are_plain(self) -> bool:
+        """True unless a subclass overrides how items are read or written."""
         cls = type(self)
-        if cls.add_items is not ConvlogSession.add_items or cls.get_items is not ConvlogSession.get_items:
-            return False
-        client = await self._log()
-        key = new_item_id()
-        batch = [{"item_id": f"{key}.c", "agent": "system", "kind": "clear", "data": {}}]
-        batch += [
-            {"item_id": f"{key}.{i}", "agent": self._author(d, "system"), "kind": "item", "data": d}
-            for i, d in enumerate(_plain(i) for i in items)
-        ]
-        reply = await _finish(client.append(self.session_id, batch))
-        self._acked(client, reply.items, batch)
-        return True
+        return cls.add_items is ConvlogSession.add_items and cls.get_items is ConvlogSession.get_items
 
     def __repr__(self) -> str:
         limit = getattr(self.session_settings, "limit", None)

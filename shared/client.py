@@ -10,32 +10,22 @@ so a retry never writes twice.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
-import itertools
 import logging
-import math
 import os
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import msgspec
-import nats
-import nats.errors
-import nats.js.errors
-import tenacity
 from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.js.api import ConsumerConfig, DeliverPolicy, Header
 
 from . import nats_connect, tracing
 from .codec import decode, encode
 from .config import Settings
-from .errors import BadRequestError, TooLargeError, UnavailableError, from_wire
-from .failures import LOOP_BACKOFF, is_transient
+from .errors import BadRequestError, TooLargeError
+from .follow import follow
 from .history import visible
 from .messages import (
     MAX_APPEND_ITEMS,
@@ -51,34 +41,14 @@ from .messages import (
     SignedHead,
     UserMessage,
 )
-from .nats_seam import bind, seam_for
+from .nats_seam import bind
+from .requester import Requester
 from .signing import Signer, sign_item
 from .subjects import Subjects, validate_session_id
 
 __all__ = ["LogClient", "connect_options", "new_item_id"]
 
 log = logging.getLogger("convlog.client")
-
-_RETRYABLE = (
-    TimeoutError,
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.StaleConnectionError,
-    nats.errors.OutboundBufferLimitError,
-)
-
-
-# What a log request retries: an unknown outcome, or the service saying "later".
-_RETRY_ON = (*_RETRYABLE, UnavailableError)
-# Its waits: 0.05 s, doubling, at most 1 s (no jitter: the deadline check is exact).
-_REQUEST_WAIT = tenacity.wait_exponential(multiplier=0.05, max=1.0)
-
-# A "no responders" reply: an empty message whose inline status is 503
-# (what nats-py's own ``Client.request`` checks).
-_STATUS = Header.STATUS.value
-_NO_RESPONDERS = "503"
 
 
 async def _nats_error(e: Exception) -> None:
@@ -132,21 +102,6 @@ def new_item_id() -> str:
     return b.hex()
 
 
-def _raise_if_cancelled() -> None:
-    """Re-raise a cancellation that an awaited library call swallowed.
-
-    On Python 3.11 ``asyncio.wait_for`` (under nats-py's ``request`` and
-    ``next_msg``) returns the result instead of raising when the cancel and the
-    result land in the same loop tick; the task stays marked ``cancelling()``.
-    Loops that would otherwise run on (a follower, a retry) must check.
-    (:meth:`LogClient._request_once` awaits its future directly, so a cancel
-    always raises there; the check stays for everything else.)
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 def _as_items(items: Iterable[AppendItem | Mapping[str, Any]]) -> list[AppendItem]:
     """Validate items and give every item without an id a fresh one.
 
@@ -174,8 +129,8 @@ _convert = msgspec.convert
 _replace = msgspec.structs.replace
 
 
-class LogClient:
-    """Talk to the log service over NATS.
+class LogClient(Requester):
+    """Talk to the log service over NATS (requests and retries: :class:`~shared.requester.Requester`).
 
     Args:
         nc: a connected nats-py client (not closed by :meth:`close` unless the
@@ -191,21 +146,10 @@ class LogClient:
         self, nc: Client, *, prefix: str = "convlog", timeout: float = 5.0, deadline: float = 30.0,
         signer: Signer | None = None,
     ) -> None:
-        self.nc = nc
+        super().__init__(nc, timeout=timeout, deadline=deadline)
         self.signer = signer
         self.subjects = Subjects(prefix)
-        self.timeout = timeout
-        self.deadline = deadline
         self._owns_nc = False
-        # Request multiplexer: one wildcard reply subscription (made on the
-        # first request), one future per request in flight, keyed by token.
-        self._reply_sub: Subscription | None = None
-        self._reply_prefix = ""
-        self._reply_lock = asyncio.Lock()
-        self._pending: dict[str, tuple[asyncio.Future[Msg | None], float]] = {}
-        self._tokens = itertools.count(1)
-        self._sweeper: asyncio.TimerHandle | None = None  # times out requests in flight
-        self._sweep_at = 0.0
 
     @classmethod
     async def connect(
@@ -244,146 +188,6 @@ class LogClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    # -- plumbing --------------------------------------------------------
-    async def _subscribe_replies(self) -> str:
-        """Subscribe ``<inbox>.*`` once; return the reply prefix (``<inbox>.``).
-
-        nats-py replays the subscription after every reconnect.
-        """
-        async with self._reply_lock:
-            if self._reply_sub is None:
-                prefix = self.nc.new_inbox() + "."
-                self._reply_prefix = prefix
-                self._reply_sub = await self.nc.subscribe(prefix + "*", cb=self._on_reply)
-                # Replies resolved as nats-py parses them; else _on_reply serves.
-                seam_for(self.nc).deliver_inline(self._reply_sub, self._take_reply)
-            return self._reply_prefix
-
-    def _take_reply(self, msg: Msg) -> None:
-        entry = self._pending.get(msg.subject[len(self._reply_prefix) :])
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(msg)
-
-    async def _on_reply(self, msg: Msg) -> None:
-        self._take_reply(msg)
-
-    def _sweep(self) -> None:
-        """Time out every request past its due time; re-arm for the next one.
-
-        One timer for all requests in flight instead of one per request: while
-        replies keep arriving it fires about once per ``timeout``.
-        """
-        self._sweeper = None
-        if not self._pending:
-            return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        next_due = math.inf
-        for fut, due in self._pending.values():
-            if due <= now:
-                if not fut.done():
-                    fut.set_result(None)  # "no reply in time"
-            elif due < next_due:
-                next_due = due
-        if next_due < math.inf:
-            self._sweeper = loop.call_at(next_due, self._sweep)
-            self._sweep_at = next_due
-
-    async def _request_once(self, subject: str, body: bytes, wait: float) -> Msg:
-        """One request and its reply, over the client's reply subscription.
-
-        Raises:
-            nats.errors.TimeoutError: no reply within ``wait`` seconds.
-            nats.errors.NoRespondersError: nobody is subscribed to ``subject``.
-            nats.errors.Error: what ``publish`` raised (nothing was sent).
-        """
-        prefix = self._reply_prefix if self._reply_sub is not None else await self._subscribe_replies()
-        token = str(next(self._tokens))
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Msg | None] = loop.create_future()
-        due = loop.time() + wait
-        pending = self._pending
-        pending[token] = (fut, due)
-        if self._sweeper is None or due < self._sweep_at:
-            if self._sweeper is not None:
-                self._sweeper.cancel()
-            self._sweeper = loop.call_at(due, self._sweep)
-            self._sweep_at = due
-        try:
-            await self.nc.publish(subject, body, reply=prefix + token, headers=tracing.headers())
-            msg = await fut
-        finally:
-            pending.pop(token, None)
-        if msg is None:
-            raise nats.errors.TimeoutError
-        headers = msg.headers
-        if headers and headers.get(_STATUS) == _NO_RESPONDERS:
-            raise nats.errors.NoRespondersError
-        return msg
-
-    async def _request(self, subject: str, body: bytes, *, deadline: float | None = None) -> bytes:
-        """Request with retries of unknown outcomes until the deadline.
-
-        The retry policy of every log request: a transport failure (timeout,
-        no responders, a closed or reconnecting connection) or an
-        ``unavailable`` reply is retried, with the same body, after 0.05 s,
-        0.1 s, ... up to 1 s apart, while the next attempt can still start
-        before the deadline.  The first attempt runs outside the retry
-        machinery: it is the hot path.
-
-        Raises:
-            ConvlogError: the typed error the service replied with
-                (``UnavailableError`` if it still said so at the deadline).
-            TooLargeError: the request is over the server's max payload (not sent).
-            UnavailableError: no reply before the deadline.
-        """
-        end = time.monotonic() + (self.deadline if deadline is None else deadline)
-        try:
-            return await self._attempt(subject, body, end)
-        except _RETRY_ON as e:
-            first: BaseException | None = e
-
-        def stop(state: tenacity.RetryCallState) -> bool:
-            return time.monotonic() + _REQUEST_WAIT(state) >= end
-
-        retrying = tenacity.AsyncRetrying(
-            retry=tenacity.retry_if_exception_type(_RETRY_ON),
-            wait=_REQUEST_WAIT,
-            stop=stop,
-            before_sleep=lambda state: _raise_if_cancelled(),
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    if first is not None:  # the failed first attempt, as tenacity's attempt 1
-                        failed, first = first, None
-                        raise failed
-                    return await self._attempt(subject, body, end)
-        except _RETRYABLE as e:
-            _raise_if_cancelled()
-            attempts = retrying.statistics.get("attempt_number", 1)
-            raise UnavailableError(
-                f"no reply on {subject} after {attempts} attempts: {type(e).__name__}"
-            ) from e
-        raise AssertionError("unreachable: tenacity returns or raises")  # pragma: no cover
-
-    async def _attempt(self, subject: str, body: bytes, end: float) -> bytes:
-        """One request: the reply's body, or the error it carries, raised."""
-        remaining = end - time.monotonic()
-        try:
-            msg = await self._request_once(subject, body, max(0.05, min(self.timeout, remaining)))
-        except nats.errors.MaxPayloadError as e:
-            # Never sent, so the outcome is known; retrying cannot help.
-            raise TooLargeError(
-                f"request of {len(body)} bytes is over the server's max payload of "
-                f"{self.nc.max_payload} bytes; send fewer or smaller items per request"
-            ) from e
-        err = from_wire(msg.headers, msg.data)
-        if err is None:
-            return msg.data
-        raise err
 
     # -- writes ----------------------------------------------------------
     async def append(
@@ -502,71 +306,12 @@ class LogClient:
             after = rep.sessions[-1].session_id
 
     # -- live ------------------------------------------------------------
-    async def follow(
+    def follow(
         self, session_id: str, *, after: int = 0, idle_check: float = 2.0
     ) -> AsyncIterator[Envelope]:
         """Yield every envelope with ``item_order > after``, in order, forever.
 
-        Live items come from ``<prefix>.items.<sid>`` through a JetStream
-        consumer (never a core subscription on a captured subject, nats-py
-        #678); history and any gap come from the log service.  The follower
-        tracks the last order it yielded and after any gap, reconnect, server
-        restart or a consumer that went quiet while the log grew (nats-py
-        #504/#510) it fills the gap from the log and resubscribes, so nothing
-        is skipped or repeated.
+        Live items come through a JetStream consumer, history and gaps from
+        the log; nothing is skipped or repeated (see :mod:`shared.follow`).
         """
-        validate_session_id(session_id)
-        last = after
-        js = self.nc.jetstream()
-        subject = self.subjects.items(session_id)
-        failures = 0
-        while True:
-            _raise_if_cancelled()
-            sub = None
-            try:
-                async for env in self.iter_items(session_id, after=last):
-                    last = env.item_order
-                    failures = 0
-                    yield env
-                sub = await js.subscribe(
-                    subject,
-                    ordered_consumer=True,
-                    idle_heartbeat=max(idle_check, 1.0),
-                    config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT),
-                )
-                while True:
-                    _raise_if_cancelled()
-                    try:
-                        msg = await sub.next_msg(timeout=idle_check)
-                    except (TimeoutError, nats.errors.TimeoutError):
-                        if await self.last_order(session_id) > last:
-                            break  # the consumer fell behind the log: refill, resubscribe
-                        continue
-                    env = decode(msg.data, Envelope)
-                    if env.item_order <= last:
-                        continue
-                    if env.item_order > last + 1:
-                        async for gap in self.iter_items(session_id, after=last):
-                            if gap.item_order > env.item_order:
-                                break
-                            last = gap.item_order
-                            yield gap
-                        continue
-                    last = env.item_order
-                    failures = 0
-                    yield env
-            except Exception as e:
-                # Transient failures, and JetStream refusals a fresh subscription
-                # may not meet (a restart, a consumer gone), are waited out; any
-                # other error (the log refusing the read, a bug) is the caller's.
-                if not (is_transient(e) or isinstance(e, nats.js.errors.Error)):
-                    raise
-                delay = LOOP_BACKOFF.delay(failures)
-                failures += 1
-                log.info("follow %s: %s; resuming after %d in %.2gs",
-                         session_id, type(e).__name__, last, delay)
-                await asyncio.sleep(delay)
-            finally:
-                if sub is not None:
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
+        return follow(self, session_id, after=after, idle_check=idle_check)

@@ -33,7 +33,7 @@ from .errors import BadRequestError, ConflictError, TooLargeError, UnavailableEr
 from .messages import MAX_APPEND_ITEMS, AppendedItem
 from .session_copy import SessionCopy
 
-__all__ = ["SharedSession", "acquire_connection", "release_connection", "share", "unshare"]
+__all__ = ["OwnedConnections", "SharedSession", "acquire_connection", "release_connection", "share", "unshare"]
 
 
 # -- connections --------------------------------------------------------------
@@ -76,6 +76,76 @@ async def release_connection(key: Hashable, client: LogClient) -> None:
     if pooled.users <= 0:
         del pool[key]
         await client.close()
+
+
+class OwnedConnections:
+    """The connections of one ``ConvlogSession.from_url`` session.
+
+    A NATS connection belongs to the event loop that made it, so an owned
+    session uses one per loop: repeated ``Runner.run_sync`` calls and threads
+    with their own loops each get theirs.  Within a loop, the sessions with
+    equal connection options share one (:func:`acquire_connection`).
+    Nothing connects before the first :meth:`get`.
+    """
+
+    def __init__(self, url: str, options: dict[str, Any], connect_deadline: float) -> None:
+        self.url = url
+        self.options = dict(options)
+        self.connect_deadline = connect_deadline
+        self.key = (url, repr(sorted(self.options.items())))
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LogClient] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.closed = False
+
+    async def get(self) -> LogClient:
+        """This loop's client, connected on first use.
+
+        Raises:
+            RuntimeError: closed (also when closed while connecting).
+            UnavailableError: no NATS server answered within ``connect_deadline``.
+        """
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is not None:
+            return client
+        async with self._locks.setdefault(loop, asyncio.Lock()):
+            client = self._clients.get(loop)
+            if client is None:
+                client = await acquire_connection(self.key, self._connect)
+                self._clients[loop] = client
+            if self.closed:
+                await release_connection(self.key, client)
+                raise RuntimeError("ConvlogSession is closed")
+            return client
+
+    async def _connect(self) -> LogClient:
+        # nats-py keeps retrying a first connect forever when reconnects are
+        # unlimited; a session call should fail in bounded time instead.
+        opts = {"name": "convlog-session", **self.options}
+        try:
+            async with asyncio.timeout(self.connect_deadline):
+                return await LogClient.connect(self.url, **opts)
+        except TimeoutError as e:
+            raise UnavailableError(
+                f"no NATS server answered at {self.url} within {self.connect_deadline:g} s"
+            ) from e
+
+    async def close(self) -> None:
+        """Give every loop's client back to the pool (those of other, still
+        running loops are given back there)."""
+        self.closed = True
+        here = asyncio.get_running_loop()
+        clients = list(self._clients.items())
+        self._clients.clear()
+        for loop, client in clients:
+            if loop is here:
+                await release_connection(self.key, client)
+            elif loop.is_running() and not loop.is_closed():
+                asyncio.run_coroutine_threadsafe(release_connection(self.key, client), loop)
 
 
 # -- one session id on one connection -----------------------------------------------

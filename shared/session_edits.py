@@ -1,0 +1,124 @@
+"""The ``Session`` methods that hide history: ``pop_item``, ``clear_session``
+and the compaction's ``_atomic_replace_items`` (mixed into ``ConvlogSession``).
+
+Nothing is destroyed: ``pop_item`` appends a ``retract`` of the newest visible
+item, ``clear_session`` a ``clear``; audit replay still shows the hidden
+items and what hid them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .agents_sdk import finish, plain
+from .client import new_item_id
+from .errors import ConflictError, UnavailableError
+from .failures import CONFLICT_BACKOFF
+
+__all__ = ["HidingEdits"]
+
+POP_ATTEMPTS = 50
+
+
+class HidingEdits:
+    """``pop_item``, ``clear_session``, ``_atomic_replace_items`` on what the session provides."""
+
+    session_id: str
+    # what ConvlogSession provides
+    _log: Callable[[], Any]
+    _current_copy: Callable[..., Any]
+    _acked: Callable[..., None]
+    _agent_for: Callable[[Any], str]
+    _author: Callable[[Mapping[str, Any], str], str]
+    _items_are_plain: Callable[[], bool]  # add_items/get_items not overridden
+
+    async def pop_item(self, *, wrapper: Any = None) -> dict[str, Any] | None:
+        """Hide the newest visible item with a ``retract`` and return it (``None`` when empty).
+
+        The retract is conditional on the session's last order, so a write by
+        another process in between makes this pop look again rather than hide
+        an item that is no longer the newest.
+        """
+        client = await self._log()
+        agent = self._agent_for(wrapper)
+        for attempt in range(POP_ATTEMPTS):
+            copy = await self._current_copy(client, 1)
+            newest = copy.newest() if copy is not None else None
+            if copy is not None and newest is not None:
+                (order, data), last = newest, copy.last
+            elif copy is not None and copy.empty:
+                return None
+            else:
+                rep = await client.read(self.session_id, tail=1)
+                if not rep.items:
+                    return None
+                order, data, last = rep.items[0].item_order, rep.items[0].data, rep.last_order
+            retract = {
+                "item_id": f"{new_item_id()}.r",
+                "agent": agent,
+                "kind": "retract",
+                "data": {"target": order},
+            }
+            try:
+                reply = await finish(
+                    client.append(self.session_id, [retract], expected_last=last)
+                )
+            except ConflictError:
+                if copy is not None:
+                    await copy.fill()  # someone wrote after what the copy holds
+                await asyncio.sleep(CONFLICT_BACKOFF.delay(attempt - 1) if attempt else 0)
+                continue
+            self._acked(client, reply.items, [retract])
+            return data
+        raise UnavailableError(
+            f"pop_item on session {self.session_id!r} lost the race to other writers "
+            f"{POP_ATTEMPTS} times in a row"
+        )
+
+    async def clear_session(self, *, wrapper: Any = None) -> None:
+        """Hide every item so far with a ``clear``; nothing is written when nothing is visible."""
+        client = await self._log()
+        copy = await self._current_copy(client, 1)
+        if copy is not None and copy.empty:
+            return
+        if copy is None or copy.newest() is None:
+            if not (await client.read(self.session_id, tail=1)).items:
+                return
+        entry = {
+            "item_id": f"{new_item_id()}.c",
+            "agent": self._agent_for(wrapper),
+            "kind": "clear",
+            "data": {},
+        }
+        reply = await finish(client.append(self.session_id, [entry]))
+        self._acked(client, reply.items, [entry])
+
+    async def _atomic_replace_items(self, items: list[Any]) -> bool:
+        """Replace the visible history with ``items``: a ``clear`` and the items, in ONE append.
+
+        The SDK's ``OpenAIResponsesCompactionSession`` calls this (when the
+        session has it) instead of ``clear_session()`` then ``add_items()``, so
+        no reader ever sees the history empty in between and a crash leaves
+        the old history or the new one.  The log keeps every item the clear
+        hides.  Like the SDK's own stores, it does not check whether the
+        history changed since the compaction read it.  The clear and the
+        non-user items are recorded as ``system`` (compaction is nobody's turn).
+
+        Returns:
+            True when replaced; False for a subclass that overrides how items
+            are read or written (the SDK then clears and adds through them).
+        """
+        if not self._items_are_plain():
+            return False
+        client = await self._log()
+        key = new_item_id()
+        batch = [{"item_id": f"{key}.c", "agent": "system", "kind": "clear", "data": {}}]
+        batch += [
+            {"item_id": f"{key}.{i}", "agent": self._author(d, "system"), "kind": "item", "data": d}
+            for i, d in enumerate(plain(i) for i in items)
+        ]
+        reply = await finish(client.append(self.session_id, batch))
+        self._acked(client, reply.items, batch)
+        return True
