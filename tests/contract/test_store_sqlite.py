@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import msgspec
+import pytest
 
 from services.log.store.base import LogStore
 from services.log.store.sqlite import SQLiteStore
 
-from .store_suite import StoreSuite, item, read_all, req
+from .store_suite import StoreSuite, item, read_all, req, retract
 
 
 async def writer_pragma(store: SQLiteStore, name: str) -> Any:
@@ -102,5 +105,49 @@ class TestSQLiteStore(StoreSuite):
                 await store.append(f"s{i}", req(item("overwrites the WAL's first frames")))
             assert wal.stat().st_size == size
             assert [e.item_order for e in await read_all(store, "s0")] == [1, 2, 3]
+        finally:
+            await store.close()
+
+    @pytest.mark.parametrize("cached", [True, False], ids=["head-cached", "head-from-the-table"])
+    @pytest.mark.parametrize("how", ["tail", "read"])
+    async def test_a_visible_read_is_as_of_its_last_order_despite_a_retract_committed_meanwhile(
+        self, tmp_path: Path, how: str, cached: bool
+    ) -> None:
+        # The reader runs on its own thread: a retract committed after the read
+        # took its last_order must not hide an item from a reply that reports
+        # that last_order (the read shows the visible history of 1..last).
+        store = SQLiteStore(tmp_path / "log.db")
+        await store.open()
+        try:
+            await store.append("s", req(item("a"), item("b"), item("c")))
+            if not cached:
+                store._states.clear()  # as after a restart: the head comes from the table
+            real = store._reader
+
+            class RetractFirst:
+                """The reader, but a retract of order 3 commits before each query runs."""
+
+                def __init__(self) -> None:
+                    self.conn = real()
+
+                @contextlib.asynccontextmanager
+                async def execute(self, sql: str, args: Any = ()) -> Any:
+                    if "FROM items" in sql:
+                        await store.append("s", req(retract(3)))
+                    async with self.conn.execute(sql, args) as cur:
+                        yield cur
+
+            store._reader = RetractFirst  # type: ignore[method-assign]
+            if how == "tail":
+                page = await store.tail("s", 10)
+            else:
+                page = await store.read("s", after=0, limit=10, max_bytes=1 << 20, visible=True)
+            store._reader = real  # type: ignore[method-assign]
+            assert page.last_order == 3
+            assert [msgspec.json.decode(e)["data"]["content"] for e in page.items] == ["a", "b", "c"]
+            # ... and the next read, as of order 4, no longer shows it.
+            page = await store.tail("s", 10)
+            assert page.last_order == 4
+            assert [msgspec.json.decode(e)["data"]["content"] for e in page.items] == ["a", "b"]
         finally:
             await store.close()

@@ -91,8 +91,8 @@ def _import_sqlite(store: object, sid: str, raw: Sequence[bytes], after: int) ->
             "INSERT INTO items (position, session_id, item_order, item_id, kind, envelope) VALUES (?, ?, ?, ?, ?, ?)",
             [r[:6] for r in rows],
         )
-        hides = [(sid, r[6]) for r in rows if r[4] == "retract"]
-        w.executemany("UPDATE items SET hidden = 1 WHERE session_id = ? AND item_order = ?", hides)
+        hides = [(r[2], sid, r[6]) for r in rows if r[4] == "retract"]  # hidden = the retract's order
+        w.executemany("UPDATE items SET hidden = ? WHERE session_id = ? AND item_order = ?", hides)
         w.execute(
             "INSERT INTO sessions (session_id, last_order, last_hash, last_clear, updated_at) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET last_order = excluded.last_order, "

@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS items (
     item_order INTEGER NOT NULL,
     item_id    TEXT    NOT NULL,
     kind       TEXT    NOT NULL,
-    hidden     INTEGER NOT NULL DEFAULT 0,
+    hidden     INTEGER NOT NULL DEFAULT 0,  -- 0, or the order of the retract that hid it
     envelope   BLOB    NOT NULL,
     UNIQUE (session_id, item_order),
     -- item_id first: the ids LogClient mints are time-ordered (UUIDv7), so
@@ -286,9 +286,11 @@ class SQLiteStore:
                 if careful:
                     raise sqlite3.IntegrityError("duplicate item_id after a careful lookup")
                 return await self._commit_batch(batch, careful=True)
-            hides = [(r[1], r[6]) for r in rows if r[4] == "retract"]
+            # hidden = the retract's order, so a read as of an earlier last_order
+            # still shows the item (see tail()); databases made before hold 1.
+            hides = [(r[2], r[1], r[6]) for r in rows if r[4] == "retract"]
             if hides:
-                w.executemany("UPDATE items SET hidden = 1 WHERE session_id = ? AND item_order = ?", hides)
+                w.executemany("UPDATE items SET hidden = ? WHERE session_id = ? AND item_order = ?", hides)
             w.executemany(
                 "INSERT INTO sessions (session_id, last_order, last_hash, last_clear, updated_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
@@ -341,39 +343,43 @@ class SQLiteStore:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
-    async def _last_clear(self, session_id: str) -> int:
+    async def _head(self, session_id: str) -> tuple[int, int]:
+        """``(last_order, last_clear)`` as of one moment (the cache, or one row)."""
         st = self._states.get(session_id)
         if st is not None:
-            return st.last_clear
+            return st.last_order, st.last_clear
         async with self._reader().execute(
-            "SELECT last_clear FROM sessions WHERE session_id = ?", (session_id,)
+            "SELECT last_order, last_clear FROM sessions WHERE session_id = ?", (session_id,)
         ) as cur:
             row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return (int(row[0]), int(row[1])) if row else (0, 0)
 
     async def read(
         self, session_id: str, *, after: int, limit: int, max_bytes: int, visible: bool = False
     ) -> Page:
         r = self._reader()
-        # Take last_order first and read no further than it: a commit whose
-        # COMMIT has finished but whose cache update has not yet run must not
-        # show items beyond the last_order the reply reports.
-        last = await self.last_order(session_id)
+        # Take the head first and read as of it: the reader runs on its own
+        # thread and may see commits made after that moment, which must not
+        # show (items beyond ``last``) nor hide (a later retract) anything.
+        last, clear = await self._head(session_id)
         if visible:
-            after = max(after, await self._last_clear(session_id))
+            after = max(after, clear)
             sql = (
                 "SELECT envelope FROM items WHERE session_id = ? AND item_order > ? "
-                "AND item_order <= ? AND kind = 'item' AND hidden = 0 ORDER BY item_order LIMIT ?"
+                "AND item_order <= ? AND kind = 'item' AND (hidden = 0 OR hidden > ?) "
+                "ORDER BY item_order LIMIT ?"
             )
+            args: tuple[object, ...] = (session_id, after, last, last, limit + 1)
         else:
             sql = (
                 "SELECT envelope FROM items WHERE session_id = ? AND item_order > ? "
                 "AND item_order <= ? ORDER BY item_order LIMIT ?"
             )
+            args = (session_id, after, last, limit + 1)
         items: list[bytes] = []
         size = 0
         more = False
-        async with r.execute(sql, (session_id, after, last, limit + 1)) as cur:
+        async with r.execute(sql, args) as cur:
             # Fetch in chunks and stop at the byte budget: SQLite steps lazily,
             # so a page that fills after 2,000 rows does not read 10,000.
             while not more:
@@ -390,16 +396,16 @@ class SQLiteStore:
 
     async def tail(self, session_id: str, n: int, *, visible: bool = True) -> Page:
         r = self._reader()
-        last = await self.last_order(session_id)  # first, as in read()
+        last, clear = await self._head(session_id)  # first, as in read()
         if n <= 0:
             return Page([], last, False)
         if visible:
             sql = (
                 "SELECT envelope FROM items WHERE session_id = ? AND item_order > ? "
-                "AND item_order <= ? AND kind = 'item' AND hidden = 0 "
+                "AND item_order <= ? AND kind = 'item' AND (hidden = 0 OR hidden > ?) "
                 "ORDER BY item_order DESC LIMIT ?"
             )
-            args: tuple[object, ...] = (session_id, await self._last_clear(session_id), last, n)
+            args: tuple[object, ...] = (session_id, clear, last, last, n)
         else:
             sql = (
                 "SELECT envelope FROM items WHERE session_id = ? AND item_order <= ? "
