@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import math
 import time
+from collections.abc import Callable
 
 import nats
 import nats.errors
@@ -91,6 +92,10 @@ class Requester:
         self._tokens = itertools.count(1)
         self._sweeper: asyncio.TimerHandle | None = None  # times out requests in flight
         self._sweep_at = 0.0
+        #: Called after each reply with ``(subject, started, sent, replied)``,
+        #: ``time.perf_counter()`` stamps of one request: entering the send, the
+        #: publish done, the reply back in the requesting task.  For benches.
+        self.observer: Callable[[str, float, float, float], None] | None = None
 
     async def _subscribe_replies(self) -> str:
         """Subscribe ``<inbox>.*`` once; return the reply prefix (``<inbox>.``).
@@ -144,6 +149,8 @@ class Requester:
             nats.errors.NoRespondersError: nobody is subscribed to ``subject``.
             nats.errors.Error: what ``publish`` raised (nothing was sent).
         """
+        observer = self.observer
+        started = time.perf_counter() if observer is not None else 0.0
         prefix = self._reply_prefix if self._reply_sub is not None else await self._subscribe_replies()
         token = str(next(self._tokens))
         loop = asyncio.get_running_loop()
@@ -158,11 +165,14 @@ class Requester:
             self._sweep_at = due
         try:
             await self.nc.publish(subject, body, reply=prefix + token, headers=tracing.headers())
+            sent = time.perf_counter() if observer is not None else 0.0
             msg = await fut
         finally:
             pending.pop(token, None)
         if msg is None:
             raise nats.errors.TimeoutError
+        if observer is not None:
+            observer(subject, started, sent, time.perf_counter())
         headers = msg.headers
         if headers and headers.get(_STATUS) == _NO_RESPONDERS:
             raise nats.errors.NoRespondersError

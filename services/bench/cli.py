@@ -59,7 +59,7 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", choices=["sqlite", "jetstream"], default=None,
                    help="instead: private stacks fsyncing every write; jetstream runs the JetStream "
                         "store, then SQLite, next to a raw JetStream publish baseline")
-    p.add_argument("--json", action="store_true", help="with --store: print the figures as JSON")
+    p.add_argument("--json", action="store_true", help="with --store or --sdk: print the figures as JSON")
     p.add_argument("--sdk", action="store_true",
                    help="instead: ConvlogSession vs the Agents SDK's SQLiteSession "
                         "(needs convlog[agents])")
@@ -100,7 +100,7 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         from .sdk import run_sdk_bench
 
         url = settings.nats_url if args.nats_url and nats_answers(settings.nats_url) else None
-        await run_sdk_bench(url, args.sdk_ops, sys.stdout)
+        await run_sdk_bench(url, args.sdk_ops, sys.stdout, as_json_out=args.json)
         return EXIT_OK
 
     if args.store is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import subprocess
 import sys
 import tempfile
@@ -38,14 +39,12 @@ from typing import Any, TextIO
 from shared.agents_session import require_agents_sdk
 from shared.client import LogClient
 
+from .sdk_breakdown import CallClock, ClientSplit, ServiceSplit, service_delta, service_sample
 from .sdk_procs import PROCESSES, Workers, run_processes
+from .sdk_report import READ_LIMIT, WRITERS, as_json, print_report
 from .sdk_stores import ConvlogSessions, Sessions, SQLiteSessions, bench_item
 
 __all__ = ["Measure", "main", "run_sdk_bench"]
-
-WRITERS = 16
-READ_LIMIT = 50
-
 
 @dataclass
 class Measure:
@@ -92,12 +91,26 @@ async def _timed(workers: int, calls_each: int, op: Callable[[int, int], Awaitab
                    latencies=latencies, errors=errors)
 
 
-async def _in_process(store: Sessions, ops: int, run_id: str) -> dict[str, Measure]:
-    """add_items and get_items throughput, 1 and 16 at a time, on one store."""
+async def _in_process(
+    store: Sessions, ops: int, run_id: str, stats_nc: Any = None
+) -> tuple[dict[str, Measure], tuple[ClientSplit, ServiceSplit | None] | None]:
+    """add_items and get_items throughput, 1 and 16 at a time, on one store;
+    with ``stats_nc`` (ConvlogSession), also where a single writer's call goes."""
     out: dict[str, Measure] = {}
     one = store.session(f"{run_id}-one")
     await one.get_items(limit=1)  # connect / open before the clock starts
-    out["add_1"] = await _timed(1, ops, lambda w, i: one.add_items([bench_item("w0", i)]))
+    clock = CallClock()
+    client = getattr(one, "client", None)
+    if client is not None:
+        client.observer = clock.observe
+    before = await service_sample(stats_nc) if stats_nc is not None else None
+    out["add_1"] = await _timed(
+        1, ops, lambda w, i: clock.timed(lambda: one.add_items([bench_item("w0", i)])))
+    split = None
+    if client is not None:
+        client.observer = None
+        after = await service_sample(stats_nc) if stats_nc is not None else None
+        split = (clock.split, service_delta(before, after))
     many = [store.session(f"{run_id}-many") for _ in range(WRITERS)]
     for s in many:
         await s.get_items(limit=1)
@@ -105,7 +118,7 @@ async def _in_process(store: Sessions, ops: int, run_id: str) -> dict[str, Measu
     out["add_16"] = await _timed(WRITERS, per, lambda w, i: many[w].add_items([bench_item(f"w{w}", i)]))
     out["get_1"] = await _timed(1, ops, lambda w, i: one.get_items(limit=READ_LIMIT))
     out["get_16"] = await _timed(WRITERS, per, lambda w, i: many[w].get_items(limit=READ_LIMIT))
-    return out
+    return out, split
 
 
 # -- the stack ----------------------------------------------------------------
@@ -148,55 +161,7 @@ async def _wait_for_log_service(url: str, timeout: float = 20.0) -> None:  # noq
         await client.close()
 
 
-# -- the report -----------------------------------------------------------------
-
-
-def _ratio(convlog: float, sqlite: float) -> str:
-    return f"{convlog / sqlite:.2f}x" if sqlite > 0 else "n/a"
-
-
-def _report(results: dict[str, Any], out: TextIO) -> None:
-    sq, cv = results["sqlite"], results["convlog"]
-    rows: list[tuple[str, str, str, str]] = []
-    labels = {
-        "add_1": "add_items, 1 writer",
-        "add_16": f"add_items, {WRITERS} writers",
-        "get_1": f"get_items(limit={READ_LIMIT}), 1 reader",
-        "get_16": f"get_items(limit={READ_LIMIT}), {WRITERS} readers",
-    }
-    for key, label in labels.items():
-        a, b = sq[key], cv[key]
-        rows.append((label + " (calls/s)", f"{a.rate:,.0f}", f"{b.rate:,.0f}", _ratio(b.rate, a.rate)))
-        rows.append(("  latency p50 / p99 (ms)", f"{a.pct_ms(0.5):.2f} / {a.pct_ms(0.99):.2f}",
-                     f"{b.pct_ms(0.5):.2f} / {b.pct_ms(0.99):.2f}", ""))
-        if a.errors or b.errors:
-            rows.append(("  failed calls", str(a.errors), str(b.errors), ""))
-    a, b = sq["processes"], cv["processes"]
-    rows.append((f"add_items, {PROCESSES} processes (calls/s)", f"{a.rate:,.0f}", f"{b.rate:,.0f}",
-                 _ratio(b.rate, a.rate)))
-    rows.append(("  items found / expected", f"{a.found} / {a.expected}", f"{b.found} / {b.expected}", ""))
-    rows.append(("  lost / doubled", f"{a.lost} / {a.doubled}", f"{b.lost} / {b.doubled}", ""))
-    rows.append(("  out of order / torn pairs", f"{a.out_of_order} / {a.torn}",
-                 f"{b.out_of_order} / {b.torn}", ""))
-    rows.append(("  failed calls", str(a.failed_calls), str(b.failed_calls), ""))
-    head = ("scenario", "SQLiteSession", "ConvlogSession", "convlog/sqlite")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-
-    def line(r: tuple[str, str, str, str]) -> str:
-        cells = [r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True))]
-        return "  ".join(cells).rstrip()
-
-    print(f"Agents SDK sessions, {results['ops']} calls per scenario "
-          f"(openai-agents {results['sdk_version']}; SQLiteSession on a local file, "
-          "ConvlogSession over NATS to the log service)", file=out)
-    print(line(head), file=out)
-    print("  ".join("-" * w for w in widths), file=out)
-    for r in rows:
-        print(line(r), file=out)
-    out.flush()
-
-
-async def run_sdk_bench(url: str | None, ops: int, out: TextIO) -> dict[str, Any]:
+async def run_sdk_bench(url: str | None, ops: int, out: TextIO, *, as_json_out: bool = False) -> dict[str, Any]:
     """Measure ConvlogSession against SQLiteSession and print the table to ``out``.
 
     Args:
@@ -204,10 +169,14 @@ async def run_sdk_bench(url: str | None, ops: int, out: TextIO) -> dict[str, Any
             nats-server and ``convlog log`` for the run.
         ops: calls per scenario (split across writers/processes where there are several).
         out: where the table goes.
+        as_json_out: print the figures as one JSON object instead of the table.
 
     Returns:
-        ``{"sqlite": {...}, "convlog": {...}, "ops": ops, "sdk_version": ...}``:
-        :class:`Measure` per in-process scenario and :class:`Mixing` under ``"processes"``.
+        ``{"sqlite": {...}, "convlog": {...}, "ops": ops, "sdk_version": ...,
+        "breakdown": {...}}``: :class:`Measure` per in-process scenario and
+        :class:`Mixing` under ``"processes"``; the breakdown of a
+        ConvlogSession call, client and service side, for ``add_1`` and
+        ``processes`` (see :mod:`.sdk_breakdown`).
 
     Raises:
         ImportError: the Agents SDK is missing (names ``pip install 'convlog[agents]'``).
@@ -227,17 +196,30 @@ async def run_sdk_bench(url: str | None, ops: int, out: TextIO) -> dict[str, Any
             else:
                 await _wait_for_log_service(url, timeout=5)
             await workers.run_ready()
+            stats = await LogClient.connect(url, name="convlog-sdk-bench-stats")
+            stack.push_async_callback(stats.close)
+            breakdown: dict[str, Any] = {}
             for key, store in (("sqlite", SQLiteSessions(base / "sdk_sessions.db")),
                                ("convlog", ConvlogSessions(url))):
                 try:
-                    results[key] = await _in_process(store, ops, run_id)
+                    results[key], split = await _in_process(
+                        store, ops, run_id, stats.nc if key == "convlog" else None)
                 finally:
                     await store.close()
-            results["sqlite"]["processes"] = await run_processes(
+                if split is not None:
+                    breakdown["add_1"] = split
+            results["sqlite"]["processes"], _ = await run_processes(
                 workers, "sqlite", str(base / "sdk_shared.db"), f"{run_id}-procs", per_process)
-            results["convlog"]["processes"] = await run_processes(
+            before = await service_sample(stats.nc)
+            results["convlog"]["processes"], split_p = await run_processes(
                 workers, "convlog", url, f"{run_id}-procs", per_process)
-    _report(results, out)
+            breakdown["processes"] = (split_p, service_delta(before, await service_sample(stats.nc)))
+            results["breakdown"] = breakdown
+    if as_json_out:
+        print(json.dumps(as_json(results), indent=2), file=out)
+        out.flush()
+    else:
+        print_report(results, out)
     return results
 
 
@@ -246,11 +228,12 @@ def main(argv: list[str] | None = None) -> int:
                                 description="ConvlogSession vs the Agents SDK's SQLiteSession")
     p.add_argument("--url", help="NATS URL of a running log service (default: start a local stack)")
     p.add_argument("--ops", type=int, default=1000, help="calls per scenario (default 1000)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
     if args.ops < PROCESSES:
         p.error(f"--ops must be at least {PROCESSES}")
     started = time.monotonic()
-    asyncio.run(run_sdk_bench(args.url, args.ops, sys.stdout))
+    asyncio.run(run_sdk_bench(args.url, args.ops, sys.stdout, as_json_out=args.json))
     print(f"(run took {time.monotonic() - started:.1f} s)", file=sys.stderr)
     return 0
 

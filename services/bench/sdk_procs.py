@@ -19,6 +19,7 @@ from typing import Any
 
 from shared.agents_session import require_agents_sdk
 
+from .sdk_breakdown import CallClock, ClientSplit
 from .sdk_stores import ConvlogSessions, Sessions, SQLiteSessions, bench_item
 
 __all__ = ["PROCESSES", "Mixing", "Workers", "check_mixing", "run_processes"]
@@ -109,9 +110,19 @@ class Workers:
                 await proc.wait()
 
 
-async def run_processes(workers: Workers, kind: str, target: str, sid: str, calls_each: int) -> Mixing:
-    """The workers add pairs to one session at once; read it back and check."""
+async def run_processes(
+    workers: Workers, kind: str, target: str, sid: str, calls_each: int
+) -> tuple[Mixing, ClientSplit]:
+    """The workers add pairs to one session at once; read it back and check.
+
+    Returns:
+        What the read-back found, and the workers' summed call timings
+        (:class:`~.sdk_breakdown.CallClock`).
+    """
     summaries = await workers.run(kind, target, sid, calls_each)
+    split = ClientSplit()
+    for x in summaries:
+        split.add(ClientSplit.from_dict(x["split"]))
     failed = sum(x["errors"] for x in summaries)
     calls = sum(x["calls"] for x in summaries)
     seconds = max(x["seconds"] for x in summaries)  # they start together: the slowest is the wall time
@@ -120,7 +131,7 @@ async def run_processes(workers: Workers, kind: str, target: str, sid: str, call
         items = await store.session(sid).get_items()
     finally:
         await store.close()
-    return check_mixing(items, workers.tags, calls_each, failed, calls, seconds)
+    return check_mixing(items, workers.tags, calls_each, failed, calls, seconds), split
 
 
 def check_mixing(
@@ -161,15 +172,20 @@ async def _worker_job(tag: str, job: dict[str, Any], lines: asyncio.Queue[str]) 
     session = store.session(job["sid"])
     errors: dict[str, int] = {}
     done = 0
+    clock = CallClock()
     try:
         await session.get_items(limit=1)  # open / connect before "go"
+        client = getattr(session, "client", None)
+        if client is not None:
+            client.observer = clock.observe
         print(json.dumps({"armed": tag}), flush=True)
         if await lines.get() != "go":
             raise RuntimeError("expected 'go'")
         start = time.perf_counter()
         for n in range(job["count"]):
+            pair = [bench_item(tag, n), bench_item(tag, n, "assistant")]
             try:
-                await session.add_items([bench_item(tag, n), bench_item(tag, n, "assistant")])
+                await clock.timed(lambda pair=pair: session.add_items(pair))
                 done += 1
             except Exception as e:  # counted and reported: the bench is about what survives
                 errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
@@ -177,7 +193,7 @@ async def _worker_job(tag: str, job: dict[str, Any], lines: asyncio.Queue[str]) 
     finally:
         await store.close()
     return {"tag": tag, "calls": done, "errors": sum(errors.values()), "error_kinds": errors,
-            "seconds": seconds}
+            "seconds": seconds, "split": clock.split.to_dict()}
 
 
 async def _worker(tag: str) -> None:

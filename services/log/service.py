@@ -123,6 +123,7 @@ class LogService:
         self._started = False
         self.tally = {"append": 0, "read": 0, "sessions": 0, "in": 0, "errors": 0}
         self.metrics = metrics.log_metrics(settings)
+        self.commit_tally = metrics.CommitTally(self.metrics.commit)  # replaced at start
         self.traces: ServiceTraces | None = None
 
     async def __aenter__(self) -> LogService:
@@ -192,7 +193,7 @@ class LogService:
             self.store.add_commit_listener(self.witness.on_commit)
         # Fan-out lag is the outbox's; a store that writes the items stream itself has none.
         self.fanout = metrics.Fanout(lambda: self.outbox.published_position if self.outbox else 0)
-        metrics.watch_store(self.store, self.metrics)
+        self.commit_tally = metrics.watch_store(self.store, self.metrics)
         if outbox_needed:
             self.outbox = Outbox(self.nc, self.store, self.subjects, ack_timeout=self._outbox_ack_timeout)
             self.store.add_commit_listener(self.outbox.on_commit)
@@ -298,7 +299,8 @@ class LogService:
 
     def _endpoint_stats(self, stats: EndpointStats) -> dict[str, Any] | None:
         """micro's ``stats_handler``: show convlog's counters in ``$SRV.STATS``, and
-        the fan-out lag as the append endpoint's data (for ``convlog health``)."""
+        the fan-out lag (for ``convlog health``) and the commit totals (for
+        ``convlog bench --sdk``) as the append endpoint's data."""
         c = self.counters.get(stats.name)
         if c is not None:
             stats.num_requests = c.requests
@@ -306,7 +308,9 @@ class LogService:
             stats.last_error = c.last_error
             stats.processing_time = c.processing_ns
             stats.average_processing_time = c.processing_ns // max(1, c.requests)
-        return self.fanout.stats() if stats.name == "append" else None
+        if stats.name != "append":
+            return None
+        return {**self.fanout.stats(), **self.commit_tally.stats()}
 
     def _reply(
         self, name: str, reply_to: ReplyTo, subject: str, payload: bytes, headers: dict[str, str] | None

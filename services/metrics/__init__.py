@@ -24,7 +24,7 @@ only the HTTP endpoint depends on the setting.
 
 from __future__ import annotations
 
-from .log import NO_LOG_METRICS, Fanout, LogMetrics, log_metrics, watch_store
+from .log import NO_LOG_METRICS, CommitTally, Fanout, LogMetrics, log_metrics, watch_store
 from .server import MetricsServer, close, serve
 from .worker import (
     WORKER_REGISTRY,
@@ -39,6 +39,7 @@ from .worker import (
 __all__ = [
     "NO_LOG_METRICS",
     "WORKER_REGISTRY",
+    "CommitTally",
     "Fanout",
     "LogMetrics",
     "MetricsServer",

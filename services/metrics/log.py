@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from .server import MetricsServer, serve
 
-__all__ = ["NO_LOG_METRICS", "Fanout", "LogMetrics", "log_metrics", "watch_store"]
+__all__ = ["NO_LOG_METRICS", "CommitTally", "Fanout", "LogMetrics", "log_metrics", "watch_store"]
 
 log = logging.getLogger("convlog.metrics")
 
@@ -249,12 +249,43 @@ def _store_gauges(path: Path | None) -> Iterator[Any]:
     yield GaugeMetricFamily("convlog_log_sessions", "Sessions in the log", n)
 
 
-def watch_store(store: Any, metrics: _NoLogMetrics) -> None:
+class CommitTally:
+    """Running totals of the store's commit batches (always on: a few adds per batch).
+
+    Shown in ``$SRV.STATS`` as the append endpoint's data, so a bench can
+    tell, from two samples, how many commits a phase took, how many items
+    each carried and how long the writes and their fsyncs took.
+    """
+
+    def __init__(self, forward: Callable[[int, int, int | None], None]) -> None:
+        self._forward = forward
+        self.commits = 0
+        self.items = 0
+        self.commit_ns = 0
+        self.fsync_ns = 0
+
+    def __call__(self, items: int, commit_ns: int, fsync_ns: int | None) -> None:
+        self.commits += 1
+        self.items += items
+        self.commit_ns += commit_ns
+        if fsync_ns is not None:
+            self.fsync_ns += fsync_ns
+        self._forward(items, commit_ns, fsync_ns)
+
+    def stats(self) -> dict[str, int]:
+        return {"commits": self.commits, "commit_items": self.items,
+                "commit_ns": self.commit_ns, "fsync_ns": self.fsync_ns}
+
+
+def watch_store(store: Any, metrics: _NoLogMetrics) -> CommitTally:
     """Have the store's group committer report each batch to ``metrics`` (both
-    stores commit through :class:`~services.log.store.committer.GroupCommitter`)."""
+    stores commit through :class:`~services.log.store.committer.GroupCommitter`),
+    through the :class:`CommitTally` returned."""
+    tally = CommitTally(metrics.commit)
     committer = getattr(store, "_committer", None)
     if committer is not None and hasattr(committer, "observe_commit"):
-        committer.observe_commit = metrics.commit
+        committer.observe_commit = tally
+    return tally
 
 
 def log_metrics(settings: Any) -> _NoLogMetrics:
