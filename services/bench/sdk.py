@@ -9,10 +9,19 @@ One run measures both stores on the same machine with the same items:
   user/assistant pair), then read back and checked: items lost or doubled,
   a process's items out of its own order, pairs torn apart, calls that failed.
 
-``SQLiteSession`` is file-backed in a temporary directory (the SDK's own
-multi-process story); ``ConvlogSession`` goes over NATS to a log service that
-commits durably to SQLite and hash-chains every item.  Ratios are
+Like with like: the same items (a ~150-byte user message, and in the
+process scenario a user/assistant pair per call) and both durable when a call
+returns.  ``SQLiteSession`` is file-backed in a temporary directory (the
+SDK's own multi-process story; WAL, and SQLite's default ``synchronous=FULL``,
+so every commit is fsynced); ``ConvlogSession`` goes over NATS to a log
+service that commits to SQLite the same way (WAL, ``synchronous=FULL``) and
+hash-chains every item.  Each phase starts after one untimed call per session
+object (opening the file, connecting, seeding the local copy).  Ratios are
 ConvlogSession / SQLiteSession throughput, so above 1 means convlog is faster.
+
+After the table, where a ConvlogSession call's time goes, for the single
+writer and for the 4 processes (:mod:`.sdk_breakdown`); ``--json`` prints
+every figure as one JSON object instead.
 
 With no URL, the bench starts its own embedded nats-server (port picked by the
 server) and a ``convlog log`` subprocess on a temporary database, and stops
@@ -116,6 +125,11 @@ async def _in_process(
         await s.get_items(limit=1)
     per = max(1, ops // WRITERS)
     out["add_16"] = await _timed(WRITERS, per, lambda w, i: many[w].add_items([bench_item(f"w{w}", i)]))
+    # One read before the clock, as for the writes: a copy that stopped following
+    # while nobody read (see shared.session_copy) follows again and seeds here.
+    await one.get_items(limit=READ_LIMIT)
+    for s in many:
+        await s.get_items(limit=READ_LIMIT)
     out["get_1"] = await _timed(1, ops, lambda w, i: one.get_items(limit=READ_LIMIT))
     out["get_16"] = await _timed(WRITERS, per, lambda w, i: many[w].get_items(limit=READ_LIMIT))
     return out, split
