@@ -101,37 +101,47 @@ async def _timed(workers: int, calls_each: int, op: Callable[[int, int], Awaitab
 
 
 async def _in_process(
-    store: Sessions, ops: int, run_id: str, stats_nc: Any = None
-) -> tuple[dict[str, Measure], tuple[ClientSplit, ServiceSplit | None] | None]:
-    """add_items and get_items throughput, 1 and 16 at a time, on one store;
-    with ``stats_nc`` (ConvlogSession), also where a single writer's call goes."""
-    out: dict[str, Measure] = {}
-    one = store.session(f"{run_id}-one")
-    await one.get_items(limit=1)  # connect / open before the clock starts
-    clock = CallClock()
-    client = getattr(one, "client", None)
-    if client is not None:
-        client.observer = clock.observe
-    before = await service_sample(stats_nc) if stats_nc is not None else None
-    out["add_1"] = await _timed(
-        1, ops, lambda w, i: clock.timed(lambda: one.add_items([bench_item("w0", i)])))
+    stores: dict[str, Sessions], ops: int, run_id: str, stats_nc: Any = None
+) -> tuple[dict[str, dict[str, Measure]], tuple[ClientSplit, ServiceSplit | None] | None]:
+    """add_items and get_items throughput, 1 and 16 at a time, per store.
+
+    Phase by phase, the stores back to back (in the order given), so a change
+    in the machine's load between phases hits both sides of a ratio.  With
+    ``stats_nc``, also where a single ConvlogSession writer's call goes.
+    """
+    out: dict[str, dict[str, Measure]] = {key: {} for key in stores}
+    ones = {key: store.session(f"{run_id}-one") for key, store in stores.items()}
+    manys = {key: [store.session(f"{run_id}-many") for _ in range(WRITERS)] for key, store in stores.items()}
+    for key in stores:  # connect / open before the clock starts
+        for s in [ones[key], *manys[key]]:
+            await s.get_items(limit=1)
     split = None
-    if client is not None:
-        client.observer = None
-        after = await service_sample(stats_nc) if stats_nc is not None else None
-        split = (clock.split, service_delta(before, after))
-    many = [store.session(f"{run_id}-many") for _ in range(WRITERS)]
-    for s in many:
-        await s.get_items(limit=1)
+    for key, one in ones.items():
+        clock = CallClock()
+        client = getattr(one, "client", None)
+        if client is not None:
+            client.observer = clock.observe
+        before = await service_sample(stats_nc) if client is not None and stats_nc is not None else None
+        out[key]["add_1"] = await _timed(
+            1, ops, lambda w, i, one=one, clock=clock: clock.timed(lambda: one.add_items([bench_item("w0", i)])))
+        if client is not None:
+            client.observer = None
+            after = await service_sample(stats_nc) if stats_nc is not None else None
+            split = (clock.split, service_delta(before, after))
     per = max(1, ops // WRITERS)
-    out["add_16"] = await _timed(WRITERS, per, lambda w, i: many[w].add_items([bench_item(f"w{w}", i)]))
+    for key, many in manys.items():
+        out[key]["add_16"] = await _timed(
+            WRITERS, per, lambda w, i, many=many: many[w].add_items([bench_item(f"w{w}", i)]))
     # One read before the clock, as for the writes: a copy that stopped following
     # while nobody read (see shared.session_copy) follows again and seeds here.
-    await one.get_items(limit=READ_LIMIT)
-    for s in many:
-        await s.get_items(limit=READ_LIMIT)
-    out["get_1"] = await _timed(1, ops, lambda w, i: one.get_items(limit=READ_LIMIT))
-    out["get_16"] = await _timed(WRITERS, per, lambda w, i: many[w].get_items(limit=READ_LIMIT))
+    for key in stores:
+        for s in [ones[key], *manys[key]]:
+            await s.get_items(limit=READ_LIMIT)
+    for key, one in ones.items():
+        out[key]["get_1"] = await _timed(1, ops, lambda w, i, one=one: one.get_items(limit=READ_LIMIT))
+    for key, many in manys.items():
+        out[key]["get_16"] = await _timed(
+            WRITERS, per, lambda w, i, many=many: many[w].get_items(limit=READ_LIMIT))
     return out, split
 
 
@@ -213,15 +223,14 @@ async def run_sdk_bench(url: str | None, ops: int, out: TextIO, *, as_json_out: 
             stats = await LogClient.connect(url, name="convlog-sdk-bench-stats")
             stack.push_async_callback(stats.close)
             breakdown: dict[str, Any] = {}
-            for key, store in (("sqlite", SQLiteSessions(base / "sdk_sessions.db")),
-                               ("convlog", ConvlogSessions(url))):
-                try:
-                    results[key], split = await _in_process(
-                        store, ops, run_id, stats.nc if key == "convlog" else None)
-                finally:
+            stores: dict[str, Sessions] = {"sqlite": SQLiteSessions(base / "sdk_sessions.db"),
+                                           "convlog": ConvlogSessions(url)}
+            try:
+                measured, breakdown["add_1"] = await _in_process(stores, ops, run_id, stats.nc)
+            finally:
+                for store in stores.values():
                     await store.close()
-                if split is not None:
-                    breakdown["add_1"] = split
+            results.update(measured)
             results["sqlite"]["processes"], _ = await run_processes(
                 workers, "sqlite", str(base / "sdk_shared.db"), f"{run_id}-procs", per_process)
             before = await service_sample(stats.nc)
