@@ -426,6 +426,29 @@ async def test_retried_add_items_after_unknown_outcome_does_not_double(
         await nc_client.close()
 
 
+async def test_concurrent_equal_add_items_are_two_writes_not_a_retry(
+    log_url: str, log_client: LogClient
+) -> None:
+    # Only a call that ended without a known outcome hands its key to an equal
+    # batch; two calls in flight at once with equal items both land, and a
+    # retry pending from a failed call is used once.
+    nc_client = await LogClient.connect(log_url)
+    flaky = _ReplyLost(nc_client.nc)
+    session = ConvlogSession("equal_twice", client=flaky)
+    same = [{"role": "user", "content": "yes"}]
+    try:
+        with pytest.raises(UnavailableError):
+            await session.add_items([{"role": "user", "content": "first"}])
+        await asyncio.gather(session.add_items(same), session.add_items(same))
+        assert contents(await session.get_items()) == ["first", "yes", "yes"]
+        await session.add_items([{"role": "user", "content": "first"}])  # the retry: a duplicate
+        await session.add_items([{"role": "user", "content": "first"}])  # after it: a new write
+        raw = await log_client.items("equal_twice")
+        assert [e.data["content"] for e in raw] == ["first", "yes", "yes", "first"]
+    finally:
+        await nc_client.close()
+
+
 async def test_cancelled_add_items_finishes_the_append_then_raises(
     new_session: Callable[..., ConvlogSession], log_client: LogClient
 ) -> None:
