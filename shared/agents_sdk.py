@@ -16,7 +16,7 @@ import msgspec
 
 __all__ = [
     "INSTALL_HINT", "canonical", "coerce_settings", "finish", "hooks_class", "plain",
-    "require_agents_sdk", "run_key",
+    "require_agents_sdk", "run_key", "settle",
 ]
 
 INSTALL_HINT = "pip install 'convlog[agents]'"
@@ -81,6 +81,27 @@ async def finish(awaitable: Awaitable[_T]) -> _T:
             task.exception()  # retrieved: a failure behind the cancellation is not "never retrieved"
         raise cancelled
     return task.result()
+
+
+async def settle(fut: asyncio.Future[_T]) -> _T:
+    """Await a future someone else resolves, to its outcome even if the caller is
+    cancelled, then re-raise the cancellation (:func:`finish` without a task:
+    the work already runs elsewhere, here the append queue's sender)."""
+    cancelled: asyncio.CancelledError | None = None
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError as e:
+            if fut.cancelled():
+                raise
+            cancelled = cancelled or e
+        except BaseException:
+            break  # the future's own failure: raised below (or behind the cancellation)
+    if cancelled is not None:
+        if not fut.cancelled():
+            fut.exception()  # retrieved: a failure behind the cancellation is not "never retrieved"
+        raise cancelled
+    return fut.result()
 
 
 def plain(item: Any) -> dict[str, Any]:

@@ -98,7 +98,6 @@ from typing import TYPE_CHECKING, Any
 
 from .agents_sdk import INSTALL_HINT, require_agents_sdk
 from .agents_sdk import coerce_settings as _coerce_settings
-from .agents_sdk import finish as _finish
 from .agents_sdk import plain as _plain
 from .call_keys import CallKeys
 from .client import LogClient
@@ -365,7 +364,7 @@ class ConvlogSession(HidingEdits, AuthorTracking):
             for i, d in enumerate(data)
         ]
         try:
-            acks = await _finish(self._state(client).append(batch, call.size))
+            acks = await self._state(client).append(batch, call.size)  # finishes despite a cancel
         except UnavailableError:
             self._keys.unknown(call)  # outcome unknown: a retry of this batch reuses the key
             raise

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .agents_sdk import finish, settle
 from .client import LogClient
 from .errors import BadRequestError, ConflictError, TooLargeError, UnavailableError
 from .messages import MAX_APPEND_ITEMS, AppendedItem
@@ -186,18 +187,30 @@ class SharedSession:
     async def append(self, batch: list[dict[str, Any]], size: int) -> list[AppendedItem]:
         """Append one call's items (contiguous, atomic); returns their acks, in order.
 
+        A call that has started finishes even if its caller is cancelled; the
+        cancellation is raised once the outcome is known.  The send runs in a
+        task of its own (a call sent alone) or in the queue's sender, and the
+        caller waits for it without a task per queued call.
+
         Raises:
             what :meth:`LogClient.append` raises for this call's items.
         """
         idle = self._sender is None or self._sender.done()
         if idle and not self._queue and not self._lock.locked():
-            async with self._lock:  # nothing in flight: send now, no queueing
-                return await self._send([_Call(batch, size)], alone=True)
+            await self._lock.acquire()  # free: taken at once, before anyone else looks
+            return await finish(self._send_alone(_Call(batch, size)))
         call = _Call(batch, size)
         self._queue.append(call)
         if idle:
             self._sender = asyncio.create_task(self._drain())
-        return await call.done
+        return await settle(call.done)
+
+    async def _send_alone(self, call: _Call) -> list[AppendedItem]:
+        """Nothing in flight: send now, no queueing (the lock is held, and released here)."""
+        try:
+            return await self._send([call], alone=True)
+        finally:
+            self._lock.release()
 
     async def _drain(self) -> None:
         """Send what queued up, batch after batch, while writers keep coming."""

@@ -463,6 +463,26 @@ async def test_cancelled_add_items_finishes_the_append_then_raises(
     assert len(await log_client.items("cancel_test")) == 1
 
 
+async def test_a_cancelled_queued_add_items_lands_and_raises_only_after(
+    new_session: Callable[..., ConvlogSession], log_client: LogClient
+) -> None:
+    # Two session objects on one client and id share one append queue: the
+    # second call waits behind the first, is cancelled there, and still goes
+    # out; its caller hears of the cancellation once the append is answered.
+    a, b = new_session("queued_cancel"), new_session("queued_cancel")
+    first = asyncio.create_task(a.add_items([{"role": "user", "content": "one"}]))
+    await asyncio.sleep(0)  # the first is in flight, sent alone
+    second = asyncio.create_task(b.add_items([{"role": "user", "content": "two"}]))
+    await asyncio.sleep(0)  # the second is queued behind it
+    second.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert first.done()  # the queued append went out after the first was answered
+    await first
+    assert [e.data["content"] for e in await log_client.items("queued_cancel")] == ["one", "two"]
+    assert contents(await a.get_items()) == ["one", "two"]
+
+
 async def test_close_is_idempotent_and_closed_operations_raise(
     log_url: str, log_client: LogClient
 ) -> None:
