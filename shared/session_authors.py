@@ -2,9 +2,13 @@
 
 Every envelope records an ``agent``.  Items with ``role`` ``user`` are
 written as ``"user"``; ``system``/``developer`` messages as ``"system"``;
-everything else as the *current agent*, which :meth:`AuthorTracking.hooks`
-learns per run (runs are told apart by the ``RunContextWrapper`` the Runner
-passes), else the session's default agent.
+everything else as the *current agent*.  The SDK's session calls carry no
+agent (the ``wrapper`` keyword passes the run's ``RunContextWrapper``, which
+holds the user's context and usage, not the agent), so the current agent
+comes from :meth:`AuthorTracking.hooks`: pass ``hooks=session.hooks()`` to
+``Runner.run`` and the session learns each agent as it starts, per run (runs
+are told apart by the ``wrapper`` the Runner passes).  Without hooks the
+author is the ``agent`` given to the session (default ``"assistant"``).
 """
 
 from __future__ import annotations

@@ -41,13 +41,15 @@ def _breakdown_rows(client: ClientSplit, service: ServiceSplit | None) -> list[t
         ]
         if service is not None and service.appends:
             in_service = service.append_s / service.appends
-            rows += [
-                ("    in the log service (arrival to reply queued)", in_service * 1000),
-                ("      its commit batch (decide, write, COMMIT)",
-                 _ms(service.commit_s, service.commits)),
-                ("        of which the COMMIT (fsync)", _ms(service.fsync_s, service.commits)),
-                ("    NATS and scheduling (the rest)", _ms(client.round_trip, timed) - in_service * 1000),
-            ]
+            rows.append(("    in the log service (arrival to reply queued)", in_service * 1000))
+            if service.commits:  # a store that reports its commits
+                rows += [
+                    ("      its commit batch (decide, write, COMMIT)",
+                     _ms(service.commit_s, service.commits)),
+                    ("        of which the COMMIT (fsync)", _ms(service.fsync_s, service.commits)),
+                ]
+            rows.append(("    NATS and scheduling (the rest)",
+                         _ms(client.round_trip, timed) - in_service * 1000))
         rows.append(("  reply decode, local copy update", _ms(client.after, timed)))
     return rows
 
