@@ -79,9 +79,12 @@ class LogServiceProc:
     """
 
     def __init__(
-        self, nats_url: str, db: str | os.PathLike[str], *, log_dir: str | os.PathLike[str], store: str = "sqlite"
+        self, nats_url: str, db: str | os.PathLike[str], *, log_dir: str | os.PathLike[str], store: str = "sqlite",
+        env: Mapping[str, str] | None = None, name: str = "log-service",
     ) -> None:
         self.store = store
+        self.extra_env = dict(env or {})  # CONVLOG_* settings on top of service_env()
+        self.name = name
         self.nats_url = nats_url
         self.db = Path(db)
         self.log_dir = Path(log_dir)
@@ -101,8 +104,8 @@ class LogServiceProc:
         self.proc = Proc(
             [sys.executable, "-m", "services.cli.main", "log", "--nats-url", self.nats_url,
              "--db", str(self.db), "--no-embedded", "--store", self.store],
-            log_dir=self.log_dir, env=service_env(self.log_dir / "convlog-data"),
-            name=f"log-service-{self.starts}",
+            log_dir=self.log_dir, env={**service_env(self.log_dir / "convlog-data"), **self.extra_env},
+            name=f"{self.name}-{self.starts}",
         ).start()
         self._paused = False
         try:
@@ -163,6 +166,8 @@ def writer_proc(
     timeout: float = 2.0,
     deadline: float = 30.0,
     cas: bool = False,
+    concurrency: int = 1,
+    attempts: int = 3,
 ) -> Proc:
     """A (not started) ``tests.support.writer`` process; see that module for the flags."""
     args = [
@@ -170,6 +175,7 @@ def writer_proc(
         "--sessions", ",".join(sessions), "--out", str(out), "--count", str(count),
         "--batch-every", str(batch_every), "--pace", str(pace),
         "--max-seconds", str(max_seconds), "--timeout", str(timeout), "--deadline", str(deadline),
+        "--concurrency", str(concurrency), "--attempts", str(attempts),
     ]
     if stop_file is not None:
         args += ["--stop-file", str(stop_file)]
@@ -203,6 +209,20 @@ class Acks:
     @property
     def items(self) -> int:
         return sum(len(ids) for _, ids, _ in self.appends)
+
+    @property
+    def hashes(self) -> dict[tuple[str, str], str]:
+        """(session_id, item_id) -> acknowledged hash (writers that record hashes)."""
+        return {
+            (r["sid"], iid): h
+            for r in self.records if "hashes" in r
+            for iid, h in zip(r["ids"], r["hashes"], strict=True)
+        }
+
+    @property
+    def times(self) -> list[tuple[float, str]]:
+        """(wall-clock time, writer) of every acknowledged append that recorded one, sorted."""
+        return sorted((r["t"], r.get("w", "")) for r in self.records if "t" in r)
 
 
 def read_acks(paths: Iterable[str | os.PathLike[str]]) -> Acks:
@@ -251,10 +271,12 @@ async def wait_for_acks(
 
 
 def check_session(
-    session_id: str, envelopes: list[Envelope], acked: Mapping[tuple[str, str], int]
+    session_id: str, envelopes: list[Envelope], acked: Mapping[tuple[str, str], int],
+    hashes: Mapping[tuple[str, str], str] | None = None,
 ) -> None:
     """Assert the log of one session is whole: orders 1..n, ids unique, chain valid,
-    and every acknowledged item at its acknowledged order."""
+    and every acknowledged item at its acknowledged order (with its acknowledged
+    hash, for the items in ``hashes``)."""
     orders = [e.item_order for e in envelopes]
     assert orders == list(range(1, len(envelopes) + 1)), f"{session_id}: orders not 1..n"
     ids = [e.item_id for e in envelopes]
@@ -265,6 +287,10 @@ def check_session(
     for (sid, iid), order in acked.items():
         if sid == session_id:
             assert at.get(iid) == order, f"{sid}: acked {iid} at {order}, log has {at.get(iid)}"
+    hash_of = {e.item_id: e.hash for e in envelopes}
+    for (sid, iid), h in (hashes or {}).items():
+        if sid == session_id:
+            assert hash_of.get(iid) == h, f"{sid}: acked {iid} with hash {h}, log has {hash_of.get(iid)}"
 
 
 @contextlib.asynccontextmanager

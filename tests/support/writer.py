@@ -9,8 +9,13 @@ made ``--count`` appends (0: no limit), the stop file exists, or
 batch; the rest are single items.  Item ids are ``<name>-<n>-<k>``, fixed
 before the first send, so a retry after an unknown outcome reuses them.
 
+With ``--concurrency K`` the process runs K such writers at once (named
+``<name>.0`` ... ``<name>.<K-1>``, each starting on a different session), over
+one connection, as K clients of one application would.
+
 Each acknowledged append is written at once as one JSONL line
-``{"sid", "ids", "orders", "dup"}`` (flushed, so a test can watch progress and
+``{"sid", "ids", "orders", "dup", "hashes", "w", "s", "t"}`` (``w`` the
+writer, ``s`` and ``t`` the wall-clock times of the first send and of the ack; flushed, so a test can watch progress and
 a crash of this process loses nothing recorded); the last line is
 ``{"summary": {...}}`` with the appends whose outcome stayed unknown after
 ``--attempts`` calls (each call itself retries until ``--deadline``).
@@ -28,6 +33,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import TextIO
 
 from shared.client import LogClient
@@ -53,6 +59,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cas", action="store_true",
                    help="optimistic: read last_order, append with expected_last, retry on conflict")
     p.add_argument("--max-conflicts", type=int, default=500, help="conflict retries per append")
+    p.add_argument("--concurrency", type=int, default=1, help="writers in this process")
     return p.parse_args(argv)
 
 
@@ -61,12 +68,83 @@ def _stop_requested(path: str | None) -> bool:
     return path is not None and os.path.exists(path)
 
 
-async def run(args: argparse.Namespace, out: TextIO) -> int:
+@dataclass
+class _Tally:
+    unknown: list[dict[str, object]] = field(default_factory=list)
+    appends: int = 0
+    items: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+
+
+async def _write(
+    args: argparse.Namespace, client: LogClient, name: str, offset: int, started: float,
+    out: TextIO, tally: _Tally,
+) -> int:
+    """One writer's loop; returns 0, or the exit code of a broken contract."""
     sessions = [s for s in args.sessions.split(",") if s]
+    n = 0
+    while args.count <= 0 or n < args.count:
+        if _stop_requested(args.stop_file):
+            break
+        if time.monotonic() - started > args.max_seconds:
+            break
+        n += 1
+        sid = sessions[(n + offset) % len(sessions)]
+        size = 3 if args.batch_every and n % args.batch_every == 0 else 1
+        batch = [
+            AppendItem(
+                agent=args.name,
+                data={"role": "user", "content": f"{name} message {n}.{k}"},
+                item_id=f"{name}-{n}-{k}",
+            )
+            for k in range(size)
+        ]
+        ids = [it.item_id for it in batch]
+        expected: int | None = None
+        unknown_tries = conflict_tries = 0
+        sent = time.time()
+        while True:  # bounded by --attempts and --max-conflicts
+            try:
+                if args.cas:
+                    expected = await client.last_order(sid)
+                reply = await client.append(sid, batch, expected_last=expected)
+            except UnavailableError as e:
+                print(f"writer {name}: append {n} unknown outcome: {e}", flush=True)
+                unknown_tries += 1
+                if unknown_tries >= args.attempts:
+                    tally.unknown.append({"sid": sid, "ids": ids})
+                    break
+                continue
+            except ConflictError:
+                tally.conflicts += 1  # another writer got there first: read again, retry
+                conflict_tries += 1
+                if conflict_tries > args.max_conflicts:
+                    print(f"writer {name}: append {n} lost {conflict_tries} races", flush=True)
+                    return 4
+                continue
+            got = [i.item_id for i in reply.items]
+            if got != ids:  # the reply must answer exactly what was asked
+                print(f"writer {name}: reply ids {got} != {ids}", flush=True)
+                return 3
+            dup = [i.duplicate for i in reply.items]
+            out.write(json.dumps({
+                "sid": sid, "ids": ids, "orders": [i.item_order for i in reply.items], "dup": dup,
+                "hashes": [i.hash for i in reply.items], "expected_last": expected,
+                "w": name, "s": sent, "t": time.time(),
+            }) + "\n")
+            tally.appends += 1
+            tally.items += size
+            tally.duplicates += sum(dup)
+            break
+        if args.pace:
+            await asyncio.sleep(args.pace)
+    return 0
+
+
+async def run(args: argparse.Namespace, out: TextIO) -> int:
     client = await LogClient.connect(args.url, name=f"writer-{args.name}")
     client.timeout, client.deadline = args.timeout, args.deadline
-    unknown: list[dict[str, object]] = []
-    appends = items = duplicates = conflicts = 0
     started = time.monotonic()
     print(f"writer {args.name} connected", flush=True)
     # A start barrier, so several writers really overlap (bounded by --max-seconds).
@@ -75,64 +153,19 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
             break
         await asyncio.sleep(0.01)
     started = time.monotonic()
-    n = 0
-    while args.count <= 0 or n < args.count:
-        if _stop_requested(args.stop_file):
-            break
-        if time.monotonic() - started > args.max_seconds:
-            break
-        n += 1
-        sid = sessions[n % len(sessions)]
-        size = 3 if args.batch_every and n % args.batch_every == 0 else 1
-        batch = [
-            AppendItem(
-                agent=args.name,
-                data={"role": "user", "content": f"{args.name} message {n}.{k}"},
-                item_id=f"{args.name}-{n}-{k}",
-            )
-            for k in range(size)
-        ]
-        ids = [it.item_id for it in batch]
-        expected: int | None = None
-        unknown_tries = conflict_tries = 0
-        while True:  # bounded by --attempts and --max-conflicts
-            try:
-                if args.cas:
-                    expected = await client.last_order(sid)
-                reply = await client.append(sid, batch, expected_last=expected)
-            except UnavailableError as e:
-                print(f"writer {args.name}: append {n} unknown outcome: {e}", flush=True)
-                unknown_tries += 1
-                if unknown_tries >= args.attempts:
-                    unknown.append({"sid": sid, "ids": ids})
-                    break
-                continue
-            except ConflictError:
-                conflicts += 1  # another writer got there first: read again, retry
-                conflict_tries += 1
-                if conflict_tries > args.max_conflicts:
-                    print(f"writer {args.name}: append {n} lost {conflict_tries} races", flush=True)
-                    return 4
-                continue
-            got = [i.item_id for i in reply.items]
-            if got != ids:  # the reply must answer exactly what was asked
-                print(f"writer {args.name}: reply ids {got} != {ids}", flush=True)
-                return 3
-            dup = [i.duplicate for i in reply.items]
-            out.write(json.dumps({
-                "sid": sid, "ids": ids, "orders": [i.item_order for i in reply.items], "dup": dup,
-                "expected_last": expected,
-            }) + "\n")
-            appends += 1
-            items += size
-            duplicates += sum(dup)
-            break
-        if args.pace:
-            await asyncio.sleep(args.pace)
+    tally = _Tally()
+    if args.concurrency <= 1:
+        codes = [await _write(args, client, args.name, 0, started, out, tally)]
+    else:
+        codes = await asyncio.gather(*(
+            _write(args, client, f"{args.name}.{j}", j, started, out, tally) for j in range(args.concurrency)
+        ))
+    if any(codes):
+        return max(codes)
     summary = {
-        "name": args.name, "appends": appends, "items": items, "duplicates": duplicates,
-        "conflicts": conflicts,
-        "unknown": unknown, "seconds": round(time.monotonic() - started, 3),
+        "name": args.name, "appends": tally.appends, "items": tally.items, "duplicates": tally.duplicates,
+        "conflicts": tally.conflicts,
+        "unknown": tally.unknown, "seconds": round(time.monotonic() - started, 3),
     }
     out.write(json.dumps({"summary": summary}) + "\n")
     print(f"writer {args.name} done: {json.dumps(summary)}", flush=True)

@@ -1,0 +1,102 @@
+"""Faults on a real 3-node cluster: the JetStream store on an R3 stream, two
+log-service instances, 16 writers × 20 sessions appending all the while.
+
+Each fault happens mid-load, the writers retrying unanswered appends with the
+same ``item_id`` as a real client does, and each test then proves:
+
+* 0 acknowledged items lost, duplicated or moved — every acknowledged
+  ``item_id`` is in the log once, at its acknowledged ``item_order``, with its
+  acknowledged hash, and the log holds nothing nobody asked for;
+* one contiguous verified history per session (orders 1..n, chain intact);
+* appends resume by themselves: acks keep coming after the fault, with no
+  one restarting a client or a log service.
+
+The leader killed is the one of the store's busiest stream, read from the
+streams' cluster info (:mod:`services.bench.leader`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.cluster_load import SESSIONS, appends_served, check_log, cluster_log, gaps, load
+
+pytestmark = pytest.mark.timeout(150)
+
+BEFORE, AFTER = 150, 150  # acks to see before a fault, and after it (appends resume)
+
+
+async def test_kill_9_of_the_stream_leader_loses_nothing(tmp_path: Path) -> None:
+    async with cluster_log(tmp_path) as cl, load(cl.url, tmp_path) as writers:
+        await writers.acked(BEFORE)
+        # Step 1: kill -9 the node leading the store's busiest stream, mid-load.
+        leader = await cl.leader()
+        assert leader.replicas == 3
+        killed_at = time.time()
+        cl.server(leader.leader).kill()
+        # Step 2: the survivors elect a new leader; the writers' retries go through.
+        await writers.acked(AFTER, timeout=40)
+        assert (await cl.leader()).leader != leader.leader
+        # Step 3: the killed node comes back and catches up; appends go on.
+        cl.server(leader.leader).start()
+        await writers.acked(AFTER, timeout=40)
+        acks = await writers.stop()
+        cl.assert_services_kept_running()
+        first, longest, stall = gaps(acks, killed_at)
+        print(f"leader kill: first ack {first:.2f}s after, longest gap {longest:.2f}s, "
+              f"longest one writer waited {stall:.2f}s")
+        await check_log(cl.url, acks, SESSIONS)
+
+
+async def test_kill_9_of_one_of_two_log_services_loses_nothing(tmp_path: Path) -> None:
+    async with cluster_log(tmp_path) as cl, load(cl.url, tmp_path) as writers:
+        await writers.acked(BEFORE)
+        # Step 1: kill -9 one instance mid-load; its unanswered appends are retried.
+        cl.services[0].kill9()
+        # Step 2: the other instance carries on alone.
+        await writers.acked(AFTER, timeout=40)
+        # Step 3: the killed one starts again, cold, and serves next to the other.
+        await asyncio.to_thread(cl.services[0].start, 30)
+        await writers.acked(AFTER, timeout=40)
+        acks = await writers.stop()
+        cl.assert_services_kept_running(starts=(2, 1))
+        await check_log(cl.url, acks, SESSIONS)
+
+
+async def test_stopping_all_three_servers_and_starting_them_again_loses_nothing(tmp_path: Path) -> None:
+    async with cluster_log(tmp_path) as cl, load(cl.url, tmp_path) as writers:
+        await writers.acked(BEFORE)
+        # Step 1: every server stops (SIGTERM) mid-load: nothing can be appended.
+        for server in cl.cluster.servers:
+            await asyncio.to_thread(server.stop)
+        stopped_at = time.time()
+        # Step 2: they start again on the same ports and stores.
+        for server in cl.cluster.servers:
+            await asyncio.to_thread(server.start)
+        # Step 3: the log services and the writers reconnect by themselves.
+        await writers.acked(AFTER, timeout=60)
+        acks = await writers.stop()
+        cl.assert_services_kept_running()
+        first, longest, _ = gaps(acks, stopped_at)
+        print(f"full restart: first ack {first:.2f}s after the servers stopped, longest gap {longest:.2f}s")
+        await check_log(cl.url, acks, SESSIONS)
+
+
+async def test_two_instances_appending_to_one_session_at_once(tmp_path: Path) -> None:
+    hot = ["cl-hot"]
+    async with cluster_log(tmp_path) as cl, load(cl.url, tmp_path, sessions=hot, cas_processes=2) as writers:
+        # 16 writers on one session through both instances: 8 plain appends,
+        # 8 with expected_last (read the head, append on it, retry on conflict).
+        await writers.acked(BEFORE + AFTER)
+        acks = await writers.stop()
+        cl.assert_services_kept_running()
+        lasts = await check_log(cl.url, acks, hot)
+        served = await appends_served(cl.url)
+    assert len(served) == 2 and min(served.values()) > 0, f"appends per instance: {served}"
+    assert sum(served.values()) >= len(acks.appends)
+    assert acks.conflicts > 0, "no expected_last append ever lost a race: the instances did not contend"
+    assert lasts["cl-hot"] == len(acks.by_item)
