@@ -4,7 +4,9 @@
 * ``--turns``: convlog's own cost per agent turn (:mod:`services.bench.turns`);
 * ``--sdk``: ``ConvlogSession`` next to the Agents SDK's ``SQLiteSession``
   (:mod:`services.bench.sdk`);
-* ``--signed``: signed vs unsigned appends in the same run (:mod:`services.bench.signed`).
+* ``--signed``: signed vs unsigned appends in the same run (:mod:`services.bench.signed`);
+* ``--store jetstream --fault leader-kill``: the unavailability window after a
+  stream leader dies on a 3-node cluster (:mod:`services.bench.leader_kill`).
 
 The benches are imported only when they run, so ``convlog --help`` stays light.
 """
@@ -12,6 +14,7 @@ The benches are imported only when they run, so ``convlog --help`` stays light.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from services.cli.common import EXIT_OK, positive_float, positive_int
@@ -44,10 +47,10 @@ def _sdk_ops(text: str) -> int:
 
 
 def bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--writers", type=positive_int, default=64, metavar="N",
-                   help="concurrent writers (default 64)")
-    p.add_argument("--sessions", type=positive_int, default=100, metavar="N",
-                   help="sessions written to (default 100)")
+    p.add_argument("--writers", type=positive_int, default=None, metavar="N",
+                   help="concurrent writers (default 64; 16 with --fault)")
+    p.add_argument("--sessions", type=positive_int, default=None, metavar="N",
+                   help="sessions written to (default 100; 20 with --fault)")
     p.add_argument("--item-size", type=positive_int, default=200, metavar="BYTES",
                    help="content bytes per item (default 200)")
     p.add_argument("--duration", type=positive_float, default=10.0, metavar="S",
@@ -60,6 +63,9 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="instead: private stacks fsyncing every write; jetstream runs the JetStream "
                         "store, then SQLite, next to a raw JetStream publish baseline")
     p.add_argument("--json", action="store_true", help="with --store or --sdk: print the figures as JSON")
+    p.add_argument("--fault", choices=["leader-kill"], default=None,
+                   help="with --store jetstream: on a private 3-node cluster (R3, two log services), "
+                        "kill -9 the stream leader each round and report how long appends stopped")
     p.add_argument("--sdk", action="store_true",
                    help="instead: ConvlogSession vs the Agents SDK's SQLiteSession "
                         "(needs convlog[agents])")
@@ -76,12 +82,23 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="instead: appends/s and log-service CPU with metrics off vs on, "
                         "alternating --rounds times")
     p.add_argument("--rounds", type=positive_int, default=3, metavar="N",
-                   help="with --metrics-cost: rounds (default 3)")
+                   help="with --metrics-cost or --fault: rounds (default 3)")
 
 
 async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.turns and args.sdk:
         raise BadRequestError("--turns and --sdk are two different benches: pick one")
+    if args.fault is not None and args.store != "jetstream":
+        raise BadRequestError("--fault runs on the JetStream store: add --store jetstream")
+    fault = args.fault is not None
+    args.writers = args.writers or (16 if fault else 64)
+    args.sessions = args.sessions or (20 if fault else 100)
+    if fault:
+        from .leader_kill import render, run_leader_kill
+
+        result = await run_leader_kill(args)
+        print(json.dumps(result, indent=2) if args.json else render(result))
+        return EXIT_OK
     if args.signed:
         from .signed import run_signed_bench
 
