@@ -144,9 +144,11 @@ class JetStreamStore:
         await self._close_nc()
 
     async def _close_nc(self) -> None:
-        if self._owns_nc and self._nc is not None and not self._nc.is_closed:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
+        if self._owns_nc and self._nc is not None:
+            nc, self._nc = self._nc, None  # a later open() connects afresh
+            if not nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await nc.drain()
 
     async def __aenter__(self) -> JetStreamStore:
         await self.open()
