@@ -23,7 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from shared.client import LogClient
 from tests.support.cluster_load import SESSIONS, appends_served, check_log, cluster_log, gaps, load
+from tests.support.logsvc import READY_LINE, LogServiceProc
+from tests.support.natsd import NatsCluster
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -100,3 +103,31 @@ async def test_two_instances_appending_to_one_session_at_once(tmp_path: Path) ->
     assert sum(served.values()) >= len(acks.appends)
     assert acks.conflicts > 0, "no expected_last append ever lost a race: the instances did not contend"
     assert lasts["cl-hot"] == len(acks.by_item)
+
+
+async def test_a_log_service_started_before_its_cluster_has_quorum_waits_for_it(tmp_path: Path) -> None:
+    cluster = NatsCluster(tmp_path / "cluster")
+    svc = None
+    try:
+        await asyncio.to_thread(cluster.start)
+        await cluster.wait_ready()
+        # Step 1: two of three servers down: no JetStream leader can be elected.
+        for server in cluster.servers[1:]:
+            await asyncio.to_thread(server.stop)
+        url = ",".join(cluster.urls)
+        svc = LogServiceProc(url, tmp_path / "unused.db", log_dir=tmp_path, store="jetstream",
+                             env={"CONVLOG_STREAM_REPLICAS": "3"})
+        svc.start(wait=False)  # it cannot be ready yet
+        assert svc.proc is not None
+        await asyncio.to_thread(svc.proc.wait_for_line, "waiting for the store", 30)
+        # Step 2: the others come back; the service opens the store and serves.
+        for server in cluster.servers[1:]:
+            await asyncio.to_thread(server.start)
+        await asyncio.to_thread(svc.proc.wait_for_line, READY_LINE, 60)
+        async with await LogClient.connect(url) as client:
+            reply = await client.append("early", [{"agent": "user", "data": {"role": "user", "content": "hi"}}])
+            assert reply.first_order == 1
+    finally:
+        if svc is not None:
+            await asyncio.to_thread(svc.stop)
+        await asyncio.to_thread(cluster.stop)

@@ -92,8 +92,8 @@ class LogServiceProc:
         self.starts = 0
         self._paused = False
 
-    def start(self, timeout: float = 20.0) -> LogServiceProc:
-        """Start a new process and wait for its ready line.
+    def start(self, timeout: float = 20.0, *, wait: bool = True) -> LogServiceProc:
+        """Start a new process and wait for its ready line (unless ``wait`` is false).
 
         Raises:
             ProcError: it exited or did not become ready (the message has its output).
@@ -108,6 +108,8 @@ class LogServiceProc:
             name=f"{self.name}-{self.starts}",
         ).start()
         self._paused = False
+        if not wait:
+            return self
         try:
             self.proc.wait_for_line(READY_LINE, timeout=timeout)
         except BaseException:
