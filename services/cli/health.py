@@ -17,7 +17,9 @@ Exit 0 when all of these hold, else 1 with one ``FAIL`` line per problem:
    with nothing in flight some worker must be pulling.
 
 ``--every S`` repeats the check every ``S`` seconds and prints one line per
-run (for a process manager's log); it never exits.
+run (for a process manager's log); it never exits.  ``--wait S`` checks again
+until the stack is healthy, for at most ``S`` seconds (for a script that has
+just started it), then reports as a single check does.
 """
 
 from __future__ import annotations
@@ -227,9 +229,21 @@ async def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     except (SpecError, OSError) as e:
         print(f"convlog health: bad agent spec: {e}", file=sys.stderr)
         return 2
+    if args.every is not None and args.wait is not None:
+        print("convlog health: --every and --wait do not go together: pick one", file=sys.stderr)
+        return 2
+    give_up = time.monotonic() + (args.wait or 0.0)
+    waited = False
     while True:
         report = await check(settings, agents=agents, max_lag=args.max_lag, window=args.window,
                              timeout=args.timeout)
+        if args.wait is not None and not report.healthy and time.monotonic() < give_up:
+            if not waited:
+                print(f"convlog health: waiting up to {args.wait:g}s: " + "; ".join(report.problems),
+                      file=sys.stderr, flush=True)
+                waited = True
+            await asyncio.sleep(0.5)  # a stack still starting: look again
+            continue
         if args.every is None:
             for line in report.lines():
                 print(line, flush=True)
@@ -251,3 +265,5 @@ def health_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for NATS and the log service (default 2)")
     p.add_argument("--every", type=positive_float, default=None, metavar="S",
                    help="repeat every S seconds, one line per run, never exit")
+    p.add_argument("--wait", type=positive_float, default=None, metavar="S",
+                   help="check again until healthy, for at most S seconds (after starting a stack)")

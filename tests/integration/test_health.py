@@ -9,6 +9,7 @@ log service stopped, NATS stopped.
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 from services.log.service import LogService
@@ -16,7 +17,8 @@ from shared.client import LogClient
 from shared.config import load_settings
 from tests.support.eventually import assert_eventually
 from tests.support.logsvc import service_env
-from tests.support.natsd import NatsCluster
+from tests.support.natsd import NatsCluster, NatsServer
+from tests.support.procs import Proc
 from tests.support.workerstack import SEED_SPEC, WorkerStack, run_cli
 
 AGENTS = ("Triage", "L1Billing", "L1Technical", "L2Support")
@@ -134,3 +136,25 @@ async def test_health_reports_a_fan_out_that_falls_behind(nats_cluster: NatsClus
     finally:
         await client.close()
         await service.shutdown()
+
+
+async def test_health_wait_returns_once_the_stack_is_up(nats_server: NatsServer, tmp_path: Path) -> None:
+    env = service_env(tmp_path / "health-data")
+    base = ["--nats-url", nats_server.url, "--no-embedded", "--window", "1"]
+    # Nothing serves: --wait gives up after its time and reports as one check does.
+    code, out, err = await run_cli("health", *base, "--wait", "3", env=env)
+    assert code == 1 and "FAIL  log service" in out, out + err
+    assert "waiting up to 3s" in err
+    # Started before the log service, it returns 0 once the service answers.
+    waiting = Proc([sys.executable, "-m", "services.cli.main", "health", *base, "--wait", "60"],
+                   log_dir=tmp_path, env=env, name="health-wait").start()
+    try:
+        await asyncio.to_thread(waiting.wait_for_line, "waiting up to 60s", 30)
+        settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db")}, environ={})
+        async with LogService(settings):
+            assert await asyncio.to_thread(waiting.wait, 60) == 0, waiting.output()
+        assert "ok    log service" in waiting.output()
+    finally:
+        waiting.terminate()
+    code, out, err = await run_cli("health", *base, "--wait", "1", "--every", "1", env=env)
+    assert code == 2 and "pick one" in err
