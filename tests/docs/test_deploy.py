@@ -375,7 +375,8 @@ TIMERS = sorted((DEPLOY / "systemd").glob("*.timer"))
 
 def test_systemd_units_are_the_expected_ones() -> None:
     assert [u.name for u in UNITS] == ["convlog-health.service", "convlog-log.service",
-                                       "convlog-nats.service", "convlog-worker@.service"]
+                                       "convlog-log@.service", "convlog-nats.service",
+                                       "convlog-nats@.service", "convlog-worker@.service"]
     assert [t.name for t in TIMERS] == ["convlog-health.timer"]
 
 
@@ -409,10 +410,13 @@ def test_systemd_unit_starts_a_command_that_exists(unit: Path, tmp_path: Path) -
     if binary == "nats-server":
         conf = Path(argv[argv.index("-c") + 1])
         assert conf.parent == Path("/etc/convlog/nats")
-        local = DEPLOY / "nats" / conf.name
-        res = subprocess.run([nats_server_binary(), "-t", "-c", str(local), *argv[argv.index("-c") + 2:]],
-                             capture_output=True, text=True, timeout=30, check=False)
-        assert res.returncode == 0, res.stdout + res.stderr
+        # a template's instance is the cluster node: cluster-%i.conf -> cluster-1.conf ...
+        names = [conf.name.replace("%i", n) for n in "123"] if "%i" in conf.name else [conf.name]
+        for name in names:
+            res = subprocess.run([nats_server_binary(), "-t", "-c", str(DEPLOY / "nats" / name),
+                                  *argv[argv.index("-c") + 2:]],
+                                 capture_output=True, text=True, timeout=30, check=False)
+            assert res.returncode == 0, res.stdout + res.stderr
         return
     assert binary == "convlog", exec_start
     instances = AGENTS if "%i" in exec_start else [None]
