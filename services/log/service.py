@@ -36,7 +36,7 @@ from shared import __version__, nats_connect, tracing
 from shared.client import connect_options
 from shared.config import Settings
 from shared.errors import ERROR_HEADER, ConvlogError, UnavailableError
-from shared.failures import LOOP_BACKOFF, FatalError, Loops, is_transient
+from shared.failures import FatalError, Loops, is_transient
 from shared.messages import AppendReply, AppendRequest
 from shared.nats_seam import NatsSeam, bind
 from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
@@ -47,7 +47,7 @@ from .handlers import Handlers, encode_outcome, error_reply
 from .heads import HeadWitness
 from .outbox import Outbox, ensure_stream
 from .store.base import LogStore
-from .store.factory import make_store
+from .store.factory import make_store, open_store
 from .traces import ServiceTraces
 from .verifier import Verifier
 from .wire import Message, publish_many
@@ -58,9 +58,6 @@ log = logging.getLogger("convlog.log")
 
 SERVICE_NAME = "convlog-log"
 QUEUE_GROUP = "convlog-log"
-#: Seconds ``start`` waits for a store that is briefly unavailable (a JetStream
-#: cluster still electing its leaders) before it gives up.
-OPEN_WAIT = 60.0
 
 #: where a reply goes: a reply subject ("" for none), or a micro request to
 #: answer through ``Request.respond`` (the public seam)
@@ -136,23 +133,6 @@ class LogService:
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
 
-    async def _open_store(self) -> None:
-        """Open the store, waiting up to :data:`OPEN_WAIT` seconds while it is
-        unavailable for a reason that heals by itself: a JetStream cluster that
-        was started with this process has not elected its leaders yet."""
-        give_up = asyncio.get_running_loop().time() + OPEN_WAIT
-        for n in range(1_000_000):
-            try:
-                await self.store.open()
-                return
-            except UnavailableError as e:
-                cause = e.__cause__
-                if cause is None or not is_transient(cause) or asyncio.get_running_loop().time() > give_up:
-                    raise
-                if n == 0:
-                    log.warning("waiting for the store (up to %.0f s): %s", OPEN_WAIT, e)
-                await asyncio.sleep(LOOP_BACKOFF.delay(n))
-
     async def start(self) -> None:
         """Open the store, connect, create the stream, register the endpoints."""
         if self._started:
@@ -161,7 +141,7 @@ class LogService:
         # A bad keyring or key fails before anything opens.
         authorize = authorizer_from(self.settings)
         head_signer = head_signer_from(self.settings, authorize.keyring)
-        await self._open_store()
+        await open_store(self.store)  # waits for a cluster still electing its leaders
         for task in getattr(self.store, "background_tasks", ()):  # committer, checkpointer
             self._loops.watch(task)
 

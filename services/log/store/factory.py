@@ -1,13 +1,24 @@
-"""The one place a store is chosen from settings (``CONVLOG_STORE``)."""
+"""The one place a store is chosen from settings (``CONVLOG_STORE``), and opened."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from shared.client import connect_options
 from shared.config import Settings
+from shared.errors import UnavailableError
+from shared.failures import LOOP_BACKOFF, is_transient
 
 from .base import LogStore
 
-__all__ = ["make_store"]
+__all__ = ["OPEN_WAIT", "make_store", "open_store"]
+
+log = logging.getLogger("convlog.log")
+
+#: Seconds :func:`open_store` waits for a store that is briefly unavailable (a
+#: JetStream cluster started with the service, still electing its leaders).
+OPEN_WAIT = 60.0
 
 
 def make_store(settings: Settings) -> LogStore:
@@ -26,3 +37,28 @@ def make_store(settings: Settings) -> LogStore:
     from .sqlite import SQLiteStore
 
     return SQLiteStore(settings.db_path, max_batch=settings.commit_batch)
+
+
+async def open_store(store: LogStore, wait: float = OPEN_WAIT) -> None:
+    """Open ``store``, trying again for up to ``wait`` seconds while it is
+    unavailable for a reason that heals by itself (the cause is transient, see
+    :func:`shared.failures.is_transient`); anything else is raised at once.
+
+    Raises:
+        UnavailableError: still unavailable after ``wait`` seconds.
+    """
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + wait
+    n = 0
+    while True:
+        try:
+            await store.open()
+            return
+        except UnavailableError as e:
+            cause = e.__cause__
+            if cause is None or not is_transient(cause) or loop.time() > give_up:
+                raise
+            if n == 0:
+                log.warning("waiting for the store (up to %.0f s): %s", wait, e)
+        await asyncio.sleep(LOOP_BACKOFF.delay(n))
+        n += 1
