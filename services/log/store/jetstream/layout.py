@@ -24,7 +24,6 @@ followers already bind to) because an atomic batch cannot span streams.
 from __future__ import annotations
 
 import base64
-import contextlib
 import logging
 
 import nats.js.errors
@@ -36,6 +35,9 @@ from shared.subjects import Subjects
 __all__ = ["Layout", "ensure_log_stream"]
 
 log = logging.getLogger("convlog.store.jetstream")
+
+#: JetStream's error code for a stream created meanwhile under the same name.
+_STREAM_NAME_IN_USE = 10058
 
 
 class Layout:
@@ -99,9 +101,12 @@ async def ensure_log_stream(js: JetStreamContext, layout: Layout, *, replicas: i
     try:
         info = await js.stream_info(layout.stream)
     except nats.js.errors.NotFoundError:
-        with contextlib.suppress(nats.js.errors.BadRequestError):  # another instance won the race
+        try:
             await js.add_stream(wanted)
             return
+        except nats.js.errors.BadRequestError as e:
+            if e.err_code != _STREAM_NAME_IN_USE:  # anything but another instance winning the race
+                raise
         info = await js.stream_info(layout.stream)
     cfg = info.config
     subjects = list(cfg.subjects or [])
