@@ -111,17 +111,22 @@ async def test_a_log_service_started_before_its_cluster_has_quorum_waits_for_it(
     try:
         await asyncio.to_thread(cluster.start)
         await cluster.wait_ready()
-        # Step 1: two of three servers down: no JetStream leader can be elected.
-        for server in cluster.servers[1:]:
+        # Step 1: two of three servers down: no stream can be placed or led. The
+        # meta leader stays up, so for a while it still answers, and refuses the
+        # R3 stream for want of peers ("peer offline"), then only times out.
+        meta = next((s for s in cluster.servers if "Self is new JetStream cluster metadata leader" in s.log_text()),
+                    cluster.servers[0])
+        others = [s for s in cluster.servers if s is not meta]
+        for server in others:
             await asyncio.to_thread(server.stop)
-        url = ",".join(cluster.urls)
+        url = ",".join(s.url for s in [meta, *others])
         svc = LogServiceProc(url, tmp_path / "unused.db", log_dir=tmp_path, store="jetstream",
                              env={"CONVLOG_STREAM_REPLICAS": "3"})
         svc.start(wait=False)  # it cannot be ready yet
         assert svc.proc is not None
         await asyncio.to_thread(svc.proc.wait_for_line, "waiting for the store", 30)
         # Step 2: the others come back; the service opens the store and serves.
-        for server in cluster.servers[1:]:
+        for server in others:
             await asyncio.to_thread(server.start)
         await asyncio.to_thread(svc.proc.wait_for_line, READY_LINE, 60)
         async with await LogClient.connect(url) as client:

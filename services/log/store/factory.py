@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import nats.js.errors
+
 from shared.client import connect_options
 from shared.config import Settings
 from shared.errors import UnavailableError
@@ -19,6 +21,19 @@ log = logging.getLogger("convlog.log")
 #: Seconds :func:`open_store` waits for a store that is briefly unavailable (a
 #: JetStream cluster started with the service, still electing its leaders).
 OPEN_WAIT = 60.0
+
+#: JetStream's "no suitable peers for placement, peer offline": a replicated
+#: stream cannot be placed until the cluster's other servers are up.
+_PEERS_OFFLINE = 10005
+
+
+def _heals(cause: BaseException | None) -> bool:
+    """Worth waiting for at start: a transient failure, or peers still starting."""
+    if cause is None:
+        return False
+    if isinstance(cause, nats.js.errors.APIError) and cause.err_code == _PEERS_OFFLINE:
+        return True
+    return is_transient(cause)
 
 
 def make_store(settings: Settings) -> LogStore:
@@ -42,7 +57,8 @@ def make_store(settings: Settings) -> LogStore:
 async def open_store(store: LogStore, wait: float = OPEN_WAIT) -> None:
     """Open ``store``, trying again for up to ``wait`` seconds while it is
     unavailable for a reason that heals by itself (the cause is transient, see
-    :func:`shared.failures.is_transient`); anything else is raised at once.
+    :func:`shared.failures.is_transient`, or the cluster's peers are still
+    starting); anything else is raised at once.
 
     Raises:
         UnavailableError: still unavailable after ``wait`` seconds.
@@ -55,8 +71,7 @@ async def open_store(store: LogStore, wait: float = OPEN_WAIT) -> None:
             await store.open()
             return
         except UnavailableError as e:
-            cause = e.__cause__
-            if cause is None or not is_transient(cause) or loop.time() > give_up:
+            if not _heals(e.__cause__) or loop.time() > give_up:
                 raise
             if n == 0:
                 log.warning("waiting for the store (up to %.0f s): %s", wait, e)
