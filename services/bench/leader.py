@@ -48,7 +48,8 @@ async def store_streams(js: JetStreamContext, prefix: str) -> list[StreamLeader]
 
 
 async def busiest_leader(js: JetStreamContext, prefix: str) -> StreamLeader:
-    """The store's stream holding most messages, and who leads it.
+    """The store's stream holding most messages, and who leads it (among the
+    ``<PREFIX>_LOG_<k>`` shard streams appends go to, when there are any).
 
     Raises:
         LookupError: no stream of the store exists, or it has no leader now.
@@ -56,7 +57,10 @@ async def busiest_leader(js: JetStreamContext, prefix: str) -> StreamLeader:
     streams = await store_streams(js, prefix)
     if not streams:
         raise LookupError(f"no stream named {stream_stem(prefix)}* exists")
-    top = max(streams, key=lambda s: s.messages)
+    # Where appends are written: the shard streams when the store has them
+    # (the items stream then only sources them), else the items stream.
+    shards = [s for s in streams if s.stream.startswith(stream_stem(prefix) + "LOG_")]
+    top = max(shards or streams, key=lambda s: s.messages)
     if not top.leader:
         raise LookupError(f"stream {top.stream} has no leader right now")
     return top
