@@ -136,7 +136,7 @@ async def test_convlog_log_store_flag_runs_the_service_on_jetstream(
             r = await client.append("cli", [user("hello")])
             assert r.last_order == 1
             assert [e.data["content"] for e in await client.items("cli")] == ["hello"]
-        assert "jetstream:CONVLOG_ITEMS" in svc.output()
+        assert "jetstream:CONVLOG_LOG_0" in svc.output()
         assert not (tmp_path / "unused.db").exists()
     finally:
         svc.stop()
@@ -175,8 +175,10 @@ async def test_an_r3_log_on_a_three_node_cluster(nats_cluster: Any, tmp_path: Pa
         stored = [decode(b, Envelope) for b in (await stores[2].read("s", after=0, limit=100, max_bytes=1 << 30)).items]
         check_session("s", stored, {("s", r.items[0].item_id): r.items[0].item_order for r in replies})
         assert len(stored) == 40
-        info = await stores[0]._client().jetstream().stream_info(stores[0].layout.stream)
-        assert info.config.num_replicas == 3 and info.config.allow_atomic
+        js = stores[0]._nc.jetstream()  # type: ignore[union-attr]
+        for name in (*stores[0].layout.log_streams, stores[0].layout.stream):
+            assert (await js.stream_info(name)).config.num_replicas == 3
+        assert (await js.stream_info(stores[0].layout.log_streams[0])).config.allow_atomic
     finally:
         for s in stores:
             await s.close()
