@@ -24,7 +24,7 @@ from shared.failures import StreamConfigError
 from shared.subjects import Subjects
 from tests.support.natsd import NatsServer
 
-from .store_suite import StoreSuite, item, read_all, req
+from .store_suite import StoreSuite, envs, item, read_all, req
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,31 @@ class TestJetStreamStore(StoreSuite):
             # A retry through the other instance is a duplicate, with no time window.
             again = await stores[1].append("s", req(item("m0", item_id="id-0")))
             assert again.items[0].duplicate and again.items[0].item_order == acked["id-0"]
+        finally:
+            for s in stores:
+                await s.close()
+
+    async def test_two_loaded_instances_combine_appends_and_fall_back_per_session(self, tmp_path: Path) -> None:
+        # Each instance gets enough appends at once to put them in one atomic
+        # batch; over shared sessions the other instance's batches move heads,
+        # so some combined batches are refused and retried session by session.
+        stores = [await self.make_store(tmp_path) for _ in range(2)]
+        try:
+            for _round in range(3):
+                replies = await asyncio.gather(*(
+                    stores[(i // 10) % 2].append(f"s{i % 10}", req(item(f"m{_round}.{i}", item_id=f"id-{_round}-{i}")))
+                    for i in range(200)
+                ))
+            assert all(s._writer.combined for s in stores)
+            assert sum(s.retries for s in stores) > 0
+            for sid in (f"s{k}" for k in range(10)):
+                stored = await read_all(stores[0], sid)
+                assert [e.item_order for e in stored] == list(range(1, 61))
+                assert verify(stored, session_id=sid) is None
+            last = {(r.session_id, r.items[0].item_id): r.items[0].item_order for r in replies}
+            for (sid, iid), order in last.items():
+                page = await stores[1].read(sid, after=order - 1, limit=1, max_bytes=1 << 20)
+                assert envs(page.items)[0].item_id == iid
         finally:
             for s in stores:
                 await s.close()
