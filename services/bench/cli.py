@@ -19,7 +19,7 @@ from services.cli.stack import nats_answers
 from shared.config import Settings
 from shared.errors import BadRequestError
 
-from .measure import say
+from .measure import say, to_json
 
 __all__ = ["bench_arguments", "cmd_bench"]
 
@@ -59,7 +59,7 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", choices=["sqlite", "jetstream"], default=None,
                    help="instead: private stacks fsyncing every write; jetstream runs the JetStream "
                         "store, then SQLite, next to a raw JetStream publish baseline")
-    p.add_argument("--json", action="store_true", help="with --store or --sdk: print the figures as JSON")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON (every bench)")
     p.add_argument("--sdk", action="store_true",
                    help="instead: ConvlogSession vs the Agents SDK's SQLiteSession "
                         "(needs convlog[agents])")
@@ -116,5 +116,9 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         say("no --nats-url given: starting a private stack (embedded nats-server + convlog log)")
         with local_stack() as url:
             results = await run_bench(args, url)
-    print(report(results, args))
+    if args.json:
+        print(to_json("appends", results, writers=args.writers, sessions=args.sessions,
+                      item_size=args.item_size, duration_s=args.duration))
+    else:
+        print(report(results, args))
     return EXIT_OK
