@@ -41,7 +41,13 @@ class _Order(msgspec.Struct):
     item_order: int
 
 
+class _Id(msgspec.Struct):
+    item_id: str
+
+
 _first_order = msgspec.json.Decoder(_Order)
+_item_id = msgspec.json.Decoder(_Id)
+_MAX_MARKS = 64
 
 
 def order_of(msg: Msg) -> int:
@@ -131,11 +137,37 @@ class StreamReads:
                 return Page([], last, False)
             start = s.seqs[orders[0] - 1]
         else:
-            await self.extend(session_id, s, after)
+            # A forward read needs the sequence of item ``after`` only, not an
+            # index: where the last page ended (a mark), else the index.
             orders = list(range(after + 1, last + 1))
-            start = s.seqs[after - 1] + 1 if after else 1
-        items, more = await self.fetch(session_id, s, start, orders, limit, max_bytes)
+            start = await self.seq_at(session_id, s, after) + 1
+        items, more = await self.fetch(session_id, s, start, orders, limit, max_bytes, mark=not visible)
         return Page(items, last, more)
+
+    async def seq_at(self, sid: str, s: SessionIndex, order: int) -> int:
+        """The stream sequence of item ``order`` (0 for order 0)."""
+        if order == 0:
+            return 0
+        if order <= s.indexed:
+            return int(s.seqs[order - 1])
+        if order == s.last_order:
+            return s.last_seq
+        seq = s.marks.get(order)
+        if seq is None:
+            await self.extend(sid, s, order)
+            seq = int(s.seqs[order - 1])
+        return seq
+
+    async def _mark(self, sid: str, s: SessionIndex, order: int, envelope: bytes) -> int:
+        """Look up (one direct get on its item subject) and remember the
+        stream sequence of an envelope read without headers."""
+        msg = await self.get(sid).last(self.layout.item_subject(sid, _item_id.decode(envelope).item_id))
+        if msg is None:
+            raise UnavailableError(f"the log stream lacks item {order} of session {sid!r}")
+        if len(s.marks) >= _MAX_MARKS:
+            s.marks.clear()
+        s.marks[order] = seq = seq_of(msg)
+        return seq
 
     async def tail(self, session_id: str, n: int, *, visible: bool = True) -> Page:
         s = await self.session(session_id, fresh=True)
@@ -150,7 +182,8 @@ class StreamReads:
         return Page(items, last, False)
 
     async def fetch(
-        self, sid: str, s: SessionIndex, start: int, orders: list[int], limit: int, max_bytes: int
+        self, sid: str, s: SessionIndex, start: int, orders: list[int], limit: int, max_bytes: int,
+        *, mark: bool = False,
     ) -> tuple[list[bytes], bool]:
         """The envelopes of ``orders`` (ascending; ``start`` is the stream
         sequence of the first), at most ``limit`` and ``max_bytes`` (but at
@@ -159,7 +192,9 @@ class StreamReads:
         One batch get without headers (parsing them costs more than the rest)
         per up to 10,000 messages: the k-th message on the session's subject
         from the first order's sequence is that order + k, since orders are
-        contiguous on the subject.
+        contiguous on the subject.  With ``mark`` (a forward read of every
+        envelope) the sequence where a page ends, or a chunk continues, is
+        looked up by its item subject instead of indexing the session.
         """
         subject = self.layout.session_filter(sid)
         items: list[bytes] = []
@@ -183,12 +218,18 @@ class StreamReads:
                 if base + k != orders[idx]:
                     continue
                 if len(items) == limit or (items and size + len(m.data) + 1 > max_bytes):
+                    if mark:
+                        await self._mark(sid, s, orders[idx - 1], items[-1])
                     return items, True
                 items.append(m.data)
                 size += len(m.data) + 1
                 idx += 1
                 if idx == len(orders):
                     return items, False
+            if mark and orders[idx] == base + len(msgs):
+                seq = await self._mark(sid, s, base + len(msgs) - 1, msgs[-1].data) + 1
+                base = orders[idx]
+                continue
             base = orders[idx]
             await self.extend(sid, s, base)
             seq = s.seqs[base - 1]

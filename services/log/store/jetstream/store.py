@@ -19,18 +19,20 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
+from functools import partial
 from typing import Any
 
 import nats
 from nats.aio.client import Client
 
+from shared import tracing
 from shared.errors import UnavailableError
 from shared.messages import AppendReply, AppendRequest, SessionInfo
 from shared.nats_seam import bind
 from shared.subjects import Subjects
 
 from ..base import AppendDone, CommitListener, Committed, Page
-from ..committer import GroupCommitter, Outcome, Pending
+from ..committer import GroupCommitter, Outcome, Pending, _resolve
 from ..ordering import Row
 from .api import Acks, DirectGet
 from .commit import MAX_BATCH_MESSAGES, MAX_ITEMS_PER_APPEND, BatchWriter
@@ -182,7 +184,14 @@ class JetStreamStore:
         self._committer.submit(session_id, request, done, trace=trace)
 
     async def append(self, session_id: str, request: AppendRequest) -> AppendReply:
-        return await self._committer.append(session_id, request)
+        """As :meth:`LogStore.append`; the current span's ``traceparent`` (if
+        tracing is on) is stored with the items, as :meth:`submit` does."""
+        trace = (tracing.headers() or {}).get("traceparent") if tracing.enabled() else None
+        if trace is None:
+            return await self._committer.append(session_id, request)
+        fut: asyncio.Future[AppendReply] = asyncio.get_running_loop().create_future()
+        self._committer.submit(session_id, request, partial(_resolve, fut), trace=trace)
+        return await fut
 
     # -- reads: the cached index and direct gets (see .reads) ------------
     async def last_order(self, session_id: str) -> int:
