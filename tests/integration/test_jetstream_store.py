@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ from shared.errors import BadRequestError, ConflictError
 from shared.messages import AppendItem, AppendRequest, Envelope
 from shared.subjects import Subjects
 from tests.support.eventually import assert_eventually
-from tests.support.logsvc import LogServiceProc, check_session, following
+from tests.support.logsvc import LogServiceProc, check_session, following, service_env
 from tests.support.natsd import NatsServer
+from tests.support.procs import REPO_ROOT
 from tests.support.workerstack import SEED_SPEC, is_user, terminal_items, worker_stack
 
 
@@ -182,3 +184,26 @@ async def test_an_r3_log_on_a_three_node_cluster(nats_cluster: Any, tmp_path: Pa
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_another_shard_count_over_an_existing_log_refuses_to_start_in_one_line(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with JetStreamStore({"servers": [nats_server.url]}, subjects=Subjects("convlog")) as store:
+        await store.append("a", AppendRequest(items=[AppendItem(agent="user", data={"role": "user", "content": "x"})]))
+    env = {**service_env(tmp_path), "CONVLOG_SHARDS": "2"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", "log", "--store", "jetstream", "--nats-url", nats_server.url,
+        "--no-embedded", cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    (line,) = [x for x in err.decode().splitlines() if x.startswith("convlog log:")]
+    assert "created with CONVLOG_SHARDS=1, not 2: start every log service with CONVLOG_SHARDS=1" in line
+    # Nothing was created for a second shard.
+    nc = await nats.connect(nats_server.url)
+    try:
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await nc.jetstream().stream_info("CONVLOG_LOG_1")
+    finally:
+        await nc.close()
