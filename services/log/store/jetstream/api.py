@@ -104,6 +104,11 @@ class Acks:
             seam_for(self._nc).deliver_inline(sub, self._route)
             self._sub = sub
 
+    @property
+    def pending(self) -> int:
+        """Publishes (and batch commits) sent and not answered yet."""
+        return len(self._waiting)
+
     def _route(self, msg: Msg) -> None:
         fut = self._waiting.pop(msg.subject[len(self._prefix) :], None)
         if fut is None or fut.done():

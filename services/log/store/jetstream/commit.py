@@ -16,11 +16,15 @@ A one-item append is one plain publish (no batch to stage; many in flight);
 a multi-item append is one atomic batch (ADR-50), stored whole or not at all.
 An atomic batch costs the server a fixed ~15-25 ms on a file stream (it
 stages the batch) against well under 1 ms for a plain publish, but then
-stores its messages at nearly no cost each: so a group commit holding at
-least ``combine_at`` new items (a loaded service) puts them all, every
-session's first item carrying its own expectation, in one atomic batch per
-shard.  If the server refuses it (it does not say for which session), each
-session is retried on its own as above.  On a refusal the session's head is read fresh (and, when an id was
+stores its messages at nearly no cost each.  So a group commit of at least
+two new items, when they and the publishes still waiting for their acks
+number ``combine_at`` or more (the server is behind: a loaded service), goes
+in one atomic batch per shard, every session's first item carrying its own
+expectation; a lightly loaded service keeps the latency of plain publishes.
+If the server refuses a combined batch (it does not say for which session),
+each session is retried on its own.
+
+On a refusal the session's head is read fresh (and, when an id was
 taken, the request's ids are looked up: a direct get on each id's subject
 returns its envelope), and the request is decided again — a retry becomes a
 ``duplicate`` with its original order and hash, a moved head a new order or a
@@ -103,8 +107,9 @@ class BatchWriter:
         acks: returns the store's publisher.
         layout: the store's subjects.
         reads: the read side, whose session cache this writer keeps current.
-        combine_at: new items in one group commit from which they go in one
-            atomic batch per shard rather than a publish each.
+        combine_at: new items in one group commit plus publishes awaiting
+            their acks from which the group commit goes in one atomic batch
+            per shard rather than a publish each.
     """
 
     def __init__(self, acks: Callable[[], Acks], layout: Layout, reads: StreamReads, *, combine_at: int = 32) -> None:
@@ -123,7 +128,8 @@ class BatchWriter:
         for i, p in enumerate(batch):
             by_sid.setdefault(p.session_id, []).append(i)
         committed: list[Committed] = []
-        if sum(len(batch[i].request.items) for i in range(len(batch))) >= self.combine_at:
+        items = sum(len(p.request.items) for p in batch)
+        if items >= 2 and items + self._acks().pending >= self.combine_at:
             by_sid = await self._combined(batch, by_sid, outcomes, committed)
         await asyncio.gather(*(self._session(sid, idx, batch, outcomes, committed) for sid, idx in by_sid.items()))
         committed.sort(key=lambda c: c.position)
