@@ -133,6 +133,17 @@ class TestJetStreamStore(StoreSuite):
             assert [m.data for m in got] == stored
             assert [m.headers["Nats-Msg-Id"] for m in got] == ["s:1", "s:2"]
             assert [m.headers["traceparent"] for m in got] == [trace, trace]
+            # Appends arriving together go in one combined atomic batch: each keeps its trace.
+            outcomes: list[asyncio.Future[object]] = []
+            for i in range(40):
+                fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+                store.submit(f"c{i}", req(item(f"c{i}")), fut.set_result, trace=f"{trace[:-2]}{i % 2:02d}")
+                outcomes.append(fut)
+            await asyncio.gather(*outcomes)
+            assert store._writer.combined >= 1
+            for i in (0, 39):
+                sub_c = await js.subscribe(store.layout.items(f"c{i}"), ordered_consumer=True)
+                assert (await sub_c.next_msg(timeout=5)).headers["traceparent"] == f"{trace[:-2]}{i % 2:02d}"
             info = await js.stream_info(store.layout.stream)
             assert {s.name for s in info.config.sources or []} == set(store.layout.log_streams)
             for name in store.layout.log_streams:

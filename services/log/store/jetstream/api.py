@@ -33,6 +33,7 @@ EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 _WRONG_LAST = 10071  # JSStreamWrongLastSequenceErrF: the session's head moved
 _SUBJECT_FULL = 10077  # JSStreamStoreFailedF "maximum messages per subject exceeded": the id exists
+_BATCH_DUPLICATE = 10201  # JSAtomicPublishContainsDuplicateMessageErr: <sid>:<order> was just written
 _STATUS = "Status"
 
 #: (subject, body, headers)
@@ -75,7 +76,7 @@ def _ack(data: bytes, n: int) -> BatchAck:
     if err:
         code = err.get("err_code")
         description = str(err.get("description", ""))
-        if code == _WRONG_LAST:
+        if code in (_WRONG_LAST, _BATCH_DUPLICATE):
             raise WrongLastSequence(description)
         if code == _SUBJECT_FULL or "maximum messages per subject" in description:
             raise IdTaken(description)

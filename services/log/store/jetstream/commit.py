@@ -97,6 +97,7 @@ class _Part:
     idx: list[int]
     replies: list[Outcome]
     rows: list[Row]
+    traces: list[str | None] = field(default_factory=list)  # per row: its request's traceparent
     seqs: list[int] = field(default_factory=list)  # once stored
 
 
@@ -156,10 +157,11 @@ class BatchWriter:
             st = SessionState(ix.last_order, ix.last_hash, ix.last_clear)
             part = _Part(sid, ix, idx, [], [])
             try:
-                for r in reqs:
-                    reply, rows = decide(sid, r, st, {}, {}, created_at, 0)
+                for i in idx:
+                    reply, rows = decide(sid, batch[i].request, st, {}, {}, created_at, 0)
                     part.replies.append(reply)
                     part.rows += rows
+                    part.traces += [batch[i].trace] * len(rows)
             except ConvlogError:
                 left[sid] = idx
                 continue
@@ -189,7 +191,7 @@ class BatchWriter:
             return True
         msgs: list[Message] = []
         for part in parts:
-            msgs += self._messages(part.sid, part.index.last_seq, part.rows, None)
+            msgs += self._messages(part.sid, part.index.last_seq, part.rows, part.traces)
         acks = self._acks()
         try:
             ack = await acks.publish_atomic(msgs)
@@ -327,10 +329,13 @@ class BatchWriter:
             else:
                 ix.set_head(meta, seq)
 
-    def _messages(self, sid: str, head_seq: int, rows: Sequence[Row], trace: str | None) -> list[Message]:
+    def _messages(
+        self, sid: str, head_seq: int, rows: Sequence[Row], traces: str | Sequence[str | None] | None
+    ) -> list[Message]:
         msgs: list[Message] = []
         for n, r in enumerate(rows):
             headers = {MSG_ID: f"{sid}:{r[2]}"}
+            trace = traces if traces is None or isinstance(traces, str) else traces[n]
             if trace is not None:
                 headers["traceparent"] = trace  # carried to <prefix>.items.<sid> for the worker's span
             if n == 0:
