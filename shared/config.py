@@ -71,6 +71,7 @@ class Settings:
     max_item_bytes: Annotated[int, Meta(ge=1024)] = 256 * 1024
     commit_batch: Annotated[int, Meta(ge=1, le=1_000_000)] = 512
     stream_replicas: Annotated[int, Meta(ge=1, le=5)] = 1  # JetStream allows 1..5
+    shards: Annotated[int, Meta(ge=1, le=64)] = 1  # log streams of the JetStream store (fixed per log)
     log_level: LogLevel = "INFO"
     agents: Path | None = None
     grace: Annotated[float, Meta(ge=0, le=86_400)] = 10.0

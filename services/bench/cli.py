@@ -22,7 +22,7 @@ from services.cli.stack import nats_answers
 from shared.config import Settings
 from shared.errors import BadRequestError
 
-from .measure import say
+from .measure import say, to_json
 
 __all__ = ["bench_arguments", "cmd_bench"]
 
@@ -62,7 +62,7 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", choices=["sqlite", "jetstream"], default=None,
                    help="instead: private stacks fsyncing every write; jetstream runs the JetStream "
                         "store, then SQLite, next to a raw JetStream publish baseline")
-    p.add_argument("--json", action="store_true", help="with --store, --fault or --sdk: print the figures as JSON")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON (every bench)")
     p.add_argument("--fault", choices=["leader-kill"], default=None,
                    help="with --store jetstream: on a private 3-node cluster (R3, two log services), "
                         "kill -9 the stream leader each round and report how long appends stopped")
@@ -133,5 +133,9 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         say("no --nats-url given: starting a private stack (embedded nats-server + convlog log)")
         with local_stack() as url:
             results = await run_bench(args, url)
-    print(report(results, args))
+    if args.json:
+        print(to_json("appends", results, writers=args.writers, sessions=args.sessions,
+                      item_size=args.item_size, duration_s=args.duration))
+    else:
+        print(report(results, args))
     return EXIT_OK

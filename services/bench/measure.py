@@ -1,16 +1,20 @@
 """What every convlog bench measures with: a phase's operations and latencies,
-closed-loop and open-loop load generators."""
+closed-loop and open-loop load generators, and their figures as JSON (``--json``)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import math
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Run", "closed_loop", "open_loop", "say"]
+__all__ = ["Run", "closed_loop", "figures", "open_loop", "say", "to_json"]
 
 
 @dataclass
@@ -93,3 +97,40 @@ async def open_loop(name: str, op: Callable[[int], Awaitable[Any]], rate: float,
     if tasks:
         await asyncio.wait(tasks, timeout=30)
     return Run(name, len(lat), time.perf_counter() - start, lat, errors)
+
+
+def figures(r: Run) -> dict[str, Any]:
+    """One phase's figures: rate, errors and latency percentiles (ms)."""
+    out: dict[str, Any] = {"name": r.name, "ops_per_s": round(r.rate, 1), "ops": r.ops, "errors": r.errors}
+    if r.latencies:
+        out.update(p50_ms=round(r.pct(0.5), 2), p99_ms=round(r.pct(0.99), 2), p999_ms=round(r.pct(0.999), 2))
+    return out
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Run):
+        return figures(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name != "latencies"}
+        out = {k: _plain(v) for k, v in fields.items()}
+        lat = getattr(obj, "latencies", None)
+        if lat:
+            xs = sorted(lat)
+            for q, key in ((0.5, "p50_ms"), (0.99, "p99_ms")):
+                out[key] = round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 2)
+        if hasattr(obj, "rate"):
+            out["ops_per_s"] = round(obj.rate, 1)
+        return out
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def to_json(bench: str, results: Any, **meta: Any) -> str:
+    """A bench's results as one JSON document (phases as :func:`figures`)."""
+    return json.dumps({"bench": bench, "cores": os.cpu_count(), **_plain(meta), "results": _plain(results)},
+                      indent=2)

@@ -31,7 +31,7 @@ from shared.client import LogClient
 from shared.config import Settings
 
 from .appends import payload
-from .measure import Run, closed_loop, say
+from .measure import Run, closed_loop, say, to_json
 from .stack import wait_service
 
 __all__ = ["run_metrics_cost"]
@@ -140,6 +140,11 @@ async def run_metrics_cost(args: argparse.Namespace) -> str:
                 await client.close()
     off = statistics.mean(r.rate for r in runs["benchoff"])
     on = statistics.mean(r.rate for r in runs["benchon"])
+    if getattr(args, "json", False):
+        cpu_us = {k: round(sum(v) / len(v) * 1e6, 2) if v else None for k, v in cpu.items()}
+        return to_json("metrics-cost", {"off": runs["benchoff"], "on": runs["benchon"]}, writers=args.writers,
+                       sessions=args.sessions, rounds=args.rounds, on_vs_off=round(on / off, 3) if off else None,
+                       scrapes=scrapes, cpu_us_per_append={"off": cpu_us["benchoff"], "on": cpu_us["benchon"]})
     lines = [f"convlog bench --metrics-cost: {args.writers} writers x {args.sessions} sessions, "
              f"{args.item_size}-byte items, {args.rounds} rounds of {phase:.0f}s per side, "
              f"{os.cpu_count()} cores",

@@ -25,7 +25,7 @@ from shared.config import Settings
 from shared.signing import Signer
 
 from .appends import payload
-from .measure import Run, closed_loop
+from .measure import Run, closed_loop, figures, to_json
 
 __all__ = ["run_signed_bench"]
 
@@ -94,6 +94,10 @@ async def run_signed_bench(args: argparse.Namespace) -> str:
     for kind, r in runs:
         lines.append(f"{kind + ' appends':<24} {r.rate:>10.0f} {r.pct(0.5):8.2f} {r.pct(0.99):8.2f} {r.errors:>6}")
     ratio = rate["signed"] / rate["unsigned"] if rate["unsigned"] else 0.0
+    if getattr(args, "json", False):
+        return to_json("signed", [{"kind": kind, **figures(r)} for kind, r in runs], writers=args.writers,
+                       sessions=args.sessions, item_size=args.item_size,
+                       acks_per_s={k: round(v, 1) for k, v in rate.items()}, signed_vs_unsigned=round(ratio, 3))
     lines.append(f"signed / unsigned acks/s: {ratio:.2f} (unsigned {rate['unsigned']:.0f}/s, "
                  f"signed {rate['signed']:.0f}/s; target >= 0.80)")
     return "\n".join(lines)

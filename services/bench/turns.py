@@ -27,7 +27,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from shared.client import LogClient, new_item_id
 from shared.config import Settings
 
-from .measure import Run, closed_loop
+from .measure import Run, closed_loop, to_json
 from .stack import local_stack, wait_service
 
 __all__ = ["cmd_turn_bench", "run_turn_bench"]
@@ -163,5 +163,8 @@ async def cmd_turn_bench(args: argparse.Namespace) -> int:
         finally:
             if saved is not None:
                 os.environ["OPENAI_API_KEY"] = saved
-    print(report(runs, args))
+    if args.json:
+        print(to_json("turns", runs, levels=args.levels, duration_s=args.duration))
+    else:
+        print(report(runs, args))
     return 0

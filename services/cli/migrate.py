@@ -46,6 +46,7 @@ def _store(spec: str, settings: Settings) -> LogStore:
             connect_options(settings, name="convlog-migrate"),
             subjects=settings.subjects,
             replicas=settings.stream_replicas,
+            shards=settings.shards,
             timeout=max(settings.request_timeout, 10.0),
         )
     raise BadRequestError(f"store {spec!r} is not sqlite:PATH or jetstream")

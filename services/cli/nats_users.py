@@ -6,7 +6,8 @@ NATS login (``CONVLOG_NKEY``) and its signing key (``CONVLOG_SIGNING_KEY``).
 Include the file in the server config (``include "nats-users.conf"``, a
 path relative to that config file) or paste it in:
 
-* the **log** user serves the endpoints, publishes ``<prefix>.items.>`` and
+* the **log** user serves the endpoints, publishes ``<prefix>.items.>`` (the
+  SQLite store's outbox) or ``<prefix>.log.>`` (the JetStream store) and
   manages the streams and buckets -- the only user that can;
 * an **agent** user appends and reads through the log service, pulls from and
   acks *its own agent's* durable consumer only (no consumer of another agent,
@@ -31,7 +32,8 @@ def _perms(role: str, agent: str, s: Subjects) -> tuple[list[str], list[str]]:
     routing = s.routing_bucket
     heads = s.prefix.replace(".", "_") + "_heads"
     if role == LOG:
-        pub = [f"{p}.items.>", f"$KV.{routing}.>", f"$KV.{heads}.>", "$JS.API.>"]
+        # <prefix>.items.>: the SQLite store's outbox; <prefix>.log.>: the JetStream store's log streams
+        pub = [f"{p}.items.>", f"{p}.log.>", f"$KV.{routing}.>", f"$KV.{heads}.>", "$JS.API.>"]
         sub = [f"{p}.append.>", f"{p}.read.>", f"{p}.sessions", f"{p}.in.>", "$SRV.>", "_INBOX.>"]
         return pub, sub
     if role == GATEWAY:

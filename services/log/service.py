@@ -201,8 +201,8 @@ class LogService:
             await self.outbox.start()
             assert self.outbox.task is not None
             self._loops.watch(self.outbox.task)
-        # Traces reach the workers through the outbox's headers; a store that writes
-        # the items stream itself records the log service's spans only.
+        # Traces reach the workers through the outbox's headers, or (a store that
+        # writes the items itself) as headers the store stores with the items.
         self.traces = ServiceTraces(self.outbox.traces if self.outbox else {}) if tracing.enabled() else None
         self._service = await add_service(
             self.nc,
@@ -257,12 +257,16 @@ class LogService:
             try:
                 sid, request, signed = handlers.parse_append_deferred(subject, data)
                 answer = partial(self._answer, reply_to, subject, perf_counter_ns())
+                trace = None
                 if self.traces:
-                    answer = self.traces.around_append(answer, headers, sid)
+                    answer, trace = self.traces.start_append(answer, headers, sid)
                 if signed:  # verified off the loop, then submitted (see verifier.py)
-                    self._verifier_for(handlers).submit(sid, request, partial(self._verified, sid, request, answer))
-                else:
+                    self._verifier_for(handlers).submit(
+                        sid, request, partial(self._verified, sid, request, answer, trace=trace))
+                elif trace is None:
                     store.submit(sid, request, answer)
+                else:
+                    self._submit(sid, request, answer, trace)
             except Exception as e:
                 self._reply("append", reply_to, subject, *error_reply(e, subject))
                 return
@@ -276,14 +280,22 @@ class LogService:
             self._verifier = Verifier(handlers.authorize, asyncio.get_running_loop())
         return self._verifier
 
+    def _submit(self, sid: str, request: AppendRequest, answer: Callable[[Any], None], trace: str | None) -> None:
+        """Hand an append to the store; its trace context too if the store
+        publishes the items itself (on SQLite the outbox adds it)."""
+        if trace is not None and getattr(self.store, "publishes_items", False):
+            self.store.submit(sid, request, answer, trace=trace)  # type: ignore[call-arg]
+        else:
+            self.store.submit(sid, request, answer)
+
     def _verified(self, sid: str, request: AppendRequest, answer: Callable[[Any], None],
-                  error: ConvlogError | None) -> None:
+                  error: ConvlogError | None, *, trace: str | None = None) -> None:
         """A signed append's signatures were checked: submit it, or refuse it."""
         if error is not None:
             answer(error)
             return
         try:
-            self.store.submit(sid, request, answer)
+            self._submit(sid, request, answer, trace)
         except Exception as e:  # the store closed meanwhile
             answer(e if isinstance(e, ConvlogError) else UnavailableError("the store is closed"))
 

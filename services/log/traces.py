@@ -2,10 +2,13 @@
 
 With tracing on (:func:`shared.tracing.enabled` when the service starts),
 each append and each user message gets a server span, child of the
-``traceparent`` its request carried.  The span's own ``traceparent`` is kept
-per committed item, ``(session_id, item_order)``, in the outbox's
-``traces``, which adds it to the item's headers on ``<prefix>.items.<sid>``:
-the worker's turn span continues the same trace.
+``traceparent`` its request carried.  The span's own ``traceparent`` reaches
+the item's headers on ``<prefix>.items.<sid>``, so the worker's turn span
+continues the same trace: on the SQLite store it is kept per committed item,
+``(session_id, item_order)``, in the outbox's ``traces``, which adds it when
+it publishes; a store that writes the items itself (JetStream) is handed it
+with the append (:meth:`ServiceTraces.start_append`) and stores it as a
+header of the items.
 
 With tracing off the service never calls in here on the append path.
 """
@@ -52,6 +55,12 @@ class ServiceTraces:
     def around_append(self, done: Callable[[AppendReply | ConvlogError], None],
                       headers: dict[str, str] | None, sid: str) -> Callable[[Any], None]:
         """``done`` wrapped in a span from now until the store's outcome."""
+        return self.start_append(done, headers, sid)[0]
+
+    def start_append(self, done: Callable[[AppendReply | ConvlogError], None],
+                     headers: dict[str, str] | None, sid: str) -> tuple[Callable[[Any], None], str | None]:
+        """:meth:`around_append`, and the span's own ``traceparent`` (for a
+        store that publishes the items itself)."""
         from opentelemetry import propagate, trace
 
         parent = propagate.extract(headers) if headers and "traceparent" in headers else None
@@ -70,7 +79,9 @@ class ServiceTraces:
                 span.end()
                 done(outcome)
 
-        return finish
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        return finish, carrier.get("traceparent")
 
     async def serve(self, endpoint: str, subject: str, headers: dict[str, str] | None,
                     work: Awaitable[tuple[bytes, dict[str, str] | None]]

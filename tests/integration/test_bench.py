@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from services.bench.appends import report, run_bench
+from services.bench.measure import to_json
 from services.cli.main import build_parser
 from tests.support.logsvc import service_env
 from tests.support.procs import REPO_ROOT
@@ -29,27 +30,37 @@ async def test_bench_runs_every_phase_and_reports_it(log_url: str) -> None:
     assert all(len(run.latencies) == run.ops for key, run in results.items() if key != "replay")
     text = report(results, args)
     assert re.search(r"durable appends \(closed loop\)\s+\d+\s+\d+\.\d\d", text), text
+    # --json: the same phases as one document.
+    doc = json.loads(to_json("appends", results, writers=4))
+    assert doc["bench"] == "appends" and doc["writers"] == 4 and set(doc["results"]) == set(results)
+    assert doc["results"]["append"]["ops"] == results["append"].ops
+    assert doc["results"]["append"]["p99_ms"] == round(results["append"].pct(0.99), 2)
     assert re.search(r"append p50 at 2000 items / at 1000 items: \d+\.\d\dx", text), text
 
 
-async def test_bench_store_jetstream_runs_both_stores_next_to_raw_publishes(tmp_path: Path) -> None:
-    # The real command at toy sizes: three private stacks (raw, JetStream, SQLite).
+async def test_bench_store_jetstream_runs_every_case_next_to_raw_publishes(tmp_path: Path) -> None:
+    # The real command at toy sizes: raw R1/R3, SQLite, JetStream R1/R3 on 1 and 2 shards.
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.cli.main", "bench", "--store", "jetstream", "--json",
-        "--writers", "4", "--sessions", "3", "--duration", "0.5", "--replay-items", "500",
+        "--writers", "4", "--sessions", "3", "--duration", "0.3", "--replay-items", "500",
         cwd=REPO_ROOT, env=service_env(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    out, err = await asyncio.wait_for(proc.communicate(), 180)
     assert proc.returncode == 0, err.decode()[-2000:]
     figures = json.loads(out)
-    assert set(figures["stores"]) == {"jetstream", "sqlite"}
-    assert figures["raw"]["raw"]["ops_per_s"] > 0 and figures["raw"]["raw"]["errors"] == 0
-    for store in ("jetstream", "sqlite"):
-        phases = figures["stores"][store]
+    cases = {"raw", "raw_r3", "sqlite", "jetstream_r1", "jetstream_r1_2shards", "jetstream_r3", "jetstream_r3_2shards"}
+    assert figures["bench"] == "store" and set(figures["results"]) == cases
+    assert figures["cases"]["jetstream_r3_2shards"] == {"label": "JetStream store R3, 2 shards",
+                                                         "store": "jetstream", "nodes": 3, "shards": 2}
+    for key in ("raw", "raw_r3"):
+        raw = figures["results"][key]
+        assert set(raw) == {"append", "half"} and raw["append"]["ops_per_s"] > 0 and raw["append"]["errors"] == 0
+    for key in cases - {"raw", "raw_r3"}:
+        phases = figures["results"][key]
         assert set(phases) == {"baseline", "append", "half", "replay"}
-        assert phases["append"]["ops_per_s"] > 0 and phases["append"]["errors"] == 0, (store, phases)
-        assert phases["replay"]["ops_per_s"] > 0
-    assert set(figures["appends_vs_raw_publish"]) == {"jetstream", "sqlite"}
+        assert phases["append"]["ops_per_s"] > 0 and phases["append"]["errors"] == 0, (key, phases)
+        assert phases["replay"]["ops"] == 500
+    assert set(figures["appends_vs_raw_r1"]) == cases and figures["appends_vs_raw_r1"]["raw"] == 1.0
 
 
 async def test_metrics_cost_bench_alternates_off_and_on_and_reports_the_ratio() -> None:
@@ -64,3 +75,17 @@ async def test_metrics_cost_bench_alternates_off_and_on_and_reports_the_ratio() 
     assert re.search(r"metrics on, round 1\s+\d+\s+\d+\.\d\d\s+\d+\.\d\d\s+0$", text, re.M), text
     m = re.search(r"on / off = (\d+\.\d+) .*; (\d+) scrapes\)", text)
     assert m and float(m.group(1)) > 0 and int(m.group(2)) >= 1, text
+
+
+async def test_signed_bench_prints_json_with_json(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", "bench", "--signed", "--json",
+        "--writers", "2", "--sessions", "2", "--duration", "0.3",
+        cwd=REPO_ROOT, env=service_env(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    doc = json.loads(out)
+    assert doc["bench"] == "signed" and {r["kind"] for r in doc["results"]} == {"signed", "unsigned"}
+    assert all(r["ops"] > 0 and r["errors"] == 0 for r in doc["results"])
+    assert doc["signed_vs_unsigned"] > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ from shared.errors import BadRequestError, ConflictError
 from shared.messages import AppendItem, AppendRequest, Envelope
 from shared.subjects import Subjects
 from tests.support.eventually import assert_eventually
-from tests.support.logsvc import LogServiceProc, check_session, following
+from tests.support.logsvc import LogServiceProc, check_session, following, service_env
 from tests.support.natsd import NatsServer
+from tests.support.procs import REPO_ROOT
 from tests.support.workerstack import SEED_SPEC, is_user, terminal_items, worker_stack
 
 
@@ -136,7 +138,7 @@ async def test_convlog_log_store_flag_runs_the_service_on_jetstream(
             r = await client.append("cli", [user("hello")])
             assert r.last_order == 1
             assert [e.data["content"] for e in await client.items("cli")] == ["hello"]
-        assert "jetstream:CONVLOG_ITEMS" in svc.output()
+        assert "jetstream:CONVLOG_LOG_0" in svc.output()
         assert not (tmp_path / "unused.db").exists()
     finally:
         svc.stop()
@@ -175,8 +177,33 @@ async def test_an_r3_log_on_a_three_node_cluster(nats_cluster: Any, tmp_path: Pa
         stored = [decode(b, Envelope) for b in (await stores[2].read("s", after=0, limit=100, max_bytes=1 << 30)).items]
         check_session("s", stored, {("s", r.items[0].item_id): r.items[0].item_order for r in replies})
         assert len(stored) == 40
-        info = await stores[0]._client().jetstream().stream_info(stores[0].layout.stream)
-        assert info.config.num_replicas == 3 and info.config.allow_atomic
+        js = stores[0]._nc.jetstream()  # type: ignore[union-attr]
+        for name in (*stores[0].layout.log_streams, stores[0].layout.stream):
+            assert (await js.stream_info(name)).config.num_replicas == 3
+        assert (await js.stream_info(stores[0].layout.log_streams[0])).config.allow_atomic
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_another_shard_count_over_an_existing_log_refuses_to_start_in_one_line(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    async with JetStreamStore({"servers": [nats_server.url]}, subjects=Subjects("convlog")) as store:
+        await store.append("a", AppendRequest(items=[AppendItem(agent="user", data={"role": "user", "content": "x"})]))
+    env = {**service_env(tmp_path), "CONVLOG_SHARDS": "2"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", "log", "--store", "jetstream", "--nats-url", nats_server.url,
+        "--no-embedded", cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    (line,) = [x for x in err.decode().splitlines() if x.startswith("convlog log:")]
+    assert "created with CONVLOG_SHARDS=1, not 2: start every log service with CONVLOG_SHARDS=1" in line
+    # Nothing was created for a second shard.
+    nc = await nats.connect(nats_server.url)
+    try:
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await nc.jetstream().stream_info("CONVLOG_LOG_1")
+    finally:
+        await nc.close()

@@ -47,11 +47,14 @@ def spans() -> AsyncIterator[InMemorySpanExporter]:
         provider.shutdown()
 
 
+@pytest.mark.parametrize("store", ["sqlite", "jetstream"])
 async def test_one_user_message_is_one_trace_from_send_to_the_last_agent(
-    spans: InMemorySpanExporter, nats_server: NatsServer, tmp_path: Path
+    spans: InMemorySpanExporter, nats_server: NatsServer, tmp_path: Path, store: str
 ) -> None:
+    # On SQLite the outbox adds the traceparent to the items it publishes; on
+    # JetStream the store writes it with the items, and the items stream keeps it.
     settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
-                              "grace": 2}, environ={})
+                              "grace": 2, "store": store}, environ={})
     service = LogService(settings)
     await service.start()
     spec = load_spec(SEED_SPEC)

@@ -45,6 +45,7 @@ class Pending:
     request: AppendRequest
     done: AppendDone
     answered: bool = False
+    trace: str | None = None  # a W3C traceparent a backend may store with the items
 
 
 #: Decide and durably write one batch: an outcome per request (in order) and
@@ -140,7 +141,7 @@ class GroupCommitter:
     def add_listener(self, listener: CommitListener) -> None:
         self._listeners.append(listener)
 
-    def submit(self, session_id: str, request: AppendRequest, done: AppendDone) -> None:
+    def submit(self, session_id: str, request: AppendRequest, done: AppendDone, *, trace: str | None = None) -> None:
         """Queue an append; ``done`` is called once with its outcome.
 
         Raises:
@@ -148,7 +149,7 @@ class GroupCommitter:
         """
         if not self.running:
             raise StoreClosedError("the store is closed")
-        self._queue.put_nowait(Pending(session_id, request, done))
+        self._queue.put_nowait(Pending(session_id, request, done, trace=trace))
 
     async def append(self, session_id: str, request: AppendRequest) -> AppendReply:
         fut: asyncio.Future[AppendReply] = asyncio.get_running_loop().create_future()

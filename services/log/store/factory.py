@@ -45,6 +45,7 @@ def make_store(settings: Settings) -> LogStore:
             connect_options(settings, name="convlog-log-store"),
             subjects=settings.subjects,
             replicas=settings.stream_replicas,
+            shards=settings.shards,
             max_batch=settings.commit_batch,
             timeout=settings.request_timeout,
             nats_seam=settings.nats_seam,

@@ -110,19 +110,9 @@ def _import_sqlite(store: object, sid: str, raw: Sequence[bytes], after: int) ->
 
 async def _import_jetstream(store: object, sid: str, raw: Sequence[bytes], after: int) -> None:
     from .jetstream import JetStreamStore
-    from .jetstream.api import WrongLastSequence
-    from .jetstream.commit import MAX_ITEMS_PER_APPEND, _Part
 
     assert isinstance(store, JetStreamStore)
     s = await store._session(sid, fresh=True)
     if s.last_order != after:
         raise ConflictError(f"session {sid!r} is at {s.last_order}, not {after}", last_order=s.last_order)
-    rows = _rows(sid, raw, after, s.last_hash)
-    prev: _Part | None = None
-    for i in range(0, len(rows), MAX_ITEMS_PER_APPEND):
-        part = _Part(sid, s, s.last_seq if prev is None else -1, decided=[(0, None, rows[i : i + MAX_ITEMS_PER_APPEND])], prev=prev)  # type: ignore[list-item]
-        try:
-            await store._writer._publish([part])
-        except WrongLastSequence as e:
-            raise ConflictError(f"session {sid!r} moved while importing", last_order=-1) from e
-        prev = part
+    await store.import_rows(sid, _rows(sid, raw, after, s.last_hash), after)

@@ -3,9 +3,11 @@
 nats-py 2.16 has constants for atomic batches but no publisher, and its
 direct get returns one message; these speak the wire protocol themselves
 (ADR-50 batch headers; ``$JS.API.DIRECT.GET`` batch requests ending in a
-``204 EOB`` status message).  nats and JetStream failures become
-:class:`~shared.errors.UnavailableError` or :class:`WrongLastSequence` here,
-at this one seam.
+``204 EOB`` status message).  Publish acks come back on one wildcard inbox
+per store, routed by token to a future (no per-publish subscription or
+task), so thousands of appends can be in flight.  nats and JetStream
+failures become :class:`~shared.errors.UnavailableError`,
+:class:`WrongLastSequence` or :class:`IdTaken` here, at this one seam.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
@@ -23,15 +26,14 @@ from nats.aio.msg import Msg
 from shared.errors import UnavailableError
 from shared.nats_seam import seam_for
 
-__all__ = ["BatchAck", "DirectGet", "OutcomeUnknown", "WrongLastSequence", "publish_atomic"]
+__all__ = ["Acks", "BatchAck", "DirectGet", "IdTaken", "OutcomeUnknown", "WrongLastSequence"]
 
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
-# Refusals that mean "the head moved or the id exists": decide again.
-_STALE = {
-    10071,  # JSStreamWrongLastSequenceErrF
-    10201,  # JSAtomicPublishContainsDuplicateMessageErr: <sid>:<order> was just written
-}
+EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
+_WRONG_LAST = 10071  # JSStreamWrongLastSequenceErrF: the session's head moved
+_SUBJECT_FULL = 10077  # JSStreamStoreFailedF "maximum messages per subject exceeded": the id exists
+_BATCH_DUPLICATE = 10201  # JSAtomicPublishContainsDuplicateMessageErr: <sid>:<order> was just written
 _STATUS = "Status"
 
 #: (subject, body, headers)
@@ -42,63 +44,140 @@ class WrongLastSequence(Exception):
     """An expected-last-subject-sequence check failed: nothing was stored."""
 
 
+class IdTaken(Exception):
+    """An item subject already holds a message (its ``item_id`` is stored): nothing was stored."""
+
+
 class OutcomeUnknown(Exception):
-    """The commit was sent but no answer came: the batch may or may not be stored."""
+    """The publish was sent but no answer came: it may or may not be stored."""
 
 
 @dataclass(frozen=True, slots=True)
 class BatchAck:
-    """A committed atomic batch: its messages hold ``first_seq .. last_seq``."""
+    """Stored messages: they hold ``first_seq .. last_seq``; ``duplicate``
+    when the stream answered a ``Nats-Msg-Id`` it had already seen (whose
+    message it was must then be checked)."""
 
     last_seq: int
     count: int
+    duplicate: bool = False
 
     @property
     def first_seq(self) -> int:
         return self.last_seq - self.count + 1
 
 
-async def publish_atomic(nc: Client, messages: Sequence[Message], *, timeout: float) -> BatchAck:  # noqa: ASYNC109
-    """Publish ``messages`` as one atomic batch (stored whole, or not at all).
-
-    Only the commit is a request: the server checks every message's
-    expectations under its lock at commit time, and answers once.
-
-    Raises:
-        WrongLastSequence: a ``Nats-Expected-Last-Subject-Sequence`` did not hold.
-        OutcomeUnknown: no answer (timeout, disconnect) after the commit was sent.
-        UnavailableError: the batch was refused for another reason, or could not be sent.
-    """
-    batch_id = uuid.uuid4().hex
-    n = len(messages)
+def _ack(data: bytes, n: int) -> BatchAck:
     try:
-        for i, (subject, body, headers) in enumerate(messages[:-1], 1):
-            await nc.publish(
-                subject, body, headers={**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)}
-            )
-        subject, body, headers = messages[-1]
-        final = {**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(n), "Nats-Batch-Commit": "1"}
-    except (nats.errors.Error, OSError) as e:
-        raise UnavailableError(f"cannot reach NATS to append: {type(e).__name__}") from e
-    try:
-        reply = await nc.request(subject, body, headers=final, timeout=timeout)
-    except nats.errors.NoRespondersError as e:
-        raise UnavailableError("the log stream does not answer (no responders)") from e
-    except (nats.errors.Error, TimeoutError, OSError) as e:
-        raise OutcomeUnknown(type(e).__name__) from e
-    try:
-        ack = json.loads(reply.data)
+        ack: dict[str, Any] = json.loads(data)
     except ValueError as e:
         raise OutcomeUnknown("unreadable publish ack") from e
     err = ack.get("error")
     if err:
+        code = err.get("err_code")
         description = str(err.get("description", ""))
-        # On a clustered stream, two instances proposing the same <sid>:<order>
-        # at once get "duplicate message id is in process": a stale head too.
-        if err.get("err_code") in _STALE or "duplicate message id" in description:
+        if code in (_WRONG_LAST, _BATCH_DUPLICATE):
             raise WrongLastSequence(description)
-        raise UnavailableError(f"the log stream refused the append: {err.get('description', err)}")
-    return BatchAck(last_seq=int(ack["seq"]), count=int(ack.get("count") or n))
+        if code == _SUBJECT_FULL or "maximum messages per subject" in description:
+            raise IdTaken(description)
+        # On a clustered stream, two instances proposing one <sid>:<order> at
+        # once get "duplicate message id is in process": a moved head too.
+        if "duplicate message id" in description:
+            raise WrongLastSequence(description)
+        raise UnavailableError(f"the log stream refused the append: {description or err}")
+    return BatchAck(last_seq=int(ack["seq"]), count=int(ack.get("count") or n), duplicate=bool(ack.get("duplicate")))
+
+
+class Acks:
+    """Publishes that want the stream's ack, many in flight on one connection."""
+
+    def __init__(self, nc: Client, *, timeout: float) -> None:
+        self._nc = nc
+        self._timeout = timeout
+        self._prefix = nc.new_inbox() + "."
+        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        self._sub: object | None = None
+        self._next = 0
+
+    async def start(self) -> None:
+        if self._sub is None:
+            sub = await self._nc.subscribe(self._prefix + "*", cb=self._route_async)
+            seam_for(self._nc).deliver_inline(sub, self._route)
+            self._sub = sub
+
+    @property
+    def pending(self) -> int:
+        """Publishes (and batch commits) sent and not answered yet."""
+        return len(self._waiting)
+
+    def _route(self, msg: Msg) -> None:
+        fut = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+        if fut is None or fut.done():
+            return
+        status = msg.headers.get(_STATUS) if msg.headers else None
+        if status is None:
+            fut.set_result(msg.data)
+        else:  # 503: no stream listens on the subject (nats-server's no-responders status)
+            fut.set_exception(UnavailableError(f"the log stream does not answer (status {status})"))
+
+    async def _route_async(self, msg: Msg) -> None:
+        self._route(msg)
+
+    def _expire(self, token: str) -> None:
+        fut = self._waiting.pop(token, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(TimeoutError())
+
+    async def _request(self, subject: str, body: bytes, headers: dict[str, str]) -> bytes:
+        self._next += 1
+        token = str(self._next)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
+        self._waiting[token] = fut
+        timer = loop.call_later(self._timeout, self._expire, token)
+        try:
+            await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+        except (nats.errors.Error, OSError) as e:
+            timer.cancel()
+            self._waiting.pop(token, None)
+            raise UnavailableError(f"cannot reach NATS to append: {type(e).__name__}") from e
+        try:
+            return await fut
+        except TimeoutError as e:
+            raise OutcomeUnknown("no ack within the timeout") from e
+        finally:
+            timer.cancel()
+
+    async def publish(self, subject: str, body: bytes, headers: dict[str, str]) -> BatchAck:
+        """One message, acknowledged by the stream.
+
+        Raises:
+            WrongLastSequence: the expected last subject sequence did not hold.
+            IdTaken: the subject already holds its one message.
+            OutcomeUnknown: no answer (timeout, disconnect) after it was sent.
+            UnavailableError: refused for another reason, or could not be sent.
+        """
+        return _ack(await self._request(subject, body, headers), 1)
+
+    async def publish_atomic(self, messages: Sequence[Message]) -> BatchAck:
+        """``messages`` as one atomic batch (stored whole, or not at all).
+
+        Only the commit waits for an answer: the server checks every message's
+        expectations under its lock at commit time, and answers once.  Raises
+        as :meth:`publish`.
+        """
+        batch_id = uuid.uuid4().hex
+        n = len(messages)
+        try:
+            for i, (subject, body, headers) in enumerate(messages[:-1], 1):
+                await self._nc.publish(
+                    subject, body, headers={**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)}
+                )
+        except (nats.errors.Error, OSError) as e:
+            raise UnavailableError(f"cannot reach NATS to append: {type(e).__name__}") from e
+        subject, body, headers = messages[-1]
+        final = {**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(n), "Nats-Batch-Commit": "1"}
+        return _ack(await self._request(subject, body, final), n)
 
 
 class _Collect:

@@ -1,17 +1,35 @@
-"""The write side of the JetStream store: one group commit, as few atomic batches as fit.
+"""The write side of the JetStream store: each append, checked by the server.
 
-An atomic batch costs the server about the same whether it holds 2 messages
-or 200 (it stages the batch, then stores it at once), so a group commit
-puts every session's requests in ONE batch (up to the server's 1000
-messages; more go in further batches, one after another).  Per session, the
-first envelope carries ``Nats-Expected-Last-Subject-Sequence`` of the head
-the rows were decided on, and every id record an expected last subject
-sequence of 0.  A refused batch says neither which session nor which check
-failed, so the sessions of that batch reload their heads: those that moved
-are decided again on the new head, and if none moved an id was taken, so
-their ids are looked up ("careful") before deciding again.  After two
-refusals a group commit isolates its sessions (one batch per session, in
-parallel), so one contended session cannot hold the others back.
+The group committer hands over whatever requests arrived, with at most one
+batch in flight per session (see :class:`~..committer.GroupCommitter`).
+Sessions go in parallel; a session's requests go one after another, each
+decided on the session's head as this instance knows it and published with:
+
+* ``Nats-Expected-Last-Subject-Sequence`` = the stream sequence of that head,
+  and ``Nats-Expected-Last-Subject-Sequence-Subject`` = the session's
+  wildcard ``<prefix>.log.<k>.<sid>.*`` (on the first message): if another
+  instance moved the head on, the server refuses (10071);
+* one subject per ``item_id`` in a stream that takes one message per subject:
+  an id stored before is refused (10077).
+
+A one-item append is one plain publish (no batch to stage; many in flight);
+a multi-item append is one atomic batch (ADR-50), stored whole or not at all.
+An atomic batch costs the server a fixed ~15-25 ms on a file stream (it
+stages the batch) against well under 1 ms for a plain publish, but then
+stores its messages at nearly no cost each.  So a group commit of at least
+two new items, when they and the publishes still waiting for their acks
+number ``combine_at`` or more (the server is behind: a loaded service), goes
+in one atomic batch per shard, every session's first item carrying its own
+expectation; a lightly loaded service keeps the latency of plain publishes.
+If the server refuses a combined batch (it does not say for which session),
+each session is retried on its own.
+
+On a refusal the session's head is read fresh (and, when an id was
+taken, the request's ids are looked up: a direct get on each id's subject
+returns its envelope), and the request is decided again — a retry becomes a
+``duplicate`` with its original order and hash, a moved head a new order or a
+``conflict``.  A ``conflict`` or a bad retract is only ever reported against a
+head freshly read from the stream.
 """
 
 from __future__ import annotations
@@ -22,7 +40,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
-from nats.aio.client import Client
 
 from shared.errors import ConvlogError, TooLargeError, UnavailableError
 from shared.messages import AppendRequest
@@ -32,322 +49,374 @@ from ..committer import Outcome, Pending
 from ..ordering import Existing, Row, SessionState, decide, now_rfc3339, stored_entry
 from .api import (
     EXPECTED_LAST_SUBJECT_SEQ,
+    EXPECTED_LAST_SUBJECT_SEQ_SUBJECT,
     MSG_ID,
+    Acks,
+    BatchAck,
+    IdTaken,
     Message,
     OutcomeUnknown,
     WrongLastSequence,
-    publish_atomic,
 )
-from .index import Meta, SessionIndex
+from .index import Meta, SessionIndex, seq_of
 from .layout import Layout
 from .reads import StreamReads
 
-__all__ = ["MAX_BATCH_MESSAGES", "MAX_ITEMS_PER_APPEND", "BatchWriter"]
+__all__ = ["MAX_BATCH_MESSAGES", "MAX_ITEMS_PER_APPEND", "BatchWriter", "position"]
 
 log = logging.getLogger("convlog.store.jetstream")
 
 #: The server's limit on one atomic batch (ADR-50).
 MAX_BATCH_MESSAGES = 1000
-#: Each item is two messages (its envelope and its id record).
-MAX_ITEMS_PER_APPEND = MAX_BATCH_MESSAGES // 2
-_ATTEMPTS = 12
-_ISOLATE_AFTER = 2
+#: Each item is one message.
+MAX_ITEMS_PER_APPEND = MAX_BATCH_MESSAGES
+_ATTEMPTS = 16
+
+_meta = msgspec.json.Decoder(Meta)
+
+
+def position(seq: int, shard: int, shards: int) -> int:
+    """A commit's global position: its stream sequence, interleaved over the
+    shards (``seq * shards + shard``).  With one shard it is the sequence:
+    one total order.  With more it rises with ``item_order`` in every
+    session (a session lives in one shard), and shards interleave by
+    sequence, not by time."""
+    return seq * shards + shard
 
 
 class OutcomeStillUnknown(UnavailableError):
-    """No answer came to a commit, nor to the copies sent to settle it."""
-
-
-class IdRecord(msgspec.Struct, frozen=True):
-    """The body of ``<prefix>.ids.<sid>.<token>``."""
-
-    item_order: int
-    hash: str
-    digest: str  # content_digest of the item: an id reused with other content is a conflict
-
-
-_encode = msgspec.json.Encoder().encode
-_id_record = msgspec.json.Decoder(IdRecord)
-_meta = msgspec.json.Decoder(Meta)
+    """No answer came to a publish, nor to the copies sent to settle it."""
 
 
 @dataclass(slots=True)
 class _Part:
-    """One session's share of a batch: its decided requests and their rows."""
+    """One session's share of a combined batch."""
 
     sid: str
     index: SessionIndex
-    head_seq: int  # the head the rows were decided on: what the server must still see
-    decided: list[tuple[int, Outcome, list[Row]]] = field(default_factory=list)
-    prev: _Part | None = None  # the piece of the same session this one chains onto
-    last_pos: int = 0  # once stored: the stream sequence of its last envelope
-
-    @property
-    def rows(self) -> list[Row]:
-        return [r for _, _, rs in self.decided for r in rs]
+    idx: list[int]
+    replies: list[Outcome]
+    rows: list[Row]
+    traces: list[str | None] = field(default_factory=list)  # per row: its request's traceparent
+    seqs: list[int] = field(default_factory=list)  # once stored
 
 
 class BatchWriter:
-    """Decides and stores the group commits of one store instance.
+    """Decides and stores the appends of one store instance.
 
     Args:
-        nc: returns the store's connection.
+        acks: returns the store's publisher.
         layout: the store's subjects.
         reads: the read side, whose session cache this writer keeps current.
-        timeout: seconds to wait for a commit's answer.
+        combine_at: new items in one group commit plus publishes awaiting
+            their acks from which the group commit goes in one atomic batch
+            per shard rather than a publish each.
     """
 
-    def __init__(self, nc: Callable[[], Client], layout: Layout, reads: StreamReads, timeout: float) -> None:
-        self._nc = nc
+    def __init__(self, acks: Callable[[], Acks], layout: Layout, reads: StreamReads, *, combine_at: int = 32) -> None:
+        self._acks = acks
         self.layout = layout
         self.reads = reads
-        self.timeout = timeout
-        self.max_inflight_batches = 32  # when isolating; the server allows 50 per stream
-        self.retries = 0  # batches refused because a head moved or an id existed (stats, tests)
-        self.batches = 0  # atomic batches stored
-        self.unknown = 0  # commits whose answer was lost, resolved from the stream
+        self.combine_at = combine_at
+        self.combined = 0  # combined batches stored (stats, tests)
+        self.retries = 0  # publishes refused because a head moved or an id existed (stats, tests)
+        self.batches = 0  # publishes (plain or atomic) that stored something
+        self.unknown = 0  # publishes whose answer was lost, resolved from the stream
 
     async def commit(self, batch: list[Pending]) -> tuple[list[Outcome], list[Committed]]:
         outcomes: list[Outcome | None] = [None] * len(batch)
-        for i, p in enumerate(batch):
-            if len(p.request.items) > MAX_ITEMS_PER_APPEND:
-                outcomes[i] = TooLargeError(
-                    f"{len(p.request.items)} items in one append, over the JetStream store's limit of "
-                    f"{MAX_ITEMS_PER_APPEND} (one atomic batch)",
-                    limit=MAX_ITEMS_PER_APPEND,
-                )
-        committed: list[Committed] = []
-        fresh = {p.session_id for p in batch if p.session_id not in self.reads.cache}
-        careful: set[str] = set()
-        for attempt in range(_ATTEMPTS):
-            todo = [i for i, out in enumerate(outcomes) if out is None]
-            if not todo:
-                break
-            try:
-                parts, stale = await self._decide(batch, todo, fresh, careful, outcomes)
-            except ConvlogError as e:
-                for i in todo:
-                    outcomes[i] = e
-                break
-            fresh = stale  # sessions refused on a cached head: decide again on a fresh one
-            if attempt >= _ISOLATE_AFTER:
-                gate = asyncio.Semaphore(self.max_inflight_batches)
-                results = await asyncio.gather(
-                    *(self._alone(gate, c, outcomes, committed) for c in _isolated(parts))
-                )
-            else:
-                results = [await self._store_in_turn(_combined(parts), outcomes, committed)]
-            for moved, taken in results:
-                fresh |= moved
-                careful |= taken
-        committed.sort(key=lambda c: c.position)
-        return [
-            out if out is not None else UnavailableError("the session is too contended; nothing was written")
-            for out in outcomes
-        ], committed
-
-    async def _decide(
-        self,
-        batch: list[Pending],
-        todo: list[int],
-        fresh: set[str],
-        careful: set[str],
-        outcomes: list[Outcome | None],
-    ) -> tuple[list[_Part], set[str]]:
-        """Decide the undecided requests; set the outcomes that are final.
-
-        Returns the parts to store and the sessions to decide again on a
-        fresh head (a refusal met a cached one).
-        """
         by_sid: dict[str, list[int]] = {}
-        for i in todo:
-            by_sid.setdefault(batch[i].session_id, []).append(i)
-        sids = list(by_sid)
-        indexes = await asyncio.gather(*(self.reads.session(s, fresh=s in fresh) for s in sids))
-        requests = {s: [batch[i].request for i in by_sid[s]] for s in sids}
-        existing_all = await asyncio.gather(
-            *(self._existing_ids(s, ix, requests[s], s in careful) for s, ix in zip(sids, indexes, strict=True))
-        )
-        kinds_all = await asyncio.gather(
-            *(self._stored_kinds(s, ix, requests[s]) for s, ix in zip(sids, indexes, strict=True))
-        )
-        created_at = now_rfc3339()
-        parts: list[_Part] = []
-        stale: set[str] = set()
-        for s, ix, existing, kinds in zip(sids, indexes, existing_all, kinds_all, strict=True):
-            st = SessionState(ix.last_order, ix.last_hash, ix.last_clear)
-            part = _Part(s, ix, ix.last_seq)
-            for i in by_sid[s]:
-                try:
-                    reply, rows = decide(s, batch[i].request, st, existing, kinds, created_at, 0)
-                    part.decided.append((i, reply, rows))
-                except ConvlogError as e:
-                    part.decided.append((i, e, []))
-            if s not in fresh and any(isinstance(out, ConvlogError) for _, out, _ in part.decided):
-                stale.add(s)  # refuse only against the head as the stream has it now
-                continue
-            if part.rows:
-                parts.append(part)
-            else:  # duplicates and refusals only: nothing to store
-                for i, out, _ in part.decided:
-                    outcomes[i] = out
-        return parts, stale
+        for i, p in enumerate(batch):
+            by_sid.setdefault(p.session_id, []).append(i)
+        committed: list[Committed] = []
+        items = sum(len(p.request.items) for p in batch)
+        if items >= 2 and items + self._acks().pending >= self.combine_at:
+            by_sid = await self._combined(batch, by_sid, outcomes, committed)
+        await asyncio.gather(*(self._session(sid, idx, batch, outcomes, committed) for sid, idx in by_sid.items()))
+        committed.sort(key=lambda c: c.position)
+        return [o if o is not None else UnavailableError("the append was not decided") for o in outcomes], committed
 
-    async def _alone(
-        self,
-        gate: asyncio.Semaphore,
-        chunks: list[list[_Part]],
-        outcomes: list[Outcome | None],
+    async def _combined(
+        self, batch: list[Pending], by_sid: dict[str, list[int]], outcomes: list[Outcome | None],
         committed: list[Committed],
-    ) -> tuple[set[str], set[str]]:
-        async with gate:
-            return await self._store_in_turn(chunks, outcomes, committed)
+    ) -> dict[str, list[int]]:
+        """Decide every session's requests on its cached head and store them in
+        one atomic batch per shard.  Returns the sessions left to store one by
+        one (a refusal, an error to check against a fresh head, a batch too big)."""
+        sids = list(by_sid)
+        indexes = await asyncio.gather(*(self.reads.session(s, fresh=s not in self.reads.cache) for s in sids))
+        created_at = now_rfc3339()
+        left: dict[str, list[int]] = {}
+        shards: dict[int, list[_Part]] = {}
+        for sid, ix in zip(sids, indexes, strict=True):
+            idx = by_sid[sid]
+            reqs = [batch[i].request for i in idx]
+            if any(r.expected_last is not None or any(it.kind == "retract" for it in r.items) for r in reqs):
+                left[sid] = idx  # needs lookups (ids, retract targets): the careful path
+                continue
+            st = SessionState(ix.last_order, ix.last_hash, ix.last_clear)
+            part = _Part(sid, ix, idx, [], [])
+            try:
+                for i in idx:
+                    reply, rows = decide(sid, batch[i].request, st, {}, {}, created_at, 0)
+                    part.replies.append(reply)
+                    part.rows += rows
+                    part.traces += [batch[i].trace] * len(rows)
+            except ConvlogError:
+                left[sid] = idx
+                continue
+            chunk = shards.setdefault(self.layout.shard_of(sid), [])
+            if not part.rows or sum(len(p.rows) for p in chunk) + len(part.rows) > MAX_BATCH_MESSAGES:
+                left[sid] = idx
+                continue
+            chunk.append(part)
+        stored = await asyncio.gather(*(self._store_combined(parts) for parts in shards.values()))
+        for parts, ok in zip(shards.values(), stored, strict=True):
+            for part in parts:
+                if not ok:
+                    left[part.sid] = part.idx
+                    continue
+                for i, reply in zip(part.idx, part.replies, strict=True):
+                    outcomes[i] = reply
+                k = self.layout.shard_of(part.sid)
+                committed += [
+                    Committed(position(seq, k, self.layout.shards), part.sid, r[2], r[5])
+                    for seq, r in zip(part.seqs, part.rows, strict=True)
+                ]
+        return left
 
-    async def _store_in_turn(
-        self, chunks: list[list[_Part]], outcomes: list[Outcome | None], committed: list[Committed]
-    ) -> tuple[set[str], set[str]]:
-        """Store ``chunks`` one after another; stop at the first refusal (the
-        chunks after it were decided on heads that may be wrong now)."""
-        for chunk in chunks:
-            moved, taken = await self._store(chunk, outcomes, committed)
-            if moved or taken:
-                return moved, taken
-        return set(), set()
-
-    async def _store(
-        self, chunk: list[_Part], outcomes: list[Outcome | None], committed: list[Committed]
-    ) -> tuple[set[str], set[str]]:
-        """Store one chunk as one atomic batch and answer its requests.
-
-        Returns (sessions whose head moved, sessions to look ids up for) when
-        the server refused the batch; both empty when it was stored.
-        """
-        try:
-            positions = await self._publish(chunk)
-        except OutcomeStillUnknown:
-            raise  # maybe stored: never decide these requests again
-        except UnavailableError as e:
-            # Refused for another reason (a leader election, too many batches
-            # in flight): nothing was stored; try again shortly, on fresh heads.
-            log.info("append batch refused, retrying: %s", e.message)
-            await asyncio.sleep(0.25)
-            return {p.sid for p in chunk}, set()
-        except WrongLastSequence:
-            self.retries += 1
-            heads = await asyncio.gather(*(self.reads.session(p.sid, fresh=True) for p in chunk))
-            moved = {p.sid for p, ix in zip(chunk, heads, strict=True) if ix.last_seq != p.head_seq}
-            return moved, set() if moved else {p.sid for p in chunk}
-        self.batches += 1
-        for k, part in enumerate(chunk):
-            for i, out, _ in part.decided:
-                outcomes[i] = out
-            committed += [
-                Committed(pos, part.sid, r[2], r[5]) for pos, r in zip(positions[k], part.rows, strict=True)
-            ]
-        return set(), set()
-
-    async def _publish(self, chunk: list[_Part]) -> list[list[int]]:
-        """One atomic batch: every part's envelopes, then their id records.
-        Returns each part's new stream sequences and updates the cache."""
+    async def _store_combined(self, parts: list[_Part]) -> bool:
+        """One atomic batch of several sessions' rows; False if it was refused."""
+        if not parts:
+            return True
         msgs: list[Message] = []
-        ids: list[Message] = []
-        for part in chunk:
-            if part.prev is not None:
-                part.head_seq = part.prev.last_pos  # chained onto our own piece, exactly
-            subject = self.layout.items(part.sid)
-            for n, r in enumerate(part.rows):
-                headers = {MSG_ID: f"{part.sid}:{r[2]}"}
-                if n == 0:
-                    headers[EXPECTED_LAST_SUBJECT_SEQ] = str(part.head_seq)
-                msgs.append((subject, r[5], headers))
-                order, hash_, digest = stored_entry(r[2], r[5])
-                record = _encode(IdRecord(item_order=order, hash=hash_, digest=digest))
-                ids.append((self.layout.id_subject(part.sid, r[3]), record, {EXPECTED_LAST_SUBJECT_SEQ: "0"}))
+        for part in parts:
+            msgs += self._messages(part.sid, part.index.last_seq, part.rows, part.traces)
+        acks = self._acks()
         try:
-            ack = await publish_atomic(self._nc(), msgs + ids, timeout=self.timeout)
-            positions = _positions(chunk, ack.first_seq)
+            ack = await acks.publish_atomic(msgs)
+            first = ack.first_seq if not ack.duplicate else None
         except OutcomeUnknown:
             self.unknown += 1
-            positions = await self._resolve_unknown(chunk, msgs + ids)
-        for part, pos_list in zip(chunk, positions, strict=True):
-            part.last_pos = pos_list[-1]
-            ix = part.index
-            complete = ix.indexed == ix.last_order
-            for pos, r in zip(pos_list, part.rows, strict=True):
-                meta = _meta.decode(r[5])
-                if complete:
-                    ix.add(meta, pos)
-                else:
-                    ix.set_head(meta, pos)
-        return positions
+            first = await self._settle_combined(parts, msgs)
+        except (WrongLastSequence, IdTaken, UnavailableError):
+            self.retries += 1
+            return False
+        if first is None:
+            self.retries += 1
+            return False
+        self.batches += 1
+        self.combined += 1
+        seq = first
+        for part in parts:
+            part.seqs = list(range(seq, seq + len(part.rows)))
+            self._cache(part.index, part.seqs, part.rows)
+            seq += len(part.rows)
+        return True
 
-    async def _resolve_unknown(self, chunk: list[_Part], messages: list[Message]) -> list[list[int]]:
-        """No answer came to a commit: make its outcome certain, then read it.
+    async def _settle_combined(self, parts: list[_Part], msgs: list[Message]) -> int | None:
+        """A combined batch got no answer: send it again (see
+        :meth:`_resolve_unknown`); the first row's subject says whether the
+        stream holds ours.  Returns the batch's first sequence, or None."""
+        try:
+            ack = await self._acks().publish_atomic(msgs)
+            if not ack.duplicate:
+                return ack.first_seq
+        except (WrongLastSequence, IdTaken, OutcomeUnknown, UnavailableError):
+            pass
+        try:
+            found = await self._ours(parts[0].sid, parts[0].rows[:1])
+        except ConvlogError as e:
+            raise OutcomeStillUnknown("the outcome of an append is unknown; retry it with the same item_ids") from e
+        return found[0] if found else None
 
-        A lookup alone could run before a batch still in flight lands.  So
-        the same batch is sent again: the stream takes a connection's
-        messages in order, so once the copy is answered the original, if it
-        arrived, has been stored or refused.  If the copy is stored, the
-        original was not (it would have failed the copy's expectations);
-        if the copy is refused, the first id record tells whether the
-        original is ours (a batch is all or nothing).
+    async def _session(
+        self, sid: str, idx: list[int], batch: list[Pending], outcomes: list[Outcome | None], committed: list[Committed]
+    ) -> None:
+        fresh = sid not in self.reads.cache
+        for i in idx:
+            p = batch[i]
+            try:
+                outcomes[i], rows_at = await self._one(sid, p, fresh)
+            except OutcomeStillUnknown as e:
+                outcomes[i] = e  # maybe stored: the caller retries with the same ids
+                continue
+            except ConvlogError as e:
+                outcomes[i] = e
+                continue
+            fresh = False
+            k = self.layout.shard_of(sid)
+            committed += [
+                Committed(position(seq, k, self.layout.shards), sid, r[2], r[5]) for seq, r in rows_at
+            ]
+
+    async def _one(self, sid: str, p: Pending, fresh: bool) -> tuple[Outcome, list[tuple[int, Row]]]:
+        """Decide and store one request; retry on refusals, on fresh heads."""
+        req = p.request
+        if len(req.items) > MAX_ITEMS_PER_APPEND:
+            return TooLargeError(
+                f"{len(req.items)} items in one append, over the JetStream store's limit of "
+                f"{MAX_ITEMS_PER_APPEND} (one atomic batch)",
+                limit=MAX_ITEMS_PER_APPEND,
+            ), []
+        careful = False
+        for _ in range(_ATTEMPTS):
+            ix = await self.reads.session(sid, fresh=fresh)
+            existing = await self._existing_ids(sid, ix, req, careful)
+            kinds = await self._stored_kinds(sid, ix, req)
+            st = SessionState(ix.last_order, ix.last_hash, ix.last_clear)
+            try:
+                reply, rows = decide(sid, req, st, existing, kinds, now_rfc3339(), 0)
+            except ConvlogError:
+                if not fresh:  # refuse only against the head the stream has now
+                    fresh = True
+                    continue
+                raise
+            if not rows:
+                return reply, []
+            try:
+                seqs = await self.store_rows(sid, ix, rows, trace=p.trace)
+            except WrongLastSequence:
+                self.retries += 1
+                fresh = True
+                continue
+            except IdTaken:
+                self.retries += 1
+                fresh = careful = True
+                continue
+            except OutcomeStillUnknown:
+                raise
+            except UnavailableError as e:
+                # Refused for another reason (a leader election, too many
+                # batches in flight): nothing was stored; try again shortly.
+                log.info("append refused, retrying: %s", e.message)
+                await asyncio.sleep(0.25)
+                fresh = True
+                continue
+            return reply, list(zip(seqs, rows, strict=True))
+        return UnavailableError("the session is too contended; nothing was written"), []
+
+    async def store_rows(self, sid: str, ix: SessionIndex, rows: Sequence[Row], *, trace: str | None = None) -> list[int]:
+        """Publish ``rows`` (decided on ``ix``'s head) and update the cache.
+
+        Returns their stream sequences.
+
+        Raises:
+            WrongLastSequence: the head moved (nothing stored).
+            IdTaken: an id is stored already (nothing stored).
+            OutcomeStillUnknown: no answer, even to the copies sent to settle it.
+            UnavailableError: refused for another reason (nothing stored).
         """
+        msgs = self._messages(sid, ix.last_seq, rows, trace)
+        acks = self._acks()
+        try:
+            ack = await (acks.publish(*msgs[0]) if len(msgs) == 1 else acks.publish_atomic(msgs))
+            seqs = await self._confirmed(sid, ack, rows)
+        except OutcomeUnknown:
+            self.unknown += 1
+            seqs = await self._resolve_unknown(sid, msgs, rows)
+        self.batches += 1
+        self._cache(ix, seqs, rows)
+        return seqs
+
+    @staticmethod
+    def _cache(ix: SessionIndex, seqs: Sequence[int], rows: Sequence[Row]) -> None:
+        complete = ix.indexed == ix.last_order
+        for seq, r in zip(seqs, rows, strict=True):
+            meta = _meta.decode(r[5])
+            if complete:
+                ix.add(meta, seq)
+            else:
+                ix.set_head(meta, seq)
+
+    def _messages(
+        self, sid: str, head_seq: int, rows: Sequence[Row], traces: str | Sequence[str | None] | None
+    ) -> list[Message]:
+        msgs: list[Message] = []
+        for n, r in enumerate(rows):
+            headers = {MSG_ID: f"{sid}:{r[2]}"}
+            trace = traces if traces is None or isinstance(traces, str) else traces[n]
+            if trace is not None:
+                headers["traceparent"] = trace  # carried to <prefix>.items.<sid> for the worker's span
+            if n == 0:
+                headers[EXPECTED_LAST_SUBJECT_SEQ] = str(head_seq)
+                headers[EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = self.layout.session_filter(sid)
+            msgs.append((self.layout.item_subject(sid, r[3]), r[5], headers))
+        return msgs
+
+    async def _confirmed(self, sid: str, ack: BatchAck, rows: Sequence[Row]) -> list[int]:
+        """The sequences of a stored publish.  A ``duplicate`` ack (the
+        stream had seen ``<sid>:<order>`` in its dedupe window) may be another
+        writer's item at that order: it is ours only if the id holds our hash."""
+        if not ack.duplicate:
+            return list(range(ack.first_seq, ack.first_seq + len(rows)))
+        found = await self._ours(sid, rows)
+        if found is None:
+            raise WrongLastSequence("another append holds that order")
+        return found
+
+    async def _ours(self, sid: str, rows: Sequence[Row]) -> list[int] | None:
+        """The sequences of ``rows`` if the stream holds exactly them, else None
+        (a publish is all or nothing, so the first row decides)."""
+        get = self.reads.get(sid)
+        first = await get.last(self.layout.item_subject(sid, rows[0][3]))
+        if first is None or first.data != rows[0][5]:
+            return None
+        start = seq_of(first)
+        return list(range(start, start + len(rows)))
+
+    async def _resolve_unknown(self, sid: str, msgs: list[Message], rows: Sequence[Row]) -> list[int]:
+        """No answer came: make the outcome certain, then read it.
+
+        A lookup alone could run before a publish still in flight lands.  So
+        the same message (or batch) is sent again: the stream takes one
+        connection's messages in order, so once the copy is answered the
+        original, if it arrived, has been stored or refused.  If the copy is
+        stored, the original was not (it would have failed the copy's
+        expectations); otherwise the item subject of the first row says
+        whether the stream holds ours.
+        """
+        acks = self._acks()
         for _ in range(_ATTEMPTS):
             try:
-                ack = await publish_atomic(self._nc(), messages, timeout=self.timeout)
-            except WrongLastSequence:
-                break  # something is stored: ours, or another writer's
+                ack = await (acks.publish(*msgs[0]) if len(msgs) == 1 else acks.publish_atomic(msgs))
+            except (WrongLastSequence, IdTaken):
+                break
             except (OutcomeUnknown, UnavailableError):
                 await asyncio.sleep(0.5)
                 continue
-            return _positions(chunk, ack.first_seq)
+            if not ack.duplicate:
+                return list(range(ack.first_seq, ack.first_seq + len(rows)))
+            break
         else:
             raise OutcomeStillUnknown("the outcome of an append is unknown; retry it with the same item_ids")
-        first_part = chunk[0]
-        first = first_part.rows[0]
-        rec = await self.reads.get().last(self.layout.id_subject(first_part.sid, first[3]))
-        if rec is None or (
-            (found := _id_record.decode(rec.data)).item_order,
-            found.hash,
-        ) != (first[2], _meta.decode(first[5]).hash):
+        found = await self._ours(sid, rows)
+        if found is None:
             raise WrongLastSequence("another append was stored first")  # decide again
-        positions: list[list[int]] = []
-        for part in chunk:
-            ix = await self.reads.session(part.sid, fresh=True)
-            await self.reads.extend(part.sid, ix, part.rows[-1][2])
-            positions.append([int(ix.seqs[r[2] - 1]) for r in part.rows])
-        return positions
+        return found
 
     async def _existing_ids(
-        self, sid: str, s: SessionIndex, requests: Sequence[AppendRequest], careful: bool
+        self, sid: str, s: SessionIndex, req: AppendRequest, careful: bool
     ) -> dict[tuple[str, str], Existing]:
         """Look ids up where the answer changes the decision (as SQLite does):
         with ``expected_last`` behind, or after the server refused an id."""
         if not s.last_order:
             return {}
-        wanted = list({
-            it.item_id
-            for r in requests
-            if careful or (r.expected_last is not None and r.expected_last != s.last_order)
-            for it in r.items
-            if it.item_id is not None
-        })
-        get = self.reads.get()
-        recs = await asyncio.gather(*(get.last(self.layout.id_subject(sid, iid)) for iid in wanted))
+        if not careful and (req.expected_last is None or req.expected_last == s.last_order):
+            return {}
+        wanted = list({it.item_id for it in req.items if it.item_id is not None})
+        get = self.reads.get(sid)
+        found_msgs = await asyncio.gather(*(get.last(self.layout.item_subject(sid, iid)) for iid in wanted))
         found: dict[tuple[str, str], Existing] = {}
-        for iid, rec in zip(wanted, recs, strict=True):
-            if rec is not None:
-                r = _id_record.decode(rec.data)
-                found[(sid, iid)] = (r.item_order, r.hash, r.digest)
+        for iid, msg in zip(wanted, found_msgs, strict=True):
+            if msg is not None:
+                found[(sid, iid)] = stored_entry(_meta.decode(msg.data).item_order, msg.data)
         return found
 
-    async def _stored_kinds(
-        self, sid: str, s: SessionIndex, requests: Sequence[AppendRequest]
-    ) -> dict[tuple[str, int], str]:
+    async def _stored_kinds(self, sid: str, s: SessionIndex, req: AppendRequest) -> dict[tuple[str, int], str]:
         targets = {
             t
-            for r in requests
-            for it in r.items
+            for it in req.items
             if it.kind == "retract" and isinstance(t := it.data.get("target"), int) and not isinstance(t, bool)
             and 1 <= t <= s.last_order
         }
@@ -355,56 +424,3 @@ class BatchWriter:
             return {}
         await self.reads.extend(sid, s, max(targets))
         return {(sid, t): k for t in targets if (k := s.kind(t)) is not None}
-
-
-def _positions(chunk: list[_Part], first_seq: int) -> list[list[int]]:
-    """Each part's envelope sequences in a stored batch (envelopes come first, in part order)."""
-    out: list[list[int]] = []
-    seq = first_seq
-    for part in chunk:
-        n = len(part.rows)
-        out.append(list(range(seq, seq + n)))
-        seq += n
-    return out
-
-
-def _size(part: _Part) -> int:
-    return 2 * len(part.rows)
-
-
-def _combined(parts: list[_Part]) -> list[list[_Part]]:
-    """As few batches as hold the parts (a part larger than one batch is split
-    at request boundaries, its pieces chained in order)."""
-    if not parts:
-        return []
-    chunks: list[list[_Part]] = [[]]
-    size = 0
-    for part in _split(parts):
-        if chunks[-1] and size + _size(part) > MAX_BATCH_MESSAGES:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(part)
-        size += _size(part)
-    return chunks
-
-
-def _isolated(parts: list[_Part]) -> list[list[list[_Part]]]:
-    """Per session, its pieces as one-part chunks, to store in turn."""
-    by_sid: dict[str, list[list[_Part]]] = {}
-    for piece in _split(parts):
-        by_sid.setdefault(piece.sid, []).append([piece])
-    return list(by_sid.values())
-
-
-def _split(parts: list[_Part]) -> list[_Part]:
-    """Parts larger than one batch, cut at request boundaries into chained pieces."""
-    out: list[_Part] = []
-    for part in parts:
-        piece = _Part(part.sid, part.index, part.head_seq)
-        for d in part.decided:
-            if piece.decided and _size(piece) + 2 * len(d[2]) > MAX_BATCH_MESSAGES:
-                out.append(piece)
-                piece = _Part(part.sid, part.index, -1, prev=piece)
-            piece.decided.append(d)
-        out.append(piece)
-    return out

@@ -70,6 +70,9 @@ class SessionIndex:
     kinds: bytearray = field(default_factory=bytearray)
     hidden: set[int] = field(default_factory=set)
     last_clear: int = 0
+    #: order -> stream sequence of single envelopes beyond ``indexed`` (where
+    #: a page of a forward read ended), so the next page needs no index.
+    marks: dict[int, int] = field(default_factory=dict)
 
     @property
     def indexed(self) -> int:

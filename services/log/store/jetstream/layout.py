@@ -1,119 +1,249 @@
-"""Where the JetStream store keeps a log: one stream, two subject families.
+"""Where the JetStream store keeps a log: N log streams, and the fan-out stream.
 
-``<prefix>.items.<sid>``
-    Every envelope of session ``sid``, in ``item_order``: message k on this
-    subject IS item k.  The envelope bytes are the message body and the
-    header ``Nats-Msg-Id: <sid>:<item_order>`` is set, exactly as the SQLite
-    store's outbox publishes them — so followers and workers read the same
-    subject either way, and on this store the stream is the log and its
-    fan-out at once (no outbox).
+``<prefix>.log.<k>.<sid>.<token>`` in stream ``<PREFIX>_LOG_<k>`` (a *shard*)
+    One message per item of session ``sid``, whose shard ``k`` is a stable
+    hash of the id (:meth:`Layout.shard_of`); ``token`` is the item's
+    ``item_id`` in lowercase base32 (subject-safe and reversible, so two ids
+    never share a subject).  The body is the envelope, byte for byte as
+    served and exported; the header ``Nats-Msg-Id: <sid>:<item_order>``.
+    The session's messages, in stream order, are its items in ``item_order``
+    (``next_by_subj`` on ``<prefix>.log.<k>.<sid>.*``).
 
-``<prefix>.ids.<sid>.<token>``
-    One small record per stored ``item_id`` (``token`` is the id in
-    lowercase base32: subject-safe and reversible, so two ids never share a
-    subject).  It is written in the same atomic batch as its item with
-    ``Nats-Expected-Last-Subject-Sequence: 0``: the subject must be empty, a
-    uniqueness constraint with no time window (``Nats-Msg-Id`` dedupe alone
-    forgets after ``duplicate_window``).  Its body ``{"item_order", "hash"}``
-    answers a retry with the original order and hash.
+    A log stream keeps at most one message per subject and refuses a second
+    (``max_msgs_per_subject: 1``, ``discard: new``, ``discard_new_per_subject``):
+    an ``item_id`` is stored once, ever — a uniqueness constraint with no time
+    window, where ``Nats-Msg-Id`` dedupe forgets after ``duplicate_window``.
 
-Both families live in ONE stream (``<PREFIX>_ITEMS``, the name workers and
-followers already bind to) because an atomic batch cannot span streams.
+``<prefix>.items.<sid>`` in stream ``<PREFIX>_ITEMS`` (the contract's fan-out)
+    *Sources* every log stream with a subject transform back to
+    ``<prefix>.items.<sid>``: workers and ``LogClient.follow`` consume it as
+    on the SQLite store.  Each source is copied in order, so every session's
+    items reach it in ``item_order``.  Reads never use it (it trails the log
+    streams by the copy): they are direct gets on the log streams.
+
+The number of shards is fixed when the log is created; it is recorded in the
+metadata of every stream (``convlog_shards``) and a store opened with another
+number refuses to start (:func:`ensure_streams`).
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import zlib
+from typing import Any
 
-import nats.js.errors
-from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+import nats.errors
+from nats.aio.client import Client
 
+from shared.failures import StreamConfigError
 from shared.subjects import Subjects
 
-__all__ = ["Layout", "ensure_log_stream"]
+__all__ = ["SHARDS_KEY", "Layout", "ensure_streams"]
 
 log = logging.getLogger("convlog.store.jetstream")
 
 #: JetStream's error code for a stream created meanwhile under the same name.
 _STREAM_NAME_IN_USE = 10058
+#: Stream metadata key recording the number of shards the log was created with.
+SHARDS_KEY = "convlog_shards"
 
 
 class Layout:
-    """Subject names of the JetStream store for one prefix."""
+    """Subject and stream names of the JetStream store for one prefix.
 
-    def __init__(self, subjects: Subjects) -> None:
+    Args:
+        subjects: the contract's subjects for the prefix.
+        shards: log streams the sessions are spread over.
+    """
+
+    def __init__(self, subjects: Subjects, shards: int = 1) -> None:
+        if shards < 1:
+            raise ValueError("shards must be at least 1")
         self.subjects = subjects
-        self.stream = subjects.stream_name
+        self.shards = shards
+        self.prefix = subjects.prefix
+        self.stream = subjects.stream_name  # the fan-out, <PREFIX>_ITEMS
         self.items_all = subjects.items_all
-        self.ids_all = f"{subjects.prefix}.ids.>"
         self._items = f"{subjects.prefix}.items."
-        self._ids = f"{subjects.prefix}.ids."
+        self._log = f"{subjects.prefix}.log."
+        base = self.stream[: -len("_ITEMS")] if self.stream.endswith("_ITEMS") else self.stream
+        self.log_streams = [f"{base}_LOG_{k}" for k in range(shards)]
+        self._shard_cache: dict[str, int] = {}
+
+    def shard_of(self, sid: str) -> int:
+        """The session's shard: CRC-32 of its id modulo the shard count (stable
+        across processes and versions, unlike Python's ``hash``)."""
+        if self.shards == 1:
+            return 0
+        k = self._shard_cache.get(sid)
+        if k is None:
+            if len(self._shard_cache) > 100_000:
+                self._shard_cache.clear()
+            k = self._shard_cache[sid] = zlib.crc32(sid.encode()) % self.shards
+        return k
 
     def items(self, sid: str) -> str:
-        """The subject of a session's envelopes (``sid`` is validated upstream)."""
+        """The fan-out subject of a session (``sid`` is validated upstream)."""
         return self._items + sid
 
-    def session_of(self, items_subject: str) -> str:
+    def session_of_items(self, items_subject: str) -> str:
         return items_subject[len(self._items) :]
 
-    def id_subject(self, sid: str, item_id: str) -> str:
+    def session_filter(self, sid: str) -> str:
+        """Every item subject of one session, in its shard's log stream."""
+        return f"{self._log}{self.shard_of(sid)}.{sid}.*"
+
+    def log_all(self, k: int) -> str:
+        return f"{self._log}{k}.>"
+
+    def item_subject(self, sid: str, item_id: str) -> str:
         token = base64.b32encode(item_id.encode()).decode().rstrip("=").lower()
-        return f"{self._ids}{sid}.{token}"
+        return f"{self._log}{self.shard_of(sid)}.{sid}.{token}"
 
-    def stream_config(self, replicas: int) -> StreamConfig:
-        """The log stream.
+    @staticmethod
+    def session_of_log(log_subject: str) -> str:
+        """The session of ``<prefix>.log.<k>.<sid>.<token>``."""
+        return log_subject.rsplit(".", 2)[1]
 
-        * ``allow_atomic``: a multi-item append (items plus their id records)
-          is stored whole or not at all (ADR-50, nats-server >= 2.12).
-        * ``allow_direct``: reads are direct gets (``last_by_subj``,
-          ``next_by_subj`` batches, ``multi_last``) that any replica answers.
-        * limits retention with no limits and ``discard: new``: nothing is
-          ever aged out of a log; were a limit set by hand, new appends would
-          be refused rather than history dropped.
-        * ``deny_delete`` / ``deny_purge``: the log is append-only through
-          the API too (retract and clear are envelopes, not deletions).
+    def log_stream_config(self, k: int, replicas: int) -> dict[str, Any]:
+        """Shard ``k``'s log stream.
+
+        * ``max_msgs_per_subject: 1`` + ``discard: new`` +
+          ``discard_new_per_subject``: an item subject (session + item_id)
+          takes one message, ever; a second is refused (10077).
+        * ``allow_atomic``: a multi-item append is stored whole or not at all
+          (ADR-50, nats-server >= 2.12).
+        * ``allow_direct``: reads are direct gets (``last_by_subj`` with the
+          session's wildcard, ``next_by_subj`` batches) any replica answers.
+        * limits retention with no other limit: nothing ages out of a log.
+        * ``deny_delete`` / ``deny_purge``: append-only through the API too
+          (retract and clear are envelopes, not deletions).
         * file storage, ``replicas`` copies (R3 on a cluster).
         """
-        return StreamConfig(
-            name=self.stream,
-            subjects=[self.items_all, self.ids_all],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            discard=DiscardPolicy.NEW,
-            num_replicas=replicas,
-            duplicate_window=120.0,
-            allow_direct=True,
-            allow_atomic=True,
-            deny_delete=True,
-            deny_purge=True,
+        return {
+            "name": self.log_streams[k],
+            "subjects": [self.log_all(k)],
+            "retention": "limits",
+            "storage": "file",
+            "discard": "new",
+            "discard_new_per_subject": True,
+            "max_msgs_per_subject": 1,
+            "num_replicas": replicas,
+            "duplicate_window": 120_000_000_000,
+            "allow_direct": True,
+            "allow_atomic": True,
+            "deny_delete": True,
+            "deny_purge": True,
+            "metadata": {SHARDS_KEY: str(self.shards)},
+        }
+
+    def sources(self) -> list[dict[str, Any]]:
+        """The fan-out's sources: every log stream, its subjects mapped back
+        to ``<prefix>.items.<sid>``."""
+        out = []
+        for k, name in enumerate(self.log_streams):
+            src = f"{self._log}{k}.*.*"
+            out.append({"name": name, "subject_transforms": [{"src": src, "dest": self._items + "{{wildcard(1)}}"}]})
+        return out
+
+    def items_stream_config(self, replicas: int) -> dict[str, Any]:
+        """The fan-out stream: the items subjects (as the SQLite store's outbox
+        stream has them, so every check of the contract's stream holds) and
+        the log streams as sources.  ``discard: old`` like the outbox's stream."""
+        return {
+            "name": self.stream,
+            "subjects": [self.items_all],
+            "retention": "limits",
+            "storage": "file",
+            "discard": "old",
+            "num_replicas": replicas,
+            "duplicate_window": 120_000_000_000,
+            "allow_direct": True,
+            "sources": self.sources(),
+            "metadata": {SHARDS_KEY: str(self.shards)},
+        }
+
+
+async def _api(nc: Client, subject: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+    try:
+        msg = await nc.request(f"$JS.API.{subject}", json.dumps(body or {}).encode(), timeout=timeout)
+    except (nats.errors.Error, TimeoutError, OSError) as e:
+        raise OSError(f"JetStream API {subject}: {type(e).__name__}") from e
+    result: dict[str, Any] = json.loads(msg.data)
+    return result
+
+
+def _not_found(reply: dict[str, Any]) -> bool:
+    return reply.get("error", {}).get("err_code") == 10059  # stream not found
+
+
+def _refuse(message: str) -> None:
+    raise StreamConfigError(message)
+
+
+def _check_shards(layout: Layout, name: str, config: dict[str, Any]) -> None:
+    recorded = (config.get("metadata") or {}).get(SHARDS_KEY)
+    if recorded is not None and recorded != str(layout.shards):
+        _refuse(
+            f"the log in stream {name} was created with CONVLOG_SHARDS={recorded}, not {layout.shards}: "
+            f"start every log service with CONVLOG_SHARDS={recorded} (to change it, migrate the log "
+            "to SQLite and back into a new prefix)"
         )
 
 
-async def ensure_log_stream(js: JetStreamContext, layout: Layout, *, replicas: int = 1) -> None:
-    """Create the log stream, or bring an existing one up to what the store needs.
+async def ensure_streams(nc: Client, layout: Layout, *, replicas: int = 1, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    """Create the log streams and the fan-out stream, or check the existing ones.
 
-    An items stream the SQLite store's outbox created already holds valid
-    envelopes; it only gains the ids subjects, atomic batches and direct gets.
+    Raises:
+        StreamConfigError: the streams were created with another shard count,
+            or ``<PREFIX>_ITEMS`` holds a log this layout cannot serve (one line
+            saying what to do).
+        OSError: JetStream did not answer.
     """
-    wanted = layout.stream_config(replicas)
-    try:
-        info = await js.stream_info(layout.stream)
-    except nats.js.errors.NotFoundError:
-        try:
-            await js.add_stream(wanted)
-            return
-        except nats.js.errors.BadRequestError as e:
-            if e.err_code != _STREAM_NAME_IN_USE:  # anything but another instance winning the race
-                raise
-        info = await js.stream_info(layout.stream)
-    cfg = info.config
-    subjects = list(cfg.subjects or [])
-    missing = [s for s in (layout.items_all, layout.ids_all) if s not in subjects]
-    if missing or not cfg.allow_atomic or not cfg.allow_direct:
-        cfg.subjects = subjects + missing
-        cfg.allow_atomic = True
-        cfg.allow_direct = True
-        log.info("updating stream %s for the JetStream store (subjects %s, atomic, direct)", layout.stream, cfg.subjects)
-        await js.update_stream(cfg)
+    info = await _api(nc, f"STREAM.INFO.{layout.stream}", None, timeout)
+    items: dict[str, Any] | None = None
+    if not _not_found(info):
+        if "error" in info:
+            raise OSError(f"stream {layout.stream}: {info['error'].get('description')}")
+        items = info["config"]
+        _check_shards(layout, layout.stream, items)
+        if f"{layout.prefix}.ids.>" in (items.get("subjects") or []):
+            _refuse(
+                f"stream {layout.stream} holds a log in the earlier single-stream JetStream layout "
+                "(items and ids in one stream): copy it out with that version's `convlog migrate --from "
+                "jetstream --to sqlite:PATH`, delete the stream, then `convlog migrate --from sqlite:PATH "
+                "--to jetstream`"
+            )
+        if (items.get("metadata") or {}).get(SHARDS_KEY) is None and int(info["state"].get("messages", 0)):
+            _refuse(
+                f"stream {layout.stream} holds {info['state']['messages']} items the SQLite store's outbox "
+                "published; the JetStream store fills it from its own log streams: delete it (`nats stream "
+                f"rm {layout.stream}`; the JetStream store creates it again and copies every item into it)"
+            )
+    for k, name in enumerate(layout.log_streams):
+        got = await _api(nc, f"STREAM.INFO.{name}", None, timeout)
+        if _not_found(got):
+            created = await _api(nc, f"STREAM.CREATE.{name}", layout.log_stream_config(k, replicas), timeout)
+            if "error" in created and created["error"].get("err_code") != _STREAM_NAME_IN_USE:  # another instance won the race
+                raise OSError(f"cannot create stream {name}: {created['error'].get('description')}")
+        elif "error" in got:
+            raise OSError(f"stream {name}: {got['error'].get('description')}")
+        else:
+            _check_shards(layout, name, got["config"])
+    if items is None:
+        created = await _api(nc, f"STREAM.CREATE.{layout.stream}", layout.items_stream_config(replicas), timeout)
+        if "error" in created and created["error"].get("err_code") != _STREAM_NAME_IN_USE:
+            raise OSError(f"cannot create stream {layout.stream}: {created['error'].get('description')}")
+        return
+    have = {s.get("name") for s in items.get("sources") or []}
+    if have != set(layout.log_streams) or not items.get("allow_direct"):
+        # An empty stream the outbox (or a worker) created first: make it the fan-out.
+        items["sources"] = layout.sources()
+        items["allow_direct"] = True
+        items["metadata"] = {**(items.get("metadata") or {}), SHARDS_KEY: str(layout.shards)}
+        log.info("making stream %s the fan-out of %s", layout.stream, ", ".join(layout.log_streams))
+        updated = await _api(nc, f"STREAM.UPDATE.{layout.stream}", items, timeout)
+        if "error" in updated:
+            raise OSError(f"cannot update stream {layout.stream}: {updated['error'].get('description')}")

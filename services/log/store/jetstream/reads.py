@@ -1,15 +1,20 @@
 """Reads on the JetStream store: direct gets over a per-instance cache.
 
-The cache (:class:`~.index.SessionIndex` per session, least recently used
-dropped first) maps each session's orders to stream sequences.  Every read
-first loads the session's head fresh (one ``last_by_subj`` direct get), so it
-sees every append any instance acknowledged; the index then grows from where
-it stopped (``next_by_subj`` batches), and the envelopes come back with one
-batch get from the first wanted sequence.
+Reads go to the session's log stream (its shard), never to the fan-out
+stream, which trails it by the copy: a read sees every append any instance
+acknowledged.  The cache (:class:`~.index.SessionIndex` per session, least
+recently used dropped first) maps each session's orders to stream
+sequences.  Every read first loads the session's head fresh (one
+``last_by_subj`` direct get on the session's wildcard
+``<prefix>.log.<k>.<sid>.*``); the index then grows from where it stopped
+(``next_by_subj`` batches), and the envelopes come back with one batch get
+from the first wanted sequence.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -36,7 +41,13 @@ class _Order(msgspec.Struct):
     item_order: int
 
 
+class _Id(msgspec.Struct):
+    item_id: str
+
+
 _first_order = msgspec.json.Decoder(_Order)
+_item_id = msgspec.json.Decoder(_Id)
+_MAX_MARKS = 64
 
 
 def order_of(msg: Msg) -> int:
@@ -53,15 +64,30 @@ class StreamReads:
 
     Args:
         layout: the store's subjects.
-        get: returns the open store's :class:`~.api.DirectGet`.
+        gets: returns the open store's :class:`~.api.DirectGet` of each log
+            stream (by shard), then the fan-out stream's.
         max_cached_sessions: sessions kept in the cache.
+        timeout: seconds the sessions list waits for the fan-out to catch up.
     """
 
-    def __init__(self, layout: Layout, get: Callable[[], DirectGet], *, max_cached_sessions: int) -> None:
+    def __init__(
+        self, layout: Layout, gets: Callable[[], list[DirectGet]], *, max_cached_sessions: int, timeout: float = 5.0
+    ) -> None:
         self.layout = layout
-        self.get = get
+        self._gets = gets
         self.max_cached_sessions = max_cached_sessions
+        self.timeout = timeout
         self.cache: OrderedDict[str, SessionIndex] = OrderedDict()
+
+    def get(self, sid: str) -> DirectGet:
+        """Direct gets on the session's log stream."""
+        return self._gets()[self.layout.shard_of(sid)]
+
+    def shard(self, k: int) -> DirectGet:
+        return self._gets()[k]
+
+    def fan_out(self) -> DirectGet:
+        return self._gets()[-1]
 
     async def session(self, sid: str, *, fresh: bool) -> SessionIndex:
         """The session's cached index; with ``fresh``, its head read from the stream."""
@@ -70,7 +96,7 @@ class StreamReads:
             self.cache.move_to_end(sid)
             if not fresh:
                 return s
-        msg = await self.get().last(self.layout.items(sid))
+        msg = await self.get(sid).last(self.layout.session_filter(sid))
         if s is None or (msg is None and s.last_order) or (msg is not None and meta_of(msg).item_order < s.last_order):
             s = SessionIndex()  # new, or the stream no longer matches the cache
             self.cache[sid] = s
@@ -82,10 +108,10 @@ class StreamReads:
 
     async def extend(self, sid: str, s: SessionIndex, upto: int) -> None:
         """Index the session's envelopes up to order ``upto``."""
-        subject = self.layout.items(sid)
+        subject = self.layout.session_filter(sid)
         while s.indexed < upto:
             start = s.seqs[-1] + 1 if s.indexed else 1
-            msgs = await self.get().batch(
+            msgs = await self.get(sid).batch(
                 {"seq": start, "next_by_subj": subject, "batch": min(_GET_CHUNK, upto - s.indexed)}
             )
             if not msgs:
@@ -111,11 +137,37 @@ class StreamReads:
                 return Page([], last, False)
             start = s.seqs[orders[0] - 1]
         else:
-            await self.extend(session_id, s, after)
+            # A forward read needs the sequence of item ``after`` only, not an
+            # index: where the last page ended (a mark), else the index.
             orders = list(range(after + 1, last + 1))
-            start = s.seqs[after - 1] + 1 if after else 1
-        items, more = await self.fetch(session_id, s, start, orders, limit, max_bytes)
+            start = await self.seq_at(session_id, s, after) + 1
+        items, more = await self.fetch(session_id, s, start, orders, limit, max_bytes, mark=not visible)
         return Page(items, last, more)
+
+    async def seq_at(self, sid: str, s: SessionIndex, order: int) -> int:
+        """The stream sequence of item ``order`` (0 for order 0)."""
+        if order == 0:
+            return 0
+        if order <= s.indexed:
+            return int(s.seqs[order - 1])
+        if order == s.last_order:
+            return s.last_seq
+        seq = s.marks.get(order)
+        if seq is None:
+            await self.extend(sid, s, order)
+            seq = int(s.seqs[order - 1])
+        return seq
+
+    async def _mark(self, sid: str, s: SessionIndex, order: int, envelope: bytes) -> int:
+        """Look up (one direct get on its item subject) and remember the
+        stream sequence of an envelope read without headers."""
+        msg = await self.get(sid).last(self.layout.item_subject(sid, _item_id.decode(envelope).item_id))
+        if msg is None:
+            raise UnavailableError(f"the log stream lacks item {order} of session {sid!r}")
+        if len(s.marks) >= _MAX_MARKS:
+            s.marks.clear()
+        s.marks[order] = seq = seq_of(msg)
+        return seq
 
     async def tail(self, session_id: str, n: int, *, visible: bool = True) -> Page:
         s = await self.session(session_id, fresh=True)
@@ -130,7 +182,8 @@ class StreamReads:
         return Page(items, last, False)
 
     async def fetch(
-        self, sid: str, s: SessionIndex, start: int, orders: list[int], limit: int, max_bytes: int
+        self, sid: str, s: SessionIndex, start: int, orders: list[int], limit: int, max_bytes: int,
+        *, mark: bool = False,
     ) -> tuple[list[bytes], bool]:
         """The envelopes of ``orders`` (ascending; ``start`` is the stream
         sequence of the first), at most ``limit`` and ``max_bytes`` (but at
@@ -139,9 +192,11 @@ class StreamReads:
         One batch get without headers (parsing them costs more than the rest)
         per up to 10,000 messages: the k-th message on the session's subject
         from the first order's sequence is that order + k, since orders are
-        contiguous on the subject.
+        contiguous on the subject.  With ``mark`` (a forward read of every
+        envelope) the sequence where a page ends, or a chunk continues, is
+        looked up by its item subject instead of indexing the session.
         """
-        subject = self.layout.items(sid)
+        subject = self.layout.session_filter(sid)
         items: list[bytes] = []
         size = 0
         idx = 0
@@ -156,55 +211,99 @@ class StreamReads:
                 # page is full, and usually sends the envelope that tells
                 # there is more (if not, the loop asks again).
                 request["max_bytes"] = max_bytes - size + _ENVELOPE_SLACK
-            msgs = await self.get().batch(request)
+            msgs = await self.get(sid).batch(request)
             if not msgs or _first_order.decode(msgs[0].data).item_order != base:
                 raise UnavailableError(f"the log stream lacks item {base} of session {sid!r}")
             for k, m in enumerate(msgs):
                 if base + k != orders[idx]:
                     continue
                 if len(items) == limit or (items and size + len(m.data) + 1 > max_bytes):
+                    if mark:
+                        await self._mark(sid, s, orders[idx - 1], items[-1])
                     return items, True
                 items.append(m.data)
                 size += len(m.data) + 1
                 idx += 1
                 if idx == len(orders):
                     return items, False
+            if mark and orders[idx] == base + len(msgs):
+                seq = await self._mark(sid, s, base + len(msgs) - 1, msgs[-1].data) + 1
+                base = orders[idx]
+                continue
             base = orders[idx]
             await self.extend(sid, s, base)
             seq = s.seqs[base - 1]
 
     async def sessions(self, *, after: str | None, limit: int) -> tuple[list[SessionInfo], bool]:
-        counts = await self.get().subjects(self.layout.items_all)
-        sids = sorted(sid for sid in map(self.layout.session_of, counts) if sid > (after or ""))
+        """From the fan-out stream (one subject per session), once it holds
+        the last item every log stream had when the call began."""
+        await self._fan_out_caught_up()
+        items = self.fan_out()
+        counts = await items.subjects(self.layout.items_all)
+        sids = sorted(sid for sid in map(self.layout.session_of_items, counts) if sid > (after or ""))
         page, more = sids[:limit], len(sids) > limit
         infos: dict[str, SessionInfo] = {}
         for i in range(0, len(page), 256):
             chunk = [self.layout.items(s) for s in page[i : i + 256]]
-            for m in await self.get().batch({"multi_last": chunk, "batch": len(chunk)}):
+            for m in await items.batch({"multi_last": chunk, "batch": len(chunk)}):
                 meta = meta_of(m)
-                sid = self.layout.session_of(m.headers["Nats-Subject"])  # type: ignore[index]
+                sid = self.layout.session_of_items(m.headers["Nats-Subject"])  # type: ignore[index]
                 infos[sid] = SessionInfo(session_id=sid, last_order=meta.item_order, updated_at=meta.created_at)
         return [infos[s] for s in page if s in infos], more
 
+    async def _fan_out_caught_up(self) -> None:
+        """Wait (up to ``timeout``) until the fan-out holds each shard's last item.
+
+        Each source is copied in order, so once a shard's last item is there,
+        every earlier one is.
+
+        Raises:
+            UnavailableError: the fan-out stream is behind for longer.
+        """
+        lasts = await asyncio.gather(*(self.shard(k).last(self.layout.log_all(k)) for k in range(self.layout.shards)))
+        wanted = [
+            (self.layout.session_of_log(m.headers["Nats-Subject"]), order_of(m))  # type: ignore[index]
+            for m in lasts if m is not None
+        ]
+        deadline = time.monotonic() + self.timeout
+        pause = 0.002
+        while wanted:
+            got = await asyncio.gather(*(self.fan_out().last(self.layout.items(sid)) for sid, _ in wanted))
+            wanted = [w for w, m in zip(wanted, got, strict=True) if m is None or order_of(m) < w[1]]
+            if not wanted:
+                return
+            if time.monotonic() > deadline:
+                raise UnavailableError(
+                    f"the fan-out stream {self.layout.stream} is more than {self.timeout:g}s behind the log streams"
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
     async def committed_after(self, position: int, limit: int) -> list[Committed]:
+        """Committed envelopes past ``position`` (see :func:`.commit.position`)."""
+        n = self.layout.shards
         out: list[Committed] = []
-        seq = position + 1
-        while len(out) < limit:
-            msgs = await self.get().batch(
-                {"seq": seq, "next_by_subj": self.layout.items_all, "batch": min(_GET_CHUNK, limit - len(out))}
-            )
-            if not msgs:
-                break
-            for m in msgs:
-                seq = seq_of(m) + 1
-                sid = self.layout.session_of(m.headers["Nats-Subject"])  # type: ignore[index]
-                out.append(Committed(seq - 1, sid, order_of(m), m.data))
-        return out
+        for k in range(n):
+            seq = max(1, (position - k) // n + 1)
+            mine = 0
+            while mine < limit:
+                msgs = await self.shard(k).batch(
+                    {"seq": seq, "next_by_subj": self.layout.log_all(k), "batch": min(_GET_CHUNK, limit - mine)}
+                )
+                if not msgs:
+                    break
+                for m in msgs:
+                    at = seq_of(m)
+                    seq = at + 1
+                    sid = self.layout.session_of_log(m.headers["Nats-Subject"])  # type: ignore[index]
+                    out.append(Committed(at * n + k, sid, order_of(m), m.data))
+                mine += len(msgs)
+        out.sort(key=lambda c: c.position)
+        return out[:limit]
 
     async def position_of(self, session_id: str, item_order: int) -> int | None:
         s = await self.session(session_id, fresh=True)
         if not 1 <= item_order <= s.last_order:
             return None
         await self.extend(session_id, s, item_order)
-        return int(s.seqs[item_order - 1])
-
+        return int(s.seqs[item_order - 1]) * self.layout.shards + self.layout.shard_of(session_id)

@@ -1,22 +1,16 @@
-"""The JetStream store: the log lives in a JetStream stream (see :mod:`.layout`).
+"""The JetStream store: the log lives in JetStream streams (see :mod:`.layout`).
 
 Any number of log-service instances may serve the same sessions at once:
 each keeps only caches (:class:`~.index.SessionIndex`), and every append is
-checked by the server against the head it was decided on:
-
-* the first item of a session's batch carries
-  ``Nats-Expected-Last-Subject-Sequence`` = the stream sequence of the
-  session's last item as this instance knows it — if another instance moved
-  the head on, the server refuses and this instance reloads and decides again;
-* every new ``item_id`` writes its id record with an expected last subject
-  sequence of 0 — the id subject must be empty, so an id is stored once, ever;
-* the items and id records of a session's requests go in ONE atomic batch
-  (``allow_atomic``), so a multi-item append is stored whole or not at all.
+checked by the server against the head it was decided on (see
+:mod:`.commit`): ``Nats-Expected-Last-Subject-Sequence`` on the session's
+wildcard subject, and a log stream that takes one message per ``item_id``
+subject, ever.
 
 Ordering rules are :func:`~..ordering.decide`, the same as SQLite's; the
 envelopes are byte-identical.  Errors (a conflict, a bad retract) are only
 ever reported against a head freshly read from the stream.  Reads are direct
-gets, answered by any replica.
+gets on the log streams, answered by any replica.
 """
 
 from __future__ import annotations
@@ -25,24 +19,25 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
+from functools import partial
 from typing import Any
 
 import nats
 from nats.aio.client import Client
 
+from shared import tracing
 from shared.errors import UnavailableError
 from shared.messages import AppendReply, AppendRequest, SessionInfo
 from shared.nats_seam import bind
 from shared.subjects import Subjects
 
 from ..base import AppendDone, CommitListener, Committed, Page
-from ..committer import GroupCommitter, Outcome, Pending
-from .api import (
-    DirectGet,
-)
+from ..committer import GroupCommitter, Outcome, Pending, _resolve
+from ..ordering import Row
+from .api import Acks, DirectGet
 from .commit import MAX_BATCH_MESSAGES, MAX_ITEMS_PER_APPEND, BatchWriter
 from .index import SessionIndex
-from .layout import Layout, ensure_log_stream
+from .layout import Layout, ensure_streams
 from .reads import StreamReads
 
 __all__ = ["MAX_BATCH_MESSAGES", "MAX_ITEMS_PER_APPEND", "JetStreamStore"]
@@ -50,23 +45,25 @@ __all__ = ["MAX_BATCH_MESSAGES", "MAX_ITEMS_PER_APPEND", "JetStreamStore"]
 log = logging.getLogger("convlog.store.jetstream")
 
 class JetStreamStore:
-    """A :class:`~services.log.store.base.LogStore` on a JetStream stream.
+    """A :class:`~services.log.store.base.LogStore` on JetStream streams.
 
     Args:
         connect_options: ``nats.connect`` keyword arguments (the store owns
             its connection), unless ``nc`` is given.
         subjects: subject names for the prefix.
-        replicas: the stream's replicas when this store creates it.
+        replicas: the streams' replicas when this store creates them.
+        shards: log streams the sessions are spread over (fixed for a log).
         max_batch: most append requests one group commit takes.
         timeout: seconds to wait for the stream's answers.
         max_cached_sessions: sessions whose head and index are kept in memory.
-        max_inflight: group commits in flight at once (over disjoint sessions).
+        max_inflight: group commits in flight at once (over disjoint sessions;
+            each publishes its sessions' appends in parallel).
         nats_seam: ``auto`` or ``public`` (see :mod:`shared.nats_seam`) for the
             store's own connection.
         nc: an already connected client to use (not closed by :meth:`close`).
     """
 
-    #: The stream is the fan-out of ``<prefix>.items.<sid>``: no outbox.
+    #: The fan-out stream sources the log streams: no outbox.
     publishes_items = True
 
     def __init__(
@@ -75,15 +72,16 @@ class JetStreamStore:
         *,
         subjects: Subjects,
         replicas: int = 1,
+        shards: int = 1,
         max_batch: int = 512,
         timeout: float = 5.0,
         max_cached_sessions: int = 10_000,
-        max_inflight: int = 4,
+        max_inflight: int = 64,
         nats_seam: str = "auto",
         nc: Client | None = None,
     ) -> None:
-        self.layout = Layout(subjects)
-        self.path = f"jetstream:{self.layout.stream}"  # for the service's ready line
+        self.layout = Layout(subjects, shards)
+        self.path = f"jetstream:{','.join(self.layout.log_streams)}"  # for the service's ready line
         self._connect_options = connect_options or {}
         self._nc = nc
         self._owns_nc = nc is None
@@ -91,12 +89,15 @@ class JetStreamStore:
         self.replicas = replicas
         self.timeout = timeout
         self.max_cached_sessions = max_cached_sessions
-        # Batches wait on the network, not on a local fsync: keep several in
+        # Appends wait on the network, not on a local fsync: keep many in
         # flight (over disjoint sessions; see GroupCommitter).
         self._committer = GroupCommitter(self._commit_batch, max_batch=max_batch, max_inflight=max_inflight)
-        self._reads = StreamReads(self.layout, lambda: self._get, max_cached_sessions=max_cached_sessions)
-        self._writer = BatchWriter(self._client, self.layout, self._reads, timeout)
-        self._direct: DirectGet | None = None
+        self._reads = StreamReads(
+            self.layout, lambda: self._gets, max_cached_sessions=max_cached_sessions, timeout=timeout
+        )
+        self._writer = BatchWriter(lambda: self._publisher, self.layout, self._reads)
+        self._direct: list[DirectGet] | None = None
+        self._acks: Acks | None = None
         self._opened = False
 
     @property
@@ -104,10 +105,11 @@ class JetStreamStore:
         """Batches the server refused (a head moved, an id existed) and that were decided again."""
         return self._writer.retries
 
-    def _client(self) -> Client:
-        if self._nc is None:
+    @property
+    def _publisher(self) -> Acks:
+        if self._acks is None:
             raise UnavailableError("the JetStream store is not open")
-        return self._nc
+        return self._acks
 
     async def _commit_batch(self, batch: list[Pending]) -> tuple[list[Outcome], list[Committed]]:
         return await self._writer.commit(batch)
@@ -125,12 +127,20 @@ class JetStreamStore:
             if self._nc is None:
                 self._nc = await nats.connect(**self._connect_options)
                 bind(self._nc, self._nats_seam)
-            await ensure_log_stream(self._nc.jetstream(timeout=self.timeout), self.layout, replicas=self.replicas)
-            self._direct = DirectGet(self._nc, self.layout.stream, timeout=self.timeout)
-            await self._direct.start()
+            await ensure_streams(self._nc, self.layout, replicas=self.replicas, timeout=self.timeout)
+            gets = [DirectGet(self._nc, name, timeout=self.timeout) for name in self.layout.log_streams]
+            gets.append(DirectGet(self._nc, self.layout.stream, timeout=self.timeout))
+            for g in gets:
+                await g.start()
+            self._acks = Acks(self._nc, timeout=self.timeout)
+            await self._acks.start()
+            self._direct = gets
         except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as e:
             await self._close_nc()
             raise UnavailableError(f"cannot open the JetStream store {self.layout.stream}: {e}") from e
+        except BaseException:
+            await self._close_nc()
+            raise
         self._opened = True
         self._committer.start()
 
@@ -161,17 +171,27 @@ class JetStreamStore:
         self._committer.add_listener(listener)
 
     @property
-    def _get(self) -> DirectGet:
+    def _gets(self) -> list[DirectGet]:
         if self._direct is None:
             raise UnavailableError("the JetStream store is not open")
         return self._direct
 
     # -- appends ---------------------------------------------------------
-    def submit(self, session_id: str, request: AppendRequest, done: AppendDone) -> None:
-        self._committer.submit(session_id, request, done)
+    def submit(self, session_id: str, request: AppendRequest, done: AppendDone, *, trace: str | None = None) -> None:
+        """As :meth:`LogStore.submit`; ``trace`` (a W3C ``traceparent``) is
+        stored as a header of the request's items, so it reaches the worker
+        on ``<prefix>.items.<sid>``."""
+        self._committer.submit(session_id, request, done, trace=trace)
 
     async def append(self, session_id: str, request: AppendRequest) -> AppendReply:
-        return await self._committer.append(session_id, request)
+        """As :meth:`LogStore.append`; the current span's ``traceparent`` (if
+        tracing is on) is stored with the items, as :meth:`submit` does."""
+        trace = (tracing.headers() or {}).get("traceparent") if tracing.enabled() else None
+        if trace is None:
+            return await self._committer.append(session_id, request)
+        fut: asyncio.Future[AppendReply] = asyncio.get_running_loop().create_future()
+        self._committer.submit(session_id, request, partial(_resolve, fut), trace=trace)
+        return await fut
 
     # -- reads: the cached index and direct gets (see .reads) ------------
     async def last_order(self, session_id: str) -> int:
@@ -193,6 +213,26 @@ class JetStreamStore:
 
     async def position_of(self, session_id: str, item_order: int) -> int | None:
         return await self._reads.position_of(session_id, item_order)
+
+    async def import_rows(self, sid: str, rows: list[Row], after: int) -> None:
+        """Store envelopes decided elsewhere (``convlog migrate``) after order
+        ``after``, in atomic batches chained on the head.
+
+        Raises:
+            ConflictError: the session is not at ``after``, or moved meanwhile.
+        """
+        from shared.errors import ConflictError
+
+        from .api import IdTaken, WrongLastSequence
+
+        s = await self._session(sid, fresh=True)
+        if s.last_order != after:
+            raise ConflictError(f"session {sid!r} is at {s.last_order}, not {after}", last_order=s.last_order)
+        for i in range(0, len(rows), MAX_ITEMS_PER_APPEND):
+            try:
+                await self._writer.store_rows(sid, s, rows[i : i + MAX_ITEMS_PER_APPEND])
+            except (WrongLastSequence, IdTaken) as e:
+                raise ConflictError(f"session {sid!r} moved while importing", last_order=-1) from e
 
     async def _session(self, sid: str, *, fresh: bool) -> SessionIndex:
         return await self._reads.session(sid, fresh=fresh)
