@@ -34,7 +34,7 @@ import logging
 import zlib
 from typing import Any
 
-import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 
 from shared.failures import StreamConfigError
@@ -166,11 +166,26 @@ class Layout:
         }
 
 
+class StreamRefused(nats.js.errors.APIError):
+    """JetStream answered a stream request with an error: its code and err_code
+    kept (so :func:`shared.failures.is_transient` can judge it), its text ours."""
+
+    def __init__(self, message: str, error: dict[str, Any]) -> None:
+        super().__init__(code=error.get("code"), err_code=error.get("err_code"), description=message)
+
+    def __str__(self) -> str:
+        return str(self.description)
+
+
+def _failed(message: str, reply: dict[str, Any]) -> StreamRefused:
+    error = reply["error"]
+    return StreamRefused(f"{message}: {error.get('description')}", error)
+
+
 async def _api(nc: Client, subject: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
-    try:
-        msg = await nc.request(f"$JS.API.{subject}", json.dumps(body or {}).encode(), timeout=timeout)
-    except (nats.errors.Error, TimeoutError, OSError) as e:
-        raise OSError(f"JetStream API {subject}: {type(e).__name__}") from e
+    """One JetStream API request; a timeout or no responders is raised as nats-py
+    raised it (transient: JetStream is starting or electing)."""
+    msg = await nc.request(f"$JS.API.{subject}", json.dumps(body or {}).encode(), timeout=timeout)
     result: dict[str, Any] = json.loads(msg.data)
     return result
 
@@ -200,13 +215,14 @@ async def ensure_streams(nc: Client, layout: Layout, *, replicas: int = 1, timeo
         StreamConfigError: the streams were created with another shard count,
             or ``<PREFIX>_ITEMS`` holds a log this layout cannot serve (one line
             saying what to do).
-        OSError: JetStream did not answer.
+        StreamRefused: JetStream refused a stream request (its reason).
+        nats.errors.TimeoutError, nats.errors.NoRespondersError: JetStream did not answer.
     """
     info = await _api(nc, f"STREAM.INFO.{layout.stream}", None, timeout)
     items: dict[str, Any] | None = None
     if not _not_found(info):
         if "error" in info:
-            raise OSError(f"stream {layout.stream}: {info['error'].get('description')}")
+            raise _failed(f"stream {layout.stream}", info)
         items = info["config"]
         _check_shards(layout, layout.stream, items)
         if f"{layout.prefix}.ids.>" in (items.get("subjects") or []):
@@ -227,15 +243,15 @@ async def ensure_streams(nc: Client, layout: Layout, *, replicas: int = 1, timeo
         if _not_found(got):
             created = await _api(nc, f"STREAM.CREATE.{name}", layout.log_stream_config(k, replicas), timeout)
             if "error" in created and created["error"].get("err_code") != _STREAM_NAME_IN_USE:  # another instance won the race
-                raise OSError(f"cannot create stream {name}: {created['error'].get('description')}")
+                raise _failed(f"cannot create stream {name}", created)
         elif "error" in got:
-            raise OSError(f"stream {name}: {got['error'].get('description')}")
+            raise _failed(f"stream {name}", got)
         else:
             _check_shards(layout, name, got["config"])
     if items is None:
         created = await _api(nc, f"STREAM.CREATE.{layout.stream}", layout.items_stream_config(replicas), timeout)
         if "error" in created and created["error"].get("err_code") != _STREAM_NAME_IN_USE:
-            raise OSError(f"cannot create stream {layout.stream}: {created['error'].get('description')}")
+            raise _failed(f"cannot create stream {layout.stream}", created)
         return
     have = {s.get("name") for s in items.get("sources") or []}
     if have != set(layout.log_streams) or not items.get("allow_direct"):
@@ -246,4 +262,4 @@ async def ensure_streams(nc: Client, layout: Layout, *, replicas: int = 1, timeo
         log.info("making stream %s the fan-out of %s", layout.stream, ", ".join(layout.log_streams))
         updated = await _api(nc, f"STREAM.UPDATE.{layout.stream}", items, timeout)
         if "error" in updated:
-            raise OSError(f"cannot update stream {layout.stream}: {updated['error'].get('description')}")
+            raise _failed(f"cannot update stream {layout.stream}", updated)
