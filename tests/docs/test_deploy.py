@@ -38,6 +38,7 @@ from shared.config import load_settings
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer, free_port, nats_server_binary
 from tests.support.procs import Proc
+from tests.support.systemd_unit import read_unit
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -352,23 +353,6 @@ def test_rendered_config_escapes_percent_and_quotes(tmp_path: Path) -> None:
 # -- systemd -------------------------------------------------------------------
 
 
-def _unit(path: Path) -> dict[str, dict[str, list[str]]]:
-    """A systemd unit as {section: {key: [values]}} (keys may repeat, unlike INI)."""
-    sections: dict[str, dict[str, list[str]]] = {}
-    current = None
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1], {})
-            continue
-        assert current is not None and "=" in line, f"{path.name}: bad line {raw!r}"
-        key, _, value = line.partition("=")
-        current.setdefault(key.strip(), []).append(value.strip())
-    return sections
-
-
 UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
 TIMERS = sorted((DEPLOY / "systemd").glob("*.timer"))
 
@@ -381,7 +365,7 @@ def test_systemd_units_are_the_expected_ones() -> None:
 
 
 def test_systemd_health_check_runs_convlog_health_on_a_timer() -> None:
-    u = _unit(DEPLOY / "systemd" / "convlog-health.service")
+    u = read_unit(DEPLOY / "systemd" / "convlog-health.service")
     assert set(u) == {"Unit", "Service"}  # started by its timer only
     assert u["Service"]["Type"] == ["oneshot"]
     (exec_start,) = u["Service"]["ExecStart"]
@@ -390,7 +374,7 @@ def test_systemd_health_check_runs_convlog_health_on_a_timer() -> None:
     args = _parse_convlog(argv[1:])
     assert args.command == "health" and args.every is None  # one check, exit 0 or 1
     assert Path(args.agents).name == "agents.toml"
-    t = _unit(DEPLOY / "systemd" / "convlog-health.timer")
+    t = read_unit(DEPLOY / "systemd" / "convlog-health.timer")
     assert t["Install"]["WantedBy"] == ["timers.target"]
     assert t["Timer"]["OnUnitActiveSec"] == ["1min"]
 
@@ -398,7 +382,7 @@ def test_systemd_health_check_runs_convlog_health_on_a_timer() -> None:
 @pytest.mark.parametrize("unit", [u for u in UNITS if u.name != "convlog-health.service"],
                          ids=lambda p: p.name)
 def test_systemd_unit_starts_a_command_that_exists(unit: Path, tmp_path: Path) -> None:
-    u = _unit(unit)
+    u = read_unit(unit)
     assert set(u) == {"Unit", "Service", "Install"}
     service = u["Service"]
     assert service["Restart"][0] in ("always", "on-failure")

@@ -39,6 +39,7 @@ from tests.support.cluster_load import appends_served
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer, free_port, nats_server_binary
 from tests.support.procs import REPO_ROOT
+from tests.support.systemd_unit import read_unit
 
 DEPLOY = REPO_ROOT / "deploy"
 AGENTS = list(load_spec(DEPLOY / "agents.toml").agents)
@@ -174,20 +175,6 @@ async def test_supervisord_cluster_conf_serves_on_the_cluster_configs(short_tmp:
 # -- systemd -----------------------------------------------------------------------
 
 
-def _unit(path: Path) -> dict[str, dict[str, list[str]]]:
-    sections: dict[str, dict[str, list[str]]] = {}
-    current = None
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1], {})
-            continue
-        assert current is not None and "=" in line, f"{path.name}: bad line {raw!r}"
-        key, _, value = line.partition("=")
-        current.setdefault(key.strip(), []).append(value.strip())
-    return sections
 
 
 def _environment(unit: dict[str, dict[str, list[str]]]) -> dict[str, str]:
@@ -195,7 +182,7 @@ def _environment(unit: dict[str, dict[str, list[str]]]) -> dict[str, str]:
 
 
 def test_systemd_log_template_runs_the_jetstream_store_against_the_cluster() -> None:
-    u = _unit(DEPLOY / "systemd" / "convlog-log@.service")
+    u = read_unit(DEPLOY / "systemd" / "convlog-log@.service")
     env = _environment(u)
     assert env["CONVLOG_STORE"] == "jetstream" and env["CONVLOG_STREAM_REPLICAS"] == "3"
     assert env["CONVLOG_NATS_URL"] == CLUSTER_URL
@@ -211,7 +198,7 @@ def test_systemd_log_template_runs_the_jetstream_store_against_the_cluster() -> 
 
 @pytest.mark.parametrize("node", ["1", "2", "3"])
 def test_systemd_nats_template_starts_each_cluster_config(node: str) -> None:
-    u = _unit(DEPLOY / "systemd" / "convlog-nats@.service")
+    u = read_unit(DEPLOY / "systemd" / "convlog-nats@.service")
     (exec_start,) = u["Service"]["ExecStart"]
     argv = shlex.split(exec_start.replace("%i", node))
     assert Path(argv[0]).name == "nats-server"
@@ -227,7 +214,7 @@ def test_cluster_env_matches_the_units_and_the_worker_pulls_in_no_server() -> No
     env = dict(line.split("=", 1) for line in (DEPLOY / "cluster.env").read_text().splitlines()
                if line.strip() and not line.startswith("#"))
     assert env == {"CONVLOG_NATS_URL": CLUSTER_URL, "CONVLOG_STORE": "jetstream", "CONVLOG_STREAM_REPLICAS": "3"}
-    worker = _unit(DEPLOY / "systemd" / "convlog-worker@.service")
+    worker = read_unit(DEPLOY / "systemd" / "convlog-worker@.service")
     assert "Wants" not in worker["Unit"] and "Requires" not in worker["Unit"]
     assert worker["Service"]["EnvironmentFile"] == ["-/etc/convlog/convlog.env"]
 
