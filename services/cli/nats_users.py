@@ -27,6 +27,12 @@ def _consumer(agent: str) -> str:
     return f"convlog-agent-{agent}"  # services.worker.consumer.consumer_name
 
 
+def _kv_read(bucket: str) -> list[str]:
+    """Read-only access to a KV bucket (info and gets; no puts, no deletes)."""
+    return [f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.DIRECT.GET.KV_{bucket}.>",
+            f"$JS.API.STREAM.MSG.GET.KV_{bucket}"]
+
+
 def _perms(role: str, agent: str, s: Subjects) -> tuple[list[str], list[str]]:
     p, stream = s.prefix, s.stream_name
     routing = s.routing_bucket
@@ -37,7 +43,7 @@ def _perms(role: str, agent: str, s: Subjects) -> tuple[list[str], list[str]]:
         sub = [f"{p}.append.>", f"{p}.read.>", f"{p}.sessions", f"{p}.in.>", "$SRV.>", "_INBOX.>"]
         return pub, sub
     if role == GATEWAY:
-        return [f"{p}.in.>", f"{p}.read.>", f"{p}.sessions"], ["_INBOX.>"]
+        return [f"{p}.in.>", f"{p}.read.>", f"{p}.sessions", "$JS.API.INFO", *_kv_read(heads)], ["_INBOX.>"]
     c = _consumer(agent)
     pub = [
         f"{p}.append.>", f"{p}.read.>",
