@@ -1,15 +1,20 @@
 """The routing KV value: one Struct, written and read by the same code.
 
 Routing state (a session's active agent) is agent metadata, not conversation:
-it lives in the KV bucket ``<prefix>_routing`` keyed by session id.  Two sides
-write it: the log service records the entry agent (``to``) of a new session,
-and workers checkpoint the active agent.  Both encode with
+it lives in the KV bucket ``<prefix>_routing`` keyed by session id.  Only the log
+service writes it: the entry agent (``to``) of a new session, and, after each
+committed handoff item, "after this item, its target is active"
+(:func:`handoff_target_of` reads a handoff the way workers write it).  So an
+agent's NATS user needs no write access to the bucket, and a checkpoint always
+names an item of the log that workers can check it against.  It encodes with
 :func:`encode_checkpoint`, and workers read with :func:`decode_checkpoint`,
 so the shape lives here, once.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import msgspec
@@ -26,7 +31,9 @@ __all__ = [
     "decode_checkpoint",
     "encode_checkpoint",
     "entry_checkpoint",
+    "handoff_target_of",
     "open_routing_bucket",
+    "parse_handoff_output",
 ]
 
 
@@ -70,6 +77,26 @@ def decode_checkpoint(value: bytes) -> RoutingCheckpoint:
     if cp.entry is None and cp.order == 0:
         return msgspec.structs.replace(cp, entry=cp.active)
     return cp
+
+
+def parse_handoff_output(output: Any) -> str | None:
+    """The target agent if ``output`` is a handoff output (``{"assistant": X}``), else ``None``."""
+    if not isinstance(output, str) or not output.startswith("{"):
+        return None
+    try:
+        parsed = json.loads(output)
+    except ValueError:
+        return None
+    if isinstance(parsed, dict) and len(parsed) == 1 and isinstance(parsed.get("assistant"), str):
+        return parsed["assistant"]
+    return None
+
+
+def handoff_target_of(kind: str, data: Mapping[str, Any]) -> str | None:
+    """The agent an item hands the conversation to (a handoff's ``function_call_output``), or ``None``."""
+    if kind != "item" or data.get("type") != "function_call_output":
+        return None
+    return parse_handoff_output(data.get("output"))
 
 
 def entry_checkpoint(agent: str) -> RoutingCheckpoint:

@@ -46,6 +46,7 @@ from .authorize import authorizer_from, head_signer_from
 from .handlers import Handlers, encode_outcome, error_reply
 from .heads import HeadWitness
 from .outbox import Outbox, ensure_stream
+from .routing_writer import RoutingWriter
 from .store.base import LogStore
 from .store.factory import make_store, open_store
 from .traces import ServiceTraces
@@ -105,6 +106,7 @@ class LogService:
         self.nc: Client | None = None
         self.outbox: Outbox | None = None
         self.witness: HeadWitness | None = None
+        self.routing_writer: RoutingWriter | None = None
         self._verifier: Verifier | None = None
         self._service: Service | None = None
         self._inflight: set[asyncio.Task[None]] = set()
@@ -186,6 +188,9 @@ class LogService:
             authorize=authorize,
             head_signer=head_signer,
         )
+        # The only writer of routing checkpoints (see routing_writer.py).
+        self.routing_writer = RoutingWriter(kv)
+        self.store.add_commit_listener(self.routing_writer.on_commit)
         if head_signer is not None:  # heads signed within head_interval of each commit
             self.witness = HeadWitness(self.nc, self.subjects, head_signer, interval=self.settings.head_interval,
                                        replicas=self.settings.stream_replicas)
@@ -456,6 +461,8 @@ class LogService:
             if self.outbox is not None:
                 await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))
             await self.store.close()
+            if self.routing_writer is not None:
+                await self.routing_writer.stop()
             if self.witness is not None:
                 await self.witness.stop()
             self.metrics.stop()
