@@ -43,7 +43,7 @@ from .messages import (
 )
 from .nats_seam import bind
 from .requester import Requester
-from .signing import Signer, sign_item
+from .signing import Signer, route_signing_input, sign_item
 from .subjects import Subjects, validate_session_id
 
 __all__ = ["LogClient", "connect_options", "new_item_id"]
@@ -238,7 +238,8 @@ class LogClient(Requester):
             validate_session_id(session_id)
             item = sign_item(self.signer, session_id, AppendItem(
                 agent="user", data={"role": "user", "content": content}, item_id=msg.item_id))
-            msg = msgspec.structs.replace(msg, sig=item.sig, key_id=item.key_id)
+            to_sig = self.signer.sign(route_signing_input(session_id, msg.item_id, to)) if to else None
+            msg = msgspec.structs.replace(msg, sig=item.sig, key_id=item.key_id, to_sig=to_sig)
         return decode(await tracing.traced("convlog.send", None, self._request(subject, encode(msg)),
                                            kind="PRODUCER", session_id=session_id), AppendReply)
 

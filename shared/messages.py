@@ -160,13 +160,19 @@ class SessionsReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class UserMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
-    """``convlog.in.<sid>``: a user message; ``to`` picks the entry agent of a new session."""
+    """``convlog.in.<sid>``: a user message; ``to`` picks the entry agent of a new session.
+
+    ``sig`` signs the item the message becomes (stored with it); ``to_sig``,
+    by the same key, signs the ``to`` (routing metadata, kept outside the log),
+    so an edited ``to`` is refused (``shared.signing.route_signing_input``).
+    """
 
     content: str
     item_id: ItemId | None = None
     to: AgentName | None = None
     sig: Sig | None = None
     key_id: KeyId | None = None
+    to_sig: Sig | None = None
 
 
 class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):

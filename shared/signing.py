@@ -22,7 +22,10 @@ What is signed (``sig`` = base64url, no padding, of the Ed25519 signature):
   "kind", "data"})`` -- the content bound to its session and id, so a captured
   request cannot be replayed to another session, nor with an edited item;
 * a head: ``b"convlog-head-v1\\n" + JCS({"session_id", "item_order", "hash",
-  "signed_at"})``.
+  "signed_at"})``;
+* the ``to`` of a user message (the entry agent it asks for, routing metadata
+  outside the log): ``b"convlog-route-v1\\n" + JCS({"session_id", "item_id",
+  "to"})``, by the key that signs the message.
 
 Everything here is pure computation except :meth:`Signer.load` and
 :meth:`Keyring.load`, which read one file.
@@ -58,6 +61,7 @@ __all__ = [
     "Signer",
     "head_signing_input",
     "item_signing_input",
+    "route_signing_input",
     "sign_head",
     "sign_item",
     "verify_head",
@@ -65,6 +69,7 @@ __all__ = [
 ]
 
 ITEM_DOMAIN = b"convlog-item-v1\n"
+ROUTE_DOMAIN = b"convlog-route-v1\n"
 HEAD_DOMAIN = b"convlog-head-v1\n"
 KEYRING_VERSION = 1
 Role = Literal["agent", "gateway", "log"]
@@ -140,6 +145,11 @@ def item_signing_input(session_id: str, item_id: str, agent: str, kind: str, dat
     return ITEM_DOMAIN + canonical(
         {"agent": agent, "data": data, "item_id": item_id, "kind": kind, "session_id": session_id}
     )
+
+
+def route_signing_input(session_id: str, item_id: str, to: str) -> bytes:
+    """The bytes a user message's ``to_sig`` covers: its ``to``, bound to its session and id."""
+    return ROUTE_DOMAIN + canonical({"item_id": item_id, "session_id": session_id, "to": to})
 
 
 def head_signing_input(session_id: str, item_order: int, hash: str, signed_at: str) -> bytes:

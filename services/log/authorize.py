@@ -27,6 +27,7 @@ from shared.signing import (
     KeyringError,
     Signer,
     item_signing_input,
+    route_signing_input,
     sign_head,
     verify_signature,
 )
@@ -84,6 +85,26 @@ class Authorizer:
         """A user message, as the item it becomes. Raises: ForbiddenError."""
         if self._rules(0, item, via_inbound=True):
             self._verify(sid, 0, item)
+
+    def check_route(self, sid: str, item: AppendItem, to: str | None, to_sig: str | None) -> None:
+        """The ``to`` of a user message (after :meth:`check_user`): a signed message
+        must sign its ``to`` too (``to_sig``, same key), so an edited ``to`` is refused.
+
+        Raises:
+            ForbiddenError: naming what is wrong.
+        """
+        if to is None:
+            if to_sig is not None:
+                raise ForbiddenError("to_sig without a to")
+            return
+        if item.sig is None or item.key_id is None or item.item_id is None:
+            if to_sig is not None:
+                raise ForbiddenError("to_sig on an unsigned message")
+            return  # unsigned and allowed (check_user refuses it when signatures are required)
+        if to_sig is None:
+            raise ForbiddenError("a signed message with a to must sign it too (to_sig)")
+        if not verify_signature(item.key_id, route_signing_input(sid, item.item_id, to), to_sig):
+            raise ForbiddenError("to_sig does not match this session, item_id and to")
 
     def _rules(self, i: int, it: AppendItem, *, via_inbound: bool) -> bool:
         if it.sig is None and it.key_id is None:

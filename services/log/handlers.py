@@ -144,6 +144,7 @@ class Handlers:
         )
         if self.authorize is not None:
             self.authorize.check_user(sid, item)
+            self.authorize.check_route(sid, item, msg.to, msg.to_sig)
         request = self._prepare(AppendRequest(items=[item]), len(body))
         if msg.to and self.entry_hint and await self.store.last_order(sid) == 0:
             # Before the append: the outbox may deliver the item to a worker before

@@ -17,7 +17,7 @@ from shared.client import LogClient
 from shared.config import ConfigError, load_settings
 from shared.errors import ERROR_CODE_HEADER, ConflictError, ForbiddenError
 from shared.messages import AppendItem, AppendRequest
-from shared.signing import Keyring, Signer, sign_item
+from shared.signing import Keyring, Signer, route_signing_input, sign_item
 from tests.support.natsd import NatsServer
 
 
@@ -136,6 +136,43 @@ async def test_user_messages_enter_signed_by_the_gateway_only(strict: str, keys:
     finally:
         for c in (gateway, triage, plain):
             await c.close()
+
+
+async def test_the_gateway_signs_the_to_of_a_message_and_an_edited_to_is_refused(strict: str, keys: Path) -> None:
+    gateway = await _client(strict, keys / "gateway.nk")
+    plain = await _client(strict, None)
+    kv = await plain.nc.jetstream().key_value("convlog_routing")
+    try:
+        # A signed message whose `to` was edited on the way, lost its to_sig, or carries the
+        # to_sig of another session: refused (new sessions, so an entry hint would be taken).
+        assert gateway.signer is not None
+        other = _signed_message(gateway.signer, "r1", "billing please", "L2Support", "m-r4")
+        for sid, edit in (("r2", {"to": "L2Support"}), ("r3", {"to_sig": None}),
+                          ("r4", {"to": "L2Support", "to_sig": other["to_sig"]})):
+            sent = {**_signed_message(gateway.signer, sid, "billing please", "L1Billing", "m-" + sid), **edit}
+            doc = {k: v for k, v in sent.items() if v is not None}
+            msg = await plain.nc.request(f"convlog.in.{sid}", msgspec.json.encode(doc), timeout=5)
+            assert msg.headers[ERROR_CODE_HEADER] == "403", (sid, msg.data)
+            err = msgspec.json.decode(msg.data)["error"]
+            assert err["code"] == "forbidden" and "to" in err["message"], err
+            assert await plain.last_order(sid) == 0  # nothing written
+            with pytest.raises(Exception):  # noqa: B017 - no entry hint either (nats-py: KeyNotFoundError)
+                await kv.get(sid)
+        # The genuine one (LogClient.send signs the `to` too) goes through, with its entry hint.
+        ack = await gateway.send("r5", "billing please", to="L1Billing")
+        assert ack.first_order == 1
+        assert b'"entry":"L1Billing"' in (await kv.get("r5")).value
+    finally:
+        await gateway.close()
+        await plain.close()
+
+
+def _signed_message(signer: Signer, sid: str, text: str, to: str, item_id: str) -> dict[str, str]:
+    """A user message signed as the gateway's client signs one (item and ``to``)."""
+    item = sign_item(signer, sid, AppendItem(agent="user", data={"role": "user", "content": text}, item_id=item_id))
+    assert item.sig is not None and item.key_id is not None
+    return {"content": text, "item_id": item_id, "to": to, "sig": item.sig, "key_id": item.key_id,
+            "to_sig": signer.sign(route_signing_input(sid, item_id, to))}
 
 
 async def test_without_require_unsigned_appends_pass_but_bad_signatures_never(
