@@ -14,8 +14,10 @@ import shutil
 import ssl
 import sys
 from pathlib import Path
+from typing import Any
 
 import nats
+import nats.errors
 import pytest
 import trustme
 
@@ -24,7 +26,7 @@ from services.log.service import LogService
 from shared.client import LogClient
 from shared.config import load_settings
 from tests.support.eventually import assert_eventually
-from tests.support.natsd import NatsServer
+from tests.support.natsd import NatsServer, free_port
 from tests.support.procs import REPO_ROOT, Proc
 
 SPEC = REPO_ROOT / "deploy" / "agents.toml"
@@ -151,3 +153,106 @@ async def test_signed_demo_path_over_mutual_tls_and_plaintext_refused(tmp_path: 
             p.terminate(10)
         await svc.shutdown()
         server.stop()
+
+
+def _cluster_node_config(certs: dict[str, str], store: Path, name: str, route_ports: list[int], mine: int) -> str:
+    """tls.conf with its documented cluster block switched on, for node ``name``."""
+    text = _tls_config(certs, store).replace("server_name: convlog-tls", f"server_name: {name}")
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("# For a cluster"))
+    block = []
+    for ln in lines[start + 1:]:
+        if not ln.startswith("#"):
+            break
+        block.append(ln[4:] if ln.startswith("#   ") else ln[1:])
+    cluster = "\n".join(block)
+    cluster = cluster.replace("listen: 0.0.0.0:6222", f"listen: 127.0.0.1:{mine}")
+    routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in route_ports)
+    cluster = re.sub(r"routes: \[[^\]]*\]", f"routes: [ {routes} ]", cluster)
+    cluster = cluster.replace('"/etc/convlog/tls/route.pem"', f'"{certs["server"]}"')
+    cluster = cluster.replace('"/etc/convlog/tls/route-key.pem"', f'"{certs["server_key"]}"')
+    cluster = cluster.replace('"/etc/convlog/tls/ca.pem"', f'"{certs["ca"]}"')
+    assert "/etc/convlog" not in cluster and "tls {" in cluster, cluster
+    return text + "\n" + cluster + "\n"
+
+
+async def test_a_three_node_cluster_with_tls_routes_serves_the_signed_log(tmp_path: Path) -> None:
+    # Step 1: three nodes from tls.conf's cluster block: TLS for clients and for routes.
+    keys = tmp_path / "keys"
+    make_keys(keys, ["Triage"])
+    certs = _write_certs(trustme.CA(), tmp_path / "tls")
+    route_ports = [free_port() for _ in range(3)]
+    servers = []
+    for i, port in enumerate(route_ports):
+        d = tmp_path / f"n{i}"
+        d.mkdir()
+        shutil.copy(keys / "nats-users.conf", d / "nats-users.conf")
+        servers.append(NatsServer(d, jetstream=False, config=_cluster_node_config(
+            certs, d / "js", f"convlog-tls-{i}", route_ports, port)))
+    tls_env = {"CONVLOG_TLS_CA": certs["ca"], "CONVLOG_TLS_CERT": certs["client"],
+               "CONVLOG_TLS_KEY": certs["client_key"]}
+    svc: LogService | None = None
+    try:
+        for s in servers:
+            s.start()
+        urls = [f"tls://127.0.0.1:{s.port}" for s in servers]
+        log_env = {**tls_env, "CONVLOG_NKEY": str(keys / "log.nk"), "CONVLOG_SIGNING_KEY": str(keys / "log.nk")}
+
+        # Step 2: once the routes (TLS) have elected a JetStream meta leader, the log service
+        # starts with an R3 items stream.
+        probe_nc = await nats.connect(urls, tls=load_settings({}, tls_env).nats_options()["tls"],
+                                      nkeys_seed=str(keys / "log.nk"), connect_timeout=2)
+        try:
+            js = probe_nc.jetstream(timeout=2)
+
+            async def elected() -> None:
+                try:
+                    await js.add_stream(name="PROBE", subjects=["probe"], num_replicas=3, storage="memory")
+                    await js.delete_stream("PROBE")
+                except (nats.errors.Error, TimeoutError) as exc:
+                    raise AssertionError(f"JetStream cluster not ready: {exc!r}") from exc
+
+            await assert_eventually(elected, timeout=30, interval=0.2)
+        finally:
+            await probe_nc.close()
+        svc = LogService(load_settings(
+            {"nats_url": ",".join(urls), "db": str(tmp_path / "convlog.db"), "stream_replicas": 3,
+             "keyring": str(keys / "keyring.json"), "require_signatures": True}, log_env))
+        await svc.start()
+        info = await svc.nc.jetstream().stream_info("CONVLOG_ITEMS")
+        assert info.config.num_replicas == 3
+
+        # Step 3: a signed append through node 2 is read back through node 3: routes carry it.
+        def client_settings(url: str, key: str) -> Any:
+            return load_settings({"nats_url": url}, {**tls_env, "CONVLOG_NKEY": str(keys / key),
+                                                    "CONVLOG_SIGNING_KEY": str(keys / key)})
+
+        triage = await LogClient.connect(settings=client_settings(urls[1], "Triage.nk"), name="triage")
+        reader = await LogClient.connect(settings=client_settings(urls[2], "gateway.nk"), name="reader")
+        try:
+            await triage.append("c1", [{"agent": "Triage", "data": {"role": "assistant", "content": "hi"}}])
+            assert [e.data["content"] for e in await reader.items("c1")] == ["hi"]
+        finally:
+            await triage.close()
+            await reader.close()
+
+        # Step 4: the route port speaks TLS only: a plaintext peer gets no INFO, just a TLS
+        # alert or a closed connection (the server logs a TLS route handshake error).
+        reader_, writer = await asyncio.open_connection("127.0.0.1", route_ports[0])
+        try:
+            writer.write(b'CONNECT {"verbose":false}\r\nPING\r\n')
+            await writer.drain()
+            answer = await asyncio.wait_for(reader_.read(1024), 10)
+            assert not answer.startswith(b"INFO") and b"PONG" not in answer, answer
+        finally:
+            writer.close()
+
+        def refused_in_log() -> None:
+            assert any("TLS route handshake error" in s.log_text() for s in servers)
+
+        await assert_eventually(refused_in_log, timeout=10)
+    finally:
+        if svc is not None:
+            await svc.shutdown()
+        for s in servers:
+            s.stop()
