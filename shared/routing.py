@@ -27,6 +27,7 @@ from .messages import AgentName, NonNegInt
 from .subjects import Subjects
 
 __all__ = [
+    "EntryProof",
     "RoutingCheckpoint",
     "decode_checkpoint",
     "encode_checkpoint",
@@ -35,6 +36,15 @@ __all__ = [
     "open_routing_bucket",
     "parse_handoff_output",
 ]
+
+
+class EntryProof(msgspec.Struct, frozen=True, kw_only=True):
+    """The gateway's signature of a session's entry agent: the ``to_sig`` of the
+    user message that asked for it (``shared.signing.route_signing_input``)."""
+
+    item_id: str
+    key_id: str
+    to_sig: str
 
 
 class RoutingCheckpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -47,11 +57,13 @@ class RoutingCheckpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults
         active: the active agent.
         order: the ``item_order`` the checkpoint is valid after (0: before any item).
         entry: the session's entry agent, if recorded.
+        entry_proof: the gateway's signature of ``entry``, when the message was signed.
     """
 
     active: AgentName
     order: NonNegInt
     entry: Annotated[str, Meta(min_length=1)] | None = None
+    entry_proof: EntryProof | None = None
 
 
 _encoder = msgspec.json.Encoder()
@@ -99,9 +111,9 @@ def handoff_target_of(kind: str, data: Mapping[str, Any]) -> str | None:
     return parse_handoff_output(data.get("output"))
 
 
-def entry_checkpoint(agent: str) -> RoutingCheckpoint:
+def entry_checkpoint(agent: str, proof: EntryProof | None = None) -> RoutingCheckpoint:
     """What the log service records when a user message with ``to`` starts a session."""
-    return RoutingCheckpoint(active=agent, order=0, entry=agent)
+    return RoutingCheckpoint(active=agent, order=0, entry=agent, entry_proof=proof)
 
 
 async def open_routing_bucket(nc: Client, subjects: Subjects, *, replicas: int = 1) -> Any:

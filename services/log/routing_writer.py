@@ -91,7 +91,8 @@ class RoutingWriter:
                 if current is not None and current.order >= order:
                     return
             value = encode_checkpoint(RoutingCheckpoint(
-                active=target, order=order, entry=current.entry if current is not None else None))
+                active=target, order=order, entry=current.entry if current is not None else None,
+                entry_proof=current.entry_proof if current is not None else None))
             try:
                 if entry is None:
                     await self._kv.create(sid, value)

@@ -39,7 +39,7 @@ from shared.errors import ERROR_HEADER, ConvlogError, UnavailableError
 from shared.failures import FatalError, Loops, is_transient
 from shared.messages import AppendReply, AppendRequest
 from shared.nats_seam import NatsSeam, bind
-from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
+from shared.routing import EntryProof, encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.subjects import Subjects
 
 from .authorize import authorizer_from, head_signer_from
@@ -174,8 +174,8 @@ class LogService:
             await ensure_stream(js, self.subjects, replicas=self.settings.stream_replicas)
         kv = await ensure_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
 
-        async def entry_hint(sid: str, agent: str) -> None:
-            value = encode_checkpoint(entry_checkpoint(agent))
+        async def entry_hint(sid: str, agent: str, proof: EntryProof | None) -> None:
+            value = encode_checkpoint(entry_checkpoint(agent, proof))
             with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
                 await kv.create(sid, value)
 

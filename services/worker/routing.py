@@ -36,12 +36,14 @@ import nats.js.errors
 from shared.client import LogClient
 from shared.messages import Envelope
 from shared.routing import (
+    EntryProof,
     RoutingCheckpoint,
     decode_checkpoint,
     encode_checkpoint,
     handoff_target_of,
     open_routing_bucket,
 )
+from shared.signing import USER_AGENT, Keyring, route_signing_input, verify_signature
 
 from .spec import SystemSpec
 
@@ -62,12 +64,14 @@ class Checkpoint:
         order: the ``item_order`` the checkpoint is valid after (0: before any item).
         entry: the session's entry agent, if recorded.
         revision: the KV revision (for compare-and-set), ``None`` if not stored.
+        entry_proof: the gateway's signature of ``entry``, if recorded.
     """
 
     active: str
     order: int
     entry: str | None = None
     revision: int | None = None
+    entry_proof: EntryProof | None = None
 
 
 def handoff_target(env: Envelope) -> str | None:
@@ -82,12 +86,19 @@ class Routing:
         kv: the routing KV bucket (see :func:`open_routing_bucket`).
         client: reads the log.
         spec: the agent system (entry agent, known agents).
+        keyring: with it, a session's entry agent other than the spec's counts only
+            with the gateway's signature of it (``entry_proof``, the message's ``to_sig``).
+        require: signatures are required: an entry without that signature is refused
+            (otherwise only a present, bad one is).
     """
 
-    def __init__(self, kv: Any, client: LogClient, spec: SystemSpec) -> None:
+    def __init__(self, kv: Any, client: LogClient, spec: SystemSpec, *,
+                 keyring: Keyring | None = None, require: bool = False) -> None:
         self.kv = kv
         self.client = client
         self.spec = spec
+        self.keyring = keyring
+        self.require = require
 
     async def checkpoint(self, session_id: str) -> Checkpoint | None:
         """The stored checkpoint, or ``None`` (missing, deleted or unreadable)."""
@@ -100,16 +111,44 @@ class Routing:
         except msgspec.DecodeError as e:  # ValidationError included
             log.warning("routing checkpoint of %s is unreadable (%s); ignoring it", session_id, e)
             return None
-        return Checkpoint(
-            active=value.active, order=value.order, entry=value.entry, revision=entry.revision
-        )
+        return Checkpoint(active=value.active, order=value.order, entry=value.entry,
+                          revision=entry.revision, entry_proof=value.entry_proof)
 
-    def _entry(self, cp: Checkpoint | None) -> str:
+    def _entry(self, session_id: str, cp: Checkpoint | None) -> str:
         entry = cp.entry if cp is not None and cp.entry else self.spec.entry
         if entry not in self.spec.agents:
             log.warning("entry agent %r is not in the spec; using %r", entry, self.spec.entry)
             return self.spec.entry
+        if cp is not None and cp.entry and (why := self._unsigned_entry(session_id, cp)) is not None:
+            signed = self._signed_entry(session_id, cp)
+            log.warning("routing entry of %s says %r, but %s: ignoring it and using %r", session_id,
+                        entry, why, signed or self.spec.entry)
+            return signed or self.spec.entry
         return entry
+
+    def _signed_entry(self, session_id: str, cp: Checkpoint) -> str | None:
+        """The agent the gateway's ``to_sig`` of ``cp`` does sign, if one of the spec's."""
+        proof = cp.entry_proof
+        if proof is None or self.keyring is None:
+            return None
+        if self.keyring.refusal(proof.key_id, USER_AGENT, via_inbound=True) is not None:
+            return None
+        return next((a for a in self.spec.agents if verify_signature(
+            proof.key_id, route_signing_input(session_id, proof.item_id, a), proof.to_sig)), None)
+
+    def _unsigned_entry(self, session_id: str, cp: Checkpoint) -> str | None:
+        """Why the gateway did not sign ``cp.entry`` for this session, or ``None``."""
+        proof = cp.entry_proof
+        if self.keyring is None or cp.entry == self.spec.entry:
+            return None
+        if proof is None:
+            return "the gateway's signature of it is missing" if self.require else None
+        if (reason := self.keyring.refusal(proof.key_id, USER_AGENT, via_inbound=True)) is not None:
+            return reason
+        if not verify_signature(proof.key_id, route_signing_input(session_id, proof.item_id, cp.entry),
+                                proof.to_sig):
+            return "the gateway's signature does not match it"
+        return None
 
     async def active_agent(self, session_id: str, before_order: int) -> str:
         """The active agent once every item before ``before_order`` is applied.
@@ -118,7 +157,7 @@ class Routing:
         that answers it.  Handoffs to agents the spec does not know are ignored.
         """
         cp = await self.checkpoint(session_id)
-        entry = self._entry(cp)
+        entry = self._entry(session_id, cp)
         agent, after = entry, 0
         if cp is not None and cp.order < before_order and await self._log_agrees(session_id, cp, entry):
             agent, after = cp.active, cp.order
@@ -158,7 +197,7 @@ class Routing:
             The stored checkpoint, or ``None`` for a session with no items.
         """
         cp = await self.checkpoint(session_id)
-        entry = self._entry(cp)
+        entry = self._entry(session_id, cp)
         agent, last, seen = entry, 0, 0
         async for env in self.client.iter_items(session_id, raw=True):
             seen = env.item_order
@@ -167,7 +206,8 @@ class Routing:
                 agent, last = target, env.item_order
         if seen == 0:
             return None
-        value = encode_checkpoint(RoutingCheckpoint(active=agent, order=last, entry=entry))
+        proof = cp.entry_proof if cp is not None and cp.entry == entry else None
+        value = encode_checkpoint(RoutingCheckpoint(active=agent, order=last, entry=entry, entry_proof=proof))
         revision = await self.kv.put(session_id, value)
         return Checkpoint(active=agent, order=last, entry=entry, revision=revision)
 

@@ -202,7 +202,7 @@ class Worker:
         )
         self.gate = EnvelopeGate.from_settings(self.client, self.settings, self.agent.name)
         kv = await open_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
-        self.routing = Routing(kv, self.client, self.spec)
+        self.routing = Routing(kv, self.client, self.spec, keyring=self.gate.keyring, require=self.gate.require)
         self.runner = TurnRunner(
             self.client, self.agent, self.model,
             max_steps=self.max_steps, tool_timeout=self.tool_timeout, forged=self.gate.forged,

@@ -10,8 +10,9 @@ from typing import Any
 
 from services.cli.keys_cmds import make_keys
 from services.worker.turn_ids import turn_item_id, turn_key
+from shared.client import LogClient
 from shared.messages import AppendItem
-from shared.signing import Keyring
+from shared.signing import Keyring, Signer
 from tests.support.eventually import assert_eventually
 from tests.support.fake_openai import Entry, FakeOpenAI, text, tool_call
 from tests.support.natsd import NatsServer
@@ -109,3 +110,35 @@ async def test_a_reply_pre_empted_under_the_workers_id_is_an_attack_not_an_answe
         assert fake_openai.requests and not any(forged_text in json.dumps(r) for r in fake_openai.requests)
         out = stack.outputs()
         assert "FORGED item" in out and forged_id in out and "ERROR" in out, out
+
+
+async def test_a_rewritten_entry_agent_loses_to_the_gateways_signature(
+    nats_server: NatsServer, tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    keys = tmp_path / "keys"
+    make_keys(keys, ["Triage", "L1Billing", "L1Technical", "L2Support"])
+    ring = str(keys / "keyring.json")
+    fake_openai.responder(_responder)
+    async with worker_stack(nats_server, tmp_path, fake_openai, keyring=ring, require_signatures=True) as stack:
+        await stack.start_workers(*(stack.worker(a, SEED_SPEC, extra_env={
+            "CONVLOG_SIGNING_KEY": str(keys / f"{a}.nk"), "CONVLOG_KEYRING": ring,
+            "CONVLOG_REQUIRE_SIGNATURES": "true"}) for a in ("Triage", "L1Billing", "L2Support")))
+        gateway = LogClient(stack.nc, timeout=5, deadline=20, signer=Signer.load(keys / "gateway.nk"))
+        # The user asks for billing directly: the gateway signs that `to`, the log service
+        # keeps its signature with the entry agent.
+        await gateway.send("entry-1", "I was charged twice", to="L1Billing")
+        log = await stack.answered("entry-1", users=1)
+        assert terminal_items(log, log[0])[0].agent == "L1Billing"
+        kv = await stack.nc.jetstream().key_value(stack.settings.subjects.routing_bucket)
+        value = json.loads((await kv.get("entry-1")).value)
+        assert value["entry"] == "L1Billing" and value["entry_proof"]["key_id"] == gateway.signer.key_id
+
+        # Someone with write access to the bucket names L2Support as the entry agent.
+        await kv.put("entry-1", json.dumps({**value, "active": "L2Support", "entry": "L2Support"}).encode())
+        await gateway.send("entry-1", "Still there?")
+        log = await stack.answered("entry-1", users=2)
+        second = [e for e in log if is_user(e)][1]
+        # The signature names L1Billing: L1Billing answers, L2Support is never asked.
+        assert [e.agent for e in terminal_items(log, second)] == ["L1Billing"]
+        assert not any(agent_of(r) == "L2Support" for r in fake_openai.requests)
+        assert "the gateway's signature does not match it" in stack.outputs()
