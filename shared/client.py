@@ -10,6 +10,7 @@ so a retry never writes twice.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -43,7 +44,7 @@ from .messages import (
 )
 from .nats_seam import bind
 from .requester import Requester
-from .signing import Signer, route_signing_input, sign_item
+from .signing import MAX_BATCH, Signer, route_signing_input, sign_batch, sign_item
 from .subjects import Subjects, validate_session_id
 
 __all__ = ["LogClient", "connect_options", "new_item_id"]
@@ -139,7 +140,8 @@ class LogClient(Requester):
         timeout: seconds one request waits for its reply.
         deadline: seconds an operation keeps retrying unknown outcomes.
         signer: this writer's private key; when set, every item it appends (and
-            every user message it sends) is signed (:mod:`shared.signing`).
+            every user message it sends) is signed (:mod:`shared.signing`).  The
+            appends started in the same event-loop turn share one batch signature.
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class LogClient(Requester):
     ) -> None:
         super().__init__(nc, timeout=timeout, deadline=deadline)
         self.signer = signer
+        self._to_sign: list[tuple[str, list[AppendItem], asyncio.Future[list[AppendItem]]]] = []
         self.subjects = Subjects(prefix)
         self._owns_nc = False
 
@@ -214,9 +217,6 @@ class LogClient(Requester):
         """
         subject = self.subjects.append(session_id)
         req = AppendRequest(items=_as_items(items), expected_last=expected_last)
-        if self.signer is not None:  # signed once: a retry resends the same bytes
-            validate_session_id(session_id)
-            req = AppendRequest(items=self.signer.sign_items(session_id, req.items), expected_last=expected_last)
         if not req.items:
             raise BadRequestError("append needs at least one item")
         if len(req.items) > MAX_APPEND_ITEMS:  # the service would refuse it: do not send it
@@ -225,8 +225,45 @@ class LogClient(Requester):
                 "items per request; send them in several appends",
                 limit=MAX_APPEND_ITEMS,
             )
+        if self.signer is not None:  # signed once: a retry resends the same bytes
+            validate_session_id(session_id)
+            req = AppendRequest(items=await self._signed(session_id, req.items), expected_last=expected_last)
         return decode(await tracing.traced("convlog.append", None, self._request(subject, encode(req)),
                                            kind="CLIENT", session_id=session_id), AppendReply)
+
+    def _signed(self, session_id: str, items: list[AppendItem]) -> asyncio.Future[list[AppendItem]]:
+        """``items`` signed together with every other append started in this loop turn:
+        one signature for all (``shared.signing.sign_batch``), made on the next turn."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[AppendItem]] = loop.create_future()
+        if not self._to_sign:
+            loop.call_soon(self._sign_pending)
+        self._to_sign.append((session_id, items, done))
+        return done
+
+    def _sign_pending(self) -> None:
+        pending, self._to_sign = self._to_sign, []
+        assert self.signer is not None
+        while pending:
+            batch, size = [], 0
+            while pending and (not batch or size + len(pending[0][1]) <= MAX_BATCH):
+                batch.append(pending.pop(0))
+                size += len(batch[-1][1])
+            try:
+                signed = (sign_batch(self.signer, [(sid, it) for sid, items, _ in batch for it in items])
+                          if size <= MAX_BATCH else None)
+            except ValueError as e:
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(BadRequestError(str(e)))
+                continue
+            for sid, items, done in batch:
+                mine = (signed[:len(items)] if signed is not None
+                        else self.signer.sign_items(sid, items))  # one append over MAX_BATCH items
+                if signed is not None:
+                    signed = signed[len(items):]
+                if not done.done():  # (its caller may have been cancelled meanwhile)
+                    done.set_result(mine)
 
     async def send(
         self, session_id: str, content: str, *, to: str | None = None, item_id: str | None = None

@@ -72,7 +72,9 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 #: base64url Ed25519 signature (86 characters) and nkey public key (56).
-Sig = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{86}\Z")]
+#: An Ed25519 signature, base64url; or a batch signature with its Merkle path
+#: (``<signature>.<path>``, up to 16 steps of 33 bytes; see shared/signing.py).
+Sig = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{86}(?:\.[A-Za-z0-9_-]{44,704})?\Z")]
 KeyId = Annotated[str, Meta(pattern=r"^U[A-Z2-7]{55}\Z")]
 
 

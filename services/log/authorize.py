@@ -29,6 +29,7 @@ from shared.signing import (
     item_signing_input,
     route_signing_input,
     sign_head,
+    verify_item,
     verify_signature,
 )
 
@@ -129,7 +130,7 @@ class Authorizer:
         if it.sig is None or it.key_id is None or it.item_id is None:
             return
         msg = item_signing_input(sid, it.item_id, it.agent, it.kind, it.data)
-        if not verify_signature(it.key_id, msg, it.sig):
+        if not verify_item(it.key_id, msg, it.sig):
             raise ForbiddenError(
                 f"item {i}: the signature does not match this session, item_id and content"
             )
