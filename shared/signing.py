@@ -48,6 +48,7 @@ import functools
 import hashlib
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -200,10 +201,37 @@ def _root(message: bytes, path: bytes) -> bytes | None:
     return h
 
 
-@functools.lru_cache(maxsize=8192)
+_RootKey = tuple[str, bytes, str]
+_roots: dict[_RootKey, bool] = {}  # verified batch roots (oldest dropped first)
+_roots_pending: dict[_RootKey, threading.Event] = {}
+_roots_lock = threading.Lock()
+_ROOTS_KEPT = 8192
+
+
 def _root_signed(key_id: str, root: bytes, sig: str) -> bool:
-    """One verification per batch root (the cache serves the batch's other items)."""
-    return verify_signature(key_id, BATCH_DOMAIN + root, sig)
+    """One verification per batch root, even when the batch's items are checked at
+    once on several threads: the first verifies, the others wait for its answer."""
+    key = (key_id, root, sig)
+    known = _roots.get(key)
+    if known is not None:
+        return known
+    with _roots_lock:
+        known = _roots.get(key)
+        if known is not None:
+            return known
+        pending = _roots_pending.get(key)
+        if pending is None:
+            _roots_pending[key] = threading.Event()
+    if pending is not None:
+        pending.wait(5)
+        return _roots.get(key, False)
+    ok = verify_signature(key_id, BATCH_DOMAIN + root, sig)
+    with _roots_lock:
+        _roots[key] = ok
+        if len(_roots) > _ROOTS_KEPT:
+            del _roots[next(iter(_roots))]
+        _roots_pending.pop(key).set()
+    return ok
 
 
 def verify_item(key_id: str, message: bytes, sig: str) -> bool:

@@ -131,6 +131,8 @@ async def _phases(stack: _Stack, keys: Path, args: argparse.Namespace) -> list[_
                 await plain.read("bench-ready", tail=0)
                 break
             await asyncio.sleep(0.1)
+        else:
+            raise RuntimeError("the bench's log service did not answer within 20 s")
         runs: list[_Phase] = []
         each = max(1.0, args.duration / 2)
         for rnd in range(2):  # unsigned, signed, unsigned, signed: the same load for both
