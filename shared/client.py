@@ -234,6 +234,8 @@ class LogClient(Requester):
     def _signed(self, session_id: str, items: list[AppendItem]) -> asyncio.Future[list[AppendItem]]:
         """``items`` signed together with every other append started in this loop turn:
         one signature for all (``shared.signing.sign_batch``), made on the next turn."""
+        if any(it.item_id is None for it in items):  # (never joins a batch it would spoil)
+            raise BadRequestError("an item must have its item_id before it is signed")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[AppendItem]] = loop.create_future()
         if not self._to_sign:
@@ -243,25 +245,32 @@ class LogClient(Requester):
 
     def _sign_pending(self) -> None:
         pending, self._to_sign = self._to_sign, []
-        assert self.signer is not None
-        while pending:
-            batch, size = [], 0
-            while pending and (not batch or size + len(pending[0][1]) <= MAX_BATCH):
-                batch.append(pending.pop(0))
-                size += len(batch[-1][1])
+        signer = self.signer
+        assert signer is not None
+        at = 0
+        while at < len(pending):
+            batch, size = [pending[at]], len(pending[at][1])
+            at += 1
+            while at < len(pending) and size + len(pending[at][1]) <= MAX_BATCH:
+                batch.append(pending[at])
+                size += len(pending[at][1])
+                at += 1
             try:
-                signed = (sign_batch(self.signer, [(sid, it) for sid, items, _ in batch for it in items])
-                          if size <= MAX_BATCH else None)
-            except ValueError as e:
+                if size <= MAX_BATCH:
+                    signed = sign_batch(signer, [(sid, it) for sid, items, _ in batch for it in items])
+                    results, k = [], 0
+                    for _, items, _ in batch:
+                        results.append(signed[k : k + len(items)])
+                        k += len(items)
+                else:  # one append of more than MAX_BATCH items: signed in batches of its own
+                    results = [signer.sign_items(batch[0][0], batch[0][1])]
+            except Exception as e:  # every waiting append hears of it; none hangs
+                err = BadRequestError(str(e)) if isinstance(e, ValueError) else e
                 for _, _, done in batch:
                     if not done.done():
-                        done.set_exception(BadRequestError(str(e)))
+                        done.set_exception(err)
                 continue
-            for sid, items, done in batch:
-                mine = (signed[:len(items)] if signed is not None
-                        else self.signer.sign_items(sid, items))  # one append over MAX_BATCH items
-                if signed is not None:
-                    signed = signed[len(items):]
+            for (_, _, done), mine in zip(batch, results, strict=True):
                 if not done.done():  # (its caller may have been cancelled meanwhile)
                     done.set_result(mine)
 

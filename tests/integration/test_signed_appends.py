@@ -4,6 +4,7 @@ writes nothing."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -88,6 +89,33 @@ async def test_each_agent_writes_only_as_itself_and_nothing_refused_is_written(
             await stranger.append("s1", [_item("Triage", "who am I", "f-6")])
         await stranger.close()
         assert await plain.last_order("s1") == 2
+    finally:
+        await triage.close()
+        await plain.close()
+
+
+async def test_appends_started_together_share_one_signature_and_each_item_verifies_alone(
+    strict: str, keys: Path
+) -> None:
+    triage = await _client(strict, keys / "Triage.nk")
+    plain = await _client(strict, None)
+    try:
+        # 20 appends to 5 sessions started in one loop turn, and one append of 300 items.
+        acks = await asyncio.gather(*(triage.append(f"b{i % 5}", [_item("Triage", f"n{i}", f"b-{i}")])
+                                      for i in range(20)))
+        assert all(a.first_order >= 1 for a in acks)
+        await triage.append("big", [_item("Triage", f"m{i}", f"big-{i}") for i in range(300)])
+        ring = Keyring.load(keys / "keyring.json")
+        envs = [e for i in range(5) for e in await plain.items(f"b{i}")]
+        assert len(envs) == 20 and len({(e.sig or "").split(".")[0] for e in envs}) == 1  # one signature
+        big = await plain.items("big")
+        assert len(big) == 300 and len({(e.sig or "").split(".")[0] for e in big}) == 2  # 256 + 44
+        for e in [*envs, *big]:
+            assert "." in (e.sig or "") and ring.check_envelope(e) is None
+        # A batch signature moved to another item of the batch is refused.
+        moved = msgspec.structs.replace(_item("Triage", "n0", "b-0x"), sig=envs[1].sig, key_id=envs[1].key_id)
+        msg = await plain.nc.request("convlog.append.b0", msgspec.json.encode(AppendRequest(items=[moved])), timeout=5)
+        assert msgspec.json.decode(msg.data)["error"]["code"] == "forbidden"
     finally:
         await triage.close()
         await plain.close()
