@@ -10,6 +10,7 @@ so a retry never writes twice.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -43,7 +44,7 @@ from .messages import (
 )
 from .nats_seam import bind
 from .requester import Requester
-from .signing import Signer, sign_item
+from .signing import MAX_BATCH, Signer, route_signing_input, sign_batch, sign_item
 from .subjects import Subjects, validate_session_id
 
 __all__ = ["LogClient", "connect_options", "new_item_id"]
@@ -139,7 +140,8 @@ class LogClient(Requester):
         timeout: seconds one request waits for its reply.
         deadline: seconds an operation keeps retrying unknown outcomes.
         signer: this writer's private key; when set, every item it appends (and
-            every user message it sends) is signed (:mod:`shared.signing`).
+            every user message it sends) is signed (:mod:`shared.signing`).  The
+            appends started in the same event-loop turn share one batch signature.
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class LogClient(Requester):
     ) -> None:
         super().__init__(nc, timeout=timeout, deadline=deadline)
         self.signer = signer
+        self._to_sign: list[tuple[str, list[AppendItem], asyncio.Future[list[AppendItem]]]] = []
         self.subjects = Subjects(prefix)
         self._owns_nc = False
 
@@ -214,9 +217,6 @@ class LogClient(Requester):
         """
         subject = self.subjects.append(session_id)
         req = AppendRequest(items=_as_items(items), expected_last=expected_last)
-        if self.signer is not None:  # signed once: a retry resends the same bytes
-            validate_session_id(session_id)
-            req = AppendRequest(items=self.signer.sign_items(session_id, req.items), expected_last=expected_last)
         if not req.items:
             raise BadRequestError("append needs at least one item")
         if len(req.items) > MAX_APPEND_ITEMS:  # the service would refuse it: do not send it
@@ -225,8 +225,54 @@ class LogClient(Requester):
                 "items per request; send them in several appends",
                 limit=MAX_APPEND_ITEMS,
             )
+        if self.signer is not None:  # signed once: a retry resends the same bytes
+            validate_session_id(session_id)
+            req = AppendRequest(items=await self._signed(session_id, req.items), expected_last=expected_last)
         return decode(await tracing.traced("convlog.append", None, self._request(subject, encode(req)),
                                            kind="CLIENT", session_id=session_id), AppendReply)
+
+    def _signed(self, session_id: str, items: list[AppendItem]) -> asyncio.Future[list[AppendItem]]:
+        """``items`` signed together with every other append started in this loop turn:
+        one signature for all (``shared.signing.sign_batch``), made on the next turn."""
+        if any(it.item_id is None for it in items):  # (never joins a batch it would spoil)
+            raise BadRequestError("an item must have its item_id before it is signed")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[AppendItem]] = loop.create_future()
+        if not self._to_sign:
+            loop.call_soon(self._sign_pending)
+        self._to_sign.append((session_id, items, done))
+        return done
+
+    def _sign_pending(self) -> None:
+        pending, self._to_sign = self._to_sign, []
+        signer = self.signer
+        assert signer is not None
+        at = 0
+        while at < len(pending):
+            batch, size = [pending[at]], len(pending[at][1])
+            at += 1
+            while at < len(pending) and size + len(pending[at][1]) <= MAX_BATCH:
+                batch.append(pending[at])
+                size += len(pending[at][1])
+                at += 1
+            try:
+                if size <= MAX_BATCH:
+                    signed = sign_batch(signer, [(sid, it) for sid, items, _ in batch for it in items])
+                    results, k = [], 0
+                    for _, items, _ in batch:
+                        results.append(signed[k : k + len(items)])
+                        k += len(items)
+                else:  # one append of more than MAX_BATCH items: signed in batches of its own
+                    results = [signer.sign_items(batch[0][0], batch[0][1])]
+            except Exception as e:  # every waiting append hears of it; none hangs
+                err = BadRequestError(str(e)) if isinstance(e, ValueError) else e
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(err)
+                continue
+            for (_, _, done), mine in zip(batch, results, strict=True):
+                if not done.done():  # (its caller may have been cancelled meanwhile)
+                    done.set_result(mine)
 
     async def send(
         self, session_id: str, content: str, *, to: str | None = None, item_id: str | None = None
@@ -238,7 +284,8 @@ class LogClient(Requester):
             validate_session_id(session_id)
             item = sign_item(self.signer, session_id, AppendItem(
                 agent="user", data={"role": "user", "content": content}, item_id=msg.item_id))
-            msg = msgspec.structs.replace(msg, sig=item.sig, key_id=item.key_id)
+            to_sig = self.signer.sign(route_signing_input(session_id, msg.item_id, to)) if to else None
+            msg = msgspec.structs.replace(msg, sig=item.sig, key_id=item.key_id, to_sig=to_sig)
         return decode(await tracing.traced("convlog.send", None, self._request(subject, encode(msg)),
                                            kind="PRODUCER", session_id=session_id), AppendReply)
 

@@ -72,7 +72,9 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 #: base64url Ed25519 signature (86 characters) and nkey public key (56).
-Sig = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{86}\Z")]
+#: An Ed25519 signature, base64url; or a batch signature with its Merkle path
+#: (``<signature>.<path>``, up to 16 steps of 33 bytes; see shared/signing.py).
+Sig = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{86}(?:\.[A-Za-z0-9_-]{44,704})?\Z")]
 KeyId = Annotated[str, Meta(pattern=r"^U[A-Z2-7]{55}\Z")]
 
 
@@ -160,13 +162,19 @@ class SessionsReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class UserMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
-    """``convlog.in.<sid>``: a user message; ``to`` picks the entry agent of a new session."""
+    """``convlog.in.<sid>``: a user message; ``to`` picks the entry agent of a new session.
+
+    ``sig`` signs the item the message becomes (stored with it); ``to_sig``,
+    by the same key, signs the ``to`` (routing metadata, kept outside the log),
+    so an edited ``to`` is refused (``shared.signing.route_signing_input``).
+    """
 
     content: str
     item_id: ItemId | None = None
     to: AgentName | None = None
     sig: Sig | None = None
     key_id: KeyId | None = None
+    to_sig: Sig | None = None
 
 
 class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,15 +1,20 @@
 """The routing KV value: one Struct, written and read by the same code.
 
 Routing state (a session's active agent) is agent metadata, not conversation:
-it lives in the KV bucket ``<prefix>_routing`` keyed by session id.  Two sides
-write it: the log service records the entry agent (``to``) of a new session,
-and workers checkpoint the active agent.  Both encode with
+it lives in the KV bucket ``<prefix>_routing`` keyed by session id.  Only the log
+service writes it: the entry agent (``to``) of a new session, and, after each
+committed handoff item, "after this item, its target is active"
+(:func:`handoff_target_of` reads a handoff the way workers write it).  So an
+agent's NATS user needs no write access to the bucket, and a checkpoint always
+names an item of the log that workers can check it against.  It encodes with
 :func:`encode_checkpoint`, and workers read with :func:`decode_checkpoint`,
 so the shape lives here, once.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import msgspec
@@ -22,12 +27,24 @@ from .messages import AgentName, NonNegInt
 from .subjects import Subjects
 
 __all__ = [
+    "EntryProof",
     "RoutingCheckpoint",
     "decode_checkpoint",
     "encode_checkpoint",
     "entry_checkpoint",
+    "handoff_target_of",
     "open_routing_bucket",
+    "parse_handoff_output",
 ]
+
+
+class EntryProof(msgspec.Struct, frozen=True, kw_only=True):
+    """The gateway's signature of a session's entry agent: the ``to_sig`` of the
+    user message that asked for it (``shared.signing.route_signing_input``)."""
+
+    item_id: str
+    key_id: str
+    to_sig: str
 
 
 class RoutingCheckpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -40,11 +57,13 @@ class RoutingCheckpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults
         active: the active agent.
         order: the ``item_order`` the checkpoint is valid after (0: before any item).
         entry: the session's entry agent, if recorded.
+        entry_proof: the gateway's signature of ``entry``, when the message was signed.
     """
 
     active: AgentName
     order: NonNegInt
     entry: Annotated[str, Meta(min_length=1)] | None = None
+    entry_proof: EntryProof | None = None
 
 
 _encoder = msgspec.json.Encoder()
@@ -72,9 +91,29 @@ def decode_checkpoint(value: bytes) -> RoutingCheckpoint:
     return cp
 
 
-def entry_checkpoint(agent: str) -> RoutingCheckpoint:
+def parse_handoff_output(output: Any) -> str | None:
+    """The target agent if ``output`` is a handoff output (``{"assistant": X}``), else ``None``."""
+    if not isinstance(output, str) or not output.startswith("{"):
+        return None
+    try:
+        parsed = json.loads(output)
+    except ValueError:
+        return None
+    if isinstance(parsed, dict) and len(parsed) == 1 and isinstance(parsed.get("assistant"), str):
+        return parsed["assistant"]
+    return None
+
+
+def handoff_target_of(kind: str, data: Mapping[str, Any]) -> str | None:
+    """The agent an item hands the conversation to (a handoff's ``function_call_output``), or ``None``."""
+    if kind != "item" or data.get("type") != "function_call_output":
+        return None
+    return parse_handoff_output(data.get("output"))
+
+
+def entry_checkpoint(agent: str, proof: EntryProof | None = None) -> RoutingCheckpoint:
     """What the log service records when a user message with ``to`` starts a session."""
-    return RoutingCheckpoint(active=agent, order=0, entry=agent)
+    return RoutingCheckpoint(active=agent, order=0, entry=agent, entry_proof=proof)
 
 
 async def open_routing_bucket(nc: Client, subjects: Subjects, *, replicas: int = 1) -> Any:

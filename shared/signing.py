@@ -22,7 +22,19 @@ What is signed (``sig`` = base64url, no padding, of the Ed25519 signature):
   "kind", "data"})`` -- the content bound to its session and id, so a captured
   request cannot be replayed to another session, nor with an edited item;
 * a head: ``b"convlog-head-v1\\n" + JCS({"session_id", "item_order", "hash",
-  "signed_at"})``.
+  "signed_at"})``;
+* items appended together (one request, or the appends one client makes in the
+  same event-loop turn) under **one** signature: each item's leaf is
+  ``SHA-256(0x00 + its signing input)``, a node ``SHA-256(0x01 + left +
+  right)`` (an odd node moves up as it is), and the signature covers
+  ``b"convlog-batch-v1\\n" + root`` (32 bytes).  Such an item's ``sig`` is
+  ``<signature>.<path>``: the path is base64url of, leaf to root, one byte
+  (0: the sibling is on the right, 1: on the left) and the sibling's 32 bytes.
+  Each envelope still verifies on its own, offline; one signature and one
+  verification serve the whole batch (a verified root is remembered);
+* the ``to`` of a user message (the entry agent it asks for, routing metadata
+  outside the log): ``b"convlog-route-v1\\n" + JCS({"session_id", "item_id",
+  "to"})``, by the key that signs the message.
 
 Everything here is pure computation except :meth:`Signer.load` and
 :meth:`Keyring.load`, which read one file.
@@ -33,8 +45,10 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -58,13 +72,20 @@ __all__ = [
     "Signer",
     "head_signing_input",
     "item_signing_input",
+    "route_signing_input",
+    "sign_batch",
     "sign_head",
     "sign_item",
+    "verify_item",
     "verify_head",
     "verify_signature",
 ]
 
 ITEM_DOMAIN = b"convlog-item-v1\n"
+ROUTE_DOMAIN = b"convlog-route-v1\n"
+BATCH_DOMAIN = b"convlog-batch-v1\n"
+#: Most items under one batch signature (a path of at most 8 steps).
+MAX_BATCH = 256
 HEAD_DOMAIN = b"convlog-head-v1\n"
 KEYRING_VERSION = 1
 Role = Literal["agent", "gateway", "log"]
@@ -135,11 +156,107 @@ def verify_signature(key_id: str, message: bytes, sig: str) -> bool:
     return True
 
 
+def _leaf(message: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + message).digest()
+
+
+def _node(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def _tree(leaves: list[bytes]) -> tuple[bytes, list[bytes]]:
+    """The Merkle root of ``leaves`` and each leaf's path (see the module docstring)."""
+    paths = [bytearray() for _ in leaves]
+    level = list(leaves)
+    members = [[i] for i in range(len(leaves))]  # the leaves under each node of the level
+    while len(level) > 1:
+        nxt, nxt_members = [], []
+        for j in range(0, len(level) - 1, 2):
+            left, right = level[j], level[j + 1]
+            for i in members[j]:
+                paths[i] += b"\x00" + right
+            for i in members[j + 1]:
+                paths[i] += b"\x01" + left
+            nxt.append(_node(left, right))
+            nxt_members.append(members[j] + members[j + 1])
+        if len(level) % 2:
+            nxt.append(level[-1])
+            nxt_members.append(members[-1])
+        level, members = nxt, nxt_members
+    return level[0], [bytes(p) for p in paths]
+
+
+def _root(message: bytes, path: bytes) -> bytes | None:
+    if len(path) % 33 or len(path) > 33 * 16:
+        return None
+    h = _leaf(message)
+    for k in range(0, len(path), 33):
+        side, sibling = path[k], path[k + 1 : k + 33]
+        if side == 0:
+            h = _node(h, sibling)
+        elif side == 1:
+            h = _node(sibling, h)
+        else:
+            return None
+    return h
+
+
+_RootKey = tuple[str, bytes, str]
+_roots: dict[_RootKey, bool] = {}  # verified batch roots (oldest dropped first)
+_roots_pending: dict[_RootKey, threading.Event] = {}
+_roots_lock = threading.Lock()
+_ROOTS_KEPT = 8192
+
+
+def _root_signed(key_id: str, root: bytes, sig: str) -> bool:
+    """One verification per batch root, even when the batch's items are checked at
+    once on several threads: the first verifies, the others wait for its answer."""
+    key = (key_id, root, sig)
+    known = _roots.get(key)
+    if known is not None:
+        return known
+    with _roots_lock:
+        known = _roots.get(key)
+        if known is not None:
+            return known
+        pending = _roots_pending.get(key)
+        if pending is None:
+            _roots_pending[key] = threading.Event()
+    if pending is not None:
+        pending.wait(5)
+        return _roots.get(key, False)
+    ok = verify_signature(key_id, BATCH_DOMAIN + root, sig)
+    with _roots_lock:
+        _roots[key] = ok
+        if len(_roots) > _ROOTS_KEPT:
+            del _roots[next(iter(_roots))]
+        _roots_pending.pop(key).set()
+    return ok
+
+
+def verify_item(key_id: str, message: bytes, sig: str) -> bool:
+    """True when ``sig`` (a plain or a batch signature) signs the item ``message`` by ``key_id``."""
+    base, dot, path = sig.partition(".")
+    if not dot:
+        return verify_signature(key_id, message, sig)
+    try:
+        raw_path = _unb64(path)
+    except (ValueError, binascii.Error):
+        return False
+    root = _root(message, raw_path)
+    return root is not None and _root_signed(key_id, root, base)
+
+
 def item_signing_input(session_id: str, item_id: str, agent: str, kind: str, data: Mapping[str, Any]) -> bytes:
     """The bytes an item's signature covers (see the module docstring)."""
     return ITEM_DOMAIN + canonical(
         {"agent": agent, "data": data, "item_id": item_id, "kind": kind, "session_id": session_id}
     )
+
+
+def route_signing_input(session_id: str, item_id: str, to: str) -> bytes:
+    """The bytes a user message's ``to_sig`` covers: its ``to``, bound to its session and id."""
+    return ROUTE_DOMAIN + canonical({"item_id": item_id, "session_id": session_id, "to": to})
 
 
 def head_signing_input(session_id: str, item_order: int, hash: str, signed_at: str) -> bytes:
@@ -192,8 +309,13 @@ class Signer:
         return _b64(self._kp.sign(message))
 
     def sign_items(self, session_id: str, items: Iterable[AppendItem]) -> list[AppendItem]:
-        """Each item with its ``sig`` and ``key_id`` (every item needs an ``item_id``)."""
-        return [sign_item(self, session_id, it) for it in items]
+        """Each item with its ``sig`` and ``key_id`` (every item needs an ``item_id``);
+        several items share one batch signature (:func:`sign_batch`)."""
+        batch = [(session_id, it) for it in items]
+        out: list[AppendItem] = []
+        for i in range(0, len(batch), MAX_BATCH):
+            out += sign_batch(self, batch[i : i + MAX_BATCH])
+        return out
 
 
 def sign_item(signer: Signer, session_id: str, item: AppendItem) -> AppendItem:
@@ -202,6 +324,24 @@ def sign_item(signer: Signer, session_id: str, item: AppendItem) -> AppendItem:
         raise ValueError("an item must have its item_id before it is signed")
     msg = item_signing_input(session_id, item.item_id, item.agent, item.kind, item.data)
     return msgspec.structs.replace(item, sig=signer.sign(msg), key_id=signer.key_id)
+
+
+def sign_batch(signer: Signer, items: list[tuple[str, AppendItem]]) -> list[AppendItem]:
+    """Each ``(session_id, item)`` signed by ``signer``: one item alone as by
+    :func:`sign_item`, several under one batch signature (at most :data:`MAX_BATCH`)."""
+    if len(items) == 1:
+        return [sign_item(signer, *items[0])]
+    if len(items) > MAX_BATCH:
+        raise ValueError(f"{len(items)} items in one batch signature, over {MAX_BATCH}")
+    messages = []
+    for sid, it in items:
+        if it.item_id is None:
+            raise ValueError("an item must have its item_id before it is signed")
+        messages.append(item_signing_input(sid, it.item_id, it.agent, it.kind, it.data))
+    root, paths = _tree([_leaf(m) for m in messages])
+    sig = signer.sign(BATCH_DOMAIN + root)
+    return [msgspec.structs.replace(it, sig=f"{sig}.{_b64(path)}", key_id=signer.key_id)
+            for (_, it), path in zip(items, paths, strict=True)]
 
 
 def write_private(path: Path, seed: bytes) -> None:
@@ -323,7 +463,7 @@ class Keyring:
         if reason is not None:
             return reason
         msg = item_signing_input(env.session_id, env.item_id, env.agent, env.kind, env.data)
-        if not verify_signature(env.key_id, msg, env.sig):
+        if not verify_item(env.key_id, msg, env.sig):
             return f"signature by {env.key_id[:12]}... does not match the item"
         return None
 

@@ -11,8 +11,11 @@ path relative to that config file) or paste it in:
   manages the streams and buckets -- the only user that can;
 * an **agent** user appends and reads through the log service, pulls from and
   acks *its own agent's* durable consumer only (no consumer of another agent,
-  no stream or consumer deletion), and reads/writes the routing bucket;
-* the **gateway** user sends user messages (``<prefix>.in.>``) and reads.
+  no stream or consumer deletion), and reads the routing and heads buckets --
+  it writes no KV value: routing checkpoints are the log service's, derived
+  from the handoff items it commits (``services/log/routing_writer.py``);
+* the **gateway** user sends user messages (``<prefix>.in.>``) and reads
+  (the log and the heads bucket).
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ def _consumer(agent: str) -> str:
     return f"convlog-agent-{agent}"  # services.worker.consumer.consumer_name
 
 
+def _kv_read(bucket: str) -> list[str]:
+    """Read-only access to a KV bucket (info and gets; no puts, no deletes)."""
+    return [f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.DIRECT.GET.KV_{bucket}.>",
+            f"$JS.API.STREAM.MSG.GET.KV_{bucket}"]
+
+
 def _perms(role: str, agent: str, s: Subjects) -> tuple[list[str], list[str]]:
     p, stream = s.prefix, s.stream_name
     routing = s.routing_bucket
@@ -37,11 +46,10 @@ def _perms(role: str, agent: str, s: Subjects) -> tuple[list[str], list[str]]:
         sub = [f"{p}.append.>", f"{p}.read.>", f"{p}.sessions", f"{p}.in.>", "$SRV.>", "_INBOX.>"]
         return pub, sub
     if role == GATEWAY:
-        return [f"{p}.in.>", f"{p}.read.>", f"{p}.sessions"], ["_INBOX.>"]
+        return [f"{p}.in.>", f"{p}.read.>", f"{p}.sessions", "$JS.API.INFO", *_kv_read(heads)], ["_INBOX.>"]
     c = _consumer(agent)
     pub = [
         f"{p}.append.>", f"{p}.read.>",
-        f"$KV.{routing}.>",
         "$JS.API.INFO",
         f"$JS.API.STREAM.INFO.{stream}",
         f"$JS.API.CONSUMER.CREATE.{stream}.{c}", f"$JS.API.CONSUMER.CREATE.{stream}.{c}.>",
@@ -49,10 +57,8 @@ def _perms(role: str, agent: str, s: Subjects) -> tuple[list[str], list[str]]:
         f"$JS.API.CONSUMER.INFO.{stream}.{c}",
         f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{c}",
         f"$JS.ACK.{stream}.{c}.>",
-        f"$JS.API.STREAM.INFO.KV_{routing}",
-        f"$JS.API.STREAM.CREATE.KV_{routing}",
-        f"$JS.API.DIRECT.GET.KV_{routing}.>",
-        f"$JS.API.STREAM.MSG.GET.KV_{routing}",
+        f"$JS.API.STREAM.CREATE.KV_{routing}",  # if it starts before the log service (an empty bucket)
+        *_kv_read(routing), *_kv_read(heads),
     ]
     return pub, ["_INBOX.>"]
 

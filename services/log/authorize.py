@@ -27,7 +27,9 @@ from shared.signing import (
     KeyringError,
     Signer,
     item_signing_input,
+    route_signing_input,
     sign_head,
+    verify_item,
     verify_signature,
 )
 
@@ -85,6 +87,26 @@ class Authorizer:
         if self._rules(0, item, via_inbound=True):
             self._verify(sid, 0, item)
 
+    def check_route(self, sid: str, item: AppendItem, to: str | None, to_sig: str | None) -> None:
+        """The ``to`` of a user message (after :meth:`check_user`): a signed message
+        must sign its ``to`` too (``to_sig``, same key), so an edited ``to`` is refused.
+
+        Raises:
+            ForbiddenError: naming what is wrong.
+        """
+        if to is None:
+            if to_sig is not None:
+                raise ForbiddenError("to_sig without a to")
+            return
+        if item.sig is None or item.key_id is None or item.item_id is None:
+            if to_sig is not None:
+                raise ForbiddenError("to_sig on an unsigned message")
+            return  # unsigned and allowed (check_user refuses it when signatures are required)
+        if to_sig is None:
+            raise ForbiddenError("a signed message with a to must sign it too (to_sig)")
+        if not verify_signature(item.key_id, route_signing_input(sid, item.item_id, to), to_sig):
+            raise ForbiddenError("to_sig does not match this session, item_id and to")
+
     def _rules(self, i: int, it: AppendItem, *, via_inbound: bool) -> bool:
         if it.sig is None and it.key_id is None:
             if self.require:
@@ -108,7 +130,7 @@ class Authorizer:
         if it.sig is None or it.key_id is None or it.item_id is None:
             return
         msg = item_signing_input(sid, it.item_id, it.agent, it.kind, it.data)
-        if not verify_signature(it.key_id, msg, it.sig):
+        if not verify_item(it.key_id, msg, it.sig):
             raise ForbiddenError(
                 f"item {i}: the signature does not match this session, item_id and content"
             )

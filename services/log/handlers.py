@@ -28,6 +28,7 @@ from shared.messages import (
     SessionsRequest,
     UserMessage,
 )
+from shared.routing import EntryProof
 from shared.signing import Signer
 from shared.subjects import Subjects
 
@@ -44,7 +45,7 @@ DEFAULT_SESSIONS_LIMIT = 1_000
 _REPLY_OVERHEAD = 512
 
 Reply = tuple[bytes, dict[str, str] | None]
-EntryHint = Callable[[str, str], Awaitable[None]]
+EntryHint = Callable[[str, str, EntryProof | None], Awaitable[None]]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -144,12 +145,15 @@ class Handlers:
         )
         if self.authorize is not None:
             self.authorize.check_user(sid, item)
+            self.authorize.check_route(sid, item, msg.to, msg.to_sig)
         request = self._prepare(AppendRequest(items=[item]), len(body))
         if msg.to and self.entry_hint and await self.store.last_order(sid) == 0:
             # Before the append: the outbox may deliver the item to a worker before
             # this handler resumes, and the worker must already find the entry agent.
             # The hint is create-only, so a retry or a racing first message is harmless.
-            await self.entry_hint(sid, msg.to)
+            proof = (EntryProof(item_id=item.item_id, key_id=msg.key_id, to_sig=msg.to_sig)
+                     if msg.key_id and msg.to_sig and item.item_id else None)  # checked above
+            await self.entry_hint(sid, msg.to, proof)
         reply: AppendReply = await self.store.append(sid, request)
         return _encode(reply)
 

@@ -39,13 +39,14 @@ from shared.errors import ERROR_HEADER, ConvlogError, UnavailableError
 from shared.failures import FatalError, Loops, is_transient
 from shared.messages import AppendReply, AppendRequest
 from shared.nats_seam import NatsSeam, bind
-from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
+from shared.routing import EntryProof, encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.subjects import Subjects
 
 from .authorize import authorizer_from, head_signer_from
 from .handlers import Handlers, encode_outcome, error_reply
 from .heads import HeadWitness
 from .outbox import Outbox, ensure_stream
+from .routing_writer import RoutingWriter
 from .store.base import LogStore
 from .store.factory import make_store, open_store
 from .traces import ServiceTraces
@@ -79,6 +80,11 @@ class EndpointCounters:
     processing_ns: int = 0
 
 
+def _batch_signed(request: AppendRequest) -> bool:
+    """Every signed item carries a batch signature (``<signature>.<path>``)."""
+    return all(it.sig is None or "." in it.sig for it in request.items)
+
+
 async def ensure_routing_bucket(nc: Client, subjects: Subjects, *, replicas: int = 1) -> Any:
     """The KV bucket holding per-session routing metadata (created if missing)."""
     return await open_routing_bucket(nc, subjects, replicas=replicas)
@@ -105,6 +111,7 @@ class LogService:
         self.nc: Client | None = None
         self.outbox: Outbox | None = None
         self.witness: HeadWitness | None = None
+        self.routing_writer: RoutingWriter | None = None
         self._verifier: Verifier | None = None
         self._service: Service | None = None
         self._inflight: set[asyncio.Task[None]] = set()
@@ -172,8 +179,8 @@ class LogService:
             await ensure_stream(js, self.subjects, replicas=self.settings.stream_replicas)
         kv = await ensure_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
 
-        async def entry_hint(sid: str, agent: str) -> None:
-            value = encode_checkpoint(entry_checkpoint(agent))
+        async def entry_hint(sid: str, agent: str, proof: EntryProof | None) -> None:
+            value = encode_checkpoint(entry_checkpoint(agent, proof))
             with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
                 await kv.create(sid, value)
 
@@ -186,6 +193,9 @@ class LogService:
             authorize=authorize,
             head_signer=head_signer,
         )
+        # The only writer of routing checkpoints (see routing_writer.py).
+        self.routing_writer = RoutingWriter(kv)
+        self.store.add_commit_listener(self.routing_writer.on_commit)
         if head_signer is not None:  # heads signed within head_interval of each commit
             self.witness = HeadWitness(self.nc, self.subjects, head_signer, interval=self.settings.head_interval,
                                        replicas=self.settings.stream_replicas)
@@ -260,7 +270,16 @@ class LogService:
                 trace = None
                 if self.traces:
                     answer, trace = self.traces.start_append(answer, headers, sid)
-                if signed:  # verified off the loop, then submitted (see verifier.py)
+                if signed and _batch_signed(request):
+                    # Cheap per item (a few hashes; one Ed25519 check per batch root, then
+                    # remembered): on the loop, in arrival order behind any threaded check.
+                    assert handlers.authorize is not None
+                    handlers.authorize.verify_signatures(sid, request)
+                    if self._verifier is not None and self._verifier.busy:
+                        self._verifier.submit_verified(partial(self._verified, sid, request, answer, trace=trace))
+                    else:
+                        self._submit(sid, request, answer, trace)
+                elif signed:  # one Ed25519 check per item: off the loop (see verifier.py)
                     self._verifier_for(handlers).submit(
                         sid, request, partial(self._verified, sid, request, answer, trace=trace))
                 elif trace is None:
@@ -456,6 +475,8 @@ class LogService:
             if self.outbox is not None:
                 await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))
             await self.store.close()
+            if self.routing_writer is not None:
+                await self.routing_writer.stop()
             if self.witness is not None:
                 await self.witness.stop()
             self.metrics.stop()

@@ -3,9 +3,16 @@
 Ed25519 verification costs far more than everything else the log service
 does per append (about 50-200 us here), and libsodium releases the GIL while
 it runs.  So the append path checks the cheap rules on the loop and hands
-signed requests to a few threads, which verify whatever has queued up and post
-the outcomes back to the loop, where they are released in the order the
-requests came: one publisher's appends still reach the store in order.
+requests whose items carry plain (one per item) signatures to a few threads,
+which verify whatever has queued up and post the outcomes back to the loop,
+where they are released in the order the requests came: one publisher's
+appends still reach the store in order.
+
+Items signed together (batch signatures, ``shared.signing.sign_batch``) cost
+a few hashes each and one Ed25519 check per batch, which is then remembered:
+they are checked on the loop, where a thread hand-off would cost more than the
+check, and :meth:`Verifier.submit_verified` keeps them behind any request
+still being checked here.
 """
 
 from __future__ import annotations
@@ -61,6 +68,18 @@ class Verifier:
     def submit(self, sid: str, request: AppendRequest, done: Verified) -> None:
         self._jobs.put((self._seq, sid, request, done))
         self._seq += 1
+
+    @property
+    def busy(self) -> bool:
+        """Some submitted request is not released yet (on the loop thread)."""
+        return self._next != self._seq
+
+    def submit_verified(self, done: Verified) -> None:
+        """A request already verified on the loop: released in its turn, after the
+        ones submitted before it (at once when there are none)."""
+        seq = self._seq
+        self._seq += 1
+        self._release([(seq, done, None)])
 
     def _run(self) -> None:
         while True:

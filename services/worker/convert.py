@@ -21,6 +21,8 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from shared.routing import parse_handoff_output
+
 from .spec import AgentSpec, HandoffSpec, ToolSpec
 
 __all__ = [
@@ -173,19 +175,6 @@ def function_call_output_item(call_id: str, output: str) -> dict[str, Any]:
 def handoff_output(target: str) -> str:
     """The output the Agents SDK records for a handoff: ``{"assistant": "<target>"}``."""
     return json.dumps({"assistant": target})
-
-
-def parse_handoff_output(output: Any) -> str | None:
-    """Return the target agent if ``output`` is a handoff output, else ``None``."""
-    if not isinstance(output, str) or not output.startswith("{"):
-        return None
-    try:
-        parsed = json.loads(output)
-    except ValueError:
-        return None
-    if isinstance(parsed, dict) and len(parsed) == 1 and isinstance(parsed.get("assistant"), str):
-        return parsed["assistant"]
-    return None
 
 
 def handoff_tool_schema(handoff: HandoffSpec) -> dict[str, Any]:

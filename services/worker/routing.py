@@ -5,19 +5,22 @@ in the KV bucket ``<prefix>_routing``, keyed by session id.  A value
 ``{"active": "L1Billing", "order": 7, "entry": "Triage"}`` is a *checkpoint*
 (:class:`shared.routing.RoutingCheckpoint`, encoded and decoded only by
 ``shared.routing``): "after item 7, L1Billing is the active agent; the session
-started at Triage".  The log service writes ``{"active": <to>, "order": 0,
-"entry": <to>}`` (create-only) when a user message with ``to`` starts a
-session, before the message is appended.
+started at Triage".  Only the log service writes the bucket: ``{"active":
+<to>, "order": 0, "entry": <to>}`` (create-only) when a user message with
+``to`` starts a session, and ``{"active": X, "order": n}`` after it commits a
+handoff to X at ``item_order`` n (``services.log.routing_writer``).  Workers
+only read it.
 
-The active agent before item ``n`` is computed, never trusted: start from the
-checkpoint (or the entry agent at order 0 when the checkpoint is missing or not
-older than ``n``) and replay the log's handoff outputs
-(``function_call_output`` whose output is ``{"assistant": X}``) up to ``n``.
-The log prefix before ``n`` never changes, so every replica and every
-redelivery computes the same agent for the same user message.  Checkpoints
-only move forward (compare-and-set on the KV revision), so a stale writer
-cannot move one back, and :meth:`Routing.rebuild` recomputes one from the
-whole log.
+The active agent before item ``n`` is computed, never trusted: a checkpoint
+is used only if the log agrees with it -- the item at its ``order`` is a
+handoff to its ``active`` agent (or, at order 0, ``active`` is the entry);
+otherwise the mismatch is logged and the worker replays the whole log (the
+log wins).  From the checkpoint (or the entry agent at order 0), the log's
+handoff outputs (``function_call_output`` whose output is ``{"assistant":
+X}``) are replayed up to ``n``.  A checkpoint that cites an older genuine
+handoff only makes the replay longer, never its answer different.  The log
+prefix before ``n`` never changes, so every replica and every redelivery
+computes the same agent for the same user message.
 """
 
 from __future__ import annotations
@@ -31,16 +34,17 @@ import msgspec
 import nats.js.errors
 
 from shared.client import LogClient
-from shared.failures import is_transient
 from shared.messages import Envelope
 from shared.routing import (
+    EntryProof,
     RoutingCheckpoint,
     decode_checkpoint,
     encode_checkpoint,
+    handoff_target_of,
     open_routing_bucket,
 )
+from shared.signing import USER_AGENT, Keyring, route_signing_input, verify_signature
 
-from .convert import parse_handoff_output
 from .spec import SystemSpec
 
 __all__ = ["Checkpoint", "Routing", "handoff_target", "open_routing_bucket"]
@@ -60,19 +64,19 @@ class Checkpoint:
         order: the ``item_order`` the checkpoint is valid after (0: before any item).
         entry: the session's entry agent, if recorded.
         revision: the KV revision (for compare-and-set), ``None`` if not stored.
+        entry_proof: the gateway's signature of ``entry``, if recorded.
     """
 
     active: str
     order: int
     entry: str | None = None
     revision: int | None = None
+    entry_proof: EntryProof | None = None
 
 
 def handoff_target(env: Envelope) -> str | None:
     """The agent a handoff output hands the conversation to, or ``None``."""
-    if env.kind != "item" or env.data.get("type") != "function_call_output":
-        return None
-    return parse_handoff_output(env.data.get("output"))
+    return handoff_target_of(env.kind, env.data)
 
 
 class Routing:
@@ -82,17 +86,19 @@ class Routing:
         kv: the routing KV bucket (see :func:`open_routing_bucket`).
         client: reads the log.
         spec: the agent system (entry agent, known agents).
-        checkpoint_every: after replaying at least this many items to answer
-            :meth:`active_agent`, store a new checkpoint so the next answer is cheap.
+        keyring: with it, a session's entry agent other than the spec's counts only
+            with the gateway's signature of it (``entry_proof``, the message's ``to_sig``).
+        require: signatures are required: an entry without that signature is refused
+            (otherwise only a present, bad one is).
     """
 
-    def __init__(
-        self, kv: Any, client: LogClient, spec: SystemSpec, *, checkpoint_every: int = 32
-    ) -> None:
+    def __init__(self, kv: Any, client: LogClient, spec: SystemSpec, *,
+                 keyring: Keyring | None = None, require: bool = False) -> None:
         self.kv = kv
         self.client = client
         self.spec = spec
-        self.checkpoint_every = checkpoint_every
+        self.keyring = keyring
+        self.require = require
 
     async def checkpoint(self, session_id: str) -> Checkpoint | None:
         """The stored checkpoint, or ``None`` (missing, deleted or unreadable)."""
@@ -105,16 +111,44 @@ class Routing:
         except msgspec.DecodeError as e:  # ValidationError included
             log.warning("routing checkpoint of %s is unreadable (%s); ignoring it", session_id, e)
             return None
-        return Checkpoint(
-            active=value.active, order=value.order, entry=value.entry, revision=entry.revision
-        )
+        return Checkpoint(active=value.active, order=value.order, entry=value.entry,
+                          revision=entry.revision, entry_proof=value.entry_proof)
 
-    def _entry(self, cp: Checkpoint | None) -> str:
+    def _entry(self, session_id: str, cp: Checkpoint | None) -> str:
         entry = cp.entry if cp is not None and cp.entry else self.spec.entry
         if entry not in self.spec.agents:
             log.warning("entry agent %r is not in the spec; using %r", entry, self.spec.entry)
             return self.spec.entry
+        if cp is not None and cp.entry and (why := self._unsigned_entry(session_id, cp)) is not None:
+            signed = self._signed_entry(session_id, cp)
+            log.warning("routing entry of %s says %r, but %s: ignoring it and using %r", session_id,
+                        entry, why, signed or self.spec.entry)
+            return signed or self.spec.entry
         return entry
+
+    def _signed_entry(self, session_id: str, cp: Checkpoint) -> str | None:
+        """The agent the gateway's ``to_sig`` of ``cp`` does sign, if one of the spec's."""
+        proof = cp.entry_proof
+        if proof is None or self.keyring is None:
+            return None
+        if self.keyring.refusal(proof.key_id, USER_AGENT, via_inbound=True) is not None:
+            return None
+        return next((a for a in self.spec.agents if verify_signature(
+            proof.key_id, route_signing_input(session_id, proof.item_id, a), proof.to_sig)), None)
+
+    def _unsigned_entry(self, session_id: str, cp: Checkpoint) -> str | None:
+        """Why the gateway did not sign ``cp.entry`` for this session, or ``None``."""
+        proof = cp.entry_proof
+        if self.keyring is None or cp.entry == self.spec.entry:
+            return None
+        if proof is None:
+            return "the gateway's signature of it is missing" if self.require else None
+        if (reason := self.keyring.refusal(proof.key_id, USER_AGENT, via_inbound=True)) is not None:
+            return reason
+        if not verify_signature(proof.key_id, route_signing_input(session_id, proof.item_id, cp.entry),
+                                proof.to_sig):
+            return "the gateway's signature does not match it"
+        return None
 
     async def active_agent(self, session_id: str, before_order: int) -> str:
         """The active agent once every item before ``before_order`` is applied.
@@ -123,71 +157,57 @@ class Routing:
         that answers it.  Handoffs to agents the spec does not know are ignored.
         """
         cp = await self.checkpoint(session_id)
-        entry = self._entry(cp)
-        if cp is not None and cp.order < before_order and cp.active in self.spec.agents:
+        entry = self._entry(session_id, cp)
+        agent, after = entry, 0
+        if cp is not None and cp.order < before_order and await self._log_agrees(session_id, cp, entry):
             agent, after = cp.active, cp.order
-        else:
-            agent, after = entry, 0
-        scanned = 0
         async for env in self._between(session_id, after, before_order):
-            scanned += 1
             target = handoff_target(env)
             if target is not None and target in self.spec.agents:
                 agent = target
-        if scanned >= self.checkpoint_every:
-            try:
-                await self.advance(session_id, agent, before_order - 1, entry=entry)
-            except Exception as e:
-                # A checkpoint is an optimisation: NATS or the KV refusing it
-                # never fails a turn.  A bug here would, loudly.
-                if not (is_transient(e) or isinstance(e, nats.js.errors.Error)):
-                    raise
-                log.log(logging.INFO if is_transient(e) else logging.WARNING,
-                        "could not checkpoint routing of %s: %s", session_id, e)
         return agent
 
-    async def advance(
-        self, session_id: str, active: str, order: int, *, entry: str | None = None
-    ) -> bool:
-        """Store "``active`` after item ``order``" unless a checkpoint at or after it exists.
-
-        Returns:
-            True if this call stored the checkpoint.
-        """
-        for _ in range(10):
-            cp = await self.checkpoint(session_id)
-            if cp is not None and cp.order >= order:
-                return False
-            value = encode_checkpoint(
-                RoutingCheckpoint(active=active, order=order, entry=entry or self._entry(cp))
-            )
-            try:
-                if cp is None or cp.revision is None:
-                    await self.kv.create(session_id, value)
-                else:
-                    await self.kv.update(session_id, value, last=cp.revision)
+    async def _log_agrees(self, session_id: str, cp: Checkpoint, entry: str) -> bool:
+        """Whether the log holds what ``cp`` claims (logged loudly when not)."""
+        if cp.active not in self.spec.agents:
+            found = f"{cp.active!r} is no agent of the spec"
+        elif cp.order == 0:
+            if cp.active == entry:
                 return True
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # someone else wrote: look again
+            found = f"at order 0 the active agent must be the entry agent {entry!r}"
+        else:
+            page = await self.client.read(session_id, after=cp.order - 1, limit=1, raw=True)
+            held = page.items[0] if page.items else None
+            if held is not None and held.item_order == cp.order and handoff_target(held) == cp.active:
+                return True
+            found = (f"the log's item #{cp.order} is no handoff to {cp.active!r}" if held is not None
+                     else f"the log has no item #{cp.order}")
+        log.warning("routing checkpoint of %s says %s is active after #%d, but %s: "
+                    "ignoring it and following the log", session_id, cp.active, cp.order, found)
         return False
 
     async def rebuild(self, session_id: str) -> Checkpoint | None:
-        """Recompute the checkpoint from the whole log and store it (overwriting).
+        """Recompute the checkpoint from the whole log and store it (overwriting;
+        an operator's tool: it needs write access to the bucket, which workers do not have).
+
+        The checkpoint names the last handoff (order 0 and the entry agent without one),
+        so workers can check it against the log.
 
         Returns:
             The stored checkpoint, or ``None`` for a session with no items.
         """
         cp = await self.checkpoint(session_id)
-        entry = self._entry(cp)
-        agent, last = entry, 0
+        entry = self._entry(session_id, cp)
+        agent, last, seen = entry, 0, 0
         async for env in self.client.iter_items(session_id, raw=True):
-            last = env.item_order
+            seen = env.item_order
             target = handoff_target(env)
             if target is not None and target in self.spec.agents:
-                agent = target
-        if last == 0:
+                agent, last = target, env.item_order
+        if seen == 0:
             return None
-        value = encode_checkpoint(RoutingCheckpoint(active=agent, order=last, entry=entry))
+        proof = cp.entry_proof if cp is not None and cp.entry == entry else None
+        value = encode_checkpoint(RoutingCheckpoint(active=agent, order=last, entry=entry, entry_proof=proof))
         revision = await self.kv.put(session_id, value)
         return Checkpoint(active=agent, order=last, entry=entry, revision=revision)
 

@@ -7,6 +7,17 @@ it), it reads that order back from the log service and refuses the envelope
 unless the log holds exactly it (same hash: the log wins); with a keyring it
 also checks the signature, and with ``require_signatures`` refuses unsigned
 ones.  A refused envelope never reaches a model.
+
+Turn-derived ids (``<turn>.<Agent>.<step>.<role>``) are predictable, so the
+log service binds them to ``<Agent>``'s key when items are signed.  Under a
+looser configuration (signatures not required) someone could still write an
+item under an agent's id first -- a reply that would end the turn, or text the
+model would take as the agent's own.  :meth:`EnvelopeGate.forged` tells such
+an item from the agent's own: its author is another agent, or its signature
+is not one of that agent's keys (with a keyring), or it is unsigned where this
+worker's own items are always signed by its key.
+The turn logs it loudly, skips it (the turn is not done; its step number is
+taken) and keeps it out of every model input.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ from dataclasses import dataclass
 from shared.client import LogClient
 from shared.config import ConfigError, Settings
 from shared.messages import Envelope
-from shared.signing import Keyring, KeyringError
+from shared.signing import SYSTEM_AGENT, Keyring, KeyringError, turn_id_agent
 
 __all__ = ["EnvelopeGate"]
 
@@ -27,14 +38,17 @@ class EnvelopeGate:
     client: reads the log.
     keyring: checks signatures when set.
     require: refuse unsigned envelopes.
+    agent: the worker's agent, and own_key its signing key id (``None``: it does not sign).
     """
 
     client: LogClient
     keyring: Keyring | None = None
     require: bool = False
+    agent: str | None = None
+    own_key: str | None = None
 
     @classmethod
-    def from_settings(cls, client: LogClient, settings: Settings) -> EnvelopeGate:
+    def from_settings(cls, client: LogClient, settings: Settings, agent: str | None = None) -> EnvelopeGate:
         """Raises: ConfigError: the keyring cannot be read, or is required and missing."""
         if settings.require_signatures and settings.keyring is None:
             raise ConfigError("CONVLOG_REQUIRE_SIGNATURES needs CONVLOG_KEYRING (the public keyring file)")
@@ -42,7 +56,8 @@ class EnvelopeGate:
             keyring = Keyring.load(settings.keyring) if settings.keyring else None
         except KeyringError as e:
             raise ConfigError(f"CONVLOG_KEYRING: {e}") from None
-        return cls(client, keyring, settings.require_signatures)
+        own = client.signer.key_id if client.signer is not None else None
+        return cls(client, keyring, settings.require_signatures, agent, own)
 
     async def refusal(self, env: Envelope) -> str | None:
         """Why the worker must not act on ``env``, or ``None``.
@@ -54,9 +69,29 @@ class EnvelopeGate:
             return f"bad signature: {reason}"
         if self.require and env.sig is None:
             return "unsigned, and signatures are required"
+        if (why := self.forged(env)) is not None:  # e.g. a handoff under another agent's turn id
+            return f"forged: {why}"
         page = await self.client.read(env.session_id, after=env.item_order - 1, limit=1, raw=True)
         held = page.items[0] if page.items else None
         if held is None or held.item_order != env.item_order or held.hash != env.hash:
             return (f"the log does not hold this envelope at item_order {env.item_order} "
                     "(forged or altered on the items subject)")
+        return None
+
+    def forged(self, env: Envelope) -> str | None:
+        """Why an item under a turn-derived id was not written by the agent the id
+        names, or ``None`` (not a turn id, genuine, or nothing to tell it by)."""
+        owner = turn_id_agent(env.item_id)
+        if owner is None:
+            return None
+        if env.agent not in (owner, SYSTEM_AGENT):
+            return f"written as {env.agent!r} under {owner!r}'s turn id"
+        mine = owner == self.agent and self.own_key is not None  # our items carry our signature
+        if env.sig is None or env.key_id is None:
+            return f"unsigned under {owner!r}'s turn id" if self.require or mine else None
+        if self.keyring is not None:
+            reason = self.keyring.check_envelope(env)
+            return f"bad signature: {reason}" if reason is not None else None
+        # Without a keyring a signature is taken as the log service checked it (it refuses
+        # a signature it cannot check, and binds turn ids to their agent's key).
         return None

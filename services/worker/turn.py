@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +68,7 @@ from .convert import (
     items_to_chat_messages,
 )
 from .model import ModelClient, ModelError, ModelReply
-from .routing import Routing, handoff_target
+from .routing import handoff_target
 from .spec import AgentSpec
 from .tools import (
     Call,
@@ -160,9 +161,10 @@ class TurnRunner:
         client: the log client.
         agent: the agent this runner plays.
         model: the model client.
-        routing: when given, a handoff also moves the session's KV checkpoint.
         max_steps: loop guard: most model calls in one turn (all agents).
         tool_timeout: seconds a function tool may run.
+        forged: why an item under a turn-derived id is not its agent's own, or
+            ``None`` (:meth:`.trust.EnvelopeGate.forged`); such items are skipped.
         max_conflicts: ``expected_last`` conflicts tolerated in one part before
             giving up with :class:`TurnBusyError` (the delivery is retried later).
     """
@@ -173,18 +175,18 @@ class TurnRunner:
         agent: AgentSpec,
         model: ModelClient,
         *,
-        routing: Routing | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
         tool_timeout: float = 30.0,
         max_conflicts: int = 20,
+        forged: Callable[[Envelope], str | None] | None = None,
     ) -> None:
         self.client = client
         self.agent = agent
         self.model = model
-        self.routing = routing
         self.max_steps = max_steps
         self.tool_timeout = tool_timeout
         self.max_conflicts = max_conflicts
+        self.forged = forged
         self._prompt = agent_system_prompt(agent)
         self._tools = agent_tool_schemas(agent)
 
@@ -207,7 +209,6 @@ class TurnRunner:
             if state.finished is not None:
                 return TurnResult("done", model_calls, written)
             if state.handoff is not None:
-                await self._checkpoint(part, *state.handoff)
                 return TurnResult("done", model_calls, written)
             if state.pending is not None and fail_reason is None:
                 # Committed calls are never asked of the model again: finish them.
@@ -248,9 +249,7 @@ class TurnRunner:
             if any(i.duplicate for i in ack.items):
                 continue  # this step was already in the log: read where the turn stands
             written += len(step.items)
-            if step.handoff_to is not None:
-                order = next(i.item_order for i in ack.items if i.item_id == step.handoff_item_id)
-                await self._checkpoint(part, step.handoff_to, order)
+            if step.handoff_to is not None:  # the log service checkpoints the routing
                 return TurnResult("handed_off", model_calls, written, step.handoff_to)
             if step.terminal is not None:
                 return TurnResult(step.terminal, model_calls, written)
@@ -270,8 +269,8 @@ class TurnRunner:
     async def _read(self, part: TurnPart) -> _State:
         """The model's window, then where this turn stands (see the module docstring)."""
         rep = await self.client.read(part.session_id, tail=self.agent.history_limit)
-        window = list(rep.items)
-        last_order = max([rep.last_order, *(e.item_order for e in window)])
+        window = [e for e in rep.items if not self._forged(e, part, in_turn=False)]
+        last_order = max([rep.last_order, *(e.item_order for e in rep.items)])
         state = _State(window=window, last_order=last_order, newest=last_order,
                        last_step=part.after_step)
         ledger = CallLedger(self.agent.name)
@@ -280,7 +279,9 @@ class TurnRunner:
             tid = parse_turn_item_id(env.item_id)
             if tid is None or tid.turn != part.turn:
                 continue
-            state.last_step = max(state.last_step, tid.step)
+            state.last_step = max(state.last_step, tid.step)  # a forged item's step is taken too
+            if self._forged(env, part, in_turn=True):
+                continue
             if tid.terminal:
                 state.finished = env
             elif tid.role.startswith("out"):
@@ -290,6 +291,18 @@ class TurnRunner:
             ledger.add(tid, env)
         state.pending = ledger.pending(state.last_step)
         return state
+
+    def _forged(self, env: Envelope, part: TurnPart, *, in_turn: bool) -> bool:
+        """Whether ``env`` is a forgery to leave out (logged: loudly when it is in this turn)."""
+        why = self.forged(env) if self.forged is not None else None
+        if why is None:
+            return False
+        log.log(logging.ERROR if in_turn else logging.WARNING,
+                "worker %s: FORGED item %r at %s #%d (%s): %s; it is not this agent's, the turn "
+                "does not count it and the model never sees it", self.agent.name, env.item_id,
+                env.session_id, env.item_order, why, "in this turn" if in_turn else "in the history",
+                extra=context(part.session_id, env.item_order, self.agent.name, part.turn))
+        return True
 
     async def _append(self, part: TurnPart, step: _Step, expected_last: int) -> AppendReply:
         """Append one step atomically.
@@ -310,14 +323,6 @@ class TurnRunner:
             if last != expected_last:
                 raise ConflictError(f"the session moved on: {e.message}", last_order=last) from e
             raise
-
-    async def _checkpoint(self, part: TurnPart, target: str, order: int) -> None:
-        if self.routing is None:
-            return
-        try:
-            await self.routing.advance(part.session_id, target, order)
-        except Exception as e:  # the log holds the handoff; the checkpoint only saves a replay
-            log.info("could not checkpoint the handoff of %s to %s: %s", part.session_id, target, e)
 
     # -- one step ---------------------------------------------------------------
     def _item(self, part: TurnPart, step: int, role: str, data: dict[str, Any],
@@ -373,8 +378,5 @@ class TurnRunner:
 
     async def _finish_calls(self, part: TurnPart, pending: PendingStep) -> Finished:
         """Run the committed calls' missing tools (:func:`.tools.finish_calls`)."""
-        done = await finish_calls(self.client, self.agent, part.session_id, part.turn, pending,
+        return await finish_calls(self.client, self.agent, part.session_id, part.turn, pending,
                                   time_limit=self.tool_timeout)
-        if done.handoff is not None:
-            await self._checkpoint(part, *done.handoff)
-        return done

@@ -200,12 +200,12 @@ class Worker:
             self.nc, prefix=self.subjects.prefix, timeout=self.settings.request_timeout,
             signer=Signer.load(self.settings.signing_key) if self.settings.signing_key else None,
         )
-        self.gate = EnvelopeGate.from_settings(self.client, self.settings)
+        self.gate = EnvelopeGate.from_settings(self.client, self.settings, self.agent.name)
         kv = await open_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
-        self.routing = Routing(kv, self.client, self.spec)
+        self.routing = Routing(kv, self.client, self.spec, keyring=self.gate.keyring, require=self.gate.require)
         self.runner = TurnRunner(
-            self.client, self.agent, self.model, routing=self.routing,
-            max_steps=self.max_steps, tool_timeout=self.tool_timeout,
+            self.client, self.agent, self.model,
+            max_steps=self.max_steps, tool_timeout=self.tool_timeout, forged=self.gate.forged,
         )
         self.consumer = AgentConsumer(
             self.nc, self.subjects, self.agent.name, ack_wait=self.ack_wait,

@@ -1,7 +1,7 @@
 """Red team at the transport: with the generated ``nats-users.conf`` every key
 is its own NATS user (the signing seed is the login), and a stolen agent
 credential cannot delete or purge the stream, touch another agent's consumer
-or publish committed items; a gateway cannot append.  The stack still runs:
+publish committed items or write the routing bucket; a gateway cannot append.  The stack still runs:
 signed, with required signatures, each process logged in with its own key."""
 
 from __future__ import annotations
@@ -92,6 +92,13 @@ async def test_each_key_is_a_nats_user_with_only_its_role(tmp_path: Path) -> Non
             stolen = await js.pull_subscribe_bind(durable="convlog-agent-L1Billing", stream=STREAM)
             with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
                 await stolen.fetch(1, timeout=1)
+            # It reads the routing bucket but cannot move a session: only the log service
+            # writes it (here: the handoff to L1Billing it committed).
+            kv = await js.key_value("convlog_routing")
+            routed = (await kv.get("t1")).value
+            assert b'"active":"L1Billing"' in routed, routed
+            with pytest.raises(nats.errors.TimeoutError):
+                await kv.put("t1", b'{"active":"Triage","order":99}')
             before = (await svc.nc.jetstream().stream_info(STREAM)).state.messages
             await thief.publish("convlog.items.t1", msgspec.json.encode({"forged": True}))
             await thief.flush()
@@ -100,7 +107,7 @@ async def test_each_key_is_a_nats_user_with_only_its_role(tmp_path: Path) -> Non
                 for subject in (f"$JS.API.STREAM.DELETE.{STREAM}", f"$JS.API.STREAM.PURGE.{STREAM}",
                                 f"$JS.API.CONSUMER.DELETE.{STREAM}.convlog-agent-L1Billing",
                                 f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.convlog-agent-L1Billing",
-                                "convlog.items.t1", "convlog.append.t1"):
+                                "convlog.items.t1", "convlog.append.t1", "$KV.convlog_routing.t1"):
                     assert any("permissions violation" in e.lower() and subject.lower() in e.lower() for e in errors), (
                         subject, errors)
 
@@ -110,6 +117,7 @@ async def test_each_key_is_a_nats_user_with_only_its_role(tmp_path: Path) -> Non
         sjs = svc.nc.jetstream()
         assert (await sjs.stream_info(STREAM)).state.messages == before  # nothing got in
         assert (await sjs.consumer_info(STREAM, "convlog-agent-L1Billing")).name == "convlog-agent-L1Billing"
+        assert (await (await sjs.key_value("convlog_routing")).get("t1")).value == routed
     finally:
         for p in procs:
             p.terminate(10)

@@ -4,6 +4,7 @@ writes nothing."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from shared.client import LogClient
 from shared.config import ConfigError, load_settings
 from shared.errors import ERROR_CODE_HEADER, ConflictError, ForbiddenError
 from shared.messages import AppendItem, AppendRequest
-from shared.signing import Keyring, Signer, sign_item
+from shared.signing import Keyring, Signer, route_signing_input, sign_item
 from tests.support.natsd import NatsServer
 
 
@@ -93,6 +94,33 @@ async def test_each_agent_writes_only_as_itself_and_nothing_refused_is_written(
         await plain.close()
 
 
+async def test_appends_started_together_share_one_signature_and_each_item_verifies_alone(
+    strict: str, keys: Path
+) -> None:
+    triage = await _client(strict, keys / "Triage.nk")
+    plain = await _client(strict, None)
+    try:
+        # 20 appends to 5 sessions started in one loop turn, and one append of 300 items.
+        acks = await asyncio.gather(*(triage.append(f"b{i % 5}", [_item("Triage", f"n{i}", f"b-{i}")])
+                                      for i in range(20)))
+        assert all(a.first_order >= 1 for a in acks)
+        await triage.append("big", [_item("Triage", f"m{i}", f"big-{i}") for i in range(300)])
+        ring = Keyring.load(keys / "keyring.json")
+        envs = [e for i in range(5) for e in await plain.items(f"b{i}")]
+        assert len(envs) == 20 and len({(e.sig or "").split(".")[0] for e in envs}) == 1  # one signature
+        big = await plain.items("big")
+        assert len(big) == 300 and len({(e.sig or "").split(".")[0] for e in big}) == 2  # 256 + 44
+        for e in [*envs, *big]:
+            assert "." in (e.sig or "") and ring.check_envelope(e) is None
+        # A batch signature moved to another item of the batch is refused.
+        moved = msgspec.structs.replace(_item("Triage", "n0", "b-0x"), sig=envs[1].sig, key_id=envs[1].key_id)
+        msg = await plain.nc.request("convlog.append.b0", msgspec.json.encode(AppendRequest(items=[moved])), timeout=5)
+        assert msgspec.json.decode(msg.data)["error"]["code"] == "forbidden"
+    finally:
+        await triage.close()
+        await plain.close()
+
+
 async def test_a_captured_request_cannot_be_replayed_elsewhere_or_edited(strict: str, keys: Path) -> None:
     signer = Signer.load(keys / "Triage.nk")
     plain = await _client(strict, None)
@@ -136,6 +164,43 @@ async def test_user_messages_enter_signed_by_the_gateway_only(strict: str, keys:
     finally:
         for c in (gateway, triage, plain):
             await c.close()
+
+
+async def test_the_gateway_signs_the_to_of_a_message_and_an_edited_to_is_refused(strict: str, keys: Path) -> None:
+    gateway = await _client(strict, keys / "gateway.nk")
+    plain = await _client(strict, None)
+    kv = await plain.nc.jetstream().key_value("convlog_routing")
+    try:
+        # A signed message whose `to` was edited on the way, lost its to_sig, or carries the
+        # to_sig of another session: refused (new sessions, so an entry hint would be taken).
+        assert gateway.signer is not None
+        other = _signed_message(gateway.signer, "r1", "billing please", "L2Support", "m-r4")
+        for sid, edit in (("r2", {"to": "L2Support"}), ("r3", {"to_sig": None}),
+                          ("r4", {"to": "L2Support", "to_sig": other["to_sig"]})):
+            sent = {**_signed_message(gateway.signer, sid, "billing please", "L1Billing", "m-" + sid), **edit}
+            doc = {k: v for k, v in sent.items() if v is not None}
+            msg = await plain.nc.request(f"convlog.in.{sid}", msgspec.json.encode(doc), timeout=5)
+            assert msg.headers[ERROR_CODE_HEADER] == "403", (sid, msg.data)
+            err = msgspec.json.decode(msg.data)["error"]
+            assert err["code"] == "forbidden" and "to" in err["message"], err
+            assert await plain.last_order(sid) == 0  # nothing written
+            with pytest.raises(Exception):  # noqa: B017 - no entry hint either (nats-py: KeyNotFoundError)
+                await kv.get(sid)
+        # The genuine one (LogClient.send signs the `to` too) goes through, with its entry hint.
+        ack = await gateway.send("r5", "billing please", to="L1Billing")
+        assert ack.first_order == 1
+        assert b'"entry":"L1Billing"' in (await kv.get("r5")).value
+    finally:
+        await gateway.close()
+        await plain.close()
+
+
+def _signed_message(signer: Signer, sid: str, text: str, to: str, item_id: str) -> dict[str, str]:
+    """A user message signed as the gateway's client signs one (item and ``to``)."""
+    item = sign_item(signer, sid, AppendItem(agent="user", data={"role": "user", "content": text}, item_id=item_id))
+    assert item.sig is not None and item.key_id is not None
+    return {"content": text, "item_id": item_id, "to": to, "sig": item.sig, "key_id": item.key_id,
+            "to_sig": signer.sign(route_signing_input(sid, item_id, to))}
 
 
 async def test_without_require_unsigned_appends_pass_but_bad_signatures_never(

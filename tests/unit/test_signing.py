@@ -19,8 +19,10 @@ from shared.signing import (
     KeyringError,
     Signer,
     item_signing_input,
+    sign_batch,
     sign_head,
     sign_item,
+    verify_item,
     verify_signature,
 )
 
@@ -69,6 +71,38 @@ def test_a_signature_binds_session_item_id_and_content() -> None:
     assert not verify_signature(broken, ok, item.sig)
     assert not verify_signature("N" + signer.key_id[1:], ok, item.sig)
     assert not verify_signature(signer.key_id, ok, "!!notbase64")
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 33])
+def test_items_signed_together_share_one_signature_and_each_verifies_alone(n: int) -> None:
+    signer, _ = Signer.generate()
+    items = [(f"s{i % 3}", AppendItem(item_id=f"i{i}", agent="Triage", data={"n": i})) for i in range(n)]
+    signed = sign_batch(signer, items)
+    bases = {it.sig.split(".")[0] for it in signed if it.sig}
+    assert len(bases) == 1 and all(it.key_id == signer.key_id for it in signed)
+    inputs = [item_signing_input(sid, f"i{i}", "Triage", "item", {"n": i}) for i, (sid, _) in enumerate(items)]
+    for msg, it in zip(inputs, signed, strict=True):
+        assert it.sig is not None and verify_item(signer.key_id, msg, it.sig)
+        assert not verify_signature(signer.key_id, msg, it.sig)  # a batch signature is no plain one
+    first, second = signed[0].sig or "", signed[1].sig or ""
+    base, path = first.split(".")
+    # An edited item, another item's path, a flipped path bit, a path cut short, another key: no.
+    assert not verify_item(signer.key_id, item_signing_input("s0", "i0", "Triage", "item", {"n": -1}), first)
+    assert not verify_item(signer.key_id, inputs[0], second)
+    flipped = ("A" if path[0] != "A" else "B") + path[1:]
+    assert not verify_item(signer.key_id, inputs[0], f"{base}.{flipped}")
+    assert not verify_item(signer.key_id, inputs[0], f"{base}.{path[:-44]}")
+    other, _ = Signer.generate()
+    assert not verify_item(other.key_id, inputs[0], first)
+    # The batch root's signature alone does not verify a made-up item with an empty path.
+    assert not verify_item(signer.key_id, inputs[0], f"{base}.")
+    # One item alone: a plain signature, as before.
+    (alone,) = sign_batch(signer, items[:1])
+    assert alone.sig is not None and "." not in alone.sig and verify_item(signer.key_id, inputs[0], alone.sig)
+    # Offline, through the keyring, as replay --verify checks them.
+    ring = _ring((signer, "agent", "Triage"))
+    for i, (sid, _) in enumerate(items):
+        assert ring.check_envelope(_envelope(sid, signed[i])) is None
 
 
 def test_signed_fields_enter_the_hash_only_when_present() -> None:

@@ -34,6 +34,7 @@ from tests.web.test_console_browser import said, wait_badge
 
 pytestmark = pytest.mark.timeout(120)
 SID = "web-signed-1"
+SID_BATCH = "web-signed-batch"
 
 
 class Signed:
@@ -73,6 +74,8 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signed]:
                 await writers["gateway"].send(SID, "My card was charged twice.")
                 await writers["Triage"].append(SID, [said("Triage", "Routing you to billing.")])
                 await writers["L1Billing"].append(SID, [said("L1Billing", "Refund RF-1 issued.")])
+                # Two items in one request: one batch signature, a Merkle path in each sig.
+                await writers["L1Billing"].append(SID_BATCH, [said("L1Billing", "One."), said("L1Billing", "Two.")])
             finally:
                 for c in writers.values():
                     await c.close()
@@ -245,3 +248,22 @@ def test_browser_signing_inputs_and_key_decoding_match_shared_signing(signed: Si
     assert vk is not None and bytes(got["key"]) == bytes(vk)
     assert got["good"] is True and got["edited"] is False
     assert got["badId"] is None  # a mistyped key id fails its checksum
+
+
+def test_items_signed_together_verify_each_on_its_own_in_the_browser(signed: Signed, page: Any) -> None:
+    url = f"{signed.url}/sessions/{SID_BATCH}"
+    envs, _ = _lines(page.request.get(f"{url}/export.jsonl").body())
+    assert len(envs) == 2 and all("." in (e.sig or "") for e in envs)  # batch signatures
+    assert envs[0].sig.split(".")[0] == envs[1].sig.split(".")[0]  # type: ignore[union-attr]
+    page.goto(url)
+    page.set_input_files("#keyring", str(signed.keyring))
+    page.wait_for_function("document.querySelectorAll('.row .smark.ok').length === 2")
+    assert "2 signatures verified against your keyring" in wait_badge(page, "good")
+
+    # The second item's path swapped for the first's: it no longer reaches the signed root.
+    moved = msgspec.structs.replace(envs[1], sig=envs[0].sig)
+    _serve(page, _body(rechain([envs[0], moved]), []))
+    page.goto(url)
+    badge = wait_badge(page, "bad")
+    assert "bad signature at #2" in badge and "does not match the item" in badge, badge
+    assert marks(page) == ["smark unchecked", "smark bad"]

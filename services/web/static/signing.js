@@ -4,8 +4,12 @@
 // [prefix byte 20<<3, 32-byte Ed25519 public key, CRC16/XMODEM little-endian].
 // An item's signature covers "convlog-item-v1\n" + JCS({session_id, item_id,
 // agent, kind, data}); a head's covers "convlog-head-v1\n" + JCS({session_id,
-// item_order, hash, signed_at}).  `sig` is base64url without padding.  Which key
-// may sign what comes from the reviewer's keyring, never from the server.
+// item_order, hash, signed_at}).  `sig` is base64url without padding -- or, for
+// items signed together, "<signature>.<path>": the signature covers
+// "convlog-batch-v1\n" + a Merkle root (leaf SHA-256(0x00 + signing input), node
+// SHA-256(0x01 + left + right)), the path is base64url of (side byte, 32-byte
+// sibling) steps, leaf to root.  Which key may sign what comes from the
+// reviewer's keyring, never from the server.
 import { canonical } from "./chain.js";
 
 const encoder = new TextEncoder();
@@ -64,16 +68,50 @@ function cryptoKey(keyId) {
   return keys.get(keyId);
 }
 
-// True when `sig` is key `keyId`'s valid signature of `text`.
+// True when `sig` is key `keyId`'s valid signature of `text` (a string or bytes).
 export async function verify(keyId, text, sig) {
   const key = await cryptoKey(keyId);
   const s = unb64url(sig);
   if (!key || !s || s.length !== 64) return false;
   try {
-    return await crypto.subtle.verify({ name: "Ed25519" }, key, s, encoder.encode(text));
+    return await crypto.subtle.verify({ name: "Ed25519" }, key, s, typeof text === "string" ? encoder.encode(text) : text);
   } catch {
     return false;
   }
+}
+
+async function sha256(...parts) {
+  const buf = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) { buf.set(p, at); at += p.length; }
+  return new Uint8Array(await crypto.subtle.digest("SHA-256", buf));
+}
+
+const BATCH = encoder.encode("convlog-batch-v1\n");
+const roots = new Map(); // key id + sig + root -> Promise<boolean>: one verification per batch
+
+// True when `sig` (plain or batch) is key `keyId`'s valid signature of the item `env`.
+export async function verifyItem(keyId, env, sig) {
+  if (typeof sig !== "string") return false;
+  const dot = sig.indexOf(".");
+  if (dot < 0) return verify(keyId, itemSigningInput(env), sig);
+  const path = unb64url(sig.slice(dot + 1));
+  if (!path || path.length % 33 || path.length > 33 * 16) return false;
+  let h = await sha256(new Uint8Array([0]), encoder.encode(itemSigningInput(env)));
+  for (let k = 0; k < path.length; k += 33) {
+    const sibling = path.subarray(k + 1, k + 33);
+    if (path[k] === 0) h = await sha256(new Uint8Array([1]), h, sibling);
+    else if (path[k] === 1) h = await sha256(new Uint8Array([1]), sibling, h);
+    else return false;
+  }
+  const id = `${keyId}|${sig.slice(0, dot)}|${Array.from(h).join(",")}`;
+  if (!roots.has(id)) {
+    const msg = new Uint8Array(BATCH.length + h.length);
+    msg.set(BATCH);
+    msg.set(h, BATCH.length);
+    roots.set(id, verify(keyId, msg, sig.slice(0, dot)));
+  }
+  return roots.get(id);
 }
 
 // A keyring file's text -> Map(key id -> entry); throws with the reason.
@@ -145,7 +183,7 @@ export class SignatureChecker {
     this.signed.push(...mine);
     if (!available) return this.done;
     this.done = this.done.then(() => Promise.all(mine.map(async (e) => {
-      const ok = typeof e.sig === "string" && typeof e.key_id === "string" && (await verify(e.key_id, itemSigningInput(e), e.sig));
+      const ok = typeof e.sig === "string" && typeof e.key_id === "string" && (await verifyItem(e.key_id, e, e.sig));
       this.valid.set(e.item_order, ok);
     })));
     return this.done;

@@ -1,0 +1,111 @@
+"""Routing checkpoints from committed handoff items: the log service writes them.
+
+Workers used to checkpoint the active agent themselves, so every agent's NATS
+user could write every session's routing value -- and a stolen agent
+credential could move a session to another agent.  Now the only writer of
+the routing bucket is the log service: the entry agent of a new session
+(``to``, see :mod:`.handlers`) and, after each committed handoff item, "after
+this item its target is active" (``{"active": X, "order": <the handoff's
+item_order>, "entry": ...}``).  Such a checkpoint always names an item of the
+log, so a worker checks it against that item before it relies on it (the log
+wins; :mod:`services.worker.routing`).
+
+The listener runs on the commit path and only notes handoffs; a task writes
+them (compare-and-set on the KV revision, forward only), so a failed write
+never holds back a commit: the log keeps the handoff, and workers replay it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import nats.js.errors
+
+from shared.routing import (
+    RoutingCheckpoint,
+    decode_checkpoint,
+    encode_checkpoint,
+    handoff_target_of,
+)
+
+from .store.base import Committed
+
+__all__ = ["RoutingWriter"]
+
+log = logging.getLogger("convlog.log.routing")
+
+_Item = msgspec.json.Decoder(dict)
+_MISSING = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError)
+
+
+class RoutingWriter:
+    """Writes a routing checkpoint for each committed handoff.
+
+    Args:
+        kv: the routing KV bucket.
+    """
+
+    def __init__(self, kv: Any) -> None:
+        self._kv = kv
+        self._pending: dict[str, tuple[int, str]] = {}  # sid -> (order, target), the newest
+        self._task: asyncio.Task[None] | None = None
+
+    def on_commit(self, batch: Sequence[Committed]) -> None:
+        """Commit listener: note each handoff (only the cheap test runs for every item)."""
+        for c in batch:
+            if b'"function_call_output"' not in c.envelope:
+                continue
+            env = _Item.decode(c.envelope)
+            target = handoff_target_of(str(env.get("kind")), env.get("data") or {})
+            if target is not None:
+                self._pending[c.session_id] = (c.item_order, target)
+        if self._pending and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._pending:
+            pending, self._pending = self._pending, {}
+            for sid, (order, target) in pending.items():
+                try:
+                    await self._write(sid, order, target)
+                except Exception as e:  # the log holds the handoff; workers replay it
+                    log.warning("could not checkpoint the handoff of %s at #%d to %s: %s: %s",
+                                sid, order, target, type(e).__name__, e)
+
+    async def _write(self, sid: str, order: int, target: str) -> None:
+        for _ in range(10):
+            try:
+                entry = await self._kv.get(sid)
+            except _MISSING:
+                entry = None
+            current = None
+            if entry is not None:
+                try:
+                    current = decode_checkpoint(entry.value or b"")
+                except msgspec.DecodeError:
+                    current = None  # unreadable: overwrite it
+                if current is not None and current.order >= order:
+                    return
+            value = encode_checkpoint(RoutingCheckpoint(
+                active=target, order=order, entry=current.entry if current is not None else None,
+                entry_proof=current.entry_proof if current is not None else None))
+            try:
+                if entry is None:
+                    await self._kv.create(sid, value)
+                else:
+                    await self._kv.update(sid, value, last=entry.revision)
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # written meanwhile: look again
+
+    async def stop(self) -> None:
+        """Finish the writes already started."""
+        if self._task is not None and not self._task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 5)
+            except (TimeoutError, Exception):
+                self._task.cancel()
