@@ -218,6 +218,38 @@ async def test_auth_config_runs_the_stack_with_each_role_on_its_subjects(
     assert sorted(set(refused)) == ["convlog.append.auth-s1", "convlog.in.auth-s1"], refused
 
 
+async def test_auth_config_lets_the_log_user_run_the_jetstream_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The JetStream store writes its own log streams (convlog.log.>): the `log` user may.
+    for k, v in PASSWORDS.items():
+        monkeypatch.setenv(k, v)
+    text = _for_test((DEPLOY / "nats" / "auth.conf").read_text(), tmp_path / "js")
+    server = NatsServer(tmp_path / "nats", jetstream=False, config=text).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+    env.update(CONVLOG_USER="log", CONVLOG_PASSWORD=PASSWORDS["CONVLOG_NATS_LOG_PASSWORD"],
+               CONVLOG_DATA_DIR=str(tmp_path), CONVLOG_EMBEDDED="false", CONVLOG_STORE="jetstream")
+    svc = Proc([sys.executable, "-m", "services.cli.main", "log", "--nats-url", server.url, "--no-embedded"],
+               log_dir=tmp_path, env=env, name="log-js-as-log-user").start()
+    try:
+        svc.wait_for_line("log service ready", timeout=30)
+        settings = load_settings({"nats_url": server.url}, environ={})
+        worker = await LogClient.connect(settings=settings, name="t-worker", user="worker",
+                                         password=PASSWORDS["CONVLOG_NATS_WORKER_PASSWORD"])
+        try:
+            rep = await worker.append("auth-js", [{"agent": "Triage", "data": {
+                "type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hi"}]}}])
+            assert rep.first_order == 1
+            assert [e.agent for e in await worker.items("auth-js")] == ["Triage"]
+        finally:
+            await worker.close()
+    finally:
+        svc.terminate()
+        server.stop()
+    assert "permissions violation" not in svc.output().lower(), svc.output()
+    assert "Violation" not in server.log_text(), server.log_text()
+
+
 def _violation(errors: list[str], subject: str) -> None:
     assert any("permissions violation" in e.lower() and subject in e for e in errors), errors
 
