@@ -172,9 +172,13 @@ async def run_signed_bench(args: argparse.Namespace) -> str:
                      f"{p.run.pct(0.99):8.2f} {p.run.errors:>6}   {cpu}")
     ratio = rate["signed"] / rate["unsigned"] if rate["unsigned"] else 0.0
     if getattr(args, "json", False):
-        return to_json("signed", [{"kind": kind, **figures(r)} for kind, r in runs], writers=args.writers,
-                       sessions=args.sessions, item_size=args.item_size,
-                       acks_per_s={k: round(v, 1) for k, v in rate.items()}, signed_vs_unsigned=round(ratio, 3))
+        phases = [{"kind": p.kind, **figures(p.run),
+                   "cpu_us_per_ack": {n: round(c / p.run.ops * 1e6, 1) for n, c in p.cpu.items()} if p.run.ops else {}}
+                  for p in runs]
+        return to_json("signed", phases, writers=args.writers, sessions=args.sessions, item_size=args.item_size,
+                       acks_per_s={k: round(v, 1) for k, v in rate.items()}, signed_vs_unsigned=round(ratio, 3),
+                       appends_per_signature=round(total["signed"][0] / max(1, stack.signatures), 1),
+                       ed25519_us={"sign": round(sign_us, 1), "verify": round(verify_us, 1)})
     lines.append(f"signed / unsigned acks/s: {ratio:.2f} (unsigned {rate['unsigned']:.0f}/s, "
                  f"signed {rate['signed']:.0f}/s; target >= 0.80)")
     per_ack = {k: sum(sum(p.cpu.values()) for p in runs if p.kind == k) / total[k][0] * 1e6

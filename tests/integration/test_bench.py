@@ -89,3 +89,5 @@ async def test_signed_bench_prints_json_with_json(tmp_path: Path) -> None:
     assert doc["bench"] == "signed" and {r["kind"] for r in doc["results"]} == {"signed", "unsigned"}
     assert all(r["ops"] > 0 and r["errors"] == 0 for r in doc["results"])
     assert doc["signed_vs_unsigned"] > 0
+    assert doc["appends_per_signature"] >= 1 and doc["ed25519_us"]["verify"] > 0
+    assert all("log service" in r["cpu_us_per_ack"] for r in doc["results"])
