@@ -19,12 +19,14 @@ import rfc8785
 
 from .messages import Envelope
 
-__all__ = ["GENESIS_HASH", "Problem", "canonical", "envelope_hash", "item_hash", "verify"]
+__all__ = [
+    "GENESIS_HASH", "Problem", "canonical", "envelope_hash", "item_hash", "needs_reference", "sorted_encoder", "verify",
+]
 
 GENESIS_HASH = "0" * 64
 
 
-def _needs_reference(value: Any) -> bool:
+def needs_reference(value: Any) -> bool:
     """True when the fast encoder might differ from RFC 8785.
 
     msgspec's JSON encoder with sorted keys produces RFC 8785 bytes for
@@ -52,14 +54,14 @@ def _needs_reference(value: Any) -> bool:
 
 
 _CONTAINERS_OR_FLOAT = (dict, list, float)
-_sorted_encoder = msgspec.json.Encoder(order="sorted")
+sorted_encoder = msgspec.json.Encoder(order="sorted")
 
 
 def canonical(obj: Any) -> bytes:
     """Return the RFC 8785 canonical JSON bytes of ``obj``."""
-    if _needs_reference(obj):
+    if needs_reference(obj):
         return rfc8785.dumps(obj)
-    return _sorted_encoder.encode(obj)
+    return sorted_encoder.encode(obj)
 
 
 class _Hashed(msgspec.Struct):
@@ -113,7 +115,7 @@ def item_hash(
     """
     # Only ``data`` can hold floats or non-BMP keys; the other fields are
     # strings and an integer under fixed ASCII keys.
-    if _needs_reference(data):
+    if needs_reference(data):
         obj_d: dict[str, Any] = {
             "session_id": session_id,
             "item_order": item_order,
@@ -133,7 +135,7 @@ def item_hash(
         signed = _HashedSigned(
             agent, created_at, data, item_id, item_order, key_id, kind, prev_hash, session_id, sig
         )
-        return hashlib.sha256(_sorted_encoder.encode(signed)).hexdigest()
+        return hashlib.sha256(sorted_encoder.encode(signed)).hexdigest()
     if sig is not None or key_id is not None:  # half-signed: hash what is there, exactly
         return hashlib.sha256(canonical({
             "session_id": session_id, "item_order": item_order, "item_id": item_id,
@@ -143,7 +145,7 @@ def item_hash(
             **({"key_id": key_id} if key_id is not None else {}),
         })).hexdigest()
     obj = _Hashed(agent, created_at, data, item_id, item_order, kind, prev_hash, session_id)
-    return hashlib.sha256(_sorted_encoder.encode(obj)).hexdigest()
+    return hashlib.sha256(sorted_encoder.encode(obj)).hexdigest()
 
 
 def envelope_hash(env: Envelope, prev_hash: str) -> str:

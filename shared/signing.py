@@ -58,7 +58,7 @@ import nacl.exceptions
 import nacl.signing
 import nkeys
 
-from .chain import canonical
+from .chain import canonical, needs_reference, sorted_encoder
 from .config import ConfigError
 from .messages import AppendItem, Envelope, SignedHead
 
@@ -122,12 +122,20 @@ class KeyringError(ConfigError):
     """A key or keyring file is missing, unreadable or malformed (names the file)."""
 
 
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def _b64(sig: bytes) -> str:
-    return base64.urlsafe_b64encode(sig).rstrip(b"=").decode()
+    return binascii.b2a_base64(sig, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode()
+
+
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """``base64.urlsafe_b64decode`` of unpadded ``text``, without its layers of calls
+    (the same bytes, the same errors: ValueError/binascii.Error)."""
+    return binascii.a2b_base64(text.encode("ascii").translate(_FROM_URLSAFE) + b"=" * (-len(text) % 4))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -156,48 +164,66 @@ def verify_signature(key_id: str, message: bytes, sig: str) -> bool:
     return True
 
 
+_sha256 = hashlib.sha256
+
+
 def _leaf(message: bytes) -> bytes:
-    return hashlib.sha256(b"\x00" + message).digest()
+    return _sha256(b"\x00" + message).digest()
 
 
 def _node(left: bytes, right: bytes) -> bytes:
-    return hashlib.sha256(b"\x01" + left + right).digest()
+    return _sha256(b"\x01" + left + right).digest()
 
 
 def _tree(leaves: list[bytes]) -> tuple[bytes, list[bytes]]:
     """The Merkle root of ``leaves`` and each leaf's path (see the module docstring)."""
-    paths = [bytearray() for _ in leaves]
-    level = list(leaves)
-    members = [[i] for i in range(len(leaves))]  # the leaves under each node of the level
-    while len(level) > 1:
-        nxt, nxt_members = [], []
-        for j in range(0, len(level) - 1, 2):
-            left, right = level[j], level[j + 1]
-            for i in members[j]:
-                paths[i] += b"\x00" + right
-            for i in members[j + 1]:
-                paths[i] += b"\x01" + left
-            nxt.append(_node(left, right))
-            nxt_members.append(members[j] + members[j + 1])
+    levels = [leaves]
+    while len(levels[-1]) > 1:
+        level = levels[-1]
+        nxt = [_sha256(b"\x01" + level[j] + level[j + 1]).digest() for j in range(0, len(level) - 1, 2)]
         if len(level) % 2:
-            nxt.append(level[-1])
-            nxt_members.append(members[-1])
-        level, members = nxt, nxt_members
-    return level[0], [bytes(p) for p in paths]
+            nxt.append(level[-1])  # an odd node moves up as it is
+        levels.append(nxt)
+    # Top down: a node's path is its own step (side byte, sibling) and then its
+    # parent's path; the odd last node of a level has no step there.
+    paths = [b""]
+    for level in reversed(levels[:-1]):
+        n = len(level)
+        paths = [
+            (b"\x01" + level[i - 1] if i & 1 else b"\x00" + level[i + 1]) + paths[i >> 1] if (i ^ 1) < n
+            else paths[i >> 1]
+            for i in range(n)
+        ]
+    return levels[-1][0], paths
+
+
+#: Inner nodes hashed lately, by their whole hashed input: a batch's items come
+#: one by one and share their upper nodes (25 items, 5 steps each: 27 distinct
+#: nodes of 125), so most steps of a path are a lookup.  A plain memo of SHA-256
+#: (the full input is the key), so a path still checks exactly as without it.
+_nodes: dict[bytes, bytes] = {}
+_NODES_KEPT = 16384
 
 
 def _root(message: bytes, path: bytes) -> bytes | None:
-    if len(path) % 33 or len(path) > 33 * 16:
+    n = len(path)
+    if n % 33 or n > 33 * 16:
         return None
-    h = _leaf(message)
-    for k in range(0, len(path), 33):
-        side, sibling = path[k], path[k + 1 : k + 33]
+    if len(_nodes) > _NODES_KEPT:
+        _nodes.clear()
+    h = _sha256(b"\x00" + message).digest()
+    for k in range(0, n, 33):
+        side = path[k]
         if side == 0:
-            h = _node(h, sibling)
+            node = b"\x01" + h + path[k + 1 : k + 33]
         elif side == 1:
-            h = _node(sibling, h)
+            node = b"\x01" + path[k + 1 : k + 33] + h
         else:
             return None
+        known = _nodes.get(node)
+        if known is None:
+            known = _nodes[node] = _sha256(node).digest()
+        h = known
     return h
 
 
@@ -247,8 +273,20 @@ def verify_item(key_id: str, message: bytes, sig: str) -> bool:
     return root is not None and _root_signed(key_id, root, base)
 
 
+class _ItemSigned(msgspec.Struct):
+    """The signed object of an item, fields in RFC 8785 order (as ``chain._Hashed``)."""
+
+    agent: str
+    data: Mapping[str, Any]
+    item_id: str
+    kind: str
+    session_id: str
+
+
 def item_signing_input(session_id: str, item_id: str, agent: str, kind: str, data: Mapping[str, Any]) -> bytes:
     """The bytes an item's signature covers (see the module docstring)."""
+    if type(data) is dict and not needs_reference(data):  # the usual case, without a dict to sort
+        return ITEM_DOMAIN + sorted_encoder.encode(_ItemSigned(agent, data, item_id, kind, session_id))
     return ITEM_DOMAIN + canonical(
         {"agent": agent, "data": data, "item_id": item_id, "kind": kind, "session_id": session_id}
     )

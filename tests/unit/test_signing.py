@@ -3,6 +3,8 @@ and `convlog keys init|rotate` writing real files."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import stat
 from pathlib import Path
@@ -11,7 +13,7 @@ import msgspec
 import pytest
 
 from services.cli.main import main
-from shared.chain import GENESIS_HASH, envelope_hash, item_hash, verify
+from shared.chain import GENESIS_HASH, canonical, envelope_hash, item_hash, verify
 from shared.messages import AppendItem, Envelope
 from shared.signing import (
     KeyEntry,
@@ -103,6 +105,40 @@ def test_items_signed_together_share_one_signature_and_each_verifies_alone(n: in
     ring = _ring((signer, "agent", "Triage"))
     for i, (sid, _) in enumerate(items):
         assert ring.check_envelope(_envelope(sid, signed[i])) is None
+
+
+def _reference_root(leaves: list[bytes]) -> bytes:
+    """The module docstring's tree, written plainly: pairs hashed, an odd node moved up."""
+    while len(leaves) > 1:
+        nxt = [hashlib.sha256(b"\x01" + leaves[j] + leaves[j + 1]).digest() for j in range(0, len(leaves) - 1, 2)]
+        leaves = nxt + leaves[len(leaves) - len(leaves) % 2:]
+    return leaves[0]
+
+
+def test_every_path_of_every_batch_size_leads_to_the_documented_root() -> None:
+    signer, _ = Signer.generate()
+    for n in (2, 3, 4, 7, 16, 25, 40):
+        items = [("s", AppendItem(item_id=f"i{i}", agent="Triage", data={"n": i})) for i in range(n)]
+        inputs = [item_signing_input("s", f"i{i}", "Triage", "item", {"n": i}) for i in range(n)]
+        root = _reference_root([hashlib.sha256(b"\x00" + m).digest() for m in inputs])
+        signed = sign_batch(signer, items)
+        for msg, it in zip(inputs, signed, strict=True):
+            assert it.sig is not None
+            base, path = it.sig.split(".")
+            assert verify_signature(signer.key_id, b"convlog-batch-v1\n" + root, base)
+            assert verify_item(signer.key_id, msg, it.sig)
+            # Every step checked, even the upper ones other items' checks just hashed:
+            # a flipped byte in the last sibling is refused.
+            raw = bytearray(base64.urlsafe_b64decode(path + "=" * (-len(path) % 4)))
+            raw[-1] ^= 1
+            bad = base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
+            assert not verify_item(signer.key_id, msg, f"{base}.{bad}")
+
+
+def test_the_signing_input_is_the_canonical_json_of_the_signed_fields() -> None:
+    for data in ({"text": "hi", "b": [1, {"z": None, "a": True}]}, {"n": 1.5}, {"\U0001f600": 1, "\uffff": 2}, {}):
+        fields = {"session_id": "s", "item_id": "i", "agent": "Triage", "kind": "item", "data": data}
+        assert item_signing_input("s", "i", "Triage", "item", data) == b"convlog-item-v1\n" + canonical(fields)
 
 
 def test_signed_fields_enter_the_hash_only_when_present() -> None:
