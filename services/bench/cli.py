@@ -62,7 +62,8 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", choices=["sqlite", "jetstream"], default=None,
                    help="instead: private stacks fsyncing every write; jetstream runs the JetStream "
                         "store, then SQLite, next to a raw JetStream publish baseline")
-    p.add_argument("--json", action="store_true", help="with --store, --fault or --sdk: print the figures as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="with --store, --fault, --sdk or --turns: print the figures as JSON")
     p.add_argument("--fault", choices=["leader-kill"], default=None,
                    help="with --store jetstream: on a private 3-node cluster (R3, two log services), "
                         "kill -9 the stream leader each round and report how long appends stopped")

@@ -41,10 +41,12 @@ from shared.messages import AppendReply, AppendRequest
 from shared.nats_seam import NatsSeam, bind
 from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.subjects import Subjects
+from shared.work import ensure_work_stream
 
 from .authorize import authorizer_from, head_signer_from
 from .handlers import Handlers, encode_outcome, error_reply
 from .heads import HeadWitness
+from .notices import Notifier, Reconciler
 from .outbox import Outbox, ensure_stream
 from .store.base import LogStore
 from .store.factory import make_store, open_store
@@ -105,6 +107,8 @@ class LogService:
         self.nc: Client | None = None
         self.outbox: Outbox | None = None
         self.witness: HeadWitness | None = None
+        self.notifier: Notifier | None = None
+        self._reconciler: asyncio.Task[None] | None = None
         self._verifier: Verifier | None = None
         self._service: Service | None = None
         self._inflight: set[asyncio.Task[None]] = set()
@@ -171,8 +175,16 @@ class LogService:
         if outbox_needed:
             await ensure_stream(js, self.subjects, replicas=self.settings.stream_replicas)
         kv = await ensure_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
+        # Turn notices: the agent that must answer a user message hears of it, and only it.
+        await ensure_work_stream(js, self.subjects, replicas=self.settings.stream_replicas)
+        self.notifier = Notifier(self.nc, self.subjects, kv)
+        self.store.add_commit_listener(self.notifier.on_commit)
+        self._reconciler = self._loops.start(Reconciler(self.nc, self.subjects, self.notifier).run,
+                                             "notice reconciler")
 
         async def entry_hint(sid: str, agent: str) -> None:
+            assert self.notifier is not None
+            self.notifier.note_active(sid, agent)
             value = encode_checkpoint(entry_checkpoint(agent))
             with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
                 await kv.create(sid, value)
@@ -444,6 +456,12 @@ class LogService:
             if self.outbox is not None:
                 await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))
             await self.store.close()
+            if self._reconciler is not None:
+                self._reconciler.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._reconciler
+            if self.notifier is not None:
+                await self.notifier.stop()
             if self.witness is not None:
                 await self.witness.stop()
             self.metrics.stop()

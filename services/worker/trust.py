@@ -44,16 +44,22 @@ class EnvelopeGate:
             raise ConfigError(f"CONVLOG_KEYRING: {e}") from None
         return cls(client, keyring, settings.require_signatures)
 
+    def signature_refusal(self, env: Envelope) -> str | None:
+        """Why ``env`` (as the log holds it) must not be acted on for its signature, or ``None``."""
+        if self.keyring is not None and (reason := self.keyring.check_envelope(env)) is not None:
+            return f"bad signature: {reason}"
+        if self.require and env.sig is None:
+            return "unsigned, and signatures are required"
+        return None
+
     async def refusal(self, env: Envelope) -> str | None:
         """Why the worker must not act on ``env``, or ``None``.
 
         Raises:
             ConvlogError: the log could not be read (the caller retries later).
         """
-        if self.keyring is not None and (reason := self.keyring.check_envelope(env)) is not None:
-            return f"bad signature: {reason}"
-        if self.require and env.sig is None:
-            return "unsigned, and signatures are required"
+        if (why := self.signature_refusal(env)) is not None:
+            return why
         page = await self.client.read(env.session_id, after=env.item_order - 1, limit=1, raw=True)
         held = page.items[0] if page.items else None
         if held is None or held.item_order != env.item_order or held.hash != env.hash:

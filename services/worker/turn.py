@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,7 @@ from shared import tracing
 from shared.client import LogClient
 from shared.errors import BadRequestError, ConflictError, InvalidSessionIdError, TooLargeError
 from shared.failures import CONFLICT_BACKOFF
-from shared.messages import AppendItem, AppendReply, Envelope
+from shared.messages import AppendItem, AppendReply, Envelope, ReadReply
 
 from .convert import (
     agent_system_prompt,
@@ -82,6 +83,7 @@ from .turn_ids import parse_turn_item_id, turn_item_id
 
 __all__ = [
     "DEFAULT_MAX_STEPS",
+    "Prefetch",
     "TurnBusyError",
     "TurnPart",
     "TurnResult",
@@ -125,13 +127,32 @@ class TurnResult:
             nothing written).
         model_calls: model calls made.
         items_written: items this call appended (duplicates not counted).
-        handoff_to: the target of the handoff, for ``handed_off``.
+        handoff_to: the target of the handoff: for ``handed_off``, and for
+            ``done`` when the log shows this part ended with a handoff (its
+            notice is published again: it may be what a crash lost).
+        handoff_order: the ``item_order`` of that handoff output.
     """
 
     outcome: str
     model_calls: int = 0
     items_written: int = 0
     handoff_to: str | None = None
+    handoff_order: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetch:
+    """The reads a part starts with, made by the worker alongside its routing check.
+
+    Attributes:
+        window: the visible tail (the model's input) and the session's ``last_order``.
+        after_trigger: every envelope after the trigger, as far as read.
+        complete: ``after_trigger`` reaches the end of the log as read.
+    """
+
+    window: ReadReply
+    after_trigger: list[Envelope]
+    complete: bool
 
 
 @dataclass(slots=True)
@@ -188,13 +209,19 @@ class TurnRunner:
         self._prompt = agent_system_prompt(agent)
         self._tools = agent_tool_schemas(agent)
 
-    async def run(self, part: TurnPart, *, fail_reason: str | None = None) -> TurnResult:
+    async def run(
+        self, part: TurnPart, *, fail_reason: str | None = None, first: Prefetch | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> TurnResult:
         """Play ``part`` until it replies, hands off, fails, or turns out done.
 
         Args:
             part: the part to play.
             fail_reason: end the turn at once with a ``system`` item saying
                 this (unless the log shows it finished already).
+            first: reads already made for the first step.
+            timings: when given, seconds spent are added under
+                ``history_read``, ``model`` and ``reply_append``.
 
         Raises:
             TurnBusyError: too many conflicting writes; retry later.
@@ -202,23 +229,27 @@ class TurnRunner:
                 retry later; the ids make the retry safe).
         """
         model_calls = written = conflicts = 0
+        clock = timings if timings is not None else {}
         while True:
-            state = await tracing.traced("convlog.history_read", None, self._read(part))
+            t0 = time.perf_counter()
+            state = await tracing.traced("convlog.history_read", None, self._read(part, first))
+            first = None
+            _add(clock, "history_read", t0)
             if state.finished is not None:
                 return TurnResult("done", model_calls, written)
             if state.handoff is not None:
                 await self._checkpoint(part, *state.handoff)
-                return TurnResult("done", model_calls, written)
+                return TurnResult("done", model_calls, written, *state.handoff)
             if state.pending is not None and fail_reason is None:
                 # Committed calls are never asked of the model again: finish them.
                 done = await self._finish_calls(part, state.pending)
                 written += done.written
                 if done.handoff is not None:
-                    return TurnResult("handed_off", model_calls, written, done.handoff[0])
+                    return TurnResult("handed_off", model_calls, written, *done.handoff)
                 if done.raced:
                     conflicts = await self._backoff(part, conflicts)
                 continue
-            if state.newest > state.last_order:
+            if state.newest != state.last_order:
                 # Written between our two reads: read a consistent view again.
                 conflicts = await self._backoff(part, conflicts)
                 continue
@@ -231,7 +262,10 @@ class TurnRunner:
                 )
             else:
                 model_calls += 1
+                t0 = time.perf_counter()
                 step = await self._model_step(part, step_no, state)
+                _add(clock, "model", t0)
+            t0 = time.perf_counter()
             try:
                 ack = await self._append(part, step, state.last_order)
             except TooLargeError as e:
@@ -242,6 +276,7 @@ class TurnRunner:
                     ack = None
             except ConflictError:
                 ack = None
+            _add(clock, "reply_append", t0)
             if ack is None:
                 conflicts = await self._backoff(part, conflicts)
                 continue
@@ -251,7 +286,7 @@ class TurnRunner:
             if step.handoff_to is not None:
                 order = next(i.item_order for i in ack.items if i.item_id == step.handoff_item_id)
                 await self._checkpoint(part, step.handoff_to, order)
-                return TurnResult("handed_off", model_calls, written, step.handoff_to)
+                return TurnResult("handed_off", model_calls, written, step.handoff_to, order)
             if step.terminal is not None:
                 return TurnResult(step.terminal, model_calls, written)
             # A tool step: its calls are committed; the next read finds them pending and
@@ -267,15 +302,36 @@ class TurnRunner:
         return conflicts
 
     # -- reading ----------------------------------------------------------------
-    async def _read(self, part: TurnPart) -> _State:
-        """The model's window, then where this turn stands (see the module docstring)."""
-        rep = await self.client.read(part.session_id, tail=self.agent.history_limit)
+    async def _after(self, part: TurnPart, first: Prefetch | None) -> list[Envelope]:
+        if first is not None and first.complete:
+            return first.after_trigger
+        items = list(first.after_trigger) if first is not None else []
+        after = items[-1].item_order if items else part.start
+        items += [env async for env in self.client.iter_items(part.session_id, after=after, raw=True)]
+        return items
+
+    async def _read(self, part: TurnPart, first: Prefetch | None = None) -> _State:
+        """The model's window and where this turn stands (see the module docstring).
+
+        Both reads go out at once, so they may see the log at two moments: when
+        the items after the trigger end elsewhere than the window's
+        ``last_order`` (``newest != last_order``), something was written
+        between them and the part reads again.
+        """
+        if first is not None:
+            rep, after = first.window, await self._after(part, first)
+        else:
+            rep, after = await asyncio.gather(
+                self.client.read(part.session_id, tail=self.agent.history_limit),
+                self._after(part, None),
+            )
         window = list(rep.items)
         last_order = max([rep.last_order, *(e.item_order for e in window)])
-        state = _State(window=window, last_order=last_order, newest=last_order,
+        # newest: how far the items after the trigger reach (read at its own moment)
+        state = _State(window=window, last_order=last_order, newest=part.start,
                        last_step=part.after_step)
         ledger = CallLedger(self.agent.name)
-        async for env in self.client.iter_items(part.session_id, after=part.start, raw=True):
+        for env in after:
             state.newest = max(state.newest, env.item_order)
             tid = parse_turn_item_id(env.item_id)
             if tid is None or tid.turn != part.turn:
@@ -378,3 +434,7 @@ class TurnRunner:
         if done.handoff is not None:
             await self._checkpoint(part, *done.handoff)
         return done
+
+
+def _add(clock: dict[str, float], key: str, t0: float) -> None:
+    clock[key] = clock.get(key, 0.0) + time.perf_counter() - t0

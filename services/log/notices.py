@@ -1,0 +1,257 @@
+"""Turn notices for user messages: published after the commit, redone if lost.
+
+The log service tells the agent that must answer a committed user message,
+and only that agent (:mod:`shared.work` has the notice and its subjects):
+
+* :class:`Notifier` is a commit listener (both stores call it, in commit
+  order, once the items are durable).  For each user message it publishes a
+  notice on ``<prefix>.work.agent.<active>``, where ``active`` is the agent
+  the last handoff output this process committed in that session names, or
+  else the routing checkpoint in the KV bucket (the ``to`` of a new session,
+  or what workers recorded), or else ``<prefix>.work.entry``.  The address is
+  a hint: a worker that finds another agent active forwards the notice.
+* :class:`Reconciler` redoes lost notices.  A crash between the commit and
+  the notice's publish (or a publish the work stream never acknowledged)
+  would strand the message, so a durable consumer on the items stream, shared
+  by every log-service instance, looks at each committed user message a
+  moment later and republishes its notice with the same ``Nats-Msg-Id``
+  unless this process already published it: the work stream drops the copy
+  of a notice it holds (or held within its duplicate window), and a late copy
+  only costs a worker a read of a finished turn.  It acks only after the
+  republish, so after a restart it starts where the crashed process stopped.
+  On either store the items stream exists, so one mechanism serves both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from shared.failures import is_transient
+from shared.routing import decode_checkpoint
+from shared.subjects import Subjects
+from shared.work import (
+    Notice,
+    handoff_target_of,
+    notice_msg_id,
+    now,
+    publish_notice,
+    work_entry_subject,
+    work_subject,
+)
+
+from .store.base import Committed
+
+__all__ = ["RECONCILER", "Notifier", "Reconciler"]
+
+log = logging.getLogger("convlog.log.notices")
+
+#: The reconciler's durable consumer on the items stream.
+RECONCILER = "convlog-notices"
+_MISSING_KEY = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError)
+_USER = b'"agent":"user"'
+_HANDOFF = b'"function_call_output"'
+
+
+class _Head(msgspec.Struct):
+    session_id: str
+    item_order: int
+    agent: str
+    kind: str = "item"
+    data: dict[str, Any] = {}
+
+
+_head = msgspec.json.Decoder(_Head)
+
+
+def _is_user_message(env: _Head) -> bool:
+    d = env.data
+    return env.kind == "item" and env.agent == "user" and d.get("role") == "user" \
+        and d.get("type", "message") == "message"
+
+
+class Notifier:
+    """Publishes the notice of each committed user message (see the module docstring).
+
+    Args:
+        nc: the log service's connection.
+        subjects: subject names.
+        kv: the routing bucket (read only: the checkpoint's ``active``).
+        remember: sessions whose last handoff target is kept in memory.
+    """
+
+    def __init__(self, nc: Client, subjects: Subjects, kv: Any, *, remember: int = 100_000) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.kv = kv
+        self.remember = remember
+        self.published = 0
+        self.failed = 0
+        self._active: OrderedDict[str, str] = OrderedDict()
+        self._sent: OrderedDict[str, None] = OrderedDict()  # msg ids published (or being)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def on_commit(self, committed: Sequence[Committed]) -> None:
+        """Commit listener: a notice per user message, in commit order per session."""
+        for c in committed:
+            env = c.envelope
+            user = _USER in env
+            if not user and _HANDOFF not in env:
+                continue
+            try:
+                head = _head.decode(env)
+            except msgspec.DecodeError:
+                continue
+            if not user:
+                target = handoff_target_of(head.data) if head.kind == "item" else None
+                if target is not None:
+                    self.note_active(head.session_id, target)
+                continue
+            if _is_user_message(head):
+                self._start(head.session_id, head.item_order)
+
+    def was_sent(self, msg_id: str) -> bool:
+        return msg_id in self._sent
+
+    def note_active(self, sid: str, agent: str) -> None:
+        """Remember that ``agent`` answers ``sid``'s next user message (``""``: the entry agent)."""
+        self._active[sid] = agent
+        self._active.move_to_end(sid)
+        if len(self._active) > self.remember:
+            self._active.popitem(last=False)
+
+    def _start(self, sid: str, order: int) -> None:
+        msg_id = notice_msg_id(sid, order)
+        self._sent[msg_id] = None
+        if len(self._sent) > self.remember:
+            self._sent.popitem(last=False)
+        task = asyncio.create_task(self._publish(sid, order, msg_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def address(self, sid: str) -> str:
+        """The subject a user message of ``sid`` is announced on."""
+        agent = self._active.get(sid)
+        if agent is None:
+            try:
+                entry = await self.kv.get(sid)
+                agent = decode_checkpoint(entry.value or b"").active
+            except (*_MISSING_KEY, msgspec.DecodeError):
+                agent = ""
+            if sid not in self._active:  # a handoff committed meanwhile is newer
+                self.note_active(sid, agent)
+        return work_subject(self.subjects, agent) if agent else work_entry_subject(self.subjects)
+
+    async def _publish(self, sid: str, order: int, msg_id: str) -> None:
+        try:
+            notice = Notice(session_id=sid, item_order=order, kind="user", ts=now())
+            await publish_notice(self.nc, await self.address(sid), notice, msg_id)
+            self.published += 1
+        except Exception as e:
+            # The reconciler republishes it; a bug here must still be seen.
+            self._sent.pop(msg_id, None)
+            self.failed += 1
+            level = logging.INFO if is_transient(e) or isinstance(e, nats.errors.Error) else logging.ERROR
+            log.log(level, "notice of %s #%d not published (the reconciler will): %r", sid, order, e)
+
+    async def stop(self, within: float = 2.0) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=within)
+
+
+class Reconciler:
+    """Republishes the notices of user messages the :class:`Notifier` may have lost.
+
+    Args:
+        nc: the log service's connection.
+        subjects: subject and stream names.
+        notifier: addresses and publishes; knows what this process already sent.
+        interval: seconds between sweeps when idle.
+    """
+
+    def __init__(self, nc: Client, subjects: Subjects, notifier: Notifier, *, interval: float = 2.0) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.notifier = notifier
+        self.interval = interval
+        self.republished = 0
+        self._sub: Any = None
+
+    async def bind(self) -> None:
+        js = self.nc.jetstream()
+        stream = self.subjects.stream_name
+        try:
+            await js.consumer_info(stream, RECONCILER)
+        except nats.js.errors.NotFoundError:
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
+                await js.add_consumer(stream, ConsumerConfig(
+                    name=RECONCILER, durable_name=RECONCILER,
+                    description="convlog log service: republishes lost turn notices",
+                    # From now on: items committed before the first start have had their turns.
+                    deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.ALL,
+                    ack_wait=30.0, max_deliver=-1, filter_subject=self.subjects.items_all,
+                ))
+        self._sub = await js.pull_subscribe_bind(durable=RECONCILER, stream=stream)
+
+    async def run(self) -> None:
+        """One sweep after another until cancelled (transient failures are waited out)."""
+        try:
+            while True:
+                try:
+                    if self._sub is None:
+                        await self.bind()
+                    await self.sweep()
+                except Exception as e:
+                    if not (is_transient(e) or isinstance(e, nats.errors.Error | nats.js.errors.Error)):
+                        raise
+                    log.info("notice reconciler: %r; retrying", e)
+                    await self._unbind()
+                await asyncio.sleep(self.interval)
+        finally:
+            await self._unbind()  # a pull subscription left behind holds up the connection's drain
+
+    async def _unbind(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def sweep(self) -> int:
+        """Look at every item committed since the last sweep; returns notices republished."""
+        assert self._sub is not None
+        done = 0
+        while True:
+            try:
+                msgs = await self._sub.fetch(batch=256, timeout=0.5)
+            except TimeoutError:
+                return done
+            for msg in msgs:
+                if _USER not in msg.data:
+                    continue
+                try:
+                    head = _head.decode(msg.data)
+                except msgspec.DecodeError:
+                    continue
+                if not _is_user_message(head):
+                    continue
+                msg_id = notice_msg_id(head.session_id, head.item_order)
+                if self.notifier.was_sent(msg_id):
+                    continue
+                notice = Notice(session_id=head.session_id, item_order=head.item_order, ts=now())
+                await publish_notice(self.nc, await self.notifier.address(head.session_id), notice, msg_id)
+                self.republished += 1
+                done += 1
+            if msgs:
+                await msgs[-1].ack()  # AckPolicy.ALL: everything up to it
+            if len(msgs) < 256:
+                return done

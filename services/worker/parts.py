@@ -1,0 +1,190 @@
+"""From a turn notice to the part this agent plays (or to the agent that must).
+
+A notice (:mod:`shared.work`) only names an item.  The worker reads, at once
+and concurrently: the trigger and everything after it (raw), the model's
+window (the visible tail), and -- for a user message -- the session's active
+agent (:mod:`.routing`, computed from the log before that message).  Then:
+
+* a user message whose active agent is this one: play the turn;
+* a handoff output (written by a turn) naming this agent: continue the turn;
+* a user message another agent must answer (the address was a stale hint):
+  forward the notice to that agent's subject;
+* anything else: nothing to do.
+
+What the worker acts on is what the log holds -- a notice carries no content
+-- and, with a keyring, the trigger's signature is checked
+(:class:`~.trust.EnvelopeGate`).  The reads feed the first step of the turn
+(:class:`~.turn.Prefetch`), so deciding costs no extra round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client
+
+from shared.client import LogClient
+from shared.messages import Envelope
+from shared.subjects import Subjects
+from shared.work import Notice, notice_msg_id, now, publish_notice, work_subject
+
+from .routing import Routing, handoff_target
+from .spec import AgentSpec
+from .turn import Prefetch, TurnPart
+from .turn_ids import parse_turn_item_id, turn_key
+
+__all__ = ["Decision", "PartFinder", "announce_handoff"]
+
+#: Items read after the trigger in the first read (a turn writes a few).
+_AFTER_PAGE = 64
+
+
+@dataclass
+class Decision:
+    """What to do with one notice.
+
+    Attributes:
+        part: the part to play, or ``None``.
+        forward_to: the agent the notice must go to instead.
+        trigger: the trigger as the log holds it (``None``: not in the log).
+        first: the reads for the part's first step.
+        timings: seconds spent, by phase (``routing``, ``history_read``).
+    """
+
+    part: TurnPart | None = None
+    forward_to: str | None = None
+    trigger: Envelope | None = None
+    first: Prefetch | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def is_user_message(env: Envelope) -> bool:
+    data = env.data
+    return env.kind == "item" and env.agent == "user" and data.get("role") == "user" \
+        and data.get("type", "message") == "message"
+
+
+class PartFinder:
+    """Decides what a notice asks of ``agent``.
+
+    The active agent before a user message at order ``n`` is a fact about the
+    log prefix before ``n``, which never changes; so what this worker learnt
+    ("after item ``k``, ``X`` is active") stays true, and the next turn of the
+    session only has to scan the items after ``k``, which the read of the
+    trigger fetches anyway (it starts at ``k``).  Without such a fact (another
+    replica played the session, or this worker restarted) it asks
+    :meth:`.routing.Routing.active_agent`, concurrently with the reads.
+
+    Args:
+        client: reads the log.
+        routing: computes the active agent.
+        agent: the agent this worker plays.
+        remember: sessions whose last known routing fact is kept.
+    """
+
+    def __init__(self, client: LogClient, routing: Routing, agent: AgentSpec, *, remember: int = 10_000) -> None:
+        self.client = client
+        self.routing = routing
+        self.agent = agent
+        self.remember = remember
+        self._known: OrderedDict[str, tuple[int, str]] = OrderedDict()
+
+    def learn(self, session_id: str, after_order: int, active: str) -> None:
+        """Record "after item ``after_order``, ``active`` is the active agent"."""
+        old = self._known.get(session_id)
+        if old is not None and old[0] >= after_order:
+            return
+        self._known[session_id] = (after_order, active)
+        self._known.move_to_end(session_id)
+        if len(self._known) > self.remember:
+            self._known.popitem(last=False)
+
+    async def decide(self, notice: Notice) -> Decision:
+        """Raises: ConvlogError: the log could not be read (the caller retries later)."""
+        sid, order = notice.session_id, notice.item_order
+        out = Decision()
+        known = self._known.get(sid) if notice.kind == "user" else None
+        if known is not None and not order - _AFTER_PAGE // 2 <= known[0] < order:
+            known = None  # too far back to scan in the first read
+        start = known[0] if known is not None else order - 1
+        t0 = time.perf_counter()
+        routing = (self._timed(out, "routing", self.routing.active_agent(sid, order))
+                   if notice.kind == "user" and known is None else _none())
+        page, window, active = await asyncio.gather(
+            self.client.read(sid, after=start, limit=_AFTER_PAGE, raw=True),
+            self.client.read(sid, tail=self.agent.history_limit),
+            routing,
+        )
+        out.timings["history_read"] = time.perf_counter() - t0
+        before = [e for e in page.items if e.item_order < order]
+        rest = [e for e in page.items if e.item_order >= order]
+        trigger = rest[0] if rest and rest[0].item_order == order else None
+        out.trigger = trigger
+        if trigger is None or trigger.kind != "item":
+            return out
+        out.first = Prefetch(window=window, after_trigger=rest[1:], complete=not page.more)
+        if is_user_message(trigger):
+            if known is not None and len(before) == order - 1 - known[0]:
+                active = known[1]
+                for env in before:
+                    target = handoff_target(env)
+                    if target is not None and target in self.routing.spec.agents:
+                        active = target
+            elif active is None:
+                active = await self._timed(out, "routing", self.routing.active_agent(sid, order))
+            assert active is not None
+            self.learn(sid, order - 1, active)
+            if active != self.agent.name:
+                out.forward_to = active
+                return out
+            out.part = TurnPart(sid, turn_key(trigger.item_id), order, 0)
+            return out
+        target = handoff_target(trigger)
+        if target is None:
+            return out
+        tid = parse_turn_item_id(trigger.item_id)
+        if tid is None:  # a handoff output not written by a turn: nobody's part
+            return out
+        if target in self.routing.spec.agents:
+            self.learn(sid, order, target)
+        if target != self.agent.name:
+            if target in self.routing.spec.agents:
+                out.forward_to = target
+            return out
+        out.part = TurnPart(sid, tid.turn, order, tid.step)
+        return out
+
+    @staticmethod
+    async def _timed(out: Decision, key: str, coro: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return await coro
+        finally:
+            out.timings[key] = out.timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+async def _none() -> None:
+    return None
+
+
+async def announce_handoff(
+    nc: Client, subjects: Subjects, session_id: str, target: str, order: int
+) -> None:
+    """Tell ``target`` that the handoff output at ``order`` is its part to play.
+
+    Published (and stored) before the handing-off worker acks its own notice,
+    so a crash in between redelivers that notice, the log shows the handoff
+    done, and this runs again (the same ``Nats-Msg-Id``: the stream keeps one).
+    """
+    notice = Notice(session_id=session_id, item_order=order, kind="handoff", ts=now())
+    await publish_notice(nc, work_subject(subjects, target), notice, notice_msg_id(session_id, order))
+
+
+async def forward(nc: Client, subjects: Subjects, notice: Notice, target: str) -> None:
+    """Send a notice on to the agent that must act on it."""
+    await publish_notice(nc, work_subject(subjects, target), notice,
+                         notice_msg_id(notice.session_id, notice.item_order, target))
