@@ -139,9 +139,11 @@ class Notifier:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def address(self, sid: str) -> str:
-        """The subject a user message of ``sid`` is announced on."""
+    async def address(self, sid: str, order: int = 0) -> str:
+        """The subject the user message at ``order`` of ``sid`` is announced on."""
         agent = self._active.get(sid)
+        if agent is None and order == 1:
+            agent = ""  # a new session: only a `to` (noted by the handler) names its agent
         if agent is None:
             try:
                 entry = await self.kv.get(sid)
@@ -155,7 +157,7 @@ class Notifier:
     async def _publish(self, sid: str, order: int, msg_id: str) -> None:
         try:
             notice = Notice(session_id=sid, item_order=order, kind="user", ts=now())
-            await publish_notice(self.nc, await self.address(sid), notice, msg_id)
+            await publish_notice(self.nc, await self.address(sid, order), notice, msg_id)
             self.published += 1
         except Exception as e:
             # The reconciler republishes it; a bug here must still be seen.

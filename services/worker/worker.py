@@ -34,9 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -46,52 +44,27 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from services import metrics
-from services.logfmt import context
-from shared import nats_connect, tracing
+from shared import nats_connect
 from shared.client import LogClient, connect_options
 from shared.config import Settings
-from shared.failures import Backoff, Loops, is_transient
+from shared.failures import Loops, is_transient
 from shared.nats_seam import bind
 from shared.signing import Signer
 from shared.work import Notice, decode_notice, work_stream_name
 
+from .handling import NoticeHandler, Tally, term
 from .intake import WorkIntake, consumer_name
 from .model import ModelClient
-from .parts import PartFinder, announce_handoff, forward
+from .parts import PartFinder
 from .routing import Routing, open_routing_bucket
 from .spec import SystemSpec
 from .trust import EnvelopeGate
-from .turn import DEFAULT_MAX_STEPS, TurnBusyError, TurnPart, TurnResult, TurnRunner
+from .turn import DEFAULT_MAX_STEPS, TurnRunner
 
 __all__ = ["Tally", "Worker"]
 
 log = logging.getLogger("convlog.worker")
 
-#: Waits before a failed delivery comes back (jittered, so replicas spread out).
-_REDELIVERY = Backoff(initial=1.0, maximum=30.0)
-
-
-@dataclass
-class Tally:
-    """Counters for the shutdown line."""
-
-    delivered: int = 0
-    skipped: int = 0
-    forwarded: int = 0
-    outcomes: dict[str, int] = field(default_factory=dict)
-    naks: int = 0
-    errors: int = 0
-    resubscribed: int = 0
-
-    def line(self, agent: str) -> str:
-        o = self.outcomes
-        return (
-            f"worker {agent} stopped: {self.delivered} delivered, {self.skipped} skipped, "
-            f"{self.forwarded} forwarded, "
-            f"{o.get('replied', 0)} replied, {o.get('handed_off', 0)} handed off, "
-            f"{o.get('failed', 0)} failed, {o.get('done', 0)} already done, "
-            f"{self.naks} nak'd, {self.errors} errors, {self.resubscribed} resubscribes"
-        )
 
 
 class Worker:
@@ -151,6 +124,7 @@ class Worker:
         self.runner: TurnRunner | None = None
         self.gate: EnvelopeGate | None = None  # signatures of what the worker acts on
         self.finder: PartFinder | None = None
+        self.handler: NoticeHandler | None = None
         self.ready = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._max_held = concurrency * 4
@@ -208,11 +182,17 @@ class Worker:
         self.gate = EnvelopeGate.from_settings(self.client, self.settings)
         kv = await open_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
         self.routing = Routing(kv, self.client, self.spec)
+        # The worker moves the routing checkpoint itself, after announcing a handoff.
         self.runner = TurnRunner(
-            self.client, self.agent, self.model, routing=self.routing,
+            self.client, self.agent, self.model, routing=None,
             max_steps=self.max_steps, tool_timeout=self.tool_timeout,
         )
         self.finder = PartFinder(self.client, self.routing, self.agent)
+        self.handler = NoticeHandler(
+            self.nc, self.subjects, self.agent, self.runner, self.finder, self.routing, self.gate,
+            max_attempts=self.max_attempts, publish_timings=self.publish_timings, spawn=self._spawn,
+            tally=self.tally,
+        )
         self.consumer = WorkIntake(
             self.nc, self.subjects, self.agent.name, entry=self.agent.name == self.spec.entry,
             ack_wait=self.ack_wait, room=lambda: self._max_held - len(self._held),
@@ -326,7 +306,7 @@ class Worker:
             notice = decode_notice(msg.data)
         except msgspec.DecodeError as e:
             log.error("worker %s: not a turn notice on %s: %s", self.agent.name, msg.subject, e)
-            self._spawn(_term(msg))
+            self._spawn(term(msg))
             return
         self._held[id(msg)] = msg
         sid = notice.session_id
@@ -334,7 +314,7 @@ class Worker:
         if sid not in self._runners:
             task = asyncio.create_task(self._session(sid), name=f"worker {self.agent.name} session {sid}")
             self._runners[sid] = task
-            # _handle deals with every failure of a turn; what escapes is a bug here.
+            # handle() deals with every failure of a turn; what escapes is a bug here.
             self._loops.watch(task)
 
     def _spawn(self, coro: Any) -> None:
@@ -355,7 +335,8 @@ class Worker:
                         await self._nak(msg, delay=None)  # cancelled before it started
                         raise
                     try:
-                        await self._handle(msg, env)  # acks or naks, also when cancelled
+                        assert self.handler is not None
+                        await self.handler.handle(msg, env)  # acks or naks, also when cancelled
                     finally:
                         self._slots.release()
                 finally:
@@ -372,122 +353,7 @@ class Worker:
         if self.consumer is not None:
             self.consumer.poke()
 
-    async def _handle(self, msg: Msg, notice: Notice) -> None:
-        assert self.runner is not None and self.finder is not None
-        self.tally.delivered += 1
-        metrics.delivered(self.agent.name, msg)
-        arrived = time.time()
-        part: TurnPart | None = None
-        started = time.perf_counter()
-        sid, order = notice.session_id, notice.item_order
-        try:
-            decision = await self.finder.decide(notice)
-            part = decision.part
-            if decision.forward_to is not None:
-                await forward(self.nc, self.subjects, notice, decision.forward_to)  # type: ignore[arg-type]
-                self.tally.forwarded += 1
-                await msg.ack()
-                return
-            if part is None:
-                if decision.trigger is None and self._attempts(msg) < 3:
-                    # The log may not show a fresh commit yet (another instance): look again soon.
-                    await self._nak(msg, delay=self._retry_delay(msg))
-                    return
-                self.tally.skipped += 1
-                await msg.ack()
-                return
-            assert decision.trigger is not None
-            if self.gate is not None and (why := self.gate.signature_refusal(decision.trigger)) is not None:
-                log.error("worker %s: refusing %s #%d: %s", self.agent.name, sid, order, why)
-                self.tally.skipped += 1
-                await msg.term()
-                return
-            timings = dict(decision.timings)
-            result = await tracing.traced("convlog.turn", msg.headers,
-                                          self.runner.run(part, first=decision.first, timings=timings),
-                                          kind="CONSUMER", agent=self.agent.name, session_id=sid,
-                                          turn=part.turn, item_order=part.start)
-            await self._announce(part, result)
-            self._count(result, part)
-            metrics.turn_done(self.agent.name, result, started)
-            await msg.ack()
-            if self.publish_timings:
-                self._timings(notice, part, result, arrived, started, timings)
-        except asyncio.CancelledError:
-            await self._nak(msg, delay=None)  # shutdown: the turn resumes from the log elsewhere
-            raise
-        except Exception as e:
-            if is_transient(e) or isinstance(e, TurnBusyError | nats.errors.Error):
-                metrics.turn_failed(self.agent.name, "retry")
-                log.warning("worker %s: %s #%d will be retried: %s", self.agent.name, sid, order, e,
-                            extra=context(sid, order, self.agent.name))
-                await self._nak(msg, delay=self._retry_delay(msg))
-                return
-            self.tally.errors += 1
-            metrics.turn_failed(self.agent.name, "error")
-            log.exception("worker %s: failed on %s #%d", self.agent.name, sid, order,
-                          extra=context(sid, order, self.agent.name))
-            if part is not None and self._attempts(msg) >= self.max_attempts:
-                await self._give_up(msg, part, e)
-            else:
-                await self._nak(msg, delay=self._retry_delay(msg))
-
-    async def _announce(self, part: TurnPart, result: TurnResult) -> None:
-        """A part that ended with a handoff (now, or before a crash): tell the target."""
-        if result.handoff_to is not None and result.handoff_order:
-            assert self.nc is not None and self.finder is not None
-            self.finder.learn(part.session_id, result.handoff_order, result.handoff_to)
-            await announce_handoff(self.nc, self.subjects, part.session_id, result.handoff_to,
-                                   result.handoff_order)
-
-    def _timings(self, notice: Notice, part: TurnPart, result: TurnResult, arrived: float,
-                 started: float, timings: dict[str, float]) -> None:
-        """The per-phase side channel read by ``convlog bench --turns``."""
-        assert self.nc is not None
-        record = {"session_id": part.session_id, "turn": part.turn, "agent": self.agent.name,
-                  "outcome": result.outcome, "delivery": max(0.0, arrived - notice.ts) if notice.ts else None,
-                  "part": time.perf_counter() - started, **timings}
-        self._spawn(self.nc.publish(f"{self.subjects.prefix}.timings.turn", msgspec.json.encode(record)))
-
-    async def _give_up(self, msg: Msg, part: TurnPart, error: Exception) -> None:
-        """End a turn that keeps failing with a system item, then ack."""
-        assert self.runner is not None
-        reason = f"internal error after {self._attempts(msg)} attempts ({type(error).__name__})"
-        try:
-            result = await self.runner.run(part, fail_reason=reason)
-            await self._announce(part, result)
-            self._count(result, part)
-            metrics.turn_done(self.agent.name, result, time.perf_counter())
-            await msg.ack()
-        except Exception:
-            log.exception("worker %s: could not record the failure", self.agent.name)
-            await self._nak(msg, delay=self._retry_delay(msg))
-
-    def _count(self, result: TurnResult, part: TurnPart) -> None:
-        self.tally.outcomes[result.outcome] = self.tally.outcomes.get(result.outcome, 0) + 1
-        log.info("worker %s: %s turn %s in %s: %s (%d model calls, %d items)", self.agent.name,
-                 "continued" if part.after_step else "started", part.turn, part.session_id,
-                 result.outcome + (f" -> {result.handoff_to}" if result.handoff_to else ""),
-                 result.model_calls, result.items_written,
-                 extra=context(part.session_id, part.start, self.agent.name, part.turn))
-
-    @staticmethod
-    def _attempts(msg: Msg) -> int:
-        try:
-            return int(msg.metadata.num_delivered or 1)
-        except Exception:
-            return 1
-
-    def _retry_delay(self, msg: Msg) -> float:
-        """How long JetStream holds back the next delivery: 0.5-1 s, doubling to 15-30 s."""
-        return _REDELIVERY.delay(self._attempts(msg) - 1)
-
     async def _nak(self, msg: Msg, *, delay: float | None) -> None:
         self.tally.naks += 1
         with contextlib.suppress(Exception):
             await msg.nak(delay=delay)
-
-
-async def _term(msg: Msg) -> None:
-    with contextlib.suppress(Exception):
-        await msg.term()
