@@ -37,6 +37,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
+from .failures import StreamConfigError
 from .messages import NonNegInt, SessionId
 from .subjects import Subjects
 
@@ -45,6 +46,7 @@ __all__ = [
     "Notice",
     "decode_notice",
     "encode_notice",
+    "check_work_stream",
     "ensure_work_stream",
     "handoff_target_of",
     "notice_msg_id",
@@ -124,6 +126,26 @@ def handoff_target_of(data: dict[str, Any]) -> str | None:
     if isinstance(parsed, dict) and len(parsed) == 1 and isinstance(parsed.get("assistant"), str):
         return str(parsed["assistant"])
     return None
+
+
+def check_work_stream(config: StreamConfig, subjects: Subjects) -> None:
+    """Refuse a work stream that would not store the notices for ``agent`` subjects.
+
+    Raises:
+        StreamConfigError: it does not capture ``<prefix>.work.>`` (someone
+            created or changed it), or it is sealed: the agent's pulls would
+            wait forever.
+    """
+    name = work_stream_name(subjects)
+    captured = list(config.subjects or [])
+    wanted = f"{subjects.prefix}.work.>"
+    if wanted not in captured:
+        raise StreamConfigError(
+            f"the work stream {name} captures {captured}, not {wanted}: it was created or changed "
+            "by something else. Fix its subjects, or delete it (the log service creates it again)"
+        )
+    if config.sealed:
+        raise StreamConfigError(f"the work stream {name} is sealed: it stores nothing more")
 
 
 async def ensure_work_stream(js: JetStreamContext, subjects: Subjects, *, replicas: int = 1) -> None:

@@ -9,8 +9,10 @@ path relative to that config file) or paste it in:
 * the **log** user serves the endpoints, publishes ``<prefix>.items.>`` and
   manages the streams and buckets -- the only user that can;
 * an **agent** user appends and reads through the log service, pulls from and
-  acks *its own agent's* durable consumer only (no consumer of another agent,
-  no stream or consumer deletion), and reads/writes the routing bucket;
+  acks *its own agent's* durable consumer on the work stream only (no consumer
+  of another agent, no stream or consumer deletion), publishes turn notices
+  (``<prefix>.work.>``: handoffs it wrote, notices it forwards), and
+  reads/writes the routing bucket;
 * the **gateway** user sends user messages (``<prefix>.in.>``) and reads.
 """
 
@@ -18,27 +20,29 @@ from __future__ import annotations
 
 from shared.signing import GATEWAY, LOG, Keyring
 from shared.subjects import Subjects
+from shared.work import work_stream_name
 
 __all__ = ["render_users"]
 
 
 def _consumer(agent: str) -> str:
-    return f"convlog-agent-{agent}"  # services.worker.consumer.consumer_name
+    return f"convlog-agent-{agent}"  # services.worker.intake.consumer_name
 
 
 def _perms(role: str, agent: str, s: Subjects) -> tuple[list[str], list[str]]:
-    p, stream = s.prefix, s.stream_name
+    p, stream = s.prefix, work_stream_name(s)
     routing = s.routing_bucket
     heads = s.prefix.replace(".", "_") + "_heads"
     if role == LOG:
-        pub = [f"{p}.items.>", f"$KV.{routing}.>", f"$KV.{heads}.>", "$JS.API.>"]
+        pub = [f"{p}.items.>", f"{p}.work.>", f"$KV.{routing}.>", f"$KV.{heads}.>", "$JS.API.>"]
         sub = [f"{p}.append.>", f"{p}.read.>", f"{p}.sessions", f"{p}.in.>", "$SRV.>", "_INBOX.>"]
+        pub.append(f"$JS.ACK.{s.stream_name}.convlog-notices.>")  # the notice reconciler's acks
         return pub, sub
     if role == GATEWAY:
         return [f"{p}.in.>", f"{p}.read.>", f"{p}.sessions"], ["_INBOX.>"]
     c = _consumer(agent)
     pub = [
-        f"{p}.append.>", f"{p}.read.>",
+        f"{p}.append.>", f"{p}.read.>", f"{p}.work.>",
         f"$KV.{routing}.>",
         "$JS.API.INFO",
         f"$JS.API.STREAM.INFO.{stream}",

@@ -44,7 +44,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shared.failures import FatalError, is_transient
 from shared.subjects import Subjects
-from shared.work import work_entry_subject, work_stream_name, work_subject
+from shared.work import check_work_stream, work_entry_subject, work_stream_name, work_subject
 
 __all__ = ["ACK_POLICY", "ConsumerConfigError", "WorkIntake", "consumer_config", "consumer_name"]
 
@@ -207,7 +207,7 @@ class WorkIntake:
                 self._waiting_logged = True
             await self._pause(1.0)
             return False
-        except ConsumerConfigError:
+        except FatalError:
             raise
         except Exception as e:
             if not (is_transient(e) or isinstance(e, nats.errors.Error)):
@@ -225,9 +225,10 @@ class WorkIntake:
     async def _ensure_consumer(self) -> None:
         js = self.nc.jetstream()
         try:
-            await js.stream_info(self.stream)
+            info = await js.stream_info(self.stream)
         except nats.js.errors.NotFoundError as e:
             raise _StreamMissing(self.stream) from e
+        check_work_stream(info.config, self.subjects)  # else the pulls would wait forever
         config = consumer_config(self.subjects, self.agent, entry=self.entry, ack_wait=self.ack_wait)
         try:
             await js.add_consumer(self.stream, config)  # creates, or updates the shared one
