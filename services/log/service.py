@@ -108,6 +108,7 @@ class LogService:
         self.outbox: Outbox | None = None
         self.witness: HeadWitness | None = None
         self.notifier: Notifier | None = None
+        self.reconciler: Reconciler | None = None
         self._reconciler: asyncio.Task[None] | None = None
         self._verifier: Verifier | None = None
         self._service: Service | None = None
@@ -179,8 +180,8 @@ class LogService:
         await ensure_work_stream(js, self.subjects, replicas=self.settings.stream_replicas)
         self.notifier = Notifier(self.nc, self.subjects, kv)
         self.store.add_commit_listener(self.notifier.on_commit)
-        self._reconciler = self._loops.start(Reconciler(self.nc, self.subjects, self.notifier).run,
-                                             "notice reconciler")
+        self.reconciler = Reconciler(self.nc, self.subjects, self.notifier)
+        self._reconciler = self._loops.start(self.reconciler.run, "notice reconciler")
 
         async def entry_hint(sid: str, agent: str) -> None:
             assert self.notifier is not None
