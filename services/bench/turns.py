@@ -38,7 +38,7 @@ from typing import Any
 from shared.client import LogClient
 from shared.config import Settings
 
-from .measure import Run, closed_loop, say
+from .measure import Run, closed_loop, open_loop, say
 from .stack import local_stack, wait_service
 from .turns_watch import ReplyWatcher, Timings, deliveries
 
@@ -75,7 +75,9 @@ class Phase(Run):
 
 
 async def _phase(name: str, watcher: ReplyWatcher, timings: Timings | None, client: LogClient,
-                 writers: int, duration: float, op: Any, *, during: Any = None) -> Phase:
+                 writers: int, duration: float, op: Any, *, during: Any = None,
+                 rate: float | None = None) -> Phase:
+    """``writers`` closed-loop writers, or with ``rate`` that many turns a second (open loop)."""
     before_keys = set(watcher.sent)
     before = await deliveries(client)
     lost = 0
@@ -89,7 +91,10 @@ async def _phase(name: str, watcher: ReplyWatcher, timings: Timings | None, clie
             raise
 
     side = asyncio.create_task(during()) if during is not None else None
-    run = await closed_loop(name, counted, writers, duration)
+    if rate is None:
+        run = await closed_loop(name, counted, writers, duration)
+    else:
+        run = await open_loop(name, counted, rate, duration)
     if side is not None:
         await side
     phase = Phase(run.name, run.ops, run.seconds, run.latencies, run.errors)
@@ -111,10 +116,13 @@ def _turn_times(watcher: ReplyWatcher, keys: set[str], run: Run) -> dict[str, tu
 
 async def _idle_workers(url: str, spec_path: Path, agents: list[str]) -> list[Any]:
     """Real workers for agents nobody addresses, inside this process."""
+    import logging
+
     from services.worker.model import make_model_client
     from services.worker.spec import load_spec
     from services.worker.worker import Worker
 
+    logging.getLogger("convlog.worker").setLevel(logging.WARNING)  # 17 "ready" lines say nothing
     spec = load_spec(str(spec_path))
     settings = Settings(nats_url=url)
     workers = [Worker(settings, spec, a, make_model_client(None, None), concurrency=4) for a in agents]
@@ -177,6 +185,12 @@ async def run_turn_bench(url: str, args: argparse.Namespace, spec_path: Path, ag
             runs.append(await _phase(f"plain turns, {level} sessions", watcher, timings, client,
                                      level, args.duration, plain(level)))
         level = max(args.levels)
+        rate = args.turn_rate
+        say(f"turns: {rate:g}/s offered over {level} sessions for {args.duration:.0f}s ...")
+        runs.append(await _phase(f"{rate:g} turns/s offered, {level} sessions (open loop)", watcher, timings,
+                                 client, level, args.duration,
+                                 lambda i: watcher.turn(f"tb-{tag}-o{level}-{i % level}", PLAIN, to="L1Billing"),
+                                 rate=rate))
         if killable:
             victim = killable[0]
 
