@@ -172,15 +172,18 @@ async def ensure_work_stream(js: JetStreamContext, subjects: Subjects, *, replic
 
 
 async def publish_notice(
-    nc: Client, subject: str, notice: Notice, msg_id: str, *, wait: float = 5.0
+    nc: Client, subject: str, notice: Notice, msg_id: str, *, wait: float = 5.0,
+    headers: dict[str, str] | None = None,
 ) -> None:
     """Publish a notice and wait until the work stream holds it (or dropped it as a duplicate).
+
+    ``headers`` may add a ``traceparent``: the worker's turn continues that trace.
 
     Raises:
         nats.errors.Error / nats.js.errors.Error: not stored (transient ones retry).
     """
     js = nc.jetstream()
-    await js.publish(subject, encode_notice(notice), timeout=wait, headers={"Nats-Msg-Id": msg_id})
+    await js.publish(subject, encode_notice(notice), timeout=wait, headers={**(headers or {}), "Nats-Msg-Id": msg_id})
 
 
 def now() -> float:

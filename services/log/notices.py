@@ -100,6 +100,8 @@ class Notifier:
         self._active: OrderedDict[str, str] = OrderedDict()
         self._sent: OrderedDict[str, None] = OrderedDict()  # msg ids published (or being)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: traceparent per committed item, (sid, order) -> bytes (services/log/traces.py)
+        self.traces: dict[tuple[str, int], bytes] = {}
 
     def on_commit(self, committed: Sequence[Committed]) -> None:
         """Commit listener: a notice per user message, in commit order per session."""
@@ -157,7 +159,9 @@ class Notifier:
     async def _publish(self, sid: str, order: int, msg_id: str) -> None:
         try:
             notice = Notice(session_id=sid, item_order=order, kind="user", ts=now())
-            await publish_notice(self.nc, await self.address(sid, order), notice, msg_id)
+            parent = self.traces.get((sid, order))  # the outbox pops it, for the items subject
+            headers = {"traceparent": parent.decode()} if parent else None
+            await publish_notice(self.nc, await self.address(sid, order), notice, msg_id, headers=headers)
             self.published += 1
         except Exception as e:
             # The reconciler republishes it; a bug here must still be seen.

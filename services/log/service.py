@@ -216,7 +216,9 @@ class LogService:
             self._loops.watch(self.outbox.task)
         # Traces reach the workers through the outbox's headers; a store that writes
         # the items stream itself records the log service's spans only.
-        self.traces = ServiceTraces(self.outbox.traces if self.outbox else {}) if tracing.enabled() else None
+        trace_map: dict[tuple[str, int], bytes] = self.outbox.traces if self.outbox else {}
+        self.notifier.traces = trace_map  # the worker's turn continues the user message's trace
+        self.traces = ServiceTraces(trace_map) if tracing.enabled() else None
         self._service = await add_service(
             self.nc,
             name=SERVICE_NAME,

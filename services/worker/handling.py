@@ -31,7 +31,7 @@ from shared.failures import Backoff, is_transient
 from shared.subjects import Subjects
 from shared.work import Notice
 
-from .parts import PartFinder, announce_handoff, forward
+from .parts import Decision, PartFinder, announce_handoff, forward
 from .routing import Routing
 from .spec import AgentSpec
 from .trust import EnvelopeGate
@@ -131,11 +131,9 @@ class NoticeHandler:
                 await msg.term()
                 return
             timings = dict(decision.timings)
-            result = await tracing.traced("convlog.turn", msg.headers,
-                                          self.runner.run(part, first=decision.first, timings=timings),
+            result = await tracing.traced("convlog.turn", msg.headers, self._play(part, decision, timings),
                                           kind="CONSUMER", agent=self.agent.name, session_id=sid,
                                           turn=part.turn, item_order=part.start)
-            await self._announce(part, result)
             self._count(result, part)
             metrics.turn_done(self.agent.name, result, started)
             await msg.ack()
@@ -159,6 +157,11 @@ class NoticeHandler:
                 await self._give_up(msg, part, e)
             else:
                 await self.nak(msg, delay=self._retry_delay(msg))
+
+    async def _play(self, part: TurnPart, decision: Decision, timings: dict[str, float]) -> TurnResult:
+        result = await self.runner.run(part, first=decision.first, timings=timings)
+        await self._announce(part, result)  # inside the turn's span: the next part continues its trace
+        return result
 
     async def _announce(self, part: TurnPart, result: TurnResult) -> None:
         """A part that ended with a handoff (now, or before a crash): tell the target."""

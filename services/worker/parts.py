@@ -27,6 +27,7 @@ from typing import Any
 
 from nats.aio.client import Client
 
+from shared import tracing
 from shared.client import LogClient
 from shared.messages import Envelope
 from shared.subjects import Subjects
@@ -181,7 +182,8 @@ async def announce_handoff(
     done, and this runs again (the same ``Nats-Msg-Id``: the stream keeps one).
     """
     notice = Notice(session_id=session_id, item_order=order, kind="handoff", ts=now())
-    await publish_notice(nc, work_subject(subjects, target), notice, notice_msg_id(session_id, order))
+    await publish_notice(nc, work_subject(subjects, target), notice, notice_msg_id(session_id, order),
+                         headers=tracing.headers())  # the target's turn continues this trace
 
 
 async def forward(nc: Client, subjects: Subjects, notice: Notice, target: str) -> None:
