@@ -277,7 +277,7 @@ async def cmd_turn_bench(args: argparse.Namespace) -> int:
             for agents, full in ((20, True), (3, False)):
                 spec = Path(tmp) / f"bench-agents-{agents}.toml"
                 spec.write_text(bench_spec(agents))
-                common = ["--agents", str(spec), "--publish-timings", "--ack-wait", "5", *os.environ.get("CONVLOG_BENCH_WORKER_ARGS", "").split()]
+                common = ["--agents", str(spec), "--publish-timings", "--ack-wait", "5"]
                 workers = [["L1Billing", *common], ["L1Billing", *common], ["Triage", *common]]
                 started: list[subprocess.Popen[bytes]] = []
                 with local_stack(workers=workers, started=started) as url:

@@ -36,8 +36,8 @@ def worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("agent", metavar="AGENT", help="the agent to play, as named in the spec")
     p.add_argument("--agents", help="agents TOML [CONVLOG_AGENTS, default: the packaged "
                                     "seed support system]")
-    p.add_argument("--concurrency", type=positive_int, default=16, metavar="N",
-                   help="most turns running at once (default 16)")
+    p.add_argument("--concurrency", type=positive_int, default=64, metavar="N",
+                   help="most turns running at once (default 64)")
     p.add_argument("--ack-wait", type=positive_float, default=30.0, metavar="S",
                    help="seconds before JetStream redelivers an unacked item (default 30)")
     p.add_argument("--grace", type=non_negative_float, default=None, metavar="S",

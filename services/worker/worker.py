@@ -97,7 +97,7 @@ class Worker:
         agent_name: str,
         model: ModelClient,
         *,
-        concurrency: int = 16,
+        concurrency: int = 64,
         ack_wait: float = 30.0,
         max_steps: int = DEFAULT_MAX_STEPS,
         tool_timeout: float = 30.0,
