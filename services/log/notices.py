@@ -15,7 +15,8 @@ and only that agent (:mod:`shared.work` has the notice and its subjects):
   would strand the message, so a durable consumer on the items stream, shared
   by every log-service instance, looks at each committed user message a
   moment later and republishes its notice with the same ``Nats-Msg-Id``
-  unless this process already published it: the work stream drops the copy
+  unless this process already published it (or the store does not hold that
+  very envelope: one forged on the items subject is not announced): the work stream drops the copy
   of a notice it holds (or held within its duplicate window), and a late copy
   only costs a worker a read of a finished turn.  It acks only after the
   republish, so after a restart it starts where the crashed process stopped.
@@ -50,7 +51,7 @@ from shared.work import (
     work_subject,
 )
 
-from .store.base import Committed
+from .store.base import Committed, LogStore
 
 __all__ = ["RECONCILER", "Notifier", "Reconciler"]
 
@@ -182,11 +183,14 @@ class Reconciler:
         nc: the log service's connection.
         subjects: subject and stream names.
         notifier: addresses and publishes; knows what this process already sent.
+        store: the log (what the items stream says is checked against it).
         interval: seconds between sweeps when idle.
     """
 
-    def __init__(self, nc: Client, subjects: Subjects, notifier: Notifier, *, interval: float = 2.0) -> None:
+    def __init__(self, nc: Client, subjects: Subjects, notifier: Notifier, store: LogStore, *,
+                 interval: float = 2.0) -> None:
         self.nc = nc
+        self.store = store
         self.subjects = subjects
         self.notifier = notifier
         self.interval = interval
@@ -232,6 +236,15 @@ class Reconciler:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
+    async def _held(self, head: _Head, envelope: bytes) -> bool:
+        page = await self.store.read(head.session_id, after=head.item_order - 1, limit=1,
+                                     max_bytes=len(envelope) + 1024)
+        if page.items and page.items[0] == envelope:
+            return True
+        log.warning("items stream: %s #%d is not what the log holds; not announced",
+                    head.session_id[:128], head.item_order)
+        return False
+
     async def sweep(self) -> int:
         """Look at every item committed since the last sweep; returns notices republished."""
         assert self._sub is not None
@@ -251,7 +264,7 @@ class Reconciler:
                 if not _is_user_message(head):
                     continue
                 msg_id = notice_msg_id(head.session_id, head.item_order)
-                if self.notifier.was_sent(msg_id):
+                if self.notifier.was_sent(msg_id) or not await self._held(head, msg.data):
                     continue
                 notice = Notice(session_id=head.session_id, item_order=head.item_order, ts=now())
                 await publish_notice(self.nc, await self.notifier.address(head.session_id), notice, msg_id)

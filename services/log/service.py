@@ -180,7 +180,7 @@ class LogService:
         await ensure_work_stream(js, self.subjects, replicas=self.settings.stream_replicas)
         self.notifier = Notifier(self.nc, self.subjects, kv)
         self.store.add_commit_listener(self.notifier.on_commit)
-        self.reconciler = Reconciler(self.nc, self.subjects, self.notifier)
+        self.reconciler = Reconciler(self.nc, self.subjects, self.notifier, self.store)
         self._reconciler = self._loops.start(self.reconciler.run, "notice reconciler")
 
         async def entry_hint(sid: str, agent: str) -> None:
