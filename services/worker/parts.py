@@ -15,6 +15,13 @@ What the worker acts on is what the log holds -- a notice carries no content
 -- and, with a keyring, the trigger's signature is checked
 (:class:`~.trust.EnvelopeGate`).  The reads feed the first step of the turn
 (:class:`~.turn.Prefetch`), so deciding costs no extra round trip.
+
+A worker keeps each busy session's model window (the visible tail) from its
+last turn, as of the ``last_order`` it was read at.  The next turn's one raw
+read starts at or before that order, so it brings everything written since:
+the window is the kept one plus the new items, cut to ``history_limit`` --
+unless a ``retract`` or ``clear`` came (or the read did not reach back
+contiguously), and then the window is read from the log again.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from nats.aio.client import Client
 
 from shared import tracing
 from shared.client import LogClient
-from shared.messages import Envelope
+from shared.messages import Envelope, ReadReply
 from shared.subjects import Subjects
 from shared.work import Notice, notice_msg_id, now, publish_notice, work_subject
 
@@ -42,6 +49,8 @@ __all__ = ["Decision", "PartFinder", "announce_handoff"]
 
 #: Items read after the trigger in the first read (a turn writes a few).
 _AFTER_PAGE = 64
+#: Sessions whose model window a worker keeps between turns.
+_WINDOWS = 2_000
 
 
 @dataclass
@@ -93,6 +102,8 @@ class PartFinder:
         self.agent = agent
         self.remember = remember
         self._known: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        #: per session: (last_order, the visible window as of it), from the last turn's reads
+        self._windows: OrderedDict[str, tuple[int, list[Envelope]]] = OrderedDict()
 
     def learn(self, session_id: str, after_order: int, active: str) -> None:
         """Record "after item ``after_order``, ``active`` is the active agent"."""
@@ -112,14 +123,25 @@ class PartFinder:
         if known is not None and not order - _AFTER_PAGE // 2 <= known[0] < order:
             known = None  # too far back to scan in the first read
         start = known[0] if known is not None else order - 1
+        cached = self._windows.get(sid)
+        if cached is not None and not order - _AFTER_PAGE // 2 <= cached[0] < order:
+            cached = None
+        if cached is not None:
+            start = min(start, cached[0])
         t0 = time.perf_counter()
         routing = (self._timed(out, "routing", self.routing.active_agent(sid, order))
                    if notice.kind == "user" and known is None else _none())
         page, window, active = await asyncio.gather(
             self.client.read(sid, after=start, limit=_AFTER_PAGE, raw=True),
-            self.client.read(sid, tail=self.agent.history_limit),
+            self.client.read(sid, tail=self.agent.history_limit) if cached is None else _none(),
             routing,
         )
+        if window is None:  # the copy kept from the last turn, plus what came since
+            assert cached is not None
+            window = self._extend(sid, cached, page, start)
+            if window is None:
+                window = await self.client.read(sid, tail=self.agent.history_limit)
+        self._keep(sid, window, page)
         out.timings["history_read"] = time.perf_counter() - t0
         before = [e for e in page.items if e.item_order < order]
         rest = [e for e in page.items if e.item_order >= order]
@@ -158,6 +180,32 @@ class PartFinder:
             return out
         out.part = TurnPart(sid, tid.turn, order, tid.step)
         return out
+
+    def _extend(self, sid: str, cached: tuple[int, list[Envelope]], page: ReadReply,
+                start: int) -> ReadReply | None:
+        """The window as of ``page``: the kept one plus the visible items read since,
+        or ``None`` when only the log can say (a retract or clear, a gap, a long page)."""
+        last, items = cached
+        orders = [e.item_order for e in page.items]
+        if page.more or orders != list(range(start + 1, start + 1 + len(orders))):
+            return None
+        new = [e for e in page.items if e.item_order > last]
+        if any(e.kind != "item" for e in new):
+            return None
+        window = (items + new)[-self.agent.history_limit:]
+        return ReadReply(session_id=sid, items=window, last_order=max([page.last_order, last, *orders]),
+                         more=False)
+
+    def _keep(self, sid: str, window: ReadReply, page: ReadReply) -> None:
+        """Keep the window for the session's next turn, if both reads saw the same log."""
+        newest = max([page.last_order, *(e.item_order for e in page.items)])
+        if window.last_order != newest or page.more:
+            self._windows.pop(sid, None)
+            return
+        self._windows[sid] = (newest, list(window.items))
+        self._windows.move_to_end(sid)
+        if len(self._windows) > _WINDOWS:
+            self._windows.popitem(last=False)
 
     @staticmethod
     async def _timed(out: Decision, key: str, coro: Any) -> Any:
