@@ -19,7 +19,17 @@ from tests.support.workerstack import (
     is_user,
     terminal_items,
     user_texts,
+    write_spec,
 )
+
+SHORT_WINDOW = """
+entry = "Solo"
+
+[[agents]]
+name = "Solo"
+instructions = "Answer the user."
+history_limit = 6
+"""
 
 WORK = "CONVLOG_WORK"
 
@@ -124,3 +134,27 @@ async def test_a_notice_that_is_not_one_is_refused_and_the_worker_goes_on(
 
     await assert_eventually(gone, timeout=15)
     assert "not a turn notice" in worker.output()
+
+
+async def test_the_window_a_worker_keeps_follows_new_items_and_a_retract(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.responder(lambda r: text(f"re: {user_texts(r)[-1]}"))
+    spec = write_spec(stack.tmp / "short.toml", SHORT_WINDOW)
+    await stack.start_workers(stack.worker("Solo", spec))
+
+    for i in range(4):  # the first turn reads the window; later ones extend the kept copy
+        await stack.send("win", f"m{i}")
+        await stack.answered("win", users=i + 1)
+    # history_limit 6: the model saw the last six visible items, as the log serves them.
+    assert [user_texts(r) for r in fake_openai.requests] == \
+        [["m0"], ["m0", "m1"], ["m0", "m1", "m2"], ["m1", "m2", "m3"]]
+
+    # m2 is retracted: the kept copy cannot fold that in, so the window is read
+    # from the log again -- m2 is not in the model's input, m1 is back in it.
+    log = await stack.log("win")
+    (m2,) = [e for e in log if e.data.get("content") == "m2"]
+    await stack.client.append("win", [{"agent": "system", "kind": "retract", "data": {"target": m2.item_order}}])
+    await stack.send("win", "m4")
+    await stack.answered("win", users=5)
+    assert user_texts(fake_openai.requests[-1]) == ["m1", "m3", "m4"]
