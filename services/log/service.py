@@ -7,7 +7,11 @@ stop intake (drain the endpoint subscriptions) -> wait for in-flight requests
 up to ``grace`` -> publish what is committed -> close the store -> drain the
 connection -> log a one-line tally.  Signal handlers belong to the entrypoint.
 
-Background loops (the outbox, the replier) follow :mod:`shared.failures`:
+Committed user messages are announced to the agent that must answer them
+(turn notices, :mod:`.notices`), and lost announcements redone by the notice
+reconciler.
+
+Background loops (the outbox, the replier, the notice reconciler) follow :mod:`shared.failures`:
 transient failures are retried with backoff; a fatal one shuts the service
 down and makes ``run()`` raise :class:`~shared.failures.FatalError`, so
 ``convlog log`` exits non-zero and its process manager restarts it.
@@ -456,14 +460,14 @@ class LogService:
                 self._replier.cancel()
                 with contextlib.suppress(asyncio.CancelledError, FatalError):
                     await self._replier
-            if self.outbox is not None:
-                await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))
-            await self.store.close()
-            if self._reconciler is not None:
+            if self._reconciler is not None:  # it reads the store
                 self._reconciler.cancel()
                 with contextlib.suppress(BaseException):
                     await self._reconciler
-            if self.notifier is not None:
+            if self.outbox is not None:
+                await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))
+            await self.store.close()
+            if self.notifier is not None:  # the notices of the last commits
                 await self.notifier.stop()
             if self.witness is not None:
                 await self.witness.stop()
