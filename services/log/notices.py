@@ -8,8 +8,11 @@ and only that agent (:mod:`shared.work` has the notice and its subjects):
   notice on ``<prefix>.work.agent.<active>``, where ``active`` is the agent
   the last handoff output this process committed in that session names, or
   else the routing checkpoint in the KV bucket (the ``to`` of a new session,
-  or what workers recorded), or else ``<prefix>.work.entry``.  The address is
-  a hint: a worker that finds another agent active forwards the notice.
+  or what workers recorded), or else ``<prefix>.work.entry`` -- which is also
+  where a notice goes when no agent of that name has a consumer on the work
+  stream (a ``to`` naming an agent nobody runs: the entry agent answers, as
+  routing says).  The address is a hint: a worker that finds another agent
+  active forwards the notice.
 * :class:`Reconciler` redoes lost notices.  A crash between the commit and
   the notice's publish (or a publish the work stream never acknowledged)
   would strand the message, so a durable consumer on the items stream, shared
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +52,7 @@ from shared.work import (
     now,
     publish_notice,
     work_entry_subject,
+    work_stream_name,
     work_subject,
 )
 
@@ -61,6 +66,9 @@ log = logging.getLogger("convlog.log.notices")
 RECONCILER = "convlog-notices"
 _MISSING_KEY = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError)
 _USER = b'"agent":"user"'
+#: The agents' consumers on the work stream (services.worker.intake.consumer_name).
+CONSUMER_PREFIX = "convlog-agent-"
+_AGENTS_EVERY = 10.0
 _HANDOFF = b'"function_call_output"'
 
 
@@ -101,6 +109,9 @@ class Notifier:
         self._active: OrderedDict[str, str] = OrderedDict()
         self._sent: OrderedDict[str, None] = OrderedDict()  # msg ids published (or being)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._agents: set[str] | None = None  # agents with a consumer on the work stream
+        self._agents_at = 0.0
+        self._refreshing: asyncio.Task[None] | None = None
         #: traceparent per committed item, (sid, order) -> bytes (services/log/traces.py)
         self.traces: dict[tuple[str, int], bytes] = {}
 
@@ -155,7 +166,29 @@ class Notifier:
                 agent = ""
             if sid not in self._active:  # a handoff committed meanwhile is newer
                 self.note_active(sid, agent)
+        if agent and agent not in await self._known_agents():
+            agent = ""
         return work_subject(self.subjects, agent) if agent else work_entry_subject(self.subjects)
+
+    async def _known_agents(self) -> set[str]:
+        """Agents with a durable consumer on the work stream (listed again every 10 s)."""
+        stale = time.monotonic() - self._agents_at > _AGENTS_EVERY
+        if stale and (self._refreshing is None or self._refreshing.done()):
+            self._refreshing = asyncio.create_task(self._list_agents())
+        if self._agents is None:
+            await asyncio.shield(self._refreshing)  # type: ignore[arg-type]
+        return self._agents or set()
+
+    async def _list_agents(self) -> None:
+        try:
+            infos = await self.nc.jetstream().consumers_info(work_stream_name(self.subjects))
+        except Exception as e:
+            log.info("cannot list the work stream's consumers: %r", e)
+            self._agents = self._agents if self._agents is not None else set()
+            return
+        self._agents = {i.name.removeprefix(CONSUMER_PREFIX) for i in infos
+                        if i.name and i.name.startswith(CONSUMER_PREFIX)}
+        self._agents_at = time.monotonic()
 
     async def _publish(self, sid: str, order: int, msg_id: str) -> None:
         try:

@@ -158,3 +158,17 @@ async def test_the_window_a_worker_keeps_follows_new_items_and_a_retract(
     await stack.send("win", "m4")
     await stack.answered("win", users=5)
     assert user_texts(fake_openai.requests[-1]) == ["m1", "m3", "m4"]
+
+
+async def test_a_session_started_for_an_agent_nobody_runs_is_answered_by_the_entry_agent(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.responder(respond)
+    await stack.start_workers(*(stack.worker(a, SEED_SPEC) for a in ("Triage", "L1Billing")))
+
+    await stack.send("nobody-1", "hello", to="Nobody")  # routing falls back to the entry agent
+    log = await stack.answered("nobody-1", users=1)
+
+    (reply,) = terminal_items(log, log[0])
+    assert reply.agent == "L1Billing"  # Triage took it, and handed off
+    assert (await delivered(stack))["Triage"] == 1
