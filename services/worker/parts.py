@@ -16,7 +16,9 @@ What the worker acts on is what the log holds -- a notice carries no content
 (:class:`~.trust.EnvelopeGate`).  The reads feed the first step of the turn
 (:class:`~.turn.Prefetch`), so deciding costs no extra round trip.
 
-A worker keeps each busy session's model window (the visible tail) from its
+A young session (its trigger among the first 32 items) is read whole in that
+one read, and its window folded from it (:func:`shared.history.visible`).
+Beyond that, a worker keeps each busy session's model window (the visible tail) from its
 last turn, as of the ``last_order`` it was read at.  The next turn's one raw
 read starts at or before that order, so it brings everything written since:
 the window is the kept one plus the new items, cut to ``history_limit`` --
@@ -36,6 +38,7 @@ from nats.aio.client import Client
 
 from shared import tracing
 from shared.client import LogClient
+from shared.history import visible
 from shared.messages import Envelope, ReadReply
 from shared.subjects import Subjects
 from shared.work import Notice, notice_msg_id, now, publish_notice, work_subject
@@ -128,17 +131,23 @@ class PartFinder:
             cached = None
         if cached is not None:
             start = min(start, cached[0])
+        young = order <= _AFTER_PAGE // 2
+        if young:
+            start = 0  # a young session is read whole: the window is folded from it
         t0 = time.perf_counter()
         routing = (self._timed(out, "routing", self.routing.active_agent(sid, order))
                    if notice.kind == "user" and known is None else _none())
         page, window, active = await asyncio.gather(
             self.client.read(sid, after=start, limit=_AFTER_PAGE, raw=True),
-            self.client.read(sid, tail=self.agent.history_limit) if cached is None else _none(),
+            self.client.read(sid, tail=self.agent.history_limit) if cached is None and not young else _none(),
             routing,
         )
+        if window is None and young and not page.more:  # the whole session: fold it here
+            window = ReadReply(session_id=sid, items=visible(page.items)[-self.agent.history_limit:],
+                               last_order=max([page.last_order, *(e.item_order for e in page.items)]),
+                               more=False)
         if window is None:  # the copy kept from the last turn, plus what came since
-            assert cached is not None
-            window = self._extend(sid, cached, page, start)
+            window = self._extend(sid, cached, page, start) if cached is not None else None
             if window is None:
                 window = await self.client.read(sid, tail=self.agent.history_limit)
         self._keep(sid, window, page)
@@ -151,9 +160,10 @@ class PartFinder:
             return out
         out.first = Prefetch(window=window, after_trigger=rest[1:], complete=not page.more)
         if is_user_message(trigger):
-            if known is not None and len(before) == order - 1 - known[0]:
+            since = [e for e in before if e.item_order > known[0]] if known is not None else []
+            if known is not None and len(since) == order - 1 - known[0]:
                 active = known[1]
-                for env in before:
+                for env in since:
                     target = handoff_target(env)
                     if target is not None and target in self.routing.spec.agents:
                         active = target

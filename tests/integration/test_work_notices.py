@@ -143,21 +143,25 @@ async def test_the_window_a_worker_keeps_follows_new_items_and_a_retract(
     spec = write_spec(stack.tmp / "short.toml", SHORT_WINDOW)
     await stack.start_workers(stack.worker("Solo", spec))
 
-    for i in range(4):  # the first turn reads the window; later ones extend the kept copy
+    # 18 turns: the first ones read the young session whole, the later ones (past
+    # item 32) extend the window kept from the turn before with what came since.
+    turns = 18
+    for i in range(turns):
         await stack.send("win", f"m{i}")
         await stack.answered("win", users=i + 1)
     # history_limit 6: the model saw the last six visible items, as the log serves them.
-    assert [user_texts(r) for r in fake_openai.requests] == \
-        [["m0"], ["m0", "m1"], ["m0", "m1", "m2"], ["m1", "m2", "m3"]]
+    expected = [[f"m{k}" for k in range(max(0, i - 2), i + 1)] for i in range(turns)]
+    assert [user_texts(r) for r in fake_openai.requests] == expected
 
-    # m2 is retracted: the kept copy cannot fold that in, so the window is read
-    # from the log again -- m2 is not in the model's input, m1 is back in it.
+    # m16 is retracted: the kept copy cannot fold that in, so the window is read
+    # from the log again -- m16 is not in the model's input, m15 is back in it.
     log = await stack.log("win")
-    (m2,) = [e for e in log if e.data.get("content") == "m2"]
-    await stack.client.append("win", [{"agent": "system", "kind": "retract", "data": {"target": m2.item_order}}])
-    await stack.send("win", "m4")
-    await stack.answered("win", users=5)
-    assert user_texts(fake_openai.requests[-1]) == ["m1", "m3", "m4"]
+    (m16,) = [e for e in log if e.data.get("content") == "m16"]
+    assert m16.item_order > 32
+    await stack.client.append("win", [{"agent": "system", "kind": "retract", "data": {"target": m16.item_order}}])
+    await stack.send("win", "m18")
+    await stack.answered("win", users=turns + 1)
+    assert user_texts(fake_openai.requests[-1]) == ["m15", "m17", "m18"]
 
 
 async def test_a_session_started_for_an_agent_nobody_runs_is_answered_by_the_entry_agent(
