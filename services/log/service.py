@@ -184,8 +184,6 @@ class LogService:
         await ensure_work_stream(js, self.subjects, replicas=self.settings.stream_replicas)
         self.notifier = Notifier(self.nc, self.subjects, kv)
         self.store.add_commit_listener(self.notifier.on_commit)
-        self.reconciler = Reconciler(self.nc, self.subjects, self.notifier, self.store)
-        self._reconciler = self._loops.start(self.reconciler.run, "notice reconciler")
 
         async def entry_hint(sid: str, agent: str) -> None:
             assert self.notifier is not None
@@ -249,6 +247,9 @@ class LogService:
         if seam.fast and not inline:
             log.warning("the append endpoint's subscription is out of reach: appends go through micro's queue")
         await self.nc.flush()
+        # Last: a service that cannot start (an items stream for other subjects) leaves no loop behind.
+        self.reconciler = Reconciler(self.nc, self.subjects, self.notifier, self.store)
+        self._reconciler = self._loops.start(self.reconciler.run, "notice reconciler")
         self.metrics.start(self, self.fanout)
         log.info(
             "log service ready: prefix=%s store=%s nats=%s",
