@@ -187,18 +187,18 @@ async def run_turn_bench(url: str, args: argparse.Namespace, spec_path: Path, ag
         level = max(args.levels)
         rate = args.turn_rate
         say(f"turns: {rate:g}/s offered over {level} sessions for {args.duration:.0f}s ...")
-        idle: asyncio.Queue[str] = asyncio.Queue()
+        free: asyncio.Queue[str] = asyncio.Queue()
         for k in range(level):
-            idle.put_nowait(f"tb-{tag}-o{level}-{k}")
+            free.put_nowait(f"tb-{tag}-o{level}-{k}")
 
         async def offered(i: int) -> float:
             # Each message goes to a session with no turn running (a user waits for the
             # reply before writing again); when all are busy it waits for one.
-            sid = await idle.get()
+            sid = await free.get()
             try:
                 return await watcher.turn(sid, PLAIN, to="L1Billing")
             finally:
-                idle.put_nowait(sid)
+                free.put_nowait(sid)
 
         runs.append(await _phase(f"{rate:g} turns/s offered, {level} sessions (open loop)", watcher, timings,
                                  client, level, args.duration, offered, rate=rate))
