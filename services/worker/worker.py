@@ -224,11 +224,18 @@ class Worker:
         self._stopping.set()
         self._room.set()
         try:
-            # 1. Stop intake: no more pulls; what still arrives is nak'd at once.
+            # 1. Stop intake: no more pulls, and the pulls still waiting on the server
+            #    lose their inbox, so what this worker gives back below goes to a
+            #    replica, not to its own pulls again.
             if self._fetch_task is not None and not self._fetch_task.done():
                 self._fetch_task.cancel()
                 with contextlib.suppress(BaseException):
                     await self._fetch_task
+            if self.consumer is not None:
+                await self.consumer.close()
+                if self.nc is not None:
+                    with contextlib.suppress(Exception):
+                        await self.nc.flush(timeout=2)
             # 2. Fetched but not started: give it back at once.
             for queue in list(self._queues.values()):
                 while queue:
