@@ -205,8 +205,14 @@ class Notifier:
             log.log(level, "notice of %s #%d not published (the reconciler will): %r", sid, order, e)
 
     async def stop(self, within: float = 2.0) -> None:
+        """Let the notices of the last commits go out (up to ``within``), then give up
+        on the rest: the reconciler of the next start republishes them."""
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=within)
+            _, pending = await asyncio.wait(set(self._tasks), timeout=within)
+            for task in pending:
+                task.cancel()
+        if self._refreshing is not None:
+            self._refreshing.cancel()
 
 
 class Reconciler:

@@ -463,8 +463,7 @@ class LogService:
                     await self._replier
             if self._reconciler is not None:  # it reads the store
                 self._reconciler.cancel()
-                with contextlib.suppress(BaseException):
-                    await self._reconciler
+                await asyncio.wait({self._reconciler}, timeout=2.0)
             if self.outbox is not None:
                 await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))
             await self.store.close()
