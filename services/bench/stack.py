@@ -20,9 +20,13 @@ __all__ = ["local_stack", "wait_service"]
 
 
 @contextlib.contextmanager
-def local_stack(keep_dir: str | None = None, *, workers: Sequence[Sequence[str]] = ()) -> Iterator[str]:
+def local_stack(
+    keep_dir: str | None = None, *, workers: Sequence[Sequence[str]] = (),
+    started: list[subprocess.Popen[bytes]] | None = None,
+) -> Iterator[str]:
     """An embedded nats-server plus ``convlog log`` on a temporary database,
-    and one ``convlog worker`` process per entry of ``workers`` (its arguments)."""
+    and one ``convlog worker`` process per entry of ``workers`` (its arguments);
+    the worker processes are appended to ``started`` when given."""
     with tempfile.TemporaryDirectory(prefix="convlog-bench-") as tmp:
         base = Path(keep_dir or tmp)
         nats_server = EmbeddedNats(base / "nats", port=-1).start()
@@ -40,6 +44,8 @@ def local_stack(keep_dir: str | None = None, *, workers: Sequence[Sequence[str]]
             )
             for w in workers
         ]
+        if started is not None:
+            started.extend(procs)
         try:
             yield nats_server.url
         finally:

@@ -41,6 +41,7 @@ import nats
 from shared.client import LogClient
 from shared.signing import Keyring, Signer
 from shared.subjects import Subjects
+from shared.work import work_stream_name
 
 from .keys_cmds import make_keys
 from .replay import Replayer, envelopes_from_db, replay_from_service
@@ -61,7 +62,7 @@ __all__ = ["DemoFailure", "packaged_agents_path", "run_demo", "wait_for_stack"]
 EXIT_OK, EXIT_FAIL, EXIT_UNAVAILABLE = 0, 1, 3
 LOG_SERVICE_NAME = "convlog-log"
 # The same strings as services.worker.rules_model.RULES_MODEL_NAME and
-# services.worker.consumer.consumer_name() (tests check): importing those modules
+# services.worker.intake.consumer_name() (tests check): importing those modules
 # would load the openai client into the demo process, seconds on a busy machine.
 RULES_MODEL_LABEL = "convlog-rules-model (offline, deterministic, not an LLM)"
 
@@ -175,7 +176,7 @@ async def _check_processes(sup: Supervisor, log_dir: Path) -> list[dict[str, Any
 
 async def _consumer_exists(nc: Any, agent: str) -> bool:
     js = nc.jetstream(timeout=2)
-    await js.consumer_info(Subjects().stream_name, consumer_name(agent))
+    await js.consumer_info(work_stream_name(Subjects()), consumer_name(agent))
     return True
 
 

@@ -10,7 +10,7 @@ Exit 0 when all of these hold, else 1 with one ``FAIL`` line per problem:
    not yet published on ``<prefix>.items.<sid>`` is at most ``--max-lag``
    seconds old (the log service reports this in its ``$SRV.STATS`` data).
 4. **Every agent's consumer is draining**: for each durable consumer
-   ``convlog-agent-<agent>`` on the items stream (and each agent of
+   ``convlog-agent-<agent>`` on the work stream (and each agent of
    ``--agents``/``CONVLOG_AGENTS`` when given: a missing consumer means no
    worker of it ever started), watched for ``--window`` seconds: envelopes
    waiting to be delivered must be delivered or acked during the window, and
@@ -131,16 +131,18 @@ async def _check_consumers(nc: Any, settings: Settings, report: Report, *, agent
                            window: float) -> None:
     import nats.js.errors
 
+    from shared.work import work_stream_name
+
     js = nc.jetstream(timeout=window + 2)
-    stream = settings.subjects.stream_name
+    stream = work_stream_name(settings.subjects)
     try:
         first = {c.name: c for c in await js.consumers_info(stream)
                  if c.name.startswith(CONSUMER_PREFIX)}
     except nats.js.errors.NotFoundError:
-        report.problems.append(f"items stream {stream} does not exist (has the log service ever run?)")
+        report.problems.append(f"work stream {stream} does not exist (has the log service ever run?)")
         return
     except Exception as e:  # JetStream unavailable (no quorum, no leader), a timeout
-        report.problems.append(f"items stream {stream}: cannot list its consumers "
+        report.problems.append(f"work stream {stream}: cannot list its consumers "
                                f"({str(e) or type(e).__name__}): is JetStream available?")
         return
     for agent in agents:
@@ -173,12 +175,12 @@ async def _check_consumers(nc: Any, settings: Settings, report: Report, *, agent
         agent = name[len(CONSUMER_PREFIX):]
         if not progress[name]:
             report.problems.append(
-                f"agent {agent}: consumer {name} has {c.num_pending} envelopes waiting and "
+                f"agent {agent}: consumer {name} has {c.num_pending} turn notices waiting and "
                 f"{c.num_ack_pending} unacked, and delivered or acked none in {window:g}s "
                 f"(is a worker for {agent} running?)")
         elif not pulled[name] and not c.num_ack_pending:
             report.problems.append(f"agent {agent}: no worker is pulling from consumer {name} "
-                                   f"(none asked for envelopes in {window:g}s)")
+                                   f"(none asked for notices in {window:g}s)")
         else:
             report.ok.append(f"agent {agent}: consumer draining ({c.num_pending} waiting, "
                              f"{c.num_ack_pending} in flight)")

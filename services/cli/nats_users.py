@@ -10,10 +10,12 @@ path relative to that config file) or paste it in:
   SQLite store's outbox) or ``<prefix>.log.>`` (the JetStream store) and
   manages the streams and buckets -- the only user that can;
 * an **agent** user appends and reads through the log service, pulls from and
-  acks *its own agent's* durable consumer only (no consumer of another agent,
-  no stream or consumer deletion), and reads the routing and heads buckets --
-  it writes no KV value: routing checkpoints are the log service's, derived
-  from the handoff items it commits (``services/log/routing_writer.py``);
+  acks *its own agent's* durable consumer on the work stream only (no consumer
+  of another agent, no stream or consumer deletion), publishes turn notices
+  (``<prefix>.work.>``: handoffs it wrote, notices it forwards), and reads the
+  routing and heads buckets -- it writes no KV value: routing checkpoints are
+  the log service's, derived from the handoff items it commits
+  (``services/log/routing_writer.py``);
 * the **gateway** user sends user messages (``<prefix>.in.>``) and reads
   (the log and the heads bucket).
 """
@@ -22,12 +24,13 @@ from __future__ import annotations
 
 from shared.signing import GATEWAY, LOG, Keyring
 from shared.subjects import Subjects
+from shared.work import work_stream_name
 
 __all__ = ["render_users"]
 
 
 def _consumer(agent: str) -> str:
-    return f"convlog-agent-{agent}"  # services.worker.consumer.consumer_name
+    return f"convlog-agent-{agent}"  # services.worker.intake.consumer_name
 
 
 def _kv_read(bucket: str) -> list[str]:
@@ -37,19 +40,20 @@ def _kv_read(bucket: str) -> list[str]:
 
 
 def _perms(role: str, agent: str, s: Subjects) -> tuple[list[str], list[str]]:
-    p, stream = s.prefix, s.stream_name
+    p, stream = s.prefix, work_stream_name(s)
     routing = s.routing_bucket
     heads = s.prefix.replace(".", "_") + "_heads"
     if role == LOG:
         # <prefix>.items.>: the SQLite store's outbox; <prefix>.log.>: the JetStream store's log streams
-        pub = [f"{p}.items.>", f"{p}.log.>", f"$KV.{routing}.>", f"$KV.{heads}.>", "$JS.API.>"]
+        pub = [f"{p}.items.>", f"{p}.log.>", f"{p}.work.>", f"$KV.{routing}.>", f"$KV.{heads}.>", "$JS.API.>"]
         sub = [f"{p}.append.>", f"{p}.read.>", f"{p}.sessions", f"{p}.in.>", "$SRV.>", "_INBOX.>"]
+        pub.append(f"$JS.ACK.{s.stream_name}.convlog-notices.>")  # the notice reconciler's acks
         return pub, sub
     if role == GATEWAY:
         return [f"{p}.in.>", f"{p}.read.>", f"{p}.sessions", "$JS.API.INFO", *_kv_read(heads)], ["_INBOX.>"]
     c = _consumer(agent)
     pub = [
-        f"{p}.append.>", f"{p}.read.>",
+        f"{p}.append.>", f"{p}.read.>", f"{p}.work.>",
         "$JS.API.INFO",
         f"$JS.API.STREAM.INFO.{stream}",
         f"$JS.API.CONSUMER.CREATE.{stream}.{c}", f"$JS.API.CONSUMER.CREATE.{stream}.{c}.>",

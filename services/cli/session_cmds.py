@@ -100,7 +100,7 @@ def message_text(args: argparse.Namespace) -> str:
 
 async def _known_agents(client: Any, settings: Settings) -> tuple[set[str], str]:
     """Agents a session may start at: the spec's, and every agent whose worker
-    has a durable consumer on this deployment's items stream."""
+    has a durable consumer on this deployment's work stream."""
     import nats.errors
     import nats.js.errors
 
@@ -114,7 +114,9 @@ async def _known_agents(client: Any, settings: Settings) -> tuple[set[str], str]
     where = f"the spec {path}"
     js = client.nc.jetstream()
     try:
-        infos = await js.consumers_info(client.subjects.stream_name)
+        from shared.work import work_stream_name
+
+        infos = await js.consumers_info(work_stream_name(client.subjects))
     except (nats.js.errors.Error, nats.errors.Error, TimeoutError):
         infos = []
     running = {i.name.removeprefix("convlog-agent-") for i in infos

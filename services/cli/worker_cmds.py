@@ -36,8 +36,8 @@ def worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("agent", metavar="AGENT", help="the agent to play, as named in the spec")
     p.add_argument("--agents", help="agents TOML [CONVLOG_AGENTS, default: the packaged "
                                     "seed support system]")
-    p.add_argument("--concurrency", type=positive_int, default=16, metavar="N",
-                   help="most turns running at once (default 16)")
+    p.add_argument("--concurrency", type=positive_int, default=64, metavar="N",
+                   help="most turns running at once (default 64)")
     p.add_argument("--ack-wait", type=positive_float, default=30.0, metavar="S",
                    help="seconds before JetStream redelivers an unacked item (default 30)")
     p.add_argument("--grace", type=non_negative_float, default=None, metavar="S",
@@ -48,6 +48,9 @@ def worker_arguments(p: argparse.ArgumentParser) -> None:
                    help="retries of a failed model call (default 4)")
     p.add_argument("--model-timeout", type=positive_float, default=60.0, metavar="S",
                    help="seconds per model request (default 60)")
+    p.add_argument("--publish-timings", action="store_true",
+                   help="publish each turn part's per-phase timings on <prefix>.timings.turn "
+                        "(read by convlog bench --turns)")
     p.add_argument("--metrics-port", metavar="PORT", help="serve Prometheus /metrics here [CONVLOG_METRICS_PORT]")
 
 
@@ -90,6 +93,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     worker = Worker(
         settings, spec, args.agent, model,
         concurrency=args.concurrency, ack_wait=args.ack_wait, max_steps=args.max_steps,
+        publish_timings=args.publish_timings,
     )
     _keep = install_signal_handlers(worker.shutdown)
     server = metrics.serve(settings, metrics.WORKER_REGISTRY, f"worker {args.agent}")

@@ -7,7 +7,11 @@ stop intake (drain the endpoint subscriptions) -> wait for in-flight requests
 up to ``grace`` -> publish what is committed -> close the store -> drain the
 connection -> log a one-line tally.  Signal handlers belong to the entrypoint.
 
-Background loops (the outbox, the replier) follow :mod:`shared.failures`:
+Committed user messages are announced to the agent that must answer them
+(turn notices, :mod:`.notices`), and lost announcements redone by the notice
+reconciler.
+
+Background loops (the outbox, the replier, the notice reconciler) follow :mod:`shared.failures`:
 transient failures are retried with backoff; a fatal one shuts the service
 down and makes ``run()`` raise :class:`~shared.failures.FatalError`, so
 ``convlog log`` exits non-zero and its process manager restarts it.
@@ -41,10 +45,12 @@ from shared.messages import AppendReply, AppendRequest
 from shared.nats_seam import NatsSeam, bind
 from shared.routing import EntryProof, encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.subjects import Subjects
+from shared.work import ensure_work_stream
 
 from .authorize import authorizer_from, head_signer_from
 from .handlers import Handlers, encode_outcome, error_reply
 from .heads import HeadWitness
+from .notices import Notifier, Reconciler
 from .outbox import Outbox, ensure_stream
 from .routing_writer import RoutingWriter
 from .store.base import LogStore
@@ -112,6 +118,9 @@ class LogService:
         self.outbox: Outbox | None = None
         self.witness: HeadWitness | None = None
         self.routing_writer: RoutingWriter | None = None
+        self.notifier: Notifier | None = None
+        self.reconciler: Reconciler | None = None
+        self._reconciler: asyncio.Task[None] | None = None
         self._verifier: Verifier | None = None
         self._service: Service | None = None
         self._inflight: set[asyncio.Task[None]] = set()
@@ -178,8 +187,14 @@ class LogService:
         if outbox_needed:
             await ensure_stream(js, self.subjects, replicas=self.settings.stream_replicas)
         kv = await ensure_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
+        # Turn notices: the agent that must answer a user message hears of it, and only it.
+        await ensure_work_stream(js, self.subjects, replicas=self.settings.stream_replicas)
+        self.notifier = Notifier(self.nc, self.subjects, kv)
+        self.store.add_commit_listener(self.notifier.on_commit)
 
         async def entry_hint(sid: str, agent: str, proof: EntryProof | None) -> None:
+            assert self.notifier is not None
+            self.notifier.note_active(sid, agent)
             value = encode_checkpoint(entry_checkpoint(agent, proof))
             with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
                 await kv.create(sid, value)
@@ -212,8 +227,11 @@ class LogService:
             assert self.outbox.task is not None
             self._loops.watch(self.outbox.task)
         # Traces reach the workers through the outbox's headers, or (a store that
-        # writes the items itself) as headers the store stores with the items.
-        self.traces = ServiceTraces(self.outbox.traces if self.outbox else {}) if tracing.enabled() else None
+        # writes the items itself) as headers the store stores with the items;
+        # a turn notice carries the user message's trace where the outbox has it.
+        trace_map: dict[tuple[str, int], bytes] = self.outbox.traces if self.outbox else {}
+        self.notifier.traces = trace_map  # the worker's turn continues the user message's trace
+        self.traces = ServiceTraces(trace_map) if tracing.enabled() else None
         self._service = await add_service(
             self.nc,
             name=SERVICE_NAME,
@@ -240,6 +258,9 @@ class LogService:
         if seam.fast and not inline:
             log.warning("the append endpoint's subscription is out of reach: appends go through micro's queue")
         await self.nc.flush()
+        # Last: a service that cannot start (an items stream for other subjects) leaves no loop behind.
+        self.reconciler = Reconciler(self.nc, self.subjects, self.notifier, self.store)
+        self._reconciler = self._loops.start(self.reconciler.run, "notice reconciler")
         self.metrics.start(self, self.fanout)
         log.info(
             "log service ready: prefix=%s store=%s nats=%s",
@@ -472,11 +493,16 @@ class LogService:
                 self._replier.cancel()
                 with contextlib.suppress(asyncio.CancelledError, FatalError):
                     await self._replier
+            if self._reconciler is not None:  # it reads the store
+                self._reconciler.cancel()
+                await asyncio.wait({self._reconciler}, timeout=2.0)
             if self.outbox is not None:
                 await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))
             await self.store.close()
             if self.routing_writer is not None:
                 await self.routing_writer.stop()
+            if self.notifier is not None:  # the notices of the last commits
+                await self.notifier.stop()
             if self.witness is not None:
                 await self.witness.stop()
             self.metrics.stop()

@@ -52,7 +52,7 @@ def turn_done(agent: str, result: Any, started: float) -> None:
     """A part of a turn ended with ``result`` (a :class:`~services.worker.turn.TurnResult`)."""
     TURNS.labels(agent, result.outcome).inc()
     TURN_SECONDS.labels(agent).observe(time.perf_counter() - started)
-    if result.handoff_to:
+    if result.handoff_to and result.outcome == "handed_off":
         HANDOFFS.labels(agent, result.handoff_to).inc()
 
 

@@ -196,9 +196,15 @@ class OpenAIChatModel:
                 longer than ``max_delay``.
             ModelRejected: a non-retryable 4xx.
         """
-        kwargs: dict[str, Any] = {"model": model, "messages": list(messages)}
+        # The messages and tools are already wire JSON (plain dicts built by
+        # .convert), so they go in ``extra_body``, which the SDK sends as is:
+        # its per-field TypedDict transform of ``messages`` costs about 0.3 ms a
+        # message on a small machine (15 ms for a 50-item window, more than the
+        # rest of a turn).  The request body is the same JSON either way.
+        body: dict[str, Any] = {"messages": list(messages)}
         if tools:  # an empty tools array is refused by the API
-            kwargs["tools"] = list(tools)
+            body["tools"] = list(tools)
+        kwargs: dict[str, Any] = {"model": model, "messages": (), "extra_body": body}
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception(_transient),
             stop=self._stop,

@@ -59,16 +59,22 @@ class EnvelopeGate:
         own = client.signer.key_id if client.signer is not None else None
         return cls(client, keyring, settings.require_signatures, agent, own)
 
+    def signature_refusal(self, env: Envelope) -> str | None:
+        """Why ``env`` (as the log holds it) must not be acted on for its signature, or ``None``."""
+        if self.keyring is not None and (reason := self.keyring.check_envelope(env)) is not None:
+            return f"bad signature: {reason}"
+        if self.require and env.sig is None:
+            return "unsigned, and signatures are required"
+        return None
+
     async def refusal(self, env: Envelope) -> str | None:
         """Why the worker must not act on ``env``, or ``None``.
 
         Raises:
             ConvlogError: the log could not be read (the caller retries later).
         """
-        if self.keyring is not None and (reason := self.keyring.check_envelope(env)) is not None:
-            return f"bad signature: {reason}"
-        if self.require and env.sig is None:
-            return "unsigned, and signatures are required"
+        if (why := self.signature_refusal(env)) is not None:
+            return why
         if (why := self.forged(env)) is not None:  # e.g. a handoff under another agent's turn id
             return f"forged: {why}"
         page = await self.client.read(env.session_id, after=env.item_order - 1, limit=1, raw=True)

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -80,9 +81,11 @@ from .tools import (
     output_item,
 )
 from .turn_ids import parse_turn_item_id, turn_item_id
+from .turn_types import Prefetch, TurnBusyError, TurnPart, TurnResult
 
 __all__ = [
     "DEFAULT_MAX_STEPS",
+    "Prefetch",
     "TurnBusyError",
     "TurnPart",
     "TurnResult",
@@ -92,47 +95,6 @@ __all__ = [
 log = logging.getLogger("convlog.worker.turn")
 
 DEFAULT_MAX_STEPS = 10
-
-
-class TurnBusyError(RuntimeError):
-    """The session kept changing under the turn; try the delivery again later."""
-
-
-@dataclass(frozen=True, slots=True)
-class TurnPart:
-    """The stretch of a turn one agent plays.
-
-    Attributes:
-        session_id: the session.
-        turn: the turn key (:func:`.turn_ids.turn_key` of the user item's id).
-        start: ``item_order`` of the trigger (user message or handoff output).
-        after_step: the last step number used before this part (0 for a user
-            message; the handoff's step for a continuation).
-    """
-
-    session_id: str
-    turn: str
-    start: int
-    after_step: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class TurnResult:
-    """What running a part did.
-
-    Attributes:
-        outcome: ``replied``, ``handed_off``, ``failed`` (a system item was
-            written), or ``done`` (the log already held this part's end:
-            nothing written).
-        model_calls: model calls made.
-        items_written: items this call appended (duplicates not counted).
-        handoff_to: the target of the handoff, for ``handed_off``.
-    """
-
-    outcome: str
-    model_calls: int = 0
-    items_written: int = 0
-    handoff_to: str | None = None
 
 
 @dataclass(slots=True)
@@ -190,13 +152,19 @@ class TurnRunner:
         self._prompt = agent_system_prompt(agent)
         self._tools = agent_tool_schemas(agent)
 
-    async def run(self, part: TurnPart, *, fail_reason: str | None = None) -> TurnResult:
+    async def run(
+        self, part: TurnPart, *, fail_reason: str | None = None, first: Prefetch | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> TurnResult:
         """Play ``part`` until it replies, hands off, fails, or turns out done.
 
         Args:
             part: the part to play.
             fail_reason: end the turn at once with a ``system`` item saying
                 this (unless the log shows it finished already).
+            first: reads already made for the first step.
+            timings: when given, seconds spent are added under
+                ``history_read``, ``model`` and ``reply_append``.
 
         Raises:
             TurnBusyError: too many conflicting writes; retry later.
@@ -204,22 +172,26 @@ class TurnRunner:
                 retry later; the ids make the retry safe).
         """
         model_calls = written = conflicts = 0
+        clock = timings if timings is not None else {}
         while True:
-            state = await tracing.traced("convlog.history_read", None, self._read(part))
+            t0 = time.perf_counter()
+            state = await tracing.traced("convlog.history_read", None, self._read(part, first))
+            first = None
+            _add(clock, "history_read", t0)
             if state.finished is not None:
                 return TurnResult("done", model_calls, written)
             if state.handoff is not None:
-                return TurnResult("done", model_calls, written)
+                return TurnResult("done", model_calls, written, *state.handoff)
             if state.pending is not None and fail_reason is None:
                 # Committed calls are never asked of the model again: finish them.
                 done = await self._finish_calls(part, state.pending)
                 written += done.written
                 if done.handoff is not None:
-                    return TurnResult("handed_off", model_calls, written, done.handoff[0])
+                    return TurnResult("handed_off", model_calls, written, *done.handoff)
                 if done.raced:
                     conflicts = await self._backoff(part, conflicts)
                 continue
-            if state.newest > state.last_order:
+            if state.newest != state.last_order:
                 # Written between our two reads: read a consistent view again.
                 conflicts = await self._backoff(part, conflicts)
                 continue
@@ -232,7 +204,10 @@ class TurnRunner:
                 )
             else:
                 model_calls += 1
+                t0 = time.perf_counter()
                 step = await self._model_step(part, step_no, state)
+                _add(clock, "model", t0)
+            t0 = time.perf_counter()
             try:
                 ack = await self._append(part, step, state.last_order)
             except TooLargeError as e:
@@ -243,6 +218,7 @@ class TurnRunner:
                     ack = None
             except ConflictError:
                 ack = None
+            _add(clock, "reply_append", t0)
             if ack is None:
                 conflicts = await self._backoff(part, conflicts)
                 continue
@@ -250,7 +226,8 @@ class TurnRunner:
                 continue  # this step was already in the log: read where the turn stands
             written += len(step.items)
             if step.handoff_to is not None:  # the log service checkpoints the routing
-                return TurnResult("handed_off", model_calls, written, step.handoff_to)
+                order = next(i.item_order for i in ack.items if i.item_id == step.handoff_item_id)
+                return TurnResult("handed_off", model_calls, written, step.handoff_to, order)
             if step.terminal is not None:
                 return TurnResult(step.terminal, model_calls, written)
             # A tool step: its calls are committed; the next read finds them pending and
@@ -266,15 +243,36 @@ class TurnRunner:
         return conflicts
 
     # -- reading ----------------------------------------------------------------
-    async def _read(self, part: TurnPart) -> _State:
-        """The model's window, then where this turn stands (see the module docstring)."""
-        rep = await self.client.read(part.session_id, tail=self.agent.history_limit)
+    async def _after(self, part: TurnPart, first: Prefetch | None) -> list[Envelope]:
+        if first is not None and first.complete:
+            return first.after_trigger
+        items = list(first.after_trigger) if first is not None else []
+        after = items[-1].item_order if items else part.start
+        items += [env async for env in self.client.iter_items(part.session_id, after=after, raw=True)]
+        return items
+
+    async def _read(self, part: TurnPart, first: Prefetch | None = None) -> _State:
+        """The model's window and where this turn stands (see the module docstring).
+
+        Both reads go out at once, so they may see the log at two moments: when
+        the items after the trigger end elsewhere than the window's
+        ``last_order`` (``newest != last_order``), something was written
+        between them and the part reads again.
+        """
+        if first is not None:
+            rep, after = first.window, await self._after(part, first)
+        else:
+            rep, after = await asyncio.gather(
+                self.client.read(part.session_id, tail=self.agent.history_limit),
+                self._after(part, None),
+            )
         window = [e for e in rep.items if not self._forged(e, part, in_turn=False)]
-        last_order = max([rep.last_order, *(e.item_order for e in rep.items)])
-        state = _State(window=window, last_order=last_order, newest=last_order,
+        last_order = max([rep.last_order, *(e.item_order for e in window)])
+        # newest: how far the items after the trigger reach (read at its own moment)
+        state = _State(window=window, last_order=last_order, newest=part.start,
                        last_step=part.after_step)
         ledger = CallLedger(self.agent.name)
-        async for env in self.client.iter_items(part.session_id, after=part.start, raw=True):
+        for env in after:
             state.newest = max(state.newest, env.item_order)
             tid = parse_turn_item_id(env.item_id)
             if tid is None or tid.turn != part.turn:
@@ -380,3 +378,7 @@ class TurnRunner:
         """Run the committed calls' missing tools (:func:`.tools.finish_calls`)."""
         return await finish_calls(self.client, self.agent, part.session_id, part.turn, pending,
                                   time_limit=self.tool_timeout)
+
+
+def _add(clock: dict[str, float], key: str, t0: float) -> None:
+    clock[key] = clock.get(key, 0.0) + time.perf_counter() - t0

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import nats
-from nats.js.api import ConsumerConfig, StreamConfig
+from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
 
 from shared.client import LogClient
 from shared.errors import UnavailableError
@@ -29,6 +29,7 @@ from tests.support.procs import Proc
 from tests.support.workerstack import write_spec
 
 STREAM = SUBJECTS.stream_name
+WORK = "CONVLOG_WORK"
 
 
 def _item(text: str) -> AppendItem:
@@ -216,18 +217,18 @@ async def _worker_exit(url: str, tmp_path: Path) -> tuple[int, str]:
 async def test_a_worker_on_a_stream_for_other_subjects_exits_1(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    """The items stream exists but captures other subjects: the agent's
-    consumer would wait forever for items that never come (a silent stall)."""
+    """The work stream exists but captures other subjects: the agent's
+    consumer would wait forever for notices that never come (a silent stall)."""
     nc = await nats.connect(nats_server.url)
-    await nc.jetstream().add_stream(StreamConfig(name=STREAM, subjects=["elsewhere.>"]))
+    await nc.jetstream().add_stream(StreamConfig(name=WORK, subjects=["elsewhere.>"]))
     await nc.close()
 
     code, output = await _worker_exit(nats_server.url, tmp_path)
 
     assert code == 1, output
     line = _fatal_line(output)
-    assert re.search(r"worker Solo pulls stopped: StreamConfigError: the items stream "
-                     r"CONVLOG_ITEMS captures \['elsewhere\.>'\], not convlog\.items\.>", line), line
+    assert re.search(r"worker Solo pulls stopped: StreamConfigError: the work stream "
+                     r"CONVLOG_WORK captures \['elsewhere\.>'\], not convlog\.work\.>", line), line
     assert output.rstrip().splitlines()[-1].startswith("convlog worker: worker Solo pulls stopped")
 
 
@@ -238,8 +239,9 @@ async def test_a_worker_whose_consumer_cannot_be_created_exits_1(
     consumer is refused, and "keeping the existing consumer" would keep nothing."""
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
-    await js.add_stream(StreamConfig(name=STREAM, subjects=[SUBJECTS.items_all], max_consumers=1))
-    await js.add_consumer(STREAM, ConsumerConfig(durable_name="someone-else"))
+    await js.add_stream(StreamConfig(name=WORK, subjects=["convlog.work.>"], max_consumers=1,
+                                     retention=RetentionPolicy.WORK_QUEUE))
+    await js.add_consumer(WORK, ConsumerConfig(durable_name="someone-else", filter_subject="convlog.work.x"))
     await nc.close()
 
     code, output = await _worker_exit(nats_server.url, tmp_path)
@@ -247,4 +249,4 @@ async def test_a_worker_whose_consumer_cannot_be_created_exits_1(
     assert code == 1, output
     line = _fatal_line(output)
     assert re.search(r"worker Solo pulls stopped: ConsumerConfigError: cannot create the consumer "
-                     r"convlog-agent-Solo on the items stream CONVLOG_ITEMS: maximum consumers", line), line
+                     r"convlog-agent-Solo on the work stream CONVLOG_WORK: maximum consumers", line), line

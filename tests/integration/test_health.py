@@ -57,7 +57,7 @@ async def test_health_names_a_stopped_worker_then_a_stopped_log_service_then_nat
     assert code == 1, out
     assert fails(out) == [
         "FAIL  agent Triage: no worker is pulling from consumer convlog-agent-Triage "
-        "(none asked for envelopes in 1s)"
+        "(none asked for notices in 1s)"
     ]
 
     # A user message arrives: it waits on Triage's consumer and nobody takes it.
@@ -65,7 +65,7 @@ async def test_health_names_a_stopped_worker_then_a_stopped_log_service_then_nat
     code, out = await health(stack)
     assert code == 1, out
     (line,) = fails(out)
-    assert line.startswith("FAIL  agent Triage: consumer convlog-agent-Triage has 1 envelopes "
+    assert line.startswith("FAIL  agent Triage: consumer convlog-agent-Triage has 1 turn notices "
                            "waiting"), out
     assert "is a worker for Triage running?" in line
 

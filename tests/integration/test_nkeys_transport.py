@@ -25,6 +25,7 @@ from tests.support.procs import REPO_ROOT, Proc
 
 SPEC = REPO_ROOT / "deploy" / "agents.toml"
 STREAM = "CONVLOG_ITEMS"
+WORK = "CONVLOG_WORK"  # the work stream, where the agents' consumers are
 
 
 async def test_each_key_is_a_nats_user_with_only_its_role(tmp_path: Path) -> None:
@@ -84,12 +85,12 @@ async def test_each_key_is_a_nats_user_with_only_its_role(tmp_path: Path) -> Non
             for attempt in (
                 js.delete_stream(STREAM),
                 js.purge_stream(STREAM),
-                js.delete_consumer(STREAM, "convlog-agent-L1Billing"),
-                js.consumer_info(STREAM, "convlog-agent-L1Billing"),
+                js.delete_consumer(WORK, "convlog-agent-L1Billing"),
+                js.consumer_info(WORK, "convlog-agent-L1Billing"),
             ):
                 with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
                     await attempt
-            stolen = await js.pull_subscribe_bind(durable="convlog-agent-L1Billing", stream=STREAM)
+            stolen = await js.pull_subscribe_bind(durable="convlog-agent-L1Billing", stream=WORK)
             with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
                 await stolen.fetch(1, timeout=1)
             # It reads the routing bucket but cannot move a session: only the log service
@@ -105,8 +106,8 @@ async def test_each_key_is_a_nats_user_with_only_its_role(tmp_path: Path) -> Non
 
             def refused() -> None:
                 for subject in (f"$JS.API.STREAM.DELETE.{STREAM}", f"$JS.API.STREAM.PURGE.{STREAM}",
-                                f"$JS.API.CONSUMER.DELETE.{STREAM}.convlog-agent-L1Billing",
-                                f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.convlog-agent-L1Billing",
+                                f"$JS.API.CONSUMER.DELETE.{WORK}.convlog-agent-L1Billing",
+                                f"$JS.API.CONSUMER.MSG.NEXT.{WORK}.convlog-agent-L1Billing",
                                 "convlog.items.t1", "convlog.append.t1", "$KV.convlog_routing.t1"):
                     assert any("permissions violation" in e.lower() and subject.lower() in e.lower() for e in errors), (
                         subject, errors)
@@ -116,7 +117,7 @@ async def test_each_key_is_a_nats_user_with_only_its_role(tmp_path: Path) -> Non
             await thief.close()
         sjs = svc.nc.jetstream()
         assert (await sjs.stream_info(STREAM)).state.messages == before  # nothing got in
-        assert (await sjs.consumer_info(STREAM, "convlog-agent-L1Billing")).name == "convlog-agent-L1Billing"
+        assert (await sjs.consumer_info(WORK, "convlog-agent-L1Billing")).name == "convlog-agent-L1Billing"
         assert (await (await sjs.key_value("convlog_routing")).get("t1")).value == routed
     finally:
         for p in procs:

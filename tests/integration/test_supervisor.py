@@ -237,7 +237,7 @@ def test_convlog_demo_runs_as_ci_runs_it(tmp_path: Path) -> None:
 
 
 def test_demo_constants_match_the_worker() -> None:
-    from services.worker.consumer import consumer_name as worker_consumer_name
+    from services.worker.intake import consumer_name as worker_consumer_name
     from services.worker.rules_model import RULES_MODEL_NAME
 
     assert RULES_MODEL_LABEL == RULES_MODEL_NAME

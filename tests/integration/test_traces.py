@@ -86,7 +86,7 @@ async def test_one_user_message_is_one_trace_from_send_to_the_last_agent(
     assert log_in.attributes["convlog.first_order"] == ack.first_order
 
     triage = _find(spans, "convlog.turn", agent="Triage")
-    assert triage.parent.span_id == log_in.context.span_id  # through the items stream
+    assert triage.parent.span_id == log_in.context.span_id  # through the turn notice
     assert triage.attributes["convlog.item_order"] == ack.first_order
     inside = _children(spans, triage)
     assert [s.name for s in inside if s.name != "convlog.append"][:2] == \
@@ -96,7 +96,7 @@ async def test_one_user_message_is_one_trace_from_send_to_the_last_agent(
     assert log_append.name == "convlog.log.append"
 
     billing = _find(spans, "convlog.turn", agent="L1Billing")
-    assert billing.parent.span_id == log_append.context.span_id  # the handoff output's item
+    assert billing.parent.span_id == triage.context.span_id  # through the handoff's notice
     assert {s.name for s in _children(spans, billing)} >= {"convlog.history_read", "convlog.model_call",
                                                            "convlog.append"}
     for span in (log_in, triage, *inside, log_append, billing):

@@ -1,0 +1,315 @@
+"""Turn notices for user messages: published after the commit, redone if lost.
+
+The log service tells the agent that must answer a committed user message,
+and only that agent (:mod:`shared.work` has the notice and its subjects):
+
+* :class:`Notifier` is a commit listener (both stores call it, in commit
+  order, once the items are durable).  For each user message it publishes a
+  notice on ``<prefix>.work.agent.<active>``, where ``active`` is the agent
+  the last handoff output this process committed in that session names, or
+  else the routing checkpoint in the KV bucket (the ``to`` of a new session,
+  or what workers recorded), or else ``<prefix>.work.entry`` -- which is also
+  where a notice goes when no agent of that name has a consumer on the work
+  stream (a ``to`` naming an agent nobody runs: the entry agent answers, as
+  routing says).  The address is a hint: a worker that finds another agent
+  active forwards the notice.
+* :class:`Reconciler` redoes lost notices.  A crash between the commit and
+  the notice's publish (or a publish the work stream never acknowledged)
+  would strand the message, so a durable consumer on the items stream, shared
+  by every log-service instance, looks at each committed user message a
+  moment later and republishes its notice with the same ``Nats-Msg-Id``
+  unless this process already published it (or the store does not hold that
+  very envelope: one forged on the items subject is not announced): the work stream drops the copy
+  of a notice it holds (or held within its duplicate window), and a late copy
+  only costs a worker a read of a finished turn.  It acks only after the
+  republish, so after a restart it starts where the crashed process stopped.
+  On either store the items stream exists, so one mechanism serves both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from shared.failures import is_transient
+from shared.routing import decode_checkpoint
+from shared.subjects import Subjects
+from shared.work import (
+    Notice,
+    handoff_target_of,
+    notice_msg_id,
+    now,
+    publish_notice,
+    work_entry_subject,
+    work_stream_name,
+    work_subject,
+)
+
+from .store.base import Committed, LogStore
+
+__all__ = ["RECONCILER", "Notifier", "Reconciler"]
+
+log = logging.getLogger("convlog.log.notices")
+
+#: The reconciler's durable consumer on the items stream.
+RECONCILER = "convlog-notices"
+_MISSING_KEY = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError)
+_USER = b'"agent":"user"'
+#: The agents' consumers on the work stream (services.worker.intake.consumer_name).
+CONSUMER_PREFIX = "convlog-agent-"
+_AGENTS_EVERY = 10.0
+_HANDOFF = b'"function_call_output"'
+
+
+class _Head(msgspec.Struct):
+    session_id: str
+    item_order: int
+    agent: str
+    kind: str = "item"
+    data: dict[str, Any] = {}
+
+
+_head = msgspec.json.Decoder(_Head)
+
+
+def _is_user_message(env: _Head) -> bool:
+    d = env.data
+    return env.kind == "item" and env.agent == "user" and d.get("role") == "user" \
+        and d.get("type", "message") == "message"
+
+
+class Notifier:
+    """Publishes the notice of each committed user message (see the module docstring).
+
+    Args:
+        nc: the log service's connection.
+        subjects: subject names.
+        kv: the routing bucket (read only: the checkpoint's ``active``).
+        remember: sessions whose last handoff target is kept in memory.
+    """
+
+    def __init__(self, nc: Client, subjects: Subjects, kv: Any, *, remember: int = 100_000) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.kv = kv
+        self.remember = remember
+        self.published = 0
+        self.failed = 0
+        self._active: OrderedDict[str, str] = OrderedDict()
+        self._sent: OrderedDict[str, None] = OrderedDict()  # msg ids published (or being)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._agents: set[str] | None = None  # agents with a consumer on the work stream
+        self._agents_at = 0.0
+        self._refreshing: asyncio.Task[None] | None = None
+        #: traceparent per committed item, (sid, order) -> bytes (services/log/traces.py)
+        self.traces: dict[tuple[str, int], bytes] = {}
+
+    def on_commit(self, committed: Sequence[Committed]) -> None:
+        """Commit listener: a notice per user message, in commit order per session."""
+        for c in committed:
+            env = c.envelope
+            user = _USER in env
+            if not user and _HANDOFF not in env:
+                continue
+            try:
+                head = _head.decode(env)
+            except msgspec.DecodeError:
+                continue
+            if not user:
+                target = handoff_target_of(head.data) if head.kind == "item" else None
+                if target is not None:
+                    self.note_active(head.session_id, target)
+                continue
+            if _is_user_message(head):
+                self._start(head.session_id, head.item_order)
+
+    def was_sent(self, msg_id: str) -> bool:
+        return msg_id in self._sent
+
+    def note_active(self, sid: str, agent: str) -> None:
+        """Remember that ``agent`` answers ``sid``'s next user message (``""``: the entry agent)."""
+        self._active[sid] = agent
+        self._active.move_to_end(sid)
+        if len(self._active) > self.remember:
+            self._active.popitem(last=False)
+
+    def _start(self, sid: str, order: int) -> None:
+        msg_id = notice_msg_id(sid, order)
+        self._sent[msg_id] = None
+        if len(self._sent) > self.remember:
+            self._sent.popitem(last=False)
+        task = asyncio.create_task(self._publish(sid, order, msg_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def address(self, sid: str, order: int = 0) -> str:
+        """The subject the user message at ``order`` of ``sid`` is announced on."""
+        agent = self._active.get(sid)
+        if agent is None and order == 1:
+            agent = ""  # a new session: only a `to` (noted by the handler) names its agent
+        if agent is None:
+            try:
+                entry = await self.kv.get(sid)
+                agent = decode_checkpoint(entry.value or b"").active
+            except (*_MISSING_KEY, msgspec.DecodeError):
+                agent = ""
+            if sid not in self._active:  # a handoff committed meanwhile is newer
+                self.note_active(sid, agent)
+        if agent and agent not in await self._known_agents():
+            agent = ""
+        return work_subject(self.subjects, agent) if agent else work_entry_subject(self.subjects)
+
+    async def _known_agents(self) -> set[str]:
+        """Agents with a durable consumer on the work stream (listed again every 10 s)."""
+        stale = time.monotonic() - self._agents_at > _AGENTS_EVERY
+        if stale and (self._refreshing is None or self._refreshing.done()):
+            self._refreshing = asyncio.create_task(self._list_agents())
+        if self._agents is None:
+            await asyncio.shield(self._refreshing)  # type: ignore[arg-type]
+        return self._agents or set()
+
+    async def _list_agents(self) -> None:
+        try:
+            infos = await self.nc.jetstream().consumers_info(work_stream_name(self.subjects))
+        except Exception as e:
+            log.info("cannot list the work stream's consumers: %r", e)
+            self._agents = self._agents if self._agents is not None else set()
+            return
+        self._agents = {i.name.removeprefix(CONSUMER_PREFIX) for i in infos
+                        if i.name and i.name.startswith(CONSUMER_PREFIX)}
+        self._agents_at = time.monotonic()
+
+    async def _publish(self, sid: str, order: int, msg_id: str) -> None:
+        try:
+            notice = Notice(session_id=sid, item_order=order, kind="user", ts=now())
+            parent = self.traces.get((sid, order))  # the outbox pops it, for the items subject
+            headers = {"traceparent": parent.decode()} if parent else None
+            await publish_notice(self.nc, await self.address(sid, order), notice, msg_id, headers=headers)
+            self.published += 1
+        except Exception as e:
+            # The reconciler republishes it; a bug here must still be seen.
+            self._sent.pop(msg_id, None)
+            self.failed += 1
+            level = logging.INFO if is_transient(e) or isinstance(e, nats.errors.Error) else logging.ERROR
+            log.log(level, "notice of %s #%d not published (the reconciler will): %r", sid, order, e)
+
+    async def stop(self, within: float = 2.0) -> None:
+        """Let the notices of the last commits go out (up to ``within``), then give up
+        on the rest: the reconciler of the next start republishes them."""
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=within)
+            for task in pending:
+                task.cancel()
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+
+
+class Reconciler:
+    """Republishes the notices of user messages the :class:`Notifier` may have lost.
+
+    Args:
+        nc: the log service's connection.
+        subjects: subject and stream names.
+        notifier: addresses and publishes; knows what this process already sent.
+        store: the log (what the items stream says is checked against it).
+        interval: seconds between sweeps when idle.
+    """
+
+    def __init__(self, nc: Client, subjects: Subjects, notifier: Notifier, store: LogStore, *,
+                 interval: float = 2.0) -> None:
+        self.nc = nc
+        self.store = store
+        self.subjects = subjects
+        self.notifier = notifier
+        self.interval = interval
+        self.republished = 0
+        self._sub: Any = None
+
+    async def bind(self) -> None:
+        js = self.nc.jetstream()
+        stream = self.subjects.stream_name
+        try:
+            await js.consumer_info(stream, RECONCILER)
+        except nats.js.errors.NotFoundError:
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
+                await js.add_consumer(stream, ConsumerConfig(
+                    name=RECONCILER, durable_name=RECONCILER,
+                    description="convlog log service: republishes lost turn notices",
+                    # From now on: items committed before the first start have had their turns.
+                    deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.ALL,
+                    ack_wait=30.0, max_deliver=-1, filter_subject=self.subjects.items_all,
+                ))
+        self._sub = await js.pull_subscribe_bind(durable=RECONCILER, stream=stream)
+
+    async def run(self) -> None:
+        """One sweep after another until cancelled (transient failures are waited out)."""
+        try:
+            while True:
+                try:
+                    if self._sub is None:
+                        await self.bind()
+                    await self.sweep()
+                except Exception as e:
+                    if not (is_transient(e) or isinstance(e, nats.errors.Error | nats.js.errors.Error)):
+                        raise
+                    log.info("notice reconciler: %r; retrying", e)
+                    await self._unbind()
+                await asyncio.sleep(self.interval)
+        finally:
+            await self._unbind()  # a pull subscription left behind holds up the connection's drain
+
+    async def _unbind(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _held(self, head: _Head, envelope: bytes) -> bool:
+        page = await self.store.read(head.session_id, after=head.item_order - 1, limit=1,
+                                     max_bytes=len(envelope) + 1024)
+        if page.items and page.items[0] == envelope:
+            return True
+        log.warning("items stream: %s #%d is not what the log holds; not announced",
+                    head.session_id[:128], head.item_order)
+        return False
+
+    async def sweep(self) -> int:
+        """Look at every item committed since the last sweep; returns notices republished."""
+        assert self._sub is not None
+        done = 0
+        while True:
+            try:
+                msgs = await self._sub.fetch(batch=256, timeout=0.5)
+            except TimeoutError:
+                return done
+            for msg in msgs:
+                if _USER not in msg.data:
+                    continue
+                try:
+                    head = _head.decode(msg.data)
+                except msgspec.DecodeError:
+                    continue
+                if not _is_user_message(head):
+                    continue
+                msg_id = notice_msg_id(head.session_id, head.item_order)
+                if self.notifier.was_sent(msg_id) or not await self._held(head, msg.data):
+                    continue
+                notice = Notice(session_id=head.session_id, item_order=head.item_order, ts=now())
+                await publish_notice(self.nc, await self.notifier.address(head.session_id), notice, msg_id)
+                self.republished += 1
+                done += 1
+            if msgs:
+                await msgs[-1].ack()  # AckPolicy.ALL: everything up to it
+            if len(msgs) < 256:
+                return done

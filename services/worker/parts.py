@@ -1,0 +1,250 @@
+"""From a turn notice to the part this agent plays (or to the agent that must).
+
+A notice (:mod:`shared.work`) only names an item.  The worker reads, at once
+and concurrently: the trigger and everything after it (raw), the model's
+window (the visible tail), and -- for a user message -- the session's active
+agent (:mod:`.routing`, computed from the log before that message).  Then:
+
+* a user message whose active agent is this one: play the turn;
+* a handoff output (written by a turn) naming this agent: continue the turn;
+* a user message another agent must answer (the address was a stale hint):
+  forward the notice to that agent's subject;
+* anything else: nothing to do.
+
+What the worker acts on is what the log holds -- a notice carries no content
+-- and, with a keyring, the trigger's signature is checked
+(:class:`~.trust.EnvelopeGate`).  The reads feed the first step of the turn
+(:class:`~.turn.Prefetch`), so deciding costs no extra round trip.
+
+A young session (its trigger among the first 32 items) is read whole in that
+one read, and its window folded from it (:func:`shared.history.visible`).
+Beyond that, a worker keeps each busy session's model window (the visible tail) from its
+last turn, as of the ``last_order`` it was read at.  The next turn's one raw
+read starts at or before that order, so it brings everything written since:
+the window is the kept one plus the new items, cut to ``history_limit`` --
+unless a ``retract`` or ``clear`` came (or the read did not reach back
+contiguously), and then the window is read from the log again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client
+
+from shared import tracing
+from shared.client import LogClient
+from shared.history import visible
+from shared.messages import Envelope, ReadReply
+from shared.subjects import Subjects
+from shared.work import Notice, notice_msg_id, now, publish_notice, work_subject
+
+from .routing import Routing, handoff_target
+from .spec import AgentSpec
+from .turn import Prefetch, TurnPart
+from .turn_ids import parse_turn_item_id, turn_key
+
+__all__ = ["Decision", "PartFinder", "announce_handoff"]
+
+#: Items read after the trigger in the first read (a turn writes a few).
+_AFTER_PAGE = 64
+#: Sessions whose model window a worker keeps between turns.
+_WINDOWS = 2_000
+
+
+@dataclass
+class Decision:
+    """What to do with one notice.
+
+    Attributes:
+        part: the part to play, or ``None``.
+        forward_to: the agent the notice must go to instead.
+        trigger: the trigger as the log holds it (``None``: not in the log).
+        first: the reads for the part's first step.
+        timings: seconds spent, by phase (``routing``, ``history_read``).
+    """
+
+    part: TurnPart | None = None
+    forward_to: str | None = None
+    trigger: Envelope | None = None
+    first: Prefetch | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def is_user_message(env: Envelope) -> bool:
+    data = env.data
+    return env.kind == "item" and env.agent == "user" and data.get("role") == "user" \
+        and data.get("type", "message") == "message"
+
+
+class PartFinder:
+    """Decides what a notice asks of ``agent``.
+
+    The active agent before a user message at order ``n`` is a fact about the
+    log prefix before ``n``, which never changes; so what this worker learnt
+    ("after item ``k``, ``X`` is active") stays true, and the next turn of the
+    session only has to scan the items after ``k``, which the read of the
+    trigger fetches anyway (it starts at ``k``).  Without such a fact (another
+    replica played the session, or this worker restarted) it asks
+    :meth:`.routing.Routing.active_agent`, concurrently with the reads.
+
+    Args:
+        client: reads the log.
+        routing: computes the active agent.
+        agent: the agent this worker plays.
+        remember: sessions whose last known routing fact is kept.
+    """
+
+    def __init__(self, client: LogClient, routing: Routing, agent: AgentSpec, *, remember: int = 10_000) -> None:
+        self.client = client
+        self.routing = routing
+        self.agent = agent
+        self.remember = remember
+        self._known: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        #: per session: (last_order, the visible window as of it), from the last turn's reads
+        self._windows: OrderedDict[str, tuple[int, list[Envelope]]] = OrderedDict()
+
+    def learn(self, session_id: str, after_order: int, active: str) -> None:
+        """Record "after item ``after_order``, ``active`` is the active agent"."""
+        old = self._known.get(session_id)
+        if old is not None and old[0] >= after_order:
+            return
+        self._known[session_id] = (after_order, active)
+        self._known.move_to_end(session_id)
+        if len(self._known) > self.remember:
+            self._known.popitem(last=False)
+
+    async def decide(self, notice: Notice) -> Decision:
+        """Raises: ConvlogError: the log could not be read (the caller retries later)."""
+        sid, order = notice.session_id, notice.item_order
+        out = Decision()
+        known = self._known.get(sid) if notice.kind == "user" else None
+        if known is not None and not order - _AFTER_PAGE // 2 <= known[0] < order:
+            known = None  # too far back to scan in the first read
+        start = known[0] if known is not None else order - 1
+        cached = self._windows.get(sid)
+        if cached is not None and not order - _AFTER_PAGE // 2 <= cached[0] < order:
+            cached = None
+        if cached is not None:
+            start = min(start, cached[0])
+        young = order <= _AFTER_PAGE // 2
+        if young:
+            start = 0  # a young session is read whole: the window is folded from it
+        t0 = time.perf_counter()
+        routing = (self._timed(out, "routing", self.routing.active_agent(sid, order))
+                   if notice.kind == "user" and known is None else _none())
+        page, window, active = await asyncio.gather(
+            self.client.read(sid, after=start, limit=_AFTER_PAGE, raw=True),
+            self.client.read(sid, tail=self.agent.history_limit) if cached is None and not young else _none(),
+            routing,
+        )
+        if window is None and young and not page.more:  # the whole session: fold it here
+            window = ReadReply(session_id=sid, items=visible(page.items)[-self.agent.history_limit:],
+                               last_order=max([page.last_order, *(e.item_order for e in page.items)]),
+                               more=False)
+        if window is None:  # the copy kept from the last turn, plus what came since
+            window = self._extend(sid, cached, page, start) if cached is not None else None
+            if window is None:
+                window = await self.client.read(sid, tail=self.agent.history_limit)
+        self._keep(sid, window, page)
+        out.timings["history_read"] = time.perf_counter() - t0
+        before = [e for e in page.items if e.item_order < order]
+        rest = [e for e in page.items if e.item_order >= order]
+        trigger = rest[0] if rest and rest[0].item_order == order else None
+        out.trigger = trigger
+        if trigger is None or trigger.kind != "item":
+            return out
+        out.first = Prefetch(window=window, after_trigger=rest[1:], complete=not page.more)
+        if is_user_message(trigger):
+            since = [e for e in before if e.item_order > known[0]] if known is not None else []
+            if known is not None and len(since) == order - 1 - known[0]:
+                active = known[1]
+                for env in since:
+                    target = handoff_target(env)
+                    if target is not None and target in self.routing.spec.agents:
+                        active = target
+            elif active is None:
+                active = await self._timed(out, "routing", self.routing.active_agent(sid, order))
+            assert active is not None
+            self.learn(sid, order - 1, active)
+            if active != self.agent.name:
+                out.forward_to = active
+                return out
+            out.part = TurnPart(sid, turn_key(trigger.item_id), order, 0)
+            return out
+        target = handoff_target(trigger)
+        if target is None:
+            return out
+        tid = parse_turn_item_id(trigger.item_id)
+        if tid is None:  # a handoff output not written by a turn: nobody's part
+            return out
+        if target in self.routing.spec.agents:
+            self.learn(sid, order, target)
+        if target != self.agent.name:
+            if target in self.routing.spec.agents:
+                out.forward_to = target
+            return out
+        out.part = TurnPart(sid, tid.turn, order, tid.step)
+        return out
+
+    def _extend(self, sid: str, cached: tuple[int, list[Envelope]], page: ReadReply,
+                start: int) -> ReadReply | None:
+        """The window as of ``page``: the kept one plus the visible items read since,
+        or ``None`` when only the log can say (a retract or clear, a gap, a long page)."""
+        last, items = cached
+        orders = [e.item_order for e in page.items]
+        if page.more or orders != list(range(start + 1, start + 1 + len(orders))):
+            return None
+        new = [e for e in page.items if e.item_order > last]
+        if any(e.kind != "item" for e in new):
+            return None
+        window = (items + new)[-self.agent.history_limit:]
+        return ReadReply(session_id=sid, items=window, last_order=max([page.last_order, last, *orders]),
+                         more=False)
+
+    def _keep(self, sid: str, window: ReadReply, page: ReadReply) -> None:
+        """Keep the window for the session's next turn, if both reads saw the same log."""
+        newest = max([page.last_order, *(e.item_order for e in page.items)])
+        if window.last_order != newest or page.more:
+            self._windows.pop(sid, None)
+            return
+        self._windows[sid] = (newest, list(window.items))
+        self._windows.move_to_end(sid)
+        if len(self._windows) > _WINDOWS:
+            self._windows.popitem(last=False)
+
+    @staticmethod
+    async def _timed(out: Decision, key: str, coro: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return await coro
+        finally:
+            out.timings[key] = out.timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+async def _none() -> None:
+    return None
+
+
+async def announce_handoff(
+    nc: Client, subjects: Subjects, session_id: str, target: str, order: int
+) -> None:
+    """Tell ``target`` that the handoff output at ``order`` is its part to play.
+
+    Published (and stored) before the handing-off worker acks its own notice,
+    so a crash in between redelivers that notice, the log shows the handoff
+    done, and this runs again (the same ``Nats-Msg-Id``: the stream keeps one).
+    """
+    notice = Notice(session_id=session_id, item_order=order, kind="handoff", ts=now())
+    await publish_notice(nc, work_subject(subjects, target), notice, notice_msg_id(session_id, order),
+                         headers=tracing.headers())  # the target's turn continues this trace
+
+
+async def forward(nc: Client, subjects: Subjects, notice: Notice, target: str) -> None:
+    """Send a notice on to the agent that must act on it."""
+    await publish_notice(nc, work_subject(subjects, target), notice,
+                         notice_msg_id(notice.session_id, notice.item_order, target))

@@ -1,0 +1,191 @@
+"""Work addressed to an agent: turn notices on ``<prefix>.work.<agent>``.
+
+A worker of agent ``X`` must act only when a committed item asks ``X`` for a
+turn: a user message while ``X`` is the session's active agent, or a handoff
+output naming ``X``.  For each such item a small *notice* is published on
+``<prefix>.work.agent.<X>`` (or ``<prefix>.work.entry`` when the sender does
+not know the session's agent yet: the entry agent's consumer takes those),
+captured by the work-queue stream ``<PREFIX>_WORK``.  Each agent has one
+durable consumer there, filtered on its own subject, shared by its replicas:
+one delivery per notice, to one replica.
+
+A notice names the item, never carries it: ``{"session_id", "item_order",
+"kind"}``.  The worker reads the item (and the history) from the log, so what
+it acts on is what the log holds, and an address that went stale (a handoff
+committed meanwhile) is corrected by the receiver, which forwards the notice
+to the agent the log says is active.
+
+Every notice is published with ``Nats-Msg-Id: <sid>:<item_order>`` (plus
+``:<agent>`` when forwarded), so publishing it again -- a retried user
+message, a redelivered handoff, the log service's reconciler -- is dropped by
+the stream within its duplicate window, and a late duplicate only costs the
+receiver a read: the log shows the turn done.
+
+This module holds the shape, the names and the stream config, for the log
+service and the workers alike.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+import msgspec
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+from .failures import StreamConfigError
+from .messages import NonNegInt, SessionId
+from .subjects import Subjects
+
+__all__ = [
+    "ENTRY",
+    "Notice",
+    "decode_notice",
+    "encode_notice",
+    "check_work_stream",
+    "ensure_work_stream",
+    "handoff_target_of",
+    "notice_msg_id",
+    "publish_notice",
+    "work_entry_subject",
+    "work_stream_name",
+    "work_subject",
+]
+
+#: The address of a user message whose session's agent the sender does not know.
+ENTRY = "entry"
+#: Seconds the work stream remembers a notice id (a republish within it is dropped).
+DUPLICATE_WINDOW = 120.0
+
+
+class Notice(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """"Item ``item_order`` of ``session_id`` asks you for a turn."
+
+    Attributes:
+        session_id: the session.
+        item_order: the trigger item (a user message or a handoff output).
+        kind: ``user`` or ``handoff``: a hint; the worker decides from the log.
+        ts: wall-clock seconds when the notice was published (for the
+            per-phase breakdown of ``convlog bench --turns``).
+    """
+
+    session_id: SessionId
+    item_order: NonNegInt
+    kind: Literal["user", "handoff"] = "user"
+    ts: float = 0.0
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Notice)
+
+
+def encode_notice(notice: Notice) -> bytes:
+    return _encoder.encode(notice)
+
+
+def decode_notice(data: bytes) -> Notice:
+    """Raises: msgspec.DecodeError (ValidationError included): not a notice."""
+    return _decoder.decode(data)
+
+
+def work_stream_name(subjects: Subjects) -> str:
+    """The work-queue stream capturing ``<prefix>.work.>``."""
+    return subjects.prefix.replace(".", "_").upper() + "_WORK"
+
+
+def work_subject(subjects: Subjects, agent: str) -> str:
+    """Where notices for ``agent`` are published."""
+    return f"{subjects.prefix}.work.agent.{agent}"
+
+
+def work_entry_subject(subjects: Subjects) -> str:
+    """Where notices for "the session's entry agent" are published."""
+    return f"{subjects.prefix}.work.{ENTRY}"
+
+
+def notice_msg_id(session_id: str, item_order: int, forwarded_to: str | None = None) -> str:
+    base = f"{session_id}:{item_order}"
+    return base if forwarded_to is None else f"{base}:{forwarded_to}"
+
+
+def handoff_target_of(data: dict[str, Any]) -> str | None:
+    """The agent a handoff output (``{"assistant": X}``, as the Agents SDK writes it) names."""
+    if data.get("type") != "function_call_output":
+        return None
+    output = data.get("output")
+    if not isinstance(output, str) or not output.startswith("{"):
+        return None
+    try:
+        parsed = json.loads(output)
+    except ValueError:
+        return None
+    if isinstance(parsed, dict) and len(parsed) == 1 and isinstance(parsed.get("assistant"), str):
+        return str(parsed["assistant"])
+    return None
+
+
+def check_work_stream(config: StreamConfig, subjects: Subjects) -> None:
+    """Refuse a work stream that would not store the notices for ``agent`` subjects.
+
+    Raises:
+        StreamConfigError: it does not capture ``<prefix>.work.>`` (someone
+            created or changed it), or it is sealed: the agent's pulls would
+            wait forever.
+    """
+    name = work_stream_name(subjects)
+    captured = list(config.subjects or [])
+    wanted = f"{subjects.prefix}.work.>"
+    if wanted not in captured:
+        raise StreamConfigError(
+            f"the work stream {name} captures {captured}, not {wanted}: it was created or changed "
+            "by something else. Fix its subjects, or delete it (the log service creates it again)"
+        )
+    if config.sealed:
+        raise StreamConfigError(f"the work stream {name} is sealed: it stores nothing more")
+
+
+async def ensure_work_stream(js: JetStreamContext, subjects: Subjects, *, replicas: int = 1) -> None:
+    """Create the work stream if it does not exist (idempotent; log service and workers)."""
+    name = work_stream_name(subjects)
+    try:
+        await js.stream_info(name)
+        return
+    except nats.js.errors.NotFoundError:
+        pass
+    config = StreamConfig(
+        name=name,
+        subjects=[f"{subjects.prefix}.work.>"],
+        retention=RetentionPolicy.WORK_QUEUE,  # a notice is gone once its agent acked it
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        num_replicas=replicas,
+        duplicate_window=DUPLICATE_WINDOW,
+    )
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:  # created concurrently
+        await js.stream_info(name)
+
+
+async def publish_notice(
+    nc: Client, subject: str, notice: Notice, msg_id: str, *, wait: float = 5.0,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Publish a notice and wait until the work stream holds it (or dropped it as a duplicate).
+
+    ``headers`` may add a ``traceparent``: the worker's turn continues that trace.
+
+    Raises:
+        nats.errors.Error / nats.js.errors.Error: not stored (transient ones retry).
+    """
+    js = nc.jetstream()
+    await js.publish(subject, encode_notice(notice), timeout=wait, headers={**(headers or {}), "Nats-Msg-Id": msg_id})
+
+
+def now() -> float:
+    """Wall-clock seconds for :attr:`Notice.ts`."""
+    return time.time()

@@ -1,0 +1,178 @@
+"""Work addressed to the agent: turn notices, their deliveries, stale addresses, lost notices.
+
+Real nats-server, the real log service (in-process) and real ``convlog
+worker`` processes; models are the fake OpenAI-compatible server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from shared.work import Notice, notice_msg_id, publish_notice, work_stream_name, work_subject
+from tests.support.eventually import assert_eventually
+from tests.support.fake_openai import Entry, FakeOpenAI, text, tool_call
+from tests.support.workerstack import (
+    SEED_SPEC,
+    WorkerStack,
+    agent_of,
+    is_user,
+    terminal_items,
+    user_texts,
+    write_spec,
+)
+
+SHORT_WINDOW = """
+entry = "Solo"
+
+[[agents]]
+name = "Solo"
+instructions = "Answer the user."
+history_limit = 6
+"""
+
+WORK = "CONVLOG_WORK"
+
+
+def respond(request: dict[str, Any]) -> Entry:
+    """Triage routes to billing; everyone else answers."""
+    if agent_of(request) == "Triage":
+        return tool_call("route_to_billing")
+    return text(f"{agent_of(request)}: {user_texts(request)[-1]}")
+
+
+async def delivered(stack: WorkerStack) -> dict[str, int]:
+    """Notices each agent's consumer has delivered (redeliveries included)."""
+    infos = await stack.nc.jetstream().consumers_info(WORK)
+    return {i.name.removeprefix("convlog-agent-"): i.delivered.consumer_seq for i in infos}
+
+
+async def test_each_notice_reaches_one_agent_and_idle_agents_receive_nothing(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.responder(respond)
+    await stack.start_workers(*(stack.worker(a, SEED_SPEC) for a in ("Triage", "L1Billing", "L1Technical")))
+
+    # Three messages in one session: Triage hands the first to L1Billing, which answers all three.
+    for i in range(3):
+        await stack.send("d1", f"question {i}")
+        log = await stack.answered("d1", users=i + 1)
+    assert [e.agent for e in log if e.item_id.endswith(".reply")] == ["L1Billing"] * 3
+
+    # Deliveries: one per user message to the agent that answers it, one per handoff;
+    # L1Technical, in the spec but never addressed, got nothing.
+    assert await delivered(stack) == {"Triage": 1, "L1Billing": 3, "L1Technical": 0}
+    assert (await stack.nc.jetstream().stream_info(WORK)).state.messages == 0  # all acked
+
+
+async def test_a_stale_address_is_forwarded_to_the_agent_the_log_names(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.responder(respond)
+    procs = await stack.start_workers(*(stack.worker(a, SEED_SPEC) for a in ("Triage", "L1Billing", "L1Technical")))
+    # The log service believes L1Technical answers s1 (a stale hint); the log says Triage.
+    assert stack.service.notifier is not None
+    stack.service.notifier.note_active("s1", "L1Technical")
+
+    await stack.send("s1", "hello")
+    log = await stack.answered("s1", users=1)
+
+    (user,) = [e for e in log if is_user(e)]
+    (reply,) = terminal_items(log, user)
+    assert reply.agent == "L1Billing"  # Triage played it, and handed off
+    assert await delivered(stack) == {"Triage": 1, "L1Billing": 1, "L1Technical": 1}
+    assert not [r for r in fake_openai.requests if agent_of(r) == "L1Technical"]  # no model call
+    for p in procs:
+        p.terminate(8.0)
+    assert "1 forwarded" in procs[2].output(), procs[2].output()
+
+
+async def test_a_notice_lost_between_commit_and_publish_is_republished_once(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.responder(respond)
+    await stack.start_workers(stack.worker("L1Billing", SEED_SPEC))
+    notifier = stack.service.notifier
+    assert notifier is not None and stack.service.reconciler is not None
+    # As if the log service died right after the commit: the notice is never published.
+    lost: list[tuple[str, int]] = []
+    notifier._start = lambda sid, order: lost.append((sid, order))  # type: ignore[method-assign]
+
+    await stack.send("lost-1", "anyone there?", to="L1Billing")
+    log = await stack.answered("lost-1", users=1, timeout=20)  # the reconciler's sweep found it
+
+    assert lost == [("lost-1", 1)]
+    assert stack.service.reconciler.republished == 1
+    assert len(terminal_items(log, log[0])) == 1
+    # Publishing the same notice again (a second reconciler, a retry) is dropped by
+    # the work stream: nothing more is delivered, nothing more is written.
+    before = await delivered(stack)
+    notice = Notice(session_id="lost-1", item_order=1)
+    await publish_notice(stack.nc, work_subject(stack.settings.subjects, "L1Billing"), notice,
+                         notice_msg_id("lost-1", 1))
+    await asyncio.sleep(0.5)
+    assert await delivered(stack) == before
+    assert len(await stack.log("lost-1")) == len(log)
+    assert work_stream_name(stack.settings.subjects) == WORK
+
+
+async def test_a_notice_that_is_not_one_is_refused_and_the_worker_goes_on(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.responder(respond)
+    (worker,) = await stack.start_workers(stack.worker("L1Billing", SEED_SPEC))
+    js = stack.nc.jetstream()
+    await js.publish(work_subject(stack.settings.subjects, "L1Billing"), b'{"session_id": "x"}')
+    await js.publish(work_subject(stack.settings.subjects, "L1Billing"),
+                     b'{"session_id": "no-such", "item_order": 7}')  # names nothing in the log
+
+    await stack.send("after-junk", "still there?", to="L1Billing")
+    await stack.answered("after-junk", users=1)
+
+    async def gone() -> None:
+        assert (await js.stream_info(WORK)).state.messages == 0
+
+    await assert_eventually(gone, timeout=15)
+    assert "not a turn notice" in worker.output()
+
+
+async def test_the_window_a_worker_keeps_follows_new_items_and_a_retract(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.responder(lambda r: text(f"re: {user_texts(r)[-1]}"))
+    spec = write_spec(stack.tmp / "short.toml", SHORT_WINDOW)
+    await stack.start_workers(stack.worker("Solo", spec))
+
+    # 18 turns: the first ones read the young session whole, the later ones (past
+    # item 32) extend the window kept from the turn before with what came since.
+    turns = 18
+    for i in range(turns):
+        await stack.send("win", f"m{i}")
+        await stack.answered("win", users=i + 1)
+    # history_limit 6: the model saw the last six visible items, as the log serves them.
+    expected = [[f"m{k}" for k in range(max(0, i - 2), i + 1)] for i in range(turns)]
+    assert [user_texts(r) for r in fake_openai.requests] == expected
+
+    # m16 is retracted: the kept copy cannot fold that in, so the window is read
+    # from the log again -- m16 is not in the model's input, m15 is back in it.
+    log = await stack.log("win")
+    (m16,) = [e for e in log if e.data.get("content") == "m16"]
+    assert m16.item_order > 32
+    await stack.client.append("win", [{"agent": "system", "kind": "retract", "data": {"target": m16.item_order}}])
+    await stack.send("win", "m18")
+    await stack.answered("win", users=turns + 1)
+    assert user_texts(fake_openai.requests[-1]) == ["m15", "m17", "m18"]
+
+
+async def test_a_session_started_for_an_agent_nobody_runs_is_answered_by_the_entry_agent(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.responder(respond)
+    await stack.start_workers(*(stack.worker(a, SEED_SPEC) for a in ("Triage", "L1Billing")))
+
+    await stack.send("nobody-1", "hello", to="Nobody")  # routing falls back to the entry agent
+    log = await stack.answered("nobody-1", users=1)
+
+    (reply,) = terminal_items(log, log[0])
+    assert reply.agent == "L1Billing"  # Triage took it, and handed off
+    assert (await delivered(stack))["Triage"] == 1
