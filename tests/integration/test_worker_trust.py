@@ -43,6 +43,14 @@ def _responder(request: dict[str, Any]) -> Entry:
     return text(f"{agent} answers: {user_texts(request)[-1]}")
 
 
+async def _restart(stack: WorkerStack, agent: str, **kw: Any) -> None:
+    """Stop ``agent``'s worker and start a fresh one (it knows no session yet)."""
+    for p in stack.procs:
+        if p.args[p.args.index("worker") + 1] == agent:
+            p.terminate(10)
+    await stack.start_workers(stack.worker(agent, SEED_SPEC, name=f"worker-{agent}-fresh", **kw))
+
+
 async def test_a_rewritten_routing_value_loses_to_the_log(stack: WorkerStack, fake_openai: FakeOpenAI) -> None:
     fake_openai.responder(_responder)
     await stack.start_workers(*(stack.worker(a, SEED_SPEC) for a in ("Triage", "L1Billing", "L2Support")))
@@ -63,6 +71,8 @@ async def test_a_rewritten_routing_value_loses_to_the_log(stack: WorkerStack, fa
 
     # Anyone with write access to the bucket moves the session to L2Support.
     await kv.put(sid, json.dumps({"active": "L2Support", "order": log[-1].item_order, "entry": "Triage"}).encode())
+    # A warm worker knows the session's agent from the log already; a fresh one asks the bucket.
+    await _restart(stack, "L1Billing")
     await stack.send(sid, "Still there?")
     log = await stack.answered(sid, users=2)
     second = [e for e in log if is_user(e)][1]
@@ -135,6 +145,9 @@ async def test_a_rewritten_entry_agent_loses_to_the_gateways_signature(
 
         # Someone with write access to the bucket names L2Support as the entry agent.
         await kv.put("entry-1", json.dumps({**value, "active": "L2Support", "entry": "L2Support"}).encode())
+        await _restart(stack, "L1Billing", extra_env={  # a fresh worker asks the bucket
+            "CONVLOG_SIGNING_KEY": str(keys / "L1Billing.nk"), "CONVLOG_KEYRING": ring,
+            "CONVLOG_REQUIRE_SIGNATURES": "true"})
         await gateway.send("entry-1", "Still there?")
         log = await stack.answered("entry-1", users=2)
         second = [e for e in log if is_user(e)][1]
