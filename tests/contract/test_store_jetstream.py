@@ -243,11 +243,12 @@ class TestJetStreamStore(StoreSuite):
         monkeypatch.setattr(store._reads, "_fetch_plain", counted)
         whole = (await store.read("a", after=0, limit=1000, max_bytes=BIG)).items
         assert [e.item_order for e in envs(whole)] == list(range(1, 241))
-        for limit, max_bytes in ((37, BIG), (1000, sum(len(b) + 1 for b in whole[:23]))):
+        cases = ((37, BIG, False), (1000, sum(len(b) + 1 for b in whole[:23]), False), (37, BIG, True))
+        for limit, max_bytes, visible in cases:
             got: list[bytes] = []
             after = 0
             while True:
-                p = await store.read("a", after=after, limit=limit, max_bytes=max_bytes)
+                p = await store.read("a", after=after, limit=limit, max_bytes=max_bytes, visible=visible)
                 got += p.items
                 assert p.last_order == 240 and len(p.items) <= limit
                 if not p.more:

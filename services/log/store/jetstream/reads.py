@@ -6,9 +6,11 @@ acknowledged.  The cache (:class:`~.index.SessionIndex` per session, least
 recently used dropped first) maps each session's orders to stream
 sequences.  Every read first loads the session's head fresh (one
 ``last_by_subj`` direct get on the session's wildcard
-``<prefix>.log.<k>.<sid>.*``); the index then grows from where it stopped
-(``next_by_subj`` batches), and the envelopes come back with one batch get
-from the first wanted sequence.
+``<prefix>.log.<k>.<sid>.*``, or, for a cached head, an unfiltered probe
+from its sequence: see :mod:`.unfiltered`); the index then grows from where
+it stopped (``next_by_subj`` batches), and the envelopes come back with one
+batch get from the first wanted sequence, unfiltered where a sequence of the
+session is known (a page's mark, the index).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from shared.errors import UnavailableError
 from shared.messages import SessionInfo
 
 from ..base import Committed, Page
+from . import unfiltered
 from .api import MSG_ID, DirectGet
 from .index import SessionIndex, meta_of, seq_of
 from .layout import Layout
@@ -32,8 +35,11 @@ from .layout import Layout
 __all__ = ["StreamReads"]
 
 _GET_CHUNK = 1000
+#: Index entries per filtered get: each costs the server a walk over the
+#: session's subjects (~15 ms at 50k items) whatever its size.
+_INDEX_CHUNK = 10_000
 _PAGE_CHUNK = 10_000
-_NO_BYTE_LIMIT = 1 << 40
+_NO_BYTE_LIMIT = unfiltered.NO_BYTE_LIMIT
 _ENVELOPE_SLACK = 256 << 10  # about the largest envelope (a bigger one costs a second request)
 
 
@@ -45,32 +51,8 @@ class _Id(msgspec.Struct):
     item_id: str
 
 
-class _Where(msgspec.Struct):
-    """Whose envelope a message is (read from a body without headers)."""
-
-    session_id: str
-    item_order: int
-    item_id: str
-    hash: str
-
-
 _first_order = msgspec.json.Decoder(_Order)
 _item_id = msgspec.json.Decoder(_Id)
-_where_of = msgspec.json.Decoder(_Where)
-_MAX_MARKS = 64
-#: Messages a head probe reads past the cached head (more: the wildcard get).
-_PROBE = 256
-#: The first unfiltered chunk of a page: small, in case the shard interleaves sessions.
-_FIRST_PLAIN = 256
-#: Past a page's byte budget an unfiltered get may send (``more`` comes from the head).
-_PLAIN_SLACK = 4096
-
-
-def _where(data: bytes) -> _Where | None:
-    try:
-        return _where_of.decode(data)
-    except msgspec.DecodeError:
-        return None
 
 
 def order_of(msg: Msg) -> int:
@@ -130,33 +112,7 @@ class StreamReads:
         return s
 
     async def _probe_head(self, sid: str, s: SessionIndex) -> bool:
-        """Bring a cached head up to date without the session's wildcard.
-
-        A wildcard get costs the server a walk over the session's subjects
-        (one per item: ~15 ms at 50k items), so a cached head is checked with
-        one unfiltered batch from its own sequence instead: the first message
-        must be that head, and the session's last message among the rest (if
-        any) is looked up by its item subject for its sequence.  False (the
-        caller reads the head the wildcard way): the shard moved on by more
-        than :data:`_PROBE` messages, or the stream no longer matches.
-        """
-        msgs = await self.get(sid).batch({"seq": s.last_seq, "batch": _PROBE, "no_hdr": True})
-        if not msgs or len(msgs) >= _PROBE:
-            return False
-        first = _where(msgs[0].data)
-        if first is None or (first.session_id, first.item_order, first.hash) != (sid, s.last_order, s.last_hash):
-            return False
-        for m in reversed(msgs[1:]):
-            w = _where(m.data)
-            if w is None:
-                return False
-            if w.session_id == sid:
-                got = await self.get(sid).last(self.layout.item_subject(sid, w.item_id))
-                if got is None or w.item_order <= s.last_order:
-                    return False
-                s.set_head(meta_of(got), seq_of(got))
-                break
-        return True
+        return await unfiltered.probe_head(self.get(sid), self.layout, sid, s)
 
     async def extend(self, sid: str, s: SessionIndex, upto: int) -> None:
         """Index the session's envelopes up to order ``upto``."""
@@ -164,7 +120,7 @@ class StreamReads:
         while s.indexed < upto:
             start = s.seqs[-1] + 1 if s.indexed else 1
             msgs = await self.get(sid).batch(
-                {"seq": start, "next_by_subj": subject, "batch": min(_GET_CHUNK, upto - s.indexed)}
+                {"seq": start, "next_by_subj": subject, "batch": min(_INDEX_CHUNK, upto - s.indexed)}
             )
             if not msgs:
                 raise UnavailableError(f"the log stream lacks items of session {sid!r} after {s.indexed}")
@@ -187,7 +143,14 @@ class StreamReads:
             orders = s.visible_orders(after, last)
             if not orders:
                 return Page([], last, False)
-            start = s.seqs[orders[0] - 1]
+            first = orders[0]
+            if first > 1 and orders[-1] == last and last - first + 1 == len(orders):
+                # Nothing hidden from here on: the page is a forward read
+                # from the item before it, as raw pages are.
+                page = await self._fetch_plain(session_id, s, int(s.seqs[first - 2]), first - 1, last, limit, max_bytes)
+                if page is not None:
+                    return Page(page[0], last, page[1])
+            start = s.seqs[first - 1]
         else:
             # A forward read needs the sequence of item ``after`` only, not an
             # index: where the last page ended (a mark), else the index.
@@ -218,66 +181,8 @@ class StreamReads:
     async def _fetch_plain(
         self, sid: str, s: SessionIndex, seq: int, after: int, last: int, limit: int, max_bytes: int
     ) -> tuple[list[bytes], bool] | None:
-        """A forward page from ``seq`` (where item ``after`` is stored) with
-        unfiltered batch gets: the server skips its per-request walk over the
-        session's subjects (a filtered get costs ~20 ms at 50k items), and the
-        session's envelopes are picked from the shard's by their body.
-
-        The k-th message of an unfiltered batch from ``seq`` is taken to be at
-        ``seq + k`` (log streams delete nothing); that only places the mark
-        where the page ends, and a mark is checked when used: the first
-        message must be item ``after`` of this session.  ``None`` (the filtered
-        path takes over): the check failed, or the shard interleaves other
-        sessions' items so much that the filter is cheaper.
-        """
-        get = self.get(sid)
-        items: list[bytes] = []
-        size = 0
-        want = after  # first the item at the mark itself, then after + 1, ...
-        chunk = _FIRST_PLAIN
-        taken = seq
-        while True:
-            request: dict[str, object] = {"seq": seq, "batch": chunk, "no_hdr": True}
-            if max_bytes < _NO_BYTE_LIMIT:
-                request["max_bytes"] = max_bytes - size + _PLAIN_SLACK
-            msgs = await get.batch(request)
-            if not msgs:
-                return None
-            mine = 0
-            for k, m in enumerate(msgs):
-                w = _where(m.data)
-                if w is None:
-                    return None
-                if w.session_id != sid:
-                    continue
-                mine += 1
-                if w.item_order != want:
-                    s.marks.pop(after, None)  # the mark (or the seq arithmetic) was wrong
-                    return None
-                want += 1
-                if want == after + 1:
-                    continue  # the mark checked out
-                if items and size + len(m.data) + 1 > max_bytes:
-                    self._remember(s, want - 2, taken)
-                    return items, True
-                items.append(m.data)
-                size += len(m.data) + 1
-                taken = seq + k
-                if want > last:
-                    return items, False
-                if len(items) == limit:
-                    self._remember(s, want - 1, taken)
-                    return items, True
-            if mine * 2 < len(msgs):
-                return None
-            seq += len(msgs)
-            chunk = min(_PAGE_CHUNK, max(limit - len(items), 1))
-
-    @staticmethod
-    def _remember(s: SessionIndex, order: int, seq: int) -> None:
-        if len(s.marks) >= _MAX_MARKS:
-            s.marks.clear()
-        s.marks[order] = seq
+        """See :func:`.unfiltered.fetch_forward`."""
+        return await unfiltered.fetch_forward(self.get(sid), sid, s, seq, after, last, limit, max_bytes)
 
     async def _mark(self, sid: str, s: SessionIndex, order: int, envelope: bytes) -> int:
         """Look up (one direct get on its item subject) and remember the
@@ -286,7 +191,7 @@ class StreamReads:
         if msg is None:
             raise UnavailableError(f"the log stream lacks item {order} of session {sid!r}")
         seq = seq_of(msg)
-        self._remember(s, order, seq)
+        unfiltered.remember(s, order, seq)
         return seq
 
     async def tail(self, session_id: str, n: int, *, visible: bool = True) -> Page:
