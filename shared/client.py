@@ -323,21 +323,29 @@ class LogClient(Requester):
 
         The next page is requested as soon as a page with ``more`` arrives, so
         the log service reads it while this one is consumed (at most one page
-        ahead; dropped if the caller stops early).
+        ahead; dropped if the caller stops early).  A page read ahead that
+        says there is no more was asked for before the caller was done with
+        the page before it, so one more read, sent after, decides the end: an
+        item the caller appended meanwhile is still yielded, as without
+        reading ahead.
         """
         ahead: asyncio.Task[ReadReply] | None = None
+        early = False  # rep was read ahead
         try:
             rep = await self.read(session_id, after=after, limit=page, raw=raw)
             while True:
+                if rep.items:
+                    after = rep.items[-1].item_order
                 if rep.items and rep.more:
-                    ahead = asyncio.ensure_future(
-                        self.read(session_id, after=rep.items[-1].item_order, limit=page, raw=raw)
-                    )
+                    ahead = asyncio.ensure_future(self.read(session_id, after=after, limit=page, raw=raw))
                 for env in rep.items:
                     yield env
-                if ahead is None:
+                if ahead is not None:
+                    rep, ahead, early = await ahead, None, True
+                elif early:
+                    rep, early = await self.read(session_id, after=after, limit=page, raw=raw), False
+                else:
                     return
-                rep, ahead = await ahead, None
         finally:
             if ahead is not None:  # the caller stopped early: nobody wants that page
                 ahead.cancel()
