@@ -130,6 +130,12 @@ _convert = msgspec.convert
 _replace = msgspec.structs.replace
 
 
+
+def _unwanted(task: asyncio.Task[Any]) -> None:
+    """Retrieve a dropped read-ahead's outcome (so asyncio does not log it)."""
+    if not task.cancelled():
+        task.exception()
+
 class LogClient(Requester):
     """Talk to the log service over NATS (requests and retries: :class:`~shared.requester.Requester`).
 
@@ -313,14 +319,37 @@ class LogClient(Requester):
     async def iter_items(
         self, session_id: str, *, after: int = 0, raw: bool = True, page: int | None = None
     ) -> AsyncIterator[Envelope]:
-        """Every envelope (or visible item, when not ``raw``) after ``after``, paging forward."""
-        while True:
+        """Every envelope (or visible item, when not ``raw``) after ``after``, paging forward.
+
+        The next page is requested as soon as a page with ``more`` arrives, so
+        the log service reads it while this one is consumed (at most one page
+        ahead; dropped if the caller stops early).  A page read ahead that
+        says there is no more was asked for before the caller was done with
+        the page before it, so one more read, sent after, decides the end: an
+        item the caller appended meanwhile is still yielded, as without
+        reading ahead.
+        """
+        ahead: asyncio.Task[ReadReply] | None = None
+        early = False  # rep was read ahead
+        try:
             rep = await self.read(session_id, after=after, limit=page, raw=raw)
-            for env in rep.items:
-                yield env
-            if not rep.items or not rep.more:
-                return
-            after = rep.items[-1].item_order
+            while True:
+                if rep.items:
+                    after = rep.items[-1].item_order
+                if rep.items and rep.more:
+                    ahead = asyncio.ensure_future(self.read(session_id, after=after, limit=page, raw=raw))
+                for env in rep.items:
+                    yield env
+                if ahead is not None:
+                    rep, ahead, early = await ahead, None, True
+                elif early:
+                    rep, early = await self.read(session_id, after=after, limit=page, raw=raw), False
+                else:
+                    return
+        finally:
+            if ahead is not None:  # the caller stopped early: nobody wants that page
+                ahead.cancel()
+                ahead.add_done_callback(_unwanted)
 
     async def items(self, session_id: str, *, raw: bool = True) -> list[Envelope]:
         """The whole session (every envelope by default)."""

@@ -24,7 +24,7 @@ from shared.failures import StreamConfigError
 from shared.subjects import Subjects
 from tests.support.natsd import NatsServer
 
-from .store_suite import StoreSuite, envs, item, read_all, req
+from .store_suite import BIG, StoreSuite, envs, item, read_all, req
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +222,69 @@ class TestJetStreamStore(StoreSuite):
             await first.close()
             await second.close()
 
+
+    async def test_forward_pages_are_exact_with_and_without_the_unfiltered_path(
+        self, store: JetStreamStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # "a" alone in long runs (pages are read unfiltered, from the marks),
+        # then interleaved 1:3 with "b" (the filtered path takes over).
+        await store.append("a", req(*(item(f"a{i}") for i in range(1, 201))))
+        for i in range(201, 241):
+            await store.append("a", req(item(f"a{i}")))
+            await store.append("b", req(item("b"), item("b"), item("b")))
+        plain: list[bool] = []
+        fetch_plain = store._reads._fetch_plain
+
+        async def counted(*args: object) -> tuple[list[bytes], bool] | None:
+            got = await fetch_plain(*args)  # type: ignore[arg-type]
+            plain.append(got is not None)
+            return got
+
+        monkeypatch.setattr(store._reads, "_fetch_plain", counted)
+        whole = (await store.read("a", after=0, limit=1000, max_bytes=BIG)).items
+        assert [e.item_order for e in envs(whole)] == list(range(1, 241))
+        cases = ((37, BIG, False), (1000, sum(len(b) + 1 for b in whole[:23]), False), (37, BIG, True))
+        for limit, max_bytes, visible in cases:
+            got: list[bytes] = []
+            after = 0
+            while True:
+                p = await store.read("a", after=after, limit=limit, max_bytes=max_bytes, visible=visible)
+                got += p.items
+                assert p.last_order == 240 and len(p.items) <= limit
+                if not p.more:
+                    break
+                after = envs(p.items)[-1].item_order
+            assert got == whole
+        assert True in plain and False in plain  # both paths served pages
+
+        # A wrong mark (another item's sequence: items 1-200 are at 1-200) is caught, not trusted.
+        cached = store._reads.cache["a"]
+        cached.marks.clear()
+        cached.marks.update({100: 107, 150: 140})
+        for after in (100, 150):
+            p = await store.read("a", after=after, limit=5, max_bytes=BIG)
+            assert p.items == whole[after : after + 5]
+
+    async def test_a_cached_head_sees_what_another_instance_appended(self, tmp_path: Path) -> None:
+        first = await self.make_store(tmp_path)
+        second = await self.make_store(tmp_path)
+        try:
+            await first.append("s", req(item("1")))
+            assert (await second.read("s", after=0, limit=10, max_bytes=BIG)).last_order == 1  # cached
+            await first.append("s", req(item("2"), item("3")))
+            p = await second.read("s", after=1, limit=10, max_bytes=BIG)
+            assert [e.item_order for e in envs(p.items)] == [2, 3] and p.last_order == 3
+            # More than one probe's worth of other appends on the shard: the wildcard way.
+            for _ in range(3):
+                await first.append("other", req(*(item("o") for _ in range(100))))
+            await first.append("s", req(item("4")))
+            assert await second.last_order("s") == 4
+            await first.append("s", req(item("5")))
+            p = await second.read("s", after=3, limit=10, max_bytes=BIG)
+            assert [e.item_order for e in envs(p.items)] == [4, 5] and p.last_order == 5
+        finally:
+            await first.close()
+            await second.close()
 
 class TestJetStreamStoreTwoShards(TestJetStreamStore):
     """The same suite with sessions spread over two log streams."""

@@ -243,6 +243,29 @@ async def test_read_pages_stay_under_the_max_payload(env: Env) -> None:
     assert len(await env.client.tail("big", 5)) == 5
 
 
+async def test_iter_items_reads_ahead_and_stops_cleanly(env: Env) -> None:
+    await env.client.append("ahead", [user(f"m{i}") for i in range(1, 26)])
+    got = [e.item_order async for e in env.client.iter_items("ahead", page=4)]
+    assert got == list(range(1, 26))
+    got = [e.item_order async for e in env.client.iter_items("ahead", after=20, page=2, raw=False)]
+    assert got == [21, 22, 23, 24, 25]
+    # An item appended while a page is consumed is still yielded: the last
+    # page was read ahead, so the end is decided by one more read.
+    got = []
+    async for e in env.client.iter_items("ahead", after=20, page=4):
+        got.append(e.item_order)
+        if e.item_order == 21:
+            await env.client.append("ahead", [user("m26")])
+    assert got == [21, 22, 23, 24, 25, 26]
+    # Stopping after the first page drops the page read ahead without an error.
+    pages = env.client.iter_items("ahead", page=3)
+    assert [await anext(pages) for _ in range(3)] == [
+        e for e in (await env.client.read("ahead", limit=3)).items
+    ]
+    await pages.aclose()
+    assert (await env.client.read("ahead", after=25)).items[0].item_order == 26
+
+
 async def test_sessions_lists_by_id_with_paging(env: Env) -> None:
     for sid, n in (("s-c", 1), ("s-a", 3), ("s-b", 2)):
         await env.client.append(sid, [user(str(i)) for i in range(n)])
