@@ -33,8 +33,9 @@ import errno
 import logging
 import random
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -169,6 +170,25 @@ LOOP_BACKOFF = Backoff(initial=0.1, maximum=2.0)
 #: other writer is done; jittered, so racing writers spread out.  Retry ``n``
 #: waits 1-2 ms doubling up to 0.25-0.5 s.
 CONFLICT_BACKOFF = Backoff(initial=0.002, maximum=0.5)
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], within: float) -> set[asyncio.Task[Any]]:
+    """Cancel ``tasks`` and wait up to ``within`` seconds for them to end.
+
+    A cancel can be lost in a library's own wait (one that lands as its
+    timeout fires becomes that timeout), so the still-running ones are
+    cancelled again every 0.1 s.  Returns the tasks still running at the end.
+    """
+    pending = {t for t in tasks if not t.done()}
+    deadline = asyncio.get_running_loop().time() + within
+    while pending:
+        for t in pending:
+            t.cancel()
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            break
+        _, pending = await asyncio.wait(pending, timeout=min(0.1, left))
+    return pending
 
 
 def _one_line(exc: BaseException) -> str:

@@ -42,7 +42,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from shared.failures import is_transient
+from shared.failures import cancel_and_wait, is_transient
 from shared.routing import decode_checkpoint
 from shared.subjects import Subjects
 from shared.work import (
@@ -209,10 +209,9 @@ class Notifier:
         on the rest: the reconciler of the next start republishes them."""
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=within)
-            for task in pending:
-                task.cancel()
+            await cancel_and_wait(pending, within=1.0)
         if self._refreshing is not None:
-            self._refreshing.cancel()
+            await cancel_and_wait({self._refreshing}, within=1.0)
 
 
 class Reconciler:
@@ -292,6 +291,11 @@ class Reconciler:
             try:
                 msgs = await self._sub.fetch(batch=256, timeout=0.5)
             except TimeoutError:
+                # A cancel that lands as fetch's own timeout fires is lost in nats-py's
+                # wait; the task still says it is being cancelled: honour that.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from None
                 return done
             for msg in msgs:
                 if _USER not in msg.data:

@@ -40,7 +40,7 @@ from shared import __version__, nats_connect, tracing
 from shared.client import connect_options
 from shared.config import Settings
 from shared.errors import ERROR_HEADER, ConvlogError, UnavailableError
-from shared.failures import FatalError, Loops, is_transient
+from shared.failures import FatalError, Loops, cancel_and_wait, is_transient
 from shared.messages import AppendReply, AppendRequest
 from shared.nats_seam import NatsSeam, bind
 from shared.routing import EntryProof, encode_checkpoint, entry_checkpoint, open_routing_bucket
@@ -494,8 +494,7 @@ class LogService:
                 with contextlib.suppress(asyncio.CancelledError, FatalError):
                     await self._replier
             if self._reconciler is not None:  # it reads the store
-                self._reconciler.cancel()
-                await asyncio.wait({self._reconciler}, timeout=2.0)
+                await cancel_and_wait({self._reconciler}, within=2.0)
             if self.outbox is not None:
                 await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))
             await self.store.close()
