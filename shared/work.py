@@ -27,7 +27,6 @@ service and the workers alike.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Literal
 
@@ -39,6 +38,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 
 from .failures import StreamConfigError
 from .messages import NonNegInt, SessionId
+from .routing import parse_handoff_output
 from .subjects import Subjects
 
 __all__ = [
@@ -116,16 +116,7 @@ def handoff_target_of(data: dict[str, Any]) -> str | None:
     """The agent a handoff output (``{"assistant": X}``, as the Agents SDK writes it) names."""
     if data.get("type") != "function_call_output":
         return None
-    output = data.get("output")
-    if not isinstance(output, str) or not output.startswith("{"):
-        return None
-    try:
-        parsed = json.loads(output)
-    except ValueError:
-        return None
-    if isinstance(parsed, dict) and len(parsed) == 1 and isinstance(parsed.get("assistant"), str):
-        return str(parsed["assistant"])
-    return None
+    return parse_handoff_output(data.get("output"))
 
 
 def check_work_stream(config: StreamConfig, subjects: Subjects) -> None:
