@@ -126,9 +126,8 @@ async def test_cluster_configs_form_a_jetstream_cluster(tmp_path: Path) -> None:
             s.stop()
 
 
-async def test_auth_config_runs_the_stack_with_each_role_on_its_subjects(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _auth_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[NatsServer, dict[str, str]]:
+    """A nats-server on ``auth.conf`` (its passwords set), and the log user's environment."""
     for k, v in PASSWORDS.items():
         monkeypatch.setenv(k, v)
     text = _for_test((DEPLOY / "nats" / "auth.conf").read_text(), tmp_path / "js")
@@ -136,6 +135,13 @@ async def test_auth_config_runs_the_stack_with_each_role_on_its_subjects(
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
     env.update(CONVLOG_USER="log", CONVLOG_PASSWORD=PASSWORDS["CONVLOG_NATS_LOG_PASSWORD"],
                CONVLOG_DATA_DIR=str(tmp_path), CONVLOG_EMBEDDED="false")
+    return server, env
+
+
+async def test_auth_config_runs_the_stack_with_each_role_on_its_subjects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, env = _auth_server(tmp_path, monkeypatch)
     # Step 1: the log service runs as the `log` user (stream, bucket, micro endpoints).
     svc = Proc([sys.executable, "-m", "services.cli.main", "log", "--nats-url", server.url,
                 "--db", str(tmp_path / "convlog.db"), "--no-embedded"],
@@ -222,13 +228,8 @@ async def test_auth_config_lets_the_log_user_run_the_jetstream_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The JetStream store writes its own log streams (convlog.log.>): the `log` user may.
-    for k, v in PASSWORDS.items():
-        monkeypatch.setenv(k, v)
-    text = _for_test((DEPLOY / "nats" / "auth.conf").read_text(), tmp_path / "js")
-    server = NatsServer(tmp_path / "nats", jetstream=False, config=text).start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
-    env.update(CONVLOG_USER="log", CONVLOG_PASSWORD=PASSWORDS["CONVLOG_NATS_LOG_PASSWORD"],
-               CONVLOG_DATA_DIR=str(tmp_path), CONVLOG_EMBEDDED="false", CONVLOG_STORE="jetstream")
+    server, env = _auth_server(tmp_path, monkeypatch)
+    env["CONVLOG_STORE"] = "jetstream"
     svc = Proc([sys.executable, "-m", "services.cli.main", "log", "--nats-url", server.url, "--no-embedded"],
                log_dir=tmp_path, env=env, name="log-js-as-log-user").start()
     try:
