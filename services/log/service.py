@@ -15,6 +15,9 @@ Background loops (the outbox, the replier, the notice reconciler) follow :mod:`s
 transient failures are retried with backoff; a fatal one shuts the service
 down and makes ``run()`` raise :class:`~shared.failures.FatalError`, so
 ``convlog log`` exits non-zero and its process manager restarts it.
+
+This module wires the service up and shuts it down; the request paths are in
+:mod:`.endpoints`, the reply queue and its replier task in :mod:`.replies`.
 """
 
 from __future__ import annotations
@@ -23,9 +26,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from functools import partial
-from time import perf_counter_ns
 from typing import Any
 
 import nats
@@ -33,31 +33,31 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.request import Request
-from nats.micro.service import EndpointStats, Service
+from nats.micro.service import Service
 
 from services import metrics
 from shared import __version__, nats_connect, tracing
 from shared.client import connect_options
 from shared.config import Settings
-from shared.errors import ERROR_HEADER, ConvlogError, UnavailableError
-from shared.failures import FatalError, Loops, cancel_and_wait, is_transient
-from shared.messages import AppendReply, AppendRequest
+from shared.failures import FatalError, Loops, cancel_and_wait
 from shared.nats_seam import NatsSeam, bind
 from shared.routing import EntryProof, encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.subjects import Subjects
 from shared.work import ensure_work_stream
 
 from .authorize import authorizer_from, head_signer_from
-from .handlers import Handlers, encode_outcome, error_reply
+from .endpoints import Endpoints
+from .handlers import Handlers
 from .heads import HeadWitness
 from .notices import Notifier, Reconciler
 from .outbox import Outbox, ensure_stream
+from .replies import EndpointCounters
 from .routing_writer import RoutingWriter
 from .store.base import LogStore
 from .store.factory import make_store, open_store
 from .traces import ServiceTraces
 from .verifier import Verifier
-from .wire import Message, publish_many
+from .wire import Message
 
 __all__ = ["LogService", "ensure_routing_bucket"]
 
@@ -66,37 +66,13 @@ log = logging.getLogger("convlog.log")
 SERVICE_NAME = "convlog-log"
 QUEUE_GROUP = "convlog-log"
 
-#: where a reply goes: a reply subject ("" for none), or a micro request to
-#: answer through ``Request.respond`` (the public seam)
-ReplyTo = str | Request
-
-
-@dataclass
-class EndpointCounters:
-    """convlog's own ``$SRV.STATS`` figures for one endpoint.
-
-    micro counts only what its handler sees and times only the handler;
-    appends skip that handler (inline delivery) and every reply is sent
-    later, so convlog keeps its own and shows them in ``$SRV.STATS``.
-    """
-
-    requests: int = 0
-    errors: int = 0
-    last_error: str = ""
-    processing_ns: int = 0
-
-
-def _batch_signed(request: AppendRequest) -> bool:
-    """Every signed item carries a batch signature (``<signature>.<path>``)."""
-    return all(it.sig is None or "." in it.sig for it in request.items)
-
 
 async def ensure_routing_bucket(nc: Client, subjects: Subjects, *, replicas: int = 1) -> Any:
     """The KV bucket holding per-session routing metadata (created if missing)."""
     return await open_routing_bucket(nc, subjects, replicas=replicas)
 
 
-class LogService:
+class LogService(Endpoints):
     """Serve ``append``, ``read``, ``sessions`` and user messages over NATS.
 
     Args:
@@ -268,191 +244,6 @@ class LogService:
             getattr(self.store, "path", type(self.store).__name__),
             self.nc.connected_url.netloc if self.nc.connected_url else "?",
         )
-
-    def _append_endpoint(self, handlers: Handlers) -> Callable[[str, bytes, ReplyTo], None]:
-        """The hot path: no task, coroutine chain or future per append.
-
-        ``deliver`` only decodes, checks and submits to the store, and
-        returns.  The store calls back once the group commit is durable, and
-        the replier task sends the replies of a whole commit in one go.
-        Submission follows arrival order, so one publisher's appends keep
-        their order.
-        """
-        store = self.store
-        tally = self.tally
-        counters = self.counters["append"]
-
-        def deliver(subject: str, data: bytes, reply_to: ReplyTo, headers: dict[str, str] | None = None) -> None:
-            tally["append"] += 1
-            counters.requests += 1
-            try:
-                sid, request, signed = handlers.parse_append_deferred(subject, data)
-                answer = partial(self._answer, reply_to, subject, perf_counter_ns())
-                trace = None
-                if self.traces:
-                    answer, trace = self.traces.start_append(answer, headers, sid)
-                if signed and _batch_signed(request):
-                    # Cheap per item (a few hashes; one Ed25519 check per batch root, then
-                    # remembered): on the loop, in arrival order behind any threaded check.
-                    assert handlers.authorize is not None
-                    handlers.authorize.verify_signatures(sid, request)
-                    if self._verifier is not None and self._verifier.busy:
-                        self._verifier.submit_verified(partial(self._verified, sid, request, answer, trace=trace))
-                    else:
-                        self._submit(sid, request, answer, trace)
-                elif signed:  # one Ed25519 check per item: off the loop (see verifier.py)
-                    self._verifier_for(handlers).submit(
-                        sid, request, partial(self._verified, sid, request, answer, trace=trace))
-                elif trace is None:
-                    store.submit(sid, request, answer)
-                else:
-                    self._submit(sid, request, answer, trace)
-            except Exception as e:
-                self._reply("append", reply_to, subject, *error_reply(e, subject))
-                return
-            self._awaiting += 1
-
-        return deliver
-
-    def _verifier_for(self, handlers: Handlers) -> Verifier:
-        if self._verifier is None:
-            assert handlers.authorize is not None
-            self._verifier = Verifier(handlers.authorize, asyncio.get_running_loop())
-        return self._verifier
-
-    def _submit(self, sid: str, request: AppendRequest, answer: Callable[[Any], None], trace: str | None) -> None:
-        """Hand an append to the store; its trace context too if the store
-        publishes the items itself (on SQLite the outbox adds it)."""
-        if trace is not None and getattr(self.store, "publishes_items", False):
-            self.store.submit(sid, request, answer, trace=trace)  # type: ignore[call-arg]
-        else:
-            self.store.submit(sid, request, answer)
-
-    def _verified(self, sid: str, request: AppendRequest, answer: Callable[[Any], None],
-                  error: ConvlogError | None, *, trace: str | None = None) -> None:
-        """A signed append's signatures were checked: submit it, or refuse it."""
-        if error is not None:
-            answer(error)
-            return
-        try:
-            self._submit(sid, request, answer, trace)
-        except Exception as e:  # the store closed meanwhile
-            answer(e if isinstance(e, ConvlogError) else UnavailableError("the store is closed"))
-
-    def _answer(
-        self, reply_to: ReplyTo, subject: str, submitted_ns: int, outcome: AppendReply | ConvlogError
-    ) -> None:
-        """The store's callback for one submitted append."""
-        self._awaiting -= 1
-        ns = perf_counter_ns() - submitted_ns  # the commit included
-        self.counters["append"].processing_ns += ns
-        self.metrics.request("append", ns)
-        self._reply("append", reply_to, subject, *encode_outcome(outcome))
-
-    def _endpoint_stats(self, stats: EndpointStats) -> dict[str, Any] | None:
-        """micro's ``stats_handler``: show convlog's counters in ``$SRV.STATS``, and
-        the fan-out lag (for ``convlog health``) and the commit totals (for
-        ``convlog bench --sdk``) as the append endpoint's data."""
-        c = self.counters.get(stats.name)
-        if c is not None:
-            stats.num_requests = c.requests
-            stats.num_errors = c.errors
-            stats.last_error = c.last_error
-            stats.processing_time = c.processing_ns
-            stats.average_processing_time = c.processing_ns // max(1, c.requests)
-        if stats.name != "append":
-            return None
-        return {**self.fanout.stats(), **self.commit_tally.stats()}
-
-    def _reply(
-        self, name: str, reply_to: ReplyTo, subject: str, payload: bytes, headers: dict[str, str] | None
-    ) -> None:
-        """Queue a reply for the replier task (and count an error reply)."""
-        self.metrics.replied(name, headers)
-        if headers:
-            self.tally["errors"] += 1
-            c = self.counters[name]
-            c.errors += 1
-            c.last_error = headers.get(ERROR_HEADER, "")
-            if not reply_to:
-                log.warning("%s on %s without reply subject: %s", name, subject[:160], payload[:300])
-        if type(reply_to) is str:
-            if reply_to:
-                self._outgoing.append((reply_to, "", payload, headers))
-                self._outgoing_ready.set()
-        else:
-            self._responses.append((reply_to, payload, headers))  # type: ignore[arg-type]
-            self._outgoing_ready.set()
-
-    async def _reply_loop(self) -> None:
-        assert self.nc is not None
-        nc = self.nc
-        while True:
-            await self._outgoing_ready.wait()
-            self._outgoing_ready.clear()
-            batch, self._outgoing = self._outgoing, []
-            responses, self._responses = self._responses, []
-            self._replying = True
-            try:
-                refused = await publish_many(nc, batch) if batch else []
-            except Exception as e:
-                if not is_transient(e):
-                    raise
-                refused = [(0, e)]  # the requesters retry an unknown outcome
-            for req, payload, headers in responses:  # the public seam
-                try:
-                    await req.respond(payload, headers=headers)
-                except ValueError:  # no reply subject (a plain publish)
-                    if headers:
-                        log.warning("%s without reply subject: %s", req.subject[:160], payload[:300])
-                except Exception as e:
-                    if not is_transient(e):
-                        raise
-                    refused.append((0, e))
-            for _, e in refused:
-                log.debug("reply not sent: %s: %s", type(e).__name__, e)
-            self._replying = False
-            if not self._awaiting and not self._outgoing and not self._responses:
-                self._quiet.set()
-
-    @staticmethod
-    def _micro_handler(
-        deliver: Callable[[str, bytes, ReplyTo, dict[str, str] | None], None], seam: NatsSeam
-    ) -> Callable[[Request], Awaitable[None]]:
-        """micro's handler for an endpoint whose messages are not delivered inline."""
-        reply_to = seam.reply_to
-
-        async def handler(req: Request) -> None:
-            deliver(req.subject, req.data, reply_to(req), req.headers)
-
-        return handler
-
-    def _dispatcher(
-        self, name: str, fn: Callable[[str, bytes], Awaitable[bytes]], handlers: Handlers
-    ) -> Callable[[Request], Awaitable[None]]:
-        # micro awaits a handler inline, one message at a time per endpoint; a
-        # task per request lets slow reads and user messages overlap.  Tasks
-        # start in arrival order, so one publisher's requests keep order.
-        counters = self.counters[name]
-        assert self._seam is not None
-        reply_to = self._seam.reply_to
-
-        async def process(req: Request, started_ns: int) -> None:
-            self.tally[name] += 1
-            counters.requests += 1
-            work = handlers.guarded(fn, req.subject, req.data)
-            payload, headers = await (self.traces.serve(name, req.subject, req.headers, work) if self.traces else work)
-            ns = perf_counter_ns() - started_ns
-            counters.processing_ns += ns
-            self.metrics.request(name, ns)
-            self._reply(name, reply_to(req), req.subject, payload, headers)
-
-        async def handler(req: Request) -> None:
-            task = asyncio.create_task(process(req, perf_counter_ns()))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
-
-        return handler
 
     async def run(self) -> None:
         """Serve until :meth:`shutdown` completes.
