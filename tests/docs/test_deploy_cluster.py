@@ -38,7 +38,7 @@ from shared.client import LogClient
 from tests.support.cluster_load import appends_served
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer, free_port, nats_server_binary
-from tests.support.procs import REPO_ROOT
+from tests.support.procs import REPO_ROOT, offline_env
 from tests.support.systemd_unit import read_unit
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -132,8 +132,7 @@ async def test_supervisord_cluster_conf_serves_on_the_cluster_configs(short_tmp:
     data, logs = short_tmp / "data", short_tmp / "logs"
     data.mkdir()
     logs.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CONVLOG_") and k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    env = offline_env()
     # this interpreter's scripts (convlog) first on PATH
     env.update(PATH=BIN + os.pathsep + env.get("PATH", ""), PYTHONUNBUFFERED="1",
                CONVLOG_DATA_DIR=str(data), CONVLOG_LOG_DIR=str(logs))

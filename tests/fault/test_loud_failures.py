@@ -26,7 +26,7 @@ from tests.support.eventually import assert_eventually
 from tests.support.logsvc import SUBJECTS, LogServiceProc, service_env, stream_matches_log
 from tests.support.natsd import NatsServer
 from tests.support.procs import Proc
-from tests.support.workerstack import write_spec
+from tests.support.workerstack import solo_spec
 
 STREAM = SUBJECTS.stream_name
 WORK = "CONVLOG_WORK"
@@ -189,18 +189,9 @@ async def test_a_nats_outage_is_waited_out_without_exiting(
     assert " CRITICAL " not in svc.output()
 
 
-AGENTS = """
-entry = "Solo"
-
-[[agents]]
-name = "Solo"
-instructions = "Answer the user."
-"""
-
-
 async def _worker_exit(url: str, tmp_path: Path) -> tuple[int, str]:
     """Run ``convlog worker Solo`` until it exits (30 s at most): (exit code, output)."""
-    spec = write_spec(tmp_path / "agents.toml", AGENTS)
+    spec = solo_spec(tmp_path / "agents.toml")
     env = service_env(tmp_path / "convlog-data")
     env.pop("OPENAI_API_KEY", None)
     worker = Proc(

@@ -24,10 +24,10 @@ from tests.support.workerstack import (
     SEED_SPEC,
     WorkerStack,
     is_user,
+    solo_spec,
     terminal_items,
     turn_items,
     user_texts,
-    write_spec,
 )
 
 ACK_WAIT = 2.0  # seconds: how soon a dead worker's deliveries come back
@@ -94,8 +94,7 @@ async def test_kill9_mid_turn_is_resumed_by_a_replica_with_exactly_one_reply(
 async def test_sigterm_finishes_running_turns_within_grace_and_hands_back_the_rest(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
-    spec = write_spec(stack.tmp / "solo.toml", 'entry = "Solo"\n[[agents]]\nname = "Solo"\n'
-                                               'instructions = "Answer."\n')
+    spec = solo_spec(stack.tmp / "solo.toml")
     stopping = False
 
     def respond(request: dict[str, Any]) -> Entry:
@@ -158,8 +157,7 @@ async def test_workers_keep_answering_across_a_nats_server_restart(
     stack: WorkerStack, fake_openai: FakeOpenAI, nats_server: NatsServer
 ) -> None:
     fake_openai.responder(lambda r: text(f"answered: {user_texts(r)[-1]}"))
-    spec = write_spec(stack.tmp / "solo.toml", 'entry = "Solo"\n[[agents]]\nname = "Solo"\n'
-                                               'instructions = "Answer."\n')
+    spec = solo_spec(stack.tmp / "solo.toml")
     (worker,) = await stack.start_workers(stack.worker("Solo", spec))
     await stack.send("restart", "before")
     await stack.answered("restart", users=1)

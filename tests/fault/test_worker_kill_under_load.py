@@ -12,15 +12,8 @@ from typing import Any
 
 from tests.support.eventually import assert_eventually
 from tests.support.fake_openai import Entry, FakeOpenAI, slow, text
-from tests.support.workerstack import WorkerStack, is_user, terminal_items, user_texts, write_spec
+from tests.support.workerstack import WorkerStack, is_user, solo_spec, terminal_items, user_texts
 
-SPEC = """
-entry = "Solo"
-
-[[agents]]
-name = "Solo"
-instructions = "Answer the user."
-"""
 SESSIONS, MESSAGES = 12, 3
 
 
@@ -31,7 +24,7 @@ async def test_kill9_of_one_of_two_workers_under_load_loses_and_doubles_nothing(
         return slow(0.05, text(f"answer to {user_texts(request)[-1]}"))  # turns stay in flight a while
 
     fake_openai.responder(respond)
-    spec = write_spec(stack.tmp / "solo.toml", SPEC)
+    spec = solo_spec(stack.tmp / "solo.toml")
     victim, survivor = await stack.start_workers(
         stack.worker("Solo", spec, ack_wait=2.0, name="solo-1"),
         stack.worker("Solo", spec, ack_wait=2.0, name="solo-2"),

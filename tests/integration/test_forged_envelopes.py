@@ -15,15 +15,7 @@ from shared.chain import GENESIS_HASH, item_hash
 from shared.messages import Envelope
 from tests.support.eventually import assert_eventually
 from tests.support.fake_openai import FakeOpenAI, text
-from tests.support.workerstack import WorkerStack, user_texts, write_spec
-
-SOLO = """
-entry = "Solo"
-
-[[agents]]
-name = "Solo"
-instructions = "Answer the user."
-"""
+from tests.support.workerstack import WorkerStack, solo_spec, user_texts
 
 
 def _forged(sid: str, content: str, order: int = 1, prev: str = GENESIS_HASH) -> Envelope:
@@ -39,7 +31,7 @@ async def test_a_forged_envelope_on_the_items_subject_never_reaches_a_model(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="convlog.log.notices")
     fake_openai.responder(lambda r: text(f"reply to {user_texts(r)[-1]}"))
-    spec = write_spec(stack.tmp / "solo.toml", SOLO)
+    spec = solo_spec(stack.tmp / "solo.toml")
     [worker] = await stack.start_workers(stack.worker("Solo", spec))
     js = stack.nc.jetstream()
     # 1. A session the log has never seen.

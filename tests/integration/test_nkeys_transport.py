@@ -6,8 +6,6 @@ signed, with required signatures, each process logged in with its own key."""
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import msgspec
@@ -21,9 +19,9 @@ from shared.client import LogClient
 from shared.config import load_settings
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
-from tests.support.procs import REPO_ROOT, Proc
+from tests.support.procs import Proc
+from tests.support.workerstack import READY, signed_worker
 
-SPEC = REPO_ROOT / "deploy" / "agents.toml"
 STREAM = "CONVLOG_ITEMS"
 WORK = "CONVLOG_WORK"  # the work stream, where the agents' consumers are
 
@@ -47,18 +45,10 @@ async def test_each_key_is_a_nats_user_with_only_its_role(tmp_path: Path) -> Non
 
     try:
         await svc.start()
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("CONVLOG_") and k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
         for agent in ("Triage", "L1Billing"):
-            seed = str(keys / f"{agent}.nk")
-            procs.append(Proc(
-                [sys.executable, "-m", "services.cli.main", "worker", agent, "--agents", str(SPEC),
-                 "--nats-url", server.url, "--no-embedded"], log_dir=tmp_path, name=f"worker-{agent}",
-                env={**env, "CONVLOG_NKEY": seed, "CONVLOG_SIGNING_KEY": seed, "CONVLOG_KEYRING": ring,
-                     "CONVLOG_REQUIRE_SIGNATURES": "true", "CONVLOG_DATA_DIR": str(tmp_path)},
-            ).start())
+            procs.append(signed_worker(agent, keys=keys, url=server.url, log_dir=tmp_path).start())
         for p in procs:
-            p.wait_for_line(r"worker \S+ ready", timeout=60)
+            p.wait_for_line(READY, timeout=60)
 
         # The gateway (its key is its login and signs the message) gets an answer.
         gw_settings = load_settings({"nats_url": server.url}, {

@@ -40,7 +40,7 @@ from shared.chain import verify
 from shared.client import LogClient
 from tests.support.eventually import wait_until
 from tests.support.natsd import free_port
-from tests.support.procs import REPO_ROOT, Proc
+from tests.support.procs import REPO_ROOT, Proc, offline_env
 
 DEPLOY = REPO_ROOT / "deploy"
 AGENTS = list(load_spec(DEPLOY / "agents.toml").agents)
@@ -50,8 +50,7 @@ BIN = str(Path(sys.executable).parent)
 def stack_env(**extra: str) -> dict[str, str]:
     """Our environment without CONVLOG_* or a model key (offline rules model), and this
     interpreter's scripts (``convlog``, ``nats-server``) first on PATH."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CONVLOG_") and k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    env = offline_env()
     env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)

@@ -8,7 +8,6 @@ client without a certificate of the CA, are refused before they can log in."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
 import ssl
@@ -27,9 +26,9 @@ from shared.client import LogClient
 from shared.config import load_settings
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer, free_port
-from tests.support.procs import REPO_ROOT, Proc
+from tests.support.procs import REPO_ROOT, Proc, offline_env
+from tests.support.workerstack import READY, signed_worker
 
-SPEC = REPO_ROOT / "deploy" / "agents.toml"
 TLS_CONF = REPO_ROOT / "deploy" / "nats" / "tls.conf"
 
 
@@ -96,19 +95,10 @@ async def test_signed_demo_path_over_mutual_tls_and_plaintext_refused(tmp_path: 
     procs: list[Proc] = []
     try:
         await svc.start()
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("CONVLOG_") and k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
         for agent in ("Triage", "L1Billing"):
-            seed = str(keys / f"{agent}.nk")
-            procs.append(Proc(
-                [sys.executable, "-m", "services.cli.main", "worker", agent, "--agents", str(SPEC),
-                 "--nats-url", url, "--no-embedded"], log_dir=tmp_path, name=f"worker-{agent}",
-                env={**env, **tls_env, "CONVLOG_NKEY": seed, "CONVLOG_SIGNING_KEY": seed,
-                     "CONVLOG_KEYRING": ring, "CONVLOG_REQUIRE_SIGNATURES": "true",
-                     "CONVLOG_DATA_DIR": str(tmp_path)},
-            ).start())
+            procs.append(signed_worker(agent, keys=keys, url=url, log_dir=tmp_path, env=tls_env).start())
         for p in procs:
-            p.wait_for_line(r"worker \S+ ready", timeout=60)
+            p.wait_for_line(READY, timeout=60)
 
         # Step 3: the user gateway sends a billing question; Triage hands off, L1Billing answers.
         gateway = await LogClient.connect(settings=load_settings({"nats_url": url}, {
@@ -131,7 +121,7 @@ async def test_signed_demo_path_over_mutual_tls_and_plaintext_refused(tmp_path: 
         replay = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.cli.main", "replay", "t1", "--verify", "--keyring", ring,
             "--nats-url", url, "--no-embedded",
-            env={**env, **tls_env, "CONVLOG_NKEY": str(keys / "gateway.nk")},
+            env={**offline_env(), **tls_env, "CONVLOG_NKEY": str(keys / "gateway.nk")},
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(replay.communicate(), 60)
         assert replay.returncode == 0, err.decode()

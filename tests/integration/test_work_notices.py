@@ -7,38 +7,22 @@ worker`` processes; models are the fake OpenAI-compatible server.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from shared.work import Notice, notice_msg_id, publish_notice, work_stream_name, work_subject
 from tests.support.eventually import assert_eventually
-from tests.support.fake_openai import Entry, FakeOpenAI, text, tool_call
+from tests.support.fake_openai import FakeOpenAI, text
 from tests.support.workerstack import (
     SEED_SPEC,
     WorkerStack,
     agent_of,
     is_user,
+    solo_spec,
+    support_responder,
     terminal_items,
     user_texts,
-    write_spec,
 )
 
-SHORT_WINDOW = """
-entry = "Solo"
-
-[[agents]]
-name = "Solo"
-instructions = "Answer the user."
-history_limit = 6
-"""
-
 WORK = "CONVLOG_WORK"
-
-
-def respond(request: dict[str, Any]) -> Entry:
-    """Triage routes to billing; everyone else answers."""
-    if agent_of(request) == "Triage":
-        return tool_call("route_to_billing")
-    return text(f"{agent_of(request)}: {user_texts(request)[-1]}")
 
 
 async def delivered(stack: WorkerStack) -> dict[str, int]:
@@ -50,7 +34,7 @@ async def delivered(stack: WorkerStack) -> dict[str, int]:
 async def test_each_notice_reaches_one_agent_and_idle_agents_receive_nothing(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
-    fake_openai.responder(respond)
+    fake_openai.responder(support_responder)
     await stack.start_workers(*(stack.worker(a, SEED_SPEC) for a in ("Triage", "L1Billing", "L1Technical")))
 
     # Three messages in one session: Triage hands the first to L1Billing, which answers all three.
@@ -68,7 +52,7 @@ async def test_each_notice_reaches_one_agent_and_idle_agents_receive_nothing(
 async def test_a_stale_address_is_forwarded_to_the_agent_the_log_names(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
-    fake_openai.responder(respond)
+    fake_openai.responder(support_responder)
     procs = await stack.start_workers(*(stack.worker(a, SEED_SPEC) for a in ("Triage", "L1Billing", "L1Technical")))
     # The log service believes L1Technical answers s1 (a stale hint); the log says Triage.
     assert stack.service.notifier is not None
@@ -90,7 +74,7 @@ async def test_a_stale_address_is_forwarded_to_the_agent_the_log_names(
 async def test_a_notice_lost_between_commit_and_publish_is_republished_once(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
-    fake_openai.responder(respond)
+    fake_openai.responder(support_responder)
     await stack.start_workers(stack.worker("L1Billing", SEED_SPEC))
     notifier = stack.service.notifier
     assert notifier is not None and stack.service.reconciler is not None
@@ -119,7 +103,7 @@ async def test_a_notice_lost_between_commit_and_publish_is_republished_once(
 async def test_a_notice_that_is_not_one_is_refused_and_the_worker_goes_on(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
-    fake_openai.responder(respond)
+    fake_openai.responder(support_responder)
     (worker,) = await stack.start_workers(stack.worker("L1Billing", SEED_SPEC))
     js = stack.nc.jetstream()
     await js.publish(work_subject(stack.settings.subjects, "L1Billing"), b'{"session_id": "x"}')
@@ -140,7 +124,7 @@ async def test_the_window_a_worker_keeps_follows_new_items_and_a_retract(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
     fake_openai.responder(lambda r: text(f"re: {user_texts(r)[-1]}"))
-    spec = write_spec(stack.tmp / "short.toml", SHORT_WINDOW)
+    spec = solo_spec(stack.tmp / "short.toml", history_limit=6)
     await stack.start_workers(stack.worker("Solo", spec))
 
     # 18 turns: the first ones read the young session whole, the later ones (past
@@ -167,7 +151,7 @@ async def test_the_window_a_worker_keeps_follows_new_items_and_a_retract(
 async def test_a_session_started_for_an_agent_nobody_runs_is_answered_by_the_entry_agent(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
-    fake_openai.responder(respond)
+    fake_openai.responder(support_responder)
     await stack.start_workers(*(stack.worker(a, SEED_SPEC) for a in ("Triage", "L1Billing")))
 
     await stack.send("nobody-1", "hello", to="Nobody")  # routing falls back to the entry agent

@@ -14,33 +14,20 @@ from shared.client import LogClient
 from shared.messages import AppendItem
 from shared.signing import Keyring, Signer
 from tests.support.eventually import assert_eventually
-from tests.support.fake_openai import Entry, FakeOpenAI, text, tool_call
+from tests.support.fake_openai import FakeOpenAI, text
 from tests.support.natsd import NatsServer
 from tests.support.workerstack import (
     SEED_SPEC,
     WorkerStack,
     agent_of,
     is_user,
+    signing_env,
+    solo_spec,
+    support_responder,
     terminal_items,
     user_texts,
     worker_stack,
-    write_spec,
 )
-
-SOLO_SPEC = """
-entry = "Solo"
-
-[[agents]]
-name = "Solo"
-instructions = "Answer the user."
-"""
-
-
-def _responder(request: dict[str, Any]) -> Entry:
-    agent = agent_of(request)
-    if agent == "Triage":
-        return tool_call("route_to_billing")
-    return text(f"{agent} answers: {user_texts(request)[-1]}")
 
 
 async def _restart(stack: WorkerStack, agent: str, **kw: Any) -> None:
@@ -52,7 +39,7 @@ async def _restart(stack: WorkerStack, agent: str, **kw: Any) -> None:
 
 
 async def test_a_rewritten_routing_value_loses_to_the_log(stack: WorkerStack, fake_openai: FakeOpenAI) -> None:
-    fake_openai.responder(_responder)
+    fake_openai.responder(support_responder)
     await stack.start_workers(*(stack.worker(a, SEED_SPEC) for a in ("Triage", "L1Billing", "L2Support")))
     sid = "route-1"
     await stack.send(sid, "I was charged twice")
@@ -91,9 +78,8 @@ async def test_a_reply_pre_empted_under_the_workers_id_is_an_attack_not_an_answe
     fake_openai.responder(lambda r: text(f"Solo answers: {user_texts(r)[-1]}"))
     # Loose: the log checks signatures it gets but does not require them.
     async with worker_stack(nats_server, tmp_path, fake_openai, keyring=str(ring)) as stack:
-        spec = write_spec(tmp_path / "solo.toml", SOLO_SPEC)
-        await stack.start_workers(stack.worker("Solo", spec, extra_env={
-            "CONVLOG_SIGNING_KEY": str(keys / "Solo.nk"), "CONVLOG_KEYRING": str(ring)}))
+        spec = solo_spec(tmp_path / "solo.toml")
+        await stack.start_workers(stack.worker("Solo", spec, extra_env=signing_env(keys, "Solo", require=False)))
         # The attacker predicts Solo's reply id and writes it in the same request as the
         # user message, so the forged reply is in the log before Solo reads.
         user_id = "m-attack-1"
@@ -128,11 +114,10 @@ async def test_a_rewritten_entry_agent_loses_to_the_gateways_signature(
     keys = tmp_path / "keys"
     make_keys(keys, ["Triage", "L1Billing", "L1Technical", "L2Support"])
     ring = str(keys / "keyring.json")
-    fake_openai.responder(_responder)
+    fake_openai.responder(support_responder)
     async with worker_stack(nats_server, tmp_path, fake_openai, keyring=ring, require_signatures=True) as stack:
-        await stack.start_workers(*(stack.worker(a, SEED_SPEC, extra_env={
-            "CONVLOG_SIGNING_KEY": str(keys / f"{a}.nk"), "CONVLOG_KEYRING": ring,
-            "CONVLOG_REQUIRE_SIGNATURES": "true"}) for a in ("Triage", "L1Billing", "L2Support")))
+        await stack.start_workers(*(stack.worker(a, SEED_SPEC, extra_env=signing_env(keys, a))
+                                    for a in ("Triage", "L1Billing", "L2Support")))
         gateway = LogClient(stack.nc, timeout=5, deadline=20, signer=Signer.load(keys / "gateway.nk"))
         # The user asks for billing directly: the gateway signs that `to`, the log service
         # keeps its signature with the entry agent.
@@ -145,9 +130,8 @@ async def test_a_rewritten_entry_agent_loses_to_the_gateways_signature(
 
         # Someone with write access to the bucket names L2Support as the entry agent.
         await kv.put("entry-1", json.dumps({**value, "active": "L2Support", "entry": "L2Support"}).encode())
-        await _restart(stack, "L1Billing", extra_env={  # a fresh worker asks the bucket
-            "CONVLOG_SIGNING_KEY": str(keys / "L1Billing.nk"), "CONVLOG_KEYRING": ring,
-            "CONVLOG_REQUIRE_SIGNATURES": "true"})
+        # A fresh worker asks the bucket.
+        await _restart(stack, "L1Billing", extra_env=signing_env(keys, "L1Billing"))
         await gateway.send("entry-1", "Still there?")
         log = await stack.answered("entry-1", users=2)
         second = [e for e in log if is_user(e)][1]

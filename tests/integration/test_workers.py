@@ -33,31 +33,14 @@ from tests.support.workerstack import (
     agent_of,
     is_user,
     run_cli,
+    solo_spec,
+    support_responder,
     terminal_items,
     turn_items,
     user_texts,
     worker_stack,
     write_spec,
 )
-
-SOLO_SPEC = """
-entry = "Solo"
-
-[[agents]]
-name = "Solo"
-instructions = "Answer the user."
-history_limit = {limit}
-"""
-
-
-def support_responder(request: dict[str, Any]) -> Entry:
-    """Triage routes to billing; L1Billing escalates refunds; everyone else answers."""
-    agent, last = agent_of(request), user_texts(request)[-1]
-    if agent == "Triage":
-        return tool_call("route_to_billing")
-    if agent == "L1Billing" and "refund" in last.lower():
-        return tool_call("escalate_to_senior")
-    return text(f"{agent} answers: {last}")
 
 
 def assistant_text(env: Envelope) -> str:
@@ -127,7 +110,7 @@ async def test_seed_conversation_routes_triage_l1_l2_and_l2_sees_everything(
 async def test_history_limit_bounds_what_the_model_sees(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
-    spec = write_spec(stack.tmp / "solo.toml", SOLO_SPEC.format(limit=3))
+    spec = solo_spec(stack.tmp / "solo.toml", history_limit=3)
     fake_openai.responder(lambda r: text(f"reply to {user_texts(r)[-1]}"))
     await stack.start_workers(stack.worker("Solo", spec))
     for n in range(1, 5):
@@ -190,7 +173,7 @@ async def test_two_replicas_per_agent_give_exactly_one_reply_per_message(
 async def test_a_message_arriving_mid_turn_is_answered_with_the_full_history(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
-    spec = write_spec(stack.tmp / "solo.toml", SOLO_SPEC.format(limit=50))
+    spec = solo_spec(stack.tmp / "solo.toml", history_limit=50)
     first = True
 
     def respond(request: dict[str, Any]) -> Entry:
@@ -228,7 +211,7 @@ async def test_a_message_arriving_mid_turn_is_answered_with_the_full_history(
 async def test_model_errors_429_is_retried_500s_end_the_turn_and_the_session_goes_on(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
-    spec = write_spec(stack.tmp / "solo.toml", SOLO_SPEC.format(limit=50))
+    spec = solo_spec(stack.tmp / "solo.toml", history_limit=50)
     await stack.start_workers(stack.worker("Solo", spec, args=["--model-retries", "1"]))
 
     # 1. 429 with Retry-After 1 s, then success: the reply arrives, after the wait.

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
-__all__ = ["REPO_ROOT", "Proc", "ProcError", "python_module"]
+__all__ = ["REPO_ROOT", "Proc", "ProcError", "offline_env", "python_module"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The checkout root: the default working directory, so ``-m services...`` imports."""
@@ -196,6 +196,13 @@ def python_module(
         [sys.executable, "-m", module, *args],
         log_dir=log_dir, env=env, cwd=cwd, name=name or " ".join([module, *args]),
     )
+
+
+def offline_env() -> dict[str, str]:
+    """Our environment for a child without ``CONVLOG_*`` (a developer's settings must
+    not leak in) and without a model's key or URL (the offline rules model answers)."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("CONVLOG_") and k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
 
 
 def _slug(text: str) -> str:

@@ -35,18 +35,23 @@ from shared.client import LogClient
 from shared.config import Settings, load_settings
 from shared.messages import AppendReply, Envelope
 from tests.support.eventually import assert_eventually
-from tests.support.fake_openai import FakeOpenAI
+from tests.support.fake_openai import Entry, FakeOpenAI, text, tool_call
 from tests.support.logsvc import service_env
 from tests.support.natsd import NatsServer
-from tests.support.procs import REPO_ROOT, Proc
+from tests.support.procs import REPO_ROOT, Proc, offline_env
 
 __all__ = [
     "READY",
     "run_cli",
     "SEED_SPEC",
+    "SOLO_SPEC",
     "WorkerStack",
     "agent_of",
     "is_user",
+    "signed_worker",
+    "signing_env",
+    "solo_spec",
+    "support_responder",
     "terminal_items",
     "turn_items",
     "user_texts",
@@ -57,6 +62,15 @@ __all__ = [
 READY = r"worker \S+ ready"
 SEED_SPEC = REPO_ROOT / "deploy" / "agents.toml"
 _AGENT = re.compile(r"^You are ([A-Za-z0-9_-]+),")
+
+#: a one-agent spec: ``Solo``, the entry agent, answers every message itself
+SOLO_SPEC = """\
+entry = "Solo"
+
+[[agents]]
+name = "Solo"
+instructions = "Answer the user."
+"""
 
 
 def agent_of(request: dict[str, Any]) -> str:
@@ -86,9 +100,55 @@ def terminal_items(log: Sequence[Envelope], user: Envelope) -> list[Envelope]:
     return [e for e in turn_items(log, user) if parse_turn_item_id(e.item_id).terminal]  # type: ignore[union-attr]
 
 
+def support_responder(request: dict[str, Any]) -> Entry:
+    """The seed's support scenario as a chat model: Triage routes to billing, L1Billing
+    escalates refunds, everyone else answers ``"<agent> answers: <last user message>"``."""
+    agent, last = agent_of(request), user_texts(request)[-1]
+    if agent == "Triage":
+        return tool_call("route_to_billing")
+    if agent == "L1Billing" and "refund" in last.lower():
+        return tool_call("escalate_to_senior")
+    return text(f"{agent} answers: {last}")
+
+
 def write_spec(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def solo_spec(path: Path, *, history_limit: int | None = None) -> Path:
+    """Write :data:`SOLO_SPEC` (with ``history_limit`` if given) to ``path``."""
+    return write_spec(path, SOLO_SPEC + ("" if history_limit is None else f"history_limit = {history_limit}\n"))
+
+
+def signing_env(keys: Path, name: str, *, login: bool = False, require: bool = True) -> dict[str, str]:
+    """The ``CONVLOG_*`` variables of a process that signs with ``keys/<name>.nk`` (made by
+    ``convlog keys``) and checks signatures against ``keys/keyring.json``.
+
+    ``login``: it also logs in to NATS with that key (``nats-users.conf``);
+    ``require``: it refuses unsigned items.
+    """
+    seed = str(keys / f"{name}.nk")
+    env = {"CONVLOG_SIGNING_KEY": seed, "CONVLOG_KEYRING": str(keys / "keyring.json")}
+    if login:
+        env["CONVLOG_NKEY"] = seed
+    if require:
+        env["CONVLOG_REQUIRE_SIGNATURES"] = "true"
+    return env
+
+
+def signed_worker(agent: str, *, keys: Path, url: str, log_dir: Path, env: Mapping[str, str] | None = None) -> Proc:
+    """A ``convlog worker`` of the seed's spec (not started) on the offline rules model,
+    logged in to NATS as its own key and signing with it, requiring signatures.
+
+    ``env``: more variables for it (e.g. the TLS files); its data directory is ``log_dir``.
+    """
+    return Proc(
+        [sys.executable, "-m", "services.cli.main", "worker", agent, "--agents", str(SEED_SPEC),
+         "--nats-url", url, "--no-embedded"], log_dir=log_dir, name=f"worker-{agent}",
+        env={**offline_env(), **(env or {}), **signing_env(keys, agent, login=True),
+             "CONVLOG_DATA_DIR": str(log_dir)},
+    )
 
 
 async def run_cli(*args: str, env: dict[str, str], timeout: float = 30.0) -> tuple[int, str, str]:  # noqa: ASYNC109
