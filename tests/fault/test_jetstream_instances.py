@@ -18,7 +18,7 @@ import pytest
 from shared.client import LogClient
 from tests.support.logsvc import (
     LogServiceProc,
-    check_session,
+    check_sessions,
     read_acks,
     start_writers,
     wait_for_acks,
@@ -75,11 +75,7 @@ async def test_kill_9_of_one_of_two_instances_loses_nothing(
     assert acks.done == WRITERS and not acks.unknown
     assert acks.items == WRITERS * per_writer
     async with await LogClient.connect(nats_server.url) as client:
-        total = 0
-        for sid in SESSIONS:
-            envelopes = await client.items(sid)
-            check_session(sid, envelopes, acks.by_item)
-            total += len(envelopes)
+        total = await check_sessions(client, SESSIONS, acks)
         assert total == acks.items  # nothing unacknowledged, nothing twice
         # The survivor goes on serving.
         r = await client.append(SESSIONS[0], [{"agent": "user", "data": {"role": "user", "content": "after"}}])

@@ -20,9 +20,9 @@ from shared.client import LogClient
 from tests.support.eventually import assert_eventually
 from tests.support.logsvc import (
     LogServiceProc,
+    assert_load_kept,
     check_session,
     following,
-    read_acks,
     start_writers,
     stream_matches_log,
     wait_for_acks,
@@ -77,19 +77,7 @@ async def test_nats_restarts_mid_load_lose_no_acked_item(
 
     assert svc.proc is not None and svc.proc.running, "the log service died:\n" + svc.output()
 
-    acks = read_acks(outs)
-    assert acks.done == WRITERS
-    assert not acks.unknown, f"appends whose outcome stayed unknown: {acks.unknown[:5]}"
-    async with await LogClient.connect(nats_server.url) as client:
-        logged = 0
-        for sid in SESSIONS:
-            envelopes = await client.items(sid)
-            check_session(sid, envelopes, acks.by_item)
-            logged += len(envelopes)
-        assert logged == acks.items == len(acks.by_item)
-        await assert_eventually(
-            lambda: stream_matches_log(client.nc, client, SESSIONS), timeout=30, interval=0.25
-        )
+    await assert_load_kept(nats_server.url, outs, SESSIONS, WRITERS)
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
-__all__ = ["REPO_ROOT", "Proc", "ProcError", "offline_env", "python_module"]
+__all__ = ["REPO_ROOT", "Proc", "ProcError", "offline_env", "python_module", "service_env"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The checkout root: the default working directory, so ``-m services...`` imports."""
@@ -203,6 +203,15 @@ def offline_env() -> dict[str, str]:
     not leak in) and without a model's key or URL (the offline rules model answers)."""
     return {k: v for k, v in os.environ.items()
             if not k.startswith("CONVLOG_") and k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+
+
+def service_env(data_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """Our environment minus any ``CONVLOG_*`` (a developer's settings must not leak in)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+    env["CONVLOG_DATA_DIR"] = str(data_dir)
+    env["CONVLOG_EMBEDDED"] = "false"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 def _slug(text: str) -> str:
