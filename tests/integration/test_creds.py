@@ -11,8 +11,6 @@ refused, and a wrong creds file ends in one line, not a traceback.
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,24 +22,15 @@ from shared.client import LogClient
 from shared.config import load_settings
 from tests.support.nats_jwt import Operator
 from tests.support.natsd import NatsServer
-from tests.support.procs import REPO_ROOT, python_module
+from tests.support.procs import python_module, run_cli, service_env
 
 
 def cli_env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
-    env.update(CONVLOG_DATA_DIR=str(tmp / "cli-data"), CONVLOG_EMBEDDED="false", PYTHONUNBUFFERED="1")
-    return env
+    return service_env(tmp / "cli-data")
 
 
 async def convlog(tmp: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli.main", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env=env or cli_env(tmp), cwd=REPO_ROOT,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli(*args, env=env or cli_env(tmp))
 
 
 def write_creds(path: Path, text: str) -> Path:

@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import sqlite3
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from shared.messages import MAX_APPEND_ITEMS, Envelope
 from shared.nats_seam import FAST, PUBLIC, Probe, bind, probe
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
-from tests.support.procs import REPO_ROOT, python_module
+from tests.support.procs import REPO_ROOT, python_module, run_cli, service_env
 
 MAX_PAYLOAD = 64 * 1024
 MAX_ITEM_BYTES = 4096
@@ -774,21 +773,12 @@ async def test_follow_yields_from_a_given_order_without_gaps_or_repeats(env: Env
 
 
 def cli_env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
-    env.update(CONVLOG_DATA_DIR=str(tmp / "cli-data"), CONVLOG_EMBEDDED="false", PYTHONUNBUFFERED="1")
-    return env
+    return service_env(tmp / "cli-data")
 
 
 async def convlog(tmp: Path, *args: str) -> tuple[int, str, str]:
     """Run ``python -m services.cli.main ARGS`` without blocking the event loop."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli.main", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=cli_env(tmp),
-        cwd=REPO_ROOT,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli(*args, env=cli_env(tmp))
 
 
 async def test_cli_replay_verify_sessions_and_not_found(env: Env) -> None:

@@ -7,8 +7,6 @@ differs.
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from pathlib import Path
 
 from services.log.store.jetstream import JetStreamStore
@@ -17,7 +15,7 @@ from shared.messages import AppendItem, AppendRequest
 from shared.subjects import Subjects
 from tests.support.logsvc import service_env
 from tests.support.natsd import NatsServer
-from tests.support.procs import REPO_ROOT
+from tests.support.procs import run_cli
 
 BIG = 1 << 30
 
@@ -27,13 +25,9 @@ def user(text: str, item_id: str | None = None) -> AppendItem:
 
 
 async def migrate(tmp: Path, url: str, *args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli.main", "migrate", "--nats-url", url, "--no-embedded", *args,
-        cwd=REPO_ROOT, env=service_env(tmp / "cli"),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, (out + err).decode()
+    rc, out, err = await run_cli("migrate", "--nats-url", url, "--no-embedded", *args,
+                                 env=service_env(tmp / "cli"), timeout=60)
+    return rc, out + err
 
 
 async def everything(store: SQLiteStore | JetStreamStore, sid: str) -> list[bytes]:

@@ -5,10 +5,8 @@ nats-server writes the export; the CLI verifies it in its own process."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from shared.config import load_settings
 from shared.messages import Envelope
 from shared.signing import Keyring, Signer
 from tests.support.natsd import NatsServer
+from tests.support.procs import run_cli
 from tests.support.tamper import rechain
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,13 +52,7 @@ async def service(nats_server: NatsServer, tmp_path: Path, keys: Path) -> AsyncI
 
 async def _cli(*args: str) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli.main", *args, cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli(*args, env=env, timeout=60)
 
 
 

@@ -11,6 +11,7 @@ stdout and stderr go to one log file per process, which tests read with
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -21,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
-__all__ = ["REPO_ROOT", "Proc", "ProcError", "offline_env", "python_module", "service_env"]
+__all__ = ["REPO_ROOT", "Proc", "ProcError", "offline_env", "python_module", "run_cli", "service_env"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The checkout root: the default working directory, so ``-m services...`` imports."""
@@ -212,6 +213,26 @@ def service_env(data_dir: str | os.PathLike[str]) -> dict[str, str]:
     env["CONVLOG_EMBEDDED"] = "false"
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+async def run_cli(*args: str, env: Mapping[str, str] | None, timeout: float = 30.0) -> tuple[int, str, str]:  # noqa: ASYNC109
+    """Run ``python -m services.cli.main *args`` from the checkout root; (exit code,
+    stdout, stderr).  ``env``: its whole environment (``None``: inherit ours).
+
+    The child is killed by its PID if it outlives ``timeout``.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", *args, cwd=REPO_ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 def _slug(text: str) -> str:

@@ -38,7 +38,7 @@ from tests.support.eventually import assert_eventually
 from tests.support.fake_openai import Entry, FakeOpenAI, text, tool_call
 from tests.support.logsvc import service_env
 from tests.support.natsd import NatsServer
-from tests.support.procs import REPO_ROOT, Proc, offline_env
+from tests.support.procs import REPO_ROOT, Proc, offline_env, run_cli
 
 __all__ = [
     "READY",
@@ -149,25 +149,6 @@ def signed_worker(agent: str, *, keys: Path, url: str, log_dir: Path, env: Mappi
         env={**offline_env(), **(env or {}), **signing_env(keys, agent, login=True),
              "CONVLOG_DATA_DIR": str(log_dir)},
     )
-
-
-async def run_cli(*args: str, env: dict[str, str], timeout: float = 30.0) -> tuple[int, str, str]:  # noqa: ASYNC109
-    """Run ``python -m services.cli.main *args``; (exit code, stdout, stderr).
-
-    The child is killed by its PID if it outlives ``timeout``.
-    """
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli.main", *args, cwd=REPO_ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 @dataclass
