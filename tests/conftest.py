@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,7 +13,8 @@ import pytest
 
 from shared.client import LogClient
 from tests.support.fake_openai import FakeOpenAI
-from tests.support.natsd import NatsCluster, NatsServer
+from tests.support.natscluster import NatsCluster
+from tests.support.natsd import NatsServer
 
 if TYPE_CHECKING:
     from tests.support.workerstack import WorkerStack
@@ -65,6 +68,17 @@ def fake_openai() -> Iterator[FakeOpenAI]:
     """A scripted OpenAI-compatible server; ``fake_openai.base_url`` ends in ``/v1``."""
     with FakeOpenAI() as server:
         yield server
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temp dir with a short path (supervisord's control socket must fit AF_UNIX
+    limits), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="cl-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

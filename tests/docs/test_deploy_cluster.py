@@ -22,8 +22,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
@@ -97,16 +95,6 @@ def test_supervisord_cluster_conf_runs_two_jetstream_log_services(tmp_path: Path
     for agent in AGENTS:
         args = _parse_convlog(shlex.split(groups[f"worker-{agent}"][f"worker-{agent}"].command)[1:])
         assert (args.command, args.agent) == ("worker", agent)
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A short path: supervisord's control socket must fit AF_UNIX limits."""
-    path = Path(tempfile.mkdtemp(prefix="cl-dc-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 async def test_supervisord_cluster_conf_serves_on_the_cluster_configs(short_tmp: Path) -> None:

@@ -26,7 +26,7 @@ import pytest
 from shared.client import LogClient
 from tests.support.cluster_load import SESSIONS, appends_served, check_log, cluster_log, gaps, load
 from tests.support.logsvc import READY_LINE, LogServiceProc
-from tests.support.natsd import NatsCluster
+from tests.support.natscluster import NatsCluster
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -17,7 +17,8 @@ from shared.client import LogClient
 from shared.config import load_settings
 from tests.support.eventually import assert_eventually
 from tests.support.logsvc import service_env
-from tests.support.natsd import NatsCluster, NatsServer
+from tests.support.natscluster import NatsCluster
+from tests.support.natsd import NatsServer
 from tests.support.procs import Proc
 from tests.support.workerstack import SEED_SPEC, WorkerStack, run_cli
 

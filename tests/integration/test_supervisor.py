@@ -20,12 +20,8 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from services.cli.demo import RULES_MODEL_LABEL, consumer_name, wait_for_stack
 from services.cli.supervise import Supervisor
@@ -55,18 +51,6 @@ def stack_env(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A temp dir with a short path: supervisord's control socket must fit AF_UNIX limits."""
-    path = Path(tempfile.mkdtemp(prefix="cl-sv-"))
-    try:
-        yield path
-    finally:
-        import shutil
-
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -25,6 +25,7 @@ from services.log.service import LogService
 from shared.client import LogClient
 from shared.config import load_settings
 from tests.support.eventually import assert_eventually
+from tests.support.natscluster import wait_jetstream_placement
 from tests.support.natsd import NatsServer, free_port
 from tests.support.procs import REPO_ROOT, Proc, offline_env
 from tests.support.workerstack import READY, signed_worker
@@ -193,16 +194,7 @@ async def test_a_three_node_cluster_with_tls_routes_serves_the_signed_log(tmp_pa
         probe_nc = await nats.connect(urls, tls=load_settings({}, tls_env).nats_options()["tls"],
                                       nkeys_seed=str(keys / "log.nk"), connect_timeout=2)
         try:
-            js = probe_nc.jetstream(timeout=2)
-
-            async def elected() -> None:
-                try:
-                    await js.add_stream(name="PROBE", subjects=["probe"], num_replicas=3, storage="memory")
-                    await js.delete_stream("PROBE")
-                except (nats.errors.Error, TimeoutError) as exc:
-                    raise AssertionError(f"JetStream cluster not ready: {exc!r}") from exc
-
-            await assert_eventually(elected, timeout=30, interval=0.2)
+            await wait_jetstream_placement(probe_nc, 3, timeout=30)
         finally:
             await probe_nc.close()
         svc = LogService(load_settings(

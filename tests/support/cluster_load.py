@@ -29,7 +29,8 @@ from shared.client import LogClient
 
 from .eventually import assert_eventually
 from .logsvc import Acks, LogServiceProc, ack_count, check_session, read_acks, writer_proc
-from .natsd import NatsCluster, NatsServer
+from .natscluster import NatsCluster
+from .natsd import NatsServer
 from .procs import Proc
 
 __all__ = ["ClusterLog", "Load", "appends_served", "check_log", "cluster_log", "gaps", "load"]

@@ -1,4 +1,4 @@
-"""Real ``nats-server`` processes for tests: single node and 3-node cluster.
+"""Real ``nats-server`` processes for tests (a cluster of them: :mod:`.natscluster`).
 
 Every server listens on 127.0.0.1 only, on an ephemeral client port
 (``--port -1``) unless a port is given, and the bound port is read back from
@@ -10,13 +10,6 @@ Typical use::
 
     with NatsServer(tmp_path) as server:          # JetStream on by default
         nc = await nats.connect(server.url)
-
-    cluster = NatsCluster(tmp_path).start()
-    try:
-        await cluster.wait_ready()
-        nc = await nats.connect(cluster.urls)
-    finally:
-        cluster.stop()
 """
 
 from __future__ import annotations
@@ -34,8 +27,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
+from .procs import stop_popen
+
 __all__ = [
-    "NatsCluster",
     "NatsServer",
     "NatsServerError",
     "free_port",
@@ -181,12 +175,7 @@ class NatsServer:
             return None
         if proc.poll() is None:
             self.resume()  # a stopped process would not act on SIGTERM
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_popen(proc, timeout)
         _LIVE.discard(self)
         return proc.returncode
 
@@ -319,123 +308,6 @@ class NatsServer:
                     f"nats-server not ready after {self.ready_timeout}s:\n{text}"
                 )
             time.sleep(0.02)
-
-
-class NatsCluster:
-    """A JetStream cluster of ``size`` nodes (default 3) fully routed on 127.0.0.1.
-
-    Route ports must be known before any node starts (each node lists the
-    others), so they are picked by binding port 0; if another process grabs one
-    in between, the whole cluster is torn down and started again on new ports.
-
-    Args:
-        tmp_dir: each node gets ``tmp_dir/n1``, ``tmp_dir/n2``, … as its ``tmp_dir``.
-        size: number of nodes.
-        name: ``--cluster_name``.
-        extra_args: extra command line arguments for every node.
-        attempts: how many times to retry the start after a port race.
-    """
-
-    def __init__(
-        self,
-        tmp_dir: str | os.PathLike[str],
-        *,
-        size: int = 3,
-        name: str = "convlog-test",
-        extra_args: Sequence[str] = (),
-        attempts: int = 3,
-    ) -> None:
-        self.tmp_dir = Path(tmp_dir)
-        self.size = size
-        self.name = name
-        self.extra_args = tuple(extra_args)
-        self.attempts = attempts
-        self.servers: list[NatsServer] = []
-
-    @property
-    def urls(self) -> list[str]:
-        """Client URLs of every node, in node order."""
-        return [server.url for server in self.servers]
-
-    def start(self) -> Self:
-        """Start every node; returns once each serves clients (see :meth:`wait_ready`).
-
-        Raises:
-            NatsServerError: the cluster did not start within ``attempts`` tries.
-        """
-        last: NatsServerError | None = None
-        for _ in range(self.attempts):
-            try:
-                self._start_once()
-                return self
-            except NatsServerError as exc:  # most likely a route port race
-                last = exc
-                self.stop()
-        raise NatsServerError(f"cluster failed to start after {self.attempts} attempts") from last
-
-    def _start_once(self) -> None:
-        ports = [free_port() for _ in range(self.size)]
-        self.servers = [
-            NatsServer(
-                self.tmp_dir / f"n{i + 1}",
-                name=f"n{i + 1}",
-                cluster_name=self.name,
-                cluster_port=port,
-                routes=[f"nats://127.0.0.1:{p}" for p in ports if p != port],
-                extra_args=self.extra_args,
-            )
-            for i, port in enumerate(ports)
-        ]
-        # Launch all nodes before waiting on any: they bootstrap the meta group together.
-        for server in self.servers:
-            shutil.rmtree(server.store_dir, ignore_errors=True)  # left by a failed attempt
-            server._spawn()
-        for server in self.servers:
-            server._port = server._wait_ready()
-
-    async def wait_ready(self, timeout: float = 20.0) -> None:  # noqa: ASYNC109 - retry deadline
-        """Wait until JetStream can place a stream on every node.
-
-        Polls by creating (then deleting) a memory stream with
-        ``num_replicas=size``: that succeeds only once a meta leader is elected
-        and every peer is known to it.
-
-        Raises:
-            AssertionError: not ready within ``timeout`` seconds.
-        """
-        import nats  # local import: natsd itself needs only the standard library
-        from nats.errors import Error as NatsError
-
-        from tests.support.eventually import assert_eventually
-
-        nc = await nats.connect(self.urls, connect_timeout=2, max_reconnect_attempts=-1)
-        try:
-            js = nc.jetstream(timeout=2)
-
-            async def probe() -> None:
-                try:
-                    await js.add_stream(
-                        name="_cluster_probe", subjects=["_cluster_probe"],
-                        num_replicas=self.size, storage="memory",
-                    )
-                    await js.delete_stream("_cluster_probe")
-                except (NatsError, TimeoutError) as exc:
-                    raise AssertionError(f"JetStream cluster not ready: {exc!r}") from exc
-
-            await assert_eventually(probe, timeout=timeout, interval=0.2)
-        finally:
-            await nc.close()
-
-    def stop(self) -> None:
-        """Stop every node (SIGTERM, then SIGKILL), by PID. Idempotent."""
-        for server in self.servers:
-            server.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
 
 @atexit.register

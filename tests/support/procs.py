@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
-__all__ = ["REPO_ROOT", "Proc", "ProcError", "offline_env", "python_module", "run_cli", "service_env"]
+__all__ = ["REPO_ROOT", "Proc", "ProcError", "offline_env", "python_module", "run_cli", "service_env", "stop_popen"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The checkout root: the default working directory, so ``-m services...`` imports."""
@@ -146,14 +146,7 @@ class Proc:
         popen = self._popen
         if popen is None:
             return None
-        if popen.poll() is None:
-            popen.send_signal(signal.SIGTERM)
-            try:
-                popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                popen.wait()
-        return popen.returncode
+        return stop_popen(popen, timeout)
 
     def kill9(self) -> None:
         """SIGKILL the process now (a crash) and reap it."""
@@ -197,6 +190,18 @@ def python_module(
         [sys.executable, "-m", module, *args],
         log_dir=log_dir, env=env, cwd=cwd, name=name or " ".join([module, *args]),
     )
+
+
+def stop_popen(popen: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM ``popen`` if it runs, wait up to ``timeout`` s, then SIGKILL and wait; its exit code."""
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+    return popen.returncode
 
 
 def offline_env() -> dict[str, str]:

@@ -14,7 +14,8 @@ import pytest
 
 from tests.support import fake_openai as fo
 from tests.support.eventually import assert_eventually, wait_until
-from tests.support.natsd import NatsCluster, NatsServer, nats_server_binary
+from tests.support.natscluster import NatsCluster
+from tests.support.natsd import NatsServer, nats_server_binary
 from tests.support.procs import Proc, ProcError
 
 # -- nats-server ---------------------------------------------------------------
