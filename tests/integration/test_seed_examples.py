@@ -32,17 +32,11 @@ from tests.support.fake_openai import FakeOpenAI, text, tool_call
 from tests.support.procs import REPO_ROOT
 from tests.support.seed_agents import (
     SUPPORT_MESSAGES,
-    FakeServerProvider,
     build_greeter_helper,
     build_support_system,
     build_triage_handoffs,
     support_responder,
 )
-
-
-@pytest.fixture
-def run_config(fake_openai: FakeOpenAI) -> RunConfig:
-    return RunConfig(model_provider=FakeServerProvider(fake_openai.base_url), tracing_disabled=True)
 
 
 def texts(request: dict[str, Any]) -> str:
