@@ -10,6 +10,9 @@ only what is specific to that backend::
             await store.open()
             return store
 
+The helpers the tests share (``item``, ``req``, ``read_all``, ...) are in
+:mod:`.store_helpers`.
+
 One test per guarantee of DESIGN.md and the ``LogStore`` docstring: orders
 contiguous from 1, all-or-nothing batches, idempotent ``item_id``,
 ``expected_last`` and the retry-by-ids rule, the retract/clear projections,
@@ -19,39 +22,14 @@ durability across a reopen and exclusive ownership of the data.
 
 from __future__ import annotations
 
-from .store_helpers import (
-    BIG,
-    SuiteBase,
-    clear,
-    contents,
-    envs,
-    item,
-    item_id_suffix,
-    orders,
-    read_all,
-    req,
-    retract,
-)
 from .suite_commits import CommitGuarantees
 from .suite_reads import ReadGuarantees
 from .suite_writes import WriteGuarantees
 
-__all__ = [
-    "BIG",
-    "StoreSuite",
-    "SuiteBase",
-    "clear",
-    "contents",
-    "envs",
-    "item",
-    "item_id_suffix",
-    "orders",
-    "read_all",
-    "req",
-    "retract",
-]
+__all__ = ["StoreSuite"]
 
 
 class StoreSuite(WriteGuarantees, ReadGuarantees, CommitGuarantees):
     """Guarantees every log store backend must keep (the parts: :mod:`.suite_writes`,
-    :mod:`.suite_reads`, :mod:`.suite_commits`; the abstract store: :class:`SuiteBase`)."""
+    :mod:`.suite_reads`, :mod:`.suite_commits`; the abstract store:
+    :class:`.store_helpers.SuiteBase`)."""

@@ -24,7 +24,8 @@ from shared.failures import StreamConfigError
 from shared.subjects import Subjects
 from tests.support.natsd import NatsServer
 
-from .store_suite import BIG, StoreSuite, envs, item, read_all, req
+from .store_helpers import BIG, envs, item, read_all, req
+from .store_suite import StoreSuite
 
 
 @pytest.fixture(scope="module")
@@ -343,6 +344,6 @@ async def test_an_items_stream_of_an_earlier_layout_is_refused_with_what_to_do(
 
 
 def AppendItemRetract(target: int):  # noqa: N802 - reads like the suite's item()
-    from .store_suite import retract
+    from .store_helpers import retract
 
     return retract(target)

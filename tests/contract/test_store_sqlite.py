@@ -15,7 +15,8 @@ import pytest
 from services.log.store.base import LogStore
 from services.log.store.sqlite import SQLiteStore
 
-from .store_suite import StoreSuite, item, read_all, req, retract
+from .store_helpers import item, read_all, req, retract
+from .store_suite import StoreSuite
 
 
 async def writer_pragma(store: SQLiteStore, name: str) -> Any:
