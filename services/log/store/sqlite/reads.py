@@ -1,0 +1,141 @@
+"""The SQLite store's reads: ``read``, ``tail``, ``sessions``, ``last_order`` and the
+global commit order (``committed_after``, ``position_of``).
+
+Every read takes the session's head first and reads as of it (see
+:meth:`SQLiteReads.read`).  A mixin of :class:`~.recorder.SQLiteStore`, which
+owns the state declared below.
+"""
+
+from __future__ import annotations
+
+import aiosqlite
+
+from shared.messages import SessionInfo
+
+from ..base import Committed, Page
+from ..ordering import SessionState
+from .datastore import SQLiteDatastore
+
+__all__ = ["SQLiteReads"]
+
+_READ_CHUNK = 512
+
+
+class SQLiteReads:
+    """Reads on the datastore's read connection (state owned by ``SQLiteStore``)."""
+
+    datastore: SQLiteDatastore
+    _states: dict[str, SessionState]
+
+    def _reader(self) -> aiosqlite.Connection:
+        return self.datastore.read_connection()
+
+    async def last_order(self, session_id: str) -> int:
+        st = self._states.get(session_id)
+        if st is not None:
+            return st.last_order
+        async with self._reader().execute(
+            "SELECT last_order FROM sessions WHERE session_id = ?", (session_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def _head(self, session_id: str) -> tuple[int, int]:
+        """``(last_order, last_clear)`` as of one moment (the cache, or one row)."""
+        st = self._states.get(session_id)
+        if st is not None:
+            return st.last_order, st.last_clear
+        async with self._reader().execute(
+            "SELECT last_order, last_clear FROM sessions WHERE session_id = ?", (session_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    async def read(
+        self, session_id: str, *, after: int, limit: int, max_bytes: int, visible: bool = False
+    ) -> Page:
+        r = self._reader()
+        # Take the head first and read as of it: the reader runs on its own
+        # thread and may see commits made after that moment, which must not
+        # show (items beyond ``last``) nor hide (a later retract) anything.
+        last, clear = await self._head(session_id)
+        if visible:
+            after = max(after, clear)
+            sql = (
+                "SELECT envelope FROM items WHERE session_id = ? AND item_order > ? "
+                "AND item_order <= ? AND kind = 'item' AND (hidden = 0 OR hidden > ?) "
+                "ORDER BY item_order LIMIT ?"
+            )
+            args: tuple[object, ...] = (session_id, after, last, last, limit + 1)
+        else:
+            sql = (
+                "SELECT envelope FROM items WHERE session_id = ? AND item_order > ? "
+                "AND item_order <= ? ORDER BY item_order LIMIT ?"
+            )
+            args = (session_id, after, last, limit + 1)
+        items: list[bytes] = []
+        size = 0
+        more = False
+        async with r.execute(sql, args) as cur:
+            # Fetch in chunks and stop at the byte budget: SQLite steps lazily,
+            # so a page that fills after 2,000 rows does not read 10,000.
+            while not more:
+                rows = await cur.fetchmany(_READ_CHUNK)
+                if not rows:
+                    break
+                for (env,) in rows:
+                    if len(items) == limit or (items and size + len(env) + 1 > max_bytes):
+                        more = True
+                        break
+                    items.append(env)
+                    size += len(env) + 1
+        return Page(items, last, more)
+
+    async def tail(self, session_id: str, n: int, *, visible: bool = True) -> Page:
+        r = self._reader()
+        last, clear = await self._head(session_id)  # first, as in read()
+        if n <= 0:
+            return Page([], last, False)
+        if visible:
+            sql = (
+                "SELECT envelope FROM items WHERE session_id = ? AND item_order > ? "
+                "AND item_order <= ? AND kind = 'item' AND (hidden = 0 OR hidden > ?) "
+                "ORDER BY item_order DESC LIMIT ?"
+            )
+            args: tuple[object, ...] = (session_id, clear, last, last, n)
+        else:
+            sql = (
+                "SELECT envelope FROM items WHERE session_id = ? AND item_order <= ? "
+                "ORDER BY item_order DESC LIMIT ?"
+            )
+            args = (session_id, last, n)
+        async with r.execute(sql, args) as cur:
+            rows = await cur.fetchall()
+        return Page([env for (env,) in reversed(rows)], last, False)
+
+    async def sessions(self, *, after: str | None, limit: int) -> tuple[list[SessionInfo], bool]:
+        async with self._reader().execute(
+            "SELECT session_id, last_order, updated_at FROM sessions WHERE session_id > ? "
+            "ORDER BY session_id LIMIT ?",
+            (after or "", limit + 1),
+        ) as cur:
+            rows = await cur.fetchall()
+        infos = [SessionInfo(session_id=s, last_order=o, updated_at=u) for s, o, u in rows[:limit]]
+        return infos, len(rows) > limit
+
+    async def committed_after(self, position: int, limit: int) -> list[Committed]:
+        async with self._reader().execute(
+            "SELECT position, session_id, item_order, envelope FROM items WHERE position > ? "
+            "ORDER BY position LIMIT ?",
+            (position, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Committed(p, s, o, bytes(e)) for p, s, o, e in rows]
+
+    async def position_of(self, session_id: str, item_order: int) -> int | None:
+        async with self._reader().execute(
+            "SELECT position FROM items WHERE session_id = ? AND item_order = ?",
+            (session_id, item_order),
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else None
