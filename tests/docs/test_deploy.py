@@ -7,10 +7,8 @@
 * ``supervisord.conf`` is parsed by supervisor's own ``ServerOptions``: one
   program per process, autorestart, TERM, log files under ``CONVLOG_LOG_DIR``;
   the config ``convlog up`` generates has the same programs.
-* systemd units and the Procfile start ``convlog`` commands that convlog's own
-  argument parser accepts, for every agent of ``deploy/agents.toml``; the
-  health check runs ``convlog health`` from a oneshot unit on a timer, and
-  from supervisord as a watcher program.
+* the health check runs ``convlog health`` from supervisord as a watcher
+  program (the systemd units and the Procfile: ``test_deploy_units.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,21 +25,22 @@ import nats
 import pytest
 from supervisor.options import ServerOptions
 
-from services.cli.main import build_parser, settings_from
 from services.cli.stack_cmds import up_config
 from services.cli.supervise import render_config, stack_programs
 from services.worker.scenario import SEED_CONVERSATION
-from services.worker.spec import load_spec
 from shared.client import LogClient
 from shared.config import load_settings
+from tests.support.deploy_config import (
+    AGENTS,
+    DEPLOY,
+    nats_flags_are_valid,
+    parse_convlog,
+    supervisor_options,
+)
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer, free_port, nats_server_binary
 from tests.support.procs import Proc
-from tests.support.systemd_unit import read_unit
 
-REPO = Path(__file__).resolve().parents[2]
-DEPLOY = REPO / "deploy"
-AGENTS = list(load_spec(DEPLOY / "agents.toml").agents)
 PASSWORDS = {
     "CONVLOG_NATS_LOG_PASSWORD": "log-secret",
     "CONVLOG_NATS_WORKER_PASSWORD": "worker-secret",
@@ -258,30 +256,8 @@ def _violation(errors: list[str], subject: str) -> None:
 # -- supervisord -------------------------------------------------------------
 
 
-def _supervisor_options(conf: Path) -> ServerOptions:
-    opts = ServerOptions()
-    opts.realize(args=["-c", str(conf)])
-    return opts
-
-
 def _programs(opts: ServerOptions) -> dict[str, object]:
     return {p.name: p for g in opts.process_group_configs for p in g.process_configs}
-
-
-def _nats_flags_are_valid(flags: list[str], tmp_path: Path) -> None:
-    """``nats-server -t`` needs a config file: check the flags against an empty one."""
-    empty = tmp_path / "empty.conf"
-    empty.write_text("server_name: flags-check\n")
-    res = subprocess.run([nats_server_binary(), "-t", "-c", str(empty), *flags],
-                         capture_output=True, text=True, timeout=30, check=False)
-    assert res.returncode == 0, res.stdout + res.stderr
-
-
-def _parse_convlog(argv: list[str]) -> object:
-    """Parse a convlog command line with convlog's own parser (SystemExit on a bad one)."""
-    args = build_parser().parse_args(argv)
-    settings_from(args)  # flags convert to valid settings too
-    return args
 
 
 def test_supervisord_conf_parses_with_one_program_per_process(
@@ -291,7 +267,7 @@ def test_supervisord_conf_parses_with_one_program_per_process(
     monkeypatch.setenv("CONVLOG_LOG_DIR", str(tmp_path / "logs"))
     monkeypatch.setenv("CONVLOG_NATS_PORT", "4567")
     (tmp_path / "logs").mkdir()
-    opts = _supervisor_options(DEPLOY / "supervisord.conf")
+    opts = supervisor_options(DEPLOY / "supervisord.conf")
     progs = _programs(opts)
     assert set(progs) == {"nats", "log", "health", *(f"worker-{a}" for a in AGENTS)}
     env = opts.configroot.supervisord.environment
@@ -307,17 +283,17 @@ def test_supervisord_conf_parses_with_one_program_per_process(
     assert nats_argv[0] == "nats-server"
     assert nats_argv[nats_argv.index("-p") + 1] == "4567"
     assert "-js" in nats_argv and nats_argv[nats_argv.index("-sd") + 1].startswith(str(tmp_path))
-    _nats_flags_are_valid(nats_argv[1:], tmp_path)
+    nats_flags_are_valid(nats_argv[1:], tmp_path)
     assert progs["nats"].priority < progs["log"].priority < progs["worker-Triage"].priority
     for agent in AGENTS:
         argv = shlex.split(progs[f"worker-{agent}"].command)
         assert argv[0] == "convlog"
-        args = _parse_convlog(argv[1:])
+        args = parse_convlog(argv[1:])
         assert (args.command, args.agent) == ("worker", agent)
         assert Path(args.agents) == DEPLOY / "agents.toml"
-    args = _parse_convlog(shlex.split(progs["log"].command)[1:])
+    args = parse_convlog(shlex.split(progs["log"].command)[1:])
     assert args.command == "log" and args.db == str(tmp_path / "data" / "convlog.db")
-    args = _parse_convlog(shlex.split(progs["health"].command)[1:])
+    args = parse_convlog(shlex.split(progs["health"].command)[1:])
     assert args.command == "health" and args.every > 0
     assert Path(args.agents) == DEPLOY / "agents.toml"
     assert progs["health"].priority > progs["worker-Triage"].priority
@@ -344,7 +320,7 @@ def test_convlog_up_config_has_the_same_programs(tmp_path: Path, replicas: int) 
     path.parent.mkdir(parents=True)
     (tmp_path / "logs").mkdir()
     path.write_text(text)
-    opts = _supervisor_options(path)
+    opts = supervisor_options(path)
     groups = {g.name: [p.name for p in g.process_configs] for g in opts.process_group_configs}
     assert set(groups) == {"nats", "log", *(f"worker-{a}" for a in AGENTS)}
     for agent in AGENTS:
@@ -358,7 +334,7 @@ def test_convlog_up_config_has_the_same_programs(tmp_path: Path, replicas: int) 
     assert nats_argv[nats_argv.index("-p") + 1] == "4999"
     argv = shlex.split(progs[f"worker-Triage{'-0' if replicas > 1 else ''}"].command)
     assert argv[:3] == [sys.executable, "-m", "services.cli.main"]
-    assert _parse_convlog(argv[3:]).command == "worker"
+    assert parse_convlog(argv[3:]).command == "worker"
 
 
 def test_convlog_up_skips_nats_when_one_answers(tmp_path: Path) -> None:
@@ -377,124 +353,7 @@ def test_rendered_config_escapes_percent_and_quotes(tmp_path: Path) -> None:
     conf = tmp_path / "s.conf"
     conf.write_text(render_config(programs, run_dir=tmp_path, log_dir=tmp_path / "logs",
                                   environment={"X": 'say "hi", 50%'}))
-    opts = _supervisor_options(conf)
+    opts = supervisor_options(conf)
     assert opts.configroot.supervisord.environment["X"] == 'say "hi", 50%'
     argv = shlex.split(_programs(opts)["worker-A"].command)
     assert argv[argv.index("--agents") + 1] == str(odd / "a.toml")
-
-
-# -- systemd -------------------------------------------------------------------
-
-
-UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
-TIMERS = sorted((DEPLOY / "systemd").glob("*.timer"))
-
-
-def test_systemd_units_are_the_expected_ones() -> None:
-    assert [u.name for u in UNITS] == ["convlog-health.service", "convlog-log.service",
-                                       "convlog-log@.service", "convlog-nats.service",
-                                       "convlog-nats@.service", "convlog-worker@.service"]
-    assert [t.name for t in TIMERS] == ["convlog-health.timer"]
-
-
-def test_systemd_health_check_runs_convlog_health_on_a_timer() -> None:
-    u = read_unit(DEPLOY / "systemd" / "convlog-health.service")
-    assert set(u) == {"Unit", "Service"}  # started by its timer only
-    assert u["Service"]["Type"] == ["oneshot"]
-    (exec_start,) = u["Service"]["ExecStart"]
-    argv = shlex.split(exec_start)
-    assert Path(argv[0]).name == "convlog"
-    args = _parse_convlog(argv[1:])
-    assert args.command == "health" and args.every is None  # one check, exit 0 or 1
-    assert Path(args.agents).name == "agents.toml"
-    t = read_unit(DEPLOY / "systemd" / "convlog-health.timer")
-    assert t["Install"]["WantedBy"] == ["timers.target"]
-    assert t["Timer"]["OnUnitActiveSec"] == ["1min"]
-
-
-@pytest.mark.parametrize("unit", [u for u in UNITS if u.name != "convlog-health.service"],
-                         ids=lambda p: p.name)
-def test_systemd_unit_starts_a_command_that_exists(unit: Path, tmp_path: Path) -> None:
-    u = read_unit(unit)
-    assert set(u) == {"Unit", "Service", "Install"}
-    service = u["Service"]
-    assert service["Restart"][0] in ("always", "on-failure")
-    assert service["KillSignal"] == ["SIGTERM"]
-    assert u["Install"]["WantedBy"] == ["multi-user.target"]
-    (exec_start,) = service["ExecStart"]
-    argv = shlex.split(exec_start)
-    binary = Path(argv[0]).name
-    if binary == "nats-server":
-        conf = Path(argv[argv.index("-c") + 1])
-        assert conf.parent == Path("/etc/convlog/nats")
-        # a template's instance is the cluster node: cluster-%i.conf -> cluster-1.conf ...
-        names = [conf.name.replace("%i", n) for n in "123"] if "%i" in conf.name else [conf.name]
-        for name in names:
-            res = subprocess.run([nats_server_binary(), "-t", "-c", str(DEPLOY / "nats" / name),
-                                  *argv[argv.index("-c") + 2:]],
-                                 capture_output=True, text=True, timeout=30, check=False)
-            assert res.returncode == 0, res.stdout + res.stderr
-        return
-    assert binary == "convlog", exec_start
-    instances = AGENTS if "%i" in exec_start else [None]
-    for agent in instances:
-        args = _parse_convlog([a.replace("%i", agent) if agent else a for a in argv[1:]])
-        if args.command == "worker":
-            assert args.agent == agent
-            assert Path(args.agents).name == "agents.toml"
-        else:
-            assert args.command == "log"
-    if "%i" in exec_start:
-        assert unit.name == "convlog-worker@.service"
-        assert "%i" in u["Unit"]["Description"][0]
-
-
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
-    # The units name /opt/convlog/venv/bin/...; point them at this interpreter's scripts.
-    bindir = str(Path(sys.executable).parent)
-    units = []
-    for unit in [*UNITS, *TIMERS]:
-        text = unit.read_text().replace("/opt/convlog/venv/bin", bindir)
-        name = unit.name.replace("@.service", "@Triage.service")  # an instance of the template
-        (tmp_path / name).write_text(text)
-        units.append(str(tmp_path / name))
-    res = subprocess.run(["systemd-analyze", "verify", "--man=no", *units],
-                         capture_output=True, text=True, timeout=60, check=False)
-    assert res.returncode == 0, res.stdout + res.stderr
-
-
-# -- Procfile ----------------------------------------------------------------------
-
-
-def _procfile() -> dict[str, list[str]]:
-    """name -> argv, each command expanded by /bin/sh as Procfile runners do."""
-    out = {}
-    for line in (DEPLOY / "Procfile").read_text().splitlines():
-        m = re.match(r"^([A-Za-z0-9_-]+):\s*(.+)$", line)
-        if not m:
-            assert not line.strip() or line.startswith("#"), line
-            continue
-        res = subprocess.run(["sh", "-c", f'for a in {m.group(2)}; do printf "%s\\0" "$a"; done'],
-                             capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"})
-        out[m.group(1)] = res.stdout.rstrip("\0").split("\0")
-    return out
-
-
-def test_procfile_runs_the_same_processes_as_supervisord(tmp_path: Path) -> None:
-    procs = _procfile()
-    assert len(procs) == 2 + len(AGENTS)
-    workers = []
-    for name, argv in procs.items():
-        if argv[0] == "nats-server":
-            _nats_flags_are_valid(argv[1:], tmp_path)
-            assert "-js" in argv
-            continue
-        assert argv[0] == "convlog", name
-        args = _parse_convlog(argv[1:])
-        if args.command == "worker":
-            assert (REPO / args.agents).exists()
-            workers.append(args.agent)
-        else:
-            assert args.command == "log"
-    assert sorted(workers) == sorted(AGENTS)

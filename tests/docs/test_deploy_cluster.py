@@ -26,21 +26,23 @@ from pathlib import Path
 
 import nats
 import pytest
-from supervisor.options import ServerOptions
 
 from services.bench.leader import store_streams
-from services.cli.main import build_parser, settings_from
 from services.cli.supervise import Supervisor
-from services.worker.spec import load_spec
 from shared.client import LogClient
 from tests.support.cluster_load import appends_served
+from tests.support.deploy_config import (
+    AGENTS,
+    DEPLOY,
+    parse_convlog,
+    supervisor_options,
+    systemd_verify,
+)
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer, free_port, nats_server_binary
 from tests.support.procs import REPO_ROOT, offline_env
 from tests.support.systemd_unit import read_unit
 
-DEPLOY = REPO_ROOT / "deploy"
-AGENTS = list(load_spec(DEPLOY / "agents.toml").agents)
 BIN = str(Path(sys.executable).parent)
 
 
@@ -56,26 +58,14 @@ def _client_ports() -> list[int]:
 CLUSTER_URL = ",".join(f"nats://127.0.0.1:{p}" for p in _client_ports())
 
 
-def _parse_convlog(argv: list[str]) -> object:
-    args = build_parser().parse_args(argv)
-    settings_from(args)
-    return args
-
-
 # -- supervisord -------------------------------------------------------------------
-
-
-def _options(conf: Path) -> ServerOptions:
-    opts = ServerOptions()
-    opts.realize(args=["-c", str(conf)])
-    return opts
 
 
 def test_supervisord_cluster_conf_runs_two_jetstream_log_services(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONVLOG_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("CONVLOG_LOG_DIR", str(tmp_path / "logs"))
     (tmp_path / "logs").mkdir()
-    opts = _options(DEPLOY / "supervisord-cluster.conf")
+    opts = supervisor_options(DEPLOY / "supervisord-cluster.conf")
     groups = {g.name: {p.name: p for p in g.process_configs} for g in opts.process_group_configs}
     assert set(groups) == {"log", "health", *(f"worker-{a}" for a in AGENTS)}
     env = opts.configroot.supervisord.environment
@@ -86,14 +76,14 @@ def test_supervisord_cluster_conf_runs_two_jetstream_log_services(tmp_path: Path
     dirs = {p.environment["CONVLOG_DATA_DIR"] for p in logs.values()}
     assert dirs == {str(tmp_path / "data" / "log-1"), str(tmp_path / "data" / "log-2")}
     for name, p in logs.items():
-        args = _parse_convlog(shlex.split(p.command)[1:])
+        args = parse_convlog(shlex.split(p.command)[1:])
         assert (args.command, args.store) == ("log", "jetstream"), name
         assert p.stdout_logfile == str(tmp_path / "logs" / f"{name}.log")
     for group in groups.values():
         for p in group.values():
             assert p.autorestart is not False and p.stopsignal == 15 and p.stopwaitsecs >= 10, p.name
     for agent in AGENTS:
-        args = _parse_convlog(shlex.split(groups[f"worker-{agent}"][f"worker-{agent}"].command)[1:])
+        args = parse_convlog(shlex.split(groups[f"worker-{agent}"][f"worker-{agent}"].command)[1:])
         assert (args.command, args.agent) == ("worker", agent)
 
 
@@ -177,7 +167,7 @@ def test_systemd_log_template_runs_the_jetstream_store_against_the_cluster() -> 
     (exec_start,) = u["Service"]["ExecStart"]
     argv = shlex.split(exec_start)
     assert Path(argv[0]).name == "convlog"
-    args = _parse_convlog(argv[1:])
+    args = parse_convlog(argv[1:])
     assert (args.command, args.store) == ("log", "jetstream")
     assert u["Service"]["Restart"] == ["always"] and u["Service"]["KillSignal"] == ["SIGTERM"]
     assert all(f"convlog-nats@{i}.service" in " ".join(u["Unit"]["After"]) for i in (1, 2, 3))
@@ -214,6 +204,4 @@ def test_systemd_analyze_verifies_the_cluster_units(tmp_path: Path) -> None:
         text = (DEPLOY / "systemd" / name).read_text().replace("/opt/convlog/venv/bin", BIN)
         (tmp_path / instance).write_text(text)
         units.append(str(tmp_path / instance))
-    res = subprocess.run(["systemd-analyze", "verify", "--man=no", *units],
-                         capture_output=True, text=True, timeout=60, check=False)
-    assert res.returncode == 0, res.stdout + res.stderr
+    systemd_verify(units)

@@ -31,15 +31,13 @@ from services.worker.scenario import (
     SEED_CONVERSATION,
     SEED_SESSION_ID,
 )
-from services.worker.spec import load_spec
 from shared.chain import verify
 from shared.client import LogClient
+from tests.support.deploy_config import AGENTS, DEPLOY
 from tests.support.eventually import wait_until
 from tests.support.natsd import free_port
 from tests.support.procs import REPO_ROOT, Proc, offline_env
 
-DEPLOY = REPO_ROOT / "deploy"
-AGENTS = list(load_spec(DEPLOY / "agents.toml").agents)
 BIN = str(Path(sys.executable).parent)
 
 

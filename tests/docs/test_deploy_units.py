@@ -1,0 +1,140 @@
+"""``deploy/systemd`` and ``deploy/Procfile`` are tests too: every unit starts a
+command that exists with flags convlog's own parser accepts (``systemd-analyze
+verify`` where it is installed), the health check runs on a timer, and the
+Procfile runs the same processes as supervisord."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.deploy_config import (
+    AGENTS,
+    DEPLOY,
+    nats_flags_are_valid,
+    parse_convlog,
+    systemd_verify,
+)
+from tests.support.natsd import nats_server_binary
+from tests.support.procs import REPO_ROOT
+from tests.support.systemd_unit import read_unit
+
+# -- systemd -------------------------------------------------------------------
+
+
+UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
+TIMERS = sorted((DEPLOY / "systemd").glob("*.timer"))
+
+
+def test_systemd_units_are_the_expected_ones() -> None:
+    assert [u.name for u in UNITS] == ["convlog-health.service", "convlog-log.service",
+                                       "convlog-log@.service", "convlog-nats.service",
+                                       "convlog-nats@.service", "convlog-worker@.service"]
+    assert [t.name for t in TIMERS] == ["convlog-health.timer"]
+
+
+def test_systemd_health_check_runs_convlog_health_on_a_timer() -> None:
+    u = read_unit(DEPLOY / "systemd" / "convlog-health.service")
+    assert set(u) == {"Unit", "Service"}  # started by its timer only
+    assert u["Service"]["Type"] == ["oneshot"]
+    (exec_start,) = u["Service"]["ExecStart"]
+    argv = shlex.split(exec_start)
+    assert Path(argv[0]).name == "convlog"
+    args = parse_convlog(argv[1:])
+    assert args.command == "health" and args.every is None  # one check, exit 0 or 1
+    assert Path(args.agents).name == "agents.toml"
+    t = read_unit(DEPLOY / "systemd" / "convlog-health.timer")
+    assert t["Install"]["WantedBy"] == ["timers.target"]
+    assert t["Timer"]["OnUnitActiveSec"] == ["1min"]
+
+
+@pytest.mark.parametrize("unit", [u for u in UNITS if u.name != "convlog-health.service"],
+                         ids=lambda p: p.name)
+def test_systemd_unit_starts_a_command_that_exists(unit: Path, tmp_path: Path) -> None:
+    u = read_unit(unit)
+    assert set(u) == {"Unit", "Service", "Install"}
+    service = u["Service"]
+    assert service["Restart"][0] in ("always", "on-failure")
+    assert service["KillSignal"] == ["SIGTERM"]
+    assert u["Install"]["WantedBy"] == ["multi-user.target"]
+    (exec_start,) = service["ExecStart"]
+    argv = shlex.split(exec_start)
+    binary = Path(argv[0]).name
+    if binary == "nats-server":
+        conf = Path(argv[argv.index("-c") + 1])
+        assert conf.parent == Path("/etc/convlog/nats")
+        # a template's instance is the cluster node: cluster-%i.conf -> cluster-1.conf ...
+        names = [conf.name.replace("%i", n) for n in "123"] if "%i" in conf.name else [conf.name]
+        for name in names:
+            res = subprocess.run([nats_server_binary(), "-t", "-c", str(DEPLOY / "nats" / name),
+                                  *argv[argv.index("-c") + 2:]],
+                                 capture_output=True, text=True, timeout=30, check=False)
+            assert res.returncode == 0, res.stdout + res.stderr
+        return
+    assert binary == "convlog", exec_start
+    instances = AGENTS if "%i" in exec_start else [None]
+    for agent in instances:
+        args = parse_convlog([a.replace("%i", agent) if agent else a for a in argv[1:]])
+        if args.command == "worker":
+            assert args.agent == agent
+            assert Path(args.agents).name == "agents.toml"
+        else:
+            assert args.command == "log"
+    if "%i" in exec_start:
+        assert unit.name == "convlog-worker@.service"
+        assert "%i" in u["Unit"]["Description"][0]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
+    # The units name /opt/convlog/venv/bin/...; point them at this interpreter's scripts.
+    bindir = str(Path(sys.executable).parent)
+    units = []
+    for unit in [*UNITS, *TIMERS]:
+        text = unit.read_text().replace("/opt/convlog/venv/bin", bindir)
+        name = unit.name.replace("@.service", "@Triage.service")  # an instance of the template
+        (tmp_path / name).write_text(text)
+        units.append(str(tmp_path / name))
+    systemd_verify(units)
+
+
+# -- Procfile ----------------------------------------------------------------------
+
+
+def _procfile() -> dict[str, list[str]]:
+    """name -> argv, each command expanded by /bin/sh as Procfile runners do."""
+    out = {}
+    for line in (DEPLOY / "Procfile").read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_-]+):\s*(.+)$", line)
+        if not m:
+            assert not line.strip() or line.startswith("#"), line
+            continue
+        res = subprocess.run(["sh", "-c", f'for a in {m.group(2)}; do printf "%s\\0" "$a"; done'],
+                             capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"})
+        out[m.group(1)] = res.stdout.rstrip("\0").split("\0")
+    return out
+
+
+def test_procfile_runs_the_same_processes_as_supervisord(tmp_path: Path) -> None:
+    procs = _procfile()
+    assert len(procs) == 2 + len(AGENTS)
+    workers = []
+    for name, argv in procs.items():
+        if argv[0] == "nats-server":
+            nats_flags_are_valid(argv[1:], tmp_path)
+            assert "-js" in argv
+            continue
+        assert argv[0] == "convlog", name
+        args = parse_convlog(argv[1:])
+        if args.command == "worker":
+            assert (REPO_ROOT / args.agents).exists()
+            workers.append(args.agent)
+        else:
+            assert args.command == "log"
+    assert sorted(workers) == sorted(AGENTS)
