@@ -29,7 +29,8 @@ taken, the request's ids are looked up: a direct get on each id's subject
 returns its envelope), and the request is decided again — a retry becomes a
 ``duplicate`` with its original order and hash, a moved head a new order or a
 ``conflict``.  A ``conflict`` or a bad retract is only ever reported against a
-head freshly read from the stream.
+head freshly read from the stream.  A ``duplicate`` ack or a lost answer is
+settled against the stream first (:mod:`.settle`).
 """
 
 from __future__ import annotations
@@ -52,17 +53,17 @@ from .api import (
     EXPECTED_LAST_SUBJECT_SEQ_SUBJECT,
     MSG_ID,
     Acks,
-    BatchAck,
     IdTaken,
     Message,
     OutcomeUnknown,
     WrongLastSequence,
 )
-from .index import Meta, SessionIndex, seq_of
+from .index import Meta, SessionIndex
 from .layout import Layout
 from .reads import StreamReads
+from .settle import OutcomeStillUnknown, Settler
 
-__all__ = ["MAX_BATCH_MESSAGES", "MAX_ITEMS_PER_APPEND", "BatchWriter", "position"]
+__all__ = ["MAX_BATCH_MESSAGES", "MAX_ITEMS_PER_APPEND", "BatchWriter", "OutcomeStillUnknown", "position"]
 
 log = logging.getLogger("convlog.store.jetstream")
 
@@ -82,10 +83,6 @@ def position(seq: int, shard: int, shards: int) -> int:
     session (a session lives in one shard), and shards interleave by
     sequence, not by time."""
     return seq * shards + shard
-
-
-class OutcomeStillUnknown(UnavailableError):
-    """No answer came to a publish, nor to the copies sent to settle it."""
 
 
 @dataclass(slots=True)
@@ -118,6 +115,7 @@ class BatchWriter:
         self.layout = layout
         self.reads = reads
         self.combine_at = combine_at
+        self.settle = Settler(acks, layout, reads)  # duplicate and lost answers
         self.combined = 0  # combined batches stored (stats, tests)
         self.retries = 0  # publishes refused because a head moved or an id existed (stats, tests)
         self.batches = 0  # publishes (plain or atomic) that stored something
@@ -198,7 +196,7 @@ class BatchWriter:
             first = ack.first_seq if not ack.duplicate else None
         except OutcomeUnknown:
             self.unknown += 1
-            first = await self._settle_combined(parts, msgs)
+            first = await self.settle.combined(msgs, parts[0].sid, parts[0].rows[:1])
         except (WrongLastSequence, IdTaken, UnavailableError):
             self.retries += 1
             return False
@@ -213,22 +211,6 @@ class BatchWriter:
             self._cache(part.index, part.seqs, part.rows)
             seq += len(part.rows)
         return True
-
-    async def _settle_combined(self, parts: list[_Part], msgs: list[Message]) -> int | None:
-        """A combined batch got no answer: send it again (see
-        :meth:`_resolve_unknown`); the first row's subject says whether the
-        stream holds ours.  Returns the batch's first sequence, or None."""
-        try:
-            ack = await self._acks().publish_atomic(msgs)
-            if not ack.duplicate:
-                return ack.first_seq
-        except (WrongLastSequence, IdTaken, OutcomeUnknown, UnavailableError):
-            pass
-        try:
-            found = await self._ours(parts[0].sid, parts[0].rows[:1])
-        except ConvlogError as e:
-            raise OutcomeStillUnknown("the outcome of an append is unknown; retry it with the same item_ids") from e
-        return found[0] if found else None
 
     async def _session(
         self, sid: str, idx: list[int], batch: list[Pending], outcomes: list[Outcome | None], committed: list[Committed]
@@ -311,10 +293,10 @@ class BatchWriter:
         acks = self._acks()
         try:
             ack = await (acks.publish(*msgs[0]) if len(msgs) == 1 else acks.publish_atomic(msgs))
-            seqs = await self._confirmed(sid, ack, rows)
+            seqs = await self.settle.confirmed(sid, ack, rows)
         except OutcomeUnknown:
             self.unknown += 1
-            seqs = await self._resolve_unknown(sid, msgs, rows)
+            seqs = await self.settle.unknown(sid, msgs, rows)
         self.batches += 1
         self._cache(ix, seqs, rows)
         return seqs
@@ -343,57 +325,6 @@ class BatchWriter:
                 headers[EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = self.layout.session_filter(sid)
             msgs.append((self.layout.item_subject(sid, r[3]), r[5], headers))
         return msgs
-
-    async def _confirmed(self, sid: str, ack: BatchAck, rows: Sequence[Row]) -> list[int]:
-        """The sequences of a stored publish.  A ``duplicate`` ack (the
-        stream had seen ``<sid>:<order>`` in its dedupe window) may be another
-        writer's item at that order: it is ours only if the id holds our hash."""
-        if not ack.duplicate:
-            return list(range(ack.first_seq, ack.first_seq + len(rows)))
-        found = await self._ours(sid, rows)
-        if found is None:
-            raise WrongLastSequence("another append holds that order")
-        return found
-
-    async def _ours(self, sid: str, rows: Sequence[Row]) -> list[int] | None:
-        """The sequences of ``rows`` if the stream holds exactly them, else None
-        (a publish is all or nothing, so the first row decides)."""
-        get = self.reads.get(sid)
-        first = await get.last(self.layout.item_subject(sid, rows[0][3]))
-        if first is None or first.data != rows[0][5]:
-            return None
-        start = seq_of(first)
-        return list(range(start, start + len(rows)))
-
-    async def _resolve_unknown(self, sid: str, msgs: list[Message], rows: Sequence[Row]) -> list[int]:
-        """No answer came: make the outcome certain, then read it.
-
-        A lookup alone could run before a publish still in flight lands.  So
-        the same message (or batch) is sent again: the stream takes one
-        connection's messages in order, so once the copy is answered the
-        original, if it arrived, has been stored or refused.  If the copy is
-        stored, the original was not (it would have failed the copy's
-        expectations); otherwise the item subject of the first row says
-        whether the stream holds ours.
-        """
-        acks = self._acks()
-        for _ in range(_ATTEMPTS):
-            try:
-                ack = await (acks.publish(*msgs[0]) if len(msgs) == 1 else acks.publish_atomic(msgs))
-            except (WrongLastSequence, IdTaken):
-                break
-            except (OutcomeUnknown, UnavailableError):
-                await asyncio.sleep(0.5)
-                continue
-            if not ack.duplicate:
-                return list(range(ack.first_seq, ack.first_seq + len(rows)))
-            break
-        else:
-            raise OutcomeStillUnknown("the outcome of an append is unknown; retry it with the same item_ids")
-        found = await self._ours(sid, rows)
-        if found is None:
-            raise WrongLastSequence("another append was stored first")  # decide again
-        return found
 
     async def _existing_ids(
         self, sid: str, s: SessionIndex, req: AppendRequest, careful: bool
