@@ -9,12 +9,15 @@ the model client, installs the SIGTERM/SIGINT handlers and runs
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
 import os
+import time
 
 from shared.config import Settings
 from shared.errors import BadRequestError, UnavailableError
+from shared.failures import LOOP_BACKOFF
 
 from .common import (
     EXIT_OK,
@@ -24,12 +27,72 @@ from .common import (
     packaged_agents_path,
     positive_float,
     positive_int,
-    require_nats,
 )
 
-__all__ = ["cmd_worker", "worker_arguments"]
+__all__ = ["START_WAIT", "cmd_worker", "wait_for_jetstream", "worker_arguments"]
 
 log = logging.getLogger("convlog.worker")
+
+#: Seconds a starting worker waits for NATS JetStream (``--start-wait``).
+START_WAIT = 60.0
+_WAIT_LINE_EVERY = 10.0
+
+
+async def wait_for_jetstream(settings: Settings, within: float, *, agent: str = "") -> None:
+    """Return once NATS answers at ``settings.nats_url`` with JetStream up
+    (an account info request), trying again with backoff for up to
+    ``within`` seconds: a worker started with, or before, its servers (or a
+    cluster still electing its leader) waits rather than exits.
+
+    Raises:
+        UnavailableError: still not up after ``within`` seconds.
+        ConfigError: the server refused the credentials (waiting will not help).
+    """
+    import nats.errors
+    import nats.js.errors
+
+    from shared import nats_connect
+    from shared.client import connect_options
+
+    started = time.monotonic()
+    said = 0.0
+    n = 0
+    seen: list[Exception] = []  # nats-py's errors while connecting: the reason to give
+
+    async def record(e: Exception) -> None:
+        seen.append(e)
+
+    while True:
+        seen.clear()
+        try:
+            # One try per server in the URL (nats-py's own loop retries forever with
+            # max_reconnect_attempts <= 0), and no line per failed try: ours says it.
+            options = {**connect_options(settings, name=f"convlog-worker-{agent}-probe"),
+                       "allow_reconnect": False, "max_reconnect_attempts": 1, "error_cb": record}
+            nc = await nats_connect.connect(settings, options)
+            try:
+                await nc.jetstream(timeout=2).account_info()
+            finally:
+                await nc.close()
+            if n:
+                log.warning("worker %s: NATS JetStream answers at %s (after %.1f s)", agent,
+                            settings.nats_url, time.monotonic() - started)
+            return
+        except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as e:
+            waited = time.monotonic() - started
+            cause = seen[-1] if isinstance(e, nats.errors.NoServersError) and seen else e
+            reason = f"{type(cause).__name__}: {cause}".rstrip(": ")
+            if waited >= within:
+                raise UnavailableError(
+                    f"NATS JetStream did not answer at {settings.nats_url} within {within:g} s ({reason}); "
+                    "start the stack with `convlog up` (or `convlog log`), or set CONVLOG_NATS_URL"
+                ) from e
+            if n == 0 or waited - said >= _WAIT_LINE_EVERY:
+                said = waited
+                log.warning("worker %s: waiting for NATS JetStream at %s (%.0f of up to %g s): %s",
+                            agent, settings.nats_url, waited, within, reason)
+        await asyncio.sleep(min(LOOP_BACKOFF.delay(n), max(0.0, within - (time.monotonic() - started))))
+        n += 1
 
 
 def worker_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +114,9 @@ def worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--publish-timings", action="store_true",
                    help="publish each turn part's per-phase timings on <prefix>.timings.turn "
                         "(read by convlog bench --turns)")
+    p.add_argument("--start-wait", type=non_negative_float, default=START_WAIT, metavar="S",
+                   help="seconds to wait for NATS JetStream at start, retrying with backoff, before "
+                        f"exiting 3 (default {START_WAIT:g})")
     p.add_argument("--metrics-port", metavar="PORT", help="serve Prometheus /metrics here [CONVLOG_METRICS_PORT]")
 
 
@@ -89,7 +155,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
                  "(set OPENAI_API_KEY to use a real model)%s", RULES_MODEL_NAME,
                  "; OPENAI_BASE_URL is ignored without a key" if base_url else "")
 
-    require_nats(settings)
+    await wait_for_jetstream(settings, args.start_wait, agent=args.agent)
     worker = Worker(
         settings, spec, args.agent, model,
         concurrency=args.concurrency, ack_wait=args.ack_wait, max_steps=args.max_steps,
