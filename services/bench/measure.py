@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Run", "closed_loop", "figures", "open_loop", "say", "to_json"]
@@ -26,15 +26,19 @@ class Run:
     seconds: float
     latencies: list[float]
     errors: int = 0
+    #: open loop only: how late each operation started after its scheduled
+    #: time (seconds): the load generator's own lag, if it could not keep up
+    late: list[float] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
         return self.ops / self.seconds if self.seconds else 0.0
 
-    def pct(self, q: float) -> float:
-        if not self.latencies:
+    def pct(self, q: float, of: list[float] | None = None) -> float:
+        """The ``q`` quantile of the latencies (or of ``of``), in ms."""
+        xs = sorted(self.latencies if of is None else of)
+        if not xs:
             return float("nan")
-        xs = sorted(self.latencies)
         return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
 
 
@@ -70,13 +74,21 @@ async def closed_loop(
 
 
 async def open_loop(name: str, op: Callable[[int], Awaitable[Any]], rate: float, duration: float) -> Run:
-    """Issue ``op`` at a fixed ``rate`` per second (latency at a given load)."""
+    """Issue ``op`` at a fixed ``rate`` per second (latency at a given load).
+
+    Latency runs from each operation's scheduled time, not from when it was
+    sent, so a stalled service is not hidden by the generator waiting for it
+    (no coordinated omission); how late each operation actually started is
+    kept too (:attr:`Run.late`), so a generator that cannot keep up shows.
+    """
     lat: list[float] = []
+    late: list[float] = []
     errors = 0
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(i: int, t_sched: float) -> None:
         nonlocal errors
+        late.append(time.perf_counter() - t_sched)
         try:
             await op(i)
         except Exception:
@@ -96,7 +108,7 @@ async def open_loop(name: str, op: Callable[[int], Awaitable[Any]], rate: float,
         t.add_done_callback(tasks.discard)
     if tasks:
         await asyncio.wait(tasks, timeout=30)
-    return Run(name, len(lat), time.perf_counter() - start, lat, errors)
+    return Run(name, len(lat), time.perf_counter() - start, lat, errors, late)
 
 
 def figures(r: Run) -> dict[str, Any]:
@@ -104,6 +116,8 @@ def figures(r: Run) -> dict[str, Any]:
     out: dict[str, Any] = {"name": r.name, "ops_per_s": round(r.rate, 1), "ops": r.ops, "errors": r.errors}
     if r.latencies:
         out.update(p50_ms=round(r.pct(0.5), 2), p99_ms=round(r.pct(0.99), 2), p999_ms=round(r.pct(0.999), 2))
+    if r.late:
+        out.update(sent_late_p99_ms=round(r.pct(0.99, r.late), 2), sent_late_max_ms=round(r.pct(1.0, r.late), 2))
     return out
 
 

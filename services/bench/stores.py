@@ -199,6 +199,9 @@ async def cmd_store_bench(args: argparse.Namespace) -> int:
     lines.append(f"\n{'at half load':<36} {'acks/s':>9} {'x raw':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
     for case in cases:
         lines.append(_row(case.label, measured[case.key]["half"], base))
+    lines.append("load generator: each half-load append started late by at most (p99 / max ms) "
+                 + ", ".join(f"{c.key} {measured[c.key]['half'].pct(0.99, measured[c.key]['half'].late):.1f} / "
+                             f"{measured[c.key]['half'].pct(1.0, measured[c.key]['half'].late):.1f}" for c in cases))
     lines.append(f"\n{'replay':<36} {'items/s':>9}")
     for case in cases:
         if "replay" in measured[case.key]:

@@ -35,6 +35,11 @@ async def test_bench_runs_every_phase_and_reports_it(log_url: str) -> None:
     assert doc["bench"] == "appends" and doc["writers"] == 4 and set(doc["results"]) == set(results)
     assert doc["results"]["append"]["ops"] == results["append"].ops
     assert doc["results"]["append"]["p99_ms"] == round(results["append"].pct(0.99), 2)
+    # The open loop also says how late its sends started (the generator's own lag).
+    half = results["half"]
+    assert len(half.late) == half.ops + half.errors and min(half.late) >= 0
+    assert doc["results"]["half"]["sent_late_max_ms"] == round(max(half.late) * 1000, 2)
+    assert "sent_late_p99_ms" not in doc["results"]["append"]  # closed loop: nothing is scheduled
     assert re.search(r"append p50 at 2000 items / at 1000 items: \d+\.\d\dx", text), text
 
 
