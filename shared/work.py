@@ -9,11 +9,15 @@ captured by the work-queue stream ``<PREFIX>_WORK``.  Each agent has one
 durable consumer there, filtered on its own subject, shared by its replicas:
 one delivery per notice, to one replica.
 
-A notice names the item, never carries it: ``{"session_id", "item_order",
-"kind"}``.  The worker reads the item (and the history) from the log, so what
-it acts on is what the log holds, and an address that went stale (a handoff
-committed meanwhile) is corrected by the receiver, which forwards the notice
-to the agent the log says is active.
+A notice names the item: ``{"session_id", "item_order", "kind"}``.  What the
+worker acts on is what the log holds, and an address that went stale (a
+handoff committed meanwhile) is corrected by the receiver, which forwards the
+notice to the agent the log says is active.  A notice the log service
+publishes may also carry ``items``: the session's last committed envelopes up
+to the trigger, byte for byte as stored, contiguous -- the very bytes a read
+would return.  A worker whose copy of the session reaches into them (or a
+young session carried whole) needs no read to start the turn; any other
+worker, and every redelivery, reads the log as before.
 
 Every notice is published with ``Nats-Msg-Id: <sid>:<item_order>`` (plus
 ``:<agent>`` when forwarded), so publishing it again -- a retried user
@@ -71,12 +75,15 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
         kind: ``user`` or ``handoff``: a hint; the worker decides from the log.
         ts: wall-clock seconds when the notice was published (for the
             per-phase breakdown of ``convlog bench --turns``).
+        items: the session's committed envelopes ending at the trigger,
+            contiguous, as stored (empty: read the log).
     """
 
     session_id: SessionId
     item_order: NonNegInt
     kind: Literal["user", "handoff"] = "user"
     ts: float = 0.0
+    items: tuple[msgspec.Raw, ...] = ()
 
 
 _encoder = msgspec.json.Encoder()

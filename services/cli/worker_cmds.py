@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -163,6 +164,15 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     )
     _keep = install_signal_handlers(worker.shutdown)
     server = metrics.serve(settings, metrics.WORKER_REGISTRY, f"worker {args.agent}")
+
+    async def freeze_when_ready() -> None:
+        # What exists once the worker is ready (the openai package's models, the spec,
+        # the connection) lives as long as the process: keep it out of the cyclic GC,
+        # so a full collection during turns scans only what came since (as `convlog log`).
+        await worker.ready.wait()
+        gc.freeze()
+
+    _freeze = asyncio.create_task(freeze_when_ready())
     try:
         await worker.run()
     except BaseException as e:
@@ -171,6 +181,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             raise UnavailableError(f"cannot connect to NATS at {settings.nats_url}: {e!r}") from e
         raise
     finally:
+        _freeze.cancel()
         del _keep
         await model.client.close()
         metrics.close(server)

@@ -44,6 +44,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shared.failures import cancel_and_wait, is_transient
 from shared.routing import decode_checkpoint
+from shared.signing import turn_id_agent
 from shared.subjects import Subjects
 from shared.work import (
     Notice,
@@ -56,6 +57,7 @@ from shared.work import (
     work_subject,
 )
 
+from .recent import Recent
 from .store.base import Committed, LogStore
 
 __all__ = ["RECONCILER", "Notifier", "Reconciler"]
@@ -76,6 +78,7 @@ class _Head(msgspec.Struct):
     session_id: str
     item_order: int
     agent: str
+    item_id: str = ""
     kind: str = "item"
     data: dict[str, Any] = {}
 
@@ -114,11 +117,18 @@ class Notifier:
         self._refreshing: asyncio.Task[None] | None = None
         #: traceparent per committed item, (sid, order) -> bytes (services/log/traces.py)
         self.traces: dict[tuple[str, int], bytes] = {}
+        self.recent = Recent()  # what the notices carry
 
     def on_commit(self, committed: Sequence[Committed]) -> None:
-        """Commit listener: a notice per user message, in commit order per session."""
+        """Commit listener: a notice per user message, in commit order per session.
+
+        A handoff output gets its notice here too, carrying the session's
+        recent items; the handing-off worker announces it as well (the durable
+        path: same ``Nats-Msg-Id``, so the stream keeps the first of the two).
+        """
         for c in committed:
             env = c.envelope
+            self.recent.add(c.session_id, c.item_order, env)
             user = _USER in env
             if not user and _HANDOFF not in env:
                 continue
@@ -130,6 +140,8 @@ class Notifier:
                 target = handoff_target_of(head.data) if head.kind == "item" else None
                 if target is not None:
                     self.note_active(head.session_id, target)
+                    if turn_id_agent(head.item_id) is not None:  # a turn's: the target continues it
+                        self._start(head.session_id, head.item_order, target)
                 continue
             if _is_user_message(head):
                 self._start(head.session_id, head.item_order)
@@ -144,12 +156,14 @@ class Notifier:
         if len(self._active) > self.remember:
             self._active.popitem(last=False)
 
-    def _start(self, sid: str, order: int) -> None:
+    def _start(self, sid: str, order: int, handoff_to: str | None = None) -> None:
         msg_id = notice_msg_id(sid, order)
-        self._sent[msg_id] = None
-        if len(self._sent) > self.remember:
-            self._sent.popitem(last=False)
-        task = asyncio.create_task(self._publish(sid, order, msg_id))
+        if handoff_to is None:
+            self._sent[msg_id] = None
+            if len(self._sent) > self.remember:
+                self._sent.popitem(last=False)
+        items = self.recent.carry(sid, order)
+        task = asyncio.create_task(self._publish(sid, order, msg_id, items, handoff_to))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -190,14 +204,25 @@ class Notifier:
                         if i.name and i.name.startswith(CONSUMER_PREFIX)}
         self._agents_at = time.monotonic()
 
-    async def _publish(self, sid: str, order: int, msg_id: str) -> None:
+    async def _publish(self, sid: str, order: int, msg_id: str, items: tuple[msgspec.Raw, ...],
+                       handoff_to: str | None) -> None:
         try:
-            notice = Notice(session_id=sid, item_order=order, kind="user", ts=now())
+            notice = Notice(session_id=sid, item_order=order, kind="handoff" if handoff_to else "user",
+                            ts=now(), items=items)
             parent = self.traces.get((sid, order))  # the outbox pops it, for the items subject
             headers = {"traceparent": parent.decode()} if parent else None
-            await publish_notice(self.nc, await self.address(sid, order), notice, msg_id, headers=headers)
-            self.published += 1
+            if handoff_to is not None:
+                if handoff_to not in await self._known_agents():
+                    return  # nobody plays it; the worker's own announcement decides
+                subject = work_subject(self.subjects, handoff_to)
+            else:
+                subject = await self.address(sid, order)
+            await publish_notice(self.nc, subject, notice, msg_id, headers=headers)
+            self.published += handoff_to is None
         except Exception as e:
+            if handoff_to is not None:  # best effort: the handing-off worker announces it too
+                log.info("handoff notice of %s #%d not published: %r", sid, order, e)
+                return
             # The reconciler republishes it; a bug here must still be seen.
             self._sent.pop(msg_id, None)
             self.failed += 1

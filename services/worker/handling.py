@@ -109,7 +109,7 @@ class NoticeHandler:
         started = time.perf_counter()
         sid, order = notice.session_id, notice.item_order
         try:
-            decision = await self.finder.decide(notice)
+            decision = await self.finder.decide(notice, fresh=self._attempts(msg) == 1)
             part = decision.part
             if decision.forward_to is not None:
                 await forward(self.nc, self.subjects, notice, decision.forward_to)

@@ -34,6 +34,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from nats.aio.client import Client
 
 from shared import tracing
@@ -54,6 +55,7 @@ __all__ = ["Decision", "PartFinder", "announce_handoff"]
 _AFTER_PAGE = 64
 #: Sessions whose model window a worker keeps between turns.
 _WINDOWS = 2_000
+_envelope = msgspec.json.Decoder(Envelope)
 
 
 @dataclass
@@ -97,16 +99,30 @@ class PartFinder:
         routing: computes the active agent.
         agent: the agent this worker plays.
         remember: sessions whose last known routing fact is kept.
+        carried: use the items a notice carries (see :meth:`decide`); off for a
+            worker that checks signatures, which reads what it acts on from the log.
     """
 
-    def __init__(self, client: LogClient, routing: Routing, agent: AgentSpec, *, remember: int = 10_000) -> None:
+    def __init__(self, client: LogClient, routing: Routing, agent: AgentSpec, *, remember: int = 10_000,
+                 carried: bool = True) -> None:
         self.client = client
+        self.carried = carried
         self.routing = routing
         self.agent = agent
         self.remember = remember
         self._known: OrderedDict[str, tuple[int, str]] = OrderedDict()
         #: per session: (last_order, the visible window as of it), from the last turn's reads
         self._windows: OrderedDict[str, tuple[int, list[Envelope]]] = OrderedDict()
+        #: per session: the newest order this worker knows the log holds
+        self._newest: OrderedDict[str, int] = OrderedDict()
+
+    def saw(self, session_id: str, order: int) -> None:
+        """The log holds item ``order`` of ``session_id`` (this worker read or wrote it)."""
+        if order > self._newest.get(session_id, 0):
+            self._newest[session_id] = order
+            self._newest.move_to_end(session_id)
+            if len(self._newest) > _WINDOWS:
+                self._newest.popitem(last=False)
 
     def learn(self, session_id: str, after_order: int, active: str) -> None:
         """Record "after item ``after_order``, ``active`` is the active agent"."""
@@ -118,8 +134,16 @@ class PartFinder:
         if len(self._known) > self.remember:
             self._known.popitem(last=False)
 
-    async def decide(self, notice: Notice) -> Decision:
-        """Raises: ConvlogError: the log could not be read (the caller retries later)."""
+    async def decide(self, notice: Notice, *, fresh: bool = True) -> Decision:
+        """What ``notice`` asks of this agent.
+
+        ``fresh``: the notice's first delivery.  Only then do the items it
+        carries stand in for the read of the trigger: they end at the trigger,
+        so a turn already (partly) played shows only in the log -- a
+        redelivery reads it, and a first delivery that finds the session moved
+        on learns it from its append's ``expected_last``.
+
+        Raises: ConvlogError: the log could not be read (the caller retries later)."""
         sid, order = notice.session_id, notice.item_order
         out = Decision()
         known = self._known.get(sid) if notice.kind == "user" else None
@@ -137,8 +161,11 @@ class PartFinder:
         t0 = time.perf_counter()
         routing = (self._timed(out, "routing", self.routing.active_agent(sid, order))
                    if notice.kind == "user" and known is None else _none())
+        # Carried items end at the trigger: not enough once the session is known to go further.
+        fresh = fresh and self.carried and self._newest.get(sid, 0) <= order
+        carried = _carried(notice, start) if fresh else None
         page, window, active = await asyncio.gather(
-            self.client.read(sid, after=start, limit=_AFTER_PAGE, raw=True),
+            self.client.read(sid, after=start, limit=_AFTER_PAGE, raw=True) if carried is None else _be(carried),
             self.client.read(sid, tail=self.agent.history_limit) if cached is None and not young else _none(),
             routing,
         )
@@ -209,6 +236,7 @@ class PartFinder:
     def _keep(self, sid: str, window: ReadReply, page: ReadReply) -> None:
         """Keep the window for the session's next turn, if both reads saw the same log."""
         newest = max([page.last_order, *(e.item_order for e in page.items)])
+        self.saw(sid, newest)
         if window.last_order != newest or page.more:
             self._windows.pop(sid, None)
             return
@@ -228,6 +256,28 @@ class PartFinder:
 
 async def _none() -> None:
     return None
+
+
+async def _be(value: Any) -> Any:
+    return value
+
+
+def _carried(notice: Notice, start: int) -> ReadReply | None:
+    """The items ``notice`` carries after ``start``, as a read would page them, or
+    ``None`` when they do not reach back to ``start`` contiguously (then: read)."""
+    if not notice.items:
+        return None
+    try:
+        items = [_envelope.decode(raw) for raw in notice.items]
+    except msgspec.DecodeError:
+        return None
+    orders = [e.item_order for e in items]
+    if (items[0].item_order > start + 1 or orders[-1] != notice.item_order
+            or orders != list(range(orders[0], orders[0] + len(orders)))
+            or any(e.session_id != notice.session_id for e in items)):
+        return None
+    return ReadReply(session_id=notice.session_id, items=[e for e in items if e.item_order > start],
+                     last_order=notice.item_order, more=False)
 
 
 async def announce_handoff(

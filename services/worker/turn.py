@@ -129,6 +129,8 @@ class TurnRunner:
             ``None`` (:meth:`.trust.EnvelopeGate.forged`); such items are skipped.
         max_conflicts: ``expected_last`` conflicts tolerated in one part before
             giving up with :class:`TurnBusyError` (the delivery is retried later).
+        seen: told ``(session_id, order)`` of the newest item each read found
+            and each append wrote (:meth:`.parts.PartFinder.saw`).
     """
 
     def __init__(
@@ -141,6 +143,7 @@ class TurnRunner:
         tool_timeout: float = 30.0,
         max_conflicts: int = 20,
         forged: Callable[[Envelope], str | None] | None = None,
+        seen: Callable[[str, int], None] | None = None,
     ) -> None:
         self.client = client
         self.agent = agent
@@ -149,6 +152,7 @@ class TurnRunner:
         self.tool_timeout = tool_timeout
         self.max_conflicts = max_conflicts
         self.forged = forged
+        self.seen = seen
         self._prompt = agent_system_prompt(agent)
         self._tools = agent_tool_schemas(agent)
 
@@ -222,6 +226,8 @@ class TurnRunner:
             if ack is None:
                 conflicts = await self._backoff(part, conflicts)
                 continue
+            if self.seen is not None and ack.items:
+                self.seen(part.session_id, max(i.item_order for i in ack.items))
             if any(i.duplicate for i in ack.items):
                 continue  # this step was already in the log: read where the turn stands
             written += len(step.items)
@@ -288,6 +294,8 @@ class TurnRunner:
                     state.handoff = (target, env.item_order)
             ledger.add(tid, env)
         state.pending = ledger.pending(state.last_step)
+        if self.seen is not None:
+            self.seen(part.session_id, max(state.newest, state.last_order))
         return state
 
     def _forged(self, env: Envelope, part: TurnPart, *, in_turn: bool) -> bool:

@@ -183,11 +183,15 @@ class Worker:
         kv = await open_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
         self.routing = Routing(kv, self.client, self.spec, keyring=self.gate.keyring, require=self.gate.require)
         # The log service moves the routing checkpoint, from the handoff items it commits.
+        # Items a notice carries are taken on the log service's word; a worker that checks
+        # signatures reads what it acts on from the log instead.
+        self.finder = PartFinder(self.client, self.routing, self.agent,
+                                 carried=self.gate.keyring is None and not self.gate.require)
         self.runner = TurnRunner(
             self.client, self.agent, self.model,
             max_steps=self.max_steps, tool_timeout=self.tool_timeout, forged=self.gate.forged,
+            seen=self.finder.saw,
         )
-        self.finder = PartFinder(self.client, self.routing, self.agent)
         self.handler = NoticeHandler(
             self.nc, self.subjects, self.agent, self.runner, self.finder, self.routing, self.gate,
             max_attempts=self.max_attempts, publish_timings=self.publish_timings, spawn=self._spawn,

@@ -14,18 +14,17 @@ from shared.client import LogClient
 from shared.messages import AppendItem
 from shared.signing import Keyring, Signer
 from tests.support.eventually import assert_eventually
-from tests.support.fake_openai import FakeOpenAI, text
+from tests.support.fake_openai import FakeOpenAI
 from tests.support.natsd import NatsServer
 from tests.support.workerstack import (
     SEED_SPEC,
     WorkerStack,
     agent_of,
     is_user,
+    signed_solo_stack,
     signing_env,
-    solo_spec,
     support_responder,
     terminal_items,
-    user_texts,
     worker_stack,
 )
 
@@ -72,14 +71,9 @@ async def test_a_rewritten_routing_value_loses_to_the_log(stack: WorkerStack, fa
 async def test_a_reply_pre_empted_under_the_workers_id_is_an_attack_not_an_answer(
     nats_server: NatsServer, tmp_path: Path, fake_openai: FakeOpenAI
 ) -> None:
-    keys = tmp_path / "keys"
-    make_keys(keys, ["Solo"])
-    ring = keys / "keyring.json"
-    fake_openai.responder(lambda r: text(f"Solo answers: {user_texts(r)[-1]}"))
+    ring = tmp_path / "keys" / "keyring.json"
     # Loose: the log checks signatures it gets but does not require them.
-    async with worker_stack(nats_server, tmp_path, fake_openai, keyring=str(ring)) as stack:
-        spec = solo_spec(tmp_path / "solo.toml")
-        await stack.start_workers(stack.worker("Solo", spec, extra_env=signing_env(keys, "Solo", require=False)))
+    async with signed_solo_stack(nats_server, tmp_path, fake_openai) as stack:
         # The attacker predicts Solo's reply id and writes it in the same request as the
         # user message, so the forged reply is in the log before Solo reads.
         user_id = "m-attack-1"

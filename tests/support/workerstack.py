@@ -255,3 +255,19 @@ async def worker_stack(
         with contextlib.suppress(Exception):
             await nc.close()
         await service.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def signed_solo_stack(server: NatsServer, tmp: Path, fake: FakeOpenAI) -> AsyncIterator[WorkerStack]:
+    """A loose log service (checks the signatures it gets, requires none) and a running
+    ``Solo`` worker that signs its items and checks signatures with ``tmp/keys``'s
+    keyring; the fake model answers ``Solo answers: <last user text>``."""
+    from services.cli.keys_cmds import make_keys
+
+    keys = tmp / "keys"
+    make_keys(keys, ["Solo"])
+    fake.responder(lambda r: text(f"Solo answers: {user_texts(r)[-1]}"))
+    async with worker_stack(server, tmp, fake, keyring=str(keys / "keyring.json")) as stack:
+        spec = solo_spec(tmp / "solo.toml")
+        await stack.start_workers(stack.worker("Solo", spec, extra_env=signing_env(keys, "Solo", require=False)))
+        yield stack
