@@ -72,6 +72,8 @@ def span(name: str, carrier: Mapping[str, str] | None = None, *, kind: str = "IN
 async def traced(name: str, carrier: Mapping[str, str] | None, work: Awaitable[T], *,
                  kind: str = "INTERNAL", **attributes: Any) -> T:
     """Await ``work`` inside :func:`span` (a one-line way to trace a call)."""
+    if trace is None or not enabled():  # the hot path of every request: no context manager
+        return await work
     with span(name, carrier, kind=kind, **attributes):
         return await work
 

@@ -34,7 +34,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import nats.errors
@@ -48,6 +48,7 @@ from shared.signing import turn_id_agent
 from shared.subjects import Subjects
 from shared.work import (
     Notice,
+    encode_notice,
     handoff_target_of,
     notice_msg_id,
     now,
@@ -57,6 +58,7 @@ from shared.work import (
     work_subject,
 )
 
+from .pubacks import AckedPublisher
 from .recent import Recent
 from .store.base import Committed, LogStore
 
@@ -92,6 +94,16 @@ def _is_user_message(env: _Head) -> bool:
         and d.get("type", "message") == "message"
 
 
+class _Pending(NamedTuple):
+    """A notice decided on by a commit, published with the others of that commit."""
+
+    sid: str
+    order: int
+    msg_id: str
+    items: tuple[msgspec.Raw, ...]
+    handoff_to: str | None
+
+
 class Notifier:
     """Publishes the notice of each committed user message (see the module docstring).
 
@@ -112,6 +124,8 @@ class Notifier:
         self._active: OrderedDict[str, str] = OrderedDict()
         self._sent: OrderedDict[str, None] = OrderedDict()  # msg ids published (or being)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._batch: list[_Pending] = []  # this commit's notices, see on_commit
+        self._acks = AckedPublisher(nc)
         self._agents: set[str] | None = None  # agents with a consumer on the work stream
         self._agents_at = 0.0
         self._refreshing: asyncio.Task[None] | None = None
@@ -145,6 +159,11 @@ class Notifier:
                 continue
             if _is_user_message(head):
                 self._start(head.session_id, head.item_order)
+        if self._batch:  # one task, one flush and one wait for the acks per commit
+            batch, self._batch = self._batch, []
+            task = asyncio.create_task(self._publish(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def was_sent(self, msg_id: str) -> bool:
         return msg_id in self._sent
@@ -162,10 +181,7 @@ class Notifier:
             self._sent[msg_id] = None
             if len(self._sent) > self.remember:
                 self._sent.popitem(last=False)
-        items = self.recent.carry(sid, order)
-        task = asyncio.create_task(self._publish(sid, order, msg_id, items, handoff_to))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._batch.append(_Pending(sid, order, msg_id, self.recent.carry(sid, order), handoff_to))
 
     async def address(self, sid: str, order: int = 0) -> str:
         """The subject the user message at ``order`` of ``sid`` is announced on."""
@@ -204,30 +220,40 @@ class Notifier:
                         if i.name and i.name.startswith(CONSUMER_PREFIX)}
         self._agents_at = time.monotonic()
 
-    async def _publish(self, sid: str, order: int, msg_id: str, items: tuple[msgspec.Raw, ...],
-                       handoff_to: str | None) -> None:
+    async def _publish(self, batch: list[_Pending]) -> None:
+        """Publish one commit's notices, in order, and wait for the work stream's acks."""
+        sending: list[_Pending] = []
+        messages: list[tuple[str, bytes, dict[str, str]]] = []
         try:
-            notice = Notice(session_id=sid, item_order=order, kind="handoff" if handoff_to else "user",
-                            ts=now(), items=items)
-            parent = self.traces.get((sid, order))  # the outbox pops it, for the items subject
-            headers = {"traceparent": parent.decode()} if parent else None
-            if handoff_to is not None:
-                if handoff_to not in await self._known_agents():
-                    return  # nobody plays it; the worker's own announcement decides
-                subject = work_subject(self.subjects, handoff_to)
-            else:
-                subject = await self.address(sid, order)
-            await publish_notice(self.nc, subject, notice, msg_id, headers=headers)
-            self.published += handoff_to is None
+            for p in batch:
+                if p.handoff_to is not None:
+                    if p.handoff_to not in await self._known_agents():
+                        continue  # nobody plays it; the worker's own announcement decides
+                    subject = work_subject(self.subjects, p.handoff_to)
+                else:
+                    subject = await self.address(p.sid, p.order)
+                notice = Notice(session_id=p.sid, item_order=p.order,
+                                kind="handoff" if p.handoff_to else "user", ts=now(), items=p.items)
+                parent = self.traces.get((p.sid, p.order))  # the outbox pops it, for the items subject
+                headers = {"traceparent": parent.decode()} if parent else {}
+                headers["Nats-Msg-Id"] = p.msg_id
+                sending.append(p)
+                messages.append((subject, encode_notice(notice), headers))
+            outcomes: list[Exception | None] = await self._acks.publish(messages)
         except Exception as e:
-            if handoff_to is not None:  # best effort: the handing-off worker announces it too
-                log.info("handoff notice of %s #%d not published: %r", sid, order, e)
-                return
-            # The reconciler republishes it; a bug here must still be seen.
-            self._sent.pop(msg_id, None)
-            self.failed += 1
-            level = logging.INFO if is_transient(e) or isinstance(e, nats.errors.Error) else logging.ERROR
-            log.log(level, "notice of %s #%d not published (the reconciler will): %r", sid, order, e)
+            sending = [p for p in batch if p.handoff_to is None or p in sending]
+            outcomes = [e] * len(sending)
+        for p, err in zip(sending, outcomes, strict=True):
+            if err is None:
+                self.published += p.handoff_to is None
+            elif p.handoff_to is not None:  # best effort: the handing-off worker announces it too
+                log.info("handoff notice of %s #%d not published: %r", p.sid, p.order, err)
+            else:
+                # The reconciler republishes it; a bug here must still be seen.
+                self._sent.pop(p.msg_id, None)
+                self.failed += 1
+                level = logging.INFO if is_transient(err) or isinstance(err, nats.errors.Error) else logging.ERROR
+                log.log(level, "notice of %s #%d not published (the reconciler will): %r", p.sid, p.order, err)
 
     async def stop(self, within: float = 2.0) -> None:
         """Let the notices of the last commits go out (up to ``within``), then give up
@@ -237,6 +263,7 @@ class Notifier:
             await cancel_and_wait(pending, within=1.0)
         if self._refreshing is not None:
             await cancel_and_wait({self._refreshing}, within=1.0)
+        await self._acks.close()
 
 
 class Reconciler:
