@@ -41,7 +41,11 @@ def _ack_error(msg: Msg) -> Exception | None:
     except ValueError as e:
         return nats.js.errors.Error(f"undecodable publish ack: {e}")
     if isinstance(reply, dict) and isinstance(reply.get("error"), dict):
-        return nats.js.errors.APIError.from_error(reply["error"])
+        try:
+            nats.js.errors.APIError.from_error(reply["error"])  # raises the typed error
+        except nats.js.errors.Error as e:
+            return e
+        return nats.js.errors.APIError(description=str(reply["error"]))
     return None
 
 
