@@ -44,7 +44,8 @@ from .messages import (
 )
 from .nats_seam import bind
 from .requester import Requester
-from .signing import MAX_BATCH, Signer, route_signing_input, sign_batch, sign_item
+from .signed_appends import SignedAppends
+from .signing import Signer, route_signing_input, sign_item
 from .subjects import Subjects, validate_session_id
 
 __all__ = ["LogClient", "connect_options", "new_item_id"]
@@ -147,7 +148,8 @@ class LogClient(Requester):
         deadline: seconds an operation keeps retrying unknown outcomes.
         signer: this writer's private key; when set, every item it appends (and
             every user message it sends) is signed (:mod:`shared.signing`).  The
-            appends started in the same event-loop turn share one batch signature.
+            appends started in the same event-loop turn share one batch signature
+            (:mod:`shared.signed_appends`).
     """
 
     def __init__(
@@ -156,7 +158,7 @@ class LogClient(Requester):
     ) -> None:
         super().__init__(nc, timeout=timeout, deadline=deadline)
         self.signer = signer
-        self._to_sign: list[tuple[str, list[AppendItem], asyncio.Future[list[AppendItem]]]] = []
+        self._signed_appends = SignedAppends(self)
         self.subjects = Subjects(prefix)
         self._owns_nc = False
 
@@ -233,52 +235,11 @@ class LogClient(Requester):
             )
         if self.signer is not None:  # signed once: a retry resends the same bytes
             validate_session_id(session_id)
-            req = AppendRequest(items=await self._signed(session_id, req.items), expected_last=expected_last)
-        return decode(await tracing.traced("convlog.append", None, self._request(subject, encode(req)),
-                                           kind="CLIENT", session_id=session_id), AppendReply)
-
-    def _signed(self, session_id: str, items: list[AppendItem]) -> asyncio.Future[list[AppendItem]]:
-        """``items`` signed together with every other append started in this loop turn:
-        one signature for all (``shared.signing.sign_batch``), made on the next turn."""
-        if any(it.item_id is None for it in items):  # (never joins a batch it would spoil)
-            raise BadRequestError("an item must have its item_id before it is signed")
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[list[AppendItem]] = loop.create_future()
-        if not self._to_sign:
-            loop.call_soon(self._sign_pending)
-        self._to_sign.append((session_id, items, done))
-        return done
-
-    def _sign_pending(self) -> None:
-        pending, self._to_sign = self._to_sign, []
-        signer = self.signer
-        assert signer is not None
-        at = 0
-        while at < len(pending):
-            batch, size = [pending[at]], len(pending[at][1])
-            at += 1
-            while at < len(pending) and size + len(pending[at][1]) <= MAX_BATCH:
-                batch.append(pending[at])
-                size += len(pending[at][1])
-                at += 1
-            try:
-                if size <= MAX_BATCH:
-                    signed = sign_batch(signer, [(sid, it) for sid, items, _ in batch for it in items])
-                    results, k = [], 0
-                    for _, items, _ in batch:
-                        results.append(signed[k : k + len(items)])
-                        k += len(items)
-                else:  # one append of more than MAX_BATCH items: signed in batches of its own
-                    results = [signer.sign_items(batch[0][0], batch[0][1])]
-            except Exception as e:  # every waiting append hears of it; none hangs
-                err = BadRequestError(str(e)) if isinstance(e, ValueError) else e
-                for _, _, done in batch:
-                    if not done.done():
-                        done.set_exception(err)
-                continue
-            for (_, _, done), mine in zip(batch, results, strict=True):
-                if not done.done():  # (its caller may have been cancelled meanwhile)
-                    done.set_result(mine)
+            sending = self._signed_appends.append(subject, session_id, req.items, expected_last)
+        else:
+            sending = self._request(subject, encode(req))
+        return decode(await tracing.traced("convlog.append", None, sending, kind="CLIENT", session_id=session_id),
+                      AppendReply)
 
     async def send(
         self, session_id: str, content: str, *, to: str | None = None, item_id: str | None = None

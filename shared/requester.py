@@ -30,7 +30,7 @@ from . import tracing
 from .errors import TooLargeError, UnavailableError, from_wire
 from .nats_seam import seam_for
 
-__all__ = ["RETRYABLE", "Requester", "raise_if_cancelled"]
+__all__ = ["RETRYABLE", "RETRY_ON", "UNSENT", "Requester", "raise_if_cancelled"]
 
 #: What says nothing about whether a request was carried out (its outcome is unknown).
 RETRYABLE = (
@@ -45,7 +45,7 @@ RETRYABLE = (
 
 
 # What a log request retries: an unknown outcome, or the service saying "later".
-_RETRY_ON = (*RETRYABLE, UnavailableError)
+RETRY_ON = (*RETRYABLE, UnavailableError)
 # Its waits: 0.05 s, doubling, at most 1 s (no jitter: the deadline check is exact).
 _REQUEST_WAIT = tenacity.wait_exponential(multiplier=0.05, max=1.0)
 
@@ -53,6 +53,14 @@ _REQUEST_WAIT = tenacity.wait_exponential(multiplier=0.05, max=1.0)
 # (what nats-py's own ``Client.request`` checks).
 _STATUS = Header.STATUS.value
 _NO_RESPONDERS = "503"
+
+
+class _Unsent:
+    """The type of :data:`UNSENT`."""
+
+
+#: ``Requester._request(first=UNSENT)``: the request was not sent yet.
+UNSENT = _Unsent()
 
 
 def raise_if_cancelled() -> None:
@@ -141,6 +149,19 @@ class Requester:
             self._sweeper = loop.call_at(next_due, self._sweep)
             self._sweep_at = next_due
 
+    def _expect(self, fut: asyncio.Future[Msg | None], wait: float) -> str:
+        """Register ``fut`` for the reply to the token returned (``None`` after ``wait`` s)."""
+        token = str(next(self._tokens))
+        loop = asyncio.get_running_loop()
+        due = loop.time() + wait
+        self._pending[token] = (fut, due)
+        if self._sweeper is None or due < self._sweep_at:
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+            self._sweeper = loop.call_at(due, self._sweep)
+            self._sweep_at = due
+        return token
+
     async def _request_once(self, subject: str, body: bytes, wait: float) -> Msg:
         """One request and its reply, over the client's reply subscription.
 
@@ -152,23 +173,14 @@ class Requester:
         observer = self.observer
         started = time.perf_counter() if observer is not None else 0.0
         prefix = self._reply_prefix if self._reply_sub is not None else await self._subscribe_replies()
-        token = str(next(self._tokens))
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Msg | None] = loop.create_future()
-        due = loop.time() + wait
-        pending = self._pending
-        pending[token] = (fut, due)
-        if self._sweeper is None or due < self._sweep_at:
-            if self._sweeper is not None:
-                self._sweeper.cancel()
-            self._sweeper = loop.call_at(due, self._sweep)
-            self._sweep_at = due
+        fut: asyncio.Future[Msg | None] = asyncio.get_running_loop().create_future()
+        token = self._expect(fut, wait)
         try:
             await self.nc.publish(subject, body, reply=prefix + token, headers=tracing.headers())
             sent = time.perf_counter() if observer is not None else 0.0
             msg = await fut
         finally:
-            pending.pop(token, None)
+            self._pending.pop(token, None)
         if msg is None:
             raise nats.errors.TimeoutError
         if observer is not None:
@@ -178,7 +190,9 @@ class Requester:
             raise nats.errors.NoRespondersError
         return msg
 
-    async def _request(self, subject: str, body: bytes, *, deadline: float | None = None) -> bytes:
+    async def _request(
+        self, subject: str, body: bytes, *, deadline: float | None = None, first: Msg | BaseException | None | _Unsent = UNSENT
+    ) -> bytes:
         """Request with retries of unknown outcomes until the deadline.
 
         The retry policy of every log request: a transport failure (timeout,
@@ -186,7 +200,9 @@ class Requester:
         ``unavailable`` reply is retried, with the same body, after 0.05 s,
         0.1 s, ... up to 1 s apart, while the next attempt can still start
         before the deadline.  The first attempt runs outside the retry
-        machinery: it is the hot path.
+        machinery: it is the hot path.  A caller that already sent ``body``
+        once passes that attempt's reply as ``first`` (``None``: none came in
+        time; an exception: what sending it raised), and only the retries run here.
 
         Raises:
             ConvlogError: the typed error the service replied with
@@ -196,15 +212,19 @@ class Requester:
         """
         end = time.monotonic() + (self.deadline if deadline is None else deadline)
         try:
-            return await self._attempt(subject, body, end)
-        except _RETRY_ON as e:
+            if isinstance(first, _Unsent):
+                return await self._attempt(subject, body, end)
+            if isinstance(first, BaseException):
+                raise first
+            return self._outcome(first)
+        except RETRY_ON as e:
             first: BaseException | None = e
 
         def stop(state: tenacity.RetryCallState) -> bool:
             return time.monotonic() + _REQUEST_WAIT(state) >= end
 
         retrying = tenacity.AsyncRetrying(
-            retry=tenacity.retry_if_exception_type(_RETRY_ON),
+            retry=tenacity.retry_if_exception_type(RETRY_ON),
             wait=_REQUEST_WAIT,
             stop=stop,
             before_sleep=lambda state: raise_if_cancelled(),
@@ -232,11 +252,28 @@ class Requester:
             msg = await self._request_once(subject, body, max(0.05, min(self.timeout, remaining)))
         except nats.errors.MaxPayloadError as e:
             # Never sent, so the outcome is known; retrying cannot help.
-            raise TooLargeError(
-                f"request of {len(body)} bytes is over the server's max payload of "
-                f"{self.nc.max_payload} bytes; send fewer or smaller items per request"
-            ) from e
+            raise self.too_large(body) from e
         err = from_wire(msg.headers, msg.data)
+        if err is None:
+            return msg.data
+        raise err
+
+    def too_large(self, body: bytes) -> TooLargeError:
+        """What a request over the server's max payload (never sent) is refused with."""
+        return TooLargeError(
+            f"request of {len(body)} bytes is over the server's max payload of "
+            f"{self.nc.max_payload} bytes; send fewer or smaller items per request"
+        )
+
+    @staticmethod
+    def _outcome(msg: Msg | None) -> bytes:
+        """A reply that came in (or ``None``: none in time) as :meth:`_attempt` reads it."""
+        if msg is None:
+            raise nats.errors.TimeoutError
+        headers = msg.headers
+        if headers and headers.get(_STATUS) == _NO_RESPONDERS:
+            raise nats.errors.NoRespondersError
+        err = from_wire(headers, msg.data)
         if err is None:
             return msg.data
         raise err

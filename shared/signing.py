@@ -31,7 +31,8 @@ What is signed (``sig`` = base64url, no padding, of the Ed25519 signature):
   ``<signature>.<path>``: the path is base64url of, leaf to root, one byte
   (0: the sibling is on the right, 1: on the left) and the sibling's 32 bytes.
   Each envelope still verifies on its own, offline; one signature and one
-  verification serve the whole batch (a verified root is remembered);
+  verification serve the whole batch (a verified root is remembered; the
+  tree and path hashing: :mod:`shared.merkle`);
 * the ``to`` of a user message (the entry agent it asks for, routing metadata
   outside the log): ``b"convlog-route-v1\\n" + JCS({"session_id", "item_id",
   "to"})``, by the key that signs the message.
@@ -45,10 +46,8 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import hashlib
 import os
 import re
-import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +59,7 @@ import nkeys
 
 from .chain import canonical, needs_reference, sorted_encoder
 from .config import ConfigError
+from .merkle import SignedRoots, b64, leaf, root_of, tree, unb64
 from .messages import AppendItem, Envelope, SignedHead
 
 __all__ = [
@@ -122,22 +122,6 @@ class KeyringError(ConfigError):
     """A key or keyring file is missing, unreadable or malformed (names the file)."""
 
 
-_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
-
-
-def _b64(sig: bytes) -> str:
-    return binascii.b2a_base64(sig, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode()
-
-
-_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
-
-
-def _unb64(text: str) -> bytes:
-    """``base64.urlsafe_b64decode`` of unpadded ``text``, without its layers of calls
-    (the same bytes, the same errors: ValueError/binascii.Error)."""
-    return binascii.a2b_base64(text.encode("ascii").translate(_FROM_URLSAFE) + b"=" * (-len(text) % 4))
-
-
 @functools.lru_cache(maxsize=4096)
 def _verify_key(key_id: str) -> nacl.signing.VerifyKey | None:
     """The Ed25519 public key an nkey public key (``U...``) encodes, or ``None``."""
@@ -158,106 +142,14 @@ def verify_signature(key_id: str, message: bytes, sig: str) -> bool:
     if vk is None:
         return False
     try:
-        vk.verify(message, _unb64(sig))
+        vk.verify(message, unb64(sig))
     except (nacl.exceptions.BadSignatureError, ValueError, binascii.Error, TypeError):
         return False
     return True
 
 
-_sha256 = hashlib.sha256
-
-
-def _leaf(message: bytes) -> bytes:
-    return _sha256(b"\x00" + message).digest()
-
-
-def _node(left: bytes, right: bytes) -> bytes:
-    return _sha256(b"\x01" + left + right).digest()
-
-
-def _tree(leaves: list[bytes]) -> tuple[bytes, list[bytes]]:
-    """The Merkle root of ``leaves`` and each leaf's path (see the module docstring)."""
-    levels = [leaves]
-    while len(levels[-1]) > 1:
-        level = levels[-1]
-        nxt = [_sha256(b"\x01" + level[j] + level[j + 1]).digest() for j in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            nxt.append(level[-1])  # an odd node moves up as it is
-        levels.append(nxt)
-    # Top down: a node's path is its own step (side byte, sibling) and then its
-    # parent's path; the odd last node of a level has no step there.
-    paths = [b""]
-    for level in reversed(levels[:-1]):
-        n = len(level)
-        paths = [
-            (b"\x01" + level[i - 1] if i & 1 else b"\x00" + level[i + 1]) + paths[i >> 1] if (i ^ 1) < n
-            else paths[i >> 1]
-            for i in range(n)
-        ]
-    return levels[-1][0], paths
-
-
-#: Inner nodes hashed lately, by their whole hashed input: a batch's items come
-#: one by one and share their upper nodes (25 items, 5 steps each: 27 distinct
-#: nodes of 125), so most steps of a path are a lookup.  A plain memo of SHA-256
-#: (the full input is the key), so a path still checks exactly as without it.
-_nodes: dict[bytes, bytes] = {}
-_NODES_KEPT = 16384
-
-
-def _root(message: bytes, path: bytes) -> bytes | None:
-    n = len(path)
-    if n % 33 or n > 33 * 16:
-        return None
-    if len(_nodes) > _NODES_KEPT:
-        _nodes.clear()
-    h = _sha256(b"\x00" + message).digest()
-    for k in range(0, n, 33):
-        side = path[k]
-        if side == 0:
-            node = b"\x01" + h + path[k + 1 : k + 33]
-        elif side == 1:
-            node = b"\x01" + path[k + 1 : k + 33] + h
-        else:
-            return None
-        known = _nodes.get(node)
-        if known is None:
-            known = _nodes[node] = _sha256(node).digest()
-        h = known
-    return h
-
-
-_RootKey = tuple[str, bytes, str]
-_roots: dict[_RootKey, bool] = {}  # verified batch roots (oldest dropped first)
-_roots_pending: dict[_RootKey, threading.Event] = {}
-_roots_lock = threading.Lock()
-_ROOTS_KEPT = 8192
-
-
-def _root_signed(key_id: str, root: bytes, sig: str) -> bool:
-    """One verification per batch root, even when the batch's items are checked at
-    once on several threads: the first verifies, the others wait for its answer."""
-    key = (key_id, root, sig)
-    known = _roots.get(key)
-    if known is not None:
-        return known
-    with _roots_lock:
-        known = _roots.get(key)
-        if known is not None:
-            return known
-        pending = _roots_pending.get(key)
-        if pending is None:
-            _roots_pending[key] = threading.Event()
-    if pending is not None:
-        pending.wait(5)
-        return _roots.get(key, False)
-    ok = verify_signature(key_id, BATCH_DOMAIN + root, sig)
-    with _roots_lock:
-        _roots[key] = ok
-        if len(_roots) > _ROOTS_KEPT:
-            del _roots[next(iter(_roots))]
-        _roots_pending.pop(key).set()
-    return ok
+#: Batch roots checked lately: one Ed25519 verification per batch.
+_roots = SignedRoots(lambda key_id, root, sig: verify_signature(key_id, BATCH_DOMAIN + root, sig))
 
 
 def verify_item(key_id: str, message: bytes, sig: str) -> bool:
@@ -266,11 +158,11 @@ def verify_item(key_id: str, message: bytes, sig: str) -> bool:
     if not dot:
         return verify_signature(key_id, message, sig)
     try:
-        raw_path = _unb64(path)
+        raw_path = unb64(path)
     except (ValueError, binascii.Error):
         return False
-    root = _root(message, raw_path)
-    return root is not None and _root_signed(key_id, root, base)
+    root = root_of(message, raw_path)
+    return root is not None and _roots.check(key_id, root, base)
 
 
 class _ItemSigned(msgspec.Struct):
@@ -344,7 +236,7 @@ class Signer:
             raise KeyringError(f"signing key {path}: {e}") from None
 
     def sign(self, message: bytes) -> str:
-        return _b64(self._kp.sign(message))
+        return b64(self._kp.sign(message))
 
     def sign_items(self, session_id: str, items: Iterable[AppendItem]) -> list[AppendItem]:
         """Each item with its ``sig`` and ``key_id`` (every item needs an ``item_id``);
@@ -376,9 +268,9 @@ def sign_batch(signer: Signer, items: list[tuple[str, AppendItem]]) -> list[Appe
         if it.item_id is None:
             raise ValueError("an item must have its item_id before it is signed")
         messages.append(item_signing_input(sid, it.item_id, it.agent, it.kind, it.data))
-    root, paths = _tree([_leaf(m) for m in messages])
+    root, paths = tree([leaf(m) for m in messages])
     sig = signer.sign(BATCH_DOMAIN + root)
-    return [msgspec.structs.replace(it, sig=f"{sig}.{_b64(path)}", key_id=signer.key_id)
+    return [msgspec.structs.replace(it, sig=f"{sig}.{b64(path)}", key_id=signer.key_id)
             for (_, it), path in zip(items, paths, strict=True)]
 
 

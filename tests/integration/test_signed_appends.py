@@ -121,6 +121,43 @@ async def test_appends_started_together_share_one_signature_and_each_item_verifi
         await plain.close()
 
 
+async def test_a_signed_append_sent_before_the_service_is_up_is_retried_and_written_once(
+    nats_server: NatsServer, tmp_path: Path, keys: Path
+) -> None:
+    """The batch's first attempt goes out from the signing callback; what it leaves
+    unknown (no responders yet) is retried with the same signed body."""
+    triage = await _client(nats_server.url, keys / "Triage.nk")
+    sent = 0
+    all_sent = asyncio.Event()
+    publish = triage.nc.publish
+
+    async def counting(*args: object, **kw: object) -> None:
+        nonlocal sent
+        sent += 1
+        if sent >= 3:
+            all_sent.set()
+        await publish(*args, **kw)  # type: ignore[arg-type]
+
+    triage.nc.publish = counting  # type: ignore[method-assign]
+    pending = asyncio.gather(*(triage.append("early", [_item("Triage", f"e{i}", f"e-{i}")]) for i in range(3)))
+    service = None
+    try:
+        await asyncio.wait_for(all_sent.wait(), 5)  # all three went out once, to nobody
+        service = await _service(nats_server.url, tmp_path, keyring=str(keys / "keyring.json"),
+                                 require_signatures=True)
+        acks = await asyncio.wait_for(pending, 10)
+        assert sorted(a.first_order for a in acks) == [1, 2, 3] and sent > 3
+        envs = await triage.items("early")
+        ring = Keyring.load(keys / "keyring.json")
+        assert sorted(e.item_id for e in envs) == ["e-0", "e-1", "e-2"]
+        assert all(ring.check_envelope(e) is None and "." in (e.sig or "") for e in envs)
+    finally:
+        pending.cancel()
+        await triage.close()
+        if service is not None:
+            await service.shutdown()
+
+
 async def test_a_captured_request_cannot_be_replayed_elsewhere_or_edited(strict: str, keys: Path) -> None:
     signer = Signer.load(keys / "Triage.nk")
     plain = await _client(strict, None)
