@@ -88,14 +88,18 @@ def _ack(data: bytes, n: int) -> BatchAck:
     return BatchAck(last_seq=int(ack["seq"]), count=int(ack.get("count") or n), duplicate=bool(ack.get("duplicate")))
 
 
-class Acks:
-    """Publishes that want the stream's ack, many in flight on one connection."""
+class _Inbox:
+    """One wildcard inbox per object, its replies routed by the last token.
+
+    Each request gets the next token (:meth:`_token`); :meth:`_route` gets
+    every reply, as nats-py parses it where the seam can (no queue, task
+    switch or coroutine per message: a batch get is thousands of them).
+    """
 
     def __init__(self, nc: Client, *, timeout: float) -> None:
         self._nc = nc
         self._timeout = timeout
         self._prefix = nc.new_inbox() + "."
-        self._waiting: dict[str, asyncio.Future[bytes]] = {}
         self._sub: object | None = None
         self._next = 0
 
@@ -104,6 +108,24 @@ class Acks:
             sub = await self._nc.subscribe(self._prefix + "*", cb=self._route_async)
             seam_for(self._nc).deliver_inline(sub, self._route)
             self._sub = sub
+
+    def _token(self) -> str:
+        self._next += 1
+        return str(self._next)
+
+    def _route(self, msg: Msg) -> None:
+        raise NotImplementedError
+
+    async def _route_async(self, msg: Msg) -> None:
+        self._route(msg)
+
+
+class Acks(_Inbox):
+    """Publishes that want the stream's ack, many in flight on one connection."""
+
+    def __init__(self, nc: Client, *, timeout: float) -> None:
+        super().__init__(nc, timeout=timeout)
+        self._waiting: dict[str, asyncio.Future[bytes]] = {}
 
     @property
     def pending(self) -> int:
@@ -120,17 +142,13 @@ class Acks:
         else:  # 503: no stream listens on the subject (nats-server's no-responders status)
             fut.set_exception(UnavailableError(f"the log stream does not answer (status {status})"))
 
-    async def _route_async(self, msg: Msg) -> None:
-        self._route(msg)
-
     def _expire(self, token: str) -> None:
         fut = self._waiting.pop(token, None)
         if fut is not None and not fut.done():
             fut.set_exception(TimeoutError())
 
     async def _request(self, subject: str, body: bytes, headers: dict[str, str]) -> bytes:
-        self._next += 1
-        token = str(self._next)
+        token = self._token()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bytes] = loop.create_future()
         self._waiting[token] = fut
@@ -198,34 +216,18 @@ class _Collect:
             self.done.set_result(status)
 
 
-class DirectGet:
+class DirectGet(_Inbox):
     """Direct gets on one stream (``allow_direct``); any replica may answer."""
 
     def __init__(self, nc: Client, stream: str, *, timeout: float) -> None:
-        self._nc = nc
+        super().__init__(nc, timeout=timeout)
         self._subject = f"$JS.API.DIRECT.GET.{stream}"
-        self._timeout = timeout
-        # One wildcard inbox for every batch get, routed by its last token.
-        self._prefix = nc.new_inbox() + "."
         self._waiting: dict[str, _Collect] = {}
-        self._sub: object | None = None
-        self._next = 0
-
-    async def start(self) -> None:
-        if self._sub is None:
-            sub = await self._nc.subscribe(self._prefix + "*", cb=self._route_async)
-            # A batch is thousands of messages: take each as nats-py parses it
-            # (no queue, task switch or coroutine per message) where the seam can.
-            seam_for(self._nc).deliver_inline(sub, self._route)
-            self._sub = sub
 
     def _route(self, msg: Msg) -> None:
         collect = self._waiting.get(msg.subject[len(self._prefix) :])
         if collect is not None:
             collect.add(msg)
-
-    async def _route_async(self, msg: Msg) -> None:
-        self._route(msg)
 
     async def last(self, subject: str) -> Msg | None:
         """The last message on ``subject``, or ``None`` when it has none."""
@@ -247,8 +249,7 @@ class DirectGet:
         """Every message of one batch request (``next_by_subj`` + ``seq`` +
         ``batch``, or ``multi_last``), in stream order."""
         await self.start()
-        self._next += 1
-        token = str(self._next)
+        token = self._token()
         collect = _Collect()
         self._waiting[token] = collect
         try:
