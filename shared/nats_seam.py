@@ -16,6 +16,13 @@ Two busy paths of convlog go faster than nats-py's public API lets them:
   one write (``Client._send_command``, ``_flush_pending``, ``_flush_queue``,
   the calls ``publish`` itself ends with).
 
+* **raw frames** — a JetStream store's batch direct get is thousands of
+  messages whose bodies are all it wants; nats-py's parser builds a ``Msg``
+  (and parses headers) for each.  The fast seam hands the complete frames of
+  one subscription straight to a function as bytes, ahead of nats-py's own
+  parse of the rest (``Client._ps``: its ``parse``, ``buf``, ``state``,
+  ``needed``, ``header_needed``, ``msg_arg``; ``Subscription._id``).
+
 and the log service needs two things nats-py's ``micro`` has no public name
 for: a request's reply subject, so replies can join such a burst
 (``Request._msg``), and an endpoint's subscription, to deliver appends inline
@@ -54,6 +61,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.micro.request import Request
 from nats.micro.service import Endpoint, EndpointConfig, Service, ServiceConfig
+from nats.protocol import parser as nats_parser
 
 __all__ = [
     "FAST",
@@ -63,6 +71,7 @@ __all__ = [
     "InlineDelivery",
     "NatsSeam",
     "Probe",
+    "RawFrames",
     "bind",
     "probe",
     "seam_for",
@@ -135,6 +144,13 @@ def probe() -> Probe:
     except Exception as e:  # a constructor's signature changed
         return Probe(version, tested, (*missing, f"constructors ({type(e).__name__}: {e})"))
     _check(missing, "Client._flush_queue", lambda: "_flush_queue" in vars(nc))
+    _check(missing, "Client._ps", lambda: isinstance(vars(nc)["_ps"], nats_parser.Parser))
+    _check(missing, "Parser.parse", lambda: inspect.iscoroutinefunction(nats_parser.Parser.parse))
+    _check(missing, "Parser state", lambda: type(nc._ps.buf) is bytearray and nc._ps.state == _CONTROL
+           and nats_parser.AWAITING_MSG_PAYLOAD != _CONTROL and type(nc._ps.msg_arg) is dict
+           and type(nc._ps.needed) is int and type(nc._ps.header_needed) is int)
+    _check(missing, "Subscription._id", lambda: Subscription(nc, id=7)._id == 7)
+    _check(missing, "Client.stats", lambda: {"in_msgs", "in_bytes"} <= set(nc.stats))
     _check(missing, "Subscription._pending_queue", lambda: type(sub._pending_queue) is asyncio.Queue)
     _check(missing, "Subscription._pending_size", lambda: type(sub._pending_size) is int)
     _check(missing, "Service._endpoints", lambda: type(service._endpoints) is list)
@@ -162,6 +178,98 @@ class InlineDelivery(asyncio.Queue):  # type: ignore[type-arg]
             log.exception("handling a message on %s failed", msg.subject[:200])
 
 
+_CONTROL = getattr(nats_parser, "AWAITING_CONTROL_LINE", None)
+_PAYLOAD = getattr(nats_parser, "AWAITING_MSG_PAYLOAD", None)
+
+#: ``deliver(subject, payload, headers)``: a frame's bytes (headers raw, None without).
+RawDeliver = Callable[[bytes, bytes, "bytes | None"], None]
+
+
+class RawFrames:
+    """Stands in for a connection parser's ``parse``: each complete MSG/HMSG
+    frame of a routed subscription goes to its function as bytes, with no
+    ``Msg`` or header parsing; anything else (another subscription, PING,
+    INFO, -ERR) and all that follows it in the buffer is left to nats-py's
+    own parse.  A frame not yet whole waits in nats-py's buffer."""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._ps = nc._ps
+        self._stock = nc._ps.parse
+        self.routes: dict[int, RawDeliver] = {}
+
+    async def parse(self, data: bytes = b"") -> None:
+        ps = self._ps
+        buf = ps.buf
+        if data:
+            buf.extend(data)
+        if ps.state == _PAYLOAD and not self._finish_pending(ps, buf):
+            return
+        if ps.state == _CONTROL and self.routes:
+            pos, wait = self._scan(buf)
+            if pos:
+                del buf[:pos]
+            if wait:
+                return
+        if buf:
+            await self._stock(b"")
+
+    def _finish_pending(self, ps: nats_parser.Parser, buf: bytearray) -> bool:
+        """A routed frame nats-py's parse began: finish it here (False: still partial)."""
+        route = self.routes.get(ps.msg_arg.get("sid"))  # type: ignore[arg-type]
+        if route is None:
+            return True
+        if len(buf) < ps.needed + 2:
+            return False
+        hsize = ps.header_needed
+        headers = bytes(buf[:hsize]) if hsize else None
+        payload = bytes(buf[hsize : ps.needed])
+        del buf[: ps.needed + 2]
+        ps.header_needed = 0
+        ps.state = _CONTROL
+        self._deliver(route, bytes(ps.msg_arg["subject"]), payload, headers)
+        return True
+
+    def _scan(self, buf: bytearray) -> tuple[int, bool]:
+        """Deliver the routed frames at the head of ``buf``: (bytes consumed,
+        True when it stopped at a routed frame not yet whole)."""
+        pos = 0
+        end = len(buf)
+        routes = self.routes
+        while pos < end:
+            if buf.startswith(b"MSG ", pos):
+                start = pos + 4
+            elif buf.startswith(b"HMSG ", pos):
+                start = pos + 5
+            else:
+                return pos, False
+            eol = buf.find(b"\r\n", start)
+            if eol < 0:
+                return pos, end - pos < nats_parser.MAX_CONTROL_LINE_SIZE
+            args = buf[start:eol].split()
+            route = routes.get(int(args[1]))
+            if route is None:
+                return pos, False
+            size = int(args[-1])
+            hsize = int(args[-2]) if start == pos + 5 else 0
+            body = eol + 2
+            if body + size + 2 > end:
+                return pos, True
+            headers = bytes(buf[body : body + hsize]) if hsize else None
+            self._deliver(route, bytes(args[0]), bytes(buf[body + hsize : body + size]), headers)
+            pos = body + size + 2
+        return pos, False
+
+    def _deliver(self, route: RawDeliver, subject: bytes, payload: bytes, headers: bytes | None) -> None:
+        stats = self._nc.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(payload)
+        try:
+            route(subject, payload, headers)
+        except Exception:  # never into nats-py's read loop
+            log.exception("handling a frame on %s failed", subject[:200])
+
+
 class NatsSeam:
     """nats-py's public API only: what every path falls back to."""
 
@@ -177,6 +285,12 @@ class NatsSeam:
 
     def delivers_inline(self, sub: Subscription | None) -> bool:
         """True when ``sub``'s messages go to a function as they are parsed."""
+        return False
+
+    def deliver_raw(self, nc: Client, sub: Subscription | None, deliver: RawDeliver) -> bool:
+        """Have ``deliver(subject, payload, headers)`` called with the bytes of
+        each frame of ``sub`` on ``nc``, ahead of nats-py's parsing (no ``Msg``;
+        ``headers`` raw, None without).  False (nothing changed): it is not."""
         return False
 
     def can_write(self, nc: Client) -> bool:
@@ -217,6 +331,16 @@ class _FastSeam(NatsSeam):
 
     def delivers_inline(self, sub: Subscription | None) -> bool:
         return sub is not None and isinstance(sub._pending_queue, InlineDelivery)
+
+    def deliver_raw(self, nc: Client, sub: Subscription | None, deliver: RawDeliver) -> bool:
+        if sub is None:
+            return False
+        frames = getattr(nc._ps.parse, "__self__", None)
+        if not isinstance(frames, RawFrames):
+            frames = RawFrames(nc)
+            nc._ps.parse = frames.parse  # type: ignore[method-assign]
+        frames.routes[sub._id] = deliver
+        return True
 
     def can_write(self, nc: Client) -> bool:
         return nc.is_connected  # not reconnecting, draining or closed: publish's own path applies there

@@ -21,7 +21,9 @@ from typing import Any
 
 import msgspec
 import nats
+import nats.js.errors
 
+from services.log.notices import RECONCILER
 from shared.client import LogClient
 from shared.config import Settings
 
@@ -32,6 +34,13 @@ from .stack import wait_service as _wait_service
 __all__ = ["payload", "report", "run_bench"]
 
 _encode = msgspec.json.Encoder().encode
+
+
+class _Order(msgspec.Struct):
+    item_order: int
+
+
+_last_order = msgspec.json.Decoder(_Order)
 
 
 def payload(size: int) -> dict[str, Any]:
@@ -96,13 +105,17 @@ async def run_bench(args: argparse.Namespace, url: str) -> dict[str, Run]:
     _stderr(f"latency at half load: {half:.0f} appends/s for {args.duration:.0f}s ...")
     results["half"] = await open_loop(f"appends at half load ({half:.0f}/s)", append_op, half, args.duration)
 
-    # Replay: read a whole session forward, page by page.
+    # Replay: read a whole session forward, page by page.  The session holds
+    # an agent's replies (a user message would also publish a turn notice
+    # each, work that would still be going on during the replay).
     big = f"bench-{run_id}-replay"
-    n_items = args.replay_items
+    n_items = max(1, args.replay_items // 500) * 500
     _stderr(f"replay: writing {n_items} items to one session ...")
-    batch = [{"agent": "user", "data": data} for _ in range(500)]
-    for _ in range(max(1, n_items // 500)):
+    batch = [{"agent": "assistant", "data": {**data, "role": "assistant"}} for _ in range(500)]
+    for _ in range(n_items // 500):
         await client.append(big, batch)
+    waited = await _wait_caught_up(client, big, n_items)
+    _stderr(f"replay: the service caught up with the writes after {waited:.1f}s; replaying ...")
     t0 = time.perf_counter()
     count = 0
     async for _env in client.iter_items(big):
@@ -113,6 +126,33 @@ async def run_bench(args: argparse.Namespace, url: str) -> dict[str, Run]:
         results.update(await _session_length(client, url, args, data, run_id))
     await client.close()
     return results
+
+
+async def _wait_caught_up(client: LogClient, sid: str, last: int, within: float = 120.0) -> float:
+    """Wait (up to ``within`` seconds) until what the writes of ``sid`` set off
+    is done: the items stream holds its last item, and the log service's
+    notice reconciler has looked at every item; returns the seconds waited.
+    Until then that work (copying, fsyncing, sweeping ~100k items) would
+    compete with the replay for the same cores."""
+    js = client.nc.jetstream(timeout=5)
+    stream = client.subjects.stream_name
+    t0 = time.perf_counter()
+    msg = None
+    while time.perf_counter() - t0 < within:
+        try:
+            msg = await js.get_last_msg(stream, client.subjects.items(sid))
+            if _last_order.decode(msg.data).item_order >= last:
+                info = await js.consumer_info(stream, RECONCILER)
+                if not info.num_pending and not info.num_ack_pending:
+                    break
+        except nats.js.errors.NotFoundError:
+            if msg is not None:  # the stream holds the item; no reconciler to wait for
+                break
+        except nats.errors.Error:
+            pass
+        msg = None
+        await asyncio.sleep(0.2)
+    return time.perf_counter() - t0
 
 
 async def _session_length(

@@ -33,6 +33,7 @@ from shared.signing import Signer
 from shared.subjects import Subjects
 
 from .authorize import Authorizer, signed_head
+from .readahead import ReadAhead
 from .store.base import LogStore
 
 __all__ = ["Handlers", "Reply", "ack_size_bound", "encode_outcome", "error_reply"]
@@ -100,6 +101,8 @@ class Handlers:
         entry_hint: called with (session_id, agent) when a user message with
             ``to`` starts a new session (records the entry agent as routing
             metadata, outside the log).
+        read_ahead: serves forward reads, reading the next page ahead (see
+            :mod:`.readahead`); None: straight from the store.
     """
 
     store: LogStore
@@ -109,6 +112,7 @@ class Handlers:
     entry_hint: EntryHint | None = None
     authorize: Authorizer | None = None  # signature checks (None: unsigned, as before)
     head_signer: Signer | None = None  # the log service's key: signs session heads on request
+    read_ahead: ReadAhead | None = None  # forward pages: the next one read while this one travels
 
     async def guarded(self, fn: Callable[[str, bytes], Awaitable[bytes]], subject: str, body: bytes) -> Reply:
         """Run one endpoint, turning every failure into an error reply."""
@@ -172,7 +176,7 @@ class Handlers:
                     "limit; page forward with after/limit instead"
                 )
         else:
-            page = await self.store.read(
+            page = await (self.read_ahead or self.store).read(
                 sid,
                 after=req.after or 0,
                 limit=req.limit or DEFAULT_READ_LIMIT,

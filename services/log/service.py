@@ -51,6 +51,7 @@ from .handlers import Handlers
 from .heads import HeadWitness
 from .notices import Notifier, Reconciler
 from .outbox import Outbox, ensure_stream
+from .readahead import ReadAhead
 from .replies import EndpointCounters
 from .routing_writer import RoutingWriter
 from .store.base import LogStore
@@ -93,6 +94,7 @@ class LogService(Endpoints):
         self.nc: Client | None = None
         self.outbox: Outbox | None = None
         self.witness: HeadWitness | None = None
+        self.read_ahead: ReadAhead | None = None
         self.routing_writer: RoutingWriter | None = None
         self.notifier: Notifier | None = None
         self.reconciler: Reconciler | None = None
@@ -175,6 +177,7 @@ class LogService(Endpoints):
             with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
                 await kv.create(sid, value)
 
+        self.read_ahead = ReadAhead(self.store)
         handlers = Handlers(
             store=self.store,
             subjects=self.subjects,
@@ -183,6 +186,7 @@ class LogService(Endpoints):
             entry_hint=entry_hint,
             authorize=authorize,
             head_signer=head_signer,
+            read_ahead=self.read_ahead,
         )
         # The only writer of routing checkpoints (see routing_writer.py).
         self.routing_writer = RoutingWriter(kv)
@@ -288,6 +292,8 @@ class LogService(Endpoints):
                 await cancel_and_wait({self._reconciler}, within=2.0)
             if self.outbox is not None:
                 await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))
+            if self.read_ahead is not None:
+                await self.read_ahead.close()
             await self.store.close()
             if self.routing_writer is not None:
                 await self.routing_writer.stop()

@@ -21,6 +21,7 @@ from services.log.store.jetstream import MAX_ITEMS_PER_APPEND, JetStreamStore, L
 from shared.chain import verify
 from shared.errors import BadRequestError, TooLargeError
 from shared.failures import StreamConfigError
+from shared.nats_seam import RawFrames
 from shared.subjects import Subjects
 from tests.support.natsd import NatsServer
 
@@ -223,6 +224,31 @@ class TestJetStreamStore(StoreSuite):
             await first.close()
             await second.close()
 
+
+    async def test_headerless_batches_come_off_the_wire_as_bytes_and_read_the_same_on_the_public_seam(
+        self, tmp_path: Path
+    ) -> None:
+        fast = await self.make_store(tmp_path)
+        public = await self.make_store(tmp_path, nats_seam="public")
+        try:
+            await fast.append("r", req(*(item(f"m{i}") for i in range(1, 301))))
+            pages = []
+            for st in (fast, public):
+                got: list[bytes] = []
+                after = 0
+                while True:
+                    p = await st.read("r", after=after, limit=70, max_bytes=BIG)
+                    got += p.items
+                    after += len(p.items)
+                    if not p.more:
+                        break
+                pages.append(got)
+            assert pages[0] == pages[1] and [e.item_order for e in envs(pages[0])] == list(range(1, 301))
+            assert isinstance(getattr(fast._nc._ps.parse, "__self__", None), RawFrames)  # type: ignore[union-attr]
+            assert not isinstance(getattr(public._nc._ps.parse, "__self__", None), RawFrames)  # type: ignore[union-attr]
+        finally:
+            await fast.close()
+            await public.close()
 
     async def test_forward_pages_are_exact_with_and_without_the_unfiltered_path(
         self, store: JetStreamStore, monkeypatch: pytest.MonkeyPatch

@@ -162,6 +162,39 @@ async def test_iter_items_reads_ahead_and_stops_cleanly(env: Env) -> None:
     assert (await env.client.read("ahead", after=25)).items[0].item_order == 26
 
 
+async def test_the_next_forward_page_is_read_ahead_and_served_only_as_a_read_now_would_give_it(env: Env) -> None:
+    ahead = env.service.read_ahead
+    assert ahead is not None
+
+    async def orders(after: int, limit: int, *, raw: bool = True) -> tuple[list[int], bool, int]:
+        page = await env.client.read("ra", after=after, limit=limit, raw=raw)
+        return [e.item_order for e in page.items], page.more, page.last_order
+
+    await env.client.append("ra", [user(f"m{i}") for i in range(1, 13)])
+    assert await orders(0, 4) == ([1, 2, 3, 4], True, 12)
+    # The pages after it were read ahead: each is what a read gives.
+    assert await orders(4, 4) == ([5, 6, 7, 8], True, 12)
+    assert await orders(8, 4) == ([9, 10, 11, 12], False, 12)
+    assert ahead.used == 2
+    # Raw and full: committed envelopes, served with the head read now.
+    await orders(0, 4)
+    await env.client.append("ra", [user("m13")])
+    assert await orders(4, 4) == ([5, 6, 7, 8], True, 13)
+    assert ahead.used == 3
+    # Visible: a retract appended after the page was read ahead hides one of
+    # its items, so the page is read again.
+    await orders(0, 4, raw=False)
+    await env.client.append("ra", [{"agent": "system", "kind": "retract", "data": {"target": 6}}])
+    assert await orders(4, 4, raw=False) == ([5, 7, 8, 9], True, 14)
+    # The last page, read ahead before the session grew: read again.
+    assert await orders(6, 4) == ([7, 8, 9, 10], True, 14)
+    await env.client.append("ra", [user("m15")])
+    assert await orders(10, 4) == ([11, 12, 13, 14], True, 15)
+    assert ahead.used == 3
+    assert [e.item_order async for e in env.client.iter_items("ra", page=2)] == list(range(1, 16))
+    assert ahead.used >= 9
+
+
 async def test_sessions_lists_by_id_with_paging(env: Env) -> None:
     for sid, n in (("s-c", 1), ("s-a", 3), ("s-b", 2)):
         await env.client.append(sid, [user(str(i)) for i in range(n)])

@@ -9,6 +9,7 @@ import importlib.metadata
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client
@@ -90,3 +91,75 @@ def test_the_mode_is_a_setting_and_a_bad_value_names_the_variable() -> None:
     assert load_settings(environ={"CONVLOG_NATS_SEAM": "public"}).nats_seam == "public"
     with pytest.raises(ConfigError, match="CONVLOG_NATS_SEAM='fast' is invalid"):
         load_settings(environ={"CONVLOG_NATS_SEAM": "fast"})
+
+
+# -- raw frames -----------------------------------------------------------------------
+
+
+def _msg(subject: bytes, sid: int, payload: bytes, reply: bytes = b"") -> bytes:
+    args = b" ".join(x for x in (subject, str(sid).encode(), reply, str(len(payload)).encode()) if x)
+    return b"MSG " + args + b"\r\n" + payload + b"\r\n"
+
+
+def _hmsg(subject: bytes, sid: int, headers: bytes, payload: bytes) -> bytes:
+    sizes = f"{len(headers)} {len(headers) + len(payload)}".encode()
+    return b"HMSG " + subject + b" " + str(sid).encode() + b" " + sizes + b"\r\n" + headers + payload + b"\r\n"
+
+
+ROUTED = [
+    _msg(b"_INBOX.x.1", 5, b"0123456789"),
+    _msg(b"_INBOX.x.2", 5, b"wxyz", reply=b"reply.to"),
+    _hmsg(b"_INBOX.x.1", 5, b"NATS/1.0\r\nNats-Sequence: 7\r\n\r\n", b'{"a":1}'),
+    _msg(b"_INBOX.x.1", 5, b""),
+    _hmsg(b"_INBOX.x.1", 5, b"NATS/1.0 204 EOB\r\nNats-Num-Pending: 0\r\n\r\n", b""),
+]
+OTHER = [_msg(b"other", 6, b"abc"), b"+OK\r\n"]
+
+
+def _client() -> tuple[Client, list[tuple[str, bytes, bool]], list[str]]:
+    """A client (no connection) whose sid 5 is routed raw and sid 6 is not."""
+    nc = Client()
+    got: list[tuple[str, bytes, bool]] = []  # subject, payload, a status message
+    paths: list[str] = []
+    fast = seam.FAST
+    routed, other = Subscription(nc, id=5, subject="_INBOX.x.*"), Subscription(nc, id=6, subject="other")
+    nc._subs[5], nc._subs[6] = routed, other
+
+    def raw(subject: bytes, payload: bytes, headers: bytes | None) -> None:
+        paths.append("raw")
+        got.append((subject.decode(), payload, headers is not None and headers[8:9] == b" "))
+
+    def msg_path(msg: Any) -> None:
+        paths.append("msg")
+        got.append((msg.subject, msg.data, "Status" in (msg.headers or {})))
+
+    assert fast.deliver_inline(routed, msg_path) and fast.deliver_inline(other, msg_path)
+    assert fast.deliver_raw(nc, routed, raw)
+    return nc, got, paths
+
+
+async def test_raw_frames_arrive_whole_at_any_split_and_the_rest_goes_through_nats_py() -> None:
+    stream = b"".join(ROUTED + OTHER + ROUTED)
+    want = [
+        ("_INBOX.x.1", b"0123456789", False), ("_INBOX.x.2", b"wxyz", False), ("_INBOX.x.1", b'{"a":1}', False),
+        ("_INBOX.x.1", b"", False), ("_INBOX.x.1", b"", True),
+    ]
+    want = [*want, ("other", b"abc", False), *want]
+    for cut in range(len(stream) + 1):
+        nc, got, _ = _client()
+        await nc._ps.parse(stream[:cut])
+        await nc._ps.parse(stream[cut:])
+        assert got == want, cut
+        assert nc._ps.buf == bytearray() and nc.stats["in_msgs"] == len(want)
+    for size in (1, 2, 3, 7, 64):
+        nc, got, paths = _client()
+        only_routed = b"".join(ROUTED * 3)
+        for i in range(0, len(only_routed), size):
+            await nc._ps.parse(only_routed[i : i + size])
+        assert got == want[:5] * 3 and set(paths) == {"raw"}, size
+
+
+def test_the_public_seam_delivers_no_raw_frames() -> None:
+    nc = Client()
+    assert not seam.PUBLIC.deliver_raw(nc, Subscription(nc, id=5), lambda *a: None)
+    assert getattr(nc._ps.parse, "__self__", None) is nc._ps

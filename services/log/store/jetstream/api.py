@@ -88,22 +88,47 @@ def _ack(data: bytes, n: int) -> BatchAck:
     return BatchAck(last_seq=int(ack["seq"]), count=int(ack.get("count") or n), duplicate=bool(ack.get("duplicate")))
 
 
-class Acks:
-    """Publishes that want the stream's ack, many in flight on one connection."""
+class _Inbox:
+    """One wildcard inbox per object, its replies routed by the last token.
+
+    Each request gets the next token (:meth:`_token`); :meth:`_route` gets
+    every reply, as nats-py parses it where the seam can (no queue, task
+    switch or coroutine per message: a batch get is thousands of them).
+    """
 
     def __init__(self, nc: Client, *, timeout: float) -> None:
         self._nc = nc
         self._timeout = timeout
         self._prefix = nc.new_inbox() + "."
-        self._waiting: dict[str, asyncio.Future[bytes]] = {}
         self._sub: object | None = None
         self._next = 0
 
     async def start(self) -> None:
         if self._sub is None:
             sub = await self._nc.subscribe(self._prefix + "*", cb=self._route_async)
-            seam_for(self._nc).deliver_inline(sub, self._route)
+            self._deliver(sub)
             self._sub = sub
+
+    def _deliver(self, sub: Any) -> None:
+        seam_for(self._nc).deliver_inline(sub, self._route)
+
+    def _token(self) -> str:
+        self._next += 1
+        return str(self._next)
+
+    def _route(self, msg: Msg) -> None:
+        raise NotImplementedError
+
+    async def _route_async(self, msg: Msg) -> None:
+        self._route(msg)
+
+
+class Acks(_Inbox):
+    """Publishes that want the stream's ack, many in flight on one connection."""
+
+    def __init__(self, nc: Client, *, timeout: float) -> None:
+        super().__init__(nc, timeout=timeout)
+        self._waiting: dict[str, asyncio.Future[bytes]] = {}
 
     @property
     def pending(self) -> int:
@@ -120,17 +145,13 @@ class Acks:
         else:  # 503: no stream listens on the subject (nats-server's no-responders status)
             fut.set_exception(UnavailableError(f"the log stream does not answer (status {status})"))
 
-    async def _route_async(self, msg: Msg) -> None:
-        self._route(msg)
-
     def _expire(self, token: str) -> None:
         fut = self._waiting.pop(token, None)
         if fut is not None and not fut.done():
             fut.set_exception(TimeoutError())
 
     async def _request(self, subject: str, body: bytes, headers: dict[str, str]) -> bytes:
-        self._next += 1
-        token = str(self._next)
+        token = self._token()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bytes] = loop.create_future()
         self._waiting[token] = fut
@@ -181,21 +202,70 @@ class Acks:
 
 
 class _Collect:
-    """The messages of one batch get, until its status message."""
+    """The messages (or with ``bodies``, their bodies) of one batch get, until its status message."""
 
-    __slots__ = ("done", "msgs")
+    __slots__ = ("bodies", "done", "items")
 
-    def __init__(self) -> None:
-        self.msgs: list[Msg] = []
+    def __init__(self, *, bodies: bool = False) -> None:
+        self.bodies = bodies
+        self.items: list[Any] = []
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     def add(self, msg: Msg) -> None:
         headers = msg.headers
         status = headers.get(_STATUS) if headers else None
         if status is None:
-            self.msgs.append(msg)
+            self.items.append(msg.data if self.bodies else msg)
         elif not self.done.done():
             self.done.set_result(status)
+
+    def add_raw(self, payload: bytes, headers: bytes | None) -> None:
+        """A frame's bytes (see :meth:`shared.nats_seam.NatsSeam.deliver_raw`):
+        a status message's headers begin ``NATS/1.0 <code>``."""
+        if headers is None or headers[8:9] != b" ":
+            self.items.append(payload)
+        elif not self.done.done():
+            self.done.set_result(headers[9:12].decode())
+
+
+class _Batches(_Inbox):
+    """The inbox of batch gets: messages routed to their request's :class:`_Collect`."""
+
+    def __init__(self, nc: Client, *, timeout: float, raw: bool = False) -> None:
+        super().__init__(nc, timeout=timeout)
+        self._raw = raw
+        self._cut = len(self._prefix.encode())
+        self.waiting: dict[str, _Collect] = {}
+
+    def _deliver(self, sub: Any) -> None:
+        seam = seam_for(self._nc)
+        if not (self._raw and seam.deliver_raw(self._nc, sub, self._route_raw)):
+            super()._deliver(sub)
+
+    def _route(self, msg: Msg) -> None:
+        collect = self.waiting.get(msg.subject[len(self._prefix) :])
+        if collect is not None:
+            collect.add(msg)
+
+    def _route_raw(self, subject: bytes, payload: bytes, headers: bytes | None) -> None:
+        collect = self.waiting.get(subject[self._cut :].decode())
+        if collect is not None:
+            collect.add_raw(payload, headers)
+
+    async def get(self, api: str, request: dict[str, object], collect: _Collect) -> list[Any]:
+        await self.start()
+        token = self._token()
+        self.waiting[token] = collect
+        try:
+            await self._nc.publish(api, json.dumps(request).encode(), reply=self._prefix + token)
+            status = await asyncio.wait_for(collect.done, self._timeout)
+        except (nats.errors.Error, TimeoutError, OSError) as e:
+            raise UnavailableError(f"cannot read the log stream: {type(e).__name__}") from e
+        finally:
+            del self.waiting[token]
+        if status not in ("204", "404"):  # end of batch; nothing matched
+            raise UnavailableError(f"direct get batch failed with status {status}")
+        return collect.items
 
 
 class DirectGet:
@@ -205,27 +275,13 @@ class DirectGet:
         self._nc = nc
         self._subject = f"$JS.API.DIRECT.GET.{stream}"
         self._timeout = timeout
-        # One wildcard inbox for every batch get, routed by its last token.
-        self._prefix = nc.new_inbox() + "."
-        self._waiting: dict[str, _Collect] = {}
-        self._sub: object | None = None
-        self._next = 0
+        self._messages = _Batches(nc, timeout=timeout)
+        # Batches without headers want only the bodies: off the wire where the seam can.
+        self._bodies = _Batches(nc, timeout=timeout, raw=True)
 
     async def start(self) -> None:
-        if self._sub is None:
-            sub = await self._nc.subscribe(self._prefix + "*", cb=self._route_async)
-            # A batch is thousands of messages: take each as nats-py parses it
-            # (no queue, task switch or coroutine per message) where the seam can.
-            seam_for(self._nc).deliver_inline(sub, self._route)
-            self._sub = sub
-
-    def _route(self, msg: Msg) -> None:
-        collect = self._waiting.get(msg.subject[len(self._prefix) :])
-        if collect is not None:
-            collect.add(msg)
-
-    async def _route_async(self, msg: Msg) -> None:
-        self._route(msg)
+        await self._messages.start()
+        await self._bodies.start()
 
     async def last(self, subject: str) -> Msg | None:
         """The last message on ``subject``, or ``None`` when it has none."""
@@ -246,21 +302,11 @@ class DirectGet:
     async def batch(self, request: dict[str, object]) -> list[Msg]:
         """Every message of one batch request (``next_by_subj`` + ``seq`` +
         ``batch``, or ``multi_last``), in stream order."""
-        await self.start()
-        self._next += 1
-        token = str(self._next)
-        collect = _Collect()
-        self._waiting[token] = collect
-        try:
-            await self._nc.publish(self._subject, json.dumps(request).encode(), reply=self._prefix + token)
-            status = await asyncio.wait_for(collect.done, self._timeout)
-        except (nats.errors.Error, TimeoutError, OSError) as e:
-            raise UnavailableError(f"cannot read the log stream: {type(e).__name__}") from e
-        finally:
-            del self._waiting[token]
-        if status not in ("204", "404"):  # end of batch; nothing matched
-            raise UnavailableError(f"direct get batch failed with status {status}")
-        return collect.msgs
+        return await self._messages.get(self._subject, request, _Collect())
+
+    async def bodies(self, request: dict[str, object]) -> list[bytes]:
+        """The bodies of :meth:`batch`'s messages, for a request without headers (``no_hdr``)."""
+        return await self._bodies.get(self._subject, {**request, "no_hdr": True}, _Collect(bodies=True))
 
     async def subjects(self, filter_subject: str) -> dict[str, int]:
         """Every subject matching ``filter_subject`` with its message count."""

@@ -229,30 +229,30 @@ class StreamReads:
         while True:
             end = orders[min(len(orders), idx + limit + 1) - 1]
             request: dict[str, object] = {
-                "seq": seq, "next_by_subj": subject, "batch": min(_PAGE_CHUNK, end - base + 1), "no_hdr": True,
+                "seq": seq, "next_by_subj": subject, "batch": min(_PAGE_CHUNK, end - base + 1),
             }
             if max_bytes < _NO_BYTE_LIMIT:
                 # A little past the budget: the server stops soon after the
                 # page is full, and usually sends the envelope that tells
                 # there is more (if not, the loop asks again).
                 request["max_bytes"] = max_bytes - size + _ENVELOPE_SLACK
-            msgs = await self.get(sid).batch(request)
-            if not msgs or _first_order.decode(msgs[0].data).item_order != base:
+            bodies = await self.get(sid).bodies(request)
+            if not bodies or _first_order.decode(bodies[0]).item_order != base:
                 raise UnavailableError(f"the log stream lacks item {base} of session {sid!r}")
-            for k, m in enumerate(msgs):
+            for k, body in enumerate(bodies):
                 if base + k != orders[idx]:
                     continue
-                if len(items) == limit or (items and size + len(m.data) + 1 > max_bytes):
+                if len(items) == limit or (items and size + len(body) + 1 > max_bytes):
                     if mark:
                         await self._mark(sid, s, orders[idx - 1], items[-1])
                     return items, True
-                items.append(m.data)
-                size += len(m.data) + 1
+                items.append(body)
+                size += len(body) + 1
                 idx += 1
                 if idx == len(orders):
                     return items, False
-            if mark and orders[idx] == base + len(msgs):
-                seq = await self._mark(sid, s, base + len(msgs) - 1, msgs[-1].data) + 1
+            if mark and orders[idx] == base + len(bodies):
+                seq = await self._mark(sid, s, base + len(bodies) - 1, bodies[-1]) + 1
                 base = orders[idx]
                 continue
             base = orders[idx]

@@ -70,14 +70,14 @@ async def probe_head(get: DirectGet, layout: Layout, sid: str, s: SessionIndex) 
     caller reads the head the wildcard way): the shard moved on by more
     than :data:`_PROBE` messages, or the stream no longer matches.
     """
-    msgs = await get.batch({"seq": s.last_seq, "batch": _PROBE, "no_hdr": True})
-    if not msgs or len(msgs) >= _PROBE:
+    bodies = await get.bodies({"seq": s.last_seq, "batch": _PROBE})
+    if not bodies or len(bodies) >= _PROBE:
         return False
-    first = _where(msgs[0].data)
+    first = _where(bodies[0])
     if first is None or (first.session_id, first.item_order, first.hash) != (sid, s.last_order, s.last_hash):
         return False
-    for m in reversed(msgs[1:]):
-        w = _where(m.data)
+    for body in reversed(bodies[1:]):
+        w = _where(body)
         if w is None:
             return False
         if w.session_id == sid:
@@ -110,15 +110,15 @@ async def fetch_forward(
     chunk = _FIRST_PLAIN
     taken = seq
     while True:
-        request: dict[str, object] = {"seq": seq, "batch": chunk, "no_hdr": True}
+        request: dict[str, object] = {"seq": seq, "batch": chunk}
         if max_bytes < NO_BYTE_LIMIT:
             request["max_bytes"] = max_bytes - size + _PLAIN_SLACK
-        msgs = await get.batch(request)
-        if not msgs:
+        bodies = await get.bodies(request)
+        if not bodies:
             return None
         mine = 0
-        for k, m in enumerate(msgs):
-            w = _where(m.data)
+        for k, body in enumerate(bodies):
+            w = _where(body)
             if w is None:
                 return None
             if w.session_id != sid:
@@ -130,18 +130,18 @@ async def fetch_forward(
             want += 1
             if want == after + 1:
                 continue  # the mark checked out
-            if items and size + len(m.data) + 1 > max_bytes:
+            if items and size + len(body) + 1 > max_bytes:
                 remember(s, want - 2, taken)
                 return items, True
-            items.append(m.data)
-            size += len(m.data) + 1
+            items.append(body)
+            size += len(body) + 1
             taken = seq + k
             if want > last:
                 return items, False
             if len(items) == limit:
                 remember(s, want - 1, taken)
                 return items, True
-        if mine * 2 < len(msgs):
+        if mine * 2 < len(bodies):
             return None
-        seq += len(msgs)
+        seq += len(bodies)
         chunk = min(_PAGE_CHUNK, max(limit - len(items), 1))
