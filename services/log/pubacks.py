@@ -14,15 +14,15 @@ raise: ``NoRespondersError`` (no stream captures the subject), an
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js.api import Header
+
+from shared.inbox import RoutedInbox
 
 __all__ = ["AckedPublisher"]
 
@@ -49,27 +49,15 @@ def _ack_error(msg: Msg) -> Exception | None:
     return None
 
 
-class AckedPublisher:
+class AckedPublisher(RoutedInbox):
     """Publishes to JetStream and collects the acks (see the module docstring)."""
 
     def __init__(self, nc: Client) -> None:
-        self.nc = nc
-        self._sub: Subscription | None = None
-        self._prefix = ""
-        self._lock = asyncio.Lock()
+        super().__init__(nc)
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
-        self._tokens = itertools.count(1)
 
-    async def _inbox(self) -> str:
-        async with self._lock:
-            if self._sub is None:
-                prefix = self.nc.new_inbox() + "."
-                self._sub = await self.nc.subscribe(prefix + "*", cb=self._on_ack)
-                self._prefix = prefix
-        return self._prefix
-
-    async def _on_ack(self, msg: Msg) -> None:
-        fut = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+    def route(self, msg: Msg) -> None:
+        fut = self._waiting.pop(self.token_of(msg), None)
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
@@ -78,17 +66,17 @@ class AckedPublisher:
     ) -> list[Exception | None]:
         """Publish ``(subject, payload, headers)`` in order; per message, ``None`` once
         the stream holds it (or dropped it as a duplicate), else the error."""
-        prefix = self._prefix if self._sub is not None else await self._inbox()
+        await self.start()
         loop = asyncio.get_running_loop()
         sent: list[tuple[str, asyncio.Future[Msg]]] = []
         outcomes: list[Exception | None] = []
         try:
             for subject, payload, headers in messages:
-                token = str(next(self._tokens))
+                token = self.token()
                 fut: asyncio.Future[Msg] = loop.create_future()
                 self._waiting[token] = fut
                 sent.append((token, fut))
-                await self.nc.publish(subject, payload, reply=prefix + token, headers=headers)
+                await self._nc.publish(subject, payload, reply=self.reply_to(token), headers=headers)
             await asyncio.wait([f for _, f in sent], timeout=wait)
             for _, fut in sent:
                 outcomes.append(_ack_error(fut.result()) if fut.done() else TimeoutError())
@@ -100,11 +88,3 @@ class AckedPublisher:
                 self._waiting.pop(token, None)
                 fut.cancel()
         return outcomes
-
-    async def close(self) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error:
-                pass

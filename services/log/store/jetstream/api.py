@@ -24,6 +24,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from shared.errors import UnavailableError
+from shared.inbox import RoutedInbox
 from shared.nats_seam import seam_for
 
 __all__ = ["Acks", "BatchAck", "DirectGet", "IdTaken", "OutcomeUnknown", "WrongLastSequence"]
@@ -88,39 +89,12 @@ def _ack(data: bytes, n: int) -> BatchAck:
     return BatchAck(last_seq=int(ack["seq"]), count=int(ack.get("count") or n), duplicate=bool(ack.get("duplicate")))
 
 
-class _Inbox:
-    """One wildcard inbox per object, its replies routed by the last token.
-
-    Each request gets the next token (:meth:`_token`); :meth:`_route` gets
-    every reply, as nats-py parses it where the seam can (no queue, task
-    switch or coroutine per message: a batch get is thousands of them).
-    """
+class _Inbox(RoutedInbox):
+    """A :class:`~shared.inbox.RoutedInbox` whose requests time out after ``timeout``."""
 
     def __init__(self, nc: Client, *, timeout: float) -> None:
-        self._nc = nc
+        super().__init__(nc)
         self._timeout = timeout
-        self._prefix = nc.new_inbox() + "."
-        self._sub: object | None = None
-        self._next = 0
-
-    async def start(self) -> None:
-        if self._sub is None:
-            sub = await self._nc.subscribe(self._prefix + "*", cb=self._route_async)
-            self._deliver(sub)
-            self._sub = sub
-
-    def _deliver(self, sub: Any) -> None:
-        seam_for(self._nc).deliver_inline(sub, self._route)
-
-    def _token(self) -> str:
-        self._next += 1
-        return str(self._next)
-
-    def _route(self, msg: Msg) -> None:
-        raise NotImplementedError
-
-    async def _route_async(self, msg: Msg) -> None:
-        self._route(msg)
 
 
 class Acks(_Inbox):
@@ -135,7 +109,7 @@ class Acks(_Inbox):
         """Publishes (and batch commits) sent and not answered yet."""
         return len(self._waiting)
 
-    def _route(self, msg: Msg) -> None:
+    def route(self, msg: Msg) -> None:
         fut = self._waiting.pop(msg.subject[len(self._prefix) :], None)
         if fut is None or fut.done():
             return
@@ -151,7 +125,7 @@ class Acks(_Inbox):
             fut.set_exception(TimeoutError())
 
     async def _request(self, subject: str, body: bytes, headers: dict[str, str]) -> bytes:
-        token = self._token()
+        token = self.token()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bytes] = loop.create_future()
         self._waiting[token] = fut
@@ -242,7 +216,7 @@ class _Batches(_Inbox):
         if not (self._raw and seam.deliver_raw(self._nc, sub, self._route_raw)):
             super()._deliver(sub)
 
-    def _route(self, msg: Msg) -> None:
+    def route(self, msg: Msg) -> None:
         collect = self.waiting.get(msg.subject[len(self._prefix) :])
         if collect is not None:
             collect.add(msg)
@@ -254,7 +228,7 @@ class _Batches(_Inbox):
 
     async def get(self, api: str, request: dict[str, object], collect: _Collect) -> list[Any]:
         await self.start()
-        token = self._token()
+        token = self.token()
         self.waiting[token] = collect
         try:
             await self._nc.publish(api, json.dumps(request).encode(), reply=self._prefix + token)
