@@ -231,7 +231,7 @@ async def appends_served(url: str) -> dict[str, int]:
             await nc.flush()
             assert len(ids) >= 2, f"instances answering: {sorted(ids)}"
 
-        await assert_eventually(both, timeout=10, interval=0.2)
+        await assert_eventually(both, timeout=30, interval=0.2)  # a second instance may still be starting
         await sub.unsubscribe()
         served = {}
         for sid in sorted(ids):
