@@ -110,7 +110,7 @@ class Acks(_Inbox):
         return len(self._waiting)
 
     def route(self, msg: Msg) -> None:
-        fut = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+        fut = self._waiting.pop(self.token_of(msg), None)
         if fut is None or fut.done():
             return
         status = msg.headers.get(_STATUS) if msg.headers else None
@@ -131,7 +131,7 @@ class Acks(_Inbox):
         self._waiting[token] = fut
         timer = loop.call_later(self._timeout, self._expire, token)
         try:
-            await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+            await self._nc.publish(subject, body, reply=self.reply_to(token), headers=headers)
         except (nats.errors.Error, OSError) as e:
             timer.cancel()
             self._waiting.pop(token, None)
@@ -217,7 +217,7 @@ class _Batches(_Inbox):
             super()._deliver(sub)
 
     def route(self, msg: Msg) -> None:
-        collect = self.waiting.get(msg.subject[len(self._prefix) :])
+        collect = self.waiting.get(self.token_of(msg))
         if collect is not None:
             collect.add(msg)
 
@@ -231,7 +231,7 @@ class _Batches(_Inbox):
         token = self.token()
         self.waiting[token] = collect
         try:
-            await self._nc.publish(api, json.dumps(request).encode(), reply=self._prefix + token)
+            await self._nc.publish(api, json.dumps(request).encode(), reply=self.reply_to(token))
             status = await asyncio.wait_for(collect.done, self._timeout)
         except (nats.errors.Error, TimeoutError, OSError) as e:
             raise UnavailableError(f"cannot read the log stream: {type(e).__name__}") from e
