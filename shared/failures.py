@@ -21,7 +21,8 @@ Calls that are retried have one policy per kind of call, each a tenacity
 ``AsyncRetrying``: log requests over NATS in :mod:`shared.client` (unknown
 outcomes, same ids, until the deadline), model requests over HTTP in
 :mod:`services.worker.model` (with ``Retry-After``; its backoff is a
-:class:`Backoff`).  A worker's failed delivery comes back after a
+:class:`Backoff`), and waiting at start for what the process needs
+(:func:`wait_for`: the log service's store, a worker's JetStream).  A worker's failed delivery comes back after a
 :class:`Backoff` too.
 """
 
@@ -35,10 +36,11 @@ import random
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
+import tenacity
 from nats.js.api import StreamConfig
 
 from .errors import UnavailableError
@@ -54,8 +56,11 @@ __all__ = [
     "check_items_stream",
     "is_transient",
     "supervise",
+    "wait_for",
     "watch",
 ]
+
+_T = TypeVar("_T")
 
 _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     TimeoutError,  # asyncio's and nats-py's timeouts are TimeoutErrors
@@ -170,6 +175,42 @@ LOOP_BACKOFF = Backoff(initial=0.1, maximum=2.0)
 #: other writer is done; jittered, so racing writers spread out.  Retry ``n``
 #: waits 1-2 ms doubling up to 0.25-0.5 s.
 CONFLICT_BACKOFF = Backoff(initial=0.002, maximum=0.5)
+
+
+async def wait_for(
+    attempt: Callable[[], Awaitable[_T]],
+    *,
+    within: float,
+    heals: Callable[[BaseException], bool],
+    waiting: Callable[[int, float, BaseException], None],
+    backoff: Backoff = LOOP_BACKOFF,
+) -> _T:
+    """Await ``attempt()`` until it returns, at start-up: a failure that
+    ``heals`` is tried again after ``backoff`` (never past the deadline) for
+    up to ``within`` seconds; anything else, or a failure at the deadline, is
+    raised as it is.
+
+    ``waiting(n, waited, failure)`` is called before each wait (``n`` from 0),
+    so the caller decides which waits deserve a log line.
+    """
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        left = within - state.seconds_since_start
+        return max(0.0, min(backoff.delay(state.attempt_number - 1), left))
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        failure = state.outcome.exception() if state.outcome else None
+        if failure is not None:
+            waiting(state.attempt_number - 1, state.seconds_since_start, failure)
+
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception(heals),
+        stop=tenacity.stop_after_delay(within),
+        wait=wait,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    return await retrying(attempt)
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], within: float) -> set[asyncio.Task[Any]]:

@@ -18,7 +18,7 @@ import time
 
 from shared.config import Settings
 from shared.errors import BadRequestError, UnavailableError
-from shared.failures import LOOP_BACKOFF
+from shared.failures import wait_for
 
 from .common import (
     EXIT_OK,
@@ -55,45 +55,46 @@ async def wait_for_jetstream(settings: Settings, within: float, *, agent: str = 
     from shared import nats_connect
     from shared.client import connect_options
 
-    started = time.monotonic()
-    said = 0.0
-    n = 0
     seen: list[Exception] = []  # nats-py's errors while connecting: the reason to give
+    said: list[float] = []  # when each waiting line was written
 
     async def record(e: Exception) -> None:
         seen.append(e)
 
-    while True:
+    def reason(e: BaseException) -> str:
+        cause = seen[-1] if isinstance(e, nats.errors.NoServersError) and seen else e
+        return f"{type(cause).__name__}: {cause}".rstrip(": ")
+
+    async def probe() -> None:
         seen.clear()
+        # One try per server in the URL (nats-py's own loop retries forever with
+        # max_reconnect_attempts <= 0), and no line per failed try: ours says it.
+        options = {**connect_options(settings, name=f"convlog-worker-{agent}-probe"),
+                   "allow_reconnect": False, "max_reconnect_attempts": 1, "error_cb": record}
+        nc = await nats_connect.connect(settings, options)
         try:
-            # One try per server in the URL (nats-py's own loop retries forever with
-            # max_reconnect_attempts <= 0), and no line per failed try: ours says it.
-            options = {**connect_options(settings, name=f"convlog-worker-{agent}-probe"),
-                       "allow_reconnect": False, "max_reconnect_attempts": 1, "error_cb": record}
-            nc = await nats_connect.connect(settings, options)
-            try:
-                await nc.jetstream(timeout=2).account_info()
-            finally:
-                await nc.close()
-            if n:
-                log.warning("worker %s: NATS JetStream answers at %s (after %.1f s)", agent,
-                            settings.nats_url, time.monotonic() - started)
-            return
-        except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as e:
-            waited = time.monotonic() - started
-            cause = seen[-1] if isinstance(e, nats.errors.NoServersError) and seen else e
-            reason = f"{type(cause).__name__}: {cause}".rstrip(": ")
-            if waited >= within:
-                raise UnavailableError(
-                    f"NATS JetStream did not answer at {settings.nats_url} within {within:g} s ({reason}); "
-                    "start the stack with `convlog up` (or `convlog log`), or set CONVLOG_NATS_URL"
-                ) from e
-            if n == 0 or waited - said >= _WAIT_LINE_EVERY:
-                said = waited
-                log.warning("worker %s: waiting for NATS JetStream at %s (%.0f of up to %g s): %s",
-                            agent, settings.nats_url, waited, within, reason)
-        await asyncio.sleep(min(LOOP_BACKOFF.delay(n), max(0.0, within - (time.monotonic() - started))))
-        n += 1
+            await nc.jetstream(timeout=2).account_info()
+        finally:
+            await nc.close()
+
+    def waiting(n: int, waited: float, failure: BaseException) -> None:
+        if not said or waited - said[-1] >= _WAIT_LINE_EVERY:
+            said.append(waited)
+            log.warning("worker %s: waiting for NATS JetStream at %s (%.0f of up to %g s): %s",
+                        agent, settings.nats_url, waited, within, reason(failure))
+
+    down = (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError)
+    started = time.monotonic()
+    try:
+        await wait_for(probe, within=within, waiting=waiting, heals=lambda e: isinstance(e, down))
+    except down as e:
+        raise UnavailableError(
+            f"NATS JetStream did not answer at {settings.nats_url} within {within:g} s ({reason(e)}); "
+            "start the stack with `convlog up` (or `convlog log`), or set CONVLOG_NATS_URL"
+        ) from e
+    if said:
+        log.warning("worker %s: NATS JetStream answers at %s (after %.1f s)", agent,
+                    settings.nats_url, time.monotonic() - started)
 
 
 def worker_arguments(p: argparse.ArgumentParser) -> None:

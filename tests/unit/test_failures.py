@@ -21,6 +21,7 @@ from shared.failures import (
     check_items_stream,
     is_transient,
     supervise,
+    wait_for,
     watch,
 )
 from shared.subjects import Subjects
@@ -227,3 +228,53 @@ async def test_loops_stop_the_process_once_on_the_first_fatal_failure() -> None:
         loops.raise_if_failed()
     assert shutdowns == 1
     quiet.cancel()
+
+
+# -- wait_for: waiting at start-up -------------------------------------------------
+
+_FAST = Backoff(initial=0.001, maximum=0.002)
+
+
+async def test_wait_for_retries_what_heals_until_it_answers() -> None:
+    calls: list[int] = []
+    waits: list[int] = []
+
+    async def attempt() -> str:
+        calls.append(1)
+        if len(calls) < 4:
+            raise UnavailableError("not yet")
+        return "up"
+
+    got = await wait_for(attempt, within=5, backoff=_FAST,
+                         heals=lambda e: isinstance(e, UnavailableError),
+                         waiting=lambda n, waited, e: waits.append(n))
+    assert got == "up" and len(calls) == 4 and waits == [0, 1, 2]
+
+
+async def test_wait_for_raises_what_does_not_heal_at_once() -> None:
+    calls: list[int] = []
+
+    async def attempt() -> None:
+        calls.append(1)
+        raise BadRequestError("never")
+
+    with pytest.raises(BadRequestError):
+        await wait_for(attempt, within=5, backoff=_FAST,
+                       heals=lambda e: isinstance(e, UnavailableError), waiting=lambda *a: None)
+    assert len(calls) == 1
+
+
+async def test_wait_for_gives_up_at_the_deadline_with_the_last_failure() -> None:
+    calls: list[int] = []
+
+    async def attempt() -> None:
+        calls.append(1)
+        raise UnavailableError(f"down {len(calls)}")
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(UnavailableError) as info:
+        await wait_for(attempt, within=0.2, backoff=Backoff(initial=0.05, maximum=0.1),
+                       heals=lambda e: isinstance(e, UnavailableError), waiting=lambda *a: None)
+    assert info.value.args[0] == f"down {len(calls)}" and len(calls) > 1
+    assert loop.time() - started < 2.0  # waits are capped by the time left

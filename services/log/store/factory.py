@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import nats.js.errors
@@ -10,7 +9,7 @@ import nats.js.errors
 from shared.client import connect_options
 from shared.config import Settings
 from shared.errors import UnavailableError
-from shared.failures import LOOP_BACKOFF, is_transient
+from shared.failures import is_transient, wait_for
 
 from .base import LogStore
 
@@ -64,17 +63,10 @@ async def open_store(store: LogStore, wait: float = OPEN_WAIT) -> None:
     Raises:
         UnavailableError: still unavailable after ``wait`` seconds.
     """
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + wait
-    n = 0
-    while True:
-        try:
-            await store.open()
-            return
-        except UnavailableError as e:
-            if not _heals(e.__cause__) or loop.time() > give_up:
-                raise
-            if n == 0:
-                log.warning("waiting for the store (up to %.0f s): %s", wait, e)
-        await asyncio.sleep(LOOP_BACKOFF.delay(n))
-        n += 1
+
+    def waiting(n: int, waited: float, failure: BaseException) -> None:
+        if n == 0:
+            log.warning("waiting for the store (up to %.0f s): %s", wait, failure)
+
+    await wait_for(store.open, within=wait, waiting=waiting,
+                   heals=lambda e: isinstance(e, UnavailableError) and _heals(e.__cause__))
