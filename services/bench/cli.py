@@ -39,6 +39,17 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
+def _cases(text: str) -> list[str]:
+    from .stores import CASES
+
+    known = [c.key for c in CASES]
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in known]
+    if not keys or unknown:
+        raise argparse.ArgumentTypeError(f"unknown case(s) {unknown or text!r}; known: {', '.join(known)}")
+    return keys
+
+
 def _sdk_ops(text: str) -> int:
     n = positive_int(text)
     if n < SDK_PROCESSES:
@@ -62,6 +73,10 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", choices=["sqlite", "jetstream"], default=None,
                    help="instead: private stacks fsyncing every write; jetstream runs the JetStream "
                         "store, then SQLite, next to a raw JetStream publish baseline")
+    p.add_argument("--cases", type=_cases, default=None, metavar="KEY,KEY,...",
+                   help="with --store: measure only these cases (raw R1, the ratios' baseline, always "
+                        "runs): raw, raw_r3, sqlite, jetstream_r1, jetstream_r1_2shards, jetstream_r3, "
+                        "jetstream_r3_2shards")
     p.add_argument("--json", action="store_true", help="print the figures as JSON (every bench)")
     p.add_argument("--fault", choices=["leader-kill"], default=None,
                    help="with --store jetstream: on a private 3-node cluster (R3, two log services), "
@@ -90,6 +105,8 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
 async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.turns and args.sdk:
         raise BadRequestError("--turns and --sdk are two different benches: pick one")
+    if args.cases is not None and args.store is None:
+        raise BadRequestError("--cases picks the cases of --store jetstream|sqlite: add --store")
     if args.fault is not None and args.store != "jetstream":
         raise BadRequestError("--fault runs on the JetStream store: add --store jetstream")
     fault = args.fault is not None

@@ -170,6 +170,8 @@ def _row(label: str, r: Run, base: float) -> str:
 
 async def cmd_store_bench(args: argparse.Namespace) -> int:
     wanted = {"raw", "sqlite"} if args.store == "sqlite" else {c.key for c in CASES}
+    if getattr(args, "cases", None):
+        wanted = {"raw", *args.cases}
     cases = [c for c in CASES if c.key in wanted]
     measured: dict[str, dict[str, Run]] = {}
     load_before = os.getloadavg()
