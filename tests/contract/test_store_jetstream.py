@@ -163,6 +163,48 @@ class TestJetStreamStore(StoreSuite):
         assert await store.last_order("s") == 1
         assert Layout(Subjects("p")).item_subject("s", "a.b") != Layout(Subjects("p")).item_subject("s", "a-b")
 
+    async def test_appends_arriving_while_a_combined_batch_is_stored_ride_the_next(
+        self, store: JetStreamStore
+    ) -> None:
+        # A loaded group commit goes in one combined batch; group commits made while it
+        # is being stored do not send batches (or publishes) of their own: they wait and
+        # go together in the next one.  Every session stays one contiguous, verified history.
+        sids = [f"w{i}" for i in range(60)]
+        await asyncio.gather(*(store.append(s, req(item("first"))) for s in sids))  # heads cached
+        writer = store._writer
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[object]] = []
+
+        def submit(wave: list[str], n: int) -> None:
+            for s in wave:
+                fut: asyncio.Future[object] = loop.create_future()
+                store.submit(s, req(item(f"{s}.{n}", item_id=f"{s}.{n}")), fut.set_result)
+                futs.append(fut)
+
+        async def spin(until: object = None, turns: int = 5) -> None:
+            for _ in range(turns if until is None else 10_000):
+                if until is not None and any(c.busy for c in writer._combiners.values()):
+                    return
+                await asyncio.sleep(0)
+
+        rounds = 0
+        while not sum(c.merged for c in writer._combiners.values()) and rounds < 10:
+            rounds += 1
+            submit(sids[:40], rounds)  # 40 items at once: combined
+            await spin(until=True)
+            submit(sids[40:50], rounds)  # its own group commit ...
+            await spin()
+            submit(sids[50:], rounds)  # ... and another, both while the first batch is stored
+            await asyncio.gather(*futs)
+        assert sum(c.merged for c in writer._combiners.values()) >= 1
+        for outcome in [f.result() for f in futs]:
+            assert not isinstance(outcome, Exception), outcome
+        for sid in sids:
+            stored = await read_all(store, sid)
+            assert [e.item_order for e in stored] == list(range(1, rounds + 2))
+            assert [e.item_id for e in stored[1:]] == [f"{sid}.{n}" for n in range(1, rounds + 1)]
+            assert verify(stored, session_id=sid) is None
+
     async def test_too_many_items_for_one_atomic_batch_are_refused(self, store: JetStreamStore) -> None:
         items = [item(f"m{i}") for i in range(MAX_ITEMS_PER_APPEND + 1)]
         with pytest.raises(TooLargeError, match=str(MAX_ITEMS_PER_APPEND)):

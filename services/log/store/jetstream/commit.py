@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -98,6 +98,69 @@ class _Part:
     seqs: list[int] = field(default_factory=list)  # once stored
 
 
+class _Combiner:
+    """One shard's combined batches: one at a time, each taking every part
+    that arrived while the one before was stored.
+
+    The server stores a shard's atomic batches one after another, each for a
+    fixed few milliseconds whatever its size (and one fsync); so group commits
+    that overlap (the committer has many in flight, over disjoint sessions)
+    would queue as many small batches and cap the shard at a few hundred of
+    them a second.  Merged, the batch grows with the load instead.
+    """
+
+    def __init__(self, store: Callable[[list[_Part]], Awaitable[bool]]) -> None:
+        self._store = store
+        self._waiting: list[tuple[list[_Part], asyncio.Future[bool]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.merged = 0  # batches that carried more than one group commit's parts (stats, tests)
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None
+
+    async def store(self, parts: list[_Part]) -> bool:
+        """Store ``parts`` in the next combined batch; False if it was refused."""
+        if not parts:
+            return True
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((parts, fut))
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain(), name="convlog-combiner")
+        # A commit that started finishes: the batch is stored even if this caller is cancelled.
+        return await asyncio.shield(fut)
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                take, size = 0, 0
+                for parts, _ in self._waiting:
+                    n = sum(len(p.rows) for p in parts)
+                    if take and size + n > MAX_BATCH_MESSAGES:
+                        break
+                    take, size = take + 1, size + n
+                group, self._waiting = self._waiting[:take], self._waiting[take:]
+                self.merged += take > 1
+                try:
+                    ok = await self._store([p for parts, _ in group for p in parts])
+                except BaseException as e:
+                    for _, fut in group:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    if not isinstance(e, Exception):
+                        raise
+                    continue
+                for _, fut in group:
+                    if not fut.done():
+                        fut.set_result(ok)
+        finally:
+            self._task = None
+            for _, fut in self._waiting:  # only if cancelled: nothing of these was sent
+                if not fut.done():
+                    fut.set_result(False)
+            self._waiting = []
+
+
 class BatchWriter:
     """Decides and stores the appends of one store instance.
 
@@ -120,6 +183,13 @@ class BatchWriter:
         self.retries = 0  # publishes refused because a head moved or an id existed (stats, tests)
         self.batches = 0  # publishes (plain or atomic) that stored something
         self.unknown = 0  # publishes whose answer was lost, resolved from the stream
+        self._combiners: dict[int, _Combiner] = {}
+
+    def _combiner(self, shard: int) -> _Combiner:
+        c = self._combiners.get(shard)
+        if c is None:
+            c = self._combiners[shard] = _Combiner(self._store_combined)
+        return c
 
     async def commit(self, batch: list[Pending]) -> tuple[list[Outcome], list[Committed]]:
         outcomes: list[Outcome | None] = [None] * len(batch)
@@ -128,7 +198,7 @@ class BatchWriter:
             by_sid.setdefault(p.session_id, []).append(i)
         committed: list[Committed] = []
         items = sum(len(p.request.items) for p in batch)
-        if items >= 2 and items + self._acks().pending >= self.combine_at:
+        if (items >= 2 and items + self._acks().pending >= self.combine_at) or self._riding(batch):
             by_sid = await self._combined(batch, by_sid, outcomes, committed)
         await asyncio.gather(*(self._session(sid, idx, batch, outcomes, committed) for sid, idx in by_sid.items()))
         committed.sort(key=lambda c: c.position)
@@ -168,7 +238,7 @@ class BatchWriter:
                 left[sid] = idx
                 continue
             chunk.append(part)
-        stored = await asyncio.gather(*(self._store_combined(parts) for parts in shards.values()))
+        stored = await asyncio.gather(*(self._combiner(k).store(parts) for k, parts in shards.items()))
         for parts, ok in zip(shards.values(), stored, strict=True):
             for part in parts:
                 if not ok:
@@ -182,6 +252,13 @@ class BatchWriter:
                     for seq, r in zip(part.seqs, part.rows, strict=True)
                 ]
         return left
+
+    def _riding(self, batch: list[Pending]) -> bool:
+        """Whether a combined batch is being stored on a shard this group commit
+        writes to: then its appends ride the next one instead of adding
+        publishes (one fsync each) to a server that is behind."""
+        busy = {k for k, c in self._combiners.items() if c.busy}
+        return bool(busy) and any(self.layout.shard_of(p.session_id) in busy for p in batch)
 
     async def _store_combined(self, parts: list[_Part]) -> bool:
         """One atomic batch of several sessions' rows; False if it was refused."""
