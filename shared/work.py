@@ -31,6 +31,8 @@ service and the workers alike.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 from typing import Any, Literal
 
@@ -150,10 +152,14 @@ async def ensure_work_stream(js: JetStreamContext, subjects: Subjects, *, replic
     """Create the work stream if it does not exist (idempotent; log service and workers)."""
     name = work_stream_name(subjects)
     try:
-        await js.stream_info(name)
-        return
+        info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
         pass
+    else:
+        if not info.config.allow_atomic:  # created before the log service batched its notices
+            with contextlib.suppress(nats.js.errors.Error):  # a server before 2.12: one publish each
+                await js.update_stream(dataclasses.replace(info.config, allow_atomic=True))
+        return
     config = StreamConfig(
         name=name,
         subjects=[f"{subjects.prefix}.work.>"],
@@ -162,6 +168,9 @@ async def ensure_work_stream(js: JetStreamContext, subjects: Subjects, *, replic
         discard=DiscardPolicy.OLD,
         num_replicas=replicas,
         duplicate_window=DUPLICATE_WINDOW,
+        # The log service stores the notices of a loaded moment in atomic
+        # batches: one fsync for many (services/log/pubacks.py).
+        allow_atomic=True,
     )
     try:
         await js.add_stream(config)

@@ -239,7 +239,7 @@ class Notifier:
                 headers["Nats-Msg-Id"] = p.msg_id
                 sending.append(p)
                 messages.append((subject, encode_notice(notice), headers))
-            outcomes: list[Exception | None] = await self._acks.publish(messages)
+            outcomes = await self._send(sending, messages)
         except Exception as e:
             sending = [p for p in batch if p.handoff_to is None or p in sending]
             outcomes = [e] * len(sending)
@@ -254,6 +254,26 @@ class Notifier:
                 self.failed += 1
                 level = logging.INFO if is_transient(err) or isinstance(err, nats.errors.Error) else logging.ERROR
                 log.log(level, "notice of %s #%d not published (the reconciler will): %r", p.sid, p.order, err)
+
+    async def _send(self, sending: list[_Pending], messages: list[tuple[str, bytes, dict[str, str]]]
+                    ) -> list[Exception | None]:
+        """User notices go together (merged with other commits' into atomic
+        batches when the service is loaded: one fsync for many, see
+        :mod:`.pubacks`); handoff notices one publish each, as the
+        handing-off worker's copy (same id) often reached the stream first,
+        and an atomic batch holding a stored id is refused whole."""
+        user = [i for i, p in enumerate(sending) if p.handoff_to is None]
+        if len(user) == len(sending):
+            return await self._acks.publish_together(messages)
+        other = [i for i, p in enumerate(sending) if p.handoff_to is not None]
+        got_user, got_other = await asyncio.gather(
+            self._acks.publish_together([messages[i] for i in user]),
+            self._acks.publish([messages[i] for i in other]),
+        )
+        outcomes: list[Exception | None] = [None] * len(sending)
+        for i, o in [*zip(user, got_user, strict=True), *zip(other, got_other, strict=True)]:
+            outcomes[i] = o
+        return outcomes
 
     async def stop(self, within: float = 2.0) -> None:
         """Let the notices of the last commits go out (up to ``within``), then give up

@@ -4,6 +4,8 @@ no stream at all -- and the messages are stored in the order given."""
 
 from __future__ import annotations
 
+import asyncio
+
 import nats
 import nats.errors
 import nats.js.errors
@@ -57,3 +59,66 @@ async def test_no_ack_in_time_is_a_timeout(nats_server: NatsServer) -> None:
         await pub.close()
         await nc.close()
         await silent.close()
+
+
+async def _stream(nc: nats.NATS, name: str, *, atomic: bool) -> None:
+    await nc.jetstream().add_stream(StreamConfig(
+        name=name, subjects=[f"{name.lower()}.>"], duplicate_window=60, allow_atomic=atomic))
+
+
+async def _stored(nc: nats.NATS, stream: str) -> list[tuple[str, str]]:
+    js = nc.jetstream()
+    n = (await js.stream_info(stream)).state.messages
+    msgs = [await js.get_msg(stream, seq) for seq in range(1, n + 1)]
+    return [(m.data.decode(), (m.headers or {}).get("Nats-Msg-Id", "")) for m in msgs]
+
+
+async def test_overlapping_calls_go_in_one_atomic_batch_each_message_once(nats_server: NatsServer) -> None:
+    nc = await nats.connect(nats_server.url)
+    pub = AckedPublisher(nc, atomic_at=3)
+    try:
+        await _stream(nc, "TOG", atomic=True)
+        # One call with enough messages starts a batch; the calls made meanwhile
+        # (with one message each, which alone would be published plainly) join it.
+        calls = [[(f"tog.{c}", f"{c}.{i}".encode(), {"Nats-Msg-Id": f"{c}.{i}"}) for i in range(3 if c == 0 else 1)]
+                 for c in range(5)]
+        outcomes = await asyncio.gather(*(pub.publish_together(msgs) for msgs in calls))
+        assert outcomes == [[None] * len(msgs) for msgs in calls]
+        assert (pub.batches, pub.fallbacks) == (1, 0)
+        expected = [(body.decode(), h["Nats-Msg-Id"]) for msgs in calls for _, body, h in msgs]
+        assert await _stored(nc, "TOG") == expected  # in call order, each once
+        # Alone and small: a plain publish (no batch), the same outcome.
+        assert await pub.publish_together([("tog.x", b"x", {"Nats-Msg-Id": "x"})]) == [None]
+        assert pub.batches == 1 and len(await _stored(nc, "TOG")) == len(expected) + 1
+    finally:
+        await pub.close()
+        await nc.close()
+
+
+async def test_a_batch_the_stream_refuses_whole_is_published_message_by_message(nats_server: NatsServer) -> None:
+    nc = await nats.connect(nats_server.url)
+    pub = AckedPublisher(nc, atomic_at=2)
+    try:
+        await _stream(nc, "DUP", atomic=True)
+        # m2 is stored already (a retry, the reconciler): the atomic batch holding it is
+        # refused whole; sent again one by one, m2 is dropped as a duplicate, the rest stored.
+        assert await pub.publish([("dup.a", b"first m2", {"Nats-Msg-Id": "m2"})]) == [None]
+        msgs = [(f"dup.{i}", f"m{i}".encode(), {"Nats-Msg-Id": f"m{i}"}) for i in range(1, 5)]
+        assert await pub.publish_together(msgs) == [None] * 4
+        assert (pub.batches, pub.fallbacks) == (0, 1)
+        assert await _stored(nc, "DUP") == [("first m2", "m2"), ("m1", "m1"), ("m3", "m3"), ("m4", "m4")]
+
+        # A stream without allow_atomic: the same, and the publisher stops trying batches.
+        await _stream(nc, "PLAIN", atomic=False)
+        msgs = [(f"plain.{i}", f"p{i}".encode(), {"Nats-Msg-Id": f"p{i}"}) for i in range(4)]
+        assert await pub.publish_together(msgs) == [None] * 4
+        assert pub.atomic is False and pub.fallbacks == 2
+        assert [m for m, _ in await _stored(nc, "PLAIN")] == ["p0", "p1", "p2", "p3"]
+
+        # No stream at all: every message gets the error a plain publish gets.
+        pub.atomic = True
+        lost = await pub.publish_together([(f"nowhere.{i}", b"?", {}) for i in range(3)])
+        assert len(lost) == 3 and all(isinstance(e, nats.errors.NoRespondersError) for e in lost)
+    finally:
+        await pub.close()
+        await nc.close()
