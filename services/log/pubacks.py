@@ -29,6 +29,7 @@ it (a duplicate is dropped, not an error).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -91,6 +92,16 @@ class AckedPublisher(RoutedInbox):
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
         self._queued: list[tuple[list[Message], asyncio.Future[list[Exception | None]]]] = []
         self._sender: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        """Stop sending batches (what was queued gets an error: the
+        reconciler republishes it), then unsubscribe."""
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+        await super().close()
 
     def route(self, msg: Msg) -> None:
         fut = self._waiting.pop(self.token_of(msg), None)

@@ -122,3 +122,25 @@ async def test_a_batch_the_stream_refuses_whole_is_published_message_by_message(
     finally:
         await pub.close()
         await nc.close()
+
+
+async def test_closing_ends_a_batch_waiting_for_its_ack(nats_server: NatsServer) -> None:
+    nc = await nats.connect(nats_server.url)
+    silent = await nats.connect(nats_server.url)
+    pub = AckedPublisher(nc, atomic_at=2)
+    try:
+        async def ignore(msg: object) -> None:
+            return None
+
+        await silent.subscribe("mute.>", cb=ignore)  # takes the batch, never answers
+        await silent.flush()
+        waiting = asyncio.create_task(pub.publish_together([("mute.a", b"1", {}), ("mute.b", b"2", {})], wait=60))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        await asyncio.wait_for(pub.close(), 5)  # shutdown does not wait out the minute
+        outcomes = await asyncio.wait_for(waiting, 5)
+        assert len(outcomes) == 2 and all(isinstance(e, nats.errors.Error) for e in outcomes)
+    finally:
+        await pub.close()
+        await nc.close()
+        await silent.close()
