@@ -14,13 +14,16 @@ decided on the session's head as this instance knows it and published with:
 
 A one-item append is one plain publish (no batch to stage; many in flight);
 a multi-item append is one atomic batch (ADR-50), stored whole or not at all.
-An atomic batch costs the server a fixed ~15-25 ms on a file stream (it
-stages the batch) against well under 1 ms for a plain publish, but then
-stores its messages at nearly no cost each.  So a group commit of at least
-two new items, when they and the publishes still waiting for their acks
-number ``combine_at`` or more (the server is behind: a loaded service), goes
-in one atomic batch per shard, every session's first item carrying its own
-expectation; a lightly loaded service keeps the latency of plain publishes.
+An atomic batch costs the server a fixed few ms on a file stream (it stages
+the batch; a stream stores its batches one after another) against well
+under 1 ms for a plain publish, but then stores its messages with one fsync
+and at nearly no cost each.  So a group commit of at least two new items,
+when they and the publishes still waiting for their acks number
+``combine_at`` or more (the server is behind: a loaded service), goes in one
+atomic batch per shard, every session's first item carrying its own
+expectation; group commits made while a shard's combined batch is stored
+ride the next one (:class:`_Combiner`); a lightly loaded service keeps the
+latency of plain publishes.
 If the server refuses a combined batch (it does not say for which session),
 each session is retried on its own.
 
