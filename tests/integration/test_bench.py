@@ -68,6 +68,28 @@ async def test_bench_store_jetstream_runs_every_case_next_to_raw_publishes(tmp_p
     assert set(figures["appends_vs_raw_r1"]) == cases and figures["appends_vs_raw_r1"]["raw"] == 1.0
 
 
+async def _bench(tmp_path: Path, *args: str) -> tuple[int | None, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", "bench", *args,
+        cwd=REPO_ROOT, env=service_env(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    return proc.returncode, out, err
+
+
+async def test_bench_store_cases_picks_the_cases_and_refuses_unknown_ones(tmp_path: Path) -> None:
+    code, out, err = await _bench(tmp_path, "--store", "jetstream", "--json", "--cases", "sqlite", "--writers", "2",
+                                  "--sessions", "2", "--duration", "0.3", "--replay-items", "500")
+    assert code == 0, err.decode()[-2000:]
+    figures = json.loads(out)
+    assert set(figures["results"]) == {"raw", "sqlite"}  # raw R1, the ratios' baseline, always runs
+    assert figures["results"]["sqlite"]["append"]["ops_per_s"] > 0
+    code, _, err = await _bench(tmp_path, "--store", "jetstream", "--cases", "jetstream_r1,nope")
+    assert code == 2 and "nope" in err.decode() and "jetstream_r1_2shards" in err.decode()
+    code, _, err = await _bench(tmp_path, "--cases", "sqlite")
+    assert code == 2 and "--store" in err.decode()
+
+
 async def test_metrics_cost_bench_alternates_off_and_on_and_reports_the_ratio() -> None:
     from services.bench.metrics_cost import run_metrics_cost
 
