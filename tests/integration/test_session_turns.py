@@ -1,61 +1,41 @@
 """Which items start a convlog turn: an SDK app's session items do not, a user message does.
 
-Real nats-server and the real log service (in-process, SQLite), with its
-notifier and notice reconciler running; no worker consumes the work stream,
-so every notice the log service publishes stays there to be counted.
+Real nats-server and the real log service (in-process, on both stores: the
+``env`` fixture), with its notifier and notice reconciler running; no worker
+consumes the work stream, so every notice the log service publishes stays
+there to be counted.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from nats.js.errors import NotFoundError
 
-from services.cli.main import main
 from services.log.notices import RECONCILER
 from services.log.service import LogService
 from shared import ConvlogSession
 from shared.client import LogClient
+from shared.codec import decode
 from shared.config import load_settings
 from shared.errors import BadRequestError, ForbiddenError
-from shared.messages import AppendItem
+from shared.messages import AppendItem, Envelope
 from shared.signing import Signer
 from shared.work import NO_TURN_PREFIX, work_stream_name
 from tests.support.eventually import assert_eventually
+from tests.support.logenv import Env
 from tests.support.natsd import NatsServer
 
 USER = {"role": "user", "content": "I was charged twice"}
 REPLY = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "refunded"}]}
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("keys") / "keys"
-    assert main(["keys", "init", "--out", str(out)]) == 0
-    return out
-
-
 @pytest.fixture
-async def service(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[LogService]:
-    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "convlog.db")}, {})
-    svc = LogService(settings)
-    await svc.start()
-    assert svc.reconciler is not None
-    svc.reconciler.interval = 0.1  # sweep often: the test waits for a sweep past its items
-    try:
-        yield svc
-    finally:
-        await svc.shutdown()
-
-
-@pytest.fixture
-async def client(nats_server: NatsServer, service: LogService) -> AsyncIterator[LogClient]:
-    c = await LogClient.connect(nats_server.url)
-    try:
-        yield c
-    finally:
-        await c.close()
+def client(env: Env) -> LogClient:
+    assert env.service.reconciler is not None
+    env.service.reconciler.interval = 0.1  # sweep often: the tests wait for a sweep past their items
+    return env.client
 
 
 async def notices(client: LogClient) -> list[str]:
@@ -70,14 +50,25 @@ async def notices(client: LogClient) -> list[str]:
     return out
 
 
-async def swept(client: LogClient) -> None:
-    """Wait until the notice reconciler has looked at every item committed so far."""
+async def swept(client: LogClient, *sids: str) -> None:
+    """Wait until the notice reconciler has looked at every item of ``sids`` committed so far
+    (on JetStream the items stream sources the log's streams: first wait for them there)."""
     js = client.nc.jetstream()
-    last = (await js.stream_info(client.subjects.stream_name)).state.last_seq
+    stream = client.subjects.stream_name
+    seqs = []
+    for sid in sids:
+        last_order = await client.last_order(sid)
+
+        async def arrived(sid: str = sid, last_order: int = last_order) -> int:
+            msg = await js.get_last_msg(stream, client.subjects.items(sid))
+            assert msg.data and decode(msg.data, Envelope).item_order == last_order
+            return msg.seq or 0
+
+        seqs.append(await assert_eventually(arrived, timeout=10, retry_on=(AssertionError, NotFoundError)))
 
     async def past() -> None:
-        info = await js.consumer_info(client.subjects.stream_name, RECONCILER)
-        assert info.ack_floor.stream_seq >= last, (info.ack_floor, last)
+        info = await js.consumer_info(stream, RECONCILER)
+        assert info.ack_floor.stream_seq >= max(seqs), (info.ack_floor, seqs)
 
     await assert_eventually(past, timeout=10)
 
@@ -95,7 +86,7 @@ async def test_session_items_start_no_turn_and_a_user_message_does(client: LogCl
 
         # The same kind of message through convlog.in is for the agents: announced.
         ack = await client.send("t-in", "I was charged twice")
-        await swept(client)  # the reconciler looked at all of it, and left the app's items alone
+        await swept(client, "t-app", "t-in")  # the reconciler looked at all of it, left the app's alone
         assert await notices(client) == [f"t-in:{ack.last_order}"]
     finally:
         await session.close()
@@ -106,16 +97,15 @@ async def test_a_session_that_asks_for_turns_gets_them(client: LogClient) -> Non
     try:
         await session.add_items([USER, REPLY])
         await session.add_items([dict(USER, content="still waiting")])
-        await swept(client)
+        await swept(client, "t-turns")
         assert await notices(client) == ["t-turns:1", "t-turns:3"]  # user messages only
         assert not any(e.item_id.startswith(NO_TURN_PREFIX) for e in await client.items("t-turns"))
     finally:
         await session.close()
 
 
-async def test_the_reconciler_does_not_announce_what_the_notifier_skipped(
-    client: LogClient, service: LogService
-) -> None:
+async def test_the_reconciler_does_not_announce_what_the_notifier_skipped(client: LogClient, env: Env) -> None:
+    service = env.service
     # As if every notice were lost between commit and publish: only the reconciler announces.
     assert service.notifier is not None and service.reconciler is not None
     lost: list[tuple[str, int]] = []
@@ -125,7 +115,7 @@ async def test_the_reconciler_does_not_announce_what_the_notifier_skipped(
     try:
         await app.add_items([USER])
         await plain.add_items([USER])
-        await swept(client)
+        await swept(client, "t-lost")
         assert lost == [("t-lost", 2)]  # the notifier never considered item 1
         assert service.reconciler.republished == 1
         assert await notices(client) == ["t-lost:2"]
