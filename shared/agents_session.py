@@ -81,6 +81,15 @@ the log answers what it already holds as duplicates.  A mutation that has
 started runs to completion even if the caller is cancelled; the cancellation
 is re-raised afterwards.
 
+Turns: an SDK app runs its own agent, so by default the items a session
+adds start no convlog turn: their ids are ``"noturn:<call key>.<i>"``
+(:data:`shared.work.NO_TURN_PREFIX`), and the log service announces them to
+no worker, so no convlog agent answers a message the app answers itself, and
+the log service spends no turn notice on them.  ``start_turns=True`` writes
+plain ids, and then a convlog worker answers each user message as it does
+one sent to ``convlog.in``.  The items a compaction puts back
+(``_atomic_replace_items``) never start a turn: they were answered before.
+
 Authors (:mod:`shared.session_authors`): user items are written as
 ``"user"``, system/developer messages as ``"system"``, everything else as the
 agent the run's hooks (``hooks=session.hooks()``) say is running, else the
@@ -107,6 +116,7 @@ from .session_copy import SessionCopy
 from .session_edits import HidingEdits
 from .session_pool import OwnedConnections, SharedSession, share, unshare
 from .subjects import validate_session_id
+from .work import NO_TURN_PREFIX
 
 if TYPE_CHECKING:  # pragma: no cover - types only
     from agents.memory import SessionSettings
@@ -137,6 +147,9 @@ class ConvlogSession(HidingEdits, AuthorTracking):
         max_staleness: with ``follow``, the longest time (s) a read may rely
             on live deliveries alone before the copy confirms its position
             with the log service (default 1.0).
+        start_turns: let convlog workers answer the user messages this
+            session adds (default ``False``: the SDK app runs its own agent
+            and answers them; see "Turns" in the module docstring).
 
     Raises:
         InvalidSessionIdError: a session id convlog cannot address.
@@ -155,12 +168,15 @@ class ConvlogSession(HidingEdits, AuthorTracking):
         agent: str | None = None,
         follow: bool = True,
         max_staleness: float = 1.0,
+        start_turns: bool = False,
     ) -> None:
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0 seconds, not {max_staleness!r}")
         self.session_id = validate_session_id(session_id)
         self.follow = follow
         self.max_staleness = max_staleness
+        self.start_turns = start_turns
+        self._id_prefix = "" if start_turns else NO_TURN_PREFIX
         self.session_settings = _coerce_settings(session_settings)
         AuthorTracking.__init__(self, agent or DEFAULT_AGENT)
         self._client = client
@@ -179,6 +195,7 @@ class ConvlogSession(HidingEdits, AuthorTracking):
         agent: str | None = None,
         follow: bool = True,
         max_staleness: float = 1.0,
+        start_turns: bool = False,
         connect_deadline: float = 10.0,
         **client_opts: Any,
     ) -> ConvlogSession:
@@ -193,14 +210,14 @@ class ConvlogSession(HidingEdits, AuthorTracking):
             session_id: the convlog session id.
             url: NATS URL(s), comma-separated.
             session_settings: see the class.
-            agent, follow, max_staleness: see the class.
+            agent, follow, max_staleness, start_turns: see the class.
             connect_deadline: seconds a first connection may take before a
                 call fails with ``UnavailableError``.
             **client_opts: forwarded to :meth:`LogClient.connect` (``settings``
                 for prefix, credentials and timeouts; ``name``; nats options).
         """
         session = cls(session_id, session_settings=session_settings, agent=agent, follow=follow,
-                      max_staleness=max_staleness)
+                      max_staleness=max_staleness, start_turns=start_turns)
         session._owned = OwnedConnections(url, client_opts, connect_deadline)
         return session
 
@@ -359,8 +376,9 @@ class ConvlogSession(HidingEdits, AuthorTracking):
         data = [_plain(i) for i in items]
         call = self._keys.begin(data)
         agent = self._agent_for(wrapper)
+        prefix = self._id_prefix
         batch = [
-            {"item_id": f"{call.key}.{i}", "agent": self._author(d, agent), "kind": "item", "data": d}
+            {"item_id": f"{prefix}{call.key}.{i}", "agent": self._author(d, agent), "kind": "item", "data": d}
             for i, d in enumerate(data)
         ]
         try:

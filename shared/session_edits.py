@@ -16,6 +16,7 @@ from .agents_sdk import finish, plain
 from .client import new_item_id
 from .errors import ConflictError, UnavailableError
 from .failures import CONFLICT_BACKOFF
+from .work import NO_TURN_PREFIX
 
 __all__ = ["HidingEdits"]
 
@@ -105,6 +106,8 @@ class HidingEdits:
         hides.  Like the SDK's own stores, it does not check whether the
         history changed since the compaction read it.  The clear and the
         non-user items are recorded as ``system`` (compaction is nobody's turn).
+        None of it starts a turn (``noturn:`` ids): the user messages put back
+        were answered when they were first added.
 
         Returns:
             True when replaced; False for a subclass that overrides how items
@@ -113,7 +116,7 @@ class HidingEdits:
         if not self._items_are_plain():
             return False
         client = await self._log()
-        key = new_item_id()
+        key = NO_TURN_PREFIX + new_item_id()
         batch = [{"item_id": f"{key}.c", "agent": "system", "kind": "clear", "data": {}}]
         batch += [
             {"item_id": f"{key}.{i}", "agent": self._author(d, "system"), "kind": "item", "data": d}

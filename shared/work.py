@@ -25,6 +25,15 @@ message, a redelivered handoff, the log service's reconciler -- is dropped by
 the stream within its duplicate window, and a late duplicate only costs the
 receiver a read: the log shows the turn done.
 
+Items that start no turn: an application that runs its own agent (the
+Agents SDK app behind ``ConvlogSession``) answers its user messages itself,
+so it gives their ``item_id`` the prefix :data:`NO_TURN_PREFIX`
+(``noturn:``).  The log service announces no item with such an id, neither
+when it commits it nor when its reconciler looks again; the mark is in the
+envelope, so every log-service instance, after any restart, and every
+auditor reads the same answer.  A message on ``<prefix>.in.<sid>`` is by
+definition for the agents, so that subject refuses the prefix.
+
 This module holds the shape, the names and the stream config, for the log
 service and the workers alike.
 """
@@ -55,6 +64,8 @@ __all__ = [
     "check_work_stream",
     "ensure_work_stream",
     "handoff_target_of",
+    "NO_TURN_PREFIX",
+    "starts_no_turn",
     "notice_msg_id",
     "publish_notice",
     "work_entry_subject",
@@ -66,6 +77,13 @@ __all__ = [
 ENTRY = "entry"
 #: Seconds the work stream remembers a notice id (a republish within it is dropped).
 DUPLICATE_WINDOW = 120.0
+#: An ``item_id`` with this prefix starts no turn: its writer answers it (see the module).
+NO_TURN_PREFIX = "noturn:"
+
+
+def starts_no_turn(item_id: str | None) -> bool:
+    """True when ``item_id`` marks an item the log service announces to no agent."""
+    return item_id is not None and item_id.startswith(NO_TURN_PREFIX)
 
 
 class Notice(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

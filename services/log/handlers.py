@@ -31,6 +31,7 @@ from shared.messages import (
 from shared.routing import EntryProof
 from shared.signing import Signer
 from shared.subjects import Subjects
+from shared.work import NO_TURN_PREFIX, starts_no_turn
 
 from .authorize import Authorizer, signed_head
 from .readahead import ReadAhead
@@ -140,6 +141,12 @@ class Handlers:
     async def user_message(self, subject: str, body: bytes) -> bytes:
         sid = self.subjects.session_of(subject)
         msg = decode(body, UserMessage, empty_ok=False)
+        if starts_no_turn(msg.item_id):
+            raise BadRequestError(
+                f"item_id {msg.item_id!r}: the {NO_TURN_PREFIX!r} prefix marks an item its writer "
+                "answers itself, but a message on the inbound subject is for the agents; "
+                f"drop the prefix, or append the item on the append subject",
+            )
         item = AppendItem(
             agent="user",
             data={"role": "user", "content": msg.content},

@@ -12,7 +12,9 @@ and only that agent (:mod:`shared.work` has the notice and its subjects):
   where a notice goes when no agent of that name has a consumer on the work
   stream (a ``to`` naming an agent nobody runs: the entry agent answers, as
   routing says).  The address is a hint: a worker that finds another agent
-  active forwards the notice.
+  active forwards the notice.  An item whose id starts no turn
+  (``noturn:``, :func:`shared.work.starts_no_turn`: its writer answers it)
+  is announced to nobody, here or by the reconciler.
 * :class:`Reconciler` redoes lost notices.  A crash between the commit and
   the notice's publish (or a publish the work stream never acknowledged)
   would strand the message, so a durable consumer on the items stream, shared
@@ -53,6 +55,7 @@ from shared.work import (
     notice_msg_id,
     now,
     publish_notice,
+    starts_no_turn,
     work_entry_subject,
     work_stream_name,
     work_subject,
@@ -150,14 +153,15 @@ class Notifier:
                 head = _head.decode(env)
             except msgspec.DecodeError:
                 continue
+            no_turn = starts_no_turn(head.item_id)  # its writer answers it (shared.work)
             if not user:
                 target = handoff_target_of(head.data) if head.kind == "item" else None
                 if target is not None:
                     self.note_active(head.session_id, target)
-                    if turn_id_agent(head.item_id) is not None:  # a turn's: the target continues it
+                    if turn_id_agent(head.item_id) is not None and not no_turn:  # the target continues it
                         self._start(head.session_id, head.item_order, target)
                 continue
-            if _is_user_message(head):
+            if _is_user_message(head) and not no_turn:
                 self._start(head.session_id, head.item_order)
         if self._batch:  # one task, one flush and one wait for the acks per commit
             batch, self._batch = self._batch, []
@@ -376,7 +380,7 @@ class Reconciler:
                     head = _head.decode(msg.data)
                 except msgspec.DecodeError:
                     continue
-                if not _is_user_message(head):
+                if not _is_user_message(head) or starts_no_turn(head.item_id):
                     continue
                 msg_id = notice_msg_id(head.session_id, head.item_order)
                 if self.notifier.was_sent(msg_id) or not await self._held(head, msg.data):
