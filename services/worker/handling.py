@@ -35,7 +35,7 @@ from .parts import Decision, PartFinder, announce_handoff, forward
 from .routing import Routing
 from .spec import AgentSpec
 from .trust import EnvelopeGate
-from .turn import TurnBusyError, TurnPart, TurnResult, TurnRunner
+from .turn import Misrouted, TurnBusyError, TurnPart, TurnResult, TurnRunner
 
 __all__ = ["NoticeHandler", "Tally", "term"]
 
@@ -106,6 +106,7 @@ class NoticeHandler:
         metrics.delivered(self.agent.name, msg)
         arrived = time.time()
         part: TurnPart | None = None
+        decision: Decision | None = None
         started = time.perf_counter()
         sid, order = notice.session_id, notice.item_order
         try:
@@ -131,9 +132,15 @@ class NoticeHandler:
                 await msg.term()
                 return
             timings = dict(decision.timings)
-            result = await tracing.traced("convlog.turn", msg.headers, self._play(part, decision, timings),
-                                          kind="CONSUMER", agent=self.agent.name, session_id=sid,
-                                          turn=part.turn, item_order=part.start)
+            try:
+                result = await tracing.traced("convlog.turn", msg.headers, self._play(part, decision, timings),
+                                              kind="CONSUMER", agent=self.agent.name, session_id=sid,
+                                              turn=part.turn, item_order=part.start)
+            except Misrouted as e:  # started before its routing check, which names another agent
+                await forward(self.nc, self.subjects, notice, e.active)
+                self.tally.forwarded += 1
+                await msg.ack()
+                return
             self._count(result, part)
             metrics.turn_done(self.agent.name, result, started)
             await msg.ack()
@@ -153,13 +160,16 @@ class NoticeHandler:
             metrics.turn_failed(self.agent.name, "error")
             log.exception("worker %s: failed on %s #%d", self.agent.name, sid, order,
                           extra=context(sid, order, self.agent.name))
-            if part is not None and self._attempts(msg) >= self.max_attempts:
-                await self._give_up(msg, part, e)
+            if part is not None and decision is not None and self._attempts(msg) >= self.max_attempts:
+                await self._give_up(msg, part, e, decision)
             else:
                 await self.nak(msg, delay=self._retry_delay(msg))
+        finally:
+            if decision is not None:
+                decision.drop()
 
     async def _play(self, part: TurnPart, decision: Decision, timings: dict[str, float]) -> TurnResult:
-        result = await self.runner.run(part, first=decision.first, timings=timings)
+        result = await self.runner.run(part, first=decision.first, timings=timings, confirm=decision.confirm)
         await self._announce(part, result)  # inside the turn's span: the next part continues its trace
         return result
 
@@ -178,11 +188,11 @@ class NoticeHandler:
                   "part": time.perf_counter() - started, **timings}
         self._spawn(self.nc.publish(f"{self.subjects.prefix}.timings.turn", msgspec.json.encode(record)))
 
-    async def _give_up(self, msg: Msg, part: TurnPart, error: Exception) -> None:
+    async def _give_up(self, msg: Msg, part: TurnPart, error: Exception, decision: Decision) -> None:
         """End a turn that keeps failing with a system item, then ack."""
         reason = f"internal error after {self._attempts(msg)} attempts ({type(error).__name__})"
         try:
-            result = await self.runner.run(part, fail_reason=reason)
+            result = await self.runner.run(part, fail_reason=reason, confirm=decision.confirm)
             await self._announce(part, result)
             self._count(result, part)
             metrics.turn_done(self.agent.name, result, time.perf_counter())

@@ -204,10 +204,13 @@ class OpenAIChatModel:
         # TypedDict transform of ``messages`` costs about 0.3 ms a message on a
         # small machine, and building pydantic models of the answer another
         # 0.1 ms; the answer is decoded here into what the worker uses.  The
-        # request, its headers, auth, timeouts and status errors are the client's.
-        body: dict[str, Any] = {"model": model, "messages": list(messages)}
+        # request, its headers, auth, timeouts and status errors are the client's.  The body
+        # is encoded once, here, with msgspec (the client's json.dumps took 0.06 ms of a
+        # 0.85 ms call with a 50-item window), and sent as the request's content.
+        body: dict[str, Any] = {"model": model, "messages": messages}
         if tools:  # an empty tools array is refused by the API
-            body["tools"] = list(tools)
+            body["tools"] = tools
+        content = _json.encode(body)
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception(_transient),
             stop=self._stop,
@@ -218,7 +221,7 @@ class OpenAIChatModel:
         try:
             async for attempt in retrying:
                 with attempt:
-                    response = await self._client.post("/chat/completions", body=body,
+                    response = await self._client.post("/chat/completions", content=content,
                                                        cast_to=httpx2.Response)
         except openai.APIStatusError as e:
             if not _transient(e):
@@ -392,6 +395,7 @@ class _Completion(msgspec.Struct):
 
 
 _completion = msgspec.json.Decoder(_Completion)
+_json = msgspec.json.Encoder()
 
 
 def _to_reply(response: httpx2.Response) -> ModelReply:

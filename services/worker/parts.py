@@ -16,6 +16,16 @@ What the worker acts on is what the log holds -- a notice carries no content
 (:class:`~.trust.EnvelopeGate`).  The reads feed the first step of the turn
 (:class:`~.turn.Prefetch`), so deciding costs no extra round trip.
 
+A routing check that has not come back when the reads have (the KV bucket,
+for a session this worker knows nothing about) does not hold up a young
+session's turn when the log already says this agent is active unless a
+``to`` says otherwise (no handoff before the trigger names another agent,
+and this is the spec's entry agent, or a handoff names it): the part starts
+-- the model is asked -- while the check is out, and the part awaits the
+check before its first write (:attr:`Decision.confirm`).  Should the check
+name another agent after all, nothing was written, the model's answer is
+dropped and the notice is forwarded (:class:`~.turn_types.Misrouted`).
+
 A young session (its trigger among the first 32 items) is read whole in that
 one read, and its window folded from it (:func:`shared.history.visible`).
 Beyond that, a worker keeps each busy session's model window (the visible tail) from its
@@ -31,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +59,7 @@ from .routing import Routing, handoff_target
 from .spec import AgentSpec
 from .turn import Prefetch, TurnPart
 from .turn_ids import parse_turn_item_id, turn_key
+from .turn_types import Misrouted
 
 __all__ = ["Decision", "PartFinder", "announce_handoff"]
 
@@ -68,6 +80,10 @@ class Decision:
         trigger: the trigger as the log holds it (``None``: not in the log).
         first: the reads for the part's first step.
         timings: seconds spent, by phase (``routing``, ``history_read``).
+        confirm: for a part started before its routing check came back: awaited
+            before the part's first write; raises :class:`~.turn_types.Misrouted`
+            when the check names another agent.
+        route: the routing check ``confirm`` waits for (:meth:`drop` cancels it).
     """
 
     part: TurnPart | None = None
@@ -75,6 +91,18 @@ class Decision:
     trigger: Envelope | None = None
     first: Prefetch | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    confirm: Callable[[], Awaitable[None]] | None = None
+    route: asyncio.Future[str] | None = None
+
+    def drop(self) -> None:
+        """Cancel a routing check nobody awaits any more (its outcome is not needed)."""
+        route, self.route = self.route, None
+        if route is not None:
+            if route.done():
+                if not route.cancelled():
+                    route.exception()  # retrieved: a failure is the caller's to report, or moot
+            else:
+                route.cancel()
 
 
 def is_user_message(env: Envelope) -> bool:
@@ -158,16 +186,31 @@ class PartFinder:
         young = order <= _AFTER_PAGE // 2
         if young:
             start = 0  # a young session is read whole: the window is folded from it
+        routing: asyncio.Future[str] | None = None
+        if notice.kind == "user" and known is None:
+            routing = asyncio.ensure_future(self._timed(out, "routing", self.routing.active_agent(sid, order)))
+        if routing is not None:
+            out.route = routing
+        try:
+            await self._decide(notice, out, fresh, known, start, cached, young, routing)
+        except BaseException:
+            out.drop()
+            raise
+        if out.confirm is None:
+            out.drop()  # decided without the check, or after it
+        return out
+
+    async def _decide(self, notice: Notice, out: Decision, fresh: bool, known: tuple[int, str] | None,
+                      start: int, cached: tuple[int, list[Envelope]] | None, young: bool,
+                      routing: asyncio.Future[str] | None) -> Decision:
+        sid, order = notice.session_id, notice.item_order
         t0 = time.perf_counter()
-        routing = (self._timed(out, "routing", self.routing.active_agent(sid, order))
-                   if notice.kind == "user" and known is None else _none())
         # Carried items end at the trigger: not enough once the session is known to go further.
         fresh = fresh and self.carried and self._newest.get(sid, 0) <= order
         carried = _carried(notice, start) if fresh else None
-        page, window, active = await asyncio.gather(
+        page, window = await asyncio.gather(
             self.client.read(sid, after=start, limit=_AFTER_PAGE, raw=True) if carried is None else _be(carried),
             self.client.read(sid, tail=self.agent.history_limit) if cached is None and not young else _none(),
-            routing,
         )
         if window is None and young and not page.more:  # the whole session: fold it here
             window = ReadReply(session_id=sid, items=visible(page.items)[-self.agent.history_limit:],
@@ -187,6 +230,7 @@ class PartFinder:
             return out
         out.first = Prefetch(window=window, after_trigger=rest[1:], complete=not page.more)
         if is_user_message(trigger):
+            active: str | None = None
             since = [e for e in before if e.item_order > known[0]] if known is not None else []
             if known is not None and len(since) == order - 1 - known[0]:
                 active = known[1]
@@ -194,9 +238,15 @@ class PartFinder:
                     target = handoff_target(env)
                     if target is not None and target in self.routing.spec.agents:
                         active = target
-            elif active is None:
-                active = await self._timed(out, "routing", self.routing.active_agent(sid, order))
-            assert active is not None
+            else:
+                if routing is None:
+                    routing = out.route = asyncio.ensure_future(
+                        self._timed(out, "routing", self.routing.active_agent(sid, order)))
+                if not routing.done() and self._mine_unless_routed(before, order):
+                    out.part = TurnPart(sid, turn_key(trigger.item_id), order, 0)
+                    out.confirm = self._confirmer(sid, order, routing)
+                    return out
+                active = await routing
             self.learn(sid, order - 1, active)
             if active != self.agent.name:
                 out.forward_to = active
@@ -217,6 +267,27 @@ class PartFinder:
             return out
         out.part = TurnPart(sid, tid.turn, order, tid.step)
         return out
+
+    def _mine_unless_routed(self, before: list[Envelope], order: int) -> bool:
+        """Whether the whole log before ``order`` (``before``) makes this agent the active
+        one, the session's entry being the spec's (only a ``to`` can say otherwise)."""
+        if [e.item_order for e in before] != list(range(1, order)):
+            return False
+        active = self.routing.spec.entry
+        for env in before:
+            target = handoff_target(env)
+            if target is not None and target in self.routing.spec.agents:
+                active = target
+        return active == self.agent.name
+
+    def _confirmer(self, sid: str, order: int, routing: asyncio.Future[str]) -> Callable[[], Awaitable[None]]:
+        async def confirm() -> None:
+            active = await routing
+            self.learn(sid, order - 1, active)
+            if active != self.agent.name:
+                raise Misrouted(active)
+
+        return confirm
 
     def _extend(self, sid: str, cached: tuple[int, list[Envelope]], page: ReadReply,
                 start: int) -> ReadReply | None:

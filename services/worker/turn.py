@@ -50,7 +50,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,10 +81,11 @@ from .tools import (
     output_item,
 )
 from .turn_ids import parse_turn_item_id, turn_item_id
-from .turn_types import Prefetch, TurnBusyError, TurnPart, TurnResult
+from .turn_types import Misrouted, Prefetch, TurnBusyError, TurnPart, TurnResult
 
 __all__ = [
     "DEFAULT_MAX_STEPS",
+    "Misrouted",
     "Prefetch",
     "TurnBusyError",
     "TurnPart",
@@ -158,7 +159,7 @@ class TurnRunner:
 
     async def run(
         self, part: TurnPart, *, fail_reason: str | None = None, first: Prefetch | None = None,
-        timings: dict[str, float] | None = None,
+        timings: dict[str, float] | None = None, confirm: Callable[[], Awaitable[None]] | None = None,
     ) -> TurnResult:
         """Play ``part`` until it replies, hands off, fails, or turns out done.
 
@@ -168,9 +169,13 @@ class TurnRunner:
                 this (unless the log shows it finished already).
             first: reads already made for the first step.
             timings: when given, seconds spent are added under
-                ``history_read``, ``model`` and ``reply_append``.
+                ``history_read``, ``model`` and ``reply_append`` (and
+                ``routing``: the wait for ``confirm``).
+            confirm: awaited before the part's first write (a routing check
+                still out when the part started; see :mod:`.parts`).
 
         Raises:
+            Misrouted: ``confirm`` names another agent; nothing was written.
             TurnBusyError: too many conflicting writes; retry later.
             ConvlogError: the log refused or did not answer (``UnavailableError``:
                 retry later; the ids make the retry safe).
@@ -188,6 +193,7 @@ class TurnRunner:
                 return TurnResult("done", model_calls, written, *state.handoff)
             if state.pending is not None and fail_reason is None:
                 # Committed calls are never asked of the model again: finish them.
+                confirm = await _confirmed(confirm, clock)
                 done = await self._finish_calls(part, state.pending)
                 written += done.written
                 if done.handoff is not None:
@@ -211,6 +217,7 @@ class TurnRunner:
                 t0 = time.perf_counter()
                 step = await self._model_step(part, step_no, state)
                 _add(clock, "model", t0)
+            confirm = await _confirmed(confirm, clock)
             t0 = time.perf_counter()
             try:
                 ack = await self._append(part, step, state.last_order)
@@ -386,6 +393,14 @@ class TurnRunner:
         """Run the committed calls' missing tools (:func:`.tools.finish_calls`)."""
         return await finish_calls(self.client, self.agent, part.session_id, part.turn, pending,
                                   time_limit=self.tool_timeout)
+
+
+async def _confirmed(confirm: Callable[[], Awaitable[None]] | None, clock: dict[str, float]) -> None:
+    """Wait for ``confirm`` (raises :class:`Misrouted`); ``None``: there is nothing left to wait for."""
+    if confirm is not None:
+        t0 = time.perf_counter()
+        await confirm()
+        _add(clock, "routing", t0)
 
 
 def _add(clock: dict[str, float], key: str, t0: float) -> None:

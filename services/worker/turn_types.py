@@ -7,11 +7,23 @@ from dataclasses import dataclass
 
 from shared.messages import Envelope, ReadReply
 
-__all__ = ["Prefetch", "TurnBusyError", "TurnPart", "TurnResult"]
+__all__ = ["Misrouted", "Prefetch", "TurnBusyError", "TurnPart", "TurnResult"]
 
 
 class TurnBusyError(RuntimeError):
     """The session kept changing under the turn; try the delivery again later."""
+
+
+class Misrouted(Exception):
+    """A part started before its routing check came back, and the check names another agent.
+
+    Nothing was written (a part confirms its routing before its first write);
+    the notice goes on to ``active``.
+    """
+
+    def __init__(self, active: str) -> None:
+        super().__init__(f"the active agent is {active}")
+        self.active = active
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from shared.messages import Envelope
+from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.work import (
     Notice,
     decode_notice,
@@ -175,6 +176,29 @@ async def test_a_session_started_for_an_agent_nobody_runs_is_answered_by_the_ent
     (reply,) = terminal_items(log, log[0])
     assert reply.agent == "L1Billing"  # Triage took it, and handed off
     assert (await delivered(stack))["Triage"] == 1
+
+
+async def test_a_part_started_before_its_routing_check_writes_nothing_when_the_check_disagrees(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.responder(lambda r: text(f"{agent_of(r)} answers: {user_texts(r)[-1]}"))
+    procs = await stack.start_workers(*(stack.worker(a, SEED_SPEC) for a in ("Triage", "L1Billing")))
+    # The routing bucket names L1Billing the entry of s-spec (as a `to` handled by another
+    # log-service instance would), but this log service addresses the message to the entry
+    # agent: Triage finds the young session its own unless a `to` says otherwise, asks its
+    # model while the check is out, and must write nothing once the check says L1Billing.
+    kv = await open_routing_bucket(stack.nc, stack.settings.subjects)
+    await kv.create("s-spec", encode_checkpoint(entry_checkpoint("L1Billing")))
+
+    await stack.send("s-spec", "hello")
+    log = await stack.answered("s-spec", users=1)
+
+    assert [(e.agent, e.item_order) for e in log] == [("user", 1), ("L1Billing", 2)]
+    assert log[1].data["content"][0]["text"] == "L1Billing answers: hello"
+    assert await delivered(stack) == {"Triage": 1, "L1Billing": 1}
+    for p in procs:
+        p.terminate(8.0)
+    assert "1 forwarded" in procs[0].output(), procs[0].output()
 
 
 # -- notices that carry the last items: a warm worker starts a turn without a read ----
