@@ -76,6 +76,7 @@ _USER = b'"agent":"user"'
 #: The agents' consumers on the work stream (services.worker.intake.consumer_name).
 CONSUMER_PREFIX = "convlog-agent-"
 _AGENTS_EVERY = 10.0
+_RECHECK_MISSING = 1.0
 _HANDOFF = b'"function_call_output"'
 
 
@@ -131,6 +132,7 @@ class Notifier:
         self._acks = AckedPublisher(nc)
         self._agents: set[str] | None = None  # agents with a consumer on the work stream
         self._agents_at = 0.0
+        self._missing_at = 0.0
         self._refreshing: asyncio.Task[None] | None = None
         #: traceparent per committed item, (sid, order) -> bytes (services/log/traces.py)
         self.traces: dict[tuple[str, int], bytes] = {}
@@ -200,16 +202,23 @@ class Notifier:
                 agent = ""
             if sid not in self._active:  # a handoff committed meanwhile is newer
                 self.note_active(sid, agent)
-        if agent and agent not in await self._known_agents():
+        if agent and agent not in await self._known_agents(agent):
             agent = ""
         return work_subject(self.subjects, agent) if agent else work_entry_subject(self.subjects)
 
-    async def _known_agents(self) -> set[str]:
-        """Agents with a durable consumer on the work stream (listed again every 10 s)."""
-        stale = time.monotonic() - self._agents_at > _AGENTS_EVERY
-        if stale and (self._refreshing is None or self._refreshing.done()):
+    async def _known_agents(self, wanted: str | None = None) -> set[str]:
+        """Agents with a durable consumer on the work stream (listed again every 10 s, and
+        at most once a second when ``wanted`` is not among them: a worker that bound since
+        the last listing gets its notices at once, not via the entry agent)."""
+        now_ = time.monotonic()
+        missing = wanted is not None and self._agents is not None and wanted not in self._agents \
+            and now_ - self._missing_at > _RECHECK_MISSING
+        if missing:
+            self._missing_at = now_
+        idle = self._refreshing is None or self._refreshing.done()
+        if idle and (missing or now_ - self._agents_at > _AGENTS_EVERY):
             self._refreshing = asyncio.create_task(self._list_agents())
-        if self._agents is None:
+        if self._agents is None or missing:
             await asyncio.shield(self._refreshing)  # type: ignore[arg-type]
         return self._agents or set()
 
@@ -231,7 +240,7 @@ class Notifier:
         try:
             for p in batch:
                 if p.handoff_to is not None:
-                    if p.handoff_to not in await self._known_agents():
+                    if p.handoff_to not in await self._known_agents(p.handoff_to):
                         continue  # nobody plays it; the worker's own announcement decides
                     subject = work_subject(self.subjects, p.handoff_to)
                 else:

@@ -23,6 +23,7 @@ import logging
 from typing import Any
 
 import httpx2
+import msgspec
 import openai
 
 from .rules_roles import Conversation, Decision, decide
@@ -58,8 +59,8 @@ class RulesTransport(httpx2.AsyncBaseTransport):
                 f"not {request.method} {request.url.path}",
             )
         try:
-            payload = json.loads(body)
-        except ValueError:
+            payload = msgspec.json.decode(body)
+        except ValueError:  # msgspec.DecodeError is one
             return _error(400, "request body is not valid JSON")
         if (
             not isinstance(payload, dict)

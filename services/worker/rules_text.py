@@ -8,6 +8,7 @@ expressions: deterministic, and no pretence of understanding.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -27,6 +28,9 @@ __all__ = [
     "strip_greeting",
     "unique",
 ]
+
+#: Message texts whose findings are kept (see ``_matches``).
+_MEMO = 4096
 
 BILLING = re.compile(
     r"\b(charge[sd]?|charging|refund(?:s|ed)?|invoices?|payments?|subscriptions?|billing|billed)\b",
@@ -70,21 +74,16 @@ _PRONOUNS = [
 def last_amount(texts: list[str]) -> float | None:
     """The last dollar amount mentioned in ``texts`` (searched newest first)."""
     for text in reversed(texts):
-        found = list(_AMOUNT.finditer(text))
-        if found:
-            m = found[-1]
-            if m.group(3):
-                return float(m.group(3))
-            return float(m.group(1).replace(",", "") + "." + (m.group(2) or "0"))
+        amount = _last_amount_in(text)
+        if amount is not None:
+            return amount
     return None
 
 
 def facts(users: list[str]) -> str:
     """Amounts and dates the user gave, e.g. ``charges of $29.99 on March 1st and March 3rd``."""
-    amounts = unique(m.group(0).strip() for u in users for m in _AMOUNT.finditer(u))
-    dates = unique(d for u in users for d in DATE.findall(u)) or unique(
-        d for u in users for d in _WHEN.findall(u)
-    )
+    amounts = unique(a for u in users for a in _amounts_in(u))
+    dates = unique(d for u in users for d in _dates_in(u)) or unique(d for u in users for d in _whens_in(u))
     if amounts and dates:
         return f"charges of {join_words(amounts)} on {join_words(dates)}"
     return join_words(amounts or dates) or "the charges on your statement"
@@ -98,7 +97,40 @@ def issue(users: list[str]) -> str:
 
 def first_matching(users: list[str], *patterns: re.Pattern[str]) -> str:
     """The first message matching any pattern, else the first message, else ``""``."""
-    return next((u for u in users if any(p.search(u) for p in patterns)), users[0] if users else "")
+    return next((u for u in users if _matches(u, patterns)), users[0] if users else "")
+
+
+# Each turn shows the rules the whole history again, so what they find in one message
+# is kept per message text: the rules' cost then follows the new messages, not the window.
+@functools.lru_cache(maxsize=_MEMO)
+def _last_amount_in(text: str) -> float | None:
+    found = list(_AMOUNT.finditer(text))
+    if not found:
+        return None
+    m = found[-1]
+    if m.group(3):
+        return float(m.group(3))
+    return float(m.group(1).replace(",", "") + "." + (m.group(2) or "0"))
+
+
+@functools.lru_cache(maxsize=_MEMO)
+def _amounts_in(text: str) -> tuple[str, ...]:
+    return tuple(m.group(0).strip() for m in _AMOUNT.finditer(text))
+
+
+@functools.lru_cache(maxsize=_MEMO)
+def _dates_in(text: str) -> tuple[str, ...]:
+    return tuple(DATE.findall(text))
+
+
+@functools.lru_cache(maxsize=_MEMO)
+def _whens_in(text: str) -> tuple[str, ...]:
+    return tuple(_WHEN.findall(text))
+
+
+@functools.lru_cache(maxsize=_MEMO)
+def _matches(text: str, patterns: tuple[re.Pattern[str], ...]) -> bool:
+    return any(p.search(text) for p in patterns)
 
 
 def strip_greeting(text: str) -> str:

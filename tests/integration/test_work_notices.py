@@ -201,6 +201,23 @@ async def test_a_part_started_before_its_routing_check_writes_nothing_when_the_c
     assert "1 forwarded" in procs[0].output(), procs[0].output()
 
 
+async def test_a_worker_that_binds_after_the_log_service_listed_the_agents_gets_its_notices_directly(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.responder(lambda r: text(f"{agent_of(r)} answers"))
+    await stack.start_workers(stack.worker("Triage", SEED_SPEC))
+    await stack.send("late-0", "hello", to="Triage")  # the log service lists the agents: Triage alone
+    await stack.answered("late-0", users=1)
+    await stack.start_workers(stack.worker("L1Billing", SEED_SPEC))
+
+    await stack.send("late-1", "what is my balance?", to="L1Billing")
+    log = await stack.answered("late-1", users=1)
+
+    assert log[-1].agent == "L1Billing"
+    counts = await delivered(stack)  # straight to L1Billing, not forwarded by the entry agent
+    assert (counts["Triage"], counts["L1Billing"]) == (1, 1), counts
+
+
 # -- notices that carry the last items: a warm worker starts a turn without a read ----
 
 _envelope = msgspec.json.Decoder(Envelope)
