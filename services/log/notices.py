@@ -278,6 +278,8 @@ class Notifier:
         user = [i for i, p in enumerate(sending) if p.handoff_to is None]
         if len(user) == len(sending):
             return await self._acks.publish_together(messages)
+        if not user:  # a turn's handoff: out at once (no task hop), ahead of the worker's copy
+            return await self._acks.publish(messages)
         other = [i for i, p in enumerate(sending) if p.handoff_to is not None]
         got_user, got_other = await asyncio.gather(
             self._acks.publish_together([messages[i] for i in user]),

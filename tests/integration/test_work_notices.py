@@ -82,9 +82,14 @@ async def test_a_stale_address_is_forwarded_to_the_agent_the_log_names(
     assert reply.agent == "L1Billing"  # Triage played it, and handed off
     assert await delivered(stack) == {"Triage": 1, "L1Billing": 1, "L1Technical": 1}
     assert not [r for r in fake_openai.requests if agent_of(r) == "L1Technical"]  # no model call
+    _stop_and_check_forwarded(procs, 2)
+
+
+def _stop_and_check_forwarded(procs: list[Any], index: int) -> None:
+    """Stop the workers; the one at ``index`` says (in its shutdown line) it forwarded one notice."""
     for p in procs:
         p.terminate(8.0)
-    assert "1 forwarded" in procs[2].output(), procs[2].output()
+    assert "1 forwarded" in procs[index].output(), procs[index].output()
 
 
 async def test_a_notice_lost_between_commit_and_publish_is_republished_once(
@@ -196,9 +201,7 @@ async def test_a_part_started_before_its_routing_check_writes_nothing_when_the_c
     assert [(e.agent, e.item_order) for e in log] == [("user", 1), ("L1Billing", 2)]
     assert log[1].data["content"][0]["text"] == "L1Billing answers: hello"
     assert await delivered(stack) == {"Triage": 1, "L1Billing": 1}
-    for p in procs:
-        p.terminate(8.0)
-    assert "1 forwarded" in procs[0].output(), procs[0].output()
+    _stop_and_check_forwarded(procs, 0)
 
 
 async def test_a_worker_that_binds_after_the_log_service_listed_the_agents_gets_its_notices_directly(
