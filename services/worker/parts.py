@@ -19,8 +19,8 @@ What the worker acts on is what the log holds -- a notice carries no content
 A routing check that has not come back when the reads have (the KV bucket,
 for a session this worker knows nothing about) does not hold up a young
 session's turn when the log already says this agent is active unless a
-``to`` says otherwise (no handoff before the trigger names another agent,
-and this is the spec's entry agent, or a handoff names it): the part starts
+``to`` says otherwise (following its handoffs from the spec's entry agent
+ends at this agent): the part starts
 -- the model is asked -- while the check is out, and the part awaits the
 check before its first write (:attr:`Decision.confirm`).  Should the check
 name another agent after all, nothing was written, the model's answer is
