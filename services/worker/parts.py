@@ -53,7 +53,7 @@ from shared.client import LogClient
 from shared.history import visible
 from shared.messages import Envelope, ReadReply
 from shared.subjects import Subjects
-from shared.work import Notice, notice_msg_id, now, publish_notice, work_subject
+from shared.work import Notice, notice_msg_id, now, publish_notice, starts_no_turn, work_subject
 
 from .routing import Routing, handoff_target
 from .spec import AgentSpec
@@ -226,8 +226,8 @@ class PartFinder:
         rest = [e for e in page.items if e.item_order >= order]
         trigger = rest[0] if rest and rest[0].item_order == order else None
         out.trigger = trigger
-        if trigger is None or trigger.kind != "item":
-            return out
+        if trigger is None or trigger.kind != "item" or starts_no_turn(trigger.item_id):
+            return out  # nothing to answer; a no-turn item's writer answers it (shared.work)
         out.first = Prefetch(window=window, after_trigger=rest[1:], complete=not page.more)
         if is_user_message(trigger):
             active: str | None = None

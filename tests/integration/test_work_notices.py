@@ -141,6 +141,32 @@ async def test_a_notice_that_is_not_one_is_refused_and_the_worker_goes_on(
     assert "not a turn notice" in worker.output()
 
 
+async def test_a_notice_naming_an_item_that_starts_no_turn_is_answered_by_nobody(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.responder(support_responder)
+    await stack.start_workers(stack.worker("L1Billing", SEED_SPEC))
+    # An SDK app's user message (a noturn: id: the app answers it itself), and a
+    # notice for it published by someone else than the log service.
+    await stack.client.append("sdk-1", [{"item_id": "noturn:k.0", "agent": "user", "kind": "item",
+                                         "data": {"role": "user", "content": "mine to answer"}}])
+    await publish_notice(stack.nc, work_subject(stack.settings.subjects, "L1Billing"),
+                         Notice(session_id="sdk-1", item_order=1), notice_msg_id("sdk-1", 1))
+
+    js = stack.nc.jetstream()
+
+    async def consumed() -> None:
+        assert (await delivered(stack)).get("L1Billing") == 1
+        assert (await js.stream_info(WORK)).state.messages == 0
+
+    await assert_eventually(consumed, timeout=15)
+    # The same worker still answers a plain message, and wrote nothing for the other.
+    await stack.send("after-sdk", "hello", to="L1Billing")
+    await stack.answered("after-sdk", users=1)
+    assert [e.item_id for e in await stack.log("sdk-1")] == ["noturn:k.0"]
+    assert fake_openai.requests and all("mine to answer" not in user_texts(r) for r in fake_openai.requests)
+
+
 async def test_the_window_a_worker_keeps_follows_new_items_and_a_retract(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
