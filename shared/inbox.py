@@ -12,6 +12,8 @@ message: a batch get is thousands of them).
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import nats.errors
@@ -20,7 +22,26 @@ from nats.aio.msg import Msg
 
 from shared.nats_seam import seam_for
 
-__all__ = ["RoutedInbox"]
+__all__ = ["Message", "RoutedInbox", "atomic_batch"]
+
+#: (subject, body, headers)
+Message = tuple[str, bytes, dict[str, str]]
+
+
+def atomic_batch(messages: Sequence[Message]) -> list[Message]:
+    """``messages`` framed as one JetStream atomic batch (ADR-50, ``allow_atomic``):
+    a fresh ``Nats-Batch-Id``, ``Nats-Batch-Sequence`` from 1, and
+    ``Nats-Batch-Commit`` on the last.  Publish all but the last with no reply;
+    the last one's ack answers for the whole batch."""
+    batch_id = uuid.uuid4().hex
+    n = len(messages)
+    framed: list[Message] = []
+    for i, (subject, body, headers) in enumerate(messages, 1):
+        batch = {**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)}
+        if i == n:
+            batch["Nats-Batch-Commit"] = "1"
+        framed.append((subject, body, batch))
+    return framed
 
 
 class RoutedInbox:

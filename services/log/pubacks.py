@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import uuid
 
 import nats.errors
 import nats.js.errors
@@ -40,7 +39,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import Header
 
-from shared.inbox import RoutedInbox
+from shared.inbox import Message, RoutedInbox, atomic_batch
 
 __all__ = ["AckedPublisher"]
 
@@ -51,9 +50,6 @@ _NO_RESPONDERS = "503"
 _ATOMIC_DISABLED = 10174  # the stream has no allow_atomic
 #: Most messages in one merged atomic batch (the server allows 1000; notices carry envelopes).
 MAX_ATOMIC = 256
-
-Message = tuple[str, bytes, dict[str, str]]
-
 
 def _ack_error(msg: Msg) -> Exception | None:
     """What ``js.publish`` would raise for this ack (``None``: stored or a duplicate)."""
@@ -199,18 +195,14 @@ class AckedPublisher(RoutedInbox):
     async def _publish_atomic(self, messages: list[Message], wait: float) -> Exception | None:
         """``None`` once the stream stored every message; else why not."""
         await self.start()
-        batch_id = uuid.uuid4().hex
-        n = len(messages)
+        *leading, (subject, payload, final) = atomic_batch(messages)
         token = self.token()
         fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._waiting[token] = fut
         try:
-            for i, (subject, payload, headers) in enumerate(messages, 1):
-                batch = {**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)}
-                if i == n:
-                    batch["Nats-Batch-Commit"] = "1"
-                await self._nc.publish(subject, payload, reply=self.reply_to(token) if i == n else "",
-                                       headers=batch)
+            for lead_subject, lead_payload, lead_headers in leading:
+                await self._nc.publish(lead_subject, lead_payload, headers=lead_headers)
+            await self._nc.publish(subject, payload, reply=self.reply_to(token), headers=final)
             done, _ = await asyncio.wait([fut], timeout=wait)
             return _ack_error(fut.result()) if done else TimeoutError()
         except nats.errors.Error as e:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from shared.errors import UnavailableError
-from shared.inbox import RoutedInbox
+from shared.inbox import Message, RoutedInbox, atomic_batch
 from shared.nats_seam import seam_for
 
 __all__ = ["Acks", "BatchAck", "DirectGet", "IdTaken", "OutcomeUnknown", "WrongLastSequence"]
@@ -36,10 +35,6 @@ _WRONG_LAST = 10071  # JSStreamWrongLastSequenceErrF: the session's head moved
 _SUBJECT_FULL = 10077  # JSStreamStoreFailedF "maximum messages per subject exceeded": the id exists
 _BATCH_DUPLICATE = 10201  # JSAtomicPublishContainsDuplicateMessageErr: <sid>:<order> was just written
 _STATUS = "Status"
-
-#: (subject, body, headers)
-Message = tuple[str, bytes, dict[str, str]]
-
 
 class WrongLastSequence(Exception):
     """An expected-last-subject-sequence check failed: nothing was stored."""
@@ -161,18 +156,13 @@ class Acks(_Inbox):
         expectations under its lock at commit time, and answers once.  Raises
         as :meth:`publish`.
         """
-        batch_id = uuid.uuid4().hex
-        n = len(messages)
+        *leading, (subject, body, final) = atomic_batch(messages)
         try:
-            for i, (subject, body, headers) in enumerate(messages[:-1], 1):
-                await self._nc.publish(
-                    subject, body, headers={**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)}
-                )
+            for lead_subject, lead_body, lead_headers in leading:
+                await self._nc.publish(lead_subject, lead_body, headers=lead_headers)
         except (nats.errors.Error, OSError) as e:
             raise UnavailableError(f"cannot reach NATS to append: {type(e).__name__}") from e
-        subject, body, headers = messages[-1]
-        final = {**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(n), "Nats-Batch-Commit": "1"}
-        return _ack(await self._request(subject, body, final), n)
+        return _ack(await self._request(subject, body, final), len(messages))
 
 
 class _Collect:
