@@ -29,7 +29,6 @@ it (a duplicate is dropped, not an error).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 
@@ -40,6 +39,7 @@ from nats.aio.msg import Msg
 from nats.js.api import Header
 
 from shared.inbox import Message, RoutedInbox, atomic_batch
+from shared.merging import Merger
 
 __all__ = ["AckedPublisher"]
 
@@ -86,17 +86,18 @@ class AckedPublisher(RoutedInbox):
         self.batches = 0  # atomic batches stored (stats, tests)
         self.fallbacks = 0  # atomic batches refused whole and published message by message
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
-        self._queued: list[tuple[list[Message], asyncio.Future[list[Exception | None]]]] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._together: Merger[tuple[list[Message], float], list[Exception | None]] = Merger(
+            self._send_group,
+            size=lambda call: len(call[0]),
+            limit=MAX_ATOMIC,
+            stopped=lambda call: [nats.errors.Error("publishing stopped")] * len(call[0]),
+            name="convlog-notice-batches",
+        )
 
     async def close(self) -> None:
         """Stop sending batches (what was queued gets an error: the
         reconciler republishes it), then unsubscribe."""
-        sender, self._sender = self._sender, None
-        if sender is not None:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
+        await self._together.close()
         await super().close()
 
     def route(self, msg: Msg) -> None:
@@ -138,40 +139,22 @@ class AckedPublisher(RoutedInbox):
         Only messages to one stream may be given."""
         if not messages:
             return []
-        if not self.atomic or (self._sender is None and len(messages) < self.atomic_at):
+        if not self.atomic or (not self._together.busy and len(messages) < self.atomic_at):
             return await self.publish(messages, wait=wait)
-        fut: asyncio.Future[list[Exception | None]] = asyncio.get_running_loop().create_future()
-        self._queued.append((messages, fut))
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send_queued(wait), name="convlog-notice-batches")
-        return await asyncio.shield(fut)
+        return await self._together.submit((messages, wait))
 
-    async def _send_queued(self, wait: float) -> None:
-        group: list[tuple[list[Message], asyncio.Future[list[Exception | None]]]] = []
+    async def _send_group(self, group: list[tuple[list[Message], float]]) -> list[list[Exception | None]]:
+        """One merged group of :meth:`publish_together` calls: each call's outcomes."""
+        flat = [m for msgs, _ in group for m in msgs]
         try:
-            while self._queued:
-                take, size = 0, 0
-                for msgs, _ in self._queued:
-                    if take and size + len(msgs) > MAX_ATOMIC:
-                        break
-                    take, size = take + 1, size + len(msgs)
-                group, self._queued = self._queued[:take], self._queued[take:]
-                flat = [m for msgs, _ in group for m in msgs]
-                try:
-                    outcomes = await self._atomic_or_each(flat, wait)
-                except Exception as e:  # a bug: every message of the group shares it
-                    outcomes = [e] * len(flat)
-                at = 0
-                for msgs, fut in group:
-                    if not fut.done():
-                        fut.set_result(outcomes[at : at + len(msgs)])
-                    at += len(msgs)
-        finally:
-            self._sender = None
-            for msgs, fut in [*group, *self._queued]:  # only if cancelled: their outcome is unknown
-                if not fut.done():
-                    fut.set_result([nats.errors.Error("publishing stopped")] * len(msgs))
-            self._queued = []
+            outcomes = await self._atomic_or_each(flat, max(wait for _, wait in group))
+        except Exception as e:  # a bug: every message of the group shares it
+            outcomes = [e] * len(flat)
+        split, at = [], 0
+        for msgs, _ in group:
+            split.append(outcomes[at : at + len(msgs)])
+            at += len(msgs)
+        return split
 
     async def _atomic_or_each(self, messages: list[Message], wait: float) -> list[Exception | None]:
         """One atomic batch (several messages, while the stream allows it), else

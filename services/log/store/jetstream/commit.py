@@ -22,7 +22,7 @@ when they and the publishes still waiting for their acks number
 ``combine_at`` or more (the server is behind: a loaded service), goes in one
 atomic batch per shard, every session's first item carrying its own
 expectation; group commits made while a shard's combined batch is stored
-ride the next one (:class:`_Combiner`); a lightly loaded service keeps the
+ride the next one (:func:`_combiner`); a lightly loaded service keeps the
 latency of plain publishes.
 If the server refuses a combined batch (it does not say for which session),
 each session is retried on its own.
@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from shared.errors import ConvlogError, TooLargeError, UnavailableError
+from shared.merging import Merger
 from shared.messages import AppendRequest
 
 from ..base import Committed
@@ -101,67 +102,30 @@ class _Part:
     seqs: list[int] = field(default_factory=list)  # once stored
 
 
-class _Combiner:
-    """One shard's combined batches: one at a time, each taking every part
-    that arrived while the one before was stored.
+def _combiner(store: Callable[[list[_Part]], Awaitable[bool]]) -> Merger[list[_Part], bool]:
+    """One shard's combined batches: one at a time, each taking every group
+    commit's parts that arrived while the one before was stored.
 
     The server stores a shard's atomic batches one after another, each for a
     fixed few milliseconds whatever its size (and one fsync); so group commits
     that overlap (the committer has many in flight, over disjoint sessions)
     would queue as many small batches and cap the shard at a few hundred of
-    them a second.  Merged, the batch grows with the load instead.
+    them a second.  Merged, the batch grows with the load instead.  A batch
+    cut off by a shutdown counts as refused: its sessions are decided again
+    against the stream, which says whether it was stored.
     """
 
-    def __init__(self, store: Callable[[list[_Part]], Awaitable[bool]]) -> None:
-        self._store = store
-        self._waiting: list[tuple[list[_Part], asyncio.Future[bool]]] = []
-        self._task: asyncio.Task[None] | None = None
-        self.merged = 0  # batches that carried more than one group commit's parts (stats, tests)
+    async def run(group: list[list[_Part]]) -> list[bool]:
+        ok = await store([p for parts in group for p in parts])
+        return [ok] * len(group)
 
-    @property
-    def busy(self) -> bool:
-        return self._task is not None
-
-    async def store(self, parts: list[_Part]) -> bool:
-        """Store ``parts`` in the next combined batch; False if it was refused."""
-        if not parts:
-            return True
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiting.append((parts, fut))
-        if self._task is None:
-            self._task = asyncio.create_task(self._drain(), name="convlog-combiner")
-        # A commit that started finishes: the batch is stored even if this caller is cancelled.
-        return await asyncio.shield(fut)
-
-    async def _drain(self) -> None:
-        try:
-            while self._waiting:
-                take, size = 0, 0
-                for parts, _ in self._waiting:
-                    n = sum(len(p.rows) for p in parts)
-                    if take and size + n > MAX_BATCH_MESSAGES:
-                        break
-                    take, size = take + 1, size + n
-                group, self._waiting = self._waiting[:take], self._waiting[take:]
-                self.merged += take > 1
-                try:
-                    ok = await self._store([p for parts, _ in group for p in parts])
-                except BaseException as e:
-                    for _, fut in group:
-                        if not fut.done():
-                            fut.set_exception(e)
-                    if not isinstance(e, Exception):
-                        raise
-                    continue
-                for _, fut in group:
-                    if not fut.done():
-                        fut.set_result(ok)
-        finally:
-            self._task = None
-            for _, fut in self._waiting:  # only if cancelled: nothing of these was sent
-                if not fut.done():
-                    fut.set_result(False)
-            self._waiting = []
+    return Merger(
+        run,
+        size=lambda parts: sum(len(p.rows) for p in parts),
+        limit=MAX_BATCH_MESSAGES,
+        stopped=lambda parts: False,
+        name="convlog-combiner",
+    )
 
 
 class BatchWriter:
@@ -186,13 +150,16 @@ class BatchWriter:
         self.retries = 0  # publishes refused because a head moved or an id existed (stats, tests)
         self.batches = 0  # publishes (plain or atomic) that stored something
         self.unknown = 0  # publishes whose answer was lost, resolved from the stream
-        self._combiners: dict[int, _Combiner] = {}
+        self._combiners: dict[int, Merger[list[_Part], bool]] = {}
 
-    def _combiner(self, shard: int) -> _Combiner:
+    async def _store_merged(self, shard: int, parts: list[_Part]) -> bool:
+        """Store ``parts`` in the shard's next combined batch; False if it was refused."""
+        if not parts:
+            return True
         c = self._combiners.get(shard)
         if c is None:
-            c = self._combiners[shard] = _Combiner(self._store_combined)
-        return c
+            c = self._combiners[shard] = _combiner(self._store_combined)
+        return await c.submit(parts)
 
     async def commit(self, batch: list[Pending]) -> tuple[list[Outcome], list[Committed]]:
         outcomes: list[Outcome | None] = [None] * len(batch)
@@ -241,7 +208,7 @@ class BatchWriter:
                 left[sid] = idx
                 continue
             chunk.append(part)
-        stored = await asyncio.gather(*(self._combiner(k).store(parts) for k, parts in shards.items()))
+        stored = await asyncio.gather(*(self._store_merged(k, parts) for k, parts in shards.items()))
         for parts, ok in zip(shards.values(), stored, strict=True):
             for part in parts:
                 if not ok:
