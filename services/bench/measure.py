@@ -29,6 +29,9 @@ class Run:
     #: open loop only: how late each operation started after its scheduled
     #: time (seconds): the load generator's own lag, if it could not keep up
     late: list[float] = field(default_factory=list)
+    #: seconds waited before the phase for the previous one's work to finish
+    #: (the items stream's copies, the notice reconciler), if it was waited for
+    settled_after: float | None = None
 
     @property
     def rate(self) -> float:
@@ -118,6 +121,8 @@ def figures(r: Run) -> dict[str, Any]:
         out.update(p50_ms=round(r.pct(0.5), 2), p99_ms=round(r.pct(0.99), 2), p999_ms=round(r.pct(0.999), 2))
     if r.late:
         out.update(sent_late_p99_ms=round(r.pct(0.99, r.late), 2), sent_late_max_ms=round(r.pct(1.0, r.late), 2))
+    if r.settled_after is not None:
+        out["settled_after_s"] = round(r.settled_after, 2)
     return out
 
 

@@ -40,6 +40,11 @@ async def test_bench_runs_every_phase_and_reports_it(log_url: str) -> None:
     assert len(half.late) == half.ops + half.errors and min(half.late) >= 0
     assert doc["results"]["half"]["sent_late_max_ms"] == round(max(half.late) * 1000, 2)
     assert "sent_late_p99_ms" not in doc["results"]["append"]  # closed loop: nothing is scheduled
+    # Half load starts once the closed loop's items are all on the items stream
+    # and the notice reconciler has seen them: the wait is reported.
+    assert half.settled_after is not None and half.settled_after >= 0
+    assert doc["results"]["half"]["settled_after_s"] == round(half.settled_after, 2)
+    assert "settled_after_s" not in doc["results"]["append"]
     assert re.search(r"append p50 at 2000 items / at 1000 items: \d+\.\d\dx", text), text
 
 
