@@ -1,6 +1,6 @@
 """Signed appends, batched: the appends one client starts in one event-loop turn
 share one signature (``shared.signing.sign_batch``) and go out from the
-callback that signs them.
+callback that signs them, framed together as one write.
 
 An append queues its items and waits for its reply; on the next loop turn one
 callback signs every queued append together, registers each one's reply and
@@ -27,6 +27,7 @@ from .errors import BadRequestError
 from .messages import AppendItem, AppendRequest
 from .requester import RETRY_ON, Requester
 from .signing import MAX_BATCH, Signer, sign_batch
+from .wire import publish_many
 
 __all__ = ["SignedAppends"]
 
@@ -126,20 +127,24 @@ class SignedAppends:
             task.add_done_callback(self._tasks.discard)
 
     async def _publish(self, sends: list[_Append]) -> None:
+        """The turn's requests in order, framed together and queued as one write
+        (:func:`shared.wire.publish_many`; one by one through ``publish`` where
+        that cannot be done): a few microseconds of Python less per append."""
         c = self._client
         prefix = c._reply_prefix
-        observed = c.observer is not None
-        for a in sends:
-            if a.fut.done():
-                continue
-            try:
-                await c.nc.publish(a.subject, a.body, reply=prefix + a.token, headers=a.headers)
-            except nats.errors.MaxPayloadError:  # never sent, so the outcome is known
-                if not a.fut.done():
-                    a.fut.set_exception(c.too_large(a.body))
-            except Exception as e:
+        sending = [a for a in sends if not a.fut.done()]
+        try:
+            refused = await publish_many(c.nc, [(a.subject, prefix + a.token, a.body, a.headers) for a in sending])
+        except Exception as e:  # nothing known of what went out: each append retries its body
+            for a in sending:
                 if not a.fut.done():
                     a.fut.set_exception(e)
-            else:
-                if observed:
-                    a.sent = time.perf_counter()
+            return
+        for i, e in refused:
+            a = sending[i]
+            if not a.fut.done():  # never sent; too large is a known outcome
+                a.fut.set_exception(c.too_large(a.body) if isinstance(e, nats.errors.MaxPayloadError) else e)
+        if c.observer is not None:
+            sent = time.perf_counter()
+            for a in sending:
+                a.sent = sent

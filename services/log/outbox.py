@@ -45,9 +45,9 @@ from shared.failures import (
     supervise,
 )
 from shared.subjects import Subjects
+from shared.wire import Message, publish_many
 
 from .store.base import Committed, LogStore
-from .wire import Message, publish_many
 
 __all__ = ["Outbox", "StreamConfigError", "StreamMismatchError", "StreamRefusedError", "ensure_stream"]
 

@@ -23,8 +23,7 @@ from nats.micro.service import EndpointStats
 from services import metrics
 from shared.errors import ERROR_HEADER
 from shared.failures import is_transient
-
-from .wire import Message, publish_many
+from shared.wire import Message, publish_many
 
 log = logging.getLogger("convlog.log")
 

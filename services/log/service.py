@@ -43,6 +43,7 @@ from shared.failures import FatalError, Loops, cancel_and_wait
 from shared.nats_seam import NatsSeam, bind
 from shared.routing import EntryProof, encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.subjects import Subjects
+from shared.wire import Message
 from shared.work import ensure_work_stream
 
 from .authorize import authorizer_from, head_signer_from
@@ -58,7 +59,6 @@ from .store.base import LogStore
 from .store.factory import make_store, open_store
 from .traces import ServiceTraces
 from .verifier import Verifier
-from .wire import Message
 
 __all__ = ["LogService", "ensure_routing_bucket"]
 

@@ -13,12 +13,14 @@ import pytest
 
 from services.cli.main import main
 from services.log.service import LogService
+from shared import signed_appends
 from shared.chain import verify
 from shared.client import LogClient
 from shared.config import ConfigError, load_settings
-from shared.errors import ERROR_CODE_HEADER, ConflictError, ForbiddenError
+from shared.errors import ERROR_CODE_HEADER, ConflictError, ForbiddenError, TooLargeError
 from shared.messages import AppendItem, AppendRequest
 from shared.signing import Keyring, Signer, route_signing_input, sign_item
+from shared.wire import publish_many
 from tests.support.natsd import NatsServer
 
 
@@ -122,31 +124,39 @@ async def test_appends_started_together_share_one_signature_and_each_item_verifi
 
 
 async def test_a_signed_append_sent_before_the_service_is_up_is_retried_and_written_once(
-    nats_server: NatsServer, tmp_path: Path, keys: Path
+    nats_server: NatsServer, tmp_path: Path, keys: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The batch's first attempt goes out from the signing callback; what it leaves
-    unknown (no responders yet) is retried with the same signed body."""
+    """The turn's first attempts go out together from the signing callback (one
+    write); what they leave unknown (no responders yet) is retried, one by one,
+    with the same signed bodies."""
     triage = await _client(nats_server.url, keys / "Triage.nk")
-    sent = 0
+    turns: list[list[bytes]] = []
+    retried: list[bytes] = []
     all_sent = asyncio.Event()
+
+    async def together(nc: object, messages: list[tuple[str, str, bytes, object]]) -> list[tuple[int, Exception]]:
+        turns.append([m[2] for m in messages])
+        return await publish_many(nc, messages)  # type: ignore[arg-type]
+
     publish = triage.nc.publish
 
-    async def counting(*args: object, **kw: object) -> None:
-        nonlocal sent
-        sent += 1
-        if sent >= 3:
-            all_sent.set()
-        await publish(*args, **kw)  # type: ignore[arg-type]
+    async def one(subject: str, payload: bytes = b"", **kw: object) -> None:
+        retried.append(payload)
+        all_sent.set()
+        await publish(subject, payload, **kw)  # type: ignore[arg-type]
 
-    triage.nc.publish = counting  # type: ignore[method-assign]
+    monkeypatch.setattr(signed_appends, "publish_many", together)
+    triage.nc.publish = one  # type: ignore[method-assign]
     pending = asyncio.gather(*(triage.append("early", [_item("Triage", f"e{i}", f"e-{i}")]) for i in range(3)))
     service = None
     try:
-        await asyncio.wait_for(all_sent.wait(), 5)  # all three went out once, to nobody
+        await asyncio.wait_for(all_sent.wait(), 5)  # the three went out once, to nobody, and retry
+        assert len(turns) == 1 and len(turns[0]) == 3
         service = await _service(nats_server.url, tmp_path, keyring=str(keys / "keyring.json"),
                                  require_signatures=True)
         acks = await asyncio.wait_for(pending, 10)
-        assert sorted(a.first_order for a in acks) == [1, 2, 3] and sent > 3
+        assert sorted(a.first_order for a in acks) == [1, 2, 3]
+        assert set(retried) == set(turns[0])  # a retry resends the very body that was signed
         envs = await triage.items("early")
         ring = Keyring.load(keys / "keyring.json")
         assert sorted(e.item_id for e in envs) == ["e-0", "e-1", "e-2"]
@@ -156,6 +166,28 @@ async def test_a_signed_append_sent_before_the_service_is_up_is_retried_and_writ
         await triage.close()
         if service is not None:
             await service.shutdown()
+
+
+async def test_an_append_too_large_to_send_is_refused_alone_and_the_rest_of_its_turn_is_written(
+    strict: str, keys: Path
+) -> None:
+    triage = await _client(strict, keys / "Triage.nk")
+    try:
+        big = "x" * (triage.nc.max_payload + 1)
+        outcomes = await asyncio.gather(
+            triage.append("turn", [_item("Triage", "a", "t-a")]),
+            triage.append("turn", [_item("Triage", big, "t-big")]),
+            triage.append("turn", [_item("Triage", "b", "t-b")]),
+            return_exceptions=True,
+        )
+        assert isinstance(outcomes[1], TooLargeError)
+        assert not isinstance(outcomes[0], BaseException) and not isinstance(outcomes[2], BaseException)
+        envs = await triage.items("turn")
+        assert sorted(e.item_id for e in envs) == ["t-a", "t-b"]
+        ring = Keyring.load(keys / "keyring.json")
+        assert all(ring.check_envelope(e) is None for e in envs)  # signed in one batch with the refused one
+    finally:
+        await triage.close()
 
 
 async def test_a_captured_request_cannot_be_replayed_elsewhere_or_edited(strict: str, keys: Path) -> None:

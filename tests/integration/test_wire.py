@@ -13,8 +13,8 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from services.log.wire import Message, header_block, publish_many
 from shared.nats_seam import bind
+from shared.wire import Message, header_block, publish_many
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
 

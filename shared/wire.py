@@ -3,8 +3,9 @@
 nats-py's ``publish`` spends several microseconds of Python on every message:
 it checks the subject, builds the frame, queues it and kicks the flusher task,
 each time.  The log service publishes in bursts (the replies of one group
-commit, the envelopes of one outbox window), so :func:`publish_many` checks
-and frames a whole burst and queues it as one write.
+commit, the envelopes of one outbox window), and so does a signing client
+(the appends signed together, :mod:`shared.signed_appends`), so
+:func:`publish_many` checks and frames a whole burst and queues it as one write.
 
 The write itself goes through :mod:`shared.nats_seam` (it takes nats-py
 internals).  On the public seam, or whenever the connection is not plainly
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 import nats.errors
 from nats.aio.client import Client
 
-from shared.nats_seam import seam_for
+from .nats_seam import seam_for
 
 __all__ = ["Message", "header_block", "publish_many"]
 
