@@ -1,10 +1,11 @@
 """Signed appends, batched: the appends one client starts in one event-loop turn
-share one signature (``shared.signing.sign_batch``) and go out from the
-callback that signs them, framed together as one write.
+share one signature (``shared.signing.sign_batch``) and go out together,
+framed as one write.
 
 An append queues its items and waits for its reply; on the next loop turn one
 callback signs every queued append together, registers each one's reply and
-hands the requests to one task that publishes them in order.  So a signed
+hands the requests to one task that publishes them in order, as one write
+(:func:`shared.wire.publish_many`).  So a signed
 append wakes once, for its reply, as an unsigned one does (waking for the
 signature and then publishing from each append cost a task switch more per
 append).  The request is the same as any append's (same subject, same body
