@@ -43,6 +43,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shared.failures import FatalError, is_transient
+from shared.nats_seam import seam_for
 from shared.subjects import Subjects
 from shared.work import check_work_stream, work_entry_subject, work_stream_name, work_subject
 
@@ -176,6 +177,11 @@ class WorkIntake:
         self._outstanding += n
 
     async def _on_msg(self, msg: Msg) -> None:
+        self._take(msg)
+
+    def _take(self, msg: Msg) -> None:
+        """One message of the pull inbox: a notice, a heartbeat or a pull's end
+        (called as nats-py parses it, on the fast seam: no task hop per notice)."""
         self._heard = time.monotonic()
         status = (msg.headers or {}).get("Status") if not msg.reply else None
         if status is None and msg.reply:
@@ -218,6 +224,7 @@ class WorkIntake:
         if self._sub is None:
             self._inbox = self.nc.new_inbox()
             self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
+            seam_for(self.nc).deliver_inline(self._sub, self._take)  # else _on_msg serves
         self._outstanding = 0
         self.bound.set()
         return True

@@ -211,6 +211,17 @@ class OpenAIChatModel:
         if tools:  # an empty tools array is refused by the API
             body["tools"] = tools
         content = _json.encode(body)
+        # The first attempt goes out without tenacity's machinery (a tenth of an
+        # instant model's call); only a transient failure enters the retry loop,
+        # whose first attempt re-raises that failure, so attempts, waits and the
+        # stop rule are exactly the policy's.
+        first: Exception | None = None
+        try:
+            return _to_reply(await self._post(content))
+        except (openai.APIStatusError, openai.APIConnectionError) as e:
+            if not _transient(e):
+                raise self._refused_or_unavailable(e, 1) from e
+            first = e
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception(_transient),
             stop=self._stop,
@@ -221,18 +232,26 @@ class OpenAIChatModel:
         try:
             async for attempt in retrying:
                 with attempt:
-                    response = await self._client.post("/chat/completions", content=content,
-                                                       cast_to=httpx2.Response)
-        except openai.APIStatusError as e:
+                    if first is not None:
+                        failed, first = first, None
+                        raise failed
+                    response = await self._post(content)
+        except (openai.APIStatusError, openai.APIConnectionError) as e:
+            raise self._refused_or_unavailable(e, retrying.statistics["attempt_number"]) from e
+        return _to_reply(response)
+
+    async def _post(self, content: bytes) -> httpx2.Response:
+        return await self._client.post("/chat/completions", content=content, cast_to=httpx2.Response)
+
+    def _refused_or_unavailable(self, e: openai.APIError, attempts: int) -> ModelError:
+        """What a failed request ends the call with (``e`` is a status or connection error)."""
+        if isinstance(e, openai.APIStatusError):
             if not _transient(e):
-                raise ModelRejected(
+                return ModelRejected(
                     f"model endpoint refused the request: HTTP {e.status_code}: {_brief(e)}",
                     status=e.status_code,
-                ) from e
-            raise self._unavailable(e, retrying.statistics["attempt_number"]) from e
-        except openai.APIConnectionError as e:  # includes APITimeoutError
-            raise self._unavailable(e, retrying.statistics["attempt_number"]) from e
-        return _to_reply(response)
+                )
+        return self._unavailable(e, attempts)  # a connection error (timeouts included), or retries spent
 
     def _stop(self, state: tenacity.RetryCallState) -> bool:
         """Out of retries, or the server asked for a wait longer than ``max_delay``."""

@@ -253,3 +253,23 @@ async def test_make_model_client_without_a_key_is_the_labelled_rules_model() -> 
     reply = await model.complete(model="gpt-4o-mini", messages=MESSAGES, tools=TOOLS)
     assert reply.model == RULES_MODEL_NAME
     assert make_model_client("").client.base_url.host == "rules-model.convlog.invalid"
+
+
+async def test_a_refusal_after_a_transient_failure_is_a_refusal(fake_openai: FakeOpenAI) -> None:
+    # The first attempt goes out without the retry loop; its transient failure
+    # is the loop's first attempt, so what follows is judged as before.
+    fake_openai.script([error(503), error(400, "bad now"), text("never")])
+    sleeps = Sleeps()
+    with pytest.raises(ModelRejected) as info:
+        await model_for(fake_openai, sleeps).complete(model="m", messages=MESSAGES, tools=[])
+    assert info.value.status == 400 and "bad now" in str(info.value)
+    assert len(fake_openai.requests) == 2 and len(sleeps.delays) == 1
+
+
+async def test_no_retries_allowed_makes_one_attempt(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script([error(503), text("never")])
+    sleeps = Sleeps()
+    with pytest.raises(ModelUnavailable) as info:
+        await model_for(fake_openai, sleeps, max_retries=0).complete(model="m", messages=MESSAGES, tools=[])
+    assert (info.value.attempts, info.value.last_status) == (1, 503)
+    assert len(fake_openai.requests) == 1 and sleeps.delays == []

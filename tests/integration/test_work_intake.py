@@ -1,0 +1,56 @@
+"""The agent's work intake on a real nats-server: each notice reaches ``deliver``
+once, on the fast seam as nats-py parses it (no task hop) and on the public
+seam through the subscription's callback, and a message that is not a notice
+is handed over too (the worker terms it)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+
+from services.worker.intake import WorkIntake
+from shared.nats_seam import bind
+from shared.subjects import Subjects
+from shared.work import Notice, ensure_work_stream, publish_notice, work_subject
+from tests.support.eventually import assert_eventually
+from tests.support.natsd import NatsServer
+
+
+@pytest.mark.parametrize("mode", ["auto", "public"])
+async def test_notices_reach_deliver_once_on_either_seam(nats_server: NatsServer, mode: str) -> None:
+    nc = await nats.connect(nats_server.url)
+    seam = bind(nc, mode)
+    subjects = Subjects("convlog")
+    await ensure_work_stream(nc.jetstream(), subjects)
+    got: list[Msg] = []
+    stopping = asyncio.Event()
+    intake = WorkIntake(nc, subjects, "Solo", entry=False, ack_wait=5.0, room=lambda: 8,
+                        deliver=got.append, stopping=stopping)
+    task = asyncio.create_task(intake.run())
+    try:
+        await asyncio.wait_for(intake.bound.wait(), 10)
+        assert seam.delivers_inline(intake._sub) is seam.fast  # type: ignore[arg-type]
+        assert seam.fast is (mode == "auto")
+        for order in (1, 2, 3):
+            await publish_notice(nc, work_subject(subjects, "Solo"), Notice(session_id="s", item_order=order),
+                                 f"s:{order}")
+        await nc.jetstream().publish(work_subject(subjects, "Solo"), b"not a notice")
+        def four() -> None:
+            assert len(got) == 4
+
+        await assert_eventually(four)
+        assert [m.data for m in got[3:]] == [b"not a notice"]
+        for m in got:
+            await m.ack()
+        await asyncio.sleep(0.3)  # nothing comes twice (acked, work queue)
+        assert len(got) == 4
+        assert intake._outstanding == 4  # 8 of room, 4 delivered, pulls still waiting
+    finally:
+        stopping.set()
+        intake.poke()
+        await asyncio.wait_for(task, 5)
+        await intake.close()
+        await nc.close()
