@@ -136,7 +136,7 @@ async def test_closing_ends_a_batch_waiting_for_its_ack(nats_server: NatsServer)
         await silent.flush()
         waiting = asyncio.create_task(pub.publish_together([("mute.a", b"1", {}), ("mute.b", b"2", {})], wait=60))
         await asyncio.sleep(0.2)
-        assert not waiting.done()
+        assert not waiting.done(), waiting.result()  # the outcomes, should it fail
         await asyncio.wait_for(pub.close(), 5)  # shutdown does not wait out the minute
         outcomes = await asyncio.wait_for(waiting, 5)
         assert len(outcomes) == 2 and all(isinstance(e, nats.errors.Error) for e in outcomes)
