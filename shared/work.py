@@ -97,10 +97,6 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
             per-phase breakdown of ``convlog bench --turns``).
         items: the session's committed envelopes ending at the trigger,
             contiguous, as stored (empty: read the log).
-        pending: how many of the last ``items`` are not committed yet: a
-            handing-off worker announces its handoff while appending it
-            (``services/worker/early.py``); the receiver may start on them
-            but writes nothing until the log holds them at those orders.
     """
 
     session_id: SessionId
@@ -108,7 +104,6 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     kind: Literal["user", "handoff"] = "user"
     ts: float = 0.0
     items: tuple[msgspec.Raw, ...] = ()
-    pending: NonNegInt = 0
 
 
 _encoder = msgspec.json.Encoder()

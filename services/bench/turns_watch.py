@@ -92,7 +92,7 @@ class ReplyWatcher:
 class Timings:
     """Per-phase seconds of each turn part, as the workers recorded them."""
 
-    PHASES = ("delivery", "routing", "handoff_commit", "history_read", "model", "reply_append")
+    PHASES = ("delivery", "routing", "history_read", "model", "reply_append")
 
     def __init__(self, client: LogClient) -> None:
         self.client = client

@@ -29,14 +29,13 @@ from services.logfmt import context
 from shared import tracing
 from shared.failures import Backoff, is_transient
 from shared.subjects import Subjects
-from shared.work import Notice, notice_msg_id, publish_notice, work_subject
+from shared.work import Notice
 
-from .early import handoff_notice
 from .parts import Decision, PartFinder, announce_handoff, forward
 from .routing import Routing
 from .spec import AgentSpec
 from .trust import EnvelopeGate
-from .turn import Announce, Misrouted, TurnBusyError, TurnPart, TurnResult, TurnRunner, Uncommitted
+from .turn import Misrouted, TurnBusyError, TurnPart, TurnResult, TurnRunner
 
 __all__ = ["NoticeHandler", "Tally", "term"]
 
@@ -118,9 +117,6 @@ class NoticeHandler:
                 self.tally.forwarded += 1
                 await msg.ack()
                 return
-            if decision.wait:  # a handoff being appended, not in the log yet: never ack it
-                await self.nak(msg, delay=self._retry_delay(msg))
-                return
             if part is None:
                 if decision.trigger is None and self._attempts(msg) < 3:
                     # The log may not show a fresh commit yet (another instance): look again soon.
@@ -144,10 +140,6 @@ class NoticeHandler:
                 await forward(self.nc, self.subjects, notice, e.active)
                 self.tally.forwarded += 1
                 await msg.ack()
-                return
-            except Uncommitted as e:  # started on a handoff being appended, which the log lacks
-                # Obsolete: at once, the redelivery reads what the log holds there instead.
-                await self.nak(msg, delay=None if e.obsolete else self._retry_delay(msg))
                 return
             self._count(result, part)
             metrics.turn_done(self.agent.name, result, started)
@@ -177,37 +169,16 @@ class NoticeHandler:
                 decision.drop()
 
     async def _play(self, part: TurnPart, decision: Decision, timings: dict[str, float]) -> TurnResult:
-        early = self._early(part.session_id, decision) if self.finder.carried else None
-        result = await self.runner.run(part, first=decision.first, timings=timings, confirm=decision.confirm,
-                                       confirms=decision.confirms, announce=early)
+        result = await self.runner.run(part, first=decision.first, timings=timings, confirm=decision.confirm)
         await self._announce(part, result)  # inside the turn's span: the next part continues its trace
         return result
 
-    def _early(self, sid: str, decision: Decision) -> Announce:
-        """Announces a handoff-only step to its target while it is appended (:mod:`.early`)."""
-        async def announce(items: list[Any], expected_last: int, target: str) -> bool:
-            notice = handoff_notice(sid, decision.raw, items, expected_last)
-            if notice is None:
-                return False
-            try:
-                await publish_notice(self.nc, work_subject(self.subjects, target), notice,
-                                     notice_msg_id(sid, notice.item_order), headers=tracing.headers())
-            except Exception as e:  # announced after the commit instead
-                log.info("worker %s: early handoff notice of %s #%d not published: %r", self.agent.name,
-                         sid, notice.item_order, e)
-                return False
-            return True
-
-        return announce
-
     async def _announce(self, part: TurnPart, result: TurnResult) -> None:
-        """A part that ended with a handoff (now, or before a crash): tell the target
-        (unless the work stream holds the notice it was told with while appending)."""
+        """A part that ended with a handoff (now, or before a crash): tell the target."""
         if result.handoff_to is not None and result.handoff_order:
             self.finder.learn(part.session_id, result.handoff_order, result.handoff_to)
-            if not result.announced:
-                await announce_handoff(self.nc, self.subjects, part.session_id, result.handoff_to,
-                                       result.handoff_order)
+            await announce_handoff(self.nc, self.subjects, part.session_id, result.handoff_to,
+                                   result.handoff_order)
 
     def _timings(self, notice: Notice, part: TurnPart, result: TurnResult, arrived: float,
                  started: float, timings: dict[str, float]) -> None:

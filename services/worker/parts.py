@@ -55,12 +55,11 @@ from shared.messages import Envelope, ReadReply
 from shared.subjects import Subjects
 from shared.work import Notice, notice_msg_id, now, publish_notice, starts_no_turn, work_subject
 
-from .early import committed, pending_of
 from .routing import Routing, handoff_target
 from .spec import AgentSpec
 from .turn import Prefetch, TurnPart
 from .turn_ids import parse_turn_item_id, turn_key
-from .turn_types import Misrouted, Uncommitted
+from .turn_types import Misrouted
 
 __all__ = ["Decision", "PartFinder", "announce_handoff"]
 
@@ -81,17 +80,10 @@ class Decision:
         trigger: the trigger as the log holds it (``None``: not in the log).
         first: the reads for the part's first step.
         timings: seconds spent, by phase (``routing``, ``history_read``).
-        confirm: for a part started before its routing check came back, or on a
-            handoff still being appended (:mod:`.early`): awaited before the
-            part's first write; raises :class:`~.turn_types.Misrouted` when the
-            check names another agent, :class:`~.turn_types.Uncommitted` when
-            the log does not hold that handoff.
-        confirms: what ``confirm`` waits for: ``routing`` or ``handoff_commit``.
+        confirm: for a part started before its routing check came back: awaited
+            before the part's first write; raises :class:`~.turn_types.Misrouted`
+            when the check names another agent.
         route: the routing check ``confirm`` waits for (:meth:`drop` cancels it).
-        raw: the session's envelopes as read (or carried), contiguous, through
-            the trigger and what followed it (a handoff announced early carries them).
-        wait: the notice announces a handoff the log does not hold yet, and may
-            still: look again later (never ack it).
     """
 
     part: TurnPart | None = None
@@ -100,10 +92,7 @@ class Decision:
     first: Prefetch | None = None
     timings: dict[str, float] = field(default_factory=dict)
     confirm: Callable[[], Awaitable[None]] | None = None
-    confirms: str = "routing"
     route: asyncio.Future[str] | None = None
-    raw: list[Envelope] = field(default_factory=list)
-    wait: bool = False
 
     def drop(self) -> None:
         """Cancel a routing check nobody awaits any more (its outcome is not needed)."""
@@ -219,19 +208,6 @@ class PartFinder:
         # Carried items end at the trigger: not enough once the session is known to go further.
         fresh = fresh and self.carried and self._newest.get(sid, 0) <= order
         carried = _carried(notice, start) if fresh else None
-        pending = pending_of(notice)  # a handoff announced while it was appended (.early)
-        if pending is not None and (carried is None or (cached is None and not young)):
-            # Read from the log (the window too), which must hold the handoff first.
-            carried = None
-            try:
-                await committed(self.client, sid, pending)
-            except Uncommitted as e:
-                if not e.obsolete:
-                    out.wait = True
-                    return out
-                # Other items there: the log decides, as for any notice (a handoff
-                # another writer won the race with goes to its target).
-            pending = None
         page, window = await asyncio.gather(
             self.client.read(sid, after=start, limit=_AFTER_PAGE, raw=True) if carried is None else _be(carried),
             self.client.read(sid, tail=self.agent.history_limit) if cached is None and not young else _none(),
@@ -246,8 +222,6 @@ class PartFinder:
                 window = await self.client.read(sid, tail=self.agent.history_limit)
         self._keep(sid, window, page)
         out.timings["history_read"] = time.perf_counter() - t0
-        if not page.more:
-            out.raw = list(page.items)
         before = [e for e in page.items if e.item_order < order]
         rest = [e for e in page.items if e.item_order >= order]
         trigger = rest[0] if rest and rest[0].item_order == order else None
@@ -255,7 +229,7 @@ class PartFinder:
         if trigger is None or trigger.kind != "item" or starts_no_turn(trigger.item_id):
             return out  # nothing to answer; a no-turn item's writer answers it (shared.work)
         out.first = Prefetch(window=window, after_trigger=rest[1:], complete=not page.more)
-        if is_user_message(trigger) and not notice.pending:
+        if is_user_message(trigger):
             active: str | None = None
             since = [e for e in before if e.item_order > known[0]] if known is not None else []
             if known is not None and len(since) == order - 1 - known[0]:
@@ -285,15 +259,13 @@ class PartFinder:
         tid = parse_turn_item_id(trigger.item_id)
         if tid is None:  # a handoff output not written by a turn: nobody's part
             return out
-        if target in self.routing.spec.agents and pending is None:  # a fact once the log holds it
+        if target in self.routing.spec.agents:
             self.learn(sid, order, target)
         if target != self.agent.name:
             if target in self.routing.spec.agents:
                 out.forward_to = target
             return out
         out.part = TurnPart(sid, tid.turn, order, tid.step)
-        if pending is not None:
-            out.confirm, out.confirms = self._commit_check(sid, order, target, pending, out), "handoff_commit"
         return out
 
     def _mine_unless_routed(self, before: list[Envelope], order: int) -> bool:
@@ -314,25 +286,6 @@ class PartFinder:
             self.learn(sid, order - 1, active)
             if active != self.agent.name:
                 raise Misrouted(active)
-
-        return confirm
-
-    def _commit_check(self, sid: str, order: int, target: str, pending: list[Envelope],
-                      out: Decision) -> Callable[[], Awaitable[None]]:
-        """``confirm`` for a part started on a handoff still being appended: the log
-        must hold it (:func:`.early.committed`); then what was carried is the log's."""
-        async def confirm() -> None:
-            try:
-                held = await committed(self.client, sid, pending)
-            except Uncommitted:
-                self._windows.pop(sid, None)  # kept from items the log does not hold
-                raise
-            self.learn(sid, order, target)
-            by_order = {e.item_order: e for e in held}  # the log's envelopes for the stand-ins
-            out.raw = [by_order.get(e.item_order, e) for e in out.raw]
-            kept = self._windows.get(sid)
-            if kept is not None:
-                self._windows[sid] = (kept[0], [by_order.get(e.item_order, e) for e in kept[1]])
 
         return confirm
 

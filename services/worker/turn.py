@@ -81,10 +81,7 @@ from .tools import (
     output_item,
 )
 from .turn_ids import parse_turn_item_id, turn_item_id
-from .turn_types import Misrouted, Prefetch, TurnBusyError, TurnPart, TurnResult, Uncommitted
-
-#: ``announce(items, expected_last, target)``: see :meth:`TurnRunner.run`.
-Announce = Callable[[list[AppendItem], int, str], Awaitable[bool]]
+from .turn_types import Misrouted, Prefetch, TurnBusyError, TurnPart, TurnResult
 
 __all__ = [
     "DEFAULT_MAX_STEPS",
@@ -94,7 +91,6 @@ __all__ = [
     "TurnPart",
     "TurnResult",
     "TurnRunner",
-    "Uncommitted",
 ]
 
 log = logging.getLogger("convlog.worker.turn")
@@ -158,14 +154,12 @@ class TurnRunner:
         self.max_conflicts = max_conflicts
         self.forged = forged
         self.seen = seen
-        self._early: set[asyncio.Future[bool]] = set()
         self._prompt = agent_system_prompt(agent)
         self._tools = agent_tool_schemas(agent)
 
     async def run(
         self, part: TurnPart, *, fail_reason: str | None = None, first: Prefetch | None = None,
         timings: dict[str, float] | None = None, confirm: Callable[[], Awaitable[None]] | None = None,
-        confirms: str = "routing", announce: Announce | None = None,
     ) -> TurnResult:
         """Play ``part`` until it replies, hands off, fails, or turns out done.
 
@@ -176,18 +170,12 @@ class TurnRunner:
             first: reads already made for the first step.
             timings: when given, seconds spent are added under
                 ``history_read``, ``model`` and ``reply_append`` (and
-                ``confirms``: the wait for ``confirm``).
+                ``routing``: the wait for ``confirm``).
             confirm: awaited before the part's first write (a routing check
-                still out when the part started, or the commit of the handoff
-                that started it; see :mod:`.parts`).
-            confirms: the timings key for the wait for ``confirm``.
-            announce: called with a handoff-only step's items, its
-                ``expected_last`` and its target, while that step is appended
-                (:mod:`.early`); returns whether the target was told.
+                still out when the part started; see :mod:`.parts`).
 
         Raises:
             Misrouted: ``confirm`` names another agent; nothing was written.
-            Uncommitted: ``confirm`` finds the handoff not in the log; nothing was written.
             TurnBusyError: too many conflicting writes; retry later.
             ConvlogError: the log refused or did not answer (``UnavailableError``:
                 retry later; the ids make the retry safe).
@@ -205,7 +193,7 @@ class TurnRunner:
                 return TurnResult("done", model_calls, written, *state.handoff)
             if state.pending is not None and fail_reason is None:
                 # Committed calls are never asked of the model again: finish them.
-                confirm = await _confirmed(confirm, clock, confirms)
+                confirm = await _confirmed(confirm, clock)
                 done = await self._finish_calls(part, state.pending)
                 written += done.written
                 if done.handoff is not None:
@@ -229,8 +217,7 @@ class TurnRunner:
                 t0 = time.perf_counter()
                 step = await self._model_step(part, step_no, state)
                 _add(clock, "model", t0)
-            confirm = await _confirmed(confirm, clock, confirms)
-            early = self._announce_early(announce, step, state.last_order)
+            confirm = await _confirmed(confirm, clock)
             t0 = time.perf_counter()
             try:
                 ack = await self._append(part, step, state.last_order)
@@ -253,22 +240,11 @@ class TurnRunner:
             written += len(step.items)
             if step.handoff_to is not None:  # the log service checkpoints the routing
                 order = next(i.item_order for i in ack.items if i.item_id == step.handoff_item_id)
-                told = early is not None and await early and order == state.last_order + len(step.items)
-                return TurnResult("handed_off", model_calls, written, step.handoff_to, order, told)
+                return TurnResult("handed_off", model_calls, written, step.handoff_to, order)
             if step.terminal is not None:
                 return TurnResult(step.terminal, model_calls, written)
             # A tool step: its calls are committed; the next read finds them pending and
             # runs their tools, then the model is called with the outputs in the history.
-
-    def _announce_early(self, announce: Announce | None, step: _Step, expected_last: int
-                        ) -> asyncio.Future[bool] | None:
-        """Tell a handoff-only step's target while the step is appended (:mod:`.early`)."""
-        if announce is None or step.handoff_to is None or step.items[-1].item_id != step.handoff_item_id:
-            return None
-        early = asyncio.ensure_future(announce(step.items, expected_last, step.handoff_to))
-        self._early.add(early)  # announce() handles its own failures; kept until done
-        early.add_done_callback(self._early.discard)
-        return early
 
     async def _backoff(self, part: TurnPart, conflicts: int) -> int:
         conflicts += 1
@@ -419,14 +395,12 @@ class TurnRunner:
                                   time_limit=self.tool_timeout)
 
 
-async def _confirmed(confirm: Callable[[], Awaitable[None]] | None, clock: dict[str, float],
-                     key: str) -> None:
-    """Wait for ``confirm`` (raises :class:`Misrouted`, :class:`Uncommitted`); ``None``:
-    there is nothing left to wait for."""
+async def _confirmed(confirm: Callable[[], Awaitable[None]] | None, clock: dict[str, float]) -> None:
+    """Wait for ``confirm`` (raises :class:`Misrouted`); ``None``: there is nothing left to wait for."""
     if confirm is not None:
         t0 = time.perf_counter()
         await confirm()
-        _add(clock, key, t0)
+        _add(clock, "routing", t0)
 
 
 def _add(clock: dict[str, float], key: str, t0: float) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from shared.messages import Envelope, ReadReply
 
-__all__ = ["Misrouted", "Prefetch", "TurnBusyError", "TurnPart", "TurnResult", "Uncommitted"]
+__all__ = ["Misrouted", "Prefetch", "TurnBusyError", "TurnPart", "TurnResult"]
 
 
 class TurnBusyError(RuntimeError):
@@ -24,20 +24,6 @@ class Misrouted(Exception):
     def __init__(self, active: str) -> None:
         super().__init__(f"the active agent is {active}")
         self.active = active
-
-
-class Uncommitted(Exception):
-    """A part started on a handoff announced while it was being appended, and the
-    log does not hold that handoff (see :mod:`.early`); nothing was written.
-
-    ``obsolete``: the log holds other items at those orders (the append failed;
-    a retry announces itself anew): nothing to do.  Otherwise the log has not
-    moved past the handoff's place yet: look again later.
-    """
-
-    def __init__(self, obsolete: bool) -> None:
-        super().__init__("the announced handoff is not in the log" + ("" if obsolete else " yet"))
-        self.obsolete = obsolete
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +58,6 @@ class TurnResult:
             ``done`` when the log shows this part ended with a handoff (its
             notice is published again: it may be what a crash lost).
         handoff_order: the ``item_order`` of that handoff output.
-        announced: the target was told while the handoff was appended (the
-            work stream holds its notice): no announcement is needed after.
     """
 
     outcome: str
@@ -81,7 +65,6 @@ class TurnResult:
     items_written: int = 0
     handoff_to: str | None = None
     handoff_order: int = 0
-    announced: bool = False
 
 
 @dataclass(frozen=True, slots=True)
