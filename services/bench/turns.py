@@ -275,8 +275,13 @@ def report(fig: dict[str, Any], args: argparse.Namespace) -> str:
         lines.append(f"a handoff turn's p50 / a plain turn's p50: {fig['handoff_over_plain_p50']:.2f}")
     for p in fig["phases"]:
         if "breakdown_ms" in p:
-            parts = "  ".join(f"{k} {v['p50']:.2f}/{v['p99']:.1f}" for k, v in p["breakdown_ms"].items())
+            whole = {k: v for k, v in p["breakdown_ms"].items() if "." not in k}
+            parts = "  ".join(f"{k} {v['p50']:.2f}/{v['p99']:.1f}" for k, v in whole.items())
             lines.append(f"where it goes (p50/p99 ms), {p['name']}: {parts}")
+            by_part = [k for k in p["breakdown_ms"] if "." in k]  # <agent>.<phase>, a handoff's parts
+            if by_part:
+                per = "  ".join(f"{k} {p['breakdown_ms'][k]['p50']:.2f}" for k in by_part)
+                lines.append(f"  by part (p50 ms): {per}")
     return "\n".join(lines)
 
 

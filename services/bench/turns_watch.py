@@ -118,7 +118,10 @@ class Timings:
         ``append`` is the user's send round trip, the worker phases are summed
         over the turn's parts (a handoff turn has two), and ``rest`` is what
         the total leaves: JetStream publishes, the worker's own bookkeeping,
-        and the reply's way back to the client.
+        and the reply's way back to the client.  A turn of several parts also
+        gets each part's phases under ``<agent>.<phase>`` (and ``<agent>.part``,
+        the part from its notice's arrival to its ack, which for a handing-off
+        part runs past the next part's start: its announcement and ack).
         """
         out: dict[str, list[float]] = defaultdict(list)
         for turn, (append, total) in turns.items():
@@ -130,8 +133,12 @@ class Timings:
             for phase in self.PHASES:
                 v = sum(float(p.get(phase) or 0.0) for p in parts)
                 out[phase].append(v)
-            known += sum(float(p.get("delivery") or 0.0) + float(p.get("part") or 0.0) for p in parts)
+                known += v
             out["rest"].append(max(0.0, total - known))
+            if len(parts) > 1:
+                for p in parts:
+                    for phase in (*self.PHASES, "part"):
+                        out[f"{p.get('agent')}.{phase}"].append(float(p.get(phase) or 0.0))
         return out
 
 
