@@ -233,11 +233,7 @@ class PartFinder:
             active: str | None = None
             since = [e for e in before if e.item_order > known[0]] if known is not None else []
             if known is not None and len(since) == order - 1 - known[0]:
-                active = known[1]
-                for env in since:
-                    target = handoff_target(env)
-                    if target is not None and target in self.routing.spec.agents:
-                        active = target
+                active = self.routing.after_handoffs(known[1], since)
             else:
                 if routing is None:
                     routing = out.route = asyncio.ensure_future(
@@ -273,12 +269,7 @@ class PartFinder:
         one, the session's entry being the spec's (only a ``to`` can say otherwise)."""
         if [e.item_order for e in before] != list(range(1, order)):
             return False
-        active = self.routing.spec.entry
-        for env in before:
-            target = handoff_target(env)
-            if target is not None and target in self.routing.spec.agents:
-                active = target
-        return active == self.agent.name
+        return self.routing.after_handoffs(self.routing.spec.entry, before) == self.agent.name
 
     def _confirmer(self, sid: str, order: int, routing: asyncio.Future[str]) -> Callable[[], Awaitable[None]]:
         async def confirm() -> None:

@@ -26,7 +26,7 @@ computes the same agent for the same user message.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,6 +149,15 @@ class Routing:
                                 proof.to_sig):
             return "the gateway's signature does not match it"
         return None
+
+    def after_handoffs(self, agent: str, envs: Iterable[Envelope]) -> str:
+        """The active agent once ``envs`` are applied to ``agent``: each handoff to
+        an agent of the spec moves it on (handoffs to unknown agents are ignored)."""
+        for env in envs:
+            target = handoff_target(env)
+            if target is not None and target in self.spec.agents:
+                agent = target
+        return agent
 
     async def active_agent(self, session_id: str, before_order: int) -> str:
         """The active agent once every item before ``before_order`` is applied.
