@@ -23,11 +23,11 @@ from nats.aio.client import Client
 
 from .nats_seam import seam_for
 
-__all__ = ["Message", "header_block", "publish_many"]
+__all__ = ["Outgoing", "header_block", "publish_many"]
 
 #: subject, reply subject ("" for none), payload, headers (a dict, or a
 #: header block already encoded by :func:`header_block`)
-Message = tuple[str, str, bytes, dict[str, str] | bytes | None]
+Outgoing = tuple[str, str, bytes, dict[str, str] | bytes | None]
 
 _BAD_SUBJECT = re.compile(r"[ \t\r\n]")  # what nats-py refuses in a published subject
 _HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -72,7 +72,7 @@ def _frame(subject: str, reply: str, payload: bytes, headers: dict[str, str] | b
     )
 
 
-async def publish_many(nc: Client, messages: Sequence[Message]) -> list[tuple[int, Exception]]:
+async def publish_many(nc: Client, messages: Sequence[Outgoing]) -> list[tuple[int, Exception]]:
     """Publish ``messages`` in order, as ``nc.publish`` would one by one.
 
     Returns:

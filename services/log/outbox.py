@@ -45,7 +45,7 @@ from shared.failures import (
     supervise,
 )
 from shared.subjects import Subjects
-from shared.wire import Message, publish_many
+from shared.wire import Outgoing, publish_many
 
 from .store.base import Committed, LogStore
 
@@ -290,7 +290,7 @@ class Outbox:
         token = str(last.position)
         fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._acks[token] = fut
-        messages: list[Message] = []
+        messages: list[Outgoing] = []
         items = self._subjects.items
         for c in batch:
             # Session ids are validated at append, so the header values need no escaping.

@@ -23,7 +23,7 @@ from nats.micro.service import EndpointStats
 from services import metrics
 from shared.errors import ERROR_HEADER
 from shared.failures import is_transient
-from shared.wire import Message, publish_many
+from shared.wire import Outgoing, publish_many
 
 log = logging.getLogger("convlog.log")
 
@@ -57,7 +57,7 @@ class Replies:
     counters: dict[str, EndpointCounters]
     tally: dict[str, int]
     _awaiting: int
-    _outgoing: list[Message]
+    _outgoing: list[Outgoing]
     _responses: list[tuple[Request, bytes, dict[str, str] | None]]
     _outgoing_ready: asyncio.Event
     _replying: bool

@@ -43,7 +43,7 @@ from shared.failures import FatalError, Loops, cancel_and_wait
 from shared.nats_seam import NatsSeam, bind
 from shared.routing import EntryProof, encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.subjects import Subjects
-from shared.wire import Message
+from shared.wire import Outgoing
 from shared.work import ensure_work_stream
 
 from .authorize import authorizer_from, head_signer_from
@@ -103,7 +103,7 @@ class LogService(Endpoints):
         self._service: Service | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._awaiting = 0  # appends submitted to the store and not yet answered
-        self._outgoing: list[Message] = []  # replies for the replier task
+        self._outgoing: list[Outgoing] = []  # replies for the replier task
         self._responses: list[tuple[Request, bytes, dict[str, str] | None]] = []  # public seam
         self._outgoing_ready = asyncio.Event()
         self._replier: asyncio.Task[None] | None = None

@@ -14,7 +14,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from shared.nats_seam import bind
-from shared.wire import Message, header_block, publish_many
+from shared.wire import Outgoing, header_block, publish_many
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
 
@@ -47,7 +47,7 @@ async def test_a_burst_arrives_as_publish_would_send_it_without_calling_publish(
     nc = await nats.connect(nats_server.url)
     try:
         got = await _collect(nc, "wire.>")
-        messages: list[Message] = [
+        messages: list[Outgoing] = [
             ("wire.a", "", b"plain", None),
             ("wire.b", "wire.reply.1", b"", None),  # empty payload, with a reply subject
             ("wire.c", "", b'{"json":true}', {"Nats-Msg-Id": "s:1", "X-Code": " padded \r\nvalue "}),
