@@ -7,6 +7,7 @@ Field names and shapes are fixed by the contract (DESIGN.md).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -33,9 +34,12 @@ __all__ = [
     "SessionInfo",
     "SessionsReply",
     "SessionsRequest",
+    "KEY_ID_PATTERN",
+    "SIG_PATTERN",
     "SignedHead",
     "Sig",
     "UserMessage",
+    "signature_shape_error",
 ]
 
 # `\Z`, not `$`: in Python regexes `$` also matches before a trailing newline.
@@ -74,19 +78,49 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 #: base64url Ed25519 signature (86 characters) and nkey public key (56).
 #: An Ed25519 signature, base64url; or a batch signature with its Merkle path
 #: (``<signature>.<path>``, up to 16 steps of 33 bytes; see shared/signing.py).
-Sig = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{86}(?:\.[A-Za-z0-9_-]{44,704})?\Z")]
-KeyId = Annotated[str, Meta(pattern=r"^U[A-Z2-7]{55}\Z")]
+SIG_PATTERN = r"^[A-Za-z0-9_-]{86}(?:\.[A-Za-z0-9_-]{44,704})?\Z"
+KEY_ID_PATTERN = r"^U[A-Z2-7]{55}\Z"
+Sig = Annotated[str, Meta(pattern=SIG_PATTERN)]
+KeyId = Annotated[str, Meta(pattern=KEY_ID_PATTERN)]
+_SIG = re.compile(SIG_PATTERN)
+_KEY_ID = re.compile(KEY_ID_PATTERN)
+_KEY_IDS_KEPT = 1024
+_good_key_ids: set[str] = set()  # key ids that matched lately (one signer's appends share one)
+
+
+def signature_shape_error(req: AppendRequest) -> str | None:
+    """What is wrong with the shape of an append's ``sig`` or ``key_id`` fields, as
+    msgspec says it of a :data:`Sig` or :data:`KeyId` (``None``: nothing).
+
+    :class:`AppendItem` declares them as plain strings and :func:`shared.codec.decode`
+    checks them here, after decoding, with the same patterns: msgspec's call of a
+    pattern per field cost a signed append's decoding 2 us, more than the regexes.
+    """
+    for i, it in enumerate(req.items):
+        sig, key_id = it.sig, it.key_id
+        if sig is not None and not _SIG.search(sig):
+            return f"Expected `str` matching regex {SIG_PATTERN!r} - at `$.items[{i}].sig`"
+        if key_id is not None and key_id not in _good_key_ids:
+            if not _KEY_ID.search(key_id):
+                return f"Expected `str` matching regex {KEY_ID_PATTERN!r} - at `$.items[{i}].key_id`"
+            if len(_good_key_ids) >= _KEY_IDS_KEPT:
+                _good_key_ids.clear()
+            _good_key_ids.add(key_id)
+    return None
 
 
 class AppendItem(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
-    """One item to append; ``item_id`` is assigned by the client if missing."""
+    """One item to append; ``item_id`` is assigned by the client if missing.
+
+    ``sig`` is a :data:`Sig` and ``key_id`` a :data:`KeyId`, checked after decoding
+    (:func:`signature_shape_error`)."""
 
     agent: AgentName
     data: dict[str, Any] = {}
     kind: Kind = "item"
     item_id: ItemId | None = None
-    sig: Sig | None = None
-    key_id: KeyId | None = None
+    sig: str | None = None
+    key_id: str | None = None
 
 
 class AppendRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

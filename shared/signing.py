@@ -59,7 +59,7 @@ import nkeys
 
 from .chain import canonical, needs_reference, sorted_encoder
 from .config import ConfigError
-from .merkle import SignedRoots, b64, leaf, root_of, tree, unb64
+from .merkle import SignedRoots, b64, leaf, root_of_text, tree, unb64
 from .messages import AppendItem, Envelope, SignedHead
 
 __all__ = [
@@ -157,11 +157,7 @@ def verify_item(key_id: str, message: bytes, sig: str) -> bool:
     base, dot, path = sig.partition(".")
     if not dot:
         return verify_signature(key_id, message, sig)
-    try:
-        raw_path = unb64(path)
-    except (ValueError, binascii.Error):
-        return False
-    root = root_of(message, raw_path)
+    root = root_of_text(message, path)
     return root is not None and _roots.check(key_id, root, base)
 
 

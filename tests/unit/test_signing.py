@@ -260,3 +260,47 @@ def test_turn_ids_bind_to_their_agents_key() -> None:
     forged = _envelope("s", sign_item(billing, "s", AppendItem(item_id="u-1.Triage.1.reply",
                                                                 agent="L1Billing", data={"x": 1})))
     assert "turn of 'Triage'" in (ring.check_envelope(forged) or "")
+
+
+def test_a_checked_item_makes_its_siblings_check_one_hash_and_a_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """shared.merkle.root_of_text: folding one item's path enters its sibling's
+    (leaf, path text) with the root; the sibling's check then folds nothing, and
+    anything else (an edited item, an edited path) is still folded and refused."""
+    from shared import merkle
+
+    signer, _ = Signer.generate()
+    n = 7
+    items = [("s", AppendItem(item_id=f"i{i}", agent="Triage", data={"n": i})) for i in range(n)]
+    inputs = [item_signing_input("s", f"i{i}", "Triage", "item", {"n": i}) for i in range(n)]
+    signed = sign_batch(signer, items)
+    root = _reference_root([hashlib.sha256(b"\x00" + m).digest() for m in inputs])
+    merkle._ahead.clear()
+    folded: list[bytes] = []
+    real_fold = merkle._fold
+
+    def fold(h: bytes, path: bytes) -> bytes | None:
+        folded.append(h)
+        return real_fold(h, path)
+
+    monkeypatch.setattr(merkle, "_fold", fold)
+    sigs = [it.sig or "" for it in signed]
+    for k in (0, 2, 4, 1, 3, 5, 6):  # the last (odd) item has no sibling at the bottom
+        assert verify_item(signer.key_id, inputs[k], sigs[k])
+    # Items 0, 2 and 4 were folded; their right-hand siblings 1, 3 and 5 were lookups.
+    leaves = [hashlib.sha256(b"\x00" + m).digest() for m in inputs]
+    assert folded == [leaves[0], leaves[2], leaves[4], leaves[6]]
+    # What was entered ahead is exactly the sibling's own path folded.
+    path1 = sigs[1].split(".")[1]
+    assert merkle._ahead[(leaves[1], path1)] == root == merkle.root_of(inputs[1], merkle.unb64(path1))
+    # A sibling entered ahead still refuses an edited item or another path under its text.
+    edited = item_signing_input("s", "i1", "Triage", "item", {"n": -1})
+    assert not verify_item(signer.key_id, edited, sigs[1])
+    base, path = sigs[1].split(".")
+    flipped = ("A" if path[0] != "A" else "B") + path[1:]
+    assert not verify_item(signer.key_id, inputs[1], f"{base}.{flipped}")
+    assert not verify_item(signer.key_id, inputs[1], sigs[3])
+    # And the left-hand sibling of an item checked first (checked in reverse order).
+    merkle._ahead.clear()
+    folded.clear()
+    assert verify_item(signer.key_id, inputs[3], sigs[3]) and verify_item(signer.key_id, inputs[2], sigs[2])
+    assert folded == [leaves[3]]

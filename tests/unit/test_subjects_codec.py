@@ -28,10 +28,12 @@ from shared.messages import (
     AppendRequest,
     Envelope,
     ErrorBody,
+    KeyId,
     ReadReply,
     ReadRequest,
     SessionsReply,
     SessionsRequest,
+    Sig,
     UserMessage,
 )
 from shared.subjects import Subjects, validate_session_id
@@ -114,6 +116,51 @@ def test_unknown_field_is_refused_and_named() -> None:
         decode(b'{"content": "hi", "too": "L1Billing"}', UserMessage)
     with pytest.raises(BadRequestError, match="item_od"):
         decode(b'{"items":[{"agent":"a","data":{},"item_od":"x"}]}', AppendRequest)
+
+
+class _PatternItem(msgspec.Struct, kw_only=True):
+    agent: str
+    sig: Sig | None = None
+    key_id: KeyId | None = None
+
+
+class _PatternRequest(msgspec.Struct, kw_only=True):
+    items: list[_PatternItem]
+
+
+_GOOD_SIG = "A" * 86
+_GOOD_KEY = "U" + "A" * 55
+
+
+@pytest.mark.parametrize(
+    ("sig", "key_id"),
+    [
+        ("x", None), (_GOOD_SIG + ".", None), (_GOOD_SIG + "." + "A" * 43, None), ("A" * 85, _GOOD_KEY),
+        (_GOOD_SIG + "\n", None), ("+" * 86, None), (_GOOD_SIG + "." + "A" * 705, None),
+        (None, "x"), (None, "N" + "A" * 55), (None, _GOOD_KEY + "\n"), (_GOOD_SIG, "U" + "a" * 55),
+    ],
+)
+def test_a_malformed_sig_or_key_id_is_refused_as_msgspec_words_it(sig: str | None, key_id: str | None) -> None:
+    """sig and key_id are checked after decoding (shared.messages.signature_shape_error),
+    with the patterns of Sig and KeyId: the same refusal, word for word."""
+    fields = {"agent": "a", **({"sig": sig} if sig is not None else {}),
+              **({"key_id": key_id} if key_id is not None else {})}
+    body = msgspec.json.encode({"items": [{"agent": "a"}, fields]})
+    with pytest.raises(msgspec.ValidationError) as ref:
+        msgspec.json.decode(body, type=_PatternRequest)
+    with pytest.raises(BadRequestError) as exc:
+        decode(body, AppendRequest)
+    assert exc.value.code == "bad_request"
+    assert exc.value.message == f"invalid AppendRequest: {ref.value}"
+    for _ in range(2):  # a key id that passed once is remembered; a bad one never is
+        with pytest.raises(BadRequestError):
+            decode(body, AppendRequest)
+
+
+def test_well_formed_signature_fields_decode() -> None:
+    for sig in (_GOOD_SIG, _GOOD_SIG + "." + "A-_z" * 11, _GOOD_SIG + "." + "A" * 704):
+        req = decode(msgspec.json.encode({"items": [{"agent": "a", "sig": sig, "key_id": _GOOD_KEY}]}), AppendRequest)
+        assert req.items[0].sig == sig and req.items[0].key_id == _GOOD_KEY
 
 
 @pytest.mark.parametrize(
