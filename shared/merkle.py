@@ -86,7 +86,7 @@ def root_of(message: bytes, path: bytes) -> bytes | None:
 #: the fold itself (the text is the base64url of the bytes folded), so a check
 #: stays exactly what it was; only the work moves.
 _ahead: dict[tuple[bytes, str], bytes] = {}
-_AHEAD_KEPT = 16384
+_AHEAD_KEPT = 4096  # a batch needs its entries only until its next item; ~400 bytes each
 _FLIP = (b"\x01", b"\x00")  # side byte of the sibling's step, by this item's side byte
 
 
