@@ -9,12 +9,13 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Run", "closed_loop", "figures", "open_loop", "say", "to_json"]
+__all__ = ["Run", "closed_loop", "figures", "fsync_latency", "open_loop", "say", "to_json"]
 
 
 @dataclass
@@ -43,6 +44,32 @@ class Run:
         if not xs:
             return float("nan")
         return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
+
+
+def fsync_latency(directory: str | os.PathLike[str], writes: int = 200) -> dict[str, float]:
+    """This disk's fsync latency (µs): ``writes`` appends of a few hundred
+    bytes to a scratch file in ``directory``, each followed by an fsync.
+
+    With ``sync_interval: always`` a JetStream server fsyncs every message it
+    stores (the log, the items stream's copy), so on a shared machine its
+    latency figures follow this disk's from one run to the next: the store
+    bench reports it next to the load average.
+    """
+    if writes < 1:
+        raise ValueError("writes must be at least 1")
+    times: list[float] = []
+    fd, path = tempfile.mkstemp(prefix="convlog-fsync-", dir=directory)
+    try:
+        for _ in range(writes):
+            t0 = time.perf_counter()
+            os.write(fd, b"x" * 300)
+            os.fsync(fd)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    times.sort()
+    return {"p50_us": round(times[len(times) // 2] * 1e6), "p90_us": round(times[int(0.9 * (len(times) - 1))] * 1e6)}
 
 
 def say(msg: str) -> None:

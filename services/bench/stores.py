@@ -36,7 +36,7 @@ import nats
 from nats.js.api import StorageType, StreamConfig
 
 from .appends import payload, report, run_bench
-from .measure import Run, closed_loop, figures, open_loop, to_json
+from .measure import Run, closed_loop, figures, fsync_latency, open_loop, to_json
 from .measure import say as _stderr
 
 __all__ = ["cmd_store_bench"]
@@ -176,9 +176,11 @@ async def cmd_store_bench(args: argparse.Namespace) -> int:
     measured: dict[str, dict[str, Run]] = {}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="convlog-store-bench-") as tmp:
+        fsync_before = fsync_latency(tmp)
         for case in cases:
             _stderr(f"-- {case.label} --")
             measured[case.key] = await _measure(case, Path(tmp) / case.key, args)
+        fsync_after = fsync_latency(tmp)
     load_after = os.getloadavg()
     base = measured["raw"]["append"].rate or 1.0
     ratios = {k: round(r["append"].rate / base, 3) for k, r in measured.items()}
@@ -188,12 +190,14 @@ async def cmd_store_bench(args: argparse.Namespace) -> int:
             writers=args.writers, sessions=args.sessions, item_size=args.item_size, duration_s=args.duration,
             cases={c.key: {"label": c.label, "store": c.store, "nodes": c.nodes, "shards": c.shards} for c in cases},
             appends_vs_raw_r1=ratios, load_average={"before": load_before[0], "after": load_after[0]},
+            fsync_us={"before": fsync_before, "after": fsync_after},
         ))
         return 0
     lines = [
         f"convlog bench --store {args.store}: {args.writers} writers x {args.sessions} sessions, "
         f"{args.item_size}-byte items, {args.duration:g}s phases, sync_interval: always, {os.cpu_count()} cores, "
-        f"load average {load_before[0]:.1f} -> {load_after[0]:.1f}",
+        f"load average {load_before[0]:.1f} -> {load_after[0]:.1f}, this disk's fsync p50 "
+        f"{fsync_before['p50_us']:.0f} -> {fsync_after['p50_us']:.0f} µs",
         f"{'case':<36} {'acks/s':>9} {'x raw':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}   (closed loop)",
     ]
     for case in cases:
