@@ -46,13 +46,19 @@ class Watch:
         return [x for x in self.lookups if sid.encode() in x]
 
 
-async def test_a_first_notice_carries_the_entry_and_the_worker_looks_nothing_up(
-    stack: WorkerStack, fake_openai: FakeOpenAI
-) -> None:
+async def _watched_pair(stack: WorkerStack, fake_openai: FakeOpenAI) -> Watch:
+    """Triage and L1Billing workers, each answering "<agent> answers", and a watch."""
     fake_openai.responder(lambda r: text(f"{agent_of(r)} answers"))
     await stack.start_workers(*(stack.worker(a, SEED_SPEC) for a in ("Triage", "L1Billing")))
     watch = Watch(stack)
     await watch.start()
+    return watch
+
+
+async def test_a_first_notice_carries_the_entry_and_the_worker_looks_nothing_up(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    watch = await _watched_pair(stack, fake_openai)
 
     await stack.send("first-1", "hello")
     await stack.send("first-2", "what is my balance?", to="L1Billing")
@@ -72,10 +78,7 @@ async def test_a_first_notice_carries_the_entry_and_the_worker_looks_nothing_up(
 async def test_a_checkpoint_already_in_the_bucket_is_read_not_overruled(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
-    fake_openai.responder(lambda r: text(f"{agent_of(r)} answers"))
-    await stack.start_workers(*(stack.worker(a, SEED_SPEC) for a in ("Triage", "L1Billing")))
-    watch = Watch(stack)
-    await watch.start()
+    watch = await _watched_pair(stack, fake_openai)
     # An earlier attempt of a first message (a log service that died before committing it)
     # left L1Billing as the session's entry; a message naming Triage cannot replace it.
     kv = await open_routing_bucket(stack.nc, stack.settings.subjects)
