@@ -144,6 +144,8 @@ def probe() -> Probe:
     except Exception as e:  # a constructor's signature changed
         return Probe(version, tested, (*missing, f"constructors ({type(e).__name__}: {e})"))
     _check(missing, "Client._flush_queue", lambda: "_flush_queue" in vars(nc))
+    _check(missing, "Client._pending", lambda: type(vars(nc)["_pending"]) is list)
+    _check(missing, "Client._transport", lambda: "_transport" in vars(nc))
     _check(missing, "Client._ps", lambda: isinstance(vars(nc)["_ps"], nats_parser.Parser))
     _check(missing, "Parser.parse", lambda: inspect.iscoroutinefunction(nats_parser.Parser.parse))
     _check(missing, "Parser state", lambda: type(nc._ps.buf) is bytearray and nc._ps.state == _CONTROL
@@ -301,6 +303,12 @@ class NatsSeam:
         """Queue ``count`` framed messages as one write, as ``publish`` queues one."""
         raise RuntimeError("the public seam has no raw writes; use publish")
 
+    def write_now(self, nc: Client, frames: bytes, count: int, payload_bytes: int) -> bool:
+        """Hand framed messages to the socket at once, from the caller (no flusher task
+        turn), when nothing is queued before them, so the connection's order holds.
+        False: not written (use :meth:`write`)."""
+        return False
+
     def reply_to(self, req: Request) -> str | Request:
         """Where a micro request's reply goes: its reply subject ("" for none),
         or the request itself, to be answered through ``Request.respond``."""
@@ -351,6 +359,14 @@ class _FastSeam(NatsSeam):
         await nc._send_command(frames)
         if nc._flush_queue is not None and nc._flush_queue.empty():  # as publish does
             await nc._flush_pending()
+
+    def write_now(self, nc: Client, frames: bytes, count: int, payload_bytes: int) -> bool:
+        if not nc.is_connected or nc._pending or nc._transport is None:
+            return False
+        nc._transport.writelines([frames])  # what the flusher task does with the queued frames
+        nc.stats["out_msgs"] += count
+        nc.stats["out_bytes"] += payload_bytes
+        return True
 
     def reply_to(self, req: Request) -> str | Request:
         return req._msg.reply

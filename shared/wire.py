@@ -23,7 +23,7 @@ from nats.aio.client import Client
 
 from .nats_seam import seam_for
 
-__all__ = ["Outgoing", "header_block", "publish_many"]
+__all__ = ["Outgoing", "frame", "header_block", "publish_many"]
 
 #: subject, reply subject ("" for none), payload, headers (a dict, or a
 #: header block already encoded by :func:`header_block`)
@@ -58,7 +58,7 @@ def _as_dict(block: bytes) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in lines if line)
 
 
-def _frame(subject: str, reply: str, payload: bytes, headers: dict[str, str] | bytes | None, max_payload: int) -> bytes:
+def frame(subject: str, reply: str, payload: bytes, headers: dict[str, str] | bytes | None, max_payload: int) -> bytes:
     """One PUB or HPUB frame; raises what ``publish`` raises for a bad message."""
     if not subject or _BAD_SUBJECT.search(subject) or (reply and _BAD_SUBJECT.search(reply)):
         raise nats.errors.BadSubjectError
@@ -95,7 +95,7 @@ async def publish_many(nc: Client, messages: Sequence[Outgoing]) -> list[tuple[i
     max_payload = nc.max_payload
     for i, (subject, reply, payload, headers) in enumerate(messages):
         try:
-            frames.append(_frame(subject, reply, payload, headers, max_payload))
+            frames.append(frame(subject, reply, payload, headers, max_payload))
         except Exception as e:
             refused.append((i, e))
             continue

@@ -97,6 +97,11 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
             per-phase breakdown of ``convlog bench --turns``).
         items: the session's committed envelopes ending at the trigger,
             contiguous, as stored (empty: read the log).
+        entry: only on a session's first item (a user message at order 1),
+            from a log service that is its sessions' only writer: the routing
+            checkpoint that message left -- the agent its ``to`` named, or
+            ``""`` for none (the spec's entry agent answers).  ``None``: not
+            known here; the receiver reads the checkpoint.
     """
 
     session_id: SessionId
@@ -104,6 +109,7 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     kind: Literal["user", "handoff"] = "user"
     ts: float = 0.0
     items: tuple[msgspec.Raw, ...] = ()
+    entry: str | None = None
 
 
 _encoder = msgspec.json.Encoder()

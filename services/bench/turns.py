@@ -14,7 +14,9 @@ deliveries per turn show what idle agents cost: nothing.  A short second
 stack with a 3-agent spec gives the same figure for 3 agents.
 
 Phases: plain turns in 1 session; handoff turns (Triage -> L1Billing, each a
-new session) one at a time; plain turns at each ``--levels`` count of
+new session) one at a time; the two alternating, one turn of each in turn, so
+both meet the same load (two phases' ratio moves with the load of each
+moment, an alternating one's does not); plain turns at each ``--levels`` count of
 concurrent sessions; and the last level again while one of the two L1Billing
 workers is killed with SIGKILL a third of the way in.  Every phase counts
 turns never answered (lost) and answered twice (doubled).  Workers record
@@ -110,6 +112,38 @@ async def _phase(name: str, watcher: ReplyWatcher, timings: Timings | None, clie
     return phase
 
 
+async def _alternating(watcher: ReplyWatcher, agents: int, duration: float, plain: Any, handoff: Any) -> list[Phase]:
+    """A plain turn, then a handoff turn, and again, for ``duration`` seconds: two phases
+    (plain, handoff) whose p50s met the same load."""
+    kinds = {"plain": plain, "handoff": handoff}
+    lat: dict[str, list[float]] = {k: [] for k in kinds}
+    lost = dict.fromkeys(kinds, 0)
+    errors = dict.fromkeys(kinds, 0)
+    keys: dict[str, set[str]] = {k: set() for k in kinds}
+    start = time.perf_counter()
+    i = 0
+    while time.perf_counter() - start < duration:
+        for kind, op in kinds.items():
+            try:
+                lat[kind].append(float(await op(i)))
+            except TimeoutError:
+                lost[kind] += 1
+            except Exception:
+                errors[kind] += 1
+            if watcher.sent:
+                keys[kind].add(next(reversed(watcher.sent)))  # the turn just sent
+        i += 1
+    seconds = time.perf_counter() - start
+    await asyncio.sleep(0.5)  # a second terminal item of a turn would have arrived by now
+    phases = []
+    for kind in kinds:
+        phase = Phase(f"{kind} turns, alternating, 1 at a time, {agents} agents", len(lat[kind]), seconds,
+                      lat[kind], errors[kind])
+        phase.lost, phase.doubled = lost[kind], watcher.doubled(keys[kind])
+        phases.append(phase)
+    return phases
+
+
 def _turn_times(watcher: ReplyWatcher, keys: set[str], run: Run) -> dict[str, tuple[float, float]]:
     return {k: (watcher.sent[k], watcher.totals.get(k, 0.0)) for k in keys if k in watcher.totals}
 
@@ -176,6 +210,8 @@ async def run_turn_bench(url: str, args: argparse.Namespace, spec_path: Path, ag
         say(f"handoff turns, 1 at a time ({agents} agents) ...")
         runs.append(await _phase(f"handoff turns, 1 at a time, {agents} agents", watcher, timings, client,
                                  1, dur, lambda i: watcher.turn(f"tb-{tag}-h-{i}", HANDOFF)))
+        say(f"plain and handoff turns alternating ({agents} agents) ...")
+        runs += await _alternating(watcher, agents, dur, plain(1), lambda i: watcher.turn(f"tb-{tag}-a-{i}", HANDOFF))
         if not full:
             return runs
         for level in args.levels:
@@ -256,6 +292,14 @@ def figures(runs: list[Phase]) -> dict[str, Any]:
     hand = next((p for p in out["phases"] if p["name"].startswith("handoff turns")), None)
     if plain and hand:
         out["handoff_over_plain_p50"] = hand["p50_ms"] / plain["p50_ms"]
+    # The same ratio from the alternating phases (same load for both), per agent count.
+    alt = {p["name"].removeprefix("plain turns, alternating, 1 at a time, ").split()[0]: p
+           for p in out["phases"] if p["name"].startswith("plain turns, alternating")}
+    for p in out["phases"]:
+        if p["name"].startswith("handoff turns, alternating"):
+            agents = p["name"].split(", ")[-1].split()[0]
+            if agents in alt and alt[agents]["p50_ms"] > 0:
+                out.setdefault("handoff_over_plain_p50_alternating", {})[agents] = p["p50_ms"] / alt[agents]["p50_ms"]
     return out
 
 
@@ -273,6 +317,8 @@ def report(fig: dict[str, Any], args: argparse.Namespace) -> str:
                      f"{'' if d != d else f'{d:.2f}':>10}")
     if "handoff_over_plain_p50" in fig:
         lines.append(f"a handoff turn's p50 / a plain turn's p50: {fig['handoff_over_plain_p50']:.2f}")
+    for agents, ratio in fig.get("handoff_over_plain_p50_alternating", {}).items():
+        lines.append(f"  the same, turns alternating (same load), {agents} agents: {ratio:.2f}")
     for p in fig["phases"]:
         if "breakdown_ms" in p:
             whole = {k: v for k, v in p["breakdown_ms"].items() if "." not in k}

@@ -35,7 +35,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -116,16 +116,25 @@ class Notifier:
         subjects: subject names.
         kv: the routing bucket (read only: the checkpoint's ``active``).
         remember: sessions whose last handoff target is kept in memory.
+        sole_writer: this process is the only one appending to its sessions
+            (the SQLite store), so it wrote every routing checkpoint a ``to``
+            left before a session's first item: that item's notice carries it
+            (:attr:`shared.work.Notice.entry`), and the worker needs no look-up
+            -- unless a checkpoint was already there (:meth:`note_entry`).
     """
 
-    def __init__(self, nc: Client, subjects: Subjects, kv: Any, *, remember: int = 100_000) -> None:
+    def __init__(self, nc: Client, subjects: Subjects, kv: Any, *, remember: int = 100_000,
+                 sole_writer: bool = False) -> None:
         self.nc = nc
         self.subjects = subjects
         self.kv = kv
         self.remember = remember
+        self.sole_writer = sole_writer
         self.published = 0
         self.failed = 0
         self._active: OrderedDict[str, str] = OrderedDict()
+        #: per session: the entry this process wrote to the routing bucket (None: one was there)
+        self._entries: OrderedDict[str, str | None] = OrderedDict()
         self._sent: OrderedDict[str, None] = OrderedDict()  # msg ids published (or being)
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch: list[_Pending] = []  # this commit's notices, see on_commit
@@ -160,8 +169,9 @@ class Notifier:
                 target = handoff_target_of(head.data) if head.kind == "item" else None
                 if target is not None:
                     self.note_active(head.session_id, target)
-                    if turn_id_agent(head.item_id) is not None and not no_turn:  # the target continues it
-                        self._start(head.session_id, head.item_order, target)
+                    if turn_id_agent(head.item_id) is not None and not no_turn \
+                            and not self._handoff_now(head.session_id, head.item_order, target):
+                        self._start(head.session_id, head.item_order, target)  # the target continues it
                 continue
             if _is_user_message(head) and not no_turn:
                 self._start(head.session_id, head.item_order)
@@ -170,6 +180,33 @@ class Notifier:
             task = asyncio.create_task(self._publish(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _handoff_now(self, sid: str, order: int, target: str) -> bool:
+        """Publish a handoff's notice from the commit listener itself, written to the
+        socket before this commit's replies and items are even queued: the next part
+        of the turn waits for it, nobody waits for those.  False: not sent (the agent
+        list is stale or lacks ``target``, or the connection has something queued):
+        it goes with the commit's other notices."""
+        agents = self._agents
+        if agents is None or target not in agents or time.monotonic() - self._agents_at > _AGENTS_EVERY:
+            return False
+        notice = Notice(session_id=sid, item_order=order, kind="handoff", ts=now(), items=self.recent.carry(sid, order))
+        parent = self.traces.get((sid, order))
+        headers = {"traceparent": parent.decode(), "Nats-Msg-Id": notice_msg_id(sid, order)} if parent \
+            else {"Nats-Msg-Id": notice_msg_id(sid, order)}
+        acked = self._acks.publish_now([(work_subject(self.subjects, target), encode_notice(notice), headers)])
+        if acked is None:
+            return False
+        task = asyncio.create_task(self._log_handoff(sid, order, acked))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    @staticmethod
+    async def _log_handoff(sid: str, order: int, acked: Awaitable[list[Exception | None]]) -> None:
+        (err,) = await acked
+        if err is not None:  # best effort: the handing-off worker announces it too
+            log.info("handoff notice of %s #%d not published: %r", sid, order, err)
 
     def was_sent(self, msg_id: str) -> bool:
         return msg_id in self._sent
@@ -188,6 +225,24 @@ class Notifier:
             if len(self._sent) > self.remember:
                 self._sent.popitem(last=False)
         self._batch.append(_Pending(sid, order, msg_id, self.recent.carry(sid, order), handoff_to))
+
+    def _first_entry(self, p: _Pending) -> str | None:
+        """What the routing bucket holds for a session whose first item ``p`` is: the
+        entry this process wrote (:meth:`note_entry`), or ``""`` (nothing); ``None`` for
+        any other notice, or when another process may have written it."""
+        if not self.sole_writer or p.handoff_to is not None or p.order != 1:
+            return None
+        return self._entries.get(p.sid, "")
+
+    def note_entry(self, sid: str, agent: str | None) -> None:
+        """This process wrote ``agent`` as ``sid``'s entry to the routing bucket, before
+        appending the message whose ``to`` named it; ``None``: a checkpoint was already
+        there (a retry of a message whose first attempt wrote it, two first messages at
+        once), so the session's first notice carries no entry: the worker reads the bucket."""
+        self._entries[sid] = agent
+        self._entries.move_to_end(sid)
+        if len(self._entries) > self.remember:
+            self._entries.popitem(last=False)
 
     async def address(self, sid: str, order: int = 0) -> str:
         """The subject the user message at ``order`` of ``sid`` is announced on."""
@@ -246,7 +301,8 @@ class Notifier:
                 else:
                     subject = await self.address(p.sid, p.order)
                 notice = Notice(session_id=p.sid, item_order=p.order,
-                                kind="handoff" if p.handoff_to else "user", ts=now(), items=p.items)
+                                kind="handoff" if p.handoff_to else "user", ts=now(), items=p.items,
+                                entry=self._first_entry(p))
                 parent = self.traces.get((p.sid, p.order))  # the outbox pops it, for the items subject
                 headers = {"traceparent": parent.decode()} if parent else {}
                 headers["Nats-Msg-Id"] = p.msg_id

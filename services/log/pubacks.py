@@ -31,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -40,6 +42,8 @@ from nats.js.api import Header
 
 from shared.inbox import Message, RoutedInbox, atomic_batch
 from shared.merging import Merger
+from shared.nats_seam import seam_for
+from shared.wire import frame
 
 __all__ = ["AckedPublisher"]
 
@@ -111,27 +115,57 @@ class AckedPublisher(RoutedInbox):
         """Publish ``(subject, payload, headers)`` in order; per message, ``None`` once
         the stream holds it (or dropped it as a duplicate), else the error."""
         await self.start()
-        loop = asyncio.get_running_loop()
         sent: list[tuple[str, asyncio.Future[Msg]]] = []
-        outcomes: list[Exception | None] = []
         try:
             for subject, payload, headers in messages:
                 token = self.token()
-                fut: asyncio.Future[Msg] = loop.create_future()
-                self._waiting[token] = fut
-                sent.append((token, fut))
+                sent.append((token, self._future(token)))
                 await self._nc.publish(subject, payload, reply=self.reply_to(token), headers=headers)
-            await asyncio.wait([f for _, f in sent], timeout=wait)
-            for _, fut in sent:
-                outcomes.append(_ack_error(fut.result()) if fut.done() else TimeoutError())
         except nats.errors.Error as e:  # not (all) sent: those not acked share the outcome
             outcomes = [_ack_error(f.result()) if f.done() else e for _, f in sent]
-            outcomes += [e] * (len(messages) - len(outcomes))
+            self._forget(sent)
+            return outcomes + [e] * (len(messages) - len(sent))
+        return await self._acked(sent, wait)
+
+    def publish_now(self, messages: list[Message], *, wait: float = 5.0
+                    ) -> Coroutine[Any, Any, list[Exception | None]] | None:
+        """Like :meth:`publish`, but the messages reach the socket before this returns
+        (no task or flusher turn: ahead of whatever the caller's event-loop turn queues
+        next); await the result for the outcomes.  ``None``: nothing was sent (the inbox
+        is not subscribed yet, something is queued on the connection, a message is
+        refused, the public seam): use :meth:`publish`."""
+        if self._sub is None or not messages:
+            return None
+        tokens = [self.token() for _ in messages]
+        try:
+            frames = b"".join(frame(s, self.reply_to(t), p, h, self._nc.max_payload)
+                              for t, (s, p, h) in zip(tokens, messages, strict=True))
+        except Exception:  # refused (a bad subject, too large): publish says which
+            return None
+        sent = [(t, self._future(t)) for t in tokens]
+        if not seam_for(self._nc).write_now(self._nc, frames, len(tokens), sum(len(m[1]) for m in messages)):
+            self._forget(sent)
+            return None
+        return self._acked(sent, wait)
+
+    def _future(self, token: str) -> asyncio.Future[Msg]:
+        """The future the ack replied to ``token`` resolves."""
+        fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = fut
+        return fut
+
+    def _forget(self, sent: list[tuple[str, asyncio.Future[Msg]]]) -> None:
+        for token, fut in sent:
+            self._waiting.pop(token, None)
+            fut.cancel()
+
+    async def _acked(self, sent: list[tuple[str, asyncio.Future[Msg]]], wait: float) -> list[Exception | None]:
+        """Wait up to ``wait`` for the acks of ``sent``: per message, ``None`` or the error."""
+        try:
+            await asyncio.wait([f for _, f in sent], timeout=wait)
+            return [_ack_error(f.result()) if f.done() else TimeoutError() for _, f in sent]
         finally:
-            for token, fut in sent:
-                self._waiting.pop(token, None)
-                fut.cancel()
-        return outcomes
+            self._forget(sent)
 
     async def publish_together(self, messages: list[Message], *, wait: float = 5.0) -> list[Exception | None]:
         """Like :meth:`publish` (the same outcome per message), merging the

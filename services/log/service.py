@@ -167,15 +167,21 @@ class LogService(Endpoints):
         kv = await ensure_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
         # Turn notices: the agent that must answer a user message hears of it, and only it.
         await ensure_work_stream(js, self.subjects, replicas=self.settings.stream_replicas)
-        self.notifier = Notifier(self.nc, self.subjects, kv)
+        # One process appends to an SQLite store; JetStream-store instances share their sessions.
+        sole_writer = not getattr(self.store, "shared_by_instances", False)
+        self.notifier = Notifier(self.nc, self.subjects, kv, sole_writer=sole_writer)
         self.store.add_commit_listener(self.notifier.on_commit)
 
         async def entry_hint(sid: str, agent: str, proof: EntryProof | None) -> None:
             assert self.notifier is not None
             self.notifier.note_active(sid, agent)
             value = encode_checkpoint(entry_checkpoint(agent, proof))
-            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+            try:
                 await kv.create(sid, value)
+            except nats.js.errors.KeyWrongLastSequenceError:  # an earlier one stands: workers read it
+                self.notifier.note_entry(sid, None)
+            else:
+                self.notifier.note_entry(sid, agent)
 
         self.read_ahead = ReadAhead(self.store)
         handlers = Handlers(

@@ -118,7 +118,10 @@ class PartFinder:
     log prefix before ``n``, which never changes; so what this worker learnt
     ("after item ``k``, ``X`` is active") stays true, and the next turn of the
     session only has to scan the items after ``k``, which the read of the
-    trigger fetches anyway (it starts at ``k``).  Without such a fact (another
+    trigger fetches anyway (it starts at ``k``).  A session's first notice from
+    a log service that is its only writer carries the fact before item 1 (the
+    entry its ``to`` left in the routing bucket, :attr:`shared.work.Notice.entry`),
+    believed like the items a notice carries.  Without such a fact (another
     replica played the session, or this worker restarted) it asks
     :meth:`.routing.Routing.active_agent`, concurrently with the reads.
 
@@ -175,6 +178,8 @@ class PartFinder:
         sid, order = notice.session_id, notice.item_order
         out = Decision()
         known = self._known.get(sid) if notice.kind == "user" else None
+        if known is None and fresh and self.carried:
+            known = self._first_entry(notice)
         if known is not None and not order - _AFTER_PAGE // 2 <= known[0] < order:
             known = None  # too far back to scan in the first read
         start = known[0] if known is not None else order - 1
@@ -263,6 +268,15 @@ class PartFinder:
             return out
         out.part = TurnPart(sid, tid.turn, order, tid.step)
         return out
+
+    def _first_entry(self, notice: Notice) -> tuple[int, str] | None:
+        """The routing fact a session's first notice carries ("before item 1, the
+        agent its ``to`` named -- or the spec's entry agent -- is active"), checked as
+        :meth:`.routing.Routing.active_agent` checks a checkpoint; ``None``: none."""
+        if notice.kind != "user" or notice.item_order != 1 or notice.entry is None:
+            return None
+        spec = self.routing.spec
+        return 0, notice.entry if notice.entry in spec.agents else spec.entry
 
     def _mine_unless_routed(self, before: list[Envelope], order: int) -> bool:
         """Whether the whole log before ``order`` (``before``) makes this agent the active

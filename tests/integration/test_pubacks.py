@@ -12,6 +12,7 @@ import nats.js.errors
 from nats.js.api import StreamConfig
 
 from services.log.pubacks import AckedPublisher
+from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
 
 
@@ -144,3 +145,67 @@ async def test_closing_ends_a_batch_waiting_for_its_ack(nats_server: NatsServer)
         await pub.close()
         await nc.close()
         await silent.close()
+
+
+async def test_publish_now_writes_before_returning_and_never_ahead_of_queued_messages(
+    nats_server: NatsServer,
+) -> None:
+    from shared.nats_seam import bind
+
+    nc = await nats.connect(nats_server.url)
+    bind(nc)  # the fast seam (the probe passes on the tested nats-py)
+    pub = AckedPublisher(nc)
+    watcher = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="NOW", subjects=["now.>"], duplicate_window=60))
+        assert pub.publish_now([("now.a", b"0", {})]) is None  # no ack inbox yet: use publish
+        await pub.start()
+        seen: list[bytes] = []
+
+        async def on_msg(msg: nats.aio.msg.Msg) -> None:
+            seen.append(msg.data)
+
+        await watcher.subscribe("now.>", cb=on_msg)
+        await watcher.flush()
+
+        await nc.publish("now.queued", b"queued")  # queued for the flusher task, not yet written
+        assert pub.publish_now([("now.a", b"1", {"Nats-Msg-Id": "n1"})]) is None  # would overtake it
+        await nc.flush()
+
+        acked = pub.publish_now([("now.a", b"2", {"Nats-Msg-Id": "n2"}), ("now.b", b"3", {})])
+        assert acked is not None
+        await nc.publish("now.later", b"later")  # queued after: the flusher writes it after
+        assert await acked == [None, None]
+        await nc.flush()
+
+        def arrived() -> None:  # one connection: the watcher gets them in the order written
+            assert seen == [b"queued", b"2", b"3", b"later"]
+
+        await assert_eventually(arrived, timeout=5)
+        again = pub.publish_now([("now.a", b"2 again", {"Nats-Msg-Id": "n2"}), ("elsewhere.x", b"4", {})])
+        assert again is not None
+        outcomes = await again  # what publish gives: a duplicate is no error, no stream is
+        assert outcomes[0] is None and isinstance(outcomes[1], nats.errors.NoRespondersError)
+        assert (await js.stream_info("NOW")).state.messages == 4
+        too_big = pub.publish_now([("now.a", b"x" * (nc.max_payload + 1), {})])
+        assert too_big is None  # refused before anything is written: publish says why
+    finally:
+        await pub.close()
+        await watcher.close()
+        await nc.close()
+
+
+async def test_publish_now_on_the_public_seam_sends_nothing(nats_server: NatsServer) -> None:
+    from shared.nats_seam import bind
+
+    nc = await nats.connect(nats_server.url)
+    bind(nc, "public")
+    pub = AckedPublisher(nc)
+    try:
+        await pub.start()
+        assert pub.publish_now([("now.a", b"1", {})]) is None
+        assert await pub.publish([("nowhere.a", b"1", {})]) != [None]  # publish still works there
+    finally:
+        await pub.close()
+        await nc.close()

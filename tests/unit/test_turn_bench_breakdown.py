@@ -45,3 +45,23 @@ def test_a_handoff_turn_shows_each_part_by_agent_and_rest_counts_phases_not_over
 def test_turns_without_timings_are_left_out() -> None:
     timings = Timings(client=None)  # type: ignore[arg-type]
     assert timings.breakdown({"never-recorded": (0.001, 0.004)}) == {}
+
+
+def test_the_alternating_phases_give_their_own_ratio_per_agent_count() -> None:
+    from services.bench.turns import Phase, figures
+
+    def phase(name: str, *ms: float) -> Phase:
+        return Phase(name, len(ms), 1.0, [m / 1000 for m in ms])
+
+    fig = figures([
+        phase("append round trip (baseline)", 1.0),
+        phase("plain turns, 1 session, 20 agents", 4.0),
+        phase("handoff turns, 1 at a time, 20 agents", 8.0),  # measured at a busier moment
+        phase("plain turns, alternating, 1 at a time, 20 agents", 4.0, 4.2, 4.4),
+        phase("handoff turns, alternating, 1 at a time, 20 agents", 6.0, 6.3, 6.6),
+        phase("plain turns, alternating, 1 at a time, 3 agents", 5.0),
+        phase("handoff turns, alternating, 1 at a time, 3 agents", 7.0),
+    ])
+
+    assert fig["handoff_over_plain_p50"] == pytest.approx(2.0)
+    assert fig["handoff_over_plain_p50_alternating"] == {"20": pytest.approx(1.5), "3": pytest.approx(1.4)}

@@ -65,6 +65,8 @@ class JetStreamStore:
 
     #: The fan-out stream sources the log streams: no outbox.
     publishes_items = True
+    #: Any number of log-service instances append to the same sessions.
+    shared_by_instances = True
 
     def __init__(
         self,

@@ -1,0 +1,126 @@
+"""The notices on a handoff turn's path: a session's first notice carries its routing
+entry (the worker looks nothing up), and a handoff's notice leaves the log service
+ahead of the commit's reply and items.
+
+Real nats-server, the real log service (in-process, SQLite: the only writer of its
+sessions) and real ``convlog worker`` processes on the fake model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats
+
+from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
+from shared.work import Notice, decode_notice, work_subject
+from tests.support.eventually import assert_eventually
+from tests.support.fake_openai import FakeOpenAI, text
+from tests.support.workerstack import SEED_SPEC, WorkerStack, agent_of, support_responder
+
+
+class Watch:
+    """Every notice on the work subjects, and every routing look-up (a read of the bucket)."""
+
+    def __init__(self, stack: WorkerStack) -> None:
+        self.stack = stack
+        self.notices: list[Notice] = []
+        self.lookups: list[bytes] = []
+
+    async def start(self) -> None:
+        async def on_notice(msg: Any) -> None:
+            self.notices.append(decode_notice(msg.data))
+
+        async def on_api(msg: Any) -> None:  # the bucket's stream is KV_<bucket>
+            if f"KV_{self.stack.settings.subjects.routing_bucket}" in msg.subject:
+                self.lookups.append(msg.subject.encode() + b" " + msg.data)
+
+        await self.stack.nc.subscribe(f"{self.stack.settings.subjects.prefix}.work.>", cb=on_notice)
+        await self.stack.nc.subscribe("$JS.API.>", cb=on_api)
+        await self.stack.nc.flush()
+
+    def entries(self, sid: str, order: int) -> list[str | None]:
+        return [n.entry for n in self.notices if n.session_id == sid and n.item_order == order]
+
+    def looked_up(self, sid: str) -> list[bytes]:
+        return [x for x in self.lookups if sid.encode() in x]
+
+
+async def _watched_pair(stack: WorkerStack, fake_openai: FakeOpenAI) -> Watch:
+    """Triage and L1Billing workers, each answering "<agent> answers", and a watch."""
+    fake_openai.responder(lambda r: text(f"{agent_of(r)} answers"))
+    await stack.start_workers(*(stack.worker(a, SEED_SPEC) for a in ("Triage", "L1Billing")))
+    watch = Watch(stack)
+    await watch.start()
+    return watch
+
+
+async def test_a_first_notice_carries_the_entry_and_the_worker_looks_nothing_up(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    watch = await _watched_pair(stack, fake_openai)
+
+    await stack.send("first-1", "hello")
+    await stack.send("first-2", "what is my balance?", to="L1Billing")
+    one = await stack.answered("first-1", users=1)
+    two = await stack.answered("first-2", users=1)
+
+    assert (one[-1].agent, two[-1].agent) == ("Triage", "L1Billing")
+    assert watch.entries("first-1", 1) == [""]  # no `to`: the spec's entry agent
+    assert watch.entries("first-2", 1) == ["L1Billing"]
+    assert watch.looked_up("first-1") == [] and watch.looked_up("first-2") == []
+    # Only a session's first item carries one.
+    await stack.send("first-1", "again")
+    await stack.answered("first-1", users=2)
+    assert watch.entries("first-1", 3) == [None]
+
+
+async def test_a_checkpoint_already_in_the_bucket_is_read_not_overruled(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    watch = await _watched_pair(stack, fake_openai)
+    # An earlier attempt of a first message (a log service that died before committing it)
+    # left L1Billing as the session's entry; a message naming Triage cannot replace it.
+    kv = await open_routing_bucket(stack.nc, stack.settings.subjects)
+    await kv.create("first-r", encode_checkpoint(entry_checkpoint("L1Billing")))
+
+    await stack.send("first-r", "hello", to="Triage")
+    log = await stack.answered("first-r", users=1)
+
+    assert log[-1].agent == "L1Billing"
+    entries = watch.entries("first-r", 1)  # the log service's, and Triage's forward
+    assert entries and set(entries) == {None}  # the bucket decides: the worker reads it
+    assert watch.looked_up("first-r")
+
+
+async def test_a_handoff_notice_leaves_ahead_of_the_commits_reply_and_items(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.responder(support_responder)
+    await stack.start_workers(*(stack.worker(a, SEED_SPEC) for a in ("Triage", "L1Billing")))
+    await stack.send("hand-0", "hi", to="L1Billing")  # the log service lists the agents' consumers
+    await stack.answered("hand-0", users=1)
+    wire: list[tuple[str, str, bytes]] = []  # one subscription: the order the server forwarded them in
+    spy = await nats.connect(stack.server.url)
+    try:
+        async def on_any(msg: Any) -> None:
+            wire.append((msg.subject, msg.reply, msg.data))
+
+        await spy.subscribe(">", cb=on_any)
+        await spy.flush()
+        await stack.send("hand-1", "I was charged twice")
+        log = await stack.answered("hand-1", users=1)
+        handoff = next(e for e in log if e.data.get("type") == "function_call_output")
+        subjects = stack.settings.subjects
+        (reply_to,) = [r for s, r, d in wire if s == subjects.append("hand-1") and handoff.item_id.encode() in d]
+        named = {work_subject(subjects, "L1Billing"): "notice", subjects.items("hand-1"): "item", reply_to: "reply"}
+
+        def order() -> list[str]:
+            out = [named[s] for s, _, d in wire if s in named and (s == reply_to or handoff.item_id.encode() in d)]
+            assert {"notice", "reply", "item"} <= set(out), out
+            return out
+
+        seen = await assert_eventually(order, timeout=5)
+        assert seen[0] == "notice", seen  # the next agent's notice, before Triage's ack and the items
+    finally:
+        await spy.close()
