@@ -23,7 +23,7 @@ import msgspec
 import nats
 import nats.js.errors
 
-from services.log.notices import RECONCILER
+from services.log.reconciler import RECONCILER
 from shared.client import LogClient
 from shared.config import Settings
 

@@ -15,23 +15,13 @@ and only that agent (:mod:`shared.work` has the notice and its subjects):
   active forwards the notice.  An item whose id starts no turn
   (``noturn:``, :func:`shared.work.starts_no_turn`: its writer answers it)
   is announced to nobody, here or by the reconciler.
-* :class:`Reconciler` redoes lost notices.  A crash between the commit and
-  the notice's publish (or a publish the work stream never acknowledged)
-  would strand the message, so a durable consumer on the items stream, shared
-  by every log-service instance, looks at each committed user message a
-  moment later and republishes its notice with the same ``Nats-Msg-Id``
-  unless this process already published it (or the store does not hold that
-  very envelope: one forged on the items subject is not announced): the work stream drops the copy
-  of a notice it holds (or held within its duplicate window), and a late copy
-  only costs a worker a read of a finished turn.  It acks only after the
-  republish, so after a restart it starts where the crashed process stopped.
-  On either store the items stream exists, so one mechanism serves both.
+* :class:`.reconciler.Reconciler` redoes the notices a crash (or a publish
+  the work stream never acknowledged) may have lost.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -42,7 +32,6 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shared.failures import cancel_and_wait, is_transient
 from shared.routing import decode_checkpoint
@@ -54,7 +43,6 @@ from shared.work import (
     handoff_target_of,
     notice_msg_id,
     now,
-    publish_notice,
     starts_no_turn,
     work_entry_subject,
     work_stream_name,
@@ -63,16 +51,15 @@ from shared.work import (
 
 from .pubacks import AckedPublisher
 from .recent import Recent
-from .store.base import Committed, LogStore
+from .store.base import Committed
 
-__all__ = ["RECONCILER", "Notifier", "Reconciler"]
+__all__ = ["USER_MARK", "Head", "Notifier", "head_of", "is_user_message"]
 
 log = logging.getLogger("convlog.log.notices")
 
-#: The reconciler's durable consumer on the items stream.
-RECONCILER = "convlog-notices"
 _MISSING_KEY = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError)
-_USER = b'"agent":"user"'
+#: Bytes every user item's envelope holds (a cheap test before decoding).
+USER_MARK = b'"agent":"user"'
 #: The agents' consumers on the work stream (services.worker.intake.consumer_name).
 CONSUMER_PREFIX = "convlog-agent-"
 _AGENTS_EVERY = 10.0
@@ -80,7 +67,7 @@ _RECHECK_MISSING = 1.0
 _HANDOFF = b'"function_call_output"'
 
 
-class _Head(msgspec.Struct):
+class Head(msgspec.Struct):
     session_id: str
     item_order: int
     agent: str
@@ -89,10 +76,11 @@ class _Head(msgspec.Struct):
     data: dict[str, Any] = {}
 
 
-_head = msgspec.json.Decoder(_Head)
+head_of = msgspec.json.Decoder(Head)
+"""Decodes the fields of an envelope a notice needs."""
 
 
-def _is_user_message(env: _Head) -> bool:
+def is_user_message(env: Head) -> bool:
     d = env.data
     return env.kind == "item" and env.agent == "user" and d.get("role") == "user" \
         and d.get("type", "message") == "message"
@@ -157,11 +145,11 @@ class Notifier:
         for c in committed:
             env = c.envelope
             self.recent.add(c.session_id, c.item_order, env)
-            user = _USER in env
+            user = USER_MARK in env
             if not user and _HANDOFF not in env:
                 continue
             try:
-                head = _head.decode(env)
+                head = head_of.decode(env)
             except msgspec.DecodeError:
                 continue
             no_turn = starts_no_turn(head.item_id)  # its writer answers it (shared.work)
@@ -173,7 +161,7 @@ class Notifier:
                             and not self._handoff_now(head.session_id, head.item_order, target):
                         self._start(head.session_id, head.item_order, target)  # the target continues it
                 continue
-            if _is_user_message(head) and not no_turn:
+            if is_user_message(head) and not no_turn:
                 self._start(head.session_id, head.item_order)
         if self._batch:  # one task, one flush and one wait for the acks per commit
             batch, self._batch = self._batch, []
@@ -355,108 +343,3 @@ class Notifier:
         if self._refreshing is not None:
             await cancel_and_wait({self._refreshing}, within=1.0)
         await self._acks.close()
-
-
-class Reconciler:
-    """Republishes the notices of user messages the :class:`Notifier` may have lost.
-
-    Args:
-        nc: the log service's connection.
-        subjects: subject and stream names.
-        notifier: addresses and publishes; knows what this process already sent.
-        store: the log (what the items stream says is checked against it).
-        interval: seconds between sweeps when idle.
-    """
-
-    def __init__(self, nc: Client, subjects: Subjects, notifier: Notifier, store: LogStore, *,
-                 interval: float = 2.0) -> None:
-        self.nc = nc
-        self.store = store
-        self.subjects = subjects
-        self.notifier = notifier
-        self.interval = interval
-        self.republished = 0
-        self._sub: Any = None
-
-    async def bind(self) -> None:
-        js = self.nc.jetstream()
-        stream = self.subjects.stream_name
-        try:
-            await js.consumer_info(stream, RECONCILER)
-        except nats.js.errors.NotFoundError:
-            with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
-                await js.add_consumer(stream, ConsumerConfig(
-                    name=RECONCILER, durable_name=RECONCILER,
-                    description="convlog log service: republishes lost turn notices",
-                    # From now on: items committed before the first start have had their turns.
-                    deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.ALL,
-                    ack_wait=30.0, max_deliver=-1, filter_subject=self.subjects.items_all,
-                ))
-        self._sub = await js.pull_subscribe_bind(durable=RECONCILER, stream=stream)
-
-    async def run(self) -> None:
-        """One sweep after another until cancelled (transient failures are waited out)."""
-        try:
-            while True:
-                try:
-                    if self._sub is None:
-                        await self.bind()
-                    await self.sweep()
-                except Exception as e:
-                    if not (is_transient(e) or isinstance(e, nats.errors.Error | nats.js.errors.Error)):
-                        raise
-                    log.info("notice reconciler: %r; retrying", e)
-                    await self._unbind()
-                await asyncio.sleep(self.interval)
-        finally:
-            await self._unbind()  # a pull subscription left behind holds up the connection's drain
-
-    async def _unbind(self) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-
-    async def _held(self, head: _Head, envelope: bytes) -> bool:
-        page = await self.store.read(head.session_id, after=head.item_order - 1, limit=1,
-                                     max_bytes=len(envelope) + 1024)
-        if page.items and page.items[0] == envelope:
-            return True
-        log.warning("items stream: %s #%d is not what the log holds; not announced",
-                    head.session_id[:128], head.item_order)
-        return False
-
-    async def sweep(self) -> int:
-        """Look at every item committed since the last sweep; returns notices republished."""
-        assert self._sub is not None
-        done = 0
-        while True:
-            try:
-                msgs = await self._sub.fetch(batch=256, timeout=0.5)
-            except TimeoutError:
-                # A cancel that lands as fetch's own timeout fires is lost in nats-py's
-                # wait; the task still says it is being cancelled: honour that.
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise asyncio.CancelledError from None
-                return done
-            for msg in msgs:
-                if _USER not in msg.data:
-                    continue
-                try:
-                    head = _head.decode(msg.data)
-                except msgspec.DecodeError:
-                    continue
-                if not _is_user_message(head) or starts_no_turn(head.item_id):
-                    continue
-                msg_id = notice_msg_id(head.session_id, head.item_order)
-                if self.notifier.was_sent(msg_id) or not await self._held(head, msg.data):
-                    continue
-                notice = Notice(session_id=head.session_id, item_order=head.item_order, ts=now())
-                await publish_notice(self.nc, await self.notifier.address(head.session_id), notice, msg_id)
-                self.republished += 1
-                done += 1
-            if msgs:
-                await msgs[-1].ack()  # AckPolicy.ALL: everything up to it
-            if len(msgs) < 256:
-                return done

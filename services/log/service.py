@@ -50,9 +50,10 @@ from .authorize import authorizer_from, head_signer_from
 from .endpoints import Endpoints
 from .handlers import Handlers
 from .heads import HeadWitness
-from .notices import Notifier, Reconciler
+from .notices import Notifier
 from .outbox import Outbox, ensure_stream
 from .readahead import ReadAhead
+from .reconciler import Reconciler
 from .replies import EndpointCounters
 from .routing_writer import RoutingWriter
 from .store.base import LogStore

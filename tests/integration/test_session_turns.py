@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from nats.js.errors import NotFoundError
 
-from services.log.notices import RECONCILER
+from services.log.reconciler import RECONCILER
 from services.log.service import LogService
 from shared import ConvlogSession
 from shared.client import LogClient

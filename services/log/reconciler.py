@@ -1,0 +1,146 @@
+"""Redoes the turn notices a crash may have lost (see :mod:`.notices`).
+
+A crash between the commit and the notice's publish (or a publish the work
+stream never acknowledged) would strand the message, so a durable consumer on
+the items stream, shared by every log-service instance, looks at each
+committed user message a moment later and republishes its notice with the
+same ``Nats-Msg-Id`` unless this process already published it (or the store
+does not hold that very envelope: one forged on the items subject is not
+announced): the work stream drops the copy of a notice it holds (or held
+within its duplicate window), and a late copy only costs a worker a read of
+a finished turn.  It acks only after the
+republish, so after a restart it starts where the crashed process stopped.
+On either store the items stream exists, so one mechanism serves both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from shared.failures import is_transient
+from shared.subjects import Subjects
+from shared.work import Notice, notice_msg_id, now, publish_notice, starts_no_turn
+
+from .notices import USER_MARK, Head, Notifier, head_of, is_user_message
+from .store.base import LogStore
+
+__all__ = ["RECONCILER", "Reconciler"]
+
+log = logging.getLogger("convlog.log.notices")
+
+#: The reconciler's durable consumer on the items stream.
+RECONCILER = "convlog-notices"
+
+
+class Reconciler:
+    """Republishes the notices of user messages the :class:`Notifier` may have lost.
+
+    Args:
+        nc: the log service's connection.
+        subjects: subject and stream names.
+        notifier: addresses and publishes; knows what this process already sent.
+        store: the log (what the items stream says is checked against it).
+        interval: seconds between sweeps when idle.
+    """
+
+    def __init__(self, nc: Client, subjects: Subjects, notifier: Notifier, store: LogStore, *,
+                 interval: float = 2.0) -> None:
+        self.nc = nc
+        self.store = store
+        self.subjects = subjects
+        self.notifier = notifier
+        self.interval = interval
+        self.republished = 0
+        self._sub: Any = None
+
+    async def bind(self) -> None:
+        js = self.nc.jetstream()
+        stream = self.subjects.stream_name
+        try:
+            await js.consumer_info(stream, RECONCILER)
+        except nats.js.errors.NotFoundError:
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
+                await js.add_consumer(stream, ConsumerConfig(
+                    name=RECONCILER, durable_name=RECONCILER,
+                    description="convlog log service: republishes lost turn notices",
+                    # From now on: items committed before the first start have had their turns.
+                    deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.ALL,
+                    ack_wait=30.0, max_deliver=-1, filter_subject=self.subjects.items_all,
+                ))
+        self._sub = await js.pull_subscribe_bind(durable=RECONCILER, stream=stream)
+
+    async def run(self) -> None:
+        """One sweep after another until cancelled (transient failures are waited out)."""
+        try:
+            while True:
+                try:
+                    if self._sub is None:
+                        await self.bind()
+                    await self.sweep()
+                except Exception as e:
+                    if not (is_transient(e) or isinstance(e, nats.errors.Error | nats.js.errors.Error)):
+                        raise
+                    log.info("notice reconciler: %r; retrying", e)
+                    await self._unbind()
+                await asyncio.sleep(self.interval)
+        finally:
+            await self._unbind()  # a pull subscription left behind holds up the connection's drain
+
+    async def _unbind(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _held(self, head: Head, envelope: bytes) -> bool:
+        page = await self.store.read(head.session_id, after=head.item_order - 1, limit=1,
+                                     max_bytes=len(envelope) + 1024)
+        if page.items and page.items[0] == envelope:
+            return True
+        log.warning("items stream: %s #%d is not what the log holds; not announced",
+                    head.session_id[:128], head.item_order)
+        return False
+
+    async def sweep(self) -> int:
+        """Look at every item committed since the last sweep; returns notices republished."""
+        assert self._sub is not None
+        done = 0
+        while True:
+            try:
+                msgs = await self._sub.fetch(batch=256, timeout=0.5)
+            except TimeoutError:
+                # A cancel that lands as fetch's own timeout fires is lost in nats-py's
+                # wait; the task still says it is being cancelled: honour that.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from None
+                return done
+            for msg in msgs:
+                if USER_MARK not in msg.data:
+                    continue
+                try:
+                    head = head_of.decode(msg.data)
+                except msgspec.DecodeError:
+                    continue
+                if not is_user_message(head) or starts_no_turn(head.item_id):
+                    continue
+                msg_id = notice_msg_id(head.session_id, head.item_order)
+                if self.notifier.was_sent(msg_id) or not await self._held(head, msg.data):
+                    continue
+                notice = Notice(session_id=head.session_id, item_order=head.item_order, ts=now())
+                await publish_notice(self.nc, await self.notifier.address(head.session_id), notice, msg_id)
+                self.republished += 1
+                done += 1
+            if msgs:
+                await msgs[-1].ack()  # AckPolicy.ALL: everything up to it
+            if len(msgs) < 256:
+                return done
