@@ -34,6 +34,7 @@ import nats.js.errors
 from nats.aio.client import Client
 
 from shared.failures import cancel_and_wait, is_transient
+from shared.inbox import Message
 from shared.routing import decode_checkpoint
 from shared.signing import turn_id_agent
 from shared.subjects import Subjects
@@ -94,6 +95,11 @@ class _Pending(NamedTuple):
     msg_id: str
     items: tuple[msgspec.Raw, ...]
     handoff_to: str | None
+
+
+def _handoff_not_published(sid: str, order: int, err: Exception) -> None:
+    # Best effort: the handing-off worker announces it too (same Nats-Msg-Id).
+    log.info("handoff notice of %s #%d not published: %r", sid, order, err)
 
 
 class Notifier:
@@ -178,11 +184,9 @@ class Notifier:
         agents = self._agents
         if agents is None or target not in agents or time.monotonic() - self._agents_at > _AGENTS_EVERY:
             return False
-        notice = Notice(session_id=sid, item_order=order, kind="handoff", ts=now(), items=self.recent.carry(sid, order))
-        parent = self.traces.get((sid, order))
-        headers = {"traceparent": parent.decode(), "Nats-Msg-Id": notice_msg_id(sid, order)} if parent \
-            else {"Nats-Msg-Id": notice_msg_id(sid, order)}
-        acked = self._acks.publish_now([(work_subject(self.subjects, target), encode_notice(notice), headers)])
+        message = self._message(work_subject(self.subjects, target), _Pending(
+            sid, order, notice_msg_id(sid, order), self.recent.carry(sid, order), target))
+        acked = self._acks.publish_now([message])
         if acked is None:
             return False
         task = asyncio.create_task(self._log_handoff(sid, order, acked))
@@ -193,8 +197,17 @@ class Notifier:
     @staticmethod
     async def _log_handoff(sid: str, order: int, acked: Awaitable[list[Exception | None]]) -> None:
         (err,) = await acked
-        if err is not None:  # best effort: the handing-off worker announces it too
-            log.info("handoff notice of %s #%d not published: %r", sid, order, err)
+        if err is not None:
+            _handoff_not_published(sid, order, err)
+
+    def _message(self, subject: str, p: _Pending) -> Message:
+        """``p``'s notice on ``subject``, with its id and the trace of its item."""
+        notice = Notice(session_id=p.sid, item_order=p.order, kind="handoff" if p.handoff_to else "user",
+                        ts=now(), items=p.items, entry=self._first_entry(p))
+        parent = self.traces.get((p.sid, p.order))  # the outbox pops it, for the items subject
+        headers = {"traceparent": parent.decode()} if parent else {}
+        headers["Nats-Msg-Id"] = p.msg_id
+        return subject, encode_notice(notice), headers
 
     def was_sent(self, msg_id: str) -> bool:
         return msg_id in self._sent
@@ -279,7 +292,7 @@ class Notifier:
     async def _publish(self, batch: list[_Pending]) -> None:
         """Publish one commit's notices, in order, and wait for the work stream's acks."""
         sending: list[_Pending] = []
-        messages: list[tuple[str, bytes, dict[str, str]]] = []
+        messages: list[Message] = []
         try:
             for p in batch:
                 if p.handoff_to is not None:
@@ -288,14 +301,8 @@ class Notifier:
                     subject = work_subject(self.subjects, p.handoff_to)
                 else:
                     subject = await self.address(p.sid, p.order)
-                notice = Notice(session_id=p.sid, item_order=p.order,
-                                kind="handoff" if p.handoff_to else "user", ts=now(), items=p.items,
-                                entry=self._first_entry(p))
-                parent = self.traces.get((p.sid, p.order))  # the outbox pops it, for the items subject
-                headers = {"traceparent": parent.decode()} if parent else {}
-                headers["Nats-Msg-Id"] = p.msg_id
                 sending.append(p)
-                messages.append((subject, encode_notice(notice), headers))
+                messages.append(self._message(subject, p))
             outcomes = await self._send(sending, messages)
         except Exception as e:
             sending = [p for p in batch if p.handoff_to is None or p in sending]
@@ -303,8 +310,8 @@ class Notifier:
         for p, err in zip(sending, outcomes, strict=True):
             if err is None:
                 self.published += p.handoff_to is None
-            elif p.handoff_to is not None:  # best effort: the handing-off worker announces it too
-                log.info("handoff notice of %s #%d not published: %r", p.sid, p.order, err)
+            elif p.handoff_to is not None:
+                _handoff_not_published(p.sid, p.order, err)
             else:
                 # The reconciler republishes it; a bug here must still be seen.
                 self._sent.pop(p.msg_id, None)
@@ -312,8 +319,7 @@ class Notifier:
                 level = logging.INFO if is_transient(err) or isinstance(err, nats.errors.Error) else logging.ERROR
                 log.log(level, "notice of %s #%d not published (the reconciler will): %r", p.sid, p.order, err)
 
-    async def _send(self, sending: list[_Pending], messages: list[tuple[str, bytes, dict[str, str]]]
-                    ) -> list[Exception | None]:
+    async def _send(self, sending: list[_Pending], messages: list[Message]) -> list[Exception | None]:
         """User notices go together (merged with other commits' into atomic
         batches when the service is loaded: one fsync for many, see
         :mod:`.pubacks`); handoff notices one publish each, as the
