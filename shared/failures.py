@@ -54,8 +54,10 @@ __all__ = [
     "Loops",
     "StreamConfigError",
     "check_items_stream",
+    "heals_at_start",
     "is_transient",
     "supervise",
+    "wait_at_start",
     "wait_for",
     "watch",
 ]
@@ -211,6 +213,56 @@ async def wait_for(
         reraise=True,
     )
     return await retrying(attempt)
+
+
+#: JetStream's "no suitable peers for placement, peer offline": a replicated
+#: stream or bucket cannot be placed until the cluster's other servers are up.
+PEERS_OFFLINE = 10005
+
+#: Seconds a process waits at start for what it needs on NATS JetStream (a
+#: cluster started with it, still electing its leaders or placing a stream).
+START_WAIT = 60.0
+
+
+def heals_at_start(exc: BaseException) -> bool:
+    """Worth waiting for while a process starts: a transient failure
+    (:func:`is_transient`; a JetStream API request that timed out while the
+    cluster elects its leaders is one), or a cluster whose peers are still
+    starting."""
+    if isinstance(exc, nats.js.errors.APIError) and exc.err_code == PEERS_OFFLINE:
+        return True
+    return is_transient(exc)
+
+
+async def wait_at_start(
+    attempt: Callable[[], Awaitable[_T]], *, what: str, log: logging.Logger, within: float = START_WAIT,
+    heals: Callable[[BaseException], bool] = heals_at_start,
+) -> _T:
+    """:func:`wait_for` with one warning at the first wait
+    (``waiting for WHAT (up to N s): cause``) and one when it is there; what
+    does not heal, or still fails after ``within`` seconds, is raised as it is.
+    For the setup every process does once at start: ``attempt`` must be safe
+    to run again after a failure (create-if-missing, open), and a coroutine
+    function (tenacity calls anything else without awaiting what it returns)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    waited = False
+
+    def waiting(n: int, _waited: float, failure: BaseException) -> None:
+        nonlocal waited
+        if n == 0:
+            waited = True
+            log.warning("waiting for %s (up to %.0f s): %s", what, within, _describe(failure))
+
+    result = await wait_for(attempt, within=within, heals=heals, waiting=waiting)
+    if waited:
+        log.warning("%s: ready after %.1f s", what, loop.time() - started)
+    return result
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` (a timeout's message is often empty)."""
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], within: float) -> set[asyncio.Task[Any]]:

@@ -18,7 +18,7 @@ import time
 
 from shared.config import Settings
 from shared.errors import BadRequestError, UnavailableError
-from shared.failures import wait_for
+from shared.failures import START_WAIT, wait_for
 
 from .common import (
     EXIT_OK,
@@ -34,8 +34,6 @@ __all__ = ["START_WAIT", "cmd_worker", "wait_for_jetstream", "worker_arguments"]
 
 log = logging.getLogger("convlog.worker")
 
-#: Seconds a starting worker waits for NATS JetStream (``--start-wait``).
-START_WAIT = 60.0
 _WAIT_LINE_EVERY = 10.0
 
 

@@ -39,7 +39,7 @@ from services import metrics
 from shared import __version__, nats_connect, tracing
 from shared.client import connect_options
 from shared.config import Settings
-from shared.failures import FatalError, Loops, cancel_and_wait
+from shared.failures import FatalError, Loops, cancel_and_wait, heals_at_start, wait_at_start
 from shared.nats_seam import NatsSeam, bind
 from shared.routing import EntryProof, encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.subjects import Subjects
@@ -128,6 +128,10 @@ class LogService(Endpoints):
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
 
+    def _heals_at_start(self, failure: BaseException) -> bool:
+        """Try the start-up step again (not once a shutdown has begun)."""
+        return not self._shutdown_started and heals_at_start(failure)
+
     async def start(self) -> None:
         """Open the store, connect, create the stream, register the endpoints."""
         if self._started:
@@ -163,11 +167,20 @@ class LogService(Endpoints):
         js = self.nc.jetstream()
         # On the JetStream store the stream is the log and its fan-out: no outbox.
         outbox_needed = not getattr(self.store, "publishes_items", False)
-        if outbox_needed:
-            await ensure_stream(js, self.subjects, replicas=self.settings.stream_replicas)
-        kv = await ensure_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
-        # Turn notices: the agent that must answer a user message hears of it, and only it.
-        await ensure_work_stream(js, self.subjects, replicas=self.settings.stream_replicas)
+        replicas = self.settings.stream_replicas
+
+        async def streams_and_buckets() -> Any:
+            if outbox_needed:
+                await ensure_stream(js, self.subjects, replicas=replicas)
+            kv = await ensure_routing_bucket(self.nc, self.subjects, replicas=replicas)
+            # Turn notices: the agent that must answer a user message hears of it, and only it.
+            await ensure_work_stream(js, self.subjects, replicas=replicas)
+            return kv
+
+        # Each is created if missing, so a try cut short (a cluster that had
+        # not yet placed them, a request lost while its routes formed) is safe to repeat.
+        kv = await wait_at_start(streams_and_buckets, what="the streams on NATS JetStream", log=log,
+                                 heals=self._heals_at_start)
         # One process appends to an SQLite store; JetStream-store instances share their sessions.
         sole_writer = not getattr(self.store, "shared_by_instances", False)
         self.notifier = Notifier(self.nc, self.subjects, kv, sole_writer=sole_writer)
@@ -201,7 +214,8 @@ class LogService(Endpoints):
         if head_signer is not None:  # heads signed within head_interval of each commit
             self.witness = HeadWitness(self.nc, self.subjects, head_signer, interval=self.settings.head_interval,
                                        replicas=self.settings.stream_replicas)
-            await self.witness.start()
+            await wait_at_start(self.witness.start, what="the heads bucket on NATS JetStream", log=log,
+                                heals=self._heals_at_start)
             self.store.add_commit_listener(self.witness.on_commit)
         # Fan-out lag is the outbox's; a store that writes the items stream itself has none.
         self.fanout = metrics.Fanout(lambda: self.outbox.published_position if self.outbox else 0)

@@ -47,7 +47,7 @@ from services import metrics
 from shared import nats_connect
 from shared.client import LogClient, connect_options
 from shared.config import Settings
-from shared.failures import Loops, is_transient
+from shared.failures import Loops, heals_at_start, is_transient, wait_at_start
 from shared.nats_seam import bind
 from shared.signing import Signer
 from shared.work import Notice, decode_notice, work_stream_name
@@ -180,7 +180,15 @@ class Worker:
             signer=Signer.load(self.settings.signing_key) if self.settings.signing_key else None,
         )
         self.gate = EnvelopeGate.from_settings(self.client, self.settings, self.agent.name)
-        kv = await open_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
+        async def routing_bucket() -> Any:
+            assert self.nc is not None
+            return await open_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
+
+        # Created if missing (by the log service, or here): a cluster still placing it is waited for.
+        kv = await wait_at_start(
+            routing_bucket, what=f"the routing bucket on NATS JetStream (worker {self.agent.name})", log=log,
+            heals=lambda e: not self._shutdown_started and heals_at_start(e),
+        )
         self.routing = Routing(kv, self.client, self.spec, keyring=self.gate.keyring, require=self.gate.require)
         # The log service moves the routing checkpoint, from the handoff items it commits.
         # Items a notice carries are taken on the log service's word; a worker that checks
