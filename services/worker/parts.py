@@ -275,8 +275,7 @@ class PartFinder:
         :meth:`.routing.Routing.active_agent` checks a checkpoint; ``None``: none."""
         if notice.kind != "user" or notice.item_order != 1 or notice.entry is None:
             return None
-        spec = self.routing.spec
-        return 0, notice.entry if notice.entry in spec.agents else spec.entry
+        return 0, self.routing.spec_entry(notice.entry)
 
     def _mine_unless_routed(self, before: list[Envelope], order: int) -> bool:
         """Whether the whole log before ``order`` (``before``) makes this agent the active

@@ -114,12 +114,20 @@ class Routing:
         return Checkpoint(active=value.active, order=value.order, entry=value.entry,
                           revision=entry.revision, entry_proof=value.entry_proof)
 
-    def _entry(self, session_id: str, cp: Checkpoint | None) -> str:
-        entry = cp.entry if cp is not None and cp.entry else self.spec.entry
+    def spec_entry(self, entry: str | None) -> str:
+        """``entry`` if it is an agent of the spec, else the spec's entry agent."""
+        if not entry:
+            return self.spec.entry
         if entry not in self.spec.agents:
             log.warning("entry agent %r is not in the spec; using %r", entry, self.spec.entry)
             return self.spec.entry
-        if cp is not None and cp.entry and (why := self._unsigned_entry(session_id, cp)) is not None:
+        return entry
+
+    def _entry(self, session_id: str, cp: Checkpoint | None) -> str:
+        entry = self.spec_entry(cp.entry if cp is not None else None)
+        if cp is None or entry != cp.entry:  # none stored, or not an agent of the spec
+            return entry
+        if (why := self._unsigned_entry(session_id, cp)) is not None:
             signed = self._signed_entry(session_id, cp)
             log.warning("routing entry of %s says %r, but %s: ignoring it and using %r", session_id,
                         entry, why, signed or self.spec.entry)
@@ -170,11 +178,7 @@ class Routing:
         agent, after = entry, 0
         if cp is not None and cp.order < before_order and await self._log_agrees(session_id, cp, entry):
             agent, after = cp.active, cp.order
-        async for env in self._between(session_id, after, before_order):
-            target = handoff_target(env)
-            if target is not None and target in self.spec.agents:
-                agent = target
-        return agent
+        return self.after_handoffs(agent, [env async for env in self._between(session_id, after, before_order)])
 
     async def _log_agrees(self, session_id: str, cp: Checkpoint, entry: str) -> bool:
         """Whether the log holds what ``cp`` claims (logged loudly when not)."""
