@@ -105,14 +105,27 @@ async def test_two_instances_appending_to_one_session_at_once(tmp_path: Path) ->
     assert lasts["cl-hot"] == len(acks.by_item)
 
 
-async def test_a_log_service_started_before_its_cluster_has_quorum_waits_for_it(tmp_path: Path) -> None:
+# The store is opened first, then the items stream (SQLite store), the routing
+# bucket, the work stream and the heads bucket are created; each waits. On the
+# SQLite store it is those that wait: a request lost while a cluster formed once
+# stopped both of the README's log services with "nats: timeout".
+WAITS = [
+    pytest.param("jetstream", "waiting for the store", "CONVLOG_LOG_0", id="jetstream store"),
+    pytest.param("sqlite", "waiting for the streams on NATS JetStream", "CONVLOG_ITEMS", id="sqlite store"),
+]
+
+
+@pytest.mark.parametrize(("store", "waiting", "stream"), WAITS)
+async def test_a_log_service_started_before_its_cluster_has_quorum_waits_for_it(
+    tmp_path: Path, store: str, waiting: str, stream: str,
+) -> None:
     cluster = NatsCluster(tmp_path / "cluster")
     svc = None
     try:
         await asyncio.to_thread(cluster.start)
         await cluster.wait_ready()
         # Step 1: two of three servers down: no stream can be placed or led. The
-        # meta leader stays up, so for a while it still answers, and refuses the
+        # meta leader stays up, so for a while it still answers, and refuses an
         # R3 stream for want of peers ("peer offline"), then only times out.
         meta = next((s for s in cluster.servers if "Self is new JetStream cluster metadata leader" in s.log_text()),
                     cluster.servers[0])
@@ -120,54 +133,20 @@ async def test_a_log_service_started_before_its_cluster_has_quorum_waits_for_it(
         for server in others:
             await asyncio.to_thread(server.stop)
         url = ",".join(s.url for s in [meta, *others])
-        svc = LogServiceProc(url, tmp_path / "unused.db", log_dir=tmp_path, store="jetstream",
+        svc = LogServiceProc(url, tmp_path / "log.db", log_dir=tmp_path, store=store,
                              env={"CONVLOG_STREAM_REPLICAS": "3"})
         svc.start(wait=False)  # it cannot be ready yet
         assert svc.proc is not None
-        await asyncio.to_thread(svc.proc.wait_for_line, "waiting for the store", 30)
-        # Step 2: the others come back; the service opens the store and serves.
-        for server in others:
-            await asyncio.to_thread(server.start)
-        await asyncio.to_thread(svc.proc.wait_for_line, READY_LINE, 60)
-        async with await LogClient.connect(url) as client:
-            reply = await client.append("early", [{"agent": "user", "data": {"role": "user", "content": "hi"}}])
-            assert reply.first_order == 1
-    finally:
-        if svc is not None:
-            await asyncio.to_thread(svc.stop)
-        await asyncio.to_thread(cluster.stop)
-
-
-async def test_a_log_service_on_sqlite_waits_for_its_cluster_to_place_the_streams(tmp_path: Path) -> None:
-    """The SQLite store opens without NATS; the items stream, the routing
-    bucket and the work stream it then creates (R3) are waited for too, not a
-    start-up failure (a request lost while a cluster formed once stopped both
-    of the README's log services with ``nats: timeout``)."""
-    cluster = NatsCluster(tmp_path / "cluster")
-    svc = None
-    try:
-        await asyncio.to_thread(cluster.start)
-        await cluster.wait_ready()
-        # Step 1: two of three servers down: nothing R3 can be placed.
-        meta = next((s for s in cluster.servers if "Self is new JetStream cluster metadata leader" in s.log_text()),
-                    cluster.servers[0])
-        others = [s for s in cluster.servers if s is not meta]
-        for server in others:
-            await asyncio.to_thread(server.stop)
-        url = ",".join(s.url for s in [meta, *others])
-        svc = LogServiceProc(url, tmp_path / "log.db", log_dir=tmp_path, env={"CONVLOG_STREAM_REPLICAS": "3"})
-        svc.start(wait=False)
-        assert svc.proc is not None
-        await asyncio.to_thread(svc.proc.wait_for_line, "waiting for the streams on NATS JetStream", 30)
+        await asyncio.to_thread(svc.proc.wait_for_line, waiting, 30)
         assert svc.proc.running, svc.proc.output()
-        # Step 2: the others come back; the service creates what it needs and serves.
+        # Step 2: the others come back; the service opens or creates what it needs and serves.
         for server in others:
             await asyncio.to_thread(server.start)
         await asyncio.to_thread(svc.proc.wait_for_line, READY_LINE, 60)
         async with await LogClient.connect(url) as client:
             reply = await client.append("early", [{"agent": "user", "data": {"role": "user", "content": "hi"}}])
             assert reply.first_order == 1
-            info = await client.nc.jetstream().stream_info("CONVLOG_ITEMS")
+            info = await client.nc.jetstream().stream_info(stream)
             assert info.config.num_replicas == 3
     finally:
         if svc is not None:
