@@ -43,6 +43,7 @@ import nats.js.errors
 import tenacity
 from nats.js.api import StreamConfig
 
+from .config import ConfigError
 from .errors import UnavailableError
 from .subjects import Subjects
 
@@ -239,11 +240,17 @@ async def wait_at_start(
     heals: Callable[[BaseException], bool] = heals_at_start,
 ) -> _T:
     """:func:`wait_for` with one warning at the first wait
-    (``waiting for WHAT (up to N s): cause``) and one when it is there; what
-    does not heal, or still fails after ``within`` seconds, is raised as it is.
+    (``waiting for WHAT (up to N s): cause``) and one when it is there.
     For the setup every process does once at start: ``attempt`` must be safe
     to run again after a failure (create-if-missing, open), and a coroutine
-    function (tenacity calls anything else without awaiting what it returns)."""
+    function (tenacity calls anything else without awaiting what it returns).
+
+    Raises:
+        UnavailableError: NATS still failing after ``within`` seconds.
+        ConfigError: JetStream refused for a reason that does not heal (a
+            replicated stream on a server that is not clustered, a limit).
+        whatever else ``attempt`` raises, as it is (its own errors, bugs).
+    """
     loop = asyncio.get_running_loop()
     started = loop.time()
     waited = False
@@ -254,10 +261,25 @@ async def wait_at_start(
             waited = True
             log.warning("waiting for %s (up to %.0f s): %s", what, within, _describe(failure))
 
-    result = await wait_for(attempt, within=within, heals=heals, waiting=waiting)
+    try:
+        result = await wait_for(attempt, within=within, heals=heals, waiting=waiting)
+    except nats.js.errors.APIError as e:
+        if heals(e):  # it would have healed: out of time
+            raise UnavailableError(f"cannot set up {what} within {within:g} s: {_describe(e)}") from e
+        raise ConfigError(f"cannot set up {what}: {e.description} (JetStream error {e.err_code})"
+                          f"{_REFUSAL_HINTS.get(e.err_code or 0, '')}") from e
+    except (nats.errors.Error, TimeoutError, ConnectionError) as e:
+        raise UnavailableError(f"cannot set up {what}: NATS did not answer within {within:g} s "
+                               f"({_describe(e)})") from e
     if waited:
         log.warning("%s: ready after %.1f s", what, loop.time() - started)
     return result
+
+
+#: What to do about a refusal at start, by JetStream error code.
+_REFUSAL_HINTS = {
+    10074: "; CONVLOG_STREAM_REPLICAS above 1 needs a NATS cluster (set it to 1 for one server)",
+}
 
 
 def _describe(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import nats
 import pytest
 
 from shared.client import LogClient
@@ -293,6 +294,26 @@ async def test_no_log_service_is_said_at_once(nats_server: NatsServer, tmp_path:
         line = one_line(err)
         # The probe's words, not the retry loop's "no reply ... after N attempts".
         assert "log service is not running" in line and "convlog log" in line, line
+
+
+async def test_replicated_streams_on_one_server_are_refused_in_one_line(
+    nats_server: NatsServer, tmp_path: Path,
+) -> None:
+    """JetStream refuses R3 on a server that is not clustered: that never heals,
+    so the log service says so at once, naming the setting, and creates nothing."""
+    env = cli_env(tmp_path, CONVLOG_NATS_URL=nats_server.url, CONVLOG_STREAM_REPLICAS="3")
+    (tmp_path / "data").mkdir()
+    rc, out, err = await convlog(tmp_path, "log", "--db", str(tmp_path / "data" / "log.db"), env=env)
+    assert rc == EXIT_USAGE, err
+    assert "Traceback" not in err, err
+    (line,) = [x for x in err.splitlines() if x.startswith("convlog log:")]
+    assert "cannot set up the streams on NATS JetStream" in line and "non-clustered" in line, line
+    assert "CONVLOG_STREAM_REPLICAS" in line, line
+    nc = await nats.connect(nats_server.url)
+    try:
+        assert await nc.jetstream().streams_info() == []
+    finally:
+        await nc.close()
 
 
 # -- convlog up next to convlog log; one JetStream directory --------------------------

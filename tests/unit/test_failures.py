@@ -12,6 +12,7 @@ import nats.js.errors
 import pytest
 from nats.js.api import StreamConfig
 
+from shared.config import ConfigError
 from shared.errors import BadRequestError, UnavailableError
 from shared.failures import (
     Backoff,
@@ -317,6 +318,17 @@ async def test_wait_at_start_raises_what_does_not_heal_at_once(caplog: pytest.Lo
         calls.append(1)
         raise nats.js.errors.BadRequestError(code=400, err_code=10058, description="stream name in use")
 
-    with pytest.raises(nats.js.errors.BadRequestError):
+    with pytest.raises(ConfigError) as info:
         await wait_at_start(attempt, what="the streams", log=logging.getLogger("convlog.test.start"), within=10)
     assert len(calls) == 1
+    assert str(info.value) == "cannot set up the streams: stream name in use (JetStream error 10058)"
+    assert isinstance(info.value.__cause__, nats.js.errors.BadRequestError)
+
+
+async def test_wait_at_start_gives_up_at_the_deadline_as_unavailable() -> None:
+    async def attempt() -> None:
+        raise nats.errors.TimeoutError()
+
+    with pytest.raises(UnavailableError) as info:
+        await wait_at_start(attempt, what="the streams", log=logging.getLogger("convlog.test.start"), within=0.2)
+    assert str(info.value).startswith("cannot set up the streams: NATS did not answer within 0.2 s (TimeoutError")
