@@ -55,6 +55,7 @@ __all__ = [
     "Loops",
     "StreamConfigError",
     "check_items_stream",
+    "create_or_find",
     "heals_at_start",
     "is_transient",
     "supervise",
@@ -285,6 +286,21 @@ _REFUSAL_HINTS = {
 def _describe(exc: BaseException) -> str:
     """``Type: message`` (a timeout's message is often empty)."""
     return f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+
+async def create_or_find(create: Callable[[], Awaitable[_T]], find: Callable[[], Awaitable[_T]]) -> _T:
+    """``create()`` a stream or bucket; if JetStream refuses it as a bad request
+    (another process created it meanwhile, perhaps with another configuration),
+    what ``find()`` finds.  When there is nothing to find, the refusal itself
+    is raised (an R3 stream on a server that is not clustered, peers offline),
+    not a "not found" that hides why."""
+    try:
+        return await create()
+    except nats.js.errors.BadRequestError as refused:
+        try:
+            return await find()
+        except nats.js.errors.NotFoundError:
+            raise refused from None
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], within: float) -> set[asyncio.Task[Any]]:

@@ -23,6 +23,7 @@ from msgspec import Meta
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
 
+from .failures import create_or_find
 from .messages import AgentName, NonNegInt
 from .subjects import Subjects
 
@@ -122,9 +123,6 @@ async def open_routing_bucket(nc: Client, subjects: Subjects, *, replicas: int =
     try:
         return await js.key_value(subjects.routing_bucket)
     except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
-        try:
-            return await js.create_key_value(
-                KeyValueConfig(bucket=subjects.routing_bucket, history=5, replicas=replicas)
-            )
-        except nats.js.errors.BadRequestError:  # created concurrently with another config
-            return await js.key_value(subjects.routing_bucket)
+        config = KeyValueConfig(bucket=subjects.routing_bucket, history=5, replicas=replicas)
+        return await create_or_find(lambda: js.create_key_value(config),
+                                    lambda: js.key_value(subjects.routing_bucket))

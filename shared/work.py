@@ -51,7 +51,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from .failures import StreamConfigError
+from .failures import StreamConfigError, create_or_find
 from .messages import NonNegInt, SessionId
 from .routing import parse_handoff_output
 from .subjects import Subjects
@@ -196,10 +196,7 @@ async def ensure_work_stream(js: JetStreamContext, subjects: Subjects, *, replic
         # batches: one fsync for many (services/log/pubacks.py).
         allow_atomic=True,
     )
-    try:
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError:  # created concurrently
-        await js.stream_info(name)
+    await create_or_find(lambda: js.add_stream(config), lambda: js.stream_info(name))
 
 
 async def publish_notice(

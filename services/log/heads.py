@@ -21,6 +21,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
 
+from shared.failures import create_or_find
 from shared.messages import SignedHead
 from shared.signing import Signer, sign_head
 from shared.subjects import Subjects
@@ -47,12 +48,8 @@ async def _bucket(nc: Client, subjects: Subjects, *, create: bool, replicas: int
     except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
         if not create:
             return None
-        try:
-            return await js.create_key_value(
-                KeyValueConfig(bucket=heads_bucket(subjects), history=1, replicas=replicas)
-            )
-        except nats.js.errors.BadRequestError:  # created concurrently
-            return await js.key_value(heads_bucket(subjects))
+        config = KeyValueConfig(bucket=heads_bucket(subjects), history=1, replicas=replicas)
+        return await create_or_find(lambda: js.create_key_value(config), lambda: js.key_value(config.bucket))
 
 
 async def read_witness_head(nc: Client, subjects: Subjects, session_id: str) -> SignedHead | None:

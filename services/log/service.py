@@ -133,14 +133,27 @@ class LogService(Endpoints):
         return not self._shutdown_started and heals_at_start(failure)
 
     async def start(self) -> None:
-        """Open the store, connect, create the stream, register the endpoints."""
+        """Open the store, connect, create the streams, register the endpoints.
+
+        A shutdown begun meanwhile (SIGTERM while it waits for a cluster) ends
+        the start quietly; :meth:`run` then returns once the shutdown is done.
+        """
         if self._started:
             return
         self._started = True
+        try:
+            await self._start()
+        except Exception:
+            if not self._shutdown_started:
+                raise
+            log.info("log service: stopped while starting")
+
+    async def _start(self) -> None:
         # A bad keyring or key fails before anything opens.
         authorize = authorizer_from(self.settings)
         head_signer = head_signer_from(self.settings, authorize.keyring)
-        await open_store(self.store)  # waits for a cluster still electing its leaders
+        # Waits for a cluster still electing its leaders (not once a shutdown has begun).
+        await open_store(self.store, stopping=lambda: self._shutdown_started)
         for task in getattr(self.store, "background_tasks", ()):  # committer, checkpointer
             self._loops.watch(task)
 

@@ -185,10 +185,15 @@ class Worker:
             return await open_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
 
         # Created if missing (by the log service, or here): a cluster still placing it is waited for.
-        kv = await wait_at_start(
-            routing_bucket, what=f"the routing bucket on NATS JetStream (worker {self.agent.name})", log=log,
-            heals=lambda e: not self._shutdown_started and heals_at_start(e),
-        )
+        try:
+            kv = await wait_at_start(
+                routing_bucket, what=f"the routing bucket on NATS JetStream (worker {self.agent.name})", log=log,
+                heals=lambda e: not self._shutdown_started and heals_at_start(e),
+            )
+        except Exception:
+            if not self._shutdown_started:
+                raise
+            return  # a signal arrived while waiting: run() returns once the shutdown is done
         self.routing = Routing(kv, self.client, self.spec, keyring=self.gate.keyring, require=self.gate.require)
         # The log service moves the routing checkpoint, from the handoff items it commits.
         # Items a notice carries are taken on the log service's word; a worker that checks

@@ -18,7 +18,11 @@ streams' cluster info (:mod:`services.bench.leader`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +31,8 @@ from shared.client import LogClient
 from tests.support.cluster_load import SESSIONS, appends_served, check_log, cluster_log, gaps, load
 from tests.support.logsvc import READY_LINE, LogServiceProc
 from tests.support.natscluster import NatsCluster
+from tests.support.natsd import NatsServer
+from tests.support.procs import python_module
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -105,50 +111,85 @@ async def test_two_instances_appending_to_one_session_at_once(tmp_path: Path) ->
     assert lasts["cl-hot"] == len(acks.by_item)
 
 
-# The store is opened first, then the items stream (SQLite store), the routing
-# bucket, the work stream and the heads bucket are created; each waits. On the
-# SQLite store it is those that wait: a request lost while a cluster formed once
-# stopped both of the README's log services with "nats: timeout".
-WAITS = [
-    pytest.param("jetstream", "waiting for the store", "CONVLOG_LOG_0", id="jetstream store"),
-    pytest.param("sqlite", "waiting for the streams on NATS JetStream", "CONVLOG_ITEMS", id="sqlite store"),
-]
-
-
-@pytest.mark.parametrize(("store", "waiting", "stream"), WAITS)
-async def test_a_log_service_started_before_its_cluster_has_quorum_waits_for_it(
-    tmp_path: Path, store: str, waiting: str, stream: str,
-) -> None:
+@contextlib.asynccontextmanager
+async def _cluster_without_quorum(tmp_path: Path) -> AsyncIterator[tuple[str, list[NatsServer]]]:
+    """A 3-node cluster with two of its servers stopped: no stream can be placed
+    or led. The meta leader stays up, so for a while it still answers, and
+    refuses an R3 stream for want of peers ("peer offline"), then only times
+    out. Yields the three servers' URL and the two stopped ones."""
     cluster = NatsCluster(tmp_path / "cluster")
-    svc = None
     try:
         await asyncio.to_thread(cluster.start)
         await cluster.wait_ready()
-        # Step 1: two of three servers down: no stream can be placed or led. The
-        # meta leader stays up, so for a while it still answers, and refuses an
-        # R3 stream for want of peers ("peer offline"), then only times out.
         meta = next((s for s in cluster.servers if "Self is new JetStream cluster metadata leader" in s.log_text()),
                     cluster.servers[0])
         others = [s for s in cluster.servers if s is not meta]
         for server in others:
             await asyncio.to_thread(server.stop)
-        url = ",".join(s.url for s in [meta, *others])
+        yield ",".join(s.url for s in [meta, *others]), others
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+# The store is opened first, then the items stream (SQLite store), the routing
+# bucket, the work stream and the heads bucket are created; each waits. On the
+# SQLite store it is those that wait: a request lost while a cluster formed once
+# stopped both of the README's log services with "nats: timeout".
+WAITS = {"jetstream": "waiting for the store", "sqlite": "waiting for the streams on NATS JetStream"}
+#: The stream each store's service creates R3 once the cluster is back.
+STREAMS = {"jetstream": "CONVLOG_LOG_0", "sqlite": "CONVLOG_ITEMS"}
+
+
+@pytest.mark.parametrize("store", WAITS)
+async def test_a_log_service_started_before_its_cluster_has_quorum_waits_for_it(tmp_path: Path, store: str) -> None:
+    svc = None
+    async with _cluster_without_quorum(tmp_path) as (url, others):
+        try:
+            svc = LogServiceProc(url, tmp_path / "log.db", log_dir=tmp_path, store=store,
+                                 env={"CONVLOG_STREAM_REPLICAS": "3"})
+            svc.start(wait=False)  # it cannot be ready yet
+            assert svc.proc is not None
+            await asyncio.to_thread(svc.proc.wait_for_line, WAITS[store], 30)
+            assert svc.proc.running, svc.proc.output()
+            # The others come back; the service opens or creates what it needs and serves.
+            for server in others:
+                await asyncio.to_thread(server.start)
+            await asyncio.to_thread(svc.proc.wait_for_line, READY_LINE, 60)
+            async with await LogClient.connect(url) as client:
+                reply = await client.append("early", [{"agent": "user", "data": {"role": "user", "content": "hi"}}])
+                assert reply.first_order == 1
+                info = await client.nc.jetstream().stream_info(STREAMS[store])
+                assert info.config.num_replicas == 3
+        finally:
+            if svc is not None:
+                await asyncio.to_thread(svc.stop)
+
+
+@pytest.mark.parametrize("store", WAITS)
+async def test_sigterm_while_waiting_for_the_cluster_stops_at_once_and_cleanly(tmp_path: Path, store: str) -> None:
+    async with _cluster_without_quorum(tmp_path) as (url, _):
         svc = LogServiceProc(url, tmp_path / "log.db", log_dir=tmp_path, store=store,
                              env={"CONVLOG_STREAM_REPLICAS": "3"})
-        svc.start(wait=False)  # it cannot be ready yet
-        assert svc.proc is not None
-        await asyncio.to_thread(svc.proc.wait_for_line, waiting, 30)
-        assert svc.proc.running, svc.proc.output()
-        # Step 2: the others come back; the service opens or creates what it needs and serves.
-        for server in others:
-            await asyncio.to_thread(server.start)
-        await asyncio.to_thread(svc.proc.wait_for_line, READY_LINE, 60)
-        async with await LogClient.connect(url) as client:
-            reply = await client.append("early", [{"agent": "user", "data": {"role": "user", "content": "hi"}}])
-            assert reply.first_order == 1
-            info = await client.nc.jetstream().stream_info(stream)
-            assert info.config.num_replicas == 3
-    finally:
-        if svc is not None:
+        try:
+            svc.start(wait=False)
+            assert svc.proc is not None
+            await asyncio.to_thread(svc.proc.wait_for_line, WAITS[store], 30)
+            os.kill(svc.proc.pid, signal.SIGTERM)
+            # Not the rest of the minute's wait, and no error: a stop asked for.
+            assert await asyncio.to_thread(svc.proc.wait, 10) == 0, svc.proc.output()
+            assert "Traceback" not in svc.proc.output() and "convlog log:" not in svc.proc.output()
+        finally:
             await asyncio.to_thread(svc.stop)
-        await asyncio.to_thread(cluster.stop)
+
+
+async def test_a_worker_waits_for_its_routing_bucket_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    async with _cluster_without_quorum(tmp_path) as (url, _):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CONVLOG_", "OPENAI_"))}
+        env.update(CONVLOG_NATS_URL=url, CONVLOG_STREAM_REPLICAS="3", CONVLOG_EMBEDDED="false")
+        with python_module("services.cli.main", "worker", "Triage", log_dir=tmp_path, env=env,
+                           name="worker-Triage") as worker:
+            await asyncio.to_thread(worker.wait_for_line, r"waiting for the routing bucket on NATS JetStream", 30)
+            assert worker.running, worker.output()
+            os.kill(worker.pid, signal.SIGTERM)
+            assert await asyncio.to_thread(worker.wait, 10) == 0, worker.output()
+            assert "Traceback" not in worker.output() and "convlog worker:" not in worker.output()

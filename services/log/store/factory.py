@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from shared.client import connect_options
 from shared.config import Settings
@@ -39,18 +40,20 @@ def make_store(settings: Settings) -> LogStore:
     return SQLiteStore(settings.db_path, max_batch=settings.commit_batch)
 
 
-async def open_store(store: LogStore, wait: float = OPEN_WAIT) -> None:
+async def open_store(store: LogStore, wait: float = OPEN_WAIT, *,
+                     stopping: Callable[[], bool] = lambda: False) -> None:
     """Open ``store``, trying again for up to ``wait`` seconds while it is
     unavailable for a reason that heals by itself (the cause is transient, see
     :func:`shared.failures.is_transient`, or the cluster's peers are still
     starting, see :func:`shared.failures.heals_at_start`); anything else is
-    raised at once.
+    raised at once, and so is any failure once ``stopping()`` is true.
 
     Raises:
         UnavailableError: still unavailable after ``wait`` seconds.
     """
 
     def heals(e: BaseException) -> bool:
-        return isinstance(e, UnavailableError) and e.__cause__ is not None and heals_at_start(e.__cause__)
+        return (not stopping() and isinstance(e, UnavailableError) and e.__cause__ is not None
+                and heals_at_start(e.__cause__))
 
     await wait_at_start(store.open, what="the store", log=log, within=wait, heals=heals)
