@@ -22,7 +22,8 @@ Calls that are retried have one policy per kind of call, each a tenacity
 outcomes, same ids, until the deadline), model requests over HTTP in
 :mod:`services.worker.model` (with ``Retry-After``; its backoff is a
 :class:`Backoff`), and waiting at start for what the process needs
-(:func:`wait_for`: the log service's store, a worker's JetStream).  A worker's failed delivery comes back after a
+(:func:`wait_for`; :mod:`shared.startup` for the streams, buckets and
+store every process sets up).  A worker's failed delivery comes back after a
 :class:`Backoff` too.
 """
 
@@ -43,7 +44,6 @@ import nats.js.errors
 import tenacity
 from nats.js.api import StreamConfig
 
-from .config import ConfigError
 from .errors import UnavailableError
 from .subjects import Subjects
 
@@ -55,11 +55,8 @@ __all__ = [
     "Loops",
     "StreamConfigError",
     "check_items_stream",
-    "create_or_find",
-    "heals_at_start",
     "is_transient",
     "supervise",
-    "wait_at_start",
     "wait_for",
     "watch",
 ]
@@ -215,92 +212,6 @@ async def wait_for(
         reraise=True,
     )
     return await retrying(attempt)
-
-
-#: JetStream's "no suitable peers for placement, peer offline": a replicated
-#: stream or bucket cannot be placed until the cluster's other servers are up.
-PEERS_OFFLINE = 10005
-
-#: Seconds a process waits at start for what it needs on NATS JetStream (a
-#: cluster started with it, still electing its leaders or placing a stream).
-START_WAIT = 60.0
-
-
-def heals_at_start(exc: BaseException) -> bool:
-    """Worth waiting for while a process starts: a transient failure
-    (:func:`is_transient`; a JetStream API request that timed out while the
-    cluster elects its leaders is one), or a cluster whose peers are still
-    starting."""
-    if isinstance(exc, nats.js.errors.APIError) and exc.err_code == PEERS_OFFLINE:
-        return True
-    return is_transient(exc)
-
-
-async def wait_at_start(
-    attempt: Callable[[], Awaitable[_T]], *, what: str, log: logging.Logger, within: float = START_WAIT,
-    heals: Callable[[BaseException], bool] = heals_at_start,
-) -> _T:
-    """:func:`wait_for` with one warning at the first wait
-    (``waiting for WHAT (up to N s): cause``) and one when it is there.
-    For the setup every process does once at start: ``attempt`` must be safe
-    to run again after a failure (create-if-missing, open), and a coroutine
-    function (tenacity calls anything else without awaiting what it returns).
-
-    Raises:
-        UnavailableError: NATS still failing after ``within`` seconds.
-        ConfigError: JetStream refused for a reason that does not heal (a
-            replicated stream on a server that is not clustered, a limit).
-        whatever else ``attempt`` raises, as it is (its own errors, bugs).
-    """
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    waited = False
-
-    def waiting(n: int, _waited: float, failure: BaseException) -> None:
-        nonlocal waited
-        if n == 0:
-            waited = True
-            log.warning("waiting for %s (up to %.0f s): %s", what, within, _describe(failure))
-
-    try:
-        result = await wait_for(attempt, within=within, heals=heals, waiting=waiting)
-    except nats.js.errors.APIError as e:
-        if heals(e):  # it would have healed: out of time
-            raise UnavailableError(f"cannot set up {what} within {within:g} s: {_describe(e)}") from e
-        raise ConfigError(f"cannot set up {what}: {e.description} (JetStream error {e.err_code})"
-                          f"{_REFUSAL_HINTS.get(e.err_code or 0, '')}") from e
-    except (nats.errors.Error, TimeoutError, ConnectionError) as e:
-        raise UnavailableError(f"cannot set up {what}: NATS did not answer within {within:g} s "
-                               f"({_describe(e)})") from e
-    if waited:
-        log.warning("%s: ready after %.1f s", what, loop.time() - started)
-    return result
-
-
-#: What to do about a refusal at start, by JetStream error code.
-_REFUSAL_HINTS = {
-    10074: "; CONVLOG_STREAM_REPLICAS above 1 needs a NATS cluster (set it to 1 for one server)",
-}
-
-
-def _describe(exc: BaseException) -> str:
-    """``Type: message`` (a timeout's message is often empty)."""
-    return f"{type(exc).__name__}: {exc}".rstrip(": ")
-
-
-async def create_or_find(create: Callable[[], Awaitable[_T]], find: Callable[[], Awaitable[_T]]) -> _T:
-    """``create()`` a stream or bucket; if JetStream refuses it as a bad request
-    (another process created it meanwhile, perhaps with another configuration),
-    what ``find()`` finds.  When there is nothing to find, the refusal itself
-    is raised (an R3 stream on a server that is not clustered, peers offline),
-    not a "not found" that hides why."""
-    try:
-        return await create()
-    except nats.js.errors.BadRequestError as refused:
-        try:
-            return await find()
-        except nats.js.errors.NotFoundError:
-            raise refused from None
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], within: float) -> set[asyncio.Task[Any]]:

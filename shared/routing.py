@@ -23,8 +23,8 @@ from msgspec import Meta
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
 
-from .failures import create_or_find
 from .messages import AgentName, NonNegInt
+from .startup import create_or_find
 from .subjects import Subjects
 
 __all__ = [

@@ -51,9 +51,10 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from .failures import StreamConfigError, create_or_find
+from .failures import StreamConfigError
 from .messages import NonNegInt, SessionId
 from .routing import parse_handoff_output
+from .startup import create_or_find
 from .subjects import Subjects
 
 __all__ = [

@@ -18,7 +18,8 @@ import time
 
 from shared.config import Settings
 from shared.errors import BadRequestError, UnavailableError
-from shared.failures import START_WAIT, wait_for
+from shared.failures import wait_for
+from shared.startup import START_WAIT
 
 from .common import (
     EXIT_OK,

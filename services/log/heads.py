@@ -21,9 +21,9 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
 
-from shared.failures import create_or_find
 from shared.messages import SignedHead
 from shared.signing import Signer, sign_head
+from shared.startup import create_or_find
 from shared.subjects import Subjects
 
 from .store.base import Committed

@@ -39,9 +39,10 @@ from services import metrics
 from shared import __version__, nats_connect, tracing
 from shared.client import connect_options
 from shared.config import Settings
-from shared.failures import FatalError, Loops, cancel_and_wait, heals_at_start, wait_at_start
+from shared.failures import FatalError, Loops, cancel_and_wait
 from shared.nats_seam import NatsSeam, bind
 from shared.routing import EntryProof, encode_checkpoint, entry_checkpoint, open_routing_bucket
+from shared.startup import heals_at_start, wait_at_start
 from shared.subjects import Subjects
 from shared.wire import Outgoing
 from shared.work import ensure_work_stream

@@ -47,9 +47,10 @@ from services import metrics
 from shared import nats_connect
 from shared.client import LogClient, connect_options
 from shared.config import Settings
-from shared.failures import Loops, heals_at_start, is_transient, wait_at_start
+from shared.failures import Loops, is_transient
 from shared.nats_seam import bind
 from shared.signing import Signer
+from shared.startup import heals_at_start, wait_at_start
 from shared.work import Notice, decode_notice, work_stream_name
 
 from .handling import NoticeHandler, Tally, term
@@ -180,6 +181,7 @@ class Worker:
             signer=Signer.load(self.settings.signing_key) if self.settings.signing_key else None,
         )
         self.gate = EnvelopeGate.from_settings(self.client, self.settings, self.agent.name)
+
         async def routing_bucket() -> Any:
             assert self.nc is not None
             return await open_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import nats
 from nats.js.api import KeyValueConfig
 
-from shared.failures import create_or_find
+from shared.startup import create_or_find
 from tests.support.natsd import NatsServer
 
 

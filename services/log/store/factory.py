@@ -8,7 +8,7 @@ from collections.abc import Callable
 from shared.client import connect_options
 from shared.config import Settings
 from shared.errors import UnavailableError
-from shared.failures import START_WAIT, heals_at_start, wait_at_start
+from shared.startup import START_WAIT, heals_at_start, wait_at_start
 
 from .base import LogStore
 
