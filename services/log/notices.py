@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -171,9 +171,7 @@ class Notifier:
                 self._start(head.session_id, head.item_order)
         if self._batch:  # one task, one flush and one wait for the acks per commit
             batch, self._batch = self._batch, []
-            task = asyncio.create_task(self._publish(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._publish(batch))
 
     def _handoff_now(self, sid: str, order: int, target: str) -> bool:
         """Publish a handoff's notice from the commit listener itself, written to the
@@ -189,10 +187,14 @@ class Notifier:
         acked = self._acks.publish_now([message])
         if acked is None:
             return False
-        task = asyncio.create_task(self._log_handoff(sid, order, acked))
+        self._spawn(self._log_handoff(sid, order, acked))
+        return True
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task of its own, kept until done (:meth:`stop` waits for them)."""
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return True
 
     @staticmethod
     async def _log_handoff(sid: str, order: int, acked: Awaitable[list[Exception | None]]) -> None:
@@ -214,10 +216,7 @@ class Notifier:
 
     def note_active(self, sid: str, agent: str) -> None:
         """Remember that ``agent`` answers ``sid``'s next user message (``""``: the entry agent)."""
-        self._active[sid] = agent
-        self._active.move_to_end(sid)
-        if len(self._active) > self.remember:
-            self._active.popitem(last=False)
+        self._keep(self._active, sid, agent)
 
     def _start(self, sid: str, order: int, handoff_to: str | None = None) -> None:
         msg_id = notice_msg_id(sid, order)
@@ -240,10 +239,14 @@ class Notifier:
         appending the message whose ``to`` named it; ``None``: a checkpoint was already
         there (a retry of a message whose first attempt wrote it, two first messages at
         once), so the session's first notice carries no entry: the worker reads the bucket."""
-        self._entries[sid] = agent
-        self._entries.move_to_end(sid)
-        if len(self._entries) > self.remember:
-            self._entries.popitem(last=False)
+        self._keep(self._entries, sid, agent)
+
+    def _keep(self, table: OrderedDict[str, Any], sid: str, value: Any) -> None:
+        """``table[sid] = value``, the newest; the oldest beyond ``remember`` are dropped."""
+        table[sid] = value
+        table.move_to_end(sid)
+        if len(table) > self.remember:
+            table.popitem(last=False)
 
     async def address(self, sid: str, order: int = 0) -> str:
         """The subject the user message at ``order`` of ``sid`` is announced on."""
