@@ -51,13 +51,14 @@ def heals_at_start(exc: BaseException) -> bool:
 
 async def wait_at_start(
     attempt: Callable[[], Awaitable[_T]], *, what: str, log: logging.Logger, within: float = START_WAIT,
-    heals: Callable[[BaseException], bool] = heals_at_start,
+    heals: Callable[[BaseException], bool] = heals_at_start, stopping: Callable[[], bool] = lambda: False,
 ) -> _T:
     """:func:`wait_for` with one warning at the first wait
     (``waiting for WHAT (up to N s): cause``) and one when it is there.
     For the setup every process does once at start: ``attempt`` must be safe
     to run again after a failure (create-if-missing, open), and a coroutine
     function (tenacity calls anything else without awaiting what it returns).
+    Once ``stopping()`` is true (a shutdown began), a failure ends the wait.
 
     Raises:
         UnavailableError: NATS still failing after ``within`` seconds.
@@ -76,7 +77,8 @@ async def wait_at_start(
             log.warning("waiting for %s (up to %.0f s): %s", what, within, _describe(failure))
 
     try:
-        result = await wait_for(attempt, within=within, heals=heals, waiting=waiting)
+        result = await wait_for(attempt, within=within, heals=lambda e: not stopping() and heals(e),
+                                waiting=waiting)
     except nats.js.errors.APIError as e:
         if heals(e):  # it would have healed: out of time
             raise UnavailableError(f"cannot set up {what} within {within:g} s: {_describe(e)}") from e

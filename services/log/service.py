@@ -42,7 +42,7 @@ from shared.config import Settings
 from shared.failures import FatalError, Loops, cancel_and_wait
 from shared.nats_seam import NatsSeam, bind
 from shared.routing import EntryProof, encode_checkpoint, entry_checkpoint, open_routing_bucket
-from shared.startup import heals_at_start, wait_at_start
+from shared.startup import wait_at_start
 from shared.subjects import Subjects
 from shared.wire import Outgoing
 from shared.work import ensure_work_stream
@@ -129,10 +129,6 @@ class LogService(Endpoints):
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
 
-    def _heals_at_start(self, failure: BaseException) -> bool:
-        """Try the start-up step again (not once a shutdown has begun)."""
-        return not self._shutdown_started and heals_at_start(failure)
-
     async def start(self) -> None:
         """Open the store, connect, create the streams, register the endpoints.
 
@@ -153,8 +149,11 @@ class LogService(Endpoints):
         # A bad keyring or key fails before anything opens.
         authorize = authorizer_from(self.settings)
         head_signer = head_signer_from(self.settings, authorize.keyring)
-        # Waits for a cluster still electing its leaders (not once a shutdown has begun).
-        await open_store(self.store, stopping=lambda: self._shutdown_started)
+
+        def stopping() -> bool:  # a shutdown begun ends each wait below (for a cluster's leaders)
+            return self._shutdown_started
+
+        await open_store(self.store, stopping=stopping)
         for task in getattr(self.store, "background_tasks", ()):  # committer, checkpointer
             self._loops.watch(task)
 
@@ -194,7 +193,7 @@ class LogService(Endpoints):
         # Each is created if missing, so a try cut short (a cluster that had
         # not yet placed them, a request lost while its routes formed) is safe to repeat.
         kv = await wait_at_start(streams_and_buckets, what="the streams on NATS JetStream", log=log,
-                                 heals=self._heals_at_start)
+                                 stopping=stopping)
         # One process appends to an SQLite store; JetStream-store instances share their sessions.
         sole_writer = not getattr(self.store, "shared_by_instances", False)
         self.notifier = Notifier(self.nc, self.subjects, kv, sole_writer=sole_writer)
@@ -229,7 +228,7 @@ class LogService(Endpoints):
             self.witness = HeadWitness(self.nc, self.subjects, head_signer, interval=self.settings.head_interval,
                                        replicas=self.settings.stream_replicas)
             await wait_at_start(self.witness.start, what="the heads bucket on NATS JetStream", log=log,
-                                heals=self._heals_at_start)
+                                stopping=stopping)
             self.store.add_commit_listener(self.witness.on_commit)
         # Fan-out lag is the outbox's; a store that writes the items stream itself has none.
         self.fanout = metrics.Fanout(lambda: self.outbox.published_position if self.outbox else 0)

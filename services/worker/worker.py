@@ -50,7 +50,7 @@ from shared.config import Settings
 from shared.failures import Loops, is_transient
 from shared.nats_seam import bind
 from shared.signing import Signer
-from shared.startup import heals_at_start, wait_at_start
+from shared.startup import wait_at_start
 from shared.work import Notice, decode_notice, work_stream_name
 
 from .handling import NoticeHandler, Tally, term
@@ -190,7 +190,7 @@ class Worker:
         try:
             kv = await wait_at_start(
                 routing_bucket, what=f"the routing bucket on NATS JetStream (worker {self.agent.name})", log=log,
-                heals=lambda e: not self._shutdown_started and heals_at_start(e),
+                stopping=lambda: self._shutdown_started,
             )
         except Exception:
             if not self._shutdown_started:

@@ -53,7 +53,6 @@ async def open_store(store: LogStore, wait: float = OPEN_WAIT, *,
     """
 
     def heals(e: BaseException) -> bool:
-        return (not stopping() and isinstance(e, UnavailableError) and e.__cause__ is not None
-                and heals_at_start(e.__cause__))
+        return isinstance(e, UnavailableError) and e.__cause__ is not None and heals_at_start(e.__cause__)
 
-    await wait_at_start(store.open, what="the store", log=log, within=wait, heals=heals)
+    await wait_at_start(store.open, what="the store", log=log, within=wait, heals=heals, stopping=stopping)
