@@ -90,11 +90,23 @@ async def connect(settings: Settings, options: dict[str, Any]) -> Client:
     check_credentials(settings)
     on_error = options.get("error_cb")
     connecting = True
+    # What goes wrong while connecting is said once the connect ends, unless a
+    # refusal ends it: the server closes the socket as it refuses, and the reset
+    # may reach nats-py first, a second line that says nothing the refusal does not.
+    held: list[Exception] = []
 
     async def error_cb(e: Exception) -> None:
-        if connecting and _refusal(e):
-            raise _Refused(e)  # out of nats-py's connect loop
-        if on_error is not None:
+        if connecting:
+            if _refusal(e):
+                raise _Refused(e)  # out of nats-py's connect loop
+            held.append(e)
+        elif on_error is not None:
+            await on_error(e)
+
+    async def say_held() -> None:
+        nonlocal connecting
+        connecting = False
+        for e in held if on_error is not None else ():
             await on_error(e)
 
     nc = Client()
@@ -104,13 +116,15 @@ async def connect(settings: Settings, options: dict[str, Any]) -> Client:
         await _close(nc)
         raise ConfigError(f"NATS refused the connection ({_which(settings)}): {e.error}") from e.error
     except (nats.errors.Error, OSError, TimeoutError):
+        await say_held()
         raise
     except Exception as e:  # nats-py or nkeys choking on the credentials
+        await say_held()
         await _close(nc)
         if not (settings.creds or settings.nkey):
             raise
         raise ConfigError(f"cannot sign in with {_which(settings)}: {type(e).__name__}: {e}") from e
-    connecting = False
+    await say_held()
     return nc
 
 
