@@ -38,14 +38,17 @@ def nats_server_binary() -> str:
 
 
 def nats_answers(url: str, timeout: float = 0.5) -> bool:
-    """True when something accepts TCP connections at the first server of ``url``."""
-    first = url.split(",")[0].strip()
-    parsed = urlparse(first if "://" in first else f"nats://{first}")
-    try:
-        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout):
-            return True
-    except OSError:
-        return False
+    """True when something accepts TCP connections at any server of ``url``
+    (a cluster's list still answers with its first node down)."""
+    for server in url.split(","):
+        server = server.strip()
+        parsed = urlparse(server if "://" in server else f"nats://{server}")
+        try:
+            with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | None:

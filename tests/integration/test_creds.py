@@ -21,7 +21,7 @@ import pytest
 from shared.client import LogClient
 from shared.config import load_settings
 from tests.support.nats_jwt import Operator
-from tests.support.natsd import NatsServer
+from tests.support.natsd import NatsServer, free_port
 from tests.support.procs import python_module, run_cli, service_env
 
 
@@ -93,6 +93,12 @@ async def test_a_wrong_creds_file_is_one_line(operator_server: tuple[NatsServer,
         assert rc != 0 and "Traceback" not in err, (name, err)
         assert len(lines) == 1 and lines[0].startswith("convlog sessions: "), (name, err)
         assert out == "", (name, out)
+    # Servers that do not answer, tried before the one that refuses: still one line.
+    dead = ",".join(f"nats://127.0.0.1:{free_port()}" for _ in range(3))
+    rc, _, err = await convlog(tmp_path, "sessions", "--nats-url", f"{dead},{server.url}",
+                               "--creds", str(cases["untrusted"]))
+    assert rc != 0 and err.strip().splitlines() == [err.strip()], err
+    assert "NATS refused the connection (CONVLOG_CREDS=" in err, err
     assert "NATS refused the connection (CONVLOG_CREDS=" in err_of(await convlog(
         tmp_path, "sessions", "--nats-url", server.url, "--creds", str(cases["untrusted"])))
     assert "not a NATS credentials file" in err_of(await convlog(
