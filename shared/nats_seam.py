@@ -23,6 +23,13 @@ Two busy paths of convlog go faster than nats-py's public API lets them:
   parse of the rest (``Client._ps``: its ``parse``, ``buf``, ``state``,
   ``needed``, ``header_needed``, ``msg_arg``; ``Subscription._id``).
 
+* **ordered flush** — nats-py's ``Client.flush`` writes its PING ahead of
+  commands still queued for the flusher task, so it can return before the
+  server has seen a SUB queued just before it.  :func:`flush` first waits for
+  the flusher to have written the queue: the fast seam puts its own future in
+  the flusher's queue (``Client._flush_queue``), the public one watches
+  ``pending_data_size`` fall to 0.
+
 and the log service needs two things nats-py's ``micro`` has no public name
 for: a request's reply subject, so replies can join such a burst
 (``Request._msg``), and an endpoint's subscription, to deliver appends inline
@@ -73,6 +80,7 @@ __all__ = [
     "Probe",
     "RawFrames",
     "bind",
+    "flush",
     "probe",
     "seam_for",
     "select",
@@ -318,6 +326,29 @@ class NatsSeam:
         """The subscription behind a micro endpoint (None: not reachable)."""
         return None
 
+    async def flush(self, nc: Client, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - as Client.flush
+        """Return once the server has processed every command queued on ``nc``
+        before this call (a ``subscribe``'s SUB, a ``publish``).
+
+        ``Client.flush`` alone does not promise that on nats-py 2.16: it writes
+        its PING straight to the socket, ahead of what still waits for the
+        flusher task, so its PONG can come back before the server has seen a
+        SUB queued just before it. The public way waits (within ``timeout``)
+        until the flusher has written the queue, then flushes. A connection
+        publishing without pause from other tasks can keep that queue from
+        emptying; the fast seam does not wait on other tasks' messages.
+
+        Raises:
+            nats.errors.FlushTimeoutError: no PONG within ``timeout``.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        spins = 0
+        while nc.pending_data_size and nc.is_connected and loop.time() < deadline:
+            spins += 1
+            await asyncio.sleep(0 if spins < 16 else 0.001)  # the flusher's turn, or its drain
+        await nc.flush(max(deadline - loop.time(), 0.001))
+
     async def stop_service(self, service: Service) -> None:
         """Stop intake: the public way unsubscribes the endpoints, so requests
         nats-py has queued but micro not yet handled get no reply (their
@@ -367,6 +398,17 @@ class _FastSeam(NatsSeam):
         nc.stats["out_msgs"] += count
         nc.stats["out_bytes"] += payload_bytes
         return True
+
+    async def flush(self, nc: Client, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - as Client.flush
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        queue = nc._flush_queue
+        if nc.is_connected and queue is not None:
+            written: asyncio.Future[None] = loop.create_future()
+            await queue.put(written)  # the flusher serves its queue in order: this after all before it
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(written), timeout)
+        await nc.flush(max(deadline - loop.time(), 0.001))
 
     def reply_to(self, req: Request) -> str | Request:
         return req._msg.reply
@@ -427,3 +469,10 @@ def seam_for(nc: Client) -> NatsSeam:
     """The seam bound to ``nc``, else the ``auto`` choice."""
     seam = _bound.get(nc)
     return seam if seam is not None else bind(nc)
+
+
+async def flush(nc: Client, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - as Client.flush
+    """``nc.flush()`` that what was queued before it cannot overtake: once it
+    returns, the server has processed every SUB, UNSUB and PUB queued on ``nc``
+    before the call (see :meth:`NatsSeam.flush`)."""
+    await seam_for(nc).flush(nc, timeout)

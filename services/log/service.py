@@ -40,7 +40,7 @@ from shared import __version__, nats_connect, tracing
 from shared.client import connect_options
 from shared.config import Settings
 from shared.failures import FatalError, Loops, cancel_and_wait
-from shared.nats_seam import NatsSeam, bind
+from shared.nats_seam import NatsSeam, bind, flush
 from shared.routing import EntryProof, encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.startup import wait_at_start
 from shared.subjects import Subjects
@@ -271,7 +271,7 @@ class LogService(Endpoints):
         )
         if seam.fast and not inline:
             log.warning("the append endpoint's subscription is out of reach: appends go through micro's queue")
-        await self.nc.flush()
+        await flush(self.nc)  # the endpoints' SUBs are in place: 'ready' means it
         # Last: a service that cannot start (an items stream for other subjects) leaves no loop behind.
         self.reconciler = Reconciler(self.nc, self.subjects, self.notifier, self.store)
         self._reconciler = self._loops.start(self.reconciler.run, "notice reconciler")

@@ -48,7 +48,7 @@ from shared import nats_connect
 from shared.client import LogClient, connect_options
 from shared.config import Settings
 from shared.failures import Loops, is_transient
-from shared.nats_seam import bind
+from shared.nats_seam import bind, flush
 from shared.signing import Signer
 from shared.startup import wait_at_start
 from shared.work import Notice, decode_notice, work_stream_name
@@ -254,7 +254,7 @@ class Worker:
                 await self.consumer.close()
                 if self.nc is not None:
                     with contextlib.suppress(Exception):
-                        await self.nc.flush(timeout=2)
+                        await flush(self.nc, timeout=2)
             # 2. Fetched but not started: give it back at once.
             for queue in list(self._queues.values()):
                 while queue:

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from shared.client import LogClient
 from shared.errors import BadRequestError, UnavailableError
 from shared.messages import AppendItem
-from shared.nats_seam import FAST, bind
+from shared.nats_seam import FAST, bind, flush
 from tests.support.natsd import NatsServer
 
 PREFIX = "t"
@@ -52,7 +52,7 @@ class Responder:
 
     async def start(self) -> Responder:
         await self.nc.subscribe(self.subject, cb=self._cb)
-        await self.nc.flush()
+        await flush(self.nc)
         return self
 
     async def _cb(self, msg: Msg) -> None:
@@ -223,7 +223,7 @@ async def test_a_reply_arriving_after_a_reconnect_completes_the_same_attempt(
 
         await asyncio.to_thread(nats_server.restart)
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in reconnected.values())), 10)
-        await nc.flush()  # the replayed reply subscription is in place on the server
+        await flush(nc)  # the replayed reply subscription is in place on the server
         assert not task.done()
 
         # Answer the request that was sent before the restart.

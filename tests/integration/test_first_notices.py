@@ -12,6 +12,7 @@ from typing import Any
 
 import nats
 
+from shared.nats_seam import flush
 from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.work import Notice, decode_notice, work_subject
 from tests.support.eventually import assert_eventually
@@ -37,7 +38,7 @@ class Watch:
 
         await self.stack.nc.subscribe(f"{self.stack.settings.subjects.prefix}.work.>", cb=on_notice)
         await self.stack.nc.subscribe("$JS.API.>", cb=on_api)
-        await self.stack.nc.flush()
+        await flush(self.stack.nc)
 
     def entries(self, sid: str, order: int) -> list[str | None]:
         return [n.entry for n in self.notices if n.session_id == sid and n.item_order == order]
@@ -107,7 +108,7 @@ async def test_a_handoff_notice_leaves_ahead_of_the_commits_reply_and_items(
             wire.append((msg.subject, msg.reply, msg.data))
 
         await spy.subscribe(">", cb=on_any)
-        await spy.flush()
+        await flush(spy)
         await stack.send("hand-1", "I was charged twice")
         log = await stack.answered("hand-1", users=1)
         handoff = next(e for e in log if e.data.get("type") == "function_call_output")

@@ -17,6 +17,7 @@ from services.cli.keys_cmds import make_keys
 from services.log.service import LogService
 from shared.client import LogClient
 from shared.config import load_settings
+from shared.nats_seam import flush
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
 from tests.support.procs import Proc
@@ -92,7 +93,7 @@ async def test_each_key_is_a_nats_user_with_only_its_role(tmp_path: Path) -> Non
                 await kv.put("t1", b'{"active":"Triage","order":99}')
             before = (await svc.nc.jetstream().stream_info(STREAM)).state.messages
             await thief.publish("convlog.items.t1", msgspec.json.encode({"forged": True}))
-            await thief.flush()
+            await flush(thief)
 
             def refused() -> None:
                 for subject in (f"$JS.API.STREAM.DELETE.{STREAM}", f"$JS.API.STREAM.PURGE.{STREAM}",

@@ -12,6 +12,7 @@ import nats.js.errors
 from nats.js.api import StreamConfig
 
 from services.log.pubacks import AckedPublisher
+from shared.nats_seam import bind, flush
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
 
@@ -53,7 +54,7 @@ async def test_no_ack_in_time_is_a_timeout(nats_server: NatsServer) -> None:
             return None
 
         await silent.subscribe("mute.>", cb=ignore)  # a responder that never answers
-        await silent.flush()
+        await flush(silent)
         outcomes = await pub.publish([("mute.x", b"1", {})], wait=0.2)
         assert len(outcomes) == 1 and isinstance(outcomes[0], TimeoutError)
     finally:
@@ -134,7 +135,7 @@ async def test_closing_ends_a_batch_waiting_for_its_ack(nats_server: NatsServer)
             return None
 
         await silent.subscribe("mute.>", cb=ignore)  # takes the batch, never answers
-        await silent.flush()
+        await flush(silent)
         waiting = asyncio.create_task(pub.publish_together([("mute.a", b"1", {}), ("mute.b", b"2", {})], wait=60))
         await asyncio.sleep(0.2)
         assert not waiting.done(), waiting.result()  # the outcomes, should it fail
@@ -150,8 +151,6 @@ async def test_closing_ends_a_batch_waiting_for_its_ack(nats_server: NatsServer)
 async def test_publish_now_writes_before_returning_and_never_ahead_of_queued_messages(
     nats_server: NatsServer,
 ) -> None:
-    from shared.nats_seam import bind
-
     nc = await nats.connect(nats_server.url)
     bind(nc)  # the fast seam (the probe passes on the tested nats-py)
     pub = AckedPublisher(nc)
@@ -167,7 +166,7 @@ async def test_publish_now_writes_before_returning_and_never_ahead_of_queued_mes
             seen.append(msg.data)
 
         await watcher.subscribe("now.>", cb=on_msg)
-        await watcher.flush()
+        await flush(watcher)
 
         await nc.publish("now.queued", b"queued")  # queued for the flusher task, not yet written
         assert pub.publish_now([("now.a", b"1", {"Nats-Msg-Id": "n1"})]) is None  # would overtake it
@@ -197,8 +196,6 @@ async def test_publish_now_writes_before_returning_and_never_ahead_of_queued_mes
 
 
 async def test_publish_now_on_the_public_seam_sends_nothing(nats_server: NatsServer) -> None:
-    from shared.nats_seam import bind
-
     nc = await nats.connect(nats_server.url)
     bind(nc, "public")
     pub = AckedPublisher(nc)

@@ -13,7 +13,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from shared.nats_seam import bind
+from shared.nats_seam import bind, flush
 from shared.wire import Outgoing, header_block, publish_many
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
@@ -33,7 +33,7 @@ async def _collect(nc: Client, subject: str) -> list[Msg]:
         got.append(msg)
 
     await nc.subscribe(subject, cb=on)
-    await nc.flush()
+    await flush(nc)
     return got
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from shared.messages import Envelope
+from shared.nats_seam import flush
 from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.work import (
     Notice,
@@ -306,7 +307,7 @@ async def test_notices_carry_the_committed_items_and_a_warm_worker_reads_nothing
         reads.append(msg.data)
 
     read_sub = await stack.nc.subscribe(stack.settings.subjects.read(sid), cb=on_read)
-    await stack.nc.flush()
+    await flush(stack.nc)
     await stack.send(sid, "two")
     await _reply_committed(stack, sid, 1)
     await read_sub.unsubscribe()

@@ -12,6 +12,7 @@ import nats
 import openai
 import pytest
 
+from shared.nats_seam import flush
 from tests.support import fake_openai as fo
 from tests.support.eventually import assert_eventually, wait_until
 from tests.support.natscluster import NatsCluster
@@ -77,7 +78,7 @@ async def test_pause_freezes_and_resume_thaws(nats_server: NatsServer) -> None:
             await msg.respond(msg.data)
 
         await responder.subscribe("harness.echo", cb=echo)
-        await responder.flush()
+        await flush(responder)
 
         # Once in CI on a loaded machine the first request came back "no
         # responders" although the subscription had been flushed; what is tested
