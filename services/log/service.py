@@ -158,7 +158,8 @@ class LogService(Endpoints):
             self._loops.watch(task)
 
         async def disconnected() -> None:
-            log.info("nats: disconnected; reconnecting")
+            if not (self.nc is not None and self.nc.is_closed):  # not its own close at shutdown
+                log.info("nats: disconnected; reconnecting")
             if self.outbox is not None:
                 self.outbox.on_disconnected()
 

@@ -76,6 +76,7 @@ async def test_nats_restarts_mid_load_lose_no_acked_item(
         await assert_eventually(followed_everything, timeout=30, interval=0.25)
 
     assert svc.proc is not None and svc.proc.running, "the log service died:\n" + svc.output()
+    assert "nats: disconnected; reconnecting" in svc.output()  # said when NATS went away
 
     await assert_load_kept(nats_server.url, outs, SESSIONS, WRITERS)
 

@@ -435,6 +435,7 @@ async def test_sigterm_drains_and_exits_zero_with_no_acked_item_lost(
             await asyncio.wait_for(asyncio.gather(*writers), 15)
             await nc.close()
     assert "log service stopped" in proc.output()
+    assert "reconnecting" not in proc.output()  # its own close at shutdown is no disconnection
     assert f"nats-py seam: {'public' if mode == 'public' else 'fast'}" in proc.output()
 
     # Every acknowledged append is in the file at its acknowledged order.
