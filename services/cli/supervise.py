@@ -8,13 +8,16 @@ supervisord restarts a program that dies (``autorestart``), stops them all on
 SIGTERM/SIGINT in reverse priority order (workers, then the log service, then
 nats-server) with each program's ``stopsignal``/``stopwaitsecs``.
 
-:class:`Supervisor` starts supervisord as our child and is stopped by its PID;
-if supervisord itself will not stop, the children it reported are killed by
-their PIDs too, so nothing is left behind.
+:class:`Supervisor` starts supervisord as our child; to stop, it has each
+priority tier stopped at once over the control socket (all workers together:
+supervisord alone stops one program a second), then stops supervisord by its
+PID.  If supervisord itself will not stop, the children it reported are
+killed by their PIDs too, so nothing is left behind.
 """
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import hashlib
 import os
@@ -243,6 +246,26 @@ def stack_programs(
     return programs
 
 
+#: Process states in which a program is (or is about to be) running.
+_LIVE_STATES = frozenset({"STARTING", "RUNNING", "BACKOFF"})
+
+
+def _stop_settings(conf: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """Each ``[program:X]``'s ``priority`` and ``stopwaitsecs`` in ``conf``
+    (supervisord's defaults, 999 and 10, where absent or not a number)."""
+    parser = configparser.RawConfigParser(strict=False)
+    parser.read(conf)
+    priority: dict[str, int] = {}
+    stopwait: dict[str, int] = {}
+    for section in parser.sections():
+        if section.startswith("program:"):
+            name = section.split(":", 1)[1]
+            for key, into, default in (("priority", priority, 999), ("stopwaitsecs", stopwait, 10)):
+                value = parser.get(section, key, fallback=str(default)).strip()
+                into[name] = int(value) if value.isdigit() else default
+    return priority, stopwait
+
+
 class Supervisor:
     """``supervisord -n -c CONF`` as a child process, controlled over its socket.
 
@@ -324,22 +347,51 @@ class Supervisor:
         return info
 
     def stop(self, timeout: float = 40.0) -> int | None:
-        """SIGTERM supervisord (it stops every program), wait, then kill by PID.
+        """Stop every program in reverse priority order, then supervisord; kill by PID
+        what will not stop.
 
-        Idempotent.  If supervisord has to be killed, every child PID it ever
-        reported is killed too, so no program outlives it.
+        supervisord stops one program at a time on SIGTERM and notices each exit
+        only at its next one-second tick, so a stack of six programs took ~5 s
+        to stop although each exits in milliseconds.  Here each priority tier
+        (all workers, then the log service, then nats-server) is told to stop
+        at once over the control socket and watched every 20 ms (each question
+        wakes supervisord, which reaps the exits); a tier that outlasts its
+        ``stopwaitsecs`` is left to supervisord's own SIGTERM shutdown, which
+        follows in any case.  Idempotent.  If supervisord has to be killed,
+        every child PID it ever reported is killed too, so no program outlives it.
         """
         proc = self.proc
         if proc is None:
             return None
         if proc.poll() is None:
             with contextlib.suppress(OSError, xmlrpc.client.Error):
-                self.processes()  # remember the children's PIDs in case we must kill
+                self._stop_in_order(time.monotonic() + timeout / 2)
             if stop_process(proc, timeout) == -signal.SIGKILL:
                 for pid in self._children:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
         return proc.returncode
+
+    def _stop_in_order(self, deadline: float) -> None:
+        """Stop the running programs tier by tier, highest ``priority`` first
+        (see :meth:`stop`); returns early at ``deadline`` or when a tier will not stop."""
+        rpc = self.rpc().supervisor
+        infos = self.processes()  # also remembers the children's PIDs in case we must kill
+        priority, stopwait = _stop_settings(self.conf)
+        tiers: dict[int, list[str]] = {}
+        for info in infos:
+            if info["statename"] in _LIVE_STATES:
+                tiers.setdefault(priority.get(info["group"], 999), []).append(f"{info['group']}:{info['name']}")
+        for tier in sorted(tiers, reverse=True):
+            names = tiers[tier]
+            for name in names:
+                with contextlib.suppress(xmlrpc.client.Fault):  # it stopped meanwhile
+                    rpc.stopProcess(name, False)
+            until = min(deadline, time.monotonic() + max(stopwait.get(n.split(":")[0], 10) for n in names) + 1)
+            while any(rpc.getProcessInfo(n)["statename"] in _LIVE_STATES | {"STOPPING"} for n in names):
+                if time.monotonic() > until:
+                    return
+                time.sleep(0.02)
 
     def _output_tail(self, n: int = 2000) -> str:
         if self.output is None or not self.output.exists():
