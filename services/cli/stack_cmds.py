@@ -3,9 +3,11 @@
 ``convlog up`` writes a supervisord config generated from the current
 settings into ``DATA_DIR/supervisor/`` (nats-server when none answers at a
 loopback URL, the log service, ``--workers-per-agent`` workers per agent) and
-replaces itself with ``supervisord -n -c FILE``: the stack runs in the
-foreground, SIGTERM or Ctrl-C stops all of it, and a program that dies is
-restarted.  Its nats-server keeps JetStream in ``DATA_DIR/jetstream``, as
+runs ``supervisord -n -c FILE`` as its child: the stack runs in the
+foreground, a program that dies is restarted, and SIGTERM or Ctrl-C stops all
+of it, each priority tier at once (all workers, then the log service, then
+nats-server: :meth:`~services.cli.supervise.Supervisor.stop`; supervisord
+alone stops one program a second).  It exits with supervisord's status.  Its nats-server keeps JetStream in ``DATA_DIR/jetstream``, as
 ``convlog log``'s embedded one does.  Next to a running ``convlog log`` or
 ``convlog up`` (the database's lock is held, a log service answers, or the
 supervisord socket answers) it says so and exits instead of starting
@@ -16,8 +18,8 @@ programs that would crash-loop.  ``convlog demo`` is described in
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+import asyncio
+import signal
 from pathlib import Path
 
 from shared.config import Settings, nats_servers
@@ -35,7 +37,14 @@ from .common import stderr as _stderr
 from .log_cmd import db_source
 from .stack import nats_answers, nats_server_binary
 from .storage import check_data_dir, check_service_db, db_in_use
-from .supervise import code_root, render_config, socket_path_for, stack_programs
+from .supervise import (
+    Supervisor,
+    SupervisorError,
+    code_root,
+    render_config,
+    socket_path_for,
+    stack_programs,
+)
 
 __all__ = ["cmd_demo", "cmd_up", "demo_arguments", "up_arguments", "up_config"]
 
@@ -160,9 +169,35 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         f"  status: supervisorctl -s unix://{sock} status\n"
         "  Ctrl-C or SIGTERM stops everything"
     )
-    argv = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(path)]
-    os.execv(argv[0], argv)  # supervisord takes over this PID: signals reach it directly
-    return 0  # pragma: no cover - execv does not return
+    return await _supervise(Supervisor(path, sock, console=True))
+
+
+async def _supervise(sup: Supervisor) -> int:
+    """Run ``sup`` until SIGTERM, SIGINT or SIGHUP (then stop it, tier by tier) or
+    until supervisord exits by itself; its exit status."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        try:
+            await asyncio.to_thread(sup.start)
+        except SupervisorError as e:
+            _stderr(f"convlog up: {e}")
+            return EXIT_FAIL
+        assert sup.proc is not None
+        exited = asyncio.ensure_future(asyncio.to_thread(sup.proc.wait))
+        asked = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([exited, asked], return_when=asyncio.FIRST_COMPLETED)
+        asked.cancel()
+        rc = await asyncio.to_thread(sup.stop)
+        await exited
+        return rc if rc is not None else EXIT_FAIL
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await asyncio.to_thread(sup.stop)  # idempotent; a failed start leaves nothing behind
 
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

@@ -273,7 +273,10 @@ class Supervisor:
         conf: the config file (see :func:`render_config`).
         socket: its ``[unix_http_server] file``.
         env: supervisord's environment (inherited by every program).
-        output: where supervisord's own stdout/stderr go.
+        output: where supervisord's own stdout/stderr go (``None``: nowhere).
+        console: supervisord writes to our stdout/stderr instead, and runs in
+            a session of its own, so a terminal's Ctrl-C reaches only us and
+            the stop is ours (``convlog up``).
     """
 
     def __init__(
@@ -283,11 +286,13 @@ class Supervisor:
         *,
         env: Mapping[str, str] | None = None,
         output: Path | None = None,
+        console: bool = False,
     ) -> None:
         self.conf = Path(conf)
         self.socket = Path(socket)
         self.env = dict(os.environ if env is None else env)
         self.output = output
+        self.console = console
         self.proc: subprocess.Popen[bytes] | None = None
         self._children: set[int] = set()
 
@@ -303,11 +308,15 @@ class Supervisor:
         Raises:
             SupervisorError: it exited or did not answer in time (with its output).
         """
-        out = open(self.output, "ab") if self.output else subprocess.DEVNULL
+        out: Any = open(self.output, "ab") if self.output else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(self.conf)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=None if self.console else out,
+                stderr=None if self.console else subprocess.STDOUT,
+                env=self.env,
+                start_new_session=self.console,
             )
         finally:
             if out is not subprocess.DEVNULL:

@@ -4,7 +4,8 @@
   whole stack; a worker killed with ``kill -9`` is restarted by supervisord and
   the session carries on: the message sent after the kill is answered too.
 * ``convlog up`` runs the stack in the foreground (two replicas per agent) and
-  SIGTERM stops every process it started.
+  SIGTERM stops every process it started, supervisord included, each program
+  with exit status 0.
 * ``convlog demo`` exits 0 with the seed transcript, the escalation and both
   verdict lines, in well under a minute.
 
@@ -134,7 +135,7 @@ async def test_deploy_supervisord_restarts_a_killed_worker(short_tmp: Path) -> N
 
 
 async def test_convlog_up_runs_the_stack_until_sigterm(short_tmp: Path) -> None:
-    # Step 1: `convlog up` with two replicas per agent; it execs supervisord in place.
+    # Step 1: `convlog up` with two replicas per agent; supervisord runs as its child.
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
     env = stack_env(CONVLOG_DATA_DIR=str(short_tmp))
@@ -156,6 +157,7 @@ async def test_convlog_up_runs_the_stack_until_sigterm(short_tmp: Path) -> None:
         assert sorted(i["name"] for i in infos) == sorted(
             ["nats", "log", *(f"worker-{a}-{n}" for a in AGENTS for n in (0, 1))])
         children |= {i["pid"] for i in infos if i["pid"]}
+        children.add(await asyncio.to_thread(lambda: sup.rpc().supervisor.getPID()))
 
         # A second `convlog up` on the same data directory says so and starts nothing.
         second = await asyncio.to_thread(
@@ -177,10 +179,13 @@ async def test_convlog_up_runs_the_stack_until_sigterm(short_tmp: Path) -> None:
         finally:
             await client.close()
     finally:
-        # Step 3: SIGTERM to the PID we started (supervisord now) stops everything.
+        # Step 3: SIGTERM to the PID we started stops everything, supervisord too.
         rc = proc.terminate(timeout=40)
     assert rc == 0, proc.output()
-    assert "supervisord started with pid" in (short_tmp / "logs" / "supervisord.log").read_text()
+    log = (short_tmp / "logs" / "supervisord.log").read_text()
+    assert "supervisord started with pid" in log
+    for name in ["nats", "log", *(f"worker-{a}-{n}" for a in AGENTS for n in (0, 1))]:
+        assert f"stopped: {name} (exit status 0)" in log, log
     _assert_all_gone(children)
 
 
