@@ -7,7 +7,9 @@ worker`` processes; models are the fake OpenAI-compatible server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -268,8 +270,10 @@ class Notices:
         return [n for _, n in self.seen if n.session_id == sid and n.item_order == order]
 
 
-async def _reply_committed(stack: WorkerStack, sid: str, count: int) -> None:
-    """Wait until ``sid`` has ``count`` reply items, watching the items subject (no reads)."""
+@contextlib.asynccontextmanager
+async def _replies_on_items(stack: WorkerStack, sid: str) -> AsyncIterator[Callable[[int], Awaitable[None]]]:
+    """Watch the items subject of ``sid`` (no reads); yields ``wait(count)``, which
+    returns once ``count`` reply items were seen since the watch began."""
     replies: list[bytes] = []
     got = asyncio.Event()
 
@@ -278,12 +282,16 @@ async def _reply_committed(stack: WorkerStack, sid: str, count: int) -> None:
             replies.append(msg.data)
             got.set()
 
-    sub = await stack.nc.subscribe(stack.settings.subjects.items(sid), cb=on_item)
-    try:
+    async def wait(count: int) -> None:
         async with asyncio.timeout(20):
             while len(replies) < count:
                 got.clear()
                 await got.wait()
+
+    sub = await stack.nc.subscribe(stack.settings.subjects.items(sid), cb=on_item)
+    await flush(stack.nc)  # in place on the server before anything is sent
+    try:
+        yield wait
     finally:
         await sub.unsubscribe()
 
@@ -295,6 +303,7 @@ async def test_notices_carry_the_committed_items_and_a_warm_worker_reads_nothing
     await stack.start_workers(stack.worker("Solo", solo_spec(stack.tmp / "solo.toml")))
     notices = Notices()
     await stack.nc.subscribe(f"{stack.settings.subjects.prefix}.work.>", cb=notices.on_msg)
+    await flush(stack.nc)
     sid = "carry-1"
     await stack.send(sid, "one")
     await stack.answered(sid, users=1)
@@ -307,9 +316,9 @@ async def test_notices_carry_the_committed_items_and_a_warm_worker_reads_nothing
         reads.append(msg.data)
 
     read_sub = await stack.nc.subscribe(stack.settings.subjects.read(sid), cb=on_read)
-    await flush(stack.nc)
-    await stack.send(sid, "two")
-    await _reply_committed(stack, sid, 1)
+    async with _replies_on_items(stack, sid) as replies:
+        await stack.send(sid, "two")
+        await replies(1)
     await read_sub.unsubscribe()
     assert reads == []
 
@@ -329,6 +338,7 @@ async def test_a_handoff_notice_from_the_log_service_carries_the_young_session_w
     await stack.start_workers(*(stack.worker(a, SEED_SPEC) for a in ("Triage", "L1Billing")))
     notices = Notices()
     await stack.nc.subscribe(f"{stack.settings.subjects.prefix}.work.>", cb=notices.on_msg)
+    await flush(stack.nc)
     sid = "carry-h"
     await stack.send(sid, "I was charged twice")
     log = await stack.answered(sid, users=1)
