@@ -403,10 +403,10 @@ class _FastSeam(NatsSeam):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         queue = nc._flush_queue
-        if nc.is_connected and queue is not None:
+        if nc.is_connected and queue is not None and not queue.full():
             written: asyncio.Future[None] = loop.create_future()
-            await queue.put(written)  # the flusher serves its queue in order: this after all before it
-            with contextlib.suppress(asyncio.TimeoutError):
+            queue.put_nowait(written)  # the flusher serves its queue in order: this after all before it
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(written), timeout)
         await nc.flush(max(deadline - loop.time(), 0.001))
 

@@ -7,7 +7,8 @@ runs ``supervisord -n -c FILE`` as its child: the stack runs in the
 foreground, a program that dies is restarted, and SIGTERM or Ctrl-C stops all
 of it, each priority tier at once (all workers, then the log service, then
 nats-server: :meth:`~services.cli.supervise.Supervisor.stop`; supervisord
-alone stops one program a second).  It exits with supervisord's status.  Its nats-server keeps JetStream in ``DATA_DIR/jetstream``, as
+alone stops one program a second).  It exits with supervisord's status.
+Its nats-server keeps JetStream in ``DATA_DIR/jetstream``, as
 ``convlog log``'s embedded one does.  Next to a running ``convlog log`` or
 ``convlog up`` (the database's lock is held, a log service answers, or the
 supervisord socket answers) it says so and exits instead of starting

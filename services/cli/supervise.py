@@ -389,12 +389,12 @@ class Supervisor:
         priority, stopwait = _stop_settings(self.conf)
         tiers: dict[int, list[str]] = {}
         for info in infos:
-            if info["statename"] in _LIVE_STATES:
+            if info["statename"] in _LIVE_STATES | {"STOPPING"}:
                 tiers.setdefault(priority.get(info["group"], 999), []).append(f"{info['group']}:{info['name']}")
         for tier in sorted(tiers, reverse=True):
             names = tiers[tier]
             for name in names:
-                with contextlib.suppress(xmlrpc.client.Fault):  # it stopped meanwhile
+                with contextlib.suppress(xmlrpc.client.Fault):  # stopping or stopped already
                     rpc.stopProcess(name, False)
             until = min(deadline, time.monotonic() + max(stopwait.get(n.split(":")[0], 10) for n in names) + 1)
             while any(rpc.getProcessInfo(n)["statename"] in _LIVE_STATES | {"STOPPING"} for n in names):
