@@ -180,6 +180,7 @@ class PartFinder:
         known = self._known.get(sid) if notice.kind == "user" else None
         if known is None and fresh and self.carried:
             known = self._first_entry(notice)
+        learnt = known  # still where the routing check may start reading, if too far back for the first read
         if known is not None and not order - _AFTER_PAGE // 2 <= known[0] < order:
             known = None  # too far back to scan in the first read
         start = known[0] if known is not None else order - 1
@@ -193,7 +194,8 @@ class PartFinder:
             start = 0  # a young session is read whole: the window is folded from it
         routing: asyncio.Future[str] | None = None
         if notice.kind == "user" and known is None:
-            routing = asyncio.ensure_future(self._timed(out, "routing", self.routing.active_agent(sid, order)))
+            routing = asyncio.ensure_future(
+                self._timed(out, "routing", self.routing.active_agent(sid, order, known=learnt)))
         if routing is not None:
             out.route = routing
         try:
@@ -242,7 +244,7 @@ class PartFinder:
             else:
                 if routing is None:
                     routing = out.route = asyncio.ensure_future(
-                        self._timed(out, "routing", self.routing.active_agent(sid, order)))
+                        self._timed(out, "routing", self.routing.active_agent(sid, order, known=known)))
                 if not routing.done() and self._mine_unless_routed(before, order):
                     out.part = TurnPart(sid, turn_key(trigger.item_id), order, 0)
                     out.confirm = self._confirmer(sid, order, routing)

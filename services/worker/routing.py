@@ -167,17 +167,24 @@ class Routing:
                 agent = target
         return agent
 
-    async def active_agent(self, session_id: str, before_order: int) -> str:
+    async def active_agent(self, session_id: str, before_order: int, *,
+                           known: tuple[int, str] | None = None) -> str:
         """The active agent once every item before ``before_order`` is applied.
 
         For a user message at order ``n``, ``active_agent(sid, n)`` is the agent
         that answers it.  Handoffs to agents the spec does not know are ignored.
+        ``known``: ``(order, agent)``, what the caller learnt from the log before
+        (``agent`` is active once the items up to ``order`` are applied); the log
+        is read from the later of it and the checkpoint, so a session's long run
+        without handoffs is not read again from its last handoff.
         """
         cp = await self.checkpoint(session_id)
         entry = self._entry(session_id, cp)
         agent, after = entry, 0
         if cp is not None and cp.order < before_order and await self._log_agrees(session_id, cp, entry):
             agent, after = cp.active, cp.order
+        if known is not None and after < known[0] < before_order and known[1] in self.spec.agents:
+            after, agent = known
         return self.after_handoffs(agent, [env async for env in self._between(session_id, after, before_order)])
 
     async def _log_agrees(self, session_id: str, cp: Checkpoint, entry: str) -> bool:
