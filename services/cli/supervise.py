@@ -246,8 +246,8 @@ def stack_programs(
     return programs
 
 
-#: Process states in which a program is (or is about to be) running.
-_LIVE_STATES = frozenset({"STARTING", "RUNNING", "BACKOFF"})
+#: Process states in which a program is running, about to, or still stopping.
+_UNSTOPPED = frozenset({"STARTING", "RUNNING", "BACKOFF", "STOPPING"})
 
 
 def _stop_settings(conf: Path) -> tuple[dict[str, int], dict[str, int]]:
@@ -385,22 +385,25 @@ class Supervisor:
         """Stop the running programs tier by tier, highest ``priority`` first
         (see :meth:`stop`); returns early at ``deadline`` or when a tier will not stop."""
         rpc = self.rpc().supervisor
-        infos = self.processes()  # also remembers the children's PIDs in case we must kill
         priority, stopwait = _stop_settings(self.conf)
-        tiers: dict[int, list[str]] = {}
-        for info in infos:
-            if info["statename"] in _LIVE_STATES | {"STOPPING"}:
-                tiers.setdefault(priority.get(info["group"], 999), []).append(f"{info['group']}:{info['name']}")
+        tiers: dict[int, set[str]] = {}
+        for name, group in self._unstopped().items():
+            tiers.setdefault(priority.get(group, 999), set()).add(name)
         for tier in sorted(tiers, reverse=True):
             names = tiers[tier]
             for name in names:
                 with contextlib.suppress(xmlrpc.client.Fault):  # stopping or stopped already
                     rpc.stopProcess(name, False)
             until = min(deadline, time.monotonic() + max(stopwait.get(n.split(":")[0], 10) for n in names) + 1)
-            while any(rpc.getProcessInfo(n)["statename"] in _LIVE_STATES | {"STOPPING"} for n in names):
+            while names & self._unstopped().keys():  # each question wakes supervisord, which reaps
                 if time.monotonic() > until:
                     return
                 time.sleep(0.02)
+
+    def _unstopped(self) -> dict[str, str]:
+        """``group:name`` -> group of every process not yet stopped (one question;
+        it also remembers the children's PIDs in case we must kill)."""
+        return {f"{i['group']}:{i['name']}": i["group"] for i in self.processes() if i["statename"] in _UNSTOPPED}
 
     def _output_tail(self, n: int = 2000) -> str:
         if self.output is None or not self.output.exists():
