@@ -251,18 +251,31 @@ _UNSTOPPED = frozenset({"STARTING", "RUNNING", "BACKOFF", "STOPPING"})
 
 
 def _stop_settings(conf: Path) -> tuple[dict[str, int], dict[str, int]]:
-    """Each ``[program:X]``'s ``priority`` and ``stopwaitsecs`` in ``conf``
-    (supervisord's defaults, 999 and 10, where absent or not a number)."""
+    """Each process group's ``priority`` and ``stopwaitsecs`` in ``conf``, by group
+    name as supervisord reports it: a ``[program:X]`` is group ``X``, unless a
+    ``[group:G]`` lists it (then ``G``'s priority, its programs' longest
+    stopwaitsecs); supervisord's defaults, 999 and 10, where absent or not a number."""
     parser = configparser.RawConfigParser(strict=False)
     parser.read(conf)
+
+    def number(section: str, key: str, default: int) -> int:
+        value = parser.get(section, key, fallback=str(default)).strip()
+        return int(value) if value.isdigit() else default
+
     priority: dict[str, int] = {}
     stopwait: dict[str, int] = {}
     for section in parser.sections():
         if section.startswith("program:"):
             name = section.split(":", 1)[1]
-            for key, into, default in (("priority", priority, 999), ("stopwaitsecs", stopwait, 10)):
-                value = parser.get(section, key, fallback=str(default)).strip()
-                into[name] = int(value) if value.isdigit() else default
+            priority[name], stopwait[name] = number(section, "priority", 999), number(section, "stopwaitsecs", 10)
+    for section in parser.sections():
+        if section.startswith("group:"):
+            group = section.split(":", 1)[1]
+            members = [m.strip() for m in parser.get(section, "programs", fallback="").split(",") if m.strip()]
+            priority[group] = number(section, "priority", 999)
+            stopwait[group] = max((stopwait.pop(m, 10) for m in members), default=10)
+            for m in members:
+                priority.pop(m, None)
     return priority, stopwait
 
 

@@ -297,6 +297,11 @@ def test_supervisord_conf_parses_with_one_program_per_process(
     assert args.command == "health" and args.every > 0
     assert Path(args.agents) == DEPLOY / "agents.toml"
     assert progs["health"].priority > progs["worker-Triage"].priority
+    # the workers are one group, which supervisord stops at once (one tick, not one per worker)
+    groups = {g.name: g for g in opts.process_group_configs}
+    assert set(groups) == {"nats", "log", "workers", "health"}
+    assert {p.name for p in groups["workers"].process_configs} == {f"worker-{a}" for a in AGENTS}
+    assert groups["nats"].priority < groups["log"].priority < groups["workers"].priority < groups["health"].priority
 
 
 def test_supervisord_conf_names_a_missing_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -67,7 +67,8 @@ def test_supervisord_cluster_conf_runs_two_jetstream_log_services(tmp_path: Path
     (tmp_path / "logs").mkdir()
     opts = supervisor_options(DEPLOY / "supervisord-cluster.conf")
     groups = {g.name: {p.name: p for p in g.process_configs} for g in opts.process_group_configs}
-    assert set(groups) == {"log", "health", *(f"worker-{a}" for a in AGENTS)}
+    assert set(groups) == {"log", "health", "workers"}  # the workers stop together, as one group
+    assert set(groups["workers"]) == {f"worker-{a}" for a in AGENTS}
     env = opts.configroot.supervisord.environment
     assert env["CONVLOG_NATS_URL"] == CLUSTER_URL
     assert (env["CONVLOG_STORE"], env["CONVLOG_STREAM_REPLICAS"], env["CONVLOG_EMBEDDED"]) == ("jetstream", "3", "false")
@@ -83,7 +84,7 @@ def test_supervisord_cluster_conf_runs_two_jetstream_log_services(tmp_path: Path
         for p in group.values():
             assert p.autorestart is not False and p.stopsignal == 15 and p.stopwaitsecs >= 10, p.name
     for agent in AGENTS:
-        args = parse_convlog(shlex.split(groups[f"worker-{agent}"][f"worker-{agent}"].command)[1:])
+        args = parse_convlog(shlex.split(groups["workers"][f"worker-{agent}"].command)[1:])
         assert (args.command, args.agent) == ("worker", agent)
 
 

@@ -106,12 +106,12 @@ async def test_deploy_supervisord_restarts_a_killed_worker(short_tmp: Path) -> N
                 assert first.answered_by == "L1Billing"
 
                 # Step 3: kill -9 the worker of the session's active agent.
-                before = await asyncio.to_thread(sup.process, "worker-L1Billing")
+                before = await asyncio.to_thread(sup.process, "workers:worker-L1Billing")
                 os.kill(before["pid"], signal.SIGKILL)
 
                 # Step 4: supervisord notices and starts a new one.
                 def restarted() -> dict[str, object]:
-                    info = sup.process("worker-L1Billing")
+                    info = sup.process("workers:worker-L1Billing")
                     assert info["pid"] not in (0, before["pid"]), info
                     assert info["statename"] == "RUNNING", info
                     return info

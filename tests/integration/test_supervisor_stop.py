@@ -15,7 +15,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from services.cli.supervise import Program, Supervisor, render_config, socket_path_for
+import pytest
+
+from services.cli.supervise import Program, Supervisor, _stop_settings, render_config, socket_path_for
 from tests.support.eventually import wait_until
 
 #: On SIGTERM: mark it, wait (up to 8 s) for every program named in TIER to be
@@ -48,7 +50,8 @@ PROGRAM = textwrap.dedent(
 )
 
 
-def test_a_tier_stops_together_and_the_tiers_in_reverse_priority(short_tmp: Path) -> None:
+@pytest.mark.parametrize("grouped", [False, True], ids=["programs", "workers-group"])
+def test_a_tier_stops_together_and_the_tiers_in_reverse_priority(short_tmp: Path, grouped: bool) -> None:
     marks, logs, run = short_tmp / "marks", short_tmp / "logs", short_tmp / "run"
     for d in (marks, logs, run):
         d.mkdir()
@@ -62,8 +65,11 @@ def test_a_tier_stops_together_and_the_tiers_in_reverse_priority(short_tmp: Path
         for priority, tier, above in tiers
         for name in tier
     ]
+    text = render_config(programs, run_dir=run, log_dir=logs)
+    if grouped:  # as deploy/supervisord.conf has them: the group's priority is the tier's
+        text = text.replace("priority=30", "priority=999") + f"\n[group:workers]\nprograms={','.join(workers)}\npriority=30\n"
     conf = short_tmp / "supervisord.conf"
-    conf.write_text(render_config(programs, run_dir=run, log_dir=logs))
+    conf.write_text(text)
     sup = Supervisor(conf, socket_path_for(run), output=short_tmp / "supervisord.out")
     try:
         sup.start()
@@ -92,3 +98,28 @@ def test_stopping_twice_and_after_supervisord_is_gone(short_tmp: Path) -> None:
     assert sup.stop() == 0
     assert sup.stop() == 0  # idempotent: nothing left to ask over the socket
 
+
+
+def test_stop_settings_read_a_group_as_one_tier(tmp_path: Path) -> None:
+    conf = tmp_path / "s.conf"
+    conf.write_text(textwrap.dedent(
+        """
+        [program:nats]
+        priority=10
+        [program:w1]
+        priority=999
+        stopwaitsecs=15
+        [program:w2]
+        stopwaitsecs=25
+        [program:odd]
+        priority=soon
+        [group:workers]
+        programs=w1, w2
+        priority=30
+        """
+    ))
+    priority, stopwait = _stop_settings(conf)
+    # supervisord reports grouped processes as workers:w1, workers:w2: the group's
+    # priority orders them, and the tier waits as long as its slowest program may take
+    assert priority == {"nats": 10, "odd": 999, "workers": 30}
+    assert stopwait == {"nats": 10, "odd": 10, "workers": 25}
