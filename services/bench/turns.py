@@ -108,11 +108,12 @@ async def _phase(name: str, watcher: ReplyWatcher, timings: Timings | None, clie
         phase.deliveries_per_turn = (await deliveries(client) - before) / run.ops
     if timings is not None:
         await asyncio.sleep(0.2)
-        phase.breakdown = timings.breakdown(_turn_times(watcher, keys, run))
+        phase.breakdown = timings.breakdown(_turn_times(watcher, keys))
     return phase
 
 
-async def _alternating(watcher: ReplyWatcher, agents: int, duration: float, plain: Any, handoff: Any) -> list[Phase]:
+async def _alternating(watcher: ReplyWatcher, timings: Timings | None, agents: int, duration: float,
+                       plain: Any, handoff: Any) -> list[Phase]:
     """A plain turn, then a handoff turn, and again, for ``duration`` seconds: two phases
     (plain, handoff) whose p50s met the same load."""
     kinds = {"plain": plain, "handoff": handoff}
@@ -141,10 +142,14 @@ async def _alternating(watcher: ReplyWatcher, agents: int, duration: float, plai
                       lat[kind], errors[kind])
         phase.lost, phase.doubled = lost[kind], watcher.doubled(keys[kind])
         phases.append(phase)
+    if timings is not None:
+        await asyncio.sleep(0.2)
+        for kind, phase in zip(kinds, phases, strict=True):
+            phase.breakdown = timings.breakdown(_turn_times(watcher, keys[kind]))
     return phases
 
 
-def _turn_times(watcher: ReplyWatcher, keys: set[str], run: Run) -> dict[str, tuple[float, float]]:
+def _turn_times(watcher: ReplyWatcher, keys: set[str]) -> dict[str, tuple[float, float]]:
     return {k: (watcher.sent[k], watcher.totals.get(k, 0.0)) for k in keys if k in watcher.totals}
 
 
@@ -211,7 +216,7 @@ async def run_turn_bench(url: str, args: argparse.Namespace, spec_path: Path, ag
         runs.append(await _phase(f"handoff turns, 1 at a time, {agents} agents", watcher, timings, client,
                                  1, dur, lambda i: watcher.turn(f"tb-{tag}-h-{i}", HANDOFF)))
         say(f"plain and handoff turns alternating ({agents} agents) ...")
-        runs += await _alternating(watcher, agents, dur, plain(1), lambda i: watcher.turn(f"tb-{tag}-a-{i}", HANDOFF))
+        runs += await _alternating(watcher, timings, agents, dur, plain(1), lambda i: watcher.turn(f"tb-{tag}-a-{i}", HANDOFF))
         if not full:
             return runs
         for level in args.levels:

@@ -1,0 +1,50 @@
+"""``convlog bench --turns`` end to end, at toy length: the phases that count
+deliveries (one session, handoffs, the two alternating) on a real stack of
+worker processes, each turn answered once, and the time breakdown recorded
+for every phase, the alternating ones included (the figures themselves are
+for the README, never asserted)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from services.bench.stack import local_stack
+from services.bench.turns import bench_spec, figures, report, run_turn_bench
+
+
+async def test_turn_bench_phases_answer_each_turn_once_and_show_where_the_time_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # the instant rules model
+    spec = tmp_path / "agents.toml"
+    spec.write_text(bench_spec(3))
+    common = ["--agents", str(spec), "--publish-timings", "--ack-wait", "5"]
+    started: list[subprocess.Popen[bytes]] = []
+    args = argparse.Namespace(duration=1.0, json=False)
+    with local_stack(workers=[["L1Billing", *common], ["Triage", *common]], started=started) as url:
+        phases = await run_turn_bench(url, args, spec, 3, None, full=False)
+    assert all(p.poll() is not None for p in started)  # the stack stopped its workers
+    names = [p.name for p in phases]
+    assert names == ["plain turns, 1 session, 3 agents", "handoff turns, 1 at a time, 3 agents",
+                     "plain turns, alternating, 1 at a time, 3 agents",
+                     "handoff turns, alternating, 1 at a time, 3 agents"]
+    for p in phases:
+        assert p.ops > 0 and (p.errors, p.lost, p.doubled) == (0, 0, 0), (p.name, p.ops, p.errors, p.lost, p.doubled)
+        assert p.breakdown and len(p.breakdown["model"]) > 0, p.name
+        assert len(p.breakdown["append"]) <= p.ops, p.name
+    plain, handoff, alt_plain, alt_handoff = phases
+    assert plain.deliveries_per_turn == 1.0 and handoff.deliveries_per_turn == 2.0
+    for p in (handoff, alt_handoff):  # a handoff turn shows each agent's part
+        assert {"Triage.part", "L1Billing.part", "Triage.model", "L1Billing.reply_append"} <= set(p.breakdown)
+    assert not any("." in k for k in alt_plain.breakdown)
+    fig = figures(phases)
+    assert set(fig["handoff_over_plain_p50_alternating"]) == {"3"}
+    alternating = [p for p in fig["phases"] if "alternating" in p["name"]]
+    assert all("breakdown_ms" in p for p in alternating), alternating
+    text = report(fig, args)
+    for name in (alt_plain.name, alt_handoff.name):
+        assert f"where it goes (p50/p99 ms), {name}: append " in text, text
