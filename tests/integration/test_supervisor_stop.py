@@ -17,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.supervise import Program, Supervisor, _stop_settings, render_config, socket_path_for
+from services.cli.supervise import (
+    Program,
+    Supervisor,
+    _stop_settings,
+    render_config,
+    socket_path_for,
+)
 from tests.support.eventually import wait_until
 
 #: On SIGTERM: mark it, wait (up to 8 s) for every program named in TIER to be
