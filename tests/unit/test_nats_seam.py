@@ -16,6 +16,7 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
 import shared.nats_seam as seam
+import shared.nats_seam.probing as probing
 from shared.config import ConfigError, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +31,7 @@ def test_installed_nats_py_is_a_tested_version_with_every_internal_the_seam_uses
     found = seam.probe()
     assert found.tested, (
         f"nats-py {found.version} is not a version the suite ran on ({_range_text()}): "
-        "run the whole suite on it, then widen TESTED_NATS_PY in shared/nats_seam.py "
+        "run the whole suite on it, then widen TESTED_NATS_PY in shared/nats_seam/probing.py "
         "and the nats-py range in pyproject.toml together"
     )
     assert found.missing == (), f"nats-py {found.version}: {found.reason()}"
@@ -59,7 +60,7 @@ def test_a_renamed_instance_attribute_is_named(monkeypatch: pytest.MonkeyPatch) 
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
             self._pending_bytes = self.__dict__.pop("_pending_size")
 
-    monkeypatch.setattr(seam, "Subscription", Renamed)
+    monkeypatch.setattr(probing, "Subscription", Renamed)
     assert seam.probe.__wrapped__().missing == ("Subscription._pending_size",)
 
 
