@@ -164,3 +164,26 @@ def test_the_public_seam_delivers_no_raw_frames() -> None:
     nc = Client()
     assert not seam.PUBLIC.deliver_raw(nc, Subscription(nc, id=5), lambda *a: None)
     assert getattr(nc._ps.parse, "__self__", None) is nc._ps
+
+
+#: nats-py private names the fast seam uses, as they would appear in a use
+#: (an attribute of a connection, subscription, parser, service or request).
+_PRIVATE_USE = re.compile(
+    r"\.(_send_command|_flush_pending|_flush_queue|_pending_queue|_pending_size|_ps|_endpoints|_transport)\b"
+    r"|\b(nc|sub|msg|req)\._[a-z]"
+)
+
+
+def test_nats_py_private_names_are_used_only_behind_the_seam() -> None:
+    seam_dir = ROOT / "shared" / "nats_seam"
+    outside = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for top in ("services", "shared")
+        for path in sorted((ROOT / top).rglob("*.py"))
+        if seam_dir not in path.parents
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if _PRIVATE_USE.search(line)
+    ]
+    assert outside == [], "nats-py internals outside shared/nats_seam/:\n" + "\n".join(outside)
+    inside = sum(len(_PRIVATE_USE.findall(p.read_text())) for p in seam_dir.glob("*.py"))
+    assert inside >= 10  # the pattern does find the seam's own uses
