@@ -372,6 +372,8 @@ class Keyring:
                 return f"item_id {item_id!r} belongs to a turn of {owner!r}, not of {e.agent!r}"
             return None
         if e.role == GATEWAY:
+            if item_id is not None and (owner := turn_id_agent(item_id)) is not None:
+                return f"item_id {item_id!r} belongs to a turn of {owner!r}, not to the gateway"
             if agent == USER_AGENT and via_inbound:
                 return None
             return "the gateway key signs only user messages on the inbound subject"

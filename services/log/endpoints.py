@@ -79,6 +79,8 @@ class Endpoints(Replies):
                 elif signed:  # one Ed25519 check per item: off the loop (see verifier.py)
                     self._verifier_for(handlers).submit(
                         sid, request, partial(self._verified, sid, request, answer, trace=trace))
+                elif self._verifier is not None and self._verifier.busy:  # behind a signed one
+                    self._verifier.submit_verified(partial(self._verified, sid, request, answer, trace=trace))
                 elif trace is None:
                     store.submit(sid, request, answer)
                 else:

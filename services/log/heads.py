@@ -114,7 +114,12 @@ class HeadWitness:
             puts.append((sid, raw, self._kv.put(sid, msgspec.json.encode(head))))
         for i in range(0, len(puts), 256):
             chunk = puts[i : i + 256]
-            results = await asyncio.gather(*(p for _, _, p in chunk), return_exceptions=True)
+            try:
+                results = await asyncio.gather(*(p for _, _, p in chunk), return_exceptions=True)
+            except asyncio.CancelledError:  # stopping: keep what is not known stored for stop()
+                for sid, raw, _ in puts[i:]:
+                    self._dirty.setdefault(sid, raw)
+                raise
             for (sid, raw, _), res in zip(chunk, results, strict=True):
                 if isinstance(res, BaseException):
                     self._dirty.setdefault(sid, raw)  # retry next round (unless newer came)

@@ -53,6 +53,9 @@ log = logging.getLogger("convlog.worker.routing")
 
 _MISSING = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError)
 _PAGE = 1000
+#: How many of a session's first items are searched for the message an entry proof names
+#: (the first message, unless first messages raced).
+_ENTRY_WINDOW = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,35 +126,48 @@ class Routing:
             return self.spec.entry
         return entry
 
-    def _entry(self, session_id: str, cp: Checkpoint | None) -> str:
+    async def _entry(self, session_id: str, cp: Checkpoint | None) -> str:
         entry = self.spec_entry(cp.entry if cp is not None else None)
         if cp is None or entry != cp.entry:  # none stored, or not an agent of the spec
             return entry
-        if (why := self._unsigned_entry(session_id, cp)) is not None:
-            signed = self._signed_entry(session_id, cp)
+        at = await self._proof_at(session_id, cp.entry_proof)
+        if (why := self._unsigned_entry(session_id, cp, at)) is not None:
+            signed = self._signed_entry(session_id, cp, at)
             log.warning("routing entry of %s says %r, but %s: ignoring it and using %r", session_id,
                         entry, why, signed or self.spec.entry)
             return signed or self.spec.entry
         return entry
 
-    def _signed_entry(self, session_id: str, cp: Checkpoint) -> str | None:
+    async def _proof_at(self, session_id: str, proof: EntryProof | None) -> str | None:
+        """When the gateway signed ``proof``, if its key has been retired since: the
+        ``created_at`` of the message it names, found among the session's first items
+        and signed by the same key (a rotated key's earlier signatures still count);
+        ``None`` (checked as of now, when a retired key counts for nothing) otherwise."""
+        key = self.keyring.get(proof.key_id) if self.keyring is not None and proof is not None else None
+        if proof is None or key is None or key.retired_at is None:
+            return None
+        page = await self.client.read(session_id, after=0, limit=_ENTRY_WINDOW, raw=True)
+        held = next((e for e in page.items if e.item_id == proof.item_id), None)
+        return held.created_at if held is not None and held.key_id == proof.key_id else None
+
+    def _signed_entry(self, session_id: str, cp: Checkpoint, at: str | None) -> str | None:
         """The agent the gateway's ``to_sig`` of ``cp`` does sign, if one of the spec's."""
         proof = cp.entry_proof
         if proof is None or self.keyring is None:
             return None
-        if self.keyring.refusal(proof.key_id, USER_AGENT, via_inbound=True) is not None:
+        if self.keyring.refusal(proof.key_id, USER_AGENT, via_inbound=True, at=at) is not None:
             return None
         return next((a for a in self.spec.agents if verify_signature(
             proof.key_id, route_signing_input(session_id, proof.item_id, a), proof.to_sig)), None)
 
-    def _unsigned_entry(self, session_id: str, cp: Checkpoint) -> str | None:
+    def _unsigned_entry(self, session_id: str, cp: Checkpoint, at: str | None) -> str | None:
         """Why the gateway did not sign ``cp.entry`` for this session, or ``None``."""
         proof = cp.entry_proof
         if self.keyring is None or cp.entry == self.spec.entry:
             return None
         if proof is None:
             return "the gateway's signature of it is missing" if self.require else None
-        if (reason := self.keyring.refusal(proof.key_id, USER_AGENT, via_inbound=True)) is not None:
+        if (reason := self.keyring.refusal(proof.key_id, USER_AGENT, via_inbound=True, at=at)) is not None:
             return reason
         if not verify_signature(proof.key_id, route_signing_input(session_id, proof.item_id, cp.entry),
                                 proof.to_sig):
@@ -179,7 +195,7 @@ class Routing:
         without handoffs is not read again from its last handoff.
         """
         cp = await self.checkpoint(session_id)
-        entry = self._entry(session_id, cp)
+        entry = await self._entry(session_id, cp)
         agent, after = entry, 0
         if cp is not None and cp.order < before_order and await self._log_agrees(session_id, cp, entry):
             agent, after = cp.active, cp.order
@@ -217,7 +233,7 @@ class Routing:
             The stored checkpoint, or ``None`` for a session with no items.
         """
         cp = await self.checkpoint(session_id)
-        entry = self._entry(session_id, cp)
+        entry = await self._entry(session_id, cp)
         agent, last, seen = entry, 0, 0
         async for env in self.client.iter_items(session_id, raw=True):
             seen = env.item_order

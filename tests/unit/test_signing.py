@@ -304,3 +304,23 @@ def test_a_checked_item_makes_its_siblings_check_one_hash_and_a_lookup(monkeypat
     folded.clear()
     assert verify_item(signer.key_id, inputs[3], sigs[3]) and verify_item(signer.key_id, inputs[2], sigs[2])
     assert folded == [leaves[3]]
+
+
+def test_the_gateway_key_cannot_take_an_agents_turn_derived_id() -> None:
+    # <turn>.<Agent>.<step>.<role> is bound to <Agent>'s key, for the gateway too: a user
+    # message under Triage's reply id would otherwise pre-empt Triage's answer.
+    from services.log.authorize import Authorizer
+    from shared.errors import ForbiddenError
+    from shared.signing import KeyEntry, Keyring, Signer, sign_item
+
+    gw, _ = Signer.generate()
+    ring = Keyring([KeyEntry(key_id=gw.key_id, role="gateway", agent="user", created_at=T0)])
+    auth = Authorizer(ring, require=True)
+    taken = sign_item(gw, "s1", AppendItem(agent="user", item_id="u1.Triage.1.reply",
+                                           data={"role": "user", "content": "hi"}))
+    with pytest.raises(ForbiddenError, match="belongs to a turn of 'Triage'"):
+        auth.check_user("s1", taken)
+    assert "belongs to a turn of 'Triage'" in (ring.refusal(gw.key_id, "user", via_inbound=True,
+                                                            item_id="u1.Triage.1.reply") or "")
+    fine = sign_item(gw, "s1", AppendItem(agent="user", item_id="u1", data={"role": "user", "content": "hi"}))
+    auth.check_user("s1", fine)  # an ordinary id still goes through
