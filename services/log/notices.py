@@ -65,6 +65,8 @@ USER_MARK = b'"agent":"user"'
 CONSUMER_PREFIX = "convlog-agent-"
 _AGENTS_EVERY = 10.0
 _RECHECK_MISSING = 1.0
+#: How long the reconciler waits for a notice still being published (its ack waits 5 s).
+_SETTLE_WAIT = 10.0
 _HANDOFF = b'"function_call_output"'
 
 
@@ -130,6 +132,7 @@ class Notifier:
         #: per session: the entry this process wrote to the routing bucket (None: one was there)
         self._entries: OrderedDict[str, str | None] = OrderedDict()
         self._sent: OrderedDict[str, None] = OrderedDict()  # msg ids published (or being)
+        self._inflight: dict[str, asyncio.Event] = {}  # msg ids being published: set once settled
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch: list[_Pending] = []  # this commit's notices, see on_commit
         self._acks = AckedPublisher(nc)
@@ -214,6 +217,20 @@ class Notifier:
     def was_sent(self, msg_id: str) -> bool:
         return msg_id in self._sent
 
+    async def settled(self, msg_id: str, within: float = _SETTLE_WAIT) -> bool:
+        """Whether this process published ``msg_id``, once a publish still under way has
+        its outcome: a publish that fails late (its ack waited out) is the reconciler's
+        to redo, so it must not ack past it meanwhile.  Still unsettled after
+        ``within`` seconds: ``False`` (a republish the work stream drops if the first
+        one was stored after all; same ``Nats-Msg-Id``)."""
+        event = self._inflight.get(msg_id)
+        if event is not None:
+            try:
+                await asyncio.wait_for(event.wait(), within)
+            except TimeoutError:
+                return False
+        return msg_id in self._sent
+
     def note_active(self, sid: str, agent: str) -> None:
         """Remember that ``agent`` answers ``sid``'s next user message (``""``: the entry agent)."""
         self._keep(self._active, sid, agent)
@@ -222,6 +239,7 @@ class Notifier:
         msg_id = notice_msg_id(sid, order)
         if handoff_to is None:
             self._sent[msg_id] = None
+            self._inflight[msg_id] = asyncio.Event()
             if len(self._sent) > self.remember:
                 self._sent.popitem(last=False)
         self._batch.append(_Pending(sid, order, msg_id, self.recent.carry(sid, order), handoff_to))
@@ -293,7 +311,21 @@ class Notifier:
         self._agents_at = time.monotonic()
 
     async def _publish(self, batch: list[_Pending]) -> None:
-        """Publish one commit's notices, in order, and wait for the work stream's acks."""
+        """Publish one commit's notices, in order, and wait for the work stream's acks;
+        then the user notices are settled (:meth:`settled`), also when cancelled: a
+        notice whose outcome is not known then is not counted as sent."""
+        done = False
+        try:
+            await self._publish_batch(batch)
+            done = True
+        finally:
+            for p in batch:
+                if p.handoff_to is None and (event := self._inflight.pop(p.msg_id, None)) is not None:
+                    if not done:
+                        self._sent.pop(p.msg_id, None)
+                    event.set()
+
+    async def _publish_batch(self, batch: list[_Pending]) -> None:
         sending: list[_Pending] = []
         messages: list[Message] = []
         try:
@@ -311,6 +343,8 @@ class Notifier:
             sending = [p for p in batch if p.handoff_to is None or p in sending]
             outcomes = [e] * len(sending)
         for p, err in zip(sending, outcomes, strict=True):
+            if p.handoff_to is None and err is not None:
+                self._sent.pop(p.msg_id, None)  # before the reconciler, waiting on it, looks
             if err is None:
                 self.published += p.handoff_to is None
             elif p.handoff_to is not None:

@@ -134,7 +134,7 @@ class Reconciler:
                 if not is_user_message(head) or starts_no_turn(head.item_id):
                     continue
                 msg_id = notice_msg_id(head.session_id, head.item_order)
-                if self.notifier.was_sent(msg_id) or not await self._held(head, msg.data):
+                if await self.notifier.settled(msg_id) or not await self._held(head, msg.data):
                     continue
                 notice = Notice(session_id=head.session_id, item_order=head.item_order, ts=now())
                 await publish_notice(self.nc, await self.notifier.address(head.session_id), notice, msg_id)

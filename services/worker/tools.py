@@ -14,9 +14,10 @@ The contract for tool authors (also in the README, "Function tools"):
   for another replica to take the turn over, makes the tool run again *for the
   same call*.
 * **The idempotency key.**  Every call has a key that is the same on every
-  run of that call, on any replica, after any crash: the ``item_id`` of its
-  ``function_call`` item (``<turn>.<agent>.<step>.call<i>``, see
-  :mod:`.turn_ids`).  A tool receives it by declaring a keyword parameter
+  run of that call, on any replica, after any crash: the session id and the
+  ``item_id`` of its ``function_call`` item,
+  ``<session>:<turn>.<agent>.<step>.call<i>`` (:func:`.turn_ids.tool_key`;
+  an ``item_id`` alone is unique only within its session).  A tool receives it by declaring a keyword parameter
   named ``idempotency_key`` (annotated ``str``, usually ``str = ""`` so the
   function stays callable by hand).  The worker fills it in; it is not part
   of the schema the model sees, and the model cannot choose it.
@@ -55,7 +56,7 @@ from shared.messages import AppendItem, AppendReply, Envelope
 from .convert import function_call_output_item, handoff_output, parse_handoff_output
 from .spec import AgentSpec, ToolSpec
 from .toolschema import IDEMPOTENCY_KEY
-from .turn_ids import TurnItemId, turn_item_id
+from .turn_ids import TurnItemId, tool_key, turn_item_id
 
 __all__ = [
     "IDEMPOTENCY_KEY",
@@ -291,7 +292,7 @@ async def finish_calls(
         if call.index in pending.done or call.index in handoffs:
             continue
         output = await tracing.traced("convlog.tool", None, run_tool(
-            agent.name, agent.tool_for(call.name), call.name, call.arguments, key=call.key,
+            agent.name, agent.tool_for(call.name), call.name, call.arguments, key=tool_key(session_id, call.key),
             time_limit=time_limit), tool=call.name)
         metrics.tool_called(agent.name, call.name, output)
         ack = await append([(call, output)])

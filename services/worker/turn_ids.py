@@ -24,7 +24,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-__all__ = ["TERMINAL_ROLES", "TurnItemId", "parse_turn_item_id", "turn_item_id", "turn_key"]
+__all__ = ["TERMINAL_ROLES", "TurnItemId", "parse_turn_item_id", "tool_key", "turn_item_id", "turn_key"]
 
 #: Roles that end a turn.
 TERMINAL_ROLES = frozenset({"reply", "fail"})
@@ -80,3 +80,13 @@ def parse_turn_item_id(item_id: str) -> TurnItemId | None:
     if not turn or not _AGENT.match(agent) or not step.isdigit() or not _ROLE.match(role):
         return None
     return TurnItemId(turn=turn, agent=agent, step=int(step), role=role)
+
+
+def tool_key(session_id: str, call_item_id: str) -> str:
+    """A function call's idempotency key: ``<session>:<its function_call item_id>``.
+
+    The same on every run, replica and crash.  An ``item_id`` is unique only
+    within its session, and a turn's ids derive from the user message's, which
+    the sender may choose: the session id makes the key unique across sessions
+    (a session id holds no ``:``)."""
+    return f"{session_id}:{call_item_id}"

@@ -20,7 +20,7 @@ import pytest
 from services.worker.model import make_model_client
 from services.worker.spec import parse_spec
 from services.worker.turn import TurnPart, TurnRunner
-from services.worker.turn_ids import parse_turn_item_id, turn_key
+from services.worker.turn_ids import parse_turn_item_id, tool_key, turn_key
 from shared.messages import Envelope
 from tests.support import counting_tools
 from tests.support.eventually import assert_eventually
@@ -105,9 +105,9 @@ def assert_one_effect_and_one_reply(log: list[Envelope], tool: Tool, call: Envel
     """The call's output is in the log once, its charge applied once, the turn replied once."""
     (output,) = of_type(log, "function_call_output")
     assert output.data["call_id"] == call.data["call_id"]
-    assert tool.ledger() == [{"key": call.item_id, "amount": 7.5, "charge_id": "CH-0001"}]
+    assert tool.ledger() == [{"key": tool_key(call.session_id, call.item_id), "amount": 7.5, "charge_id": "CH-0001"}]
     assert output.data["output"] == "Charge CH-0001 of $7.50 applied"
-    assert {r["key"] for r in tool.runs()} == {call.item_id}
+    assert {r["key"] for r in tool.runs()} == {tool_key(call.session_id, call.item_id)}
     (user,) = [e for e in log if is_user(e)]
     (reply,) = terminal_items(log, user)
     assert reply.item_order == log[-1].item_order
@@ -138,7 +138,7 @@ async def test_a_user_message_during_the_model_step_or_the_tool_runs_it_once(
     one, two = [e for e in log if is_user(e)]
     (call,) = of_type(log, "function_call")
     assert call.item_order > two.item_order  # decided with the full history
-    assert [r["key"] for r in tool.runs()] == [call.item_id]  # ran once, with the call's key
+    assert [r["key"] for r in tool.runs()] == [tool_key(call.session_id, call.item_id)]  # ran once, with the call's key
     assert [len(terminal_items(log, u)) for u in (one, two)] == [1, 1]
     assert [e.item_id for e in turn_items(log, two)] == [terminal_items(log, two)[0].item_id]
     assert len(fake_openai.requests) == 4  # slow + redo, after the output, then "two"'s turn
@@ -155,8 +155,8 @@ async def test_a_user_message_during_the_model_step_or_the_tool_runs_it_once(
     pay, more = [e for e in log if is_user(e)]
     (output,) = of_type(log, "function_call_output")
     assert call.item_order < more.item_order < output.item_order
-    assert [r["key"] for r in tool.runs()][1:] == [call.item_id]
-    assert [c["key"] for c in tool.ledger()] == [tool.runs()[0]["key"], call.item_id]
+    assert [r["key"] for r in tool.runs()][1:] == [tool_key(call.session_id, call.item_id)]
+    assert [c["key"] for c in tool.ledger()] == [tool.runs()[0]["key"], tool_key(call.session_id, call.item_id)]
     (reply,) = terminal_items(log, pay)
     assert "saw pay | more" in reply.data["content"][0]["text"]
     assert len(terminal_items(log, more)) == 1
@@ -244,7 +244,7 @@ async def test_a_step_with_a_tool_and_a_handoff_writes_the_handoff_last(
         ]
         assert log[3].data["output"] == "Charge CH-0001 of $7.50 applied"
         assert log[4].data["output"] == '{"assistant": "Boss"}'
-        assert [r["key"] for r in tool.runs()] == [log[2].item_id]
+        assert [r["key"] for r in tool.runs()] == [tool_key("mixed", log[2].item_id)]
 
         # 2. A redelivery of the same part finds it over: nothing runs, nothing is written.
         again = await cashier_runner.run(part)
@@ -261,3 +261,22 @@ async def test_a_step_with_a_tool_and_a_handoff_writes_the_handoff_last(
         assert [e.agent for e in terminal_items(log, log[0])] == ["Boss"]
     finally:
         await model.client.close()
+
+
+async def test_the_same_message_id_in_two_sessions_gives_two_calls_two_keys(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    # An app numbering its messages per conversation: both sessions' turns derive the
+    # same item ids, but their calls are two calls, so two keys and two charges.
+    tool = Tool(stack.tmp)
+    fake_openai.responder(cashier)
+    await stack.start_workers(worker(stack, tool))
+    await stack.client.send("shop-a", "charge me", item_id="m1")
+    log_a = await stack.answered("shop-a", users=1)
+    await stack.client.send("shop-b", "charge me too", item_id="m1")
+    log_b = await stack.answered("shop-b", users=1)
+    (call_a,), (call_b,) = of_type(log_a, "function_call"), of_type(log_b, "function_call")
+    assert call_a.item_id == call_b.item_id
+    assert [c["key"] for c in tool.ledger()] == [tool_key("shop-a", call_a.item_id), tool_key("shop-b", call_b.item_id)]
+    outputs = [of_type(log, "function_call_output")[0].data["output"] for log in (log_a, log_b)]
+    assert outputs == ["Charge CH-0001 of $7.50 applied", "Charge CH-0002 of $7.50 applied"]

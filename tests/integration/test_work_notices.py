@@ -124,6 +124,37 @@ async def test_a_notice_lost_between_commit_and_publish_is_republished_once(
     assert work_stream_name(stack.settings.subjects) == WORK
 
 
+async def test_a_notice_whose_publish_fails_after_the_reconciler_looked_is_republished(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    # The work stream does not answer in time (a leader election, a slow disk): the
+    # publish reports its failure seconds later, after the reconciler's sweep has seen
+    # the item. The reconciler waits for a notice still being published rather than
+    # acking past it, so it republishes the notice once the publish has failed.
+    fake_openai.responder(support_responder)
+    await stack.start_workers(stack.worker("L1Billing", SEED_SPEC))
+    notifier = stack.service.notifier
+    assert notifier is not None and stack.service.reconciler is not None
+    real = notifier._acks.publish_together
+    failed: list[int] = []
+
+    async def unacked(messages: list[Any], *, wait: float = 5.0) -> list[Exception | None]:
+        await asyncio.sleep(4.0)  # longer than the reconciler's 2 s between sweeps
+        failed.append(len(messages))
+        return [TimeoutError("no ack from the work stream")] * len(messages)
+
+    notifier._acks.publish_together = unacked  # type: ignore[method-assign]
+    await stack.send("late-fail", "anyone there?", to="L1Billing")
+
+    def publish_failed() -> None:
+        assert failed == [1]
+
+    await assert_eventually(publish_failed, timeout=10)
+    notifier._acks.publish_together = real  # type: ignore[method-assign]
+    log = await stack.answered("late-fail", users=1, timeout=15)
+    assert notifier.failed == 1 and stack.service.reconciler.republished == 1
+    assert len(terminal_items(log, log[0])) == 1
+
 async def test_a_notice_that_is_not_one_is_refused_and_the_worker_goes_on(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
