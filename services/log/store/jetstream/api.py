@@ -22,7 +22,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from shared.errors import UnavailableError
+from shared.errors import TooLargeError, UnavailableError
 from shared.inbox import Message, RoutedInbox, atomic_batch
 from shared.nats_seam import seam_for
 
@@ -34,6 +34,7 @@ EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject
 _WRONG_LAST = 10071  # JSStreamWrongLastSequenceErrF: the session's head moved
 _SUBJECT_FULL = 10077  # JSStreamStoreFailedF "maximum messages per subject exceeded": the id exists
 _BATCH_DUPLICATE = 10201  # JSAtomicPublishContainsDuplicateMessageErr: <sid>:<order> was just written
+_BATCH_TOO_LARGE = 10199  # JSAtomicPublishTooLargeBatchErrF: over the server's batch max_msgs
 _STATUS = "Status"
 
 class WrongLastSequence(Exception):
@@ -74,6 +75,8 @@ def _ack(data: bytes, n: int) -> BatchAck:
         description = str(err.get("description", ""))
         if code in (_WRONG_LAST, _BATCH_DUPLICATE):
             raise WrongLastSequence(description)
+        if code == _BATCH_TOO_LARGE:
+            raise TooLargeError(f"{n} items in one append, over the log stream's limit: {description}")
         if code == _SUBJECT_FULL or "maximum messages per subject" in description:
             raise IdTaken(description)
         # On a clustered stream, two instances proposing one <sid>:<order> at

@@ -98,6 +98,7 @@ class _Part:
     idx: list[int]
     replies: list[Outcome]
     rows: list[Row]
+    head_seq: int = 0  # the stream sequence of the head the rows were decided on
     traces: list[str | None] = field(default_factory=list)  # per row: its request's traceparent
     seqs: list[int] = field(default_factory=list)  # once stored
 
@@ -193,7 +194,7 @@ class BatchWriter:
                 left[sid] = idx  # needs lookups (ids, retract targets): the careful path
                 continue
             st = SessionState(ix.last_order, ix.last_hash, ix.last_clear)
-            part = _Part(sid, ix, idx, [], [])
+            part = _Part(sid, ix, idx, [], [], head_seq=ix.last_seq)
             try:
                 for i in idx:
                     reply, rows = decide(sid, batch[i].request, st, {}, {}, created_at, 0)
@@ -236,7 +237,7 @@ class BatchWriter:
             return True
         msgs: list[Message] = []
         for part in parts:
-            msgs += self._messages(part.sid, part.index.last_seq, part.rows, part.traces)
+            msgs += self._messages(part.sid, part.head_seq, part.rows, part.traces)
         acks = self._acks()
         try:
             ack = await acks.publish_atomic(msgs)
@@ -244,7 +245,7 @@ class BatchWriter:
         except OutcomeUnknown:
             self.unknown += 1
             first = await self.settle.combined(msgs, parts[0].sid, parts[0].rows[:1])
-        except (WrongLastSequence, IdTaken, UnavailableError):
+        except (WrongLastSequence, IdTaken, UnavailableError, TooLargeError):
             self.retries += 1
             return False
         if first is None:

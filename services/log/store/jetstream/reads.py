@@ -270,10 +270,15 @@ class StreamReads:
         infos: dict[str, SessionInfo] = {}
         for i in range(0, len(page), 256):
             chunk = [self.layout.items(s) for s in page[i : i + 256]]
-            for m in await items.batch({"multi_last": chunk, "batch": len(chunk)}):
-                meta = meta_of(m)
-                sid = self.layout.session_of_items(m.headers["Nats-Subject"])  # type: ignore[index]
-                infos[sid] = SessionInfo(session_id=sid, last_order=meta.item_order, updated_at=meta.created_at)
+            while chunk:  # the server stops a batch at its max_pending bytes: ask again for the rest
+                got = await items.batch({"multi_last": chunk, "batch": len(chunk)})
+                for m in got:
+                    meta = meta_of(m)
+                    sid = self.layout.session_of_items(m.headers["Nats-Subject"])  # type: ignore[index]
+                    infos[sid] = SessionInfo(session_id=sid, last_order=meta.item_order, updated_at=meta.created_at)
+                if not got:
+                    break
+                chunk = [c for c in chunk if self.layout.session_of_items(c) not in infos]
         return [infos[s] for s in page if s in infos], more
 
     async def _fan_out_caught_up(self) -> None:

@@ -26,6 +26,8 @@ NO_BYTE_LIMIT = 1 << 40
 MAX_MARKS = 64
 #: Messages a head probe reads past the cached head (more: the wildcard get).
 _PROBE = 256
+#: Most bytes a head probe asks for (the server's own cap is its max_pending).
+_PROBE_BYTES = 8 << 20
 #: The first unfiltered chunk of a page: small, in case the shard interleaves sessions.
 _FIRST_PLAIN = 256
 #: Past a page's byte budget an unfiltered get may send (``more`` comes from the head).
@@ -70,8 +72,10 @@ async def probe_head(get: DirectGet, layout: Layout, sid: str, s: SessionIndex) 
     caller reads the head the wildcard way): the shard moved on by more
     than :data:`_PROBE` messages, or the stream no longer matches.
     """
-    bodies = await get.bodies({"seq": s.last_seq, "batch": _PROBE})
-    if not bodies or len(bodies) >= _PROBE:
+    bodies = await get.bodies({"seq": s.last_seq, "batch": _PROBE, "max_bytes": _PROBE_BYTES})
+    # Fewer than asked for means the shard ends here only if the server did
+    # not stop at the byte limit (it counts subject and headers too).
+    if not bodies or len(bodies) >= _PROBE or sum(len(b) + 2048 for b in bodies) >= _PROBE_BYTES:
         return False
     first = _where(bodies[0])
     if first is None or (first.session_id, first.item_order, first.hash) != (sid, s.last_order, s.last_hash):

@@ -1,0 +1,177 @@
+"""JetStream store edge cases, each a bug once (found in a review):
+
+* a combined batch takes its expectation from the head its rows were decided
+  on: a read on the same instance between the decision and the store moved the
+  cached head on to another instance's append, the server's check passed, and
+  the session got a second item at an order it held (a forked chain; only the
+  two-minute ``Nats-Msg-Id`` window stood in the way -- shortened here to 1 s);
+* a head probe and the sessions list's ``multi_last`` get ask for a byte limit
+  and treat a reply cut at it as cut: the server stops a batch at its
+  ``max_pending`` (64 MiB), which was read as "the shard ends here" (a stale
+  head, sessions left out of the list);
+* an append over nats-server's own atomic batch limit (``jetstream { limits {
+  batch { max_msgs } } }`` below the store's 1000) is ``too_large``, not retried
+  as contention and answered ``unavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from services.log.handlers import Handlers
+from services.log.store.jetstream import JetStreamStore, Layout
+from services.log.store.jetstream.commit import BatchWriter
+from shared.chain import verify
+from shared.errors import TooLargeError
+from shared.messages import AppendItem, AppendRequest
+from shared.subjects import Subjects
+from tests.contract.store_helpers import item, read_all, req
+from tests.contract.test_store_jetstream import prefix_for
+from tests.support.natsd import NatsServer
+
+SID = "s" * 128  # longest legal session id
+OTHER = "o" * 128
+AGENT = "\U0001f600" * 128  # 128 characters, as AgentName allows
+SIG = "A" * 86 + "." + "B" * 704  # the longest shape SIG_PATTERN allows (unsigned log: stored as sent)
+KEY_ID = "U" + "A" * 55
+#: nats-server with atomic batches limited below the store's 1000
+BATCH_LIMIT_CONF = "jetstream { limits { batch { max_msgs: 100 } } }\n"
+
+
+async def test_a_read_between_decision_and_combined_store_does_not_fork_the_session(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = Layout.log_stream_config
+
+    def short_window(self: Layout, k: int, replicas: int) -> dict[str, Any]:
+        return {**config(self, k, replicas), "duplicate_window": 1_000_000_000}
+
+    monkeypatch.setattr(Layout, "log_stream_config", short_window)
+    subjects = Subjects(prefix_for(tmp_path))
+
+    async def mk() -> JetStreamStore:
+        s = JetStreamStore({"servers": [nats_server.url]}, subjects=subjects)
+        await s.open()
+        return s
+
+    a, b = await mk(), await mk()
+    try:
+        await b.append("s", req(item("1")))  # b caches the head at 1
+        await a.append("s", req(item("2")))  # a moves it on: b's cache is stale
+        await asyncio.sleep(1.5)  # past the duplicate window
+
+        # The shard's previous combined batch is slow to store (a loaded server).
+        gate = asyncio.Event()
+        store_combined = BatchWriter._store_combined
+        calls = 0
+
+        async def slow_first(self: BatchWriter, parts: list[Any]) -> bool:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await gate.wait()
+            return await store_combined(self, parts)
+
+        monkeypatch.setattr(BatchWriter, "_store_combined", slow_first)
+        first = asyncio.create_task(b.append("other", req(*(item(f"o{i}") for i in range(40)))))
+        for _ in range(200):
+            if b._writer._combiners and any(c.busy for c in b._writer._combiners.values()):
+                break
+            await asyncio.sleep(0)
+        # 40 items: a combined batch, decided on b's cached (stale) head 1, waiting its turn.
+        second = asyncio.create_task(b.append("s", req(*(item(f"s{i}") for i in range(40)))))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert await b.last_order("s") == 2  # a reader on b meanwhile: the cached head is now 2
+        gate.set()
+        await first
+        try:
+            await second
+        except Exception:
+            pass
+        stored = await read_all(a, "s")
+        orders = [e.item_order for e in stored]
+        assert orders == list(range(1, len(orders) + 1)), orders[:6]
+        assert verify(stored, session_id="s") is None
+    finally:
+        await a.close()
+        await b.close()
+
+
+def big(n: int) -> AppendItem:
+    item_id = f"{n:06d}" + "i" * 194  # 200 characters
+    content = "x" * (256 * 1024 - 40)
+    data = {"role": "user", "content": content}
+    assert len(msgspec.json.encode(data)) <= 256 * 1024  # within max_item_bytes
+    return AppendItem(agent=AGENT, data=data, item_id=item_id, sig=SIG, key_id=KEY_ID)
+
+
+async def test_a_cached_head_probe_cut_short_by_the_server_still_finds_the_head(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    subjects = Subjects(prefix_for(tmp_path))
+
+    async def mk() -> JetStreamStore:
+        s = JetStreamStore({"servers": [nats_server.url]}, subjects=subjects)
+        await s.open()
+        return s
+
+    first, second = await mk(), await mk()
+    try:
+        # The items are ones the log service accepts as they are.
+        h = Handlers(store=first, subjects=subjects)
+        h.parse_append(subjects.append(SID), msgspec.json.encode(AppendRequest(items=[big(0)])))
+
+        await first.append(SID, AppendRequest(items=[big(0)]))
+        assert await second.last_order(SID) == 1  # second caches the head
+        for n in range(1, 255):  # 254 items of another session on the same shard
+            await first.append(OTHER, AppendRequest(items=[big(n)]))
+        await first.append(SID, AppendRequest(items=[AppendItem(agent="user", data={"role": "user", "content": "hi"})]))
+        assert await first.last_order(SID) == 2
+        # The probe from the cached head gets 255 of the 256 messages it asked for.
+        assert await second.last_order(SID) == 2
+        page = await second.read(SID, after=1, limit=10, max_bytes=1 << 20)
+        assert len(page.items) == 1 and page.last_order == 2
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_the_sessions_list_keeps_every_session_when_a_multi_last_get_is_cut_short(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # reads.sessions asks the fan-out for the last item of 256 sessions at once
+    # (multi_last) with no max_bytes: the server stops at 64 MiB, and the
+    # sessions past the cut are silently left out of a page that goes on.
+    store = JetStreamStore({"servers": [nats_server.url]}, subjects=Subjects(prefix_for(tmp_path)))
+    await store.open()
+    try:
+        sids = [f"a{n:03d}" + "s" * 124 for n in range(256)] + ["b"]
+        for n, sid in enumerate(sids):
+            await store.append(sid, AppendRequest(items=[big(n)]))
+        listed, more = await store.sessions(after=None, limit=1000)  # the service's default page
+        assert not more
+        assert [i.session_id for i in listed] == sids
+    finally:
+        await store.close()
+
+
+async def test_an_append_over_the_servers_batch_limit_is_too_large(
+    nats_server_factory: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    server = nats_server_factory(config=BATCH_LIMIT_CONF)
+    store = JetStreamStore({"servers": [server.url]}, subjects=Subjects("bl"))
+    await store.open()
+    try:
+        ok = await store.append("s", req(*(item(f"m{i}") for i in range(100))))
+        assert ok.last_order == 100
+        with pytest.raises(TooLargeError):
+            await store.append("s", req(*(item(f"n{i}") for i in range(101))))
+    finally:
+        await store.close()
