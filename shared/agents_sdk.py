@@ -9,6 +9,7 @@ recognised by).  Nothing here imports ``agents`` at module import.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -63,6 +64,23 @@ def coerce_settings(value: Any) -> Any:
     return coerce_session_settings(value)
 
 
+def tracked(method: Any) -> Any:
+    """Count a mutation as in flight on its session (``_busy``) until it ends,
+    so ``close()`` waits for it before it lets the connection go."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        done = asyncio.get_running_loop().create_future()
+        self._busy.add(done)
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            self._busy.discard(done)
+            done.set_result(None)
+
+    return wrapper
+
+
 async def finish(awaitable: Awaitable[_T]) -> _T:
     """Await a mutation to its outcome even if the caller is cancelled, then re-raise.
 
@@ -77,9 +95,8 @@ async def finish(awaitable: Awaitable[_T]) -> _T:
         except asyncio.CancelledError as e:
             cancelled = cancelled or e
     if cancelled is not None:
-        if not task.cancelled():
-            task.exception()  # retrieved: a failure behind the cancellation is not "never retrieved"
-        raise cancelled
+        failure = None if task.cancelled() else task.exception()  # retrieved, and chained
+        raise cancelled from failure
     return task.result()
 
 
@@ -98,9 +115,8 @@ async def settle(fut: asyncio.Future[_T]) -> _T:
         except BaseException:
             break  # the future's own failure: raised below (or behind the cancellation)
     if cancelled is not None:
-        if not fut.cancelled():
-            fut.exception()  # retrieved: a failure behind the cancellation is not "never retrieved"
-        raise cancelled
+        failure = None if fut.cancelled() else fut.exception()  # retrieved, and chained
+        raise cancelled from failure
     return fut.result()
 
 

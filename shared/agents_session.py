@@ -101,16 +101,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .agents_sdk import INSTALL_HINT, require_agents_sdk
+from .agents_sdk import INSTALL_HINT, require_agents_sdk, tracked
 from .agents_sdk import coerce_settings as _coerce_settings
 from .agents_sdk import plain as _plain
 from .call_keys import CallKeys
 from .client import LogClient
 from .errors import TooLargeError, UnavailableError
+from .history import visible
 from .session_authors import AuthorTracking
 from .session_copy import SessionCopy
 from .session_edits import HidingEdits
@@ -184,6 +184,7 @@ class ConvlogSession(HidingEdits, AuthorTracking):
         self._shared: weakref.WeakKeyDictionary[LogClient, SharedSession] = weakref.WeakKeyDictionary()
         self._closed = False
         self._keys = CallKeys()
+        self._busy: set[asyncio.Future[None]] = set()  # mutations in flight (close waits for them)
 
     @classmethod
     def from_url(
@@ -271,6 +272,9 @@ class ConvlogSession(HidingEdits, AuthorTracking):
             return
         self._closed = True
         here = asyncio.get_running_loop()
+        started = [f for f in self._busy if f.get_loop() is here]
+        if started:  # a started mutation runs to its outcome before the connection goes
+            await asyncio.wait(started)
         shared = list(self._shared.values())
         self._shared.clear()
         for state in shared:
@@ -345,18 +349,18 @@ class ConvlogSession(HidingEdits, AuthorTracking):
         return await self._read_log(client, n)
 
     async def _read_log(self, client: LogClient, n: int | None) -> list[dict[str, Any]]:
-        if n is None:
-            return [env.data for env in await client.items(self.session_id, raw=False)]
-        if n <= _TAIL_MAX:
+        if n is not None and n <= _TAIL_MAX:
             try:
                 return [env.data for env in await client.tail(self.session_id, n)]
             except TooLargeError:
                 pass  # the tail does not fit one reply: page forward instead
-        last: deque[dict[str, Any]] = deque(maxlen=n)
-        async for env in client.iter_items(self.session_id, raw=False):
-            last.append(env.data)
-        return list(last)
+        # Page the raw envelopes (they never change, so the pages are one prefix
+        # 1..k of the log) and fold them here: visible pages read at different
+        # times would mix histories when a retract or clear lands in between.
+        shown = visible(await client.items(self.session_id, raw=True))
+        return [env.data for env in (shown if n is None else shown[-n:])]
 
+    @tracked
     async def add_items(self, items: list[Any], *, wrapper: Any = None) -> None:
         """Append ``items`` as one atomic, idempotent append (see the module docstring).
 
@@ -385,6 +389,12 @@ class ConvlogSession(HidingEdits, AuthorTracking):
             acks = await self._state(client).append(batch, call.size)  # finishes despite a cancel
         except UnavailableError:
             self._keys.unknown(call)  # outcome unknown: a retry of this batch reuses the key
+            raise
+        except asyncio.CancelledError as e:  # finish/settle chain the append's own failure
+            if isinstance(e.__cause__, UnavailableError):
+                self._keys.unknown(call)
+            else:
+                self._keys.settled(call)
             raise
         except BaseException:
             self._keys.settled(call)

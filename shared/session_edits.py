@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .agents_sdk import finish, plain
+from .agents_sdk import finish, plain, tracked
 from .client import new_item_id
 from .errors import ConflictError, UnavailableError
 from .failures import CONFLICT_BACKOFF
@@ -35,6 +35,7 @@ class HidingEdits:
     _author: Callable[[Mapping[str, Any], str], str]
     _items_are_plain: Callable[[], bool]  # add_items/get_items not overridden
 
+    @tracked
     async def pop_item(self, *, wrapper: Any = None) -> dict[str, Any] | None:
         """Hide the newest visible item with a ``retract`` and return it (``None`` when empty).
 
@@ -78,6 +79,7 @@ class HidingEdits:
             f"{POP_ATTEMPTS} times in a row"
         )
 
+    @tracked
     async def clear_session(self, *, wrapper: Any = None) -> None:
         """Hide every item so far with a ``clear``; nothing is written when nothing is visible."""
         client = await self._log()
@@ -96,6 +98,7 @@ class HidingEdits:
         reply = await finish(client.append(self.session_id, [entry]))
         self._acked(client, reply.items, [entry])
 
+    @tracked
     async def _atomic_replace_items(self, items: list[Any]) -> bool:
         """Replace the visible history with ``items``: a ``clear`` and the items, in ONE append.
 

@@ -1,0 +1,196 @@
+"""ConvlogSession edge cases, each a bug once (found in a review):
+
+* ``get_items`` that reads the log (no copy, or one that does not hold enough)
+  pages raw envelopes and folds them here: visible pages read at different
+  times mixed two histories when a clear landed between them;
+* an ``add_items`` cancelled while its append's outcome is unknown keeps its
+  retry key, so the retry with the same items does not write them twice;
+* ``close()`` lets a started write reach its outcome before the connection
+  goes (its reply was lost and the caller retried on a closed connection until
+  the 30 s deadline);
+* sixteen tasks on one shared session with a combined append whose reply is
+  lost: order kept, nothing lost or doubled, every caller told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import pytest
+
+from services.log import handlers
+from shared import ConvlogSession, session_copy
+from shared.client import LogClient
+from shared.errors import UnavailableError
+from shared.history import visible
+
+
+def _user(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+def _prefix_views(raw: list[Any]) -> list[list[str]]:
+    return [[e.data["content"] for e in visible(raw[:k])] for k in range(len(raw) + 1)]
+
+
+class _ClearBetweenPages(LogClient):
+    """Another process clears the session (and adds one item) right after the
+    first forward page of a visible read was served to this client."""
+
+    other: LogClient
+    done = False
+
+    async def read(self, session_id: str, **kw: Any) -> Any:  # type: ignore[override]
+        rep = await super().read(session_id, **kw)
+        if not self.done and kw.get("after") is not None and not kw.get("raw") and rep.more:
+            self.done = True
+            await self.other.append(session_id, [{"agent": "x", "kind": "clear", "data": {}},
+                                                 {"agent": "x", "data": _user("after clear")}])
+        return rep
+
+
+@pytest.mark.parametrize("follow", [True, False])
+async def test_get_items_from_the_log_is_the_visible_history_of_one_prefix(
+    log_url: str, log_client: LogClient, monkeypatch: pytest.MonkeyPatch, follow: bool
+) -> None:
+    # Pages of 10 (1 MiB replies page at 10,000 items the same way) and a copy
+    # that holds 5 items, so get_items() with no limit reads the log in pages.
+    monkeypatch.setattr(handlers, "DEFAULT_READ_LIMIT", 10)
+    monkeypatch.setattr(session_copy, "MAX_ITEMS", 5)
+    sid = "paged"
+    await log_client.append(sid, [{"agent": "x", "data": _user(f"m{i}")} for i in range(30)])
+    mine = await LogClient.connect(log_url)
+    client = _ClearBetweenPages(mine.nc)
+    client.other = log_client
+    session = ConvlogSession(sid, client=client, follow=follow)
+    try:
+        got = [i["content"] for i in await session.get_items()]
+        raw = await log_client.items(sid)
+        # README: "always the visible history of one prefix 1..k of the log"
+        assert got in _prefix_views(raw), got
+    finally:
+        await session.close()
+        await mine.close()
+
+
+class _ReplyLost(LogClient):
+    """The first append is committed but its reply is lost (outcome unknown)."""
+
+    lost = False
+
+    async def append(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        reply = await super().append(*args, **kwargs)
+        if not self.lost:
+            self.lost = True
+            raise UnavailableError("no reply on convlog.append (injected: reply lost)")
+        return reply
+
+
+async def test_a_cancelled_add_items_with_an_unknown_outcome_keeps_its_key(
+    log_url: str, log_client: LogClient
+) -> None:
+    mine = await LogClient.connect(log_url)
+    session = ConvlogSession("cancel_unknown", client=_ReplyLost(mine.nc))
+    items = [_user("Refund please")]
+    try:
+        task = asyncio.create_task(session.add_items(items))
+        await asyncio.sleep(0)
+        task.cancel()  # the caller (a Runner) is cancelled while the append is in flight
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The append committed but its outcome was unknown to the caller: the
+        # retry with equal items must dedupe (module docstring of call_keys).
+        await session.add_items(items)
+        raw = await log_client.items("cancel_unknown")
+        assert [e.data["content"] for e in raw] == ["Refund please"]  # written once
+    finally:
+        await session.close()
+        await mine.close()
+
+
+async def test_close_while_add_items_is_in_flight_answers_promptly(
+    log_url: str, log_client: LogClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The log service (in this process) commits at once but answers 0.3 s later.
+    from services.log.store.sqlite.recorder import SQLiteStore
+
+    submit = SQLiteStore.submit
+
+    def slow_answer(self: Any, sid: str, req: Any, done: Any, **kw: Any) -> None:
+        loop = asyncio.get_running_loop()
+        submit(self, sid, req, lambda r: loop.call_later(0.3, done, r), **kw)
+
+    monkeypatch.setattr(SQLiteStore, "submit", slow_answer)
+    session = ConvlogSession.from_url("closing_inflight", url=log_url)
+    await session.get_items()  # connected and following
+    task = asyncio.create_task(session.add_items([_user("in flight")]))
+    await asyncio.sleep(0.1)  # the append is sent (and committed); its answer is on its way
+    started = time.monotonic()
+    await session.close()
+    await asyncio.wait({task}, timeout=5)  # (not cancelling it: that would wait all the same)
+    took = time.monotonic() - started
+    if not task.done():
+        outcome = "no answer after 5 s"
+    else:
+        outcome = "ok" if task.exception() is None else type(task.exception()).__name__
+    committed = await log_client.last_order("closing_inflight")
+    # The started append ran to completion (it is committed); its caller must
+    # hear so, not retry on the closed connection until the 30 s deadline.
+    try:
+        assert (committed, outcome) == (1, "ok"), (committed, outcome, round(took, 2))
+    finally:
+        with contextlib.suppress(BaseException):
+            await task  # it ends with UnavailableError at the client's 30 s deadline
+
+
+class _CombinedFailsOnce(LogClient):
+    failed = False
+
+    async def append(self, session_id: str, items: Any, **kw: Any) -> Any:  # type: ignore[override]
+        items = list(items)
+        if not self.failed and len(items) > 1:
+            self.failed = True
+            await super().append(session_id, items, **kw)  # committed, reply lost
+            raise UnavailableError("injected: reply lost")
+        return await super().append(session_id, items, **kw)
+
+
+async def test_sixteen_tasks_one_shared_session_a_lost_combined_reply(
+    log_url: str, log_client: LogClient
+) -> None:
+    mine = await LogClient.connect(log_url)
+    client = _CombinedFailsOnce(mine.nc)
+    sessions = [ConvlogSession("sixteen", client=client) for _ in range(16)]
+    try:
+        await sessions[0].get_items()
+
+        async def writer(w: int) -> list[str]:
+            out = []
+            for n in range(5):
+                item = [_user(f"w{w}-{n}")]
+                for _ in range(3):
+                    try:
+                        await sessions[w].add_items(item)
+                        out.append("ok")
+                        break
+                    except UnavailableError:
+                        out.append("unavailable")
+            return out
+
+        async with asyncio.timeout(30):
+            results = await asyncio.gather(*(writer(w) for w in range(16)))
+        raw = await log_client.items("sixteen")
+        texts = [e.data["content"] for e in raw]
+        assert sorted(texts) == sorted(f"w{w}-{n}" for w in range(16) for n in range(5)), texts
+        for w in range(16):
+            assert [t for t in texts if t.startswith(f"w{w}-")] == [f"w{w}-{n}" for n in range(5)]
+        assert sum(r.count("unavailable") for r in results) >= 2  # every caller of that batch told
+        for s in sessions:
+            assert [i["content"] for i in await s.get_items()] == texts
+    finally:
+        for s in sessions:
+            await s.close()
+        await mine.close()
