@@ -176,7 +176,8 @@ class NoticeHandler:
     async def _announce(self, part: TurnPart, result: TurnResult) -> None:
         """A part that ended with a handoff (now, or before a crash): tell the target."""
         if result.handoff_to is not None and result.handoff_order:
-            self.finder.learn(part.session_id, result.handoff_order, result.handoff_to)
+            if result.handoff_to in self.routing.spec.agents:  # routing ignores other handoffs
+                self.finder.learn(part.session_id, result.handoff_order, result.handoff_to)
             await announce_handoff(self.nc, self.subjects, part.session_id, result.handoff_to,
                                    result.handoff_order)
 

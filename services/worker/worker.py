@@ -133,6 +133,7 @@ class Worker:
         self._room = asyncio.Event()
         self._queues: dict[str, deque[tuple[Msg, Notice]]] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
+        self._waiting: set[asyncio.Task[None]] = set()  # session tasks waiting for a slot
         self._background: set[asyncio.Task[None]] = set()
         self.consumer: WorkIntake | None = None
         self._fetch_task: asyncio.Task[None] | None = None
@@ -255,7 +256,10 @@ class Worker:
                 if self.nc is not None:
                     with contextlib.suppress(Exception):
                         await flush(self.nc, timeout=2)
-            # 2. Fetched but not started: give it back at once.
+            # 2. Fetched but not started: give it back at once (a notice waiting for a
+            #    slot is nak'd by its task, cancelled here).
+            for task in list(self._waiting):
+                task.cancel()
             for queue in list(self._queues.values()):
                 while queue:
                     msg, _ = queue.popleft()
@@ -355,11 +359,20 @@ class Worker:
             while queue and not self._stopping.is_set():
                 msg, env = queue.popleft()
                 try:
+                    me = asyncio.current_task()
+                    assert me is not None
+                    self._waiting.add(me)
                     try:
                         await self._slots.acquire()
                     except asyncio.CancelledError:
                         await self._nak(msg, delay=None)  # cancelled before it started
                         raise
+                    finally:
+                        self._waiting.discard(me)
+                    if self._stopping.is_set():  # got the slot as shutdown began: not started
+                        self._slots.release()
+                        await self._nak(msg, delay=None)
+                        break
                     try:
                         assert self.handler is not None
                         await self.handler.handle(msg, env)  # acks or naks, also when cancelled
