@@ -51,6 +51,7 @@ log = logging.getLogger("convlog.web")
 
 STATIC = Path(__file__).parent / "static"
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{0,128}\Z")
+_AFTER = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit()), and an int64
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
 EXPORT_PAGE = 2000  # envelopes per read while streaming an export
 FIRST_PAGE = 200  # a small first read, so a browser can draw its first screen at once
@@ -236,7 +237,7 @@ def build_app(client: LogClient, options: WebOptions | None = None) -> ASGIApp:
     async def live(request: Request) -> Response:
         sid = _sid(request)
         raw_after = request.headers.get("last-event-id") or request.query_params.get("after", "0")
-        if not raw_after.isdigit():
+        if not _AFTER.fullmatch(raw_after):
             return _error(400, "bad_request", f"after must be a non-negative integer, not {raw_after!r}")
         after = int(raw_after)
         return StreamingResponse(_sse(client, sid, after, options.heartbeat), media_type="text/event-stream",

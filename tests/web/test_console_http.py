@@ -253,3 +253,13 @@ async def test_agents_of_a_long_session_are_scanned_in_bounded_steps(web: Consol
     await web.client.append("long-1", [said("Senior", "f")])  # only what is new is read
     rows, _, _ = await index.page()
     assert (rows[0].items, rows[0].agents[-1], rows[0].agents_partial) == (6, "Senior", False)
+
+
+@pytest.mark.parametrize("after", ["%C2%B2", "9" * 5000, "9" * 30])  # "²" passes str.isdigit(); int() refuses the others or overflows the follow
+async def test_a_live_after_that_is_no_small_integer_is_a_bad_request(web: Console, after: str) -> None:
+    await web.client.append("s1", [said("Triage", "one")])
+    status, _, body = await web.get(f"/sessions/s1/live?after={after}")
+    assert status == 400, (status, body[:200])
+    assert json.loads(body)["error"]["code"] == "bad_request"
+    status, _, body = await web.get("/sessions/s1/live", {"Last-Event-ID": "\u00b2".encode().decode("latin-1")})
+    assert status == 400, (status, body[:200])

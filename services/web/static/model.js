@@ -14,13 +14,13 @@ export function contentText(content) {
 export function handoffTarget(env) {
   const d = env.data || {};
   if (env.kind !== "item" || d.type !== "function_call_output") return null;
-  let out = d.output;
-  if (typeof out === "string") {
-    try {
-      out = JSON.parse(out);
-    } catch {
-      return null;
-    }
+  // As shared/routing.py parse_handoff_output: a string that starts with "{" and nothing else.
+  if (typeof d.output !== "string" || !d.output.startsWith("{")) return null;
+  let out;
+  try {
+    out = JSON.parse(d.output);
+  } catch {
+    return null;
   }
   if (out && typeof out === "object" && !Array.isArray(out)) {
     const keys = Object.keys(out);

@@ -5,8 +5,10 @@ const $ = (id) => document.getElementById(id);
 const PAGE = 50;
 let cursors = [null]; // cursor of each page shown so far; the last is the current page's
 let next = null;
+let latest = 0; // only the newest request's answer is shown
 
 async function load() {
+  const mine = ++latest;
   const q = new URLSearchParams({ limit: String(PAGE) });
   const prefix = $("prefix").value.trim();
   if (prefix) q.set("prefix", prefix);
@@ -17,8 +19,10 @@ async function load() {
   try {
     const res = await fetch(`/api/sessions?${q}`, { cache: "no-store" });
     body = await res.json();
+    if (mine !== latest) return; // a newer listing was asked for meanwhile
     if (!res.ok) throw new Error(body?.error?.message || `HTTP ${res.status}`);
   } catch (err) {
+    if (mine !== latest) return;
     $("message").textContent = `Could not list sessions: ${err.message}`;
     return;
   }

@@ -152,7 +152,11 @@ export function refusal(keyring, env) {
     if (owner !== null && owner !== e.agent) return `item_id ${JSON.stringify(env.item_id)} belongs to a turn of ${JSON.stringify(owner)}, not of ${JSON.stringify(e.agent)}`;
     return null;
   }
-  if (e.role === "gateway") return env.agent === "user" ? null : "the gateway key signs only user messages";
+  if (e.role === "gateway") {
+    const owner = turnIdAgent(env.item_id);
+    if (owner !== null) return `item_id ${JSON.stringify(env.item_id)} belongs to a turn of ${JSON.stringify(owner)}, not to the gateway`;
+    return env.agent === "user" ? null : "the gateway key signs only user messages";
+  }
   return "the log service's key signs session heads, not items";
 }
 
