@@ -66,6 +66,8 @@ def decode(data: bytes, type_: type[T], *, empty_ok: bool = True) -> T:
         raise BadRequestError(f"invalid {type_.__name__}: {e}") from e
     except msgspec.DecodeError as e:
         raise BadRequestError(f"malformed JSON: {e}") from e
+    except RecursionError as e:  # msgspec's nesting limit (about 1000 levels)
+        raise BadRequestError(f"invalid {type_.__name__}: JSON nested too deeply") from e
     if type_ is m.AppendRequest and (problem := m.signature_shape_error(value)) is not None:  # type: ignore[arg-type]
         raise BadRequestError(f"invalid {type_.__name__}: {problem}")
     return value

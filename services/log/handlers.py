@@ -45,6 +45,8 @@ DEFAULT_READ_LIMIT = 10_000
 DEFAULT_SESSIONS_LIMIT = 1_000
 # JSON framing of a read reply around its items: {"session_id":...,"items":[...],...}
 _REPLY_OVERHEAD = 512
+# A signed head in a read reply: ,"head":{session_id (128), item_order, hash, signed_at, key_id, sig}
+_HEAD_RESERVE = 1024
 
 Reply = tuple[bytes, dict[str, str] | None]
 EntryHint = Callable[[str, str, EntryProof | None], Awaitable[None]]
@@ -63,6 +65,10 @@ _ACK_PER_ITEM = len(_encode(AppendedItem(
     item_order=_MAX_ORDER, item_id="", hash="0" * 64, duplicate=False
 ))) + 1
 _MAX_ITEM_ID = 200  # shared.messages.ItemId
+# An envelope and its outbox headers beyond its data, at most: session id (128) three
+# times, item id (200), agent (128 chars, up to 512 bytes), hash, created_at, order,
+# sig and key_id, the JSON framing, and the Nats-Msg-Id / expected-last / traceparent headers.
+_ENVELOPE_OVERHEAD = 4096
 
 
 def ack_size_bound(item_ids: list[str]) -> int:
@@ -174,13 +180,16 @@ class Handlers:
         if req.tail is not None and (req.after is not None or req.limit is not None):
             raise BadRequestError("tail cannot be combined with after or limit")
         budget = self.max_payload - _REPLY_OVERHEAD
+        if req.head and self.head_signer is not None:
+            budget -= _HEAD_RESERVE  # the signed head is spliced in after the page
         if req.tail is not None:
             page = await self.store.tail(sid, req.tail, visible=not req.raw)
             size = sum(len(i) + 1 for i in page.items)
             if size > budget:
                 raise TooLargeError(
                     f"the last {req.tail} items are {size} bytes, over the {budget}-byte reply "
-                    "limit; page forward with after/limit instead"
+                    "limit; page forward with after/limit instead",
+                    limit=budget,
                 )
         else:
             page = await (self.read_ahead or self.store).read(
@@ -241,16 +250,20 @@ class Handlers:
                 "request; send them in several appends",
                 limit=MAX_APPEND_ITEMS,
             )
-        # No item can be larger than the whole body: measure only when it matters.
-        measure = body_size > self.max_item_bytes
+        # An item's envelope (data plus its session id, ids, agent, hash, signature) and
+        # the outbox's headers must fit one message, or it is committed and never published.
+        limit = min(self.max_item_bytes, self.max_payload - _ENVELOPE_OVERHEAD)
+        # Stored data can outgrow its spelling in the body (``1e15`` is stored as
+        # ``1000000000000000.0``: 4.5x at most): measure only when that could matter.
+        measure = body_size * 5 > limit
         missing_ids = False
         for i, it in enumerate(req.items):
             if not numbers_ok(it.data):
                 check_json_numbers(it.data, f"$.items[{i}].data")  # raises, naming the number
-            if measure and (size := len(_encode(it.data))) > self.max_item_bytes:
+            if measure and (size := len(_encode(it.data))) > limit:
                 raise TooLargeError(
-                    f"item {i} data is {size} bytes, over the {self.max_item_bytes}-byte limit",
-                    limit=self.max_item_bytes,
+                    f"item {i} data is {size} bytes, over the {limit}-byte limit",
+                    limit=limit,
                 )
             missing_ids = missing_ids or it.item_id is None
         if missing_ids:

@@ -231,6 +231,8 @@ def load_spec(path: str | os.PathLike[str]) -> SystemSpec:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError(source, None, f"cannot read spec file: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise SpecError(source, None, f"not valid UTF-8 (byte {e.start} is {e.object[e.start]:#04x})") from e
     return parse_spec(text, source=source)
 
 

@@ -278,3 +278,46 @@ async def test_unavailable_when_nobody_serves(env: Env) -> None:
     with pytest.raises(UnavailableError) as exc:
         await lonely.append("s", [user("x")])
     assert exc.value.code == "unavailable"
+
+
+# -- found in a review -----------------------------------------------------------
+
+
+async def test_deeply_nested_data_is_bad_request_not_unavailable(env: Env) -> None:
+    """msgspec raises RecursionError (not DecodeError/ValidationError) past ~1000 levels:
+    shared.codec.decode lets it out, and the service answers ``unavailable`` (503), which
+    every requester retries until its deadline, for input that can never succeed."""
+    await env.client.append("v", [user("one")])
+    before = await settled_state(env)
+    depth = 2000
+    body = b'{"items":[{"agent":"a","data":{"x":' + b"[" * depth + b"]" * depth + b"}}]}"
+    headers, reply = await wire(env.nc, "convlog.append.v", body)
+    assert reply["error"]["code"] == "bad_request", reply
+    assert headers[ERROR_CODE_HEADER] == "400"
+    assert await settled_state(env) == before
+
+
+async def test_item_data_over_the_limit_is_refused_whatever_the_number_spelling(env: Env) -> None:
+    """Handlers._prepare measures an item's data only when the *body* is over
+    max_item_bytes, assuming the re-encoded data is never larger than the body.
+    msgspec re-encodes ``1e15`` (4 bytes) as ``1000000000000000.0`` (18 bytes), so a
+    body under the limit stores an item ~3.8x over it."""
+    n = (MAX_ITEM_BYTES - 100) // 5
+    body = ('{"items":[{"agent":"a","data":{"x":[' + ",".join(["1e15"] * n) + "]}}]}").encode()
+    assert len(body) <= MAX_ITEM_BYTES
+    headers, reply = await wire(env.nc, "convlog.append.big", body)
+    if "error" not in reply:
+        stored = await raw_log(env, "big")
+        size = len(json.dumps(stored[0].data, separators=(",", ":")))
+        raise AssertionError(f"accepted: the stored item's data is {size} bytes, limit {MAX_ITEM_BYTES}")
+    assert reply["error"]["code"] == "too_large", reply
+
+
+async def test_a_tail_over_the_reply_limit_names_its_limit(env: Env) -> None:
+    """README: ``too_large`` covers every size limit and names it (the body's ``limit``).
+    Handlers.read's tail refusal carries no ``limit``."""
+    for i in range(20):
+        await env.client.append("t", [user(f"{i}" + "y" * 3900)])
+    headers, reply = await wire(env.nc, "convlog.read.t", {"tail": 20})
+    assert reply["error"]["code"] == "too_large", reply
+    assert isinstance(reply["error"].get("limit"), int), reply

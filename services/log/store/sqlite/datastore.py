@@ -140,7 +140,10 @@ class SQLiteDatastore:
 
     # -- the lock --------------------------------------------------------
     def _take_lock(self) -> None:
-        lock_path = self.path.with_name(self.path.name + ".lock")
+        # Next to the file itself, not to a link to it: every name of one
+        # database must take the same lock.
+        real = self.path.resolve()
+        lock_path = real.with_name(real.name + ".lock")
         fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -286,7 +286,9 @@ class SQLiteStore(SQLiteReads):
             # still shows the item (see tail()); databases made before hold 1.
             hides = [(r[2], r[1], r[6]) for r in rows if r[4] == "retract"]
             if hides:
-                w.executemany("UPDATE items SET hidden = ? WHERE session_id = ? AND item_order = ?", hides)
+                w.executemany(
+                    "UPDATE items SET hidden = ? WHERE session_id = ? AND item_order = ? AND hidden = 0", hides
+                )
             w.executemany(
                 "INSERT INTO sessions (session_id, last_order, last_hash, last_clear, updated_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
@@ -310,9 +312,11 @@ class SQLiteStore(SQLiteReads):
             if not is_transient(e):  # a disk or file error: the committer stops the process
                 raise
             err = UnavailableError("the store could not commit; nothing was written")
+            # Every outcome of a session the batch wrote to was decided on rows that
+            # were never written (a duplicate of one, a conflict with its head, a
+            # retract of it): none of them stands.  Other sessions' outcomes do.
             return [
-                err if isinstance(out, AppendReply) and any(not i.duplicate for i in out.items) else out
-                for out in outcomes
+                err if p.session_id in touched else out for p, out in zip(batch, outcomes, strict=True)
             ], []
         self._position = position
         for s in touched:

@@ -1,0 +1,202 @@
+"""The SQLite store and what the log service sends around it, at their edges; each
+a bug once (found in a review):
+
+* a group commit that fails (the database busy) answers ``unavailable`` to every
+  request of a session it wrote to: their outcomes were decided on rows never
+  written (a retry told "duplicate" of an item then lost, a conflict naming a
+  head the session never reached);
+* a second retract of an item does not make it visible again to a read as of an
+  order between the two retracts;
+* a second store opened through a symlink takes the same one-writer lock;
+* an item whose envelope could not be published on ``convlog.items`` (over the
+  server's max payload) is refused ``too_large`` before it is committed (it was
+  committed, then stopped the outbox and the service, again at every start);
+* a full read page with a signed head still fits the max payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+
+from services.log.handlers import Handlers
+from services.log.service import LogService
+from services.log.store.sqlite import SQLiteStore
+from shared.config import load_settings
+from shared.errors import ConflictError, ConvlogError, UnavailableError
+from shared.messages import AppendReply
+from shared.signing import Signer
+from shared.subjects import Subjects
+from tests.contract.store_helpers import BIG, item, req, retract
+from tests.support.natsd import NatsServer
+
+#: a nats-server max payload small enough to reach with one item
+MAX_PAYLOAD = 64 * 1024
+
+
+# -- sqlite group commit failure: A transient failure of a group commit must not leave answers decided on
+async def _batch_under_lock(tmp_db: Path, requests):  # type: ignore[no-untyped-def]
+    store = SQLiteStore(tmp_db)
+    await store.open()
+    try:
+        assert (await store.append("s", req(item("a", item_id="a")))).last_order == 1
+        assert store._w is not None
+        store._w.execute("PRAGMA busy_timeout=50")
+        other = sqlite3.connect(tmp_db, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the database: BEGIN is busy
+        outs: list[AppendReply | ConvlogError] = []
+        for r in requests:  # one group commit
+            store.submit("s", r, outs.append)
+        for _ in range(200):
+            if len(outs) == len(requests):
+                break
+            await asyncio.sleep(0.01)
+        other.execute("ROLLBACK")
+        other.close()
+        page = await store.read("s", after=0, limit=100, max_bytes=BIG)
+        later = await store.append("s", req(item("y", item_id="y")))
+        return outs, page, later
+    finally:
+        await store.close()
+
+
+async def test_a_retry_in_the_same_failed_batch_is_not_acknowledged_as_a_duplicate(tmp_db: Path) -> None:
+    outs, page, later = await _batch_under_lock(tmp_db, [req(item("x", item_id="x")), req(item("x", item_id="x"))])
+    assert isinstance(outs[0], UnavailableError)
+    assert len(page.items) == 1  # nothing of the batch was written
+    # The retry was told "x is durable at order 2", yet order 2 is "y":
+    assert later.last_order == 2
+    assert isinstance(outs[1], UnavailableError), f"acknowledged an item never written: {outs[1]!r}"
+
+
+async def test_a_conflict_in_a_failed_batch_names_the_true_last_order(tmp_db: Path) -> None:
+    outs, page, _ = await _batch_under_lock(tmp_db, [req(item("x")), req(item("z"), expected_last=1)])
+    assert isinstance(outs[0], UnavailableError)
+    assert len(page.items) == 1
+    # expected_last=1 was right (the session is at 1); it lost only to a write that never happened
+    assert not isinstance(outs[1], ConflictError), f"conflict against an unwritten head: {outs[1]!r}"
+
+
+# -- sqlite double retract: A second retract of an already retracted item must not un-hide it from a read as of
+@pytest.mark.parametrize("cached", [True, False], ids=["head-cached", "head-from-the-table"])
+@pytest.mark.parametrize("how", ["tail", "read"])
+async def test_a_second_retract_committed_meanwhile_does_not_unhide(tmp_path: Path, how: str, cached: bool) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    try:
+        await store.append("s", req(item("a"), item("b"), item("c")))
+        await store.append("s", req(retract(3)))  # 4: c is hidden from here on
+        if not cached:
+            store._states.clear()
+        real = store._reader
+
+        class SecondRetractFirst:
+            def __init__(self) -> None:
+                self.conn = real()
+
+            @contextlib.asynccontextmanager
+            async def execute(self, sql: str, args: Any = ()) -> Any:
+                if "FROM items" in sql:
+                    await store.append("s", req(retract(3)))  # 5: allowed, targets an item
+                async with self.conn.execute(sql, args) as cur:
+                    yield cur
+
+        store._reader = SecondRetractFirst  # type: ignore[method-assign]
+        if how == "tail":
+            page = await store.tail("s", 10)
+        else:
+            page = await store.read("s", after=0, limit=10, max_bytes=1 << 20, visible=True)
+        store._reader = real  # type: ignore[method-assign]
+        assert page.last_order == 4
+        shown = [msgspec.json.decode(e)["data"]["content"] for e in page.items]
+        assert shown == ["a", "b"], f"as of order 4 item 3 was retracted, yet the read shows {shown}"
+    finally:
+        await store.close()
+
+
+# -- sqlite lock paths: The one-writer lock must hold however the database file is named.
+async def test_a_second_store_through_a_symlink_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "data" / "log.db"
+    first = SQLiteStore(real)
+    await first.open()
+    os.symlink(real, tmp_path / "alias.db")  # e.g. CONVLOG_DB pointing at a link to the same file
+    second = SQLiteStore(tmp_path / "alias.db")
+    try:
+        await first.append("s", req(item("one")))
+        with pytest.raises(UnavailableError):
+            await second.open()  # opens: the lock file is named after the link, not the file
+    finally:
+        await second.close()
+        await first.close()
+
+
+# -- outbox envelope size: An append the service accepts must be publishable on convlog.items.<sid>.
+async def test_an_accepted_item_whose_envelope_exceeds_max_payload(
+    nats_server_factory: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    server = nats_server_factory(config=f"max_payload: {MAX_PAYLOAD}\n")
+    settings = load_settings(  # max_item_bytes left at its default (256 KiB)
+        {"nats_url": server.url, "db": str(tmp_path / "log.db"), "data_dir": str(tmp_path)}, environ={}
+    )
+    service = LogService(settings)
+    await service.start()
+    nc = await nats.connect(server.url)
+    try:
+        sid = "s" * 128
+        body = {"items": [{"item_id": "big", "agent": "user", "data": {"role": "user", "content": ""}}]}
+        pad = MAX_PAYLOAD - 64 - len(json.dumps(body))
+        body["items"][0]["data"]["content"] = "x" * pad
+        raw = json.dumps(body).encode()
+        assert len(raw) <= MAX_PAYLOAD
+        msg = await nc.request(f"convlog.append.{sid}", raw, timeout=5)
+        headers = dict(msg.headers or {})
+        if "Nats-Service-Error-Code" in headers:
+            return  # refused too_large up front: fine
+        # Accepted and committed: it must reach the items stream, and the outbox must live on.
+        js = nc.jetstream()
+        for _ in range(50):
+            if (await js.stream_info("CONVLOG_ITEMS")).state.messages >= 1:
+                break
+            await asyncio.sleep(0.1)
+        outbox = service.outbox
+        assert outbox is not None and outbox.task is not None
+        assert not outbox.task.done(), f"outbox died: {outbox.task.exception()!r}"
+        assert (await js.stream_info("CONVLOG_ITEMS")).state.messages == 1, "committed item never published"
+    finally:
+        await nc.close()
+        await service.shutdown()
+
+
+# -- read page with head: A read page with the signed head must stay under the server's max payload.
+async def test_a_full_page_with_a_signed_head_fits_the_max_payload(tmp_path: Path) -> None:
+    sid = "s" * 128  # a valid session id of the longest length
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    try:
+        handlers = Handlers(store, Subjects(), max_payload=MAX_PAYLOAD, head_signer=Signer.generate()[0])
+        budget = MAX_PAYLOAD - 512
+        await store.append(sid, req(item("first")))
+        await store.append(sid, req(item("")))
+        base = len((await store.read(sid, after=1, limit=10, max_bytes=BIG)).items[0])
+        # Item 2 brings the page to 4 bytes under the store's budget; item 3 does not fit.
+        pad = budget - 4 - 2 * (base + 1)
+        await store.append(sid, req(item("b" * pad)))
+        await store.append(sid, req(item("c")))
+        page = await store.read(sid, after=1, limit=10, max_bytes=budget)
+        assert len(page.items) == 2 and page.more  # items 2 (empty) and 3 (padded) fill the budget
+        body = json.dumps({"after": 1, "raw": True, "head": True}).encode()
+        reply = await handlers.read(f"convlog.read.{sid}", body)
+        assert json.loads(reply)["more"] is True
+        assert len(reply) <= MAX_PAYLOAD, f"reply of {len(reply)} bytes over the {MAX_PAYLOAD}-byte max payload"
+    finally:
+        await store.close()
