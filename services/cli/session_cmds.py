@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from shared.config import Settings
-from shared.errors import BadRequestError, NotFoundError
+from shared.errors import BadRequestError, NotFoundError, UnavailableError
 
 from .common import (
     EXIT_FAIL,
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 SID_HELP = "session id: letters, digits, '_' and '-', 1 to 128 characters"
+_ITEM_ID = re.compile(r"[A-Za-z0-9_.:@=+/-]{1,200}")  # shared.messages.ItemId
 
 
 # -- send ----------------------------------------------------------------------------
@@ -59,6 +61,16 @@ def send_arguments(p: argparse.ArgumentParser) -> None:
                                     "default: the packaged seed support system]")
     p.add_argument("--timeout", type=positive_float, default=60.0, metavar="S",
                    help="seconds to wait for the turn to end (default 60; then exit 124)")
+    p.add_argument("--id", dest="item_id", type=_item_id, metavar="ITEM_ID",
+                   help="the message's item_id (default: a new one); sent again with the same id "
+                        "it is stored once: how to retry after an unknown outcome (exit 3)")
+
+
+def _item_id(value: str) -> str:
+    if not _ITEM_ID.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{value[:80]!r}: an item_id is 1 to 200 of letters, digits and _ . : @ = + / -")
+    return value
 
 
 def _decode_utf8(data: bytes, where: str) -> str:
@@ -142,13 +154,20 @@ async def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
             if args.to not in known:
                 raise BadRequestError(f"--to {args.to!r}: no such agent in {where}; known: "
                                       f"{', '.join(sorted(known))}; nothing was sent")
-        item_id = new_item_id()
+        item_id = args.item_id or new_item_id()
         turn = turn_key(item_id)
-        ack = await client.send(args.session_id, text, to=args.to, item_id=item_id)
-        user_order = ack.items[0].item_order
-        stderr(f"sent #{user_order} to {args.session_id}")
         try:
-            async with asyncio.timeout(args.timeout):
+            ack = await client.send(args.session_id, text, to=args.to, item_id=item_id)
+        except UnavailableError as e:
+            raise UnavailableError(
+                f"{e.message}; the message may or may not be stored: to retry without writing it "
+                f"twice, send it again with --id {item_id}") from e
+        user_order = ack.items[0].item_order
+        again = " (already stored: this id was sent before)" if ack.items[0].duplicate else ""
+        stderr(f"sent #{user_order} to {args.session_id}{again}")
+        deadline = asyncio.timeout(args.timeout)
+        try:
+            async with deadline:
                 async for env in client.follow(args.session_id, after=user_order, idle_check=1.0):
                     tid = parse_turn_item_id(env.item_id)
                     if tid is None or tid.turn != turn:
@@ -156,7 +175,9 @@ async def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
                     print(render_line(env, width=0), flush=True)
                     if tid.terminal:
                         return EXIT_OK
-        except TimeoutError:
+        except TimeoutError as e:
+            if not deadline.expired():  # a NATS request timed out, not the turn
+                raise UnavailableError(f"following {args.session_id}: {e!r}") from e
             stderr(f"convlog send: the turn of #{user_order} did not end within "
                    f"{args.timeout:g}s (is a worker running for the session's active agent?)")
             return EXIT_TIMEOUT

@@ -255,6 +255,7 @@ async def test_send_refuses_before_writing_and_reads_stdin_and_files(
         (["send", "r1", "-"], b"\xff\xfe bad bytes", ["standard input", "UTF-8"]),
         (["send", "r1", "-"], b" \n", ["empty"]),
         (["send", "r1", "--file", str(tmp_path / "missing.txt")], None, ["missing.txt"]),
+        (["send", "r1", "hello", "--id", "no spaces allowed"], None, ["--id", "item_id"]),
     ]:
         rc, _, err = await convlog(tmp_path, *argv, env=env, stdin=stdin)
         assert rc == EXIT_USAGE, (argv, err)
@@ -284,6 +285,19 @@ async def test_send_refuses_before_writing_and_reads_stdin_and_files(
     finally:
         await client.close()
     assert [e.data["content"] for e in items] == ["from stdin, ünïcode", "line one\nline two"]
+
+    # --id: the same message sent twice with one id (a retry after an unknown outcome)
+    # is stored once, and the second send says so.
+    for n, said in ((1, "sent #1 to r4\n"), (2, "sent #1 to r4 (already stored: this id was sent before)\n")):
+        rc, _, err = await convlog(tmp_path, "send", "r4", "retry me", "--id", "msg-r4.1", "--timeout", "0.5",
+                                   env=env)
+        assert rc == EXIT_TIMEOUT and err.startswith(said), (n, err)
+    client = await LogClient.connect(log_url)
+    try:
+        items = await client.items("r4")
+    finally:
+        await client.close()
+    assert [(e.item_id, e.data["content"]) for e in items] == [("msg-r4.1", "retry me")]
 
 
 async def test_no_log_service_is_said_at_once(nats_server: NatsServer, tmp_path: Path) -> None:
