@@ -26,7 +26,9 @@ import pytest
 
 from services.log.handlers import Handlers
 from services.log.store.jetstream import JetStreamStore, Layout
+from services.log.store.jetstream.api import DirectGet
 from services.log.store.jetstream.commit import BatchWriter
+from services.log.store.jetstream.reads import StreamReads
 from shared.chain import verify
 from shared.errors import TooLargeError
 from shared.messages import AppendItem, AppendRequest
@@ -173,5 +175,44 @@ async def test_an_append_over_the_servers_batch_limit_is_too_large(
         assert ok.last_order == 100
         with pytest.raises(TooLargeError):
             await store.append("s", req(*(item(f"n{i}") for i in range(101))))
+    finally:
+        await store.close()
+
+
+async def test_a_replica_that_trails_the_leader_does_not_move_a_head_back(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On R3 a follower joins the direct gets once 90% caught up, so a head read may be
+    # answered by a replica still at an older item. This instance's cache knows order 2
+    # was stored: the leader is asked, and the head stays at 2 (it moved back to 1, and
+    # reads missed an acknowledged item). Here the trailing replica is played by
+    # answering the direct gets with the message at order 1.
+    store = JetStreamStore({"servers": [nats_server.url]}, subjects=Subjects(prefix_for(tmp_path)))
+    await store.open()
+    try:
+        await store.append("s", req(item("1")))
+        stale = await store._reads.get("s").last(store.layout.session_filter("s"))
+        await store.append("s", req(item("2")))
+        asked: list[str] = []
+
+        async def trailing(self: DirectGet, subject: str) -> Any:
+            return stale
+
+        async def not_the_head(self: StreamReads, sid: str, s: Any) -> bool:
+            return False  # the replica does not hold the cached head's sequence yet
+
+        real = DirectGet.last_from_leader
+
+        async def leader(self: DirectGet, subject: str) -> Any:
+            asked.append(subject)
+            return await real(self, subject)
+
+        monkeypatch.setattr(DirectGet, "last", trailing)
+        monkeypatch.setattr(StreamReads, "_probe_head", not_the_head)
+        monkeypatch.setattr(DirectGet, "last_from_leader", leader)
+        assert await store.last_order("s") == 2
+        assert asked == [store.layout.session_filter("s")]
+        page = await store.read("s", after=0, limit=10, max_bytes=1 << 20)
+        assert [msgspec.json.decode(e)["item_order"] for e in page.items] == [1, 2]
     finally:
         await store.close()

@@ -13,6 +13,7 @@ failures become :class:`~shared.errors.UnavailableError`,
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -241,6 +242,7 @@ class DirectGet:
     def __init__(self, nc: Client, stream: str, *, timeout: float) -> None:
         self._nc = nc
         self._subject = f"$JS.API.DIRECT.GET.{stream}"
+        self._leader_get = f"$JS.API.STREAM.MSG.GET.{stream}"
         self._timeout = timeout
         self._messages = _Batches(nc, timeout=timeout)
         # Batches without headers want only the bodies: off the wire where the seam can.
@@ -265,6 +267,24 @@ class DirectGet:
         if status:
             raise UnavailableError(f"direct get of {subject} failed with status {status}")
         return msg
+
+    async def last_from_leader(self, subject: str) -> Msg | None:
+        """:meth:`last`, answered by the stream's leader (the JetStream API's message
+        get, not a direct get): what a replica that trails the leader cannot be."""
+        body = json.dumps({"last_by_subj": subject}).encode()
+        try:
+            reply = await self._nc.request(self._leader_get, body, timeout=self._timeout)
+            doc = json.loads(reply.data)
+        except (nats.errors.Error, TimeoutError, OSError, ValueError) as e:
+            raise UnavailableError(f"cannot read the log stream's leader: {type(e).__name__}") from e
+        err = doc.get("error")
+        if err is not None:
+            if err.get("code") == 404:
+                return None
+            raise UnavailableError(f"the log stream's leader: {err.get('description', err)}")
+        m = doc["message"]
+        return Msg(_client=self._nc, subject=m["subject"], data=base64.b64decode(m.get("data") or b""),
+                   headers={"Nats-Sequence": str(m["seq"]), "Nats-Subject": m["subject"]})
 
     async def batch(self, request: dict[str, object]) -> list[Msg]:
         """Every message of one batch request (``next_by_subj`` + ``seq`` +

@@ -102,6 +102,12 @@ class StreamReads:
             if not fresh or (s.last_seq and await self._probe_head(sid, s)):
                 return s
         msg = await self.get(sid).last(self.layout.session_filter(sid))
+        if s is not None and s.last_order and (msg is None or meta_of(msg).item_order < s.last_order):
+            # Behind what this instance knows was stored: a replica that trails the leader
+            # (on R3 a follower answers direct gets once 90% caught up), or a stream that
+            # no longer matches the cache. The leader tells which; a head never moves back
+            # on a replica's word.
+            msg = await self.get(sid).last_from_leader(self.layout.session_filter(sid))
         if s is None or (msg is None and s.last_order) or (msg is not None and meta_of(msg).item_order < s.last_order):
             s = SessionIndex()  # new, or the stream no longer matches the cache
             self.cache[sid] = s
