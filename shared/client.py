@@ -189,6 +189,9 @@ class LogClient(Requester):
             if not self.nc.is_closed:
                 with contextlib.suppress(Exception):
                     await self.nc.drain()
+            for fut, _ in list(self._pending.values()):  # requests in flight: no reply can come now
+                if not fut.done():
+                    fut.set_result(None)
         elif sub is not None and not self.nc.is_closed:
             # The connection is someone else's: take back only our reply subscription.
             with contextlib.suppress(Exception):
@@ -221,7 +224,9 @@ class LogClient(Requester):
             ConflictError: ``expected_last`` did not match (``.last_order``).
             BadRequestError, TooLargeError: the request was refused.
             UnavailableError: no answer before the deadline (outcome unknown;
-                calling again with the same items is safe).
+                calling again is safe for items that carry their ``item_id``:
+                an id minted here for an item without one is new at every
+                call, so give items ids when a retry must not write them twice).
         """
         subject = self.subjects.append(session_id)
         req = AppendRequest(items=_as_items(items), expected_last=expected_last)

@@ -221,7 +221,9 @@ class Requester:
             first: BaseException | None = e
 
         def stop(state: tenacity.RetryCallState) -> bool:
-            return time.monotonic() + _REQUEST_WAIT(state) >= end
+            # A closed connection never reopens (only close/drain, or running out
+            # of reconnects, closes it): nothing to wait for.
+            return self.nc.is_closed or time.monotonic() + _REQUEST_WAIT(state) >= end
 
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception_type(RETRY_ON),

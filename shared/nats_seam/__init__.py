@@ -194,7 +194,9 @@ class _FastSeam(NatsSeam):
         return True
 
     def can_write(self, nc: Client) -> bool:
-        return nc.is_connected  # not reconnecting, draining or closed: publish's own path applies there
+        # not reconnecting, draining its publishes or closed: publish's own path (and
+        # errors) apply there (nats-py's is_connected is True while draining)
+        return nc.is_connected and not nc.is_draining_pubs
 
     async def write(self, nc: Client, frames: bytes, count: int, payload_bytes: int) -> None:
         nc.stats["out_msgs"] += count
@@ -204,7 +206,7 @@ class _FastSeam(NatsSeam):
             await nc._flush_pending()
 
     def write_now(self, nc: Client, frames: bytes, count: int, payload_bytes: int) -> bool:
-        if not nc.is_connected or nc._pending or nc._transport is None:
+        if not nc.is_connected or nc.is_draining_pubs or nc._pending or nc._transport is None:
             return False
         nc._transport.writelines([frames])  # what the flusher task does with the queued frames
         nc.stats["out_msgs"] += count

@@ -1,0 +1,93 @@
+"""A client whose connection drains or closes, each a bug once (found in a review):
+
+* while a connection drains its publishes, several appends framed as one write
+  are refused on the fast seam as ``publish`` refuses them on the public one
+  (the fast seam wrote them, and the caller waited out its deadline for replies
+  that could not come);
+* a request on a closed connection, or in flight when its client is closed,
+  fails at once (``unavailable``) rather than being retried until the deadline:
+  a closed connection never reopens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats
+import nats.errors
+import pytest
+from nats.aio.msg import Msg
+
+from shared.client import LogClient
+from shared.errors import UnavailableError
+from shared.nats_seam import bind, flush
+from shared.wire import publish_many
+from tests.support.natsd import NatsServer
+
+
+@pytest.mark.parametrize("mode", ["auto", "public"], ids=["fast-seam", "public-seam"])
+async def test_publish_many_while_the_connection_drains_its_publishes_is_refused_on_both_seams(
+    nats_server: NatsServer, mode: str
+) -> None:
+    """shared/wire.py says: "whenever the connection is not plainly connected
+    (reconnecting, draining, closed), it publishes message by message through
+    ``publish``, so the library's own buffering and errors apply there".  nats-py's
+    ``is_connected`` is True while draining, so the fast seam writes raw frames
+    where ``publish`` (the public seam) raises ConnectionDrainingError."""
+    nc = await nats.connect(nats_server.url)
+    bind(nc, mode)
+    sub = await nc.subscribe("review.slow")
+    drain = asyncio.create_task(nc.drain())
+    try:
+        for _ in range(100_000):
+            if nc.is_draining_pubs:
+                break
+            await asyncio.sleep(0)
+        assert nc.is_draining_pubs
+        refused = await publish_many(nc, [("review.x", "", b"1", None)])
+        assert [type(e) for _, e in refused] == [nats.errors.ConnectionDrainingError]
+    finally:
+        await drain
+        del sub
+
+
+async def test_a_request_on_a_closed_connection_fails_at_once_not_at_the_deadline(
+    nats_server: NatsServer,
+) -> None:
+    """A closed nats-py connection never reopens (convlog reconnects forever, so
+    only close()/drain() closes it), yet ConnectionClosedError is in RETRYABLE:
+    a request on a closed client is retried until the deadline (30 s by default)."""
+    nc = await nats.connect(nats_server.url)
+    client = LogClient(nc, prefix="t", timeout=1, deadline=30)
+    await nc.close()
+    started = time.monotonic()
+    with pytest.raises(UnavailableError):
+        await client.last_order("s")
+    assert time.monotonic() - started < 10  # not retried to the 30 s deadline
+
+
+async def test_an_in_flight_append_on_a_client_closed_meanwhile_ends_soon(nats_server: NatsServer) -> None:
+    """The same from the side of a caller whose append is in flight when its
+    LogClient is closed (a process shutting down): it waits out the whole deadline."""
+    other = await nats.connect(nats_server.url)
+    seen = asyncio.Event()
+
+    async def silent(msg: Msg) -> None:
+        seen.set()
+
+    await other.subscribe("t.append.s", cb=silent)
+    await flush(other)
+    client = await LogClient.connect(nats_server.url)
+    client.subjects = type(client.subjects)("t")
+    client.timeout, client.deadline = 1.0, 30.0
+    try:
+        task = asyncio.create_task(client.append("s", [{"agent": "a", "data": {"x": 1}}]))
+        await asyncio.wait_for(seen.wait(), 5)
+        await client.close()
+        started = time.monotonic()
+        with pytest.raises(UnavailableError):
+            await task
+        assert time.monotonic() - started < 10  # not retried to the 30 s deadline
+    finally:
+        await other.close()
