@@ -393,6 +393,7 @@ class _Call(msgspec.Struct):
 
 class _Message(msgspec.Struct):
     content: str | None = None
+    refusal: str | None = None
     tool_calls: list[_Call] | None = None
 
 
@@ -430,6 +431,7 @@ def _to_reply(response: httpx2.Response) -> ModelReply:
     calls = [ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments or "{}")
              for c in message.tool_calls or [] if c.function is not None]
     usage = completion.usage
-    return ModelReply(text=message.content, tool_calls=calls, model=completion.model,
+    text = message.content if message.content is not None or calls else message.refusal
+    return ModelReply(text=text, tool_calls=calls, model=completion.model,
                       input_tokens=usage.prompt_tokens if usage else None,
                       output_tokens=usage.completion_tokens if usage else None)

@@ -74,7 +74,7 @@ _NAME_RULE = "a name of 1 to 64 letters, digits, '_' or '-'"
 _NonEmpty = Annotated[str, Meta(min_length=1)]
 _AgentName = Annotated[str, Meta(pattern=_NAME_PATTERN)]
 _ToolName = Annotated[str, Meta(pattern=_NAME_PATTERN)]
-_HistoryLimit = Annotated[int, Meta(ge=1)]
+_HistoryLimit = Annotated[int, Meta(ge=1, le=100_000)]  # a read's largest tail
 
 
 # -- the file's shape: decoded from TOML, unknown keys refused ------------------

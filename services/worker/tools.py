@@ -41,8 +41,10 @@ log.  :class:`CallLedger` finds such a pending step while the turn reads the log
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import json
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,19 +122,61 @@ async def run_tool(
             if inspect.iscoroutinefunction(tool.fn):
                 result = await tool.fn(**kwargs)
             else:  # a thread, so a slow sync tool never blocks the worker's loop
-                result = await asyncio.to_thread(tool.fn, **kwargs)
+                result = await _in_own_thread(tool.fn, kwargs, name)
             if inspect.isawaitable(result):
                 result = await result
     except TimeoutError:
         return f"error: {name} did not finish within {time_limit:g}s"
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if me is not None and me.cancelling():
+            raise  # the worker is cancelling this turn
+        return f"error: {name} failed: CancelledError"  # the tool's own
     except Exception as e:
         return f"error: {name} failed: {type(e).__name__}: {e}"
-    output = result if isinstance(result, str) else json.dumps(result, default=str)
+    try:
+        output = result if isinstance(result, str) else json.dumps(result, default=str)
+    except Exception as e:  # non-str keys, a circular structure, a failing __str__
+        return f"error: {name} returned a value that is not JSON: {type(e).__name__}: {e}"
+    # A lone surrogate (os.fsdecode of a non-UTF-8 name) cannot be stored: escape it.
+    output = output.encode("utf-8", "backslashreplace").decode("utf-8")
     if parse_handoff_output(output) is not None:
         output = json.dumps({"result": output})  # a tool's output must not read as a handoff
     if len(output) > MAX_TOOL_OUTPUT_CHARS:
         output = output[:MAX_TOOL_OUTPUT_CHARS] + " [truncated]"
     return output
+
+
+def _in_own_thread(fn: Callable[..., Any], kwargs: dict[str, Any], name: str) -> asyncio.Future[Any]:
+    """Run a sync tool in a thread of its own: one that hangs past its time limit keeps only
+    that thread, not one of the loop's default executor (shared by every sync tool and by
+    getaddrinfo), so later calls are not queued behind it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    ctx = contextvars.copy_context()
+
+    def settle(ok: bool, value: Any) -> None:
+        if future.done():  # timed out: nobody waits for it any more
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def run() -> None:
+        try:
+            value = ctx.run(fn, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            ok, value = False, e
+        else:
+            ok = True
+        try:
+            loop.call_soon_threadsafe(settle, ok, value)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name=f"tool {name}", daemon=True).start()
+    return future
 
 
 # -- a step's calls ------------------------------------------------------------------

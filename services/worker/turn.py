@@ -96,6 +96,7 @@ __all__ = [
 log = logging.getLogger("convlog.worker.turn")
 
 DEFAULT_MAX_STEPS = 10
+MAX_CALLS_PER_STEP = 1000
 
 
 @dataclass(slots=True)
@@ -368,6 +369,9 @@ class TurnRunner:
         if not reply.tool_calls:
             item = self._item(part, step, "reply", assistant_text_item(reply.text or "", hint))
             return _Step(items=[item], terminal="replied")
+        if len(reply.tool_calls) > MAX_CALLS_PER_STEP:  # call<i> ids stop at call999
+            return self._fail(part, step, f"the model asked for {len(reply.tool_calls)} tool calls "
+                                          f"in one response (at most {MAX_CALLS_PER_STEP})")
         out = _Step(items=[])
         if reply.text:
             out.items.append(self._item(part, step, "msg", assistant_text_item(reply.text, hint)))

@@ -1,0 +1,152 @@
+"""A worker's turn at its edges, against the real log service and the fake model (the
+turn runner in-process); each a bug once (found in a review): a tool result that cannot
+be stored (not JSON, a lone surrogate) is an ``error:`` output, not a redelivered turn
+that runs the tool again; a history limit the log cannot serve is refused with the
+spec; a model refusal is the reply's text, not an empty reply; more tool calls in one
+response than ids allow end the turn with a ``fail`` item."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from services.worker.model import make_model_client
+from services.worker.spec import SpecError, parse_spec
+from services.worker.tools import run_tool
+from services.worker.turn import TurnPart, TurnRunner
+from services.worker.turn_ids import turn_key
+from shared.errors import BadRequestError
+from tests.support import odd_tools, openai_wire
+from tests.support.fake_openai import FakeOpenAI, text, tool_call
+from tests.support.workerstack import WorkerStack, terminal_items
+
+TOOL_SPEC = """
+entry = "Clerk"
+
+[[agents]]
+name = "Clerk"
+instructions = "Use your tool."
+tools = ["tests.support.odd_tools:{tool}"]
+"""
+
+
+async def _part(stack: WorkerStack, sid: str, msg: str) -> TurnPart:
+    ack = await stack.send(sid, msg)
+    return TurnPart(sid, turn_key(ack.items[0].item_id), ack.items[0].item_order)
+
+
+@pytest.mark.parametrize("tool", ["tuple_keys", "file_name"])
+async def test_a_tool_result_that_cannot_be_stored_becomes_an_error_output(
+    stack: WorkerStack, fake_openai: FakeOpenAI, tool: str
+) -> None:
+    # tools.py: "Every failure of a tool ... becomes the output the model sees, starting
+    # with error:".  A dict with non-str keys (json.dumps raises TypeError) or a str with a
+    # lone surrogate (os.fsdecode of a non-UTF-8 name; the append's encoder raises) escapes
+    # run_tool: the turn raises, is redelivered, and the tool runs again each time.
+    spec = parse_spec(TOOL_SPEC.format(tool=tool))
+    fake_openai.script([tool_call(tool, {"n": 2}), text("done")])
+    model = make_model_client("test", fake_openai.base_url, max_retries=0)
+    runner = TurnRunner(stack.client, spec.agent("Clerk"), model)
+    part = await _part(stack, f"r10-{tool.replace('_', '-')}", "go")
+    odd_tools.RUNS.clear()
+    try:
+        result = await runner.run(part)
+        assert result.outcome == "replied"
+        log = await stack.log(part.session_id)
+        (out,) = [e for e in log if e.data.get("type") == "function_call_output"]
+        assert isinstance(out.data["output"], str)
+        assert odd_tools.RUNS == [2]
+    finally:
+        await model.client.close()
+
+
+async def test_run_tool_never_raises_for_a_result_json_cannot_encode() -> None:
+    spec = parse_spec(TOOL_SPEC.format(tool="tuple_keys"))
+    out = await run_tool("Clerk", spec.agent("Clerk").tool_for("tuple_keys"), "tuple_keys", '{"n": 1}',
+                         key="k", time_limit=5)
+    assert isinstance(out, str)
+
+
+HUGE_WINDOW = """
+entry = "Solo"
+
+[[agents]]
+name = "Solo"
+instructions = "Answer the user."
+history_limit = 200000
+"""
+
+
+async def test_a_history_limit_the_log_cannot_serve_is_refused_or_still_answers(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    # spec.py puts no upper bound on history_limit, but a read's tail is at most 100,000
+    # (shared.messages.ReadRequest): every read of the window is bad_request, and so is the
+    # fail item's (_give_up reads first too): no turn is ever answered.
+    try:
+        spec = parse_spec(HUGE_WINDOW)
+    except SpecError:
+        return  # refused at startup: fine
+    fake_openai.script([text("hello")])
+    model = make_model_client("test", fake_openai.base_url, max_retries=0)
+    runner = TurnRunner(stack.client, spec.agent("Solo"), model)
+    part = await _part(stack, "r10-window", "hi")
+    try:
+        try:
+            result = await runner.run(part)
+        except BadRequestError:
+            # what NoticeHandler._give_up does after max_attempts: it cannot end the turn either
+            result = await runner.run(part, fail_reason="internal error")
+        assert result.outcome in ("replied", "failed")
+    finally:
+        await model.client.close()
+
+
+async def test_a_refusal_is_not_stored_as_an_empty_reply(
+    stack: WorkerStack, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Chat Completions refusal comes as content null + message.refusal (OpenAI's
+    # structured-output / safety refusals).  model._Message does not read `refusal`, so the
+    # turn's terminal reply is "" and what the model said is lost.
+    plain = openai_wire.chat_completion
+
+    def refusing(reply: Any, model: str, n: int) -> dict[str, Any]:
+        doc = plain(reply, model, n)
+        message = doc["choices"][0]["message"]
+        message["content"], message["refusal"] = None, "I can't help with that."
+        return doc
+
+    monkeypatch.setattr(openai_wire, "chat_completion", refusing)
+    spec = parse_spec(HUGE_WINDOW.replace("history_limit = 200000", ""))
+    model = make_model_client("test", fake_openai.base_url, max_retries=0)
+    runner = TurnRunner(stack.client, spec.agent("Solo"), model)
+    part = await _part(stack, "r10-refusal", "do something bad")
+    try:
+        result = await runner.run(part)
+        assert result.outcome == "replied"
+        log = await stack.log(part.session_id)
+        (reply,) = terminal_items(log, log[0])
+        assert "I can't help with that." in str(reply.data["content"])
+    finally:
+        await model.client.close()
+
+
+async def test_a_reply_with_a_thousand_and_one_tool_calls_ends_the_turn_cleanly(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    # turn_ids allows call0..call999; _items_for names the i-th call call<i> for every i, so
+    # a reply with 1,001 calls (a looping model) raises ValueError out of the turn: the
+    # delivery is retried (the model asked again each time) until max_attempts gives up.
+    from tests.support.fake_openai import tool_calls
+
+    spec = parse_spec(TOOL_SPEC.format(tool="quick"))
+    fake_openai.script([tool_calls(*[tool_call("quick", {"n": i}) for i in range(1001)]), text("done")])
+    model = make_model_client("test", fake_openai.base_url, max_retries=0)
+    runner = TurnRunner(stack.client, spec.agent("Clerk"), model, tool_timeout=1)
+    part = await _part(stack, "r10-many", "go")
+    try:
+        result = await runner.run(part)
+        assert result.outcome in ("replied", "failed")
+    finally:
+        await model.client.close()

@@ -1,0 +1,63 @@
+"""Tools that misbehave, for tests of how a worker runs tools: each returns or raises
+something ``run_tool`` must turn into a storable ``error:`` output, or hangs."""
+
+import os
+
+
+def tuple_keys(n: int) -> dict:
+    """Counts by (row, col) pairs.
+
+    Args:
+        n: how many.
+    """
+    RUNS.append(n)
+    return {(i, i): i for i in range(n)}
+
+
+def file_name(n: int) -> str:
+    """A file name as os.listdir gives one on a non-UTF-8 file system.
+
+    Args:
+        n: which.
+    """
+    RUNS.append(n)
+    return os.fsdecode(b"report-\xff.txt")
+
+
+RUNS: list[int] = []
+
+
+async def cancelled_inside(n: int) -> str:
+    """A tool whose own awaited future was cancelled by someone else (a closed client).
+
+    Args:
+        n: ignored.
+    """
+    RUNS.append(n)
+    import asyncio
+
+    fut = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(fut.cancel)
+    return await fut
+
+
+def hangs(n: int) -> str:
+    """A sync tool stuck on I/O with no timeout of its own.
+
+    Args:
+        n: seconds.
+    """
+    import time
+
+    time.sleep(n)
+    return "late"
+
+
+def quick(n: int) -> str:
+    """An instant sync tool.
+
+    Args:
+        n: echoed.
+    """
+    RUNS.append(n)
+    return f"quick {n}"
