@@ -80,7 +80,7 @@ class Settings:
     signing_key: Path | None = None  # this process's private key (shared.signing)
     keyring: Path | None = None  # the public keyring: who may sign what
     require_signatures: bool = False  # the log service refuses unsigned or foreign appends
-    head_interval: float = 1.0  # most seconds before a commit is covered by a signed head
+    head_interval: Seconds = 1.0  # most seconds before a commit is covered by a signed head
     metrics_port: Annotated[int, Meta(ge=0, le=65535)] | None = None  # Prometheus /metrics (0: any free port)
     log_format: Literal["text", "json"] = "text"  # "json": one JSON object per log line
 

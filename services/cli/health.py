@@ -161,7 +161,7 @@ async def _check_consumers(nc: Any, settings: Settings, report: Report, *, agent
             c = latest[name]
             if (c.delivered.stream_seq or 0) > (c0.delivered.stream_seq or 0) or \
                     (c.ack_floor.stream_seq or 0) > (c0.ack_floor.stream_seq or 0) or \
-                    not (c.num_pending or c.num_ack_pending):
+                    not c.num_pending:  # nothing waits: in-flight notices are a worker's turns
                 progress[name] = True
             pulled[name] = pulled[name] or bool(c.num_waiting)
         done = all(progress[n] and (pulled[n] or latest[n].num_ack_pending) for n in first)

@@ -79,6 +79,8 @@ def up_config(settings: Settings, *, agents_path: Path, agents: list[str],
         "CONVLOG_EMBEDDED": "false",
         "PYTHONUNBUFFERED": "1",
     }
+    if settings.creds:  # a flag reaches the programs too; absolute: they run in code_root()
+        environment["CONVLOG_CREDS"] = str(Path(settings.creds).resolve())
     text = render_config(programs, run_dir=run_dir, log_dir=log_dir, environment=environment,
                          directory=code_root())
     return run_dir / "supervisord.conf", text
@@ -204,11 +206,33 @@ async def _supervise(sup: Supervisor) -> int:
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from .demo import run_demo
 
-    return await run_demo(
-        agents_path=Path(args.agents) if args.agents else None,
-        offline=args.offline, keep=args.keep, turn_timeout=args.turn_timeout,
-        web_port=args.web_port if args.web else None, signed=args.signed,
-    )
+    # SIGTERM/SIGHUP: cancel the demo so its `finally` stops the stack it started
+    # (Python's default ends the process at once and leaves supervisord running).
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    signals = (signal.SIGTERM, signal.SIGHUP)
+    got: list[int] = []
+
+    def stop(sig: int) -> None:
+        got.append(sig)
+        task.cancel()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await run_demo(
+            agents_path=Path(args.agents) if args.agents else None,
+            offline=args.offline, keep=args.keep, turn_timeout=args.turn_timeout,
+            web_port=args.web_port if args.web else None, signed=args.signed,
+        )
+    except asyncio.CancelledError:
+        if not got:
+            raise  # not ours (Ctrl-C: asyncio turns it into KeyboardInterrupt, exit 130)
+        return 128 + got[0]
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
 
 def up_arguments(p: argparse.ArgumentParser) -> None:

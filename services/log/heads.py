@@ -111,7 +111,7 @@ class HeadWitness:
         for sid, raw in dirty.items():
             env = _last.decode(raw)
             head = sign_head(self.signer, sid, int(env["item_order"]), str(env["hash"]), signed_at)
-            puts.append((sid, raw, self._kv.put(sid, msgspec.json.encode(head))))
+            puts.append((sid, raw, self._store(sid, head)))
         for i in range(0, len(puts), 256):
             chunk = puts[i : i + 256]
             try:
@@ -125,6 +125,28 @@ class HeadWitness:
                     self._dirty.setdefault(sid, raw)  # retry next round (unless newer came)
                 else:
                     self.signed += 1
+
+    async def _store(self, sid: str, head: SignedHead) -> None:
+        """Store ``head`` unless the bucket holds a later one (another instance's):
+        compare-and-set on the revision, forward only."""
+        for _ in range(10):
+            try:
+                entry = await self._kv.get(sid)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                entry = None
+            if entry is not None and entry.value:
+                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                    if _head.decode(entry.value).item_order >= head.item_order:
+                        return
+            try:
+                if entry is None:
+                    await self._kv.create(sid, msgspec.json.encode(head))
+                else:
+                    await self._kv.update(sid, msgspec.json.encode(head), last=entry.revision)
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # written meanwhile: look again
+        raise RuntimeError(f"the witness head of {sid} kept changing under ten writes")
 
     async def stop(self) -> None:
         """Stop the loop and sign what is still pending (best effort)."""

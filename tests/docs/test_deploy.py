@@ -362,3 +362,16 @@ def test_rendered_config_escapes_percent_and_quotes(tmp_path: Path) -> None:
     assert opts.configroot.supervisord.environment["X"] == 'say "hi", 50%'
     argv = shlex.split(_programs(opts)["worker-A"].command)
     assert argv[argv.index("--agents") + 1] == str(odd / "a.toml")
+
+
+# `convlog up --creds FILE` hands the credentials to every program (it used them only for its own checks)
+def test_up_passes_creds_to_every_program(tmp_path: Path) -> None:
+    creds = tmp_path / "user.creds"
+    creds.write_text("-----BEGIN NATS USER JWT-----\nx\n------END NATS USER JWT------\n")
+    settings = load_settings({"creds": str(creds), "nats_url": "nats://10.1.2.3:4222",
+                              "data_dir": str(tmp_path / "data")}, environ={})
+    agents = tmp_path / "agents.toml"
+    agents.write_text('entry = "Solo"\n[[agents]]\nname = "Solo"\ninstructions = "x"\n')
+    _, text = up_config(settings, agents_path=agents, agents=["Solo"], workers_per_agent=1,
+                        start_nats=False)
+    assert f'CONVLOG_CREDS="{creds}"' in text or f"--creds {creds}" in text, text

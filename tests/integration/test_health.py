@@ -16,11 +16,12 @@ from services.log.service import LogService
 from shared.client import LogClient
 from shared.config import load_settings
 from tests.support.eventually import assert_eventually
+from tests.support.fake_openai import slow, text
 from tests.support.logsvc import service_env
 from tests.support.natscluster import NatsCluster
 from tests.support.natsd import NatsServer
 from tests.support.procs import Proc
-from tests.support.workerstack import SEED_SPEC, WorkerStack, run_cli
+from tests.support.workerstack import SEED_SPEC, WorkerStack, run_cli, solo_spec
 
 AGENTS = ("Triage", "L1Billing", "L1Technical", "L2Support")
 
@@ -159,3 +160,18 @@ async def test_health_wait_returns_once_the_stack_is_up(nats_server: NatsServer,
         waiting.terminate()
     code, out, err = await run_cli("health", *base, "--wait", "1", "--every", "1", env=env)
     assert code == 2 and "pick one" in err
+
+
+# a consumer whose only notice is a turn under way is draining: nothing waits (it was called stuck)
+async def test_health_is_ok_while_a_worker_is_busy_with_a_long_turn(stack: WorkerStack) -> None:
+    spec = solo_spec(stack.tmp / "solo.toml")
+    assert stack.fake is not None
+    stack.fake.script([slow(12, text("done"))])
+    await stack.start_workers(stack.worker("Solo", spec))
+    await stack.send("busy1", "Hi")
+    await stack.requests_at_least(1)  # the model call is under way, the notice in flight
+
+    code, out, err = await run_cli(
+        "health", "--nats-url", stack.server.url, "--no-embedded", "--window", "1",
+        env=service_env(stack.tmp / "health-data"))
+    assert code == 0, out + err

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,3 +230,31 @@ def test_demo_constants_match_the_worker() -> None:
 
     assert RULES_MODEL_LABEL == RULES_MODEL_NAME
     assert all(consumer_name(a) == worker_consumer_name(a) for a in AGENTS)
+
+
+# SIGTERM to `convlog demo` stops the stack it started (supervisord and the stack outlived it)
+def test_sigterm_to_convlog_demo_stops_its_stack(tmp_path: Path) -> None:
+    proc = Proc([sys.executable, "-m", "services.cli.main", "demo", "--offline"],
+                log_dir=tmp_path, env=stack_env(), name="demo").start()
+    sup_pid = None
+    workdir = None
+    try:
+        m = proc.wait_for_line(r"under supervisord \(pid (\d+)\) in (\S+)", timeout=60)
+        sup_pid, workdir = int(m.group(1)), m.group(2)
+        proc.wait_for_line(r"stack ready", timeout=60)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        deadline = time.monotonic() + 30
+        while _pid_alive(sup_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _pid_alive(sup_pid), f"supervisord {sup_pid} outlived convlog demo:\n{proc.output()}"
+    finally:
+        proc.terminate()
+        if sup_pid is not None and _pid_alive(sup_pid):  # the stack the demo left: stop it by its PID
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(sup_pid, signal.SIGTERM)
+            deadline = time.monotonic() + 40
+            while _pid_alive(sup_pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        if workdir and re.search(r"convlog-demo-", workdir):
+            shutil.rmtree(workdir, ignore_errors=True)

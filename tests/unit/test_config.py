@@ -56,3 +56,10 @@ def test_nats_servers_and_defaults() -> None:
     assert nats_servers("nats://127.0.0.1:4222, demo:5") == [("127.0.0.1", 4222), ("demo", 5)]
     assert nats_servers("tls://h") == [("h", 4222)]
     assert Settings().nats_url == "nats://127.0.0.1:4222"
+
+
+# CONVLOG_HEAD_INTERVAL has a range: 0 or less made the head witness spin, nan/inf never sign
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_a_head_interval_that_cannot_work_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="CONVLOG_HEAD_INTERVAL"):
+        load_settings(environ={"CONVLOG_HEAD_INTERVAL": value}, check_paths=False)

@@ -17,6 +17,14 @@ class _SlowKV:
         self.values: dict[str, bytes] = {}
         self.started = asyncio.Event()
 
+    async def get(self, key: str) -> object:  # (the witness compares before it writes)
+        import nats.js.errors
+
+        raise nats.js.errors.KeyNotFoundError()
+
+    async def create(self, key: str, value: bytes) -> int:
+        return await self.put(key, value)
+
     async def put(self, key: str, value: bytes) -> int:
         self.started.set()
         await asyncio.sleep(0.05)  # a KV put in flight
