@@ -21,7 +21,7 @@ from services.log.store.importer import import_envelopes
 from shared.chain import verify
 from shared.codec import decode
 from shared.config import Settings
-from shared.errors import BadRequestError, ConvlogError
+from shared.errors import BadRequestError, ConvlogError, NotFoundError
 from shared.messages import Envelope
 from shared.subjects import validate_session_id
 
@@ -84,6 +84,8 @@ async def migrate(
         where = f"[{n}/{len(sids)}] {sid}"
         try:
             source = await _all(src, sid)
+            if not source:
+                raise NotFoundError(f"the source has no session {sid!r}")
             head = await dst.last_order(sid)
             if head > len(source):
                 raise BadRequestError(f"destination holds {head} items, the source only {len(source)}")

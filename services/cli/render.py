@@ -36,13 +36,12 @@ def describe(env: Envelope) -> tuple[str, str]:
     if typ == "function_call":
         return "tool call", f"{d.get('name')}({d.get('arguments', '')})"
     if typ == "function_call_output":
+        from shared.routing import parse_handoff_output
+
         out = d.get("output")
-        try:
-            parsed = json.loads(out) if isinstance(out, str) else out
-        except ValueError:
-            parsed = None
-        if isinstance(parsed, dict) and set(parsed) == {"assistant"}:
-            return "handoff", f"-> {parsed['assistant']}"
+        target = parse_handoff_output(out)
+        if target is not None:
+            return "handoff", f"-> {target}"
         return "tool result", content_text(out)
     role = d.get("role")
     if role is not None:

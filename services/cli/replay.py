@@ -14,7 +14,7 @@ import msgspec
 
 from shared.chain import GENESIS_HASH, Problem, envelope_hash
 from shared.client import LogClient
-from shared.codec import encode_envelope_line
+from shared.codec import encode_envelope_line, numbers_ok
 from shared.errors import BadRequestError, NotFoundError
 from shared.messages import Envelope
 from shared.signing import Keyring, SignedHead
@@ -25,7 +25,11 @@ from .render import render_line
 
 __all__ = ["Replayer", "envelopes_from_db", "envelopes_from_file"]
 
-_decoder = msgspec.json.Decoder(Envelope)
+class _StrictEnvelope(Envelope, forbid_unknown_fields=True):
+    """An envelope with nothing beside its fields: a field the hash does not cover is tampering."""
+
+
+_decoder = msgspec.json.Decoder(_StrictEnvelope)
 
 
 class _Undecodable:
@@ -38,9 +42,12 @@ class _Undecodable:
 
 def _decode(raw: bytes | str, fallback_order: int) -> Envelope | _Undecodable:
     try:
-        return _decoder.decode(raw)
+        env = _decoder.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         return _Undecodable(fallback_order, str(e))
+    if not numbers_ok(env.data):  # RFC 8785 cannot hash it: no verifier could agree
+        return _Undecodable(fallback_order, "a number outside what RFC 8785 represents exactly")
+    return env
 
 
 class _BadRow:
@@ -100,11 +107,11 @@ def _checked_rows(
 ) -> Iterator[Stored]:
     prev_position = first_order = last_order = last_clear = 0
     last_hash = GENESIS_HASH
-    hidden: set[int] = set()  # orders whose hidden flag is set
-    retracted: set[int] = set()  # orders a retract envelope targets
+    hidden: dict[int, int] = {}  # order -> its hidden flag, where set
+    retracted: dict[int, int] = {}  # order a retract envelope targets -> the first such retract
     for position, order, item_id, kind, hidden_flag, raw in rows:
         if hidden_flag:
-            hidden.add(order)
+            hidden[order] = hidden_flag
         env = _decode(raw, order)
         if isinstance(env, _Undecodable):
             yield env
@@ -113,17 +120,24 @@ def _checked_rows(
             reason = _row_disagreement(env, columns, position, prev_position)
             yield env if reason is None else _BadRow(order, reason, env)
             if env.kind == "retract" and isinstance(env.data.get("target"), int):
-                retracted.add(env.data["target"])
+                retracted.setdefault(env.data["target"], env.item_order)
             elif env.kind == "clear":
                 last_clear = env.item_order
             last_hash = env.hash
         prev_position, last_order = position, order
         first_order = first_order or order
-    if hidden != retracted:
-        k = min(hidden ^ retracted)
+    if hidden.keys() != retracted.keys():
+        k = min(hidden.keys() ^ retracted.keys())
         yield _BadRow(k, f"the row of item_order {k} is marked hidden, but no retract targets it"
                       if k in hidden else
                       f"item_order {k} is retracted, but its row is not marked hidden")
+    # The flag is the order of the retract that hid the row (1 in databases made before):
+    # a larger one shows the row to every read as of an earlier head.
+    wrong = [k for k, flag in hidden.items() if k in retracted and flag not in (retracted[k], 1)]
+    if wrong:
+        k = min(wrong)
+        yield _BadRow(k, f"the row of item_order {k} is marked hidden as of item_order {hidden[k]}, "
+                      f"but item_order {retracted[k]} retracts it")
     if summary is None:
         if last_order:
             yield _BadRow(first_order, f"the sessions table has no row for session {session_id!r}")

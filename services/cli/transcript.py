@@ -57,17 +57,9 @@ def _is_assistant_message(env: Envelope) -> bool:
 
 
 def _handoff_target(env: Envelope) -> str | None:
-    d = env.data
-    if d.get("type") != "function_call_output":
-        return None
-    out = d.get("output")
-    try:
-        parsed = json.loads(out) if isinstance(out, str) else out
-    except ValueError:
-        return None
-    if isinstance(parsed, dict) and set(parsed) == {"assistant"} and isinstance(parsed["assistant"], str):
-        return parsed["assistant"]
-    return None
+    from shared.routing import handoff_target_of
+
+    return handoff_target_of(env.kind, env.data)  # what routing counts as a handoff, nothing else
 
 
 def handoffs(turn: Turn) -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import msgspec
 
 from shared.chain import envelope_hash
+from shared.codec import numbers_ok
 from shared.errors import BadRequestError, ConflictError, UnavailableError
 from shared.messages import Envelope
 
@@ -38,7 +39,12 @@ def _rows(sid: str, raw: Sequence[bytes], after: int, prev_hash: str) -> list[Ro
     rows: list[Row] = []
     prev = prev_hash
     for k, b in enumerate(raw, start=after + 1):
-        e = _env.decode(b)
+        try:
+            e = _env.decode(b)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise BadRequestError(f"{sid}: item {k} is not a convlog envelope: {exc}") from None
+        if not numbers_ok(e.data):
+            raise BadRequestError(f"{sid}: item {k} holds a number RFC 8785 cannot represent exactly")
         if e.session_id != sid or e.item_order != k:
             raise BadRequestError(f"envelope {e.session_id}:{e.item_order} where {sid}:{k} belongs")
         if envelope_hash(e, prev) != e.hash:
@@ -92,7 +98,7 @@ def _import_sqlite(store: object, sid: str, raw: Sequence[bytes], after: int) ->
             [r[:6] for r in rows],
         )
         hides = [(r[2], sid, r[6]) for r in rows if r[4] == "retract"]  # hidden = the retract's order
-        w.executemany("UPDATE items SET hidden = ? WHERE session_id = ? AND item_order = ?", hides)
+        w.executemany("UPDATE items SET hidden = ? WHERE session_id = ? AND item_order = ? AND hidden = 0", hides)
         w.execute(
             "INSERT INTO sessions (session_id, last_order, last_hash, last_clear, updated_at) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET last_order = excluded.last_order, "
