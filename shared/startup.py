@@ -82,8 +82,7 @@ async def wait_at_start(
     except nats.js.errors.APIError as e:
         if heals(e):  # it would have healed: out of time
             raise UnavailableError(f"cannot set up {what} within {within:g} s: {_describe(e)}") from e
-        raise ConfigError(f"cannot set up {what}: {e.description} (JetStream error {e.err_code})"
-                          f"{_REFUSAL_HINTS.get(e.err_code or 0, '')}") from e
+        raise refused(what, e) from e
     except (nats.errors.Error, TimeoutError, ConnectionError) as e:
         raise UnavailableError(f"cannot set up {what}: NATS did not answer within {within:g} s "
                                f"({_describe(e)})") from e
@@ -96,6 +95,13 @@ async def wait_at_start(
 _REFUSAL_HINTS = {
     10074: "; CONVLOG_STREAM_REPLICAS above 1 needs a NATS cluster (set it to 1 for one server)",
 }
+
+
+def refused(what: str, e: nats.js.errors.APIError) -> ConfigError:
+    """JetStream's refusal to set up ``what``, as the configuration error it is (exit 2),
+    with what to do about it where that is known."""
+    return ConfigError(f"cannot set up {what}: {e.description} (JetStream error {e.err_code})"
+                       f"{_REFUSAL_HINTS.get(e.err_code or 0, '')}")
 
 
 def _describe(exc: BaseException) -> str:

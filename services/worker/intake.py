@@ -241,10 +241,17 @@ class WorkIntake:
             await js.add_consumer(self.stream, config)  # creates, or updates the shared one
         except nats.js.errors.BadRequestError as e:
             try:
-                await js.consumer_info(self.stream, self.name)
+                info = await js.consumer_info(self.stream, self.name)
             except nats.js.errors.NotFoundError:
                 raise ConsumerConfigError(
                     f"cannot create the consumer {self.name} on the work stream {self.stream}: "
+                    f"{e.description} (JetStream error {e.err_code})"
+                ) from e
+            have = set(info.config.filter_subjects or ()) | {info.config.filter_subject} - {None}
+            if not set(config.filter_subjects or ()) <= have:  # it would miss notices for this agent
+                raise ConsumerConfigError(
+                    f"cannot update the consumer {self.name} on the work stream {self.stream} to take "
+                    f"{sorted(config.filter_subjects or ())} (it takes {sorted(have)}): "
                     f"{e.description} (JetStream error {e.err_code})"
                 ) from e
             log.warning("agent %s: keeping the existing consumer %s: %s",

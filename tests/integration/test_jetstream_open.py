@@ -14,7 +14,7 @@ import pytest
 
 from services.log.store.factory import open_store
 from services.log.store.jetstream import JetStreamStore
-from shared.errors import UnavailableError
+from shared.config import ConfigError
 from shared.subjects import Subjects
 from tests.support.natsd import NatsServer
 
@@ -28,7 +28,7 @@ async def test_a_stream_jetstream_refuses_to_create_is_refused_with_its_reason(n
         await nc.close()
     store = JetStreamStore({"servers": [nats_server.url]}, subjects=Subjects("squat"), replicas=1)
     started = time.monotonic()
-    with pytest.raises(UnavailableError) as info:
+    with pytest.raises(ConfigError) as info:  # a refusal that cannot heal: exit 2
         await open_store(store, wait=30)
     cause = info.value.__cause__
     assert isinstance(cause, nats.js.errors.APIError) and cause.code == 400, repr(cause)  # JetStream's refusal, kept

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import nats.js.errors
+
 from shared.client import connect_options
 from shared.config import Settings
 from shared.errors import UnavailableError
-from shared.startup import START_WAIT, heals_at_start, wait_at_start
+from shared.startup import START_WAIT, heals_at_start, refused, wait_at_start
 
 from .base import LogStore
 
@@ -50,9 +52,18 @@ async def open_store(store: LogStore, wait: float = OPEN_WAIT, *,
 
     Raises:
         UnavailableError: still unavailable after ``wait`` seconds.
+        ConfigError: JetStream refused to set up the store for a reason that does not
+            heal (replicas on a server that is not clustered, subjects another stream
+            takes).
     """
 
     def heals(e: BaseException) -> bool:
         return isinstance(e, UnavailableError) and e.__cause__ is not None and heals_at_start(e.__cause__)
 
-    await wait_at_start(store.open, what="the store", log=log, within=wait, heals=heals, stopping=stopping)
+    try:
+        await wait_at_start(store.open, what="the store", log=log, within=wait, heals=heals, stopping=stopping)
+    except UnavailableError as e:
+        cause = e.__cause__
+        if isinstance(cause, nats.js.errors.APIError) and not heals_at_start(cause):
+            raise refused("the store", cause) from cause  # JetStream refused: a setting, exit 2
+        raise

@@ -208,6 +208,20 @@ def _check_shards(layout: Layout, name: str, config: dict[str, Any]) -> None:
         )
 
 
+def _check_log_stream(layout: Layout, k: int, config: dict[str, Any]) -> None:
+    """Refuse a log stream that would not take (or not keep unique) this prefix's items."""
+    name = layout.log_streams[k]
+    if list(config.get("subjects") or []) != [layout.log_all(k)]:
+        _refuse(
+            f"stream {name} captures {config.get('subjects')}, not {layout.log_all(k)}: it belongs to "
+            "another prefix (stream names drop dots and case) or was changed by hand"
+        )
+    wanted = {"max_msgs_per_subject": 1, "discard": "new", "discard_new_per_subject": True}
+    wrong = {key: config.get(key) for key, value in wanted.items() if config.get(key) != value}
+    if wrong:
+        _refuse(f"stream {name} no longer keeps one message per item id ({wrong}): put back {wanted}")
+
+
 async def ensure_streams(nc: Client, layout: Layout, *, replicas: int = 1, timeout: float = 5.0) -> None:  # noqa: ASYNC109
     """Create the log streams and the fan-out stream, or check the existing ones.
 
@@ -248,6 +262,7 @@ async def ensure_streams(nc: Client, layout: Layout, *, replicas: int = 1, timeo
             raise _failed(f"stream {name}", got)
         else:
             _check_shards(layout, name, got["config"])
+            _check_log_stream(layout, k, got["config"])
     if items is None:
         created = await _api(nc, f"STREAM.CREATE.{layout.stream}", layout.items_stream_config(replicas), timeout)
         if "error" in created and created["error"].get("err_code") != _STREAM_NAME_IN_USE:

@@ -81,7 +81,7 @@ class SQLiteDatastore:
             await self.reader.execute("PRAGMA busy_timeout=10000")
             await self.reader.execute("PRAGMA query_only=1")
         except (sqlite3.Error, OSError) as e:
-            await self._close_connections()
+            await self._close_connections(keep_pools=True)  # open_store may try again
             self._release_lock()
             raise UnavailableError(f"cannot open SQLite store {self.path}: {e}") from e
         self._checkpointer = asyncio.create_task(self._checkpoint_loop(), name="convlog-checkpoint")
@@ -117,7 +117,7 @@ class SQLiteDatastore:
         await self._close_connections()
         self._release_lock()
 
-    async def _close_connections(self) -> None:
+    async def _close_connections(self, *, keep_pools: bool = False) -> None:
         if self.reader is not None:
             with contextlib.suppress(Exception):
                 await self.reader.close()
@@ -125,6 +125,8 @@ class SQLiteDatastore:
             with contextlib.suppress(Exception):
                 self.writer.close()
         self.writer = self.reader = None
+        if keep_pools:
+            return
         self.commit_pool.shutdown(wait=True)
         self._ckpt_pool.shutdown(wait=True)
 
