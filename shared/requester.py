@@ -264,7 +264,8 @@ class Requester:
         """What a request over the server's max payload (never sent) is refused with."""
         return TooLargeError(
             f"request of {len(body)} bytes is over the server's max payload of "
-            f"{self.nc.max_payload} bytes; send fewer or smaller items per request"
+            f"{self.nc.max_payload} bytes; send fewer or smaller items per request",
+            limit=self.nc.max_payload,
         )
 
     @staticmethod

@@ -8,9 +8,10 @@ to one worker -> routing check and history read (concurrent) -> model call ->
 reply appended -> reply back to the client on ``convlog.items.<sid>``.  The
 baseline measured in the same run is one bare ``append`` round trip.
 
-The spec has 20 agents; the other 17 run as idle workers inside the bench
-process (the real worker code, each with its durable consumer), so the
-deliveries per turn show what idle agents cost: nothing.  A short second
+The spec has 20 agents; the other 18 (L2Support and 17 idle specialists) run
+as workers nobody addresses inside the bench process (the real worker code,
+each with its durable consumer), so the deliveries per turn show what idle
+agents cost: nothing.  A short second
 stack with a 3-agent spec gives the same figure for 3 agents.
 
 Phases: plain turns in 1 session; handoff turns (Triage -> L1Billing, each a
@@ -161,7 +162,7 @@ async def _idle_workers(url: str, spec_path: Path, agents: list[str]) -> list[An
     from services.worker.spec import load_spec
     from services.worker.worker import Worker
 
-    logging.getLogger("convlog.worker").setLevel(logging.WARNING)  # 17 "ready" lines say nothing
+    logging.getLogger("convlog.worker").setLevel(logging.WARNING)  # 18 "ready" lines say nothing
     spec = load_spec(str(spec_path))
     settings = Settings(nats_url=url)
     workers = [Worker(settings, spec, a, make_model_client(None, None), concurrency=4) for a in agents]

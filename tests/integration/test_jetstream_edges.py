@@ -173,8 +173,9 @@ async def test_an_append_over_the_servers_batch_limit_is_too_large(
     try:
         ok = await store.append("s", req(*(item(f"m{i}") for i in range(100))))
         assert ok.last_order == 100
-        with pytest.raises(TooLargeError):
+        with pytest.raises(TooLargeError) as exc:
             await store.append("s", req(*(item(f"n{i}") for i in range(101))))
+        assert exc.value.extra.get("limit") == 100, exc.value.message  # the body names the limit
     finally:
         await store.close()
 

@@ -185,7 +185,7 @@ async def test_a_request_over_the_max_payload_is_too_large(env: Env) -> None:
     items = [user("y" * 3000) for _ in range(30)]  # each item is fine; together ~90 KiB
     with pytest.raises(TooLargeError) as exc:
         await env.client.append("v", items)
-    assert str(MAX_PAYLOAD) in exc.value.message
+    assert str(MAX_PAYLOAD) in exc.value.message and exc.value.extra["limit"] == MAX_PAYLOAD
     with pytest.raises(TooLargeError):
         await env.client.send("v", "z" * MAX_PAYLOAD)
     assert [e.item_order for e in await raw_log(env, "v")] == [1]

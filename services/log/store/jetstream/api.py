@@ -76,8 +76,10 @@ def _ack(data: bytes, n: int) -> BatchAck:
         description = str(err.get("description", ""))
         if code in (_WRONG_LAST, _BATCH_DUPLICATE):
             raise WrongLastSequence(description)
-        if code == _BATCH_TOO_LARGE:
-            raise TooLargeError(f"{n} items in one append, over the log stream's limit: {description}")
+        if code == _BATCH_TOO_LARGE:  # "atomic publish batch is too large: <max_msgs>"
+            limit = description.rpartition(":")[2].strip()
+            extra = {"limit": int(limit)} if limit.isdigit() else {}
+            raise TooLargeError(f"{n} items in one append, over the log stream's limit: {description}", **extra)
         if code == _SUBJECT_FULL or "maximum messages per subject" in description:
             raise IdTaken(description)
         # On a clustered stream, two instances proposing one <sid>:<order> at
