@@ -103,6 +103,14 @@ class Settings:
             opts["user_credentials"] = self.creds
         if self.nkey:
             opts["nkeys_seed"] = self.nkey
+            # nats-users.conf lets each nkey user subscribe to _INBOX.<its key>.> only
+            # (services/cli/nats_users.py): its replies come there.
+            from .signing import KeyringError, Signer
+
+            try:
+                opts["inbox_prefix"] = f"_INBOX.{Signer.load(self.nkey).key_id}"
+            except KeyringError:
+                pass  # not a user seed: nats-py says so at connect
         if self.user:
             opts["user"] = self.user
         if self.password:

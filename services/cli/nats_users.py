@@ -39,18 +39,25 @@ def _kv_read(bucket: str) -> list[str]:
             f"$JS.API.STREAM.MSG.GET.KV_{bucket}"]
 
 
-def _perms(role: str, agent: str, s: Subjects) -> tuple[list[str], list[str]]:
+def inbox_prefix(key_id: str) -> str:
+    """The reply subjects of the user ``key_id`` (``shared.config.Settings.nats_options``
+    connects with it): each user subscribes to its own replies only."""
+    return f"_INBOX.{key_id}"
+
+
+def _perms(role: str, agent: str, s: Subjects, key_id: str) -> tuple[list[str], list[str]]:
     p, stream = s.prefix, work_stream_name(s)
+    inbox = inbox_prefix(key_id) + ".>"  # not _INBOX.>: that reads every client's replies
     routing = s.routing_bucket
     heads = s.prefix.replace(".", "_") + "_heads"
     if role == LOG:
         # <prefix>.items.>: the SQLite store's outbox; <prefix>.log.>: the JetStream store's log streams
         pub = [f"{p}.items.>", f"{p}.log.>", f"{p}.work.>", f"$KV.{routing}.>", f"$KV.{heads}.>", "$JS.API.>"]
-        sub = [f"{p}.append.>", f"{p}.read.>", f"{p}.sessions", f"{p}.in.>", "$SRV.>", "_INBOX.>"]
+        sub = [f"{p}.append.>", f"{p}.read.>", f"{p}.sessions", f"{p}.in.>", "$SRV.>", inbox]
         pub.append(f"$JS.ACK.{s.stream_name}.convlog-notices.>")  # the notice reconciler's acks
         return pub, sub
     if role == GATEWAY:
-        return [f"{p}.in.>", f"{p}.read.>", f"{p}.sessions", "$JS.API.INFO", *_kv_read(heads)], ["_INBOX.>"]
+        return [f"{p}.in.>", f"{p}.read.>", f"{p}.sessions", "$JS.API.INFO", *_kv_read(heads)], [inbox]
     c = _consumer(agent)
     pub = [
         f"{p}.append.>", f"{p}.read.>", f"{p}.work.>",
@@ -61,10 +68,11 @@ def _perms(role: str, agent: str, s: Subjects) -> tuple[list[str], list[str]]:
         f"$JS.API.CONSUMER.INFO.{stream}.{c}",
         f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{c}",
         f"$JS.ACK.{stream}.{c}.>",
-        f"$JS.API.STREAM.CREATE.KV_{routing}",  # if it starts before the log service (an empty bucket)
+        # No STREAM.CREATE of the routing bucket: its configuration would be the agent's
+        # (capturing _INBOX.> too, say); a worker started first waits for the log service.
         *_kv_read(routing), *_kv_read(heads),
     ]
-    return pub, ["_INBOX.>"]
+    return pub, [inbox]
 
 
 def _quote(items: list[str]) -> str:
@@ -84,7 +92,7 @@ def render_users(ring: Keyring, subjects: Subjects | None = None) -> str:
     for e in ring.entries:
         if e.retired_at is not None:
             continue
-        pub, sub = _perms(e.role, e.agent, s)
+        pub, sub = _perms(e.role, e.agent, s, e.key_id)
         lines.append(f"    # {e.role} {e.agent}")
         lines.append(f"    {{ nkey: {e.key_id}, permissions: {{")
         lines.append(f"        publish: {{ allow: {_quote(pub)} }}")

@@ -47,6 +47,12 @@ class EndpointCounters:
     processing_ns: int = 0
 
 
+def answerable(reply: str, prefix: str) -> bool:
+    """Whether the service may answer on ``reply``: not a subject of its own (``<prefix>.``:
+    items, log, work, its endpoints) nor a system one (``$JS``, ``$KV``, ``$SRV``, ...)."""
+    return not (reply.startswith("$") or reply.startswith(prefix + "."))
+
+
 class Replies:
     """The reply queue and its replier task (state owned by ``LogService``)."""
 
@@ -62,6 +68,8 @@ class Replies:
     _outgoing_ready: asyncio.Event
     _replying: bool
     _quiet: asyncio.Event
+    subjects: Any  # shared.subjects.Subjects
+    _seam: Any  # shared.nats_seam.NatsSeam | None
 
 
     def _endpoint_stats(self, stats: EndpointStats) -> dict[str, Any] | None:
@@ -91,6 +99,13 @@ class Replies:
             c.last_error = headers.get(ERROR_HEADER, "")
             if not reply_to:
                 log.warning("%s on %s without reply subject: %s", name, subject[:160], payload[:300])
+        to = reply_to if type(reply_to) is str else self._seam.reply_subject(reply_to) if self._seam else None
+        if to and not answerable(to, self.subjects.prefix):
+            # The reply subject is the requester's to choose, and this service's user
+            # may publish the items, the notices, the buckets and the JetStream API:
+            # answering there would write for someone NATS does not let write.
+            log.warning("%s on %s: not answered on %s (not a reply subject)", name, subject[:160], to[:160])
+            return
         if type(reply_to) is str:
             if reply_to:
                 self._outgoing.append((reply_to, "", payload, headers))

@@ -134,6 +134,11 @@ class NatsSeam:
         or the request itself, to be answered through ``Request.respond``."""
         return req
 
+    def reply_subject(self, req: Request) -> str | None:
+        """A micro request's reply subject, where it can be read (None: not on this seam;
+        micro has no public name for it)."""
+        return None
+
     def endpoint_subscription(self, service: Service, name: str) -> Subscription | None:
         """The subscription behind a micro endpoint (None: not reachable)."""
         return None
@@ -225,6 +230,9 @@ class _FastSeam(NatsSeam):
         await nc.flush(max(deadline - loop.time(), 0.001))
 
     def reply_to(self, req: Request) -> str | Request:
+        return req._msg.reply
+
+    def reply_subject(self, req: Request) -> str | None:
         return req._msg.reply
 
     def endpoint_subscription(self, service: Service, name: str) -> Subscription | None:

@@ -18,6 +18,7 @@ from services.log.service import LogService
 from shared.client import LogClient
 from shared.config import load_settings
 from shared.nats_seam import flush
+from shared.signing import Signer
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
 from tests.support.procs import Proc
@@ -70,7 +71,8 @@ async def test_each_key_is_a_nats_user_with_only_its_role(tmp_path: Path) -> Non
 
         # A stolen Triage credential: its own consumer only, no stream admin, no items.
         thief = await nats.connect(server.url, nkeys_seed=str(keys / "Triage.nk"), error_cb=on_error,
-                                   max_reconnect_attempts=0)
+                                   max_reconnect_attempts=0,  # its replies: _INBOX.<its key>.> only
+                                   inbox_prefix=f"_INBOX.{Signer.load(keys / 'Triage.nk').key_id}")
         try:
             js = thief.jetstream(timeout=1)
             for attempt in (

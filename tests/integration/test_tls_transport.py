@@ -191,8 +191,8 @@ async def test_a_three_node_cluster_with_tls_routes_serves_the_signed_log(tmp_pa
 
         # Step 2: once the routes (TLS) have elected a JetStream meta leader, the log service
         # starts with an R3 items stream.
-        probe_nc = await nats.connect(urls, tls=load_settings({}, tls_env).nats_options()["tls"],
-                                      nkeys_seed=str(keys / "log.nk"), connect_timeout=2)
+        probe_nc = await nats.connect(urls, connect_timeout=2,  # its replies: _INBOX.<its key>.> only
+                                      **load_settings({}, log_env).nats_options())
         try:
             await wait_jetstream_placement(probe_nc, 3, timeout=30)
         finally:
