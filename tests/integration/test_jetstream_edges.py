@@ -63,13 +63,13 @@ async def test_a_read_between_decision_and_combined_store_does_not_fork_the_sess
         return s
 
     a, b = await mk(), await mk()
+    gate = asyncio.Event()
     try:
         await b.append("s", req(item("1")))  # b caches the head at 1
         await a.append("s", req(item("2")))  # a moves it on: b's cache is stale
         await asyncio.sleep(1.5)  # past the duplicate window
 
         # The shard's previous combined batch is slow to store (a loaded server).
-        gate = asyncio.Event()
         store_combined = BatchWriter._store_combined
         calls = 0
 
@@ -82,10 +82,14 @@ async def test_a_read_between_decision_and_combined_store_does_not_fork_the_sess
 
         monkeypatch.setattr(BatchWriter, "_store_combined", slow_first)
         first = asyncio.create_task(b.append("other", req(*(item(f"o{i}") for i in range(40)))))
-        for _ in range(200):
-            if b._writer._combiners and any(c.busy for c in b._writer._combiners.values()):
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 10
+        while loop.time() < until:  # its session's head is read first (a new session): I/O
+            if calls == 1 and any(c.busy for c in b._writer._combiners.values()):
                 break
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.001)
+        else:
+            pytest.fail("the first combined batch never started: the race below is not set up")
         # 40 items: a combined batch, decided on b's cached (stale) head 1, waiting its turn.
         second = asyncio.create_task(b.append("s", req(*(item(f"s{i}") for i in range(40)))))
         for _ in range(50):
@@ -93,15 +97,15 @@ async def test_a_read_between_decision_and_combined_store_does_not_fork_the_sess
         assert await b.last_order("s") == 2  # a reader on b meanwhile: the cached head is now 2
         gate.set()
         await first
-        try:
-            await second
-        except Exception:
-            pass
+        # Decided on head 1, refused by the server (the head is 2), decided again: orders 3..42.
+        r = await asyncio.wait_for(second, 20)
+        assert (r.first_order, r.last_order) == (3, 42), r
         stored = await read_all(a, "s")
         orders = [e.item_order for e in stored]
-        assert orders == list(range(1, len(orders) + 1)), orders[:6]
+        assert orders == list(range(1, 43)), orders[:6]
         assert verify(stored, session_id="s") is None
     finally:
+        gate.set()  # a failure above must not leave the first batch held (b.close() would wait on it)
         await a.close()
         await b.close()
 

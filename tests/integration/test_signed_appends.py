@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
+import nats.js.errors
 import pytest
 
 from services.cli.main import main
@@ -253,7 +254,7 @@ async def test_the_gateway_signs_the_to_of_a_message_and_an_edited_to_is_refused
             err = msgspec.json.decode(msg.data)["error"]
             assert err["code"] == "forbidden" and "to" in err["message"], err
             assert await plain.last_order(sid) == 0  # nothing written
-            with pytest.raises(Exception):  # noqa: B017 - no entry hint either (nats-py: KeyNotFoundError)
+            with pytest.raises(nats.js.errors.KeyNotFoundError):  # no entry hint either
                 await kv.get(sid)
         # The genuine one (LogClient.send signs the `to` too) goes through, with its entry hint.
         ack = await gateway.send("r5", "billing please", to="L1Billing")

@@ -147,6 +147,12 @@ async def test_a_reply_with_a_thousand_and_one_tool_calls_ends_the_turn_cleanly(
     part = await _part(stack, "r10-many", "go")
     try:
         result = await runner.run(part)
-        assert result.outcome in ("replied", "failed")
+        # turn.py: more than MAX_CALLS_PER_STEP calls end the turn with a fail item, no call run.
+        assert result.outcome == "failed"
+        log = await stack.log(part.session_id)
+        (fail,) = terminal_items(log, log[0])
+        assert fail.agent == "system" and "1001 tool calls" in str(fail.data["content"]), fail.data
+        assert not [e for e in log if e.data.get("type") in ("function_call", "function_call_output")]
+        assert len(fake_openai.requests) == 1  # not asked again
     finally:
         await model.client.close()
