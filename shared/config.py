@@ -49,6 +49,17 @@ def default_data_dir(environ: Mapping[str, str]) -> Path:
     return Path(base) / "convlog"
 
 
+def _nkey_public_key(path: str | Path) -> str | None:
+    """The public key of the nkey seed file at ``path`` (``None``: unreadable or not a
+    seed; nats-py says so when it connects)."""
+    try:
+        import nkeys
+
+        return nkeys.from_seed(bytearray(Path(path).read_bytes().strip())).public_key.decode()
+    except Exception:  # noqa: BLE001 - any failure here is nats-py's to report at connect
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Every knob convlog has.  Field ``x`` is read from ``CONVLOG_X``."""
@@ -105,12 +116,8 @@ class Settings:
             opts["nkeys_seed"] = self.nkey
             # nats-users.conf lets each nkey user subscribe to _INBOX.<its key>.> only
             # (services/cli/nats_users.py): its replies come there.
-            from .signing import KeyringError, Signer
-
-            try:
-                opts["inbox_prefix"] = f"_INBOX.{Signer.load(self.nkey).key_id}"
-            except KeyringError:
-                pass  # not a user seed: nats-py says so at connect
+            if (key_id := _nkey_public_key(self.nkey)) is not None:
+                opts["inbox_prefix"] = f"_INBOX.{key_id}"
         if self.user:
             opts["user"] = self.user
         if self.password:
