@@ -26,7 +26,9 @@ CONVLOG_TABLES = {"items": {"session_id", "item_order", "envelope"}, "sessions":
 
 def db_lock_path(db: Path) -> Path:
     """The lock file :class:`services.log.store.sqlite.SQLiteStore` holds while it writes ``db``."""
-    return db.with_name(db.name + ".lock")
+    from services.log.store.sqlite.datastore import db_lock_path as store_lock_path
+
+    return store_lock_path(db)
 
 
 def check_data_dir(data_dir: Path, *, name: str = "CONVLOG_DATA_DIR") -> None:

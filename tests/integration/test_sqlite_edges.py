@@ -29,6 +29,7 @@ import msgspec
 import nats
 import pytest
 
+from services.cli.storage import db_in_use
 from services.log.handlers import Handlers
 from services.log.service import LogService
 from services.log.store.sqlite import SQLiteStore
@@ -134,7 +135,9 @@ async def test_a_second_store_through_a_symlink_is_refused(tmp_path: Path) -> No
     try:
         await first.append("s", req(item("one")))
         with pytest.raises(UnavailableError):
-            await second.open()  # opens: the lock file is named after the link, not the file
+            await second.open()  # opened: the lock file was named after the link, not the file
+        # `convlog up`'s check that a log service holds the database sees it through the link too
+        assert db_in_use(tmp_path / "alias.db") and db_in_use(real)
     finally:
         await second.close()
         await first.close()

@@ -25,7 +25,7 @@ from shared.failures import is_transient
 
 from ..base import StoreClosedError
 
-__all__ = ["WAL_SIZE_LIMIT", "SQLiteDatastore"]
+__all__ = ["WAL_SIZE_LIMIT", "SQLiteDatastore", "db_lock_path"]
 
 log = logging.getLogger("convlog.store.sqlite")
 
@@ -37,6 +37,13 @@ log = logging.getLogger("convlog.store.sqlite")
 # this machine's top sustained rate (the WAL grows ~33 MB/s at 12k appends/s),
 # and never while the load pauses now and then (it then restarts by itself).
 WAL_SIZE_LIMIT = 1 << 30
+
+
+def db_lock_path(db: Path) -> Path:
+    """The lock file a store holds while it writes ``db``: next to the file itself, not
+    to a link to it, so every name of one database takes the same lock."""
+    real = Path(db).resolve()
+    return real.with_name(real.name + ".lock")
 
 
 class SQLiteDatastore:
@@ -142,10 +149,7 @@ class SQLiteDatastore:
 
     # -- the lock --------------------------------------------------------
     def _take_lock(self) -> None:
-        # Next to the file itself, not to a link to it: every name of one
-        # database must take the same lock.
-        real = self.path.resolve()
-        lock_path = real.with_name(real.name + ".lock")
+        lock_path = db_lock_path(self.path)
         fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
