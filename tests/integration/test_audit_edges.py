@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import sqlite3
@@ -23,11 +22,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import rfc8785
-
 from services.log.store.sqlite import SQLiteStore
-from shared.chain import GENESIS_HASH, item_hash
+from shared.chain import item_hash
 from shared.messages import AppendItem, AppendRequest, Envelope
+from tests.docs.test_golden_replay import (
+    independent_verify,  # an auditor with only hashlib and rfc8785
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,25 +49,6 @@ def build_db(path: Path, sessions: dict[str, int], *, retract: int | None = None
                     await s.append(sid, AppendRequest(items=[
                         AppendItem(agent="system", kind="retract", data={"target": retract})]))
     asyncio.run(go())
-
-
-def independent_verify(lines: list[bytes], session_id: str) -> int | None:
-    """As tests/docs/test_golden_replay.py: an auditor with only hashlib and rfc8785."""
-    prev = GENESIS_HASH
-    for expected, line in enumerate(lines, start=1):
-        obj = json.loads(line)
-        if obj.get("session_id") != session_id or obj.get("item_order") != expected:
-            return expected
-        claimed = obj.pop("hash")
-        obj["prev_hash"] = prev
-        try:
-            ok = hashlib.sha256(rfc8785.dumps(obj)).hexdigest() == claimed
-        except ValueError:
-            ok = False
-        if not ok:
-            return expected
-        prev = claimed
-    return None
 
 
 # -- 1. replay --db --verify: the hidden column's value is not checked -------------------
