@@ -26,6 +26,7 @@ from shared.signing import Signer, sign_head
 from shared.startup import create_or_find
 from shared.subjects import Subjects
 
+from .kv_forward import put_forward
 from .store.base import Committed
 from .store.ordering import now_rfc3339
 
@@ -129,24 +130,16 @@ class HeadWitness:
     async def _store(self, sid: str, head: SignedHead) -> None:
         """Store ``head`` unless the bucket holds a later one (another instance's):
         compare-and-set on the revision, forward only."""
-        for _ in range(10):
-            try:
-                entry = await self._kv.get(sid)
-            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                entry = None
-            if entry is not None and entry.value:
+
+        def over(stored: bytes | None) -> bytes | None:
+            if stored:
                 with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                    if _head.decode(entry.value).item_order >= head.item_order:
-                        return
-            try:
-                if entry is None:
-                    await self._kv.create(sid, msgspec.json.encode(head))
-                else:
-                    await self._kv.update(sid, msgspec.json.encode(head), last=entry.revision)
-                return
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # written meanwhile: look again
-        raise RuntimeError(f"the witness head of {sid} kept changing under ten writes")
+                    if _head.decode(stored).item_order >= head.item_order:
+                        return None
+            return msgspec.json.encode(head)
+
+        if await put_forward(self._kv, sid, over) is None:
+            raise RuntimeError(f"the witness head of {sid} kept changing under ten writes")
 
     async def stop(self) -> None:
         """Stop the loop and sign what is still pending (best effort)."""

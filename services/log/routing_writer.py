@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-import nats.js.errors
 
 from shared.routing import (
     RoutingCheckpoint,
@@ -41,6 +40,7 @@ from shared.routing import (
     handoff_target_of,
 )
 
+from .kv_forward import put_forward
 from .store.base import Committed
 
 __all__ = ["DELAY", "RoutingWriter"]
@@ -48,7 +48,6 @@ __all__ = ["DELAY", "RoutingWriter"]
 log = logging.getLogger("convlog.log.routing")
 
 _Item = msgspec.json.Decoder(dict)
-_MISSING = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError)
 #: Seconds between a handoff's commit and the start of the checkpoint writes (see the module).
 DELAY = 0.02
 
@@ -92,31 +91,21 @@ class RoutingWriter:
                                 sid, order, target, type(e).__name__, e)
 
     async def _write(self, sid: str, order: int, target: str) -> None:
-        for _ in range(10):
-            try:
-                entry = await self._kv.get(sid)
-            except _MISSING:
-                entry = None
+        def over(stored: bytes | None) -> bytes | None:
             current = None
-            if entry is not None:
+            if stored is not None:
                 try:
-                    current = decode_checkpoint(entry.value or b"")
+                    current = decode_checkpoint(stored or b"")
                 except msgspec.DecodeError:
                     current = None  # unreadable: overwrite it
                 if current is not None and current.order >= order:
-                    return
-            value = encode_checkpoint(RoutingCheckpoint(
+                    return None
+            return encode_checkpoint(RoutingCheckpoint(
                 active=target, order=order, entry=current.entry if current is not None else None,
                 entry_proof=current.entry_proof if current is not None else None))
-            try:
-                if entry is None:
-                    await self._kv.create(sid, value)
-                else:
-                    await self._kv.update(sid, value, last=entry.revision)
-                self.writes += 1
-                return
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # written meanwhile: look again
+
+        if await put_forward(self._kv, sid, over):
+            self.writes += 1
 
     async def stop(self) -> None:
         """Finish the writes already noted (after their delay)."""
