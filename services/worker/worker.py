@@ -355,12 +355,12 @@ class Worker:
     async def _session(self, sid: str) -> None:
         """Handle one session's notices in order (one task per busy session)."""
         queue = self._queues[sid]
+        me = asyncio.current_task()
+        assert me is not None
         try:
             while queue and not self._stopping.is_set():
                 msg, env = queue.popleft()
                 try:
-                    me = asyncio.current_task()
-                    assert me is not None
                     self._waiting.add(me)
                     try:
                         await self._slots.acquire()
