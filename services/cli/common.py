@@ -32,6 +32,7 @@ __all__ = [
     "non_negative_float",
     "non_negative_int",
     "packaged_agents_path",
+    "port_number",
     "positive_float",
     "positive_int",
     "require_nats",
@@ -68,6 +69,17 @@ def _number(kind: type, minimum: float, what: str) -> Callable[[str], Any]:
 positive_int = _number(int, 1, "a whole number of at least 1")
 #: ``type=`` for orders and other counts that may be 0 (``--after``).
 non_negative_int = _number(int, 0, "a whole number of at least 0")
+
+
+def port_number(text: str) -> int:
+    """``type=`` for a TCP port to listen on (0: a free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return value
 
 
 def non_negative_float(text: str) -> float:

@@ -29,8 +29,8 @@ from shared.errors import BadRequestError, UnavailableError
 from .common import (
     EXIT_FAIL,
     is_loopback,
-    non_negative_int,
     packaged_agents_path,
+    port_number,
     positive_float,
     positive_int,
 )
@@ -256,7 +256,7 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", help="log level of the demo itself [CONVLOG_LOG_LEVEL]")
     p.add_argument("--web", action="store_true",
                    help="then keep the stack up and serve the web console until Ctrl-C")
-    p.add_argument("--web-port", type=non_negative_int, default=8080, metavar="PORT",
+    p.add_argument("--web-port", type=port_number, default=8080, metavar="PORT",
                    help="the console's port on 127.0.0.1 (default 8080; busy: a free one)")
     p.add_argument("--signed", action="store_true",
                    help="sign every item and head; the log service requires signatures")

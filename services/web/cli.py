@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from services.cli.common import port_number
 from shared.config import Settings
 
 if TYPE_CHECKING:  # the web stack loads only when the console runs, not for every command
@@ -49,7 +50,7 @@ def web_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``convlog web`` (its entry is in :mod:`services.cli.commands`)."""
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any other needs a token)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--port", type=port_number, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--token", help="require this token: Bearer or basic-auth password "
                    "[CONVLOG_WEB_TOKEN]")
     p.add_argument("--certfile", help="serve HTTPS with this certificate (PEM)")

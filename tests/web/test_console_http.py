@@ -223,6 +223,18 @@ async def test_cli_refuses_to_serve_beyond_loopback_without_a_token() -> None:
     assert code == 2 and "--certfile and --keyfile go together" in out
 
 
+@pytest.mark.parametrize("port", ["70000", "-1"])
+async def test_cli_refuses_a_port_out_of_range_in_one_line(port: str) -> None:
+    code, out = await _cli("--port", port, "--no-embedded")  # socket.bind raised OverflowError
+    assert code == 2 and f"argument --port: expected a port number 0-65535, got '{port}'" in out
+    assert "Traceback" not in out
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", "demo", "--web", "--web-port", port, cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), 30))[0].decode()
+    assert proc.returncode == 2 and "argument --web-port: expected a port number 0-65535" in out
+
+
 async def test_cli_serves_the_console_and_stops_on_sigterm(web: Console, nats_server: NatsServer,
                                                            tmp_path: Path) -> None:
     from tests.support.procs import Proc
