@@ -22,6 +22,7 @@ from shared.subjects import validate_session_id
 
 from .audit import SignatureAudit, decode_head_line, encode_head_line
 from .render import render_line
+from .storage import read_only_uri
 
 __all__ = ["Replayer", "envelopes_from_db", "envelopes_from_file"]
 
@@ -87,7 +88,7 @@ def envelopes_from_db(path: Path, session_id: str) -> Iterator[Stored]:
     """
     if not path.exists():
         raise NotFoundError(f"no database at {path}")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    conn = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None)
     try:
         try:
             conn.execute("BEGIN")  # one snapshot for the rows and the summary

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import urllib.parse
 from pathlib import Path
 
 from shared.config import ConfigError
@@ -43,6 +44,12 @@ def check_data_dir(data_dir: Path, *, name: str = "CONVLOG_DATA_DIR") -> None:
         raise ConfigError(f"{name}: {data_dir} is not writable (read-only?)")
 
 
+def read_only_uri(db: Path) -> str:
+    """The SQLite URI that opens ``db`` read-only (``uri=True``), its name percent-quoted:
+    a ``#``, ``?`` or ``%`` in a path is part of the name, not of the URI."""
+    return f"file:{urllib.parse.quote(str(db))}?mode=ro"
+
+
 def _convlog_schema_problem(db: Path) -> str | None:
     """Why ``db`` is not a convlog log, or ``None`` when it is one (or empty)."""
     try:
@@ -55,7 +62,7 @@ def _convlog_schema_problem(db: Path) -> str | None:
     if head != SQLITE_MAGIC:
         return "it is not an SQLite database"
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        conn = sqlite3.connect(read_only_uri(db), uri=True)
     except sqlite3.Error as e:
         return f"cannot open it: {e}"
     try:

@@ -160,6 +160,17 @@ def test_untampered_db_verifies(golden_db: Path, tmp_path: Path) -> None:
     assert "7 items" in done.stderr
 
 
+def test_a_db_whose_name_holds_uri_characters_verifies(golden_db: Path, tmp_path: Path) -> None:
+    # '#', '?' and '%' are the file's name, not parts of the read-only SQLite URI: the
+    # replay opened (and created) "log " instead and said it was not a convlog database.
+    db = tmp_path / "log #1?%41.db"
+    shutil.copy(golden_db, db)
+    done = convlog("replay", SESSION_ID, "--db", str(db), "--verify", "--quiet", tmp=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "7 items" in done.stderr
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(db.name)] == []
+
+
 @pytest.mark.parametrize("how", ["edit", "delete", "swap"])
 def test_tampered_db_fails_verify_naming_the_order(golden_db: Path, tmp_path: Path, how: str) -> None:
     db = tmp_path / "tampered.db"

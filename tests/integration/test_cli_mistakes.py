@@ -85,8 +85,8 @@ def _file(tmp: Path) -> Path:
     return tmp / "afile"
 
 
-def _foreign_sqlite(tmp: Path) -> Path:
-    path = tmp / "other.db"
+def _foreign_sqlite(tmp: Path, name: str = "other.db") -> Path:
+    path = tmp / name
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE notes (body TEXT)")
     conn.commit()
@@ -122,6 +122,11 @@ CASES: list[Case] = [
      EXIT_USAGE, ["CONVLOG_TLS_CA", "/etc/passwd", "cannot load"]),
     ("log --db an unrelated SQLite file", lambda t: ["log", "--db", str(_foreign_sqlite(t))], {},
      EXIT_USAGE, ["other.db", "not a convlog log", "notes"]),
+    # '#' and '?' are part of the file's name, not of the read-only SQLite URI the check opens
+    # (it opened, and created, "other " instead, found no tables and let the service use it).
+    ("log --db an unrelated SQLite file named with # and ?",
+     lambda t: ["log", "--db", str(_foreign_sqlite(t, "other #1?.db"))], {},
+     EXIT_USAGE, ["other #1?.db", "not a convlog log", "notes"]),
     ("log --db in a missing directory", lambda t: ["log", "--db", str(t / "nope" / "x.db")], {},
      EXIT_USAGE, ["--db", "nope", "does not exist"]),
     ("log --db not SQLite", lambda t: ["log", "--db", "/etc/passwd"], {}, EXIT_USAGE,
@@ -158,11 +163,13 @@ async def test_a_mistake_gets_one_line_and_its_exit_code(case: Case, tmp_path: P
     # Nothing was created next to the inputs (no log, no directory, no tables).
     assert not (tmp_path / "data").exists()
     assert not (tmp_path / "nope").exists()
-    if (tmp_path / "other.db").exists():
-        conn = sqlite3.connect(tmp_path / "other.db")
+    for other in (tmp_path / "other.db", tmp_path / "other #1?.db", tmp_path / "other "):
+        if not other.exists():
+            continue
+        conn = sqlite3.connect(other)
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         conn.close()
-        assert tables == {"notes"}
+        assert tables == {"notes"}, other
 
 
 # -- storage faults ------------------------------------------------------------------
