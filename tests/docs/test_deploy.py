@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shlex
@@ -247,6 +248,43 @@ async def test_auth_config_lets_the_log_user_run_the_jetstream_store(
         server.stop()
     assert "permissions violation" not in svc.output().lower(), svc.output()
     assert "Violation" not in server.log_text(), server.log_text()
+
+
+async def test_auth_config_lets_a_client_replay_and_verify_a_session_with_its_signed_heads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `convlog replay` (and the console's export) read the witness head in the KV bucket
+    # convlog_heads: the `client` role ("may ... read") could not, and replay failed after
+    # 5 s with "nats: timeout" (exit 1) on a permissions violation.
+    from services.cli.keys_cmds import make_keys
+
+    server, env = _auth_server(tmp_path, monkeypatch)
+    make_keys(tmp_path / "keys", [])
+    svc = Proc([sys.executable, "-m", "services.cli.main", "log", "--nats-url", server.url,
+                "--db", str(tmp_path / "convlog.db"), "--no-embedded"], log_dir=tmp_path,
+               env={**env, "CONVLOG_SIGNING_KEY": str(tmp_path / "keys" / "log.nk")}, name="log-signing").start()
+    try:
+        svc.wait_for_line("log service ready", timeout=30)
+        settings = load_settings({"nats_url": server.url}, environ={})
+        client = await LogClient.connect(settings=settings, name="t-client", user="client",
+                                         password=PASSWORDS["CONVLOG_NATS_CLIENT_PASSWORD"])
+        try:
+            await client.send("auth-r1", "hello")
+        finally:
+            await client.close()
+        await asyncio.sleep(1.5)  # CONVLOG_HEAD_INTERVAL: the witness head is in the bucket
+        cenv = {**env, "CONVLOG_USER": "client", "CONVLOG_PASSWORD": PASSWORDS["CONVLOG_NATS_CLIENT_PASSWORD"]}
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "services.cli.main", "replay", "auth-r1", "--verify",
+                             "--nats-url", server.url, "--no-embedded"],
+            env=cenv, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert "verified: auth-r1: 1 items" in done.stderr
+        assert "signed head at item_order 1" in done.stderr
+        assert "violation" not in done.stderr.lower(), done.stderr
+    finally:
+        svc.terminate()
+        server.stop()
 
 
 def _violation(errors: list[str], subject: str) -> None:
