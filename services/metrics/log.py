@@ -6,6 +6,7 @@ import contextlib
 import logging
 import sqlite3
 import time
+import urllib.parse
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -238,7 +239,8 @@ def _store_gauges(path: Path | None) -> Iterator[Any]:
             size += Path(f"{path}{suffix}").stat().st_size
     yield GaugeMetricFamily("convlog_log_store_bytes", "Size of the store on disk (with its WAL)", size)
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+        # Quoted: a '#', '?' or '%' in the file's name is part of it, not URI syntax.
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, timeout=1.0)
         try:
             (n,) = conn.execute("SELECT count(*) FROM sessions").fetchone()
         finally:
