@@ -17,10 +17,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
 
+from shared.errors import UnavailableError
 from shared.messages import SignedHead
 from shared.signing import Signer, sign_head
 from shared.startup import create_or_find
@@ -54,7 +56,14 @@ async def _bucket(nc: Client, subjects: Subjects, *, create: bool, replicas: int
 
 
 async def read_witness_head(nc: Client, subjects: Subjects, session_id: str) -> SignedHead | None:
-    """The latest witness head of a session, or ``None`` (no bucket, no head, unreadable)."""
+    """The latest witness head of a session, or ``None`` (no bucket, no head, undecodable).
+
+    Raises:
+        UnavailableError: the bucket did not answer (down, or this NATS user may not read
+            it: nats-server drops a request it forbids, and the request times out).  Not
+            ``None``: that would pass off a head that exists as none, and the truncation
+            check with it.
+    """
     try:
         kv = await _bucket(nc, subjects, create=False)
         if kv is None:
@@ -64,6 +73,9 @@ async def read_witness_head(nc: Client, subjects: Subjects, session_id: str) -> 
     except (nats.js.errors.KeyNotFoundError, nats.js.errors.Error, msgspec.DecodeError,
             msgspec.ValidationError):
         return None
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+        raise UnavailableError(f"cannot read the signed heads in the KV bucket {heads_bucket(subjects)}: "
+                               f"{e} (may this NATS user read it?)") from e
 
 
 class HeadWitness:

@@ -282,6 +282,17 @@ async def test_auth_config_lets_a_client_replay_and_verify_a_session_with_its_si
         assert "verified: auth-r1: 1 items" in done.stderr
         assert "signed head at item_order 1" in done.stderr
         assert "violation" not in done.stderr.lower(), done.stderr
+        # The worker role may read the log but not that bucket: replay says so in one
+        # line, exit 3 (it was "nats: timeout", exit 1; passing the head off as absent
+        # would skip the truncation check).
+        wenv = {**env, "CONVLOG_USER": "worker", "CONVLOG_PASSWORD": PASSWORDS["CONVLOG_NATS_WORKER_PASSWORD"]}
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "services.cli.main", "replay", "auth-r1", "--verify",
+                             "--nats-url", server.url, "--no-embedded"],
+            env=wenv, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 3, done.stderr
+        assert "cannot read the signed heads in the KV bucket convlog_heads" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
     finally:
         svc.terminate()
         server.stop()
