@@ -53,6 +53,7 @@ from services import metrics
 from shared import tracing
 from shared.client import LogClient
 from shared.errors import ConflictError, TooLargeError
+from shared.history import retract_target
 from shared.messages import AppendItem, AppendReply, Envelope
 
 from .convert import function_call_output_item, handoff_output, parse_handoff_output
@@ -221,7 +222,8 @@ class PendingStep:
     Attributes:
         step: the step number.
         calls: every call of the step, by index.
-        done: indices whose output is in the log already.
+        done: indices whose output is in the log already, or whose call a
+            ``retract`` or ``clear`` hid (nothing is run or written for it).
     """
 
     step: int
@@ -230,12 +232,25 @@ class PendingStep:
 
 
 class CallLedger:
-    """One agent's calls and outputs in a turn, collected while the log is read."""
+    """One agent's calls and outputs in a turn, collected while the log is read.
+
+    A call hidden by a later ``retract`` or ``clear`` (:meth:`hide`) is out of what the
+    agents see (README, "Visible history"): its tool is not run, and the step is not
+    pending for it."""
 
     def __init__(self, agent: str) -> None:
         self.agent = agent
         self._calls: dict[int, dict[int, Envelope]] = {}  # step -> index -> call item
         self._outputs: dict[int, set[int]] = {}  # step -> indices with an output
+        self._hidden: set[int] = set()  # orders a retract hides
+        self._cleared = 0  # a clear hides every order below it
+
+    def hide(self, env: Envelope) -> None:
+        """Note ``env`` if it is a ``retract`` or a ``clear`` (read in order, after the calls)."""
+        if env.kind == "clear":
+            self._cleared = max(self._cleared, env.item_order)
+        elif (target := retract_target(env)) is not None:
+            self._hidden.add(target)
 
     def add(self, tid: TurnItemId, env: Envelope) -> None:
         """Note the turn item ``env`` (id ``tid``) if it is this agent's call or output."""
@@ -247,9 +262,11 @@ class CallLedger:
             self._outputs.setdefault(tid.step, set()).add(int(tid.role[3:]))
 
     def pending(self, step: int) -> PendingStep | None:
-        """Step ``step`` when some of its calls have no output yet, else ``None``."""
+        """Step ``step`` when some of its calls have no output yet, else ``None``
+        (a hidden call counts as done: nothing is run or written for it)."""
         calls = self._calls.get(step, {})
-        done = self._outputs.get(step, set())
+        done = self._outputs.get(step, set()) | {
+            i for i, env in calls.items() if env.item_order in self._hidden or env.item_order < self._cleared}
         if set(calls) <= done:
             return None
         return PendingStep(step, [Call.from_item(i, env) for i, env in sorted(calls.items())], done)

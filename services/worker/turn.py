@@ -33,7 +33,8 @@ redeliveries happen, rests on four things:
    appended after the step's tool outputs, so the next agent starts with
    every output in the log.  A committed call is never asked of the model
    again: a resumed, redelivered or out-raced part finds the pending step and
-   runs the tools still missing an output, then calls the model.  So a tool
+   runs the tools still missing an output, then calls the model (a call a
+   ``retract`` or ``clear`` has hidden meanwhile is not run).  So a tool
    runs once per call unless a worker dies (or stalls past ``ack_wait``)
    between the tool and its output; then it runs again with the same
    idempotency key, the call item's id (see :mod:`.tools` for the contract
@@ -288,6 +289,7 @@ class TurnRunner:
         ledger = CallLedger(self.agent.name)
         for env in after:
             state.newest = max(state.newest, env.item_order)
+            ledger.hide(env)
             tid = parse_turn_item_id(env.item_id)
             if tid is None or tid.turn != part.turn:
                 continue
