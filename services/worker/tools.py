@@ -105,6 +105,19 @@ async def run_tool(
         The output text for the ``function_call_output`` item (at most
         :data:`MAX_TOOL_OUTPUT_CHARS` characters).
     """
+    output = await _run(agent, tool, name, arguments, key=key, time_limit=time_limit)
+    # A lone surrogate (os.fsdecode of a non-UTF-8 name, in a result or in an error's
+    # message) cannot be stored: escape it.
+    output = output.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(output) > MAX_TOOL_OUTPUT_CHARS:
+        output = output[:MAX_TOOL_OUTPUT_CHARS] + " [truncated]"
+    return output
+
+
+async def _run(
+    agent: str, tool: ToolSpec | None, name: str, arguments: str, *, key: str, time_limit: float
+) -> str:
+    """:func:`run_tool`'s output, before it is made storable."""
     if tool is None:
         return f"error: {agent} has no tool named {name!r}"
     try:
@@ -139,12 +152,8 @@ async def run_tool(
         output = result if isinstance(result, str) else json.dumps(result, default=str)
     except Exception as e:  # non-str keys, a circular structure, a failing __str__
         return f"error: {name} returned a value that is not JSON: {type(e).__name__}: {e}"
-    # A lone surrogate (os.fsdecode of a non-UTF-8 name) cannot be stored: escape it.
-    output = output.encode("utf-8", "backslashreplace").decode("utf-8")
     if parse_handoff_output(output) is not None:
         output = json.dumps({"result": output})  # a tool's output must not read as a handoff
-    if len(output) > MAX_TOOL_OUTPUT_CHARS:
-        output = output[:MAX_TOOL_OUTPUT_CHARS] + " [truncated]"
     return output
 
 

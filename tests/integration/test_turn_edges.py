@@ -36,14 +36,15 @@ async def _part(stack: WorkerStack, sid: str, msg: str) -> TurnPart:
     return TurnPart(sid, turn_key(ack.items[0].item_id), ack.items[0].item_order)
 
 
-@pytest.mark.parametrize("tool", ["tuple_keys", "file_name"])
+@pytest.mark.parametrize("tool", ["tuple_keys", "file_name", "missing_file"])
 async def test_a_tool_result_that_cannot_be_stored_becomes_an_error_output(
     stack: WorkerStack, fake_openai: FakeOpenAI, tool: str
 ) -> None:
     # tools.py: "Every failure of a tool ... becomes the output the model sees, starting
     # with error:".  A dict with non-str keys (json.dumps raises TypeError) or a str with a
-    # lone surrogate (os.fsdecode of a non-UTF-8 name; the append's encoder raises) escapes
-    # run_tool: the turn raises, is redelivered, and the tool runs again each time.
+    # lone surrogate (os.fsdecode of a non-UTF-8 name; the append's encoder raises), in a
+    # result or in the message of the exception a tool raises, escapes run_tool: the turn
+    # raises, is redelivered, and the tool runs again each time.
     spec = parse_spec(TOOL_SPEC.format(tool=tool))
     fake_openai.script([tool_call(tool, {"n": 2}), text("done")])
     model = make_model_client("test", fake_openai.base_url, max_retries=0)

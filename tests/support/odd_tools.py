@@ -61,3 +61,13 @@ def quick(n: int) -> str:
     """
     RUNS.append(n)
     return f"quick {n}"
+
+
+def missing_file(n: int) -> str:
+    """Fails naming a file as os.listdir gives one on a non-UTF-8 file system.
+
+    Args:
+        n: which.
+    """
+    RUNS.append(n)
+    raise ValueError(f"cannot open {os.fsdecode(b'report-' + bytes([0xff]) + b'.txt')}")
