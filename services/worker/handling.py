@@ -28,6 +28,7 @@ from services import metrics
 from services.logfmt import context
 from shared import tracing
 from shared.failures import Backoff, is_transient
+from shared.messages import Envelope
 from shared.subjects import Subjects
 from shared.work import Notice
 
@@ -126,7 +127,7 @@ class NoticeHandler:
                 await msg.ack()
                 return
             assert decision.trigger is not None
-            if self.gate is not None and (why := self.gate.signature_refusal(decision.trigger)) is not None:
+            if self.gate is not None and (why := self._refusal(part, decision.trigger)) is not None:
                 log.error("worker %s: refusing %s #%d: %s", self.agent.name, sid, order, why)
                 self.tally.skipped += 1
                 await msg.term()
@@ -167,6 +168,16 @@ class NoticeHandler:
         finally:
             if decision is not None:
                 decision.drop()
+
+    def _refusal(self, part: TurnPart, trigger: Envelope) -> str | None:
+        """Why this part must not be played for ``trigger``: its signature, or, for a
+        continuation, a handoff output that is not the handing-off agent's own."""
+        assert self.gate is not None
+        if (why := self.gate.signature_refusal(trigger)) is not None:
+            return why
+        if part.after_step and (why := self.gate.forged(trigger)) is not None:
+            return f"forged: {why}"
+        return None
 
     async def _play(self, part: TurnPart, decision: Decision, timings: dict[str, float]) -> TurnResult:
         result = await self.runner.run(part, first=decision.first, timings=timings, confirm=decision.confirm)
