@@ -231,11 +231,15 @@ class PartFinder:
         out.timings["history_read"] = time.perf_counter() - t0
         before = [e for e in page.items if e.item_order < order]
         rest = [e for e in page.items if e.item_order >= order]
+        more = page.more
+        if more and not rest:  # large items: the page stopped short of the trigger
+            after = await self.client.read(sid, after=order - 1, limit=_AFTER_PAGE, raw=True)
+            rest, more = list(after.items), after.more
         trigger = rest[0] if rest and rest[0].item_order == order else None
         out.trigger = trigger
         if trigger is None or trigger.kind != "item" or starts_no_turn(trigger.item_id):
             return out  # nothing to answer; a no-turn item's writer answers it (shared.work)
-        out.first = Prefetch(window=window, after_trigger=rest[1:], complete=not page.more)
+        out.first = Prefetch(window=window, after_trigger=rest[1:], complete=not more)
         if is_user_message(trigger):
             active: str | None = None
             since = [e for e in before if e.item_order > known[0]] if known is not None else []

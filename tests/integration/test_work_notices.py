@@ -229,6 +229,30 @@ async def test_the_window_a_worker_keeps_follows_new_items_and_a_retract(
     assert user_texts(fake_openai.requests[-1]) == ["m15", "m17", "m18"]
 
 
+async def test_a_message_after_large_items_is_found_past_the_first_page_and_answered(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    # A young session is read whole in one raw page, but a page stops at the reply limit
+    # (1 MiB): behind six 200 KB items the trigger was not in it, the worker took the
+    # message for one the log does not hold yet and, after three deliveries, skipped it:
+    # never answered.
+    fake_openai.responder(lambda r: text(f"re: {user_texts(r)[-1]}"))
+    await stack.start_workers(stack.worker("Solo", solo_spec(stack.tmp / "short.toml", history_limit=2)))
+    sid = "big-items"
+    for i in range(6):
+        await stack.client.append(sid, [{"item_id": f"noturn:{i}", "agent": "user", "kind": "item",
+                                         "data": {"role": "user", "content": f"log {i}: " + "x" * 200_000}}])
+    await stack.send(sid, "what went wrong?")
+
+    async def answered() -> list[Envelope]:
+        log = await stack.log(sid)
+        assert len(log) >= 7 and terminal_items(log, log[6]), [e.item_id for e in log]
+        return terminal_items(log, log[6])
+
+    (reply,) = await assert_eventually(answered, timeout=15)
+    assert reply.data["content"][0]["text"] == "re: what went wrong?"
+
+
 async def test_a_session_started_for_an_agent_nobody_runs_is_answered_by_the_entry_agent(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
