@@ -57,7 +57,7 @@ from shared.work import Notice, notice_msg_id, now, publish_notice, starts_no_tu
 
 from .routing import Routing, handoff_target
 from .spec import AgentSpec
-from .turn import Prefetch, TurnPart
+from .turn import Prefetch, TurnPart, read_window
 from .turn_ids import parse_turn_item_id, turn_key
 from .turn_types import Misrouted
 
@@ -217,7 +217,7 @@ class PartFinder:
         carried = _carried(notice, start) if fresh else None
         page, window = await asyncio.gather(
             self.client.read(sid, after=start, limit=_AFTER_PAGE, raw=True) if carried is None else _be(carried),
-            self.client.read(sid, tail=self.agent.history_limit) if cached is None and not young else _none(),
+            read_window(self.client, sid, self.agent.history_limit) if cached is None and not young else _none(),
         )
         if window is None and young and not page.more:  # the whole session: fold it here
             window = ReadReply(session_id=sid, items=visible(page.items)[-self.agent.history_limit:],
@@ -226,7 +226,7 @@ class PartFinder:
         if window is None:  # the copy kept from the last turn, plus what came since
             window = self._extend(sid, cached, page, start) if cached is not None else None
             if window is None:
-                window = await self.client.read(sid, tail=self.agent.history_limit)
+                window = await read_window(self.client, sid, self.agent.history_limit)
         self._keep(sid, window, page)
         out.timings["history_read"] = time.perf_counter() - t0
         before = [e for e in page.items if e.item_order < order]

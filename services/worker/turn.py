@@ -60,7 +60,7 @@ from shared import tracing
 from shared.client import LogClient
 from shared.errors import BadRequestError, ConflictError, InvalidSessionIdError, TooLargeError
 from shared.failures import CONFLICT_BACKOFF
-from shared.messages import AppendItem, AppendReply, Envelope
+from shared.messages import AppendItem, AppendReply, Envelope, ReadReply
 
 from .convert import (
     agent_system_prompt,
@@ -92,6 +92,7 @@ __all__ = [
     "TurnPart",
     "TurnResult",
     "TurnRunner",
+    "read_window",
 ]
 
 log = logging.getLogger("convlog.worker.turn")
@@ -278,7 +279,7 @@ class TurnRunner:
             rep, after = first.window, await self._after(part, first)
         else:
             rep, after = await asyncio.gather(
-                self.client.read(part.session_id, tail=self.agent.history_limit),
+                read_window(self.client, part.session_id, self.agent.history_limit),
                 self._after(part, None),
             )
         window = [e for e in rep.items if not self._forged(e, part, in_turn=False)]
@@ -399,6 +400,19 @@ class TurnRunner:
         """Run the committed calls' missing tools (:func:`.tools.finish_calls`)."""
         return await finish_calls(self.client, self.agent, part.session_id, part.turn, pending,
                                   time_limit=self.tool_timeout)
+
+
+async def read_window(client: LogClient, session_id: str, limit: int) -> ReadReply:
+    """The model's window: the last ``limit`` visible items of ``session_id``, or, when
+    they are over one read's reply limit (``too_large``: a few large items), as many of
+    the newest as fit -- the window is cut rather than the session's turns stuck."""
+    while True:
+        try:
+            return await client.read(session_id, tail=limit)
+        except TooLargeError:
+            if limit <= 1:
+                raise
+            limit //= 2
 
 
 async def _confirmed(confirm: Callable[[], Awaitable[None]] | None, clock: dict[str, float]) -> None:

@@ -3,7 +3,8 @@ turn runner in-process); each a bug once (found in a review): a tool result that
 be stored (not JSON, a lone surrogate) is an ``error:`` output, not a redelivered turn
 that runs the tool again; a history limit the log cannot serve is refused with the
 spec; a model refusal is the reply's text, not an empty reply; more tool calls in one
-response than ids allow end the turn with a ``fail`` item."""
+response than ids allow end the turn with a ``fail`` item; a window over one read's reply
+limit is cut to the newest items that fit, not a turn that can never end."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from services.worker.tools import run_tool
 from services.worker.turn import TurnPart, TurnRunner
 from services.worker.turn_ids import turn_key
 from shared.errors import BadRequestError
+from shared.messages import AppendItem
 from tests.support import odd_tools, openai_wire
+from tests.support.eventually import assert_eventually
 from tests.support.fake_openai import FakeOpenAI, text, tool_call
-from tests.support.workerstack import WorkerStack, terminal_items
+from tests.support.workerstack import WorkerStack, solo_spec, terminal_items
 
 TOOL_SPEC = """
 entry = "Clerk"
@@ -157,3 +160,48 @@ async def test_a_reply_with_a_thousand_and_one_tool_calls_ends_the_turn_cleanly(
         assert len(fake_openai.requests) == 1  # not asked again
     finally:
         await model.client.close()
+
+
+async def test_a_window_over_one_reads_limit_is_cut_not_stuck(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    # Each message is within the item limit (256 KiB), but the session's last 50 visible
+    # items are over the 1 MiB reply limit: the window's tail read is too_large, every
+    # time, the fail item's too (_give_up reads first): the session's turns never ended.
+    spec = parse_spec(HUGE_WINDOW.replace("history_limit = 200000", ""))
+    fake_openai.script([text("read it")])
+    model = make_model_client("test", fake_openai.base_url, max_retries=0)
+    runner = TurnRunner(stack.client, spec.agent("Solo"), model)
+    sid = "r11-big-window"
+    for i in range(6):
+        await stack.client.append(sid, [AppendItem(agent="user", data={
+            "role": "user", "content": f"log {i}: " + "x" * 200_000}, item_id=f"noturn:{i}")])
+    part = await _part(stack, sid, "what went wrong?")
+    try:
+        result = await runner.run(part)
+        assert result.outcome == "replied"
+        (request,) = fake_openai.requests
+        assert request["messages"][-1]["content"] == "what went wrong?"  # the newest items are kept
+    finally:
+        await model.client.close()
+
+
+async def test_a_worker_answers_a_session_whose_window_is_over_one_reads_limit(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    # The same through a worker process (its first read is parts.PartFinder's).
+    fake_openai.responder(lambda r: text("read it"))
+    await stack.start_workers(stack.worker("Solo", solo_spec(stack.tmp / "solo.toml")))
+    sid = "r11-big-window-worker"
+    for i in range(6):
+        await stack.client.append(sid, [AppendItem(agent="user", data={
+            "role": "user", "content": f"log {i}: " + "x" * 200_000}, item_id=f"noturn:{i}")])
+    await stack.send(sid, "what went wrong?")
+
+    async def answered() -> list[Any]:
+        log = await stack.log(sid)
+        assert len(log) >= 7 and terminal_items(log, log[6]), stack.outputs()[-2000:]
+        return terminal_items(log, log[6])
+
+    (reply,) = await assert_eventually(answered, timeout=15)
+    assert reply.data["content"][0]["text"] == "read it"
