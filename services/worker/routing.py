@@ -146,9 +146,16 @@ class Routing:
         key = self.keyring.get(proof.key_id) if self.keyring is not None and proof is not None else None
         if proof is None or key is None or key.retired_at is None:
             return None
-        page = await self.client.read(session_id, after=0, limit=_ENTRY_WINDOW, raw=True)
-        held = next((e for e in page.items if e.item_id == proof.item_id), None)
-        return held.created_at if held is not None and held.key_id == proof.key_id else None
+        after, seen = 0, 0
+        while seen < _ENTRY_WINDOW:  # a page of large items can stop short of the window
+            page = await self.client.read(session_id, after=after, limit=_ENTRY_WINDOW - seen, raw=True)
+            held = next((e for e in page.items if e.item_id == proof.item_id), None)
+            if held is not None:
+                return held.created_at if held.key_id == proof.key_id else None
+            if not page.more or not page.items:
+                break
+            seen, after = seen + len(page.items), page.items[-1].item_order
+        return None
 
     def _signed_entry(self, session_id: str, cp: Checkpoint, at: str | None) -> str | None:
         """The agent the gateway's ``to_sig`` of ``cp`` does sign, if one of the spec's."""
