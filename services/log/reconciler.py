@@ -90,12 +90,12 @@ class Reconciler:
                     if not (is_transient(e) or isinstance(e, nats.errors.Error | nats.js.errors.Error)):
                         raise
                     log.info("notice reconciler: %r; retrying", e)
-                    await self._unbind()
+                    await self.unbind()
                 await asyncio.sleep(self.interval)
         finally:
-            await self._unbind()  # a pull subscription left behind holds up the connection's drain
+            await self.unbind()  # a pull subscription left behind holds up the connection's drain
 
-    async def _unbind(self) -> None:
+    async def unbind(self) -> None:
         sub, self._sub = self._sub, None
         if sub is not None:
             with contextlib.suppress(Exception):

@@ -247,6 +247,11 @@ class LogService(Endpoints):
         trace_map: dict[tuple[str, int], bytes] = self.outbox.traces if self.outbox else {}
         self.notifier.traces = trace_map  # the worker's turn continues the user message's trace
         self.traces = ServiceTraces(trace_map) if tracing.enabled() else None
+        # The reconciler's consumer takes only what the items stream stores after it is
+        # created (on a first start): it must be there before the first commit.
+        self.reconciler = Reconciler(self.nc, self.subjects, self.notifier, self.store)
+        await wait_at_start(self.reconciler.bind, what="the notice reconciler's consumer", log=log,
+                            stopping=stopping)
         self._service = await add_service(
             self.nc,
             name=SERVICE_NAME,
@@ -274,7 +279,6 @@ class LogService(Endpoints):
             log.warning("the append endpoint's subscription is out of reach: appends go through micro's queue")
         await flush(self.nc)  # the endpoints' SUBs are in place: 'ready' means it
         # Last: a service that cannot start (an items stream for other subjects) leaves no loop behind.
-        self.reconciler = Reconciler(self.nc, self.subjects, self.notifier, self.store)
         self._reconciler = self._loops.start(self.reconciler.run, "notice reconciler")
         self.metrics.start(self, self.fanout)
         log.info(
@@ -325,6 +329,8 @@ class LogService(Endpoints):
                     await self._replier
             if self._reconciler is not None:  # it reads the store
                 await cancel_and_wait({self._reconciler}, within=2.0)
+            if self.reconciler is not None:  # bound at start, perhaps never run
+                await self.reconciler.unbind()
             if self.outbox is not None:
                 await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))
             if self.read_ahead is not None:

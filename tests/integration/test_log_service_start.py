@@ -1,0 +1,70 @@
+"""What the log service has in place before it serves, and what it refuses at start.
+
+Real nats-server processes and the real log service (in-process, SQLite).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from services.log.reconciler import Reconciler
+from services.log.service import LogService
+from shared.client import LogClient
+from shared.config import load_settings
+from shared.work import work_stream_name
+from tests.support.eventually import assert_eventually
+from tests.support.natsd import NatsServer
+
+
+async def _notice_ids(nc: Any, stream: str) -> list[str]:
+    js = nc.jetstream()
+    info = await js.stream_info(stream)
+    out: list[str] = []
+    if not info.state.messages:
+        return out
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg(stream, seq)
+        out.append((msg.headers or {}).get("Nats-Msg-Id", ""))
+    return out
+
+
+async def test_a_notice_lost_right_after_a_first_start_is_republished(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: Any
+) -> None:
+    # A first start: the reconciler's durable consumer does not exist yet. JetStream
+    # is slow to create it (a cluster placing it, a busy server); a user message
+    # committed as soon as the service says it is ready loses its notice (the
+    # process dies between commit and publish). The consumer delivers only what
+    # comes after its creation, so it must exist before anything is served.
+    real_bind = Reconciler.bind
+
+    async def slow_bind(self: Reconciler) -> None:
+        await asyncio.sleep(1.0)
+        await real_bind(self)
+
+    monkeypatch.setattr(Reconciler, "bind", slow_bind)
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "convlog.db")}, {})
+    service = LogService(settings)
+    await service.start()
+    try:
+        assert service.notifier is not None and service.reconciler is not None
+        service.reconciler.interval = 0.1
+        lost: list[tuple[str, int]] = []
+        service.notifier._start = lambda sid, order, handoff_to=None: lost.append((sid, order))  # type: ignore[method-assign]
+        client = await LogClient.connect(nats_server.url)
+        try:
+            await client.send("first", "hello")
+            stream = work_stream_name(settings.subjects)
+
+            async def announced() -> None:
+                assert await _notice_ids(client.nc, stream) == ["first:1"]
+
+            await assert_eventually(announced, timeout=10)
+        finally:
+            await client.close()
+        assert lost == [("first", 1)]  # only the reconciler announced it
+        assert service.reconciler.republished == 1
+    finally:
+        await service.shutdown()
