@@ -20,12 +20,13 @@ from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client
 
 from .config import ConfigError
 from .errors import UnavailableError
 from .failures import is_transient, wait_for
 
-__all__ = ["PEERS_OFFLINE", "START_WAIT", "create_or_find", "heals_at_start", "wait_at_start"]
+__all__ = ["PEERS_OFFLINE", "START_WAIT", "create_or_find", "heals_at_start", "require_jetstream", "wait_at_start"]
 
 _T = TypeVar("_T")
 
@@ -33,6 +34,9 @@ _T = TypeVar("_T")
 #: JetStream's "no suitable peers for placement, peer offline": a replicated
 #: stream or bucket cannot be placed until the cluster's other servers are up.
 PEERS_OFFLINE = 10005
+
+#: JetStream's "jetstream not enabled for account" (a 503, so it looks transient).
+JS_NOT_ENABLED_FOR_ACCOUNT = 10039
 
 #: Seconds a process waits at start for what it needs on NATS JetStream (a
 #: cluster started with it, still electing its leaders or placing a stream).
@@ -102,6 +106,30 @@ def refused(what: str, e: nats.js.errors.APIError) -> ConfigError:
     with what to do about it where that is known."""
     return ConfigError(f"cannot set up {what}: {e.description} (JetStream error {e.err_code})"
                        f"{_REFUSAL_HINTS.get(e.err_code or 0, '')}")
+
+
+async def require_jetstream(nc: Client) -> None:
+    """Ask JetStream for this account's information; refuse, as the configuration
+    error it is (exit 2), a NATS server without JetStream or an account without it,
+    which no wait heals (both look like "service unavailable").
+
+    Raises:
+        ConfigError: the server has no JetStream (nobody answers its API and the
+            server says so), or JetStream is not enabled for this account.
+        nats.errors.Error / nats.js.errors.Error: anything else (a cluster still
+            starting), for :func:`wait_at_start` to wait out.
+    """
+    try:
+        await nc.jetstream().account_info()
+    except nats.js.errors.ServiceUnavailableError as e:
+        url = nc.connected_url.netloc if nc.connected_url else "?"
+        if e.err_code == JS_NOT_ENABLED_FOR_ACCOUNT:
+            raise ConfigError(f"JetStream is not enabled for this account on the NATS server at {url}: "
+                              "enable it for the account in the server's configuration") from e
+        if e.err_code is None and not getattr(nc, "_server_info", {}).get("jetstream"):  # no responders
+            raise ConfigError(f"the NATS server at {url} has no JetStream: start it with -js "
+                              "(or a jetstream block in its configuration)") from e
+        raise
 
 
 def _describe(exc: BaseException) -> str:

@@ -42,7 +42,7 @@ from shared.config import Settings
 from shared.failures import FatalError, Loops, cancel_and_wait
 from shared.nats_seam import NatsSeam, bind, flush
 from shared.routing import EntryProof, encode_checkpoint, entry_checkpoint, open_routing_bucket
-from shared.startup import wait_at_start
+from shared.startup import require_jetstream, wait_at_start
 from shared.subjects import Subjects
 from shared.wire import Outgoing
 from shared.work import ensure_work_stream
@@ -184,6 +184,7 @@ class LogService(Endpoints):
         replicas = self.settings.stream_replicas
 
         async def streams_and_buckets() -> Any:
+            await require_jetstream(self.nc)  # none at all: a configuration error, not a wait
             if outbox_needed:
                 await ensure_stream(js, self.subjects, replicas=replicas)
             kv = await ensure_routing_bucket(self.nc, self.subjects, replicas=replicas)

@@ -9,6 +9,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from services.log.reconciler import Reconciler
 from services.log.service import LogService
 from shared.client import LogClient
@@ -16,6 +18,7 @@ from shared.config import load_settings
 from shared.work import work_stream_name
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
+from tests.support.procs import run_cli, service_env
 
 
 async def _notice_ids(nc: Any, stream: str) -> list[str]:
@@ -68,3 +71,30 @@ async def test_a_notice_lost_right_after_a_first_start_is_republished(
         assert service.reconciler.republished == 1
     finally:
         await service.shutdown()
+
+
+_NO_JS_ACCOUNT = """
+accounts { A: { users: [{user: a, password: a}] } }
+"""
+
+
+@pytest.mark.parametrize("store", ["sqlite", "jetstream"])
+@pytest.mark.parametrize("case", ["no JetStream", "an account without JetStream"])
+async def test_convlog_log_on_a_nats_server_without_jetstream_is_a_configuration_error(
+    tmp_path: Path, nats_server_factory: Any, store: str, case: str
+) -> None:
+    # Nothing heals this: exit 2 at once with a line saying what to fix, not a
+    # 60 s wait for "the streams on NATS JetStream" ending in exit 3 (unavailable),
+    # which a process manager restarts forever.
+    if case == "no JetStream":
+        server = nats_server_factory(jetstream=False)
+        url = server.url
+    else:
+        server = nats_server_factory(config=_NO_JS_ACCOUNT)
+        url = server.url.replace("nats://", "nats://a:a@")
+    data = tmp_path / "data"
+    data.mkdir()
+    code, _, err = await run_cli("log", "--nats-url", url, "--store", store, env=service_env(data), timeout=30)
+    assert code == 2, err
+    wanted = "has no JetStream" if case == "no JetStream" else "JetStream is not enabled for this account"
+    assert wanted in err.splitlines()[-1], err

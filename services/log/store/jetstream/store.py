@@ -29,6 +29,7 @@ from shared import tracing
 from shared.errors import UnavailableError
 from shared.messages import AppendReply, AppendRequest, SessionInfo
 from shared.nats_seam import bind
+from shared.startup import require_jetstream
 from shared.subjects import Subjects
 
 from ..base import AppendDone, CommitListener, Committed, Page
@@ -129,6 +130,7 @@ class JetStreamStore:
             if self._nc is None:
                 self._nc = await nats.connect(**self._connect_options)
                 bind(self._nc, self._nats_seam)
+            await require_jetstream(self._nc)  # none at all: a configuration error, not a wait
             await ensure_streams(self._nc, self.layout, replicas=self.replicas, timeout=self.timeout)
             gets = [DirectGet(self._nc, name, timeout=self.timeout) for name in self.layout.log_streams]
             gets.append(DirectGet(self._nc, self.layout.stream, timeout=self.timeout))
