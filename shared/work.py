@@ -159,7 +159,8 @@ def check_work_stream(config: StreamConfig, subjects: Subjects) -> None:
     Raises:
         StreamConfigError: it does not capture ``<prefix>.work.>`` (someone
             created or changed it), or it is sealed: the agent's pulls would
-            wait forever.
+            wait forever; or it is not a work queue on file storage: notices
+            would be lost.
     """
     name = work_stream_name(subjects)
     captured = list(config.subjects or [])
@@ -171,16 +172,32 @@ def check_work_stream(config: StreamConfig, subjects: Subjects) -> None:
         )
     if config.sealed:
         raise StreamConfigError(f"the work stream {name} is sealed: it stores nothing more")
+    # Interest retention drops a notice no consumer wants yet (acked all the same);
+    # memory storage loses the unacked ones with a server restart.
+    kept = {"retention": RetentionPolicy.WORK_QUEUE, "storage": StorageType.FILE}
+    wrong = {key: str(getattr(getattr(config, key), "value", getattr(config, key)))
+             for key, value in kept.items() if getattr(config, key) not in (value, None)}
+    if wrong:
+        raise StreamConfigError(
+            f"the work stream {name} has {', '.join(f'{k} {v}' for k, v in wrong.items())}, not "
+            f"{', '.join(f'{k} {kept[k].value}' for k in wrong)}: it was created or changed by something "
+            "else and would lose notices. Delete it (the log service creates it again)"
+        )
 
 
 async def ensure_work_stream(js: JetStreamContext, subjects: Subjects, *, replicas: int = 1) -> None:
-    """Create the work stream if it does not exist (idempotent; log service and workers)."""
+    """Create the work stream if it does not exist (idempotent; log service and workers).
+
+    Raises:
+        StreamConfigError: an existing one would lose notices (:func:`check_work_stream`).
+    """
     name = work_stream_name(subjects)
     try:
         info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
         pass
     else:
+        check_work_stream(info.config, subjects)  # made by something else: it must not lose notices
         if not info.config.allow_atomic:  # created before the log service batched its notices
             with contextlib.suppress(nats.js.errors.Error):  # a server before 2.12: one publish each
                 await js.update_stream(dataclasses.replace(info.config, allow_atomic=True))

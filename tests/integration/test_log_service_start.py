@@ -9,12 +9,15 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
 from services.log.reconciler import Reconciler
 from services.log.service import LogService
 from shared.client import LogClient
 from shared.config import load_settings
+from shared.failures import StreamConfigError
 from shared.work import work_stream_name
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
@@ -98,3 +101,34 @@ async def test_convlog_log_on_a_nats_server_without_jetstream_is_a_configuration
     assert code == 2, err
     wanted = "has no JetStream" if case == "no JetStream" else "JetStream is not enabled for this account"
     assert wanted in err.splitlines()[-1], err
+
+
+_WRONG_WORK_STREAMS = {
+    # A notice for work.entry (every new session's) has no stream: never stored, never answered.
+    "other subjects": {"subjects": ["convlog.work.agent.>"], "retention": RetentionPolicy.WORK_QUEUE},
+    # A notice published while its agent has no consumer yet is dropped at once.
+    "interest retention": {"subjects": ["convlog.work.>"], "retention": RetentionPolicy.INTEREST},
+    # Notices nobody acked yet are gone with a nats-server restart.
+    "memory storage": {"subjects": ["convlog.work.>"], "retention": RetentionPolicy.WORK_QUEUE,
+                       "storage": StorageType.MEMORY},
+}
+
+
+@pytest.mark.parametrize("wrong", sorted(_WRONG_WORK_STREAMS))
+async def test_a_work_stream_that_would_lose_notices_is_refused_at_start(
+    nats_server: NatsServer, tmp_path: Path, wrong: str
+) -> None:
+    # Made by hand (or by another tool) before the log service first started: the
+    # service took it as it was, and the notices it published were lost silently.
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.jetstream().add_stream(StreamConfig(name="CONVLOG_WORK", **_WRONG_WORK_STREAMS[wrong]))
+    finally:
+        await nc.close()
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "convlog.db")}, {})
+    service = LogService(settings)
+    try:
+        with pytest.raises(StreamConfigError, match="the work stream CONVLOG_WORK"):
+            await service.start()
+    finally:
+        await service.shutdown()
