@@ -124,23 +124,42 @@ class Reconciler:
                 if task is not None and task.cancelling():
                     raise asyncio.CancelledError from None
                 return done
-            for msg in msgs:
-                if USER_MARK not in msg.data:
-                    continue
+            for i, msg in enumerate(msgs):
                 try:
-                    head = head_of.decode(msg.data)
-                except msgspec.DecodeError:
-                    continue
-                if not is_user_message(head) or starts_no_turn(head.item_id):
-                    continue
-                msg_id = notice_msg_id(head.session_id, head.item_order)
-                if await self.notifier.settled(msg_id) or not await self._held(head, msg.data):
-                    continue
-                notice = Notice(session_id=head.session_id, item_order=head.item_order, ts=now())
-                await publish_notice(self.nc, await self.notifier.address(head.session_id), notice, msg_id)
-                self.republished += 1
-                done += 1
+                    done += await self._redo(msg)
+                except BaseException:
+                    await self._give_back(msgs[:i], msgs[i:])
+                    raise
             if msgs:
                 await msgs[-1].ack()  # AckPolicy.ALL: everything up to it
             if len(msgs) < 256:
                 return done
+
+    async def _redo(self, msg: Any) -> int:
+        """Republish the notice of the item ``msg`` carries if it needs it; 1 if it did."""
+        if USER_MARK not in msg.data:
+            return 0
+        try:
+            head = head_of.decode(msg.data)
+        except msgspec.DecodeError:
+            return 0
+        if not is_user_message(head) or starts_no_turn(head.item_id):
+            return 0
+        msg_id = notice_msg_id(head.session_id, head.item_order)
+        if await self.notifier.settled(msg_id) or not await self._held(head, msg.data):
+            return 0
+        notice = Notice(session_id=head.session_id, item_order=head.item_order, ts=now())
+        await publish_notice(self.nc, await self.notifier.address(head.session_id), notice, msg_id)
+        self.republished += 1
+        return 1
+
+    @staticmethod
+    async def _give_back(handled: list[Any], unhandled: list[Any]) -> None:
+        """After a failure: ack what was handled, and hand the rest back at once (best
+        effort). Left pending, they would come back only after the ack wait, and the
+        next sweep's ack (AckPolicy.ALL: everything up to it) would take them along."""
+        with contextlib.suppress(Exception):
+            if handled:
+                await handled[-1].ack()
+            for msg in unhandled:
+                await msg.nak()

@@ -18,7 +18,7 @@ from services.log.service import LogService
 from shared.client import LogClient
 from shared.config import load_settings
 from shared.failures import StreamConfigError
-from shared.work import work_stream_name
+from shared.work import ensure_work_stream, work_stream_name
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
 from tests.support.procs import run_cli, service_env
@@ -131,4 +131,41 @@ async def test_a_work_stream_that_would_lose_notices_is_refused_at_start(
         with pytest.raises(StreamConfigError, match="the work stream CONVLOG_WORK"):
             await service.start()
     finally:
+        await service.shutdown()
+
+
+async def test_a_notice_the_reconciler_failed_to_republish_is_not_acked_past(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # The work stream stops answering (here: it is gone for a while): the notice of a
+    # message committed then is lost, and the reconciler's republish fails too. Once the
+    # stream is back, the reconciler must still announce it, not ack it away with the
+    # next item it handles (its consumer acks everything up to the message acked).
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "convlog.db")}, {})
+    service = LogService(settings)
+    await service.start()
+    client = await LogClient.connect(nats_server.url)
+    try:
+        assert service.notifier is not None and service.reconciler is not None
+        service.reconciler.interval = 0.1
+        js = client.nc.jetstream()
+        stream = work_stream_name(settings.subjects)
+        await js.delete_stream(stream)
+        await client.send("during", "hello?")
+
+        def failed() -> None:
+            assert service.notifier is not None and service.notifier.failed == 1
+
+        await assert_eventually(failed, timeout=10)
+        await asyncio.sleep(1.0)  # the reconciler tries (and fails) a few times
+        assert service.reconciler.republished == 0
+        await ensure_work_stream(js, settings.subjects)
+        await client.send("after", "hello")  # announced at once; then swept by the reconciler
+
+        async def announced() -> None:
+            assert sorted(await _notice_ids(client.nc, stream)) == ["after:1", "during:1"]
+
+        await assert_eventually(announced, timeout=15)
+    finally:
+        await client.close()
         await service.shutdown()
