@@ -126,7 +126,9 @@ async def require_jetstream(nc: Client) -> None:
         if e.err_code == JS_NOT_ENABLED_FOR_ACCOUNT:
             raise ConfigError(f"JetStream is not enabled for this account on the NATS server at {url}: "
                               "enable it for the account in the server's configuration") from e
-        if e.err_code is None and not getattr(nc, "_server_info", {}).get("jetstream"):  # no responders
+        # No responders: a server with JetStream answers its API even while its cluster
+        # elects (an error with a code, waited out); nobody answering means none is on.
+        if e.err_code is None:
             raise ConfigError(f"the NATS server at {url} has no JetStream: start it with -js "
                               "(or a jetstream block in its configuration)") from e
         raise
