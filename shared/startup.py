@@ -108,7 +108,7 @@ def refused(what: str, e: nats.js.errors.APIError) -> ConfigError:
                        f"{_REFUSAL_HINTS.get(e.err_code or 0, '')}")
 
 
-async def require_jetstream(nc: Client) -> None:
+async def require_jetstream(nc: Client, *, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a request's
     """Ask JetStream for this account's information; refuse, as the configuration
     error it is (exit 2), a NATS server without JetStream or an account without it,
     which no wait heals (both look like "service unavailable").
@@ -120,7 +120,7 @@ async def require_jetstream(nc: Client) -> None:
             starting), for :func:`wait_at_start` to wait out.
     """
     try:
-        await nc.jetstream().account_info()
+        await nc.jetstream(timeout=timeout).account_info()
     except nats.js.errors.ServiceUnavailableError as e:
         url = nc.connected_url.netloc if nc.connected_url else "?"
         if e.err_code == JS_NOT_ENABLED_FOR_ACCOUNT:

@@ -46,13 +46,15 @@ async def wait_for_jetstream(settings: Settings, within: float, *, agent: str = 
 
     Raises:
         UnavailableError: still not up after ``within`` seconds.
-        ConfigError: the server refused the credentials (waiting will not help).
+        ConfigError: the server refused the credentials, or has no JetStream (waiting
+            will not help).
     """
     import nats.errors
     import nats.js.errors
 
     from shared import nats_connect
     from shared.client import connect_options
+    from shared.startup import require_jetstream
 
     seen: list[Exception] = []  # nats-py's errors while connecting: the reason to give
     said: list[float] = []  # when each waiting line was written
@@ -72,7 +74,7 @@ async def wait_for_jetstream(settings: Settings, within: float, *, agent: str = 
                    "allow_reconnect": False, "max_reconnect_attempts": 1, "error_cb": record}
         nc = await nats_connect.connect(settings, options)
         try:
-            await nc.jetstream(timeout=2).account_info()
+            await require_jetstream(nc, timeout=2)  # none at all: a configuration error, not a wait
         finally:
             await nc.close()
 

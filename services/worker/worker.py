@@ -50,7 +50,7 @@ from shared.config import Settings
 from shared.failures import Loops, is_transient
 from shared.nats_seam import bind, flush
 from shared.signing import Signer
-from shared.startup import wait_at_start
+from shared.startup import require_jetstream, wait_at_start
 from shared.work import Notice, decode_notice, work_stream_name
 
 from .handling import NoticeHandler, Tally, term
@@ -185,6 +185,7 @@ class Worker:
 
         async def routing_bucket() -> Any:
             assert self.nc is not None
+            await require_jetstream(self.nc)  # none at all: a configuration error, not a wait
             return await open_routing_bucket(self.nc, self.subjects, replicas=self.settings.stream_replicas)
 
         # Created if missing (by the log service, or here): a cluster still placing it is waited for.

@@ -101,6 +101,12 @@ async def test_convlog_log_on_a_nats_server_without_jetstream_is_a_configuration
     assert code == 2, err
     wanted = "has no JetStream" if case == "no JetStream" else "JetStream is not enabled for this account"
     assert wanted in err.splitlines()[-1], err
+    if store == "sqlite":  # a worker too: it needs the routing bucket and its consumer
+        code, _, err = await run_cli("worker", "Triage", "--nats-url", url, "--no-embedded",
+                                     env=service_env(data),
+                                     timeout=30)
+        assert code == 2, err
+        assert wanted in err.splitlines()[-1], err
 
 
 _WRONG_WORK_STREAMS = {
