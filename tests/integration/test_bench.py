@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from services.bench.appends import report, run_bench
@@ -123,3 +127,49 @@ async def test_signed_bench_prints_json_with_json(tmp_path: Path) -> None:
     assert doc["signed_vs_unsigned"] > 0
     assert doc["appends_per_signature"] >= 1 and doc["ed25519_us"]["verify"] > 0
     assert all("log service" in r["cpu_us_per_ack"] for r in doc["results"])
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(x) for x in text.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+# SIGTERM to `convlog bench` stops the private stack it started and removes its
+# temporary directory (nats-server, the log service and the echo responder outlived it)
+def test_sigterm_to_convlog_bench_stops_its_private_stack(tmp_path: Path) -> None:
+    env = {**service_env(tmp_path / "data"), "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "bench", "--writers", "2", "--sessions", "2",
+         "--duration", "60"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    kids: list[int] = []
+    try:
+        assert proc.stderr is not None
+        while b"baseline:" not in (line := proc.stderr.readline()):
+            assert line, "the bench ended before its baseline phase"
+        kids = _children(proc.pid)
+        assert len(kids) >= 3  # nats-server, the log service, the echo responder
+        assert list(tmp_path.glob("convlog-bench-*"))
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(60)
+        deadline = time.monotonic() + 10
+        while any(_alive(k) for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [k for k in kids if _alive(k)], "processes outlived convlog bench"
+        assert not list(tmp_path.glob("convlog-bench-*"))
+        assert code == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for k in kids:  # what the bench left: stop it by its PID
+            if _alive(k):
+                os.kill(k, signal.SIGKILL)
