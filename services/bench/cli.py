@@ -132,8 +132,11 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _bench(args: argparse.Namespace, settings: Settings) -> int:
-    if args.turns and args.sdk:
-        raise BadRequestError("--turns and --sdk are two different benches: pick one")
+    modes = [flag for flag, on in (("--turns", args.turns), ("--sdk", args.sdk), ("--signed", args.signed),
+                                   ("--metrics-cost", args.metrics_cost), ("--store", args.store is not None))
+             if on]
+    if len(modes) > 1:  # each runs instead of the others: one would be ignored
+        raise BadRequestError(f"{' and '.join(modes)} are different benches: pick one")
     if args.cases is not None and args.store is None:
         raise BadRequestError("--cases picks the cases of --store jetstream|sqlite: add --store")
     if args.fault is not None and args.store != "jetstream":

@@ -99,6 +99,16 @@ async def test_bench_store_cases_picks_the_cases_and_refuses_unknown_ones(tmp_pa
     assert code == 2 and "--store" in err.decode()
 
 
+# Two benches named at once: one ran and the other was ignored (--signed --store jetstream
+# measured signed appends on the SQLite store; --turns --signed ran only the signed bench)
+async def test_bench_refuses_two_benches_at_once(tmp_path: Path) -> None:
+    toy = ("--writers", "2", "--sessions", "2", "--duration", "0.3", "--replay-items", "500", "--levels", "1")
+    for modes in (("--signed", "--store", "jetstream"), ("--turns", "--signed"), ("--metrics-cost", "--sdk"),
+                  ("--signed", "--metrics-cost"), ("--turns", "--store", "sqlite")):
+        code, out, err = await _bench(tmp_path, *modes, *toy)
+        assert code == 2 and "pick one" in err.decode() and not out, (modes, code, err.decode()[-2000:])
+
+
 async def test_metrics_cost_bench_alternates_off_and_on_and_reports_the_ratio() -> None:
     from services.bench.metrics_cost import run_metrics_cost
 
