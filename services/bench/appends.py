@@ -189,8 +189,8 @@ async def _session_length(
         _stderr(f"session length: filling {sid} to {n} items (batches of 1000) ...")
         batch = [{"agent": "user", "data": {"role": "user", "content": "y"}} for _ in range(1000)]
         t_fill = time.perf_counter()
-        for k in range(n // 1000):
-            await client.append(sid, batch)
+        for k in range(-(-n // 1000)):
+            await client.append(sid, batch[:min(1000, n - k * 1000)])
             if k and k % 100 == 0:
                 _stderr(f"  {k * 1000} / {n} items ({time.perf_counter() - t_fill:.0f}s)")
     turns: dict[int, list[Run]] = {n: [] for n in sids}

@@ -52,6 +52,27 @@ async def test_bench_runs_every_phase_and_reports_it(log_url: str) -> None:
     assert re.search(r"append p50 at 2000 items / at 1000 items: \d+\.\d\dx", text), text
 
 
+# --long-session N filled N // 1000 batches of 1000: a 1,500-item session held 1,000 items
+# and a 500-item one none, each still labelled with N
+async def test_long_session_phase_fills_the_session_to_the_length_it_names(log_url: str) -> None:
+    from services.bench.appends import _session_length, payload
+    from shared.client import LogClient
+    from shared.config import Settings
+
+    client = await LogClient.connect(log_url, settings=Settings(nats_url=log_url))
+    try:
+        for n in (1500, 500):
+            args = build_parser().parse_args(["bench", "--duration", "0.4", "--long-session", str(n)])
+            run_id = f"len-{n}"
+            runs = await _session_length(client, log_url, args, payload(20), run_id)
+            measured = runs[f"len{n}"]
+            assert measured.ops > 0 and measured.name == f"appends to a {n}-item session (1 writer)"
+            # filled to n items, then one item per measured append
+            assert await client.last_order(f"bench-{run_id}-len{n}") == n + measured.ops
+    finally:
+        await client.close()
+
+
 async def test_bench_store_jetstream_runs_every_case_next_to_raw_publishes(tmp_path: Path) -> None:
     # The real command at toy sizes: raw R1/R3, SQLite, JetStream R1/R3 on 1 and 2 shards.
     proc = await asyncio.create_subprocess_exec(
