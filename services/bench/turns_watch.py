@@ -3,7 +3,8 @@
 * :class:`ReplyWatcher` resolves one future per turn when the turn's terminal
   item (reply or failure) is committed, from one ordered JetStream consumer on
   every items subject, and counts terminal items per turn: a turn answered
-  twice is *doubled*, one never answered within the wait is *lost*.
+  twice is *doubled*, one never answered within the wait is *lost*, one that
+  ended with its failure an error (not a timed turn).
 * :class:`Timings` collects what workers started with ``--publish-timings``
   record per part of a turn (``<prefix>.timings.turn``): delivery, routing,
   history read, model, reply append -- measured where they happen.
@@ -25,9 +26,13 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from shared.client import LogClient, new_item_id
 from shared.work import work_stream_name
 
-__all__ = ["ReplyWatcher", "Timings", "deliveries"]
+__all__ = ["ReplyWatcher", "Timings", "TurnFailed", "deliveries"]
 
 _decode = msgspec.json.Decoder(dict[str, Any])
+
+
+class TurnFailed(Exception):
+    """A turn ended with its ``fail`` item (the agent could not answer), not a reply."""
 
 
 class ReplyWatcher:
@@ -50,7 +55,10 @@ class ReplyWatcher:
                 self.terminals[tid.turn] += 1
                 fut = self.waiting.pop(tid.turn, None)
                 if fut is not None and not fut.done():
-                    fut.set_result(time.perf_counter())
+                    if tid.role == "fail":  # answered, but not a reply: no turn's time to count
+                        fut.set_exception(TurnFailed(f"{tid.agent} failed to answer turn {tid.turn}"))
+                    else:
+                        fut.set_result(time.perf_counter())
 
         js = self.client.nc.jetstream()
         self._sub = await js.subscribe(
@@ -68,6 +76,7 @@ class ReplyWatcher:
 
         Raises:
             TimeoutError: not answered within ``within`` seconds (counted lost by the caller).
+            TurnFailed: the turn ended with its ``fail`` item, not a reply (an error).
         """
         from services.worker.turn_ids import turn_key
 

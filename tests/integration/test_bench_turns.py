@@ -48,3 +48,41 @@ async def test_turn_bench_phases_answer_each_turn_once_and_show_where_the_time_g
     text = report(fig, args)
     for name in (alt_plain.name, alt_handoff.name):
         assert f"where it goes (p50/p99 ms), {name}: append " in text, text
+
+
+# A turn that ended with its `fail` item (the agent could not answer) was timed and
+# counted as an answered turn: a bench whose agents all failed reported fast turns
+async def test_a_failed_turn_is_an_error_not_a_timed_turn(log_url: str) -> None:
+    import asyncio
+
+    from services.bench.turns_watch import ReplyWatcher, TurnFailed
+    from services.worker.turn_ids import turn_item_id
+    from shared.client import LogClient
+    from shared.config import Settings
+    from shared.messages import AppendItem
+
+    client = await LogClient.connect(log_url, settings=Settings(nats_url=log_url))
+    watcher = ReplyWatcher(client)
+    try:
+        await watcher.start()
+        for role, fails in (("fail", True), ("reply", False)):
+            sid = f"tb-failed-{role}"
+            turn = asyncio.create_task(watcher.turn(sid, "hello", to="L1Billing", within=10.0))
+            for _ in range(500):  # until the user's message is in the log
+                if watcher.sent:
+                    break
+                await asyncio.sleep(0.01)
+            (key,) = watcher.sent
+            data = {"role": "system" if fails else "assistant", "content": "L1Billing failed to answer"}
+            await client.append(sid, [AppendItem(agent="system" if fails else "L1Billing", data=data,
+                                                 item_id=turn_item_id(key, "L1Billing", 1, role))])
+            if fails:
+                with pytest.raises(TurnFailed):
+                    await turn
+                assert key not in watcher.totals  # no time for it in the figures
+            else:
+                assert await turn > 0 and key in watcher.totals
+            watcher.sent.clear()
+    finally:
+        await watcher.stop()
+        await client.close()
