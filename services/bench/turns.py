@@ -314,12 +314,12 @@ def report(fig: dict[str, Any], args: argparse.Namespace) -> str:
         f"convlog bench --turns: workers L1Billing x2 + Triage, offline rules model (in-process), "
         f"{args.duration:.0f}s phases, {fig['cores']} cores",
         f"{'phase':<58} {'turns/s':>8} {'p50 ms':>7} {'p99 ms':>8} {'p50/app':>7} "
-        f"{'lost':>4} {'dbl':>3} {'deliv/turn':>10}",
+        f"{'lost':>4} {'dbl':>3} {'errors':>6} {'deliv/turn':>10}",
     ]
     for p in fig["phases"]:
         d = p["deliveries_per_turn"]
         lines.append(f"{p['name']:<58} {p['turns_per_s']:>8.0f} {p['p50_ms']:>7.2f} {p['p99_ms']:>8.1f} "
-                     f"{p['p50_over_append_p50']:>7.1f} {p['lost']:>4} {p['doubled']:>3} "
+                     f"{p['p50_over_append_p50']:>7.1f} {p['lost']:>4} {p['doubled']:>3} {p['errors']:>6} "
                      f"{'' if d != d else f'{d:.2f}':>10}")
     if "handoff_over_plain_p50" in fig:
         lines.append(f"a handoff turn's p50 / a plain turn's p50: {fig['handoff_over_plain_p50']:.2f}")

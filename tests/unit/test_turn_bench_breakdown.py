@@ -65,3 +65,20 @@ def test_the_alternating_phases_give_their_own_ratio_per_agent_count() -> None:
 
     assert fig["handoff_over_plain_p50"] == pytest.approx(2.0)
     assert fig["handoff_over_plain_p50_alternating"] == {"20": pytest.approx(1.5), "3": pytest.approx(1.4)}
+
+
+def test_the_text_report_shows_each_phases_errors() -> None:
+    # The text report dropped the errors column (only --json had it): turns that
+    # failed or could not be sent vanished from the figures
+    import argparse
+    import re
+
+    from services.bench.turns import Phase, figures, report
+
+    phases = [Phase("append round trip (baseline)", 1, 1.0, [0.001]),
+              Phase("plain turns, 1 session, 20 agents", 2, 1.0, [0.004, 0.004], errors=7)]
+    phases[1].lost = 3
+    text = report(figures(phases), argparse.Namespace(duration=1.0))
+    assert re.search(r"\berrors\b", text.splitlines()[1]), text
+    row = next(line for line in text.splitlines() if line.startswith("plain turns, 1 session"))
+    assert re.search(r"\s3\s+0\s+7\s", row), row  # lost, doubled, errors
