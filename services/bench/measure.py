@@ -72,6 +72,10 @@ def fsync_latency(directory: str | os.PathLike[str], writes: int = 200) -> dict[
     return {"p50_us": round(times[len(times) // 2] * 1e6), "p90_us": round(times[int(0.9 * (len(times) - 1))] * 1e6)}
 
 
+#: seconds the open loop waits, after its last send, for operations still running
+OPEN_LOOP_DRAIN_S = 30.0
+
+
 def say(msg: str) -> None:
     """A progress line on stderr (stdout carries the report)."""
     print(msg, file=sys.stderr, flush=True)
@@ -137,7 +141,13 @@ async def open_loop(name: str, op: Callable[[int], Awaitable[Any]], rate: float,
         tasks.add(t)
         t.add_done_callback(tasks.discard)
     if tasks:
-        await asyncio.wait(tasks, timeout=30)
+        _, pending = await asyncio.wait(tasks, timeout=OPEN_LOOP_DRAIN_S)
+        # Not done by then: failed operations, stopped here rather than left
+        # running into the next phase (and out of every figure).
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        errors += len(pending)
     return Run(name, len(lat), time.perf_counter() - start, lat, errors, late)
 
 

@@ -1,0 +1,31 @@
+"""The benches' open loop: what it counts when operations do not finish."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.bench import measure
+
+
+# Operations still running when the open loop stopped waiting were in no figure (not
+# ops, not errors) and went on running into the next phase
+async def test_open_loop_counts_and_stops_operations_that_never_finish(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(measure, "OPEN_LOOP_DRAIN_S", 0.3, raising=False)
+    never = asyncio.Event()
+    running: set[int] = set()
+
+    async def op(i: int) -> None:
+        running.add(i)
+        try:
+            if i % 2:
+                await never.wait()  # a request that never gets its answer
+        finally:
+            running.discard(i)
+
+    run = await measure.open_loop("half hung", op, rate=40.0, duration=0.25)
+
+    assert (run.ops, run.errors) == (5, 5)
+    assert len(run.late) == 10 and len(run.latencies) == 5
+    assert not running  # nothing left running into the next phase
