@@ -115,11 +115,11 @@ async def run_bench(args: argparse.Namespace, url: str) -> dict[str, Run]:
     # an agent's replies (a user message would also publish a turn notice
     # each, work that would still be going on during the replay).
     big = f"bench-{run_id}-replay"
-    n_items = max(1, args.replay_items // 500) * 500
+    n_items = args.replay_items
     _stderr(f"replay: writing {n_items} items to one session ...")
     batch = [{"agent": "assistant", "data": {**data, "role": "assistant"}} for _ in range(500)]
-    for _ in range(n_items // 500):
-        await client.append(big, batch)
+    for k in range(0, n_items, 500):
+        await client.append(big, batch[:n_items - k])
     waited = await _wait_caught_up(client, big, n_items)
     _stderr(f"replay: the service caught up with the writes after {waited:.1f}s; replaying ...")
     t0 = time.perf_counter()

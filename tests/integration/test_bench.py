@@ -52,6 +52,16 @@ async def test_bench_runs_every_phase_and_reports_it(log_url: str) -> None:
     assert re.search(r"append p50 at 2000 items / at 1000 items: \d+\.\d\dx", text), text
 
 
+# --replay-items N replayed a session of N rounded down to 500s (at least 500): --replay-items
+# 1200 replayed 1,000 items, --replay-items 100 replayed 500
+async def test_replay_phase_replays_as_many_items_as_asked(log_url: str) -> None:
+    for n in (1200, 100):
+        args = build_parser().parse_args(["bench", "--writers", "2", "--sessions", "2", "--duration", "0.3",
+                                          "--replay-items", str(n)])
+        results = await run_bench(args, log_url)
+        assert results["replay"].ops == n
+
+
 # --long-session N filled N // 1000 batches of 1000: a 1,500-item session held 1,000 items
 # and a 500-item one none, each still labelled with N
 async def test_long_session_phase_fills_the_session_to_the_length_it_names(log_url: str) -> None:
