@@ -65,8 +65,9 @@ def _echo_main(url: str, subject: str) -> None:
         asyncio.run(run())
 
 
-async def run_bench(args: argparse.Namespace, url: str) -> dict[str, Run]:
-    client = await LogClient.connect(url, name="convlog-bench", settings=Settings(nats_url=url))
+async def run_bench(args: argparse.Namespace, url: str, *, prefix: str = "convlog") -> dict[str, Run]:
+    """The phases against the log service at ``url`` serving subject prefix ``prefix``."""
+    client = await LogClient.connect(url, name="convlog-bench", settings=Settings(nats_url=url, prefix=prefix))
     await _wait_service(client)
     results: dict[str, Run] = {}
     data = payload(args.item_size)

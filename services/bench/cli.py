@@ -179,7 +179,7 @@ async def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from .stack import local_stack
 
     if args.nats_url and nats_answers(settings.nats_url):
-        results = await run_bench(args, settings.nats_url)
+        results = await run_bench(args, settings.nats_url, prefix=settings.prefix)
     else:
         say("no --nats-url given: starting a private stack (embedded nats-server + convlog log)")
         with local_stack() as url:

@@ -18,7 +18,8 @@ from services.bench.appends import report, run_bench
 from services.bench.measure import to_json
 from services.cli.main import build_parser
 from tests.support.logsvc import service_env
-from tests.support.procs import REPO_ROOT
+from tests.support.natsd import NatsServer
+from tests.support.procs import REPO_ROOT, run_cli
 
 
 async def test_bench_runs_every_phase_and_reports_it(log_url: str) -> None:
@@ -50,6 +51,32 @@ async def test_bench_runs_every_phase_and_reports_it(log_url: str) -> None:
     assert doc["results"]["half"]["settled_after_s"] == round(half.settled_after, 2)
     assert "settled_after_s" not in doc["results"]["append"]
     assert re.search(r"append p50 at 2000 items / at 1000 items: \d+\.\d\dx", text), text
+
+
+# --prefix was ignored: the bench wrote to convlog.* whatever the running service's prefix
+# (no answer there: 'unavailable' after 20 s; another service there: it measured that one)
+async def test_bench_against_a_running_service_uses_its_prefix(nats_server: NatsServer, tmp_path: Path) -> None:
+    from services.log.service import LogService
+    from shared.client import LogClient
+    from shared.config import Settings, load_settings
+
+    service = LogService(load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "acme.db"),
+                                        "prefix": "acme"}, {}))
+    await service.start()
+    try:
+        code, out, err = await run_cli(
+            "bench", "--nats-url", nats_server.url, "--prefix", "acme", "--json", "--writers", "2",
+            "--sessions", "2", "--duration", "0.3", "--replay-items", "500",
+            env=service_env(tmp_path), timeout=120)
+        assert code == 0, err[-2000:]
+        assert json.loads(out)["results"]["append"]["ops"] > 0
+        client = await LogClient.connect(nats_server.url, settings=Settings(nats_url=nats_server.url, prefix="acme"))
+        try:
+            assert any(s.session_id.startswith("bench-") for s in (await client.sessions()).sessions)
+        finally:
+            await client.close()
+    finally:
+        await service.shutdown()
 
 
 # --replay-items N replayed a session of N rounded down to 500s (at least 500): --replay-items
