@@ -181,7 +181,8 @@ async def _bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.nats_url and nats_answers(settings.nats_url):
         results = await run_bench(args, settings.nats_url, prefix=settings.prefix)
     else:
-        say("no --nats-url given: starting a private stack (embedded nats-server + convlog log)")
+        why = f"nothing answers at {settings.nats_url}" if args.nats_url else "no --nats-url given"
+        say(f"{why}: starting a private stack (embedded nats-server + convlog log)")
         with local_stack() as url:
             results = await run_bench(args, url)
     if args.json:
