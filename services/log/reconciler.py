@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from typing import Any
 
 import msgspec
@@ -61,6 +62,9 @@ class Reconciler:
         self.interval = interval
         self.republished = 0
         self._sub: Any = None
+        # Delivered, not yet handled when a sweep failed: handled first by the next one,
+        # before anything is acked past them (AckPolicy.ALL acks everything up to a message).
+        self._backlog: deque[Any] = deque()
 
     async def bind(self) -> None:
         js = self.nc.jetstream()
@@ -114,6 +118,9 @@ class Reconciler:
         """Look at every item committed since the last sweep; returns notices republished."""
         assert self._sub is not None
         done = 0
+        while self._backlog:
+            done += await self._redo(self._backlog[0])
+            self._backlog.popleft()
         while True:
             try:
                 msgs = await self._sub.fetch(batch=256, timeout=0.5)
@@ -128,7 +135,9 @@ class Reconciler:
                 try:
                     done += await self._redo(msg)
                 except BaseException:
-                    await self._give_back(msgs[:i], msgs[i:])
+                    # Kept, not handed back: a nak needs the connection that may just have
+                    # failed, and a later sweep's ack would take these along unhandled.
+                    self._backlog.extend(msgs[i:])
                     raise
             if msgs:
                 await msgs[-1].ack()  # AckPolicy.ALL: everything up to it
@@ -152,14 +161,3 @@ class Reconciler:
         await publish_notice(self.nc, await self.notifier.address(head.session_id), notice, msg_id)
         self.republished += 1
         return 1
-
-    @staticmethod
-    async def _give_back(handled: list[Any], unhandled: list[Any]) -> None:
-        """After a failure: ack what was handled, and hand the rest back at once (best
-        effort). Left pending, they would come back only after the ack wait, and the
-        next sweep's ack (AckPolicy.ALL: everything up to it) would take them along."""
-        with contextlib.suppress(Exception):
-            if handled:
-                await handled[-1].ack()
-            for msg in unhandled:
-                await msg.nak()
