@@ -189,9 +189,9 @@ async def _check_consumers(nc: Any, settings: Settings, report: Report, *, agent
 async def check(settings: Settings, *, agents: list[str], max_lag: float = 10.0,
                 window: float = 2.0, timeout: float = 2.0) -> Report:  # noqa: ASYNC109
     """Run every check once (see the module docstring)."""
-    import nats
 
     from shared.client import connect_options
+    from shared.nats_connect import open_client
 
     report = Report()
     async def quiet(e: Exception) -> None:
@@ -200,7 +200,7 @@ async def check(settings: Settings, *, agents: list[str], max_lag: float = 10.0,
     options = {**connect_options(settings, name="convlog-health"), "connect_timeout": timeout,
                "allow_reconnect": False, "max_reconnect_attempts": 1, "error_cb": quiet}
     try:
-        nc = await asyncio.wait_for(nats.connect(**options), timeout + 1)
+        nc = await asyncio.wait_for(open_client(**options), timeout + 1)
     except Exception as e:
         report.problems.append(f"NATS: no server answers at {settings.nats_url} "
                                f"({str(e) or type(e).__name__})")

@@ -107,10 +107,11 @@ async def _log_service_answers(settings: Settings) -> bool:
     import nats.errors
 
     from shared.client import connect_options
+    from shared.nats_connect import open_client
 
     options = {**connect_options(settings, name="convlog-up"), "allow_reconnect": False}
     try:
-        nc = await nats.connect(**options)
+        nc = await open_client(**options)
     except (OSError, nats.errors.Error):
         return False
     try:

@@ -28,6 +28,7 @@ from nats.aio.client import Client
 from shared import tracing
 from shared.errors import UnavailableError
 from shared.messages import AppendReply, AppendRequest, SessionInfo
+from shared.nats_connect import open_client
 from shared.nats_seam import bind
 from shared.startup import require_jetstream
 from shared.subjects import Subjects
@@ -128,7 +129,7 @@ class JetStreamStore:
             return
         try:
             if self._nc is None:
-                self._nc = await nats.connect(**self._connect_options)
+                self._nc = await open_client(**self._connect_options)
                 bind(self._nc, self._nats_seam)
             await require_jetstream(self._nc)  # none at all: a configuration error, not a wait
             await ensure_streams(self._nc, self.layout, replicas=self.replicas, timeout=self.timeout)

@@ -1,0 +1,107 @@
+"""The seed that signs items is also the NATS login (``CONVLOG_NKEY``), and an
+nkey login signs the nonce the server sends, as it is.  A server that is not
+nats-server (an impostor on the network path, a host that runs the NATS
+server a worker connects to) may choose that nonce: were it an item's signing
+input, the login would be the agent's signature of an item the impostor wrote,
+which the real log service would accept as the agent's.  A convlog process
+signs only a nonce shaped as nats-server makes them, never a signing input."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from services.log.service import LogService
+from shared import nats_connect
+from shared.client import LogClient, connect_options
+from shared.config import ConfigError, load_settings
+from shared.errors import ForbiddenError
+from shared.merkle import b64
+from shared.messages import AppendItem
+from shared.signing import Signer, item_signing_input
+from tests.support.natsd import NatsServer
+
+SID = "victim"
+FORGED = AppendItem(item_id="forged-1", agent="Triage",
+                    data={"type": "message", "role": "assistant", "content": "Refund approved: 10,000 EUR."})
+
+
+async def _impostor(nonce: str, sigs: list[str]) -> asyncio.Server:
+    """A TCP server that speaks just enough NATS to be sent a CONNECT: its INFO
+    carries ``nonce``; every ``sig`` a client sends is kept in ``sigs``."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        info = {"server_id": "IMPOSTOR", "version": "2.10.0", "proto": 1, "headers": True,
+                "max_payload": 1048576, "auth_required": True, "nonce": nonce}
+        writer.write(b"INFO " + json.dumps(info).encode() + b"\r\n")
+        await writer.drain()
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            if line.startswith(b"CONNECT "):
+                sig = json.loads(line[len(b"CONNECT "):]).get("sig")
+                if sig:
+                    sigs.append(sig)
+            writer.write(b"-ERR 'Authorization Violation'\r\n")
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def test_a_nats_login_never_signs_an_item_for_the_server(
+    nats_server: NatsServer, tmp_path: Path, keys: Path
+) -> None:
+    triage = Signer.load(keys / "Triage.nk")
+    wanted = item_signing_input(SID, FORGED.item_id, FORGED.agent, FORGED.kind, FORGED.data)
+    sigs: list[str] = []
+    impostor = await _impostor(wanted.decode(), sigs)
+    port = impostor.sockets[0].getsockname()[1]
+    # The Triage worker's settings, pointed at the impostor.
+    settings = load_settings({"nats_url": f"nats://127.0.0.1:{port}"}, {"CONVLOG_NKEY": str(keys / "Triage.nk")})
+    try:
+        with pytest.raises((ConfigError, OSError, TimeoutError)):
+            await asyncio.wait_for(
+                nats_connect.connect(settings, connect_options(settings, name="convlog-worker-Triage")), 10)
+    finally:
+        impostor.close()
+        await impostor.wait_closed()
+
+    # Whatever the login signed is no use as Triage's signature of the impostor's item:
+    # the real log service, requiring signatures, refuses it.
+    service = LogService(load_settings(
+        {"nats_url": nats_server.url, "db": str(tmp_path / "convlog.db"),
+         "keyring": str(keys / "keyring.json"), "require_signatures": True}, {}))
+    await service.start()
+    client = await LogClient.connect(nats_server.url)
+    try:
+        for sig in sigs:
+            forged = AppendItem(item_id=FORGED.item_id, agent=FORGED.agent, data=FORGED.data,
+                                sig=b64(base64.b64decode(sig)), key_id=triage.key_id)
+            with pytest.raises(ForbiddenError):
+                await client.append(SID, [forged])
+        assert await client.items(SID) == []
+        assert sigs == [], "the nkey login signed a nonce that is no nats-server nonce"
+    finally:
+        await client.close()
+        await service.shutdown()
+
+
+async def test_a_nats_server_nonce_is_still_signed(
+    nats_server_factory: Callable[..., NatsServer], keys: Path
+) -> None:
+    """The guard lets a real nats-server's nonce through: an nkey user logs in."""
+    server = nats_server_factory(config=(keys / "nats-users.conf").read_text())
+    settings = load_settings({"nats_url": server.url}, {"CONVLOG_NKEY": str(keys / "gateway.nk")})
+    nc = await nats_connect.connect(settings, connect_options(settings, name="gateway"))
+    try:
+        assert nc.is_connected
+    finally:
+        await nc.close()
