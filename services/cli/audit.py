@@ -81,12 +81,12 @@ class SignatureAudit:
         return min(problems, key=lambda p: p.item_order, default=None)
 
     def _check_head(self, h: SignedHead, session_id: str, count: int) -> Problem | None:
-        if h.item_order == 0 and h.session_id == session_id:
-            return None
         if h.session_id != session_id:
             return Problem(1, f"the signed head is of session {h.session_id!r}")
         if self.keyring is not None and (reason := self.keyring.check_head(h)) is not None:
-            return Problem(min(h.item_order, count + 1), f"signed head: {reason}")
+            return Problem(min(max(h.item_order, 1), count + 1), f"signed head: {reason}")
+        if h.item_order == 0:
+            return None
         if count < h.item_order:
             return Problem(count + 1, f"truncated: the log service signed item_order {h.item_order} "
                            f"at {h.signed_at}, but the export ends at item_order {count}")

@@ -165,3 +165,24 @@ def test_migrate_of_a_named_session_the_source_lacks_is_not_verified(tmp_path: P
     done = convlog("migrate", "--from", f"sqlite:{src}", "--to", f"sqlite:{dst}", "--sessions", "a,typo",
                    tmp=tmp_path)
     assert done.returncode != 0 and "typo: 0 copied" not in done.stderr, done.stderr
+
+
+# -- 7. replay --verify --keyring: a signed head at item_order 0 went unchecked --------------
+
+
+def test_a_forged_head_at_order_zero_is_not_reported_as_matching(tmp_path: Path, keys: Path) -> None:
+    """A head claiming item_order 0, whose signature is no signature, said "signed
+    head at item_order 0 ... matches" under the keyring: its signature was never checked."""
+    from services.cli.audit import encode_head_line
+    from shared.signing import Keyring, SignedHead
+
+    log_key = Keyring.load(keys / "keyring.json").of_role("log")[0].key_id
+    forged = SignedHead(session_id="golden-support-1", item_order=0, hash="0" * 64,
+                        signed_at="2030-01-01T00:00:00.000000Z", key_id=log_key, sig="A" * 86)
+    export = tmp_path / "export.jsonl"
+    export.write_bytes((REPO / "tests" / "data" / "golden.jsonl").read_bytes().rstrip(b"\n") + b"\n"
+                       + encode_head_line(forged) + b"\n")
+    r = convlog("replay", "golden-support-1", "--file", str(export), "--verify", "--quiet",
+                "--keyring", str(keys / "keyring.json"), tmp=tmp_path)
+    assert "matches" not in r.stderr, r.stderr
+    assert r.returncode == 1 and "signed head: the head's signature does not match it" in r.stderr, r.stderr
