@@ -267,3 +267,25 @@ def test_items_signed_together_verify_each_on_its_own_in_the_browser(signed: Sig
     badge = wait_badge(page, "bad")
     assert "bad signature at #2" in badge and "does not match the item" in badge, badge
     assert marks(page) == ["smark unchecked", "smark bad"]
+
+
+def test_a_signature_text_that_does_not_decode_turns_the_badge_red(signed: Signed, page: Any) -> None:
+    """A sig (or a batch path, or a head's sig) whose base64url length cannot be
+    (4k+1 characters) made atob throw: the rejection stopped every later check,
+    so the badge stayed "verifying…" for good, the item "being checked" -- and an
+    updateBadge from elsewhere (the head box) then showed it green."""
+    url = f"{signed.url}/sessions/{SID}"
+    envs, heads = _lines(page.request.get(f"{url}/export.jsonl").body())
+    sig = envs[1].sig or ""
+    cut = sig[: len(sig) - (len(sig) % 4 + 3) % 4]  # 4k+1 characters
+    assert len(cut) % 4 == 1
+    for bad in (cut, f"{sig}.{cut}"):
+        _serve(page, _body(rechain([envs[0], msgspec.structs.replace(envs[1], sig=bad), envs[2]]), []))
+        page.goto(url)
+        badge = wait_badge(page, "bad")
+        assert "bad signature at #2: signature by" in badge and "does not match the item" in badge, badge
+    head = json.loads(heads[-1])
+    head["signed_head"]["sig"] = cut
+    _serve(page, _body(envs, [json.dumps(head).encode()]))
+    page.goto(url)
+    assert "signed head #3: its signature does not match it" in wait_badge(page, "bad")

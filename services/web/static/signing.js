@@ -53,8 +53,9 @@ export function publicKeyBytes(keyId) {
   return out.slice(1, 33);
 }
 
+// The bytes of unpadded base64url `text`, or null (4k+1 characters decode to nothing: atob throws).
 function unb64url(text) {
-  if (typeof text !== "string" || !/^[A-Za-z0-9_-]*$/.test(text)) return null;
+  if (typeof text !== "string" || !/^[A-Za-z0-9_-]*$/.test(text) || text.length % 4 === 1) return null;
   const b = atob(text.replace(/-/g, "+").replace(/_/g, "/") + "=".repeat((4 - (text.length % 4)) % 4));
   return Uint8Array.from(b, (c) => c.charCodeAt(0));
 }
