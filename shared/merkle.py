@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import binascii
 import hashlib
+import re
 import threading
 from collections.abc import Callable
 
@@ -22,6 +23,7 @@ MAX_STEPS = 16
 
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _sha256 = hashlib.sha256
 
 
@@ -32,7 +34,11 @@ def b64(raw: bytes) -> str:
 
 def unb64(text: str) -> bytes:
     """``base64.urlsafe_b64decode`` of unpadded ``text``, without its layers of calls
-    (the same bytes, the same errors: ValueError/binascii.Error)."""
+    (the same bytes, the same errors: ValueError/binascii.Error).  Only the
+    base64url alphabet, no padding (as the web console's ``unb64url``): the
+    decoder would skip other characters, and whatever follows a padding."""
+    if not _B64URL.fullmatch(text):
+        raise ValueError("not unpadded base64url")
     return binascii.a2b_base64(text.encode("ascii").translate(_FROM_URLSAFE) + b"=" * (-len(text) % 4))
 
 

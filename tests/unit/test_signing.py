@@ -10,6 +10,7 @@ import stat
 from pathlib import Path
 
 import msgspec
+import nkeys
 import pytest
 
 from services.cli.main import main
@@ -324,3 +325,28 @@ def test_the_gateway_key_cannot_take_an_agents_turn_derived_id() -> None:
                                                             item_id="u1.Triage.1.reply") or "")
     fine = sign_item(gw, "s1", AppendItem(agent="user", item_id="u1", data={"role": "user", "content": "hi"}))
     auth.check_user("s1", fine)  # an ordinary id still goes through
+
+
+def test_only_unpadded_base64url_signature_text_verifies() -> None:
+    """``sig`` is base64url without padding, and the web console reads nothing else
+    (signing.js ``unb64url``): a padded text, or one with data after the padding or
+    the standard alphabet's ``+``/``/``, verified here (the log service stored it,
+    replay marked it [signed]) while the console called it a bad signature."""
+    s = Signer(nkeys.encode_seed(bytes(32), nkeys.PREFIX_BYTE_USER))  # (a signature with '-' or '_')
+    msg = item_signing_input("s1", "a", "Triage", "item", {"x": 1})
+    plain = sign_item(s, "s1", AppendItem(item_id="a", agent="Triage", data={"x": 1})).sig
+    assert plain is not None and verify_item(s.key_id, msg, plain)
+    raw = base64.urlsafe_b64decode(plain + "==")
+    std = base64.b64encode(raw).decode().rstrip("=")
+    assert std != plain
+    for text in (plain + "==", plain + "==anything", std):
+        assert not verify_signature(s.key_id, msg, text), text
+        assert not verify_item(s.key_id, msg, text), text
+    items = sign_batch(s, [("s1", AppendItem(item_id=i, agent="Triage", data={"i": i})) for i in "abc"])
+    sig = items[0].sig
+    assert sig is not None
+    base, _, path = sig.partition(".")
+    first = item_signing_input("s1", "a", "Triage", "item", {"i": "a"})
+    assert verify_item(s.key_id, first, sig)
+    for text in (f"{base}==.{path}", f"{base}.{path}" + "=" * (-len(path) % 4) + "=", f"{base}.{path}==xyz"):
+        assert not verify_item(s.key_id, first, text), text
