@@ -289,3 +289,18 @@ def test_a_signature_text_that_does_not_decode_turns_the_badge_red(signed: Signe
     _serve(page, _body(envs, [json.dumps(head).encode()]))
     page.goto(url)
     assert "signed head #3: its signature does not match it" in wait_badge(page, "bad")
+
+
+def test_a_signed_item_that_cannot_be_canonicalized_breaks_the_chain_visibly(signed: Signed, page: Any) -> None:
+    """A signed item with a number JSON.parse makes Infinity: the chain check names it,
+    but the signature check threw on the same item and its rejection skipped the
+    badge update -- "verifying…" for good instead of red."""
+    url = f"{signed.url}/sessions/{SID}"
+    envs, heads = _lines(page.request.get(f"{url}/export.jsonl").body())
+    lines = _body(envs, heads).splitlines()
+    lines[1] = lines[1].replace(b'"data":{', b'"data":{"amount":1e400,', 1)
+    assert b"1e400" in lines[1]
+    _serve(page, b"\n".join(lines) + b"\n")
+    page.goto(url)
+    badge = wait_badge(page, "bad")
+    assert "chain broken at #" in badge and "cannot be canonicalized" in badge, badge

@@ -188,7 +188,12 @@ export class SignatureChecker {
     this.signed.push(...mine);
     if (!available) return this.done;
     this.done = this.done.then(() => Promise.all(mine.map(async (e) => {
-      const ok = typeof e.sig === "string" && typeof e.key_id === "string" && (await verifyItem(e.key_id, e, e.sig));
+      let ok = false;
+      try { // an item that cannot be canonicalized (the chain names it) has no valid signature
+        ok = typeof e.sig === "string" && typeof e.key_id === "string" && (await verifyItem(e.key_id, e, e.sig));
+      } catch {
+        ok = false;
+      }
       this.valid.set(e.item_order, ok);
     })));
     return this.done;
@@ -206,7 +211,9 @@ export class SignatureChecker {
 
   recheckHeads() {
     if (!available) return this.done;
-    this.done = this.done.then(() => Promise.all(this.heads.map(async (h) => { h.problem = await headProblem(this.keyring, h); })));
+    this.done = this.done.then(() => Promise.all(this.heads.map(async (h) => {
+      h.problem = await headProblem(this.keyring, h).catch(() => "its signature does not match it");
+    })));
     return this.done;
   }
 
