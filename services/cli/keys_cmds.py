@@ -24,6 +24,7 @@ from shared.signing import (
     GATEWAY,
     LOG,
     LOG_AGENT,
+    SYSTEM_AGENT,
     USER_AGENT,
     KeyEntry,
     Keyring,
@@ -73,7 +74,12 @@ def make_keys(out: Path, agents: Sequence[str]) -> Keyring:
 
     Raises:
         FileExistsError: a key or keyring file is already there (nothing is overwritten).
+        KeyringError: an agent is named as a role or its author (nothing is written).
     """
+    for a in agents:  # their key file, or what their key could sign, would be a role's
+        if a in (LOG, GATEWAY, LOG_AGENT, USER_AGENT, SYSTEM_AGENT):
+            raise KeyringError(f"agent name {a!r} is taken by the log service, the gateway or "
+                               "its authors (log.nk, gateway.nk; user, system): rename the agent")
     wanted = [("agent", a) for a in agents] + [(LOG, LOG_AGENT), (GATEWAY, USER_AGENT)]
     out.mkdir(parents=True, exist_ok=True)
     ring_path = out / "keyring.json"

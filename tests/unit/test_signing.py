@@ -350,3 +350,21 @@ def test_only_unpadded_base64url_signature_text_verifies() -> None:
     assert verify_item(s.key_id, first, sig)
     for text in (f"{base}==.{path}", f"{base}.{path}" + "=" * (-len(path) % 4) + "=", f"{base}.{path}==xyz"):
         assert not verify_item(s.key_id, first, text), text
+
+
+@pytest.mark.parametrize("agent", ["log", "gateway", "user", "system", "convlog-log"])
+def test_keys_init_refuses_an_agent_named_as_a_role_and_writes_nothing(
+    agent: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An agent named ``log`` or ``gateway`` has the key file of the log service or the
+    gateway: init wrote the agent's key there, then failed on the role's ("log.nk exists;
+    refusing to overwrite"), leaving keys and no keyring.  An agent named ``user``,
+    ``system`` or ``convlog-log`` got a key that signs for that author."""
+    spec = tmp_path / "agents.toml"
+    spec.write_text(f'entry = "Triage"\n[[agents]]\nname = "Triage"\ninstructions = "Route."\n'
+                    f'[[agents]]\nname = "{agent}"\ninstructions = "Help."\n')
+    out = tmp_path / "keys"
+    assert main(["keys", "init", "--out", str(out), "--agents", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert f"agent name {agent!r}" in err, err
+    assert not out.exists() or list(out.iterdir()) == []
