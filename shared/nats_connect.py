@@ -11,7 +11,6 @@ unlimited.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,42 +18,9 @@ import nats.errors
 from nats.aio.client import Client
 
 from .config import ConfigError, Settings
+from .nats_seam.login import NonceCheckingClient
 
-__all__ = ["NonceCheckingClient", "connect", "check_credentials", "open_client"]
-
-#: A nonce as nats-server makes them (base64url of random bytes).  Every convlog
-#: signing input starts ``convlog-...-v1\n``, so it can never be one.
-_NONCE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-class NonceCheckingClient(Client):
-    """nats-py's client, except that its nkey login signs only a nonce shaped as
-    nats-server's.
-
-    The seed that logs in (``CONVLOG_NKEY``) is the one that signs items
-    (``CONVLOG_SIGNING_KEY``), and nats-py signs the server's nonce as it is:
-    a server that is not nats-server (an impostor on the path, the host of the
-    NATS server a worker connects to) could send an item's signing input as
-    the nonce and get the agent's signature of it.  (nats-py's private
-    ``_setup_nkeys_connect`` and ``_signature_cb``:
-    ``tests/integration/test_nkey_nonce.py`` sees the guard work.)
-    """
-
-    def _setup_nkeys_connect(self) -> None:
-        super()._setup_nkeys_connect()
-        sign = self._signature_cb
-        if sign is None:
-            return
-
-        def sign_nonce(nonce: str) -> bytes:
-            if not _NONCE.fullmatch(nonce):
-                raise nats.errors.Error(
-                    f"nkey authentication: the server's nonce {nonce[:40]!r} is not one nats-server "
-                    "makes; not signed (it could be a convlog signing input)"
-                )
-            return sign(nonce)
-
-        self._signature_cb = sign_nonce
+__all__ = ["check_credentials", "connect", "open_client"]
 
 
 async def open_client(**options: Any) -> Client:

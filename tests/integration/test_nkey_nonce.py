@@ -105,3 +105,31 @@ async def test_a_nats_server_nonce_is_still_signed(
         assert nc.is_connected
     finally:
         await nc.close()
+
+
+async def test_without_the_guard_the_login_is_nats_pys_own_and_says_so(
+    nats_server_factory: Callable[..., NatsServer], keys: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fallback: a nats-py whose login internals moved logs in all the same
+    (nats-py's own login, every nonce signed) and warns once that it does."""
+    from shared.nats_seam import login
+
+    monkeypatch.setattr(login, "_MISSING", "nats-py has no Client._setup_nkeys_connect")
+    monkeypatch.setattr(login, "_warned", [])
+    server = nats_server_factory(config=(keys / "nats-users.conf").read_text())
+    settings = load_settings({"nats_url": server.url}, {"CONVLOG_NKEY": str(keys / "gateway.nk")})
+    for _ in range(2):
+        nc = await nats_connect.connect(settings, connect_options(settings, name="gateway"))
+        try:
+            assert nc.is_connected
+        finally:
+            await nc.close()
+    warned = [r for r in caplog.records if "signs any nonce the server sends" in r.getMessage()]
+    assert len(warned) == 1
+
+
+def test_the_guard_is_in_place_with_the_installed_nats_py() -> None:
+    from shared.nats_seam import login
+
+    assert login.guard_missing() == ""

@@ -169,7 +169,8 @@ def test_the_public_seam_delivers_no_raw_frames() -> None:
 #: nats-py private names the fast seam uses, as they would appear in a use
 #: (an attribute of a connection, subscription, parser, service or request).
 _PRIVATE_USE = re.compile(
-    r"\.(_send_command|_flush_pending|_flush_queue|_pending_queue|_pending_size|_ps|_endpoints|_transport)\b"
+    r"\.(_send_command|_flush_pending|_flush_queue|_pending_queue|_pending_size|_ps|_endpoints|_transport"
+    r"|_setup_nkeys_connect|_signature_cb)\b"
     r"|\b(nc|sub|msg|req)\._[a-z]"
 )
 

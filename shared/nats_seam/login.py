@@ -1,0 +1,70 @@
+"""A guard on nats-py's nkey login: only a nonce shaped as nats-server's is signed.
+
+The seed that logs in (``CONVLOG_NKEY``) is the one that signs items
+(``CONVLOG_SIGNING_KEY``), and nats-py signs the server's nonce as it is: a
+server that is not nats-server (an impostor on the path, the host of the NATS
+server a worker connects to) could send an item's signing input as the nonce
+and get the agent's signature of it.  nats-py has no public hook between its
+nkey setup and the signing, so :class:`NonceCheckingClient` wraps what
+``Client._setup_nkeys_connect`` leaves in ``Client._signature_cb``.  Where
+those names are missing (a nats-py outside the tested range) the login is
+nats-py's own, and :func:`guard_missing` says why (logged once at connect).
+``tests/integration/test_nkey_nonce.py`` sees the guard work.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client
+
+__all__ = ["NonceCheckingClient", "guard_missing"]
+
+log = logging.getLogger("convlog.nats")
+
+#: A nonce as nats-server makes them (base64url of random bytes).  Every convlog
+#: signing input starts ``convlog-...-v1\n``, so it can never be one.
+NONCE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def guard_missing() -> str:
+    """Why the nonce guard cannot be installed ("" when it can)."""
+    if not callable(getattr(Client, "_setup_nkeys_connect", None)):
+        return "nats-py has no Client._setup_nkeys_connect"
+    if not hasattr(Client(), "_signature_cb"):
+        return "nats-py's Client has no _signature_cb"
+    return ""
+
+
+_MISSING = guard_missing()
+_warned: list[str] = []
+
+
+class NonceCheckingClient(Client):
+    """nats-py's client, except that its nkey login signs only a nonce shaped as
+    nats-server's (see the module docstring)."""
+
+    def _setup_nkeys_connect(self) -> None:
+        super()._setup_nkeys_connect()
+        if _MISSING:
+            if not _warned:
+                _warned.append(_MISSING)
+                log.warning("the nkey login signs any nonce the server sends (%s): connect only to "
+                            "servers you trust, over TLS", _MISSING)
+            return
+        sign: Any = self._signature_cb
+        if sign is None:
+            return
+
+        def sign_nonce(nonce: str) -> bytes:
+            if not NONCE.fullmatch(nonce):
+                raise nats.errors.Error(
+                    f"nkey authentication: the server's nonce {nonce[:40]!r} is not one nats-server "
+                    "makes; not signed (it could be a convlog signing input)"
+                )
+            return sign(nonce)
+
+        self._signature_cb = sign_nonce
