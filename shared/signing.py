@@ -46,8 +46,10 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import logging
 import os
 import re
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -62,12 +64,15 @@ from .config import ConfigError
 from .merkle import SignedRoots, b64, leaf, root_of_text, tree, unb64
 from .messages import AppendItem, Envelope, SignedHead
 
+_log = logging.getLogger("convlog.signing")
+
 __all__ = [
     "GATEWAY",
     "LOG",
     "KeyEntry",
     "Keyring",
     "KeyringError",
+    "LiveKeyring",
     "SignedHead",
     "Signer",
     "head_signing_input",
@@ -405,6 +410,71 @@ class Keyring:
         if not verify_head(head):
             return "the head's signature does not match it"
         return None
+
+
+class LiveKeyring(Keyring):
+    """A keyring file that running processes follow: read again when it changes
+    (looked at, at most, every ``every`` seconds, when a key is asked for), so a
+    ``convlog keys rotate`` takes effect without a restart -- the retired key's new
+    signatures refused, the new key's accepted.  A file that cannot be read as a
+    keyring is logged and the keys read before are kept.
+
+    Raises:
+        KeyringError: the file is unusable at the start.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, every: float = 1.0) -> None:
+        self.path = Path(path)
+        self.every = every
+        self._stamp = self._stat()
+        super().__init__(Keyring.load(self.path).entries)
+        self._checked = time.monotonic()
+        self._bad: tuple[int, int, int] | None = None  # the stamp of a file last found unusable
+
+    def _stat(self) -> tuple[int, int, int]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return (0, 0, 0)
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _fresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < self.every:
+            return
+        self._checked = now
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return
+        try:
+            ring = Keyring.load(self.path)
+        except KeyringError as e:
+            if stamp != self._bad:  # said once per version of the file
+                self._bad = stamp
+                _log.error("keyring %s changed but cannot be used (%s); keeping the keys read before", self.path, e)
+            return
+        self._stamp, self.entries, self._by_id = stamp, ring.entries, ring._by_id
+        _log.warning("keyring %s read again: %d keys (%d retired)", self.path, len(ring.entries),
+                     sum(1 for e in ring.entries if e.retired_at is not None))
+
+    def get(self, key_id: str) -> KeyEntry | None:
+        self._fresh()
+        return super().get(key_id)
+
+    def of_role(self, role: str, agent: str | None = None) -> list[KeyEntry]:
+        self._fresh()
+        return super().of_role(role, agent)
+
+    def refusal(
+        self, key_id: str, agent: str, *, via_inbound: bool, at: str | None = None,
+        item_id: str | None = None,
+    ) -> str | None:
+        self._fresh()
+        return super().refusal(key_id, agent, via_inbound=via_inbound, at=at, item_id=item_id)
+
+    def check_head(self, head: SignedHead) -> str | None:
+        self._fresh()
+        return super().check_head(head)
 
 
 def verify_head(head: SignedHead) -> bool:

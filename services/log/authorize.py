@@ -25,6 +25,7 @@ from shared.signing import (
     USER_AGENT,
     Keyring,
     KeyringError,
+    LiveKeyring,
     Signer,
     item_signing_input,
     route_signing_input,
@@ -149,7 +150,7 @@ def authorizer_from(settings: Settings) -> Authorizer:
     if settings.keyring is None:
         return Authorizer()
     try:
-        keyring = Keyring.load(settings.keyring)
+        keyring = LiveKeyring(settings.keyring)  # a rotation takes effect without a restart
     except KeyringError as e:
         raise ConfigError(f"CONVLOG_KEYRING: {e}") from None
     return Authorizer(keyring, settings.require_signatures)

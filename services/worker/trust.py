@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from shared.client import LogClient
 from shared.config import ConfigError, Settings
 from shared.messages import Envelope
-from shared.signing import SYSTEM_AGENT, Keyring, KeyringError, turn_id_agent
+from shared.signing import SYSTEM_AGENT, Keyring, KeyringError, LiveKeyring, turn_id_agent
 
 __all__ = ["EnvelopeGate"]
 
@@ -53,7 +53,7 @@ class EnvelopeGate:
         if settings.require_signatures and settings.keyring is None:
             raise ConfigError("CONVLOG_REQUIRE_SIGNATURES needs CONVLOG_KEYRING (the public keyring file)")
         try:
-            keyring = Keyring.load(settings.keyring) if settings.keyring else None
+            keyring = LiveKeyring(settings.keyring) if settings.keyring else None  # follows rotations
         except KeyringError as e:
             raise ConfigError(f"CONVLOG_KEYRING: {e}") from None
         own = client.signer.key_id if client.signer is not None else None

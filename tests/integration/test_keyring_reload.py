@@ -1,0 +1,79 @@
+"""A running log service and worker follow their keyring file: `convlog keys rotate`
+takes effect without a restart (the retired key's new signatures refused, the new
+key's accepted).  They read it once at start before, so a rotated-out (stolen) key
+kept working, and the new key was refused, until every process was restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import nats
+import pytest
+
+from services.cli.keys_cmds import make_keys
+from services.cli.main import main
+from services.log.service import LogService
+from services.worker.trust import EnvelopeGate
+from shared.client import LogClient
+from shared.config import load_settings
+from shared.errors import ForbiddenError
+from shared.messages import AppendItem
+from shared.signing import Keyring, LiveKeyring, Signer
+from tests.support.natsd import NatsServer
+
+AGENTS = ["Triage", "L1Billing"]
+SAY = {"type": "message", "role": "assistant", "content": "hello"}
+
+
+async def test_a_rotated_key_is_refused_and_the_new_one_accepted_without_a_restart(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    make_keys(keys, AGENTS)
+    ring = keys / "keyring.json"
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
+                              "keyring": str(ring), "require_signatures": True}, {})
+    service = LogService(settings)
+    await service.start()
+    nc = await nats.connect(nats_server.url)
+    old = Signer.load(keys / "Triage.nk")
+    try:
+        before = LogClient(nc, timeout=5, deadline=20, signer=old)
+        await before.append("rot", [AppendItem(agent="Triage", data=SAY)])
+        gate = EnvelopeGate.from_settings(before, load_settings({"keyring": str(ring)}, {}), "L1Billing")
+        assert await asyncio.to_thread(main, ["keys", "rotate", "Triage", "--dir", str(keys)]) == 0
+        new = Signer.load(keys / "Triage.nk")
+        assert new.key_id != old.key_id
+        after = LogClient(nc, timeout=5, deadline=20, signer=new)
+
+        await asyncio.sleep(1.2)  # the file is looked at once a second at most
+        with pytest.raises(ForbiddenError, match="retired"):
+            await before.append("rot", [AppendItem(agent="Triage", data=SAY)])
+        await after.append("rot", [AppendItem(agent="Triage", data=SAY)])
+        items = await after.items("rot")
+        assert [e.key_id for e in items] == [old.key_id, new.key_id]
+        # A worker's gate takes the new key's items too (it refused an unknown key).
+        assert gate.signature_refusal(items[1]) is None
+        assert gate.signature_refusal(items[0]) is None  # signed before the rotation
+    finally:
+        await nc.close()
+        await service.shutdown()
+
+
+def test_a_keyring_file_that_breaks_keeps_the_keys_read_before(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    make_keys(keys, AGENTS)
+    ring_path = keys / "keyring.json"
+    live = LiveKeyring(ring_path, every=0.0)
+    first = {e.key_id for e in live.entries}
+    ring_path.write_text("not a keyring")
+    assert live.get(next(iter(first))) is not None  # kept
+    assert {e.key_id for e in live.entries} == first
+    # A good file again (another mtime): read.
+    fresh = tmp_path / "other"
+    make_keys(fresh, AGENTS)
+    os.replace(fresh / "keyring.json", ring_path)
+    assert live.get(next(iter(first))) is None
+    assert {e.key_id for e in live.entries} == {e.key_id for e in Keyring.load(ring_path).entries}
