@@ -64,15 +64,12 @@ class HidingEdits:
                 "data": {"target": order},
             }
             try:
-                reply = await finish(
-                    client.append(self.session_id, [retract], expected_last=last)
-                )
+                await finish(self._write(client, [retract], expected_last=last))
             except ConflictError:
                 if copy is not None:
                     await copy.fill()  # someone wrote after what the copy holds
                 await asyncio.sleep(CONFLICT_BACKOFF.delay(attempt - 1) if attempt else 0)
                 continue
-            self._acked(client, reply.items, [retract])
             return data
         raise UnavailableError(
             f"pop_item on session {self.session_id!r} lost the race to other writers "
@@ -95,8 +92,7 @@ class HidingEdits:
             "kind": "clear",
             "data": {},
         }
-        reply = await finish(client.append(self.session_id, [entry]))
-        self._acked(client, reply.items, [entry])
+        await finish(self._write(client, [entry]))
 
     @tracked
     async def _atomic_replace_items(self, items: list[Any]) -> bool:
@@ -125,6 +121,11 @@ class HidingEdits:
             {"item_id": f"{key}.{i}", "agent": self._author(d, "system"), "kind": "item", "data": d}
             for i, d in enumerate(plain(i) for i in items)
         ]
-        reply = await finish(client.append(self.session_id, batch))
-        self._acked(client, reply.items, batch)
+        await finish(self._write(client, batch))
         return True
+
+    async def _write(self, client: Any, batch: list[dict[str, Any]], **kw: Any) -> None:
+        """Append ``batch`` and tell the copy (in the task :func:`finish` runs, so a
+        caller cancelled meanwhile still reads its write afterwards)."""
+        reply = await client.append(self.session_id, batch, **kw)
+        self._acked(client, reply.items, batch)

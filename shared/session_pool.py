@@ -268,6 +268,8 @@ class SharedSession:
             for call in calls:
                 call.done.set_exception(e)
             return []
+        if self.copy is not None:  # read your writes, also after a caller cancelled meanwhile
+            self.copy.on_ack(reply.items, [(i["item_id"], i["kind"], i["data"]) for i in items])
         acked = {a.item_id: a for a in reply.items}
         results = [[acked[i["item_id"]] for i in c.batch if i["item_id"] in acked] for c in calls]
         if alone:

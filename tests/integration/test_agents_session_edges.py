@@ -9,13 +9,16 @@
   goes (its reply was lost and the caller retried on a closed connection until
   the 30 s deadline);
 * sixteen tasks on one shared session with a combined append whose reply is
-  lost: order kept, nothing lost or doubled, every caller told.
+  lost: order kept, nothing lost or doubled, every caller told;
+* a mutation whose caller was cancelled still lands in this process's reads
+  (its ack reaches the copy), not only once its delivery arrives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from typing import Any
 
@@ -194,3 +197,43 @@ async def test_sixteen_tasks_one_shared_session_a_lost_combined_reply(
         for s in sessions:
             await s.close()
         await mine.close()
+
+
+async def _stop_deliveries(session: ConvlogSession) -> None:
+    """The server stops delivering to the session copy's consumer (paused; its
+    heartbeats go on): only what this process is told in replies reaches the copy."""
+    info = session.copy_info()
+    assert info is not None and info["following"], info
+    pause = json.dumps({"pause_until": "2099-01-01T00:00:00Z"}).encode()
+    reply = await session.client.nc.request(  # type: ignore[union-attr]
+        f"$JS.API.CONSUMER.PAUSE.CONVLOG_ITEMS.{info['consumer']}", pause
+    )
+    assert json.loads(reply.data).get("paused") is True, reply.data
+
+
+@pytest.mark.parametrize("mutation", ["add_items", "pop_item", "clear_session"])
+async def test_a_cancelled_mutation_is_in_this_processs_next_read(
+    log_url: str, log_client: LogClient, mutation: str
+) -> None:
+    sid = f"cancelled_{mutation}"
+    session = ConvlogSession.from_url(sid, url=log_url, max_staleness=3600)
+    try:
+        await session.add_items([_user("first"), _user("second")])
+        assert len(await session.get_items()) == 2
+        await _stop_deliveries(session)
+        call = {
+            "add_items": lambda: session.add_items([_user("third")]),
+            "pop_item": session.pop_item,
+            "clear_session": session.clear_session,
+        }[mutation]
+        task = asyncio.create_task(call())
+        await asyncio.sleep(0)
+        task.cancel()  # the caller (a Runner) is cancelled while the write is in flight
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await log_client.last_order(sid) == 3  # the write ran to completion
+        expected = [e.data["content"] for e in await log_client.visible(sid)]
+        # README: read your writes; the write is this process's, acknowledged to it.
+        assert [i["content"] for i in await session.get_items()] == expected
+    finally:
+        await session.close()
