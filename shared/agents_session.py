@@ -346,19 +346,26 @@ class ConvlogSession(HidingEdits, AuthorTracking):
             got = copy.items(n)
             if got is not None:
                 return got
-        return await self._read_log(client, n)
+        items, k = await self._read_log(client, n)
+        if copy is not None and copy.last < k:
+            await copy.fill()  # the log answered past the copy: later reads must not go back
+        return items
 
-    async def _read_log(self, client: LogClient, n: int | None) -> list[dict[str, Any]]:
+    async def _read_log(self, client: LogClient, n: int | None) -> tuple[list[dict[str, Any]], int]:
+        """The last ``n`` visible items from the log, and the ``k`` of the prefix they show."""
         if n is not None and n <= _TAIL_MAX:
             try:
-                return [env.data for env in await client.tail(self.session_id, n)]
+                rep = await client.read(self.session_id, tail=n)
+                return [env.data for env in rep.items], rep.last_order
             except TooLargeError:
                 pass  # the tail does not fit one reply: page forward instead
         # Page the raw envelopes (they never change, so the pages are one prefix
         # 1..k of the log) and fold them here: visible pages read at different
         # times would mix histories when a retract or clear lands in between.
-        shown = visible(await client.items(self.session_id, raw=True))
-        return [env.data for env in (shown if n is None else shown[-n:])]
+        raw = await client.items(self.session_id, raw=True)
+        shown = visible(raw)
+        k = raw[-1].item_order if raw else 0
+        return [env.data for env in (shown if n is None else shown[-n:])], k
 
     @tracked
     async def add_items(self, items: list[Any], *, wrapper: Any = None) -> None:

@@ -11,7 +11,9 @@
 * sixteen tasks on one shared session with a combined append whose reply is
   lost: order kept, nothing lost or doubled, every caller told;
 * a mutation whose caller was cancelled still lands in this process's reads
-  (its ack reaches the copy), not only once its delivery arrives.
+  (its ack reaches the copy), not only once its delivery arrives;
+* a read the copy cannot answer goes to the log; a later read the copy
+  answers does not go back to before what that log read showed.
 """
 
 from __future__ import annotations
@@ -235,5 +237,24 @@ async def test_a_cancelled_mutation_is_in_this_processs_next_read(
         expected = [e.data["content"] for e in await log_client.visible(sid)]
         # README: read your writes; the write is this process's, acknowledged to it.
         assert [i["content"] for i in await session.get_items()] == expected
+    finally:
+        await session.close()
+
+
+async def test_a_read_from_the_copy_does_not_go_back_behind_a_read_from_the_log(
+    log_url: str, log_client: LogClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session_copy, "MAX_ITEMS", 5)  # get_items() with no limit reads the log
+    sid = "log_then_copy"
+    await log_client.append(sid, [{"agent": "x", "data": _user(f"m{i}")} for i in range(10)])
+    session = ConvlogSession.from_url(sid, url=log_url, max_staleness=3600)
+    try:
+        assert [i["content"] for i in await session.get_items(limit=1)] == ["m9"]  # from the copy
+        await _stop_deliveries(session)  # another process's write is not delivered (yet)
+        await log_client.append(sid, [{"agent": "x", "data": _user("newest")}])
+        everything = [i["content"] for i in await session.get_items()]  # from the log
+        assert everything == [f"m{i}" for i in range(10)] + ["newest"]
+        # README: every read is one prefix 1..k of the log, k never decreasing in the process.
+        assert [i["content"] for i in await session.get_items(limit=2)] == ["m9", "newest"]
     finally:
         await session.close()
