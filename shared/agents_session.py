@@ -386,11 +386,13 @@ class ConvlogSession(HidingEdits, AuthorTracking):
             return
         data = [_plain(i) for i in items]
         call = self._keys.begin(data)
-        agent = self._agent_for(wrapper)
+        if call.authors is None:  # a retry keeps the authors its key was first sent with
+            agent = self._agent_for(wrapper)
+            call.authors = [self._author(d, agent) for d in data]
         prefix = self._id_prefix
         batch = [
-            {"item_id": f"{prefix}{call.key}.{i}", "agent": self._author(d, agent), "kind": "item", "data": d}
-            for i, d in enumerate(data)
+            {"item_id": f"{prefix}{call.key}.{i}", "agent": a, "kind": "item", "data": d}
+            for i, (d, a) in enumerate(zip(data, call.authors, strict=True))
         ]
         try:
             # Finishes despite a cancel, and the copy gets the acks then (read your writes).

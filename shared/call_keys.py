@@ -8,7 +8,9 @@ stays pending for that exact batch: calling ``add_items`` again with equal
 items reuses it, and the log answers the items it already holds as
 duplicates instead of writing them twice (up to 64 such batches are
 remembered per session object; a retry from another process cannot be
-recognised, its keys are its own).  Once an outcome is known the key is
+recognised, its keys are its own).  The retry also reuses the authors the
+call was sent with: the log answers an id as a duplicate only for the same
+author, kind and data, and the agent running at the retry may be another.  Once an outcome is known the key is
 dropped, so adding equal content later (say the SDK re-adding an item it
 popped while rewinding a turn, SDK issue #3852) is a new write and becomes
 visible again; so is a concurrent call with equal items, which is not a retry.
@@ -35,11 +37,13 @@ MAX_PENDING = 64
 
 @dataclass(slots=True)
 class Call:
-    """One ``add_items`` call: its key, its canonical items and their fingerprint."""
+    """One ``add_items`` call: its key, its canonical items and their fingerprint,
+    and the authors of its items (those of the first call, for a retry)."""
 
     key: str
     text: bytes
     fingerprint: str | None = None
+    authors: list[str] | None = None
 
     @property
     def size(self) -> int:
@@ -52,7 +56,7 @@ class CallKeys:
 
     def __init__(self, max_pending: int = MAX_PENDING) -> None:
         self.max_pending = max_pending
-        self._pending: OrderedDict[str, str] = OrderedDict()  # fingerprint -> key
+        self._pending: OrderedDict[str, tuple[str, list[str] | None]] = OrderedDict()  # fp -> key, authors
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -62,9 +66,9 @@ class CallKeys:
         text = canonical(items)
         if self._pending:
             fp = hashlib.sha256(text).hexdigest()
-            key = self._pending.get(fp)
-            if key is not None:
-                return Call(key, text, fp)
+            pending = self._pending.get(fp)
+            if pending is not None:
+                return Call(pending[0], text, fp, pending[1])
             return Call(new_item_id(), text, fp)
         return Call(new_item_id(), text)
 
@@ -72,7 +76,7 @@ class CallKeys:
         """The call ended without a known outcome: remember its key for a retry."""
         if call.fingerprint is None:
             call.fingerprint = hashlib.sha256(call.text).hexdigest()
-        self._pending[call.fingerprint] = call.key
+        self._pending[call.fingerprint] = (call.key, call.authors)
         self._pending.move_to_end(call.fingerprint)
         while len(self._pending) > self.max_pending:
             self._pending.popitem(last=False)
@@ -80,5 +84,6 @@ class CallKeys:
     def settled(self, call: Call) -> None:
         """The call's outcome is known: its key is never reused."""
         if call.fingerprint is not None:
-            if self._pending.get(call.fingerprint) == call.key:
+            pending = self._pending.get(call.fingerprint)
+            if pending is not None and pending[0] == call.key:
                 del self._pending[call.fingerprint]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from agents import RunContextWrapper
 
 from shared import ConvlogSession
 from shared.chain import verify
@@ -132,6 +133,26 @@ async def test_retried_add_items_after_unknown_outcome_does_not_double(
         await session.add_items(items[:1])
         assert contents(await session.get_items()) == ["Refund please", "Done", "Refund please"]
     finally:
+        await nc_client.close()
+
+
+async def test_a_retry_after_an_unknown_outcome_dedupes_whoever_is_running_now(
+    log_url: str, log_client: LogClient
+) -> None:
+    nc_client = await LogClient.connect(log_url)
+    session = ConvlogSession("retry_author", client=_ReplyLost(nc_client.nc))
+    items = [{"role": "user", "content": "Refund please"}, {"role": "assistant", "content": "Refunded"}]
+    run = RunContextWrapper(context=None)
+    session.set_current_agent("Billing", context=run)  # what hooks=session.hooks() does
+    try:
+        with pytest.raises(UnavailableError):
+            await session.add_items(items, wrapper=run)  # committed, but the caller cannot know
+        # The app retries the same batch outside that run: no agent is known now.
+        await session.add_items(items)
+        raw = await log_client.items("retry_author")
+        assert [(e.agent, e.data) for e in raw] == [("user", items[0]), ("Billing", items[1])]  # once
+    finally:
+        await session.close()
         await nc_client.close()
 
 
