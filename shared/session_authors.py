@@ -7,8 +7,11 @@ agent (the ``wrapper`` keyword passes the run's ``RunContextWrapper``, which
 holds the user's context and usage, not the agent), so the current agent
 comes from :meth:`AuthorTracking.hooks`: pass ``hooks=session.hooks()`` to
 ``Runner.run`` and the session learns each agent as it starts, per run (runs
-are told apart by the ``wrapper`` the Runner passes).  Without hooks the
-author is the ``agent`` given to the session (default ``"assistant"``).
+are told apart by the ``wrapper`` the Runner passes).  A call without a
+wrapper (a session wrapping this one, such as the SDK's
+``OpenAIResponsesCompactionSession``, passes none) gets the agent the hooks
+named last.  Without hooks the author is the ``agent`` given to the session
+(default ``"assistant"``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class AuthorTracking:
         self.default_agent = default_agent
         self._current_agent: str | None = None
         self._run_agents: dict[int, str] = {}
+        self._last_run_agent: str | None = None  # for calls that carry no wrapper
         self._hooks: Any = None
 
     def hooks(self) -> RunHooks[Any]:
@@ -65,6 +69,7 @@ class AuthorTracking:
         """
         if context is None:
             self._current_agent = agent
+            self._last_run_agent = None
             return
         key_obj = run_key(context)
         key = id(key_obj)
@@ -75,12 +80,15 @@ class AuthorTracking:
                 self._current_agent = agent
                 return
         self._run_agents[key] = agent
+        self._last_run_agent = agent
 
     def _agent_for(self, wrapper: Any) -> str:
         if wrapper is not None:
             name = self._run_agents.get(id(run_key(wrapper)))
             if name:
                 return name
+        elif self._last_run_agent is not None:  # e.g. through OpenAIResponsesCompactionSession
+            return self._last_run_agent
         return self._current_agent or self.default_agent
 
     @staticmethod

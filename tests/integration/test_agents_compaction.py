@@ -15,14 +15,14 @@ import json
 import sys
 from typing import Any
 
-from agents import Agent, RunConfig, Runner
+from agents import Agent, RunConfig, Runner, handoff
 from agents.memory import OpenAIResponsesCompactionSession
 from openai import AsyncOpenAI
 
 from shared import ConvlogSession
 from shared.chain import verify
 from shared.client import LogClient
-from tests.support.fake_openai import FakeOpenAI, compacted_items, text
+from tests.support.fake_openai import FakeOpenAI, compacted_items, text, tool_call
 from tests.support.procs import REPO_ROOT
 from tests.support.seed_agents import FakeServerProvider
 
@@ -144,6 +144,38 @@ async def test_compaction_through_clear_and_add_when_atomic_replace_is_not_used(
         assert [e.kind for e in raw] == ["item", "item", "clear", "item", "item"]
         assert raw[2].item_id.rsplit(".", 1)[0] != raw[3].item_id.rsplit(".", 1)[0]  # two appends
         assert verify(raw, session_id=sid) is None
+    finally:
+        await underlying.close()
+        await model_client.close()
+
+
+async def test_hooks_name_the_authors_through_the_compaction_session(
+    log_url: str, log_client: LogClient, fake_openai: FakeOpenAI
+) -> None:
+    # The compaction session's add_items takes no wrapper, so the Runner passes
+    # none through it: the authors must still be the agents the hooks named.
+    sid = "compaction-authors"
+    run_config = RunConfig(model_provider=FakeServerProvider(fake_openai.base_url),
+                           tracing_disabled=True)
+    model_client = AsyncOpenAI(base_url=fake_openai.base_url, api_key="test-key", max_retries=0)
+    underlying = ConvlogSession.from_url(sid, url=log_url)
+    session = OpenAIResponsesCompactionSession(sid, underlying, client=model_client, model="gpt-4.1",
+                                               should_trigger_compaction=lambda ctx: False)
+    billing = Agent(name="BillingAgent", instructions="Handle billing inquiries.")
+    triage = Agent(name="TriageAgent", instructions="Hand off to the right specialist.",
+                   handoffs=[handoff(billing, tool_name_override="transfer_to_billing")])
+    fake_openai.script([tool_call("transfer_to_billing", {}), text("Billing here: refund issued.")])
+    try:
+        await Runner.run(triage, "I was charged twice", session=session, hooks=underlying.hooks(),
+                         run_config=run_config)
+        authored = [(e.agent, e.data.get("type") or e.data.get("role")) for e in await log_client.items(sid)]
+        # README, "Who wrote each item": as without the compaction session.
+        assert authored == [
+            ("user", "user"),
+            ("TriageAgent", "function_call"),
+            ("TriageAgent", "function_call_output"),
+            ("BillingAgent", "message"),
+        ]
     finally:
         await underlying.close()
         await model_client.close()
