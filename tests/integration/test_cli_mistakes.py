@@ -118,6 +118,10 @@ CASES: list[Case] = [
      ["--data-dir", "not a directory"]),
     ("TLS CA missing", lambda t: ["sessions"], {"CONVLOG_TLS_CA": "/nonexistent"}, EXIT_USAGE,
      ["CONVLOG_TLS_CA", "/nonexistent", "does not exist"]),
+    # A missing nkey seed file: a worker waited its whole --start-wait and exited 3 (unavailable),
+    # convlog log exited 1 with "No such file or directory", neither naming the variable.
+    ("nkey seed file missing", lambda t: ["sessions"], {"CONVLOG_NKEY": "/nonexistent"}, EXIT_USAGE,
+     ["CONVLOG_NKEY", "/nonexistent", "does not exist"]),
     ("TLS CA not a certificate", lambda t: ["sessions"], {"CONVLOG_TLS_CA": "/etc/passwd"},
      EXIT_USAGE, ["CONVLOG_TLS_CA", "/etc/passwd", "cannot load"]),
     ("log --db an unrelated SQLite file", lambda t: ["log", "--db", str(_foreign_sqlite(t))], {},

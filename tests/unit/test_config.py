@@ -37,6 +37,7 @@ def test_each_value_is_parsed_by_its_type(name: str, raw: str, value: object) ->
     ("max_item_bytes", "100"), ("embedded", "maybe"), ("log_level", "LOUD"),
     ("nats_url", "nats://h:99999"), ("nats_url", "nats://h:abc"), ("nats_url", "http://h:1"),
     ("nats_url", "nats://h:1,"), ("prefix", "a.>"), ("tls_ca", "/nonexistent"),
+    ("nkey", "/nonexistent"),
 ])
 def test_a_bad_value_names_its_variable_and_its_flag(name: str, raw: str) -> None:
     with pytest.raises(ConfigError, match=f"CONVLOG_{name.upper()}="):
