@@ -191,7 +191,11 @@ async def connect_client(settings: Settings) -> Any:
 
 
 def install_signal_handlers(on_signal: Callable[[], Awaitable[None]]) -> set[asyncio.Task[None]]:
-    """SIGTERM/SIGINT start a graceful shutdown (once)."""
+    """SIGTERM/SIGINT/SIGHUP start a graceful shutdown (once).
+
+    SIGHUP too (a closed terminal, ``kill -HUP``): Python's default ended the
+    process at once, leaving the embedded nats-server of ``convlog log`` running.
+    """
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
 
@@ -199,7 +203,7 @@ def install_signal_handlers(on_signal: Callable[[], Awaitable[None]]) -> set[asy
         if not tasks:
             tasks.add(loop.create_task(on_signal()))
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, fire)
     return tasks
 

@@ -460,3 +460,46 @@ async def test_sigterm_drains_and_exits_zero_with_no_acked_item_lost(
         assert info.state.messages == len(rows)
     finally:
         await nc.close()
+
+
+# -- SIGHUP (a terminal closed) --------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+async def test_sighup_stops_convlog_log_and_its_embedded_nats_server(tmp_path: Path) -> None:
+    """Python's default for SIGHUP ended `convlog log` at once: its embedded nats-server
+    (a child) kept running, orphaned, and the service never drained."""
+    from tests.support.natsd import free_port
+
+    env = {**cli_env(tmp_path), "CONVLOG_EMBEDDED": "true"}
+    proc = python_module("services.cli.main", "log", "--nats-url", f"nats://127.0.0.1:{free_port()}",
+                         log_dir=tmp_path, env=env)
+    kids: list[int] = []
+    with proc:
+        try:
+            await asyncio.to_thread(proc.wait_for_line, r"log service ready", 30)
+            kids = _children(proc.pid)
+            assert len(kids) == 1, kids  # the embedded nats-server
+            os.kill(proc.pid, signal.SIGHUP)
+            assert await asyncio.to_thread(proc.wait, 20) == 0, proc.output()
+
+            def gone() -> None:
+                assert not [k for k in kids if _alive(k)], "the embedded nats-server outlived convlog log"
+
+            await assert_eventually(gone, timeout=10)
+            assert "log service stopped" in proc.output()
+        finally:
+            for k in kids:  # what it left behind: stop it by its PID
+                if _alive(k):
+                    os.kill(k, signal.SIGKILL)
