@@ -79,8 +79,13 @@ def up_config(settings: Settings, *, agents_path: Path, agents: list[str],
         "CONVLOG_EMBEDDED": "false",
         "PYTHONUNBUFFERED": "1",
     }
-    if settings.creds:  # a flag reaches the programs too; absolute: they run in code_root()
-        environment["CONVLOG_CREDS"] = str(Path(settings.creds).resolve())
+    # Every file a setting names, absolute: the programs run in code_root(), where a
+    # relative CONVLOG_KEYRING (or TLS file, ...) from supervisord's environment named
+    # nothing, and each program exited 2 until supervisord gave up.  (A flag, --creds,
+    # reaches the programs this way too.)
+    for name in ("creds", "nkey", "tls_ca", "tls_cert", "tls_key", "keyring", "signing_key"):
+        if (value := getattr(settings, name)) is not None:
+            environment[f"CONVLOG_{name.upper()}"] = str(Path(value).resolve())
     text = render_config(programs, run_dir=run_dir, log_dir=log_dir, environment=environment,
                          directory=code_root())
     return run_dir / "supervisord.conf", text

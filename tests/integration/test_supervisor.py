@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from services.cli.demo import RULES_MODEL_LABEL, consumer_name, wait_for_stack
+from services.cli.keys_cmds import make_keys
 from services.cli.supervise import Supervisor
 from services.cli.transcript import SessionFollower, handoffs
 from services.worker.scenario import (
@@ -189,6 +190,34 @@ async def test_convlog_up_runs_the_stack_until_sigterm(short_tmp: Path) -> None:
     for name in ["nats", "log", *(f"worker-{a}-{n}" for a in AGENTS for n in (0, 1))]:
         assert f"stopped: {name} (exit status 0)" in log, log
     _assert_all_gone(children)
+
+
+async def test_convlog_up_programs_find_the_files_named_relative_to_where_it_ran(short_tmp: Path) -> None:
+    # The programs run in the code's directory, not where `convlog up` ran: a relative
+    # CONVLOG_KEYRING reached them as it was, named nothing there, and the log service
+    # and every worker exited 2 until supervisord gave up on them.
+    make_keys(short_tmp / "keys", ["Greeter", "Helper"])
+    url = f"nats://127.0.0.1:{free_port()}"
+    data = short_tmp / "data"
+    env = stack_env(CONVLOG_DATA_DIR=str(data), CONVLOG_KEYRING="keys/keyring.json",
+                    PYTHONPATH=str(REPO_ROOT))  # this checkout's code, from another directory
+    proc = Proc([sys.executable, "-m", "services.cli.main", "up", "--nats-url", url,
+                 "--agents", str(DEPLOY / "greeter.toml")],
+                log_dir=short_tmp, env=env, cwd=short_tmp, name="convlog-up").start()
+    try:
+        sup = Supervisor(data / "supervisor" / "supervisord.conf", data / "supervisor" / "supervisor.sock")
+
+        def answering() -> None:
+            assert proc.running, proc.output()
+            assert sup.rpc().supervisor.getState()["statename"] == "RUNNING"
+
+        await asyncio.to_thread(wait_until, answering, 30, 0.1, retry_on=(AssertionError, OSError))
+        await wait_for_stack(sup, log_dir=data / "logs", url=url, agents=["Greeter", "Helper"],
+                             step=print, timeout=30)
+        assert "keys/keyring.json" not in (data / "logs" / "log.log").read_text()
+    finally:
+        rc = proc.terminate(timeout=40)
+    assert rc == 0, proc.output()
 
 
 def test_convlog_demo_runs_as_ci_runs_it(tmp_path: Path) -> None:
