@@ -189,6 +189,7 @@ async def _check_consumers(nc: Any, settings: Settings, report: Report, *, agent
 async def check(settings: Settings, *, agents: list[str], max_lag: float = 10.0,
                 window: float = 2.0, timeout: float = 2.0) -> Report:  # noqa: ASYNC109
     """Run every check once (see the module docstring)."""
+    import nats.errors
 
     from shared.client import connect_options
     from shared.nats_connect import open_client
@@ -209,6 +210,9 @@ async def check(settings: Settings, *, agents: list[str], max_lag: float = 10.0,
         report.ok.append(f"NATS: connected to {settings.nats_url}")
         await _check_log(nc, settings, report, max_lag=max_lag, timeout=timeout)
         await _check_consumers(nc, settings, report, agents=agents, window=window)
+    except nats.errors.Error as e:  # the server went away during the check (no reconnects here)
+        report.problems.append(f"NATS: the connection to {settings.nats_url} was lost during the "
+                               f"check ({str(e) or type(e).__name__})")
     finally:
         with contextlib.suppress(Exception):
             await nc.close()

@@ -12,6 +12,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from services.cli.health import check
 from services.log.service import LogService
 from shared.client import LogClient
 from shared.config import load_settings
@@ -138,6 +139,20 @@ async def test_health_reports_a_fan_out_that_falls_behind(nats_cluster: NatsClus
     finally:
         await client.close()
         await service.shutdown()
+
+
+# NATS going away during a check is a FAIL line, not a traceback: `--every` (the watcher in
+# deploy/supervisord.conf) died and `--wait` gave up, just when the stack was unhealthy.
+async def test_health_reports_nats_lost_during_the_check(nats_server: NatsServer, tmp_path: Path) -> None:
+    settings = load_settings({"nats_url": nats_server.url, "data_dir": str(tmp_path)}, environ={})
+    # No log service: the check waits `timeout` seconds for $SRV.STATS replies; NATS stops meanwhile.
+    checking = asyncio.create_task(check(settings, agents=[], timeout=3.0))
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(nats_server.stop)
+    report = await asyncio.wait_for(checking, 30)
+    assert not report.healthy
+    assert any(p.startswith(f"NATS: the connection to {nats_server.url} was lost") for p in report.problems), \
+        report.lines()
 
 
 async def test_health_wait_returns_once_the_stack_is_up(nats_server: NatsServer, tmp_path: Path) -> None:
