@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
+import xmlrpc.client
 from pathlib import Path
 
 from shared.config import Settings, nats_servers
@@ -198,11 +200,17 @@ async def _supervise(sup: Supervisor) -> int:
         assert sup.proc is not None
         exited = asyncio.ensure_future(asyncio.to_thread(sup.proc.wait))
         asked = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([exited, asked], return_when=asyncio.FIRST_COMPLETED)
+        while not (exited.done() or asked.done()):
+            # Know the programs' PIDs: should supervisord be killed, sup.stop stops them.
+            with contextlib.suppress(OSError, xmlrpc.client.Error):
+                await asyncio.to_thread(sup.processes)
+            await asyncio.wait([exited, asked], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
         asked.cancel()
         rc = await asyncio.to_thread(sup.stop)
         await exited
-        return rc if rc is not None else EXIT_FAIL
+        if rc is None:
+            return EXIT_FAIL
+        return 128 - rc if rc < 0 else rc  # killed by signal N: 128+N, as a shell says
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)

@@ -246,6 +246,16 @@ def stack_programs(
     return programs
 
 
+def _running(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
 #: Process states in which a program is running, about to, or still stopping.
 _UNSTOPPED = frozenset({"STARTING", "RUNNING", "BACKOFF", "STOPPING"})
 
@@ -358,7 +368,8 @@ class Supervisor:
     def processes(self) -> list[dict[str, Any]]:
         """``getAllProcessInfo``: name, group, statename, pid, spawnerr, ... per process."""
         infos: list[dict[str, Any]] = self.rpc().supervisor.getAllProcessInfo()
-        self._children.update(i["pid"] for i in infos if i.get("pid"))
+        # The programs running now (a PID that exited was reaped, and may be reused).
+        self._children = {i["pid"] for i in infos if i.get("pid")}
         return infos
 
     def process(self, name: str) -> dict[str, Any]:
@@ -380,7 +391,9 @@ class Supervisor:
         wakes supervisord, which reaps the exits); a tier that outlasts its
         ``stopwaitsecs`` is left to supervisord's own SIGTERM shutdown, which
         follows in any case.  Idempotent.  If supervisord has to be killed,
-        every child PID it ever reported is killed too, so no program outlives it.
+        the programs it last reported running are killed too, so no program
+        outlives it; if it was killed before (``kill -9``, the OOM killer), they
+        get SIGTERM, and SIGKILL after ``timeout / 2`` seconds.
         """
         proc = self.proc
         if proc is None:
@@ -389,10 +402,25 @@ class Supervisor:
             with contextlib.suppress(OSError, xmlrpc.client.Error):
                 self._stop_in_order(time.monotonic() + timeout / 2)
             if stop_process(proc, timeout) == -signal.SIGKILL:
-                for pid in self._children:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.kill(pid, signal.SIGKILL)
+                self._kill_children(signal.SIGKILL, 0)
+        elif proc.returncode < 0:  # killed by a signal: its programs live on, orphaned
+            self._kill_children(signal.SIGTERM, timeout / 2)
         return proc.returncode
+
+    def _kill_children(self, sig: int, wait: float) -> None:
+        """Send ``sig`` to the programs supervisord last reported running; after
+        ``wait`` seconds, SIGKILL those still running.  Each is signalled once."""
+        pids, self._children = self._children, set()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        end = time.monotonic() + wait
+        while any(_running(p) for p in pids) and time.monotonic() < end:
+            time.sleep(0.05)
+        for pid in pids:
+            if sig != signal.SIGKILL and _running(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
 
     def _stop_in_order(self, deadline: float) -> None:
         """Stop the running programs tier by tier, highest ``priority`` first
