@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.config import load_settings
 from tests.support.deploy_config import (
     AGENTS,
     DEPLOY,
@@ -138,3 +139,16 @@ def test_procfile_runs_the_same_processes_as_supervisord(tmp_path: Path) -> None
         else:
             assert args.command == "log"
     assert sorted(workers) == sorted(AGENTS)
+
+
+def test_systemd_log_unit_keeps_its_database_in_its_state_directory_unless_the_env_file_says() -> None:
+    # A --db on the command line beats CONVLOG_DB, so /etc/convlog/convlog.env could not move
+    # the database although the unit says its settings come from there.
+    u = read_unit(DEPLOY / "systemd" / "convlog-log.service")
+    (exec_start,) = u["Service"]["ExecStart"]
+    args = parse_convlog(shlex.split(exec_start)[1:])
+    assert args.command == "log" and args.db is None
+    env = dict(line.split("=", 1) for line in u["Service"]["Environment"])
+    assert load_settings({}, env, check_paths=False).db_path == Path("/var/lib/convlog/convlog.db")
+    moved = load_settings({}, {**env, "CONVLOG_DB": "/srv/convlog/log.db"}, check_paths=False)
+    assert moved.db_path == Path("/srv/convlog/log.db")
