@@ -11,7 +11,11 @@
   head, sessions left out of the list);
 * an append over nats-server's own atomic batch limit (``jetstream { limits {
   batch { max_msgs } } }`` below the store's 1000) is ``too_large``, not retried
-  as contention and answered ``unavailable``.
+  as contention and answered ``unavailable``;
+* a batch get's frames that nats-py parsed itself (those after another
+  subscription's message, a publish ack, in one read) went through the
+  subscription's task, after frames of the same batch that came later: a read
+  during appends lost or reordered envelopes (``the log stream lacks item 1``).
 """
 
 from __future__ import annotations
@@ -219,5 +223,36 @@ async def test_a_replica_that_trails_the_leader_does_not_move_a_head_back(
         assert asked == [store.layout.session_filter("s")]
         page = await store.read("s", after=0, limit=10, max_bytes=1 << 20)
         assert [msgspec.json.decode(e)["item_order"] for e in page.items] == [1, 2]
+    finally:
+        await store.close()
+
+
+async def test_reads_during_appends_get_every_envelope_in_order(nats_server: NatsServer, tmp_path: Path) -> None:
+    # The store's connection carries the appends' acks and the reads' batch gets
+    # at once; a batch get's frames take the raw path until an ack comes between
+    # them in one socket read, and nats-py parses the rest of that read.
+    store = JetStreamStore({"servers": [nats_server.url]}, subjects=Subjects(prefix_for(tmp_path)))
+    await store.open()
+    stop = False
+
+    async def writer(n: int) -> None:
+        i = 0
+        while not stop:
+            await store.append(f"w{n}", req(item(f"x{i}")))
+            i += 1
+
+    try:
+        for start in range(0, 2000, 500):
+            await store.append("big", req(*(item(f"m{start + k}") for k in range(500))))
+        want = (await store.read("big", after=0, limit=5000, max_bytes=1 << 30)).items
+        assert len(want) == 2000
+        writers = [asyncio.create_task(writer(n)) for n in range(16)]
+        try:
+            for _ in range(60):
+                page = await store.read("big", after=0, limit=5000, max_bytes=1 << 30)
+                assert page.items == want
+        finally:
+            stop = True
+            await asyncio.gather(*writers)
     finally:
         await store.close()

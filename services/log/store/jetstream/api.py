@@ -208,9 +208,12 @@ class _Batches(_Inbox):
         self.waiting: dict[str, _Collect] = {}
 
     def _deliver(self, sub: Any) -> None:
-        seam = seam_for(self._nc)
-        if not (self._raw and seam.deliver_raw(self._nc, sub, self._route_raw)):
-            super()._deliver(sub)
+        # Inline even when raw: a frame nats-py parses itself (one that follows
+        # another subscription's message in the same read) must reach its batch
+        # in wire order, not later through the subscription's task.
+        super()._deliver(sub)
+        if self._raw:
+            seam_for(self._nc).deliver_raw(self._nc, sub, self._route_raw)
 
     def route(self, msg: Msg) -> None:
         collect = self.waiting.get(self.token_of(msg))
