@@ -58,8 +58,11 @@ class SessionIndex:
     """A session's head and (a prefix of) its order -> stream sequence index.
 
     ``seqs[o - 1]`` is the stream sequence of item ``o`` and ``kinds[o - 1]``
-    its kind, for ``o`` in ``1 .. indexed``; ``hidden`` holds retracted
-    orders and ``last_clear`` the last clear among them.
+    its kind, for ``o`` in ``1 .. indexed``; ``hidden`` maps retracted orders
+    to the order of their first retract and ``last_clear`` is the last clear
+    among them.  The index may reach past the head a read took (another read
+    or a commit extended it meanwhile): what it says is read as of that head,
+    as the SQLite store reads (a later retract or clear hides nothing yet).
     """
 
     last_order: int = 0
@@ -68,7 +71,7 @@ class SessionIndex:
     updated_at: str = ""
     seqs: array = field(default_factory=lambda: array("q"))
     kinds: bytearray = field(default_factory=bytearray)
-    hidden: set[int] = field(default_factory=set)
+    hidden: dict[int, int] = field(default_factory=dict)
     last_clear: int = 0
     #: order -> stream sequence of single envelopes beyond ``indexed`` (where
     #: a page of a forward read ended), so the next page needs no index.
@@ -100,7 +103,7 @@ class SessionIndex:
         self.seqs.append(seq)
         self.kinds.append(_KIND_CODE.get(meta.kind, 0))
         if meta.kind == "retract":
-            self.hidden.add(_target.decode(meta.data).target)
+            self.hidden.setdefault(_target.decode(meta.data).target, meta.item_order)
         elif meta.kind == "clear":
             self.last_clear = meta.item_order
         self.set_head(meta, seq)
@@ -110,19 +113,31 @@ class SessionIndex:
             return KIND_NAME[self.kinds[order - 1]]
         return None
 
+    def _clear_as_of(self, upto: int) -> int:
+        """The last clear at or before order ``upto`` (0: none)."""
+        if self.last_clear <= upto:
+            return self.last_clear
+        o, kinds = upto, self.kinds
+        while o > 0 and kinds[o - 1] != _KIND_CODE["clear"]:
+            o -= 1
+        return o
+
     def visible_orders(self, after: int, upto: int) -> list[int]:
-        """Orders of visible items in ``(after, upto]`` (needs the index up to ``upto``)."""
-        start = max(after, self.last_clear)
+        """Orders of items in ``(after, upto]`` visible as of ``upto`` (needs the index up to ``upto``)."""
+        start = max(after, self._clear_as_of(upto))
         kinds, hidden = self.kinds, self.hidden
-        return [o for o in range(start + 1, upto + 1) if kinds[o - 1] == 0 and o not in hidden]
+        return [
+            o for o in range(start + 1, upto + 1)
+            if kinds[o - 1] == 0 and ((h := hidden.get(o)) is None or h > upto)
+        ]
 
     def visible_tail(self, n: int, upto: int) -> list[int]:
-        """The last ``n`` visible orders up to ``upto``, oldest first."""
+        """The last ``n`` orders visible as of ``upto``, oldest first."""
         out: list[int] = []
         kinds, hidden = self.kinds, self.hidden
-        o = upto
-        while o > self.last_clear and len(out) < n:
-            if kinds[o - 1] == 0 and o not in hidden:
+        o, clear = upto, self._clear_as_of(upto)
+        while o > clear and len(out) < n:
+            if kinds[o - 1] == 0 and ((h := hidden.get(o)) is None or h > upto):
                 out.append(o)
             o -= 1
         out.reverse()
