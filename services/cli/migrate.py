@@ -31,12 +31,15 @@ _PAGE = 5_000
 _BIG = 1 << 40
 
 
-def _store(spec: str, settings: Settings) -> LogStore:
-    """``sqlite:PATH`` or ``jetstream`` (the settings' NATS URL and prefix)."""
+def _store(spec: str, settings: Settings, *, source: bool = False) -> LogStore:
+    """``sqlite:PATH`` or ``jetstream`` (the settings' NATS URL and prefix); a
+    ``source`` must exist (opening it would create an empty one to copy)."""
     kind, _, path = spec.partition(":")
     if kind == "sqlite" and path:
         from services.log.store.sqlite import SQLiteStore
 
+        if source and not Path(path).expanduser().exists():
+            raise NotFoundError(f"there is no SQLite log at {path}")
         return SQLiteStore(Path(path).expanduser())
     if kind == "jetstream" and not path:
         from services.log.store.jetstream import JetStreamStore
@@ -48,6 +51,7 @@ def _store(spec: str, settings: Settings) -> LogStore:
             replicas=settings.stream_replicas,
             shards=settings.shards,
             timeout=max(settings.request_timeout, 10.0),
+            create=not source,
         )
     raise BadRequestError(f"store {spec!r} is not sqlite:PATH or jetstream")
 
@@ -111,7 +115,7 @@ async def migrate(
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    src, dst = _store(args.source, settings), _store(args.dest, settings)
+    src, dst = _store(args.source, settings, source=True), _store(args.dest, settings)
     if args.source == args.dest:
         raise BadRequestError("--from and --to name the same store")
     sessions = [validate_session_id(s) for s in args.sessions.split(",")] if args.sessions else None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nats
+
 from services.log.store.jetstream import JetStreamStore
 from services.log.store.sqlite import SQLiteStore
 from shared.messages import AppendItem, AppendRequest
@@ -88,3 +90,26 @@ async def test_migrate_sqlite_to_jetstream_and_back(nats_server: NatsServer, tmp
 async def test_migrate_refuses_bad_store_names(nats_server: NatsServer, tmp_path: Path) -> None:
     code, out = await migrate(tmp_path, nats_server.url, "--from", "postgres:x", "--to", "jetstream")
     assert code == 2 and "sqlite:PATH or jetstream" in out
+
+
+async def test_migrate_from_a_source_that_does_not_exist_is_refused_and_creates_nothing(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # A mistyped path or prefix: opening the source created an empty log there
+    # (a new SQLite file, or the JetStream streams), and the run said
+    # "0 of 0 sessions verified", exit 0, as if the log had been moved.
+    missing = tmp_path / "typo.db"
+    code, out = await migrate(tmp_path, nats_server.url, "--from", f"sqlite:{missing}", "--to", "jetstream")
+    assert code == 2 and "no SQLite log" in out, out
+    assert not missing.exists()
+
+    back = tmp_path / "back.db"
+    code, out = await migrate(tmp_path, nats_server.url, "--prefix", "typo", "--from", "jetstream",
+                              "--to", f"sqlite:{back}")
+    assert code == 2 and "no JetStream log" in out, out
+    assert not back.exists()
+    nc = await nats.connect(nats_server.url)
+    try:
+        assert not [s.config.name for s in await nc.jetstream().streams_info() if s.config.name.startswith("TYPO")]
+    finally:
+        await nc.close()

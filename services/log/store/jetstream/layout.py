@@ -37,6 +37,7 @@ from typing import Any
 import nats.js.errors
 from nats.aio.client import Client
 
+from shared.errors import NotFoundError
 from shared.failures import StreamConfigError
 from shared.subjects import Subjects
 
@@ -222,10 +223,15 @@ def _check_log_stream(layout: Layout, k: int, config: dict[str, Any]) -> None:
         _refuse(f"stream {name} no longer keeps one message per item id ({wrong}): put back {wanted}")
 
 
-async def ensure_streams(nc: Client, layout: Layout, *, replicas: int = 1, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+async def ensure_streams(
+    nc: Client, layout: Layout, *, replicas: int = 1, timeout: float = 5.0, create: bool = True  # noqa: ASYNC109
+) -> None:
     """Create the log streams and the fan-out stream, or check the existing ones.
 
+    With ``create`` false, a log that does not exist is not created.
+
     Raises:
+        NotFoundError: without ``create``, a stream of the log does not exist.
         StreamConfigError: the streams were created with another shard count,
             or ``<PREFIX>_ITEMS`` holds a log this layout cannot serve (one line
             saying what to do).
@@ -233,6 +239,10 @@ async def ensure_streams(nc: Client, layout: Layout, *, replicas: int = 1, timeo
         nats.errors.TimeoutError, nats.errors.NoRespondersError: JetStream did not answer.
     """
     info = await _api(nc, f"STREAM.INFO.{layout.stream}", None, timeout)
+    if not create:
+        for name in (layout.stream, *layout.log_streams):
+            if _not_found(info if name == layout.stream else await _api(nc, f"STREAM.INFO.{name}", None, timeout)):
+                raise NotFoundError(f"there is no JetStream log for prefix {layout.prefix!r}: stream {name} does not exist")
     items: dict[str, Any] | None = None
     if not _not_found(info):
         if "error" in info:

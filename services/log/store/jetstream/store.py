@@ -63,6 +63,8 @@ class JetStreamStore:
         nats_seam: ``auto`` or ``public`` (see :mod:`shared.nats_seam`) for the
             store's own connection.
         nc: an already connected client to use (not closed by :meth:`close`).
+        create: create the streams of a log that does not exist yet (else
+            :meth:`open` raises ``NotFoundError``: a log to read from).
     """
 
     #: The fan-out stream sources the log streams: no outbox.
@@ -83,6 +85,7 @@ class JetStreamStore:
         max_inflight: int = 64,
         nats_seam: str = "auto",
         nc: Client | None = None,
+        create: bool = True,
     ) -> None:
         self.layout = Layout(subjects, shards)
         self.path = f"jetstream:{','.join(self.layout.log_streams)}"  # for the service's ready line
@@ -90,6 +93,7 @@ class JetStreamStore:
         self._nc = nc
         self._owns_nc = nc is None
         self._nats_seam = nats_seam
+        self._create = create
         self.replicas = replicas
         self.timeout = timeout
         self.max_cached_sessions = max_cached_sessions
@@ -132,7 +136,9 @@ class JetStreamStore:
                 self._nc = await open_client(**self._connect_options)
                 bind(self._nc, self._nats_seam)
             await require_jetstream(self._nc)  # none at all: a configuration error, not a wait
-            await ensure_streams(self._nc, self.layout, replicas=self.replicas, timeout=self.timeout)
+            await ensure_streams(
+                self._nc, self.layout, replicas=self.replicas, timeout=self.timeout, create=self._create
+            )
             gets = [DirectGet(self._nc, name, timeout=self.timeout) for name in self.layout.log_streams]
             gets.append(DirectGet(self._nc, self.layout.stream, timeout=self.timeout))
             for g in gets:
