@@ -15,7 +15,9 @@
 * a batch get's frames that nats-py parsed itself (those after another
   subscription's message, a publish ack, in one read) went through the
   subscription's task, after frames of the same batch that came later: a read
-  during appends lost or reordered envelopes (``the log stream lacks item 1``).
+  during appends lost or reordered envelopes (``the log stream lacks item 1``);
+* the sessions list took each session as ``<PREFIX>_ITEMS`` had it last, and
+  that stream stores whatever is published on ``<prefix>.items.>``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats
 import pytest
 
 from services.log.handlers import Handlers
@@ -255,4 +258,35 @@ async def test_reads_during_appends_get_every_envelope_in_order(nats_server: Nat
             stop = True
             await asyncio.gather(*writers)
     finally:
+        await store.close()
+
+
+async def test_the_sessions_list_is_the_logs_whatever_else_is_on_the_items_subjects(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # <PREFIX>_ITEMS stores anything published on <prefix>.items.> (a loose NATS
+    # configuration, a stray `nats pub`): the list showed a session the log never
+    # held and another's wrong last order, and a body that is no envelope made
+    # the whole list (convlog sessions, the console, migrate) unavailable.
+    subjects = Subjects(prefix_for(tmp_path))
+    store = JetStreamStore({"servers": [nats_server.url]}, subjects=subjects)
+    await store.open()
+    nc = await nats.connect(nats_server.url)
+    try:
+        await store.append("a", req(item("a1"), item("a2")))
+        await store.append("b", req(item("b1")))  # the shard's last item
+        real, _ = await store.sessions(after=None, limit=100)
+        assert [(i.session_id, i.last_order) for i in real] == [("a", 2), ("b", 1)]
+        js = nc.jetstream()
+        forged = {"session_id": "a", "item_order": 9, "item_id": "forged", "agent": "user", "kind": "item",
+                  "data": {"role": "user", "content": "x"}, "created_at": "2030-01-01T00:00:00.000000Z",
+                  "hash": "0" * 64}
+        await js.publish(subjects.items("a"), msgspec.json.encode(forged))
+        await js.publish(subjects.items("ghost"), msgspec.json.encode({**forged, "session_id": "ghost"}))
+        await js.publish(subjects.items("b"), b"not an envelope")
+        await js.publish(subjects.items("junk"), b"not an envelope either")
+        listed, more = await store.sessions(after=None, limit=100)
+        assert listed == real and not more
+    finally:
+        await nc.close()
         await store.close()

@@ -16,6 +16,7 @@ session is known (a page's mark, the index).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from nats.aio.msg import Msg
 
 from shared.errors import UnavailableError
 from shared.messages import SessionInfo
+from shared.subjects import SESSION_ID_PATTERN
 
 from ..base import Committed, Page
 from . import unfiltered
@@ -52,6 +54,7 @@ class _Id(msgspec.Struct):
 
 
 _first_order = msgspec.json.Decoder(_Order)
+_SESSION_ID = re.compile(SESSION_ID_PATTERN)
 _item_id = msgspec.json.Decoder(_Id)
 
 
@@ -62,6 +65,18 @@ def order_of(msg: Msg) -> int:
     if head and tail.isdigit():
         return int(tail)
     return meta_of(msg).item_order
+
+
+def _copied(msg: Msg | None, order: int) -> bool:
+    """Whether the fan-out's last message of a session shows item ``order`` copied.
+    One that is no envelope (a stray publish on the items subject) does not hold
+    the wait up: the sessions list checks every session against its log."""
+    if msg is None:
+        return False
+    try:
+        return order_of(msg) >= order
+    except UnavailableError:
+        return True
 
 
 class StreamReads:
@@ -267,25 +282,57 @@ class StreamReads:
 
     async def sessions(self, *, after: str | None, limit: int) -> tuple[list[SessionInfo], bool]:
         """From the fan-out stream (one subject per session), once it holds
-        the last item every log stream had when the call began."""
+        the last item every log stream had when the call began.
+
+        The fan-out also takes whatever anyone may publish on
+        ``<prefix>.items.<sid>`` (a loose NATS configuration): a session is
+        listed only as its log stream holds it.  Each last envelope is checked
+        against its item subject in the log (one ``multi_last`` per 256
+        sessions); one that is not there is read from the log instead, and a
+        session the log does not hold is left out."""
         await self._fan_out_caught_up()
         items = self.fan_out()
         counts = await items.subjects(self.layout.items_all)
-        sids = sorted(sid for sid in map(self.layout.session_of_items, counts) if sid > (after or ""))
+        sids = sorted(
+            sid for sid in map(self.layout.session_of_items, counts)
+            if sid > (after or "") and _SESSION_ID.match(sid)
+        )
         page, more = sids[:limit], len(sids) > limit
+        lasts = await self._multi_last(items, [self.layout.items(s) for s in page])
+        claimed: dict[int, dict[str, bytes]] = {}  # shard -> item subject -> the fan-out's envelope
+        for subject, m in lasts.items():
+            sid = self.layout.session_of_items(subject)
+            w = unfiltered.where(m.data)
+            if w is not None and w.session_id == sid:
+                claimed.setdefault(self.layout.shard_of(sid), {})[self.layout.item_subject(sid, w.item_id)] = m.data
         infos: dict[str, SessionInfo] = {}
-        for i in range(0, len(page), 256):
-            chunk = [self.layout.items(s) for s in page[i : i + 256]]
-            while chunk:  # the server stops a batch at its max_pending bytes: ask again for the rest
-                got = await items.batch({"multi_last": chunk, "batch": len(chunk)})
-                for m in got:
+        for k, wanted in claimed.items():
+            for subject, m in (await self._multi_last(self.shard(k), list(wanted))).items():
+                if m.data == wanted[subject]:
                     meta = meta_of(m)
-                    sid = self.layout.session_of_items(m.headers["Nats-Subject"])  # type: ignore[index]
+                    sid = self.layout.session_of_log(subject)
                     infos[sid] = SessionInfo(session_id=sid, last_order=meta.item_order, updated_at=meta.created_at)
+        for sid in page:
+            if sid not in infos:  # not the log's envelope (or none came): the log says
+                ix = await self.session(sid, fresh=True)
+                if ix.last_order:
+                    infos[sid] = SessionInfo(session_id=sid, last_order=ix.last_order, updated_at=ix.updated_at)
+        return [infos[s] for s in page if s in infos], more
+
+    @staticmethod
+    async def _multi_last(get: DirectGet, subjects: list[str]) -> dict[str, Msg]:
+        """The last message of each of ``subjects`` that has one, by subject."""
+        found: dict[str, Msg] = {}
+        for i in range(0, len(subjects), 256):
+            chunk = subjects[i : i + 256]
+            while chunk:  # the server stops a batch at its max_pending bytes: ask again for the rest
+                got = await get.batch({"multi_last": chunk, "batch": len(chunk)})
+                for m in got:
+                    found[m.headers["Nats-Subject"]] = m  # type: ignore[index]
                 if not got:
                     break
-                chunk = [c for c in chunk if self.layout.session_of_items(c) not in infos]
-        return [infos[s] for s in page if s in infos], more
+                chunk = [c for c in chunk if c not in found]
+        return found
 
     async def _fan_out_caught_up(self) -> None:
         """Wait (up to ``timeout``) until the fan-out holds each shard's last item.
@@ -305,7 +352,7 @@ class StreamReads:
         pause = 0.002
         while wanted:
             got = await asyncio.gather(*(self.fan_out().last(self.layout.items(sid)) for sid, _ in wanted))
-            wanted = [w for w, m in zip(wanted, got, strict=True) if m is None or order_of(m) < w[1]]
+            wanted = [w for w, m in zip(wanted, got, strict=True) if not _copied(m, w[1])]
             if not wanted:
                 return
             if time.monotonic() > deadline:

@@ -20,7 +20,7 @@ from .api import DirectGet
 from .index import SessionIndex, meta_of, seq_of
 from .layout import Layout
 
-__all__ = ["NO_BYTE_LIMIT", "fetch_forward", "probe_head", "remember"]
+__all__ = ["NO_BYTE_LIMIT", "fetch_forward", "probe_head", "remember", "where"]
 
 NO_BYTE_LIMIT = 1 << 40
 MAX_MARKS = 64
@@ -47,7 +47,8 @@ class _Where(msgspec.Struct):
 _where_of = msgspec.json.Decoder(_Where)
 
 
-def _where(data: bytes) -> _Where | None:
+def where(data: bytes) -> _Where | None:
+    """Whose envelope ``data`` is, or None when it is not one."""
     try:
         return _where_of.decode(data)
     except msgspec.DecodeError:
@@ -77,11 +78,11 @@ async def probe_head(get: DirectGet, layout: Layout, sid: str, s: SessionIndex) 
     # not stop at the byte limit (it counts subject and headers too).
     if not bodies or len(bodies) >= _PROBE or sum(len(b) + 2048 for b in bodies) >= _PROBE_BYTES:
         return False
-    first = _where(bodies[0])
+    first = where(bodies[0])
     if first is None or (first.session_id, first.item_order, first.hash) != (sid, s.last_order, s.last_hash):
         return False
     for body in reversed(bodies[1:]):
-        w = _where(body)
+        w = where(body)
         if w is None:
             return False
         if w.session_id == sid:
@@ -122,7 +123,7 @@ async def fetch_forward(
             return None
         mine = 0
         for k, body in enumerate(bodies):
-            w = _where(body)
+            w = where(body)
             if w is None:
                 return None
             if w.session_id != sid:
