@@ -287,6 +287,15 @@ async def test_the_sessions_list_is_the_logs_whatever_else_is_on_the_items_subje
         await js.publish(subjects.items("junk"), b"not an envelope either")
         listed, more = await store.sessions(after=None, limit=100)
         assert listed == real and not more
+        # A page whose sessions are all dropped is no end: a client stops at an empty one.
+        for k in range(3):
+            await js.publish(subjects.items(f"aa{k}"), msgspec.json.encode({**forged, "session_id": f"aa{k}"}))
+        first, more = await store.sessions(after=None, limit=2)
+        assert [i.session_id for i in first] == ["a", "b"]
+        first, more = await store.sessions(after=None, limit=1)
+        assert [i.session_id for i in first] == ["a"] and more
+        rest, more = await store.sessions(after="a", limit=1)
+        assert [i.session_id for i in rest] == ["b"]
     finally:
         await nc.close()
         await store.close()

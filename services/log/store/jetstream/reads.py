@@ -297,7 +297,17 @@ class StreamReads:
             sid for sid in map(self.layout.session_of_items, counts)
             if sid > (after or "") and _SESSION_ID.match(sid)
         )
-        page, more = sids[:limit], len(sids) > limit
+        out: list[SessionInfo] = []
+        start = 0
+        while start < len(sids) and len(out) < limit:  # a page of dropped sessions is no end
+            page = sids[start : start + limit - len(out)]
+            start += len(page)
+            out += await self._listed(page)
+        return out, start < len(sids)
+
+    async def _listed(self, page: list[str]) -> list[SessionInfo]:
+        """The sessions of ``page`` the log holds, as it holds them (see :meth:`sessions`)."""
+        items = self.fan_out()
         lasts = await self._multi_last(items, [self.layout.items(s) for s in page])
         claimed: dict[int, dict[str, bytes]] = {}  # shard -> item subject -> the fan-out's envelope
         for subject, m in lasts.items():
@@ -317,7 +327,7 @@ class StreamReads:
                 ix = await self.session(sid, fresh=True)
                 if ix.last_order:
                     infos[sid] = SessionInfo(session_id=sid, last_order=ix.last_order, updated_at=ix.updated_at)
-        return [infos[s] for s in page if s in infos], more
+        return [infos[s] for s in page if s in infos]
 
     @staticmethod
     async def _multi_last(get: DirectGet, subjects: list[str]) -> dict[str, Msg]:
