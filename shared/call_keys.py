@@ -66,7 +66,7 @@ class CallKeys:
         text = canonical(items)
         if self._pending:
             fp = hashlib.sha256(text).hexdigest()
-            pending = self._pending.get(fp)
+            pending = self._pending.pop(fp, None)  # one call takes it: an equal one beside it is new
             if pending is not None:
                 return Call(pending[0], text, fp, pending[1])
             return Call(new_item_id(), text, fp)

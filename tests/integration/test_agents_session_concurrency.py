@@ -179,6 +179,24 @@ async def test_concurrent_equal_add_items_are_two_writes_not_a_retry(
         await nc_client.close()
 
 
+async def test_a_pending_retry_key_is_taken_by_one_of_two_concurrent_equal_calls(
+    log_url: str, log_client: LogClient
+) -> None:
+    # While a key waits after an unknown outcome, two equal calls at once: one is the
+    # retry (a duplicate), the other a new write. Both took the key, and landed as one.
+    nc_client = await LogClient.connect(log_url)
+    session = ConvlogSession("retry_shared", client=_ReplyLost(nc_client.nc))
+    same = [{"role": "user", "content": "yes"}]
+    try:
+        with pytest.raises(UnavailableError):
+            await session.add_items(same)  # committed, but the caller cannot know
+        await asyncio.gather(session.add_items(same), session.add_items(same))
+        raw = await log_client.items("retry_shared")
+        assert [e.data["content"] for e in raw] == ["yes", "yes"]
+    finally:
+        await nc_client.close()
+
+
 async def test_cancelled_add_items_finishes_the_append_then_raises(
     new_session: Callable[..., ConvlogSession], log_client: LogClient
 ) -> None:
