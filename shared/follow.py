@@ -21,6 +21,7 @@ import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from .codec import decode
+from .errors import BadRequestError
 from .failures import LOOP_BACKOFF, is_transient
 from .messages import Envelope
 from .requester import raise_if_cancelled
@@ -66,8 +67,12 @@ async def follow(
                     if await client.last_order(session_id) > last:
                         break  # the consumer fell behind the log: refill, resubscribe
                     continue
-                env = decode(msg.data, Envelope)
-                if env.item_order <= last:
+                try:
+                    env = decode(msg.data, Envelope)
+                except BadRequestError as e:  # a stray publish on the subject (a loose NATS configuration)
+                    log.warning("follow %s: not an envelope on %s, skipped: %s", session_id, subject, e.message)
+                    continue
+                if env.session_id != session_id or env.item_order <= last:
                     continue
                 if env.item_order > last + 1:
                     async for gap in client.iter_items(session_id, after=last):

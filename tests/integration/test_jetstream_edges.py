@@ -299,3 +299,38 @@ async def test_the_sessions_list_is_the_logs_whatever_else_is_on_the_items_subje
     finally:
         await nc.close()
         await store.close()
+
+
+async def test_a_follower_skips_what_is_not_an_envelope_of_its_session(nats_server: NatsServer, tmp_path: Path) -> None:
+    # The items stream takes whatever is published on <prefix>.items.<sid> (a loose NATS
+    # configuration): a body that was no envelope ended `convlog tail`, `send`'s wait for
+    # its turn and the console's live tail (BadRequestError out of follow()).
+    from services.log.service import LogService
+    from shared.client import LogClient
+    from shared.config import load_settings
+
+    settings = load_settings({"nats_url": nats_server.url, "store": "jetstream",
+                              "prefix": prefix_for(tmp_path)}, {})
+    service = LogService(settings)
+    await service.start()
+    client = await LogClient.connect(nats_server.url, settings=settings)
+    try:
+        await client.append("fol", [AppendItem(agent="a", data={"n": 1})])
+        got: list[int] = []
+
+        async def follow() -> None:
+            async for env in client.follow("fol", after=0, idle_check=0.5):
+                got.append(env.item_order)
+                if env.item_order == 2:
+                    return
+
+        task = asyncio.create_task(follow())
+        await asyncio.sleep(0.5)  # live on the subject
+        js = client.nc.jetstream()
+        await js.publish(settings.subjects.items("fol"), b"not an envelope")
+        await client.append("fol", [AppendItem(agent="a", data={"n": 2})])
+        await asyncio.wait_for(task, 10)
+        assert got == [1, 2]
+    finally:
+        await client.close()
+        await service.shutdown()
