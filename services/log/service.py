@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.micro import add_service
@@ -45,12 +46,12 @@ from shared.routing import EntryProof, encode_checkpoint, entry_checkpoint, open
 from shared.startup import require_jetstream, wait_at_start
 from shared.subjects import Subjects
 from shared.wire import Outgoing
-from shared.work import ensure_work_stream
+from shared.work import ensure_work_stream, work_stream_name
 
 from .authorize import authorizer_from, head_signer_from
 from .endpoints import Endpoints
 from .handlers import Handlers
-from .heads import HeadWitness
+from .heads import HeadWitness, heads_bucket
 from .notices import Notifier
 from .outbox import Outbox, ensure_stream
 from .readahead import ReadAhead
@@ -282,6 +283,7 @@ class LogService(Endpoints):
         # Last: a service that cannot start (an items stream for other subjects) leaves no loop behind.
         self._reconciler = self._loops.start(self.reconciler.run, "notice reconciler")
         self.metrics.start(self, self.fanout)
+        await self._note_replicas()
         log.info(
             "log service ready: prefix=%s store=%s nats=%s",
             self.subjects.prefix,
@@ -298,6 +300,28 @@ class LogService(Endpoints):
         await self.start()
         await self._stopped.wait()
         self._loops.raise_if_failed()
+
+    async def _note_replicas(self) -> None:
+        """Say which of this prefix's streams keep another replica count than
+        ``CONVLOG_STREAM_REPLICAS``: an existing stream is not rescaled (nor its
+        durability changed behind the operator's back), so after moving to a cluster
+        with replicas 3, streams made at 1 would otherwise stay single copies, silently."""
+        assert self.nc is not None
+        js = self.nc.jetstream()
+        wanted = self.settings.stream_replicas
+        layout = getattr(self.store, "layout", None)
+        names = [self.subjects.stream_name, work_stream_name(self.subjects), f"KV_{self.subjects.routing_bucket}",
+                 f"KV_{heads_bucket(self.subjects)}", *getattr(layout, "log_streams", ())]
+        for name in names:
+            try:
+                info = await js.stream_info(name)
+            except (nats.js.errors.Error, nats.errors.Error, TimeoutError):
+                continue  # not made here (no heads without a key), or not now: nothing to say
+            have = info.config.num_replicas or 1
+            if have != wanted:
+                log.warning("stream %s has %d replica(s), CONVLOG_STREAM_REPLICAS is %d: left as it is "
+                            "(rescale it with a stream update, e.g. nats stream edit %s --replicas %d)",
+                            name, have, wanted, name, wanted)
 
     async def shutdown(self) -> None:
         """Graceful, idempotent shutdown (see module docstring)."""

@@ -175,3 +175,29 @@ async def test_a_notice_the_reconciler_failed_to_republish_is_not_acked_past(
     finally:
         await client.close()
         await service.shutdown()
+
+
+async def test_streams_kept_at_another_replica_count_are_named_at_start(
+    nats_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Made at 1 replica, then CONVLOG_STREAM_REPLICAS=3 (a move to a cluster): the
+    # existing streams stay single copies, which the service accepted silently.
+    base = {"nats_url": nats_server.url, "db": str(tmp_path / "convlog.db")}
+    first = LogService(load_settings(base, {}))
+    await first.start()
+    await first.shutdown()
+    caplog.clear()
+    again = LogService(load_settings({**base, "stream_replicas": 3}, {}))
+    await again.start()
+    try:
+        said = [r.getMessage() for r in caplog.records if "CONVLOG_STREAM_REPLICAS is 3" in r.getMessage()]
+        assert any(m.startswith("stream CONVLOG_ITEMS has 1 replica(s)") for m in said), said
+        assert any(m.startswith("stream CONVLOG_WORK has 1 replica(s)") for m in said), said
+        assert any(m.startswith("stream KV_convlog_routing has 1 replica(s)") for m in said), said
+    finally:
+        await again.shutdown()
+    caplog.clear()
+    same = LogService(load_settings(base, {}))
+    await same.start()
+    await same.shutdown()
+    assert not [r for r in caplog.records if "CONVLOG_STREAM_REPLICAS" in r.getMessage()]
