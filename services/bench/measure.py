@@ -92,7 +92,12 @@ async def closed_loop(
     async def writer(w: int) -> None:
         nonlocal errors
         i = 0
+        task = asyncio.current_task()
         while time.perf_counter() < stop_at:
+            if task is not None and task.cancelling():
+                # A cancel (SIGTERM) that an op swallowed: Python 3.11's wait_for, inside
+                # nats-py's request, returns a reply that lands with the cancel and drops it.
+                raise asyncio.CancelledError
             t0 = time.perf_counter()
             try:
                 await op(w * 1_000_000 + i)

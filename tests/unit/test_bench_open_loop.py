@@ -29,3 +29,21 @@ async def test_open_loop_counts_and_stops_operations_that_never_finish(monkeypat
     assert (run.ops, run.errors) == (5, 5)
     assert len(run.late) == 10 and len(run.latencies) == 5
     assert not running  # nothing left running into the next phase
+
+
+async def test_a_closed_loop_stops_when_cancelled_even_if_an_op_swallows_the_cancel() -> None:
+    # Python 3.11's wait_for (inside nats-py's request) returns a reply that lands with
+    # a cancel and drops the cancel: SIGTERM to `convlog bench` then ran the phase to
+    # its end (60 s in the test of it) instead of stopping the private stack at once.
+    async def op(i: int) -> None:
+        try:
+            await asyncio.sleep(0.001)
+        except asyncio.CancelledError:
+            return  # as wait_for does when its future is already done
+
+    task = asyncio.create_task(measure.closed_loop("swallowing", op, writers=2, duration=30.0))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=2.0)
+    assert done, "the closed loop ran on after its cancel"
+    assert task.cancelled()
