@@ -224,9 +224,11 @@ class SQLiteDatastore:
                             self.wal_restarts += 1
                             break
                         size = now
-                    else:
-                        if size > 2 * self.wal_restart_bytes:
-                            self.restart_wal = True  # last resort: the writer, between commits
+                        if size > 2 * self.wal_restart_bytes and not self.restart_wal:
+                            # Last resort, as soon as it is needed (after the passes, the WAL
+                            # had grown by tens of megabytes under a steady load): the writer,
+                            # between two commits.
+                            self.restart_wal = True
                 except sqlite3.Error as e:
                     if not is_transient(e):  # a disk or file error: restart the process
                         raise
