@@ -14,12 +14,10 @@ The benches are imported only when they run, so ``convlog --help`` stays light.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import signal
 import sys
 
-from services.cli.common import EXIT_OK, positive_float, positive_int
+from services.cli.common import EXIT_OK, cancelled_by_signals, positive_float, positive_int
 from services.cli.stack import nats_answers
 from shared.config import Settings
 from shared.errors import BadRequestError
@@ -105,30 +103,9 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    # SIGTERM/SIGHUP: cancel the bench so its `finally`s stop the private stack it
-    # started and remove its temporary directory (Python's default ends the process
-    # at once, leaving nats-server, the log service and workers running).
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    signals = (signal.SIGTERM, signal.SIGHUP)
-    got: list[int] = []
-
-    def stop(sig: int) -> None:
-        got.append(sig)
-        task.cancel()
-
-    for sig in signals:
-        loop.add_signal_handler(sig, stop, sig)
-    try:
-        return await _bench(args, settings)
-    except asyncio.CancelledError:
-        if not got:
-            raise  # not ours (Ctrl-C: asyncio turns it into KeyboardInterrupt, exit 130)
-        return 128 + got[0]
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+    # SIGTERM/SIGHUP: the bench's `finally`s stop the private stack it started and
+    # remove its temporary directory.
+    return await cancelled_by_signals(_bench(args, settings))
 
 
 async def _bench(args: argparse.Namespace, settings: Settings) -> int:

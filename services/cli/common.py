@@ -18,6 +18,7 @@ from shared.config import Settings, nats_servers
 from shared.errors import UnavailableError
 
 __all__ = [
+    "cancelled_by_signals",
     "EXIT_FAIL",
     "EXIT_OK",
     "EXIT_TIMEOUT",
@@ -188,6 +189,34 @@ async def connect_client(settings: Settings) -> Any:
     except nats.errors.TimeoutError:
         pass  # a busy service: the command's own deadline decides
     return client
+
+
+async def cancelled_by_signals(coro: Awaitable[int]) -> int:
+    """Run ``coro``; SIGTERM or SIGHUP cancel it, so its ``finally`` blocks stop what it
+    started (Python's default ends the process at once and leaves its children running),
+    and the exit status is then 128+N, as a shell says.  Ctrl-C stays asyncio's own
+    (KeyboardInterrupt, exit 130)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    signals = (signal.SIGTERM, signal.SIGHUP)
+    got: list[int] = []
+
+    def stop(sig: int) -> None:
+        got.append(sig)
+        task.cancel()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if not got:
+            raise  # not ours
+        return 128 + got[0]
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
 
 def install_signal_handlers(on_signal: Callable[[], Awaitable[None]]) -> set[asyncio.Task[None]]:

@@ -30,6 +30,7 @@ from shared.errors import BadRequestError, UnavailableError
 
 from .common import (
     EXIT_FAIL,
+    cancelled_by_signals,
     is_loopback,
     packaged_agents_path,
     port_number,
@@ -220,33 +221,12 @@ async def _supervise(sup: Supervisor) -> int:
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from .demo import run_demo
 
-    # SIGTERM/SIGHUP: cancel the demo so its `finally` stops the stack it started
-    # (Python's default ends the process at once and leaves supervisord running).
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    signals = (signal.SIGTERM, signal.SIGHUP)
-    got: list[int] = []
-
-    def stop(sig: int) -> None:
-        got.append(sig)
-        task.cancel()
-
-    for sig in signals:
-        loop.add_signal_handler(sig, stop, sig)
-    try:
-        return await run_demo(
-            agents_path=Path(args.agents) if args.agents else None,
-            offline=args.offline, keep=args.keep, turn_timeout=args.turn_timeout,
-            web_port=args.web_port if args.web else None, signed=args.signed,
-        )
-    except asyncio.CancelledError:
-        if not got:
-            raise  # not ours (Ctrl-C: asyncio turns it into KeyboardInterrupt, exit 130)
-        return 128 + got[0]
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+    # SIGTERM/SIGHUP: the demo's `finally` stops the stack it started.
+    return await cancelled_by_signals(run_demo(
+        agents_path=Path(args.agents) if args.agents else None,
+        offline=args.offline, keep=args.keep, turn_timeout=args.turn_timeout,
+        web_port=args.web_port if args.web else None, signed=args.signed,
+    ))
 
 
 def up_arguments(p: argparse.ArgumentParser) -> None:

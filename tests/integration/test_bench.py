@@ -19,7 +19,7 @@ from services.bench.measure import to_json
 from services.cli.main import build_parser
 from tests.support.logsvc import service_env
 from tests.support.natsd import NatsServer
-from tests.support.procs import REPO_ROOT, run_cli
+from tests.support.procs import REPO_ROOT, child_pids, pid_alive, run_cli
 
 
 async def test_bench_runs_every_phase_and_reports_it(log_url: str) -> None:
@@ -197,19 +197,6 @@ async def test_signed_bench_prints_json_with_json(tmp_path: Path) -> None:
     assert all("log service" in r["cpu_us_per_ack"] for r in doc["results"])
 
 
-def _children(pid: int) -> list[int]:
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(x) for x in text.split()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
-
-
 # SIGTERM to `convlog bench` stops the private stack it started and removes its
 # temporary directory (nats-server, the log service and the echo responder outlived it)
 def test_sigterm_to_convlog_bench_stops_its_private_stack(tmp_path: Path) -> None:
@@ -223,15 +210,15 @@ def test_sigterm_to_convlog_bench_stops_its_private_stack(tmp_path: Path) -> Non
         assert proc.stderr is not None
         while b"baseline:" not in (line := proc.stderr.readline()):
             assert line, "the bench ended before its baseline phase"
-        kids = _children(proc.pid)
+        kids = child_pids(proc.pid)
         assert len(kids) >= 3  # nats-server, the log service, the echo responder
         assert list(tmp_path.glob("convlog-bench-*"))
         os.kill(proc.pid, signal.SIGTERM)
         code = proc.wait(60)
         deadline = time.monotonic() + 10
-        while any(_alive(k) for k in kids) and time.monotonic() < deadline:
+        while any(pid_alive(k) for k in kids) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [k for k in kids if _alive(k)], "processes outlived convlog bench"
+        assert not [k for k in kids if pid_alive(k)], "processes outlived convlog bench"
         assert not list(tmp_path.glob("convlog-bench-*"))
         assert code == 128 + signal.SIGTERM
     finally:
@@ -239,5 +226,5 @@ def test_sigterm_to_convlog_bench_stops_its_private_stack(tmp_path: Path) -> Non
             proc.kill()
             proc.wait()
         for k in kids:  # what the bench left: stop it by its PID
-            if _alive(k):
+            if pid_alive(k):
                 os.kill(k, signal.SIGKILL)

@@ -50,7 +50,14 @@ from tests.support.logenv import (
     wire,
 )
 from tests.support.natsd import NatsServer
-from tests.support.procs import REPO_ROOT, python_module, run_cli, service_env
+from tests.support.procs import (
+    REPO_ROOT,
+    child_pids,
+    pid_alive,
+    python_module,
+    run_cli,
+    service_env,
+)
 
 # -- append / read -----------------------------------------------------------------
 
@@ -465,18 +472,6 @@ async def test_sigterm_drains_and_exits_zero_with_no_acked_item_lost(
 # -- SIGHUP (a terminal closed) --------------------------------------------------------
 
 
-def _children(pid: int) -> list[int]:
-    return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
-
-
 async def test_sighup_stops_convlog_log_and_its_embedded_nats_server(tmp_path: Path) -> None:
     """Python's default for SIGHUP ended `convlog log` at once: its embedded nats-server
     (a child) kept running, orphaned, and the service never drained."""
@@ -489,17 +484,17 @@ async def test_sighup_stops_convlog_log_and_its_embedded_nats_server(tmp_path: P
     with proc:
         try:
             await asyncio.to_thread(proc.wait_for_line, r"log service ready", 30)
-            kids = _children(proc.pid)
+            kids = child_pids(proc.pid)
             assert len(kids) == 1, kids  # the embedded nats-server
             os.kill(proc.pid, signal.SIGHUP)
             assert await asyncio.to_thread(proc.wait, 20) == 0, proc.output()
 
             def gone() -> None:
-                assert not [k for k in kids if _alive(k)], "the embedded nats-server outlived convlog log"
+                assert not [k for k in kids if pid_alive(k)], "the embedded nats-server outlived convlog log"
 
             await assert_eventually(gone, timeout=10)
             assert "log service stopped" in proc.output()
         finally:
             for k in kids:  # what it left behind: stop it by its PID
-                if _alive(k):
+                if pid_alive(k):
                     os.kill(k, signal.SIGKILL)

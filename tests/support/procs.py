@@ -22,7 +22,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
-__all__ = ["REPO_ROOT", "Proc", "ProcError", "offline_env", "python_module", "run_cli", "service_env", "stop_popen"]
+__all__ = [
+    "REPO_ROOT", "Proc", "ProcError", "child_pids", "offline_env", "pid_alive", "python_module", "run_cli",
+    "service_env", "stop_popen",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The checkout root: the default working directory, so ``-m services...`` imports."""
@@ -202,6 +205,20 @@ def stop_popen(popen: subprocess.Popen[bytes], timeout: float) -> int:
             popen.kill()
             popen.wait()
     return popen.returncode
+
+
+def child_pids(pid: int) -> list[int]:
+    """The PIDs of ``pid``'s children (Linux /proc)."""
+    return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
 
 
 def offline_env() -> dict[str, str]:
