@@ -27,6 +27,7 @@ from __future__ import annotations
 from .log import NO_LOG_METRICS, CommitTally, Fanout, LogMetrics, log_metrics, watch_store
 from .server import MetricsServer, close, serve
 from .worker import (
+    UNKNOWN_TOOL,
     WORKER_REGISTRY,
     delivered,
     instrument_model,
@@ -38,6 +39,7 @@ from .worker import (
 
 __all__ = [
     "NO_LOG_METRICS",
+    "UNKNOWN_TOOL",
     "WORKER_REGISTRY",
     "CommitTally",
     "Fanout",

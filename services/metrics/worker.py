@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from shared import tracing
 
 __all__ = [
+    "UNKNOWN_TOOL",
     "WORKER_REGISTRY",
     "delivered",
     "instrument_model",
@@ -22,6 +23,8 @@ __all__ = [
 ]
 
 WORKER_REGISTRY = CollectorRegistry(auto_describe=True)
+#: The ``tool`` label of a call to a name the agent has no tool of (no valid function name).
+UNKNOWN_TOOL = "(unknown)"
 _TURN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 TURNS = Counter("convlog_worker_turns", "Turn parts this worker ran, by agent and outcome "

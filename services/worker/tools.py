@@ -361,10 +361,12 @@ async def finish_calls(
     for call in pending.calls:
         if call.index in pending.done or call.index in handoffs:
             continue
+        tool = agent.tool_for(call.name)
         output = await tracing.traced("convlog.tool", None, run_tool(
-            agent.name, agent.tool_for(call.name), call.name, call.arguments, key=tool_key(session_id, call.key),
+            agent.name, tool, call.name, call.arguments, key=tool_key(session_id, call.key),
             time_limit=time_limit), tool=call.name)
-        metrics.tool_called(agent.name, call.name, output)
+        # A name the model made up is not a label value: one series per name has no bound.
+        metrics.tool_called(agent.name, call.name if tool is not None else metrics.UNKNOWN_TOOL, output)
         ack = await append([(call, output)])
         if ack is None:
             return Finished(written, None, raced=True)

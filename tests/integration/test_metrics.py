@@ -19,9 +19,15 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.metrics import WORKER_REGISTRY
+from services.worker.model import make_model_client
 from services.worker.scenario import ESCALATION_CONVERSATION, SEED_CONVERSATION
+from services.worker.spec import load_spec
+from services.worker.turn import TurnPart, TurnRunner
+from services.worker.turn_ids import turn_key
 from shared.errors import ConflictError
 from tests.support.eventually import assert_eventually
+from tests.support.fake_openai import FakeOpenAI, text, tool_call
 from tests.support.natsd import NatsServer
 from tests.support.procs import Proc
 from tests.support.workerstack import SEED_SPEC, WorkerStack, worker_stack
@@ -197,3 +203,30 @@ async def test_metrics_are_off_unless_a_port_is_set_and_a_taken_port_is_not_fata
     # The worker serves its agent anyway, and says loudly that it has no metrics.
     assert re.search(rf"ERROR .*worker L1Billing: cannot serve metrics on port {port} .*"
                      r"running without metrics", clash.output()), clash.output()
+
+
+# The tool label is the agent's tool, not whatever name the model wrote: a model that
+# makes names up (one per call) grew one series per made-up name, without bound.
+async def test_tool_calls_to_made_up_names_share_one_label(stack: WorkerStack, fake_openai: FakeOpenAI) -> None:
+    made_up = [f"lookup_order_{i}" for i in range(5)]
+    fake_openai.script([*(tool_call(name, {}) for name in made_up),
+                        tool_call("issue_refund", {"amount": 5, "reason": "double charge"}), text("done")])
+    model = make_model_client("test", fake_openai.base_url, max_retries=0)
+    runner = TurnRunner(stack.client, load_spec(SEED_SPEC).agent("L2Support"), model)
+    ack = await stack.send("made-up-tools", "refund me")
+    part = TurnPart("made-up-tools", turn_key(ack.items[0].item_id), ack.items[0].item_order)
+
+    def calls() -> dict[tuple[str, str], float]:
+        return {(s.labels["tool"], s.labels["outcome"]): s.value for f in WORKER_REGISTRY.collect()
+                for s in f.samples if s.name == "convlog_worker_tool_calls_total"
+                and s.labels["agent"] == "L2Support"}
+
+    before = calls()
+    try:
+        assert (await runner.run(part)).outcome == "replied"
+    finally:
+        await model.client.close()
+    after = calls()
+    assert not {tool for tool, _ in after} & set(made_up), after
+    assert after.get(("(unknown)", "error"), 0) - before.get(("(unknown)", "error"), 0) == 5
+    assert after.get(("issue_refund", "ok"), 0) - before.get(("issue_refund", "ok"), 0) == 1
