@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -18,11 +19,19 @@ class MetricsServer:
 
     def __init__(self, port: int, addr: str, registry: Collector) -> None:
         self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
+        # socketserver prints a failed request's traceback to stderr (a scraper that hung
+        # up mid-request): lines of plain text among the JSON ones. A log record instead.
+        self._server.handle_error = _request_failed  # type: ignore[method-assign]
         self.port: int = self._server.server_port
 
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _request_failed(request: Any, client_address: Any) -> None:
+    e = sys.exc_info()[1]
+    log.debug("metrics: a request from %s failed: %s: %s", client_address, type(e).__name__, e)
 
 
 def serve(settings: Any, registry: Collector, what: str) -> MetricsServer | None:

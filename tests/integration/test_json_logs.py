@@ -7,8 +7,12 @@ lines carry the session id, the trigger's item order, the agent and the turn.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
+import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +77,32 @@ async def test_log_service_logs_json_and_a_bad_format_is_refused(
     code, out, err = await run_cli("log", "--nats-url", nats_server.url, "--no-embedded", env=env)
     assert code == 2
     assert "CONVLOG_LOG_FORMAT='xml' is invalid: expected one of text, json" in err
+
+
+# A scraper that resets its connection before sending a whole request (a timeout, a port
+# scanner, a load balancer's probe): socketserver printed its traceback to stderr as ~14
+# lines of text, in the middle of the JSON lines.
+async def test_a_metrics_client_that_hangs_up_writes_no_text_into_json_logs(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    env = {**service_env(tmp_path / "data"), "CONVLOG_LOG_FORMAT": "json"}
+    proc = Proc([sys.executable, "-m", "services.cli.main", "log", "--nats-url", nats_server.url,
+                 "--db", str(tmp_path / "log.db"), "--no-embedded", "--metrics-port", "0"],
+                log_dir=tmp_path, env=env, name="log-json-reset")
+    with proc:
+        proc.wait_for_line(READY_LINE, timeout=20)
+        port = int(proc.wait_for_line(r"log service metrics on http://[^:]+:(\d+)/metrics", timeout=5).group(1))
+        await asyncio.to_thread(_hang_up, port, times=3)
+    assert proc.returncode == 0
+    records = json_lines(proc)
+    assert any(r["msg"].startswith("log service stopped") for r in records)
+
+
+def _hang_up(port: int, *, times: int) -> None:
+    """Start a request to ``port`` and reset the connection, ``times`` times."""
+    for _ in range(times):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /metr")
+            time.sleep(0.2)  # the server is reading the request line
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: RST
+    time.sleep(0.5)
