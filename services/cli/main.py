@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from services.logfmt import configure_logging
+from services.logfmt import JsonFormatter, configure_logging
 from shared import __version__
 from shared.config import ConfigError, Settings, load_settings
 from shared.errors import (
@@ -76,8 +77,11 @@ def command(name: str) -> Command:
     return next(c for c in COMMANDS if c.name == name)
 
 
-def _report(prog: str, e: BaseException) -> None:
-    print(f"{prog}: {e}", file=sys.stderr, flush=True)
+def _report(prog: str, e: BaseException | str, *, as_json: bool = False) -> None:
+    line = f"{prog}: {e}"
+    if as_json:  # CONVLOG_LOG_FORMAT=json: this line is one JSON object too (whatever the level)
+        line = JsonFormatter().format(logging.LogRecord("convlog", logging.ERROR, __file__, 0, line, None, None))
+    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(prog, f"configuration error: {e.message}")
         return EXIT_USAGE
     configure_logging(settings)
+    as_json = settings.log_format == "json"
     try:
         return asyncio.run(command(args.command).run(args, settings))
     except KeyboardInterrupt:
@@ -97,23 +102,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except ConfigError as e:
-        _report(prog, e.message)
+        _report(prog, e.message, as_json=as_json)
         return EXIT_USAGE
     except UnavailableError as e:
-        _report(prog, f"unavailable: {e.message}")
+        _report(prog, f"unavailable: {e.message}", as_json=as_json)
         return EXIT_UNAVAILABLE
     except USER_ERRORS as e:
-        _report(prog, f"{e.code}: {e.message}")
+        _report(prog, f"{e.code}: {e.message}", as_json=as_json)
         return EXIT_USAGE
     except ConvlogError as e:
-        _report(prog, f"{e.code}: {e.message}")
+        _report(prog, f"{e.code}: {e.message}", as_json=as_json)
         return EXIT_FAIL
     except OSError as e:  # a storage fault after start-up: name the path, no traceback
         where = f" ({e.filename})" if e.filename else ""
-        _report(prog, f"{e.strerror or e}{where}")
+        _report(prog, f"{e.strerror or e}{where}", as_json=as_json)
         return EXIT_FAIL
     except RuntimeError as e:
-        _report(prog, str(e))
+        _report(prog, str(e), as_json=as_json)
         return EXIT_FAIL
 
 

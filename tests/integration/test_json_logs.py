@@ -18,7 +18,7 @@ from typing import Any
 
 from services.worker.turn_ids import turn_key
 from tests.support.logsvc import READY_LINE, service_env
-from tests.support.natsd import NatsServer
+from tests.support.natsd import NatsServer, free_port
 from tests.support.procs import Proc
 from tests.support.workerstack import SEED_SPEC, WorkerStack, run_cli
 
@@ -96,6 +96,19 @@ async def test_a_metrics_client_that_hangs_up_writes_no_text_into_json_logs(
     assert proc.returncode == 0
     records = json_lines(proc)
     assert any(r["msg"].startswith("log service stopped") for r in records)
+
+
+# The line saying why `convlog log` gave up was printed as plain text: with JSON logs a
+# shipper could not parse the one line that mattered most.
+async def test_the_error_a_command_ends_with_is_a_json_line(tmp_path: Path) -> None:
+    env = {**service_env(tmp_path / "data"), "CONVLOG_LOG_FORMAT": "json"}
+    url = f"nats://127.0.0.1:{free_port()}"
+    code, out, err = await run_cli("log", "--nats-url", url, "--no-embedded", "--db", str(tmp_path / "log.db"),
+                                   env=env)
+    assert code == 3, err
+    (record,) = [json.loads(line) for line in err.splitlines()]
+    assert record["level"] == "ERROR"
+    assert record["msg"].startswith(f"convlog log: unavailable: no NATS server answers at {url}"), record
 
 
 def _hang_up(port: int, *, times: int) -> None:
