@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 import nkeys
 import pytest
+import rfc8785
 
 from services.cli.main import main
 from shared.chain import GENESIS_HASH, canonical, envelope_hash, item_hash, verify
@@ -154,9 +155,22 @@ def test_signed_fields_enter_the_hash_only_when_present() -> None:
     stripped = msgspec.structs.replace(e_signed, sig=None, key_id=None)
     assert envelope_hash(stripped, GENESIS_HASH) != e_signed.hash
     assert verify([stripped]) is not None
+    # ... and so does swapping only the key id, or only the signature.
+    other, _ = Signer.generate()
+    assert envelope_hash(msgspec.structs.replace(e_signed, key_id=other.key_id), GENESIS_HASH) != e_signed.hash
+    assert envelope_hash(msgspec.structs.replace(e_signed, sig="A" * 86), GENESIS_HASH) != e_signed.hash
     # A float in data takes the reference RFC 8785 path; both paths hash sig alike.
     f = sign_item(signer, "s1", AppendItem(item_id="i2", agent="Triage", data={"x": 0.1}))
     assert verify([_envelope("s1", f)]) is None
+    # Both paths give what any RFC 8785 library gives for the envelope's fields
+    # with sig and key_id (DESIGN: they are hashed like every other field).
+    for it in (signed, f):
+        env = _envelope("s1", it)
+        fields = msgspec.to_builtins(env)
+        del fields["hash"]
+        assert set(fields) >= {"sig", "key_id"}
+        fields["prev_hash"] = GENESIS_HASH
+        assert env.hash == hashlib.sha256(rfc8785.dumps(fields)).hexdigest()
 
 
 def test_keyring_rules_online_and_offline() -> None:
