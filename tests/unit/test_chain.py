@@ -182,3 +182,8 @@ def test_verify_refuses_a_foreign_session() -> None:
     envs = chain(3)
     other = chain(3, sid="t")
     assert verify([envs[0], other[1], envs[2]], session_id="s").item_order == 2
+    # A whole, intact chain of another session is no log of this one (its
+    # hashes are all right: only the session check can refuse it).
+    assert verify(other) is None
+    problem = verify(other, session_id="s")
+    assert problem is not None and problem.item_order == 1 and "'t'" in problem.reason
