@@ -342,6 +342,39 @@ async def test_follow_yields_from_a_given_order_without_gaps_or_repeats(env: Env
     assert got == await raw_log(env, "f")
 
 
+@pytest.mark.parametrize("store_kind", ["sqlite"])  # the JetStream store has no outbox to lag
+async def test_follow_takes_from_the_log_what_the_items_stream_never_delivers(env: Env) -> None:
+    # A consumer that goes quiet while the log grows (an outbox behind, a
+    # consumer stalled: nats-py #504/#510) must not stall the follower: its
+    # idle check sees the log ahead and fills the gap from the log.
+    await env.client.append("quiet", [user("one"), user("two")])
+    got: list[Envelope] = []
+
+    async def consume() -> None:
+        async for e in env.client.follow("quiet", idle_check=0.3):
+            got.append(e)
+
+    task = asyncio.create_task(consume())
+    try:
+        async def first_two() -> None:
+            assert [e.item_order for e in got] == [1, 2]
+        await assert_eventually(first_two, timeout=10)
+        assert env.service.outbox is not None
+        await env.service.outbox.stop()  # commits go on, nothing reaches convlog.items.quiet
+        for i in range(3):
+            await env.client.append("quiet", [user(f"unpublished {i}")])
+        assert (await env.nc.jetstream().stream_info(STREAM)).state.messages == 2
+
+        async def all_five() -> None:
+            assert [e.item_order for e in got] == [1, 2, 3, 4, 5]
+        await assert_eventually(all_five, timeout=10)
+        assert got == await raw_log(env, "quiet")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 # -- the CLI -------------------------------------------------------------------------
 
 
