@@ -99,7 +99,9 @@ async def test_append_read_tail_and_sessions_through_the_service(nats_server: Na
             listing = await client.sessions()
             assert [(s.session_id, s.last_order) for s in listing.sessions] == [("a", 4), ("b", 1)]
             # Followers read convlog.items.<sid>: the stream itself, every envelope once, in order.
-            await assert_eventually(lambda: [e.item_order for e in seen] == [1, 2, 3, 4], timeout=10)
+            async def all_four() -> None:
+                assert [e.item_order for e in seen] == [1, 2, 3, 4], seen
+            await assert_eventually(all_four, timeout=10)
             assert seen == raw
 
 
