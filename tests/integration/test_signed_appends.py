@@ -205,10 +205,16 @@ async def test_a_captured_request_cannot_be_replayed_elsewhere_or_edited(strict:
         # An edited item, or the signature moved to another id: refused.
         edited = [msgspec.structs.replace(signed[0], data={**signed[0].data, "content": "pay 1000"})]
         moved = [msgspec.structs.replace(signed[0], item_id="r-2")]
-        for items in (edited, moved):
+        # ... or the edited item sent without its item_id (the service would assign
+        # one, and a signature is checked against the id it was made for), or with
+        # half a signature (no key_id, or no sig): refused too, never stored unchecked.
+        no_id = [msgspec.structs.replace(edited[0], item_id=None)]
+        no_key = [msgspec.structs.replace(edited[0], key_id=None)]
+        no_sig = [msgspec.structs.replace(edited[0], sig=None)]
+        for items in (edited, moved, no_id, no_key, no_sig):
             body = msgspec.json.encode(AppendRequest(items=items))
             msg = await plain.nc.request("convlog.append.s1", body, timeout=5)
-            assert msgspec.json.decode(msg.data)["error"]["code"] == "forbidden"
+            assert msgspec.json.decode(msg.data)["error"]["code"] == "forbidden", (items, msg.data)
         assert await plain.last_order("s2") == 0
         assert [e.data["content"] for e in await plain.items("s1")] == ["pay 10"]
     finally:
