@@ -32,6 +32,15 @@ def _timed_out(last: BaseException | None, timeout: float, attempts: int) -> Ass
     return error
 
 
+def _not_false(result: T) -> T:
+    """``fn`` returned: done -- unless it returned ``False``, a condition written as an
+    expression (``lambda: x == y``), which never raises, so never waits: a misuse."""
+    if result is False:
+        raise TypeError("the condition returned False instead of failing an assert: "
+                        "state it with assert (a lambda returning False never waits)")
+    return result
+
+
 async def assert_eventually(
     fn: Callable[[], T | Awaitable[T]],
     timeout: float = 10.0,  # noqa: ASYNC109 - a retry deadline, not a cancel scope
@@ -68,7 +77,7 @@ async def assert_eventually(
                 remaining = max(deadline - time.monotonic(), 0.001)
                 async with asyncio.timeout(remaining):
                     result = await result
-            return result  # type: ignore[return-value]
+            return _not_false(result)  # type: ignore[return-value]
         except retry_on as exc:
             last = exc
         except TimeoutError as exc:
@@ -100,7 +109,7 @@ def wait_until(
     while True:
         attempts += 1
         try:
-            return fn()
+            return _not_false(fn())
         except retry_on as exc:
             last = exc
         if time.monotonic() >= deadline:

@@ -186,6 +186,15 @@ def never_sync() -> None:
     raise AssertionError("nope")
 
 
+async def test_a_condition_that_returns_false_is_refused_not_taken_as_met() -> None:
+    # `assert_eventually(lambda: seen == [1, 2])` returned at once: False never raises.
+    with pytest.raises(TypeError, match="returned False"):
+        await assert_eventually(lambda: 1 == 2, timeout=0.2)  # noqa: PLR0133
+    with pytest.raises(TypeError, match="returned False"):
+        wait_until(lambda: False, timeout=0.1)
+    assert await assert_eventually(lambda: True, timeout=0.2) is True
+
+
 # -- fake OpenAI -----------------------------------------------------------------
 
 
