@@ -442,3 +442,36 @@ def test_sessions_list_matches_the_prefix_typed_last(demo_web: Demo, log: LoopTh
     page.wait_for_timeout(500)
     sids = page.eval_on_selector_all("tr[data-sid]", "els => els.map(e => e.dataset.sid)")
     assert sids == ["bb-rev-1"], (page.input_value("#prefix"), sids)
+
+
+def _python_verdict(path: Path, sid: str) -> str | None:
+    """What ``convlog replay --file PATH --verify`` says of an export: the first problem."""
+    import io
+
+    from services.cli.replay import Replayer, envelopes_from_file
+
+    r = Replayer(io.StringIO(), quiet=True)
+    r.run_sync(envelopes_from_file(path, sid), sid)
+    return None if r.problem is None else str(r.problem)
+
+
+def _verify_file(demo_web: Demo, page: Any, path: Path, cls: str) -> str:
+    page.goto(f"{demo_web.url}/verify")
+    page.set_input_files("#file", str(path))
+    return wait_badge(page, cls)
+
+
+def test_an_item_that_cannot_be_canonicalized_is_named_where_it_is(
+        demo_web: Demo, page: Any, tmp_path: Path) -> None:
+    """A number JSON has no RFC 8785 form for (1e400) in item #10 breaks the chain at #10,
+    in the browser as in `convlog replay --verify` -- not at the first item read with it."""
+    real = page.request.get(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}/export.jsonl").body()
+    lines = real.splitlines()
+    lines[9] = lines[9].replace(b'"data":{', b'"data":{"n":1e400,', 1)
+    assert b"1e400" in lines[9]
+    f = tmp_path / "export.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    assert (_python_verdict(f, ESCALATION_SESSION_ID) or "").startswith("item_order 10: ")
+    badge = _verify_file(demo_web, page, f, "bad")
+    assert "chain broken at #10" in badge, badge
+    assert page.get_attribute(".row[data-order='9'] .vmark", "class") == "vmark ok"

@@ -122,13 +122,15 @@ export class ChainVerifier {
 
   async feed(envs) {
     if (this.problem || envs.length === 0) return;
-    let digests;
-    try {
-      const prevs = envs.map((e, i) => (i === 0 ? this.prev : envs[i - 1].hash));
-      digests = await Promise.all(envs.map((e, i) => sha256hex(hashInput(e, prevs[i]))));
-    } catch (err) {
-      digests = null;
-    }
+    // null: that envelope cannot be canonicalized (only it is bad, not its whole batch).
+    const digest = async (env, prev) => {
+      try {
+        return await sha256hex(hashInput(env, prev));
+      } catch (err) {
+        return null;
+      }
+    };
+    const digests = await Promise.all(envs.map((e, i) => digest(e, i === 0 ? this.prev : envs[i - 1].hash)));
     for (let i = 0; i < envs.length; i++) {
       const env = envs[i];
       const expected = this.verified + 1;
@@ -136,7 +138,7 @@ export class ChainVerifier {
       if (env.session_id !== this.sessionId)
         reason = `belongs to session ${JSON.stringify(env.session_id)}, not ${JSON.stringify(this.sessionId)}`;
       else if (env.item_order !== expected) reason = `expected item_order ${expected}, found ${env.item_order}`;
-      else if (!digests) reason = "cannot be canonicalized (not plain JSON)";
+      else if (digests[i] === null) reason = "cannot be canonicalized (not plain JSON)";
       else if (digests[i] !== env.hash) reason = "hash does not match the envelope and its predecessor";
       if (reason) {
         this.problem = { order: expected, reason };
