@@ -475,3 +475,17 @@ def test_an_item_that_cannot_be_canonicalized_is_named_where_it_is(
     badge = _verify_file(demo_web, page, f, "bad")
     assert "chain broken at #10" in badge, badge
     assert page.get_attribute(".row[data-order='9'] .vmark", "class") == "vmark ok"
+
+
+def test_a_file_with_a_line_that_is_not_json_breaks_at_that_item(
+        demo_web: Demo, page: Any, tmp_path: Path) -> None:
+    """On /verify, an export whose line 7 is not JSON is intact through #6 and broken at #7,
+    as `convlog replay --verify` and the session page say -- not broken at #1."""
+    real = page.request.get(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}/export.jsonl").body()
+    lines = real.splitlines()
+    f = tmp_path / "export.jsonl"
+    f.write_bytes(b"\n".join([*lines[:6], b"{oops", *lines[7:]]) + b"\n")
+    assert (_python_verdict(f, ESCALATION_SESSION_ID) or "").startswith("item_order 7: ")
+    badge = _verify_file(demo_web, page, f, "bad")
+    assert "chain broken at #7" in badge and "line 7 is not JSON" in badge, badge
+    assert page.get_attribute(".row[data-order='6'] .vmark", "class") == "vmark ok"

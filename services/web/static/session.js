@@ -310,8 +310,18 @@ function startLive() {
 
 function loadFile(file) {
   file.text().then((text) => {
+    // The lines before one that is not JSON are checked; the chain breaks after them.
     const envs = [];
-    text.split("\n").forEach((l, n) => { if (l.trim()) { try { envs.push(JSON.parse(l)); } catch { throw new Error(`line ${n + 1} is not JSON`); } } });
+    let unreadable = null;
+    for (const [n, l] of text.split("\n").entries()) {
+      if (!l.trim()) continue;
+      try {
+        envs.push(JSON.parse(l));
+      } catch {
+        unreadable = `line ${n + 1} is not JSON`;
+        break;
+      }
+    }
     const s = envs.length ? envs[0].session_id : "";
     conv = new Conversation(s);
     verifier = new ChainVerifier(s);
@@ -322,6 +332,10 @@ function loadFile(file) {
     $("title").textContent = `${file.name} · session ${s}`;
     $("message").textContent = "";
     add(envs);
+    if (unreadable !== null) {
+      $("message").textContent = `Could not read ${file.name}: ${unreadable}`;
+      fail(`${file.name} is unreadable after #${conv.lastOrder}: ${unreadable}`);
+    }
     finishLoad();
   }).catch((err) => {
     $("message").textContent = `Could not read ${file.name}: ${err.message}`;
