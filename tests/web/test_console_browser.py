@@ -489,3 +489,30 @@ def test_a_file_with_a_line_that_is_not_json_breaks_at_that_item(
     badge = _verify_file(demo_web, page, f, "bad")
     assert "chain broken at #7" in badge and "line 7 is not JSON" in badge, badge
     assert page.get_attribute(".row[data-order='6'] .vmark", "class") == "vmark ok"
+
+
+def test_an_integer_json_parse_rounds_is_refused_as_convlog_replay_refuses_it(
+        demo_web: Demo, log: LoopThread, page: Any, tmp_path: Path) -> None:
+    """An export whose float 1e20 was edited into the integer 100000000000000000001: JSON.parse
+    rounds it back to 1e20, so the hash -- and the head the reviewer holds -- still matched in
+    the browser, while `convlog replay --verify` (and the log service at input) refuse an
+    integer beyond 2^53-1 (RFC 8785 cannot hash it exactly)."""
+    sid = "rev-big-int"
+    log.run(log.client.append(sid, [said("Triage", "one"), {"agent": "Triage", "data": {
+        "type": "message", "role": "assistant", "content": "refund", "amount": 1e20}}, said("Triage", "three")]))
+    real = page.request.get(f"{demo_web.url}/sessions/{sid}/export.jsonl").body()
+    lines = real.splitlines()
+    assert b'"amount":1e20' in lines[1]
+    lines[1] = lines[1].replace(b'"amount":1e20', b'"amount":100000000000000000001')
+    f = tmp_path / "export.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    assert (_python_verdict(f, sid) or "").startswith("item_order 2: ")
+    badge = _verify_file(demo_web, page, f, "bad")
+    assert "chain broken at #2" in badge, badge
+
+    # The session page, from a server that sends the edited export, says the same.
+    page.route("**/export.jsonl", lambda route: route.fulfill(
+        status=200, content_type="application/jsonl", body=f.read_bytes()))
+    page.route("**/live?*", lambda route: route.abort())
+    page.goto(f"{demo_web.url}/sessions/{sid}")
+    assert "chain broken at #2" in wait_badge(page, "bad")

@@ -33,7 +33,32 @@ export function canonical(value) {
   }
 }
 
+// JSON.parse rounds an integer beyond +/-(2^53-1) to a nearby double without a word: an
+// edited export could then hash as the original (1e20 and 100000000000000000001 read alike).
+// RFC 8785 cannot represent such an integer exactly, so convlog refuses it, at input and in
+// `convlog replay`; parseJson marks a value that held one, and it has no hash here either.
+const inexact = new WeakSet();
+const TOKEN = /"(?:[^"\\]|\\.)*"|-?\d+(\.\d+)?([eE][+-]?\d+)?/g;
+
+export function parseJson(text) {
+  const value = JSON.parse(text);
+  if (/\d{16}/.test(text) && value !== null && typeof value === "object") {
+    for (const m of text.matchAll(TOKEN)) {
+      if (m[0][0] !== '"' && m[1] === undefined && m[2] === undefined && !Number.isSafeInteger(Number(m[0]))) {
+        inexact.add(value);
+        break;
+      }
+    }
+  }
+  return value;
+}
+
+export function checkExact(env) {
+  if (inexact.has(env)) throw new Error("an integer beyond 2^53-1, which RFC 8785 cannot represent exactly");
+}
+
 export function hashInput(env, prevHash) {
+  checkExact(env);
   const obj = {};
   for (const k of Object.keys(env)) if (k !== "hash") obj[k] = env[k];
   obj.prev_hash = prevHash;
@@ -122,12 +147,12 @@ export class ChainVerifier {
 
   async feed(envs) {
     if (this.problem || envs.length === 0) return;
-    // null: that envelope cannot be canonicalized (only it is bad, not its whole batch).
+    // An Error: that envelope cannot be canonicalized (only it is bad, not its whole batch).
     const digest = async (env, prev) => {
       try {
         return await sha256hex(hashInput(env, prev));
       } catch (err) {
-        return null;
+        return err instanceof Error ? err : new Error(String(err));
       }
     };
     const digests = await Promise.all(envs.map((e, i) => digest(e, i === 0 ? this.prev : envs[i - 1].hash)));
@@ -138,7 +163,7 @@ export class ChainVerifier {
       if (env.session_id !== this.sessionId)
         reason = `belongs to session ${JSON.stringify(env.session_id)}, not ${JSON.stringify(this.sessionId)}`;
       else if (env.item_order !== expected) reason = `expected item_order ${expected}, found ${env.item_order}`;
-      else if (digests[i] === null) reason = "cannot be canonicalized (not plain JSON)";
+      else if (digests[i] instanceof Error) reason = `cannot be canonicalized: ${digests[i].message}`;
       else if (digests[i] !== env.hash) reason = "hash does not match the envelope and its predecessor";
       if (reason) {
         this.problem = { order: expected, reason };

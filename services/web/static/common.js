@@ -1,6 +1,7 @@
 // DOM helpers.  Data only ever reaches the page through textContent and
 // setAttribute on attributes that cannot execute (never innerHTML, never href
 // built from data except our own "#<order>" and encoded paths).
+import { parseJson } from "./chain.js";
 
 export function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
@@ -61,7 +62,7 @@ export async function readJsonl(stream, onBatch) {
       line++;
       if (!p.trim()) continue;
       try {
-        batch.push(JSON.parse(p));
+        batch.push(parseJson(p));
       } catch {
         onBatch(batch); // what came before the bad line is still shown and checked
         throw new Error(`line ${line} is not JSON`);

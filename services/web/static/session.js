@@ -1,5 +1,5 @@
 // One conversation: agent lanes, a virtual list, the in-browser chain check, the live tail.
-import { ChainVerifier, engine } from "./chain.js";
+import { ChainVerifier, engine, parseJson } from "./chain.js";
 import { SignatureChecker, parseKeyring } from "./signing.js";
 import { clear, el, longTime, readJsonl, sessionPath, shortTime } from "./common.js";
 import { Conversation, describe, handoffTarget } from "./model.js";
@@ -295,7 +295,7 @@ function startLive() {
   source.onmessage = (ev) => {
     let env;
     try {
-      env = JSON.parse(ev.data);
+      env = parseJson(ev.data);
     } catch {
       fail(`a live item after #${conv.lastOrder} is not JSON`);
       return;
@@ -316,7 +316,7 @@ function loadFile(file) {
     for (const [n, l] of text.split("\n").entries()) {
       if (!l.trim()) continue;
       try {
-        envs.push(JSON.parse(l));
+        envs.push(parseJson(l));
       } catch {
         unreadable = `line ${n + 1} is not JSON`;
         break;

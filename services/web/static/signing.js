@@ -10,7 +10,7 @@
 // SHA-256(0x01 + left + right)), the path is base64url of (side byte, 32-byte
 // sibling) steps, leaf to root.  Which key may sign what comes from the
 // reviewer's keyring, never from the server.
-import { canonical } from "./chain.js";
+import { canonical, checkExact } from "./chain.js";
 
 const encoder = new TextEncoder();
 const PREFIX_BYTE_USER = 20 << 3;
@@ -19,6 +19,7 @@ const B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
 export const available = Boolean(globalThis.crypto && crypto.subtle);
 
 export function itemSigningInput(env) {
+  checkExact(env);
   return "convlog-item-v1\n" + canonical({ agent: env.agent, data: env.data, item_id: env.item_id, kind: env.kind, session_id: env.session_id });
 }
 
