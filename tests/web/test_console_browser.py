@@ -516,3 +516,27 @@ def test_an_integer_json_parse_rounds_is_refused_as_convlog_replay_refuses_it(
     page.route("**/live?*", lambda route: route.abort())
     page.goto(f"{demo_web.url}/sessions/{sid}")
     assert "chain broken at #2" in wait_badge(page, "bad")
+
+
+def test_a_lone_surrogate_is_refused_as_convlog_replay_refuses_it(
+        demo_web: Demo, page: Any, tmp_path: Path) -> None:
+    """A string holding half a surrogate pair ("\\ud800") is not Unicode text: RFC 8785 (the
+    rfc8785 package, msgspec, `convlog replay --verify`) refuses it, but JSON.stringify writes
+    it as an escape, so an export chained over that escape verified in the browser."""
+    import hashlib
+
+    import rfc8785
+
+    env = {"session_id": "rev-lone", "item_order": 1, "item_id": "i1", "agent": "Triage", "kind": "item",
+           "data": {"type": "message", "role": "assistant", "content": "LONE"},
+           "created_at": "2026-03-14T09:30:00.123456Z"}
+    # The hash as JSON.stringify's escape would have it.
+    text = rfc8785.dumps({**env, "prev_hash": "0" * 64}).replace(b"LONE", b"x\\ud800")
+    env["data"]["content"] = "x\ud800"
+    env["hash"] = hashlib.sha256(text).hexdigest()
+    f = tmp_path / "export.jsonl"
+    f.write_bytes(json.dumps(env).encode() + b"\n")
+    assert b"x\\ud800" in f.read_bytes()
+    assert (_python_verdict(f, "rev-lone") or "").startswith("item_order 1: ")
+    badge = _verify_file(demo_web, page, f, "bad")
+    assert "chain broken at #1" in badge and "cannot be canonicalized" in badge, badge

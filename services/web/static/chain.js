@@ -8,6 +8,15 @@
 
 export const GENESIS = "0".repeat(64);
 
+// Half a surrogate pair is no Unicode text: RFC 8785 (and convlog's Python) refuse it,
+// where JSON.stringify would write it as an escape.
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+
+function jsonString(s) {
+  if (LONE_SURROGATE.test(s)) throw new Error("a lone surrogate, which is not Unicode text");
+  return JSON.stringify(s);
+}
+
 export function canonical(value) {
   if (value === null) return "null";
   switch (typeof value) {
@@ -17,14 +26,14 @@ export function canonical(value) {
       if (!Number.isFinite(value)) throw new Error("non-finite number");
       return JSON.stringify(value);
     case "string":
-      return JSON.stringify(value);
+      return jsonString(value);
     case "object": {
       if (Array.isArray(value)) return "[" + value.map(canonical).join(",") + "]";
       const keys = Object.keys(value).sort(); // default sort: UTF-16 code units, as RFC 8785
       const parts = [];
       for (const k of keys) {
         if (value[k] === undefined) continue;
-        parts.push(JSON.stringify(k) + ":" + canonical(value[k]));
+        parts.push(jsonString(k) + ":" + canonical(value[k]));
       }
       return "{" + parts.join(",") + "}";
     }
