@@ -113,3 +113,30 @@ async def test_migrate_from_a_source_that_does_not_exist_is_refused_and_creates_
         assert not [s.config.name for s in await nc.jetstream().streams_info() if s.config.name.startswith("TYPO")]
     finally:
         await nc.close()
+
+
+async def test_migrate_refuses_an_envelope_with_a_field_the_hash_does_not_cover(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # A row edited to carry a field outside the envelope: `convlog replay --db --verify`
+    # calls it tampering (no verifier hashes a field it does not know), but the
+    # importer decoded leniently, so migrate copied it and said "verified".
+    import sqlite3
+
+    db = tmp_path / "log.db"
+    async with SQLiteStore(db) as src:
+        await src.append("t", AppendRequest(items=[user("one"), user("two"), user("three")]))
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE items SET envelope = replace(envelope, '\"kind\":', '\"approved_by\":\"admin\",\"kind\":') "
+                     "WHERE session_id = 't' AND item_order = 2")
+    conn.close()
+    rc, out, err = await run_cli("replay", "t", "--db", str(db), "--verify", "--quiet",
+                                 env=service_env(tmp_path / "cli"), timeout=60)
+    assert rc == 1 and "item_order 2" in out + err, out + err
+
+    back = tmp_path / "copy.db"
+    code, out = await migrate(tmp_path, nats_server.url, "--from", f"sqlite:{db}", "--to", f"sqlite:{back}")
+    assert code == 1 and "t: REFUSED" in out and "item 2" in out, out
+    async with SQLiteStore(back) as copy:
+        assert await everything(copy, "t") == []

@@ -27,7 +27,13 @@ from .ordering import Row
 
 __all__ = ["import_envelopes"]
 
-_env = msgspec.json.Decoder(Envelope)
+
+class _StrictEnvelope(Envelope, forbid_unknown_fields=True):
+    """An envelope with nothing beside its fields: a field the hash does not cover is
+    tampering (as ``convlog replay`` reads it), not something to copy along."""
+
+
+_env = msgspec.json.Decoder(_StrictEnvelope)
 
 
 def _rows(sid: str, raw: Sequence[bytes], after: int, prev_hash: str) -> list[Row]:
