@@ -39,6 +39,7 @@ __all__ = [
     "SignedHead",
     "Sig",
     "UserMessage",
+    "null_optional_field",
     "signature_shape_error",
 ]
 
@@ -73,6 +74,27 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     hash: str
     sig: str | None = None
     key_id: str | None = None
+
+
+class _Optional(msgspec.Struct):
+    sig: Any = msgspec.UNSET
+    key_id: Any = msgspec.UNSET
+
+
+_optional = msgspec.json.Decoder(_Optional)
+
+
+def null_optional_field(raw: bytes | str) -> str | None:
+    """The optional field (``sig`` or ``key_id``) an envelope's JSON sets to ``null``, or ``None``.
+
+    A decoded :class:`Envelope` cannot tell ``null`` from absent, but the hash can:
+    ``"sig": null`` is a field to RFC 8785 (and the web console), so such an
+    envelope is not one the log wrote and hashed.
+    """
+    if ("null" if isinstance(raw, str) else b"null") not in raw:
+        return None
+    o = _optional.decode(raw)
+    return "sig" if o.sig is None else "key_id" if o.key_id is None else None
 
 
 #: base64url Ed25519 signature (86 characters) and nkey public key (56).

@@ -16,7 +16,7 @@ from shared.chain import GENESIS_HASH, Problem, envelope_hash
 from shared.client import LogClient
 from shared.codec import encode_envelope_line, numbers_ok
 from shared.errors import BadRequestError, NotFoundError
-from shared.messages import Envelope
+from shared.messages import Envelope, null_optional_field
 from shared.signing import Keyring, SignedHead
 from shared.subjects import validate_session_id
 
@@ -48,6 +48,8 @@ def _decode(raw: bytes | str, fallback_order: int) -> Envelope | _Undecodable:
         return _Undecodable(fallback_order, str(e))
     if not numbers_ok(env.data):  # RFC 8785 cannot hash it: no verifier could agree
         return _Undecodable(fallback_order, "a number outside what RFC 8785 represents exactly")
+    if (env.sig is None or env.key_id is None) and (field := null_optional_field(raw)) is not None:
+        return _Undecodable(fallback_order, f"{field} is null (absent is not null to the hash)")
     return env
 
 

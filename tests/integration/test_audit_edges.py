@@ -93,6 +93,19 @@ def test_export_line_with_an_extra_field_is_not_verified(tmp_path: Path) -> None
     assert done.returncode == 1 and "item_order 2" in done.stderr, done.stderr
 
 
+def test_export_line_with_a_null_sig_or_key_id_is_not_verified(tmp_path: Path) -> None:
+    # "sig": null is a field like any other to an RFC 8785 verifier (and the web
+    # console): absent and null are two hashes, and replay took null for absent.
+    lines = _export(tmp_path)
+    for field in ("sig", "key_id"):
+        edited = [lines[0], lines[1][:-1] + b',"%s":null}' % field.encode(), *lines[2:]]
+        assert independent_verify(edited, "s") == 2
+        f = tmp_path / "t.jsonl"
+        f.write_bytes(b"\n".join(edited) + b"\n")
+        done = convlog("replay", "s", "--file", str(f), "--verify", "--quiet", tmp=tmp_path)
+        assert done.returncode == 1 and "item_order 2" in done.stderr, (field, done.stderr)
+
+
 def _rehash_line(line: bytes, prev: str, **data: object) -> bytes:
     obj = json.loads(line)
     obj["data"].update(data)

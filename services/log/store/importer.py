@@ -20,7 +20,7 @@ import msgspec
 from shared.chain import envelope_hash
 from shared.codec import numbers_ok
 from shared.errors import BadRequestError, ConflictError, UnavailableError
-from shared.messages import Envelope
+from shared.messages import Envelope, null_optional_field
 
 from .base import LogStore
 from .ordering import Row
@@ -51,6 +51,8 @@ def _rows(sid: str, raw: Sequence[bytes], after: int, prev_hash: str) -> list[Ro
             raise BadRequestError(f"{sid}: item {k} is not a convlog envelope: {exc}") from None
         if not numbers_ok(e.data):
             raise BadRequestError(f"{sid}: item {k} holds a number RFC 8785 cannot represent exactly")
+        if (e.sig is None or e.key_id is None) and (field := null_optional_field(b)) is not None:
+            raise BadRequestError(f"{sid}: item {k} has a null {field} (absent is not null to the hash)")
         if e.session_id != sid or e.item_order != k:
             raise BadRequestError(f"envelope {e.session_id}:{e.item_order} where {sid}:{k} belongs")
         if envelope_hash(e, prev) != e.hash:
