@@ -540,3 +540,20 @@ def test_a_lone_surrogate_is_refused_as_convlog_replay_refuses_it(
     assert (_python_verdict(f, "rev-lone") or "").startswith("item_order 1: ")
     badge = _verify_file(demo_web, page, f, "bad")
     assert "chain broken at #1" in badge and "cannot be canonicalized" in badge, badge
+
+
+@pytest.mark.parametrize("extra", [b'"prev_hash":"0000000000000000000000000000000000000000000000000000000000000000"',
+                                   b'"__proto__":{"approved_by":"CFO"}'])
+def test_a_field_beside_the_envelope_breaks_the_chain_as_in_convlog_replay(
+        demo_web: Demo, page: Any, tmp_path: Path, extra: bytes) -> None:
+    """A field the hash does not cover is tampering (`convlog replay --verify` refuses it),
+    but hashInput overwrote a line's own "prev_hash" with the chain's and copied a
+    "__proto__" field into the prototype, where canonical never saw it: such a line verified."""
+    real = page.request.get(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}/export.jsonl").body()
+    lines = real.splitlines()
+    lines[1] = lines[1][:-1] + b"," + extra + b"}"
+    f = tmp_path / "export.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    assert (_python_verdict(f, ESCALATION_SESSION_ID) or "").startswith("item_order 2: ")
+    badge = _verify_file(demo_web, page, f, "bad")
+    assert "chain broken at #2" in badge, badge

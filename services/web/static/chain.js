@@ -68,7 +68,9 @@ export function checkExact(env) {
 
 export function hashInput(env, prevHash) {
   checkExact(env);
-  const obj = {};
+  // An envelope's own "prev_hash" would be overwritten here, unhashed: a field beside the envelope.
+  if (Object.hasOwn(env, "prev_hash")) throw new Error('an envelope has no "prev_hash" field');
+  const obj = Object.create(null); // so a "__proto__" field is a field, not the prototype
   for (const k of Object.keys(env)) if (k !== "hash") obj[k] = env[k];
   obj.prev_hash = prevHash;
   return canonical(obj);
