@@ -477,18 +477,27 @@ def test_an_item_that_cannot_be_canonicalized_is_named_where_it_is(
     assert page.get_attribute(".row[data-order='9'] .vmark", "class") == "vmark ok"
 
 
+@pytest.mark.parametrize("bad", [b"{oops", b"null", b"[1, 2]"])
 def test_a_file_with_a_line_that_is_not_json_breaks_at_that_item(
-        demo_web: Demo, page: Any, tmp_path: Path) -> None:
-    """On /verify, an export whose line 7 is not JSON is intact through #6 and broken at #7,
-    as `convlog replay --verify` and the session page say -- not broken at #1."""
+        demo_web: Demo, page: Any, tmp_path: Path, bad: bytes) -> None:
+    """On /verify, an export whose line 7 is not a JSON object is intact through #6 and broken
+    at #7, as `convlog replay --verify` and the session page say -- not broken at #1."""
     real = page.request.get(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}/export.jsonl").body()
     lines = real.splitlines()
     f = tmp_path / "export.jsonl"
-    f.write_bytes(b"\n".join([*lines[:6], b"{oops", *lines[7:]]) + b"\n")
+    f.write_bytes(b"\n".join([*lines[:6], bad, *lines[7:]]) + b"\n")
     assert (_python_verdict(f, ESCALATION_SESSION_ID) or "").startswith("item_order 7: ")
     badge = _verify_file(demo_web, page, f, "bad")
-    assert "chain broken at #7" in badge and "line 7 is not JSON" in badge, badge
+    assert "chain broken at #7" in badge and "line 7 is not a JSON object" in badge, badge
     assert page.get_attribute(".row[data-order='6'] .vmark", "class") == "vmark ok"
+
+    # The session page, from a server that sends the same lines, says the same.
+    page.route("**/export.jsonl", lambda route: route.fulfill(
+        status=200, content_type="application/jsonl", body=f.read_bytes()))
+    page.route("**/live?*", lambda route: route.abort())
+    page.goto(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}")
+    badge = wait_badge(page, "bad")
+    assert "chain broken at #7: the export is unreadable after #6: line 7 is not a JSON object" in badge, badge
 
 
 def test_an_integer_json_parse_rounds_is_refused_as_convlog_replay_refuses_it(

@@ -49,9 +49,11 @@ export function canonical(value) {
 const inexact = new WeakSet();
 const TOKEN = /"(?:[^"\\]|\\.)*"|-?\d+(\.\d+)?([eE][+-]?\d+)?/g;
 
+// A line of an export, or a live item: a JSON object (throws on anything else).
 export function parseJson(text) {
   const value = JSON.parse(text);
-  if (/\d{16}/.test(text) && value !== null && typeof value === "object") {
+  if (value === null || typeof value !== "object" || Array.isArray(value)) throw new Error("not a JSON object");
+  if (/\d{16}/.test(text)) {
     for (const m of text.matchAll(TOKEN)) {
       if (m[0][0] !== '"' && m[1] === undefined && m[2] === undefined && !Number.isSafeInteger(Number(m[0]))) {
         inexact.add(value);

@@ -47,7 +47,7 @@ export function sessionPath(sid) {
   return "/sessions/" + encodeURIComponent(sid);
 }
 
-// Parse a JSONL stream, handing each chunk's lines to onBatch; throws at the first line that is not JSON.
+// Parse a JSONL stream, handing each chunk's lines to onBatch; throws at the first line that is not a JSON object.
 export async function readJsonl(stream, onBatch) {
   const reader = stream.getReader();
   const decoder = new TextDecoder();
@@ -65,7 +65,7 @@ export async function readJsonl(stream, onBatch) {
         batch.push(parseJson(p));
       } catch {
         onBatch(batch); // what came before the bad line is still shown and checked
-        throw new Error(`line ${line} is not JSON`);
+        throw new Error(`line ${line} is not a JSON object`);
       }
     }
     onBatch(batch);

@@ -187,7 +187,7 @@ function updateBadge() {
   }
 }
 
-// The data stopped making sense (a line that is not JSON): nothing after it can be trusted.
+// The data stopped making sense (a line that is not a JSON object): nothing after it can be trusted.
 function fail(reason) {
   verifying = verifying.then(() => { verifier.problem ??= { order: verifier.verified + 1, reason }; }).then(updateBadge);
 }
@@ -297,7 +297,7 @@ function startLive() {
     try {
       env = parseJson(ev.data);
     } catch {
-      fail(`a live item after #${conv.lastOrder} is not JSON`);
+      fail(`a live item after #${conv.lastOrder} is not a JSON object`);
       return;
     }
     if (env.item_order <= conv.lastOrder) return;
@@ -310,7 +310,7 @@ function startLive() {
 
 function loadFile(file) {
   file.text().then((text) => {
-    // The lines before one that is not JSON are checked; the chain breaks after them.
+    // The lines before one that is not a JSON object are checked; the chain breaks after them.
     const envs = [];
     let unreadable = null;
     for (const [n, l] of text.split("\n").entries()) {
@@ -318,7 +318,7 @@ function loadFile(file) {
       try {
         envs.push(parseJson(l));
       } catch {
-        unreadable = `line ${n + 1} is not JSON`;
+        unreadable = `line ${n + 1} is not a JSON object`;
         break;
       }
     }
