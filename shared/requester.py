@@ -29,6 +29,7 @@ from nats.js.api import Header
 from . import tracing
 from .errors import TooLargeError, UnavailableError, from_wire
 from .nats_seam import seam_for
+from .wire import over_max_payload
 
 __all__ = ["RETRYABLE", "RETRY_ON", "UNSENT", "Requester", "raise_if_cancelled"]
 
@@ -174,9 +175,12 @@ class Requester:
         started = time.perf_counter() if observer is not None else 0.0
         prefix = self._reply_prefix if self._reply_sub is not None else await self._subscribe_replies()
         fut: asyncio.Future[Msg | None] = asyncio.get_running_loop().create_future()
+        headers = tracing.headers()
+        if headers is not None and over_max_payload(self.nc, body, headers):
+            raise nats.errors.MaxPayloadError  # (publish would send it, and the server close the connection)
         token = self._expect(fut, wait)
         try:
-            await self.nc.publish(subject, body, reply=prefix + token, headers=tracing.headers())
+            await self.nc.publish(subject, body, reply=prefix + token, headers=headers)
             sent = time.perf_counter() if observer is not None else 0.0
             msg = await fut
         finally:

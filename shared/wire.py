@@ -23,7 +23,7 @@ from nats.aio.client import Client
 
 from .nats_seam import seam_for
 
-__all__ = ["Outgoing", "frame", "header_block", "publish_many"]
+__all__ = ["Outgoing", "frame", "header_block", "over_max_payload", "publish_many"]
 
 #: subject, reply subject ("" for none), payload, headers (a dict, or a
 #: header block already encoded by :func:`header_block`)
@@ -58,6 +58,18 @@ def _as_dict(block: bytes) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in lines if line)
 
 
+def over_max_payload(nc: Client, payload: bytes, headers: dict[str, str] | bytes) -> bool:
+    """True when ``payload`` and its ``headers`` are over the server's max payload.
+
+    nats-py's ``publish`` compares the payload alone with it, but the server
+    counts the header block too: a message over it with its headers is
+    answered with ``-ERR 'Maximum Payload Violation'``, and nats-py then
+    closes the connection for good.
+    """
+    hdr = headers if type(headers) is bytes else header_block(headers)  # type: ignore[arg-type]
+    return len(hdr) + len(payload) > nc.max_payload
+
+
 def frame(subject: str, reply: str, payload: bytes, headers: dict[str, str] | bytes | None, max_payload: int) -> bytes:
     """One PUB or HPUB frame; raises what ``publish`` raises for a bad message."""
     if not subject or _BAD_SUBJECT.search(subject) or (reply and _BAD_SUBJECT.search(reply)):
@@ -67,6 +79,8 @@ def frame(subject: str, reply: str, payload: bytes, headers: dict[str, str] | by
     if headers is None:
         return b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(payload), payload)
     hdr = headers if type(headers) is bytes else header_block(headers)  # type: ignore[arg-type]
+    if len(hdr) + len(payload) > max_payload:  # the server counts the headers too
+        raise nats.errors.MaxPayloadError
     return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
         subject.encode(), reply.encode(), len(hdr), len(hdr) + len(payload), hdr, payload,
     )
@@ -84,6 +98,8 @@ async def publish_many(nc: Client, messages: Sequence[Outgoing]) -> list[tuple[i
     if not seam.can_write(nc):
         for i, (subject, reply, payload, headers) in enumerate(messages):
             try:
+                if headers is not None and over_max_payload(nc, payload, headers):
+                    raise nats.errors.MaxPayloadError
                 if type(headers) is bytes:
                     headers = _as_dict(headers)
                 await nc.publish(subject, payload, reply=reply, headers=headers)  # type: ignore[arg-type]

@@ -21,10 +21,13 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from shared import tracing
 from shared.client import LogClient
-from shared.errors import BadRequestError, UnavailableError
-from shared.messages import AppendItem
+from shared.codec import encode
+from shared.errors import BadRequestError, TooLargeError, UnavailableError
+from shared.messages import AppendItem, AppendRequest
 from shared.nats_seam import FAST, bind, flush
+from shared.signing import Signer, sign_batch
 from tests.support.natsd import NatsServer
 
 PREFIX = "t"
@@ -301,3 +304,46 @@ async def test_append_mints_missing_ids_and_keeps_given_ones(conns: tuple[Client
     assert [it["agent"] for it in sent] == ["user", "user", "user", "a", "b"]
     # The caller's dicts are left as they were.
     assert "item_id" not in plain and given["item_id"] == "mine-1"
+
+
+@both_seams
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+async def test_a_request_over_max_payload_only_with_its_trace_headers_is_refused_not_sent(
+    conns: tuple[Client, Client], signed: bool
+) -> None:
+    """The server counts a message's headers in its max payload; nats-py's
+    ``publish`` (and ``shared.wire.frame``) compared the body alone.  With
+    tracing on, an append a few bytes under the limit went out with its
+    ``traceparent`` header, the server answered ``Maximum Payload Violation``
+    and nats-py closed the connection for good: the caller got ``unavailable``
+    and every later request on that connection failed too."""
+    sdk = pytest.importorskip("opentelemetry.sdk.trace")
+    nc, other = conns
+    responder = await Responder(other, f"{PREFIX}.append.s").start()
+    signer = Signer.generate()[0] if signed else None
+    client = LogClient(nc, prefix=PREFIX, timeout=1, deadline=5, signer=signer)
+
+    def body(pad: int) -> bytes:
+        item = AppendItem(agent="a", item_id="i" * 32, data={"x": "y" * pad})
+        items = sign_batch(signer, [("s", item)]) if signer is not None else [item]
+        return encode(AppendRequest(items=items))
+
+    pad = nc.max_payload - 10 - len(body(0))
+    assert len(body(pad)) == nc.max_payload - 10  # the body alone fits
+    provider = sdk.TracerProvider()
+    previous = tracing.use_provider(provider)
+    try:
+        with tracing.span("caller"):
+            assert tracing.headers() is not None
+            started = time.monotonic()
+            with pytest.raises(TooLargeError):
+                await client.append("s", [{"agent": "a", "item_id": "i" * 32, "data": {"x": "y" * pad}}])
+            assert time.monotonic() - started < 1.0
+            assert not nc.is_closed
+            reply = await client.append("s", [user("next")])
+    finally:
+        tracing.use_provider(previous)
+        provider.shutdown()
+    assert reply.last_order == 1
+    assert [msgspec.json.decode(m.data)["items"][0]["data"] for m in responder.requests] == [user("next")["data"]]
+    assert client._pending == {}
