@@ -24,6 +24,7 @@ from shared.config import load_settings
 from shared.errors import (
     ERROR_CODE_HEADER,
     ERROR_HEADER,
+    BadRequestError,
     ConflictError,
     InvalidSessionIdError,
     TooLargeError,
@@ -178,6 +179,19 @@ async def test_log_client_refuses_bad_session_ids_before_sending(env: Env, sid: 
         (await env.nc.request(control_subject(ServiceVerb.STATS, SERVICE_NAME), b"", timeout=5)).data
     ))
     assert [e.num_requests for e in stats.endpoints] == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+async def test_log_client_refuses_a_non_finite_number_instead_of_writing_null(env: Env, value: float) -> None:
+    """README: non-finite numbers are refused at input.  The service refuses
+    them on the wire, but LogClient's encoder (msgspec) writes NaN and Infinity
+    as ``null``: an unsigned append of ``{"score": nan}`` was committed as
+    ``{"score": null}``, silently (a signed one was refused while signing)."""
+    await env.client.append("v", [user("one")])
+    with pytest.raises(BadRequestError) as exc:
+        await env.client.append("v", [user("two"), {"agent": "a", "data": {"score": [1, value]}}])
+    assert "$.items[1].data.score[1]" in exc.value.message
+    assert [e.item_order for e in await raw_log(env, "v")] == [1]
 
 
 async def test_a_request_over_the_max_payload_is_too_large(env: Env) -> None:
