@@ -48,6 +48,27 @@ class _Append:
         self.sent = 0.0
 
 
+def _sign(signer: Signer, batch: list[_Append], size: int) -> bool:
+    """Sign the items of ``batch`` (``size`` of them) in place; False: an
+    error, set on each waiting append of the batch (none hangs)."""
+    try:
+        if size <= MAX_BATCH:
+            signed = sign_batch(signer, [(a.sid, it) for a in batch for it in a.items])
+            k = 0
+            for a in batch:
+                n = len(a.items)
+                a.items, k = signed[k : k + n], k + n
+        else:  # one append of more than MAX_BATCH items: signed in batches of its own
+            batch[0].items = signer.sign_items(batch[0].sid, batch[0].items)
+    except Exception as e:
+        err = BadRequestError(str(e)) if isinstance(e, ValueError) else e
+        for a in batch if len(batch) == 1 else ():
+            if not a.fut.done():
+                a.fut.set_exception(err)
+        return False
+    return True
+
+
 class SignedAppends:
     """The signed-append queue of one client (``client.signer`` signs)."""
 
@@ -100,22 +121,14 @@ class SignedAppends:
                 batch.append(pending[at])
                 size += len(pending[at].items)
                 at += 1
-            try:
-                if size <= MAX_BATCH:
-                    signed = sign_batch(signer, [(a.sid, it) for a in batch for it in a.items])
-                    k = 0
-                    for a in batch:
-                        n = len(a.items)
-                        a.items, k = signed[k : k + n], k + n
-                else:  # one append of more than MAX_BATCH items: signed in batches of its own
-                    batch[0].items = signer.sign_items(batch[0].sid, batch[0].items)
-            except Exception as e:  # every waiting append hears of it; none hangs
-                err = BadRequestError(str(e)) if isinstance(e, ValueError) else e
-                for a in batch:
-                    if not a.fut.done():
-                        a.fut.set_exception(err)
+            if _sign(signer, batch, size):
+                sends += batch
                 continue
-            sends += batch
+            # Some append's items cannot be signed: each alone, so that only
+            # its own caller hears of it, not the others of its turn.
+            for a in batch if len(batch) > 1 else ():
+                if _sign(signer, [a], len(a.items)):
+                    sends.append(a)
         c = self._client
         now = time.monotonic()
         for a in sends:

@@ -18,7 +18,13 @@ from shared import signed_appends
 from shared.chain import verify
 from shared.client import LogClient
 from shared.config import ConfigError, load_settings
-from shared.errors import ERROR_CODE_HEADER, ConflictError, ForbiddenError, TooLargeError
+from shared.errors import (
+    ERROR_CODE_HEADER,
+    BadRequestError,
+    ConflictError,
+    ForbiddenError,
+    TooLargeError,
+)
 from shared.messages import AppendItem, AppendRequest
 from shared.signing import Keyring, Signer, route_signing_input, sign_item
 from shared.wire import publish_many
@@ -187,6 +193,30 @@ async def test_an_append_too_large_to_send_is_refused_alone_and_the_rest_of_its_
         assert sorted(e.item_id for e in envs) == ["t-a", "t-b"]
         ring = Keyring.load(keys / "keyring.json")
         assert all(ring.check_envelope(e) is None for e in envs)  # signed in one batch with the refused one
+    finally:
+        await triage.close()
+
+
+async def test_an_append_that_cannot_be_signed_is_refused_alone_and_the_rest_of_its_turn_is_written(
+    strict: str, keys: Path
+) -> None:
+    """The appends of one loop turn are signed together; one whose item cannot
+    be signed (a lone surrogate, which has no UTF-8) failed every append of its
+    turn with its error: another writer's good append on the shared client was
+    refused bad_request and never sent."""
+    triage = await _client(strict, keys / "Triage.nk")
+    try:
+        outcomes = await asyncio.gather(
+            triage.append("spoil", [_item("Triage", "a", "s-a")]),
+            triage.append("spoil", [_item("Triage", "bad \ud800", "s-bad")]),
+            triage.append("other", [_item("Triage", "b", "s-b")]),
+            return_exceptions=True,
+        )
+        assert isinstance(outcomes[1], BadRequestError), outcomes[1]
+        assert not isinstance(outcomes[0], BaseException), outcomes[0]
+        assert not isinstance(outcomes[2], BaseException), outcomes[2]
+        assert [e.item_id for e in await triage.items("spoil")] == ["s-a"]
+        assert [e.item_id for e in await triage.items("other")] == ["s-b"]
     finally:
         await triage.close()
 
