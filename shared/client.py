@@ -131,6 +131,18 @@ def _as_items(items: Iterable[AppendItem | Mapping[str, Any]]) -> list[AppendIte
     return out
 
 
+def _encode(msg: Any) -> bytes:
+    """``encode``; text that has no UTF-8 (a lone surrogate) is refused.
+
+    Raises:
+        BadRequestError: a string holds a lone surrogate.
+    """
+    try:
+        return encode(msg)
+    except UnicodeEncodeError as e:
+        raise BadRequestError(f"invalid text: {e}") from e
+
+
 _convert = msgspec.convert
 _replace = msgspec.structs.replace
 
@@ -246,7 +258,7 @@ class LogClient(Requester):
             validate_session_id(session_id)
             sending = self._signed_appends.append(subject, session_id, req.items, expected_last)
         else:
-            sending = self._request(subject, encode(req))
+            sending = self._request(subject, _encode(req))
         return decode(await tracing.traced("convlog.append", None, sending, kind="CLIENT", session_id=session_id),
                       AppendReply)
 
@@ -256,13 +268,14 @@ class LogClient(Requester):
         """Publish a user message (with a reply: the append ack)."""
         subject = self.subjects.inbound(session_id)
         msg = UserMessage(content=content, item_id=item_id or new_item_id(), to=to)
+        body = _encode(msg)
         if self.signer is not None:  # signed as the item it becomes (shared.signing)
             validate_session_id(session_id)
             item = sign_item(self.signer, session_id, AppendItem(
                 agent="user", data={"role": "user", "content": content}, item_id=msg.item_id))
             to_sig = self.signer.sign(route_signing_input(session_id, msg.item_id, to)) if to else None
-            msg = msgspec.structs.replace(msg, sig=item.sig, key_id=item.key_id, to_sig=to_sig)
-        return decode(await tracing.traced("convlog.send", None, self._request(subject, encode(msg)),
+            body = encode(msgspec.structs.replace(msg, sig=item.sig, key_id=item.key_id, to_sig=to_sig))
+        return decode(await tracing.traced("convlog.send", None, self._request(subject, body),
                                            kind="PRODUCER", session_id=session_id), AppendReply)
 
     # -- reads -----------------------------------------------------------

@@ -286,6 +286,22 @@ async def test_bad_items_are_refused_before_anything_is_sent(conns: tuple[Client
     assert responder.requests == []
 
 
+async def test_text_with_a_lone_surrogate_is_bad_request_not_a_unicode_error(conns: tuple[Client, Client]) -> None:
+    """A lone surrogate (``json.loads`` makes one of a model's ``"\\ud83d"``)
+    has no UTF-8: append and send raised msgspec's UnicodeEncodeError, not the
+    BadRequestError they promise (a signed append was already bad_request)."""
+    nc, other = conns
+    responder = await Responder(other, f"{PREFIX}.*.s").start()
+    client = LogClient(nc, prefix=PREFIX, timeout=5, deadline=5)
+    with pytest.raises(BadRequestError, match="surrogate"):
+        await client.append("s", [user("fine"), user("half an emoji \ud83d")])
+    with pytest.raises(BadRequestError, match="surrogate"):
+        await client.send("s", "half an emoji \ud83d")
+    assert client._pending == {}
+    await flush(other)
+    assert responder.requests == []
+
+
 async def test_append_mints_missing_ids_and_keeps_given_ones(conns: tuple[Client, Client]) -> None:
     nc, other = conns
     responder = await Responder(other, f"{PREFIX}.append.s").start()
