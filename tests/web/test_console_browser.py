@@ -267,6 +267,35 @@ def test_injected_content_renders_as_inert_text(demo_web: Demo, log: LoopThread,
     screenshot(page, "injection")
 
 
+def test_data_with_a_tostring_key_is_shown_and_hides_no_later_item(
+        demo_web: Demo, log: LoopThread, page: Any) -> None:
+    """The log accepts any JSON object as data; one whose field is an object with a
+    "toString" key that is no function made String() throw while drawing its row, so
+    that row and every later row on screen stayed blank under a green badge."""
+    sid = "rev-tostring"
+    log.run(log.client.append(sid, [
+        said("Triage", "before"),
+        {"agent": "Triage", "data": {"type": {"toString": 0}}},
+        {"agent": "Triage", "data": {"type": "message", "role": {"toString": 1}, "content": "odd role"}},
+        {"agent": "Triage", "data": {"type": "message", "role": "assistant",
+                                     "content": [{"type": "output_text", "text": {"toString": 2}}]}},
+        {"agent": "Triage", "data": {"type": "function_call", "name": {"toString": None}, "call_id": "c1",
+                                     "arguments": {"toString": 3}}},
+        {"agent": "Triage", "data": {"type": "function_call_output", "call_id": "c1",
+                                     "output": '{"assistant": "L1Billing"}'}},
+        *[said("Triage", f"after {i}") for i in range(3)],
+    ]))
+    page.goto(f"{demo_web.url}/sessions/{sid}")
+    assert "chain intact through #9" in wait_badge(page, "good")
+    page.wait_for_selector(".row[data-order='9']")
+    rows = page.eval_on_selector_all(".row", "els => els.map(e => Number(e.dataset.order))")
+    assert rows == list(range(1, 10))
+    texts = page.locator(".card .text").all_text_contents()
+    assert texts[:4] == ["before", '{"type":{"toString":0}}', "odd role", '{"toString":2}']
+    assert texts[4] == '{"toString":null}({"toString":3})' and texts[-1] == "after 2"
+    assert page.eval_on_selector(".arrow", "e => e.dataset.tool") == '{"toString":null}'
+
+
 def test_retracted_and_cleared_items_are_struck_and_the_agents_view_hides_them(
         demo_web: Demo, log: LoopThread, page: Any) -> None:
     sid = "web-retract-1"

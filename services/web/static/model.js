@@ -1,11 +1,18 @@
 // One conversation as the console shows it: envelopes, lanes, tool-call pairs,
 // handoffs, what retract/clear hid, and the rows of the (virtual) list.
 
+// Any JSON value as text.  String() throws on an object with a "toString" key that is
+// no function ({"toString": 0}, which the log accepts as data): the row, and every row
+// after it on screen, would then never be drawn.
+export function str(value) {
+  return value !== null && typeof value === "object" ? JSON.stringify(value) : String(value);
+}
+
 export function contentText(content) {
   if (typeof content === "string") return content;
   if (Array.isArray(content))
     return content
-      .map((p) => (p && typeof p === "object" ? String(p.text ?? p.refusal ?? p.type ?? "") : String(p)))
+      .map((p) => (p && typeof p === "object" ? str(p.text ?? p.refusal ?? p.type ?? "") : str(p)))
       .filter(Boolean)
       .join(" ");
   return JSON.stringify(content);
@@ -32,16 +39,16 @@ export function handoffTarget(env) {
 // [kind label, one-line text] of an envelope.
 export function describe(env) {
   const d = env.data || {};
-  if (env.kind === "retract") return ["retract", `hides #${d.target}`];
+  if (env.kind === "retract") return ["retract", `hides #${str(d.target)}`];
   if (env.kind === "clear") return ["clear", "hides every earlier item"];
-  if (d.type === "function_call") return ["tool call", `${d.name}(${d.arguments ?? ""})`];
+  if (d.type === "function_call") return ["tool call", `${str(d.name)}(${str(d.arguments ?? "")})`];
   if (d.type === "function_call_output") {
     const target = handoffTarget(env);
     if (target !== null) return ["handoff", `→ ${target}`];
     return ["tool result", contentText(d.output)];
   }
-  if (d.role !== undefined) return [String(d.role), contentText(d.content)];
-  return [String(d.type ?? env.kind), JSON.stringify(d)];
+  if (d.role !== undefined) return [str(d.role), contentText(d.content)];
+  return [str(d.type ?? env.kind), JSON.stringify(d)];
 }
 
 export class Conversation {

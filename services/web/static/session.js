@@ -2,7 +2,7 @@
 import { ChainVerifier, engine, parseJson } from "./chain.js";
 import { SignatureChecker, parseKeyring } from "./signing.js";
 import { clear, el, longTime, readJsonl, sessionPath, shortTime } from "./common.js";
-import { Conversation, describe, handoffTarget } from "./model.js";
+import { Conversation, describe, handoffTarget, str } from "./model.js";
 
 let ROW_H = 68; // px; every row has the same height, so only rows on screen exist (136: tall rows)
 const OVERSCAN = 8;
@@ -86,7 +86,7 @@ function renderRow(r) {
     const callIdx = out ? row.i : conv.callOf.get(row.i);
     const call = conv.items[callIdx];
     const hidden = conv.hiddenBy.has(env.item_order);
-    const a = arrow(call.agent, target, call.data?.name ?? "handoff", lanes, env.item_order);
+    const a = arrow(call.agent, target, str(call.data?.name ?? "handoff"), lanes, env.item_order);
     if (hidden) a.classList.add("struck");
     area.append(a);
   } else {
