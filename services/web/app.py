@@ -43,6 +43,7 @@ from shared.errors import ConvlogError, InvalidSessionIdError
 from shared.messages import Envelope, SignedHead
 from shared.subjects import validate_session_id
 
+from .cli import is_loopback_host
 from .index import SessionIndex
 
 __all__ = ["WebOptions", "build_app"]
@@ -52,7 +53,6 @@ log = logging.getLogger("convlog.web")
 STATIC = Path(__file__).parent / "static"
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{0,128}\Z")
 _AFTER = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit()), and an int64
-_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
 EXPORT_PAGE = 2000  # envelopes per read while streaming an export
 FIRST_PAGE = 200  # a small first read, so a browser can draw its first screen at once
 
@@ -141,7 +141,7 @@ class _Guard:
         elif self._token is None and self.options.loopback_only:
             host = headers.get(b"host", b"").decode("latin-1")
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if name.lower() not in _LOOPBACK_HOSTS:
+            if not is_loopback_host(name.lower()):  # 127.0.0.2 too: `convlog web --host 127.0.0.2`
                 response = _error(421, "bad_host", f"this console answers only loopback host names, "
                                   f"not {host!r} (set a token to serve other names)")
         if response is not None:

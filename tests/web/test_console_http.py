@@ -48,13 +48,14 @@ class Console:
 
 
 @contextlib.asynccontextmanager
-async def console(server: NatsServer, tmp: Path, options: WebOptions) -> AsyncIterator[Console]:
+async def console(server: NatsServer, tmp: Path, options: WebOptions, host: str = "127.0.0.1",
+                  ) -> AsyncIterator[Console]:
     settings = load_settings({"nats_url": server.url, "db": str(tmp / "log.db"), "data_dir": str(tmp)},
                              environ={})
     service = LogService(settings)
     await service.start()
     client = await LogClient.connect(server.url, name="web-test")
-    sock = bind("127.0.0.1", 0)
+    sock = bind(host, 0)
     stop = asyncio.Event()
     task = asyncio.create_task(serve(client, sock, options, stop))
     try:
@@ -178,6 +179,23 @@ async def test_read_only_and_security_headers(web: Console) -> None:
     assert status == 421 and json.loads(body)["error"]["code"] == "bad_host"
     for host in ("localhost:8080", "127.0.0.1", "[::1]:8080"):
         assert (await web.get("/api/sessions", {"Host": host}))[0] == 200
+
+
+async def test_a_console_bound_to_another_loopback_address_answers_on_it(nats_server: NatsServer,
+                                                                          tmp_path: Path) -> None:
+    """`convlog web --host 127.0.0.2` (any of 127/8 is loopback: served without a token)
+    answered every request to its own URL with 421 bad_host: only 127.0.0.1, localhost
+    and ::1 counted as loopback host names."""
+    async with console(nats_server, tmp_path, WebOptions(loopback_only=True), host="127.0.0.2") as web:
+        assert web.url.startswith("http://127.0.0.2:")
+        await web.client.append("lo-2", [said("Triage", "on 127.0.0.2")])
+        status, _, body = await web.get("/sessions/lo-2/export.jsonl")  # Host: 127.0.0.2:<port>
+        assert status == 200 and b"on 127.0.0.2" in body
+        assert (await web.get("/api/sessions", {"Host": "localhost"}))[0] == 200
+        # A name, even one resolving to loopback (DNS rebinding), is still refused.
+        for host in ("attacker.example", "127.0.0.2.nip.io", "0x7f.0.0.2"):
+            status, _, body = await web.get("/api/sessions", {"Host": host})
+            assert status == 421 and json.loads(body)["error"]["code"] == "bad_host", host
 
 
 async def test_token_is_required_when_set_and_never_reaches_a_page(nats_server: NatsServer, tmp_path: Path) -> None:
