@@ -179,9 +179,14 @@ async def _signed_heads(client: LogClient, sid: str) -> list[SignedHead]:
     return [h for h in heads if h is not None]
 
 
-def build_app(client: LogClient, options: WebOptions | None = None) -> ASGIApp:
-    """The console as an ASGI app over ``client`` (which the caller owns and closes)."""
+def build_app(client: LogClient, options: WebOptions | None = None, *,
+              stopping: asyncio.Event | None = None) -> ASGIApp:
+    """The console as an ASGI app over ``client`` (which the caller owns and closes).
+
+    ``stopping``: once set, every live tail ends (so the server can stop at once).
+    """
     options = options or WebOptions()
+    stopping = stopping or asyncio.Event()
     index = SessionIndex(client)
 
     def html(name: str) -> Response:
@@ -244,7 +249,8 @@ def build_app(client: LogClient, options: WebOptions | None = None) -> ASGIApp:
         if not _AFTER.fullmatch(raw_after):
             return _error(400, "bad_request", f"after must be a non-negative integer, not {raw_after!r}")
         after = int(raw_after)
-        return StreamingResponse(_sse(client, sid, after, options.heartbeat), media_type="text/event-stream",
+        return StreamingResponse(_sse(client, sid, after, options.heartbeat, stopping),
+                                 media_type="text/event-stream",
                                  headers={"cache-control": "no-store", "x-accel-buffering": "no"})
 
     routes = [
@@ -272,8 +278,9 @@ def build_app(client: LogClient, options: WebOptions | None = None) -> ASGIApp:
     return _Guard(app, options)
 
 
-async def _sse(client: LogClient, sid: str, after: int, heartbeat: float) -> AsyncIterator[bytes]:
-    """Every envelope after ``after`` as SSE events (``id`` = item_order), forever.
+async def _sse(client: LogClient, sid: str, after: int, heartbeat: float,
+               stopping: asyncio.Event) -> AsyncIterator[bytes]:
+    """Every envelope after ``after`` as SSE events (``id`` = item_order), until ``stopping``.
 
     A comment goes out after ``heartbeat`` idle seconds, so a closed tab is
     noticed and its follower stopped.
@@ -285,21 +292,26 @@ async def _sse(client: LogClient, sid: str, after: int, heartbeat: float) -> Asy
             await queue.put(env)
 
     task = asyncio.create_task(pump(), name=f"web-live-{sid}")
+    stopped = asyncio.ensure_future(stopping.wait())
+    get: asyncio.Future[Envelope] | None = None
     try:
         yield b"retry: 1000\n: following\n\n"
-        while True:
-            try:
-                env = await asyncio.wait_for(queue.get(), heartbeat)
-            except TimeoutError:
-                if task.done():
+        while not stopped.done():
+            get = asyncio.ensure_future(queue.get())
+            await asyncio.wait((get, stopped), timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():  # the server is stopping, or the tail is idle
+                get.cancel()
+                if stopped.done() or task.done():
                     return
                 yield b": idle\n\n"
                 continue
-            batch = [env]
+            batch = [get.result()]
             while not queue.empty() and len(batch) < 500:
                 batch.append(queue.get_nowait())
             yield b"".join(b"id: %d\ndata: %s\n\n" % (e.item_order, encode_envelope_line(e)) for e in batch)
     finally:
-        task.cancel()
+        for t in (stopped, get, task):
+            if t is not None:
+                t.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task

@@ -92,7 +92,8 @@ async def serve(client: LogClient, sock: socket.socket, options: WebOptions, sto
         def capture_signals(self) -> Any:
             yield
 
-    config = uvicorn.Config(build_app(client, options), log_level="warning", access_log=False,
+    # ``stop`` also ends the live tails: uvicorn would wait for them, then cancel them.
+    config = uvicorn.Config(build_app(client, options, stopping=stop), log_level="warning", access_log=False,
                             lifespan="off", ssl_certfile=certfile, ssl_keyfile=keyfile,
                             timeout_graceful_shutdown=2)
     server = _Server(config)

@@ -270,6 +270,42 @@ async def test_cli_serves_the_console_and_stops_on_sigterm(web: Console, nats_se
         assert await asyncio.to_thread(proc.terminate, 10) == 0
 
 
+async def test_cli_stops_cleanly_with_a_live_tail_open(web: Console, nats_server: NatsServer,
+                                                      tmp_path: Path) -> None:
+    """Every session page keeps a live tail open.  SIGTERM (or Ctrl-C) then waited out
+    uvicorn's graceful timeout and cancelled the tail: 'ERROR: Cancel 1 running task(s)'
+    and 'ERROR: Exception in ASGI application' with a CancelledError traceback."""
+    import socket
+    import time
+
+    from tests.support.procs import Proc
+
+    await web.client.append("cli-2", [said("Triage", "followed")])
+    proc = Proc([sys.executable, "-m", "services.cli.main", "web", "--port", "0",
+                 "--nats-url", nats_server.url, "--no-embedded"], log_dir=tmp_path, name="convlog-web")
+    with proc:
+        m = await asyncio.to_thread(proc.wait_for_line, r"console at http://127\.0\.0\.1:(\d+)/", 20)
+
+        def open_tail() -> socket.socket:
+            s = socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=10)
+            s.sendall(b"GET /sessions/cli-2/live?after=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            got = b""
+            while b"followed" not in got:
+                got += s.recv(65536)
+            return s
+
+        tail = await asyncio.to_thread(open_tail)
+        try:
+            t0 = time.monotonic()
+            assert await asyncio.to_thread(proc.terminate, 10) == 0
+            took = time.monotonic() - t0
+        finally:
+            tail.close()
+        out = proc.output()
+        assert "Traceback" not in out and "ERROR" not in out, out[-3000:]
+        assert took < 1.5, took
+
+
 async def test_agents_of_a_long_session_are_scanned_in_bounded_steps(web: Console) -> None:
     from services.web.index import SessionIndex
 
