@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ from shared.config import Settings, nats_servers
 from shared.errors import UnavailableError
 
 __all__ = [
+    "is_loopback_host",
     "cancelled_by_signals",
     "EXIT_FAIL",
     "EXIT_OK",
@@ -120,6 +122,16 @@ def connection_arguments(p: argparse.ArgumentParser) -> None:
 def packaged_agents_path() -> Path:
     """The agents spec shipped in the package (the seed's support system)."""
     return Path(str(resources.files("services.cli").joinpath("data/agents.toml")))
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback IP literal (any of 127/8, ``::1``, bracketed or not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def is_loopback(url: str) -> bool:

@@ -37,13 +37,13 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.cli.audit import encode_head_line
+from services.cli.common import is_loopback_host
 from shared.client import LogClient
 from shared.codec import encode_envelope_line
 from shared.errors import ConvlogError, InvalidSessionIdError
 from shared.messages import Envelope, SignedHead
 from shared.subjects import validate_session_id
 
-from .cli import is_loopback_host
 from .index import SessionIndex
 
 __all__ = ["WebOptions", "build_app"]

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import signal
 import socket
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from services.cli.common import port_number
+from services.cli.common import is_loopback_host, port_number
 from shared.config import Settings
 
 if TYPE_CHECKING:  # the web stack loads only when the console runs, not for every command
@@ -26,18 +25,9 @@ if TYPE_CHECKING:  # the web stack loads only when the console runs, not for eve
 
     from .app import WebOptions
 
-__all__ = ["WEB_DESCRIPTION", "is_loopback_host", "run", "serve", "web_arguments"]
+__all__ = ["WEB_DESCRIPTION", "run", "serve", "web_arguments"]
 
 EXIT_OK, EXIT_USAGE = 0, 2
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 WEB_DESCRIPTION = (
