@@ -25,6 +25,8 @@ from shared.errors import BadRequestError, ConvlogError, NotFoundError
 from shared.messages import Envelope
 from shared.subjects import validate_session_id
 
+from .storage import check_service_db
+
 __all__ = ["cmd_migrate", "migrate_arguments"]
 
 _PAGE = 5_000
@@ -33,13 +35,17 @@ _BIG = 1 << 40
 
 def _store(spec: str, settings: Settings, *, source: bool = False) -> LogStore:
     """``sqlite:PATH`` or ``jetstream`` (the settings' NATS URL and prefix); a
-    ``source`` must exist (opening it would create an empty one to copy)."""
+    ``source`` must exist (opening it would create an empty one to copy).  A
+    ``sqlite:PATH`` passes the log service's checks (:func:`check_service_db`):
+    an SQLite file that is not convlog's never gets convlog's tables, and a
+    mistyped directory is not created."""
     kind, _, path = spec.partition(":")
     if kind == "sqlite" and path:
         from services.log.store.sqlite import SQLiteStore
 
         if source and not Path(path).expanduser().exists():
             raise NotFoundError(f"there is no SQLite log at {path}")
+        check_service_db(Path(path).expanduser(), name="--from" if source else "--to")
         return SQLiteStore(Path(path).expanduser())
     if kind == "jetstream" and not path:
         from services.log.store.jetstream import JetStreamStore

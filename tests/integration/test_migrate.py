@@ -140,3 +140,47 @@ async def test_migrate_refuses_an_envelope_with_a_field_the_hash_does_not_cover(
     assert code == 1 and "t: REFUSED" in out and "item 2" in out, out
     async with SQLiteStore(back) as copy:
         assert await everything(copy, "t") == []
+
+
+async def test_migrate_leaves_a_foreign_sqlite_file_and_a_missing_directory_alone(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # `convlog log` refuses a --db that is not convlog's, and one whose directory does not
+    # exist; migrate opened any sqlite:PATH as a store: it gave an unrelated SQLite file
+    # convlog's tables (as the source: "0 of 0 sessions verified", exit 0; as the
+    # destination: the log copied into it), created a mistyped destination's directories,
+    # and called a file that is not SQLite at all "unavailable" (exit 3).
+    import sqlite3
+
+    db = tmp_path / "log.db"
+    async with SQLiteStore(db) as src:
+        await src.append("a", AppendRequest(items=[user("a0")]))
+    other = tmp_path / "app.db"
+    conn = sqlite3.connect(other)
+    with conn:
+        conn.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY)")
+    conn.close()
+
+    def tables() -> set[str]:
+        c = sqlite3.connect(other)
+        try:
+            return {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            c.close()
+
+    code, out = await migrate(tmp_path, nats_server.url, "--from", f"sqlite:{other}", "--to", f"sqlite:{db}")
+    assert code == 2 and "not a convlog log" in out, out
+    code, out = await migrate(tmp_path, nats_server.url, "--from", f"sqlite:{db}", "--to", f"sqlite:{other}")
+    assert code == 2 and "not a convlog log" in out, out
+    assert tables() == {"accounts"}
+
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    code, out = await migrate(tmp_path, nats_server.url, "--from", f"sqlite:{db}", "--to", f"sqlite:{text}")
+    assert code == 2 and "not an SQLite database" in out, out
+    assert text.read_text() == "hello\n"
+
+    typo = tmp_path / "no-such-dir" / "copy.db"
+    code, out = await migrate(tmp_path, nats_server.url, "--from", f"sqlite:{db}", "--to", f"sqlite:{typo}")
+    assert code == 2 and "does not exist" in out, out
+    assert not typo.parent.exists()
