@@ -223,7 +223,8 @@ async def run_demo(*, agents_path: Path | None = None, offline: bool = False, ke
 
     t0 = time.monotonic()
     out = _Out(stream, t0)
-    agents_path = agents_path or packaged_agents_path()
+    # Absolute: the stack's programs run in code_root(), where a relative path names nothing.
+    agents_path = (agents_path or packaged_agents_path()).resolve()
     try:
         spec = load_spec(agents_path)
     except SpecError as e:

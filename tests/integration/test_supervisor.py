@@ -288,6 +288,20 @@ def test_convlog_demo_runs_as_ci_runs_it(tmp_path: Path) -> None:
     assert elapsed < 60, f"convlog demo took {elapsed:.1f}s"
 
 
+def test_demo_takes_an_agents_file_relative_to_the_current_directory(tmp_path: Path) -> None:
+    # The demo wrote the --agents path as given into the supervisord config, whose programs
+    # run in the code's directory: every worker exited 'cannot read spec file' until
+    # supervisord gave up, and the demo failed after 30 s ("worker Greeter not ready").
+    shutil.copy(DEPLOY / "greeter.toml", tmp_path / "greeter.toml")
+    env = stack_env(PYTHONPATH=str(REPO_ROOT))  # this checkout, from another directory
+    res = subprocess.run([sys.executable, "-m", "services.cli.main", "demo", "--agents", "greeter.toml"],
+                         capture_output=True, text=True, timeout=180, check=False, cwd=tmp_path, env=env)
+    out = res.stdout
+    assert res.returncode == 0, out + res.stderr
+    assert "[Greeter -> Helper]" in out and "\nHelper: " in out
+    assert "convlog demo passed" in out
+
+
 def test_demo_constants_match_the_worker() -> None:
     from services.worker.intake import consumer_name as worker_consumer_name
     from services.worker.rules_model import RULES_MODEL_NAME
