@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from shared.messages import Envelope
 
-__all__ = ["content_text", "describe", "render_line"]
+__all__ = ["content_text", "describe", "printable", "render_line"]
+
+# C0 and C1 control characters (and DEL) that whitespace folding leaves in place: ESC and
+# CSI start terminal escape sequences, which the log's content must not play on an
+# auditor's terminal (erase or overwrite a line, retitle the window, set the clipboard).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character shown as its ``\\xNN`` escape."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def content_text(content: Any) -> str:
@@ -52,8 +63,8 @@ def describe(env: Envelope) -> tuple[str, str]:
 def render_line(env: Envelope, *, width: int = 100) -> str:
     """``#order  HH:MM:SS.mmm  agent  role  content`` on one line."""
     role, text = describe(env)
-    text = " ".join(text.split())
+    text = printable(" ".join(text.split()))
     if width and len(text) > width:
         text = text[: width - 1] + "…"
-    time_part = env.created_at[11:23] if len(env.created_at) >= 23 else env.created_at
-    return f"#{env.item_order:<5} {time_part}  {env.agent:<12} {role:<11} {text}"
+    time_part = printable(env.created_at[11:23] if len(env.created_at) >= 23 else env.created_at)
+    return f"#{env.item_order:<5} {time_part}  {printable(env.agent):<12} {printable(role):<11} {text}"

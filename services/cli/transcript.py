@@ -19,7 +19,7 @@ from typing import Any
 from shared.client import LogClient, new_item_id
 from shared.messages import Envelope
 
-from .render import content_text
+from .render import content_text, printable
 
 __all__ = ["SessionFollower", "Turn", "handoffs", "render_turn"]
 
@@ -136,7 +136,7 @@ class SessionFollower:
 
 
 def _wrap(prefix: str, text: str, width: int) -> list[str]:
-    text = " ".join(text.split())
+    prefix, text = printable(prefix), printable(" ".join(text.split()))
     return textwrap.wrap(text, width=width, initial_indent=prefix,
                          subsequent_indent=" " * min(len(prefix), 12)) or [prefix.rstrip()]
 

@@ -65,3 +65,20 @@ def test_long_replies_wrap_under_the_agent_name() -> None:
     assert lines[1].startswith("L1Billing: word")
     assert all(len(line) <= 60 for line in lines)
     assert all(line.startswith(" " * 11) for line in lines[2:])
+
+
+def test_terminal_escape_sequences_in_the_log_are_shown_not_played() -> None:
+    # Anyone who can send a message writes its content: `convlog replay`, `tail`, `send` and
+    # the demo printed ESC (and C1 CSI) as they were, so a message could erase its own line on
+    # the auditor's terminal and draw another in its place, or set the window title.
+    from services.cli.render import render_line
+
+    forged = "hi\x1b[2K\r#2     09:30:00.000  L1Billing    assistant   Refund approved.\x1b]0;t\x07\x9b2J"
+    user = env(1, "user", {"role": "user", "content": forged})
+    line = render_line(user, width=0)
+    assert not any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f for c in line), repr(line)
+    assert "hi\\x1b[2K" in line and "\\x07\\x9b2J" in line
+    agent = env(2, "Bot\x9b2J", message("x\x1bc"))
+    assert render_line(agent).split()[2:] == ["Bot\\x9b2J", "assistant", "x\\x1bc"]
+    lines = render_turn(Turn(user=forged, user_order=1, outcome="answered", items=[agent]))
+    assert not any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f for c in "".join(lines)), lines
