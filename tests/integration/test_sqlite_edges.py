@@ -5,6 +5,10 @@ a bug once (found in a review):
   request of a session it wrote to: their outcomes were decided on rows never
   written (a retry told "duplicate" of an item then lost, a conflict naming a
   head the session never reached);
+* a request with ``expected_last`` queued behind another request of its session in
+  one group commit is answered by its ids (a known id a duplicate, a partial retry
+  refused), as when it commits alone: it was a ``conflict`` (its ids were never
+  looked up, the head having matched before the batch);
 * a second retract of an item does not make it visible again to a read as of an
   order between the two retracts;
 * a second store opened through a symlink takes the same one-writer lock;
@@ -34,7 +38,7 @@ from services.log.handlers import Handlers
 from services.log.service import LogService
 from services.log.store.sqlite import SQLiteStore
 from shared.config import load_settings
-from shared.errors import ConflictError, ConvlogError, UnavailableError
+from shared.errors import BadRequestError, ConflictError, ConvlogError, UnavailableError
 from shared.messages import AppendReply
 from shared.signing import Signer
 from shared.subjects import Subjects
@@ -86,6 +90,42 @@ async def test_a_conflict_in_a_failed_batch_names_the_true_last_order(tmp_db: Pa
     assert len(page.items) == 1
     # expected_last=1 was right (the session is at 1); it lost only to a write that never happened
     assert not isinstance(outs[1], ConflictError), f"conflict against an unwritten head: {outs[1]!r}"
+
+
+# -- sqlite expected_last behind within a batch: A request that finds its session moved on by an earlier
+# request of the same group commit must be answered by its ids, as when it commits alone.
+@pytest.mark.parametrize("batched", [False, True], ids=["alone", "after-another-in-one-batch"])
+async def test_a_known_id_behind_another_request_of_the_same_batch_is_answered_by_ids(
+    tmp_db: Path, batched: bool
+) -> None:
+    store = SQLiteStore(tmp_db)
+    await store.open()
+    try:
+        first = await store.append("s", req(item("a", item_id="a")))  # a at 1: the session is at 1
+        outs: list[AppendReply | ConvlogError] = []
+        if not batched:
+            outs.append(await store.append("s", req(item("b", item_id="b"), expected_last=1)))
+        commits = store.commits
+        requests = [req(item("a", item_id="a"), expected_last=1), req(item("a", item_id="a"), item("z"), expected_last=1)]
+        if batched:
+            requests.insert(0, req(item("b", item_id="b"), expected_last=1))
+        for r in requests:  # queued together: one group commit
+            store.submit("s", r, outs.append)
+        for _ in range(200):
+            if len(outs) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert store.commits == commits + batched  # only b is written, and in one transaction
+        moved, known, partial = outs
+        assert isinstance(moved, AppendReply) and moved.last_order == 2
+        # All ids present: a duplicate with the original order and hash (not a conflict).
+        assert isinstance(known, AppendReply), f"known id answered {known!r}"
+        assert [(i.item_order, i.hash, i.duplicate) for i in known.items] == [(1, first.items[0].hash, True)]
+        # Some present: a partial retry, refused as such (not a conflict).
+        assert type(partial) is BadRequestError, f"partial retry answered {partial!r}"
+        assert (await store.last_order("s")) == 2
+    finally:
+        await store.close()
 
 
 # -- sqlite double retract: A second retract of an already retracted item must not un-hide it from a read as of

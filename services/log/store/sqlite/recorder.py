@@ -237,9 +237,15 @@ class SQLiteStore(SQLiteReads):
         self._load_states(sids)
         wanted: dict[str, set[str]] = {}
         targets: dict[str, set[int]] = {}
+        seen: set[str] = set()
         for p in batch:
             st = self._states[p.session_id]
-            behind = p.request.expected_last is not None and p.request.expected_last != st.last_order
+            # After another request of its session in this batch, the session may have
+            # moved past expected_last by the time the request is decided: look up too.
+            behind = p.request.expected_last is not None and (
+                p.request.expected_last != st.last_order or p.session_id in seen
+            )
+            seen.add(p.session_id)
             for it in p.request.items:
                 if st.last_order and it.item_id is not None and (careful or behind):
                     wanted.setdefault(p.session_id, set()).add(it.item_id)
