@@ -207,8 +207,9 @@ class Outbox:
             if info.state.last_seq:
                 # The stream was purged or aged out: we cannot tell what it held,
                 # so treat everything committed so far as published.
-                tail = await self._store.committed_after(self._published, 1 << 30)
-                self._published = tail[-1].position if tail else self._published
+                # Paged: the whole log need not be in memory to find its end.
+                while tail := await self._store.committed_after(self._published, 10_000):
+                    self._published = tail[-1].position
                 log.warning("items stream %s is empty after seq %d; publishing new commits only",
                             name, info.state.last_seq)
             else:

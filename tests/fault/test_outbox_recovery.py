@@ -299,3 +299,35 @@ async def test_outbox_resyncs_on_reconnect_not_after_its_ack_timeout(
 
 def _ack_pending(outbox: Outbox) -> None:
     assert outbox._acks, "the outbox has no publish window waiting for its ack yet"
+
+
+async def test_after_a_purged_items_stream_only_new_commits_are_published(
+    nats_server: NatsServer, tmp_db: Path
+) -> None:
+    """The stream emptied (purged, aged out): the outbox cannot tell what it held, so it
+    takes everything committed as published and goes on with new commits.  It finds
+    the log's end page by page (it read the whole log into memory at once)."""
+    sid = "purged"
+
+    class PagingStore(SQLiteStore):
+        limits: list[int] = []
+
+        async def committed_after(self, position: int, limit: int) -> list:  # type: ignore[type-arg]
+            self.limits.append(limit)
+            return await super().committed_after(position, limit)
+
+    store = PagingStore(tmp_db)
+    async with outbox_over(store, nats_server.url) as (nc, outbox):
+        await store.append(sid, AppendRequest(items=[_item(f"m{i}") for i in range(5)]))
+        js = nc.jetstream()
+        await js.publish("convlog.items.other", b"{}")  # the stream held something once
+        await js.purge_stream("CONVLOG_ITEMS")
+        await outbox.start()
+        await store.append(sid, AppendRequest(items=[_item("new")]))
+
+        async def published() -> None:
+            msgs = await read_stream(nc)
+            assert [m for _, m, _ in msgs] == [f"{sid}:6"]
+
+        await assert_eventually(published, timeout=5)
+        assert store.limits and max(store.limits) <= 10_000
