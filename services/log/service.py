@@ -206,6 +206,9 @@ class LogService(Endpoints):
             assert self.notifier is not None
             self.notifier.note_active(sid, agent)
             value = encode_checkpoint(entry_checkpoint(agent, proof))
+            # Unknown until written: a first message committed meanwhile (one without
+            # `to`) must not tell its worker the bucket holds nothing.
+            self.notifier.note_entry(sid, None)
             try:
                 await kv.create(sid, value)
             except nats.js.errors.KeyWrongLastSequenceError:  # an earlier one stands: workers read it

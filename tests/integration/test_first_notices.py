@@ -8,6 +8,7 @@ sessions) and real ``convlog worker`` processes on the fake model.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import nats
@@ -125,3 +126,43 @@ async def test_a_handoff_notice_leaves_ahead_of_the_commits_reply_and_items(
         assert seen[0] == "notice", seen  # the next agent's notice, before Triage's ack and the items
     finally:
         await spy.close()
+
+
+async def test_a_first_message_committed_while_a_to_is_being_written_carries_no_entry(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    # Two first messages at once: one names L1Billing (its entry is being written to the
+    # bucket, before its append), the other names nobody and is committed at #1 meanwhile.
+    # The bucket will say L1Billing; the notice of #1 must not claim it holds nothing.
+    watch = Watch(stack)
+    await watch.start()
+    assert stack.service.notifier is not None
+    kv = stack.service.notifier.kv
+    real_create = kv.create
+    writing, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_create(key: str, value: bytes, *args: Any, **kwargs: Any) -> Any:
+        writing.set()
+        await release.wait()  # the request still on its way
+        return await real_create(key, value, *args, **kwargs)
+
+    kv.create = slow_create
+    try:
+        with_to = asyncio.create_task(stack.send("first-race", "bill me", to="L1Billing"))
+        await asyncio.wait_for(writing.wait(), 5)
+        assert (await stack.send("first-race", "hello")).last_order == 1
+
+        def first_notice() -> list[str | None]:
+            entries = watch.entries("first-race", 1)
+            assert entries, "no notice of #1 yet"
+            return entries
+
+        entries = await assert_eventually(first_notice, timeout=5)
+        release.set()
+        await with_to
+    finally:
+        release.set()
+        kv.create = real_create
+    stored = await kv.get("first-race")
+    assert b"L1Billing" in stored.value  # the entry the workers read
+    assert entries == [None]  # not known when #1 was announced: the worker reads the bucket
