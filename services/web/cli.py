@@ -117,6 +117,15 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     if bool(args.certfile) != bool(args.keyfile):
         print("convlog web: --certfile and --keyfile go together", file=sys.stderr)
         return EXIT_USAGE
+    if args.certfile:  # now, not once the console is announced (uvicorn loads them as it starts)
+        import ssl
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(args.certfile, args.keyfile)
+        except OSError as e:  # ssl.SSLError too
+            print(f"convlog web: --certfile {args.certfile} / --keyfile {args.keyfile}: cannot load the "
+                  f"certificate and key: {e.strerror or e}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         sock = bind(args.host, args.port)
     except OSError as e:

@@ -241,6 +241,20 @@ async def test_cli_refuses_to_serve_beyond_loopback_without_a_token() -> None:
     assert code == 2 and "--certfile and --keyfile go together" in out
 
 
+async def test_cli_refuses_a_certificate_it_cannot_load_before_serving(web: Console, nats_server: NatsServer,
+                                                                         tmp_path: Path) -> None:
+    """A missing or malformed --certfile/--keyfile was found only once the console had
+    announced its https URL: 'No such file or directory' (no path) or '[SSL] PEM lib', exit 1."""
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    for cert in (tmp_path / "missing.pem", junk):
+        code, out = await _cli("--certfile", str(cert), "--keyfile", str(cert), "--port", "0",
+                               "--nats-url", nats_server.url, "--no-embedded")
+        assert code == 2, out
+        assert f"--certfile {cert} / --keyfile {cert}: cannot load the certificate and key" in out
+        assert "console at" not in out and "Traceback" not in out
+
+
 @pytest.mark.parametrize("port", ["70000", "-1"])
 async def test_cli_refuses_a_port_out_of_range_in_one_line(port: str) -> None:
     code, out = await _cli("--port", port, "--no-embedded")  # socket.bind raised OverflowError
