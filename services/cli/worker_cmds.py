@@ -98,14 +98,26 @@ async def wait_for_jetstream(settings: Settings, within: float, *, agent: str = 
                     settings.nats_url, time.monotonic() - started)
 
 
+#: Most seconds of ``--ack-wait``: JetStream keeps it as a Go duration (int64 nanoseconds,
+#: about 292 years at most) and refused a longer one only once the worker started.
+ACK_WAIT_MAX = 86_400.0
+
+
+def _ack_wait(text: str) -> float:
+    value = positive_float(text)
+    if value > ACK_WAIT_MAX:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds of at most {ACK_WAIT_MAX:g}, got {text!r}")
+    return value
+
+
 def worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("agent", metavar="AGENT", help="the agent to play, as named in the spec")
     p.add_argument("--agents", help="agents TOML [CONVLOG_AGENTS, default: the packaged "
                                     "seed support system]")
     p.add_argument("--concurrency", type=positive_int, default=64, metavar="N",
                    help="most turns running at once (default 64)")
-    p.add_argument("--ack-wait", type=positive_float, default=30.0, metavar="S",
-                   help="seconds before JetStream redelivers an unacked item (default 30)")
+    p.add_argument("--ack-wait", type=_ack_wait, default=30.0, metavar="S",
+                   help="seconds before JetStream redelivers an unacked item (default 30, at most 86400)")
     p.add_argument("--grace", type=non_negative_float, default=None, metavar="S",
                    help="seconds running turns get to finish on SIGTERM [CONVLOG_GRACE, default 10]")
     p.add_argument("--max-steps", type=positive_int, default=10, metavar="N",

@@ -150,6 +150,10 @@ CASES: list[Case] = [
      ["CONVLOG_COMMIT_BATCH", ">= 1"]),
     ("stream replicas 0", lambda t: ["log"], {"CONVLOG_STREAM_REPLICAS": "0"}, EXIT_USAGE,
      ["CONVLOG_STREAM_REPLICAS"]),
+    # JetStream keeps ack_wait as a Go duration: 1e20 s was refused only once the worker
+    # created its consumer ("cannot unmarshal number ... time.Duration"), exit 1, a restart loop.
+    ("worker --ack-wait beyond a day", lambda t: ["worker", "Triage", "--ack-wait", "1e20", "--start-wait", "0"],
+     {}, EXIT_USAGE, ["--ack-wait", "at most 86400", "'1e20'"]),
     ("no NATS server", lambda t: ["sessions"], {}, EXIT_UNAVAILABLE, ["no NATS server answers"]),
     ("unknown command", lambda t: ["frobnicate"], {}, EXIT_USAGE, ["invalid choice"]),
 ]
