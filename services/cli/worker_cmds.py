@@ -15,8 +15,9 @@ import gc
 import logging
 import os
 import time
+from urllib.parse import urlparse
 
-from shared.config import Settings
+from shared.config import ConfigError, Settings
 from shared.errors import BadRequestError, UnavailableError
 from shared.failures import wait_for
 from shared.startup import START_WAIT
@@ -160,6 +161,12 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     # The only place the model credentials are read; everything below gets them passed.
     api_key = os.environ.get("OPENAI_API_KEY") or None
     base_url = os.environ.get("OPENAI_BASE_URL") or None
+    if api_key and base_url:
+        parsed = urlparse(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            # (httpx refused it only at each model call: every turn failed "Connection error.")
+            raise ConfigError(f"OPENAI_BASE_URL={base_url!r} is invalid: expected an http:// or "
+                              "https:// URL, e.g. http://127.0.0.1:8000/v1")
     model = make_model_client(api_key, base_url, max_retries=args.model_retries,
                               timeout=args.model_timeout)
     if api_key:

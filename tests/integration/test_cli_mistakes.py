@@ -154,6 +154,10 @@ CASES: list[Case] = [
     # created its consumer ("cannot unmarshal number ... time.Duration"), exit 1, a restart loop.
     ("worker --ack-wait beyond a day", lambda t: ["worker", "Triage", "--ack-wait", "1e20", "--start-wait", "0"],
      {}, EXIT_USAGE, ["--ack-wait", "at most 86400", "'1e20'"]),
+    # A model URL without its scheme: the worker started, and every turn failed "Connection error."
+    ("worker OPENAI_BASE_URL without a scheme", lambda t: ["worker", "Triage", "--start-wait", "0"],
+     {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": "localhost:8000/v1"}, EXIT_USAGE,
+     ["OPENAI_BASE_URL='localhost:8000/v1' is invalid", "http://"]),
     ("no NATS server", lambda t: ["sessions"], {}, EXIT_UNAVAILABLE, ["no NATS server answers"]),
     ("unknown command", lambda t: ["frobnicate"], {}, EXIT_USAGE, ["invalid choice"]),
 ]
