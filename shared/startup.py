@@ -114,8 +114,8 @@ async def require_jetstream(nc: Client, *, timeout: float = 5.0) -> None:  # noq
     which no wait heals (both look like "service unavailable").
 
     Raises:
-        ConfigError: the server has no JetStream (nobody answers its API and the
-            server says so), or JetStream is not enabled for this account.
+        ConfigError: the server has no JetStream (nobody answers its API), or
+            JetStream is not enabled for this account.
         nats.errors.Error / nats.js.errors.Error: anything else (a cluster still
             starting), for :func:`wait_at_start` to wait out.
     """
