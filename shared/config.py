@@ -27,7 +27,7 @@ import msgspec
 from msgspec import Meta
 
 from .errors import BadRequestError
-from .subjects import Subjects
+from .subjects import Subjects, inbox_prefix
 
 __all__ = ["STORES", "ConfigError", "Settings", "default_data_dir", "load_settings", "nats_servers"]
 
@@ -117,7 +117,7 @@ class Settings:
             # nats-users.conf lets each nkey user subscribe to _INBOX.<its key>.> only
             # (services/cli/nats_users.py): its replies come there.
             if (key_id := _nkey_public_key(self.nkey)) is not None:
-                opts["inbox_prefix"] = f"_INBOX.{key_id}"
+                opts["inbox_prefix"] = inbox_prefix(key_id)
         if self.user:
             opts["user"] = self.user
         if self.password:

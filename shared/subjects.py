@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import BadRequestError, InvalidSessionIdError
 
-__all__ = ["SESSION_ID_PATTERN", "Subjects", "validate_session_id"]
+__all__ = ["SESSION_ID_PATTERN", "Subjects", "inbox_prefix", "validate_session_id"]
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 _SESSION_ID_RE = re.compile(SESSION_ID_PATTERN)
@@ -32,6 +32,12 @@ def validate_session_id(session_id: object) -> str:
             f"session id {shown} is invalid: it must match [A-Za-z0-9_-]{{1,128}}"
         )
     return session_id
+
+
+def inbox_prefix(key_id: str) -> str:
+    """The reply subjects of the nkey user ``key_id``: nats-users.conf lets it subscribe
+    to ``<this>.>`` only, and its connections use it as their inbox prefix."""
+    return f"_INBOX.{key_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +93,11 @@ class Subjects:
     def routing_bucket(self) -> str:
         """NATS KV bucket with per-session routing metadata (active agent)."""
         return self.prefix.replace(".", "_") + "_routing"
+
+    @property
+    def heads_bucket(self) -> str:
+        """NATS KV bucket with each session's latest witness head (services/log/heads.py)."""
+        return self.prefix.replace(".", "_") + "_heads"
 
     def session_of(self, subject: str) -> str:
         """Extract and validate the session id, the last token of ``subject``.

@@ -23,7 +23,7 @@ path relative to that config file) or paste it in:
 from __future__ import annotations
 
 from shared.signing import GATEWAY, LOG, Keyring
-from shared.subjects import Subjects
+from shared.subjects import Subjects, inbox_prefix
 from shared.work import work_stream_name
 
 __all__ = ["render_users"]
@@ -39,17 +39,11 @@ def _kv_read(bucket: str) -> list[str]:
             f"$JS.API.STREAM.MSG.GET.KV_{bucket}"]
 
 
-def inbox_prefix(key_id: str) -> str:
-    """The reply subjects of the user ``key_id`` (``shared.config.Settings.nats_options``
-    connects with it): each user subscribes to its own replies only."""
-    return f"_INBOX.{key_id}"
-
-
 def _perms(role: str, agent: str, s: Subjects, key_id: str) -> tuple[list[str], list[str]]:
     p, stream = s.prefix, work_stream_name(s)
     inbox = inbox_prefix(key_id) + ".>"  # not _INBOX.>: that reads every client's replies
     routing = s.routing_bucket
-    heads = s.prefix.replace(".", "_") + "_heads"
+    heads = s.heads_bucket
     if role == LOG:
         # <prefix>.items.>: the SQLite store's outbox; <prefix>.log.>: the JetStream store's log streams
         pub = [f"{p}.items.>", f"{p}.log.>", f"{p}.work.>", f"$KV.{routing}.>", f"$KV.{heads}.>", "$JS.API.>"]

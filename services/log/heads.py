@@ -32,7 +32,7 @@ from .kv_forward import put_forward
 from .store.base import Committed
 from .store.ordering import now_rfc3339
 
-__all__ = ["HeadWitness", "heads_bucket", "read_witness_head"]
+__all__ = ["HeadWitness", "read_witness_head"]
 
 log = logging.getLogger("convlog.log.heads")
 
@@ -40,18 +40,14 @@ _last = msgspec.json.Decoder(type=dict)
 _head = msgspec.json.Decoder(SignedHead)
 
 
-def heads_bucket(subjects: Subjects) -> str:
-    return subjects.prefix.replace(".", "_") + "_heads"
-
-
 async def _bucket(nc: Client, subjects: Subjects, *, create: bool, replicas: int = 1) -> Any:
     js = nc.jetstream()
     try:
-        return await js.key_value(heads_bucket(subjects))
+        return await js.key_value(subjects.heads_bucket)
     except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
         if not create:
             return None
-        config = KeyValueConfig(bucket=heads_bucket(subjects), history=1, replicas=replicas)
+        config = KeyValueConfig(bucket=subjects.heads_bucket, history=1, replicas=replicas)
         return await create_or_find(lambda: js.create_key_value(config), lambda: js.key_value(config.bucket))
 
 
@@ -74,7 +70,7 @@ async def read_witness_head(nc: Client, subjects: Subjects, session_id: str) -> 
             msgspec.ValidationError):
         return None
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
-        raise UnavailableError(f"cannot read the signed heads in the KV bucket {heads_bucket(subjects)}: "
+        raise UnavailableError(f"cannot read the signed heads in the KV bucket {subjects.heads_bucket}: "
                                f"{e} (may this NATS user read it?)") from e
 
 

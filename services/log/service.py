@@ -51,7 +51,7 @@ from shared.work import ensure_work_stream, work_stream_name
 from .authorize import authorizer_from, head_signer_from
 from .endpoints import Endpoints
 from .handlers import Handlers
-from .heads import HeadWitness, heads_bucket
+from .heads import HeadWitness
 from .notices import Notifier
 from .outbox import Outbox, ensure_stream
 from .readahead import ReadAhead
@@ -314,7 +314,7 @@ class LogService(Endpoints):
         wanted = self.settings.stream_replicas
         layout = getattr(self.store, "layout", None)
         names = [self.subjects.stream_name, work_stream_name(self.subjects), f"KV_{self.subjects.routing_bucket}",
-                 f"KV_{heads_bucket(self.subjects)}", *getattr(layout, "log_streams", ())]
+                 f"KV_{self.subjects.heads_bucket}", *getattr(layout, "log_streams", ())]
         for name in names:
             try:
                 info = await js.stream_info(name)

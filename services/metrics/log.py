@@ -6,7 +6,6 @@ import contextlib
 import logging
 import sqlite3
 import time
-import urllib.parse
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -15,6 +14,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from services.cli.storage import read_only_uri
 
 from .server import MetricsServer, serve
 
@@ -239,8 +240,7 @@ def _store_gauges(path: Path | None) -> Iterator[Any]:
             size += Path(f"{path}{suffix}").stat().st_size
     yield GaugeMetricFamily("convlog_log_store_bytes", "Size of the store on disk (with its WAL)", size)
     try:
-        # Quoted: a '#', '?' or '%' in the file's name is part of it, not URI syntax.
-        conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, timeout=1.0)
+        conn = sqlite3.connect(read_only_uri(path), uri=True, timeout=1.0)
         try:
             (n,) = conn.execute("SELECT count(*) FROM sessions").fetchone()
         finally:

@@ -58,13 +58,18 @@ async def test_workers_log_one_json_object_per_line_with_turn_context(stack: Wor
     assert any("stopped:" in r["msg"] for r in triage)  # the shutdown tally, also JSON
 
 
+def _json_log_service(nats_server: NatsServer, tmp_path: Path, env: dict[str, str], *, name: str) -> Proc:
+    """``convlog log`` with ``env`` (JSON logs) and metrics on a free port; not started."""
+    return Proc([sys.executable, "-m", "services.cli.main", "log", "--nats-url", nats_server.url,
+                 "--db", str(tmp_path / "log.db"), "--no-embedded", "--metrics-port", "0"],
+                log_dir=tmp_path, env=env, name=name)
+
+
 async def test_log_service_logs_json_and_a_bad_format_is_refused(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     env = {**service_env(tmp_path / "data"), "CONVLOG_LOG_FORMAT": "json"}
-    proc = Proc([sys.executable, "-m", "services.cli.main", "log", "--nats-url", nats_server.url,
-                 "--db", str(tmp_path / "log.db"), "--no-embedded", "--metrics-port", "0"],
-                log_dir=tmp_path, env=env, name="log-json")
+    proc = _json_log_service(nats_server, tmp_path, env, name="log-json")
     with proc:
         proc.wait_for_line(READY_LINE, timeout=20)
         proc.wait_for_line(r"log service metrics on http", timeout=5)
@@ -86,9 +91,7 @@ async def test_a_metrics_client_that_hangs_up_writes_no_text_into_json_logs(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     env = {**service_env(tmp_path / "data"), "CONVLOG_LOG_FORMAT": "json"}
-    proc = Proc([sys.executable, "-m", "services.cli.main", "log", "--nats-url", nats_server.url,
-                 "--db", str(tmp_path / "log.db"), "--no-embedded", "--metrics-port", "0"],
-                log_dir=tmp_path, env=env, name="log-json-reset")
+    proc = _json_log_service(nats_server, tmp_path, env, name="log-json-reset")
     with proc:
         proc.wait_for_line(READY_LINE, timeout=20)
         port = int(proc.wait_for_line(r"log service metrics on http://[^:]+:(\d+)/metrics", timeout=5).group(1))
