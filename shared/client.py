@@ -23,7 +23,7 @@ import msgspec
 from nats.aio.client import Client
 
 from . import nats_connect, tracing
-from .codec import check_json_numbers, decode, encode, numbers_ok
+from .codec import check_json, decode, encode, json_ok
 from .config import Settings
 from .errors import BadRequestError, TooLargeError
 from .follow import follow
@@ -114,7 +114,8 @@ def _as_items(items: Iterable[AppendItem | Mapping[str, Any]]) -> list[AppendIte
     Raises:
         BadRequestError: an item has the wrong shape, an unknown field or a bad
             value, or a number the hash chain cannot hold (non-finite, or an
-            integer beyond +/-(2**53-1)).
+            integer beyond +/-(2**53-1)), or data nested deeper than
+            :data:`~shared.codec.MAX_DEPTH`.
     """
     out: list[AppendItem] = []
     for item in items:
@@ -123,8 +124,8 @@ def _as_items(items: Iterable[AppendItem | Mapping[str, Any]]) -> list[AppendIte
                 item = _convert(item if type(item) is dict else dict(item), AppendItem)
             except msgspec.ValidationError as e:
                 raise BadRequestError(f"invalid item: {e}") from e
-        if not numbers_ok(item.data):  # msgspec would send NaN and Infinity as null
-            check_json_numbers(item.data, f"$.items[{len(out)}].data")
+        if not json_ok(item.data):  # msgspec would send NaN and Infinity as null
+            check_json(item.data, f"$.items[{len(out)}].data")
         if item.item_id is None:
             item = _replace(item, item_id=new_item_id())
         out.append(item)

@@ -8,6 +8,7 @@ validation text, which names the offending path (``$.items[0].agent``).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, TypeVar
 
 import msgspec
@@ -15,7 +16,9 @@ import msgspec
 from . import messages as m
 from .errors import BadRequestError
 
-__all__ = ["MAX_SAFE_INT", "check_json_numbers", "decode", "encode", "encode_envelope_line", "numbers_ok"]
+__all__ = [
+    "MAX_DEPTH", "MAX_SAFE_INT", "check_json", "decode", "encode", "encode_envelope_line", "json_ok", "numbers_ok",
+]
 
 T = TypeVar("T")
 MAX_SAFE_INT = 2**53 - 1
@@ -73,40 +76,65 @@ def decode(data: bytes, type_: type[T], *, empty_ok: bool = True) -> T:
     return value
 
 
+#: How deeply an item's ``data`` may nest objects and arrays (``data`` itself is
+#: level 1).  Far beyond any real payload and far below Python's recursion limit
+#: (about 1,000 frames), which msgspec, ``json`` and the RFC 8785 reference
+#: encoder all count against: without a fixed limit, whether an item nested ~950
+#: deep was taken, hashed and read back depended on how deep in its stack each
+#: process met it (one append at 975 levels stopped the log service; items at
+#: 950-970 made every read of their session fail in a deeper client).
+MAX_DEPTH = 100
+
+
 def numbers_ok(value: Any) -> bool:
-    """The common case, fast: no paths built, only numbers inspected."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        t = type(v)
-        if t is dict:
-            stack.extend(v.values())
-        elif t is list:
-            stack.extend(v)
-        elif t is int:
-            if not -MAX_SAFE_INT <= v <= MAX_SAFE_INT:
+    """The common case, fast: no paths built, only numbers inspected (any depth:
+    what a stored log holds, as replay and migrate read it)."""
+    return _walk(value, sys.maxsize)
+
+
+def json_ok(value: Any) -> bool:
+    """:func:`numbers_ok`, and nested at most :data:`MAX_DEPTH` levels: what a
+    new item may hold."""
+    return _walk(value, MAX_DEPTH)
+
+
+def _walk(value: Any, max_depth: int) -> bool:
+    level = [value]
+    depth = 0  # containers around the values of `level`
+    while level:
+        nested: list[Any] = []
+        for v in level:
+            t = type(v)
+            if t is dict or t is list:
+                if depth >= max_depth:
+                    return False
+                nested.extend(v.values() if t is dict else v)
+            elif t is int:
+                if not -MAX_SAFE_INT <= v <= MAX_SAFE_INT:
+                    return False
+            elif t is float and not math.isfinite(v):
                 return False
-        elif t is float and not math.isfinite(v):
-            return False
+        level = nested
+        depth += 1
     return True
 
 
-def check_json_numbers(value: Any, path: str = "$") -> None:
-    """Refuse numbers that RFC 8785 cannot represent exactly.
+def check_json(value: Any, path: str = "$") -> None:
+    """Refuse what :func:`json_ok` refuses, naming where it is.
 
     RFC 8785 numbers are IEEE doubles: integers beyond +/-(2**53-1) would be
     silently rounded and non-finite floats have no JSON form, so both are
-    refused at input.
+    refused at input, and so is nesting deeper than :data:`MAX_DEPTH`.
 
     Raises:
         BadRequestError: naming the JSON path and the value.
     """
-    if numbers_ok(value):
+    if json_ok(value):
         return
-    # Something is out of range: walk again, tracking paths, to name it.
-    stack = [(value, path)]
+    # Something is wrong: walk again, tracking paths, to name it.
+    stack = [(value, path, 0)]
     while stack:
-        v, p = stack.pop()
+        v, p, depth = stack.pop()
         if isinstance(v, bool) or v is None or isinstance(v, str):
             continue
         if isinstance(v, int):
@@ -117,7 +145,9 @@ def check_json_numbers(value: Any, path: str = "$") -> None:
         elif isinstance(v, float):
             if not math.isfinite(v):
                 raise BadRequestError(f"number at {p} is not finite: {v}")
+        elif depth >= MAX_DEPTH:
+            raise BadRequestError(f"{path} nests objects and arrays more than {MAX_DEPTH} levels deep")
         elif isinstance(v, dict):
-            stack.extend((item, f"{p}.{k}") for k, item in v.items())
+            stack.extend((item, f"{p}.{k}", depth + 1) for k, item in v.items())
         elif isinstance(v, list):
-            stack.extend((item, f"{p}[{i}]") for i, item in enumerate(v))
+            stack.extend((item, f"{p}[{i}]", depth + 1) for i, item in enumerate(v))

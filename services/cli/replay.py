@@ -46,6 +46,8 @@ def _decode(raw: bytes | str, fallback_order: int) -> Envelope | _Undecodable:
         env = _decoder.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         return _Undecodable(fallback_order, str(e))
+    except RecursionError:  # msgspec's nesting limit
+        return _Undecodable(fallback_order, "JSON nested too deeply to decode")
     if not numbers_ok(env.data):  # RFC 8785 cannot hash it: no verifier could agree
         return _Undecodable(fallback_order, "a number outside what RFC 8785 represents exactly")
     if (env.sig is None or env.key_id is None) and (field := null_optional_field(raw)) is not None:

@@ -15,7 +15,7 @@ import msgspec
 
 from services.logfmt import context
 from shared.client import new_item_id
-from shared.codec import check_json_numbers, decode, numbers_ok
+from shared.codec import check_json, decode, json_ok
 from shared.errors import BadRequestError, ConvlogError, TooLargeError, UnavailableError, to_wire
 from shared.messages import (
     MAX_APPEND_ITEMS,
@@ -235,13 +235,14 @@ class Handlers:
 
     # -- validation ------------------------------------------------------
     def _prepare(self, req: AppendRequest, body_size: int) -> AppendRequest:
-        """Check sizes and numbers; give every item an ``item_id``.
+        """Check sizes, numbers and nesting; give every item an ``item_id``.
 
         Raises:
             TooLargeError: more than :data:`MAX_APPEND_ITEMS` items, an item's
                 data over ``max_item_bytes``, or an ack that could not fit the
                 server's max payload (nothing is written).
-            BadRequestError: a number JSON canonicalization cannot represent.
+            BadRequestError: a number JSON canonicalization cannot represent, or
+                data nested deeper than :data:`~shared.codec.MAX_DEPTH`.
         """
         n = len(req.items)
         if n > MAX_APPEND_ITEMS:
@@ -258,8 +259,8 @@ class Handlers:
         measure = body_size * 5 > limit
         missing_ids = False
         for i, it in enumerate(req.items):
-            if not numbers_ok(it.data):
-                check_json_numbers(it.data, f"$.items[{i}].data")  # raises, naming the number
+            if not json_ok(it.data):
+                check_json(it.data, f"$.items[{i}].data")  # raises, naming the number or the nesting
             if measure and (size := len(_encode(it.data))) > limit:
                 raise TooLargeError(
                     f"item {i} data is {size} bytes, over the {limit}-byte limit",

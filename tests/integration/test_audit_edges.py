@@ -149,6 +149,32 @@ def test_migrate_names_an_undecodable_source_envelope_and_goes_on(tmp_path: Path
     assert "a: REFUSED" in done.stderr and "b: 2 copied" in done.stderr, done.stderr
 
 
+def test_data_nested_past_msgspecs_limit_is_named_by_replay_and_migrate(tmp_path: Path) -> None:
+    """An envelope nested deeper than msgspec decodes (a RecursionError, not a
+    DecodeError): replay ended with the bare "maximum recursion depth exceeded while
+    deserializing an object" and no verdict, and migrate stopped the whole run with
+    it.  Now replay names the line and migrate refuses that session and goes on."""
+    depth = 5000
+    env = ('{"session_id":"a","item_order":2,"item_id":"x","agent":"a","kind":"item","data":{"x":'
+           + "[" * depth + "]" * depth + '},"created_at":"2026-01-01T00:00:00Z","hash":"' + "0" * 64 + '"}')
+    f = tmp_path / "deep.jsonl"
+    f.write_text(env + "\n")
+    done = convlog("replay", "a", "--file", str(f), "--verify", tmp=tmp_path)
+    assert "line 1 is not a convlog envelope: JSON nested too deeply to decode" in done.stderr, done.stderr
+    assert done.returncode != 0 and "recursion" not in done.stderr
+
+    src, dst = tmp_path / "src.db", tmp_path / "dst.db"
+    build_db(src, {"a": 3, "b": 2})
+    conn = sqlite3.connect(src)
+    conn.execute("UPDATE items SET envelope = CAST(? AS BLOB) WHERE session_id = 'a' AND item_order = 2", (env,))
+    conn.commit()
+    conn.close()
+    done = convlog("migrate", "--from", f"sqlite:{src}", "--to", f"sqlite:{dst}", tmp=tmp_path)
+    assert done.returncode == 1 and "recursion" not in done.stderr, done.stderr
+    assert "a: REFUSED, left untouched: a: item 2 nests its data too deeply to decode" in done.stderr
+    assert "b: 2 copied" in done.stderr, done.stderr
+
+
 # -- 4. transcript/render: a tool result that routing does not count as a handoff ---------
 
 

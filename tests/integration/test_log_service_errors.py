@@ -20,6 +20,7 @@ from nats.micro.service import ServiceStats, ServiceVerb, control_subject
 from services.log.handlers import ack_size_bound
 from services.log.service import SERVICE_NAME, LogService
 from shared.client import LogClient
+from shared.codec import MAX_DEPTH
 from shared.config import load_settings
 from shared.errors import (
     ERROR_CODE_HEADER,
@@ -41,6 +42,7 @@ from tests.support.logenv import (
     user,
     wire,
 )
+from tests.support.logsvc import LogServiceProc
 from tests.support.natsd import NatsServer
 
 # -- errors --------------------------------------------------------------------------
@@ -309,6 +311,47 @@ async def test_deeply_nested_data_is_bad_request_not_unavailable(env: Env) -> No
     assert reply["error"]["code"] == "bad_request", reply
     assert headers[ERROR_CODE_HEADER] == "400"
     assert await settled_state(env) == before
+
+
+@pytest.mark.parametrize("store", ["sqlite", "jetstream"])
+async def test_data_nested_past_the_limit_is_refused_and_the_service_lives(
+    nats_server: NatsServer, tmp_path: Path, store: str
+) -> None:
+    """Nesting had no limit of its own, only msgspec's recursion limit, counted from
+    wherever in its stack a process met the data.  A ``convlog log`` process (a
+    shallow stack) took data nested 950-970 levels deep, which every read of the
+    session then failed on in a client deeper in its stack ("invalid ReadReply:
+    JSON nested too deeply"), and one append at 975 levels made its commit raise
+    RecursionError: the committer stopped and the service exited (its requester
+    retried into the restarted one).  Now data nests at most MAX_DEPTH (100)
+    levels, checked before anything is written."""
+    svc = LogServiceProc(nats_server.url, tmp_path / "log.db", log_dir=tmp_path, store=store).start()
+    client = await LogClient.connect(nats_server.url, name="nesting")
+    try:
+        await client.append("v", [user("one")])
+        for depth in (MAX_DEPTH + 1, 960, 975):
+            body = (b'{"items":[{"agent":"a","data":{"x":' + b'{"a":' * (depth - 1) + b"1.5"
+                    + b"}" * (depth - 1) + b"}}]}")  # data is level 1: `depth` levels in all
+            headers, reply = await wire(client.nc, "convlog.append.v", body)
+            assert reply["error"]["code"] == "bad_request", (depth, reply)
+            assert reply["error"]["message"] in (
+                f"$.items[0].data nests objects and arrays more than {MAX_DEPTH} levels deep",
+                "invalid AppendRequest: JSON nested too deeply",  # msgspec's own limit
+            ), reply
+            assert headers[ERROR_CODE_HEADER] == "400"
+        # The limit itself is taken, and read back by this (deeper) process.
+        at_limit: object = 1.5
+        for _ in range(MAX_DEPTH - 1):
+            at_limit = {"a": at_limit}
+        await client.append("v", [{"agent": "a", "data": {"x": at_limit}}])
+        with pytest.raises(BadRequestError, match="more than 100 levels deep"):  # refused before sending
+            await client.append("v", [{"agent": "a", "data": {"x": {"a": at_limit}}}])
+        log = await client.items("v", raw=True)
+        assert [e.item_order for e in log] == [1, 2] and log[1].data == {"x": at_limit}
+        assert svc.proc is not None and svc.proc.running, svc.output()
+    finally:
+        await client.close()
+        svc.stop()
 
 
 async def test_item_data_over_the_limit_is_refused_whatever_the_number_spelling(env: Env) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from shared.codec import MAX_SAFE_INT, check_json_numbers, decode, encode
+from shared.codec import MAX_DEPTH, MAX_SAFE_INT, check_json, decode, encode, json_ok, numbers_ok
 from shared.config import DEFAULT_NATS_URL, ConfigError, Settings, load_settings
 from shared.errors import (
     ERROR_CODE_HEADER,
@@ -278,14 +278,41 @@ def test_error_body_example_parses_as_a_typed_error() -> None:
 def test_check_json_numbers() -> None:
     assert MAX_SAFE_INT == 2**53 - 1
     for ok in (2**53 - 1, -(2**53 - 1), 0, 1.5, -0.0, 1e308, True, None, "9007199254740993"):
-        check_json_numbers({"a": [ok]})
+        check_json({"a": [ok]})
     for bad in (2**53, -(2**53), 10**30, float("inf"), float("-inf"), float("nan")):
         with pytest.raises(BadRequestError):
-            check_json_numbers({"a": [1, {"b": bad}]})
+            check_json({"a": [1, {"b": bad}]})
     with pytest.raises(BadRequestError) as exc:
-        check_json_numbers({"a": [1, {"b": 2**53}]}, "$.items[0].data")
+        check_json({"a": [1, {"b": 2**53}]}, "$.items[0].data")
     assert "$.items[0].data.a[1].b" in exc.value.message
     assert str(2**53) in exc.value.message
+
+
+def _nested(depth: int, inner: object = 1, *, as_list: bool = False) -> object:
+    """``depth`` objects (or arrays) inside one another, ``inner`` in the deepest."""
+    value = inner
+    for _ in range(depth):
+        value = [value] if as_list else {"a": value}
+    return value
+
+
+def test_nesting_deeper_than_max_depth_is_refused() -> None:
+    """What a new item may hold: data is level 1, at most MAX_DEPTH levels (the
+    log service stopped on one append nested ~975 deep, see test_log_service_errors)."""
+    assert MAX_DEPTH == 100
+    for as_list in (False, True):
+        ok, deep = _nested(MAX_DEPTH, as_list=as_list), _nested(MAX_DEPTH + 1, as_list=as_list)
+        assert json_ok(ok) and json_ok(_nested(MAX_DEPTH, {}, as_list=as_list)) is False
+        check_json(ok)
+        assert not json_ok(deep)
+        with pytest.raises(BadRequestError) as exc:
+            check_json(deep, "$.items[0].data")
+        assert exc.value.message == "$.items[0].data nests objects and arrays more than 100 levels deep"
+        assert numbers_ok(deep)  # what a stored log holds is read at any depth
+    # a wide value is not a deep one; a number error is still named at any depth
+    assert json_ok({str(i): {"b": [1, 2]} for i in range(1000)})
+    with pytest.raises(BadRequestError, match=r"integer at \$\.a\.a"):
+        check_json(_nested(2, 2**60))
 
 
 # -- errors on the wire ------------------------------------------------------------

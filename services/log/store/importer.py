@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import msgspec
 
 from shared.chain import envelope_hash
-from shared.codec import numbers_ok
+from shared.codec import MAX_DEPTH, json_ok
 from shared.errors import BadRequestError, ConflictError, UnavailableError
 from shared.messages import Envelope, null_optional_field
 
@@ -49,8 +49,13 @@ def _rows(sid: str, raw: Sequence[bytes], after: int, prev_hash: str) -> list[Ro
             e = _env.decode(b)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise BadRequestError(f"{sid}: item {k} is not a convlog envelope: {exc}") from None
-        if not numbers_ok(e.data):
-            raise BadRequestError(f"{sid}: item {k} holds a number RFC 8785 cannot represent exactly")
+        except RecursionError:  # msgspec's nesting limit
+            raise BadRequestError(f"{sid}: item {k} nests its data too deeply to decode") from None
+        if not json_ok(e.data):  # what an append would refuse, the store would choke on
+            raise BadRequestError(
+                f"{sid}: item {k} holds a number RFC 8785 cannot represent exactly, or nests its data "
+                f"more than {MAX_DEPTH} levels deep"
+            )
         if (e.sig is None or e.key_id is None) and (field := null_optional_field(b)) is not None:
             raise BadRequestError(f"{sid}: item {k} has a null {field} (absent is not null to the hash)")
         if e.session_id != sid or e.item_order != k:
