@@ -250,7 +250,7 @@ async def run_demo(*, agents_path: Path | None = None, offline: bool = False, ke
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
     env = _child_env(workdir, url, offline=offline)
-    keyring = make_keys(workdir / "keys", agents) if signed else None
+    keyring = make_keys(workdir / "keys", agents, entry=spec.entry) if signed else None
     if signed:
         out.line(f"signed: one Ed25519 key per agent, the log service and the gateway in {workdir / 'keys'};"
                  " the log service refuses unsigned or foreign appends")

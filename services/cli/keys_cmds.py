@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -35,6 +36,9 @@ from shared.signing import (
 
 from .nats_users import render_users
 
+if TYPE_CHECKING:
+    from services.worker.spec import SystemSpec
+
 __all__ = ["cmd_keys", "keys_arguments", "make_keys"]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -53,13 +57,15 @@ def keys_arguments(p: argparse.ArgumentParser) -> None:
     r = ks.add_parser("rotate", help="add a new key for AGENT (or log, gateway); retire the old")
     r.add_argument("agent", metavar="AGENT")
     r.add_argument("--dir", required=True, help="the directory `keys init` wrote")
+    r.add_argument("--agents", help="agents TOML, for its entry agent in nats-users.conf "
+                                    "[CONVLOG_AGENTS, default: the packaged spec]")
 
 
 async def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.keys_command == "init":
             return _init(Path(args.out), Path(args.agents) if args.agents else settings.agents)
-        return _rotate(Path(args.dir), args.agent)
+        return _rotate(Path(args.dir), args.agent, Path(args.agents) if args.agents else settings.agents)
     except KeyringError as e:
         print(f"convlog keys: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -69,8 +75,10 @@ def _key_file(out: Path, role: str, agent: str) -> Path:
     return out / (f"{role}.nk" if role in (LOG, GATEWAY) else f"{agent}.nk")
 
 
-def make_keys(out: Path, agents: Sequence[str]) -> Keyring:
-    """Write ``<Agent>.nk`` per agent, ``log.nk``, ``gateway.nk`` and ``keyring.json`` in ``out``.
+def make_keys(out: Path, agents: Sequence[str], *, entry: str | None = None) -> Keyring:
+    """Write ``<Agent>.nk`` per agent, ``log.nk``, ``gateway.nk``, ``keyring.json``
+    and ``nats-users.conf`` in ``out``; ``entry`` is the spec's entry agent (by
+    default the first of ``agents``), whose NATS user may give its consumer two filters.
 
     Raises:
         FileExistsError: a key or keyring file is already there (nothing is overwritten).
@@ -93,22 +101,31 @@ def make_keys(out: Path, agents: Sequence[str]) -> Keyring:
         entries.append(KeyEntry(key_id=signer.key_id, role=role, agent=agent, created_at=_now()))
     ring = Keyring(entries)
     ring_path.write_bytes(ring.dumps())
-    (out / "nats-users.conf").write_text(render_users(ring))
+    if entry is None and agents:
+        entry = agents[0]
+    (out / "nats-users.conf").write_text(render_users(ring, entry=entry))
     return ring
 
 
-def _init(out: Path, agents_path: Path | None) -> int:
+def _spec(agents_path: Path | None) -> SystemSpec | None:
+    """The agents spec (``None``, after one line on stderr, when it cannot be read)."""
     from services.worker.spec import SpecError, load_spec
 
     from .common import packaged_agents_path
 
     try:
-        spec = load_spec(agents_path or packaged_agents_path())
+        return load_spec(agents_path or packaged_agents_path())
     except SpecError as e:
         print(f"convlog keys: {e}", file=sys.stderr)
+        return None
+
+
+def _init(out: Path, agents_path: Path | None) -> int:
+    spec = _spec(agents_path)
+    if spec is None:
         return EXIT_USAGE
     try:
-        entries = make_keys(out, list(spec.agents))
+        entries = make_keys(out, list(spec.agents), entry=spec.entry)
     except FileExistsError as e:
         print(f"convlog keys: {e.filename} exists; refusing to overwrite keys "
               "(use `convlog keys rotate`, or another --out)", file=sys.stderr)
@@ -122,9 +139,12 @@ def _init(out: Path, agents_path: Path | None) -> int:
     return EXIT_OK
 
 
-def _rotate(folder: Path, agent: str) -> int:
+def _rotate(folder: Path, agent: str, agents_path: Path | None) -> int:
     ring_path = folder / "keyring.json"
     ring = Keyring.load(ring_path)
+    spec = _spec(agents_path)  # its entry agent, for nats-users.conf
+    if spec is None:
+        return EXIT_USAGE
     role = agent if agent in (LOG, GATEWAY) else "agent"
     name = {LOG: LOG_AGENT, GATEWAY: USER_AGENT}.get(agent, agent)
     live = [e for e in ring.of_role(role, name) if e.retired_at is None]
@@ -142,7 +162,7 @@ def _rotate(folder: Path, agent: str) -> int:
     tmp = ring_path.with_suffix(".json.tmp")
     tmp.write_bytes(Keyring(entries).dumps())
     tmp.replace(ring_path)
-    (folder / "nats-users.conf").write_text(render_users(Keyring(entries)))
+    (folder / "nats-users.conf").write_text(render_users(Keyring(entries), entry=spec.entry))
     print(f"rotated {agent}: new key {signer.key_id[:12]}... in {key_path}; "
           f"{len(live)} old key(s) retired at {now} (their items still verify)")
     return EXIT_OK

@@ -66,6 +66,11 @@ def consumer_config(
 ) -> ConsumerConfig:
     """The agent's consumer: the one place its delivery and ack policy are set."""
     name = consumer_name(agent)
+    # One filter goes as filter_subject: nats-py then creates the consumer on
+    # $JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>, and nats-server refuses a
+    # body whose filter is not that one, so nats-users.conf can allow an agent
+    # user its own filter only (services/cli/nats_users.py).  The entry agent's
+    # two filters have no such subject.
     filters = [work_subject(subjects, agent)]
     if entry:
         filters.append(work_entry_subject(subjects))
@@ -78,8 +83,13 @@ def consumer_config(
         ack_wait=ack_wait,
         max_deliver=-1,
         max_ack_pending=max_ack_pending,
-        filter_subjects=filters,
+        filter_subject=filters[0] if len(filters) == 1 else None,
+        filter_subjects=filters if len(filters) > 1 else None,
     )
+
+
+def _filters(config: ConsumerConfig) -> set[str]:
+    return set(config.filter_subjects or ()) | ({config.filter_subject} if config.filter_subject else set())
 
 
 class ConsumerConfigError(FatalError):
@@ -247,11 +257,11 @@ class WorkIntake:
                     f"cannot create the consumer {self.name} on the work stream {self.stream}: "
                     f"{e.description} (JetStream error {e.err_code})"
                 ) from e
-            have = set(info.config.filter_subjects or ()) | {info.config.filter_subject} - {None}
-            if not set(config.filter_subjects or ()) <= have:  # it would miss notices for this agent
+            have, want = _filters(info.config), _filters(config)
+            if not want <= have:  # it would miss notices for this agent
                 raise ConsumerConfigError(
                     f"cannot update the consumer {self.name} on the work stream {self.stream} to take "
-                    f"{sorted(config.filter_subjects or ())} (it takes {sorted(have)}): "
+                    f"{sorted(want)} (it takes {sorted(have)}): "
                     f"{e.description} (JetStream error {e.err_code})"
                 ) from e
             log.warning("agent %s: keeping the existing consumer %s: %s",

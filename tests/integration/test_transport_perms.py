@@ -24,6 +24,7 @@ from pathlib import Path
 
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 
 from services.cli.keys_cmds import make_keys
@@ -188,3 +189,56 @@ async def test_an_agent_cannot_create_the_routing_bucket_its_own_way(stack: Stac
     svc = await start_log(stack, tmp_path)
     info = await svc.nc.jetstream().stream_info("KV_convlog_routing")
     assert info.config.subjects == ["$KV.convlog_routing.>"], info.config.subjects
+
+
+async def test_an_agent_cannot_point_its_consumer_at_another_agents_notices(stack: Stack, tmp_path: Path) -> None:
+    """README threat model: an agent user cannot "create, read or delete another agent's
+    consumer".  nats-server does not check the body of a plain consumer create, so
+    while Triage had no consumer yet, L1Billing's user created its own consumer
+    filtered on Triage's notices (or the entry notices) and took them; Triage's worker
+    then could not create its own (overlapping filters on a work queue).  Now a
+    non-entry agent may create its consumer only on the subject that names its own
+    filter, which nats-server holds the body to."""
+    svc = await start_log(stack, tmp_path)  # makes the work stream
+    sjs = svc.nc.jetstream()
+    subjects = Subjects("convlog")
+    mine = consumer_config(subjects, "L1Billing", entry=False, ack_wait=30)
+    assert mine.filter_subject == "convlog.work.agent.L1Billing" and not mine.filter_subjects
+    api = f"$JS.API.CONSUMER.CREATE.{WORK}.{mine.name}"
+    errors: list[str] = []
+    thief = await thief_of(stack, "L1Billing", errors)
+    try:
+        for target in ("convlog.work.agent.Triage", "convlog.work.entry"):
+            cfg = {"name": mine.name, "durable_name": mine.name, "ack_policy": "explicit",
+                   "filter_subject": target}
+            body = json.dumps({"stream_name": WORK, "config": cfg}).encode()
+            answers = {}
+            for subject in (api, f"{api}.{target}", f"{api}.{mine.filter_subject}",
+                            f"$JS.API.CONSUMER.DURABLE.CREATE.{WORK}.{mine.name}"):
+                try:
+                    reply = await thief.request(subject, body, timeout=1)
+                except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                    answers[subject] = "denied"  # the request never reached JetStream
+                    continue
+                answers[subject] = json.loads(reply.data).get("error", {}).get("description", reply.data)
+            # The one subject allowed: JetStream refuses a body naming another filter.
+            assert "did not match filtered subject" in str(answers.pop(f"{api}.{mine.filter_subject}")), answers
+            assert set(answers.values()) == {"denied"}, answers
+            with pytest.raises(nats.js.errors.NotFoundError):
+                await sjs.consumer_info(WORK, mine.name)
+        # Its own consumer, as the worker creates it, goes through.
+        await thief.jetstream().add_consumer(WORK, mine)
+        info = await sjs.consumer_info(WORK, mine.name)
+        assert info.config.filter_subject == "convlog.work.agent.L1Billing"
+        assert not info.config.filter_subjects or info.config.filter_subjects == ["convlog.work.agent.L1Billing"]
+    finally:
+        await thief.close()
+    # The entry agent's two filters go through the plain create, its user's alone.
+    entry = consumer_config(subjects, "Triage", entry=True, ack_wait=30)
+    triage = await thief_of(stack, "Triage", errors)
+    try:
+        await triage.jetstream().add_consumer(WORK, entry)
+    finally:
+        await triage.close()
+    info = await sjs.consumer_info(WORK, entry.name)
+    assert set(info.config.filter_subjects or ()) == {"convlog.work.agent.Triage", "convlog.work.entry"}
