@@ -359,6 +359,9 @@ class SessionCopy:
             _warn_once(self.session_id, e)
             await self._stop_consumer()
             return False
+        if self.closed:  # closed while the consumer was being made: nothing may follow now
+            await self._stop_consumer()
+            return False
         self._follow_failed_at = None
         self._follow_retry_s = FOLLOW_RETRY_S
         await self._seed(self._window_for(want))

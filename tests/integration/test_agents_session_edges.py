@@ -13,7 +13,9 @@
 * a mutation whose caller was cancelled still lands in this process's reads
   (its ack reaches the copy), not only once its delivery arrives;
 * a read the copy cannot answer goes to the log; a later read the copy
-  answers does not go back to before what that log read showed.
+  answers does not go back to before what that log read showed;
+* ``close()`` while the first read is creating the copy's consumer leaves no
+  consumer behind (it followed, and was delivered to, on a closed session).
 """
 
 from __future__ import annotations
@@ -258,3 +260,34 @@ async def test_a_read_from_the_copy_does_not_go_back_behind_a_read_from_the_log(
         assert [i["content"] for i in await session.get_items(limit=2)] == ["m9", "newest"]
     finally:
         await session.close()
+
+
+async def _copy_consumers(client: LogClient) -> list[str]:
+    infos = await client.nc.jetstream().consumers_info("CONVLOG_ITEMS")
+    return [i.name for i in infos if i.name.startswith("convlog-copy-")]
+
+
+async def test_close_while_the_first_read_creates_the_consumer_leaves_no_consumer(
+    log_url: str, log_client: LogClient
+) -> None:
+    sid = "close_during_follow"
+    await log_client.append(sid, [{"agent": "x", "data": _user("one")}])
+    mine = await LogClient.connect(log_url)  # an app's client: close() leaves it open
+    session = ConvlogSession(sid, client=mine)
+    try:
+        read = asyncio.create_task(session.get_items())
+        for _ in range(1000):  # until the copy has subscribed and asks for its consumer
+            await asyncio.sleep(0)
+            state = session._shared.get(mine)
+            copy = state.copy if state is not None else None
+            if copy is not None and copy._sub is not None:
+                break
+        assert copy is not None and copy._sub is not None and copy._consumer is None
+        await session.close()  # the caller gives up while its first read is in flight
+        with contextlib.suppress(Exception):
+            await read
+        # README: close() stops the copy's consumer; a closed session follows nothing.
+        await asyncio.sleep(0.5)
+        assert await _copy_consumers(log_client) == []
+    finally:
+        await mine.close()
