@@ -14,7 +14,7 @@
     out together in the next append (a group commit on the client side).
     Each call's items stay contiguous and calls keep the order they were
     made in.  A combined append the log refuses (a bad or oversized item, an
-    id conflict) is resent call by call, so each call gets its own outcome;
+    id conflict; or an item JSON cannot encode) is resent call by call, so each call gets its own outcome;
     an unknown outcome (``UnavailableError``) is every call's, and each
     call's retry dedupes on its own item ids.
 """
@@ -253,7 +253,8 @@ class SharedSession:
         items = calls[0].batch if len(calls) == 1 else [i for c in calls for i in c.batch]
         try:
             reply = await self.client.append(self.session_id, items)
-        except (BadRequestError, TooLargeError, ConflictError) as e:
+        except (BadRequestError, TooLargeError, ConflictError, TypeError) as e:
+            # Refused (TypeError: an item JSON has no form for, found before sending).
             if len(calls) == 1:
                 if alone:
                     raise

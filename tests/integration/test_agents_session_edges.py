@@ -15,7 +15,9 @@
 * a read the copy cannot answer goes to the log; a later read the copy
   answers does not go back to before what that log read showed;
 * ``close()`` while the first read is creating the copy's consumer leaves no
-  consumer behind (it followed, and was delivered to, on a closed session).
+  consumer behind (it followed, and was delivered to, on a closed session);
+* a call whose item JSON cannot encode (a ``TypeError`` before anything is
+  sent), combined with other calls in one append, fails alone.
 """
 
 from __future__ import annotations
@@ -291,3 +293,27 @@ async def test_close_while_the_first_read_creates_the_consumer_leaves_no_consume
         assert await _copy_consumers(log_client) == []
     finally:
         await mine.close()
+
+
+async def test_a_call_with_an_item_json_cannot_encode_fails_alone_in_a_combined_append(
+    log_url: str, log_client: LogClient
+) -> None:
+    sid = "unencodable"
+    sessions = [ConvlogSession.from_url(sid, url=log_url) for _ in range(4)]
+    try:
+        await sessions[0].get_items()
+        # The first call goes out alone; the three made meanwhile wait and go out in one append.
+        results = await asyncio.gather(
+            sessions[0].add_items([_user("first")]),
+            sessions[1].add_items([_user("second")]),
+            sessions[2].add_items([{"role": "user", "content": object()}]),  # no JSON for it
+            sessions[3].add_items([_user("fourth")]),
+            return_exceptions=True,
+        )
+        # README: "if the log refuses one of them ... the others are resent without it,
+        # so each call gets its own outcome".
+        assert [type(r).__name__ for r in results] == ["NoneType", "NoneType", "TypeError", "NoneType"]
+        assert [e.data["content"] for e in await log_client.items(sid)] == ["first", "second", "fourth"]
+    finally:
+        for s in sessions:
+            await s.close()
