@@ -15,7 +15,8 @@ redeliveries happen, rests on four things:
 2. **Read, then decide.**  Each step first reads the visible window (the
    model's input, and the session's ``last_order``), then every item after
    the trigger.  A turn with a ``reply`` or ``fail`` item is finished; a part
-   with a handoff is over; a step whose ``function_call`` items lack outputs
+   with a handoff is over; a turn that has written nothing yet for a user
+   message a ``retract`` or ``clear`` hid since is not played (nothing to answer); a step whose ``function_call`` items lack outputs
    is *pending* (below); otherwise the next step number follows the highest
    one in the log.  A redelivered or resumed turn continues where the log
    says, and never repeats a step.
@@ -60,6 +61,7 @@ from shared import tracing
 from shared.client import LogClient
 from shared.errors import BadRequestError, ConflictError, InvalidSessionIdError, TooLargeError
 from shared.failures import CONFLICT_BACKOFF
+from shared.history import retract_target
 from shared.messages import AppendItem, AppendReply, Envelope, ReadReply
 
 from .convert import (
@@ -110,6 +112,7 @@ class _State:
     finished: Envelope | None = None
     handoff: tuple[str, int] | None = None
     pending: PendingStep | None = None
+    hidden: bool = False  # a retract or clear after the trigger hides it
 
 
 @dataclass(slots=True)
@@ -194,6 +197,10 @@ class TurnRunner:
                 return TurnResult("done", model_calls, written)
             if state.handoff is not None:
                 return TurnResult("done", model_calls, written, *state.handoff)
+            if state.hidden and part.after_step == 0 and state.last_step == 0:
+                # The user message was retracted or cleared before its turn wrote anything:
+                # it is out of what the agents see, so there is nothing to answer.
+                return TurnResult("done", model_calls, written)
             if state.pending is not None and fail_reason is None:
                 # Committed calls are never asked of the model again: finish them.
                 confirm = await _confirmed(confirm, clock)
@@ -291,6 +298,8 @@ class TurnRunner:
         for env in after:
             state.newest = max(state.newest, env.item_order)
             ledger.hide(env)
+            if env.kind == "clear" or retract_target(env) == part.start:
+                state.hidden = True
             tid = parse_turn_item_id(env.item_id)
             if tid is None or tid.turn != part.turn:
                 continue

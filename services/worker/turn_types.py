@@ -50,8 +50,9 @@ class TurnResult:
 
     Attributes:
         outcome: ``replied``, ``handed_off``, ``failed`` (a system item was
-            written), or ``done`` (the log already held this part's end:
-            nothing written).
+            written), or ``done`` (the log already held this part's end, or
+            the user message was retracted or cleared before its turn wrote
+            anything: nothing written).
         model_calls: model calls made.
         items_written: items this call appended (duplicates not counted).
         handoff_to: the target of the handoff: for ``handed_off``, and for

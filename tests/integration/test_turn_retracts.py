@@ -14,10 +14,11 @@ from services.worker.model import make_model_client
 from services.worker.spec import parse_spec
 from services.worker.turn import TurnPart, TurnRunner
 from services.worker.turn_ids import turn_item_id, turn_key
-from shared.messages import AppendItem
+from shared.messages import AppendItem, Envelope
 from tests.support import odd_tools
+from tests.support.eventually import assert_eventually
 from tests.support.fake_openai import FakeOpenAI, text
-from tests.support.workerstack import WorkerStack, terminal_items
+from tests.support.workerstack import WorkerStack, solo_spec, terminal_items, user_texts
 
 SPEC = """
 entry = "Clerk"
@@ -88,3 +89,33 @@ async def test_only_the_visible_calls_of_a_pending_step_run(stack: WorkerStack, 
         assert result.outcome == "replied"
     finally:
         await model.client.close()
+
+
+@pytest.mark.parametrize("how", ["retract", "clear"])
+async def test_a_message_hidden_before_its_worker_picks_it_up_is_not_answered(
+    stack: WorkerStack, fake_openai: FakeOpenAI, how: str
+) -> None:
+    # README "Visible history": a retracted or cleared item is out of what the agents see.
+    # The message is hidden while its notice waits for a worker: the worker answered it
+    # anyway (a reply to nothing the agent can see), from a window without it.
+    fake_openai.responder(lambda r: text(f"re: {(user_texts(r) or ['nothing'])[-1]}"))
+    sid = f"hidden-before-pickup-{how}"
+    (hidden,) = (await stack.send(sid, "never mind this")).items
+    hide = (AppendItem(agent="user", kind="retract", data={"target": hidden.item_order})
+            if how == "retract" else AppendItem(agent="user", kind="clear", data={}))
+    await stack.client.append(sid, [hide])
+
+    await stack.start_workers(stack.worker("Solo", solo_spec(stack.tmp / "solo.toml")))
+    (later,) = (await stack.send(sid, "the real question")).items
+
+    async def later_answered() -> list[Envelope]:
+        log = await stack.log(sid)
+        (user,) = [e for e in log if e.item_order == later.item_order]
+        assert terminal_items(log, user), "not answered yet"
+        return log
+
+    log = await assert_eventually(later_answered, timeout=20)
+    # One session's notices are handled in order: the hidden message's came first.
+    assert not terminal_items(log, log[0]), [e.data for e in log]
+    assert [(e.agent, e.kind) for e in log] == [("user", "item"), ("user", how), ("user", "item"), ("Solo", "item")]
+    assert log[-1].data["content"][0]["text"] == "re: the real question"
