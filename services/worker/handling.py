@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,8 @@ log = logging.getLogger("convlog.worker")
 
 #: Waits before a failed delivery comes back (jittered, so replicas spread out).
 _REDELIVERY = Backoff(initial=1.0, maximum=30.0)
+#: Notices whose failed deliveries a worker remembers (the oldest are forgotten first).
+_FAILURES = 10_000
 
 
 @dataclass
@@ -80,7 +83,9 @@ class NoticeHandler:
         finder: decides what a notice means.
         routing: checkpoints handoffs.
         gate: signature checks of the trigger, when configured.
-        max_attempts: failed deliveries before the turn is ended with a ``system`` item.
+        max_attempts: deliveries failed with an unexpected error (as this worker saw
+            them) before the turn is ended with a ``system`` item; a delivery handed back
+            on shutdown or retried after a transient failure is not one.
         publish_timings: publish per-phase timings on ``<prefix>.timings.turn``.
         spawn: runs a fire-and-forget coroutine (the worker keeps its task).
         tally: the counters to add to (the worker's).
@@ -100,6 +105,8 @@ class NoticeHandler:
         self.publish_timings = publish_timings
         self.tally = tally if tally is not None else Tally()
         self._spawn = spawn
+        #: per notice (session, order, kind): its deliveries that failed here, unexpectedly
+        self._failures: OrderedDict[tuple[str, int, str], int] = OrderedDict()
 
     async def handle(self, msg: Msg, notice: Notice) -> None:
         """Act on one notice; acks, naks or terms ``msg`` (also when cancelled)."""
@@ -145,6 +152,7 @@ class NoticeHandler:
             self._count(result, part)
             metrics.turn_done(self.agent.name, result, started)
             await msg.ack()
+            self._failures.pop((sid, order, notice.kind), None)
             if self.publish_timings:
                 self._timings(notice, part, result, arrived, started, timings)
         except asyncio.CancelledError:
@@ -161,8 +169,15 @@ class NoticeHandler:
             metrics.turn_failed(self.agent.name, "error")
             log.exception("worker %s: failed on %s #%d", self.agent.name, sid, order,
                           extra=context(sid, order, self.agent.name))
-            if part is not None and decision is not None and self._attempts(msg) >= self.max_attempts:
-                await self._give_up(msg, part, e, decision)
+            # Failures, not deliveries: JetStream's count also has the deliveries handed back
+            # on shutdown and those retried after a transient failure.
+            key = (sid, order, notice.kind)
+            failures = self._failures.pop(key, 0) + 1
+            self._failures[key] = failures
+            if len(self._failures) > _FAILURES:
+                self._failures.popitem(last=False)
+            if part is not None and decision is not None and failures >= self.max_attempts:
+                await self._give_up(msg, part, e, decision, failures)
             else:
                 await self.nak(msg, delay=self._retry_delay(msg))
         finally:
@@ -200,9 +215,10 @@ class NoticeHandler:
                   "part": time.perf_counter() - started, **timings}
         self._spawn(self.nc.publish(f"{self.subjects.prefix}.timings.turn", msgspec.json.encode(record)))
 
-    async def _give_up(self, msg: Msg, part: TurnPart, error: Exception, decision: Decision) -> None:
+    async def _give_up(self, msg: Msg, part: TurnPart, error: Exception, decision: Decision,
+                       failures: int) -> None:
         """End a turn that keeps failing with a system item, then ack."""
-        reason = f"internal error after {self._attempts(msg)} attempts ({type(error).__name__})"
+        reason = f"internal error after {failures} attempts ({type(error).__name__})"
         try:
             result = await self.runner.run(part, fail_reason=reason, confirm=decision.confirm)
             await self._announce(part, result)

@@ -82,7 +82,8 @@ class Worker:
         max_steps: loop guard: most model calls in one turn.
         tool_timeout: seconds a function tool may run.
         max_attempts: deliveries of one notice that fail with an unexpected
-            error before the turn is ended with a ``system`` item.
+            error (in this worker; not those handed back on shutdown or retried
+            after a transient failure) before the turn is ended with a ``system`` item.
         fetch_timeout: unused (pulls are continuous); kept for callers.
         publish_timings: publish each part's per-phase timings on
             ``<prefix>.timings.turn`` (for ``convlog bench --turns``).
