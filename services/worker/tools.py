@@ -146,7 +146,7 @@ async def _run(
         if me is not None and me.cancelling():
             raise  # the worker is cancelling this turn
         return f"error: {name} failed: CancelledError"  # the tool's own
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # SystemExit: argparse, a sys.exit in a library
         return f"error: {name} failed: {type(e).__name__}: {e}"
     try:
         output = result if isinstance(result, str) else json.dumps(result, default=str)

@@ -71,3 +71,23 @@ def missing_file(n: int) -> str:
     """
     RUNS.append(n)
     raise ValueError(f"cannot open {os.fsdecode(b'report-' + bytes([0xff]) + b'.txt')}")
+
+
+def exits(n: int) -> str:
+    """A sync tool that ends with SystemExit, as argparse does on arguments it refuses.
+
+    Args:
+        n: the exit status.
+    """
+    RUNS.append(n)
+    raise SystemExit(n)
+
+
+async def exits_async(n: int) -> str:
+    """An async tool that ends with SystemExit.
+
+    Args:
+        n: the exit status.
+    """
+    RUNS.append(n)
+    raise SystemExit(n)
