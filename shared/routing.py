@@ -92,13 +92,20 @@ def decode_checkpoint(value: bytes) -> RoutingCheckpoint:
     return cp
 
 
+#: Longer than any handoff output (``{"assistant": X}``, agent names are short):
+#: a longer string is not parsed at all.  An item's data nests at most 100 levels,
+#: but a string in it can hold JSON of any depth, on which ``json.loads`` raised
+#: RecursionError: in the log service's commit listener that stopped the service.
+_MAX_HANDOFF_OUTPUT = 1024
+
+
 def parse_handoff_output(output: Any) -> str | None:
     """The target agent if ``output`` is a handoff output (``{"assistant": X}``), else ``None``."""
-    if not isinstance(output, str) or not output.startswith("{"):
+    if not isinstance(output, str) or not output.startswith("{") or len(output) > _MAX_HANDOFF_OUTPUT:
         return None
     try:
         parsed = json.loads(output)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested ~1000 deep in the string
         return None
     if isinstance(parsed, dict) and len(parsed) == 1 and isinstance(parsed.get("assistant"), str):
         return parsed["assistant"]

@@ -354,6 +354,32 @@ async def test_data_nested_past_the_limit_is_refused_and_the_service_lives(
         svc.stop()
 
 
+@pytest.mark.parametrize("store", ["sqlite", "jetstream"])
+async def test_a_handoff_output_string_nesting_deep_json_does_not_stop_the_service(
+    nats_server: NatsServer, tmp_path: Path, store: str
+) -> None:
+    """A string may hold JSON of any depth (MAX_DEPTH bounds the data, not what its
+    strings spell).  A function_call_output whose output looked like a handoff
+    (``{"assistant": ...}``) nesting 5,000 arrays: the log service committed it,
+    then its commit listener parsed the output for the handoff target, json.loads
+    raised RecursionError, and the committer stopped the service.  Now such an
+    output is no handoff, and the service goes on."""
+    svc = LogServiceProc(nats_server.url, tmp_path / "log.db", log_dir=tmp_path, store=store).start()
+    client = await LogClient.connect(nats_server.url, name="handoff-nesting")
+    try:
+        await client.send("h", "hello")
+        output = '{"assistant":' + "[" * 5000 + "]" * 5000 + "}"
+        ack = await client.append("h", [{"agent": "Triage", "data": {
+            "type": "function_call_output", "call_id": "c1", "output": output}}])
+        ack2 = await client.append("h", [user("still there?")])
+        assert (ack.last_order, ack2.last_order) == (2, 3)
+        assert svc.proc is not None and svc.proc.running, svc.output()
+        assert "RecursionError" not in svc.output()
+    finally:
+        await client.close()
+        svc.stop()
+
+
 async def test_item_data_over_the_limit_is_refused_whatever_the_number_spelling(env: Env) -> None:
     """Handlers._prepare measures an item's data only when the *body* is over
     max_item_bytes, assuming the re-encoded data is never larger than the body.
