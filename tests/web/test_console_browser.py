@@ -595,3 +595,29 @@ def test_a_field_beside_the_envelope_breaks_the_chain_as_in_convlog_replay(
     assert (_python_verdict(f, ESCALATION_SESSION_ID) or "").startswith("item_order 2: ")
     badge = _verify_file(demo_web, page, f, "bad")
     assert "chain broken at #2" in badge, badge
+
+
+def test_older_clicked_twice_before_the_page_comes_moves_one_page(demo_web: Demo, log: LoopThread, page: Any) -> None:
+    """A double click on "Older →" (the second click before the next page has come)
+    moves one page, not one page shown under the numbers of the next: the rows and
+    "51–100 of N" agree, and "← Newer" goes back to the first page."""
+    for k in range(120):
+        log.run(log.client.append(f"pg-{k:03d}", [said("Triage", "x")]))
+    page.goto(demo_web.url + "/")
+    page.fill("#prefix", "pg-")
+    page.wait_for_function("document.getElementById('total').textContent === '120 sessions' && "
+                           "document.querySelector('tr[data-sid]').dataset.sid === 'pg-119'")
+    held: list[Any] = []
+    page.route("**/api/sessions?*cursor=*", lambda route: held.append(route))
+    page.dblclick("#older")
+    page.wait_for_timeout(300)
+    for route in held:
+        route.continue_()
+    page.wait_for_function("document.querySelector('tr[data-sid]').dataset.sid === 'pg-069' && "
+                           "document.getElementById('message').textContent === ''")
+    assert page.text_content("#page-info") == "51–100 of 120"
+    page.click("#newer")
+    page.wait_for_function("document.querySelector('tr[data-sid]').dataset.sid === 'pg-119' && "
+                           "document.getElementById('message').textContent === ''")
+    assert page.text_content("#page-info") == "1–50 of 120"
+    assert page.is_disabled("#newer")

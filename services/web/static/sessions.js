@@ -52,6 +52,14 @@ $("prefix").addEventListener("input", () => {
   timer = setTimeout(() => { cursors = [null]; load(); }, 200);
 });
 $("refresh").addEventListener("click", () => load());
-$("older").addEventListener("click", () => { if (next) { cursors.push(next); load(); } });
+// A cursor is used once: a second click before its page comes (a double click) must not
+// push it again, which showed the same page under the next page's numbers.
+$("older").addEventListener("click", () => {
+  if (!next) return;
+  cursors.push(next);
+  next = null;
+  $("older").disabled = true;
+  load();
+});
 $("newer").addEventListener("click", () => { if (cursors.length > 1) { cursors.pop(); load(); } });
 load();
