@@ -621,3 +621,39 @@ def test_older_clicked_twice_before_the_page_comes_moves_one_page(demo_web: Demo
                            "document.getElementById('message').textContent === ''")
     assert page.text_content("#page-info") == "1–50 of 120"
     assert page.is_disabled("#newer")
+
+
+def test_a_second_file_replaces_the_first_on_the_verify_page(demo_web: Demo, log: LoopThread, page: Any,
+                                                             tmp_path: Path) -> None:
+    """/verify keeps no row, lane or open item of the file checked before: a second file
+    whose items only ``system`` wrote showed the first file's rows (their content, under
+    the second file's badge) and its agent lanes (``#2`` stays selected: the new file's); a second file that is no JSONL at all
+    left the first file's rows too, and updating their marks threw."""
+    first = tmp_path / "first.jsonl"
+    first.write_bytes(page.request.get(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}/export.jsonl").body())
+    log.run(log.client.append("sys-only-1", [said("system", f"note {k}") for k in range(3)]))
+    second = tmp_path / "second.jsonl"
+    second.write_bytes(page.request.get(f"{demo_web.url}/sessions/sys-only-1/export.jsonl").body())
+    assert len(second.read_bytes().splitlines()) == 3
+
+    _verify_file(demo_web, page, first, "good")
+    page.wait_for_selector(".row")
+    page.click(".row[data-order='2']")
+    assert not page.is_hidden("#detail")
+    page.set_input_files("#file", str(second))
+    page.wait_for_function("document.querySelector('#badge').textContent.includes('chain intact through #3')")
+    page.wait_for_timeout(300)
+    assert lane_names(page) == ["user", "system"]
+    cards = page.eval_on_selector_all(".row .card", "els => els.map(e => [e.dataset.agent, e.textContent])")
+    assert [a for a, _ in cards] == ["system"] * 3, cards
+    assert all(f"note {k}" in text for k, (_, text) in enumerate(cards)), cards
+    assert page.text_content("#detail h2").startswith("#2 · system · "), page.text_content("#detail h2")
+
+    page.set_input_files("#file", str(first))
+    wait_badge(page, "good")
+    not_json = tmp_path / "notes.txt"
+    not_json.write_bytes(b"not an export\n")
+    page.set_input_files("#file", str(not_json))
+    wait_badge(page, "bad")
+    page.wait_for_timeout(300)
+    assert page.eval_on_selector_all(".row", "els => els.length") == 0

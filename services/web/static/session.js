@@ -329,6 +329,13 @@ function loadFile(file) {
     sigs = new SignatureChecker();
     sigs.keyring = keyring;
     verifying = Promise.resolve();
+    // Nothing of the file checked before stays on screen: its rows, lanes, open item.
+    for (const node of rendered.values()) node.remove();
+    rendered.clear();
+    selected = null;
+    $("detail").hidden = true;
+    scroller.scrollTop = 0;
+    renderLanes();
     $("title").textContent = `${file.name} · session ${s}`;
     $("message").textContent = "";
     add(envs);
