@@ -343,3 +343,48 @@ async def test_a_live_after_that_is_no_small_integer_is_a_bad_request(web: Conso
     assert json.loads(body)["error"]["code"] == "bad_request"
     status, _, body = await web.get("/sessions/s1/live", {"Last-Event-ID": "\u00b2".encode().decode("latin-1")})
     assert status == 400, (status, body[:200])
+
+
+async def _walk_sessions(web: Console, limit: int, between: Any = None) -> list[str]:
+    """Every session id the console lists, page by page (``between`` runs after each page)."""
+    out: list[str] = []
+    cursor = None
+    while True:
+        status, _, body = await web.get(f"/api/sessions?limit={limit}" + (f"&cursor={cursor}" if cursor else ""))
+        assert status == 200, body
+        page = json.loads(body)
+        out += [s["session_id"] for s in page["sessions"]]
+        cursor = page["next"]
+        if not cursor:
+            return out
+        if between is not None:
+            await between(out)
+
+
+async def test_sessions_paging_neither_skips_nor_repeats_at_ties_or_under_writes(web: Console) -> None:
+    """Sessions committed together share one updated_at: paging through them (page
+    boundaries inside the tie) lists each once.  Writes while paging move a session up,
+    never down: a session already shown is not shown again, new sessions and the ones
+    that moved are on the first page, and every other session is still listed once."""
+    tied = [f"tie-{k:02d}" for k in range(40)]
+    await asyncio.gather(*(web.client.append(s, [said("Triage", "x")]) for s in tied))
+    rows = [s for s in (await web.client.sessions(limit=100)).sessions if s.session_id in tied]
+    assert len({s.updated_at for s in rows}) < len(rows)  # ties, committed in one batch
+    listed = await _walk_sessions(web, 7)
+    assert sorted(listed) == tied
+
+    moved: list[str] = []
+
+    async def write(shown: list[str]) -> None:  # the page's last (its cursor) and a new session
+        if len(moved) == 2:
+            return
+        moved.append(shown[-1])
+        await web.client.append(shown[-1], [said("Triage", "again")])
+        await web.client.append(f"new-{len(moved)}", [said("Triage", "new")])
+        await asyncio.sleep(2.1)  # past the listing's cache
+
+    listed = await _walk_sessions(web, 6, write)
+    assert len(listed) == len(set(listed)) and sorted(listed) == tied
+    _, _, body = await web.get("/api/sessions?limit=50")
+    first = [s["session_id"] for s in json.loads(body)["sessions"]]
+    assert set(first[: 2 * len(moved)]) == {*moved, *(f"new-{k}" for k in range(1, len(moved) + 1))}
