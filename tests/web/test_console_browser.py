@@ -506,6 +506,23 @@ def test_an_item_that_cannot_be_canonicalized_is_named_where_it_is(
     assert page.get_attribute(".row[data-order='9'] .vmark", "class") == "vmark ok"
 
 
+def test_a_session_that_did_not_load_gets_no_green_badge(demo_web: Demo, page: Any) -> None:
+    """The export failed (the log service down: 503): the page said "Could not load
+    the session" beside a green "no items to verify" badge, the badge of an empty,
+    intact session.  Nothing was verified, so the badge says so, not green."""
+    page.route("**/export.jsonl", lambda route: route.fulfill(
+        status=503, content_type="application/json",
+        body=b'{"error": {"code": "unavailable", "message": "no log service answered"}}'))
+    page.route("**/live?*", lambda route: route.abort())
+    page.goto(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}")
+    page.wait_for_function("document.getElementById('message').textContent.includes('Could not load')")
+    page.wait_for_function("document.getElementById('badge').textContent.includes('did not load')")
+    assert page.get_attribute("#badge", "class") == "badge working"
+    assert page.text_content("#badge") == "nothing verified: the session did not load"
+    assert "no log service answered" in page.text_content("#message")
+    screenshot(page, "did-not-load")
+
+
 @pytest.mark.parametrize("bad", [b"{oops", b"null", b"[1, 2]"])
 def test_a_file_with_a_line_that_is_not_json_breaks_at_that_item(
         demo_web: Demo, page: Any, tmp_path: Path, bad: bytes) -> None:

@@ -7,7 +7,7 @@ import { Conversation, describe, handoffTarget, str } from "./model.js";
 let ROW_H = 68; // px; every row has the same height, so only rows on screen exist (136: tall rows)
 const OVERSCAN = 8;
 const $ = (id) => document.getElementById(id);
-const state = { firstScreenMs: null, verifiedMs: null, loaded: false, live: "off" };
+const state = { firstScreenMs: null, verifiedMs: null, loaded: false, loadFailed: false, live: "off" };
 window.__convlog = state;
 
 const fileMode = location.pathname === "/verify";
@@ -147,11 +147,16 @@ function updateBadge() {
   const sp = chainProblem ? null : sigs.problem(verifier.verified);
   const hp = chainProblem || sp ? null : sigs.headProblem(verifier.sessionId, conv.items, conv.byOrder, complete);
   const p = chainProblem || sp || hp;
-  b.className = "badge " + (p ? "bad" : verifier.verified === conv.items.length && state.loaded ? "good" : "working");
+  const unloaded = !p && state.loadFailed && verifier.verified === 0;
+  b.className = "badge " + (p ? "bad" : unloaded ? "working"
+    : verifier.verified === conv.items.length && state.loaded ? "good" : "working");
   if (p) {
     b.textContent = chainProblem ? `✗ chain broken at #${p.order}: ${p.reason}`
       : sp ? `✗ bad signature at #${p.order}: ${p.reason}` : `✗ ${p.reason}`;
     b.setAttribute("href", `#${p.order}`);
+  } else if (unloaded) {
+    b.textContent = "nothing verified: the session did not load";
+    b.removeAttribute("href");
   } else if (verifier.verified === 0 && state.loaded) {
     b.textContent = "no items to verify";
   } else {
@@ -282,6 +287,7 @@ async function loadFromServer() {
     }
   } catch (err) {
     $("message").textContent = `Could not load the session: ${err.message}`;
+    state.loadFailed = true; // nothing to call intact: the badge must not turn green
   }
   finishLoad();
   startLive();
