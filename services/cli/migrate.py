@@ -25,6 +25,7 @@ from shared.errors import BadRequestError, ConvlogError, NotFoundError
 from shared.messages import Envelope
 from shared.subjects import validate_session_id
 
+from .common import require_nats
 from .storage import check_service_db
 
 __all__ = ["cmd_migrate", "migrate_arguments"]
@@ -51,6 +52,7 @@ def _store(spec: str, settings: Settings, *, source: bool = False) -> LogStore:
         from services.log.store.jetstream import JetStreamStore
         from shared.client import connect_options
 
+        require_nats(settings)  # else the store's connection retries forever
         return JetStreamStore(
             connect_options(settings, name="convlog-migrate"),
             subjects=settings.subjects,

@@ -184,3 +184,24 @@ async def test_migrate_leaves_a_foreign_sqlite_file_and_a_missing_directory_alon
     code, out = await migrate(tmp_path, nats_server.url, "--from", f"sqlite:{db}", "--to", f"sqlite:{typo}")
     assert code == 2 and "does not exist" in out, out
     assert not typo.parent.exists()
+
+
+async def test_migrate_without_a_nats_server_says_so_in_one_line(tmp_path: Path) -> None:
+    # A JetStream side with no NATS server answering: migrate retried the connection
+    # forever, one warning every 250 ms, and never exited (every other command says
+    # "no NATS server answers", exit 3).
+    from tests.support.natsd import free_port
+
+    db = tmp_path / "log.db"
+    async with SQLiteStore(db) as src:
+        await src.append("a", AppendRequest(items=[user("a0")]))
+    url = f"nats://127.0.0.1:{free_port()}"
+    for args in (["--from", f"sqlite:{db}", "--to", "jetstream"],
+                 ["--from", "jetstream", "--to", f"sqlite:{tmp_path / 'back.db'}"]):
+        rc, out, err = await run_cli("migrate", "--nats-url", url, "--no-embedded", *args,
+                                     env=service_env(tmp_path / "cli"), timeout=30)
+        assert rc == 3, (args, err[-2000:])
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-2000:]
+        assert "no NATS server answers" in err and url in err, err
+        assert out == ""
+    assert not (tmp_path / "back.db").exists()
