@@ -145,7 +145,7 @@ async def _bench(args: argparse.Namespace, settings: Settings) -> int:
         from .sdk import run_sdk_bench
 
         url = settings.nats_url if args.nats_url and nats_answers(settings.nats_url) else None
-        await run_sdk_bench(url, args.sdk_ops, sys.stdout, as_json_out=args.json)
+        await run_sdk_bench(url, args.sdk_ops, sys.stdout, as_json_out=args.json, settings=settings)
         return EXIT_OK
 
     if args.store is not None:

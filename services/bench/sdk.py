@@ -47,6 +47,7 @@ from typing import Any, TextIO
 
 from shared.agents_session import require_agents_sdk
 from shared.client import LogClient
+from shared.config import Settings
 
 from .sdk_breakdown import CallClock, ClientSplit, ServiceSplit, service_delta, service_sample
 from .sdk_procs import PROCESSES, Workers, run_processes
@@ -168,8 +169,8 @@ async def _local_stack(base: Path) -> AsyncIterator[str]:
         nats_server.stop()
 
 
-async def _wait_for_log_service(url: str, timeout: float = 20.0) -> None:  # noqa: ASYNC109
-    client = await LogClient.connect(url)
+async def _wait_for_log_service(url: str, timeout: float = 20.0, settings: Settings | None = None) -> None:  # noqa: ASYNC109
+    client = await LogClient.connect(url, settings=settings)
     client.deadline = 0.5
     try:
         end = time.monotonic() + timeout
@@ -185,7 +186,9 @@ async def _wait_for_log_service(url: str, timeout: float = 20.0) -> None:  # noq
         await client.close()
 
 
-async def run_sdk_bench(url: str | None, ops: int, out: TextIO, *, as_json_out: bool = False) -> dict[str, Any]:
+async def run_sdk_bench(
+    url: str | None, ops: int, out: TextIO, *, as_json_out: bool = False, settings: Settings | None = None
+) -> dict[str, Any]:
     """Measure ConvlogSession against SQLiteSession and print the table to ``out``.
 
     Args:
@@ -194,6 +197,8 @@ async def run_sdk_bench(url: str | None, ops: int, out: TextIO, *, as_json_out: 
         ops: calls per scenario (split across writers/processes where there are several).
         out: where the table goes.
         as_json_out: print the figures as one JSON object instead of the table.
+        settings: the subject prefix and credentials of the log service at ``url``
+            (its ``nats_url`` is not used; ignored without ``url``).
 
     Returns:
         ``{"sqlite": {...}, "convlog": {...}, "ops": ops, "sdk_version": ...,
@@ -216,15 +221,15 @@ async def run_sdk_bench(url: str | None, ops: int, out: TextIO, *, as_json_out: 
             await workers.start()  # they import the SDK while the stack starts
             stack.push_async_callback(workers.stop)
             if url is None:
-                url = await stack.enter_async_context(_local_stack(base))
+                url, settings = await stack.enter_async_context(_local_stack(base)), None
             else:
-                await _wait_for_log_service(url, timeout=5)
+                await _wait_for_log_service(url, timeout=5, settings=settings)
             await workers.run_ready()
-            stats = await LogClient.connect(url, name="convlog-sdk-bench-stats")
+            stats = await LogClient.connect(url, name="convlog-sdk-bench-stats", settings=settings)
             stack.push_async_callback(stats.close)
             breakdown: dict[str, Any] = {}
             stores: dict[str, Sessions] = {"sqlite": SQLiteSessions(base / "sdk_sessions.db"),
-                                           "convlog": ConvlogSessions(url)}
+                                           "convlog": ConvlogSessions(url, settings)}
             try:
                 measured, breakdown["add_1"] = await _in_process(stores, ops, run_id, stats.nc)
             finally:
@@ -235,7 +240,7 @@ async def run_sdk_bench(url: str | None, ops: int, out: TextIO, *, as_json_out: 
                 workers, "sqlite", str(base / "sdk_shared.db"), f"{run_id}-procs", per_process)
             before = await service_sample(stats.nc)
             results["convlog"]["processes"], split_p = await run_processes(
-                workers, "convlog", url, f"{run_id}-procs", per_process)
+                workers, "convlog", url, f"{run_id}-procs", per_process, settings)
             breakdown["processes"] = (split_p, service_delta(before, await service_sample(stats.nc)))
             results["breakdown"] = breakdown
     if as_json_out:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.agents_session import require_agents_sdk
+from shared.config import Settings
 
 from .sdk_breakdown import CallClock, ClientSplit
 from .sdk_stores import ConvlogSessions, Sessions, SQLiteSessions, bench_item
@@ -25,6 +26,9 @@ from .sdk_stores import ConvlogSessions, Sessions, SQLiteSessions, bench_item
 __all__ = ["PROCESSES", "Mixing", "Workers", "check_mixing", "run_processes"]
 
 PROCESSES = 4
+#: What a worker needs of the settings to reach the log service at a given URL.
+CONNECTION = ("prefix", "creds", "nkey", "user", "password", "token", "tls_ca", "tls_cert", "tls_key",
+              "request_timeout", "nats_seam")
 
 
 @dataclass
@@ -91,8 +95,13 @@ class Workers:
         """Wait until every worker has imported what it needs."""
         await self._answers(120)
 
-    async def run(self, kind: str, target: str, sid: str, count: int) -> list[dict[str, Any]]:
-        await self._send(json.dumps({"kind": kind, "target": target, "sid": sid, "count": count}))
+    async def run(
+        self, kind: str, target: str, sid: str, count: int, settings: Settings | None = None
+    ) -> list[dict[str, Any]]:
+        job: dict[str, Any] = {"kind": kind, "target": target, "sid": sid, "count": count}
+        if settings is not None:  # (over the pipe: a password never shows in a process list)
+            job["settings"] = {name: getattr(settings, name) for name in CONNECTION}
+        await self._send(json.dumps(job))
         await self._answers(60)  # every worker has its session open
         await self._send("go")  # ... and all start at once
         return await self._answers(300)
@@ -111,22 +120,24 @@ class Workers:
 
 
 async def run_processes(
-    workers: Workers, kind: str, target: str, sid: str, calls_each: int
+    workers: Workers, kind: str, target: str, sid: str, calls_each: int, settings: Settings | None = None
 ) -> tuple[Mixing, ClientSplit]:
     """The workers add pairs to one session at once; read it back and check.
+
+    ``settings``: the prefix and credentials of the log service at ``target`` (a NATS URL).
 
     Returns:
         What the read-back found, and the workers' summed call timings
         (:class:`~.sdk_breakdown.CallClock`).
     """
-    summaries = await workers.run(kind, target, sid, calls_each)
+    summaries = await workers.run(kind, target, sid, calls_each, settings)
     split = ClientSplit()
     for x in summaries:
         split.add(ClientSplit.from_dict(x["split"]))
     failed = sum(x["errors"] for x in summaries)
     calls = sum(x["calls"] for x in summaries)
     seconds = max(x["seconds"] for x in summaries)  # they start together: the slowest is the wall time
-    store: Sessions = SQLiteSessions(Path(target)) if kind == "sqlite" else ConvlogSessions(target)
+    store: Sessions = SQLiteSessions(Path(target)) if kind == "sqlite" else ConvlogSessions(target, settings)
     try:
         items = await store.session(sid).get_items()
     finally:
@@ -168,7 +179,8 @@ def check_mixing(
 
 async def _worker_job(tag: str, job: dict[str, Any], lines: asyncio.Queue[str]) -> dict[str, Any]:
     kind, target = job["kind"], job["target"]
-    store: Sessions = SQLiteSessions(Path(target)) if kind == "sqlite" else ConvlogSessions(target)
+    settings = Settings(nats_url=target, **job["settings"]) if "settings" in job else None
+    store: Sessions = SQLiteSessions(Path(target)) if kind == "sqlite" else ConvlogSessions(target, settings)
     session = store.session(job["sid"])
     errors: dict[str, int] = {}
     done = 0

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.agents_session import ConvlogSession
+from shared.config import Settings
 
 __all__ = ["ConvlogSessions", "SQLiteSessions", "Sessions", "bench_item"]
 
@@ -60,11 +61,13 @@ class SQLiteSessions(Sessions):
 class ConvlogSessions(Sessions):
     name = "ConvlogSession"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, settings: Settings | None = None) -> None:
         super().__init__()
         self.url = url
+        self.settings = settings  # the prefix and credentials of the service at url
 
     def session(self, sid: str) -> Any:
-        s = ConvlogSession.from_url(sid, url=self.url, agent="bench")
+        opts = {"settings": self.settings} if self.settings is not None else {}
+        s = ConvlogSession.from_url(sid, url=self.url, agent="bench", **opts)
         self.sessions.append(s)
         return s

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 
 from services.bench.sdk_procs import check_mixing
+from tests.support.logsvc import service_env
+from tests.support.natsd import NatsServer
+from tests.support.procs import run_cli
 
 pytest.importorskip("agents")
 
@@ -76,3 +80,30 @@ def test_the_mixing_check_finds_lost_doubled_reordered_and_torn_items() -> None:
     assert m.doubled == 2  # p2 0 user, p1 1 assistant
     assert m.out_of_order == 1  # p1 0 after p1 1
     assert m.torn == 1  # the second p2 0 user is followed by p1 1's assistant
+
+
+# --prefix was ignored: `convlog bench --sdk --nats-url URL` waited for a log service on
+# convlog.* whatever the prefix given, so against one serving another prefix it gave up
+# ('unavailable', exit 3) or measured whichever service answered convlog.*.
+async def test_sdk_bench_against_a_running_service_uses_its_prefix(nats_server: NatsServer, tmp_path: Path) -> None:
+    from services.log.service import LogService
+    from shared.client import LogClient
+    from shared.config import Settings, load_settings
+
+    service = LogService(load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "acme.db"),
+                                        "prefix": "acme"}, {}))
+    await service.start()
+    try:
+        code, out, err = await run_cli("bench", "--sdk", "--sdk-ops", "4", "--json", "--nats-url", nats_server.url,
+                                       "--prefix", "acme", env=service_env(tmp_path / "cli"), timeout=180)
+        assert code == 0, err[-2000:]
+        report = json.loads(out)
+        assert report["scenarios"]["processes"]["convlog"]["found"] == 4 * 2
+        client = await LogClient.connect(settings=Settings(nats_url=nats_server.url, prefix="acme"))
+        try:
+            sessions = [s.session_id for s in (await client.sessions()).sessions]
+        finally:
+            await client.close()
+        assert any(s.startswith("sdkbench-") for s in sessions), sessions
+    finally:
+        await service.shutdown()

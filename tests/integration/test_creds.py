@@ -11,6 +11,7 @@ refused, and a wrong creds file ends in one line, not a traceback.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,3 +116,34 @@ async def test_a_wrong_creds_file_is_one_line(operator_server: tuple[NatsServer,
 
 def err_of(result: tuple[int, str, str]) -> str:
     return result[2]
+
+
+async def test_the_sdk_bench_logs_in_with_the_creds_given(
+    operator_server: tuple[NatsServer, Operator], tmp_path: Path
+) -> None:
+    # --creds was ignored by `convlog bench --sdk --nats-url URL`: its client, its stats
+    # connection and its four writer processes connected without credentials, so against
+    # a server with JWT auth the bench failed ('Authorization Violation').
+    pytest.importorskip("agents")
+    server, op = operator_server
+    app = op.accounts["APP"]
+    service_creds = write_creds(tmp_path / "service.creds", app.user("log-service").creds())
+    bench_creds = write_creds(tmp_path / "bench.creds", app.user("bench").creds())
+    log_svc = python_module(
+        "services.cli.main", "log", "--nats-url", server.url, "--db", str(tmp_path / "log.db"),
+        log_dir=tmp_path, env={**cli_env(tmp_path), "CONVLOG_CREDS": str(service_creds)},
+    )
+    with log_svc:
+        await asyncio.to_thread(log_svc.wait_for_line, r"log service ready", 20)
+        rc, out, err = await run_cli("bench", "--sdk", "--sdk-ops", "4", "--json", "--nats-url", server.url,
+                                     "--creds", str(bench_creds), env=cli_env(tmp_path), timeout=180)
+        assert rc == 0, err[-2000:]
+        assert json.loads(out)["scenarios"]["processes"]["convlog"]["found"] == 4 * 2
+
+        settings = load_settings({"nats_url": server.url, "creds": str(bench_creds)}, environ={})
+        client = await LogClient.connect(settings=settings)
+        try:
+            sessions = [s.session_id for s in (await client.sessions()).sessions]
+        finally:
+            await client.close()
+        assert any(s.startswith("sdkbench-") for s in sessions), sessions
