@@ -25,10 +25,11 @@ import nats.js.errors
 
 from services.log.reconciler import RECONCILER
 from shared.client import LogClient
-from shared.config import Settings
+from shared.config import Settings, load_settings
 
 from .measure import Run, closed_loop, open_loop
 from .measure import say as _stderr
+from .stack import connection_env, connection_settings
 from .stack import wait_service as _wait_service
 
 __all__ = ["payload", "report", "run_bench"]
@@ -48,10 +49,12 @@ def payload(size: int) -> dict[str, Any]:
 
 
 def _echo_main(url: str, subject: str) -> None:
-    """The baseline responder: reply with the request body, nothing else."""
+    """The baseline responder: reply with the request body, nothing else.
+
+    It logs in with the credentials of its ``CONVLOG_*`` environment (:func:`connection_env`)."""
 
     async def run() -> None:
-        nc = await nats.connect(url)
+        nc = await nats.connect(url, **load_settings({"nats_url": url}).nats_options())
 
         async def echo(msg: Any) -> None:
             await msg.respond(msg.data)
@@ -65,9 +68,13 @@ def _echo_main(url: str, subject: str) -> None:
         asyncio.run(run())
 
 
-async def run_bench(args: argparse.Namespace, url: str, *, prefix: str = "convlog") -> dict[str, Run]:
-    """The phases against the log service at ``url`` serving subject prefix ``prefix``."""
-    client = await LogClient.connect(url, name="convlog-bench", settings=Settings(nats_url=url, prefix=prefix))
+async def run_bench(
+    args: argparse.Namespace, url: str, *, prefix: str = "convlog", settings: Settings | None = None
+) -> dict[str, Run]:
+    """The phases against the log service at ``url`` serving subject prefix ``prefix``
+    (or ``settings``' prefix, logging in with their credentials)."""
+    settings = connection_settings(settings or Settings(prefix=prefix), url)
+    client = await LogClient.connect(url, name="convlog-bench", settings=settings)
     await _wait_service(client)
     results: dict[str, Run] = {}
     data = payload(args.item_size)
@@ -78,7 +85,7 @@ async def run_bench(args: argparse.Namespace, url: str, *, prefix: str = "convlo
     subject = f"convlog-bench.echo.{run_id}"
     echo = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.bench.appends", "--echo", url, subject,
-        stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, env=connection_env(settings),
     )
     try:
         assert echo.stdout is not None

@@ -156,7 +156,7 @@ async def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from .stack import local_stack
 
     if args.nats_url and nats_answers(settings.nats_url):
-        results = await run_bench(args, settings.nats_url, prefix=settings.prefix)
+        results = await run_bench(args, settings.nats_url, settings=settings)
     else:
         why = f"nothing answers at {settings.nats_url}" if args.nats_url else "no --nats-url given"
         say(f"{why}: starting a private stack (embedded nats-server + convlog log)")

@@ -22,13 +22,11 @@ from shared.config import Settings
 
 from .sdk_breakdown import CallClock, ClientSplit
 from .sdk_stores import ConvlogSessions, Sessions, SQLiteSessions, bench_item
+from .stack import CONNECTION
 
 __all__ = ["PROCESSES", "Mixing", "Workers", "check_mixing", "run_processes"]
 
 PROCESSES = 4
-#: What a worker needs of the settings to reach the log service at a given URL.
-CONNECTION = ("prefix", "creds", "nkey", "user", "password", "token", "tls_ca", "tls_cert", "tls_key",
-              "request_timeout", "nats_seam")
 
 
 @dataclass

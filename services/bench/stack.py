@@ -15,8 +15,31 @@ from pathlib import Path
 
 from services.cli.stack import EmbeddedNats, stop_process
 from shared.client import LogClient
+from shared.config import Settings
 
-__all__ = ["local_stack", "wait_service"]
+__all__ = ["CONNECTION", "connection_env", "connection_settings", "local_stack", "wait_service"]
+
+#: What a bench needs of the command's settings to reach a running log service.
+CONNECTION = ("prefix", "creds", "nkey", "user", "password", "token", "tls_ca", "tls_cert", "tls_key",
+              "request_timeout", "nats_seam")
+
+
+def connection_settings(settings: Settings | None, url: str) -> Settings:
+    """Settings to reach the log service at ``url`` with ``settings``' prefix and
+    credentials (nothing else: a signing key, say, would change what is measured)."""
+    if settings is None:
+        return Settings(nats_url=url)
+    return Settings(nats_url=url, **{name: getattr(settings, name) for name in CONNECTION})
+
+
+def connection_env(settings: Settings | None) -> dict[str, str]:
+    """The environment of a bench's child process that connects as ``settings`` say:
+    ours minus any ``CONVLOG_*``, plus the ``CONNECTION`` values set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+    for name in CONNECTION if settings is not None else ():
+        if (value := getattr(settings, name)) is not None:
+            env[f"CONVLOG_{name.upper()}"] = str(value)
+    return env
 
 
 @contextlib.contextmanager

@@ -147,3 +147,27 @@ async def test_the_sdk_bench_logs_in_with_the_creds_given(
         finally:
             await client.close()
         assert any(s.startswith("sdkbench-") for s in sessions), sessions
+
+
+async def test_the_bench_logs_in_with_the_creds_given(
+    operator_server: tuple[NatsServer, Operator], tmp_path: Path
+) -> None:
+    # --creds was ignored by `convlog bench --nats-url URL`: its client and its echo
+    # baseline connected without credentials ('NATS refused the connection (no
+    # credentials)', exit 2) against a server with JWT auth.
+    server, op = operator_server
+    app = op.accounts["APP"]
+    service_creds = write_creds(tmp_path / "service.creds", app.user("log-service").creds())
+    bench_creds = write_creds(tmp_path / "bench.creds", app.user("bench").creds())
+    log_svc = python_module(
+        "services.cli.main", "log", "--nats-url", server.url, "--db", str(tmp_path / "log.db"),
+        log_dir=tmp_path, env={**cli_env(tmp_path), "CONVLOG_CREDS": str(service_creds)},
+    )
+    with log_svc:
+        await asyncio.to_thread(log_svc.wait_for_line, r"log service ready", 20)
+        rc, out, err = await run_cli("bench", "--nats-url", server.url, "--creds", str(bench_creds), "--json",
+                                     "--writers", "2", "--sessions", "2", "--duration", "0.3",
+                                     "--replay-items", "500", env=cli_env(tmp_path), timeout=120)
+        assert rc == 0, err[-2000:]
+        results = json.loads(out)["results"]
+        assert results["baseline"]["ops"] > 0 and results["append"]["ops"] > 0
