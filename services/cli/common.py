@@ -39,6 +39,7 @@ __all__ = [
     "positive_float",
     "positive_int",
     "require_nats",
+    "setting_source",
     "stderr",
 ]
 
@@ -117,6 +118,14 @@ def connection_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR or CRITICAL [CONVLOG_LOG_LEVEL]")
     g.add_argument("--no-embedded", dest="embedded", action="store_const", const=False,
                    help="never start a local nats-server [CONVLOG_EMBEDDED=false]")
+
+
+def setting_source(args: argparse.Namespace, name: str) -> str:
+    """What set the setting ``name``, to name it in a message: its flag when the
+    command line gave it, else its ``CONVLOG_*`` variable."""
+    if getattr(args, name, None) is not None:
+        return f"--{name.replace('_', '-')}"
+    return f"CONVLOG_{name.upper()}"
 
 
 def packaged_agents_path() -> Path:

@@ -13,9 +13,9 @@ import argparse
 import gc
 import logging
 
-from shared.config import Settings
+from shared.config import ConfigError, Settings
 
-from .common import EXIT_OK, install_signal_handlers, maybe_embedded_nats
+from .common import EXIT_OK, install_signal_handlers, maybe_embedded_nats, setting_source
 from .storage import check_data_dir, check_service_db
 
 __all__ = ["cmd_log", "log_arguments"]
@@ -42,13 +42,34 @@ def db_source(args: argparse.Namespace, settings: Settings) -> str | None:
     return "CONVLOG_DB" if settings.db is not None else None
 
 
+def check_keyring(args: argparse.Namespace, settings: Settings) -> None:
+    """The keyring the service checks signatures with, before anything starts;
+    a mistake names the flag or variable that was given.
+
+    Raises:
+        ConfigError: signatures required without a keyring, or the keyring unusable.
+    """
+    from shared.signing import Keyring, KeyringError
+
+    if settings.require_signatures and settings.keyring is None:
+        raise ConfigError(f"{setting_source(args, 'require_signatures')} needs a keyring "
+                          "(--keyring or CONVLOG_KEYRING, the public keyring file)")
+    if settings.keyring is not None:
+        try:
+            Keyring.load(settings.keyring)
+        except KeyringError as e:
+            raise ConfigError(f"{setting_source(args, 'keyring')}: {e}") from None
+
+
 async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
     from services.log.service import LogService
 
+    check_keyring(args, settings)
     if settings.store == "sqlite":
-        check_service_db(settings.db_path, name=db_source(args, settings))
-    if settings.embedded:
-        check_data_dir(settings.data_dir)  # the embedded server's JetStream store lives there
+        check_service_db(settings.db_path, name=db_source(args, settings),
+                         data_dir_name=setting_source(args, "data_dir"))
+    if settings.embedded:  # the embedded server's JetStream store lives there
+        check_data_dir(settings.data_dir, name=setting_source(args, "data_dir"))
     server = maybe_embedded_nats(settings, settings.data_dir)
     if server is not None:
         log.info("started embedded nats-server at %s (JetStream store %s)", server.url,

@@ -36,6 +36,7 @@ from .common import (
     port_number,
     positive_float,
     positive_int,
+    setting_source,
 )
 from .common import stderr as _stderr
 from .log_cmd import db_source
@@ -156,8 +157,9 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         spec = load_spec(agents_path)
     except SpecError as e:
         raise BadRequestError(f"bad agent spec: {e}") from e
-    check_data_dir(settings.data_dir.resolve())
-    check_service_db(settings.db_path, name=db_source(args, settings))
+    check_data_dir(settings.data_dir.resolve(), name=setting_source(args, "data_dir"))
+    check_service_db(settings.db_path, name=db_source(args, settings),
+                     data_dir_name=setting_source(args, "data_dir"))
     start_nats = not nats_answers(settings.nats_url)
     path, text = up_config(settings, agents_path=Path(agents_path), agents=list(spec.agents),
                            workers_per_agent=args.workers_per_agent, start_nats=start_nats)

@@ -81,7 +81,7 @@ def _convlog_schema_problem(db: Path) -> str | None:
     return None
 
 
-def check_service_db(db: Path, *, name: str | None) -> None:
+def check_service_db(db: Path, *, name: str | None, data_dir_name: str = "CONVLOG_DATA_DIR") -> None:
     """Everything the log service needs from its SQLite path, before it opens it.
 
     Args:
@@ -89,6 +89,8 @@ def check_service_db(db: Path, *, name: str | None) -> None:
         name: the flag or variable that named ``db`` (``--db``, ``CONVLOG_DB``),
             or ``None`` for the default under the data directory (whose
             directory is then created).
+        data_dir_name: what named the data directory (``--data-dir``,
+            ``CONVLOG_DATA_DIR``), for a default ``db``.
 
     Raises:
         ConfigError: one line naming the path and what is wrong with it.
@@ -96,7 +98,7 @@ def check_service_db(db: Path, *, name: str | None) -> None:
     label = f"{name}: {db}" if name else f"database {db}"
     parent = db.parent
     if name is None:
-        check_data_dir(parent)
+        check_data_dir(parent, name=data_dir_name)
     elif not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
         raise ConfigError(f"{name}: the directory {parent} {what} (create it first)")

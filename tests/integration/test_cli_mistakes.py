@@ -198,6 +198,8 @@ async def test_a_read_only_data_directory_is_named(tmp_path: Path) -> None:
     assert rc == EXIT_USAGE, err
     line = one_line(err)
     assert str(data) in line and "not writable" in line
+    # Named as the user gave it (it said CONVLOG_DATA_DIR, a variable nobody set).
+    assert line.startswith("convlog log: --data-dir: ") and "CONVLOG_DATA_DIR" not in line, line
     assert list(data.iterdir()) == []
 
 
@@ -212,6 +214,31 @@ async def test_a_read_only_lock_file_is_named(tmp_path: Path) -> None:
     line = one_line(err)
     assert str(lock) in line and "not writable" in line
     assert not (data / "convlog.db").exists()
+
+
+async def test_a_keyring_mistake_names_the_flag_or_the_variable_given(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # `convlog log --keyring FILE` with a missing or malformed FILE said "CONVLOG_KEYRING: ...",
+    # and --require-signatures without a keyring "CONVLOG_REQUIRE_SIGNATURES needs
+    # CONVLOG_KEYRING": variables the user never set.
+    (tmp_path / "data").mkdir()
+    bad = tmp_path / "keyring.json"
+    bad.write_text("{}")
+    missing = tmp_path / "nokeyring.json"
+    env = cli_env(tmp_path, CONVLOG_NATS_URL=nats_server.url)
+    for argv, extra, said, unsaid in [
+        (["--keyring", str(missing)], {}, ["--keyring", str(missing)], "CONVLOG_KEYRING"),
+        (["--keyring", str(bad)], {}, ["--keyring", str(bad), "malformed"], "CONVLOG_KEYRING"),
+        (["--require-signatures"], {}, ["--require-signatures", "keyring"], "CONVLOG_REQUIRE_SIGNATURES"),
+        ([], {"CONVLOG_KEYRING": str(missing)}, ["CONVLOG_KEYRING", str(missing)], "--keyring"),
+    ]:
+        rc, out, err = await convlog(tmp_path, "log", *argv, env={**env, **extra})
+        assert rc == EXIT_USAGE, (argv, err)
+        (line,) = [x for x in err.splitlines() if x.startswith("convlog log:")]
+        assert "Traceback" not in err, err
+        assert all(w in line for w in said) and unsaid not in line, (argv, line)
+    assert not (tmp_path / "data" / "convlog.db").exists()
 
 
 # -- help and version ----------------------------------------------------------------
