@@ -367,11 +367,13 @@ class LogClient(Requester):
 
     # -- live ------------------------------------------------------------
     def follow(
-        self, session_id: str, *, after: int = 0, idle_check: float = 2.0
+        self, session_id: str, *, after: int = 0, idle_check: float = 2.0, wait_out: bool = True
     ) -> AsyncIterator[Envelope]:
         """Yield every envelope with ``item_order > after``, in order, forever.
 
         Live items come through a JetStream consumer, history and gaps from
         the log; nothing is skipped or repeated (see :mod:`shared.follow`).
+        ``wait_out=False``: a log service that does not answer until the
+        deadline raises ``UnavailableError`` (else it is waited for).
         """
-        return follow(self, session_id, after=after, idle_check=idle_check)
+        return follow(self, session_id, after=after, idle_check=idle_check, wait_out=wait_out)

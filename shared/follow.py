@@ -21,7 +21,7 @@ import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from .codec import decode
-from .errors import BadRequestError
+from .errors import BadRequestError, UnavailableError
 from .failures import LOOP_BACKOFF, is_transient
 from .messages import Envelope
 from .requester import raise_if_cancelled
@@ -33,12 +33,14 @@ log = logging.getLogger("convlog.client")
 
 
 async def follow(
-    client: Any, session_id: str, *, after: int = 0, idle_check: float = 2.0
+    client: Any, session_id: str, *, after: int = 0, idle_check: float = 2.0, wait_out: bool = True
 ) -> AsyncIterator[Envelope]:
     """Yield every envelope of ``session_id`` with ``item_order > after``, in order, forever.
 
     ``client`` is the :class:`~shared.client.LogClient` that reads the log and
-    whose connection carries the consumer.
+    whose connection carries the consumer.  With ``wait_out=False`` a read of
+    the log that found no log service until the client's deadline raises
+    (``UnavailableError``) instead of being tried again.
     """
     validate_session_id(session_id)
     last = after
@@ -89,6 +91,8 @@ async def follow(
             # may not meet (a restart, a consumer gone), are waited out; any
             # other error (the log refusing the read, a bug) is the caller's.
             if not (is_transient(e) or isinstance(e, nats.js.errors.Error)):
+                raise
+            if not wait_out and isinstance(e, UnavailableError):
                 raise
             delay = LOOP_BACKOFF.delay(failures)
             failures += 1

@@ -165,19 +165,22 @@ async def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         user_order = ack.items[0].item_order
         again = " (already stored: this id was sent before)" if ack.items[0].duplicate else ""
         stderr(f"sent #{user_order} to {args.session_id}{again}")
-        deadline = asyncio.timeout(args.timeout)
         try:
-            async with deadline:
-                async for env in client.follow(args.session_id, after=user_order, idle_check=1.0):
+            async with asyncio.timeout(args.timeout):
+                async for env in client.follow(args.session_id, after=user_order, idle_check=1.0,
+                                               wait_out=False):
                     tid = parse_turn_item_id(env.item_id)
                     if tid is None or tid.turn != turn:
                         continue  # other turns of a busy session
                     print(render_line(env, width=0), flush=True)
                     if tid.terminal:
                         return EXIT_OK
-        except TimeoutError as e:
-            if not deadline.expired():  # a NATS request timed out, not the turn
-                raise UnavailableError(f"following {args.session_id}: {e!r}") from e
+        except UnavailableError as e:  # the log service stopped answering, not the turn
+            raise UnavailableError(
+                f"following the turn of #{user_order} in {args.session_id} (the message is stored): "
+                f"{e.message}; see it with `convlog tail {args.session_id} --after {user_order - 1}` "
+                "once the log service is back") from e
+        except TimeoutError:
             stderr(f"convlog send: the turn of #{user_order} did not end within "
                    f"{args.timeout:g}s (is a worker running for the session's active agent?)")
             return EXIT_TIMEOUT

@@ -346,6 +346,47 @@ async def test_send_refuses_before_writing_and_reads_stdin_and_files(
     assert [(e.item_id, e.data["content"]) for e in items] == [("msg-r4.1", "retry me")]
 
 
+async def test_send_says_so_when_the_log_service_stops_while_it_follows_the_turn(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # The follower waited out every failure: with the log service gone after the message
+    # was stored, `convlog send` sat out its whole --timeout and then blamed the turn
+    # ('did not end within 40s (is a worker running ...?)', exit 124), never exit 3.
+    import time
+
+    from services.log.service import LogService
+    from shared.config import load_settings
+
+    service = LogService(load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db")}, {}))
+    await service.start()
+    stopped = False
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", "send", "f1", "hello", "--timeout", "40",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=cli_env(tmp_path, CONVLOG_NATS_URL=nats_server.url), cwd=REPO_ROOT,
+    )
+    try:
+        assert proc.stderr is not None
+        first = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+        assert first == "sent #1 to f1\n", first
+        await service.shutdown()
+        stopped = True
+        started = time.monotonic()
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        took = time.monotonic() - started
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if not stopped:
+            await service.shutdown()
+    line = one_line(err.decode())
+    assert proc.returncode == EXIT_UNAVAILABLE, (proc.returncode, line)
+    assert line.startswith("convlog send: unavailable: ") and "#1" in line and "f1" in line, line
+    assert took < 30, took
+    assert out == b""
+
+
 async def test_no_log_service_is_said_at_once(nats_server: NatsServer, tmp_path: Path) -> None:
     env = cli_env(tmp_path, CONVLOG_NATS_URL=nats_server.url)
     for argv in (["sessions"], ["send", "s", "hi"], ["replay", "s"], ["tail", "s", "--count", "1"]):
