@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Run", "closed_loop", "figures", "fsync_latency", "open_loop", "say", "to_json"]
+__all__ = ["Run", "closed_loop", "figures", "fsync_latency", "open_loop", "plain", "say", "to_json"]
 
 
 @dataclass
@@ -168,12 +168,13 @@ def figures(r: Run) -> dict[str, Any]:
     return out
 
 
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
+    """``obj`` as JSON can hold it: phases as :func:`figures`, a non-finite float as ``None``."""
     if isinstance(obj, Run):
         return figures(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name != "latencies"}
-        out = {k: _plain(v) for k, v in fields.items()}
+        out = {k: plain(v) for k, v in fields.items()}
         lat = getattr(obj, "latencies", None)
         if lat:
             xs = sorted(lat)
@@ -183,9 +184,9 @@ def _plain(obj: Any) -> Any:
             out["ops_per_s"] = round(obj.rate, 1)
         return out
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
@@ -193,5 +194,5 @@ def _plain(obj: Any) -> Any:
 
 def to_json(bench: str, results: Any, **meta: Any) -> str:
     """A bench's results as one JSON document (phases as :func:`figures`)."""
-    return json.dumps({"bench": bench, "cores": os.cpu_count(), **_plain(meta), "results": _plain(results)},
+    return json.dumps({"bench": bench, "cores": os.cpu_count(), **plain(meta), "results": plain(results)},
                       indent=2)

@@ -41,7 +41,7 @@ from typing import Any
 from shared.client import LogClient
 from shared.config import Settings
 
-from .measure import Run, closed_loop, open_loop, say
+from .measure import Run, closed_loop, open_loop, plain, say
 from .stack import local_stack, wait_service
 from .turns_watch import ReplyWatcher, Timings, deliveries
 
@@ -354,6 +354,6 @@ async def cmd_turn_bench(args: argparse.Namespace) -> int:
         if saved is not None:
             os.environ["OPENAI_API_KEY"] = saved
     fig = figures(runs)
-    print(json.dumps(fig, indent=2) if args.json else report(fig, args))
+    print(json.dumps(plain(fig), indent=2) if args.json else report(fig, args))  # (JSON has no NaN)
     return 0
 
