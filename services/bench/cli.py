@@ -145,6 +145,9 @@ async def _bench(args: argparse.Namespace, settings: Settings) -> int:
         from .sdk import run_sdk_bench
 
         url = settings.nats_url if args.nats_url and nats_answers(settings.nats_url) else None
+        if args.nats_url and url is None:  # as the appends bench says it
+            say(f"nothing answers at {settings.nats_url}: starting a private stack "
+                "(embedded nats-server + convlog log)")
         await run_sdk_bench(url, args.sdk_ops, sys.stdout, as_json_out=args.json, settings=settings)
         return EXIT_OK
 

@@ -192,7 +192,8 @@ async def check(settings: Settings, *, agents: list[str], max_lag: float = 10.0,
     import nats.errors
 
     from shared.client import connect_options
-    from shared.nats_connect import open_client
+    from shared.config import ConfigError
+    from shared.nats_connect import connect
 
     report = Report()
     async def quiet(e: Exception) -> None:
@@ -201,7 +202,10 @@ async def check(settings: Settings, *, agents: list[str], max_lag: float = 10.0,
     options = {**connect_options(settings, name="convlog-health"), "connect_timeout": timeout,
                "allow_reconnect": False, "max_reconnect_attempts": 1, "error_cb": quiet}
     try:
-        nc = await asyncio.wait_for(open_client(**options), timeout + 1)
+        nc = await asyncio.wait_for(connect(settings, options), timeout + 1)
+    except ConfigError as e:  # a server answered, and refused the credentials
+        report.problems.append(f"NATS at {settings.nats_url}: {e}")
+        return report
     except Exception as e:
         report.problems.append(f"NATS: no server answers at {settings.nats_url} "
                                f"({str(e) or type(e).__name__})")

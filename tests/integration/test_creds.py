@@ -113,6 +113,13 @@ async def test_a_wrong_creds_file_is_one_line(operator_server: tuple[NatsServer,
     assert rc == 2 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("convlog log: NATS refused the connection"), err
 
+    # health said "no server answers" of a server that answered and refused the login.
+    rc, out, err = await convlog(tmp_path, "health", "--nats-url", server.url, "--no-embedded",
+                                 "--creds", str(cases["untrusted"]))
+    assert rc == 1, (out, err)
+    assert f"NATS at {server.url}: NATS refused the connection (CONVLOG_CREDS=" in out + err, (out, err)
+    assert "no server answers" not in out + err, (out, err)
+
 
 def err_of(result: tuple[int, str, str]) -> str:
     return result[2]
