@@ -34,7 +34,9 @@ def needs_reference(value: Any) -> bool:
     as long as no object key sorts differently by UTF-16 code unit than by
     code point (only keys with characters above U+FFFF can).  Floats use
     ECMAScript number formatting, so they go to the reference implementation.
-    The property test in tests/unit/test_chain.py holds the two equal.
+    The property test in tests/unit/test_chain.py holds the two equal.  Any
+    other type (a tuple, a set, a dict subclass, an enum: what a caller's data
+    may hold before it is sent as JSON) is encoded differently, too.
     """
     stack = [value]
     while stack:
@@ -42,26 +44,36 @@ def needs_reference(value: Any) -> bool:
         t = type(v)
         if t is dict:
             for k, item in v.items():
-                if not k.isascii() and max(k) > "\uffff":
+                if type(k) is not str or not k.isascii() and max(k) > "\uffff":
                     return True
-                if type(item) in _CONTAINERS_OR_FLOAT:
+                if type(item) not in _PLAIN_SCALARS:
                     stack.append(item)
         elif t is list:
-            stack.extend(item for item in v if type(item) in _CONTAINERS_OR_FLOAT)
-        elif t is float:
+            stack.extend(item for item in v if type(item) not in _PLAIN_SCALARS)
+        else:  # a float, or not a JSON type
             return True
     return False
 
 
-_CONTAINERS_OR_FLOAT = (dict, list, float)
+_PLAIN_SCALARS = (str, int, bool, type(None))
 sorted_encoder = msgspec.json.Encoder(order="sorted")
 
 
 def canonical(obj: Any) -> bytes:
-    """Return the RFC 8785 canonical JSON bytes of ``obj``."""
+    """Return the RFC 8785 canonical JSON bytes of ``obj`` as JSON carries it
+    (what a verifier decodes from the JSON sent: a tuple or a set is an array,
+    in the order sent; an enum its value)."""
     if needs_reference(obj):
-        return rfc8785.dumps(obj)
+        return rfc8785.dumps(_as_sent(obj))
     return sorted_encoder.encode(obj)
+
+
+def _as_sent(obj: Any) -> Any:
+    return _json_decode(_json_encode(obj))
+
+
+_json_encode = msgspec.json.Encoder().encode
+_json_decode = msgspec.json.Decoder().decode
 
 
 class _Hashed(msgspec.Struct):

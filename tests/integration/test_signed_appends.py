@@ -5,6 +5,7 @@ writes nothing."""
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -368,3 +369,33 @@ async def test_a_predicted_item_id_cannot_pre_empt_the_real_author(strict: str, 
     finally:
         await attacker.close()
         await victim.close()
+
+
+async def test_data_holding_tuples_sets_or_a_dict_subclass_is_signed_as_it_is_sent(
+    strict: str, keys: Path
+) -> None:
+    # The client sends a tuple or a set as a JSON array and an OrderedDict as an
+    # object; the service checks the signature over the JSON it decodes. The
+    # signer signed msgspec's sorted encoding of the Python values instead: 1.0 as
+    # 1.0 (JCS: 1), 1e21 as 1e21 (1e+21), a set's elements sorted (sent unsorted).
+    triage = await _client(strict, keys / "Triage.nk")
+    plain = await _client(strict, None)
+    try:
+        datas = [
+            {"point": (1.0, 2.5, 1e21)},
+            {"tags": {"zz", "a", "m", "b"}},
+            {"nested": OrderedDict([("b", 1.0), ("a", [-0.0])])},
+        ]
+        for n, data in enumerate(datas):
+            ack = await triage.append("shapes", [AppendItem(agent="Triage", data=data, item_id=f"sh-{n}")])
+            assert ack.last_order == n + 1
+        ack = await triage.append("shapes", [AppendItem(agent="Triage", data=d, item_id=f"sh-b{n}")
+                                             for n, d in enumerate(datas)])  # one batch signature
+        assert ack.last_order == 2 * len(datas)
+        envs = await plain.items("shapes")
+        ring = Keyring.load(keys / "keyring.json")
+        assert verify(envs) is None and [ring.check_envelope(e) for e in envs] == [None] * len(envs)
+        assert envs[0].data == {"point": [1, 2.5, 1e21]}
+    finally:
+        await triage.close()
+        await plain.close()
