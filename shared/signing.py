@@ -239,6 +239,10 @@ class Signer:
     def sign(self, message: bytes) -> str:
         return b64(self._kp.sign(message))
 
+    def current(self) -> Signer:
+        """The key that signs now: this one (a key that follows its file may change)."""
+        return self
+
     def sign_items(self, session_id: str, items: Iterable[AppendItem]) -> list[AppendItem]:
         """Each item with its ``sig`` and ``key_id`` (every item needs an ``item_id``);
         several items share one batch signature (:func:`sign_batch`)."""
@@ -283,6 +287,7 @@ def write_private(path: Path, seed: bytes) -> None:
 
 
 def sign_head(signer: Signer, session_id: str, item_order: int, hash: str, signed_at: str) -> SignedHead:
+    signer = signer.current()
     msg = head_signing_input(session_id, item_order, hash, signed_at)
     return SignedHead(
         session_id=session_id, item_order=item_order, hash=hash, signed_at=signed_at,

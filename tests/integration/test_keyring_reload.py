@@ -22,6 +22,7 @@ from shared.errors import ForbiddenError
 from shared.messages import AppendItem
 from shared.signing import Keyring, LiveKeyring, Signer
 from tests.support.natsd import NatsServer
+from tests.support.procs import run_cli
 
 AGENTS = ["Triage", "L1Billing"]
 SAY = {"type": "message", "role": "assistant", "content": "hello"}
@@ -77,3 +78,41 @@ def test_a_keyring_file_that_breaks_keeps_the_keys_read_before(tmp_path: Path) -
     os.replace(fresh / "keyring.json", ring_path)
     assert live.get(next(iter(first))) is None
     assert {e.key_id for e in live.entries} == {e.key_id for e in Keyring.load(ring_path).entries}
+
+
+async def test_a_rotated_log_key_is_followed_so_heads_signed_after_it_still_verify(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """`convlog keys rotate log` retires the running service's own key: every head it
+    signed afterwards (the witness heads, the head of each export) was signed by the
+    retired key, so `convlog replay --verify --keyring` failed every session written
+    to after the rotation ('head signed at ... by a key retired at ...') until the
+    service was restarted."""
+    keys = tmp_path / "keys"
+    make_keys(keys, AGENTS)
+    ring = keys / "keyring.json"
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
+                              "keyring": str(ring), "require_signatures": True, "head_interval": 0.1},
+                             {"CONVLOG_SIGNING_KEY": str(keys / "log.nk")})
+    service = LogService(settings)
+    await service.start()
+    nc = await nats.connect(nats_server.url)
+    try:
+        triage = LogClient(nc, timeout=5, deadline=20, signer=Signer.load(keys / "Triage.nk"))
+        await triage.append("lr", [AppendItem(agent="Triage", data=SAY)])
+        old = Signer.load(keys / "log.nk").key_id
+        assert await asyncio.to_thread(main, ["keys", "rotate", "log", "--dir", str(keys)]) == 0
+        new = Signer.load(keys / "log.nk").key_id
+        await asyncio.sleep(1.2)  # the file is looked at once a second at most
+        await triage.append("lr", [AppendItem(agent="Triage", data=SAY)])
+        await asyncio.sleep(0.5)  # a witness head of order 2
+        head = await triage.signed_head("lr")
+        assert head is not None and head.item_order == 2 and head.key_id == new != old
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+        code, _, err = await run_cli("replay", "lr", "--verify", "--keyring", str(ring),
+                                     "--nats-url", nats_server.url, env=env, timeout=60)
+        assert code == 0, err
+        assert "signed head at item_order 2" in err
+    finally:
+        await nc.close()
+        await service.shutdown()
