@@ -144,6 +144,7 @@ async def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     from shared.subjects import validate_session_id
 
     from .render import render_line
+    from .transcript import forged_under
 
     validate_session_id(args.session_id)
     text = message_text(args)
@@ -172,6 +173,10 @@ async def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
                     tid = parse_turn_item_id(env.item_id)
                     if tid is None or tid.turn != turn:
                         continue  # other turns of a busy session
+                    if forged_under(env, tid.agent):  # its worker answers under its next step
+                        stderr(f"convlog send: #{env.item_order} was written as {env.agent!r} under "
+                               f"{tid.agent}'s turn id {env.item_id!r}: not {tid.agent}'s, not shown")
+                        continue
                     print(render_line(env, width=0), flush=True)
                     if tid.terminal:
                         return EXIT_OK
