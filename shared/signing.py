@@ -51,6 +51,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -125,6 +126,23 @@ def turn_id_agent(item_id: str) -> str | None:
 
 class KeyringError(ConfigError):
     """A key or keyring file is missing, unreadable or malformed (names the file)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _instant(text: str) -> datetime | None:
+    """An RFC 3339 time with its offset (``...Z`` or ``...+01:00``), or ``None``."""
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else None
+
+
+def _after(at: str, retired_at: str) -> bool:
+    """Whether the time ``at`` is later than ``retired_at`` (as instants: the texts may
+    differ in their fraction of a second or offset); an ``at`` that is no time is."""
+    t, r = _instant(at), _instant(retired_at)
+    return t is None or r is None or t > r
 
 
 @functools.lru_cache(maxsize=4096)
@@ -323,6 +341,9 @@ class Keyring:
                 raise KeyringError(f"key id {e.key_id[:60]!r} is not an nkey user public key")
             if e.key_id in self._by_id:
                 raise KeyringError(f"key id {e.key_id} appears twice")
+            if e.retired_at is not None and _instant(e.retired_at) is None:
+                raise KeyringError(f"key id {e.key_id}: retired_at {e.retired_at[:40]!r} is not an "
+                                   "RFC 3339 time with its offset (e.g. 2026-03-14T09:30:00Z)")
             self._by_id[e.key_id] = e
 
     @classmethod
@@ -373,7 +394,7 @@ class Keyring:
         e = self._by_id.get(key_id)
         if e is None:
             return f"key {key_id[:12]}... is not in the keyring"
-        if e.retired_at is not None and (at is None or at > e.retired_at):
+        if e.retired_at is not None and (at is None or _after(at, e.retired_at)):
             return f"key {key_id[:12]}... of {e.agent!r} was retired at {e.retired_at}"
         if e.role == "agent":
             if agent not in (e.agent, SYSTEM_AGENT) or via_inbound:
@@ -410,7 +431,7 @@ class Keyring:
         e = self._by_id.get(head.key_id)
         if e is None or e.role != LOG:
             return f"head signed by {head.key_id[:12]}..., not a log service key of the keyring"
-        if e.retired_at is not None and head.signed_at > e.retired_at:
+        if e.retired_at is not None and _after(head.signed_at, e.retired_at):
             return f"head signed at {head.signed_at} by a key retired at {e.retired_at}"
         if not verify_head(head):
             return "the head's signature does not match it"

@@ -209,6 +209,25 @@ def test_a_retired_key_verifies_what_it_signed_before_and_nothing_after() -> Non
     assert "retired" in ring.refusal(old.key_id, "Triage", via_inbound=False)  # new appends: never
 
 
+def test_a_retirement_time_is_compared_as_a_time_not_as_text() -> None:
+    """retired_at was compared with an item's created_at (and a head's signed_at) as
+    text: a keyring saying '...10:00:00Z' (RFC 3339 without a fraction, or with an
+    offset) let the retired key's items of 10:00:00.5Z verify ('.' sorts before 'Z'),
+    and one saying 'never' let every later item verify ('2' sorts before 'n')."""
+    old, _ = Signer.generate()
+    log, _ = Signer.generate()
+    item = sign_item(old, "s1", AppendItem(item_id="a", agent="Triage", data={"t": 1}))
+    for retired in ("2026-03-14T10:00:00Z", "2026-03-14T11:00:00+01:00"):
+        ring = _ring((old, "agent", "Triage"), (log, "log", "convlog-log"),
+                     retired={old.key_id: retired, log.key_id: retired})
+        assert ring.check_envelope(_envelope("s1", item, at="2026-03-14T09:59:59.500000Z")) is None
+        assert "retired" in ring.check_envelope(_envelope("s1", item, at="2026-03-14T10:00:00.500000Z"))
+        assert ring.check_head(sign_head(log, "s1", 1, "ab" * 32, "2026-03-14T09:59:59.500000Z")) is None
+        assert "retired" in ring.check_head(sign_head(log, "s1", 1, "ab" * 32, "2026-03-14T10:00:00.500000Z"))
+    with pytest.raises(KeyringError, match="retired_at 'never' is not an RFC 3339 time"):
+        _ring((old, "agent", "Triage"), retired={old.key_id: "never"})
+
+
 def test_keyring_files_are_checked(tmp_path: Path) -> None:
     with pytest.raises(KeyringError, match="cannot read keyring"):
         Keyring.load(tmp_path / "missing.json")
