@@ -130,19 +130,28 @@ class KeyringError(ConfigError):
 
 @functools.lru_cache(maxsize=4096)
 def _instant(text: str) -> datetime | None:
-    """An RFC 3339 time with its offset (``...Z`` or ``...+01:00``), or ``None``."""
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError:
+    """An RFC 3339 time with its offset (``...Z`` or ``...+01:00``), or ``None``;
+    exactly what the web console's ``instant`` takes (``signing.js``), to the
+    microsecond (a longer fraction is cut there)."""
+    if not _RFC3339.match(text):
         return None
-    return t if t.tzinfo is not None else None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:  # e.g. the 30th of February
+        return None
+
+
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})\Z")
 
 
 def _after(at: str, retired_at: str) -> bool:
     """Whether the time ``at`` is later than ``retired_at`` (as instants: the texts may
     differ in their fraction of a second or offset); an ``at`` that is no time is."""
     t, r = _instant(at), _instant(retired_at)
-    return t is None or r is None or t > r
+    try:
+        return t is None or r is None or t > r
+    except OverflowError:  # year 1 with an offset east of UTC
+        return True
 
 
 @functools.lru_cache(maxsize=4096)

@@ -26,7 +26,15 @@ from services.web.cli import bind, console_url, serve
 from shared.client import LogClient
 from shared.config import load_settings
 from shared.messages import Envelope
-from shared.signing import Signer, _verify_key, head_signing_input, item_signing_input
+from shared.signing import (
+    KeyEntry,
+    Keyring,
+    KeyringError,
+    Signer,
+    _verify_key,
+    head_signing_input,
+    item_signing_input,
+)
 from tests.support.natsd import NatsServer
 from tests.support.tamper import rechain
 from tests.web.conftest import LoopThread, screenshot
@@ -304,3 +312,61 @@ def test_a_signed_item_that_cannot_be_canonicalized_breaks_the_chain_visibly(sig
     page.goto(url)
     badge = wait_badge(page, "bad")
     assert "chain broken at #" in badge and "cannot be canonicalized" in badge, badge
+
+
+RETIREMENTS = [  # (an item's created_at, the key's retired_at)
+    ("2026-03-14T09:59:59.500000Z", "2026-03-14T10:00:00Z"),
+    ("2026-03-14T10:00:00.500000Z", "2026-03-14T10:00:00Z"),
+    ("2026-03-14T10:00:00.000000Z", "2026-03-14T10:00:00Z"),
+    ("2026-03-14T10:00:00.5Z", "2026-03-14T11:00:00+01:00"),
+    ("2026-03-14T09:59:59Z", "2026-03-14T11:00:00+01:00"),
+    ("2026-03-14T10:30:00-01:00", "2026-03-14T11:00:00Z"),
+    ("2026-03-14T10:00:00.0000009Z", "2026-03-14T10:00:00Z"),  # past the microsecond: cut
+    ("2026-03-14T10:00:00.000001Z", "2026-03-14T10:00:00Z"),
+    ("0099-12-31T23:59:59Z", "2026-03-14T10:00:00Z"),  # (not 1999)
+    ("2026-02-30T00:00:00Z", "2026-03-14T10:00:00Z"),  # no such day: not a time
+    ("2026-03-14T09:30Z", "2026-03-14T10:00:00Z"),
+    ("garbage", "2026-03-14T10:00:00Z"),
+]
+BAD_RETIRED_AT = ["never", "", "2026-03-14", "2026-03-14T10:00:00", "2026-03-14 10:00:00Z",
+                  "2026-03-14T24:00:00Z", "2026-03-14T10:00:00+24:00", "2026-13-01T00:00:00Z"]
+
+
+def test_retirement_times_are_compared_as_instants_in_the_browser_as_in_python(signed: Signed, page: Any) -> None:
+    """signing.js compared created_at and signed_at with a key's retired_at as text, as
+    shared/signing.py did: with retired_at '...10:00:00Z' (no fraction) a retired key's
+    item of 10:00:00.5Z verified in the console ('.' sorts before 'Z'), and 'never'
+    was taken.  Python now compares instants and refuses a retired_at that is no RFC
+    3339 time; the console must give the same verdicts on the same keyring."""
+    old, _ = Signer.generate()
+    env = {"key_id": old.key_id, "agent": "Triage", "item_id": "a"}
+    python = []
+    for at, retired in RETIREMENTS:
+        ring = Keyring([KeyEntry(key_id=old.key_id, role="agent", agent="Triage", created_at="x", retired_at=retired)])
+        python.append(ring.refusal(old.key_id, "Triage", via_inbound=False, at=at, item_id="a") is not None)
+    bad_python = []
+    for retired in BAD_RETIRED_AT:
+        try:
+            Keyring([KeyEntry(key_id=old.key_id, role="agent", agent="Triage", created_at="x", retired_at=retired)])
+            bad_python.append(False)
+        except KeyringError:
+            bad_python.append(True)
+    page.goto(signed.url + "/verify")
+    got = page.evaluate("""async ([env, cases, bad]) => {
+        const m = await import('/static/signing.js');
+        const ring = (retired) => new Map([[env.key_id, {key_id: env.key_id, role: "agent", agent: "Triage",
+                                                          created_at: "x", retired_at: retired}]]);
+        const refused = cases.map(([at, retired]) => m.refusal(ring(retired), {...env, created_at: at}) !== null);
+        const badRefused = bad.map((retired) => {
+            try {
+                m.parseKeyring(JSON.stringify({convlog_keyring: 1, keys: [{key_id: env.key_id, role: "agent",
+                    agent: "Triage", created_at: "x", retired_at: retired}]}));
+                return false;
+            } catch { return true; }
+        });
+        return {refused, badRefused};
+    }""", [env, RETIREMENTS, BAD_RETIRED_AT])
+    assert python == [False, True, False, True, False, True, False, True, False, True, True, True], python
+    assert got["refused"] == python
+    assert bad_python == [True] * len(BAD_RETIRED_AT), bad_python
+    assert got["badRefused"] == bad_python

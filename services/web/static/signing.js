@@ -125,6 +125,8 @@ export function parseKeyring(text) {
     if (!e || !publicKeyBytes(e.key_id)) throw new Error(`key id ${JSON.stringify(String(e?.key_id)).slice(0, 62)} is not an nkey user public key`);
     if (!["agent", "gateway", "log"].includes(e.role) || typeof e.agent !== "string") throw new Error(`key ${e.key_id.slice(0, 12)}… has a bad role or agent`);
     if (byId.has(e.key_id)) throw new Error(`key id ${e.key_id} appears twice`);
+    if (e.retired_at != null && instant(e.retired_at) === null)
+      throw new Error(`key id ${e.key_id}: retired_at ${JSON.stringify(String(e.retired_at)).slice(0, 42)} is not an RFC 3339 time with its offset (e.g. 2026-03-14T09:30:00Z)`);
     byId.set(e.key_id, e);
   }
   return byId;
@@ -141,12 +143,38 @@ function turnIdAgent(itemId) {
   return agent;
 }
 
+// An RFC 3339 time with its offset, as [seconds since 1970, microseconds], or null:
+// exactly the times shared/signing.py's _instant takes (a longer fraction is cut).
+const RFC3339 = /^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(Z|([+-])(\d{2}):(\d{2}))$/;
+export function instant(text) {
+  const m = RFC3339.exec(String(text));
+  if (!m) return null;
+  const [y, mo, d, h, mi, s] = m.slice(1, 7).map(Number);
+  const t = new Date(0);
+  t.setUTCFullYear(y, mo - 1, d); // (Date.UTC would read the years 0-99 as 1900-1999)
+  if (y < 1 || t.getUTCFullYear() !== y || t.getUTCMonth() !== mo - 1 || t.getUTCDate() !== d) return null;
+  if (h > 23 || mi > 59 || s > 59) return null;
+  let secs = t.getTime() / 1000 + h * 3600 + mi * 60 + s;
+  if (m[8] !== "Z") {
+    const [oh, om] = [Number(m[10]), Number(m[11])];
+    if (oh > 23 || om > 59) return null;
+    secs -= (m[9] === "-" ? -1 : 1) * (oh * 3600 + om * 60);
+  }
+  return [secs, Number((m[7] || "").slice(0, 6).padEnd(6, "0"))];
+}
+
+// Whether the time `at` is later than `retiredAt` (as instants); an `at` that is no time is.
+function after(at, retiredAt) {
+  const t = instant(at), r = instant(retiredAt);
+  return t === null || r === null || t[0] > r[0] || (t[0] === r[0] && t[1] > r[1]);
+}
+
 // Why the keyring does not let this envelope's key sign it, or null (Keyring.refusal).
 export function refusal(keyring, env) {
   const e = keyring.get(env.key_id);
   const k = `key ${String(env.key_id).slice(0, 12)}…`;
   if (!e) return `${k} is not in the keyring`;
-  if (e.retired_at && env.created_at > e.retired_at) return `${k} of ${JSON.stringify(e.agent)} was retired at ${e.retired_at}`;
+  if (e.retired_at && after(env.created_at, e.retired_at)) return `${k} of ${JSON.stringify(e.agent)} was retired at ${e.retired_at}`;
   if (e.role === "agent") {
     if ((env.agent !== e.agent && env.agent !== "system") || env.agent === "user")
       return `${k} belongs to agent ${JSON.stringify(e.agent)}, not ${JSON.stringify(env.agent)}`;
@@ -167,7 +195,7 @@ export async function headProblem(keyring, h) {
   if (keyring) {
     const e = keyring.get(h.key_id);
     if (!e || e.role !== "log") return `signed by ${String(h.key_id).slice(0, 12)}…, not a log service key of your keyring`;
-    if (e.retired_at && h.signed_at > e.retired_at) return `signed at ${h.signed_at} by a key retired at ${e.retired_at}`;
+    if (e.retired_at && after(h.signed_at, e.retired_at)) return `signed at ${h.signed_at} by a key retired at ${e.retired_at}`;
   }
   return (await verify(h.key_id, headSigningInput(h), h.sig)) ? null : "its signature does not match it";
 }
