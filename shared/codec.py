@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -112,7 +113,19 @@ def _walk(value: Any, max_depth: int) -> bool:
             elif t is int:
                 if not -MAX_SAFE_INT <= v <= MAX_SAFE_INT:
                     return False
-            elif t is float and not math.isfinite(v):
+            elif t is float:
+                if not math.isfinite(v):
+                    return False
+            elif t is str or t is bool or v is None:
+                continue
+            elif isinstance(v, Mapping | tuple | set | frozenset):  # a caller's data, as JSON sends it
+                if depth >= max_depth:
+                    return False
+                nested.extend(v.values() if isinstance(v, Mapping) else v)
+            elif isinstance(v, int):  # a subclass (an IntEnum)
+                if not -MAX_SAFE_INT <= v <= MAX_SAFE_INT:
+                    return False
+            elif isinstance(v, float) and not math.isfinite(v):  # a subclass (numpy's float64)
                 return False
         level = nested
         depth += 1
@@ -145,9 +158,11 @@ def check_json(value: Any, path: str = "$") -> None:
         elif isinstance(v, float):
             if not math.isfinite(v):
                 raise BadRequestError(f"number at {p} is not finite: {v}")
+        elif not isinstance(v, Mapping | list | tuple | set | frozenset):
+            continue
         elif depth >= MAX_DEPTH:
             raise BadRequestError(f"{path} nests objects and arrays more than {MAX_DEPTH} levels deep")
-        elif isinstance(v, dict):
+        elif isinstance(v, Mapping):
             stack.extend((item, f"{p}.{k}", depth + 1) for k, item in v.items())
-        elif isinstance(v, list):
+        else:
             stack.extend((item, f"{p}[{i}]", depth + 1) for i, item in enumerate(v))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,11 @@ async def test_log_client_refuses_a_non_finite_number_instead_of_writing_null(en
     with pytest.raises(BadRequestError) as exc:
         await env.client.append("v", [user("two"), {"agent": "a", "data": {"score": [1, value]}}])
     assert "$.items[1].data.score[1]" in exc.value.message
+    # Inside a tuple, a set or a dict subclass too (all sent as JSON arrays and
+    # objects): the check walked plain dicts and lists only, and sent them as null.
+    for holder in ((1, value), {value}, OrderedDict(a=value)):
+        with pytest.raises(BadRequestError, match=r"\$\.items\[0\]\.data\.score"):
+            await env.client.append("v", [{"agent": "a", "data": {"score": holder}}])
     assert [e.item_order for e in await raw_log(env, "v")] == [1]
 
 
