@@ -45,7 +45,7 @@ from .messages import (
 from .nats_seam import bind
 from .requester import Requester
 from .signed_appends import SignedAppends
-from .signing import Signer, route_signing_input, sign_item
+from .signing import KeyFile, Signer, route_signing_input, sign_item
 from .subjects import Subjects, validate_session_id
 
 __all__ = ["LogClient", "connect_options", "new_item_id"]
@@ -195,7 +195,7 @@ class LogClient(Requester):
         nc = await nats_connect.connect(settings, {**connect_options(settings, name=name), **options})
         bind(nc, settings.nats_seam)
         client = cls(nc, prefix=settings.prefix, timeout=settings.request_timeout,
-                     signer=Signer.load(settings.signing_key) if settings.signing_key else None)
+                     signer=KeyFile(settings.signing_key) if settings.signing_key else None)
         client._owns_nc = True
         return client
 
@@ -272,9 +272,10 @@ class LogClient(Requester):
         body = _encode(msg)
         if self.signer is not None:  # signed as the item it becomes (shared.signing)
             validate_session_id(session_id)
-            item = sign_item(self.signer, session_id, AppendItem(
+            signer = self.signer.current()  # one key for both signatures
+            item = sign_item(signer, session_id, AppendItem(
                 agent="user", data={"role": "user", "content": content}, item_id=msg.item_id))
-            to_sig = self.signer.sign(route_signing_input(session_id, msg.item_id, to)) if to else None
+            to_sig = signer.sign(route_signing_input(session_id, msg.item_id, to)) if to else None
             body = encode(msgspec.structs.replace(msg, sig=item.sig, key_id=item.key_id, to_sig=to_sig))
         return decode(await tracing.traced("convlog.send", None, self._request(subject, body),
                                            kind="PRODUCER", session_id=session_id), AppendReply)

@@ -50,7 +50,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -71,12 +71,14 @@ __all__ = [
     "GATEWAY",
     "LOG",
     "KeyEntry",
+    "KeyFile",
     "Keyring",
     "KeyringError",
     "LiveKeyring",
     "SignedHead",
     "Signer",
     "head_signing_input",
+    "file_stamp",
     "item_signing_input",
     "route_signing_input",
     "sign_batch",
@@ -267,7 +269,8 @@ class Signer:
         return b64(self._kp.sign(message))
 
     def current(self) -> Signer:
-        """The key that signs now: this one (a key that follows its file may change)."""
+        """The key that signs now: this one (a :class:`KeyFile` may change); take
+        ``sign`` and ``key_id`` of what it returns, with no call of it in between."""
         return self
 
     def sign_items(self, session_id: str, items: Iterable[AppendItem]) -> list[AppendItem]:
@@ -284,6 +287,7 @@ def sign_item(signer: Signer, session_id: str, item: AppendItem) -> AppendItem:
     """``item`` signed by ``signer`` for ``session_id``."""
     if item.item_id is None:
         raise ValueError("an item must have its item_id before it is signed")
+    signer = signer.current()
     msg = item_signing_input(session_id, item.item_id, item.agent, item.kind, item.data)
     return msgspec.structs.replace(item, sig=signer.sign(msg), key_id=signer.key_id)
 
@@ -301,9 +305,84 @@ def sign_batch(signer: Signer, items: list[tuple[str, AppendItem]]) -> list[Appe
             raise ValueError("an item must have its item_id before it is signed")
         messages.append(item_signing_input(sid, it.item_id, it.agent, it.kind, it.data))
     root, paths = tree([leaf(m) for m in messages])
+    signer = signer.current()
     sig = signer.sign(BATCH_DOMAIN + root)
     return [msgspec.structs.replace(it, sig=f"{sig}.{b64(path)}", key_id=signer.key_id)
             for (_, it), path in zip(items, paths, strict=True)]
+
+
+def file_stamp(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+    """What tells a file changed (inode, mtime, size); zeros when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class KeyFile(Signer):
+    """A signing key that follows its file (``CONVLOG_SIGNING_KEY``): ``convlog keys
+    rotate`` writes the new seed to the same path, and the key signs from then on,
+    looked at once a second at most (:meth:`current`), so a rotation needs no
+    restart.  A file that cannot be read as a key is logged once and the key read
+    before kept.
+
+    Args:
+        path: the seed file.
+        accept: why a key (its id) may not sign, or ``None``: the log service
+            takes only the keyring's live log key.  While the key in use is not
+            accepted, or the file holds a key not taken yet, the file is read
+            again at each look even if unchanged (the keyring may arrive after
+            the key file).
+        every: seconds between looks at the file.
+
+    Raises:
+        KeyringError: the file is unusable at the start.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *,
+                 accept: Callable[[str], str | None] | None = None, every: float = 1.0) -> None:
+        self.path = Path(path)
+        self._stamp = file_stamp(self.path)
+        first = Signer.load(self.path)
+        self._kp, self.key_id = first._kp, first.key_id
+        self._accept = accept
+        self._every = every
+        self._looked = time.monotonic()
+        self._said: str | None = None
+        self._pending = False  # the file changed, and its key does not sign yet: look again
+
+    def current(self) -> Signer:
+        now = time.monotonic()
+        if now - self._looked < self._every:
+            return self
+        self._looked = now
+        stamp = file_stamp(self.path)
+        refused = self._accept is not None and self._accept(self.key_id) is not None
+        if stamp == self._stamp and not refused and not self._pending:
+            return self
+        self._stamp = stamp
+        self._pending = True  # until the file's key signs, or is the one in use
+        try:
+            new = Signer.load(self.path)
+        except KeyringError as e:
+            self._say(f"{e}; signing with {self.key_id[:12]}... still")
+            return self
+        why = self._accept(new.key_id) if self._accept is not None else None
+        if why is not None:
+            self._say(f"{self.path} holds {new.key_id[:12]}..., which may not sign: {why}")
+            return self
+        self._pending = False
+        if new.key_id == self.key_id:
+            return self
+        _log.warning("signing key %s: %s... replaced by %s...", self.path, self.key_id[:12], new.key_id[:12])
+        self._kp, self.key_id, self._said = new._kp, new.key_id, None
+        return self
+
+    def _say(self, why: str) -> None:
+        if why != self._said:  # once per cause
+            self._said = why
+            _log.error("signing key %s: %s", self.path, why)
 
 
 def write_private(path: Path, seed: bytes) -> None:
@@ -467,11 +546,7 @@ class LiveKeyring(Keyring):
         self._bad: tuple[int, int, int] | None = None  # the stamp of a file last found unusable
 
     def _stat(self) -> tuple[int, int, int]:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return (0, 0, 0)
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+        return file_stamp(self.path)
 
     def _fresh(self) -> None:
         now = time.monotonic()

@@ -12,10 +12,7 @@ before; a signature it cannot check is refused, never stored unchecked.
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import msgspec
 
@@ -26,6 +23,7 @@ from shared.messages import AppendItem, AppendRequest, SignedHead
 from shared.signing import (
     LOG,
     USER_AGENT,
+    KeyFile,
     Keyring,
     KeyringError,
     LiveKeyring,
@@ -41,9 +39,7 @@ from .store.base import LogStore
 from .store.ordering import now_rfc3339
 
 _Last = msgspec.json.Decoder(type=dict)
-_log = logging.getLogger("convlog.log.authorize")
-
-__all__ = ["Authorizer", "LogKey", "authorizer_from", "head_signer_from", "signed_head"]
+__all__ = ["Authorizer", "authorizer_from", "head_signer_from", "signed_head"]
 
 
 @dataclass(frozen=True)
@@ -160,69 +156,33 @@ def authorizer_from(settings: Settings) -> Authorizer:
     return Authorizer(keyring, settings.require_signatures)
 
 
-class LogKey(Signer):
-    """The log service's key, following its file: once the keyring no longer holds
-    it as the live ``log`` key (``convlog keys rotate log`` retires it and writes the
-    new seed to the same file), the file is read again (once a second at most) and
-    its key signs the heads from then on, if the keyring holds it as the live log
-    key.  Heads signed by the retired key would not verify."""
-
-    def __init__(self, signer: Signer, path: Path, keyring: Keyring) -> None:
-        self._kp, self.key_id = signer._kp, signer.key_id
-        self._path, self._keyring = path, keyring
-        self._now: Signer = self
-        self._looked = 0.0
-        self._said: str | None = None
-
-    def _live(self, signer: Signer) -> bool:
-        e = self._keyring.get(signer.key_id)
-        return e is not None and e.role == LOG and e.retired_at is None
-
-    def current(self) -> Signer:
-        now = self._now
-        if self._live(now) or time.monotonic() - self._looked < 1.0:
-            return now
-        self._looked = time.monotonic()
-        try:
-            new = Signer.load(self._path)
-        except KeyringError as e:
-            new, why = now, str(e)
-        else:
-            why = f"{self._path} holds key {new.key_id[:12]}..., not the keyring's live log key"
-        if new is not now and self._live(new):
-            _log.warning("the log service key %s... is no longer the keyring's live log key; "
-                         "heads are signed by %s... (read from %s) from now on",
-                         now.key_id[:12], new.key_id[:12], self._path)
-            self._now = new
-        elif why != self._said:  # said once per cause
-            self._said = why
-            _log.error("the log service key %s... is no longer the keyring's live log key, and %s: "
-                       "the heads it signs will not verify", now.key_id[:12], why)
-        return self._now
-
-
 def head_signer_from(settings: Settings, keyring: Keyring | None) -> Signer | None:
-    """The log service's own key (``CONVLOG_SIGNING_KEY``), which signs heads
-    (with a keyring, a :class:`LogKey` that follows a rotation).
+    """The log service's own key (``CONVLOG_SIGNING_KEY``), which signs heads: a
+    :class:`~shared.signing.KeyFile`, so ``convlog keys rotate log`` needs no
+    restart (with a keyring, only the keyring's live log key takes over: heads
+    signed by a retired key would not verify).
 
     Raises:
         ConfigError: unreadable, or not the keyring's live ``log`` key.
     """
     if settings.signing_key is None:
         return None
+
+    def not_live(key_id: str) -> str | None:
+        entry = keyring.get(key_id) if keyring is not None else None
+        ok = entry is not None and entry.role == LOG and not entry.retired_at
+        return None if ok else "not the keyring's live log service key"
+
     try:
-        signer = Signer.load(settings.signing_key)
+        signer = KeyFile(settings.signing_key, accept=not_live if keyring is not None else None)
     except KeyringError as e:
         raise ConfigError(f"CONVLOG_SIGNING_KEY: {e}") from None
-    if keyring is None:
-        return signer
-    entry = keyring.get(signer.key_id)
-    if entry is None or entry.role != LOG or entry.retired_at:
+    if keyring is not None and not_live(signer.key_id) is not None:
         raise ConfigError(
             f"CONVLOG_SIGNING_KEY {settings.signing_key} is not the live log service key of "
             f"{settings.keyring}"
         )
-    return LogKey(signer, Path(settings.signing_key), keyring)
+    return signer
 
 
 async def signed_head(store: LogStore, signer: Signer, sid: str) -> SignedHead:

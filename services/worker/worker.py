@@ -49,7 +49,7 @@ from shared.client import LogClient, connect_options
 from shared.config import Settings
 from shared.failures import Loops, is_transient
 from shared.nats_seam import bind, flush
-from shared.signing import Signer
+from shared.signing import KeyFile
 from shared.startup import require_jetstream, wait_at_start
 from shared.work import Notice, decode_notice, work_stream_name
 
@@ -180,7 +180,7 @@ class Worker:
             return
         self.client = LogClient(
             self.nc, prefix=self.subjects.prefix, timeout=self.settings.request_timeout,
-            signer=Signer.load(self.settings.signing_key) if self.settings.signing_key else None,
+            signer=KeyFile(self.settings.signing_key) if self.settings.signing_key else None,
         )
         self.gate = EnvelopeGate.from_settings(self.client, self.settings, self.agent.name)
 

@@ -116,3 +116,30 @@ async def test_a_rotated_log_key_is_followed_so_heads_signed_after_it_still_veri
     finally:
         await nc.close()
         await service.shutdown()
+
+
+async def test_a_client_follows_its_key_file_across_a_rotation(nats_server: NatsServer, tmp_path: Path) -> None:
+    """`convlog keys rotate Triage` retires the key a running worker signs with and
+    writes the new one to its CONVLOG_SIGNING_KEY file, but LogClient had read the
+    file once: every append of the worker was refused ('retired') until it was
+    restarted, so the agent's turns failed.  The client now follows its key file."""
+    keys = tmp_path / "keys"
+    make_keys(keys, AGENTS)
+    ring = keys / "keyring.json"
+    service = LogService(load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
+                                        "keyring": str(ring), "require_signatures": True}, {}))
+    await service.start()
+    client = await LogClient.connect(settings=load_settings(
+        {"nats_url": nats_server.url}, {"CONVLOG_SIGNING_KEY": str(keys / "Triage.nk")}))
+    try:
+        await client.append("kf", [AppendItem(agent="Triage", data=SAY)])
+        old = Signer.load(keys / "Triage.nk").key_id
+        assert await asyncio.to_thread(main, ["keys", "rotate", "Triage", "--dir", str(keys)]) == 0
+        new = Signer.load(keys / "Triage.nk").key_id
+        await asyncio.sleep(1.2)  # the files are looked at once a second at most
+        await client.append("kf", [AppendItem(agent="Triage", data=SAY), AppendItem(agent="Triage", data=SAY)])
+    finally:
+        items = await client.items("kf", raw=True)
+        await client.close()
+        await service.shutdown()
+    assert [e.key_id for e in items] == [old, new, new] != [old] * 3

@@ -19,6 +19,7 @@ from shared.chain import GENESIS_HASH, canonical, envelope_hash, item_hash, veri
 from shared.messages import AppendItem, Envelope
 from shared.signing import (
     KeyEntry,
+    KeyFile,
     Keyring,
     KeyringError,
     Signer,
@@ -401,3 +402,32 @@ def test_keys_init_refuses_an_agent_named_as_a_role_and_writes_nothing(
     err = capsys.readouterr().err
     assert f"agent name {agent!r}" in err, err
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_a_key_file_is_followed_and_a_bad_or_refused_one_keeps_the_key(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """KeyFile (CONVLOG_SIGNING_KEY): a new seed at the path signs from the next look;
+    a file that is no seed, or a key ``accept`` refuses, keeps the key in use (logged
+    once), and what it signs stays consistent (``sign`` and ``key_id`` of one key)."""
+    path = tmp_path / "A.nk"
+    first, seed = Signer.generate()
+    path.write_bytes(seed)
+    refused: set[str] = set()
+    kf = KeyFile(path, every=0.0, accept=lambda key_id: "not live" if key_id in refused else None)
+    assert kf.key_id == first.key_id
+    second, seed2 = Signer.generate()
+    path.write_bytes(seed2 + b"\n")
+    item = sign_item(kf, "s", AppendItem(item_id="i1", agent="A", data={"n": 1}))
+    assert item.key_id == second.key_id
+    assert verify_item(second.key_id, item_signing_input("s", "i1", "A", "item", {"n": 1}), item.sig or "")
+    path.write_bytes(b"not a seed")
+    for _ in range(3):
+        assert kf.current().key_id == second.key_id
+    third, seed3 = Signer.generate()
+    refused.add(third.key_id)
+    path.write_bytes(seed3)
+    for _ in range(3):
+        assert kf.current().key_id == second.key_id
+    refused.clear()  # the keyring now takes it: the unchanged file is read again
+    assert kf.current().key_id == third.key_id
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and "not an nkey user seed" in errors[0] and "may not sign: not live" in errors[1], errors
