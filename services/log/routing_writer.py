@@ -33,6 +33,7 @@ from typing import Any
 
 import msgspec
 
+from shared.messages import AgentName
 from shared.routing import (
     RoutingCheckpoint,
     decode_checkpoint,
@@ -50,6 +51,21 @@ log = logging.getLogger("convlog.log.routing")
 _Item = msgspec.json.Decoder(dict)
 #: Seconds between a handoff's commit and the start of the checkpoint writes (see the module).
 DELAY = 0.02
+
+
+def _agent_name(target: str) -> bool:
+    """Whether ``target`` can be an agent's name (a checkpoint naming it decodes).
+
+    A tool's output may read as a handoff to a name no agent can have (``""``,
+    a sentence): a checkpoint naming it would not decode, and workers, ignoring
+    it, would fall back to the spec's entry agent -- losing a ``to``'s entry.
+    Workers ignore handoffs to agents they do not know; so does the writer here.
+    """
+    try:
+        msgspec.convert(target, AgentName)
+    except msgspec.ValidationError:
+        return False
+    return True
 
 
 class RoutingWriter:
@@ -74,7 +90,7 @@ class RoutingWriter:
                 continue
             env = _Item.decode(c.envelope)
             target = handoff_target_of(str(env.get("kind")), env.get("data") or {})
-            if target is not None:
+            if target is not None and _agent_name(target):
                 self._pending[c.session_id] = (c.item_order, target)
         if self._pending and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._flush())
