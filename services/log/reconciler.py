@@ -9,7 +9,8 @@ does not hold that very envelope: one forged on the items subject is not
 announced): the work stream drops the copy of a notice it holds (or held
 within its duplicate window), and a late copy only costs a worker a read of
 a finished turn.  It acks only after the
-republish, so after a restart it starts where the crashed process stopped.
+republish, so after a restart it starts where the crashed process stopped (first
+redoing what that process had been handed and not acked, :meth:`Reconciler.catch_up`).
 On either store the items stream exists, so one mechanism serves both.
 """
 
@@ -65,6 +66,7 @@ class Reconciler:
         # Delivered, not yet handled when a sweep failed: handled first by the next one,
         # before anything is acked past them (AckPolicy.ALL acks everything up to a message).
         self._backlog: deque[Any] = deque()
+        self._caught_up = False  # what a process before this one was handed is redone (once)
 
     async def bind(self) -> None:
         js = self.nc.jetstream()
@@ -89,6 +91,9 @@ class Reconciler:
                 try:
                     if self._sub is None:
                         await self.bind()
+                    if not self._caught_up:
+                        await self.catch_up()
+                        self._caught_up = True
                     await self.sweep()
                 except Exception as e:
                     if not (is_transient(e) or isinstance(e, nats.errors.Error | nats.js.errors.Error)):
@@ -98,6 +103,26 @@ class Reconciler:
                 await asyncio.sleep(self.interval)
         finally:
             await self.unbind()  # a pull subscription left behind holds up the connection's drain
+
+    async def catch_up(self) -> int:
+        """Redo the items the consumer handed out and nobody acked: a process that died
+        holding them (its pull was handed them, it never handled them).  They would come
+        again only after the consumer's ack wait, and the first ack of this process
+        (AckPolicy.ALL: everything up to a message) came sooner and took them along, so
+        their notices, maybe never published, were lost.  Returns notices republished."""
+        js = self.nc.jetstream()
+        stream = self.subjects.stream_name
+        info = await js.consumer_info(stream, RECONCILER)
+        floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+        handed = info.delivered.stream_seq if info.delivered is not None else 0
+        done = 0
+        for seq in range((floor or 0) + 1, (handed or 0) + 1):
+            try:
+                msg = await js.get_msg(stream, seq)
+            except nats.js.errors.NotFoundError:
+                continue  # aged out or deleted: nothing to announce
+            done += await self._redo(msg)
+        return done
 
     async def unbind(self) -> None:
         sub, self._sub = self._sub, None

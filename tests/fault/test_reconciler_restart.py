@@ -1,0 +1,86 @@
+"""The notice reconciler after a restart: a user message whose notice the dead process
+never published, and whose item its reconciler had been handed but not handled, is
+still announced by the next process (no agent consumer: notices stay in the work stream)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import nats
+
+from services.log.reconciler import RECONCILER
+from services.log.service import LogService
+from shared.client import LogClient
+from shared.config import load_settings
+from shared.work import work_stream_name
+from tests.support.eventually import assert_eventually
+from tests.support.natsd import NatsServer
+
+
+async def _notice_ids(js: nats.js.JetStreamContext, stream: str) -> list[str]:
+    state = (await js.stream_info(stream)).state
+    ids = []
+    for seq in range(max(1, state.first_seq), state.last_seq + 1):
+        try:
+            msg = await js.get_msg(stream, seq)
+        except nats.js.errors.NotFoundError:
+            continue
+        ids.append((msg.headers or {}).get("Nats-Msg-Id", ""))
+    return ids
+
+
+async def test_a_notice_the_dead_process_neither_published_nor_reconciled_is_published_after_restart(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """The reconciler's consumer acks with AckPolicy.ALL: an ack of one message acks
+    every earlier one.  Items its pull had been handed when the process died stay
+    pending until the consumer's ack wait (30 s) redelivers them; the next process
+    acked the first items committed after its start long before that, and with them
+    the dead process's unhandled ones: their notices were never published and those
+    user messages never answered."""
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
+                              "data_dir": str(tmp_path)}, environ={})
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    work = work_stream_name(settings.subjects)
+    first = LogService(settings)
+    await first.start()
+    try:
+        client = LogClient(nc, timeout=5, deadline=10)
+        assert first.notifier is not None and first._reconciler is not None
+        first._reconciler.cancel()  # its reconciler gets the item but dies before handling it
+        await asyncio.wait({first._reconciler})
+        # As if the process died right after the commit: the notice is never published.
+        first.notifier._start = lambda *a, **k: None  # type: ignore[method-assign]
+        await client.send("lost", "anyone there?")
+
+        dying = await nats.connect(nats_server.url)
+        sub = await dying.jetstream().pull_subscribe_bind(durable=RECONCILER, stream=settings.subjects.stream_name)
+
+        async def handed() -> None:
+            assert len(await sub.fetch(1, timeout=1)) == 1  # delivered, never acked
+
+        await assert_eventually(handed, timeout=10)
+        await dying.close()
+    finally:
+        await first.shutdown()
+    assert "lost:1" not in await _notice_ids(js, work)
+
+    second = LogService(settings)
+    await second.start()
+    try:
+        await LogClient(nc, timeout=5, deadline=10).send("next", "hello")
+
+        async def both_announced() -> None:
+            ids = await _notice_ids(js, work)
+            assert "next:1" in ids and "lost:1" in ids, ids
+
+        await assert_eventually(both_announced, timeout=15)
+        assert second.reconciler is not None
+        await asyncio.sleep(2.5)  # a sweep later: nothing announced twice
+        ids = await _notice_ids(js, work)
+        assert sorted(ids) == ["lost:1", "next:1"], ids
+    finally:
+        await second.shutdown()
+        await nc.close()
