@@ -11,8 +11,9 @@ refused, and a wrong creds file ends in one line, not a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import nats
@@ -125,14 +126,9 @@ def err_of(result: tuple[int, str, str]) -> str:
     return result[2]
 
 
-async def test_the_sdk_bench_logs_in_with_the_creds_given(
-    operator_server: tuple[NatsServer, Operator], tmp_path: Path
-) -> None:
-    # --creds was ignored by `convlog bench --sdk --nats-url URL`: its client, its stats
-    # connection and its four writer processes connected without credentials, so against
-    # a server with JWT auth the bench failed ('Authorization Violation').
-    pytest.importorskip("agents")
-    server, op = operator_server
+@contextlib.asynccontextmanager
+async def _log_service_with_creds(server: NatsServer, op: Operator, tmp_path: Path) -> AsyncIterator[Path]:
+    """A `convlog log` process logged in with creds of account APP; yields a bench user's creds."""
     app = op.accounts["APP"]
     service_creds = write_creds(tmp_path / "service.creds", app.user("log-service").creds())
     bench_creds = write_creds(tmp_path / "bench.creds", app.user("bench").creds())
@@ -142,6 +138,18 @@ async def test_the_sdk_bench_logs_in_with_the_creds_given(
     )
     with log_svc:
         await asyncio.to_thread(log_svc.wait_for_line, r"log service ready", 20)
+        yield bench_creds
+
+
+async def test_the_sdk_bench_logs_in_with_the_creds_given(
+    operator_server: tuple[NatsServer, Operator], tmp_path: Path
+) -> None:
+    # --creds was ignored by `convlog bench --sdk --nats-url URL`: its client, its stats
+    # connection and its four writer processes connected without credentials, so against
+    # a server with JWT auth the bench failed ('Authorization Violation').
+    pytest.importorskip("agents")
+    server, op = operator_server
+    async with _log_service_with_creds(server, op, tmp_path) as bench_creds:
         rc, out, err = await run_cli("bench", "--sdk", "--sdk-ops", "4", "--json", "--nats-url", server.url,
                                      "--creds", str(bench_creds), env=cli_env(tmp_path), timeout=180)
         assert rc == 0, err[-2000:]
@@ -163,15 +171,7 @@ async def test_the_bench_logs_in_with_the_creds_given(
     # baseline connected without credentials ('NATS refused the connection (no
     # credentials)', exit 2) against a server with JWT auth.
     server, op = operator_server
-    app = op.accounts["APP"]
-    service_creds = write_creds(tmp_path / "service.creds", app.user("log-service").creds())
-    bench_creds = write_creds(tmp_path / "bench.creds", app.user("bench").creds())
-    log_svc = python_module(
-        "services.cli.main", "log", "--nats-url", server.url, "--db", str(tmp_path / "log.db"),
-        log_dir=tmp_path, env={**cli_env(tmp_path), "CONVLOG_CREDS": str(service_creds)},
-    )
-    with log_svc:
-        await asyncio.to_thread(log_svc.wait_for_line, r"log service ready", 20)
+    async with _log_service_with_creds(server, op, tmp_path) as bench_creds:
         rc, out, err = await run_cli("bench", "--nats-url", server.url, "--creds", str(bench_creds), "--json",
                                      "--writers", "2", "--sessions", "2", "--duration", "0.3",
                                      "--replay-items", "500", env=cli_env(tmp_path), timeout=120)
