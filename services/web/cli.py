@@ -98,6 +98,7 @@ async def serve(client: LogClient, sock: socket.socket, options: WebOptions, sto
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set ``stop`` (once set, a signal again changes nothing)."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -158,11 +159,8 @@ async def serve_demo_console(client: LogClient, *, nats_url: str, port: int, say
     except OSError:
         sock = bind("127.0.0.1", 0)
     stop = asyncio.Event()
+    # Left in place once the console stops: the demo then stops its stack, and a signal
+    # again (Python's default ended the demo at once) must not leave the stack running.
     stop_on_signals(stop)
     say(f"web console: {console_url(sock)}  (NATS {nats_url}; Ctrl-C stops the console and the stack)")
-    try:
-        await serve(client, sock, WebOptions(), stop)
-    finally:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    await serve(client, sock, WebOptions(), stop)

@@ -336,3 +336,35 @@ def test_sigterm_to_convlog_demo_stops_its_stack(tmp_path: Path) -> None:
                 time.sleep(0.2)
         if workdir and re.search(r"convlog-demo-", workdir):
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+# `convlog demo --web` stopped by SIGTERM: the console stops and the stack is stopped. The
+# console's signal handlers were removed as it stopped, so a second SIGTERM while the stack
+# stopped (an impatient `kill`, a process manager's second try) ended the demo at once and
+# left supervisord, nats-server and the log service running, orphaned.
+def test_a_second_sigterm_while_demo_web_stops_its_stack_leaves_nothing_running(tmp_path: Path) -> None:
+    proc = Proc([sys.executable, "-m", "services.cli.main", "demo", "--offline", "--web", "--web-port", "0"],
+                log_dir=tmp_path, env=stack_env(), name="demo-web").start()
+    sup_pid = None
+    workdir = None
+    try:
+        m = proc.wait_for_line(r"under supervisord \(pid (\d+)\) in (\S+)", timeout=60)
+        sup_pid, workdir = int(m.group(1)), m.group(2)
+        proc.wait_for_line(r"web console: http", timeout=90)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait_for_line(r"stopping the stack", timeout=30)
+        os.kill(proc.pid, signal.SIGTERM)  # again, while the stack stops
+        code = proc.wait(60)
+        assert "stack stopped" in proc.output(), proc.output()
+        assert code == 0, proc.output()
+        assert not _pid_alive(sup_pid), f"supervisord {sup_pid} outlived convlog demo --web:\n{proc.output()}"
+    finally:
+        proc.terminate()
+        if sup_pid is not None and _pid_alive(sup_pid):  # the stack the demo left: stop it by its PID
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(sup_pid, signal.SIGTERM)
+            deadline = time.monotonic() + 40
+            while _pid_alive(sup_pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        if workdir and re.search(r"convlog-demo-", workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
