@@ -98,9 +98,9 @@ async def serve(client: LogClient, sock: socket.socket, options: WebOptions, sto
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:
-    """SIGTERM and SIGINT set ``stop`` (once set, a signal again changes nothing)."""
+    """SIGTERM, SIGINT and SIGHUP set ``stop`` (once set, a signal again changes nothing)."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
 
 

@@ -284,6 +284,24 @@ async def test_cli_serves_the_console_and_stops_on_sigterm(web: Console, nats_se
         assert await asyncio.to_thread(proc.terminate, 10) == 0
 
 
+async def test_cli_stops_gracefully_on_sighup(web: Console, nats_server: NatsServer, tmp_path: Path) -> None:
+    """SIGHUP (a closed terminal, ``kill -HUP``) starts the same graceful stop as SIGTERM,
+    as the README says of every long-running command; Python's default ended
+    ``convlog web`` at once (killed by the signal, exit -1)."""
+    import os
+    import signal
+
+    from tests.support.procs import Proc
+
+    proc = Proc([sys.executable, "-m", "services.cli.main", "web", "--port", "0",
+                 "--nats-url", nats_server.url, "--no-embedded"], log_dir=tmp_path, name="convlog-web")
+    with proc:
+        await asyncio.to_thread(proc.wait_for_line, r"console at http://127\.0\.0\.1:\d+/", 20)
+        os.kill(proc.pid, signal.SIGHUP)
+        assert await asyncio.to_thread(proc.wait, 10) == 0, proc.output()
+        assert "Traceback" not in proc.output()
+
+
 async def test_cli_stops_cleanly_with_a_live_tail_open(web: Console, nats_server: NatsServer,
                                                       tmp_path: Path) -> None:
     """Every session page keeps a live tail open.  SIGTERM (or Ctrl-C) then waited out
