@@ -231,8 +231,9 @@ class LogMetrics(_NoLogMetrics):
 
 
 def _store_gauges(path: Path | None) -> Iterator[Any]:
-    """Sessions and bytes on disk of a SQLite store (read-only, from the scrape thread)."""
-    if path is None:
+    """Sessions and bytes on disk of a SQLite store (read-only, from the scrape thread);
+    nothing for another store (the JetStream store's ``path`` is a label, not a file)."""
+    if not isinstance(path, Path):
         return
     size = 0
     for suffix in ("", "-wal", "-shm"):

@@ -230,3 +230,22 @@ async def test_tool_calls_to_made_up_names_share_one_label(stack: WorkerStack, f
     assert not {tool for tool, _ in after} & set(made_up), after
     assert after.get(("(unknown)", "error"), 0) - before.get(("(unknown)", "error"), 0) == 5
     assert after.get(("issue_refund", "ok"), 0) - before.get(("issue_refund", "ok"), 0) == 1
+
+
+# The store gauges are the SQLite file's (README: "SQLite store only"). On the JetStream
+# store the service's `path` is a label ("jetstream:CONVLOG_LOG_0"), whose size was
+# reported: convlog_log_store_bytes 0, a store of no bytes on the dashboard.
+async def test_the_jetstream_store_reports_no_sqlite_store_gauges(nats_server: NatsServer, tmp_path: Path) -> None:
+    from services.log.service import LogService
+    from shared.config import load_settings
+
+    settings = load_settings({"nats_url": nats_server.url, "data_dir": str(tmp_path), "store": "jetstream",
+                              "metrics_port": "0"}, environ={})
+    async with LogService(settings) as svc:
+        port = svc.metrics.port
+        assert port
+        samples = await asyncio.to_thread(scrape, port)
+    names = {name for name, _ in samples}
+    assert "convlog_log_appends_total" in names  # the service's own metrics are there
+    assert "convlog_log_store_bytes" not in names, sorted(names)
+    assert "convlog_log_sessions" not in names
