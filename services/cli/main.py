@@ -84,13 +84,23 @@ def _report(prog: str, e: BaseException | str, *, as_json: bool = False) -> None
     print(line, file=sys.stderr, flush=True)
 
 
+def _json_logs_asked() -> bool:
+    """``CONVLOG_LOG_FORMAT=json``, when another setting is what could not be parsed."""
+    try:
+        fmt = load_settings(environ={"CONVLOG_LOG_FORMAT": os.environ.get("CONVLOG_LOG_FORMAT", "")},
+                            check_paths=False).log_format
+    except ConfigError:
+        return False
+    return fmt == "json"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = f"convlog {args.command}"
     try:
         settings = settings_from(args)
     except ConfigError as e:
-        _report(prog, f"configuration error: {e.message}")
+        _report(prog, f"configuration error: {e.message}", as_json=_json_logs_asked())
         return EXIT_USAGE
     configure_logging(settings)
     as_json = settings.log_format == "json"

@@ -122,3 +122,15 @@ def _hang_up(port: int, *, times: int) -> None:
             time.sleep(0.2)  # the server is reading the request line
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: RST
     time.sleep(0.5)
+
+
+# A bad setting next to CONVLOG_LOG_FORMAT=json (a typo in the env file a unit reads) was
+# said in plain text: the line saying why the service did not start was the only one a
+# shipper could not parse.
+async def test_a_configuration_error_is_a_json_line(tmp_path: Path) -> None:
+    env = {**service_env(tmp_path / "data"), "CONVLOG_LOG_FORMAT": "json", "CONVLOG_COMMIT_BATCH": "0"}
+    code, out, err = await run_cli("log", "--no-embedded", "--db", str(tmp_path / "log.db"), env=env)
+    assert code == 2, err
+    (record,) = [json.loads(line) for line in err.splitlines()]
+    assert record["level"] == "ERROR"
+    assert record["msg"].startswith("convlog log: configuration error: CONVLOG_COMMIT_BATCH='0' is invalid"), record
