@@ -177,7 +177,7 @@ class NoticeHandler:
             if len(self._failures) > _FAILURES:
                 self._failures.popitem(last=False)
             if part is not None and decision is not None and failures >= self.max_attempts:
-                await self._give_up(msg, part, e, decision, failures)
+                await self._give_up(msg, part, e, decision, failures, started)
             else:
                 await self.nak(msg, delay=self._retry_delay(msg))
         finally:
@@ -216,14 +216,14 @@ class NoticeHandler:
         self._spawn(self.nc.publish(f"{self.subjects.prefix}.timings.turn", msgspec.json.encode(record)))
 
     async def _give_up(self, msg: Msg, part: TurnPart, error: Exception, decision: Decision,
-                       failures: int) -> None:
+                       failures: int, started: float) -> None:
         """End a turn that keeps failing with a system item, then ack."""
         reason = f"internal error after {failures} attempts ({type(error).__name__})"
         try:
             result = await self.runner.run(part, fail_reason=reason, confirm=decision.confirm)
             await self._announce(part, result)
             self._count(result, part)
-            metrics.turn_done(self.agent.name, result, time.perf_counter())
+            metrics.turn_done(self.agent.name, result, started)
             await msg.ack()
         except Exception:
             log.exception("worker %s: could not record the failure", self.agent.name)

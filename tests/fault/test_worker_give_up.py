@@ -103,3 +103,42 @@ async def test_a_turn_that_keeps_failing_is_given_up_after_max_attempts_failures
     finally:
         await worker.shutdown()
         await task
+
+
+class _SlowBroken:
+    """Takes a while, then fails with an error no code expects, every time."""
+
+    async def complete(self, *, model: str, messages: Any, tools: Any) -> ModelReply:
+        await asyncio.sleep(0.5)
+        raise RuntimeError("a bug that stays")
+
+
+# The part a worker gives up on took its time like any other: convlog_worker_turn_seconds
+# recorded it as 0 s (timed from the moment it was given up), so the slowest parts pulled
+# the turn-time histogram down instead of up.
+async def test_a_given_up_turn_is_timed_from_its_start(stack: WorkerStack) -> None:
+    from services.metrics import WORKER_REGISTRY
+
+    def observed() -> tuple[float, float]:
+        count = WORKER_REGISTRY.get_sample_value("convlog_worker_turn_seconds_count", {"agent": "Solo"}) or 0.0
+        total = WORKER_REGISTRY.get_sample_value("convlog_worker_turn_seconds_sum", {"agent": "Solo"}) or 0.0
+        return count, total
+
+    settings = load_settings({"nats_url": stack.server.url, "data_dir": str(stack.tmp)}, environ={})
+    worker = Worker(settings, parse_spec(SOLO_SPEC), "Solo", _SlowBroken(), max_attempts=1)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.ready.wait(), 20)
+        count0, total0 = observed()
+        await stack.send("slow-broken", "hello")
+
+        async def ended() -> None:
+            log = await stack.log("slow-broken")
+            assert terminal_items(log, log[0]), "not ended yet"
+            assert observed()[0] == count0 + 1
+
+        await assert_eventually(ended, timeout=20)
+        assert observed()[1] - total0 >= 0.5, observed()
+    finally:
+        await worker.shutdown()
+        await task
