@@ -170,5 +170,10 @@ def hooks_class() -> type:
         async def on_llm_start(self, context: Any, agent: Any, *args: Any, **kwargs: Any) -> None:
             self.session.set_current_agent(agent.name, context=context)
 
+        async def on_tool_start(self, context: Any, agent: Any, *args: Any, **kwargs: Any) -> None:
+            # A resumed run (an approved tool after an interruption) runs the tool
+            # and saves its output before any agent or LLM start of that run.
+            self.session.set_current_agent(agent.name, context=context)
+
     _HOOKS_CLASS = AgentTrackingHooks
     return AgentTrackingHooks

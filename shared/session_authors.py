@@ -44,8 +44,9 @@ class AuthorTracking:
         """``RunHooks`` that tell this session which agent is running.
 
         Pass them to ``Runner.run(..., hooks=session.hooks())``.  The current
-        agent is set on ``on_agent_start`` (and again on ``on_llm_start``), per
-        run.  It deliberately does *not* switch on ``on_handoff``: the SDK fires
+        agent is set on ``on_agent_start`` (and again on ``on_llm_start`` and
+        ``on_tool_start``: a run resumed after an approval runs the approved
+        tool and saves its output before any agent starts), per run.  It deliberately does *not* switch on ``on_handoff``: the SDK fires
         that hook before it saves the handoff's ``function_call`` and
         ``function_call_output``, which belong to the agent handing off (as the
         SDK's own ``HandoffOutputItem`` says); the target becomes current when

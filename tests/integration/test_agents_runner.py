@@ -22,7 +22,9 @@ from agents import (
     ModelSettings,
     RunConfig,
     Runner,
+    RunState,
     SessionSettings,
+    function_tool,
     handoff,
     retry_policies,
 )
@@ -299,6 +301,43 @@ async def test_hooks_record_which_agent_wrote_each_item(
         ("user", "user"),
         ("TriageAgent", "function_call"),
         ("TriageAgent", "function_call_output"),
+        ("BillingAgent", "message"),
+    ]
+
+
+@function_tool(needs_approval=True)
+def issue_refund(amount: int) -> str:
+    """Refund ``amount``."""
+    return f"refunded {amount}"
+
+
+@pytest.mark.parametrize("serialized", [False, True])
+async def test_hooks_name_the_author_of_an_approved_tools_output_after_a_resume(
+    serialized: bool, new_session: Callable[..., ConvlogSession], log_client: LogClient,
+    fake_openai: FakeOpenAI, run_config: RunConfig,
+) -> None:
+    # Human in the loop: the run stops for approval, then resumes (in this process, or
+    # from the RunState's JSON as another process would).  The resumed run executes the
+    # approved tool and saves its output before any agent or LLM start of its own.
+    session = new_session("approval_authors")
+    billing = Agent(name="BillingAgent", instructions="Handle billing.", tools=[issue_refund])
+    fake_openai.script([tool_call("issue_refund", {"amount": 5}), text("Refund issued.")])
+    first = await Runner.run(billing, "Refund me", session=session, hooks=session.hooks(),
+                             run_config=run_config)
+    assert len(first.interruptions) == 1
+    state = first.to_state()
+    if serialized:
+        state = await RunState.from_json(billing, state.to_json())
+    state.approve(state.get_interruptions()[0])
+    resumed = await Runner.run(billing, state, session=session, hooks=session.hooks(),
+                               run_config=run_config)
+    assert resumed.final_output == "Refund issued."
+    authored = [(e.agent, e.data.get("type") or e.data.get("role"))
+                for e in await log_client.items("approval_authors")]
+    assert authored == [
+        ("user", "user"),
+        ("BillingAgent", "function_call"),
+        ("BillingAgent", "function_call_output"),  # was the default "assistant"
         ("BillingAgent", "message"),
     ]
 
