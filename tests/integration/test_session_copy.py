@@ -177,6 +177,43 @@ async def test_missed_deliveries_are_caught_within_max_staleness(
         await session.close()
 
 
+async def _pause_deliveries(session: ConvlogSession) -> None:
+    """The server silently stops delivering to the session copy's consumer (heartbeats go on)."""
+    info = session.copy_info()
+    assert info is not None and info["following"], info
+    pause = json.dumps({"pause_until": "2099-01-01T00:00:00Z"}).encode()
+    reply = await session.client.nc.request(  # type: ignore[union-attr]
+        f"$JS.API.CONSUMER.PAUSE.CONVLOG_ITEMS.{info['consumer']}", pause)
+    assert json.loads(reply.data).get("paused") is True, reply.data
+
+
+async def test_clear_and_pop_on_a_copy_that_looks_empty_act_on_what_the_log_holds(
+    log_url: str, log_client: LogClient, other: LogClient
+) -> None:
+    # A copy that has not received another process's write yet (delivery still on
+    # its way, or lost and not yet caught by max_staleness) looks empty.  A read may
+    # be that stale; a mutation must not be: the other write was acknowledged before
+    # clear_session()/pop_item() was called, and skipping it is not eventual — the
+    # clear is never written, the item is never popped.
+    session = ConvlogSession("stale-edits", client=log_client, max_staleness=30)
+    writer = ConvlogSession("stale-edits", client=other)
+    try:
+        assert await session.get_items() == []  # seeded: an empty copy, following
+        await _pause_deliveries(session)
+        await writer.add_items([_user("reset me")])
+        await session.clear_session()
+        assert await other.visible("stale-edits") == []  # the clear hid it (was: nothing written)
+        await writer.add_items([_user("pop me")])
+        assert await session.pop_item() == _user("pop me")  # was: None
+        assert await other.visible("stale-edits") == []
+        assert await session.get_items() == []
+        assert [e.kind for e in await other.items("stale-edits", raw=True)] == [
+            "item", "clear", "item", "retract"]
+    finally:
+        await session.close()
+        await writer.close()
+
+
 async def test_a_deleted_consumer_is_replaced_at_the_next_read(
     log_url: str, other: LogClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
