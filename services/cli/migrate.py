@@ -85,6 +85,24 @@ async def _sessions(store: LogStore) -> list[str]:
         after = infos[-1].session_id
 
 
+async def _copied_before_failure(dst: LogStore, sid: str, source: list[bytes], head: int) -> int:
+    """How many of ``source``'s envelopes after ``head`` a failed copy of ``sid`` stored
+    all the same (the JetStream store imports in batches of up to 1000); 0 if unknown
+    (``head`` -1: the destination's head was never read)."""
+    if head < 0 or head >= len(source):
+        return 0
+    try:
+        there = await _all(dst, sid, after=head)
+    except ConvlogError:
+        return 0
+    done = 0
+    for theirs, ours in zip(there, source[head:], strict=False):
+        if theirs != ours:
+            break
+        done += 1
+    return done
+
+
 async def migrate(
     src: LogStore, dst: LogStore, sessions: list[str] | None, say: Callable[[str], None]
 ) -> int:
@@ -94,6 +112,8 @@ async def migrate(
     copied_total = 0
     for n, sid in enumerate(sids, 1):
         where = f"[{n}/{len(sids)}] {sid}"
+        head = -1
+        source: list[bytes] = []
         try:
             source = await _all(src, sid)
             if not source:
@@ -112,7 +132,12 @@ async def migrate(
                 raise BadRequestError(f"verification failed after copying: {problem or 'bytes differ'}")
         except ConvlogError as e:
             failed += 1
-            say(f"migrate {where}: REFUSED, left untouched: {e.message}")
+            done = await _copied_before_failure(dst, sid, source, head)
+            if done:
+                copied_total += done
+                say(f"migrate {where}: FAILED after copying {done} items (run again to resume): {e.message}")
+            else:
+                say(f"migrate {where}: REFUSED, left untouched: {e.message}")
             continue
         copied_total += len(source) - head
         resumed = f" (resumed after {head})" if head else ""

@@ -87,6 +87,25 @@ async def test_migrate_sqlite_to_jetstream_and_back(nats_server: NatsServer, tmp
         assert (await copy.tail("a", 100)).items == (await js.tail("a", 100)).items  # retract kept hidden
 
 
+async def test_a_copy_that_fails_after_some_batches_says_what_it_copied(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # The JetStream store imports in atomic batches of 1000: when a later batch fails
+    # (here an envelope over this server's max payload), the batches before it stay.
+    # migrate said "REFUSED, left untouched" and "0 items copied" all the same.
+    db = tmp_path / "log.db"
+    async with SQLiteStore(db) as src:
+        await src.append("s", AppendRequest(items=[user(f"m{i}") for i in range(1000)]))
+        await src.append("s", AppendRequest(items=[user("y" * (1100 * 1024))]))  # over 1 MiB
+    code, out = await migrate(tmp_path, nats_server.url, "--from", f"sqlite:{db}", "--to", "jetstream")
+    async with JetStreamStore({"servers": [nats_server.url]}, subjects=Subjects("convlog")) as js:
+        assert await js.last_order("s") == 1000
+    assert code == 1, out
+    assert "left untouched" not in out, out
+    assert "s: FAILED after copying 1000 items (run again to resume)" in out, out
+    assert "1000 items copied, 1 refused" in out, out
+
+
 async def test_migrate_refuses_bad_store_names(nats_server: NatsServer, tmp_path: Path) -> None:
     code, out = await migrate(tmp_path, nats_server.url, "--from", "postgres:x", "--to", "jetstream")
     assert code == 2 and "sqlite:PATH or jetstream" in out
