@@ -14,7 +14,8 @@ Exit 0 when all of these hold, else 1 with one ``FAIL`` line per problem:
    ``--agents``/``CONVLOG_AGENTS`` when given: a missing consumer means no
    worker of it ever started), watched for ``--window`` seconds: envelopes
    waiting to be delivered must be delivered or acked during the window, and
-   with nothing in flight some worker must be pulling.
+   with nothing in flight some worker must be pulling -- except on the idle
+   consumer of an agent the given spec no longer has (nothing waits on it).
 
 ``--every S`` repeats the check every ``S`` seconds and prints one line per
 run (for a process manager's log); it never exits.  ``--wait S`` checks again
@@ -173,11 +174,17 @@ async def _check_consumers(nc: Any, settings: Settings, report: Report, *, agent
                 latest[name] = await js.consumer_info(stream, name)
     for name, c in latest.items():
         agent = name[len(CONSUMER_PREFIX):]
+        gone = bool(agents) and agent not in agents  # a consumer the spec has no agent for
         if not progress[name]:
             report.problems.append(
                 f"agent {agent}: consumer {name} has {c.num_pending} turn notices waiting and "
                 f"{c.num_ack_pending} unacked, and delivered or acked none in {window:g}s "
-                f"(is a worker for {agent} running?)")
+                + (f"({agent} is not in the agents spec)" if gone else f"(is a worker for {agent} running?)"))
+        elif gone and not c.num_pending and not c.num_ack_pending:
+            # An agent removed from the spec keeps its durable consumer: nothing waits
+            # on it, so nothing is lost, and no worker of it is expected.
+            report.ok.append(f"agent {agent}: not in the agents spec; its consumer {name} is idle "
+                             "(delete it once the agent is gone for good)")
         elif not pulled[name] and not c.num_ack_pending:
             report.problems.append(f"agent {agent}: no worker is pulling from consumer {name} "
                                    f"(none asked for notices in {window:g}s)")

@@ -12,10 +12,15 @@ import asyncio
 import sys
 from pathlib import Path
 
+import nats
+
 from services.cli.health import check
 from services.log.service import LogService
+from services.worker.intake import consumer_config
 from shared.client import LogClient
 from shared.config import load_settings
+from shared.subjects import Subjects
+from shared.work import work_stream_name, work_subject
 from tests.support.eventually import assert_eventually
 from tests.support.fake_openai import slow, text
 from tests.support.logsvc import service_env
@@ -190,3 +195,32 @@ async def test_health_is_ok_while_a_worker_is_busy_with_a_long_turn(stack: Worke
         "health", "--nats-url", stack.server.url, "--no-embedded", "--window", "1",
         env=service_env(stack.tmp / "health-data"))
     assert code == 0, out + err
+
+
+async def test_the_idle_consumer_of_an_agent_removed_from_the_spec_passes(stack: WorkerStack) -> None:
+    """An agent dropped from the spec keeps its durable consumer, which no worker pulls
+    from again: health failed on it at every run ('no worker is pulling'), for good.
+    With the spec given, an idle consumer of an agent it no longer has passes; one
+    with notices waiting still fails."""
+    spec = solo_spec(stack.tmp / "solo.toml")
+    await stack.start_workers(stack.worker("Solo", spec))
+    await stack.send("gone1", "Hi")
+    nc = await nats.connect(stack.server.url)
+    try:
+        js = nc.jetstream()
+        subjects = Subjects("convlog")
+        await js.add_consumer(work_stream_name(subjects),
+                              consumer_config(subjects, "Gone", entry=False, ack_wait=30))
+        base = ["health", "--nats-url", stack.server.url, "--no-embedded", "--window", "1"]
+        env = service_env(stack.tmp / "health-data")
+        code, out, err = await run_cli(*base, "--agents", str(spec), env=env)
+        assert code == 0, out + err
+        assert "ok    agent Gone: not in the agents spec; its consumer convlog-agent-Gone is idle" in out
+        code, out, _ = await run_cli(*base, env=env)  # without the spec it cannot know
+        assert code == 1 and "agent Gone: no worker is pulling" in out, out
+        await js.publish(work_subject(subjects, "Gone"), b"{}")
+        code, out, _ = await run_cli(*base, "--agents", str(spec), env=env)
+        assert code == 1 and "FAIL  agent Gone: consumer convlog-agent-Gone has 1 turn notices waiting" in out, out
+        assert "(Gone is not in the agents spec)" in out
+    finally:
+        await nc.close()
