@@ -70,12 +70,17 @@ def up_config(settings: Settings, *, agents_path: Path, agents: list[str],
         host, port = nats_servers(settings.nats_url)[0]
         nats_command = [nats_server_binary(), "-a", host, "-p", str(port), "-js",
                         "-sd", str(data_dir / "jetstream")]
+    if settings.metrics_port and settings.metrics_port + len(agents) > 65535:
+        raise BadRequestError(f"CONVLOG_METRICS_PORT {settings.metrics_port}: convlog up gives the log "
+                              f"service that port and its {len(agents)} agents' workers the ports after it, "
+                              "past 65535: choose a lower one")
     programs = stack_programs(
         agents=agents, agents_path=agents_path.resolve(), nats_url=settings.nats_url,
         db_path=settings.db_path.resolve(), nats_command=nats_command,
-        workers_per_agent=workers_per_agent, grace=settings.grace,
+        workers_per_agent=workers_per_agent, grace=settings.grace, metrics_port=settings.metrics_port,
     )
     environment = {
+        "CONVLOG_METRICS_PORT": "",  # each program's own port is a flag (stack_programs)
         "CONVLOG_NATS_URL": settings.nats_url,
         "CONVLOG_PREFIX": settings.prefix,
         "CONVLOG_DATA_DIR": str(data_dir),

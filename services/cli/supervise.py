@@ -212,6 +212,7 @@ def stack_programs(
     nats_command: Sequence[str] | None,
     workers_per_agent: int = 1,
     grace: float = 10.0,
+    metrics_port: int | None = None,
 ) -> list[Program]:
     """The convlog stack: [nats-server], the log service, one worker program per agent.
 
@@ -224,6 +225,11 @@ def stack_programs(
             one that runs elsewhere.
         workers_per_agent: replicas per agent (they share the durable consumer).
         grace: the processes' shutdown grace; ``stopwaitsecs`` leaves room for it.
+        metrics_port: Prometheus ``/metrics`` of the log service on this port, and of
+            each agent's worker on the ports after it, in spec order (``None`` or 0:
+            none of them gets a fixed one; with several replicas of an agent each
+            takes a free port, which it logs).  One port for all of them would leave
+            every program but the first without metrics.
     """
     stopwait = int(grace) + 5
     base = [*convlog_command()]
@@ -231,15 +237,22 @@ def stack_programs(
     if nats_command is not None:
         programs.append(Program("nats", list(nats_command), priority=10, stopwaitsecs=10,
                                 label="nats-server"))
+    def metrics(i: int) -> list[str]:
+        """The flag of program ``i`` (0: the log service, then the agents' workers)."""
+        if not metrics_port:
+            return []
+        port = metrics_port if i == 0 else metrics_port + i if workers_per_agent <= 1 else 0
+        return ["--metrics-port", str(port)]
+
     programs.append(Program(
-        "log", [*base, "log", "--nats-url", nats_url, "--db", str(db_path), "--no-embedded"],
+        "log", [*base, "log", "--nats-url", nats_url, "--db", str(db_path), "--no-embedded", *metrics(0)],
         priority=20, stopwaitsecs=stopwait, label="log service",
     ))
-    for agent in agents:
+    for i, agent in enumerate(agents, 1):
         programs.append(Program(
             f"worker-{agent}",
             [*base, "worker", agent, "--agents", str(agents_path), "--nats-url", nats_url,
-             "--no-embedded"],
+             "--no-embedded", *metrics(i)],
             priority=30, numprocs=max(1, workers_per_agent), stopwaitsecs=stopwait,
             label=f"worker {agent}",
         ))

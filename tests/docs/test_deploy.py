@@ -31,6 +31,7 @@ from services.cli.supervise import render_config, stack_programs
 from services.worker.scenario import SEED_CONVERSATION
 from shared.client import LogClient
 from shared.config import load_settings
+from shared.errors import BadRequestError
 from tests.support.deploy_config import (
     AGENTS,
     DEPLOY,
@@ -389,6 +390,34 @@ def test_convlog_up_config_has_the_same_programs(tmp_path: Path, replicas: int) 
     argv = shlex.split(progs[f"worker-Triage{'-0' if replicas > 1 else ''}"].command)
     assert argv[:3] == [sys.executable, "-m", "services.cli.main"]
     assert parse_convlog(argv[3:]).command == "worker"
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_convlog_up_gives_each_program_its_own_metrics_port(tmp_path: Path, replicas: int) -> None:
+    """Every program of `convlog up` inherited CONVLOG_METRICS_PORT: the first to start
+    took the port, every other one logged an error and served no metrics."""
+    settings = load_settings({"nats_url": "nats://127.0.0.1:4999"},
+                             environ={"CONVLOG_DATA_DIR": str(tmp_path), "CONVLOG_METRICS_PORT": "9464"})
+    path, text = up_config(settings, agents_path=DEPLOY / "agents.toml", agents=AGENTS,
+                           workers_per_agent=replicas, start_nats=True)
+    path.parent.mkdir(parents=True)
+    (tmp_path / "logs").mkdir()
+    path.write_text(text)
+    opts = supervisor_options(path)
+    assert opts.configroot.supervisord.environment["CONVLOG_METRICS_PORT"] == ""  # off, unless a flag
+    ports = {}
+    for name, p in _programs(opts).items():
+        argv = shlex.split(p.command)
+        if argv[0] == sys.executable:
+            ports[name] = parse_convlog(argv[3:]).metrics_port
+    assert ports.pop("log") == "9464"
+    if replicas == 1:
+        assert ports == {f"worker-{a}": str(9465 + i) for i, a in enumerate(AGENTS)}
+    else:  # replicas of one program share its command: each takes a free port
+        assert set(ports.values()) == {"0"} and len(ports) == len(AGENTS) * replicas
+    with pytest.raises(BadRequestError, match="past 65535"):
+        up_config(load_settings({}, environ={"CONVLOG_DATA_DIR": str(tmp_path), "CONVLOG_METRICS_PORT": "65534"}),
+                  agents_path=DEPLOY / "agents.toml", agents=AGENTS, workers_per_agent=1, start_nats=False)
 
 
 def test_convlog_up_skips_nats_when_one_answers(tmp_path: Path) -> None:
