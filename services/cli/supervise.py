@@ -226,10 +226,10 @@ def stack_programs(
         workers_per_agent: replicas per agent (they share the durable consumer).
         grace: the processes' shutdown grace; ``stopwaitsecs`` leaves room for it.
         metrics_port: Prometheus ``/metrics`` of the log service on this port, and of
-            each agent's worker on the ports after it, in spec order (``None`` or 0:
-            none of them gets a fixed one; with several replicas of an agent each
-            takes a free port, which it logs).  One port for all of them would leave
-            every program but the first without metrics.
+            each agent's worker on the ports after it, in spec order (``None``: no
+            metrics; 0, or several replicas of an agent: each takes a free port,
+            which it logs).  One port for all of them would leave every program
+            but the first without metrics.
     """
     stopwait = int(grace) + 5
     base = [*convlog_command()]
@@ -237,12 +237,14 @@ def stack_programs(
     if nats_command is not None:
         programs.append(Program("nats", list(nats_command), priority=10, stopwaitsecs=10,
                                 label="nats-server"))
+
     def metrics(i: int) -> list[str]:
         """The flag of program ``i`` (0: the log service, then the agents' workers)."""
-        if not metrics_port:
+        if metrics_port is None:
             return []
-        port = metrics_port if i == 0 else metrics_port + i if workers_per_agent <= 1 else 0
-        return ["--metrics-port", str(port)]
+        if metrics_port == 0 or (i and workers_per_agent > 1):
+            return ["--metrics-port", "0"]  # any free port (logged at start)
+        return ["--metrics-port", str(metrics_port + i)]
 
     programs.append(Program(
         "log", [*base, "log", "--nats-url", nats_url, "--db", str(db_path), "--no-embedded", *metrics(0)],

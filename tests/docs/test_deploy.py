@@ -415,6 +415,10 @@ def test_convlog_up_gives_each_program_its_own_metrics_port(tmp_path: Path, repl
         assert ports == {f"worker-{a}": str(9465 + i) for i, a in enumerate(AGENTS)}
     else:  # replicas of one program share its command: each takes a free port
         assert set(ports.values()) == {"0"} and len(ports) == len(AGENTS) * replicas
+    # 0: each program takes a free port (as each did when they all inherited 0)
+    _, text = up_config(load_settings({}, environ={"CONVLOG_DATA_DIR": str(tmp_path), "CONVLOG_METRICS_PORT": "0"}),
+                        agents_path=DEPLOY / "agents.toml", agents=AGENTS, workers_per_agent=1, start_nats=False)
+    assert text.count("--metrics-port 0") == 1 + len(AGENTS)
     with pytest.raises(BadRequestError, match="past 65535"):
         up_config(load_settings({}, environ={"CONVLOG_DATA_DIR": str(tmp_path), "CONVLOG_METRICS_PORT": "65534"}),
                   agents_path=DEPLOY / "agents.toml", agents=AGENTS, workers_per_agent=1, start_nats=False)
