@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from services.cli.demo import RULES_MODEL_LABEL, consumer_name, wait_for_stack
@@ -40,7 +41,7 @@ from shared.client import LogClient
 from tests.support.deploy_config import AGENTS, DEPLOY
 from tests.support.eventually import wait_until
 from tests.support.natsd import free_port
-from tests.support.procs import REPO_ROOT, Proc, offline_env
+from tests.support.procs import REPO_ROOT, Proc, offline_env, pid_alive
 
 BIN = str(Path(sys.executable).parent)
 
@@ -55,23 +56,12 @@ def stack_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie still answers kill(0); its state in /proc says it has exited
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    return True
-
-
 def _assert_all_gone(pids: set[int]) -> None:
     wait_until(lambda: _no_survivors(pids), timeout=10)
 
 
 def _no_survivors(pids: set[int]) -> None:
-    alive = [p for p in pids if _pid_alive(p)]
+    alive = [p for p in pids if pid_alive(p)]
     assert not alive, f"still running after supervisord stopped: {alive}"
 
 
@@ -251,7 +241,7 @@ async def test_convlog_up_stops_the_programs_when_supervisord_is_killed(short_tm
     finally:
         proc.terminate(timeout=40)
         for pid in children:  # what it left behind: stop it by its PID
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -310,32 +300,40 @@ def test_demo_constants_match_the_worker() -> None:
     assert all(consumer_name(a) == worker_consumer_name(a) for a in AGENTS)
 
 
-# SIGTERM to `convlog demo` stops the stack it started (supervisord and the stack outlived it)
-def test_sigterm_to_convlog_demo_stops_its_stack(tmp_path: Path) -> None:
-    proc = Proc([sys.executable, "-m", "services.cli.main", "demo", "--offline"],
-                log_dir=tmp_path, env=stack_env(), name="demo").start()
+@contextlib.contextmanager
+def _demo(tmp_path: Path, *args: str, name: str) -> Iterator[tuple[Proc, int]]:
+    """``convlog demo ARGS`` and its supervisord's PID, once it runs; in teardown the demo
+    is stopped, and the stack it left stopped by that PID and its directory removed."""
+    proc = Proc([sys.executable, "-m", "services.cli.main", "demo", *args],
+                log_dir=tmp_path, env=stack_env(), name=name).start()
     sup_pid = None
     workdir = None
     try:
         m = proc.wait_for_line(r"under supervisord \(pid (\d+)\) in (\S+)", timeout=60)
         sup_pid, workdir = int(m.group(1)), m.group(2)
+        yield proc, sup_pid
+    finally:
+        proc.terminate()
+        if sup_pid is not None and pid_alive(sup_pid):  # the stack the demo left: stop it by its PID
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(sup_pid, signal.SIGTERM)
+            deadline = time.monotonic() + 40
+            while pid_alive(sup_pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        if workdir and re.search(r"convlog-demo-", workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+# SIGTERM to `convlog demo` stops the stack it started (supervisord and the stack outlived it)
+def test_sigterm_to_convlog_demo_stops_its_stack(tmp_path: Path) -> None:
+    with _demo(tmp_path, "--offline", name="demo") as (proc, sup_pid):
         proc.wait_for_line(r"stack ready", timeout=60)
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(30)
         deadline = time.monotonic() + 30
-        while _pid_alive(sup_pid) and time.monotonic() < deadline:
+        while pid_alive(sup_pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _pid_alive(sup_pid), f"supervisord {sup_pid} outlived convlog demo:\n{proc.output()}"
-    finally:
-        proc.terminate()
-        if sup_pid is not None and _pid_alive(sup_pid):  # the stack the demo left: stop it by its PID
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(sup_pid, signal.SIGTERM)
-            deadline = time.monotonic() + 40
-            while _pid_alive(sup_pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-        if workdir and re.search(r"convlog-demo-", workdir):
-            shutil.rmtree(workdir, ignore_errors=True)
+        assert not pid_alive(sup_pid), f"supervisord {sup_pid} outlived convlog demo:\n{proc.output()}"
 
 
 # `convlog demo --web` stopped by SIGTERM: the console stops and the stack is stopped. The
@@ -343,13 +341,7 @@ def test_sigterm_to_convlog_demo_stops_its_stack(tmp_path: Path) -> None:
 # stopped (an impatient `kill`, a process manager's second try) ended the demo at once and
 # left supervisord, nats-server and the log service running, orphaned.
 def test_a_second_sigterm_while_demo_web_stops_its_stack_leaves_nothing_running(tmp_path: Path) -> None:
-    proc = Proc([sys.executable, "-m", "services.cli.main", "demo", "--offline", "--web", "--web-port", "0"],
-                log_dir=tmp_path, env=stack_env(), name="demo-web").start()
-    sup_pid = None
-    workdir = None
-    try:
-        m = proc.wait_for_line(r"under supervisord \(pid (\d+)\) in (\S+)", timeout=60)
-        sup_pid, workdir = int(m.group(1)), m.group(2)
+    with _demo(tmp_path, "--offline", "--web", "--web-port", "0", name="demo-web") as (proc, sup_pid):
         proc.wait_for_line(r"web console: http", timeout=90)
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait_for_line(r"stopping the stack", timeout=30)
@@ -357,14 +349,4 @@ def test_a_second_sigterm_while_demo_web_stops_its_stack_leaves_nothing_running(
         code = proc.wait(60)
         assert "stack stopped" in proc.output(), proc.output()
         assert code == 0, proc.output()
-        assert not _pid_alive(sup_pid), f"supervisord {sup_pid} outlived convlog demo --web:\n{proc.output()}"
-    finally:
-        proc.terminate()
-        if sup_pid is not None and _pid_alive(sup_pid):  # the stack the demo left: stop it by its PID
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(sup_pid, signal.SIGTERM)
-            deadline = time.monotonic() + 40
-            while _pid_alive(sup_pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-        if workdir and re.search(r"convlog-demo-", workdir):
-            shutil.rmtree(workdir, ignore_errors=True)
+        assert not pid_alive(sup_pid), f"supervisord {sup_pid} outlived convlog demo --web:\n{proc.output()}"
