@@ -87,6 +87,7 @@ __all__ = [
     "verify_item",
     "verify_head",
     "verify_signature",
+    "writes_as",
 ]
 
 ITEM_DOMAIN = b"convlog-item-v1\n"
@@ -104,6 +105,13 @@ USER_AGENT = "user"
 LOG_AGENT = "convlog-log"
 #: Worker notes (a failed turn) are written as ``system`` by the agent's worker.
 SYSTEM_AGENT = "system"
+
+
+def writes_as(agent: str, author: str) -> bool:
+    """Whether ``author`` is one ``agent`` (its key, its worker) writes as: the agent
+    itself, or ``system`` (its worker's notes).  An item under ``agent``'s turn id
+    written as anyone else was not written by that agent."""
+    return author in (agent, SYSTEM_AGENT)
 
 
 _TURN_AGENT = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
@@ -485,7 +493,7 @@ class Keyring:
         if e.retired_at is not None and (at is None or _after(at, e.retired_at)):
             return f"key {key_id[:12]}... of {e.agent!r} was retired at {e.retired_at}"
         if e.role == "agent":
-            if agent not in (e.agent, SYSTEM_AGENT) or via_inbound:
+            if not writes_as(e.agent, agent) or via_inbound:
                 return f"key {key_id[:12]}... belongs to agent {e.agent!r}, not {agent!r}"
             if item_id is not None and (owner := turn_id_agent(item_id)) not in (None, e.agent):
                 return f"item_id {item_id!r} belongs to a turn of {owner!r}, not of {e.agent!r}"

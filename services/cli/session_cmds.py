@@ -141,10 +141,10 @@ async def _known_agents(client: Any, settings: Settings) -> tuple[set[str], str]
 async def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     from services.worker.turn_ids import parse_turn_item_id, turn_key
     from shared.client import new_item_id
+    from shared.signing import writes_as
     from shared.subjects import validate_session_id
 
     from .render import render_line
-    from .transcript import forged_under
 
     validate_session_id(args.session_id)
     text = message_text(args)
@@ -173,7 +173,7 @@ async def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
                     tid = parse_turn_item_id(env.item_id)
                     if tid is None or tid.turn != turn:
                         continue  # other turns of a busy session
-                    if forged_under(env, tid.agent):  # its worker answers under its next step
+                    if not writes_as(tid.agent, env.agent):  # forged: its worker answers under its next step
                         stderr(f"convlog send: #{env.item_order} was written as {env.agent!r} under "
                                f"{tid.agent}'s turn id {env.item_id!r}: not {tid.agent}'s, not shown")
                         continue

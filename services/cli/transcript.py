@@ -18,11 +18,11 @@ from typing import Any
 
 from shared.client import LogClient, new_item_id
 from shared.messages import Envelope
-from shared.signing import SYSTEM_AGENT
+from shared.signing import writes_as
 
 from .render import content_text, printable
 
-__all__ = ["SessionFollower", "Turn", "forged_under", "handoffs", "render_turn"]
+__all__ = ["SessionFollower", "Turn", "handoffs", "render_turn"]
 
 
 @dataclass
@@ -55,13 +55,6 @@ class Turn:
 def _is_assistant_message(env: Envelope) -> bool:
     d = env.data
     return env.kind == "item" and d.get("role") == "assistant" and d.get("type", "message") == "message"
-
-
-def forged_under(env: Envelope, agent: str) -> bool:
-    """An item under ``agent``'s turn id written as another author (not the agent, not
-    its worker's ``system`` note): someone took the predictable id first, and the
-    agent's worker skips it and answers under its next step (README, threat model)."""
-    return env.agent not in (agent, SYSTEM_AGENT)
 
 
 def _handoff_target(env: Envelope) -> str | None:
@@ -137,7 +130,7 @@ class SessionFollower:
             tid = parse_turn_item_id(env.item_id)
             if env.item_order <= turn.user_order or tid is None or tid.turn != key:
                 continue  # earlier items, or another turn's
-            if forged_under(env, tid.agent):
+            if not writes_as(tid.agent, env.agent):
                 continue  # not the agent's: its worker answers under its next step
             turn.items.append(env)
             if tid.terminal:

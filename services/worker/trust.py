@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from shared.client import LogClient
 from shared.config import ConfigError, Settings
 from shared.messages import Envelope
-from shared.signing import SYSTEM_AGENT, Keyring, KeyringError, LiveKeyring, turn_id_agent
+from shared.signing import Keyring, KeyringError, LiveKeyring, turn_id_agent, writes_as
 
 __all__ = ["EnvelopeGate"]
 
@@ -90,7 +90,7 @@ class EnvelopeGate:
         owner = turn_id_agent(env.item_id)
         if owner is None:
             return None
-        if env.agent not in (owner, SYSTEM_AGENT):
+        if not writes_as(owner, env.agent):
             return f"written as {env.agent!r} under {owner!r}'s turn id"
         mine = owner == self.agent and self.own_key is not None  # our items carry our signature
         if env.sig is None or env.key_id is None:
