@@ -58,18 +58,21 @@ async def test_workers_log_one_json_object_per_line_with_turn_context(stack: Wor
     assert any("stopped:" in r["msg"] for r in triage)  # the shutdown tally, also JSON
 
 
-def _json_log_service(nats_server: NatsServer, tmp_path: Path, env: dict[str, str], *, name: str) -> Proc:
-    """``convlog log`` with ``env`` (JSON logs) and metrics on a free port; not started."""
+def _json_log_service(nats_server: NatsServer, tmp_path: Path, *, name: str) -> Proc:
+    """``convlog log`` with JSON logs and metrics on a free port; not started."""
     return Proc([sys.executable, "-m", "services.cli.main", "log", "--nats-url", nats_server.url,
                  "--db", str(tmp_path / "log.db"), "--no-embedded", "--metrics-port", "0"],
-                log_dir=tmp_path, env=env, name=name)
+                log_dir=tmp_path, env=_json_env(tmp_path), name=name)
+
+
+def _json_env(tmp_path: Path) -> dict[str, str]:
+    return {**service_env(tmp_path / "data"), "CONVLOG_LOG_FORMAT": "json"}
 
 
 async def test_log_service_logs_json_and_a_bad_format_is_refused(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    env = {**service_env(tmp_path / "data"), "CONVLOG_LOG_FORMAT": "json"}
-    proc = _json_log_service(nats_server, tmp_path, env, name="log-json")
+    proc = _json_log_service(nats_server, tmp_path, name="log-json")
     with proc:
         proc.wait_for_line(READY_LINE, timeout=20)
         proc.wait_for_line(r"log service metrics on http", timeout=5)
@@ -78,7 +81,7 @@ async def test_log_service_logs_json_and_a_bad_format_is_refused(
     assert any(r["msg"].startswith("log service ready") for r in records)
     assert any(r["msg"].startswith("log service stopped") for r in records)
 
-    env["CONVLOG_LOG_FORMAT"] = "xml"
+    env = {**_json_env(tmp_path), "CONVLOG_LOG_FORMAT": "xml"}
     code, out, err = await run_cli("log", "--nats-url", nats_server.url, "--no-embedded", env=env)
     assert code == 2
     assert "CONVLOG_LOG_FORMAT='xml' is invalid: expected one of text, json" in err
@@ -90,8 +93,7 @@ async def test_log_service_logs_json_and_a_bad_format_is_refused(
 async def test_a_metrics_client_that_hangs_up_writes_no_text_into_json_logs(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    env = {**service_env(tmp_path / "data"), "CONVLOG_LOG_FORMAT": "json"}
-    proc = _json_log_service(nats_server, tmp_path, env, name="log-json-reset")
+    proc = _json_log_service(nats_server, tmp_path, name="log-json-reset")
     with proc:
         proc.wait_for_line(READY_LINE, timeout=20)
         port = int(proc.wait_for_line(r"log service metrics on http://[^:]+:(\d+)/metrics", timeout=5).group(1))
@@ -104,7 +106,7 @@ async def test_a_metrics_client_that_hangs_up_writes_no_text_into_json_logs(
 # The line saying why `convlog log` gave up was printed as plain text: with JSON logs a
 # shipper could not parse the one line that mattered most.
 async def test_the_error_a_command_ends_with_is_a_json_line(tmp_path: Path) -> None:
-    env = {**service_env(tmp_path / "data"), "CONVLOG_LOG_FORMAT": "json"}
+    env = _json_env(tmp_path)
     url = f"nats://127.0.0.1:{free_port()}"
     code, out, err = await run_cli("log", "--nats-url", url, "--no-embedded", "--db", str(tmp_path / "log.db"),
                                    env=env)
@@ -128,7 +130,7 @@ def _hang_up(port: int, *, times: int) -> None:
 # said in plain text: the line saying why the service did not start was the only one a
 # shipper could not parse.
 async def test_a_configuration_error_is_a_json_line(tmp_path: Path) -> None:
-    env = {**service_env(tmp_path / "data"), "CONVLOG_LOG_FORMAT": "json", "CONVLOG_COMMIT_BATCH": "0"}
+    env = {**_json_env(tmp_path), "CONVLOG_COMMIT_BATCH": "0"}
     code, out, err = await run_cli("log", "--no-embedded", "--db", str(tmp_path / "log.db"), env=env)
     assert code == 2, err
     (record,) = [json.loads(line) for line in err.splitlines()]
