@@ -13,7 +13,7 @@ import argparse
 import gc
 import logging
 
-from shared.config import ConfigError, Settings
+from shared.config import Settings
 
 from .common import EXIT_OK, install_signal_handlers, maybe_embedded_nats, setting_source
 from .storage import check_data_dir, check_service_db
@@ -42,29 +42,13 @@ def db_source(args: argparse.Namespace, settings: Settings) -> str | None:
     return "CONVLOG_DB" if settings.db is not None else None
 
 
-def check_keyring(args: argparse.Namespace, settings: Settings) -> None:
-    """The keyring the service checks signatures with, before anything starts;
-    a mistake names the flag or variable that was given.
-
-    Raises:
-        ConfigError: signatures required without a keyring, or the keyring unusable.
-    """
-    from shared.signing import Keyring, KeyringError
-
-    if settings.require_signatures and settings.keyring is None:
-        raise ConfigError(f"{setting_source(args, 'require_signatures')} needs a keyring "
-                          "(--keyring or CONVLOG_KEYRING, the public keyring file)")
-    if settings.keyring is not None:
-        try:
-            Keyring.load(settings.keyring)
-        except KeyringError as e:
-            raise ConfigError(f"{setting_source(args, 'keyring')}: {e}") from None
-
-
 async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
+    from services.log.authorize import authorizer_from
     from services.log.service import LogService
 
-    check_keyring(args, settings)
+    # The keyring the service checks signatures with, before anything starts;
+    # a mistake names the flag or variable that was given.
+    authorize = authorizer_from(settings, named=lambda name: setting_source(args, name))
     if settings.store == "sqlite":
         check_service_db(settings.db_path, name=db_source(args, settings),
                          data_dir_name=setting_source(args, "data_dir"))
@@ -75,7 +59,7 @@ async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
         log.info("started embedded nats-server at %s (JetStream store %s)", server.url,
                  server.data_dir / "jetstream")
     try:
-        service = LogService(settings)
+        service = LogService(settings, authorize=authorize)
         _keep = install_signal_handlers(service.shutdown)
         try:
             await service.start()

@@ -12,6 +12,7 @@ before; a signature it cannot check is refused, never stored unchecked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -137,22 +138,31 @@ class Authorizer:
             )
 
 
-def authorizer_from(settings: Settings) -> Authorizer:
+def _variable(name: str) -> str:
+    return f"CONVLOG_{name.upper()}"
+
+
+def authorizer_from(settings: Settings, *, named: Callable[[str], str] = _variable) -> Authorizer:
     """The service's checks from ``keyring``/``require_signatures`` (with
     neither, unsigned items pass and signed ones are refused: nobody can check them).
 
+    Args:
+        named: how a message names a setting (``convlog log`` passes its flag
+            when the command line gave it; by default its ``CONVLOG_*`` variable).
+
     Raises:
         ConfigError: signatures are required but no keyring is set, or the
-            keyring file is unusable (naming the variable and the file).
+            keyring file is unusable (naming the setting and the file).
     """
     if settings.require_signatures and settings.keyring is None:
-        raise ConfigError("CONVLOG_REQUIRE_SIGNATURES needs CONVLOG_KEYRING (the public keyring file)")
+        ways = "CONVLOG_KEYRING" if named is _variable else "--keyring or CONVLOG_KEYRING"
+        raise ConfigError(f"{named('require_signatures')} needs a keyring ({ways}, the public keyring file)")
     if settings.keyring is None:
         return Authorizer()
     try:
         keyring = LiveKeyring(settings.keyring)  # a rotation takes effect without a restart
     except KeyringError as e:
-        raise ConfigError(f"CONVLOG_KEYRING: {e}") from None
+        raise ConfigError(f"{named('keyring')}: {e}") from None
     return Authorizer(keyring, settings.require_signatures)
 
 

@@ -48,7 +48,7 @@ from shared.subjects import Subjects
 from shared.wire import Outgoing
 from shared.work import ensure_work_stream, work_stream_name
 
-from .authorize import authorizer_from, head_signer_from
+from .authorize import Authorizer, authorizer_from, head_signer_from
 from .endpoints import Endpoints
 from .handlers import Handlers
 from .heads import HeadWitness
@@ -85,12 +85,17 @@ class LogService(Endpoints):
             names (SQLite on ``settings.db_path``, or JetStream).
         outbox_ack_timeout: seconds the outbox waits for the stream's ack of
             a publish window before it resyncs.
+        authorize: the signature checks, when the caller built them already
+            (``convlog log``, to name its flags in a mistake); by default
+            made from ``settings`` at the start.
     """
 
     def __init__(
-        self, settings: Settings, *, store: LogStore | None = None, outbox_ack_timeout: float = 5.0
+        self, settings: Settings, *, store: LogStore | None = None, outbox_ack_timeout: float = 5.0,
+        authorize: Authorizer | None = None,
     ) -> None:
         self.settings = settings
+        self._authorize = authorize
         self.subjects = settings.subjects
         self._outbox_ack_timeout = outbox_ack_timeout
         self.store: LogStore = store or make_store(settings)
@@ -148,7 +153,7 @@ class LogService(Endpoints):
 
     async def _start(self) -> None:
         # A bad keyring or key fails before anything opens.
-        authorize = authorizer_from(self.settings)
+        authorize = self._authorize or authorizer_from(self.settings)
         head_signer = head_signer_from(self.settings, authorize.keyring)
 
         def stopping() -> bool:  # a shutdown begun ends each wait below (for a cluster's leaders)
