@@ -114,7 +114,7 @@ from .history import visible
 from .session_authors import AuthorTracking
 from .session_copy import SessionCopy
 from .session_edits import HidingEdits
-from .session_pool import OwnedConnections, SharedSession, share, unshare
+from .session_pool import OwnedConnections, SharedSession, at_least, share, unshare
 from .subjects import validate_session_id
 from .work import NO_TURN_PREFIX
 
@@ -309,7 +309,9 @@ class ConvlogSession(HidingEdits, AuthorTracking):
 
     def _acked(self, client: LogClient, acks: list[Any], batch: list[dict[str, Any]]) -> None:
         """Tell the copy what an append of this process wrote (read your writes)."""
-        copy = self._state(client).copy
+        state = self._state(client)
+        state.saw(max((a.item_order for a in acks), default=0))
+        copy = state.copy
         if copy is not None:
             copy.on_ack(acks, [(b["item_id"], b["kind"], b["data"]) for b in batch])
 
@@ -351,20 +353,30 @@ class ConvlogSession(HidingEdits, AuthorTracking):
             await copy.fill()  # the log answered past the copy: later reads must not go back
         return items
 
+    async def _log_read(self, client: LogClient, **kw: Any) -> Any:
+        """One read of the session from the log, never behind what this connection has."""
+        return await self._state(client).read(**kw)
+
     async def _read_log(self, client: LogClient, n: int | None) -> tuple[list[dict[str, Any]], int]:
         """The last ``n`` visible items from the log, and the ``k`` of the prefix they show."""
         if n is not None and n <= _TAIL_MAX:
             try:
-                rep = await client.read(self.session_id, tail=n)
+                rep = await self._log_read(client, tail=n)
                 return [env.data for env in rep.items], rep.last_order
             except TooLargeError:
                 pass  # the tail does not fit one reply: page forward instead
         # Page the raw envelopes (they never change, so the pages are one prefix
         # 1..k of the log) and fold them here: visible pages read at different
         # times would mix histories when a retract or clear lands in between.
-        raw = await client.items(self.session_id, raw=True)
+        state = self._state(client)
+        raw = await at_least(
+            state.floor, lambda: client.items(self.session_id, raw=True),
+            lambda envs: envs[-1].item_order if envs else 0,
+            deadline=client.deadline, what=f"session {self.session_id!r}",
+        )
         shown = visible(raw)
         k = raw[-1].item_order if raw else 0
+        state.saw(k)
         return [env.data for env in (shown if n is None else shown[-n:])], k
 
     @tracked

@@ -44,6 +44,7 @@ import bisect
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -53,7 +54,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from .client import LogClient, new_item_id
 from .errors import TooLargeError
-from .messages import AppendedItem
+from .messages import AppendedItem, ReadReply
 from .nats_seam import seam_for
 
 __all__ = ["SessionCopy"]
@@ -96,6 +97,9 @@ class SessionCopy:
         max_staleness: longest time (s) an answer may rely on deliveries alone
             before the copy confirms its position with the log.
         max_items, max_bytes: how much visible history to keep.
+        read: reads the session from the log (``LogClient.read`` of it by
+            default; the shared session's read, which never answers behind
+            what the connection acknowledged).
     """
 
     def __init__(
@@ -106,8 +110,12 @@ class SessionCopy:
         max_staleness: float = 1.0,
         max_items: int | None = None,
         max_bytes: int | None = None,
+        read: Callable[..., Awaitable[ReadReply]] | None = None,
     ) -> None:
         self.client = client
+        self._read: Callable[..., Awaitable[ReadReply]] = read or (
+            lambda **kw: client.read(session_id, **kw)
+        )
         self.loop = asyncio.get_running_loop()  # the loop whose connection carries it
         self.session_id = session_id
         self.max_staleness = max_staleness
@@ -286,7 +294,7 @@ class SessionCopy:
     async def _verify(self) -> None:
         started = time.monotonic()
         self.log_reads += 1
-        if await self.client.last_order(self.session_id) > self.last:
+        if (await self._read(tail=0)).last_order > self.last:
             await self._fill()
         else:
             self._verified_at = started
@@ -295,7 +303,7 @@ class SessionCopy:
         started = time.monotonic()
         while True:
             self.log_reads += 1
-            rep = await self.client.read(self.session_id, after=self.last, raw=True)
+            rep = await self._read(after=self.last, raw=True)
             if rep.last_order - self.last > _RESEED_GAP:
                 await self._seed(self._window)  # far behind: the tail, not every page
                 return
@@ -320,7 +328,7 @@ class SessionCopy:
             while True:
                 self.log_reads += 1
                 try:
-                    rep = await self.client.read(self.session_id, tail=window, raw=True)
+                    rep = await self._read(tail=window, raw=True)
                     break
                 except TooLargeError:
                     if window <= 1:

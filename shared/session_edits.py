@@ -31,6 +31,7 @@ class HidingEdits:
     _log: Callable[[], Any]
     _current_copy: Callable[..., Any]
     _acked: Callable[..., None]
+    _log_read: Callable[..., Any]  # a read of the session, never behind this connection's writes
     _agent_for: Callable[[Any], str]
     _author: Callable[[Mapping[str, Any], str], str]
     _items_are_plain: Callable[[], bool]  # add_items/get_items not overridden
@@ -51,7 +52,7 @@ class HidingEdits:
             if copy is not None and newest is not None:
                 (order, data), last = newest, copy.last
             else:  # an empty copy may not have another process's write yet: ask the log
-                rep = await client.read(self.session_id, tail=1)
+                rep = await self._log_read(client, tail=1)
                 if not rep.items:
                     return None
                 order, data, last = rep.items[0].item_order, rep.items[0].data, rep.last_order
@@ -80,7 +81,7 @@ class HidingEdits:
         client = await self._log()
         copy = await self._current_copy(client, 1)
         if copy is None or copy.newest() is None:  # an empty copy may be behind: ask the log
-            if not (await client.read(self.session_id, tail=1)).items:
+            if not (await self._log_read(client, tail=1)).items:
                 return
         entry = {
             "item_id": f"{new_item_id()}.c",

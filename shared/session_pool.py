@@ -16,25 +16,37 @@
     made in.  A combined append the log refuses (a bad or oversized item, an
     id conflict; or an item JSON cannot encode) is resent call by call, so each call gets its own outcome;
     an unknown outcome (``UnavailableError``) is every call's, and each
-    call's retry dedupes on its own item ids.
+    call's retry dedupes on its own item ids;
+  - one *floor*: the highest order this connection knows the session has
+    (its acknowledged appends, its reads).  A log read behind it is read
+    again (:meth:`SharedSession.read`, :func:`at_least`): on an R3 JetStream
+    stream a replica that trails the leader may answer a read, and a
+    log-service instance that did not make the append has nothing to check
+    it against, so the read would miss this process's own acknowledged write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .agents_sdk import finish, settle
 from .client import LogClient
 from .errors import BadRequestError, ConflictError, TooLargeError, UnavailableError
-from .messages import MAX_APPEND_ITEMS, AppendedItem
+from .failures import CONFLICT_BACKOFF
+from .messages import MAX_APPEND_ITEMS, AppendedItem, ReadReply
 from .session_copy import SessionCopy
 
-__all__ = ["OwnedConnections", "SharedSession", "acquire_connection", "release_connection", "share", "unshare"]
+__all__ = [
+    "OwnedConnections", "SharedSession", "acquire_connection", "at_least", "release_connection", "share", "unshare",
+]
+
+_T = TypeVar("_T")
 
 
 # -- connections --------------------------------------------------------------
@@ -151,6 +163,35 @@ class OwnedConnections:
 
 # -- one session id on one connection -----------------------------------------------
 
+
+async def at_least(
+    floor: int, read: Callable[[], Awaitable[_T]], last: Callable[[_T], int], *, deadline: float, what: str
+) -> _T:
+    """``read()`` until what it answers reaches order ``floor`` (``last`` of the answer).
+
+    A read behind an order this connection knows is stored was answered by a
+    replica that trails the stream leader: it catches up within milliseconds.
+
+    Raises:
+        UnavailableError: still behind after ``deadline`` seconds.
+    """
+    end = time.monotonic() + deadline
+    attempt = 0
+    while True:
+        got = await read()
+        k = last(got)
+        if k >= floor:
+            return got
+        wait = CONFLICT_BACKOFF.delay(attempt)
+        if time.monotonic() + wait > end:
+            raise UnavailableError(
+                f"the log answered {what} up to order {k}, behind order {floor} this "
+                f"connection already has, for {deadline:g} s (a replica trailing the leader)"
+            )
+        await asyncio.sleep(wait)
+        attempt += 1
+
+
 _COLLECT_STEPS = 8  # loop steps the sender waits for answered writers to call again
 
 
@@ -177,11 +218,26 @@ class SharedSession:
         self._sender: asyncio.Task[None] | None = None
         self._in_flight: list[_Call] = []
         self._max_bytes = max(64 * 1024, (client.nc.max_payload or 1024 * 1024) // 2)
+        self.floor = 0  # the highest order this connection knows the session has (see the module)
+
+    def saw(self, order: int) -> None:
+        """The session is known to hold order ``order`` (an ack, or a read's ``last_order``)."""
+        if order > self.floor:
+            self.floor = order
+
+    async def read(self, **kw: Any) -> ReadReply:
+        """``LogClient.read`` of this session, never behind :attr:`floor` (read again while it is)."""
+        rep = await at_least(
+            self.floor, lambda: self.client.read(self.session_id, **kw), lambda r: r.last_order,
+            deadline=self.client.deadline, what=f"a read of session {self.session_id!r}",
+        )
+        self.saw(rep.last_order)
+        return rep
 
     def get_copy(self) -> SessionCopy:
         """The process's local copy of this session on this client (made on first use)."""
         if self.copy is None:
-            self.copy = SessionCopy(self.client, self.session_id)
+            self.copy = SessionCopy(self.client, self.session_id, read=self.read)
         return self.copy
 
     async def append(self, batch: list[dict[str, Any]], size: int) -> list[AppendedItem]:
@@ -269,6 +325,7 @@ class SharedSession:
             for call in calls:
                 call.done.set_exception(e)
             return []
+        self.saw(reply.last_order)
         if self.copy is not None:  # read your writes, also after a caller cancelled meanwhile
             self.copy.on_ack(reply.items, [(i["item_id"], i["kind"], i["data"]) for i in items])
         acked = {a.item_id: a for a in reply.items}

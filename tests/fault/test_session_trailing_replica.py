@@ -1,0 +1,134 @@
+"""``ConvlogSession`` reads its own writes when the log read is answered by a
+replica that trails the stream leader.
+
+On the JetStream store a read is served by direct gets, which on an R3 stream
+any replica caught up to 90% answers (README, "Caches only"): a log-service
+instance that did not make the append (another instance in the queue group,
+or one started since) may answer a read with the history as it was a few
+milliseconds before.  The session's README contract is stricter: after
+``add_items``/``pop_item``/``clear_session`` returns, every read through the
+same connection includes it, and ``k`` never goes back for a connection.
+
+The trailing replica is played by the reading instance's direct gets of the
+session's head, which answer with the head as it was before the last append
+for the first few reads (as a follower does until it has applied it); the
+appends, the stream, the service and the session are real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.log.service import LogService
+from services.log.store.jetstream import Layout
+from services.log.store.jetstream.api import DirectGet
+from shared import ConvlogSession
+from shared.client import LogClient
+from shared.config import Settings, load_settings
+from tests.support.natsd import NatsServer
+from tests.support.sdk_env import contents
+
+SID = "trailing-replica"
+STALE_READS = 3  # head reads the trailing replica answers before it has caught up
+
+
+@pytest.fixture
+def js_settings(nats_server: NatsServer, tmp_path: Path) -> Settings:
+    return load_settings(
+        {"nats_url": nats_server.url, "db": str(tmp_path / "unused.db"), "data_dir": str(tmp_path),
+         "store": "jetstream"},
+        environ={},
+    )
+
+
+@pytest.fixture
+async def client(nats_server: NatsServer) -> AsyncIterator[LogClient]:
+    c = await LogClient.connect(nats_server.url)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def _trailing_instance(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, before: Any
+) -> LogService:
+    """A log-service instance, started cold, whose replica still shows ``before``
+    as the session's head for its first ``STALE_READS`` head reads."""
+    head = Layout(settings.subjects).session_filter(SID)
+    real = DirectGet.last
+    stale = [STALE_READS]
+
+    async def trailing(self: DirectGet, subject: str) -> Any:
+        if subject == head and stale[0] > 0:
+            stale[0] -= 1
+            return before
+        return await real(self, subject)
+
+    monkeypatch.setattr(DirectGet, "last", trailing)
+    service = LogService(settings)
+    await service.start()
+    return service
+
+
+async def _head(settings: Settings, client: LogClient) -> Any:
+    """The session's head message as a direct get returns it now."""
+    layout = Layout(settings.subjects)
+    return await DirectGet(client.nc, layout.log_streams[0], timeout=2.0).last(layout.session_filter(SID))
+
+
+@pytest.mark.parametrize("follow", [True, False], ids=["copy", "no-copy"])
+async def test_own_add_items_is_read_when_a_trailing_replica_answers(
+    js_settings: Settings, client: LogClient, monkeypatch: pytest.MonkeyPatch, follow: bool
+) -> None:
+    first = LogService(js_settings)
+    await first.start()
+    session = ConvlogSession(SID, client=client, follow=follow)
+    try:
+        await session.add_items([{"role": "user", "content": "one"}])
+        before = await _head(js_settings, client)
+        await session.add_items([{"role": "assistant", "content": "two"}])  # acknowledged to us
+        await first.shutdown()  # the instance that appended goes; the next one starts cold
+        second = await _trailing_instance(js_settings, monkeypatch, before)
+        try:
+            # README: after add_items returns, every read through the same connection includes it.
+            assert contents(await session.get_items()) == ["one", "two"]
+        finally:
+            await second.shutdown()
+    finally:
+        await session.close()
+
+
+@pytest.mark.parametrize("follow", [True, False], ids=["copy", "no-copy"])
+@pytest.mark.parametrize("mutation", ["pop_item", "clear_session"])
+async def test_pop_and_clear_after_own_add_items_act_on_it_when_a_trailing_replica_answers(
+    js_settings: Settings, client: LogClient, monkeypatch: pytest.MonkeyPatch, follow: bool, mutation: str
+) -> None:
+    first = LogService(js_settings)
+    await first.start()
+    session = ConvlogSession(SID, client=client, follow=follow)
+    try:
+        await session.add_items([{"role": "user", "content": "one"}])  # acknowledged to us
+        await first.shutdown()
+        # The replica has not applied the session's first append yet: no head at all.
+        second = await _trailing_instance(js_settings, monkeypatch, None)
+        try:
+            if mutation == "pop_item":
+                assert await session.pop_item() == {"role": "user", "content": "one"}
+            else:
+                await session.clear_session()
+            # README: the write is in every later read of this connection, and it was
+            # the newest visible item: the pop or clear hid it (nothing visible is left).
+            assert await session.get_items() == []
+            monkeypatch.undo()  # the replica has caught up: the log as it is
+            assert [e.kind for e in await client.items(SID)] == [
+                "item", "retract" if mutation == "pop_item" else "clear"
+            ]
+        finally:
+            await second.shutdown()
+    finally:
+        await session.close()
