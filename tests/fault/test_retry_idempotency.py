@@ -162,3 +162,36 @@ async def test_expected_last_retries_are_answered_by_ids_over_the_wire(
         assert msgspec.json.decode(partial_msg.data)["error"]["code"] == "bad_request"
     finally:
         await nc.close()
+
+
+async def test_a_pop_item_whose_reply_is_lost_hides_the_newest_item_once(
+    nats_server: NatsServer, tmp_db: Path, log_services: Callable[..., LogServiceProc]
+) -> None:
+    # ConvlogSession.pop_item is a conditional retract (expected_last): its lost reply is
+    # retried with the same id and expected_last, and the log answers the duplicate; the
+    # retry is not taken as a conflict, which would make the pop hide the next item too.
+    from shared import ConvlogSession
+
+    sid = "lost-pop"
+    svc = await asyncio.to_thread(log_services, nats_server.url, tmp_db)
+    async with await LogClient.connect(nats_server.url) as client:
+        client.timeout, client.deadline = 0.5, 30.0
+        session = ConvlogSession(sid, client=client)
+        try:
+            await session.add_items([{"role": "user", "content": t} for t in ("one", "two", "three")])
+            assert len(await session.get_items()) == 3  # the copy holds them: the pop's one request is its append
+            svc.pause()
+            try:
+                pending = asyncio.create_task(session.pop_item())
+                done, _ = await asyncio.wait({pending}, timeout=2.0)  # ~3 request timeouts
+                assert not done
+            finally:
+                svc.resume()
+            assert await asyncio.wait_for(pending, timeout=20) == {"role": "user", "content": "three"}
+            assert [i["content"] for i in await session.get_items()] == ["one", "two"]
+            raw = await client.items(sid)
+            assert [(e.kind, e.data) for e in raw[3:]] == [("retract", {"target": 3})]  # one retract
+        finally:
+            await session.close()
+    assert await asyncio.to_thread(svc.stop) == 0
+    assert _appends_served(svc) >= 3, "the client did not retry"
