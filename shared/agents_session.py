@@ -182,7 +182,8 @@ class ConvlogSession(HidingEdits, AuthorTracking):
         self._client = client
         self._owned: OwnedConnections | None = None  # from_url: one connection per event loop
         self._shared: weakref.WeakKeyDictionary[LogClient, SharedSession] = weakref.WeakKeyDictionary()
-        self._closed = False
+        self._closed = False  # no new calls
+        self._released = False  # the connection and the copy given back (close() done)
         self._keys = CallKeys()
         self._busy: set[asyncio.Future[None]] = set()  # mutations in flight (close waits for them)
 
@@ -268,13 +269,16 @@ class ConvlogSession(HidingEdits, AuthorTracking):
         An owned connection is drained (those made in other, still running
         loops are drained there); an injected client is left open for its owner.
         """
-        if self._closed:
+        if self._released:
             return
         self._closed = True
         here = asyncio.get_running_loop()
         started = [f for f in self._busy if f.get_loop() is here]
         if started:  # a started mutation runs to its outcome before the connection goes
-            await asyncio.wait(started)
+            await asyncio.wait(started)  # (close() cancelled here: the next call releases)
+        if self._released:  # another close() released meanwhile
+            return
+        self._released = True
         shared = list(self._shared.values())
         self._shared.clear()
         for state in shared:

@@ -17,7 +17,10 @@
 * ``close()`` while the first read is creating the copy's consumer leaves no
   consumer behind (it followed, and was delivered to, on a closed session);
 * a call whose item JSON cannot encode (a ``TypeError`` before anything is
-  sent), combined with other calls in one append, fails alone.
+  sent), combined with other calls in one append, fails alone;
+* a ``close()`` cancelled while it waited for a started write left the
+  session marked closed: the next ``close()`` returned at once, and the owned
+  connection and the copy's consumer were never given back.
 """
 
 from __future__ import annotations
@@ -317,3 +320,35 @@ async def test_a_call_with_an_item_json_cannot_encode_fails_alone_in_a_combined_
     finally:
         for s in sessions:
             await s.close()
+
+
+async def test_a_close_cancelled_while_it_waits_for_a_write_can_be_called_again(
+    log_url: str, log_client: LogClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The log service (in this process) commits at once but answers 0.5 s later.
+    from services.log.store.sqlite.recorder import SQLiteStore
+
+    submit = SQLiteStore.submit
+
+    def slow_answer(self: Any, sid: str, req: Any, done: Any, **kw: Any) -> None:
+        loop = asyncio.get_running_loop()
+        submit(self, sid, req, lambda r: loop.call_later(0.5, done, r), **kw)
+
+    monkeypatch.setattr(SQLiteStore, "submit", slow_answer)
+    session = ConvlogSession.from_url("close_cancelled", url=log_url)
+    await session.get_items()  # connected and following
+    own = session.client
+    assert own is not None
+    write = asyncio.create_task(session.add_items([_user("in flight")]))
+    await asyncio.sleep(0.1)  # the append is sent; its answer is on its way
+    closing = asyncio.create_task(session.close())  # waits for the started write ...
+    await asyncio.sleep(0.1)
+    closing.cancel()  # ... and its caller gives up (a shutdown timeout, say)
+    with contextlib.suppress(asyncio.CancelledError):
+        await closing
+    await write  # the write still reaches its outcome
+    # README: close() drains an owned connection; it is idempotent, so a second
+    # call finishes what the cancelled one left (the connection, the copy's consumer).
+    await session.close()
+    assert own.nc.is_closed
+    assert await _copy_consumers(log_client) == []
