@@ -183,11 +183,12 @@ class Handlers:
         if req.head and self.head_signer is not None:
             budget -= _HEAD_RESERVE  # the signed head is spliced in after the page
         if req.tail is not None:
-            page = await self.store.tail(sid, req.tail, visible=not req.raw)
-            size = sum(len(i) + 1 for i in page.items)
-            if size > budget:
+            # The store stops reading once the items pass the budget: a tail's
+            # cost is bounded by the reply limit, not by the session.
+            page = await self.store.tail(sid, req.tail, visible=not req.raw, max_bytes=budget)
+            if page.more:
                 raise TooLargeError(
-                    f"the last {req.tail} items are {size} bytes, over the {budget}-byte reply "
+                    f"the last {req.tail} items are over the {budget}-byte reply "
                     "limit; page forward with after/limit instead",
                     limit=budget,
                 )

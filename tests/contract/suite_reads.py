@@ -82,6 +82,22 @@ class ReadGuarantees(SuiteBase):
         none = await store.tail("unknown", 5)
         assert (none.items, none.last_order) == ([], 0)
 
+    async def test_a_tail_over_max_bytes_is_empty_with_more(self, store: LogStore) -> None:
+        # The log service refuses such a tail (too_large); the store tells it so
+        # without handing over every item it would take.
+        await store.append("s", req(*(item(f"m{i:02d} " + "x" * 200) for i in range(1, 41))))
+        whole = await store.tail("s", 40)
+        assert orders(envs(whole.items)) == list(range(1, 41)) and not whole.more
+        size = sum(len(b) + 1 for b in whole.items)
+        fits = await store.tail("s", 40, max_bytes=size)
+        assert (fits.items, fits.more) == (whole.items, False)
+        for budget in (size - 1, size // 2, 1):
+            over = await store.tail("s", 40, max_bytes=budget)
+            assert (over.items, over.last_order, over.more) == ([], 40, True), budget
+        one = await store.tail("s", 1, visible=False, max_bytes=len(whole.items[-1]))
+        assert (one.items, one.more) == ([], True)  # one item over it too
+        assert orders(envs((await store.tail("s", 3, max_bytes=size)).items)) == [38, 39, 40]
+
     # -- 8. paging ---------------------------------------------------------------
 
     async def test_read_pages_with_limit_and_max_bytes(self, store: LogStore) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tracemalloc
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -410,3 +411,25 @@ async def test_a_tail_over_the_reply_limit_names_its_limit(env: Env) -> None:
     headers, reply = await wire(env.nc, "convlog.read.t", {"tail": 20})
     assert reply["error"]["code"] == "too_large", reply
     assert isinstance(reply["error"].get("limit"), int), reply
+
+
+async def test_a_tail_over_the_reply_limit_is_refused_without_loading_the_whole_tail(env: Env) -> None:
+    """A ``tail`` read is bounded by the reply limit, not by the session: the store
+    stops reading once the items pass it.  Before, both stores loaded all ``n``
+    items (up to 100,000 of up to the item limit each) and only then measured
+    them, so one read could make the log service hold gigabytes to answer
+    ``too_large``."""
+    n = 1000  # ~4 MB of items, 64 times the 64 KiB reply limit
+    for start in range(0, n, 10):
+        await env.client.append("huge", [user(f"{i}" + "y" * 3900) for i in range(start, start + 10)])
+    await settled_state(env)
+    tracemalloc.start()
+    try:
+        headers, reply = await wire(env.nc, "convlog.read.huge", {"tail": n, "raw": True})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reply["error"]["code"] == "too_large", reply
+    assert peak < 1_000_000, f"answering the tail held {peak} bytes (the items are {n * 3950})"
+    # A tail that fits is still served whole.
+    assert [e.item_order for e in await env.client.tail("huge", 5)] == list(range(n - 4, n + 1))

@@ -106,9 +106,13 @@ class LogStore(Protocol):
         ``visible``), at most ``limit`` and at most ``max_bytes`` of encoded JSON
         (but at least one item if there is any)."""
 
-    async def tail(self, session_id: str, n: int, *, visible: bool = True) -> Page:
+    async def tail(
+        self, session_id: str, n: int, *, visible: bool = True, max_bytes: int | None = None
+    ) -> Page:
         """The last ``n`` items (visible ones, or every envelope when not
-        ``visible``), in chronological order."""
+        ``visible``), in chronological order.  With ``max_bytes``, items whose
+        encoded JSON (plus one byte each) is over it are not all read: the page
+        is then empty with ``more`` set (the tail cannot fit)."""
 
     async def last_order(self, session_id: str) -> int:
         """The session's last order, 0 when it has none."""

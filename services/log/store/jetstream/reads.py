@@ -215,7 +215,9 @@ class StreamReads:
         unfiltered.remember(s, order, seq)
         return seq
 
-    async def tail(self, session_id: str, n: int, *, visible: bool = True) -> Page:
+    async def tail(
+        self, session_id: str, n: int, *, visible: bool = True, max_bytes: int | None = None
+    ) -> Page:
         s = await self.session(session_id, fresh=True)
         last = s.last_order
         if n <= 0 or last == 0:
@@ -224,7 +226,10 @@ class StreamReads:
         orders = s.visible_tail(n, last) if visible else list(range(max(1, last - n + 1), last + 1))
         if not orders:
             return Page([], last, False)
-        items, _ = await self.fetch(session_id, s, s.seqs[orders[0] - 1], orders, len(orders), _NO_BYTE_LIMIT)
+        budget = _NO_BYTE_LIMIT if max_bytes is None else max_bytes
+        items, more = await self.fetch(session_id, s, s.seqs[orders[0] - 1], orders, len(orders), budget)
+        if more or sum(len(b) + 1 for b in items) > budget:  # over it (fetch gives one item whatever its size)
+            return Page([], last, True)
         return Page(items, last, False)
 
     async def fetch(

@@ -213,8 +213,10 @@ class JetStreamStore:
     ) -> Page:
         return await self._reads.read(session_id, after=after, limit=limit, max_bytes=max_bytes, visible=visible)
 
-    async def tail(self, session_id: str, n: int, *, visible: bool = True) -> Page:
-        return await self._reads.tail(session_id, n, visible=visible)
+    async def tail(
+        self, session_id: str, n: int, *, visible: bool = True, max_bytes: int | None = None
+    ) -> Page:
+        return await self._reads.tail(session_id, n, visible=visible, max_bytes=max_bytes)
 
     async def sessions(self, *, after: str | None, limit: int) -> tuple[list[SessionInfo], bool]:
         return await self._reads.sessions(after=after, limit=limit)

@@ -19,6 +19,7 @@ from .datastore import SQLiteDatastore
 __all__ = ["SQLiteReads"]
 
 _READ_CHUNK = 512
+_TAIL_FIRST_CHUNK = 16
 
 
 class SQLiteReads:
@@ -91,7 +92,9 @@ class SQLiteReads:
                     size += len(env) + 1
         return Page(items, last, more)
 
-    async def tail(self, session_id: str, n: int, *, visible: bool = True) -> Page:
+    async def tail(
+        self, session_id: str, n: int, *, visible: bool = True, max_bytes: int | None = None
+    ) -> Page:
         r = self._reader()
         last, clear = await self._head(session_id)  # first, as in read()
         if n <= 0:
@@ -109,9 +112,24 @@ class SQLiteReads:
                 "ORDER BY item_order DESC LIMIT ?"
             )
             args = (session_id, last, n)
+        items: list[bytes] = []
+        size = 0
         async with r.execute(sql, args) as cur:
-            rows = await cur.fetchall()
-        return Page([env for (env,) in reversed(rows)], last, False)
+            if max_bytes is None:
+                items = [env for (env,) in await cur.fetchall()]
+            else:
+                # Newest first, in chunks sized to what is left of the budget:
+                # a tail over it is refused having read little more than it.
+                chunk = _TAIL_FIRST_CHUNK
+                while rows := await cur.fetchmany(chunk):
+                    for (env,) in rows:
+                        size += len(env) + 1
+                        if size > max_bytes:
+                            return Page([], last, True)
+                        items.append(env)
+                    chunk = min(_READ_CHUNK, (max_bytes - size) * len(items) // size + 1)
+        items.reverse()
+        return Page(items, last, False)
 
     async def sessions(self, *, after: str | None, limit: int) -> tuple[list[SessionInfo], bool]:
         async with self._reader().execute(
