@@ -120,6 +120,12 @@ class ReadGuarantees(SuiteBase):
         p = await store.read("s", after=4, limit=100, max_bytes=1)
         assert orders(envs(p.items)) == [5] and p.more
 
+        # A negative after reads from the start (the wire refuses one; other callers
+        # compute it, e.g. item_order - 1), raw and visible alike.
+        for only_visible in (False, True):
+            p = await store.read("s", after=-1, limit=3, max_bytes=BIG, visible=only_visible)
+            assert orders(envs(p.items)) == [1, 2, 3] and p.more
+
         # Paging with small byte budgets reassembles the session exactly once.
         seen: list[int] = []
         after = 0

@@ -16,6 +16,7 @@ from shared.messages import AppendedItem, AppendItem, AppendReply
 from .store_helpers import (
     RFC3339_MICRO,
     SuiteBase,
+    clear,
     contents,
     item,
     orders,
@@ -252,3 +253,40 @@ class WriteGuarantees(SuiteBase):
         assert type(partial.value) is BadRequestError
 
         assert [e.item_id for e in await read_all(store, "s")] == ["a", "b", "c"]
+
+    # -- a request bad in two ways -------------------------------------------
+
+    @pytest.mark.parametrize(
+        ("case", "code"),
+        [
+            ("stale expected_last + empty item", "conflict"),
+            ("stale expected_last + bad retract", "conflict"),
+            ("stale expected_last + id twice", "bad_request"),
+            ("stale expected_last + taken id", "conflict"),
+            ("taken id + empty item", "bad_request"),
+            ("taken id + bad retract", "bad_request"),
+            ("retried id + empty item", "bad_request"),
+            ("clear with data + bad retract", "bad_request"),
+        ],
+    )
+    async def test_a_request_bad_in_two_ways_gets_one_code_on_every_store(
+        self, store: LogStore, case: str, code: str
+    ) -> None:
+        """Which of two faults a request is refused for is the same on every store."""
+        await store.append("s", req(item("m1", item_id="k1"), item("m2"), clear(), item("m4")))
+        empty = AppendItem(agent="user", data={})
+        bad_clear = AppendItem(agent="system", kind="clear", data={"x": 1})
+        request = {
+            "stale expected_last + empty item": req(empty, expected_last=1),
+            "stale expected_last + bad retract": req(retract(99), expected_last=1),
+            "stale expected_last + id twice": req(item("a", item_id="q"), item("b", item_id="q"), expected_last=1),
+            "stale expected_last + taken id": req(item("other", item_id="k1"), expected_last=1),
+            "taken id + empty item": req(item("other", item_id="k1"), empty),
+            "taken id + bad retract": req(item("other", item_id="k1"), retract(99)),
+            "retried id + empty item": req(item("m1", item_id="k1"), empty),
+            "clear with data + bad retract": req(bad_clear, retract(99)),
+        }[case]
+        with pytest.raises((BadRequestError, ConflictError)) as exc:
+            await store.append("s", request)
+        assert exc.value.code == code, exc.value.message
+        assert await store.last_order("s") == 4
