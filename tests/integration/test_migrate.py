@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import nats
+import pytest
 
+from services.log.store.importer import import_envelopes
 from services.log.store.jetstream import JetStreamStore
 from services.log.store.sqlite import SQLiteStore
-from shared.messages import AppendItem, AppendRequest
+from shared.chain import GENESIS_HASH, item_hash
+from shared.errors import BadRequestError
+from shared.messages import AppendItem, AppendRequest, Envelope
 from shared.subjects import Subjects
 from tests.support.logsvc import service_env
 from tests.support.natsd import NatsServer
@@ -224,3 +229,45 @@ async def test_migrate_without_a_nats_server_says_so_in_one_line(tmp_path: Path)
         assert "no NATS server answers" in err and url in err, err
         assert out == ""
     assert not (tmp_path / "back.db").exists()
+
+
+def _chain(sid: str, specs: list[tuple[str, dict[str, object]]], start: int = 1, prev: str = GENESIS_HASH) -> list[bytes]:
+    """Envelopes continuing a chain, as a source log (or a tampered one) holds them."""
+    out = []
+    for k, (kind, data) in enumerate(specs, start):
+        fields = dict(session_id=sid, item_order=k, item_id=f"i{k}", agent="user", kind=kind, data=data,
+                      created_at="2026-01-01T00:00:00.000000Z")
+        prev = item_hash(**fields, prev_hash=prev, sig=None, key_id=None)  # type: ignore[arg-type]
+        out.append(msgspec.json.encode(Envelope(**fields, hash=prev)))  # type: ignore[arg-type]
+    return out
+
+
+@pytest.mark.parametrize("target", [3, 2, "1", 1.0, True, 0])
+async def test_an_imported_retract_must_target_an_earlier_item_as_an_appended_one_must(
+    nats_server: NatsServer, tmp_path: Path, target: object
+) -> None:
+    # An append refuses a retract of a later item, of itself, of a non-item or of a
+    # non-integer; the importer copied one as it was, and each store folded it its own
+    # way: SQLite hid nothing for target 3 (the item came later) where JetStream hid
+    # item 3 once appended, SQLite hid item 1 for 1.0 or true, and JetStream raised a
+    # raw ValidationError after storing the rows.
+    raw = _chain("r", [("item", {"a": 1}), ("retract", {"target": target})])
+    async with SQLiteStore(tmp_path / "log.db") as sq:
+        js = JetStreamStore({"servers": [nats_server.url]}, subjects=Subjects("imp"))
+        async with js:
+            for store in (sq, js):
+                with pytest.raises(BadRequestError, match="item 2 retracts"):
+                    await import_envelopes(store, "r", raw, after=0)
+                assert await everything(store, "r") == []
+                # A retract of a stored clear is refused too (the target is looked up).
+                await import_envelopes(store, "c", _chain("c", [("clear", {})]), after=0)
+                head = (await everything(store, "c"))[0]
+                more = _chain("c", [("item", {"a": 1}), ("retract", {"target": 1})], start=2,
+                              prev=msgspec.json.decode(head)["hash"])
+                with pytest.raises(BadRequestError, match="item 3 retracts 1"):
+                    await import_envelopes(store, "c", more, after=1)
+                await import_envelopes(store, "c", more[:1], after=1)  # the item alone is fine
+                ok = _chain("c", [("retract", {"target": 2})], start=3,
+                            prev=msgspec.json.decode((await everything(store, "c"))[-1])["hash"])
+                await import_envelopes(store, "c", ok, after=2)
+                assert (await store.tail("c", 10)).items == []

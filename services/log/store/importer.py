@@ -20,6 +20,7 @@ import msgspec
 from shared.chain import envelope_hash
 from shared.codec import MAX_DEPTH, json_ok
 from shared.errors import BadRequestError, ConflictError, UnavailableError
+from shared.history import retract_target
 from shared.messages import Envelope, null_optional_field
 
 from .base import LogStore
@@ -36,13 +37,17 @@ class _StrictEnvelope(Envelope, forbid_unknown_fields=True):
 _env = msgspec.json.Decoder(_StrictEnvelope)
 
 
-def _rows(sid: str, raw: Sequence[bytes], after: int, prev_hash: str) -> list[Row]:
-    """Rows for envelopes continuing a chain at ``after``/``prev_hash``.
+def _rows(sid: str, raw: Sequence[bytes], after: int, prev_hash: str, stored_kinds: dict[int, str]) -> list[Row]:
+    """Rows for envelopes continuing a chain at ``after``/``prev_hash``
+    (``stored_kinds``: order -> kind of the stored items their retracts target).
 
     Raises:
-        BadRequestError: an envelope is of another session, out of order or off the chain.
+        BadRequestError: an envelope is of another session, out of order or off the
+            chain, or a retract that an append would refuse (its target is not an
+            earlier item of the session: each store would fold it its own way).
     """
     rows: list[Row] = []
+    kinds = dict(stored_kinds)
     prev = prev_hash
     for k, b in enumerate(raw, start=after + 1):
         try:
@@ -62,7 +67,12 @@ def _rows(sid: str, raw: Sequence[bytes], after: int, prev_hash: str) -> list[Ro
             raise BadRequestError(f"envelope {e.session_id}:{e.item_order} where {sid}:{k} belongs")
         if envelope_hash(e, prev) != e.hash:
             raise BadRequestError(f"{sid}: item {k} does not continue the hash chain")
-        target = e.data.get("target", 0) if e.kind == "retract" else 0
+        target = 0
+        if e.kind == "retract":
+            target = e.data.get("target")
+            if set(e.data) != {"target"} or retract_target(e) is None or not 1 <= target < k or kinds.get(target) != "item":
+                raise BadRequestError(f"{sid}: item {k} retracts {target!r}, which is not an earlier item of the session")
+        kinds[k] = e.kind
         rows.append((0, sid, k, e.item_id, e.kind, b, target))
         prev = e.hash
     return rows
@@ -81,15 +91,40 @@ async def import_envelopes(store: LogStore, sid: str, raw: Sequence[bytes], *, a
     from .jetstream import JetStreamStore
     from .sqlite import SQLiteStore
 
-    if isinstance(store, SQLiteStore):
-        _import_sqlite(store, sid, raw, after)
-    elif isinstance(store, JetStreamStore):
-        await _import_jetstream(store, sid, raw, after)
-    else:
+    if not isinstance(store, SQLiteStore | JetStreamStore):
         raise TypeError(f"cannot import into {type(store).__name__}")
+    kinds = await _stored_kinds(store, sid, raw, after)
+    if isinstance(store, SQLiteStore):
+        _import_sqlite(store, sid, raw, after, kinds)
+    else:
+        await _import_jetstream(store, sid, raw, after, kinds)
 
 
-def _import_sqlite(store: object, sid: str, raw: Sequence[bytes], after: int) -> None:
+class _Retract(msgspec.Struct):
+    kind: str
+    data: dict[str, object] = {}
+
+
+async def _stored_kinds(store: LogStore, sid: str, raw: Sequence[bytes], after: int) -> dict[int, str]:
+    """The kinds of the stored items (orders up to ``after``) the retracts of ``raw`` target."""
+    targets: set[int] = set()
+    for b in raw:
+        if ('"retract"' if isinstance(b, str) else b'"retract"') not in b:  # type: ignore[operator]
+            continue
+        with contextlib.suppress(msgspec.DecodeError, RecursionError):  # _rows says what is wrong
+            e = msgspec.json.decode(b, type=_Retract)
+            t = e.data.get("target")
+            if e.kind == "retract" and isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= after:
+                targets.add(t)
+    kinds: dict[int, str] = {}
+    for t in sorted(targets):
+        page = await store.read(sid, after=t - 1, limit=1, max_bytes=1)
+        if page.items:
+            kinds[t] = msgspec.json.decode(page.items[0], type=_Retract).kind
+    return kinds
+
+
+def _import_sqlite(store: object, sid: str, raw: Sequence[bytes], after: int, kinds: dict[int, str]) -> None:
     from .sqlite import SQLiteStore
 
     assert isinstance(store, SQLiteStore)
@@ -99,7 +134,7 @@ def _import_sqlite(store: object, sid: str, raw: Sequence[bytes], after: int) ->
     st = store._states[sid]
     if st.last_order != after:
         raise ConflictError(f"session {sid!r} is at {st.last_order}, not {after}", last_order=st.last_order)
-    rows = _rows(sid, raw, after, st.last_hash)
+    rows = _rows(sid, raw, after, st.last_hash, kinds)
     position = store._position
     rows = [(position + n, *r[1:]) for n, r in enumerate(rows, start=1)]
     last = _env.decode(raw[-1])
@@ -127,11 +162,11 @@ def _import_sqlite(store: object, sid: str, raw: Sequence[bytes], after: int) ->
     st.last_order, st.last_hash, st.last_clear = last.item_order, last.hash, clear
 
 
-async def _import_jetstream(store: object, sid: str, raw: Sequence[bytes], after: int) -> None:
+async def _import_jetstream(store: object, sid: str, raw: Sequence[bytes], after: int, kinds: dict[int, str]) -> None:
     from .jetstream import JetStreamStore
 
     assert isinstance(store, JetStreamStore)
     s = await store._session(sid, fresh=True)
     if s.last_order != after:
         raise ConflictError(f"session {sid!r} is at {s.last_order}, not {after}", last_order=s.last_order)
-    await store.import_rows(sid, _rows(sid, raw, after, s.last_hash), after)
+    await store.import_rows(sid, _rows(sid, raw, after, s.last_hash, kinds), after)
