@@ -433,3 +433,20 @@ async def test_a_tail_over_the_reply_limit_is_refused_without_loading_the_whole_
     assert peak < 1_000_000, f"answering the tail held {peak} bytes (the items are {n * 3950})"
     # A tail that fits is still served whole.
     assert [e.item_order for e in await env.client.tail("huge", 5)] == list(range(n - 4, n + 1))
+
+
+async def test_a_forward_page_reads_little_more_than_it_sends(env: Env) -> None:
+    """A forward page is cut at the reply limit, and the store reads little past it:
+    SQLite fetched 512 rows before looking at their sizes, 128 MB of 256 KiB items
+    for one 1 MiB page (here ~2 MB of items for one 64 KiB page)."""
+    for start in range(0, 600, 10):
+        await env.client.append("wide", [user(f"{i}" + "y" * 3900) for i in range(start, start + 10)])
+    await settled_state(env)
+    tracemalloc.start()
+    try:
+        headers, reply = await wire(env.nc, "convlog.read.wide", {"after": 0})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reply["more"] and [e["item_order"] for e in reply["items"]][:2] == [1, 2], reply.get("error")
+    assert peak < 1_000_000, f"reading one {len(json.dumps(reply))}-byte page held {peak} bytes"

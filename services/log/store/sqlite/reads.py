@@ -19,7 +19,12 @@ from .datastore import SQLiteDatastore
 __all__ = ["SQLiteReads"]
 
 _READ_CHUNK = 512
-_TAIL_FIRST_CHUNK = 16
+_FIRST_CHUNK = 16
+
+
+def _next_chunk(max_bytes: int, size: int, n: int) -> int:
+    """Rows to fetch next: about what is left of ``max_bytes`` at the average size so far."""
+    return min(_READ_CHUNK, max(max_bytes - size, 0) * n // max(size, 1) + 2)
 
 
 class SQLiteReads:
@@ -79,9 +84,12 @@ class SQLiteReads:
         more = False
         async with r.execute(sql, args) as cur:
             # Fetch in chunks and stop at the byte budget: SQLite steps lazily,
-            # so a page that fills after 2,000 rows does not read 10,000.
+            # so a page that fills after 2,000 rows does not read 10,000.  The
+            # chunks are sized to what is left of the budget (a page of large
+            # items does not fetch 512 of them to send 4).
+            chunk = _FIRST_CHUNK
             while not more:
-                rows = await cur.fetchmany(_READ_CHUNK)
+                rows = await cur.fetchmany(chunk)
                 if not rows:
                     break
                 for (env,) in rows:
@@ -90,6 +98,7 @@ class SQLiteReads:
                         break
                     items.append(env)
                     size += len(env) + 1
+                chunk = _next_chunk(max_bytes, size, len(items))
         return Page(items, last, more)
 
     async def tail(
@@ -120,14 +129,14 @@ class SQLiteReads:
             else:
                 # Newest first, in chunks sized to what is left of the budget:
                 # a tail over it is refused having read little more than it.
-                chunk = _TAIL_FIRST_CHUNK
+                chunk = _FIRST_CHUNK
                 while rows := await cur.fetchmany(chunk):
                     for (env,) in rows:
                         size += len(env) + 1
                         if size > max_bytes:
                             return Page([], last, True)
                         items.append(env)
-                    chunk = min(_READ_CHUNK, (max_bytes - size) * len(items) // size + 1)
+                    chunk = _next_chunk(max_bytes, size, len(items))
         items.reverse()
         return Page(items, last, False)
 
