@@ -98,6 +98,8 @@ class SQLiteReads:
                         break
                     items.append(env)
                     size += len(env) + 1
+                if len(rows) < chunk:
+                    break  # the rows ran out: no call to learn it
                 chunk = _next_chunk(max_bytes, size, len(items))
         return Page(items, last, more)
 
@@ -136,6 +138,8 @@ class SQLiteReads:
                         if size > max_bytes:
                             return Page([], last, True)
                         items.append(env)
+                    if len(rows) < chunk or len(items) == n:
+                        break  # the rows ran out: no call to learn it
                     chunk = _next_chunk(max_bytes, size, len(items))
         items.reverse()
         return Page(items, last, False)
