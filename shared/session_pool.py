@@ -23,6 +23,8 @@
     stream a replica that trails the leader may answer a read, and a
     log-service instance that did not make the append has nothing to check
     it against, so the read would miss this process's own acknowledged write.
+    The floor outlives the session objects: a session id's last object to
+    close leaves it with the client for the next one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -343,6 +345,11 @@ class SharedSession:
 
 
 _SHARED: weakref.WeakKeyDictionary[LogClient, dict[str, SharedSession]] = weakref.WeakKeyDictionary()
+#: The floors of sessions whose last session object on a client closed, so a
+#: session object made later on that client still reads its predecessors'
+#: writes (the most recently closed sessions, per client).
+_FLOORS: weakref.WeakKeyDictionary[LogClient, OrderedDict[str, int]] = weakref.WeakKeyDictionary()
+_FLOORS_KEPT = 10_000
 
 
 def share(client: LogClient, session_id: str) -> SharedSession:
@@ -351,6 +358,7 @@ def share(client: LogClient, session_id: str) -> SharedSession:
     shared = by_sid.get(session_id)
     if shared is None:
         shared = by_sid[session_id] = SharedSession(client, session_id)
+        shared.floor = _FLOORS.get(client, {}).get(session_id, 0)
     shared.users += 1
     return shared
 
@@ -363,4 +371,10 @@ async def unshare(shared: SharedSession) -> None:
     by_sid = _SHARED.get(shared.client, {})
     if by_sid.get(shared.session_id) is shared:
         del by_sid[shared.session_id]
+    if shared.floor:
+        floors = _FLOORS.setdefault(shared.client, OrderedDict())
+        floors[shared.session_id] = max(shared.floor, floors.get(shared.session_id, 0))
+        floors.move_to_end(shared.session_id)
+        if len(floors) > _FLOORS_KEPT:
+            floors.popitem(last=False)
     await shared.close()

@@ -132,3 +132,26 @@ async def test_pop_and_clear_after_own_add_items_act_on_it_when_a_trailing_repli
             await second.shutdown()
     finally:
         await session.close()
+
+
+async def test_a_session_object_made_after_another_closed_reads_its_writes_when_a_trailing_replica_answers(
+    js_settings: Settings, client: LogClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The floor belongs to the connection, not to one session object: closing the
+    # last object of a session id on a client must not forget it.
+    first = LogService(js_settings)
+    await first.start()
+    writer = ConvlogSession(SID, client=client, follow=False)
+    await writer.add_items([{"role": "user", "content": "one"}])
+    before = await _head(js_settings, client)
+    await writer.add_items([{"role": "assistant", "content": "two"}])  # acknowledged to us
+    await writer.close()
+    await first.shutdown()
+    second = await _trailing_instance(js_settings, monkeypatch, before)
+    reader = ConvlogSession(SID, client=client, follow=False)
+    try:
+        # README: every read through the same connection includes it.
+        assert contents(await reader.get_items()) == ["one", "two"]
+    finally:
+        await reader.close()
+        await second.shutdown()
