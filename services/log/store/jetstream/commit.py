@@ -386,6 +386,14 @@ class BatchWriter:
         wanted = list({it.item_id for it in req.items if it.item_id is not None})
         get = self.reads.get(sid)
         found_msgs = await asyncio.gather(*(get.last(self.layout.item_subject(sid, iid)) for iid in wanted))
+        # A replica that trails the leader answers "not found" for an id the leader
+        # holds (and a miss turns a retry into a conflict): the leader confirms misses.
+        missed = [n for n, msg in enumerate(found_msgs) if msg is None]
+        confirmed = await asyncio.gather(
+            *(get.last_from_leader(self.layout.item_subject(sid, wanted[n])) for n in missed)
+        )
+        for n, msg in zip(missed, confirmed, strict=True):
+            found_msgs[n] = msg
         found: dict[tuple[str, str], Existing] = {}
         for iid, msg in zip(wanted, found_msgs, strict=True):
             if msg is not None:

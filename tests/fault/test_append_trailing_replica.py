@@ -1,0 +1,120 @@
+"""Appends are decided as on one replica when a direct get is answered by a
+replica that trails the stream leader.
+
+On the JetStream store reads are direct gets, which on an R3 stream any
+replica caught up to 90% answers, each request possibly another one (README,
+"Caches only"): the head may come from a replica that has applied the last
+append and an item lookup from one that has not, or the head itself may be
+a few milliseconds old.  The README's contract for appends does not bend for
+that: an ``item_id`` is stored once, ever, and a retry of it is answered as
+the ``duplicate`` (no time window), and a ``conflict`` or a bad retract is
+only reported against a head freshly read from the stream.
+
+The trailing replica is played by the deciding instance's direct gets of one
+subject (an item's id subject, or the session's head), which answer as a
+replica that has not applied the latest append yet for their first few
+reads; the appends, the stream, the services and the client are real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.log.service import LogService
+from services.log.store.jetstream import Layout
+from services.log.store.jetstream.api import DirectGet
+from shared.client import LogClient
+from shared.config import Settings, load_settings
+from tests.support.natsd import NatsServer
+
+SID = "trailing-append"
+STALE_READS = 3  # reads of a subject the trailing replica answers before it has caught up
+
+
+@pytest.fixture
+def js_settings(nats_server: NatsServer, tmp_path: Path) -> Settings:
+    return load_settings(
+        {"nats_url": nats_server.url, "db": str(tmp_path / "unused.db"), "data_dir": str(tmp_path),
+         "store": "jetstream"},
+        environ={},
+    )
+
+
+@pytest.fixture
+async def client(nats_server: NatsServer) -> AsyncIterator[LogClient]:
+    c = await LogClient.connect(nats_server.url)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+def _msg(text: str, item_id: str | None = None) -> dict[str, Any]:
+    item: dict[str, Any] = {"agent": "user", "data": {"role": "user", "content": text}}
+    if item_id is not None:
+        item["item_id"] = item_id
+    return item
+
+
+def _trail(monkeypatch: pytest.MonkeyPatch, stale: dict[str, Any]) -> None:
+    """Direct gets of each subject in ``stale`` answer its value (what a replica
+    that has not applied the latest append holds) for their first ``STALE_READS``
+    reads, then the stream as it is."""
+    real = DirectGet.last
+    left = dict.fromkeys(stale, STALE_READS)
+
+    async def trailing(self: DirectGet, subject: str) -> Any:
+        if left.get(subject, 0) > 0:
+            left[subject] -= 1
+            return stale[subject]
+        return await real(self, subject)
+
+    monkeypatch.setattr(DirectGet, "last", trailing)
+
+
+async def _trailing_instance(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, stale: dict[str, Any]
+) -> LogService:
+    """A log-service instance, started cold, whose direct gets trail as :func:`_trail` says."""
+    _trail(monkeypatch, stale)
+    service = LogService(settings)
+    await service.start()
+    return service
+
+
+def _ids_not_applied(settings: Settings, ids: Collection[str]) -> dict[str, None]:
+    """The id subjects of ``ids`` as a replica that has not applied them answers: not found."""
+    layout = Layout(settings.subjects)
+    return {layout.item_subject(SID, iid): None for iid in ids}
+
+
+@pytest.mark.parametrize("lagging", [["a", "b"], ["b"]], ids=["no-id-applied", "one-id-applied"])
+async def test_a_retry_behind_the_head_is_its_duplicate_when_a_trailing_replica_answers_its_ids(
+    js_settings: Settings, client: LogClient, monkeypatch: pytest.MonkeyPatch, lagging: list[str]
+) -> None:
+    first = LogService(js_settings)
+    await first.start()
+    try:
+        await client.append(SID, [_msg("one")])
+        items = [_msg("two", "a"), _msg("three", "b")]
+        stored = await client.append(SID, items, expected_last=1)  # committed; say its reply was lost
+    finally:
+        await first.shutdown()
+    # The retry reaches another instance: its head read shows the first attempt, the
+    # lookup of (some of) its ids is answered by a replica that has not applied it.
+    second = await _trailing_instance(js_settings, monkeypatch, _ids_not_applied(js_settings, lagging))
+    try:
+        again = await client.append(SID, items, expected_last=1)
+        # README: an item_id is stored once, ever; a retry gets the original orders,
+        # flagged duplicate (never a conflict, never "retry is partial").
+        assert [(i.item_order, i.item_id, i.hash, i.duplicate) for i in again.items] == [
+            (i.item_order, i.item_id, i.hash, True) for i in stored.items
+        ]
+        monkeypatch.undo()
+        assert [e.item_order for e in await client.items(SID)] == [1, 2, 3]
+    finally:
+        await second.shutdown()
