@@ -118,3 +118,41 @@ async def test_a_retry_behind_the_head_is_its_duplicate_when_a_trailing_replica_
         assert [e.item_order for e in await client.items(SID)] == [1, 2, 3]
     finally:
         await second.shutdown()
+
+
+async def _head(settings: Settings, client: LogClient) -> Any:
+    """The session's head message as a direct get returns it now."""
+    layout = Layout(settings.subjects)
+    return await DirectGet(client.nc, layout.log_streams[0], timeout=2.0).last(layout.session_filter(SID))
+
+
+@pytest.mark.parametrize("request_", ["expected_last", "retract"])
+async def test_no_conflict_or_bad_retract_is_reported_against_a_head_a_trailing_replica_answered(
+    js_settings: Settings, client: LogClient, monkeypatch: pytest.MonkeyPatch, request_: str
+) -> None:
+    first = LogService(js_settings)
+    await first.start()
+    try:
+        await client.append(SID, [_msg("one")])
+        before = await _head(js_settings, client)
+        await client.append(SID, [_msg("two")])  # acknowledged: the session is at 2
+    finally:
+        await first.shutdown()
+    # The next append reaches another instance, started cold, whose replica has not
+    # applied item 2 yet: its head reads show item 1.
+    layout = Layout(js_settings.subjects)
+    second = await _trailing_instance(js_settings, monkeypatch, {layout.session_filter(SID): before})
+    try:
+        if request_ == "expected_last":
+            reply = await client.append(SID, [_msg("three")], expected_last=2)
+        else:
+            reply = await client.append(SID, [{"agent": "user", "kind": "retract", "data": {"target": 2}}])
+        # README: a conflict or a bad retract is only reported against a head freshly
+        # read from the stream; the stream's head is 2, so the append is valid.
+        assert (reply.first_order, reply.last_order) == (3, 3)
+        monkeypatch.undo()
+        assert [e.kind for e in await client.items(SID)] == [
+            "item", "item", "item" if request_ == "expected_last" else "retract"
+        ]
+    finally:
+        await second.shutdown()

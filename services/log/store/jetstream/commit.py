@@ -289,9 +289,9 @@ class BatchWriter:
                 f"{MAX_ITEMS_PER_APPEND} (one atomic batch)",
                 limit=MAX_ITEMS_PER_APPEND,
             ), []
-        careful = False
+        careful = leader = False
         for _ in range(_ATTEMPTS):
-            ix = await self.reads.session(sid, fresh=fresh)
+            ix = await self.reads.session(sid, fresh=fresh, leader=leader)
             existing = await self._existing_ids(sid, ix, req, careful)
             kinds = await self._stored_kinds(sid, ix, req)
             st = SessionState(ix.last_order, ix.last_hash, ix.last_clear)
@@ -301,7 +301,11 @@ class BatchWriter:
                 if not fresh:  # refuse only against the head the stream has now
                     fresh = True
                     continue
+                if not leader:  # as the leader has it, not a replica that trails it
+                    leader = True
+                    continue
                 raise
+            leader = False
             if not rows:
                 return reply, []
             try:

@@ -109,20 +109,22 @@ class StreamReads:
     def fan_out(self) -> DirectGet:
         return self._gets()[-1]
 
-    async def session(self, sid: str, *, fresh: bool) -> SessionIndex:
-        """The session's cached index; with ``fresh``, its head read from the stream."""
+    async def session(self, sid: str, *, fresh: bool, leader: bool = False) -> SessionIndex:
+        """The session's cached index; with ``fresh``, its head read from the stream
+        (with ``leader``, from the stream's leader: no replica that trails it)."""
         s = self.cache.get(sid)
         if s is not None:
             self.cache.move_to_end(sid)
-            if not fresh or (s.last_seq and await self._probe_head(sid, s)):
+            if not fresh or (not leader and s.last_seq and await self._probe_head(sid, s)):
                 return s
-        msg = await self.get(sid).last(self.layout.session_filter(sid))
-        if s is not None and s.last_order and (msg is None or meta_of(msg).item_order < s.last_order):
+        get = self.get(sid)
+        msg = await (get.last_from_leader if leader else get.last)(self.layout.session_filter(sid))
+        if not leader and s is not None and s.last_order and (msg is None or meta_of(msg).item_order < s.last_order):
             # Behind what this instance knows was stored: a replica that trails the leader
             # (on R3 a follower answers direct gets once 90% caught up), or a stream that
             # no longer matches the cache. The leader tells which; a head never moves back
             # on a replica's word.
-            msg = await self.get(sid).last_from_leader(self.layout.session_filter(sid))
+            msg = await get.last_from_leader(self.layout.session_filter(sid))
         if s is None or (msg is None and s.last_order) or (msg is not None and meta_of(msg).item_order < s.last_order):
             s = SessionIndex()  # new, or the stream no longer matches the cache
             self.cache[sid] = s
