@@ -18,6 +18,8 @@ reads; the appends, the stream, the services and the client are real.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any
@@ -156,3 +158,45 @@ async def test_no_conflict_or_bad_retract_is_reported_against_a_head_a_trailing_
         ]
     finally:
         await second.shutdown()
+
+
+async def test_an_append_whose_answer_is_lost_is_stored_not_a_duplicate_when_a_trailing_replica_answers(
+    nats_server: NatsServer, js_settings: Settings, client: LogClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The instance's publish gets no answer (the server freezes with it in its
+    socket, then stores it); the lookup that settles it is answered by a replica
+    that has not applied it yet."""
+    settings = dataclasses.replace(js_settings, request_timeout=0.5)
+    layout = Layout(settings.subjects)
+    client.timeout, client.deadline = 20.0, 30.0  # the client waits: only the service's publish is lost
+    real = DirectGet.last
+    stale = [STALE_READS]
+    frozen = [False]
+
+    async def trailing(self: DirectGet, subject: str) -> Any:
+        if subject == layout.item_subject(SID, "lost") and stale[0] > 0:
+            stale[0] -= 1
+            return None
+        msg = await real(self, subject)
+        if subject == layout.session_filter(SID) and not frozen[0]:
+            # The head the append is decided on is read: the server freezes before the
+            # publish that follows reaches it, for three of the instance's timeouts.
+            frozen[0] = True
+            nats_server.pause()
+            asyncio.get_running_loop().call_later(1.5, nats_server.resume)
+        return msg
+
+    monkeypatch.setattr(DirectGet, "last", trailing)
+    service = LogService(settings)
+    await service.start()
+    try:
+        reply = await client.append(SID, [_msg("lost", "lost")])
+        assert frozen[0] and service.store._writer.unknown >= 1  # the answer was lost, and settled
+        # Sent once and stored by this very request: answered as stored, not as a
+        # duplicate of an earlier send (there was none), as with one replica.
+        assert [(i.item_order, i.duplicate) for i in reply.items] == [(1, False)]
+        monkeypatch.undo()
+        assert [e.item_id for e in await client.items(SID)] == ["lost"]
+    finally:
+        nats_server.resume()
+        await service.shutdown()
