@@ -33,6 +33,7 @@ from shared.signing import (
     Signer,
     write_private,
 )
+from shared.subjects import Subjects
 
 from .nats_users import render_users
 
@@ -64,8 +65,10 @@ def keys_arguments(p: argparse.ArgumentParser) -> None:
 async def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.keys_command == "init":
-            return _init(Path(args.out), Path(args.agents) if args.agents else settings.agents)
-        return _rotate(Path(args.dir), args.agent, Path(args.agents) if args.agents else settings.agents)
+            return _init(Path(args.out), Path(args.agents) if args.agents else settings.agents,
+                         settings.subjects)
+        return _rotate(Path(args.dir), args.agent, Path(args.agents) if args.agents else settings.agents,
+                       settings.subjects)
     except KeyringError as e:
         print(f"convlog keys: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -75,10 +78,12 @@ def _key_file(out: Path, role: str, agent: str) -> Path:
     return out / (f"{role}.nk" if role in (LOG, GATEWAY) else f"{agent}.nk")
 
 
-def make_keys(out: Path, agents: Sequence[str], *, entry: str | None = None) -> Keyring:
+def make_keys(out: Path, agents: Sequence[str], *, entry: str | None = None,
+              subjects: Subjects | None = None) -> Keyring:
     """Write ``<Agent>.nk`` per agent, ``log.nk``, ``gateway.nk``, ``keyring.json``
     and ``nats-users.conf`` in ``out``; ``entry`` is the spec's entry agent (by
-    default the first of ``agents``), whose NATS user may give its consumer two filters.
+    default the first of ``agents``), whose NATS user may give its consumer two filters;
+    ``subjects``: the deployment's prefix (``CONVLOG_PREFIX``; by default ``convlog``).
 
     Raises:
         FileExistsError: a key or keyring file is already there (nothing is overwritten).
@@ -103,7 +108,7 @@ def make_keys(out: Path, agents: Sequence[str], *, entry: str | None = None) -> 
     ring_path.write_bytes(ring.dumps())
     if entry is None and agents:
         entry = agents[0]
-    (out / "nats-users.conf").write_text(render_users(ring, entry=entry))
+    (out / "nats-users.conf").write_text(render_users(ring, subjects, entry=entry))
     return ring
 
 
@@ -120,12 +125,12 @@ def _spec(agents_path: Path | None) -> SystemSpec | None:
         return None
 
 
-def _init(out: Path, agents_path: Path | None) -> int:
+def _init(out: Path, agents_path: Path | None, subjects: Subjects) -> int:
     spec = _spec(agents_path)
     if spec is None:
         return EXIT_USAGE
     try:
-        entries = make_keys(out, list(spec.agents), entry=spec.entry)
+        entries = make_keys(out, list(spec.agents), entry=spec.entry, subjects=subjects)
     except FileExistsError as e:
         print(f"convlog keys: {e.filename} exists; refusing to overwrite keys "
               "(use `convlog keys rotate`, or another --out)", file=sys.stderr)
@@ -139,7 +144,7 @@ def _init(out: Path, agents_path: Path | None) -> int:
     return EXIT_OK
 
 
-def _rotate(folder: Path, agent: str, agents_path: Path | None) -> int:
+def _rotate(folder: Path, agent: str, agents_path: Path | None, subjects: Subjects) -> int:
     ring_path = folder / "keyring.json"
     ring = Keyring.load(ring_path)
     spec = _spec(agents_path)  # its entry agent, for nats-users.conf
@@ -162,7 +167,7 @@ def _rotate(folder: Path, agent: str, agents_path: Path | None) -> int:
     tmp = ring_path.with_suffix(".json.tmp")
     tmp.write_bytes(Keyring(entries).dumps())
     tmp.replace(ring_path)
-    (folder / "nats-users.conf").write_text(render_users(Keyring(entries), entry=spec.entry))
+    (folder / "nats-users.conf").write_text(render_users(Keyring(entries), subjects, entry=spec.entry))
     print(f"rotated {agent}: new key {signer.key_id[:12]}... in {key_path}; "
           f"{len(live)} old key(s) retired at {now} (their items still verify)")
     return EXIT_OK

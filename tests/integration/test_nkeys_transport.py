@@ -6,6 +6,7 @@ signed, with required signatures, each process logged in with its own key."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import msgspec
@@ -21,7 +22,7 @@ from shared.nats_seam import flush
 from shared.signing import Signer
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
-from tests.support.procs import Proc
+from tests.support.procs import Proc, run_cli
 from tests.support.workerstack import READY, signed_worker
 
 STREAM = "CONVLOG_ITEMS"
@@ -115,5 +116,43 @@ async def test_each_key_is_a_nats_user_with_only_its_role(tmp_path: Path) -> Non
     finally:
         for p in procs:
             p.terminate(10)
+        await svc.shutdown()
+        server.stop()
+
+
+# `convlog keys init` wrote nats-users.conf for the subjects of prefix `convlog` whatever
+# CONVLOG_PREFIX said: on a deployment with its own prefix, the log service could not serve
+# its subjects nor the gateway send on them (permissions violations; every request timed out).
+async def test_keys_init_grants_the_subjects_of_the_configured_prefix(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+    code, out, err = await run_cli("keys", "init", "--out", str(keys), env={**env, "CONVLOG_PREFIX": "acme"})
+    assert code == 0, err
+    conf = (keys / "nats-users.conf").read_text()
+    assert '"acme.in.>"' in conf and '"convlog.in.>"' not in conf, conf
+    server = NatsServer(tmp_path / "nats", config=conf).start()
+    ring = str(keys / "keyring.json")
+    settings = load_settings(
+        {"nats_url": server.url, "prefix": "acme", "db": str(tmp_path / "convlog.db"), "keyring": ring,
+         "require_signatures": True},
+        {"CONVLOG_NKEY": str(keys / "log.nk"), "CONVLOG_SIGNING_KEY": str(keys / "log.nk"),
+         "CONVLOG_REQUEST_TIMEOUT": "2"},
+    )
+    svc = LogService(settings)
+    try:
+        await svc.start()
+        gw_settings = load_settings({"nats_url": server.url, "prefix": "acme"}, {
+            "CONVLOG_NKEY": str(keys / "gateway.nk"), "CONVLOG_SIGNING_KEY": str(keys / "gateway.nk"),
+            "CONVLOG_REQUEST_TIMEOUT": "2"})
+        gateway = await LogClient.connect(settings=gw_settings, name="gateway")
+        gateway.deadline = 10
+        try:
+            ack = await gateway.send("t1", "Hi, I was charged twice for my subscription this month.")
+            assert ack.items[0].item_order == 1
+            (env_,) = await gateway.items("t1")
+            assert env_.data["content"].startswith("Hi, I was charged twice") and env_.sig
+        finally:
+            await gateway.close()
+    finally:
         await svc.shutdown()
         server.stop()
