@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,9 +44,15 @@ __all__ = ["cmd_keys", "keys_arguments", "make_keys"]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
+#: Seconds after ``keys rotate`` at which the old key is retired: running processes read
+#: the keyring and key files again within a second or two, and until then the log service
+#: still takes the old key; what it took before must verify (retired_at is compared with
+#: each item's created_at and each head's signed_at).
+RETIRE_AFTER = 5.0
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+def _now(after: float = 0.0) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=after)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def keys_arguments(p: argparse.ArgumentParser) -> None:
@@ -156,18 +162,19 @@ def _rotate(folder: Path, agent: str, agents_path: Path | None, subjects: Subjec
     if not live:
         print(f"convlog keys: {ring_path} has no live key for {agent!r}", file=sys.stderr)
         return EXIT_USAGE
-    now = _now()
+    now, retired_at = _now(), _now(RETIRE_AFTER)
     key_path = _key_file(folder, role, name)
     if key_path.exists():  # keep the old seed aside; delete it once nothing needs it
         key_path.rename(key_path.with_name(f"{key_path.stem}.{live[0].key_id[:8]}.retired.nk"))
     signer, seed = Signer.generate()
     write_private(key_path, seed)
-    entries = [msgspec.structs.replace(e, retired_at=now) if e in live else e for e in ring.entries]
+    entries = [msgspec.structs.replace(e, retired_at=retired_at) if e in live else e for e in ring.entries]
     entries.append(KeyEntry(key_id=signer.key_id, role=role, agent=name, created_at=now))
     tmp = ring_path.with_suffix(".json.tmp")
     tmp.write_bytes(Keyring(entries).dumps())
     tmp.replace(ring_path)
     (folder / "nats-users.conf").write_text(render_users(Keyring(entries), subjects, entry=spec.entry))
     print(f"rotated {agent}: new key {signer.key_id[:12]}... in {key_path}; "
-          f"{len(live)} old key(s) retired at {now} (their items still verify)")
+          f"{len(live)} old key(s) retired at {retired_at}, in {RETIRE_AFTER:g}s (what they signed "
+          "before still verifies; running processes take the new key meanwhile)")
     return EXIT_OK

@@ -143,3 +143,35 @@ async def test_a_client_follows_its_key_file_across_a_rotation(nats_server: Nats
         await client.close()
         await service.shutdown()
     assert [e.key_id for e in items] == [old, new, new] != [old] * 3
+
+
+async def test_what_the_log_took_during_a_rotation_still_verifies(nats_server: NatsServer, tmp_path: Path) -> None:
+    """`convlog keys rotate` retired the old key at the moment of the command, while a
+    running log service reads the keyring (and its own key file) again only within a
+    second: an item the service took from the old key meanwhile, and the heads it
+    signed with its old key meanwhile, were later than the retirement, so
+    `convlog replay --verify --keyring` called an intact log a bad signature."""
+    keys = tmp_path / "keys"
+    make_keys(keys, AGENTS)
+    ring = keys / "keyring.json"
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
+                              "keyring": str(ring), "require_signatures": True, "head_interval": 0.1},
+                             {"CONVLOG_SIGNING_KEY": str(keys / "log.nk")})
+    service = LogService(settings)
+    await service.start()
+    nc = await nats.connect(nats_server.url)
+    try:
+        old = LogClient(nc, timeout=5, deadline=20, signer=Signer.load(keys / "Triage.nk"))
+        await old.append("mid", [AppendItem(agent="Triage", data=SAY)])  # the keyring was just read
+        for who in ("Triage", "log"):
+            assert await asyncio.to_thread(main, ["keys", "rotate", who, "--dir", str(keys)]) == 0
+        await old.append("mid", [AppendItem(agent="Triage", data=SAY)])  # taken: not read again yet
+        await asyncio.sleep(0.5)  # a witness head of order 2
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+        code, _, err = await run_cli("replay", "mid", "--verify", "--keyring", str(ring),
+                                     "--nats-url", nats_server.url, env=env, timeout=60)
+        assert code == 0, err
+        assert "2 signatures valid" in err and "signed head at item_order 2" in err, err
+    finally:
+        await nc.close()
+        await service.shutdown()
