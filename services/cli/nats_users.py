@@ -8,7 +8,8 @@ path relative to that config file) or paste it in:
 
 * the **log** user serves the endpoints, publishes ``<prefix>.items.>`` (the
   SQLite store's outbox) or ``<prefix>.log.>`` (the JetStream store) and
-  manages the streams and buckets -- the only user that can;
+  manages the streams and buckets -- the only user that can; ``convlog health``
+  runs as it (``$SRV.STATS.convlog-log`` and a read);
 * an **agent** user appends and reads through the log service, pulls from and
   acks *its own agent's* durable consumer on the work stream only (no consumer
   of another agent, no stream or consumer deletion; it creates that consumer
@@ -51,6 +52,9 @@ def _perms(role: str, agent: str, s: Subjects, key_id: str, *, entry: bool = Fal
         pub = [f"{p}.items.>", f"{p}.log.>", f"{p}.work.>", f"$KV.{routing}.>", f"$KV.{heads}.>", "$JS.API.>"]
         sub = [f"{p}.append.>", f"{p}.read.>", f"{p}.sessions", f"{p}.in.>", "$SRV.>", inbox]
         pub.append(f"$JS.ACK.{s.stream_name}.convlog-notices.>")  # the notice reconciler's acks
+        # `convlog health`, which runs with the log service's environment: the service's
+        # stats, and a read (never answered there: the service answers no <prefix>. subject)
+        pub += ["$SRV.STATS.convlog-log", f"{p}.read.>"]
         return pub, sub
     if role == GATEWAY:
         return [f"{p}.in.>", f"{p}.read.>", f"{p}.sessions", "$JS.API.INFO", *_kv_read(heads)], [inbox]

@@ -299,6 +299,29 @@ async def test_auth_config_lets_a_client_replay_and_verify_a_session_with_its_si
         server.stop()
 
 
+async def test_auth_config_lets_the_log_user_run_convlog_health(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # convlog-health.service reads the log service's environment (convlog.env): it runs as
+    # the `log` user, which could not publish $SRV.STATS.convlog-log nor read the log, so a
+    # running stack was reported "FAIL log service: no instance answers" (exit 1) forever.
+    server, env = _auth_server(tmp_path, monkeypatch)
+    svc = Proc([sys.executable, "-m", "services.cli.main", "log", "--nats-url", server.url,
+                "--db", str(tmp_path / "convlog.db"), "--no-embedded"], log_dir=tmp_path, env=env,
+               name="log-for-health").start()
+    try:
+        svc.wait_for_line("log service ready", timeout=30)
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "services.cli.main", "health", "--nats-url", server.url,
+                             "--no-embedded"], env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "ok    log service: 1 instance(s) answer" in done.stdout, done.stdout
+    finally:
+        svc.terminate()
+        server.stop()
+    assert "Violation" not in server.log_text(), server.log_text()
+
+
 def _violation(errors: list[str], subject: str) -> None:
     assert any("permissions violation" in e.lower() and subject in e for e in errors), errors
 

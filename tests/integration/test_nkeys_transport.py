@@ -156,3 +156,25 @@ async def test_keys_init_grants_the_subjects_of_the_configured_prefix(tmp_path: 
     finally:
         await svc.shutdown()
         server.stop()
+
+
+# convlog health runs with the log service's environment (deploy/systemd: one convlog.env),
+# so as the log user of nats-users.conf, which could not publish $SRV.STATS.convlog-log nor
+# read the log: a running stack was reported "FAIL log service: no instance answers" (exit 1).
+async def test_the_log_user_of_nats_users_conf_runs_convlog_health(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    make_keys(keys, ["Triage", "L1Billing"])
+    server = NatsServer(tmp_path / "nats", config=(keys / "nats-users.conf").read_text()).start()
+    log_env = {"CONVLOG_NKEY": str(keys / "log.nk")}
+    svc = LogService(load_settings({"nats_url": server.url, "db": str(tmp_path / "convlog.db")}, log_env))
+    try:
+        await svc.start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+        code, out, err = await run_cli("health", "--nats-url", server.url, "--no-embedded",
+                                       env={**env, **log_env}, timeout=60)
+        assert code == 0, out + err
+        assert "ok    log service: 1 instance(s) answer" in out, out
+    finally:
+        await svc.shutdown()
+        server.stop()
+    assert "Violation" not in server.log_text(), server.log_text()
