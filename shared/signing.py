@@ -556,13 +556,15 @@ class LiveKeyring(Keyring):
     def _stat(self) -> tuple[int, int, int]:
         return file_stamp(self.path)
 
-    def _fresh(self) -> None:
+    def _fresh(self, key_id: str | None = None) -> None:
+        """Read the file again if it changed: looked at once every ``every`` seconds, and at
+        once for a ``key_id`` not known yet (a rotation's new key, signing already)."""
         now = time.monotonic()
-        if now - self._checked < self.every:
+        if now - self._checked < self.every and (key_id is None or key_id in self._by_id):
             return
         self._checked = now
         stamp = self._stat()
-        if stamp == self._stamp:
+        if stamp == self._stamp or stamp == self._bad:  # unchanged, or the same unusable file
             return
         try:
             ring = Keyring.load(self.path)
@@ -576,7 +578,7 @@ class LiveKeyring(Keyring):
                      sum(1 for e in ring.entries if e.retired_at is not None))
 
     def get(self, key_id: str) -> KeyEntry | None:
-        self._fresh()
+        self._fresh(key_id)
         return super().get(key_id)
 
     def of_role(self, role: str, agent: str | None = None) -> list[KeyEntry]:
@@ -587,11 +589,11 @@ class LiveKeyring(Keyring):
         self, key_id: str, agent: str, *, via_inbound: bool, at: str | None = None,
         item_id: str | None = None,
     ) -> str | None:
-        self._fresh()
+        self._fresh(key_id)
         return super().refusal(key_id, agent, via_inbound=via_inbound, at=at, item_id=item_id)
 
     def check_head(self, head: SignedHead) -> str | None:
-        self._fresh()
+        self._fresh(head.key_id)
         return super().check_head(head)
 
 

@@ -175,3 +175,34 @@ async def test_what_the_log_took_during_a_rotation_still_verifies(nats_server: N
     finally:
         await nc.close()
         await service.shutdown()
+
+
+async def test_a_new_key_is_taken_at_once_by_the_log_service_and_a_worker(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """`convlog keys rotate` writes the new seed, and a process that starts then (a
+    `convlog send` with the gateway key, a worker) signs with it at once; but the log
+    service and a worker's gate read the keyring again only once a second: within that
+    second the new key was refused ('not in the keyring': the append failed; a worker
+    terminated the notice of a message so signed, and the turn was never played)."""
+    keys = tmp_path / "keys"
+    make_keys(keys, AGENTS)
+    ring = keys / "keyring.json"
+    service = LogService(load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
+                                        "keyring": str(ring), "require_signatures": True}, {}))
+    await service.start()
+    nc = await nats.connect(nats_server.url)
+    try:
+        old = LogClient(nc, timeout=5, deadline=20, signer=Signer.load(keys / "Triage.nk"))
+        gate = EnvelopeGate.from_settings(old, load_settings({"keyring": str(ring)}, {}), "L1Billing")
+        await old.append("new", [AppendItem(agent="Triage", data=SAY)])  # the keyrings were just read
+        assert gate.signature_refusal((await old.items("new"))[0]) is None
+        assert await asyncio.to_thread(main, ["keys", "rotate", "Triage", "--dir", str(keys)]) == 0
+        new = LogClient(nc, timeout=5, deadline=20, signer=Signer.load(keys / "Triage.nk"))
+        await new.append("new", [AppendItem(agent="Triage", data=SAY)])
+        items = await new.items("new")
+        assert items[1].key_id == new.signer.key_id  # type: ignore[union-attr]
+        assert gate.signature_refusal(items[1]) is None
+    finally:
+        await nc.close()
+        await service.shutdown()
