@@ -89,6 +89,10 @@ def connect_options(settings: Settings, *, name: str) -> dict[str, Any]:
     }
 
 
+#: How nats-server words a refused JetStream API request (its ``-ERR``, lower-cased).
+_JS_API_DENIED = 'permissions violation for publish to "$js.api.'
+
+
 def new_item_id() -> str:
     """A fresh idempotency key: a UUIDv7 (RFC 9562), as 32 hex digits.
 
@@ -178,6 +182,12 @@ class LogClient(Requester):
         self._signed_appends = SignedAppends(self)
         self.subjects = Subjects(prefix)
         self._owns_nc = False
+        #: Set once the server refused this connection a JetStream API request
+        #: (a NATS user that may only send and read, e.g. the gateway of
+        #: ``nats-users.conf``): :meth:`follow` then polls the log instead of
+        #: waiting out a consumer it cannot create.  Only a connection this
+        #: client made (:meth:`connect`) reports it.
+        self.consumers_denied = asyncio.Event()
 
     @classmethod
     async def connect(
@@ -192,11 +202,21 @@ class LogClient(Requester):
         settings = settings or Settings()
         if url is not None:
             settings = dataclasses.replace(settings, nats_url=url)
-        nc = await nats_connect.connect(settings, {**connect_options(settings, name=name), **options})
+        denied = asyncio.Event()
+        opts = {**connect_options(settings, name=name), **options}
+        error_cb = opts["error_cb"]
+
+        async def on_error(e: Exception) -> None:
+            if _JS_API_DENIED in str(e).lower():
+                denied.set()
+            await error_cb(e)
+
+        nc = await nats_connect.connect(settings, {**opts, "error_cb": on_error})
         bind(nc, settings.nats_seam)
         client = cls(nc, prefix=settings.prefix, timeout=settings.request_timeout,
                      signer=KeyFile(settings.signing_key) if settings.signing_key else None)
         client._owns_nc = True
+        client.consumers_denied = denied
         return client
 
     async def close(self) -> None:

@@ -6,6 +6,13 @@ any gap come from the log service.  The follower tracks the last order it
 yielded and after any gap, reconnect, server restart or a consumer that went
 quiet while the log grew (nats-py #504/#510) it fills the gap from the log
 and resubscribes, so nothing is skipped or repeated.
+
+A NATS user that may not use the JetStream API (one that may only send and
+read, e.g. the gateway of ``nats-users.conf``) cannot create that consumer:
+once the server refuses the client such a request
+(:attr:`LogClient.consumers_denied <shared.client.LogClient.consumers_denied>`),
+the follower reads the log instead, every 0.1 s while items come and up to
+every second while none do.
 """
 
 from __future__ import annotations
@@ -46,7 +53,9 @@ async def follow(
     last = after
     js = client.nc.jetstream()
     subject = client.subjects.items(session_id)
+    denied: asyncio.Event | None = getattr(client, "consumers_denied", None)
     failures = 0
+    poll = _POLL_MIN
     while True:
         raise_if_cancelled()
         sub = None
@@ -54,13 +63,17 @@ async def follow(
             async for env in client.iter_items(session_id, after=last):
                 last = env.item_order
                 failures = 0
+                poll = _POLL_MIN
                 yield env
-            sub = await js.subscribe(
-                subject,
-                ordered_consumer=True,
-                idle_heartbeat=max(idle_check, 1.0),
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT),
-            )
+            if denied is not None and denied.is_set():  # no consumer for this user: poll the log
+                await asyncio.sleep(poll)
+                poll = min(poll * 2, _POLL_MAX)
+                continue
+            sub = await _subscribe(js, subject, idle_check, denied)
+            if sub is None:
+                log.info("follow %s: this NATS user may not use the JetStream API; following by "
+                         "reading the log (every %gs to %gs)", session_id, _POLL_MIN, _POLL_MAX)
+                continue
             while True:
                 raise_if_cancelled()
                 try:
@@ -103,3 +116,42 @@ async def follow(
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+
+_POLL_MIN = 0.1  # seconds between reads of the log while items come (no consumer)
+_POLL_MAX = 1.0  # ... and while none do
+
+
+async def _subscribe(js: Any, subject: str, idle_check: float, denied: asyncio.Event | None) -> Any:
+    """The ordered consumer on ``subject``, or ``None`` once ``denied`` is set
+    (the server refused this user a JetStream API request: nats-py would wait
+    out the request's timeout).  A create still out then is left to finish
+    and is dropped."""
+    attempt = asyncio.ensure_future(js.subscribe(
+        subject,
+        ordered_consumer=True,
+        idle_heartbeat=max(idle_check, 1.0),
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT),
+    ))
+    if denied is None:
+        return await attempt
+    refused = asyncio.ensure_future(denied.wait())
+    try:
+        await asyncio.wait({attempt, refused}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        attempt.add_done_callback(_drop)
+        raise
+    finally:
+        refused.cancel()
+    if attempt.done():
+        return attempt.result()
+    attempt.add_done_callback(_drop)
+    return None
+
+
+def _drop(attempt: asyncio.Future[Any]) -> None:
+    """A consumer create nobody waits for: unsubscribe what it made, if anything."""
+    if attempt.cancelled() or attempt.exception() is not None:
+        return
+    task = asyncio.ensure_future(attempt.result().unsubscribe())
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())

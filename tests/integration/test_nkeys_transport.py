@@ -178,3 +178,56 @@ async def test_the_log_user_of_nats_users_conf_runs_convlog_health(tmp_path: Pat
         await svc.shutdown()
         server.stop()
     assert "Violation" not in server.log_text(), server.log_text()
+
+
+# A user that may only send and read (the gateway of nats-users.conf) cannot create the
+# consumer LogClient.follow reads live items from: every attempt waited out nats-py's 5 s
+# JetStream API timeout, so `convlog send` took 5.4 s to show a reply and `tail` and the
+# console's live view showed each new item seconds late. The follower now reads the log
+# once the server refuses the request.
+async def test_a_user_without_the_jetstream_api_follows_a_session_by_reading_the_log(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    keys = tmp_path / "keys"
+    make_keys(keys, ["Triage"])
+    server = NatsServer(tmp_path / "nats", config=(keys / "nats-users.conf").read_text()).start()
+    svc = LogService(load_settings({"nats_url": server.url, "db": str(tmp_path / "convlog.db")},
+                                   {"CONVLOG_NKEY": str(keys / "log.nk")}))
+    gateway = None
+    try:
+        await svc.start()
+        gateway = await LogClient.connect(settings=load_settings(
+            {"nats_url": server.url}, {"CONVLOG_NKEY": str(keys / "gateway.nk")}), name="gateway")
+        seen: list[tuple[int, float]] = []
+
+        async def watch() -> None:
+            assert gateway is not None
+            async for env in gateway.follow("f1"):
+                seen.append((env.item_order, time.monotonic()))
+
+        follower = asyncio.create_task(watch())
+        try:
+            # Each message right after the follower went live (a consumer create would be
+            # out then, for 5 s), and one after it idled (polling the slowest).
+            for n, idle in ((1, 0.3), (2, 0.3), (3, 3.0)):
+                await asyncio.sleep(idle)
+                sent = time.monotonic()
+                await gateway.send("f1", f"message {n}")
+
+                def arrived(n: int = n) -> None:
+                    assert [o for o, _ in seen] == list(range(1, n + 1)), seen
+
+                await assert_eventually(arrived, timeout=10)
+                # Not after waiting out the consumer create's 5 s timeout.
+                assert seen[-1][1] - sent < 2.5, (n, seen[-1][1] - sent)
+            assert gateway.consumers_denied.is_set()
+        finally:
+            follower.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await follower
+    finally:
+        if gateway is not None:
+            await gateway.close()
+        await svc.shutdown()
+        server.stop()
