@@ -141,6 +141,10 @@ def _init(out: Path, agents_path: Path | None, subjects: Subjects) -> int:
         print(f"convlog keys: {e.filename} exists; refusing to overwrite keys "
               "(use `convlog keys rotate`, or another --out)", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # a path that cannot be a folder of keys: bad input, as --out named it
+        print(f"convlog keys: --out {out}: {e.strerror or e}"
+              f"{f' ({e.filename})' if e.filename and str(e.filename) != str(out) else ''}", file=sys.stderr)
+        return EXIT_USAGE
     ring_path = out / "keyring.json"
     print(f"wrote {len(entries.entries)} private keys (mode 0600) and {ring_path} to {out}")
     print(f"  log service: CONVLOG_KEYRING={ring_path} CONVLOG_SIGNING_KEY={out / 'log.nk'}")

@@ -261,6 +261,9 @@ def test_keys_init_and_rotate_write_real_files(tmp_path: Path, capsys: pytest.Ca
     # Never overwrites keys.
     assert main(["keys", "init", "--out", str(out)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
+    # A folder that cannot be made is bad input (exit 2, like any path), named as given.
+    assert main(["keys", "init", "--out", str(out / "keyring.json" / "keys")]) == 2
+    assert f"--out {out / 'keyring.json' / 'keys'}: Not a directory" in capsys.readouterr().err
 
     old = Signer.load(out / "Triage.nk")
     before = sign_item(old, "s1", AppendItem(item_id="a", agent="Triage", data={"t": 1}))
