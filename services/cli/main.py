@@ -94,8 +94,21 @@ def _json_logs_asked() -> bool:
     return fmt == "json"
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line.  argparse gives an optional positional only the words
+    before the first option, so ``convlog send SID --to AGENT TEXT`` left TEXT
+    over as an unrecognized argument: a word left over is that TEXT."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "send" and args.text is None and extra and (extra[0] == "-" or extra[0][:1] != "-"):
+        args.text = extra.pop(0)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     prog = f"convlog {args.command}"
     try:
         settings = settings_from(args)

@@ -345,6 +345,19 @@ async def test_send_refuses_before_writing_and_reads_stdin_and_files(
         await client.close()
     assert [(e.item_id, e.data["content"]) for e in items] == [("msg-r4.1", "retry me")]
 
+    # TEXT after the options too (it was "unrecognized arguments"); a second word is still refused.
+    rc, _, err = await convlog(tmp_path, "send", "r5", "--to", "L1Billing", "--timeout", "0.5", "after options",
+                               env=env)
+    assert rc == EXIT_TIMEOUT and err.startswith("sent #1 to r5"), err
+    rc, _, err = await convlog(tmp_path, "send", "r6", "--to", "L1Billing", "one", "two", env=env)
+    assert rc == EXIT_USAGE and "unrecognized arguments: two" in one_line(err), err
+    client = await LogClient.connect(log_url)
+    try:
+        assert [e.data["content"] for e in await client.items("r5")] == ["after options"]
+        assert await client.items("r6") == []
+    finally:
+        await client.close()
+
 
 async def test_send_says_so_when_the_log_service_stops_while_it_follows_the_turn(
     nats_server: NatsServer, tmp_path: Path
