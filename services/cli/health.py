@@ -93,13 +93,25 @@ async def _stats(nc: Any, prefix: str, timeout: float) -> list[dict[str, Any]]: 
     return replies
 
 
+def _denied(denied: list[str], subject: str) -> str | None:
+    """The problem line for ``subject`` when the server refused this user to publish
+    there (a permissions violation, so no answer came: not the service's fault)."""
+    refusal = next((e for e in denied if subject.lower() in e.lower()), None)
+    if refusal is None:
+        return None
+    return (f"NATS does not let this user publish to {subject} ({refusal}): run `convlog health` "
+            "as a user that may")
+
+
 async def _check_log(nc: Any, settings: Settings, report: Report, *, max_lag: float,
-                     timeout: float) -> None:  # noqa: ASYNC109
+                     timeout: float, denied: list[str]) -> None:  # noqa: ASYNC109
     from shared.client import LogClient
 
     instances = await _stats(nc, settings.prefix, timeout)
     if not instances:
-        report.problems.append(f"log service: no instance answers $SRV.STATS.{SERVICE_NAME} "
+        refused = _denied(denied, f"$SRV.STATS.{SERVICE_NAME}")
+        report.problems.append(f"log service: {refused}" if refused else
+                               f"log service: no instance answers $SRV.STATS.{SERVICE_NAME} "
                                f"for prefix {settings.prefix!r} (is `convlog log` running?)")
         return
     client = LogClient(nc, prefix=settings.prefix, timeout=timeout, deadline=timeout)
@@ -107,7 +119,9 @@ async def _check_log(nc: Any, settings: Settings, report: Report, *, max_lag: fl
     try:
         await client.last_order("convlog-health-probe")
     except Exception as e:
-        report.problems.append(f"log service: a read was not answered within {timeout:g}s ({e})")
+        refused = _denied(denied, client.subjects.read("convlog-health-probe"))
+        report.problems.append(f"log service: {refused}" if refused else
+                               f"log service: a read was not answered within {timeout:g}s ({e})")
     else:
         report.ok.append(f"log service: {len(instances)} instance(s) answer; a read took "
                          f"{(time.monotonic() - started) * 1000:.0f} ms")
@@ -129,7 +143,7 @@ async def _check_log(nc: Any, settings: Settings, report: Report, *, max_lag: fl
 
 
 async def _check_consumers(nc: Any, settings: Settings, report: Report, *, agents: list[str],
-                           window: float) -> None:
+                           window: float, denied: list[str]) -> None:
     import nats.js.errors
 
     from shared.work import work_stream_name
@@ -143,7 +157,9 @@ async def _check_consumers(nc: Any, settings: Settings, report: Report, *, agent
         report.problems.append(f"work stream {stream} does not exist (has the log service ever run?)")
         return
     except Exception as e:  # JetStream unavailable (no quorum, no leader), a timeout
-        report.problems.append(f"work stream {stream}: cannot list its consumers "
+        refused = _denied(denied, f"$JS.API.CONSUMER.LIST.{stream}")
+        report.problems.append(f"work stream {stream}: {refused}" if refused else
+                               f"work stream {stream}: cannot list its consumers "
                                f"({str(e) or type(e).__name__}): is JetStream available?")
         return
     for agent in agents:
@@ -203,8 +219,11 @@ async def check(settings: Settings, *, agents: list[str], max_lag: float = 10.0,
     from shared.nats_connect import connect
 
     report = Report()
+    denied: list[str] = []  # the server's permissions violations: a check this user may not make
+
     async def quiet(e: Exception) -> None:
-        pass  # reported below, once
+        if "permissions violation" in str(e).lower():
+            denied.append(str(e))  # else reported below, once
 
     options = {**connect_options(settings, name="convlog-health"), "connect_timeout": timeout,
                "allow_reconnect": False, "max_reconnect_attempts": 1, "error_cb": quiet}
@@ -219,8 +238,8 @@ async def check(settings: Settings, *, agents: list[str], max_lag: float = 10.0,
         return report
     try:
         report.ok.append(f"NATS: connected to {settings.nats_url}")
-        await _check_log(nc, settings, report, max_lag=max_lag, timeout=timeout)
-        await _check_consumers(nc, settings, report, agents=agents, window=window)
+        await _check_log(nc, settings, report, max_lag=max_lag, timeout=timeout, denied=denied)
+        await _check_consumers(nc, settings, report, agents=agents, window=window, denied=denied)
     except nats.errors.Error as e:  # the server went away during the check (no reconnects here)
         report.problems.append(f"NATS: the connection to {settings.nats_url} was lost during the "
                                f"check ({str(e) or type(e).__name__})")

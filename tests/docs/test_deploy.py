@@ -41,7 +41,7 @@ from tests.support.deploy_config import (
 )
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer, free_port, nats_server_binary
-from tests.support.procs import Proc
+from tests.support.procs import Proc, run_cli
 
 PASSWORDS = {
     "CONVLOG_NATS_LOG_PASSWORD": "log-secret",
@@ -320,6 +320,41 @@ async def test_auth_config_lets_the_log_user_run_convlog_health(
         svc.terminate()
         server.stop()
     assert "Violation" not in server.log_text(), server.log_text()
+
+
+async def _health_as(user: str, server: NatsServer, env: dict[str, str]) -> tuple[int, str]:
+    """``convlog health`` logged in as ``user`` of ``auth.conf``: (exit code, output)."""
+    uenv = {**env, "CONVLOG_USER": user,
+            "CONVLOG_PASSWORD": PASSWORDS[f"CONVLOG_NATS_{user.upper()}_PASSWORD"]}
+    code, out, err = await run_cli("health", "--nats-url", server.url, "--no-embedded", "--window", "1",
+                                   env=uenv)
+    return code, out + err
+
+
+async def test_health_names_a_check_the_server_does_not_let_its_user_make(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The `client` role may not ask for $SRV.STATS or list the work stream's consumers:
+    # the server refuses the publish and nothing answers.  Health blamed the running log
+    # service ("is `convlog log` running?") and JetStream ("is JetStream available?").
+    server, env = _auth_server(tmp_path, monkeypatch)
+    svc = Proc([sys.executable, "-m", "services.cli.main", "log", "--nats-url", server.url,
+                "--db", str(tmp_path / "convlog.db"), "--no-embedded"], log_dir=tmp_path, env=env,
+               name="log-for-health").start()
+    try:
+        svc.wait_for_line("log service ready", timeout=30)
+        code, out = await _health_as("client", server, env)
+    finally:
+        svc.terminate()
+        server.stop()
+    assert code == 1, out
+    fails = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 2, out
+    assert fails[0].startswith("FAIL  log service: NATS does not let this user publish to "
+                               "$SRV.STATS.convlog-log (nats: permissions violation"), out
+    assert fails[1].startswith("FAIL  work stream CONVLOG_WORK: NATS does not let this user publish to "
+                               "$JS.API.CONSUMER.LIST.CONVLOG_WORK (nats: permissions violation"), out
+    assert "is `convlog log` running?" not in out and "is JetStream available?" not in out, out
 
 
 def _violation(errors: list[str], subject: str) -> None:
