@@ -100,7 +100,7 @@ def _denied(denied: list[str], subject: str) -> str | None:
     if refusal is None:
         return None
     return (f"NATS does not let this user publish to {subject} ({refusal}): run `convlog health` "
-            "as a user that may")
+            "as a user that may (deploy/nats/auth.conf, nats-users.conf: the log user)")
 
 
 async def _check_log(nc: Any, settings: Settings, report: Report, *, max_lag: float,
