@@ -111,6 +111,30 @@ async def test_a_copy_that_fails_after_some_batches_says_what_it_copied(
     assert "1000 items copied, 1 refused" in out, out
 
 
+async def test_an_envelope_over_the_servers_max_payload_is_named_not_an_unreachable_nats(
+    tmp_path: Path,
+) -> None:
+    # nats-py refuses to send a message over the server's max_payload (MaxPayloadError):
+    # migrate said "cannot reach NATS to append: MaxPayloadError" with NATS up.
+    db = tmp_path / "log.db"
+    async with SQLiteStore(db) as src:
+        await src.append("small", AppendRequest(items=[user("hi")]))
+        await src.append("big", AppendRequest(items=[user("hi"), user("x" * 100_000), user("after")]))
+    server = NatsServer(tmp_path / "nats", config="max_payload: 65536\n").start()
+    try:
+        code, out = await migrate(tmp_path, server.url, "--from", f"sqlite:{db}", "--to", "jetstream")
+        async with JetStreamStore({"servers": [server.url]}, subjects=Subjects("convlog"), create=False) as js:
+            assert await js.last_order("big") == 0  # nothing of it was stored
+            assert await js.last_order("small") == 1
+    finally:
+        server.stop()
+    assert code == 1, out
+    assert "migrate [1/2] big: REFUSED, left untouched: an envelope of " in out, out
+    assert "over the NATS server's max_payload of 65536 bytes" in out, out
+    assert "cannot reach NATS" not in out, out
+    assert "small: 1 copied, 1 items verified" in out, out
+
+
 async def test_migrate_refuses_bad_store_names(nats_server: NatsServer, tmp_path: Path) -> None:
     code, out = await migrate(tmp_path, nats_server.url, "--from", "postgres:x", "--to", "jetstream")
     assert code == 2 and "sqlite:PATH or jetstream" in out

@@ -98,6 +98,19 @@ class _Inbox(RoutedInbox):
         self._timeout = timeout
 
 
+def _raise_too_large(nc: Client, e: BaseException, body: bytes) -> None:
+    """nats-py refused to send a message over the server's ``max_payload`` (nothing
+    was sent): a ``too_large`` that no retry cures, not an unreachable NATS.
+
+    Raises:
+        TooLargeError: ``e`` is that refusal.
+    """
+    if isinstance(e, nats.errors.MaxPayloadError):
+        raise TooLargeError(f"an envelope of {len(body)} bytes and its headers are over the NATS "
+                            f"server's max_payload of {nc.max_payload} bytes",
+                            limit=nc.max_payload) from e
+
+
 class Acks(_Inbox):
     """Publishes that want the stream's ack, many in flight on one connection."""
 
@@ -136,6 +149,7 @@ class Acks(_Inbox):
         except (nats.errors.Error, OSError) as e:
             timer.cancel()
             self._waiting.pop(token, None)
+            _raise_too_large(self._nc, e, body)
             raise UnavailableError(f"cannot reach NATS to append: {type(e).__name__}") from e
         try:
             return await fut
@@ -167,6 +181,7 @@ class Acks(_Inbox):
             for lead_subject, lead_body, lead_headers in leading:
                 await self._nc.publish(lead_subject, lead_body, headers=lead_headers)
         except (nats.errors.Error, OSError) as e:
+            _raise_too_large(self._nc, e, lead_body)
             raise UnavailableError(f"cannot reach NATS to append: {type(e).__name__}") from e
         return _ack(await self._request(subject, body, final), len(messages))
 
