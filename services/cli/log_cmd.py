@@ -10,6 +10,7 @@ down gracefully.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
 
@@ -54,25 +55,28 @@ async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
                          data_dir_name=setting_source(args, "data_dir"))
     if settings.embedded:  # the embedded server's JetStream store lives there
         check_data_dir(settings.data_dir, name=setting_source(args, "data_dir"))
-    server = maybe_embedded_nats(settings, settings.data_dir)
+    service = LogService(settings, authorize=authorize)
+    # Before the embedded server starts (in a thread, so the loop hears signals
+    # meanwhile): a signal then shuts the service down before it starts, and the
+    # server is stopped below (Python's default ended the process at once, and a
+    # second Ctrl-C interrupted the start: either left that nats-server running).
+    _keep = install_signal_handlers(service.shutdown)
+    server = await asyncio.to_thread(maybe_embedded_nats, settings, settings.data_dir)
     if server is not None:
         log.info("started embedded nats-server at %s (JetStream store %s)", server.url,
                  server.data_dir / "jetstream")
     try:
-        service = LogService(settings, authorize=authorize)
-        _keep = install_signal_handlers(service.shutdown)
-        try:
-            await service.start()
-            # What exists now lives as long as the process: keep it out of the
-            # cyclic GC, so a full collection under load scans only what came
-            # since (one had paused appends for 10-25 ms).
-            gc.freeze()
-            await service.run()
-        except BaseException:
-            await service.shutdown()
-            raise
-        del _keep
+        await service.start()
+        # What exists now lives as long as the process: keep it out of the
+        # cyclic GC, so a full collection under load scans only what came
+        # since (one had paused appends for 10-25 ms).
+        gc.freeze()
+        await service.run()
+    except BaseException:
+        await service.shutdown()
+        raise
     finally:
         if server is not None:
             server.stop()
+    del _keep
     return EXIT_OK

@@ -140,8 +140,9 @@ class LogService(Endpoints):
 
         A shutdown begun meanwhile (SIGTERM while it waits for a cluster) ends
         the start quietly; :meth:`run` then returns once the shutdown is done.
+        After a shutdown (a signal before it), nothing starts.
         """
-        if self._started:
+        if self._started or self._shutdown_started:
             return
         self._started = True
         try:

@@ -531,3 +531,37 @@ async def test_sighup_stops_convlog_log_and_its_embedded_nats_server(tmp_path: P
             for k in kids:  # what it left behind: stop it by its PID
                 if pid_alive(k):
                     os.kill(k, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGHUP",), ("SIGINT", "SIGINT")])
+async def test_a_signal_while_the_embedded_nats_server_starts_stops_it_too(
+    tmp_path: Path, signals: tuple[str, ...]
+) -> None:
+    """Until the log service's handlers were installed, after the embedded nats-server had
+    started, SIGTERM or SIGHUP ended `convlog log` at once and a second Ctrl-C interrupted
+    the start (KeyboardInterrupt): each left that nats-server running, orphaned."""
+    from tests.support.natsd import free_port
+
+    env = {**cli_env(tmp_path), "CONVLOG_EMBEDDED": "true"}
+    proc = python_module("services.cli.main", "log", "--nats-url", f"nats://127.0.0.1:{free_port()}",
+                         log_dir=tmp_path, env=env)
+    kids: list[int] = []
+    with proc:
+        try:
+            end = asyncio.get_running_loop().time() + 30
+            while not kids:  # the nats-server is forked: it is starting, not ready yet
+                assert asyncio.get_running_loop().time() < end, proc.output()
+                kids = child_pids(proc.pid)
+            for name in signals:
+                os.kill(proc.pid, getattr(signal, name))
+            assert await asyncio.to_thread(proc.wait, 20) == 0, proc.output()
+
+            def gone() -> None:
+                assert not [k for k in kids if pid_alive(k)], "the embedded nats-server outlived convlog log"
+
+            await assert_eventually(gone, timeout=10)
+            assert "log service stopped" in proc.output()
+        finally:
+            for k in kids:  # what it left behind: stop it by its PID
+                if pid_alive(k):
+                    os.kill(k, signal.SIGKILL)

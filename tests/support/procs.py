@@ -12,6 +12,7 @@ stdout and stderr go to one log file per process, which tests read with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -208,8 +209,12 @@ def stop_popen(popen: subprocess.Popen[bytes], timeout: float) -> int:
 
 
 def child_pids(pid: int) -> list[int]:
-    """The PIDs of ``pid``'s children (Linux /proc)."""
-    return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    """The PIDs of ``pid``'s children, whichever of its threads started them (Linux /proc)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            kids += [int(x) for x in (task / "children").read_text().split()]
+    return kids
 
 
 def pid_alive(pid: int) -> bool:
