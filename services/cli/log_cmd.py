@@ -15,8 +15,16 @@ import gc
 import logging
 
 from shared.config import Settings
+from shared.startup import START_WAIT
 
-from .common import EXIT_OK, install_signal_handlers, maybe_embedded_nats, setting_source
+from .common import (
+    EXIT_OK,
+    install_signal_handlers,
+    is_loopback,
+    maybe_embedded_nats,
+    non_negative_float,
+    setting_source,
+)
 from .storage import check_data_dir, check_service_db
 
 __all__ = ["cmd_log", "log_arguments"]
@@ -34,6 +42,9 @@ def log_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--require-signatures", action="store_const", const=True,
                    help="refuse unsigned or foreign appends [CONVLOG_REQUIRE_SIGNATURES]")
     p.add_argument("--metrics-port", metavar="PORT", help="serve Prometheus /metrics here [CONVLOG_METRICS_PORT]")
+    p.add_argument("--start-wait", type=non_negative_float, default=START_WAIT, metavar="S",
+                   help="with no embedded server: seconds to wait for NATS JetStream at start, "
+                        f"retrying with backoff, before exiting 3 (default {START_WAIT:g})")
 
 
 def db_source(args: argparse.Namespace, settings: Settings) -> str | None:
@@ -47,6 +58,8 @@ async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
     from services.log.authorize import authorizer_from
     from services.log.service import LogService
 
+    from .worker_cmds import wait_for_jetstream
+
     # The keyring the service checks signatures with, before anything starts;
     # a mistake names the flag or variable that was given.
     authorize = authorizer_from(settings, named=lambda name: setting_source(args, name))
@@ -55,6 +68,10 @@ async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
                          data_dir_name=setting_source(args, "data_dir"))
     if settings.embedded:  # the embedded server's JetStream store lives there
         check_data_dir(settings.data_dir, name=setting_source(args, "data_dir"))
+    if args.start_wait and not (settings.embedded and is_loopback(settings.nats_url)):
+        # No server of its own: one started with it (a Procfile, a cluster) is waited
+        # for, as a worker does, rather than exiting 3 at once.
+        await wait_for_jetstream(settings, args.start_wait, who="log service", logger=log)
     service = LogService(settings, authorize=authorize)
     # Before the embedded server starts (in a thread, so the loop hears signals
     # meanwhile): a signal then shuts the service down before it starts, and the

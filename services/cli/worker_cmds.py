@@ -39,11 +39,13 @@ log = logging.getLogger("convlog.worker")
 _WAIT_LINE_EVERY = 10.0
 
 
-async def wait_for_jetstream(settings: Settings, within: float, *, agent: str = "") -> None:
+async def wait_for_jetstream(settings: Settings, within: float, *, agent: str = "", who: str = "",
+                             logger: logging.Logger = log) -> None:
     """Return once NATS answers at ``settings.nats_url`` with JetStream up
     (an account info request), trying again with backoff for up to
-    ``within`` seconds: a worker started with, or before, its servers (or a
-    cluster still electing its leader) waits rather than exits.
+    ``within`` seconds: a worker (or ``who``: the log service) started with,
+    or before, its servers (or a cluster still electing its leader) waits
+    rather than exits.
 
     Raises:
         UnavailableError: still not up after ``within`` seconds.
@@ -57,6 +59,7 @@ async def wait_for_jetstream(settings: Settings, within: float, *, agent: str = 
     from shared.client import connect_options
     from shared.startup import require_jetstream
 
+    who = who or f"worker {agent}"
     seen: list[Exception] = []  # nats-py's errors while connecting: the reason to give
     said: list[float] = []  # when each waiting line was written
 
@@ -71,7 +74,7 @@ async def wait_for_jetstream(settings: Settings, within: float, *, agent: str = 
         seen.clear()
         # One try per server in the URL (nats-py's own loop retries forever with
         # max_reconnect_attempts <= 0), and no line per failed try: ours says it.
-        options = {**connect_options(settings, name=f"convlog-worker-{agent}-probe"),
+        options = {**connect_options(settings, name=f"convlog-{who.replace(' ', '-')}-probe"),
                    "allow_reconnect": False, "max_reconnect_attempts": 1, "error_cb": record}
         nc = await nats_connect.connect(settings, options)
         try:
@@ -82,8 +85,8 @@ async def wait_for_jetstream(settings: Settings, within: float, *, agent: str = 
     def waiting(n: int, waited: float, failure: BaseException) -> None:
         if not said or waited - said[-1] >= _WAIT_LINE_EVERY:
             said.append(waited)
-            log.warning("worker %s: waiting for NATS JetStream at %s (%.0f of up to %g s): %s",
-                        agent, settings.nats_url, waited, within, reason(failure))
+            logger.warning("%s: waiting for NATS JetStream at %s (%.0f of up to %g s): %s",
+                           who, settings.nats_url, waited, within, reason(failure))
 
     down = (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError)
     started = time.monotonic()
@@ -95,8 +98,8 @@ async def wait_for_jetstream(settings: Settings, within: float, *, agent: str = 
             "start the stack with `convlog up` (or `convlog log`), or set CONVLOG_NATS_URL"
         ) from e
     if said:
-        log.warning("worker %s: NATS JetStream answers at %s (after %.1f s)", agent,
-                    settings.nats_url, time.monotonic() - started)
+        logger.warning("%s: NATS JetStream answers at %s (after %.1f s)", who,
+                       settings.nats_url, time.monotonic() - started)
 
 
 #: Most seconds of ``--ack-wait``: JetStream keeps it as a Go duration (int64 nanoseconds,

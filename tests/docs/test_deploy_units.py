@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,8 @@ from tests.support.deploy_config import (
     parse_convlog,
     systemd_verify,
 )
-from tests.support.natsd import nats_server_binary
-from tests.support.procs import REPO_ROOT
+from tests.support.natsd import NatsServer, free_port, nats_server_binary
+from tests.support.procs import REPO_ROOT, python_module, service_env
 from tests.support.systemd_unit import read_unit
 
 # -- systemd -------------------------------------------------------------------
@@ -139,6 +140,37 @@ def test_procfile_runs_the_same_processes_as_supervisord(tmp_path: Path) -> None
         else:
             assert args.command == "log"
     assert sorted(workers) == sorted(AGENTS)
+
+
+def test_procfile_log_and_workers_started_before_nats_server_wait_for_it(tmp_path: Path) -> None:
+    # A Procfile runner starts every line at once, and stops them all when one exits: the
+    # log service, with --no-embedded, exited 3 at once when nats-server was not listening
+    # yet ("no NATS server answers"), where the workers wait for it (--start-wait).
+    procs = _procfile()
+    port = free_port()  # not the Procfile's 4222: CONVLOG_NATS_URL moves every process
+    env = {**service_env(tmp_path / "data"), "CONVLOG_NATS_URL": f"nats://127.0.0.1:{port}"}
+    env.pop("OPENAI_API_KEY", None)
+    log_argv = procs["log"][1:]
+    log_argv[log_argv.index("--db") + 1] = str(tmp_path / "convlog.db")  # not .convlog in the checkout
+    started = [python_module("services.cli.main", *log_argv, log_dir=tmp_path, env=env, name="log"),
+               python_module("services.cli.main", *procs["triage"][1:], log_dir=tmp_path, env=env,
+                             name="triage")]
+    server = NatsServer(tmp_path / "nats", port=port)
+    try:
+        for proc in started:
+            proc.start()
+        for proc in started:
+            proc.wait_for_line("waiting for NATS JetStream at", timeout=30)
+        time.sleep(1)
+        assert all(proc.running for proc in started), [proc.output() for proc in started]
+        server.start()  # the `nats` line, later
+        started[0].wait_for_line("log service ready", timeout=60)
+        started[1].wait_for_line(r"worker \S+ ready", timeout=60)
+    finally:
+        for proc in started:
+            proc.terminate()
+        server.stop()
+    assert "log service: NATS JetStream answers at" in started[0].output()
 
 
 def test_systemd_log_unit_keeps_its_database_in_its_state_directory_unless_the_env_file_says() -> None:

@@ -109,7 +109,7 @@ async def test_the_error_a_command_ends_with_is_a_json_line(tmp_path: Path) -> N
     env = _json_env(tmp_path)
     url = f"nats://127.0.0.1:{free_port()}"
     code, out, err = await run_cli("log", "--nats-url", url, "--no-embedded", "--db", str(tmp_path / "log.db"),
-                                   env=env)
+                                   "--start-wait", "0", env=env)
     assert code == 3, err
     (record,) = [json.loads(line) for line in err.splitlines()]
     assert record["level"] == "ERROR"
