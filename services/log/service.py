@@ -123,6 +123,7 @@ class LogService(Endpoints):
         self._stopped = asyncio.Event()
         self._shutdown_started = False
         self._started = False
+        self._start_ended = asyncio.Event()  # a shutdown waits for a start under way
         self.tally = {"append": 0, "read": 0, "sessions": 0, "in": 0, "errors": 0}
         self.metrics = metrics.log_metrics(settings)
         self.commit_tally = metrics.CommitTally(self.metrics.commit)  # replaced at start
@@ -151,6 +152,8 @@ class LogService(Endpoints):
             if not self._shutdown_started:
                 raise
             log.info("log service: stopped while starting")
+        finally:
+            self._start_ended.set()
 
     async def _start(self) -> None:
         # A bad keyring or key fails before anything opens.
@@ -339,6 +342,11 @@ class LogService(Endpoints):
             return
         self._shutdown_started = True
         try:
+            if self._started:
+                # A start under way ends first (its waits end once this began): closing
+                # the store while it opens left the connection the open then made open
+                # (aiosqlite's thread, and the process never exited).
+                await self._start_ended.wait()
             if self._service is not None and self._seam is not None:
                 with contextlib.suppress(Exception):
                     await self._seam.stop_service(self._service)

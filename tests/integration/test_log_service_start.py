@@ -201,3 +201,23 @@ async def test_streams_kept_at_another_replica_count_are_named_at_start(
     await same.start()
     await same.shutdown()
     assert not [r for r in caplog.records if "CONVLOG_STREAM_REPLICAS" in r.getMessage()]
+
+
+async def test_a_shutdown_while_the_store_opens_leaves_nothing_open(nats_server: NatsServer, tmp_path: Path) -> None:
+    # SIGTERM (a shutdown) while the start opened the SQLite store: the shutdown closed the
+    # store before the open had finished, the open then completed, and its reader
+    # connection (aiosqlite's thread, not a daemon) stayed open: `convlog log` logged
+    # "log service stopped" and then never exited.
+    import threading
+
+    before = set(threading.enumerate())
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db")}, environ={})
+    service = LogService(settings)
+    start = asyncio.create_task(service.start())
+    await asyncio.sleep(0)  # the start is inside the store's open (aiosqlite connects in its thread)
+    await service.shutdown()
+    await start
+    await service.run()  # returns: the service is stopped
+    left = [t for t in set(threading.enumerate()) - before if t.is_alive() and not t.daemon]
+    assert not left, left
+    assert service.nc is None or service.nc.is_closed
