@@ -104,15 +104,19 @@ class EmbeddedNats:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            text = self.log_path.read_text(errors="replace")
-            m = _READY.search(text)
-            if m and "Server is ready" in text:
-                self.port = int(m.group(1))
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.proc.returncode}: {text[-800:]}")
-            time.sleep(0.02)
+        try:
+            while time.monotonic() < end:
+                text = self.log_path.read_text(errors="replace")
+                m = _READY.search(text)
+                if m and "Server is ready" in text:
+                    self.port = int(m.group(1))
+                    return self
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"nats-server exited with {self.proc.returncode}: {text[-800:]}")
+                time.sleep(0.02)
+        except BaseException:  # a Ctrl-C meanwhile (KeyboardInterrupt): no server left running
+            self.stop()
+            raise
         self.stop()
         raise RuntimeError(f"nats-server did not become ready in {timeout}s (log: {self.log_path})")
 

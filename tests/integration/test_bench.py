@@ -228,3 +228,36 @@ def test_sigterm_to_convlog_bench_stops_its_private_stack(tmp_path: Path) -> Non
         for k in kids:  # what the bench left: stop it by its PID
             if pid_alive(k):
                 os.kill(k, signal.SIGKILL)
+
+
+# Ctrl-C twice while `convlog bench` starts its embedded nats-server: the second one
+# (KeyboardInterrupt) interrupted EmbeddedNats.start, which left that nats-server running.
+def test_ctrl_c_twice_while_the_bench_starts_nats_leaves_no_nats_server(tmp_path: Path) -> None:
+    env = {**service_env(tmp_path / "data"), "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "bench", "--writers", "2", "--sessions", "2",
+         "--duration", "60"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    kids: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not kids:  # the nats-server is forked: it is starting
+            assert time.monotonic() < deadline and proc.poll() is None, "no nats-server started"
+            kids = child_pids(proc.pid)
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGINT)
+        code = proc.wait(60)
+        deadline = time.monotonic() + 10
+        while any(pid_alive(k) for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [k for k in kids if pid_alive(k)], "the nats-server outlived convlog bench"
+        assert code == 130
+        assert not list(tmp_path.glob("convlog-bench-*"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for k in kids:  # what the bench left: stop it by its PID
+            if pid_alive(k):
+                os.kill(k, signal.SIGKILL)
