@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Collection
-from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
 import pytest
@@ -30,29 +29,12 @@ from services.log.service import LogService
 from services.log.store.jetstream import Layout
 from services.log.store.jetstream.api import DirectGet
 from shared.client import LogClient
-from shared.config import Settings, load_settings
+from shared.config import Settings
 from tests.support.natsd import NatsServer
 
 SID = "trailing-append"
 STALE_READS = 3  # reads of a subject the trailing replica answers before it has caught up
 
-
-@pytest.fixture
-def js_settings(nats_server: NatsServer, tmp_path: Path) -> Settings:
-    return load_settings(
-        {"nats_url": nats_server.url, "db": str(tmp_path / "unused.db"), "data_dir": str(tmp_path),
-         "store": "jetstream"},
-        environ={},
-    )
-
-
-@pytest.fixture
-async def client(nats_server: NatsServer) -> AsyncIterator[LogClient]:
-    c = await LogClient.connect(nats_server.url)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 def _msg(text: str, item_id: str | None = None) -> dict[str, Any]:

@@ -17,8 +17,6 @@ appends, the stream, the service and the session are real.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,30 +26,12 @@ from services.log.store.jetstream import Layout
 from services.log.store.jetstream.api import DirectGet
 from shared import ConvlogSession
 from shared.client import LogClient
-from shared.config import Settings, load_settings
-from tests.support.natsd import NatsServer
+from shared.config import Settings
 from tests.support.sdk_env import contents
 
 SID = "trailing-replica"
 STALE_READS = 3  # head reads the trailing replica answers before it has caught up
 
-
-@pytest.fixture
-def js_settings(nats_server: NatsServer, tmp_path: Path) -> Settings:
-    return load_settings(
-        {"nats_url": nats_server.url, "db": str(tmp_path / "unused.db"), "data_dir": str(tmp_path),
-         "store": "jetstream"},
-        environ={},
-    )
-
-
-@pytest.fixture
-async def client(nats_server: NatsServer) -> AsyncIterator[LogClient]:
-    c = await LogClient.connect(nats_server.url)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 async def _trailing_instance(
