@@ -299,6 +299,19 @@ async def test_auth_config_lets_a_client_replay_and_verify_a_session_with_its_si
         server.stop()
 
 
+def _log_service_for_health(server: NatsServer, env: dict[str, str], tmp_path: Path) -> Proc:
+    """``convlog log`` as the ``log`` user of ``auth.conf``, ready (the caller terminates it)."""
+    svc = Proc([sys.executable, "-m", "services.cli.main", "log", "--nats-url", server.url,
+                "--db", str(tmp_path / "convlog.db"), "--no-embedded"], log_dir=tmp_path, env=env,
+               name="log-for-health").start()
+    try:
+        svc.wait_for_line("log service ready", timeout=30)
+    except BaseException:
+        svc.terminate()
+        raise
+    return svc
+
+
 async def test_auth_config_lets_the_log_user_run_convlog_health(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -306,11 +319,8 @@ async def test_auth_config_lets_the_log_user_run_convlog_health(
     # the `log` user, which could not publish $SRV.STATS.convlog-log nor read the log, so a
     # running stack was reported "FAIL log service: no instance answers" (exit 1) forever.
     server, env = _auth_server(tmp_path, monkeypatch)
-    svc = Proc([sys.executable, "-m", "services.cli.main", "log", "--nats-url", server.url,
-                "--db", str(tmp_path / "convlog.db"), "--no-embedded"], log_dir=tmp_path, env=env,
-               name="log-for-health").start()
+    svc = _log_service_for_health(server, env, tmp_path)
     try:
-        svc.wait_for_line("log service ready", timeout=30)
         done = await asyncio.to_thread(
             subprocess.run, [sys.executable, "-m", "services.cli.main", "health", "--nats-url", server.url,
                              "--no-embedded"], env=env, capture_output=True, text=True, timeout=60, check=False)
@@ -338,11 +348,8 @@ async def test_health_names_a_check_the_server_does_not_let_its_user_make(
     # the server refuses the publish and nothing answers.  Health blamed the running log
     # service ("is `convlog log` running?") and JetStream ("is JetStream available?").
     server, env = _auth_server(tmp_path, monkeypatch)
-    svc = Proc([sys.executable, "-m", "services.cli.main", "log", "--nats-url", server.url,
-                "--db", str(tmp_path / "convlog.db"), "--no-embedded"], log_dir=tmp_path, env=env,
-               name="log-for-health").start()
+    svc = _log_service_for_health(server, env, tmp_path)
     try:
-        svc.wait_for_line("log service ready", timeout=30)
         code, out = await _health_as("client", server, env)
     finally:
         svc.terminate()
