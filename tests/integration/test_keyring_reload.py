@@ -28,16 +28,27 @@ AGENTS = ["Triage", "L1Billing"]
 SAY = {"type": "message", "role": "assistant", "content": "hello"}
 
 
+async def _signed_service(nats_server: NatsServer, tmp_path: Path, *, log_key: bool = False) -> tuple[Path, LogService]:
+    """Keys for ``AGENTS`` in ``tmp_path/keys``, and a started log service that requires
+    signatures under their keyring (``log_key``: it signs heads too, every 0.1 s)."""
+    keys = tmp_path / "keys"
+    make_keys(keys, AGENTS)
+    options: dict[str, object] = {"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
+                                  "keyring": str(keys / "keyring.json"), "require_signatures": True}
+    env: dict[str, str] = {}
+    if log_key:
+        options["head_interval"] = 0.1
+        env["CONVLOG_SIGNING_KEY"] = str(keys / "log.nk")
+    service = LogService(load_settings(options, env))
+    await service.start()
+    return keys, service
+
+
 async def test_a_rotated_key_is_refused_and_the_new_one_accepted_without_a_restart(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    keys = tmp_path / "keys"
-    make_keys(keys, AGENTS)
+    keys, service = await _signed_service(nats_server, tmp_path)
     ring = keys / "keyring.json"
-    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
-                              "keyring": str(ring), "require_signatures": True}, {})
-    service = LogService(settings)
-    await service.start()
     nc = await nats.connect(nats_server.url)
     old = Signer.load(keys / "Triage.nk")
     try:
@@ -88,14 +99,8 @@ async def test_a_rotated_log_key_is_followed_so_heads_signed_after_it_still_veri
     retired key, so `convlog replay --verify --keyring` failed every session written
     to after the rotation ('head signed at ... by a key retired at ...') until the
     service was restarted."""
-    keys = tmp_path / "keys"
-    make_keys(keys, AGENTS)
+    keys, service = await _signed_service(nats_server, tmp_path, log_key=True)
     ring = keys / "keyring.json"
-    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
-                              "keyring": str(ring), "require_signatures": True, "head_interval": 0.1},
-                             {"CONVLOG_SIGNING_KEY": str(keys / "log.nk")})
-    service = LogService(settings)
-    await service.start()
     nc = await nats.connect(nats_server.url)
     try:
         triage = LogClient(nc, timeout=5, deadline=20, signer=Signer.load(keys / "Triage.nk"))
@@ -123,12 +128,7 @@ async def test_a_client_follows_its_key_file_across_a_rotation(nats_server: Nats
     writes the new one to its CONVLOG_SIGNING_KEY file, but LogClient had read the
     file once: every append of the worker was refused ('retired') until it was
     restarted, so the agent's turns failed.  The client now follows its key file."""
-    keys = tmp_path / "keys"
-    make_keys(keys, AGENTS)
-    ring = keys / "keyring.json"
-    service = LogService(load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
-                                        "keyring": str(ring), "require_signatures": True}, {}))
-    await service.start()
+    keys, service = await _signed_service(nats_server, tmp_path)
     client = await LogClient.connect(settings=load_settings(
         {"nats_url": nats_server.url}, {"CONVLOG_SIGNING_KEY": str(keys / "Triage.nk")}))
     try:
@@ -151,14 +151,8 @@ async def test_what_the_log_took_during_a_rotation_still_verifies(nats_server: N
     second: an item the service took from the old key meanwhile, and the heads it
     signed with its old key meanwhile, were later than the retirement, so
     `convlog replay --verify --keyring` called an intact log a bad signature."""
-    keys = tmp_path / "keys"
-    make_keys(keys, AGENTS)
+    keys, service = await _signed_service(nats_server, tmp_path, log_key=True)
     ring = keys / "keyring.json"
-    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
-                              "keyring": str(ring), "require_signatures": True, "head_interval": 0.1},
-                             {"CONVLOG_SIGNING_KEY": str(keys / "log.nk")})
-    service = LogService(settings)
-    await service.start()
     nc = await nats.connect(nats_server.url)
     try:
         old = LogClient(nc, timeout=5, deadline=20, signer=Signer.load(keys / "Triage.nk"))
@@ -185,12 +179,8 @@ async def test_a_new_key_is_taken_at_once_by_the_log_service_and_a_worker(
     service and a worker's gate read the keyring again only once a second: within that
     second the new key was refused ('not in the keyring': the append failed; a worker
     terminated the notice of a message so signed, and the turn was never played)."""
-    keys = tmp_path / "keys"
-    make_keys(keys, AGENTS)
+    keys, service = await _signed_service(nats_server, tmp_path)
     ring = keys / "keyring.json"
-    service = LogService(load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
-                                        "keyring": str(ring), "require_signatures": True}, {}))
-    await service.start()
     nc = await nats.connect(nats_server.url)
     try:
         old = LogClient(nc, timeout=5, deadline=20, signer=Signer.load(keys / "Triage.nk"))
