@@ -197,14 +197,20 @@ async def test_signed_bench_prints_json_with_json(tmp_path: Path) -> None:
     assert all("log service" in r["cpu_us_per_ack"] for r in doc["results"])
 
 
-# SIGTERM to `convlog bench` stops the private stack it started and removes its
-# temporary directory (nats-server, the log service and the echo responder outlived it)
-def test_sigterm_to_convlog_bench_stops_its_private_stack(tmp_path: Path) -> None:
+def _long_bench(tmp_path: Path) -> subprocess.Popen[bytes]:
+    """`convlog bench` on its private stack (60 s phases; its temporary files in
+    ``tmp_path``), stderr piped: the caller stops it and what it started."""
     env = {**service_env(tmp_path / "data"), "TMPDIR": str(tmp_path)}
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "bench", "--writers", "2", "--sessions", "2",
          "--duration", "60"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
+
+
+# SIGTERM to `convlog bench` stops the private stack it started and removes its
+# temporary directory (nats-server, the log service and the echo responder outlived it)
+def test_sigterm_to_convlog_bench_stops_its_private_stack(tmp_path: Path) -> None:
+    proc = _long_bench(tmp_path)
     kids: list[int] = []
     try:
         assert proc.stderr is not None
@@ -233,11 +239,7 @@ def test_sigterm_to_convlog_bench_stops_its_private_stack(tmp_path: Path) -> Non
 # Ctrl-C twice while `convlog bench` starts its embedded nats-server: the second one
 # (KeyboardInterrupt) interrupted EmbeddedNats.start, which left that nats-server running.
 def test_ctrl_c_twice_while_the_bench_starts_nats_leaves_no_nats_server(tmp_path: Path) -> None:
-    env = {**service_env(tmp_path / "data"), "TMPDIR": str(tmp_path)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "bench", "--writers", "2", "--sessions", "2",
-         "--duration", "60"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    proc = _long_bench(tmp_path)
     kids: list[int] = []
     try:
         deadline = time.monotonic() + 30
