@@ -37,7 +37,7 @@ from shared.signing import (
 )
 from tests.support.natsd import NatsServer
 from tests.support.tamper import rechain
-from tests.web.conftest import LoopThread, screenshot
+from tests.web.conftest import CHROMIUM_ARGS, LoopThread, chromium_path, screenshot
 from tests.web.test_console_browser import said, wait_badge
 
 pytestmark = pytest.mark.timeout(120)
@@ -231,6 +231,42 @@ def test_a_forged_signature_a_foreign_key_and_a_cut_tail_turn_the_badge_red(
     page.set_input_files("#file", str(f))
     page.wait_for_function("document.querySelectorAll('.row .smark.ok').length === 3")
     assert "signed head #3 verified" in wait_badge(page, "good")
+
+
+def test_without_webcrypto_no_signature_or_signed_head_is_called_verified(signed: Signed, browser: Any) -> None:
+    """Plain http beyond loopback is no secure context: the page has no WebCrypto, so it
+    counts signatures and signed heads but checks none (README, "Web console").  The badge
+    said "signed head #3 verified" once a keyring was loaded, and "(keyring not loaded:
+    signer unchecked)" before -- as if the head's signature had been checked."""
+    name = "convlog-console.test"  # resolved to 127.0.0.1 by this browser only: not loopback to it
+    lt = signed.loop
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    stop = lt.run(_event())
+    web = asyncio.run_coroutine_threadsafe(serve(lt.client, sock, WebOptions(token="t0ken"), stop), lt.loop)
+    insecure = browser.browser_type.launch(executable_path=chromium_path(),
+                                           args=[*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {name} 127.0.0.1"])
+    try:
+        context = insecure.new_context(http_credentials={"username": "reviewer", "password": "t0ken"},
+                                       bypass_csp=True)
+        page = context.new_page()
+        page.set_default_timeout(10_000)
+        page.goto(f"http://{name}:{port}/sessions/{SID}")
+        assert page.evaluate("window.isSecureContext") is False
+        badge = wait_badge(page, "good")
+        assert "chain intact through #3" in badge  # the plain-JS SHA-256 checks the chain
+        assert "3 signed (not checked: WebCrypto needs https or loopback)" in badge, badge
+        assert "signed head #3 (not checked: WebCrypto needs https or loopback)" in badge, badge
+        page.set_input_files("#keyring", str(signed.keyring))
+        page.wait_for_function("window.__convlog.keyring > 0 && "
+                               "!document.querySelector('#badge').textContent.includes('keyring not loaded')")
+        badge = wait_badge(page, "good")
+        assert "verified" not in badge.replace("chain intact", ""), badge
+        assert "signed head #3 (not checked: WebCrypto needs https or loopback)" in badge, badge
+    finally:
+        insecure.close()
+        lt.loop.call_soon_threadsafe(stop.set)
+        web.result(15)
 
 
 def test_browser_signing_inputs_and_key_decoding_match_shared_signing(signed: Signed, page: Any) -> None:

@@ -297,7 +297,8 @@ export class SignatureChecker {
     }
     if (this.heads.length) {
       const top = Math.max(...this.heads.map((h) => h.item_order));
-      parts.push(this.keyring ? `signed head #${top} verified` : `signed head #${top} (keyring not loaded: signer unchecked)`);
+      parts.push(!available ? `signed head #${top} (not checked: WebCrypto needs https or loopback)`
+        : this.keyring ? `signed head #${top} verified` : `signed head #${top} (keyring not loaded: signer unchecked)`);
     }
     return parts.join(" · ");
   }
