@@ -147,7 +147,7 @@ async def _run(
             raise  # the worker is cancelling this turn
         return f"error: {name} failed: CancelledError"  # the tool's own
     except (Exception, SystemExit) as e:  # SystemExit: argparse, a sys.exit in a library
-        return f"error: {name} failed: {type(e).__name__}: {e}"
+        return f"error: {name} failed: {_describe(e)}"
     try:
         output = result if isinstance(result, str) else json.dumps(result, default=str)
     except Exception as e:  # non-str keys, a circular structure, a failing __str__
@@ -155,6 +155,14 @@ async def _run(
     if parse_handoff_output(output) is not None:
         output = json.dumps({"result": output})  # a tool's output must not read as a handoff
     return output
+
+
+def _describe(e: BaseException) -> str:
+    """``Type: message`` of a tool's exception, also when its ``__str__`` raises."""
+    try:
+        return f"{type(e).__name__}: {e}"
+    except Exception as broken:
+        return f"{type(e).__name__} (its message could not be read: {type(broken).__name__})"
 
 
 def _in_own_thread(fn: Callable[..., Any], kwargs: dict[str, Any], name: str) -> asyncio.Future[Any]:

@@ -91,3 +91,24 @@ async def exits_async(n: int) -> str:
     """
     RUNS.append(n)
     raise SystemExit(n)
+
+
+class ApiError(Exception):
+    """An error whose message is read from a response that may lack it."""
+
+    def __init__(self, response: dict) -> None:
+        super().__init__()
+        self.response = response
+
+    def __str__(self) -> str:
+        return self.response["message"]
+
+
+def fails_unprintably(n: int) -> str:
+    """Raises an exception whose ``str()`` raises too.
+
+    Args:
+        n: which.
+    """
+    RUNS.append(n)
+    raise ApiError({"status": 502})

@@ -18,7 +18,7 @@ entry = "Clerk"
 name = "Clerk"
 instructions = "Use your tools."
 tools = ["tests.support.odd_tools:cancelled_inside", "tests.support.odd_tools:hangs",
-         "tests.support.odd_tools:quick"]
+         "tests.support.odd_tools:quick", "tests.support.odd_tools:fails_unprintably"]
 """
 CLERK = parse_spec(SPEC).agent("Clerk")
 
@@ -48,3 +48,11 @@ async def test_hung_sync_tools_do_not_make_an_instant_one_time_out() -> None:
     assert all(h.startswith("error: hangs did not finish") for h in hung)
     out = await call("quick", 7, 1.0)
     assert out == "quick 7", out
+
+
+async def test_an_exception_whose_message_fails_still_becomes_an_error_output() -> None:
+    # The error text was f"{type(e).__name__}: {e}" inside the except clause: a __str__ that
+    # raises (a message read from a response that lacks it) escaped run_tool, the turn failed
+    # and was redelivered, and the tool ran again on every delivery until the give-up.
+    out = await call("fails_unprintably", 1, 5)
+    assert out.startswith("error: fails_unprintably failed: ApiError"), out
