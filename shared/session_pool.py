@@ -220,12 +220,24 @@ class SharedSession:
         self._sender: asyncio.Task[None] | None = None
         self._in_flight: list[_Call] = []
         self._max_bytes = max(64 * 1024, (client.nc.max_payload or 1024 * 1024) // 2)
-        self.floor = 0  # the highest order this connection knows the session has (see the module)
+        self._floor = 0  # the highest order acks and reads showed (see :attr:`floor`)
+
+    @property
+    def floor(self) -> int:
+        """The highest order this connection knows the session has (see the module):
+        what its acks and reads showed, and what its copy holds (deliveries too, so a
+        copy that paused and seeds again never comes back behind what it showed)."""
+        copy = self.copy
+        return self._floor if copy is None or copy.last <= self._floor else copy.last
+
+    @floor.setter
+    def floor(self, order: int) -> None:
+        self._floor = order
 
     def saw(self, order: int) -> None:
         """The session is known to hold order ``order`` (an ack, or a read's ``last_order``)."""
-        if order > self.floor:
-            self.floor = order
+        if order > self._floor:
+            self._floor = order
 
     async def read(self, **kw: Any) -> ReadReply:
         """``LogClient.read`` of this session, never behind :attr:`floor` (read again while it is)."""

@@ -27,6 +27,8 @@ from services.log.store.jetstream.api import DirectGet
 from shared import ConvlogSession
 from shared.client import LogClient
 from shared.config import Settings
+from tests.support.eventually import assert_eventually
+from tests.support.natsd import NatsServer
 from tests.support.sdk_env import contents
 
 SID = "trailing-replica"
@@ -35,13 +37,13 @@ STALE_READS = 3  # head reads the trailing replica answers before it has caught 
 
 
 async def _trailing_instance(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, before: Any
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, before: Any, *, reads: int = STALE_READS
 ) -> LogService:
     """A log-service instance, started cold, whose replica still shows ``before``
-    as the session's head for its first ``STALE_READS`` head reads."""
+    as the session's head for its first ``reads`` head reads."""
     head = Layout(settings.subjects).session_filter(SID)
     real = DirectGet.last
-    stale = [STALE_READS]
+    stale = [reads]
 
     async def trailing(self: DirectGet, subject: str) -> Any:
         if subject == head and stale[0] > 0:
@@ -135,3 +137,41 @@ async def test_a_session_object_made_after_another_closed_reads_its_writes_when_
     finally:
         await reader.close()
         await second.shutdown()
+
+
+async def test_a_log_read_never_shows_less_than_the_copy_showed_when_a_trailing_replica_answers(
+    js_settings: Settings, client: LogClient, monkeypatch: pytest.MonkeyPatch, nats_server: NatsServer
+) -> None:
+    # The copy's deliveries (another process's writes) count in the connection's floor:
+    # a read the copy cannot answer (the whole history of a copy seeded with the last few
+    # items) went to the log, and a trailing replica's answer was taken although the copy
+    # had already shown a later item to this process.
+    from shared import session_copy
+
+    monkeypatch.setattr(session_copy, "MAX_ITEMS", 4)  # the whole history is more than the copy keeps
+    first = LogService(js_settings)
+    await first.start()
+    other = await LogClient.connect(nats_server.url)  # another process's writes
+    session = ConvlogSession(SID, client=client, max_staleness=60)  # no log read to confirm the copy
+    try:
+        for i in range(1, 6):
+            await other.append(SID, [{"agent": "user", "data": {"role": "user", "content": f"m{i}"}}])
+        assert contents(await session.get_items(limit=2)) == ["m4", "m5"]  # a copy of the last few
+        before = await _head(js_settings, client)
+        await other.append(SID, [{"agent": "user", "data": {"role": "user", "content": "m6"}}])
+
+        async def delivered() -> None:
+            assert contents(await session.get_items(limit=2)) == ["m5", "m6"]  # shown to this process
+
+        await assert_eventually(delivered, timeout=10)
+        await first.shutdown()
+        # Long enough behind for the copy's own reads (its staleness check, a seed it
+        # refuses as behind) not to use up the stale answers before the log read.
+        second = await _trailing_instance(js_settings, monkeypatch, before, reads=12)
+        try:
+            assert contents(await session.get_items()) == [f"m{i}" for i in range(1, 7)]
+        finally:
+            await second.shutdown()
+    finally:
+        await session.close()
+        await other.close()
