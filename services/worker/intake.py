@@ -132,6 +132,7 @@ class WorkIntake:
         self._outstanding = 0
         self._heard = time.monotonic()
         self._stale = False
+        self._unanswered = False  # a pull was answered "no responders" (503)
         self._waiting_logged = False
 
     def poke(self) -> None:
@@ -148,6 +149,11 @@ class WorkIntake:
         """Pull until the worker stops (raises a fatal error for a consumer that cannot exist)."""
         while not self._stopping.is_set():
             if not self.bound.is_set():
+                if self._unanswered:
+                    self._unanswered = False
+                    log.info("agent %s: no responders for pulls on %s: binding it again", self.agent, self.name)
+                    await self._pause(0.5)
+                    continue
                 if not await self._bind():
                     continue
             if self._stale:
@@ -210,6 +216,12 @@ class WorkIntake:
             desc = (msg.headers or {}).get("Description", "")
             if "Deleted" in desc:
                 self.bound.clear()
+        elif status == "503":
+            # No responders: the consumer (or its stream) is gone -- deleted while no pull of
+            # ours waited, so no 409 came -- or has no leader right now.  Pulling again at once
+            # would spin on the same answer: bind again (it creates the consumer), after a pause.
+            self._unanswered = True
+            self.bound.clear()
         self._wake.set()
 
     # -- binding -----------------------------------------------------------
