@@ -123,7 +123,10 @@ def encode_notice(notice: Notice) -> bytes:
 
 def decode_notice(data: bytes) -> Notice:
     """Raises: msgspec.DecodeError (ValidationError included): not a notice."""
-    return _decoder.decode(data)
+    try:
+        return _decoder.decode(data)
+    except RecursionError as e:  # msgspec's nesting limit (about 1000 levels)
+        raise msgspec.DecodeError("not a notice: JSON nested too deeply") from e
 
 
 def work_stream_name(subjects: Subjects) -> str:

@@ -175,6 +175,28 @@ async def test_a_notice_that_is_not_one_is_refused_and_the_worker_goes_on(
     assert "not a turn notice" in worker.output()
 
 
+async def test_a_notice_nested_too_deep_to_decode_is_refused_not_redelivered_forever(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    # msgspec refuses JSON nested past its limit with RecursionError, not a DecodeError: the
+    # message was logged as a failure and left unacked, so it came back every ack_wait, forever.
+    fake_openai.responder(support_responder)
+    (worker,) = await stack.start_workers(stack.worker("L1Billing", SEED_SPEC, ack_wait=1.0))
+    js = stack.nc.jetstream()
+    deep = b'{"session_id": "x", "item_order": 1, "extra": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    await js.publish(work_subject(stack.settings.subjects, "L1Billing"), deep)
+
+    await stack.send("after-deep", "still there?", to="L1Billing")
+    await stack.answered("after-deep", users=1)
+
+    async def gone() -> None:
+        assert (await js.stream_info(WORK)).state.messages == 0
+
+    await assert_eventually(gone, timeout=10)
+    assert (await delivered(stack))["L1Billing"] == 2  # the junk once, the message once
+    assert "not a turn notice" in worker.output()
+
+
 async def test_a_notice_naming_an_item_that_starts_no_turn_is_answered_by_nobody(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
