@@ -422,7 +422,7 @@ def _to_reply(response: httpx2.Response) -> ModelReply:
     """Raises: ModelRejected: a 2xx body that is not a Chat Completions answer."""
     try:
         completion = _completion.decode(response.content)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, RecursionError) as e:  # RecursionError: msgspec's nesting limit
         raise ModelRejected(f"model endpoint answered with no chat completion: {e}",
                             status=response.status_code) from e
     if not completion.choices:

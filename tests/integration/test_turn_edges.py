@@ -21,7 +21,7 @@ from shared.errors import BadRequestError
 from shared.messages import AppendItem
 from tests.support import odd_tools, openai_wire
 from tests.support.eventually import assert_eventually
-from tests.support.fake_openai import FakeOpenAI, text, tool_call
+from tests.support.fake_openai import Body, FakeOpenAI, text, tool_call
 from tests.support.workerstack import WorkerStack, solo_spec, terminal_items
 
 TOOL_SPEC = """
@@ -232,3 +232,29 @@ async def test_a_tool_that_raises_system_exit_becomes_an_error_output_and_the_wo
     assert out.data["output"] == f"error: {tool} failed: SystemExit: 0"
     assert [e.data["content"][0]["text"] for e in terminal_items(log, log[0])] == ["done"]
     assert worker.running, worker.output()
+
+
+@pytest.mark.parametrize("body", [
+    b'{"choices": [{"message": {"content": "cut sh',  # truncated
+    b'{"choices": [], "junk": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # nested past msgspec's limit
+], ids=["truncated", "nested"])
+async def test_a_2xx_answer_that_is_no_chat_completion_ends_the_turn_at_once(
+    stack: WorkerStack, fake_openai: FakeOpenAI, body: bytes
+) -> None:
+    # model._to_reply: "a 2xx body that is not a Chat Completions answer" is ModelRejected,
+    # so the turn ends with one system item.  JSON nested too deeply made msgspec raise
+    # RecursionError, not DecodeError: it escaped the model client, the turn raised, and the
+    # worker asked the model again on each of max_attempts redeliveries before giving up.
+    spec = parse_spec(HUGE_WINDOW.replace("history_limit = 200000", ""))
+    fake_openai.script([Body(body)])
+    model = make_model_client("test", fake_openai.base_url, max_retries=0)
+    runner = TurnRunner(stack.client, spec.agent("Solo"), model)
+    part = await _part(stack, f"r45-garbage-{len(body)}", "hello")
+    try:
+        result = await runner.run(part)
+        assert (result.outcome, result.model_calls) == ("failed", 1)
+        log = await stack.log(part.session_id)
+        (fail,) = terminal_items(log, log[0])
+        assert fail.agent == "system" and "no chat completion" in fail.data["content"]
+    finally:
+        await model.client.close()

@@ -49,7 +49,7 @@ from typing import Any, Self
 from . import openai_wire as wire
 
 __all__ = [
-    "COMPACT_PATH", "Disconnect", "Entry", "Error", "FakeOpenAI", "RecordedRequest", "Reply", "Slow",
+    "COMPACT_PATH", "Body", "Disconnect", "Entry", "Error", "FakeOpenAI", "RecordedRequest", "Reply", "Slow",
     "ToolCall", "compacted_items", "disconnect", "error", "slow", "text", "tool_call", "tool_calls",
 ]
 
@@ -98,7 +98,14 @@ class Disconnect:
     """Close the connection without any response (client sees a connection error)."""
 
 
-Entry = Reply | Error | Slow | Disconnect
+@dataclass(frozen=True)
+class Body:
+    """A 200 answer whose body is ``data`` as is (a server answering garbage)."""
+
+    data: bytes
+
+
+Entry = Reply | Error | Slow | Disconnect | Body
 
 
 def text(content: str) -> Reply:
@@ -396,6 +403,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if isinstance(entry, Error):
             self._send_error(entry)
+            return
+        if isinstance(entry, Body):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(entry.data)))
+            self.end_headers()
+            self.wfile.write(entry.data)
             return
         n, model = fake._next_id(), str(body.get("model", "fake-model"))
         chat = path.endswith("/chat/completions")
