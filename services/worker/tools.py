@@ -122,7 +122,7 @@ async def _run(
         return f"error: {agent} has no tool named {name!r}"
     try:
         parsed = json.loads(arguments or "{}")
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested past the interpreter's limit
         return f"error: the arguments of {name} are not valid JSON: {e}"
     if not isinstance(parsed, Mapping):
         return f"error: the arguments of {name} must be a JSON object"

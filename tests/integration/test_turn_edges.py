@@ -258,3 +258,29 @@ async def test_a_2xx_answer_that_is_no_chat_completion_ends_the_turn_at_once(
         assert fail.agent == "system" and "no chat completion" in fail.data["content"]
     finally:
         await model.client.close()
+
+
+async def test_tool_arguments_nested_too_deeply_become_an_error_output(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    # tools.py: "Every failure of a tool (..., bad arguments from the model) becomes the
+    # output the model sees".  json.loads raises RecursionError, not ValueError, for
+    # arguments nested past the interpreter's recursion limit: it escaped run_tool, the
+    # turn raised and was redelivered, the same committed call failed again every time,
+    # and only the give-up after max_attempts ended the turn.
+    spec = parse_spec(TOOL_SPEC.format(tool="quick"))
+    deep = '{"n": ' + "[" * 5000 + "]" * 5000 + "}"
+    fake_openai.script([tool_call("quick", deep), text("done")])
+    model = make_model_client("test", fake_openai.base_url, max_retries=0)
+    runner = TurnRunner(stack.client, spec.agent("Clerk"), model)
+    part = await _part(stack, "r45-deep-args", "go")
+    odd_tools.RUNS.clear()
+    try:
+        result = await runner.run(part)
+        assert (result.outcome, result.model_calls) == ("replied", 2)
+        log = await stack.log(part.session_id)
+        (out,) = [e for e in log if e.data.get("type") == "function_call_output"]
+        assert out.data["output"].startswith("error: the arguments of quick are not valid JSON")
+        assert odd_tools.RUNS == []
+    finally:
+        await model.client.close()
