@@ -83,10 +83,13 @@ def decode_checkpoint(value: bytes) -> RoutingCheckpoint:
     recorded) names its ``active`` agent as the entry.
 
     Raises:
-        msgspec.DecodeError: not JSON.
+        msgspec.DecodeError: not JSON (or nested too deeply to decode).
         msgspec.ValidationError: the wrong shape, naming the field.
     """
-    cp = _decoder.decode(value)
+    try:
+        cp = _decoder.decode(value)
+    except RecursionError as e:  # msgspec's nesting limit (about 1000 levels)
+        raise msgspec.DecodeError("not a checkpoint: JSON nested too deeply") from e
     if cp.entry is None and cp.order == 0:
         return msgspec.structs.replace(cp, entry=cp.active)
     return cp

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from services.cli.keys_cmds import make_keys
+from services.log.service import LogService
 from services.worker.turn_ids import turn_item_id, turn_key
 from shared.client import LogClient
 from shared.messages import AppendItem
@@ -66,6 +67,32 @@ async def test_a_rewritten_routing_value_loses_to_the_log(stack: WorkerStack, fa
     assert [e.agent for e in terminal_items(log, second)] == ["L1Billing"]
     assert not any(agent_of(r) == "L2Support" for r in fake_openai.requests)
     assert "ignoring it and following the log" in stack.outputs()
+
+
+async def test_a_routing_value_nested_too_deeply_is_unreadable_and_the_log_wins(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    # An unreadable checkpoint is ignored (the worker's Routing.checkpoint, the log service's
+    # notice address).  msgspec refuses JSON nested past its limit with RecursionError, not
+    # DecodeError: in the worker it escaped the routing check, and every notice of the
+    # session failed, forever (a part that never started is not given up); in the log
+    # service it stopped the notice reconciler, and the service exited.
+    fake_openai.responder(support_responder)
+    await stack.start_workers(*(stack.worker(a, SEED_SPEC) for a in ("Triage", "L1Billing")))
+    sid = "route-deep"
+    await stack.send(sid, "I was charged twice")
+    await stack.answered(sid, users=1)
+    kv = await stack.nc.jetstream().key_value(stack.settings.subjects.routing_bucket)
+    await kv.put(sid, b'{"active": "L1Billing", "order": 3, "junk": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+    # Neither the log service nor the worker knows the session's agent now: both ask the bucket.
+    await stack.service.shutdown()
+    stack.service = LogService(stack.settings)
+    await stack.service.start()
+    await _restart(stack, "L1Billing")
+    await stack.send(sid, "Still there?")
+    log = await stack.answered(sid, users=2, timeout=15)
+    second = [e for e in log if is_user(e)][1]
+    assert [e.agent for e in terminal_items(log, second)] == ["L1Billing"]
 
 
 async def test_a_reply_pre_empted_under_the_workers_id_is_an_attack_not_an_answer(
