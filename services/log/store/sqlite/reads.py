@@ -19,7 +19,10 @@ from .datastore import SQLiteDatastore
 __all__ = ["SQLiteReads"]
 
 _READ_CHUNK = 512
-_FIRST_CHUNK = 16
+#: Rows of a read's first fetch: a usual page or tail (a model's window, a worker's
+#: page of 64 and its look-ahead row) in one thread hop, and at most this many items
+#: held to find a page of large items over the budget.
+_FIRST_CHUNK = 128
 
 
 def _next_chunk(max_bytes: int, size: int, n: int) -> int:
@@ -87,7 +90,7 @@ class SQLiteReads:
             # so a page that fills after 2,000 rows does not read 10,000.  The
             # chunks are sized to what is left of the budget (a page of large
             # items does not fetch 512 of them to send 4).
-            chunk = _FIRST_CHUNK
+            chunk = min(_FIRST_CHUNK, limit + 1)
             while not more:
                 rows = await cur.fetchmany(chunk)
                 if not rows:
@@ -131,7 +134,7 @@ class SQLiteReads:
             else:
                 # Newest first, in chunks sized to what is left of the budget:
                 # a tail over it is refused having read little more than it.
-                chunk = _FIRST_CHUNK
+                chunk = min(_FIRST_CHUNK, n)
                 while rows := await cur.fetchmany(chunk):
                     for (env,) in rows:
                         size += len(env) + 1
