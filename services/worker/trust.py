@@ -35,7 +35,7 @@ __all__ = ["EnvelopeGate"]
 @dataclass
 class EnvelopeGate:
     """Args:
-    client: reads the log.
+    client: the worker's client (its signer's key is the worker's own).
     keyring: checks signatures when set.
     require: refuse unsigned envelopes.
     agent: the worker's agent, and own_key its signing key id (``None``: it does not sign).
@@ -65,23 +65,6 @@ class EnvelopeGate:
             return f"bad signature: {reason}"
         if self.require and env.sig is None:
             return "unsigned, and signatures are required"
-        return None
-
-    async def refusal(self, env: Envelope) -> str | None:
-        """Why the worker must not act on ``env``, or ``None``.
-
-        Raises:
-            ConvlogError: the log could not be read (the caller retries later).
-        """
-        if (why := self.signature_refusal(env)) is not None:
-            return why
-        if (why := self.forged(env)) is not None:  # e.g. a handoff under another agent's turn id
-            return f"forged: {why}"
-        page = await self.client.read(env.session_id, after=env.item_order - 1, limit=1, raw=True)
-        held = page.items[0] if page.items else None
-        if held is None or held.item_order != env.item_order or held.hash != env.hash:
-            return (f"the log does not hold this envelope at item_order {env.item_order} "
-                    "(forged or altered on the items subject)")
         return None
 
     def forged(self, env: Envelope) -> str | None:
