@@ -249,9 +249,11 @@ def build_app(client: LogClient, options: WebOptions | None = None, *,
         if not _AFTER.fullmatch(raw_after):
             return _error(400, "bad_request", f"after must be a non-negative integer, not {raw_after!r}")
         after = int(raw_after)
+        headers = {"cache-control": "no-store", "x-accel-buffering": "no"}
+        if request.method == "HEAD":  # no body: a tail would never end the response
+            return Response(media_type="text/event-stream", headers=headers)
         return StreamingResponse(_sse(client, sid, after, options.heartbeat, stopping),
-                                 media_type="text/event-stream",
-                                 headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+                                 media_type="text/event-stream", headers=headers)
 
     routes = [
         Route("/", home),

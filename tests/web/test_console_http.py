@@ -406,3 +406,30 @@ async def test_sessions_paging_neither_skips_nor_repeats_at_ties_or_under_writes
     _, _, body = await web.get("/api/sessions?limit=50")
     first = [s["session_id"] for s in json.loads(body)["sessions"]]
     assert set(first[: 2 * len(moved)]) == {*moved, *(f"new-{k}" for k in range(1, len(moved) + 1))}
+
+
+async def test_a_head_of_the_live_tail_ends_and_the_connection_serves_the_next_request(web: Console) -> None:
+    """HEAD is allowed everywhere, but a HEAD of ``/live`` started a follower and never
+    ended its (bodiless) response: the keep-alive connection then answered no further
+    request, and the follower stayed subscribed until the client hung up."""
+    import socket
+    from urllib.parse import urlsplit
+
+    await web.client.append("h1", [said("Triage", "one")])
+    port = urlsplit(web.url).port
+    assert port is not None
+
+    def head_then_get() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"HEAD /sessions/h1/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                      b"GET /api/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            got = b""
+            with contextlib.suppress(TimeoutError):
+                while chunk := s.recv(65536):
+                    got += chunk
+            return got
+
+    got = await asyncio.to_thread(head_then_get)
+    head, _, rest = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, got[:500]
+    assert rest.startswith(b"HTTP/1.1 200") and b'"session_id":"h1"' in rest, got[:1000]
