@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
 from bisect import bisect_left
 from collections import deque
@@ -69,28 +70,34 @@ class Fanout:
         self._published = published
         self._committed = 0
         self._batches: deque[list[float]] = deque()  # [last position, monotonic time]
+        # lag() is also called from the scrape thread: both trim, and without the lock
+        # one popped from a deque the other had just emptied (IndexError: a failed
+        # scrape, or a commit listener's error, which stops the log service).
+        self._lock = threading.Lock()
 
     def on_commit(self, committed: Sequence[Any]) -> None:
         now = time.monotonic()
-        self._committed = committed[-1].position
-        batches = self._batches
-        if batches and now - batches[-1][1] < 0.1:
-            batches[-1][0] = self._committed
-        else:
-            batches.append([self._committed, now])
-        published = self._published()
-        while batches and batches[0][0] <= published:
-            batches.popleft()
+        with self._lock:
+            self._committed = committed[-1].position
+            batches = self._batches
+            if batches and now - batches[-1][1] < 0.1:
+                batches[-1][0] = self._committed
+            else:
+                batches.append([self._committed, now])
+            published = self._published()
+            while batches and batches[0][0] <= published:
+                batches.popleft()
 
     def lag(self) -> tuple[int, float]:
         """(items, seconds) the items subjects are behind the log."""
-        published = self._published()
-        batches = self._batches
-        while batches and batches[0][0] <= published:
-            batches.popleft()
-        if not batches:
-            return 0, 0.0
-        return max(0, self._committed - published), time.monotonic() - batches[0][1]
+        with self._lock:
+            published = self._published()
+            batches = self._batches
+            while batches and batches[0][0] <= published:
+                batches.popleft()
+            if not batches:
+                return 0, 0.0
+            return max(0, self._committed - published), time.monotonic() - batches[0][1]
 
     def stats(self) -> dict[str, Any]:
         items, seconds = self.lag()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -57,3 +59,43 @@ def test_fanout_lag_follows_the_outbox_and_coalesces_batches() -> None:
     stats = fanout.stats()
     assert stats.pop("fanout_lag_seconds") >= 0
     assert stats == {"fanout_lag_items": 1, "committed_position": 5, "published_position": 4}
+
+
+def test_fanout_lag_read_by_scrape_threads_while_commits_trim_it() -> None:
+    # A scrape (prometheus_client's HTTP thread) reads the lag while the event loop
+    # commits: both trimmed the deque, and one popped from or indexed a deque the other
+    # had just emptied (IndexError: a scrape answered 500, or a commit listener failed).
+    state = {"published": 0}
+    fanout = Fanout(lambda: state["published"])
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.is_set():
+            try:
+                fanout.lag()
+                fanout.stats()
+            except Exception as e:  # noqa: BLE001 - any failure of a scrape is the bug
+                errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as a busy machine may
+    scrapers = [threading.Thread(target=scrape) for _ in range(2)]
+    for t in scrapers:
+        t.start()
+    try:
+        end = time.monotonic() + 2.0
+        position = 0
+        while time.monotonic() < end and not errors:
+            position += 1
+            state["published"] = position - 1  # the outbox just behind: each commit trims
+            try:
+                fanout.on_commit([Committed(position, "s", position, b"{}")])
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+    finally:
+        stop.set()
+        for t in scrapers:
+            t.join()
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
