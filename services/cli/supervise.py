@@ -271,6 +271,24 @@ def _running(pid: int) -> bool:
     return stat[stat.rfind(")") + 2] != "Z"
 
 
+def _session_members(sid: int) -> set[int]:
+    """PIDs of the running processes of session ``sid`` (none where ``/proc`` is absent)."""
+    pids: set[int] = set()
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, session, ...
+            if len(fields) > 3 and fields[0] != "Z" and fields[3] == str(sid):
+                pids.add(int(entry))
+    return pids
+
+
 #: Process states in which a program is running, about to, or still stopping.
 _UNSTOPPED = frozenset({"STARTING", "RUNNING", "BACKOFF", "STOPPING"})
 
@@ -424,8 +442,14 @@ class Supervisor:
 
     def _kill_children(self, sig: int, wait: float) -> None:
         """Send ``sig`` to the programs supervisord last reported running; after
-        ``wait`` seconds, SIGKILL those still running.  Each is signalled once."""
+        ``wait`` seconds, SIGKILL those still running.  Each is signalled once.
+
+        With ``console``, supervisord led a session of its own, which its programs
+        stay in: those are found there too.  A program supervisord restarted after
+        it last reported its PIDs (we ask once a second) was left running."""
         pids, self._children = self._children, set()
+        if self.console and self.proc is not None:
+            pids |= _session_members(self.proc.pid)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)

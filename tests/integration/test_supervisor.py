@@ -245,6 +245,50 @@ async def test_convlog_up_stops_the_programs_when_supervisord_is_killed(short_tm
                 os.kill(pid, signal.SIGKILL)
 
 
+async def test_convlog_up_stops_a_program_restarted_just_before_supervisord_was_killed(
+        short_tmp: Path) -> None:
+    # convlog up learns the programs' PIDs once a second; a program supervisord had
+    # restarted since then was unknown to it when supervisord was killed, and ran on,
+    # orphaned, after convlog up exited.
+    url = f"nats://127.0.0.1:{free_port()}"
+    env = stack_env(CONVLOG_DATA_DIR=str(short_tmp))
+    proc = Proc([sys.executable, "-m", "services.cli.main", "up", "--nats-url", url,
+                 "--agents", str(DEPLOY / "greeter.toml")],
+                log_dir=short_tmp, env=env, name="convlog-up").start()
+    children: set[int] = set()
+    try:
+        sup = Supervisor(short_tmp / "supervisor" / "supervisord.conf",
+                         short_tmp / "supervisor" / "supervisor.sock")
+
+        def answering() -> None:
+            assert proc.running, proc.output()
+            assert sup.rpc().supervisor.getState()["statename"] == "RUNNING"
+
+        await asyncio.to_thread(wait_until, answering, 30, 0.1, retry_on=(AssertionError, OSError))
+        await wait_for_stack(sup, log_dir=short_tmp / "logs", url=url, agents=["Greeter", "Helper"],
+                             step=print, timeout=60)
+        children = {i["pid"] for i in await asyncio.to_thread(sup.processes) if i["pid"]}
+        sup_pid = await asyncio.to_thread(lambda: sup.rpc().supervisor.getPID())
+        before = await asyncio.to_thread(sup.process, "worker-Helper")
+        os.kill(before["pid"], signal.SIGKILL)
+
+        def respawned() -> int:
+            info = sup.process("worker-Helper")
+            assert info["pid"] not in (0, before["pid"]), info
+            return int(info["pid"])
+
+        # supervisord starts a new worker-Helper; kill supervisord at once.
+        children.add(await asyncio.to_thread(wait_until, respawned, 30, 0.01))
+        os.kill(sup_pid, signal.SIGKILL)
+        assert await asyncio.to_thread(proc.wait, 40) == 128 + signal.SIGKILL, proc.output()
+        _assert_all_gone(children)
+    finally:
+        proc.terminate(timeout=40)
+        for pid in children:  # what it left behind: stop it by its PID
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_convlog_demo_runs_as_ci_runs_it(tmp_path: Path) -> None:
     # CI runs the installed console script; fall back to the module in a bare checkout.
     script = Path(BIN) / "convlog"
