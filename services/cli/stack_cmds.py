@@ -24,6 +24,7 @@ import contextlib
 import signal
 import xmlrpc.client
 from pathlib import Path
+from typing import Any
 
 from shared.config import Settings, nats_servers
 from shared.errors import BadRequestError, UnavailableError
@@ -191,6 +192,27 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     return await _supervise(Supervisor(path, sock, console=True))
 
 
+def gave_up(infos: list[dict[str, Any]], said: set[str], socket: Path | str) -> list[str]:
+    """One line for each program supervisord has newly given up on (``FATAL``: too many
+    failed starts), which it will not start again by itself: ``convlog up`` runs on, so it
+    says so, naming the program's log and how to start it again (``said``: the programs
+    named already; one that runs again may be named again later)."""
+    lines = []
+    for info in infos:
+        name = f"{info['group']}:{info['name']}" if info.get("group") not in (None, info["name"]) else info["name"]
+        if info["statename"] != "FATAL":
+            said.discard(name)
+            continue
+        if name in said:
+            continue
+        said.add(name)
+        why = info.get("spawnerr") or info.get("description") or "too many failed starts"
+        log = info.get("stdout_logfile") or "its log"
+        lines.append(f"convlog up: supervisord gave up on {name} ({why}); see {log}, then "
+                     f"`supervisorctl -s unix://{socket} start {name}`")
+    return lines
+
+
 async def _supervise(sup: Supervisor) -> int:
     """Run ``sup`` until SIGTERM, SIGINT or SIGHUP (then stop it, tier by tier) or
     until supervisord exits by itself; its exit status."""
@@ -208,10 +230,12 @@ async def _supervise(sup: Supervisor) -> int:
         assert sup.proc is not None
         exited = asyncio.ensure_future(asyncio.to_thread(sup.proc.wait))
         asked = asyncio.ensure_future(stop.wait())
+        given_up: set[str] = set()
         while not (exited.done() or asked.done()):
             # Know the programs' PIDs: should supervisord be killed, sup.stop stops them.
             with contextlib.suppress(OSError, xmlrpc.client.Error):
-                await asyncio.to_thread(sup.processes)
+                for line in gave_up(await asyncio.to_thread(sup.processes), given_up, sup.socket):
+                    _stderr(line)
             await asyncio.wait([exited, asked], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
         asked.cancel()
         rc = await asyncio.to_thread(sup.stop)

@@ -129,3 +129,33 @@ def test_stop_settings_read_a_group_as_one_tier(tmp_path: Path) -> None:
     # priority orders them, and the tier waits as long as its slowest program may take
     assert priority == {"nats": 10, "odd": 999, "workers": 30}
     assert stopwait == {"nats": 10, "odd": 10, "workers": 25}
+
+
+def test_convlog_up_names_a_program_supervisord_gave_up_on(short_tmp: Path) -> None:
+    # supervisord stops restarting a program after its failed starts (FATAL) and never
+    # starts it again; `convlog up` ran on and said nothing, so the stack looked up.
+    from services.cli.stack_cmds import gave_up
+
+    run, logs = short_tmp / "run", short_tmp / "logs"
+    run.mkdir()
+    logs.mkdir()
+    conf = short_tmp / "supervisord.conf"
+    programs = [Program("broken", [sys.executable, "-c", "raise SystemExit(2)"], priority=10),
+                Program("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], priority=20)]
+    # One failed start is enough to give up here (convlog up allows several).
+    conf.write_text(render_config(programs, run_dir=run, log_dir=logs).replace("startretries=10", "startretries=0"))
+    sup = Supervisor(conf, socket_path_for(run)).start()
+    try:
+        said: set[str] = set()
+
+        def fatal() -> list[str]:
+            lines = gave_up(sup.processes(), said, sup.socket)
+            assert lines, sup.processes()
+            return lines
+
+        (line,) = wait_until(fatal, timeout=20)
+        assert line.startswith("convlog up: supervisord gave up on broken (") and str(logs / "broken.log") in line, line
+        assert f"supervisorctl -s unix://{sup.socket} start broken" in line, line
+        assert gave_up(sup.processes(), said, sup.socket) == []  # said once
+    finally:
+        sup.stop()
