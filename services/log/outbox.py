@@ -61,6 +61,8 @@ _HEADERS = b"NATS/1.0\r\n" + MSG_ID.encode() + b": %s\r\n" + EXPECTED_LAST_MSG_I
 _STATUS = Header.STATUS.value
 #: Windows refused in a row, each after a fresh resync, before the outbox gives up.
 MAX_REFUSALS = 5
+#: Windows of commits kept in memory for the outbox; beyond, it reads them back from the store.
+PENDING_WINDOWS = 16
 
 
 class StreamMismatchError(FatalError):
@@ -146,8 +148,16 @@ class Outbox:
         self._wake.set()
 
     def on_commit(self, committed: Sequence[Committed]) -> None:
-        """Commit listener: queue freshly committed envelopes (already in order)."""
+        """Commit listener: queue freshly committed envelopes (already in order).
+
+        While the stream takes nothing (an outage), commits would pile up here
+        without bound: beyond :data:`PENDING_WINDOWS` windows they are dropped
+        and read back from the store once publishing resumes.
+        """
         self._pending.extend(committed)
+        if len(self._pending) > PENDING_WINDOWS * self._window:
+            self._pending.clear()
+            self._needs_backlog = True
         self._wake.set()
 
     async def start(self) -> None:

@@ -14,12 +14,13 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 from nats.aio.client import Client
 
-from services.log.outbox import Outbox, ensure_stream
+from services.log.outbox import PENDING_WINDOWS, Outbox, ensure_stream
 from services.log.store.sqlite import SQLiteStore
 from shared.client import LogClient
 from shared.messages import AppendItem, AppendRequest, Envelope
@@ -36,12 +37,12 @@ def _item(item_id: str, text: str | None = None) -> AppendItem:
 
 
 @contextlib.asynccontextmanager
-async def outbox_over(store: SQLiteStore, url: str) -> AsyncIterator[tuple[Client, Outbox]]:
+async def outbox_over(store: SQLiteStore, url: str, **options: Any) -> AsyncIterator[tuple[Client, Outbox]]:
     """Open ``store`` and give an outbox listening to its commits (not started)."""
     await store.open()
     nc = await nats.connect(url)
     subjects = Subjects("convlog")
-    outbox = Outbox(nc, store, subjects)
+    outbox = Outbox(nc, store, subjects, **options)
     try:
         await ensure_stream(nc.jetstream(), subjects)
         store.add_commit_listener(outbox.on_commit)
@@ -170,6 +171,37 @@ async def test_a_caught_up_outbox_publishes_from_commits_without_querying_the_st
             await asyncio.sleep(0.005)  # the outbox goes idle between commits
         await assert_eventually(lambda: published(41), timeout=5)
         assert store.queries == before
+
+
+async def test_commits_during_a_long_outage_are_not_all_held_in_memory_and_all_get_published(
+    nats_server: NatsServer, tmp_db: Path
+) -> None:
+    """While the stream answers nothing, the outbox once queued every commit in
+    memory, without bound (an outage long enough exhausts the log service's
+    memory).  Beyond a few windows it now reads them back from the store, and
+    still publishes every item exactly once, in order, when the stream is back."""
+    sid = "outage"
+    window = 8
+    store = SQLiteStore(tmp_db)
+    async with outbox_over(store, nats_server.url, window=window, ack_timeout=0.5) as (nc, outbox):
+        await outbox.start()
+        await store.append(sid, AppendRequest(items=[_item("m0")]))
+
+        async def published(n: int) -> None:
+            msgs = await read_stream(nc)
+            assert [m for _, m, _ in msgs] == [f"{sid}:{i}" for i in range(1, n + 1)]
+
+        await assert_eventually(lambda: published(1), timeout=5)
+        nats_server.pause()  # nothing is answered: every window's ack times out
+        try:
+            most = 0
+            for i in range(60):
+                await store.append(sid, AppendRequest(items=[_item(f"m{i}-{j}") for j in range(10)]))
+                most = max(most, len(outbox._pending))
+        finally:
+            nats_server.resume()
+        assert most <= PENDING_WINDOWS * window + 10, f"{most} commits held in memory"
+        await assert_eventually(lambda: published(601), timeout=30, interval=0.2)
 
 
 @pytest.mark.slow
