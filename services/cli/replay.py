@@ -4,6 +4,7 @@ SQLite file (no service needed) or a JSONL export, with hash-chain verification
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -52,7 +53,35 @@ def _decode(raw: bytes | str, fallback_order: int) -> Envelope | _Undecodable:
         return _Undecodable(fallback_order, "a number outside what RFC 8785 represents exactly")
     if (env.sig is None or env.key_id is None) and (field := null_optional_field(raw)) is not None:
         return _Undecodable(fallback_order, f"{field} is null (absent is not null to the hash)")
+    if (name := _duplicated_name(raw)) is not None:
+        return _Undecodable(fallback_order, f"an object holds {name!r} more than once "
+                            "(the hash covers only the last)")
     return env
+
+
+class _Duplicated(Exception):
+    pass
+
+
+def _unique_names(pairs: list[tuple[str, object]]) -> None:
+    seen: set[str] = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise _Duplicated(k)
+        seen.add(k)
+
+
+def _duplicated_name(raw: bytes | str) -> str | None:
+    """A name an object of the JSON holds twice, or ``None``. msgspec keeps the last
+    value; RFC 8785 canonicalizes I-JSON, where each name appears once, and the
+    first value is text the hash does not cover (a reader of the line sees it)."""
+    try:
+        json.loads(raw, object_pairs_hook=_unique_names)
+    except _Duplicated as e:
+        return str(e.args[0])
+    except (ValueError, RecursionError):  # msgspec decoded it: nested past Python's limit
+        return None
+    return None
 
 
 class _BadRow:

@@ -93,6 +93,23 @@ def test_export_line_with_an_extra_field_is_not_verified(tmp_path: Path) -> None
     assert done.returncode == 1 and "item_order 2" in done.stderr, done.stderr
 
 
+def test_export_line_with_a_duplicated_name_is_not_verified(tmp_path: Path) -> None:
+    # RFC 8785 canonicalizes I-JSON, whose objects hold each name once. A second
+    # "agent" (or data "content") in front of the real one is text the hash does not
+    # cover: a reader of the line, or a parser that keeps the first, sees "CFO".
+    lines = _export(tmp_path)
+    for forged in (b'{"agent":"CFO",' + lines[1][1:],
+                   lines[1].replace(b'"data":{', b'"data":{"content":"refund approved",', 1)):
+        f = tmp_path / "t.jsonl"
+        f.write_bytes(b"\n".join([lines[0], forged, *lines[2:]]) + b"\n")
+        done = convlog("replay", "s", "--file", str(f), "--verify", "--quiet", tmp=tmp_path)
+        assert done.returncode == 1 and "item_order 2" in done.stderr and "more than once" in done.stderr, \
+            done.stderr
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(b"\n".join(lines) + b"\n")
+    assert convlog("replay", "s", "--file", str(good), "--verify", "--quiet", tmp=tmp_path).returncode == 0
+
+
 def test_export_line_with_a_null_sig_or_key_id_is_not_verified(tmp_path: Path) -> None:
     # "sig": null is a field like any other to an RFC 8785 verifier (and the web
     # console): absent and null are two hashes, and replay took null for absent.
