@@ -66,7 +66,7 @@ class Reconciler:
         # Delivered, not yet handled when a sweep failed: handled first by the next one,
         # before anything is acked past them (AckPolicy.ALL acks everything up to a message).
         self._backlog: deque[Any] = deque()
-        self._caught_up = False  # what a process before this one was handed is redone (once)
+        self._caught_up = False  # what a dead process or a failed pull was handed is redone
 
     async def bind(self) -> None:
         js = self.nc.jetstream()
@@ -100,6 +100,9 @@ class Reconciler:
                         raise
                     log.info("notice reconciler: %r; retrying", e)
                     await self.unbind()
+                    # What a failed pull was handed never reached us, and the next sweep's
+                    # ack (AckPolicy.ALL) would take it along: catch up again first.
+                    self._caught_up = False
                 await asyncio.sleep(self.interval)
         finally:
             await self.unbind()  # a pull subscription left behind holds up the connection's drain

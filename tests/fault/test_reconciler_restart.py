@@ -1,6 +1,6 @@
-"""The notice reconciler after a restart: a user message whose notice the dead process
-never published, and whose item its reconciler had been handed but not handled, is
-still announced by the next process (no agent consumer: notices stay in the work stream)."""
+"""The notice reconciler after a restart, or a failed sweep: a user message whose notice
+was never published, and whose item a pull had been handed but never handled, is still
+announced (no agent consumer: notices stay in the work stream)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 
 import nats
+import pytest
 
 from services.log.reconciler import RECONCILER
 from services.log.service import LogService
@@ -83,4 +84,59 @@ async def test_a_notice_the_dead_process_neither_published_nor_reconciled_is_pub
         assert sorted(ids) == ["lost:1", "next:1"], ids
     finally:
         await second.shutdown()
+        await nc.close()
+
+
+async def test_items_handed_to_a_pull_lost_with_the_connection_are_redone_before_the_next_ack(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same loss within one process: a sweep whose pull had been handed an item
+    failed (the connection dropped before the item arrived); the reconciler bound
+    again and its next sweep acked newer items, and with them (AckPolicy.ALL) the one
+    it never saw. Its catch-up ran once per process, so that notice was never
+    published. A failed sweep now makes the next one catch up first."""
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
+                              "data_dir": str(tmp_path)}, environ={})
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    work = work_stream_name(settings.subjects)
+    service = LogService(settings)
+    await service.start()
+    dying = await nats.connect(nats_server.url)
+    try:
+        client = LogClient(nc, timeout=5, deadline=10)
+        reconciler, notifier = service.reconciler, service.notifier
+        assert reconciler is not None and notifier is not None
+        lost_pull = await dying.jetstream().pull_subscribe_bind(
+            durable=RECONCILER, stream=settings.subjects.stream_name)
+        real_sweep = reconciler.sweep
+        fail_next, waiting, failed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def sweep() -> int:
+            if fail_next.is_set():
+                fail_next.clear()
+                waiting.set()
+                # The pull is handed the item, and the connection fails before it arrives.
+                assert len(await lost_pull.fetch(1, timeout=10)) == 1
+                failed.set()
+                raise nats.errors.ConnectionClosedError
+            return await real_sweep()
+
+        monkeypatch.setattr(reconciler, "sweep", sweep)
+        monkeypatch.setattr(notifier, "_start", lambda *a, **k: None)  # its notice is never published
+        fail_next.set()
+        await asyncio.wait_for(waiting.wait(), 10)  # no sweep of the reconciler's own is under way
+        await client.send("lost", "anyone there?")
+        await asyncio.wait_for(failed.wait(), 10)
+        monkeypatch.undo()  # notices are published again, sweeps succeed
+        await client.send("next", "hello")
+
+        async def both_announced() -> None:
+            ids = await _notice_ids(js, work)
+            assert "next:1" in ids and "lost:1" in ids, ids
+
+        await assert_eventually(both_announced, timeout=15)  # (the consumer's ack wait is 30 s)
+    finally:
+        await dying.close()
+        await service.shutdown()
         await nc.close()
