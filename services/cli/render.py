@@ -13,12 +13,21 @@ __all__ = ["content_text", "describe", "printable", "render_line"]
 # C0 and C1 control characters (and DEL) that whitespace folding leaves in place: ESC and
 # CSI start terminal escape sequences, which the log's content must not play on an
 # auditor's terminal (erase or overwrite a line, retitle the window, set the clipboard).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Unicode's bidirectional controls (embeddings, overrides, isolates, marks) reorder what
+# follows them on a terminal that does bidi: a message could show its text, or an agent
+# name, in an order other than the log's.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
 
 
 def printable(text: str) -> str:
-    """``text`` with every control character shown as its ``\\xNN`` escape."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """``text`` with every control character (and bidirectional control) shown as its
+    ``\\xNN`` (``\\uNNNN``) escape."""
+    return _CONTROL.sub(_escape, text)
 
 
 def content_text(content: Any) -> str:

@@ -82,3 +82,16 @@ def test_terminal_escape_sequences_in_the_log_are_shown_not_played() -> None:
     assert render_line(agent).split()[2:] == ["Bot\\x9b2J", "assistant", "x\\x1bc"]
     lines = render_turn(Turn(user=forged, user_order=1, outcome="answered", items=[agent]))
     assert not any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f for c in "".join(lines)), lines
+
+
+def test_bidirectional_controls_in_the_log_are_shown_not_applied() -> None:
+    # A right-to-left override (or an isolate) in a message or an agent name reorders what
+    # follows it on a terminal that does bidi: "approved" could read as "devorppa" and a
+    # line could show text in another order than the log holds. Shown as escapes instead.
+    from services.cli.render import render_line
+
+    user = env(1, "user", {"role": "user", "content": "refund \u202edevorppa\u202c ok \u2067x\u2069"})
+    line = render_line(user, width=0)
+    assert "refund \\u202edevorppa\\u202c ok \\u2067x\\u2069" in line, repr(line)
+    agent = env(2, "Bot\u200f", message("y"))
+    assert render_line(agent).split()[2] == "Bot\\u200f"
