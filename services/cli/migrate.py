@@ -147,9 +147,16 @@ async def migrate(
     return failed
 
 
+def _where(spec: str) -> str:
+    """What a store spec names: ``sqlite:`` with its file's resolved path (``a.db`` and
+    ``./a.db`` are one file), or the spec itself."""
+    kind, _, path = spec.partition(":")
+    return f"sqlite:{Path(path).expanduser().resolve()}" if kind == "sqlite" and path else spec
+
+
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     src, dst = _store(args.source, settings, source=True), _store(args.dest, settings)
-    if args.source == args.dest:
+    if _where(args.source) == _where(args.dest):
         raise BadRequestError("--from and --to name the same store")
     sessions = [validate_session_id(s) for s in args.sessions.split(",")] if args.sessions else None
     await src.open()

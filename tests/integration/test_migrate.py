@@ -138,6 +138,16 @@ async def test_an_envelope_over_the_servers_max_payload_is_named_not_an_unreacha
 async def test_migrate_refuses_bad_store_names(nats_server: NatsServer, tmp_path: Path) -> None:
     code, out = await migrate(tmp_path, nats_server.url, "--from", "postgres:x", "--to", "jetstream")
     assert code == 2 and "sqlite:PATH or jetstream" in out
+    # One SQLite file under two spellings is one store (it was taken as two, and the second
+    # open failed as "in use by another log service").
+    db = tmp_path / "same.db"
+    store = SQLiteStore(db)
+    await store.open()
+    await store.append("s", AppendRequest(items=[user("hello")]))
+    await store.close()
+    code, out = await migrate(tmp_path, nats_server.url, "--from", f"sqlite:{db}",
+                              "--to", f"sqlite:{tmp_path}/./same.db")
+    assert code == 2 and "--from and --to name the same store" in out, out
 
 
 async def test_migrate_from_a_source_that_does_not_exist_is_refused_and_creates_nothing(
