@@ -148,7 +148,7 @@ def _tool_line(call: dict[str, Any], output: Any, agent: str) -> str:
     try:
         args = json.loads(call.get("arguments") or "{}")
         shown = ", ".join(f"{k}={v!r}" for k, v in args.items()) if isinstance(args, dict) else str(args)
-    except ValueError:
+    except (ValueError, TypeError, RecursionError):  # not JSON text: an object, nested past the limit
         shown = str(call.get("arguments"))
     return f"[{agent} called {call.get('name')}({shown}) -> {content_text(output)}]"
 

@@ -95,3 +95,18 @@ def test_bidirectional_controls_in_the_log_are_shown_not_applied() -> None:
     assert "refund \\u202edevorppa\\u202c ok \\u2067x\\u2069" in line, repr(line)
     agent = env(2, "Bot\u200f", message("y"))
     assert render_line(agent).split()[2] == "Bot\\u200f"
+
+
+def test_a_tool_call_whose_arguments_are_not_json_text_is_shown_as_it_is() -> None:
+    # `convlog send` and the demo print a turn's tool calls; arguments stored as an object
+    # (an app's own item) or nested past the parser's limit raised TypeError/RecursionError
+    # out of the transcript: a traceback instead of the turn.
+    nested = "[" * 5000 + "]" * 5000
+    for arguments, shown in (({"amount": 5}, "{'amount': 5}"), (nested, nested[:50])):
+        turn = Turn(user="x", user_order=1, outcome="answered", items=[
+            env(2, "L1Billing", {"type": "function_call", "call_id": "c1", "name": "refund", "arguments": arguments}),
+            env(3, "L1Billing", {"type": "function_call_output", "call_id": "c1", "output": "done"}),
+            env(4, "L1Billing", message("ok")),
+        ])
+        text = " ".join(render_turn(turn, width=100_000))
+        assert "[L1Billing called refund(" + shown in text, text[:300]
