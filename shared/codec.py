@@ -18,7 +18,8 @@ from . import messages as m
 from .errors import BadRequestError
 
 __all__ = [
-    "MAX_DEPTH", "MAX_SAFE_INT", "check_json", "decode", "encode", "encode_envelope_line", "json_ok", "numbers_ok",
+    "MAX_DEPTH", "MAX_SAFE_INT", "check_json", "decode", "decode_as", "encode", "encode_envelope_line", "json_ok",
+    "numbers_ok",
 ]
 
 T = TypeVar("T")
@@ -38,6 +39,19 @@ _decoders: dict[type, msgspec.json.Decoder] = {
         m.Envelope,
     )
 }
+
+
+def decode_as(decoder: msgspec.json.Decoder[T], data: bytes, what: str) -> T:
+    """``decoder.decode(data)``, with JSON nested past msgspec's limit (about 1000
+    levels, where it raises ``RecursionError``) raised as the ``DecodeError`` it is.
+
+    Raises:
+        msgspec.DecodeError (ValidationError included): ``data`` is not ``what``.
+    """
+    try:
+        return decoder.decode(data)
+    except RecursionError as e:
+        raise msgspec.DecodeError(f"not {what}: JSON nested too deeply") from e
 
 
 def encode(obj: Any) -> bytes:

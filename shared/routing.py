@@ -23,6 +23,7 @@ from msgspec import Meta
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
 
+from .codec import decode_as
 from .messages import AgentName, NonNegInt
 from .startup import create_or_find
 from .subjects import Subjects
@@ -86,10 +87,7 @@ def decode_checkpoint(value: bytes) -> RoutingCheckpoint:
         msgspec.DecodeError: not JSON (or nested too deeply to decode).
         msgspec.ValidationError: the wrong shape, naming the field.
     """
-    try:
-        cp = _decoder.decode(value)
-    except RecursionError as e:  # msgspec's nesting limit (about 1000 levels)
-        raise msgspec.DecodeError("not a checkpoint: JSON nested too deeply") from e
+    cp = decode_as(_decoder, value, "a checkpoint")
     if cp.entry is None and cp.order == 0:
         return msgspec.structs.replace(cp, entry=cp.active)
     return cp

@@ -51,6 +51,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
+from .codec import decode_as
 from .failures import StreamConfigError
 from .messages import NonNegInt, SessionId
 from .routing import parse_handoff_output
@@ -123,10 +124,7 @@ def encode_notice(notice: Notice) -> bytes:
 
 def decode_notice(data: bytes) -> Notice:
     """Raises: msgspec.DecodeError (ValidationError included): not a notice."""
-    try:
-        return _decoder.decode(data)
-    except RecursionError as e:  # msgspec's nesting limit (about 1000 levels)
-        raise msgspec.DecodeError("not a notice: JSON nested too deeply") from e
+    return decode_as(_decoder, data, "a notice")
 
 
 def work_stream_name(subjects: Subjects) -> str:

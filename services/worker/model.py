@@ -24,6 +24,7 @@ import msgspec
 import openai
 import tenacity
 
+from shared.codec import decode_as
 from shared.failures import Backoff
 
 __all__ = [
@@ -421,8 +422,8 @@ _json = msgspec.json.Encoder()
 def _to_reply(response: httpx2.Response) -> ModelReply:
     """Raises: ModelRejected: a 2xx body that is not a Chat Completions answer."""
     try:
-        completion = _completion.decode(response.content)
-    except (msgspec.DecodeError, RecursionError) as e:  # RecursionError: msgspec's nesting limit
+        completion = decode_as(_completion, response.content, "a chat completion")
+    except msgspec.DecodeError as e:
         raise ModelRejected(f"model endpoint answered with no chat completion: {e}",
                             status=response.status_code) from e
     if not completion.choices:
