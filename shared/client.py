@@ -26,6 +26,7 @@ from . import nats_connect, tracing
 from .codec import check_json, decode, encode, json_ok
 from .config import Settings
 from .errors import BadRequestError, TooLargeError
+from .failures import refused_publish
 from .follow import follow
 from .history import visible
 from .messages import (
@@ -87,10 +88,6 @@ def connect_options(settings: Settings, *, name: str) -> dict[str, Any]:
         "max_outstanding_pings": 2,
         **settings.nats_options(),
     }
-
-
-#: How nats-server words a refused JetStream API request (its ``-ERR``, lower-cased).
-_JS_API_DENIED = 'permissions violation for publish to "$js.api.'
 
 
 def new_item_id() -> str:
@@ -207,7 +204,7 @@ class LogClient(Requester):
         error_cb = opts["error_cb"]
 
         async def on_error(e: Exception) -> None:
-            if _JS_API_DENIED in str(e).lower():
+            if (refused := refused_publish(e)) is not None and refused.startswith("$js.api."):
                 denied.set()
             await error_cb(e)
 

@@ -56,6 +56,7 @@ __all__ = [
     "StreamConfigError",
     "check_items_stream",
     "is_transient",
+    "refused_publish",
     "supervise",
     "wait_for",
     "watch",
@@ -146,6 +147,20 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in _TRANSIENT_ERRNOS
     return False
+
+
+#: How nats-py reports nats-server's refusal of a publish (its ``-ERR``), lower-cased.
+_REFUSED_PUBLISH = 'permissions violation for publish to "'
+
+
+def refused_publish(exc: BaseException) -> str | None:
+    """The subject nats-server refused this connection to publish to, as nats-py
+    passes its ``-ERR`` to the error callback (lower-cased), or ``None``."""
+    text = str(exc).lower()
+    at = text.find(_REFUSED_PUBLISH)
+    if at < 0:
+        return None
+    return text[at + len(_REFUSED_PUBLISH):].split('"', 1)[0]
 
 
 @dataclass(frozen=True, slots=True)

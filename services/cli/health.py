@@ -96,7 +96,9 @@ async def _stats(nc: Any, prefix: str, timeout: float) -> list[dict[str, Any]]: 
 def _denied(denied: list[str], subject: str) -> str | None:
     """The problem line for ``subject`` when the server refused this user to publish
     there (a permissions violation, so no answer came: not the service's fault)."""
-    refusal = next((e for e in denied if subject.lower() in e.lower()), None)
+    from shared.failures import refused_publish
+
+    refusal = next((e for e in denied if refused_publish(e) == subject.lower()), None)
     if refusal is None:
         return None
     return (f"NATS does not let this user publish to {subject} ({refusal}): run `convlog health` "
@@ -219,10 +221,12 @@ async def check(settings: Settings, *, agents: list[str], max_lag: float = 10.0,
     from shared.nats_connect import connect
 
     report = Report()
+    from shared.failures import refused_publish
+
     denied: list[str] = []  # the server's permissions violations: a check this user may not make
 
     async def quiet(e: Exception) -> None:
-        if "permissions violation" in str(e).lower():
+        if refused_publish(e) is not None:
             denied.append(str(e))  # else reported below, once
 
     options = {**connect_options(settings, name="convlog-health"), "connect_timeout": timeout,
