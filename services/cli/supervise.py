@@ -276,16 +276,10 @@ def _session_members(sid: int) -> set[int]:
     pids: set[int] = set()
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, session, ...
-            if len(fields) > 3 and fields[0] != "Z" and fields[3] == str(sid):
-                pids.add(int(entry))
+            if entry.isdigit():
+                with contextlib.suppress(OSError):  # a process that ended meanwhile
+                    if os.getsid(int(entry)) == sid and _running(int(entry)):
+                        pids.add(int(entry))
     return pids
 
 
