@@ -114,7 +114,7 @@ from .history import visible
 from .session_authors import AuthorTracking
 from .session_copy import SessionCopy
 from .session_edits import HidingEdits
-from .session_pool import OwnedConnections, SharedSession, at_least, share, unshare
+from .session_pool import OwnedConnections, SharedSession, share, unshare
 from .subjects import validate_session_id
 from .work import NO_TURN_PREFIX
 
@@ -372,15 +372,9 @@ class ConvlogSession(HidingEdits, AuthorTracking):
         # Page the raw envelopes (they never change, so the pages are one prefix
         # 1..k of the log) and fold them here: visible pages read at different
         # times would mix histories when a retract or clear lands in between.
-        state = self._state(client)
-        raw = await at_least(
-            state.floor, lambda: client.items(self.session_id, raw=True),
-            lambda envs: envs[-1].item_order if envs else 0,
-            deadline=client.deadline, what=f"session {self.session_id!r}",
-        )
+        raw = await self._state(client).envelopes()
         shown = visible(raw)
         k = raw[-1].item_order if raw else 0
-        state.saw(k)
         return [env.data for env in (shown if n is None else shown[-n:])], k
 
     @tracked

@@ -18,8 +18,9 @@
     an unknown outcome (``UnavailableError``) is every call's, and each
     call's retry dedupes on its own item ids;
   - one *floor*: the highest order this connection knows the session has
-    (its acknowledged appends, its reads).  A log read behind it is read
-    again (:meth:`SharedSession.read`, :func:`at_least`): on an R3 JetStream
+    (its acknowledged appends, its reads, what its copy holds).  A log read
+    behind it is read again (:meth:`SharedSession.read`,
+    :meth:`SharedSession.envelopes`): on an R3 JetStream
     stream a replica that trails the leader may answer a read, and a
     log-service instance that did not make the append has nothing to check
     it against, so the read would miss this process's own acknowledged write.
@@ -41,12 +42,10 @@ from .agents_sdk import finish, settle
 from .client import LogClient
 from .errors import BadRequestError, ConflictError, TooLargeError, UnavailableError
 from .failures import CONFLICT_BACKOFF
-from .messages import MAX_APPEND_ITEMS, AppendedItem, ReadReply
+from .messages import MAX_APPEND_ITEMS, AppendedItem, Envelope, ReadReply
 from .session_copy import SessionCopy
 
-__all__ = [
-    "OwnedConnections", "SharedSession", "acquire_connection", "at_least", "release_connection", "share", "unshare",
-]
+__all__ = ["OwnedConnections", "SharedSession", "acquire_connection", "release_connection", "share", "unshare"]
 
 _T = TypeVar("_T")
 
@@ -230,10 +229,6 @@ class SharedSession:
         copy = self.copy
         return self._floor if copy is None or copy.last <= self._floor else copy.last
 
-    @floor.setter
-    def floor(self, order: int) -> None:
-        self._floor = order
-
     def saw(self, order: int) -> None:
         """The session is known to hold order ``order`` (an ack, or a read's ``last_order``)."""
         if order > self._floor:
@@ -247,6 +242,17 @@ class SharedSession:
         )
         self.saw(rep.last_order)
         return rep
+
+    async def envelopes(self) -> list[Envelope]:
+        """Every raw envelope of this session (pages of ``LogClient.items``), never
+        behind :attr:`floor` (read again while it is)."""
+        envs = await at_least(
+            self.floor, lambda: self.client.items(self.session_id, raw=True),
+            lambda got: got[-1].item_order if got else 0,
+            deadline=self.client.deadline, what=f"session {self.session_id!r}",
+        )
+        self.saw(envs[-1].item_order if envs else 0)
+        return envs
 
     def get_copy(self) -> SessionCopy:
         """The process's local copy of this session on this client (made on first use)."""
@@ -370,7 +376,7 @@ def share(client: LogClient, session_id: str) -> SharedSession:
     shared = by_sid.get(session_id)
     if shared is None:
         shared = by_sid[session_id] = SharedSession(client, session_id)
-        shared.floor = _FLOORS.get(client, {}).get(session_id, 0)
+        shared.saw(_FLOORS.get(client, {}).get(session_id, 0))
     shared.users += 1
     return shared
 
