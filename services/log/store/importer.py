@@ -20,11 +20,10 @@ import msgspec
 from shared.chain import envelope_hash
 from shared.codec import MAX_DEPTH, json_ok
 from shared.errors import BadRequestError, ConflictError, UnavailableError
-from shared.history import retract_target
 from shared.messages import Envelope, null_optional_field
 
 from .base import LogStore
-from .ordering import Row
+from .ordering import Row, checked_retract
 
 __all__ = ["import_envelopes"]
 
@@ -69,9 +68,10 @@ def _rows(sid: str, raw: Sequence[bytes], after: int, prev_hash: str, stored_kin
             raise BadRequestError(f"{sid}: item {k} does not continue the hash chain")
         target = 0
         if e.kind == "retract":
-            target = e.data.get("target")
-            if set(e.data) != {"target"} or retract_target(e) is None or not 1 <= target < k or kinds.get(target) != "item":
-                raise BadRequestError(f"{sid}: item {k} retracts {target!r}, which is not an earlier item of the session")
+            try:
+                target = checked_retract(sid, e.data, k, kinds.get)
+            except BadRequestError as err:
+                raise BadRequestError(f"{sid}: item {k} retracts {e.data.get('target')!r}: {err.message}") from None
         kinds[k] = e.kind
         rows.append((0, sid, k, e.item_id, e.kind, b, target))
         prev = e.hash

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -22,7 +22,9 @@ from shared.chain import GENESIS_HASH, canonical, item_hash
 from shared.errors import BadRequestError, ConflictError
 from shared.messages import AppendedItem, AppendItem, AppendReply, AppendRequest, Envelope
 
-__all__ = ["Existing", "Row", "SessionState", "content_digest", "decide", "now_rfc3339", "stored_entry"]
+__all__ = [
+    "Existing", "Row", "SessionState", "checked_retract", "content_digest", "decide", "now_rfc3339", "stored_entry",
+]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -66,6 +68,25 @@ class SessionState:
     def copy(self) -> SessionState:
         """The chain head alone, for a batch to work on."""
         return SessionState(self.last_order, self.last_hash, self.last_clear)
+
+
+def checked_retract(sid: str, data: Mapping[str, object], order: int, kind_of: Callable[[int], str | None]) -> int:
+    """The order a retract at ``order`` hides (``kind_of``: the kind of an earlier order
+    of the session, ``None`` if unknown): the one rule for appends and imports.
+
+    Raises:
+        BadRequestError: ``data`` is not ``{"target": <item_order>}``, or the target is
+            not an earlier item of the session.
+    """
+    target = data.get("target")
+    if set(data) != {"target"} or not isinstance(target, int) or isinstance(target, bool):
+        raise BadRequestError('a retract needs data {"target": <item_order>} and nothing else')
+    kind_of_target = kind_of(target)
+    if not 1 <= target < order or kind_of_target is None:
+        raise BadRequestError(f"retract target {target} is not an item of session {sid!r} (last order {order - 1})")
+    if kind_of_target != "item":
+        raise BadRequestError(f"retract target {target} is a {kind_of_target!r}, not an item")
+    return target
 
 
 def decide(
@@ -151,18 +172,10 @@ def decide(
             if not data:
                 raise BadRequestError("an item needs a non-empty data object")
         elif kind == "retract":
-            target = data.get("target")
-            if set(data) != {"target"} or not isinstance(target, int) or isinstance(target, bool):
-                raise BadRequestError('a retract needs data {"target": <item_order>} and nothing else')
-            kind_of_target = (
-                kinds_here.get(target) or st.batch_kinds.get(target) or stored_kinds.get((sid, target))
+            target = checked_retract(
+                sid, data, order,
+                lambda t: kinds_here.get(t) or st.batch_kinds.get(t) or stored_kinds.get((sid, t)),
             )
-            if not 1 <= target < order or kind_of_target is None:
-                raise BadRequestError(
-                    f"retract target {target} is not an item of session {sid!r} (last order {order - 1})"
-                )
-            if kind_of_target != "item":
-                raise BadRequestError(f"retract target {target} is a {kind_of_target!r}, not an item")
         elif kind == "clear":
             if data:
                 raise BadRequestError("a clear carries no data: send {} or omit data")
