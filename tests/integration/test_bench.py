@@ -19,7 +19,7 @@ from services.bench.measure import to_json
 from services.cli.main import build_parser
 from tests.support.logsvc import service_env
 from tests.support.natsd import NatsServer
-from tests.support.procs import REPO_ROOT, child_pids, pid_alive, run_cli
+from tests.support.procs import REPO_ROOT, child_pids, kill_left, outlived, run_cli
 
 
 async def test_bench_runs_every_phase_and_reports_it(log_url: str) -> None:
@@ -221,19 +221,14 @@ def test_sigterm_to_convlog_bench_stops_its_private_stack(tmp_path: Path) -> Non
         assert list(tmp_path.glob("convlog-bench-*"))
         os.kill(proc.pid, signal.SIGTERM)
         code = proc.wait(60)
-        deadline = time.monotonic() + 10
-        while any(pid_alive(k) for k in kids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [k for k in kids if pid_alive(k)], "processes outlived convlog bench"
+        assert not outlived(kids, 10), "processes outlived convlog bench"
         assert not list(tmp_path.glob("convlog-bench-*"))
         assert code == 128 + signal.SIGTERM
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for k in kids:  # what the bench left: stop it by its PID
-            if pid_alive(k):
-                os.kill(k, signal.SIGKILL)
+        kill_left(kids)  # what the bench left
 
 
 # Ctrl-C twice while `convlog bench` starts its embedded nats-server: the second one
@@ -250,16 +245,11 @@ def test_ctrl_c_twice_while_the_bench_starts_nats_leaves_no_nats_server(tmp_path
         time.sleep(0.005)
         os.kill(proc.pid, signal.SIGINT)
         code = proc.wait(60)
-        deadline = time.monotonic() + 10
-        while any(pid_alive(k) for k in kids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [k for k in kids if pid_alive(k)], "the nats-server outlived convlog bench"
+        assert not outlived(kids, 10), "the nats-server outlived convlog bench"
         assert code == 130
         assert not list(tmp_path.glob("convlog-bench-*"))
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for k in kids:  # what the bench left: stop it by its PID
-            if pid_alive(k):
-                os.kill(k, signal.SIGKILL)
+        kill_left(kids)  # what the bench left

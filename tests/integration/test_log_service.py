@@ -52,7 +52,9 @@ from tests.support.logenv import (
 from tests.support.natsd import NatsServer
 from tests.support.procs import (
     REPO_ROOT,
+    Proc,
     child_pids,
+    kill_left,
     pid_alive,
     python_module,
     run_cli,
@@ -505,14 +507,30 @@ async def test_sigterm_drains_and_exits_zero_with_no_acked_item_lost(
 # -- SIGHUP (a terminal closed) --------------------------------------------------------
 
 
-async def test_sighup_stops_convlog_log_and_its_embedded_nats_server(tmp_path: Path) -> None:
-    """Python's default for SIGHUP ended `convlog log` at once: its embedded nats-server
-    (a child) kept running, orphaned, and the service never drained."""
+def _log_with_embedded_nats(tmp_path: Path) -> Proc:
+    """`convlog log` starting its own nats-server (a child) on a free port."""
     from tests.support.natsd import free_port
 
     env = {**cli_env(tmp_path), "CONVLOG_EMBEDDED": "true"}
-    proc = python_module("services.cli.main", "log", "--nats-url", f"nats://127.0.0.1:{free_port()}",
+    return python_module("services.cli.main", "log", "--nats-url", f"nats://127.0.0.1:{free_port()}",
                          log_dir=tmp_path, env=env)
+
+
+async def _stopped_with_its_server(proc: Proc, kids: list[int]) -> None:
+    """`convlog log` exits 0 having stopped, and its nats-server ``kids`` are gone."""
+    assert await asyncio.to_thread(proc.wait, 20) == 0, proc.output()
+
+    def gone() -> None:
+        assert not [k for k in kids if pid_alive(k)], "the embedded nats-server outlived convlog log"
+
+    await assert_eventually(gone, timeout=10)
+    assert "log service stopped" in proc.output()
+
+
+async def test_sighup_stops_convlog_log_and_its_embedded_nats_server(tmp_path: Path) -> None:
+    """Python's default for SIGHUP ended `convlog log` at once: its embedded nats-server
+    (a child) kept running, orphaned, and the service never drained."""
+    proc = _log_with_embedded_nats(tmp_path)
     kids: list[int] = []
     with proc:
         try:
@@ -520,17 +538,9 @@ async def test_sighup_stops_convlog_log_and_its_embedded_nats_server(tmp_path: P
             kids = child_pids(proc.pid)
             assert len(kids) == 1, kids  # the embedded nats-server
             os.kill(proc.pid, signal.SIGHUP)
-            assert await asyncio.to_thread(proc.wait, 20) == 0, proc.output()
-
-            def gone() -> None:
-                assert not [k for k in kids if pid_alive(k)], "the embedded nats-server outlived convlog log"
-
-            await assert_eventually(gone, timeout=10)
-            assert "log service stopped" in proc.output()
+            await _stopped_with_its_server(proc, kids)
         finally:
-            for k in kids:  # what it left behind: stop it by its PID
-                if pid_alive(k):
-                    os.kill(k, signal.SIGKILL)
+            kill_left(kids)
 
 
 @pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGHUP",), ("SIGINT", "SIGINT")])
@@ -540,11 +550,7 @@ async def test_a_signal_while_the_embedded_nats_server_starts_stops_it_too(
     """Until the log service's handlers were installed, after the embedded nats-server had
     started, SIGTERM or SIGHUP ended `convlog log` at once and a second Ctrl-C interrupted
     the start (KeyboardInterrupt): each left that nats-server running, orphaned."""
-    from tests.support.natsd import free_port
-
-    env = {**cli_env(tmp_path), "CONVLOG_EMBEDDED": "true"}
-    proc = python_module("services.cli.main", "log", "--nats-url", f"nats://127.0.0.1:{free_port()}",
-                         log_dir=tmp_path, env=env)
+    proc = _log_with_embedded_nats(tmp_path)
     kids: list[int] = []
     with proc:
         try:
@@ -554,14 +560,6 @@ async def test_a_signal_while_the_embedded_nats_server_starts_stops_it_too(
                 kids = child_pids(proc.pid)
             for name in signals:
                 os.kill(proc.pid, getattr(signal, name))
-            assert await asyncio.to_thread(proc.wait, 20) == 0, proc.output()
-
-            def gone() -> None:
-                assert not [k for k in kids if pid_alive(k)], "the embedded nats-server outlived convlog log"
-
-            await assert_eventually(gone, timeout=10)
-            assert "log service stopped" in proc.output()
+            await _stopped_with_its_server(proc, kids)
         finally:
-            for k in kids:  # what it left behind: stop it by its PID
-                if pid_alive(k):
-                    os.kill(k, signal.SIGKILL)
+            kill_left(kids)

@@ -41,7 +41,7 @@ from shared.client import LogClient
 from tests.support.deploy_config import AGENTS, DEPLOY
 from tests.support.eventually import wait_until
 from tests.support.natsd import free_port
-from tests.support.procs import REPO_ROOT, Proc, offline_env, pid_alive
+from tests.support.procs import REPO_ROOT, Proc, kill_left, offline_env, pid_alive
 
 BIN = str(Path(sys.executable).parent)
 
@@ -252,9 +252,7 @@ async def test_convlog_up_stops_a_program_restarted_just_before_supervisord_was_
         _assert_all_gone(children)
     finally:
         proc.terminate(timeout=40)
-        for pid in children:  # what it left behind: stop it by its PID
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_left(children)  # what it left behind
 
 
 def test_convlog_demo_runs_as_ci_runs_it(tmp_path: Path) -> None:

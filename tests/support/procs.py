@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -215,6 +215,23 @@ def child_pids(pid: int) -> list[int]:
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
             kids += [int(x) for x in (task / "children").read_text().split()]
     return kids
+
+
+def outlived(pids: Iterable[int], within: float) -> list[int]:
+    """Those of ``pids`` still running after up to ``within`` seconds."""
+    pids = list(pids)
+    deadline = time.monotonic() + within
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if pid_alive(p)]
+
+
+def kill_left(pids: Iterable[int]) -> None:
+    """SIGKILL those of ``pids`` still running: what a test's process left behind, by PID."""
+    for pid in pids:
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def pid_alive(pid: int) -> bool:
