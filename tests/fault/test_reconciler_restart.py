@@ -13,7 +13,7 @@ import pytest
 from services.log.reconciler import RECONCILER
 from services.log.service import LogService
 from shared.client import LogClient
-from shared.config import load_settings
+from shared.config import Settings, load_settings
 from shared.work import work_stream_name
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
@@ -31,6 +31,17 @@ async def _notice_ids(js: nats.js.JetStreamContext, stream: str) -> list[str]:
     return ids
 
 
+async def _stack(
+    nats_server: NatsServer, tmp_path: Path
+) -> tuple[Settings, nats.NATS, nats.js.JetStreamContext, str]:
+    """A log service's settings on ``nats_server``, a connection of the test's own, its
+    JetStream context and the work stream's name (where the notices are)."""
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
+                              "data_dir": str(tmp_path)}, environ={})
+    nc = await nats.connect(nats_server.url)
+    return settings, nc, nc.jetstream(), work_stream_name(settings.subjects)
+
+
 async def test_a_notice_the_dead_process_neither_published_nor_reconciled_is_published_after_restart(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -40,11 +51,7 @@ async def test_a_notice_the_dead_process_neither_published_nor_reconciled_is_pub
     acked the first items committed after its start long before that, and with them
     the dead process's unhandled ones: their notices were never published and those
     user messages never answered."""
-    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
-                              "data_dir": str(tmp_path)}, environ={})
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    work = work_stream_name(settings.subjects)
+    settings, nc, js, work = await _stack(nats_server, tmp_path)
     first = LogService(settings)
     await first.start()
     try:
@@ -95,11 +102,7 @@ async def test_items_handed_to_a_pull_lost_with_the_connection_are_redone_before
     again and its next sweep acked newer items, and with them (AckPolicy.ALL) the one
     it never saw. Its catch-up ran once per process, so that notice was never
     published. A failed sweep now makes the next one catch up first."""
-    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
-                              "data_dir": str(tmp_path)}, environ={})
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    work = work_stream_name(settings.subjects)
+    settings, nc, js, work = await _stack(nats_server, tmp_path)
     service = LogService(settings)
     await service.start()
     dying = await nats.connect(nats_server.url)
