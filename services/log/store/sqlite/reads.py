@@ -19,10 +19,10 @@ from .datastore import SQLiteDatastore
 __all__ = ["SQLiteReads"]
 
 _READ_CHUNK = 512
-#: Rows of a read's first fetch: a usual page or tail (a model's window, a worker's
-#: page of 64 and its look-ahead row) in one thread hop, and at most this many items
-#: held to find a page of large items over the budget.
-_FIRST_CHUNK = 128
+#: Rows of a read's first fetch: a usual page or tail (a model's window of 50, a
+#: worker's page of 64 and its look-ahead row) in one thread hop, and at most this
+#: many items held to find a page of large items over the budget.
+_FIRST_CHUNK = 65
 
 
 def _next_chunk(max_bytes: int, size: int, n: int) -> int:
