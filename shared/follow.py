@@ -126,27 +126,48 @@ async def _subscribe(js: Any, subject: str, idle_check: float, denied: asyncio.E
     """The ordered consumer on ``subject``, or ``None`` once ``denied`` is set
     (the server refused this user a JetStream API request: nats-py would wait
     out the request's timeout).  A create still out then is left to finish
-    and is dropped."""
+    and is dropped.
+
+    Cancelled while the consumer is being made, the create is waited out
+    (nats-py bounds it by its JetStream timeout) and what it made unsubscribed
+    before the cancellation goes on.  Left to finish on its own, the
+    subscription it made could land after the caller had gone on to close the
+    connection: the close's drain then waited 30 s (nats-py's drain timeout)
+    for the consumer's first message, which nobody would read.
+    """
     attempt = asyncio.ensure_future(js.subscribe(
         subject,
         ordered_consumer=True,
         idle_heartbeat=max(idle_check, 1.0),
         config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT),
     ))
-    if denied is None:
-        return await attempt
-    refused = asyncio.ensure_future(denied.wait())
+    refused = asyncio.ensure_future(denied.wait()) if denied is not None else None
     try:
-        await asyncio.wait({attempt, refused}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({attempt} if refused is None else {attempt, refused},
+                           return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        attempt.add_done_callback(_drop)
+        await _settle(attempt)
         raise
     finally:
-        refused.cancel()
+        if refused is not None:
+            refused.cancel()
     if attempt.done():
         return attempt.result()
     attempt.add_done_callback(_drop)
     return None
+
+
+async def _settle(attempt: asyncio.Future[Any]) -> None:
+    """Wait for a consumer create nobody wants any more, then unsubscribe what it
+    made.  Cancelled again meanwhile, it is left to :func:`_drop`."""
+    try:
+        await asyncio.wait({attempt})
+    except asyncio.CancelledError:
+        attempt.add_done_callback(_drop)
+        raise
+    if not attempt.cancelled() and attempt.exception() is None:
+        with contextlib.suppress(Exception):
+            await attempt.result().unsubscribe()
 
 
 def _drop(attempt: asyncio.Future[Any]) -> None:

@@ -6,7 +6,11 @@
   that could not come);
 * a request on a closed connection, or in flight when its client is closed,
   fails at once (``unavailable``) rather than being retried until the deadline:
-  a closed connection never reopens.
+  a closed connection never reopens;
+* a follower cancelled while its consumer is being made ends only once that
+  create has ended and what it made is unsubscribed, so a close right after it
+  does not wait out nats-py's 30 s drain (CI: ``convlog demo`` took 30 s to
+  stop on a SIGTERM that came as its first conversation started).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from shared.client import LogClient
 from shared.errors import UnavailableError
@@ -91,3 +96,55 @@ async def test_an_in_flight_append_on_a_client_closed_meanwhile_ends_soon(nats_s
         assert time.monotonic() - started < 10  # not retried to the 30 s deadline
     finally:
         await other.close()
+
+
+async def test_a_follower_cancelled_while_its_consumer_is_made_leaves_no_subscription(log_url: str) -> None:
+    client = await LogClient.connect(log_url)
+    try:
+        await client.append("s", [{"agent": "user", "data": {"role": "user", "content": "hi"}}])
+        entered, go, made = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        unsubscribed: list[object] = []
+        real_jetstream = client.nc.jetstream
+
+        def jetstream(**options: object) -> JetStreamContext:
+            # The consumer create is held until the follower has been cancelled.
+            js = real_jetstream(**options)
+            real_subscribe = js.subscribe
+
+            async def subscribe(*args: object, **kwargs: object) -> object:
+                entered.set()
+                await go.wait()
+                sub = await real_subscribe(*args, **kwargs)  # type: ignore[arg-type]
+                real_unsubscribe = sub.unsubscribe
+
+                async def unsubscribe(limit: int = 0) -> None:
+                    unsubscribed.append(sub)
+                    await real_unsubscribe(limit)
+
+                sub.unsubscribe = unsubscribe  # type: ignore[method-assign]
+                made.set()
+                return sub
+
+            js.subscribe = subscribe  # type: ignore[method-assign]
+            return js
+
+        client.nc.jetstream = jetstream  # type: ignore[method-assign]
+
+        async def consume() -> None:
+            async for _ in client.follow("s"):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(entered.wait(), 10)
+        task.cancel()
+        go.set()
+        done, _ = await asyncio.wait({task}, timeout=10)
+        assert done and task.cancelled()
+        # It ended after the create, and took back the subscription the create made
+        # (before, it ended at once and the subscription came later, unread).
+        assert made.is_set() and len(unsubscribed) == 1
+        started = time.monotonic()
+        await client.close()
+        assert time.monotonic() - started < 10  # not nats-py's 30 s drain timeout
+    finally:
+        await client.close()
