@@ -105,8 +105,12 @@ class SessionFollower:
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
             return None
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returned an item that
+        # arrived as the caller was cancelled and dropped the cancellation (a SIGTERM to
+        # `convlog demo` then went unnoticed); here the item stays queued and it raises.
         try:
-            return await asyncio.wait_for(self._queue.get(), remaining)
+            async with asyncio.timeout(remaining):
+                return await self._queue.get()
         except TimeoutError:
             return None
 

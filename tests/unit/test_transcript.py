@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
-from services.cli.transcript import Turn, handoffs, render_turn
+import pytest
+
+from services.cli.transcript import SessionFollower, Turn, handoffs, render_turn
 from shared.messages import Envelope
 
 
@@ -110,3 +113,18 @@ def test_a_tool_call_whose_arguments_are_not_json_text_is_shown_as_it_is() -> No
         ])
         text = " ".join(render_turn(turn, width=100_000))
         assert "[L1Billing called refund(" + shown in text, text[:300]
+
+
+async def test_a_turn_cancelled_as_an_item_arrives_is_cancelled_and_keeps_the_item() -> None:
+    # On Python 3.11 asyncio.wait_for returned an item that arrived in the same loop
+    # turn as the cancel and dropped the cancellation: a SIGTERM to `convlog demo`
+    # then went unnoticed and the demo played on.
+    follower = SessionFollower(None, "s")  # type: ignore[arg-type]  # only its queue is used
+    waiting = asyncio.create_task(follower._next(asyncio.get_running_loop().time() + 10))
+    await asyncio.sleep(0)  # now waiting on the queue
+    item = env(1, "Triage", message("hello"))
+    follower._queue.put_nowait(item)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert follower._queue.get_nowait() is item
