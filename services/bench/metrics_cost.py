@@ -90,7 +90,8 @@ async def _scraping(port: int, stop: asyncio.Event) -> int:
         await asyncio.to_thread(get)
         scrapes += 1
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
+            async with asyncio.timeout(1.0):
+                await stop.wait()
     return scrapes
 
 

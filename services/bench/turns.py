@@ -168,7 +168,8 @@ async def _idle_workers(url: str, spec_path: Path, agents: list[str]) -> list[An
     workers = [Worker(settings, spec, a, make_model_client(None, None), concurrency=4) for a in agents]
     for w in workers:
         await w.start()
-    await asyncio.gather(*(asyncio.wait_for(w.ready.wait(), 30) for w in workers))
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(w.ready.wait() for w in workers))
     return workers
 
 

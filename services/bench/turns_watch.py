@@ -88,7 +88,8 @@ class ReplyWatcher:
         try:
             await self.client.send(session_id, text, item_id=item_id, to=to)
             self.sent[key] = time.perf_counter() - t0
-            total = await asyncio.wait_for(fut, within) - t0
+            async with asyncio.timeout(within):
+                total = await fut - t0
             self.totals[key] = total
             return total
         finally:

@@ -86,7 +86,8 @@ async def _stats(nc: Any, prefix: str, timeout: float) -> list[dict[str, Any]]: 
     try:
         await nc.publish(f"$SRV.STATS.{SERVICE_NAME}", b"", reply=inbox)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(first.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await first.wait()
             await asyncio.sleep(0.3)  # the other instances
     finally:
         await sub.unsubscribe()
@@ -232,7 +233,8 @@ async def check(settings: Settings, *, agents: list[str], max_lag: float = 10.0,
     options = {**connect_options(settings, name="convlog-health"), "connect_timeout": timeout,
                "allow_reconnect": False, "max_reconnect_attempts": 1, "error_cb": quiet}
     try:
-        nc = await asyncio.wait_for(connect(settings, options), timeout + 1)
+        async with asyncio.timeout(timeout + 1):
+            nc = await connect(settings, options)
     except ConfigError as e:  # a server answered, and refused the credentials
         report.problems.append(f"NATS at {settings.nats_url}: {e}")
         return report

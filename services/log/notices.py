@@ -226,7 +226,8 @@ class Notifier:
         event = self._inflight.get(msg_id)
         if event is not None:
             try:
-                await asyncio.wait_for(event.wait(), within)
+                async with asyncio.timeout(within):
+                    await event.wait()
             except TimeoutError:
                 return False
         return msg_id in self._sent

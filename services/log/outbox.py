@@ -317,7 +317,8 @@ class Outbox:
             if refused:
                 # What followed it names it as its predecessor: the stream refuses those too.
                 raise refused[0][1]
-            ack = await asyncio.wait_for(fut, self._ack_timeout)
+            async with asyncio.timeout(self._ack_timeout):
+                ack = await fut
         finally:
             self._acks.pop(token, None)
         self._check_ack(ack, f"{last.session_id}:{last.item_order}")

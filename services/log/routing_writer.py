@@ -127,6 +127,7 @@ class RoutingWriter:
         """Finish the writes already noted (after their delay)."""
         if self._task is not None and not self._task.done():
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), 5)
+                async with asyncio.timeout(5):
+                    await asyncio.shield(self._task)
             except (TimeoutError, Exception):
                 self._task.cancel()

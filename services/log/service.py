@@ -362,7 +362,8 @@ class LogService(Endpoints):
                 # Appends already submitted: let them commit and their replies go out.
                 self._quiet.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._quiet.wait(), max(0.0, until - loop.time()))
+                    async with asyncio.timeout_at(until):
+                        await self._quiet.wait()
             if self._verifier is not None:
                 await asyncio.to_thread(self._verifier.close)
             if self._replier is not None:

@@ -226,7 +226,8 @@ class _FastSeam(NatsSeam):
             written: asyncio.Future[None] = loop.create_future()
             queue.put_nowait(written)  # the flusher serves its queue in order: this after all before it
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(written), timeout)
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(written)
         await nc.flush(max(deadline - loop.time(), 0.001))
 
     def reply_to(self, req: Request) -> str | Request:

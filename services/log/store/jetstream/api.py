@@ -246,7 +246,8 @@ class _Batches(_Inbox):
         self.waiting[token] = collect
         try:
             await self._nc.publish(api, json.dumps(request).encode(), reply=self.reply_to(token))
-            status = await asyncio.wait_for(collect.done, self._timeout)
+            async with asyncio.timeout(self._timeout):
+                status = await collect.done
         except (nats.errors.Error, TimeoutError, OSError) as e:
             raise UnavailableError(f"cannot read the log stream: {type(e).__name__}") from e
         finally:
