@@ -83,6 +83,8 @@ class SignatureAudit:
     def _check_head(self, h: SignedHead, session_id: str, count: int) -> Problem | None:
         if h.session_id != session_id:
             return Problem(1, f"the signed head is of session {h.session_id!r}")
+        if h.item_order < 0:  # no log signs one; as an index it named an item from the end
+            return Problem(1, f"signed head: item_order {h.item_order} is negative")
         if self.keyring is not None and (reason := self.keyring.check_head(h)) is not None:
             return Problem(min(max(h.item_order, 1), count + 1), f"signed head: {reason}")
         if h.item_order == 0:

@@ -180,3 +180,22 @@ async def test_a_store_that_lost_its_tail_contradicts_the_witness_head(
             await svc.shutdown()
     finally:
         await triage.close()
+
+
+# A head line with a negative item_order indexed the chain from its end: an export of one
+# item ended in an IndexError traceback, and a head holding the hash of the item before
+# last passed as "verified ... signed head at item_order -1" (exit 0).
+@pytest.mark.parametrize("items", [1, 7])
+def test_a_signed_head_with_a_negative_item_order_fails_verify(
+    items: int, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    lines = GOLDEN.read_text().splitlines()[:items]
+    before_last = msgspec.json.decode(lines[-2])["hash"] if items > 1 else "0" * 64
+    head = {"signed_head": {"session_id": "golden-support-1", "item_order": -1, "hash": before_last,
+                            "signed_at": "2026-11-25T15:40:00Z", "key_id": "k", "sig": "x"}}
+    export = tmp_path / "negative.jsonl"
+    export.write_text("\n".join([*lines, msgspec.json.encode(head).decode()]) + "\n")
+    assert main(["replay", "golden-support-1", "--file", str(export), "--verify", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "item_order -1 is negative" in err, err
+    assert "verified" not in err, err
