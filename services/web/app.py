@@ -225,6 +225,8 @@ def build_app(client: LogClient, options: WebOptions | None = None, *,
             return _error(404, "not_found", f"session {sid!r} has no items")
 
         async def body() -> AsyncIterator[bytes]:
+            if request.method == "HEAD":  # the server drops the body: reading the session was for nothing
+                return
             yield b"".join(_line(e) for e in first.items)
             if first.more:
                 after, chunk = first.items[-1].item_order, []

@@ -33,6 +33,7 @@ from tests.support.procs import REPO_ROOT
 class Console:
     url: str
     client: LogClient
+    service: LogService | None = None
 
     async def get(self, path: str, headers: dict[str, str] | None = None, method: str = "GET",
                   ) -> tuple[int, dict[str, str], bytes]:
@@ -59,7 +60,7 @@ async def console(server: NatsServer, tmp: Path, options: WebOptions, host: str 
     stop = asyncio.Event()
     task = asyncio.create_task(serve(client, sock, options, stop))
     try:
-        yield Console(console_url(sock), client)
+        yield Console(console_url(sock), client, service)
     finally:
         stop.set()
         await task
@@ -433,3 +434,22 @@ async def test_a_head_of_the_live_tail_ends_and_the_connection_serves_the_next_r
     head, _, rest = got.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, got[:500]
     assert rest.startswith(b"HTTP/1.1 200") and b'"session_id":"h1"' in rest, got[:1000]
+
+
+async def test_a_head_of_an_export_reads_only_its_first_page(web: Console) -> None:
+    """HEAD is allowed everywhere, but a HEAD of ``export.jsonl`` streamed the whole
+    session from the log service (page after page) only for the server to drop the body."""
+    assert web.service is not None
+    await web.client.append("short", [said("Triage", "one")])
+    for k in range(3):
+        await web.client.append("long", [said("Triage", f"m{k}-{i}") for i in range(1000)])
+
+    async def reads_of_a_head(sid: str) -> int:
+        before = web.service.tally["read"]
+        status, headers, body = await web.get(f"/sessions/{sid}/export.jsonl", method="HEAD")
+        assert status == 200 and body == b"" and headers["content-type"].startswith("application/jsonl")
+        return web.service.tally["read"] - before
+
+    assert await reads_of_a_head("long") == await reads_of_a_head("short")
+    status, _, _ = await web.get("/sessions/nobody/export.jsonl", method="HEAD")
+    assert status == 404
