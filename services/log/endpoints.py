@@ -61,6 +61,7 @@ class Endpoints(Replies):
         def deliver(subject: str, data: bytes, reply_to: ReplyTo, headers: dict[str, str] | None = None) -> None:
             tally["append"] += 1
             counters.requests += 1
+            answer: Callable[[Any], None] | None = None
             try:
                 sid, request, signed = handlers.parse_append_deferred(subject, data)
                 answer = partial(self._answer, reply_to, subject, perf_counter_ns())
@@ -86,7 +87,16 @@ class Endpoints(Replies):
                 else:
                     self._submit(sid, request, answer, trace)
             except Exception as e:
-                self._reply("append", reply_to, subject, *error_reply(e, subject))
+                if answer is None:  # refused as it came: neither timed nor traced yet
+                    self._reply("append", reply_to, subject, *error_reply(e, subject))
+                    return
+                # Refused after its timing and span began (a bad batch signature, a closed
+                # store): answered through them, so the span ends and the refusal is timed.
+                if not isinstance(e, ConvlogError):
+                    error_reply(e, subject)  # logs it
+                    e = UnavailableError("internal error; the request was not applied")
+                self._awaiting += 1
+                answer(e)
                 return
             self._awaiting += 1
 

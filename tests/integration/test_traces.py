@@ -123,3 +123,50 @@ def _children(exporter: InMemorySpanExporter, parent: Any) -> list[Any]:
     kids = [s for s in exporter.get_finished_spans()
             if s.parent is not None and s.parent.span_id == parent.context.span_id]
     return sorted(kids, key=lambda s: s.start_time)
+
+
+# An append refused after its span started (a batch signature checked on the event loop
+# and found moved to another item) was answered `forbidden` straight from the except
+# branch: its span never ended (never exported, kept alive by the exporter's processor)
+# and convlog_log_request_seconds never saw it.
+async def test_an_append_refused_after_its_span_started_ends_the_span_and_is_timed(
+    spans: InMemorySpanExporter, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    import msgspec
+
+    from services.cli.main import main
+    from shared.messages import AppendItem, AppendRequest
+    from shared.signing import Signer
+
+    keys = tmp_path / "keys"
+    assert await asyncio.to_thread(main, ["keys", "init", "--out", str(keys)]) == 0
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"), "grace": 2,
+                              "keyring": str(keys / "keyring.json"), "require_signatures": True,
+                              "metrics_port": "0"}, environ={})
+    service = LogService(settings)
+    await service.start()
+    client = await LogClient.connect(nats_server.url)
+    client.signer = Signer.load(keys / "Triage.nk")
+
+    def appends_timed() -> int:  # convlog_log_request_seconds_count{endpoint="append"}
+        return sum(service.metrics.requests["append"].counts)
+
+    try:
+        items = [AppendItem(agent="Triage", data={"role": "assistant", "content": f"m{i}"}, item_id=f"r-{i}")
+                 for i in range(2)]
+        await client.append("r1", items)  # one batch signature over both
+        envs = await client.items("r1")
+        assert appends_timed() == 1 and "." in (envs[1].sig or "")
+        moved = AppendItem(agent="Triage", data={"role": "assistant", "content": "m0"}, item_id="r-0x",
+                           sig=envs[1].sig, key_id=envs[1].key_id)
+        msg = await client.nc.request("convlog.append.r1", msgspec.json.encode(AppendRequest(items=[moved])),
+                                      timeout=5)
+        assert msgspec.json.decode(msg.data)["error"]["code"] == "forbidden"
+        assert appends_timed() == 2
+        refused = [s for s in spans.get_finished_spans() if s.name == "convlog.log.append"
+                   and s.attributes.get("convlog.error") == "forbidden"]
+        assert len(refused) == 1, [(s.name, dict(s.attributes or {})) for s in spans.get_finished_spans()]
+        assert service._awaiting == 0
+    finally:
+        await client.close()
+        await service.shutdown()
