@@ -54,6 +54,7 @@ log = logging.getLogger("convlog.worker.intake")
 ACK_POLICY = AckPolicy.EXPLICIT
 _EXPIRES = 30.0  # seconds one pull request lives
 _HEARTBEAT = 2.0  # the server's idle heartbeat on a waiting pull request
+_CONSUMER_CREATE = 10012  # JetStream's "consumer create" error (its description says why)
 
 
 def consumer_name(agent: str) -> str:
@@ -86,6 +87,12 @@ def consumer_config(
         filter_subject=filters[0] if len(filters) == 1 else None,
         filter_subjects=filters if len(filters) > 1 else None,
     )
+
+
+def _not_updatable(e: nats.js.errors.APIError) -> bool:
+    """The existing consumer differs where an update cannot change it (nats-server answers
+    500, error 10012, e.g. "max waiting can not be updated"): no retry changes that."""
+    return e.err_code == _CONSUMER_CREATE and "can not be updated" in (e.description or "")
 
 
 def _filters(config: ConsumerConfig) -> set[str]:
@@ -261,7 +268,9 @@ class WorkIntake:
         config = consumer_config(self.subjects, self.agent, entry=self.entry, ack_wait=self.ack_wait)
         try:
             await js.add_consumer(self.stream, config)  # creates, or updates the shared one
-        except nats.js.errors.BadRequestError as e:
+        except nats.js.errors.APIError as e:
+            if not isinstance(e, nats.js.errors.BadRequestError) and not _not_updatable(e):
+                raise
             try:
                 info = await js.consumer_info(self.stream, self.name)
             except nats.js.errors.NotFoundError:

@@ -54,3 +54,42 @@ async def test_notices_reach_deliver_once_on_either_seam(nats_server: NatsServer
         await asyncio.wait_for(task, 5)
         await intake.close()
         await nc.close()
+
+
+
+async def test_a_consumer_an_update_cannot_change_is_kept_not_retried_forever(nats_server: NatsServer) -> None:
+    """An existing consumer that differs where an update cannot change it (here its
+    max_waiting, set by an operator) is refused with a 500 ("max waiting can not be
+    updated"), not a 400: the intake took that for a passing failure and tried to bind
+    again every second, forever, never pulling a notice."""
+    from services.worker.intake import consumer_config, consumer_name
+    from shared.work import work_stream_name
+
+    nc = await nats.connect(nats_server.url)
+    subjects = Subjects("convlog")
+    js = nc.jetstream()
+    await ensure_work_stream(js, subjects)
+    config = consumer_config(subjects, "Solo", entry=False, ack_wait=5.0)
+    config.max_waiting = 7
+    await js.add_consumer(work_stream_name(subjects), config)
+    got: list[Msg] = []
+    stopping = asyncio.Event()
+    intake = WorkIntake(nc, subjects, "Solo", entry=False, ack_wait=5.0, room=lambda: 8,
+                        deliver=got.append, stopping=stopping)
+    task = asyncio.create_task(intake.run())
+    try:
+        await asyncio.wait_for(intake.bound.wait(), 5)
+        await publish_notice(nc, work_subject(subjects, "Solo"), Notice(session_id="s", item_order=1), "s:1")
+
+        def delivered() -> None:
+            assert len(got) == 1
+
+        await assert_eventually(delivered)
+        info = await js.consumer_info(work_stream_name(subjects), consumer_name("Solo"))
+        assert info.config.max_waiting == 7  # the operator's, kept
+    finally:
+        stopping.set()
+        intake.poke()
+        await asyncio.wait_for(task, 5)
+        await intake.close()
+        await nc.close()
