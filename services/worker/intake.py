@@ -140,6 +140,7 @@ class WorkIntake:
         self._heard = time.monotonic()
         self._stale = False
         self._unanswered = False  # a pull was answered "no responders" (503)
+        self._refused = ""  # why the consumer refused a pull (409 Exceeded ...)
         self._waiting_logged = False
 
     def poke(self) -> None:
@@ -160,6 +161,12 @@ class WorkIntake:
                     self._unanswered = False
                     log.info("agent %s: no responders for pulls on %s: binding it again", self.agent, self.name)
                     await self._pause(0.5)
+                    continue
+                if self._refused:
+                    log.warning("agent %s: the consumer %s refused a pull (%s): binding it again",
+                                self.agent, self.name, self._refused)
+                    self._refused = ""
+                    await self._pause(1.0)
                     continue
                 if not await self._bind():
                     continue
@@ -222,6 +229,12 @@ class WorkIntake:
         if status == "409":
             desc = (msg.headers or {}).get("Description", "")
             if "Deleted" in desc:
+                self.bound.clear()
+            elif desc.startswith("Exceeded"):
+                # Over the consumer's limits (its max batch, expires or waiting pulls, changed
+                # under the worker): pulling again at once would spin on the same answer.
+                # Bind again after a pause (the update restores the worker's own limits).
+                self._refused = desc
                 self.bound.clear()
         elif status == "503":
             # No responders: the consumer (or its stream) is gone -- deleted while no pull of

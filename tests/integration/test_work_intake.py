@@ -93,3 +93,57 @@ async def test_a_consumer_an_update_cannot_change_is_kept_not_retried_forever(na
         await asyncio.wait_for(task, 5)
         await intake.close()
         await nc.close()
+
+
+
+async def test_a_pull_the_consumer_refuses_is_not_made_again_at_once(nats_server: NatsServer) -> None:
+    """A pull over the consumer's limits (an operator lowered its max batch after the
+    worker bound) is answered at once with ``409 Exceeded MaxRequestBatch``; the intake
+    pulled again at once on every such answer: a busy loop of pull requests, thousands a
+    second, and no notice ever delivered."""
+    import json
+
+    from services.worker.intake import consumer_name
+    from shared.work import work_stream_name
+
+    nc = await nats.connect(nats_server.url)
+    subjects = Subjects("convlog")
+    await ensure_work_stream(nc.jetstream(), subjects)
+    stream, name = work_stream_name(subjects), consumer_name("Solo")
+    pulls: list[Msg] = []
+
+    async def seen(msg: Msg) -> None:
+        pulls.append(msg)
+
+    await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", cb=seen)
+    got: list[Msg] = []
+    stopping = asyncio.Event()
+    intake = WorkIntake(nc, subjects, "Solo", entry=False, ack_wait=5.0, room=lambda: 8,
+                        deliver=got.append, stopping=stopping)
+    task = asyncio.create_task(intake.run())
+    try:
+        await asyncio.wait_for(intake.bound.wait(), 10)
+        # `nats consumer edit --max-pull-batch 4`: nats-py's ConsumerConfig has no max_batch.
+        info = await nc.request(f"$JS.API.CONSUMER.INFO.{stream}.{name}", b"", timeout=5)
+        config = {**json.loads(info.data)["config"], "max_batch": 4}
+        reply = await nc.request(f"$JS.API.CONSUMER.CREATE.{stream}.{name}",
+                                 json.dumps({"stream_name": stream, "config": config, "action": "update"}).encode(),
+                                 timeout=5)
+        assert json.loads(reply.data)["config"]["max_batch"] == 4, reply.data
+        pulls.clear()
+        intake.mark_stale("test: a reconnect")  # the next pull asks for 8 again
+        await asyncio.sleep(1.5)
+        assert 1 <= len(pulls) <= 5, f"{len(pulls)} pull requests in 1.5 s"
+        # Bound again, the worker's own limits are back: a notice is delivered.
+        await publish_notice(nc, work_subject(subjects, "Solo"), Notice(session_id="s", item_order=1), "s:1")
+
+        def delivered() -> None:
+            assert len(got) == 1
+
+        await assert_eventually(delivered, timeout=10)
+    finally:
+        stopping.set()
+        intake.poke()
+        await asyncio.wait_for(task, 5)
+        await intake.close()
+        await nc.close()
