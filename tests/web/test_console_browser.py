@@ -614,6 +614,33 @@ def test_a_field_beside_the_envelope_breaks_the_chain_as_in_convlog_replay(
     assert "chain broken at #2" in badge, badge
 
 
+
+def test_an_object_holding_a_name_twice_is_refused_as_convlog_replay_refuses_it(
+        demo_web: Demo, page: Any, tmp_path: Path) -> None:
+    """A name written twice in an item's data, the first one new text: JSON.parse keeps the
+    last value, so the hash -- and every later hash, the head the reviewer holds, a signed
+    head -- still matched and the page said "chain intact", while `convlog replay --verify`
+    refuses the line (the hash covers only the last value; the first is text a reader of
+    the line sees)."""
+    real = page.request.get(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}/export.jsonl").body()
+    lines = real.splitlines()
+    name = next(iter(json.loads(lines[1])["data"]))
+    lines[1] = lines[1].replace(b'"data":{', b'"data":{' + json.dumps(name).encode() + b':"approved by the CFO",', 1)
+    assert b"approved by the CFO" in lines[1]
+    f = tmp_path / "export.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    assert (_python_verdict(f, ESCALATION_SESSION_ID) or "").startswith("item_order 2: ")
+    badge = _verify_file(demo_web, page, f, "bad")
+    assert "chain broken at #2" in badge and "more than once" in badge, badge
+    assert page.get_attribute(".row[data-order='1'] .vmark", "class") == "vmark ok"
+
+    # The session page, from a server that sends the same lines, says the same.
+    page.route("**/export.jsonl", lambda route: route.fulfill(
+        status=200, content_type="application/jsonl", body=f.read_bytes()))
+    page.route("**/live?*", lambda route: route.abort())
+    page.goto(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}")
+    assert "chain broken at #2" in wait_badge(page, "bad")
+
 def test_older_clicked_twice_before_the_page_comes_moves_one_page(demo_web: Demo, log: LoopThread, page: Any) -> None:
     """A double click on "Older →" (the second click before the next page has come)
     moves one page, not one page shown under the numbers of the next: the rows and

@@ -46,8 +46,30 @@ export function canonical(value) {
 // edited export could then hash as the original (1e20 and 100000000000000000001 read alike).
 // RFC 8785 cannot represent such an integer exactly, so convlog refuses it, at input and in
 // `convlog replay`; parseJson marks a value that held one, and it has no hash here either.
-const inexact = new WeakSet();
+// So is a value with an object that holds a name twice: JSON.parse keeps the last value,
+// the hash covers only that, and the first is text a reader of the line sees (I-JSON, which
+// RFC 8785 canonicalizes, has each name once; `convlog replay` refuses it).
+const unhashable = new WeakMap(); // value -> why it has no hash
 const TOKEN = /"(?:[^"\\]|\\.)*"|-?\d+(\.\d+)?([eE][+-]?\d+)?/g;
+const NAME = /("(?:[^"\\]|\\.)*")(\s*:)?|[{}[\]]/g;
+
+// A name some object of `text` (valid JSON) holds more than once, or null.
+function duplicatedName(text) {
+  const stack = []; // per open object the names seen, per open array null
+  for (const m of text.matchAll(NAME)) {
+    if (m[1] === undefined) {
+      if (m[0] === "{") stack.push(new Set());
+      else if (m[0] === "[") stack.push(null);
+      else stack.pop();
+    } else if (m[2] !== undefined) {
+      const name = m[1].includes("\\") ? JSON.parse(m[1]) : m[1].slice(1, -1);
+      const seen = stack[stack.length - 1];
+      if (seen.has(name)) return name;
+      seen.add(name);
+    }
+  }
+  return null;
+}
 
 // A line of an export, or a live item: a JSON object (throws on anything else).
 export function parseJson(text) {
@@ -56,16 +78,18 @@ export function parseJson(text) {
   if (/\d{16}/.test(text)) {
     for (const m of text.matchAll(TOKEN)) {
       if (m[0][0] !== '"' && m[1] === undefined && m[2] === undefined && !Number.isSafeInteger(Number(m[0]))) {
-        inexact.add(value);
-        break;
+        unhashable.set(value, "an integer beyond 2^53-1, which RFC 8785 cannot represent exactly");
+        return value;
       }
     }
   }
+  const name = duplicatedName(text);
+  if (name !== null) unhashable.set(value, `an object holds ${JSON.stringify(name)} more than once (the hash covers only the last)`);
   return value;
 }
 
 export function checkExact(env) {
-  if (inexact.has(env)) throw new Error("an integer beyond 2^53-1, which RFC 8785 cannot represent exactly");
+  if (unhashable.has(env)) throw new Error(unhashable.get(env));
 }
 
 export function hashInput(env, prevHash) {
