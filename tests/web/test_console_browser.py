@@ -641,6 +641,38 @@ def test_an_object_holding_a_name_twice_is_refused_as_convlog_replay_refuses_it(
     page.goto(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}")
     assert "chain broken at #2" in wait_badge(page, "bad")
 
+
+@pytest.mark.parametrize("edit", [{"note": "approved by the CFO"}, {"kind": "approval"}, {"agent": ["CFO"]},
+                                  {"created_at": None}, {"item_id": None}])
+def test_a_line_that_is_no_envelope_breaks_the_chain_as_in_convlog_replay(
+        demo_web: Demo, page: Any, tmp_path: Path, edit: dict[str, Any]) -> None:
+    """An item with a field beside the envelope's, a kind that is none, an agent that is no
+    string or a field missing, chained again from there: `convlog replay --verify` refuses
+    it (it is no envelope), but the page only hashed what it found and said "chain intact"
+    over an item shown with that field."""
+    import hashlib
+
+    import rfc8785
+
+    real = page.request.get(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}/export.jsonl").body()
+    envs = [json.loads(x) for x in real.splitlines() if b'"signed_head"' not in x]
+    for k, v in edit.items():
+        if v is None:
+            del envs[1][k]
+        else:
+            envs[1][k] = v
+    prev = "0" * 64
+    for e in envs:
+        e["hash"] = hashlib.sha256(rfc8785.dumps(
+            {**{k: v for k, v in e.items() if k != "hash"}, "prev_hash": prev})).hexdigest()
+        prev = e["hash"]
+    f = tmp_path / "export.jsonl"
+    f.write_bytes(b"".join(json.dumps(e).encode() + b"\n" for e in envs))
+    assert (_python_verdict(f, ESCALATION_SESSION_ID) or "").startswith("item_order 2: ")
+    badge = _verify_file(demo_web, page, f, "bad")
+    assert "chain broken at #2: not an envelope" in badge, badge
+    assert page.get_attribute(".row[data-order='1'] .vmark", "class") == "vmark ok"
+
 def test_older_clicked_twice_before_the_page_comes_moves_one_page(demo_web: Demo, log: LoopThread, page: Any) -> None:
     """A double click on "Older →" (the second click before the next page has come)
     moves one page, not one page shown under the numbers of the next: the rows and

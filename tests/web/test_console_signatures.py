@@ -216,7 +216,7 @@ def test_a_forged_signature_a_foreign_key_and_a_cut_tail_turn_the_badge_red(
     # A head line that is no head is no envelope either: the chain breaks there.
     _serve(page, _body(envs, [b'{"signed_head": null}']))
     page.goto(url)
-    assert "chain broken at #4: belongs to session undefined" in wait_badge(page, "bad")
+    assert "chain broken at #4: not an envelope" in wait_badge(page, "bad")
 
     # On /verify: the reviewer's own truncated file, keyring loaded first.
     f = tmp_path / "cut.jsonl"

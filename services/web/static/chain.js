@@ -102,6 +102,24 @@ export function hashInput(env, prevHash) {
   return canonical(obj);
 }
 
+// What makes `env` no envelope as shared/messages.py's Envelope decodes one (convlog replay
+// refuses such a line), or null: every field of its type, and none beside them.
+const FIELDS = { session_id: "string", item_order: "number", item_id: "string", agent: "string", kind: "string",
+  data: "object", created_at: "string", hash: "string", sig: "string", key_id: "string" };
+const KINDS = ["item", "retract", "clear"];
+export function shapeProblem(env) {
+  for (const k of Object.keys(env)) if (!Object.hasOwn(FIELDS, k)) return `a field ${JSON.stringify(k)} beside the envelope's`;
+  for (const [k, type] of Object.entries(FIELDS)) {
+    if (!Object.hasOwn(env, k)) {
+      if (k !== "sig" && k !== "key_id") return `no ${k}`;
+    } else if (typeof env[k] !== type || env[k] === null || Array.isArray(env[k])
+        || (k === "item_order" && !Number.isInteger(env[k])) || (k === "kind" && !KINDS.includes(env[k]))) {
+      return `${k} is ${String(JSON.stringify(env[k])).slice(0, 40)}`;
+    }
+  }
+  return null;
+}
+
 const encoder = new TextEncoder();
 const HEX = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, "0"));
 
@@ -197,7 +215,9 @@ export class ChainVerifier {
       const env = envs[i];
       const expected = this.verified + 1;
       let reason = null;
-      if (env.session_id !== this.sessionId)
+      const shape = shapeProblem(env);
+      if (shape !== null) reason = `not an envelope: ${shape}`;
+      else if (env.session_id !== this.sessionId)
         reason = `belongs to session ${JSON.stringify(env.session_id)}, not ${JSON.stringify(this.sessionId)}`;
       else if (env.item_order !== expected) reason = `expected item_order ${expected}, found ${env.item_order}`;
       else if (digests[i] instanceof Error) reason = `cannot be canonicalized: ${digests[i].message}`;
