@@ -673,6 +673,46 @@ def test_a_line_that_is_no_envelope_breaks_the_chain_as_in_convlog_replay(
     assert "chain broken at #2: not an envelope" in badge, badge
     assert page.get_attribute(".row[data-order='1'] .vmark", "class") == "vmark ok"
 
+
+@pytest.mark.parametrize("how", ["byte order mark", "no-break space line", "not UTF-8"])
+def test_a_file_read_as_convlog_replay_reads_it(demo_web: Demo, page: Any, tmp_path: Path, how: str) -> None:
+    """/verify read the file with file.text(): a leading byte order mark was dropped, a line of
+    U+00A0 (or U+2028, U+FEFF) skipped as blank, and a byte that is no UTF-8 read as U+FFFD
+    and hashed as such, so the page said "chain intact" where `convlog replay --verify`
+    refuses that line."""
+    import hashlib
+
+    import rfc8785
+
+    real = page.request.get(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}/export.jsonl").body()
+    lines = [x for x in real.splitlines() if b'"signed_head"' not in x]
+    if how == "byte order mark":
+        body, order = b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n", 1
+    elif how == "no-break space line":
+        body, order = b"\n".join([*lines[:3], "\u00a0".encode(), *lines[3:]]) + b"\n", 4
+    else:  # an item whose text held U+FFFD, chained again, the character written as the byte 0xff
+        envs = [json.loads(x) for x in lines]
+        envs[1]["data"]["note"] = "\ufffd"
+        prev = "0" * 64
+        for e in envs:
+            e["hash"] = hashlib.sha256(rfc8785.dumps(
+                {**{k: v for k, v in e.items() if k != "hash"}, "prev_hash": prev})).hexdigest()
+            prev = e["hash"]
+        body = b"".join(json.dumps(e, ensure_ascii=False).encode() + b"\n" for e in envs)
+        assert body.count("\ufffd".encode()) == 1
+        body, order = body.replace("\ufffd".encode(), b"\xff"), 2
+    f = tmp_path / "export.jsonl"
+    f.write_bytes(body)
+    assert (_python_verdict(f, ESCALATION_SESSION_ID) or "").startswith(f"item_order {order}: ")
+    badge = _verify_file(demo_web, page, f, "bad")
+    assert f"chain broken at #{order}" in badge, badge
+    if how != "not UTF-8":  # the session page, from a server that sends the same bytes, says the same
+        page.route("**/export.jsonl", lambda route: route.fulfill(
+            status=200, content_type="application/jsonl", body=body))
+        page.route("**/live?*", lambda route: route.abort())
+        page.goto(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}")
+        assert f"chain broken at #{order}" in wait_badge(page, "bad")
+
 def test_older_clicked_twice_before_the_page_comes_moves_one_page(demo_web: Demo, log: LoopThread, page: Any) -> None:
     """A double click on "Older →" (the second click before the next page has come)
     moves one page, not one page shown under the numbers of the next: the rows and

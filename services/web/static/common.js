@@ -47,10 +47,16 @@ export function sessionPath(sid) {
   return "/sessions/" + encodeURIComponent(sid);
 }
 
+// A line `convlog replay` skips: ASCII whitespace only (trim() would also take a byte
+// order mark, U+00A0 or U+2028 for nothing, where replay refuses the line).
+export function blank(line) {
+  return /^[ \t\n\r\v\f]*$/.test(line);
+}
+
 // Parse a JSONL stream, handing each chunk's lines to onBatch; throws at the first line that is not a JSON object.
 export async function readJsonl(stream, onBatch) {
   const reader = stream.getReader();
-  const decoder = new TextDecoder();
+  const decoder = new TextDecoder("utf-8", { ignoreBOM: true }); // a BOM is no whitespace to replay
   let buf = "", line = 0;
   for (;;) {
     const { done, value } = await reader.read();
@@ -60,7 +66,7 @@ export async function readJsonl(stream, onBatch) {
     const batch = [];
     for (const p of parts) {
       line++;
-      if (!p.trim()) continue;
+      if (blank(p)) continue;
       try {
         batch.push(parseJson(p));
       } catch {

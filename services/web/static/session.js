@@ -1,7 +1,7 @@
 // One conversation: agent lanes, a virtual list, the in-browser chain check, the live tail.
 import { ChainVerifier, engine, parseJson } from "./chain.js";
 import { SignatureChecker, parseKeyring } from "./signing.js";
-import { clear, el, longTime, readJsonl, sessionPath, shortTime } from "./common.js";
+import { blank, clear, el, longTime, readJsonl, sessionPath, shortTime } from "./common.js";
 import { Conversation, describe, handoffTarget, str } from "./model.js";
 
 let ROW_H = 68; // px; every row has the same height, so only rows on screen exist (136: tall rows)
@@ -315,16 +315,30 @@ function startLive() {
 }
 
 function loadFile(file) {
-  file.text().then((text) => {
+  file.arrayBuffer().then((buf) => {
     // The lines before one that is not a JSON object are checked; the chain breaks after them.
+    // Each line is read as `convlog replay` reads it: UTF-8 or refused (file.text() would put
+    // U+FFFD for a bad byte and drop a leading byte order mark, unseen, and hash what is left).
     const envs = [];
     let unreadable = null;
-    for (const [n, l] of text.split("\n").entries()) {
-      if (!l.trim()) continue;
+    const bytes = new Uint8Array(buf);
+    const utf8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+    for (let n = 1, at = 0; at < bytes.length; n++) {
+      const end = bytes.indexOf(10, at) < 0 ? bytes.length : bytes.indexOf(10, at);
+      const raw = bytes.subarray(at, end);
+      at = end + 1;
+      let l;
+      try {
+        l = utf8.decode(raw);
+      } catch {
+        unreadable = `line ${n} is not UTF-8`;
+        break;
+      }
+      if (blank(l)) continue;
       try {
         envs.push(parseJson(l));
       } catch {
-        unreadable = `line ${n + 1} is not a JSON object`;
+        unreadable = `line ${n} is not a JSON object`;
         break;
       }
     }
