@@ -10,7 +10,6 @@ which agent could not answer).  Items of other turns are left out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import textwrap
 from dataclasses import dataclass, field
@@ -94,8 +93,12 @@ class SessionFollower:
     async def __aexit__(self, *exc: object) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Not `suppress(CancelledError): await task`: that also swallowed a cancel
+            # of the caller itself while the follower wound down (it may wait for a
+            # consumer create, shared/follow.py), and the caller ran on.
+            await asyncio.wait({self._task})
+            if not self._task.cancelled():
+                self._task.exception()  # retrieved: the follower ended by itself (the client closed)
 
     async def _pump(self, after: int) -> None:
         async for env in self.client.follow(self.session_id, after=after, idle_check=1.0):

@@ -128,3 +128,25 @@ async def test_a_turn_cancelled_as_an_item_arrives_is_cancelled_and_keeps_the_it
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert follower._queue.get_nowait() is item
+
+
+async def test_a_caller_cancelled_while_the_follower_winds_down_stays_cancelled() -> None:
+    follower = SessionFollower(None, "s")  # type: ignore[arg-type]
+    winding_down = asyncio.Event()
+
+    async def pump() -> None:  # as a follower that waits for its consumer create when cancelled
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            winding_down.set()
+            await asyncio.sleep(0.2)
+            raise
+
+    follower._task = asyncio.create_task(pump())
+    await asyncio.sleep(0)
+    leaving = asyncio.create_task(follower.__aexit__(None, None, None))
+    await winding_down.wait()
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    await asyncio.wait({follower._task})
