@@ -643,13 +643,14 @@ def test_an_object_holding_a_name_twice_is_refused_as_convlog_replay_refuses_it(
 
 
 @pytest.mark.parametrize("edit", [{"note": "approved by the CFO"}, {"kind": "approval"}, {"agent": ["CFO"]},
-                                  {"created_at": None}, {"item_id": None}])
+                                  {"created_at": None}, {"item_id": None}, {"item_order": 2.0}])
 def test_a_line_that_is_no_envelope_breaks_the_chain_as_in_convlog_replay(
         demo_web: Demo, page: Any, tmp_path: Path, edit: dict[str, Any]) -> None:
     """An item with a field beside the envelope's, a kind that is none, an agent that is no
-    string or a field missing, chained again from there: `convlog replay --verify` refuses
-    it (it is no envelope), but the page only hashed what it found and said "chain intact"
-    over an item shown with that field."""
+    string, a field missing or an item_order written 2.0 (JSON.parse reads it as 2, and it
+    hashes as 2), chained again from there: `convlog replay --verify` refuses it (it is no
+    envelope), but the page only hashed what it found and said "chain intact" over an item
+    shown with that field."""
     import hashlib
 
     import rfc8785
@@ -670,7 +671,8 @@ def test_a_line_that_is_no_envelope_breaks_the_chain_as_in_convlog_replay(
     f.write_bytes(b"".join(json.dumps(e).encode() + b"\n" for e in envs))
     assert (_python_verdict(f, ESCALATION_SESSION_ID) or "").startswith("item_order 2: ")
     badge = _verify_file(demo_web, page, f, "bad")
-    assert "chain broken at #2: not an envelope" in badge, badge
+    why = "item_order is written 2.0, not as an integer" if "item_order" in edit else "not an envelope"
+    assert "chain broken at #2: " in badge and why in badge, badge
     assert page.get_attribute(".row[data-order='1'] .vmark", "class") == "vmark ok"
 
 

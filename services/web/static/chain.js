@@ -53,8 +53,10 @@ const unhashable = new WeakMap(); // value -> why it has no hash
 const TOKEN = /"(?:[^"\\]|\\.)*"|-?\d+(\.\d+)?([eE][+-]?\d+)?/g;
 const NAME = /("(?:[^"\\]|\\.)*")(\s*:)?|[{}[\]]/g;
 
-// A name some object of `text` (valid JSON) holds more than once, or null.
-function duplicatedName(text) {
+// Why `text` (valid JSON) has no hash though JSON.parse reads it, or null: an object holds
+// a name more than once, or the envelope's item_order is written as no integer ("2.0" or
+// "2e0" read as 2 here and hash as 2; `convlog replay` refuses them, an integer is due).
+function nameProblem(text) {
   const stack = []; // per open object the names seen, per open array null
   for (const m of text.matchAll(NAME)) {
     if (m[1] === undefined) {
@@ -64,12 +66,18 @@ function duplicatedName(text) {
     } else if (m[2] !== undefined) {
       const name = m[1].includes("\\") ? JSON.parse(m[1]) : m[1].slice(1, -1);
       const seen = stack[stack.length - 1];
-      if (seen.has(name)) return name;
+      if (seen.has(name)) return `an object holds ${JSON.stringify(name)} more than once (the hash covers only the last)`;
       seen.add(name);
+      if (name === "item_order" && stack.length === 1) {
+        NUMBER.lastIndex = m.index + m[0].length;
+        const value = NUMBER.exec(text);
+        if (value !== null && /[.eE]/.test(value[1])) return `item_order is written ${value[1]}, not as an integer`;
+      }
     }
   }
   return null;
 }
+const NUMBER = /\s*(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)/y; // sticky: the value right after its name
 
 // A line of an export, or a live item: a JSON object (throws on anything else).
 export function parseJson(text) {
@@ -83,8 +91,8 @@ export function parseJson(text) {
       }
     }
   }
-  const name = duplicatedName(text);
-  if (name !== null) unhashable.set(value, `an object holds ${JSON.stringify(name)} more than once (the hash covers only the last)`);
+  const problem = nameProblem(text);
+  if (problem !== null) unhashable.set(value, problem);
   return value;
 }
 
