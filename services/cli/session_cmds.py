@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import sys
@@ -167,9 +168,11 @@ async def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         again = " (already stored: this id was sent before)" if ack.items[0].duplicate else ""
         stderr(f"sent #{user_order} to {args.session_id}{again}")
         try:
-            async with asyncio.timeout(args.timeout):
-                async for env in client.follow(args.session_id, after=user_order, idle_check=1.0,
-                                               wait_out=False):
+            # aclosing: a follower left suspended keeps its consumer, whose unread messages
+            # made the close's drain wait out nats-py's 30 s.
+            async with asyncio.timeout(args.timeout), contextlib.aclosing(client.follow(
+                    args.session_id, after=user_order, idle_check=1.0, wait_out=False)) as items:
+                async for env in items:
                     tid = parse_turn_item_id(env.item_id)
                     if tid is None or tid.turn != turn:
                         continue  # other turns of a busy session
@@ -218,11 +221,14 @@ async def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
             last = await client.last_order(args.session_id)
             after = max(0, last - 10)
         seen = 0
-        async for env in client.follow(args.session_id, after=after):
-            print(render_line(env), flush=True)
-            seen += 1
-            if args.count is not None and seen >= args.count:
-                break
+        # aclosing: a follower left suspended after --count keeps its consumer, whose
+        # unread messages made the close's drain wait out nats-py's 30 s.
+        async with contextlib.aclosing(client.follow(args.session_id, after=after)) as items:
+            async for env in items:
+                print(render_line(env), flush=True)
+                seen += 1
+                if args.count is not None and seen >= args.count:
+                    break
     finally:
         await client.close()
     return EXIT_OK
