@@ -263,7 +263,7 @@ async def run_demo(*, agents_path: Path | None = None, offline: bool = False, ke
                 final_agent="L2Support")),
     ]
     problems: list[str] | None = None  # None: the demo did not get as far as checking
-    ok = False
+    ok = interrupted = False
     code = EXIT_FAIL
     try:
         try:
@@ -306,11 +306,19 @@ async def run_demo(*, agents_path: Path | None = None, offline: bool = False, ke
     except DemoFailure as e:
         out.line(f"convlog demo FAILED: {e}")
         code = e.exit_code
+    except BaseException:  # Ctrl-C or SIGTERM (cancelled): stopped, nothing left to check
+        interrupted = True
+        raise
     finally:
         out.line()
         out.step("stopping the stack (supervisord stops workers, log service, nats-server)")
         rc = await asyncio.to_thread(sup.stop)
         out.step(f"stack stopped (supervisord exit {rc})")
+        if interrupted:  # its files went with it unless --keep (they were left, unsaid)
+            if keep:
+                out.line(f"files and process logs kept in {workdir}")
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
 
     if problems is not None:
         db = workdir / "data" / "convlog.db"

@@ -311,9 +311,10 @@ def test_demo_constants_match_the_worker() -> None:
 
 
 @contextlib.contextmanager
-def _demo(tmp_path: Path, *args: str, name: str) -> Iterator[tuple[Proc, int]]:
-    """``convlog demo ARGS`` and its supervisord's PID, once it runs; in teardown the demo
-    is stopped, and the stack it left stopped by that PID and its directory removed."""
+def _demo(tmp_path: Path, *args: str, name: str) -> Iterator[tuple[Proc, int, Path]]:
+    """``convlog demo ARGS``, its supervisord's PID and its directory, once it runs; in
+    teardown the demo is stopped, and the stack it left stopped by that PID and its
+    directory removed."""
     proc = Proc([sys.executable, "-m", "services.cli.main", "demo", *args],
                 log_dir=tmp_path, env=stack_env(), name=name).start()
     sup_pid = None
@@ -321,7 +322,7 @@ def _demo(tmp_path: Path, *args: str, name: str) -> Iterator[tuple[Proc, int]]:
     try:
         m = proc.wait_for_line(r"under supervisord \(pid (\d+)\) in (\S+)", timeout=60)
         sup_pid, workdir = int(m.group(1)), m.group(2)
-        yield proc, sup_pid
+        yield proc, sup_pid, Path(workdir)
     finally:
         proc.terminate()
         if sup_pid is not None and pid_alive(sup_pid):  # the stack the demo left: stop it by its PID
@@ -334,16 +335,18 @@ def _demo(tmp_path: Path, *args: str, name: str) -> Iterator[tuple[Proc, int]]:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-# SIGTERM to `convlog demo` stops the stack it started (supervisord and the stack outlived it)
+# SIGTERM to `convlog demo` stops the stack it started (supervisord and the stack outlived
+# it), and its files go with it (they were left in the temporary directory, unsaid)
 def test_sigterm_to_convlog_demo_stops_its_stack(tmp_path: Path) -> None:
-    with _demo(tmp_path, "--offline", name="demo") as (proc, sup_pid):
+    with _demo(tmp_path, "--offline", name="demo") as (proc, sup_pid, workdir):
         proc.wait_for_line(r"stack ready", timeout=60)
         os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        assert proc.wait(30) == 128 + signal.SIGTERM, proc.output()
         deadline = time.monotonic() + 30
         while pid_alive(sup_pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not pid_alive(sup_pid), f"supervisord {sup_pid} outlived convlog demo:\n{proc.output()}"
+        assert not workdir.exists(), proc.output()
 
 
 # `convlog demo --web` stopped by SIGTERM: the console stops and the stack is stopped. The
@@ -351,7 +354,7 @@ def test_sigterm_to_convlog_demo_stops_its_stack(tmp_path: Path) -> None:
 # stopped (an impatient `kill`, a process manager's second try) ended the demo at once and
 # left supervisord, nats-server and the log service running, orphaned.
 def test_a_second_sigterm_while_demo_web_stops_its_stack_leaves_nothing_running(tmp_path: Path) -> None:
-    with _demo(tmp_path, "--offline", "--web", "--web-port", "0", name="demo-web") as (proc, sup_pid):
+    with _demo(tmp_path, "--offline", "--web", "--web-port", "0", name="demo-web") as (proc, sup_pid, _):
         proc.wait_for_line(r"web console: http", timeout=90)
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait_for_line(r"stopping the stack", timeout=30)
