@@ -11,6 +11,8 @@ unlimited.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,43 @@ from .nats_seam.login import NonceCheckingClient
 __all__ = ["check_credentials", "connect", "open_client"]
 
 
-async def open_client(**options: Any) -> Client:
-    """``nats.connect(**options)`` with a :class:`NonceCheckingClient`."""
+class _Stopped(Exception):
+    """``stop`` was set while the first connect was under way."""
+
+
+async def _unless(connecting: Any, stop: asyncio.Event | None) -> None:
+    """Await ``connecting``; once ``stop`` is set, cancel it and raise :class:`_Stopped`."""
+    if stop is None:
+        await connecting
+        return
+    work = asyncio.ensure_future(connecting)
+    halt = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({work, halt}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        halt.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(BaseException):
+                await work
+    if work.cancelled():
+        raise _Stopped
+    work.result()
+
+
+async def open_client(*, stop: asyncio.Event | None = None, **options: Any) -> Client:
+    """``nats.connect(**options)`` with a :class:`NonceCheckingClient`; ``stop`` set ends
+    the first connect (see :func:`connect`).
+
+    Raises:
+        nats.errors.ConnectionClosedError: ``stop`` was set first.
+    """
     nc = NonceCheckingClient()
-    await nc.connect(**options)
+    try:
+        await _unless(nc.connect(**options), stop)
+    except _Stopped:
+        await _close(nc)
+        raise nats.errors.ConnectionClosedError from None
     return nc
 
 
@@ -88,12 +123,15 @@ def check_credentials(settings: Settings) -> None:
             ) from e
 
 
-async def connect(settings: Settings, options: dict[str, Any]) -> Client:
-    """``nats.connect(**options)``, except that a refusal ends the first connect.
+async def connect(settings: Settings, options: dict[str, Any], *, stop: asyncio.Event | None = None) -> Client:
+    """``nats.connect(**options)``, except that a refusal ends the first connect,
+    and so does ``stop`` (a shutdown begun: a server that accepts the connection
+    but never answers is otherwise waited for forever).
 
     Raises:
         ConfigError: the server refused the credentials (naming the setting
             and the server's words), or they cannot be used.
+        nats.errors.ConnectionClosedError: ``stop`` was set first.
     """
     check_credentials(settings)
     on_error = options.get("error_cb")
@@ -119,7 +157,10 @@ async def connect(settings: Settings, options: dict[str, Any]) -> Client:
 
     nc = NonceCheckingClient()
     try:
-        await nc.connect(**{**options, "error_cb": error_cb})
+        await _unless(nc.connect(**{**options, "error_cb": error_cb}), stop)
+    except _Stopped:
+        await _close(nc)
+        raise nats.errors.ConnectionClosedError from None
     except _Refused as e:
         await _close(nc)
         raise ConfigError(f"NATS refused the connection ({_which(settings)}): {e.error}") from e.error

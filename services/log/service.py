@@ -98,7 +98,8 @@ class LogService(Endpoints):
         self._authorize = authorize
         self.subjects = settings.subjects
         self._outbox_ack_timeout = outbox_ack_timeout
-        self.store: LogStore = store or make_store(settings)
+        self._shutting_down = asyncio.Event()  # a shutdown began: it ends a stalled first connect
+        self.store: LogStore = store or make_store(settings, stop=self._shutting_down)
         self.nc: Client | None = None
         self.outbox: Outbox | None = None
         self.witness: HeadWitness | None = None
@@ -185,6 +186,7 @@ class LogService(Endpoints):
                 "disconnected_cb": disconnected,
                 "reconnected_cb": reconnected,
             },
+            stop=self._shutting_down,
         )
         seam = self._seam = bind(self.nc, self.settings.nats_seam)
         log.info("nats-py seam: %s", seam.name)
@@ -341,6 +343,7 @@ class LogService(Endpoints):
             await self._stopped.wait()
             return
         self._shutdown_started = True
+        self._shutting_down.set()
         try:
             if self._started:
                 # A start under way ends first (its waits end once this began): closing

@@ -166,14 +166,20 @@ class Worker:
         async def connection_error(e: Exception) -> None:
             log.info("worker %s: NATS connection: %r", self.agent.name, e)
 
-        self.nc = await nats_connect.connect(
-            self.settings,
-            {
-                **connect_options(self.settings, name=f"convlog-worker-{self.agent.name}"),
-                "reconnected_cb": reconnected,
-                "error_cb": connection_error,
-            },
-        )
+        try:
+            self.nc = await nats_connect.connect(
+                self.settings,
+                {
+                    **connect_options(self.settings, name=f"convlog-worker-{self.agent.name}"),
+                    "reconnected_cb": reconnected,
+                    "error_cb": connection_error,
+                },
+                stop=self._stopping,
+            )
+        except nats.errors.ConnectionClosedError:
+            if not self._shutdown_started:
+                raise
+            return  # a signal arrived while connecting (to a server that never answered)
         bind(self.nc, self.settings.nats_seam)
         if self._shutdown_started:  # a signal arrived while connecting
             await self.nc.close()

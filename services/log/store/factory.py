@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -23,8 +24,9 @@ log = logging.getLogger("convlog.log")
 OPEN_WAIT = START_WAIT
 
 
-def make_store(settings: Settings) -> LogStore:
-    """The store ``settings.store`` names: ``sqlite`` (default) or ``jetstream``."""
+def make_store(settings: Settings, *, stop: asyncio.Event | None = None) -> LogStore:
+    """The store ``settings.store`` names: ``sqlite`` (default) or ``jetstream``
+    (``stop`` set ends its first connect to NATS: a shutdown begun)."""
     if settings.store == "jetstream":
         from .jetstream import JetStreamStore
 
@@ -36,6 +38,7 @@ def make_store(settings: Settings) -> LogStore:
             max_batch=settings.commit_batch,
             timeout=settings.request_timeout,
             nats_seam=settings.nats_seam,
+            stop=stop,
         )
     from .sqlite import SQLiteStore
 

@@ -86,8 +86,10 @@ class JetStreamStore:
         nats_seam: str = "auto",
         nc: Client | None = None,
         create: bool = True,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self.layout = Layout(subjects, shards)
+        self._stop = stop  # set: the first connect ends (a shutdown while the server never answers)
         self.path = f"jetstream:{','.join(self.layout.log_streams)}"  # for the service's ready line
         self._connect_options = connect_options or {}
         self._nc = nc
@@ -133,7 +135,7 @@ class JetStreamStore:
             return
         try:
             if self._nc is None:
-                self._nc = await open_client(**self._connect_options)
+                self._nc = await open_client(stop=self._stop, **self._connect_options)
                 bind(self._nc, self._nats_seam)
             await require_jetstream(self._nc)  # none at all: a configuration error, not a wait
             await ensure_streams(
