@@ -49,6 +49,10 @@ __all__ = [
 # AF_UNIX paths are limited to 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 100
 
+#: Seconds the log service and each worker must stay up for supervisord to count
+#: the start as done (see :func:`stack_programs`).
+_CONVLOG_STARTSECS = 10
+
 
 class SupervisorError(RuntimeError):
     """supervisord did not start, or a program of the stack failed."""
@@ -232,6 +236,12 @@ def stack_programs(
             but the first without metrics.
     """
     stopwait = int(grace) + 5
+    # supervisord backs off (1, 2, 3 ... s, then FATAL, which convlog up reports) only a
+    # program that exits within startsecs; one that exits later is restarted at once,
+    # forever.  A convlog process needs about a second to import and connect, so its
+    # start failing (a configuration error NATS reveals) took longer than 1 s, and was
+    # restarted back to back without end.
+    startsecs = _CONVLOG_STARTSECS
     base = [*convlog_command()]
     programs: list[Program] = []
     if nats_command is not None:
@@ -248,14 +258,14 @@ def stack_programs(
 
     programs.append(Program(
         "log", [*base, "log", "--nats-url", nats_url, "--db", str(db_path), "--no-embedded", *metrics(0)],
-        priority=20, stopwaitsecs=stopwait, label="log service",
+        priority=20, stopwaitsecs=stopwait, startsecs=startsecs, label="log service",
     ))
     for i, agent in enumerate(agents, 1):
         programs.append(Program(
             f"worker-{agent}",
             [*base, "worker", agent, "--agents", str(agents_path), "--nats-url", nats_url,
              "--no-embedded", *metrics(i)],
-            priority=30, numprocs=max(1, workers_per_agent), stopwaitsecs=stopwait,
+            priority=30, numprocs=max(1, workers_per_agent), stopwaitsecs=stopwait, startsecs=startsecs,
             label=f"worker {agent}",
         ))
     return programs

@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from services.cli.demo import RULES_MODEL_LABEL, consumer_name, wait_for_stack
 from services.cli.keys_cmds import make_keys
@@ -253,6 +254,51 @@ async def test_convlog_up_stops_a_program_restarted_just_before_supervisord_was_
     finally:
         proc.terminate(timeout=40)
         kill_left(children)  # what it left behind
+
+
+async def test_convlog_up_backs_off_a_program_whose_start_fails_after_a_second(
+        short_tmp: Path, nats_server_factory: Any) -> None:
+    # supervisord counts a start as failed (BACKOFF: 1, 2, 3 ... s, then FATAL, which
+    # convlog up reports) only when the program exits within startsecs.  At 1 s, a log
+    # service or worker whose start took longer to fail (its NATS server slow to answer,
+    # a loaded machine: a worker's imports alone take about a second) "entered RUNNING",
+    # and each exit was restarted at once, again and again, never given up on.
+    server = nats_server_factory(jetstream=False)  # every start ends in exit 2, after connecting
+    server.pause()  # ... which takes a while
+    env = stack_env(CONVLOG_DATA_DIR=str(short_tmp))
+    proc = Proc([sys.executable, "-m", "services.cli.main", "up", "--nats-url", server.url,
+                 "--agents", str(DEPLOY / "greeter.toml")],
+                log_dir=short_tmp, env=env, name="convlog-up").start()
+    children: set[int] = set()
+    try:
+        sup = Supervisor(short_tmp / "supervisor" / "supervisord.conf",
+                         short_tmp / "supervisor" / "supervisor.sock")
+
+        def spawned() -> None:
+            assert proc.running, proc.output()
+            assert all(i["pid"] for i in sup.processes())
+
+        await asyncio.to_thread(wait_until, spawned, 30, 0.1, retry_on=(AssertionError, OSError))
+        children |= {i["pid"] for i in await asyncio.to_thread(sup.processes) if i["pid"]}
+        await asyncio.sleep(2.0)
+        server.resume()  # now each program learns there is no JetStream, and exits 2
+        log_path = short_tmp / "logs" / "supervisord.log"
+
+        def backed_off() -> None:
+            log = log_path.read_text()
+            for name in ("log", "worker-Greeter", "worker-Helper"):
+                assert f"exited: {name} (exit status 2" in log, log
+                assert f"success: {name} entered RUNNING" not in log, log
+            states = {i["name"]: i["statename"] for i in sup.processes()}
+            children.update(i["pid"] for i in sup.processes() if i["pid"])
+            assert set(states.values()) <= {"BACKOFF", "STARTING"}, states
+
+        await asyncio.to_thread(wait_until, backed_off, 15, 0.2)
+    finally:
+        server.resume()
+        rc = proc.terminate(timeout=40)
+    assert rc == 0, proc.output()
+    _assert_all_gone(children)
 
 
 def test_convlog_demo_runs_as_ci_runs_it(tmp_path: Path) -> None:
