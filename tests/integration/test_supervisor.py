@@ -211,6 +211,15 @@ async def test_convlog_up_programs_find_the_files_named_relative_to_where_it_ran
     assert rc == 0, proc.output()
 
 
+def _greeter_up(data_dir: Path, url: str) -> tuple[Proc, Supervisor]:
+    """``convlog up`` of deploy/greeter.toml on ``url`` with its data in ``data_dir``, and
+    a handle on the supervisord it starts (not yet answering)."""
+    proc = Proc([sys.executable, "-m", "services.cli.main", "up", "--nats-url", url,
+                 "--agents", str(DEPLOY / "greeter.toml")],
+                log_dir=data_dir, env=stack_env(CONVLOG_DATA_DIR=str(data_dir)), name="convlog-up").start()
+    return proc, Supervisor(data_dir / "supervisor" / "supervisord.conf", data_dir / "supervisor" / "supervisor.sock")
+
+
 async def test_convlog_up_stops_a_program_restarted_just_before_supervisord_was_killed(
         short_tmp: Path) -> None:
     # supervisord killed (kill -9, the OOM killer) cannot stop its programs: they ran on,
@@ -218,15 +227,9 @@ async def test_convlog_up_stops_a_program_restarted_just_before_supervisord_was_
     # convlog up stops them itself; it learns their PIDs once a second, and a program
     # supervisord had restarted since then was unknown to it and ran on, orphaned.
     url = f"nats://127.0.0.1:{free_port()}"
-    env = stack_env(CONVLOG_DATA_DIR=str(short_tmp))
-    proc = Proc([sys.executable, "-m", "services.cli.main", "up", "--nats-url", url,
-                 "--agents", str(DEPLOY / "greeter.toml")],
-                log_dir=short_tmp, env=env, name="convlog-up").start()
+    proc, sup = _greeter_up(short_tmp, url)
     children: set[int] = set()
     try:
-        sup = Supervisor(short_tmp / "supervisor" / "supervisord.conf",
-                         short_tmp / "supervisor" / "supervisor.sock")
-
         def answering() -> None:
             assert proc.running, proc.output()
             assert sup.rpc().supervisor.getState()["statename"] == "RUNNING"
@@ -265,15 +268,9 @@ async def test_convlog_up_backs_off_a_program_whose_start_fails_after_a_second(
     # and each exit was restarted at once, again and again, never given up on.
     server = nats_server_factory(jetstream=False)  # every start ends in exit 2, after connecting
     server.pause()  # ... which takes a while
-    env = stack_env(CONVLOG_DATA_DIR=str(short_tmp))
-    proc = Proc([sys.executable, "-m", "services.cli.main", "up", "--nats-url", server.url,
-                 "--agents", str(DEPLOY / "greeter.toml")],
-                log_dir=short_tmp, env=env, name="convlog-up").start()
+    proc, sup = _greeter_up(short_tmp, server.url)
     children: set[int] = set()
     try:
-        sup = Supervisor(short_tmp / "supervisor" / "supervisord.conf",
-                         short_tmp / "supervisor" / "supervisor.sock")
-
         def spawned() -> None:
             assert proc.running, proc.output()
             assert all(i["pid"] for i in sup.processes())

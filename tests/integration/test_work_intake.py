@@ -6,9 +6,12 @@ is handed over too (the worker terms it)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from services.worker.intake import WorkIntake
@@ -19,18 +22,32 @@ from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer
 
 
-@pytest.mark.parametrize("mode", ["auto", "public"])
-async def test_notices_reach_deliver_once_on_either_seam(nats_server: NatsServer, mode: str) -> None:
-    nc = await nats.connect(nats_server.url)
-    seam = bind(nc, mode)
-    subjects = Subjects("convlog")
-    await ensure_work_stream(nc.jetstream(), subjects)
+@contextlib.asynccontextmanager
+async def _running(nc: Client, subjects: Subjects) -> AsyncIterator[tuple[WorkIntake, list[Msg]]]:
+    """Agent Solo's intake running on ``nc`` (room for 8), and what it delivered; then
+    stopped and closed, and ``nc`` closed."""
     got: list[Msg] = []
     stopping = asyncio.Event()
     intake = WorkIntake(nc, subjects, "Solo", entry=False, ack_wait=5.0, room=lambda: 8,
                         deliver=got.append, stopping=stopping)
     task = asyncio.create_task(intake.run())
     try:
+        yield intake, got
+    finally:
+        stopping.set()
+        intake.poke()
+        await asyncio.wait_for(task, 5)
+        await intake.close()
+        await nc.close()
+
+
+@pytest.mark.parametrize("mode", ["auto", "public"])
+async def test_notices_reach_deliver_once_on_either_seam(nats_server: NatsServer, mode: str) -> None:
+    nc = await nats.connect(nats_server.url)
+    seam = bind(nc, mode)
+    subjects = Subjects("convlog")
+    await ensure_work_stream(nc.jetstream(), subjects)
+    async with _running(nc, subjects) as (intake, got):
         await asyncio.wait_for(intake.bound.wait(), 10)
         assert seam.delivers_inline(intake._sub) is seam.fast  # type: ignore[arg-type]
         assert seam.fast is (mode == "auto")
@@ -48,13 +65,6 @@ async def test_notices_reach_deliver_once_on_either_seam(nats_server: NatsServer
         await asyncio.sleep(0.3)  # nothing comes twice (acked, work queue)
         assert len(got) == 4
         assert intake._outstanding == 4  # 8 of room, 4 delivered, pulls still waiting
-    finally:
-        stopping.set()
-        intake.poke()
-        await asyncio.wait_for(task, 5)
-        await intake.close()
-        await nc.close()
-
 
 
 async def test_a_consumer_an_update_cannot_change_is_kept_not_retried_forever(nats_server: NatsServer) -> None:
@@ -72,12 +82,7 @@ async def test_a_consumer_an_update_cannot_change_is_kept_not_retried_forever(na
     config = consumer_config(subjects, "Solo", entry=False, ack_wait=5.0)
     config.max_waiting = 7
     await js.add_consumer(work_stream_name(subjects), config)
-    got: list[Msg] = []
-    stopping = asyncio.Event()
-    intake = WorkIntake(nc, subjects, "Solo", entry=False, ack_wait=5.0, room=lambda: 8,
-                        deliver=got.append, stopping=stopping)
-    task = asyncio.create_task(intake.run())
-    try:
+    async with _running(nc, subjects) as (intake, got):
         await asyncio.wait_for(intake.bound.wait(), 5)
         await publish_notice(nc, work_subject(subjects, "Solo"), Notice(session_id="s", item_order=1), "s:1")
 
@@ -87,13 +92,6 @@ async def test_a_consumer_an_update_cannot_change_is_kept_not_retried_forever(na
         await assert_eventually(delivered)
         info = await js.consumer_info(work_stream_name(subjects), consumer_name("Solo"))
         assert info.config.max_waiting == 7  # the operator's, kept
-    finally:
-        stopping.set()
-        intake.poke()
-        await asyncio.wait_for(task, 5)
-        await intake.close()
-        await nc.close()
-
 
 
 async def test_a_pull_the_consumer_refuses_is_not_made_again_at_once(nats_server: NatsServer) -> None:
@@ -116,12 +114,7 @@ async def test_a_pull_the_consumer_refuses_is_not_made_again_at_once(nats_server
         pulls.append(msg)
 
     await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", cb=seen)
-    got: list[Msg] = []
-    stopping = asyncio.Event()
-    intake = WorkIntake(nc, subjects, "Solo", entry=False, ack_wait=5.0, room=lambda: 8,
-                        deliver=got.append, stopping=stopping)
-    task = asyncio.create_task(intake.run())
-    try:
+    async with _running(nc, subjects) as (intake, got):
         await asyncio.wait_for(intake.bound.wait(), 10)
         # `nats consumer edit --max-pull-batch 4`: nats-py's ConsumerConfig has no max_batch.
         info = await nc.request(f"$JS.API.CONSUMER.INFO.{stream}.{name}", b"", timeout=5)
@@ -141,9 +134,3 @@ async def test_a_pull_the_consumer_refuses_is_not_made_again_at_once(nats_server
             assert len(got) == 1
 
         await assert_eventually(delivered, timeout=10)
-    finally:
-        stopping.set()
-        intake.poke()
-        await asyncio.wait_for(task, 5)
-        await intake.close()
-        await nc.close()
