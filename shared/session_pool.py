@@ -14,7 +14,8 @@
     out together in the next append (a group commit on the client side).
     Each call's items stay contiguous and calls keep the order they were
     made in.  A combined append the log refuses (a bad or oversized item, an
-    id conflict; or an item JSON cannot encode) is resent call by call, so each call gets its own outcome;
+    id conflict, an item the signatures rule forbids; or an item JSON cannot
+    encode) is resent call by call, so each call gets its own outcome;
     an unknown outcome (``UnavailableError``) is every call's, and each
     call's retry dedupes on its own item ids;
   - one *floor*: the highest order this connection knows the session has
@@ -40,7 +41,7 @@ from typing import Any, TypeVar
 
 from .agents_sdk import finish, settle
 from .client import LogClient
-from .errors import BadRequestError, ConflictError, TooLargeError, UnavailableError
+from .errors import BadRequestError, ConflictError, ForbiddenError, TooLargeError, UnavailableError
 from .failures import CONFLICT_BACKOFF
 from .messages import MAX_APPEND_ITEMS, AppendedItem, Envelope, ReadReply
 from .session_copy import SessionCopy
@@ -329,8 +330,9 @@ class SharedSession:
         items = calls[0].batch if len(calls) == 1 else [i for c in calls for i in c.batch]
         try:
             reply = await self.client.append(self.session_id, items)
-        except (BadRequestError, TooLargeError, ConflictError, TypeError) as e:
-            # Refused (TypeError: an item JSON has no form for, found before sending).
+        except (BadRequestError, TooLargeError, ConflictError, ForbiddenError, TypeError) as e:
+            # Refused (TypeError: an item JSON has no form for, found before sending;
+            # ForbiddenError: an item the log service requires signed otherwise).
             if len(calls) == 1:
                 if alone:
                     raise

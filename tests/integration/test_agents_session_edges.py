@@ -18,6 +18,9 @@
   consumer behind (it followed, and was delivered to, on a closed session);
 * a call whose item JSON cannot encode (a ``TypeError`` before anything is
   sent), combined with other calls in one append, fails alone;
+* a call the log forbids (a user item under ``--require-signatures``),
+  combined with other calls in one append, fails alone: the others failed
+  with its ``ForbiddenError`` too, and were never written;
 * a ``close()`` cancelled while it waited for a started write left the
   session marked closed: the next ``close()`` returned at once, and the owned
   connection and the copy's consumer were never given back.
@@ -29,15 +32,20 @@ import asyncio
 import contextlib
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from services.log import handlers
+from services.log.service import LogService
 from shared import ConvlogSession, session_copy
 from shared.client import LogClient
-from shared.errors import UnavailableError
+from shared.config import load_settings
+from shared.errors import ForbiddenError, UnavailableError
 from shared.history import visible
+from shared.signing import Signer
+from tests.support.natsd import NatsServer
 
 
 def _user(text: str) -> dict[str, Any]:
@@ -320,6 +328,45 @@ async def test_a_call_with_an_item_json_cannot_encode_fails_alone_in_a_combined_
     finally:
         for s in sessions:
             await s.close()
+
+
+async def test_a_call_the_log_forbids_fails_alone_in_a_combined_append(
+    nats_server: NatsServer, tmp_path: Path, keys: Path
+) -> None:
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "convlog.db"),
+                              "keyring": str(keys / "keyring.json"), "require_signatures": True}, {})
+    svc = LogService(settings)
+    await svc.start()
+    client = await LogClient.connect(nats_server.url)
+    client.signer = Signer.load(keys / "Triage.nk")
+    sid = "forbidden_alone"
+    sessions = [ConvlogSession(sid, client=client, agent="Triage") for _ in range(4)]
+
+    def reply(text: str) -> dict[str, Any]:
+        return {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}
+
+    try:
+        await sessions[0].get_items()
+        # The first call goes out alone; the three made meanwhile wait and go out in one
+        # append, which the service refuses whole for the user item (signatures required).
+        results = await asyncio.gather(
+            sessions[0].add_items([reply("first")]),
+            sessions[1].add_items([reply("second")]),
+            sessions[2].add_items([_user("only through convlog.in")]),
+            sessions[3].add_items([reply("fourth")]),
+            return_exceptions=True,
+        )
+        # README: "if the log refuses one of them ... the others are resent without it,
+        # so each call gets its own outcome".
+        assert [type(r).__name__ for r in results] == ["NoneType", "NoneType", "ForbiddenError", "NoneType"]
+        assert isinstance(results[2], ForbiddenError)
+        texts = [e.data["content"][0]["text"] for e in await client.items(sid)]
+        assert texts == ["first", "second", "fourth"]
+    finally:
+        for s in sessions:
+            await s.close()
+        await client.close()
+        await svc.shutdown()
 
 
 async def test_a_close_cancelled_while_it_waits_for_a_write_can_be_called_again(
