@@ -394,6 +394,7 @@ class ConvlogSession(HidingEdits, AuthorTracking):
         client = await self._log()
         if not items:
             return
+        self._unknown_pop = None  # a pop after this one is a new pop, not a retry
         data = [_plain(i) for i in items]
         call = self._keys.begin(data)
         if call.authors is None:  # a retry keeps the authors its key was first sent with

@@ -35,6 +35,8 @@ class HidingEdits:
     _agent_for: Callable[[Any], str]
     _author: Callable[[Mapping[str, Any], str], str]
     _items_are_plain: Callable[[], bool]  # add_items/get_items not overridden
+    # the retract, expected_last and item of a pop that ended without a known outcome
+    _unknown_pop: tuple[dict[str, Any], int, Any] | None = None
 
     @tracked
     async def pop_item(self, *, wrapper: Any = None) -> dict[str, Any] | None:
@@ -42,26 +44,37 @@ class HidingEdits:
 
         The retract is conditional on the session's last order, so a write by
         another process in between makes this pop look again rather than hide
-        an item that is no longer the newest.
+        an item that is no longer the newest.  A pop that ended without a known
+        outcome (``UnavailableError``) is finished by the next ``pop_item`` of
+        this session object, unless it added or cleared meanwhile: it sends the
+        same retract again (the log answers it as a duplicate if it landed) and
+        returns that item, never hiding two.
         """
         client = await self._log()
         agent = self._agent_for(wrapper)
+        # A pop that ended without a known outcome: its retract is sent again first, with
+        # its id and expected_last, so the log answers it as a duplicate if it landed
+        # (this pop then hid that item) instead of this call hiding one more.
+        unknown, self._unknown_pop = self._unknown_pop, None
         for attempt in range(POP_ATTEMPTS):
             copy = await self._current_copy(client, 1)
-            newest = copy.newest() if copy is not None else None
-            if copy is not None and newest is not None:
-                (order, data), last = newest, copy.last
-            else:  # an empty copy may not have another process's write yet: ask the log
-                rep = await self._log_read(client, tail=1)
-                if not rep.items:
-                    return None
-                order, data, last = rep.items[0].item_order, rep.items[0].data, rep.last_order
-            retract = {
-                "item_id": f"{new_item_id()}.r",
-                "agent": agent,
-                "kind": "retract",
-                "data": {"target": order},
-            }
+            if unknown is not None:
+                (retract, last, data), unknown = unknown, None
+            else:
+                newest = copy.newest() if copy is not None else None
+                if copy is not None and newest is not None:
+                    (order, data), last = newest, copy.last
+                else:  # an empty copy may not have another process's write yet: ask the log
+                    rep = await self._log_read(client, tail=1)
+                    if not rep.items:
+                        return None
+                    order, data, last = rep.items[0].item_order, rep.items[0].data, rep.last_order
+                retract = {
+                    "item_id": f"{new_item_id()}.r",
+                    "agent": agent,
+                    "kind": "retract",
+                    "data": {"target": order},
+                }
             try:
                 await finish(self._write(client, [retract], expected_last=last))
             except ConflictError:
@@ -69,6 +82,13 @@ class HidingEdits:
                     await copy.fill()  # someone wrote after what the copy holds
                 await asyncio.sleep(CONFLICT_BACKOFF.delay(attempt - 1) if attempt else 0)
                 continue
+            except UnavailableError:
+                self._unknown_pop = (retract, last, data)
+                raise
+            except asyncio.CancelledError as e:  # finish chains the write's own failure
+                if isinstance(e.__cause__, UnavailableError):
+                    self._unknown_pop = (retract, last, data)
+                raise
             return data
         raise UnavailableError(
             f"pop_item on session {self.session_id!r} lost the race to other writers "
@@ -79,6 +99,7 @@ class HidingEdits:
     async def clear_session(self, *, wrapper: Any = None) -> None:
         """Hide every item so far with a ``clear``; nothing is written when nothing is visible."""
         client = await self._log()
+        self._unknown_pop = None  # a later pop is a new one
         copy = await self._current_copy(client, 1)
         if copy is None or copy.newest() is None:  # an empty copy may be behind: ask the log
             if not (await self._log_read(client, tail=1)).items:
@@ -112,6 +133,7 @@ class HidingEdits:
         if not self._items_are_plain():
             return False
         client = await self._log()
+        self._unknown_pop = None  # a later pop is a new one
         key = NO_TURN_PREFIX + new_item_id()
         batch = [{"item_id": f"{key}.c", "agent": "system", "kind": "clear", "data": {}}]
         batch += [

@@ -136,6 +136,37 @@ async def test_retried_add_items_after_unknown_outcome_does_not_double(
         await nc_client.close()
 
 
+@pytest.mark.parametrize("follow", [True, False])
+async def test_pop_item_again_after_an_unknown_outcome_hides_one_item(
+    log_url: str, log_client: LogClient, follow: bool
+) -> None:
+    sid = f"pop_retry_{follow}"
+    await log_client.append(sid, [{"agent": "user", "data": {"role": "user", "content": c}}
+                                  for c in ["one", "two", "three"]])
+    nc_client = await LogClient.connect(log_url)
+    session = ConvlogSession(sid, client=_ReplyLost(nc_client.nc), follow=follow)
+    try:
+        with pytest.raises(UnavailableError):
+            await session.pop_item()  # the retract committed, but the caller cannot know
+        # The caller pops again: that is the pop that ended unknown, not one more.
+        assert await session.pop_item() == {"role": "user", "content": "three"}
+        assert contents(await session.get_items()) == ["one", "two"]
+        raw = await log_client.items(sid)
+        assert [e.kind for e in raw] == ["item", "item", "item", "retract"]  # one retract
+        assert await session.pop_item() == {"role": "user", "content": "two"}  # then pops go on
+        assert contents(await session.get_items()) == ["one"]
+        # A pop that ended unknown, then an add: the next pop is a new one (it pops the add).
+        session.client.lost = False  # type: ignore[union-attr]
+        with pytest.raises(UnavailableError):
+            await session.pop_item()
+        await session.add_items([{"role": "user", "content": "four"}])
+        assert await session.pop_item() == {"role": "user", "content": "four"}
+        assert await session.get_items() == []
+    finally:
+        await session.close()
+        await nc_client.close()
+
+
 async def test_a_retry_after_an_unknown_outcome_dedupes_whoever_is_running_now(
     log_url: str, log_client: LogClient
 ) -> None:
