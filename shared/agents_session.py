@@ -114,7 +114,7 @@ from .history import visible
 from .session_authors import AuthorTracking
 from .session_copy import SessionCopy
 from .session_edits import HidingEdits
-from .session_pool import OwnedConnections, SharedSession, share, unshare
+from .session_pool import OwnedConnections, SharedSession, on_loop, share, unshare
 from .subjects import validate_session_id
 from .work import NO_TURN_PREFIX
 
@@ -266,8 +266,9 @@ class ConvlogSession(HidingEdits, AuthorTracking):
     async def close(self) -> None:
         """Close the session; idempotent.
 
-        An owned connection is drained (those made in other, still running
-        loops are drained there); an injected client is left open for its owner.
+        An owned connection is drained (those made in other loops are drained
+        on those loops, also the idle loop ``Runner.run_sync`` leaves open); an
+        injected client is left open for its owner.
         """
         if self._released:
             return
@@ -282,10 +283,7 @@ class ConvlogSession(HidingEdits, AuthorTracking):
         shared = list(self._shared.values())
         self._shared.clear()
         for state in shared:
-            if state.loop is here:
-                await unshare(state)
-            elif state.loop.is_running() and not state.loop.is_closed():
-                asyncio.run_coroutine_threadsafe(unshare(state), state.loop)
+            await on_loop(state.loop, unshare(state))
         if self._owned is not None:
             self._client = None
             await self._owned.close()

@@ -35,7 +35,7 @@ import asyncio
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -46,7 +46,10 @@ from .failures import CONFLICT_BACKOFF
 from .messages import MAX_APPEND_ITEMS, AppendedItem, Envelope, ReadReply
 from .session_copy import SessionCopy
 
-__all__ = ["OwnedConnections", "SharedSession", "acquire_connection", "release_connection", "share", "unshare"]
+__all__ = [
+    "OwnedConnections", "SharedSession", "acquire_connection", "on_loop", "release_connection", "share",
+    "unshare",
+]
 
 _T = TypeVar("_T")
 
@@ -150,17 +153,35 @@ class OwnedConnections:
             ) from e
 
     async def close(self) -> None:
-        """Give every loop's client back to the pool (those of other, still
-        running loops are given back there)."""
+        """Give every loop's client back to the pool (those of other loops on
+        those loops: see :func:`on_loop`)."""
         self.closed = True
-        here = asyncio.get_running_loop()
         clients = list(self._clients.items())
         self._clients.clear()
         for loop, client in clients:
-            if loop is here:
-                await release_connection(self.key, client)
-            elif loop.is_running() and not loop.is_closed():
-                asyncio.run_coroutine_threadsafe(release_connection(self.key, client), loop)
+            await on_loop(loop, release_connection(self.key, client))
+
+
+async def on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` on ``loop``, whose connection it gives back: here when that is this
+    loop; on its thread when it is running there (not waited for); and when it is open
+    but idle — the thread's default loop that ``Runner.run_sync`` leaves open between
+    runs — driven to completion from a worker thread.  A closed loop took its
+    connections with it."""
+    if loop is asyncio.get_running_loop():
+        await coro
+    elif loop.is_closed():
+        coro.close()
+    elif loop.is_running():
+        asyncio.run_coroutine_threadsafe(coro, loop)
+    else:
+        try:
+            await asyncio.to_thread(loop.run_until_complete, coro)
+        except RuntimeError:  # its thread started (or closed) it meanwhile
+            if loop.is_running():
+                asyncio.run_coroutine_threadsafe(coro, loop)
+            else:
+                coro.close()
 
 
 # -- one session id on one connection -----------------------------------------------

@@ -129,6 +129,31 @@ async def test_runner_sessions_are_isolated(
         await dogs.close()
 
 
+async def test_a_sync_app_closing_with_asyncio_run_drains_the_run_sync_connection(
+    log_url: str, log_client: LogClient, fake_openai: FakeOpenAI, run_config: RunConfig
+) -> None:
+    # A plain sync program: Runner.run_sync (which keeps the thread's default loop open
+    # between runs), then asyncio.run(session.close()) on a loop of its own.
+    session = ConvlogSession.from_url("sync_app_close", url=log_url)
+    used: list[LogClient] = []
+
+    def sync_app() -> None:
+        fake_openai.script([text("one"), text("two")])
+        Runner.run_sync(Agent(name="test"), "hi", session=session, run_config=run_config)
+        Runner.run_sync(Agent(name="test"), "again", session=session, run_config=run_config)
+        assert session.client is not None
+        used.append(session.client)
+        asyncio.run(session.close())
+
+    await asyncio.to_thread(sync_app)
+    stored = [e.data for e in await log_client.items("sync_app_close")]
+    assert [i["content"] for i in stored if i.get("role") == "user"] == ["hi", "again"]
+    # README: "the last `await session.close()` drains it" -- not left open on the idle loop.
+    assert used[0].nc.is_closed
+    infos = await log_client.nc.jetstream().consumers_info("CONVLOG_ITEMS")
+    assert [i.name for i in infos if i.name.startswith("convlog-copy-")] == []  # the copy stopped too
+
+
 async def test_runner_appends_list_input_to_history(
     new_session: Callable[..., ConvlogSession], fake_openai: FakeOpenAI, run_config: RunConfig
 ) -> None:
