@@ -68,6 +68,9 @@ _RECHECK_MISSING = 1.0
 #: How long the reconciler waits for a notice still being published (its ack waits 5 s).
 _SETTLE_WAIT = 10.0
 _HANDOFF = b'"function_call_output"'
+#: Notices being published at most (each holds its envelopes until its ack or its
+#: timeout); beyond, a commit's notices are left to the reconciler (see :class:`Notifier`).
+MAX_PENDING = 4_096
 
 
 class Head(msgspec.Struct):
@@ -117,17 +120,26 @@ class Notifier:
             left before a session's first item: that item's notice carries it
             (:attr:`shared.work.Notice.entry`), and the worker needs no look-up
             -- unless a checkpoint was already there (:meth:`note_entry`).
+        max_pending: most notices being published at once.  While the work
+            stream answers slowly or not at all (no quorum) the store goes on
+            committing, and each notice waits up to its ack timeout: the
+            notices beyond this are not published here (nor counted as sent),
+            so the reconciler republishes them once the stream answers.
     """
 
     def __init__(self, nc: Client, subjects: Subjects, kv: Any, *, remember: int = 100_000,
-                 sole_writer: bool = False) -> None:
+                 sole_writer: bool = False, max_pending: int = MAX_PENDING) -> None:
         self.nc = nc
         self.subjects = subjects
         self.kv = kv
         self.remember = remember
         self.sole_writer = sole_writer
+        self.max_pending = max_pending
         self.published = 0
         self.failed = 0
+        self.dropped = 0  # notices left to the reconciler: max_pending were being published
+        self._pending = 0  # notices being published (spawned, not yet settled)
+        self._dropping = False  # the last notice was left to the reconciler (logged once)
         self._active: OrderedDict[str, str] = OrderedDict()
         #: per session: the entry this process wrote to the routing bucket (None: one was there)
         self._entries: OrderedDict[str, str | None] = OrderedDict()
@@ -174,7 +186,12 @@ class Notifier:
                 self._start(head.session_id, head.item_order)
         if self._batch:  # one task, one flush and one wait for the acks per commit
             batch, self._batch = self._batch, []
+            self._pending += len(batch)
             self._spawn(self._publish(batch))
+
+    def _full(self) -> bool:
+        """Whether ``max_pending`` notices are being published (or queued by this commit)."""
+        return self._pending + len(self._batch) >= self.max_pending
 
     def _handoff_now(self, sid: str, order: int, target: str) -> bool:
         """Publish a handoff's notice from the commit listener itself, written to the
@@ -183,13 +200,15 @@ class Notifier:
         list is stale or lacks ``target``, or the connection has something queued):
         it goes with the commit's other notices."""
         agents = self._agents
-        if agents is None or target not in agents or time.monotonic() - self._agents_at > _AGENTS_EVERY:
+        if agents is None or target not in agents or time.monotonic() - self._agents_at > _AGENTS_EVERY \
+                or self._full():
             return False
         message = self._message(work_subject(self.subjects, target), _Pending(
             sid, order, notice_msg_id(sid, order), self.recent.carry(sid, order), target))
         acked = self._acks.publish_now([message])
         if acked is None:
             return False
+        self._pending += 1
         self._spawn(self._log_handoff(sid, order, acked))
         return True
 
@@ -199,9 +218,11 @@ class Notifier:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    @staticmethod
-    async def _log_handoff(sid: str, order: int, acked: Awaitable[list[Exception | None]]) -> None:
-        (err,) = await acked
+    async def _log_handoff(self, sid: str, order: int, acked: Awaitable[list[Exception | None]]) -> None:
+        try:
+            (err,) = await acked
+        finally:
+            self._pending -= 1
         if err is not None:
             _handoff_not_published(sid, order, err)
 
@@ -238,6 +259,16 @@ class Notifier:
 
     def _start(self, sid: str, order: int, handoff_to: str | None = None) -> None:
         msg_id = notice_msg_id(sid, order)
+        if self._full():
+            # Not sent, so not in _sent: the reconciler republishes it (a handoff's
+            # notice is announced by its worker too).
+            if not self._dropping:
+                log.warning("%d turn notices are being published: the next ones are left to the "
+                            "reconciler until the work stream answers", self._pending)
+            self._dropping = True
+            self.dropped += 1
+            return
+        self._dropping = False
         if handoff_to is None:
             self._sent[msg_id] = None
             self._inflight[msg_id] = asyncio.Event()
@@ -320,6 +351,7 @@ class Notifier:
             await self._publish_batch(batch)
             done = True
         finally:
+            self._pending -= len(batch)
             for p in batch:
                 if p.handoff_to is None and (event := self._inflight.pop(p.msg_id, None)) is not None:
                     if not done:
