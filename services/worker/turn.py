@@ -25,7 +25,13 @@ redeliveries happen, rests on four things:
    was written since (a new user message, another turn, a replica racing on
    the same turn) the append is refused; the part reads again and asks the
    model again, so a reply is always based on the full history and two
-   writers can never both add a terminal item to the same turn.
+   writers can never both add a terminal item to the same turn.  When all
+   that was written since is other writers' items that start and belong to
+   no turn (an app's or an operator's notes: no user message, no turn-derived
+   id, no ``retract`` or ``clear``), the answer stands: it is appended again
+   with ``expected_last`` = the newest order read, without asking the model,
+   so a session another writer appends to every few milliseconds still gets
+   its turns answered.
 4. **Write-ahead tool calls.**  A step with function tools commits its
    ``function_call`` items first (the model's text and the calls, with
    ``expected_last``), then runs each tool and appends its
@@ -53,7 +59,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.logfmt import context
@@ -113,6 +119,17 @@ class _State:
     handoff: tuple[str, int] | None = None
     pending: PendingStep | None = None
     hidden: bool = False  # a retract or clear after the trigger hides it
+    after: list[Envelope] = field(default_factory=list)  # every envelope after the trigger
+
+
+@dataclass(slots=True)
+class _Refused:
+    """A step its append's ``expected_last`` refused: appended again while only
+    bystanders (:func:`_bystander`) were written after ``seen``."""
+
+    step: _Step
+    step_no: int
+    seen: int  # the last_order the step was decided at
 
 
 @dataclass(slots=True)
@@ -188,6 +205,7 @@ class TurnRunner:
         """
         model_calls = written = conflicts = 0
         clock = timings if timings is not None else {}
+        refused: _Refused | None = None
         while True:
             t0 = time.perf_counter()
             state = await tracing.traced("convlog.history_read", None, self._read(part, first))
@@ -211,36 +229,44 @@ class TurnRunner:
                 if done.raced:
                     conflicts = await self._backoff(part, conflicts)
                 continue
-            if state.newest != state.last_order:
+            step_no = state.last_step + 1
+            kept, refused = refused, None
+            if kept is not None and kept.step_no == step_no and all(
+                    _bystander(e) for e in state.after if e.item_order > kept.seen):
+                # Only other writers' notes came since the step was decided: it stands.
+                step, seen, expected = kept.step, kept.seen, state.newest
+            elif state.newest != state.last_order:
                 # Written between our two reads: read a consistent view again.
                 conflicts = await self._backoff(part, conflicts)
                 continue
-            step_no = state.last_step + 1
-            if fail_reason is not None:
-                step = self._fail(part, step_no, fail_reason)
-            elif step_no > self.max_steps:
-                step = self._fail(
-                    part, step_no, f"the turn reached the limit of {self.max_steps} model calls"
-                )
             else:
-                model_calls += 1
-                t0 = time.perf_counter()
-                step = await self._model_step(part, step_no, state)
-                _add(clock, "model", t0)
+                seen = expected = state.last_order
+                if fail_reason is not None:
+                    step = self._fail(part, step_no, fail_reason)
+                elif step_no > self.max_steps:
+                    step = self._fail(
+                        part, step_no, f"the turn reached the limit of {self.max_steps} model calls"
+                    )
+                else:
+                    model_calls += 1
+                    t0 = time.perf_counter()
+                    step = await self._model_step(part, step_no, state)
+                    _add(clock, "model", t0)
             confirm = await _confirmed(confirm, clock)
             t0 = time.perf_counter()
             try:
-                ack = await self._append(part, step, state.last_order)
+                ack = await self._append(part, step, expected)
             except TooLargeError as e:
                 step = self._fail(part, step_no, f"its answer was too large to store ({e.message})")
                 try:
-                    ack = await self._append(part, step, state.last_order)
+                    ack = await self._append(part, step, expected)
                 except ConflictError:
                     ack = None
             except ConflictError:
                 ack = None
             _add(clock, "reply_append", t0)
             if ack is None:
+                refused = _Refused(step, step_no, seen)
                 conflicts = await self._backoff(part, conflicts)
                 continue
             if self.seen is not None and ack.items:
@@ -314,6 +340,7 @@ class TurnRunner:
                     state.handoff = (target, env.item_order)
             ledger.add(tid, env)
         state.pending = ledger.pending(state.last_step)
+        state.after = after
         if self.seen is not None:
             self.seen(part.session_id, max(state.newest, state.last_order))
         return state
@@ -409,6 +436,15 @@ class TurnRunner:
         """Run the committed calls' missing tools (:func:`.tools.finish_calls`)."""
         return await finish_calls(self.client, self.agent, part.session_id, part.turn, pending,
                                   time_limit=self.tool_timeout)
+
+
+def _bystander(env: Envelope) -> bool:
+    """Whether ``env``, written while a step was decided, leaves the step standing: an
+    item that is no user message and no turn's (an app's or an operator's note).  A user
+    message, any turn's item (this one's: a replica racing on it), a ``retract`` or a
+    ``clear`` makes the model decide again."""
+    return env.kind == "item" and env.data.get("role") != "user" \
+        and parse_turn_item_id(env.item_id) is None
 
 
 async def read_window(client: LogClient, session_id: str, limit: int) -> ReadReply:
