@@ -406,6 +406,8 @@ class TurnRunner:
     def _items_for(self, part: TurnPart, step: int, reply: ModelReply, state: _State) -> _Step:
         hint = f"{part.turn}.{self.agent.name}.{step}"
         if not reply.tool_calls:
+            if not (reply.text or "").strip():  # a reasoning item alone, an empty answer
+                return self._fail(part, step, "the model answered with no text and no tool call")
             item = self._item(part, step, "reply", assistant_text_item(reply.text or "", hint))
             return _Step(items=[item], terminal="replied")
         if len(reply.tool_calls) > MAX_CALLS_PER_STEP:  # call<i> ids stop at call999

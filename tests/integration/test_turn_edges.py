@@ -8,6 +8,7 @@ limit is cut to the newest items that fit, not a turn that can never end."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -282,5 +283,39 @@ async def test_tool_arguments_nested_too_deeply_become_an_error_output(
         (out,) = [e for e in log if e.data.get("type") == "function_call_output"]
         assert out.data["output"].startswith("error: the arguments of quick are not valid JSON")
         assert odd_tools.RUNS == []
+    finally:
+        await model.client.close()
+
+
+@pytest.mark.parametrize("message", [
+    {"content": None},
+    {"content": ""},
+    {"content": " \n"},
+    {"content": None, "reasoning_content": "The user wants... (cut off at max_tokens)"},
+    None,  # no choices at all
+], ids=["null", "empty", "blank", "reasoning-only", "no-choices"])
+async def test_a_model_answer_with_no_text_and_no_tool_call_ends_the_turn_with_a_fail_item(
+    stack: WorkerStack, fake_openai: FakeOpenAI, message: dict[str, Any] | None
+) -> None:
+    # Content null (or empty) and no tool calls -- a reasoning model that spent max_tokens
+    # thinking (only reasoning_content), a server answering no choices -- was stored as the
+    # turn's terminal reply with the text "": the user got a blank answer and nothing said
+    # the model had failed.  Now it is a model failure: a system item naming the agent.
+    doc: dict[str, Any] = {"id": "x", "object": "chat.completion", "model": "m", "choices": []}
+    if message is not None:
+        doc["choices"] = [{"index": 0, "message": {"role": "assistant", **message},
+                           "finish_reason": "length"}]
+    fake_openai.script([Body(json.dumps(doc).encode())])
+    spec = parse_spec(HUGE_WINDOW.replace("history_limit = 200000", ""))
+    model = make_model_client("test", fake_openai.base_url, max_retries=0)
+    runner = TurnRunner(stack.client, spec.agent("Solo"), model)
+    part = await _part(stack, "r56-empty", "hello")
+    try:
+        result = await runner.run(part)
+        assert (result.outcome, result.model_calls) == ("failed", 1)
+        log = await stack.log(part.session_id)
+        (fail,) = terminal_items(log, log[0])
+        assert fail.agent == "system", fail.data
+        assert fail.data["content"] == "Solo failed to answer: the model answered with no text and no tool call"
     finally:
         await model.client.close()
