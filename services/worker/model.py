@@ -393,7 +393,7 @@ class _Call(msgspec.Struct):
 
 
 class _Message(msgspec.Struct):
-    content: str | None = None
+    content: str | list[Any] | None = None  # a list of parts from some compatible servers
     refusal: str | None = None
     tool_calls: list[_Call] | None = None
 
@@ -432,7 +432,25 @@ def _to_reply(response: httpx2.Response) -> ModelReply:
     calls = [ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments or "{}")
              for c in message.tool_calls or [] if c.function is not None]
     usage = completion.usage
-    text = message.content if message.content is not None or calls else message.refusal
+    content = _content_text(message.content)
+    text = content if content is not None or calls else message.refusal
     return ModelReply(text=text, tool_calls=calls, model=completion.model,
                       input_tokens=usage.prompt_tokens if usage else None,
                       output_tokens=usage.completion_tokens if usage else None)
+
+
+def _content_text(content: str | list[Any] | None) -> str | None:
+    """The text of a message's ``content``: a string, or a list of parts (as Mistral's
+    and other compatible servers answer), whose ``text`` and ``refusal`` parts are joined
+    (``thinking`` / reasoning parts are not what the model said)."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and part.get("type") in ("text", "output_text", "refusal"):
+            value = part.get("refusal" if part.get("type") == "refusal" else "text")
+            if isinstance(value, str):
+                texts.append(value)
+    return "".join(texts) if texts else None

@@ -319,3 +319,38 @@ async def test_a_model_answer_with_no_text_and_no_tool_call_ends_the_turn_with_a
         assert fail.data["content"] == "Solo failed to answer: the model answered with no text and no tool call"
     finally:
         await model.client.close()
+
+
+@pytest.mark.parametrize("content,expected", [
+    ([{"type": "text", "text": "Hello, "}, {"type": "text", "text": "how can I help?"}],
+     "Hello, how can I help?"),
+    ([{"type": "thinking", "thinking": [{"type": "text", "text": "The user greets me."}]},
+      {"type": "text", "text": "Hi!"}], "Hi!"),
+    ([], None),
+], ids=["text-parts", "thinking-then-text", "empty-list"])
+async def test_a_content_given_as_a_list_of_parts_is_the_replys_text(
+    stack: WorkerStack, fake_openai: FakeOpenAI, content: list[Any], expected: str | None
+) -> None:
+    # Some OpenAI-compatible servers (Mistral's, reasoning models behind proxies) answer
+    # message.content as a list of parts.  model._Message declared it a str: the answer
+    # failed to decode and the turn ended with "model endpoint answered with no chat
+    # completion: Expected `str | null`, got `array`" although the model had answered.
+    doc = {"id": "x", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
+    fake_openai.script([Body(json.dumps(doc).encode())])
+    spec = parse_spec(HUGE_WINDOW.replace("history_limit = 200000", ""))
+    model = make_model_client("test", fake_openai.base_url, max_retries=0)
+    runner = TurnRunner(stack.client, spec.agent("Solo"), model)
+    part = await _part(stack, "r56-parts", "hello")
+    try:
+        result = await runner.run(part)
+        log = await stack.log(part.session_id)
+        (last,) = terminal_items(log, log[0])
+        if expected is None:  # nothing said: a model failure, not a decoding error
+            assert result.outcome == "failed"
+            assert last.data["content"].endswith("the model answered with no text and no tool call")
+        else:
+            assert result.outcome == "replied"
+            assert last.data["content"][0]["text"] == expected
+    finally:
+        await model.client.close()
