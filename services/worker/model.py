@@ -388,7 +388,7 @@ class _Function(msgspec.Struct):
 
 
 class _Call(msgspec.Struct):
-    id: str = ""
+    id: str | None = None  # null or absent from some compatible servers: the worker names the call
     function: _Function | None = None  # absent on custom (non-function) tool calls
 
 
@@ -429,7 +429,7 @@ def _to_reply(response: httpx2.Response) -> ModelReply:
     if not completion.choices:
         return ModelReply(text=None, tool_calls=[], model=completion.model)
     message = completion.choices[0].message
-    calls = [ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments or "{}")
+    calls = [ToolCall(id=c.id or "", name=c.function.name, arguments=c.function.arguments or "{}")
              for c in message.tool_calls or [] if c.function is not None]
     usage = completion.usage
     content = _content_text(message.content)

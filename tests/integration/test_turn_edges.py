@@ -354,3 +354,32 @@ async def test_a_content_given_as_a_list_of_parts_is_the_replys_text(
             assert last.data["content"][0]["text"] == expected
     finally:
         await model.client.close()
+
+
+async def test_a_tool_call_whose_id_is_null_is_run_under_an_id_the_worker_derives(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    # Some OpenAI-compatible servers send "id": null on a tool call.  The worker names a
+    # call with no id itself (turn._items_for), but model._Call declared id a str: the
+    # answer did not decode and the turn ended with "model endpoint answered with no chat
+    # completion: Expected `str`, got `null`", the tool never run.
+    call = {"id": None, "type": "function", "function": {"name": "quick", "arguments": '{"n": 7}'}}
+    doc = {"id": "x", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+         "finish_reason": "tool_calls"}]}
+    fake_openai.script([Body(json.dumps(doc).encode()), text("done")])
+    spec = parse_spec(TOOL_SPEC.format(tool="quick"))
+    model = make_model_client("test", fake_openai.base_url, max_retries=0)
+    runner = TurnRunner(stack.client, spec.agent("Clerk"), model)
+    part = await _part(stack, "r56-null-id", "go")
+    odd_tools.RUNS.clear()
+    try:
+        result = await runner.run(part)
+        assert (result.outcome, result.model_calls) == ("replied", 2)
+        log = await stack.log(part.session_id)
+        (fc,) = [e for e in log if e.data.get("type") == "function_call"]
+        (out,) = [e for e in log if e.data.get("type") == "function_call_output"]
+        assert fc.data["call_id"] == out.data["call_id"] == f"call_{part.turn}.Clerk.1.0"
+        assert out.data["output"] == "quick 7" and odd_tools.RUNS == [7]
+    finally:
+        await model.client.close()
