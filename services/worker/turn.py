@@ -416,7 +416,8 @@ class TurnRunner:
         out = _Step(items=[])
         if reply.text:
             out.items.append(self._item(part, step, "msg", assistant_text_item(reply.text, hint)))
-        used_ids = {str(e.data.get("call_id")) for e in state.window if "call_id" in e.data}
+        # The window and the whole turn: a window of a few items may no longer hold its calls.
+        used_ids = {str(e.data.get("call_id")) for e in (*state.window, *state.after) if "call_id" in e.data}
         calls: list[Call] = []
         for i, call in enumerate(reply.tool_calls):
             # Some servers reuse call ids across responses; pairing needs them unique.

@@ -383,3 +383,42 @@ async def test_a_tool_call_whose_id_is_null_is_run_under_an_id_the_worker_derive
         assert out.data["output"] == "quick 7" and odd_tools.RUNS == [7]
     finally:
         await model.client.close()
+
+
+SMALL_WINDOW = """
+entry = "Clerk"
+
+[[agents]]
+name = "Clerk"
+instructions = "Use your tool."
+tools = ["tests.support.odd_tools:quick"]
+history_limit = {limit}
+"""
+
+
+async def test_a_call_id_the_server_reuses_is_unique_in_the_turn_beyond_the_window(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    # A server that names every tool call "call_0" (some do).  turn._items_for renamed a
+    # reused id only when the window held it: with a window of 3 items, step 4's call was
+    # stored as "call_0" again, a second pair under step 1's id.  A reader with a larger
+    # window (another agent, the Agents SDK session) pairs outputs by call_id: convert
+    # gave step 1's output to the first call and dropped step 4's call and output, so the
+    # next model saw a turn with one tool run fewer than it had.
+    fake_openai.script([tool_call("quick", {"n": n}, call_id="call_0") for n in range(1, 5)]
+                       + [text("done"), text("again")])
+    small = make_model_client("test", fake_openai.base_url, max_retries=0)
+    runner = TurnRunner(stack.client, parse_spec(SMALL_WINDOW.format(limit=3)).agent("Clerk"), small)
+    part = await _part(stack, "r56-reused-ids", "go")
+    try:
+        assert (await runner.run(part)).outcome == "replied"
+        log = await stack.log(part.session_id)
+        ids = [e.data["call_id"] for e in log if e.data.get("type") == "function_call"]
+        assert len(ids) == 4 and len(set(ids)) == 4, ids
+        # The next turn, read with the default window, shows the model every run.
+        wide = TurnRunner(stack.client, parse_spec(SMALL_WINDOW.format(limit=50)).agent("Clerk"), small)
+        assert (await wide.run(await _part(stack, "r56-reused-ids", "and?"))).outcome == "replied"
+        tool_messages = [m["content"] for m in fake_openai.requests[-1]["messages"] if m["role"] == "tool"]
+        assert tool_messages == ["quick 1", "quick 2", "quick 3", "quick 4"]
+    finally:
+        await small.client.close()
