@@ -18,6 +18,7 @@ appends.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -67,7 +68,9 @@ def items_to_chat_messages(
     it, wherever the output sits in the log (concurrent writers may interleave
     a user message).  Because Chat Completions refuses unpaired tool messages,
     an output whose call is outside the window and a call that has no output
-    (yet) are left out.  Item types Chat Completions cannot express
+    (yet) are left out.  An output pairs with the earliest call before it under
+    its ``call_id`` that has none yet, so a call_id a model server reused in a
+    later response is that response's call.  Item types Chat Completions cannot express
     (reasoning, web search, ...) are skipped.
 
     Args:
@@ -75,14 +78,22 @@ def items_to_chat_messages(
         items: visible history, oldest first.
     """
     items = [i for i in items if isinstance(i, Mapping)]
-    outputs: dict[str, str] = {}
-    for item in items:
-        if item.get("type") == "function_call_output":
-            outputs.setdefault(str(item.get("call_id")), _output_text(item.get("output")))
+    # Each output pairs with the earliest call before it with its call_id that has none
+    # yet: some model servers reuse ids across responses ("call_0" every time), and a
+    # call_id seen before in the window is then a later call, with an output of its own.
+    outputs: dict[int, str] = {}  # index of a call in items -> its output's text
+    unanswered: dict[str, deque[int]] = {}
+    for n, item in enumerate(items):
+        if item.get("type") == "function_call":
+            unanswered.setdefault(str(item.get("call_id")), deque()).append(n)
+        elif item.get("type") == "function_call_output":
+            waiting = unanswered.get(str(item.get("call_id")))
+            if waiting:
+                outputs[waiting.popleft()] = _output_text(item.get("output"))
 
     messages: list[dict[str, Any]] = [{"role": "system", "content": instructions}]
     pending: dict[str, Any] | None = None  # assistant message still collecting tool calls
-    emitted_calls: set[str] = set()
+    pending_outputs: list[str] = []  # the tool messages of its calls, in order
 
     def flush() -> None:
         nonlocal pending
@@ -93,22 +104,23 @@ def items_to_chat_messages(
             if not calls:
                 pending.pop("tool_calls", None)
             messages.append(pending)
-            for call in calls:
-                messages.append(
-                    {"role": "tool", "tool_call_id": call["id"], "content": outputs[call["id"]]}
-                )
+            for call, output in zip(calls, pending_outputs, strict=True):
+                messages.append({"role": "tool", "tool_call_id": call["id"], "content": output})
         pending = None
+        pending_outputs.clear()
 
-    for item in items:
+    for n, item in enumerate(items):
         kind = item.get("type")
         role = item.get("role")
         if kind == "function_call":
             call_id = str(item.get("call_id"))
-            if call_id not in outputs or call_id in emitted_calls:
-                continue  # unanswered (or repeated) calls would make the request invalid
-            emitted_calls.add(call_id)
+            if n not in outputs:
+                continue  # an unanswered call would make the request invalid
+            if pending is not None and any(c["id"] == call_id for c in pending.get("tool_calls", [])):
+                continue  # one response cannot hold an id twice
             if pending is None:
                 pending = {"role": "assistant", "content": None, "tool_calls": []}
+            pending_outputs.append(outputs[n])
             pending.setdefault("tool_calls", []).append(
                 {
                     "id": call_id,

@@ -218,3 +218,31 @@ def test_system_prompt_names_the_agent() -> None:
     prompt = agent_system_prompt(AgentSpec(name="L1Billing", instructions="Handle billing."))
     assert prompt.startswith("You are L1Billing, ")
     assert prompt.endswith("\n\nHandle billing.")
+
+
+def test_a_call_id_a_server_reused_in_a_later_response_pairs_each_call_with_its_own_output() -> None:
+    # Some servers name every tool call "call_0". Two responses' calls under one id were
+    # one call to the next model (the later call and its output left out), and a call
+    # whose earlier namesake was cut from the window got that namesake's output.
+    items = [
+        user_message_item("refund 1"),
+        function_call_item("call_0", "refund", '{"n": 1}'),
+        function_call_output_item("call_0", "refunded 1"),
+        user_message_item("refund 2"),
+        function_call_item("call_0", "refund", '{"n": 2}'),
+        function_call_output_item("call_0", "refunded 2"),
+    ]
+    assert items_to_chat_messages("sys", items)[1:] == [
+        {"role": "user", "content": "refund 1"},
+        {"role": "assistant", "content": None, "tool_calls": [call("call_0", "refund", '{"n": 1}')]},
+        tool_msg("call_0", "refunded 1"),
+        {"role": "user", "content": "refund 2"},
+        {"role": "assistant", "content": None, "tool_calls": [call("call_0", "refund", '{"n": 2}')]},
+        tool_msg("call_0", "refunded 2"),
+    ]
+    # The window starts after the first call: its output pairs with nothing.
+    assert items_to_chat_messages("sys", items[2:])[1:] == [
+        {"role": "user", "content": "refund 2"},
+        {"role": "assistant", "content": None, "tool_calls": [call("call_0", "refund", '{"n": 2}')]},
+        tool_msg("call_0", "refunded 2"),
+    ]
