@@ -313,6 +313,9 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         rep.run_sync(checked(), args.session_id)
         if rep.count == 0 and undecodable:
             raise BadRequestError(f"{where} holds no convlog envelopes ({undecodable[0]})")
+        if rep.count == 0 and all(h.session_id != args.session_id for h in rep.audit.heads):
+            # the signed heads of another session's export say nothing of this one
+            raise NotFoundError(f"session {args.session_id!r} has no items")
     else:
         client = await connect_client(settings)
         try:

@@ -242,3 +242,29 @@ def test_a_forged_head_at_order_zero_is_not_reported_as_matching(tmp_path: Path,
                 "--keyring", str(keys / "keyring.json"), tmp=tmp_path)
     assert "matches" not in r.stderr, r.stderr
     assert r.returncode == 1 and "signed head: the head's signature does not match it" in r.stderr, r.stderr
+
+
+# -- 8. replay --file of another session's export that ends with a signed head ------------
+
+
+def test_an_export_of_another_session_with_a_signed_head_has_no_items_of_this_one(
+    tmp_path: Path, keys: Path
+) -> None:
+    """An export ends with the log's signed head. Replayed as another session (a
+    mistyped SID, the wrong file), it printed nothing and exited 0 without --verify,
+    and with --verify said the signed head failed: the same file without its head
+    line says the session has no items (exit 2), as it must with it."""
+    from services.cli.audit import encode_head_line
+    from shared.signing import KeyFile, sign_head
+
+    golden = (REPO / "tests" / "data" / "golden.jsonl").read_bytes().rstrip(b"\n")
+    last = json.loads(golden.rsplit(b"\n", 1)[-1])
+    head = sign_head(KeyFile(keys / "log.nk"), "golden-support-1", 7, last["hash"], "2030-01-01T00:00:00.000000Z")
+    export = tmp_path / "export.jsonl"
+    export.write_bytes(golden + b"\n" + encode_head_line(head) + b"\n")
+    assert convlog("replay", "golden-support-1", "--file", str(export), "--verify", "--quiet",
+                   tmp=tmp_path).returncode == 0
+    for verify in ([], ["--verify"]):
+        r = convlog("replay", "golden-support-2", "--file", str(export), *verify, tmp=tmp_path)
+        assert (r.returncode, r.stdout) == (2, ""), (verify, r.returncode, r.stdout, r.stderr)
+        assert "session 'golden-support-2' has no items" in r.stderr, r.stderr
