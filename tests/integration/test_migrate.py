@@ -173,6 +173,28 @@ async def test_migrate_from_a_source_that_does_not_exist_is_refused_and_creates_
         await nc.close()
 
 
+async def test_migrate_from_a_jetstream_log_of_another_shard_count_names_it(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # The log exists with 1 shard; CONVLOG_SHARDS=2 as the source said "there is no
+    # JetStream log for prefix 'convlog': stream CONVLOG_LOG_1 does not exist" (exit 2),
+    # while the same mistake on --to names the shard count (exit 1).
+    async with JetStreamStore({"servers": [nats_server.url]}, subjects=Subjects("convlog")) as js:
+        await js.append("a", AppendRequest(items=[user("hi")]))
+    back = tmp_path / "back.db"
+    rc, out, err = await run_cli("migrate", "--nats-url", nats_server.url, "--no-embedded", "--from", "jetstream",
+                                 "--to", f"sqlite:{back}", env={**service_env(tmp_path / "cli"), "CONVLOG_SHARDS": "2"},
+                                 timeout=60)
+    assert rc == 1, out + err
+    assert "no JetStream log" not in err and "was created with CONVLOG_SHARDS=1, not 2" in err, err
+    assert not back.exists()
+    nc = await nats.connect(nats_server.url)
+    try:
+        assert "CONVLOG_LOG_1" not in [s.config.name for s in await nc.jetstream().streams_info()]
+    finally:
+        await nc.close()
+
+
 async def test_migrate_refuses_an_envelope_with_a_field_the_hash_does_not_cover(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -240,6 +240,8 @@ async def ensure_streams(
     """
     info = await _api(nc, f"STREAM.INFO.{layout.stream}", None, timeout)
     if not create:
+        if "config" in info:  # a log of another shard count exists: say so, not that it does not
+            _check_shards(layout, layout.stream, info["config"])
         for name in (layout.stream, *layout.log_streams):
             if _not_found(info if name == layout.stream else await _api(nc, f"STREAM.INFO.{name}", None, timeout)):
                 raise NotFoundError(f"there is no JetStream log for prefix {layout.prefix!r}: stream {name} does not exist")
