@@ -21,7 +21,7 @@ from services.log.store.importer import import_envelopes
 from shared.chain import verify
 from shared.codec import decode
 from shared.config import Settings
-from shared.errors import BadRequestError, ConvlogError, NotFoundError
+from shared.errors import BadRequestError, ConvlogError, NotFoundError, UnavailableError
 from shared.messages import Envelope
 from shared.subjects import validate_session_id
 
@@ -132,6 +132,11 @@ async def migrate(
                 raise BadRequestError(f"verification failed after copying: {problem or 'bytes differ'}")
         except ConvlogError as e:
             failed += 1
+            if isinstance(e, UnavailableError) and not all(getattr(st, "connected", True) for st in (src, dst)):
+                # NATS went away: every session left would wait out its timeouts in turn
+                say(f"migrate {where}: FAILED (run again to resume): {e.message}")
+                raise UnavailableError(f"{e.message}; stopped at session {n} of {len(sids)}, "
+                                       "run again to resume") from e
             done = await _copied_before_failure(dst, sid, source, head)
             if done:
                 copied_total += done

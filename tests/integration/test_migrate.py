@@ -7,6 +7,8 @@ differs.
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from pathlib import Path
 
 import msgspec
@@ -22,7 +24,7 @@ from shared.messages import AppendItem, AppendRequest, Envelope
 from shared.subjects import Subjects
 from tests.support.logsvc import service_env
 from tests.support.natsd import NatsServer
-from tests.support.procs import run_cli
+from tests.support.procs import REPO_ROOT, run_cli
 
 BIG = 1 << 30
 
@@ -327,3 +329,42 @@ async def test_an_imported_retract_must_target_an_earlier_item_as_an_appended_on
                             prev=msgspec.json.decode((await everything(store, "c"))[-1])["hash"])
                 await import_envelopes(store, "c", ok, after=2)
                 assert (await store.tail("c", 10)).items == []
+
+
+async def test_migrate_stops_when_nats_goes_away_and_resumes_after(tmp_path: Path) -> None:
+    # NATS stopped answering mid-run: each session left waited out its timeouts in turn
+    # (10 s and more each, a warning every 250 ms) and was reported "REFUSED, left
+    # untouched: cannot read the log stream: TimeoutError"; hours for a big log, then
+    # exit 1. The run stops at the first such session, exit 3, and resumes after.
+    db = tmp_path / "log.db"
+    sids = [f"s{n:02d}" for n in range(30)]
+    async with SQLiteStore(db) as src:
+        for sid in sids:
+            await src.append(sid, AppendRequest(items=[user(f"{sid}-{i}") for i in range(300)]))
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli.main", "migrate", "--nats-url", server.url, "--no-embedded",
+            "--from", f"sqlite:{db}", "--to", "jetstream", cwd=REPO_ROOT, env=service_env(tmp_path / "cli"),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            assert proc.stderr is not None
+            first = [await proc.stderr.readline() for _ in range(3)]
+            assert all(b"300 items verified" in line for line in first), first
+            server.kill()
+            err = (await asyncio.wait_for(proc.stderr.read(), 60)).decode()
+            assert await proc.wait() == 3, err
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        lines = [line for line in err.splitlines() if line.startswith("migrate [")]
+        assert len(lines) <= 2 and "REFUSED" not in err, err  # the session in flight, no more
+        assert "convlog migrate: unavailable: " in err and "run again to resume" in err, err
+
+        server.start()
+        code, out = await migrate(tmp_path, server.url, "--from", f"sqlite:{db}", "--to", "jetstream")
+        assert code == 0, out
+        assert "30 of 30 sessions verified" in out, out
+    finally:
+        server.stop()

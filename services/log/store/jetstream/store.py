@@ -162,6 +162,11 @@ class JetStreamStore:
         """Tasks whose failure is fatal to the process (the service watches them)."""
         return [t for t in (self._committer.task,) if t is not None]
 
+    @property
+    def connected(self) -> bool:
+        """The store's NATS connection is up (not closed, not reconnecting)."""
+        return self._nc is not None and self._nc.is_connected
+
     async def close(self) -> None:
         await self._committer.stop()
         await self._close_nc()
