@@ -120,11 +120,12 @@ class HeadWitness:
         for sid, raw in dirty.items():
             env = _last.decode(raw)
             head = sign_head(self.signer, sid, int(env["item_order"]), str(env["hash"]), signed_at)
-            puts.append((sid, raw, self._store(sid, head)))
+            puts.append((sid, raw, head))
         for i in range(0, len(puts), 256):
             chunk = puts[i : i + 256]
-            try:
-                results = await asyncio.gather(*(p for _, _, p in chunk), return_exceptions=True)
+            try:  # a chunk's stores made only now: a cancel leaves none of them never awaited
+                results = await asyncio.gather(*(self._store(sid, h) for sid, _, h in chunk),
+                                               return_exceptions=True)
             except asyncio.CancelledError:  # stopping: keep what is not known stored for stop()
                 for sid, raw, _ in puts[i:]:
                     self._dirty.setdefault(sid, raw)
