@@ -150,13 +150,15 @@ class HeadWitness:
         if await put_forward(self._kv, sid, over) is None:
             raise RuntimeError(f"the witness head of {sid} kept changing under ten writes")
 
-    async def stop(self) -> None:
-        """Stop the loop and sign what is still pending (best effort)."""
+    async def stop(self, within: float = 5.0) -> None:
+        """Stop the loop and sign what is still pending (best effort, for up to ``within``
+        seconds: a KV that does not answer costs a timeout per chunk of 256 sessions)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
         if self._kv is not None and self._dirty:
-            with contextlib.suppress(Exception):
-                await self.flush()
+            with contextlib.suppress(Exception):  # TimeoutError included
+                async with asyncio.timeout(within):
+                    await self.flush()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 import warnings
 
 import nats
@@ -59,3 +60,14 @@ async def test_a_stop_mid_flush_leaves_no_head_coroutine_never_awaited(nats_serv
         nats_server.resume()
         await nc.close()
 
+
+async def test_stopping_with_heads_pending_and_nats_not_answering_is_bounded(nats_server: NatsServer) -> None:
+    witness, nc = await _witness_mid_flush(nats_server)
+    try:
+        t0 = time.monotonic()
+        await asyncio.wait_for(witness.stop(), 120)
+        took = time.monotonic() - t0
+        assert took < 8.0, f"stopping the head witness took {took:.1f} s with nats-server not answering"
+    finally:
+        nats_server.resume()
+        await nc.close()
