@@ -29,7 +29,7 @@ from shared.startup import create_or_find
 from shared.subjects import Subjects
 
 from .kv_forward import put_forward
-from .store.base import Committed
+from .store.base import Committed, LogStore
 from .store.ordering import now_rfc3339
 
 __all__ = ["HeadWitness", "read_witness_head"]
@@ -38,6 +38,8 @@ log = logging.getLogger("convlog.log.heads")
 
 _last = msgspec.json.Decoder(type=dict)
 _head = msgspec.json.Decoder(SignedHead)
+#: Sessions whose last stored head a witness remembers (moved on without a store read).
+_HELD = 65536
 
 
 async def _bucket(nc: Client, subjects: Subjects, *, create: bool, replicas: int = 1) -> Any:
@@ -82,16 +84,22 @@ class HeadWitness:
         subjects: the prefix's names.
         signer: the log service's key.
         interval: the longest a committed item waits to be covered by a witness head.
+        store: the log; a stored head is moved on only while the log still holds its
+            hash at its order (a store restored from an older copy and written past
+            the head keeps contradicting it, instead of the head following the fork).
     """
 
     def __init__(
-        self, nc: Client, subjects: Subjects, signer: Signer, *, interval: float = 1.0, replicas: int = 1
+        self, nc: Client, subjects: Subjects, signer: Signer, *, interval: float = 1.0, replicas: int = 1,
+        store: LogStore | None = None,
     ) -> None:
         self.nc, self.subjects, self.signer = nc, subjects, signer
         self.interval = interval
         self.replicas = replicas
+        self.store = store
         self.signed = 0
         self._dirty: dict[str, bytes] = {}  # session -> its newest committed envelope
+        self._held: dict[str, tuple[int, str]] = {}  # session -> (order, hash) of the head it stored last
         self._kv: Any = None
         self._task: asyncio.Task[None] | None = None
 
@@ -140,15 +148,38 @@ class HeadWitness:
         """Store ``head`` unless the bucket holds a later one (another instance's):
         compare-and-set on the revision, forward only."""
 
-        def over(stored: bytes | None) -> bytes | None:
+        async def over(stored: bytes | None) -> bytes | None:
             if stored:
-                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                    if _head.decode(stored).item_order >= head.item_order:
-                        return None
+                try:
+                    old = _head.decode(stored)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    return msgspec.json.encode(head)
+                if old.item_order >= head.item_order:
+                    return None
+                if not await self._holds(sid, old):
+                    log.error("session %s: the log does not hold item_order %d with the hash the witness "
+                              "head signed at %s: that head is kept", sid, old.item_order, old.signed_at)
+                    return None
             return msgspec.json.encode(head)
 
-        if await put_forward(self._kv, sid, over) is None:
+        written = await put_forward(self._kv, sid, over)
+        if written is None:
             raise RuntimeError(f"the witness head of {sid} kept changing under ten writes")
+        if written:
+            self._held.pop(sid, None)
+            if len(self._held) >= _HELD:
+                del self._held[next(iter(self._held))]
+            self._held[sid] = (head.item_order, head.hash)
+
+    async def _holds(self, sid: str, old: SignedHead) -> bool:
+        """Whether the log holds ``old``'s hash at its order (what a new head may move past)."""
+        if old.item_order <= 0 or self.store is None or self._held.get(sid) == (old.item_order, old.hash):
+            return True
+        page = await self.store.read(sid, after=old.item_order - 1, limit=1, max_bytes=1 << 20, visible=False)
+        if not page.items:
+            return False
+        env = _last.decode(page.items[0])
+        return bool(env.get("item_order") == old.item_order and env.get("hash") == old.hash)
 
     async def stop(self, within: float = 5.0) -> None:
         """Stop the loop and sign what is still pending (best effort, for up to ``within``

@@ -4,7 +4,8 @@ write the same key and an older value must never replace a newer one."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.js.errors
@@ -14,11 +15,13 @@ __all__ = ["put_forward"]
 _MISSING = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError)
 
 
-async def put_forward(kv: Any, key: str, value_over: Callable[[bytes | None], bytes | None], *,
-                      attempts: int = 10) -> bool | None:
+async def put_forward(
+    kv: Any, key: str, value_over: Callable[[bytes | None], bytes | None | Awaitable[bytes | None]], *,
+    attempts: int = 10,
+) -> bool | None:
     """Write ``value_over(current)`` to ``key`` with compare-and-set on its revision
-    (``current``: the stored value, ``None`` when there is none); a key written
-    meanwhile is read again and decided again.
+    (``current``: the stored value, ``None`` when there is none; ``value_over`` may be
+    a coroutine function); a key written meanwhile is read again and decided again.
 
     Returns:
         True: written; False: ``value_over`` returned ``None`` (what is stored is as
@@ -30,6 +33,8 @@ async def put_forward(kv: Any, key: str, value_over: Callable[[bytes | None], by
         except _MISSING:
             entry = None
         value = value_over(entry.value if entry is not None else None)
+        if inspect.isawaitable(value):
+            value = await value
         if value is None:
             return False
         try:

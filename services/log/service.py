@@ -243,7 +243,7 @@ class LogService(Endpoints):
         self.store.add_commit_listener(self.routing_writer.on_commit)
         if head_signer is not None:  # heads signed within head_interval of each commit
             self.witness = HeadWitness(self.nc, self.subjects, head_signer, interval=self.settings.head_interval,
-                                       replicas=self.settings.stream_replicas)
+                                       replicas=self.settings.stream_replicas, store=self.store)
             await wait_at_start(self.witness.start, what="the heads bucket on NATS JetStream", log=log,
                                 stopping=stopping)
             self.store.add_commit_listener(self.witness.on_commit)

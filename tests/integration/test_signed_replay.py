@@ -5,9 +5,10 @@ nats-server writes the export; the CLI verifies it in its own process."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -199,3 +200,61 @@ def test_a_signed_head_with_a_negative_item_order_fails_verify(
     err = capsys.readouterr().err
     assert "item_order -1 is negative" in err, err
     assert "verified" not in err, err
+
+
+# A store restored from an older copy, then written to past the head the witness had
+# signed: the witness moved its head on to the new chain (forward only, by item_order)
+# and the restore, caught until then, verified clean ("verified ... signed head at #4").
+async def test_a_restored_store_written_past_the_witness_head_is_still_caught(
+    nats_server: NatsServer, tmp_path: Path, keys: Path
+) -> None:
+    from services.log.heads import read_witness_head
+    from shared.subjects import Subjects
+    from tests.support.eventually import assert_eventually
+
+    db = tmp_path / "convlog.db"
+    settings = load_settings({
+        "nats_url": nats_server.url, "db": str(db), "keyring": str(keys / "keyring.json"),
+    }, {"CONVLOG_SIGNING_KEY": str(keys / "log.nk"), "CONVLOG_HEAD_INTERVAL": "0.1"})
+    triage = await LogClient.connect(nats_server.url)
+    triage.signer = Signer.load(keys / "Triage.nk")
+
+    async def say(text: str) -> None:
+        await triage.append("s", [{"agent": "Triage", "data": {"role": "assistant", "content": text}}])
+
+    def witnessed(order: int) -> Callable[[], Awaitable[None]]:
+        async def check() -> None:
+            head = await read_witness_head(triage.nc, Subjects("convlog"), "s")
+            assert head is not None and head.item_order == order
+        return check
+
+    try:
+        svc = LogService(settings)
+        await svc.start()
+        for text in ("one", "two"):
+            await say(text)
+        await svc.shutdown()
+        backup = db.read_bytes()
+        svc = LogService(settings)
+        await svc.start()
+        await say("three: refund approved")
+        await assert_eventually(witnessed(3), timeout=10)
+        await svc.shutdown()
+        db.write_bytes(backup)  # restored from the copy: #3 is gone
+        for extra in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            extra.unlink(missing_ok=True)
+        await triage.nc.jetstream().delete_stream("CONVLOG_ITEMS")
+        svc = LogService(settings)
+        await svc.start()
+        try:
+            for text in ("three: refund refused", "four"):  # the session goes on past #3
+                await say(text)
+            await asyncio.sleep(1.0)  # several witness rounds
+            code, _, err = await _cli("replay", "s", "--verify", "--quiet", "--keyring",
+                                      str(keys / "keyring.json"), "--nats-url", nats_server.url,
+                                      "--no-embedded")
+            assert code == 1 and "item_order 3: forked" in err, err
+        finally:
+            await svc.shutdown()
+    finally:
+        await triage.close()
