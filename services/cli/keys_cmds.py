@@ -163,13 +163,17 @@ def _rotate(folder: Path, agent: str, agents_path: Path | None, subjects: Subjec
     role = agent if agent in (LOG, GATEWAY) else "agent"
     name = {LOG: LOG_AGENT, GATEWAY: USER_AGENT}.get(agent, agent)
     live = [e for e in ring.of_role(role, name) if e.retired_at is None]
-    if not live:
-        print(f"convlog keys: {ring_path} has no live key for {agent!r}", file=sys.stderr)
+    # No live key: an agent added to the spec since `keys init`, or one whose keys were
+    # all retired (by hand, say a leaked one): it gets its key, nothing is retired.
+    if not live and role == "agent" and (name not in spec.agents or name in (USER_AGENT, SYSTEM_AGENT, LOG_AGENT)):
+        print(f"convlog keys: {ring_path} has no live key for {agent!r}, and {agent!r} is not "
+              "an agent of the agents spec that may have one", file=sys.stderr)
         return EXIT_USAGE
     now, retired_at = _now(), _now(RETIRE_AFTER)
     key_path = _key_file(folder, role, name)
     if key_path.exists():  # keep the old seed aside; delete it once nothing needs it
-        key_path.rename(key_path.with_name(f"{key_path.stem}.{live[0].key_id[:8]}.retired.nk"))
+        old_id = live[0].key_id if live else Signer.load(key_path).key_id
+        key_path.rename(key_path.with_name(f"{key_path.stem}.{old_id[:8]}.retired.nk"))
     signer, seed = Signer.generate()
     write_private(key_path, seed)
     entries = [msgspec.structs.replace(e, retired_at=retired_at) if e in live else e for e in ring.entries]
@@ -178,6 +182,9 @@ def _rotate(folder: Path, agent: str, agents_path: Path | None, subjects: Subjec
     tmp.write_bytes(Keyring(entries).dumps())
     tmp.replace(ring_path)
     (folder / "nats-users.conf").write_text(render_users(Keyring(entries), subjects, entry=spec.entry))
+    if not live:
+        print(f"added a key for {agent}: {signer.key_id[:12]}... in {key_path} (no live key retired)")
+        return EXIT_OK
     print(f"rotated {agent}: new key {signer.key_id[:12]}... in {key_path}; "
           f"{len(live)} old key(s) retired at {retired_at}, in {RETIRE_AFTER:g}s (what they signed "
           "before still verifies; running processes take the new key meanwhile)")

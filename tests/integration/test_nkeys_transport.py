@@ -231,3 +231,75 @@ async def test_a_user_without_the_jetstream_api_follows_a_session_by_reading_the
             await gateway.close()
         await svc.shutdown()
         server.stop()
+
+
+# An agent added to the spec after `convlog keys init` could get no key: init again refused
+# ("keyring.json exists; ... use `convlog keys rotate`") and `keys rotate NewAgent` said "has
+# no live key" (exit 2), so its worker could neither sign nor log in to NATS, and nats-users.conf
+# had no user for it. The same dead end for an agent whose keys were all retired by hand (a
+# leaked key retired at once). Now rotate gives such an agent of the spec its key.
+async def test_an_agent_added_to_the_spec_after_init_gets_its_key_and_nats_user(tmp_path: Path) -> None:
+    import asyncio
+    import stat
+
+    from services.cli.main import main
+    from shared.messages import AppendItem
+    from shared.signing import Keyring
+
+    def spec(*agents: str) -> str:
+        path = tmp_path / f"agents-{len(agents)}.toml"
+        path.write_text('entry = "Triage"\n' + "".join(
+            f'[[agents]]\nname = "{a}"\ninstructions = "Help."\n' for a in agents))
+        return str(path)
+
+    async def cli(*args: str) -> int:
+        return await asyncio.to_thread(main, ["keys", *args])
+
+    keys = tmp_path / "keys"
+    assert await cli("init", "--out", str(keys), "--agents", spec("Triage", "L1Billing")) == 0
+    before = Keyring.load(keys / "keyring.json").entries
+    assert await cli("rotate", "L3Expert", "--dir", str(keys), "--agents", spec("Triage", "L1Billing")) == 2
+    assert await cli("rotate", "L3Expert", "--dir", str(keys),
+                     "--agents", spec("Triage", "L1Billing", "L3Expert")) == 0
+    ring = Keyring.load(keys / "keyring.json")
+    assert ring.entries[: len(before)] == before  # nobody's key retired
+    (added,) = ring.of_role("agent", "L3Expert")
+    assert added.retired_at is None and Signer.load(keys / "L3Expert.nk").key_id == added.key_id
+    assert stat.S_IMODE((keys / "L3Expert.nk").stat().st_mode) == 0o600
+    conf = (keys / "nats-users.conf").read_text()
+    assert added.key_id in conf
+
+    # A key retired by hand at once (leaked): rotate gives the agent a new one.
+    leaked = Signer.load(keys / "L1Billing.nk").key_id
+    doc = msgspec.json.decode((keys / "keyring.json").read_bytes())
+    for e in doc["keys"]:
+        if e["key_id"] == leaked:
+            e["retired_at"] = "2000-01-01T00:00:00Z"
+    (keys / "keyring.json").write_bytes(msgspec.json.encode(doc))
+    assert await cli("rotate", "L1Billing", "--dir", str(keys),
+                     "--agents", spec("Triage", "L1Billing", "L3Expert")) == 0
+    fresh = Signer.load(keys / "L1Billing.nk").key_id
+    assert fresh != leaked and (keys / f"L1Billing.{leaked[:8]}.retired.nk").exists()
+    assert Keyring.load(keys / "keyring.json").refusal(fresh, "L1Billing", via_inbound=False) is None
+
+    # The new users log in to nats-server with nats-users.conf and sign what the log takes.
+    server = NatsServer(tmp_path / "nats", config=(keys / "nats-users.conf").read_text()).start()
+    svc = LogService(load_settings(
+        {"nats_url": server.url, "db": str(tmp_path / "convlog.db"), "keyring": str(keys / "keyring.json"),
+         "require_signatures": True}, {"CONVLOG_NKEY": str(keys / "log.nk")}))
+    try:
+        await svc.start()
+        items = []
+        for agent in ("L3Expert", "L1Billing"):
+            client = await LogClient.connect(settings=load_settings({"nats_url": server.url}, {
+                "CONVLOG_NKEY": str(keys / f"{agent}.nk"), "CONVLOG_SIGNING_KEY": str(keys / f"{agent}.nk"),
+                "CONVLOG_REQUEST_TIMEOUT": "2"}))
+            try:
+                await client.append("n1", [AppendItem(agent=agent, data={"type": "message", "content": "hi"})])
+                items = await client.items("n1")
+            finally:
+                await client.close()
+        assert [(e.agent, e.key_id) for e in items] == [("L3Expert", added.key_id), ("L1Billing", fresh)]
+    finally:
+        await svc.shutdown()
+        server.stop()
