@@ -25,7 +25,7 @@ from nats.aio.client import Client
 from . import nats_connect, tracing
 from .codec import check_json, decode, encode, json_ok
 from .config import Settings
-from .errors import BadRequestError, TooLargeError
+from .errors import BadRequestError, ForbiddenError, TooLargeError
 from .failures import refused_publish
 from .follow import follow
 from .history import visible
@@ -274,11 +274,24 @@ class LogClient(Requester):
             )
         if self.signer is not None:  # signed once: a retry resends the same bytes
             validate_session_id(session_id)
-            sending = self._signed_appends.append(subject, session_id, req.items, expected_last)
+            sending = self._signed_append(subject, session_id, req.items, expected_last)
         else:
             sending = self._request(subject, _encode(req))
         return decode(await tracing.traced("convlog.append", None, sending, kind="CLIENT", session_id=session_id),
                       AppendReply)
+
+    async def _signed_append(self, subject: str, sid: str, items: list[AppendItem],
+                             expected_last: int | None) -> bytes:
+        key_id = self.signer.key_id if self.signer is not None else None
+        try:
+            return await self._signed_appends.append(subject, sid, items, expected_last)
+        except ForbiddenError:
+            # Refused (nothing written): if the key file now holds another key (`convlog keys
+            # rotate`, which the log service may see before this client's next look), the
+            # items go once more, signed with it.
+            if self.signer is None or not self.signer.renewed(key_id):
+                raise
+            return await self._signed_appends.append(subject, sid, items, expected_last)
 
     async def send(
         self, session_id: str, content: str, *, to: str | None = None, item_id: str | None = None
@@ -286,15 +299,27 @@ class LogClient(Requester):
         """Publish a user message (with a reply: the append ack)."""
         subject = self.subjects.inbound(session_id)
         msg = UserMessage(content=content, item_id=item_id or new_item_id(), to=to)
-        body = _encode(msg)
-        if self.signer is not None:  # signed as the item it becomes (shared.signing)
-            validate_session_id(session_id)
-            signer = self.signer.current()  # one key for both signatures
+
+        def signed(signer: Signer) -> tuple[bytes, str | None]:  # signed as the item it becomes
+            signer = signer.current()  # one key for both signatures (shared.signing)
             item = sign_item(signer, session_id, AppendItem(
                 agent="user", data={"role": "user", "content": content}, item_id=msg.item_id))
             to_sig = signer.sign(route_signing_input(session_id, msg.item_id, to)) if to else None
-            body = encode(msgspec.structs.replace(msg, sig=item.sig, key_id=item.key_id, to_sig=to_sig))
-        return decode(await tracing.traced("convlog.send", None, self._request(subject, body),
+            return encode(msgspec.structs.replace(msg, sig=item.sig, key_id=item.key_id, to_sig=to_sig)), item.key_id
+
+        async def sending() -> bytes:
+            if self.signer is None:
+                return await self._request(subject, _encode(msg))
+            validate_session_id(session_id)
+            body, key_id = signed(self.signer)
+            try:
+                return await self._request(subject, body)
+            except ForbiddenError:  # as in _signed_append: a key its file has replaced
+                if not self.signer.renewed(key_id):
+                    raise
+                return await self._request(subject, signed(self.signer)[0])
+
+        return decode(await tracing.traced("convlog.send", None, sending(),
                                            kind="PRODUCER", session_id=session_id), AppendReply)
 
     # -- reads -----------------------------------------------------------

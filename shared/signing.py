@@ -281,6 +281,11 @@ class Signer:
         ``sign`` and ``key_id`` of what it returns, with no call of it in between."""
         return self
 
+    def renewed(self, key_id: str | None) -> bool:
+        """Whether another key than ``key_id`` signs from now on (a :class:`KeyFile` looks
+        at its file at once): asked when the log service refused a signature of ``key_id``."""
+        return False
+
     def sign_items(self, session_id: str, items: Iterable[AppendItem]) -> list[AppendItem]:
         """Each item with its ``sig`` and ``key_id`` (every item needs an ``item_id``);
         several items share one batch signature (:func:`sign_batch`)."""
@@ -386,6 +391,10 @@ class KeyFile(Signer):
         _log.warning("signing key %s: %s... replaced by %s...", self.path, self.key_id[:12], new.key_id[:12])
         self._kp, self.key_id, self._said = new._kp, new.key_id, None
         return self
+
+    def renewed(self, key_id: str | None) -> bool:
+        self._looked = float("-inf")  # look now, not within the second
+        return self.current().key_id != key_id
 
     def _say(self, why: str) -> None:
         if why != self._said:  # once per cause

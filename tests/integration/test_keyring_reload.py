@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable
 from pathlib import Path
 
 import nats
@@ -194,5 +195,46 @@ async def test_a_new_key_is_taken_at_once_by_the_log_service_and_a_worker(
         assert items[1].key_id == new.signer.key_id  # type: ignore[union-attr]
         assert gate.signature_refusal(items[1]) is None
     finally:
+        await nc.close()
+        await service.shutdown()
+
+
+async def test_a_running_client_refused_for_its_rotated_key_signs_again_with_its_new_key(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """The log service and a running client look at their files independently, once a
+    second: when the log service had read the rotated keyring first (at once, as soon as
+    another process -- a second worker instance, a `convlog send` -- signed with the new
+    key), the client's next append or message, signed with its old key, was refused
+    ('forbidden: ... was retired'; a worker's turn failed and was played again) although
+    its key file already held the new key.  A refused client looks at its key file at once
+    and sends again, signed with the new key."""
+    keys, service = await _signed_service(nats_server, tmp_path)
+    nc = await nats.connect(nats_server.url)
+
+    def connect(key: str) -> Awaitable[LogClient]:
+        return LogClient.connect(settings=load_settings(
+            {"nats_url": nats_server.url}, {"CONVLOG_SIGNING_KEY": str(keys / f"{key}.nk")}))
+
+    worker, gateway = await connect("Triage"), await connect("gateway")
+    try:
+        await worker.append("rr", [AppendItem(agent="Triage", data=SAY)])
+        await gateway.send("rr", "hello")
+        for who in ("Triage", "gateway"):
+            assert await asyncio.to_thread(main, ["keys", "rotate", who, "--dir", str(keys)]) == 0
+        new = {who: Signer.load(keys / f"{who}.nk").key_id for who in ("Triage", "gateway")}
+        # Another process with the new keys: the log service reads the keyring at once.
+        others = LogClient(nc, timeout=5, deadline=20, signer=Signer.load(keys / "Triage.nk"))
+        await others.append("rr", [AppendItem(agent="Triage", data=SAY)])
+        await LogClient(nc, timeout=5, deadline=20, signer=Signer.load(keys / "gateway.nk")).send("rr", "hi")
+        # The running clients, within the second after the rotation (two appends at once:
+        # both refused, both sent again).
+        await asyncio.gather(*(worker.append("rr", [AppendItem(agent="Triage", data=SAY)]) for _ in range(2)))
+        await gateway.send("rr", "again")
+        items = await others.items("rr")
+        assert [e.key_id for e in items[2:]] == [new["Triage"], new["gateway"], *[new["Triage"]] * 2, new["gateway"]]
+    finally:
+        await worker.close()
+        await gateway.close()
         await nc.close()
         await service.shutdown()
