@@ -160,6 +160,14 @@ def _rotate(folder: Path, agent: str, agents_path: Path | None, subjects: Subjec
     spec = _spec(agents_path)  # its entry agent, for nats-users.conf
     if spec is None:
         return EXIT_USAGE
+    if agents_path is None:  # the packaged reference spec: is it the one these keys were made for?
+        strangers = sorted({e.agent for e in ring.entries if e.role == "agent" and e.retired_at is None}
+                           - set(spec.agents))
+        if strangers:  # nats-users.conf would give the reference spec's entry agent its rights
+            print(f"convlog keys: {ring_path} has keys for agents the packaged reference spec does "
+                  f"not have ({', '.join(strangers)}): give your agents file with --agents (or "
+                  "CONVLOG_AGENTS), whose entry agent nats-users.conf names", file=sys.stderr)
+            return EXIT_USAGE
     role = agent if agent in (LOG, GATEWAY) else "agent"
     name = {LOG: LOG_AGENT, GATEWAY: USER_AGENT}.get(agent, agent)
     live = [e for e in ring.of_role(role, name) if e.retired_at is None]

@@ -434,3 +434,20 @@ def test_a_key_file_is_followed_and_a_bad_or_refused_one_keeps_the_key(tmp_path:
     assert kf.current().key_id == third.key_id
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 2 and "not an nkey user seed" in errors[0] and "may not sign: not live" in errors[1], errors
+
+
+def test_keys_rotate_with_a_custom_spec_needs_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without --agents, rotate read the packaged reference spec for its entry agent and
+    # wrote nats-users.conf with the entry-notice rights given to that spec's entry
+    # (Triage), not to the deployment's own: its entry agent's worker lost them.
+    monkeypatch.delenv("CONVLOG_AGENTS", raising=False)
+    agents = tmp_path / "agents.toml"
+    agents.write_text('entry = "Front"\n[[agents]]\nname = "Front"\ninstructions = "Help."\n'
+                      '[[agents]]\nname = "Back"\ninstructions = "Help."\n')
+    out = tmp_path / "keys"
+    assert main(["keys", "init", "--out", str(out), "--agents", str(agents)]) == 0
+    ring, users = (out / "keyring.json").read_bytes(), (out / "nats-users.conf").read_text()
+    assert main(["keys", "rotate", "Back", "--dir", str(out)]) == 2
+    assert (out / "keyring.json").read_bytes() == ring and (out / "nats-users.conf").read_text() == users
+    assert main(["keys", "rotate", "Back", "--dir", str(out), "--agents", str(agents)]) == 0
+    assert (out / "nats-users.conf").read_text().count("Front") == users.count("Front")
