@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.cli.audit import encode_head_line
 from services.cli.common import is_loopback_host
 from shared.client import LogClient
-from shared.codec import encode_envelope_line
+from shared.codec import MAX_SAFE_INT, encode_envelope_line
 from shared.errors import ConvlogError, InvalidSessionIdError
 from shared.messages import Envelope, SignedHead
 from shared.subjects import validate_session_id
@@ -52,7 +52,7 @@ log = logging.getLogger("convlog.web")
 
 STATIC = Path(__file__).parent / "static"
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{0,128}\Z")
-_AFTER = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit()), and an int64
+_AFTER = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit()), and short: int() stays cheap
 EXPORT_PAGE = 2000  # envelopes per read while streaming an export
 FIRST_PAGE = 200  # a small first read, so a browser can draw its first screen at once
 
@@ -248,7 +248,8 @@ def build_app(client: LogClient, options: WebOptions | None = None, *,
     async def live(request: Request) -> Response:
         sid = _sid(request)
         raw_after = request.headers.get("last-event-id") or request.query_params.get("after", "0")
-        if not _AFTER.fullmatch(raw_after):
+        # The log reads orders up to 2**53-1 (MAX_SAFE_INT) only: beyond, it refuses the read.
+        if not _AFTER.fullmatch(raw_after) or int(raw_after) > MAX_SAFE_INT:
             return _error(400, "bad_request", f"after must be a non-negative integer, not {raw_after!r}")
         after = int(raw_after)
         headers = {"cache-control": "no-store", "x-accel-buffering": "no"}

@@ -364,6 +364,20 @@ async def test_a_live_after_that_is_no_small_integer_is_a_bad_request(web: Conso
     assert status == 400, (status, body[:200])
 
 
+@pytest.mark.parametrize("after", ["9007199254740992", "999999999999999999"])  # 2**53, and 18 digits
+async def test_a_live_after_past_the_largest_item_order_is_a_bad_request(web: Console, after: str) -> None:
+    """The log reads orders up to 2**53-1 only.  A larger ``after`` (or Last-Event-ID) passed
+    the console's check (up to 18 digits): the tail answered 200, its follower died on the
+    log's refusal, and the stream ended at once with nothing (an EventSource reconnects to
+    that every second)."""
+    await web.client.append("s1", [said("Triage", "one")])
+    status, _, body = await web.get(f"/sessions/s1/live?after={after}")
+    assert status == 400, (status, body[:200])
+    assert json.loads(body)["error"]["code"] == "bad_request"
+    status, _, body = await web.get("/sessions/s1/live", {"Last-Event-ID": after})
+    assert status == 400 and json.loads(body)["error"]["code"] == "bad_request", (status, body[:200])
+
+
 async def _walk_sessions(web: Console, limit: int, between: Any = None) -> list[str]:
     """Every session id the console lists, page by page (``between`` runs after each page)."""
     out: list[str] = []
