@@ -54,6 +54,7 @@ STATIC = Path(__file__).parent / "static"
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{0,128}\Z")
 _AFTER = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit()), and short: int() stays cheap
 EXPORT_PAGE = 2000  # envelopes per read while streaming an export
+EXPORT_CHUNK = 1 << 20  # bytes held before they are sent (about one read page, whatever the item sizes)
 FIRST_PAGE = 200  # a small first read, so a browser can draw its first screen at once
 
 # Pages load only our own files; no inline script or style can run even if
@@ -229,12 +230,13 @@ def build_app(client: LogClient, options: WebOptions | None = None, *,
                 return
             yield b"".join(_line(e) for e in first.items)
             if first.more:
-                after, chunk = first.items[-1].item_order, []
+                after, chunk, size = first.items[-1].item_order, [], 0
                 async for env in client.iter_items(sid, after=after, raw=True, page=EXPORT_PAGE):
                     chunk.append(_line(env))
-                    if len(chunk) >= EXPORT_PAGE:
+                    size += len(chunk[-1])
+                    if len(chunk) >= EXPORT_PAGE or size >= EXPORT_CHUNK:
                         yield b"".join(chunk)
-                        chunk = []
+                        chunk, size = [], 0
                 if chunk:
                     yield b"".join(chunk)
             if heads:
