@@ -55,7 +55,7 @@ class Reconciler:
     """
 
     def __init__(self, nc: Client, subjects: Subjects, notifier: Notifier, store: LogStore, *,
-                 interval: float = 1.0) -> None:
+                 interval: float = 2.0) -> None:
         self.nc = nc
         self.store = store
         self.subjects = subjects
