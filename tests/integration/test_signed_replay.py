@@ -19,7 +19,7 @@ from services.cli.main import main
 from services.cli.replay import Replayer, replay_from_service
 from services.log.service import LogService
 from shared.client import LogClient
-from shared.config import load_settings
+from shared.config import Settings, load_settings
 from shared.messages import Envelope
 from shared.signing import Keyring, Signer
 from tests.support.natsd import NatsServer
@@ -134,6 +134,18 @@ def test_an_unsigned_log_says_so_plainly(capsys: pytest.CaptureFixture[str]) -> 
     assert "unsigned (no item carries a signature)" in err and "no signed head" in err
 
 
+async def _witnessed(nats_server: NatsServer, tmp_path: Path, keys: Path) -> tuple[Path, Settings, LogClient]:
+    """A database path, the settings of a log service on it that signs a witness head
+    every 0.1 s, and a client that signs as Triage."""
+    db = tmp_path / "convlog.db"
+    settings = load_settings({
+        "nats_url": nats_server.url, "db": str(db), "keyring": str(keys / "keyring.json"),
+    }, {"CONVLOG_SIGNING_KEY": str(keys / "log.nk"), "CONVLOG_HEAD_INTERVAL": "0.1"})
+    triage = await LogClient.connect(nats_server.url)
+    triage.signer = Signer.load(keys / "Triage.nk")
+    return db, settings, triage
+
+
 async def test_a_store_that_lost_its_tail_contradicts_the_witness_head(
     nats_server: NatsServer, tmp_path: Path, keys: Path
 ) -> None:
@@ -141,12 +153,7 @@ async def test_a_store_that_lost_its_tail_contradicts_the_witness_head(
     from shared.subjects import Subjects
     from tests.support.eventually import assert_eventually
 
-    db = tmp_path / "convlog.db"
-    settings = load_settings({
-        "nats_url": nats_server.url, "db": str(db), "keyring": str(keys / "keyring.json"),
-    }, {"CONVLOG_SIGNING_KEY": str(keys / "log.nk"), "CONVLOG_HEAD_INTERVAL": "0.1"})
-    triage = await LogClient.connect(nats_server.url)
-    triage.signer = Signer.load(keys / "Triage.nk")
+    db, settings, triage = await _witnessed(nats_server, tmp_path, keys)
     try:
         svc = LogService(settings)
         await svc.start()
@@ -212,12 +219,7 @@ async def test_a_restored_store_written_past_the_witness_head_is_still_caught(
     from shared.subjects import Subjects
     from tests.support.eventually import assert_eventually
 
-    db = tmp_path / "convlog.db"
-    settings = load_settings({
-        "nats_url": nats_server.url, "db": str(db), "keyring": str(keys / "keyring.json"),
-    }, {"CONVLOG_SIGNING_KEY": str(keys / "log.nk"), "CONVLOG_HEAD_INTERVAL": "0.1"})
-    triage = await LogClient.connect(nats_server.url)
-    triage.signer = Signer.load(keys / "Triage.nk")
+    db, settings, triage = await _witnessed(nats_server, tmp_path, keys)
 
     async def say(text: str) -> None:
         await triage.append("s", [{"agent": "Triage", "data": {"role": "assistant", "content": text}}])
