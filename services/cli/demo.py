@@ -306,8 +306,8 @@ async def run_demo(*, agents_path: Path | None = None, offline: bool = False, ke
     except DemoFailure as e:
         out.line(f"convlog demo FAILED: {e}")
         code = e.exit_code
-    except BaseException:  # Ctrl-C or SIGTERM (cancelled): stopped, nothing left to check
-        interrupted = True
+    except (asyncio.CancelledError, KeyboardInterrupt):  # Ctrl-C, SIGTERM: nothing left to check
+        interrupted = True  # (any other failure keeps the files and logs, as a failed demo does)
         raise
     finally:
         out.line()
