@@ -355,6 +355,8 @@ class Supervisor:
         self.console = console
         self.proc: subprocess.Popen[bytes] | None = None
         self._children: set[int] = set()
+        self._tier: dict[int, int] = {}  # pid -> its group's priority, as last reported
+        self._priority: dict[str, int] | None = None  # group -> priority, read from conf once
 
     @property
     def pid(self) -> int:
@@ -407,13 +409,23 @@ class Supervisor:
         infos: list[dict[str, Any]] = self.rpc().supervisor.getAllProcessInfo()
         # The programs running now (a PID that exited was reaped, and may be reused).
         self._children = {i["pid"] for i in infos if i.get("pid")}
+        self._note_tiers(infos)
         return infos
+
+    def _note_tiers(self, infos: list[dict[str, Any]]) -> None:
+        self._tier = {i["pid"]: self._tier_of(i) for i in infos if i.get("pid")}
+
+    def _tier_of(self, info: dict[str, Any]) -> int:
+        if self._priority is None:
+            self._priority = _stop_settings(self.conf)[0]
+        return self._priority.get(str(info.get("group")), 999)
 
     def process(self, name: str) -> dict[str, Any]:
         """``getProcessInfo`` of one process (``group:name`` or a program name)."""
         info: dict[str, Any] = self.rpc().supervisor.getProcessInfo(name)
         if info.get("pid"):
             self._children.add(info["pid"])
+            self._tier[info["pid"]] = self._tier_of(info)
         return info
 
     def stop(self, timeout: float = 40.0) -> int | None:
@@ -454,12 +466,20 @@ class Supervisor:
         pids, self._children = self._children, set()
         if self.console and self.proc is not None:
             pids |= _session_members(self.proc.pid)
+        # Tier by tier, highest priority first (workers, then the log service, then
+        # nats-server), as supervisord stops them: signalled all at once, nats-server
+        # went first and the log service waited out its grace for a server gone.  A
+        # PID with no known tier (restarted since supervisord last reported) goes first.
+        tiers: dict[int, set[int]] = {}
         for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
+            tiers.setdefault(self._tier.get(pid, 1_000_000), set()).add(pid)
         end = time.monotonic() + wait
-        while any(_running(p) for p in pids) and time.monotonic() < end:
-            time.sleep(0.05)
+        for tier in sorted(tiers, reverse=True):
+            for pid in tiers[tier]:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+            while any(_running(p) for p in tiers[tier]) and time.monotonic() < end:
+                time.sleep(0.05)
         for pid in pids:
             if sig != signal.SIGKILL and _running(pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):

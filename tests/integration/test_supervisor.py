@@ -212,6 +212,16 @@ async def test_convlog_up_programs_find_the_files_named_relative_to_where_it_ran
     assert rc == 0, proc.output()
 
 
+def _exit_order(pids: list[int], timeout: float) -> list[int]:
+    """``pids`` in the order they ended (polled every 5 ms, up to ``timeout`` s)."""
+    order: list[int] = []
+    deadline = time.monotonic() + timeout
+    while len(order) < len(pids) and time.monotonic() < deadline:
+        order += [p for p in pids if p not in order and not pid_alive(p)]
+        time.sleep(0.005)
+    return order
+
+
 def _greeter_up(data_dir: Path, url: str) -> tuple[Proc, Supervisor]:
     """``convlog up`` of deploy/greeter.toml on ``url`` with its data in ``data_dir``, and
     a handle on the supervisord it starts (not yet answering)."""
@@ -238,8 +248,10 @@ async def test_convlog_up_stops_a_program_restarted_just_before_supervisord_was_
         await asyncio.to_thread(wait_until, answering, 30, 0.1, retry_on=(AssertionError, OSError))
         await wait_for_stack(sup, log_dir=short_tmp / "logs", url=url, agents=["Greeter", "Helper"],
                              step=print, timeout=60)
-        children = {i["pid"] for i in await asyncio.to_thread(sup.processes) if i["pid"]}
+        infos = await asyncio.to_thread(sup.processes)
+        children = {i["pid"] for i in infos if i["pid"]}
         assert len(children) == 4  # nats-server, the log service, two workers
+        pid_of = {i["name"]: i["pid"] for i in infos}
         sup_pid = await asyncio.to_thread(lambda: sup.rpc().supervisor.getPID())
         await asyncio.sleep(1.5)  # convlog up has asked for the programs since they started
         before = await asyncio.to_thread(sup.process, "worker-Helper")
@@ -253,8 +265,12 @@ async def test_convlog_up_stops_a_program_restarted_just_before_supervisord_was_
         # supervisord starts a new worker-Helper; kill supervisord at once.
         children.add(await asyncio.to_thread(wait_until, respawned, 30, 0.01))
         os.kill(sup_pid, signal.SIGKILL)
+        gone = asyncio.create_task(asyncio.to_thread(_exit_order, [pid_of["log"], pid_of["nats"]], 40))
         assert await asyncio.to_thread(proc.wait, 40) == 128 + signal.SIGKILL, proc.output()
         _assert_all_gone(children)
+        # Stopped tier by tier, as supervisord does: all at once, nats-server went first
+        # and the log service waited out its grace for a server that was gone.
+        assert await gone == [pid_of["log"], pid_of["nats"]]
     finally:
         proc.terminate(timeout=40)
         kill_left(children)  # what it left behind
