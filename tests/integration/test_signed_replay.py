@@ -6,6 +6,7 @@ nats-server writes the export; the CLI verifies it in its own process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +20,7 @@ from services.cli.main import main
 from services.cli.replay import Replayer, replay_from_service
 from services.log.service import LogService
 from shared.client import LogClient
-from shared.config import Settings, load_settings
+from shared.config import load_settings
 from shared.messages import Envelope
 from shared.signing import Keyring, Signer
 from tests.support.natsd import NatsServer
@@ -134,60 +135,71 @@ def test_an_unsigned_log_says_so_plainly(capsys: pytest.CaptureFixture[str]) -> 
     assert "unsigned (no item carries a signature)" in err and "no signed head" in err
 
 
-async def _witnessed(nats_server: NatsServer, tmp_path: Path, keys: Path) -> tuple[Path, Settings, LogClient]:
-    """A database path, the settings of a log service on it that signs a witness head
-    every 0.1 s, and a client that signs as Triage."""
+@contextlib.asynccontextmanager
+async def _restored_past_the_witness(
+    nats_server: NatsServer, tmp_path: Path, keys: Path
+) -> AsyncIterator[Callable[[str], Awaitable[None]]]:
+    """A session of three items whose witness head (the log service signs one every
+    0.1 s) names #3, then its store restored from a copy taken after #2 (the items
+    stream rolled back with it, else the outbox would refuse to start) and a log service
+    running on it again; yields ``say``, which appends an item as Triage (signed)."""
+    from services.log.heads import read_witness_head
+    from shared.subjects import Subjects
+    from tests.support.eventually import assert_eventually
+
     db = tmp_path / "convlog.db"
     settings = load_settings({
         "nats_url": nats_server.url, "db": str(db), "keyring": str(keys / "keyring.json"),
     }, {"CONVLOG_SIGNING_KEY": str(keys / "log.nk"), "CONVLOG_HEAD_INTERVAL": "0.1"})
     triage = await LogClient.connect(nats_server.url)
     triage.signer = Signer.load(keys / "Triage.nk")
-    return db, settings, triage
 
+    async def say(text: str) -> None:
+        await triage.append("s", [{"agent": "Triage", "data": {"role": "assistant", "content": text}}])
 
-async def test_a_store_that_lost_its_tail_contradicts_the_witness_head(
-    nats_server: NatsServer, tmp_path: Path, keys: Path
-) -> None:
-    from services.log.heads import read_witness_head
-    from shared.subjects import Subjects
-    from tests.support.eventually import assert_eventually
+    async def witnessed() -> None:
+        head = await read_witness_head(triage.nc, Subjects("convlog"), "s")
+        assert head is not None and head.item_order == 3
 
-    db, settings, triage = await _witnessed(nats_server, tmp_path, keys)
     try:
         svc = LogService(settings)
         await svc.start()
         for text in ("one", "two"):
-            await triage.append("s", [{"agent": "Triage", "data": {"role": "assistant", "content": text}}])
+            await say(text)
         await svc.shutdown()
         backup = db.read_bytes()  # a consistent copy of a stopped store
         svc = LogService(settings)
         await svc.start()
-        await triage.append("s", [{"agent": "Triage", "data": {"role": "assistant", "content": "three"}}])
-
-        async def witnessed() -> None:
-            head = await read_witness_head(triage.nc, Subjects("convlog"), "s")
-            assert head is not None and head.item_order == 3
-
+        await say("three")
         await assert_eventually(witnessed, timeout=10)
         await svc.shutdown()
         db.write_bytes(backup)  # the store "restored from a backup": its last item is gone
         for extra in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
             extra.unlink(missing_ok=True)
-        # ... and the items stream rolled back with it (else the outbox would refuse to start).
         await triage.nc.jetstream().delete_stream("CONVLOG_ITEMS")
         svc = LogService(settings)
         await svc.start()
         try:
             assert await triage.last_order("s") == 2  # the chain alone looks intact
-            code, _, err = await _cli("replay", "s", "--verify", "--quiet", "--keyring",
-                                      str(keys / "keyring.json"), "--nats-url", nats_server.url,
-                                      "--no-embedded")
-            assert code == 1 and "item_order 3: truncated: the log service signed item_order 3" in err, err
+            yield say
         finally:
             await svc.shutdown()
     finally:
         await triage.close()
+
+
+async def _verify_from_service(nats_server: NatsServer, keys: Path) -> tuple[int, str]:
+    code, _, err = await _cli("replay", "s", "--verify", "--quiet", "--keyring", str(keys / "keyring.json"),
+                              "--nats-url", nats_server.url, "--no-embedded")
+    return code, err
+
+
+async def test_a_store_that_lost_its_tail_contradicts_the_witness_head(
+    nats_server: NatsServer, tmp_path: Path, keys: Path
+) -> None:
+    async with _restored_past_the_witness(nats_server, tmp_path, keys):
+        code, err = await _verify_from_service(nats_server, keys)
+    assert code == 1 and "item_order 3: truncated: the log service signed item_order 3" in err, err
 
 
 # A head line with a negative item_order indexed the chain from its end: an export of one
@@ -215,48 +227,9 @@ def test_a_signed_head_with_a_negative_item_order_fails_verify(
 async def test_a_restored_store_written_past_the_witness_head_is_still_caught(
     nats_server: NatsServer, tmp_path: Path, keys: Path
 ) -> None:
-    from services.log.heads import read_witness_head
-    from shared.subjects import Subjects
-    from tests.support.eventually import assert_eventually
-
-    db, settings, triage = await _witnessed(nats_server, tmp_path, keys)
-
-    async def say(text: str) -> None:
-        await triage.append("s", [{"agent": "Triage", "data": {"role": "assistant", "content": text}}])
-
-    def witnessed(order: int) -> Callable[[], Awaitable[None]]:
-        async def check() -> None:
-            head = await read_witness_head(triage.nc, Subjects("convlog"), "s")
-            assert head is not None and head.item_order == order
-        return check
-
-    try:
-        svc = LogService(settings)
-        await svc.start()
-        for text in ("one", "two"):
+    async with _restored_past_the_witness(nats_server, tmp_path, keys) as say:
+        for text in ("three: refund refused", "four"):  # the session goes on past #3
             await say(text)
-        await svc.shutdown()
-        backup = db.read_bytes()
-        svc = LogService(settings)
-        await svc.start()
-        await say("three: refund approved")
-        await assert_eventually(witnessed(3), timeout=10)
-        await svc.shutdown()
-        db.write_bytes(backup)  # restored from the copy: #3 is gone
-        for extra in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
-            extra.unlink(missing_ok=True)
-        await triage.nc.jetstream().delete_stream("CONVLOG_ITEMS")
-        svc = LogService(settings)
-        await svc.start()
-        try:
-            for text in ("three: refund refused", "four"):  # the session goes on past #3
-                await say(text)
-            await asyncio.sleep(1.0)  # several witness rounds
-            code, _, err = await _cli("replay", "s", "--verify", "--quiet", "--keyring",
-                                      str(keys / "keyring.json"), "--nats-url", nats_server.url,
-                                      "--no-embedded")
-            assert code == 1 and "item_order 3: forked" in err, err
-        finally:
-            await svc.shutdown()
-    finally:
-        await triage.close()
+        await asyncio.sleep(1.0)  # several witness rounds
+        code, err = await _verify_from_service(nats_server, keys)
+    assert code == 1 and "item_order 3: forked" in err, err
