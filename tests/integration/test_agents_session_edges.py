@@ -32,20 +32,15 @@ import asyncio
 import contextlib
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from services.log import handlers
-from services.log.service import LogService
 from shared import ConvlogSession, session_copy
 from shared.client import LogClient
-from shared.config import load_settings
 from shared.errors import ForbiddenError, UnavailableError
 from shared.history import visible
-from shared.signing import Signer
-from tests.support.natsd import NatsServer
 
 
 def _user(text: str) -> dict[str, Any]:
@@ -330,15 +325,8 @@ async def test_a_call_with_an_item_json_cannot_encode_fails_alone_in_a_combined_
             await s.close()
 
 
-async def test_a_call_the_log_forbids_fails_alone_in_a_combined_append(
-    nats_server: NatsServer, tmp_path: Path, keys: Path
-) -> None:
-    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "convlog.db"),
-                              "keyring": str(keys / "keyring.json"), "require_signatures": True}, {})
-    svc = LogService(settings)
-    await svc.start()
-    client = await LogClient.connect(nats_server.url)
-    client.signer = Signer.load(keys / "Triage.nk")
+async def test_a_call_the_log_forbids_fails_alone_in_a_combined_append(triage_signed: LogClient) -> None:
+    client = triage_signed
     sid = "forbidden_alone"
     sessions = [ConvlogSession(sid, client=client, agent="Triage") for _ in range(4)]
 
@@ -365,8 +353,6 @@ async def test_a_call_the_log_forbids_fails_alone_in_a_combined_append(
     finally:
         for s in sessions:
             await s.close()
-        await client.close()
-        await svc.shutdown()
 
 
 async def test_a_close_cancelled_while_it_waits_for_a_write_can_be_called_again(

@@ -8,24 +8,18 @@ there to be counted.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from nats.js.errors import NotFoundError
 
 from services.log.reconciler import RECONCILER
-from services.log.service import LogService
 from shared import ConvlogSession
 from shared.client import LogClient
 from shared.codec import decode
-from shared.config import load_settings
 from shared.errors import BadRequestError, ForbiddenError
 from shared.messages import AppendItem, Envelope
-from shared.signing import Signer
 from shared.work import NO_TURN_PREFIX, work_stream_name
 from tests.support.eventually import assert_eventually
 from tests.support.logenv import Env
-from tests.support.natsd import NatsServer
 
 USER = {"role": "user", "content": "I was charged twice"}
 REPLY = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "refunded"}]}
@@ -132,15 +126,8 @@ async def test_the_inbound_subject_refuses_the_prefix_and_writes_nothing(client:
     assert ack.last_order == 1
 
 
-async def test_under_required_signatures_session_user_items_stay_refused(
-    nats_server: NatsServer, tmp_path: Path, keys: Path
-) -> None:
-    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "convlog.db"),
-                              "keyring": str(keys / "keyring.json"), "require_signatures": True}, {})
-    svc = LogService(settings)
-    await svc.start()
-    client = await LogClient.connect(nats_server.url)
-    client.signer = Signer.load(keys / "Triage.nk")
+async def test_under_required_signatures_session_user_items_stay_refused(triage_signed: LogClient) -> None:
+    client = triage_signed
     session = ConvlogSession("t-signed", client=client, agent="Triage")
     try:
         # User items enter only through convlog.in, signed by the gateway: a session
@@ -155,5 +142,3 @@ async def test_under_required_signatures_session_user_items_stay_refused(
             await client.append("t-signed", [AppendItem(agent="user", data=USER, item_id="noturn:x")])
     finally:
         await session.close()
-        await client.close()
-        await svc.shutdown()
