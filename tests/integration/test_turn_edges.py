@@ -8,7 +8,9 @@ limit is cut to the newest items that fit, not a turn that can never end."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -40,6 +42,22 @@ async def _part(stack: WorkerStack, sid: str, msg: str) -> TurnPart:
     return TurnPart(sid, turn_key(ack.items[0].item_id), ack.items[0].item_order)
 
 
+@contextlib.asynccontextmanager
+async def _clerk(stack: WorkerStack, fake_openai: FakeOpenAI, tool: str,
+                 session_id: str) -> AsyncIterator[tuple[TurnRunner, TurnPart]]:
+    """Agent Clerk's turn runner (TOOL_SPEC with ``tool``) on the fake model server, and
+    the part of ``session_id``'s turn for the user message "go"; odd_tools.RUNS cleared."""
+    spec = parse_spec(TOOL_SPEC.format(tool=tool))
+    model = make_model_client("test", fake_openai.base_url, max_retries=0)
+    try:
+        runner = TurnRunner(stack.client, spec.agent("Clerk"), model)
+        part = await _part(stack, session_id, "go")
+        odd_tools.RUNS.clear()
+        yield runner, part
+    finally:
+        await model.client.close()
+
+
 @pytest.mark.parametrize("tool", ["tuple_keys", "file_name", "missing_file"])
 async def test_a_tool_result_that_cannot_be_stored_becomes_an_error_output(
     stack: WorkerStack, fake_openai: FakeOpenAI, tool: str
@@ -49,21 +67,14 @@ async def test_a_tool_result_that_cannot_be_stored_becomes_an_error_output(
     # lone surrogate (os.fsdecode of a non-UTF-8 name; the append's encoder raises), in a
     # result or in the message of the exception a tool raises, escapes run_tool: the turn
     # raises, is redelivered, and the tool runs again each time.
-    spec = parse_spec(TOOL_SPEC.format(tool=tool))
     fake_openai.script([tool_call(tool, {"n": 2}), text("done")])
-    model = make_model_client("test", fake_openai.base_url, max_retries=0)
-    runner = TurnRunner(stack.client, spec.agent("Clerk"), model)
-    part = await _part(stack, f"r10-{tool.replace('_', '-')}", "go")
-    odd_tools.RUNS.clear()
-    try:
+    async with _clerk(stack, fake_openai, tool, f"r10-{tool.replace('_', '-')}") as (runner, part):
         result = await runner.run(part)
         assert result.outcome == "replied"
         log = await stack.log(part.session_id)
         (out,) = [e for e in log if e.data.get("type") == "function_call_output"]
         assert isinstance(out.data["output"], str)
         assert odd_tools.RUNS == [2]
-    finally:
-        await model.client.close()
 
 
 async def test_run_tool_never_raises_for_a_result_json_cannot_encode() -> None:
@@ -269,22 +280,15 @@ async def test_tool_arguments_nested_too_deeply_become_an_error_output(
     # arguments nested past the interpreter's recursion limit: it escaped run_tool, the
     # turn raised and was redelivered, the same committed call failed again every time,
     # and only the give-up after max_attempts ended the turn.
-    spec = parse_spec(TOOL_SPEC.format(tool="quick"))
     deep = '{"n": ' + "[" * 5000 + "]" * 5000 + "}"
     fake_openai.script([tool_call("quick", deep), text("done")])
-    model = make_model_client("test", fake_openai.base_url, max_retries=0)
-    runner = TurnRunner(stack.client, spec.agent("Clerk"), model)
-    part = await _part(stack, "r45-deep-args", "go")
-    odd_tools.RUNS.clear()
-    try:
+    async with _clerk(stack, fake_openai, "quick", "r45-deep-args") as (runner, part):
         result = await runner.run(part)
         assert (result.outcome, result.model_calls) == ("replied", 2)
         log = await stack.log(part.session_id)
         (out,) = [e for e in log if e.data.get("type") == "function_call_output"]
         assert out.data["output"].startswith("error: the arguments of quick are not valid JSON")
         assert odd_tools.RUNS == []
-    finally:
-        await model.client.close()
 
 
 @pytest.mark.parametrize("message", [
@@ -368,12 +372,7 @@ async def test_a_tool_call_whose_id_is_null_is_run_under_an_id_the_worker_derive
         {"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
          "finish_reason": "tool_calls"}]}
     fake_openai.script([Body(json.dumps(doc).encode()), text("done")])
-    spec = parse_spec(TOOL_SPEC.format(tool="quick"))
-    model = make_model_client("test", fake_openai.base_url, max_retries=0)
-    runner = TurnRunner(stack.client, spec.agent("Clerk"), model)
-    part = await _part(stack, "r56-null-id", "go")
-    odd_tools.RUNS.clear()
-    try:
+    async with _clerk(stack, fake_openai, "quick", "r56-null-id") as (runner, part):
         result = await runner.run(part)
         assert (result.outcome, result.model_calls) == ("replied", 2)
         log = await stack.log(part.session_id)
@@ -381,8 +380,6 @@ async def test_a_tool_call_whose_id_is_null_is_run_under_an_id_the_worker_derive
         (out,) = [e for e in log if e.data.get("type") == "function_call_output"]
         assert fc.data["call_id"] == out.data["call_id"] == f"call_{part.turn}.Clerk.1.0"
         assert out.data["output"] == "quick 7" and odd_tools.RUNS == [7]
-    finally:
-        await model.client.close()
 
 
 SMALL_WINDOW = """
