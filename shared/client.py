@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -283,15 +283,19 @@ class LogClient(Requester):
     async def _signed_append(self, subject: str, sid: str, items: list[AppendItem],
                              expected_last: int | None) -> bytes:
         key_id = self.signer.key_id if self.signer is not None else None
+        return await self._again_if_renewed(
+            key_id, lambda: self._signed_appends.append(subject, sid, items, expected_last))
+
+    async def _again_if_renewed(self, key_id: str | None, send: Callable[[], Awaitable[bytes]]) -> bytes:
+        """``send()``, which signs with this client's key.  Refused (nothing written) for
+        a key its file has replaced since (`convlog keys rotate`, which the log service
+        may see before this client's next look): ``send()`` once more, signed with it."""
         try:
-            return await self._signed_appends.append(subject, sid, items, expected_last)
+            return await send()
         except ForbiddenError:
-            # Refused (nothing written): if the key file now holds another key (`convlog keys
-            # rotate`, which the log service may see before this client's next look), the
-            # items go once more, signed with it.
             if self.signer is None or not self.signer.renewed(key_id):
                 raise
-            return await self._signed_appends.append(subject, sid, items, expected_last)
+            return await send()
 
     async def send(
         self, session_id: str, content: str, *, to: str | None = None, item_id: str | None = None
@@ -300,24 +304,20 @@ class LogClient(Requester):
         subject = self.subjects.inbound(session_id)
         msg = UserMessage(content=content, item_id=item_id or new_item_id(), to=to)
 
-        def signed(signer: Signer) -> tuple[bytes, str | None]:  # signed as the item it becomes
+        def signed(signer: Signer) -> bytes:  # signed as the item it becomes
             signer = signer.current()  # one key for both signatures (shared.signing)
             item = sign_item(signer, session_id, AppendItem(
                 agent="user", data={"role": "user", "content": content}, item_id=msg.item_id))
             to_sig = signer.sign(route_signing_input(session_id, msg.item_id, to)) if to else None
-            return encode(msgspec.structs.replace(msg, sig=item.sig, key_id=item.key_id, to_sig=to_sig)), item.key_id
+            return encode(msgspec.structs.replace(msg, sig=item.sig, key_id=item.key_id, to_sig=to_sig))
 
         async def sending() -> bytes:
             if self.signer is None:
                 return await self._request(subject, _encode(msg))
             validate_session_id(session_id)
-            body, key_id = signed(self.signer)
-            try:
-                return await self._request(subject, body)
-            except ForbiddenError:  # as in _signed_append: a key its file has replaced
-                if not self.signer.renewed(key_id):
-                    raise
-                return await self._request(subject, signed(self.signer)[0])
+            signer = self.signer
+            return await self._again_if_renewed(signer.current().key_id,
+                                                lambda: self._request(subject, signed(signer)))
 
         return decode(await tracing.traced("convlog.send", None, sending(),
                                            kind="PRODUCER", session_id=session_id), AppendReply)
