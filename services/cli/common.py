@@ -215,8 +215,9 @@ async def connect_client(settings: Settings) -> Any:
 async def cancelled_by_signals(coro: Awaitable[int]) -> int:
     """Run ``coro``; SIGTERM or SIGHUP cancel it, so its ``finally`` blocks stop what it
     started (Python's default ends the process at once and leaves its children running),
-    and the exit status is then 128+N, as a shell says.  Ctrl-C stays asyncio's own
-    (KeyboardInterrupt, exit 130)."""
+    and the exit status is then 128+N, as a shell says.  Only the first signal cancels:
+    another must not cancel those ``finally`` blocks while they stop what was started.
+    Ctrl-C stays asyncio's own (KeyboardInterrupt, exit 130)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -225,7 +226,8 @@ async def cancelled_by_signals(coro: Awaitable[int]) -> int:
 
     def stop(sig: int) -> None:
         got.append(sig)
-        task.cancel()
+        if len(got) == 1:
+            task.cancel()
 
     for sig in signals:
         loop.add_signal_handler(sig, stop, sig)

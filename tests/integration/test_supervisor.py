@@ -409,6 +409,21 @@ def test_sigterm_to_convlog_demo_stops_its_stack(tmp_path: Path) -> None:
         assert not workdir.exists(), proc.output()
 
 
+# A second SIGTERM while `convlog demo` stops its stack after the first (an impatient `kill`,
+# a process manager's second try) cancelled the demo's `finally` in the middle: "stack
+# stopped" was never said and the temporary directory was left behind.
+def test_a_second_sigterm_while_demo_stops_its_stack_lets_the_stop_finish(tmp_path: Path) -> None:
+    with _demo(tmp_path, "--offline", name="demo-twice") as (proc, sup_pid, workdir):
+        proc.wait_for_line(r"stack ready", timeout=60)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait_for_line(r"stopping the stack", timeout=30)
+        os.kill(proc.pid, signal.SIGTERM)  # again, while the stack stops
+        assert proc.wait(60) == 128 + signal.SIGTERM, proc.output()
+        assert "stack stopped" in proc.output(), proc.output()
+        assert not pid_alive(sup_pid), f"supervisord {sup_pid} outlived convlog demo:\n{proc.output()}"
+        assert not workdir.exists(), proc.output()
+
+
 # `convlog demo --web` stopped by SIGTERM: the console stops and the stack is stopped. The
 # console's signal handlers were removed as it stopped, so a second SIGTERM while the stack
 # stopped (an impatient `kill`, a process manager's second try) ended the demo at once and
