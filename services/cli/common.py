@@ -232,7 +232,7 @@ async def cancelled_by_signals(coro: Awaitable[int]) -> int:
     for sig in signals:
         loop.add_signal_handler(sig, stop, sig)
     try:
-        return await coro
+        code = await coro
     except asyncio.CancelledError:
         if not got:
             raise  # not ours
@@ -240,6 +240,9 @@ async def cancelled_by_signals(coro: Awaitable[int]) -> int:
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+    # A cancel the coroutine swallowed (Python 3.11's wait_for, under nats-py, returns a
+    # result that lands with it) still ends the command as the signal does.
+    return 128 + got[0] if got else code
 
 
 def install_signal_handlers(on_signal: Callable[[], Awaitable[None]]) -> set[asyncio.Task[None]]:
