@@ -306,8 +306,13 @@ class ConvlogSession(HidingEdits, AuthorTracking):
         """The process's copy of the session, brought up to date; ``None``: read the log."""
         if not self.follow:
             return None
-        copy = self._state(client).get_copy()
-        return copy if await copy.current(want, self.max_staleness) else None
+        state = self._state(client)
+        copy = state.get_copy()
+        if not await copy.current(want, self.max_staleness):
+            return None
+        if copy.last < state.floor:  # another session object of this connection read further
+            await copy.fill()
+        return copy
 
     def _acked(self, client: LogClient, acks: list[Any], batch: list[dict[str, Any]]) -> None:
         """Tell the copy what an append of this process wrote (read your writes)."""

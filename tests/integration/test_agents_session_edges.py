@@ -13,7 +13,8 @@
 * a mutation whose caller was cancelled still lands in this process's reads
   (its ack reaches the copy), not only once its delivery arrives;
 * a read the copy cannot answer goes to the log; a later read the copy
-  answers does not go back to before what that log read showed;
+  answers does not go back to before what that log read showed (also when
+  the log read was another session object's of the connection, ``follow=False``);
 * ``close()`` while the first read is creating the copy's consumer leaves no
   consumer behind (it followed, and was delivered to, on a closed session);
 * a call whose item JSON cannot encode (a ``TypeError`` before anything is
@@ -385,3 +386,24 @@ async def test_a_close_cancelled_while_it_waits_for_a_write_can_be_called_again(
     await session.close()
     assert own.nc.is_closed
     assert await _copy_consumers(log_client) == []
+
+
+async def test_a_read_from_the_copy_does_not_go_back_behind_another_session_objects_log_read(
+    log_url: str, log_client: LogClient
+) -> None:
+    sid = "log_then_copy_two_objects"
+    await log_client.append(sid, [{"agent": "x", "data": _user("first")}])
+    # Two session objects of one connection: one reads its copy, one the log.
+    reader = ConvlogSession.from_url(sid, url=log_url, max_staleness=3600)
+    direct = ConvlogSession.from_url(sid, url=log_url, follow=False)
+    try:
+        assert [i["content"] for i in await reader.get_items()] == ["first"]  # from the copy
+        await _stop_deliveries(reader)  # another process's write is not delivered (yet)
+        await log_client.append(sid, [{"agent": "x", "data": _user("second")}])
+        assert [i["content"] for i in await direct.get_items()] == ["first", "second"]  # the log
+        assert direct.client is reader.client  # from_url sessions with equal options share it
+        # README: every read is one prefix 1..k of the log, k never going back for a connection.
+        assert [i["content"] for i in await reader.get_items()] == ["first", "second"]
+    finally:
+        await direct.close()
+        await reader.close()
