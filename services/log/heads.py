@@ -57,10 +57,10 @@ async def read_witness_head(nc: Client, subjects: Subjects, session_id: str) -> 
     """The latest witness head of a session, or ``None`` (no bucket, no head, undecodable).
 
     Raises:
-        UnavailableError: the bucket did not answer (down, or this NATS user may not read
-            it: nats-server drops a request it forbids, and the request times out).  Not
-            ``None``: that would pass off a head that exists as none, and the truncation
-            check with it.
+        UnavailableError: the bucket did not answer (down, JetStream unavailable, or this
+            NATS user may not read it: nats-server drops a request it forbids, and the
+            request times out).  Not ``None``: that would pass off a head that exists
+            as none, and the truncation check with it.
     """
     try:
         kv = await _bucket(nc, subjects, create=False)
@@ -68,10 +68,11 @@ async def read_witness_head(nc: Client, subjects: Subjects, session_id: str) -> 
             return None
         entry = await kv.get(session_id)
         return _head.decode(entry.value) if entry.value else None
-    except (nats.js.errors.KeyNotFoundError, nats.js.errors.Error, msgspec.DecodeError,
-            msgspec.ValidationError):
+    except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
         return None
-    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.Error) as e:
+        # nats.js.errors.Error: JetStream not answering (ServiceUnavailableError for no
+        # responders, a cluster without quorum): no more "no head" than a timeout is.
         raise UnavailableError(f"cannot read the signed heads in the KV bucket {subjects.heads_bucket}: "
                                f"{e} (may this NATS user read it?)") from e
 

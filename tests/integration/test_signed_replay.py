@@ -233,3 +233,23 @@ async def test_a_restored_store_written_past_the_witness_head_is_still_caught(
         await asyncio.sleep(1.0)  # several witness rounds
         code, err = await _verify_from_service(nats_server, keys)
     assert code == 1 and "item_order 3: forked" in err, err
+
+
+# With JetStream not answering (here: nats-server back without it; likewise a cluster
+# without quorum for the heads bucket), reading the witness head failed with an
+# APIError (ServiceUnavailableError), which read_witness_head took for "no head": the
+# store that lost its tail verified clean against the fresh head alone (exit 0).
+async def test_a_witness_head_that_cannot_be_read_fails_the_replay_instead_of_passing_it(
+    nats_server: NatsServer, tmp_path: Path, keys: Path
+) -> None:
+    async with _restored_past_the_witness(nats_server, tmp_path, keys):
+        nats_server.jetstream = False
+        await asyncio.to_thread(nats_server.restart)
+        client = await LogClient.connect(nats_server.url)
+        try:  # the log service (SQLite) answers again, JetStream does not
+            assert await client.last_order("s") == 2
+        finally:
+            await client.close()
+        code, err = await _verify_from_service(nats_server, keys)
+    assert code == 3 and "cannot read the signed heads" in err, err
+    assert "verified" not in err, err
