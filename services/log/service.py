@@ -381,13 +381,13 @@ class LogService(Endpoints):
                 await self.outbox.stop(drain_timeout=min(self.settings.grace, 5.0))
             if self.read_ahead is not None:
                 await self.read_ahead.close()
+            if self.witness is not None:  # its last flush may read the store: before it closes
+                await self.witness.stop()
             await self.store.close()
             if self.routing_writer is not None:
                 await self.routing_writer.stop()
             if self.notifier is not None:  # the notices of the last commits
                 await self.notifier.stop()
-            if self.witness is not None:
-                await self.witness.stop()
             self.metrics.stop()
             if self.nc is not None and not self.nc.is_closed:
                 with contextlib.suppress(Exception):

@@ -253,3 +253,34 @@ async def test_a_witness_head_that_cannot_be_read_fails_the_replay_instead_of_pa
         code, err = await _verify_from_service(nats_server, keys)
     assert code == 3 and "cannot read the signed heads" in err, err
     assert "verified" not in err, err
+
+
+# The log service stops its store before the head witness, whose last flush signs
+# the heads still pending; moving a head on that the witness had not stored in this
+# run (it was there before the start) reads the store first, which was closed by
+# then: the flush failed silently, and the head of what was committed in the last
+# interval before a graceful stop was never stored (here: still #1 after #2).
+async def test_a_stop_right_after_a_commit_stores_its_witness_head_past_one_from_a_former_run(
+    nats_server: NatsServer, tmp_path: Path, keys: Path
+) -> None:
+    from services.log.heads import read_witness_head
+    from shared.subjects import Subjects
+
+    settings = load_settings({
+        "nats_url": nats_server.url, "db": str(tmp_path / "convlog.db"), "keyring": str(keys / "keyring.json"),
+    }, {"CONVLOG_SIGNING_KEY": str(keys / "log.nk"), "CONVLOG_HEAD_INTERVAL": "3600"})
+    triage = await LogClient.connect(nats_server.url)
+    triage.signer = Signer.load(keys / "Triage.nk")
+    try:
+        for order, text in enumerate(("one", "two"), 1):  # one run each: the stop's flush signs the head
+            svc = LogService(settings)
+            await svc.start()
+            try:
+                await triage.append("s", [{"agent": "Triage", "data": {"role": "assistant", "content": text}}])
+            finally:
+                await svc.shutdown()
+            head = await read_witness_head(triage.nc, Subjects("convlog"), "s")
+            assert head is not None and head.item_order == order, head
+    finally:
+        await triage.close()
+
