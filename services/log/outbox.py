@@ -61,6 +61,12 @@ _HEADERS = b"NATS/1.0\r\n" + MSG_ID.encode() + b": %s\r\n" + EXPECTED_LAST_MSG_I
 _STATUS = Header.STATUS.value
 #: Windows refused in a row, each after a fresh resync, before the outbox gives up.
 MAX_REFUSALS = 5
+#: Refusals that say the server is still at work, not that the window is wrong:
+#: 10008 "JetStream system temporarily unavailable", 10158 "duplicate message id
+#: is in process" (the first publish of the window is still being replicated, as
+#: while a cluster has no quorum).  They are retried for as long as they last and
+#: do not count toward :data:`MAX_REFUSALS`.
+_BUSY_ERR_CODES = frozenset({10008, 10158})
 #: Windows of commits kept in memory for the outbox; beyond, it reads them back from the store.
 PENDING_WINDOWS = 16
 
@@ -335,8 +341,9 @@ class Outbox:
                 resync that follows checks the stream's subjects).
             nats.js.errors.APIError: a refusal a resync may cure (see
                 :func:`~shared.failures.is_transient`).
-            StreamRefusedError: any other refusal, or the same curable one
-                :data:`MAX_REFUSALS` times in a row.
+            StreamRefusedError: any other refusal, or a curable one
+                :data:`MAX_REFUSALS` times in a row (a busy server's refusal,
+                :data:`_BUSY_ERR_CODES`, is not counted).
         """
         if (ack.headers or {}).get(_STATUS) == "503":
             raise nats.errors.NoRespondersError
@@ -350,6 +357,8 @@ class Outbox:
             )
         except (msgspec.DecodeError, KeyError, TypeError, AttributeError):
             refusal = nats.js.errors.APIError(description=ack.data[:200].decode(errors="replace"))
+        if refusal.err_code in _BUSY_ERR_CODES:
+            raise refusal
         self._refusals += 1
         if is_transient(refusal) and self._refusals < MAX_REFUSALS:
             raise refusal

@@ -16,11 +16,20 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
-from services.log.outbox import PENDING_WINDOWS, Outbox, ensure_stream
+from services.log.outbox import (
+    MAX_REFUSALS,
+    PENDING_WINDOWS,
+    Outbox,
+    StreamRefusedError,
+    ensure_stream,
+)
 from services.log.store.sqlite import SQLiteStore
 from shared.client import LogClient
 from shared.messages import AppendItem, AppendRequest, Envelope
@@ -363,3 +372,29 @@ async def test_after_a_purged_items_stream_only_new_commits_are_published(
 
         await assert_eventually(published, timeout=5)
         assert store.limits and max(store.limits) <= 10_000
+
+
+# A cluster without quorum refuses the resend of a window whose first publish it is
+# still replicating: 10158 "duplicate message id is in process".  The outbox counted
+# those toward MAX_REFUSALS, so an outage of five ack waits stopped the log service
+# (seen in a suite run, test_health); a busy server's refusals are now retried for as
+# long as they last, while a refusal a resync should cure still ends it after five.
+async def test_a_busy_servers_refusals_are_retried_without_end_and_others_are_counted(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    async with outbox_over(store, nats_server.url) as (nc, outbox):
+        def ack(err_code: int, description: str) -> Msg:
+            body = {"error": {"code": 503, "err_code": err_code, "description": description}}
+            return Msg(nc, subject="_INBOX.x.1", data=msgspec.json.encode(body))
+
+        for _ in range(3 * MAX_REFUSALS):
+            with pytest.raises(nats.js.errors.APIError) as refused:
+                outbox._check_ack(ack(10158, "duplicate message id is in process"), "s:1")
+            assert not isinstance(refused.value, StreamRefusedError)
+        for _ in range(MAX_REFUSALS - 1):
+            with pytest.raises(nats.js.errors.APIError) as refused:
+                outbox._check_ack(ack(10070, "wrong last msg ID"), "s:1")
+            assert not isinstance(refused.value, StreamRefusedError)
+        with pytest.raises(StreamRefusedError, match="5 windows in a row"):
+            outbox._check_ack(ack(10070, "wrong last msg ID"), "s:1")
