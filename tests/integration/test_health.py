@@ -108,7 +108,7 @@ async def test_health_reports_a_fan_out_that_falls_behind(nats_cluster: NatsClus
     settings = load_settings({"nats_url": url, "db": str(tmp_path / "log.db"), "stream_replicas": 3,
                               "grace": 1}, environ={})
     # A long ack wait: the outbox keeps waiting for the stuck window rather than resending it
-    # (a resend while the first is pending is refused with 10158, which stops the service).
+    # (a resend while the first is pending is refused with 10158 and retried: only noise here).
     service = LogService(settings, outbox_ack_timeout=60.0)
     await service.start()
     client = await LogClient.connect(url)
