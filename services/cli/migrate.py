@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from services.log.store.base import LogStore
+from services.log.store.factory import open_store
 from services.log.store.importer import import_envelopes
 from shared.chain import verify
 from shared.codec import decode
@@ -164,9 +165,9 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     if _where(args.source) == _where(args.dest):
         raise BadRequestError("--from and --to name the same store")
     sessions = [validate_session_id(s) for s in args.sessions.split(",")] if args.sessions else None
-    await src.open()
+    await open_store(src, wait=0)  # JetStream's refusal to set it up (another stream on its subjects): exit 2
     try:
-        await dst.open()
+        await open_store(dst, wait=0)
         try:
             failed = await migrate(src, dst, sessions, lambda m: print(m, file=sys.stderr, flush=True))
         finally:

@@ -368,3 +368,26 @@ async def test_migrate_stops_when_nats_goes_away_and_resumes_after(tmp_path: Pat
         assert "30 of 30 sessions verified" in out, out
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("taken", ["convlog.>", "convlog.items.>"])
+async def test_migrate_to_jetstream_beside_a_foreign_stream_on_its_subjects_names_it_exit_2(
+    nats_server: NatsServer, tmp_path: Path, taken: str
+) -> None:
+    # Another application's stream already captures convlog's subjects: JetStream refuses
+    # to create the log's streams (it never will), but migrate said "unavailable: cannot
+    # open the JetStream store" (exit 3, "NATS is not reachable") without naming the
+    # stream in the way, where `convlog log` says it is a setting (exit 2).
+    db = tmp_path / "log.db"
+    async with SQLiteStore(db) as src:
+        await src.append("a", AppendRequest(items=[user("a0")]))
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.jetstream().add_stream(name="ORDERS", subjects=[taken])
+        code, out = await migrate(tmp_path, nats_server.url, "--from", f"sqlite:{db}", "--to", "jetstream")
+        assert code == 2, out
+        assert "unavailable" not in out and "overlap" in out and "ORDERS" in out, out
+        assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+        assert [s.config.name for s in await nc.jetstream().streams_info()] == ["ORDERS"]  # nothing created
+    finally:
+        await nc.close()

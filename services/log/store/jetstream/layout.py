@@ -47,6 +47,8 @@ log = logging.getLogger("convlog.store.jetstream")
 
 #: JetStream's error code for a stream created meanwhile under the same name.
 _STREAM_NAME_IN_USE = 10058
+#: JetStream's error code for a stream whose subjects another stream takes.
+_SUBJECTS_OVERLAP = 10065
 #: Stream metadata key recording the number of shards the log was created with.
 SHARDS_KEY = "convlog_shards"
 
@@ -223,6 +225,25 @@ def _check_log_stream(layout: Layout, k: int, config: dict[str, Any]) -> None:
         _refuse(f"stream {name} no longer keeps one message per item id ({wrong}): put back {wanted}")
 
 
+async def _refuse_foreign_overlap(
+    nc: Client, layout: Layout, wanted: list[tuple[str, str]], timeout: float  # noqa: ASYNC109
+) -> None:
+    """Before any stream of the log is created: refuse, naming them, streams of
+    something else that capture subjects of a stream to create (JetStream would
+    refuse that stream with "subjects overlap with an existing stream", naming
+    none, after creating the ones before it)."""
+    ours = {layout.stream, *layout.log_streams}
+    for name, subject in wanted:
+        reply = await _api(nc, "STREAM.NAMES", {"subject": subject}, timeout)
+        others = sorted(set(reply.get("streams") or []) - ours)
+        if others:
+            error = {"code": 400, "err_code": _SUBJECTS_OVERLAP}
+            raise StreamRefused(
+                f"cannot create stream {name}: its subjects {subject} overlap with those of stream "
+                f"{', '.join(others)}, which is not convlog's: move that stream off them, or give convlog "
+                "another CONVLOG_PREFIX", error)
+
+
 async def ensure_streams(
     nc: Client, layout: Layout, *, replicas: int = 1, timeout: float = 5.0, create: bool = True  # noqa: ASYNC109
 ) -> None:
@@ -264,17 +285,24 @@ async def ensure_streams(
                 "published; the JetStream store fills it from its own log streams: delete it (`nats stream "
                 f"rm {layout.stream}`; the JetStream store creates it again and copies every item into it)"
             )
+    missing: list[int] = []
     for k, name in enumerate(layout.log_streams):
         got = await _api(nc, f"STREAM.INFO.{name}", None, timeout)
         if _not_found(got):
-            created = await _api(nc, f"STREAM.CREATE.{name}", layout.log_stream_config(k, replicas), timeout)
-            if "error" in created and created["error"].get("err_code") != _STREAM_NAME_IN_USE:  # another instance won the race
-                raise _failed(f"cannot create stream {name}", created)
+            missing.append(k)
         elif "error" in got:
             raise _failed(f"stream {name}", got)
         else:
             _check_shards(layout, name, got["config"])
             _check_log_stream(layout, k, got["config"])
+    to_create = [(layout.log_streams[k], layout.log_all(k)) for k in missing]
+    await _refuse_foreign_overlap(nc, layout, to_create + ([(layout.stream, layout.items_all)] if items is None else []),
+                                  timeout)
+    for k in missing:
+        name = layout.log_streams[k]
+        created = await _api(nc, f"STREAM.CREATE.{name}", layout.log_stream_config(k, replicas), timeout)
+        if "error" in created and created["error"].get("err_code") != _STREAM_NAME_IN_USE:  # another instance won the race
+            raise _failed(f"cannot create stream {name}", created)
     if items is None:
         created = await _api(nc, f"STREAM.CREATE.{layout.stream}", layout.items_stream_config(replicas), timeout)
         if "error" in created and created["error"].get("err_code") != _STREAM_NAME_IN_USE:
