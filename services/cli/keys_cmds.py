@@ -92,7 +92,7 @@ def make_keys(out: Path, agents: Sequence[str], *, entry: str | None = None,
     ``subjects``: the deployment's prefix (``CONVLOG_PREFIX``; by default ``convlog``).
 
     Raises:
-        FileExistsError: a key or keyring file is already there (nothing is overwritten).
+        FileExistsError: a key, keyring or users file is already there (nothing is written).
         KeyringError: an agent is named as a role or its author (nothing is written).
     """
     for a in agents:  # their key file, or what their key could sign, would be a role's
@@ -102,7 +102,7 @@ def make_keys(out: Path, agents: Sequence[str], *, entry: str | None = None,
     wanted = [("agent", a) for a in agents] + [(LOG, LOG_AGENT), (GATEWAY, USER_AGENT)]
     out.mkdir(parents=True, exist_ok=True)
     ring_path = out / "keyring.json"
-    for p in [ring_path, *(_key_file(out, r, a) for r, a in wanted)]:
+    for p in [ring_path, out / "nats-users.conf", *(_key_file(out, r, a) for r, a in wanted)]:
         if p.exists():
             raise FileExistsError(17, "exists", str(p))
     entries = []
