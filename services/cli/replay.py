@@ -210,14 +210,17 @@ def _row_disagreement(
 
 
 def envelopes_from_file(path: Path, session_id: str | None) -> Iterator[Envelope | _Undecodable | SignedHead]:
-    """Envelopes from a JSONL export (one envelope per line; a signed head line last)."""
+    """Envelopes from a JSONL export (one envelope per line; a signed head line last).
+    With ``session_id``, only that session's envelopes and signed heads: a file may
+    hold several sessions' exports one after the other."""
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             head = decode_head_line(line)
             if head is not None:
-                yield head
+                if session_id is None or head.session_id == session_id:
+                    yield head
                 continue
             env = _decode(line, n)
             if session_id is None or not isinstance(env, Envelope) or env.session_id == session_id:

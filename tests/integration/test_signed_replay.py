@@ -284,3 +284,40 @@ async def test_a_stop_right_after_a_commit_stores_its_witness_head_past_one_from
     finally:
         await triage.close()
 
+
+async def test_two_sessions_exports_in_one_file_each_verify_with_its_own_head(
+    service: str, keys: Path, tmp_path: Path
+) -> None:
+    # `replay SID --file` reads the envelopes of SID and skips the others', so two
+    # signed exports concatenated into one file can be replayed session by session.
+    # But every signed head line was taken, whatever its session: each session
+    # FAILED "item_order 1: the signed head is of session '...'" (exit 1, as if
+    # tampered), and its jsonl re-export carried the other session's head.
+    ring = str(keys / "keyring.json")
+    triage = await LogClient.connect(service)
+    triage.signer = Signer.load(keys / "Triage.nk")
+    exports = []
+    try:
+        for sid, n in (("s1", 2), ("s2", 3)):
+            for i in range(n):
+                await triage.append(sid, [{"agent": "Triage", "data": {"role": "assistant", "content": f"{sid} {i}"}}])
+            buf = io.StringIO()
+            await replay_from_service(triage, sid, Replayer(buf, fmt="jsonl", keyring=Keyring.load(ring)))
+            exports.append(buf.getvalue())
+    finally:
+        await triage.close()
+    both = tmp_path / "both.jsonl"
+    both.write_text("".join(exports))
+    for sid, n in (("s1", 2), ("s2", 3)):
+        code, _, err = await _cli("replay", sid, "--file", str(both), "--verify", "--quiet", "--keyring", ring)
+        assert code == 0, err
+        assert f"verified: {sid}: {n} items" in err and f"signed head at item_order {n}" in err, err
+        code, out, err = await _cli("replay", sid, "--file", str(both), "--format", "jsonl")
+        assert code == 0, err
+        assert out == exports[0 if sid == "s1" else 1], out
+    # A tampered tail is still caught against its own session's head.
+    cut = tmp_path / "cut.jsonl"
+    lines = exports[1].splitlines(keepends=True)
+    cut.write_text(exports[0] + "".join(lines[:-2] + lines[-1:]))
+    code, _, err = await _cli("replay", "s2", "--file", str(cut), "--verify", "--quiet", "--keyring", ring)
+    assert code == 1 and "item_order 3: truncated" in err, err
