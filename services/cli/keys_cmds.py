@@ -100,6 +100,8 @@ def make_keys(out: Path, agents: Sequence[str], *, entry: str | None = None,
             raise KeyringError(f"agent name {a!r} is taken by the log service, the gateway or "
                                "its authors (log.nk, gateway.nk; user, system): rename the agent")
     wanted = [("agent", a) for a in agents] + [(LOG, LOG_AGENT), (GATEWAY, USER_AGENT)]
+    if out.exists() and not out.is_dir():  # mkdir says "exists", as if it held keys
+        raise NotADirectoryError(20, "not a directory", str(out))
     out.mkdir(parents=True, exist_ok=True)
     ring_path = out / "keyring.json"
     for p in [ring_path, out / "nats-users.conf", *(_key_file(out, r, a) for r, a in wanted)]:

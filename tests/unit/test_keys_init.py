@@ -29,3 +29,18 @@ def test_keys_init_refuses_a_folder_whose_nats_users_conf_exists(
     err = capsys.readouterr().err
     assert "nats-users.conf exists" in err and len(err.strip().splitlines()) == 1, err
     assert _snapshot(out) == before  # no key written, the file untouched
+
+
+def test_keys_init_into_a_file_says_it_is_not_a_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --out naming a regular file said "FILE exists; refusing to overwrite keys (use
+    # `convlog keys rotate`, or another --out)": as if it were a folder of keys.
+    monkeypatch.delenv("CONVLOG_AGENTS", raising=False)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    assert main(["keys", "init", "--out", str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {notes}: " in err and "not a directory" in err.lower(), err
+    assert "rotate" not in err and len(err.strip().splitlines()) == 1, err
+    assert notes.read_text() == "hello\n"
