@@ -26,8 +26,8 @@ from shared.errors import BadRequestError, ConvlogError, NotFoundError, Unavaila
 from shared.messages import Envelope
 from shared.subjects import validate_session_id
 
-from .common import require_nats
-from .storage import check_service_db
+from .common import EXIT_FAIL, require_nats, stderr
+from .storage import check_service_db, db_in_use
 
 __all__ = ["cmd_migrate", "migrate_arguments"]
 
@@ -160,10 +160,20 @@ def _where(spec: str) -> str:
     return f"sqlite:{Path(path).expanduser().resolve()}" if kind == "sqlite" and path else spec
 
 
+def _held(spec: str) -> bool:
+    """A ``sqlite:PATH`` whose file a running log service holds (its lock)."""
+    kind, _, path = spec.partition(":")
+    return kind == "sqlite" and db_in_use(Path(path).expanduser())
+
+
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     src, dst = _store(args.source, settings, source=True), _store(args.dest, settings)
     if _where(args.source) == _where(args.dest):
         raise BadRequestError("--from and --to name the same store")
+    for flag, spec in (("--from", args.source), ("--to", args.dest)):
+        if _held(spec):  # running: not "unavailable" (exit 3)
+            stderr(f"convlog migrate: a log service holds {spec.partition(':')[2]} ({flag}); stop it first")
+            return EXIT_FAIL
     sessions = [validate_session_id(s) for s in args.sessions.split(",")] if args.sessions else None
     await open_store(src, wait=0)  # JetStream's refusal to set it up (another stream on its subjects): exit 2
     try:

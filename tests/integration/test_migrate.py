@@ -391,3 +391,29 @@ async def test_migrate_to_jetstream_beside_a_foreign_stream_on_its_subjects_name
         assert [s.config.name for s in await nc.jetstream().streams_info()] == ["ORDERS"]  # nothing created
     finally:
         await nc.close()
+
+
+async def test_migrate_from_or_to_a_sqlite_file_a_log_service_holds_says_so_exit_1(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # A log service still running on the SQLite side (the README: stop it first) was
+    # reported "unavailable: SQLite store ... is in use by another log service", exit 3,
+    # the code for "NATS or the log service is not reachable or not running", while it
+    # is running; `convlog up` beside one says so and exits 1.
+    db = tmp_path / "log.db"
+    async with JetStreamStore({"servers": [nats_server.url]}, subjects=Subjects("convlog")) as js:
+        await js.append("j", AppendRequest(items=[user("j0")]))
+    held = SQLiteStore(db)
+    await held.open()
+    try:
+        await held.append("a", AppendRequest(items=[user("a0")]))
+        for args in (["--from", f"sqlite:{db}", "--to", "jetstream"], ["--from", "jetstream", "--to", f"sqlite:{db}"]):
+            code, out = await migrate(tmp_path, nats_server.url, *args)
+            assert code == 1, (args, out)
+            assert "unavailable" not in out and "a log service holds" in out and str(db) in out, out
+            assert "stop it first" in out and len(out.strip().splitlines()) == 1, out
+        assert await everything(held, "j") == []
+    finally:
+        await held.close()
+    async with JetStreamStore({"servers": [nats_server.url]}, subjects=Subjects("convlog"), create=False) as js:
+        assert await js.last_order("a") == 0
