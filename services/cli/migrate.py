@@ -160,6 +160,20 @@ def _where(spec: str) -> str:
     return f"sqlite:{Path(path).expanduser().resolve()}" if kind == "sqlite" and path else spec
 
 
+async def _check_login(settings: Settings) -> None:
+    """Log in to NATS once, as the JetStream store will: the store's own connection
+    retries a refused login for ever.
+
+    Raises:
+        ConfigError: NATS refused the credentials (naming the setting).
+    """
+    from shared.client import connect_options
+    from shared.nats_connect import connect
+
+    nc = await connect(settings, connect_options(settings, name="convlog-migrate"))
+    await nc.close()
+
+
 def _held(spec: str) -> bool:
     """A ``sqlite:PATH`` whose file a running log service holds (its lock)."""
     kind, _, path = spec.partition(":")
@@ -175,6 +189,8 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
             stderr(f"convlog migrate: a log service holds {spec.partition(':')[2]} ({flag}); stop it first")
             return EXIT_FAIL
     sessions = [validate_session_id(s) for s in args.sessions.split(",")] if args.sessions else None
+    if "jetstream" in (args.source, args.dest):
+        await _check_login(settings)
     await open_store(src, wait=0)  # JetStream's refusal to set it up (another stream on its subjects): exit 2
     try:
         await open_store(dst, wait=0)

@@ -417,3 +417,28 @@ async def test_migrate_from_or_to_a_sqlite_file_a_log_service_holds_says_so_exit
         await held.close()
     async with JetStreamStore({"servers": [nats_server.url]}, subjects=Subjects("convlog"), create=False) as js:
         assert await js.last_order("a") == 0
+
+
+async def test_migrate_with_credentials_nats_refuses_says_so_at_once(tmp_path: Path) -> None:
+    # The JetStream store's connection retried a refused login forever: migrate to or
+    # from a server with authorization, and no or wrong credentials, never ended and
+    # said nothing (`convlog log` stops at start with one line naming the setting).
+    db = tmp_path / "log.db"
+    async with SQLiteStore(db) as src:
+        await src.append("a", AppendRequest(items=[user("a0")]))
+    server = NatsServer(tmp_path / "nats", config="authorization { user: convlog, password: s3cret }\n").start()
+    try:
+        for creds in ({}, {"CONVLOG_USER": "convlog", "CONVLOG_PASSWORD": "wrong"}):
+            rc, out, err = await run_cli("migrate", "--nats-url", server.url, "--no-embedded", "--from",
+                                         f"sqlite:{db}", "--to", "jetstream",
+                                         env={**service_env(tmp_path / "cli"), **creds}, timeout=30)
+            assert rc == 2, (creds, err[-2000:])
+            assert "NATS refused the connection" in err and "Traceback" not in err, err[-2000:]
+            assert out == ""
+        rc, out, err = await run_cli("migrate", "--nats-url", server.url, "--no-embedded", "--from",
+                                     f"sqlite:{db}", "--to", "jetstream",
+                                     env={**service_env(tmp_path / "cli"), "CONVLOG_USER": "convlog",
+                                          "CONVLOG_PASSWORD": "s3cret"}, timeout=60)
+        assert rc == 0 and "a: 1 copied, 1 items verified" in err, err[-2000:]
+    finally:
+        server.stop()
