@@ -188,7 +188,7 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
         if _held(spec):  # running: not "unavailable" (exit 3)
             stderr(f"convlog migrate: a log service holds {spec.partition(':')[2]} ({flag}); stop it first")
             return EXIT_FAIL
-    sessions = [validate_session_id(s) for s in args.sessions.split(",")] if args.sessions else None
+    sessions = [validate_session_id(s) for s in args.sessions.split(",")] if args.sessions is not None else None
     if "jetstream" in (args.source, args.dest):
         await _check_login(settings)
     await open_store(src, wait=0)  # JetStream's refusal to set it up (another stream on its subjects): exit 2

@@ -152,6 +152,23 @@ async def test_migrate_refuses_bad_store_names(nats_server: NatsServer, tmp_path
     assert code == 2 and "--from and --to name the same store" in out, out
 
 
+# `--sessions ""` (an empty shell variable) copied every session, as if the flag were not
+# given; an empty name in the list is refused like any bad session id, before anything opens.
+async def test_migrate_refuses_an_empty_session_list_and_copies_nothing(nats_server: NatsServer,
+                                                                        tmp_path: Path) -> None:
+    db = tmp_path / "src.db"
+    store = SQLiteStore(db)
+    await store.open()
+    await store.append("s", AppendRequest(items=[user("hello")]))
+    await store.close()
+    dest = tmp_path / "dest.db"
+    for sessions in ("", "s,,t"):
+        code, out = await migrate(tmp_path, nats_server.url, "--from", f"sqlite:{db}", "--to", f"sqlite:{dest}",
+                                  "--sessions", sessions)
+        assert code == 2 and "session" in out and "sessions verified" not in out, out
+        assert not dest.exists(), out
+
+
 async def test_migrate_from_a_source_that_does_not_exist_is_refused_and_creates_nothing(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
