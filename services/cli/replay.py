@@ -218,7 +218,7 @@ def envelopes_from_file(path: Path, session_id: str | None) -> Iterator[Envelope
             if not line.strip():
                 continue
             head = decode_head_line(line)
-            if head is not None:
+            if head is not None and _duplicated_name(line) is None:  # else no head, as the console reads it
                 if session_id is None or head.session_id == session_id:
                     yield head
                 continue

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from shared.signing import (
     item_signing_input,
 )
 from tests.support.natsd import NatsServer
+from tests.support.procs import REPO_ROOT
 from tests.support.tamper import rechain
 from tests.web.conftest import CHROMIUM_ARGS, LoopThread, chromium_path, screenshot
 from tests.web.test_console_browser import said, wait_badge
@@ -406,3 +409,49 @@ def test_retirement_times_are_compared_as_instants_in_the_browser_as_in_python(s
     assert got["refused"] == python
     assert bad_python == [True] * len(BAD_RETIRED_AT), bad_python
     assert got["badRefused"] == bad_python
+
+
+HEAD_EDITS = {  # a signed head line edited so that `convlog replay` no longer reads it as a head
+    "item_order written 3.0": lambda line: line.replace(b'"item_order":3,', b'"item_order":3.0,'),
+    "item_order written 3e0": lambda line: line.replace(b'"item_order":3,', b'"item_order":3e0,'),
+    "a field beside the head's": lambda line: line.replace(b'{"signed_head":{', b'{"signed_head":{"note":"x",'),
+    "a field beside signed_head": lambda line: line.replace(b'{"signed_head":{', b'{"note":"x","signed_head":{'),
+    "a name twice in the head": lambda line: line.replace(b'{"signed_head":{', b'{"signed_head":{"hash":"00",'),
+}
+
+
+def _replay_verify(path: Path, keyring: Path) -> int:
+    """``convlog replay --file --verify``'s exit code (a process: Playwright owns this thread's loop)."""
+    return subprocess.run([sys.executable, "-m", "services.cli.main", "replay", SID, "--file", str(path),
+                           "--verify", "--keyring", str(keyring)], cwd=REPO_ROOT, capture_output=True,
+                          timeout=60).returncode
+
+
+@pytest.mark.parametrize("edit", list(HEAD_EDITS))
+def test_a_head_line_replay_does_not_read_as_a_head_breaks_the_chain_in_the_browser_too(
+        signed: Signed, page: Any, tmp_path: Path, edit: str) -> None:
+    """The page took any line with a `signed_head` object as a head and checked only the
+    four signed fields: a head whose item_order was written 3.0, or which carried another
+    field, still verified ("signed head #3 verified", green), where `convlog replay
+    --verify` reads no head from that line, so no envelope either, and fails the export.
+    Both must judge the same file alike: the chain breaks at the line after the items."""
+    url = f"{signed.url}/sessions/{SID}"
+    envs, heads = _lines(page.request.get(f"{url}/export.jsonl").body())
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(_body(envs, heads[-1:]))
+    assert _replay_verify(good, signed.keyring) == 0
+    edited = HEAD_EDITS[edit](heads[-1])
+    assert edited != heads[-1] and b'"signed_head"' in edited
+    bad = tmp_path / "edited.jsonl"
+    bad.write_bytes(_body(envs, [edited]))
+    assert _replay_verify(bad, signed.keyring) != 0
+
+    for f, verdict in ((good, "good"), (bad, "bad")):
+        page.goto(f"{signed.url}/verify")
+        page.set_input_files("#keyring", str(signed.keyring))
+        page.set_input_files("#file", str(f))
+        badge = wait_badge(page, verdict)
+        if verdict == "good":
+            assert "chain intact through #3" in badge and "signed head #3 verified" in badge, badge
+        else:
+            assert "chain broken at #4: not an envelope" in badge, badge

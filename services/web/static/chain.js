@@ -54,21 +54,25 @@ const TOKEN = /"(?:[^"\\]|\\.)*"|-?\d+(\.\d+)?([eE][+-]?\d+)?/g;
 const NAME = /("(?:[^"\\]|\\.)*")(\s*:)?|[{}[\]]/g;
 
 // Why `text` (valid JSON) has no hash though JSON.parse reads it, or null: an object holds
-// a name more than once, or the envelope's item_order is written as no integer ("2.0" or
-// "2e0" read as 2 here and hash as 2; `convlog replay` refuses them, an integer is due).
+// a name more than once, or the envelope's (or a signed head line's) item_order is written
+// as no integer ("2.0" or "2e0" read as 2 here and hash as 2; `convlog replay` refuses
+// them, an integer is due).
 function nameProblem(text) {
   const stack = []; // per open object the names seen, per open array null
+  let last = null; // the name just read: an object opening next is its value
   for (const m of text.matchAll(NAME)) {
     if (m[1] === undefined) {
-      if (m[0] === "{") stack.push(new Set());
+      if (m[0] === "{") stack.push(Object.assign(new Set(), { head: stack.length === 1 && last === "signed_head" }));
       else if (m[0] === "[") stack.push(null);
       else stack.pop();
+      last = null;
     } else if (m[2] !== undefined) {
       const name = m[1].includes("\\") ? JSON.parse(m[1]) : m[1].slice(1, -1);
       const seen = stack[stack.length - 1];
       if (seen.has(name)) return `an object holds ${JSON.stringify(name)} more than once (the hash covers only the last)`;
       seen.add(name);
-      if (name === "item_order" && stack.length === 1) {
+      last = name;
+      if (name === "item_order" && (stack.length === 1 || (stack.length === 2 && seen.head))) {
         NUMBER.lastIndex = m.index + m[0].length;
         const value = NUMBER.exec(text);
         if (value !== null && /[.eE]/.test(value[1])) return `item_order is written ${value[1]}, not as an integer`;
@@ -98,6 +102,21 @@ export function parseJson(text) {
 
 export function checkExact(env) {
   if (unhashable.has(env)) throw new Error(unhashable.get(env));
+}
+
+// The signed head a parsed line holds, or null: the line is {"signed_head": {...}} and nothing
+// else, the head has its six fields of their types and no other, its item_order written as an
+// integer -- what `convlog replay` reads as a head line (services/cli/audit.py); any other
+// line is taken as an envelope, and so breaks the chain there.
+const HEAD_FIELDS = ["session_id", "item_order", "hash", "signed_at", "key_id", "sig"];
+export function headLine(x) {
+  if (x === null || typeof x !== "object" || Object.keys(x).length !== 1 || !Object.hasOwn(x, "signed_head")) return null;
+  const h = x.signed_head;
+  if (h === null || typeof h !== "object" || Array.isArray(h) || unhashable.has(x)) return null;
+  const names = Object.keys(h);
+  if (names.length !== HEAD_FIELDS.length || !HEAD_FIELDS.every((k) => Object.hasOwn(h, k))) return null;
+  const typed = HEAD_FIELDS.every((k) => (k === "item_order" ? Number.isInteger(h[k]) : typeof h[k] === "string"));
+  return typed ? h : null;
 }
 
 export function hashInput(env, prevHash) {

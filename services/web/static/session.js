@@ -1,5 +1,5 @@
 // One conversation: agent lanes, a virtual list, the in-browser chain check, the live tail.
-import { ChainVerifier, engine, parseJson } from "./chain.js";
+import { ChainVerifier, engine, headLine, parseJson } from "./chain.js";
 import { SignatureChecker, parseKeyring } from "./signing.js";
 import { blank, clear, el, longTime, readJsonl, sessionPath, shortTime } from "./common.js";
 import { Conversation, describe, handoffTarget, str } from "./model.js";
@@ -199,9 +199,8 @@ function fail(reason) {
 
 function add(lines) {
   // The last lines of an export may be the log service's signed heads.
-  const isHead = (x) => x && typeof x.signed_head === "object" && x.signed_head !== null && x.item_order === undefined;
-  const heads = lines.filter(isHead).map((x) => x.signed_head);
-  const envs = heads.length ? lines.filter((x) => !isHead(x)) : lines;
+  const heads = lines.map(headLine).filter((h) => h !== null);
+  const envs = heads.length ? lines.filter((x) => headLine(x) === null) : lines;
   if (heads.length) verifying = verifying.then(() => sigs.addHeads(heads)).then(updateBadge);
   if (!envs.length) return;
   const from = conv.items.length;
