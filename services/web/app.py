@@ -292,15 +292,25 @@ async def _sse(client: LogClient, sid: str, after: int, heartbeat: float,
     A comment goes out after ``heartbeat`` idle seconds, so a closed tab is
     noticed and its follower stopped.
     """
-    queue: asyncio.Queue[Envelope] = asyncio.Queue(maxsize=1000)
+    # Events, held by bytes (items may be large): the follower waits while a slow reader
+    # has EXPORT_CHUNK of them unsent, and a piece sent is at most about as much.
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    held = 0
+    room = asyncio.Event()
 
     async def pump() -> None:
+        nonlocal held
         async for env in client.follow(sid, after=after):
-            await queue.put(env)
+            while held >= EXPORT_CHUNK:
+                room.clear()
+                await room.wait()
+            event = b"id: %d\ndata: %s\n\n" % (env.item_order, encode_envelope_line(env))
+            held += len(event)
+            queue.put_nowait(event)
 
     task = asyncio.create_task(pump(), name=f"web-live-{sid}")
     stopped = asyncio.ensure_future(stopping.wait())
-    get: asyncio.Future[Envelope] | None = None
+    get: asyncio.Future[bytes] | None = None
     try:
         yield b"retry: 1000\n: following\n\n"
         while not stopped.done():
@@ -313,9 +323,13 @@ async def _sse(client: LogClient, sid: str, after: int, heartbeat: float,
                 yield b": idle\n\n"
                 continue
             batch = [get.result()]
-            while not queue.empty() and len(batch) < 500:
+            size = len(batch[0])
+            while not queue.empty() and size < EXPORT_CHUNK:
                 batch.append(queue.get_nowait())
-            yield b"".join(b"id: %d\ndata: %s\n\n" % (e.item_order, encode_envelope_line(e)) for e in batch)
+                size += len(batch[-1])
+            held -= size
+            room.set()
+            yield b"".join(batch)
     finally:
         for t in (stopped, get, task):
             if t is not None:
