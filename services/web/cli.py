@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the web stack loads only when the console runs, not for eve
 __all__ = ["WEB_DESCRIPTION", "run", "serve", "web_arguments"]
 
 EXIT_OK, EXIT_USAGE = 0, 2
+CUT_AFTER = 0.5  # seconds a response still being sent may take once the console stops
 
 
 WEB_DESCRIPTION = (
@@ -81,6 +82,18 @@ async def serve(client: LogClient, sock: socket.socket, options: WebOptions, sto
         @contextlib.contextmanager
         def capture_signals(self) -> Any:
             yield
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # A response still being sent once the others are done (an export whose reader is
+            # slow to take it) is cut off as a dropped connection, so its reader sees an
+            # incomplete body: uvicorn would wait out its graceful timeout, then cancel it
+            # with a traceback.  The live tails end on their own (``stop``).
+            stopping = asyncio.ensure_future(super().shutdown(sockets))
+            done, _ = await asyncio.wait({stopping}, timeout=CUT_AFTER)
+            if not done:
+                for connection in list(self.server_state.connections):
+                    connection.transport.abort()
+            await stopping
 
     # ``stop`` also ends the live tails: uvicorn would wait for them, then cancel them.
     config = uvicorn.Config(build_app(client, options, stopping=stop), log_level="warning", access_log=False,

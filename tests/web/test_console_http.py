@@ -405,6 +405,50 @@ async def test_cli_stops_cleanly_with_a_live_tail_open(web: Console, nats_server
         assert took < 1.5, took
 
 
+async def test_cli_stops_cleanly_while_an_export_is_streaming(web: Console, nats_server: NatsServer,
+                                                             tmp_path: Path) -> None:
+    """SIGTERM while a page (or a download) was still reading a long export: uvicorn
+    waited out its graceful timeout, then cancelled the export -- 'ERROR: Cancel 1
+    running task(s)' and 'ERROR: Exception in ASGI application' with a traceback."""
+    import socket
+    import time
+
+    from tests.support.procs import Proc
+
+    for k in range(40):
+        await web.client.append("cli-3", [said("Triage", f"{k}-{i} " + "x" * 16_000) for i in range(40)])
+    proc = Proc([sys.executable, "-m", "services.cli.main", "web", "--port", "0",
+                 "--nats-url", nats_server.url, "--no-embedded"], log_dir=tmp_path, name="convlog-web")
+    with proc:
+        m = await asyncio.to_thread(proc.wait_for_line, r"console at http://127\.0\.0\.1:(\d+)/", 20)
+
+        def open_export() -> socket.socket:
+            s = socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=10)
+            s.sendall(b"GET /sessions/cli-3/export.jsonl HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            got = b""
+            while b"0-0 " not in got:
+                got += s.recv(65536)
+            return s  # and read no more: the export waits for this reader
+
+        reader = await asyncio.to_thread(open_export)
+        try:
+            await asyncio.sleep(1)
+            t0 = time.monotonic()
+            code = await asyncio.to_thread(proc.terminate, 10)
+            took = time.monotonic() - t0
+            rest = b""
+            with contextlib.suppress(OSError):  # cut off: reset, or closed
+                while more := reader.recv(1 << 20):
+                    rest += more
+        finally:
+            reader.close()
+        assert not rest.endswith(b"\r\n0\r\n\r\n")  # no last chunk: the reader sees the export is cut
+        out = proc.output()
+        assert code == 0, out[-3000:]
+        assert "Traceback" not in out and "ERROR" not in out, out[-3000:]
+        assert took < 1.5, took
+
+
 async def test_agents_of_a_long_session_are_scanned_in_bounded_steps(web: Console) -> None:
     from services.web.index import SessionIndex
 
