@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from services.cli.audit import decode_head_line, encode_head_line
 from services.cli.main import main
 from services.log.service import LogService
 from services.web.app import WebOptions
@@ -36,6 +37,7 @@ from shared.signing import (
     _verify_key,
     head_signing_input,
     item_signing_input,
+    sign_head,
 )
 from tests.support.natsd import NatsServer
 from tests.support.procs import REPO_ROOT
@@ -455,3 +457,26 @@ def test_a_head_line_replay_does_not_read_as_a_head_breaks_the_chain_in_the_brow
             assert "chain intact through #3" in badge and "signed head #3 verified" in badge, badge
         else:
             assert "chain broken at #4: not an envelope" in badge, badge
+
+
+def test_a_signed_head_with_a_negative_item_order_fails_in_the_browser_as_in_replay(
+        signed: Signed, page: Any, tmp_path: Path) -> None:
+    """No log service signs a head of item_order -1; `convlog replay --verify` fails an
+    export with one ("item_order -1 is negative").  The page looked the order up, found
+    no item there and, since it is not above 0, no tail missing either: green, "signed
+    head #-1 verified" -- under the log's key, or under any key without a keyring."""
+    url = f"{signed.url}/sessions/{SID}"
+    envs, heads = _lines(page.request.get(f"{url}/export.jsonl").body())
+    real = decode_head_line(heads[-1])
+    assert real is not None
+    head = sign_head(Signer.load(signed.keys / "log.nk"), SID, -1, real.hash, real.signed_at)
+    f = tmp_path / "negative.jsonl"
+    f.write_bytes(_body(envs, [encode_head_line(head)]))
+    assert _replay_verify(f, signed.keyring) != 0
+    for keyring in (True, False):
+        page.goto(f"{signed.url}/verify")
+        if keyring:
+            page.set_input_files("#keyring", str(signed.keyring))
+        page.set_input_files("#file", str(f))
+        badge = wait_badge(page, "bad")
+        assert "signed head #-1: item_order -1 is negative" in badge, badge

@@ -276,6 +276,7 @@ export class SignatureChecker {
     for (const h of this.heads) {
       const at = `signed head #${h.item_order}`;
       if (h.session_id !== sessionId) return { order: 1, reason: `${at} is of session ${JSON.stringify(h.session_id)}` };
+      if (h.item_order < 0) return { order: 1, reason: `${at}: item_order ${h.item_order} is negative` }; // as replay
       if (h.problem) return { order: h.item_order, reason: `${at}: ${h.problem}` };
       const i = byOrder.get(h.item_order);
       if (i === undefined && complete && h.item_order > 0)
