@@ -90,9 +90,11 @@ async def serve(client: LogClient, sock: socket.socket, options: WebOptions, sto
             # with a traceback.  The live tails end on their own (``stop``).
             stopping = asyncio.ensure_future(super().shutdown(sockets))
             done, _ = await asyncio.wait({stopping}, timeout=CUT_AFTER)
-            if not done:
-                for connection in list(self.server_state.connections):
-                    connection.transport.abort()
+            if not done:  # uvicorn's connection set (<1): without it, its own timeout applies
+                for connection in list(getattr(getattr(self, "server_state", None), "connections", ())):
+                    transport = getattr(connection, "transport", None)
+                    if transport is not None:
+                        transport.abort()
             await stopping
 
     # ``stop`` also ends the live tails: uvicorn would wait for them, then cancel them.
