@@ -264,7 +264,7 @@ class PartFinder:
         if target is None:
             return out
         tid = parse_turn_item_id(trigger.item_id)
-        if tid is None:  # a handoff output not written by a turn: nobody's part
+        if tid is None or tid.step < 1:  # a handoff output not written by a turn (steps count from 1)
             return out
         if target in self.routing.spec.agents:
             self.learn(sid, order, target)
