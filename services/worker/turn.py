@@ -119,6 +119,7 @@ class _State:
     handoff: tuple[str, int] | None = None
     pending: PendingStep | None = None
     hidden: bool = False  # a retract or clear after the trigger hides it
+    taken: set[int] = field(default_factory=set)  # steps of forged items under this agent's ids
     after: list[Envelope] = field(default_factory=list)  # every envelope after the trigger
 
 
@@ -230,6 +231,8 @@ class TurnRunner:
                     conflicts = await self._backoff(part, conflicts)
                 continue
             step_no = state.last_step + 1
+            while step_no in state.taken:
+                step_no += 1
             kept, refused = refused, None
             if kept is not None and kept.step_no == step_no and all(
                     _bystander(e) for e in state.after if e.item_order > kept.seen):
@@ -243,7 +246,7 @@ class TurnRunner:
                 seen = expected = state.last_order
                 if fail_reason is not None:
                     step = self._fail(part, step_no, fail_reason)
-                elif step_no > self.max_steps:
+                elif state.last_step + 1 > self.max_steps:
                     step = self._fail(
                         part, step_no, f"the turn reached the limit of {self.max_steps} model calls"
                     )
@@ -329,9 +332,11 @@ class TurnRunner:
             tid = parse_turn_item_id(env.item_id)
             if tid is None or tid.turn != part.turn:
                 continue
-            state.last_step = max(state.last_step, tid.step)  # a forged item's step is taken too
             if self._forged(env, part, in_turn=True):
+                if tid.agent == self.agent.name:
+                    state.taken.add(tid.step)  # its ids are taken, but it was no model call of the turn
                 continue
+            state.last_step = max(state.last_step, tid.step)
             if tid.terminal:
                 state.finished = env
             elif tid.role.startswith("out"):
