@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from .codec import unencodable
+
 __all__ = [
     "INSTALL_HINT", "canonical", "coerce_settings", "finish", "hooks_class", "plain",
     "require_agents_sdk", "run_key", "settle",
@@ -133,8 +135,17 @@ def plain(item: Any) -> dict[str, Any]:
 
 
 def canonical(items: Sequence[Mapping[str, Any]]) -> bytes:
-    """The items as JSON with sorted keys: equal content, equal bytes (the retry fingerprint)."""
-    return msgspec.json.encode(list(items), order="sorted", enc_hook=str)
+    """The items as JSON with sorted keys: equal content, equal bytes (the retry fingerprint).
+
+    Raises:
+        BadRequestError: an item holds text with a lone surrogate or an object
+            key that is not a string, named as the append would name it
+            (``$.items[0].data.content``).
+    """
+    try:
+        return msgspec.json.encode(list(items), order="sorted", enc_hook=str)
+    except (TypeError, UnicodeEncodeError) as e:
+        raise unencodable({"items": [{"data": i} for i in items]}, "$", e) from e
 
 
 def run_key(context: Any) -> Any:

@@ -19,7 +19,7 @@ from .errors import BadRequestError
 
 __all__ = [
     "MAX_DEPTH", "MAX_SAFE_INT", "check_json", "decode", "decode_as", "encode", "encode_envelope_line", "json_ok",
-    "numbers_ok",
+    "numbers_ok", "unencodable",
 ]
 
 T = TypeVar("T")
@@ -180,3 +180,40 @@ def check_json(value: Any, path: str = "$") -> None:
             stack.extend((item, f"{p}.{k}", depth + 1) for k, item in v.items())
         else:
             stack.extend((item, f"{p}[{i}]", depth + 1) for i, item in enumerate(v))
+
+
+def unencodable(value: Any, path: str, error: Exception) -> BadRequestError:
+    """The error for ``value``, which has no JSON form (msgspec raised ``error``),
+    naming where: a string that is not Unicode text (a lone surrogate), an object
+    key that is not a string, or a value of a type JSON has no form for."""
+    stack = [(value, path)]
+    while stack:
+        v, p = stack.pop()
+        if isinstance(v, str):
+            if not _is_text(v):
+                return BadRequestError(f"text at {p} has a lone surrogate, which has no UTF-8: {v!r}")
+        elif isinstance(v, Mapping):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    return BadRequestError(f"object key at {p} is not a string: {k!r} ({type(k).__name__})")
+                if not _is_text(k):
+                    return BadRequestError(f"object key at {p} has a lone surrogate, which has no UTF-8: {k!r}")
+                stack.append((item, f"{p}.{k}"))
+        elif isinstance(v, list | tuple | set | frozenset):
+            stack.extend((item, f"{p}[{i}]") for i, item in enumerate(v))
+        elif isinstance(v, msgspec.Struct):
+            stack.extend((getattr(v, f), f"{p}.{f}") for f in v.__struct_fields__)
+        else:
+            try:
+                _encoder.encode(v)
+            except (TypeError, UnicodeEncodeError) as e:
+                return BadRequestError(f"value at {p} has no JSON form: {e}")
+    return BadRequestError(f"{path} has no JSON form: {error}")
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,0 +1,39 @@
+"""Input that has no JSON form, at every client edge, against a real log service:
+refused with the documented ``BadRequestError`` naming what and where, and
+nothing written (each a bug once: a raw ``UnicodeEncodeError`` or ``TypeError``
+came out instead, or the value was silently changed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from shared import ConvlogSession
+from shared.client import LogClient
+from shared.errors import BadRequestError
+
+
+def _user(content: Any) -> dict[str, Any]:
+    return {"role": "user", "content": content}
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ("half an emoji \ud83d", r"text at \$\.items\[1\]\.data\.content has a lone surrogate"),
+    ({"\ud800": 1}, r"object key at \$\.items\[1\]\.data\.content has a lone surrogate"),
+    ({1: "a"}, r"object key at \$\.items\[1\]\.data\.content is not a string: 1 \(int\)"),
+    ({("a", "b"): 1}, r"object key at \$\.items\[1\]\.data\.content is not a string"),
+], ids=["lone-surrogate", "surrogate-key", "int-key", "tuple-key"])
+async def test_add_items_refuses_text_and_keys_json_has_no_form_for(
+    new_session: Callable[..., ConvlogSession], log_client: LogClient, content: Any, problem: str
+) -> None:
+    """The retry fingerprint's encoder met them first and raised msgspec's
+    ``UnicodeEncodeError`` / ``TypeError``, not the ``BadRequestError`` add_items documents."""
+    session = new_session("unencodable_add")
+    with pytest.raises(BadRequestError, match=problem):
+        await session.add_items([_user("fine"), _user(content)])
+    assert await log_client.items("unencodable_add") == []
+    await session.add_items([_user("next")])  # the session is fine after it
+    assert [i["content"] for i in await session.get_items()] == ["next"]
