@@ -23,7 +23,7 @@ import msgspec
 from nats.aio.client import Client
 
 from . import nats_connect, tracing
-from .codec import check_json, decode, encode, json_ok
+from .codec import check_json, decode, encode, json_ok, unencodable
 from .config import Settings
 from .errors import BadRequestError, ForbiddenError, TooLargeError
 from .failures import refused_publish
@@ -134,15 +134,16 @@ def _as_items(items: Iterable[AppendItem | Mapping[str, Any]]) -> list[AppendIte
 
 
 def _encode(msg: Any) -> bytes:
-    """``encode``; text that has no UTF-8 (a lone surrogate) is refused.
+    """``encode``; what has no JSON form is refused.
 
     Raises:
-        BadRequestError: a string holds a lone surrogate.
+        BadRequestError: a string holds a lone surrogate (no UTF-8), or a value
+            or object key JSON has no form for, named with its path.
     """
     try:
         return encode(msg)
-    except UnicodeEncodeError as e:
-        raise BadRequestError(f"invalid text: {e}") from e
+    except (UnicodeEncodeError, TypeError) as e:
+        raise unencodable(msg, "$", e) from e
 
 
 _convert = msgspec.convert

@@ -23,7 +23,7 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from . import tracing
-from .codec import encode
+from .codec import encode, unencodable
 from .errors import BadRequestError
 from .messages import AppendItem, AppendRequest
 from .requester import RETRY_ON, Requester
@@ -61,7 +61,10 @@ def _sign(signer: Signer, batch: list[_Append], size: int) -> bool:
         else:  # one append of more than MAX_BATCH items: signed in batches of its own
             batch[0].items = signer.sign_items(batch[0].sid, batch[0].items)
     except Exception as e:
-        err = BadRequestError(str(e)) if isinstance(e, ValueError) else e
+        if isinstance(e, TypeError | UnicodeEncodeError):  # no JSON form: named (only one append is told)
+            err: Exception = unencodable(batch[0].items, "$.items", e)
+        else:
+            err = BadRequestError(str(e)) if isinstance(e, ValueError) else e
         for a in batch if len(batch) == 1 else ():
             if not a.fut.done():
                 a.fut.set_exception(err)

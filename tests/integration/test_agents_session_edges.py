@@ -17,8 +17,8 @@
   the log read was another session object's of the connection, ``follow=False``);
 * ``close()`` while the first read is creating the copy's consumer leaves no
   consumer behind (it followed, and was delivered to, on a closed session);
-* a call whose item JSON cannot encode (a ``TypeError`` before anything is
-  sent), combined with other calls in one append, fails alone;
+* a call whose item JSON cannot encode (a ``BadRequestError`` before anything
+  is sent), combined with other calls in one append, fails alone;
 * a call the log forbids (a user item under ``--require-signatures``),
   combined with other calls in one append, fails alone: the others failed
   with its ``ForbiddenError`` too, and were never written;
@@ -319,7 +319,7 @@ async def test_a_call_with_an_item_json_cannot_encode_fails_alone_in_a_combined_
         )
         # README: "if the log refuses one of them ... the others are resent without it,
         # so each call gets its own outcome".
-        assert [type(r).__name__ for r in results] == ["NoneType", "NoneType", "TypeError", "NoneType"]
+        assert [type(r).__name__ for r in results] == ["NoneType", "NoneType", "BadRequestError", "NoneType"]
         assert [e.data["content"] for e in await log_client.items(sid)] == ["first", "second", "fourth"]
     finally:
         for s in sessions:

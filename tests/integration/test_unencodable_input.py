@@ -37,3 +37,36 @@ async def test_add_items_refuses_text_and_keys_json_has_no_form_for(
     assert await log_client.items("unencodable_add") == []
     await session.add_items([_user("next")])  # the session is fine after it
     assert [i["content"] for i in await session.get_items()] == ["next"]
+
+
+class _NoJson:
+    pass
+
+
+NO_JSON = pytest.mark.parametrize(("content", "problem"), [
+    ({"x": [1, _NoJson()]}, r"value at \$\.items\[1\]\.data\.content\.x\[1\] has no JSON form: .*_NoJson"),
+    ({("a", "b"): 1}, r"object key at \$\.items\[1\]\.data\.content is not a string: \('a', 'b'\)"),
+    ({None: 1}, r"object key at \$\.items\[1\]\.data\.content is not a string: None"),
+], ids=["object", "tuple-key", "none-key"])
+
+
+async def _refused_and_nothing_written(client: LogClient, agent: str, content: Any, problem: str) -> None:
+    items = [{"agent": agent, "data": _user("fine")}, {"agent": agent, "data": _user(content)}]
+    with pytest.raises(BadRequestError, match=problem):
+        await client.append("unencodable_append", items)
+    assert await client.items("unencodable_append") == []
+
+
+@NO_JSON
+async def test_append_refuses_values_json_has_no_form_for(log_client: LogClient, content: Any, problem: str) -> None:
+    """msgspec's ``TypeError`` came out of ``LogClient.append``, not the
+    ``BadRequestError`` it documents for a bad value."""
+    await _refused_and_nothing_written(log_client, "user", content, problem)
+
+
+@NO_JSON
+async def test_signed_append_refuses_values_json_has_no_form_for(
+    triage_signed: LogClient, content: Any, problem: str
+) -> None:
+    """The same ``TypeError`` came out of the signing of a signed append."""
+    await _refused_and_nothing_written(triage_signed, "Triage", content, problem)
