@@ -102,8 +102,8 @@ MAX_DEPTH = 100
 
 
 def numbers_ok(value: Any) -> bool:
-    """The common case, fast: no paths built, only numbers inspected (any depth:
-    what a stored log holds, as replay and migrate read it)."""
+    """The common case, fast: no paths built, only numbers (and object keys)
+    inspected (any depth: what a stored log holds, as replay and migrate read it)."""
     return _walk(value, sys.maxsize)
 
 
@@ -123,7 +123,13 @@ def _walk(value: Any, max_depth: int) -> bool:
             if t is dict or t is list:
                 if depth >= max_depth:
                     return False
-                nested.extend(v.values() if t is dict else v)
+                if t is list:
+                    nested.extend(v)
+                    continue
+                for k in v:  # JSON would turn 1 into "1", and {1: .., "1": ..} into one key
+                    if type(k) is not str and not isinstance(k, str):
+                        return False
+                nested.extend(v.values())
             elif t is int:
                 if not -MAX_SAFE_INT <= v <= MAX_SAFE_INT:
                     return False
@@ -134,6 +140,8 @@ def _walk(value: Any, max_depth: int) -> bool:
                 continue
             elif isinstance(v, Mapping | tuple | set | frozenset):  # a caller's data, as JSON sends it
                 if depth >= max_depth:
+                    return False
+                if isinstance(v, Mapping) and not all(isinstance(k, str) for k in v):
                     return False
                 nested.extend(v.values() if isinstance(v, Mapping) else v)
             elif isinstance(v, int):  # a subclass (an IntEnum)
@@ -151,7 +159,9 @@ def check_json(value: Any, path: str = "$") -> None:
 
     RFC 8785 numbers are IEEE doubles: integers beyond +/-(2**53-1) would be
     silently rounded and non-finite floats have no JSON form, so both are
-    refused at input, and so is nesting deeper than :data:`MAX_DEPTH`.
+    refused at input, and so is nesting deeper than :data:`MAX_DEPTH` and an
+    object key that is not a string (JSON would send ``1`` as ``"1"``, and
+    ``{1: "a", "1": "b"}`` as one key, keeping one of the values).
 
     Raises:
         BadRequestError: naming the JSON path and the value.
@@ -177,6 +187,9 @@ def check_json(value: Any, path: str = "$") -> None:
         elif depth >= MAX_DEPTH:
             raise BadRequestError(f"{path} nests objects and arrays more than {MAX_DEPTH} levels deep")
         elif isinstance(v, Mapping):
+            for k in v:
+                if not isinstance(k, str):
+                    raise BadRequestError(f"object key at {p} is not a string: {k!r} ({type(k).__name__})")
             stack.extend((item, f"{p}.{k}", depth + 1) for k, item in v.items())
         else:
             stack.extend((item, f"{p}[{i}]", depth + 1) for i, item in enumerate(v))

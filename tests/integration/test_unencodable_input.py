@@ -6,6 +6,7 @@ came out instead, or the value was silently changed).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -70,3 +71,18 @@ async def test_signed_append_refuses_values_json_has_no_form_for(
 ) -> None:
     """The same ``TypeError`` came out of the signing of a signed append."""
     await _refused_and_nothing_written(triage_signed, "Triage", content, problem)
+
+
+@pytest.mark.parametrize(("content", "key"), [
+    ({1: "a", "1": "b"}, "1 (int)"),
+    ({"ok": {2.5: "x"}}, "2.5 (float)"),
+], ids=["int-and-str-key", "float-key"])
+async def test_append_refuses_object_keys_that_are_not_strings(
+    log_client: LogClient, content: Any, key: str
+) -> None:
+    """JSON sent the key 1 as "1": ``{1: "a", "1": "b"}`` went out as an object
+    with the key "1" twice, and the log kept only "b" ("a" lost, no error);
+    add_items refused such keys while append wrote them changed."""
+    with pytest.raises(BadRequestError, match=rf"object key at \$\.items\[0\]\.data\.content.* is not a string: {re.escape(key)}"):
+        await log_client.append("int_keys", [{"agent": "user", "data": _user(content)}])
+    assert await log_client.items("int_keys") == []
