@@ -307,9 +307,12 @@ class LogClient(Requester):
 
         def signed(signer: Signer) -> bytes:  # signed as the item it becomes
             signer = signer.current()  # one key for both signatures (shared.signing)
-            item = sign_item(signer, session_id, AppendItem(
-                agent="user", data={"role": "user", "content": content}, item_id=msg.item_id))
-            to_sig = signer.sign(route_signing_input(session_id, msg.item_id, to)) if to else None
+            try:
+                item = sign_item(signer, session_id, AppendItem(
+                    agent="user", data={"role": "user", "content": content}, item_id=msg.item_id))
+                to_sig = signer.sign(route_signing_input(session_id, msg.item_id, to)) if to else None
+            except (UnicodeEncodeError, TypeError) as e:  # no JSON form: refused as unsigned
+                raise unencodable(msg, "$", e) from e
             return encode(msgspec.structs.replace(msg, sig=item.sig, key_id=item.key_id, to_sig=to_sig))
 
         async def sending() -> bytes:

@@ -86,3 +86,17 @@ async def test_append_refuses_object_keys_that_are_not_strings(
     with pytest.raises(BadRequestError, match=rf"object key at \$\.items\[0\]\.data\.content.* is not a string: {re.escape(key)}"):
         await log_client.append("int_keys", [{"agent": "user", "data": _user(content)}])
     assert await log_client.items("int_keys") == []
+
+
+@pytest.mark.parametrize(("content", "to", "problem"), [
+    ("half an emoji \ud83d", None, r"text at \$\.content has a lone surrogate"),
+    ("hi", "Tri\udc00age", r"text at \$\.to has a lone surrogate"),
+], ids=["content", "to"])
+async def test_signed_send_refuses_text_with_a_lone_surrogate(
+    triage_signed: LogClient, content: str, to: str | None, problem: str
+) -> None:
+    """Unsigned, ``send`` refused it with BadRequestError; signed, the signing
+    raised msgspec's raw ``UnicodeEncodeError``."""
+    with pytest.raises(BadRequestError, match=problem):
+        await triage_signed.send("surrogate_send", content, to=to)
+    assert await triage_signed.items("surrogate_send") == []
