@@ -121,6 +121,9 @@ def _as_items(items: Iterable[AppendItem | Mapping[str, Any]]) -> list[AppendIte
     out: list[AppendItem] = []
     for item in items:
         if not isinstance(item, AppendItem):
+            if type(item) is not dict and not isinstance(item, Mapping):  # dict() made no sense of it
+                raise BadRequestError(f"invalid item: $.items[{len(out)}] is a {type(item).__name__}, "
+                                      "not an object (a mapping or an AppendItem)")
             try:
                 item = _convert(item if type(item) is dict else dict(item), AppendItem)
             except msgspec.ValidationError as e:

@@ -100,3 +100,13 @@ async def test_signed_send_refuses_text_with_a_lone_surrogate(
     with pytest.raises(BadRequestError, match=problem):
         await triage_signed.send("surrogate_send", content, to=to)
     assert await triage_signed.items("surrogate_send") == []
+
+
+@pytest.mark.parametrize("bad", ["agent", None, 5, ["agent", "user"]], ids=["str", "none", "int", "list"])
+async def test_append_refuses_an_item_that_is_not_an_object(log_client: LogClient, bad: Any) -> None:
+    """``dict(item)`` raised its own ValueError/TypeError ("dictionary update
+    sequence element #0 has length 1; 2 is required"), not the BadRequestError
+    append documents for an item of the wrong shape."""
+    with pytest.raises(BadRequestError, match=rf"invalid item: \$\.items\[1\] is a {type(bad).__name__}, not an object"):
+        await log_client.append("not_objects", [{"agent": "user", "data": _user("fine")}, bad])
+    assert await log_client.items("not_objects") == []
