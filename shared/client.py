@@ -304,8 +304,16 @@ class LogClient(Requester):
     async def send(
         self, session_id: str, content: str, *, to: str | None = None, item_id: str | None = None
     ) -> AppendReply:
-        """Publish a user message (with a reply: the append ack)."""
+        """Publish a user message (with a reply: the append ack).
+
+        Raises:
+            BadRequestError: ``content`` or ``to`` is not text, or holds a lone
+                surrogate (nothing is sent); or the log service refused it.
+        """
         subject = self.subjects.inbound(session_id)
+        for name, value in (("content", content), ("to", to)):
+            if value is not None and not isinstance(value, str):  # JSON would send bytes as base64 text
+                raise BadRequestError(f"invalid message: {name} must be a str, not {type(value).__name__}")
         msg = UserMessage(content=content, item_id=item_id or new_item_id(), to=to)
 
         def signed(signer: Signer) -> bytes:  # signed as the item it becomes

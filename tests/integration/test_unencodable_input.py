@@ -110,3 +110,15 @@ async def test_append_refuses_an_item_that_is_not_an_object(log_client: LogClien
     with pytest.raises(BadRequestError, match=rf"invalid item: \$\.items\[1\] is a {type(bad).__name__}, not an object"):
         await log_client.append("not_objects", [{"agent": "user", "data": _user("fine")}, bad])
     assert await log_client.items("not_objects") == []
+
+
+@pytest.mark.parametrize(("kw", "problem"), [
+    ({"content": b"hi"}, "content must be a str, not bytes"),
+    ({"content": "hi", "to": b"Triage"}, "to must be a str, not bytes"),
+], ids=["bytes-content", "bytes-to"])
+async def test_send_refuses_bytes_where_text_goes(log_client: LogClient, kw: dict[str, Any], problem: str) -> None:
+    """JSON sent bytes as base64 text: ``send(sid, b"hi")`` stored the user
+    message "aGk=" without an error."""
+    with pytest.raises(BadRequestError, match=problem):
+        await log_client.send("bytes_send", **kw)
+    assert await log_client.items("bytes_send") == []
