@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from .codec import unencodable
+from .codec import check_json, unencodable
 
 __all__ = [
     "INSTALL_HINT", "canonical", "coerce_settings", "finish", "hooks_class", "plain",
@@ -139,12 +139,14 @@ def canonical(items: Sequence[Mapping[str, Any]]) -> bytes:
 
     Raises:
         BadRequestError: an item holds text with a lone surrogate or an object
-            key that is not a string, named as the append would name it
-            (``$.items[0].data.content``).
+            key that is not a string, or nests past msgspec's limit, named as
+            the append would name it (``$.items[0].data.content``).
     """
     try:
         return msgspec.json.encode(list(items), order="sorted", enc_hook=str)
-    except (TypeError, UnicodeEncodeError) as e:
+    except (TypeError, UnicodeEncodeError, RecursionError) as e:  # RecursionError: ~1000 levels deep
+        for i, item in enumerate(items):
+            check_json(item, f"$.items[{i}].data")  # raises for the nesting, as an append would
         raise unencodable({"items": [{"data": i} for i in items]}, "$", e) from e
 
 

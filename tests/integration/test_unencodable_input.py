@@ -40,6 +40,26 @@ async def test_add_items_refuses_text_and_keys_json_has_no_form_for(
     assert [i["content"] for i in await session.get_items()] == ["next"]
 
 
+def _nested(levels: int) -> list[Any]:
+    v: list[Any] = []
+    for _ in range(levels - 1):
+        v = [v]
+    return v
+
+
+async def test_add_items_refuses_data_nested_past_the_encoders_limit(
+    new_session: Callable[..., ConvlogSession], log_client: LogClient
+) -> None:
+    """Nested 150 levels, add_items said the append's "nests objects and arrays
+    more than 100 levels deep"; nested 5,000 levels, the retry fingerprint's
+    encoder raised a raw ``RecursionError`` first."""
+    session = new_session("deep_add")
+    for levels in (150, 5000):
+        with pytest.raises(BadRequestError, match=r"\$\.items\[1\]\.data nests objects and arrays more than 100"):
+            await session.add_items([_user("fine"), _user(_nested(levels))])
+    assert await log_client.items("deep_add") == []
+
+
 class _NoJson:
     pass
 
