@@ -12,7 +12,9 @@ Routes:
     ``/verify``                        verify a JSONL export from the reviewer's disk
     ``/api/sessions``                  ``?prefix=&cursor=&limit=`` newest first
     ``/sessions/<sid>/export.jsonl``   every envelope, then the log service's signed heads as
-                                       ``{"signed_head": ...}`` lines (``?download=1``: as a file)
+                                       ``{"signed_head": ...}`` lines (``?download=1``: as a file);
+                                       ``X-Convlog-Witness: unavailable`` when the witness head
+                                       could not be read (the heads are then the fresh one only)
     ``/sessions/<sid>/live``           SSE: every envelope after ``?after=`` / ``Last-Event-ID``
 """
 
@@ -161,23 +163,27 @@ def _line(env: Envelope) -> bytes:
     return encode_envelope_line(env) + b"\n"
 
 
-async def _signed_heads(client: LogClient, sid: str) -> list[SignedHead]:
+async def _signed_heads(client: LogClient, sid: str) -> tuple[list[SignedHead], bool]:
     """The session's heads the log service signed, as ``convlog replay`` exports them:
     the witness head (kept in ``<prefix>_heads``, outside the store) and a fresh one.
     None when the service has no key.  Read before the items, so every item a head
-    covers is in the export (the log is append-only)."""
+    covers is in the export (the log is append-only).  Also whether the witness head
+    could be read: when not, only the fresh head checks the tail, and a store restored
+    from an older copy passes it (``convlog replay --verify`` fails then)."""
     from services.log.heads import read_witness_head
 
     heads: list[SignedHead | None] = []
+    witnessed = True
     try:
         heads.append(await read_witness_head(client.nc, client.subjects, sid))
-    except ConvlogError as e:  # the export still serves, with the fresh head
+    except ConvlogError as e:  # the export still serves, with the fresh head (the page is told)
         log.warning("no witness head for %s: %s", sid, e.message)
+        witnessed = False
     try:
         heads.append(await client.signed_head(sid))
     except ConvlogError as e:  # the export still serves; the page then shows no fresh head
         log.warning("no signed head for %s: %s", sid, e.message)
-    return [h for h in heads if h is not None]
+    return [h for h in heads if h is not None], witnessed
 
 
 def build_app(client: LogClient, options: WebOptions | None = None, *,
@@ -220,7 +226,7 @@ def build_app(client: LogClient, options: WebOptions | None = None, *,
 
     async def export(request: Request) -> Response:
         sid = _sid(request)
-        heads = await _signed_heads(client, sid)
+        heads, witnessed = await _signed_heads(client, sid)
         first = await client.read(sid, after=0, limit=FIRST_PAGE, raw=True)
         if not first.items:
             return _error(404, "not_found", f"session {sid!r} has no items")
@@ -243,6 +249,8 @@ def build_app(client: LogClient, options: WebOptions | None = None, *,
                 yield b"".join(encode_head_line(h) + b"\n" for h in heads)
 
         headers = {"cache-control": "no-store", "x-convlog-last-order": str(first.last_order)}
+        if not witnessed:  # the body stays what `convlog replay --file` reads; the page is told here
+            headers["x-convlog-witness"] = "unavailable"
         if request.query_params.get("download"):
             headers["content-disposition"] = f'attachment; filename="{sid}.jsonl"'
         return StreamingResponse(body(), media_type="application/jsonl; charset=utf-8", headers=headers)

@@ -11,6 +11,7 @@ the hash chain alone still holds.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -480,3 +481,60 @@ def test_a_signed_head_with_a_negative_item_order_fails_in_the_browser_as_in_rep
         page.set_input_files("#file", str(f))
         badge = wait_badge(page, "bad")
         assert "signed head #-1: item_order -1 is negative" in badge, badge
+
+
+def test_a_witness_head_that_cannot_be_read_gets_a_warning_not_a_green_verdict(
+        nats_server: NatsServer, tmp_path: Path, page: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A store restored from an older copy (its #3 lost, the witness head naming #3),
+    then nats-server back without JetStream: the console could not read the witness
+    head, served the export with the fresh head only and said so in its log alone; the
+    page showed a plain green "chain intact through #2 · signed head #2", where
+    `convlog replay --verify` fails (exit 3: cannot read the signed heads).  The export
+    now tells the page (X-Convlog-Witness, the body unchanged), and the badge warns."""
+    from tests.integration.test_signed_replay import _restored_past_the_witness
+
+    keys = tmp_path / "keys"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # Playwright owns this thread's loop
+        assert pool.submit(main, ["keys", "init", "--out", str(keys)]).result(60) == 0
+    lt = LoopThread(nats_server.url)
+    restored = _restored_past_the_witness(nats_server, tmp_path, keys)
+    try:
+        lt.run(restored.__aenter__())
+        try:
+            nats_server.jetstream = False
+            nats_server.restart()
+
+            async def answering() -> None:  # the log service (SQLite) answers again
+                from tests.support.eventually import assert_eventually
+
+                async def two() -> None:
+                    assert await lt.client.last_order("s") == 2
+
+                await assert_eventually(two, timeout=20)
+
+            lt.run(answering())
+            sock = bind("127.0.0.1", 0)
+            stop = lt.run(_event())
+            web = asyncio.run_coroutine_threadsafe(serve(lt.client, sock, WebOptions(), stop), lt.loop)
+            try:
+                url = f"{console_url(sock).rstrip('/')}/sessions/s"
+                res = page.request.get(f"{url}/export.jsonl")
+                assert res.status == 200 and res.headers.get("x-convlog-witness") == "unavailable", res.headers
+                envs, heads = _lines(res.body())
+                assert [e.item_order for e in envs] == [1, 2] and len(heads) == 1  # the fresh head only
+                assert "no witness head for s" in caplog.text
+                page.goto(url)
+                page.wait_for_selector("#badge.good, #badge.warn, #badge.bad")
+                badge = page.text_content("#badge")
+                assert page.get_attribute("#badge", "class") == "badge warn", badge
+                assert "chain intact through #2" in badge and "✓" not in badge, badge
+                assert "the witness head could not be read: the truncation check covered only the log's own head" \
+                    in badge, badge
+                screenshot(page, "signed-witness-unread")
+            finally:
+                lt.loop.call_soon_threadsafe(stop.set)
+                web.result(15)
+        finally:
+            lt.run(restored.__aexit__(None, None, None))
+    finally:
+        lt.close()

@@ -7,7 +7,7 @@ import { Conversation, describe, handoffTarget, str } from "./model.js";
 let ROW_H = 68; // px; every row has the same height, so only rows on screen exist (136: tall rows)
 const OVERSCAN = 8;
 const $ = (id) => document.getElementById(id);
-const state = { firstScreenMs: null, verifiedMs: null, loaded: false, loadFailed: false, live: "off" };
+const state = { firstScreenMs: null, verifiedMs: null, loaded: false, loadFailed: false, live: "off", witnessUnread: false };
 window.__convlog = state;
 
 const fileMode = location.pathname === "/verify";
@@ -148,8 +148,11 @@ function updateBadge() {
   const hp = chainProblem || sp ? null : sigs.headProblem(verifier.sessionId, conv.items, conv.byOrder, complete);
   const p = chainProblem || sp || hp;
   const unloaded = !p && state.loadFailed && verifier.verified === 0;
+  // The server could not read the witness head: only the log's own (fresh) head checked the
+  // tail, which a store restored from an older copy passes -- no plain green then.
+  const intact = verifier.verified === conv.items.length && state.loaded;
   b.className = "badge " + (p ? "bad" : unloaded ? "working"
-    : verifier.verified === conv.items.length && state.loaded ? "good" : "working");
+    : intact ? (state.witnessUnread ? "warn" : "good") : "working");
   if (p) {
     b.textContent = chainProblem ? `✗ chain broken at #${p.order}: ${p.reason}`
       : sp ? `✗ bad signature at #${p.order}: ${p.reason}` : `✗ ${p.reason}`;
@@ -162,7 +165,9 @@ function updateBadge() {
   } else {
     const summary = sigs.summary();
     const signed = summary ? ` · ${summary}` : "";
-    b.textContent = (b.classList.contains("good") ? `✓ chain intact through #${verifier.verified}` : `verifying… ${verifier.verified}/${conv.items.length}`) + signed;
+    const unwitnessed = state.witnessUnread
+      ? " · ⚠ the witness head could not be read: the truncation check covered only the log's own head" : "";
+    b.textContent = (intact ? `${unwitnessed ? "⚠" : "✓"} chain intact through #${verifier.verified}` : `verifying… ${verifier.verified}/${conv.items.length}`) + signed + unwitnessed;
     b.removeAttribute("href");
   }
   // A head hash the reviewer holds from elsewhere (a receipt, `convlog replay`) closes the
@@ -277,6 +282,7 @@ async function loadFromServer() {
     if (res.status === 404) $("message").textContent = "No items yet: waiting for the first one.";
     else if (!res.ok) throw new Error((await res.json().catch(() => null))?.error?.message || `HTTP ${res.status}`);
     else {
+      state.witnessUnread = res.headers.get("x-convlog-witness") === "unavailable";
       try {
         await readJsonl(res.body, add);
       } catch (err) {
