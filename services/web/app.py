@@ -41,7 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.cli.audit import encode_head_line
 from services.cli.common import is_loopback_host
 from shared.client import LogClient
-from shared.codec import MAX_SAFE_INT, encode_envelope_line
+from shared.codec import MAX_SAFE_INT, encode, encode_envelope_line
 from shared.errors import ConvlogError, InvalidSessionIdError
 from shared.messages import Envelope, SignedHead
 from shared.subjects import validate_session_id
@@ -298,7 +298,9 @@ async def _sse(client: LogClient, sid: str, after: int, heartbeat: float,
     """Every envelope after ``after`` as SSE events (``id`` = item_order), until ``stopping``.
 
     A comment goes out after ``heartbeat`` idle seconds, so a closed tab is
-    noticed and its follower stopped.
+    noticed and its follower stopped.  A follower that fails (an error it does not
+    wait out, e.g. the log refusing the read) ends the stream at once, with a
+    ``failed`` event saying why (the page stops reconnecting) and one WARNING.
     """
     # Events, held by bytes (items may be large): the follower waits while a slow reader
     # has EXPORT_CHUNK of them unsent, and a piece sent is at most about as much.
@@ -323,10 +325,23 @@ async def _sse(client: LogClient, sid: str, after: int, heartbeat: float,
         yield b"retry: 1000\n: following\n\n"
         while not stopped.done():
             get = asyncio.ensure_future(queue.get())
-            await asyncio.wait((get, stopped), timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED)
-            if not get.done():  # the server is stopping, or the tail is idle
+            await asyncio.wait((get, stopped, task), timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():  # the server is stopping, the follower failed, or the tail is idle
                 get.cancel()
-                if stopped.done() or task.done():
+                if stopped.done():
+                    return
+                if task.done():
+                    rest = []  # what it queued goes out first (at most about EXPORT_CHUNK)
+                    while not queue.empty():
+                        rest.append(queue.get_nowait())
+                    if rest:
+                        yield b"".join(rest)
+                    error = None if task.cancelled() else task.exception()
+                    log.warning("live tail of session %s ended: its follower failed: %s", sid,
+                                error.message if isinstance(error, ConvlogError) else repr(error))
+                    reason = f"{error.code}: {error.message}" if isinstance(error, ConvlogError) \
+                        else f"internal error ({type(error).__name__})"
+                    yield b"event: failed\ndata: %s\n\n" % encode({"error": reason})
                     return
                 yield b": idle\n\n"
                 continue

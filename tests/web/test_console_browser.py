@@ -163,6 +163,26 @@ def test_live_tail_shows_a_new_item(demo_web: Demo, log: LoopThread, page: Any) 
     (ARTIFACTS / "live-tail-ms.txt").write_text(f"{seen_after * 1000:.0f}\n")
 
 
+def test_a_live_tail_that_failed_is_not_reconnected_in_a_loop(demo_web: Demo, log: LoopThread, page: Any) -> None:
+    """When the console's follower fails (the log refused the read), the stream ends with a
+    ``failed`` event (tests/web/test_console_http.py): the page reconnected to it every
+    second, showing "reconnecting" for good.  It now stops and says why."""
+    sid = "web-live-failed"
+    log.run(log.client.append(sid, [said("Triage", "first message")]))
+    tails: list[str] = []
+    page.on("request", lambda r: tails.append(r.url) if "/live?" in r.url else None)
+    page.route("**/live?*", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream",
+        body=b'retry: 300\n: following\n\nevent: failed\ndata: {"error":"forbidden: reads refused"}\n\n'))
+    page.goto(f"{demo_web.url}/sessions/{sid}")
+    wait_badge(page, "good")
+    page.wait_for_function("window.__convlog.live === 'failed'")
+    page.wait_for_timeout(1500)  # five reconnects' worth at the stream's retry of 0.3 s
+    assert len(tails) == 1, tails
+    assert page.text_content("#live") == "✗ live tail stopped"
+    assert page.text_content("#message") == "The live tail stopped: forbidden: reads refused"
+
+
 def _tampered(body: bytes, order: int, how: str) -> bytes:
     lines = [json.loads(x) for x in body.splitlines() if x.strip()]
     if how == "edit":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from services.log.service import LogService
@@ -158,6 +159,17 @@ async def test_bad_and_unknown_sessions(web: Console) -> None:
         assert json.loads(body)["error"]["code"] == "invalid_session_id"
     status, _, body = await web.get("/sessions/s1/live?after=-1")
     assert status == 400 and "after" in json.loads(body)["error"]["message"]
+
+
+def _events(body: bytes) -> list[tuple[int, dict[str, Any]]]:
+    out, event_id = [], None
+    for line in body.decode().splitlines():
+        if line.startswith("id: "):
+            event_id = int(line[4:])
+        elif line.startswith("data: ") and event_id is not None:
+            out.append((event_id, json.loads(line[6:])))
+            event_id = None
+    return out
 
 
 async def _sse_events(url: str, n: int, headers: dict[str, str] | None = None) -> list[tuple[int, dict[str, Any]]]:
@@ -577,3 +589,55 @@ async def test_a_head_of_an_export_reads_only_its_first_page(web: Console) -> No
     assert await reads_of_a_head("long") == await reads_of_a_head("short")
     status, _, _ = await web.get("/sessions/nobody/export.jsonl", method="HEAD")
     assert status == 404
+
+
+async def test_a_live_tail_whose_follower_fails_ends_at_once_and_logs_why_once(
+        nats_server: NatsServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A follower that died on an error it does not wait out (here the read refused:
+    on a NATS without permissions something else answers ``convlog.read.<sid>`` with
+    ``forbidden``) left the stream open until the next idle heartbeat (10 s by
+    default), said nothing in the log, and the browser reconnected to the same end in
+    a loop.  The stream now ends at once with a ``failed`` event naming the reason,
+    and the console logs it once (WARNING, naming the session)."""
+    import logging
+    import time
+
+    import nats
+
+    refuser = await nats.connect(nats_server.url)
+    envs = [Envelope(session_id="s", item_order=k, item_id=f"i{k}", agent="Triage", kind="item",
+                     data={"role": "assistant", "content": f"m{k}"}, created_at="2026-01-01T00:00:00.000000Z",
+                     hash=f"{k:064x}") for k in (1, 2)]
+    page = b'{"session_id":"s","items":[%s],"last_order":3,"more":true}' % b",".join(
+        msgspec.json.encode(e) for e in envs)
+
+    async def refuse(msg: Any) -> None:  # the first page of the session, then no more reads
+        first = json.loads(msg.data or b"{}").get("after") == 0
+        await msg.respond(page if first else
+                          b'{"error": {"code": "forbidden", "message": "reads of s are not allowed"}}')
+
+    await refuser.subscribe("convlog.read.s", cb=refuse)
+    client = await LogClient.connect(nats_server.url, name="web-test")
+    sock = bind("127.0.0.1", 0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(client, sock, WebOptions(heartbeat=30), stop))
+    caplog.set_level(logging.WARNING, logger="convlog.web")
+    try:
+        def tail() -> bytes:
+            req = urllib.request.Request(console_url(sock) + "sessions/s/live?after=0")
+            with urllib.request.urlopen(req, timeout=8) as r:  # far below the heartbeat
+                return r.read()
+
+        started = time.monotonic()
+        body = await asyncio.to_thread(tail)
+        assert time.monotonic() - started < 5, body
+        assert body.endswith(b'event: failed\ndata: {"error":"forbidden: reads of s are not allowed"}\n\n'), body
+        assert [e["item_order"] for _, e in _events(body)] == [1, 2], body  # what came before went out
+        warnings = [r for r in caplog.records if r.name == "convlog.web" and r.levelno == logging.WARNING]
+        assert [r.getMessage() for r in warnings] == [
+            "live tail of session s ended: its follower failed: reads of s are not allowed"], warnings
+    finally:
+        stop.set()
+        await task
+        await client.close()
+        await refuser.close()

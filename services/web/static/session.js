@@ -303,6 +303,17 @@ function startLive() {
   const live = $("live");
   source.onopen = () => { state.live = "on"; live.textContent = "● live"; live.className = "live on"; };
   source.onerror = () => { state.live = "reconnecting"; live.textContent = "○ reconnecting"; live.className = "live off"; };
+  // The console's follower failed (the log refused the read): reconnecting would fail alike.
+  source.addEventListener("failed", (ev) => {
+    source.close();
+    let why = "";
+    try { why = JSON.parse(ev.data).error; } catch { why = "unknown error"; }
+    state.live = "failed";
+    live.textContent = "✗ live tail stopped";
+    live.className = "live off";
+    live.title = why;
+    $("message").textContent = `The live tail stopped: ${why}`;
+  });
   source.onmessage = (ev) => {
     let env;
     try {
