@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 
 from services.log.service import LogService
@@ -592,52 +591,38 @@ async def test_a_head_of_an_export_reads_only_its_first_page(web: Console) -> No
 
 
 async def test_a_live_tail_whose_follower_fails_ends_at_once_and_logs_why_once(
-        nats_server: NatsServer, caplog: pytest.LogCaptureFixture) -> None:
-    """A follower that died on an error it does not wait out (here the read refused:
-    on a NATS without permissions something else answers ``convlog.read.<sid>`` with
-    ``forbidden``) left the stream open until the next idle heartbeat (10 s by
-    default), said nothing in the log, and the browser reconnected to the same end in
-    a loop.  The stream now ends at once with a ``failed`` event naming the reason,
-    and the console logs it once (WARNING, naming the session)."""
+        nats_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A follower that died on an error it does not wait out (here: a log file edited by
+    hand, whose stored envelope is no envelope, so the log's answer cannot be read) left
+    the stream open until the next idle heartbeat (10 s by default), said nothing in the
+    log, and the browser reconnected to the same end in a loop.  The stream now ends at
+    once with a ``failed`` event naming the reason, and the console logs it once
+    (WARNING, naming the session)."""
     import logging
+    import sqlite3
     import time
 
-    import nats
+    from services.log.store.sqlite import SQLiteStore
+    from shared.messages import AppendItem, AppendRequest
 
-    refuser = await nats.connect(nats_server.url)
-    envs = [Envelope(session_id="s", item_order=k, item_id=f"i{k}", agent="Triage", kind="item",
-                     data={"role": "assistant", "content": f"m{k}"}, created_at="2026-01-01T00:00:00.000000Z",
-                     hash=f"{k:064x}") for k in (1, 2)]
-    page = b'{"session_id":"s","items":[%s],"last_order":3,"more":true}' % b",".join(
-        msgspec.json.encode(e) for e in envs)
-
-    async def refuse(msg: Any) -> None:  # the first page of the session, then no more reads
-        first = json.loads(msg.data or b"{}").get("after") == 0
-        await msg.respond(page if first else
-                          b'{"error": {"code": "forbidden", "message": "reads of s are not allowed"}}')
-
-    await refuser.subscribe("convlog.read.s", cb=refuse)
-    client = await LogClient.connect(nats_server.url, name="web-test")
-    sock = bind("127.0.0.1", 0)
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(client, sock, WebOptions(heartbeat=30), stop))
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    await store.append("s", AppendRequest(items=[AppendItem(**said("Triage", "hello"))]))
+    await store.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "log.db")) as db, db:
+        db.execute("UPDATE items SET envelope = ? WHERE session_id = 's'", (b'{"spoiled": true}',))
     caplog.set_level(logging.WARNING, logger="convlog.web")
-    try:
+    async with console(nats_server, tmp_path, WebOptions(heartbeat=30)) as web:
         def tail() -> bytes:
-            req = urllib.request.Request(console_url(sock) + "sessions/s/live?after=0")
+            req = urllib.request.Request(web.url + "sessions/s/live?after=0")
             with urllib.request.urlopen(req, timeout=8) as r:  # far below the heartbeat
                 return r.read()
 
         started = time.monotonic()
         body = await asyncio.to_thread(tail)
         assert time.monotonic() - started < 5, body
-        assert body.endswith(b'event: failed\ndata: {"error":"forbidden: reads of s are not allowed"}\n\n'), body
-        assert [e["item_order"] for _, e in _events(body)] == [1, 2], body  # what came before went out
-        warnings = [r for r in caplog.records if r.name == "convlog.web" and r.levelno == logging.WARNING]
-        assert [r.getMessage() for r in warnings] == [
-            "live tail of session s ended: its follower failed: reads of s are not allowed"], warnings
-    finally:
-        stop.set()
-        await task
-        await client.close()
-        await refuser.close()
+        *_, last = body.split(b"\n\n")[:-1]
+        assert last.startswith(b'event: failed\ndata: {"error":"bad_request: '), body
+        warnings = [r.getMessage() for r in caplog.records if r.name == "convlog.web" and r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and warnings[0].startswith(
+            "live tail of session s ended: its follower failed: "), warnings
