@@ -82,8 +82,9 @@ class SessionFollower:
     def __init__(self, client: LogClient, session_id: str) -> None:
         self.client = client
         self.session_id = session_id
-        self._queue: asyncio.Queue[Envelope] = asyncio.Queue()
+        self._queue: asyncio.Queue[Envelope | Exception] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._raised = False  # turn() raised the follower's error
 
     async def __aenter__(self) -> SessionFollower:
         after = await self.client.last_order(self.session_id)
@@ -97,12 +98,17 @@ class SessionFollower:
             # of the caller itself while the follower wound down (it may wait for a
             # consumer create, shared/follow.py), and the caller ran on.
             await asyncio.wait({self._task})
-            if not self._task.cancelled():
-                self._task.exception()  # retrieved: the follower ended by itself (the client closed)
+            error = None if self._task.cancelled() else self._task.exception()
+            if error is not None and exc[0] is None and not self._raised:
+                raise error  # the follower died of it (a refused read, an item that does not decode)
 
     async def _pump(self, after: int) -> None:
-        async for env in self.client.follow(self.session_id, after=after, idle_check=1.0):
-            self._queue.put_nowait(env)
+        try:
+            async for env in self.client.follow(self.session_id, after=after, idle_check=1.0):
+                self._queue.put_nowait(env)
+        except Exception as e:
+            self._queue.put_nowait(e)  # what turn() raises, at once: nothing more will come
+            raise
 
     async def _next(self, deadline: float) -> Envelope | None:
         remaining = deadline - asyncio.get_running_loop().time()
@@ -113,18 +119,30 @@ class SessionFollower:
         # `convlog demo` then went unnoticed); here the item stays queued and it raises.
         try:
             async with asyncio.timeout(remaining):
-                return await self._queue.get()
+                got = await self._queue.get()
         except TimeoutError:
             return None
+        if isinstance(got, Exception):
+            self._queue.put_nowait(got)  # every later turn raises it too
+            self._raised = True
+            raise got
+        return got
 
     async def turn(self, text: str, *, to: str | None = None, timeout: float = 20.0) -> Turn:  # noqa: ASYNC109
         """Send ``text`` as the user and collect the turn it starts.
 
         Returns a :class:`Turn` whose ``outcome`` says how it ended; a turn
         that does not end within ``timeout`` seconds has outcome ``timeout``.
+        Raises what stopped the follower (the log refusing a read, an item
+        that does not decode) as soon as it stops, and without sending once
+        it has.
         """
         from services.worker.turn_ids import parse_turn_item_id, turn_key
 
+        task = self._task
+        if task is not None and task.done() and not task.cancelled() and (error := task.exception()):
+            self._raised = True
+            raise error  # before sending: the log would keep a message nobody follows
         item_id = new_item_id()
         key = turn_key(item_id)
         ack = await self.client.send(self.session_id, text, to=to, item_id=item_id)
