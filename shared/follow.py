@@ -7,6 +7,16 @@ yielded and after any gap, reconnect, server restart or a consumer that went
 quiet while the log grew (nats-py #504/#510) it fills the gap from the log
 and resubscribes, so nothing is skipped or repeated.
 
+It checks what it is delivered (a loose NATS configuration lets anyone
+publish on the items subject): it keeps the hash of the last envelope it
+took, and a delivered envelope that does not continue that chain (or whose
+predecessor's hash it does not know) is not taken -- it logs that at WARNING
+(once) and reads the log instead.  A forgery that does continue the chain
+cannot be told at once; the next real item then does not continue it (or
+disagrees with it at the same order): the follower logs at ERROR that the
+item as delivered was not the log's and yields the log's items from there,
+orders it yielded before included.
+
 A NATS user that may not use the JetStream API (one that may only send and
 read, e.g. the gateway of ``nats-users.conf``) cannot create that consumer:
 once the server refuses the client such a request
@@ -27,6 +37,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from .chain import GENESIS_HASH, envelope_hash
 from .codec import decode
 from .errors import BadRequestError, UnavailableError
 from .failures import LOOP_BACKOFF, is_transient
@@ -51,6 +62,48 @@ async def follow(
     """
     validate_session_id(session_id)
     last = after
+    prev: str | None = GENESIS_HASH if after == 0 else None  # the hash of item ``last``, when known
+    taken: dict[int, str] = {}  # orders taken from deliveries, not yet confirmed by the log: their hashes
+    warned = False
+
+    def refuse(order: int) -> None:
+        nonlocal warned
+        log.log(logging.DEBUG if warned else logging.WARNING,
+                "follow %s: item %d as delivered does not continue the hash chain; not taken, "
+                "reading the log instead", session_id, order)
+        warned = True
+
+    async def from_log(upto: int | None = None) -> AsyncIterator[Envelope]:
+        """The log's envelopes after ``last`` (up to ``upto``), after checking the
+        deliveries taken since the log last confirmed them: from the first the log
+        disagrees with, the log's own are yielded again."""
+        nonlocal last, prev
+        start = last
+        if taken:
+            rep = await client.read(session_id, after=last - 1, limit=1, raw=True)
+            if rep.items and rep.items[0].item_order == last and rep.items[0].hash == prev:
+                taken.clear()  # the chain through ``last`` is the log's
+            else:
+                start = next(iter(taken)) - 1  # find where they part
+        elif prev is None and last > 0:
+            start = last - 1  # learn the hash of ``last``
+        async for env in client.iter_items(session_id, after=start):
+            order = env.item_order
+            if upto is not None and order > upto:
+                break
+            if order <= last:
+                held = taken.pop(order, None)
+                if held is None:
+                    if order == last and prev is None:
+                        prev = env.hash
+                    continue
+                if held == env.hash:
+                    continue
+                log.error("follow %s: item %d as delivered was not the log's; following the log's "
+                          "items from there", session_id, order)
+                taken.clear()
+            last, prev = order, env.hash
+            yield env
     js = client.nc.jetstream()
     subject = client.subjects.items(session_id)
     denied: asyncio.Event | None = getattr(client, "consumers_denied", None)
@@ -60,8 +113,7 @@ async def follow(
         raise_if_cancelled()
         sub = None
         try:
-            async for env in client.iter_items(session_id, after=last):
-                last = env.item_order
+            async for env in from_log():
                 failures = 0
                 poll = _POLL_MIN
                 yield env
@@ -87,18 +139,27 @@ async def follow(
                 except BadRequestError as e:  # a stray publish on the subject (a loose NATS configuration)
                     log.warning("follow %s: not an envelope on %s, skipped: %s", session_id, subject, e.message)
                     continue
-                if env.session_id != session_id or env.item_order <= last:
+                order = env.item_order
+                if env.session_id != session_id:
                     continue
-                if env.item_order > last + 1:
-                    async for gap in client.iter_items(session_id, after=last):
-                        if gap.item_order > env.item_order:
-                            break
-                        last = gap.item_order
-                        yield gap
-                    continue
-                last = env.item_order
-                failures = 0
-                yield env
+                if order <= last:
+                    held = taken.get(order)
+                    if held is None or held == env.hash:
+                        continue  # already yielded (or the log's: never replaced by a delivery)
+                    refuse(order)  # two deliveries of one order disagree: the log decides
+                elif order == last + 1 and prev is not None:
+                    if envelope_hash(env, prev) == env.hash:
+                        last = order
+                        prev = taken[order] = env.hash
+                        failures = 0
+                        yield env
+                        if len(taken) < _TAKEN_MAX:
+                            continue
+                        order = last  # many taken: have the log confirm them
+                    else:
+                        refuse(order)
+                async for gap in from_log(upto=order):
+                    yield gap
         except Exception as e:
             # Transient failures, and JetStream refusals a fresh subscription
             # may not meet (a restart, a consumer gone), are waited out; any
@@ -120,6 +181,7 @@ async def follow(
 
 _POLL_MIN = 0.1  # seconds between reads of the log while items come (no consumer)
 _POLL_MAX = 1.0  # ... and while none do
+_TAKEN_MAX = 1_000  # deliveries taken before the log is asked to confirm them (one small read)
 
 
 async def _subscribe(js: Any, subject: str, idle_check: float, denied: asyncio.Event | None) -> Any:

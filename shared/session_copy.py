@@ -32,6 +32,15 @@ Consistency this gives (``ConvlogSession`` documents it for users):
   and in any case within ``max_staleness`` seconds, because the copy confirms
   its ``last`` against the log at least that often while it is being read.
 
+It checks what it is delivered (a loose NATS configuration lets anyone
+publish on the items subject): it keeps the hash of the envelope at ``last``
+(from the log's reads, its own acks and checked deliveries), and a delivered
+envelope that does not continue that chain is not applied: it logs that at
+WARNING (once) and reads the log.  A forgery that continues the chain cannot
+be told at once; the real envelope of that order (or the next one) then
+disagrees with it: the copy logs at ERROR that the item as delivered was not
+the log's and seeds itself again from the log, so the forged item is gone.
+
 The copy keeps at most ``max_items`` visible items and ``max_bytes`` of item
 JSON; a read that needs older items than it holds says so (``None``) and the
 caller reads the log instead.
@@ -52,6 +61,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from .chain import GENESIS_HASH, item_hash
 from .client import LogClient, new_item_id
 from .errors import TooLargeError
 from .messages import AppendedItem, ReadReply
@@ -78,14 +88,23 @@ _warned = False
 
 
 class _Delivered(msgspec.Struct):
-    """What the fold needs of a delivered envelope; ``data`` stays undecoded."""
+    """A delivered envelope; ``data`` stays undecoded (the fold keeps its bytes)."""
 
+    session_id: str
     item_order: int
+    item_id: str
+    agent: str
     kind: str
     data: msgspec.Raw
+    created_at: str
+    hash: str
+    sig: str | None = None
+    key_id: str | None = None
 
 
 _decode_delivered = msgspec.json.Decoder(_Delivered).decode
+_decode_data = msgspec.json.Decoder(dict[str, Any]).decode
+_TAKEN_KEPT = 256  # checked deliveries remembered until the log confirms them
 
 
 class SessionCopy:
@@ -122,11 +141,16 @@ class SessionCopy:
         self.max_items = MAX_ITEMS if max_items is None else max_items
         self.max_bytes = MAX_BYTES if max_bytes is None else max_bytes
         self.last = 0  # every envelope up to here is folded in
+        self._hash: str | None = GENESIS_HASH  # the hash of envelope ``last``, when known
+        self._taken: dict[int, str] = {}  # orders applied from deliveries (not yet confirmed): hashes
+        self._doubt = False  # a delivery disagreed with the chain: read the log before answering
+        self._warned = False
         self.complete = False  # the window holds every visible item (nothing older is visible)
         self._orders: list[int] = []
         self._data: list[bytes] = []
         self._nbytes = 0
-        self._ahead: dict[int, tuple[str, bytes]] = {}  # envelopes past last+1, waiting for the gap
+        # envelopes past last+1, waiting for the gap: kind, data, hash, and the delivery to check
+        self._ahead: dict[int, tuple[str, bytes, str | None, _Delivered | None]] = {}
         self._parking = False  # while seeding, everything waits in _ahead
         self._window = 0  # raw envelopes the last seed asked for
         self._seeded = False
@@ -181,34 +205,82 @@ class SessionCopy:
         }
 
     # -- applying envelopes --------------------------------------------------
-    def apply(self, order: int, kind: str, data: bytes) -> None:
-        """Fold one envelope in; one ahead of ``last + 1`` waits until the gap is filled."""
+    def apply(
+        self, order: int, kind: str, data: bytes, digest: str | None = None,
+        delivered: _Delivered | None = None,
+    ) -> None:
+        """Fold one envelope in; one ahead of ``last + 1`` waits until the gap is filled.
+
+        ``digest`` is its hash (``None``: unknown); ``delivered``, the envelope
+        as delivered, which is folded only if it continues the chain the copy holds.
+        """
         if order <= self.last:
+            held = self._taken.get(order)
+            if held is not None and digest != held:  # a delivery taken here disagrees: the log decides
+                self._refuse(order)
             return
         if self._parking or order > self.last + 1:
             if len(self._ahead) < 10_000:  # past that the log fills it anyway
-                self._ahead[order] = (kind, data)
+                self._ahead[order] = (kind, data, digest, delivered)
             return
-        self._fold(order, kind, data)
+        if delivered is not None and not self._continues(delivered):
+            self._refuse(order)
+            return
+        self._take(order, kind, data, digest, delivered)
         ahead = self._ahead
         while ahead:
             nxt = ahead.pop(self.last + 1, None)
             if nxt is None:
                 break
-            self._fold(self.last + 1, *nxt)
+            if nxt[3] is not None and not self._continues(nxt[3]):
+                self._refuse(self.last + 1)
+                break
+            self._take(self.last + 1, *nxt)
         if ahead and min(ahead) <= self.last:
             for o in [o for o in ahead if o <= self.last]:
                 del ahead[o]
+
+    def _take(self, order: int, kind: str, data: bytes, digest: str | None, delivered: _Delivered | None) -> None:
+        self._fold(order, kind, data)
+        self._hash = digest
+        if delivered is not None:
+            taken = self._taken
+            taken[order] = digest  # type: ignore[assignment]  # a checked delivery has its hash
+            if len(taken) > _TAKEN_KEPT:
+                del taken[next(iter(taken))]
+
+    def _continues(self, env: _Delivered) -> bool:
+        """True when ``env`` continues the hash chain through ``last`` of this session."""
+        prev = self._hash
+        if prev is None or env.session_id != self.session_id:
+            return False
+        try:
+            data = _decode_data(env.data)
+        except msgspec.DecodeError:
+            return False
+        return item_hash(
+            session_id=env.session_id, item_order=env.item_order, item_id=env.item_id, agent=env.agent,
+            kind=env.kind, data=data, created_at=env.created_at, prev_hash=prev, sig=env.sig,
+            key_id=env.key_id,
+        ) == env.hash
+
+    def _refuse(self, order: int) -> None:
+        """A delivery that does not continue the chain: not applied; the log is read."""
+        self._doubt = True
+        log.log(logging.DEBUG if self._warned else logging.WARNING,
+                "session copy %s: item %d as delivered does not continue the hash chain it holds; "
+                "not applied, reading the log instead", self.session_id, order)
+        self._warned = True
 
     def on_ack(self, acks: list[AppendedItem], items: list[tuple[str, str, Any]]) -> None:
         """Apply this process's own acknowledged append: ``(item_id, kind, data)`` per item."""
         if not (self._seeded or self._parking):
             return  # not following: the next read seeds from the log, which holds it
-        acked = {a.item_id: a.item_order for a in acks}
+        acked = {a.item_id: a for a in acks}
         for item_id, kind, data in items:
-            order = acked.get(item_id)
-            if order is not None:
-                self.apply(order, kind, _encode(data))
+            ack = acked.get(item_id)
+            if ack is not None:
+                self.apply(ack.item_order, kind, _encode(data), ack.hash)
 
     def _fold(self, order: int, kind: str, data: bytes) -> None:
         self.last = order
@@ -278,7 +350,7 @@ class SessionCopy:
             async with self._lock:  # the reader wants more than the window held
                 await self._seed(window)
         stale = self.max_staleness if max_staleness is None else max_staleness
-        if self._ahead:
+        if self._ahead or self._doubt:
             await self.fill()
         elif time.monotonic() - self._verified_at > stale:
             async with self._lock:
@@ -301,6 +373,14 @@ class SessionCopy:
 
     async def _fill(self) -> None:
         started = time.monotonic()
+        if self._doubt:
+            self._doubt = False
+            parted = await self._parted()
+            if parted is not None:
+                log.error("session copy %s: item %d as delivered was not the log's; reading the "
+                          "log's items from there", self.session_id, parted)
+                await self._seed(self._window, again=True)
+                return
         while True:
             self.log_reads += 1
             rep = await self._read(after=self.last, raw=True)
@@ -308,18 +388,33 @@ class SessionCopy:
                 await self._seed(self._window)  # far behind: the tail, not every page
                 return
             for env in rep.items:
-                self.apply(env.item_order, env.kind, _encode(env.data))
+                self.apply(env.item_order, env.kind, _encode(env.data), env.hash)
             if not rep.more or not rep.items:
                 break
         if not self._ahead:
             self._verified_at = started
 
-    async def _seed(self, window: int) -> None:
+    async def _parted(self) -> int | None:
+        """The first order applied from a delivery whose envelope the log holds
+        otherwise, or ``None``."""
+        taken = self._taken
+        if not taken:
+            return None
+        self.log_reads += 1
+        rep = await self._read(after=next(iter(taken)) - 1, raw=True)
+        for env in rep.items:
+            held = taken.pop(env.item_order, None)
+            if held is not None and held != env.hash:
+                return env.item_order
+        return None
+
+    async def _seed(self, window: int, *, again: bool = False) -> None:
         """Reset the window from the last ``window`` raw envelopes of the log.
 
         Raw, not the visible tail: envelopes never change, so the window is
         exactly the visible history as of the reply's ``last_order``.  What
-        arrives meanwhile waits in ``_ahead`` and is applied after.
+        arrives meanwhile waits in ``_ahead`` and is applied after.  ``again``:
+        also when the log is behind ``last`` (what the copy took was not the log's).
         """
         window = max(1, min(window, self.max_items))
         started = time.monotonic()
@@ -334,13 +429,16 @@ class SessionCopy:
                     if window <= 1:
                         raise
                     window //= 2  # big items: ask for fewer
-            if rep.last_order >= self.last:  # never step back (a lagging replica answered)
+            if rep.last_order >= self.last or again:  # never step back (a lagging replica answered)
                 envs = rep.items
                 self._orders, self._data, self._nbytes = [], [], 0
                 self.complete = not envs or envs[0].item_order == 1
                 for env in envs:
                     self._fold(env.item_order, env.kind, _encode(env.data))
                 self.last = rep.last_order
+                self._hash = (envs[-1].hash if envs and envs[-1].item_order == rep.last_order
+                              else GENESIS_HASH if not rep.last_order else None)
+                self._taken.clear()
                 self._window = window
                 self._seeded = True
         finally:
@@ -437,7 +535,7 @@ class SessionCopy:
         except msgspec.DecodeError:
             log.warning("session copy %s: undecodable envelope on %s", self.session_id, msg.subject)
             return
-        self.apply(env.item_order, env.kind, bytes(env.data))
+        self.apply(env.item_order, env.kind, bytes(env.data), env.hash, env)
 
     async def _pause(self) -> None:
         """Stop following a copy nobody reads: after a window's worth of unread
