@@ -37,6 +37,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, Header, RetentionPolicy, StorageType, StreamConfig
 
+from shared.errors import ConvlogError
 from shared.failures import (
     FatalError,
     StreamConfigError,
@@ -44,7 +45,7 @@ from shared.failures import (
     is_transient,
     supervise,
 )
-from shared.subjects import Subjects
+from shared.subjects import Subjects, validate_session_id
 from shared.wire import Outgoing, publish_many
 
 from .store.base import Committed, LogStore
@@ -67,6 +68,8 @@ MAX_REFUSALS = 5
 #: while a cluster has no quorum).  They are retried for as long as they last and
 #: do not count toward :data:`MAX_REFUSALS`.
 _BUSY_ERR_CODES = frozenset({10008, 10158})
+#: Messages without an outbox id (published by something else) a resync steps over.
+MAX_STRAYS = 1_000
 #: Windows of commits kept in memory for the outbox; beyond, it reads them back from the store.
 PENDING_WINDOWS = 16
 
@@ -232,19 +235,48 @@ class Outbox:
                 self._published = 0
             self._last_msg_id = None
             return
-        msg = await self._js.get_msg(name, seq=info.state.last_seq)
-        msg_id = (msg.headers or {}).get(MSG_ID, "")
-        sid, _, order = msg_id.rpartition(":")
-        position = await self._store.position_of(sid, int(order)) if order.isdigit() else None
-        if position is None:
+        # The stream's last message id is what the next window's first message names.
+        # Messages some other publisher left on the items subjects (no convlog id: a
+        # loose NATS configuration) are stepped over to the last one the outbox wrote.
+        last_id: str | None = None
+        strays = 0
+        for seq in range(info.state.last_seq, info.state.first_seq - 1, -1):
+            try:
+                msg = await self._js.get_msg(name, seq=seq)
+            except nats.js.errors.NotFoundError:
+                continue  # deleted from the stream
+            msg_id = (msg.headers or {}).get(MSG_ID, "")
+            if last_id is None:
+                last_id = msg_id
+            sid, _, order = msg_id.rpartition(":")
+            if not _outbox_id(sid, order):
+                strays += 1
+                if strays > MAX_STRAYS:
+                    break
+                continue
+            position = await self._store.position_of(sid, int(order))
+            if position is None:
+                raise StreamMismatchError(
+                    f"the items stream {name} ends with {msg_id!r}, which this database does not hold: "
+                    "the stream belongs to another database (or the database was restored from an "
+                    "older copy). Use another --prefix, point --db at the matching file, or delete "
+                    f"the stream {name} if its history is no longer needed"
+                )
+            if strays:
+                _warn_strays(name, strays, seq)
+            self._published = position
+            self._last_msg_id = last_id or None
+            return
+        if strays > MAX_STRAYS:
             raise StreamMismatchError(
-                f"the items stream {name} ends with {msg_id!r}, which this database does not hold: "
-                "the stream belongs to another database (or the database was restored from an "
-                "older copy). Use another --prefix, point --db at the matching file, or delete "
-                f"the stream {name} if its history is no longer needed"
+                f"the items stream {name} ends with more than {MAX_STRAYS} messages convlog did not "
+                f"publish: something else publishes on {self._subjects.prefix}.items.> (keep those "
+                "subjects to the log service), or the stream is not convlog's"
             )
-        self._published = position
-        self._last_msg_id = msg_id
+        if strays:
+            _warn_strays(name, strays, info.state.first_seq)
+        self._published = 0  # the stream holds nothing of this database: all of it is due
+        self._last_msg_id = last_id or None
 
     async def _run(self) -> None:
         # Back off after a failure, but resync at once when the connection is back.
@@ -371,3 +403,21 @@ class Outbox:
     def published_position(self) -> int:
         """Global position of the last envelope the items stream is known to hold."""
         return self._published
+
+
+def _outbox_id(sid: str, order: str) -> bool:
+    """Whether ``<sid>:<order>`` is an id the outbox writes (a session id and an
+    item order as it prints one), not another publisher's."""
+    if not (order.isdigit() and order == str(int(order))):
+        return False
+    try:
+        validate_session_id(sid)
+    except ConvlogError:
+        return False
+    return True
+
+
+def _warn_strays(stream: str, count: int, seq: int) -> None:
+    log.warning("items stream %s: %d message(s) after seq %d were not published by a convlog log "
+                "service (no convlog Nats-Msg-Id); skipped. Something else publishes on the items "
+                "subjects: keep them to the log service (deploy/nats/)", stream, count, seq)

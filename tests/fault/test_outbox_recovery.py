@@ -32,6 +32,7 @@ from services.log.outbox import (
 )
 from services.log.store.sqlite import SQLiteStore
 from shared.client import LogClient
+from shared.codec import decode
 from shared.messages import AppendItem, AppendRequest, Envelope
 from shared.subjects import Subjects
 from tests.support.eventually import assert_eventually
@@ -398,3 +399,45 @@ async def test_a_busy_servers_refusals_are_retried_without_end_and_others_are_co
             assert not isinstance(refused.value, StreamRefusedError)
         with pytest.raises(StreamRefusedError, match="5 windows in a row"):
             outbox._check_ack(ack(10070, "wrong last msg ID"), "s:1")
+
+
+# Something else publishing on `convlog.items.<sid>` (a loose NATS configuration, a
+# misconfigured app): its message, with no `Nats-Msg-Id`, broke the outbox's
+# `Nats-Expected-Last-Msg-Id` chain; the resync then found the stream ending with a
+# message this database does not hold, took the stream for another database's and
+# stopped the log service (CRITICAL, exit 1) -- and a restart stopped the same way.
+# Such a message is skipped now (logged); a stream ending with another database's
+# convlog message is still refused.
+async def test_a_stray_message_on_the_items_subjects_does_not_stop_the_fan_out(
+    nats_server: NatsServer, tmp_db: Path, log_services: Callable[..., LogServiceProc]
+) -> None:
+    svc = await asyncio.to_thread(log_services, nats_server.url, tmp_db)
+    sessions = ["stray-a", "stray-b"]
+    async with await LogClient.connect(nats_server.url) as client:
+        await client.append("stray-a", [_item("a1"), _item("a2")])
+
+        async def published() -> None:
+            got = [(s, i) for s, i, _ in await read_stream(client.nc)]
+            assert got and got[-1][1] == "stray-a:2", got
+
+        await assert_eventually(published, timeout=10, interval=0.1)
+        js = client.nc.jetstream()
+        await js.publish("convlog.items.stray-a", b'{"not": "an envelope"}')
+        await js.publish("convlog.items.stray-b", b"hello", headers={"Nats-Msg-Id": "hello"})
+        for k in range(3, 6):
+            await client.append("stray-a", [_item(f"a{k}")])
+            await client.append("stray-b", [_item(f"b{k}")])
+
+        async def all_published() -> None:
+            ids = [i for _, i, _ in await read_stream(client.nc)]
+            assert ids[-2:] == ["stray-a:5", "stray-b:3"], ids
+
+        await assert_eventually(all_published, timeout=15, interval=0.1)
+        assert svc.proc is not None and svc.proc.running, svc.output()
+        stream = await read_stream(client.nc)
+        assert [i for _, i, _ in stream] == ["stray-a:1", "stray-a:2", "", "hello", "stray-a:3", "stray-b:1",
+                                             "stray-a:4", "stray-b:2", "stray-a:5", "stray-b:3"]
+        for sid in sessions:  # each session's own messages are its log, byte for byte
+            mine = [d for s, i, d in stream if s.endswith("." + sid) and i.startswith(sid + ":")]
+            assert [decode(d, Envelope) for d in mine] == await client.items(sid)
+    assert "skipped" in svc.output() and "CRITICAL" not in svc.output(), svc.output()
