@@ -70,7 +70,11 @@ class ReadAhead:
         else:
             self.used += 1
         if page.more and page.items:
-            self._start((session_id, _order_of.decode(page.items[-1]).item_order, limit, max_bytes, visible))
+            try:
+                last = _order_of.decode(page.items[-1]).item_order
+            except (msgspec.DecodeError, RecursionError):  # a stored envelope edited by hand
+                return page  # served as stored (the reader names it), nothing read ahead
+            self._start((session_id, last, limit, max_bytes, visible))
         return page
 
     async def _take(self, key: Key) -> Page | None:

@@ -1,0 +1,71 @@
+"""Reads from the running log service over a SQLite log
+edited by hand (the threat model's "write access to the SQLite file") so that a
+stored envelope is no envelope: the service splices stored bytes into its read
+reply, so the whole page failed to decode in the client and the replay exited 2
+with ``bad_request: malformed JSON ... (byte 28)``, naming no item, where
+``replay --db`` exits 1 naming the row."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from services.log.service import LogService
+from services.log.store.sqlite import SQLiteStore
+from shared.client import LogClient
+from shared.config import load_settings
+from shared.errors import BadRequestError
+from shared.messages import AppendItem, AppendRequest
+from tests.support.natsd import NatsServer
+from tests.support.procs import run_cli
+
+
+async def _tampered(db: Path, envelope: bytes, *, at: int = 3, delete: int | None = None) -> None:
+    store = SQLiteStore(db)
+    await store.open()
+    for n in range(1, 6):
+        await store.append("s", AppendRequest(items=[AppendItem(
+            agent="Triage", data={"type": "message", "role": "assistant", "content": f"line {n}"})]))
+    await store.close()
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE items SET envelope = ? WHERE session_id = 's' AND item_order = ?", (envelope, at))
+        if delete is not None:
+            conn.execute("DELETE FROM items WHERE session_id = 's' AND item_order = ?", (delete,))
+
+
+@contextlib.asynccontextmanager
+async def _service(nats_server: NatsServer, db: Path) -> AsyncIterator[None]:
+    svc = LogService(load_settings({"nats_url": nats_server.url, "db": str(db)}, environ={}))
+    await svc.start()
+    try:
+        yield
+    finally:
+        await svc.shutdown()
+
+
+async def _cli(nats_server: NatsServer, *args: str) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+    return await run_cli(*args, "--nats-url", nats_server.url, env=env, timeout=60)
+
+
+async def test_a_page_ending_in_a_stored_envelope_that_is_no_envelope_is_served_as_stored(
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    """The read-ahead decoded the page's last envelope for the next page's ``after``: a
+    page ending in one edited by hand failed with "unavailable: internal error" (a
+    traceback in the service's log; a reader waits such an error out), not the page as
+    stored, which the reader names."""
+    db = tmp_path / "log.db"
+    await _tampered(db, b"{oops")
+    async with _service(nats_server, db):
+        client = await LogClient.connect(nats_server.url)
+        try:
+            with pytest.raises(BadRequestError, match="malformed JSON"):  # the client's decode of the page
+                await client.read("s", after=2, limit=1, raw=True)
+            assert [e.item_order for e in (await client.read("s", after=3, limit=1, raw=True)).items] == [4]
+        finally:
+            await client.close()
