@@ -49,7 +49,7 @@ from .signed_appends import SignedAppends
 from .signing import KeyFile, Signer, route_signing_input, sign_item
 from .subjects import Subjects, validate_session_id
 
-__all__ = ["LogClient", "connect_options", "new_item_id"]
+__all__ = ["LogClient", "Unreadable", "connect_options", "new_item_id"]
 
 log = logging.getLogger("convlog.client")
 
@@ -152,6 +152,15 @@ def _encode(msg: Any) -> bytes:
 _convert = msgspec.convert
 _replace = msgspec.structs.replace
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Unreadable:
+    """A stored envelope the log served that does not decode (a log file edited by
+    hand), met by :meth:`LogClient.audit_items` where ``item_order`` is stored."""
+
+    item_order: int
+    error: str
 
 
 def _unwanted(task: asyncio.Task[Any]) -> None:
@@ -350,9 +359,11 @@ class LogClient(Requester):
     ) -> ReadReply:
         """One page: forward from ``after`` or the last ``tail`` visible items
         (with ``head``, also the session's head signed by the log service)."""
-        subject = self.subjects.read(session_id)
-        req = ReadRequest(after=after, limit=limit, tail=tail, raw=raw, head=head)
-        return decode(await self._request(subject, encode(req)), ReadReply)
+        return decode(await self._read_reply(session_id, after=after, limit=limit, tail=tail, raw=raw, head=head),
+                      ReadReply)
+
+    async def _read_reply(self, session_id: str, **request: Any) -> bytes:
+        return await self._request(self.subjects.read(session_id), encode(ReadRequest(**request)))
 
     async def tail(self, session_id: str, n: int) -> list[Envelope]:
         """The last ``n`` visible items, oldest first (the SDK's ``get_items(limit=n)``)."""
@@ -392,6 +403,52 @@ class LogClient(Requester):
             if ahead is not None:  # the caller stopped early: nobody wants that page
                 ahead.cancel()
                 ahead.add_done_callback(_unwanted)
+
+    async def audit_items(
+        self, session_id: str, *, after: int = 0, page: int | None = None
+    ) -> AsyncIterator[Envelope | Unreadable]:
+        """Every envelope after ``after``, as :meth:`iter_items` (``raw``) pages them, for
+        an audit: a stored envelope that does not decode comes out as :class:`Unreadable`
+        and the envelopes after it follow.  The log splices stored envelopes into its
+        reply unchecked, so such an envelope spoils its whole page; that page (only)
+        is read again one item at a time, up to the item that does not decode."""
+        while True:
+            try:
+                async for env in self.iter_items(session_id, after=after, raw=True, page=page):
+                    yield env
+                    after = env.item_order
+                return
+            except BadRequestError:
+                # The log refused the read (raised again below), or its reply does not decode.
+                pass
+            while True:
+                reply = await self._read_reply(session_id, after=after, limit=1, raw=True)
+                try:
+                    one = decode(reply, ReadReply)
+                except BadRequestError as e:
+                    after = await self._past(session_id, after, reply)
+                    yield Unreadable(after, e.message)
+                    break
+                if not one.items:
+                    return
+                yield one.items[0]
+                after = one.items[0].item_order
+
+    async def _past(self, session_id: str, after: int, reply: bytes) -> int:
+        """The ``item_order`` of the stored item that the one-item ``reply`` to a read
+        after ``after`` holds: the least read after which the log answers otherwise
+        (``after + 1`` unless its order column was edited too; galloping, then halving)."""
+        lo, step = after, 1
+        while await self._read_reply(session_id, after=lo + step, limit=1, raw=True) == reply:
+            lo, step = lo + step, step * 2
+        hi = lo + step
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if await self._read_reply(session_id, after=mid, limit=1, raw=True) == reply:
+                lo = mid
+            else:
+                hi = mid
+        return hi
 
     async def items(self, session_id: str, *, raw: bool = True) -> list[Envelope]:
         """The whole session (every envelope by default)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -313,7 +313,10 @@ class Replayer:
         self.finish(session_id)
 
 
-async def replay_from_service(client: LogClient, session_id: str, replayer: Replayer) -> None:
+async def replay_from_service(
+    client: LogClient, session_id: str, replayer: Replayer,
+    each: Callable[[Stored], Stored] = lambda env: env,
+) -> None:
     validate_session_id(session_id)
     # The heads first: every item they cover is in the log by then (append-only).
     # The witness head (signed within an interval of each commit, kept outside
@@ -324,8 +327,8 @@ async def replay_from_service(client: LogClient, session_id: str, replayer: Repl
              await client.signed_head(session_id)]
 
     async def source() -> AsyncIterator[Stored]:
-        async for env in client.iter_items(session_id, raw=True):
-            yield env
+        async for env in client.audit_items(session_id):
+            yield each(env if isinstance(env, Envelope) else _Undecodable(env.item_order, env.error))
         for head in heads:
             if head is not None:
                 yield head

@@ -20,7 +20,6 @@ import contextlib
 import os
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -293,24 +292,21 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     keyring = Keyring.load(settings.keyring) if settings.keyring else None
     rep = Replayer(sys.stdout, fmt=args.fmt, quiet=quiet, keyring=keyring)
     undecodable: list[str] = []
+    where = f"--db {args.db}" if args.db else f"--file {args.file}" if args.file else "the log service"
+    what = "line" if args.file else "item_order" if not args.db else "row of item_order"
+
+    def named(env: Any) -> Any:
+        error = None if isinstance(env, Envelope) else getattr(env, "error", None)
+        if error is not None:  # a line or row that does not decode (not a _BadRow)
+            undecodable.append(f"{where}: {what} {env.item_order} is not a convlog envelope: {error}")
+        return env
+
     if args.db or args.file:
         if args.db:
-            where = f"--db {args.db}"
             source = envelopes_from_db(Path(args.db), args.session_id)
         else:
-            where = f"--file {args.file}"
             source = envelopes_from_file(_export_file(Path(args.file)), args.session_id)
-
-        def checked() -> Iterator[Any]:
-            for env in source:
-                error = None if isinstance(env, Envelope) else getattr(env, "error", None)
-                if error is not None:  # a line or row that does not decode (not a _BadRow)
-                    what = "line" if args.file else "row of item_order"
-                    undecodable.append(f"{where}: {what} {env.item_order} is not a convlog "
-                                       f"envelope: {error}")
-                yield env
-
-        rep.run_sync(checked(), args.session_id)
+        rep.run_sync(map(named, source), args.session_id)
         if rep.count == 0 and undecodable:
             raise BadRequestError(f"{where} holds no convlog envelopes ({undecodable[0]})")
         if rep.count == 0 and all(h.session_id != args.session_id for h in rep.audit.heads):
@@ -319,7 +315,7 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     else:
         client = await connect_client(settings)
         try:
-            await replay_from_service(client, args.session_id, rep)
+            await replay_from_service(client, args.session_id, rep, named)
         finally:
             await client.close()
     if rep.count == 0 and rep.problem is None:

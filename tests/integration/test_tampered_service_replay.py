@@ -1,4 +1,4 @@
-"""Reads from the running log service over a SQLite log
+"""`convlog replay SID --verify` against the running log service, over a SQLite log
 edited by hand (the threat model's "write access to the SQLite file") so that a
 stored envelope is no envelope: the service splices stored bytes into its read
 reply, so the whole page failed to decode in the client and the replay exited 2
@@ -8,6 +8,7 @@ with ``bad_request: malformed JSON ... (byte 28)``, naming no item, where
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 from collections.abc import AsyncIterator
@@ -51,6 +52,42 @@ async def _service(nats_server: NatsServer, db: Path) -> AsyncIterator[None]:
 async def _cli(nats_server: NatsServer, *args: str) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
     return await run_cli(*args, "--nats-url", nats_server.url, env=env, timeout=60)
+
+
+@pytest.mark.parametrize("envelope", [b"this is not JSON", b'{"spoiled": true}', b"[1, 2]"])
+async def test_replay_verify_from_the_service_names_a_stored_envelope_that_is_no_envelope(
+        nats_server: NatsServer, tmp_path: Path, envelope: bytes) -> None:
+    db = tmp_path / "log.db"
+    await _tampered(db, envelope)
+    async with _service(nats_server, db):
+        code, _, err = await _cli(nats_server, "replay", "s", "--verify")
+        assert code == 1, err
+        assert err.startswith("FAILED: s: item_order 3: stored envelope does not decode"), err
+
+        # The export does not stop silently at the bad item: the items after it follow,
+        # the bad one is named and the exit code is 1, as with --db.
+        code, out, err = await _cli(nats_server, "replay", "s", "--format", "jsonl")
+        assert code == 1, err
+        assert [json.loads(x)["item_order"] for x in out.splitlines()] == [1, 2, 4, 5]
+        assert "the log service: item_order 3 is not a convlog envelope" in err, err
+
+    # The same file, read with no service running, says the same.
+    code, _, err = await _cli(nats_server, "replay", "s", "--verify", "--db", str(db))
+    assert code == 1 and err.startswith("FAILED: s: item_order 3: stored envelope does not decode"), err
+
+
+async def test_replay_from_the_service_reads_past_a_bad_envelope_whose_order_has_a_gap_before_it(
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    """Row 2 deleted, row 3 spoiled: the reads after 1 and after 2 both serve row 3."""
+    db = tmp_path / "log.db"
+    await _tampered(db, b"{oops", delete=2)
+    async with _service(nats_server, db):
+        code, _, err = await _cli(nats_server, "replay", "s", "--verify")
+        assert code == 1 and err.startswith("FAILED: s: item_order 2: stored envelope does not decode"), err
+        code, out, err = await _cli(nats_server, "replay", "s", "--format", "jsonl")
+        assert code == 1, err
+        assert [json.loads(x)["item_order"] for x in out.splitlines()] == [1, 4, 5]
+        assert "item_order 3 is not a convlog envelope" in err, err
 
 
 async def test_a_page_ending_in_a_stored_envelope_that_is_no_envelope_is_served_as_stored(
