@@ -40,10 +40,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.cli.audit import encode_head_line
 from services.cli.common import is_loopback_host
-from shared.client import LogClient
+from shared.client import LogClient, Unreadable
 from shared.codec import MAX_SAFE_INT, encode, encode_envelope_line
-from shared.errors import ConvlogError, InvalidSessionIdError
-from shared.messages import Envelope, SignedHead
+from shared.errors import BadRequestError, ConvlogError, InvalidSessionIdError
+from shared.messages import Envelope, ReadReply, SignedHead
 from shared.subjects import validate_session_id
 
 from .index import SessionIndex
@@ -159,7 +159,10 @@ def _sid(request: Request) -> str:
     return sid
 
 
-def _line(env: Envelope) -> bytes:
+def _line(env: Envelope | Unreadable) -> bytes:
+    if isinstance(env, Unreadable):  # no envelope: the line says so, and the chain breaks there
+        return encode({"item_order": env.item_order, "unreadable": f"the stored envelope does not "
+                       f"decode: {env.error}"}) + b"\n"
     return encode_envelope_line(env) + b"\n"
 
 
@@ -227,8 +230,11 @@ def build_app(client: LogClient, options: WebOptions | None = None, *,
     async def export(request: Request) -> Response:
         sid = _sid(request)
         heads, witnessed = await _signed_heads(client, sid)
-        first = await client.read(sid, after=0, limit=FIRST_PAGE, raw=True)
-        if not first.items:
+        try:
+            first = await client.read(sid, after=0, limit=FIRST_PAGE, raw=True)
+        except BadRequestError:  # an envelope of the page does not decode: the export names it
+            first = ReadReply(session_id=sid, items=[], last_order=await client.last_order(sid), more=True)
+        if not first.items and not first.last_order:
             return _error(404, "not_found", f"session {sid!r} has no items")
 
         async def body() -> AsyncIterator[bytes]:
@@ -236,8 +242,8 @@ def build_app(client: LogClient, options: WebOptions | None = None, *,
                 return
             yield b"".join(_line(e) for e in first.items)
             if first.more:
-                after, chunk, size = first.items[-1].item_order, [], 0
-                async for env in client.iter_items(sid, after=after, raw=True, page=EXPORT_PAGE):
+                after, chunk, size = first.items[-1].item_order if first.items else 0, [], 0
+                async for env in client.audit_items(sid, after=after, page=EXPORT_PAGE):
                     chunk.append(_line(env))
                     size += len(chunk[-1])
                     if len(chunk) >= EXPORT_PAGE or size >= EXPORT_CHUNK:

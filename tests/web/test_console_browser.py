@@ -795,3 +795,28 @@ def test_a_second_file_replaces_the_first_on_the_verify_page(demo_web: Demo, log
     wait_badge(page, "bad")
     page.wait_for_timeout(300)
     assert page.eval_on_selector_all(".row", "els => els.length") == 0
+
+
+def test_an_export_line_naming_an_unreadable_envelope_breaks_the_chain_there(
+        demo_web: Demo, page: Any, tmp_path: Path) -> None:
+    """The console's export of a log edited by hand holds, where a stored envelope does
+    not decode, a line naming its order: /verify and the session page break the chain
+    there, as `convlog replay --file --verify` does (the export's own test is in
+    test_console_http.py; this one checks that the browser names that line)."""
+    real = page.request.get(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}/export.jsonl").body()
+    lines = real.splitlines()
+    lines[2] = b'{"item_order":3,"unreadable":"the stored envelope does not decode: malformed JSON"}'
+    f = tmp_path / "export.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    assert (_python_verdict(f, ESCALATION_SESSION_ID) or "").startswith("item_order 3: ")
+    badge = _verify_file(demo_web, page, f, "bad")
+    assert "chain broken at #3: not an envelope" in badge, badge
+    assert page.get_attribute(".row[data-order='2'] .vmark", "class") == "vmark ok"
+
+    page.route("**/export.jsonl", lambda route: route.fulfill(
+        status=200, content_type="application/jsonl", body=f.read_bytes()))
+    page.route("**/live?*", lambda route: route.abort())
+    page.goto(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}")
+    badge = wait_badge(page, "bad")
+    assert "chain broken at #3: not an envelope" in badge, badge
+    assert page.get_attribute(".row[data-order='4'] .vmark", "class") != "vmark ok"  # the rest is shown

@@ -626,3 +626,38 @@ async def test_a_live_tail_whose_follower_fails_ends_at_once_and_logs_why_once(
         warnings = [r.getMessage() for r in caplog.records if r.name == "convlog.web" and r.levelno == logging.WARNING]
         assert len(warnings) == 1 and warnings[0].startswith(
             "live tail of session s ended: its follower failed: "), warnings
+
+
+@pytest.mark.parametrize("spoiled", [1, 200, 201, 260])  # the first page holds 200
+async def test_the_export_of_a_log_edited_by_hand_names_the_item_that_is_no_envelope(
+        nats_server: NatsServer, tmp_path: Path, spoiled: int) -> None:
+    """A stored envelope that is not JSON (a log file edited by hand) spoiled the log's
+    whole read reply: the export failed with a generic ``bad_request: malformed JSON ...
+    (byte 28)`` naming no item, or, in a later page, ended the download short.  It now
+    holds every other envelope and, where the bad one is, a line naming its order, so
+    the page and ``convlog replay --file --verify`` break the chain there."""
+    import sqlite3
+
+    from services.log.store.sqlite import SQLiteStore
+    from shared.messages import AppendItem, AppendRequest
+    from tests.support.procs import run_cli
+
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    for n in range(0, 260, 20):
+        await store.append("s", AppendRequest(items=[AppendItem(**said("Triage", f"line {n + k}")) for k in range(20)]))
+    await store.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "log.db")) as db, db:
+        db.execute("UPDATE items SET envelope = ? WHERE session_id = 's' AND item_order = ?",
+                   (b"{oops", spoiled))
+    async with console(nats_server, tmp_path, WebOptions(heartbeat=30)) as web:
+        status, headers, body = await web.get("/sessions/s/export.jsonl")
+    assert status == 200, body
+    assert headers["x-convlog-last-order"] == "260"
+    lines = [json.loads(x) for x in body.splitlines()]
+    assert [x["item_order"] for x in lines] == list(range(1, 261))
+    assert lines[spoiled - 1]["unreadable"].startswith("the stored envelope does not decode"), lines
+    export = tmp_path / "s.jsonl"
+    export.write_bytes(body)
+    code, _, err = await run_cli("replay", "s", "--file", str(export), "--verify", env=None)
+    assert code == 1 and err.startswith(f"FAILED: s: item_order {spoiled}: "), err
