@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from shared.client import LogClient
-from shared.messages import SessionInfo
+from shared.messages import Envelope, SessionInfo
 
 __all__ = ["SessionIndex", "SessionRow"]
 
@@ -106,8 +106,10 @@ class SessionIndex:
             if entry.last_order < info.last_order:
                 async with self._reads:
                     budget = self.scan_budget
-                    async for env in self.client.iter_items(sid, after=entry.last_order, raw=True):
-                        if env.agent not in _NOT_AGENTS and env.agent not in entry.agents:
+                    # audit_items: an envelope that does not decode (a log edited by hand) has
+                    # no agent to show; the page of the session names it.
+                    async for env in self.client.audit_items(sid, after=entry.last_order):
+                        if isinstance(env, Envelope) and env.agent not in _NOT_AGENTS and env.agent not in entry.agents:
                             entry.agents.append(env.agent)
                         entry.last_order = env.item_order
                         budget -= 1

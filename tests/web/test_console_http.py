@@ -661,3 +661,30 @@ async def test_the_export_of_a_log_edited_by_hand_names_the_item_that_is_no_enve
     export.write_bytes(body)
     code, _, err = await run_cli("replay", "s", "--file", str(export), "--verify", env=None)
     assert code == 1 and err.startswith(f"FAILED: s: item_order {spoiled}: "), err
+
+
+async def test_the_sessions_list_shows_a_session_whose_stored_envelope_is_no_envelope(
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    """The list reads each session's items for its agents: one stored envelope that does not
+    decode (a log file edited by hand) failed the whole list with a generic 400, so no
+    session of the page could be opened, the tampered one included."""
+    import sqlite3
+
+    from services.log.store.sqlite import SQLiteStore
+    from shared.messages import AppendItem, AppendRequest
+
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    for sid in ("a", "b"):
+        await store.append(sid, AppendRequest(items=[AppendItem(**said(agent, "hi"))
+                                                     for agent in ("Triage", "L1Billing", "L2Support")]))
+    await store.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "log.db")) as db, db:
+        db.execute("UPDATE items SET envelope = ? WHERE session_id = 'b' AND item_order = 2", (b"{oops",))
+    async with console(nats_server, tmp_path, WebOptions(heartbeat=30)) as web:
+        status, _, body = await web.get("/api/sessions")
+    assert status == 200, body
+    rows = {r["session_id"]: r for r in json.loads(body)["sessions"]}
+    assert rows.keys() == {"a", "b"}
+    assert rows["a"]["agents"] == ["Triage", "L1Billing", "L2Support"]
+    assert rows["b"]["agents"] == ["Triage", "L2Support"], rows["b"]
