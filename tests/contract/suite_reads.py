@@ -137,6 +137,17 @@ class ReadGuarantees(SuiteBase):
             after = seen[-1]
         assert seen == list(range(1, 31))
 
+    async def test_a_limit_of_zero_reads_nothing_and_says_whether_items_follow(self, store: LogStore) -> None:
+        # The wire refuses limit 0; a caller that computes a limit may not: "at most
+        # limit" items, and ``more`` as for any full page.
+        await store.append("s", req(item("a"), item("b"), item("c")))
+        for only_visible in (False, True):
+            for after in (0, 1):
+                p = await store.read("s", after=after, limit=0, max_bytes=BIG, visible=only_visible)
+                assert (p.items, p.last_order, p.more) == ([], 3, True)
+            p = await store.read("s", after=3, limit=0, max_bytes=BIG, visible=only_visible)
+            assert (p.items, p.last_order, p.more) == ([], 3, False)
+
     # -- 9. sessions listing -----------------------------------------------------
 
     async def test_sessions_are_listed_by_id_with_paging(self, store: LogStore) -> None:

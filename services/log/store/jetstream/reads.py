@@ -166,6 +166,8 @@ class StreamReads:
             orders = s.visible_orders(after, last)
             if not orders:
                 return Page([], last, False)
+            if limit <= 0:  # at most none, as SQLite reads: nothing, and items follow
+                return Page([], last, True)
             first = orders[0]
             if first > 1 and orders[-1] == last and last - first + 1 == len(orders):
                 # Nothing hidden from here on: the page is a forward read
@@ -174,6 +176,8 @@ class StreamReads:
                 if page is not None:
                     return Page(page[0], last, page[1])
             start = s.seqs[first - 1]
+        elif limit <= 0:
+            return Page([], last, True)
         else:
             # A forward read needs the sequence of item ``after`` only, not an
             # index: where the last page ended (a mark), else the index.
