@@ -10,10 +10,11 @@ import pytest
 
 from services.log.store.base import LogStore
 from shared.chain import verify
-from shared.errors import BadRequestError, ConflictError
+from shared.errors import BadRequestError, ConflictError, TooLargeError
 from shared.messages import AppendedItem, AppendItem, AppendReply
 
 from .store_helpers import (
+    BIG,
     RFC3339_MICRO,
     SuiteBase,
     clear,
@@ -94,6 +95,29 @@ class WriteGuarantees(SuiteBase):
         r = await store.append("s", req(item("again", item_id="g1")))
         assert r.items == [AppendedItem(item_order=3, item_id="g1", hash=r.items[0].hash)]
         assert verify(await read_all(store, "s"), session_id="s") is None
+
+    async def test_an_envelope_at_the_nats_max_payload_is_stored_or_refused_and_the_store_goes_on(
+        self, store: LogStore
+    ) -> None:
+        # An envelope just under NATS's default max_payload (1 MiB): a store that
+        # cannot take it with its headers refuses it ``too_large``, writes nothing
+        # and keeps serving (the server counts headers too, and answers a message
+        # over it by closing the connection).
+        small = (await store.append("s", req(item("x", item_id="small")))).items[0]
+        size = len((await store.read("s", after=0, limit=1, max_bytes=BIG)).items[0])
+        big = item("x" * ((1 << 20) - 100 - size), item_id="big")
+        try:
+            r = await store.append("s", req(big))
+        except TooLargeError:
+            stored = 1
+        else:
+            assert r.items[0].item_order == 2
+            stored = 2
+        assert await store.last_order("s") == stored
+        after = await store.append("s", req(item("after", item_id="after")))
+        assert after.last_order == stored + 1
+        assert [e.item_id for e in await read_all(store, "s")] == ["small", "big", "after"][: stored] + ["after"]
+        assert small.item_order == 1
 
     async def test_a_bad_request_does_not_disturb_others_in_the_same_group_commit(
         self, store: LogStore

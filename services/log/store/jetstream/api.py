@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from shared.errors import TooLargeError, UnavailableError
 from shared.inbox import Message, RoutedInbox, atomic_batch
 from shared.nats_seam import seam_for
+from shared.wire import over_max_payload
 
 __all__ = ["Acks", "BatchAck", "DirectGet", "IdTaken", "OutcomeUnknown", "WrongLastSequence"]
 
@@ -37,6 +38,8 @@ _SUBJECT_FULL = 10077  # JSStreamStoreFailedF "maximum messages per subject exce
 _BATCH_DUPLICATE = 10201  # JSAtomicPublishContainsDuplicateMessageErr: <sid>:<order> was just written
 _BATCH_TOO_LARGE = 10199  # JSAtomicPublishTooLargeBatchErrF: over the server's batch max_msgs
 _STATUS = "Status"
+#: More than the header block of any message the store publishes (ids, subjects, a traceparent).
+_HEADERS_BOUND = 64 << 10
 
 class WrongLastSequence(Exception):
     """An expected-last-subject-sequence check failed: nothing was stored."""
@@ -111,6 +114,21 @@ def _raise_too_large(nc: Client, e: BaseException, body: bytes) -> None:
                             limit=nc.max_payload) from e
 
 
+def _refuse_too_large(nc: Client, body: bytes, headers: dict[str, str]) -> None:
+    """Refuse a message the server would take as a protocol violation: nats-py
+    compares the payload alone with ``max_payload``, the server counts the
+    headers too, answers ``-ERR 'Maximum Payload Violation'`` and the
+    connection is closed for good.
+
+    Raises:
+        TooLargeError: ``body`` and ``headers`` are over the server's max payload.
+    """
+    if len(body) + _HEADERS_BOUND > nc.max_payload and over_max_payload(nc, body, headers):
+        raise TooLargeError(f"an envelope of {len(body)} bytes and its headers are over the NATS "
+                            f"server's max_payload of {nc.max_payload} bytes",
+                            limit=nc.max_payload)
+
+
 class Acks(_Inbox):
     """Publishes that want the stream's ack, many in flight on one connection."""
 
@@ -139,6 +157,7 @@ class Acks(_Inbox):
             fut.set_exception(TimeoutError())
 
     async def _request(self, subject: str, body: bytes, headers: dict[str, str]) -> bytes:
+        _refuse_too_large(self._nc, body, headers)
         token = self.token()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bytes] = loop.create_future()
@@ -176,7 +195,10 @@ class Acks(_Inbox):
         expectations under its lock at commit time, and answers once.  Raises
         as :meth:`publish`.
         """
-        *leading, (subject, body, final) = atomic_batch(messages)
+        batch = atomic_batch(messages)
+        for _, each_body, each_headers in batch:  # before any is sent: no batch left open
+            _refuse_too_large(self._nc, each_body, each_headers)
+        *leading, (subject, body, final) = batch
         try:
             for lead_subject, lead_body, lead_headers in leading:
                 await self._nc.publish(lead_subject, lead_body, headers=lead_headers)
