@@ -15,7 +15,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Run", "closed_loop", "figures", "fsync_latency", "open_loop", "plain", "say", "to_json"]
+__all__ = ["Run", "closed_loop", "figures", "fsync_latency", "nearest_rank", "open_loop", "plain", "say", "to_json"]
+
+
+def nearest_rank(xs: list[float], q: float) -> float:
+    """The ``q`` quantile of ``xs`` (sorted, not empty) by nearest rank: the smallest
+    value with at least ``q`` of the values at or below it, so the p99 of 100
+    values is the 99th, not the largest, and the p50 of 1..4 is 2."""
+    return xs[max(0, min(len(xs), math.ceil(q * len(xs) - 1e-9)) - 1)]
 
 
 @dataclass
@@ -43,7 +50,7 @@ class Run:
         xs = sorted(self.latencies if of is None else of)
         if not xs:
             return float("nan")
-        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
+        return nearest_rank(xs, q) * 1000
 
 
 def fsync_latency(directory: str | os.PathLike[str], writes: int = 200) -> dict[str, float]:
@@ -179,7 +186,7 @@ def plain(obj: Any) -> Any:
         if lat:
             xs = sorted(lat)
             for q, key in ((0.5, "p50_ms"), (0.99, "p99_ms")):
-                out[key] = round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 2)
+                out[key] = round(nearest_rank(xs, q) * 1000, 2)
         if hasattr(obj, "rate"):
             out["ops_per_s"] = round(obj.rate, 1)
         return out

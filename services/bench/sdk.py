@@ -49,6 +49,7 @@ from shared.agents_session import require_agents_sdk
 from shared.client import LogClient
 from shared.config import Settings
 
+from .measure import nearest_rank
 from .sdk_breakdown import CallClock, ClientSplit, ServiceSplit, service_delta, service_sample
 from .sdk_procs import PROCESSES, Workers, run_processes
 from .sdk_report import READ_LIMIT, WRITERS, as_json, print_report
@@ -73,7 +74,7 @@ class Measure:
         if not self.latencies:
             return float("nan")
         xs = sorted(self.latencies)
-        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
+        return nearest_rank(xs, q) * 1000
 
 
 # -- measurements -------------------------------------------------------------

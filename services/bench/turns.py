@@ -41,7 +41,7 @@ from typing import Any
 from shared.client import LogClient
 from shared.config import Settings
 
-from .measure import Run, closed_loop, open_loop, plain, say
+from .measure import Run, closed_loop, nearest_rank, open_loop, plain, say
 from .stack import local_stack, wait_service
 from .turns_watch import ReplyWatcher, Timings, deliveries
 
@@ -278,7 +278,7 @@ def _pcts(xs: list[float]) -> tuple[float, float]:
     if not xs:
         return float("nan"), float("nan")
     s = sorted(xs)
-    return s[int(0.5 * len(s))] * 1000, s[min(len(s) - 1, int(0.99 * len(s)))] * 1000
+    return nearest_rank(s, 0.5) * 1000, nearest_rank(s, 0.99) * 1000
 
 
 def figures(runs: list[Phase]) -> dict[str, Any]:
