@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, TextIO
 
+from .measure import plain
 from .sdk_breakdown import ClientSplit, ServiceSplit
 from .sdk_procs import PROCESSES
 
@@ -138,7 +139,8 @@ def _mixing_json(m: Any) -> dict[str, Any]:
 
 
 def as_json(results: dict[str, Any]) -> dict[str, Any]:
-    """The figures of :func:`print_report` as one JSON object (``ratio`` = convlog / sqlite)."""
+    """The figures of :func:`print_report` as one JSON object (``ratio`` = convlog / sqlite;
+    a figure with nothing to measure, such as the p50 of a scenario whose calls all failed, is null)."""
     sq, cv = results["sqlite"], results["convlog"]
     scenarios: dict[str, Any] = {}
     for key in LABELS:
@@ -146,7 +148,7 @@ def as_json(results: dict[str, Any]) -> dict[str, Any]:
                           "ratio": _ratio(cv[key].rate, sq[key].rate)}
     scenarios["processes"] = {"sqlite": _mixing_json(sq["processes"]), "convlog": _mixing_json(cv["processes"]),
                               "ratio": _ratio(cv["processes"].rate, sq["processes"].rate)}
-    return {
+    return plain({
         "bench": "sdk",
         "ops": results["ops"],
         "sdk_version": results["sdk_version"],
@@ -157,4 +159,4 @@ def as_json(results: dict[str, Any]) -> dict[str, Any]:
         "ratios": {k: v["ratio"] for k, v in scenarios.items()},
         "breakdown": {k: breakdown_json(*v) if v is not None else None
                       for k, v in results.get("breakdown", {}).items()},
-    }
+    })
