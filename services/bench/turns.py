@@ -100,7 +100,9 @@ async def _phase(name: str, watcher: ReplyWatcher, timings: Timings | None, clie
         run = await open_loop(name, counted, rate, duration)
     if side is not None:
         await side
-    phase = Phase(run.name, run.ops, run.seconds, run.latencies, run.errors)
+    # A lost turn's TimeoutError is an exception of its op, which the loop counted as an
+    # error too: it is lost, not also an error (as in the alternating phases).
+    phase = Phase(run.name, run.ops, run.seconds, run.latencies, run.errors - lost)
     phase.lost = lost
     keys = set(watcher.sent) - before_keys
     await asyncio.sleep(0.5)  # a second terminal item of a turn would have arrived by now

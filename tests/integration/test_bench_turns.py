@@ -97,3 +97,29 @@ async def test_a_failed_turn_is_an_error_not_a_timed_turn(log_url: str) -> None:
 
 def _no_constant(name: str) -> object:
     raise AssertionError(f"not JSON: {name}")
+
+
+# A turn never answered was counted twice: lost (its wait timed out) and, since the
+# closed loop counts every exception of an op, an error too; the table read
+# "lost 3, errors 3" for three turns, where the alternating phases (and the docs:
+# errors are turns whose send failed or that ended in a failure) counted it lost only
+async def test_an_unanswered_turn_is_lost_not_also_an_error(log_url: str) -> None:
+    from services.bench.turns import PLAIN, _phase
+    from services.bench.turns_watch import ReplyWatcher
+    from shared.client import LogClient
+    from shared.config import Settings
+
+    client = await LogClient.connect(log_url, settings=Settings(nats_url=log_url))
+    watcher = ReplyWatcher(client)
+    try:
+        await watcher.start()  # no worker runs: nobody answers
+
+        def op(i: int) -> object:
+            return watcher.turn(f"tb-unanswered-{i}", PLAIN, to="L1Billing", within=0.3)
+
+        phase = await _phase("plain turns, nobody answers", watcher, None, client, 2, 0.5, op)
+    finally:
+        await watcher.stop()
+        await client.close()
+    assert phase.ops == 0 and phase.lost >= 2, (phase.ops, phase.lost, phase.errors)
+    assert phase.errors == 0, (phase.lost, phase.errors)
