@@ -107,8 +107,8 @@ async def _phase(name: str, watcher: ReplyWatcher, timings: Timings | None, clie
     keys = set(watcher.sent) - before_keys
     await asyncio.sleep(0.5)  # a second terminal item of a turn would have arrived by now
     phase.doubled = watcher.doubled(keys)
-    if run.ops:
-        phase.deliveries_per_turn = (await deliveries(client) - before) / run.ops
+    if keys:  # every turn sent was delivered, answered or not (failed, lost)
+        phase.deliveries_per_turn = (await deliveries(client) - before) / len(keys)
     if timings is not None:
         await asyncio.sleep(0.2)
         phase.breakdown = timings.breakdown(_turn_times(watcher, keys))

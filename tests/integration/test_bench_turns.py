@@ -123,3 +123,54 @@ async def test_an_unanswered_turn_is_lost_not_also_an_error(log_url: str) -> Non
         await client.close()
     assert phase.ops == 0 and phase.lost >= 2, (phase.ops, phase.lost, phase.errors)
     assert phase.errors == 0, (phase.lost, phase.errors)
+
+
+# Deliveries per turn divided every notice the agents' consumers delivered by the
+# turns answered only: the notices of turns that failed (or were lost) were in the
+# numerator, not the denominator, so a phase where every other turn failed reported
+# 2.00 deliveries a plain turn (issue 13's limit for a handoff) where each had one
+async def test_deliveries_per_turn_count_every_turn_sent_not_only_the_answered_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.bench.stack import wait_service
+    from services.bench.turns import PLAIN, _phase
+    from services.bench.turns_watch import ReplyWatcher
+    from shared.client import LogClient
+    from shared.config import Settings
+    from tests.support.fake_openai import FakeOpenAI, error, text
+
+    spec = tmp_path / "agents.toml"
+    spec.write_text(bench_spec(3))
+    calls = [0]
+
+    def every_other_fails(_request: object) -> object:
+        calls[0] += 1
+        return error(400, "refused") if calls[0] % 2 == 0 else text("ok")
+
+    with FakeOpenAI() as fake:
+        fake.responder(every_other_fails)
+        monkeypatch.setenv("OPENAI_API_KEY", "test")
+        monkeypatch.setenv("OPENAI_BASE_URL", fake.base_url)
+        with local_stack(workers=[["L1Billing", "--agents", str(spec)]]) as url:
+            client = await LogClient.connect(url, settings=Settings(nats_url=url))
+            watcher = ReplyWatcher(client)
+            try:
+                await wait_service(client)
+                await watcher.start()
+                for k in range(12):  # until the worker answers (a turn sent before it was ready is not)
+                    try:
+                        await watcher.turn(f"tb-deliv-warmup-{k}", PLAIN, to="L1Billing", within=5.0)
+                        break
+                    except TimeoutError:
+                        pass
+                calls[0] = 0  # the phase's turns: answered, failed, answered, ...
+
+                def op(i: int) -> object:
+                    return watcher.turn(f"tb-deliv-{i}", PLAIN, to="L1Billing", within=10.0)
+
+                phase = await _phase("plain turns, every other fails", watcher, None, client, 1, 1.5, op)
+            finally:
+                await watcher.stop()
+                await client.close()
+    assert phase.ops >= 2 and phase.errors >= 2 and phase.lost == 0, (phase.ops, phase.errors, phase.lost)
+    assert phase.deliveries_per_turn == 1.0, (phase.deliveries_per_turn, phase.ops, phase.errors)
