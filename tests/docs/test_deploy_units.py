@@ -109,8 +109,9 @@ def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
 # -- Procfile ----------------------------------------------------------------------
 
 
-def _procfile() -> dict[str, list[str]]:
-    """name -> argv, each command expanded by /bin/sh as Procfile runners do."""
+def _procfile(environ: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """name -> argv, each command expanded by /bin/sh as Procfile runners do (with
+    ``environ`` added to a bare PATH)."""
     out = {}
     for line in (DEPLOY / "Procfile").read_text().splitlines():
         m = re.match(r"^([A-Za-z0-9_-]+):\s*(.+)$", line)
@@ -118,7 +119,8 @@ def _procfile() -> dict[str, list[str]]:
             assert not line.strip() or line.startswith("#"), line
             continue
         res = subprocess.run(["sh", "-c", f'for a in {m.group(2)}; do printf "%s\\0" "$a"; done'],
-                             capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"})
+                             capture_output=True, text=True, check=True,
+                             env={"PATH": "/usr/bin:/bin", **(environ or {})})
         out[m.group(1)] = res.stdout.rstrip("\0").split("\0")
     return out
 
@@ -146,13 +148,17 @@ def test_procfile_log_and_workers_started_before_nats_server_wait_for_it(tmp_pat
     # A Procfile runner starts every line at once, and stops them all when one exits: the
     # log service, with --no-embedded, exited 3 at once when nats-server was not listening
     # yet ("no NATS server answers"), where the workers wait for it (--start-wait).
-    procs = _procfile()
+    # On a fresh checkout the data directory does not exist until nats-server makes its
+    # store there: the log line's `--db DATA_DIR/convlog.db` exited 2 at once ("the
+    # directory .convlog does not exist"), and the runner stopped the stack.  The lines
+    # run as written, with the data directory (as .convlog in a fresh clone) not there yet.
+    data = tmp_path / "data"
+    procs = _procfile({"CONVLOG_DATA_DIR": str(data)})
     port = free_port()  # not the Procfile's 4222: CONVLOG_NATS_URL moves every process
-    env = {**service_env(tmp_path / "data"), "CONVLOG_NATS_URL": f"nats://127.0.0.1:{port}"}
+    env = {**service_env(data), "CONVLOG_NATS_URL": f"nats://127.0.0.1:{port}"}
     env.pop("OPENAI_API_KEY", None)
-    log_argv = procs["log"][1:]
-    log_argv[log_argv.index("--db") + 1] = str(tmp_path / "convlog.db")  # not .convlog in the checkout
-    started = [python_module("services.cli.main", *log_argv, log_dir=tmp_path, env=env, name="log"),
+    assert not data.exists()
+    started = [python_module("services.cli.main", *procs["log"][1:], log_dir=tmp_path, env=env, name="log"),
                python_module("services.cli.main", *procs["triage"][1:], log_dir=tmp_path, env=env,
                              name="triage")]
     server = NatsServer(tmp_path / "nats", port=port)
@@ -171,6 +177,7 @@ def test_procfile_log_and_workers_started_before_nats_server_wait_for_it(tmp_pat
             proc.terminate()
         server.stop()
     assert "log service: NATS JetStream answers at" in started[0].output()
+    assert (data / "convlog.db").is_file()  # the log where the Procfile says it goes
 
 
 def test_systemd_log_unit_keeps_its_database_in_its_state_directory_unless_the_env_file_says() -> None:
