@@ -93,6 +93,17 @@ def test_systemd_unit_starts_a_command_that_exists(unit: Path, tmp_path: Path) -
         assert "%i" in u["Unit"]["Description"][0]
 
 
+def test_systemd_install_steps_copy_every_unit_and_timer() -> None:
+    # The install steps copied deploy/systemd/*.service only: convlog-health.timer, which
+    # convlog-health.service says to enable, was not there ("Unit ... not found").
+    header = (DEPLOY / "systemd" / "convlog-nats.service").read_text().split("[Unit]")[0]
+    copied = {p.name for sources in re.findall(r"\bcp((?: deploy/systemd/\S+)+) /etc/systemd/system/?(?:\s|$)",
+                                               header)
+              for s in sources.split() for p in REPO_ROOT.glob(s)}
+    assert copied == {u.name for u in [*UNITS, *TIMERS]}, copied
+    assert "convlog-health.timer" in header.split("systemctl enable", 1)[1]
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     # The units name /opt/convlog/venv/bin/...; point them at this interpreter's scripts.
