@@ -93,6 +93,51 @@ def test_systemd_unit_starts_a_command_that_exists(unit: Path, tmp_path: Path) -
         assert "%i" in u["Unit"]["Description"][0]
 
 
+def _unit_environment(unit: dict[str, dict[str, list[str]]], files: dict[str, Path]) -> dict[str, str]:
+    """The environment systemd gives a unit's command: its ``Environment=`` lines, then
+    its ``EnvironmentFile=`` files (``files`` maps each path to a local one; a ``-``
+    path that is not there is skipped, as systemd does)."""
+    env = dict(line.split("=", 1) for line in unit["Service"].get("Environment", []))
+    for name in unit["Service"].get("EnvironmentFile", []):
+        local = files.get(name.removeprefix("-"))
+        if local is None or not local.exists():
+            assert name.startswith("-"), name
+            continue
+        for line in local.read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                key, _, value = line.partition("=")
+                env[key.strip()] = value.strip()
+    return env
+
+
+def test_systemd_nats_unit_can_run_auth_conf_without_giving_its_passwords_to_convlog(tmp_path: Path) -> None:
+    # convlog-nats.service says to run deploy/nats/auth.conf instead of single.conf for the
+    # per-role users, and auth.conf reads the users' passwords from the environment; the
+    # unit had no Environment(File)= at all, so nats-server refused to start (and the
+    # passwords could only go into convlog.env, which every worker reads).
+    from tests.docs.test_deploy import PASSWORDS
+
+    unit = read_unit(DEPLOY / "systemd" / "convlog-nats.service")
+    read_by_convlog = {name.removeprefix("-") for u in UNITS if u.name.startswith(("convlog-log", "convlog-worker",
+                                                                                   "convlog-health"))
+                       for name in read_unit(u)["Service"].get("EnvironmentFile", [])}
+    own = [name.removeprefix("-") for name in unit["Service"].get("EnvironmentFile", [])
+           if name.removeprefix("-") not in read_by_convlog]
+    assert len(own) == 1, f"convlog-nats.service reads no file of its own for auth.conf's passwords: {own}"
+    (own_file,) = own
+    assert own_file in (DEPLOY / "systemd" / "convlog-nats.service").read_text().split("[Unit]")[0], \
+        "the unit's header does not say where the passwords go"
+    local = tmp_path / "nats.env"
+    local.write_text("".join(f"{k}={v}\n" for k, v in PASSWORDS.items()))
+    env = {"PATH": "/usr/bin:/bin", **_unit_environment(unit, {own_file: local})}
+    (exec_start,) = unit["Service"]["ExecStart"]
+    argv = shlex.split(exec_start)
+    assert argv[argv.index("-c") + 1] == "/etc/convlog/nats/single.conf"
+    res = subprocess.run([nats_server_binary(), "-t", "-c", str(DEPLOY / "nats" / "auth.conf")],
+                         env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_systemd_install_steps_copy_every_unit_and_timer() -> None:
     # The install steps copied deploy/systemd/*.service only: convlog-health.timer, which
     # convlog-health.service says to enable, was not there ("Unit ... not found").
