@@ -125,7 +125,7 @@ def test_systemd_nats_unit_can_run_auth_conf_without_giving_its_passwords_to_con
            if name.removeprefix("-") not in read_by_convlog]
     assert len(own) == 1, f"convlog-nats.service reads no file of its own for auth.conf's passwords: {own}"
     (own_file,) = own
-    assert own_file in (DEPLOY / "systemd" / "convlog-nats.service").read_text().split("[Unit]")[0], \
+    assert own_file in (DEPLOY / "systemd" / "convlog-nats.service").read_text().split("\n[Unit]")[0], \
         "the unit's header does not say where the passwords go"
     local = tmp_path / "nats.env"
     local.write_text("".join(f"{k}={v}\n" for k, v in PASSWORDS.items()))
@@ -138,10 +138,42 @@ def test_systemd_nats_unit_can_run_auth_conf_without_giving_its_passwords_to_con
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_systemd_log_service_and_workers_log_in_as_their_own_nats_users(tmp_path: Path) -> None:
+    # With auth.conf (or nats-users.conf) the log service logs in as `log` and each worker
+    # as `worker` (or its agent's key).  Every convlog unit read the one convlog.env, whose
+    # settings win over a unit's Environment= lines (a `systemctl edit` included): the
+    # CONVLOG_USER=log that convlog-log.service says to put there made every worker the
+    # `log` user too, which may not append (each turn failed), and gave it the log's password.
+    units = {u.name: read_unit(u) for u in UNITS if u.name.startswith(("convlog-log", "convlog-worker",
+                                                                         "convlog-health"))}
+    reads = {name: [f.removeprefix("-") for f in u["Service"].get("EnvironmentFile", [])] for name, u in units.items()}
+    shared = "/etc/convlog/convlog.env"
+    assert all(files[0] == shared for files in reads.values()), reads
+    log_files = {f for name, files in reads.items() if not name.startswith("convlog-worker") for f in files[1:]}
+    worker_files = set(reads["convlog-worker@.service"][1:])
+    assert log_files and worker_files and not log_files & worker_files, reads
+    for name in units:  # each unit's header says where its own credentials go
+        header = (DEPLOY / "systemd" / name).read_text().split("\n[Unit]")[0]
+        assert any(f in header for f in reads[name][1:]), name
+    files = {shared: tmp_path / "convlog.env"}
+    files[shared].write_text("CONVLOG_NATS_URL=nats://127.0.0.1:4222\n")
+    for i, f in enumerate(sorted(log_files | worker_files)):
+        files[f] = tmp_path / f"own-{i}.env"
+        user = "log" if f in log_files else "worker"
+        files[f].write_text(f"CONVLOG_USER={user}\nCONVLOG_PASSWORD={user}-secret\n")
+    for name, unit in units.items():
+        env = _unit_environment(unit, files)
+        user = "worker" if name.startswith("convlog-worker") else "log"
+        assert (env["CONVLOG_USER"], env["CONVLOG_PASSWORD"]) == (user, f"{user}-secret"), name
+        assert env["CONVLOG_NATS_URL"] == "nats://127.0.0.1:4222", name
+        settings = load_settings({}, env, check_paths=False)
+        assert settings.user == user, name
+
+
 def test_systemd_install_steps_copy_every_unit_and_timer() -> None:
     # The install steps copied deploy/systemd/*.service only: convlog-health.timer, which
     # convlog-health.service says to enable, was not there ("Unit ... not found").
-    header = (DEPLOY / "systemd" / "convlog-nats.service").read_text().split("[Unit]")[0]
+    header = (DEPLOY / "systemd" / "convlog-nats.service").read_text().split("\n[Unit]")[0]
     copied = {p.name for sources in re.findall(r"\bcp((?: deploy/systemd/\S+)+) /etc/systemd/system/?(?:\s|$)",
                                                header)
               for s in sources.split() for p in REPO_ROOT.glob(s)}
