@@ -226,11 +226,12 @@ class Notifier:
         if err is not None:
             _handoff_not_published(sid, order, err)
 
-    def _message(self, subject: str, p: _Pending) -> Message:
-        """``p``'s notice on ``subject``, with its id and the trace of its item."""
+    def _message(self, subject: str, p: _Pending, parent: bytes | None = None) -> Message:
+        """``p``'s notice on ``subject``, with its id and the trace of its item (``parent``,
+        else the one the outbox still holds)."""
         notice = Notice(session_id=p.sid, item_order=p.order, kind="handoff" if p.handoff_to else "user",
                         ts=now(), items=p.items, entry=self._first_entry(p))
-        parent = self.traces.get((p.sid, p.order))  # the outbox pops it, for the items subject
+        parent = parent or self.traces.get((p.sid, p.order))  # the outbox pops it, for the items subject
         headers = {"traceparent": parent.decode()} if parent else {}
         headers["Nats-Msg-Id"] = p.msg_id
         return subject, encode_notice(notice), headers
@@ -361,8 +362,11 @@ class Notifier:
     async def _publish_batch(self, batch: list[_Pending]) -> None:
         sending: list[_Pending] = []
         messages: list[Message] = []
+        # Before the first await (a routing lookup): the outbox pops each item's trace
+        # context as it publishes the item, and it does not wait for this.
+        parents = [self.traces.get((p.sid, p.order)) for p in batch]
         try:
-            for p in batch:
+            for p, parent in zip(batch, parents, strict=True):
                 if p.handoff_to is not None:
                     if p.handoff_to not in await self._known_agents(p.handoff_to):
                         continue  # nobody plays it; the worker's own announcement decides
@@ -370,7 +374,7 @@ class Notifier:
                 else:
                     subject = await self.address(p.sid, p.order)
                 sending.append(p)
-                messages.append(self._message(subject, p))
+                messages.append(self._message(subject, p, parent))
             outcomes = await self._send(sending, messages)
         except Exception as e:
             sending = [p for p in batch if p.handoff_to is None or p in sending]

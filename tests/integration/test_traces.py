@@ -170,3 +170,47 @@ async def test_an_append_refused_after_its_span_started_ends_the_span_and_is_tim
     finally:
         await client.close()
         await service.shutdown()
+
+
+# A user message whose session the log service has not seen since it started (a restart, or
+# a session forgotten beyond `remember`) has its agent looked up in the routing bucket before
+# its turn notice is built; meanwhile the outbox published the item and took its trace context
+# away, so the notice went out without a traceparent: the worker's turn began a trace of its own.
+async def test_the_turn_notice_of_a_session_seen_before_a_restart_continues_the_trace(
+    spans: InMemorySpanExporter, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    import nats
+
+    from shared.work import work_entry_subject
+
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"), "grace": 2},
+                             environ={})
+    client = await LogClient.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url)
+    notices: list[Any] = []
+
+    async def on_notice(msg: Any) -> None:
+        notices.append(msg)
+
+    await nc.subscribe(f"{settings.subjects.prefix}.work.>", cb=on_notice)
+    try:
+        async with LogService(settings):
+            await client.send("r2", "Hi")
+        async with LogService(settings):  # a restart: this process knows nothing of r2
+            ack = await client.send("r2", "Hi again")
+            await assert_eventually(lambda: _find(spans, "convlog.log.in", first_order=ack.first_order), timeout=5)
+
+            def noticed() -> Any:
+                found = [m for m in notices if m.headers and m.headers.get("Nats-Msg-Id") == f"r2:{ack.first_order}"]
+                assert found, [m.headers for m in notices]
+                return found[0]
+
+            notice = await assert_eventually(noticed, timeout=10)
+    finally:
+        await nc.close()
+        await client.close()
+    assert notice.subject == work_entry_subject(settings.subjects)
+    log_in = _find(spans, "convlog.log.in", first_order=ack.first_order)
+    parent = notice.headers.get("traceparent")
+    assert parent is not None, notice.headers
+    assert parent.split("-")[1:3] == [f"{log_in.context.trace_id:032x}", f"{log_in.context.span_id:016x}"]
