@@ -75,7 +75,7 @@ def tool_called(agent: str, tool: str, output: str) -> None:
     """A function tool returned ``output`` (failures are outputs starting ``error:``)."""
     outcome = "ok"
     if output.startswith("error:"):
-        outcome = "timeout" if "did not finish within" in output else "error"
+        outcome = "timeout" if output.startswith(f"error: {tool} did not finish within ") else "error"
     TOOL_CALLS.labels(agent, tool, outcome).inc()
 
 

@@ -132,14 +132,16 @@ async def _run(
     if takes_idempotency_key(tool.fn):
         kwargs[IDEMPOTENCY_KEY] = key
     try:
-        async with asyncio.timeout(time_limit):
+        async with asyncio.timeout(time_limit) as limit:
             if inspect.iscoroutinefunction(tool.fn):
                 result = await tool.fn(**kwargs)
             else:  # a thread, so a slow sync tool never blocks the worker's loop
                 result = await _in_own_thread(tool.fn, kwargs, name)
             if inspect.isawaitable(result):
                 result = await result
-    except TimeoutError:
+    except TimeoutError as e:
+        if not limit.expired():  # the tool's own (a request of its own timed out): a failure
+            return f"error: {name} failed: {_describe(e)}"
         return f"error: {name} did not finish within {time_limit:g}s"
     except asyncio.CancelledError:
         me = asyncio.current_task()

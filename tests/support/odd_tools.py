@@ -112,3 +112,17 @@ def fails_unprintably(n: int) -> str:
     """
     RUNS.append(n)
     raise ApiError({"status": 502})
+
+
+async def gives_up_on_upstream(n: int) -> str:
+    """A tool whose own request to a slow upstream times out (its own ``asyncio.timeout``,
+    as an HTTP client's or a socket's timeout would), long before the worker's time limit.
+
+    Args:
+        n: seconds it waits for the upstream.
+    """
+    import asyncio
+
+    async with asyncio.timeout(n):
+        await asyncio.sleep(3600)
+    return "answered"

@@ -18,7 +18,8 @@ entry = "Clerk"
 name = "Clerk"
 instructions = "Use your tools."
 tools = ["tests.support.odd_tools:cancelled_inside", "tests.support.odd_tools:hangs",
-         "tests.support.odd_tools:quick", "tests.support.odd_tools:fails_unprintably"]
+         "tests.support.odd_tools:quick", "tests.support.odd_tools:fails_unprintably",
+         "tests.support.odd_tools:gives_up_on_upstream"]
 """
 CLERK = parse_spec(SPEC).agent("Clerk")
 
@@ -56,3 +57,30 @@ async def test_an_exception_whose_message_fails_still_becomes_an_error_output() 
     # and was redelivered, and the tool ran again on every delivery until the give-up.
     out = await call("fails_unprintably", 1, 5)
     assert out.startswith("error: fails_unprintably failed: ApiError"), out
+
+
+async def test_a_timeout_error_of_the_tools_own_is_not_the_time_limit() -> None:
+    # Every TimeoutError was taken for the worker's time limit: a tool whose own upstream
+    # request timed out after 0.05 s was written to the log as "did not finish within 30s",
+    # and counted as outcome="timeout" in convlog_worker_tool_calls_total (README: timeout
+    # is the time limit; a tool that failed is an error).
+    from services.metrics.worker import TOOL_CALLS, tool_called
+
+    out = await call("gives_up_on_upstream", 0.05, 30)
+    assert out.startswith("error: gives_up_on_upstream failed: TimeoutError"), out
+
+    def counted(outcome: str) -> float:
+        return TOOL_CALLS.labels("Clerk", "gives_up_on_upstream", outcome)._value.get()
+
+    before = counted("error"), counted("timeout")
+    tool_called("Clerk", "gives_up_on_upstream", out)
+    assert (counted("error"), counted("timeout")) == (before[0] + 1, before[1])
+    # Nor is a failure whose own message happens to say so.
+    tool_called("Clerk", "gives_up_on_upstream",
+                "error: gives_up_on_upstream failed: RuntimeError: the export did not finish within 5s")
+    assert (counted("error"), counted("timeout")) == (before[0] + 2, before[1])
+    # Its own time limit is still a timeout.
+    late = await call("gives_up_on_upstream", 5, 0.05)
+    assert late == "error: gives_up_on_upstream did not finish within 0.05s", late
+    tool_called("Clerk", "gives_up_on_upstream", late)
+    assert counted("timeout") == before[1] + 1
