@@ -234,7 +234,9 @@ def _check(settings: Settings, source: dict[str, str], *, paths: bool) -> None:
     if settings.db is not None and settings.db.is_dir():
         raise ConfigError(f"{source['db']}={str(settings.db)!r} is a directory, not a database file")
     # (The agents spec is read, and a missing one named, by the spec loader.)
-    for name in ("creds", "nkey", "tls_ca", "tls_cert", "tls_key"):
+    # The signing key and the keyring were read only once NATS answered: a missing one was
+    # reported as NATS being unavailable (exit 3), after the whole start-up wait.
+    for name in ("creds", "nkey", "tls_ca", "tls_cert", "tls_key", "signing_key", "keyring"):
         value = getattr(settings, name)
         if value is None:
             continue
@@ -257,7 +259,8 @@ def load_settings(
     """Build :class:`Settings` from flags, then ``CONVLOG_*`` variables, then defaults.
 
     ``overrides`` entries whose value is ``None`` are ignored (an unset flag).
-    With ``check_paths`` (the default) the files named (credentials, nkey seed, TLS)
+    With ``check_paths`` (the default) the files named (credentials, nkey seed, TLS,
+    signing key, keyring)
     must exist and load, and the data directory must not be a file;
     without, only the values themselves are checked (e.g. to read a command
     line meant for another machine).

@@ -122,6 +122,14 @@ CASES: list[Case] = [
     # convlog log exited 1 with "No such file or directory", neither naming the variable.
     ("nkey seed file missing", lambda t: ["sessions"], {"CONVLOG_NKEY": "/nonexistent"}, EXIT_USAGE,
      ["CONVLOG_NKEY", "/nonexistent", "does not exist"]),
+    # A missing signing key or keyring was read only once NATS answered: with none, `send`
+    # exited 3 and a worker waited out its --start-wait, both blaming NATS.
+    ("signing key file missing: send", lambda t: ["send", "s", "hi"], {"CONVLOG_SIGNING_KEY": "/nonexistent"},
+     EXIT_USAGE, ["CONVLOG_SIGNING_KEY", "/nonexistent", "does not exist"]),
+    ("signing key file missing: worker", lambda t: ["worker", "Triage", "--start-wait", "2"],
+     {"CONVLOG_SIGNING_KEY": "/nonexistent"}, EXIT_USAGE, ["CONVLOG_SIGNING_KEY", "/nonexistent", "does not exist"]),
+    ("keyring file missing: worker", lambda t: ["worker", "Triage", "--start-wait", "2"],
+     {"CONVLOG_KEYRING": "/nonexistent"}, EXIT_USAGE, ["CONVLOG_KEYRING", "/nonexistent", "does not exist"]),
     ("TLS CA not a certificate", lambda t: ["sessions"], {"CONVLOG_TLS_CA": "/etc/passwd"},
      EXIT_USAGE, ["CONVLOG_TLS_CA", "/etc/passwd", "cannot load"]),
     ("log --db an unrelated SQLite file", lambda t: ["log", "--db", str(_foreign_sqlite(t))], {},
