@@ -111,7 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     prog = f"convlog {args.command}"
     try:
-        settings = settings_from(args)
+        # A command without a connection (keys) uses no file the settings name: it
+        # makes them (CONVLOG_KEYRING, CONVLOG_SIGNING_KEY may name what it creates).
+        settings = settings_from(args, check_paths=command(args.command).connection)
     except ConfigError as e:
         _report(prog, f"configuration error: {e.message}", as_json=_json_logs_asked())
         return EXIT_USAGE

@@ -44,3 +44,16 @@ def test_keys_init_into_a_file_says_it_is_not_a_folder(
     assert f"--out {notes}: " in err and "not a directory" in err.lower(), err
     assert "rotate" not in err and len(err.strip().splitlines()) == 1, err
     assert notes.read_text() == "hello\n"
+
+
+# `keys init` makes the files a deployment's CONVLOG_KEYRING and CONVLOG_SIGNING_KEY then
+# name; with those already set (an env file read before the keys exist), the start-up
+# check that they exist refused the very command that makes them.
+def test_keys_init_runs_with_the_variables_naming_the_keys_it_makes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "keys"
+    monkeypatch.setenv("CONVLOG_KEYRING", str(out / "keyring.json"))
+    monkeypatch.setenv("CONVLOG_SIGNING_KEY", str(out / "agents" / "Triage.nk"))
+    assert main(["keys", "init", "--out", str(out)]) == 0
+    assert (out / "keyring.json").is_file()
+    assert main(["keys", "rotate", "Triage", "--dir", str(out)]) == 0
