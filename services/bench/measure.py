@@ -76,7 +76,7 @@ def fsync_latency(directory: str | os.PathLike[str], writes: int = 200) -> dict[
         os.close(fd)
         os.unlink(path)
     times.sort()
-    return {"p50_us": round(times[len(times) // 2] * 1e6), "p90_us": round(times[int(0.9 * (len(times) - 1))] * 1e6)}
+    return {"p50_us": round(nearest_rank(times, 0.5) * 1e6), "p90_us": round(nearest_rank(times, 0.9) * 1e6)}
 
 
 #: seconds the open loop waits, after its last send, for operations still running
