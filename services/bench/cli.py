@@ -116,6 +116,9 @@ async def _bench(args: argparse.Namespace, settings: Settings) -> int:
         raise BadRequestError(f"{' and '.join(modes)} are different benches: pick one")
     if args.cases is not None and args.store is None:
         raise BadRequestError("--cases picks the cases of --store jetstream|sqlite: add --store")
+    if args.store == "sqlite" and args.cases is not None and (other := sorted(set(args.cases) - {"raw", "sqlite"})):
+        raise BadRequestError(f"--store sqlite runs raw and sqlite only, not {', '.join(other)}: "
+                              "use --store jetstream")
     if args.fault is not None and args.store != "jetstream":
         raise BadRequestError("--fault runs on the JetStream store: add --store jetstream")
     fault = args.fault is not None

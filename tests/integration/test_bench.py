@@ -157,6 +157,15 @@ async def test_bench_store_cases_picks_the_cases_and_refuses_unknown_ones(tmp_pa
     assert code == 2 and "--store" in err.decode()
 
 
+# --store sqlite --cases jetstream_r1 measured the JetStream store on a private stack, though
+# the help and the module say --store sqlite runs raw R1 and SQLite only
+async def test_bench_store_sqlite_refuses_jetstream_cases(tmp_path: Path) -> None:
+    code, out, err = await _bench(tmp_path, "--store", "sqlite", "--json", "--cases", "sqlite,jetstream_r1",
+                                  "--writers", "2", "--sessions", "2", "--duration", "0.3", "--replay-items", "500")
+    assert code == 2 and not out, (code, out.decode()[-2000:])
+    assert "jetstream_r1" in err.decode() and "--store jetstream" in err.decode(), err.decode()
+
+
 # Two benches named at once: one ran and the other was ignored (--signed --store jetstream
 # measured signed appends on the SQLite store; --turns --signed ran only the signed bench)
 async def test_bench_refuses_two_benches_at_once(tmp_path: Path) -> None:
