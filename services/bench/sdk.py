@@ -80,14 +80,15 @@ class Measure:
 # -- measurements -------------------------------------------------------------
 
 
-async def _timed(workers: int, calls_each: int, op: Callable[[int, int], Awaitable[Any]]) -> Measure:
-    """Run ``workers`` concurrent loops of ``calls_each`` calls of ``op(worker, i)``."""
+async def _timed(workers: int, calls: int, op: Callable[[int, int], Awaitable[Any]]) -> Measure:
+    """Run ``workers`` concurrent loops of ``op(worker, i)``, ``calls`` calls in all
+    (the first ``calls % workers`` loops make one more)."""
     latencies: list[float] = []
     errors = 0
 
     async def loop(w: int) -> None:
         nonlocal errors
-        for i in range(calls_each):
+        for i in range(calls // workers + (w < calls % workers)):
             t0 = time.perf_counter()
             try:
                 await op(w, i)
@@ -130,10 +131,9 @@ async def _in_process(
             client.observer = None
             after = await service_sample(stats_nc) if stats_nc is not None else None
             split = (clock.split, service_delta(before, after))
-    per = max(1, ops // WRITERS)
     for key, many in manys.items():
         out[key]["add_16"] = await _timed(
-            WRITERS, per, lambda w, i, many=many: many[w].add_items([bench_item(f"w{w}", i)]))
+            WRITERS, ops, lambda w, i, many=many: many[w].add_items([bench_item(f"w{w}", i)]))
     # One read before the clock, as for the writes: a copy that stopped following
     # while nobody read (see shared.session_copy) follows again and seeds here.
     for key in stores:
@@ -143,7 +143,7 @@ async def _in_process(
         out[key]["get_1"] = await _timed(1, ops, lambda w, i, one=one: one.get_items(limit=READ_LIMIT))
     for key, many in manys.items():
         out[key]["get_16"] = await _timed(
-            WRITERS, per, lambda w, i, many=many: many[w].get_items(limit=READ_LIMIT))
+            WRITERS, ops, lambda w, i, many=many: many[w].get_items(limit=READ_LIMIT))
     return out, split
 
 

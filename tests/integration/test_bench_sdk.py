@@ -49,6 +49,25 @@ async def test_sdk_bench_json_has_every_scenario_the_check_and_the_breakdown(log
     assert procs["client"]["calls"] == 8 and procs["service"]["appends"] >= 8
 
 
+# The 16-writer scenarios gave each writer ops // 16 calls: 992 of the 1,000 calls per
+# scenario the README states (and 16, not 8, for --sdk-ops 8)
+async def test_sixteen_writer_scenarios_make_exactly_the_calls_asked(log_url: str, tmp_path: Path) -> None:
+    from services.bench.sdk import _in_process
+    from services.bench.sdk_stores import ConvlogSessions, SQLiteSessions
+
+    for ops in (40, 8):
+        stores = {"sqlite": SQLiteSessions(tmp_path / f"s{ops}.db"), "convlog": ConvlogSessions(log_url)}
+        try:
+            measured, _ = await _in_process(stores, ops, f"calls-{ops}")
+        finally:
+            for store in stores.values():
+                await store.close()
+        for store, scenarios in measured.items():
+            for key in ("add_1", "add_16", "get_1", "get_16"):
+                got = scenarios[key]
+                assert (got.calls, got.errors) == (ops, 0), (ops, store, key, got.calls, got.errors)
+
+
 def test_the_breakdown_splits_a_call_into_measured_parts() -> None:
     from services.bench.sdk_breakdown import ClientSplit, ServiceSplit
     from services.bench.sdk_report import breakdown_json
