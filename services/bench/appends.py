@@ -89,7 +89,8 @@ async def run_bench(
     )
     try:
         assert echo.stdout is not None
-        await echo.stdout.readline()
+        if await echo.stdout.readline() != b"ready\n":  # it died before answering: no baseline
+            raise RuntimeError(f"the echo baseline's responder did not start (exit code {await echo.wait()})")
         body = _encode({"items": [{"agent": "user", "data": data}]})
         _stderr(f"baseline: {args.writers} writers, echo request/reply, {args.duration:.0f}s ...")
         results["baseline"] = await closed_loop(
@@ -97,6 +98,9 @@ async def run_bench(
             lambda i: client.nc.request(subject, body, timeout=10),
             args.writers, args.duration,
         )
+        if not results["baseline"].ops:  # every ratio is to it
+            raise RuntimeError(f"the echo baseline completed no request ({results['baseline'].errors} failed): "
+                               "nothing to compare the appends with")
     finally:
         if echo.returncode is None:
             echo.terminate()

@@ -81,6 +81,22 @@ async def test_bench_against_a_running_service_uses_its_prefix(nats_server: Nats
 
 # --replay-items N replayed a session of N rounded down to 500s (at least 500): --replay-items
 # 1200 replayed 1,000 items, --replay-items 100 replayed 500
+# The echo responder's start-up was not checked: when it died, readline() returned b"",
+# the baseline ran against no responder (every request failed, 0 ops/s) and the report
+# divided by that rate: a ZeroDivisionError traceback after every phase had run
+async def test_bench_whose_echo_responder_dies_says_so_in_one_line(log_url: str, tmp_path: Path) -> None:
+    hook = tmp_path / "hook"
+    hook.mkdir()  # imported at every start-up of a Python on PYTHONPATH: the responder exits at once
+    (hook / "sitecustomize.py").write_text("import os, sys\nif '--echo' in sys.argv:\n    os._exit(7)\n")
+    env = service_env(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])
+    code, out, err = await run_cli(
+        "bench", "--nats-url", log_url, "--writers", "2", "--sessions", "2", "--duration", "0.3",
+        "--replay-items", "100", env=env, timeout=60)
+    assert code == 1 and not out, (code, out, err[-2000:])
+    assert "Traceback" not in err and "echo baseline's responder did not start (exit code 7)" in err, err[-2000:]
+
+
 async def test_replay_phase_replays_as_many_items_as_asked(log_url: str) -> None:
     for n in (1200, 100):
         args = build_parser().parse_args(["bench", "--writers", "2", "--sessions", "2", "--duration", "0.3",
