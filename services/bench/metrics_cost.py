@@ -141,6 +141,9 @@ async def run_metrics_cost(args: argparse.Namespace) -> str:
                 await client.close()
     off = statistics.mean(r.rate for r in runs["benchoff"])
     on = statistics.mean(r.rate for r in runs["benchon"])
+    if not off:  # the ratio's baseline
+        raise RuntimeError(f"the metrics-off log service acknowledged no append "
+                           f"({sum(r.errors for r in runs['benchoff'])} failed): no ratio to report")
     if getattr(args, "json", False):
         cpu_us = {k: round(sum(v) / len(v) * 1e6, 2) if v else None for k, v in cpu.items()}
         return to_json("metrics-cost", {"off": runs["benchoff"], "on": runs["benchon"]}, writers=args.writers,

@@ -97,6 +97,16 @@ async def test_bench_whose_echo_responder_dies_says_so_in_one_line(log_url: str,
     assert "Traceback" not in err and "echo baseline's responder did not start (exit code 7)" in err, err[-2000:]
 
 
+# --metrics-cost divided by the metrics-off rate: with every append refused (items over the
+# server's max payload) it crashed with a ZeroDivisionError traceback after all its rounds
+async def test_metrics_cost_bench_with_no_append_acknowledged_says_so_in_one_line(tmp_path: Path) -> None:
+    code, out, err = await run_cli(
+        "bench", "--metrics-cost", "--item-size", "2000000", "--writers", "2", "--sessions", "2",
+        "--duration", "0.5", "--rounds", "1", env=service_env(tmp_path), timeout=60)
+    assert code == 1 and not out, (code, out, err[-2000:])
+    assert "Traceback" not in err and "metrics-off log service acknowledged no append" in err, err[-2000:]
+
+
 async def test_replay_phase_replays_as_many_items_as_asked(log_url: str) -> None:
     for n in (1200, 100):
         args = build_parser().parse_args(["bench", "--writers", "2", "--sessions", "2", "--duration", "0.3",
