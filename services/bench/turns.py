@@ -128,13 +128,14 @@ async def _alternating(watcher: ReplyWatcher, timings: Timings | None, agents: i
     i = 0
     while time.perf_counter() - start < duration:
         for kind, op in kinds.items():
+            sent = len(watcher.sent)
             try:
                 lat[kind].append(float(await op(i)))
             except TimeoutError:
                 lost[kind] += 1
             except Exception:
                 errors[kind] += 1
-            if watcher.sent:
+            if len(watcher.sent) > sent:  # not when its send failed: the last turn is then the other kind's
                 keys[kind].add(next(reversed(watcher.sent)))  # the turn just sent
         i += 1
     seconds = time.perf_counter() - start

@@ -95,6 +95,49 @@ async def test_a_failed_turn_is_an_error_not_a_timed_turn(log_url: str) -> None:
         await client.close()
 
 
+# In the alternating phases a turn whose user message could not be sent recorded, as the
+# turn of its kind, the last turn sent: the previous one, of the other kind. That turn was
+# then counted doubled (and timed in the breakdown) for both kinds
+async def test_alternating_turn_whose_send_fails_records_no_turn_of_the_other_kind(log_url: str) -> None:
+    import asyncio
+
+    from services.bench.turns import _alternating
+    from services.bench.turns_watch import ReplyWatcher
+    from services.worker.turn_ids import turn_item_id
+    from shared.client import LogClient
+    from shared.config import Settings
+    from shared.messages import AppendItem
+
+    client = await LogClient.connect(log_url, settings=Settings(nats_url=log_url))
+    watcher = ReplyWatcher(client)
+
+    async def answered_twice(i: int) -> float:  # a plain turn whose reply is committed twice
+        sid = f"tb-alt-twice-{i}"
+        turn = asyncio.create_task(watcher.turn(sid, "hello", to="L1Billing", within=10.0))
+        for _ in range(500):  # until the user's message is in the log
+            if watcher.sent:
+                break
+            await asyncio.sleep(0.01)
+        key = next(reversed(watcher.sent))
+        data = {"role": "assistant", "content": "answered"}
+        await client.append(sid, [AppendItem(agent="L1Billing", data=data,
+                                             item_id=turn_item_id(key, "L1Billing", step, "reply"))
+                                  for step in (1, 2)])
+        return await turn
+
+    def unsendable(i: int) -> object:  # refused by the log service: not a session id
+        return watcher.turn(f"not a session id {i}", "hello")
+
+    try:
+        await watcher.start()
+        plain, handoff = await _alternating(watcher, None, 3, 0.01, answered_twice, unsendable)
+    finally:
+        await watcher.stop()
+        await client.close()
+    assert (plain.ops, plain.errors, plain.doubled) == (1, 0, 1), (plain.ops, plain.errors, plain.doubled)
+    assert (handoff.ops, handoff.errors, handoff.doubled) == (0, 1, 0), (handoff.errors, handoff.doubled)
+
+
 def _no_constant(name: str) -> object:
     raise AssertionError(f"not JSON: {name}")
 
