@@ -22,7 +22,7 @@ from services.cli.stack import nats_answers
 from shared.config import Settings
 from shared.errors import BadRequestError
 
-from .measure import say, to_json
+from .measure import losses_exit_code, say, to_json
 
 __all__ = ["bench_arguments", "cmd_bench"]
 
@@ -129,7 +129,7 @@ async def _bench(args: argparse.Namespace, settings: Settings) -> int:
 
         result = await run_leader_kill(args)
         print(json.dumps(result, indent=2) if args.json else render(result))
-        return EXIT_OK
+        return losses_exit_code({k: result[k] for k in ("lost", "duplicated", "moved", "sessions_not_verified")})
     if args.signed:
         from .signed import run_signed_bench
 
@@ -151,8 +151,9 @@ async def _bench(args: argparse.Namespace, settings: Settings) -> int:
         if args.nats_url and url is None:  # as the appends bench says it
             say(f"nothing answers at {settings.nats_url}: starting a private stack "
                 "(embedded nats-server + convlog log)")
-        await run_sdk_bench(url, args.sdk_ops, sys.stdout, as_json_out=args.json, settings=settings)
-        return EXIT_OK
+        results = await run_sdk_bench(url, args.sdk_ops, sys.stdout, as_json_out=args.json, settings=settings)
+        mixing = results["convlog"]["processes"]  # convlog's side: SQLiteSession's are the SDK's
+        return losses_exit_code({k: getattr(mixing, k) for k in ("lost", "doubled", "out_of_order", "torn")})
 
     if args.store is not None:
         from .stores import cmd_store_bench

@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Run", "closed_loop", "figures", "fsync_latency", "nearest_rank", "open_loop", "plain", "say", "to_json"]
+__all__ = ["Run", "closed_loop", "figures", "fsync_latency", "losses_exit_code", "nearest_rank", "open_loop", "plain",
+           "say", "to_json"]
 
 
 def nearest_rank(xs: list[float], q: float) -> float:
@@ -86,6 +87,17 @@ OPEN_LOOP_DRAIN_S = 30.0
 def say(msg: str) -> None:
     """A progress line on stderr (stdout carries the report)."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def losses_exit_code(counts: dict[str, int]) -> int:
+    """The exit code of a bench that counted what it lost (``counts``: {"lost": n, ...}):
+    1, with one line naming the non-zero counts on stderr, when any is non-zero (the
+    figures are printed, but a script must not take the run for a success); else 0."""
+    bad = [f"{k.replace('_', ' ')} {v}" for k, v in counts.items() if v]
+    if not bad:
+        return 0
+    print(f"convlog bench: {', '.join(bad)}", file=sys.stderr, flush=True)
+    return 1
 
 
 async def closed_loop(

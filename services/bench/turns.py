@@ -41,7 +41,7 @@ from typing import Any
 from shared.client import LogClient
 from shared.config import Settings
 
-from .measure import Run, closed_loop, nearest_rank, open_loop, plain, say
+from .measure import Run, closed_loop, losses_exit_code, nearest_rank, open_loop, plain, say
 from .stack import local_stack, wait_service
 from .turns_watch import ReplyWatcher, Timings, deliveries
 
@@ -359,5 +359,10 @@ async def cmd_turn_bench(args: argparse.Namespace) -> int:
             os.environ["OPENAI_API_KEY"] = saved
     fig = figures(runs)
     print(json.dumps(plain(fig), indent=2) if args.json else report(fig, args))  # (JSON has no NaN)
-    return 0
+    return exit_code(runs)
+
+
+def exit_code(runs: list[Phase]) -> int:
+    """1 (naming them on stderr) when a phase lost or doubled a turn, else 0."""
+    return losses_exit_code({"turns lost": sum(r.lost for r in runs), "turns doubled": sum(r.doubled for r in runs)})
 

@@ -32,7 +32,7 @@ __all__ = ["build_parser", "main", "settings_from"]
 EXIT_CODES = """\
 exit codes:
   0    ok
-  1    failed: verification found a bad item, or the command could not finish
+  1    failed: verification found a bad item, a bench lost or doubled items, or the command could not finish
   2    bad input or usage: arguments, configuration, a path, a refused request
   3    NATS or the log service is not reachable or not running
   124  a timeout (e.g. `convlog send` waiting for the turn)

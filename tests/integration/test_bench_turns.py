@@ -168,6 +168,43 @@ async def test_an_unanswered_turn_is_lost_not_also_an_error(log_url: str) -> Non
     assert phase.errors == 0, (phase.lost, phase.errors)
 
 
+# Every bench exited 0 whatever it saw: a --turns run whose phases lost turns (or a
+# leader-kill run that lost acknowledged items) looked like a success to a script; the
+# README's exit code 1 is "failed", and a bench that lost or doubled items failed
+async def test_a_turn_bench_that_lost_turns_exits_1_naming_them(
+    log_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.bench import turns
+    from services.bench.measure import losses_exit_code
+    from services.bench.turns import PLAIN, _phase
+    from services.bench.turns_watch import ReplyWatcher
+    from shared.client import LogClient
+    from shared.config import Settings
+
+    client = await LogClient.connect(log_url, settings=Settings(nats_url=log_url))
+    watcher = ReplyWatcher(client)
+    try:
+        await watcher.start()  # no worker runs: nobody answers
+
+        def op(i: int) -> object:
+            return watcher.turn(f"tb-exit-{i}", PLAIN, to="L1Billing", within=0.3)
+
+        phase = await _phase("plain turns, nobody answers", watcher, None, client, 1, 0.2, op)
+    finally:
+        await watcher.stop()
+        await client.close()
+    assert phase.lost >= 1
+    capsys.readouterr()
+    assert turns.exit_code([phase]) == 1
+    assert f"convlog bench: turns lost {phase.lost}" in capsys.readouterr().err
+    phase.lost = 0
+    assert turns.exit_code([phase]) == 0 and capsys.readouterr().err == ""
+    # the leader-kill and --sdk benches' counts, as cmd_bench passes them
+    assert losses_exit_code({"lost": 0, "duplicated": 2, "moved": 0, "sessions_not_verified": 1}) == 1
+    assert capsys.readouterr().err == "convlog bench: duplicated 2, sessions not verified 1\n"
+    assert losses_exit_code({"lost": 0, "doubled": 0, "out_of_order": 0, "torn": 0}) == 0
+
+
 # Deliveries per turn divided every notice the agents' consumers delivered by the
 # turns answered only: the notices of turns that failed (or were lost) were in the
 # numerator, not the denominator, so a phase where every other turn failed reported
