@@ -92,6 +92,11 @@ async def _phase(name: str, watcher: ReplyWatcher, timings: Timings | None, clie
         except TimeoutError:
             lost += 1
             raise
+        except asyncio.CancelledError:
+            # The open loop's drain ended first: a turn still waiting for its reply, or
+            # for a free session to be sent to, was never answered: lost, not an error.
+            lost += 1
+            raise
 
     side = asyncio.create_task(during()) if during is not None else None
     if rate is None:
@@ -100,8 +105,9 @@ async def _phase(name: str, watcher: ReplyWatcher, timings: Timings | None, clie
         run = await open_loop(name, counted, rate, duration)
     if side is not None:
         await side
-    # A lost turn's TimeoutError is an exception of its op, which the loop counted as an
-    # error too: it is lost, not also an error (as in the alternating phases).
+    # A lost turn's TimeoutError (or its cancel at the open loop's drain) is an exception of
+    # its op, which the loop counted as an error too: it is lost, not also an error (as in
+    # the alternating phases).
     phase = Phase(run.name, run.ops, run.seconds, run.latencies, run.errors - lost)
     phase.lost = lost
     keys = set(watcher.sent) - before_keys

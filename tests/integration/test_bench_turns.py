@@ -168,6 +168,42 @@ async def test_an_unanswered_turn_is_lost_not_also_an_error(log_url: str) -> Non
     assert phase.errors == 0, (phase.lost, phase.errors)
 
 
+# In the open-loop phase a turn still waiting (for its reply, or for a free session to be
+# sent to) when the loop's drain ended was cancelled and counted as an error, not as lost:
+# an overloaded run read "errors" where turns had gone unanswered
+async def test_open_loop_turns_cancelled_at_the_drain_are_lost_not_errors(
+    log_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from services.bench import measure
+    from services.bench.turns import PLAIN, _phase
+    from services.bench.turns_watch import ReplyWatcher
+    from shared.client import LogClient
+    from shared.config import Settings
+
+    monkeypatch.setattr(measure, "OPEN_LOOP_DRAIN_S", 0.5)
+    client = await LogClient.connect(log_url, settings=Settings(nats_url=log_url))
+    watcher = ReplyWatcher(client)
+    free: asyncio.Queue[str] = asyncio.Queue()
+    free.put_nowait("tb-drain-0")  # one session: the next turns wait for it, as in the bench
+
+    async def offered(i: int) -> float:
+        sid = await free.get()
+        try:
+            return await watcher.turn(sid, PLAIN, to="L1Billing", within=10.0)  # nobody answers
+        finally:
+            free.put_nowait(sid)
+
+    try:
+        await watcher.start()
+        phase = await _phase("offered, nobody answers", watcher, None, client, 1, 0.3, offered, rate=10.0)
+    finally:
+        await watcher.stop()
+        await client.close()
+    assert (phase.ops, phase.lost, phase.errors) == (0, 3, 0), (phase.ops, phase.lost, phase.errors)
+
+
 # Every bench exited 0 whatever it saw: a --turns run whose phases lost turns (or a
 # leader-kill run that lost acknowledged items) looked like a success to a script; the
 # README's exit code 1 is "failed", and a bench that lost or doubled items failed
