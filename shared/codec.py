@@ -101,19 +101,20 @@ def decode(data: bytes, type_: type[T], *, empty_ok: bool = True) -> T:
 MAX_DEPTH = 100
 
 
-def numbers_ok(value: Any) -> bool:
+def numbers_ok(value: Any, *, keys: bool = True) -> bool:
     """The common case, fast: no paths built, only numbers (and object keys)
-    inspected (any depth: what a stored log holds, as replay and migrate read it)."""
-    return _walk(value, sys.maxsize)
+    inspected (any depth: what a stored log holds, as replay and migrate read it).
+    ``keys=False``: ``value`` was decoded from JSON, so its object keys are strings."""
+    return _walk(value, sys.maxsize, keys)
 
 
-def json_ok(value: Any) -> bool:
+def json_ok(value: Any, *, keys: bool = True) -> bool:
     """:func:`numbers_ok`, and nested at most :data:`MAX_DEPTH` levels: what a
-    new item may hold."""
-    return _walk(value, MAX_DEPTH)
+    new item may hold (``keys`` as there)."""
+    return _walk(value, MAX_DEPTH, keys)
 
 
-def _walk(value: Any, max_depth: int) -> bool:
+def _walk(value: Any, max_depth: int, keys: bool) -> bool:
     level = [value]
     depth = 0  # containers around the values of `level`
     while level:
@@ -126,9 +127,9 @@ def _walk(value: Any, max_depth: int) -> bool:
                 if t is list:
                     nested.extend(v)
                     continue
-                for k in v:  # JSON would turn 1 into "1", and {1: .., "1": ..} into one key
-                    if type(k) is not str and not isinstance(k, str):
-                        return False
+                # JSON would turn 1 into "1", and {1: .., "1": ..} into one key
+                if keys and not all(isinstance(k, str) for k in v):
+                    return False
                 nested.extend(v.values())
             elif t is int:
                 if not -MAX_SAFE_INT <= v <= MAX_SAFE_INT:

@@ -49,7 +49,7 @@ def _decode(raw: bytes | str, fallback_order: int) -> Envelope | _Undecodable:
         return _Undecodable(fallback_order, str(e))
     except RecursionError:  # msgspec's nesting limit
         return _Undecodable(fallback_order, "JSON nested too deeply to decode")
-    if not numbers_ok(env.data):  # RFC 8785 cannot hash it: no verifier could agree
+    if not numbers_ok(env.data, keys=False):  # RFC 8785 cannot hash it: no verifier could agree
         return _Undecodable(fallback_order, "a number outside what RFC 8785 represents exactly")
     if (env.sig is None or env.key_id is None) and (field := null_optional_field(raw)) is not None:
         return _Undecodable(fallback_order, f"{field} is null (absent is not null to the hash)")

@@ -260,7 +260,7 @@ class Handlers:
         measure = body_size * 5 > limit
         missing_ids = False
         for i, it in enumerate(req.items):
-            if not json_ok(it.data):
+            if not json_ok(it.data, keys=False):  # decoded from JSON: string keys
                 check_json(it.data, f"$.items[{i}].data")  # raises, naming the number or the nesting
             if measure and (size := len(_encode(it.data))) > limit:
                 raise TooLargeError(

@@ -55,7 +55,7 @@ def _rows(sid: str, raw: Sequence[bytes], after: int, prev_hash: str, stored_kin
             raise BadRequestError(f"{sid}: item {k} is not a convlog envelope: {exc}") from None
         except RecursionError:  # msgspec's nesting limit
             raise BadRequestError(f"{sid}: item {k} nests its data too deeply to decode") from None
-        if not json_ok(e.data):  # what an append would refuse, the store would choke on
+        if not json_ok(e.data, keys=False):  # what an append would refuse, the store would choke on
             raise BadRequestError(
                 f"{sid}: item {k} holds a number RFC 8785 cannot represent exactly, or nests its data "
                 f"more than {MAX_DEPTH} levels deep"
