@@ -19,6 +19,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -362,6 +363,36 @@ async def test_health_names_a_check_the_server_does_not_let_its_user_make(
     assert fails[1].startswith("FAIL  work stream CONVLOG_WORK: NATS does not let this user publish to "
                                "$JS.API.CONSUMER.LIST.CONVLOG_WORK (nats: permissions violation"), out
     assert "is `convlog log` running?" not in out and "is JetStream available?" not in out, out
+
+
+def _client_env(env: dict[str, str]) -> dict[str, str]:
+    return {**env, "CONVLOG_USER": "client", "CONVLOG_PASSWORD": PASSWORDS["CONVLOG_NATS_CLIENT_PASSWORD"]}
+
+
+async def test_auth_config_lets_a_client_send_to_an_agent_without_waiting_out_a_refused_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `send --to AGENT` lists the work stream's consumers (agents whose workers run): the
+    # `client` role may not, the server refuses the request and nothing answers, so the
+    # command waited out nats-py's 5 s JetStream timeout before sending (5.7 s where 0.7 s).
+    server, env = _auth_server(tmp_path, monkeypatch)
+    svc = _log_service_for_health(server, env, tmp_path)
+    try:
+        t0 = time.monotonic()
+        code, _, err = await run_cli("send", "to1", "hello", "--to", "Triage", "--timeout", "0.5",
+                                     "--nats-url", server.url, "--no-embedded", env=_client_env(env))
+        took = time.monotonic() - t0
+        assert code == 124 and "sent #1 to to1" in err, err  # no worker here: the turn does not end
+        assert took < 2.5, (took, err)
+        t0 = time.monotonic()
+        code, _, err = await run_cli("send", "to2", "hello", "--to", "Nobody",
+                                     "--nats-url", server.url, "--no-embedded", env=_client_env(env))
+        took = time.monotonic() - t0
+        assert code == 2 and "--to 'Nobody': no such agent" in err, err
+        assert took < 2.0, (took, err)
+    finally:
+        svc.terminate()
+        server.stop()
 
 
 def _violation(errors: list[str], subject: str) -> None:
