@@ -219,6 +219,11 @@ class LogClient(Requester):
         async def on_error(e: Exception) -> None:
             if (refused := refused_publish(e)) is not None and refused.startswith("$js.api."):
                 denied.set()
+                if error_cb is _nats_error:
+                    # Expected of a user that may only send and read (the `client` role, the
+                    # gateway): the caller goes on without (follow reads the log, and says so).
+                    log.debug("nats: %s: %s", type(e).__name__, e)
+                    return
             await error_cb(e)
 
         nc = await nats_connect.connect(settings, {**opts, "error_cb": on_error})

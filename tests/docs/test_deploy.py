@@ -395,6 +395,41 @@ async def test_auth_config_lets_a_client_send_to_an_agent_without_waiting_out_a_
         server.stop()
 
 
+async def test_auth_config_client_commands_say_no_warning_of_the_jetstream_api_they_may_not_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The `client` role may not use the JetStream API (list the work stream's consumers,
+    # create the consumer a follower reads live items from): a supported setup, which
+    # `send` and `tail` handle by reading the log. Yet each printed nats-py's refusal
+    # ("WARNING ... permissions violation for publish to $js.api.stream.names") first.
+    server, env = _auth_server(tmp_path, monkeypatch)
+    svc = _log_service_for_health(server, env, tmp_path)
+    cenv = _client_env(env)
+    url = ["--nats-url", server.url, "--no-embedded"]
+    try:
+        outputs = []
+        for args in (["send", "w1", "hello", "--to", "Triage", "--timeout", "0.5"],
+                     ["send", "w1", "again", "--timeout", "0.5"]):
+            code, _, err = await run_cli(*args, *url, env=cenv)
+            assert code == 124 and "sent #" in err, err
+            outputs.append(err)
+        # tail follows a new item (no consumer: by reading the log), promptly
+        tail = asyncio.ensure_future(run_cli("tail", "w1", "--after", "2", "--count", "1", *url, env=cenv))
+        await asyncio.sleep(1.5)
+        code, _, err = await run_cli("send", "w1", "third", "--timeout", "0.5", *url, env=cenv)
+        outputs.append(err)
+        t0 = time.monotonic()
+        code, out, err = await asyncio.wait_for(tail, 10)
+        assert code == 0 and "third" in out, out + err
+        assert time.monotonic() - t0 < 2.0
+        outputs.append(err)
+    finally:
+        svc.terminate()
+        server.stop()
+    for err in outputs:
+        assert "WARNING" not in err and "violation" not in err.lower(), err
+
+
 def _violation(errors: list[str], subject: str) -> None:
     assert any("permissions violation" in e.lower() and subject in e for e in errors), errors
 

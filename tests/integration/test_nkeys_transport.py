@@ -303,3 +303,44 @@ async def test_an_agent_added_to_the_spec_after_init_gets_its_key_and_nats_user(
     finally:
         await svc.shutdown()
         server.stop()
+
+
+# The gateway may not list the work stream's consumers nor create the follower's consumer
+# (a documented setup: it follows by reading the log). `convlog send --to AGENT` waited out
+# the 5 s JetStream timeout of the refused listing, and `send` and `tail` printed nats-py's
+# refusal at WARNING ("permissions violation for publish to $js.api.stream.names").
+async def test_the_gateway_sends_and_tails_promptly_without_warning_of_the_refused_jetstream_api(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+    import time
+
+    keys = tmp_path / "keys"
+    make_keys(keys, ["Triage"])
+    server = NatsServer(tmp_path / "nats", config=(keys / "nats-users.conf").read_text()).start()
+    svc = LogService(load_settings({"nats_url": server.url, "db": str(tmp_path / "convlog.db")},
+                                   {"CONVLOG_NKEY": str(keys / "log.nk")}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+    env["CONVLOG_NKEY"] = str(keys / "gateway.nk")
+    url = ["--nats-url", server.url, "--no-embedded"]
+    errs: list[str] = []
+    try:
+        await svc.start()
+        t0 = time.monotonic()
+        code, _, err = await run_cli("send", "g1", "hello", "--to", "Triage", "--timeout", "0.5", *url, env=env)
+        assert code == 124 and "sent #1 to g1" in err, err  # no worker: the turn does not end
+        assert time.monotonic() - t0 < 2.5, (time.monotonic() - t0, err)
+        errs.append(err)
+        tail = asyncio.ensure_future(run_cli("tail", "g1", "--after", "1", "--count", "1", *url, env=env))
+        await asyncio.sleep(1.5)
+        code, _, err = await run_cli("send", "g1", "again", "--timeout", "0.5", *url, env=env)
+        assert code == 124 and "sent #2 to g1" in err, err
+        errs.append(err)
+        code, out, err = await asyncio.wait_for(tail, 10)
+        assert code == 0 and "again" in out, out + err
+        errs.append(err)
+    finally:
+        await svc.shutdown()
+        server.stop()
+    for err in errs:
+        assert "WARNING" not in err and "violation" not in err.lower(), err
