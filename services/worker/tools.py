@@ -131,8 +131,9 @@ async def _run(
         return f"error: {IDEMPOTENCY_KEY} is set by the worker, not in the arguments of {name}"
     if takes_idempotency_key(tool.fn):
         kwargs[IDEMPOTENCY_KEY] = key
+    deadline = asyncio.timeout(time_limit)
     try:
-        async with asyncio.timeout(time_limit) as limit:
+        async with deadline:
             if inspect.iscoroutinefunction(tool.fn):
                 result = await tool.fn(**kwargs)
             else:  # a thread, so a slow sync tool never blocks the worker's loop
@@ -140,7 +141,7 @@ async def _run(
             if inspect.isawaitable(result):
                 result = await result
     except TimeoutError as e:
-        if not limit.expired():  # the tool's own (a request of its own timed out): a failure
+        if not deadline.expired():  # the tool's own: a request of its own timed out
             return f"error: {name} failed: {_describe(e)}"
         return f"error: {name} did not finish within {time_limit:g}s"
     except asyncio.CancelledError:

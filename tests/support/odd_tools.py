@@ -126,3 +126,22 @@ async def gives_up_on_upstream(n: int) -> str:
     async with asyncio.timeout(n):
         await asyncio.sleep(3600)
     return "answered"
+
+
+async def retries_through_cancel(n: float) -> str:
+    """An async tool that retries a slow request on any failure (a bare ``except:``), so
+    a cancellation is taken for one more failure.
+
+    Args:
+        n: seconds it keeps retrying.
+    """
+    import asyncio
+    import time
+
+    end = time.monotonic() + n
+    while time.monotonic() < end:
+        try:
+            await asyncio.sleep(0.05)
+        except BaseException:  # noqa: BLE001 - the tool's own (bad) habit, under test
+            pass
+    return "late"

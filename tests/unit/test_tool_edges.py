@@ -19,7 +19,7 @@ name = "Clerk"
 instructions = "Use your tools."
 tools = ["tests.support.odd_tools:cancelled_inside", "tests.support.odd_tools:hangs",
          "tests.support.odd_tools:quick", "tests.support.odd_tools:fails_unprintably",
-         "tests.support.odd_tools:gives_up_on_upstream"]
+         "tests.support.odd_tools:gives_up_on_upstream", "tests.support.odd_tools:retries_through_cancel"]
 """
 CLERK = parse_spec(SPEC).agent("Clerk")
 
