@@ -135,11 +135,11 @@ async def _run(
     try:
         async with deadline:
             if inspect.iscoroutinefunction(tool.fn):
-                result = await tool.fn(**kwargs)
+                result = await _in_own_task(tool.fn(**kwargs))
             else:  # a thread, so a slow sync tool never blocks the worker's loop
                 result = await _in_own_thread(tool.fn, kwargs, name)
             if inspect.isawaitable(result):
-                result = await result
+                result = await _in_own_task(result)
     except TimeoutError as e:
         if not deadline.expired():  # the tool's own: a request of its own timed out
             return f"error: {name} failed: {_describe(e)}"
@@ -166,6 +166,51 @@ def _describe(e: BaseException) -> str:
         return f"{type(e).__name__}: {e}"
     except Exception as broken:
         return f"{type(e).__name__} (its message could not be read: {type(broken).__name__})"
+
+
+#: async tools still running after the time limit or the turn gave up on them
+_ABANDONED: set[asyncio.Future[Any]] = set()
+
+
+class _Exited(Exception):
+    """An async tool's SystemExit, carried out of its task."""
+
+    def __init__(self, exit: SystemExit) -> None:
+        super().__init__()
+        self.exit = exit
+
+
+def _in_own_task(awaitable: Any) -> asyncio.Future[Any]:
+    """Run an async tool in a task of its own: the time limit (or the turn's cancellation)
+    cancels it without waiting for it, so one that swallows its cancellation (a bare
+    ``except`` around a retry) keeps only its task, not the turn."""
+    async def guarded() -> Any:
+        try:
+            return await awaitable
+        except SystemExit as e:  # a task hands it to the loop, which would end the worker
+            raise _Exited(e) from None
+
+    task = asyncio.ensure_future(guarded())
+    _ABANDONED.add(task)
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def settle(t: asyncio.Future[Any]) -> None:
+        _ABANDONED.discard(t)
+        if t.cancelled():  # the tool's own CancelledError (or ours, passed on below)
+            future.cancel()
+        elif (e := t.exception()) is not None:  # retrieved even when nobody waits any more
+            if not future.done():
+                future.set_exception(e.exit if isinstance(e, _Exited) else e)
+        elif not future.done():
+            future.set_result(t.result())
+
+    def passed_on(f: asyncio.Future[Any]) -> None:
+        if f.cancelled():  # timed out, or the turn is cancelled
+            task.cancel()
+
+    task.add_done_callback(settle)
+    future.add_done_callback(passed_on)
+    return future
 
 
 def _in_own_thread(fn: Callable[..., Any], kwargs: dict[str, Any], name: str) -> asyncio.Future[Any]:

@@ -84,3 +84,16 @@ async def test_a_timeout_error_of_the_tools_own_is_not_the_time_limit() -> None:
     assert late == "error: gives_up_on_upstream did not finish within 0.05s", late
     tool_called("Clerk", "gives_up_on_upstream", late)
     assert counted("timeout") == before[1] + 1
+
+
+async def test_an_async_tool_that_swallows_its_cancellation_still_times_out() -> None:
+    # The time limit cancelled the tool's coroutine in the turn's own task and waited for
+    # it: a tool that takes the cancellation for one more failure to retry (a bare except)
+    # ran on past its limit, the turn with it (its notice kept in progress by the
+    # heartbeats), and its late result was stored as if it were in time; one that never
+    # gives up held its session forever.
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    out = await call("retries_through_cancel", 3, 0.3)
+    assert out == "error: retries_through_cancel did not finish within 0.3s", out
+    assert loop.time() - t0 < 1.5
