@@ -149,7 +149,8 @@ async def _run(
         if me is not None and me.cancelling():
             raise  # the worker is cancelling this turn
         return f"error: {name} failed: CancelledError"  # the tool's own
-    except (Exception, SystemExit) as e:  # SystemExit: argparse, a sys.exit in a library
+    except (Exception, SystemExit, KeyboardInterrupt) as e:  # SystemExit: argparse, a sys.exit in
+        # a library; KeyboardInterrupt: the tool's own (the worker handles SIGINT itself)
         return f"error: {name} failed: {_describe(e)}"
     try:
         output = result if isinstance(result, str) else json.dumps(result, default=str)
@@ -173,9 +174,9 @@ _ABANDONED: set[asyncio.Future[Any]] = set()
 
 
 class _Exited(Exception):
-    """An async tool's SystemExit, carried out of its task."""
+    """An async tool's SystemExit or KeyboardInterrupt, carried out of its task."""
 
-    def __init__(self, exit: SystemExit) -> None:
+    def __init__(self, exit: SystemExit | KeyboardInterrupt) -> None:
         super().__init__()
         self.exit = exit
 
@@ -187,7 +188,7 @@ def _in_own_task(awaitable: Any) -> asyncio.Future[Any]:
     async def guarded() -> Any:
         try:
             return await awaitable
-        except SystemExit as e:  # a task hands it to the loop, which would end the worker
+        except (SystemExit, KeyboardInterrupt) as e:  # a task hands them to the loop: the worker would end
             raise _Exited(e) from None
 
     task = asyncio.ensure_future(guarded())

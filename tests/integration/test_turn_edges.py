@@ -246,6 +246,32 @@ async def test_a_tool_that_raises_system_exit_becomes_an_error_output_and_the_wo
     assert worker.running, worker.output()
 
 
+@pytest.mark.parametrize("tool", ["interrupts", "interrupts_async"])
+async def test_a_tool_that_raises_keyboard_interrupt_becomes_an_error_output_and_the_worker_goes_on(
+    stack: WorkerStack, fake_openai: FakeOpenAI, tool: str
+) -> None:
+    # The worker handles SIGINT itself (a graceful shutdown), so a KeyboardInterrupt in a
+    # tool is the tool's own.  Like SystemExit it is no Exception: it escaped run_tool and
+    # the turn and ended the worker's event loop (exit 130); every replica the delivery
+    # came back to ran the tool and died the same way.
+    spec = stack.tmp / "clerk.toml"
+    spec.write_text(TOOL_SPEC.format(tool=tool), encoding="utf-8")
+    fake_openai.script([tool_call(tool, {"n": 0}), text("done")])
+    (worker,) = await stack.start_workers(stack.worker("Clerk", spec))
+    sid = f"int-{tool.replace('_', '-')}"
+    await stack.send(sid, "go")
+
+    async def answered() -> list[Any]:
+        assert worker.running, worker.output()
+        return await stack.answered(sid, users=1, timeout=0.5)
+
+    log = await assert_eventually(answered, timeout=20)
+    (out,) = [e for e in log if e.data.get("type") == "function_call_output"]
+    assert out.data["output"] == f"error: {tool} failed: KeyboardInterrupt: "
+    assert [e.data["content"][0]["text"] for e in terminal_items(log, log[0])] == ["done"]
+    assert worker.running, worker.output()
+
+
 @pytest.mark.parametrize("body", [
     b'{"choices": [{"message": {"content": "cut sh',  # truncated
     b'{"choices": [], "junk": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # nested past msgspec's limit

@@ -145,3 +145,24 @@ async def retries_through_cancel(n: float) -> str:
         except BaseException:  # noqa: BLE001 - the tool's own (bad) habit, under test
             pass
     return "late"
+
+
+def interrupts(n: int) -> str:
+    """A sync tool that raises KeyboardInterrupt of its own (a library's interactive
+    prompt given no terminal, a retry helper that re-raises it).
+
+    Args:
+        n: ignored.
+    """
+    RUNS.append(n)
+    raise KeyboardInterrupt
+
+
+async def interrupts_async(n: int) -> str:
+    """An async tool that raises KeyboardInterrupt of its own.
+
+    Args:
+        n: ignored.
+    """
+    RUNS.append(n)
+    raise KeyboardInterrupt
