@@ -1,5 +1,6 @@
 """The ``Session`` methods that hide history: ``pop_item``, ``clear_session``
-and the compaction's ``_atomic_replace_items`` (mixed into ``ConvlogSession``).
+and the compaction's ``_atomic_replace_items`` and ``_get_compaction_snapshot``
+(mixed into ``ConvlogSession``).
 
 Nothing is destroyed: ``pop_item`` appends a ``retract`` of the newest visible
 item, ``clear_session`` a ``clear``; audit replay still shows the hidden
@@ -14,13 +15,14 @@ from typing import Any
 
 from .agents_sdk import finish, plain, tracked
 from .client import new_item_id
-from .errors import ConflictError, UnavailableError
+from .errors import ConflictError, TooLargeError, UnavailableError
 from .failures import CONFLICT_BACKOFF
 from .work import NO_TURN_PREFIX
 
 __all__ = ["HidingEdits"]
 
 POP_ATTEMPTS = 50
+_TAIL_MAX = 100_000  # the largest ``tail`` a read request may ask for
 
 
 class HidingEdits:
@@ -141,6 +143,67 @@ class HidingEdits:
             for i, d in enumerate(plain(i) for i in items)
         ]
         await finish(self._write(client, batch))
+        return True
+
+    async def _get_compaction_snapshot(self, limit: int, *, prune_prefix: Any = None) -> Any:
+        """The last ``limit`` visible items for the SDK's automatic compaction, with a
+        replacement conditional on the log not having changed since (``expected_last``).
+
+        Like the SDK's ``SQLiteSession``: a write by anyone after this read (another
+        process's ``add_items``) makes the replacement return False, so the SDK skips
+        it instead of hiding that write under the compacted history.  A replacement of
+        the whole history is a ``clear`` and the new items; of a newer part only, a
+        ``retract`` of each replaced item and the new items; one append either way.
+        ``None`` (the SDK then reads through ``get_items``) for a subclass that
+        overrides how items are read or written, or a read too large for one reply.
+        ``prune_prefix`` (the SDK's ``EncryptedSession`` naming expired items the
+        store may delete) is ignored: the log deletes nothing.
+        """
+        if not self._items_are_plain() or limit + 1 > _TAIL_MAX:
+            return None
+        from agents.memory.session import _CompactionSnapshot
+
+        client = await self._log()
+        try:
+            rep = await self._log_read(client, tail=limit + 1)
+        except TooLargeError:
+            return None
+        envs = list(rep.items)
+        complete = len(envs) <= limit
+        envs = envs[-limit:] if limit > 0 else []
+        last = rep.last_order
+
+        async def replace_suffix(start: int, output: list[Any]) -> bool:
+            return await self._replace_suffix(client, envs, complete, last, start, output)
+
+        return _CompactionSnapshot([env.data for env in envs], complete, replace_suffix)
+
+    @tracked
+    async def _replace_suffix(
+        self, client: Any, envs: list[Any], complete: bool, last: int, start: int, output: list[Any]
+    ) -> bool:
+        """Replace ``envs[start:]`` with ``output`` if the log's last order is still ``last``."""
+        replaced = envs[start:]
+        if not replaced:
+            return False
+        self._unknown_pop = None  # a later pop is a new one
+        key = NO_TURN_PREFIX + new_item_id()
+        if start == 0 and complete:
+            batch = [{"item_id": f"{key}.c", "agent": "system", "kind": "clear", "data": {}}]
+        else:
+            batch = [
+                {"item_id": f"{key}.r{j}", "agent": "system", "kind": "retract",
+                 "data": {"target": env.item_order}}
+                for j, env in enumerate(replaced)
+            ]
+        batch += [
+            {"item_id": f"{key}.{i}", "agent": self._author(d, "system"), "kind": "item", "data": d}
+            for i, d in enumerate(plain(i) for i in output)
+        ]
+        try:
+            await finish(self._write(client, batch, expected_last=last))
+        except ConflictError:
+            return False
         return True
 
     async def _write(self, client: Any, batch: list[dict[str, Any]], **kw: Any) -> None:

@@ -15,14 +15,14 @@ import json
 import sys
 from typing import Any
 
-from agents import Agent, RunConfig, Runner, handoff
+from agents import Agent, RunConfig, Runner, SessionSettings, handoff
 from agents.memory import OpenAIResponsesCompactionSession
 from openai import AsyncOpenAI
 
 from shared import ConvlogSession
 from shared.chain import verify
 from shared.client import LogClient
-from tests.support.fake_openai import FakeOpenAI, compacted_items, text, tool_call
+from tests.support.fake_openai import FakeOpenAI, compacted_items, slow, text, tool_call
 from tests.support.procs import REPO_ROOT
 from tests.support.seed_agents import FakeServerProvider
 
@@ -178,4 +178,159 @@ async def test_hooks_name_the_authors_through_the_compaction_session(
         ]
     finally:
         await underlying.close()
+        await model_client.close()
+
+
+async def _compaction_racing_another_writer(
+    fake_openai: FakeOpenAI, store: Any, other: Any, sid: str
+) -> list[dict[str, Any]]:
+    """Two turns on ``store`` through the compaction session; while the second turn's
+    ``responses.compact`` is in flight, ``other`` (another process's session on the same
+    id) adds a user message.  Returns the visible history afterwards."""
+    run_config = RunConfig(model_provider=FakeServerProvider(fake_openai.base_url),
+                           tracing_disabled=True)
+    model_client = AsyncOpenAI(base_url=fake_openai.base_url, api_key="test-key", max_retries=0)
+    session = OpenAIResponsesCompactionSession(
+        sid, store, client=model_client, model="gpt-4.1",
+        should_trigger_compaction=lambda ctx: len(ctx["compaction_candidate_items"]) >= 2,
+    )
+    agent = Agent(name="Support", instructions="Help with billing.")
+    fake_openai.script([text("Let me check."), text("Refund issued.")])
+    try:
+        await Runner.run(agent, "I was charged twice.", session=session, run_config=run_config)
+        fake_openai.script_compact([slow(1.5)])
+        turn = asyncio.create_task(
+            Runner.run(agent, "Please refund one.", session=session, run_config=run_config))
+        for _ in range(200):
+            if fake_openai.compactions:
+                break
+            await asyncio.sleep(0.02)
+        assert fake_openai.compactions, "the compaction never started"
+        await other.add_items([{"role": "user", "content": "Also my address changed."}])
+        await turn
+        return await store.get_items()
+    finally:
+        await model_client.close()
+
+
+async def test_sdk_sqlite_session_keeps_a_message_added_while_a_compaction_runs(
+    fake_openai: FakeOpenAI, tmp_path: Any
+) -> None:
+    # The reference: the SDK's own store skips a replacement whose history changed.
+    from agents import SQLiteSession
+
+    sid = "compaction-race-sqlite"
+    store = SQLiteSession(sid, str(tmp_path / "sdk.db"))
+    other = SQLiteSession(sid, str(tmp_path / "sdk.db"))
+    try:
+        items = await _compaction_racing_another_writer(fake_openai, store, other, sid)
+    finally:
+        store.close()
+        other.close()
+    assert "Also my address changed." in _texts(items)
+
+
+async def test_a_message_another_process_adds_while_a_compaction_runs_stays_visible(
+    log_url: str, log_client: LogClient, fake_openai: FakeOpenAI
+) -> None:
+    # As with the SDK's SQLiteSession: the compaction's replacement must not hide a
+    # message that landed after the compaction read the history (the model would
+    # never see it again).
+    sid = "compaction-race"
+    store = ConvlogSession.from_url(sid, url=log_url)
+    other = ConvlogSession(sid, client=log_client)  # its own connection: another process
+    try:
+        items = await _compaction_racing_another_writer(fake_openai, store, other, sid)
+        assert "Also my address changed." in _texts(items)
+        assert await other.get_items() == items
+        raw = await log_client.items(sid, raw=True)
+        assert verify(raw, session_id=sid) is None
+    finally:
+        await store.close()
+
+
+async def _turns_with_a_limited_history(fake_openai: FakeOpenAI, store: Any, sid: str) -> list[Any]:
+    """Four turns on a store whose ``session_settings.limit`` (4) hides older items from
+    the model; compaction wanted after the fourth."""
+    run_config = RunConfig(model_provider=FakeServerProvider(fake_openai.base_url),
+                           tracing_disabled=True)
+    model_client = AsyncOpenAI(base_url=fake_openai.base_url, api_key="test-key", max_retries=0)
+    session = OpenAIResponsesCompactionSession(
+        sid, store, client=model_client, model="gpt-4.1",
+        should_trigger_compaction=lambda ctx: "Fourth?" in _texts(ctx["session_items"]),
+    )
+    agent = Agent(name="Support", instructions="Help with billing.")
+    fake_openai.reset()
+    fake_openai.script([text("One."), text("Two."), text("Three."), text("Four.")])
+    try:
+        for message in ("First?", "Second?", "Third?", "Fourth?"):
+            await Runner.run(agent, message, session=session, run_config=run_config)
+        return [(i.get("type"), _texts([i])) for i in await store.get_items(100)]
+    finally:
+        await model_client.close()
+
+
+async def test_compaction_of_a_history_longer_than_the_session_limit_matches_the_sdk_sqlite_session(
+    log_url: str, log_client: LogClient, fake_openai: FakeOpenAI, tmp_path: Any
+) -> None:
+    # The model sees only the last `limit` items; the SDK compacts that suffix and keeps
+    # the older items (SQLiteSession), where ConvlogSession used to skip every compaction.
+    from agents import SQLiteSession
+
+    sid = "compaction-suffix"
+    reference = SQLiteSession(sid, str(tmp_path / "sdk.db"), session_settings=SessionSettings(limit=4))
+    try:
+        expected = await _turns_with_a_limited_history(fake_openai, reference, sid)
+    finally:
+        reference.close()
+    assert fake_openai.compactions and "compaction" in [t for t, _ in expected]
+    store = ConvlogSession.from_url(sid, url=log_url, session_settings={"limit": 4})
+    other = ConvlogSession(sid, client=log_client)  # another process, following live
+    assert await other.get_items() == []
+    try:
+        got = await _turns_with_a_limited_history(fake_openai, store, sid)
+        assert got == expected
+        seen = await other.get_items()
+        for _ in range(40):  # another process sees it once delivered (within max_staleness)
+            if seen == await store.get_items(100):
+                break
+            await asyncio.sleep(0.05)
+            seen = await other.get_items()
+        assert seen == await store.get_items(100)
+        raw = await log_client.items(sid, raw=True)
+        assert verify(raw, session_id=sid) is None
+        assert [e.kind for e in raw].count("retract") == 6  # the compacted suffix, hidden
+        assert len([e for e in raw if e.kind == "item"]) == 8 + 4  # the originals are kept
+    finally:
+        await store.close()
+
+
+async def test_the_sdk_encrypted_session_over_convlog_still_compacts(
+    log_url: str, log_client: LogClient, fake_openai: FakeOpenAI
+) -> None:
+    # The SDK's EncryptedSession asks the store's snapshot with prune_prefix=...
+    from agents.extensions.memory.encrypt_session import EncryptedSession
+
+    sid = "compaction-encrypted"
+    run_config = RunConfig(model_provider=FakeServerProvider(fake_openai.base_url),
+                           tracing_disabled=True)
+    model_client = AsyncOpenAI(base_url=fake_openai.base_url, api_key="test-key", max_retries=0)
+    store = ConvlogSession.from_url(sid, url=log_url)
+    compacting = OpenAIResponsesCompactionSession(
+        sid, store, client=model_client, model="gpt-4.1",
+        should_trigger_compaction=lambda ctx: len(ctx["compaction_candidate_items"]) >= 2,
+    )
+    session = EncryptedSession(sid, compacting, encryption_key="k" * 44)
+    agent = Agent(name="Support", instructions="Help with billing.")
+    fake_openai.script([text("One."), text("Two."), text("Three.")])
+    try:
+        for message in ("First?", "Second?", "Third?"):
+            await Runner.run(agent, message, session=session, run_config=run_config)
+        assert len(fake_openai.compactions) == 1
+        items = await session.get_items()
+        assert [i.get("type") for i in items][:3] == ["message", "message", "compaction"]
+        assert _texts(items)[-2:] == ["Third?", "Three."]
+        assert verify(await log_client.items(sid, raw=True), session_id=sid) is None
+    finally:
+        await store.close()
         await model_client.close()

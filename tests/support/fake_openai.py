@@ -16,7 +16,9 @@ Supported endpoints (everything else answers 404 with an OpenAI error body):
   chain of responses this server produced.  The item's ``encrypted_content``
   is opaque to clients; :func:`compacted_items` decodes the fake's (base64
   JSON of the items it replaced), so a test can check what was summarised.
-  Compaction replies are computed, never taken from the script.
+  Compaction replies are computed, never taken from the script; what
+  :meth:`FakeOpenAI.script_compact` queues (a ``slow`` delay, an ``error``)
+  comes first.
 
 Replies come from a script queue, then an optional responder, then a default::
 
@@ -174,6 +176,7 @@ class FakeOpenAI:
         self._lock = threading.Lock()
         self._script: deque[Entry] = deque()
         self._responder: Callable[[Any], Entry | None] | None = None
+        self._compact_script: deque[Slow | Error] = deque()
         self._recorded: list[RecordedRequest] = []
         self._chains: dict[str, list[Any]] = {}  # response id -> its whole history (for compact)
         self._ids = itertools.count(1)
@@ -226,6 +229,12 @@ class FakeOpenAI:
         with self._lock:
             self._script.extend(entries)
 
+    def script_compact(self, entries: Iterable[Slow | Error]) -> None:
+        """Queue how ``responses.compact`` requests answer, one entry each: a
+        ``slow(seconds)`` delays the computed reply, an ``error`` replaces it."""
+        with self._lock:
+            self._compact_script.extend(entries)
+
     def responder(self, fn: Callable[[Any], Entry | None] | None) -> None:
         """Answer from ``fn(request_json)`` once the script is empty; ``None`` from
         ``fn`` means the default reply. Pass ``None`` to remove the responder."""
@@ -263,6 +272,7 @@ class FakeOpenAI:
             self._recorded.clear()
             self._script.clear()
             self._responder = None
+            self._compact_script.clear()
             self._chains.clear()
 
     # called from handler threads
@@ -390,6 +400,13 @@ class _Handler(BaseHTTPRequestHandler):
         if path == COMPACT_PATH:
             with fake._lock:
                 fake._recorded.append(RecordedRequest(path, headers, body))
+                how = fake._compact_script.popleft() if fake._compact_script else None
+            if isinstance(how, Slow) and fake._stopping.wait(how.seconds):
+                self.close_connection = True
+                return
+            if isinstance(how, Error):
+                self._send_error(how)
+                return
             self._send_json(200, fake._compact(body))
             return
         entry = fake._next_entry(RecordedRequest(path, headers, body))
