@@ -18,7 +18,7 @@ import msgspec
 from .codec import check_json, unencodable
 
 __all__ = [
-    "INSTALL_HINT", "canonical", "coerce_settings", "finish", "hooks_class", "plain",
+    "INSTALL_HINT", "canonical", "coerce_settings", "compaction_snapshot_type", "finish", "hooks_class", "plain",
     "require_agents_sdk", "run_key", "settle",
 ]
 
@@ -38,6 +38,18 @@ def require_agents_sdk() -> Any:
             f"install it with: {INSTALL_HINT}"
         ) from e
     return agents
+
+
+def compaction_snapshot_type() -> Any:
+    """The SDK's ``_CompactionSnapshot`` (a private name of openai-agents <0.25, the one
+    place convlog takes it), or ``None`` when this SDK has none: the session then offers
+    no snapshot and the SDK reads the history through ``get_items`` (its unchecked
+    replacement, as for a store without the hook)."""
+    try:
+        from agents.memory.session import _CompactionSnapshot
+    except ImportError:
+        return None
+    return _CompactionSnapshot
 
 
 def coerce_settings(value: Any) -> Any:

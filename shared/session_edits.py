@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .agents_sdk import finish, plain, tracked
+from .agents_sdk import compaction_snapshot_type, finish, plain, tracked
 from .client import new_item_id
 from .errors import ConflictError, TooLargeError, UnavailableError
 from .failures import CONFLICT_BACKOFF
@@ -159,9 +159,9 @@ class HidingEdits:
         ``prune_prefix`` (the SDK's ``EncryptedSession`` naming expired items the
         store may delete) is ignored: the log deletes nothing.
         """
-        if not self._items_are_plain() or limit + 1 > _TAIL_MAX:
+        snapshot = compaction_snapshot_type()
+        if snapshot is None or not self._items_are_plain() or limit + 1 > _TAIL_MAX:
             return None
-        from agents.memory.session import _CompactionSnapshot
 
         client = await self._log()
         try:
@@ -176,7 +176,7 @@ class HidingEdits:
         async def replace_suffix(start: int, output: list[Any]) -> bool:
             return await self._replace_suffix(client, envs, complete, last, start, output)
 
-        return _CompactionSnapshot([env.data for env in envs], complete, replace_suffix)
+        return snapshot([env.data for env in envs], complete, replace_suffix)
 
     @tracked
     async def _replace_suffix(

@@ -334,3 +334,24 @@ async def test_the_sdk_encrypted_session_over_convlog_still_compacts(
     finally:
         await store.close()
         await model_client.close()
+
+
+async def test_the_compaction_snapshot_is_the_sdks_and_without_it_none(
+    log_url: str, monkeypatch: Any
+) -> None:
+    # The SDK's _CompactionSnapshot is a private name (openai-agents <0.25), taken in one
+    # place (shared.agents_sdk.compaction_snapshot_type); an SDK without it gets None, and
+    # then reads the history through get_items, as for a store without the hook.
+    from agents.memory.session import _CompactionSnapshot
+
+    import shared.session_edits
+
+    store = ConvlogSession.from_url("compaction-seam", url=log_url)
+    try:
+        await store.add_items([{"role": "user", "content": "hello"}])
+        snapshot = await store._get_compaction_snapshot(10)
+        assert isinstance(snapshot, _CompactionSnapshot)
+        monkeypatch.setattr(shared.session_edits, "compaction_snapshot_type", lambda: None)
+        assert await store._get_compaction_snapshot(10) is None
+    finally:
+        await store.close()
