@@ -23,7 +23,9 @@ MAX_STEPS = 16
 
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
-_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+#: Unpadded base64url in its one spelling: the unused low bits of a last
+#: character that carries 2 or 4 of them are zeros (and no 4k+1 length).
+_B64URL = re.compile(r"(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-][AQgw]|[A-Za-z0-9_-]{2}[AEIMQUYcgkosw048])?")
 _sha256 = hashlib.sha256
 
 
@@ -36,7 +38,9 @@ def unb64(text: str) -> bytes:
     """``base64.urlsafe_b64decode`` of unpadded ``text``, without its layers of calls
     (the same bytes, the same errors: ValueError/binascii.Error).  Only the
     base64url alphabet, no padding (as the web console's ``unb64url``): the
-    decoder would skip other characters, and whatever follows a padding."""
+    decoder would skip other characters, and whatever follows a padding.  And
+    only the text :func:`b64` writes: the decoder ignores the unused low bits of
+    the last character, so a signature could be respelled in 16 texts."""
     if not _B64URL.fullmatch(text):
         raise ValueError("not unpadded base64url")
     return binascii.a2b_base64(text.encode("ascii").translate(_FROM_URLSAFE) + b"=" * (-len(text) % 4))

@@ -16,7 +16,8 @@ only through ``convlog.in``); the ``log`` key signs session heads.  A rotated
 key keeps its entry with ``retired_at``: items it signed before then still
 verify, nothing it signs later is accepted.
 
-What is signed (``sig`` = base64url, no padding, of the Ed25519 signature):
+What is signed (``sig`` = base64url, no padding, of the Ed25519 signature; only
+the one spelling :func:`shared.merkle.b64` writes is accepted):
 
 * an item: ``b"convlog-item-v1\\n" + JCS({"session_id", "item_id", "agent",
   "kind", "data"})`` -- the content bound to its session and id, so a captured

@@ -5,6 +5,7 @@ writes nothing."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,7 +28,7 @@ from shared.errors import (
     TooLargeError,
 )
 from shared.messages import AppendItem, AppendRequest
-from shared.signing import Keyring, Signer, route_signing_input, sign_item
+from shared.signing import Keyring, Signer, route_signing_input, sign_batch, sign_item
 from shared.wire import publish_many
 from tests.support.natsd import NatsServer
 
@@ -398,4 +399,46 @@ async def test_data_holding_tuples_sets_or_a_dict_subclass_is_signed_as_it_is_se
         assert envs[0].data == {"point": [1, 2.5, 1e21]}
     finally:
         await triage.close()
+        await plain.close()
+
+
+def _respelled(text: str) -> str:
+    """The same bytes as the base64url ``text``, spelled with the spare low bits
+    of its last character set (86 characters carry 516 bits for 512)."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    spare = {2: 0xF, 3: 0x3}[len(text) % 4]
+    return text[:-1] + alphabet[alphabet.index(text[-1]) | spare]
+
+
+async def test_a_signature_respelled_in_its_spare_base64_bits_is_refused(strict: str, keys: Path) -> None:
+    """A signature is one text (base64url, no padding): the same 64 bytes spelled
+    with the unused low bits of its last character set were accepted and stored,
+    a ``sig`` (or ``to_sig``) its signer never wrote -- anyone could re-sign a
+    captured item in 15 other spellings."""
+    triage = Signer.load(keys / "Triage.nk")
+    gateway = Signer.load(keys / "gateway.nk")
+    plain = await _client(strict, None)
+    try:
+        alone = sign_item(triage, "m1", _item("Triage", "alone", "ma-1"))
+        together = sign_batch(triage, [("m1", _item("Triage", f"t{i}", f"mt-{i}")) for i in range(3)])
+        base, _, path = (together[0].sig or "").partition(".")
+        respelled = [
+            msgspec.structs.replace(alone, sig=_respelled(alone.sig or "")),
+            msgspec.structs.replace(together[0], sig=f"{_respelled(base)}.{path}"),
+        ]
+        for item, signed in zip(respelled, (alone, together[0]), strict=True):
+            same = [base64.urlsafe_b64decode((it.sig or "").split(".")[0] + "==") for it in (item, signed)]
+            assert same[0] == same[1] and item.sig != signed.sig
+            msg = await plain.nc.request("convlog.append.m1", msgspec.json.encode(AppendRequest(items=[item])),
+                                         timeout=5)
+            assert msgspec.json.decode(msg.data)["error"]["code"] == "forbidden", msg.data
+        sent = _signed_message(gateway, "m2", "billing please", "L1Billing", "mm-2")
+        for doc in ({**sent, "sig": _respelled(sent["sig"])}, {**sent, "to_sig": _respelled(sent["to_sig"])}):
+            msg = await plain.nc.request("convlog.in.m2", msgspec.json.encode(doc), timeout=5)
+            assert msgspec.json.decode(msg.data)["error"]["code"] == "forbidden", msg.data
+        assert await plain.last_order("m1") == 0 and await plain.last_order("m2") == 0
+        # The signatures as signed still go through.
+        await plain.nc.request("convlog.append.m1", msgspec.json.encode(AppendRequest(items=[alone])), timeout=5)
+        assert [e.sig for e in await plain.items("m1")] == [alone.sig]
+    finally:
         await plain.close()

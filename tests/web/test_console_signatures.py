@@ -277,7 +277,8 @@ def test_without_webcrypto_no_signature_or_signed_head_is_called_verified(signed
 
 def test_browser_signing_inputs_and_key_decoding_match_shared_signing(signed: Signed, page: Any) -> None:
     """signing.js builds the bytes shared/signing.py signs, decodes nkey ids to the same
-    Ed25519 keys, and accepts exactly the signatures Python makes."""
+    Ed25519 keys, and accepts exactly the signatures Python makes (not one respelled
+    in the spare bits of its last base64url character, which Python refuses)."""
     signer = Signer.load(signed.keys / "Triage.nk")
     env = {"session_id": "s-1", "item_id": "t1.Triage.0.reply", "agent": "Triage", "kind": "item",
            "data": {"amount": 120.0, "text": "naïve 😀 <b>", "z": [1, None, True], "\u20ac": {}}}
@@ -288,8 +289,12 @@ def test_browser_signing_inputs_and_key_decoding_match_shared_signing(signed: Si
     got = page.evaluate("""async ([env, head, keyId, sig]) => {
         const m = await import('/static/signing.js');
         const text = m.itemSigningInput(env);
+        const abc = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        // The same 64 bytes, the spare low bits of the last character set.
+        const respell = (s) => s.slice(0, -1) + abc[abc.indexOf(s.slice(-1)) | 0xF];
         return {item: text, head: m.headSigningInput(head), key: Array.from(m.publicKeyBytes(keyId)),
                 good: await m.verify(keyId, text, sig), edited: await m.verify(keyId, text + " ", sig),
+                respelled: await m.verify(keyId, text, respell(sig)),
                 badId: m.publicKeyBytes(keyId.slice(0, -1) + (keyId.endsWith('A') ? 'B' : 'A'))};
     }""", [env, head, signer.key_id, sig])
     assert got["item"].encode() == item_bytes
@@ -297,6 +302,7 @@ def test_browser_signing_inputs_and_key_decoding_match_shared_signing(signed: Si
     vk = _verify_key(signer.key_id)
     assert vk is not None and bytes(got["key"]) == bytes(vk)
     assert got["good"] is True and got["edited"] is False
+    assert got["respelled"] is False  # one spelling of a signature, as shared.merkle.unb64
     assert got["badId"] is None  # a mistyped key id fails its checksum
 
 

@@ -55,8 +55,10 @@ export function publicKeyBytes(keyId) {
 }
 
 // The bytes of unpadded base64url `text`, or null (4k+1 characters decode to nothing: atob throws).
+// Only the one spelling shared/merkle.py's b64 writes: atob ignores the unused
+// low bits of the last character, so a signature could be respelled in 16 texts.
 function unb64url(text) {
-  if (typeof text !== "string" || !/^[A-Za-z0-9_-]*$/.test(text) || text.length % 4 === 1) return null;
+  if (typeof text !== "string" || !/^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-][AQgw]|[A-Za-z0-9_-]{2}[AEIMQUYcgkosw048])?$/.test(text)) return null;
   const b = atob(text.replace(/-/g, "+").replace(/_/g, "/") + "=".repeat((4 - (text.length % 4)) % 4));
   return Uint8Array.from(b, (c) => c.charCodeAt(0));
 }
