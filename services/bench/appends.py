@@ -26,6 +26,7 @@ import nats.js.errors
 from services.log.reconciler import RECONCILER
 from shared.client import LogClient
 from shared.config import Settings, load_settings
+from shared.nats_connect import open_client
 
 from .measure import Run, closed_loop, open_loop
 from .measure import say as _stderr
@@ -54,7 +55,8 @@ def _echo_main(url: str, subject: str) -> None:
     It logs in with the credentials of its ``CONVLOG_*`` environment (:func:`connection_env`)."""
 
     async def run() -> None:
-        nc = await nats.connect(url, **load_settings({"nats_url": url}).nats_options())
+        # A NonceCheckingClient: CONVLOG_NKEY is the seed that signs items (shared.nats_seam.login).
+        nc = await open_client(servers=url, **load_settings({"nats_url": url}).nats_options())
 
         async def echo(msg: Any) -> None:
             await msg.respond(msg.data)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from shared.merkle import b64
 from shared.messages import AppendItem
 from shared.signing import Signer, item_signing_input
 from tests.support.natsd import NatsServer
+from tests.support.procs import REPO_ROOT
 
 SID = "victim"
 FORGED = AppendItem(item_id="forged-1", agent="Triage",
@@ -133,3 +136,32 @@ def test_the_guard_is_in_place_with_the_installed_nats_py() -> None:
     from shared.nats_seam import login
 
     assert login.guard_missing() == ""
+
+
+async def test_the_benchs_echo_responder_never_signs_an_item_for_the_server(tmp_path: Path, keys: Path) -> None:
+    """``convlog bench``'s echo baseline logs in with the bench's credentials
+    (``CONVLOG_NKEY``, the seed that signs items) in a process of its own: it
+    connected with nats-py's plain ``nats.connect``, which signs any nonce."""
+    wanted = item_signing_input(SID, FORGED.item_id, FORGED.agent, FORGED.kind, FORGED.data)
+    sigs: list[str] = []
+    impostor = await _impostor(wanted.decode(), sigs)
+    port = impostor.sockets[0].getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+    env["CONVLOG_NKEY"] = str(keys / "Triage.nk")
+    echo = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.bench.appends", "--echo", f"nats://127.0.0.1:{port}", "bench.echo",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        env=env, cwd=str(REPO_ROOT),
+    )
+    try:
+        for _ in range(100):  # until it signed, or gave up (it exits on the refused login)
+            if sigs or echo.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        if echo.returncode is None:
+            echo.kill()
+        await echo.wait()
+        impostor.close()
+        await impostor.wait_closed()
+    assert sigs == [], "the echo responder's login signed a nonce that is no nats-server nonce"
