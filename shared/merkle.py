@@ -171,11 +171,17 @@ class SignedRoots:
                 self._pending[key] = threading.Event()
         if pending is not None:
             pending.wait(5)
-            return self._known.get(key, False)
-        ok = self._verify(key_id, root, sig)
-        with self._lock:
-            self._known[key] = ok
-            if len(self._known) > self._kept:
-                del self._known[next(iter(self._known))]
-            self._pending.pop(key).set()
+            known = self._known.get(key)
+            # Not there: its check is still running after 5 s, or the answer was forgotten
+            # already (many roots since): check it here rather than refuse a good one.
+            return known if known is not None else self._verify(key_id, root, sig)
+        ok = False
+        try:
+            ok = self._verify(key_id, root, sig)
+        finally:  # also when the check raised (it then counts as failed): nobody waits for good
+            with self._lock:
+                self._known[key] = ok
+                if len(self._known) > self._kept:
+                    del self._known[next(iter(self._known))]
+                self._pending.pop(key).set()
         return ok

@@ -451,3 +451,32 @@ def test_keys_rotate_with_a_custom_spec_needs_it(tmp_path: Path, monkeypatch: py
     assert (out / "keyring.json").read_bytes() == ring and (out / "nats-users.conf").read_text() == users
     assert main(["keys", "rotate", "Back", "--dir", str(out), "--agents", str(agents)]) == 0
     assert (out / "nats-users.conf").read_text().count("Front") == users.count("Front")
+
+
+def test_a_batch_root_whose_check_raised_does_not_hold_up_its_later_checks() -> None:
+    # SignedRoots: the thread that checks a root first leaves a "pending" mark the others
+    # wait on; a check that raised left the mark for good, so every later check of that
+    # root waited 5 s and then said False (an append's items are checked on threads).
+    import threading
+    import time
+
+    from shared.merkle import SignedRoots
+
+    calls: list[str] = []
+
+    def verify(key_id: str, root: bytes, sig: str) -> bool:
+        calls.append(sig)
+        if sig == "bad":
+            raise ValueError("not unpadded base64url")
+        return True
+
+    roots = SignedRoots(verify)
+    with pytest.raises(ValueError):
+        roots.check("Ukey", b"r" * 32, "bad")
+    answers: list[bool] = []
+    started = time.monotonic()
+    t = threading.Thread(target=lambda: answers.append(roots.check("Ukey", b"r" * 32, "bad")))
+    t.start()
+    t.join(10)
+    assert answers == [False] and time.monotonic() - started < 1
+    assert roots.check("Ukey", b"r" * 32, "good") is True
