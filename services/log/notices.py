@@ -285,6 +285,25 @@ class Notifier:
             return None
         return self._entries.get(p.sid, "")
 
+    async def _drop_stale_entry(self, sid: str) -> None:
+        """Delete what the routing bucket holds for ``sid``, whose first message was just
+        announced with no entry (:meth:`_first_entry`: this process wrote none).  A value
+        there is stale -- a ``to`` a log service that died before committing its message
+        wrote, or a checkpoint of the session id's life before the log was restored -- and
+        a worker without the first notice's fact (another agent's, a restarted one) would
+        route the session's next messages by it, not as the first one was.  Compare-and-set
+        on its revision: a value written meanwhile (a handoff's checkpoint) stays."""
+        try:
+            entry = await self.kv.get(sid)
+            await self.kv.delete(sid, last=entry.revision)
+        except _MISSING_KEY:
+            return
+        except Exception as e:  # written meanwhile, or NATS failing: workers check what they read
+            log.info("could not drop the stale routing value of %s: %r", sid, e)
+            return
+        log.warning("routing value of %s dropped: its first message named no agent, and this "
+                    "log service wrote none", sid)
+
     def note_entry(self, sid: str, agent: str | None) -> None:
         """This process wrote ``agent`` as ``sid``'s entry to the routing bucket, before
         appending the message whose ``to`` named it; ``None``: a checkpoint was already
@@ -375,6 +394,8 @@ class Notifier:
                     subject = await self.address(p.sid, p.order)
                 sending.append(p)
                 messages.append(self._message(subject, p, parent))
+                if self._first_entry(p) == "":  # told its worker the bucket holds nothing
+                    self._spawn(self._drop_stale_entry(p.sid))
             outcomes = await self._send(sending, messages)
         except Exception as e:
             sending = [p for p in batch if p.handoff_to is None or p in sending]
