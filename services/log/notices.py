@@ -143,6 +143,8 @@ class Notifier:
         self._active: OrderedDict[str, str] = OrderedDict()
         #: per session: the entry this process wrote to the routing bucket (None: one was there)
         self._entries: OrderedDict[str, str | None] = OrderedDict()
+        #: per session: set once the entry this process is writing is written (or not)
+        self._writing: dict[str, asyncio.Event] = {}
         self._sent: OrderedDict[str, None] = OrderedDict()  # msg ids published (or being)
         self._inflight: dict[str, asyncio.Event] = {}  # msg ids being published: set once settled
         self._tasks: set[asyncio.Task[None]] = set()
@@ -304,12 +306,32 @@ class Notifier:
         log.warning("routing value of %s dropped: its first message named no agent, and this "
                     "log service wrote none", sid)
 
+    def writing_entry(self, sid: str) -> None:
+        """This process is writing ``sid``'s entry to the routing bucket (a message with
+        ``to``, before its append): a first message committed meanwhile (another one,
+        without ``to``) is announced once the outcome is known (:meth:`note_entry`), with
+        that entry, the one workers will find in the bucket."""
+        self._keep(self._entries, sid, None)
+        self._writing.setdefault(sid, asyncio.Event())
+
     def note_entry(self, sid: str, agent: str | None) -> None:
         """This process wrote ``agent`` as ``sid``'s entry to the routing bucket, before
         appending the message whose ``to`` named it; ``None``: a checkpoint was already
         there (a retry of a message whose first attempt wrote it, two first messages at
-        once), so the session's first notice carries no entry: the worker reads the bucket."""
+        once), or the write failed, so the session's first notice carries no entry: the
+        worker reads the bucket."""
         self._keep(self._entries, sid, agent)
+        if (writing := self._writing.pop(sid, None)) is not None:
+            writing.set()
+
+    @staticmethod
+    async def _entry_written(writing: asyncio.Event) -> None:
+        """Wait (a bounded time: then the notice carries no entry) for an entry being written."""
+        try:
+            async with asyncio.timeout(_SETTLE_WAIT):
+                await writing.wait()
+        except TimeoutError:
+            pass
 
     def _keep(self, table: OrderedDict[str, Any], sid: str, value: Any) -> None:
         """``table[sid] = value``, the newest; the oldest beyond ``remember`` are dropped."""
@@ -391,6 +413,8 @@ class Notifier:
                         continue  # nobody plays it; the worker's own announcement decides
                     subject = work_subject(self.subjects, p.handoff_to)
                 else:
+                    if p.order == 1 and (writing := self._writing.get(p.sid)) is not None:
+                        await self._entry_written(writing)
                     subject = await self.address(p.sid, p.order)
                 sending.append(p)
                 messages.append(self._message(subject, p, parent))

@@ -218,14 +218,17 @@ class LogService(Endpoints):
             self.notifier.note_active(sid, agent)
             value = encode_checkpoint(entry_checkpoint(agent, proof))
             # Unknown until written: a first message committed meanwhile (one without
-            # `to`) must not tell its worker the bucket holds nothing.
-            self.notifier.note_entry(sid, None)
+            # `to`) waits for the outcome before it is announced (its worker would read
+            # a bucket still without it, and answer as the entry agent).
+            self.notifier.writing_entry(sid)
+            written: str | None = None
             try:
                 await kv.create(sid, value)
+                written = agent
             except nats.js.errors.KeyWrongLastSequenceError:  # an earlier one stands: workers read it
-                self.notifier.note_entry(sid, None)
-            else:
-                self.notifier.note_entry(sid, agent)
+                pass
+            finally:
+                self.notifier.note_entry(sid, written)
 
         self.read_ahead = ReadAhead(self.store)
         handlers = Handlers(

@@ -18,7 +18,13 @@ from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_buc
 from shared.work import Notice, decode_notice, work_subject
 from tests.support.eventually import assert_eventually
 from tests.support.fake_openai import FakeOpenAI, text
-from tests.support.workerstack import SEED_SPEC, WorkerStack, agent_of, support_responder
+from tests.support.workerstack import (
+    SEED_SPEC,
+    WorkerStack,
+    agent_of,
+    support_responder,
+    terminal_items,
+)
 
 
 class Watch:
@@ -133,12 +139,13 @@ async def test_a_handoff_notice_leaves_ahead_of_the_commits_reply_and_items(
         await spy.close()
 
 
-async def test_a_first_message_committed_while_a_to_is_being_written_carries_no_entry(
+async def test_a_first_message_committed_while_a_to_is_being_written_carries_that_entry(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
     # Two first messages at once: one names L1Billing (its entry is being written to the
     # bucket, before its append), the other names nobody and is committed at #1 meanwhile.
-    # The bucket will say L1Billing; the notice of #1 must not claim it holds nothing.
+    # The bucket will say L1Billing; the notice of #1 must not claim it holds nothing, nor
+    # go out before it does (its worker would read a bucket still empty): it waits for it.
     watch = Watch(stack)
     await watch.start()
     assert stack.service.notifier is not None
@@ -156,6 +163,10 @@ async def test_a_first_message_committed_while_a_to_is_being_written_carries_no_
         with_to = asyncio.create_task(stack.send("first-race", "bill me", to="L1Billing"))
         await asyncio.wait_for(writing.wait(), 5)
         assert (await stack.send("first-race", "hello")).last_order == 1
+        await asyncio.sleep(0.5)
+        assert watch.entries("first-race", 1) == []  # not announced while the entry is unknown
+        release.set()
+        await with_to
 
         def first_notice() -> list[str | None]:
             entries = watch.entries("first-race", 1)
@@ -163,11 +174,44 @@ async def test_a_first_message_committed_while_a_to_is_being_written_carries_no_
             return entries
 
         entries = await assert_eventually(first_notice, timeout=5)
-        release.set()
-        await with_to
     finally:
         release.set()
         kv.create = real_create
     stored = await kv.get("first-race")
     assert b"L1Billing" in stored.value  # the entry the workers read
-    assert entries == [None]  # not known when #1 was announced: the worker reads the bucket
+    assert entries == ["L1Billing"]  # announced once written: the worker needs no look-up
+
+
+async def test_a_first_message_committed_while_a_to_is_being_written_is_answered_by_that_entry(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    # Two first messages at once: "bill me" names L1Billing, whose entry is still on its
+    # way to the bucket (a slow KV: replicated, a busy server) when "hello", naming nobody,
+    # is committed at #1. The bucket then says L1Billing: both must be answered by it,
+    # not #1 by the entry agent (read from a bucket not yet written) and #2 by L1Billing.
+    await _watched_pair(stack, fake_openai)
+    assert stack.service.notifier is not None
+    kv = stack.service.notifier.kv
+    real_create = kv.create
+    writing, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_create(key: str, value: bytes, *args: Any, **kwargs: Any) -> Any:
+        writing.set()
+        await release.wait()  # the request still on its way
+        return await real_create(key, value, *args, **kwargs)
+
+    kv.create = slow_create
+    try:
+        with_to = asyncio.create_task(stack.send("first-race-2", "bill me", to="L1Billing"))
+        await asyncio.wait_for(writing.wait(), 5)
+        assert (await stack.send("first-race-2", "hello")).last_order == 1
+        await asyncio.sleep(1.0)  # time for #1 to be announced and answered, were it to be
+        release.set()
+        await with_to
+    finally:
+        release.set()
+        kv.create = real_create
+    log = await stack.answered("first-race-2", users=2)
+    users = [e for e in log if e.agent == "user"]
+    assert [u.data["content"] for u in users] == ["hello", "bill me"]
+    assert [terminal_items(log, u)[0].agent for u in users] == ["L1Billing", "L1Billing"]
