@@ -9,6 +9,8 @@ sessions) and real ``convlog worker`` processes on the fake model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -139,15 +141,12 @@ async def test_a_handoff_notice_leaves_ahead_of_the_commits_reply_and_items(
         await spy.close()
 
 
-async def test_a_first_message_committed_while_a_to_is_being_written_carries_that_entry(
-    stack: WorkerStack, fake_openai: FakeOpenAI
-) -> None:
-    # Two first messages at once: one names L1Billing (its entry is being written to the
-    # bucket, before its append), the other names nobody and is committed at #1 meanwhile.
-    # The bucket will say L1Billing; the notice of #1 must not claim it holds nothing, nor
-    # go out before it does (its worker would read a bucket still empty): it waits for it.
-    watch = Watch(stack)
-    await watch.start()
+@contextlib.asynccontextmanager
+async def _first_messages_racing_a_to(stack: WorkerStack, sid: str) -> AsyncIterator[Any]:
+    """Send ``sid``'s first message naming L1Billing with its entry's write to the routing
+    bucket held back (a slow KV: replicated, a busy server), then one naming nobody,
+    committed at #1 meanwhile; the body runs while the write is still held (released,
+    and the first send awaited, at its end).  Yields the routing bucket."""
     assert stack.service.notifier is not None
     kv = stack.service.notifier.kv
     real_create = kv.create
@@ -160,23 +159,36 @@ async def test_a_first_message_committed_while_a_to_is_being_written_carries_tha
 
     kv.create = slow_create
     try:
-        with_to = asyncio.create_task(stack.send("first-race", "bill me", to="L1Billing"))
+        with_to = asyncio.create_task(stack.send(sid, "bill me", to="L1Billing"))
         await asyncio.wait_for(writing.wait(), 5)
-        assert (await stack.send("first-race", "hello")).last_order == 1
-        await asyncio.sleep(0.5)
-        assert watch.entries("first-race", 1) == []  # not announced while the entry is unknown
+        assert (await stack.send(sid, "hello")).last_order == 1
+        yield kv
         release.set()
         await with_to
-
-        def first_notice() -> list[str | None]:
-            entries = watch.entries("first-race", 1)
-            assert entries, "no notice of #1 yet"
-            return entries
-
-        entries = await assert_eventually(first_notice, timeout=5)
     finally:
         release.set()
         kv.create = real_create
+
+
+async def test_a_first_message_committed_while_a_to_is_being_written_carries_that_entry(
+    stack: WorkerStack, fake_openai: FakeOpenAI
+) -> None:
+    # Two first messages at once: one names L1Billing (its entry is being written to the
+    # bucket, before its append), the other names nobody and is committed at #1 meanwhile.
+    # The bucket will say L1Billing; the notice of #1 must not claim it holds nothing, nor
+    # go out before it does (its worker would read a bucket still empty): it waits for it.
+    watch = Watch(stack)
+    await watch.start()
+    async with _first_messages_racing_a_to(stack, "first-race") as kv:
+        await asyncio.sleep(0.5)
+        assert watch.entries("first-race", 1) == []  # not announced while the entry is unknown
+
+    def first_notice() -> list[str | None]:
+        entries = watch.entries("first-race", 1)
+        assert entries, "no notice of #1 yet"
+        return entries
+
+    entries = await assert_eventually(first_notice, timeout=5)
     stored = await kv.get("first-race")
     assert b"L1Billing" in stored.value  # the entry the workers read
     assert entries == ["L1Billing"]  # announced once written: the worker needs no look-up
@@ -190,27 +202,8 @@ async def test_a_first_message_committed_while_a_to_is_being_written_is_answered
     # is committed at #1. The bucket then says L1Billing: both must be answered by it,
     # not #1 by the entry agent (read from a bucket not yet written) and #2 by L1Billing.
     await _watched_pair(stack, fake_openai)
-    assert stack.service.notifier is not None
-    kv = stack.service.notifier.kv
-    real_create = kv.create
-    writing, release = asyncio.Event(), asyncio.Event()
-
-    async def slow_create(key: str, value: bytes, *args: Any, **kwargs: Any) -> Any:
-        writing.set()
-        await release.wait()  # the request still on its way
-        return await real_create(key, value, *args, **kwargs)
-
-    kv.create = slow_create
-    try:
-        with_to = asyncio.create_task(stack.send("first-race-2", "bill me", to="L1Billing"))
-        await asyncio.wait_for(writing.wait(), 5)
-        assert (await stack.send("first-race-2", "hello")).last_order == 1
+    async with _first_messages_racing_a_to(stack, "first-race-2"):
         await asyncio.sleep(1.0)  # time for #1 to be announced and answered, were it to be
-        release.set()
-        await with_to
-    finally:
-        release.set()
-        kv.create = real_create
     log = await stack.answered("first-race-2", users=2)
     users = [e for e in log if e.agent == "user"]
     assert [u.data["content"] for u in users] == ["hello", "bill me"]
