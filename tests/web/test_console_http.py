@@ -118,32 +118,50 @@ async def test_export_is_every_envelope_and_verifies(web: Console) -> None:
     assert envs == await web.client.items("s1")  # byte-for-byte the envelopes the log holds
 
 
-async def test_an_export_of_large_items_is_sent_as_it_is_read(web: Console) -> None:
-    """The export gathered 2,000 envelopes before it sent any, whatever their size: a
-    session of 2,120 items of 16 kB went out as one 32 MB piece, held in the console
-    (twice, while joined) -- with items of 256 kB, half a gigabyte per open page."""
+async def _large_session(web: Console, sid: str, batches: int) -> None:
+    """``batches`` appends of 40 items of 16 kB each."""
+    for k in range(batches):
+        await web.client.append(sid, [said("Triage", f"{k}-{i} " + "x" * 16_000) for i in range(40)])
+
+
+async def _pieces(web: Console, path: str, *, pause: float = 0.0, until: bytes | None = None) -> list[bytes]:
+    """The chunked body of ``GET path`` piece by piece, as the console sent it (a raw
+    socket), read ``pause`` seconds after the headers (a slow page), to its end or to the
+    piece that holds ``until``."""
     import socket
+    import time
     from urllib.parse import urlsplit
 
-    for k in range(53):
-        await web.client.append("big", [said("Triage", f"{k}-{i} " + "x" * 16_000) for i in range(40)])
     port = urlsplit(web.url).port
     assert port is not None
+    close = b"" if until else b"Connection: close\r\n"
 
     def chunks() -> list[bytes]:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-            s.sendall(b"GET /sessions/big/export.jsonl HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            s.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n" % (path.encode(), close))
             f = s.makefile("rb")
             assert f.readline().startswith(b"HTTP/1.1 200")
             while f.readline() not in (b"\r\n", b""):
                 pass
-            out = []
-            while n := int(f.readline().split(b";")[0], 16):  # chunked: every piece as it was sent
+            time.sleep(pause)
+            out: list[bytes] = []
+            while not (until and out and until in out[-1]):
+                n = int(f.readline().split(b";")[0], 16)
+                if not n:
+                    break
                 out.append(f.read(n))
                 f.readline()
             return out
 
-    pieces = await asyncio.to_thread(chunks)
+    return await asyncio.to_thread(chunks)
+
+
+async def test_an_export_of_large_items_is_sent_as_it_is_read(web: Console) -> None:
+    """The export gathered 2,000 envelopes before it sent any, whatever their size: a
+    session of 2,120 items of 16 kB went out as one 32 MB piece, held in the console
+    (twice, while joined) -- with items of 256 kB, half a gigabyte per open page."""
+    await _large_session(web, "big", 53)
+    pieces = await _pieces(web, "/sessions/big/export.jsonl")
     envs = [decode(line, Envelope) for line in b"".join(pieces).splitlines()]
     assert [e.item_order for e in envs] == list(range(1, 53 * 40 + 1))
     assert max(len(p) for p in pieces) <= 2 << 20, sorted(len(p) for p in pieces)[-3:]
@@ -209,31 +227,9 @@ async def test_a_live_tail_of_large_items_is_sent_in_bounded_pieces(web: Console
     reader, whatever their size: a page opened on a session of 16 kB items got its
     history in pieces of 8 MB (with items of 256 kB: 128 MB joined at once, and 256 MB
     queued for one slow page), as the export did before it was bounded by bytes."""
-    import socket
-    import time
-    from urllib.parse import urlsplit
-
-    for k in range(40):
-        await web.client.append("big-live", [said("Triage", f"{k}-{i} " + "x" * 16_000) for i in range(40)])
-    port = urlsplit(web.url).port
-    assert port is not None
-
-    def chunks() -> list[bytes]:
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-            s.sendall(b"GET /sessions/big-live/live?after=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            f = s.makefile("rb")
-            assert f.readline().startswith(b"HTTP/1.1 200")
-            while f.readline() not in (b"\r\n", b""):
-                pass
-            time.sleep(3)  # a slow page: the console queues what the follower reads meanwhile
-            out: list[bytes] = []
-            while b"id: 1600\n" not in (out[-1] if out else b""):  # chunked: every piece as it was sent
-                n = int(f.readline().split(b";")[0], 16)
-                out.append(f.read(n))
-                f.readline()
-            return out
-
-    pieces = await asyncio.to_thread(chunks)
+    await _large_session(web, "big-live", 40)
+    # A slow page: the console queues what the follower reads meanwhile.
+    pieces = await _pieces(web, "/sessions/big-live/live?after=0", pause=3, until=b"id: 1600\n")
     orders = [int(line[4:]) for line in b"".join(pieces).splitlines() if line.startswith(b"id: ")]
     assert orders == list(range(1, 1601))
     assert max(len(p) for p in pieces) <= 2 << 20, sorted(len(p) for p in pieces)[-3:]
