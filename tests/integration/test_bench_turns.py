@@ -10,6 +10,7 @@ import argparse
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,11 +143,9 @@ def _no_constant(name: str) -> object:
     raise AssertionError(f"not JSON: {name}")
 
 
-# A turn never answered was counted twice: lost (its wait timed out) and, since the
-# closed loop counts every exception of an op, an error too; the table read
-# "lost 3, errors 3" for three turns, where the alternating phases (and the docs:
-# errors are turns whose send failed or that ended in a failure) counted it lost only
-async def test_an_unanswered_turn_is_lost_not_also_an_error(log_url: str) -> None:
+async def _nobody_answers(log_url: str, prefix: str, sessions: int, duration: float) -> Any:
+    """A closed-loop phase of plain turns (``sessions`` at once, for ``duration`` s) with
+    no worker running: every turn waits 0.3 s and is lost."""
     from services.bench.turns import PLAIN, _phase
     from services.bench.turns_watch import ReplyWatcher
     from shared.client import LogClient
@@ -155,15 +154,23 @@ async def test_an_unanswered_turn_is_lost_not_also_an_error(log_url: str) -> Non
     client = await LogClient.connect(log_url, settings=Settings(nats_url=log_url))
     watcher = ReplyWatcher(client)
     try:
-        await watcher.start()  # no worker runs: nobody answers
+        await watcher.start()
 
         def op(i: int) -> object:
-            return watcher.turn(f"tb-unanswered-{i}", PLAIN, to="L1Billing", within=0.3)
+            return watcher.turn(f"{prefix}-{i}", PLAIN, to="L1Billing", within=0.3)
 
-        phase = await _phase("plain turns, nobody answers", watcher, None, client, 2, 0.5, op)
+        return await _phase("plain turns, nobody answers", watcher, None, client, sessions, duration, op)
     finally:
         await watcher.stop()
         await client.close()
+
+
+# A turn never answered was counted twice: lost (its wait timed out) and, since the
+# closed loop counts every exception of an op, an error too; the table read
+# "lost 3, errors 3" for three turns, where the alternating phases (and the docs:
+# errors are turns whose send failed or that ended in a failure) counted it lost only
+async def test_an_unanswered_turn_is_lost_not_also_an_error(log_url: str) -> None:
+    phase = await _nobody_answers(log_url, "tb-unanswered", 2, 0.5)
     assert phase.ops == 0 and phase.lost >= 2, (phase.ops, phase.lost, phase.errors)
     assert phase.errors == 0, (phase.lost, phase.errors)
 
@@ -212,23 +219,8 @@ async def test_a_turn_bench_that_lost_turns_exits_1_naming_them(
 ) -> None:
     from services.bench import turns
     from services.bench.measure import losses_exit_code
-    from services.bench.turns import PLAIN, _phase
-    from services.bench.turns_watch import ReplyWatcher
-    from shared.client import LogClient
-    from shared.config import Settings
 
-    client = await LogClient.connect(log_url, settings=Settings(nats_url=log_url))
-    watcher = ReplyWatcher(client)
-    try:
-        await watcher.start()  # no worker runs: nobody answers
-
-        def op(i: int) -> object:
-            return watcher.turn(f"tb-exit-{i}", PLAIN, to="L1Billing", within=0.3)
-
-        phase = await _phase("plain turns, nobody answers", watcher, None, client, 1, 0.2, op)
-    finally:
-        await watcher.stop()
-        await client.close()
+    phase = await _nobody_answers(log_url, "tb-exit", 1, 0.2)
     assert phase.lost >= 1
     capsys.readouterr()
     assert turns.exit_code([phase]) == 1
