@@ -234,7 +234,9 @@ class Routing:
         an operator's tool: it needs write access to the bucket, which workers do not have).
 
         The checkpoint names the last handoff (order 0 and the entry agent without one),
-        so workers can check it against the log.
+        so workers can check it against the log.  The entry agent is not in the log: it
+        is taken from the stored value, and without one it is the spec's (a ``to`` lost
+        from the bucket is not recovered).
 
         Returns:
             The stored checkpoint, or ``None`` for a session with no items.
