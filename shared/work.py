@@ -70,6 +70,7 @@ __all__ = [
     "starts_no_turn",
     "notice_msg_id",
     "publish_notice",
+    "was_forwarded",
     "work_entry_subject",
     "work_stream_name",
     "work_subject",
@@ -145,6 +146,13 @@ def work_entry_subject(subjects: Subjects) -> str:
 def notice_msg_id(session_id: str, item_order: int, forwarded_to: str | None = None) -> str:
     base = f"{session_id}:{item_order}"
     return base if forwarded_to is None else f"{base}:{forwarded_to}"
+
+
+def was_forwarded(headers: dict[str, str] | None, notice: Notice) -> bool:
+    """Whether a delivered notice is one a worker forwarded (its ``Nats-Msg-Id`` names
+    the agent it was sent on to), not the log service's or a handing-off worker's."""
+    msg_id = (headers or {}).get("Nats-Msg-Id", "")
+    return msg_id.startswith(notice_msg_id(notice.session_id, notice.item_order) + ":")
 
 
 def handoff_target_of(data: dict[str, Any]) -> str | None:

@@ -31,7 +31,7 @@ from shared import tracing
 from shared.failures import Backoff, is_transient
 from shared.messages import Envelope
 from shared.subjects import Subjects
-from shared.work import Notice
+from shared.work import Notice, was_forwarded
 
 from .parts import Decision, PartFinder, announce_handoff, forward
 from .routing import Routing
@@ -118,7 +118,8 @@ class NoticeHandler:
         started = time.perf_counter()
         sid, order = notice.session_id, notice.item_order
         try:
-            decision = await self.finder.decide(notice, fresh=self._attempts(msg) == 1)
+            decision = await self.finder.decide(notice, fresh=self._attempts(msg) == 1,
+                                                forwarded=was_forwarded(msg.headers, notice))
             part = decision.part
             if decision.forward_to is not None:
                 await forward(self.nc, self.subjects, notice, decision.forward_to)

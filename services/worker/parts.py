@@ -165,7 +165,7 @@ class PartFinder:
         if len(self._known) > self.remember:
             self._known.popitem(last=False)
 
-    async def decide(self, notice: Notice, *, fresh: bool = True) -> Decision:
+    async def decide(self, notice: Notice, *, fresh: bool = True, forwarded: bool = False) -> Decision:
         """What ``notice`` asks of this agent.
 
         ``fresh``: the notice's first delivery.  Only then do the items it
@@ -174,11 +174,18 @@ class PartFinder:
         redelivery reads it, and a first delivery that finds the session moved
         on learns it from its append's ``expected_last``.
 
+        ``forwarded``: another worker sent it on here.  Its active agent is then
+        looked up afresh (the routing bucket, checked against the log), not taken
+        from what this worker learnt: two workers that learnt different facts (a
+        session's ``to`` lost from the bucket, one of them restarted) would bounce
+        the notice between them, and the work stream drops the second forward to
+        the same agent (the same ``Nats-Msg-Id``), leaving the message unanswered.
+
         Raises: ConvlogError: the log could not be read (the caller retries later)."""
         sid, order = notice.session_id, notice.item_order
         out = Decision()
-        known = self._known.get(sid) if notice.kind == "user" else None
-        if known is None and fresh and self.carried:
+        known = self._known.get(sid) if notice.kind == "user" and not forwarded else None
+        if known is None and fresh and self.carried and not forwarded:
             known = self._first_entry(notice)
         learnt = known  # still where the routing check may start reading, if too far back for the first read
         if known is not None and not order - _AFTER_PAGE // 2 <= known[0] < order:

@@ -1,6 +1,7 @@
-"""Two workers that disagree about a session's active agent bounce its notice; the
+"""Two workers that disagree about a session's active agent bounced its notice; the
 second forward to the same agent has the same ``Nats-Msg-Id`` (``sid:order:target``)
-and is dropped by the work stream: the user message is never answered.
+and was dropped by the work stream: the user message was never answered.  A worker
+now looks a forwarded notice's agent up afresh (bucket and log), not by what it learnt.
 
 The disagreement: a Triage worker learnt from a session's first notice that its ``to``
 made L1Billing active; the bucket's value is lost and L1Billing restarts, so
@@ -11,16 +12,11 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from shared.routing import open_routing_bucket
 from tests.support.fake_openai import FakeOpenAI, text
 from tests.support.workerstack import SEED_SPEC, WorkerStack, agent_of, is_user, terminal_items
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, not fixed yet: Triage keeps the learnt `to` fact, the "
-                   "restarted L1Billing follows the spec's entry; the notice bounces and its second "
-                   "forward to L1Billing (same Nats-Msg-Id) is dropped: message 3 is never answered")
 async def test_a_notice_bounced_between_disagreeing_workers_is_still_answered(
     stack: WorkerStack, fake_openai: FakeOpenAI
 ) -> None:
