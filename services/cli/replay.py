@@ -121,7 +121,10 @@ def envelopes_from_db(path: Path, session_id: str) -> Iterator[Stored]:
     """
     if not path.exists():
         raise NotFoundError(f"no database at {path}")
-    conn = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None)
+    try:
+        conn = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None)
+    except sqlite3.Error as e:  # unreadable (its mode, a directory it is in)
+        raise BadRequestError(f"{path}: cannot open it: {e}") from e
     try:
         try:
             conn.execute("BEGIN")  # one snapshot for the rows and the summary

@@ -224,6 +224,23 @@ async def test_a_read_only_lock_file_is_named(tmp_path: Path) -> None:
     assert not (data / "convlog.db").exists()
 
 
+async def test_replay_of_an_unreadable_db_is_one_line_exit_2(tmp_path: Path) -> None:
+    # SQLite's "unable to open database file" came out of `replay --db` as a traceback, exit 1.
+    db = tmp_path / "convlog.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE items (session_id TEXT, item_order INTEGER, envelope BLOB)")
+    conn.close()
+    db.chmod(0o000)
+    try:
+        rc, out, err = await convlog(tmp_path, "replay", "s", "--db", str(db), unprivileged=True)
+    finally:
+        db.chmod(0o644)
+    assert rc == EXIT_USAGE, err
+    line = one_line(err)
+    assert line.startswith("convlog replay: ") and str(db) in line and "cannot open" in line, line
+    assert out == ""
+
+
 async def test_a_keyring_mistake_names_the_flag_or_the_variable_given(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
