@@ -286,6 +286,10 @@ def _export_file(path: Path) -> Path:
         raise BadRequestError(f"--file {path}: is a directory, not a JSONL export")
     if not path.exists():
         raise NotFoundError(f"--file {path}: no such file")
+    try:
+        path.open("rb").close()
+    except OSError as e:
+        raise BadRequestError(f"--file {path}: cannot read it: {e.strerror}") from None
     return path
 
 

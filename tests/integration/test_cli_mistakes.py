@@ -241,6 +241,21 @@ async def test_replay_of_an_unreadable_db_is_one_line_exit_2(tmp_path: Path) -> 
     assert out == ""
 
 
+async def test_replay_of_an_unreadable_file_is_one_line_exit_2(tmp_path: Path) -> None:
+    # A bad path is exit 2 (as `send --file` says it); `replay --file` said it with exit 1.
+    export = tmp_path / "export.jsonl"
+    export.write_text("{}\n")
+    export.chmod(0o000)
+    try:
+        rc, out, err = await convlog(tmp_path, "replay", "s", "--file", str(export), unprivileged=True)
+    finally:
+        export.chmod(0o644)
+    assert rc == EXIT_USAGE, err
+    line = one_line(err)
+    assert line.startswith("convlog replay: ") and str(export) in line and "cannot read" in line, line
+    assert out == ""
+
+
 async def test_a_keyring_mistake_names_the_flag_or_the_variable_given(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
