@@ -265,7 +265,7 @@ class Replayer:
                 self.problem = Problem(env.item_order, env.reason)
             if env.envelope is not None:
                 self.count += 1
-                self._print(env.envelope)
+                self._print(env.envelope, self.audit.check(env.envelope)[0])
             return
         if isinstance(env, _Undecodable):
             if self.problem is None:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import io
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -321,3 +322,27 @@ async def test_two_sessions_exports_in_one_file_each_verify_with_its_own_head(
     cut.write_text(exports[0] + "".join(lines[:-2] + lines[-1:]))
     code, _, err = await _cli("replay", "s2", "--file", str(cut), "--verify", "--quiet", "--keyring", ring)
     assert code == 1 and "item_order 3: truncated" in err, err
+
+
+async def test_a_row_with_a_tampered_column_still_gets_its_signature_mark(
+    service: str, keys: Path, tmp_path: Path
+) -> None:
+    # `replay --db --verify --keyring` marks each line of the transcript; the row whose
+    # item_id column was edited came out with no mark at all (its signature unchecked).
+    ring = str(keys / "keyring.json")
+    triage = await LogClient.connect(service)
+    triage.signer = Signer.load(keys / "Triage.nk")
+    try:
+        for i in range(3):
+            await triage.append("s1", [{"agent": "Triage", "data": {"role": "assistant", "content": f"r{i}"}}])
+    finally:
+        await triage.close()
+    db = tmp_path / "convlog.db"
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE items SET item_id = 'edited' WHERE session_id = 's1' AND item_order = 2")
+    conn.close()
+    code, out, err = await _cli("replay", "s1", "--db", str(db), "--verify", "--keyring", ring)
+    assert code == 1 and "item_order 2: " in err and "item_id column 'edited'" in err, err
+    lines = out.splitlines()
+    assert len(lines) == 3 and all(line.endswith("  [signed]") for line in lines), out
