@@ -23,9 +23,10 @@ MAX_STEPS = 16
 
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
-#: Unpadded base64url in its one spelling: the unused low bits of a last
-#: character that carries 2 or 4 of them are zeros (and no 4k+1 length).
-_B64URL = re.compile(r"(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-][AQgw]|[A-Za-z0-9_-]{2}[AEIMQUYcgkosw048])?")
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+#: Unpadded base64url in its one spelling: the last character of a text of 4k+2
+#: (4k+3) characters carries 4 (2) unused low bits, which are zeros; no 4k+1 length.
+_LAST = {0: None, 2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
 _sha256 = hashlib.sha256
 
 
@@ -41,7 +42,8 @@ def unb64(text: str) -> bytes:
     decoder would skip other characters, and whatever follows a padding.  And
     only the text :func:`b64` writes: the decoder ignores the unused low bits of
     the last character, so a signature could be respelled in 16 texts."""
-    if not _B64URL.fullmatch(text):
+    last = _LAST.get(len(text) % 4, ())
+    if not _B64URL.fullmatch(text) or last is not None and text[-1] not in last:
         raise ValueError("not unpadded base64url")
     return binascii.a2b_base64(text.encode("ascii").translate(_FROM_URLSAFE) + b"=" * (-len(text) % 4))
 
