@@ -142,7 +142,7 @@ def _walk(value: Any, max_depth: int, keys: bool) -> bool:
             elif isinstance(v, Mapping | tuple | set | frozenset):  # a caller's data, as JSON sends it
                 if depth >= max_depth:
                     return False
-                if isinstance(v, Mapping) and not all(isinstance(k, str) for k in v):
+                if keys and isinstance(v, Mapping) and not all(isinstance(k, str) for k in v):
                     return False
                 nested.extend(v.values() if isinstance(v, Mapping) else v)
             elif isinstance(v, int):  # a subclass (an IntEnum)
@@ -190,7 +190,7 @@ def check_json(value: Any, path: str = "$") -> None:
         elif isinstance(v, Mapping):
             for k in v:
                 if not isinstance(k, str):
-                    raise BadRequestError(f"object key at {p} is not a string: {k!r} ({type(k).__name__})")
+                    raise _key_error(p, k)
             stack.extend((item, f"{p}.{k}", depth + 1) for k, item in v.items())
         else:
             stack.extend((item, f"{p}[{i}]", depth + 1) for i, item in enumerate(v))
@@ -209,7 +209,7 @@ def unencodable(value: Any, path: str, error: Exception) -> BadRequestError:
         elif isinstance(v, Mapping):
             for k, item in v.items():
                 if not isinstance(k, str):
-                    return BadRequestError(f"object key at {p} is not a string: {k!r} ({type(k).__name__})")
+                    return _key_error(p, k)
                 if not _is_text(k):
                     return BadRequestError(f"object key at {p} has a lone surrogate, which has no UTF-8: {k!r}")
                 stack.append((item, f"{p}.{k}"))
@@ -223,6 +223,10 @@ def unencodable(value: Any, path: str, error: Exception) -> BadRequestError:
             except (TypeError, UnicodeEncodeError) as e:
                 return BadRequestError(f"value at {p} has no JSON form: {e}")
     return BadRequestError(f"{path} has no JSON form: {error}")
+
+
+def _key_error(path: str, key: Any) -> BadRequestError:
+    return BadRequestError(f"object key at {path} is not a string: {key!r} ({type(key).__name__})")
 
 
 def _is_text(s: str) -> bool:

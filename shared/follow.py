@@ -45,7 +45,7 @@ from .messages import Envelope
 from .requester import raise_if_cancelled
 from .subjects import validate_session_id
 
-__all__ = ["follow"]
+__all__ = ["follow", "unless_denied"]
 
 log = logging.getLogger("convlog.client")
 
@@ -203,20 +203,29 @@ async def _subscribe(js: Any, subject: str, idle_check: float, denied: asyncio.E
         idle_heartbeat=max(idle_check, 1.0),
         config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT),
     ))
+    try:
+        done = await unless_denied(attempt, denied)
+    except asyncio.CancelledError:
+        await _settle(attempt)
+        raise
+    if done:
+        return attempt.result()
+    attempt.add_done_callback(_drop)
+    return None
+
+
+async def unless_denied(attempt: asyncio.Future[Any], denied: asyncio.Event | None) -> bool:
+    """Wait for ``attempt`` (a JetStream API request) or until ``denied`` is set: the
+    server refused this user such a request, and nats-py would wait out the request's
+    timeout.  True when ``attempt`` is done; else it is still out (the caller's)."""
     refused = asyncio.ensure_future(denied.wait()) if denied is not None else None
     try:
         await asyncio.wait({attempt} if refused is None else {attempt, refused},
                            return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        await _settle(attempt)
-        raise
     finally:
         if refused is not None:
             refused.cancel()
-    if attempt.done():
-        return attempt.result()
-    attempt.add_done_callback(_drop)
-    return None
+    return attempt.done()
 
 
 async def _settle(attempt: asyncio.Future[Any]) -> None:

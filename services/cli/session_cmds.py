@@ -125,16 +125,15 @@ async def _known_agents(client: Any, settings: Settings) -> tuple[set[str], str]
         raise BadRequestError(f"bad agent spec: {e}") from e
     where = f"the spec {path}"
     js = client.nc.jetstream()
+    from shared.follow import unless_denied
     from shared.work import work_stream_name
 
     listing = asyncio.ensure_future(js.consumers_info(work_stream_name(client.subjects)))
     # A user that may not list them (the `client` role, the gateway): the server refuses
     # the request and no answer comes; do not wait out the JetStream timeout for it.
-    refused = asyncio.ensure_future(client.consumers_denied.wait())
     try:
-        await asyncio.wait({listing, refused}, return_when=asyncio.FIRST_COMPLETED)
+        await unless_denied(listing, client.consumers_denied)
     finally:
-        refused.cancel()
         if not listing.done():
             listing.cancel()
     try:
