@@ -224,35 +224,30 @@ async def test_a_read_only_lock_file_is_named(tmp_path: Path) -> None:
     assert not (data / "convlog.db").exists()
 
 
-async def test_replay_of_an_unreadable_db_is_one_line_exit_2(tmp_path: Path) -> None:
-    # SQLite's "unable to open database file" came out of `replay --db` as a traceback, exit 1.
-    db = tmp_path / "convlog.db"
-    conn = sqlite3.connect(db)
-    conn.execute("CREATE TABLE items (session_id TEXT, item_order INTEGER, envelope BLOB)")
-    conn.close()
-    db.chmod(0o000)
+# `replay --db` on a file SQLite cannot open ("unable to open database file") came out as a
+# traceback, exit 1; `replay --file` on one it may not read said so with exit 1, where a bad
+# path is exit 2 (as `send --file` says it).
+@pytest.mark.parametrize(("flag", "name", "words"), [
+    ("--db", "convlog.db", "cannot open"), ("--file", "export.jsonl", "cannot read"),
+])
+async def test_replay_of_an_unreadable_db_or_file_is_one_line_exit_2(
+    tmp_path: Path, flag: str, name: str, words: str
+) -> None:
+    path = tmp_path / name
+    if flag == "--db":
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE items (session_id TEXT, item_order INTEGER, envelope BLOB)")
+        conn.close()
+    else:
+        path.write_text("{}\n")
+    path.chmod(0o000)
     try:
-        rc, out, err = await convlog(tmp_path, "replay", "s", "--db", str(db), unprivileged=True)
+        rc, out, err = await convlog(tmp_path, "replay", "s", flag, str(path), unprivileged=True)
     finally:
-        db.chmod(0o644)
+        path.chmod(0o644)
     assert rc == EXIT_USAGE, err
     line = one_line(err)
-    assert line.startswith("convlog replay: ") and str(db) in line and "cannot open" in line, line
-    assert out == ""
-
-
-async def test_replay_of_an_unreadable_file_is_one_line_exit_2(tmp_path: Path) -> None:
-    # A bad path is exit 2 (as `send --file` says it); `replay --file` said it with exit 1.
-    export = tmp_path / "export.jsonl"
-    export.write_text("{}\n")
-    export.chmod(0o000)
-    try:
-        rc, out, err = await convlog(tmp_path, "replay", "s", "--file", str(export), unprivileged=True)
-    finally:
-        export.chmod(0o644)
-    assert rc == EXIT_USAGE, err
-    line = one_line(err)
-    assert line.startswith("convlog replay: ") and str(export) in line and "cannot read" in line, line
+    assert line.startswith("convlog replay: ") and str(path) in line and words in line, line
     assert out == ""
 
 
