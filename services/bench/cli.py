@@ -93,8 +93,9 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                         "2 workers")
     p.add_argument("--levels", type=_levels, default=[1, 8, 32, 128], metavar="N,N,...",
                    help="with --turns: concurrent sessions per phase (default 1,8,32,128)")
-    p.add_argument("--turn-rate", type=positive_float, default=300.0, metavar="N",
-                   help="with --turns: turns a second offered in the open-loop phase (default 300)")
+    p.add_argument("--turn-rate", type=positive_float, default=None, metavar="N",
+                   help="with --turns: turns a second offered in the open-loop phase (default: half "
+                        "the closed loop's rate at the largest --levels, measured in the same run)")
     p.add_argument("--metrics-cost", action="store_true",
                    help="instead: appends/s and log-service CPU with metrics off vs on, "
                         "alternating --rounds times")

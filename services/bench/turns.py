@@ -237,7 +237,7 @@ async def run_turn_bench(url: str, args: argparse.Namespace, spec_path: Path, ag
             runs.append(await _phase(f"plain turns, {level} sessions", watcher, timings, client,
                                      level, args.duration, plain(level)))
         level = max(args.levels)
-        rate = args.turn_rate
+        rate = open_loop_rate(args.turn_rate, runs, level)
         say(f"turns: {rate:g}/s offered over {level} sessions for {args.duration:.0f}s ...")
         free: asyncio.Queue[str] = asyncio.Queue()
         for k in range(level):
@@ -273,6 +273,18 @@ async def run_turn_bench(url: str, args: argparse.Namespace, spec_path: Path, ag
         await watcher.stop()
         await client.close()
     return runs
+
+
+def open_loop_rate(asked: float | None, runs: list[Phase], level: int) -> float:
+    """The open-loop phase's offered turns/s: ``asked`` (``--turn-rate``), or by default
+    half what the closed loop of ``level`` sessions reached in this run (as the plain
+    bench's half-load phase), so the phase shows latency at a load this machine carries
+    at that moment, and a faster machine or faster code is offered more."""
+    if asked is not None:
+        return asked
+    closed = f"plain turns, {level} sessions" if level > 1 else "plain turns, 1 session, "
+    run = next(r for r in runs if r.name == closed or (level == 1 and r.name.startswith(closed)))
+    return max(1.0, round(run.rate / 2))
 
 
 def _names(agents: int) -> list[str]:

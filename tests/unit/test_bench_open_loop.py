@@ -47,3 +47,20 @@ async def test_a_closed_loop_stops_when_cancelled_even_if_an_op_swallows_the_can
     done, _ = await asyncio.wait({task}, timeout=2.0)
     assert done, "the closed loop ran on after its cancel"
     assert task.cancelled()
+
+
+# The turn bench's open loop offered a fixed 300 turns/s whatever the machine: a
+# fifth of what the closed loop reached on a quiet 2-core machine, so its p99 said
+# little about latency at a real load. By default it is now offered half the closed
+# loop's rate of the same run (as the plain bench's half-load phase).
+def test_turn_bench_open_loop_is_offered_half_the_closed_loops_rate_unless_asked() -> None:
+    from services.bench.turns import Phase, open_loop_rate
+
+    runs = [Phase("plain turns, 1 session, 20 agents", 240, 1.0, []),
+            Phase("plain turns, 8 sessions", 900, 1.0, []),
+            Phase("plain turns, 128 sessions", 5_333, 4.0, [])]
+    assert open_loop_rate(None, runs, 128) == 667  # 1,333 turns/s closed loop
+    assert open_loop_rate(None, runs, 8) == 450
+    assert open_loop_rate(None, runs, 1) == 120  # --levels 1: the one-session closed loop
+    assert open_loop_rate(500.0, runs, 128) == 500.0
+    assert open_loop_rate(None, [Phase("plain turns, 128 sessions", 1, 4.0, [])], 128) == 1.0
