@@ -22,12 +22,19 @@ taken) and keeps it out of every model input.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.client import LogClient
 from shared.config import ConfigError, Settings
 from shared.messages import Envelope
-from shared.signing import Keyring, KeyringError, LiveKeyring, turn_id_agent, writes_as
+from shared.signing import (
+    Keyring,
+    KeyringError,
+    LiveKeyring,
+    VerifiedItems,
+    turn_id_agent,
+    writes_as,
+)
 
 __all__ = ["EnvelopeGate"]
 
@@ -46,6 +53,8 @@ class EnvelopeGate:
     require: bool = False
     agent: str | None = None
     own_key: str | None = None
+    #: signatures verified already: a turn checks its whole window on every read
+    verified: VerifiedItems = field(default_factory=VerifiedItems, repr=False)
 
     @classmethod
     def from_settings(cls, client: LogClient, settings: Settings, agent: str | None = None) -> EnvelopeGate:
@@ -61,7 +70,7 @@ class EnvelopeGate:
 
     def signature_refusal(self, env: Envelope) -> str | None:
         """Why ``env`` (as the log holds it) must not be acted on for its signature, or ``None``."""
-        if self.keyring is not None and (reason := self.keyring.check_envelope(env)) is not None:
+        if self.keyring is not None and (reason := self.keyring.check_envelope(env, self.verified)) is not None:
             return f"bad signature: {reason}"
         if self.require and env.sig is None:
             return "unsigned, and signatures are required"
@@ -79,7 +88,7 @@ class EnvelopeGate:
         if env.sig is None or env.key_id is None:
             return f"unsigned under {owner!r}'s turn id" if self.require or mine else None
         if self.keyring is not None:
-            reason = self.keyring.check_envelope(env)
+            reason = self.keyring.check_envelope(env, self.verified)
             return f"bad signature: {reason}" if reason is not None else None
         # Without a keyring a signature is taken as the log service checked it (it refuses
         # a signature it cannot check, and binds turn ids to their agent's key).
