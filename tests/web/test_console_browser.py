@@ -340,6 +340,40 @@ def test_retracted_and_cleared_items_are_struck_and_the_agents_view_hides_them(
     page.wait_for_function("document.querySelectorAll('.row').length === 6")
 
 
+def test_folding_all_pairs_never_hides_a_retract_or_shows_a_retracted_output(
+        demo_web: Demo, log: LoopThread, page: Any) -> None:
+    # A tool call and its output fold into one row (the call's card): an output retracted
+    # while its call stays visible showed in that unstruck row, with no "retracted by", and
+    # in "What the agents saw" too; an output whose call alone was retracted vanished from
+    # that view, though the agents still see it.
+    sid = "web-retract-pair"
+
+    def call(cid: str, name: str) -> dict[str, Any]:
+        return {"agent": "Triage", "data": {"type": "function_call", "call_id": cid, "name": name,
+                                            "arguments": "{}"}}
+
+    def output(cid: str, text: str) -> dict[str, Any]:
+        return {"agent": "Triage", "data": {"type": "function_call_output", "call_id": cid, "output": text}}
+
+    log.run(log.client.append(sid, [call("c1", "lookup"), output("c1", "secret (retracted)"),
+                                    call("c2", "refund"), output("c2", "refunded (kept)"),
+                                    call("c3", "note"), output("c3", "noted")]))
+    log.run(log.client.append(sid, [{"agent": "Triage", "kind": "retract", "data": {"target": 2}},
+                                    {"agent": "Triage", "kind": "retract", "data": {"target": 3}}]))
+    page.goto(f"{demo_web.url}/sessions/{sid}")
+    wait_badge(page, "good")
+    page.check("#collapse")  # fold every pair
+    page.wait_for_selector(".toggle[aria-label='unfold']")  # the plain pair, 5 and 6, is one row
+    struck = page.eval_on_selector_all(".card.struck", "els => els.map(e => e.dataset.order)")
+    texts = page.locator(".card:not(.struck) .text").all_text_contents()
+    assert not any("secret" in t for t in texts), f"the retracted output shows unstruck: {texts}"
+    assert "2" in struck and "3" in struck, f"struck rows: {struck}"
+    page.check("#agents-saw")
+    page.wait_for_function("document.querySelectorAll('.row').length === 3")
+    seen = page.locator(".card .text").all_text_contents()
+    assert seen == ["lookup({})", "refunded (kept)", "note({})  ⟶  noted"], seen
+
+
 def test_ten_thousand_items_first_screen_and_verify_times(demo_web: Demo, log: LoopThread, page: Any) -> None:
     """Measured, not asserted: the figures go to the README (and are printed here)."""
     sid = "web-big-10k"

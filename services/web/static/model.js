@@ -119,8 +119,16 @@ export class Conversation {
     return lanesChanged;
   }
 
+  // A call and its output fold into one row only when a retract or clear hid both or
+  // neither: one row cannot strike one of them, nor leave it out of what the agents saw.
+  foldable(callIndex) {
+    const o = this.outputOf.get(callIndex);
+    return o !== undefined
+      && this.hiddenBy.has(this.items[callIndex].item_order) === this.hiddenBy.has(this.items[o].item_order);
+  }
+
   isCollapsed(callIndex) {
-    return this.outputOf.has(callIndex) && (this.collapseAll ? !this.collapsed.has(callIndex) : this.collapsed.has(callIndex));
+    return this.foldable(callIndex) && (this.collapseAll ? !this.collapsed.has(callIndex) : this.collapsed.has(callIndex));
   }
 
   toggle(callIndex) {

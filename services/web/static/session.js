@@ -92,7 +92,7 @@ function renderRow(r) {
   } else {
     area.append(card(env, lanes, out ? describe(out)[1] : null));
   }
-  if (conv.outputOf.has(row.i)) {
+  if (conv.foldable(row.i)) {
     const collapsed = row.pair !== undefined;
     area.firstChild.append(el("button", {
       class: "toggle", title: collapsed ? "show the call and its output" : "fold the output into the call",
