@@ -379,6 +379,10 @@ class LogClient(Requester):
     ) -> AsyncIterator[Envelope]:
         """Every envelope (or visible item, when not ``raw``) after ``after``, paging forward.
 
+        Not ``raw``, each page is visible as of the moment it is read (a ``retract``
+        or ``clear`` between two pages is not applied to the first); :meth:`items`
+        folds one history from the raw pages.
+
         The next page is requested as soon as a page with ``more`` arrives, so
         the log service reads it while this one is consumed (at most one page
         ahead; dropped if the caller stops early).  A page read ahead that
@@ -456,8 +460,14 @@ class LogClient(Requester):
         return hi
 
     async def items(self, session_id: str, *, raw: bool = True) -> list[Envelope]:
-        """The whole session (every envelope by default)."""
-        return [e async for e in self.iter_items(session_id, raw=raw)]
+        """The whole session (every envelope by default; the visible history when not ``raw``).
+
+        The visible history is folded here from the raw pages, which never change:
+        visible pages read at different moments would mix two histories when a
+        ``retract`` or ``clear`` lands between them.
+        """
+        envs = [e async for e in self.iter_items(session_id, raw=True)]
+        return envs if raw else visible(envs)
 
     async def visible(self, session_id: str) -> list[Envelope]:
         """The whole visible history."""

@@ -35,7 +35,8 @@ from shared.errors import (
     ConvlogError,
     TooLargeError,
 )
-from shared.messages import Envelope
+from shared.history import visible
+from shared.messages import Envelope, ReadReply
 from tests.support.eventually import assert_eventually
 from tests.support.logenv import (
     MAX_PAYLOAD,
@@ -169,6 +170,37 @@ async def test_iter_items_reads_ahead_and_stops_cleanly(env: Env) -> None:
     ]
     await pages.aclose()
     assert (await env.client.read("ahead", after=25)).items[0].item_order == 26
+
+
+@pytest.mark.parametrize("how", ["retract", "clear"])
+async def test_items_not_raw_is_the_visible_history_of_one_prefix(env: Env, how: str) -> None:
+    # LogClient.items(sid, raw=False) paged the visible items: each page was read as of its
+    # own head, so a retract or clear landing between two pages mixed two histories (an
+    # item hidden by then, or the items before a clear next to those after it).
+    sid = f"visible-pages-{how}"
+    for n in range(0, 40, 10):  # several pages
+        await env.client.append(sid, [user(f"{i} " + "x" * 3000) for i in range(n + 1, n + 11)])
+    hide = ({"agent": "system", "kind": "retract", "data": {"target": 1}} if how == "retract"
+            else {"agent": "system", "kind": "clear", "data": {}})
+
+    class HiddenAfterTheFirstPage(LogClient):
+        """Another writer's retract or clear commits right after the first page is read."""
+
+        pages = 0
+
+        async def read(self, session_id: str, **kw: object) -> ReadReply:
+            rep = await super().read(session_id, **kw)  # type: ignore[arg-type]
+            self.pages += 1
+            if self.pages == 1:
+                await env.client.append(sid, [hide, user("after")])
+            return rep
+
+    reader = HiddenAfterTheFirstPage(env.nc, timeout=5, deadline=10)
+    got = await reader.items(sid, raw=False)
+    assert reader.pages > 1
+    shown = [e.item_order for e in got]
+    raw = await env.client.items(sid, raw=True)
+    assert shown == [e.item_order for e in visible(raw)], f"not the visible history of the log: {shown}"
 
 
 async def test_the_next_forward_page_is_read_ahead_and_served_only_as_a_read_now_would_give_it(env: Env) -> None:
