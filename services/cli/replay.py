@@ -238,17 +238,21 @@ class Replayer:
         fmt: ``text`` (one readable line per envelope) or ``jsonl``.
         quiet: verify without printing envelopes.
         keyring: check every signature (and a signed head) against it.
+        verify: a reader that closes ``out`` early (``| head``) stops the printing,
+            not the verification (``pipe_closed`` is then true); else BrokenPipeError.
     """
 
     def __init__(
         self, out: TextIO = sys.stdout, *, fmt: str = "text", quiet: bool = False,
-        keyring: Keyring | None = None,
+        keyring: Keyring | None = None, verify: bool = False,
     ) -> None:
         if fmt not in ("text", "jsonl"):
             raise BadRequestError(f"unknown format {fmt!r}: use text or jsonl")
         self.out = out
         self.fmt = fmt
         self.quiet = quiet
+        self.verify = verify
+        self.pipe_closed = False
         self.count = 0
         self.problem: Problem | None = None
         self._prev = GENESIS_HASH
@@ -289,6 +293,14 @@ class Replayer:
             self._expected += 1
 
     def _print(self, env: Envelope, mark: str | None = None) -> None:
+        try:
+            self._write(env, mark)
+        except BrokenPipeError:
+            if not self.verify:
+                raise
+            self.quiet = self.pipe_closed = True  # the rest is verified, not printed
+
+    def _write(self, env: Envelope, mark: str | None) -> None:
         if not self.quiet:
             if self.fmt == "jsonl":
                 self.out.write(encode_envelope_line(env).decode() + "\n")
@@ -302,8 +314,13 @@ class Replayer:
         if self.problem is None:
             self.problem = self.audit.finish(session_id, self.count)
         if self.fmt == "jsonl" and not self.quiet:
-            for head in self.audit.heads:
-                self.out.write(encode_head_line(head).decode() + "\n")
+            try:
+                for head in self.audit.heads:
+                    self.out.write(encode_head_line(head).decode() + "\n")
+            except BrokenPipeError:
+                if not self.verify:
+                    raise
+                self.quiet = self.pipe_closed = True
 
     def run_sync(self, source: Iterator[Stored], session_id: str) -> None:
         for env in source:

@@ -303,7 +303,7 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
     quiet = args.quiet and args.verify
     keyring = Keyring.load(settings.keyring) if settings.keyring else None
-    rep = Replayer(sys.stdout, fmt=args.fmt, quiet=quiet, keyring=keyring)
+    rep = Replayer(sys.stdout, fmt=args.fmt, quiet=quiet, keyring=keyring, verify=args.verify)
     undecodable: list[str] = []
     where = f"--db {args.db}" if args.db else f"--file {args.file}" if args.file else "the log service"
     what = "line" if args.file else "item_order" if not args.db else "row of item_order"
@@ -331,6 +331,8 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
             await replay_from_service(client, args.session_id, rep, named)
         finally:
             await client.close()
+    if rep.pipe_closed:  # `replay --verify | head`: what is left unflushed goes nowhere, the verdict counts
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if rep.count == 0 and rep.problem is None:
         raise NotFoundError(f"session {args.session_id!r} has no items")
     if args.verify:
