@@ -213,7 +213,6 @@ async def run_sdk_bench(
     """
     agents = require_agents_sdk()
     run_id = f"sdkbench-{int(time.time() * 1000)}"
-    per_process = max(1, ops // PROCESSES)
     results: dict[str, Any] = {"ops": ops, "sdk_version": getattr(agents, "__version__", "?")}
     with tempfile.TemporaryDirectory(prefix="convlog-sdk-bench-") as tmp:
         base = Path(tmp)
@@ -238,10 +237,10 @@ async def run_sdk_bench(
                     await store.close()
             results.update(measured)
             results["sqlite"]["processes"], _ = await run_processes(
-                workers, "sqlite", str(base / "sdk_shared.db"), f"{run_id}-procs", per_process)
+                workers, "sqlite", str(base / "sdk_shared.db"), f"{run_id}-procs", ops)
             before = await service_sample(stats.nc)
             results["convlog"]["processes"], split_p = await run_processes(
-                workers, "convlog", url, f"{run_id}-procs", per_process, settings)
+                workers, "convlog", url, f"{run_id}-procs", ops, settings)
             breakdown["processes"] = (split_p, service_delta(before, await service_sample(stats.nc)))
             results["breakdown"] = breakdown
     if as_json_out:

@@ -93,13 +93,20 @@ class Workers:
         """Wait until every worker has imported what it needs."""
         await self._answers(120)
 
+    def counts(self, calls: int) -> dict[str, int]:
+        """``calls`` in all over the workers (the first ``calls % PROCESSES`` make one more)."""
+        return {tag: calls // len(self.tags) + (i < calls % len(self.tags)) for i, tag in enumerate(self.tags)}
+
     async def run(
-        self, kind: str, target: str, sid: str, count: int, settings: Settings | None = None
+        self, kind: str, target: str, sid: str, counts: dict[str, int], settings: Settings | None = None
     ) -> list[dict[str, Any]]:
-        job: dict[str, Any] = {"kind": kind, "target": target, "sid": sid, "count": count}
+        job: dict[str, Any] = {"kind": kind, "target": target, "sid": sid}
         if settings is not None:  # (over the pipe: a password never shows in a process list)
             job["settings"] = {name: getattr(settings, name) for name in CONNECTION}
-        await self._send(json.dumps(job))
+        for tag, proc in zip(self.tags, self.procs, strict=True):
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps({**job, "count": counts[tag]}).encode() + b"\n")
+            await proc.stdin.drain()
         await self._answers(60)  # every worker has its session open
         await self._send("go")  # ... and all start at once
         return await self._answers(300)
@@ -118,9 +125,9 @@ class Workers:
 
 
 async def run_processes(
-    workers: Workers, kind: str, target: str, sid: str, calls_each: int, settings: Settings | None = None
+    workers: Workers, kind: str, target: str, sid: str, calls: int, settings: Settings | None = None
 ) -> tuple[Mixing, ClientSplit]:
-    """The workers add pairs to one session at once; read it back and check.
+    """The workers add ``calls`` pairs in all to one session at once; read it back and check.
 
     ``settings``: the prefix and credentials of the log service at ``target`` (a NATS URL).
 
@@ -128,32 +135,33 @@ async def run_processes(
         What the read-back found, and the workers' summed call timings
         (:class:`~.sdk_breakdown.CallClock`).
     """
-    summaries = await workers.run(kind, target, sid, calls_each, settings)
+    counts = workers.counts(calls)
+    summaries = await workers.run(kind, target, sid, counts, settings)
     split = ClientSplit()
     for x in summaries:
         split.add(ClientSplit.from_dict(x["split"]))
     failed = sum(x["errors"] for x in summaries)
-    calls = sum(x["calls"] for x in summaries)
     seconds = max(x["seconds"] for x in summaries)  # they start together: the slowest is the wall time
     store: Sessions = SQLiteSessions(Path(target)) if kind == "sqlite" else ConvlogSessions(target, settings)
     try:
         items = await store.session(sid).get_items()
     finally:
         await store.close()
-    return check_mixing(items, workers.tags, calls_each, failed, calls, seconds), split
+    done = sum(x["calls"] for x in summaries)
+    return check_mixing(items, counts, failed, done, seconds), split
 
 
 def check_mixing(
-    items: list[dict[str, Any]], tags: list[str], calls_each: int, failed: int, calls: int,
-    seconds: float,
+    items: list[dict[str, Any]], counts: dict[str, int], failed: int, calls: int, seconds: float,
 ) -> Mixing:
+    """``counts``: the pairs each worker (by tag) was asked to add."""
     marks: list[tuple[str, int, str]] = []
     for item in items:
         content = item.get("content")
         body = content if isinstance(content, str) else content[0]["text"]
         tag, n = body[1:].split("]", 1)[0].split()
         marks.append((tag, int(n), item.get("role", "")))
-    expected = {(t, n, r) for t in tags for n in range(calls_each) for r in ("user", "assistant")}
+    expected = {(t, n, r) for t, count in counts.items() for n in range(count) for r in ("user", "assistant")}
     seen: dict[tuple[str, int, str], int] = {}
     for m in marks:
         seen[m] = seen.get(m, 0) + 1

@@ -68,6 +68,22 @@ async def test_sixteen_writer_scenarios_make_exactly_the_calls_asked(log_url: st
                 assert (got.calls, got.errors) == (ops, 0), (ops, store, key, got.calls, got.errors)
 
 
+# The four processes were given ops // 4 calls each: --sdk-ops 10 made 8 calls on the
+# shared session (up to 3 of the calls per scenario stated were never made, unreported).
+async def test_the_process_scenario_makes_exactly_the_calls_asked(log_url: str) -> None:
+    from services.bench.sdk import run_sdk_bench
+
+    out = io.StringIO()
+    await run_sdk_bench(log_url, 10, out, as_json_out=True)
+    report = json.loads(out.getvalue())
+    for store in ("sqlite", "convlog"):
+        procs = report["scenarios"]["processes"][store]
+        assert (procs["calls"], procs["failed_calls"]) == (10, 0), (store, procs)
+        assert procs["found"] == procs["expected"] == 10 * 2, (store, procs)
+        assert procs["lost"] == procs["doubled"] == procs["out_of_order"] == procs["torn"] == 0, (store, procs)
+    assert report["breakdown"]["processes"]["client"]["calls"] == 10
+
+
 def test_the_breakdown_splits_a_call_into_measured_parts() -> None:
     from services.bench.sdk_breakdown import ClientSplit, ServiceSplit
     from services.bench.sdk_report import breakdown_json
@@ -90,11 +106,11 @@ def _pair(tag: str, n: int) -> list[dict[str, object]]:
 
 def test_the_mixing_check_finds_lost_doubled_reordered_and_torn_items() -> None:
     good = _pair("p1", 0) + _pair("p2", 0) + _pair("p1", 1) + _pair("p2", 1)
-    m = check_mixing(good, ["p1", "p2"], 2, 0, 4, 1.0)
+    m = check_mixing(good, {"p1": 2, "p2": 2}, 0, 4, 1.0)
     assert (m.found, m.lost, m.doubled, m.out_of_order, m.torn) == (8, 0, 0, 0, 0)
 
     bad = _pair("p1", 1) + _pair("p1", 0) + _pair("p2", 0) + _pair("p2", 0)[:1] + _pair("p1", 1)[1:]
-    m = check_mixing(bad, ["p1", "p2"], 2, 0, 4, 1.0)
+    m = check_mixing(bad, {"p1": 2, "p2": 2}, 0, 4, 1.0)
     assert m.lost == 2  # p2's 1: both items
     assert m.doubled == 2  # p2 0 user, p1 1 assistant
     assert m.out_of_order == 1  # p1 0 after p1 1
