@@ -156,6 +156,9 @@ class Notifier:
         self._refreshing: asyncio.Task[None] | None = None
         #: traceparent per committed item, (sid, order) -> bytes (services/log/traces.py)
         self.traces: dict[tuple[str, int], bytes] = {}
+        #: No outbox pops ``traces`` (a store that writes the items itself): the notices do,
+        #: and a committed item with no notice has its entry dropped at commit.
+        self.owns_traces = False
         self.recent = Recent()  # what the notices carry
 
     def on_commit(self, committed: Sequence[Committed]) -> None:
@@ -186,6 +189,11 @@ class Notifier:
                 continue
             if is_user_message(head) and not no_turn:
                 self._start(head.session_id, head.item_order)
+        if self.owns_traces and self.traces:  # what no notice of this commit will take
+            noticed = {(p.sid, p.order) for p in self._batch}
+            for c in committed:
+                if (c.session_id, c.item_order) not in noticed:
+                    self.traces.pop((c.session_id, c.item_order), None)
         if self._batch:  # one task, one flush and one wait for the acks per commit
             batch, self._batch = self._batch, []
             self._pending += len(batch)
@@ -233,10 +241,14 @@ class Notifier:
         else the one the outbox still holds)."""
         notice = Notice(session_id=p.sid, item_order=p.order, kind="handoff" if p.handoff_to else "user",
                         ts=now(), items=p.items, entry=self._first_entry(p))
-        parent = parent or self.traces.get((p.sid, p.order))  # the outbox pops it, for the items subject
+        parent = parent or self._trace(p)  # the outbox pops it, for the items subject
         headers = {"traceparent": parent.decode()} if parent else {}
         headers["Nats-Msg-Id"] = p.msg_id
         return subject, encode_notice(notice), headers
+
+    def _trace(self, p: _Pending) -> bytes | None:
+        key = (p.sid, p.order)
+        return self.traces.pop(key, None) if self.owns_traces else self.traces.get(key)
 
     def was_sent(self, msg_id: str) -> bool:
         return msg_id in self._sent
@@ -405,7 +417,7 @@ class Notifier:
         messages: list[Message] = []
         # Before the first await (a routing lookup): the outbox pops each item's trace
         # context as it publishes the item, and it does not wait for this.
-        parents = [self.traces.get((p.sid, p.order)) for p in batch]
+        parents = [self._trace(p) for p in batch]
         try:
             for p, parent in zip(batch, parents, strict=True):
                 if p.handoff_to is not None:

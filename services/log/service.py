@@ -265,6 +265,7 @@ class LogService(Endpoints):
         # a turn notice carries the user message's trace where the outbox has it.
         trace_map: dict[tuple[str, int], bytes] = self.outbox.traces if self.outbox else {}
         self.notifier.traces = trace_map  # the worker's turn continues the user message's trace
+        self.notifier.owns_traces = self.outbox is None
         self.traces = ServiceTraces(trace_map) if tracing.enabled() else None
         # The reconciler's consumer takes only what the items stream stores after it is
         # created (on a first start): it must be there before the first commit.
