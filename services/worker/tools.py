@@ -208,6 +208,10 @@ def _in_own_task(awaitable: Any) -> asyncio.Future[Any]:
     def passed_on(f: asyncio.Future[Any]) -> None:
         if f.cancelled():  # timed out, or the turn is cancelled
             task.cancel()
+            # Nobody waits for it now, and neither does the exit: asyncio.run waits at
+            # its end for every task it cancels, so one that swallows its cancellation
+            # (forever) held the process after its shutdown.
+            asyncio._unregister_task(task)
 
     task.add_done_callback(settle)
     future.add_done_callback(passed_on)
