@@ -211,7 +211,11 @@ def _in_own_task(awaitable: Any) -> asyncio.Future[Any]:
             # Nobody waits for it now, and neither does the exit: asyncio.run waits at
             # its end for every task it cancels, so one that swallows its cancellation
             # (forever) held the process after its shutdown.
-            asyncio._unregister_task(task)
+            # asyncio's own (private) unregistering, where this Python has it; else the
+            # exit waits for such a tool, as before.
+            unregister = getattr(asyncio, "_unregister_task", None)
+            if unregister is not None:
+                unregister(task)
 
     task.add_done_callback(settle)
     future.add_done_callback(passed_on)
