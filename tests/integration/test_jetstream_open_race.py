@@ -7,6 +7,7 @@ import asyncio
 import nats
 
 from services.log.store.jetstream import JetStreamStore
+from shared.failures import StreamConfigError
 from shared.subjects import Subjects
 from tests.support.natsd import NatsServer
 
@@ -27,5 +28,35 @@ async def test_two_stores_opening_at_once_both_open_and_the_fan_out_has_its_sour
         try:
             info = await nc.jetstream().stream_info(subjects.stream_name)
             assert len(info.config.sources or []) == 3
+        finally:
+            await nc.close()
+
+
+async def test_two_stores_of_different_shard_counts_opening_at_once_one_is_refused(
+    nats_server: NatsServer,
+) -> None:
+    # Each loses the race for a stream to the other only as "name in use": the
+    # stream the other made, with its shard count, must refuse it as an existing one does.
+    for i in range(5):
+        subjects = Subjects(f"shardrace{i}")
+        stores = [JetStreamStore({"servers": [nats_server.url]}, subjects=subjects, shards=n) for n in (2, 3)]
+        results = await asyncio.gather(*(s.open() for s in stores), return_exceptions=True)
+        try:
+            opened = [s for s, r in zip(stores, results, strict=True) if r is None]
+            refused = [r for r in results if r is not None]
+            assert len(opened) == 1, results
+            assert isinstance(refused[0], StreamConfigError), refused
+            assert f"created with CONVLOG_SHARDS={opened[0].layout.shards}, not" in str(refused[0])
+        finally:
+            for s, r in zip(stores, results, strict=True):
+                if r is None:
+                    await s.close()
+        nc = await nats.connect(nats_server.url)
+        try:
+            names = sorted(await nc.jetstream().streams_info(), key=lambda s: s.config.name)
+            mine = [s for s in names if s.config.name.startswith(subjects.stream_name.removesuffix("_ITEMS"))]
+            want = opened[0].layout.shards
+            assert sorted(s.config.name for s in mine) == sorted([subjects.stream_name, *opened[0].layout.log_streams])
+            assert {s.config.metadata["convlog_shards"] for s in mine} == {str(want)}
         finally:
             await nc.close()

@@ -244,6 +244,14 @@ async def _refuse_foreign_overlap(
                 "another CONVLOG_PREFIX", error)
 
 
+async def _created_by_another(nc: Client, name: str, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+    """The info of stream ``name``, which another instance created first."""
+    info = await _api(nc, f"STREAM.INFO.{name}", None, timeout)
+    if "error" in info:
+        raise _failed(f"stream {name}", info)
+    return info
+
+
 async def ensure_streams(
     nc: Client, layout: Layout, *, replicas: int = 1, timeout: float = 5.0, create: bool = True  # noqa: ASYNC109
 ) -> None:
@@ -301,12 +309,17 @@ async def ensure_streams(
     for k in missing:
         name = layout.log_streams[k]
         created = await _api(nc, f"STREAM.CREATE.{name}", layout.log_stream_config(k, replicas), timeout)
-        if "error" in created and created["error"].get("err_code") != _STREAM_NAME_IN_USE:  # another instance won the race
-            raise _failed(f"cannot create stream {name}", created)
+        if "error" in created:
+            if created["error"].get("err_code") != _STREAM_NAME_IN_USE:
+                raise _failed(f"cannot create stream {name}", created)
+            # Another instance won the race: its stream, made with its shard count, must fit ours.
+            _check_shards(layout, name, (await _created_by_another(nc, name, timeout))["config"])
     if items is None:
         created = await _api(nc, f"STREAM.CREATE.{layout.stream}", layout.items_stream_config(replicas), timeout)
-        if "error" in created and created["error"].get("err_code") != _STREAM_NAME_IN_USE:
-            raise _failed(f"cannot create stream {layout.stream}", created)
+        if "error" in created:
+            if created["error"].get("err_code") != _STREAM_NAME_IN_USE:
+                raise _failed(f"cannot create stream {layout.stream}", created)
+            _check_shards(layout, layout.stream, (await _created_by_another(nc, layout.stream, timeout))["config"])
         return
     have = {s.get("name") for s in items.get("sources") or []}
     if have != set(layout.log_streams) or not items.get("allow_direct"):
