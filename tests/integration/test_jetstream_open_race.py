@@ -60,3 +60,43 @@ async def test_two_stores_of_different_shard_counts_opening_at_once_one_is_refus
             assert {s.config.metadata["convlog_shards"] for s in mine} == {str(want)}
         finally:
             await nc.close()
+
+
+async def test_a_deleted_log_stream_is_refused_not_made_again_empty(nats_server: NatsServer) -> None:
+    # One <PREFIX>_LOG_k deleted by hand was created again, empty, at the next start:
+    # its sessions vanished from reads and began again at item_order 1, while the
+    # fan-out still held their items (two item 1s on one items subject).
+    from tests.contract.store_helpers import item, req
+
+    subjects = Subjects("gone")
+    store = JetStreamStore({"servers": [nats_server.url]}, subjects=subjects, shards=2)
+    await store.open()
+    try:
+        sids = [f"s{i}" for i in range(8)]
+        assert {store.layout.shard_of(s) for s in sids} == {0, 1}
+        for sid in sids:
+            await store.append(sid, req(item(f"{sid}-1")))
+    finally:
+        await store.close()
+    lost = store.layout.log_streams[1]
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        for _ in range(100):  # the fan-out's copies trail the log
+            if (await js.stream_info(subjects.stream_name)).state.messages == 8:
+                break
+            await asyncio.sleep(0.05)
+        await js.delete_stream(lost)
+        again = JetStreamStore({"servers": [nats_server.url]}, subjects=subjects, shards=2)
+        try:
+            await again.open()
+        except StreamConfigError as e:
+            assert f"stream {lost} of this log is gone" in str(e), e
+        else:
+            await again.close()
+            raise AssertionError("a store over a log missing one of its streams opened")
+        names = {s.config.name for s in await js.streams_info()}
+        assert lost not in names and store.layout.log_streams[0] in names  # nothing made again
+        assert (await js.stream_info(subjects.stream_name)).state.messages == 8  # the fan-out kept its items
+    finally:
+        await nc.close()

@@ -303,6 +303,18 @@ async def ensure_streams(
         else:
             _check_shards(layout, name, got["config"])
             _check_log_stream(layout, k, got["config"])
+    if items is not None and (items.get("metadata") or {}).get(SHARDS_KEY) is not None:
+        # The fan-out is made last, after every log stream: one of its sources missing now
+        # was deleted. Made again empty, its sessions would vanish from reads and start over
+        # at item_order 1 while the fan-out still holds their items.
+        sourced = {src.get("name") for src in items.get("sources") or []}
+        gone = [layout.log_streams[k] for k in missing if layout.log_streams[k] in sourced]
+        if gone:
+            _refuse(
+                f"stream {', '.join(gone)} of this log is gone (deleted?) while {layout.stream} still holds "
+                f"its items: restore it, or to start the prefix afresh delete {layout.stream} and "
+                f"{', '.join(layout.log_streams)} too"
+            )
     to_create = [(layout.log_streams[k], layout.log_all(k)) for k in missing]
     await _refuse_foreign_overlap(nc, layout, to_create + ([(layout.stream, layout.items_all)] if items is None else []),
                                   timeout)
