@@ -241,6 +241,9 @@ class LogClient(Requester):
             if not self.nc.is_closed:
                 with contextlib.suppress(Exception):
                     await self.nc.drain()
+            if not self.nc.is_closed:  # drain refused (NATS away, reconnecting): close without it
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
             for fut, _ in list(self._pending.values()):  # requests in flight: no reply can come now
                 if not fut.done():
                     fut.set_result(None)

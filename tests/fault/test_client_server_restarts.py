@@ -1,0 +1,45 @@
+"""``LogClient`` against a nats-server that goes away and comes back (found in a review).
+
+* a client closed while its nats-server is down (its connection reconnecting)
+  closes its connection and ends the requests it has in flight at once, with
+  ``unavailable``: before, ``close()`` tried to drain, nats-py refused a drain
+  while reconnecting, the refusal was swallowed, and the connection stayed open,
+  reconnecting forever, while the request in flight retried to its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from shared.client import LogClient
+from shared.errors import UnavailableError
+from tests.support.natsd import NatsServer
+
+
+async def test_a_client_closed_while_nats_is_down_closes_its_connection_and_ends_its_requests(
+    nats_server: NatsServer,
+) -> None:
+    client = await LogClient.connect(nats_server.url)
+    client.timeout, client.deadline = 1.0, 30.0
+    try:
+        await asyncio.to_thread(nats_server.stop)
+        for _ in range(200):
+            if client.nc.is_reconnecting:
+                break
+            await asyncio.sleep(0.05)
+        assert client.nc.is_reconnecting
+        task = asyncio.create_task(client.append("s", [{"agent": "a", "data": {"x": 1}}]))
+        await asyncio.sleep(0.3)  # in flight: retried while the server is away
+        assert not task.done()
+        started = time.monotonic()
+        await asyncio.wait_for(client.close(), 10)
+        assert client.nc.is_closed  # not left reconnecting forever
+        with pytest.raises(UnavailableError):
+            await asyncio.wait_for(task, 20)
+        assert time.monotonic() - started < 5  # not retried to the 30 s deadline
+    finally:
+        if not client.nc.is_closed:
+            await client.nc.close()
