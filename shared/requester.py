@@ -40,6 +40,7 @@ RETRYABLE = (
     nats.errors.NoRespondersError,
     nats.errors.ConnectionClosedError,
     nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
     nats.errors.StaleConnectionError,
     nats.errors.OutboundBufferLimitError,
 )
@@ -226,8 +227,8 @@ class Requester:
 
         def stop(state: tenacity.RetryCallState) -> bool:
             # A closed connection never reopens (only close/drain, or running out
-            # of reconnects, closes it): nothing to wait for.
-            return self.nc.is_closed or time.monotonic() + _REQUEST_WAIT(state) >= end
+            # of reconnects, closes it), nor does a draining one: nothing to wait for.
+            return self.nc.is_closed or self.nc.is_draining or time.monotonic() + _REQUEST_WAIT(state) >= end
 
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception_type(RETRY_ON),

@@ -4,7 +4,11 @@
   closes its connection and ends the requests it has in flight at once, with
   ``unavailable``: before, ``close()`` tried to drain, nats-py refused a drain
   while reconnecting, the refusal was swallowed, and the connection stayed open,
-  reconnecting forever, while the request in flight retried to its deadline.
+  reconnecting forever, while the request in flight retried to its deadline;
+* a request in flight on a client closed while its nats-server is frozen
+  (SIGSTOP: the close's drain waits on the server) ends with ``unavailable``, as
+  the client documents, not with nats-py's ``ConnectionDrainingError``: its retry
+  met the draining connection, an error the retry policy did not know.
 """
 
 from __future__ import annotations
@@ -41,5 +45,28 @@ async def test_a_client_closed_while_nats_is_down_closes_its_connection_and_ends
             await asyncio.wait_for(task, 20)
         assert time.monotonic() - started < 5  # not retried to the 30 s deadline
     finally:
+        if not client.nc.is_closed:
+            await client.nc.close()
+
+
+async def test_a_request_in_flight_when_its_client_closes_on_a_frozen_server_is_unavailable(
+    nats_server: NatsServer,
+) -> None:
+    client = await LogClient.connect(nats_server.url)
+    client.timeout, client.deadline = 1.0, 30.0
+    try:
+        await asyncio.to_thread(nats_server.pause)
+        task = asyncio.create_task(client.append("s", [{"agent": "a", "data": {"x": 1}}]))
+        await asyncio.sleep(0.3)
+        assert not task.done()
+        closing = asyncio.create_task(client.close())  # its drain waits on the frozen server
+        started = time.monotonic()
+        with pytest.raises(UnavailableError):
+            await asyncio.wait_for(task, 20)
+        assert time.monotonic() - started < 5  # at its first retry, not at the deadline
+        await asyncio.to_thread(nats_server.resume)
+        await asyncio.wait_for(closing, 30)
+    finally:
+        await asyncio.to_thread(nats_server.resume)
         if not client.nc.is_closed:
             await client.nc.close()
