@@ -168,6 +168,8 @@ async def follow(
                 raise
             if not wait_out and isinstance(e, UnavailableError):
                 raise
+            if client.nc.is_closed:  # (client.close()): a closed connection never reopens
+                raise UnavailableError(f"follow {session_id}: the client's connection is closed") from e
             delay = LOOP_BACKOFF.delay(failures)
             failures += 1
             log.info("follow %s: %s; resuming after %d in %.2gs",

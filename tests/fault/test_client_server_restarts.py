@@ -8,7 +8,9 @@
 * a request in flight on a client closed while its nats-server is frozen
   (SIGSTOP: the close's drain waits on the server) ends with ``unavailable``, as
   the client documents, not with nats-py's ``ConnectionDrainingError``: its retry
-  met the draining connection, an error the retry policy did not know.
+  met the draining connection, an error the retry policy did not know;
+* a follower whose client is closed ends (``unavailable``) instead of waiting out,
+  forever, a connection that never reopens.
 """
 
 from __future__ import annotations
@@ -70,3 +72,29 @@ async def test_a_request_in_flight_when_its_client_closes_on_a_frozen_server_is_
         await asyncio.to_thread(nats_server.resume)
         if not client.nc.is_closed:
             await client.nc.close()
+
+
+async def test_a_follower_ends_when_its_client_is_closed(log_url: str) -> None:
+    client = await LogClient.connect(log_url)
+    try:
+        await client.append("s", [{"agent": "a", "data": {"x": 1}}])
+        seen: list[int] = []
+        first = asyncio.Event()
+
+        async def consume() -> None:
+            async for env in client.follow("s", idle_check=1.0):
+                seen.append(env.item_order)
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(first.wait(), 10)
+        await asyncio.sleep(0.5)  # waiting on its consumer
+        await client.close()
+        done, _ = await asyncio.wait({task}, timeout=10)
+        if not done:
+            task.cancel()
+        assert done, "the follower of a closed client never ended"
+        assert isinstance(task.exception(), UnavailableError)
+        assert seen == [1]
+    finally:
+        await client.close()
