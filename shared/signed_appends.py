@@ -24,9 +24,9 @@ from nats.aio.msg import Msg
 
 from . import tracing
 from .codec import encode, unencodable
-from .errors import BadRequestError
+from .errors import BadRequestError, UnavailableError
 from .messages import AppendItem, AppendRequest
-from .requester import RETRY_ON, Requester
+from .requester import RETRY_ON, RETRYABLE, Requester
 from .signing import MAX_BATCH, Signer, sign_batch
 from .wire import publish_many
 
@@ -93,7 +93,10 @@ class SignedAppends:
         started = time.perf_counter()
         end = time.monotonic() + c.deadline
         if c._reply_sub is None:
-            await c._subscribe_replies()
+            try:
+                await c._subscribe_replies()
+            except RETRYABLE as e:  # a closed (or closing) connection: nothing was sent
+                raise UnavailableError(f"no reply on {subject}: {type(e).__name__} (not sent)") from e
         loop = asyncio.get_running_loop()
         a = _Append(subject, sid, items, expected_last, end, loop.create_future())
         if not self._queue:

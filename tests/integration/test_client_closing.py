@@ -6,7 +6,8 @@
   that could not come);
 * a request on a closed connection, or in flight when its client is closed,
   fails at once (``unavailable``) rather than being retried until the deadline:
-  a closed connection never reopens;
+  a closed connection never reopens; so does a signed append (it raised
+  nats-py's ``ConnectionClosedError`` where an unsigned one says ``unavailable``);
 * a follower cancelled while its consumer is being made ends only once that
   create has ended and what it made is unsubscribed, so a close right after it
   does not wait out nats-py's 30 s drain (CI: ``convlog demo`` took 30 s to
@@ -27,6 +28,7 @@ from nats.js import JetStreamContext
 from shared.client import LogClient
 from shared.errors import UnavailableError
 from shared.nats_seam import bind, flush
+from shared.signing import Signer
 from shared.wire import publish_many
 from tests.support.natsd import NatsServer
 
@@ -70,6 +72,20 @@ async def test_a_request_on_a_closed_connection_fails_at_once_not_at_the_deadlin
     with pytest.raises(UnavailableError):
         await client.last_order("s")
     assert time.monotonic() - started < 10  # not retried to the 30 s deadline
+
+
+async def test_a_signed_append_on_a_closed_client_is_unavailable_as_an_unsigned_one(
+    nats_server: NatsServer,
+) -> None:
+    client = await LogClient.connect(nats_server.url)
+    client.signer, _ = Signer.generate()
+    await client.close()
+    item = {"agent": "a", "data": {"x": 1}}
+    with pytest.raises(UnavailableError):
+        await client.append("s", [item])
+    client.signer = None
+    with pytest.raises(UnavailableError):
+        await client.append("s", [item])
 
 
 async def test_an_in_flight_append_on_a_client_closed_meanwhile_ends_soon(nats_server: NatsServer) -> None:
