@@ -45,14 +45,18 @@ class SignatureAudit:
 
     Args:
         keyring: the public keyring, or ``None`` (signatures are then not checked).
+        keep: the orders a signed head may name, when they are known before the
+            items (``None``: every item's hash is kept, for heads met after the items).
     """
 
     keyring: Keyring | None = None
+    keep: frozenset[int] | None = None
     signed: int = 0
     unsigned: int = 0
     bad: int = 0
     heads: list[SignedHead] = field(default_factory=list)
-    _hashes: list[str] = field(default_factory=list)
+    _checked: int = 0
+    _hashes: dict[int, str] = field(default_factory=dict)  # order -> hash, where a head may name it
 
     @property
     def head(self) -> SignedHead | None:
@@ -61,7 +65,9 @@ class SignatureAudit:
 
     def check(self, env: Envelope) -> tuple[str, str | None]:
         """(mark for the transcript, why the signature is bad or ``None``)."""
-        self._hashes.append(env.hash)
+        self._checked += 1
+        if self.keep is None or self._checked in self.keep:
+            self._hashes[self._checked] = env.hash
         if env.sig is None and env.key_id is None:
             self.unsigned += 1
             return "unsigned", None
@@ -92,7 +98,7 @@ class SignatureAudit:
         if count < h.item_order:
             return Problem(count + 1, f"truncated: the log service signed item_order {h.item_order} "
                            f"at {h.signed_at}, but the export ends at item_order {count}")
-        if len(self._hashes) < h.item_order or self._hashes[h.item_order - 1] != h.hash:
+        if self._hashes.get(h.item_order) != h.hash:
             return Problem(h.item_order, f"forked: item_order {h.item_order} does not have the hash "
                            f"the log service signed at {h.signed_at}")
         return None

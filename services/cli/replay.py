@@ -345,6 +345,8 @@ async def replay_from_service(
 
     heads = [await read_witness_head(client.nc, client.subjects, session_id),
              await client.signed_head(session_id)]
+    # Known before the items: only their orders' hashes are kept, not the session's.
+    replayer.audit.keep = frozenset(h.item_order for h in heads if h is not None)
 
     async def source() -> AsyncIterator[Stored]:
         async for env in client.audit_items(session_id):

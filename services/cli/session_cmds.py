@@ -316,6 +316,7 @@ async def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.db or args.file:
         if args.db:
+            rep.audit.keep = frozenset()  # a database holds no signed head: no hash to keep
             source = envelopes_from_db(Path(args.db), args.session_id)
         else:
             source = envelopes_from_file(_export_file(Path(args.file)), args.session_id)

@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from services.log.store.sqlite import SQLiteStore
 from shared.chain import item_hash
 from shared.messages import AppendItem, AppendRequest, Envelope
@@ -268,3 +270,26 @@ def test_an_export_of_another_session_with_a_signed_head_has_no_items_of_this_on
         r = convlog("replay", "golden-support-2", "--file", str(export), *verify, tmp=tmp_path)
         assert (r.returncode, r.stdout) == (2, ""), (verify, r.returncode, r.stdout, r.stderr)
         assert "session 'golden-support-2' has no items" in r.stderr, r.stderr
+
+
+def test_replay_db_verify_holds_no_hash_per_item(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``replay --db`` streams the rows, but the signature audit kept every item's hash
+    (~120 bytes an item) for a signed head a database never holds: memory grew with the
+    session. The hashes are kept only for the orders a head names."""
+    import tracemalloc
+
+    from services.cli.main import main
+
+    peaks = []
+    for n in (1_000, 1_000, 9_000):  # the first run imports what replay uses
+        db = tmp_path / f"{n}.db"
+        if not db.exists():
+            build_db(db, {"s": n})
+        tracemalloc.start()
+        try:
+            assert main(["replay", "s", "--db", str(db), "--verify", "--quiet"]) == 0
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        assert f"verified: s: {n} items" in capsys.readouterr().err
+    assert peaks[2] - peaks[1] < 200_000, f"8,000 more items held {peaks[2] - peaks[1]} more bytes"
