@@ -375,10 +375,19 @@ class ConvlogSession(HidingEdits, AuthorTracking):
         # Page the raw envelopes (they never change, so the pages are one prefix
         # 1..k of the log) and fold them here: visible pages read at different
         # times would mix histories when a retract or clear lands in between.
-        raw = await self._state(client).envelopes()
-        shown = visible(raw)
-        k = raw[-1].item_order if raw else 0
-        return [env.data for env in (shown if n is None else shown[-n:])], k
+        # For the last n, only from a little before them (an item after ``start``
+        # is hidden only by a retract or clear after it), further back while short.
+        state = self._state(client)
+        span = None if n is None else 2 * n
+        last = 0 if n is None else (await state.read(tail=0)).last_order
+        while True:
+            start = 0 if span is None else max(0, last - span)
+            raw = await state.envelopes(after=start)
+            shown = visible(raw)
+            if n is None or len(shown) >= n or start == 0 or any(e.kind == "clear" for e in raw):
+                k = raw[-1].item_order if raw else start
+                return [env.data for env in (shown if n is None else shown[-n:])], k
+            span *= 4  # type: ignore[operator]
 
     @tracked
     async def add_items(self, items: list[Any], *, wrapper: Any = None) -> None:

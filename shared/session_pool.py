@@ -265,15 +265,17 @@ class SharedSession:
         self.saw(rep.last_order)
         return rep
 
-    async def envelopes(self) -> list[Envelope]:
-        """Every raw envelope of this session (pages of ``LogClient.items``), never
-        behind :attr:`floor` (read again while it is)."""
+    async def envelopes(self, after: int = 0) -> list[Envelope]:
+        """Every raw envelope of this session after ``after`` (pages of
+        ``LogClient.iter_items``), never behind :attr:`floor` (read again while it is)."""
+        async def read() -> list[Envelope]:
+            return [e async for e in self.client.iter_items(self.session_id, after=after, raw=True)]
+
         envs = await at_least(
-            self.floor, lambda: self.client.items(self.session_id, raw=True),
-            lambda got: got[-1].item_order if got else 0,
+            self.floor, read, lambda got: got[-1].item_order if got else after,
             deadline=self.client.deadline, what=f"session {self.session_id!r}",
         )
-        self.saw(envs[-1].item_order if envs else 0)
+        self.saw(envs[-1].item_order if envs else after)
         return envs
 
     def get_copy(self) -> SessionCopy:

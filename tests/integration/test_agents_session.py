@@ -255,3 +255,23 @@ def test_import_shared_does_not_import_the_sdk() -> None:
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr
+
+
+async def test_get_items_of_a_tail_over_one_reply_reads_only_the_end_of_a_long_session(
+    new_session: Callable[..., ConvlogSession], log_client: LogClient
+) -> None:
+    """The last items of a long session, over one read's reply together (large items),
+    are paged from a little before them: get_items read the whole session instead, on
+    every call (the Runner's, before each model call), time and memory growing with it."""
+    session = new_session("long_then_large")
+    for start in range(0, 10_000, 1_000):
+        await log_client.append("long_then_large", [
+            {"agent": "user", "data": {"role": "user", "content": f"m{i}" + "." * 200}}
+            for i in range(start, start + 1_000)])
+    big = [{"role": "assistant", "content": f"{i}" + "x" * 200_000} for i in range(6)]
+    for item in big:
+        await session.add_items([item])
+    received = log_client.nc.stats["in_bytes"]
+    assert await session.get_items(limit=7) == [{"role": "user", "content": "m9999" + "." * 200}, *big]
+    got = log_client.nc.stats["in_bytes"] - received
+    assert got < 4_000_000, f"received {got} bytes for 1,200,000 of items (the session: 4,400,000)"
