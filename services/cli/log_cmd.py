@@ -25,7 +25,7 @@ from .common import (
     non_negative_float,
     setting_source,
 )
-from .storage import check_data_dir, check_service_db
+from .storage import DatabaseInUseError, check_data_dir, check_service_db, db_in_use
 
 __all__ = ["cmd_log", "log_arguments"]
 
@@ -66,6 +66,8 @@ async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
     if settings.store == "sqlite":
         check_service_db(settings.db_path, name=db_source(args, settings),
                          data_dir_name=setting_source(args, "data_dir"))
+        if db_in_use(settings.db_path):  # one runs: not "unavailable" (exit 3), and no wait for NATS
+            raise DatabaseInUseError(f"a log service already holds {settings.db_path}; stop it first")
     if settings.embedded:  # the embedded server's JetStream store lives there
         check_data_dir(settings.data_dir, name=setting_source(args, "data_dir"))
     if args.start_wait and not (settings.embedded and is_loopback(settings.nats_url)):

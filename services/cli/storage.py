@@ -18,7 +18,7 @@ from pathlib import Path
 
 from shared.config import ConfigError
 
-__all__ = ["check_data_dir", "check_service_db", "db_lock_path", "db_in_use"]
+__all__ = ["DatabaseInUseError", "check_data_dir", "check_service_db", "db_lock_path", "db_in_use"]
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 #: Tables and columns that make an SQLite file a convlog log.
@@ -113,6 +113,10 @@ def check_service_db(db: Path, *, name: str | None, data_dir_name: str = "CONVLO
     for path in (parent, db_lock_path(db), Path(f"{db}-wal"), Path(f"{db}-shm")):
         if path.exists() and not os.access(path, os.W_OK):
             raise ConfigError(f"{label}: {path} is not writable (read-only?)")
+
+
+class DatabaseInUseError(RuntimeError):
+    """A log service holds the database: one line, exit 1 (a stack already running)."""
 
 
 def db_in_use(db: Path) -> bool:

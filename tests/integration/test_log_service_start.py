@@ -6,6 +6,7 @@ Real nats-server processes and the real log service (in-process, SQLite).
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +222,34 @@ async def test_a_shutdown_while_the_store_opens_leaves_nothing_open(nats_server:
     left = [t for t in set(threading.enumerate()) - before if t.is_alive() and not t.daemon]
     assert not left, left
     assert service.nc is None or service.nc.is_closed
+
+
+async def test_a_second_log_service_on_the_same_sqlite_file_says_one_runs_and_exits_1(
+    nats_server: NatsServer, log_url: str, log_client: LogClient, tmp_path: Path
+) -> None:
+    # `convlog log` beside a running one on the same --db said "unavailable: ... in use by
+    # another log service" and exited 3, the code for "NATS or the log service is not
+    # reachable or not running", while one runs (`convlog up` and `migrate` exit 1 there);
+    # with no NATS to reach it first waited up to --start-wait for JetStream, then said
+    # NATS was unreachable. It is refused at once, exit 1, and changes nothing.
+    db = tmp_path / "convlog.db"  # the log_url service's file
+    await log_client.append("s", [{"agent": "user", "data": {"role": "user", "content": "one"}}])
+    data = tmp_path / "second"
+    data.mkdir()
+    dead = "nats://127.0.0.1:1"  # nothing listens there
+    for url in (nats_server.url, dead):
+        code, _, err = await run_cli("log", "--nats-url", url, "--no-embedded", "--db", str(db),
+                                     env=service_env(data), timeout=20)
+        lines = err.strip().splitlines()
+        assert code == 1, (url, err)
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert lines[0].startswith("convlog log: ") and str(db) in lines[0] and "stop it first" in lines[0], err
+    # With JSON logs, that line is one JSON object too.
+    code, _, err = await run_cli("log", "--nats-url", nats_server.url, "--no-embedded", "--db", str(db),
+                                 env={**service_env(data), "CONVLOG_LOG_FORMAT": "json"}, timeout=20)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "stop it first" in json.loads(err)["msg"], err
+    # The running service is untouched: it still serves, and the log holds what it wrote.
+    reply = await log_client.append("s", [{"agent": "user", "data": {"role": "user", "content": "two"}}])
+    assert reply.first_order == 2
+    assert [e.data["content"] for e in await log_client.items("s")] == ["one", "two"]
