@@ -12,6 +12,8 @@ a bug once (found in a review):
 * a second retract of an item does not make it visible again to a read as of an
   order between the two retracts;
 * a second store opened through a symlink takes the same one-writer lock;
+* a log service on a hard link of a held database is refused too (it ran, on a WAL
+  of its own);
 * an item whose envelope could not be published on ``convlog.items`` (over the
   server's max payload) is refused ``too_large`` before it is committed (it was
   committed, then stopped the outbox and the service, again at every start);
@@ -44,6 +46,7 @@ from shared.signing import Signer
 from shared.subjects import Subjects
 from tests.contract.store_helpers import BIG, item, req, retract
 from tests.support.natsd import NatsServer
+from tests.support.procs import run_cli, service_env
 
 #: a nats-server max payload small enough to reach with one item
 MAX_PAYLOAD = 64 * 1024
@@ -180,6 +183,37 @@ async def test_a_second_store_through_a_symlink_is_refused(tmp_path: Path) -> No
         assert db_in_use(tmp_path / "alias.db") and db_in_use(real)
     finally:
         await second.close()
+        await first.close()
+
+
+async def test_a_log_service_on_a_hard_link_of_a_held_database_is_refused(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # The lock file is named after the name the store was given: a hard link (another
+    # name of the same file, as `cp -al` snapshots make) took another lock file, and a
+    # second log service on it started, acknowledged appends into a WAL of its own
+    # (`<link>-wal`) the first never reads, and checkpointed them into the shared file.
+    real = tmp_path / "log.db"
+    first = SQLiteStore(real)
+    await first.open()
+    try:
+        await first.append("s", req(item("one")))
+        link = tmp_path / "link.db"
+        os.link(real, link)
+        data = tmp_path / "data"
+        data.mkdir()
+        try:
+            code, _, err = await run_cli("log", "--nats-url", nats_server.url, "--no-embedded", "--db", str(link),
+                                         env=service_env(data), timeout=15)
+        except TimeoutError:
+            pytest.fail("a second log service ran on a hard link of the database")
+        assert code != 0, err
+        assert "log service ready" not in err and "in use by another log service" in err, err
+        wal = tmp_path / "link.db-wal"  # a read-only look at the file may leave it, empty
+        assert not wal.exists() or wal.stat().st_size == 0, "it wrote to a WAL of its own"
+        page = await first.read("s", after=0, limit=10, max_bytes=BIG)
+        assert [msgspec.json.decode(e)["data"]["content"] for e in page.items] == ["one"]
+    finally:
         await first.close()
 
 

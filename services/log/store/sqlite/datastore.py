@@ -64,6 +64,7 @@ class SQLiteDatastore:
         self.commit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convlog-commit")
         self._ckpt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convlog-checkpoint")
         self._lock_fd: int | None = None
+        self._file_fd: int | None = None  # the database file itself, locked too (see _take_lock)
         self._checkpointer: asyncio.Task[None] | None = None
         self._closed = False
         # Checkpoints compete with commits for the disk: every 0.25-0.5 s put
@@ -159,8 +160,29 @@ class SQLiteDatastore:
                 f"SQLite store {self.path} is in use by another log service (lock {lock_path})"
             ) from e
         self._lock_fd = fd
+        # The lock file is named after this name of the database: another name of the same
+        # file (a hard link) takes another one, so the file itself is locked too.  flock, not
+        # SQLite's POSIX locks, which it leaves alone; its descriptor is closed only after
+        # SQLite's connections (closing it would drop this process's POSIX locks on the file).
+        try:
+            file_fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)  # empty: SQLite makes a new database of it
+        except OSError as e:
+            self._release_lock()
+            raise UnavailableError(f"cannot open SQLite store {self.path}: {e}") from e
+        try:
+            fcntl.flock(file_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(file_fd)
+            self._release_lock()
+            raise UnavailableError(
+                f"SQLite store {self.path} is in use by another log service (under another name: a hard link)"
+            ) from e
+        self._file_fd = file_fd
 
     def _release_lock(self) -> None:
+        if self._file_fd is not None:
+            os.close(self._file_fd)
+            self._file_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
