@@ -106,6 +106,13 @@ class HeadWitness:
 
     async def start(self) -> None:
         self._kv = await _bucket(self.nc, self.subjects, create=True, replicas=self.replicas)
+        # The sessions written last before this start (SQLite: this process is their only
+        # writer): a crash (kill -9) may have come before their heads were signed, and an
+        # idle session would otherwise keep its newest items unwitnessed for good.
+        recent = getattr(self.store, "recent_heads", None)
+        if recent is not None:
+            for sid, raw in await recent(2 * self.interval):
+                self._dirty.setdefault(sid, raw)
         self._task = asyncio.create_task(self._loop(), name="convlog-head-witness")
 
     def on_commit(self, batch: Sequence[Committed]) -> None:

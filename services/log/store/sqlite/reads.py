@@ -8,6 +8,8 @@ owns the state declared below.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import aiosqlite
 
 from shared.messages import SessionInfo
@@ -165,6 +167,26 @@ class SQLiteReads:
         ) as cur:
             rows = await cur.fetchall()
         return [Committed(p, s, o, bytes(e)) for p, s, o, e in rows]
+
+    async def recent_heads(self, within: float) -> list[tuple[str, bytes]]:
+        """The newest envelope of each session written within ``within`` seconds of the
+        log's last commit (its ``updated_at``): what a head witness may have had still
+        to sign when the process that committed them died."""
+        stamp = "%Y-%m-%dT%H:%M:%S.%fZ"  # ordering.now_rfc3339's
+        async with self._reader().execute("SELECT MAX(updated_at) FROM sessions") as cur:
+            row = await cur.fetchone()
+        try:
+            last = datetime.strptime(row[0], stamp).replace(tzinfo=UTC)
+            since = (last - timedelta(seconds=within)).strftime(stamp)
+        except (TypeError, ValueError):  # no session yet
+            return []
+        async with self._reader().execute(
+            "SELECT s.session_id, i.envelope FROM sessions s JOIN items i "
+            "ON i.session_id = s.session_id AND i.item_order = s.last_order WHERE s.updated_at >= ?",
+            (since,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [(sid, bytes(env)) for sid, env in rows]
 
     async def position_of(self, session_id: str, item_order: int) -> int | None:
         async with self._reader().execute(
