@@ -154,7 +154,9 @@ def _instant(text: str) -> datetime | None:
         return None
 
 
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})\Z")
+#: (an offset's minutes 00-59, as RFC 3339 and the console have them: fromisoformat
+#: read "+01:60" as +02:00, a time the console refuses)
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:[0-5]\d)\Z")
 
 
 def _after(at: str, retired_at: str) -> bool:

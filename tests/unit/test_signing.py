@@ -229,6 +229,22 @@ def test_a_retirement_time_is_compared_as_a_time_not_as_text() -> None:
         _ring((old, "agent", "Triage"), retired={old.key_id: "never"})
 
 
+def test_an_offset_of_sixty_minutes_or_more_is_no_time_as_in_the_console() -> None:
+    """datetime.fromisoformat reads the offset '+01:60' as +02:00 (and '+00:75' as
+    +01:15), so a keyring with such a retired_at loaded and an item's created_at so
+    written was compared as that instant, where the console (signing.js), like RFC
+    3339, takes no offset minute past 59: the keyring was refused there and the
+    retired key's item counted as signed after its retirement."""
+    old, _ = Signer.generate()
+    item = sign_item(old, "s1", AppendItem(item_id="a", agent="Triage", data={"t": 1}))
+    for retired in ("2026-03-14T12:00:00+01:60", "2026-03-14T11:15:00+00:75"):
+        with pytest.raises(KeyringError, match="is not an RFC 3339 time"):
+            _ring((old, "agent", "Triage"), retired={old.key_id: retired})
+    ring = _ring((old, "agent", "Triage"), retired={old.key_id: "2026-03-14T10:00:00Z"})
+    assert ring.check_envelope(_envelope("s1", item, at="2026-03-14T11:59:00+02:00")) is None
+    assert "retired" in ring.check_envelope(_envelope("s1", item, at="2026-03-14T11:59:00+01:60"))
+
+
 def test_keyring_files_are_checked(tmp_path: Path) -> None:
     with pytest.raises(KeyringError, match="cannot read keyring"):
         Keyring.load(tmp_path / "missing.json")
