@@ -140,6 +140,28 @@ def test_conversation_shows_lanes_handoff_arrows_pairs_and_verifies(demo_web: De
     assert verify(envs, session_id=ESCALATION_SESSION_ID) is None
 
 
+def test_item_times_are_shown_in_utc_whatever_the_reviewers_time_zone(demo_web: Demo, browser: Any) -> None:
+    """The README says the console's times are UTC, as stored; an item's details (and
+    the sessions list's hover title) gave its time with toLocaleString: in the
+    browser's own time zone, unlabelled (15:00:00 for an item of 09:30:00Z in India)."""
+    context = browser.new_context(viewport={"width": 1400, "height": 800}, timezone_id="Asia/Kolkata")
+    try:
+        pg = context.new_page()
+        pg.goto(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}#9")
+        pg.wait_for_selector(".row.selected[data-order='9']")
+        shown = pg.eval_on_selector("#detail dl", "dl => [...dl.children].find(e => e.textContent === 'time')"
+                                    ".nextElementSibling.textContent")
+        created_at = pg.eval_on_selector("#detail pre.raw", "e => JSON.parse(e.textContent).created_at")
+        assert created_at.endswith("Z"), created_at
+        assert shown == f"{created_at[:10]} {created_at[11:23]} UTC  ({created_at})", shown
+        pg.goto(demo_web.url + "/")
+        pg.wait_for_selector(f'tr[data-sid="{ESCALATION_SESSION_ID}"]')
+        title = pg.get_attribute(f'tr[data-sid="{ESCALATION_SESSION_ID}"] td[title]', "title")
+        assert title.startswith(f"{created_at[:10]} ") and " UTC  (" in title, title
+    finally:
+        context.close()
+
+
 def said(agent: str, text: str) -> dict[str, Any]:
     """An assistant message (the demo's workers answer only user messages, so these
     sessions stay exactly as written)."""

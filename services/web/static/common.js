@@ -29,9 +29,11 @@ export function shortTime(iso) {
   return /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}/.test(s) ? s.slice(11, 23) : s;
 }
 
+// "2026-03-14T10:30:00.123456+01:00" -> "2026-03-14 09:30:00.123 UTC  (2026-03-14T10:30:00.123456+01:00)":
+// UTC, whatever the reviewer's time zone (toLocaleString gave the browser's local time, unlabelled).
 export function longTime(iso) {
   const d = new Date(iso);
-  return Number.isNaN(d.getTime()) ? String(iso) : d.toLocaleString() + "  (" + iso + ")";
+  return Number.isNaN(d.getTime()) ? String(iso) : d.toISOString().replace("T", " ").replace("Z", " UTC") + "  (" + iso + ")";
 }
 
 export function ago(iso) {
