@@ -83,6 +83,7 @@ __all__ = [
     "head_signing_input",
     "file_stamp",
     "item_signing_input",
+    "rfc3339_instant",
     "route_signing_input",
     "sign_batch",
     "sign_head",
@@ -157,6 +158,9 @@ def _instant(text: str) -> datetime | None:
 #: (an offset's minutes 00-59, as RFC 3339 and the console have them: fromisoformat
 #: read "+01:60" as +02:00, a time the console refuses)
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:[0-5]\d)\Z")
+
+#: An RFC 3339 time with its offset as an aware datetime, or ``None`` (see ``_instant``).
+rfc3339_instant = _instant
 
 
 def _after(at: str, retired_at: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC
 from typing import Any
 
 from shared.messages import Envelope
@@ -69,11 +70,25 @@ def describe(env: Envelope) -> tuple[str, str]:
     return str(typ or "item"), json.dumps(d, ensure_ascii=False)
 
 
+def clock(created_at: str) -> str:
+    """``HH:MM:SS.mmm`` of an RFC 3339 time, in UTC (as the web console's ``shortTime``);
+    the text as it is when it is no such time."""
+    from shared.signing import rfc3339_instant
+
+    t = rfc3339_instant(created_at)
+    if t is None:
+        return created_at
+    try:
+        return t.astimezone(UTC).strftime("%H:%M:%S.%f")[:12]
+    except OverflowError:  # year 1 with an offset east of UTC
+        return created_at
+
+
 def render_line(env: Envelope, *, width: int = 100) -> str:
     """``#order  HH:MM:SS.mmm  agent  role  content`` on one line."""
     role, text = describe(env)
     text = printable(" ".join(text.split()))
     if width and len(text) > width:
         text = text[: width - 1] + "…"
-    time_part = printable(env.created_at[11:23] if len(env.created_at) >= 23 else env.created_at)
+    time_part = printable(clock(env.created_at))
     return f"#{env.item_order:<5} {time_part}  {printable(env.agent):<12} {printable(role):<11} {text}"

@@ -100,6 +100,24 @@ def test_bidirectional_controls_in_the_log_are_shown_not_applied() -> None:
     assert render_line(agent).split()[2] == "Bot\\u200f"
 
 
+def test_replay_lines_show_the_time_in_utc_whatever_its_offset() -> None:
+    # `convlog replay` cut HH:MM:SS.mmm out of created_at's text: an export whose times
+    # carry an offset (RFC 3339 allows it, and the hash chain holds it) showed
+    # "10:30:00+01:" for 09:30:00 UTC, and a time without a fraction was printed whole.
+    from services.cli.render import render_line
+
+    def at(created_at: str) -> str:
+        e = env(1, "user", {"role": "user", "content": "hi"})
+        return render_line(Envelope(**{**{f: getattr(e, f) for f in e.__struct_fields__},
+                                       "created_at": created_at}), width=0).split()[1]
+
+    assert at("2026-03-14T09:30:00.123456Z") == "09:30:00.123"
+    assert at("2026-03-14T10:30:00+01:00") == "09:30:00.000"
+    assert at("2026-03-14T04:00:00.5-05:30") == "09:30:00.500"
+    assert at("2026-03-14T09:30:00Z") == "09:30:00.000"
+    assert at("not-a-time") == "not-a-time"
+
+
 def test_a_tool_call_whose_arguments_are_not_json_text_is_shown_as_it_is() -> None:
     # `convlog send` and the demo print a turn's tool calls; arguments stored as an object
     # (an app's own item) or nested past the parser's limit raised TypeError/RecursionError

@@ -162,6 +162,22 @@ def test_item_times_are_shown_in_utc_whatever_the_reviewers_time_zone(demo_web: 
         context.close()
 
 
+def test_item_times_in_rows_are_utc_as_convlog_replay_prints_them(demo_web: Demo, page: Any) -> None:
+    """A row's time was cut out of created_at's text: an export whose times carry an
+    offset showed the time at that offset (10:30:00.000 for 09:30:00Z), and one
+    without a fraction the whole text; `convlog replay` gives UTC's HH:MM:SS.mmm."""
+    from services.cli.render import clock
+
+    times = ["2026-03-14T09:30:00.123456Z", "2026-03-14T10:30:00.000+01:00", "2026-03-14T04:00:00.5-05:30",
+             "2026-03-14T09:30:00Z", "2026-03-14T23:30:00.250-23:59", "0099-12-31T23:59:59.999999Z",
+             "not-a-time", "2026-02-30T00:00:00Z", "2026-03-14T10:30:00+01:60"]
+    page.goto(demo_web.url + "/verify")
+    got = page.evaluate("async (times) => { const m = await import('/static/common.js');"
+                        " return times.map(m.shortTime); }", times)
+    assert got == [clock(t) for t in times]
+    assert got[:4] == ["09:30:00.123", "09:30:00.000", "09:30:00.500", "09:30:00.000"], got
+
+
 def said(agent: str, text: str) -> dict[str, Any]:
     """An assistant message (the demo's workers answer only user messages, so these
     sessions stay exactly as written)."""

@@ -2,6 +2,7 @@
 // setAttribute on attributes that cannot execute (never innerHTML, never href
 // built from data except our own "#<order>" and encoded paths).
 import { parseJson } from "./chain.js";
+import { instant } from "./signing.js";
 
 export function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
@@ -23,10 +24,12 @@ export function clear(node) {
   while (node.firstChild) node.removeChild(node.firstChild);
 }
 
-// "2026-03-14T09:30:00.123456Z" -> "09:30:00.123" (UTC, as stored and as `convlog replay` shows it).
+// "2026-03-14T09:30:00.123456Z" -> "09:30:00.123", in UTC (also for a time with another
+// offset), as `convlog replay` shows it (services/cli/render.py's clock); the text when it is no time.
 export function shortTime(iso) {
-  const s = String(iso);
-  return /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}/.test(s) ? s.slice(11, 23) : s;
+  const t = instant(iso);
+  const d = t === null ? null : new Date(t[0] * 1000 + Math.floor(t[1] / 1000));
+  return d === null || Number.isNaN(d.getTime()) ? String(iso) : d.toISOString().slice(11, 23);
 }
 
 // "2026-03-14T10:30:00.123456+01:00" -> "2026-03-14 09:30:00.123 UTC  (2026-03-14T10:30:00.123456+01:00)":
