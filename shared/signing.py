@@ -63,7 +63,7 @@ import nacl.signing
 import nkeys
 
 from .chain import canonical, needs_reference, sorted_encoder
-from .config import ConfigError
+from .config import ConfigError, Settings
 from .merkle import SignedRoots, b64, leaf, root_of_text, tree, unb64
 from .messages import AppendItem, Envelope, SignedHead
 
@@ -76,6 +76,7 @@ __all__ = [
     "KeyFile",
     "Keyring",
     "KeyringError",
+    "check_key_files",
     "LiveKeyring",
     "SignedHead",
     "Signer",
@@ -437,6 +438,28 @@ class KeyFile(Signer):
         if why != self._said:  # once per cause
             self._said = why
             _log.error("signing key %s: %s", self.path, why)
+
+
+def check_key_files(settings: Settings, *, named: Callable[[str], str]) -> None:
+    """Read the signing key and the keyring ``settings`` name, at start-up: a file that is
+    there but holds no key (or no keyring) was found only once NATS answered (``convlog
+    log`` had started its nats-server, a worker waited out --start-wait and exited 3
+    blaming NATS).
+
+    Args:
+        named: how a message names a setting (its flag, or its ``CONVLOG_*`` variable).
+
+    Raises:
+        ConfigError: one line naming the setting and the file.
+    """
+    for name, load in (("signing_key", Signer.load), ("keyring", Keyring.load)):
+        path = getattr(settings, name)
+        if path is None:
+            continue
+        try:
+            load(path)
+        except KeyringError as e:
+            raise ConfigError(f"{named(name)}: {e}") from None
 
 
 def write_private(path: Path, seed: bytes) -> None:

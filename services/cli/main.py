@@ -25,7 +25,15 @@ from shared.errors import (
 )
 
 from .commands import COMMANDS, Command
-from .common import EXIT_FAIL, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, Parser, connection_arguments
+from .common import (
+    EXIT_FAIL,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    Parser,
+    connection_arguments,
+    setting_source,
+)
 
 __all__ = ["build_parser", "main", "settings_from"]
 
@@ -69,8 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace, *, check_paths: bool = True) -> Settings:
     """Settings from a command's flags, ``CONVLOG_*`` variables and defaults."""
-    return load_settings({k: getattr(args, k, None) for k in SETTINGS_FLAGS},
-                         check_paths=check_paths)
+    settings = load_settings({k: getattr(args, k, None) for k in SETTINGS_FLAGS},
+                             check_paths=check_paths)
+    if check_paths:
+        from shared.signing import check_key_files
+
+        check_key_files(settings, named=lambda name: setting_source(args, name))
+    return settings
 
 
 def command(name: str) -> Command:

@@ -130,6 +130,17 @@ CASES: list[Case] = [
      {"CONVLOG_SIGNING_KEY": "/nonexistent"}, EXIT_USAGE, ["CONVLOG_SIGNING_KEY", "/nonexistent", "does not exist"]),
     ("keyring file missing: worker", lambda t: ["worker", "Triage", "--start-wait", "2"],
      {"CONVLOG_KEYRING": "/nonexistent"}, EXIT_USAGE, ["CONVLOG_KEYRING", "/nonexistent", "does not exist"]),
+    # A signing key or keyring file that is there but holds no key (no keyring) was read only
+    # once NATS answered too: `convlog log` had started its nats-server (or waited out
+    # --start-wait), a worker waited out its --start-wait, and both exited 3 blaming NATS.
+    ("signing key not a seed: log", lambda t: ["log", "--start-wait", "2"],
+     {"CONVLOG_SIGNING_KEY": "/etc/passwd"}, EXIT_USAGE,
+     ["CONVLOG_SIGNING_KEY", "/etc/passwd", "not an nkey user seed"]),
+    ("signing key not a seed: worker", lambda t: ["worker", "Triage", "--start-wait", "2"],
+     {"CONVLOG_SIGNING_KEY": "/etc/passwd"}, EXIT_USAGE,
+     ["CONVLOG_SIGNING_KEY", "/etc/passwd", "not an nkey user seed"]),
+    ("keyring malformed: worker", lambda t: ["worker", "Triage", "--start-wait", "2"],
+     {"CONVLOG_KEYRING": "/etc/passwd"}, EXIT_USAGE, ["CONVLOG_KEYRING", "/etc/passwd", "malformed"]),
     ("TLS CA not a certificate", lambda t: ["sessions"], {"CONVLOG_TLS_CA": "/etc/passwd"},
      EXIT_USAGE, ["CONVLOG_TLS_CA", "/etc/passwd", "cannot load"]),
     ("log --db an unrelated SQLite file", lambda t: ["log", "--db", str(_foreign_sqlite(t))], {},
