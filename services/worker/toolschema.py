@@ -49,6 +49,9 @@ def import_callable(import_path: str) -> Callable[..., Any]:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
         raise ToolSchemaError(f"cannot import module {module_name!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a relative path (TypeError), the module's own error
+        # (a SyntaxError, what its top level raises): a traceback, exit 1, instead of one line
+        raise ToolSchemaError(f"cannot import module {module_name!r}: {type(e).__name__}: {e}") from e
     for part in attr_path.split("."):
         try:
             obj = getattr(obj, part)

@@ -303,6 +303,26 @@ def test_unimportable_tool_path(path: str, problem: str) -> None:
     expect_error(one_agent(f'tools = ["{path}"]'), f"tool {path!r}", problem, agent="A")
 
 
+# A module whose import fails other than with ImportError (a relative path is a TypeError, a
+# module with a syntax error or one that raises at its top level) came out of the spec loader
+# as that exception: `convlog worker` printed a traceback and exited 1, not one line, exit 2.
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        (".relative_tools:fn", "cannot import module '.relative_tools': TypeError"),
+        ("convlog_broken_tools:fn", "cannot import module 'convlog_broken_tools': SyntaxError"),
+        ("convlog_raising_tools:fn", "cannot import module 'convlog_raising_tools': RuntimeError: no config"),
+    ],
+)
+def test_a_tool_module_that_fails_to_import_is_a_spec_error(
+    path: str, problem: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "convlog_broken_tools.py").write_text("def fn(:\n")
+    (tmp_path / "convlog_raising_tools.py").write_text("raise RuntimeError('no config')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    expect_error(one_agent(f'tools = ["{path}"]'), f"tool {path!r}", problem, agent="A")
+
+
 @pytest.mark.parametrize(
     ("fn", "problem"),
     [
