@@ -152,6 +152,9 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         raise BadRequestError(f"bad agent spec: {e}") from e
     except KeyError as e:
         raise BadRequestError(f"{path}: {e.args[0]}") from e
+    if settings.require_signatures and settings.keyring is None:
+        # (Said only once NATS answered: with none, the worker waited out --start-wait, exit 3.)
+        raise ConfigError("CONVLOG_REQUIRE_SIGNATURES needs CONVLOG_KEYRING (the public keyring file)")
     if args.grace is not None:
         settings = dataclasses.replace(settings, grace=args.grace)
 

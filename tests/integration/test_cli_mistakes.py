@@ -141,6 +141,8 @@ CASES: list[Case] = [
      ["CONVLOG_SIGNING_KEY", "/etc/passwd", "not an nkey user seed"]),
     ("keyring malformed: worker", lambda t: ["worker", "Triage", "--start-wait", "2"],
      {"CONVLOG_KEYRING": "/etc/passwd"}, EXIT_USAGE, ["CONVLOG_KEYRING", "/etc/passwd", "malformed"]),
+    ("worker: signatures required without a keyring", lambda t: ["worker", "Triage", "--start-wait", "2"],
+     {"CONVLOG_REQUIRE_SIGNATURES": "true"}, EXIT_USAGE, ["CONVLOG_REQUIRE_SIGNATURES", "CONVLOG_KEYRING"]),
     ("TLS CA not a certificate", lambda t: ["sessions"], {"CONVLOG_TLS_CA": "/etc/passwd"},
      EXIT_USAGE, ["CONVLOG_TLS_CA", "/etc/passwd", "cannot load"]),
     ("log --db an unrelated SQLite file", lambda t: ["log", "--db", str(_foreign_sqlite(t))], {},
