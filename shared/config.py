@@ -175,6 +175,8 @@ def _parse(name: str, raw: Any, source: str) -> Any:
     value = raw
     if isinstance(raw, str):
         value = raw.strip()
+        if base is Path and not value:  # Path("") is ".": the log went to the working directory
+            raise ConfigError(f"{source}={raw!r} is invalid: an empty path")
         if base is bool:
             low = value.lower()
             value = True if low in _TRUE else False if low in _FALSE else value

@@ -46,6 +46,20 @@ def test_a_bad_value_names_its_variable_and_its_flag(name: str, raw: str) -> Non
         load_settings({name: raw}, environ={})
 
 
+# An empty path is no path: `--data-dir ""` (a script's unset variable) or a blank
+# CONVLOG_DATA_DIR was Path(""), the working directory, and the log service created its
+# database there without a word.
+@pytest.mark.parametrize("name", ["data_dir", "db", "agents", "keyring", "signing_key"])
+@pytest.mark.parametrize("raw", ["", "  "])
+def test_an_empty_path_is_refused(name: str, raw: str, tmp_path: Path) -> None:
+    env = {"CONVLOG_DATA_DIR": str(tmp_path)}
+    with pytest.raises(ConfigError, match=f"--{name.replace('_', '-')}=.* an empty path"):
+        load_settings({name: raw}, environ=env, check_paths=False)
+    if raw.strip() != raw:  # (an empty variable is an unset one)
+        with pytest.raises(ConfigError, match=f"CONVLOG_{name.upper()}=.* an empty path"):
+            load_settings(environ={**env, f"CONVLOG_{name.upper()}": raw}, check_paths=False)
+
+
 def test_paths_are_checked_only_when_asked(tmp_path: Path) -> None:
     env = {"CONVLOG_CREDS": "/etc/convlog/nope.creds", "CONVLOG_DATA_DIR": str(tmp_path)}
     with pytest.raises(ConfigError, match="CONVLOG_CREDS"):
