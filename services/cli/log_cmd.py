@@ -58,6 +58,7 @@ async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
     from services.log.authorize import authorizer_from
     from services.log.service import LogService
 
+    from .stack import nats_answers
     from .worker_cmds import wait_for_jetstream
 
     # The keyring the service checks signatures with, before anything starts;
@@ -70,9 +71,13 @@ async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
             raise DatabaseInUseError(f"a log service already holds {settings.db_path}; stop it first")
     if settings.embedded:  # the embedded server's JetStream store lives there
         check_data_dir(settings.data_dir, name=setting_source(args, "data_dir"))
-    if args.start_wait and not (settings.embedded and is_loopback(settings.nats_url)):
+    own = settings.embedded and is_loopback(settings.nats_url)
+    if args.start_wait and (not own or nats_answers(settings.nats_url)):
         # No server of its own: one started with it (a Procfile, a cluster) is waited
-        # for, as a worker does, rather than exiting 3 at once.
+        # for, as a worker does, rather than exiting 3 at once.  So is one that already
+        # answers at a loopback URL: something there that is not NATS (another program's
+        # port) hung the start with no word, and a server without JetStream was named only
+        # once the database had been created.
         await wait_for_jetstream(settings, args.start_wait, who="log service", logger=log)
     service = LogService(settings, authorize=authorize)
     # Before the embedded server starts (in a thread, so the loop hears signals

@@ -110,6 +110,35 @@ async def test_convlog_log_on_a_nats_server_without_jetstream_is_a_configuration
         assert wanted in err.splitlines()[-1], err
 
 
+@pytest.mark.parametrize("case", ["not NATS", "no JetStream"])
+async def test_convlog_log_checks_a_loopback_server_it_did_not_start_before_opening_the_log(
+    tmp_path: Path, nats_server_factory: Any, case: str
+) -> None:
+    # With the embedded server allowed (the default) and something already listening at the
+    # loopback URL, `convlog log` went straight to the service start: a port held by another
+    # program (not NATS) hung it with no word, and a nats-server without JetStream was named
+    # (exit 2) only after convlog.db had been created.
+    data = tmp_path / "data"
+    data.mkdir()
+    env = {**service_env(data), "CONVLOG_EMBEDDED": "true"}
+    listener = None
+    if case == "not NATS":
+        listener = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        url = f"nats://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+        wanted, expected = "did not answer", 3
+    else:
+        url = nats_server_factory(jetstream=False).url
+        wanted, expected = "has no JetStream", 2
+    try:
+        code, _, err = await run_cli("log", "--nats-url", url, "--start-wait", "2", env=env, timeout=25)
+    finally:
+        if listener is not None:
+            listener.close()
+    assert code == expected, err
+    assert wanted in err.splitlines()[-1], err
+    assert not (data / "convlog.db").exists() and not (data / "jetstream").exists()
+
+
 _WRONG_WORK_STREAMS = {
     # A notice for work.entry (every new session's) has no stream: never stored, never answered.
     "other subjects": {"subjects": ["convlog.work.agent.>"], "retention": RetentionPolicy.WORK_QUEUE},
