@@ -51,6 +51,7 @@ from .supervise import (
     socket_path_for,
     stack_programs,
 )
+from .worker_cmds import check_worker_settings
 
 __all__ = ["cmd_demo", "cmd_up", "demo_arguments", "up_arguments", "up_config"]
 
@@ -163,6 +164,10 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         spec = load_spec(agents_path)
     except SpecError as e:
         raise BadRequestError(f"bad agent spec: {e}") from e
+    # What its programs would refuse (signatures required without a keyring, a bad model
+    # URL), each exiting 2 at every start until supervisord gave up on it while the stack
+    # ran on without them: said once, before anything starts.
+    check_worker_settings(settings)
     check_data_dir(settings.data_dir.resolve(), name=setting_source(args, "data_dir"))
     check_service_db(settings.db_path, name=db_source(args, settings),
                      data_dir_name=setting_source(args, "data_dir"))

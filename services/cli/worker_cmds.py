@@ -32,7 +32,8 @@ from .common import (
     positive_int,
 )
 
-__all__ = ["START_WAIT", "cmd_worker", "wait_for_jetstream", "worker_arguments"]
+__all__ = ["START_WAIT", "check_worker_settings", "cmd_worker", "model_credentials", "wait_for_jetstream",
+           "worker_arguments"]
 
 log = logging.getLogger("convlog.worker")
 
@@ -139,6 +140,37 @@ def worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", metavar="PORT", help="serve Prometheus /metrics here [CONVLOG_METRICS_PORT]")
 
 
+def model_credentials() -> tuple[str | None, str | None]:
+    """``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` (the only place they are read; what runs
+    a worker gets them passed).
+
+    Raises:
+        ConfigError: a base URL that is not http(s) (with a key: without, it is ignored).
+    """
+    api_key = os.environ.get("OPENAI_API_KEY") or None
+    base_url = os.environ.get("OPENAI_BASE_URL") or None
+    if api_key and base_url:
+        parsed = urlparse(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            # (httpx refused it only at each model call: every turn failed "Connection error.")
+            raise ConfigError(f"OPENAI_BASE_URL={base_url!r} is invalid: expected an http:// or "
+                              "https:// URL, e.g. http://127.0.0.1:8000/v1")
+    return api_key, base_url
+
+
+def check_worker_settings(settings: Settings) -> None:
+    """What a worker refuses at its start, before it waits for NATS (``convlog up``
+    asks too, rather than start workers that each exit 2 until supervisord gives up).
+
+    Raises:
+        ConfigError: signatures required without a keyring, or a bad model URL.
+    """
+    if settings.require_signatures and settings.keyring is None:
+        # (Said only once NATS answered: with none, the worker waited out --start-wait, exit 3.)
+        raise ConfigError("CONVLOG_REQUIRE_SIGNATURES needs CONVLOG_KEYRING (the public keyring file)")
+    model_credentials()
+
+
 async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import nats.errors
 
@@ -152,9 +184,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         raise BadRequestError(f"bad agent spec: {e}") from e
     except KeyError as e:
         raise BadRequestError(f"{path}: {e.args[0]}") from e
-    if settings.require_signatures and settings.keyring is None:
-        # (Said only once NATS answered: with none, the worker waited out --start-wait, exit 3.)
-        raise ConfigError("CONVLOG_REQUIRE_SIGNATURES needs CONVLOG_KEYRING (the public keyring file)")
+    check_worker_settings(settings)
     if args.grace is not None:
         settings = dataclasses.replace(settings, grace=args.grace)
 
@@ -164,15 +194,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from services.worker.rules_model import RULES_MODEL_NAME
     from services.worker.worker import Worker
 
-    # The only place the model credentials are read; everything below gets them passed.
-    api_key = os.environ.get("OPENAI_API_KEY") or None
-    base_url = os.environ.get("OPENAI_BASE_URL") or None
-    if api_key and base_url:
-        parsed = urlparse(base_url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            # (httpx refused it only at each model call: every turn failed "Connection error.")
-            raise ConfigError(f"OPENAI_BASE_URL={base_url!r} is invalid: expected an http:// or "
-                              "https:// URL, e.g. http://127.0.0.1:8000/v1")
+    api_key, base_url = model_credentials()
     model = make_model_client(api_key, base_url, max_retries=args.model_retries,
                               timeout=args.model_timeout)
     if api_key:

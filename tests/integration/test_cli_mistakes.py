@@ -179,6 +179,13 @@ CASES: list[Case] = [
     ("worker OPENAI_BASE_URL without a scheme", lambda t: ["worker", "Triage", "--start-wait", "0"],
      {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": "localhost:8000/v1"}, EXIT_USAGE,
      ["OPENAI_BASE_URL='localhost:8000/v1' is invalid", "http://"]),
+    # `convlog up` started the stack with settings its programs refuse: each exited 2 at
+    # every start until supervisord gave up on it, and the stack ran on without them.
+    ("up: a model URL without a scheme", lambda t: ["up", "--print-config"],
+     {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": "localhost:8000/v1"}, EXIT_USAGE,
+     ["OPENAI_BASE_URL='localhost:8000/v1' is invalid", "http://"]),
+    ("up: signatures required without a keyring", lambda t: ["up", "--print-config"],
+     {"CONVLOG_REQUIRE_SIGNATURES": "true"}, EXIT_USAGE, ["CONVLOG_REQUIRE_SIGNATURES", "CONVLOG_KEYRING"]),
     ("no NATS server", lambda t: ["sessions"], {}, EXIT_UNAVAILABLE, ["no NATS server answers"]),
     ("unknown command", lambda t: ["frobnicate"], {}, EXIT_USAGE, ["invalid choice"]),
 ]
