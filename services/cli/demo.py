@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TextIO
 
 from shared.client import LogClient
+from shared.errors import BadRequestError
 from shared.signing import Keyring, Signer
 
 from .demo_stack import (
@@ -227,9 +228,8 @@ async def run_demo(*, agents_path: Path | None = None, offline: bool = False, ke
     agents_path = (agents_path or packaged_agents_path()).resolve()
     try:
         spec = load_spec(agents_path)
-    except SpecError as e:
-        out.line(f"convlog demo: {e}")
-        return EXIT_FAIL
+    except SpecError as e:  # one line on stderr, exit 2, as every command says a bad spec
+        raise BadRequestError(f"bad agent spec: {e}") from e
     offline = offline or not os.environ.get("OPENAI_API_KEY")
     agents = list(spec.agents)
     # The routing is checked when the rules model plays the reference scenario;

@@ -535,16 +535,18 @@ def test_the_readme_lists_the_exit_codes_the_cli_documents() -> None:
 @pytest.mark.parametrize("argv", [
     ["health", "--agents", "{spec}"],
     ["up", "--agents", "{spec}", "--print-config"],
+    ["demo", "--agents", "{spec}"],
     ["worker", "Triage", "--agents", "{spec}"],
     ["keys", "init", "--out", "{keys}", "--agents", "{spec}"],
-], ids=["health", "up", "worker", "keys-init"])
+], ids=["health", "up", "demo", "worker", "keys-init"])
 async def test_an_agents_file_that_is_not_utf8_is_one_line_exit_2(argv: list[str], tmp_path: Path) -> None:
     """services/worker/spec.py load_spec catches OSError only: read_text's
     UnicodeDecodeError (a ValueError) reaches main() and prints a traceback, exit 1."""
     spec = tmp_path / "agents.toml"
     spec.write_bytes(b'entry = "caf\xe9"\n')
     args = [a.format(spec=spec, keys=tmp_path / "keys") for a in argv]
-    rc, _, err = await convlog(tmp_path, *args, env=cli_env(tmp_path))
+    rc, out, err = await convlog(tmp_path, *args, env=cli_env(tmp_path))
     line = one_line(err)
     assert rc == EXIT_USAGE, (rc, err)
     assert str(spec) in line and "UTF-8" in line, line
+    assert out == ""  # (`convlog demo` said it on stdout, exit 1)
