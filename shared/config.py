@@ -248,6 +248,9 @@ def _check(settings: Settings, source: dict[str, str], *, paths: bool) -> None:
             raise ConfigError(f"{source[name]}={str(value)!r}: {path} {what}")
         if not os.access(path, os.R_OK):
             raise ConfigError(f"{source[name]}={str(value)!r}: {path} is not readable")
+    if settings.tls_key and not settings.tls_cert:  # (it was never loaded: no TLS at all, unsaid)
+        raise ConfigError(f"{source['tls_key']}={settings.tls_key!r}: the key of a client certificate, "
+                          "but CONVLOG_TLS_CERT is not set")
     if settings.tls_ca or settings.tls_cert:
         settings.nats_options()  # loads the CA and the certificate now, not at the first connect
 

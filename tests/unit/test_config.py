@@ -60,6 +60,15 @@ def test_an_empty_path_is_refused(name: str, raw: str, tmp_path: Path) -> None:
             load_settings(environ={**env, f"CONVLOG_{name.upper()}": raw}, check_paths=False)
 
 
+def test_a_tls_key_without_its_certificate_is_refused(tmp_path: Path) -> None:
+    # CONVLOG_TLS_KEY alone was checked to exist, then never loaded: the processes connected
+    # without a client certificate (on a nats:// URL, without TLS at all), saying nothing.
+    key = tmp_path / "client.key"
+    key.write_text("not loaded\n")
+    with pytest.raises(ConfigError, match="CONVLOG_TLS_KEY=.*CONVLOG_TLS_CERT is not set"):
+        load_settings(environ={"CONVLOG_DATA_DIR": str(tmp_path), "CONVLOG_TLS_KEY": str(key)})
+
+
 def test_paths_are_checked_only_when_asked(tmp_path: Path) -> None:
     env = {"CONVLOG_CREDS": "/etc/convlog/nope.creds", "CONVLOG_DATA_DIR": str(tmp_path)}
     with pytest.raises(ConfigError, match="CONVLOG_CREDS"):
