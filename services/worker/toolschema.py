@@ -81,9 +81,13 @@ def describe_callable(fn: Callable[..., Any]) -> tuple[str, str, dict[str, Any]]
         hints = typing.get_type_hints(fn)
     except Exception as e:  # unresolvable forward references, bad annotations
         raise ToolSchemaError(f"cannot resolve type annotations: {e}") from e
+    try:
+        signature = inspect.signature(fn)
+    except (ValueError, TypeError) as e:  # a builtin type such as dict: a traceback, exit 1
+        raise ToolSchemaError(f"cannot read its parameters: {e}") from e
     properties: dict[str, Any] = {}
     required: list[str] = []
-    for param in inspect.signature(fn).parameters.values():
+    for param in signature.parameters.values():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise ToolSchemaError(f"parameter {param.name!r}: *args/**kwargs are not supported")
         if param.kind is param.POSITIONAL_ONLY:

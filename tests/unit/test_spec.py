@@ -336,6 +336,13 @@ def test_tool_signature_problems(sample_tools: str, fn: str, problem: str) -> No
     expect_error(one_agent(f'tools = ["{sample_tools}:{fn}"]'), problem, agent="A")
 
 
+# A callable inspect finds no signature for (a builtin type) raised ValueError out of the
+# spec loader: a traceback and exit 1 from `convlog worker`, not one line.
+@pytest.mark.parametrize("path", ["builtins:dict", "functools:partial"])
+def test_a_tool_without_a_readable_signature_is_a_spec_error(path: str) -> None:
+    expect_error(one_agent(f'tools = ["{path}"]'), f"tool {path!r}", "cannot read its parameters", agent="A")
+
+
 @pytest.mark.parametrize("value", ["0", "-5", '"50"', "true", "1.5"])
 def test_history_limit_must_be_a_positive_integer(value: str) -> None:
     err = expect_error(
