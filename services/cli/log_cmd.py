@@ -55,7 +55,7 @@ def db_source(args: argparse.Namespace, settings: Settings) -> str | None:
 
 
 async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
-    from services.log.authorize import authorizer_from
+    from services.log.authorize import authorizer_from, head_signer_from
     from services.log.service import LogService
 
     from .stack import nats_answers
@@ -64,6 +64,9 @@ async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
     # The keyring the service checks signatures with, before anything starts;
     # a mistake names the flag or variable that was given.
     authorize = authorizer_from(settings, named=lambda name: setting_source(args, name))
+    # Its own key too (the keyring's live log key): it was read only by the service's start,
+    # once the embedded nats-server had been started.
+    head_signer_from(settings, authorize.keyring)
     if settings.store == "sqlite":
         check_service_db(settings.db_path, name=db_source(args, settings),
                          data_dir_name=setting_source(args, "data_dir"))

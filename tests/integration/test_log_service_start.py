@@ -21,7 +21,7 @@ from shared.config import load_settings
 from shared.failures import StreamConfigError
 from shared.work import ensure_work_stream, work_stream_name
 from tests.support.eventually import assert_eventually
-from tests.support.natsd import NatsServer
+from tests.support.natsd import NatsServer, free_port
 from tests.support.procs import run_cli, service_env
 
 
@@ -137,6 +137,24 @@ async def test_convlog_log_checks_a_loopback_server_it_did_not_start_before_open
     assert code == expected, err
     assert wanted in err.splitlines()[-1], err
     assert not (data / "convlog.db").exists() and not (data / "jetstream").exists()
+
+
+async def test_convlog_log_refuses_a_signing_key_not_the_live_log_key_before_starting_nats(
+    tmp_path: Path
+) -> None:
+    # An agent's key as the log service's own (CONVLOG_SIGNING_KEY) with a keyring is refused,
+    # but only once the embedded nats-server had been started (its JetStream store created).
+    from services.cli.keys_cmds import make_keys
+
+    make_keys(tmp_path / "keys", ["Triage"])
+    data = tmp_path / "data"
+    env = {**service_env(data), "CONVLOG_EMBEDDED": "true",
+           "CONVLOG_KEYRING": str(tmp_path / "keys" / "keyring.json"),
+           "CONVLOG_SIGNING_KEY": str(tmp_path / "keys" / "Triage.nk")}
+    code, _, err = await run_cli("log", "--nats-url", f"nats://127.0.0.1:{free_port()}", env=env, timeout=30)
+    assert code == 2, err
+    assert "not the live log service key" in err.splitlines()[-1], err
+    assert not (data / "jetstream").exists() and not (data / "convlog.db").exists()
 
 
 _WRONG_WORK_STREAMS = {
