@@ -194,7 +194,14 @@ async def connect_client(settings: Settings) -> Any:
 
     require_nats(settings)
     try:
-        client = await LogClient.connect(settings=settings, name="convlog-cli")
+        # Within the deadline: something at the URL that accepts connections but is not
+        # NATS (another program's port) was retried forever, the command hung with no word.
+        client = await asyncio.wait_for(LogClient.connect(settings=settings, name="convlog-cli"), CLI_DEADLINE)
+    except TimeoutError:
+        raise UnavailableError(
+            f"cannot connect to NATS at {settings.nats_url}: no NATS server answered within "
+            f"{CLI_DEADLINE:g} s (is it a NATS port?)"
+        ) from None
     except (OSError, nats.errors.Error) as e:
         raise UnavailableError(f"cannot connect to NATS at {settings.nats_url}: {e}") from e
     client.deadline = CLI_DEADLINE

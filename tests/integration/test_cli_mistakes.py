@@ -23,7 +23,7 @@ import pytest
 
 from shared.client import LogClient
 from tests.support.natsd import NatsServer, free_port
-from tests.support.procs import REPO_ROOT, python_module
+from tests.support.procs import REPO_ROOT, python_module, run_cli
 
 EXIT_FAIL, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 1, 2, 3, 124
 
@@ -453,6 +453,30 @@ async def test_send_says_so_when_the_log_service_stops_while_it_follows_the_turn
     assert line.startswith("convlog send: unavailable: ") and "#1" in line and "f1" in line, line
     assert took < 30, took
     assert out == b""
+
+
+async def test_a_port_that_is_not_nats_is_said_within_the_deadline(tmp_path: Path) -> None:
+    # Something that takes connections but is not NATS (another program's port, a typo in
+    # CONVLOG_NATS_URL): nats-py's first connect was retried forever, and `convlog web`,
+    # `sessions`, `send` ... hung with no word.
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never a word, never closed
+
+    listener = await asyncio.start_server(hold, "127.0.0.1", 0)
+    url = f"nats://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+    try:
+        for argv in (["web", "--port", "0"], ["sessions"]):
+            rc, out, err = await run_cli(*argv, env=cli_env(tmp_path, CONVLOG_NATS_URL=url), timeout=25)
+            assert rc == EXIT_UNAVAILABLE, (argv, rc, err)
+            line = one_line(err)
+            assert url in line and "no NATS server answered within" in line, line
+            assert out == ""
+    finally:
+        listener.close()
+        for w in held:
+            w.close()
 
 
 async def test_no_log_service_is_said_at_once(nats_server: NatsServer, tmp_path: Path) -> None:
