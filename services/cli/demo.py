@@ -20,7 +20,6 @@ rules model, which is labelled as such: it is not an LLM.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import io
 import os
 import shutil
@@ -51,13 +50,13 @@ from .keys_cmds import make_keys
 from .replay import Replayer, envelopes_from_db, replay_from_service
 from .stack import nats_server_binary
 from .supervise import (
-    Program,
     Supervisor,
     SupervisorError,
     code_root,
     render_config,
     socket_path_for,
     stack_programs,
+    with_keys,
 )
 from .transcript import SessionFollower, Turn, handoffs, render_turn
 
@@ -132,7 +131,7 @@ def _build_stack(workdir: Path, agents: Sequence[str], agents_path: Path, port: 
         grace=3.0,
     )
     if keys is not None:  # --signed: every process gets its own key
-        programs = [_with_key(p, keys) for p in programs]
+        programs = [with_keys(p, keys) for p in programs]
     conf = workdir / "supervisord.conf"
     conf.write_text(render_config(programs, run_dir=workdir, log_dir=workdir / "logs",
                                   directory=code_root()))
@@ -172,18 +171,6 @@ async def _play(client: LogClient, sid: str, messages: Sequence[str], out: _Out,
             if turn.outcome != "answered":
                 break
     return turns
-
-
-def _with_key(p: Program, keys: Path) -> Program:
-    if p.name == "log":
-        env = {"CONVLOG_KEYRING": str(keys / "keyring.json"), "CONVLOG_SIGNING_KEY": str(keys / "log.nk"),
-               "CONVLOG_REQUIRE_SIGNATURES": "true"}
-    elif p.name.startswith("worker-"):
-        env = {"CONVLOG_SIGNING_KEY": str(keys / f"{p.name.removeprefix('worker-')}.nk"),
-               "CONVLOG_KEYRING": str(keys / "keyring.json"), "CONVLOG_REQUIRE_SIGNATURES": "true"}
-    else:
-        return p
-    return dataclasses.replace(p, environment={**p.environment, **env})
 
 
 async def _verify(client: LogClient, sid: str, keyring: Keyring | None = None

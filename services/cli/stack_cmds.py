@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import xmlrpc.client
 from pathlib import Path
 from typing import Any
 
-from shared.config import Settings, nats_servers
+from shared.config import ConfigError, Settings, nats_servers
 from shared.errors import BadRequestError, UnavailableError
 
 from .common import (
@@ -50,6 +51,7 @@ from .supervise import (
     render_config,
     socket_path_for,
     stack_programs,
+    with_keys,
 )
 from .worker_cmds import check_worker_settings
 
@@ -57,8 +59,9 @@ __all__ = ["cmd_demo", "cmd_up", "demo_arguments", "up_arguments", "up_config"]
 
 
 def up_config(settings: Settings, *, agents_path: Path, agents: list[str],
-              workers_per_agent: int, start_nats: bool) -> tuple[Path, str]:
-    """The supervisord config ``convlog up`` runs: (path to write, text)."""
+              workers_per_agent: int, start_nats: bool, keys: Path | None = None) -> tuple[Path, str]:
+    """The supervisord config ``convlog up`` runs: (path to write, text); ``keys``: a
+    ``convlog keys init --out`` directory, each program signing with its own key of it."""
     data_dir = settings.data_dir.resolve()
     run_dir = data_dir / "supervisor"
     log_dir = data_dir / "logs"
@@ -81,6 +84,8 @@ def up_config(settings: Settings, *, agents_path: Path, agents: list[str],
         db_path=settings.db_path.resolve(), nats_command=nats_command,
         workers_per_agent=workers_per_agent, grace=settings.grace, metrics_port=settings.metrics_port,
     )
+    if keys is not None:
+        programs = [with_keys(p, keys) for p in programs]
     environment = {
         "CONVLOG_METRICS_PORT": "",  # each program's own port is a flag (stack_programs)
         "CONVLOG_NATS_URL": settings.nats_url,
@@ -94,7 +99,7 @@ def up_config(settings: Settings, *, agents_path: Path, agents: list[str],
     # relative CONVLOG_KEYRING (or TLS file, ...) from supervisord's environment named
     # nothing, and each program exited 2 until supervisord gave up.  (A flag, --creds,
     # reaches the programs this way too.)
-    for name in ("creds", "nkey", "tls_ca", "tls_cert", "tls_key", "keyring", "signing_key"):
+    for name in ("creds", "nkey", "tls_ca", "tls_cert", "tls_key", *(() if keys else ("keyring",))):
         if (value := getattr(settings, name)) is not None:
             environment[f"CONVLOG_{name.upper()}"] = str(Path(value).resolve())
     text = render_config(programs, run_dir=run_dir, log_dir=log_dir, environment=environment,
@@ -167,13 +172,15 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     # What its programs would refuse (signatures required without a keyring, a bad model
     # URL), each exiting 2 at every start until supervisord gave up on it while the stack
     # ran on without them: said once, before anything starts.
-    check_worker_settings(settings)
+    keys = _keys_dir(args, settings, list(spec.agents))
+    if keys is None:
+        check_worker_settings(settings)
     check_data_dir(settings.data_dir.resolve(), name=setting_source(args, "data_dir"))
     check_service_db(settings.db_path, name=db_source(args, settings),
                      data_dir_name=setting_source(args, "data_dir"))
     start_nats = not nats_answers(settings.nats_url)
     path, text = up_config(settings, agents_path=Path(agents_path), agents=list(spec.agents),
-                           workers_per_agent=args.workers_per_agent, start_nats=start_nats)
+                           workers_per_agent=args.workers_per_agent, start_nats=start_nats, keys=keys)
     if not args.print_config:
         busy = await already_running(settings, path.parent)
         if busy is not None:
@@ -195,6 +202,35 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         "  Ctrl-C or SIGTERM stops everything"
     )
     return await _supervise(Supervisor(path, sock, console=True))
+
+
+def _keys_dir(args: argparse.Namespace, settings: Settings, agents: list[str]) -> Path | None:
+    """``--keys DIR``, checked: every file its programs need is there and holds a key.
+
+    Raises:
+        ConfigError: CONVLOG_SIGNING_KEY is set (one key for the log service and every
+            worker, which the log refuses), or a file of DIR is missing or unreadable.
+    """
+    if settings.signing_key is not None:
+        raise ConfigError(
+            f"{setting_source(args, 'signing_key')}: convlog up would give that one key to the log "
+            "service and to every worker, and the log refuses a worker signing with another's key: "
+            "give each program its own with --keys DIR (from `convlog keys init --out DIR`)"
+        )
+    if args.keys is None:
+        return None
+    keys = Path(args.keys).resolve()
+    from shared.signing import Keyring, KeyringError, Signer
+
+    try:
+        Keyring.load(keys / "keyring.json")
+        for name in ["log", *agents]:
+            Signer.load(keys / f"{name}.nk")
+    except KeyringError as e:
+        raise ConfigError(f"--keys {args.keys}: {e} (`convlog keys init --agents SPEC --out DIR` "
+                          "writes one key per agent of the spec)") from None
+    check_worker_settings(dataclasses.replace(settings, keyring=keys / "keyring.json", require_signatures=True))
+    return keys
 
 
 def gave_up(infos: list[dict[str, Any]], said: set[str], socket: Path | str) -> list[str]:
@@ -274,6 +310,9 @@ def up_arguments(p: argparse.ArgumentParser) -> None:
                    help="replicas per agent; they share its durable consumer (default 1)")
     p.add_argument("--print-config", action="store_true",
                    help="write the supervisord config, print it and exit")
+    p.add_argument("--keys", metavar="DIR",
+                   help="sign everything: each program with its own key of DIR (from `convlog keys "
+                        "init --out DIR`: log.nk, <Agent>.nk, keyring.json); signatures required")
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:

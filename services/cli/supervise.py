@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import dataclasses
 import hashlib
 import os
 import shlex
@@ -44,6 +45,7 @@ __all__ = [
     "render_config",
     "socket_path_for",
     "stack_programs",
+    "with_keys",
 ]
 
 # AF_UNIX paths are limited to 108 bytes including the terminating NUL.
@@ -205,6 +207,21 @@ def code_root() -> Path:
     never shadow convlog, and an uninstalled checkout works too.
     """
     return Path(__file__).resolve().parents[2]
+
+
+def with_keys(p: Program, keys: Path) -> Program:
+    """``p`` signing with its own key of a ``convlog keys init --out`` directory: the log
+    service with ``log.nk``, an agent's worker with ``<Agent>.nk``; each checks against
+    ``keyring.json`` and requires signatures.  Other programs (nats-server) unchanged."""
+    if p.name == "log":
+        key = keys / "log.nk"
+    elif p.name.startswith("worker-"):
+        key = keys / f"{p.name.removeprefix('worker-')}.nk"
+    else:
+        return p
+    env = {"CONVLOG_SIGNING_KEY": str(key), "CONVLOG_KEYRING": str(keys / "keyring.json"),
+           "CONVLOG_REQUIRE_SIGNATURES": "true"}
+    return dataclasses.replace(p, environment={**p.environment, **env})
 
 
 def stack_programs(

@@ -574,3 +574,39 @@ async def test_an_agents_file_that_is_not_utf8_is_one_line_exit_2(argv: list[str
     assert rc == EXIT_USAGE, (rc, err)
     assert str(spec) in line and "UTF-8" in line, line
     assert out == ""  # (`convlog demo` said it on stdout, exit 1)
+
+
+# `convlog up` gave CONVLOG_SIGNING_KEY to the log service and to every worker: one key
+# cannot be the log's and each agent's, so a signed stack could not run under `up` at all
+# (its workers' appends refused, or the log service refused its own key).  `--keys DIR`
+# gives each program its own key of a `convlog keys init` directory; one shared key is
+# refused in one line.
+async def test_up_signs_with_each_programs_own_key_and_refuses_one_key_for_all(tmp_path: Path) -> None:
+    import configparser
+
+    from services.cli.common import packaged_agents_path
+    from services.worker.spec import load_spec
+
+    agents = list(load_spec(packaged_agents_path()).agents)
+    keys = tmp_path / "keys"
+    rc, _, err = await convlog(tmp_path, "keys", "init", "--agents", str(packaged_agents_path()),
+                               "--out", str(keys), env=cli_env(tmp_path))
+    assert rc == 0, err
+    up_env = cli_env(tmp_path, CONVLOG_NATS_URL=f"nats://127.0.0.1:{free_port()}", CONVLOG_EMBEDDED="true")
+    rc, out, err = await convlog(tmp_path, "up", "--keys", str(keys), "--print-config", env=up_env)
+    assert rc == 0, err
+    conf = configparser.RawConfigParser()
+    conf.read_string(out)
+    want = {"log": "log.nk", **{f"worker-{a}": f"{a}.nk" for a in agents}}
+    for program, key in want.items():
+        env = conf.get(f"program:{program}", "environment")
+        assert f'CONVLOG_SIGNING_KEY="{keys / key}"' in env, (program, env)
+        assert f'CONVLOG_KEYRING="{keys / "keyring.json"}"' in env and 'CONVLOG_REQUIRE_SIGNATURES="true"' in env
+    assert "CONVLOG_SIGNING_KEY" not in conf.get("supervisord", "environment")
+
+    rc, _, err = await convlog(tmp_path, "up", "--print-config",
+                               env={**up_env, "CONVLOG_SIGNING_KEY": str(keys / "log.nk")})
+    assert rc == 2 and "CONVLOG_SIGNING_KEY" in one_line(err) and "--keys DIR" in err, (rc, err)
+    (keys / f"{agents[-1]}.nk").unlink()
+    rc, _, err = await convlog(tmp_path, "up", "--keys", str(keys), "--print-config", env=up_env)
+    assert rc == 2 and f"{agents[-1]}.nk" in one_line(err), (rc, err)
