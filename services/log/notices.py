@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -52,7 +52,7 @@ from shared.work import (
 
 from .pubacks import AckedPublisher
 from .recent import Recent
-from .store.base import Committed
+from .store.base import Committed, LogStore
 
 __all__ = ["USER_MARK", "Head", "Notifier", "head_of", "is_user_message"]
 
@@ -71,6 +71,10 @@ _HANDOFF = b'"function_call_output"'
 #: Notices being published at most (each holds its envelopes until its ack or its
 #: timeout); beyond, a commit's notices are left to the reconciler (see :class:`Notifier`).
 MAX_PENDING = 4_096
+#: A page of the log read to follow a session's handoffs (:meth:`Notifier.address`).
+_READ_PAGE = 1_000
+_READ_BYTES = 1 << 20
+_ABSENT = "\0absent"  # no agent's name: the log holds no item at that order
 
 
 class Head(msgspec.Struct):
@@ -125,13 +129,20 @@ class Notifier:
             committing, and each notice waits up to its ack timeout: the
             notices beyond this are not published here (nor counted as sent),
             so the reconciler republishes them once the stream answers.
+        store: the log: a session's address is its routing checkpoint checked against
+            the log, and the log's handoffs after it applied (the log wins).
+        repair: called with ``(session, order, target)`` for a handoff the log holds
+            after the session's checkpoint (the routing writer writes it).
     """
 
     def __init__(self, nc: Client, subjects: Subjects, kv: Any, *, remember: int = 100_000,
-                 sole_writer: bool = False, max_pending: int = MAX_PENDING) -> None:
+                 sole_writer: bool = False, max_pending: int = MAX_PENDING, store: LogStore | None = None,
+                 repair: Callable[[str, int, str], None] | None = None) -> None:
         self.nc = nc
         self.subjects = subjects
         self.kv = kv
+        self.store = store
+        self.repair = repair
         self.remember = remember
         self.sole_writer = sole_writer
         self.max_pending = max_pending
@@ -358,16 +369,72 @@ class Notifier:
         if agent is None and order == 1:
             agent = ""  # a new session: only a `to` (noted by the handler) names its agent
         if agent is None:
-            try:
-                entry = await self.kv.get(sid)
-                agent = decode_checkpoint(entry.value or b"").active
-            except (*_MISSING_KEY, msgspec.DecodeError):
-                agent = ""
+            agent = await self._routed(sid, order)
             if sid not in self._active:  # a handoff committed meanwhile is newer
                 self.note_active(sid, agent)
         if agent and agent not in await self._known_agents(agent):
             agent = ""
         return work_subject(self.subjects, agent) if agent else work_entry_subject(self.subjects)
+
+    async def _routed(self, sid: str, order: int) -> str:
+        """The active agent before ``order`` (0: after the session's last item) by the
+        routing checkpoint and the log after it; ``""``: the entry agent.  The log wins:
+        a checkpoint citing an item the log does not hold as its handoff is followed
+        from the session's start, and the log's handoffs after it are applied -- one
+        whose checkpoint was never written (the process died in the write's delay, the
+        bucket was purged) would otherwise address every later turn of the session to
+        the agent before it, and cost a forward each, until the next handoff.  Such a
+        handoff is handed to :attr:`repair`, which writes its checkpoint."""
+        try:
+            entry = await self.kv.get(sid)
+            cp = decode_checkpoint(entry.value or b"")
+        except (*_MISSING_KEY, msgspec.DecodeError):
+            cp = None
+        if self.store is None:
+            return cp.active if cp is not None else ""
+        try:
+            agent, after = "", 0
+            if cp is not None and cp.order == 0:
+                agent = cp.active
+            elif cp is not None:
+                held = await self._handoff_at(sid, cp.order)
+                # An item this store does not hold yet (another instance's, read from a
+                # replica that trails) does not disprove the checkpoint; an other one does.
+                if held == cp.active or (held is _ABSENT and not self.sole_writer):
+                    agent, after = cp.active, cp.order
+                else:
+                    agent = cp.entry or ""
+            last: tuple[int, str] | None = None
+            while order == 0 or after < order - 1:
+                page = await self.store.read(sid, after=after, limit=_READ_PAGE, max_bytes=_READ_BYTES)
+                for raw in page.items:
+                    head = head_of.decode(raw)
+                    if order and head.item_order >= order:
+                        break
+                    target = handoff_target_of(head.data) if head.kind == "item" else None
+                    if target:
+                        agent, last = target, (head.item_order, target)
+                if not page.items or not page.more:
+                    break
+                after = head_of.decode(page.items[-1]).item_order
+        except Exception as e:  # the store failing: the checkpoint is a hint as good as any
+            log.info("could not follow the log of %s to address its notice: %r", sid, e)
+            return cp.active if cp is not None else ""
+        if last is not None and self.repair is not None and (cp is None or last[0] > cp.order):
+            self.repair(sid, *last)
+        return agent
+
+    async def _handoff_at(self, sid: str, order: int) -> str | None:
+        """The agent the log's item ``order`` hands off to, ``None``, or :data:`_ABSENT`
+        (the store holds no such item)."""
+        assert self.store is not None
+        page = await self.store.read(sid, after=order - 1, limit=1, max_bytes=_READ_BYTES)
+        head = head_of.decode(page.items[0]) if page.items else None
+        if head is None or head.item_order != order:
+            return _ABSENT
+        if head.kind != "item":
+            return None
+        return handoff_target_of(head.data)
 
     async def _known_agents(self, wanted: str | None = None) -> set[str]:
         """Agents with a durable consumer on the work stream (listed again every 10 s, and

@@ -90,9 +90,19 @@ class RoutingWriter:
                 continue
             env = _Item.decode(c.envelope)
             target = handoff_target_of(str(env.get("kind")), env.get("data") or {})
-            if target is not None and _agent_name(target):
-                self._pending[c.session_id] = (c.item_order, target)
-        if self._pending and (self._task is None or self._task.done()):
+            if target is not None:
+                self.note(c.session_id, c.item_order, target)
+
+    def note(self, sid: str, order: int, target: str) -> None:
+        """Checkpoint the handoff of ``sid`` at ``order`` to ``target`` (unless a newer one
+        of the session is pending): a committed one, or one the log holds whose
+        checkpoint is missing (:meth:`.notices.Notifier.address`)."""
+        if not _agent_name(target):
+            return
+        pending = self._pending.get(sid)
+        if pending is None or pending[0] < order:
+            self._pending[sid] = (order, target)
+        if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:

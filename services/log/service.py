@@ -210,7 +210,7 @@ class LogService(Endpoints):
                                  stopping=stopping)
         # One process appends to an SQLite store; JetStream-store instances share their sessions.
         sole_writer = not getattr(self.store, "shared_by_instances", False)
-        self.notifier = Notifier(self.nc, self.subjects, kv, sole_writer=sole_writer)
+        self.notifier = Notifier(self.nc, self.subjects, kv, sole_writer=sole_writer, store=self.store)
         self.store.add_commit_listener(self.notifier.on_commit)
 
         async def entry_hint(sid: str, agent: str, proof: EntryProof | None) -> None:
@@ -244,6 +244,7 @@ class LogService(Endpoints):
         # The only writer of routing checkpoints (see routing_writer.py).
         self.routing_writer = RoutingWriter(kv)
         self.store.add_commit_listener(self.routing_writer.on_commit)
+        self.notifier.repair = self.routing_writer.note  # a handoff whose checkpoint is missing
         if head_signer is not None:  # heads signed within head_interval of each commit
             self.witness = HeadWitness(self.nc, self.subjects, head_signer, interval=self.settings.head_interval,
                                        replicas=self.settings.stream_replicas, store=self.store)
