@@ -122,7 +122,7 @@ class NoticeHandler:
                                                 forwarded=was_forwarded(msg.headers, notice))
             part = decision.part
             if decision.forward_to is not None:
-                await forward(self.nc, self.subjects, notice, decision.forward_to)
+                await forward(self.nc, self.subjects, notice, decision.forward_to, msg.headers)
                 self.tally.forwarded += 1
                 await msg.ack()
                 return
@@ -146,7 +146,7 @@ class NoticeHandler:
                                               kind="CONSUMER", agent=self.agent.name, session_id=sid,
                                               turn=part.turn, item_order=part.start)
             except Misrouted as e:  # started before its routing check, which names another agent
-                await forward(self.nc, self.subjects, notice, e.active)
+                await forward(self.nc, self.subjects, notice, e.active, msg.headers)
                 self.tally.forwarded += 1
                 await msg.ack()
                 return

@@ -382,7 +382,10 @@ async def announce_handoff(
                          headers=tracing.headers())  # the target's turn continues this trace
 
 
-async def forward(nc: Client, subjects: Subjects, notice: Notice, target: str) -> None:
-    """Send a notice on to the agent that must act on it."""
+async def forward(nc: Client, subjects: Subjects, notice: Notice, target: str,
+                  headers: dict[str, str] | None = None) -> None:
+    """Send a notice on to the agent that must act on it; the trace context of the
+    delivered notice (its ``headers``) goes along: the target's turn continues that trace."""
+    trace = {k: v for k, v in (headers or {}).items() if k in ("traceparent", "tracestate")}
     await publish_notice(nc, work_subject(subjects, target), notice,
-                         notice_msg_id(notice.session_id, notice.item_order, target))
+                         notice_msg_id(notice.session_id, notice.item_order, target), headers=trace)

@@ -214,3 +214,42 @@ async def test_the_turn_notice_of_a_session_seen_before_a_restart_continues_the_
     parent = notice.headers.get("traceparent")
     assert parent is not None, notice.headers
     assert parent.split("-")[1:3] == [f"{log_in.context.trace_id:032x}", f"{log_in.context.span_id:016x}"]
+
+
+# A notice that reached a worker whose agent does not answer the session (a stale address:
+# another instance committed a handoff) is forwarded to the agent the log names. The forward
+# was published without the notice's traceparent: the agent that answered began a trace of
+# its own, and the user message's trace ended at the log service.
+async def test_a_forwarded_notice_continues_the_user_messages_trace(
+    spans: InMemorySpanExporter, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"), "grace": 2},
+                             environ={})
+    service = LogService(settings)
+    await service.start()
+    spec = load_spec(SEED_SPEC)
+    workers = [Worker(settings, spec, agent, make_model_client(None))
+               for agent in ("Triage", "L1Billing", "L1Technical")]
+    runs = [asyncio.create_task(w.run()) for w in workers]
+    client = await LogClient.connect(nats_server.url)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in workers)), 20)
+        assert service.notifier is not None
+        service.notifier.note_active("f1", "L1Technical")  # stale: the log says Triage
+        await client.send("f1", "Hi, I was charged twice for my subscription this month.")
+        await assert_eventually(lambda: _find(spans, "convlog.turn", agent="Triage", session_id="f1"), timeout=20)
+        assert workers[2].tally.forwarded == 1
+    finally:
+        await client.close()
+        for w in workers:
+            await w.shutdown()
+        await asyncio.gather(*runs, return_exceptions=True)
+        await service.shutdown()
+
+    send = _find(spans, "convlog.send", session_id="f1")
+    log_in = _find(spans, "convlog.log.in", session_id="f1")
+    triage = _find(spans, "convlog.turn", agent="Triage", session_id="f1")
+    assert not [s for s in spans.get_finished_spans() if s.name == "convlog.turn" and s.attributes.get(
+        "convlog.agent") == "L1Technical"]
+    assert triage.context.trace_id == send.context.trace_id
+    assert triage.parent is not None and triage.parent.span_id == log_in.context.span_id
