@@ -186,6 +186,9 @@ class Reconciler:
         if await self.notifier.settled(msg_id) or not await self._held(head, msg.data):
             return 0
         notice = Notice(session_id=head.session_id, item_order=head.item_order, ts=now())
-        await publish_notice(self.nc, await self.notifier.address(head.session_id), notice, msg_id)
+        # The item's trace context (the outbox's or the store's header): the turn continues it.
+        parent = (msg.headers or {}).get("traceparent")
+        await publish_notice(self.nc, await self.notifier.address(head.session_id), notice, msg_id,
+                             headers={"traceparent": parent} if parent else None)
         self.republished += 1
         return 1

@@ -253,3 +253,50 @@ async def test_a_forwarded_notice_continues_the_user_messages_trace(
         "convlog.agent") == "L1Technical"]
     assert triage.context.trace_id == send.context.trace_id
     assert triage.parent is not None and triage.parent.span_id == log_in.context.span_id
+
+
+# A notice lost between the commit and its publish (the log service died, or left it to the
+# reconciler while the work stream did not answer) is republished by the notice reconciler
+# from the committed item on the items stream, which carries the item's traceparent; the
+# republished notice had none: the worker's turn began a trace of its own.
+@pytest.mark.parametrize("store", ["sqlite", "jetstream"])
+async def test_a_notice_the_reconciler_republishes_continues_the_user_messages_trace(
+    spans: InMemorySpanExporter, nats_server: NatsServer, tmp_path: Path, store: str
+) -> None:
+    import nats
+
+    from shared.work import notice_msg_id
+
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"), "grace": 2,
+                              "store": store}, environ={})
+    client = await LogClient.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url)
+    notices: list[Any] = []
+
+    async def on_notice(msg: Any) -> None:
+        notices.append(msg)
+
+    await nc.subscribe(f"{settings.subjects.prefix}.work.>", cb=on_notice)
+    try:
+        async with LogService(settings) as service:
+            assert service.notifier is not None and service.reconciler is not None
+            lost: list[tuple[str, int]] = []
+            service.notifier._start = lambda sid, order: lost.append((sid, order))  # as if it died
+
+            ack = await client.send("rc1", "Hi")
+
+            def republished() -> Any:
+                found = [m for m in notices if m.headers and m.headers.get("Nats-Msg-Id") ==
+                         notice_msg_id("rc1", ack.first_order)]
+                assert found, [m.headers for m in notices]
+                return found[0]
+
+            notice = await assert_eventually(republished, timeout=15)
+            assert lost == [("rc1", ack.first_order)] and service.reconciler.republished == 1
+    finally:
+        await nc.close()
+        await client.close()
+    log_in = _find(spans, "convlog.log.in", session_id="rc1")
+    parent = notice.headers.get("traceparent")
+    assert parent is not None, notice.headers
+    assert parent.split("-")[1:3] == [f"{log_in.context.trace_id:032x}", f"{log_in.context.span_id:016x}"]
