@@ -224,11 +224,15 @@ class Notifier:
         if agents is None or target not in agents or time.monotonic() - self._agents_at > _AGENTS_EVERY \
                 or self._full():
             return False
+        # Its trace context is taken only once it is sent: else the commit's other notices carry it.
         message = self._message(work_subject(self.subjects, target), _Pending(
-            sid, order, notice_msg_id(sid, order), self.recent.carry(sid, order), target))
+            sid, order, notice_msg_id(sid, order), self.recent.carry(sid, order), target),
+            self.traces.get((sid, order)))
         acked = self._acks.publish_now([message])
         if acked is None:
             return False
+        if self.owns_traces:
+            self.traces.pop((sid, order), None)
         self._pending += 1
         self._spawn(self._log_handoff(sid, order, acked))
         return True

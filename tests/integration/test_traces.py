@@ -300,3 +300,40 @@ async def test_a_notice_the_reconciler_republishes_continues_the_user_messages_t
     parent = notice.headers.get("traceparent")
     assert parent is not None, notice.headers
     assert parent.split("-")[1:3] == [f"{log_in.context.trace_id:032x}", f"{log_in.context.span_id:016x}"]
+
+
+# On the JetStream store the log service's trace contexts are taken (popped) by the notice
+# that carries them. A handoff's notice is first tried straight from the commit listener;
+# when that could not be written at once (the public nats-py seam always, or something
+# queued on the connection) it goes with the commit's other notices -- and its context had
+# already been taken by the first try: the notice went out without a traceparent, and the
+# handoff's target began a trace of its own.
+async def test_a_handoff_notice_not_sent_at_once_still_continues_the_trace(
+    spans: InMemorySpanExporter, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"), "grace": 2,
+                              "store": "jetstream", "nats_seam": "public"}, environ={})
+    service = LogService(settings)
+    await service.start()
+    spec = load_spec(SEED_SPEC)
+    workers = [Worker(settings, spec, agent, make_model_client(None)) for agent in ("Triage", "L1Billing")]
+    runs = [asyncio.create_task(w.run()) for w in workers]
+    client = await LogClient.connect(nats_server.url)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in workers)), 20)
+        for i in range(5):
+            await client.send(f"h{i}", "Hi, I was charged twice for my subscription this month.")
+        for i in range(5):
+            await assert_eventually(lambda i=i: _find(spans, "convlog.turn", agent="L1Billing", session_id=f"h{i}"),
+                                    timeout=20)
+    finally:
+        await client.close()
+        for w in workers:
+            await w.shutdown()
+        await asyncio.gather(*runs, return_exceptions=True)
+        await service.shutdown()
+
+    for i in range(5):
+        send = _find(spans, "convlog.send", session_id=f"h{i}")
+        billing = _find(spans, "convlog.turn", agent="L1Billing", session_id=f"h{i}")
+        assert billing.context.trace_id == send.context.trace_id, i
