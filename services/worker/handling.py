@@ -220,9 +220,16 @@ class NoticeHandler:
                        failures: int, started: float) -> None:
         """End a turn that keeps failing with a system item, then ack."""
         reason = f"internal error after {failures} attempts ({type(error).__name__})"
-        try:
+
+        async def end() -> TurnResult:
             result = await self.runner.run(part, fail_reason=reason, confirm=decision.confirm)
             await self._announce(part, result)
+            return result
+
+        try:  # a turn span of its own, in the notice's trace as each failed attempt was
+            result = await tracing.traced("convlog.turn", msg.headers, end(), kind="CONSUMER",
+                                          agent=self.agent.name, session_id=part.session_id,
+                                          turn=part.turn, item_order=part.start)
             self._count(result, part)
             metrics.turn_done(self.agent.name, result, started)
             await msg.ack()

@@ -337,3 +337,48 @@ async def test_a_handoff_notice_not_sent_at_once_still_continues_the_trace(
         send = _find(spans, "convlog.send", session_id=f"h{i}")
         billing = _find(spans, "convlog.turn", agent="L1Billing", session_id=f"h{i}")
         assert billing.context.trace_id == send.context.trace_id, i
+
+
+# A turn that keeps failing is ended, after max_attempts failed deliveries, with a system
+# item "internal error after N attempts". Each failed attempt is a convlog.turn span in the
+# user message's trace, but the give-up ran outside any span: the system item's append
+# began a trace of its own, and the user message's trace never showed how it ended.
+async def test_the_give_up_of_a_failing_turn_is_in_the_user_messages_trace(
+    spans: InMemorySpanExporter, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    from services.worker.spec import parse_spec
+    from tests.support.workerstack import SOLO_SPEC
+
+    class Failing:
+        async def complete(self, *, model: str, messages: Any, tools: Any) -> Any:
+            raise RuntimeError("a bug in the model client")
+
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"), "grace": 0},
+                             environ={})
+    service = LogService(settings)
+    await service.start()
+    worker = Worker(settings, parse_spec(SOLO_SPEC), "Solo", Failing(), max_attempts=2)
+    run = asyncio.create_task(worker.run())
+    client = await LogClient.connect(nats_server.url)
+    try:
+        await asyncio.wait_for(worker.ready.wait(), 20)
+        await client.send("g1", "hello")
+
+        async def ended() -> None:
+            log = await client.items("g1", raw=True)
+            assert any(e.agent == "system" for e in log), [e.data for e in log]
+
+        await assert_eventually(ended, timeout=20)
+        await assert_eventually(lambda: _find(spans, "convlog.append", session_id="g1"), timeout=5)
+    finally:
+        await client.close()
+        await worker.shutdown()
+        await asyncio.gather(run, return_exceptions=True)
+        await service.shutdown()
+
+    send = _find(spans, "convlog.send", session_id="g1")
+    turns = [s for s in spans.get_finished_spans() if s.name == "convlog.turn"]
+    assert len(turns) >= 2 and all(s.context.trace_id == send.context.trace_id for s in turns)
+    (give_up,) = [s for s in spans.get_finished_spans() if s.name == "convlog.append"
+                  and s.attributes.get("convlog.session_id") == "g1"]
+    assert give_up.context.trace_id == send.context.trace_id
