@@ -16,6 +16,7 @@ session is known (a page's mark, the index).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import re
 import time
 from collections import OrderedDict
@@ -98,6 +99,8 @@ class StreamReads:
         self.max_cached_sessions = max_cached_sessions
         self.timeout = timeout
         self.cache: OrderedDict[str, SessionIndex] = OrderedDict()
+        #: the fan-out's session ids, sorted, and the subject count they were listed at
+        self._sids: tuple[tuple[int, int, int], list[str]] | None = None
 
     def get(self, sid: str) -> DirectGet:
         """Direct gets on the session's log stream."""
@@ -302,12 +305,8 @@ class StreamReads:
         sessions); one that is not there is read from the log instead, and a
         session the log does not hold is left out."""
         await self._fan_out_caught_up()
-        items = self.fan_out()
-        counts = await items.subjects(self.layout.items_all)
-        sids = sorted(
-            sid for sid in map(self.layout.session_of_items, counts)
-            if sid > (after or "") and _SESSION_ID.match(sid)
-        )
+        sids = await self._session_ids()
+        sids = sids[bisect.bisect_right(sids, after or ""):]
         out: list[SessionInfo] = []
         start = 0
         while start < len(sids) and len(out) < limit:  # a page of dropped sessions is no end
@@ -315,6 +314,20 @@ class StreamReads:
             start += len(page)
             out += await self._listed(page)
         return out, start < len(sids)
+
+    async def _session_ids(self) -> list[str]:
+        """Every session id of the fan-out, sorted.  Listing its subjects costs the whole
+        stream's, so one listing is kept while the stream's subject count says no session
+        came since: a client paging through N sessions cost N subjects a page, N²/limit in
+        all.  (The count is read first: a session that comes during the listing makes the
+        next call list again.)"""
+        key = await self.fan_out().subject_count()
+        if self._sids is not None and self._sids[0] == key:
+            return self._sids[1]
+        counts = await self.fan_out().subjects(self.layout.items_all)
+        sids = sorted(sid for sid in map(self.layout.session_of_items, counts) if _SESSION_ID.match(sid))
+        self._sids = (key, sids)
+        return sids
 
     async def _listed(self, page: list[str]) -> list[SessionInfo]:
         """The sessions of ``page`` the log holds, as it holds them (see :meth:`sessions`)."""
