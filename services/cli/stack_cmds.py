@@ -220,12 +220,20 @@ def _keys_dir(args: argparse.Namespace, settings: Settings, agents: list[str]) -
     if args.keys is None:
         return None
     keys = Path(args.keys).resolve()
-    from shared.signing import Keyring, KeyringError, Signer
+    from shared.signing import LOG, Keyring, KeyringError, Signer
 
     try:
-        Keyring.load(keys / "keyring.json")
+        ring = Keyring.load(keys / "keyring.json")
         for name in ["log", *agents]:
-            Signer.load(keys / f"{name}.nk")
+            key_id = Signer.load(keys / f"{name}.nk").key_id
+            # A key the keyring does not give this program (a keyring of another keys init):
+            # the log service refused its own at each start, the log every worker's appends.
+            entry = ring.get(key_id)
+            why = (("not the keyring's live log service key" if entry is None or entry.role != LOG
+                    or entry.retired_at else None) if name == "log"
+                   else ring.refusal(key_id, name, via_inbound=False))
+            if why is not None:
+                raise KeyringError(f"{keys / f'{name}.nk'}: {why}")
     except KeyringError as e:
         raise ConfigError(f"--keys {args.keys}: {e} (`convlog keys init --agents SPEC --out DIR` "
                           "writes one key per agent of the spec)") from None

@@ -610,3 +610,37 @@ async def test_up_signs_with_each_programs_own_key_and_refuses_one_key_for_all(t
     (keys / f"{agents[-1]}.nk").unlink()
     rc, _, err = await convlog(tmp_path, "up", "--keys", str(keys), "--print-config", env=up_env)
     assert rc == 2 and f"{agents[-1]}.nk" in one_line(err), (rc, err)
+
+
+# `convlog up --keys DIR` checked only that DIR's files hold keys, not that the keyring
+# gives them to their programs: a DIR whose keyring.json came from another `keys init`
+# (or a key file copied from another) started a stack whose log service refused its own
+# key at every start, and whose workers' appends the log refused.  Said in one line.
+async def test_up_refuses_a_keys_dir_whose_keyring_does_not_hold_its_keys(tmp_path: Path) -> None:
+    import shutil
+
+    from services.cli.common import packaged_agents_path
+    from services.worker.spec import load_spec
+
+    agents = list(load_spec(packaged_agents_path()).agents)
+    for name in ("keys", "other"):
+        rc, _, err = await convlog(tmp_path, "keys", "init", "--agents", str(packaged_agents_path()),
+                                   "--out", str(tmp_path / name), env=cli_env(tmp_path))
+        assert rc == 0, err
+    keys, other = tmp_path / "keys", tmp_path / "other"
+    up_env = cli_env(tmp_path, CONVLOG_NATS_URL=f"nats://127.0.0.1:{free_port()}", CONVLOG_EMBEDDED="true")
+    (keys / "keyring.json").rename(tmp_path / "keyring.json")
+    shutil.copy(other / "keyring.json", keys / "keyring.json")
+    rc, out, err = await convlog(tmp_path, "up", "--keys", str(keys), "--print-config", env=up_env)
+    assert rc == 2 and "log.nk" in one_line(err) and "live log service key" in err, (rc, err)
+    assert out == ""
+
+    (keys / "keyring.json").unlink()
+    (tmp_path / "keyring.json").rename(keys / "keyring.json")
+    (keys / f"{agents[0]}.nk").unlink()  # another agent's key under this agent's name
+    shutil.copy(keys / f"{agents[1]}.nk", keys / f"{agents[0]}.nk")
+    rc, _, err = await convlog(tmp_path, "up", "--keys", str(keys), "--print-config", env=up_env)
+    assert rc == 2 and f"{agents[0]}.nk" in one_line(err) and f"not {agents[0]!r}" in err, (rc, err)
+
+    rc, _, err = await convlog(tmp_path, "up", "--keys", str(other), "--print-config", env=up_env)
+    assert rc == 0, err
