@@ -47,6 +47,7 @@ from shared.failures import (
 )
 from shared.subjects import Subjects, validate_session_id
 from shared.wire import Outgoing, publish_many
+from shared.work import work_stream_name
 
 from .store.base import Committed, LogStore
 
@@ -260,7 +261,11 @@ class Outbox:
                     f"the items stream {name} ends with {msg_id!r}, which this database does not hold: "
                     "the stream belongs to another database (or the database was restored from an "
                     "older copy). Use another --prefix, point --db at the matching file, or delete "
-                    f"the stream {name} if its history is no longer needed"
+                    f"the stream {name} if its history is no longer needed. A restored database: "
+                    f"stop its workers too and delete the work stream {work_stream_name(self._subjects)} "
+                    "as well (its duplicate window drops the turn notices of the item orders used "
+                    "again, and the workers keep what they learnt of the lost items), then start "
+                    "the log service and the workers again"
                 )
             if strays:
                 _warn_strays(name, strays, seq)
