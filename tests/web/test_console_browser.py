@@ -221,6 +221,35 @@ def test_a_live_tail_that_failed_is_not_reconnected_in_a_loop(demo_web: Demo, lo
     assert page.text_content("#message") == "The live tail stopped: forbidden: reads refused"
 
 
+def test_a_live_item_the_log_does_not_hold_is_replaced_by_the_logs(demo_web: Demo, log: LoopThread, page: Any) -> None:
+    """An envelope published on the items subject with a chain-valid hash (a loose NATS
+    configuration) is shown until the log's item of that order arrives; the console's
+    follower then sends the log's item of that order again (README: the live tail takes
+    the log's items from there).  The page dropped it (not after its last order): it kept
+    the forgery with a ✓ and then called the log's next item a broken chain."""
+    from shared.chain import item_hash
+
+    sid = "web-live-replaced"
+    log.run(log.client.append(sid, [said("Triage", "first message")]))
+    page.goto(f"{demo_web.url}/sessions/{sid}")
+    wait_badge(page, "good")
+    page.wait_for_function("window.__convlog.live === 'on'")
+    [first] = log.run(log.client.items(sid))
+    fields = dict(session_id=sid, item_order=2, item_id="forged-2", agent="Triage", kind="item",
+                  data={"type": "message", "role": "assistant", "content": "a forgery"},
+                  created_at="2026-03-14T09:30:00.000000Z")
+    forged = Envelope(**fields, hash=item_hash(**fields, prev_hash=first.hash))  # type: ignore[arg-type]
+    js = log.client.nc.jetstream()
+    log.run(js.publish(log.client.subjects.items(sid), msgspec.json.encode(forged)))
+    page.wait_for_selector('.card[data-order="2"]:has-text("a forgery")')
+    log.run(log.client.append(sid, [said("L1Billing", "the log's second")]))
+    log.run(log.client.append(sid, [said("L1Billing", "the log's third")]))
+    page.wait_for_selector('.card[data-order="3"]:has-text("the log\'s third")')
+    page.wait_for_selector('.card[data-order="2"]:has-text("the log\'s second")')
+    assert "chain intact through #3" in wait_badge(page, "good")
+    assert page.eval_on_selector_all(".row", "els => els.map(e => e.dataset.order)") == ["1", "2", "3"]
+
+
 def _tampered(body: bytes, order: int, how: str) -> bytes:
     lines = [json.loads(x) for x in body.splitlines() if x.strip()]
     if how == "edit":

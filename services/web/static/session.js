@@ -322,12 +322,39 @@ function startLive() {
       fail(`a live item after #${conv.lastOrder} is not a JSON object`);
       return;
     }
-    if (env.item_order <= conv.lastOrder) return;
+    if (env.item_order <= conv.lastOrder) {
+      const held = conv.items[conv.byOrder.get(env.item_order)];
+      if (held === undefined || held.hash === env.hash) return; // already shown
+      takeFrom(env.item_order);
+    }
     $("message").textContent = "";
     const atBottom = scroller.scrollTop + scroller.clientHeight >= scroller.scrollHeight - ROW_H;
     add([env]);
     if ($("follow").checked || atBottom) requestAnimationFrame(() => { scroller.scrollTop = scroller.scrollHeight; });
   };
+}
+
+// The console's follower sends the log's item of an order again when what it was delivered
+// there was not the log's (a forgery that continued the chain): as it does, the page drops
+// what it holds from that order on and takes the log's items from there.
+function takeFrom(order) {
+  const keep = conv.items.filter((e) => e.item_order < order);
+  const old = conv;
+  conv = new Conversation(sid);
+  conv.collapseAll = old.collapseAll;
+  conv.agentsSaw = old.agentsSaw;
+  verifying = verifying.then(() => {
+    const { keyring, heads } = sigs;
+    verifier = new ChainVerifier(sid);
+    sigs = new SignatureChecker();
+    sigs.keyring = keyring;
+    return heads.length ? sigs.addHeads(heads) : undefined;
+  });
+  for (const node of rendered.values()) node.remove();
+  rendered.clear();
+  if (selected !== null && selected >= order) { selected = null; $("detail").hidden = true; }
+  renderLanes();
+  add(keep);
 }
 
 function loadFile(file) {
