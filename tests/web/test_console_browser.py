@@ -250,6 +250,34 @@ def test_a_live_item_the_log_does_not_hold_is_replaced_by_the_logs(demo_web: Dem
     assert page.eval_on_selector_all(".row", "els => els.map(e => e.dataset.order)") == ["1", "2", "3"]
 
 
+def test_a_live_tail_refused_by_a_proxy_is_opened_again(demo_web: Demo, log: LoopThread, page: Any) -> None:
+    """An answer that is no event stream (a proxy's 502 while the console restarts) closes
+    an EventSource for good: the page showed "reconnecting" for ever and never tailed
+    again.  It now opens a new tail after what it holds: nothing skipped, nothing twice."""
+    sid = "web-live-502"
+    log.run(log.client.append(sid, [said("Triage", "first message")]))
+    tails: list[str] = []
+
+    def once_refused(route: Any) -> None:
+        tails.append(route.request.url)
+        if len(tails) == 1:
+            route.fulfill(status=502, content_type="text/html", body=b"<h1>502 Bad Gateway</h1>")
+        else:
+            route.continue_()
+
+    page.route("**/live?*", once_refused)
+    page.goto(f"{demo_web.url}/sessions/{sid}")
+    wait_badge(page, "good")
+    page.wait_for_function("window.__convlog.live === 'reconnecting'")
+    log.run(log.client.append(sid, [said("L1Billing", "arrived meanwhile")]))
+    page.wait_for_function("window.__convlog.live === 'on'", timeout=15_000)
+    log.run(log.client.append(sid, [said("L1Billing", "arrived live")]))
+    page.wait_for_selector('.card[data-order="3"]:has-text("arrived live")')
+    assert page.eval_on_selector_all(".row", "els => els.map(e => e.dataset.order)") == ["1", "2", "3"]
+    assert "chain intact through #3" in wait_badge(page, "good")
+    assert len(tails) == 2 and tails[1].endswith("/live?after=1"), tails
+
+
 def _tampered(body: bytes, order: int, how: str) -> bytes:
     lines = [json.loads(x) for x in body.splitlines() if x.strip()]
     if how == "edit":

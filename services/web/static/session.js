@@ -298,11 +298,21 @@ async function loadFromServer() {
   startLive();
 }
 
+let reopenDelay = 1000; // ms before a tail the browser gave up on is opened again (doubling to 30 s)
 function startLive() {
-  source = new EventSource(`${sessionPath(sid)}/live?after=${conv.lastOrder}`);
+  const es = new EventSource(`${sessionPath(sid)}/live?after=${conv.lastOrder}`);
+  source = es;
   const live = $("live");
-  source.onopen = () => { state.live = "on"; live.textContent = "● live"; live.className = "live on"; };
-  source.onerror = () => { state.live = "reconnecting"; live.textContent = "○ reconnecting"; live.className = "live off"; };
+  source.onopen = () => { reopenDelay = 1000; state.live = "on"; live.textContent = "● live"; live.className = "live on"; };
+  source.onerror = () => {
+    state.live = "reconnecting"; live.textContent = "○ reconnecting"; live.className = "live off";
+    // An answer that is no event stream (a proxy's 502 while the console restarts) closes an
+    // EventSource for good: open a new tail, after what the page holds.
+    if (es.readyState === EventSource.CLOSED && source === es) {
+      setTimeout(() => { if (source === es) startLive(); }, reopenDelay);
+      reopenDelay = Math.min(reopenDelay * 2, 30_000);
+    }
+  };
   // The console's follower failed (the log refused the read): reconnecting would fail alike.
   source.addEventListener("failed", (ev) => {
     source.close();
