@@ -43,7 +43,7 @@ from nats.js.api import Header
 from shared.inbox import Message, RoutedInbox, atomic_batch
 from shared.merging import Merger
 from shared.nats_seam import seam_for
-from shared.wire import frame
+from shared.wire import frame, over_max_payload
 
 __all__ = ["AckedPublisher"]
 
@@ -116,16 +116,25 @@ class AckedPublisher(RoutedInbox):
         the stream holds it (or dropped it as a duplicate), else the error."""
         await self.start()
         sent: list[tuple[str, asyncio.Future[Msg]]] = []
+        refused: dict[int, Exception] = {}
         try:
-            for subject, payload, headers in messages:
+            for i, (subject, payload, headers) in enumerate(messages):
+                if headers is not None and over_max_payload(self._nc, payload, headers):
+                    # publish would send it, and the server close the connection: refused alone
+                    refused[i] = nats.errors.MaxPayloadError()
+                    continue
                 token = self.token()
                 sent.append((token, self._future(token)))
                 await self._nc.publish(subject, payload, reply=self.reply_to(token), headers=headers)
         except nats.errors.Error as e:  # not (all) sent: those not acked share the outcome
             outcomes = [_ack_error(f.result()) if f.done() else e for _, f in sent]
             self._forget(sent)
-            return outcomes + [e] * (len(messages) - len(sent))
-        return await self._acked(sent, wait)
+            outcomes += [e] * (len(messages) - len(sent) - len(refused))
+        else:
+            outcomes = await self._acked(sent, wait)
+        for i in sorted(refused):
+            outcomes.insert(i, refused[i])
+        return outcomes
 
     def publish_now(self, messages: list[Message], *, wait: float = 5.0
                     ) -> Coroutine[Any, Any, list[Exception | None]] | None:
@@ -193,7 +202,9 @@ class AckedPublisher(RoutedInbox):
     async def _atomic_or_each(self, messages: list[Message], wait: float) -> list[Exception | None]:
         """One atomic batch (several messages, while the stream allows it), else
         (or when the stream refuses the batch whole) one publish each."""
-        if len(messages) < 2 or not self.atomic:
+        if len(messages) < 2 or not self.atomic or any(
+            h is not None and over_max_payload(self._nc, p, h) for _, p, h in messages
+        ):  # (one too large with its headers is refused alone, not the whole batch)
             return await self.publish(messages, wait=wait)
         err = await self._publish_atomic(messages, wait)
         if err is None:

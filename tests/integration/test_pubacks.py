@@ -206,3 +206,32 @@ async def test_publish_now_on_the_public_seam_sends_nothing(nats_server: NatsSer
     finally:
         await pub.close()
         await nc.close()
+
+
+async def test_a_message_over_max_payload_only_with_its_headers_is_refused_alone_not_sent(
+    nats_server: NatsServer,
+) -> None:
+    """nats-py's ``publish`` compares the payload alone with the max payload; the
+    server counts the headers too and closes the connection over one it sends.
+    A notice so sent took the log service's connection down for good."""
+    nc = await nats.connect(nats_server.url)
+    pub = AckedPublisher(nc, atomic_at=2)
+    try:
+        await _stream(nc, "BIG", atomic=True)
+        fits = b"x" * (nc.max_payload - 10)  # the payload alone fits, not with its headers
+        for send in (pub.publish, pub.publish_together):
+            outcomes = await send([
+                ("big.a", b"1", {"Nats-Msg-Id": f"{send.__name__}-1"}),
+                ("big.b", fits, {"Nats-Msg-Id": f"{send.__name__}-2"}),
+                ("big.c", b"3", {"Nats-Msg-Id": f"{send.__name__}-3"}),
+            ])
+            assert outcomes[0] is None and outcomes[2] is None, outcomes
+            assert isinstance(outcomes[1], nats.errors.MaxPayloadError), outcomes
+            assert nc.is_connected
+        assert pub.publish_now([("big.b", fits, {"Nats-Msg-Id": "now-2"})]) is None  # publish says which
+        assert await pub.publish([("big.d", b"4", {"Nats-Msg-Id": "4"})]) == [None]
+        assert nc.is_connected and not nc.is_closed
+        assert [body for body, _ in await _stored(nc, "BIG")] == ["1", "3", "1", "3", "4"]
+    finally:
+        await pub.close()
+        await nc.close()
