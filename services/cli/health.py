@@ -220,6 +220,7 @@ async def check(settings: Settings, *, agents: list[str], max_lag: float = 10.0,
     from shared.client import connect_options
     from shared.config import ConfigError
     from shared.nats_connect import connect
+    from shared.nats_seam import bind
 
     report = Report()
     from shared.failures import refused_publish
@@ -235,6 +236,7 @@ async def check(settings: Settings, *, agents: list[str], max_lag: float = 10.0,
     try:
         async with asyncio.timeout(timeout + 1):
             nc = await connect(settings, options)
+        bind(nc, settings.nats_seam)  # CONVLOG_NATS_SEAM, as every other connection of convlog
     except ConfigError as e:  # a server answered, and refused the credentials
         report.problems.append(f"NATS at {settings.nats_url}: {e}")
         return report

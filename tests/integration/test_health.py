@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 import nats
 
@@ -224,3 +225,24 @@ async def test_the_idle_consumer_of_an_agent_removed_from_the_spec_passes(stack:
         assert "(Gone is not in the agents spec)" in out
     finally:
         await nc.close()
+
+
+async def test_health_uses_the_nats_py_seam_configured(log_url: str, tmp_path: Path, monkeypatch: Any) -> None:
+    """CONVLOG_NATS_SEAM=public means nats-py's public API only; `convlog health`'s
+    read went over the fast seam all the same (its connection was never bound)."""
+    import shared.nats_connect
+    from shared.nats_seam import PUBLIC, seam_for
+
+    made: list[Any] = []
+    connect = shared.nats_connect.connect
+
+    async def recording(*args: Any, **kwargs: Any) -> Any:
+        nc = await connect(*args, **kwargs)
+        made.append(nc)
+        return nc
+
+    monkeypatch.setattr(shared.nats_connect, "connect", recording)
+    settings = load_settings({"nats_url": log_url, "nats_seam": "public", "data_dir": str(tmp_path)}, environ={})
+    report = await check(settings, agents=[])
+    assert any("a read took" in line for line in report.ok), report
+    assert len(made) == 1 and seam_for(made[0]) is PUBLIC
