@@ -278,6 +278,108 @@ def test_a_live_tail_refused_by_a_proxy_is_opened_again(demo_web: Demo, log: Loo
     assert len(tails) == 2 and tails[1].endswith("/live?after=1"), tails
 
 
+# Page Visibility as the browser reports it, set from the test: a hidden tab (another tab
+# in front, a minimized window) is what a reviewer with many console tabs has.
+HIDDEN_TAB = """
+(() => {
+  let state = "hidden";
+  Object.defineProperty(Document.prototype, "visibilityState", { configurable: true, get: () => state });
+  Object.defineProperty(Document.prototype, "hidden", { configurable: true, get: () => state === "hidden" });
+  window.__show = (shown) => { state = shown ? "visible" : "hidden"; document.dispatchEvent(new Event("visibilitychange")); };
+})();
+"""
+
+
+def rows(page: Any) -> list[str]:
+    return page.eval_on_selector_all(".row", "els => els.map(e => e.dataset.order)")
+
+
+def test_hidden_tabs_release_their_live_tails_so_an_eighth_tab_loads_and_goes_live(
+        demo_web: Demo, log: LoopThread, browser: Any) -> None:
+    """Each session page held its live tail (one HTTP/1.1 connection) open, and Chromium
+    opens at most 6 connections to one server: with six console tabs open the seventh
+    tab never even loaded, with no word why.  A hidden tab now closes its tail and opens
+    it again, after what it holds, when shown: nothing skipped, nothing twice."""
+    sid = "web-live-tabs"
+    log.run(log.client.append(sid, [said("Triage", "first message")]))
+    context = browser.new_context(viewport={"width": 1400, "height": 800}, bypass_csp=True)
+    errors: list[str] = []
+    tails: list[str] = []
+    try:
+        pages = []
+        for n in range(8):
+            pg = context.new_page()
+            pg.set_default_timeout(15_000)
+            pg.on("pageerror", lambda e: errors.append(str(e)))
+            if n < 7:
+                pg.add_init_script(HIDDEN_TAB)
+            pg.goto(f"{demo_web.url}/sessions/{sid}")
+            wait_badge(pg, "good")
+            pages.append(pg)
+        last = pages[-1]
+        last.wait_for_function("window.__convlog.live === 'on'")
+        for pg in pages[:-1]:
+            assert pg.evaluate("window.__convlog.live") == "paused"
+            assert pg.text_content("#live") == "❚❚ paused (tab hidden)"
+        log.run(log.client.append(sid, [said("L1Billing", "second, while hidden")]))
+        last.wait_for_selector('.card[data-order="2"]:has-text("second, while hidden")')
+        log.run(log.client.append(sid, [said("L1Billing", "third, while hidden")]))
+        last.wait_for_selector('.card[data-order="3"]')
+
+        # A hidden tab shown again shows what came meanwhile, once, and goes on live.
+        first = pages[0]
+        first.on("request", lambda r: tails.append(r.url) if "/live?" in r.url else None)
+        assert rows(first) == ["1"]
+        first.evaluate("window.__show(true)")
+        first.wait_for_function("window.__convlog.live === 'on'")
+        first.wait_for_selector('.card[data-order="3"]:has-text("third, while hidden")')
+        assert tails == [f"{demo_web.url}/sessions/{sid}/live?after=1"]
+        log.run(log.client.append(sid, [said("L1Billing", "fourth, live")]))
+        first.wait_for_selector('.card[data-order="4"]:has-text("fourth, live")')
+        assert rows(first) == ["1", "2", "3", "4"]
+        assert first.text_content("#count").startswith("4 items")
+        assert "chain intact through #4" in wait_badge(first, "good")
+
+        # The tab in front hidden: its tail closes; shown again, it resumes after #4.
+        first.evaluate("window.__show(false)")
+        first.wait_for_function("window.__convlog.live === 'paused'")
+        log.run(log.client.append(sid, [said("L1Billing", "fifth, while hidden")]))
+        last.wait_for_selector('.card[data-order="5"]')
+        first.wait_for_timeout(500)
+        assert rows(first) == ["1", "2", "3", "4"]  # no tail while hidden
+        first.evaluate("window.__show(true)")
+        first.wait_for_selector('.card[data-order="5"]:has-text("fifth, while hidden")')
+        first.wait_for_function("window.__convlog.live === 'on'")
+        assert tails[1:] == [f"{demo_web.url}/sessions/{sid}/live?after=4"], tails
+        assert rows(first) == ["1", "2", "3", "4", "5"]
+        assert first.text_content("#count").startswith("5 items")
+        assert "chain intact through #5" in wait_badge(first, "good")
+        screenshot(first, "hidden-tab-shown-again")
+    finally:
+        context.close()
+    assert not errors, f"JavaScript errors on the pages: {errors}"
+
+
+def test_a_live_tail_that_cannot_connect_says_so(demo_web: Demo, log: LoopThread, page: Any) -> None:
+    """A tail the browser holds back (no connection to the server free) showed nothing at
+    all: no "live", no "reconnecting", no message.  After 10 s the page now says it is not
+    connected and why that may be; once the tail opens, the message goes."""
+    sid = "web-live-stalled"
+    log.run(log.client.append(sid, [said("Triage", "first message")]))
+    held: list[Any] = []
+    page.route("**/live?*", lambda route: held.append(route))  # never answered: held back
+    page.goto(f"{demo_web.url}/sessions/{sid}")
+    wait_badge(page, "good")
+    assert page.text_content("#live") == "○ connecting"
+    page.wait_for_function("window.__convlog.live === 'stalled'", timeout=15_000)
+    assert page.text_content("#live") == "○ not connected"
+    assert "The live tail has not connected" in page.text_content("#message")
+    assert "close or hide other console tabs" in page.text_content("#message")
+    held[0].continue_()
+    page.wait_for_function("window.__convlog.live === 'on'")
+    assert page.text_content("#message") == ""
+
+
 def _tampered(body: bytes, order: int, how: str) -> bytes:
     lines = [json.loads(x) for x in body.splitlines() if x.strip()]
     if how == "edit":

@@ -299,11 +299,31 @@ async function loadFromServer() {
 }
 
 let reopenDelay = 1000; // ms before a tail the browser gave up on is opened again (doubling to 30 s)
+const STALLED_MS = 10_000; // a tail not open by then: the browser is holding the request back
 function startLive() {
+  const live = $("live");
+  // A hidden tab holds no tail: a browser opens at most 6 connections to one server over
+  // HTTP/1.1, and each open tail keeps one, so a few console tabs would leave the next
+  // tab's tail (and then the next page itself) waiting for good. Shown again, the page
+  // opens the tail after what it holds.
+  if (document.visibilityState === "hidden") {
+    state.live = "paused"; live.textContent = "❚❚ paused (tab hidden)"; live.className = "live off";
+    return;
+  }
   const es = new EventSource(`${sessionPath(sid)}/live?after=${conv.lastOrder}`);
   source = es;
-  const live = $("live");
-  source.onopen = () => { reopenDelay = 1000; state.live = "on"; live.textContent = "● live"; live.className = "live on"; };
+  if (state.live !== "reconnecting") { state.live = "connecting"; live.textContent = "○ connecting"; live.className = "live off"; }
+  setTimeout(() => {
+    if (source !== es || es.readyState !== EventSource.CONNECTING || state.live !== "connecting") return;
+    state.live = "stalled";
+    live.textContent = "○ not connected";
+    $("message").textContent = "The live tail has not connected: the browser may be out of connections to this " +
+      "server (at most 6 over HTTP/1.1, shared by all its tabs); close or hide other console tabs.";
+  }, STALLED_MS);
+  source.onopen = () => {
+    if ($("message").textContent.startsWith("The live tail has not connected")) $("message").textContent = "";
+    reopenDelay = 1000; state.live = "on"; live.textContent = "● live"; live.className = "live on";
+  };
   source.onerror = () => {
     state.live = "reconnecting"; live.textContent = "○ reconnecting"; live.className = "live off";
     // An answer that is no event stream (a proxy's 502 while the console restarts) closes an
@@ -343,6 +363,19 @@ function startLive() {
     if ($("follow").checked || atBottom) requestAnimationFrame(() => { scroller.scrollTop = scroller.scrollHeight; });
   };
 }
+
+document.addEventListener("visibilitychange", () => {
+  if (fileMode || !state.loaded || state.live === "failed") return;
+  if (document.visibilityState === "hidden") {
+    if (source === null) return;
+    source.close();
+    source = null; // a reopen already scheduled for it does not run
+    startLive(); // says "paused"
+  } else if (source === null) {
+    reopenDelay = 1000;
+    startLive();
+  }
+});
 
 // The console's follower sends the log's item of an order again when what it was delivered
 // there was not the log's (a forgery that continued the chain): as it does, the page drops
