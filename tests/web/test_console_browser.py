@@ -774,6 +774,27 @@ def test_a_session_that_did_not_load_gets_no_green_badge(demo_web: Demo, page: A
     screenshot(page, "did-not-load")
 
 
+def test_a_session_that_came_only_by_the_live_tail_is_not_called_fully_checked(
+        demo_web: Demo, log: LoopThread, page: Any) -> None:
+    """The export failed (503) and the page then took every item from the live tail
+    (after #0): the badge turned plain green "chain intact", as for a loaded export, though
+    none of the log's signed heads was loaded, so nothing checked the tail was whole (and
+    the "Could not load" message was gone with the first item).  It now warns so."""
+    sid = "web-live-unloaded"
+    log.run(log.client.append(sid, [said("Triage", "first message"), said("L1Billing", "second")]))
+    page.route("**/export.jsonl", lambda route: route.fulfill(
+        status=503, content_type="application/json",
+        body=b'{"error": {"code": "unavailable", "message": "no log service answered"}}'))
+    page.goto(f"{demo_web.url}/sessions/{sid}")
+    page.wait_for_selector('.card[data-order="2"]')
+    page.wait_for_function("window.__convlog.live === 'on'")
+    text = wait_badge(page, "warn")
+    assert page.get_attribute("#badge", "class") == "badge warn"
+    assert text.startswith("⚠ chain intact through #2"), text
+    assert "the export did not load: these items came by the live tail, no signed head was checked" in text
+    assert rows(page) == ["1", "2"]
+
+
 @pytest.mark.parametrize("bad", [b"{oops", b"null", b"[1, 2]"])
 def test_a_file_with_a_line_that_is_not_json_breaks_at_that_item(
         demo_web: Demo, page: Any, tmp_path: Path, bad: bytes) -> None:

@@ -152,7 +152,7 @@ function updateBadge() {
   // tail, which a store restored from an older copy passes -- no plain green then.
   const intact = verifier.verified === conv.items.length && state.loaded;
   b.className = "badge " + (p ? "bad" : unloaded ? "working"
-    : intact ? (state.witnessUnread ? "warn" : "good") : "working");
+    : intact ? (state.witnessUnread || state.loadFailed ? "warn" : "good") : "working");
   if (p) {
     b.textContent = chainProblem ? `✗ chain broken at #${p.order}: ${p.reason}`
       : sp ? `✗ bad signature at #${p.order}: ${p.reason}` : `✗ ${p.reason}`;
@@ -165,8 +165,12 @@ function updateBadge() {
   } else {
     const summary = sigs.summary();
     const signed = summary ? ` · ${summary}` : "";
-    const unwitnessed = state.witnessUnread
-      ? " · ⚠ the witness head could not be read: the truncation check covered only the log's own head" : "";
+    // The export did not load (the log service down): what is shown came by the live tail
+    // alone, with none of the log's signed heads, so nothing checked that no item was cut off.
+    const unwitnessed = state.loadFailed
+      ? " · ⚠ the export did not load: these items came by the live tail, no signed head was checked"
+      : state.witnessUnread
+        ? " · ⚠ the witness head could not be read: the truncation check covered only the log's own head" : "";
     b.textContent = (intact ? `${unwitnessed ? "⚠" : "✓"} chain intact through #${verifier.verified}` : `verifying… ${verifier.verified}/${conv.items.length}`) + signed + unwitnessed;
     b.removeAttribute("href");
   }
