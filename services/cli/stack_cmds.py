@@ -61,7 +61,9 @@ __all__ = ["cmd_demo", "cmd_up", "demo_arguments", "up_arguments", "up_config"]
 def up_config(settings: Settings, *, agents_path: Path, agents: list[str],
               workers_per_agent: int, start_nats: bool, keys: Path | None = None) -> tuple[Path, str]:
     """The supervisord config ``convlog up`` runs: (path to write, text); ``keys``: a
-    ``convlog keys init --out`` directory, each program signing with its own key of it."""
+    ``convlog keys init --out`` directory, each program signing with its own key of it,
+    and logging in with it (``CONVLOG_NKEY``) to a NATS server it does not start (one
+    that enforces the directory's ``nats-users.conf``; its own has no users)."""
     data_dir = settings.data_dir.resolve()
     run_dir = data_dir / "supervisor"
     log_dir = data_dir / "logs"
@@ -85,7 +87,7 @@ def up_config(settings: Settings, *, agents_path: Path, agents: list[str],
         workers_per_agent=workers_per_agent, grace=settings.grace, metrics_port=settings.metrics_port,
     )
     if keys is not None:
-        programs = [with_keys(p, keys) for p in programs]
+        programs = [with_keys(p, keys, login=not start_nats) for p in programs]
     environment = {
         "CONVLOG_METRICS_PORT": "",  # each program's own port is a flag (stack_programs)
         "CONVLOG_NATS_URL": settings.nats_url,
@@ -209,7 +211,9 @@ def _keys_dir(args: argparse.Namespace, settings: Settings, agents: list[str]) -
 
     Raises:
         ConfigError: CONVLOG_SIGNING_KEY is set (one key for the log service and every
-            worker, which the log refuses), or a file of DIR is missing or unreadable.
+            worker, which the log refuses), CONVLOG_NKEY is set with ``--keys`` (one NATS
+            login for all of them, where each logs in with its own key), or a file of DIR
+            is missing or unreadable.
     """
     if settings.signing_key is not None:
         raise ConfigError(
@@ -219,6 +223,12 @@ def _keys_dir(args: argparse.Namespace, settings: Settings, agents: list[str]) -
         )
     if args.keys is None:
         return None
+    if settings.nkey is not None:
+        # Under the nats-users.conf of DIR each user may do only its own role's part.
+        raise ConfigError(
+            f"{setting_source(args, 'nkey')}: with --keys each program logs in to NATS with its own "
+            "key of DIR (a user of its nats-users.conf), not with one login for all: unset it"
+        )
     keys = Path(args.keys).resolve()
     from shared.signing import LOG, Keyring, KeyringError, Signer
 

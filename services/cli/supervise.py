@@ -209,10 +209,12 @@ def code_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def with_keys(p: Program, keys: Path) -> Program:
+def with_keys(p: Program, keys: Path, *, login: bool = False) -> Program:
     """``p`` signing with its own key of a ``convlog keys init --out`` directory: the log
     service with ``log.nk``, an agent's worker with ``<Agent>.nk``; each checks against
-    ``keyring.json`` and requires signatures.  Other programs (nats-server) unchanged."""
+    ``keyring.json`` and requires signatures.  ``login``: that key is also its NATS login
+    (``CONVLOG_NKEY``, a user of the directory's ``nats-users.conf``).  Other programs
+    (nats-server) unchanged."""
     if p.name == "log":
         key = keys / "log.nk"
     elif p.name.startswith("worker-"):
@@ -220,7 +222,7 @@ def with_keys(p: Program, keys: Path) -> Program:
     else:
         return p
     env = {"CONVLOG_SIGNING_KEY": str(key), "CONVLOG_KEYRING": str(keys / "keyring.json"),
-           "CONVLOG_REQUIRE_SIGNATURES": "true"}
+           "CONVLOG_REQUIRE_SIGNATURES": "true", **({"CONVLOG_NKEY": str(key)} if login else {})}
     return dataclasses.replace(p, environment={**p.environment, **env})
 
 

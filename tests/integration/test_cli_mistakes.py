@@ -602,7 +602,13 @@ async def test_up_signs_with_each_programs_own_key_and_refuses_one_key_for_all(t
         env = conf.get(f"program:{program}", "environment")
         assert f'CONVLOG_SIGNING_KEY="{keys / key}"' in env, (program, env)
         assert f'CONVLOG_KEYRING="{keys / "keyring.json"}"' in env and 'CONVLOG_REQUIRE_SIGNATURES="true"' in env
+        assert "CONVLOG_NKEY" not in env  # its own nats-server has no users
     assert "CONVLOG_SIGNING_KEY" not in conf.get("supervisord", "environment")
+    # Each program logs in with its own key (against a server it does not start): one
+    # login for all of them is refused in one line.
+    rc, out, err = await convlog(tmp_path, "up", "--keys", str(keys), "--print-config",
+                                 env={**up_env, "CONVLOG_NKEY": str(keys / "gateway.nk")})
+    assert rc == 2 and "CONVLOG_NKEY" in one_line(err) and "--keys" in err and out == "", (rc, err)
 
     rc, _, err = await convlog(tmp_path, "up", "--print-config",
                                env={**up_env, "CONVLOG_SIGNING_KEY": str(keys / "log.nk")})

@@ -42,7 +42,7 @@ from shared.client import LogClient
 from tests.support.deploy_config import AGENTS, DEPLOY
 from tests.support.eventually import wait_until
 from tests.support.natsd import free_port
-from tests.support.procs import REPO_ROOT, Proc, kill_left, offline_env, pid_alive
+from tests.support.procs import REPO_ROOT, Proc, kill_left, offline_env, pid_alive, run_cli
 
 BIN = str(Path(sys.executable).parent)
 
@@ -210,6 +210,56 @@ async def test_convlog_up_programs_find_the_files_named_relative_to_where_it_ran
     finally:
         rc = proc.terminate(timeout=40)
     assert rc == 0, proc.output()
+
+
+async def test_convlog_up_keys_logs_each_program_in_with_its_own_key(
+        short_tmp: Path, nats_server_factory: Any) -> None:
+    # Under the nats-users.conf of `convlog keys init` each key's seed is also its
+    # program's NATS login, and each user may do only its own role's part.  `convlog up
+    # --keys DIR` against such a server gave every program one login (CONVLOG_NKEY, if
+    # set; else none, which the server refuses): the log service and the workers could
+    # not start, supervisord gave up on them, and no message was ever answered.
+    from services.cli.common import packaged_agents_path
+    from services.worker.spec import load_spec
+
+    keys = short_tmp / "keys"
+    make_keys(keys, list(load_spec(packaged_agents_path()).agents))
+    server = nats_server_factory(config=(keys / "nats-users.conf").read_text())
+    data = short_tmp / "data"
+    proc = Proc([sys.executable, "-m", "services.cli.main", "up", "--nats-url", server.url,
+                 "--keys", str(keys)],
+                log_dir=short_tmp, env=stack_env(CONVLOG_DATA_DIR=str(data)), name="convlog-up").start()
+    sup = Supervisor(data / "supervisor" / "supervisord.conf", data / "supervisor" / "supervisor.sock")
+    children: set[int] = set()
+    try:
+        def ready() -> None:
+            assert proc.running, proc.output()
+            children.update(i["pid"] for i in sup.processes() if i["pid"])
+            assert "log service ready" in (data / "logs" / "log.log").read_text()
+            for agent in ("Triage", "L1Billing"):
+                log = (data / "logs" / f"worker-{agent}.log").read_text()
+                assert re.search(rf"worker {agent} ready", log), log
+
+        await asyncio.to_thread(wait_until, ready, 60, 0.2, retry_on=(AssertionError, OSError))
+        assert "nats-server" not in {i["name"] for i in await asyncio.to_thread(sup.processes)}
+        # The gateway's key signs the message and is its login; Triage hands off to L1Billing.
+        gateway = str(keys / "gateway.nk")
+        rc, out, err = await run_cli(
+            "send", "s1", "Hi, I was charged twice for my subscription this month.",
+            env=stack_env(CONVLOG_NATS_URL=server.url, CONVLOG_NKEY=gateway, CONVLOG_SIGNING_KEY=gateway),
+            timeout=60)
+        assert rc == 0, (out, err, proc.output())
+        assert "L1Billing" in out, out
+        children.update(i["pid"] for i in await asyncio.to_thread(sup.processes) if i["pid"])
+        assert len(children) == 1 + len(load_spec(packaged_agents_path()).agents), children
+    finally:
+        rc = proc.terminate(timeout=40)
+    try:
+        assert rc == 0, proc.output()
+        _assert_all_gone(children)
+        assert server.running  # a server it did not start, it leaves running
+    finally:
+        kill_left(children)  # what it left behind
 
 
 def _exit_order(pids: list[int], timeout: float) -> list[int]:
