@@ -184,7 +184,16 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     path, text = up_config(settings, agents_path=Path(agents_path), agents=list(spec.agents),
                            workers_per_agent=args.workers_per_agent, start_nats=start_nats, keys=keys)
     if not args.print_config:
-        busy = await already_running(settings, path.parent)
+        probe = settings
+        if keys is not None and not start_nats:
+            from shared.signing import KeyringError, Signer
+
+            # A server that enforces DIR's nats-users.conf refuses a login-less probe (as if no
+            # log service answered): ask as its gateway user, who may list sessions.
+            with contextlib.suppress(KeyringError):  # no gateway.nk in DIR: as before
+                Signer.load(keys / "gateway.nk")
+                probe = dataclasses.replace(settings, nkey=str(keys / "gateway.nk"))
+        busy = await already_running(probe, path.parent)
         if busy is not None:
             _stderr(f"convlog up: {busy}")
             return EXIT_FAIL

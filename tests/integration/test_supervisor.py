@@ -218,7 +218,9 @@ async def test_convlog_up_keys_logs_each_program_in_with_its_own_key(
     # program's NATS login, and each user may do only its own role's part.  `convlog up
     # --keys DIR` against such a server gave every program one login (CONVLOG_NKEY, if
     # set; else none, which the server refuses): the log service and the workers could
-    # not start, supervisord gave up on them, and no message was ever answered.
+    # not start, supervisord gave up on them, and no message was ever answered.  And its
+    # check for a log service already there asked without a login: refused, it took the
+    # server for one where none answered, and started a second stack next to the first.
     from services.cli.common import packaged_agents_path
     from services.worker.spec import load_spec
 
@@ -252,6 +254,16 @@ async def test_convlog_up_keys_logs_each_program_in_with_its_own_key(
         assert "L1Billing" in out, out
         children.update(i["pid"] for i in await asyncio.to_thread(sup.processes) if i["pid"])
         assert len(children) == 1 + len(load_spec(packaged_agents_path()).agents), children
+        # A second stack on that server, with another data directory, sees this one's log
+        # service (asked as DIR's gateway: a login-less probe was refused, as if none answered).
+        second = Proc([sys.executable, "-m", "services.cli.main", "up", "--nats-url", server.url,
+                       "--keys", str(keys)], log_dir=short_tmp,
+                      env=stack_env(CONVLOG_DATA_DIR=str(short_tmp / "data2")), name="convlog-up-2").start()
+        try:
+            rc2 = await asyncio.to_thread(second.wait, 30)
+        finally:
+            second.terminate(timeout=40)
+        assert rc2 == 1 and "a log service already answers" in second.output(), second.output()
     finally:
         rc = proc.terminate(timeout=40)
     try:
