@@ -232,12 +232,14 @@ def _keys_dir(args: argparse.Namespace, settings: Settings, agents: list[str]) -
         )
     if args.keys is None:
         return None
-    if settings.nkey is not None:
-        # Under the nats-users.conf of DIR each user may do only its own role's part.
-        raise ConfigError(
-            f"{setting_source(args, 'nkey')}: with --keys each program logs in to NATS with its own "
-            "key of DIR (a user of its nats-users.conf), not with one login for all: unset it"
-        )
+    # Under the nats-users.conf of DIR each user may do only its own role's part: one login
+    # for all (a creds file wins over the key in nats-py) would bring that back.
+    for name in ("nkey", "creds", "user", "token"):
+        if getattr(settings, name) is not None:
+            raise ConfigError(
+                f"{setting_source(args, name)}: with --keys each program logs in to NATS with its own "
+                "key of DIR (a user of its nats-users.conf), not with one login for all: unset it"
+            )
     keys = Path(args.keys).resolve()
     from shared.signing import LOG, Keyring, KeyringError, Signer
 

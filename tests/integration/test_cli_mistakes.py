@@ -609,6 +609,10 @@ async def test_up_signs_with_each_programs_own_key_and_refuses_one_key_for_all(t
     rc, out, err = await convlog(tmp_path, "up", "--keys", str(keys), "--print-config",
                                  env={**up_env, "CONVLOG_NKEY": str(keys / "gateway.nk")})
     assert rc == 2 and "CONVLOG_NKEY" in one_line(err) and "--keys" in err and out == "", (rc, err)
+    for name, value in (("CONVLOG_USER", "someone"), ("CONVLOG_TOKEN", "s3cret")):  # (a creds file, too)
+        rc, out, err = await convlog(tmp_path, "up", "--keys", str(keys), "--print-config",
+                                     env={**up_env, name: value})
+        assert rc == 2 and name in one_line(err) and "--keys" in err and out == "", (name, rc, err)
 
     rc, _, err = await convlog(tmp_path, "up", "--print-config",
                                env={**up_env, "CONVLOG_SIGNING_KEY": str(keys / "log.nk")})
