@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats
@@ -23,7 +24,7 @@ from nats.micro.service import EndpointStats
 from services import metrics
 from shared.errors import ERROR_HEADER
 from shared.failures import is_transient
-from shared.wire import Outgoing, publish_many
+from shared.wire import Outgoing, over_max_payload, publish_many
 
 log = logging.getLogger("convlog.log")
 
@@ -131,13 +132,13 @@ class Replies:
                 refused = [(0, e)]  # the requesters retry an unknown outcome
             for req, payload, headers in responses:  # the public seam
                 try:
+                    if headers is not None and over_max_payload(nc, payload, headers):
+                        raise nats.errors.MaxPayloadError  # the server would close the connection
                     await req.respond(payload, headers=headers)
                 except ValueError:  # no reply subject (a plain publish)
                     if headers:
                         log.warning("%s without reply subject: %s", req.subject[:160], payload[:300])
-                except Exception as e:
-                    if not is_transient(e):
-                        raise
+                except Exception as e:  # that one reply is refused (too large, ...), as publish_many's
                     refused.append((0, e))
             for _, e in refused:
                 log.debug("reply not sent: %s: %s", type(e).__name__, e)

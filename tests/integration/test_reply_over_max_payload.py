@@ -1,0 +1,69 @@
+"""A reply over the server's max payload, on both nats-py seams: the log service
+refuses that one reply and keeps serving every other request.
+
+Such a reply is possible: a read page holds at least one item, and items written
+while the server's max payload was larger stay in the log after an operator
+lowers it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import nats
+import pytest
+
+from services.log.service import LogService
+from shared.client import LogClient
+from shared.config import load_settings
+from shared.errors import ConvlogError
+from shared.nats_seam import bind
+from tests.support.logenv import SEAM_IDS, SEAMS, expect_seam, user
+from tests.support.natsd import NatsServer
+
+
+@pytest.mark.parametrize("mode", SEAMS, ids=SEAM_IDS)
+async def test_a_read_reply_over_max_payload_leaves_the_service_serving(
+    nats_server_factory: Callable[..., NatsServer], tmp_path: Path, mode: str
+) -> None:
+    server = nats_server_factory(config="max_payload: 65536\n")
+    settings = load_settings(
+        {"nats_url": server.url, "db": str(tmp_path / "log.db"), "data_dir": str(tmp_path),
+         "nats_seam": mode, "max_item_bytes": 48 * 1024},
+        environ={},
+    )
+    service = LogService(settings)
+    await service.start()
+    try:
+        nc = await nats.connect(server.url)
+        bind(nc, mode)
+        client = LogClient(nc, timeout=5, deadline=10)
+        await client.append("big", [user("x" * 40_000)])
+        await nc.close()
+    finally:
+        await service.shutdown()
+
+    # The operator lowers the max payload: the 40 KB item no longer fits a reply.
+    server.config = "max_payload: 16384\n"
+    server.restart()
+    service = LogService(settings)
+    await service.start()
+    try:
+        expect_seam(service, mode)
+        nc = await nats.connect(server.url)
+        bind(nc, mode)
+        try:
+            client = LogClient(nc, timeout=1, deadline=1.5)
+            with pytest.raises(ConvlogError):
+                await client.read("big")
+            # That one reply is refused; the service still answers everything else.
+            client = LogClient(nc, timeout=5, deadline=10)
+            ack = await client.append("small", [user("still here")])
+            assert ack.first_order == 1
+            assert [e.data["content"] for e in await client.items("small")] == ["still here"]
+            assert service.nc is not None and service.nc.is_connected
+        finally:
+            await nc.close()
+    finally:
+        await service.shutdown()
