@@ -124,6 +124,7 @@ async def test_append_and_read_forward_tail_and_raw(env: Env) -> None:
     assert (await env.client.last_order("s1")) == 5
 
 
+@both_seams
 async def test_read_pages_stay_under_the_max_payload(env: Env) -> None:
     for batch in range(4):
         await env.client.append("big", [user(f"{batch}.{i} " + "x" * 3000) for i in range(10)])
@@ -149,6 +150,7 @@ async def test_read_pages_stay_under_the_max_payload(env: Env) -> None:
     assert len(await env.client.tail("big", 5)) == 5
 
 
+@both_seams
 async def test_iter_items_reads_ahead_and_stops_cleanly(env: Env) -> None:
     await env.client.append("ahead", [user(f"m{i}") for i in range(1, 26)])
     got = [e.item_order async for e in env.client.iter_items("ahead", page=4)]
@@ -236,6 +238,7 @@ async def test_the_next_forward_page_is_read_ahead_and_served_only_as_a_read_now
     assert ahead.used >= 9
 
 
+@both_seams
 async def test_sessions_lists_by_id_with_paging(env: Env) -> None:
     for sid, n in (("s-c", 1), ("s-a", 3), ("s-b", 2)):
         await env.client.append(sid, [user(str(i)) for i in range(n)])

@@ -19,7 +19,7 @@ from services.log.service import LogService
 from shared import signed_appends
 from shared.chain import verify
 from shared.client import LogClient
-from shared.config import ConfigError, load_settings
+from shared.config import ConfigError, Settings, load_settings
 from shared.errors import (
     ERROR_CODE_HEADER,
     BadRequestError,
@@ -28,9 +28,14 @@ from shared.errors import (
     TooLargeError,
 )
 from shared.messages import AppendItem, AppendRequest
+from shared.nats_seam import probe, seam_for
 from shared.signing import Keyring, Signer, route_signing_input, sign_batch, sign_item
 from shared.wire import publish_many
+from tests.support.logenv import SEAM_IDS, SEAMS, expect_seam
 from tests.support.natsd import NatsServer
+
+#: the service and its clients on either nats-py seam (shared.nats_seam)
+both_seams = pytest.mark.parametrize("seam", SEAMS, ids=SEAM_IDS, indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +53,26 @@ async def _service(url: str, tmp: Path, **over: object) -> LogService:
 
 
 @pytest.fixture
-async def strict(nats_server: NatsServer, tmp_path: Path, keys: Path) -> AsyncIterator[str]:
+def seam(request: pytest.FixtureRequest) -> str:
+    """The nats-py seam of ``strict`` and of its tests' clients (``auto`` unless parametrized)."""
+    return str(getattr(request, "param", "auto"))
+
+
+@pytest.fixture
+async def strict(nats_server: NatsServer, tmp_path: Path, keys: Path, seam: str) -> AsyncIterator[str]:
     """A log service that requires signatures."""
     service = await _service(nats_server.url, tmp_path, keyring=str(keys / "keyring.json"),
-                             require_signatures=True)
+                             require_signatures=True, nats_seam=seam)
     try:
+        expect_seam(service, seam)
         yield nats_server.url
     finally:
         await service.shutdown()
 
 
-async def _client(url: str, key: Path | None) -> LogClient:
-    client = await LogClient.connect(url)
+async def _client(url: str, key: Path | None, seam: str = "auto") -> LogClient:
+    client = await LogClient.connect(url, settings=Settings(nats_seam=seam))  # type: ignore[arg-type]
+    assert seam_for(client.nc).name == ("public" if seam == "public" else "fast"), probe().reason()
     client.signer = Signer.load(key) if key else None
     return client
 
@@ -69,11 +82,12 @@ def _item(agent: str, text: str, item_id: str) -> AppendItem:
                       item_id=item_id)
 
 
+@both_seams
 async def test_each_agent_writes_only_as_itself_and_nothing_refused_is_written(
-    strict: str, keys: Path
+    strict: str, keys: Path, seam: str
 ) -> None:
-    triage = await _client(strict, keys / "Triage.nk")
-    plain = await _client(strict, None)
+    triage = await _client(strict, keys / "Triage.nk", seam)
+    plain = await _client(strict, None, seam)
     try:
         ack = await triage.append("s1", [_item("Triage", "hello", "t-1"), {"agent": "system", "data": {"note": 1}}])
         assert ack.last_order == 2
@@ -94,7 +108,7 @@ async def test_each_agent_writes_only_as_itself_and_nothing_refused_is_written(
                 await triage.append("s1", items)
         with pytest.raises(ForbiddenError, match="unsigned"):
             await plain.append("s1", [_item("Triage", "unsigned", "f-5")])
-        stranger = await _client(strict, None)
+        stranger = await _client(strict, None, seam)
         stranger.signer, _ = Signer.generate()
         with pytest.raises(ForbiddenError, match="not in the keyring"):
             await stranger.append("s1", [_item("Triage", "who am I", "f-6")])
@@ -105,11 +119,12 @@ async def test_each_agent_writes_only_as_itself_and_nothing_refused_is_written(
         await plain.close()
 
 
+@both_seams
 async def test_appends_started_together_share_one_signature_and_each_item_verifies_alone(
-    strict: str, keys: Path
+    strict: str, keys: Path, seam: str
 ) -> None:
-    triage = await _client(strict, keys / "Triage.nk")
-    plain = await _client(strict, None)
+    triage = await _client(strict, keys / "Triage.nk", seam)
+    plain = await _client(strict, None, seam)
     try:
         # 20 appends to 5 sessions started in one loop turn, and one append of 300 items.
         acks = await asyncio.gather(*(triage.append(f"b{i % 5}", [_item("Triage", f"n{i}", f"b-{i}")])
