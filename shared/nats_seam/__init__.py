@@ -135,9 +135,13 @@ class NatsSeam:
         return req
 
     def reply_subject(self, req: Request) -> str | None:
-        """A micro request's reply subject, where it can be read (None: not on this seam;
-        micro has no public name for it)."""
-        return None
+        """A micro request's reply subject, where it can be read (None: not readable).
+
+        micro has no public name for it, but the service must not answer on a
+        subject of its own (see ``services.log.replies.answerable``) on this seam
+        either: it is read where ``Request.respond`` reads it, if that is there."""
+        reply = getattr(getattr(req, "_msg", None), "reply", None)
+        return reply if type(reply) is str else None
 
     def endpoint_subscription(self, service: Service, name: str) -> Subscription | None:
         """The subscription behind a micro endpoint (None: not reachable)."""

@@ -34,6 +34,7 @@ from shared.errors import (
     UnavailableError,
 )
 from shared.messages import MAX_APPEND_ITEMS
+from tests.support.eventually import assert_eventually
 from tests.support.logenv import (
     MAX_ITEM_BYTES,
     MAX_PAYLOAD,
@@ -450,3 +451,32 @@ async def test_a_forward_page_reads_little_more_than_it_sends(env: Env) -> None:
         tracemalloc.stop()
     assert reply["more"] and [e["item_order"] for e in reply["items"]][:2] == [1, 2], reply.get("error")
     assert peak < 1_000_000, f"reading one {len(json.dumps(reply))}-byte page held {peak} bytes"
+
+
+@both_seams
+async def test_a_reply_subject_on_the_services_own_subjects_is_not_answered(env: Env) -> None:
+    # The reply subject is the requester's to choose; the service may publish to the
+    # items stream's subjects, which the requester may not: it must not answer there.
+    await env.client.append("r", [user("one")])
+    before = await settled_state(env)
+    forged: list[str] = []
+
+    async def seen(msg: nats.aio.msg.Msg) -> None:
+        forged.append(msg.subject)
+
+    sub = await env.nc.subscribe("convlog.items.forged", cb=seen)
+    try:
+        for subject, body in (("convlog.read.r", b"{}"), ("convlog.sessions", b"{}"),
+                              ("convlog.append.r", json.dumps({"items": [user("two", item_id="x-2")]}).encode())):
+            await env.nc.publish(subject, body, reply="convlog.items.forged")
+        async def appended() -> None:
+            assert await env.client.last_order("r") == 2
+        await assert_eventually(appended, timeout=5)
+        await wire(env.nc, "convlog.read.r", {})  # served after the read and sessions before it
+        await env.nc.flush()
+        await asyncio.sleep(0.2)
+        assert forged == []
+    finally:
+        await sub.unsubscribe()
+    sessions, published = await settled_state(env)
+    assert (sessions, published) == ([("r", 2)], before[1] + 1)
