@@ -138,7 +138,11 @@ class Replies:
                 except ValueError:  # no reply subject (a plain publish)
                     if headers:
                         log.warning("%s without reply subject: %s", req.subject[:160], payload[:300])
-                except Exception as e:  # that one reply is refused (too large, ...), as publish_many's
+                except nats.errors.MaxPayloadError as e:  # that one reply is refused, as publish_many's
+                    refused.append((0, e))
+                except Exception as e:
+                    if not is_transient(e):
+                        raise
                     refused.append((0, e))
             for _, e in refused:
                 log.debug("reply not sent: %s: %s", type(e).__name__, e)
