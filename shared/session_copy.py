@@ -118,7 +118,8 @@ class SessionCopy:
         max_items, max_bytes: how much visible history to keep.
         read: reads the session from the log (``LogClient.read`` of it by
             default; the shared session's read, which never answers behind
-            what the connection acknowledged).
+            what the connection acknowledged; ``deliveries=False`` where it may
+            answer behind what only deliveries showed).
     """
 
     def __init__(
@@ -133,7 +134,7 @@ class SessionCopy:
     ) -> None:
         self.client = client
         self._read: Callable[..., Awaitable[ReadReply]] = read or (
-            lambda **kw: client.read(session_id, **kw)
+            lambda deliveries=True, **kw: client.read(session_id, **kw)
         )
         self.loop = asyncio.get_running_loop()  # the loop whose connection carries it
         self.session_id = session_id
@@ -366,7 +367,7 @@ class SessionCopy:
     async def _verify(self) -> None:
         started = time.monotonic()
         self.log_reads += 1
-        if (await self._read(tail=0)).last_order > self.last:
+        if (await self._read(tail=0, deliveries=False)).last_order > self.last:
             await self._fill()
         else:
             self._verified_at = started

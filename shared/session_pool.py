@@ -256,10 +256,16 @@ class SharedSession:
         if order > self._floor:
             self._floor = order
 
-    async def read(self, **kw: Any) -> ReadReply:
-        """``LogClient.read`` of this session, never behind :attr:`floor` (read again while it is)."""
+    async def read(self, *, deliveries: bool = True, **kw: Any) -> ReadReply:
+        """``LogClient.read`` of this session, never behind :attr:`floor` (read again while it is).
+
+        ``deliveries=False``: never behind what the log itself showed this connection (its
+        acks and reads), whatever the copy was delivered beyond that: the copy's check for
+        what it misses, which a delivery the log never holds (a chain-valid forgery, taken
+        until the real item of its order arrives) must not hold up until the deadline."""
         rep = await at_least(
-            self.floor, lambda: self.client.read(self.session_id, **kw), lambda r: r.last_order,
+            self.floor if deliveries else self._floor,
+            lambda: self.client.read(self.session_id, **kw), lambda r: r.last_order,
             deadline=self.client.deadline, what=f"a read of session {self.session_id!r}",
         )
         self.saw(rep.last_order)
