@@ -196,7 +196,8 @@ async def connect_client(settings: Settings) -> Any:
     try:
         # Within the deadline: something at the URL that accepts connections but is not
         # NATS (another program's port) was retried forever, the command hung with no word.
-        client = await asyncio.wait_for(LogClient.connect(settings=settings, name="convlog-cli"), CLI_DEADLINE)
+        async with asyncio.timeout(CLI_DEADLINE):
+            client = await LogClient.connect(settings=settings, name="convlog-cli")
     except TimeoutError:
         raise UnavailableError(
             f"cannot connect to NATS at {settings.nats_url}: no NATS server answered within "
@@ -217,6 +218,33 @@ async def connect_client(settings: Settings) -> Any:
     except nats.errors.TimeoutError:
         pass  # a busy service: the command's own deadline decides
     return client
+
+
+async def stopped_by_signals(coro: Awaitable[object]) -> bool:
+    """Await ``coro`` (a wait before a service starts, e.g. for JetStream); SIGTERM or
+    SIGHUP cancel it, and then ``True`` comes back: the caller stops as a service
+    stopped while starting does (exit 0), where Python's default ended the process
+    (status -15) with nothing said."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(coro)
+    signals = (signal.SIGTERM, signal.SIGHUP)
+    got: list[int] = []
+
+    def stop(sig: int) -> None:
+        got.append(sig)
+        task.cancel()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not got:
+            raise  # not ours
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    return bool(got)
 
 
 async def cancelled_by_signals(coro: Awaitable[int]) -> int:

@@ -24,6 +24,7 @@ from .common import (
     maybe_embedded_nats,
     non_negative_float,
     setting_source,
+    stopped_by_signals,
 )
 from .storage import DatabaseInUseError, check_data_dir, check_service_db, db_in_use
 
@@ -81,7 +82,9 @@ async def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
         # answers at a loopback URL: something there that is not NATS (another program's
         # port) hung the start with no word, and a server without JetStream was named only
         # once the database had been created.
-        await wait_for_jetstream(settings, args.start_wait, who="log service", logger=log)
+        if await stopped_by_signals(wait_for_jetstream(settings, args.start_wait, who="log service", logger=log)):
+            log.info("log service: stopped while starting")
+            return EXIT_OK
     service = LogService(settings, authorize=authorize)
     # Before the embedded server starts (in a thread, so the loop hears signals
     # meanwhile): a signal then shuts the service down before it starts, and the

@@ -30,6 +30,7 @@ from .common import (
     packaged_agents_path,
     positive_float,
     positive_int,
+    stopped_by_signals,
 )
 
 __all__ = ["START_WAIT", "check_worker_settings", "cmd_worker", "model_credentials", "wait_for_jetstream",
@@ -205,7 +206,9 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
                  "(set OPENAI_API_KEY to use a real model)%s", RULES_MODEL_NAME,
                  "; OPENAI_BASE_URL is ignored without a key" if base_url else "")
 
-    await wait_for_jetstream(settings, args.start_wait, agent=args.agent)
+    if await stopped_by_signals(wait_for_jetstream(settings, args.start_wait, agent=args.agent)):
+        log.info("worker %s: stopped while starting", args.agent)
+        return EXIT_OK
     worker = Worker(
         settings, spec, args.agent, model,
         concurrency=args.concurrency, ack_wait=args.ack_wait, max_steps=args.max_steps,

@@ -68,3 +68,17 @@ async def test_a_worker_gives_up_after_start_wait_with_exit_3_and_one_line(tmp_p
     assert "waiting for NATS JetStream" in out, out  # said while waiting
     last = out.strip().splitlines()[-1]
     assert "unavailable" in last and "did not answer" in last and "within 1.5 s" in last, last
+
+
+# A SIGTERM while the worker (or `convlog log` for a server it does not start) waited for
+# JetStream ended it with Python's default: status -15, nothing said; its signal handling
+# began only after the wait.  It now stops as a service stopped while starting: exit 0.
+async def test_sigterm_while_waiting_for_jetstream_stops_the_worker_with_exit_0(tmp_path: Path) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    worker = _worker(tmp_path, url).start()
+    try:
+        await asyncio.to_thread(worker.wait_for_line, r"waiting for NATS JetStream at", 20)
+    finally:
+        rc = worker.terminate()
+    assert rc == 0, worker.output()
+    assert "stopped while starting" in worker.output(), worker.output()
