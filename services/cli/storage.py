@@ -120,12 +120,18 @@ class DatabaseInUseError(RuntimeError):
 
 
 def db_in_use(db: Path) -> bool:
-    """True when a log service holds ``db``'s lock (without taking it)."""
-    lock = db_lock_path(db)
-    if not lock.exists():
+    """True when a log service holds ``db``'s lock (without taking it): its lock file,
+    or the database file itself (locked too: a service on a hard link of ``db`` holds
+    another lock file)."""
+    return _flock_held(db_lock_path(db)) or _flock_held(db)
+
+
+def _flock_held(path: Path) -> bool:
+    """True when another open file holds an exclusive ``flock`` on ``path``."""
+    if not path.exists():
         return False
     try:
-        fd = os.open(lock, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return False
     try:
