@@ -25,10 +25,21 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats
 import pytest
 
+from services.bench.leader import store_streams
+from services.log.store.jetstream.api import RESEND_AFTER
 from shared.client import LogClient
-from tests.support.cluster_load import SESSIONS, appends_served, check_log, cluster_log, gaps, load
+from tests.support.cluster_load import (
+    PREFIX,
+    SESSIONS,
+    appends_served,
+    check_log,
+    cluster_log,
+    gaps,
+    load,
+)
 from tests.support.logsvc import READY_LINE, LogServiceProc
 from tests.support.natscluster import NatsCluster
 from tests.support.natsd import NatsServer
@@ -58,6 +69,40 @@ async def test_kill_9_of_the_stream_leader_loses_nothing(tmp_path: Path) -> None
         first, longest, stall = gaps(acks, killed_at)
         print(f"leader kill: first ack {first:.2f}s after, longest gap {longest:.2f}s, "
               f"longest one writer waited {stall:.2f}s")
+        await check_log(cl.url, acks, SESSIONS)
+
+
+async def test_appends_resume_soon_after_a_stream_leader_stepdown(tmp_path: Path) -> None:
+    # A stepdown drops the publishes (and leader gets) the old leader had not
+    # answered, with no reply: they were sent again only when the store's 5 s
+    # timeout expired, and every writer of the shard stalled that long.  They
+    # are sent again after RESEND_AFTER: no writer waits anywhere near 5 s.
+    store_timeout = 5.0  # CONVLOG_REQUEST_TIMEOUT's default, the log services' store timeout
+    bound = RESEND_AFTER + 2.0
+    assert bound < store_timeout - 1.0
+    async with cluster_log(tmp_path) as cl, load(cl.url, tmp_path) as writers:
+        await writers.acked(BEFORE)
+        nc = await nats.connect(cl.url.split(","), connect_timeout=2)
+        try:
+            streams = [s.stream for s in await store_streams(nc.jetstream(timeout=2), PREFIX)
+                       if s.stream.endswith(("_ITEMS", "_LOG_0"))]
+            assert len(streams) == 2, streams  # the log stream and the fan-out
+            since = time.time()
+            for _ in range(8):  # a dropped answer is likely, not certain, in one stepdown
+                # Step 1: the log and the fan-out stream leaders step down, mid-load.
+                for stream in streams:
+                    reply = await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", b"", timeout=5)
+                    assert b'"success":true' in reply.data, reply.data
+                # Step 2: new leaders are elected at once; the writers go on.
+                await writers.acked(AFTER, timeout=40)
+                await asyncio.sleep(1.0)
+        finally:
+            await nc.close()
+        acks = await writers.stop()
+        cl.assert_services_kept_running()
+        first, longest, stall = gaps(acks, since)
+        print(f"stepdowns: longest gap {longest:.2f}s, longest one writer waited {stall:.2f}s")
+        assert stall < bound, f"a writer waited {stall:.2f}s after a stepdown (bound {bound:.1f}s)"
         await check_log(cl.url, acks, SESSIONS)
 
 

@@ -28,7 +28,7 @@ from shared.inbox import Message, RoutedInbox, atomic_batch
 from shared.nats_seam import seam_for
 from shared.wire import over_max_payload
 
-__all__ = ["Acks", "BatchAck", "DirectGet", "IdTaken", "OutcomeUnknown", "WrongLastSequence"]
+__all__ = ["RESEND_AFTER", "Acks", "BatchAck", "DirectGet", "IdTaken", "OutcomeUnknown", "WrongLastSequence"]
 
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
@@ -38,6 +38,13 @@ _SUBJECT_FULL = 10077  # JSStreamStoreFailedF "maximum messages per subject exce
 _BATCH_DUPLICATE = 10201  # JSAtomicPublishContainsDuplicateMessageErr: <sid>:<order> was just written
 _BATCH_TOO_LARGE = 10199  # JSAtomicPublishTooLargeBatchErrF: over the server's batch max_msgs
 _STATUS = "Status"
+#: Seconds a publish, or a one-message get, waits for its answer before it is
+#: sent again (the store's ``timeout`` when that is shorter).  A stream leader
+#: change drops what the old leader had not answered, with no reply: each
+#: request would wait out the whole timeout before going to the new leader.
+#: A copy is harmless: a get is a read; a publish is settled (see
+#: :mod:`.settle`; ``Nats-Msg-Id``, one message per id subject).
+RESEND_AFTER = 1.0
 #: More than the header block of any message the store publishes (ids, subjects, a traceparent).
 _HEADERS_BOUND = 64 << 10
 
@@ -295,11 +302,28 @@ class DirectGet:
         await self._messages.start()
         await self._bodies.start()
 
+    async def _request(self, subject: str, body: bytes) -> Msg:
+        """One request, sent again every :data:`RESEND_AFTER` seconds it is not
+        answered, until the timeout: a leader change drops it unanswered.
+
+        Raises:
+            TimeoutError: no answer within the timeout.
+        """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self._timeout
+        while True:
+            wait = min(RESEND_AFTER, end - loop.time())
+            try:
+                return await self._nc.request(subject, body, timeout=wait)
+            except nats.errors.TimeoutError:
+                if loop.time() + 0.001 >= end:
+                    raise
+
     async def last(self, subject: str) -> Msg | None:
         """The last message on ``subject``, or ``None`` when it has none."""
         body = json.dumps({"last_by_subj": subject}).encode()
         try:
-            msg = await self._nc.request(self._subject, body, timeout=self._timeout)
+            msg = await self._request(self._subject, body)
         except nats.errors.NoRespondersError as e:
             raise UnavailableError("the log stream does not answer (no responders)") from e
         except (nats.errors.Error, TimeoutError, OSError) as e:
@@ -316,7 +340,7 @@ class DirectGet:
         get, not a direct get): what a replica that trails the leader cannot be."""
         body = json.dumps({"last_by_subj": subject}).encode()
         try:
-            reply = await self._nc.request(self._leader_get, body, timeout=self._timeout)
+            reply = await self._request(self._leader_get, body)
             doc = json.loads(reply.data)
         except (nats.errors.Error, TimeoutError, OSError, ValueError) as e:
             raise UnavailableError(f"cannot read the log stream's leader: {type(e).__name__}") from e

@@ -36,7 +36,7 @@ from shared.subjects import Subjects
 from ..base import AppendDone, CommitListener, Committed, Page
 from ..committer import GroupCommitter, Outcome, Pending, _resolve
 from ..ordering import Row
-from .api import Acks, DirectGet
+from .api import RESEND_AFTER, Acks, DirectGet
 from .commit import MAX_BATCH_MESSAGES, MAX_ITEMS_PER_APPEND, BatchWriter
 from .index import SessionIndex
 from .layout import Layout, ensure_streams
@@ -145,7 +145,8 @@ class JetStreamStore:
             gets.append(DirectGet(self._nc, self.layout.stream, timeout=self.timeout))
             for g in gets:
                 await g.start()
-            self._acks = Acks(self._nc, timeout=self.timeout)
+            # Unanswered, a publish is sent again (settled) soon: a leader change drops it.
+            self._acks = Acks(self._nc, timeout=min(self.timeout, RESEND_AFTER))
             await self._acks.start()
             self._direct = gets
         except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as e:
