@@ -16,6 +16,8 @@
   subscription's message, a publish ack, in one read) went through the
   subscription's task, after frames of the same batch that came later: a read
   during appends lost or reordered envelopes (``the log stream lacks item 1``);
+* the sessions list's ``multi_last`` gets asked for 256 subjects whatever their
+  length: over the server's max payload with long ids, every page ``unavailable``;
 * the sessions list took each session as ``<PREFIX>_ITEMS`` had it last, and
   that stream stores whatever is published on ``<prefix>.items.>``.
 """
@@ -171,6 +173,28 @@ async def test_the_sessions_list_keeps_every_session_when_a_multi_last_get_is_cu
         listed, more = await store.sessions(after=None, limit=1000)  # the service's default page
         assert not more
         assert [i.session_id for i in listed] == sids
+    finally:
+        await store.close()
+
+
+async def test_the_sessions_list_of_long_ids_on_a_small_max_payload_is_answered(
+    nats_server_factory: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    # The sessions list's multi_last gets asked for 256 item subjects at once,
+    # whatever their length: with long session and item ids that request was over
+    # a 64 KiB max payload, nats-py refused to send it, and every sessions page
+    # (`convlog sessions`, iter_sessions) was `unavailable`.
+    server = nats_server_factory(config="max_payload: 65536\n")
+    store = JetStreamStore({"servers": [server.url]}, subjects=Subjects(prefix_for(tmp_path)))
+    await store.open()
+    try:
+        sids = [f"a{n:03d}" + "s" * 124 for n in range(256)]
+        for n, sid in enumerate(sids):
+            await store.append(sid, req(item(f"m{n}", item_id=f"{n:03d}" + "i" * 97)))
+        listed, more = await store.sessions(after=None, limit=1000)
+        assert not more
+        assert [i.session_id for i in listed] == sids
+        assert {i.last_order for i in listed} == {1}
     finally:
         await store.close()
 

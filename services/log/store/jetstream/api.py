@@ -298,6 +298,11 @@ class DirectGet:
         # Batches without headers want only the bodies: off the wire where the seam can.
         self._bodies = _Batches(nc, timeout=timeout, raw=True)
 
+    @property
+    def max_payload(self) -> int:
+        """The server's max payload now: no request may be larger."""
+        return self._nc.max_payload
+
     async def start(self) -> None:
         await self._messages.start()
         await self._bodies.start()

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import json
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import msgspec
 from nats.aio.msg import Msg
@@ -56,6 +57,23 @@ class _Id(msgspec.Struct):
 
 _first_order = msgspec.json.Decoder(_Order)
 _SESSION_ID = re.compile(SESSION_ID_PATTERN)
+
+
+def _multi_last_chunks(subjects: list[str], max_bytes: int) -> Iterator[list[str]]:
+    """``subjects`` in runs of at most 256 whose ``multi_last`` list (JSON, as the
+    request encodes it) stays under ``max_bytes``: long ids on a small max payload
+    would make a request nats-py refuses to send."""
+    chunk: list[str] = []
+    size = 0
+    for subject in subjects:
+        n = len(json.dumps(subject)) + 1
+        if chunk and (len(chunk) == 256 or size + n > max_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(subject)
+        size += n
+    if chunk:
+        yield chunk
 _item_id = msgspec.json.Decoder(_Id)
 
 
@@ -302,7 +320,7 @@ class StreamReads:
         ``<prefix>.items.<sid>`` (a loose NATS configuration): a session is
         listed only as its log stream holds it.  Each last envelope is checked
         against its item subject in the log (one ``multi_last`` per 256
-        sessions); one that is not there is read from the log instead, and a
+        sessions or fewer); one that is not there is read from the log instead, and a
         session the log does not hold is left out."""
         await self._fan_out_caught_up()
         sids = await self._session_ids()
@@ -357,8 +375,7 @@ class StreamReads:
     async def _multi_last(get: DirectGet, subjects: list[str]) -> dict[str, Msg]:
         """The last message of each of ``subjects`` that has one, by subject."""
         found: dict[str, Msg] = {}
-        for i in range(0, len(subjects), 256):
-            chunk = subjects[i : i + 256]
+        for chunk in _multi_last_chunks(subjects, get.max_payload - 256):
             while chunk:  # the server stops a batch at its max_pending bytes: ask again for the rest
                 got = await get.batch({"multi_last": chunk, "batch": len(chunk)})
                 for m in got:
