@@ -71,6 +71,18 @@ _MAX_ITEM_ID = 200  # shared.messages.ItemId
 _ENVELOPE_OVERHEAD = 4096
 
 
+class _Order(msgspec.Struct):
+    item_order: int
+
+
+def _order_of(envelope: bytes) -> int | None:
+    """The ``item_order`` of a stored envelope (None: it does not decode)."""
+    try:
+        return msgspec.json.decode(envelope, type=_Order).item_order
+    except msgspec.DecodeError:
+        return None
+
+
 def ack_size_bound(item_ids: list[str]) -> int:
     """Bytes the ack of an append with these item ids can take at most."""
     return _ACK_FRAME + len(item_ids) * _ACK_PER_ITEM + sum(map(len, item_ids))
@@ -179,7 +191,8 @@ class Handlers:
         req = decode(body, ReadRequest)
         if req.tail is not None and (req.after is not None or req.limit is not None):
             raise BadRequestError("tail cannot be combined with after or limit")
-        budget = self.max_payload - _REPLY_OVERHEAD
+        max_payload = self.max_payload
+        budget = max_payload - _REPLY_OVERHEAD
         if req.head and self.head_signer is not None:
             budget -= _HEAD_RESERVE  # the signed head is spliced in after the page
         if req.tail is not None:
@@ -204,7 +217,7 @@ class Handlers:
         if req.head and self.head_signer is not None:
             head = b',"head":' + _encode(await signed_head(self.store, self.head_signer, sid))
         # Envelopes are stored encoded; splice them in without re-encoding.
-        return b"".join(
+        reply = b"".join(
             (
                 b'{"session_id":"',
                 sid.encode(),
@@ -218,6 +231,18 @@ class Handlers:
                 b"}",
             )
         )
+        if len(reply) > max_payload and len(page.items) == 1:
+            # One item, stored while the server's max payload was larger, fits no reply:
+            # say so (the replier would drop the reply and the reader time out).
+            order = _order_of(page.items[0])
+            item = f"item {order}" if order is not None else f"the item after {req.after or 0}"
+            raise TooLargeError(
+                f"{item} is {len(page.items[0])} bytes, too large for a read reply under the "
+                f"server's max payload of {max_payload} bytes"
+                + (f"; read on with after={order}" if order is not None else ""),
+                limit=max_payload,
+            )
+        return reply
 
     async def sessions(self, subject: str, body: bytes) -> bytes:
         req = decode(body, SessionsRequest)

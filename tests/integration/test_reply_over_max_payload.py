@@ -8,6 +8,7 @@ lowers it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import pytest
 
 from services.log.service import LogService
 from shared.client import LogClient
-from shared.config import load_settings
-from shared.errors import ConvlogError
+from shared.config import Settings, load_settings
+from shared.errors import ConvlogError, TooLargeError
 from shared.nats_seam import bind
 from tests.support.logenv import SEAM_IDS, SEAMS, expect_seam, user
 from tests.support.natsd import NatsServer
@@ -67,3 +68,57 @@ async def test_a_read_reply_over_max_payload_leaves_the_service_serving(
             await nc.close()
     finally:
         await service.shutdown()
+
+
+def _settings(server: NatsServer, tmp_path: Path, store: str, mode: str = "auto") -> Settings:
+    return load_settings(
+        {"nats_url": server.url, "db": str(tmp_path / "log.db"), "data_dir": str(tmp_path),
+         "nats_seam": mode, "store": store, "max_item_bytes": 48 * 1024},
+        environ={},
+    )
+
+
+# A read whose page held one item too large for any reply under the server's
+# max payload now (stored while it was larger) got no reply at all: the replier
+# dropped it (logged at debug) and the reader waited its whole deadline for an
+# `unavailable` that said nothing of the item.
+@pytest.mark.parametrize("mode", SEAMS, ids=SEAM_IDS)
+@pytest.mark.parametrize("store", ["sqlite", "jetstream"])
+async def test_a_read_of_an_item_over_the_max_payload_is_refused_too_large_naming_it(
+    nats_server_factory: Callable[..., NatsServer], tmp_path: Path, store: str, mode: str
+) -> None:
+    server = nats_server_factory(config="max_payload: 65536\n")
+    settings = _settings(server, tmp_path, store, mode)
+    async with LogService(settings):
+        nc = await nats.connect(server.url)
+        try:
+            client = LogClient(nc, timeout=5, deadline=10)
+            await client.append("big", [user("before")])
+            await client.append("big", [user("x" * 40_000)])
+            await client.append("big", [user("after")])
+        finally:
+            await nc.close()
+
+    server.config = "max_payload: 16384\n"
+    server.restart()
+    async with LogService(settings) as service:
+        expect_seam(service, mode)
+        nc = await nats.connect(server.url)
+        bind(nc, mode)
+        try:
+            client = LogClient(nc, timeout=5, deadline=10)
+            # The page before it ends short of it; the page that starts with it is refused.
+            page = await client.read("big")
+            assert [e.item_order for e in page.items] == [1] and page.more
+            t0 = time.monotonic()
+            with pytest.raises(TooLargeError) as refused:
+                await client.read("big", after=1)
+            assert time.monotonic() - t0 < 4, "answered, not timed out"
+            assert "item 2 " in refused.value.message, refused.value.message
+            assert refused.value.extra["limit"] == 16384
+            # The items after it can still be read.
+            page = await client.read("big", after=2)
+            assert [e.data["content"] for e in page.items] == ["after"]
+        finally:
+            await nc.close()
+
