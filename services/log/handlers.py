@@ -117,6 +117,8 @@ class Handlers:
         max_item_bytes: largest encoded ``data`` of one item.
         max_payload: the server's max payload; read and sessions pages stay
             under it, and an append whose ack could not is refused ``too_large``.
+        current_max_payload: the connection's max payload now, used instead of
+            ``max_payload`` (a reconnect may reach a server with a smaller one).
         entry_hint: called with (session_id, agent) when a user message with
             ``to`` starts a new session (records the entry agent as routing
             metadata, outside the log).
@@ -132,6 +134,10 @@ class Handlers:
     authorize: Authorizer | None = None  # signature checks (None: unsigned, as before)
     head_signer: Signer | None = None  # the log service's key: signs session heads on request
     read_ahead: ReadAhead | None = None  # forward pages: the next one read while this one travels
+    current_max_payload: Callable[[], int] | None = None
+
+    def _max_payload(self) -> int:
+        return self.current_max_payload() if self.current_max_payload is not None else self.max_payload
 
     async def guarded(self, fn: Callable[[str, bytes], Awaitable[bytes]], subject: str, body: bytes) -> Reply:
         """Run one endpoint, turning every failure into an error reply."""
@@ -191,7 +197,7 @@ class Handlers:
         req = decode(body, ReadRequest)
         if req.tail is not None and (req.after is not None or req.limit is not None):
             raise BadRequestError("tail cannot be combined with after or limit")
-        max_payload = self.max_payload
+        max_payload = self._max_payload()
         budget = max_payload - _REPLY_OVERHEAD
         if req.head and self.head_signer is not None:
             budget -= _HEAD_RESERVE  # the signed head is spliced in after the page
@@ -248,10 +254,11 @@ class Handlers:
         req = decode(body, SessionsRequest)
         infos, more = await self.store.sessions(after=req.after, limit=req.limit or DEFAULT_SESSIONS_LIMIT)
         reply = _encode(SessionsReply(sessions=infos, more=more))
-        if len(reply) <= self.max_payload:
+        max_payload = self._max_payload()
+        if len(reply) <= max_payload:
             return reply
         # Long session ids on a small max payload: a shorter page, as reads do.
-        budget, size, keep = self.max_payload - _REPLY_OVERHEAD, 0, 0
+        budget, size, keep = max_payload - _REPLY_OVERHEAD, 0, 0
         for info in infos:
             size += len(_encode(info)) + 1
             if size > budget and keep:
@@ -279,7 +286,8 @@ class Handlers:
             )
         # An item's envelope (data plus its session id, ids, agent, hash, signature) and
         # the outbox's headers must fit one message, or it is committed and never published.
-        limit = min(self.max_item_bytes, self.max_payload - _ENVELOPE_OVERHEAD)
+        max_payload = self._max_payload()
+        limit = min(self.max_item_bytes, max_payload - _ENVELOPE_OVERHEAD)
         # Stored data can outgrow its spelling in the body (``1e15`` is stored as
         # ``1000000000000000.0``: 4.5x at most): measure only when that could matter.
         measure = body_size * 5 > limit
@@ -299,13 +307,13 @@ class Handlers:
                 for it in req.items
             ]
             req = msgspec.structs.replace(req, items=items)
-        if _ACK_FRAME + n * (_ACK_PER_ITEM + _MAX_ITEM_ID) > self.max_payload:
+        if _ACK_FRAME + n * (_ACK_PER_ITEM + _MAX_ITEM_ID) > max_payload:
             # Only long batches get here: measure the ack they would get.
             ack = ack_size_bound([it.item_id or "" for it in req.items])
-            if ack > self.max_payload:
+            if ack > max_payload:
                 raise TooLargeError(
                     f"the ack of {n} items could be {ack} bytes, over the server's max payload "
-                    f"of {self.max_payload} bytes; send fewer items per append",
-                    limit=self.max_payload,
+                    f"of {max_payload} bytes; send fewer items per append",
+                    limit=max_payload,
                 )
         return req

@@ -231,6 +231,7 @@ class LogService(Endpoints):
                 self.notifier.note_entry(sid, written)
 
         self.read_ahead = ReadAhead(self.store)
+        nc = self.nc
         handlers = Handlers(
             store=self.store,
             subjects=self.subjects,
@@ -240,6 +241,7 @@ class LogService(Endpoints):
             authorize=authorize,
             head_signer=head_signer,
             read_ahead=self.read_ahead,
+            current_max_payload=lambda: nc.max_payload,  # the server's now: a reconnect may lower it
         )
         # The only writer of routing checkpoints (see routing_writer.py).
         self.routing_writer = RoutingWriter(kv)

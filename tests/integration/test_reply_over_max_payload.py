@@ -8,6 +8,7 @@ lowers it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from shared.client import LogClient
 from shared.config import Settings, load_settings
 from shared.errors import ConvlogError, TooLargeError
 from shared.nats_seam import bind
+from tests.support.eventually import assert_eventually
 from tests.support.logenv import SEAM_IDS, SEAMS, expect_seam, user
 from tests.support.natsd import NatsServer
 
@@ -122,3 +124,50 @@ async def test_a_read_of_an_item_over_the_max_payload_is_refused_too_large_namin
         finally:
             await nc.close()
 
+
+# The log service sized read pages for the max payload of the server it first
+# connected to: after a reconnect to one with a smaller max payload, every page
+# was over it, its reply dropped, and every read of a long session timed out.
+@pytest.mark.parametrize("store", ["sqlite", "jetstream"])
+async def test_read_pages_follow_the_max_payload_of_the_server_reconnected_to(
+    nats_server_factory: Callable[..., NatsServer], tmp_path: Path, store: str
+) -> None:
+    server = nats_server_factory(config="max_payload: 65536\n")
+    settings = _settings(server, tmp_path, store)
+    async with LogService(settings) as service:
+        nc = await nats.connect(server.url)
+        try:
+            client = LogClient(nc, timeout=5, deadline=10)
+            for i in range(4):
+                await client.append("long", [user(f"{i}:" + "y" * 2000) for _ in range(10)])
+            assert len(await client.items("long")) == 40
+            # Sessions pages too: 300 sessions are over 16 KiB.
+            for i in range(300):
+                await client.append(f"{i:03d}" + "s" * 21, [user("z")])
+        finally:
+            await nc.close()
+
+        server.config = "max_payload: 16384\n"
+        await asyncio.to_thread(server.restart)
+
+        async def reconnected() -> None:
+            assert service.nc is not None and service.nc.is_connected
+            assert service.nc.max_payload == 16384
+
+        await assert_eventually(reconnected, timeout=15)
+        nc = await nats.connect(server.url)
+        try:
+            client = LogClient(nc, timeout=5, deadline=10)
+            items = await client.items("long")
+            assert [e.item_order for e in items] == list(range(1, 41))
+            assert len(await client.items("long", raw=False)) == 40
+            assert len((await client.read("long", tail=5)).items) == 5
+            assert len([s async for s in client.iter_sessions()]) == 301
+            # An item whose envelope no longer fits one message is refused, as on
+            # a server that had this max payload all along.
+            with pytest.raises(TooLargeError) as refused:
+                await client.append("long", [user("w" * 16_100)])
+            assert refused.value.extra["limit"] == 16384 - 4096
+            assert (await client.read("long", tail=0)).last_order == 40
+        finally:
+            await nc.close()
