@@ -170,6 +170,8 @@ class AckedPublisher(RoutedInbox):
 
     async def _acked(self, sent: list[tuple[str, asyncio.Future[Msg]]], wait: float) -> list[Exception | None]:
         """Wait up to ``wait`` for the acks of ``sent``: per message, ``None`` or the error."""
+        if not sent:  # (every message refused before sending: asyncio.wait refuses an empty set)
+            return []
         try:
             await asyncio.wait([f for _, f in sent], timeout=wait)
             return [_ack_error(f.result()) if f.done() else TimeoutError() for _, f in sent]

@@ -229,6 +229,10 @@ async def test_a_message_over_max_payload_only_with_its_headers_is_refused_alone
             assert isinstance(outcomes[1], nats.errors.MaxPayloadError), outcomes
             assert nc.is_connected
         assert pub.publish_now([("big.b", fits, {"Nats-Msg-Id": "now-2"})]) is None  # publish says which
+        # Every message of a call refused so: each says so (it raised ValueError, an empty
+        # asyncio.wait, logged at ERROR by the notices).
+        only = await pub.publish([("big.e", fits, {"Nats-Msg-Id": "only-1"})])
+        assert len(only) == 1 and isinstance(only[0], nats.errors.MaxPayloadError), only
         assert await pub.publish([("big.d", b"4", {"Nats-Msg-Id": "4"})]) == [None]
         assert nc.is_connected and not nc.is_closed
         assert [body for body, _ in await _stored(nc, "BIG")] == ["1", "3", "1", "3", "4"]
