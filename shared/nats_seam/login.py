@@ -68,3 +68,23 @@ class NonceCheckingClient(Client):
             return sign(nonce)
 
         self._signature_cb = sign_nonce
+
+    def _build_message(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> Any:
+        """nats-py's, except for a subject or reply subject that is not UTF-8.
+
+        nats-server passes any bytes but whitespace in a subject, and nats-py's
+        ``bytes.decode()`` of one raised in its read loop, which then stopped for
+        good: one ``PUB convlog.read.\xff`` left the log service connected and deaf.
+        Such a subject is delivered with U+FFFD for its bad bytes (no session id
+        has them: refused as ``invalid_session_id``); a reply subject that is not
+        UTF-8 cannot be answered, and is dropped.
+        """
+        try:
+            return super()._build_message(sid, subject, reply, data, headers)
+        except UnicodeDecodeError:
+            subject = subject.decode(errors="replace").encode()
+            try:
+                reply.decode()
+            except UnicodeDecodeError:
+                reply = b""
+            return super()._build_message(sid, subject, reply, data, headers)

@@ -480,3 +480,41 @@ async def test_a_reply_subject_on_the_services_own_subjects_is_not_answered(env:
         await sub.unsubscribe()
     sessions, published = await settled_state(env)
     assert (sessions, published) == ([("r", 2)], before[1] + 1)
+
+
+async def _raw_request(env: Env, subject: bytes, body: bytes) -> bytes:
+    """Publish ``subject`` as raw protocol bytes (nats-py sends only UTF-8 subjects)
+    and return the reply frame (b"" if none came within 5 s)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.server.port)
+    try:
+        await reader.readline()  # INFO
+        writer.write(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\nSUB _R.raw 1\r\n'
+                     b"PUB %s _R.raw %d\r\n%s\r\n" % (subject, len(body), body))
+        await writer.drain()
+        async with asyncio.timeout(5):
+            while line := await reader.readline():
+                if line.startswith((b"MSG ", b"HMSG ")):
+                    return await reader.readexactly(int(line.split()[-1]) + 2)
+    except TimeoutError:
+        pass
+    finally:
+        writer.close()
+    return b""
+
+
+@pytest.mark.parametrize(("subject", "body"), [
+    (b"convlog.read.\xff", b"{}"),
+    (b"convlog.append.v\xc3", GOOD),
+    (b"convlog.in.\xed\xa0\x80", b'{"content": "x"}'),
+], ids=["read", "append", "in"])
+async def test_a_subject_that_is_not_utf8_is_refused_and_the_service_keeps_serving(
+    env: Env, subject: bytes, body: bytes
+) -> None:
+    """nats-server passes any bytes but whitespace in a subject; nats-py's decoding
+    of one raised in the service connection's read loop, which stopped for good:
+    no reply, and the log service never answered anything again."""
+    await env.client.append("v", [user("one")])
+    reply = await _raw_request(env, subject, body)
+    assert b"invalid_session_id" in reply, reply
+    assert (await env.client.append("v", [user("two")])).last_order == 2
+    assert [e.item_order for e in await raw_log(env, "v")] == [1, 2]
