@@ -43,6 +43,21 @@ _MISSING = guard_missing()
 _warned: list[str] = []
 
 
+def build_message_fits(client: type = Client) -> bool:
+    """Whether ``client._build_message`` takes what :class:`NonceCheckingClient`'s
+    override passes on (its parameters in the tested nats-py); else the override
+    is left out and nats-py's own runs (a subject that is not UTF-8 then stops the
+    connection's read loop, as in nats-py)."""
+    import inspect
+
+    fn = getattr(client, "_build_message", None)
+    try:
+        names = list(inspect.signature(fn).parameters) if callable(fn) else []
+    except (TypeError, ValueError):
+        return False
+    return names == ["self", "sid", "subject", "reply", "data", "headers"]
+
+
 class NonceCheckingClient(Client):
     """nats-py's client, except that its nkey login signs only a nonce shaped as
     nats-server's (see the module docstring)."""
@@ -69,7 +84,7 @@ class NonceCheckingClient(Client):
 
         self._signature_cb = sign_nonce
 
-    def _build_message(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> Any:
+    def _utf8_build_message(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> Any:
         """nats-py's, except for a subject or reply subject that is not UTF-8.
 
         nats-server passes any bytes but whitespace in a subject, and nats-py's
@@ -88,3 +103,7 @@ class NonceCheckingClient(Client):
             except UnicodeDecodeError:
                 reply = b""
             return super()._build_message(sid, subject, reply, data, headers)
+
+
+if build_message_fits():
+    NonceCheckingClient._build_message = NonceCheckingClient._utf8_build_message  # type: ignore[method-assign]

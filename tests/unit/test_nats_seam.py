@@ -188,3 +188,24 @@ def test_nats_py_private_names_are_used_only_behind_the_seam() -> None:
     assert outside == [], "nats-py internals outside shared/nats_seam/:\n" + "\n".join(outside)
     inside = sum(len(_PRIVATE_USE.findall(p.read_text())) for p in seam_dir.glob("*.py"))
     assert inside >= 10  # the pattern does find the seam's own uses
+
+
+def test_the_utf8_subject_guard_is_installed_only_over_the_build_message_it_was_written_for() -> None:
+    """NonceCheckingClient replaces nats-py's private Client._build_message (a subject
+    that is not UTF-8 stopped the read loop): only where its parameters are the tested
+    ones; elsewhere nats-py's own runs, unchanged."""
+    from nats.aio.client import Client
+
+    from shared.nats_seam.login import NonceCheckingClient, build_message_fits
+
+    assert build_message_fits()  # the pinned nats-py
+    assert NonceCheckingClient._build_message is NonceCheckingClient._utf8_build_message
+
+    class Other(Client):
+        def _build_message(self, sid, subject, reply, data, headers, extra):  # type: ignore[no-untyped-def, override]
+            return None
+
+    class Gone:
+        pass
+
+    assert not build_message_fits(Other) and not build_message_fits(Gone)  # type: ignore[arg-type]
