@@ -125,3 +125,25 @@ async def stack(nats_server: NatsServer, tmp_path: Path, fake_openai: FakeOpenAI
 
     async with worker_stack(nats_server, tmp_path, fake_openai) as s:
         yield s
+
+
+@pytest.fixture
+def spans() -> Iterator[Any]:
+    """An in-memory OpenTelemetry exporter, made convlog's tracer provider for the test
+    (the tests of traces; skipped without the OpenTelemetry SDK)."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from shared import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    previous = tracing.use_provider(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.use_provider(previous)
+        provider.shutdown()

@@ -42,13 +42,7 @@ async def test_following_the_refusal_of_a_restored_database_answers_every_later_
     await stack.answered("s", users=1)
 
     # The backup, taken with the service stopped; then two more turns, lost by the restore.
-    await stack.service.shutdown()
-    backup = stack.tmp / "backup"
-    backup.mkdir()
-    for f in stack.tmp.glob("log.db*"):
-        shutil.copy2(f, backup / f.name)
-    stack.service = LogService(stack.settings)
-    await stack.service.start()
+    backup = await _backup(stack)
     for i in (2, 3):
         await stack.send("s", f"lost {i}")
         await stack.answered("s", users=i)

@@ -10,7 +10,6 @@ its handoff append back to the log service, and on to L1Billing's worker.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,6 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk")
 
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
 from services.log.service import LogService  # noqa: E402
@@ -32,19 +29,6 @@ from shared.config import load_settings  # noqa: E402
 from tests.support.eventually import assert_eventually  # noqa: E402
 from tests.support.natsd import NatsServer  # noqa: E402
 from tests.support.workerstack import SEED_SPEC  # noqa: E402
-
-
-@pytest.fixture
-def spans() -> AsyncIterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    previous = tracing.use_provider(provider)
-    try:
-        yield exporter  # type: ignore[misc]
-    finally:
-        tracing.use_provider(previous)
-        provider.shutdown()
 
 
 @pytest.mark.parametrize("store", ["sqlite", "jetstream"])
@@ -117,6 +101,13 @@ def _find(exporter: InMemorySpanExporter, name: str, **attrs: Any) -> Any:
              and all(s.attributes.get(f"convlog.{k}") == v for k, v in attrs.items())]
     assert found, f"no finished span {name} {attrs}"
     return found[0]
+
+
+def _assert_child_of(msg: Any, span: Any) -> None:
+    """``msg`` (a NATS message) carries ``span`` as its traceparent."""
+    parent = (msg.headers or {}).get("traceparent")
+    assert parent is not None, msg.headers
+    assert parent.split("-")[1:3] == [f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"]
 
 
 def _children(exporter: InMemorySpanExporter, parent: Any) -> list[Any]:
@@ -211,9 +202,7 @@ async def test_the_turn_notice_of_a_session_seen_before_a_restart_continues_the_
         await client.close()
     assert notice.subject == work_entry_subject(settings.subjects)
     log_in = _find(spans, "convlog.log.in", first_order=ack.first_order)
-    parent = notice.headers.get("traceparent")
-    assert parent is not None, notice.headers
-    assert parent.split("-")[1:3] == [f"{log_in.context.trace_id:032x}", f"{log_in.context.span_id:016x}"]
+    _assert_child_of(notice, log_in)
 
 
 # A notice that reached a worker whose agent does not answer the session (a stale address:
@@ -297,9 +286,7 @@ async def test_a_notice_the_reconciler_republishes_continues_the_user_messages_t
         await nc.close()
         await client.close()
     log_in = _find(spans, "convlog.log.in", session_id="rc1")
-    parent = notice.headers.get("traceparent")
-    assert parent is not None, notice.headers
-    assert parent.split("-")[1:3] == [f"{log_in.context.trace_id:032x}", f"{log_in.context.span_id:016x}"]
+    _assert_child_of(notice, log_in)
 
 
 # On the JetStream store the log service's trace contexts are taken (popped) by the notice

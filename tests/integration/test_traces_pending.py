@@ -6,7 +6,6 @@ were dropped at once, a pending notice's included)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,30 +13,14 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk")
 
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
 from services.log.service import LogService  # noqa: E402
-from shared import tracing  # noqa: E402
 from shared.client import LogClient  # noqa: E402
 from shared.config import load_settings  # noqa: E402
 from shared.messages import AppendItem  # noqa: E402
 from tests.support.eventually import assert_eventually  # noqa: E402
 from tests.support.natsd import NatsServer  # noqa: E402
-
-
-@pytest.fixture
-def spans() -> AsyncIterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    previous = tracing.use_provider(provider)
-    try:
-        yield exporter  # type: ignore[misc]
-    finally:
-        tracing.use_provider(previous)
-        provider.shutdown()
 
 
 @pytest.mark.parametrize("store", ["sqlite", "jetstream"])
