@@ -66,8 +66,14 @@ def over_max_payload(nc: Client, payload: bytes, headers: dict[str, str] | bytes
     answered with ``-ERR 'Maximum Payload Violation'``, and nats-py then
     closes the connection for good.
     """
-    hdr = headers if type(headers) is bytes else header_block(headers)  # type: ignore[arg-type]
-    return len(hdr) + len(payload) > nc.max_payload
+    if type(headers) is bytes:
+        return len(headers) + len(payload) > nc.max_payload
+    # Clearly under (each character is at most 4 bytes; "NATS/1.0\r\n", ": " and "\r\n"
+    # per header, "\r\n" at the end): no header block built for it, as is every notice.
+    bound = 12 + sum(4 * (len(k) + len(v)) + 4 for k, v in headers.items())  # type: ignore[union-attr]
+    if len(payload) + bound <= nc.max_payload:
+        return False
+    return len(header_block(headers)) + len(payload) > nc.max_payload  # type: ignore[arg-type]
 
 
 def frame(subject: str, reply: str, payload: bytes, headers: dict[str, str] | bytes | None, max_payload: int) -> bytes:
