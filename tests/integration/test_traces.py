@@ -110,6 +110,17 @@ def _assert_child_of(msg: Any, span: Any) -> None:
     assert parent.split("-")[1:3] == [f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"]
 
 
+async def _watch_notices(nc: Any, settings: Any) -> list[Any]:
+    """Every turn notice published from now on (a plain subscription on the work subjects)."""
+    notices: list[Any] = []
+
+    async def on_notice(msg: Any) -> None:
+        notices.append(msg)
+
+    await nc.subscribe(f"{settings.subjects.prefix}.work.>", cb=on_notice)
+    return notices
+
+
 def _children(exporter: InMemorySpanExporter, parent: Any) -> list[Any]:
     kids = [s for s in exporter.get_finished_spans()
             if s.parent is not None and s.parent.span_id == parent.context.span_id]
@@ -178,12 +189,7 @@ async def test_the_turn_notice_of_a_session_seen_before_a_restart_continues_the_
                              environ={})
     client = await LogClient.connect(nats_server.url)
     nc = await nats.connect(nats_server.url)
-    notices: list[Any] = []
-
-    async def on_notice(msg: Any) -> None:
-        notices.append(msg)
-
-    await nc.subscribe(f"{settings.subjects.prefix}.work.>", cb=on_notice)
+    notices = await _watch_notices(nc, settings)
     try:
         async with LogService(settings):
             await client.send("r2", "Hi")
@@ -260,12 +266,7 @@ async def test_a_notice_the_reconciler_republishes_continues_the_user_messages_t
                               "store": store}, environ={})
     client = await LogClient.connect(nats_server.url)
     nc = await nats.connect(nats_server.url)
-    notices: list[Any] = []
-
-    async def on_notice(msg: Any) -> None:
-        notices.append(msg)
-
-    await nc.subscribe(f"{settings.subjects.prefix}.work.>", cb=on_notice)
+    notices = await _watch_notices(nc, settings)
     try:
         async with LogService(settings) as service:
             assert service.notifier is not None and service.reconciler is not None
