@@ -57,11 +57,7 @@ async def test_one_user_message_is_one_trace_from_send_to_the_last_agent(
         for name, agent in (("convlog.turn", "Triage"), ("convlog.turn", "L1Billing")):
             await assert_eventually(lambda n=name, a=agent: _find(spans, n, agent=a), timeout=5)
     finally:
-        await client.close()
-        for w in workers:
-            await w.shutdown()
-        await asyncio.gather(*runs, return_exceptions=True)
-        await service.shutdown()
+        await _stop(client, workers, runs, service)
 
     send = _find(spans, "convlog.send", session_id="t1")
     trace_id = send.context.trace_id
@@ -108,6 +104,15 @@ def _assert_child_of(msg: Any, span: Any) -> None:
     parent = (msg.headers or {}).get("traceparent")
     assert parent is not None, msg.headers
     assert parent.split("-")[1:3] == [f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"]
+
+
+async def _stop(client: LogClient, workers: list[Worker], runs: list[Any], service: LogService) -> None:
+    """The client, the workers (their run tasks ended) and the log service, in that order."""
+    await client.close()
+    for w in workers:
+        await w.shutdown()
+    await asyncio.gather(*runs, return_exceptions=True)
+    await service.shutdown()
 
 
 async def _watch_notices(nc: Any, settings: Any) -> list[Any]:
@@ -235,11 +240,7 @@ async def test_a_forwarded_notice_continues_the_user_messages_trace(
         await assert_eventually(lambda: _find(spans, "convlog.turn", agent="Triage", session_id="f1"), timeout=20)
         assert workers[2].tally.forwarded == 1
     finally:
-        await client.close()
-        for w in workers:
-            await w.shutdown()
-        await asyncio.gather(*runs, return_exceptions=True)
-        await service.shutdown()
+        await _stop(client, workers, runs, service)
 
     send = _find(spans, "convlog.send", session_id="f1")
     log_in = _find(spans, "convlog.log.in", session_id="f1")
@@ -315,11 +316,7 @@ async def test_a_handoff_notice_not_sent_at_once_still_continues_the_trace(
             await assert_eventually(lambda i=i: _find(spans, "convlog.turn", agent="L1Billing", session_id=f"h{i}"),
                                     timeout=20)
     finally:
-        await client.close()
-        for w in workers:
-            await w.shutdown()
-        await asyncio.gather(*runs, return_exceptions=True)
-        await service.shutdown()
+        await _stop(client, workers, runs, service)
 
     for i in range(5):
         send = _find(spans, "convlog.send", session_id=f"h{i}")
