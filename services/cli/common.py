@@ -222,29 +222,15 @@ async def connect_client(settings: Settings) -> Any:
 
 async def stopped_by_signals(coro: Awaitable[object]) -> bool:
     """Await ``coro`` (a wait before a service starts, e.g. for JetStream); SIGTERM or
-    SIGHUP cancel it, and then ``True`` comes back: the caller stops as a service
-    stopped while starting does (exit 0), where Python's default ended the process
-    (status -15) with nothing said."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(coro)
-    signals = (signal.SIGTERM, signal.SIGHUP)
-    got: list[int] = []
+    SIGHUP cancel it (:func:`cancelled_by_signals`), and then ``True`` comes back: the
+    caller stops as a service stopped while starting does (exit 0), where Python's
+    default ended the process (status -15) with nothing said."""
 
-    def stop(sig: int) -> None:
-        got.append(sig)
-        task.cancel()
+    async def waited() -> int:
+        await coro
+        return EXIT_OK
 
-    for sig in signals:
-        loop.add_signal_handler(sig, stop, sig)
-    try:
-        await task
-    except asyncio.CancelledError:
-        if not got:
-            raise  # not ours
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-    return bool(got)
+    return await cancelled_by_signals(waited()) != EXIT_OK
 
 
 async def cancelled_by_signals(coro: Awaitable[int]) -> int:
