@@ -367,35 +367,36 @@ class DirectGet:
         """The bodies of :meth:`batch`'s messages, for a request without headers (``no_hdr``)."""
         return await self._bodies.get(self._subject, {**request, "no_hdr": True}, _Collect(bodies=True))
 
-    async def subject_count(self) -> tuple[int, int, int]:
-        """The stream's ``(num_subjects, first_seq, num_deleted)``: unchanged, so is its set
-        of subjects (with no message removed, at its start or inside, it only gains some)."""
+    async def _stream_info(self, body: bytes) -> dict[str, Any]:
+        """The stream's ``STREAM.INFO`` answer to ``body`` (for the sessions list).
+
+        Raises:
+            UnavailableError: no answer, or an error answer.
+        """
         stream = self._subject.rsplit(".", 1)[1]
         try:
-            msg = await self._nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=self._timeout)
+            msg = await self._nc.request(f"$JS.API.STREAM.INFO.{stream}", body, timeout=self._timeout)
             info = json.loads(msg.data)
         except (nats.errors.Error, TimeoutError, OSError, ValueError) as e:
             raise UnavailableError(f"cannot list sessions: {type(e).__name__}") from e
         if "error" in info:
             raise UnavailableError(f"cannot list sessions: {info['error'].get('description')}")
-        state = info.get("state") or {}
+        return info  # type: ignore[no-any-return]
+
+    async def subject_count(self) -> tuple[int, int, int]:
+        """The stream's ``(num_subjects, first_seq, num_deleted)``: unchanged, so is its set
+        of subjects (with no message removed, at its start or inside, it only gains some)."""
+        state = (await self._stream_info(b"")).get("state") or {}
         return (int(state.get("num_subjects") or 0), int(state.get("first_seq") or 0),
                 int(state.get("num_deleted") or 0))
 
     async def subjects(self, filter_subject: str) -> dict[str, int]:
         """Every subject matching ``filter_subject`` with its message count."""
-        stream = self._subject.rsplit(".", 1)[1]
         found: dict[str, int] = {}
         offset = 0
         while True:
-            body = json.dumps({"subjects_filter": filter_subject, "offset": offset}).encode()
-            try:
-                msg = await self._nc.request(f"$JS.API.STREAM.INFO.{stream}", body, timeout=self._timeout)
-            except (nats.errors.Error, TimeoutError, OSError) as e:
-                raise UnavailableError(f"cannot list sessions: {type(e).__name__}") from e
-            info = json.loads(msg.data)
-            if "error" in info:
-                raise UnavailableError(f"cannot list sessions: {info['error'].get('description')}")
+            info = await self._stream_info(
+                json.dumps({"subjects_filter": filter_subject, "offset": offset}).encode())
             page = (info.get("state") or {}).get("subjects") or {}
             found.update(page)
             total = int(info.get("total") or 0)
