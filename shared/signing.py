@@ -575,6 +575,12 @@ class Keyring:
             return "the gateway key signs only user messages on the inbound subject"
         return "the log service's key signs session heads, not items"
 
+    def log_key_refusal(self, key_id: str) -> str | None:
+        """Why ``key_id`` is not this keyring's live log service key (the one that signs
+        heads), or ``None``."""
+        e = self.get(key_id)
+        return None if e is not None and e.role == LOG and not e.retired_at else "not the keyring's live log service key"
+
     def check_envelope(self, env: Envelope, verified: VerifiedItems | None = None) -> str | None:
         """Offline: why a signed envelope does not verify, or ``None`` (unsigned -> ``None``).
         ``verified``: signatures checked before, not verified again."""

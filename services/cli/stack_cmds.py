@@ -241,7 +241,7 @@ def _keys_dir(args: argparse.Namespace, settings: Settings, agents: list[str]) -
                 "key of DIR (a user of its nats-users.conf), not with one login for all: unset it"
             )
     keys = Path(args.keys).resolve()
-    from shared.signing import LOG, Keyring, KeyringError, Signer
+    from shared.signing import Keyring, KeyringError, Signer
 
     try:
         ring = Keyring.load(keys / "keyring.json")
@@ -249,9 +249,7 @@ def _keys_dir(args: argparse.Namespace, settings: Settings, agents: list[str]) -
             key_id = Signer.load(keys / f"{name}.nk").key_id
             # A key the keyring does not give this program (a keyring of another keys init):
             # the log service refused its own at each start, the log every worker's appends.
-            entry = ring.get(key_id)
-            why = (("not the keyring's live log service key" if entry is None or entry.role != LOG
-                    or entry.retired_at else None) if name == "log"
+            why = (ring.log_key_refusal(key_id) if name == "log"
                    else ring.refusal(key_id, name, via_inbound=False))
             if why is not None:
                 raise KeyringError(f"{keys / f'{name}.nk'}: {why}")

@@ -22,7 +22,6 @@ from shared.config import ConfigError, Settings
 from shared.errors import ForbiddenError
 from shared.messages import AppendItem, AppendRequest, SignedHead
 from shared.signing import (
-    LOG,
     USER_AGENT,
     KeyFile,
     Keyring,
@@ -178,16 +177,11 @@ def head_signer_from(settings: Settings, keyring: Keyring | None) -> Signer | No
     if settings.signing_key is None:
         return None
 
-    def not_live(key_id: str) -> str | None:
-        entry = keyring.get(key_id) if keyring is not None else None
-        ok = entry is not None and entry.role == LOG and not entry.retired_at
-        return None if ok else "not the keyring's live log service key"
-
     try:
-        signer = KeyFile(settings.signing_key, accept=not_live if keyring is not None else None)
+        signer = KeyFile(settings.signing_key, accept=keyring.log_key_refusal if keyring is not None else None)
     except KeyringError as e:
         raise ConfigError(f"CONVLOG_SIGNING_KEY: {e}") from None
-    if keyring is not None and not_live(signer.key_id) is not None:
+    if keyring is not None and keyring.log_key_refusal(signer.key_id) is not None:
         raise ConfigError(
             f"CONVLOG_SIGNING_KEY {settings.signing_key} is not the live log service key of "
             f"{settings.keyring}"
