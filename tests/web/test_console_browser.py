@@ -360,6 +360,57 @@ def test_hidden_tabs_release_their_live_tails_so_an_eighth_tab_loads_and_goes_li
     assert not errors, f"JavaScript errors on the pages: {errors}"
 
 
+def test_seven_visible_tabs_all_load_and_the_later_ones_wait_their_turn_to_go_live(
+        demo_web: Demo, log: LoopThread, browser: Any) -> None:
+    """Tabs a reviewer keeps in view (windows side by side) are not hidden, and each held
+    its live tail: six of them took all 6 connections Chromium opens to one server, so the
+    seventh tab never loaded (a blank page, no word why) and neither did any other request
+    of the console.  The tabs now share a few tail slots (Web Locks): every page loads, a
+    tab beyond them says it waits, and it goes live when a live tab is closed."""
+    sid = "web-live-visible-tabs"
+    log.run(log.client.append(sid, [said("Triage", "first message")]))
+    context = browser.new_context(viewport={"width": 1400, "height": 800}, bypass_csp=True)
+    errors: list[str] = []
+    try:
+        pages = []
+        for _ in range(7):
+            pg = context.new_page()
+            pg.set_default_timeout(15_000)
+            pg.on("pageerror", lambda e: errors.append(str(e)))
+            pg.goto(f"{demo_web.url}/sessions/{sid}")  # the seventh timed out here
+            wait_badge(pg, "good")
+            pages.append(pg)
+        for pg in pages:
+            pg.wait_for_function("['on', 'waiting'].includes(window.__convlog.live)")
+        live = [pg for pg in pages if pg.evaluate("window.__convlog.live") == "on"]
+        waiting = [pg for pg in pages if pg not in live]
+        assert len(live) == 4 and len(waiting) == 3, [pg.evaluate("window.__convlog.live") for pg in pages]
+        assert waiting[0].text_content("#live") == "○ waiting for a connection"
+        assert "close or hide one" in waiting[0].text_content("#message")
+        # A plain request still gets a connection (it waited for good when 6 tails held them).
+        t0 = time.monotonic()
+        listed = pages[0].evaluate("fetch('/api/sessions?limit=5').then((r) => r.status)")
+        assert listed == 200 and time.monotonic() - t0 < 5
+        log.run(log.client.append(sid, [said("L1Billing", "second, to the live tabs")]))
+        for pg in live:
+            pg.wait_for_selector('.card[data-order="2"]:has-text("second, to the live tabs")')
+        screenshot(waiting[0], "visible-tab-waiting-for-a-tail")
+
+        # A live tab closed: its slot goes to a waiting tab, which resumes after what it holds.
+        live[0].close()
+        waiting[0].wait_for_function("window.__convlog.live === 'on'")
+        waiting[0].wait_for_selector('.card[data-order="2"]:has-text("second, to the live tabs")')
+        assert waiting[0].text_content("#message") == ""
+        log.run(log.client.append(sid, [said("L1Billing", "third, live")]))
+        waiting[0].wait_for_selector('.card[data-order="3"]:has-text("third, live")')
+        assert rows(waiting[0]) == ["1", "2", "3"]
+        assert "chain intact through #3" in wait_badge(waiting[0], "good")
+        assert [pg.evaluate("window.__convlog.live") for pg in waiting[1:]] == ["waiting", "waiting"]
+    finally:
+        context.close()
+    assert not errors, f"JavaScript errors on the pages: {errors}"
+
+
 def test_a_live_tail_that_cannot_connect_says_so(demo_web: Demo, log: LoopThread, page: Any) -> None:
     """A tail the browser holds back (no connection to the server free) showed nothing at
     all: no "live", no "reconnecting", no message.  After 10 s the page now says it is not

@@ -304,14 +304,80 @@ async function loadFromServer() {
 
 let reopenDelay = 1000; // ms before a tail the browser gave up on is opened again (doubling to 30 s)
 const STALLED_MS = 10_000; // a tail not open by then: the browser is holding the request back
+// A browser opens at most 6 connections to one server over HTTP/1.1, for all its tabs, and
+// each open tail keeps one: six tabs in view would take them all, and the next tab (every
+// other request of the console too) would wait for good. So the tabs of this console share
+// LIVE_SLOTS tails (Web Locks, held while a tail is open, let go with the tab), which leaves
+// connections for pages and exports; a tab beyond them waits for a slot and says so.
+const LIVE_SLOTS = 4;
+let slot = null; // lets this tab's slot go (null: it holds none)
+let slotWait = null; // the AbortController of a wait for a slot
+
+function lockSlot(i, options) { // a function that lets slot i go, or null (taken, or the wait aborted)
+  return new Promise((resolve) => {
+    navigator.locks.request(`convlog-live-tail-${i}`, options, (lock) => {
+      if (!lock) return resolve(null);
+      return new Promise((letGo) => resolve(letGo));
+    }).catch(() => resolve(null));
+  });
+}
+
+// Over HTTP/2 or 3 (a proxy in front of the console) every request shares one connection: no limit to share out.
+const multiplexed = ["h2", "h3"].includes(performance.getEntriesByType("navigation")[0]?.nextHopProtocol);
+
+async function takeSlot() {
+  if (!navigator.locks || multiplexed) return () => {}; // no Web Locks (not a secure context): not shared out
+  const wait = new AbortController(); // aborted: the tab was hidden meanwhile
+  slotWait = wait;
+  try {
+    for (let i = 0; i < LIVE_SLOTS && !wait.signal.aborted; i++) {
+      const letGo = await lockSlot(i, { ifAvailable: true });
+      if (letGo) return letGo;
+    }
+    if (wait.signal.aborted) return null;
+    state.live = "waiting"; $("live").textContent = "○ waiting for a connection"; $("live").className = "live off";
+    $("message").textContent = `Not live yet: ${LIVE_SLOTS} other console tabs are following sessions, and the browser ` +
+      "opens at most 6 connections to this server (over HTTP/1.1) for all its tabs; close or hide one and this tab goes live.";
+    return await new Promise((resolve) => { // the first slot freed; any other granted meanwhile goes back
+      let left = LIVE_SLOTS;
+      for (let i = 0; i < LIVE_SLOTS; i++) {
+        lockSlot(i, { signal: wait.signal }).then((got) => {
+          if (got && !wait.signal.aborted) { wait.abort(); resolve(got); return; }
+          got?.();
+          if (--left === 0) resolve(null);
+        });
+      }
+    });
+  } finally {
+    if (slotWait === wait) slotWait = null;
+  }
+}
+
+function letSlotGo() {
+  slotWait?.abort();
+  slotWait = null;
+  slot?.();
+  slot = null;
+}
+
 function startLive() {
   const live = $("live");
-  // A hidden tab holds no tail: a browser opens at most 6 connections to one server over
-  // HTTP/1.1, and each open tail keeps one, so a few console tabs would leave the next
-  // tab's tail (and then the next page itself) waiting for good. Shown again, the page
-  // opens the tail after what it holds.
+  // A hidden tab holds no tail (nor a slot): shown again, the page opens the tail after what it holds.
   if (document.visibilityState === "hidden") {
+    letSlotGo();
     state.live = "paused"; live.textContent = "❚❚ paused (tab hidden)"; live.className = "live off";
+    return;
+  }
+  if (slot === null) {
+    if (slotWait !== null) return; // already waiting for one
+    takeSlot().then((letGo) => {
+      if (letGo === null) return;
+      if (document.visibilityState === "hidden" || state.live === "failed" || slot !== null) { letGo(); return; }
+      slot = letGo;
+      slotWait?.abort(); // a second wait, begun as the tab was hidden and shown again
+      slotWait = null;
+      startLive();
+    });
     return;
   }
   const es = new EventSource(`${sessionPath(sid)}/live?after=${conv.lastOrder}`);
@@ -325,7 +391,8 @@ function startLive() {
       "server (at most 6 over HTTP/1.1, shared by all its tabs); close or hide other console tabs.";
   }, STALLED_MS);
   source.onopen = () => {
-    if ($("message").textContent.startsWith("The live tail has not connected")) $("message").textContent = "";
+    const said = $("message").textContent;
+    if (said.startsWith("The live tail has not connected") || said.startsWith("Not live yet")) $("message").textContent = "";
     reopenDelay = 1000; state.live = "on"; live.textContent = "● live"; live.className = "live on";
   };
   source.onerror = () => {
@@ -340,6 +407,7 @@ function startLive() {
   // The console's follower failed (the log refused the read): reconnecting would fail alike.
   source.addEventListener("failed", (ev) => {
     source.close();
+    letSlotGo();
     let why = "";
     try { why = JSON.parse(ev.data).error; } catch { why = "unknown error"; }
     state.live = "failed";
@@ -371,10 +439,10 @@ function startLive() {
 document.addEventListener("visibilitychange", () => {
   if (fileMode || !state.loaded || state.live === "failed") return;
   if (document.visibilityState === "hidden") {
-    if (source === null) return;
-    source.close();
+    if (source === null && slotWait === null) return;
+    source?.close();
     source = null; // a reopen already scheduled for it does not run
-    startLive(); // says "paused"
+    startLive(); // says "paused" and lets the slot go
   } else if (source === null) {
     reopenDelay = 1000;
     startLive();
