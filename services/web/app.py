@@ -42,7 +42,7 @@ from services.cli.audit import encode_head_line
 from services.cli.common import is_loopback_host
 from shared.client import LogClient, Unreadable
 from shared.codec import MAX_SAFE_INT, encode, encode_envelope_line
-from shared.errors import BadRequestError, ConvlogError, InvalidSessionIdError
+from shared.errors import BadRequestError, ConvlogError, InvalidSessionIdError, UnavailableError
 from shared.messages import Envelope, ReadReply, SignedHead
 from shared.subjects import validate_session_id
 
@@ -170,9 +170,11 @@ async def _signed_heads(client: LogClient, sid: str) -> tuple[list[SignedHead], 
     """The session's heads the log service signed, as ``convlog replay`` exports them:
     the witness head (kept in ``<prefix>_heads``, outside the store) and a fresh one.
     None when the service has no key.  Read before the items, so every item a head
-    covers is in the export (the log is append-only).  Also whether the witness head
-    could be read: when not, only the fresh head checks the tail, and a store restored
-    from an older copy passes it (``convlog replay --verify`` fails then)."""
+    covers is in the export (the log is append-only); the log service not answering for
+    the fresh head (``UnavailableError``) is raised, as the items' read would be a deadline
+    later.  Also whether the witness head could be read: when not, only the fresh head
+    checks the tail, and a store restored from an older copy passes it (``convlog replay
+    --verify`` fails then)."""
     from services.log.heads import read_witness_head
 
     heads: list[SignedHead | None] = []
@@ -184,6 +186,8 @@ async def _signed_heads(client: LogClient, sid: str) -> tuple[list[SignedHead], 
         witnessed = False
     try:
         heads.append(await client.signed_head(sid))
+    except UnavailableError:  # no log service: the items cannot be read either, so no second deadline
+        raise
     except ConvlogError as e:  # the export still serves; the page then shows no fresh head
         log.warning("no signed head for %s: %s", sid, e.message)
     return [h for h in heads if h is not None], witnessed

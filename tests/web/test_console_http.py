@@ -684,3 +684,22 @@ async def test_the_sessions_list_shows_a_session_whose_stored_envelope_is_no_env
     assert rows.keys() == {"a", "b"}
     assert rows["a"]["agents"] == ["Triage", "L1Billing", "L2Support"]
     assert rows["b"]["agents"] == ["Triage", "L2Support"], rows["b"]
+
+
+async def test_an_export_with_the_log_service_down_fails_within_one_deadline(web: Console) -> None:
+    """With the log service down, the export waited out the client's deadline twice, once
+    for the fresh signed head (then served without it) and once more for the items it
+    could no more read, before its 503: 20 s with `convlog web`'s deadline of 10 s, with
+    the page saying nothing meanwhile.  The head's ``unavailable`` now answers at once."""
+    import time
+
+    await web.client.append("s1", [said("Triage", "one")])
+    assert web.service is not None
+    await web.service.shutdown()
+    web.service = None
+    web.client.deadline = 3.0
+    started = time.monotonic()
+    status, _, body = await web.get("/sessions/s1/export.jsonl")
+    took = time.monotonic() - started
+    assert status == 503 and json.loads(body)["error"]["code"] == "unavailable", body
+    assert took < 4.0, f"the export took {took:.1f} s to fail with a deadline of 3 s"
