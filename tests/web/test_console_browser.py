@@ -72,6 +72,18 @@ def test_sessions_page_lists_the_demo_newest_first_and_filters_by_prefix(demo_we
     page.wait_for_url(f"**/sessions/{ESCALATION_SESSION_ID}")
 
 
+def test_a_listing_answered_by_a_proxy_error_page_says_which_status(demo_web: Demo, page: Any) -> None:
+    """A listing answered with no JSON (a proxy's 502 page while the console restarts) was
+    shown as the parser's complaint ("Could not list sessions: Unexpected token '<' ...
+    is not valid JSON"), naming the wrong thing; the session page says the status."""
+    page.route("**/api/sessions?*", lambda route: route.fulfill(
+        status=502, content_type="text/html", body=b"<h1>502 Bad Gateway</h1>"))
+    page.goto(demo_web.url + "/")
+    page.wait_for_function("document.getElementById('message').textContent.startsWith('Could not list')")
+    assert page.text_content("#message") == "Could not list sessions: HTTP 502"
+    screenshot(page, "sessions-proxy-error")
+
+
 def test_conversation_shows_lanes_handoff_arrows_pairs_and_verifies(demo_web: Demo, page: Any) -> None:
     page.goto(f"{demo_web.url}/sessions/{ESCALATION_SESSION_ID}")
     badge = wait_badge(page, "good")

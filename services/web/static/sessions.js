@@ -18,7 +18,8 @@ async function load() {
   let body;
   try {
     const res = await fetch(`/api/sessions?${q}`, { cache: "no-store" });
-    body = await res.json();
+    // An error may come with no JSON (a proxy's error page): then its status says what went wrong.
+    body = res.ok ? await res.json() : await res.json().catch(() => null);
     if (mine !== latest) return; // a newer listing was asked for meanwhile
     if (!res.ok) throw new Error(body?.error?.message || `HTTP ${res.status}`);
   } catch (err) {
