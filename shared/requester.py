@@ -247,9 +247,10 @@ class Requester:
         except RETRYABLE as e:
             raise_if_cancelled()
             attempts = retrying.statistics.get("attempt_number", 1)
-            raise UnavailableError(
-                f"no reply on {subject} after {attempts} attempts: {type(e).__name__}"
-            ) from e
+            why = type(e).__name__
+            if isinstance(e, nats.errors.NoRespondersError):  # nothing subscribes: say what that means
+                why += " (nothing subscribes to it: is the log service running?)"
+            raise UnavailableError(f"no reply on {subject} after {attempts} attempts: {why}") from e
         raise AssertionError("unreachable: tenacity returns or raises")  # pragma: no cover
 
     async def _attempt(self, subject: str, body: bytes, end: float) -> bytes:
