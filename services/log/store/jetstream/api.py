@@ -38,10 +38,11 @@ _SUBJECT_FULL = 10077  # JSStreamStoreFailedF "maximum messages per subject exce
 _BATCH_DUPLICATE = 10201  # JSAtomicPublishContainsDuplicateMessageErr: <sid>:<order> was just written
 _BATCH_TOO_LARGE = 10199  # JSAtomicPublishTooLargeBatchErrF: over the server's batch max_msgs
 _STATUS = "Status"
-#: Seconds a publish, or a one-message get, waits for its answer before it is
+#: Seconds a publish, or a get, waits for its answer before it is
 #: sent again (the store's ``timeout`` when that is shorter).  A stream leader
-#: change drops what the old leader had not answered, with no reply: each
-#: request would wait out the whole timeout before going to the new leader.
+#: change drops what the old leader had not answered, with no reply, and so does
+#: a server that dies (the client reconnects to another): each request would
+#: wait out the whole timeout before going to the new leader or server.
 #: A copy is harmless: a get is a read; a publish is settled (see
 #: :mod:`.settle`; ``Nats-Msg-Id``, one message per id subject).
 RESEND_AFTER = 1.0
@@ -270,17 +271,32 @@ class _Batches(_Inbox):
             collect.add_raw(payload, headers)
 
     async def get(self, api: str, request: dict[str, object], collect: _Collect) -> list[Any]:
+        """Send ``request`` and collect its batch until the status message.  Sent
+        again (on a new token: a late answer to the first is dropped) every
+        :data:`RESEND_AFTER` seconds nothing at all came back, as a one-message
+        get: a request the server lost (its connection died) has no answer."""
         await self.start()
-        token = self.token()
-        self.waiting[token] = collect
-        try:
-            await self._nc.publish(api, json.dumps(request).encode(), reply=self.reply_to(token))
-            async with asyncio.timeout(self._timeout):
-                status = await collect.done
-        except (nats.errors.Error, TimeoutError, OSError) as e:
-            raise UnavailableError(f"cannot read the log stream: {type(e).__name__}") from e
-        finally:
-            del self.waiting[token]
+        body = json.dumps(request).encode()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self._timeout
+        while True:
+            token = self.token()
+            self.waiting[token] = collect
+            try:
+                await self._nc.publish(api, body, reply=self.reply_to(token))
+                await asyncio.wait((collect.done,), timeout=min(RESEND_AFTER, end - loop.time()))
+                if not collect.done.done() and (collect.items or loop.time() + 0.001 >= end):
+                    # An answer is coming in (a big batch): it has until the timeout.
+                    await asyncio.wait((collect.done,), timeout=max(0.0, end - loop.time()))
+                if collect.done.done():
+                    status = collect.done.result()
+                    break
+                if loop.time() + 0.001 >= end:
+                    raise TimeoutError
+            except (nats.errors.Error, TimeoutError, OSError) as e:
+                raise UnavailableError(f"cannot read the log stream: {type(e).__name__}") from e
+            finally:
+                del self.waiting[token]
         if status not in ("204", "404"):  # end of batch; nothing matched
             raise UnavailableError(f"direct get batch failed with status {status}")
         return collect.items
