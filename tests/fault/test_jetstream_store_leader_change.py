@@ -68,3 +68,35 @@ async def test_a_read_in_flight_when_its_server_dies_is_sent_again_soon(nats_clu
         assert len(page.items) == 20 and page.last_order == 20
         assert took < BOUND, f"the read took {took:.2f}s (bound {BOUND:.1f}s)"
 
+
+async def test_the_sessions_list_goes_on_through_stepdowns_of_the_fan_out_leader(nats_cluster: NatsCluster) -> None:
+    # The sessions list asks the fan-out stream's leader for its subjects
+    # (STREAM.INFO).  A stepdown drops the requests the old leader had not
+    # answered: each waited out the store's 5 s timeout and the listing failed
+    # "unavailable", while the new leader answered at once.
+    sessions = {f"s{i}": 2 for i in range(6)}
+    await _seed(nats_cluster.urls, sessions)
+    fan_out = f"{PREFIX.upper()}_ITEMS"
+    worst: list[float] = []
+    stop = asyncio.Event()
+    async with JetStreamStore({"servers": nats_cluster.urls}, subjects=Subjects(PREFIX), timeout=TIMEOUT) as store:
+
+        async def listing() -> None:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                infos, more = await store.sessions(after=None, limit=100)
+                worst.append(time.monotonic() - t0)
+                assert sorted(i.session_id for i in infos) == sorted(sessions) and not more
+
+        listers = [asyncio.create_task(listing()) for _ in range(16)]
+        nc = await nats.connect(nats_cluster.urls)
+        try:
+            for _ in range(3):  # a stepdown drops what is in flight (nearly always)
+                reply = await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{fan_out}", b"", timeout=5)
+                assert b'"success":true' in reply.data, reply.data
+                await asyncio.sleep(1.2)  # past RESEND_AFTER: one stepdown at a time
+        finally:
+            stop.set()
+            await nc.close()
+            await asyncio.gather(*listers)
+    assert max(worst) < BOUND, f"a sessions list took {max(worst):.2f}s (bound {BOUND:.1f}s)"

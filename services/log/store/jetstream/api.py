@@ -384,14 +384,15 @@ class DirectGet:
         return await self._bodies.get(self._subject, {**request, "no_hdr": True}, _Collect(bodies=True))
 
     async def _stream_info(self, body: bytes) -> dict[str, Any]:
-        """The stream's ``STREAM.INFO`` answer to ``body`` (for the sessions list).
+        """The stream's ``STREAM.INFO`` answer to ``body`` (for the sessions list), from
+        its leader: sent again after :data:`RESEND_AFTER`, as a get.
 
         Raises:
             UnavailableError: no answer, or an error answer.
         """
         stream = self._subject.rsplit(".", 1)[1]
         try:
-            msg = await self._nc.request(f"$JS.API.STREAM.INFO.{stream}", body, timeout=self._timeout)
+            msg = await self._request(f"$JS.API.STREAM.INFO.{stream}", body)
             info = json.loads(msg.data)
         except (nats.errors.Error, TimeoutError, OSError, ValueError) as e:
             raise UnavailableError(f"cannot list sessions: {type(e).__name__}") from e
