@@ -46,8 +46,9 @@ def check_data_dir(data_dir: Path, *, name: str = "CONVLOG_DATA_DIR") -> None:
 
 def read_only_uri(db: Path) -> str:
     """The SQLite URI that opens ``db`` read-only (``uri=True``), its name percent-quoted:
-    a ``#``, ``?`` or ``%`` in a path is part of the name, not of the URI."""
-    return f"file:{urllib.parse.quote(str(db))}?mode=ro"
+    a ``#``, ``?`` or ``%`` in a path is part of the name, not of the URI.  Quoted as the
+    bytes of the name on disk, which need not be UTF-8."""
+    return f"file:{urllib.parse.quote(os.fsencode(db))}?mode=ro"
 
 
 def _convlog_schema_problem(db: Path) -> str | None:

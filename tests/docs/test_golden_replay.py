@@ -171,6 +171,16 @@ def test_a_db_whose_name_holds_uri_characters_verifies(golden_db: Path, tmp_path
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(db.name)] == []
 
 
+def test_a_db_whose_name_is_not_utf8_verifies(golden_db: Path, tmp_path: Path) -> None:
+    # A Linux file name is bytes: one that is not UTF-8 ("café" written in Latin-1) made
+    # the read-only SQLite URI raise UnicodeEncodeError, a traceback instead of a replay.
+    db = tmp_path / os.fsdecode(b"caf\xe9 log.db")
+    shutil.copy(golden_db, db)
+    done = convlog("replay", SESSION_ID, "--db", str(db), "--verify", "--quiet", tmp=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "7 items" in done.stderr and "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize("how", ["edit", "delete", "swap"])
 def test_tampered_db_fails_verify_naming_the_order(golden_db: Path, tmp_path: Path, how: str) -> None:
     db = tmp_path / "tampered.db"

@@ -8,6 +8,7 @@ differs.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -150,6 +151,22 @@ async def test_migrate_refuses_bad_store_names(nats_server: NatsServer, tmp_path
     code, out = await migrate(tmp_path, nats_server.url, "--from", f"sqlite:{db}",
                               "--to", f"sqlite:{tmp_path}/./same.db")
     assert code == 2 and "--from and --to name the same store" in out, out
+
+
+async def test_migrate_between_sqlite_files_whose_names_are_not_utf8(tmp_path: Path) -> None:
+    # A Linux file name is bytes: one that is not UTF-8 ("café" written in Latin-1) made
+    # the check of the SQLite file raise UnicodeEncodeError, a traceback and nothing copied.
+    db, dest = tmp_path / os.fsdecode(b"caf\xe9 src.db"), tmp_path / os.fsdecode(b"caf\xe9 dest.db")
+    async with SQLiteStore(db) as src:
+        await src.append("s", AppendRequest(items=[user(f"m{i}") for i in range(3)]))
+        source = await everything(src, "s")
+    for _ in range(2):  # the second run finds the destination there and resumes (skips) it
+        code, out = await migrate(tmp_path, "nats://127.0.0.1:9", "--from", f"sqlite:{db}",
+                                  "--to", f"sqlite:{dest}")
+        assert code == 0 and "Traceback" not in out, out
+    assert "s: 0 copied (resumed after 3), 3 items verified" in out, out
+    async with SQLiteStore(dest) as copy:
+        assert await everything(copy, "s") == source
 
 
 # `--sessions ""` (an empty shell variable) copied every session, as if the flag were not
