@@ -423,13 +423,21 @@ class LogClient(Requester):
         an audit: a stored envelope that does not decode comes out as :class:`Unreadable`
         and the envelopes after it follow.  The log splices stored envelopes into its
         reply unchecked, so such an envelope spoils its whole page; that page (only)
-        is read again one item at a time, up to the item that does not decode."""
+        is read again one item at a time, up to the item that does not decode.  An
+        envelope that states an order not past the one before it (one copied to a
+        later row) is yielded where it is stored, and the reading goes on after its
+        row: paging on from the order it states read the same rows again, for ever
+        when it ended a page."""
         while True:
             try:
-                async for env in self.iter_items(session_id, after=after, raw=True, page=page):
-                    yield env
-                    after = env.item_order
-                return
+                async with contextlib.aclosing(self.iter_items(session_id, after=after, raw=True, page=page)) as envs:
+                    async for env in envs:
+                        if env.item_order <= after:  # copied to a later row: read it where it is
+                            break
+                        yield env
+                        after = env.item_order
+                    else:
+                        return
             except BadRequestError:
                 # The log refused the read (raised again below), or its reply does not decode.
                 pass
@@ -444,6 +452,9 @@ class LogClient(Requester):
                 if not one.items:
                     return
                 yield one.items[0]
+                if one.items[0].item_order <= after:  # not its row's order: page on after its row
+                    after = await self._past(session_id, after, reply)
+                    break
                 after = one.items[0].item_order
 
     async def _past(self, session_id: str, after: int, reply: bytes) -> int:

@@ -106,3 +106,44 @@ async def test_a_page_ending_in_a_stored_envelope_that_is_no_envelope_is_served_
             assert [e.item_order for e in (await client.read("s", after=3, limit=1, raw=True)).items] == [4]
         finally:
             await client.close()
+
+
+
+@pytest.mark.parametrize("spoiled", [False, True], ids=["copy-ends-a-page", "copy-then-no-envelope"])
+async def test_an_envelope_copied_to_a_later_row_is_read_once_not_for_ever(
+        nats_server: NatsServer, tmp_path: Path, spoiled: bool) -> None:
+    """Row 6, the last of the service's second page (items of ~300 KB, three a page), holds
+    a copy of item 3's envelope: the reader paged on from the order the envelope states,
+    read rows 4 to 6 again and again, and `replay --verify` never ended.  The same when the
+    copy is in row 5 and row 6 is no envelope: that page, read one item at a time, went
+    back from row 5 to row 4 for ever."""
+    db = tmp_path / "log.db"
+    store = SQLiteStore(db)
+    await store.open()
+    for n in range(1, 9):
+        await store.append("s", AppendRequest(items=[AppendItem(
+            agent="Triage", data={"type": "message", "role": "assistant", "content": f"{n} " + "x" * 300_000})]))
+    await store.close()
+    copy_at = 5 if spoiled else 6
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        (third,) = conn.execute("SELECT envelope FROM items WHERE item_order = 3").fetchone()
+        conn.execute("UPDATE items SET envelope = ? WHERE session_id = 's' AND item_order = ?", (third, copy_at))
+        if spoiled:
+            conn.execute("UPDATE items SET envelope = ? WHERE session_id = 's' AND item_order = 6", (b"{oops",))
+    async with _service(nats_server, db):
+        if not spoiled:
+            client = await LogClient.connect(nats_server.url)
+            try:  # the layout the test relies on: rows 4 to 6 are one page
+                assert [e.item_order for e in (await client.read("s", after=3, raw=True)).items] == [4, 5, 3]
+            finally:
+                await client.close()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVLOG_")}
+        code, _, err = await run_cli("replay", "s", "--verify", "--quiet", "--nats-url", nats_server.url,
+                                     env=env, timeout=20)
+        assert code == 1, err
+        assert err.startswith(f"FAILED: s: item_order {copy_at}: expected item_order {copy_at}, found 3"), err
+        code, out, err = await run_cli("replay", "s", "--format", "jsonl", "--nats-url", nats_server.url,
+                                       env=env, timeout=20)
+        assert code == (1 if spoiled else 0), err
+        orders = [json.loads(x)["item_order"] for x in out.splitlines()]
+        assert orders == ([1, 2, 3, 4, 3, 7, 8] if spoiled else [1, 2, 3, 4, 5, 3, 7, 8])
