@@ -27,7 +27,7 @@ from shared.messages import Envelope
 from shared.subjects import validate_session_id
 
 from .common import EXIT_FAIL, require_nats, stderr
-from .storage import check_service_db, db_in_use
+from .storage import check_service_db, db_in_use, holds_no_tables
 
 __all__ = ["cmd_migrate", "migrate_arguments"]
 
@@ -37,7 +37,7 @@ _BIG = 1 << 40
 
 def _store(spec: str, settings: Settings, *, source: bool = False) -> LogStore:
     """``sqlite:PATH`` or ``jetstream`` (the settings' NATS URL and prefix); a
-    ``source`` must exist (opening it would create an empty one to copy).  A
+    ``source`` must exist and hold a log (opening it would create an empty one to copy).  A
     ``sqlite:PATH`` passes the log service's checks (:func:`check_service_db`):
     an SQLite file that is not convlog's never gets convlog's tables, and a
     mistyped directory is not created."""
@@ -48,6 +48,8 @@ def _store(spec: str, settings: Settings, *, source: bool = False) -> LogStore:
         if source and not Path(path).expanduser().exists():
             raise NotFoundError(f"there is no SQLite log at {path}")
         check_service_db(Path(path).expanduser(), name="--from" if source else "--to")
+        if source and holds_no_tables(Path(path).expanduser()):
+            raise NotFoundError(f"there is no SQLite log at {path} (the file holds no tables)")
         return SQLiteStore(Path(path).expanduser())
     if kind == "jetstream" and not path:
         from services.log.store.jetstream import JetStreamStore

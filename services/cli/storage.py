@@ -82,6 +82,23 @@ def _convlog_schema_problem(db: Path) -> str | None:
     return None
 
 
+def holds_no_tables(db: Path) -> bool:
+    """True when ``db`` (an existing file) holds no table at all: an empty file or an
+    SQLite database with none, which opening as a log would make its tables in."""
+    try:
+        if db.stat().st_size == 0:
+            return True
+        conn = sqlite3.connect(read_only_uri(db), uri=True)
+    except (OSError, sqlite3.Error):
+        return False  # check_service_db names what is wrong with it
+    try:
+        return conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0] == 0
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
+
+
 def check_service_db(db: Path, *, name: str | None, data_dir_name: str = "CONVLOG_DATA_DIR") -> None:
     """Everything the log service needs from its SQLite path, before it opens it.
 

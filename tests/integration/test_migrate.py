@@ -8,7 +8,9 @@ differs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -207,6 +209,26 @@ async def test_migrate_from_a_source_that_does_not_exist_is_refused_and_creates_
         assert not [s.config.name for s in await nc.jetstream().streams_info() if s.config.name.startswith("TYPO")]
     finally:
         await nc.close()
+
+
+@pytest.mark.parametrize("how", ["empty file", "no tables"])
+async def test_migrate_from_an_sqlite_file_that_holds_no_log_is_refused_and_left_alone(
+    tmp_path: Path, how: str
+) -> None:
+    # A source of 0 bytes (a copy that was cut short) or an SQLite database with no tables:
+    # opening it wrote convlog's tables into it, made the destination, and the run said
+    # "migrate: 0 of 0 sessions verified, 0 items copied, 0 refused", exit 0, as if the
+    # log had been moved.
+    src, dest = tmp_path / "copy of log.db", tmp_path / "dest.db"
+    src.touch()
+    if how == "no tables":
+        with contextlib.closing(sqlite3.connect(src)) as conn:
+            conn.execute("PRAGMA user_version = 7")
+    before = src.read_bytes()
+    code, out = await migrate(tmp_path, "nats://127.0.0.1:9", "--from", f"sqlite:{src}", "--to", f"sqlite:{dest}")
+    assert code == 2 and f"no SQLite log at {src}" in out and "sessions verified" not in out, out
+    assert src.read_bytes() == before
+    assert not dest.exists()
 
 
 async def test_migrate_from_a_jetstream_log_of_another_shard_count_names_it(
