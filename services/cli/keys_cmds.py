@@ -12,6 +12,8 @@ signed before still verifies, nothing it signs afterwards is accepted.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -78,6 +80,31 @@ async def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     except KeyringError as e:
         print(f"convlog keys: {e}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, synced, renamed over it."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _keep_retired(key_path: Path) -> None:
+    """A second name for the seed in ``key_path``, ``<name>.<key id>.retired.nk``, before
+    the new seed takes its place (one there already holding it, from a failed run, is kept)."""
+    seed = key_path.read_bytes()
+    old_id = Signer(seed).key_id
+    for label in (old_id[:8], old_id):  # the long name only if the short one holds another seed
+        retired = key_path.with_name(f"{key_path.stem}.{label}.retired.nk")
+        if not retired.exists():
+            os.link(key_path, retired)
+            return
+        if retired.read_bytes() == seed:
+            return
+    raise FileExistsError(errno.EEXIST, "a retired key file of that name holds another seed", str(retired))
 
 
 def _key_file(out: Path, role: str, agent: str) -> Path:
@@ -181,17 +208,29 @@ def _rotate(folder: Path, agent: str, agents_path: Path | None, subjects: Subjec
         return EXIT_USAGE
     now, retired_at = _now(), _now(RETIRE_AFTER)
     key_path = _key_file(folder, role, name)
-    if key_path.exists():  # keep the old seed aside; delete it once nothing needs it
-        old_id = live[0].key_id if live else Signer.load(key_path).key_id
-        key_path.rename(key_path.with_name(f"{key_path.stem}.{old_id[:8]}.retired.nk"))
     signer, seed = Signer.generate()
-    write_private(key_path, seed)
-    entries = [msgspec.structs.replace(e, retired_at=retired_at) if e in live else e for e in ring.entries]
-    entries.append(KeyEntry(key_id=signer.key_id, role=role, agent=name, created_at=now))
-    tmp = ring_path.with_suffix(".json.tmp")
-    tmp.write_bytes(Keyring(entries).dumps())
-    tmp.replace(ring_path)
-    (folder / "nats-users.conf").write_text(render_users(Keyring(entries), subjects, entry=spec.entry))
+    added = Keyring([*ring.entries, KeyEntry(key_id=signer.key_id, role=role, agent=name, created_at=now)])
+    final = Keyring([msgspec.structs.replace(e, retired_at=retired_at) if e in live else e for e in added.entries])
+    # Add, switch, retire: after each step the keyring and the NATS users accept whatever
+    # key the key file holds, so a failure part-way (a full disk) refuses no process, and
+    # running the command again completes the rotation (retiring any key a failed run added).
+    fresh = key_path.with_name(f"{key_path.name}.new")
+    users = folder / "nats-users.conf"
+    try:
+        fresh.unlink(missing_ok=True)  # a failed run's, never in force: its key (if named) is retired here
+        write_private(fresh, seed)
+        _replace(ring_path, added.dumps())
+        _replace(users, render_users(added, subjects, entry=spec.entry).encode())
+        if key_path.exists():  # keep the old seed aside; delete it once nothing needs it
+            _keep_retired(key_path)
+        os.replace(fresh, key_path)  # running processes take the new key from here on
+        _replace(ring_path, final.dumps())
+        _replace(users, render_users(final, subjects, entry=spec.entry).encode())
+    except OSError as e:
+        print(f"convlog keys: rotating {agent} failed: {e.strerror or e}"
+              f"{f' ({e.filename})' if e.filename else ''}; the key in {key_path} and the keyring "
+              "still accept each other: run the command again to finish the rotation", file=sys.stderr)
+        return EXIT_FAIL
     if not live:
         print(f"added a key for {agent}: {signer.key_id[:12]}... in {key_path} (no live key retired)")
         return EXIT_OK

@@ -57,3 +57,45 @@ def test_keys_init_runs_with_the_variables_naming_the_keys_it_makes(
     assert main(["keys", "init", "--out", str(out)]) == 0
     assert (out / "keyring.json").is_file()
     assert main(["keys", "rotate", "Triage", "--dir", str(out)]) == 0
+
+
+def _accepts(out: Path, key_file: Path, agent: str) -> bool:
+    from shared.signing import Keyring, Signer
+
+    key_id = Signer.load(key_file).key_id
+    return Keyring.load(out / "keyring.json").refusal(key_id, agent, via_inbound=False) is None \
+        and key_id in (out / "nats-users.conf").read_text()
+
+
+def test_a_rotation_that_fails_part_way_leaves_the_key_in_force_accepted_and_a_rerun_finishes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The new seed replaced the key file before the keyring was written: a failure in
+    # between (a full disk; here the keyring's temporary file cannot be made) left a key
+    # file whose key the keyring did not know -- every running Triage worker took it and
+    # was refused -- and a traceback.  Now the key in force stays accepted, the command
+    # says to run it again, and the rerun finishes the rotation.
+    from shared.signing import Keyring, Signer
+
+    monkeypatch.delenv("CONVLOG_AGENTS", raising=False)
+    out = tmp_path / "keys"
+    assert main(["keys", "init", "--out", str(out)]) == 0
+    key_file = out / "Triage.nk"
+    old_seed, old_id = key_file.read_bytes(), Signer.load(key_file).key_id
+    capsys.readouterr()
+    blocker = out / "keyring.json.tmp"
+    blocker.mkdir()
+    assert main(["keys", "rotate", "Triage", "--dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "run the command again" in err and "Traceback" not in err, err
+    assert key_file.read_bytes() == old_seed and _accepts(out, key_file, "Triage")
+
+    blocker.rmdir()
+    assert main(["keys", "rotate", "Triage", "--dir", str(out)]) == 0
+    new_id = Signer.load(key_file).key_id
+    assert new_id != old_id and _accepts(out, key_file, "Triage")
+    ring = Keyring.load(out / "keyring.json")
+    triage = [e for e in ring.of_role("agent", "Triage")]
+    assert [e.key_id for e in triage if e.retired_at is None] == [new_id]
+    assert (out / f"Triage.{old_id[:8]}.retired.nk").read_bytes() == old_seed
+    assert not list(out.glob("*.new")) and not list(out.glob("*.tmp"))
