@@ -58,16 +58,22 @@ class HidingEdits:
         # its id and expected_last, so the log answers it as a duplicate if it landed
         # (this pop then hid that item) instead of this call hiding one more.
         unknown, self._unknown_pop = self._unknown_pop, None
+        behind: int | None = None  # the log's last order a conflict showed behind the copy
         for attempt in range(POP_ATTEMPTS):
             copy = await self._current_copy(client, 1)
+            if copy is not None and behind is not None and copy.last <= behind:
+                behind = None  # the copy is no further than the log: it answers again
             if unknown is not None:
                 (retract, last, data), unknown = unknown, None
             else:
                 newest = copy.newest() if copy is not None else None
-                if copy is not None and newest is not None:
+                if copy is not None and newest is not None and behind is None:
                     (order, data), last = newest, copy.last
                 else:  # an empty copy may not have another process's write yet: ask the log
-                    rep = await self._log_read(client, tail=1)
+                    # (a copy the log is behind, which it never reaches if the copy took a
+                    # forged delivery: the log's newest, not waiting for the copy's order;
+                    # the retract is conditional on the log's last order anyway)
+                    rep = await self._log_read(client, tail=1, deliveries=behind is None)
                     if not rep.items:
                         return None
                     order, data, last = rep.items[0].item_order, rep.items[0].data, rep.last_order
@@ -79,8 +85,11 @@ class HidingEdits:
                 }
             try:
                 await finish(self._write(client, [retract], expected_last=last))
-            except ConflictError:
-                if copy is not None:
+            except ConflictError as e:
+                if copy is not None and e.last_order < copy.last:
+                    behind = e.last_order  # the copy took a delivery the log does not hold (yet)
+                elif copy is not None:
+                    behind = None
                     await copy.fill()  # someone wrote after what the copy holds
                 await asyncio.sleep(CONFLICT_BACKOFF.delay(attempt - 1) if attempt else 0)
                 continue
