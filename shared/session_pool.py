@@ -25,6 +25,9 @@
     stream a replica that trails the leader may answer a read, and a
     log-service instance that did not make the append has nothing to check
     it against, so the read would miss this process's own acknowledged write.
+    An order only the copy's deliveries showed is waited for at most
+    :data:`DELIVERED_WAIT_S`, once: a chain-valid forged delivery is one the
+    log never reaches, and the read then answers what the log holds.
     The floor outlives the session objects: a session id's last object to
     close leaves it with the client for the next one.
 """
@@ -187,18 +190,28 @@ async def on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Non
 # -- one session id on one connection -----------------------------------------------
 
 
+#: How long a log read waits for an order only the copy's deliveries showed (a replica
+#: that trails the leader catches up within milliseconds; a chain-valid forgery, never).
+DELIVERED_WAIT_S = 0.5
+
+
 async def at_least(
-    floor: int, read: Callable[[], Awaitable[_T]], last: Callable[[_T], int], *, deadline: float, what: str
+    floor: int, read: Callable[[], Awaitable[_T]], last: Callable[[_T], int], *, deadline: float, what: str,
+    held: int | None = None,
 ) -> _T:
     """``read()`` until what it answers reaches order ``floor`` (``last`` of the answer).
 
     A read behind an order this connection knows is stored was answered by a
     replica that trails the stream leader: it catches up within milliseconds.
+    ``held``: the part of ``floor`` the log itself showed (acks, reads); past it
+    only deliveries did, which the log may never hold, so an answer that reaches
+    ``held`` is taken after :data:`DELIVERED_WAIT_S`.
 
     Raises:
         UnavailableError: still behind after ``deadline`` seconds.
     """
-    end = time.monotonic() + deadline
+    start = time.monotonic()
+    end = start + deadline
     attempt = 0
     while True:
         got = await read()
@@ -206,6 +219,8 @@ async def at_least(
         if k >= floor:
             return got
         wait = CONFLICT_BACKOFF.delay(attempt)
+        if held is not None and k >= held and time.monotonic() + wait > start + DELIVERED_WAIT_S:
+            return got
         if time.monotonic() + wait > end:
             raise UnavailableError(
                 f"the log answered {what} up to order {k}, behind order {floor} this "
@@ -242,6 +257,7 @@ class SharedSession:
         self._in_flight: list[_Call] = []
         self._max_bytes = max(64 * 1024, (client.nc.max_payload or 1024 * 1024) // 2)
         self._floor = 0  # the highest order acks and reads showed (see :attr:`floor`)
+        self._unheld = 0  # deliveries up to here were not in the log when a read waited for them
 
     @property
     def floor(self) -> int:
@@ -264,10 +280,12 @@ class SharedSession:
         what it misses, which a delivery the log never holds (a chain-valid forgery, taken
         until the real item of its order arrives) must not hold up until the deadline."""
         rep = await at_least(
-            self.floor if deliveries else self._floor,
+            self._delivered_floor() if deliveries else self._floor,
             lambda: self.client.read(self.session_id, **kw), lambda r: r.last_order,
-            deadline=self.client.deadline, what=f"a read of session {self.session_id!r}",
+            deadline=self.client.deadline, what=f"a read of session {self.session_id!r}", held=self._floor,
         )
+        if deliveries:
+            self._behind_deliveries(rep.last_order)
         self.saw(rep.last_order)
         return rep
 
@@ -278,11 +296,24 @@ class SharedSession:
             return [e async for e in self.client.iter_items(self.session_id, after=after, raw=True)]
 
         envs = await at_least(
-            self.floor, read, lambda got: got[-1].item_order if got else after,
-            deadline=self.client.deadline, what=f"session {self.session_id!r}",
+            self._delivered_floor(), read, lambda got: got[-1].item_order if got else after,
+            deadline=self.client.deadline, what=f"session {self.session_id!r}", held=self._floor,
         )
+        self._behind_deliveries(envs[-1].item_order if envs else after)
         self.saw(envs[-1].item_order if envs else after)
         return envs
+
+    def _delivered_floor(self) -> int:
+        """:attr:`floor`, but not again an order only deliveries showed that a read
+        already waited :data:`DELIVERED_WAIT_S` for in vain (one wait per such order)."""
+        floor = self.floor
+        return floor if floor > self._unheld else self._floor
+
+    def _behind_deliveries(self, order: int) -> None:
+        """A log read answered up to ``order``: past it, what the copy was delivered
+        is not (yet) the log's."""
+        if order < self.floor:
+            self._unheld = max(self._unheld, self.floor)
 
     def get_copy(self) -> SessionCopy:
         """The process's local copy of this session on this client (made on first use)."""

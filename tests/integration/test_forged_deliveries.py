@@ -317,3 +317,26 @@ async def test_pop_item_after_a_chain_valid_forgery_pops_the_logs_newest_item_at
     finally:
         await session.close()
 
+
+async def test_get_items_past_the_copy_after_a_chain_valid_forgery_reads_the_log_at_once(
+    log_url: str, other: LogClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read the copy cannot answer (more than it keeps) goes to the log, never behind
+    what the copy showed (a replica trailing the leader catches up): behind a forged
+    order, which the log never reaches, that was the client's whole deadline, then
+    ``UnavailableError``, on every such read.  The log's answer is now taken after a
+    short wait, once per order only deliveries showed."""
+    from shared import session_copy
+
+    monkeypatch.setattr(session_copy, "MAX_ITEMS", 4)  # the whole history is more than the copy keeps
+    session = ConvlogSession.from_url("g6", url=log_url, max_staleness=3600)
+    try:
+        texts = [f"m{i}" for i in range(1, 7)]
+        await _forgery_shown(session, other, "g6", texts)
+        async with asyncio.timeout(1.5):
+            assert _texts(await session.get_items()) == texts  # what the log holds
+        async with asyncio.timeout(1.0):
+            for _ in range(4):  # waited for once, not at every read
+                assert _texts(await session.get_items()) == texts
+    finally:
+        await session.close()
