@@ -268,25 +268,37 @@ class ConvlogSession(HidingEdits, AuthorTracking):
 
         An owned connection is drained (those made in other loops are drained
         on those loops, also the idle loop ``Runner.run_sync`` leaves open); an
-        injected client is left open for its owner.
+        injected client is left open for its owner.  A mutation already started
+        (on any loop) runs to its outcome before its loop's connection goes.
         """
         if self._released:
             return
         self._closed = True
-        here = asyncio.get_running_loop()
-        started = [f for f in self._busy if f.get_loop() is here]
-        if started:  # a started mutation runs to its outcome before the connection goes
-            await asyncio.wait(started)  # (close() cancelled here: the next call releases)
+        await self._writes_done()  # (close() cancelled here: the next call releases)
         if self._released:  # another close() released meanwhile
             return
         self._released = True
         shared = list(self._shared.values())
         self._shared.clear()
         for state in shared:
-            await on_loop(state.loop, unshare(state))
+            await on_loop(state.loop, self._unshare(state))
         if self._owned is not None:
             self._client = None
-            await self._owned.close()
+            await self._owned.close(before=self._writes_done)
+
+    async def _writes_done(self) -> None:
+        """Wait until the mutations this session started on the running loop have
+        their outcome: one runs to it before its loop's connection or copy goes
+        (also when ``close()`` runs on another loop, e.g. beside ``Runner.run_sync``
+        in a thread; the copy and connection of that loop are given back there)."""
+        here = asyncio.get_running_loop()
+        started = [f for f in list(self._busy) if f.get_loop() is here]
+        if started:
+            await asyncio.wait(started)
+
+    async def _unshare(self, state: SharedSession) -> None:
+        await self._writes_done()
+        await unshare(state)
 
     async def __aenter__(self) -> ConvlogSession:
         return self

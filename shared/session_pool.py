@@ -155,14 +155,20 @@ class OwnedConnections:
                 f"no NATS server answered at {self.url} within {self.connect_deadline:g} s"
             ) from e
 
-    async def close(self) -> None:
+    async def close(self, before: Callable[[], Awaitable[None]] | None = None) -> None:
         """Give every loop's client back to the pool (those of other loops on
-        those loops: see :func:`on_loop`)."""
+        those loops: see :func:`on_loop`), each after ``before()`` ran there
+        (the session's wait for its writes in flight on that loop)."""
         self.closed = True
         clients = list(self._clients.items())
         self._clients.clear()
         for loop, client in clients:
-            await on_loop(loop, release_connection(self.key, client))
+            await on_loop(loop, self._release(client, before))
+
+    async def _release(self, client: LogClient, before: Callable[[], Awaitable[None]] | None) -> None:
+        if before is not None:
+            await before()
+        await release_connection(self.key, client)
 
 
 async def on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> None:

@@ -24,7 +24,10 @@
   with its ``ForbiddenError`` too, and were never written;
 * a ``close()`` cancelled while it waited for a started write left the
   session marked closed: the next ``close()`` returned at once, and the owned
-  connection and the copy's consumer were never given back.
+  connection and the copy's consumer were never given back;
+* ``close()`` on one event loop while ``add_items`` was in flight on another
+  (``Runner.run_sync`` in a thread) drained that loop's connection under the
+  started append: its caller heard ``UnavailableError`` for a committed write.
 """
 
 from __future__ import annotations
@@ -407,3 +410,47 @@ async def test_a_read_from_the_copy_does_not_go_back_behind_another_session_obje
     finally:
         await direct.close()
         await reader.close()
+
+
+async def test_close_from_another_loop_while_add_items_is_in_flight_lets_it_finish(
+    log_url: str, log_client: LogClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ``Runner.run_sync`` in a thread (its own event loop) is adding items; the app
+    # closes the session from its main loop meanwhile.  close() waited only for the
+    # writes of its own loop: the thread's connection was drained under the started
+    # append, whose caller then heard no answer (the append had committed).
+    import threading
+
+    from services.log.store.sqlite.recorder import SQLiteStore
+
+    submit = SQLiteStore.submit
+
+    def slow_answer(self: Any, sid: str, req: Any, done: Any, **kw: Any) -> None:
+        loop = asyncio.get_running_loop()
+        submit(self, sid, req, lambda r: loop.call_later(0.3, done, r), **kw)
+
+    session = ConvlogSession.from_url("closing_other_loop", url=log_url)
+    sent = threading.Event()
+    outcome: list[str] = []
+
+    async def in_thread() -> None:
+        await session.get_items()  # connected and following, on this thread's loop
+        monkeypatch.setattr(SQLiteStore, "submit", slow_answer)
+        task = asyncio.create_task(session.add_items([_user("in flight")]))
+        await asyncio.sleep(0.1)  # the append is sent (and committed); its answer is on its way
+        sent.set()
+        try:
+            async with asyncio.timeout(5):
+                await task
+            outcome.append("ok")
+        except BaseException as e:  # noqa: BLE001 - the outcome is the assertion
+            outcome.append(type(e).__name__)
+
+    thread = threading.Thread(target=asyncio.run, args=(in_thread(),))
+    thread.start()
+    try:
+        assert await asyncio.to_thread(sent.wait, 10)
+        await session.close()
+    finally:
+        await asyncio.to_thread(thread.join, 15)
+    assert (await log_client.last_order("closing_other_loop"), outcome) == (1, ["ok"])
