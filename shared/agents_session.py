@@ -311,6 +311,8 @@ class ConvlogSession(HidingEdits, AuthorTracking):
         """The copy and append queue of this session id on ``client`` (shared in the process)."""
         state = self._shared.get(client)
         if state is None:
+            if self._released:  # a call in flight when close() gave the state back: not again
+                raise RuntimeError("ConvlogSession is closed")
             state = self._shared[client] = share(client, self.session_id)
         return state
 
@@ -328,6 +330,8 @@ class ConvlogSession(HidingEdits, AuthorTracking):
 
     def _acked(self, client: LogClient, acks: list[Any], batch: list[dict[str, Any]]) -> None:
         """Tell the copy what an append of this process wrote (read your writes)."""
+        if self._released and client not in self._shared:
+            return  # closed meanwhile: no copy of this session's to tell
         state = self._state(client)
         state.saw(max((a.item_order for a in acks), default=0))
         copy = state.copy

@@ -27,7 +27,10 @@
   connection and the copy's consumer were never given back;
 * ``close()`` on one event loop while ``add_items`` was in flight on another
   (``Runner.run_sync`` in a thread) drained that loop's connection under the
-  started append: its caller heard ``UnavailableError`` for a committed write.
+  started append: its caller heard ``UnavailableError`` for a committed write;
+* a read in flight at ``close()`` registered the session's shared state again,
+  with a user never given back: later session objects of that id on the client
+  shared it, and their ``close()`` left the copy's consumer following.
 """
 
 from __future__ import annotations
@@ -454,3 +457,37 @@ async def test_close_from_another_loop_while_add_items_is_in_flight_lets_it_fini
     finally:
         await asyncio.to_thread(thread.join, 15)
     assert (await log_client.last_order("closing_other_loop"), outcome) == (1, ["ok"])
+
+
+async def test_a_read_in_flight_at_close_leaves_nothing_that_keeps_a_later_sessions_copy_following(
+    log_url: str, log_client: LogClient
+) -> None:
+    # A get_items still running when close() gave the session's shared state back
+    # (here: its copy was creating the consumer, so the read went on to the log)
+    # registered that state again, with a user nobody would ever give back: every
+    # later session object of that id on the client then shared it, and its close()
+    # left the copy's consumer following (receiving every delivery and heartbeat).
+    sid = "close_during_read"
+    await log_client.append(sid, [{"agent": "x", "data": _user("one")}])
+    mine = await LogClient.connect(log_url)  # an app's client: close() leaves it open
+    session = ConvlogSession(sid, client=mine)
+    try:
+        read = asyncio.create_task(session.get_items())
+        for _ in range(1000):  # until the copy has subscribed and asks for its consumer
+            await asyncio.sleep(0)
+            state = session._shared.get(mine)
+            copy = state.copy if state is not None else None
+            if copy is not None and copy._sub is not None:
+                break
+        assert copy is not None and copy._sub is not None and copy._consumer is None
+        await session.close()  # the caller gives up while its read is in flight
+        with contextlib.suppress(Exception):
+            await read
+        later = ConvlogSession(sid, client=mine)
+        assert [i["content"] for i in await later.get_items()] == ["one"]
+        assert len(await _copy_consumers(log_client)) == 1  # the later session follows
+        await later.close()
+        await asyncio.sleep(0.5)
+        assert await _copy_consumers(log_client) == []  # and its close() stops that
+    finally:
+        await mine.close()
