@@ -399,14 +399,15 @@ class SessionCopy:
         """The first order applied from a delivery whose envelope the log holds
         otherwise, or ``None``."""
         taken = self._taken
-        if not taken:
-            return None
-        self.log_reads += 1
-        rep = await self._read(after=next(iter(taken)) - 1, raw=True)
-        for env in rep.items:
-            held = taken.pop(env.item_order, None)
-            if held is not None and held != env.hash:
-                return env.item_order
+        while taken:  # page by page: the deliveries taken may be over one reply
+            self.log_reads += 1
+            rep = await self._read(after=min(taken) - 1, raw=True)
+            for env in rep.items:
+                held = taken.pop(env.item_order, None)
+                if held is not None and held != env.hash:
+                    return env.item_order
+            if not rep.more or not rep.items:
+                break
         return None
 
     async def _seed(self, window: int, *, again: bool = False) -> None:
