@@ -3,7 +3,9 @@
 * **Connections.**  Sessions made with ``ConvlogSession.from_url`` and equal
   connection options share one NATS connection per event loop; the last
   session to close releases it.  A process serving hundreds of conversations
-  opens one connection, not hundreds.
+  opens one connection, not hundreds.  A loop that ``asyncio.run`` shuts down
+  (a thread's own, say) closes its connection as it ends: once it is closed,
+  nothing could.
 * **Per session id on one connection** (:class:`SharedSession`):
 
   - one local copy (:class:`~shared.session_copy.SessionCopy`): one consumer
@@ -35,6 +37,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
 from collections import OrderedDict, deque
@@ -64,6 +67,7 @@ _T = TypeVar("_T")
 class _Pooled:
     client: LogClient
     users: int = 0
+    keeper: asyncio.Task[None] | None = None  # see :func:`_closed_with_loop`
 
 
 _CONNECTIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Hashable, _Pooled]] = (
@@ -82,8 +86,31 @@ async def acquire_connection(key: Hashable, connect: Callable[[], Awaitable[LogC
         pooled = pool.get(key)
         if pooled is None or pooled.client.nc.is_closed:
             pooled = pool[key] = _Pooled(await connect())
+            pooled.keeper = loop.create_task(_closed_with_loop(key, pooled.client),
+                                             name="convlog-session-connection")
         pooled.users += 1
         return pooled.client
+
+
+async def _closed_with_loop(key: Hashable, client: LogClient) -> None:
+    """Waits for the life of a pooled connection.  ``asyncio.run`` returning (e.g.
+    in a thread of its own) cancels the tasks left on its loop and runs them to
+    their end before it closes the loop: this one then closes the connection,
+    which nothing can once the loop is closed (:func:`on_loop`), so its socket
+    does not stay open in the process and on the server."""
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.create_future()
+    finally:
+        pool = _CONNECTIONS.get(loop, {})
+        pooled = pool.get(key)
+        if pooled is not None and pooled.client is client:  # not given back: the loop ends
+            del pool[key]
+            _SHARED.pop(client, None)  # the copies that followed on it
+            if not client.nc.is_closed:
+                # Closed, not drained: the connection's own tasks are cancelled by now.
+                with contextlib.suppress(Exception):
+                    await client.nc.close()
 
 
 async def release_connection(key: Hashable, client: LogClient) -> None:
@@ -97,6 +124,9 @@ async def release_connection(key: Hashable, client: LogClient) -> None:
     if pooled.users <= 0:
         del pool[key]
         await client.close()
+        if pooled.keeper is not None:
+            pooled.keeper.cancel()
+            await asyncio.wait({pooled.keeper})
 
 
 class OwnedConnections:

@@ -289,3 +289,34 @@ async def test_from_url_without_a_server_fails_in_bounded_time() -> None:
         with pytest.raises(UnavailableError, match="no NATS server answered"):
             await session.get_items()
     await session.close()
+
+
+def _open_fds() -> int:
+    import gc
+    import os
+
+    gc.collect()
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_thread_whose_asyncio_run_ends_leaves_no_connection_open(log_url: str) -> None:
+    # asyncio.run in a thread (the SDK's own threads test, above) closes that thread's
+    # loop when it returns.  The session's connection on it was never closed: a closed
+    # loop cannot run a close, so close() skipped it, and its socket stayed open in
+    # this process and on the server (with the copy's consumer following it), one more
+    # per thread run.
+    session = ConvlogSession.from_url("threads_closing", url=log_url)
+    await session.add_items([{"role": "user", "content": "first"}])  # this loop's connection
+    before = _open_fds()
+
+    async def use() -> None:
+        await session.get_items()
+        await session.add_items([{"role": "user", "content": "from a thread"}])
+
+    try:
+        for _ in range(4):
+            await asyncio.to_thread(asyncio.run, use())
+        assert _open_fds() - before < 2  # each run's connection went with its loop
+        assert contents(await session.get_items()) == ["first"] + ["from a thread"] * 4
+    finally:
+        await session.close()
