@@ -161,11 +161,11 @@ class OwnedConnections:
         """
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
-        if client is not None:
+        if client is not None and not client.nc.is_closed:
             return client
         async with self._locks.setdefault(loop, asyncio.Lock()):
             client = self._clients.get(loop)
-            if client is None:
+            if client is None or client.nc.is_closed:  # closed under us: its loop's tasks were cancelled
                 client = await acquire_connection(self.key, self._connect)
                 self._clients[loop] = client
             if self.closed:

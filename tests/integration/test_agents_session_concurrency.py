@@ -320,3 +320,27 @@ async def test_a_thread_whose_asyncio_run_ends_leaves_no_connection_open(log_url
         assert contents(await session.get_items()) == ["first"] + ["from a thread"] * 4
     finally:
         await session.close()
+
+
+async def test_a_loop_whose_tasks_were_all_cancelled_gets_a_new_connection(log_url: str) -> None:
+    # An app that cancels every task left on a loop it goes on using (a shutdown
+    # sweep, as asyncio.run does) ends the session's connection there too; the next
+    # call on that loop must connect again, not use the closed connection for good.
+    session = ConvlogSession.from_url("swept_loop", url=log_url)
+
+    def sweep_then_use() -> list[str]:
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(session.add_items([{"role": "user", "content": "before"}]))
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(session.add_items([{"role": "user", "content": "after"}]))
+            got = loop.run_until_complete(session.get_items())
+            loop.run_until_complete(session.close())
+            return contents(got)
+        finally:
+            loop.close()
+
+    assert await asyncio.to_thread(sweep_then_use) == ["before", "after"]
