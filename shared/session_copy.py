@@ -392,6 +392,12 @@ class SessionCopy:
                 self.apply(env.item_order, env.kind, _encode(env.data), env.hash)
             if not rep.more or not rep.items:
                 break
+        if self._ahead and not rep.more:
+            # Past a gap the log does not fill: not the log's (a forged order ahead of the
+            # session), or one whose delivery before it was lost (the log is read again at
+            # the next delivery past it, or within max_staleness).  Waiting for it would
+            # send every read to the log for good.
+            self._ahead.clear()
         if not self._ahead:
             self._verified_at = started
 

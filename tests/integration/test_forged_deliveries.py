@@ -381,3 +381,36 @@ async def test_a_chain_valid_forgery_after_over_a_page_of_deliveries_still_leave
         assert any("g7: item 42 as delivered was not the log's" in r.getMessage() for r in caplog.records)
     finally:
         await session.close()
+
+
+async def test_a_forgery_far_ahead_of_the_log_costs_one_log_read_not_one_per_get_items(
+    log_url: str, other: LogClient
+) -> None:
+    """A delivery past a gap waits for the gap (the copy reads the log for it).  One
+    whose gap the log never fills (a forged order far ahead of the session) stayed
+    waiting for good: every get_items of every process following the session then
+    read the log first, the copy's point (no round trip) gone."""
+    session = ConvlogSession.from_url("g8", url=log_url, max_staleness=3600)
+    try:
+        await session.add_items([{"role": "user", "content": f"m{i}"} for i in (1, 2)])
+        assert _texts(await session.get_items()) == ["m1", "m2"]  # the copy follows
+        await _publish(other, "g8", 1000, _forged("g8", 1000, _bad_prev(1000)))
+
+        async def read_once_for_it() -> None:
+            reads = session.copy_info()["log_reads"]  # type: ignore[index]
+            assert _texts(await session.get_items()) == ["m1", "m2"]
+            assert session.copy_info()["log_reads"] > reads  # type: ignore[index]
+
+        await assert_eventually(read_once_for_it, timeout=10)
+        reads = session.copy_info()["log_reads"]  # type: ignore[index]
+        for _ in range(10):
+            assert _texts(await session.get_items()) == ["m1", "m2"]
+        assert session.copy_info()["log_reads"] == reads  # type: ignore[index]
+        await other.append("g8", [{"agent": "user", "data": {"role": "user", "content": "m3"}}])
+
+        async def delivered() -> None:
+            assert _texts(await session.get_items()) == ["m1", "m2", "m3"]
+
+        await assert_eventually(delivered, timeout=10)
+    finally:
+        await session.close()
