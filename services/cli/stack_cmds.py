@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import os
 import signal
 import xmlrpc.client
 from pathlib import Path
@@ -177,6 +178,10 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     keys = _keys_dir(args, settings, list(spec.agents))
     if keys is None:
         check_worker_settings(settings)
+    for name, named in ((setting_source(args, "data_dir"), settings.data_dir.resolve()),
+                        (setting_source(args, "agents"), Path(agents_path)), ("--keys", keys),
+                        (db_source(args, settings) or "CONVLOG_DATA_DIR", settings.db_path)):
+        _config_can_name(name, named)
     check_data_dir(settings.data_dir.resolve(), name=setting_source(args, "data_dir"))
     check_service_db(settings.db_path, name=db_source(args, settings),
                      data_dir_name=setting_source(args, "data_dir"))
@@ -213,6 +218,21 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         "  Ctrl-C or SIGTERM stops everything"
     )
     return await _supervise(Supervisor(path, sock, console=True))
+
+
+def _config_can_name(name: str, path: Path | None) -> None:
+    """Refuse a path supervisord's configuration (UTF-8 text) cannot hold.
+
+    Raises:
+        ConfigError: naming the setting, when the path's name is not UTF-8.
+    """
+    if path is None:
+        return
+    try:
+        str(path).encode()
+    except UnicodeEncodeError:
+        raise ConfigError(f"{name}: {os.fsencode(path)!r} is not UTF-8, and supervisord's configuration "
+                          "(UTF-8 text) cannot name it: use a path whose name is UTF-8") from None
 
 
 def _keys_dir(args: argparse.Namespace, settings: Settings, agents: list[str]) -> Path | None:

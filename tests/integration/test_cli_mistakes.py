@@ -186,6 +186,10 @@ CASES: list[Case] = [
      ["OPENAI_BASE_URL='localhost:8000/v1' is invalid", "http://"]),
     ("up: signatures required without a keyring", lambda t: ["up", "--print-config"],
      {"CONVLOG_REQUIRE_SIGNATURES": "true"}, EXIT_USAGE, ["CONVLOG_REQUIRE_SIGNATURES", "CONVLOG_KEYRING"]),
+    # A name supervisord's UTF-8 configuration cannot hold: a traceback (UnicodeEncodeError), exit 1.
+    ("up: a data directory whose name is not UTF-8",
+     lambda t: ["up", "--print-config", "--data-dir", os.fsdecode(os.fsencode(t) + b"/caf\xe9")], {},
+     EXIT_USAGE, ["--data-dir", "caf\\xe9", "is not UTF-8"]),
     ("no NATS server", lambda t: ["sessions"], {}, EXIT_UNAVAILABLE, ["no NATS server answers"]),
     ("unknown command", lambda t: ["frobnicate"], {}, EXIT_USAGE, ["invalid choice"]),
 ]
