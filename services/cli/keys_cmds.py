@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -80,6 +81,10 @@ async def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     except KeyringError as e:
         print(f"convlog keys: {e}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _shell(path: Path) -> str:
+    return shlex.quote(str(path))
 
 
 def _replace(path: Path, data: bytes) -> None:
@@ -176,8 +181,9 @@ def _init(out: Path, agents_path: Path | None, subjects: Subjects) -> int:
         return EXIT_USAGE
     ring_path = out / "keyring.json"
     print(f"wrote {len(entries.entries)} private keys (mode 0600) and {ring_path} to {out}")
-    print(f"  log service: CONVLOG_KEYRING={ring_path} CONVLOG_SIGNING_KEY={out / 'log.nk'}")
-    print(f"  worker AGENT: CONVLOG_SIGNING_KEY={out}/AGENT.nk; user gateway: {out / 'gateway.nk'}")
+    q = _shell  # the lines are meant to be pasted into a shell: a path with a space stays one word
+    print(f"  log service: CONVLOG_KEYRING={q(ring_path)} CONVLOG_SIGNING_KEY={q(out / 'log.nk')}")
+    print(f"  worker AGENT: CONVLOG_SIGNING_KEY={q(out)}/AGENT.nk; user gateway: {q(out / 'gateway.nk')}")
     print(f"  NATS: include {out / 'nats-users.conf'} in the server config; each process logs in "
           "with its own key file as CONVLOG_NKEY")
     return EXIT_OK

@@ -99,3 +99,19 @@ def test_a_rotation_that_fails_part_way_leaves_the_key_in_force_accepted_and_a_r
     assert [e.key_id for e in triage if e.retired_at is None] == [new_id]
     assert (out / f"Triage.{old_id[:8]}.retired.nk").read_bytes() == old_seed
     assert not list(out.glob("*.new")) and not list(out.glob("*.tmp"))
+
+
+def test_the_variables_keys_init_prints_paste_into_a_shell_with_a_space_in_the_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "CONVLOG_KEYRING=/x/my keys/keyring.json" split at the space when pasted.
+    import shlex
+
+    monkeypatch.delenv("CONVLOG_AGENTS", raising=False)
+    out = tmp_path / "my keys"
+    capsys.readouterr()
+    assert main(["keys", "init", "--out", str(out)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "log service:" in x)
+    words = shlex.split(line.split("log service:", 1)[1])
+    assert dict(w.split("=", 1) for w in words) == {
+        "CONVLOG_KEYRING": str(out / "keyring.json"), "CONVLOG_SIGNING_KEY": str(out / "log.nk")}
