@@ -25,6 +25,11 @@ runs; **nak** with a growing delay when the part could not finish, without
 delay on shutdown; **term** only for a message that is not a notice;
 ``max_deliver`` unlimited (after ``max_attempts`` failures the worker ends the
 turn with a ``system`` item).
+
+The consumer is shared, so its ``ack_wait`` is the one the replica that bound it
+last asked for (``--ack-wait``), not necessarily this worker's: the in-progress
+acks go out every third of the shorter of the two, the consumer's as read back at
+bind and every :data:`_CONSUMER_CHECK` seconds (:meth:`WorkIntake.beat_interval`).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ log = logging.getLogger("convlog.worker.intake")
 ACK_POLICY = AckPolicy.EXPLICIT
 _EXPIRES = 30.0  # seconds one pull request lives
 _HEARTBEAT = 2.0  # the server's idle heartbeat on a waiting pull request
+_CONSUMER_CHECK = 5.0  # seconds between reads of the shared consumer's ack_wait
 _CONSUMER_CREATE = 10012  # JetStream's "consumer create" error (its description says why)
 
 
@@ -142,6 +148,29 @@ class WorkIntake:
         self._unanswered = False  # a pull was answered "no responders" (503)
         self._refused = ""  # why the consumer refused a pull (409 Exceeded ...)
         self._waiting_logged = False
+        #: the shared consumer's ack_wait as last read (another replica may have set it)
+        self.consumer_ack_wait = ack_wait
+        #: set when the consumer's ack_wait got shorter: in-progress acks are due now
+        self.beat_now = asyncio.Event()
+        self._checked = time.monotonic()
+
+    def beat_interval(self) -> float:
+        """Seconds between in-progress acks: a third of the shorter of this worker's
+        ``ack_wait`` and the consumer's (a replica started with a shorter ``--ack-wait``
+        sets it for every replica)."""
+        return max(min(self.ack_wait, self.consumer_ack_wait) / 3, 0.2)
+
+    def _saw_ack_wait(self, config: ConsumerConfig) -> None:
+        self._checked = time.monotonic()
+        if config.ack_wait is None or config.ack_wait == self.consumer_ack_wait:
+            return
+        if config.ack_wait < self.consumer_ack_wait:
+            self.beat_now.set()
+        if config.ack_wait < self.ack_wait:
+            log.warning("agent %s: the consumer %s redelivers after %gs (set by another replica), "
+                        "not this worker's %gs: in-progress acks follow it",
+                        self.agent, self.name, config.ack_wait, self.ack_wait)
+        self.consumer_ack_wait = config.ack_wait
 
     def poke(self) -> None:
         """The worker has room again (or must look at something): pull now."""
@@ -184,6 +213,8 @@ class WorkIntake:
                     await self._wake.wait()
             if self._outstanding and time.monotonic() - self._heard > 2.5 * _HEARTBEAT:
                 self.mark_stale("no heartbeat from the pending pull")
+            elif self.bound.is_set() and time.monotonic() - self._checked >= _CONSUMER_CHECK:
+                await self._check_consumer(within=1.0)  # pulls made meanwhile deliver on
 
     async def close(self) -> None:
         if self._sub is not None:
@@ -280,7 +311,7 @@ class WorkIntake:
         check_work_stream(info.config, self.subjects)  # else the pulls would wait forever
         config = consumer_config(self.subjects, self.agent, entry=self.entry, ack_wait=self.ack_wait)
         try:
-            await js.add_consumer(self.stream, config)  # creates, or updates the shared one
+            info = await js.add_consumer(self.stream, config)  # creates, or updates the shared one
         except nats.js.errors.APIError as e:
             if not isinstance(e, nats.js.errors.BadRequestError) and not _not_updatable(e):
                 raise
@@ -300,15 +331,19 @@ class WorkIntake:
                 ) from e
             log.warning("agent %s: keeping the existing consumer %s: %s",
                         self.agent, self.name, e.description)
+        self._saw_ack_wait(info.config)
 
-    async def _check_consumer(self) -> None:
+    async def _check_consumer(self, within: float | None = None) -> None:
+        self._checked = time.monotonic()
         try:
-            await self.nc.jetstream().consumer_info(self.stream, self.name)
+            info = await self.nc.jetstream().consumer_info(self.stream, self.name, timeout=within)
         except nats.js.errors.NotFoundError:
             self.bound.clear()
         except Exception as e:
             if not (is_transient(e) or isinstance(e, nats.errors.Error | nats.js.errors.Error)):
                 raise
+        else:
+            self._saw_ack_wait(info.config)
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

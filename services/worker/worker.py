@@ -325,10 +325,15 @@ class Worker:
             self._dispatch(msg)
 
     async def _heartbeats(self) -> None:
-        """Tell JetStream that fetched messages are still being worked on."""
-        interval = max(self.ack_wait / 3, 0.2)
+        """Tell JetStream that fetched messages are still being worked on (every third of
+        the consumer's ack_wait, which another replica may have made shorter than ours)."""
+        assert self.consumer is not None
+        consumer = self.consumer
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(consumer.beat_interval()):
+                    await consumer.beat_now.wait()
+            consumer.beat_now.clear()
             for msg in list(self._held.values()):
                 try:
                     await msg.in_progress()
