@@ -17,7 +17,9 @@ an item from the agent's own: its author is another agent, or its signature
 is not one of that agent's keys (with a keyring), or it is unsigned where this
 worker's own items are always signed by its key.
 The turn logs it loudly, skips it (the turn is not done; its step number is
-taken) and keeps it out of every model input.
+taken) and keeps it out of every model input; one under the id of a committed
+call's output (the output can then never be stored) ends the turn with a
+``system`` item.
 """
 
 from __future__ import annotations

@@ -120,6 +120,8 @@ class _State:
     pending: PendingStep | None = None
     hidden: bool = False  # a retract or clear after the trigger hides it
     taken: set[int] = field(default_factory=set)  # steps of forged items under this agent's ids
+    #: (step, i) whose ``out<i>`` id a forged item holds: that call's output cannot be stored
+    blocked: set[tuple[int, int]] = field(default_factory=set)
     after: list[Envelope] = field(default_factory=list)  # every envelope after the trigger
 
 
@@ -220,6 +222,13 @@ class TurnRunner:
                 # The user message was retracted or cleared before its turn wrote anything:
                 # it is out of what the agents see, so there is nothing to answer.
                 return TurnResult("done", model_calls, written)
+            if state.pending is not None and fail_reason is None and (
+                    call := _blocked(state.pending, state.blocked)) is not None:
+                # A forged item holds the id of its output (a user message written under it
+                # while the tool ran): the output can never be stored, so the step cannot be
+                # finished -- and asking again would run the tool again and again.
+                fail_reason = (f"the output of its call to {call.name} cannot be stored: a forged "
+                               f"item holds its id")
             if state.pending is not None and fail_reason is None:
                 # Committed calls are never asked of the model again: finish them.
                 confirm = await _confirmed(confirm, clock)
@@ -335,6 +344,8 @@ class TurnRunner:
             if self._forged(env, part, in_turn=True):
                 if tid.agent == self.agent.name:
                     state.taken.add(tid.step)  # its ids are taken, but it was no model call of the turn
+                    if tid.role.startswith("out"):
+                        state.blocked.add((tid.step, int(tid.role[3:])))
                 continue
             state.last_step = max(state.last_step, tid.step)
             if tid.terminal:
@@ -444,6 +455,12 @@ class TurnRunner:
         """Run the committed calls' missing tools (:func:`.tools.finish_calls`)."""
         return await finish_calls(self.client, self.agent, part.session_id, part.turn, pending,
                                   time_limit=self.tool_timeout)
+
+
+def _blocked(pending: PendingStep, blocked: set[tuple[int, int]]) -> Call | None:
+    """A call of ``pending`` still missing its output whose ``out<i>`` id a forged item holds."""
+    return next((c for c in pending.calls
+                 if c.index not in pending.done and (pending.step, c.index) in blocked), None)
 
 
 def _bystander(env: Envelope) -> bool:
