@@ -70,7 +70,8 @@ def items_to_chat_messages(
     an output whose call is outside the window and a call that has no output
     (yet) are left out.  An output pairs with the earliest call before it under
     its ``call_id`` that has none yet, so a call_id a model server reused in a
-    later response is that response's call.  Item types Chat Completions cannot express
+    later response is that response's call.  A call's arguments that are not a JSON object
+    (the model may write anything there) go as ``{}``.  Item types Chat Completions cannot express
     (reasoning, web search, ...) are skipped.
 
     Args:
@@ -127,7 +128,7 @@ def items_to_chat_messages(
                     "type": "function",
                     "function": {
                         "name": str(item.get("name", "")),
-                        "arguments": str(item.get("arguments") or "{}"),
+                        "arguments": _replayable(item.get("arguments")),
                     },
                 }
             )
@@ -242,6 +243,21 @@ def _content_text(content: Any) -> str:
                     parts.append(text)
         return "".join(parts)
     return str(content)
+
+
+def _replayable(arguments: Any) -> str:
+    """A call's arguments as a later request carries them: the JSON object the model
+    wrote, or ``{}`` for anything else (text that is no JSON, an array, ...; its output
+    already tells the model what was wrong).  Servers that parse the arguments of the
+    calls in the history (vLLM turns them into the dicts chat templates expect) refuse
+    the whole request otherwise -- every later turn of the session, while the call is
+    in the window."""
+    text = str(arguments or "{}")
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError):
+        return "{}"
+    return text if isinstance(parsed, dict) else "{}"
 
 
 def _output_text(output: Any) -> str:
