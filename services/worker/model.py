@@ -83,7 +83,8 @@ class ModelError(Exception):
 
 
 class ModelUnavailable(ModelError):
-    """The model endpoint could not answer after every retry; try the turn again later.
+    """The model endpoint could not answer after every retry (the worker then ends the
+    turn with a ``system`` item saying so: see :mod:`.turn`).
 
     Attributes:
         attempts: how many requests were made.
@@ -117,8 +118,9 @@ class ModelClient(Protocol):
     """Anything that can answer a Chat Completions request.
 
     ``complete`` returns one reply for the conversation so far.  It either
-    returns, raises :class:`ModelUnavailable` (transient: the turn should be
-    retried later), or raises :class:`ModelRejected` (permanent).
+    returns, raises :class:`ModelUnavailable` (a transient failure that outlasted the
+    client's own retries), or raises :class:`ModelRejected` (permanent); either ends
+    the turn with a ``system`` item (:mod:`.turn`).
     """
 
     async def complete(
