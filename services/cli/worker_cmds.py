@@ -107,12 +107,16 @@ async def wait_for_jetstream(settings: Settings, within: float, *, agent: str = 
 #: Most seconds of ``--ack-wait``: JetStream keeps it as a Go duration (int64 nanoseconds,
 #: about 292 years at most) and refused a longer one only once the worker started.
 ACK_WAIT_MAX = 86_400.0
+#: Fewest seconds of ``--ack-wait``: a turn sends its in-progress acks at most every 0.2 s
+#: (a third of the ack wait), so a shorter wait had every running turn redelivered.
+ACK_WAIT_MIN = 1.0
 
 
 def _ack_wait(text: str) -> float:
     value = positive_float(text)
-    if value > ACK_WAIT_MAX:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds of at most {ACK_WAIT_MAX:g}, got {text!r}")
+    if not ACK_WAIT_MIN <= value <= ACK_WAIT_MAX:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds from {ACK_WAIT_MIN:g} to {ACK_WAIT_MAX:g}, got {text!r}")
     return value
 
 
@@ -123,7 +127,7 @@ def worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=positive_int, default=64, metavar="N",
                    help="most turns running at once (default 64)")
     p.add_argument("--ack-wait", type=_ack_wait, default=30.0, metavar="S",
-                   help="seconds before JetStream redelivers an unacked item (default 30, at most 86400)")
+                   help="seconds before JetStream redelivers an unacked item (default 30, from 1 to 86400)")
     p.add_argument("--grace", type=non_negative_float, default=None, metavar="S",
                    help="seconds running turns get to finish on SIGTERM [CONVLOG_GRACE, default 10]")
     p.add_argument("--max-steps", type=positive_int, default=10, metavar="N",

@@ -174,7 +174,10 @@ CASES: list[Case] = [
     # JetStream keeps ack_wait as a Go duration: 1e20 s was refused only once the worker
     # created its consumer ("cannot unmarshal number ... time.Duration"), exit 1, a restart loop.
     ("worker --ack-wait beyond a day", lambda t: ["worker", "Triage", "--ack-wait", "1e20", "--start-wait", "0"],
-     {}, EXIT_USAGE, ["--ack-wait", "at most 86400", "'1e20'"]),
+     {}, EXIT_USAGE, ["--ack-wait", "to 86400", "'1e20'"]),
+    # In-progress acks go at most every 0.2 s: a shorter ack wait redelivered every running turn.
+    ("worker --ack-wait below a second", lambda t: ["worker", "Triage", "--ack-wait", "0.1", "--start-wait", "0"],
+     {}, EXIT_USAGE, ["--ack-wait", "from 1 to 86400", "'0.1'"]),
     # A model URL without its scheme: the worker started, and every turn failed "Connection error."
     ("worker OPENAI_BASE_URL without a scheme", lambda t: ["worker", "Triage", "--start-wait", "0"],
      {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": "localhost:8000/v1"}, EXIT_USAGE,
