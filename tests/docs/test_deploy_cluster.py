@@ -56,6 +56,7 @@ def _client_ports() -> list[int]:
 
 
 CLUSTER_URL = ",".join(f"nats://127.0.0.1:{p}" for p in _client_ports())
+README_CLUSTER = (REPO_ROOT / "README.md").read_text().split("## Running on a cluster", 1)[1].split("\n## ", 1)[0]
 
 
 # -- supervisord -------------------------------------------------------------------
@@ -207,3 +208,51 @@ def test_systemd_analyze_verifies_the_cluster_units(tmp_path: Path) -> None:
         (tmp_path / instance).write_text(text)
         units.append(str(tmp_path / instance))
     systemd_verify(units)
+
+
+def _authorization_block() -> str:
+    """``deploy/nats/auth.conf``'s ``authorization { ... }`` block (its per-role users)."""
+    text = (DEPLOY / "nats" / "auth.conf").read_text()
+    start = text.index("\nauthorization {") + 1
+    depth = 0
+    for i, ch in enumerate(text[start:], start):
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "}" and depth == 0:
+            return text[start:i + 1]
+    raise AssertionError("auth.conf's authorization block does not close")
+
+
+@pytest.mark.parametrize("node", ["1", "2", "3"])
+def test_systemd_nats_template_can_run_a_cluster_node_with_the_per_role_users(node: str, tmp_path: Path) -> None:
+    # The README's cluster section says per-role users (auth.conf) keep their passwords in
+    # /etc/convlog/nats.env, "for nats-server". convlog-nats.service reads it; the cluster's
+    # convlog-nats@.service read no environment file at all, so a node whose config has
+    # auth.conf's users refused to start ("variable reference ... can not be found") and
+    # the cluster never formed.
+    from tests.docs.test_deploy import PASSWORDS
+
+    u = read_unit(DEPLOY / "systemd" / "convlog-nats@.service")
+    header = (DEPLOY / "systemd" / "convlog-nats@.service").read_text().split("\n[Unit]")[0]
+    nats_env = "/etc/convlog/nats.env"
+    assert nats_env in README_CLUSTER, "the README's cluster section no longer names nats.env"
+    local = tmp_path / "nats.env"
+    local.write_text("".join(f"{k}={v}\n" for k, v in PASSWORDS.items()))
+    env = {"PATH": "/usr/bin:/bin"}
+    env.update(_environment(u))
+    for name in u["Service"].get("EnvironmentFile", []):
+        if name.removeprefix("-") == nats_env:
+            env.update(line.split("=", 1) for line in local.read_text().splitlines())
+    (exec_start,) = u["Service"]["ExecStart"]
+    argv = shlex.split(exec_start.replace("%i", node))
+    conf = tmp_path / Path(argv[argv.index("-c") + 1]).name
+    conf.write_text((DEPLOY / "nats" / conf.name).read_text() + "\n" + _authorization_block() + "\n")
+    res = subprocess.run([nats_server_binary(), "-t", "-c", str(conf)], env=env,
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    # ...and with no password file the node is refused, as the single node is: the passwords
+    # are the file's, not the config's.
+    res = subprocess.run([nats_server_binary(), "-t", "-c", str(conf)], env={"PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode != 0, res.stdout + res.stderr
+    assert nats_env in header, "convlog-nats@.service's header does not say where the passwords go"
