@@ -233,17 +233,24 @@ async def check(settings: Settings, *, agents: list[str], max_lag: float = 10.0,
 
     options = {**connect_options(settings, name="convlog-health"), "connect_timeout": timeout,
                "allow_reconnect": False, "max_reconnect_attempts": 1, "error_cb": quiet}
-    try:
-        async with asyncio.timeout(timeout + 1):
-            nc = await connect(settings, options)
-        bind(nc, settings.nats_seam)  # CONVLOG_NATS_SEAM, as every other connection of convlog
-    except ConfigError as e:  # a server answered, and refused the credentials
-        report.problems.append(f"NATS at {settings.nats_url}: {e}")
-        return report
-    except Exception as e:
-        report.problems.append(f"NATS: no server answers at {settings.nats_url} "
-                               f"({str(e) or type(e).__name__})")
-        return report
+    # One server at a time, in the order given: with reconnects off, nats-py gives up on
+    # the first server it picks when that one accepts the connection but does not answer
+    # (a hung node of a cluster), though the next would have.
+    for i, server in enumerate(options["servers"]):
+        try:
+            async with asyncio.timeout(timeout + 1):
+                nc = await connect(settings, {**options, "servers": [server]})
+            bind(nc, settings.nats_seam)  # CONVLOG_NATS_SEAM, as every other connection of convlog
+            break
+        except ConfigError as e:  # a server answered, and refused the credentials
+            report.problems.append(f"NATS at {settings.nats_url}: {e}")
+            return report
+        except Exception as e:
+            if i + 1 < len(options["servers"]):
+                continue
+            report.problems.append(f"NATS: no server answers at {settings.nats_url} "
+                                   f"({str(e) or type(e).__name__})")
+            return report
     try:
         report.ok.append(f"NATS: connected to {settings.nats_url}")
         await _check_log(nc, settings, report, max_lag=max_lag, timeout=timeout, denied=denied)

@@ -246,3 +246,27 @@ async def test_health_uses_the_nats_py_seam_configured(log_url: str, tmp_path: P
     report = await check(settings, agents=[])
     assert any("a read took" in line for line in report.ok), report
     assert len(made) == 1 and seam_for(made[0]) is PUBLIC
+
+
+# A cluster keeps serving with one node hung (a GC or disk stall, a SIGSTOP): its port still
+# accepts connections, but no INFO comes.  Health made its one connection with reconnects
+# off, and nats-py gives up on the first server it picks (at random) when that server does
+# not answer: "FAIL NATS: no server answers" for a third of the runs, while two nodes and
+# the log service answered.
+async def test_health_connects_past_a_hung_node_of_the_cluster(nats_cluster: NatsCluster, tmp_path: Path) -> None:
+    import random
+
+    settings = load_settings({"nats_url": ",".join(nats_cluster.urls[:2]), "db": str(tmp_path / "log.db"),
+                              "stream_replicas": 3, "grace": 1}, environ={})
+    hung = nats_cluster.servers[2]
+    async with LogService(settings):
+        await asyncio.to_thread(hung.pause)
+        try:
+            urls = load_settings({"nats_url": ",".join(nats_cluster.urls)}, environ={})
+            for seed in (0, 1, 4):  # nats-py shuffles the URLs: with these, each node comes first once
+                random.seed(seed)
+                report = await check(urls, agents=[], window=0.5, timeout=1.0)
+                assert not [p for p in report.problems if p.startswith("NATS")], (seed, report.lines())
+                assert report.ok[0] == f"NATS: connected to {urls.nats_url}", (seed, report.lines())
+        finally:
+            hung.resume()
