@@ -270,3 +270,39 @@ async def test_health_connects_past_a_hung_node_of_the_cluster(nats_cluster: Nat
                 assert report.ok[0] == f"NATS: connected to {urls.nats_url}", (seed, report.lines())
         finally:
             hung.resume()
+
+
+# The consumers were watched one request at a time, each waiting up to window + 2 s: with
+# JetStream stopping mid-check (a stalled server), one run took that many times the agents
+# (18 s for 6 agents and a 1 s window), past the health timer unit's 30 s with a dozen agents.
+async def test_the_consumer_watch_ends_with_its_window_when_jetstream_stops_answering(
+        nats_server: NatsServer) -> None:
+    import time
+
+    from services.cli.health import Report, _check_consumers
+    from shared.work import ensure_work_stream
+
+    subjects = Subjects("convlog")
+    agents = [f"Agent{i}" for i in range(6)]
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_work_stream(js, subjects)
+        for agent in agents:  # a notice waits on each: no progress, so the watch runs its window
+            await js.add_consumer(work_stream_name(subjects),
+                                  consumer_config(subjects, agent, entry=False, ack_wait=30))
+            await js.publish(work_subject(subjects, agent), b"{}")
+        settings = load_settings({"nats_url": nats_server.url}, environ={})
+        report = Report()
+        watch = asyncio.create_task(_check_consumers(nc, settings, report, agents=agents, window=1.0, denied=[]))
+        await asyncio.sleep(0.4)  # the first listing is in; the watch polls
+        started = time.monotonic()
+        await asyncio.to_thread(nats_server.pause)
+        try:
+            await asyncio.wait_for(watch, 30)
+        finally:
+            nats_server.resume()
+        assert time.monotonic() - started < 3.5, time.monotonic() - started
+        assert len([p for p in report.problems if "delivered or acked none" in p]) == len(agents), report.lines()
+    finally:
+        await nc.close()
