@@ -100,3 +100,30 @@ async def test_the_sessions_list_goes_on_through_stepdowns_of_the_fan_out_leader
             await nc.close()
             await asyncio.gather(*listers)
     assert max(worst) < BOUND, f"a sessions list took {max(worst):.2f}s (bound {BOUND:.1f}s)"
+
+
+async def test_reads_go_on_through_the_no_responders_after_a_kill_9_of_the_log_leader(
+    nats_cluster: NatsCluster,
+) -> None:
+    # For about 2 s after kill -9 of a log stream's leader the surviving nodes
+    # answer its direct gets with 503 "no responders".  The store failed every
+    # read (a batch get, from a cached head) and every fresh head read (a
+    # one-message get: what an append reads first) "unavailable" at once, where
+    # a retry within its timeout would have been answered.
+    leaders = await _seed(nats_cluster.urls, {"s": 5})
+    names = [s.name for s in nats_cluster.servers]
+    victim = names.index(leaders[f"{PREFIX.upper()}_LOG_0"])
+    others = [u for i, u in enumerate(nats_cluster.urls) if i != victim]
+    reader = JetStreamStore({"servers": others}, subjects=Subjects(PREFIX), timeout=TIMEOUT)
+    fresh = JetStreamStore({"servers": others}, subjects=Subjects(PREFIX), timeout=TIMEOUT)
+    async with reader, fresh:
+        assert len((await reader.read("s", after=0, limit=100, max_bytes=1 << 30)).items) == 5  # the head cached
+        await asyncio.to_thread(nats_cluster.servers[victim].kill)
+        t0 = time.monotonic()
+        page, last = await asyncio.gather(
+            reader.read("s", after=0, limit=100, max_bytes=1 << 30),
+            fresh.last_order("s"),  # no cached head: a direct get of the session's last item
+        )
+        took = time.monotonic() - t0
+        assert len(page.items) == 5 and page.last_order == 5 and last == 5
+        assert took < TIMEOUT, f"took {took:.2f}s"

@@ -46,6 +46,11 @@ _STATUS = "Status"
 #: A copy is harmless: a get is a read; a publish is settled (see
 #: :mod:`.settle`; ``Nats-Msg-Id``, one message per id subject).
 RESEND_AFTER = 1.0
+#: Seconds between the tries of a get answered "no responders" (status 503), doubled up to
+#: :data:`_NO_RESPONDERS_MAX`, within the store's timeout: for about 2 s after its leader
+#: dies (kill -9) no node of a stream answers its direct gets, then the new leader does.
+_NO_RESPONDERS_FIRST = 0.05
+_NO_RESPONDERS_MAX = 0.25
 #: More than the header block of any message the store publishes (ids, subjects, a traceparent).
 _HEADERS_BOUND = 64 << 10
 
@@ -274,12 +279,17 @@ class _Batches(_Inbox):
         """Send ``request`` and collect its batch until the status message.  Sent
         again (on a new token: a late answer to the first is dropped) every
         :data:`RESEND_AFTER` seconds nothing at all came back, as a one-message
-        get: a request the server lost (its connection died) has no answer."""
+        get: a request the server lost (its connection died) has no answer.  One
+        answered "no responders" (503: the stream has no leader for a moment) is
+        sent again after a short pause, until the timeout."""
         await self.start()
         body = json.dumps(request).encode()
         loop = asyncio.get_running_loop()
         end = loop.time() + self._timeout
+        pause = _NO_RESPONDERS_FIRST
         while True:
+            if collect.done.done():  # "no responders" (and nothing else) came: try again
+                collect.done = loop.create_future()
             token = self.token()
             self.waiting[token] = collect
             try:
@@ -290,13 +300,17 @@ class _Batches(_Inbox):
                     await asyncio.wait((collect.done,), timeout=max(0.0, end - loop.time()))
                 if collect.done.done():
                     status = collect.done.result()
-                    break
-                if loop.time() + 0.001 >= end:
+                    if status != "503" or collect.items or loop.time() + pause >= end:
+                        break
+                elif loop.time() + 0.001 >= end:
                     raise TimeoutError
             except (nats.errors.Error, TimeoutError, OSError) as e:
                 raise UnavailableError(f"cannot read the log stream: {type(e).__name__}") from e
             finally:
                 del self.waiting[token]
+            if collect.done.done():  # no responders: the stream has no leader yet
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, _NO_RESPONDERS_MAX)
         if status not in ("204", "404"):  # end of batch; nothing matched
             raise UnavailableError(f"direct get batch failed with status {status}")
         return collect.items
@@ -325,17 +339,26 @@ class DirectGet:
 
     async def _request(self, subject: str, body: bytes) -> Msg:
         """One request, sent again every :data:`RESEND_AFTER` seconds it is not
-        answered, until the timeout: a leader change drops it unanswered.
+        answered, until the timeout: a leader change drops it unanswered.  One
+        answered "no responders" (the stream has no leader for a moment: for about
+        2 s after its leader is killed) is sent again after a short pause.
 
         Raises:
             TimeoutError: no answer within the timeout.
+            nats.errors.NoRespondersError: still none at the timeout.
         """
         loop = asyncio.get_running_loop()
         end = loop.time() + self._timeout
+        pause = _NO_RESPONDERS_FIRST
         while True:
             wait = min(RESEND_AFTER, end - loop.time())
             try:
                 return await self._nc.request(subject, body, timeout=wait)
+            except nats.errors.NoRespondersError:
+                if loop.time() + pause >= end:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, _NO_RESPONDERS_MAX)
             except nats.errors.TimeoutError:
                 if loop.time() + 0.001 >= end:
                     raise
