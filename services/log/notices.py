@@ -6,9 +6,11 @@ and only that agent (:mod:`shared.work` has the notice and its subjects):
 * :class:`Notifier` is a commit listener (both stores call it, in commit
   order, once the items are durable).  For each user message it publishes a
   notice on ``<prefix>.work.agent.<active>``, where ``active`` is the agent
-  the last handoff output this process committed in that session names, or
-  else the routing checkpoint in the KV bucket (the ``to`` of a new session,
-  or what workers recorded), or else ``<prefix>.work.entry`` -- which is also
+  the last handoff output this process committed in that session names
+  (while every item since is this process's: one another instance committed
+  may be a handoff), or else the routing checkpoint in the KV bucket checked
+  against the log (the ``to`` of a new session, or what workers recorded, and
+  the log's handoffs after it), or else ``<prefix>.work.entry`` -- which is also
   where a notice goes when no agent of that name has a consumer on the work
   stream (a ``to`` naming an agent nobody runs: the entry agent answers, as
   routing says).  The address is a hint: a worker that finds another agent
@@ -152,6 +154,8 @@ class Notifier:
         self._pending = 0  # notices being published (spawned, not yet settled)
         self._dropping = False  # the last notice was left to the reconciler (logged once)
         self._active: OrderedDict[str, str] = OrderedDict()
+        #: per session: the last order this process committed (what ``_active`` follows)
+        self._seen: OrderedDict[str, int] = OrderedDict()
         #: per session: the entry this process wrote to the routing bucket (None: one was there)
         self._entries: OrderedDict[str, str | None] = OrderedDict()
         #: per session: set once the entry this process is writing is written (or not)
@@ -182,6 +186,12 @@ class Notifier:
         for c in committed:
             env = c.envelope
             self.recent.add(c.session_id, c.item_order, env)
+            if self._seen.get(c.session_id, 0) != c.item_order - 1:
+                # The items before it are another instance's (JetStream store): one may be
+                # a handoff this process never saw, so what it remembers is stale; the
+                # checkpoint and the log address the session's next notice.
+                self._active.pop(c.session_id, None)
+            self._keep(self._seen, c.session_id, c.item_order)
             user = USER_MARK in env
             if not user and _HANDOFF not in env:
                 continue
