@@ -358,3 +358,33 @@ async def test_a_follower_skips_what_is_not_an_envelope_of_its_session(nats_serv
     finally:
         await client.close()
         await service.shutdown()
+
+
+async def test_a_full_log_stream_is_named_not_taken_for_contention(nats_server: NatsServer, tmp_path: Path) -> None:
+    """A log stream at a limit (here max_msgs with discard new; max_bytes or the server's
+    storage alike) refuses every publish with JetStream's store-failed code, which the
+    store took for "this id's subject is taken": it re-read and retried as contention, and
+    the append failed "the session is too contended" -- sending an operator after writers
+    that were not there.  The refusal is named now."""
+    import dataclasses
+
+    from nats.js.api import DiscardPolicy
+
+    from shared.errors import UnavailableError
+
+    store = JetStreamStore({"servers": [nats_server.url]}, subjects=Subjects(prefix_for(tmp_path)))
+    await store.open()
+    nc = await nats.connect(nats_server.url)
+    try:
+        await store.append("s", req(item("one")))
+        js = nc.jetstream()
+        log_stream = next(si for si in await js.streams_info() if si.config.name.endswith("_LOG_0"))
+        await js.update_stream(dataclasses.replace(log_stream.config, max_msgs=log_stream.state.messages,
+                                                   discard=DiscardPolicy.NEW))
+        with pytest.raises(UnavailableError) as e:
+            await store.append("s", req(item("two")))
+        assert "maximum messages exceeded" in e.value.message and "contended" not in e.value.message, e.value.message
+        assert [env.data["content"] for env in await read_all(store, "s")] == ["one"]
+    finally:
+        await nc.close()
+        await store.close()

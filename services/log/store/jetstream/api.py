@@ -34,7 +34,6 @@ MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 _WRONG_LAST = 10071  # JSStreamWrongLastSequenceErrF: the session's head moved
-_SUBJECT_FULL = 10077  # JSStreamStoreFailedF "maximum messages per subject exceeded": the id exists
 _BATCH_DUPLICATE = 10201  # JSAtomicPublishContainsDuplicateMessageErr: <sid>:<order> was just written
 _BATCH_TOO_LARGE = 10199  # JSAtomicPublishTooLargeBatchErrF: over the server's batch max_msgs
 _STATUS = "Status"
@@ -96,7 +95,10 @@ def _ack(data: bytes, n: int) -> BatchAck:
             limit = description.rpartition(":")[2].strip()
             extra = {"limit": int(limit)} if limit.isdigit() else {}
             raise TooLargeError(f"{n} items in one append, over the log stream's limit: {description}", **extra)
-        if code == _SUBJECT_FULL or "maximum messages per subject" in description:
+        # Its code (JSStreamStoreFailedF) is every store failure's; only the per-subject
+        # limit says the id's subject is taken (a full stream -- max_msgs, max_bytes, the
+        # server's storage -- is a refusal, not contention to retry as a taken id).
+        if "maximum messages per subject" in description:
             raise IdTaken(description)
         # On a clustered stream, two instances proposing one <sid>:<order> at
         # once get "duplicate message id is in process": a moved head too.

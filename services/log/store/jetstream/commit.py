@@ -290,6 +290,7 @@ class BatchWriter:
                 limit=MAX_ITEMS_PER_APPEND,
             ), []
         careful = leader = False
+        why = "the session is too contended"  # what the last refused store said
         for _ in range(_ATTEMPTS):
             ix = await self.reads.session(sid, fresh=fresh, leader=leader)
             existing = await self._existing_ids(sid, ix, req, careful)
@@ -312,11 +313,12 @@ class BatchWriter:
                 seqs = await self.store_rows(sid, ix, rows, trace=p.trace)
             except WrongLastSequence:
                 self.retries += 1
-                fresh = True
+                fresh, why = True, "the session is too contended"
                 continue
             except IdTaken:
                 self.retries += 1
                 fresh = careful = True
+                why = "the session is too contended"
                 continue
             except OutcomeStillUnknown:
                 raise
@@ -325,10 +327,10 @@ class BatchWriter:
                 # batches in flight): nothing was stored; try again shortly.
                 log.info("append refused, retrying: %s", e.message)
                 await asyncio.sleep(0.25)
-                fresh = True
+                fresh, why = True, e.message
                 continue
             return reply, list(zip(seqs, rows, strict=True))
-        return UnavailableError("the session is too contended; nothing was written"), []
+        return UnavailableError(f"{why}; nothing was written"), []
 
     async def store_rows(self, sid: str, ix: SessionIndex, rows: Sequence[Row], *, trace: str | None = None) -> list[int]:
         """Publish ``rows`` (decided on ``ix``'s head) and update the cache.
