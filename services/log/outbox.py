@@ -11,7 +11,9 @@ What has been published is read back from the stream itself: on start and
 after any failure the outbox asks the stream for its last message, maps its
 ``Nats-Msg-Id`` to a commit position in the store, and republishes everything
 after it.  So an item committed just before a crash is published after the
-restart, and none is published twice.
+restart, and none is published twice.  An item no message can carry any more
+(committed while the server's ``max_payload`` was larger) is skipped, logged at
+ERROR naming it: the items after it are published.
 
 Failures follow :mod:`shared.failures`: a transient one (NATS away, an ack
 timeout, a window the stream refused because a server restart lost its
@@ -46,7 +48,7 @@ from shared.failures import (
     supervise,
 )
 from shared.subjects import Subjects, validate_session_id
-from shared.wire import Outgoing, publish_many
+from shared.wire import Outgoing, over_max_payload, publish_many
 from shared.work import work_stream_name
 
 from .store.base import Committed, LogStore
@@ -140,6 +142,7 @@ class Outbox:
         self._refusals = 0  # windows refused in a row
         self._needs_backlog = True  # after a (re)sync the store may hold unpublished items
         self.published_count = 0
+        self.skipped = 0  # items over the server's max_payload, not published (logged)
         self.traces: dict[tuple[str, int], bytes] = {}  # traceparent per item (services/log/traces.py)
 
     def on_disconnected(self) -> None:
@@ -340,35 +343,44 @@ class Outbox:
         stored, in order: one positive ack confirms the whole window.
         """
         prev = self._last_msg_id.encode() if self._last_msg_id is not None else None
-        last = batch[-1]
-        token = str(last.position)
-        fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
-        self._acks[token] = fut
         messages: list[Outgoing] = []
         items = self._subjects.items
+        last: Committed | None = None  # the window's last message sent
         for c in batch:
             # Session ids are validated at append, so the header values need no escaping.
             msg_id = b"%s:%d" % (c.session_id.encode(), c.item_order)
             headers = _FIRST_HEADERS % msg_id if prev is None else _HEADERS % (msg_id, prev)
             if self.traces and (parent := self.traces.pop((c.session_id, c.item_order), None)):
                 headers = headers[:-2] + b"traceparent: " + parent + b"\r\n\r\n"
-            reply = f"{self._inbox}.{token}" if c is last else ""
-            messages.append((items(c.session_id), reply, c.envelope, headers))
-            prev = msg_id
-        try:
-            refused = await publish_many(self._nc, messages)
-            if refused:
-                # What followed it names it as its predecessor: the stream refuses those too.
-                raise refused[0][1]
-            async with asyncio.timeout(self._ack_timeout):
-                ack = await fut
-        finally:
-            self._acks.pop(token, None)
-        self._check_ack(ack, f"{last.session_id}:{last.item_order}")
-        self._refusals = 0
-        self._published = last.position
-        self._last_msg_id = f"{last.session_id}:{last.item_order}"
-        self.published_count += len(batch)
+            if over_max_payload(self._nc, c.envelope, headers):
+                # Committed while the server took larger messages: no server of this
+                # max_payload takes it, and holding the fan-out for it would stall every
+                # later item of every session for good.  The next one names the one before.
+                _skip_too_large(self._subjects, c, len(headers) + len(c.envelope), self._nc.max_payload)
+                self.skipped += 1
+                continue
+            messages.append((items(c.session_id), "", c.envelope, headers))
+            prev, last = msg_id, c
+        if last is not None:
+            token = str(last.position)
+            fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+            self._acks[token] = fut
+            subject, _, payload, headers = messages[-1]
+            messages[-1] = (subject, f"{self._inbox}.{token}", payload, headers)
+            try:
+                refused = await publish_many(self._nc, messages)
+                if refused:
+                    # What followed it names it as its predecessor: the stream refuses those too.
+                    raise refused[0][1]
+                async with asyncio.timeout(self._ack_timeout):
+                    ack = await fut
+            finally:
+                self._acks.pop(token, None)
+            self._check_ack(ack, f"{last.session_id}:{last.item_order}")
+            self._refusals = 0
+            self._last_msg_id = f"{last.session_id}:{last.item_order}"
+        self._published = batch[-1].position
+        self.published_count += len(messages)
 
     def _check_ack(self, ack: Msg, msg_id: str) -> None:
         """Raise unless ``ack`` is the stream's positive ack of ``msg_id``.
@@ -420,6 +432,15 @@ def _outbox_id(sid: str, order: str) -> bool:
     except ConvlogError:
         return False
     return True
+
+
+def _skip_too_large(subjects: Subjects, c: Committed, size: int, max_payload: int) -> None:
+    log.error("%s #%d is %d bytes as a message, over the NATS server's max_payload of %d (it was "
+              "committed while the server took larger ones): not published on %s, the next items are "
+              "(the log keeps it). To have it on the items stream, raise max_payload to at least %d "
+              "and delete the stream %s: the log service republishes every item when it starts",
+              c.session_id, c.item_order, size, max_payload, subjects.items(c.session_id), size,
+              subjects.stream_name)
 
 
 def _warn_strays(stream: str, count: int, seq: int) -> None:

@@ -441,3 +441,57 @@ async def test_a_stray_message_on_the_items_subjects_does_not_stop_the_fan_out(
             mine = [d for s, i, d in stream if s.endswith("." + sid) and i.startswith(sid + ":")]
             assert [decode(d, Envelope) for d in mine] == await client.items(sid)
     assert "skipped" in svc.output() and "CRITICAL" not in svc.output(), svc.output()
+
+
+# An item committed while the server took larger messages (max_payload 64 KiB here)
+# and not on the stream when the server comes back with a smaller max_payload (here:
+# the items stream deleted, which the service answers by republishing every item, as
+# after a restore; or a crash between its commit and its publish) can never be
+# published again.  The outbox raised nats-py's MaxPayloadError, which stopped the log
+# service (exit 1, "outbox stopped: MaxPayloadError: nats: maximum payload exceeded",
+# naming neither the item nor the limit) -- and every restart stopped the same way, so
+# no later item of any session was published (nor any append answered) for good.  Such
+# an item is skipped now, logged at ERROR naming it, its size and the limit; every
+# other item is published, in order.
+async def test_an_item_over_a_lowered_max_payload_does_not_stop_the_fan_out(
+    nats_server_factory: Callable[..., NatsServer], tmp_db: Path, log_services: Callable[..., LogServiceProc]
+) -> None:
+    server = nats_server_factory(config="max_payload: 65536\n")
+    svc = await asyncio.to_thread(log_services, server.url, tmp_db)
+    async with await LogClient.connect(server.url) as client:
+        await client.append("small", [_item("s1")])
+        await client.append("big", [_item("b1", "x" * 40_000)])
+        await client.append("small", [_item("s2")])
+        await assert_eventually(
+            lambda: stream_matches_log(client.nc, client, ["small", "big"]), timeout=10, interval=0.1
+        )
+    assert await asyncio.to_thread(svc.stop) == 0, svc.output()
+
+    # The operator lowers max_payload; the items stream is gone (its whole log is due again).
+    server.config = "max_payload: 16384\n"
+    await asyncio.to_thread(server.restart)
+    nc = await nats.connect(server.url)
+    try:
+        await nc.jetstream().delete_stream("CONVLOG_ITEMS")
+    finally:
+        await nc.close()
+    svc.start()
+    async with await LogClient.connect(server.url) as client:
+        await client.append("small", [_item("s3")])
+
+        async def published() -> None:
+            ids = [i for _, i, _ in await read_stream(client.nc)]
+            assert ids == ["small:1", "small:2", "small:3"], ids
+
+        await assert_eventually(published, timeout=10, interval=0.1)
+        await client.append("big", [_item("b2")])  # and the session of the big item goes on
+
+        async def big_goes_on() -> None:
+            ids = [i for _, i, _ in await read_stream(client.nc)]
+            assert ids == ["small:1", "small:2", "small:3", "big:2"], ids
+
+        await assert_eventually(big_goes_on, timeout=10, interval=0.1)
+        assert svc.proc is not None and svc.proc.running, svc.output()
+    out = svc.output()
+    assert "CRITICAL" not in out, out
+    assert "big #1" in out and "16384" in out, out
