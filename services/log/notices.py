@@ -37,7 +37,8 @@ from nats.aio.client import Client
 
 from shared.failures import cancel_and_wait, is_transient
 from shared.inbox import Message
-from shared.routing import decode_checkpoint
+from shared.messages import AgentName
+from shared.routing import RoutingCheckpoint, decode_checkpoint, encode_checkpoint
 from shared.signing import turn_id_agent
 from shared.subjects import Subjects
 from shared.work import (
@@ -77,6 +78,15 @@ MAX_PENDING = 4_096
 _READ_PAGE = 1_000
 _READ_BYTES = 1 << 20
 _ABSENT = "\0absent"  # no agent's name: the log holds no item at that order
+
+
+def _agent_name(name: str) -> bool:
+    """Whether a routing checkpoint can name ``name`` as its active agent."""
+    try:
+        msgspec.convert(name, AgentName)
+    except msgspec.ValidationError:
+        return False
+    return True
 
 
 class Head(msgspec.Struct):
@@ -398,7 +408,9 @@ class Notifier:
         whose checkpoint was never written (the process died in the write's delay, the
         bucket was purged) would otherwise address every later turn of the session to
         the agent before it, and cost a forward each, until the next handoff.  Such a
-        handoff is handed to :attr:`repair`, which writes its checkpoint."""
+        handoff is handed to :attr:`repair`, which writes its checkpoint.  A checkpoint
+        the log disproves (one of a log restored from an older copy, ahead of it) is
+        replaced by the log's (:meth:`_replace_disproved`)."""
         try:
             entry = await self.kv.get(sid)
             cp = decode_checkpoint(entry.value or b"")
@@ -406,6 +418,7 @@ class Notifier:
             cp = None
         if self.store is None:
             return cp.active if cp is not None else ""
+        disproved = False
         try:
             agent, after = "", 0
             if cp is not None and cp.order == 0:
@@ -417,7 +430,7 @@ class Notifier:
                 if held == cp.active or (held is _ABSENT and not self.sole_writer):
                     agent, after = cp.active, cp.order
                 else:
-                    agent = cp.entry or ""
+                    agent, disproved = cp.entry or "", True
             last: tuple[int, str] | None = None
             while order == 0 or after < order - 1:
                 page = await self.store.read(sid, after=after, limit=_READ_PAGE, max_bytes=_READ_BYTES)
@@ -434,9 +447,36 @@ class Notifier:
         except Exception as e:  # the store failing: the checkpoint is a hint as good as any
             log.info("could not follow the log of %s to address its notice: %r", sid, e)
             return cp.active if cp is not None else ""
-        if last is not None and self.repair is not None and (cp is None or last[0] > cp.order):
+        if disproved:
+            assert cp is not None and entry.revision is not None
+            self._spawn(self._replace_disproved(sid, entry.revision, cp, last))
+        elif last is not None and self.repair is not None and (cp is None or last[0] > cp.order):
             self.repair(sid, *last)
         return agent
+
+    async def _replace_disproved(self, sid: str, revision: int, cp: RoutingCheckpoint,
+                                 last: tuple[int, str] | None) -> None:
+        """Replace ``sid``'s checkpoint ``cp`` (at ``revision``), which the log disproves,
+        by the log's last handoff ``last`` (or the entry, kept; none: deleted).  Left as
+        it is, a worker without facts of its own would replay the whole log at each turn
+        (warning once the log is past ``cp.order``), and the routing writer, moving
+        checkpoints forward only, would write no handoff the log commits up to ``cp.order``.  Compare-and-set on ``revision``: a value written
+        meanwhile stays."""
+        if last is not None and not _agent_name(last[1]):
+            last = None  # a handoff to a name no agent can have: the checkpoint could not name it
+        try:
+            order, active = last if last is not None else (0, cp.entry)
+            if active is None:
+                await self.kv.delete(sid, last=revision)
+            else:
+                await self.kv.update(sid, encode_checkpoint(RoutingCheckpoint(
+                    active=active, order=order, entry=cp.entry, entry_proof=cp.entry_proof)), last=revision)
+        except Exception as e:  # written meanwhile, or NATS failing: workers check what they read
+            log.info("could not replace the routing checkpoint of %s: %r", sid, e)
+            return
+        log.warning("routing checkpoint of %s said %s is active after #%d, which the log disproves "
+                    "(a log restored from an older copy?): replaced by the log's (%s)", sid, cp.active,
+                    cp.order, f"{last[1]} after #{last[0]}" if last is not None else "its entry agent")
 
     async def _handoff_at(self, sid: str, order: int) -> str | None:
         """The agent the log's item ``order`` hands off to, ``None``, or :data:`_ABSENT`

@@ -9,14 +9,22 @@ file) and real ``convlog worker`` processes; the model is the fake OpenAI server
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
+import nats
 import nats.js.errors
 
 from services.log.service import LogService
+from shared.client import LogClient
+from shared.config import load_settings
 from shared.routing import decode_checkpoint, open_routing_bucket
+from shared.work import work_stream_name
 from tests.support.eventually import assert_eventually
 from tests.support.fake_openai import FakeOpenAI
+from tests.support.logenv import user
+from tests.support.natsd import NatsServer
 from tests.support.workerstack import SEED_SPEC, WorkerStack, support_responder
 
 WORK = "CONVLOG_WORK"
@@ -119,3 +127,74 @@ async def test_a_checkpoint_ahead_of_a_restored_log_is_not_followed_by_the_notic
     # The log says L1Billing answers: one delivery each, none to L2Support to forward.
     for i in range(2, 4):
         assert await _turn(stack, "restored", f"more billing {i}", i) == {"L1Billing": 1}
+
+
+def _copy_db(src: Path, dst: Path) -> Path:
+    dst.mkdir(exist_ok=True)
+    for f in src.glob("log.db*"):
+        shutil.copy2(f, dst / f.name)
+    return dst
+
+
+def _handoff(target: str, n: int) -> dict[str, object]:
+    return {"agent": "Triage", "item_id": f"t.Triage.{n}.out", "data": {
+        "type": "function_call_output", "call_id": f"c{n}", "output": json.dumps({"assistant": target})}}
+
+
+# After a restore from a backup the routing bucket keeps the checkpoint of a handoff
+# the restored log lost ("L2Support after #5", the log ending at #3).  The notices
+# followed the log instead, but nothing ever replaced that checkpoint: every worker
+# without its own facts read it, warned that the log disagrees and replayed the whole
+# log at each turn, and -- the writer moving checkpoints forward only -- each handoff
+# the restored log committed at an order up to #5 was never checkpointed.  The log
+# service now replaces a checkpoint the log disproves with the log's own.
+async def test_a_checkpoint_ahead_of_a_restored_log_is_replaced_by_the_logs(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
+                              "data_dir": str(tmp_path)}, environ={})
+    sid = "restored"
+    nc = await nats.connect(nats_server.url)
+    service = LogService(settings)
+    try:
+        kv = await open_routing_bucket(nc, settings.subjects)
+        client = LogClient(nc, timeout=5, deadline=10)
+
+        async def checkpoint(active: str, order: int) -> None:
+            try:
+                cp = decode_checkpoint((await kv.get(sid)).value or b"")
+            except nats.js.errors.KeyNotFoundError as e:
+                raise AssertionError("no checkpoint") from e
+            assert (cp.active, cp.order) == (active, order), cp
+
+        await service.start()
+        await client.append(sid, [user("a billing question"), _handoff("L1Billing", 1),
+                                  {"agent": "L1Billing", "data": {"role": "assistant", "content": "sure"}}])
+        await assert_eventually(lambda: checkpoint("L1Billing", 2), timeout=5)
+        await service.shutdown()
+        backup = _copy_db(tmp_path, tmp_path / "backup")
+        service = LogService(settings)
+        await service.start()
+        await client.append(sid, [user("I want a refund"), _handoff("L2Support", 2)])
+        await assert_eventually(lambda: checkpoint("L2Support", 5), timeout=5)
+
+        # The log is restored (README): the service stopped, the file replaced, both streams deleted.
+        await service.shutdown()
+        for f in tmp_path.glob("log.db*"):  # noqa: ASYNC240 - a few small files
+            f.unlink()
+        _copy_db(backup, tmp_path)
+        js = nc.jetstream()
+        await js.delete_stream(settings.subjects.stream_name)
+        await js.delete_stream(work_stream_name(settings.subjects))
+        service = LogService(settings)
+        await service.start()
+
+        # The next message's notice follows the log, and the checkpoint is the log's again.
+        assert (await client.append(sid, [user("more billing")])).first_order == 4
+        await assert_eventually(lambda: checkpoint("L1Billing", 2), timeout=5)
+        # So a handoff the restored log commits at an order the lost one had used is checkpointed.
+        await client.append(sid, [_handoff("Triage", 3)])
+        await assert_eventually(lambda: checkpoint("Triage", 5), timeout=5)
+    finally:
+        await service.shutdown()
+        await nc.close()
