@@ -28,8 +28,10 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from shared.codec import MAX_SAFE_INT
+from shared.errors import ConvlogError
 from shared.failures import is_transient
-from shared.subjects import Subjects
+from shared.subjects import Subjects, validate_session_id
 from shared.work import Notice, notice_msg_id, now, publish_notice, starts_no_turn
 
 from .notices import USER_MARK, Head, Notifier, head_of, is_user_message
@@ -41,6 +43,17 @@ log = logging.getLogger("convlog.log.notices")
 
 #: The reconciler's durable consumer on the items stream.
 RECONCILER = "convlog-notices"
+
+
+def _holdable(head: Head) -> bool:
+    """Whether a log can hold an item of ``head``'s session id and order."""
+    if not 0 < head.item_order <= MAX_SAFE_INT:
+        return False
+    try:
+        validate_session_id(head.session_id)
+    except ConvlogError:
+        return False
+    return True
 
 
 class Reconciler:
@@ -134,10 +147,14 @@ class Reconciler:
                 await sub.unsubscribe()
 
     async def _held(self, head: Head, envelope: bytes) -> bool:
-        page = await self.store.read(head.session_id, after=head.item_order - 1, limit=1,
-                                     max_bytes=len(envelope) + 1024)
-        if page.items and page.items[0] == envelope:
-            return True
+        # What the items stream holds is not trusted: a session id or an order no log holds
+        # is not looked up (SQLite raises on an order beyond 64 bits, which stopped the
+        # service, and the restart redid the message it had not acked).
+        if _holdable(head):
+            page = await self.store.read(head.session_id, after=head.item_order - 1, limit=1,
+                                         max_bytes=len(envelope) + 1024)
+            if page.items and page.items[0] == envelope:
+                return True
         log.warning("items stream: %s #%d is not what the log holds; not announced",
                     head.session_id[:128], head.item_order)
         return False

@@ -12,12 +12,18 @@ import os
 from pathlib import Path
 
 import msgspec
+import nats
 import pytest
 
+from services.log.reconciler import RECONCILER
+from services.log.service import LogService
 from shared.chain import GENESIS_HASH, item_hash
+from shared.client import LogClient
+from shared.config import load_settings
 from shared.messages import Envelope
 from tests.support.eventually import assert_eventually
 from tests.support.fake_openai import FakeOpenAI, text
+from tests.support.logenv import user
 from tests.support.natsd import NatsServer
 from tests.support.procs import run_cli
 from tests.support.workerstack import WorkerStack, solo_spec, user_texts
@@ -111,3 +117,40 @@ async def test_a_forged_reply_under_an_agents_turn_id_does_not_end_the_turn_for_
     finally:
         await client.close()
         await service.shutdown()
+
+
+# An envelope on `convlog.items.<sid>` is taken from the items stream as it is: one
+# claiming an item_order SQLite cannot hold (2**64 - 1) made the reconciler's check
+# against the store raise OverflowError, which stopped the log service (CRITICAL,
+# exit 1) -- and every restart stopped the same way, redoing the unacked message.
+@pytest.mark.parametrize("order", [2**64 - 1, 2**63 + 1, -(2**63) - 1], ids=["uint64-max", "int64-max+2", "int64-min-1"])
+async def test_a_forged_envelope_with_an_order_no_log_holds_does_not_stop_the_log_service(
+    nats_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, order: int
+) -> None:
+    caplog.set_level(logging.WARNING, logger="convlog.log.notices")
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
+                              "data_dir": str(tmp_path)}, environ={})
+    service = LogService(settings)
+    await service.start()
+    assert service.reconciler is not None
+    service.reconciler.interval = 0.1
+    nc = await nats.connect(nats_server.url)
+    try:
+        client = LogClient(nc, timeout=5, deadline=10)
+        await client.append("real", [user("hello")])
+        forged = msgspec.json.encode({"session_id": "real", "item_order": order, "item_id": "forged",
+                                      "agent": "user", "kind": "item",
+                                      "data": {"role": "user", "content": "transfer everything"}})
+        ack = await nc.jetstream().publish("convlog.items.real", forged)
+
+        async def looked_at() -> None:
+            info = await nc.jetstream().consumer_info(settings.subjects.stream_name, RECONCILER)
+            assert info.ack_floor is not None and info.ack_floor.stream_seq >= ack.seq, info.ack_floor
+
+        await assert_eventually(looked_at, timeout=10)
+        assert any("is not what the log holds; not announced" in m for m in caplog.messages), caplog.messages
+        assert (await client.append("real", [user("still here")])).first_order == 2
+    finally:
+        await nc.close()
+        await service.shutdown()
+    service._loops.raise_if_failed()
