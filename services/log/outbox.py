@@ -230,9 +230,7 @@ class Outbox:
             if info.state.last_seq:
                 # The stream was purged or aged out: we cannot tell what it held,
                 # so treat everything committed so far as published.
-                # Paged: the whole log need not be in memory to find its end.
-                while tail := await self._store.committed_after(self._published, 10_000):
-                    self._published = tail[-1].position
+                self._published = await self.committed_end()
                 log.warning("items stream %s is empty after seq %d; publishing new commits only",
                             name, info.state.last_seq)
             else:
@@ -285,6 +283,13 @@ class Outbox:
             _warn_strays(name, strays, info.state.first_seq)
         self._published = 0  # the stream holds nothing of this database: all of it is due
         self._last_msg_id = last_id or None
+
+    async def committed_end(self) -> int:
+        """The store's last commit position (paged: the whole log need not be in memory)."""
+        end = self._published
+        while tail := await self._store.committed_after(end, 10_000):
+            end = tail[-1].position
+        return end
 
     async def _run(self) -> None:
         # Back off after a failure, but resync at once when the connection is back.

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -43,6 +44,8 @@ log = logging.getLogger("convlog.log.notices")
 
 #: The reconciler's durable consumer on the items stream.
 RECONCILER = "convlog-notices"
+#: Its metadata key: the store's last commit position when it was made (see :meth:`Reconciler.bind`).
+_COMMITTED_BEFORE = "convlog_committed_before"
 
 
 def _holdable(head: Head) -> bool:
@@ -65,16 +68,20 @@ class Reconciler:
         notifier: addresses and publishes; knows what this process already sent.
         store: the log (what the items stream says is checked against it).
         interval: seconds between sweeps when idle.
+        committed_end: the store's last commit position now, where its positions are
+            one commit order (the SQLite store: :meth:`.outbox.Outbox.committed_end`).
     """
 
     def __init__(self, nc: Client, subjects: Subjects, notifier: Notifier, store: LogStore, *,
-                 interval: float = 2.0) -> None:
+                 interval: float = 2.0, committed_end: Callable[[], Awaitable[int]] | None = None) -> None:
         self.nc = nc
         self.store = store
         self.subjects = subjects
         self.notifier = notifier
         self.interval = interval
+        self.committed_end = committed_end
         self.republished = 0
+        self._floor = 0  # items at positions up to it were committed before the consumer was made
         self._sub: Any = None
         # Delivered, not yet handled when a sweep failed: handled first by the next one,
         # before anything is acked past them (AckPolicy.ALL acks everything up to a message).
@@ -82,18 +89,28 @@ class Reconciler:
         self._caught_up = False  # what a dead process or a failed pull was handed is redone
 
     async def bind(self) -> None:
+        """Bind to the consumer, made if missing.  From then on: items committed before
+        it was made have had their turns.  The items the outbox publishes after a start
+        with the items stream made again (every item of the log) reach the new consumer
+        as new, though: where the store's positions are one commit order, the consumer
+        keeps the store's last position as it was made, and the items up to it are not
+        announced again (else every user message of the log would be, once more)."""
         js = self.nc.jetstream()
         stream = self.subjects.stream_name
         try:
-            await js.consumer_info(stream, RECONCILER)
+            info = await js.consumer_info(stream, RECONCILER)
+            floor = (info.config.metadata or {}).get(_COMMITTED_BEFORE, "")
+            self._floor = int(floor) if floor.isdigit() else 0
         except nats.js.errors.NotFoundError:
+            end = await self.committed_end() if self.committed_end is not None else 0
+            self._floor = end
             with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
                 await js.add_consumer(stream, ConsumerConfig(
                     name=RECONCILER, durable_name=RECONCILER,
                     description="convlog log service: republishes lost turn notices",
-                    # From now on: items committed before the first start have had their turns.
                     deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.ALL,
                     ack_wait=30.0, max_deliver=-1, filter_subject=self.subjects.items_all,
+                    metadata={_COMMITTED_BEFORE: str(end)} if end else None,
                 ))
         self._sub = await js.pull_subscribe_bind(durable=RECONCILER, stream=stream)
 
@@ -202,6 +219,9 @@ class Reconciler:
         msg_id = notice_msg_id(head.session_id, head.item_order)
         if await self.notifier.settled(msg_id) or not await self._held(head, msg.data):
             return 0
+        if self._floor and (position := await self.store.position_of(head.session_id, head.item_order)) \
+                is not None and position <= self._floor:
+            return 0  # committed before the consumer was made (see bind)
         notice = Notice(session_id=head.session_id, item_order=head.item_order, ts=now())
         # The item's trace context (the outbox's or the store's header): the turn continues it.
         parent = (msg.headers or {}).get("traceparent")

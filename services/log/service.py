@@ -272,7 +272,8 @@ class LogService(Endpoints):
         self.traces = ServiceTraces(trace_map) if tracing.enabled() else None
         # The reconciler's consumer takes only what the items stream stores after it is
         # created (on a first start): it must be there before the first commit.
-        self.reconciler = Reconciler(self.nc, self.subjects, self.notifier, self.store)
+        self.reconciler = Reconciler(self.nc, self.subjects, self.notifier, self.store,
+                                     committed_end=self.outbox.committed_end if self.outbox else None)
         await wait_at_start(self.reconciler.bind, what="the notice reconciler's consumer", log=log,
                             stopping=stopping)
         self._service = await add_service(

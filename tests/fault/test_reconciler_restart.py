@@ -143,3 +143,54 @@ async def test_items_handed_to_a_pull_lost_with_the_connection_are_redone_before
         await dying.close()
         await service.shutdown()
         await nc.close()
+
+
+# The items stream made again (deleted while the service ran, by an operator after a
+# restore -- README --, or as a refusal of the service advises): the log service
+# republishes every item of the log, and the reconciler's consumer, made again as well
+# (DeliverPolicy.NEW) while that went on, was handed them as new.  It announced every
+# user message the log ever held once more: each worker was sent a notice per message
+# of the past (here once the work stream's duplicate window no longer hides them), and
+# read each finished turn again.  Items committed before the consumer is made are
+# taken as announced, as on a first start.
+async def test_an_items_stream_made_again_does_not_announce_the_logs_past_messages_again(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    settings, nc, js, work = await _stack(nats_server, tmp_path)
+    service = LogService(settings)
+    await service.start()
+    try:
+        client = LogClient(nc, timeout=5, deadline=10)
+        for i in range(20):
+            await client.append(f"past-{i}", [{"agent": "user", "data": {"role": "user", "content": f"m{i}"}}])
+        await assert_eventually(lambda: _count(js, work, 20), timeout=5)
+        await service.shutdown()
+        await js.delete_stream(settings.subjects.stream_name)
+        # As if the past messages were announced longer ago than the work stream remembers.
+        config = (await js.stream_info(work)).config
+        config.duplicate_window = 0.5
+        await js.update_stream(config)
+        await asyncio.sleep(0.6)
+
+        service = LogService(settings)
+        await service.start()
+        assert service.reconciler is not None
+        service.reconciler.interval = 0.1
+        await client.append("new", [{"agent": "user", "data": {"role": "user", "content": "now"}}])
+
+        async def looked_at_all() -> None:
+            last = (await js.stream_info(settings.subjects.stream_name)).state.last_seq
+            info = await js.consumer_info(settings.subjects.stream_name, RECONCILER)
+            assert last == 21 and info.ack_floor is not None and info.ack_floor.stream_seq == last
+
+        await assert_eventually(looked_at_all, timeout=10)
+        ids = await _notice_ids(js, work)
+        assert ids.count("new:1") == 1 and len(ids) == 21, ids
+        assert service.reconciler.republished == 0
+    finally:
+        await service.shutdown()
+        await nc.close()
+
+
+async def _count(js: nats.js.JetStreamContext, stream: str, n: int) -> None:
+    assert (await js.stream_info(stream)).state.messages == n
