@@ -41,6 +41,7 @@ from shared.messages import AgentName
 from shared.routing import RoutingCheckpoint, decode_checkpoint, encode_checkpoint
 from shared.signing import turn_id_agent
 from shared.subjects import Subjects
+from shared.wire import over_max_payload
 from shared.work import (
     Notice,
     encode_notice,
@@ -279,7 +280,12 @@ class Notifier:
         parent = parent or self._trace(p)  # the outbox pops it, for the items subject
         headers = {"traceparent": parent.decode()} if parent else {}
         headers["Nats-Msg-Id"] = p.msg_id
-        return subject, encode_notice(notice), headers
+        payload = encode_notice(notice)
+        if p.items and over_max_payload(self.nc, payload, headers):
+            # The items a server of a small max_payload cannot carry: its worker reads them
+            # (refused, the notice would wait for the reconciler's next sweep).
+            payload = encode_notice(msgspec.structs.replace(notice, items=()))
+        return subject, payload, headers
 
     def _trace(self, p: _Pending) -> bytes | None:
         key = (p.sid, p.order)

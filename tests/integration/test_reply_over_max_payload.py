@@ -21,6 +21,7 @@ from shared.client import LogClient
 from shared.config import Settings, load_settings
 from shared.errors import ConvlogError, TooLargeError
 from shared.nats_seam import bind
+from shared.work import work_stream_name
 from tests.support.eventually import assert_eventually
 from tests.support.logenv import SEAM_IDS, SEAMS, expect_seam, user
 from tests.support.natsd import NatsServer
@@ -171,3 +172,35 @@ async def test_read_pages_follow_the_max_payload_of_the_server_reconnected_to(
             assert (await client.read("long", tail=0)).last_order == 40
         finally:
             await nc.close()
+
+
+# A turn notice carries the session's last items (up to 16 KB, services/log/recent.py):
+# on a server whose max_payload is not much larger, the notice of a session with a few
+# large recent items was over it, refused by nats-py, and left to the reconciler's next
+# sweep (up to 2 s later, an INFO line each time) -- every such turn waited it out.
+# Such a notice now goes without the items (its worker reads them from the log).
+async def test_a_notice_whose_items_are_over_max_payload_goes_at_once_without_them(
+    nats_server_factory: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    server = nats_server_factory(config="max_payload: 16384\n")
+    settings = load_settings({"nats_url": server.url, "db": str(tmp_path / "log.db"),
+                              "data_dir": str(tmp_path)}, environ={})
+    service = LogService(settings)
+    await service.start()
+    nc = await nats.connect(server.url)
+    try:
+        assert service.reconciler is not None and service.notifier is not None
+        service.reconciler.interval = 3600.0  # only the commit's own notices count here
+        client = LogClient(nc, timeout=5, deadline=10)
+        for i in range(4):
+            await client.append("large", [user(f"{i} " + "x" * 5_185)])
+        js = nc.jetstream()
+
+        async def all_announced() -> None:
+            assert (await js.stream_info(work_stream_name(settings.subjects))).state.messages == 4
+
+        await assert_eventually(all_announced, timeout=1.5)
+        assert service.notifier.failed == 0
+    finally:
+        await nc.close()
+        await service.shutdown()
