@@ -81,6 +81,8 @@ class Reconciler:
         self.interval = interval
         self.committed_end = committed_end
         self.republished = 0
+        #: why the items stream refused to make the consumer, as it said ("" when it did not)
+        self.refused = ""
         self._floor = 0  # items at positions up to it were committed before the consumer was made
         self._sub: Any = None
         # Delivered, not yet handled when a sweep failed: handled first by the next one,
@@ -104,7 +106,7 @@ class Reconciler:
         except nats.js.errors.NotFoundError:
             end = await self.committed_end() if self.committed_end is not None else 0
             self._floor = end
-            with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
+            try:
                 await js.add_consumer(stream, ConsumerConfig(
                     name=RECONCILER, durable_name=RECONCILER,
                     description="convlog log service: republishes lost turn notices",
@@ -112,10 +114,14 @@ class Reconciler:
                     ack_wait=30.0, max_deliver=-1, filter_subject=self.subjects.items_all,
                     metadata={_COMMITTED_BEFORE: str(end)} if end else None,
                 ))
+                self.refused = ""
+            except nats.js.errors.BadRequestError as e:  # created concurrently, or refused (said by run)
+                self.refused = e.description or ""
         self._sub = await js.pull_subscribe_bind(durable=RECONCILER, stream=stream)
 
     async def run(self) -> None:
         """One sweep after another until cancelled (transient failures are waited out)."""
+        failing = False
         try:
             while True:
                 try:
@@ -125,10 +131,19 @@ class Reconciler:
                         await self.catch_up()
                         self._caught_up = True
                     await self.sweep()
+                    if failing:
+                        failing = False
+                        log.warning("notice reconciler: working again")
                 except Exception as e:
                     if not (is_transient(e) or isinstance(e, nats.errors.Error | nats.js.errors.Error)):
                         raise
-                    log.info("notice reconciler: %r; retrying", e)
+                    # Once a streak, loudly: meanwhile no lost notice is redone (a consumer
+                    # the items stream cannot make -- its max_consumers reached -- fails so
+                    # at every sweep, for good, and was said at INFO every 2 s).
+                    why = f" (the items stream refused its consumer: {self.refused})" if self.refused else ""
+                    (log.info if failing else log.warning)(
+                        "notice reconciler: %r%s; retrying (lost turn notices are not redone meanwhile)", e, why)
+                    failing = True
                     await self.unbind()
                     # What a failed pull was handed never reached us, and the next sweep's
                     # ack (AckPolicy.ALL) would take it along: catch up again first.

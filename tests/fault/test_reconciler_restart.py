@@ -194,3 +194,37 @@ async def test_an_items_stream_made_again_does_not_announce_the_logs_past_messag
 
 async def _count(js: nats.js.JetStreamContext, stream: str, n: int) -> None:
     assert (await js.stream_info(stream)).state.messages == n
+
+
+# The items stream allows one consumer, and someone else holds it: the reconciler can make
+# no consumer, so no lost turn notice is ever redone -- and the service said so at INFO,
+# every 2 s, where an operator watching warnings saw nothing.
+async def test_a_reconciler_that_cannot_make_its_consumer_warns_once(
+    nats_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from nats.js.api import ConsumerConfig, StreamConfig
+
+    caplog.set_level(logging.INFO, logger="convlog.log.notices")
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="CONVLOG_ITEMS", subjects=["convlog.items.>"], max_consumers=1))
+        await js.add_consumer("CONVLOG_ITEMS", ConsumerConfig(durable_name="someone-else"))
+    finally:
+        await nc.close()
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "c.db")}, {})
+    async with LogService(settings) as service:
+        service.reconciler.interval = 0.2
+
+        def said(level: int) -> list[str]:
+            return [r.getMessage() for r in caplog.records
+                    if r.levelno >= level and r.getMessage().startswith("notice reconciler:")]
+
+        def failed(times: int) -> None:
+            assert len(said(logging.INFO)) >= times
+
+        await assert_eventually(lambda: failed(4), timeout=10)  # it goes on failing ...
+        (warning,) = said(logging.WARNING)  # ... said loudly once
+        assert "lost turn notices are not redone" in warning and "maximum consumers" in warning, warning
