@@ -106,14 +106,19 @@ class Replies:
             # may publish the items, the notices, the buckets and the JetStream API:
             # answering there would write for someone NATS does not let write.
             log.warning("%s on %s: not answered on %s (not a reply subject)", name, subject[:160], to[:160])
-            return
-        if type(reply_to) is str:
+        elif type(reply_to) is str:
             if reply_to:
                 self._outgoing.append((reply_to, "", payload, headers))
                 self._outgoing_ready.set()
+                return
         else:
             self._responses.append((reply_to, payload, headers))  # type: ignore[arg-type]
             self._outgoing_ready.set()
+            return
+        # Nothing to send, so the replier does not wake: say here that all is answered
+        # when it is (a shutdown waits for that, up to its grace).
+        if not (self._awaiting or self._outgoing or self._responses or self._replying):
+            self._quiet.set()
 
     async def _reply_loop(self) -> None:
         assert self.nc is not None
