@@ -24,9 +24,9 @@ from shared.errors import ConvlogError, UnavailableError
 from shared.messages import AppendReply, AppendRequest
 from shared.nats_seam import NatsSeam
 
-from .handlers import Handlers, encode_outcome, error_reply
+from .handlers import CLOSED, Handlers, encode_outcome, error_reply
 from .replies import Replies, ReplyTo
-from .store.base import LogStore
+from .store.base import LogStore, StoreClosedError
 from .traces import ServiceTraces
 from .verifier import Verifier
 
@@ -92,7 +92,9 @@ class Endpoints(Replies):
                     return
                 # Refused after its timing and span began (a bad batch signature, a closed
                 # store): answered through them, so the span ends and the refusal is timed.
-                if not isinstance(e, ConvlogError):
+                if isinstance(e, StoreClosedError):  # shutting down, or the store failed (logged as such)
+                    e = UnavailableError(CLOSED)
+                elif not isinstance(e, ConvlogError):
                     error_reply(e, subject)  # logs it
                     e = UnavailableError("internal error; the request was not applied")
                 self._awaiting += 1
@@ -125,7 +127,7 @@ class Endpoints(Replies):
         try:
             self._submit(sid, request, answer, trace)
         except Exception as e:  # the store closed meanwhile
-            answer(e if isinstance(e, ConvlogError) else UnavailableError("the store is closed"))
+            answer(e if isinstance(e, ConvlogError) else UnavailableError(CLOSED))
 
     def _answer(
         self, reply_to: ReplyTo, subject: str, submitted_ns: int, outcome: AppendReply | ConvlogError

@@ -35,9 +35,9 @@ from shared.work import NO_TURN_PREFIX, starts_no_turn
 
 from .authorize import Authorizer, signed_head
 from .readahead import ReadAhead
-from .store.base import LogStore
+from .store.base import LogStore, StoreClosedError
 
-__all__ = ["Handlers", "Reply", "ack_size_bound", "encode_outcome", "error_reply"]
+__all__ = ["CLOSED", "Handlers", "Reply", "ack_size_bound", "encode_outcome", "error_reply"]
 
 log = logging.getLogger("convlog.log.handlers")
 
@@ -88,8 +88,15 @@ def ack_size_bound(item_ids: list[str]) -> int:
     return _ACK_FRAME + len(item_ids) * _ACK_PER_ITEM + sum(map(len, item_ids))
 
 
+#: The refusal of a request the store can no longer take: the service is stopping, or
+#: the store failed (its committer's CRITICAL line names the cause, a full disk say).
+CLOSED = "the store is closed; the request was not applied"
+
+
 def error_reply(e: BaseException, subject: str) -> Reply:
     """The wire reply for a failure: its code, or a generic ``unavailable``."""
+    if isinstance(e, StoreClosedError):  # not a bug of the service: said as what it is
+        e = UnavailableError(CLOSED)
     if isinstance(e, ConvlogError):
         headers, payload = to_wire(e)
         return payload, headers
