@@ -7,9 +7,11 @@ generic message (never ``repr(exc)`` on the wire).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -142,6 +144,8 @@ class Handlers:
     head_signer: Signer | None = None  # the log service's key: signs session heads on request
     read_ahead: ReadAhead | None = None  # forward pages: the next one read while this one travels
     current_max_payload: Callable[[], int] | None = None
+    # per session, the user message last come that may not have reached the store yet
+    _arriving: dict[str, asyncio.Future[None]] = field(default_factory=dict, init=False, repr=False)
 
     def _max_payload(self) -> int:
         return self.current_max_payload() if self.current_max_payload is not None else self.max_payload
@@ -189,15 +193,35 @@ class Handlers:
             self.authorize.check_user(sid, item)
             self.authorize.check_route(sid, item, msg.to, msg.to_sig)
         request = self._prepare(AppendRequest(items=[item]), len(body))
-        if msg.to and self.entry_hint and await self.store.last_order(sid) == 0:
-            # Before the append: the outbox may deliver the item to a worker before
-            # this handler resumes, and the worker must already find the entry agent.
-            # The hint is create-only, so a retry or a racing first message is harmless.
-            proof = (EntryProof(item_id=item.item_id, key_id=msg.key_id, to_sig=msg.to_sig)
-                     if msg.key_id and msg.to_sig and item.item_id else None)  # checked above
-            await self.entry_hint(sid, msg.to, proof)
+        async with self._in_arrival_order(sid):
+            if msg.to and self.entry_hint and await self.store.last_order(sid) == 0:
+                # Before the append: the outbox may deliver the item to a worker before
+                # this handler resumes, and the worker must already find the entry agent.
+                # The hint is create-only, so a retry or a racing first message is harmless.
+                proof = (EntryProof(item_id=item.item_id, key_id=msg.key_id, to_sig=msg.to_sig)
+                         if msg.key_id and msg.to_sig and item.item_id else None)  # checked above
+                await self.entry_hint(sid, msg.to, proof)
+        # The store takes the append before this first suspends, so still ahead of the
+        # next message, which resumes one loop turn later at the earliest.
         reply: AppendReply = await self.store.append(sid, request)
         return _encode(reply)
+
+    @contextlib.asynccontextmanager
+    async def _in_arrival_order(self, sid: str) -> AsyncIterator[None]:
+        """Let the user messages of one session reach the store in the order they came
+        (their tasks start in that order): one that waits first (for its entry agent to
+        be written) holds back those behind it, which would otherwise overtake it."""
+        before = self._arriving.get(sid)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._arriving[sid] = mine
+        try:
+            if before is not None and not before.done():
+                await asyncio.wait({before})  # not cancelled along with this request
+            yield
+        finally:
+            mine.set_result(None)
+            if self._arriving.get(sid) is mine:
+                del self._arriving[sid]
 
     async def read(self, subject: str, body: bytes) -> bytes:
         sid = self.subjects.session_of(subject)

@@ -15,6 +15,7 @@ from typing import Any
 
 import nats
 
+from shared.messages import AppendItem
 from shared.nats_seam import flush
 from shared.routing import encode_checkpoint, entry_checkpoint, open_routing_bucket
 from shared.work import Notice, decode_notice, work_subject
@@ -146,7 +147,10 @@ async def _first_messages_racing_a_to(stack: WorkerStack, sid: str) -> AsyncIter
     """Send ``sid``'s first message naming L1Billing with its entry's write to the routing
     bucket held back (a slow KV: replicated, a busy server), then one naming nobody,
     committed at #1 meanwhile; the body runs while the write is still held (released,
-    and the first send awaited, at its end).  Yields the routing bucket."""
+    and the first send awaited, at its end).  Yields the routing bucket.
+
+    The one naming nobody is appended (as an app writing its users' messages does): a
+    second message on ``convlog.in`` waits for the first, to be committed behind it."""
     assert stack.service.notifier is not None
     kv = stack.service.notifier.kv
     real_create = kv.create
@@ -161,7 +165,8 @@ async def _first_messages_racing_a_to(stack: WorkerStack, sid: str) -> AsyncIter
     try:
         with_to = asyncio.create_task(stack.send(sid, "bill me", to="L1Billing"))
         await asyncio.wait_for(writing.wait(), 5)
-        assert (await stack.send(sid, "hello")).last_order == 1
+        hello = AppendItem(agent="user", data={"role": "user", "content": "hello"})
+        assert (await stack.client.append(sid, [hello])).last_order == 1
         yield kv
         release.set()
         await with_to
