@@ -19,7 +19,10 @@ import asyncio
 import contextlib
 import os
 import re
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +83,23 @@ def _decode_utf8(data: bytes, where: str) -> str:
         raise BadRequestError(f"{where} is not valid UTF-8 (byte {e.start} is {data[e.start]:#04x})") from None
 
 
+def _interruptible(read: Callable[[], bytes]) -> bytes:
+    """``read()``, which may block for as long as a person takes to type (standard
+    input, a FIFO), with Ctrl-C raising ``KeyboardInterrupt`` in it (exit 130).
+    asyncio.run's own Ctrl-C handler only cancels the command's task, which a blocking
+    read never returns to: Ctrl-C was ignored, and an input closed after it sent
+    nothing but said the message was empty."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler) or handler is signal.default_int_handler \
+            or threading.current_thread() is not threading.main_thread():
+        return read()  # Ctrl-C ignored, or already KeyboardInterrupt; or not ours to set
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return read()
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
 def message_text(args: argparse.Namespace) -> str:
     """The message to send, from TEXT, standard input (``-``) or ``--file``.
 
@@ -93,13 +113,13 @@ def message_text(args: argparse.Namespace) -> str:
         if path.is_dir():
             raise BadRequestError(f"--file {path}: is a directory")
         try:
-            text = _decode_utf8(path.read_bytes(), f"--file {path}").rstrip("\r\n")
+            text = _decode_utf8(_interruptible(path.read_bytes), f"--file {path}").rstrip("\r\n")
         except FileNotFoundError:
             raise BadRequestError(f"--file {path}: no such file") from None
         except OSError as e:
             raise BadRequestError(f"--file {path}: cannot read it: {e.strerror}") from None
     elif args.text == "-":
-        text = _decode_utf8(sys.stdin.buffer.read(), "standard input").rstrip("\r\n")
+        text = _decode_utf8(_interruptible(sys.stdin.buffer.read), "standard input").rstrip("\r\n")
     elif args.text is not None:
         # Undecodable argv bytes arrive as surrogate escapes: get the bytes back.
         text = _decode_utf8(os.fsencode(args.text), "TEXT")
