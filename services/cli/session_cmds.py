@@ -9,7 +9,8 @@ written there stays there).
 ``send`` prints every item of the turn it starts (handoffs, tool calls,
 replies, with agent names) until the turn ends: the log holds the turn's
 ``reply`` or ``fail`` item (turn-derived ids, :mod:`services.worker.turn_ids`).
-Exit 124 when it does not end in time.
+Exit 124 when it does not end in time, naming the agent it waits for (the last
+handoff's target, else the last agent that wrote for the turn, else ``--to``'s).
 """
 
 from __future__ import annotations
@@ -170,10 +171,11 @@ async def _known_agents(client: Any, settings: Settings) -> tuple[set[str], str]
 async def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     from services.worker.turn_ids import parse_turn_item_id, turn_key
     from shared.client import new_item_id
+    from shared.routing import handoff_target_of
     from shared.signing import writes_as
     from shared.subjects import validate_session_id
 
-    from .render import render_line
+    from .render import printable, render_line
 
     validate_session_id(args.session_id)
     text = message_text(args)
@@ -195,6 +197,9 @@ async def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         user_order = ack.items[0].item_order
         again = " (already stored: this id was sent before)" if ack.items[0].duplicate else ""
         stderr(f"sent #{user_order} to {args.session_id}{again}")
+        # The agent the turn waits for, as far as its items say (and where it was handed it).
+        waiting: str | None = args.to
+        handed: int | None = None
         try:
             # aclosing: a follower left suspended keeps its consumer, whose unread messages
             # made the close's drain wait out nats-py's 30 s.
@@ -211,14 +216,20 @@ async def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
                     print(render_line(env, width=0), flush=True)
                     if tid.terminal:
                         return EXIT_OK
+                    target = handoff_target_of(env.kind, env.data)
+                    waiting, handed = (target, env.item_order) if target is not None else (tid.agent, None)
         except UnavailableError as e:  # the log service stopped answering, not the turn
             raise UnavailableError(
                 f"following the turn of #{user_order} in {args.session_id} (the message is stored): "
                 f"{e.message}; see it with `convlog tail {args.session_id} --after {user_order - 1}` "
                 "once the log service is back") from e
         except TimeoutError:
-            stderr(f"convlog send: the turn of #{user_order} did not end within "
-                   f"{args.timeout:g}s (is a worker running for the session's active agent?)")
+            if waiting is None:
+                why = "is a worker running for the session's active agent?"
+            else:
+                since = f", handed the turn at #{handed}" if handed is not None else ""
+                why = f"waiting for {printable(waiting)}{since}: is a worker running for {printable(waiting)}?"
+            stderr(f"convlog send: the turn of #{user_order} did not end within {args.timeout:g}s ({why})")
             return EXIT_TIMEOUT
     finally:
         await client.close()
