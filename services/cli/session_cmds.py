@@ -194,6 +194,10 @@ async def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
             raise UnavailableError(
                 f"{e.message}; the message may or may not be stored: to retry without writing it "
                 f"twice, send it again with --id {item_id}") from e
+        except asyncio.CancelledError:  # Ctrl-C before the log answered: the outcome is as unknown
+            stderr(f"convlog send: interrupted before the log answered: the message may or may not be "
+                   f"stored: to retry without writing it twice, send it again with --id {item_id}")
+            raise
         user_order = ack.items[0].item_order
         again = " (already stored: this id was sent before)" if ack.items[0].duplicate else ""
         stderr(f"sent #{user_order} to {args.session_id}{again}")
