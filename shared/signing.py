@@ -324,6 +324,11 @@ class Signer:
         at its file at once): asked when the log service refused a signature of ``key_id``."""
         return False
 
+    def refused(self) -> str | None:
+        """Why the key that signs now may not sign, or ``None``: a :class:`KeyFile` whose
+        keyring no longer takes its key (retired, and no successor in the file yet)."""
+        return None
+
     def sign_items(self, session_id: str, items: Iterable[AppendItem]) -> list[AppendItem]:
         """Each item with its ``sig`` and ``key_id`` (every item needs an ``item_id``);
         several items share one batch signature (:func:`sign_batch`)."""
@@ -433,6 +438,10 @@ class KeyFile(Signer):
     def renewed(self, key_id: str | None) -> bool:
         self._looked = float("-inf")  # look now, not within the second
         return self.current().key_id != key_id
+
+    def refused(self) -> str | None:
+        key_id = self.current().key_id
+        return self._accept(key_id) if self._accept is not None else None
 
     def _say(self, why: str) -> None:
         if why != self._said:  # once per cause

@@ -230,7 +230,12 @@ class Handlers:
             raise BadRequestError("tail cannot be combined with after or limit")
         max_payload = self._max_payload()
         budget = max_payload - _REPLY_OVERHEAD
-        if req.head and self.head_signer is not None:
+        # No head from a key the keyring no longer takes (retired, its successor not in
+        # the file yet): it would verify nowhere.
+        signer = self.head_signer if req.head else None
+        if signer is not None and signer.refused() is not None:
+            signer = None
+        if signer is not None:
             budget -= _HEAD_RESERVE  # the signed head is spliced in after the page
         if req.tail is not None:
             # The store stops reading once the items pass the budget: a tail's
@@ -251,8 +256,8 @@ class Handlers:
                 visible=not req.raw,
             )
         head = b""
-        if req.head and self.head_signer is not None:
-            head = b',"head":' + _encode(await signed_head(self.store, self.head_signer, sid))
+        if signer is not None:
+            head = b',"head":' + _encode(await signed_head(self.store, signer, sid))
         # Envelopes are stored encoded; splice them in without re-encoding.
         reply = b"".join(
             (

@@ -103,6 +103,7 @@ class HeadWitness:
         self._held: dict[str, tuple[int, str]] = {}  # session -> (order, hash) of the head it stored last
         self._kv: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._refused: str | None = None  # why the key may not sign, as said last
 
     async def start(self) -> None:
         self._kv = await _bucket(self.nc, self.subjects, create=True, replicas=self.replicas)
@@ -129,7 +130,17 @@ class HeadWitness:
                 log.warning("signing session heads failed: %s: %s", type(e).__name__, e)
 
     async def flush(self) -> None:
-        """Sign and store the head of every session written since the last flush."""
+        """Sign and store the head of every session written since the last flush.
+
+        Not while the log's key may not sign (its keyring retired it, and its file holds
+        no successor yet): such a head verifies nowhere, and once stored it would outlive
+        the successor's arrival (a head moves forward only).  The sessions stay to sign."""
+        if self._dirty and (why := self.signer.refused()) is not None:
+            if why != self._refused:  # said once per cause
+                log.error("session heads not signed until the log service's key may sign: %s", why)
+            self._refused = why
+            return
+        self._refused = None
         dirty, self._dirty = self._dirty, {}
         signed_at = now_rfc3339()
         puts = []

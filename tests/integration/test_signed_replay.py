@@ -346,3 +346,67 @@ async def test_a_row_with_a_tampered_column_still_gets_its_signature_mark(
     assert code == 1 and "item_order 2: " in err and "item_id column 'edited'" in err, err
     lines = out.splitlines()
     assert len(lines) == 3 and all(line.endswith("  [signed]") for line in lines), out
+
+
+# The log service's key retired in its keyring (by hand, a leaked key, or a keyring
+# copied to the log's host before the new log.nk) while the service runs: its key file
+# kept the retired key, and the witness went on signing heads with it, stored over the
+# good ones. Once the new key arrived, a session written in the gap and idle since kept
+# that head (forward only), which no verifier takes: replay --verify FAILED for ever
+# ("head signed at ... by a key retired at ...") on a log that lost nothing.
+async def test_heads_are_not_signed_with_a_retired_log_key_while_its_successor_is_awaited(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    from datetime import UTC, datetime
+
+    from services.log.heads import read_witness_head
+    from shared.signing import LOG
+    from shared.subjects import Subjects
+    from tests.support.eventually import assert_eventually
+
+    keys = tmp_path / "keys"
+    assert await asyncio.to_thread(main, ["keys", "init", "--out", str(keys)]) == 0
+    ring_path = keys / "keyring.json"
+    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "convlog.db"),
+                              "keyring": str(ring_path)},
+                             {"CONVLOG_SIGNING_KEY": str(keys / "log.nk"), "CONVLOG_HEAD_INTERVAL": "0.1"})
+    triage = await LogClient.connect(nats_server.url)
+    triage.signer = Signer.load(keys / "Triage.nk")
+    svc = LogService(settings)
+    await svc.start()
+    try:
+        async def witnessed(order: int) -> None:
+            head = await read_witness_head(triage.nc, Subjects("convlog"), "s")
+            assert head is not None and head.item_order == order, head
+
+        await triage.append("s", [{"agent": "Triage", "data": {"role": "assistant", "content": "one"}}])
+        await assert_eventually(lambda: witnessed(1), timeout=10)
+        ring = Keyring.load(ring_path)
+        old = ring.of_role(LOG)[0].key_id
+        retired = Keyring([msgspec.structs.replace(e, retired_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+                           if e.role == LOG else e for e in ring.entries])
+        fresh = ring_path.with_name("keyring.json.tmp")
+        fresh.write_bytes(retired.dumps())
+        os.replace(fresh, ring_path)  # the log key retired; no new one yet
+        await asyncio.sleep(1.5)  # the service reads its keyring again within a second
+        await triage.append("s", [{"agent": "Triage", "data": {"role": "assistant", "content": "two"}}])
+        await asyncio.sleep(1.0)  # witness rounds in the gap
+        ring_arg = ("--keyring", str(ring_path), "--nats-url", nats_server.url, "--no-embedded")
+        # In the gap: the witness head of #1 (signed before the retirement) holds, and no
+        # head is signed on request (it too was signed with the retired key: FAILED).
+        code, _, err = await _cli("replay", "s", "--verify", "--quiet", *ring_arg)
+        assert code == 0 and "signed head at item_order 1" in err, err
+        assert await asyncio.to_thread(main, ["keys", "rotate", "log", "--dir", str(keys)]) == 0  # its successor
+        new = next(e.key_id for e in Keyring.load(ring_path).of_role(LOG) if e.retired_at is None)
+        assert new != old
+
+        async def signed_by_the_new_key() -> None:
+            head = await read_witness_head(triage.nc, Subjects("convlog"), "s")
+            assert head is not None and head.item_order == 2 and head.key_id == new, head
+
+        await assert_eventually(signed_by_the_new_key, timeout=10)
+        code, _, err = await _cli("replay", "s", "--verify", "--quiet", *ring_arg)
+        assert code == 0 and "verified: s: 2 items" in err and "signed head at item_order 2" in err, err
+    finally:
+        await svc.shutdown()
+        await triage.close()
