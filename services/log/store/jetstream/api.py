@@ -28,7 +28,9 @@ from shared.inbox import Message, RoutedInbox, atomic_batch
 from shared.nats_seam import seam_for
 from shared.wire import over_max_payload
 
-__all__ = ["RESEND_AFTER", "Acks", "BatchAck", "DirectGet", "IdTaken", "OutcomeUnknown", "WrongLastSequence"]
+__all__ = [
+    "RESEND_AFTER", "Acks", "BatchAck", "DirectGet", "IdTaken", "InProcess", "OutcomeUnknown", "WrongLastSequence",
+]
 
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
@@ -55,6 +57,13 @@ _HEADERS_BOUND = 64 << 10
 
 class WrongLastSequence(Exception):
     """An expected-last-subject-sequence check failed: nothing was stored."""
+
+
+class InProcess(WrongLastSequence):
+    """On a clustered stream, a publish with the same ``Nats-Msg-Id`` (``<sid>:<order>``)
+    is still being replicated ("duplicate message id is in process"): nothing of this
+    publish was stored, and the one in process may be stored yet (another instance's,
+    or this append's own unanswered publish)."""
 
 
 class IdTaken(Exception):
@@ -103,7 +112,7 @@ def _ack(data: bytes, n: int) -> BatchAck:
         # On a clustered stream, two instances proposing one <sid>:<order> at
         # once get "duplicate message id is in process": a moved head too.
         if "duplicate message id" in description:
-            raise WrongLastSequence(description)
+            raise InProcess(description)
         raise UnavailableError(f"the log stream refused the append: {description or err}")
     return BatchAck(last_seq=int(ack["seq"]), count=int(ack.get("count") or n), duplicate=bool(ack.get("duplicate")))
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from shared.errors import ConvlogError, UnavailableError
 
 from ..ordering import Row
-from .api import Acks, BatchAck, IdTaken, Message, OutcomeUnknown, WrongLastSequence
+from .api import Acks, BatchAck, IdTaken, InProcess, Message, OutcomeUnknown, WrongLastSequence
 from .index import seq_of
 from .layout import Layout
 from .reads import StreamReads
@@ -90,7 +90,9 @@ class Settler:
         original, if it arrived, has been stored or refused.  If the copy is
         stored, the original was not (it would have failed the copy's
         expectations); otherwise the item subject of the first row says
-        whether the stream holds ours.
+        whether the stream holds ours.  A copy answered "in process" (on a cluster
+        without quorum the original may still be replicating, and be stored once
+        it is back) settles nothing: it is sent again.
 
         Raises:
             WrongLastSequence: ours was not stored (decide again).
@@ -100,11 +102,11 @@ class Settler:
         for _ in range(_ATTEMPTS):
             try:
                 ack = await (acks.publish(*msgs[0]) if len(msgs) == 1 else acks.publish_atomic(msgs))
-            except (WrongLastSequence, IdTaken):
-                break
-            except (OutcomeUnknown, UnavailableError):
+            except (InProcess, OutcomeUnknown, UnavailableError):
                 await asyncio.sleep(0.5)
                 continue
+            except (WrongLastSequence, IdTaken):
+                break
             if not ack.duplicate:
                 return list(range(ack.first_seq, ack.first_seq + len(rows)))
             break
@@ -117,19 +119,28 @@ class Settler:
 
     async def combined(self, msgs: list[Message], sid: str, first_rows: Sequence[Row]) -> int | None:
         """A combined batch (several sessions) got no answer: send it again
-        (see :meth:`unknown`); the subject of its first row (``first_rows``,
-        of session ``sid``) says whether the stream holds ours.  Returns the
+        (see :meth:`unknown`; again while it is answered "in process"); the
+        subject of its first row (``first_rows``, of session ``sid``) says
+        whether the stream holds ours.  Returns the
         batch's first sequence, or None when ours was not stored.
 
         Raises:
-            OutcomeStillUnknown: the stream could not be asked.
+            OutcomeStillUnknown: the stream could not be asked, or a batch with
+                its ids was still in process (replicating) after every copy.
         """
-        try:
-            ack = await self._acks().publish_atomic(msgs)
-            if not ack.duplicate:
-                return ack.first_seq
-        except (WrongLastSequence, IdTaken, OutcomeUnknown, UnavailableError):
-            pass
+        for _ in range(_ATTEMPTS):
+            try:
+                ack = await self._acks().publish_atomic(msgs)
+                if not ack.duplicate:
+                    return ack.first_seq
+            except InProcess:  # the original may be stored yet: not settled
+                await asyncio.sleep(0.5)
+                continue
+            except (WrongLastSequence, IdTaken, OutcomeUnknown, UnavailableError):
+                pass
+            break
+        else:
+            raise _unknown()
         try:
             found = await self.ours(sid, first_rows)
         except ConvlogError as e:
