@@ -279,3 +279,14 @@ def test_systemd_log_unit_keeps_its_database_in_its_state_directory_unless_the_e
     assert load_settings({}, env, check_paths=False).db_path == Path("/var/lib/convlog/convlog.db")
     moved = load_settings({}, {**env, "CONVLOG_DB": "/srv/convlog/log.db"}, check_paths=False)
     assert moved.db_path == Path("/srv/convlog/log.db")
+
+
+# A log service that dies at its first append while the disk is still full restarts every
+# second: systemd's default start limit (5 in 10 s) then left it failed for good, and it
+# did not come back once space was freed.
+@pytest.mark.parametrize("unit", [u for u in UNITS if u.name != "convlog-health.service"],
+                         ids=lambda p: p.name)
+def test_systemd_restarting_units_never_give_up_restarting(unit: Path) -> None:
+    u = read_unit(unit)
+    assert u["Service"]["Restart"] in (["always"], ["on-failure"])
+    assert u["Unit"].get("StartLimitIntervalSec") == ["0"], unit.name
