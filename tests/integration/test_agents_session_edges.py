@@ -282,25 +282,30 @@ async def _copy_consumers(client: LogClient) -> list[str]:
     return [i.name for i in infos if i.name.startswith("convlog-copy-")]
 
 
+async def _close_while_the_copy_makes_its_consumer(session: ConvlogSession, client: LogClient) -> None:
+    """Start ``session``'s first read, and close the session once its copy has subscribed
+    and asks for its consumer (the caller gives up while that read is in flight)."""
+    read = asyncio.create_task(session.get_items())
+    for _ in range(1000):
+        await asyncio.sleep(0)
+        state = session._shared.get(client)
+        copy = state.copy if state is not None else None
+        if copy is not None and copy._sub is not None:
+            break
+    assert copy is not None and copy._sub is not None and copy._consumer is None
+    await session.close()
+    with contextlib.suppress(Exception):
+        await read
+
+
 async def test_close_while_the_first_read_creates_the_consumer_leaves_no_consumer(
     log_url: str, log_client: LogClient
 ) -> None:
     sid = "close_during_follow"
     await log_client.append(sid, [{"agent": "x", "data": _user("one")}])
     mine = await LogClient.connect(log_url)  # an app's client: close() leaves it open
-    session = ConvlogSession(sid, client=mine)
     try:
-        read = asyncio.create_task(session.get_items())
-        for _ in range(1000):  # until the copy has subscribed and asks for its consumer
-            await asyncio.sleep(0)
-            state = session._shared.get(mine)
-            copy = state.copy if state is not None else None
-            if copy is not None and copy._sub is not None:
-                break
-        assert copy is not None and copy._sub is not None and copy._consumer is None
-        await session.close()  # the caller gives up while its first read is in flight
-        with contextlib.suppress(Exception):
-            await read
+        await _close_while_the_copy_makes_its_consumer(ConvlogSession(sid, client=mine), mine)
         # README: close() stops the copy's consumer; a closed session follows nothing.
         await asyncio.sleep(0.5)
         assert await _copy_consumers(log_client) == []
@@ -470,19 +475,8 @@ async def test_a_read_in_flight_at_close_leaves_nothing_that_keeps_a_later_sessi
     sid = "close_during_read"
     await log_client.append(sid, [{"agent": "x", "data": _user("one")}])
     mine = await LogClient.connect(log_url)  # an app's client: close() leaves it open
-    session = ConvlogSession(sid, client=mine)
     try:
-        read = asyncio.create_task(session.get_items())
-        for _ in range(1000):  # until the copy has subscribed and asks for its consumer
-            await asyncio.sleep(0)
-            state = session._shared.get(mine)
-            copy = state.copy if state is not None else None
-            if copy is not None and copy._sub is not None:
-                break
-        assert copy is not None and copy._sub is not None and copy._consumer is None
-        await session.close()  # the caller gives up while its read is in flight
-        with contextlib.suppress(Exception):
-            await read
+        await _close_while_the_copy_makes_its_consumer(ConvlogSession(sid, client=mine), mine)
         later = ConvlogSession(sid, client=mine)
         assert [i["content"] for i in await later.get_items()] == ["one"]
         assert len(await _copy_consumers(log_client)) == 1  # the later session follows
