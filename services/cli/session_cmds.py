@@ -59,7 +59,7 @@ def send_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", metavar="TEXT", nargs="?",
                    help="the message (UTF-8); `-` reads it from standard input")
     p.add_argument("--file", metavar="PATH", dest="text_file",
-                   help="read the message from this UTF-8 file instead of TEXT")
+                   help="read the message from this UTF-8 file instead of TEXT (- for standard input)")
     p.add_argument("--to", metavar="AGENT", help="entry agent, when this starts the session")
     p.add_argument("--agents", help="agents TOML naming the agents --to may pick [CONVLOG_AGENTS, "
                                     "default: the packaged seed support system]")
@@ -102,14 +102,16 @@ def _interruptible(read: Callable[[], bytes]) -> bytes:
 
 
 def message_text(args: argparse.Namespace) -> str:
-    """The message to send, from TEXT, standard input (``-``) or ``--file``.
+    """The message to send, from TEXT, standard input (``-``, or ``--file -``) or ``--file``.
 
     Raises:
         BadRequestError: none or both given, unreadable, not UTF-8, or blank.
     """
     if args.text is not None and args.text_file is not None:
         raise BadRequestError("give the message as TEXT or with --file, not both")
-    if args.text_file is not None:
+    if args.text_file == "-":  # as TEXT `-`: the usual spelling of standard input for a file
+        text = _decode_utf8(_interruptible(sys.stdin.buffer.read), "standard input").rstrip("\r\n")
+    elif args.text_file is not None:
         path = Path(args.text_file)
         if path.is_dir():
             raise BadRequestError(f"--file {path}: is a directory")

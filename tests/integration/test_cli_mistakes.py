@@ -387,12 +387,17 @@ async def test_send_refuses_before_writing_and_reads_stdin_and_files(
     rc, _, err = await convlog(tmp_path, "send", "r3", "--file", str(msg), "--timeout", "0.5",
                                env=env)
     assert rc == EXIT_TIMEOUT, err
+    # `--file -` is standard input too (it looked for a file named "-": exit 2, nothing sent).
+    rc, _, err = await convlog(tmp_path, "send", "r3", "--file", "-", "--timeout", "0.5", env=env,
+                               stdin=b"piped with --file -\n")
+    assert rc == EXIT_TIMEOUT, err
     client = await LogClient.connect(log_url)
     try:
         items = await client.items("r3")
     finally:
         await client.close()
-    assert [e.data["content"] for e in items] == ["from stdin, ünïcode", "line one\nline two"]
+    assert [e.data["content"] for e in items] == ["from stdin, ünïcode", "line one\nline two",
+                                                   "piped with --file -"]
 
     # --id: the same message sent twice with one id (a retry after an unknown outcome)
     # is stored once, and the second send says so.
