@@ -133,19 +133,23 @@ async def test_a_cancelled_add_items_with_an_unknown_outcome_keeps_its_key(
         await mine.close()
 
 
-async def test_close_while_add_items_is_in_flight_answers_promptly(
-    log_url: str, log_client: LogClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The log service (in this process) commits at once but answers 0.3 s later.
+def _answer_late(monkeypatch: pytest.MonkeyPatch, delay: float) -> None:
+    """The log service (in this process) commits at once but answers ``delay`` s later."""
     from services.log.store.sqlite.recorder import SQLiteStore
 
     submit = SQLiteStore.submit
 
     def slow_answer(self: Any, sid: str, req: Any, done: Any, **kw: Any) -> None:
         loop = asyncio.get_running_loop()
-        submit(self, sid, req, lambda r: loop.call_later(0.3, done, r), **kw)
+        submit(self, sid, req, lambda r: loop.call_later(delay, done, r), **kw)
 
     monkeypatch.setattr(SQLiteStore, "submit", slow_answer)
+
+
+async def test_close_while_add_items_is_in_flight_answers_promptly(
+    log_url: str, log_client: LogClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _answer_late(monkeypatch, 0.3)
     session = ConvlogSession.from_url("closing_inflight", url=log_url)
     await session.get_items()  # connected and following
     task = asyncio.create_task(session.add_items([_user("in flight")]))
@@ -370,16 +374,7 @@ async def test_a_call_the_log_forbids_fails_alone_in_a_combined_append(triage_si
 async def test_a_close_cancelled_while_it_waits_for_a_write_can_be_called_again(
     log_url: str, log_client: LogClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The log service (in this process) commits at once but answers 0.5 s later.
-    from services.log.store.sqlite.recorder import SQLiteStore
-
-    submit = SQLiteStore.submit
-
-    def slow_answer(self: Any, sid: str, req: Any, done: Any, **kw: Any) -> None:
-        loop = asyncio.get_running_loop()
-        submit(self, sid, req, lambda r: loop.call_later(0.5, done, r), **kw)
-
-    monkeypatch.setattr(SQLiteStore, "submit", slow_answer)
+    _answer_late(monkeypatch, 0.5)
     session = ConvlogSession.from_url("close_cancelled", url=log_url)
     await session.get_items()  # connected and following
     own = session.client
@@ -429,21 +424,13 @@ async def test_close_from_another_loop_while_add_items_is_in_flight_lets_it_fini
     # append, whose caller then heard no answer (the append had committed).
     import threading
 
-    from services.log.store.sqlite.recorder import SQLiteStore
-
-    submit = SQLiteStore.submit
-
-    def slow_answer(self: Any, sid: str, req: Any, done: Any, **kw: Any) -> None:
-        loop = asyncio.get_running_loop()
-        submit(self, sid, req, lambda r: loop.call_later(0.3, done, r), **kw)
-
     session = ConvlogSession.from_url("closing_other_loop", url=log_url)
     sent = threading.Event()
     outcome: list[str] = []
 
     async def in_thread() -> None:
         await session.get_items()  # connected and following, on this thread's loop
-        monkeypatch.setattr(SQLiteStore, "submit", slow_answer)
+        _answer_late(monkeypatch, 0.3)
         task = asyncio.create_task(session.add_items([_user("in flight")]))
         await asyncio.sleep(0.1)  # the append is sent (and committed); its answer is on its way
         sent.set()
