@@ -10,6 +10,8 @@ its handoff append back to the log service, and on to L1Billing's worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +41,7 @@ async def test_one_user_message_is_one_trace_from_send_to_the_last_agent(
     # JetStream the store writes it with the items, and the items stream keeps it.
     settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
                               "grace": 2, "store": store}, environ={})
-    service = LogService(settings)
-    await service.start()
-    spec = load_spec(SEED_SPEC)
-    workers = [Worker(settings, spec, agent, make_model_client(None)) for agent in ("Triage", "L1Billing")]
-    runs = [asyncio.create_task(w.run()) for w in workers]
-    client = await LogClient.connect(nats_server.url)
-    try:
-        await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in workers)), 20)
+    async with _seed_stack(settings) as (_, _, client):
         ack = await client.send("t1", "Hi, I was charged twice for my subscription this month.")
 
         async def answered() -> None:
@@ -56,8 +51,6 @@ async def test_one_user_message_is_one_trace_from_send_to_the_last_agent(
         await assert_eventually(answered, timeout=20)
         for name, agent in (("convlog.turn", "Triage"), ("convlog.turn", "L1Billing")):
             await assert_eventually(lambda n=name, a=agent: _find(spans, n, agent=a), timeout=5)
-    finally:
-        await _stop(client, workers, runs, service)
 
     send = _find(spans, "convlog.send", session_id="t1")
     trace_id = send.context.trace_id
@@ -104,6 +97,24 @@ def _assert_child_of(msg: Any, span: Any) -> None:
     parent = (msg.headers or {}).get("traceparent")
     assert parent is not None, msg.headers
     assert parent.split("-")[1:3] == [f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"]
+
+
+@contextlib.asynccontextmanager
+async def _seed_stack(settings: Any, agents: tuple[str, ...] = ("Triage", "L1Billing"),
+                      ) -> AsyncIterator[tuple[LogService, list[Worker], LogClient]]:
+    """A log service and a worker per agent of the seed spec (offline model), all ready,
+    and a client; stopped (:func:`_stop`) on the way out."""
+    service = LogService(settings)
+    await service.start()
+    spec = load_spec(SEED_SPEC)
+    workers = [Worker(settings, spec, agent, make_model_client(None)) for agent in agents]
+    runs = [asyncio.create_task(w.run()) for w in workers]
+    client = await LogClient.connect(settings.nats_url)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in workers)), 20)
+        yield service, workers, client
+    finally:
+        await _stop(client, workers, runs, service)
 
 
 async def _stop(client: LogClient, workers: list[Worker], runs: list[Any], service: LogService) -> None:
@@ -225,22 +236,12 @@ async def test_a_forwarded_notice_continues_the_user_messages_trace(
 ) -> None:
     settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"), "grace": 2},
                              environ={})
-    service = LogService(settings)
-    await service.start()
-    spec = load_spec(SEED_SPEC)
-    workers = [Worker(settings, spec, agent, make_model_client(None))
-               for agent in ("Triage", "L1Billing", "L1Technical")]
-    runs = [asyncio.create_task(w.run()) for w in workers]
-    client = await LogClient.connect(nats_server.url)
-    try:
-        await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in workers)), 20)
+    async with _seed_stack(settings, ("Triage", "L1Billing", "L1Technical")) as (service, workers, client):
         assert service.notifier is not None
         service.notifier.note_active("f1", "L1Technical")  # stale: the log says Triage
         await client.send("f1", "Hi, I was charged twice for my subscription this month.")
         await assert_eventually(lambda: _find(spans, "convlog.turn", agent="Triage", session_id="f1"), timeout=20)
         assert workers[2].tally.forwarded == 1
-    finally:
-        await _stop(client, workers, runs, service)
 
     send = _find(spans, "convlog.send", session_id="f1")
     log_in = _find(spans, "convlog.log.in", session_id="f1")
@@ -302,21 +303,12 @@ async def test_a_handoff_notice_not_sent_at_once_still_continues_the_trace(
 ) -> None:
     settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"), "grace": 2,
                               "store": "jetstream", "nats_seam": "public"}, environ={})
-    service = LogService(settings)
-    await service.start()
-    spec = load_spec(SEED_SPEC)
-    workers = [Worker(settings, spec, agent, make_model_client(None)) for agent in ("Triage", "L1Billing")]
-    runs = [asyncio.create_task(w.run()) for w in workers]
-    client = await LogClient.connect(nats_server.url)
-    try:
-        await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in workers)), 20)
+    async with _seed_stack(settings) as (_, _, client):
         for i in range(5):
             await client.send(f"h{i}", "Hi, I was charged twice for my subscription this month.")
         for i in range(5):
             await assert_eventually(lambda i=i: _find(spans, "convlog.turn", agent="L1Billing", session_id=f"h{i}"),
                                     timeout=20)
-    finally:
-        await _stop(client, workers, runs, service)
 
     for i in range(5):
         send = _find(spans, "convlog.send", session_id=f"h{i}")
