@@ -292,6 +292,19 @@ def test_a_live_tail_refused_by_a_proxy_is_opened_again(demo_web: Demo, log: Loo
 
 # Page Visibility as the browser reports it, set from the test: a hidden tab (another tab
 # in front, a minimized window) is what a reviewer with many console tabs has.
+def _verified_tab(context: Any, url: str, errors: list[str], *, init_script: str | None = None) -> Any:
+    """A new tab of ``context`` on the session page ``url``, once its chain verified;
+    its page errors go to ``errors``."""
+    pg = context.new_page()
+    pg.set_default_timeout(15_000)
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    if init_script is not None:
+        pg.add_init_script(init_script)
+    pg.goto(url)
+    wait_badge(pg, "good")
+    return pg
+
+
 HIDDEN_TAB = """
 (() => {
   let state = "hidden";
@@ -320,14 +333,8 @@ def test_hidden_tabs_release_their_live_tails_so_an_eighth_tab_loads_and_goes_li
     try:
         pages = []
         for n in range(8):
-            pg = context.new_page()
-            pg.set_default_timeout(15_000)
-            pg.on("pageerror", lambda e: errors.append(str(e)))
-            if n < 7:
-                pg.add_init_script(HIDDEN_TAB)
-            pg.goto(f"{demo_web.url}/sessions/{sid}")
-            wait_badge(pg, "good")
-            pages.append(pg)
+            pages.append(_verified_tab(context, f"{demo_web.url}/sessions/{sid}", errors,
+                                       init_script=HIDDEN_TAB if n < 7 else None))
         last = pages[-1]
         last.wait_for_function("window.__convlog.live === 'on'")
         for pg in pages[:-1]:
@@ -386,12 +393,7 @@ def test_seven_visible_tabs_all_load_and_the_later_ones_wait_their_turn_to_go_li
     try:
         pages = []
         for _ in range(7):
-            pg = context.new_page()
-            pg.set_default_timeout(15_000)
-            pg.on("pageerror", lambda e: errors.append(str(e)))
-            pg.goto(f"{demo_web.url}/sessions/{sid}")  # the seventh timed out here
-            wait_badge(pg, "good")
-            pages.append(pg)
+            pages.append(_verified_tab(context, f"{demo_web.url}/sessions/{sid}", errors))  # the seventh timed out
         for pg in pages:
             pg.wait_for_function("['on', 'waiting'].includes(window.__convlog.live)")
         live = [pg for pg in pages if pg.evaluate("window.__convlog.live") == "on"]
