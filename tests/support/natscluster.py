@@ -43,6 +43,8 @@ class NatsCluster:
         size: number of nodes.
         name: ``--cluster_name``.
         extra_args: extra command line arguments for every node.
+        tag_nodes: give each node its name as a server tag (``n1``, …), so a
+            stream can be placed on one node (``placement: {"tags": ["n2"]}``).
         attempts: how many times to retry the start after a port race.
     """
 
@@ -53,12 +55,14 @@ class NatsCluster:
         size: int = 3,
         name: str = "convlog-test",
         extra_args: Sequence[str] = (),
+        tag_nodes: bool = False,
         attempts: int = 3,
     ) -> None:
         self.tmp_dir = Path(tmp_dir)
         self.size = size
         self.name = name
         self.extra_args = tuple(extra_args)
+        self.tag_nodes = tag_nodes
         self.attempts = attempts
         self.servers: list[NatsServer] = []
 
@@ -93,6 +97,7 @@ class NatsCluster:
                 cluster_port=port,
                 routes=[f"nats://127.0.0.1:{p}" for p in ports if p != port],
                 extra_args=self.extra_args,
+                config=f'server_tags: ["n{i + 1}"]' if self.tag_nodes else None,
             )
             for i, port in enumerate(ports)
         ]

@@ -209,9 +209,19 @@ class BatchWriter:
                 left[sid] = idx
                 continue
             chunk.append(part)
-        stored = await asyncio.gather(*(self._store_merged(k, parts) for k, parts in shards.items()))
+        # Each shard's batch is its own: one whose outcome stays unknown (its stream does
+        # not answer) must not fail the batches the other shards stored.
+        stored = await asyncio.gather(
+            *(self._store_merged(k, parts) for k, parts in shards.items()), return_exceptions=True
+        )
         for parts, ok in zip(shards.values(), stored, strict=True):
+            if isinstance(ok, BaseException) and not isinstance(ok, ConvlogError):
+                raise ok
             for part in parts:
+                if isinstance(ok, ConvlogError):  # OutcomeStillUnknown: the callers retry with the same ids
+                    for i in part.idx:
+                        outcomes[i] = ok
+                    continue
                 if not ok:
                     left[part.sid] = part.idx
                     continue
