@@ -100,3 +100,27 @@ async def test_a_deleted_log_stream_is_refused_not_made_again_empty(nats_server:
         assert (await js.stream_info(subjects.stream_name)).state.messages == 8  # the fan-out kept its items
     finally:
         await nc.close()
+
+
+async def test_two_prefixes_of_the_same_stream_names_opening_at_once_one_is_refused(
+    nats_server: NatsServer,
+) -> None:
+    # ``x.y`` and ``x_y`` name the same streams (X_Y_LOG_0, X_Y_ITEMS).  The loser of the
+    # race for a stream found the winner's, capturing the other prefix's subjects, and
+    # checked only its shard count: it opened, and each of its appends went to subjects no
+    # stream captures.  It must refuse the stream as it refuses an existing one.
+    for i in range(5):
+        pair = [Subjects(f"x{i}.y"), Subjects(f"x{i}_y")]
+        assert pair[0].stream_name == pair[1].stream_name
+        stores = [JetStreamStore({"servers": [nats_server.url]}, subjects=s, replicas=1, timeout=2.0) for s in pair]
+        results = await asyncio.gather(*(s.open() for s in stores), return_exceptions=True)
+        try:
+            opened = [s for s, r in zip(stores, results, strict=True) if r is None]
+            refused = [r for r in results if r is not None]
+            assert len(opened) == 1, results
+            assert isinstance(refused[0], StreamConfigError), refused
+            assert "belongs to another prefix" in str(refused[0])
+        finally:
+            for s, r in zip(stores, results, strict=True):
+                if r is None:
+                    await s.close()

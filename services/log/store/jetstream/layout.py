@@ -324,8 +324,11 @@ async def ensure_streams(
         if "error" in created:
             if created["error"].get("err_code") != _STREAM_NAME_IN_USE:
                 raise _failed(f"cannot create stream {name}", created)
-            # Another instance won the race: its stream, made with its shard count, must fit ours.
-            _check_shards(layout, name, (await _created_by_another(nc, name, timeout))["config"])
+            # Another instance won the race: its stream (made with its shard count, for its
+            # prefix: ``a.b`` and ``a_b`` name the same streams) must fit ours, as one found is.
+            theirs = (await _created_by_another(nc, name, timeout))["config"]
+            _check_shards(layout, name, theirs)
+            _check_log_stream(layout, k, theirs)
     if items is None:
         created = await _api(nc, f"STREAM.CREATE.{layout.stream}", layout.items_stream_config(replicas), timeout)
         if "error" in created:
