@@ -388,3 +388,61 @@ async def test_a_full_log_stream_is_named_not_taken_for_contention(nats_server: 
     finally:
         await nc.close()
         await store.close()
+
+
+async def test_a_full_log_stream_is_named_when_the_answer_to_the_append_was_lost(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A log stream at a limit, and the answer to the publish lost (the server paused
+    past the store's resend time).  The copy sent to settle it is refused by the stream
+    ("maximum messages exceeded"): answered, so the original was stored or refused
+    before it, and the first item's subject says which.  That refusal was taken for a
+    stream that could not be asked: the copy was sent again every 0.5 s, 16 times, and
+    the append answered "the outcome of an append is unknown" -- of a publish that was
+    not stored.  It is named now, as without the lost answer."""
+    import dataclasses
+
+    from nats.js.api import DiscardPolicy
+
+    from shared.errors import UnavailableError
+
+    subjects = Subjects(prefix_for(tmp_path))
+    first = JetStreamStore({"servers": [nats_server.url]}, subjects=subjects)
+    await first.open()
+    nc = await nats.connect(nats_server.url)
+    try:
+        await first.append("s", req(item("one")))
+        js = nc.jetstream()
+        log_stream = next(si for si in await js.streams_info() if si.config.name.endswith("_LOG_0"))
+        await js.update_stream(dataclasses.replace(log_stream.config, max_msgs=log_stream.state.messages,
+                                                   discard=DiscardPolicy.NEW))
+    finally:
+        await nc.close()
+        await first.close()
+
+    store = JetStreamStore({"servers": [nats_server.url]}, subjects=subjects, timeout=0.5)
+    await store.open()
+    real = DirectGet.last
+    paused: list[bool] = []
+
+    async def then_pause_the_server(self: DirectGet, subject: str) -> Any:
+        msg = await real(self, subject)
+        if subject == store.layout.session_filter("s") and not paused:
+            # The head is read: the publish that follows is answered after the store
+            # gave up waiting for it (0.5 s).
+            paused.append(True)
+            nats_server.pause()
+            asyncio.get_running_loop().call_later(0.8, nats_server.resume)
+        return msg
+
+    monkeypatch.setattr(DirectGet, "last", then_pause_the_server)
+    try:
+        with pytest.raises(UnavailableError) as e:
+            await store.append("s", req(item("two")))
+        assert paused and store._writer.unknown == 1
+        assert "maximum messages exceeded" in e.value.message, e.value.message
+        monkeypatch.undo()
+        assert [env.data["content"] for env in await read_all(store, "s")] == ["one"]
+    finally:
+        nats_server.resume()
+        await store.close()

@@ -29,7 +29,8 @@ from shared.nats_seam import seam_for
 from shared.wire import over_max_payload
 
 __all__ = [
-    "RESEND_AFTER", "Acks", "BatchAck", "DirectGet", "IdTaken", "InProcess", "OutcomeUnknown", "WrongLastSequence",
+    "RESEND_AFTER", "Acks", "BatchAck", "DirectGet", "IdTaken", "InProcess", "OutcomeUnknown", "Refused",
+    "WrongLastSequence",
 ]
 
 MSG_ID = "Nats-Msg-Id"
@@ -68,6 +69,13 @@ class InProcess(WrongLastSequence):
 
 class IdTaken(Exception):
     """An item subject already holds a message (its ``item_id`` is stored): nothing was stored."""
+
+
+class Refused(UnavailableError):
+    """The stream answered the publish with an error of no kind above (a limit reached:
+    max_msgs, max_bytes, the server's storage): nothing of it was stored.  Unlike the
+    other :class:`~shared.errors.UnavailableError` of a publish (no stream answers, NATS
+    unreachable), an answer: the stream took this connection's earlier messages first."""
 
 
 class OutcomeUnknown(Exception):
@@ -113,7 +121,7 @@ def _ack(data: bytes, n: int) -> BatchAck:
         # once get "duplicate message id is in process": a moved head too.
         if "duplicate message id" in description:
             raise InProcess(description)
-        raise UnavailableError(f"the log stream refused the append: {description or err}")
+        raise Refused(f"the log stream refused the append: {description or err}")
     return BatchAck(last_seq=int(ack["seq"]), count=int(ack.get("count") or n), duplicate=bool(ack.get("duplicate")))
 
 

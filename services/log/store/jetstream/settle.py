@@ -21,7 +21,16 @@ from collections.abc import Callable, Sequence
 from shared.errors import ConvlogError, UnavailableError
 
 from ..ordering import Row
-from .api import Acks, BatchAck, IdTaken, InProcess, Message, OutcomeUnknown, WrongLastSequence
+from .api import (
+    Acks,
+    BatchAck,
+    IdTaken,
+    InProcess,
+    Message,
+    OutcomeUnknown,
+    Refused,
+    WrongLastSequence,
+)
 from .index import seq_of
 from .layout import Layout
 from .reads import StreamReads
@@ -92,16 +101,23 @@ class Settler:
         expectations); otherwise the item subject of the first row says
         whether the stream holds ours.  A copy answered "in process" (on a cluster
         without quorum the original may still be replicating, and be stored once
-        it is back) settles nothing: it is sent again.
+        it is back) settles nothing: it is sent again.  A copy the stream refuses (a
+        limit reached) is answered: if ours is not stored either, that refusal is
+        the append's.
 
         Raises:
             WrongLastSequence: ours was not stored (decide again).
+            Refused: ours was not stored, and the stream refuses it (its reason).
             OutcomeStillUnknown: no answer to the copies either.
         """
         acks = self._acks()
+        refused: Refused | None = None
         for _ in range(_ATTEMPTS):
             try:
                 ack = await (acks.publish(*msgs[0]) if len(msgs) == 1 else acks.publish_atomic(msgs))
+            except Refused as e:  # an answer: the original was stored or refused before it
+                refused = e
+                break
             except (InProcess, OutcomeUnknown, UnavailableError):
                 await asyncio.sleep(0.5)
                 continue
@@ -114,6 +130,8 @@ class Settler:
             raise _unknown()
         found = await self.ours(sid, rows)
         if found is None:
+            if refused is not None:
+                raise refused  # nothing stored, and the stream says why (a full stream)
             raise WrongLastSequence("another append was stored first")  # decide again
         return found
 
