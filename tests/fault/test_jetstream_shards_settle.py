@@ -26,6 +26,7 @@ import pytest
 from services.log.store.jetstream import JetStreamStore
 from services.log.store.jetstream.layout import Layout
 from services.log.store.jetstream.settle import OutcomeStillUnknown
+from shared.errors import UnavailableError
 from shared.subjects import Subjects
 from tests.contract.store_helpers import envs, item, req
 from tests.support.eventually import assert_eventually
@@ -48,15 +49,12 @@ async def tagged_cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
         await asyncio.to_thread(cluster.stop)
 
 
-async def test_a_shard_whose_combined_batch_is_unsettled_leaves_the_other_shards_appends_stored(
-    tagged_cluster: NatsCluster,
-) -> None:
-    subjects = Subjects("shardsettle")
+async def _two_shards_on_two_nodes(cluster: NatsCluster, subjects: Subjects) -> tuple[str, str]:
+    """Shard k's R1 log stream placed on node k+1 (the store takes log streams it finds);
+    returns a session of each shard."""
     layout = Layout(subjects, SHARDS)
-    ok_shard, lost_shard = 0, 1
-    ok_node, lost_node = tagged_cluster.servers[0], tagged_cluster.servers[1]
-    nc = await nats.connect(ok_node.url)
-    try:  # shard k's R1 log stream on node k+1 (the store takes log streams it finds)
+    nc = await nats.connect(cluster.servers[0].url)
+    try:
         for k in range(SHARDS):
             config = {**layout.log_stream_config(k, 1), "placement": {"tags": [f"n{k + 1}"]}}
 
@@ -70,8 +68,15 @@ async def test_a_shard_whose_combined_batch_is_unsettled_leaves_the_other_shards
     finally:
         await nc.close()
     sids = [f"s{n}" for n in range(100)]
-    ok_sid = next(s for s in sids if layout.shard_of(s) == ok_shard)
-    lost_sid = next(s for s in sids if layout.shard_of(s) == lost_shard)
+    return (next(s for s in sids if layout.shard_of(s) == 0), next(s for s in sids if layout.shard_of(s) == 1))
+
+
+async def test_a_shard_whose_combined_batch_is_unsettled_leaves_the_other_shards_appends_stored(
+    tagged_cluster: NatsCluster,
+) -> None:
+    subjects = Subjects("shardsettle")
+    ok_sid, lost_sid = await _two_shards_on_two_nodes(tagged_cluster, subjects)
+    ok_node, lost_node = tagged_cluster.servers[0], tagged_cluster.servers[1]
 
     store = JetStreamStore({"servers": [ok_node.url]}, subjects=subjects, replicas=1, shards=SHARDS, timeout=1.0)
     await store.open()
@@ -98,6 +103,38 @@ async def test_a_shard_whose_combined_batch_is_unsettled_leaves_the_other_shards
         assert [e.item_id for e in envs(page.items)] == [f"{ok_sid}-zero", f"{ok_sid}-one"]
         again = await store.append(lost_sid, req(item("one", item_id=f"{lost_sid}-one")))
         assert [i.item_order for i in again.items] == [2]
+    finally:
+        lost_node.resume()
+        await store.close()
+
+
+async def test_a_shard_whose_head_cannot_be_read_leaves_the_other_shards_appends_stored(
+    tagged_cluster: NatsCluster,
+) -> None:
+    # Heads not cached: the combined path reads them first.  The read on the stopped
+    # node's shard failed the whole group commit, and the append on the healthy shard
+    # was answered "the store failed to commit" (nothing written) with it.
+    subjects = Subjects("shardhead")
+    ok_sid, lost_sid = await _two_shards_on_two_nodes(tagged_cluster, subjects)
+    ok_node, lost_node = tagged_cluster.servers[0], tagged_cluster.servers[1]
+
+    store = JetStreamStore({"servers": [ok_node.url]}, subjects=subjects, replicas=1, shards=SHARDS, timeout=1.0)
+    await store.open()
+    try:
+        store._writer.combine_at = 2  # two new items in one group commit: the combined path
+        lost_node.pause()
+        try:
+            ok, lost = await asyncio.gather(
+                store.append(ok_sid, req(item("one", item_id=f"{ok_sid}-one"))),
+                store.append(lost_sid, req(item("one", item_id=f"{lost_sid}-one"))),
+                return_exceptions=True,
+            )
+        finally:
+            lost_node.resume()
+        assert not isinstance(ok, BaseException), ok
+        assert [(i.item_id, i.item_order) for i in ok.items] == [(f"{ok_sid}-one", 1)]
+        assert isinstance(lost, UnavailableError), lost
+        assert (await store.append(lost_sid, req(item("one", item_id=f"{lost_sid}-one")))).last_order == 1
     finally:
         lost_node.resume()
         await store.close()

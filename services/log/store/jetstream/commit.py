@@ -183,12 +183,21 @@ class BatchWriter:
         one atomic batch per shard.  Returns the sessions left to store one by
         one (a refusal, an error to check against a fresh head, a batch too big)."""
         sids = list(by_sid)
-        indexes = await asyncio.gather(*(self.reads.session(s, fresh=s not in self.reads.cache) for s in sids))
+        indexes = await asyncio.gather(
+            *(self.reads.session(s, fresh=s not in self.reads.cache) for s in sids), return_exceptions=True
+        )
         created_at = now_rfc3339()
         left: dict[str, list[int]] = {}
         shards: dict[int, list[_Part]] = {}
         for sid, ix in zip(sids, indexes, strict=True):
             idx = by_sid[sid]
+            if isinstance(ix, BaseException):
+                if not isinstance(ix, ConvlogError):
+                    raise ix
+                # Its shard's stream does not answer: only its own appends fail (nothing written).
+                for i in idx:
+                    outcomes[i] = ix
+                continue
             reqs = [batch[i].request for i in idx]
             if any(r.expected_last is not None or any(it.kind == "retract" for it in r.items) for r in reqs):
                 left[sid] = idx  # needs lookups (ids, retract targets): the careful path
