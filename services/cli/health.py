@@ -147,6 +147,7 @@ async def _check_log(nc: Any, settings: Settings, report: Report, *, max_lag: fl
 
 async def _check_consumers(nc: Any, settings: Settings, report: Report, *, agents: list[str],
                            window: float, denied: list[str]) -> None:
+    import nats.errors
     import nats.js.errors
 
     from shared.work import work_stream_name
@@ -194,6 +195,10 @@ async def _check_consumers(nc: Any, settings: Settings, report: Report, *, agent
         wait = max(0.1, deadline - time.monotonic()) + 1
         answers = await asyncio.gather(*(js.consumer_info(stream, name, timeout=wait) for name in first),
                                        return_exceptions=True)
+        if nc.is_closed:
+            # The server went away (no reconnects here): the watch would end on its first
+            # snapshot and blame the agents with notices waiting; the check names the loss.
+            raise nats.errors.ConnectionClosedError
         for name, info in zip(first, answers, strict=True):
             if not isinstance(info, BaseException):
                 latest[name] = info

@@ -161,6 +161,32 @@ async def test_health_reports_nats_lost_during_the_check(nats_server: NatsServer
         report.lines()
 
 
+# NATS going away while the consumers are watched: the watch's polls went unanswered and its
+# first snapshot stood, so an agent with notices waiting was blamed ("delivered or acked none
+# ... is a worker for A running?") and the lost connection was not named at all.
+async def test_health_reports_nats_lost_while_the_consumers_are_watched(
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    from shared.work import ensure_work_stream
+
+    subjects = Subjects("convlog")
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_work_stream(js, subjects)
+        await js.add_consumer(work_stream_name(subjects), consumer_config(subjects, "A", entry=False, ack_wait=30))
+        await js.publish(work_subject(subjects, "A"), b"{}")  # waits: the watch runs its whole window
+    finally:
+        await nc.close()
+    settings = load_settings({"nats_url": nats_server.url, "data_dir": str(tmp_path)}, environ={})
+    checking = asyncio.create_task(check(settings, agents=[], window=4.0, timeout=0.5))
+    await asyncio.sleep(1.5)  # $SRV.STATS waited out (no log service); the consumer watch is under way
+    await asyncio.to_thread(nats_server.stop)
+    report = await asyncio.wait_for(checking, 30)
+    assert any(p.startswith(f"NATS: the connection to {nats_server.url} was lost") for p in report.problems), \
+        report.lines()
+    assert not [p for p in report.problems if p.startswith("agent A")], report.lines()
+
+
 async def test_health_wait_returns_once_the_stack_is_up(nats_server: NatsServer, tmp_path: Path) -> None:
     env = service_env(tmp_path / "health-data")
     base = ["--nats-url", nats_server.url, "--no-embedded", "--window", "1"]
