@@ -120,17 +120,21 @@ def check_service_db(db: Path, *, name: str | None, data_dir_name: str = "CONVLO
     elif not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
         raise ConfigError(f"{name}: the directory {parent} {what} (create it first)")
+    if db.exists() and not db.is_file():
+        raise ConfigError(f"{label}: not a regular file")
+    # The directory and SQLite's side files first: the schema check cannot open a log in
+    # WAL mode, even read-only, where SQLite may not make its -shm file, and that failure
+    # ("cannot read it: attempt to write a readonly database; refusing to use it as
+    # convlog's log") hid the real problem, a read-only directory or mount.
+    for path in (parent, db_lock_path(db), Path(f"{db}-wal"), Path(f"{db}-shm")):
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ConfigError(f"{label}: {path} is not writable (read-only?)")
     if db.exists():
-        if not db.is_file():
-            raise ConfigError(f"{label}: not a regular file")
         problem = _convlog_schema_problem(db)
         if problem is not None:
             raise ConfigError(f"{label}: {problem}; refusing to use it as convlog's log")
         if not os.access(db, os.R_OK | os.W_OK):
             raise ConfigError(f"{label}: not writable (read-only?)")
-    for path in (parent, db_lock_path(db), Path(f"{db}-wal"), Path(f"{db}-shm")):
-        if path.exists() and not os.access(path, os.W_OK):
-            raise ConfigError(f"{label}: {path} is not writable (read-only?)")
 
 
 class DatabaseInUseError(RuntimeError):

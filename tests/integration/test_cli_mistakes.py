@@ -251,6 +251,32 @@ async def test_a_read_only_lock_file_is_named(tmp_path: Path) -> None:
     assert not (data / "convlog.db").exists()
 
 
+# A log in WAL mode whose directory is read-only (a read-only mount, a wrong owner): its
+# schema check could not open it (SQLite makes the -shm file even to read), and `convlog log`
+# said "cannot read it: unable to open database file; refusing to use it as convlog's log",
+# as if the file were not a log.
+async def test_a_log_in_a_read_only_directory_is_said_not_writable(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    db = ro / "convlog.db"
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE items (session_id TEXT, item_order INTEGER, envelope BLOB)")
+    conn.execute("CREATE TABLE sessions (session_id TEXT)")
+    conn.commit()
+    conn.close()
+    ro.chmod(0o555)
+    try:
+        rc, _, err = await convlog(tmp_path, "log", "--db", str(db), unprivileged=True)
+    finally:
+        ro.chmod(0o755)
+    assert rc == EXIT_USAGE, err
+    line = one_line(err)
+    assert line.startswith(f"convlog log: --db: {db}: ") and "not writable" in line, line
+    assert "cannot read" not in line and "refusing" not in line, line
+    assert sorted(p.name for p in ro.iterdir()) == ["convlog.db"]
+
+
 # `replay --db` on a file SQLite cannot open ("unable to open database file") came out as a
 # traceback, exit 1; `replay --file` on one it may not read said so with exit 1, where a bad
 # path is exit 2 (as `send --file` says it).
