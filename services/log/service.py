@@ -37,9 +37,11 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from services import metrics
+from services.logfmt import context
 from shared import __version__, nats_connect, tracing
 from shared.client import connect_options
 from shared.config import Settings
+from shared.errors import UnavailableError
 from shared.failures import FatalError, Loops, cancel_and_wait
 from shared.nats_seam import NatsSeam, bind, flush
 from shared.routing import EntryProof, encode_checkpoint, entry_checkpoint, open_routing_bucket
@@ -227,6 +229,17 @@ class LogService(Endpoints):
                 written = agent
             except nats.js.errors.KeyWrongLastSequenceError:  # an earlier one stands: workers read it
                 pass
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+                # The bucket unreachable (a cluster without quorum, JetStream slow): not a bug
+                # of the service, and the message cannot be appended without its entry (its
+                # worker would answer as the entry agent).  Said as such, nothing appended;
+                # a retry finds the entry if the write landed after all (create-only).
+                log.warning("session %s: the routing bucket did not take the entry agent %s of its "
+                            "first message: %r; the message is refused", sid, agent, e,
+                            extra=context(session_id=sid))
+                raise UnavailableError(
+                    f"the routing bucket did not take the session's entry agent {agent!r} "
+                    f"({type(e).__name__}); the request was not applied, send it again") from None
             finally:
                 self.notifier.note_entry(sid, written)
 
