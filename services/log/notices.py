@@ -175,6 +175,9 @@ class Notifier:
         self._inflight: dict[str, asyncio.Event] = {}  # msg ids being published: set once settled
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch: list[_Pending] = []  # this commit's notices, see on_commit
+        #: per session: set once the notices of the last commit holding some of its notices are
+        #: handed to the publisher (or given up); a later commit's wait for it (:meth:`_publish`)
+        self._handing: dict[str, asyncio.Future[None]] = {}
         self._acks = AckedPublisher(nc)
         self._agents: set[str] | None = None  # agents with a consumer on the work stream
         self._agents_at = 0.0
@@ -229,7 +232,17 @@ class Notifier:
         if self._batch:  # one task, one flush and one wait for the acks per commit
             batch, self._batch = self._batch, []
             self._pending += len(batch)
-            self._spawn(self._publish(batch))
+            # Addressing a notice may wait (a routing look-up, the agents listed again), and
+            # a later commit's may not: its notices go out behind those of the earlier commits
+            # of their sessions, or a worker (it takes a session's notices in arrival order)
+            # would answer a session's second message before its first.
+            handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            before: set[asyncio.Future[None]] = set()
+            for sid in {p.sid for p in batch}:
+                if (earlier := self._handing.get(sid)) is not None:
+                    before.add(earlier)
+                self._handing[sid] = handed
+            self._spawn(self._publish(batch, before, handed))
 
     def _full(self) -> bool:
         """Whether ``max_pending`` notices are being published (or queued by this commit)."""
@@ -523,15 +536,23 @@ class Notifier:
                         if i.name and i.name.startswith(CONSUMER_PREFIX)}
         self._agents_at = time.monotonic()
 
-    async def _publish(self, batch: list[_Pending]) -> None:
-        """Publish one commit's notices, in order, and wait for the work stream's acks;
-        then the user notices are settled (:meth:`settled`), also when cancelled: a
-        notice whose outcome is not known then is not counted as sent."""
+    async def _publish(self, batch: list[_Pending], before: set[asyncio.Future[None]],
+                       handed: asyncio.Future[None]) -> None:
+        """Publish one commit's notices, in order, behind ``before`` (the earlier commits'
+        of the same sessions: handed to the publisher, or given up), and wait for the work
+        stream's acks; then the user notices are settled (:meth:`settled`), also when
+        cancelled: a notice whose outcome is not known then is not counted as sent.
+        ``handed`` is set once this commit's are handed over (or given up)."""
         done = False
         try:
-            await self._publish_batch(batch)
+            await self._publish_batch(batch, before, handed)
             done = True
         finally:
+            if not handed.done():
+                handed.set_result(None)
+            for p in batch:
+                if self._handing.get(p.sid) is handed:
+                    del self._handing[p.sid]
             self._pending -= len(batch)
             for p in batch:
                 if p.handoff_to is None and (event := self._inflight.pop(p.msg_id, None)) is not None:
@@ -539,7 +560,8 @@ class Notifier:
                         self._sent.pop(p.msg_id, None)
                     event.set()
 
-    async def _publish_batch(self, batch: list[_Pending]) -> None:
+    async def _publish_batch(self, batch: list[_Pending], before: set[asyncio.Future[None]],
+                             handed: asyncio.Future[None]) -> None:
         sending: list[_Pending] = []
         messages: list[Message] = []
         # Before the first await (a routing lookup): the outbox pops each item's trace
@@ -559,6 +581,11 @@ class Notifier:
                 messages.append(self._message(subject, p, parent))
                 if self._first_entry(p) == "":  # told its worker the bucket holds nothing
                     self._spawn(self._drop_stale_entry(p.sid))
+            if before := {f for f in before if not f.done()}:
+                await asyncio.wait(before)  # (not cancelled along with this task)
+            # Set before the send: the commits waiting for it resume on a later loop turn,
+            # once this one's notices are written (publish does not suspend before that).
+            handed.set_result(None)
             outcomes = await self._send(sending, messages)
         except Exception as e:
             sending = [p for p in batch if p.handoff_to is None or p in sending]
