@@ -326,6 +326,11 @@ class Notifier:
         """Remember that ``agent`` answers ``sid``'s next user message (``""``: the entry agent)."""
         self._keep(self._active, sid, agent)
 
+    def note_active_unless_known(self, sid: str, agent: str) -> None:
+        """:meth:`note_active`, unless an agent is already noted for ``sid``."""
+        if sid not in self._active:
+            self.note_active(sid, agent)
+
     def _start(self, sid: str, order: int, handoff_to: str | None = None) -> None:
         msg_id = notice_msg_id(sid, order)
         if self._full():

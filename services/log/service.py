@@ -217,7 +217,6 @@ class LogService(Endpoints):
 
         async def entry_hint(sid: str, agent: str, proof: EntryProof | None) -> None:
             assert self.notifier is not None
-            self.notifier.note_active(sid, agent)
             value = encode_checkpoint(entry_checkpoint(agent, proof))
             # Unknown until written: a first message committed meanwhile (one without
             # `to`) waits for the outcome before it is announced (its worker would read
@@ -227,8 +226,14 @@ class LogService(Endpoints):
             try:
                 await kv.create(sid, value)
                 written = agent
+                self.notifier.note_active(sid, agent)
             except nats.js.errors.KeyWrongLastSequenceError:  # an earlier one stands: workers read it
-                pass
+                # Noted only where this process knows no other: a first message's `to`
+                # written just before this one's names the session's agent (noting this
+                # one addressed every notice of the session to an agent workers forward
+                # from, until a handoff); else it is the best guess (a retry names what
+                # its first attempt wrote).
+                self.notifier.note_active_unless_known(sid, agent)
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
                 # The bucket unreachable (a cluster without quorum, JetStream slow): not a bug
                 # of the service, and the message cannot be appended without its entry (its
