@@ -280,3 +280,39 @@ async def test_a_full_page_with_a_signed_head_fits_the_max_payload(tmp_path: Pat
         assert len(reply) <= MAX_PAYLOAD, f"reply of {len(reply)} bytes over the {MAX_PAYLOAD}-byte max payload"
     finally:
         await store.close()
+
+
+# -- bounded group commits: a batch is decided and written on the event loop, so a few
+# bulk appends of thousands of items each made one batch that held every read, reply and
+# notice of the service until all of them were written (about 15 us an item).
+async def test_bulk_appends_are_committed_in_bounded_batches_with_the_loop_turning_between(tmp_db: Path) -> None:
+    store = SQLiteStore(tmp_db)
+    await store.open()
+    try:
+        store._committer.max_items = 250  # the service's bound is 10,000 items: smaller here, for speed
+        n, size = 8, 100  # all queued at once; a batch takes at most 250 items
+        answered: list[AppendReply | ConvlogError] = []
+        seen_by_the_loop: list[int] = []  # answers out when another task first ran after the first
+
+        async def probe() -> None:
+            seen_by_the_loop.append(len(answered))
+
+        def done(out: AppendReply | ConvlogError) -> None:
+            if not answered:
+                asyncio.get_running_loop().create_task(probe())
+            answered.append(out)
+
+        for s in range(n):  # all queued before the committer runs: one batch without the bound
+            store.submit(f"bulk-{s}", req(*(item(f"{s}.{i}") for i in range(size))), done)
+        for _ in range(3000):
+            if len(answered) == n:
+                break
+            await asyncio.sleep(0.01)
+        assert [type(a) for a in answered] == [AppendReply] * n
+        assert store._committer.commits >= n * size // 250
+        # The loop turned after the first batch, long before the last one was written.
+        assert seen_by_the_loop and seen_by_the_loop[0] < n, seen_by_the_loop
+        page = await store.read("bulk-7", after=0, limit=1, max_bytes=BIG)
+        assert page.last_order == size
+    finally:
+        await store.close()
