@@ -161,6 +161,8 @@ def _flock_held(path: Path) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
+        except OSError:  # not lockable here (ENOLCK): the store's own lock says why
+            return False
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
         return False

@@ -316,3 +316,33 @@ async def test_bulk_appends_are_committed_in_bounded_batches_with_the_loop_turni
         assert page.last_order == size
     finally:
         await store.close()
+
+
+# -- a lock that cannot be taken for another reason than a holder (flock on a network
+# filesystem without it: ENOLCK) was reported as "in use by another log service".
+@pytest.mark.parametrize("which", ["lock file", "database file"])
+async def test_a_lock_refused_by_the_filesystem_is_not_called_in_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str
+) -> None:
+    import errno
+    import fcntl
+
+    real = fcntl.flock
+    db = tmp_path / "log.db"
+
+    def flock(fd: int, op: int) -> None:  # the filesystem's answer, injected: no NFS here
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.endswith(".lock") == (which == "lock file"):
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    store = SQLiteStore(db)
+    with pytest.raises(UnavailableError) as e:
+        await store.open()
+    assert "in use" not in str(e.value), str(e.value)
+    assert "No locks available" in str(e.value) and "flock" in str(e.value)
+    assert not db_in_use(db)  # `convlog log`'s own look first: no holder (it raised OSError)
+    monkeypatch.setattr(fcntl, "flock", real)
+    await store.open()  # nothing was left held
+    await store.close()

@@ -154,11 +154,14 @@ class SQLiteDatastore:
         fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+        except BlockingIOError as e:
             os.close(fd)
             raise UnavailableError(
                 f"SQLite store {self.path} is in use by another log service (lock {lock_path})"
             ) from e
+        except OSError as e:  # not held, but not lockable here (ENOLCK: NFS without a lock daemon)
+            os.close(fd)
+            raise UnavailableError(_unlockable(self.path, lock_path, e)) from e
         self._lock_fd = fd
         # The lock file is named after this name of the database: another name of the same
         # file (a hard link) takes another one, so the file itself is locked too.  flock, not
@@ -174,6 +177,8 @@ class SQLiteDatastore:
         except OSError as e:
             os.close(file_fd)
             self._release_lock()
+            if not isinstance(e, BlockingIOError):
+                raise UnavailableError(_unlockable(self.path, self.path, e)) from e
             raise UnavailableError(
                 f"SQLite store {self.path} is in use by another log service (under another name: a hard link)"
             ) from e
@@ -257,3 +262,12 @@ class SQLiteDatastore:
                     log.warning("WAL checkpoint failed (will retry): %s", e)
         finally:
             await loop.run_in_executor(self._ckpt_pool, conn.close)
+
+
+def _unlockable(db: Path, path: Path, e: OSError) -> str:
+    """What a ``flock`` that failed for another reason than a holder says (it was
+    called "in use by another log service", sending the operator after a process
+    that does not exist)."""
+    return (f"cannot lock SQLite store {db}: flock on {path} failed: {e.strerror or e} "
+            "(the one-writer lock needs flock; some network filesystems lack it: put the log "
+            "on a local disk)")
