@@ -61,6 +61,7 @@ _EXPIRES = 30.0  # seconds one pull request lives
 _HEARTBEAT = 2.0  # the server's idle heartbeat on a waiting pull request
 _CONSUMER_CHECK = 5.0  # seconds between reads of the shared consumer's ack_wait
 _CONSUMER_CREATE = 10012  # JetStream's "consumer create" error (its description says why)
+_NOT_UNIQUE = 10100  # "filtered consumer not unique on workqueue stream"
 
 
 def consumer_name(agent: str) -> str:
@@ -103,6 +104,19 @@ def _not_updatable(e: nats.js.errors.APIError) -> bool:
 
 def _filters(config: ConsumerConfig) -> set[str]:
     return set(config.filter_subjects or ()) | ({config.filter_subject} if config.filter_subject else set())
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether some subject matches both filters (``*`` one token, ``>`` the rest; a
+    consumer without a filter takes every subject: ``>``)."""
+    ta, tb = a.split("."), b.split(".")
+    for i in range(max(len(ta), len(tb))):
+        x, y = (ta[i] if i < len(ta) else None), (tb[i] if i < len(tb) else None)
+        if ">" in (x, y):
+            return True
+        if x is None or y is None or (x != y and "*" not in (x, y)):
+            return False
+    return True
 
 
 class ConsumerConfigError(FatalError):
@@ -320,18 +334,40 @@ class WorkIntake:
             except nats.js.errors.NotFoundError:
                 raise ConsumerConfigError(
                     f"cannot create the consumer {self.name} on the work stream {self.stream}: "
-                    f"{e.description} (JetStream error {e.err_code})"
+                    f"{e.description} (JetStream error {e.err_code}){await self._held_by(config, e)}"
                 ) from e
             have, want = _filters(info.config), _filters(config)
             if not want <= have:  # it would miss notices for this agent
                 raise ConsumerConfigError(
                     f"cannot update the consumer {self.name} on the work stream {self.stream} to take "
                     f"{sorted(want)} (it takes {sorted(have)}): "
-                    f"{e.description} (JetStream error {e.err_code})"
+                    f"{e.description} (JetStream error {e.err_code}){await self._held_by(config, e)}"
                 ) from e
             log.warning("agent %s: keeping the existing consumer %s: %s",
                         self.agent, self.name, e.description)
         self._saw_ack_wait(info.config)
+
+    async def _held_by(self, config: ConsumerConfig, e: nats.js.errors.APIError) -> str:
+        """For a refusal because another consumer filters a subject of ours (a work-queue
+        stream takes one consumer per subject): which one, and what to do; else ``""``.
+
+        nats-server's words alone ("filtered consumer not unique on workqueue stream")
+        name neither.  The usual holder is the consumer of an agent that was the spec's
+        entry agent (``work.entry``) and is gone from it, or whose workers still run an
+        older spec."""
+        if e.err_code != _NOT_UNIQUE:
+            return ""
+        try:
+            others = await self.nc.jetstream().consumers_info(self.stream)
+        except Exception:  # the refusal stands as nats-server worded it
+            return ""
+        want = _filters(config)
+        held = [(c.name, sorted(s for s in want if any(_overlap(s, f) for f in _filters(c.config) or {">"})))
+                for c in others if c.name != self.name]
+        return "".join(
+            f"; the consumer {name} takes {', '.join(subjects)} too: run its agent's workers with this "
+            f"spec, or delete it if that agent is gone (nats consumer rm {self.stream} {name})"
+            for name, subjects in held if subjects)
 
     async def _check_consumer(self, within: float | None = None) -> None:
         self._checked = time.monotonic()
