@@ -266,7 +266,8 @@ class Worker:
                         await flush(self.nc, timeout=2)
             # 2. Fetched but not started: give it back at once (a notice waiting for a
             #    slot is nak'd by its task, cancelled here).
-            for task in list(self._waiting):
+            handed_back = set(self._waiting)  # waiting for a slot: they start no turn, each naks its notice
+            for task in handed_back:
                 task.cancel()
             for queue in list(self._queues.values()):
                 while queue:
@@ -276,8 +277,9 @@ class Worker:
             # 3. Running turns: up to grace, then cancel (they nak themselves).
             running = [t for t in self._runners.values() if not t.done()]
             if running:
-                log.info("worker %s: waiting up to %gs for %d running turn(s)",
-                         self.agent.name, self.settings.grace, len(running))
+                if turns := sum(t not in handed_back for t in running):
+                    log.info("worker %s: waiting up to %gs for %d running turn(s)",
+                             self.agent.name, self.settings.grace, turns)
                 _, pending = await asyncio.wait(running, timeout=self.settings.grace)
                 for task in pending:
                     task.cancel()

@@ -43,3 +43,5 @@ async def test_a_notice_waiting_for_a_slot_is_handed_back_at_sigterm_not_started
     assert not started_after, (
         f"the waiting turn was started {started_after} s after SIGTERM (then cancelled at grace)\n"
         + worker.output()[-1500:])
+    # The operator's line counts the turn that runs, not the notice handed back unstarted.
+    assert "waiting up to 6s for 1 running turn(s)" in worker.output(), worker.output()[-1500:]
