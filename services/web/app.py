@@ -153,6 +153,52 @@ class _Guard:
         await self.app(scope, receive, send_with_headers)
 
 
+class _AnsweredOnStop:
+    """A request still waiting for the log service when the console stops is answered
+    503 at once (pure ASGI, around the routes).
+
+    Reads wait up to the client's deadline (10 s with ``convlog web``) for a log service
+    that does not answer; uvicorn would wait out its graceful timeout, then cancel the
+    request with an ERROR and a traceback, and the page got no answer at all.  A
+    response already started is left alone: a live tail ends on ``stopping`` and an
+    export a reader is slow to take is cut off by the server's stop.
+    """
+
+    def __init__(self, app: ASGIApp, stopping: asyncio.Event) -> None:
+        self.app = app
+        self.stopping = stopping
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, send_noting_start))
+        stopped = asyncio.ensure_future(self.stopping.wait())
+        cut = False
+        try:
+            await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done() and not started:  # stopping (or cancelled ourselves) with no answer yet
+                task.cancel()
+                cut = True
+        if not cut:
+            await task
+            return
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if not started:
+            await _error(503, "unavailable", "the console is stopping: the request was not "
+                         "answered (load the page again once it is back)")(scope, receive, send)
+
+
 def _sid(request: Request) -> str:
     sid = request.path_params["sid"]
     validate_session_id(sid)
@@ -197,7 +243,8 @@ def build_app(client: LogClient, options: WebOptions | None = None, *,
               stopping: asyncio.Event | None = None) -> ASGIApp:
     """The console as an ASGI app over ``client`` (which the caller owns and closes).
 
-    ``stopping``: once set, every live tail ends (so the server can stop at once).
+    ``stopping``: once set, every live tail ends and a request still waiting for the log
+    service is answered 503 (so the server can stop at once).
     """
     options = options or WebOptions()
     stopping = stopping or asyncio.Event()
@@ -300,7 +347,7 @@ def build_app(client: LogClient, options: WebOptions | None = None, *,
     app = Starlette(routes=routes, exception_handlers={
         InvalidSessionIdError: invalid_sid, ConvlogError: convlog_error,
     })
-    return _Guard(app, options)
+    return _Guard(_AnsweredOnStop(app, stopping), options)
 
 
 async def _sse(client: LogClient, sid: str, after: int, heartbeat: float,

@@ -456,6 +456,54 @@ async def test_cli_stops_cleanly_while_an_export_is_streaming(web: Console, nats
         assert took < 1.5, took
 
 
+async def test_cli_stops_at_once_while_a_request_waits_for_the_log_service(web: Console, nats_server: NatsServer,
+                                                                         tmp_path: Path) -> None:
+    """SIGTERM while a page's request waited for a log service that did not answer (down, or
+    slow: the console waits up to its 10 s deadline): uvicorn waited out its graceful timeout,
+    then cancelled the request -- 'ERROR: Cancel 1 running task(s)' and 'ERROR: Exception in
+    ASGI application' with a CancelledError traceback, and the page got no answer at all.
+    Such a request is now answered 503 'the console is stopping' at once."""
+    import socket
+    import time
+
+    from tests.support.procs import Proc
+
+    await web.client.append("cli-4", [said("Triage", "kept")])
+    proc = Proc([sys.executable, "-m", "services.cli.main", "web", "--port", "0",
+                 "--nats-url", nats_server.url, "--no-embedded"], log_dir=tmp_path, name="convlog-web")
+    with proc:
+        m = await asyncio.to_thread(proc.wait_for_line, r"console at http://127\.0\.0\.1:(\d+)/", 20)
+        assert web.service is not None
+        await web.service.shutdown()  # nothing answers the console's reads now
+        waiting = []
+        for path in ("/sessions/cli-4/export.jsonl", "/api/sessions"):
+            s = socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=10)
+            s.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode())
+            waiting.append(s)
+        try:
+            await asyncio.sleep(0.5)  # both wait for the log service
+            t0 = time.monotonic()
+            code = await asyncio.to_thread(proc.terminate, 10)
+            took = time.monotonic() - t0
+            answers = []
+            for s in waiting:
+                got = b""
+                with contextlib.suppress(OSError):
+                    while more := s.recv(65536):
+                        got += more
+                answers.append(got)
+        finally:
+            for s in waiting:
+                s.close()
+        out = proc.output()
+        assert code == 0, out[-3000:]
+        assert "Traceback" not in out and "ERROR" not in out, out[-3000:]
+        assert took < 1.5, took
+        for got in answers:
+            assert got.startswith(b"HTTP/1.1 503 "), got[:300]
+            assert b'"code":"unavailable"' in got and b"the console is stopping" in got, got[-300:]
+
+
 async def test_agents_of_a_long_session_are_scanned_in_bounded_steps(web: Console) -> None:
     from services.web.index import SessionIndex
 
