@@ -822,6 +822,42 @@ def test_an_item_that_cannot_be_canonicalized_is_named_where_it_is(
     assert page.get_attribute(".row[data-order='9'] .vmark", "class") == "vmark ok"
 
 
+def test_the_pages_scripts_are_checked_with_the_console_at_each_load(demo_web: Demo, page: Any) -> None:
+    """The scripts and stylesheet were served with no Cache-Control, so Chromium kept them
+    fresh for a tenth of their age since modified (heuristic freshness) and ran them from
+    its cache without asking: after an upgrade of convlog, a reviewer's browser went on
+    running the old scripts -- the old checks of the chain and signatures -- for days (a
+    page on an install 30 days old: 3 days).  Each load now asks the console (no-cache: a
+    304 while unchanged).  The files are aged as an install is; their times are put back."""
+    import os
+
+    from services.web.app import STATIC
+
+    files = [f for f in STATIC.iterdir() if f.is_file()]
+    times = {f: (f.stat().st_atime_ns, f.stat().st_mtime_ns) for f in files}
+    month_ago = time.time() - 30 * 86400
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    urls: dict[str, str] = {}
+    cached: list[str] = []
+    cdp.on("Network.requestWillBeSent", lambda e: urls.__setitem__(e["requestId"], e["request"]["url"]))
+    cdp.on("Network.requestServedFromCache", lambda e: cached.append(urls.get(e["requestId"], "?")))
+    try:
+        for f in files:
+            os.utime(f, (month_ago, month_ago))
+        for _ in range(2):  # the second load is the one that could come from the cache
+            urls.clear()
+            cached.clear()
+            page.goto(f"{demo_web.url}/sessions/{SEED_SESSION_ID}")
+            wait_badge(page, "good")
+    finally:
+        for f, (atime, mtime) in times.items():
+            os.utime(f, ns=(atime, mtime))
+    asked = {u.rsplit("/", 1)[1] for u in urls.values() if "/static/" in u}
+    assert {"session.js", "chain.js", "signing.js", "model.js", "common.js", "style.css"} <= asked, asked
+    assert not [u for u in cached if "/static/" in u], cached
+
+
 def test_a_session_that_did_not_load_gets_no_green_badge(demo_web: Demo, page: Any) -> None:
     """The export failed (the log service down: 503): the page said "Could not load
     the session" beside a green "no items to verify" badge, the badge of an empty,
