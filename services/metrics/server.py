@@ -9,9 +9,13 @@ from typing import Any
 from prometheus_client import start_http_server
 from prometheus_client.registry import Collector
 
-__all__ = ["MetricsServer", "close", "serve"]
+__all__ = ["REQUEST_TIMEOUT", "MetricsServer", "close", "serve"]
 
 log = logging.getLogger("convlog.metrics")
+
+#: Seconds a connection may keep each read or write of its request waiting (a scrape's
+#: request comes at once and its answer is a few kB).
+REQUEST_TIMEOUT = 5.0
 
 
 class MetricsServer:
@@ -19,6 +23,13 @@ class MetricsServer:
 
     def __init__(self, port: int, addr: str, registry: Collector) -> None:
         self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
+        # A thread per connection, which waited for a request line without end: each
+        # connection that sent nothing (a scraper's host gone without closing it, or anyone
+        # who reaches the port) held a thread of the process for good.  The handler's
+        # ``timeout`` closes it instead (from the next connection on: the server is serving).
+        handler = self._server.RequestHandlerClass
+        self._server.RequestHandlerClass = type(  # type: ignore[misc]
+            "_TimedHandler", (handler,), {"timeout": REQUEST_TIMEOUT})
         # socketserver prints a failed request's traceback to stderr (a scraper that hung
         # up mid-request): lines of plain text among the JSON ones. A log record instead.
         self._server.handle_error = _request_failed  # type: ignore[method-assign]

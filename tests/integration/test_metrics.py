@@ -249,3 +249,45 @@ async def test_the_jetstream_store_reports_no_sqlite_store_gauges(nats_server: N
     assert "convlog_log_appends_total" in names  # the service's own metrics are there
     assert "convlog_log_store_bytes" not in names, sorted(names)
     assert "convlog_log_sessions" not in names
+
+
+async def test_a_connection_that_sends_no_request_does_not_hold_a_thread_for_good(tmp_path: Path) -> None:
+    """The /metrics server of the log service and of each worker (a thread per connection,
+    on every interface) waited for a request line with no time limit: each connection that
+    sent nothing (a scraper's host gone without closing it, or anyone who can reach the
+    port) held a thread of the process until it ended, so enough of them left it no
+    threads to start.  A connection silent for REQUEST_TIMEOUT is now closed, and scrapes
+    go on."""
+    import threading
+
+    from services import metrics
+    from services.metrics.server import REQUEST_TIMEOUT
+    from shared.config import load_settings
+
+    settings = load_settings({"data_dir": str(tmp_path), "metrics_port": "0"}, environ={})
+    server = metrics.serve(settings, WORKER_REGISTRY, "worker Triage")
+    assert server is not None
+    before = set(threading.enumerate())
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(20)]
+
+    def handlers() -> list[threading.Thread]:  # the server's threads for these connections
+        return [t for t in threading.enumerate() if t not in before and "process_request_thread" in t.name]
+
+    def held() -> None:
+        assert len(handlers()) == 20, handlers()
+
+    def let_go() -> None:
+        assert not handlers(), handlers()
+
+    try:
+        await assert_eventually(held, timeout=5)  # a thread each, waiting for a request
+        await assert_eventually(let_go, timeout=REQUEST_TIMEOUT + 5)
+
+        def scraped() -> int:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as r:
+                return r.status
+        assert await asyncio.to_thread(scraped) == 200
+    finally:
+        for s in idle:
+            s.close()
+        metrics.close(server)
