@@ -446,3 +446,42 @@ async def test_a_full_log_stream_is_named_when_the_answer_to_the_append_was_lost
     finally:
         nats_server.resume()
         await store.close()
+
+
+async def test_a_full_server_storage_refuses_the_append_at_once(
+    nats_server_factory: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    """The server's JetStream storage full (another stream took it): every publish to
+    the log stream is refused "insufficient resources", a limit only an operator clears.
+    The store took it for a refusal that might clear and tried again 16 times, 0.25 s
+    apart: the append was answered after ~4 s (each one, while the service's queue
+    filled).  It is refused at once now, with the stream's reason; nothing stored."""
+    import json
+
+    from shared.errors import UnavailableError
+
+    server = nats_server_factory(config="jetstream { max_file_store: 1MB }\n")
+    store = JetStreamStore({"servers": [server.url]}, subjects=Subjects(prefix_for(tmp_path)))
+    await store.open()
+    nc = await nats.connect(server.url)
+    try:
+        await store.append("s", req(item("one")))
+        filler = {"name": "FILLER", "subjects": ["filler.>"], "storage": "file"}
+        await nc.request("$JS.API.STREAM.CREATE.FILLER", json.dumps(filler).encode(), timeout=5)
+        for _ in range(40):  # until the server's 1 MB is taken
+            ack = json.loads((await nc.request("filler.x", b"x" * 60_000, timeout=5)).data)
+            if "error" in ack:
+                break
+        else:
+            pytest.fail("the server's storage never filled: the refusal below is not set up")
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(UnavailableError) as e:
+            await store.append("s", req(item("two")))
+        took = loop.time() - began
+        assert "insufficient resources" in e.value.message, e.value.message
+        assert took < 1.0, f"refused after {took:.1f} s"
+        assert [env.data["content"] for env in await read_all(store, "s")] == ["one"]
+    finally:
+        await nc.close()
+        await store.close()

@@ -39,6 +39,14 @@ EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject
 _WRONG_LAST = 10071  # JSStreamWrongLastSequenceErrF: the session's head moved
 _BATCH_DUPLICATE = 10201  # JSAtomicPublishContainsDuplicateMessageErr: <sid>:<order> was just written
 _BATCH_TOO_LARGE = 10199  # JSAtomicPublishTooLargeBatchErrF: over the server's batch max_msgs
+#: A limit the stream or server is at, which nothing but an operator clears on a log
+#: stream (nothing ages out of it, nor may be deleted): JSInsufficientResourcesErr (the
+#: server's storage), JSStreamMessageExceedsMaximumErr (``max_msg_size``), and these
+#: reasons of JSStreamStoreFailedF (its code is every store failure's: a closed store
+#: during a leader change too, which may clear).
+_AT_A_LIMIT = frozenset({10023, 10054})
+_STORE_FAILED = 10077
+_FULL = ("maximum messages exceeded", "maximum bytes exceeded", "insufficient resources")
 _STATUS = "Status"
 #: Seconds a publish, or a get, waits for its answer before it is
 #: sent again (the store's ``timeout`` when that is shorter).  A stream leader
@@ -75,7 +83,14 @@ class Refused(UnavailableError):
     """The stream answered the publish with an error of no kind above (a limit reached:
     max_msgs, max_bytes, the server's storage): nothing of it was stored.  Unlike the
     other :class:`~shared.errors.UnavailableError` of a publish (no stream answers, NATS
-    unreachable), an answer: the stream took this connection's earlier messages first."""
+    unreachable), an answer: the stream took this connection's earlier messages first.
+
+    ``at_limit``: the stream is at a limit only an operator clears, so the append
+    is refused at once; any other refusal (no cluster quorum for a moment) may clear."""
+
+    def __init__(self, message: str, *, at_limit: bool = False) -> None:
+        super().__init__(message)
+        self.at_limit = at_limit
 
 
 class OutcomeUnknown(Exception):
@@ -121,7 +136,8 @@ def _ack(data: bytes, n: int) -> BatchAck:
         # once get "duplicate message id is in process": a moved head too.
         if "duplicate message id" in description:
             raise InProcess(description)
-        raise Refused(f"the log stream refused the append: {description or err}")
+        full = code in _AT_A_LIMIT or (code == _STORE_FAILED and description in _FULL)
+        raise Refused(f"the log stream refused the append: {description or err}", at_limit=full)
     return BatchAck(last_seq=int(ack["seq"]), count=int(ack.get("count") or n), duplicate=bool(ack.get("duplicate")))
 
 

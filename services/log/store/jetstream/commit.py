@@ -60,6 +60,7 @@ from .api import (
     IdTaken,
     Message,
     OutcomeUnknown,
+    Refused,
     WrongLastSequence,
 )
 from .index import Meta, SessionIndex
@@ -342,6 +343,10 @@ class BatchWriter:
             except OutcomeStillUnknown:
                 raise
             except UnavailableError as e:
+                if isinstance(e, Refused) and e.at_limit:
+                    # A full stream (max_msgs, max_bytes, the server's storage): only an
+                    # operator clears it, so retrying would only delay the answer (~4 s).
+                    return UnavailableError(f"{e.message}; nothing was written"), []
                 # Refused for another reason (a leader election, too many
                 # batches in flight): nothing was stored; try again shortly.
                 log.info("append refused, retrying: %s", e.message)
