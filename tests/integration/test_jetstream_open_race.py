@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import nats
+import pytest
 
 from services.log.store.jetstream import JetStreamStore
 from shared.failures import StreamConfigError
@@ -124,3 +126,45 @@ async def test_two_prefixes_of_the_same_stream_names_opening_at_once_one_is_refu
             for s, r in zip(stores, results, strict=True):
                 if r is None:
                     await s.close()
+
+
+async def test_an_items_stream_made_meanwhile_by_an_outbox_is_made_the_fan_out(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An SQLite log service's outbox (ensure_stream) made <PREFIX>_ITEMS, a plain items
+    # stream without sources, between the store's look for it and its create.  Found at
+    # startup, such a stream is made the fan-out; lost to in the race, only its shard
+    # count was checked (it has none): the store opened, appended, and the fan-out never
+    # got an item (workers and follow heard nothing).  The window is widened by running
+    # the real outbox's ensure_stream just before the store's create (no other way to
+    # land it between two requests).
+    from services.log.outbox import ensure_stream
+    from services.log.store.jetstream import layout as layout_module
+    from tests.contract.store_helpers import item, req
+
+    subjects = Subjects("madeby")
+    nc = await nats.connect(nats_server.url)
+    api = layout_module._api
+
+    async def outbox_first(client: Any, subject: str, body: Any, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+        if subject == f"STREAM.CREATE.{subjects.stream_name}":
+            await ensure_stream(nc.jetstream(), subjects)
+        return await api(client, subject, body, timeout)
+
+    monkeypatch.setattr(layout_module, "_api", outbox_first)
+    store = JetStreamStore({"servers": [nats_server.url]}, subjects=subjects)
+    try:
+        await store.open()
+        await store.append("s", req(item("one")))
+        js = nc.jetstream()
+        info = await js.stream_info(subjects.stream_name)
+        assert [s.name for s in info.config.sources or []] == store.layout.log_streams, info.config
+        for _ in range(100):  # the fan-out's copy trails the log
+            if (await js.stream_info(subjects.stream_name)).state.messages == 1:
+                break
+            await asyncio.sleep(0.02)
+        msg = await js.get_last_msg(subjects.stream_name, subjects.items("s"))
+        assert b'"one"' in msg.data
+    finally:
+        await store.close()
+        await nc.close()

@@ -225,6 +225,27 @@ def _check_log_stream(layout: Layout, k: int, config: dict[str, Any]) -> None:
         _refuse(f"stream {name} no longer keeps one message per item id ({wrong}): put back {wanted}")
 
 
+def _check_items(layout: Layout, info: dict[str, Any]) -> dict[str, Any]:
+    """Refuse an existing ``<PREFIX>_ITEMS`` this layout cannot make its fan-out;
+    returns its config."""
+    items: dict[str, Any] = info["config"]
+    _check_shards(layout, layout.stream, items)
+    if f"{layout.prefix}.ids.>" in (items.get("subjects") or []):
+        _refuse(
+            f"stream {layout.stream} holds a log in the earlier single-stream JetStream layout "
+            "(items and ids in one stream): copy it out with that version's `convlog migrate --from "
+            "jetstream --to sqlite:PATH`, delete the stream, then `convlog migrate --from sqlite:PATH "
+            "--to jetstream`"
+        )
+    if (items.get("metadata") or {}).get(SHARDS_KEY) is None and int(info["state"].get("messages", 0)):
+        _refuse(
+            f"stream {layout.stream} holds {info['state']['messages']} items the SQLite store's outbox "
+            "published; the JetStream store fills it from its own log streams: delete it (`nats stream "
+            f"rm {layout.stream}`; the JetStream store creates it again and copies every item into it)"
+        )
+    return items
+
+
 async def _refuse_foreign_overlap(
     nc: Client, layout: Layout, wanted: list[tuple[str, str]], timeout: float  # noqa: ASYNC109
 ) -> None:
@@ -278,21 +299,7 @@ async def ensure_streams(
     if not _not_found(info):
         if "error" in info:
             raise _failed(f"stream {layout.stream}", info)
-        items = info["config"]
-        _check_shards(layout, layout.stream, items)
-        if f"{layout.prefix}.ids.>" in (items.get("subjects") or []):
-            _refuse(
-                f"stream {layout.stream} holds a log in the earlier single-stream JetStream layout "
-                "(items and ids in one stream): copy it out with that version's `convlog migrate --from "
-                "jetstream --to sqlite:PATH`, delete the stream, then `convlog migrate --from sqlite:PATH "
-                "--to jetstream`"
-            )
-        if (items.get("metadata") or {}).get(SHARDS_KEY) is None and int(info["state"].get("messages", 0)):
-            _refuse(
-                f"stream {layout.stream} holds {info['state']['messages']} items the SQLite store's outbox "
-                "published; the JetStream store fills it from its own log streams: delete it (`nats stream "
-                f"rm {layout.stream}`; the JetStream store creates it again and copies every item into it)"
-            )
+        items = _check_items(layout, info)
     missing: list[int] = []
     for k, name in enumerate(layout.log_streams):
         got = await _api(nc, f"STREAM.INFO.{name}", None, timeout)
@@ -331,11 +338,14 @@ async def ensure_streams(
             _check_log_stream(layout, k, theirs)
     if items is None:
         created = await _api(nc, f"STREAM.CREATE.{layout.stream}", layout.items_stream_config(replicas), timeout)
-        if "error" in created:
-            if created["error"].get("err_code") != _STREAM_NAME_IN_USE:
-                raise _failed(f"cannot create stream {layout.stream}", created)
-            _check_shards(layout, layout.stream, (await _created_by_another(nc, layout.stream, timeout))["config"])
-        return
+        if "error" not in created:
+            return
+        if created["error"].get("err_code") != _STREAM_NAME_IN_USE:
+            raise _failed(f"cannot create stream {layout.stream}", created)
+        # Made meanwhile: by another instance (the fan-out already), or by an SQLite log
+        # service's outbox (an items stream without sources, whose workers would get
+        # nothing): checked, and made the fan-out, as one found above.
+        items = _check_items(layout, await _created_by_another(nc, layout.stream, timeout))
     have = {s.get("name") for s in items.get("sources") or []}
     if have != set(layout.log_streams) or not items.get("allow_direct"):
         # An empty stream the outbox (or a worker) created first: make it the fan-out.
