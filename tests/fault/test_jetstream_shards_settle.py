@@ -71,6 +71,24 @@ async def _two_shards_on_two_nodes(cluster: NatsCluster, subjects: Subjects) -> 
     return (next(s for s in sids if layout.shard_of(s) == 0), next(s for s in sids if layout.shard_of(s) == 1))
 
 
+async def _one_append_each_with_a_node_paused(
+    store: JetStreamStore, ok_sid: str, lost_sid: str, lost_node: Any
+) -> tuple[Any, Any]:
+    """One new item each for ``ok_sid`` and ``lost_sid`` in one group commit (the combined
+    path: one batch per shard) while ``lost_node``, holding ``lost_sid``'s shard, is
+    paused; their outcomes (a reply or the exception)."""
+    store._writer.combine_at = 2
+    lost_node.pause()
+    try:
+        return tuple(await asyncio.gather(
+            store.append(ok_sid, req(item("one", item_id=f"{ok_sid}-one"))),
+            store.append(lost_sid, req(item("one", item_id=f"{lost_sid}-one"))),
+            return_exceptions=True,
+        ))
+    finally:
+        lost_node.resume()
+
+
 async def test_a_shard_whose_combined_batch_is_unsettled_leaves_the_other_shards_appends_stored(
     tagged_cluster: NatsCluster,
 ) -> None:
@@ -83,16 +101,7 @@ async def test_a_shard_whose_combined_batch_is_unsettled_leaves_the_other_shards
     try:
         for sid in (ok_sid, lost_sid):  # their heads are cached: the group commit reads nothing first
             await store.append(sid, req(item("zero", item_id=f"{sid}-zero")))
-        store._writer.combine_at = 2  # two new items in one group commit: one combined batch per shard
-        lost_node.pause()
-        try:
-            ok, lost = await asyncio.gather(
-                store.append(ok_sid, req(item("one", item_id=f"{ok_sid}-one"))),
-                store.append(lost_sid, req(item("one", item_id=f"{lost_sid}-one"))),
-                return_exceptions=True,
-            )
-        finally:
-            lost_node.resume()
+        ok, lost = await _one_append_each_with_a_node_paused(store, ok_sid, lost_sid, lost_node)
         assert store._writer.combined >= 1 and store._writer.unknown >= 1
         # The shard whose batch was stored answers its append as stored ...
         assert not isinstance(ok, BaseException), ok
@@ -121,16 +130,7 @@ async def test_a_shard_whose_head_cannot_be_read_leaves_the_other_shards_appends
     store = JetStreamStore({"servers": [ok_node.url]}, subjects=subjects, replicas=1, shards=SHARDS, timeout=1.0)
     await store.open()
     try:
-        store._writer.combine_at = 2  # two new items in one group commit: the combined path
-        lost_node.pause()
-        try:
-            ok, lost = await asyncio.gather(
-                store.append(ok_sid, req(item("one", item_id=f"{ok_sid}-one"))),
-                store.append(lost_sid, req(item("one", item_id=f"{lost_sid}-one"))),
-                return_exceptions=True,
-            )
-        finally:
-            lost_node.resume()
+        ok, lost = await _one_append_each_with_a_node_paused(store, ok_sid, lost_sid, lost_node)
         assert not isinstance(ok, BaseException), ok
         assert [(i.item_id, i.item_order) for i in ok.items] == [(f"{ok_sid}-one", 1)]
         assert isinstance(lost, UnavailableError), lost
