@@ -10,6 +10,12 @@ notice is acked.
 
 Sessions run concurrently (at most ``concurrency`` turns at once); the
 notices of one session are handled one after another, in arrival order.
+What a replica takes from the consumer is bounded by sessions: at most
+``concurrency * 4`` busy ones (running or waiting for a slot), so the rest are
+left to other replicas.  The notices queued behind a session's running turn
+count only against a much larger bound (``concurrency * 32``: memory, and the
+in-progress acks of held notices): one session sent many messages in a row
+does not keep another session's message out of a free slot.
 Turn logic and the exactly-once argument live in :mod:`.turn`; the ack policy
 is declared in :mod:`.intake`.
 
@@ -129,9 +135,12 @@ class Worker:
         self.handler: NoticeHandler | None = None
         self.ready = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
-        self._max_held = concurrency * 4
+        # Held sessions, not notices, bound what the replica takes: notices queued behind
+        # one session's running turn used to fill the bound, and a message of another
+        # session waited in the stream for all of them though a slot was free.
+        self._max_sessions = concurrency * 4
+        self._max_held = self._max_sessions * 8  # notices: memory and in-progress acks
         self._held: dict[int, Msg] = {}  # by id(): Msg is not hashable
-        self._room = asyncio.Event()
         self._queues: dict[str, deque[tuple[Msg, Notice]]] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._waiting: set[asyncio.Task[None]] = set()  # session tasks waiting for a slot
@@ -223,7 +232,7 @@ class Worker:
         )
         self.consumer = WorkIntake(
             self.nc, self.subjects, self.agent.name, entry=self.agent.name == self.spec.entry,
-            ack_wait=self.ack_wait, room=lambda: self._max_held - len(self._held),
+            ack_wait=self.ack_wait, room=self._room_left,
             deliver=self._on_notice, stopping=self._stopping,
         )
         name = f"worker {self.agent.name}"
@@ -250,7 +259,6 @@ class Worker:
             return
         self._shutdown_started = True
         self._stopping.set()
-        self._room.set()
         try:
             # 1. Stop intake: no more pulls, and the pulls still waiting on the server
             #    lose their inbox, so what this worker gives back below goes to a
@@ -346,6 +354,11 @@ class Worker:
                         raise
 
     # -- dispatch --------------------------------------------------------------------
+    def _room_left(self) -> int:
+        """How many more notices to take now: room for new sessions, within the bound on
+        held notices (a notice of a session already held takes no session's room)."""
+        return min(self._max_sessions - len(self._runners), self._max_held - len(self._held))
+
     def _dispatch(self, msg: Msg) -> None:
         try:
             notice = decode_notice(msg.data)
@@ -361,6 +374,8 @@ class Worker:
             self._runners[sid] = task
             # handle() deals with every failure of a turn; what escapes is a bug here.
             self._loops.watch(task)
+        elif self.consumer is not None:
+            self.consumer.poke()  # queued behind its session: the room it was pulled for is still free
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -403,7 +418,6 @@ class Worker:
 
     def _release(self, msg: Msg) -> None:
         self._held.pop(id(msg), None)
-        self._room.set()
         if self.consumer is not None:
             self.consumer.poke()
 
