@@ -29,7 +29,9 @@ dropped and the notice is forwarded (:class:`~.turn_types.Misrouted`).
 A young session (its trigger among the first 32 items) is read whole in that
 one read, and its window folded from it (:func:`shared.history.visible`).
 Beyond that, a worker keeps each busy session's model window (the visible tail) from its
-last turn, as of the ``last_order`` it was read at.  The next turn's one raw
+last turn, as of the ``last_order`` it was read at (for the 2,000 sessions it played
+last, and at most 128 MiB of their items' text: windows of tool outputs would
+otherwise take gigabytes).  The next turn's one raw
 read starts at or before that order, so it brings everything written since:
 the window is the kept one plus the new items, cut to ``history_limit`` --
 unless a ``retract`` or ``clear`` came (or the read did not reach back
@@ -67,6 +69,11 @@ __all__ = ["Decision", "PartFinder", "announce_handoff"]
 _AFTER_PAGE = 64
 #: Sessions whose model window a worker keeps between turns.
 _WINDOWS = 2_000
+#: Most bytes of item text (strings, as counted by :func:`_weight`) in the windows kept
+#: between turns: 2,000 windows of 50 items, half of them 32k-char tool outputs, held
+#: 1.7 GB.  The least recently played sessions' windows go first; a session whose window
+#: went is read from the log at its next turn, as without the copy.
+_WINDOW_BYTES = 128 * 1024 * 1024
 _envelope = msgspec.json.Decoder(Envelope)
 
 
@@ -144,6 +151,10 @@ class PartFinder:
         self._known: OrderedDict[str, tuple[int, str]] = OrderedDict()
         #: per session: (last_order, the visible window as of it), from the last turn's reads
         self._windows: OrderedDict[str, tuple[int, list[Envelope]]] = OrderedDict()
+        #: per session: the weight of each item of its kept window (:func:`_weight`)
+        self._weights: dict[str, list[int]] = {}
+        #: the weight of every kept window
+        self.window_bytes = 0
         #: per session: the newest order this worker knows the log holds
         self._newest: OrderedDict[str, int] = OrderedDict()
 
@@ -325,13 +336,26 @@ class PartFinder:
         """Keep the window for the session's next turn, if both reads saw the same log."""
         newest = max([page.last_order, *(e.item_order for e in page.items)])
         self.saw(sid, newest)
+        # Items kept from the last turn are weighed once: only the new ones are weighed here.
+        old = self._windows.get(sid)
+        weighed = dict(zip(map(id, old[1]), self._weights[sid], strict=True)) if old is not None else {}
+        self._forget(sid)
         if window.last_order != newest or page.more:
-            self._windows.pop(sid, None)
             return
+        weights = [weighed.get(id(e)) or _weight(e.data) for e in window.items]
+        size = sum(weights)
+        if size > _WINDOW_BYTES:
+            return  # alone over the bound (a huge history_limit): read at each turn
         self._windows[sid] = (newest, list(window.items))
-        self._windows.move_to_end(sid)
-        if len(self._windows) > _WINDOWS:
-            self._windows.popitem(last=False)
+        self._weights[sid] = weights
+        self.window_bytes += size
+        while len(self._windows) > _WINDOWS or self.window_bytes > _WINDOW_BYTES:
+            self._forget(next(iter(self._windows)))
+
+    def _forget(self, sid: str) -> None:
+        """Drop the window kept for ``sid``, if any."""
+        if self._windows.pop(sid, None) is not None:
+            self.window_bytes -= sum(self._weights.pop(sid))
 
     @staticmethod
     async def _timed(out: Decision, key: str, coro: Any) -> Any:
@@ -340,6 +364,20 @@ class PartFinder:
             return await coro
         finally:
             out.timings[key] = out.timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+def _weight(value: Any) -> int:
+    """About the bytes ``value`` (an item's ``data``) holds: the length of its strings,
+    plus a little per value (its JSON size, within a few bytes per value; Python holds
+    about as much for long texts).  Counting lengths, not encoding: a window of 32k-char
+    outputs encodes in milliseconds."""
+    if isinstance(value, str):
+        return len(value) + 8
+    if isinstance(value, dict):
+        return sum(len(k) + _weight(v) for k, v in value.items()) + 8
+    if isinstance(value, list):
+        return sum(_weight(v) for v in value) + 8
+    return 8
 
 
 async def _none() -> None:
