@@ -26,7 +26,7 @@ from . import nats_connect, tracing
 from .codec import check_json, decode, encode, json_ok, unencodable
 from .config import Settings
 from .errors import BadRequestError, ForbiddenError, TooLargeError
-from .failures import refused_publish
+from .failures import CONFLICT_BACKOFF, refused_publish
 from .follow import follow
 from .history import visible
 from .messages import (
@@ -52,6 +52,11 @@ from .subjects import Subjects, validate_session_id
 __all__ = ["LogClient", "Unreadable", "connect_options", "new_item_id"]
 
 log = logging.getLogger("convlog.client")
+
+#: How long an audit reads on for items a signed head covers but the first read did not
+#: return (:meth:`LogClient.audit_items_through`): a replica that trails the leader
+#: catches up within milliseconds; a log that lost its tail, never.
+TRAILING_WAIT_S = 1.0
 
 
 async def _nats_error(e: Exception) -> None:
@@ -456,6 +461,33 @@ class LogClient(Requester):
                     after = await self._past(session_id, after, reply)
                     break
                 after = one.items[0].item_order
+
+    async def audit_items_through(
+        self, session_id: str, through: int, *, after: int = 0, page: int | None = None,
+        done: Callable[[], bool] = lambda: False,
+    ) -> AsyncIterator[Envelope | Unreadable]:
+        """:meth:`audit_items`, read on until item ``through`` (a signed head's order,
+        read before the items) has come, for up to :data:`TRAILING_WAIT_S`.
+
+        On an R3 JetStream log a follower that trails the leader (by milliseconds) may
+        answer the item reads after the head was read from the leader: the items then
+        end before the head, which is no truncation.  They are read on from the last one
+        a moment; still short, the caller's check of the head calls the log truncated.
+        ``done()`` true (the audit has already failed) stops the waiting."""
+        attempt = 0
+        give_up: float | None = None
+        while True:
+            async for env in self.audit_items(session_id, after=after, page=page):
+                after = max(after, env.item_order)
+                yield env
+            if after >= through or done():
+                return
+            wait = CONFLICT_BACKOFF.delay(attempt)
+            give_up = give_up or time.monotonic() + TRAILING_WAIT_S
+            if time.monotonic() + wait > give_up:
+                return
+            await asyncio.sleep(wait)
+            attempt += 1
 
     async def _past(self, session_id: str, after: int, reply: bytes) -> int:
         """The ``item_order`` of the stored item that the one-item ``reply`` to a read

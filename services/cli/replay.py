@@ -4,11 +4,9 @@ SQLite file (no service needed) or a JSONL export, with hash-chain verification
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
@@ -19,7 +17,6 @@ from shared.chain import GENESIS_HASH, Problem, envelope_hash
 from shared.client import LogClient
 from shared.codec import encode_envelope_line, numbers_ok
 from shared.errors import BadRequestError, NotFoundError
-from shared.failures import CONFLICT_BACKOFF
 from shared.messages import Envelope, null_optional_field
 from shared.signing import Keyring, SignedHead
 from shared.subjects import validate_session_id
@@ -29,12 +26,6 @@ from .render import render_line
 from .storage import read_only_uri
 
 __all__ = ["Replayer", "envelopes_from_db", "envelopes_from_file"]
-
-#: How long a replay from the service reads on for items a signed head covers but the
-#: first read did not return (a replica that trails the leader catches up within
-#: milliseconds; a log that lost its tail, never).
-TRAILING_WAIT_S = 1.0
-
 
 class _StrictEnvelope(Envelope, forbid_unknown_fields=True):
     """An envelope with nothing beside its fields: a field the hash does not cover is tampering."""
@@ -360,23 +351,11 @@ async def replay_from_service(
     signed = max((h.item_order for h in heads if h is not None), default=0)
 
     async def source() -> AsyncIterator[Stored]:
-        last = attempt = 0
-        give_up: float | None = None
-        while True:
-            async for env in client.audit_items(session_id, after=last):
-                last = max(last, env.item_order)
-                yield each(env if isinstance(env, Envelope) else _Undecodable(env.item_order, env.error))
-            if last >= signed or replayer.problem is not None:
-                break
-            # The items end before a head read ahead of them: on an R3 log a follower that
-            # trails the leader (by milliseconds) may have answered the reads, which is not
-            # a truncation.  Read on from the last item for a moment; still short, it is.
-            wait = CONFLICT_BACKOFF.delay(attempt)
-            give_up = give_up or time.monotonic() + TRAILING_WAIT_S
-            if time.monotonic() + wait > give_up:
-                break
-            await asyncio.sleep(wait)
-            attempt += 1
+        # Items that end before a head read ahead of them are read on a moment (a
+        # trailing replica's answer, not a truncation): see audit_items_through.
+        async for env in client.audit_items_through(session_id, signed,
+                                                    done=lambda: replayer.problem is not None):
+            yield each(env if isinstance(env, Envelope) else _Undecodable(env.item_order, env.error))
         for head in heads:
             if head is not None:
                 yield head
