@@ -47,17 +47,20 @@ def exported(registry: CollectorRegistry) -> dict[str, str]:
     return out
 
 
+async def log_service_exports(options: dict[str, Any]) -> dict[str, str]:
+    """:func:`exported` of a real log service (these settings, metrics on) and the workers."""
+    service = LogService(load_settings({**options, "metrics_port": 0}, environ={}))
+    await service.start()
+    try:
+        return {**exported(service.metrics.registry), **exported(WORKER_REGISTRY)}
+    finally:
+        await service.shutdown()
+
+
 async def test_every_dashboard_query_names_an_exported_metric(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    settings = load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db"),
-                              "metrics_port": 0}, environ={})
-    service = LogService(settings)
-    await service.start()
-    try:
-        names = {**exported(service.metrics.registry), **exported(WORKER_REGISTRY)}
-    finally:
-        await service.shutdown()
+    names = await log_service_exports({"nats_url": nats_server.url, "db": str(tmp_path / "log.db")})
     assert len({f for f in names.values()}) >= 20
 
     dashboard = json.loads(DASHBOARD.read_text())
@@ -85,3 +88,39 @@ def test_dashboard_panels_use_the_datasource_variable_and_do_not_overlap() -> No
                 cells.add((x, y))
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+SQLITE_ONLY = "SQLite store only"
+
+
+async def test_what_the_jetstream_store_does_not_export_is_said_so_and_no_panel_is_left_empty(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A log service on the JetStream store exports no outbox counter and no SQLite file
+    gauges: the README's metrics table says so on each such row, and every log-service
+    panel still draws something there, or says it is the SQLite store's.
+
+    The "Published items / s" panel queried only ``convlog_log_published_items_total``,
+    which the JetStream store never exports (no outbox): it showed "No data" there, and
+    the README row did not say why."""
+    names = await log_service_exports({"nats_url": nats_server.url, "data_dir": str(tmp_path),
+                                       "store": "jetstream"})
+    assert "convlog_log_appends_total" in names
+
+    readme = (DASHBOARD.parents[2] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `convlog_log_")]
+    assert len(rows) >= 5
+    for row in rows:
+        cell = row.split("|")[1]
+        missing = [m for m in re.findall(r"`(convlog_[a-z0-9_]+)`", cell)
+                   if m not in names and m not in set(names.values())]
+        if missing:
+            assert SQLITE_ONLY in row, f"README: {missing} are not exported with the JetStream store: {row}"
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row" or "convlog_log_" not in json.dumps(panel["targets"]):
+            continue
+        drawn = [t["expr"] for t in panel["targets"] if all(m in names for m in METRIC.findall(t["expr"]))]
+        assert drawn or SQLITE_ONLY in panel.get("description", ""), (
+            f"panel {panel['title']!r} shows no data with the JetStream store and does not say so")
