@@ -21,7 +21,8 @@ import json
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
 
 import msgspec
 from nats.aio.msg import Msg
@@ -45,6 +46,13 @@ _INDEX_CHUNK = 10_000
 _PAGE_CHUNK = 10_000
 _NO_BYTE_LIMIT = unfiltered.NO_BYTE_LIMIT
 _ENVELOPE_SLACK = 256 << 10  # about the largest envelope (a bigger one costs a second request)
+#: Seconds a get that finds nothing where the session's head says items are is asked
+#: again: on R3 a direct get goes to any replica, so the head and the page after it
+#: may be answered by different ones, and a follower trails the leader by the
+#: replication lag (milliseconds; more after a stall) until it has applied them.
+TRAILING_WAIT = 1.0
+
+_T = TypeVar("_T")
 
 
 class _Order(msgspec.Struct):
@@ -162,12 +170,11 @@ class StreamReads:
         """Index the session's envelopes up to order ``upto``."""
         subject = self.layout.session_filter(sid)
         while s.indexed < upto:
-            start = s.seqs[-1] + 1 if s.indexed else 1
-            msgs = await self.get(sid).batch(
-                {"seq": start, "next_by_subj": subject, "batch": min(_INDEX_CHUNK, upto - s.indexed)}
-            )
+            request = {"seq": s.seqs[-1] + 1 if s.indexed else 1, "next_by_subj": subject,
+                       "batch": min(_INDEX_CHUNK, upto - s.indexed)}
+            msgs = await self._caught_up(lambda request=request: self.get(sid).batch(request))
             if not msgs:
-                raise UnavailableError(f"the log stream lacks items of session {sid!r} after {s.indexed}")
+                raise UnavailableError(self._lacks(sid, s, s.indexed + 1))
             for m in msgs:
                 s.add(meta_of(m), seq_of(m))
 
@@ -235,9 +242,11 @@ class StreamReads:
     async def _mark(self, sid: str, s: SessionIndex, order: int, envelope: bytes) -> int:
         """Look up (one direct get on its item subject) and remember the
         stream sequence of an envelope read without headers."""
-        msg = await self.get(sid).last(self.layout.item_subject(sid, _item_id.decode(envelope).item_id))
-        if msg is None:
-            raise UnavailableError(f"the log stream lacks item {order} of session {sid!r}")
+        subject = self.layout.item_subject(sid, _item_id.decode(envelope).item_id)
+        got = await self._caught_up(lambda: self._listed_last(sid, subject))
+        if not got:
+            raise UnavailableError(self._lacks(sid, s, order))
+        msg = got[0]
         seq = seq_of(msg)
         unfiltered.remember(s, order, seq)
         return seq
@@ -289,9 +298,9 @@ class StreamReads:
                 # page is full, and usually sends the envelope that tells
                 # there is more (if not, the loop asks again).
                 request["max_bytes"] = max_bytes - size + _ENVELOPE_SLACK
-            bodies = await self.get(sid).bodies(request)
+            bodies = await self._caught_up(lambda request=request: self.get(sid).bodies(request))
             if not bodies or _first_order.decode(bodies[0]).item_order != base:
-                raise UnavailableError(f"the log stream lacks item {base} of session {sid!r}")
+                raise UnavailableError(self._lacks(sid, s, base))
             for k, body in enumerate(bodies):
                 if base + k != orders[idx]:
                     continue
@@ -311,6 +320,30 @@ class StreamReads:
             base = orders[idx]
             await self.extend(sid, s, base)
             seq = s.seqs[base - 1]
+
+    async def _caught_up(self, ask: Callable[[], Awaitable[list[_T]]]) -> list[_T]:
+        """``ask()``'s answer; asked again for up to :data:`TRAILING_WAIT` seconds while
+        it is empty.  Only for gets of items at or below a head read fresh: the log
+        stream holds them (it deletes nothing), so nothing means a replica that trails
+        the one that answered the head (the next ask may go to another replica, or
+        find this one caught up)."""
+        deadline = time.monotonic() + min(TRAILING_WAIT, self.timeout)
+        pause = 0.005
+        while True:
+            got = await ask()
+            if got or time.monotonic() + pause > deadline:
+                return got
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
+    async def _listed_last(self, sid: str, subject: str) -> list[Msg]:
+        msg = await self.get(sid).last(subject)
+        return [] if msg is None else [msg]
+
+    def _lacks(self, sid: str, s: SessionIndex, order: int) -> str:
+        return (f"the log stream lacks item {order} of session {sid!r} below its head {s.last_order} "
+                f"for {min(TRAILING_WAIT, self.timeout):g}s: a replica trailing its leader for longer answered, "
+                f"or the stream lost it")
 
     async def sessions(self, *, after: str | None, limit: int) -> tuple[list[SessionInfo], bool]:
         """From the fan-out stream (one subject per session), once it holds
