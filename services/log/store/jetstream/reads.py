@@ -354,17 +354,36 @@ class StreamReads:
         listed only as its log stream holds it.  Each last envelope is checked
         against its item subject in the log (one ``multi_last`` per 256
         sessions or fewer); one that is not there is read from the log instead, and a
-        session the log does not hold is left out."""
-        await self._fan_out_caught_up()
-        sids = await self._session_ids()
-        sids = sids[bisect.bisect_right(sids, after or ""):]
-        out: list[SessionInfo] = []
-        start = 0
-        while start < len(sids) and len(out) < limit:  # a page of dropped sessions is no end
-            page = sids[start : start + limit - len(out)]
-            start += len(page)
-            out += await self._listed(page)
-        return out, start < len(sids)
+        session the log does not hold is left out.
+
+        The whole call keeps to ``timeout`` (each request has its own, and the
+        service's client waits that long for the answer): past it, the call says
+        which stream it was waiting for.
+
+        Raises:
+            UnavailableError: a stream did not answer (or the fan-out did not catch
+                up) within ``timeout``.
+        """
+        stream = self.layout.stream
+        waiting = [f"the log streams did not answer (their last items) within {self.timeout:g}s"]
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._fan_out_caught_up(waiting)
+                # STREAM.INFO: only the stream's leader answers it (none while one is elected).
+                waiting[0] = (f"the fan-out stream {stream} did not answer STREAM.INFO within {self.timeout:g}s "
+                              f"(no leader: one is being elected, or too few of its servers are up)")
+                sids = await self._session_ids()
+                sids = sids[bisect.bisect_right(sids, after or ""):]
+                waiting[0] = f"the streams did not answer the sessions' last items within {self.timeout:g}s"
+                out: list[SessionInfo] = []
+                start = 0
+                while start < len(sids) and len(out) < limit:  # a page of dropped sessions is no end
+                    page = sids[start : start + limit - len(out)]
+                    start += len(page)
+                    out += await self._listed(page)
+                return out, start < len(sids)
+        except TimeoutError as e:
+            raise UnavailableError(f"cannot list sessions: {waiting[0]}") from e
 
     async def _session_ids(self) -> list[str]:
         """Every session id of the fan-out, sorted.  Listing its subjects costs the whole
@@ -418,31 +437,25 @@ class StreamReads:
                 chunk = [c for c in chunk if c not in found]
         return found
 
-    async def _fan_out_caught_up(self) -> None:
-        """Wait (up to ``timeout``) until the fan-out holds each shard's last item.
+    async def _fan_out_caught_up(self, waiting: list[str]) -> None:
+        """Wait until the fan-out holds each shard's last item (the caller bounds
+        the wait; ``waiting[0]`` is set to what it waits for).
 
         Each source is copied in order, so once a shard's last item is there,
         every earlier one is.
-
-        Raises:
-            UnavailableError: the fan-out stream is behind for longer.
         """
         lasts = await asyncio.gather(*(self.shard(k).last(self.layout.log_all(k)) for k in range(self.layout.shards)))
         wanted = [
             (self.layout.session_of_log(m.headers["Nats-Subject"]), order_of(m))  # type: ignore[index]
             for m in lasts if m is not None
         ]
-        deadline = time.monotonic() + self.timeout
+        waiting[0] = f"the fan-out stream {self.layout.stream} is more than {self.timeout:g}s behind the log streams"
         pause = 0.002
         while wanted:
             got = await asyncio.gather(*(self.fan_out().last(self.layout.items(sid)) for sid, _ in wanted))
             wanted = [w for w, m in zip(wanted, got, strict=True) if not _copied(m, w[1])]
             if not wanted:
                 return
-            if time.monotonic() > deadline:
-                raise UnavailableError(
-                    f"the fan-out stream {self.layout.stream} is more than {self.timeout:g}s behind the log streams"
-                )
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.1)
 
