@@ -106,6 +106,19 @@ def _denied(denied: list[str], subject: str) -> str | None:
             "as a user that may (deploy/nats/auth.conf, nats-users.conf: the log user)")
 
 
+def _lost(nc: Any, e: BaseException) -> None:
+    """Raise ``ConnectionClosedError`` when ``e`` came from the server going away.
+
+    With no reconnects here, a request awaited when the connection closed fails with
+    whatever it was waiting on (a timeout, 'connection closed'): the step would blame
+    the log service or JetStream for it; :func:`check` names the lost connection.
+    """
+    import nats.errors
+
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError from e
+
+
 async def _check_log(nc: Any, settings: Settings, report: Report, *, max_lag: float,
                      timeout: float, denied: list[str]) -> None:  # noqa: ASYNC109
     from shared.client import LogClient
@@ -122,6 +135,7 @@ async def _check_log(nc: Any, settings: Settings, report: Report, *, max_lag: fl
     try:
         await client.last_order("convlog-health-probe")
     except Exception as e:
+        _lost(nc, e)
         refused = _denied(denied, client.subjects.read("convlog-health-probe"))
         report.problems.append(f"log service: {refused}" if refused else
                                f"log service: a read was not answered within {timeout:g}s ({e})")
@@ -147,7 +161,6 @@ async def _check_log(nc: Any, settings: Settings, report: Report, *, max_lag: fl
 
 async def _check_consumers(nc: Any, settings: Settings, report: Report, *, agents: list[str],
                            window: float, denied: list[str]) -> None:
-    import nats.errors
     import nats.js.errors
 
     from shared.work import work_stream_name
@@ -161,6 +174,7 @@ async def _check_consumers(nc: Any, settings: Settings, report: Report, *, agent
         report.problems.append(f"work stream {stream} does not exist (has the log service ever run?)")
         return
     except Exception as e:  # JetStream unavailable (no quorum, no leader), a timeout
+        _lost(nc, e)
         refused = _denied(denied, f"$JS.API.CONSUMER.LIST.{stream}")
         report.problems.append(f"work stream {stream}: {refused}" if refused else
                                f"work stream {stream}: cannot list its consumers "
@@ -195,10 +209,9 @@ async def _check_consumers(nc: Any, settings: Settings, report: Report, *, agent
         wait = max(0.1, deadline - time.monotonic()) + 1
         answers = await asyncio.gather(*(js.consumer_info(stream, name, timeout=wait) for name in first),
                                        return_exceptions=True)
-        if nc.is_closed:
-            # The server went away (no reconnects here): the watch would end on its first
-            # snapshot and blame the agents with notices waiting; the check names the loss.
-            raise nats.errors.ConnectionClosedError
+        # The server went away (no reconnects here): the watch would end on its first
+        # snapshot and blame the agents with notices waiting; the check names the loss.
+        _lost(nc, None)
         for name, info in zip(first, answers, strict=True):
             if not isinstance(info, BaseException):
                 latest[name] = info

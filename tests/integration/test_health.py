@@ -187,6 +187,60 @@ async def test_health_reports_nats_lost_while_the_consumers_are_watched(
     assert not [p for p in report.problems if p.startswith("agent A")], report.lines()
 
 
+# NATS going away while the log service's read is awaited: the read's failure was taken for
+# the service's ("a read was not answered within 2s"), sending the operator after a log
+# service that was serving; the check names the lost connection, as its other steps do.
+async def test_health_reports_nats_lost_during_the_log_read(
+        nats_server: NatsServer, tmp_path: Path, monkeypatch: Any) -> None:
+    from services.log.handlers import Handlers
+
+    answer = Handlers.read
+
+    async def slow_read(self: Handlers, subject: str, body: bytes) -> bytes:
+        await asyncio.sleep(3)  # widens the window: NATS stops while the read is awaited
+        return await answer(self, subject, body)
+
+    monkeypatch.setattr(Handlers, "read", slow_read)
+    service = LogService(load_settings({"nats_url": nats_server.url, "db": str(tmp_path / "log.db")},
+                                       environ={}))
+    await service.start()
+    try:
+        settings = load_settings({"nats_url": nats_server.url, "data_dir": str(tmp_path)}, environ={})
+        checking = asyncio.create_task(check(settings, agents=[], timeout=2.0))
+        await asyncio.sleep(1.0)  # $SRV.STATS answered (and 0.3 s for others); the read is awaited
+        await asyncio.to_thread(nats_server.stop)
+        report = await asyncio.wait_for(checking, 30)
+        await asyncio.to_thread(nats_server.start)  # the service stops at once, not reconnecting
+    finally:
+        await service.shutdown()
+    assert any(p.startswith(f"NATS: the connection to {nats_server.url} was lost") for p in report.problems), \
+        report.lines()
+    assert not [p for p in report.problems if "was not answered" in p], report.lines()
+
+
+# NATS going away while the work stream's consumers are listed: reported as "cannot list its
+# consumers (...): is JetStream available?", not as the lost connection it was.
+async def test_health_reports_nats_lost_while_the_consumers_are_listed(
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    from shared.work import ensure_work_stream
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        await ensure_work_stream(nc.jetstream(), Subjects("convlog"))
+    finally:
+        await nc.close()
+    settings = load_settings({"nats_url": nats_server.url, "data_dir": str(tmp_path)}, environ={})
+    checking = asyncio.create_task(check(settings, agents=[], window=1.0, timeout=1.0))
+    await asyncio.sleep(0.4)  # connected; $SRV.STATS awaited (no log service)
+    await asyncio.to_thread(nats_server.pause)  # the listing, sent at 1 s, is not answered (3 s) ...
+    await asyncio.sleep(1.6)
+    await asyncio.to_thread(nats_server.kill)  # ... and the server goes away meanwhile
+    report = await asyncio.wait_for(checking, 30)
+    assert any(p.startswith(f"NATS: the connection to {nats_server.url} was lost") for p in report.problems), \
+        report.lines()
+    assert not [p for p in report.problems if "cannot list" in p], report.lines()
+
+
 async def test_health_wait_returns_once_the_stack_is_up(nats_server: NatsServer, tmp_path: Path) -> None:
     env = service_env(tmp_path / "health-data")
     base = ["--nats-url", nats_server.url, "--no-embedded", "--window", "1"]
