@@ -20,7 +20,9 @@ Exit 0 when all of these hold, else 1 with one ``FAIL`` line per problem:
 ``--every S`` repeats the check every ``S`` seconds and prints one line per
 run (for a process manager's log); it never exits.  ``--wait S`` checks again
 until the stack is healthy, for at most ``S`` seconds (for a script that has
-just started it), then reports as a single check does.
+just started it), then reports as a single check does.  Both together: the
+first run waits so (silently), so a watcher started with the stack does not
+log the stack's own start as ``UNHEALTHY``; the runs after it do not wait.
 """
 
 from __future__ import annotations
@@ -304,16 +306,16 @@ async def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     except (SpecError, OSError) as e:
         print(f"convlog health: bad agent spec: {e}", file=sys.stderr)
         return 2
-    if args.every is not None and args.wait is not None:
-        print("convlog health: --every and --wait do not go together: pick one", file=sys.stderr)
-        return 2
-    give_up = time.monotonic() + (args.wait or 0.0)
+    wait = args.wait
+    give_up = time.monotonic() + (wait or 0.0)
     waited = False
     while True:
         report = await check(settings, agents=agents, max_lag=args.max_lag, window=args.window,
                              timeout=args.timeout)
-        if args.wait is not None and not report.healthy and time.monotonic() < give_up:
-            if not waited:
+        if wait is not None and not report.healthy and time.monotonic() < give_up:
+            # With --every, nothing until the first verdict: a watcher started with the
+            # stack (deploy/supervisord.conf) would log its start as a problem.
+            if not waited and args.every is None:
                 print(f"convlog health: waiting up to {args.wait:g}s: " + "; ".join(report.problems),
                       file=sys.stderr, flush=True)
                 waited = True
@@ -323,6 +325,7 @@ async def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
             for line in report.lines():
                 print(line, flush=True)
             return 0 if report.healthy else 1
+        wait = None  # --wait is for the first run only: later ones report what they find
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         verdict = "healthy" if report.healthy else "UNHEALTHY: " + "; ".join(report.problems)
         print(f"{stamp} {verdict}", flush=True)
@@ -341,4 +344,5 @@ def health_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--every", type=positive_float, default=None, metavar="S",
                    help="repeat every S seconds, one line per run, never exit")
     p.add_argument("--wait", type=positive_float, default=None, metavar="S",
-                   help="check again until healthy, for at most S seconds (after starting a stack)")
+                   help="check again until healthy, for at most S seconds (after starting a stack); "
+                   "with --every, the first run only")

@@ -476,6 +476,7 @@ def test_supervisord_conf_parses_with_one_program_per_process(
     assert args.command == "log" and args.db == str(tmp_path / "data" / "convlog.db")
     args = parse_convlog(shlex.split(progs["health"].command)[1:])
     assert args.command == "health" and args.every > 0
+    assert args.wait >= 30  # its first line waits for the stack it starts with (no UNHEALTHY at boot)
     assert Path(args.agents) == DEPLOY / "agents.toml"
     assert progs["health"].priority > progs["worker-Triage"].priority
     # the workers are one group, which supervisord stops at once (one tick, not one per worker)

@@ -259,8 +259,17 @@ async def test_health_wait_returns_once_the_stack_is_up(nats_server: NatsServer,
         assert "ok    log service" in waiting.output()
     finally:
         waiting.terminate()
-    code, out, err = await run_cli("health", *base, "--wait", "1", "--every", "1", env=env)
-    assert code == 2 and "pick one" in err
+    # --every with --wait (the watcher of deploy/supervisord.conf, started with the stack):
+    # its first line is the verdict once the stack is up, not its start called UNHEALTHY.
+    watcher = Proc([sys.executable, "-m", "services.cli.main", "health", *base, "--every", "60",
+                    "--wait", "60"], log_dir=tmp_path, env=env, name="health-every").start()
+    try:
+        await asyncio.sleep(2)  # a few runs find no log service
+        async with LogService(settings):
+            await asyncio.to_thread(watcher.wait_for_line, " healthy", 30)
+        assert "UNHEALTHY" not in watcher.output() and "waiting" not in watcher.output(), watcher.output()
+    finally:
+        watcher.terminate()
 
 
 # a consumer whose only notice is a turn under way is draining: nothing waits (it was called stuck)

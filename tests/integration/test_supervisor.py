@@ -74,6 +74,12 @@ async def _one_reply_per_user_message(client: LogClient, sid: str) -> None:
     assert len(replies) == len(users), [(e.item_order, e.agent, e.item_id) for e in envs]
 
 
+def _first_line(path: Path) -> str:
+    lines = path.read_text().splitlines() if path.exists() else []
+    assert lines, f"nothing in {path} yet"
+    return lines[0]
+
+
 async def test_deploy_supervisord_restarts_a_killed_worker(short_tmp: Path) -> None:
     # Step 1: supervisord from deploy/supervisord.conf, pointed at temp dirs and a free port.
     port = free_port()
@@ -90,6 +96,11 @@ async def test_deploy_supervisord_restarts_a_killed_worker(short_tmp: Path) -> N
         await asyncio.to_thread(sup.start)
         await wait_for_stack(sup, log_dir=logs, url=url, agents=AGENTS, step=print, timeout=60)
         children |= {i["pid"] for i in await asyncio.to_thread(sup.processes) if i["pid"]}
+        # The health watcher's first line is the stack's verdict once it is up: its first
+        # round ran ~1 s after its start, before the log service answered, and every boot
+        # wrote 'UNHEALTHY: log service: no instance answers ...' to health.log.
+        first = await asyncio.to_thread(wait_until, lambda: _first_line(logs / "health.log"), 30, 0.2)
+        assert first.split(" ", 1)[1] == "healthy", (logs / "health.log").read_text()
         client = await LogClient.connect(url, name="t-supervisor")
         try:
             async with SessionFollower(client, SEED_SESSION_ID) as follower:
