@@ -42,7 +42,7 @@ from tests.support.deploy_config import (
 )
 from tests.support.eventually import assert_eventually
 from tests.support.natsd import NatsServer, free_port, nats_server_binary
-from tests.support.procs import Proc, run_cli
+from tests.support.procs import REPO_ROOT, Proc, run_cli
 
 PASSWORDS = {
     "CONVLOG_NATS_LOG_PASSWORD": "log-secret",
@@ -466,6 +466,13 @@ def test_supervisord_conf_parses_with_one_program_per_process(
     assert "-js" in nats_argv and nats_argv[nats_argv.index("-sd") + 1].startswith(str(tmp_path))
     nats_flags_are_valid(nats_argv[1:], tmp_path)
     assert progs["nats"].priority < progs["log"].priority < progs["worker-Triage"].priority
+    # nats-server's failed starts end in FATAL, for good (1 + 2 + ... s of backoff): the
+    # header says when, and how to start it again, as README does.
+    header = (DEPLOY / "supervisord.conf").read_text().split("\n[", 1)[0]
+    backoff = sum(range(1, progs["nats"].startretries + 1))
+    assert 30 <= backoff <= 90 and "about a minute" in header, backoff
+    assert "supervisorctl -c deploy/supervisord.conf start nats" in " ".join(header.split())
+    assert "supervisorctl -c deploy/supervisord.conf start nats" in (REPO_ROOT / "README.md").read_text()
     for agent in AGENTS:
         argv = shlex.split(progs[f"worker-{agent}"].command)
         assert argv[0] == "convlog"
