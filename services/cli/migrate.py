@@ -27,7 +27,7 @@ from shared.messages import Envelope
 from shared.subjects import validate_session_id
 
 from .common import EXIT_FAIL, require_nats, stderr
-from .storage import check_service_db, db_in_use, holds_no_tables
+from .storage import check_service_db, db_in_use, db_lock_path, holds_no_tables
 
 __all__ = ["cmd_migrate", "migrate_arguments"]
 
@@ -176,6 +176,19 @@ async def _check_login(settings: Settings) -> None:
     await nc.close()
 
 
+def _beside(spec: str, other: str) -> bool:
+    """``spec`` is a ``sqlite:`` file that SQLite or convlog keeps beside ``other``'s
+    database (its write-ahead log, shared memory, rollback journal, lock file): opened
+    as a log of its own, it would be written under the other store's feet."""
+    kind, _, path = spec.partition(":")
+    okind, _, opath = other.partition(":")
+    if not (kind == okind == "sqlite" and path and opath):
+        return False
+    db = Path(opath).expanduser().resolve()
+    sides = {Path(f"{db}{end}") for end in ("-wal", "-shm", "-journal")} | {db_lock_path(db)}
+    return Path(path).expanduser().resolve() in sides
+
+
 def _held(spec: str) -> bool:
     """A ``sqlite:PATH`` whose file a running log service holds (its lock)."""
     kind, _, path = spec.partition(":")
@@ -183,6 +196,12 @@ def _held(spec: str) -> bool:
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    for flag, spec, other in (("--to", args.dest, args.source), ("--from", args.source, args.dest)):
+        if _beside(spec, other):
+            # The copy went into the source's WAL while the source had it open, was
+            # verified there, and the source's close truncated it: exit 0, nothing copied.
+            raise BadRequestError(f"{flag} {spec} is a file SQLite keeps beside the other store's "
+                                  "database (its -wal, -shm, -journal or lock file): name another file")
     src, dst = _store(args.source, settings, source=True), _store(args.dest, settings)
     if _where(args.source) == _where(args.dest):
         raise BadRequestError("--from and --to name the same store")

@@ -155,6 +155,24 @@ async def test_migrate_refuses_bad_store_names(nats_server: NatsServer, tmp_path
     assert code == 2 and "--from and --to name the same store" in out, out
 
 
+# --to naming a file SQLite keeps beside --from (its -wal, -shm, or convlog's lock file):
+# the copy went into the source's write-ahead log while the source had it open, said
+# "3 of 3 sessions verified, exit 0", and the source's close truncated it: an empty file.
+async def test_migrate_refuses_a_destination_that_is_a_side_file_of_the_source(
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    db = tmp_path / "src.db"
+    async with SQLiteStore(db) as store:
+        await store.append("s", AppendRequest(items=[user("hello")]))
+        source = await everything(store, "s")
+    for side in (f"{db}-wal", f"{db}-shm", f"{tmp_path}/./src.db.lock"):
+        code, out = await migrate(tmp_path, nats_server.url, "--from", f"sqlite:{db}", "--to", f"sqlite:{side}")
+        assert code == 2 and "a file SQLite keeps beside" in out, (side, out)
+        code, out = await migrate(tmp_path, nats_server.url, "--from", f"sqlite:{side}", "--to", f"sqlite:{db}")
+        assert code == 2 and "a file SQLite keeps beside" in out, (side, out)
+    async with SQLiteStore(db) as store:
+        assert await everything(store, "s") == source
+
+
 async def test_migrate_between_sqlite_files_whose_names_are_not_utf8(tmp_path: Path) -> None:
     # A Linux file name is bytes: one that is not UTF-8 ("café" written in Latin-1) made
     # the check of the SQLite file raise UnicodeEncodeError, a traceback and nothing copied.
