@@ -500,6 +500,25 @@ class _KeyringFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     keys: list[KeyEntry]
 
 
+#: The author each role's key stands for: what ``keys init`` writes, and what the checks
+#: and ``keys rotate`` (which finds a role's live keys by it) rely on.
+_ROLE_AUTHOR = {GATEWAY: USER_AGENT, LOG: LOG_AGENT}
+
+
+def _role_mismatch(e: KeyEntry) -> str | None:
+    """Why an entry's ``agent`` does not fit its ``role``, or ``None``.  An agent key named
+    ``user`` signed user items the log service stored from the append subject (and every
+    verifier then refused); a gateway or log key under another name was missed by ``keys
+    rotate``, which added a successor and left that key live."""
+    author = _ROLE_AUTHOR.get(e.role)
+    if author is not None:
+        return None if e.agent == author else f"a {e.role} key's agent is {author!r}, not {e.agent!r}"
+    if e.agent in (USER_AGENT, SYSTEM_AGENT, LOG_AGENT):
+        return (f"an agent key may not be named {e.agent!r} (the author of the gateway, of "
+                "workers' notes or of the log service)")
+    return None
+
+
 class Keyring:
     """The public keys and what each may sign.
 
@@ -515,6 +534,8 @@ class Keyring:
                 raise KeyringError(f"key id {e.key_id[:60]!r} is not an nkey user public key")
             if e.key_id in self._by_id:
                 raise KeyringError(f"key id {e.key_id} appears twice")
+            if (why := _role_mismatch(e)) is not None:
+                raise KeyringError(f"key id {e.key_id}: {why}")
             if e.retired_at is not None and _instant(e.retired_at) is None:
                 raise KeyringError(f"key id {e.key_id}: retired_at {e.retired_at[:40]!r} is not an "
                                    "RFC 3339 time with its offset (e.g. 2026-03-14T09:30:00Z)")

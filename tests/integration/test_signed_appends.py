@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import shutil
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from shared.signing import Keyring, Signer, route_signing_input, sign_batch, sig
 from shared.wire import publish_many
 from tests.support.logenv import SEAM_IDS, SEAMS, expect_seam
 from tests.support.natsd import NatsServer
+from tests.support.procs import offline_env, run_cli
 
 #: the service and its clients on either nats-py seam (shared.nats_seam)
 both_seams = pytest.mark.parametrize("seam", SEAMS, ids=SEAM_IDS, indirect=True)
@@ -455,5 +457,50 @@ async def test_a_signature_respelled_in_its_spare_base64_bits_is_refused(strict:
         # The signatures as signed still go through.
         await plain.nc.request("convlog.append.m1", msgspec.json.encode(AppendRequest(items=[alone])), timeout=5)
         assert [e.sig for e in await plain.items("m1")] == [alone.sig]
+    finally:
+        await plain.close()
+
+
+async def test_a_keyring_entry_whose_agent_does_not_fit_its_role_is_refused(
+    nats_server: NatsServer, tmp_path: Path, keys: Path
+) -> None:
+    # A hand-edited keyring was taken as it was: an agent key named 'user' had its signed
+    # user items stored from the append subject (signatures not required), which replay
+    # --verify then failed ("belongs to agent 'user', not 'user'"); a gateway key named
+    # 'gateway' was missed by `keys rotate gateway`, which added a successor and left that
+    # (perhaps leaked) key live. Such a keyring is refused where it is read, naming the key.
+    doc = msgspec.json.decode((keys / "keyring.json").read_bytes())
+    stranger, _ = Signer.generate()
+    as_user = tmp_path / "as-user.json"
+    as_user.write_bytes(msgspec.json.encode({**doc, "keys": [*doc["keys"], {
+        "key_id": stranger.key_id, "role": "agent", "agent": "user", "created_at": "2026-01-01T00:00:00Z"}]}))
+    with pytest.raises(ConfigError, match=f"{stranger.key_id}: an agent key may not be named 'user'"):
+        service = await _service(nats_server.url, tmp_path, keyring=str(as_user))
+        try:  # what happened: the service took the key for a user's
+            plain = await _client(nats_server.url, None)
+            await plain.append("u", [sign_item(stranger, "u", _item("user", "hello", "u-1"))])
+            await plain.close()
+        finally:
+            await service.shutdown()
+    assert not (tmp_path / "convlog.db").exists() or await _no_items(nats_server.url, "u")
+
+    folder = tmp_path / "gateway keys"
+    shutil.copytree(keys, folder)
+    ring = folder / "keyring.json"
+    ring.write_bytes(ring.read_bytes().replace(b'"agent": "user"', b'"agent": "gateway"'))
+    before = ring.read_bytes(), (folder / "gateway.nk").read_bytes()
+    rc, _, err = await run_cli("keys", "rotate", "gateway", "--dir", str(folder), env=offline_env())
+    assert rc == 2 and "a gateway key's agent is 'user', not 'gateway'" in err, err
+    assert (ring.read_bytes(), (folder / "gateway.nk").read_bytes()) == before
+    (tmp_path / "export.jsonl").write_bytes(b"")
+    rc, _, err = await run_cli("replay", "u", "--file", str(tmp_path / "export.jsonl"), "--verify",
+                               "--keyring", str(as_user), env=offline_env())
+    assert rc == 2 and f"{stranger.key_id}: an agent key may not be named 'user'" in err, err
+
+
+async def _no_items(url: str, sid: str) -> bool:
+    plain = await _client(url, None)
+    try:
+        return await plain.last_order(sid) == 0
     finally:
         await plain.close()
