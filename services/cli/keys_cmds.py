@@ -15,6 +15,7 @@ import argparse
 import errno
 import os
 import shlex
+import stat
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -88,13 +89,35 @@ def _shell(path: Path) -> str:
 
 
 def _replace(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all: a temporary file beside it, synced, renamed over it."""
+    """Write ``path`` whole or not at all: a temporary file beside it, synced, renamed over it
+    (with ``path``'s owner and mode: :func:`_take_over`)."""
     tmp = path.with_name(f"{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    _take_over(tmp, path)
     tmp.replace(path)
+
+
+def _take_over(new: Path, old: Path, *, private: bool = False) -> None:
+    """Give ``new`` the owner, group and mode of ``old`` (if there), which it is about to
+    replace.  It had the rotating user's owner and umask: rotated by root (umask 077), a
+    keyring or key file that the log service, a worker or nats-server reads as its own user
+    became unreadable to it (the new key unknown to it, or its seed out of its reach: once
+    the old key retired, each of its appends refused).  ``private``: a seed, which others
+    never get to read; one whose owner cannot be given to it stays its owner's alone."""
+    try:
+        st = os.stat(old)
+    except FileNotFoundError:
+        return
+    mode = stat.S_IMODE(st.st_mode) & (0o770 if private else 0o777)
+    if (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+        try:
+            os.chown(new, st.st_uid, st.st_gid)
+        except PermissionError:  # not root: ours, as a file we write is
+            mode &= 0o700 if private else 0o777
+    os.chmod(new, mode or 0o600)
 
 
 def _keep_retired(key_path: Path) -> None:
@@ -225,6 +248,7 @@ def _rotate(folder: Path, agent: str, agents_path: Path | None, subjects: Subjec
     try:
         fresh.unlink(missing_ok=True)  # a failed run's, never in force: its key (if named) is retired here
         write_private(fresh, seed)
+        _take_over(fresh, key_path, private=True)  # its reader keeps reading it
         _replace(ring_path, added.dumps())
         _replace(users, render_users(added, subjects, entry=spec.entry).encode())
         if key_path.exists():  # keep the old seed aside; delete it once nothing needs it

@@ -115,3 +115,38 @@ def test_the_variables_keys_init_prints_paste_into_a_shell_with_a_space_in_the_p
     words = shlex.split(line.split("log service:", 1)[1])
     assert dict(w.split("=", 1) for w in words) == {
         "CONVLOG_KEYRING": str(out / "keyring.json"), "CONVLOG_SIGNING_KEY": str(out / "log.nk")}
+
+
+def test_a_rotation_keeps_the_owner_and_mode_of_the_files_it_replaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each file a rotation writes was made new, with the rotating user's owner and umask:
+    # `keys rotate` run by root (umask 077) left keyring.json and nats-users.conf 0600 and
+    # the agent's new key file root's, so the log service, nats-server and the worker, each
+    # reading as its own user, could no longer read them (the new key unknown to the log
+    # service, its seed out of the worker's reach: once the old key retired 5 s later, each
+    # of the worker's appends was refused). They keep the owner, group and mode they had;
+    # a seed never gets bits for others.
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("CONVLOG_AGENTS", raising=False)
+    out = tmp_path / "keys"
+    assert main(["keys", "init", "--out", str(out)]) == 0
+    root = os.getuid() == 0
+    owner = (65534, 65534) if root else (os.getuid(), os.getgid())  # the reader's user, as deployed
+    modes = {"keyring.json": 0o644, "nats-users.conf": 0o640, "Triage.nk": 0o640, "log.nk": 0o604}
+    for name, mode in modes.items():
+        (out / name).chmod(mode)
+        if root:
+            os.chown(out / name, *owner)
+    for agent in ("Triage", "log"):
+        done = subprocess.run([sys.executable, "-m", "services.cli.main", "keys", "rotate", agent, "--dir", str(out)],
+                              umask=0o077, capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == 0, done.stderr
+    modes["log.nk"] = 0o600  # others lose their bits on a seed
+    for name, mode in modes.items():
+        st = (out / name).stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, *owner), name
