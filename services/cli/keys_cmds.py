@@ -207,8 +207,13 @@ def _init(out: Path, agents_path: Path | None, subjects: Subjects) -> int:
     q = _shell  # the lines are meant to be pasted into a shell: a path with a space stays one word
     print(f"  log service: CONVLOG_KEYRING={q(ring_path)} CONVLOG_SIGNING_KEY={q(out / 'log.nk')}")
     print(f"  worker AGENT: CONVLOG_SIGNING_KEY={q(out)}/AGENT.nk; user gateway: {q(out / 'gateway.nk')}")
-    print(f"  NATS: include {out / 'nats-users.conf'} in the server config; each process logs in "
-          "with its own key file as CONVLOG_NKEY")
+    # nats-server reads an include's path relative to the config file, even one starting
+    # with "/" (it printed `include /abs/path`, which no server config could take), and a
+    # path with a space only quoted.
+    print(f"  NATS: put {q(out / 'nats-users.conf')} beside the server config and add the line "
+          "`include \"nats-users.conf\"` to it (nats-server takes an include's path relative to "
+          "the config, even one starting with /); each process logs in with its own key file as "
+          "CONVLOG_NKEY")
     return EXIT_OK
 
 

@@ -150,3 +150,34 @@ def test_a_rotation_keeps_the_owner_and_mode_of_the_files_it_replaces(
     for name, mode in modes.items():
         st = (out / name).stat()
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, *owner), name
+
+
+def test_the_nats_include_keys_init_prints_is_one_a_server_config_takes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It printed "include /abs/my keys/nats-users.conf": nats-server reads an include's path
+    # relative to the config file even when it starts with "/", and splits it at the space.
+    import re
+    import shlex
+    import shutil
+    import subprocess
+
+    from tests.support.natsd import nats_server_binary
+
+    monkeypatch.delenv("CONVLOG_AGENTS", raising=False)
+    out = tmp_path / "my keys"
+    capsys.readouterr()
+    assert main(["keys", "init", "--out", str(out)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "NATS:" in x)
+    found = re.search(r"`(include [^`]+)`|(include .+?) in the server config", line)
+    assert found, line
+    include = found.group(1) or found.group(2)
+    put = re.search(r"put (.+?) beside", line)
+    assert put is None or shlex.split(put.group(1)) == [str(out / "nats-users.conf")], line
+    conf_dir = tmp_path / "nats conf"
+    conf_dir.mkdir()
+    shutil.copy(out / "nats-users.conf", conf_dir)
+    conf = conf_dir / "server.conf"
+    conf.write_text(f"port: -1\n{include}\n")
+    res = subprocess.run([nats_server_binary(), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=20)
+    assert res.returncode == 0, res.stdout + res.stderr
