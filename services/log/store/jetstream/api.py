@@ -48,6 +48,9 @@ _AT_A_LIMIT = frozenset({10023, 10054})
 _STORE_FAILED = 10077
 _FULL = ("maximum messages exceeded", "maximum bytes exceeded", "insufficient resources")
 _STATUS = "Status"
+#: On a ``multi_last`` batch's status message: the stream sequence the answering
+#: replica took its last messages at (its last one, unless the request set ``up_to_seq``).
+_UPTO_SEQ = "Nats-UpTo-Sequence"
 #: Seconds a publish, or a get, waits for its answer before it is
 #: sent again (the store's ``timeout`` when that is shorter).  A stream leader
 #: change drops what the old leader had not answered, with no reply, and so does
@@ -259,12 +262,13 @@ class Acks(_Inbox):
 class _Collect:
     """The messages (or with ``bodies``, their bodies) of one batch get, until its status message."""
 
-    __slots__ = ("bodies", "done", "items")
+    __slots__ = ("bodies", "done", "items", "upto")
 
     def __init__(self, *, bodies: bool = False) -> None:
         self.bodies = bodies
         self.items: list[Any] = []
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.upto: int | None = None  # the status message's Nats-UpTo-Sequence, if any
 
     def add(self, msg: Msg) -> None:
         headers = msg.headers
@@ -272,6 +276,8 @@ class _Collect:
         if status is None:
             self.items.append(msg.data if self.bodies else msg)
         elif not self.done.done():
+            upto = headers.get(_UPTO_SEQ, "")  # type: ignore[union-attr]
+            self.upto = int(upto) if upto.isdigit() else None
             self.done.set_result(status)
 
     def add_raw(self, payload: bytes, headers: bytes | None) -> None:
@@ -436,6 +442,16 @@ class DirectGet:
         """Every message of one batch request (``next_by_subj`` + ``seq`` +
         ``batch``, or ``multi_last``), in stream order."""
         return await self._messages.get(self._subject, request, _Collect())
+
+    async def multi_last(self, subjects: list[str]) -> tuple[list[Msg], int | None]:
+        """The last message of each of ``subjects`` that has one (:meth:`batch` of a
+        ``multi_last`` request; the server may stop short of them all), and the stream
+        sequence the replica that answered took them at (``None`` from a server that
+        does not say): on R3 any replica answers, one that trails the leader with the
+        stream as it was a little earlier."""
+        collect = _Collect()
+        msgs = await self._messages.get(self._subject, {"multi_last": subjects, "batch": len(subjects)}, collect)
+        return msgs, collect.upto
 
     async def bodies(self, request: dict[str, object]) -> list[bytes]:
         """The bodies of :meth:`batch`'s messages, for a request without headers (``no_hdr``)."""

@@ -347,7 +347,8 @@ class StreamReads:
 
     async def sessions(self, *, after: str | None, limit: int) -> tuple[list[SessionInfo], bool]:
         """From the fan-out stream (one subject per session), once it holds
-        the last item every log stream had when the call began.
+        the last item every log stream had when the call began (and from a
+        replica of it that does: on R3 any replica answers a direct get).
 
         The fan-out also takes whatever anyone may publish on
         ``<prefix>.items.<sid>`` (a loose NATS configuration): a session is
@@ -368,19 +369,20 @@ class StreamReads:
         waiting = [f"the log streams did not answer (their last items) within {self.timeout:g}s"]
         try:
             async with asyncio.timeout(self.timeout):
-                await self._fan_out_caught_up(waiting)
+                floor = await self._fan_out_caught_up(waiting)
                 # STREAM.INFO: only the stream's leader answers it (none while one is elected).
                 waiting[0] = (f"the fan-out stream {stream} did not answer STREAM.INFO within {self.timeout:g}s "
                               f"(no leader: one is being elected, or too few of its servers are up)")
                 sids = await self._session_ids()
                 sids = sids[bisect.bisect_right(sids, after or ""):]
-                waiting[0] = f"the streams did not answer the sessions' last items within {self.timeout:g}s"
+                waiting[0] = (f"the streams did not answer the sessions' last items within {self.timeout:g}s "
+                              f"(or only a replica of {stream} that trails the copies waited for did)")
                 out: list[SessionInfo] = []
                 start = 0
                 while start < len(sids) and len(out) < limit:  # a page of dropped sessions is no end
                     page = sids[start : start + limit - len(out)]
                     start += len(page)
-                    out += await self._listed(page)
+                    out += await self._listed(page, floor)
                 return out, start < len(sids)
         except TimeoutError as e:
             raise UnavailableError(f"cannot list sessions: {waiting[0]}") from e
@@ -399,10 +401,13 @@ class StreamReads:
         self._sids = (key, sids)
         return sids
 
-    async def _listed(self, page: list[str]) -> list[SessionInfo]:
-        """The sessions of ``page`` the log holds, as it holds them (see :meth:`sessions`)."""
+    async def _listed(self, page: list[str], floor: int) -> list[SessionInfo]:
+        """The sessions of ``page`` the log holds, as it holds them (see :meth:`sessions`),
+        from a replica of the fan-out that holds its sequence ``floor`` (where it showed
+        the log's last items copied: on R3 the ``multi_last`` may go to another replica,
+        one that trails it, whose last items of a session are older)."""
         items = self.fan_out()
-        lasts = await self._multi_last(items, [self.layout.items(s) for s in page])
+        lasts = await self._multi_last(items, [self.layout.items(s) for s in page], floor=floor)
         claimed: dict[int, dict[str, bytes]] = {}  # shard -> item subject -> the fan-out's envelope
         for subject, m in lasts.items():
             sid = self.layout.session_of_items(subject)
@@ -424,12 +429,20 @@ class StreamReads:
         return [infos[s] for s in page if s in infos]
 
     @staticmethod
-    async def _multi_last(get: DirectGet, subjects: list[str]) -> dict[str, Msg]:
-        """The last message of each of ``subjects`` that has one, by subject."""
+    async def _multi_last(get: DirectGet, subjects: list[str], *, floor: int = 0) -> dict[str, Msg]:
+        """The last message of each of ``subjects`` that has one, by subject, from a
+        replica that holds the stream at least up to sequence ``floor``: one that
+        answers as of an earlier one (a follower still applying what it missed) is
+        asked again (the caller bounds the wait)."""
         found: dict[str, Msg] = {}
         for chunk in _multi_last_chunks(subjects, get.max_payload - 256):
+            pause = 0.002
             while chunk:  # the server stops a batch at its max_pending bytes: ask again for the rest
-                got = await get.batch({"multi_last": chunk, "batch": len(chunk)})
+                got, upto = await get.multi_last(chunk)
+                if upto is not None and upto < floor:  # the next ask may go to another replica
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.1)
+                    continue
                 for m in got:
                     found[m.headers["Nats-Subject"]] = m  # type: ignore[index]
                 if not got:
@@ -437,12 +450,13 @@ class StreamReads:
                 chunk = [c for c in chunk if c not in found]
         return found
 
-    async def _fan_out_caught_up(self, waiting: list[str]) -> None:
+    async def _fan_out_caught_up(self, waiting: list[str]) -> int:
         """Wait until the fan-out holds each shard's last item (the caller bounds
-        the wait; ``waiting[0]`` is set to what it waits for).
+        the wait; ``waiting[0]`` is set to what it waits for); returns the highest
+        fan-out sequence they were copied at (0 for an empty log).
 
         Each source is copied in order, so once a shard's last item is there,
-        every earlier one is.
+        every earlier one is: on a replica of the fan-out that holds that sequence.
         """
         lasts = await asyncio.gather(*(self.shard(k).last(self.layout.log_all(k)) for k in range(self.layout.shards)))
         wanted = [
@@ -451,13 +465,16 @@ class StreamReads:
         ]
         waiting[0] = f"the fan-out stream {self.layout.stream} is more than {self.timeout:g}s behind the log streams"
         pause = 0.002
+        floor = 0
         while wanted:
             got = await asyncio.gather(*(self.fan_out().last(self.layout.items(sid)) for sid, _ in wanted))
+            floor = max([floor] + [seq_of(m) for w, m in zip(wanted, got, strict=True) if _copied(m, w[1])])
             wanted = [w for w, m in zip(wanted, got, strict=True) if not _copied(m, w[1])]
             if not wanted:
-                return
+                break
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.1)
+        return floor
 
     async def committed_after(self, position: int, limit: int) -> list[Committed]:
         """Committed envelopes past ``position`` (see :func:`.commit.position`)."""

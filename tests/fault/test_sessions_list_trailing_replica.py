@@ -1,0 +1,70 @@
+"""The sessions list's ``multi_last`` of the fan-out answered by a replica that
+trails the one that showed the log's last items copied.
+
+The list waits until the fan-out holds every log stream's last item (direct gets
+of those sessions), then asks the fan-out for the last item of each session of
+the page (``multi_last``).  On R3 each direct get goes to any replica: seen on a
+real 5-node loopback cluster (the reader on a node with no replica of the
+fan-out, one of its followers SIGSTOPped for 0.3 s every 0.5 s while a writer
+appended to one session), about 1 list in 100 gave that session a
+``last_order`` below the one it had waited for (5 in 746: ``4465 < 4489``):
+the ``multi_last`` came from the follower still applying what it missed.
+
+Here, so that it happens every time, the trailing follower is played by the
+real server answering the list's first few ``multi_last`` gets of the fan-out as
+of an earlier stream sequence (``up_to_seq``: the last items, and the
+``Nats-UpTo-Sequence``, a follower that has applied that far answers with);
+the appends, the streams and the copy are real.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from services.log.store.jetstream import JetStreamStore, api
+from services.log.store.jetstream.layout import Layout
+from shared.subjects import Subjects
+from tests.contract.store_helpers import item, req
+from tests.support.eventually import assert_eventually
+from tests.support.natsd import NatsServer
+
+STALE_ANSWERS = 3  # multi_last gets the trailing follower answers before it has caught up
+
+
+async def test_a_session_is_listed_with_the_item_the_list_waited_for_when_a_trailing_replica_answers(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    subjects = Subjects("listtrail")
+    layout = Layout(subjects)
+    store = JetStreamStore({"servers": [nats_server.url]}, subjects=subjects, timeout=2.0)
+    await store.open()
+    try:
+        await store.append("s1", req(item("one", item_id="s1-one")))
+        await store.append("s2", req(item("one", item_id="s2-one")))
+
+        async def copied() -> None:
+            listed, _ = await store.sessions(after=None, limit=10)
+            assert [(i.session_id, i.last_order) for i in listed] == [("s1", 1), ("s2", 1)]
+
+        await assert_eventually(copied, timeout=5)
+        stale_seq = 2  # the fan-out as it was then: the two first items
+        await store.append("s1", req(item("two", item_id="s1-two")))  # acknowledged before the list
+
+        real_get = api._Batches.get
+        stale = [STALE_ANSWERS]
+
+        async def trailing(self: Any, subject: str, request: dict[str, object], collect: Any) -> list[Any]:
+            if subject.endswith(f".{layout.stream}") and "multi_last" in request and stale[0] > 0:
+                stale[0] -= 1
+                request = {**request, "up_to_seq": stale_seq}
+            return await real_get(self, subject, request, collect)
+
+        monkeypatch.setattr(api._Batches, "get", trailing)
+        listed, more = await store.sessions(after=None, limit=10)
+        assert not more
+        # The list waited for s1's item 2 in the fan-out: it lists s1 with it.
+        assert [(i.session_id, i.last_order) for i in listed] == [("s1", 2), ("s2", 1)]
+    finally:
+        await store.close()
