@@ -6,9 +6,11 @@ for ``ttl`` seconds.  A prefix filter scans only from the prefix on (ids are
 served in order).  The agents of a session are found by reading its raw
 envelopes once and then only what was appended since, so a page of sessions
 costs one read per session that changed.  A long session is scanned at most
-``scan_budget`` envelopes per listing, so the first listing of a session with
-millions of items stays fast; its agents are then marked as partial and the
-next listing continues where this one stopped.
+``scan_budget`` envelopes per listing, and a listing's sessions together at most
+``listing_budget`` (an equal share each), so the first listing of a page of
+sessions with millions of items stays fast; the agents of a session not scanned
+to its end are marked as partial and the next listing continues where this one
+stopped.
 """
 
 from __future__ import annotations
@@ -56,12 +58,17 @@ class SessionIndex:
         client: the log client.
         ttl: seconds a fetched listing is reused.
         max_sessions_cached: bound on the per-session agents cache (LRU).
+        scan_budget: envelopes one session is scanned for its agents per listing.
+        listing_budget: envelopes the sessions of one page are scanned together, each
+            an equal share: a page of 50 long sessions at ``scan_budget`` each read a
+            million envelopes (10-30 s) before the page showed anything.
     """
 
     def __init__(self, client: LogClient, *, ttl: float = 2.0, max_sessions_cached: int = 50_000,
-                 scan_budget: int = 20_000) -> None:
+                 scan_budget: int = 20_000, listing_budget: int = 10_000) -> None:
         self.client = client
         self.scan_budget = scan_budget
+        self.listing_budget = listing_budget
         self.ttl = ttl
         self.max_cached = max_sessions_cached
         self._lists: OrderedDict[str, tuple[float, list[SessionInfo]]] = OrderedDict()
@@ -96,19 +103,22 @@ class SessionIndex:
             self._lists.popitem(last=False)
         return out
 
-    async def agents(self, info: SessionInfo) -> tuple[list[str], bool]:
+    async def agents(self, info: SessionInfo, budget: int | None = None) -> tuple[list[str], bool]:
         """The agents (not ``user`` or ``system``) that wrote in the session, first seen
-        first, and whether the scan is still short of the session's end."""
+        first, and whether the scan is still short of the session's end.  At most
+        ``budget`` (default ``scan_budget``) envelopes are scanned, read in pages of
+        that many (up to the log's default page of 10,000; the page it reads ahead is
+        asked for, then dropped)."""
+        budget = max(1, min(self.scan_budget, budget or self.scan_budget))
         sid = info.session_id
         lock = self._locks.setdefault(sid, asyncio.Lock())
         async with lock:
             entry = self._authors.get(sid) or _Authors()
             if entry.last_order < info.last_order:
                 async with self._reads:
-                    budget = self.scan_budget
                     # audit_items: an envelope that does not decode (a log edited by hand) has
                     # no agent to show; the page of the session names it.
-                    async for env in self.client.audit_items(sid, after=entry.last_order):
+                    async for env in self.client.audit_items(sid, after=entry.last_order, page=min(budget, 10_000)):
                         if isinstance(env, Envelope) and env.agent not in _NOT_AGENTS and env.agent not in entry.agents:
                             entry.agents.append(env.agent)
                         entry.last_order = env.item_order
@@ -138,7 +148,8 @@ class SessionIndex:
                     hi = mid
             start = lo
         chosen = listing[start : start + limit]
-        agents = await asyncio.gather(*(self.agents(s) for s in chosen))
+        share = self.listing_budget // max(1, len(chosen))  # what one session's scan may read
+        agents = await asyncio.gather(*(self.agents(s, share) for s in chosen))
         rows = [SessionRow(s.session_id, s.last_order, s.updated_at, a, partial)
                 for s, (a, partial) in zip(chosen, agents, strict=True)]
         more = start + limit < len(listing)

@@ -751,3 +751,36 @@ async def test_an_export_with_the_log_service_down_fails_within_one_deadline(web
     took = time.monotonic() - started
     assert status == 503 and json.loads(body)["error"]["code"] == "unavailable", body
     assert took < 4.0, f"the export took {took:.1f} s to fail with a deadline of 3 s"
+
+
+async def test_a_listing_of_many_long_sessions_reads_at_most_its_budget_and_later_listings_finish_the_agents(
+    web: Console,
+) -> None:
+    # Each session of a page was scanned up to scan_budget (20,000) envelopes for its
+    # agents: a first page of 50 long sessions read a million before it showed anything.
+    # The listing's sessions now share one budget; the next listings scan on.
+    from services.web.index import SessionIndex
+
+    n, long = 12, 2_000
+    for k in range(n):
+        items = [said("Triage", "hi")] + [said("user", f"m{i}") for i in range(long - 2)] + [said(f"Closer{k}", "bye")]
+        await web.client.append(f"long-{k:02d}", items)
+    read = [0]
+    real_read = web.client.read
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:  # the log's replies, counted (real reads)
+        rep = await real_read(*args, **kwargs)
+        read[0] += len(rep.items)
+        return rep
+
+    web.client.read = counted  # type: ignore[method-assign]
+    index = SessionIndex(web.client, ttl=0)  # the console's: a listing reads 10,000
+    rows, _, total = await index.page()
+    # The budget, and the pages read ahead (one per session, then dropped): not n × 2,000.
+    assert read[0] <= 2 * 10_000, read[0]
+    assert total == n and all(r.agents_partial and r.agents == ["Triage"] for r in rows)
+    for _ in range(n * long // 10_000 + 1):  # later listings scan on
+        rows, _, _ = await index.page()
+    assert {r.session_id: (r.agents, r.agents_partial) for r in rows} == {
+        f"long-{k:02d}": (["Triage", f"Closer{k}"], False) for k in range(n)
+    }
