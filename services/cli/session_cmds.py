@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import os
 import re
 import signal
+import stat
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -268,15 +270,62 @@ async def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
         seen = 0
         # aclosing: a follower left suspended after --count keeps its consumer, whose
         # unread messages made the close's drain wait out nats-py's 30 s.
-        async with contextlib.aclosing(client.follow(args.session_id, after=after)) as items:
-            async for env in items:
-                print(render_line(env), flush=True)
-                seen += 1
-                if args.count is not None and seen >= args.count:
-                    break
+        with _ended_when_the_reader_is_gone():
+            async with contextlib.aclosing(client.follow(args.session_id, after=after)) as items:
+                async for env in items:
+                    print(render_line(env), flush=True)
+                    seen += 1
+                    if args.count is not None and seen >= args.count:
+                        break
     finally:
         await client.close()
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _ended_when_the_reader_is_gone() -> Iterator[None]:
+    """End the command (``BrokenPipeError``: exit 0, as a print into a closed pipe
+    does) as soon as standard output is a pipe whose reader has gone.
+
+    ``convlog tail s | head -1`` on a quiet session: head took its line and
+    exited, but tail learned it only at its next print, so the pipeline hung
+    until the session's next item, if one ever came.  A pipe's write end
+    polls as an error once no reader is left (Linux, the BSDs), which asyncio
+    hands to a reader callback.  Anything else (a terminal, a file) is left
+    alone: a terminal polls readable when a key is typed.
+    """
+    try:
+        fd = sys.stdout.fileno()
+        # Write-only: a FIFO opened to read too polls readable with our own output in it.
+        piped = stat.S_ISFIFO(os.fstat(fd).st_mode) \
+            and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY
+    except (AttributeError, OSError, ValueError):  # no real standard output
+        piped = False
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    gone = False
+
+    def hung_up() -> None:
+        nonlocal gone
+        loop.remove_reader(fd)
+        if not gone and task is not None:
+            gone = True
+            task.cancel()
+
+    try:
+        if piped:
+            loop.add_reader(fd, hung_up)
+    except (OSError, ValueError, NotImplementedError):  # a loop that cannot watch it
+        piped = False
+    try:
+        yield
+    except asyncio.CancelledError:
+        if gone and task is not None and task.uncancel() == 0:
+            raise BrokenPipeError("the reader of standard output is gone") from None
+        raise
+    finally:
+        if piped and not gone:
+            loop.remove_reader(fd)
 
 
 def sessions_arguments(p: argparse.ArgumentParser) -> None:

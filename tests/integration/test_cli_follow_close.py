@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,3 +100,39 @@ async def test_send_exits_at_once_when_more_items_came_after_the_reply(
     assert reply.strip() in out.decode(), out[:200]
     assert took < 10, took  # not nats-py's 30 s drain timeout
     assert b"DrainTimeoutError" not in err, err
+
+
+async def test_tail_ends_when_the_reader_of_its_output_is_gone(log_url: str, tmp_path: Path) -> None:
+    """``convlog tail s | head -1`` on a quiet session: head took its line and
+    exited, but tail noticed only at its next print (EPIPE), so the pipeline
+    hung until the session's next item came, if ever."""
+    client = await LogClient.connect(log_url)
+    read_end, write_end = os.pipe()
+    proc = None
+    try:
+        await client.append("s", [{"agent": "user", "data": {"role": "user", "content": f"m{i}"}}
+                                  for i in range(3)])
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli.main", "tail", "s",
+            stdout=write_end, stderr=asyncio.subprocess.PIPE,
+            env=_cli_env(tmp_path, log_url), cwd=REPO_ROOT)
+        os.close(write_end)
+        write_end = -1
+        with os.fdopen(read_end, "rb") as out:  # `head -1`: one line, then gone
+            read_end = -1
+            first = await asyncio.to_thread(out.readline)
+        assert first.startswith(b"#1 "), first
+        started = time.monotonic()
+        _, err = await asyncio.wait_for(proc.communicate(), 15)  # no item comes meanwhile
+        took = time.monotonic() - started
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await client.close()
+    assert proc.returncode == 0, err
+    assert took < 5, took
+    assert b"Traceback" not in err, err
