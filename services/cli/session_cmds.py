@@ -10,7 +10,8 @@ written there stays there).
 replies, with agent names) until the turn ends: the log holds the turn's
 ``reply`` or ``fail`` item (turn-derived ids, :mod:`services.worker.turn_ids`).
 Exit 124 when it does not end in time, naming the agent it waits for (the last
-handoff's target, else the last agent that wrote for the turn, else ``--to``'s).
+handoff's target, else the last agent that wrote for the turn, else ``--to``'s when
+the message started the session: the log ignores ``--to`` on a later one).
 """
 
 from __future__ import annotations
@@ -206,7 +207,9 @@ async def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         again = " (already stored: this id was sent before)" if ack.items[0].duplicate else ""
         stderr(f"sent #{user_order} to {args.session_id}{again}")
         # The agent the turn waits for, as far as its items say (and where it was handed it).
-        waiting: str | None = args.to
+        # --to picks the entry agent of a new session only: the log ignores it later on.
+        started = user_order == 1
+        waiting: str | None = args.to if started else None
         handed: int | None = None
         try:
             # aclosing: a follower left suspended keeps its consumer, whose unread messages
@@ -234,6 +237,8 @@ async def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         except TimeoutError:
             if waiting is None:
                 why = "is a worker running for the session's active agent?"
+                if args.to is not None and not started:
+                    why += f" (--to {args.to} was not used: it picks the agent of a new session only)"
             else:
                 since = f", handed the turn at #{handed}" if handed is not None else ""
                 why = f"waiting for {printable(waiting)}{since}: is a worker running for {printable(waiting)}?"

@@ -47,3 +47,22 @@ async def test_a_send_timing_out_names_the_agent_its_turn_waits_for(
     assert rc == EXIT_TIMEOUT, err
     said = err.strip().splitlines()[-1]
     assert "within 1s" in said and "L2Support" in said, said
+
+
+async def test_a_send_timing_out_does_not_name_a_to_the_session_did_not_use(
+    stack: WorkerStack, tmp_path: Path
+) -> None:
+    """``--to`` picks the entry agent of a new session only; the log ignores it on
+    a later message.  A later message sent with another ``--to`` timed out saying
+    ``waiting for Triage: is a worker running for Triage?``, sending the user after
+    a worker the turn never waited for."""
+    rc, _, err = await _send(tmp_path, stack.server.url, "begun", "hello", "--to", "L2Support",
+                             "--timeout", "1")
+    assert rc == EXIT_TIMEOUT, err
+    rc, _, err = await _send(tmp_path, stack.server.url, "begun", "again", "--to", "Triage",
+                             "--timeout", "1")
+    assert rc == EXIT_TIMEOUT, err
+    said = err.strip().splitlines()[-1]
+    assert "within 1s" in said and "#2" in said, said
+    assert "Triage" not in said.split("(", 1)[1].split("--to")[0], said  # not the one waited for
+    assert "the session's active agent" in said and "--to Triage" in said, said  # and says --to went unused
