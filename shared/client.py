@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import Any
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client
 
 from . import nats_connect, tracing
@@ -59,10 +60,46 @@ log = logging.getLogger("convlog.client")
 TRAILING_WAIT_S = 1.0
 
 
-async def _nats_error(e: Exception) -> None:
-    # One line per event: nats-py's default prints a traceback for every failed
-    # (re)connect attempt, which buries what matters during a server restart.
-    log.warning("nats: %s: %s", type(e).__name__, e)
+#: The failures of a (re)connect attempt to a server that is down or unreachable.
+_CANNOT_REACH = (OSError, TimeoutError, nats.errors.UnexpectedEOF, nats.errors.StaleConnectionError,
+                 nats.errors.NoServersError)
+
+
+class _NatsErrors:
+    """nats-py's error callback for one connection: one line per event (nats-py's
+    default prints a traceback for every failed (re)connect attempt, which buries
+    what matters during a server restart).
+
+    While NATS is down nats-py reports every reconnect attempt, one each
+    ``reconnect_time_wait`` (0.25 s): said each time at WARNING, a ``convlog tail``
+    printed four lines a second between the session's items, and a service's log
+    grew by as many for as long as the outage lasted.  A failure to reach the
+    server of the same kind as the last one is said at DEBUG, and at WARNING
+    again once ``REPEAT_S`` have passed (with how many were not said), so a long
+    outage is still seen.  Any other error (a refusal, a permissions violation)
+    is said each time.
+    """
+
+    REPEAT_S = 30.0
+
+    def __init__(self) -> None:
+        self._kind: type[BaseException] | None = None
+        self._said = 0.0  # when the last WARNING was
+        self._unsaid = 0  # failures of that kind since, said at DEBUG
+
+    async def report(self, e: Exception) -> None:
+        """The callback (a bound coroutine function: nats-py refuses any other kind)."""
+        if not isinstance(e, _CANNOT_REACH):  # a refusal, a permissions violation: each its own
+            log.warning("nats: %s: %s", type(e).__name__, e)
+            return
+        now = time.monotonic()
+        if type(e) is self._kind and now - self._said < self.REPEAT_S:
+            self._unsaid += 1
+            log.debug("nats: %s: %s", type(e).__name__, e)
+            return
+        again = f" (and {self._unsaid} more like it since the last said)" if self._unsaid else ""
+        self._kind, self._said, self._unsaid = type(e), now, 0
+        log.warning("nats: %s: %s%s", type(e).__name__, e, again)
 
 
 async def _nats_disconnected() -> None:
@@ -81,7 +118,7 @@ def connect_options(settings: Settings, *, name: str) -> dict[str, Any]:
     reconnects are unlimited: services and clients outlive server restarts.
     """
     return {
-        "error_cb": _nats_error,
+        "error_cb": _NatsErrors().report,
         "disconnected_cb": _nats_disconnected,
         "reconnected_cb": _nats_reconnected,
         "servers": [u.strip() for u in settings.nats_url.split(",")],
@@ -224,7 +261,7 @@ class LogClient(Requester):
         async def on_error(e: Exception) -> None:
             if (refused := refused_publish(e)) is not None and refused.startswith("$js.api."):
                 denied.set()
-                if error_cb is _nats_error:
+                if isinstance(getattr(error_cb, "__self__", None), _NatsErrors):
                     # Expected of a user that may only send and read (the `client` role, the
                     # gateway): the caller goes on without (follow reads the log, and says so).
                     log.debug("nats: %s: %s", type(e).__name__, e)
