@@ -272,6 +272,9 @@ async def cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
         if after is None:
             last = await client.last_order(args.session_id)
             after = max(0, last - 10)
+            if last == 0:  # else a mistyped id looks just like a quiet session
+                stderr(f"convlog tail: session {args.session_id!r} has no items yet; "
+                       "waiting for its first (Ctrl-C to stop)")
         seen = 0
         # aclosing: a follower left suspended after --count keeps its consumer, whose
         # unread messages made the close's drain wait out nats-py's 30 s.

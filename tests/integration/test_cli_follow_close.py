@@ -136,3 +136,29 @@ async def test_tail_ends_when_the_reader_of_its_output_is_gone(log_url: str, tmp
     assert proc.returncode == 0, err
     assert took < 5, took
     assert b"Traceback" not in err, err
+
+
+async def test_tail_of_a_session_with_no_items_says_it_waits_for_the_first(
+    log_url: str, tmp_path: Path
+) -> None:
+    """``convlog tail`` of a session with no items (a mistyped id, or one not begun)
+    printed nothing at all: it looked just like a quiet session that has items."""
+    client = await LogClient.connect(log_url)
+    proc = None
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli.main", "tail", "not-yet", "--count", "1",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=_cli_env(tmp_path, log_url), cwd=REPO_ROOT)
+        assert proc.stderr is not None
+        said = (await asyncio.wait_for(proc.stderr.readline(), 10)).decode()
+        assert "'not-yet' has no items yet" in said and "waiting" in said, said
+        await client.append("not-yet", [{"agent": "user", "data": {"role": "user", "content": "hi"}}])
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await client.close()
+    assert proc.returncode == 0, err
+    assert [line.split()[0] for line in out.decode().splitlines()] == ["#1"], out
