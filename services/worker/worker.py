@@ -172,16 +172,14 @@ class Worker:
             if self.consumer is not None:  # pull requests may be lost with the connection
                 self.consumer.mark_stale("reconnected to NATS")
 
-        async def connection_error(e: Exception) -> None:
-            log.info("worker %s: NATS connection: %r", self.agent.name, e)
-
         try:
             self.nc = await nats_connect.connect(
                 self.settings,
                 {
                     **connect_options(self.settings, name=f"convlog-worker-{self.agent.name}"),
                     "reconnected_cb": reconnected,
-                    "error_cb": connection_error,
+                    # error_cb: the shared one, which says a repeated failure to reach the server
+                    # once (this worker's own logged each reconnect attempt: four lines a second).
                 },
                 stop=self._stopping,
             )
