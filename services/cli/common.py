@@ -37,6 +37,7 @@ __all__ = [
     "packaged_agents_path",
     "port_number",
     "positive_float",
+    "item_order",
     "positive_int",
     "require_nats",
     "setting_source",
@@ -56,13 +57,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
-def _number(kind: type, minimum: float, what: str) -> Callable[[str], Any]:
+def _number(kind: type, minimum: float, what: str, maximum: float = float("inf")) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not value >= minimum or value == float("inf"):
+        if not minimum <= value <= maximum or value == float("inf"):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
@@ -71,8 +72,11 @@ def _number(kind: type, minimum: float, what: str) -> Callable[[str], Any]:
 
 #: ``type=`` for counts that must be at least 1 (``--count``, ``--limit``, ...).
 positive_int = _number(int, 1, "a whole number of at least 1")
-#: ``type=`` for orders and other counts that may be 0 (``--after``).
+#: ``type=`` for counts that may be 0.
 non_negative_int = _number(int, 0, "a whole number of at least 0")
+#: ``type=`` for an item order that may be 0 (``--after``): at most the contract's largest
+#: order, 2**53 - 1 (a larger one was sent and refused in the service's own words).
+item_order = _number(int, 0, f"an item order from 0 to {2**53 - 1}", 2**53 - 1)
 
 
 def port_number(text: str) -> int:

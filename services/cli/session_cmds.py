@@ -38,7 +38,7 @@ from .common import (
     EXIT_OK,
     EXIT_TIMEOUT,
     connect_client,
-    non_negative_int,
+    item_order,
     packaged_agents_path,
     positive_float,
     positive_int,
@@ -254,7 +254,7 @@ async def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 
 def tail_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("session_id", metavar="SID", help=SID_HELP)
-    p.add_argument("--after", type=non_negative_int, default=None, metavar="ORDER",
+    p.add_argument("--after", type=item_order, default=None, metavar="ORDER",
                    help="start after this item_order (default: show the last 10 first)")
     p.add_argument("--count", type=positive_int, default=None, metavar="N",
                    help="exit after this many items (default: follow until Ctrl-C)")

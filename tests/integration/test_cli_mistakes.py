@@ -164,6 +164,10 @@ CASES: list[Case] = [
     ("tail --after -5", lambda t: ["tail", "s", "--after", "-5"], {}, EXIT_USAGE,
      ["--after", "'-5'"]),
     ("tail --count 0", lambda t: ["tail", "s", "--count", "0"], {}, EXIT_USAGE, ["--count"]),
+    # Past the contract's largest order: it was sent, and refused in the service's words
+    # ("invalid ReadRequest: Expected `int` <= 9007199254740991").
+    ("tail --after 2**53", lambda t: ["tail", "s", "--after", str(2**53)], {}, EXIT_USAGE,
+     ["--after", "an item order from 0 to 9007199254740991"]),
     ("sessions --limit 0", lambda t: ["sessions", "--limit", "0"], {}, EXIT_USAGE, ["--limit"]),
     ("log level", lambda t: ["sessions"], {"CONVLOG_LOG_LEVEL": "LOUD"}, EXIT_USAGE,
      ["CONVLOG_LOG_LEVEL", "LOUD", "DEBUG"]),
