@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-__all__ = ["EmbeddedNats", "nats_answers", "nats_server_binary", "stop_process"]
+__all__ = ["EmbeddedNats", "nats_answers", "nats_greets", "nats_server_binary", "stop_process"]
 
 _READY = re.compile(r"Listening for client connections on [^\s:]+:(\d+)")
 
@@ -49,6 +49,29 @@ def nats_answers(url: str, timeout: float = 0.5) -> bool:
         except OSError:
             continue
     return False
+
+
+def nats_greets(url: str, timeout: float = 2.0) -> bool:
+    """True unless every server of ``url`` that accepts a connection fails to greet as a
+    NATS server does (an ``INFO {...}`` line, sent unasked) within ``timeout`` seconds:
+    another program's port, taken as "a NATS server already runs" by :func:`nats_answers`.
+    A websocket server (``ws://``, ``wss://``) greets only after an HTTP upgrade: taken
+    as one."""
+    accepted = False
+    for server in url.split(","):
+        server = server.strip()
+        parsed = urlparse(server if "://" in server else f"nats://{server}")
+        if parsed.scheme in ("ws", "wss"):
+            return True
+        try:
+            with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout) as s:
+                accepted = True
+                s.settimeout(timeout)
+                if s.recv(5) == b"INFO ":
+                    return True
+        except OSError:
+            continue
+    return not accepted
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | None:

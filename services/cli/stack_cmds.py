@@ -43,7 +43,7 @@ from .common import (
 )
 from .common import stderr as _stderr
 from .log_cmd import db_source
-from .stack import nats_answers, nats_server_binary
+from .stack import nats_answers, nats_greets, nats_server_binary
 from .storage import check_data_dir, check_service_db, db_in_use
 from .supervise import (
     Supervisor,
@@ -186,6 +186,13 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     check_service_db(settings.db_path, name=db_source(args, settings),
                      data_dir_name=setting_source(args, "data_dir"))
     start_nats = not nats_answers(settings.nats_url)
+    if not start_nats and not nats_greets(settings.nats_url):
+        # Taken for a NATS server that runs: the log service and workers waited 60 s for
+        # JetStream there, exited and were restarted, forever, under 'NATS: ... (already running)'.
+        raise UnavailableError(
+            f"something at {settings.nats_url} takes connections but is not a NATS server (it sent "
+            "no NATS INFO line): stop it, or give convlog up another port (--nats-url)"
+        )
     path, text = up_config(settings, agents_path=Path(agents_path), agents=list(spec.agents),
                            workers_per_agent=args.workers_per_agent, start_nats=start_nats, keys=keys)
     if not args.print_config:

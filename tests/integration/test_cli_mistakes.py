@@ -696,3 +696,38 @@ async def test_up_refuses_a_keys_dir_whose_keyring_does_not_hold_its_keys(tmp_pa
 
     rc, _, err = await convlog(tmp_path, "up", "--keys", str(other), "--print-config", env=up_env)
     assert rc == 0, err
+
+
+async def test_up_at_a_port_that_is_not_nats_says_so_and_starts_nothing(tmp_path: Path) -> None:
+    # Something that takes connections at the NATS URL but is not NATS (another program's
+    # port): `convlog up` said 'NATS: ... (already running)' and started a log service and
+    # workers that waited 60 s for JetStream there, exited, and were restarted, forever.
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never a word, never closed
+
+    listener = await asyncio.start_server(hold, "127.0.0.1", 0)
+    url = f"nats://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.main", "up", env=cli_env(tmp_path, CONVLOG_NATS_URL=url,
+                                                                      CONVLOG_EMBEDDED="true"),
+        cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 10)
+        except TimeoutError:
+            proc.terminate()  # our own child, by its PID: it stops the stack it started
+            _, err = await asyncio.wait_for(proc.communicate(), 40)
+            raise AssertionError(f"convlog up ran on at a port that is not NATS: {err.decode()}") from None
+        assert proc.returncode == EXIT_UNAVAILABLE, err.decode()
+        line = one_line(err.decode())
+        assert url in line and "not a NATS server" in line, line
+        assert not (tmp_path / "data" / "supervisor" / "supervisord.conf").exists()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        listener.close()
+        for w in held:
+            w.close()

@@ -357,10 +357,13 @@ async def test_convlog_up_backs_off_a_program_whose_start_fails_after_a_second(
     # a loaded machine: a worker's imports alone take about a second) "entered RUNNING",
     # and each exit was restarted at once, again and again, never given up on.
     server = nats_server_factory(jetstream=False)  # every start ends in exit 2, after connecting
-    server.pause()  # ... which takes a while
     proc, sup = _greeter_up(short_tmp, server.url)
     children: set[int] = set()
     try:
+        # ... which takes a while: paused once convlog up has checked it is a NATS server
+        # (one silent at up's start is refused as another program's port).
+        await asyncio.to_thread(proc.wait_for_line, r"Ctrl-C or SIGTERM stops everything", 30)
+        server.pause()
         def spawned() -> None:
             assert proc.running, proc.output()
             assert all(i["pid"] for i in sup.processes())
