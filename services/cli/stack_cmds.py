@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import os
 import signal
 import xmlrpc.client
@@ -195,30 +196,69 @@ async def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         )
     path, text = up_config(settings, agents_path=Path(agents_path), agents=list(spec.agents),
                            workers_per_agent=args.workers_per_agent, start_nats=start_nats, keys=keys)
-    if not args.print_config:
-        probe = settings
-        if keys is not None and not start_nats:
-            from shared.signing import KeyringError, Signer
+    if args.print_config:
+        return _write_config(path, text, settings, print_it=True)
+    # Held from the checks below until this `convlog up` ends: two started at once both
+    # passed them before either's supervisord answered, and the second's supervisord
+    # refused the control socket (exit 2, nothing said by convlog up).
+    lock = _hold_up_lock(path.parent)
+    if lock is None:
+        _stderr(f"convlog up: another `convlog up` is running for {settings.data_dir.resolve()} "
+                f"(supervisorctl -s unix://{socket_path_for(path.parent)} status)")
+        return EXIT_FAIL
+    try:
+        return await _checked_up(args, settings, keys, start_nats, path, text, list(spec.agents))
+    finally:
+        os.close(lock)
 
-            # A server that enforces DIR's nats-users.conf refuses a login-less probe (as if no
-            # log service answered): ask as its gateway user, who may list sessions.
-            with contextlib.suppress(KeyringError):  # no gateway.nk in DIR: as before
-                Signer.load(keys / "gateway.nk")
-                probe = dataclasses.replace(settings, nkey=str(keys / "gateway.nk"))
-        busy = await already_running(probe, path.parent)
-        if busy is not None:
-            _stderr(f"convlog up: {busy}")
-            return EXIT_FAIL
+
+def _write_config(path: Path, text: str, settings: Settings, *, print_it: bool) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     (settings.data_dir.resolve() / "logs").mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-    if args.print_config:
+    if print_it:
         print(text, end="")
-        return 0
+    return 0
+
+
+def _hold_up_lock(run_dir: Path) -> int | None:
+    """An exclusive ``flock`` on ``run_dir/up.lock``, held by the returned descriptor (not
+    inherited: Python's are close-on-exec), or ``None`` when another `convlog up` holds
+    it.  A filesystem that refuses locks (ENOLCK) leaves only the checks of
+    :func:`already_running`, as before."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / "up.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        pass
+    return fd
+
+
+async def _checked_up(args: argparse.Namespace, settings: Settings, keys: Path | None, start_nats: bool,
+                      path: Path, text: str, agents: list[str]) -> int:
+    """Run the stack of ``path`` (``text``) unless :func:`already_running` says not to."""
+    probe = settings
+    if keys is not None and not start_nats:
+        from shared.signing import KeyringError, Signer
+
+        # A server that enforces DIR's nats-users.conf refuses a login-less probe (as if no
+        # log service answered): ask as its gateway user, who may list sessions.
+        with contextlib.suppress(KeyringError):  # no gateway.nk in DIR: as before
+            Signer.load(keys / "gateway.nk")
+            probe = dataclasses.replace(settings, nkey=str(keys / "gateway.nk"))
+    busy = await already_running(probe, path.parent)
+    if busy is not None:
+        _stderr(f"convlog up: {busy}")
+        return EXIT_FAIL
+    _write_config(path, text, settings, print_it=False)
     sock = socket_path_for(path.parent)
     _stderr(
         f"convlog up: {'nats-server, ' if start_nats else ''}log service and "
-        f"{args.workers_per_agent} worker(s) for each of {', '.join(spec.agents)}\n"
+        f"{args.workers_per_agent} worker(s) for each of {', '.join(agents)}\n"
         f"  NATS: {settings.nats_url}{' (started here)' if start_nats else ' (already running)'}\n"
         f"  config: {path}\n  logs: {settings.data_dir.resolve() / 'logs'}\n"
         f"  status: supervisorctl -s unix://{sock} status\n"

@@ -195,6 +195,56 @@ async def test_convlog_up_runs_the_stack_until_sigterm(short_tmp: Path) -> None:
     _assert_all_gone(children)
 
 
+#: ``convlog ARGV`` whose ``already_running`` check is followed by 1.5 s of sleep.
+SLOW_CHECK_UP = """
+import asyncio, runpy, sys
+import services.cli.stack_cmds as m
+checked = m.already_running
+async def slow(*a, **k):
+    why = await checked(*a, **k)
+    await asyncio.sleep(1.5)
+    return why
+m.already_running = slow
+sys.argv = ["convlog", *sys.argv[1:]]
+runpy.run_module("services.cli.main", run_name="__main__")
+"""
+
+
+def test_two_convlog_ups_started_at_once_on_one_data_directory(short_tmp: Path) -> None:
+    # Both passed the 'another convlog up is running' check before either's supervisord
+    # answered: the second's supervisord refused the socket ('Error: Another program is
+    # already listening ...'), and that `convlog up`, which had said 'nats-server ...
+    # (started here)', exited 2 (bad usage) without a word of its own.
+    # Each `convlog up` waits 1.5 s after those checks (patched in, to widen the window).
+    url = f"nats://127.0.0.1:{free_port()}"
+    env = stack_env(CONVLOG_DATA_DIR=str(short_tmp))
+    errs = [short_tmp / f"up-{i}.err" for i in range(2)]
+    ups = [subprocess.Popen([sys.executable, "-c", SLOW_CHECK_UP, "up", "--nats-url", url],
+                            env=env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=open(err, "wb"),
+                            stderr=subprocess.STDOUT) for err in errs]
+    try:
+        def one_exited() -> int:
+            (done,) = [i for i, p in enumerate(ups) if p.poll() is not None]
+            return done
+
+        done = wait_until(one_exited, timeout=15, retry_on=(ValueError,))
+        err = errs[done].read_text()
+        assert ups[done].returncode == 1, err
+        assert "convlog up: another `convlog up` is running" in err and "started here" not in err, err
+        assert ups[1 - done].poll() is None, errs[1 - done].read_text()
+
+        def running() -> None:  # its supervisord runs: SIGTERM stops the stack
+            assert "supervisord started with pid" in errs[1 - done].read_text()
+
+        wait_until(running, timeout=15)
+    finally:
+        for p in ups:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)  # our own child: it stops the stack it started
+        rcs = [p.wait(40) for p in ups]
+    assert rcs[1 - done] == 0, errs[1 - done].read_text()
+
+
 async def test_convlog_up_programs_find_the_files_named_relative_to_where_it_ran(short_tmp: Path) -> None:
     # The programs run in the code's directory, not where `convlog up` ran: a relative
     # CONVLOG_KEYRING reached them as it was, named nothing there, and the log service
