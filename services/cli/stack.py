@@ -55,13 +55,14 @@ def nats_greets(url: str, timeout: float = 2.0) -> bool:
     """True unless every server of ``url`` that accepts a connection fails to greet as a
     NATS server does (an ``INFO {...}`` line, sent unasked) within ``timeout`` seconds:
     another program's port, taken as "a NATS server already runs" by :func:`nats_answers`.
-    A websocket server (``ws://``, ``wss://``) greets only after an HTTP upgrade: taken
-    as one."""
+    A websocket server (``ws://``, ``wss://``) greets only after an HTTP upgrade, and one
+    at a ``tls://`` URL may be set to take the TLS handshake first (``handshake_first``):
+    taken as one."""
     accepted = False
     for server in url.split(","):
         server = server.strip()
         parsed = urlparse(server if "://" in server else f"nats://{server}")
-        if parsed.scheme in ("ws", "wss"):
+        if parsed.scheme in ("ws", "wss", "tls"):
             return True
         try:
             with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout) as s:
