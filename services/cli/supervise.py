@@ -409,7 +409,10 @@ class Supervisor:
                     f"supervisord exited with {self.proc.returncode}: {self._output_tail()}"
                 )
             with contextlib.suppress(OSError, xmlrpc.client.Error):
-                if self.rpc().supervisor.getState()["statename"] == "RUNNING":
+                rpc = self.rpc().supervisor
+                # Ours, not another supervisord already serving this socket (another stack's,
+                # taken for this one while ours was about to exit, the socket in use).
+                if rpc.getState()["statename"] == "RUNNING" and rpc.getPID() == self.proc.pid:
                     return self
             if time.monotonic() > end:
                 self.stop()

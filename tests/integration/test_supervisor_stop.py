@@ -20,6 +20,7 @@ import pytest
 from services.cli.supervise import (
     Program,
     Supervisor,
+    SupervisorError,
     _stop_settings,
     render_config,
     socket_path_for,
@@ -159,3 +160,24 @@ def test_convlog_up_names_a_program_supervisord_gave_up_on(short_tmp: Path) -> N
         assert gave_up(sup.processes(), said, sup.socket) == []  # said once
     finally:
         sup.stop()
+
+
+def test_start_does_not_take_another_supervisord_on_its_socket_for_its_own(short_tmp: Path) -> None:
+    # start() returned once *a* supervisord answered RUNNING on the control socket: one
+    # already serving it (another stack's) passed for the one just started, which was
+    # about to exit (the socket taken), and a stop then stopped the other stack's programs.
+    run, logs = short_tmp / "run", short_tmp / "logs"
+    run.mkdir()
+    logs.mkdir()
+    conf = short_tmp / "supervisord.conf"
+    sleeper = Program("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], priority=10)
+    conf.write_text(render_config([sleeper], run_dir=run, log_dir=logs))
+    first = Supervisor(conf, socket_path_for(run)).start()
+    try:
+        second = Supervisor(conf, socket_path_for(run))
+        with pytest.raises(SupervisorError):
+            second.start(timeout=10)
+        states = {i["name"]: i["statename"] for i in first.processes()}
+        assert states == {"sleeper": "RUNNING"}, states  # the first stack untouched
+    finally:
+        assert first.stop() == 0
