@@ -187,15 +187,21 @@ class Problem:
         return f"item_order {self.item_order}: {self.reason}"
 
 
-def verify(envelopes: Iterable[Envelope], *, session_id: str | None = None) -> Problem | None:
+def verify(
+    envelopes: Iterable[Envelope], *, session_id: str | None = None, after: int = 0, prev_hash: str = GENESIS_HASH
+) -> Problem | None:
     """Check contiguity from 1 and the hash chain; return the first problem or ``None``.
+
+    With ``after`` and ``prev_hash`` (item ``after``'s hash), ``envelopes`` are
+    checked as continuing a chain verified up to ``after``: a long log is
+    verified page by page.
 
     The reported ``item_order`` is the position where the log stops being
     trustworthy: for an edited envelope its own order, for a removed one the
     order that is missing, for a swap the first out-of-place order.
     """
-    prev = GENESIS_HASH
-    expected = 1
+    prev = prev_hash
+    expected = after + 1
     for env in envelopes:
         if session_id is not None and env.session_id != session_id:
             return Problem(expected, f"belongs to session {env.session_id!r}, not {session_id!r}")

@@ -6,20 +6,23 @@ the same bytes as the source and an intact hash chain.  Resumable: a session
 the destination already holds a prefix of continues after it, one that is
 complete is skipped.  A session whose destination head differs from the
 source's envelope at that order is refused and left untouched (exit 1).
-Progress goes to stderr, one line per session.
+Sessions are copied and verified page by page, so memory does not grow with a
+session's length.  Progress goes to stderr, one line per session.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from services.log.store.base import LogStore
 from services.log.store.factory import open_store
 from services.log.store.importer import import_envelopes
-from shared.chain import verify
+from shared.chain import GENESIS_HASH, verify
 from shared.codec import decode
 from shared.config import Settings
 from shared.errors import BadRequestError, ConvlogError, NotFoundError, UnavailableError
@@ -31,7 +34,8 @@ from .storage import check_service_db, db_in_use, db_lock_path, holds_no_tables
 
 __all__ = ["cmd_migrate", "migrate_arguments"]
 
-_PAGE = 5_000
+_PAGE = 1_000  # items a page of a session's copy holds at most (one JetStream import batch)
+_PAGE_BYTES = 4 << 20  # and bytes (or one item): memory does not grow with the session
 _BIG = 1 << 40
 
 
@@ -67,14 +71,44 @@ def _store(spec: str, settings: Settings, *, source: bool = False) -> LogStore:
     raise BadRequestError(f"store {spec!r} is not sqlite:PATH or jetstream")
 
 
-async def _all(store: LogStore, sid: str, after: int = 0) -> list[bytes]:
-    out: list[bytes] = []
-    while True:
-        page = await store.read(sid, after=after, limit=_PAGE, max_bytes=_BIG)
-        out += page.items
-        if not page.more or not page.items:
-            return out
-        after += len(page.items)
+async def _pages(store: LogStore, sid: str, after: int, last: int) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """The session's envelopes ``after+1 .. last`` as ``(order before the page, page)``,
+    a page at most ``_PAGE`` items and ``_PAGE_BYTES`` (or one item): what is held at
+    once does not grow with the session.
+
+    Raises:
+        UnavailableError: the store ends before ``last``.
+    """
+    while after < last:
+        page = (await store.read(sid, after=after, limit=min(_PAGE, last - after), max_bytes=_PAGE_BYTES)).items
+        if not page:
+            raise UnavailableError(f"the store ends at item {after} of session {sid!r}, not {last}")
+        yield after, page
+        after += len(page)
+
+
+def _digest(h: Any, page: list[bytes]) -> None:
+    """Feed envelopes to a digest, each with its length (no two runs of bytes hash as
+    one) and its type (an SQLite row edited by hand can hold text, not bytes)."""
+    for b in page:
+        raw = b if isinstance(b, bytes) else str(b).encode("utf-8", "surrogatepass")
+        h.update(b"b" if raw is b else b"s")
+        h.update(len(raw).to_bytes(8, "big"))
+        h.update(raw)
+
+
+def _verified(sid: str, page: list[bytes], after: int, prev: str) -> str:
+    """The hash of a page's last envelope, the page continuing the chain at ``after``/``prev``
+    (its decoded envelopes go with the call: only a page of bytes is held meanwhile).
+
+    Raises:
+        BadRequestError: the page breaks the chain.
+    """
+    envelopes = [decode(b, Envelope) for b in page]
+    problem = verify(envelopes, session_id=sid, after=after, prev_hash=prev)
+    if problem is not None:
+        raise BadRequestError(f"verification failed after copying: {problem}")
+    return envelopes[-1].hash
 
 
 async def _sessions(store: LogStore) -> list[str]:
@@ -88,22 +122,67 @@ async def _sessions(store: LogStore) -> list[str]:
         after = infos[-1].session_id
 
 
-async def _copied_before_failure(dst: LogStore, sid: str, source: list[bytes], head: int) -> int:
-    """How many of ``source``'s envelopes after ``head`` a failed copy of ``sid`` stored
-    all the same (the JetStream store imports in batches of up to 1000); 0 if unknown
-    (``head`` -1: the destination's head was never read)."""
-    if head < 0 or head >= len(source):
-        return 0
+async def _landed(dst: LogStore, sid: str, page: list[bytes], after: int) -> int:
+    """How many of ``page`` (orders after ``after``) a failed import of it stored all
+    the same (the JetStream store imports in batches of up to 1000); 0 if unknown."""
     try:
-        there = await _all(dst, sid, after=head)
+        head = await dst.last_order(sid)
+        if head <= after:
+            return 0
+        there = (await dst.read(sid, after=after, limit=min(head - after, len(page)), max_bytes=_BIG)).items
     except ConvlogError:
         return 0
     done = 0
-    for theirs, ours in zip(there, source[head:], strict=False):
+    for theirs, ours in zip(there, page, strict=False):
         if theirs != ours:
             break
         done += 1
     return done
+
+
+async def _copy(src: LogStore, dst: LogStore, sid: str, stored: list[int]) -> tuple[int, int]:
+    """Copy one session page by page, then verify the destination's copy page by page;
+    ``(items in the source, destination's head before)``.  ``stored[0]`` counts the
+    items this run stored, as it goes (what a failure leaves copied).
+
+    The source's envelopes are read once, each page fed to a digest and the part after
+    the destination's head imported; the destination is then read back once, its chain
+    verified and its bytes fed to a digest of their own: equal digests are the same
+    bytes, and neither session is ever held whole.
+
+    Raises:
+        ConvlogError: the session cannot be copied, or its copy does not verify.
+    """
+    last = await src.last_order(sid)  # a JetStream source may grow meanwhile: this much is copied
+    if not last:
+        raise NotFoundError(f"the source has no session {sid!r}")
+    head = await dst.last_order(sid)
+    if head > last:
+        raise BadRequestError(f"destination holds {head} items, the source only {last}")
+    if head:
+        there = (await dst.read(sid, after=head - 1, limit=1, max_bytes=_BIG)).items
+        ours = (await src.read(sid, after=head - 1, limit=1, max_bytes=_BIG)).items
+        if there != ours:
+            raise BadRequestError(f"destination item {head} differs from the source's")
+    source = hashlib.sha256()
+    async for after, page in _pages(src, sid, 0, last):
+        _digest(source, page)
+        new = page[max(0, head - after):]
+        if new:
+            at = after + len(page) - len(new)
+            try:
+                await import_envelopes(dst, sid, new, after=at)
+            except ConvlogError:
+                stored[0] += await _landed(dst, sid, new, at)
+                raise
+            stored[0] += len(new)
+    copy, prev = hashlib.sha256(), GENESIS_HASH
+    async for after, page in _pages(dst, sid, 0, last):
+        _digest(copy, page)
+        prev = _verified(sid, page, after, prev)
+    if copy.digest() != source.digest():
+        raise BadRequestError("verification failed after copying: bytes differ")
+    return last, head
 
 
 async def migrate(
@@ -115,24 +194,9 @@ async def migrate(
     copied_total = 0
     for n, sid in enumerate(sids, 1):
         where = f"[{n}/{len(sids)}] {sid}"
-        head = -1
-        source: list[bytes] = []
+        stored = [0]
         try:
-            source = await _all(src, sid)
-            if not source:
-                raise NotFoundError(f"the source has no session {sid!r}")
-            head = await dst.last_order(sid)
-            if head > len(source):
-                raise BadRequestError(f"destination holds {head} items, the source only {len(source)}")
-            if head:
-                there = (await dst.read(sid, after=head - 1, limit=1, max_bytes=_BIG)).items
-                if there != [source[head - 1]]:
-                    raise BadRequestError(f"destination item {head} differs from the source's")
-            await import_envelopes(dst, sid, source[head:], after=head)
-            copied = await _all(dst, sid)
-            problem = verify([decode(b, Envelope) for b in copied], session_id=sid)
-            if copied != source or problem is not None:
-                raise BadRequestError(f"verification failed after copying: {problem or 'bytes differ'}")
+            last, head = await _copy(src, dst, sid, stored)
         except ConvlogError as e:
             failed += 1
             if isinstance(e, UnavailableError) and not all(getattr(st, "connected", True) for st in (src, dst)):
@@ -140,16 +204,16 @@ async def migrate(
                 say(f"migrate {where}: FAILED (run again to resume): {e.message}")
                 raise UnavailableError(f"{e.message}; stopped at session {n} of {len(sids)}, "
                                        "run again to resume") from e
-            done = await _copied_before_failure(dst, sid, source, head)
+            done = stored[0]
             if done:
                 copied_total += done
                 say(f"migrate {where}: FAILED after copying {done} items (run again to resume): {e.message}")
             else:
                 say(f"migrate {where}: REFUSED, left untouched: {e.message}")
             continue
-        copied_total += len(source) - head
+        copied_total += last - head
         resumed = f" (resumed after {head})" if head else ""
-        say(f"migrate {where}: {len(source) - head} copied{resumed}, {len(source)} items verified")
+        say(f"migrate {where}: {last - head} copied{resumed}, {last} items verified")
     say(f"migrate: {len(sids) - failed} of {len(sids)} sessions verified, {copied_total} items copied, "
         f"{failed} refused")
     return failed
