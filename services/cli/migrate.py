@@ -7,7 +7,8 @@ the destination already holds a prefix of continues after it, one that is
 complete is skipped.  A session whose destination head differs from the
 source's envelope at that order is refused and left untouched (exit 1).
 Sessions are copied and verified page by page, so memory does not grow with a
-session's length.  Progress goes to stderr, one line per session.
+session's length.  Progress goes to stderr, one line per session, and within a
+long one a line every few seconds (items copied, then verified, of its total).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ __all__ = ["cmd_migrate", "migrate_arguments"]
 _PAGE = 1_000  # items a page of a session's copy holds at most (one JetStream import batch)
 _PAGE_BYTES = 4 << 20  # and bytes (or one item): memory does not grow with the session
 _BIG = 1 << 40
+_PROGRESS_EVERY = 5.0  # seconds between the progress lines within a long session
 
 
 def _store(spec: str, settings: Settings, *, source: bool = False) -> LogStore:
@@ -140,7 +143,21 @@ async def _landed(dst: LogStore, sid: str, page: list[bytes], after: int) -> int
     return done
 
 
-async def _copy(src: LogStore, dst: LogStore, sid: str, stored: list[int]) -> tuple[int, int]:
+class _Progress:
+    """Progress lines within a long session: at most one every ``_PROGRESS_EVERY`` seconds."""
+
+    def __init__(self, where: str, total: int, say: Callable[[str], None]) -> None:
+        self.where, self.total, self.say = where, total, say
+        self.next = time.monotonic() + _PROGRESS_EVERY
+
+    def __call__(self, doing: str, done: int) -> None:
+        if time.monotonic() >= self.next:
+            self.say(f"migrate {self.where}: {doing} {done} of {self.total} items")
+            self.next = time.monotonic() + _PROGRESS_EVERY
+
+
+async def _copy(src: LogStore, dst: LogStore, sid: str, where: str, say: Callable[[str], None],
+                stored: list[int]) -> tuple[int, int]:
     """Copy one session page by page, then verify the destination's copy page by page;
     ``(items in the source, destination's head before)``.  ``stored[0]`` counts the
     items this run stored, as it goes (what a failure leaves copied).
@@ -164,6 +181,7 @@ async def _copy(src: LogStore, dst: LogStore, sid: str, stored: list[int]) -> tu
         ours = (await src.read(sid, after=head - 1, limit=1, max_bytes=_BIG)).items
         if there != ours:
             raise BadRequestError(f"destination item {head} differs from the source's")
+    progress = _Progress(where, last, say)
     source = hashlib.sha256()
     async for after, page in _pages(src, sid, 0, last):
         _digest(source, page)
@@ -176,10 +194,12 @@ async def _copy(src: LogStore, dst: LogStore, sid: str, stored: list[int]) -> tu
                 stored[0] += await _landed(dst, sid, new, at)
                 raise
             stored[0] += len(new)
+        progress("copied", max(head, after + len(page)))  # a prefix held already counts as copied
     copy, prev = hashlib.sha256(), GENESIS_HASH
     async for after, page in _pages(dst, sid, 0, last):
         _digest(copy, page)
         prev = _verified(sid, page, after, prev)
+        progress("verified", after + len(page))
     if copy.digest() != source.digest():
         raise BadRequestError("verification failed after copying: bytes differ")
     return last, head
@@ -196,7 +216,7 @@ async def migrate(
         where = f"[{n}/{len(sids)}] {sid}"
         stored = [0]
         try:
-            last, head = await _copy(src, dst, sid, stored)
+            last, head = await _copy(src, dst, sid, where, say, stored)
         except ConvlogError as e:
             failed += 1
             if isinstance(e, UnavailableError) and not all(getattr(st, "connected", True) for st in (src, dst)):

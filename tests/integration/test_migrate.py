@@ -548,8 +548,45 @@ async def test_migrate_copies_and_verifies_a_long_session_in_bounded_memory(tmp_
             tracemalloc.stop()
         assert failed == 0, said
         assert f"long: {n} copied, {n} items verified" in said[-2], said
+        assert len(said) <= 2 + 2 * n // 1000, said  # progress now and then, not a line per page
         assert peak < n * size / 4, f"peak {peak / 1e6:.1f} MB for a session of {n * size / 1e6:.0f} MB"
         assert await everything(dst, "long") == await everything(src, "long")
+
+
+async def test_migrate_shows_progress_within_a_long_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A session's only line came when it was done: a session of a million items printed
+    # nothing for many minutes, as if migrate hung. Within a long session a line now says
+    # how many items are copied, then verified, of its total (one every few seconds;
+    # here at every page, and each line is checked against what the destination holds).
+    from services.cli import migrate as m
+
+    db, dest = tmp_path / "log.db", tmp_path / "copy.db"
+    await _long_session(db, "long", 3_500, 100)
+    async with SQLiteStore(db) as src:
+        head = await everything(src, "long")
+    async with SQLiteStore(dest) as dst:  # an earlier run, killed mid-session, left 1,500
+        await import_envelopes(dst, "long", head[:1_500], after=0)
+    monkeypatch.setattr(m, "_PROGRESS_EVERY", 0.0, raising=False)  # no such knob: no lines
+    said: list[tuple[str, int]] = []
+
+    def say(line: str) -> None:
+        with contextlib.closing(sqlite3.connect(dest)) as conn:
+            said.append((line, conn.execute("SELECT count(*) FROM items").fetchone()[0]))
+
+    async with SQLiteStore(db) as src, SQLiteStore(dest) as dst:
+        assert await m.migrate(src, dst, None, say) == 0, said
+    assert said == [
+        ("migrate [1/1] long: copied 1500 of 3500 items", 1_500),
+        ("migrate [1/1] long: copied 2000 of 3500 items", 2_000),
+        ("migrate [1/1] long: copied 3000 of 3500 items", 3_000),
+        ("migrate [1/1] long: copied 3500 of 3500 items", 3_500),
+        ("migrate [1/1] long: verified 1000 of 3500 items", 3_500),
+        ("migrate [1/1] long: verified 2000 of 3500 items", 3_500),
+        ("migrate [1/1] long: verified 3000 of 3500 items", 3_500),
+        ("migrate [1/1] long: verified 3500 of 3500 items", 3_500),
+        ("migrate [1/1] long: 2000 copied (resumed after 1500), 3500 items verified", 3_500),
+        ("migrate: 1 of 1 sessions verified, 2000 items copied, 0 refused", 3_500),
+    ], said
 
 
 async def test_migrate_killed_mid_session_resumes_after_what_it_stored(tmp_path: Path) -> None:
