@@ -17,7 +17,9 @@ a bug once (found in a review):
 * an item whose envelope could not be published on ``convlog.items`` (over the
   server's max payload) is refused ``too_large`` before it is committed (it was
   committed, then stopped the outbox and the service, again at every start);
-* a full read page with a signed head still fits the max payload.
+* a full read page with a signed head still fits the max payload;
+* a read sees every item acknowledged before it was asked while other reads are
+  under way (it read as of the snapshot of another read's open statement).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from services.cli.storage import db_in_use
 from services.log.handlers import Handlers
 from services.log.service import LogService
 from services.log.store.sqlite import SQLiteStore
+from shared.client import LogClient
 from shared.config import load_settings
 from shared.errors import BadRequestError, ConflictError, ConvlogError, UnavailableError
 from shared.messages import AppendReply
@@ -346,3 +349,48 @@ async def test_a_lock_refused_by_the_filesystem_is_not_called_in_use(
     monkeypatch.setattr(fcntl, "flock", real)
     await store.open()  # nothing was left held
     await store.close()
+
+
+# -- read-your-writes under concurrent reads: every read shares the store's one reader
+# connection, and SQLite keeps one read snapshot on a connection while any statement
+# on it is still stepping.  A read began while a long read's statement was open between
+# two of its chunks read as of that statement's snapshot, under a head taken after it:
+# an item acknowledged before the read was asked was missing, the page said
+# ``more: false`` and ``last_order`` of the item it left out.
+async def test_a_read_sees_an_acked_append_while_another_long_read_is_under_way(
+    nats_server_factory: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    server = nats_server_factory()
+    settings = load_settings(
+        {"nats_url": server.url, "db": str(tmp_path / "log.db"), "data_dir": str(tmp_path)}, environ={}
+    )
+    service = LogService(settings)
+    await service.start()
+    nc = await nats.connect(server.url)
+    try:
+        client = LogClient(nc, timeout=5, deadline=10)
+        for n in range(0, 3000, 1000):  # a long session: a page of it takes several chunks
+            await client.append("long", [{"agent": "user", "data": {"role": "user", "content": f"m{i}"}}
+                                         for i in range(n, n + 1000)])
+        stop = asyncio.Event()
+
+        async def long_reads() -> None:
+            while not stop.is_set():
+                await client.read("long", after=0, limit=3000, raw=True)  # 3,000 items: 7 chunks
+
+        readers = [asyncio.create_task(long_reads()) for _ in range(3)]
+        missed: list[str] = []
+        try:
+            for i in range(1, 21):
+                acked = await client.append("b", [{"agent": "user", "data": {"role": "user", "content": f"b{i}"}}])
+                page = await client.read("b", after=i - 1, limit=10, raw=True)
+                if [e.item_order for e in page.items] != [acked.last_order]:
+                    missed.append(f"item {acked.last_order} acked, then read: "
+                                  f"{[e.item_order for e in page.items]} last_order={page.last_order} more={page.more}")
+        finally:
+            stop.set()
+            await asyncio.gather(*readers)
+        assert not missed, f"{len(missed)} of 20 reads missed the item acked before them: {missed[:3]}"
+    finally:
+        await nc.close()
+        await service.shutdown()

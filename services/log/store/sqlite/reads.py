@@ -2,12 +2,16 @@
 global commit order (``committed_after``, ``position_of``).
 
 Every read takes the session's head first and reads as of it (see
-:meth:`SQLiteReads.read`).  A mixin of :class:`~.recorder.SQLiteStore`, which
+:meth:`SQLiteReads.read`), with the reader connection to itself (see
+:meth:`SQLiteReads._reading`).  A mixin of :class:`~.recorder.SQLiteStore`, which
 owns the state declared below.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import aiosqlite
@@ -37,6 +41,22 @@ class SQLiteReads:
 
     datastore: SQLiteDatastore
     _states: dict[str, SessionState]
+    _read_lock: asyncio.Lock
+
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The reader connection, to one read at a time.
+
+        SQLite keeps one read snapshot per connection for as long as any statement
+        on it is still stepping: a read that began while another's statement was
+        open between two of its chunks read as of that older snapshot, under a head
+        taken (from the cache) after it, and left out items acknowledged before it
+        was asked (``more: false``, ``last_order`` naming them).  Reads ran one after
+        another on the connection's thread anyway; now each statement starts a
+        snapshot of its own.
+        """
+        async with self._read_lock:
+            yield self._reader()
 
     def _reader(self) -> aiosqlite.Connection:
         return self.datastore.read_connection()
@@ -45,18 +65,18 @@ class SQLiteReads:
         st = self._states.get(session_id)
         if st is not None:
             return st.last_order
-        async with self._reader().execute(
+        async with self._reading() as r, r.execute(
             "SELECT last_order FROM sessions WHERE session_id = ?", (session_id,)
         ) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
-    async def _head(self, session_id: str) -> tuple[int, int]:
+    async def _head(self, r: aiosqlite.Connection, session_id: str) -> tuple[int, int]:
         """``(last_order, last_clear)`` as of one moment (the cache, or one row)."""
         st = self._states.get(session_id)
         if st is not None:
             return st.last_order, st.last_clear
-        async with self._reader().execute(
+        async with r.execute(
             "SELECT last_order, last_clear FROM sessions WHERE session_id = ?", (session_id,)
         ) as cur:
             row = await cur.fetchone()
@@ -65,11 +85,16 @@ class SQLiteReads:
     async def read(
         self, session_id: str, *, after: int, limit: int, max_bytes: int, visible: bool = False
     ) -> Page:
-        r = self._reader()
+        async with self._reading() as r:
+            return await self._read(r, session_id, after, limit, max_bytes, visible)
+
+    async def _read(
+        self, r: aiosqlite.Connection, session_id: str, after: int, limit: int, max_bytes: int, visible: bool
+    ) -> Page:
         # Take the head first and read as of it: the reader runs on its own
         # thread and may see commits made after that moment, which must not
         # show (items beyond ``last``) nor hide (a later retract) anything.
-        last, clear = await self._head(session_id)
+        last, clear = await self._head(r, session_id)
         if visible:
             after = max(after, clear)
             sql = (
@@ -111,8 +136,13 @@ class SQLiteReads:
     async def tail(
         self, session_id: str, n: int, *, visible: bool = True, max_bytes: int | None = None
     ) -> Page:
-        r = self._reader()
-        last, clear = await self._head(session_id)  # first, as in read()
+        async with self._reading() as r:
+            return await self._tail(r, session_id, n, visible, max_bytes)
+
+    async def _tail(
+        self, r: aiosqlite.Connection, session_id: str, n: int, visible: bool, max_bytes: int | None
+    ) -> Page:
+        last, clear = await self._head(r, session_id)  # first, as in read()
         if n <= 0:
             return Page([], last, False)
         if visible:
@@ -150,7 +180,7 @@ class SQLiteReads:
         return Page(items, last, False)
 
     async def sessions(self, *, after: str | None, limit: int) -> tuple[list[SessionInfo], bool]:
-        async with self._reader().execute(
+        async with self._reading() as r, r.execute(
             "SELECT session_id, last_order, updated_at FROM sessions WHERE session_id > ? "
             "ORDER BY session_id LIMIT ?",
             (after or "", limit + 1),
@@ -160,7 +190,7 @@ class SQLiteReads:
         return infos, len(rows) > limit
 
     async def committed_after(self, position: int, limit: int) -> list[Committed]:
-        async with self._reader().execute(
+        async with self._reading() as r, r.execute(
             "SELECT position, session_id, item_order, envelope FROM items WHERE position > ? "
             "ORDER BY position LIMIT ?",
             (position, limit),
@@ -173,14 +203,15 @@ class SQLiteReads:
         log's last commit (its ``updated_at``): what a head witness may have had still
         to sign when the process that committed them died."""
         stamp = "%Y-%m-%dT%H:%M:%S.%fZ"  # ordering.now_rfc3339's
-        async with self._reader().execute("SELECT MAX(updated_at) FROM sessions") as cur:
-            row = await cur.fetchone()
+        async with self._reading() as r:
+            async with r.execute("SELECT MAX(updated_at) FROM sessions") as cur:
+                row = await cur.fetchone()
         try:
             last = datetime.strptime(row[0], stamp).replace(tzinfo=UTC)
             since = (last - timedelta(seconds=within)).strftime(stamp)
         except (TypeError, ValueError):  # no session yet
             return []
-        async with self._reader().execute(
+        async with self._reading() as r, r.execute(
             "SELECT s.session_id, i.envelope FROM sessions s JOIN items i "
             "ON i.session_id = s.session_id AND i.item_order = s.last_order WHERE s.updated_at >= ?",
             (since,),
@@ -189,7 +220,7 @@ class SQLiteReads:
         return [(sid, bytes(env)) for sid, env in rows]
 
     async def position_of(self, session_id: str, item_order: int) -> int | None:
-        async with self._reader().execute(
+        async with self._reading() as r, r.execute(
             "SELECT position FROM items WHERE session_id = ? AND item_order = ?",
             (session_id, item_order),
         ) as cur:

@@ -75,6 +75,7 @@ class SQLiteStore(SQLiteReads):
         self.max_cached_sessions = max_cached_sessions
         self._committer = GroupCommitter(self._commit_batch, max_batch=max_batch)
         self._states: dict[str, SessionState] = {}
+        self._read_lock = asyncio.Lock()  # one read at a time on the reader (see SQLiteReads._reading)
         self._position = 0
         self._opened = False
 
