@@ -19,8 +19,9 @@ What the reader gets is what a read at the request's own time gives:
   reads it again;
 * a failed read ahead is forgotten, and the request reads as without it.
 
-A few pages are held (:data:`MAX_PAGES`, each under the max payload), each
-at most :data:`TTL` seconds; with several service instances the next
+A few pages are held (:data:`MAX_PAGES`, each under the max payload); those
+older than :data:`TTL` seconds are dropped when the next one is read ahead (one
+taken later is checked as above all the same); with several service instances the next
 request may go to another one, which then reads it itself.
 """
 
