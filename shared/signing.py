@@ -536,6 +536,12 @@ class Keyring:
                 raise KeyringError(f"key id {e.key_id} appears twice")
             if (why := _role_mismatch(e)) is not None:
                 raise KeyringError(f"key id {e.key_id}: {why}")
+            if e.role == "agent" and not _TURN_AGENT.match(e.agent):
+                # The spec's agent name pattern: the name goes unescaped into the NATS
+                # subjects and comments of nats-users.conf (services/cli/nats_users.py),
+                # where "a.>" or a quote and a newline would give the key wider rights.
+                raise KeyringError(f"key id {e.key_id}: agent {e.agent[:70]!r} is not a name of 1 to "
+                                   "64 letters, digits, '_' or '-' (as in the agents spec)")
             if e.retired_at is not None and _instant(e.retired_at) is None:
                 raise KeyringError(f"key id {e.key_id}: retired_at {e.retired_at[:40]!r} is not an "
                                    "RFC 3339 time with its offset (e.g. 2026-03-14T09:30:00Z)")

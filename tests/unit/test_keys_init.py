@@ -181,3 +181,36 @@ def test_the_nats_include_keys_init_prints_is_one_a_server_config_takes(
     conf.write_text(f"port: -1\n{include}\n")
     res = subprocess.run([nats_server_binary(), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=20)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+
+def test_a_keyring_agent_name_outside_the_spec_pattern_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An agent's name in the keyring went unescaped into nats-users.conf: `keys rotate`
+    # wrote "...convlog-agent-L1Billing", ">"] } }" (publish rights to every subject) or
+    # "$JS.API.CONSUMER.MSG.NEXT.CONVLOG_WORK.convlog-agent-x.>" (a wildcard) for a keyring
+    # naming such an agent, exit 0.  It is refused wherever the keyring is read.
+    import json
+
+    from services.cli.common import packaged_agents_path
+    from shared.signing import Keyring, KeyringError
+
+    monkeypatch.delenv("CONVLOG_AGENTS", raising=False)
+    out = tmp_path / "keys"
+    assert main(["keys", "init", "--out", str(out)]) == 0
+    good = (out / "keyring.json").read_text()
+    agents = str(packaged_agents_path())  # given: the packaged spec's check of strangers is skipped
+    for name in ["x.>", "x.*", "a>", 'L1Billing", ">"] } }\n    # ', "a b", ""]:
+        doc = json.loads(good)
+        bad = next(e for e in doc["keys"] if e["agent"] == "L1Billing")
+        bad["agent"] = name
+        (out / "keyring.json").write_text(json.dumps(doc))
+        before = _snapshot(out)
+        with pytest.raises(KeyringError, match=bad["key_id"]):
+            Keyring.load(out / "keyring.json")
+        capsys.readouterr()
+        assert main(["keys", "rotate", "Triage", "--dir", str(out), "--agents", agents]) == 2, name
+        err = capsys.readouterr().err
+        assert bad["key_id"] in err and "letters, digits" in err and len(err.strip().splitlines()) == 1, err
+        assert _snapshot(out) == before, name
