@@ -248,18 +248,22 @@ def _rotate(folder: Path, agent: str, agents_path: Path | None, subjects: Subjec
     # Add, switch, retire: after each step the keyring and the NATS users accept whatever
     # key the key file holds, so a failure part-way (a full disk) refuses no process, and
     # running the command again completes the rotation (retiring any key a failed run added).
-    fresh = key_path.with_name(f"{key_path.name}.new")
-    users = folder / "nats-users.conf"
+    # A file that is a symbolic link (keyring.json -> /etc/convlog/keyring.json, say) is
+    # written through: the new file goes beside its target and replaces that, so whoever
+    # reads the target sees the rotation (renamed over the link, the link became a plain
+    # file and the target kept the old keyring and seed).
+    ring_file, users, key_file = (Path(os.path.realpath(p)) for p in (ring_path, folder / "nats-users.conf", key_path))
+    fresh = key_file.with_name(f"{key_file.name}.new")
     try:
         fresh.unlink(missing_ok=True)  # a failed run's, never in force: its key (if named) is retired here
         write_private(fresh, seed)
-        _take_over(fresh, key_path, private=True)  # its reader keeps reading it
-        _replace(ring_path, added.dumps())
+        _take_over(fresh, key_file, private=True)  # its reader keeps reading it
+        _replace(ring_file, added.dumps())
         _replace(users, render_users(added, subjects, entry=spec.entry).encode())
-        if key_path.exists():  # keep the old seed aside; delete it once nothing needs it
-            _keep_retired(key_path)
-        os.replace(fresh, key_path)  # running processes take the new key from here on
-        _replace(ring_path, final.dumps())
+        if key_file.exists():  # keep the old seed aside; delete it once nothing needs it
+            _keep_retired(key_file)
+        os.replace(fresh, key_file)  # running processes take the new key from here on
+        _replace(ring_file, final.dumps())
         _replace(users, render_users(final, subjects, entry=spec.entry).encode())
     except OSError as e:
         print(f"convlog keys: rotating {agent} failed: {e.strerror or e}"

@@ -214,3 +214,34 @@ def test_a_keyring_agent_name_outside_the_spec_pattern_is_refused(
         err = capsys.readouterr().err
         assert bad["key_id"] in err and "letters, digits" in err and len(err.strip().splitlines()) == 1, err
         assert _snapshot(out) == before, name
+
+
+def test_a_rotation_writes_through_symbolic_links_to_the_files_they_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # keyring.json, nats-users.conf and the key file as links to files kept elsewhere (one
+    # copy that the log service, nats-server and the worker read): `keys rotate` renamed
+    # its new files over the links, so the links became plain files and the files they
+    # named kept the old keyring and seed -- every reader of those missed the rotation (and
+    # the old key, retired 5 s later, was refused).  It now writes through to the targets.
+    from shared.signing import Keyring, Signer
+
+    monkeypatch.delenv("CONVLOG_AGENTS", raising=False)
+    real, links = tmp_path / "real", tmp_path / "links"
+    assert main(["keys", "init", "--out", str(real)]) == 0
+    links.mkdir()
+    names = ("keyring.json", "nats-users.conf", "Triage.nk")
+    for name in names:
+        (links / name).symlink_to(real / name)
+    old_seed, old_id = (real / "Triage.nk").read_bytes(), Signer.load(real / "Triage.nk").key_id
+    assert main(["keys", "rotate", "Triage", "--dir", str(links)]) == 0
+    assert all((links / n).is_symlink() and (links / n).resolve() == real / n for n in names)
+    new_id = Signer.load(real / "Triage.nk").key_id
+    assert new_id != old_id and _accepts(real, real / "Triage.nk", "Triage")
+    ring = Keyring.load(real / "keyring.json")
+    assert [e.key_id for e in ring.of_role("agent", "Triage") if e.retired_at is None] == [new_id]
+    # the old seed kept beside the file it was in, not as a link to the (now new) key file
+    retired = real / f"Triage.{old_id[:8]}.retired.nk"
+    assert not retired.is_symlink() and retired.read_bytes() == old_seed
+    assert not list(links.glob("Triage.*.retired.nk"))
+    assert not [p for p in (*real.iterdir(), *links.iterdir()) if p.suffix in (".new", ".tmp")]
