@@ -12,6 +12,7 @@ signed before still verifies, nothing it signs afterwards is accepted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shlex
@@ -162,17 +163,40 @@ def make_keys(out: Path, agents: Sequence[str], *, entry: str | None = None,
     for p in [ring_path, out / "nats-users.conf", *(_key_file(out, r, a) for r, a in wanted)]:
         if p.exists():
             raise FileExistsError(17, "exists", str(p))
-    entries = []
-    for role, agent in wanted:
-        signer, seed = Signer.generate()
-        write_private(_key_file(out, role, agent), seed)
-        entries.append(KeyEntry(key_id=signer.key_id, role=role, agent=agent, created_at=_now()))
-    ring = Keyring(entries)
-    ring_path.write_bytes(ring.dumps())
     if entry is None and agents:
         entry = agents[0]
-    (out / "nats-users.conf").write_text(render_users(ring, subjects, entry=entry))
+    # A failure part-way (a full disk) left the key files written so far and a cut
+    # keyring.json: a rerun refused them ("exists ... use `convlog keys rotate`"), which
+    # cannot rotate without a whole keyring.  What this run made is removed again.
+    made: list[Path] = []
+    try:
+        entries = []
+        for role, agent in wanted:
+            signer, seed = Signer.generate()
+            _create(_key_file(out, role, agent), seed + b"\n", 0o600, made)
+            entries.append(KeyEntry(key_id=signer.key_id, role=role, agent=agent, created_at=_now()))
+        ring = Keyring(entries)
+        _create(ring_path, ring.dumps(), 0o666, made)
+        _create(out / "nats-users.conf", render_users(ring, subjects, entry=entry).encode(), 0o666, made)
+    except BaseException:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        raise
     return ring
+
+
+def _create(path: Path, data: bytes, mode: int, made: list[Path]) -> None:
+    """Write a new file ``path`` (never one there already), noted in ``made`` once it is
+    ours; an error names it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    made.append(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        e.filename = e.filename or str(path)
+        raise
 
 
 def _spec(agents_path: Path | None) -> SystemSpec | None:
@@ -195,12 +219,21 @@ def _init(out: Path, agents_path: Path | None, subjects: Subjects) -> int:
     try:
         entries = make_keys(out, list(spec.agents), entry=spec.entry, subjects=subjects)
     except FileExistsError as e:
-        print(f"convlog keys: {e.filename} exists; refusing to overwrite keys "
-              "(use `convlog keys rotate`, or another --out)", file=sys.stderr)
+        if (out / "keyring.json").exists():
+            print(f"convlog keys: {e.filename} exists; refusing to overwrite keys "
+                  "(use `convlog keys rotate`, or another --out)", file=sys.stderr)
+        else:  # no keyring to rotate with: what a `keys init` killed part-way leaves
+            ours = [out / "nats-users.conf", *(_key_file(out, "agent", a) for a in spec.agents),
+                    _key_file(out, LOG, LOG_AGENT), _key_file(out, GATEWAY, USER_AGENT)]
+            there = " ".join(_shell(p) for p in ours if os.path.lexists(p))
+            print(f"convlog keys: {e.filename} exists but {out / 'keyring.json'} does not, so "
+                  "`convlog keys rotate` cannot use it; refusing to overwrite keys (if a `keys init` "
+                  f"stopped part-way, delete what it left: rm {there}; or use another --out)", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # a path that cannot be a folder of keys: bad input, as --out named it
         print(f"convlog keys: --out {out}: {e.strerror or e}"
-              f"{f' ({e.filename})' if e.filename and str(e.filename) != str(out) else ''}", file=sys.stderr)
+              f"{f' ({e.filename})' if e.filename and str(e.filename) != str(out) else ''}; "
+              "no file written", file=sys.stderr)
         return EXIT_USAGE
     ring_path = out / "keyring.json"
     print(f"wrote {len(entries.entries)} private keys (mode 0600) and {ring_path} to {out}")

@@ -245,3 +245,37 @@ def test_a_rotation_writes_through_symbolic_links_to_the_files_they_name(
     assert not retired.is_symlink() and retired.read_bytes() == old_seed
     assert not list(links.glob("Triage.*.retired.nk"))
     assert not [p for p in (*real.iterdir(), *links.iterdir()) if p.suffix in (".new", ".tmp")]
+
+
+def test_keys_init_that_fails_part_way_leaves_nothing_and_a_rerun_makes_the_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failure part-way (a full disk: here a file size limit, which a write past it
+    # meets as EFBIG) left every key file and a cut keyring.json: a rerun said
+    # "keyring.json exists; ... use `convlog keys rotate`", and rotate could not read the
+    # keyring. What the failed run made is removed; a rerun makes the keys.
+    import resource
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("CONVLOG_AGENTS", raising=False)
+    out = tmp_path / "keys"
+
+    def small_files() -> None:  # keyring.json is ~1.4 kB, a key file 59 bytes
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+
+    done = subprocess.run([sys.executable, "-m", "services.cli.main", "keys", "init", "--out", str(out)],
+                          preexec_fn=small_files, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2 and "keyring.json" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert list(out.iterdir()) == []
+    assert main(["keys", "init", "--out", str(out)]) == 0
+    assert main(["keys", "rotate", "Triage", "--dir", str(out)]) == 0
+
+    # Killed part-way (nothing removed then): the refusal says what to delete.
+    left = tmp_path / "left"
+    left.mkdir()
+    (left / "Triage.nk").write_bytes((out / "Triage.nk").read_bytes())
+    capsys.readouterr()
+    assert main(["keys", "init", "--out", str(left)]) == 2
+    err = capsys.readouterr().err
+    assert f"rm {left / 'Triage.nk'};" in err and "rotate` cannot" in err, err
