@@ -542,6 +542,9 @@ class Keyring:
                 # where "a.>" or a quote and a newline would give the key wider rights.
                 raise KeyringError(f"key id {e.key_id}: agent {e.agent[:70]!r} is not a name of 1 to "
                                    "64 letters, digits, '_' or '-' (as in the agents spec)")
+            if _instant(e.created_at) is None:  # what `keys init`/`rotate` write; a hand edit's typo is said
+                raise KeyringError(f"key id {e.key_id}: created_at {e.created_at[:40]!r} is not an "
+                                   "RFC 3339 time with its offset (e.g. 2026-03-14T09:30:00Z)")
             if e.retired_at is not None and _instant(e.retired_at) is None:
                 raise KeyringError(f"key id {e.key_id}: retired_at {e.retired_at[:40]!r} is not an "
                                    "RFC 3339 time with its offset (e.g. 2026-03-14T09:30:00Z)")

@@ -279,3 +279,24 @@ def test_keys_init_that_fails_part_way_leaves_nothing_and_a_rerun_makes_the_keys
     assert main(["keys", "init", "--out", str(left)]) == 2
     err = capsys.readouterr().err
     assert f"rm {left / 'Triage.nk'};" in err and "rotate` cannot" in err, err
+
+
+def test_a_keyring_entry_whose_created_at_is_no_time_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hand-edited keyring's created_at "t" (or "yesterday") was taken, while a retired_at
+    # so written is refused: `keys rotate` carried it on, exit 0.  It is refused alike.
+    import json
+
+    monkeypatch.delenv("CONVLOG_AGENTS", raising=False)
+    out = tmp_path / "keys"
+    assert main(["keys", "init", "--out", str(out)]) == 0
+    doc = json.loads((out / "keyring.json").read_text())
+    doc["keys"][0]["created_at"] = "t"
+    (out / "keyring.json").write_text(json.dumps(doc))
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main(["keys", "rotate", "Triage", "--dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{doc['keys'][0]['key_id']}: created_at 't' is not an RFC 3339 time" in err, err
+    assert _snapshot(out) == before

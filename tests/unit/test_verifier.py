@@ -17,7 +17,7 @@ from shared.signing import KeyEntry, Keyring, Signer, sign_item
 
 async def test_outcomes_arrive_in_submission_order_on_the_loop() -> None:
     signer, _ = Signer.generate()
-    ring = Keyring([KeyEntry(key_id=signer.key_id, role="agent", agent="A", created_at="t")])
+    ring = Keyring([KeyEntry(key_id=signer.key_id, role="agent", agent="A", created_at="2026-01-01T00:00:00Z")])
     auth = Authorizer(ring, require=True)
     loop = asyncio.get_running_loop()
     verifier = Verifier(auth, loop, max_batch=7)

@@ -392,12 +392,12 @@ def test_retirement_times_are_compared_as_instants_in_the_browser_as_in_python(s
     env = {"key_id": old.key_id, "agent": "Triage", "item_id": "a"}
     python = []
     for at, retired in RETIREMENTS:
-        ring = Keyring([KeyEntry(key_id=old.key_id, role="agent", agent="Triage", created_at="x", retired_at=retired)])
+        ring = Keyring([KeyEntry(key_id=old.key_id, role="agent", agent="Triage", created_at="2026-01-01T00:00:00Z", retired_at=retired)])
         python.append(ring.refusal(old.key_id, "Triage", via_inbound=False, at=at, item_id="a") is not None)
     bad_python = []
     for retired in BAD_RETIRED_AT:
         try:
-            Keyring([KeyEntry(key_id=old.key_id, role="agent", agent="Triage", created_at="x", retired_at=retired)])
+            Keyring([KeyEntry(key_id=old.key_id, role="agent", agent="Triage", created_at="2026-01-01T00:00:00Z", retired_at=retired)])
             bad_python.append(False)
         except KeyringError:
             bad_python.append(True)
