@@ -68,3 +68,58 @@ async def test_a_session_is_listed_with_the_item_the_list_waited_for_when_a_trai
         assert [(i.session_id, i.last_order) for i in listed] == [("s1", 2), ("s2", 1)]
     finally:
         await store.close()
+
+
+async def test_the_list_waits_for_the_leaders_last_item_not_a_trailing_replicas(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The list read each log stream's last item (the point it waits for the fan-out
+    to copy) with a direct get, which any replica answers: one trailing the leader gave
+    an older point, the wait and the fan-out's ``multi_last`` were held to it, and an
+    append acknowledged before the call was left out of the list (read-your-writes).
+    Here the trailing replica of the log stream answers that get with the last item
+    the real server gave before the append, and the fan-out answers as it was then
+    too (its copy of the append a few milliseconds late, as the copy is on a busy
+    cluster: the direct gets of its last items and its ``multi_last`` as above); the
+    appends, the streams and the copy are real."""
+    from services.log.store.jetstream.api import DirectGet
+
+    subjects = Subjects("listlead")
+    layout = Layout(subjects)
+    store = JetStreamStore({"servers": [nats_server.url]}, subjects=subjects, timeout=2.0)
+    await store.open()
+    try:
+        await store.append("s1", req(item("one", item_id="s1-one")))
+
+        async def copied() -> None:
+            listed, _ = await store.sessions(after=None, limit=10)
+            assert [(i.session_id, i.last_order) for i in listed] == [("s1", 1)]
+
+        await assert_eventually(copied, timeout=5)
+        log_all, items = layout.log_all(0), layout.items("s1")
+        # The last items then: of the log stream, and of the session in the fan-out.
+        before = {s: await get.last(s) for s, get in ((log_all, store._reads.shard(0)), (items, store._reads.fan_out()))}
+        assert all(before.values())
+        await store.append("s1", req(item("two", item_id="s1-two")))  # acknowledged before the list
+
+        real_last, real_get = DirectGet.last, api._Batches.get
+        stale = [2 * STALE_ANSWERS, STALE_ANSWERS]
+
+        async def trailing_last(self: DirectGet, subject: str) -> Any:
+            if subject in before and stale[0] > 0:
+                stale[0] -= 1
+                return before[subject]
+            return await real_last(self, subject)
+
+        async def trailing(self: Any, subject: str, request: dict[str, object], collect: Any) -> list[Any]:
+            if subject.endswith(f".{layout.stream}") and "multi_last" in request and stale[1] > 0:
+                stale[1] -= 1
+                request = {**request, "up_to_seq": 1}  # the fan-out as it was then
+            return await real_get(self, subject, request, collect)
+
+        monkeypatch.setattr(DirectGet, "last", trailing_last)
+        monkeypatch.setattr(api._Batches, "get", trailing)
+        listed, _ = await store.sessions(after=None, limit=10)
+        assert [(i.session_id, i.last_order) for i in listed] == [("s1", 2)]
+    finally:
+        await store.close()

@@ -51,6 +51,10 @@ _ENVELOPE_SLACK = 256 << 10  # about the largest envelope (a bigger one costs a 
 #: may be answered by different ones, and a follower trails the leader by the
 #: replication lag (milliseconds; more after a stall) until it has applied them.
 TRAILING_WAIT = 1.0
+#: Seconds the sessions list waits for a log stream's leader to answer its last item
+#: before it takes any replica's: while the stream elects one (a few seconds after
+#: its leader is lost) none answers, and no append to it is acknowledged either.
+LEADER_WAIT = 1.0
 
 _T = TypeVar("_T")
 
@@ -347,8 +351,8 @@ class StreamReads:
 
     async def sessions(self, *, after: str | None, limit: int) -> tuple[list[SessionInfo], bool]:
         """From the fan-out stream (one subject per session), once it holds
-        the last item every log stream had when the call began (and from a
-        replica of it that does: on R3 any replica answers a direct get).
+        the last item every log stream's leader had when the call began (and
+        from a replica of it that does: on R3 any replica answers a direct get).
 
         The fan-out also takes whatever anyone may publish on
         ``<prefix>.items.<sid>`` (a loose NATS configuration): a session is
@@ -457,8 +461,10 @@ class StreamReads:
 
         Each source is copied in order, so once a shard's last item is there,
         every earlier one is: on a replica of the fan-out that holds that sequence.
+
+        The shards' last items are read from their leaders (see :meth:`_shard_last`).
         """
-        lasts = await asyncio.gather(*(self.shard(k).last(self.layout.log_all(k)) for k in range(self.layout.shards)))
+        lasts = await asyncio.gather(*(self._shard_last(k) for k in range(self.layout.shards)))
         wanted = [
             (self.layout.session_of_log(m.headers["Nats-Subject"]), order_of(m))  # type: ignore[index]
             for m in lasts if m is not None
@@ -475,6 +481,20 @@ class StreamReads:
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.1)
         return floor
+
+    async def _shard_last(self, k: int) -> Msg | None:
+        """Log stream ``k``'s last item, as its leader has it: a direct get may be
+        answered by a replica that trails the leader, whose older last item let the
+        list skip an append acknowledged just before the call (read-your-writes).
+        A stream with no leader for :data:`LEADER_WAIT` (an election, when no append
+        to it is acknowledged) is answered by any replica, so the list stays as
+        available as with direct gets alone."""
+        get, subject = self.shard(k), self.layout.log_all(k)
+        try:
+            async with asyncio.timeout(min(LEADER_WAIT, self.timeout / 2)):
+                return await get.last_from_leader(subject)
+        except (TimeoutError, UnavailableError):
+            return await get.last(subject)
 
     async def committed_after(self, position: int, limit: int) -> list[Committed]:
         """Committed envelopes past ``position`` (see :func:`.commit.position`)."""
