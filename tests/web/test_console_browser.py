@@ -1173,3 +1173,46 @@ def test_an_export_line_naming_an_unreadable_envelope_breaks_the_chain_there(
     badge = wait_badge(page, "bad")
     assert "chain broken at #3: not an envelope" in badge, badge
     assert page.get_attribute(".row[data-order='4'] .vmark", "class") != "vmark ok"  # the rest is shown
+
+
+def test_the_agents_of_long_sessions_complete_without_a_click(demo_web: Demo, log: LoopThread, page: Any) -> None:
+    """A listing scans long sessions for their agents within a shared budget (10,000
+    envelopes) and marks the rows not scanned to their end "…"; the next listings scan
+    on, but the page never listed again by itself: the agents stayed short (the last
+    agent of each session missing) until the reviewer clicked Refresh.  The page now
+    lists again while a row is so marked: the agents complete with no click, the rows
+    are replaced without a "loading…" in between, and the filter, the page and the
+    focused row's link stay."""
+    n, long = 3, 4_000  # 12,000 envelopes: a first listing scans 3,333 of each
+    for k in range(n):
+        items = [said("Triage", "hi")] + [said("user", f"m{i}") for i in range(long - 2)] + [said(f"Closer{k}", "bye")]
+        log.run(log.client.append(f"scan-{k}", items))
+    # The page's first listing (all sessions) is not let through: it would scan them too.
+    page.route(lambda url: url.endswith("/api/sessions?limit=50"), lambda route: route.abort())
+    page.goto(demo_web.url + "/")
+    page.wait_for_selector("text=Could not list sessions")
+    listings: list[str] = []
+    page.on("request", lambda r: listings.append(r.url) if "/api/sessions?" in r.url else None)
+    page.evaluate(HIDDEN_TAB)  # the tab is hidden (until window.__show(true))
+    page.fill("#prefix", "scan-")
+    page.wait_for_function("document.getElementById('page-info').textContent === '1–3 of 3' && "
+                           "document.getElementById('message').textContent === ''")
+    partial = page.eval_on_selector_all('tr[data-sid] td:last-child', "els => els.map(e => e.textContent)")
+    assert partial == ["Triage…"] * n, partial  # the first listing's budget: not to their ends
+    # Hidden, the tab does not list again; shown, it does.
+    page.wait_for_timeout(1_500)
+    assert len(listings) == 1, listings
+    assert page.eval_on_selector_all('tr[data-sid] td:last-child', "els => els.map(e => e.textContent)") == partial
+    page.focus('tr[data-sid="scan-1"] a')
+    page.evaluate("""() => {
+      window.__loading = 0;
+      new MutationObserver(() => { if (document.getElementById('message').textContent) window.__loading++; })
+        .observe(document.getElementById('message'), { childList: true, characterData: true, subtree: true });
+    }""")
+    page.evaluate("window.__show(true)")
+    page.wait_for_function("[...document.querySelectorAll('tr[data-sid] td:last-child')]"
+                           ".every(e => /^TriageCloser\\d$/.test(e.textContent))", timeout=8_000)
+    assert page.evaluate("window.__loading") == 0  # no "loading…" flashed
+    assert page.input_value("#prefix") == "scan-"
+    assert page.text_content("#page-info") == "1–3 of 3"
+    assert page.evaluate("document.activeElement.closest('tr')?.dataset.sid") == "scan-1"

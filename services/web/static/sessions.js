@@ -6,15 +6,46 @@ const PAGE = 50;
 let cursors = [null]; // cursor of each page shown so far; the last is the current page's
 let next = null;
 let latest = 0; // only the newest request's answer is shown
+// A listing scans long sessions for their agents within a budget and marks the rows it
+// has not scanned to their end ("…"); each listing scans on.  The page lists again by
+// itself while a row is so marked, so their agents complete without a click on Refresh:
+// RESCAN_MS after each such listing, at most RESCANS times after the user's last listing,
+// and only while the tab is visible (a hidden tab lists again once shown).
+const RESCAN_MS = 1000;
+const RESCANS = 30;
+let rescans = 0; // listings made by the page since the user's last
+let rescan = null; // the timer of the next one
+let rescanWhenShown = false; // its time came while the tab was hidden
 
-async function load() {
+function stopRescan() {
+  clearTimeout(rescan);
+  rescan = null;
+  rescanWhenShown = false;
+}
+
+function relist() {
+  rescan = null;
+  if (document.visibilityState === "hidden") { rescanWhenShown = true; return; }
+  rescans++;
+  load({ auto: true });
+}
+
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState !== "hidden" && rescanWhenShown) { rescanWhenShown = false; relist(); }
+});
+
+async function load({ auto = false } = {}) {
   const mine = ++latest;
+  stopRescan();
+  if (!auto) rescans = 0;
   const q = new URLSearchParams({ limit: String(PAGE) });
   const prefix = $("prefix").value.trim();
   if (prefix) q.set("prefix", prefix);
   const cursor = cursors[cursors.length - 1];
   if (cursor) q.set("cursor", cursor);
-  $("message").textContent = "loading…";
+  // Not on the page's own listings: the rows stay as they are until the answer replaces
+  // them, with no "loading…" flashing every second.
+  if (!auto) $("message").textContent = "loading…";
   let body;
   try {
     const res = await fetch(`/api/sessions?${q}`, { cache: "no-store" });
@@ -29,6 +60,8 @@ async function load() {
   }
   $("message").textContent = "";
   const rows = $("rows");
+  // The row whose link has the keyboard focus keeps it (the rows are made anew).
+  const focused = rows.contains(document.activeElement) ? document.activeElement.closest("tr")?.dataset.sid : undefined;
   clear(rows);
   for (const s of body.sessions) {
     rows.append(el("tr", { "data-sid": s.session_id },
@@ -38,6 +71,7 @@ async function load() {
       el("td", {}, ...s.agents.map((a) => el("span", { class: "chip", text: a })),
         s.agents_partial ? el("span", { class: "message", title: "long session: still scanning for more agents", text: "…" }) : null)));
   }
+  if (focused !== undefined) rows.querySelector(`tr[data-sid="${CSS.escape(focused)}"] a`)?.focus({ preventScroll: true });
   if (!body.sessions.length) rows.append(el("tr", {}, el("td", { text: prefix ? `No session id starts with ${prefix}.` : "No sessions yet." })));
   next = body.next;
   $("older").disabled = !next;
@@ -45,11 +79,13 @@ async function load() {
   const first = (cursors.length - 1) * PAGE;
   $("total").textContent = `${body.total} sessions`;
   $("page-info").textContent = body.sessions.length ? `${first + 1}–${first + body.sessions.length} of ${body.total}` : "";
+  if (body.sessions.some((s) => s.agents_partial) && rescans < RESCANS) rescan = setTimeout(relist, RESCAN_MS);
 }
 
 let timer = null;
 $("prefix").addEventListener("input", () => {
   clearTimeout(timer);
+  stopRescan(); // it would list the new prefix with the old page's cursor
   timer = setTimeout(() => { cursors = [null]; load(); }, 200);
 });
 $("refresh").addEventListener("click", () => load());
