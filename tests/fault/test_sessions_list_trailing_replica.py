@@ -123,3 +123,59 @@ async def test_the_list_waits_for_the_leaders_last_item_not_a_trailing_replicas(
         assert [(i.session_id, i.last_order) for i in listed] == [("s1", 2)]
     finally:
         await store.close()
+
+
+async def test_a_session_another_instance_appended_to_is_listed_with_the_item_the_fan_out_showed(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session whose last item in the fan-out the log's ``multi_last`` did not confirm
+    (the replica that answered it trails the leader) had its head read again with a
+    direct get, from any replica: one trailing too listed it without the item the list
+    had waited for, appended by another instance (whose cache the lister does not share)
+    and acknowledged before the call.  Here both of the lister's gets of the log stream
+    answer as it was before that append (the ``multi_last`` as of its sequence then, the
+    head with the head the real server gave then); the appends, the streams and the copy
+    are real."""
+    from services.log.store.jetstream.api import DirectGet
+
+    subjects = Subjects("listother")
+    layout = Layout(subjects)
+    writer = JetStreamStore({"servers": [nats_server.url]}, subjects=subjects, timeout=2.0)
+    lister = JetStreamStore({"servers": [nats_server.url]}, subjects=subjects, timeout=2.0)
+    await writer.open()
+    await lister.open()
+    try:
+        await writer.append("s1", req(item("one", item_id="s1-one")))
+
+        async def copied() -> None:
+            listed, _ = await lister.sessions(after=None, limit=10)
+            assert [(i.session_id, i.last_order) for i in listed] == [("s1", 1)]
+
+        await assert_eventually(copied, timeout=5)
+        head = layout.session_filter("s1")
+        before = await lister._reads.shard(0).last(head)  # the log's head of s1 then (sequence 1)
+        assert before is not None
+        await writer.append("s1", req(item("two", item_id="s1-two")))  # acknowledged before the list
+
+        real_last, real_get = DirectGet.last, api._Batches.get
+        stale = [STALE_ANSWERS, STALE_ANSWERS]
+
+        async def trailing_last(self: DirectGet, subject: str) -> Any:
+            if subject == head and stale[0] > 0:
+                stale[0] -= 1
+                return before
+            return await real_last(self, subject)
+
+        async def trailing(self: Any, subject: str, request: dict[str, object], collect: Any) -> list[Any]:
+            if subject.endswith(f".{layout.log_streams[0]}") and "multi_last" in request and stale[1] > 0:
+                stale[1] -= 1
+                request = {**request, "up_to_seq": 1}  # the log stream as it was then
+            return await real_get(self, subject, request, collect)
+
+        monkeypatch.setattr(DirectGet, "last", trailing_last)
+        monkeypatch.setattr(api._Batches, "get", trailing)
+        listed, _ = await lister.sessions(after=None, limit=10)
+        assert [(i.session_id, i.last_order) for i in listed] == [("s1", 2)]
+    finally:
+        await lister.close()
+        await writer.close()

@@ -358,7 +358,7 @@ class StreamReads:
         ``<prefix>.items.<sid>`` (a loose NATS configuration): a session is
         listed only as its log stream holds it.  Each last envelope is checked
         against its item subject in the log (one ``multi_last`` per 256
-        sessions or fewer); one that is not there is read from the log instead, and a
+        sessions or fewer); one that is not there is read from the log's leader instead, and a
         session the log does not hold is left out.
 
         The whole call keeps to ``timeout`` (each request has its own, and the
@@ -427,7 +427,10 @@ class StreamReads:
                     infos[sid] = SessionInfo(session_id=sid, last_order=meta.item_order, updated_at=meta.created_at)
         for sid in page:
             if sid not in infos:  # not the log's envelope (or none came): the log says
-                ix = await self.session(sid, fresh=True)
+                # Its leader: the replica that did not confirm the fan-out's envelope may
+                # trail it, and so would its head (another instance's append, which this
+                # instance's cache does not know, left out).
+                ix = await self.session(sid, fresh=True, leader=True)
                 if ix.last_order:
                     infos[sid] = SessionInfo(session_id=sid, last_order=ix.last_order, updated_at=ix.updated_at)
         return [infos[s] for s in page if s in infos]
