@@ -101,17 +101,23 @@ def test_a_rotation_that_fails_part_way_leaves_the_key_in_force_accepted_and_a_r
     assert not list(out.glob("*.new")) and not list(out.glob("*.tmp"))
 
 
+def _init_line(
+    out: Path, marker: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, str]:
+    """``convlog keys init --out OUT`` (the packaged spec); the line of its output with ``marker``."""
+    monkeypatch.delenv("CONVLOG_AGENTS", raising=False)
+    capsys.readouterr()
+    assert main(["keys", "init", "--out", str(out)]) == 0
+    return out, next(x for x in capsys.readouterr().out.splitlines() if marker in x)
+
+
 def test_the_variables_keys_init_prints_paste_into_a_shell_with_a_space_in_the_path(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # "CONVLOG_KEYRING=/x/my keys/keyring.json" split at the space when pasted.
     import shlex
 
-    monkeypatch.delenv("CONVLOG_AGENTS", raising=False)
-    out = tmp_path / "my keys"
-    capsys.readouterr()
-    assert main(["keys", "init", "--out", str(out)]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if "log service:" in x)
+    out, line = _init_line(tmp_path / "my keys", "log service:", capsys, monkeypatch)
     words = shlex.split(line.split("log service:", 1)[1])
     assert dict(w.split("=", 1) for w in words) == {
         "CONVLOG_KEYRING": str(out / "keyring.json"), "CONVLOG_SIGNING_KEY": str(out / "log.nk")}
@@ -164,11 +170,7 @@ def test_the_nats_include_keys_init_prints_is_one_a_server_config_takes(
 
     from tests.support.natsd import nats_server_binary
 
-    monkeypatch.delenv("CONVLOG_AGENTS", raising=False)
-    out = tmp_path / "my keys"
-    capsys.readouterr()
-    assert main(["keys", "init", "--out", str(out)]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if "NATS:" in x)
+    out, line = _init_line(tmp_path / "my keys", "NATS:", capsys, monkeypatch)
     found = re.search(r"`(include [^`]+)`|(include .+?) in the server config", line)
     assert found, line
     include = found.group(1) or found.group(2)
