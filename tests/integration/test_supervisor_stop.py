@@ -177,7 +177,11 @@ def test_start_does_not_take_another_supervisord_on_its_socket_for_its_own(short
         second = Supervisor(conf, socket_path_for(run))
         with pytest.raises(SupervisorError):
             second.start(timeout=10)
-        states = {i["name"]: i["statename"] for i in first.processes()}
-        assert states == {"sleeper": "RUNNING"}, states  # the first stack untouched
+
+        def untouched() -> None:  # the first stack's program runs on (once past its startsecs)
+            states = {i["name"]: i["statename"] for i in first.processes()}
+            assert states == {"sleeper": "RUNNING"}, states
+
+        wait_until(untouched, timeout=20)
     finally:
         assert first.stop() == 0
